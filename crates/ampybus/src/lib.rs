@@ -1,1 +1,30 @@
-pub fn _x() {}
+//! # ampybus
+//!
+//! One messaging contract for trading systems. This crate holds the contract (topics, headers,
+//! envelopes, partition keys, payload codec, schema hash), the transport traits, and the
+//! embedded durable log that needs nothing installed.
+//!
+//! ```no_run
+//! # async fn demo() -> ampybus::Result<()> {
+//! use ampybus::{Bus, Headers, Topic};
+//! let bus = Bus::connect("file:///tmp/ampybus-data").await?;
+//! let topic = Topic::parse("ampy.dev.orders.v1.requests")?;
+//! let headers = Headers::for_publish("ampy.orders.v1.OrderRequest", "oms@1", "oms", "co_1");
+//! bus.publish(&topic, headers, b"payload".to_vec()).await?;
+//! # Ok(()) }
+//! ```
+#![warn(missing_docs)]
+
+pub mod codec;
+pub mod envelope;
+pub mod error;
+pub mod headers;
+pub mod ids;
+pub mod partition;
+pub mod schema_hash;
+pub mod topic;
+
+pub use envelope::{Envelope, EnvelopeJson, PayloadDecoder};
+pub use error::{Error, ErrorKind, Result};
+pub use headers::Headers;
+pub use topic::{Domain, Env, Topic, TopicPattern};

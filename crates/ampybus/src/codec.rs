@@ -1,0 +1,332 @@
+//! Payload codec: gzip above 128 KiB, transparent inflate, and the object-store pointer pattern
+//! (`blob_ref`/`blob_hash`/`blob_size`) above the inline size limit.
+
+use crate::error::{Error, Result};
+use crate::headers::{Headers, names};
+use bytes::Bytes;
+use flate2::Compression;
+use flate2::read::GzDecoder;
+use flate2::write::GzEncoder;
+use object_store::ObjectStore;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path as ObjPath;
+use sha2::{Digest, Sha256};
+use std::io::{Read, Write};
+use std::sync::Arc;
+
+/// Payloads strictly larger than this (in bytes) are gzipped: 128 KiB.
+pub const COMPRESS_THRESHOLD: usize = 128 * 1024;
+/// Default inline limit after compression: 1 MiB. Larger payloads go to the blob store.
+pub const DEFAULT_MAX_INLINE: usize = 1024 * 1024;
+/// Largest payload accepted after inflating (guards against gzip bombs): 64 MiB.
+pub const DEFAULT_MAX_INFLATED: usize = 64 * 1024 * 1024;
+
+/// `sha256:<hex>` of some bytes, the form of `blob_hash` and `payload_hash`.
+///
+/// ```
+/// assert_eq!(ampybus::codec::sha256_tag(b""), "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+/// ```
+pub fn sha256_tag(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+/// Gzips bytes.
+///
+/// ```
+/// let z = ampybus::codec::gzip(b"hello");
+/// assert_eq!(&z[..2], &[0x1f, 0x8b]);
+/// ```
+pub fn gzip(raw: &[u8]) -> Vec<u8> {
+    let mut enc = GzEncoder::new(Vec::with_capacity(raw.len() / 4 + 64), Compression::fast());
+    enc.write_all(raw).expect("writing to a Vec cannot fail");
+    enc.finish().expect("writing to a Vec cannot fail")
+}
+
+/// Inflates `payload` when `content_encoding=gzip` (case-insensitive), refusing output larger
+/// than `max` bytes; otherwise returns the bytes unchanged.
+///
+/// ```
+/// use ampybus::{Headers, codec};
+/// let h = Headers::new().with("content_encoding", "gzip");
+/// let raw = codec::inflate_if_needed(&h, &codec::gzip(b"abc"), 1024).unwrap();
+/// assert_eq!(&raw[..], b"abc");
+/// assert!(codec::inflate_if_needed(&h, b"not gzip", 1024).is_err());
+/// ```
+pub fn inflate_if_needed(headers: &Headers, payload: &[u8], max: usize) -> Result<Bytes> {
+    match headers.content_encoding() {
+        Some(ce) if ce.eq_ignore_ascii_case("gzip") => {
+            let mut out = Vec::with_capacity(payload.len().saturating_mul(4).min(max));
+            let mut dec = GzDecoder::new(payload).take(max as u64 + 1);
+            dec.read_to_end(&mut out)
+                .map_err(|e| Error::payload(format!("content_encoding=gzip but the payload does not inflate: {e}")))?;
+            if out.len() > max {
+                return Err(Error::payload(format!("payload inflates to more than {max} bytes")));
+            }
+            Ok(Bytes::from(out))
+        }
+        _ => Ok(Bytes::copy_from_slice(payload)),
+    }
+}
+
+/// Where oversized payloads are stored: an `object_store` store plus the URL prefix that
+/// `blob_ref` values start with. Local filesystem by default.
+///
+/// ```
+/// let dir = tempfile::tempdir().unwrap();
+/// let store = ampybus::codec::BlobStore::local(dir.path()).unwrap();
+/// assert!(store.url_prefix().starts_with("file://"));
+/// ```
+#[derive(Clone, Debug)]
+pub struct BlobStore {
+    store: Arc<dyn ObjectStore>,
+    prefix: String,
+}
+
+impl BlobStore {
+    /// A store in a local directory (created if missing).
+    pub fn local(dir: &std::path::Path) -> Result<Self> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::config(format!("blob dir {}: cannot create: {e}", dir.display())))?;
+        let abs = dir
+            .canonicalize()
+            .map_err(|e| Error::config(format!("blob dir {}: {e}", dir.display())))?;
+        let fs = LocalFileSystem::new_with_prefix(&abs)
+            .map_err(|e| Error::config(format!("blob dir {}: {e}", abs.display())))?;
+        let url = url::Url::from_directory_path(&abs)
+            .map_err(|_| Error::config(format!("blob dir {}: not an absolute path", abs.display())))?;
+        Ok(BlobStore { store: Arc::new(fs), prefix: url.to_string() })
+    }
+
+    /// Any `object_store` store (S3-compatible, memory, …) whose objects are named
+    /// `<url_prefix><key>` in `blob_ref`.
+    pub fn new(store: Arc<dyn ObjectStore>, url_prefix: impl Into<String>) -> Self {
+        let mut prefix = url_prefix.into();
+        if !prefix.ends_with('/') {
+            prefix.push('/');
+        }
+        BlobStore { store, prefix }
+    }
+
+    /// The prefix of every `blob_ref` this store writes.
+    pub fn url_prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Stores bytes under `key`, returning the `blob_ref`.
+    pub async fn put(&self, key: &str, bytes: Bytes) -> Result<String> {
+        let path = ObjPath::parse(key).map_err(|e| Error::payload(format!("blob key {key:?}: {e}")))?;
+        self.store
+            .put(&path, bytes.into())
+            .await
+            .map_err(|e| Error::transport(format!("blob store: cannot write {key}"), e))?;
+        Ok(format!("{}{}", self.prefix, path))
+    }
+
+    /// Fetches the bytes a `blob_ref` points at. Only refs under this store's prefix are
+    /// fetched.
+    pub async fn get(&self, blob_ref: &str) -> Result<Bytes> {
+        let key = blob_ref.strip_prefix(&self.prefix).ok_or_else(|| {
+            Error::payload(format!("blob_ref {blob_ref:?} is not under this store ({})", self.prefix))
+        })?;
+        let path = ObjPath::parse(key).map_err(|e| Error::payload(format!("blob_ref {blob_ref:?}: {e}")))?;
+        let got = self
+            .store
+            .get(&path)
+            .await
+            .map_err(|e| Error::transport(format!("blob store: cannot read {blob_ref}"), e))?;
+        got.bytes()
+            .await
+            .map_err(|e| Error::transport(format!("blob store: cannot read {blob_ref}"), e))
+    }
+}
+
+/// Why a payload could not be made ready for a handler; maps onto DLQ reason codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecodeFailure {
+    /// gzip did not inflate, or inflated past the limit.
+    Decode,
+    /// The fetched blob's hash or size does not match the envelope.
+    BlobHashMismatch,
+    /// The blob could not be fetched (may be transient).
+    BlobUnavailable,
+}
+
+/// Encodes payloads for publish and decodes them for consume.
+///
+/// ```
+/// # tokio_test_block(async {
+/// use ampybus::{Headers, codec::PayloadCodec};
+/// let codec = PayloadCodec::default();
+/// let mut h = Headers::new();
+/// let wire = codec.encode(&mut h, vec![7u8; 200_000].into(), "bars").await.unwrap();
+/// assert_eq!(h.content_encoding(), Some("gzip"));
+/// assert!(wire.len() < 200_000);
+/// let raw = codec.decode(&h, &wire).await.unwrap();
+/// assert_eq!(raw.len(), 200_000);
+/// # });
+/// # fn tokio_test_block<F: std::future::Future>(f: F) -> F::Output {
+/// #     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+pub struct PayloadCodec {
+    /// Payloads strictly larger than this are gzipped.
+    pub compress_threshold: usize,
+    /// Largest inline payload after compression; above it the blob store is used.
+    pub max_inline: usize,
+    /// Largest payload accepted after inflating.
+    pub max_inflated: usize,
+    /// Where oversized payloads go; `None` makes them a publish error.
+    pub blobs: Option<BlobStore>,
+}
+
+impl Default for PayloadCodec {
+    fn default() -> Self {
+        PayloadCodec {
+            compress_threshold: COMPRESS_THRESHOLD,
+            max_inline: DEFAULT_MAX_INLINE,
+            max_inflated: DEFAULT_MAX_INFLATED,
+            blobs: None,
+        }
+    }
+}
+
+impl PayloadCodec {
+    /// Turns a raw payload into wire bytes, setting `content_encoding` and the blob headers as
+    /// needed. `domain` names the blob folder. Call before validating headers.
+    pub async fn encode(&self, headers: &mut Headers, raw: Bytes, domain: &str) -> Result<Bytes> {
+        let wire = if raw.len() > self.compress_threshold && headers.content_encoding().is_none() {
+            headers.set(names::CONTENT_ENCODING, "gzip");
+            Bytes::from(gzip(&raw))
+        } else {
+            raw
+        };
+        if wire.len() <= self.max_inline {
+            return Ok(wire);
+        }
+        let Some(store) = &self.blobs else {
+            return Err(Error::payload(format!(
+                "payload is {} bytes after compression, over the inline limit of {} bytes, and no blob store is configured",
+                wire.len(),
+                self.max_inline
+            )));
+        };
+        let id = headers.message_id().unwrap_or("unidentified").to_owned();
+        let day = chrono::Utc::now().format("%Y-%m-%d");
+        let key = format!("{domain}/{day}/{id}");
+        let blob_ref = store.put(&key, wire.clone()).await?;
+        headers.set(names::BLOB_REF, blob_ref);
+        headers.set(names::BLOB_HASH, sha256_tag(&wire));
+        headers.set(names::BLOB_SIZE, wire.len().to_string());
+        Ok(Bytes::new())
+    }
+
+    /// Turns wire bytes back into the raw payload: fetches and verifies a blob when
+    /// `blob_ref` is set, then inflates gzip.
+    pub async fn decode(&self, headers: &Headers, wire: &Bytes) -> Result<Bytes> {
+        self.decode_detailed(headers, wire).await.map_err(|(_, e)| e)
+    }
+
+    /// Like [`PayloadCodec::decode`], with the failure class for DLQ reasons.
+    pub async fn decode_detailed(&self, headers: &Headers, wire: &Bytes) -> std::result::Result<Bytes, (DecodeFailure, Error)> {
+        let fetched;
+        let bytes = if let Some(blob_ref) = headers.blob_ref() {
+            let store = self.blobs.clone().or_else(|| local_store_for(blob_ref)).ok_or_else(|| {
+                (DecodeFailure::BlobUnavailable, Error::payload(format!("blob_ref {blob_ref:?}: no blob store configured for it")))
+            })?;
+            fetched = store.get(blob_ref).await.map_err(|e| (DecodeFailure::BlobUnavailable, e))?;
+            let want = headers.blob_hash().unwrap_or_default();
+            let got = sha256_tag(&fetched);
+            if got != want {
+                return Err((
+                    DecodeFailure::BlobHashMismatch,
+                    Error::payload(format!("blob {blob_ref}: hash {got} does not match blob_hash {want}")),
+                ));
+            }
+            if headers.blob_size().is_some_and(|s| s != fetched.len() as u64) {
+                return Err((
+                    DecodeFailure::BlobHashMismatch,
+                    Error::payload(format!("blob {blob_ref}: size {} does not match blob_size", fetched.len())),
+                ));
+            }
+            &fetched
+        } else {
+            wire
+        };
+        inflate_if_needed(headers, bytes, self.max_inflated).map_err(|e| (DecodeFailure::Decode, e))
+    }
+}
+
+/// A local store for a `file://` blob_ref written by another process on this host.
+fn local_store_for(blob_ref: &str) -> Option<BlobStore> {
+    let url = url::Url::parse(blob_ref).ok()?;
+    if url.scheme() != "file" {
+        return None;
+    }
+    let path = url.to_file_path().ok()?;
+    let dir = path.parent()?;
+    let store = LocalFileSystem::new_with_prefix(dir).ok()?;
+    let prefix = url::Url::from_directory_path(dir).ok()?.to_string();
+    Some(BlobStore { store: Arc::new(store), prefix })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    }
+
+    #[test]
+    fn threshold_is_strictly_greater() {
+        rt().block_on(async {
+            let c = PayloadCodec::default();
+            let mut h = Headers::new();
+            let w = c.encode(&mut h, vec![1u8; COMPRESS_THRESHOLD].into(), "bars").await.unwrap();
+            assert_eq!(h.content_encoding(), None);
+            assert_eq!(w.len(), COMPRESS_THRESHOLD);
+            let mut h = Headers::new();
+            c.encode(&mut h, vec![1u8; COMPRESS_THRESHOLD + 1].into(), "bars").await.unwrap();
+            assert_eq!(h.content_encoding(), Some("gzip"));
+        });
+    }
+
+    #[test]
+    fn blob_round_trip_and_tamper() {
+        rt().block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let c = PayloadCodec { max_inline: 1024, blobs: Some(BlobStore::local(dir.path()).unwrap()), ..Default::default() };
+            // Random-ish bytes that gzip cannot shrink below 1 KiB.
+            let raw: Vec<u8> = (0..300_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+            let mut h = Headers::new().with("message_id", "018f5e2f-9b1c-76aa-8f7a-3b1d8f3ea0c2");
+            let wire = c.encode(&mut h, raw.clone().into(), "bars").await.unwrap();
+            assert!(wire.is_empty());
+            assert!(h.blob_ref().unwrap().starts_with("file://"));
+            let size: usize = h.blob_size().unwrap() as usize;
+            assert_eq!(h.blob_hash().unwrap().len(), 71);
+            assert_eq!(&c.decode(&h, &wire).await.unwrap()[..], &raw[..]);
+            // A consumer without a configured store still reads a local file:// blob.
+            let plain = PayloadCodec::default();
+            assert_eq!(plain.decode(&h, &wire).await.unwrap().len(), raw.len());
+            // Tamper with the blob: hash mismatch.
+            let path = url::Url::parse(h.blob_ref().unwrap()).unwrap().to_file_path().unwrap();
+            std::fs::write(&path, vec![0u8; size]).unwrap();
+            let (kind, e) = c.decode_detailed(&h, &wire).await.unwrap_err();
+            assert_eq!(kind, DecodeFailure::BlobHashMismatch);
+            assert!(e.to_string().contains("does not match blob_hash"), "{e}");
+            // No store and too large: clear error.
+            let mut h2 = Headers::new();
+            let e = PayloadCodec { max_inline: 10, ..Default::default() }.encode(&mut h2, raw.into(), "bars").await.unwrap_err();
+            assert!(e.to_string().contains("over the inline limit of 10 bytes"), "{e}");
+        });
+    }
+
+    #[test]
+    fn gzip_bomb_is_refused() {
+        let h = Headers::new().with("content_encoding", "gzip");
+        let z = gzip(&vec![0u8; 10_000_000]);
+        let e = inflate_if_needed(&h, &z, 1_000_000).unwrap_err();
+        assert!(e.to_string().contains("more than 1000000 bytes"), "{e}");
+    }
+}

@@ -1,0 +1,193 @@
+//! The envelope (topic + headers + payload bytes) and its JSON diagnostic form, used by golden
+//! files, `ampybus sub --json`, `ampybus validate` and humans.
+
+use crate::error::{Error, Result};
+use crate::headers::Headers;
+use crate::topic::Topic;
+use base64::Engine as _;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// One message as carried on the wire: a topic, the headers and the payload bytes (compressed
+/// when `content_encoding=gzip`, empty when `blob_ref` points at an object store).
+///
+/// ```
+/// use ampybus::{Envelope, Headers, Topic};
+/// let topic = Topic::parse("ampy.prod.orders.v1.requests").unwrap();
+/// let headers = Headers::for_publish("ampy.orders.v1.OrderRequest", "oms@1", "oms", "co_1");
+/// let env = Envelope::new(&topic, headers, b"\x0a\x04co_1".to_vec());
+/// env.validate_for_publish().unwrap();
+/// let line = env.to_json_line(None);
+/// let back = Envelope::from_json_str(&line).unwrap();
+/// assert_eq!(back, env);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    /// The concrete topic. Kept as a string so that a message from the wire with a bad topic
+    /// can still be carried to the DLQ; [`Envelope::topic`] parses it.
+    pub topic: String,
+    /// The headers.
+    pub headers: Headers,
+    /// The payload bytes as carried.
+    pub payload: Bytes,
+}
+
+/// Looks up payload schemas by `schema_fqdn` to show payloads as JSON. Implemented by
+/// `ampybus-proto` for the domain schemas; the core never depends on them.
+///
+/// ```
+/// struct NoSchemas;
+/// impl ampybus::PayloadDecoder for NoSchemas {
+///     fn decode_json(&self, _fqdn: &str, _bytes: &[u8]) -> Option<Result<serde_json::Value, String>> { None }
+/// }
+/// use ampybus::PayloadDecoder as _;
+/// assert!(NoSchemas.decode_json("ampy.bars.v1.BarBatch", b"").is_none());
+/// ```
+pub trait PayloadDecoder: Send + Sync {
+    /// `None` when the schema is unknown; `Some(Err)` when the bytes do not decode as it.
+    fn decode_json(&self, fqdn: &str, bytes: &[u8]) -> Option<std::result::Result<serde_json::Value, String>>;
+}
+
+/// The JSON diagnostic form of an envelope. Key order on output: `topic`, `headers`,
+/// `payload_base64`, then `payload_json` when the schema is known and the payload decodes.
+///
+/// `payload_base64` holds the bytes as carried (gzip-compressed when `content_encoding=gzip`);
+/// `payload_json` is informational (the inflated, decoded payload).
+///
+/// ```
+/// let j: ampybus::EnvelopeJson = serde_json::from_str(
+///     r#"{"topic":"ampy.dev.news.v1.raw","headers":{},"payload_base64":""}"#).unwrap();
+/// assert_eq!(j.topic, "ampy.dev.news.v1.raw");
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnvelopeJson {
+    /// The topic.
+    pub topic: String,
+    /// The headers; every value is a string.
+    pub headers: BTreeMap<String, String>,
+    /// Standard base64 of the payload bytes as carried.
+    pub payload_base64: String,
+    /// The decoded payload, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload_json: Option<serde_json::Value>,
+}
+
+impl Envelope {
+    /// Builds an envelope.
+    pub fn new(topic: &Topic, headers: Headers, payload: impl Into<Bytes>) -> Self {
+        Envelope { topic: topic.as_str().to_owned(), headers, payload: payload.into() }
+    }
+
+    /// Parses the topic.
+    ///
+    /// ```
+    /// # use ampybus::{Envelope, Headers};
+    /// let env = Envelope { topic: "ampy.prod.fx.v1.rates".into(), headers: Headers::new(), payload: Default::default() };
+    /// assert_eq!(env.topic().unwrap().domain(), ampybus::Domain::Fx);
+    /// ```
+    pub fn topic(&self) -> Result<Topic> {
+        Topic::parse(&self.topic)
+    }
+
+    /// Checks the topic and every publish-side header rule, plus payload consistency (a
+    /// pointer envelope carries no inline payload). Returns the parsed topic.
+    pub fn validate_for_publish(&self) -> Result<Topic> {
+        let topic = self.topic()?;
+        self.headers.validate_for_publish(&topic)?;
+        if self.headers.blob_ref().is_some() && !self.payload.is_empty() {
+            return Err(Error::envelope("`blob_ref` is set, so the inline payload must be empty"));
+        }
+        Ok(topic)
+    }
+
+    /// The JSON form as a value. With a decoder, `payload_json` is added when the schema is
+    /// known and the (inflated) payload decodes.
+    pub fn to_json(&self, decoder: Option<&dyn PayloadDecoder>) -> EnvelopeJson {
+        let payload_json = decoder.and_then(|d| {
+            let fqdn = self.headers.schema_fqdn()?;
+            if self.headers.blob_ref().is_some() {
+                return None;
+            }
+            let raw = crate::codec::inflate_if_needed(&self.headers, &self.payload, crate::codec::DEFAULT_MAX_INFLATED).ok()?;
+            d.decode_json(fqdn, &raw)?.ok()
+        });
+        EnvelopeJson {
+            topic: self.topic.clone(),
+            headers: self.headers.as_map().clone(),
+            payload_base64: base64::engine::general_purpose::STANDARD.encode(&self.payload),
+            payload_json,
+        }
+    }
+
+    /// One line of JSON (no trailing newline), as `ampybus sub --json` prints.
+    pub fn to_json_line(&self, decoder: Option<&dyn PayloadDecoder>) -> String {
+        serde_json::to_string(&self.to_json(decoder)).expect("envelope JSON serialises")
+    }
+
+    /// Pretty JSON with a trailing newline, as golden files are written.
+    pub fn to_json_pretty(&self, decoder: Option<&dyn PayloadDecoder>) -> String {
+        let mut s = serde_json::to_string_pretty(&self.to_json(decoder)).expect("envelope JSON serialises");
+        s.push('\n');
+        s
+    }
+
+    /// Parses the JSON form. Errors name the field (`topic`, `headers.<name>`,
+    /// `payload_base64`) and the rule. Only the shape is checked here: call
+    /// [`Envelope::validate_for_publish`] for the contract rules.
+    ///
+    /// ```
+    /// let err = ampybus::Envelope::from_json_str(r#"{"topic":"t","headers":{"a":1},"payload_base64":""}"#).unwrap_err();
+    /// assert!(err.to_string().contains("headers.a"), "{err}");
+    /// ```
+    pub fn from_json_str(s: &str) -> Result<Envelope> {
+        let v: serde_json::Value =
+            serde_json::from_str(s).map_err(|e| Error::envelope(format!("not valid JSON: {e}")))?;
+        Envelope::from_json_value(&v)
+    }
+
+    /// Like [`Envelope::from_json_str`], from a parsed value.
+    pub fn from_json_value(v: &serde_json::Value) -> Result<Envelope> {
+        let obj = v.as_object().ok_or_else(|| Error::envelope("must be a JSON object"))?;
+        for k in obj.keys() {
+            if !matches!(k.as_str(), "topic" | "headers" | "payload_base64" | "payload_json") {
+                return Err(Error::envelope(format!(
+                    "unknown field `{k}` (expected topic, headers, payload_base64, payload_json)"
+                )));
+            }
+        }
+        let topic = match obj.get("topic") {
+            Some(serde_json::Value::String(t)) => t.clone(),
+            Some(_) => return Err(Error::envelope("field `topic` must be a string")),
+            None => return Err(Error::envelope("missing field `topic`")),
+        };
+        let mut headers = Headers::new();
+        match obj.get("headers") {
+            Some(serde_json::Value::Object(m)) => {
+                for (k, v) in m {
+                    match v {
+                        serde_json::Value::String(s) => {
+                            headers.set(k.clone(), s.clone());
+                        }
+                        _ => {
+                            return Err(Error::envelope(format!(
+                                "field `headers.{k}` must be a string (header values are strings on every transport)"
+                            )));
+                        }
+                    }
+                }
+            }
+            Some(_) => return Err(Error::envelope("field `headers` must be an object of strings")),
+            None => return Err(Error::envelope("missing field `headers`")),
+        }
+        let payload = match obj.get("payload_base64") {
+            Some(serde_json::Value::String(b)) => base64::engine::general_purpose::STANDARD
+                .decode(b.trim())
+                .map_err(|e| Error::envelope(format!("field `payload_base64` is not standard base64: {e}")))?,
+            Some(serde_json::Value::Null) | None => Vec::new(),
+            Some(_) => return Err(Error::envelope("field `payload_base64` must be a string")),
+        };
+        Ok(Envelope { topic, headers, payload: Bytes::from(payload) })
+    }
+}

@@ -1,0 +1,272 @@
+//! Partition keys: canonical builders and the per-domain shape checks of the contract.
+//!
+//! | domain | key |
+//! |---|---|
+//! | bars | `MIC.SYMBOL` (`XNAS.AAPL`) |
+//! | ticks | `SYMBOL.MIC` (`MSFT.XNAS`) |
+//! | news | news item id |
+//! | fx | `BASE.QUOTE` (`USD.JPY`) |
+//! | fundamentals | `SYMBOL.MIC\|period_end\|source` |
+//! | universe | `universe_id` |
+//! | corporate_actions | `SYMBOL.MIC` (our choice: the contract names no key) |
+//! | signals | `model_id\|SYMBOL.MIC[\|horizon]` |
+//! | orders | `client_order_id` |
+//! | fills | `account_id\|client_order_id` |
+//! | positions | `account_id\|SYMBOL.MIC` |
+//! | metrics | `service\|metric_name` |
+//! | dlq, control | any non-empty key |
+//!
+//! Where a security appears, either order of a 4-character MIC and a symbol is accepted; the
+//! builders emit the canonical order. A MIC is 4 upper-case ASCII letters or digits. No key
+//! may contain whitespace or control characters.
+
+use crate::error::{Error, Result, show};
+use crate::topic::Domain;
+
+const KEY: &str = "partition_key";
+/// Longest key accepted, in bytes.
+pub const MAX_KEY_LEN: usize = 256;
+
+/// True for a 4-character market identifier code (upper-case letters and digits).
+///
+/// ```
+/// assert!(ampybus::partition::is_mic("XNAS"));
+/// assert!(!ampybus::partition::is_mic("xnas"));
+/// ```
+pub fn is_mic(s: &str) -> bool {
+    s.len() == 4 && s.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+}
+
+fn is_symbol(s: &str) -> bool {
+    !s.is_empty() && !s.contains('|')
+}
+
+/// Splits a security `MIC.SYMBOL` or `SYMBOL.MIC` into `(mic, symbol)`. The symbol may itself
+/// contain dots (`BRK.B`).
+///
+/// ```
+/// use ampybus::partition::split_security;
+/// assert_eq!(split_security("XNAS.AAPL"), Some(("XNAS", "AAPL")));
+/// assert_eq!(split_security("BRK.B.XNYS"), Some(("XNYS", "BRK.B")));
+/// assert_eq!(split_security("AAPL"), None);
+/// ```
+pub fn split_security(s: &str) -> Option<(&str, &str)> {
+    if let Some((first, rest)) = s.split_once('.') {
+        if is_mic(first) && is_symbol(rest) {
+            return Some((first, rest));
+        }
+    }
+    if let Some((rest, last)) = s.rsplit_once('.') {
+        if is_mic(last) && is_symbol(rest) {
+            return Some((last, rest));
+        }
+    }
+    None
+}
+
+/// Bars key: `MIC.SYMBOL`.
+///
+/// ```
+/// assert_eq!(ampybus::partition::bars("AAPL", "XNAS"), "XNAS.AAPL");
+/// ```
+pub fn bars(symbol: &str, mic: &str) -> String {
+    format!("{mic}.{symbol}")
+}
+
+/// Ticks key: `SYMBOL.MIC`.
+///
+/// ```
+/// assert_eq!(ampybus::partition::ticks("MSFT", "XNAS"), "MSFT.XNAS");
+/// ```
+pub fn ticks(symbol: &str, mic: &str) -> String {
+    format!("{symbol}.{mic}")
+}
+
+/// FX key: `BASE.QUOTE`.
+///
+/// ```
+/// assert_eq!(ampybus::partition::fx("USD", "JPY"), "USD.JPY");
+/// ```
+pub fn fx(base: &str, quote: &str) -> String {
+    format!("{base}.{quote}")
+}
+
+/// Fundamentals key: `SYMBOL.MIC|period_end|source`.
+///
+/// ```
+/// assert_eq!(ampybus::partition::fundamentals("AAPL", "XNAS", "2025-06-30", "tiingo"), "AAPL.XNAS|2025-06-30|tiingo");
+/// ```
+pub fn fundamentals(symbol: &str, mic: &str, period_end: &str, source: &str) -> String {
+    format!("{symbol}.{mic}|{period_end}|{source}")
+}
+
+/// Signals key: `model_id|SYMBOL.MIC[|horizon]`.
+///
+/// ```
+/// assert_eq!(ampybus::partition::signals("hyper@2025-09-05", "NVDA", "XNAS", None), "hyper@2025-09-05|NVDA.XNAS");
+/// assert_eq!(ampybus::partition::signals("m", "NVDA", "XNAS", Some("5d")), "m|NVDA.XNAS|5d");
+/// ```
+pub fn signals(model_id: &str, symbol: &str, mic: &str, horizon: Option<&str>) -> String {
+    match horizon {
+        Some(h) => format!("{model_id}|{symbol}.{mic}|{h}"),
+        None => format!("{model_id}|{symbol}.{mic}"),
+    }
+}
+
+/// Fills key: `account_id|client_order_id`.
+///
+/// ```
+/// assert_eq!(ampybus::partition::fills("ACC-1", "co_1"), "ACC-1|co_1");
+/// ```
+pub fn fills(account_id: &str, client_order_id: &str) -> String {
+    format!("{account_id}|{client_order_id}")
+}
+
+/// Positions key: `account_id|SYMBOL.MIC`.
+///
+/// ```
+/// assert_eq!(ampybus::partition::positions("ACC-1", "AAPL", "XNAS"), "ACC-1|AAPL.XNAS");
+/// ```
+pub fn positions(account_id: &str, symbol: &str, mic: &str) -> String {
+    format!("{account_id}|{symbol}.{mic}")
+}
+
+/// Metrics key: `service|metric_name`.
+///
+/// ```
+/// assert_eq!(ampybus::partition::metrics("ampy-oms", "oms.order_rejects"), "ampy-oms|oms.order_rejects");
+/// ```
+pub fn metrics(service: &str, metric_name: &str) -> String {
+    format!("{service}|{metric_name}")
+}
+
+fn is_currency(s: &str) -> bool {
+    (3..=5).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+}
+
+fn is_date(s: &str) -> bool {
+    chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").is_ok() && s.len() == 10
+}
+
+fn parts(key: &str, min: usize, max: usize, shape: &str) -> Result<Vec<String>> {
+    let p: Vec<String> = key.split('|').map(str::to_owned).collect();
+    if p.len() < min || p.len() > max || p.iter().any(String::is_empty) {
+        return Err(Error::header(KEY, format!("must be `{shape}` (got {})", show(key))));
+    }
+    Ok(p)
+}
+
+fn security(key: &str, part: &str, shape: &str) -> Result<()> {
+    if split_security(part).is_none() {
+        return Err(Error::header(
+            KEY,
+            format!("must be `{shape}` where the security is SYMBOL.MIC or MIC.SYMBOL with a 4-character MIC (got {})", show(key)),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a partition key against its domain's shape (publish side and `validate`).
+///
+/// ```
+/// use ampybus::{Domain, partition::check_key};
+/// check_key(Domain::Bars, "XNAS.AAPL").unwrap();
+/// check_key(Domain::Bars, "AAPL.XNAS").unwrap(); // either order is accepted
+/// check_key(Domain::Fills, "ALPACA-LIVE-01|co_20250905_001").unwrap();
+/// let err = check_key(Domain::Fills, "co_20250905_001").unwrap_err();
+/// assert!(err.to_string().contains("account_id|client_order_id"), "{err}");
+/// ```
+pub fn check_key(domain: Domain, key: &str) -> Result<()> {
+    if key.is_empty() {
+        return Err(Error::header(KEY, "must not be empty"));
+    }
+    if key.len() > MAX_KEY_LEN {
+        return Err(Error::header(KEY, format!("longer than {MAX_KEY_LEN} bytes ({} bytes)", key.len())));
+    }
+    if key.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(Error::header(KEY, format!("must not contain whitespace or control characters (got {})", show(key))));
+    }
+    match domain {
+        Domain::Bars => security(key, key, "MIC.SYMBOL")?,
+        Domain::Ticks => security(key, key, "SYMBOL.MIC")?,
+        Domain::CorporateActions => security(key, key, "SYMBOL.MIC")?,
+        Domain::Fx => {
+            let ok = key.split_once('.').is_some_and(|(b, q)| is_currency(b) && is_currency(q));
+            if !ok {
+                return Err(Error::header(KEY, format!("must be `BASE.QUOTE` with 3–5 upper-case letters each, e.g. `USD.JPY` (got {})", show(key))));
+            }
+        }
+        Domain::Fundamentals => {
+            let shape = "SYMBOL.MIC|period_end|source";
+            let p = parts(key, 3, 3, shape)?;
+            security(key, &p[0], shape)?;
+            if !is_date(&p[1]) {
+                return Err(Error::header(KEY, format!("must be `{shape}` with period_end as YYYY-MM-DD (got {})", show(key))));
+            }
+        }
+        Domain::Signals => {
+            let shape = "model_id|SYMBOL.MIC[|horizon]";
+            let p = parts(key, 2, 3, shape)?;
+            security(key, &p[1], shape)?;
+        }
+        Domain::Fills => {
+            parts(key, 2, 2, "account_id|client_order_id")?;
+        }
+        Domain::Positions => {
+            let shape = "account_id|SYMBOL.MIC";
+            let p = parts(key, 2, 2, shape)?;
+            security(key, &p[1], shape)?;
+        }
+        Domain::Metrics => {
+            parts(key, 2, 2, "service|metric_name")?;
+        }
+        Domain::Orders => {
+            parts(key, 1, 1, "client_order_id")?;
+        }
+        Domain::News | Domain::Universe | Domain::Dlq | Domain::Control => {}
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes() {
+        let ok = [
+            (Domain::Ticks, "MSFT.XNAS"),
+            (Domain::Fx, "USD.JPY"),
+            (Domain::Fx, "USDT.BTC"),
+            (Domain::Fundamentals, "AAPL.XNAS|2025-06-30|tiingo"),
+            (Domain::Signals, "hyper@2025-09-05|NVDA.XNAS"),
+            (Domain::Signals, "hyper@2025-09-05|NVDA.XNAS|5d"),
+            (Domain::Positions, "ALPACA-LIVE-01|AAPL.XNAS"),
+            (Domain::Metrics, "ampy-oms|oms.order_rejects"),
+            (Domain::News, "marketbeat:2025-09-05:amzn-headline-8b12c6"),
+            (Domain::Orders, "co_20250905_001"),
+            (Domain::Universe, "sp500"),
+        ];
+        for (d, k) in ok {
+            check_key(d, k).unwrap_or_else(|e| panic!("{d} {k}: {e}"));
+        }
+        let bad = [
+            (Domain::Bars, "AAPL", "MIC.SYMBOL"),
+            (Domain::Bars, "XNAS.", "MIC.SYMBOL"),
+            (Domain::Fx, "usd.jpy", "BASE.QUOTE"),
+            (Domain::Fx, "USDJPY", "BASE.QUOTE"),
+            (Domain::Fundamentals, "AAPL.XNAS|2025-13-01|tiingo", "YYYY-MM-DD"),
+            (Domain::Fundamentals, "AAPL.XNAS|2025-06-30", "SYMBOL.MIC|period_end|source"),
+            (Domain::Signals, "NVDA.XNAS", "model_id|SYMBOL.MIC"),
+            (Domain::Orders, "a|b", "client_order_id"),
+            (Domain::Positions, "ACC|AAPL", "account_id|SYMBOL.MIC"),
+            (Domain::Metrics, "svc|", "service|metric_name"),
+            (Domain::News, "a b", "whitespace"),
+            (Domain::Universe, "", "must not be empty"),
+        ];
+        for (d, k, want) in bad {
+            let e = check_key(d, k).unwrap_err();
+            assert!(e.to_string().contains(want), "{d} {k:?}: {e}");
+        }
+    }
+}

@@ -1,0 +1,499 @@
+//! Topics (`ampy.{env}.{domain}.{version}.{subtopic…}`) and subscription patterns (`*`, `>`).
+
+use crate::error::{Error, Result, show};
+use std::fmt;
+use std::str::FromStr;
+
+/// Longest topic accepted, in bytes.
+pub const MAX_TOPIC_LEN: usize = 512;
+
+/// The deployment environment, the second token of every topic.
+///
+/// ```
+/// use ampybus::Env;
+/// assert_eq!("paper".parse::<Env>().unwrap(), Env::Paper);
+/// assert_eq!(Env::Prod.as_str(), "prod");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Env {
+    /// Development.
+    Dev,
+    /// Paper trading.
+    Paper,
+    /// Production.
+    Prod,
+}
+
+impl Env {
+    /// Every environment, in order.
+    pub const ALL: [Env; 3] = [Env::Dev, Env::Paper, Env::Prod];
+
+    /// The token as it appears in a topic.
+    ///
+    /// ```
+    /// assert_eq!(ampybus::Env::Dev.as_str(), "dev");
+    /// ```
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Env::Dev => "dev",
+            Env::Paper => "paper",
+            Env::Prod => "prod",
+        }
+    }
+}
+
+impl FromStr for Env {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Env::ALL
+            .into_iter()
+            .find(|e| e.as_str() == s)
+            .ok_or_else(|| Error::topic(format!("env {}: must be one of dev|paper|prod", show(s))))
+    }
+}
+
+impl fmt::Display for Env {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+macro_rules! domains {
+    ($($variant:ident => $name:literal, $doc:literal;)*) => {
+        /// The business domain, the third token of every topic.
+        ///
+        /// ```
+        /// use ampybus::Domain;
+        /// assert_eq!("corporate_actions".parse::<Domain>().unwrap(), Domain::CorporateActions);
+        /// assert_eq!(Domain::Fills.as_str(), "fills");
+        /// ```
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum Domain {
+            $(#[doc = $doc] $variant,)*
+        }
+
+        impl Domain {
+            /// Every domain, in the order of the contract.
+            pub const ALL: &'static [Domain] = &[$(Domain::$variant,)*];
+
+            /// The token as it appears in a topic.
+            ///
+            /// ```
+            /// assert_eq!(ampybus::Domain::Bars.as_str(), "bars");
+            /// ```
+            pub fn as_str(self) -> &'static str {
+                match self { $(Domain::$variant => $name,)* }
+            }
+        }
+    };
+}
+
+domains! {
+    Bars => "bars", "OHLCV bars.";
+    Ticks => "ticks", "Trades, quotes and book updates.";
+    Fundamentals => "fundamentals", "Fundamental data per security and period.";
+    News => "news", "News items.";
+    Fx => "fx", "Foreign-exchange rates.";
+    CorporateActions => "corporate_actions", "Splits, dividends and other corporate actions.";
+    Universe => "universe", "Tradable universes.";
+    Signals => "signals", "Model signals.";
+    Orders => "orders", "Order requests.";
+    Fills => "fills", "Fills (executions).";
+    Positions => "positions", "Position snapshots.";
+    Metrics => "metrics", "Service metrics.";
+    Dlq => "dlq", "Dead-lettered messages.";
+    Control => "control", "Control messages such as replay requests.";
+}
+
+impl FromStr for Domain {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Domain::ALL.iter().copied().find(|d| d.as_str() == s).ok_or_else(|| {
+            Error::topic(format!(
+                "domain {}: must be one of {}",
+                show(s),
+                Domain::ALL.iter().map(|d| d.as_str()).collect::<Vec<_>>().join("|")
+            ))
+        })
+    }
+}
+
+impl fmt::Display for Domain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A concrete, validated topic such as `ampy.prod.bars.v1.XNAS.AAPL`.
+///
+/// ```
+/// use ampybus::{Domain, Env, Topic};
+/// let t = Topic::parse("ampy.prod.bars.v1.XNAS.AAPL").unwrap();
+/// assert_eq!(t.env(), Env::Prod);
+/// assert_eq!(t.domain(), Domain::Bars);
+/// assert_eq!(t.version(), 1);
+/// assert_eq!(t.subtopic(), "XNAS.AAPL");
+/// assert_eq!(t.domain_prefix(), "ampy.prod.bars.v1");
+/// assert!(Topic::parse("ampy.prod.bars.v1.XNAS.*").is_err());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Topic {
+    raw: String,
+    env: Env,
+    domain: Domain,
+    version: u32,
+    /// Byte offset of the first subtopic token.
+    sub_at: usize,
+}
+
+fn token_problem(tok: &str) -> Option<&'static str> {
+    if tok.is_empty() {
+        return Some("empty token (two dots in a row, or a leading/trailing dot)");
+    }
+    if tok.chars().any(|c| c.is_whitespace()) {
+        return Some("whitespace is not allowed");
+    }
+    if tok.chars().any(|c| c.is_control()) {
+        return Some("control characters are not allowed");
+    }
+    None
+}
+
+fn parse_version(tok: &str) -> Option<u32> {
+    let digits = tok.strip_prefix('v')?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) || digits.len() > 9 {
+        return None;
+    }
+    let v: u32 = digits.parse().ok()?;
+    (v >= 1).then_some(v)
+}
+
+impl Topic {
+    /// Parses and validates a concrete topic. The error names the offending token.
+    ///
+    /// ```
+    /// let err = ampybus::Topic::parse("ampy.prod..v1.x").unwrap_err();
+    /// assert!(err.to_string().contains("token 3"), "{err}");
+    /// ```
+    pub fn parse(s: &str) -> Result<Topic> {
+        let bad = |i: usize, tok: &str, why: &str| {
+            Error::topic(format!("{}: token {} {}: {}", show(s), i + 1, show(tok), why))
+        };
+        if s.is_empty() {
+            return Err(Error::topic("empty topic"));
+        }
+        if s.len() > MAX_TOPIC_LEN {
+            return Err(Error::topic(format!(
+                "{}: longer than {MAX_TOPIC_LEN} bytes ({} bytes)",
+                show(s),
+                s.len()
+            )));
+        }
+        let toks: Vec<&str> = s.split('.').collect();
+        for (i, tok) in toks.iter().enumerate() {
+            if let Some(why) = token_problem(tok) {
+                return Err(bad(i, tok, why));
+            }
+            if tok.contains('*') || tok.contains('>') {
+                return Err(bad(i, tok, "wildcards `*` and `>` are only allowed in patterns"));
+            }
+        }
+        if toks[0] != "ampy" {
+            return Err(bad(0, toks[0], "must be `ampy`"));
+        }
+        let env_tok = toks.get(1).ok_or_else(|| Error::topic(format!("{}: missing env token (token 2)", show(s))))?;
+        let env: Env = env_tok
+            .parse()
+            .map_err(|_| bad(1, env_tok, "env must be one of dev|paper|prod"))?;
+        let dom_tok = toks.get(2).ok_or_else(|| Error::topic(format!("{}: missing domain token (token 3)", show(s))))?;
+        let domain: Domain = dom_tok.parse().map_err(|e: Error| bad(2, dom_tok, e.message()))?;
+        let ver_tok = toks.get(3).ok_or_else(|| Error::topic(format!("{}: missing version token (token 4)", show(s))))?;
+        let version =
+            parse_version(ver_tok).ok_or_else(|| bad(3, ver_tok, "version must be `v` followed by an integer ≥ 1, e.g. `v1`"))?;
+        if toks.len() < 5 {
+            return Err(Error::topic(format!(
+                "{}: missing subtopic (token 5 onwards), e.g. `{}.XNAS.AAPL`",
+                show(s),
+                s
+            )));
+        }
+        let sub_at = toks[..4].iter().map(|t| t.len() + 1).sum();
+        Ok(Topic { raw: s.to_owned(), env, domain, version, sub_at })
+    }
+
+    /// Builds a topic from its parts; `subtopic` may hold several `.`-separated tokens.
+    ///
+    /// ```
+    /// use ampybus::{Domain, Env, Topic};
+    /// let t = Topic::new(Env::Paper, Domain::Orders, 1, "requests").unwrap();
+    /// assert_eq!(t.as_str(), "ampy.paper.orders.v1.requests");
+    /// ```
+    pub fn new(env: Env, domain: Domain, version: u32, subtopic: &str) -> Result<Topic> {
+        Topic::parse(&format!("ampy.{env}.{domain}.v{version}.{subtopic}"))
+    }
+
+    /// The topic as a string.
+    pub fn as_str(&self) -> &str {
+        &self.raw
+    }
+    /// The environment token.
+    pub fn env(&self) -> Env {
+        self.env
+    }
+    /// The domain token.
+    pub fn domain(&self) -> Domain {
+        self.domain
+    }
+    /// The version number (`v1` → 1).
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+    /// Everything after the version token, e.g. `XNAS.AAPL`.
+    pub fn subtopic(&self) -> &str {
+        &self.raw[self.sub_at..]
+    }
+    /// The first subtopic token, e.g. `trade` in `ampy.prod.ticks.v1.trade.MSFT`.
+    pub fn first_subtopic(&self) -> &str {
+        self.subtopic().split('.').next().unwrap_or("")
+    }
+    /// `ampy.{env}.{domain}.v{version}`: the stream/topic name on Kafka and Redis and the
+    /// bounded `topic` label of metrics.
+    pub fn domain_prefix(&self) -> &str {
+        &self.raw[..self.sub_at - 1]
+    }
+    /// The dead-letter topic for this topic: `ampy.{env}.dlq.v1.{domain}`.
+    ///
+    /// ```
+    /// let t = ampybus::Topic::parse("ampy.prod.bars.v1.XNAS.AAPL").unwrap();
+    /// assert_eq!(t.dlq_topic().as_str(), "ampy.prod.dlq.v1.bars");
+    /// ```
+    pub fn dlq_topic(&self) -> Topic {
+        let raw = format!("ampy.{}.dlq.v1.{}", self.env, self.domain);
+        let sub_at = format!("ampy.{}.dlq.v1.", self.env).len();
+        Topic { raw, env: self.env, domain: Domain::Dlq, version: 1, sub_at }
+    }
+}
+
+impl FromStr for Topic {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Topic::parse(s)
+    }
+}
+
+impl fmt::Display for Topic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.raw)
+    }
+}
+
+impl AsRef<str> for Topic {
+    fn as_ref(&self) -> &str {
+        &self.raw
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum PatTok {
+    Lit(String),
+    One,
+    Rest,
+}
+
+/// A subscription pattern in NATS style: `*` matches one token, `>` (last) one or more.
+///
+/// ```
+/// use ampybus::TopicPattern;
+/// let p = TopicPattern::parse("ampy.prod.ticks.v1.trade.>").unwrap();
+/// assert!(p.matches("ampy.prod.ticks.v1.trade.MSFT"));
+/// assert!(!p.matches("ampy.prod.ticks.v1.quote.MSFT"));
+/// let any_env = TopicPattern::parse("ampy.*.bars.v1.>").unwrap();
+/// assert!(any_env.matches("ampy.dev.bars.v1.XNAS.AAPL"));
+/// assert!(TopicPattern::parse("ampy.prod.>.v1").is_err());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TopicPattern {
+    raw: String,
+    toks: Vec<PatTok>,
+}
+
+impl TopicPattern {
+    /// Parses a pattern. Literal tokens in the env, domain and version positions are checked
+    /// against the taxonomy, so a pattern that can never match is an error naming its token.
+    ///
+    /// ```
+    /// let err = ampybus::TopicPattern::parse("ampy.prd.>").unwrap_err();
+    /// assert!(err.to_string().contains("\"prd\""), "{err}");
+    /// ```
+    pub fn parse(s: &str) -> Result<TopicPattern> {
+        let bad = |i: usize, tok: &str, why: &str| {
+            Error::topic(format!("pattern {}: token {} {}: {}", show(s), i + 1, show(tok), why))
+        };
+        if s.is_empty() {
+            return Err(Error::topic("empty pattern"));
+        }
+        if s.len() > MAX_TOPIC_LEN {
+            return Err(Error::topic(format!("pattern {}: longer than {MAX_TOPIC_LEN} bytes", show(s))));
+        }
+        let parts: Vec<&str> = s.split('.').collect();
+        let mut toks = Vec::with_capacity(parts.len());
+        for (i, tok) in parts.iter().enumerate() {
+            if let Some(why) = token_problem(tok) {
+                return Err(bad(i, tok, why));
+            }
+            let t = match *tok {
+                "*" => PatTok::One,
+                ">" => {
+                    if i + 1 != parts.len() {
+                        return Err(bad(i, tok, "`>` is only allowed as the last token"));
+                    }
+                    PatTok::Rest
+                }
+                _ if tok.contains('*') || tok.contains('>') => {
+                    return Err(bad(i, tok, "a wildcard must be a whole token (`*` or `>`)"));
+                }
+                lit => {
+                    let problem = match i {
+                        0 if lit != "ampy" => Some("must be `ampy`".to_string()),
+                        1 => lit.parse::<Env>().err().map(|_| "env must be one of dev|paper|prod".into()),
+                        2 => lit.parse::<Domain>().err().map(|e| e.message().to_string()),
+                        3 if parse_version(lit).is_none() => {
+                            Some("version must be `v` followed by an integer ≥ 1".into())
+                        }
+                        _ => None,
+                    };
+                    if let Some(p) = problem {
+                        return Err(bad(i, tok, &p));
+                    }
+                    PatTok::Lit((*tok).to_owned())
+                }
+            };
+            toks.push(t);
+        }
+        Ok(TopicPattern { raw: s.to_owned(), toks })
+    }
+
+    /// The pattern as written.
+    pub fn as_str(&self) -> &str {
+        &self.raw
+    }
+
+    /// True when the pattern has no wildcard.
+    ///
+    /// ```
+    /// assert!(ampybus::TopicPattern::parse("ampy.prod.orders.v1.requests").unwrap().is_literal());
+    /// ```
+    pub fn is_literal(&self) -> bool {
+        self.toks.iter().all(|t| matches!(t, PatTok::Lit(_)))
+    }
+
+    /// Whether `topic` (a concrete topic string) matches this pattern.
+    ///
+    /// ```
+    /// let p = ampybus::TopicPattern::parse("ampy.prod.*.v1.>").unwrap();
+    /// assert!(p.matches("ampy.prod.fills.v1.events"));
+    /// assert!(!p.matches("ampy.prod.fills.v1"));
+    /// ```
+    pub fn matches(&self, topic: &str) -> bool {
+        let mut parts = topic.split('.');
+        for (i, pt) in self.toks.iter().enumerate() {
+            match pt {
+                PatTok::Rest => {
+                    return parts.next().is_some();
+                }
+                PatTok::One => {
+                    if parts.next().is_none_or(str::is_empty) {
+                        return false;
+                    }
+                }
+                PatTok::Lit(l) => match parts.next() {
+                    Some(p) if p == l => {}
+                    _ => return false,
+                },
+            }
+            let _ = i;
+        }
+        parts.next().is_none()
+    }
+
+    /// The literal prefix before the first wildcard (`ampy.prod.bars.` for `ampy.prod.bars.>`),
+    /// used by transports to narrow a scan.
+    ///
+    /// ```
+    /// let p = ampybus::TopicPattern::parse("ampy.prod.bars.v1.>").unwrap();
+    /// assert_eq!(p.literal_prefix(), "ampy.prod.bars.v1.");
+    /// ```
+    pub fn literal_prefix(&self) -> String {
+        let mut out = String::new();
+        for t in &self.toks {
+            match t {
+                PatTok::Lit(l) => {
+                    out.push_str(l);
+                    out.push('.');
+                }
+                _ => return out,
+            }
+        }
+        out.pop();
+        out
+    }
+}
+
+impl FromStr for TopicPattern {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        TopicPattern::parse(s)
+    }
+}
+
+impl fmt::Display for TopicPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.raw)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_errors_name_the_token() {
+        let cases = [
+            ("", "empty topic"),
+            ("amp.prod.bars.v1.X", "token 1 \"amp\""),
+            ("ampy.staging.bars.v1.X", "token 2 \"staging\""),
+            ("ampy.prod.bar.v1.X", "token 3 \"bar\""),
+            ("ampy.prod.bars.1.X", "token 4 \"1\""),
+            ("ampy.prod.bars.v0.X", "token 4 \"v0\""),
+            ("ampy.prod.bars.v1", "missing subtopic"),
+            ("ampy.prod.bars.v1.X..Y", "token 6 \"\""),
+            ("ampy.prod.bars.v1.X Y", "whitespace"),
+            ("ampy.prod.bars.v1.X.*", "wildcards"),
+            ("ampy.prod.bars.v1.X>", "wildcards"),
+            (".ampy.prod.bars.v1.X", "token 1 \"\""),
+            ("ampy.prod.bars.v1.X.", "token 6 \"\""),
+        ];
+        for (t, want) in cases {
+            let e = Topic::parse(t).unwrap_err();
+            assert_eq!(e.kind(), crate::ErrorKind::Topic);
+            assert!(e.to_string().contains(want), "{t:?}: {e} does not contain {want:?}");
+        }
+    }
+
+    #[test]
+    fn pattern_matching() {
+        let p = TopicPattern::parse(">").unwrap();
+        assert!(p.matches("ampy.prod.bars.v1.X"));
+        let p = TopicPattern::parse("ampy.prod.bars.v1.*").unwrap();
+        assert!(p.matches("ampy.prod.bars.v1.X"));
+        assert!(!p.matches("ampy.prod.bars.v1.X.Y"));
+        assert!(!p.matches("ampy.prod.bars.v1"));
+        let p = TopicPattern::parse("ampy.prod.bars.v1.XNAS.AAPL").unwrap();
+        assert!(p.matches("ampy.prod.bars.v1.XNAS.AAPL"));
+        assert!(!p.matches("ampy.prod.bars.v1.XNAS.AAPLX"));
+        assert!(TopicPattern::parse("ampy.prod.>.x").is_err());
+        assert!(TopicPattern::parse("ampy.prod.ba*").is_err());
+        assert!(TopicPattern::parse("ampy..bars").is_err());
+        assert!(TopicPattern::parse("ampy.prod.bars.x1.>").is_err());
+    }
+}
