@@ -15,6 +15,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod bus;
 pub mod codec;
 pub mod envelope;
 pub mod error;
@@ -23,7 +24,10 @@ pub mod ids;
 pub mod partition;
 pub mod schema_hash;
 pub mod topic;
+pub mod transport;
+pub mod validate;
 
+pub use bus::Bus;
 pub use envelope::{Envelope, EnvelopeJson, PayloadDecoder};
 pub use error::{Error, ErrorKind, Result};
 pub use headers::Headers;

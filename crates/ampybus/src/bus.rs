@@ -1,0 +1,294 @@
+//! [`Bus`]: the handle applications use. Chooses a transport from a URL, fills and validates
+//! headers, encodes payloads (gzip, blob pointer) and publishes; opens subscriptions.
+
+use crate::codec::{BlobStore, PayloadCodec};
+use crate::envelope::Envelope;
+use crate::error::{Error, Result};
+use crate::headers::Headers;
+use crate::topic::Topic;
+use crate::transport::embedded::{EmbeddedLog, EmbeddedOptions};
+use crate::transport::{PublishReceipt, ReplayByTime, SubscribeSpec, Subscription, Transport};
+use bytes::Bytes;
+use std::sync::Arc;
+
+/// Default data directory when no URL is given: `$AMPYBUS_URL`, else `./ampybus-data`.
+///
+/// ```
+/// assert!(!ampybus::bus::default_url().is_empty());
+/// ```
+pub fn default_url() -> String {
+    std::env::var("AMPYBUS_URL")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "./ampybus-data".to_owned())
+}
+
+/// Which transport a URL selects.
+///
+/// ```
+/// use ampybus::bus::{TransportKind, transport_kind};
+/// assert_eq!(transport_kind("file:///tmp/x").unwrap(), TransportKind::Embedded);
+/// assert_eq!(transport_kind("./data").unwrap(), TransportKind::Embedded);
+/// assert_eq!(transport_kind("nats://127.0.0.1:4222").unwrap(), TransportKind::Nats);
+/// assert!(transport_kind("ftp://x").unwrap_err().to_string().contains("ftp"));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportKind {
+    /// `file://` or a plain path.
+    Embedded,
+    /// `nats://`, `tls://`.
+    Nats,
+    /// `kafka://`.
+    Kafka,
+    /// `redis://`, `rediss://`.
+    Redis,
+}
+
+/// Classifies a URL without connecting.
+pub fn transport_kind(url: &str) -> Result<TransportKind> {
+    let url = url.trim();
+    if url.is_empty() {
+        return Err(Error::config("url: empty"));
+    }
+    match url.split_once("://").map(|(s, _)| s) {
+        Some("file") => Ok(TransportKind::Embedded),
+        Some("nats") | Some("tls") => Ok(TransportKind::Nats),
+        Some("kafka") => Ok(TransportKind::Kafka),
+        Some("redis") | Some("rediss") => Ok(TransportKind::Redis),
+        Some(other) => Err(Error::config(format!(
+            "url {url:?}: scheme `{other}` is not supported (use file://, a path, nats://, tls://, kafka://, redis:// or rediss://)"
+        ))),
+        None if url.starts_with("file:") => Ok(TransportKind::Embedded),
+        None if url.contains(':') && !url.starts_with('.') && !url.starts_with('/') => {
+            Err(Error::config(format!(
+                "url {url:?}: not a path and no `scheme://` (use file://, a path, nats://, kafka:// or redis://)"
+            )))
+        }
+        None => Ok(TransportKind::Embedded),
+    }
+}
+
+/// A connection to the bus.
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use ampybus::{Bus, Headers, Topic, TopicPattern, transport::SubscribeSpec};
+/// use std::time::Duration;
+/// let dir = tempfile::tempdir().unwrap();
+/// let bus = Bus::connect(dir.path().to_str().unwrap()).await.unwrap();
+/// let topic = Topic::parse("ampy.dev.orders.v1.requests").unwrap();
+/// let headers = Headers::for_publish("ampy.orders.v1.OrderRequest", "oms@1", "oms", "co_1");
+/// bus.publish(&topic, headers, b"order".to_vec()).await.unwrap();
+/// let pattern = TopicPattern::parse("ampy.dev.orders.>").unwrap();
+/// let mut sub = bus.subscribe(SubscribeSpec::durable(pattern, "oms")).await.unwrap();
+/// let got = sub.fetch(10, Duration::from_secs(5)).await.unwrap();
+/// assert_eq!(got.len(), 1);
+/// assert_eq!(&got[0].envelope.payload[..], b"order");
+/// for d in got { d.ack().await.map_err(|(e, _)| e).unwrap(); }
+/// bus.close().await.unwrap();
+/// # });
+/// ```
+#[derive(Clone)]
+pub struct Bus {
+    transport: Arc<dyn Transport>,
+    codec: PayloadCodec,
+    url: String,
+}
+
+impl std::fmt::Debug for Bus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bus")
+            .field("transport", &self.transport.name())
+            .field("url", &redact(&self.url))
+            .finish()
+    }
+}
+
+/// Removes credentials (`user:password@`) and secret-looking query options from a URL for
+/// logs and errors.
+///
+/// ```
+/// assert_eq!(ampybus::bus::redact("nats://bob:s3cret@host:4222"), "nats://***@host:4222");
+/// assert_eq!(ampybus::bus::redact("redis://h/?password=x&db=1"), "redis://h/?password=***&db=1");
+/// ```
+pub fn redact(url: &str) -> String {
+    let mut out = url.to_owned();
+    if let Some((scheme, rest)) = url.split_once("://") {
+        let (auth, tail) = match rest.find('/') {
+            Some(i) => rest.split_at(i),
+            None => (rest, ""),
+        };
+        if let Some(at) = auth.rfind('@') {
+            out = format!("{scheme}://***@{}{tail}", &auth[at + 1..]);
+        }
+    }
+    if let Some((base, q)) = out.clone().split_once('?') {
+        let q: Vec<String> = q
+            .split('&')
+            .map(|kv| match kv.split_once('=') {
+                Some((k, _))
+                    if [
+                        "password",
+                        "pass",
+                        "token",
+                        "secret",
+                        "nkey",
+                        "sasl_password",
+                        "key",
+                    ]
+                    .iter()
+                    .any(|s| k.to_ascii_lowercase().contains(s)) =>
+                {
+                    format!("{k}=***")
+                }
+                _ => kv.to_owned(),
+            })
+            .collect();
+        out = format!("{base}?{}", q.join("&"));
+    }
+    out
+}
+
+impl Bus {
+    /// Connects to the transport the URL names: `file:///dir` or a path (embedded log);
+    /// `nats://`, `tls://`, `kafka://`, `redis://`, `rediss://` when those bindings are
+    /// built in. Errors name the URL (credentials redacted) and the problem.
+    pub async fn connect(url: &str) -> Result<Bus> {
+        match transport_kind(url)? {
+            TransportKind::Embedded => {
+                let opts = EmbeddedOptions::from_url(url)?;
+                let blobs = BlobStore::local(&opts.dir.join("blobs"))?;
+                let log = tokio::task::spawn_blocking(move || EmbeddedLog::open(opts))
+                    .await
+                    .map_err(|e| Error::transport("embedded log: open task failed", e))??;
+                Ok(Bus::with_transport(Arc::new(log), url).with_blob_store(blobs))
+            }
+            other => Err(Error::config(format!(
+                "url {:?}: the {other:?} binding is not available in this build",
+                redact(url)
+            ))),
+        }
+    }
+
+    /// Wraps any transport (used by bindings and tests).
+    pub fn with_transport(transport: Arc<dyn Transport>, url: &str) -> Bus {
+        Bus {
+            transport,
+            codec: PayloadCodec::default(),
+            url: url.to_owned(),
+        }
+    }
+
+    /// Sets the blob store used for oversized payloads.
+    pub fn with_blob_store(mut self, store: BlobStore) -> Bus {
+        self.codec.blobs = Some(store);
+        self
+    }
+
+    /// Replaces the payload codec (thresholds, limits, blob store).
+    pub fn with_codec(mut self, codec: PayloadCodec) -> Bus {
+        self.codec = codec;
+        self
+    }
+
+    /// The payload codec in use.
+    pub fn codec(&self) -> &PayloadCodec {
+        &self.codec
+    }
+
+    /// The transport.
+    pub fn transport(&self) -> &Arc<dyn Transport> {
+        &self.transport
+    }
+
+    /// The URL with credentials removed.
+    pub fn url_redacted(&self) -> String {
+        redact(&self.url)
+    }
+
+    /// Prepares one message for the wire: fills publish defaults, validates topic and
+    /// headers, encodes the payload (gzip, blob pointer), and re-validates.
+    pub async fn prepare(
+        &self,
+        topic: &Topic,
+        mut headers: Headers,
+        payload: Bytes,
+    ) -> Result<Envelope> {
+        headers.fill_publish_defaults();
+        headers.validate_for_publish(topic)?;
+        let wire = self
+            .codec
+            .encode(&mut headers, payload, topic.domain().as_str())
+            .await?;
+        let env = Envelope::new(topic, headers, wire);
+        env.validate_for_publish()?;
+        Ok(env)
+    }
+
+    /// Publishes one message with a raw payload; durable when this returns.
+    pub async fn publish(
+        &self,
+        topic: &Topic,
+        headers: Headers,
+        payload: impl Into<Bytes>,
+    ) -> Result<PublishReceipt> {
+        let env = self.prepare(topic, headers, payload.into()).await?;
+        let mut r = self.transport.publish_batch(vec![env]).await?;
+        r.pop()
+            .ok_or_else(|| Error::new(crate::ErrorKind::Transport, "transport returned no receipt"))
+    }
+
+    /// Publishes an envelope whose payload is raw (not yet encoded).
+    pub async fn publish_envelope(&self, env: Envelope) -> Result<PublishReceipt> {
+        let topic = env.topic()?;
+        self.publish(&topic, env.headers, env.payload).await
+    }
+
+    /// Publishes many raw-payload envelopes as one batch (one commit on the embedded log).
+    /// Every message is validated before any is sent; the first invalid one fails the call
+    /// with its index.
+    pub async fn publish_batch(&self, batch: Vec<Envelope>) -> Result<Vec<PublishReceipt>> {
+        let mut ready = Vec::with_capacity(batch.len());
+        for (i, env) in batch.into_iter().enumerate() {
+            let topic = env
+                .topic()
+                .map_err(|e| Error::new(e.kind(), format!("message {i}: {}", e.message())))?;
+            let prepared = self
+                .prepare(&topic, env.headers, env.payload)
+                .await
+                .map_err(|e| Error::new(e.kind(), format!("message {i}: {}", e.message())))?;
+            ready.push(prepared);
+        }
+        self.transport.publish_batch(ready).await
+    }
+
+    /// Publishes envelopes that are already on the wire form (validated as such), e.g. from
+    /// `--json-envelope` files or a redrive.
+    pub async fn publish_wire(&self, batch: Vec<Envelope>) -> Result<Vec<PublishReceipt>> {
+        for (i, env) in batch.iter().enumerate() {
+            env.validate_for_publish()
+                .map_err(|e| Error::new(e.kind(), format!("message {i}: {}", e.message())))?;
+        }
+        self.transport.publish_batch(batch).await
+    }
+
+    /// Opens a subscription.
+    pub async fn subscribe(&self, spec: SubscribeSpec) -> Result<Box<dyn Subscription>> {
+        self.transport.subscribe(spec).await
+    }
+
+    /// Time-window and key reads, when the transport supports them.
+    pub fn replay(&self) -> Option<&dyn ReplayByTime> {
+        self.transport.replay()
+    }
+
+    /// Decodes a delivered payload: fetches and verifies a blob, inflates gzip.
+    pub async fn decode_payload(&self, env: &Envelope) -> Result<Bytes> {
+        self.codec.decode(&env.headers, &env.payload).await
+    }
+
+    /// Flushes and closes the transport.
+    pub async fn close(&self) -> Result<()> {
+        self.transport.close().await
+    }
+}

@@ -1,0 +1,1348 @@
+//! The embedded durable log: SQLite (bundled, WAL) in a data directory. Nothing to install.
+//!
+//! * **Durability.** `publish_batch` returns after the batch is committed. With
+//!   `sync=full` (the default) the commit fsyncs the WAL first, so a returned publish survives
+//!   a power loss; `sync=normal` survives a crash or `kill -9` of any process but may lose the
+//!   last commits on power loss. Consumer positions and leases are written with
+//!   `synchronous=NORMAL` in both modes: losing one only causes a redelivery.
+//! * **Group commit.** One writer thread per handle takes every pending append (and ack) off
+//!   its queue and commits them in one transaction, so many concurrent publishers share an
+//!   fsync.
+//! * **Several processes** may open the same directory: SQLite's locks serialise writers, and
+//!   waiting consumers notice commits from other processes by polling `PRAGMA data_version`
+//!   every `poll_ms` (default 2 ms); within one process they are woken at once.
+//! * **Durable consumers** keep a cursor (every sequence at or below it is settled) and a
+//!   lease row per delivered, unsettled message. A lease not acked within the ack deadline is
+//!   delivered again. A message is never leased while an earlier message of the same
+//!   partition key is leased to another instance, so per-key order holds across processes.
+//! * **Retention** by age and size per domain, checked at open and every minute.
+
+use super::{
+    Delivery, DeliveryInfo, PublishReceipt, ReplayByTime, Settler, StartAt, StoredMessage,
+    SubscribeSpec, Subscription, Transport, WindowQuery, decode_headers, encode_headers,
+};
+use crate::envelope::Envelope;
+use crate::error::{Error, ErrorKind, Result};
+use crate::topic::{Domain, TopicPattern};
+use async_trait::async_trait;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{Notify, oneshot};
+
+/// Name of the database file inside the data directory.
+pub const DB_FILE: &str = "ampybus.sqlite3";
+
+/// How hard a publish commit syncs to disk.
+///
+/// ```
+/// assert_eq!("normal".parse::<ampybus::transport::embedded::SyncLevel>().unwrap(),
+///            ampybus::transport::embedded::SyncLevel::Normal);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SyncLevel {
+    /// fsync the WAL on every publish commit: survives power loss (default).
+    #[default]
+    Full,
+    /// No fsync on commit: survives process crashes, not power loss.
+    Normal,
+}
+
+impl std::str::FromStr for SyncLevel {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "full" => Ok(SyncLevel::Full),
+            "normal" => Ok(SyncLevel::Normal),
+            _ => Err(Error::config(format!(
+                "url option `sync`: must be `full` or `normal` (got {s:?})"
+            ))),
+        }
+    }
+}
+
+/// Retention of one domain. `None` means unlimited.
+///
+/// ```
+/// let r = ampybus::transport::embedded::DomainRetention::days(7);
+/// assert_eq!(r.max_age, Some(std::time::Duration::from_secs(7 * 86_400)));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DomainRetention {
+    /// Delete messages stored longer ago than this.
+    pub max_age: Option<Duration>,
+    /// Delete the oldest messages of the domain while it holds more bytes than this.
+    pub max_bytes: Option<u64>,
+}
+
+impl DomainRetention {
+    /// `max_age` of `n` days, no size cap.
+    pub fn days(n: u64) -> Self {
+        DomainRetention {
+            max_age: Some(Duration::from_secs(n * 86_400)),
+            max_bytes: None,
+        }
+    }
+}
+
+/// Options of the embedded log. Built from a URL by [`EmbeddedOptions::from_url`] or by hand.
+///
+/// Defaults: `sync=full`, `poll_ms=2`, retention 7 days for every domain except `orders`,
+/// `fills`, `positions` and `dlq` (30 days), no size cap.
+///
+/// ```
+/// let o = ampybus::transport::embedded::EmbeddedOptions::new("/tmp/data");
+/// assert_eq!(o.retention_for(ampybus::Domain::Orders).max_age, Some(std::time::Duration::from_secs(30 * 86_400)));
+/// ```
+#[derive(Debug, Clone)]
+pub struct EmbeddedOptions {
+    /// The data directory (created if missing).
+    pub dir: PathBuf,
+    /// Publish durability.
+    pub sync: SyncLevel,
+    /// How often a waiting consumer checks for commits by other processes.
+    pub poll_interval: Duration,
+    /// Per-domain retention; domains not listed use `default_retention`.
+    pub retention: HashMap<Domain, DomainRetention>,
+    /// Retention of domains not in `retention`.
+    pub default_retention: DomainRetention,
+    /// How often retention runs.
+    pub retention_interval: Duration,
+    /// How long a writer waits for another process's lock before failing.
+    pub busy_timeout: Duration,
+}
+
+impl EmbeddedOptions {
+    /// Defaults for a data directory.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        let mut retention = HashMap::new();
+        for d in [
+            Domain::Orders,
+            Domain::Fills,
+            Domain::Positions,
+            Domain::Dlq,
+        ] {
+            retention.insert(d, DomainRetention::days(30));
+        }
+        EmbeddedOptions {
+            dir: dir.into(),
+            sync: SyncLevel::Full,
+            poll_interval: Duration::from_millis(2),
+            retention,
+            default_retention: DomainRetention::days(7),
+            retention_interval: Duration::from_secs(60),
+            busy_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// The retention that applies to `domain`.
+    pub fn retention_for(&self, domain: Domain) -> DomainRetention {
+        self.retention
+            .get(&domain)
+            .copied()
+            .unwrap_or(self.default_retention)
+    }
+
+    /// Parses `file:///abs/dir?opt=…`, `file:rel/dir` or a plain path. Options:
+    /// `sync=full|normal`, `poll_ms=N`, `retention_days=N` (every domain),
+    /// `retention.<domain>.days=N`, `retention.<domain>.max_mb=N`.
+    ///
+    /// ```
+    /// use ampybus::transport::embedded::{EmbeddedOptions, SyncLevel};
+    /// let o = EmbeddedOptions::from_url("file:///var/lib/ampy?sync=normal&retention.ticks.max_mb=512").unwrap();
+    /// assert_eq!(o.dir, std::path::PathBuf::from("/var/lib/ampy"));
+    /// assert_eq!(o.sync, SyncLevel::Normal);
+    /// assert_eq!(o.retention_for(ampybus::Domain::Ticks).max_bytes, Some(512 * 1024 * 1024));
+    /// assert!(EmbeddedOptions::from_url("file:///x?bogus=1").is_err());
+    /// ```
+    pub fn from_url(url: &str) -> Result<Self> {
+        let (path, query) = match url.strip_prefix("file://") {
+            Some(rest) => rest.split_once('?').unwrap_or((rest, "")),
+            None => match url.strip_prefix("file:") {
+                Some(rest) => rest.split_once('?').unwrap_or((rest, "")),
+                None => (url, ""),
+            },
+        };
+        if path.is_empty() {
+            return Err(Error::config(format!(
+                "url {url:?}: the data directory path is empty"
+            )));
+        }
+        let path = percent_decode(path);
+        let mut o = EmbeddedOptions::new(path);
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let num = |what: &str| -> Result<u64> {
+                v.parse::<u64>().map_err(|_| {
+                    Error::config(format!(
+                        "url option `{k}`: {what} must be a non-negative integer (got {v:?})"
+                    ))
+                })
+            };
+            match k {
+                "sync" => o.sync = v.parse()?,
+                "poll_ms" => {
+                    let ms = num("poll_ms")?;
+                    if ms == 0 || ms > 10_000 {
+                        return Err(Error::config(format!(
+                            "url option `poll_ms`: must be 1..=10000 (got {ms})"
+                        )));
+                    }
+                    o.poll_interval = Duration::from_millis(ms);
+                }
+                "retention_days" => {
+                    let d = DomainRetention::days(num("retention_days")?);
+                    o.default_retention.max_age = d.max_age;
+                    for r in o.retention.values_mut() {
+                        r.max_age = d.max_age;
+                    }
+                }
+                _ if k.starts_with("retention.") => {
+                    let mut it = k.split('.');
+                    let (_, dom, field) =
+                        (it.next(), it.next().unwrap_or(""), it.next().unwrap_or(""));
+                    let domain: Domain = dom.parse().map_err(|e: Error| {
+                        Error::config(format!("url option `{k}`: {}", e.message()))
+                    })?;
+                    let mut r = o.retention_for(domain);
+                    match field {
+                        "days" => r.max_age = Some(Duration::from_secs(num("days")? * 86_400)),
+                        "max_mb" => r.max_bytes = Some(num("max_mb")? * 1024 * 1024),
+                        _ => {
+                            return Err(Error::config(format!(
+                                "url option `{k}`: expected retention.<domain>.days or .max_mb"
+                            )));
+                        }
+                    }
+                    o.retention.insert(domain, r);
+                }
+                _ => {
+                    return Err(Error::config(format!(
+                        "url option `{k}` is unknown for the embedded log (known: sync, poll_ms, retention_days, retention.<domain>.days, retention.<domain>.max_mb)"
+                    )));
+                }
+            }
+        }
+        Ok(o)
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn now_us() -> i64 {
+    Utc::now().timestamp_micros()
+}
+
+fn us_to_time(us: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(us).unwrap_or_default()
+}
+
+fn storage(what: &str, e: rusqlite::Error) -> Error {
+    if let rusqlite::Error::SqliteFailure(f, _) = &e {
+        if f.code == rusqlite::ErrorCode::DatabaseBusy
+            || f.code == rusqlite::ErrorCode::DatabaseLocked
+        {
+            return Error::with_source(
+                ErrorKind::Timeout,
+                format!("embedded log: {what}: the database stayed locked by another process"),
+                e,
+            );
+        }
+    }
+    Error::transport(format!("embedded log: {what}"), e)
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS messages(
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    topic TEXT NOT NULL,
+    domain TEXT NOT NULL,
+    pkey TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    log_us INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    headers BLOB NOT NULL,
+    payload BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_by_time ON messages(log_us);
+CREATE INDEX IF NOT EXISTS messages_by_key ON messages(pkey, seq);
+CREATE TABLE IF NOT EXISTS consumers(
+    name TEXT PRIMARY KEY,
+    pattern TEXT NOT NULL,
+    cursor INTEGER NOT NULL,
+    created_us INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pending(
+    consumer TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    pkey TEXT NOT NULL,
+    owner TEXT,
+    not_before_us INTEGER NOT NULL,
+    deliveries INTEGER NOT NULL,
+    acked INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY(consumer, seq)
+) WITHOUT ROWID;
+";
+
+fn open_conn(path: &Path, busy: Duration) -> Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| storage(&format!("cannot open {}", path.display()), e))?;
+    conn.busy_timeout(busy)
+        .map_err(|e| storage("busy_timeout", e))?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(|e| storage("journal_mode=WAL", e))?;
+    conn.pragma_update(None, "foreign_keys", "OFF")
+        .map_err(|e| storage("pragma", e))?;
+    Ok(conn)
+}
+
+type Reply<T> = oneshot::Sender<Result<T>>;
+
+enum Cmd {
+    Append {
+        batch: Vec<Envelope>,
+        reply: Reply<Vec<PublishReceipt>>,
+    },
+    Ack {
+        consumer: String,
+        seqs: Vec<u64>,
+        reply: Reply<()>,
+    },
+    Run(Box<dyn FnOnce(&mut Writer) + Send>),
+}
+
+/// The writer thread's state.
+struct Writer {
+    conn: Connection,
+    opts: EmbeddedOptions,
+    sync_full: bool,
+    last_retention: Instant,
+}
+
+impl Writer {
+    fn set_sync(&mut self, full: bool) -> Result<()> {
+        if self.sync_full != full {
+            self.conn
+                .pragma_update(None, "synchronous", if full { "FULL" } else { "NORMAL" })
+                .map_err(|e| storage("pragma synchronous", e))?;
+            self.sync_full = full;
+        }
+        Ok(())
+    }
+
+    fn append(&mut self, batches: &[&[Envelope]]) -> Result<Vec<Vec<PublishReceipt>>> {
+        self.set_sync(self.opts.sync == SyncLevel::Full)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| storage("begin append", e))?;
+        let last: i64 = tx
+            .query_row(
+                "SELECT log_us FROM messages ORDER BY seq DESC LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| storage("read last time", e))?
+            .unwrap_or(0);
+        let log_us = now_us().max(last);
+        let mut out = Vec::with_capacity(batches.len());
+        {
+            let mut ins = tx
+                .prepare_cached(
+                    "INSERT INTO messages(topic, domain, pkey, message_id, log_us, size, headers, payload) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                )
+                .map_err(|e| storage("prepare insert", e))?;
+            for batch in batches {
+                let mut receipts = Vec::with_capacity(batch.len());
+                for env in batch.iter() {
+                    let domain = env.topic.split('.').nth(2).unwrap_or("");
+                    let pkey = env.headers.partition_key().unwrap_or("");
+                    let id = env.headers.message_id().unwrap_or("");
+                    let headers = encode_headers(&env.headers);
+                    let size = (headers.len() + env.payload.len() + env.topic.len()) as i64;
+                    ins.execute(params![
+                        env.topic,
+                        domain,
+                        pkey,
+                        id,
+                        log_us,
+                        size,
+                        headers,
+                        &env.payload[..]
+                    ])
+                    .map_err(|e| storage("insert", e))?;
+                    receipts.push(PublishReceipt {
+                        sequence: tx.last_insert_rowid() as u64,
+                        duplicate: false,
+                    });
+                }
+                out.push(receipts);
+            }
+        }
+        tx.commit().map_err(|e| storage("commit append", e))?;
+        Ok(out)
+    }
+
+    fn ack(&mut self, acks: &[(&str, &[u64])]) -> Result<()> {
+        self.set_sync(false)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| storage("begin ack", e))?;
+        {
+            let mut up = tx
+                .prepare_cached("UPDATE pending SET acked = 1 WHERE consumer = ?1 AND seq = ?2")
+                .map_err(|e| storage("prepare ack", e))?;
+            for (consumer, seqs) in acks {
+                for s in seqs.iter() {
+                    up.execute(params![consumer, *s as i64])
+                        .map_err(|e| storage("ack", e))?;
+                }
+            }
+        }
+        tx.commit().map_err(|e| storage("commit ack", e))
+    }
+
+    fn retention(&mut self) -> Result<u64> {
+        self.last_retention = Instant::now();
+        self.set_sync(false)?;
+        let mut deleted = 0u64;
+        let now = now_us();
+        let domains: Vec<String> = {
+            let mut st = self
+                .conn
+                .prepare("SELECT DISTINCT domain FROM messages")
+                .map_err(|e| storage("retention", e))?;
+            st.query_map([], |r| r.get::<_, String>(0))
+                .and_then(|rows| rows.collect::<std::result::Result<Vec<_>, _>>())
+                .map_err(|e| storage("retention", e))?
+        };
+        for dom in domains {
+            let r = match dom.parse::<Domain>() {
+                Ok(d) => self.opts.retention_for(d),
+                Err(_) => self.opts.default_retention,
+            };
+            if let Some(age) = r.max_age {
+                let cutoff = now - age.as_micros() as i64;
+                loop {
+                    let n = self
+                        .conn
+                        .execute(
+                            "DELETE FROM messages WHERE seq IN (SELECT seq FROM messages WHERE log_us < ?1 AND domain = ?2 LIMIT 10000)",
+                            params![cutoff, dom],
+                        )
+                        .map_err(|e| storage("retention delete", e))?;
+                    deleted += n as u64;
+                    if n < 10000 {
+                        break;
+                    }
+                }
+            }
+            if let Some(max) = r.max_bytes {
+                let total: i64 = self
+                    .conn
+                    .query_row(
+                        "SELECT COALESCE(SUM(size), 0) FROM messages WHERE domain = ?1",
+                        [&dom],
+                        |r| r.get(0),
+                    )
+                    .map_err(|e| storage("retention size", e))?;
+                let mut excess = total - max as i64;
+                while excess > 0 {
+                    let rows: Vec<(i64, i64)> = {
+                        let mut st = self
+                            .conn
+                            .prepare_cached("SELECT seq, size FROM messages WHERE domain = ?1 ORDER BY seq LIMIT 5000")
+                            .map_err(|e| storage("retention size", e))?;
+                        st.query_map([&dom], |r| Ok((r.get(0)?, r.get(1)?)))
+                            .and_then(|rows| rows.collect::<std::result::Result<Vec<_>, _>>())
+                            .map_err(|e| storage("retention size", e))?
+                    };
+                    if rows.is_empty() {
+                        break;
+                    }
+                    let mut upto = 0;
+                    for (seq, size) in rows {
+                        upto = seq;
+                        excess -= size;
+                        if excess <= 0 {
+                            break;
+                        }
+                    }
+                    deleted += self
+                        .conn
+                        .execute(
+                            "DELETE FROM messages WHERE domain = ?1 AND seq <= ?2",
+                            params![dom, upto],
+                        )
+                        .map_err(|e| storage("retention delete", e))?
+                        as u64;
+                }
+            }
+        }
+        if deleted > 0 {
+            self.conn
+                .execute("DELETE FROM pending WHERE seq < (SELECT COALESCE(MIN(seq), 9223372036854775807) FROM messages)", [])
+                .map_err(|e| storage("retention pending", e))?;
+            tracing::info!(deleted, "embedded log retention removed expired messages");
+        }
+        Ok(deleted)
+    }
+}
+
+fn writer_loop(mut w: Writer, rx: mpsc::Receiver<Cmd>, notify: Arc<Notify>) {
+    loop {
+        let due = w
+            .opts
+            .retention_interval
+            .saturating_sub(w.last_retention.elapsed());
+        let first = match rx.recv_timeout(due) {
+            Ok(c) => c,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if let Err(e) = w.retention() {
+                    tracing::warn!(error = %e, "embedded log retention failed");
+                }
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        };
+        let mut cmds = vec![first];
+        while cmds.len() < 4096 {
+            match rx.try_recv() {
+                Ok(c) => cmds.push(c),
+                Err(_) => break,
+            }
+        }
+        let mut appends = Vec::new();
+        let mut acks = Vec::new();
+        let mut runs = Vec::new();
+        for c in cmds {
+            match c {
+                Cmd::Append { batch, reply } => appends.push((batch, reply)),
+                Cmd::Ack {
+                    consumer,
+                    seqs,
+                    reply,
+                } => acks.push((consumer, seqs, reply)),
+                Cmd::Run(f) => runs.push(f),
+            }
+        }
+        if !appends.is_empty() {
+            let refs: Vec<&[Envelope]> = appends.iter().map(|(b, _)| b.as_slice()).collect();
+            match w.append(&refs) {
+                Ok(receipts) => {
+                    for ((_, reply), r) in appends.into_iter().zip(receipts) {
+                        let _ = reply.send(Ok(r));
+                    }
+                }
+                Err(e) => {
+                    for (_, reply) in appends {
+                        let _ = reply.send(Err(Error::new(e.kind(), e.message().to_owned())));
+                    }
+                }
+            }
+        }
+        if !acks.is_empty() {
+            let refs: Vec<(&str, &[u64])> = acks
+                .iter()
+                .map(|(c, s, _)| (c.as_str(), s.as_slice()))
+                .collect();
+            let res = w.ack(&refs);
+            for (_, _, reply) in acks {
+                let _ = reply.send(match &res {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(Error::new(e.kind(), e.message().to_owned())),
+                });
+            }
+        }
+        for f in runs {
+            f(&mut w);
+        }
+        notify.notify_waiters();
+        if w.last_retention.elapsed() >= w.opts.retention_interval {
+            if let Err(e) = w.retention() {
+                tracing::warn!(error = %e, "embedded log retention failed");
+            }
+        }
+    }
+}
+
+struct Inner {
+    tx: Mutex<Option<mpsc::Sender<Cmd>>>,
+    notify: Arc<Notify>,
+    opts: EmbeddedOptions,
+    db_path: PathBuf,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Inner {
+    fn send(&self, cmd: Cmd) -> Result<()> {
+        let guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        match guard.as_ref() {
+            Some(tx) => tx
+                .send(cmd)
+                .map_err(|_| Error::new(ErrorKind::Closed, "embedded log is closed")),
+            None => Err(Error::new(ErrorKind::Closed, "embedded log is closed")),
+        }
+    }
+
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Writer) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Cmd::Run(Box::new(move |w| {
+            let _ = reply.send(f(w));
+        })))?;
+        rx.await
+            .map_err(|_| Error::new(ErrorKind::Closed, "embedded log writer stopped"))?
+    }
+
+    fn reader(&self) -> Result<Connection> {
+        let c = open_conn(&self.db_path, self.opts.busy_timeout)?;
+        Ok(c)
+    }
+}
+
+/// The embedded log transport. Cheap to clone; every clone shares one writer thread.
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use ampybus::transport::{Transport, embedded::{EmbeddedLog, EmbeddedOptions}};
+/// let dir = tempfile::tempdir().unwrap();
+/// let log = EmbeddedLog::open(EmbeddedOptions::new(dir.path())).unwrap();
+/// assert_eq!(log.name(), "embedded");
+/// log.close().await.unwrap();
+/// # });
+/// ```
+#[derive(Clone)]
+pub struct EmbeddedLog {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for EmbeddedLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedLog")
+            .field("db", &self.inner.db_path)
+            .finish()
+    }
+}
+
+impl EmbeddedLog {
+    /// Opens (creating if needed) the log in `opts.dir`, and runs retention once.
+    pub fn open(opts: EmbeddedOptions) -> Result<Self> {
+        std::fs::create_dir_all(&opts.dir).map_err(|e| {
+            Error::config(format!(
+                "data directory {}: cannot create: {e}",
+                opts.dir.display()
+            ))
+        })?;
+        let db_path = opts.dir.join(DB_FILE);
+        let conn = open_conn(&db_path, opts.busy_timeout)?;
+        conn.execute_batch(SCHEMA)
+            .map_err(|e| storage("create schema", e))?;
+        let sync_full = opts.sync == SyncLevel::Full;
+        conn.pragma_update(
+            None,
+            "synchronous",
+            if sync_full { "FULL" } else { "NORMAL" },
+        )
+        .map_err(|e| storage("pragma synchronous", e))?;
+        let mut w = Writer {
+            conn,
+            opts: opts.clone(),
+            sync_full,
+            last_retention: Instant::now(),
+        };
+        w.retention()?;
+        let (tx, rx) = mpsc::channel();
+        let notify = Arc::new(Notify::new());
+        let n2 = notify.clone();
+        let thread = std::thread::Builder::new()
+            .name("ampybus-embedded-writer".into())
+            .spawn(move || writer_loop(w, rx, n2))
+            .map_err(|e| Error::transport("embedded log: cannot start writer thread", e))?;
+        Ok(EmbeddedLog {
+            inner: Arc::new(Inner {
+                tx: Mutex::new(Some(tx)),
+                notify,
+                opts,
+                db_path,
+                thread: Mutex::new(Some(thread)),
+            }),
+        })
+    }
+
+    /// The options in use.
+    pub fn options(&self) -> &EmbeddedOptions {
+        &self.inner.opts
+    }
+
+    /// Path of the SQLite file.
+    pub fn db_path(&self) -> &Path {
+        &self.inner.db_path
+    }
+
+    /// Runs retention now; returns how many messages were deleted.
+    pub async fn run_retention(&self) -> Result<u64> {
+        self.inner.run(|w| w.retention()).await
+    }
+
+    /// Total messages stored, and the highest sequence.
+    pub async fn stats(&self) -> Result<(u64, u64)> {
+        let conn = self.inner.reader()?;
+        tokio::task::spawn_blocking(move || {
+            conn.query_row(
+                "SELECT COUNT(*), COALESCE(MAX(seq), 0) FROM messages",
+                [],
+                |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+            )
+            .map_err(|e| storage("stats", e))
+        })
+        .await
+        .map_err(|e| Error::transport("embedded log: stats task failed", e))?
+    }
+}
+
+struct EmbeddedSettler {
+    inner: Arc<Inner>,
+    consumer: Option<String>,
+    owner: String,
+    ack_deadline: Duration,
+}
+
+#[async_trait]
+impl Settler for EmbeddedSettler {
+    async fn ack(&self, sequences: &[u64]) -> Result<()> {
+        let Some(consumer) = &self.consumer else {
+            return Ok(());
+        };
+        let (reply, rx) = oneshot::channel();
+        self.inner.send(Cmd::Ack {
+            consumer: consumer.clone(),
+            seqs: sequences.to_vec(),
+            reply,
+        })?;
+        rx.await
+            .map_err(|_| Error::new(ErrorKind::Closed, "embedded log writer stopped"))?
+    }
+
+    async fn nack(&self, sequence: u64, delay: Duration) -> Result<()> {
+        let Some(consumer) = self.consumer.clone() else {
+            return Ok(());
+        };
+        self.inner
+            .run(move |w| {
+                w.set_sync(false)?;
+                w.conn
+                    .execute(
+                        "UPDATE pending SET owner = NULL, not_before_us = ?3 WHERE consumer = ?1 AND seq = ?2 AND acked = 0",
+                        params![consumer, sequence as i64, now_us() + delay.as_micros() as i64],
+                    )
+                    .map_err(|e| storage("nack", e))?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn in_progress(&self, sequence: u64) -> Result<()> {
+        let Some(consumer) = self.consumer.clone() else {
+            return Ok(());
+        };
+        let owner = self.owner.clone();
+        let until = self.ack_deadline.as_micros() as i64;
+        self.inner
+            .run(move |w| {
+                w.set_sync(false)?;
+                w.conn
+                    .execute(
+                        "UPDATE pending SET not_before_us = ?4 WHERE consumer = ?1 AND seq = ?2 AND owner = ?3 AND acked = 0",
+                        params![consumer, sequence as i64, owner, now_us() + until],
+                    )
+                    .map_err(|e| storage("in_progress", e))?;
+                Ok(())
+            })
+            .await
+    }
+}
+
+/// One row as fetched.
+struct Row {
+    seq: i64,
+    topic: String,
+    log_us: i64,
+    headers: Vec<u8>,
+    payload: Vec<u8>,
+    deliveries: u32,
+}
+
+struct FetchOut {
+    rows: Vec<Row>,
+    /// Earliest time a blocking lease or delay expires, if any.
+    next_due_us: Option<i64>,
+}
+
+/// Leases up to `max` messages for `consumer` (see the module docs for the rules).
+fn fetch_durable(
+    w: &mut Writer,
+    consumer: &str,
+    owner: &str,
+    pattern: &TopicPattern,
+    max: usize,
+    deadline_us: i64,
+) -> Result<FetchOut> {
+    w.set_sync(false)?;
+    let tx = w
+        .conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(|e| storage("begin fetch", e))?;
+    let now = now_us();
+    let mut cursor: i64 = tx
+        .query_row(
+            "SELECT cursor FROM consumers WHERE name = ?1",
+            [consumer],
+            |r| r.get(0),
+        )
+        .map_err(|e| storage("read consumer", e))?;
+    // seq -> (owner, not_before, deliveries, acked)
+    let mut pend: HashMap<i64, (Option<String>, i64, u32, bool)> = HashMap::new();
+    {
+        let mut st = tx
+            .prepare_cached("SELECT seq, owner, not_before_us, deliveries, acked FROM pending WHERE consumer = ?1")
+            .map_err(|e| storage("read pending", e))?;
+        let rows = st
+            .query_map([consumer], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    (
+                        r.get::<_, Option<String>>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, u32>(3)?,
+                        r.get::<_, bool>(4)?,
+                    ),
+                ))
+            })
+            .map_err(|e| storage("read pending", e))?;
+        for r in rows {
+            let (k, v) = r.map_err(|e| storage("read pending", e))?;
+            pend.insert(k, v);
+        }
+    }
+    let mut blocked: HashSet<String> = HashSet::new();
+    let mut taken: Vec<(i64, String, u32)> = Vec::new();
+    let mut next_due: Option<i64> = None;
+    let mut settled_prefix = true;
+    let mut scan_from = cursor;
+    let mut scanned_total = 0usize;
+    let scan_chunk = (max * 4).max(1024) + pend.len();
+    'outer: loop {
+        let chunk: Vec<(i64, String, String)> = {
+            let mut st = tx
+                .prepare_cached(
+                    "SELECT seq, topic, pkey FROM messages WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+                )
+                .map_err(|e| storage("scan", e))?;
+            st.query_map(params![scan_from, scan_chunk as i64], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .and_then(|rows| rows.collect::<std::result::Result<Vec<_>, _>>())
+            .map_err(|e| storage("scan", e))?
+        };
+        if chunk.is_empty() {
+            break;
+        }
+        scanned_total += chunk.len();
+        for (seq, topic, pkey) in chunk {
+            scan_from = seq;
+            let matches = pattern.matches(&topic);
+            let settled = if !matches {
+                true
+            } else if let Some((p_owner, not_before, deliveries, acked)) = pend.get(&seq) {
+                if *acked {
+                    true
+                } else if *not_before > now {
+                    if p_owner.as_deref() != Some(owner) {
+                        blocked.insert(pkey);
+                        next_due = Some(next_due.map_or(*not_before, |d: i64| d.min(*not_before)));
+                    }
+                    false
+                } else if blocked.contains(&pkey) {
+                    false
+                } else if taken.len() < max {
+                    taken.push((seq, pkey, deliveries + 1));
+                    false
+                } else {
+                    break 'outer;
+                }
+            } else if blocked.contains(&pkey) {
+                false
+            } else if taken.len() < max {
+                taken.push((seq, pkey, 1));
+                false
+            } else {
+                break 'outer;
+            };
+            if settled_prefix {
+                if settled {
+                    cursor = seq;
+                } else {
+                    settled_prefix = false;
+                }
+            }
+        }
+        if taken.len() >= max || scanned_total >= 65_536 {
+            break;
+        }
+    }
+    {
+        let mut up = tx
+            .prepare_cached(
+                "INSERT INTO pending(consumer, seq, pkey, owner, not_before_us, deliveries, acked) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0)
+                 ON CONFLICT(consumer, seq) DO UPDATE SET owner = excluded.owner, not_before_us = excluded.not_before_us, deliveries = excluded.deliveries",
+            )
+            .map_err(|e| storage("lease", e))?;
+        for (seq, pkey, deliveries) in &taken {
+            up.execute(params![
+                consumer,
+                seq,
+                pkey,
+                owner,
+                now + deadline_us,
+                deliveries
+            ])
+            .map_err(|e| storage("lease", e))?;
+        }
+    }
+    tx.execute(
+        "UPDATE consumers SET cursor = ?2 WHERE name = ?1 AND cursor < ?2",
+        params![consumer, cursor],
+    )
+    .map_err(|e| storage("advance cursor", e))?;
+    tx.execute(
+        "DELETE FROM pending WHERE consumer = ?1 AND seq <= ?2",
+        params![consumer, cursor],
+    )
+    .map_err(|e| storage("trim pending", e))?;
+    let mut rows = Vec::with_capacity(taken.len());
+    {
+        let mut get = tx
+            .prepare_cached("SELECT topic, log_us, headers, payload FROM messages WHERE seq = ?1")
+            .map_err(|e| storage("read message", e))?;
+        for (seq, _, deliveries) in &taken {
+            let (topic, log_us, headers, payload) = get
+                .query_row([seq], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+                .map_err(|e| storage("read message", e))?;
+            rows.push(Row {
+                seq: *seq,
+                topic,
+                log_us,
+                headers,
+                payload,
+                deliveries: *deliveries,
+            });
+        }
+    }
+    tx.commit().map_err(|e| storage("commit fetch", e))?;
+    Ok(FetchOut {
+        rows,
+        next_due_us: next_due,
+    })
+}
+
+fn row_to_delivery(r: Row, settler: &Arc<dyn Settler>) -> Delivery {
+    let headers = decode_headers(&r.headers).unwrap_or_else(|e| {
+        tracing::error!(seq = r.seq, error = %e, "embedded log: stored headers unreadable; delivering without headers");
+        crate::Headers::new()
+    });
+    Delivery::new(
+        Envelope {
+            topic: r.topic,
+            headers,
+            payload: Bytes::from(r.payload),
+        },
+        DeliveryInfo {
+            sequence: r.seq as u64,
+            delivery_count: r.deliveries,
+            stored_at: us_to_time(r.log_us),
+        },
+        settler.clone(),
+    )
+}
+
+struct EmbeddedSubscription {
+    inner: Arc<Inner>,
+    spec: SubscribeSpec,
+    owner: String,
+    settler: Arc<dyn Settler>,
+    watch: Connection,
+    last_version: i64,
+    /// Position of an ephemeral read.
+    position: i64,
+}
+
+impl EmbeddedSubscription {
+    fn data_version(&self) -> Result<i64> {
+        self.watch
+            .query_row("PRAGMA data_version", [], |r| r.get(0))
+            .map_err(|e| storage("data_version", e))
+    }
+
+    fn read_ephemeral(&mut self, max: usize) -> Result<Vec<Row>> {
+        let mut out = Vec::new();
+        let mut st = self
+            .watch
+            .prepare_cached("SELECT seq, topic, log_us, headers, payload FROM messages WHERE seq > ?1 ORDER BY seq LIMIT ?2")
+            .map_err(|e| storage("read", e))?;
+        for _ in 0..64 {
+            let rows: Vec<Row> = st
+                .query_map(params![self.position, 1024i64], |r| {
+                    Ok(Row {
+                        seq: r.get(0)?,
+                        topic: r.get(1)?,
+                        log_us: r.get(2)?,
+                        headers: r.get(3)?,
+                        payload: r.get(4)?,
+                        deliveries: 1,
+                    })
+                })
+                .and_then(|rows| rows.collect::<std::result::Result<Vec<_>, _>>())
+                .map_err(|e| storage("read", e))?;
+            if rows.is_empty() {
+                break;
+            }
+            for r in rows {
+                if out.len() >= max {
+                    return Ok(out);
+                }
+                self.position = r.seq;
+                if self.spec.pattern.matches(&r.topic) {
+                    out.push(r);
+                }
+            }
+            if !out.is_empty() {
+                break;
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[async_trait]
+impl Subscription for EmbeddedSubscription {
+    async fn fetch(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
+        let max = max.max(1);
+        let give_up = tokio::time::Instant::now() + wait;
+        loop {
+            let inner = self.inner.clone();
+            let notified = inner.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            self.last_version = self.data_version()?;
+            let (rows, next_due) = match &self.spec.durable {
+                Some(name) => {
+                    let (name, owner, pattern) =
+                        (name.clone(), self.owner.clone(), self.spec.pattern.clone());
+                    let deadline = self.spec.ack_deadline.as_micros() as i64;
+                    let out = self
+                        .inner
+                        .run(move |w| fetch_durable(w, &name, &owner, &pattern, max, deadline))
+                        .await?;
+                    (out.rows, out.next_due_us)
+                }
+                None => (self.read_ephemeral(max)?, None),
+            };
+            if !rows.is_empty() {
+                return Ok(rows
+                    .into_iter()
+                    .map(|r| row_to_delivery(r, &self.settler))
+                    .collect());
+            }
+            // Wait for a commit in this process (notify), in another (data_version), a lease
+            // to expire, or the caller's deadline.
+            loop {
+                let now = tokio::time::Instant::now();
+                if now >= give_up {
+                    return Ok(Vec::new());
+                }
+                let mut until = (now + self.inner.opts.poll_interval).min(give_up);
+                if let Some(due) = next_due {
+                    let in_us = (due - now_us()).max(0) as u64;
+                    until = until.min(now + Duration::from_micros(in_us));
+                }
+                tokio::select! {
+                    _ = &mut notified => break,
+                    _ = tokio::time::sleep_until(until) => {}
+                }
+                if next_due.is_some_and(|d| now_us() >= d)
+                    || self.data_version()? != self.last_version
+                {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Transport for EmbeddedLog {
+    fn name(&self) -> &'static str {
+        "embedded"
+    }
+
+    async fn publish_batch(&self, batch: Vec<Envelope>) -> Result<Vec<PublishReceipt>> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (reply, rx) = oneshot::channel();
+        self.inner.send(Cmd::Append { batch, reply })?;
+        rx.await
+            .map_err(|_| Error::new(ErrorKind::Closed, "embedded log writer stopped"))?
+    }
+
+    async fn subscribe(&self, spec: SubscribeSpec) -> Result<Box<dyn Subscription>> {
+        let watch = self.inner.reader()?;
+        let mut position = 0i64;
+        if let Some(name) = &spec.durable {
+            if name.is_empty()
+                || name.len() > 200
+                || name.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
+                return Err(Error::config(format!(
+                    "durable consumer name {name:?}: must be 1–200 characters without whitespace"
+                )));
+            }
+            let (name, pattern, start) =
+                (name.clone(), spec.pattern.as_str().to_owned(), spec.start);
+            self.inner
+                .run(move |w| {
+                    w.set_sync(false)?;
+                    let tx = w
+                        .conn
+                        .transaction_with_behavior(TransactionBehavior::Immediate)
+                        .map_err(|e| storage("begin subscribe", e))?;
+                    let existing: Option<String> = tx
+                        .query_row("SELECT pattern FROM consumers WHERE name = ?1", [&name], |r| r.get(0))
+                        .optional()
+                        .map_err(|e| storage("read consumer", e))?;
+                    match existing {
+                        Some(p) if p != pattern => {
+                            return Err(Error::config(format!(
+                                "durable consumer {name:?} already exists with pattern {p:?}, not {pattern:?}; use another name"
+                            )));
+                        }
+                        Some(_) => {}
+                        None => {
+                            let cursor = start_cursor(&tx, start)?;
+                            tx.execute(
+                                "INSERT INTO consumers(name, pattern, cursor, created_us) VALUES (?1, ?2, ?3, ?4)",
+                                params![name, pattern, cursor, now_us()],
+                            )
+                            .map_err(|e| storage("create consumer", e))?;
+                        }
+                    }
+                    tx.commit().map_err(|e| storage("commit subscribe", e))
+                })
+                .await?;
+        } else {
+            position = start_cursor(&watch, spec.start)?;
+        }
+        let owner = uuid::Uuid::new_v4().to_string();
+        let settler: Arc<dyn Settler> = Arc::new(EmbeddedSettler {
+            inner: self.inner.clone(),
+            consumer: spec.durable.clone(),
+            owner: owner.clone(),
+            ack_deadline: spec.ack_deadline,
+        });
+        Ok(Box::new(EmbeddedSubscription {
+            inner: self.inner.clone(),
+            spec,
+            owner,
+            settler,
+            watch,
+            last_version: 0,
+            position,
+        }))
+    }
+
+    fn replay(&self) -> Option<&dyn ReplayByTime> {
+        Some(self)
+    }
+
+    async fn close(&self) -> Result<()> {
+        let tx = self
+            .inner
+            .tx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        drop(tx);
+        let handle = self
+            .inner
+            .thread
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(h) = handle {
+            tokio::task::spawn_blocking(move || h.join())
+                .await
+                .map_err(|e| Error::transport("embedded log: close failed", e))?
+                .map_err(|_| {
+                    Error::new(ErrorKind::Transport, "embedded log: writer thread panicked")
+                })?;
+        }
+        Ok(())
+    }
+}
+
+fn start_cursor(conn: &Connection, start: StartAt) -> Result<i64> {
+    let q = |sql: &str, p: &[&dyn rusqlite::ToSql]| -> Result<i64> {
+        conn.query_row(sql, p, |r| r.get::<_, i64>(0))
+            .map_err(|e| storage("start position", e))
+    };
+    match start {
+        StartAt::Earliest => Ok(0),
+        StartAt::Latest => q("SELECT COALESCE(MAX(seq), 0) FROM messages", &[]),
+        StartAt::Time(t) => {
+            let us = t.timestamp_micros();
+            let first: i64 = q(
+                "SELECT COALESCE(MIN(seq), -1) FROM messages WHERE log_us >= ?1",
+                &[&us],
+            )?;
+            if first < 0 {
+                q("SELECT COALESCE(MAX(seq), 0) FROM messages", &[])
+            } else {
+                Ok(first - 1)
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl ReplayByTime for EmbeddedLog {
+    async fn read_window(&self, query: &WindowQuery) -> Result<Vec<StoredMessage>> {
+        let conn = self.inner.reader()?;
+        let q = query.clone();
+        tokio::task::spawn_blocking(move || read_window_blocking(&conn, &q))
+            .await
+            .map_err(|e| Error::transport("embedded log: read task failed", e))?
+    }
+}
+
+fn read_window_blocking(conn: &Connection, q: &WindowQuery) -> Result<Vec<StoredMessage>> {
+    let first_at = |t: Option<DateTime<Utc>>, default: i64| -> Result<i64> {
+        match t {
+            None => Ok(default),
+            Some(t) => conn
+                .query_row("SELECT COALESCE(MIN(seq), 9223372036854775807) FROM messages WHERE log_us >= ?1", [t.timestamp_micros()], |r| r.get(0))
+                .map_err(|e| storage("window bound", e)),
+        }
+    };
+    let lo = first_at(q.start, 0)?.max(q.after_sequence as i64 + 1);
+    let hi = first_at(q.end, i64::MAX)?; // exclusive
+    let limit = q.limit.max(1);
+    let mut out = Vec::new();
+    let to_msg = |r: &rusqlite::Row<'_>| -> rusqlite::Result<(i64, String, i64, Vec<u8>, Vec<u8>)> {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+    };
+    let mut push =
+        |(seq, topic, log_us, headers, payload): (i64, String, i64, Vec<u8>, Vec<u8>)| {
+            let headers = decode_headers(&headers).unwrap_or_default();
+            out.push(StoredMessage {
+                sequence: seq as u64,
+                stored_at: us_to_time(log_us),
+                envelope: Envelope {
+                    topic,
+                    headers,
+                    payload: Bytes::from(payload),
+                },
+            });
+        };
+    match &q.keys {
+        Some(keys) => {
+            let mut rows = Vec::new();
+            let mut st = conn
+                .prepare_cached("SELECT seq, topic, log_us, headers, payload FROM messages WHERE pkey = ?1 AND seq >= ?2 AND seq < ?3 ORDER BY seq LIMIT ?4")
+                .map_err(|e| storage("window by key", e))?;
+            for k in keys {
+                let mut from = lo;
+                loop {
+                    let got: Vec<_> = st
+                        .query_map(params![k, from, hi, limit as i64], to_msg)
+                        .and_then(|r| r.collect::<std::result::Result<Vec<_>, _>>())
+                        .map_err(|e| storage("window by key", e))?;
+                    let n = got.len();
+                    let mut matched = 0;
+                    for r in got {
+                        from = r.0 + 1;
+                        if q.pattern.matches(&r.1) {
+                            rows.push(r);
+                            matched += 1;
+                        }
+                    }
+                    if n < limit || matched > 0 {
+                        break;
+                    }
+                }
+            }
+            rows.sort_by_key(|r| r.0);
+            rows.truncate(limit);
+            rows.into_iter().for_each(&mut push);
+        }
+        None => {
+            let mut st = conn
+                .prepare_cached("SELECT seq, topic, log_us, headers, payload FROM messages WHERE seq >= ?1 AND seq < ?2 ORDER BY seq LIMIT ?3")
+                .map_err(|e| storage("window", e))?;
+            let mut from = lo;
+            let chunk = limit.max(1000);
+            let mut count = 0;
+            'scan: loop {
+                let got: Vec<_> = st
+                    .query_map(params![from, hi, chunk as i64], to_msg)
+                    .and_then(|r| r.collect::<std::result::Result<Vec<_>, _>>())
+                    .map_err(|e| storage("window", e))?;
+                let n = got.len();
+                for r in got {
+                    from = r.0 + 1;
+                    if q.pattern.matches(&r.1) {
+                        push(r);
+                        count += 1;
+                        if count >= limit {
+                            break 'scan;
+                        }
+                    }
+                }
+                if n < chunk || count > 0 {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(out)
+}

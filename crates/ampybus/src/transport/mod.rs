@@ -1,0 +1,282 @@
+//! The transport traits: the few primitives a binding translates. Everything above them (the
+//! consumer runtime, retries, DLQ, dedupe) is written once.
+//!
+//! * [`Transport`]: publish a batch, open a subscription, close.
+//! * [`Subscription`]: fetch deliveries.
+//! * [`Delivery`]: one message; settling consumes it (`ack(self)`), so a double ack does not
+//!   compile.
+//! * Optional capabilities are separate traits: [`ReplayByTime`].
+
+pub mod embedded;
+mod headers_codec;
+
+pub use headers_codec::{decode_headers, encode_headers};
+
+use crate::envelope::Envelope;
+use crate::error::Result;
+use crate::topic::TopicPattern;
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What the broker or log said about one published message.
+///
+/// ```
+/// let r = ampybus::transport::PublishReceipt { sequence: 7, duplicate: false };
+/// assert_eq!(r.sequence, 7);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishReceipt {
+    /// Position in the log/stream (sequence, offset or id-derived number).
+    pub sequence: u64,
+    /// The broker recognised the message id as a duplicate and did not store it again.
+    pub duplicate: bool,
+}
+
+/// Where a new subscription starts.
+///
+/// ```
+/// let s = ampybus::transport::StartAt::Earliest;
+/// assert_eq!(s, ampybus::transport::StartAt::default());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StartAt {
+    /// The earliest retained message (the default for a new durable consumer).
+    #[default]
+    Earliest,
+    /// Only messages published after the subscription is created.
+    Latest,
+    /// The first message appended at or after this time.
+    Time(DateTime<Utc>),
+}
+
+/// What to subscribe to and how.
+///
+/// ```
+/// use ampybus::{TopicPattern, transport::SubscribeSpec};
+/// let spec = SubscribeSpec::durable(TopicPattern::parse("ampy.prod.orders.>").unwrap(), "oms");
+/// assert_eq!(spec.durable.as_deref(), Some("oms"));
+/// ```
+#[derive(Debug, Clone)]
+pub struct SubscribeSpec {
+    /// Which topics.
+    pub pattern: TopicPattern,
+    /// Durable consumer name: position and leases are shared by every instance using it.
+    /// `None` reads without recording a position.
+    pub durable: Option<String>,
+    /// Where a new consumer starts (an existing durable consumer resumes where it was).
+    pub start: StartAt,
+    /// A delivery not settled within this time is delivered again.
+    pub ack_deadline: Duration,
+}
+
+impl SubscribeSpec {
+    /// A durable subscription starting at the earliest retained message, 30 s ack deadline.
+    pub fn durable(pattern: TopicPattern, name: impl Into<String>) -> Self {
+        SubscribeSpec {
+            pattern,
+            durable: Some(name.into()),
+            start: StartAt::Earliest,
+            ack_deadline: Duration::from_secs(30),
+        }
+    }
+
+    /// A non-durable read from `start` that records no position.
+    ///
+    /// ```
+    /// use ampybus::{TopicPattern, transport::{SubscribeSpec, StartAt}};
+    /// let spec = SubscribeSpec::ephemeral(TopicPattern::parse(">").unwrap(), StartAt::Earliest);
+    /// assert!(spec.durable.is_none());
+    /// ```
+    pub fn ephemeral(pattern: TopicPattern, start: StartAt) -> Self {
+        SubscribeSpec {
+            pattern,
+            durable: None,
+            start,
+            ack_deadline: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Facts about one delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryInfo {
+    /// Position in the log/stream.
+    pub sequence: u64,
+    /// How many times this message has been delivered to this consumer, this one included.
+    pub delivery_count: u32,
+    /// When the log/broker stored the message.
+    pub stored_at: DateTime<Utc>,
+}
+
+/// Settles deliveries on the transport. Implemented by bindings; used through [`Delivery`].
+#[async_trait]
+pub trait Settler: Send + Sync {
+    /// Acknowledges handled messages (by sequence) in one round trip where possible.
+    async fn ack(&self, sequences: &[u64]) -> Result<()>;
+    /// Releases a message for redelivery after `delay` (zero: as soon as possible).
+    async fn nack(&self, sequence: u64, delay: Duration) -> Result<()>;
+    /// Extends the ack deadline of a message still being worked on.
+    async fn in_progress(&self, sequence: u64) -> Result<()>;
+}
+
+/// One delivered message. Settle it exactly once: [`Delivery::ack`], [`Delivery::nack`];
+/// both take `self`. Dropping it unsettled leaves it to be delivered again after the ack
+/// deadline.
+pub struct Delivery {
+    /// The message as carried (payload still compressed/pointer as on the wire).
+    pub envelope: Envelope,
+    /// Sequence, delivery count, store time.
+    pub info: DeliveryInfo,
+    settler: Arc<dyn Settler>,
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("topic", &self.envelope.topic)
+            .field("info", &self.info)
+            .finish()
+    }
+}
+
+impl Delivery {
+    /// Builds a delivery (for bindings).
+    pub fn new(envelope: Envelope, info: DeliveryInfo, settler: Arc<dyn Settler>) -> Self {
+        Delivery {
+            envelope,
+            info,
+            settler,
+        }
+    }
+
+    /// Acknowledges the message. On failure the delivery is handed back so the caller can
+    /// retry the ack or release it.
+    pub async fn ack(self) -> std::result::Result<(), (crate::Error, Delivery)> {
+        match self.settler.ack(&[self.info.sequence]).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err((e, self)),
+        }
+    }
+
+    /// Releases the message for redelivery after `delay`.
+    pub async fn nack(self, delay: Duration) -> std::result::Result<(), (crate::Error, Delivery)> {
+        match self.settler.nack(self.info.sequence, delay).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err((e, self)),
+        }
+    }
+
+    /// Tells the transport the handler is still working, extending the ack deadline.
+    pub async fn in_progress(&self) -> Result<()> {
+        self.settler.in_progress(self.info.sequence).await
+    }
+
+    /// Acknowledges many deliveries, one round trip per settler.
+    pub async fn ack_all(
+        deliveries: Vec<Delivery>,
+    ) -> std::result::Result<(), (crate::Error, Vec<Delivery>)> {
+        let mut groups: Vec<(Arc<dyn Settler>, Vec<Delivery>)> = Vec::new();
+        for d in deliveries {
+            match groups.iter_mut().find(|(s, _)| Arc::ptr_eq(s, &d.settler)) {
+                Some((_, v)) => v.push(d),
+                None => groups.push((d.settler.clone(), vec![d])),
+            }
+        }
+        let mut failed: Option<(crate::Error, Vec<Delivery>)> = None;
+        for (settler, ds) in groups {
+            let seqs: Vec<u64> = ds.iter().map(|d| d.info.sequence).collect();
+            if let Err(e) = settler.ack(&seqs).await {
+                match &mut failed {
+                    Some((_, v)) => v.extend(ds),
+                    None => failed = Some((e, ds)),
+                }
+            }
+        }
+        match failed {
+            None => Ok(()),
+            Some(f) => Err(f),
+        }
+    }
+}
+
+/// An open subscription.
+#[async_trait]
+pub trait Subscription: Send {
+    /// Waits up to `wait` for at least one delivery and returns up to `max` (possibly none).
+    async fn fetch(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>>;
+}
+
+/// A message read back from the log/stream for replay or inspection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMessage {
+    /// Position in the log/stream.
+    pub sequence: u64,
+    /// When it was stored.
+    pub stored_at: DateTime<Utc>,
+    /// The message as carried.
+    pub envelope: Envelope,
+}
+
+/// A query over stored messages: `[start, end)` by store time, a pattern, optional keys.
+///
+/// ```
+/// use ampybus::{TopicPattern, transport::WindowQuery};
+/// let q = WindowQuery::new(TopicPattern::parse("ampy.prod.bars.>").unwrap());
+/// assert!(q.start.is_none() && q.keys.is_none());
+/// ```
+#[derive(Debug, Clone)]
+pub struct WindowQuery {
+    /// Which topics.
+    pub pattern: TopicPattern,
+    /// Inclusive lower bound on store time.
+    pub start: Option<DateTime<Utc>>,
+    /// Exclusive upper bound on store time.
+    pub end: Option<DateTime<Utc>>,
+    /// Only these partition keys.
+    pub keys: Option<Vec<String>>,
+    /// Only sequences greater than this (for paging).
+    pub after_sequence: u64,
+    /// At most this many per call.
+    pub limit: usize,
+}
+
+impl WindowQuery {
+    /// Everything matching `pattern`, 1,000 per page.
+    pub fn new(pattern: TopicPattern) -> Self {
+        WindowQuery {
+            pattern,
+            start: None,
+            end: None,
+            keys: None,
+            after_sequence: 0,
+            limit: 1000,
+        }
+    }
+}
+
+/// Reading stored history by time window and keys: the base of replay.
+#[async_trait]
+pub trait ReplayByTime: Send + Sync {
+    /// One page of matches in store order; an empty page means the end.
+    async fn read_window(&self, query: &WindowQuery) -> Result<Vec<StoredMessage>>;
+}
+
+/// A message transport: the embedded log or a broker binding.
+#[async_trait]
+pub trait Transport: Send + Sync + 'static {
+    /// Short name: `embedded`, `nats`, `kafka`, `redis`.
+    fn name(&self) -> &'static str;
+    /// Stores a batch durably; one receipt per message, in order. Messages are already
+    /// validated and encoded by the caller.
+    async fn publish_batch(&self, batch: Vec<Envelope>) -> Result<Vec<PublishReceipt>>;
+    /// Opens a subscription.
+    async fn subscribe(&self, spec: SubscribeSpec) -> Result<Box<dyn Subscription>>;
+    /// Time-window/key reads, when the transport can.
+    fn replay(&self) -> Option<&dyn ReplayByTime> {
+        None
+    }
+    /// Flushes and closes.
+    async fn close(&self) -> Result<()>;
+}
