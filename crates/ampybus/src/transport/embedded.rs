@@ -305,6 +305,40 @@ CREATE TABLE IF NOT EXISTS pending(
 ) WITHOUT ROWID;
 ";
 
+/// How long a connection waits for another process's lock, in ms (shared by every
+/// connection of the process; set from [`EmbeddedOptions::busy_timeout`]).
+static BUSY_LIMIT_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(30_000);
+
+thread_local! {
+    static BUSY_SINCE: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
+}
+
+/// SQLite's default busy handler sleeps up to 100 ms between attempts, so under steady
+/// contention (a producer committing in a tight loop) a waiting consumer can miss the lock for
+/// tens of seconds — long enough for its leases to expire. This one retries after 50 µs, then
+/// every 0.2–1 ms with jitter, until the limit.
+fn busy_wait(count: i32) -> bool {
+    let now = Instant::now();
+    let since = BUSY_SINCE.with(|c| {
+        if count == 0 || c.get().is_none() {
+            c.set(Some(now));
+        }
+        c.get().unwrap_or(now)
+    });
+    let limit = Duration::from_millis(BUSY_LIMIT_MS.load(std::sync::atomic::Ordering::Relaxed));
+    if now.duration_since(since) >= limit {
+        BUSY_SINCE.with(|c| c.set(None));
+        return false;
+    }
+    let us = if count < 8 {
+        50
+    } else {
+        rand::random_range(200..1000)
+    };
+    std::thread::sleep(Duration::from_micros(us));
+    true
+}
+
 fn open_conn(path: &Path, busy: Duration) -> Result<Connection> {
     let conn = Connection::open_with_flags(
         path,
@@ -313,8 +347,12 @@ fn open_conn(path: &Path, busy: Duration) -> Result<Connection> {
             | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
     .map_err(|e| storage(&format!("cannot open {}", path.display()), e))?;
-    conn.busy_timeout(busy)
-        .map_err(|e| storage("busy_timeout", e))?;
+    BUSY_LIMIT_MS.store(
+        busy.as_millis() as u64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    conn.busy_handler(Some(busy_wait))
+        .map_err(|e| storage("busy handler", e))?;
     conn.pragma_update(None, "journal_mode", "WAL")
         .map_err(|e| storage("journal_mode=WAL", e))?;
     conn.pragma_update(None, "foreign_keys", "OFF")
