@@ -57,10 +57,15 @@ pub fn inflate_if_needed(headers: &Headers, payload: &[u8], max: usize) -> Resul
         Some(ce) if ce.eq_ignore_ascii_case("gzip") => {
             let mut out = Vec::with_capacity(payload.len().saturating_mul(4).min(max));
             let mut dec = GzDecoder::new(payload).take(max as u64 + 1);
-            dec.read_to_end(&mut out)
-                .map_err(|e| Error::payload(format!("content_encoding=gzip but the payload does not inflate: {e}")))?;
+            dec.read_to_end(&mut out).map_err(|e| {
+                Error::payload(format!(
+                    "content_encoding=gzip but the payload does not inflate: {e}"
+                ))
+            })?;
             if out.len() > max {
-                return Err(Error::payload(format!("payload inflates to more than {max} bytes")));
+                return Err(Error::payload(format!(
+                    "payload inflates to more than {max} bytes"
+                )));
             }
             Ok(Bytes::from(out))
         }
@@ -85,16 +90,21 @@ pub struct BlobStore {
 impl BlobStore {
     /// A store in a local directory (created if missing).
     pub fn local(dir: &std::path::Path) -> Result<Self> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Error::config(format!("blob dir {}: cannot create: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir).map_err(|e| {
+            Error::config(format!("blob dir {}: cannot create: {e}", dir.display()))
+        })?;
         let abs = dir
             .canonicalize()
             .map_err(|e| Error::config(format!("blob dir {}: {e}", dir.display())))?;
         let fs = LocalFileSystem::new_with_prefix(&abs)
             .map_err(|e| Error::config(format!("blob dir {}: {e}", abs.display())))?;
-        let url = url::Url::from_directory_path(&abs)
-            .map_err(|_| Error::config(format!("blob dir {}: not an absolute path", abs.display())))?;
-        Ok(BlobStore { store: Arc::new(fs), prefix: url.to_string() })
+        let url = url::Url::from_directory_path(&abs).map_err(|_| {
+            Error::config(format!("blob dir {}: not an absolute path", abs.display()))
+        })?;
+        Ok(BlobStore {
+            store: Arc::new(fs),
+            prefix: url.to_string(),
+        })
     }
 
     /// Any `object_store` store (S3-compatible, memory, …) whose objects are named
@@ -114,7 +124,8 @@ impl BlobStore {
 
     /// Stores bytes under `key`, returning the `blob_ref`.
     pub async fn put(&self, key: &str, bytes: Bytes) -> Result<String> {
-        let path = ObjPath::parse(key).map_err(|e| Error::payload(format!("blob key {key:?}: {e}")))?;
+        let path =
+            ObjPath::parse(key).map_err(|e| Error::payload(format!("blob key {key:?}: {e}")))?;
         self.store
             .put(&path, bytes.into())
             .await
@@ -126,9 +137,13 @@ impl BlobStore {
     /// fetched.
     pub async fn get(&self, blob_ref: &str) -> Result<Bytes> {
         let key = blob_ref.strip_prefix(&self.prefix).ok_or_else(|| {
-            Error::payload(format!("blob_ref {blob_ref:?} is not under this store ({})", self.prefix))
+            Error::payload(format!(
+                "blob_ref {blob_ref:?} is not under this store ({})",
+                self.prefix
+            ))
         })?;
-        let path = ObjPath::parse(key).map_err(|e| Error::payload(format!("blob_ref {blob_ref:?}: {e}")))?;
+        let path = ObjPath::parse(key)
+            .map_err(|e| Error::payload(format!("blob_ref {blob_ref:?}: {e}")))?;
         let got = self
             .store
             .get(&path)
@@ -224,29 +239,55 @@ impl PayloadCodec {
     /// Turns wire bytes back into the raw payload: fetches and verifies a blob when
     /// `blob_ref` is set, then inflates gzip.
     pub async fn decode(&self, headers: &Headers, wire: &Bytes) -> Result<Bytes> {
-        self.decode_detailed(headers, wire).await.map_err(|(_, e)| e)
+        self.decode_detailed(headers, wire)
+            .await
+            .map_err(|(_, e)| e)
     }
 
     /// Like [`PayloadCodec::decode`], with the failure class for DLQ reasons.
-    pub async fn decode_detailed(&self, headers: &Headers, wire: &Bytes) -> std::result::Result<Bytes, (DecodeFailure, Error)> {
+    pub async fn decode_detailed(
+        &self,
+        headers: &Headers,
+        wire: &Bytes,
+    ) -> std::result::Result<Bytes, (DecodeFailure, Error)> {
         let fetched;
         let bytes = if let Some(blob_ref) = headers.blob_ref() {
-            let store = self.blobs.clone().or_else(|| local_store_for(blob_ref)).ok_or_else(|| {
-                (DecodeFailure::BlobUnavailable, Error::payload(format!("blob_ref {blob_ref:?}: no blob store configured for it")))
-            })?;
-            fetched = store.get(blob_ref).await.map_err(|e| (DecodeFailure::BlobUnavailable, e))?;
+            let store = self
+                .blobs
+                .clone()
+                .or_else(|| local_store_for(blob_ref))
+                .ok_or_else(|| {
+                    (
+                        DecodeFailure::BlobUnavailable,
+                        Error::payload(format!(
+                            "blob_ref {blob_ref:?}: no blob store configured for it"
+                        )),
+                    )
+                })?;
+            fetched = store
+                .get(blob_ref)
+                .await
+                .map_err(|e| (DecodeFailure::BlobUnavailable, e))?;
             let want = headers.blob_hash().unwrap_or_default();
             let got = sha256_tag(&fetched);
             if got != want {
                 return Err((
                     DecodeFailure::BlobHashMismatch,
-                    Error::payload(format!("blob {blob_ref}: hash {got} does not match blob_hash {want}")),
+                    Error::payload(format!(
+                        "blob {blob_ref}: hash {got} does not match blob_hash {want}"
+                    )),
                 ));
             }
-            if headers.blob_size().is_some_and(|s| s != fetched.len() as u64) {
+            if headers
+                .blob_size()
+                .is_some_and(|s| s != fetched.len() as u64)
+            {
                 return Err((
                     DecodeFailure::BlobHashMismatch,
-                    Error::payload(format!("blob {blob_ref}: size {} does not match blob_size", fetched.len())),
+                    Error::payload(format!(
+                        "blob {blob_ref}: size {} does not match blob_size",
+                        fetched.len()
+                    )),
                 ));
             }
             &fetched
@@ -267,7 +308,10 @@ fn local_store_for(blob_ref: &str) -> Option<BlobStore> {
     let dir = path.parent()?;
     let store = LocalFileSystem::new_with_prefix(dir).ok()?;
     let prefix = url::Url::from_directory_path(dir).ok()?.to_string();
-    Some(BlobStore { store: Arc::new(store), prefix })
+    Some(BlobStore {
+        store: Arc::new(store),
+        prefix,
+    })
 }
 
 #[cfg(test)]
@@ -275,7 +319,10 @@ mod tests {
     use super::*;
 
     fn rt() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
     }
 
     #[test]
@@ -283,11 +330,16 @@ mod tests {
         rt().block_on(async {
             let c = PayloadCodec::default();
             let mut h = Headers::new();
-            let w = c.encode(&mut h, vec![1u8; COMPRESS_THRESHOLD].into(), "bars").await.unwrap();
+            let w = c
+                .encode(&mut h, vec![1u8; COMPRESS_THRESHOLD].into(), "bars")
+                .await
+                .unwrap();
             assert_eq!(h.content_encoding(), None);
             assert_eq!(w.len(), COMPRESS_THRESHOLD);
             let mut h = Headers::new();
-            c.encode(&mut h, vec![1u8; COMPRESS_THRESHOLD + 1].into(), "bars").await.unwrap();
+            c.encode(&mut h, vec![1u8; COMPRESS_THRESHOLD + 1].into(), "bars")
+                .await
+                .unwrap();
             assert_eq!(h.content_encoding(), Some("gzip"));
         });
     }
@@ -296,9 +348,15 @@ mod tests {
     fn blob_round_trip_and_tamper() {
         rt().block_on(async {
             let dir = tempfile::tempdir().unwrap();
-            let c = PayloadCodec { max_inline: 1024, blobs: Some(BlobStore::local(dir.path()).unwrap()), ..Default::default() };
+            let c = PayloadCodec {
+                max_inline: 1024,
+                blobs: Some(BlobStore::local(dir.path()).unwrap()),
+                ..Default::default()
+            };
             // Random-ish bytes that gzip cannot shrink below 1 KiB.
-            let raw: Vec<u8> = (0..300_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+            let raw: Vec<u8> = (0..300_000u32)
+                .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+                .collect();
             let mut h = Headers::new().with("message_id", "018f5e2f-9b1c-76aa-8f7a-3b1d8f3ea0c2");
             let wire = c.encode(&mut h, raw.clone().into(), "bars").await.unwrap();
             assert!(wire.is_empty());
@@ -310,15 +368,27 @@ mod tests {
             let plain = PayloadCodec::default();
             assert_eq!(plain.decode(&h, &wire).await.unwrap().len(), raw.len());
             // Tamper with the blob: hash mismatch.
-            let path = url::Url::parse(h.blob_ref().unwrap()).unwrap().to_file_path().unwrap();
+            let path = url::Url::parse(h.blob_ref().unwrap())
+                .unwrap()
+                .to_file_path()
+                .unwrap();
             std::fs::write(&path, vec![0u8; size]).unwrap();
             let (kind, e) = c.decode_detailed(&h, &wire).await.unwrap_err();
             assert_eq!(kind, DecodeFailure::BlobHashMismatch);
             assert!(e.to_string().contains("does not match blob_hash"), "{e}");
             // No store and too large: clear error.
             let mut h2 = Headers::new();
-            let e = PayloadCodec { max_inline: 10, ..Default::default() }.encode(&mut h2, raw.into(), "bars").await.unwrap_err();
-            assert!(e.to_string().contains("over the inline limit of 10 bytes"), "{e}");
+            let e = PayloadCodec {
+                max_inline: 10,
+                ..Default::default()
+            }
+            .encode(&mut h2, raw.into(), "bars")
+            .await
+            .unwrap_err();
+            assert!(
+                e.to_string().contains("over the inline limit of 10 bytes"),
+                "{e}"
+            );
         });
     }
 

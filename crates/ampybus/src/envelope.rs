@@ -46,7 +46,11 @@ pub struct Envelope {
 /// ```
 pub trait PayloadDecoder: Send + Sync {
     /// `None` when the schema is unknown; `Some(Err)` when the bytes do not decode as it.
-    fn decode_json(&self, fqdn: &str, bytes: &[u8]) -> Option<std::result::Result<serde_json::Value, String>>;
+    fn decode_json(
+        &self,
+        fqdn: &str,
+        bytes: &[u8],
+    ) -> Option<std::result::Result<serde_json::Value, String>>;
 }
 
 /// The JSON diagnostic form of an envelope. Key order on output: `topic`, `headers`,
@@ -77,7 +81,11 @@ pub struct EnvelopeJson {
 impl Envelope {
     /// Builds an envelope.
     pub fn new(topic: &Topic, headers: Headers, payload: impl Into<Bytes>) -> Self {
-        Envelope { topic: topic.as_str().to_owned(), headers, payload: payload.into() }
+        Envelope {
+            topic: topic.as_str().to_owned(),
+            headers,
+            payload: payload.into(),
+        }
     }
 
     /// Parses the topic.
@@ -97,7 +105,9 @@ impl Envelope {
         let topic = self.topic()?;
         self.headers.validate_for_publish(&topic)?;
         if self.headers.blob_ref().is_some() && !self.payload.is_empty() {
-            return Err(Error::envelope("`blob_ref` is set, so the inline payload must be empty"));
+            return Err(Error::envelope(
+                "`blob_ref` is set, so the inline payload must be empty",
+            ));
         }
         Ok(topic)
     }
@@ -110,7 +120,12 @@ impl Envelope {
             if self.headers.blob_ref().is_some() {
                 return None;
             }
-            let raw = crate::codec::inflate_if_needed(&self.headers, &self.payload, crate::codec::DEFAULT_MAX_INFLATED).ok()?;
+            let raw = crate::codec::inflate_if_needed(
+                &self.headers,
+                &self.payload,
+                crate::codec::DEFAULT_MAX_INFLATED,
+            )
+            .ok()?;
             d.decode_json(fqdn, &raw)?.ok()
         });
         EnvelopeJson {
@@ -128,7 +143,8 @@ impl Envelope {
 
     /// Pretty JSON with a trailing newline, as golden files are written.
     pub fn to_json_pretty(&self, decoder: Option<&dyn PayloadDecoder>) -> String {
-        let mut s = serde_json::to_string_pretty(&self.to_json(decoder)).expect("envelope JSON serialises");
+        let mut s =
+            serde_json::to_string_pretty(&self.to_json(decoder)).expect("envelope JSON serialises");
         s.push('\n');
         s
     }
@@ -149,9 +165,14 @@ impl Envelope {
 
     /// Like [`Envelope::from_json_str`], from a parsed value.
     pub fn from_json_value(v: &serde_json::Value) -> Result<Envelope> {
-        let obj = v.as_object().ok_or_else(|| Error::envelope("must be a JSON object"))?;
+        let obj = v
+            .as_object()
+            .ok_or_else(|| Error::envelope("must be a JSON object"))?;
         for k in obj.keys() {
-            if !matches!(k.as_str(), "topic" | "headers" | "payload_base64" | "payload_json") {
+            if !matches!(
+                k.as_str(),
+                "topic" | "headers" | "payload_base64" | "payload_json"
+            ) {
                 return Err(Error::envelope(format!(
                     "unknown field `{k}` (expected topic, headers, payload_base64, payload_json)"
                 )));
@@ -178,16 +199,28 @@ impl Envelope {
                     }
                 }
             }
-            Some(_) => return Err(Error::envelope("field `headers` must be an object of strings")),
+            Some(_) => {
+                return Err(Error::envelope(
+                    "field `headers` must be an object of strings",
+                ));
+            }
             None => return Err(Error::envelope("missing field `headers`")),
         }
         let payload = match obj.get("payload_base64") {
             Some(serde_json::Value::String(b)) => base64::engine::general_purpose::STANDARD
                 .decode(b.trim())
-                .map_err(|e| Error::envelope(format!("field `payload_base64` is not standard base64: {e}")))?,
+                .map_err(|e| {
+                    Error::envelope(format!(
+                        "field `payload_base64` is not standard base64: {e}"
+                    ))
+                })?,
             Some(serde_json::Value::Null) | None => Vec::new(),
             Some(_) => return Err(Error::envelope("field `payload_base64` must be a string")),
         };
-        Ok(Envelope { topic, headers, payload: Bytes::from(payload) })
+        Ok(Envelope {
+            topic,
+            headers,
+            payload: Bytes::from(payload),
+        })
     }
 }

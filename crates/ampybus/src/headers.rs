@@ -129,7 +129,12 @@ impl Headers {
     /// assert_eq!(h.partition_key(), Some("co_1"));
     /// assert!(h.traceparent().is_some());
     /// ```
-    pub fn for_publish(schema_fqdn: &str, producer: &str, source: &str, partition_key: &str) -> Self {
+    pub fn for_publish(
+        schema_fqdn: &str,
+        producer: &str,
+        source: &str,
+        partition_key: &str,
+    ) -> Self {
         let mut h = Headers::new();
         h.set(MESSAGE_ID, ids::new_message_id());
         h.set(SCHEMA_FQDN, schema_fqdn);
@@ -335,10 +340,18 @@ impl Headers {
             Ok(_) => {
                 return Err(Error::header(
                     MESSAGE_ID,
-                    format!("must be a UUIDv7, lowercase and hyphenated (got {})", show(id)),
+                    format!(
+                        "must be a UUIDv7, lowercase and hyphenated (got {})",
+                        show(id)
+                    ),
                 ));
             }
-            Err(_) => return Err(Error::header(MESSAGE_ID, format!("not a UUID (got {})", show(id)))),
+            Err(_) => {
+                return Err(Error::header(
+                    MESSAGE_ID,
+                    format!("not a UUID (got {})", show(id)),
+                ));
+            }
         }
         check_fqdn(self.get(SCHEMA_FQDN).unwrap_or_default())?;
         check_semver(self.get(SCHEMA_VERSION).unwrap_or_default())?;
@@ -346,41 +359,64 @@ impl Headers {
         if ct != CONTENT_TYPE_PROTOBUF && ct != CONTENT_TYPE_JSON {
             return Err(Error::header(
                 CONTENT_TYPE,
-                format!("must be `{CONTENT_TYPE_PROTOBUF}` or `{CONTENT_TYPE_JSON}` (got {})", show(ct)),
+                format!(
+                    "must be `{CONTENT_TYPE_PROTOBUF}` or `{CONTENT_TYPE_JSON}` (got {})",
+                    show(ct)
+                ),
             ));
         }
         if let Some(ce) = self.get(CONTENT_ENCODING) {
             if ce != "gzip" {
-                return Err(Error::header(CONTENT_ENCODING, format!("must be absent or `gzip` (got {})", show(ce))));
+                return Err(Error::header(
+                    CONTENT_ENCODING,
+                    format!("must be absent or `gzip` (got {})", show(ce)),
+                ));
             }
         }
         let pa = self.get(PRODUCED_AT).unwrap_or_default();
         if !ids::is_canonical_time(pa) {
             return Err(Error::header(
                 PRODUCED_AT,
-                format!("must be RFC3339 UTC as YYYY-MM-DDTHH:MM:SS.ffffffZ (got {})", show(pa)),
+                format!(
+                    "must be RFC3339 UTC as YYYY-MM-DDTHH:MM:SS.ffffffZ (got {})",
+                    show(pa)
+                ),
             ));
         }
         for name in [PRODUCER, SOURCE, RUN_ID] {
             check_text(name, self.get(name).unwrap_or_default())?;
         }
         match self.get(TRACEPARENT) {
-            None => return Err(Error::header(TRACEPARENT, "required on publish (use fill_publish_defaults)")),
+            None => {
+                return Err(Error::header(
+                    TRACEPARENT,
+                    "required on publish (use fill_publish_defaults)",
+                ));
+            }
             Some(tp) => {
                 let tc = TraceContext::parse(tp).ok_or_else(|| {
                     Error::header(
                         TRACEPARENT,
-                        format!("must be W3C `00-<32 hex>-<16 hex>-<2 hex>` with non-zero ids (got {})", show(tp)),
+                        format!(
+                            "must be W3C `00-<32 hex>-<16 hex>-<2 hex>` with non-zero ids (got {})",
+                            show(tp)
+                        ),
                     )
                 })?;
                 if let Some(t) = self.get(TRACE_ID) {
                     if !t.eq_ignore_ascii_case(&tc.trace_id) {
-                        return Err(Error::header(TRACE_ID, "must equal the trace id inside `traceparent`"));
+                        return Err(Error::header(
+                            TRACE_ID,
+                            "must equal the trace id inside `traceparent`",
+                        ));
                     }
                 }
                 if let Some(s) = self.get(SPAN_ID) {
                     if !s.eq_ignore_ascii_case(&tc.span_id) {
-                        return Err(Error::header(SPAN_ID, "must equal the span id inside `traceparent`"));
+                        return Err(Error::header(
+                            SPAN_ID,
+                            "must equal the span id inside `traceparent`",
+                        ));
                     }
                 }
             }
@@ -396,35 +432,68 @@ impl Headers {
         }
         if let Some(v) = self.get(RETRY_COUNT) {
             if v.parse::<u32>().is_err() {
-                return Err(Error::header(RETRY_COUNT, format!("must be a non-negative integer (got {})", show(v))));
+                return Err(Error::header(
+                    RETRY_COUNT,
+                    format!("must be a non-negative integer (got {})", show(v)),
+                ));
             }
         }
         if let Some(v) = self.get(DLQ_REASON) {
             let code = v.split(':').next().unwrap_or_default();
-            if !v.contains(':') || code.is_empty() || !code.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
-                return Err(Error::header(DLQ_REASON, format!("must be `code: detail` with a lower_snake code (got {})", show(v))));
+            if !v.contains(':')
+                || code.is_empty()
+                || !code.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+            {
+                return Err(Error::header(
+                    DLQ_REASON,
+                    format!(
+                        "must be `code: detail` with a lower_snake code (got {})",
+                        show(v)
+                    ),
+                ));
             }
         }
         if let Some(v) = self.get(SCHEMA_HASH) {
-            let hex = v.strip_prefix("nameonly:sha256:").or_else(|| v.strip_prefix("sha256:"));
+            let hex = v
+                .strip_prefix("nameonly:sha256:")
+                .or_else(|| v.strip_prefix("sha256:"));
             if !hex.is_some_and(is_sha256_hex) {
-                return Err(Error::header(SCHEMA_HASH, format!("must be `sha256:<64 hex>` or `nameonly:sha256:<64 hex>` (got {})", show(v))));
+                return Err(Error::header(
+                    SCHEMA_HASH,
+                    format!(
+                        "must be `sha256:<64 hex>` or `nameonly:sha256:<64 hex>` (got {})",
+                        show(v)
+                    ),
+                ));
             }
         }
         for name in [BLOB_HASH, PAYLOAD_HASH] {
             if let Some(v) = self.get(name) {
                 if !v.strip_prefix("sha256:").is_some_and(is_sha256_hex) {
-                    return Err(Error::header(name, format!("must be `sha256:<64 lowercase hex>` (got {})", show(v))));
+                    return Err(Error::header(
+                        name,
+                        format!("must be `sha256:<64 lowercase hex>` (got {})", show(v)),
+                    ));
                 }
             }
         }
-        let blob = [self.get(BLOB_REF).is_some(), self.get(BLOB_HASH).is_some(), self.get(BLOB_SIZE).is_some()];
+        let blob = [
+            self.get(BLOB_REF).is_some(),
+            self.get(BLOB_HASH).is_some(),
+            self.get(BLOB_SIZE).is_some(),
+        ];
         if blob.iter().any(|b| *b) && !blob.iter().all(|b| *b) {
-            return Err(Error::header(BLOB_REF, "`blob_ref`, `blob_hash` and `blob_size` go together: all three or none"));
+            return Err(Error::header(
+                BLOB_REF,
+                "`blob_ref`, `blob_hash` and `blob_size` go together: all three or none",
+            ));
         }
         if let Some(v) = self.get(BLOB_SIZE) {
             if v.parse::<u64>().is_err() {
-                return Err(Error::header(BLOB_SIZE, format!("must be a non-negative integer (got {})", show(v))));
+                return Err(Error::header(
+                    BLOB_SIZE,
+                    format!("must be a non-negative integer (got {})", show(v)),
+                ));
             }
         }
         if let Some(v) = self.get(BLOB_REF) {
@@ -435,7 +504,13 @@ impl Headers {
         }
         if let Some(v) = self.get(DLQ_AT) {
             if !ids::is_canonical_time(v) {
-                return Err(Error::header(DLQ_AT, format!("must be RFC3339 UTC as YYYY-MM-DDTHH:MM:SS.ffffffZ (got {})", show(v))));
+                return Err(Error::header(
+                    DLQ_AT,
+                    format!(
+                        "must be RFC3339 UTC as YYYY-MM-DDTHH:MM:SS.ffffffZ (got {})",
+                        show(v)
+                    ),
+                ));
             }
         }
         if let Some(v) = self.get(DLQ_CONSUMER) {
@@ -444,7 +519,10 @@ impl Headers {
         for name in [REPLAY_REQUEST_ID, REDRIVE_OF] {
             if let Some(v) = self.get(name) {
                 if uuid::Uuid::try_parse(v).is_err() {
-                    return Err(Error::header(name, format!("must be a UUID (got {})", show(v))));
+                    return Err(Error::header(
+                        name,
+                        format!("must be a UUID (got {})", show(v)),
+                    ));
                 }
             }
         }
@@ -476,7 +554,9 @@ impl Headers {
         for name in REQUIRED {
             match self.get(name) {
                 None => return Err(Error::header(name, "required header is missing")),
-                Some(v) if v.trim().is_empty() => return Err(Error::header(name, "must not be empty")),
+                Some(v) if v.trim().is_empty() => {
+                    return Err(Error::header(name, "must not be empty"));
+                }
                 _ => {}
             }
         }
@@ -485,23 +565,45 @@ impl Headers {
             .map_err(|_| Error::header(MESSAGE_ID, format!("not a UUID (got {})", show(id))))?;
         self.set(MESSAGE_ID, u.hyphenated().to_string());
         let pa = self.get(PRODUCED_AT).unwrap_or_default();
-        let t = ids::parse_time(pa.trim())
-            .ok_or_else(|| Error::header(PRODUCED_AT, format!("must be an RFC3339 time with offset (got {})", show(pa))))?;
+        let t = ids::parse_time(pa.trim()).ok_or_else(|| {
+            Error::header(
+                PRODUCED_AT,
+                format!("must be an RFC3339 time with offset (got {})", show(pa)),
+            )
+        })?;
         self.set(PRODUCED_AT, ids::format_time(t));
         if let Some(ce) = self.get(CONTENT_ENCODING) {
-            if !ce.is_empty() && !ce.eq_ignore_ascii_case("gzip") && !ce.eq_ignore_ascii_case("identity") {
-                return Err(Error::header(CONTENT_ENCODING, format!("unsupported encoding {} (absent, `gzip` or `identity`)", show(ce))));
+            if !ce.is_empty()
+                && !ce.eq_ignore_ascii_case("gzip")
+                && !ce.eq_ignore_ascii_case("identity")
+            {
+                return Err(Error::header(
+                    CONTENT_ENCODING,
+                    format!(
+                        "unsupported encoding {} (absent, `gzip` or `identity`)",
+                        show(ce)
+                    ),
+                ));
             }
         }
         if let Some(v) = self.get(RETRY_COUNT) {
             if v.trim().parse::<u32>().is_err() {
-                return Err(Error::header(RETRY_COUNT, format!("must be a non-negative integer (got {})", show(v))));
+                return Err(Error::header(
+                    RETRY_COUNT,
+                    format!("must be a non-negative integer (got {})", show(v)),
+                ));
             }
         }
         if self.traceparent().and_then(TraceContext::parse).is_none() {
-            if let Some(tc) = self.get(TRACE_ID).and_then(|t| TraceContext::from_ids(t, self.get(SPAN_ID))) {
+            if let Some(tc) = self
+                .get(TRACE_ID)
+                .and_then(|t| TraceContext::from_ids(t, self.get(SPAN_ID)))
+            {
                 self.set(TRACEPARENT, tc.to_traceparent());
-            } else if self.get(TRACE_ID).is_some_and(|t| t.bytes().all(|b| b == b'0')) {
+            } else if self
+                .get(TRACE_ID)
+                .is_some_and(|t| t.bytes().all(|b| b == b'0'))
+            {
                 // An all-zero trace id counts as absent.
                 self.remove(TRACE_ID);
             }
@@ -534,7 +636,9 @@ impl From<BTreeMap<String, String>> for Headers {
 }
 
 fn is_sha256_hex(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 fn check_name(name: &str) -> Result<()> {
@@ -542,7 +646,10 @@ fn check_name(name: &str) -> Result<()> {
         return Err(Error::header(name, "header names must be 1–128 bytes"));
     }
     if !name.bytes().all(|b| b.is_ascii_graphic() && b != b':') {
-        return Err(Error::header(name, "header names must be printable ASCII without spaces or `:`"));
+        return Err(Error::header(
+            name,
+            "header names must be printable ASCII without spaces or `:`",
+        ));
     }
     Ok(())
 }
@@ -552,7 +659,10 @@ fn check_text(name: &str, v: &str) -> Result<()> {
         return Err(Error::header(name, "must not be empty"));
     }
     if v.trim() != v {
-        return Err(Error::header(name, format!("must not start or end with whitespace (got {})", show(v))));
+        return Err(Error::header(
+            name,
+            format!("must not start or end with whitespace (got {})", show(v)),
+        ));
     }
     if v.chars().any(char::is_control) {
         return Err(Error::header(name, "must not contain control characters"));
@@ -564,12 +674,20 @@ fn check_fqdn(v: &str) -> Result<()> {
     let ok = v.split('.').count() >= 2
         && v.split('.').all(|t| {
             let mut c = t.chars();
-            c.next().is_some_and(|f| f.is_ascii_alphabetic() || f == '_') && c.all(|x| x.is_ascii_alphanumeric() || x == '_')
+            c.next()
+                .is_some_and(|f| f.is_ascii_alphabetic() || f == '_')
+                && c.all(|x| x.is_ascii_alphanumeric() || x == '_')
         });
     if ok {
         Ok(())
     } else {
-        Err(Error::header(SCHEMA_FQDN, format!("must be a dotted protobuf name such as `ampy.bars.v1.BarBatch` (got {})", show(v))))
+        Err(Error::header(
+            SCHEMA_FQDN,
+            format!(
+                "must be a dotted protobuf name such as `ampy.bars.v1.BarBatch` (got {})",
+                show(v)
+            ),
+        ))
     }
 }
 
@@ -577,13 +695,23 @@ fn check_semver(v: &str) -> Result<()> {
     let core = v.split(['-', '+']).next().unwrap_or_default();
     let parts: Vec<&str> = core.split('.').collect();
     let ok = parts.len() == 3
-        && parts.iter().all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && (p.len() == 1 || !p.starts_with('0')))
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.bytes().all(|b| b.is_ascii_digit())
+                && (p.len() == 1 || !p.starts_with('0'))
+        })
         && v.len() >= core.len()
         && (v.len() == core.len() || v[core.len()..].len() > 1);
     if ok {
         Ok(())
     } else {
-        Err(Error::header(SCHEMA_VERSION, format!("must be semver MAJOR.MINOR.PATCH such as `1.0.0` (got {})", show(v))))
+        Err(Error::header(
+            SCHEMA_VERSION,
+            format!(
+                "must be semver MAJOR.MINOR.PATCH such as `1.0.0` (got {})",
+                show(v)
+            ),
+        ))
     }
 }
 
@@ -596,7 +724,12 @@ mod tests {
     }
 
     fn good() -> Headers {
-        Headers::for_publish("ampy.bars.v1.BarBatch", "yfinance-go@ingest-1", "yfinance-go", "XNAS.AAPL")
+        Headers::for_publish(
+            "ampy.bars.v1.BarBatch",
+            "yfinance-go@ingest-1",
+            "yfinance-go",
+            "XNAS.AAPL",
+        )
     }
 
     #[test]
@@ -605,30 +738,94 @@ mod tests {
         let cases: Vec<(&str, Option<&str>, &str)> = vec![
             (MESSAGE_ID, None, "`message_id`: required header is missing"),
             (MESSAGE_ID, Some("not-a-uuid"), "`message_id`: not a UUID"),
-            (MESSAGE_ID, Some("6ba7b810-9dad-41d1-80b4-00c04fd430c8"), "`message_id`: must be a UUIDv7"),
-            (MESSAGE_ID, Some("018F5E2F-9B1C-76AA-8F7A-3B1D8F3EA0C2"), "`message_id`: must be a UUIDv7, lowercase"),
-            (SCHEMA_FQDN, Some("BarBatch"), "`schema_fqdn`: must be a dotted"),
-            (SCHEMA_VERSION, Some("1.0"), "`schema_version`: must be semver"),
-            (SCHEMA_VERSION, Some("01.0.0"), "`schema_version`: must be semver"),
+            (
+                MESSAGE_ID,
+                Some("6ba7b810-9dad-41d1-80b4-00c04fd430c8"),
+                "`message_id`: must be a UUIDv7",
+            ),
+            (
+                MESSAGE_ID,
+                Some("018F5E2F-9B1C-76AA-8F7A-3B1D8F3EA0C2"),
+                "`message_id`: must be a UUIDv7, lowercase",
+            ),
+            (
+                SCHEMA_FQDN,
+                Some("BarBatch"),
+                "`schema_fqdn`: must be a dotted",
+            ),
+            (
+                SCHEMA_VERSION,
+                Some("1.0"),
+                "`schema_version`: must be semver",
+            ),
+            (
+                SCHEMA_VERSION,
+                Some("01.0.0"),
+                "`schema_version`: must be semver",
+            ),
             (CONTENT_TYPE, Some("text/plain"), "`content_type`: must be"),
-            (CONTENT_ENCODING, Some("br"), "`content_encoding`: must be absent or `gzip`"),
-            (PRODUCED_AT, Some("2025-09-05T19:31:01Z"), "`produced_at`: must be RFC3339 UTC"),
-            (PRODUCED_AT, Some("2025-02-30T19:31:01.000000Z"), "`produced_at`: must be RFC3339 UTC"),
+            (
+                CONTENT_ENCODING,
+                Some("br"),
+                "`content_encoding`: must be absent or `gzip`",
+            ),
+            (
+                PRODUCED_AT,
+                Some("2025-09-05T19:31:01Z"),
+                "`produced_at`: must be RFC3339 UTC",
+            ),
+            (
+                PRODUCED_AT,
+                Some("2025-02-30T19:31:01.000000Z"),
+                "`produced_at`: must be RFC3339 UTC",
+            ),
             (PRODUCER, Some(""), "`producer`: must not be empty"),
-            (SOURCE, Some(" x"), "`source`: must not start or end with whitespace"),
-            (RUN_ID, Some("a\tb"), "`run_id`: must not contain control characters"),
-            (TRACEPARENT, Some("00-00000000000000000000000000000000-00f067aa0ba902b7-01"), "`traceparent`: must be W3C"),
+            (
+                SOURCE,
+                Some(" x"),
+                "`source`: must not start or end with whitespace",
+            ),
+            (
+                RUN_ID,
+                Some("a\tb"),
+                "`run_id`: must not contain control characters",
+            ),
+            (
+                TRACEPARENT,
+                Some("00-00000000000000000000000000000000-00f067aa0ba902b7-01"),
+                "`traceparent`: must be W3C",
+            ),
             (TRACEPARENT, None, "`traceparent`: required on publish"),
-            (TRACE_ID, Some("4b5b3f2a0f9d4e3db4c8a1f0e3a7c812"), "`trace_id`: must equal"),
+            (
+                TRACE_ID,
+                Some("4b5b3f2a0f9d4e3db4c8a1f0e3a7c812"),
+                "`trace_id`: must equal",
+            ),
             (PARTITION_KEY, Some("AAPL"), "`partition_key`"),
-            (RETRY_COUNT, Some("-1"), "`retry_count`: must be a non-negative integer"),
-            (DLQ_REASON, Some("oops"), "`dlq_reason`: must be `code: detail`"),
+            (
+                RETRY_COUNT,
+                Some("-1"),
+                "`retry_count`: must be a non-negative integer",
+            ),
+            (
+                DLQ_REASON,
+                Some("oops"),
+                "`dlq_reason`: must be `code: detail`",
+            ),
             (SCHEMA_HASH, Some("md5:abc"), "`schema_hash`: must be"),
-            (BLOB_REF, Some("file:///x"), "`blob_ref`: `blob_ref`, `blob_hash` and `blob_size` go together"),
+            (
+                BLOB_REF,
+                Some("file:///x"),
+                "`blob_ref`: `blob_ref`, `blob_hash` and `blob_size` go together",
+            ),
             (ORIGINAL_TOPIC, Some("ampy.prod.bars"), "`original_topic`"),
             (DLQ_AT, Some("now"), "`dlq_at`: must be RFC3339"),
             (REDRIVE_OF, Some("x"), "`redrive_of`: must be a UUID"),
-            ("bad name", Some("x"), "header names must be printable ASCII"),
+            (
+                "bad name",
+                Some("x"),
+                "header names must be printable ASCII",
+            ),
             (DEDUPE_KEY, Some("a\nb"), "must not contain CR, LF or NUL"),
         ];
         for (name, value, want) in cases {
@@ -639,7 +836,10 @@ mod tests {
             };
             let e = h.validate_for_publish(&topic()).unwrap_err();
             assert_eq!(e.kind(), crate::ErrorKind::Header, "{name}");
-            assert!(e.to_string().contains(want), "{name}={value:?}: {e} does not contain {want:?}");
+            assert!(
+                e.to_string().contains(want),
+                "{name}={value:?}: {e} does not contain {want:?}"
+            );
         }
     }
 
@@ -652,16 +852,34 @@ mod tests {
         h.remove(SPAN_ID);
         h.normalize_for_consume().unwrap();
         assert_eq!(h.produced_at(), Some("2025-09-05T19:31:01.462000Z"));
-        assert_eq!(h.trace_context().unwrap().trace_id, "a0c1b2d3e4f5061728394a5b6c7d8e9f");
+        assert_eq!(
+            h.trace_context().unwrap().trace_id,
+            "a0c1b2d3e4f5061728394a5b6c7d8e9f"
+        );
 
         let mut h = good();
         h.set(PARTITION_KEY, "");
-        assert!(h.normalize_for_consume().unwrap_err().to_string().contains("`partition_key`: must not be empty"));
+        assert!(
+            h.normalize_for_consume()
+                .unwrap_err()
+                .to_string()
+                .contains("`partition_key`: must not be empty")
+        );
         let mut h = good();
         h.remove(SOURCE);
-        assert!(h.normalize_for_consume().unwrap_err().to_string().contains("`source`: required header is missing"));
+        assert!(
+            h.normalize_for_consume()
+                .unwrap_err()
+                .to_string()
+                .contains("`source`: required header is missing")
+        );
         let mut h = good();
         h.set(PRODUCED_AT, "19:31");
-        assert!(h.normalize_for_consume().unwrap_err().to_string().contains("`produced_at`"));
+        assert!(
+            h.normalize_for_consume()
+                .unwrap_err()
+                .to_string()
+                .contains("`produced_at`")
+        );
     }
 }

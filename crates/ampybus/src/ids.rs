@@ -100,7 +100,9 @@ pub fn now_timestamp() -> String {
 /// assert_eq!(ampybus::ids::format_time(t), "2025-09-05T19:31:01.000000Z");
 /// ```
 pub fn parse_time(s: &str) -> Option<DateTime<Utc>> {
-    DateTime::parse_from_rfc3339(s).ok().map(|t| t.with_timezone(&Utc))
+    DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
 }
 
 /// True when `s` is exactly in the emitted form `YYYY-MM-DDTHH:MM:SS.ffffffZ` and a real time.
@@ -143,7 +145,9 @@ pub struct TraceContext {
 }
 
 fn is_hex_of(s: &str, n: usize) -> bool {
-    s.len() == n && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == n
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 fn all_zero(s: &str) -> bool {
@@ -161,7 +165,11 @@ impl TraceContext {
         let mut rng = rand::rng();
         let t: u128 = rng.random_range(1..=u128::MAX);
         let s: u64 = rng.random_range(1..=u64::MAX);
-        TraceContext { trace_id: format!("{t:032x}"), span_id: format!("{s:016x}"), flags: 1 }
+        TraceContext {
+            trace_id: format!("{t:032x}"),
+            span_id: format!("{s:016x}"),
+            flags: 1,
+        }
     }
 
     /// A child context: same trace id, new span id.
@@ -172,7 +180,11 @@ impl TraceContext {
     /// ```
     pub fn child(&self) -> Self {
         let s: u64 = rand::rng().random_range(1..=u64::MAX);
-        TraceContext { trace_id: self.trace_id.clone(), span_id: format!("{s:016x}"), flags: self.flags }
+        TraceContext {
+            trace_id: self.trace_id.clone(),
+            span_id: format!("{s:016x}"),
+            flags: self.flags,
+        }
     }
 
     /// Parses a `traceparent` strictly (version `00`, lowercase hex, non-zero ids).
@@ -183,13 +195,22 @@ impl TraceContext {
     pub fn parse(s: &str) -> Option<Self> {
         let mut it = s.split('-');
         let (v, t, sp, f) = (it.next()?, it.next()?, it.next()?, it.next()?);
-        if it.next().is_some() || v != "00" || !is_hex_of(t, 32) || !is_hex_of(sp, 16) || !is_hex_of(f, 2) {
+        if it.next().is_some()
+            || v != "00"
+            || !is_hex_of(t, 32)
+            || !is_hex_of(sp, 16)
+            || !is_hex_of(f, 2)
+        {
             return None;
         }
         if all_zero(t) || all_zero(sp) {
             return None;
         }
-        Some(TraceContext { trace_id: t.into(), span_id: sp.into(), flags: u8::from_str_radix(f, 16).ok()? })
+        Some(TraceContext {
+            trace_id: t.into(),
+            span_id: sp.into(),
+            flags: u8::from_str_radix(f, 16).ok()?,
+        })
     }
 
     /// Builds a context from the older `trace_id`/`span_id` headers; accepts upper case;
@@ -210,7 +231,11 @@ impl TraceContext {
             .map(str::to_ascii_lowercase)
             .filter(|s| is_hex_of(s, 16) && !all_zero(s))
             .unwrap_or_else(|| format!("{:016x}", rand::rng().random_range(1..=u64::MAX)));
-        Some(TraceContext { trace_id: t, span_id: span, flags: 1 })
+        Some(TraceContext {
+            trace_id: t,
+            span_id: span,
+            flags: 1,
+        })
     }
 
     /// The `traceparent` header value.
@@ -227,7 +252,13 @@ impl TraceContext {
 /// ```
 pub fn process_run_id() -> &'static str {
     static RUN: OnceLock<String> = OnceLock::new();
-    RUN.get_or_init(|| format!("run-{}-{}", Utc::now().format("%Y%m%dT%H%M%S"), std::process::id()))
+    RUN.get_or_init(|| {
+        format!(
+            "run-{}-{}",
+            Utc::now().format("%Y%m%dT%H%M%S"),
+            std::process::id()
+        )
+    })
 }
 
 #[cfg(test)]

@@ -34,7 +34,9 @@ pub const MAX_KEY_LEN: usize = 256;
 /// assert!(!ampybus::partition::is_mic("xnas"));
 /// ```
 pub fn is_mic(s: &str) -> bool {
-    s.len() == 4 && s.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+    s.len() == 4
+        && s.bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
 }
 
 fn is_symbol(s: &str) -> bool {
@@ -141,7 +143,9 @@ pub fn metrics(service: &str, metric_name: &str) -> String {
 }
 
 fn is_currency(s: &str) -> bool {
-    (3..=5).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+    (3..=5).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
 }
 
 fn is_date(s: &str) -> bool {
@@ -151,7 +155,10 @@ fn is_date(s: &str) -> bool {
 fn parts(key: &str, min: usize, max: usize, shape: &str) -> Result<Vec<String>> {
     let p: Vec<String> = key.split('|').map(str::to_owned).collect();
     if p.len() < min || p.len() > max || p.iter().any(String::is_empty) {
-        return Err(Error::header(KEY, format!("must be `{shape}` (got {})", show(key))));
+        return Err(Error::header(
+            KEY,
+            format!("must be `{shape}` (got {})", show(key)),
+        ));
     }
     Ok(p)
 }
@@ -160,7 +167,10 @@ fn security(key: &str, part: &str, shape: &str) -> Result<()> {
     if split_security(part).is_none() {
         return Err(Error::header(
             KEY,
-            format!("must be `{shape}` where the security is SYMBOL.MIC or MIC.SYMBOL with a 4-character MIC (got {})", show(key)),
+            format!(
+                "must be `{shape}` where the security is SYMBOL.MIC or MIC.SYMBOL with a 4-character MIC (got {})",
+                show(key)
+            ),
         ));
     }
     Ok(())
@@ -181,19 +191,36 @@ pub fn check_key(domain: Domain, key: &str) -> Result<()> {
         return Err(Error::header(KEY, "must not be empty"));
     }
     if key.len() > MAX_KEY_LEN {
-        return Err(Error::header(KEY, format!("longer than {MAX_KEY_LEN} bytes ({} bytes)", key.len())));
+        return Err(Error::header(
+            KEY,
+            format!("longer than {MAX_KEY_LEN} bytes ({} bytes)", key.len()),
+        ));
     }
     if key.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(Error::header(KEY, format!("must not contain whitespace or control characters (got {})", show(key))));
+        return Err(Error::header(
+            KEY,
+            format!(
+                "must not contain whitespace or control characters (got {})",
+                show(key)
+            ),
+        ));
     }
     match domain {
         Domain::Bars => security(key, key, "MIC.SYMBOL")?,
         Domain::Ticks => security(key, key, "SYMBOL.MIC")?,
         Domain::CorporateActions => security(key, key, "SYMBOL.MIC")?,
         Domain::Fx => {
-            let ok = key.split_once('.').is_some_and(|(b, q)| is_currency(b) && is_currency(q));
+            let ok = key
+                .split_once('.')
+                .is_some_and(|(b, q)| is_currency(b) && is_currency(q));
             if !ok {
-                return Err(Error::header(KEY, format!("must be `BASE.QUOTE` with 3–5 upper-case letters each, e.g. `USD.JPY` (got {})", show(key))));
+                return Err(Error::header(
+                    KEY,
+                    format!(
+                        "must be `BASE.QUOTE` with 3–5 upper-case letters each, e.g. `USD.JPY` (got {})",
+                        show(key)
+                    ),
+                ));
             }
         }
         Domain::Fundamentals => {
@@ -201,7 +228,13 @@ pub fn check_key(domain: Domain, key: &str) -> Result<()> {
             let p = parts(key, 3, 3, shape)?;
             security(key, &p[0], shape)?;
             if !is_date(&p[1]) {
-                return Err(Error::header(KEY, format!("must be `{shape}` with period_end as YYYY-MM-DD (got {})", show(key))));
+                return Err(Error::header(
+                    KEY,
+                    format!(
+                        "must be `{shape}` with period_end as YYYY-MM-DD (got {})",
+                        show(key)
+                    ),
+                ));
             }
         }
         Domain::Signals => {
@@ -255,8 +288,16 @@ mod tests {
             (Domain::Bars, "XNAS.", "MIC.SYMBOL"),
             (Domain::Fx, "usd.jpy", "BASE.QUOTE"),
             (Domain::Fx, "USDJPY", "BASE.QUOTE"),
-            (Domain::Fundamentals, "AAPL.XNAS|2025-13-01|tiingo", "YYYY-MM-DD"),
-            (Domain::Fundamentals, "AAPL.XNAS|2025-06-30", "SYMBOL.MIC|period_end|source"),
+            (
+                Domain::Fundamentals,
+                "AAPL.XNAS|2025-13-01|tiingo",
+                "YYYY-MM-DD",
+            ),
+            (
+                Domain::Fundamentals,
+                "AAPL.XNAS|2025-06-30",
+                "SYMBOL.MIC|period_end|source",
+            ),
             (Domain::Signals, "NVDA.XNAS", "model_id|SYMBOL.MIC"),
             (Domain::Orders, "a|b", "client_order_id"),
             (Domain::Positions, "ACC|AAPL", "account_id|SYMBOL.MIC"),

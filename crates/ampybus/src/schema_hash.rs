@@ -68,5 +68,9 @@ pub fn check(received: &str, fqdn: &str, file_descriptor_proto: Option<&[u8]>) -
     } else {
         return HashCheck::Unverifiable;
     };
-    if expected == received { HashCheck::Match } else { HashCheck::Mismatch { expected } }
+    if expected == received {
+        HashCheck::Match
+    } else {
+        HashCheck::Mismatch { expected }
+    }
 }

@@ -108,13 +108,21 @@ domains! {
 impl FromStr for Domain {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        Domain::ALL.iter().copied().find(|d| d.as_str() == s).ok_or_else(|| {
-            Error::topic(format!(
-                "domain {}: must be one of {}",
-                show(s),
-                Domain::ALL.iter().map(|d| d.as_str()).collect::<Vec<_>>().join("|")
-            ))
-        })
+        Domain::ALL
+            .iter()
+            .copied()
+            .find(|d| d.as_str() == s)
+            .ok_or_else(|| {
+                Error::topic(format!(
+                    "domain {}: must be one of {}",
+                    show(s),
+                    Domain::ALL
+                        .iter()
+                        .map(|d| d.as_str())
+                        .collect::<Vec<_>>()
+                        .join("|")
+                ))
+            })
     }
 }
 
@@ -177,7 +185,13 @@ impl Topic {
     /// ```
     pub fn parse(s: &str) -> Result<Topic> {
         let bad = |i: usize, tok: &str, why: &str| {
-            Error::topic(format!("{}: token {} {}: {}", show(s), i + 1, show(tok), why))
+            Error::topic(format!(
+                "{}: token {} {}: {}",
+                show(s),
+                i + 1,
+                show(tok),
+                why
+            ))
         };
         if s.is_empty() {
             return Err(Error::topic("empty topic"));
@@ -195,21 +209,38 @@ impl Topic {
                 return Err(bad(i, tok, why));
             }
             if tok.contains('*') || tok.contains('>') {
-                return Err(bad(i, tok, "wildcards `*` and `>` are only allowed in patterns"));
+                return Err(bad(
+                    i,
+                    tok,
+                    "wildcards `*` and `>` are only allowed in patterns",
+                ));
             }
         }
         if toks[0] != "ampy" {
             return Err(bad(0, toks[0], "must be `ampy`"));
         }
-        let env_tok = toks.get(1).ok_or_else(|| Error::topic(format!("{}: missing env token (token 2)", show(s))))?;
+        let env_tok = toks
+            .get(1)
+            .ok_or_else(|| Error::topic(format!("{}: missing env token (token 2)", show(s))))?;
         let env: Env = env_tok
             .parse()
             .map_err(|_| bad(1, env_tok, "env must be one of dev|paper|prod"))?;
-        let dom_tok = toks.get(2).ok_or_else(|| Error::topic(format!("{}: missing domain token (token 3)", show(s))))?;
-        let domain: Domain = dom_tok.parse().map_err(|e: Error| bad(2, dom_tok, e.message()))?;
-        let ver_tok = toks.get(3).ok_or_else(|| Error::topic(format!("{}: missing version token (token 4)", show(s))))?;
-        let version =
-            parse_version(ver_tok).ok_or_else(|| bad(3, ver_tok, "version must be `v` followed by an integer ≥ 1, e.g. `v1`"))?;
+        let dom_tok = toks
+            .get(2)
+            .ok_or_else(|| Error::topic(format!("{}: missing domain token (token 3)", show(s))))?;
+        let domain: Domain = dom_tok
+            .parse()
+            .map_err(|e: Error| bad(2, dom_tok, e.message()))?;
+        let ver_tok = toks
+            .get(3)
+            .ok_or_else(|| Error::topic(format!("{}: missing version token (token 4)", show(s))))?;
+        let version = parse_version(ver_tok).ok_or_else(|| {
+            bad(
+                3,
+                ver_tok,
+                "version must be `v` followed by an integer ≥ 1, e.g. `v1`",
+            )
+        })?;
         if toks.len() < 5 {
             return Err(Error::topic(format!(
                 "{}: missing subtopic (token 5 onwards), e.g. `{}.XNAS.AAPL`",
@@ -218,7 +249,13 @@ impl Topic {
             )));
         }
         let sub_at = toks[..4].iter().map(|t| t.len() + 1).sum();
-        Ok(Topic { raw: s.to_owned(), env, domain, version, sub_at })
+        Ok(Topic {
+            raw: s.to_owned(),
+            env,
+            domain,
+            version,
+            sub_at,
+        })
     }
 
     /// Builds a topic from its parts; `subtopic` may hold several `.`-separated tokens.
@@ -270,7 +307,13 @@ impl Topic {
     pub fn dlq_topic(&self) -> Topic {
         let raw = format!("ampy.{}.dlq.v1.{}", self.env, self.domain);
         let sub_at = format!("ampy.{}.dlq.v1.", self.env).len();
-        Topic { raw, env: self.env, domain: Domain::Dlq, version: 1, sub_at }
+        Topic {
+            raw,
+            env: self.env,
+            domain: Domain::Dlq,
+            version: 1,
+            sub_at,
+        }
     }
 }
 
@@ -327,13 +370,22 @@ impl TopicPattern {
     /// ```
     pub fn parse(s: &str) -> Result<TopicPattern> {
         let bad = |i: usize, tok: &str, why: &str| {
-            Error::topic(format!("pattern {}: token {} {}: {}", show(s), i + 1, show(tok), why))
+            Error::topic(format!(
+                "pattern {}: token {} {}: {}",
+                show(s),
+                i + 1,
+                show(tok),
+                why
+            ))
         };
         if s.is_empty() {
             return Err(Error::topic("empty pattern"));
         }
         if s.len() > MAX_TOPIC_LEN {
-            return Err(Error::topic(format!("pattern {}: longer than {MAX_TOPIC_LEN} bytes", show(s))));
+            return Err(Error::topic(format!(
+                "pattern {}: longer than {MAX_TOPIC_LEN} bytes",
+                show(s)
+            )));
         }
         let parts: Vec<&str> = s.split('.').collect();
         let mut toks = Vec::with_capacity(parts.len());
@@ -355,7 +407,10 @@ impl TopicPattern {
                 lit => {
                     let problem = match i {
                         0 if lit != "ampy" => Some("must be `ampy`".to_string()),
-                        1 => lit.parse::<Env>().err().map(|_| "env must be one of dev|paper|prod".into()),
+                        1 => lit
+                            .parse::<Env>()
+                            .err()
+                            .map(|_| "env must be one of dev|paper|prod".into()),
                         2 => lit.parse::<Domain>().err().map(|e| e.message().to_string()),
                         3 if parse_version(lit).is_none() => {
                             Some("version must be `v` followed by an integer ≥ 1".into())
@@ -370,7 +425,10 @@ impl TopicPattern {
             };
             toks.push(t);
         }
-        Ok(TopicPattern { raw: s.to_owned(), toks })
+        Ok(TopicPattern {
+            raw: s.to_owned(),
+            toks,
+        })
     }
 
     /// The pattern as written.
@@ -476,7 +534,10 @@ mod tests {
         for (t, want) in cases {
             let e = Topic::parse(t).unwrap_err();
             assert_eq!(e.kind(), crate::ErrorKind::Topic);
-            assert!(e.to_string().contains(want), "{t:?}: {e} does not contain {want:?}");
+            assert!(
+                e.to_string().contains(want),
+                "{t:?}: {e} does not contain {want:?}"
+            );
         }
     }
 
