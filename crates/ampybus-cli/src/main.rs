@@ -1,1 +1,74 @@
-fn main() {}
+//! `ampybus`: the command-line tool of the ampybus messaging layer.
+//!
+//! stdout carries only data (messages, ids, validation lines, results); logs, progress and
+//! summaries go to stderr. See `ampybus --help` for the commands and the exit codes.
+
+mod bench;
+mod cli;
+mod decoder;
+mod error;
+mod publish;
+mod subscribe;
+mod util;
+mod validate;
+
+use clap::{CommandFactory, Parser};
+use cli::{Cli, Command};
+use error::{CliError, CliResult};
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = init_logging(cli.log_level.as_deref()) {
+        eprintln!("error: {e}");
+        return ExitCode::from(e.code);
+    }
+    let code = match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            e.code
+        }
+    };
+    ExitCode::from(code)
+}
+
+fn init_logging(level: Option<&str>) -> CliResult<()> {
+    use tracing_subscriber::EnvFilter;
+    let filter = match level {
+        Some(l) => {
+            EnvFilter::try_new(l).map_err(|e| CliError::usage(format!("--log-level {l:?}: {e}")))?
+        }
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init()
+        .map_err(|e| CliError::usage(format!("cannot start logging: {e}")))
+}
+
+fn run(cli: Cli) -> CliResult<u8> {
+    let url = cli.url.clone().unwrap_or_else(ampybus::bus::default_url);
+    match cli.command {
+        Command::Completions { shell } => {
+            let mut cmd = Cli::command();
+            clap_complete::generate(shell, &mut cmd, "ampybus", &mut std::io::stdout());
+            Ok(error::EXIT_OK)
+        }
+        Command::Validate(args) => validate::run(&args),
+        Command::Pub(args) => runtime()?.block_on(publish::run(&url, *args)),
+        Command::Sub(args) => runtime()?.block_on(subscribe::run(&url, args)),
+        Command::Bench(args) => runtime()?.block_on(bench::run(args, cli.log_level.as_deref())),
+        Command::BenchConsumer(args) => runtime()?.block_on(bench::consumer(&url, args)),
+    }
+}
+
+fn runtime() -> CliResult<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::transport(format!("cannot start the async runtime: {e}")))
+}

@@ -1,0 +1,835 @@
+//! `ampybus bench` and its hidden consumer process.
+//!
+//! Every measurement uses a fresh temporary data directory. Envelopes for the throughput runs
+//! are built before the clock starts, so the runs time the bus (validation, codec, group
+//! commit, SQLite) and the raw loop times SQLite alone on the same rows.
+
+use crate::cli::{BenchArgs, BenchConsumerArgs, BenchMode, SyncArg};
+use crate::error::{CliError, CliResult, EXIT_OK, EXIT_TIMEOUT};
+use crate::util;
+use ampybus::headers::{RAW_BYTES_SCHEMA, names};
+use ampybus::transport::{Delivery, PublishReceipt, SubscribeSpec};
+use ampybus::{Envelope, Headers, Topic, TopicPattern};
+use bytes::Bytes;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::{Value, json};
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tokio::io::AsyncBufReadExt;
+
+const TOPIC: &str = "ampy.dev.bars.v1.XNAS.BENCH";
+
+/// The tables of the embedded log, copied from `ampybus::transport::embedded` so the raw loop
+/// writes into the same shape (same indexes) as the log does.
+const RAW_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS messages(
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    topic TEXT NOT NULL,
+    domain TEXT NOT NULL,
+    pkey TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    log_us INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    headers BLOB NOT NULL,
+    payload BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_by_time ON messages(log_us);
+CREATE INDEX IF NOT EXISTS messages_by_key ON messages(pkey, seq);
+CREATE TABLE IF NOT EXISTS consumers(
+    name TEXT PRIMARY KEY,
+    pattern TEXT NOT NULL,
+    cursor INTEGER NOT NULL,
+    created_us INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pending(
+    consumer TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    pkey TEXT NOT NULL,
+    owner TEXT,
+    not_before_us INTEGER NOT NULL,
+    deliveries INTEGER NOT NULL,
+    acked INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY(consumer, seq)
+) WITHOUT ROWID;
+";
+
+const RAW_INSERT: &str = "INSERT INTO messages(topic, domain, pkey, message_id, log_us, size, headers, payload) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
+
+/// One timed run of N messages.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    messages: u64,
+    payload_bytes: u64,
+    secs: f64,
+}
+
+impl Run {
+    fn msg_per_sec(&self) -> f64 {
+        self.messages as f64 / self.secs.max(1e-9)
+    }
+    fn mb_per_sec(&self) -> f64 {
+        (self.messages * self.payload_bytes) as f64 / 1e6 / self.secs.max(1e-9)
+    }
+    fn json(&self) -> Value {
+        json!({
+            "messages": self.messages,
+            "secs": round(self.secs, 6),
+            "msg_per_sec": round(self.msg_per_sec(), 1),
+            "mb_per_sec": round(self.mb_per_sec(), 3),
+        })
+    }
+}
+
+/// One end-to-end round.
+#[derive(Debug, Clone)]
+struct E2e {
+    sent: u64,
+    publish_secs: f64,
+    report: Value,
+}
+
+impl E2e {
+    fn us(&self, key: &str) -> f64 {
+        self.report
+            .get(key)
+            .and_then(Value::as_f64)
+            .unwrap_or(f64::NAN)
+    }
+}
+
+struct Setup {
+    args: BenchArgs,
+    parent: PathBuf,
+    topic: Topic,
+    keys: Vec<String>,
+    payload: Bytes,
+    run_id: String,
+    single_messages: u64,
+    log_level: Option<String>,
+}
+
+impl Setup {
+    fn envelopes(&self, n: u64) -> Vec<Envelope> {
+        (0..n)
+            .map(|i| self.envelope(&self.keys[(i % self.keys.len() as u64) as usize]))
+            .collect()
+    }
+
+    fn envelope(&self, key: &str) -> Envelope {
+        let mut h = Headers::for_publish(RAW_BYTES_SCHEMA, "bench@ampybus", "ampybus-bench", key);
+        h.set(names::RUN_ID, self.run_id.clone());
+        Envelope::new(&self.topic, h, self.payload.clone())
+    }
+
+    fn tempdir(&self, what: &str) -> CliResult<tempfile::TempDir> {
+        tempfile::Builder::new()
+            .prefix(&format!("ampybus-bench-{what}-"))
+            .tempdir_in(&self.parent)
+            .map_err(|e| {
+                CliError::usage(format!(
+                    "--dir {:?}: cannot create a temporary directory: {e}",
+                    self.parent.display()
+                ))
+            })
+    }
+
+    fn url(&self, dir: &Path) -> String {
+        format!("file://{}?sync={}", dir.display(), self.args.sync.as_str())
+    }
+
+    fn bar(&self, label: &str, len: u64) -> ProgressBar {
+        let pb = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
+        let style =
+            ProgressStyle::with_template("{prefix:>28} [{bar:30}] {pos}/{len} {per_sec} {elapsed}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> ");
+        pb.set_style(style);
+        pb.set_prefix(label.to_owned());
+        pb
+    }
+}
+
+/// Runs `bench`.
+pub async fn run(args: BenchArgs, log_level: Option<&str>) -> CliResult<u8> {
+    let parent = match &args.dir {
+        Some(d) => std::fs::canonicalize(d)
+            .map_err(|e| CliError::usage(format!("--dir {:?}: {e}", d.display())))?,
+        None => std::env::temp_dir(),
+    };
+    let topic = Topic::parse(TOPIC).map_err(|e| CliError::bus("bench topic", &e))?;
+    let keys: Vec<String> = (0..args.keys)
+        .map(|i| ampybus::partition::bars(&format!("S{i}"), "XNAS"))
+        .collect();
+    let payload: Bytes = (0..args.payload_bytes)
+        .map(|i| (i % 251) as u8)
+        .collect::<Vec<u8>>()
+        .into();
+    let single_messages = args.single_messages.unwrap_or(args.messages.min(5000));
+    let setup = Setup {
+        parent,
+        topic,
+        keys,
+        payload,
+        run_id: util::new_run_id(),
+        single_messages,
+        log_level: log_level.map(str::to_owned),
+        args,
+    };
+    let a = &setup.args;
+    let publish = matches!(a.mode, BenchMode::Publish | BenchMode::Both);
+    let e2e = matches!(a.mode, BenchMode::E2e | BenchMode::Both);
+
+    let mut raw_runs = Vec::new();
+    let mut batched_runs = Vec::new();
+    let mut single_runs = Vec::new();
+    let mut e2e_runs = Vec::new();
+    for round in 1..=a.rounds {
+        if publish {
+            if a.raw_sqlite {
+                raw_runs.push(raw_round(&setup, round).await?);
+            }
+            batched_runs.push(batched_round(&setup, round).await?);
+            single_runs.push(single_round(&setup, round).await?);
+        }
+        if e2e {
+            e2e_runs.push(e2e_round(&setup, round).await?);
+        }
+    }
+
+    let report = report_json(&setup, &raw_runs, &batched_runs, &single_runs, &e2e_runs);
+    let mut out = util::Out::new();
+    if a.json {
+        out.line(&report.to_string())?;
+    } else {
+        out.line(&report_text(&setup, &report))?;
+    }
+    out.flush()?;
+    Ok(EXIT_OK)
+}
+
+async fn raw_round(s: &Setup, round: u64) -> CliResult<Run> {
+    let dir = s.tempdir("raw")?;
+    let envs = s.envelopes(s.args.messages);
+    let pb = s.bar(&format!("round {round}: raw rusqlite"), s.args.messages);
+    let (path, batch, sync, pb2) = (
+        dir.path().join("raw.sqlite3"),
+        s.args.batch as usize,
+        s.args.sync,
+        pb.clone(),
+    );
+    let secs =
+        tokio::task::spawn_blocking(move || raw_insert_loop(&path, &envs, batch, sync, &pb2))
+            .await
+            .map_err(|e| CliError::transport(format!("raw sqlite task failed: {e}")))??;
+    pb.finish_and_clear();
+    Ok(Run {
+        messages: s.args.messages,
+        payload_bytes: s.args.payload_bytes,
+        secs,
+    })
+}
+
+/// The plain rusqlite loop: same DDL and pragmas as the embedded log, `batch` rows per
+/// transaction. Returns the seconds spent inserting and committing.
+fn raw_insert_loop(
+    path: &Path,
+    envs: &[Envelope],
+    batch: usize,
+    sync: SyncArg,
+    pb: &ProgressBar,
+) -> CliResult<f64> {
+    use rusqlite::{Connection, TransactionBehavior, params};
+    let err =
+        |what: &str, e: rusqlite::Error| CliError::transport(format!("raw sqlite: {what}: {e}"));
+    let mut conn = Connection::open(path).map_err(|e| err("open", e))?;
+    conn.busy_timeout(Duration::from_secs(30))
+        .map_err(|e| err("busy_timeout", e))?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(|e| err("journal_mode", e))?;
+    conn.pragma_update(None, "foreign_keys", "OFF")
+        .map_err(|e| err("foreign_keys", e))?;
+    conn.execute_batch(RAW_SCHEMA)
+        .map_err(|e| err("schema", e))?;
+    let level = match sync {
+        SyncArg::Full => "FULL",
+        SyncArg::Normal => "NORMAL",
+    };
+    conn.pragma_update(None, "synchronous", level)
+        .map_err(|e| err("synchronous", e))?;
+    let started = Instant::now();
+    for chunk in envs.chunks(batch) {
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| err("begin", e))?;
+        {
+            let mut ins = tx
+                .prepare_cached(RAW_INSERT)
+                .map_err(|e| err("prepare", e))?;
+            let log_us = chrono::Utc::now().timestamp_micros();
+            for env in chunk {
+                let domain = env.topic.split('.').nth(2).unwrap_or("");
+                let pkey = env.headers.partition_key().unwrap_or("");
+                let id = env.headers.message_id().unwrap_or("");
+                let headers = ampybus::transport::encode_headers(&env.headers);
+                let size = (headers.len() + env.payload.len() + env.topic.len()) as i64;
+                ins.execute(params![
+                    env.topic,
+                    domain,
+                    pkey,
+                    id,
+                    log_us,
+                    size,
+                    headers,
+                    &env.payload[..]
+                ])
+                .map_err(|e| err("insert", e))?;
+            }
+        }
+        tx.commit().map_err(|e| err("commit", e))?;
+        pb.inc(chunk.len() as u64);
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
+async fn batched_round(s: &Setup, round: u64) -> CliResult<Run> {
+    let dir = s.tempdir("batched")?;
+    let bus = util::connect(&s.url(dir.path())).await?;
+    let mut envs = s.envelopes(s.args.messages);
+    let pb = s.bar(&format!("round {round}: ampybus batched"), s.args.messages);
+    let inflight = s.args.inflight as usize;
+    let started = Instant::now();
+    let mut stored = 0u64;
+    type Pending = tokio::task::JoinHandle<(u64, ampybus::Result<Vec<PublishReceipt>>)>;
+    let mut pending: std::collections::VecDeque<Pending> =
+        std::collections::VecDeque::with_capacity(inflight);
+    loop {
+        if pending.len() == inflight || (envs.is_empty() && !pending.is_empty()) {
+            let Some(task) = pending.pop_front() else {
+                break;
+            };
+            let (n, r) = task
+                .await
+                .map_err(|e| CliError::transport(format!("bench publisher task failed: {e}")))?;
+            stored += r
+                .map_err(|e| CliError::bus("bench publish_batch", &e))?
+                .len() as u64;
+            pb.inc(n);
+            continue;
+        }
+        if envs.is_empty() {
+            break;
+        }
+        let rest = envs.split_off(envs.len().min(s.args.batch as usize));
+        let chunk = std::mem::replace(&mut envs, rest);
+        let bus = bus.clone();
+        pending.push_back(tokio::spawn(async move {
+            let n = chunk.len() as u64;
+            (n, bus.publish_batch(chunk).await)
+        }));
+    }
+    let secs = started.elapsed().as_secs_f64();
+    pb.finish_and_clear();
+    util::close(&bus).await?;
+    check_count("batched publish", stored, s.args.messages)?;
+    Ok(Run {
+        messages: stored,
+        payload_bytes: s.args.payload_bytes,
+        secs,
+    })
+}
+
+async fn single_round(s: &Setup, round: u64) -> CliResult<Run> {
+    let dir = s.tempdir("single")?;
+    let bus = util::connect(&s.url(dir.path())).await?;
+    let c = s.args.concurrency as usize;
+    let mut parts: Vec<Vec<Envelope>> = vec![Vec::new(); c];
+    for (i, e) in s.envelopes(s.single_messages).into_iter().enumerate() {
+        parts[i % c].push(e);
+    }
+    let pb = s.bar(
+        &format!("round {round}: ampybus 1-by-1 c={c}"),
+        s.single_messages,
+    );
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(c);
+    for part in parts {
+        let (bus, pb) = (bus.clone(), pb.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            for env in part {
+                bus.publish_envelope(env).await?;
+                n += 1;
+                pb.inc(1);
+            }
+            Ok::<u64, ampybus::Error>(n)
+        }));
+    }
+    let mut stored = 0u64;
+    for t in tasks {
+        stored += t
+            .await
+            .map_err(|e| CliError::transport(format!("bench publisher task failed: {e}")))?
+            .map_err(|e| CliError::bus("bench publish", &e))?;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    pb.finish_and_clear();
+    util::close(&bus).await?;
+    check_count("one-by-one publish", stored, s.single_messages)?;
+    Ok(Run {
+        messages: stored,
+        payload_bytes: s.args.payload_bytes,
+        secs,
+    })
+}
+
+fn check_count(what: &str, got: u64, want: u64) -> CliResult<()> {
+    if got == want {
+        Ok(())
+    } else {
+        Err(CliError::transport(format!(
+            "bench {what}: {got} receipts for {want} messages"
+        )))
+    }
+}
+
+async fn e2e_round(s: &Setup, round: u64) -> CliResult<E2e> {
+    let n = s.args.messages;
+    let rate = s.args.rate as f64;
+    let dir = s.tempdir("e2e")?;
+    let url = s.url(dir.path());
+    // Create the log before the consumer opens it.
+    let bus = util::connect(&url).await?;
+    let name = format!("bench-{}", ampybus::ids::new_message_id());
+    let exe = std::env::current_exe()
+        .map_err(|e| CliError::transport(format!("bench: cannot find own executable: {e}")))?;
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.arg("--url").arg(&url);
+    if let Some(l) = &s.log_level {
+        cmd.arg("--log-level").arg(l);
+    }
+    cmd.args(["bench-consumer", "--pattern", TOPIC, "--durable", &name])
+        .arg("--expect")
+        .arg(n.to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().map_err(|e| {
+        CliError::transport(format!("bench: cannot start the consumer process: {e}"))
+    })?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| CliError::transport("bench: consumer stdout missing"))?;
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let timeout_err = |what: &str| CliError {
+        code: EXIT_TIMEOUT,
+        message: format!("bench: the consumer process {what}"),
+    };
+    match tokio::time::timeout(Duration::from_secs(60), lines.next_line()).await {
+        Ok(Ok(Some(l))) if l.trim() == "READY" => {}
+        Ok(Ok(other)) => {
+            return Err(CliError::transport(format!(
+                "bench: the consumer process failed to start (said {other:?}); see its error above"
+            )));
+        }
+        Ok(Err(e)) => {
+            return Err(CliError::transport(format!(
+                "bench: reading the consumer: {e}"
+            )));
+        }
+        Err(_) => return Err(timeout_err("did not get ready within 60 s")),
+    }
+
+    let pb = s.bar(&format!("round {round}: e2e @{} msg/s", s.args.rate), n);
+    let batch = s.args.batch;
+    let started = Instant::now();
+    let mut sent = 0u64;
+    let mut key = 0usize;
+    while sent < n {
+        let due = ((started.elapsed().as_secs_f64() * rate) as u64).min(n);
+        if due <= sent {
+            let at = started + Duration::from_secs_f64((sent + 1) as f64 / rate);
+            tokio::time::sleep_until(at.into()).await;
+            continue;
+        }
+        let k = (due - sent).min(batch);
+        let envs: Vec<Envelope> = (0..k)
+            .map(|_| {
+                key = (key + 1) % s.keys.len();
+                s.envelope(&s.keys[key])
+            })
+            .collect();
+        bus.publish_batch(envs)
+            .await
+            .map_err(|e| CliError::bus("bench e2e publish", &e))?;
+        sent += k;
+        pb.set_position(sent);
+    }
+    let publish_secs = started.elapsed().as_secs_f64();
+    pb.finish_and_clear();
+
+    let wait = Duration::from_secs(60);
+    let report = match tokio::time::timeout(wait, lines.next_line()).await {
+        Ok(Ok(Some(l))) => serde_json::from_str::<Value>(&l).map_err(|e| {
+            CliError::transport(format!(
+                "bench: the consumer's report is not JSON ({e}): {l}"
+            ))
+        })?,
+        Ok(Ok(None)) => {
+            return Err(CliError::transport(
+                "bench: the consumer process exited without a report; see its error above",
+            ));
+        }
+        Ok(Err(e)) => {
+            return Err(CliError::transport(format!(
+                "bench: reading the consumer: {e}"
+            )));
+        }
+        Err(_) => {
+            return Err(timeout_err(
+                "did not report within 60 s after the last publish",
+            ));
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+    util::close(&bus).await?;
+    Ok(E2e {
+        sent,
+        publish_secs,
+        report,
+    })
+}
+
+/// The consumer process of the e2e run: prints `READY` once subscribed, then one JSON line
+/// with the latency percentiles (receive time − `produced_at`, µs).
+pub async fn consumer(url: &str, args: BenchConsumerArgs) -> CliResult<u8> {
+    let pattern = TopicPattern::parse(&args.pattern)
+        .map_err(|e| CliError::bus(format!("--pattern {:?}", args.pattern), &e))?;
+    let bus = util::connect(url).await?;
+    let mut sub = bus
+        .subscribe(SubscribeSpec::durable(pattern, args.durable.clone()))
+        .await
+        .map_err(|e| CliError::bus(format!("--durable {:?}", args.durable), &e))?;
+    let mut out = util::Out::new();
+    out.line("READY")?;
+    out.flush()?;
+    let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)
+        .map_err(|e| CliError::usage(format!("histogram: {e}")))?;
+    let mut seen: HashSet<String> = HashSet::with_capacity(args.expect as usize);
+    let (mut received, mut no_time) = (0u64, 0u64);
+    let idle = Duration::from_secs_f64(args.idle_timeout);
+    let started = Instant::now();
+    let mut first_at: Option<Instant> = None;
+    while (seen.len() as u64) < args.expect {
+        let got = sub
+            .fetch(1000, idle)
+            .await
+            .map_err(|e| CliError::bus("fetch", &e))?;
+        let now_us = chrono::Utc::now().timestamp_micros();
+        if got.is_empty() {
+            break;
+        }
+        first_at.get_or_insert_with(Instant::now);
+        for d in &got {
+            received += 1;
+            let id = d.envelope.headers.message_id().unwrap_or_default();
+            if !seen.insert(id.to_owned()) {
+                continue;
+            }
+            match d.envelope.headers.produced_at_time() {
+                Some(t) => hist.saturating_record((now_us - t.timestamp_micros()).max(1) as u64),
+                None => no_time += 1,
+            }
+        }
+        Delivery::ack_all(got)
+            .await
+            .map_err(|(e, _)| CliError::bus("ack", &e))?;
+    }
+    let secs = first_at.map_or(0.0, |f| f.elapsed().as_secs_f64());
+    let report = json!({
+        "received": received,
+        "unique": seen.len(),
+        "without_produced_at": no_time,
+        "consume_secs": round(secs, 6),
+        "wall_secs": round(started.elapsed().as_secs_f64(), 6),
+        "min_us": hist.min(),
+        "mean_us": round(hist.mean(), 1),
+        "p50_us": hist.value_at_quantile(0.50),
+        "p90_us": hist.value_at_quantile(0.90),
+        "p99_us": hist.value_at_quantile(0.99),
+        "p999_us": hist.value_at_quantile(0.999),
+        "max_us": hist.max(),
+    });
+    out.line(&report.to_string())?;
+    out.flush()?;
+    util::close(&bus).await?;
+    Ok(EXIT_OK)
+}
+
+fn round(v: f64, digits: i32) -> f64 {
+    let m = 10f64.powi(digits);
+    (v * m).round() / m
+}
+
+/// (best, median, worst) of per-round values.
+fn spread(values: &[f64], higher_is_better: bool) -> (f64, f64, f64) {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| !x.is_nan()).collect();
+    if v.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let median = if v.len() % 2 == 1 {
+        v[v.len() / 2]
+    } else {
+        (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
+    };
+    let (lo, hi) = (v[0], v[v.len() - 1]);
+    if higher_is_better {
+        (hi, median, lo)
+    } else {
+        (lo, median, hi)
+    }
+}
+
+fn spread_json(values: &[f64], higher_is_better: bool, digits: i32) -> Value {
+    let (b, m, w) = spread(values, higher_is_better);
+    json!({"best": round(b, digits), "median": round(m, digits), "worst": round(w, digits)})
+}
+
+fn runs_json(runs: &[Run], extra: Value) -> Value {
+    let rates: Vec<f64> = runs.iter().map(Run::msg_per_sec).collect();
+    let mbs: Vec<f64> = runs.iter().map(Run::mb_per_sec).collect();
+    let mut v = json!({
+        "messages": runs.first().map_or(0, |r| r.messages),
+        "rounds": runs.iter().map(Run::json).collect::<Vec<_>>(),
+        "msg_per_sec": spread_json(&rates, true, 1),
+        "mb_per_sec": spread_json(&mbs, true, 3),
+    });
+    if let (Value::Object(m), Value::Object(e)) = (&mut v, extra) {
+        m.extend(e);
+    }
+    v
+}
+
+fn report_json(s: &Setup, raw: &[Run], batched: &[Run], single: &[Run], e2e: &[E2e]) -> Value {
+    let a = &s.args;
+    let mut r = json!({
+        "config": {
+            "messages": a.messages,
+            "single_messages": s.single_messages,
+            "payload_bytes": a.payload_bytes,
+            "batch": a.batch,
+            "keys": a.keys,
+            "mode": a.mode.as_str(),
+            "rate": a.rate,
+            "concurrency": a.concurrency,
+            "inflight": a.inflight,
+            "rounds": a.rounds,
+            "raw_sqlite": a.raw_sqlite,
+            "sync": a.sync.as_str(),
+        },
+        "machine": {
+            "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+            "os": std::env::consts::OS,
+            "arch": std::env::consts::ARCH,
+        },
+    });
+    let m = r.as_object_mut().expect("object");
+    if !batched.is_empty() {
+        m.insert(
+            "publish_batched".into(),
+            runs_json(batched, json!({"batch": a.batch, "inflight": a.inflight})),
+        );
+        m.insert(
+            "publish_single".into(),
+            runs_json(single, json!({"concurrency": a.concurrency})),
+        );
+    }
+    if !raw.is_empty() {
+        m.insert(
+            "raw_sqlite".into(),
+            runs_json(raw, json!({"batch": a.batch})),
+        );
+        let ratios: Vec<f64> = batched
+            .iter()
+            .zip(raw)
+            .map(|(b, r)| b.msg_per_sec() / r.msg_per_sec())
+            .collect();
+        let mut ratio = spread_json(&ratios, true, 3);
+        ratio["rounds"] = json!(ratios.iter().map(|x| round(*x, 3)).collect::<Vec<_>>());
+        m.insert("ratio_batched_vs_raw".into(), ratio);
+    }
+    if !e2e.is_empty() {
+        let pick = |k: &str| -> Vec<f64> { e2e.iter().map(|x| x.us(k)).collect() };
+        let rounds: Vec<Value> = e2e
+            .iter()
+            .map(|x| {
+                let mut v = x.report.clone();
+                v["sent"] = json!(x.sent);
+                v["publish_secs"] = json!(round(x.publish_secs, 6));
+                v["achieved_rate"] = json!(round(x.sent as f64 / x.publish_secs.max(1e-9), 1));
+                v
+            })
+            .collect();
+        m.insert(
+            "e2e".into(),
+            json!({
+                "messages": a.messages,
+                "rate": a.rate,
+                "rounds": rounds,
+                "p50_us": spread_json(&pick("p50_us"), false, 0),
+                "p90_us": spread_json(&pick("p90_us"), false, 0),
+                "p99_us": spread_json(&pick("p99_us"), false, 0),
+                "max_us": spread_json(&pick("max_us"), false, 0),
+            }),
+        );
+    }
+    r
+}
+
+fn report_text(s: &Setup, r: &Value) -> String {
+    use std::fmt::Write;
+    let a = &s.args;
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "ampybus bench: {} msgs x {} B payload, batch {}, {} keys, sync={}, {} round(s), {} CPU(s)",
+        a.messages,
+        a.payload_bytes,
+        a.batch,
+        a.keys,
+        a.sync.as_str(),
+        a.rounds,
+        r["machine"]["cpus"]
+    );
+    let _ = writeln!(
+        t,
+        "{:<44} {:>14} {:>14} {:>14}",
+        "", "best", "median", "worst"
+    );
+    let num = |v: &Value| v.as_f64().map_or("-".into(), group_thousands);
+    let row = |t: &mut String, label: &str, sec: &Value| {
+        let _ = writeln!(
+            t,
+            "{label:<44} {:>14} {:>14} {:>14}   msg/s",
+            num(&sec["msg_per_sec"]["best"]),
+            num(&sec["msg_per_sec"]["median"]),
+            num(&sec["msg_per_sec"]["worst"]),
+        );
+        let _ = writeln!(
+            t,
+            "{:<44} {:>14.1} {:>14.1} {:>14.1}   MB/s",
+            "",
+            sec["mb_per_sec"]["best"].as_f64().unwrap_or(f64::NAN),
+            sec["mb_per_sec"]["median"].as_f64().unwrap_or(f64::NAN),
+            sec["mb_per_sec"]["worst"].as_f64().unwrap_or(f64::NAN),
+        );
+    };
+    if r.get("raw_sqlite").is_some() {
+        row(
+            &mut t,
+            &format!("raw rusqlite ({} rows/tx)", a.batch),
+            &r["raw_sqlite"],
+        );
+    }
+    if r.get("publish_batched").is_some() {
+        row(
+            &mut t,
+            &if a.inflight > 1 {
+                format!(
+                    "ampybus batched ({}/batch, {} in flight)",
+                    a.batch, a.inflight
+                )
+            } else {
+                format!("ampybus batched ({}/batch)", a.batch)
+            },
+            &r["publish_batched"],
+        );
+        row(
+            &mut t,
+            &format!(
+                "ampybus one-by-one (c={}, {} msgs)",
+                a.concurrency, s.single_messages
+            ),
+            &r["publish_single"],
+        );
+    }
+    if let Some(ratio) = r.get("ratio_batched_vs_raw") {
+        let _ = writeln!(
+            t,
+            "{:<44} {:>14.3} {:>14.3} {:>14.3}",
+            "ratio ampybus batched / raw",
+            ratio["best"].as_f64().unwrap_or(f64::NAN),
+            ratio["median"].as_f64().unwrap_or(f64::NAN),
+            ratio["worst"].as_f64().unwrap_or(f64::NAN),
+        );
+    }
+    if let Some(e) = r.get("e2e") {
+        let _ = writeln!(
+            t,
+            "end-to-end latency at {} msg/s, consumer in another process (receive - produced_at):",
+            a.rate
+        );
+        for k in ["p50_us", "p90_us", "p99_us", "max_us"] {
+            let ms = |v: &Value| {
+                v.as_f64()
+                    .map_or("-".into(), |x| format!("{:.3} ms", x / 1000.0))
+            };
+            let _ = writeln!(
+                t,
+                "{:<44} {:>14} {:>14} {:>14}",
+                format!("  {}", k.trim_end_matches("_us")),
+                ms(&e[k]["best"]),
+                ms(&e[k]["median"]),
+                ms(&e[k]["worst"]),
+            );
+        }
+        if let Some(rounds) = e["rounds"].as_array() {
+            for (i, x) in rounds.iter().enumerate() {
+                let _ = writeln!(
+                    t,
+                    "  round {}: received {} of {} sent, publish rate achieved {} msg/s",
+                    i + 1,
+                    x["unique"],
+                    x["sent"],
+                    num(&x["achieved_rate"])
+                );
+            }
+        }
+    }
+    t.pop();
+    t
+}
+
+fn group_thousands(v: f64) -> String {
+    let n = v.round() as i64;
+    let s = n.abs().to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if n < 0 { format!("-{out}") } else { out }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spreads() {
+        assert_eq!(spread(&[3.0, 1.0, 2.0], true), (3.0, 2.0, 1.0));
+        assert_eq!(spread(&[3.0, 1.0, 2.0, 4.0], false), (1.0, 2.5, 4.0));
+        assert!(spread(&[], true).0.is_nan());
+    }
+
+    #[test]
+    fn thousands() {
+        assert_eq!(group_thousands(1234567.4), "1,234,567");
+        assert_eq!(group_thousands(999.0), "999");
+        assert_eq!(group_thousands(-1000.0), "-1,000");
+    }
+}

@@ -1,0 +1,348 @@
+//! Command-line surface (clap derive).
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+const ROOT_AFTER_HELP: &str = "\
+Examples:
+  ampybus pub --topic ampy.dev.news.v1.raw --producer me@laptop --source cli --pk n-1 --payload hello
+  ampybus sub --pattern 'ampy.dev.news.>' --json --max 10
+  ampybus validate golden/
+  ampybus bench --messages 100000 --raw-sqlite
+
+URL forms (--url, default $AMPYBUS_URL or ./ampybus-data):
+  ./dir or /abs/dir                      embedded log in that directory
+  file:///abs/dir?sync=full|normal&poll_ms=2&retention_days=7
+                 &retention.<domain>.days=N&retention.<domain>.max_mb=N
+";
+
+/// Messaging for trading systems: publish, subscribe, validate envelopes, benchmark.
+#[derive(Debug, Parser)]
+#[command(
+    name = "ampybus",
+    version,
+    about,
+    after_help = const_format_root(),
+    propagate_version = true
+)]
+pub struct Cli {
+    /// Bus URL: a data directory path or file:///dir?options [default: $AMPYBUS_URL or ./ampybus-data]
+    #[arg(long, global = true, value_name = "URL")]
+    pub url: Option<String>,
+
+    /// Log filter for stderr (error, warn, info, debug, trace or a tracing directive such as
+    /// `ampybus=debug`) [default: $RUST_LOG or warn]
+    #[arg(long, global = true, value_name = "FILTER")]
+    pub log_level: Option<String>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+fn const_format_root() -> String {
+    format!("{ROOT_AFTER_HELP}\n{}", crate::error::EXIT_CODE_HELP)
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Publish messages (opaque payload bytes) or an envelope file
+    #[command(
+        name = "pub",
+        after_help = "\
+Examples:
+  ampybus pub --topic ampy.dev.news.v1.raw --producer me@laptop --source cli --pk n-1 --payload hello
+  ampybus pub --topic ampy.dev.bars.v1.XNAS.AAPL --producer p@1 --source s --pk XNAS.AAPL \\
+      --schema ampy.bars.v1.BarBatch --payload-file bars.bin --count 1000 --print-ids
+  ampybus pub --json-envelope golden/bars/bar-batch.json
+
+The payload is never decoded. Without a payload flag the payload is empty.
+`--json-envelope` publishes the envelope exactly as written in the file (one JSON object,
+or several concatenated / one per line as `sub --json` prints them); it must satisfy every
+publish rule, nothing is filled in."
+    )]
+    Pub(Box<PubArgs>),
+
+    /// Subscribe and print messages (or print a stored time window)
+    #[command(
+        name = "sub",
+        after_help = "\
+Examples:
+  ampybus sub --pattern 'ampy.dev.>' --json --max 10
+  ampybus sub --pattern 'ampy.prod.orders.>' --durable audit --timeout 30
+  ampybus sub --pattern 'ampy.*.bars.>' --since 2025-09-05T13:30:00Z --until 2025-09-05T14:00:00Z --json
+
+Exits 0 after --max messages, or after --timeout seconds without a message.
+Without --durable the read starts at the earliest stored message and records no position.
+With --durable each message is acknowledged after it was printed and stdout flushed."
+    )]
+    Sub(SubArgs),
+
+    /// Validate envelope files (JSON form) or every *.json file under directories
+    #[command(after_help = "\
+Examples:
+  ampybus validate golden/
+  ampybus validate message.json other.json
+
+Prints `OK <path>` or `FAIL <path>: <reason>` per file on stdout and a summary on stderr.
+Exit code 1 when any file is invalid or unreadable.")]
+    Validate(ValidateArgs),
+
+    /// Measure publish throughput and end-to-end latency on a fresh temporary log
+    #[command(after_help = "\
+Examples:
+  ampybus bench --messages 100000 --payload-bytes 256 --batch 1000 --raw-sqlite
+  ampybus bench --mode publish --concurrency 16 --sync normal
+  ampybus bench --mode e2e --rate 10000 --json
+
+Every round uses fresh temporary data directories under --dir, so the data at --url is never
+touched. Rounds are interleaved (raw sqlite, ampybus batched, ampybus one-by-one, e2e) and
+best/median/worst are reported. MB/s counts payload bytes only.")]
+    Bench(BenchArgs),
+
+    /// Print a shell completion script to stdout
+    #[command(after_help = "\
+Examples:
+  ampybus completions bash > /etc/bash_completion.d/ampybus
+  ampybus completions zsh > \"${fpath[1]}/_ampybus\"")]
+    Completions {
+        /// The shell
+        shell: clap_complete::Shell,
+    },
+
+    /// Internal: the consumer process of `bench --mode e2e`
+    #[command(hide = true, name = "bench-consumer")]
+    BenchConsumer(BenchConsumerArgs),
+}
+
+/// `ampybus pub`.
+#[derive(Debug, Args)]
+pub struct PubArgs {
+    /// Concrete topic, e.g. ampy.dev.bars.v1.XNAS.AAPL
+    #[arg(long, value_name = "TOPIC", required_unless_present = "json_envelope")]
+    pub topic: Option<String>,
+    /// `producer` header: the logical service instance, e.g. oms@host-1
+    #[arg(long, value_name = "P", required_unless_present = "json_envelope")]
+    pub producer: Option<String>,
+    /// `source` header: the upstream system
+    #[arg(long, value_name = "S", required_unless_present = "json_envelope")]
+    pub source: Option<String>,
+    /// `partition_key` header; its shape depends on the domain (bars: MIC.SYMBOL, …)
+    #[arg(long, value_name = "KEY", required_unless_present = "json_envelope")]
+    pub pk: Option<String>,
+    /// `schema_fqdn` header
+    #[arg(long, value_name = "FQDN", default_value = ampybus::headers::RAW_BYTES_SCHEMA)]
+    pub schema: String,
+    /// `schema_version` header (semver) [default: 1.0.0]
+    #[arg(long, value_name = "SEMVER")]
+    pub schema_version: Option<String>,
+    /// `run_id` header [default: run-<utc>-<random>, one per invocation]
+    #[arg(long, value_name = "ID")]
+    pub run_id: Option<String>,
+    /// `dedupe_key` header
+    #[arg(long, value_name = "K")]
+    pub dedupe_key: Option<String>,
+    /// Extra header NAME=VALUE (repeatable); overrides the value a flag or default would set
+    #[arg(long = "header", value_name = "NAME=VALUE")]
+    pub headers: Vec<String>,
+    /// Payload: the bytes of this file (`-` for stdin)
+    #[arg(long, value_name = "FILE", group = "payload_src")]
+    pub payload_file: Option<PathBuf>,
+    /// Payload: hex bytes (whitespace and a leading 0x are ignored)
+    #[arg(long, value_name = "HEX", group = "payload_src")]
+    pub payload_hex: Option<String>,
+    /// Payload: this UTF-8 string
+    #[arg(long, value_name = "STRING", group = "payload_src")]
+    pub payload: Option<String>,
+    /// Publish the envelope(s) in this file (JSON form) as is
+    #[arg(
+        long,
+        value_name = "FILE",
+        group = "payload_src",
+        conflicts_with_all = ["topic", "producer", "source", "pk", "schema_version", "run_id", "dedupe_key", "headers", "count"]
+    )]
+    pub json_envelope: Option<PathBuf>,
+    /// Publish N messages (a fresh message_id each)
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub count: u64,
+    /// Messages per publish_batch call when --count > 1
+    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub batch: u64,
+    /// Print each published message_id on stdout, one per line
+    #[arg(long)]
+    pub print_ids: bool,
+}
+
+/// `ampybus sub`.
+#[derive(Debug, Args)]
+pub struct SubArgs {
+    /// Topic pattern: `*` matches one token, `>` (last) the rest, e.g. ampy.prod.bars.>
+    #[arg(long, value_name = "PAT")]
+    pub pattern: String,
+    /// Durable consumer name: resume where it stopped and ack what was printed
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["since", "until"])]
+    pub durable: Option<String>,
+    /// Exit after this many messages
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max: Option<u64>,
+    /// Exit after this many seconds without a message (fractions allowed)
+    #[arg(long, value_name = "SECS", default_value = "5", value_parser = parse_secs)]
+    pub timeout: f64,
+    /// One JSON object per message per line: {"topic","headers","payload_base64"}
+    #[arg(long)]
+    pub json: bool,
+    /// With --json: add payload_json when the schema is known and the payload decodes
+    #[arg(long, requires = "json")]
+    pub decode: bool,
+    /// Print the stored window from this time (RFC3339, inclusive) and exit
+    #[arg(long, value_name = "TIME")]
+    pub since: Option<String>,
+    /// Print the stored window up to this time (RFC3339, exclusive) and exit
+    #[arg(long, value_name = "TIME")]
+    pub until: Option<String>,
+}
+
+/// `ampybus validate`.
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    /// Envelope files or directories (searched recursively for *.json)
+    #[arg(required = true, value_name = "PATH")]
+    pub paths: Vec<PathBuf>,
+}
+
+/// What `bench` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchMode {
+    /// Publish throughput only (batched and one-by-one)
+    Publish,
+    /// End-to-end latency to a consumer in another process only
+    E2e,
+    /// Both
+    Both,
+}
+
+impl BenchMode {
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BenchMode::Publish => "publish",
+            BenchMode::E2e => "e2e",
+            BenchMode::Both => "both",
+        }
+    }
+}
+
+/// Commit durability of the temporary logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SyncArg {
+    /// fsync the WAL on every publish commit
+    Full,
+    /// no fsync on commit
+    Normal,
+}
+
+impl SyncArg {
+    /// The URL option value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncArg::Full => "full",
+            SyncArg::Normal => "normal",
+        }
+    }
+}
+
+/// `ampybus bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Messages per batched publish run and per e2e run
+    #[arg(long, value_name = "N", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    pub messages: u64,
+    /// Messages per one-by-one publish run [default: min(--messages, 5000)]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    pub single_messages: Option<u64>,
+    /// Payload size in bytes
+    #[arg(long, value_name = "BYTES", default_value_t = 256, value_parser = clap::value_parser!(u64).range(0..=1_048_576))]
+    pub payload_bytes: u64,
+    /// Messages per publish_batch call (and per raw sqlite transaction)
+    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub batch: u64,
+    /// Batches in flight in the batched run (1: await each publish_batch before the next)
+    #[arg(long, value_name = "K", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub inflight: u64,
+    /// Distinct partition keys
+    #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub keys: u64,
+    /// What to measure
+    #[arg(long, value_enum, default_value_t = BenchMode::Both)]
+    pub mode: BenchMode,
+    /// Publish rate of the e2e run, messages per second
+    #[arg(long, value_name = "MSG_PER_SEC", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub rate: u64,
+    /// Concurrent publishers in the one-by-one run (each awaits every publish)
+    #[arg(long, value_name = "C", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub concurrency: u64,
+    /// Interleaved rounds
+    #[arg(long, value_name = "R", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub rounds: u64,
+    /// Also time a plain rusqlite insert loop of the same rows and print the ratio
+    #[arg(long)]
+    pub raw_sqlite: bool,
+    /// Commit durability of the temporary logs (sync= URL option)
+    #[arg(long, value_enum, default_value_t = SyncArg::Full)]
+    pub sync: SyncArg,
+    /// Parent directory of the temporary data directories [default: the system temp dir]
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// Print the results as one JSON object on stdout
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `ampybus bench-consumer` (internal).
+#[derive(Debug, Args)]
+pub struct BenchConsumerArgs {
+    /// Pattern to subscribe to
+    #[arg(long)]
+    pub pattern: String,
+    /// Durable consumer name
+    #[arg(long)]
+    pub durable: String,
+    /// Stop after this many distinct messages
+    #[arg(long)]
+    pub expect: u64,
+    /// Stop after this many seconds without a message
+    #[arg(long, default_value = "10", value_parser = parse_secs)]
+    pub idle_timeout: f64,
+}
+
+fn parse_secs(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("expected a number of seconds such as 5 or 0.5 (got {s:?})"))?;
+    if !v.is_finite() || !(0.0..=86_400.0 * 365.0).contains(&v) {
+        return Err(format!(
+            "must be between 0 and one year of seconds (got {s:?})"
+        ));
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn seconds() {
+        assert_eq!(parse_secs("0.5"), Ok(0.5));
+        assert!(parse_secs("-1").is_err());
+        assert!(parse_secs("NaN").is_err());
+        assert!(parse_secs("soon").unwrap_err().contains("soon"));
+    }
+}

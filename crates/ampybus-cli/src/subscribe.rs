@@ -1,0 +1,346 @@
+//! `ampybus sub`.
+
+use crate::cli::SubArgs;
+use crate::decoder::ProtoDecoder;
+use crate::error::{CliError, CliResult, EXIT_INTERRUPTED, EXIT_OK};
+use crate::util::{self, Out};
+use ampybus::headers::names;
+use ampybus::transport::{Delivery, StartAt, SubscribeSpec, WindowQuery};
+use ampybus::{Bus, Envelope, PayloadDecoder, TopicPattern};
+use chrono::{DateTime, Utc};
+use std::time::Duration;
+
+/// How many deliveries one fetch asks for.
+const FETCH: u64 = 256;
+
+/// Runs `sub`.
+pub async fn run(url: &str, args: SubArgs) -> CliResult<u8> {
+    let pattern = TopicPattern::parse(&args.pattern)
+        .map_err(|e| CliError::bus(format!("--pattern {:?}", args.pattern), &e))?;
+    let since = parse_time_flag("--since", args.since.as_deref())?;
+    let until = parse_time_flag("--until", args.until.as_deref())?;
+    if let (Some(s), Some(u)) = (since, until)
+        && u < s
+    {
+        return Err(CliError::usage(format!(
+            "--until {:?} is before --since {:?}",
+            args.until.as_deref().unwrap_or(""),
+            args.since.as_deref().unwrap_or("")
+        )));
+    }
+    if let Some(name) = &args.durable
+        && (name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()))
+    {
+        return Err(CliError::usage(format!(
+            "--durable {name:?}: a consumer name must be non-empty, without whitespace"
+        )));
+    }
+    let bus = util::connect(url).await?;
+    let mut printer = Printer {
+        out: Out::new(),
+        json: args.json,
+        decode: args.decode,
+        count: 0,
+    };
+    let result = if since.is_some() || until.is_some() {
+        window(&bus, pattern, since, until, args.max, &mut printer).await
+    } else {
+        follow(&bus, pattern, &args, &mut printer).await
+    };
+    let close = util::close(&bus).await;
+    let code = result?;
+    close?;
+    eprintln!("received {} message(s)", printer.count);
+    Ok(code)
+}
+
+fn parse_time_flag(flag: &str, v: Option<&str>) -> CliResult<Option<DateTime<Utc>>> {
+    v.map(|s| {
+        ampybus::ids::parse_time(s.trim()).ok_or_else(|| {
+            CliError::usage(format!(
+                "{flag} {s:?}: not an RFC3339 time with offset, e.g. 2025-09-05T13:30:00Z"
+            ))
+        })
+    })
+    .transpose()
+}
+
+/// Prints the stored window `[since, until)` page by page.
+async fn window(
+    bus: &Bus,
+    pattern: TopicPattern,
+    since: Option<DateTime<Utc>>,
+    until: Option<DateTime<Utc>>,
+    max: Option<u64>,
+    p: &mut Printer,
+) -> CliResult<u8> {
+    let replay = bus.replay().ok_or_else(|| {
+        CliError::usage(format!(
+            "--since/--until: the transport at {} cannot read stored windows",
+            bus.url_redacted()
+        ))
+    })?;
+    let mut q = WindowQuery::new(pattern);
+    q.start = since;
+    q.end = until;
+    loop {
+        if let Some(m) = max {
+            q.limit = (m - p.count).min(1000) as usize;
+            if q.limit == 0 {
+                break;
+            }
+        }
+        let page = replay
+            .read_window(&q)
+            .await
+            .map_err(|e| CliError::bus("reading the stored window", &e))?;
+        let Some(last) = page.last() else { break };
+        q.after_sequence = last.sequence;
+        for m in &page {
+            if !p
+                .print(bus, &m.envelope, m.sequence, m.stored_at, 1)
+                .await?
+            {
+                return Ok(EXIT_OK);
+            }
+        }
+        if !p.out.flush()? {
+            return Ok(EXIT_OK);
+        }
+    }
+    Ok(EXIT_OK)
+}
+
+/// Subscribes (durable or ephemeral from the start) and prints until --max or idle --timeout.
+async fn follow(
+    bus: &Bus,
+    pattern: TopicPattern,
+    args: &SubArgs,
+    p: &mut Printer,
+) -> CliResult<u8> {
+    let spec = match &args.durable {
+        Some(name) => SubscribeSpec::durable(pattern, name.clone()),
+        None => SubscribeSpec::ephemeral(pattern, StartAt::Earliest),
+    };
+    let mut sub = bus.subscribe(spec).await.map_err(|e| match &args.durable {
+        Some(n) => CliError::bus(format!("--durable {n:?}"), &e),
+        None => CliError::bus("subscribe", &e),
+    })?;
+    let idle = Duration::from_secs_f64(args.timeout);
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    loop {
+        let want = match args.max {
+            Some(m) if p.count >= m => break,
+            Some(m) => (m - p.count).min(FETCH),
+            None => FETCH,
+        };
+        let got = tokio::select! {
+            r = sub.fetch(want as usize, idle) => r.map_err(|e| CliError::bus("fetch", &e))?,
+            _ = &mut ctrl_c => {
+                eprintln!("interrupted");
+                return Ok(EXIT_INTERRUPTED);
+            }
+        };
+        if got.is_empty() {
+            break;
+        }
+        let mut printed: Vec<Delivery> = Vec::with_capacity(got.len());
+        let mut open = true;
+        for d in got {
+            if open {
+                open = p
+                    .print(
+                        bus,
+                        &d.envelope,
+                        d.info.sequence,
+                        d.info.stored_at,
+                        d.info.delivery_count,
+                    )
+                    .await?;
+            }
+            if open {
+                printed.push(d);
+            }
+        }
+        // Ack only what reached stdout.
+        open = open && p.out.flush()?;
+        if args.durable.is_some() && !printed.is_empty() {
+            Delivery::ack_all(printed)
+                .await
+                .map_err(|(e, _)| CliError::bus("ack", &e))?;
+        }
+        if !open {
+            break;
+        }
+    }
+    Ok(EXIT_OK)
+}
+
+struct Printer {
+    out: Out,
+    json: bool,
+    decode: bool,
+    count: u64,
+}
+
+impl Printer {
+    /// Prints one message; `Ok(false)` when stdout was closed (nothing more to print).
+    async fn print(
+        &mut self,
+        bus: &Bus,
+        env: &Envelope,
+        seq: u64,
+        stored_at: DateTime<Utc>,
+        delivery_count: u32,
+    ) -> CliResult<bool> {
+        let text = if self.json {
+            let dec: Option<&dyn PayloadDecoder> = if self.decode {
+                Some(&ProtoDecoder)
+            } else {
+                None
+            };
+            env.to_json_line(dec)
+        } else {
+            readable(bus, env, seq, stored_at, delivery_count).await
+        };
+        let ok = self.out.line(&text)?;
+        if ok {
+            self.count += 1;
+        }
+        Ok(ok)
+    }
+}
+
+const KEY_HEADERS: [&str; 13] = [
+    names::MESSAGE_ID,
+    names::SCHEMA_FQDN,
+    names::SCHEMA_VERSION,
+    names::CONTENT_TYPE,
+    names::CONTENT_ENCODING,
+    names::PRODUCED_AT,
+    names::PRODUCER,
+    names::SOURCE,
+    names::RUN_ID,
+    names::PARTITION_KEY,
+    names::DEDUPE_KEY,
+    names::TRACEPARENT,
+    names::BLOB_REF,
+];
+
+/// The human-readable block of one message.
+async fn readable(
+    bus: &Bus,
+    env: &Envelope,
+    seq: u64,
+    stored_at: DateTime<Utc>,
+    delivery_count: u32,
+) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let redelivered = if delivery_count > 1 {
+        format!(", delivery {delivery_count}")
+    } else {
+        String::new()
+    };
+    let _ = writeln!(
+        s,
+        "── {}  (seq {seq}, stored {}{redelivered})",
+        env.topic,
+        ampybus::ids::format_time(stored_at)
+    );
+    for name in KEY_HEADERS {
+        if let Some(v) = env.headers.get(name) {
+            let _ = writeln!(s, "  {:<15} {v}", format!("{name}:"));
+        }
+    }
+    let others: Vec<String> = env
+        .headers
+        .iter()
+        .filter(|(k, _)| !KEY_HEADERS.contains(k) && *k != names::TRACE_ID && *k != names::SPAN_ID)
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    if !others.is_empty() {
+        let _ = writeln!(s, "  {:<15} {}", "other:", others.join(" "));
+    }
+    let fqdn = env.headers.schema_fqdn().unwrap_or_default();
+    match bus.decode_payload(env).await {
+        Err(e) => {
+            let _ = writeln!(
+                s,
+                "  {:<15} {} bytes as carried; cannot decode: {e}",
+                "payload:",
+                env.payload.len()
+            );
+            let _ = write!(s, "  {}", preview(&env.payload));
+        }
+        Ok(raw) => {
+            let carried = if raw.len() != env.payload.len() {
+                format!(" ({} bytes as carried)", env.payload.len())
+            } else {
+                String::new()
+            };
+            let _ = writeln!(s, "  {:<15} {} bytes{carried}", "payload:", raw.len());
+            match ProtoDecoder.decode_json(fqdn, &raw) {
+                Some(Ok(v)) => {
+                    let pretty = serde_json::to_string_pretty(&v).unwrap_or_default();
+                    for line in pretty.lines() {
+                        let _ = writeln!(s, "  {line}");
+                    }
+                    s.pop();
+                }
+                Some(Err(e)) => {
+                    let _ = writeln!(s, "  (does not decode as {fqdn}: {e})");
+                    let _ = write!(s, "  {}", preview(&raw));
+                }
+                None => {
+                    let _ = write!(s, "  {}", preview(&raw));
+                }
+            }
+        }
+    }
+    s
+}
+
+/// Hex of the first 64 bytes, plus the text when the bytes are printable UTF-8.
+fn preview(b: &[u8]) -> String {
+    if b.is_empty() {
+        return "(empty)".into();
+    }
+    let head = &b[..b.len().min(64)];
+    let more = if b.len() > head.len() { " …" } else { "" };
+    let mut s = format!("hex: {}{more}", util::encode_hex(head));
+    if let Ok(t) = std::str::from_utf8(b)
+        && !t.chars().any(|c| c.is_control() && c != '\n' && c != '\t')
+    {
+        let shown: String = t.chars().take(120).collect();
+        let more = if shown.len() < t.len() { "…" } else { "" };
+        s.push_str(&format!("\n  text: {shown:?}{more}"));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn previews() {
+        assert_eq!(preview(b""), "(empty)");
+        assert_eq!(preview(b"hi"), "hex: 6869\n  text: \"hi\"");
+        assert_eq!(preview(&[0xff, 0]), "hex: ff00");
+        assert!(preview(&[1u8; 100]).contains(" …"));
+    }
+
+    #[test]
+    fn time_flags() {
+        assert!(parse_time_flag("--since", None).unwrap().is_none());
+        assert!(
+            parse_time_flag("--since", Some("2025-09-05T13:30:00Z"))
+                .unwrap()
+                .is_some()
+        );
+        let e = parse_time_flag("--until", Some("yesterday")).unwrap_err();
+        assert!(e.message.starts_with("--until \"yesterday\""), "{e}");
+    }
+}

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# THE test command of the repository (CI runs it through .ci/run).
+#
+#   scripts/test.sh
+#
+# Runs, in order: rustfmt check, clippy (warnings are errors), every test of the workspace
+# (cargo-nextest when installed, else cargo test), then the doctests.
+#
+# Needs: rustup's cargo (with the rustfmt and clippy components), a C compiler (SQLite is
+# built from source), python3 with pip (ampybus-proto's cross-language tests create
+# .venv-ampyproto/ through scripts/python-env.sh).
+#
+# Environment:
+#   AMPYBUS_TEST_SCALE  multiplies the sizes of the heavier tests (default 1; 0.2 for a quick
+#                       run, 5 for a soak run)
+#   CARGO_BUILD_JOBS    as usual, to limit build parallelism
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+export AMPYBUS_TEST_SCALE="${AMPYBUS_TEST_SCALE:-1}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+# Tests must not pick up a developer's bus.
+unset AMPYBUS_URL
+
+step() { printf '\n==> %s\n' "$*" >&2; }
+started=$SECONDS
+
+step "toolchain: $(cargo --version)"
+for component in rustfmt clippy; do
+    if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then
+        if command -v rustup >/dev/null 2>&1; then
+            step "installing the $component component"
+            rustup component add "$component"
+        else
+            echo "error: cargo $component is missing and rustup is not available" >&2
+            exit 2
+        fi
+    fi
+done
+
+step "cargo fmt --all -- --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+
+if [ -x scripts/python-env.sh ] || [ -f scripts/python-env.sh ]; then
+    step "python environment for the cross-language tests"
+    bash scripts/python-env.sh >/dev/null
+fi
+
+if cargo nextest --version >/dev/null 2>&1; then
+    step "cargo nextest run --workspace (AMPYBUS_TEST_SCALE=$AMPYBUS_TEST_SCALE)"
+    cargo nextest run --workspace --no-fail-fast
+else
+    step "cargo test --workspace (AMPYBUS_TEST_SCALE=$AMPYBUS_TEST_SCALE; cargo-nextest not installed)"
+    cargo test --workspace --no-fail-fast --lib --bins --tests --examples
+fi
+
+step "cargo test --workspace --doc"
+cargo test --workspace --doc
+
+step "all checks passed in $((SECONDS - started)) s"
