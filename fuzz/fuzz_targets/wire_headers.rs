@@ -31,7 +31,11 @@ fuzz_target!(|data: &[u8]| {
     let pattern = TopicPattern::parse(topic_str);
     if let Ok(t) = &topic {
         assert_eq!(t.as_str(), topic_str);
-        assert_eq!(Topic::parse(&t.to_string()).ok().as_ref(), Some(t), "topic display round trip");
+        assert_eq!(
+            Topic::parse(&t.to_string()).ok().as_ref(),
+            Some(t),
+            "topic display round trip"
+        );
         let p = pattern.as_ref().expect("a valid topic is a valid pattern");
         assert!(p.is_literal() && p.matches(topic_str));
         let _ = (t.domain_prefix(), t.first_subtopic(), t.dlq_topic());
@@ -40,17 +44,23 @@ fuzz_target!(|data: &[u8]| {
         let _ = p.literal_prefix();
         let _ = p.matches(topic_str);
     }
-    let topic = topic.unwrap_or_else(|_| Topic::parse("ampy.dev.news.v1.fuzz").expect("fixed topic"));
+    let topic =
+        topic.unwrap_or_else(|_| Topic::parse("ampy.dev.news.v1.fuzz").expect("fixed topic"));
 
     let publish_ok = headers.validate_for_publish(&topic).is_ok();
     let mut consumed = headers.clone();
     let consume = consumed.normalize_for_consume();
     if publish_ok {
-        assert!(consume.is_ok(), "publish-valid headers failed consume rules: {consume:?}");
+        assert!(
+            consume.is_ok(),
+            "publish-valid headers failed consume rules: {consume:?}"
+        );
     }
     if consume.is_ok() {
         let once = consumed.clone();
-        consumed.normalize_for_consume().expect("normalised headers stay valid");
+        consumed
+            .normalize_for_consume()
+            .expect("normalised headers stay valid");
         assert_eq!(consumed, once, "normalize_for_consume is not idempotent");
         let _ = consumed.trace_context();
         let _ = consumed.produced_at_time();
@@ -62,17 +72,31 @@ fuzz_target!(|data: &[u8]| {
     }
 
     let gz = Headers::new().with("content_encoding", "gzip");
-    for bytes in [payload.to_vec(), [&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff][..], payload].concat()] {
+    for bytes in [
+        payload.to_vec(),
+        [&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff][..], payload].concat(),
+    ] {
         if let Ok(out) = codec::inflate_if_needed(&gz, &bytes, LIMIT) {
             assert!(out.len() <= LIMIT);
         }
     }
     let plain = codec::inflate_if_needed(&headers, payload, LIMIT);
-    if headers.content_encoding().is_none_or(|ce| !ce.eq_ignore_ascii_case("gzip")) {
-        assert_eq!(plain.expect("non-gzip payloads pass through").as_ref(), payload);
+    if headers
+        .content_encoding()
+        .is_none_or(|ce| !ce.eq_ignore_ascii_case("gzip"))
+    {
+        assert_eq!(
+            plain.expect("non-gzip payloads pass through").as_ref(),
+            payload
+        );
     }
     if payload.len() <= 4096 {
         let z = codec::gzip(payload);
-        assert_eq!(codec::inflate_if_needed(&gz, &z, LIMIT).expect("gzip round trip").as_ref(), payload);
+        assert_eq!(
+            codec::inflate_if_needed(&gz, &z, LIMIT)
+                .expect("gzip round trip")
+                .as_ref(),
+            payload
+        );
     }
 });
