@@ -17,11 +17,13 @@
 
 pub mod bus;
 pub mod codec;
+pub mod dedupe;
 pub mod envelope;
 pub mod error;
 pub mod headers;
 pub mod ids;
 pub mod partition;
+pub mod runtime;
 pub mod schema_hash;
 pub mod topic;
 pub mod transport;
@@ -31,4 +33,5 @@ pub use bus::Bus;
 pub use envelope::{Envelope, EnvelopeJson, PayloadDecoder};
 pub use error::{Error, ErrorKind, Result};
 pub use headers::Headers;
+pub use runtime::{Consumer, ConsumerHandle, DlqCode, Handler, Message, Outcome, RetryPolicy};
 pub use topic::{Domain, Env, Topic, TopicPattern};

@@ -1,0 +1,1010 @@
+//! The consumer: fetch → per-key FIFO → workers → batched ack.
+
+use super::dlq::{build_dlq_envelope, dlq_topic_for};
+use super::{DlqCode, Handler, Message, Outcome, RetryPolicy};
+use crate::bus::Bus;
+use crate::codec::DecodeFailure;
+use crate::dedupe::{DEFAULT_FILE, DedupeStore, SqliteDedupeStore, dedupe_keys};
+use crate::error::{Error, ErrorKind, Result};
+use crate::headers::names;
+use crate::topic::{Topic, TopicPattern};
+use crate::transport::embedded::EmbeddedOptions;
+use crate::transport::{Delivery, StartAt, SubscribeSpec};
+use futures::FutureExt;
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::task::JoinHandle;
+
+const RUNNING: u8 = 0;
+const DRAINING: u8 = 1;
+const HARD_STOP: u8 = 2;
+
+/// Largest fetch per round trip.
+const FETCH_BATCH: usize = 256;
+/// How long one fetch waits for messages (also bounds how fast shutdown stops fetching).
+const FETCH_WAIT: Duration = Duration::from_millis(100);
+/// How long the acker gathers finished messages before one flush.
+const ACK_LINGER: Duration = Duration::from_millis(2);
+/// Largest ack batch.
+const ACK_BATCH: usize = 1024;
+
+/// Entry point of the consumer runtime; see [`Consumer::builder`].
+#[derive(Debug)]
+pub struct Consumer;
+
+impl Consumer {
+    /// Starts configuring a durable consumer named `name` on `pattern`.
+    ///
+    /// Defaults: 8 workers, 1,024 messages in flight, [`RetryPolicy::default`], strict per-key
+    /// order when the pattern's domain token is literally `orders` or `fills`, a 30 s ack
+    /// deadline, start at the earliest retained message, and — on the embedded transport — a
+    /// [`SqliteDedupeStore`] in `<data dir>/dedupe.sqlite3` (other transports: no dedupe unless
+    /// one is given).
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use ampybus::runtime::{Consumer, Outcome, RetryPolicy, handler_fn};
+    /// use ampybus::{Bus, TopicPattern};
+    /// use std::time::Duration;
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let bus = Bus::connect(dir.path().to_str().unwrap()).await.unwrap();
+    /// let handle = Consumer::builder(bus, TopicPattern::parse("ampy.dev.orders.>").unwrap(), "oms")
+    ///     .handler(handler_fn(|_msg| async { Outcome::Ok }))
+    ///     .workers(4)
+    ///     .max_in_flight(256)
+    ///     .retry(RetryPolicy { max_attempts: 3, ..Default::default() })
+    ///     .ack_deadline(Duration::from_secs(10))
+    ///     .start()
+    ///     .await
+    ///     .unwrap();
+    /// assert!(handle.is_strict());
+    /// let stats = handle.shutdown(Duration::from_secs(1)).await;
+    /// assert_eq!(stats.handled_ok, 0);
+    /// # });
+    /// ```
+    pub fn builder(bus: Bus, pattern: TopicPattern, name: &str) -> ConsumerBuilder {
+        ConsumerBuilder {
+            bus,
+            pattern,
+            name: name.to_owned(),
+            handler: None,
+            workers: 8,
+            max_in_flight: 1024,
+            retry: RetryPolicy::default(),
+            strict: None,
+            dedupe: DedupeChoice::Default,
+            ack_deadline: Duration::from_secs(30),
+            start: StartAt::Earliest,
+        }
+    }
+}
+
+enum DedupeChoice {
+    Default,
+    Off,
+    Store(Arc<dyn DedupeStore>),
+}
+
+/// Configures a consumer; [`ConsumerBuilder::start`] runs it.
+///
+/// Ordering: messages of one `partition_key` are handled one at a time, in the order they were
+/// delivered, whatever the number of workers; workers take the next key that is ready.
+///
+/// * **Strict mode** (default for the `orders` and `fills` domains): a message waiting for a
+///   retry parks its key; later messages of that key wait until it succeeds or is
+///   dead-lettered. Other keys keep flowing.
+/// * **Non-strict mode**: a message waiting for a retry steps aside; later messages of its key
+///   may be handled before it, and it rejoins the back of its key's queue when its delay ends.
+///
+/// Retry delays are served in-process (no worker sleeps) and are capped at half the ack
+/// deadline so that the lease, refreshed before each wait and during handlers, never lapses.
+pub struct ConsumerBuilder {
+    bus: Bus,
+    pattern: TopicPattern,
+    name: String,
+    handler: Option<Arc<dyn Handler>>,
+    workers: usize,
+    max_in_flight: usize,
+    retry: RetryPolicy,
+    strict: Option<bool>,
+    dedupe: DedupeChoice,
+    ack_deadline: Duration,
+    start: StartAt,
+}
+
+impl std::fmt::Debug for ConsumerBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsumerBuilder")
+            .field("pattern", &self.pattern.as_str())
+            .field("name", &self.name)
+            .field("workers", &self.workers)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("retry", &self.retry)
+            .field("strict", &self.strict)
+            .finish()
+    }
+}
+
+impl ConsumerBuilder {
+    /// The handler (required).
+    pub fn handler(mut self, h: impl Handler) -> Self {
+        self.handler = Some(Arc::new(h));
+        self
+    }
+
+    /// A shared handler.
+    pub fn handler_arc(mut self, h: Arc<dyn Handler>) -> Self {
+        self.handler = Some(h);
+        self
+    }
+
+    /// Number of concurrent handlers (default 8, at least 1).
+    pub fn workers(mut self, n: usize) -> Self {
+        self.workers = n.max(1);
+        self
+    }
+
+    /// Messages fetched but not yet acked, at most (default 1,024, at least 1). A full runtime
+    /// stops fetching until messages complete.
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.max_in_flight = n.max(1);
+        self
+    }
+
+    /// The retry policy.
+    pub fn retry(mut self, p: RetryPolicy) -> Self {
+        self.retry = p;
+        self
+    }
+
+    /// Strict per-key order (see the type docs).
+    pub fn strict(mut self, strict: bool) -> Self {
+        self.strict = Some(strict);
+        self
+    }
+
+    /// The dedupe store shared by every instance of this consumer name.
+    pub fn dedupe(mut self, store: Arc<dyn DedupeStore>) -> Self {
+        self.dedupe = DedupeChoice::Store(store);
+        self
+    }
+
+    /// Turns dedupe off (every delivery reaches the handler).
+    pub fn without_dedupe(mut self) -> Self {
+        self.dedupe = DedupeChoice::Off;
+        self
+    }
+
+    /// Ack deadline of the subscription (default 30 s).
+    pub fn ack_deadline(mut self, d: Duration) -> Self {
+        self.ack_deadline = d.max(Duration::from_millis(100));
+        self
+    }
+
+    /// Where a new durable consumer starts (default: earliest retained).
+    pub fn start_at(mut self, start: StartAt) -> Self {
+        self.start = start;
+        self
+    }
+
+    /// Subscribes and spawns the fetcher, the workers and the acker.
+    pub async fn start(self) -> Result<ConsumerHandle> {
+        let handler = self
+            .handler
+            .ok_or_else(|| Error::new(ErrorKind::Config, "consumer: no handler set"))?;
+        if self.name.trim().is_empty() {
+            return Err(Error::new(ErrorKind::Config, "consumer: empty name"));
+        }
+        let strict = self.strict.unwrap_or_else(|| {
+            matches!(
+                self.pattern.as_str().split('.').nth(2),
+                Some("orders") | Some("fills")
+            )
+        });
+        let dedupe: Option<Arc<dyn DedupeStore>> = match self.dedupe {
+            DedupeChoice::Off => None,
+            DedupeChoice::Store(s) => Some(s),
+            DedupeChoice::Default if self.bus.transport().name() == "embedded" => {
+                let opts = EmbeddedOptions::from_url(&self.bus.url_redacted())?;
+                let path = opts.dir.join(DEFAULT_FILE);
+                let store = tokio::task::spawn_blocking(move || SqliteDedupeStore::open(path))
+                    .await
+                    .map_err(|e| {
+                        Error::with_source(ErrorKind::Transport, "dedupe store: open failed", e)
+                    })??;
+                Some(Arc::new(store))
+            }
+            DedupeChoice::Default => {
+                tracing::warn!(consumer = %self.name, "no dedupe store configured for this transport; dedupe is off");
+                None
+            }
+        };
+        let spec = SubscribeSpec {
+            pattern: self.pattern.clone(),
+            durable: Some(self.name.clone()),
+            start: self.start,
+            ack_deadline: self.ack_deadline,
+        };
+        let sub = self.bus.subscribe(spec).await?;
+        let (phase_tx, phase_rx) = watch::channel(RUNNING);
+        let (ack_tx, ack_rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            bus: self.bus,
+            pattern: self.pattern,
+            name: self.name,
+            handler,
+            retry: self.retry,
+            strict,
+            ack_deadline: self.ack_deadline,
+            dedupe,
+            pending: Mutex::new(HashSet::new()),
+            sched: Mutex::new(Sched::default()),
+            notify: Notify::new(),
+            counters: Counters::default(),
+            permits: Arc::new(Semaphore::new(self.max_in_flight)),
+            phase: phase_rx,
+            ack_tx,
+        });
+        let acker = tokio::spawn(run_acker(shared.clone(), ack_rx));
+        let fetcher = tokio::spawn(run_fetcher(shared.clone(), sub));
+        let workers = (0..self.workers)
+            .map(|_| tokio::spawn(run_worker(shared.clone())))
+            .collect();
+        Ok(ConsumerHandle {
+            shared,
+            phase_tx,
+            fetcher: Some(fetcher),
+            workers,
+            acker: Some(acker),
+        })
+    }
+}
+
+/// Counts kept by a running consumer.
+///
+/// ```
+/// use ampybus::runtime::{ConsumerStats, DlqCode};
+/// let mut s = ConsumerStats::default();
+/// s.dead_lettered.insert(DlqCode::HandlerPanic, 2);
+/// assert_eq!(s.dlq(DlqCode::HandlerPanic), 2);
+/// assert_eq!(s.dlq(DlqCode::DecodeError), 0);
+/// assert_eq!(s.dead_lettered_total(), 2);
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConsumerStats {
+    /// Handler returned `Ok` (acked, recorded for dedupe).
+    pub handled_ok: u64,
+    /// Attempts that ended in a retry being scheduled.
+    pub retried: u64,
+    /// Messages written to the DLQ (then acked), by reason code; only non-zero codes.
+    pub dead_lettered: BTreeMap<DlqCode, u64>,
+    /// Deliveries skipped because this consumer had already applied them.
+    pub skipped_duplicates: u64,
+    /// Deliveries handed back to the transport unfinished (shutdown).
+    pub released: u64,
+    /// Fetched and not yet settled.
+    pub in_flight: u64,
+}
+
+impl ConsumerStats {
+    /// Dead-lettered count for one code.
+    pub fn dlq(&self, code: DlqCode) -> u64 {
+        self.dead_lettered.get(&code).copied().unwrap_or(0)
+    }
+
+    /// Dead-lettered count over all codes.
+    pub fn dead_lettered_total(&self) -> u64 {
+        self.dead_lettered.values().sum()
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    handled_ok: AtomicU64,
+    retried: AtomicU64,
+    dead_lettered: [AtomicU64; 8],
+    skipped: AtomicU64,
+    released: AtomicU64,
+    fetched: AtomicU64,
+    settled: AtomicU64,
+}
+
+/// A running consumer. Call [`ConsumerHandle::shutdown`] to stop it cleanly; dropping the
+/// handle leaves the tasks running until the runtime ends.
+pub struct ConsumerHandle {
+    shared: Arc<Shared>,
+    phase_tx: watch::Sender<u8>,
+    fetcher: Option<JoinHandle<()>>,
+    workers: Vec<JoinHandle<()>>,
+    acker: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for ConsumerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsumerHandle")
+            .field("name", &self.shared.name)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl ConsumerHandle {
+    /// Current counts.
+    pub fn stats(&self) -> ConsumerStats {
+        let c = &self.shared.counters;
+        let mut dead_lettered = BTreeMap::new();
+        for code in DlqCode::ALL {
+            let n = c.dead_lettered[code.index()].load(Ordering::SeqCst);
+            if n > 0 {
+                dead_lettered.insert(code, n);
+            }
+        }
+        ConsumerStats {
+            handled_ok: c.handled_ok.load(Ordering::SeqCst),
+            retried: c.retried.load(Ordering::SeqCst),
+            dead_lettered,
+            skipped_duplicates: c.skipped.load(Ordering::SeqCst),
+            released: c.released.load(Ordering::SeqCst),
+            in_flight: c
+                .fetched
+                .load(Ordering::SeqCst)
+                .saturating_sub(c.settled.load(Ordering::SeqCst)),
+        }
+    }
+
+    /// Whether strict per-key order is on.
+    pub fn is_strict(&self) -> bool {
+        self.shared.strict
+    }
+
+    /// The consumer name.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// Stops fetching, lets handlers that are running finish until `deadline`, releases
+    /// (nack, zero delay) everything else — queued, waiting for a retry, or still running at
+    /// the deadline — flushes acks and dedupe records, and returns the final counts. No
+    /// message is acked without its handler having finished.
+    pub async fn shutdown(mut self, deadline: Duration) -> ConsumerStats {
+        let started = tokio::time::Instant::now();
+        let _ = self.phase_tx.send(DRAINING);
+        self.shared.notify.notify_waiters();
+        if let Some(f) = self.fetcher.take() {
+            let _ = f.await;
+        }
+        let rest = deadline.saturating_sub(started.elapsed());
+        let joined =
+            tokio::time::timeout(rest, futures::future::join_all(self.workers.iter_mut())).await;
+        if joined.is_err() {
+            let _ = self.phase_tx.send(HARD_STOP);
+            for w in self.workers.iter_mut() {
+                if !w.is_finished() {
+                    let _ = w.await;
+                }
+            }
+        }
+        self.workers.clear();
+        let leftovers = {
+            let mut s = self.shared.sched.lock().unwrap_or_else(|p| p.into_inner());
+            let mut items = Vec::new();
+            for (_, ks) in s.keys.drain() {
+                items.extend(ks.queue);
+            }
+            items.extend(s.delayed.drain().map(|(_, (_, it))| it));
+            s.ready.clear();
+            items
+        };
+        for item in leftovers {
+            self.shared.release(item).await;
+        }
+        let _ = self.shared.ack_tx.send(AckMsg::Close);
+        if let Some(a) = self.acker.take() {
+            let _ = a.await;
+        }
+        self.stats()
+    }
+}
+
+struct Item {
+    delivery: Delivery,
+    _permit: Option<OwnedSemaphorePermit>,
+    local_attempts: u32,
+    msg: Option<Message>,
+    dedupe_checked: bool,
+    last_error: String,
+}
+
+#[derive(Default)]
+struct KeyState {
+    queue: VecDeque<Item>,
+    busy: bool,
+    parked: bool,
+    in_ready: bool,
+}
+
+#[derive(Default)]
+struct Sched {
+    keys: HashMap<String, KeyState>,
+    ready: VecDeque<String>,
+    delayed: HashMap<u64, (String, Item)>,
+    next_id: u64,
+}
+
+impl Sched {
+    /// Queues `key` for a worker if it can run now; true if it was queued.
+    fn make_ready(&mut self, key: &str) -> bool {
+        let Some(ks) = self.keys.get_mut(key) else {
+            return false;
+        };
+        if !ks.busy && !ks.parked && !ks.in_ready && !ks.queue.is_empty() {
+            ks.in_ready = true;
+            self.ready.push_back(key.to_owned());
+            return true;
+        }
+        if !ks.busy && !ks.parked && ks.queue.is_empty() {
+            self.keys.remove(key);
+        }
+        false
+    }
+
+    fn push(&mut self, key: String, item: Item) -> bool {
+        self.keys
+            .entry(key.clone())
+            .or_default()
+            .queue
+            .push_back(item);
+        self.make_ready(&key)
+    }
+
+    fn take(&mut self) -> Option<(String, Item)> {
+        while let Some(key) = self.ready.pop_front() {
+            let Some(ks) = self.keys.get_mut(&key) else {
+                continue;
+            };
+            ks.in_ready = false;
+            if ks.busy || ks.parked {
+                continue;
+            }
+            if let Some(item) = ks.queue.pop_front() {
+                ks.busy = true;
+                return Some((key, item));
+            }
+        }
+        None
+    }
+}
+
+enum AckMsg {
+    Done {
+        delivery: Delivery,
+        keys: Vec<String>,
+        _permit: Option<OwnedSemaphorePermit>,
+    },
+    Close,
+}
+
+struct Shared {
+    bus: Bus,
+    pattern: TopicPattern,
+    name: String,
+    handler: Arc<dyn Handler>,
+    retry: RetryPolicy,
+    strict: bool,
+    ack_deadline: Duration,
+    dedupe: Option<Arc<dyn DedupeStore>>,
+    /// Keys handled Ok whose dedupe record is not written yet.
+    pending: Mutex<HashSet<String>>,
+    sched: Mutex<Sched>,
+    notify: Notify,
+    counters: Counters,
+    permits: Arc<Semaphore>,
+    phase: watch::Receiver<u8>,
+    ack_tx: mpsc::UnboundedSender<AckMsg>,
+}
+
+enum Step {
+    Finished,
+    Retry(Box<Item>, Duration),
+}
+
+async fn wait_phase(rx: &mut watch::Receiver<u8>, at_least: u8) {
+    loop {
+        if *rx.borrow_and_update() >= at_least {
+            return;
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic with a non-string payload".to_owned()
+    }
+}
+
+async fn run_fetcher(shared: Arc<Shared>, mut sub: Box<dyn crate::transport::Subscription>) {
+    let mut phase = shared.phase.clone();
+    loop {
+        if *phase.borrow() != RUNNING {
+            break;
+        }
+        let first = tokio::select! {
+            p = shared.permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = wait_phase(&mut phase, DRAINING) => break,
+        };
+        let mut permits = vec![first];
+        while permits.len() < FETCH_BATCH {
+            match shared.permits.clone().try_acquire_owned() {
+                Ok(p) => permits.push(p),
+                Err(_) => break,
+            }
+        }
+        match sub.fetch(permits.len(), FETCH_WAIT).await {
+            Ok(got) => {
+                shared
+                    .counters
+                    .fetched
+                    .fetch_add(got.len() as u64, Ordering::SeqCst);
+                for d in got {
+                    let key = d
+                        .envelope
+                        .headers
+                        .get(names::PARTITION_KEY)
+                        .unwrap_or_default()
+                        .to_owned();
+                    let item = Item {
+                        delivery: d,
+                        _permit: permits.pop(),
+                        local_attempts: 0,
+                        msg: None,
+                        dedupe_checked: false,
+                        last_error: String::new(),
+                    };
+                    let queued = shared
+                        .sched
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(key, item);
+                    if queued {
+                        shared.notify.notify_one();
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(consumer = %shared.name, error = %e, "fetch failed; retrying");
+                tokio::time::sleep(FETCH_WAIT).await;
+            }
+        }
+    }
+}
+
+async fn run_worker(shared: Arc<Shared>) {
+    let mut phase = shared.phase.clone();
+    loop {
+        if *phase.borrow() != RUNNING {
+            return;
+        }
+        let notified = shared.notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let next = shared
+            .sched
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let Some((key, item)) = next else {
+            tokio::select! {
+                _ = notified => {}
+                _ = wait_phase(&mut phase, DRAINING) => return,
+            }
+            continue;
+        };
+        // Another ready key may be waiting for a worker: pass the wake-up on.
+        if !shared
+            .sched
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .ready
+            .is_empty()
+        {
+            shared.notify.notify_one();
+        }
+        let step = shared.process(item).await;
+        shared.after(key, step).await;
+    }
+}
+
+async fn run_acker(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<AckMsg>) {
+    let mut closing = false;
+    while !closing {
+        let Some(first) = rx.recv().await else {
+            break;
+        };
+        let mut batch = Vec::new();
+        match first {
+            AckMsg::Close => closing = true,
+            m => batch.push(m),
+        }
+        if !closing {
+            tokio::time::sleep(ACK_LINGER).await;
+        }
+        while batch.len() < ACK_BATCH {
+            match rx.try_recv() {
+                Ok(AckMsg::Close) => closing = true,
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        if closing {
+            while let Ok(m) = rx.try_recv() {
+                if !matches!(m, AckMsg::Close) {
+                    batch.push(m);
+                }
+            }
+        }
+        shared.flush(batch).await;
+    }
+}
+
+impl Shared {
+    fn phase(&self) -> u8 {
+        *self.phase.borrow()
+    }
+
+    fn count_dlq(&self, code: DlqCode) {
+        self.counters.dead_lettered[code.index()].fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn done(&self, item: Item, keys: Vec<String>) {
+        let msg = AckMsg::Done {
+            delivery: item.delivery,
+            keys,
+            _permit: item._permit,
+        };
+        if let Err(mpsc::error::SendError(AckMsg::Done { delivery, .. })) = self.ack_tx.send(msg) {
+            tracing::error!(consumer = %self.name, sequence = delivery.info.sequence, "acker gone; message will be redelivered");
+        }
+    }
+
+    async fn release(&self, item: Item) {
+        self.counters.released.fetch_add(1, Ordering::SeqCst);
+        self.counters.settled.fetch_add(1, Ordering::SeqCst);
+        if let Err((e, _)) = item.delivery.nack(Duration::ZERO).await {
+            tracing::warn!(consumer = %self.name, error = %e, "release failed; the ack deadline will redeliver");
+        }
+    }
+
+    async fn flush(&self, batch: Vec<AckMsg>) {
+        let mut deliveries = Vec::with_capacity(batch.len());
+        let mut keys = Vec::new();
+        let mut permits = Vec::with_capacity(batch.len());
+        for m in batch {
+            if let AckMsg::Done {
+                delivery,
+                keys: k,
+                _permit,
+            } = m
+            {
+                deliveries.push(delivery);
+                keys.extend(k);
+                permits.push(_permit);
+            }
+        }
+        if let (Some(store), false) = (&self.dedupe, keys.is_empty()) {
+            let mut tries = 0;
+            while let Err(e) = store.record_applied(&self.name, &keys).await {
+                tries += 1;
+                if tries >= 5 {
+                    tracing::error!(consumer = %self.name, error = %e, "dedupe record failed; acking anyway");
+                    break;
+                }
+                tokio::time::sleep(self.retry.backoff(tries)).await;
+            }
+        }
+        if !keys.is_empty() {
+            let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            for k in &keys {
+                p.remove(k);
+            }
+        }
+        let count = deliveries.len() as u64;
+        let mut todo = deliveries;
+        let mut tries = 0;
+        while !todo.is_empty() {
+            match Delivery::ack_all(todo).await {
+                Ok(()) => break,
+                Err((e, failed)) => {
+                    tries += 1;
+                    if tries >= 5 {
+                        tracing::error!(consumer = %self.name, error = %e, count = failed.len(), "ack failed; messages will be redelivered (dedupe skips them)");
+                        break;
+                    }
+                    tokio::time::sleep(self.retry.backoff(tries)).await;
+                    todo = failed;
+                }
+            }
+        }
+        self.counters.settled.fetch_add(count, Ordering::SeqCst);
+        drop(permits);
+    }
+
+    async fn after(self: &Arc<Self>, key: String, step: Step) {
+        let wake = match step {
+            Step::Finished => {
+                let mut s = self.sched.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(ks) = s.keys.get_mut(&key) {
+                    ks.busy = false;
+                }
+                s.make_ready(&key)
+            }
+            Step::Retry(item, delay) if self.strict => {
+                {
+                    let mut s = self.sched.lock().unwrap_or_else(|p| p.into_inner());
+                    let ks = s.keys.entry(key.clone()).or_default();
+                    ks.busy = false;
+                    ks.parked = true;
+                    ks.queue.push_front(*item);
+                }
+                let shared = self.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let queued = {
+                        let mut s = shared.sched.lock().unwrap_or_else(|p| p.into_inner());
+                        if let Some(ks) = s.keys.get_mut(&key) {
+                            ks.parked = false;
+                        }
+                        s.make_ready(&key)
+                    };
+                    if queued {
+                        shared.notify.notify_one();
+                    }
+                });
+                false
+            }
+            Step::Retry(item, delay) => {
+                let (id, wake) = {
+                    let mut s = self.sched.lock().unwrap_or_else(|p| p.into_inner());
+                    let id = s.next_id;
+                    s.next_id += 1;
+                    s.delayed.insert(id, (key.clone(), *item));
+                    if let Some(ks) = s.keys.get_mut(&key) {
+                        ks.busy = false;
+                    }
+                    (id, s.make_ready(&key))
+                };
+                let shared = self.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let queued = {
+                        let mut s = shared.sched.lock().unwrap_or_else(|p| p.into_inner());
+                        match s.delayed.remove(&id) {
+                            Some((k, it)) => s.push(k, it),
+                            None => false,
+                        }
+                    };
+                    if queued {
+                        shared.notify.notify_one();
+                    }
+                });
+                wake
+            }
+        };
+        if wake {
+            self.notify.notify_one();
+        }
+    }
+
+    async fn process(&self, mut item: Item) -> Step {
+        if item.msg.is_none() {
+            let env = &item.delivery.envelope;
+            let topic = match Topic::parse(&env.topic) {
+                Ok(t) => t,
+                Err(e) => {
+                    let reason = DlqCode::ContractViolation.reason(&e.to_string());
+                    return self
+                        .dead_letter(item, DlqCode::ContractViolation, reason)
+                        .await;
+                }
+            };
+            let mut headers = env.headers.clone();
+            if let Err(e) = headers.normalize_for_consume() {
+                let reason = DlqCode::ContractViolation.reason(&e.to_string());
+                return self
+                    .dead_letter(item, DlqCode::ContractViolation, reason)
+                    .await;
+            }
+            match self
+                .bus
+                .codec()
+                .decode_detailed(&headers, &env.payload)
+                .await
+            {
+                Ok(payload) => {
+                    item.msg = Some(Message {
+                        topic,
+                        headers,
+                        payload,
+                        info: item.delivery.info.clone(),
+                    });
+                }
+                Err((DecodeFailure::Decode, e)) => {
+                    let reason = DlqCode::DecodeError.reason(&e.to_string());
+                    return self.dead_letter(item, DlqCode::DecodeError, reason).await;
+                }
+                Err((DecodeFailure::BlobHashMismatch, e)) => {
+                    let reason = DlqCode::BlobHashMismatch.reason(&e.to_string());
+                    return self
+                        .dead_letter(item, DlqCode::BlobHashMismatch, reason)
+                        .await;
+                }
+                Err((DecodeFailure::BlobUnavailable, e)) => {
+                    let attempt = self.next_attempt(&mut item);
+                    item.last_error = e.to_string();
+                    return self.retry_or_give_up(item, attempt, None).await;
+                }
+            }
+        }
+        let msg = item.msg.clone().expect("prepared above");
+        let keys = dedupe_keys(&msg.headers, msg.topic.domain());
+        if !item.dedupe_checked {
+            item.dedupe_checked = true;
+            if self.already_applied(&keys).await {
+                self.counters.skipped.fetch_add(1, Ordering::SeqCst);
+                self.done(item, Vec::new());
+                return Step::Finished;
+            }
+        }
+        let attempt = self.next_attempt(&mut item);
+        if item.local_attempts > 1 {
+            let _ = item.delivery.in_progress().await;
+        }
+        let outcome = {
+            let fut = AssertUnwindSafe(self.handler.handle(&msg)).catch_unwind();
+            tokio::pin!(fut);
+            let beat = (self.ack_deadline / 3).max(Duration::from_millis(10));
+            let mut hb = tokio::time::interval_at(tokio::time::Instant::now() + beat, beat);
+            let mut phase = self.phase.clone();
+            loop {
+                tokio::select! {
+                    r = &mut fut => break Some(r),
+                    _ = hb.tick() => {
+                        let _ = item.delivery.in_progress().await;
+                    }
+                    _ = wait_phase(&mut phase, HARD_STOP) => break None,
+                }
+            }
+        };
+        match outcome {
+            None => {
+                self.release(item).await;
+                Step::Finished
+            }
+            Some(Err(panic)) => {
+                let reason = DlqCode::HandlerPanic.reason(&panic_message(panic.as_ref()));
+                self.dead_letter(item, DlqCode::HandlerPanic, reason).await
+            }
+            Some(Ok(Outcome::Ok)) => {
+                let keys = if self.dedupe.is_some() {
+                    self.pending
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .extend(keys.iter().cloned());
+                    keys
+                } else {
+                    Vec::new()
+                };
+                self.counters.handled_ok.fetch_add(1, Ordering::SeqCst);
+                self.done(item, keys);
+                Step::Finished
+            }
+            Some(Ok(Outcome::DeadLetter(r))) => {
+                let code = DlqCode::from_reason(&r);
+                let (code, reason) = if r.contains(':') && code != DlqCode::Other {
+                    (
+                        code,
+                        DlqCode::reason(code, r.split_once(':').map_or("", |x| x.1)),
+                    )
+                } else {
+                    (DlqCode::HandlerError, DlqCode::HandlerError.reason(&r))
+                };
+                self.dead_letter(item, code, reason).await
+            }
+            Some(Ok(Outcome::Retry { after })) => {
+                item.last_error = format!("attempt {attempt}: handler asked to retry");
+                self.retry_or_give_up(item, attempt, after).await
+            }
+        }
+    }
+
+    fn next_attempt(&self, item: &mut Item) -> u32 {
+        item.local_attempts += 1;
+        item.delivery.info.delivery_count.saturating_sub(1) + item.local_attempts
+    }
+
+    async fn already_applied(&self, keys: &[String]) -> bool {
+        if keys.is_empty() {
+            return false;
+        }
+        {
+            let p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            if keys.iter().any(|k| p.contains(k)) {
+                return true;
+            }
+        }
+        match &self.dedupe {
+            None => false,
+            Some(store) => match store.is_applied(&self.name, keys).await {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(consumer = %self.name, error = %e, "dedupe lookup failed; handling the message");
+                    false
+                }
+            },
+        }
+    }
+
+    async fn retry_or_give_up(&self, item: Item, attempt: u32, after: Option<Duration>) -> Step {
+        if attempt >= self.retry.max_attempts.max(1) {
+            let reason = DlqCode::MaxRetries.reason(&item.last_error);
+            return self.dead_letter(item, DlqCode::MaxRetries, reason).await;
+        }
+        if self.phase() != RUNNING {
+            self.release(item).await;
+            return Step::Finished;
+        }
+        self.counters.retried.fetch_add(1, Ordering::SeqCst);
+        let delay = after
+            .unwrap_or_else(|| self.retry.backoff(attempt))
+            .min(self.ack_deadline / 2);
+        let _ = item.delivery.in_progress().await;
+        Step::Retry(Box::new(item), delay)
+    }
+
+    async fn dead_letter(&self, item: Item, code: DlqCode, reason: String) -> Step {
+        let env = &item.delivery.envelope;
+        let info = &item.delivery.info;
+        let retry_count = info
+            .delivery_count
+            .max(info.delivery_count.saturating_sub(1) + item.local_attempts);
+        let dlq_topic = dlq_topic_for(&env.topic, &self.pattern);
+        let dlq = build_dlq_envelope(env, &dlq_topic, &reason, retry_count, &self.name);
+        let mut tries = 0u32;
+        let mut phase = self.phase.clone();
+        loop {
+            match self.bus.publish_wire(vec![dlq.clone()]).await {
+                Ok(_) => break,
+                Err(e) => {
+                    tries += 1;
+                    tracing::warn!(consumer = %self.name, error = %e, tries, topic = %dlq_topic, "DLQ write failed; retrying (original not acked)");
+                    let pause = self.retry.backoff(tries.min(16));
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = wait_phase(&mut phase, HARD_STOP) => {
+                            self.release(item).await;
+                            return Step::Finished;
+                        }
+                    }
+                    let _ = item.delivery.in_progress().await;
+                }
+            }
+        }
+        tracing::warn!(consumer = %self.name, topic = %env.topic, dlq = %dlq_topic, reason = %reason, "message dead-lettered");
+        self.count_dlq(code);
+        self.done(item, Vec::new());
+        Step::Finished
+    }
+}

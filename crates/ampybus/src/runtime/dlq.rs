@@ -1,0 +1,179 @@
+//! Building dead-letter envelopes.
+
+use crate::codec::sha256_tag;
+use crate::envelope::Envelope;
+use crate::headers::{Headers, RAW_BYTES_SCHEMA, names};
+use crate::ids;
+use crate::topic::{Domain, Env, Topic, TopicPattern};
+
+/// Header holding the original `message_id` on a DLQ message (which gets a new one, so that
+/// broker-side dedupe does not swallow it).
+pub const ORIGINAL_MESSAGE_ID: &str = "original_message_id";
+
+/// Header holding the original topic string when it does not parse (then `original_topic`,
+/// which must be a valid topic, is left out).
+pub const ORIGINAL_TOPIC_RAW: &str = "original_topic_raw";
+
+/// The DLQ topic for a message whose topic string may not parse: `topic.dlq_topic()` when it
+/// parses; otherwise `ampy.{env}.dlq.v1.{domain}` from whatever tokens are readable, with the
+/// env falling back to the pattern's literal env token, then `prod`, and the domain to
+/// `control`.
+pub(crate) fn dlq_topic_for(raw_topic: &str, pattern: &TopicPattern) -> Topic {
+    if let Ok(t) = Topic::parse(raw_topic) {
+        return t.dlq_topic();
+    }
+    let toks: Vec<&str> = raw_topic.split('.').collect();
+    let pat_env = pattern.as_str().split('.').nth(1).unwrap_or_default();
+    let env = toks
+        .get(1)
+        .and_then(|t| t.parse::<Env>().ok())
+        .or_else(|| pat_env.parse::<Env>().ok())
+        .unwrap_or(Env::Prod);
+    let domain = toks
+        .get(2)
+        .and_then(|t| t.parse::<Domain>().ok())
+        .filter(|d| *d != Domain::Dlq)
+        .unwrap_or(Domain::Control);
+    Topic::parse(&format!("ampy.{env}.dlq.v1.{domain}"))
+        .unwrap_or_else(|_| Topic::parse("ampy.prod.dlq.v1.control").expect("valid topic"))
+}
+
+/// Makes a header value publishable (single line, non-empty).
+fn clean(v: &str) -> String {
+    let s: String = v
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    let s = s.trim().to_owned();
+    if s.is_empty() { "-".to_owned() } else { s }
+}
+
+/// Builds the DLQ envelope for `original` (as carried): the original payload bytes and headers,
+/// a new `message_id` (the old one in [`ORIGINAL_MESSAGE_ID`]), and `dlq_reason`,
+/// `original_topic`, `retry_count`, `dlq_at`, `dlq_consumer`, `payload_hash`.
+///
+/// The result always passes publish validation: an original header that breaks a publish rule
+/// is moved to `original_<name>` (value made single-line) and required headers are refilled
+/// (`schema_fqdn` = `ampy.raw.v1.Bytes`, `producer` = the consumer, `source` = `ampybus-dlq`,
+/// `partition_key` = the original topic).
+///
+/// ```
+/// use ampybus::{Envelope, Headers, Topic};
+/// use ampybus::runtime::build_dlq_envelope;
+/// let topic = Topic::parse("ampy.dev.orders.v1.requests").unwrap();
+/// let h = Headers::for_publish("ampy.orders.v1.OrderRequest", "oms@1", "oms", "co_1");
+/// let env = Envelope::new(&topic, h.clone(), b"p".to_vec());
+/// let dlq = build_dlq_envelope(&env, &topic.dlq_topic(), "handler_error: nope", 1, "oms");
+/// assert_eq!(dlq.topic, "ampy.dev.dlq.v1.orders");
+/// assert_eq!(dlq.headers.get("dlq_reason"), Some("handler_error: nope"));
+/// assert_eq!(dlq.headers.get("original_message_id"), h.message_id());
+/// assert_ne!(dlq.headers.message_id(), h.message_id());
+/// dlq.validate_for_publish().unwrap();
+/// ```
+pub fn build_dlq_envelope(
+    original: &Envelope,
+    dlq_topic: &Topic,
+    reason: &str,
+    retry_count: u32,
+    consumer: &str,
+) -> Envelope {
+    let mut h = original.headers.clone();
+    if let Some(id) = h.remove(names::MESSAGE_ID) {
+        h.set(ORIGINAL_MESSAGE_ID, clean(&id));
+    }
+    h.set(names::MESSAGE_ID, ids::new_message_id());
+    h.set(names::DLQ_REASON, clean(reason));
+    if Topic::parse(&original.topic).is_ok() {
+        h.set(names::ORIGINAL_TOPIC, original.topic.clone());
+    } else {
+        h.remove(names::ORIGINAL_TOPIC);
+        h.set(ORIGINAL_TOPIC_RAW, clean(&original.topic));
+    }
+    h.set(names::RETRY_COUNT, retry_count.to_string());
+    h.set(names::DLQ_AT, ids::now_timestamp());
+    h.set(names::DLQ_CONSUMER, clean(consumer));
+    h.set(names::PAYLOAD_HASH, sha256_tag(&original.payload));
+    let mut env = Envelope::new(dlq_topic, h, original.payload.clone());
+    for _ in 0..64 {
+        fill_required(&mut env.headers, &original.topic, consumer);
+        let err = match env.validate_for_publish() {
+            Ok(_) => return env,
+            Err(e) => e,
+        };
+        let msg = err.message();
+        let name = msg
+            .strip_prefix('`')
+            .and_then(|m| m.split_once('`'))
+            .map(|(n, _)| n.to_owned());
+        match name {
+            Some(n) if env.headers.get(&n).is_some() => {
+                let v = env.headers.remove(&n).unwrap_or_default();
+                let keep = [
+                    names::DLQ_REASON,
+                    names::DLQ_AT,
+                    names::DLQ_CONSUMER,
+                    names::PAYLOAD_HASH,
+                    names::RETRY_COUNT,
+                    names::MESSAGE_ID,
+                ];
+                if !keep.contains(&n.as_str()) && !n.starts_with("original_") {
+                    env.headers.set(format!("original_{n}"), clean(&v));
+                }
+                if n == names::TRACEPARENT {
+                    env.headers.remove(names::TRACE_ID);
+                    env.headers.remove(names::SPAN_ID);
+                }
+                if n == names::TRACE_ID || n == names::SPAN_ID {
+                    env.headers.remove(names::TRACEPARENT);
+                }
+            }
+            _ => break,
+        }
+    }
+    // Last resort: a minimal, valid envelope that still carries the payload and the reason.
+    let mut h = Headers::for_publish(RAW_BYTES_SCHEMA, consumer, "ampybus-dlq", &original.topic);
+    for name in [
+        names::DLQ_REASON,
+        names::RETRY_COUNT,
+        names::DLQ_AT,
+        names::DLQ_CONSUMER,
+        names::PAYLOAD_HASH,
+        names::ORIGINAL_TOPIC,
+        ORIGINAL_TOPIC_RAW,
+        ORIGINAL_MESSAGE_ID,
+        names::CONTENT_ENCODING,
+        names::BLOB_REF,
+        names::BLOB_HASH,
+        names::BLOB_SIZE,
+    ] {
+        if let Some(v) = env.headers.get(name) {
+            h.set(name, v.to_owned());
+        }
+    }
+    let mut fallback = Envelope::new(dlq_topic, h.clone(), original.payload.clone());
+    if fallback.validate_for_publish().is_err() {
+        for name in [
+            names::CONTENT_ENCODING,
+            names::BLOB_REF,
+            names::BLOB_HASH,
+            names::BLOB_SIZE,
+        ] {
+            h.remove(name);
+        }
+        fallback = Envelope::new(dlq_topic, h, original.payload.clone());
+    }
+    fallback
+}
+
+fn fill_required(h: &mut Headers, original_topic: &str, consumer: &str) {
+    let mut set_if_missing = |name: &str, v: &str| {
+        if h.get(name).is_none_or(|x| x.trim().is_empty()) {
+            h.set(name, clean(v));
+        }
+    };
+    set_if_missing(names::SCHEMA_FQDN, RAW_BYTES_SCHEMA);
+    set_if_missing(names::PRODUCER, consumer);
+    set_if_missing(names::SOURCE, "ampybus-dlq");
+    set_if_missing(names::PARTITION_KEY, original_topic);
+    h.fill_publish_defaults();
+}

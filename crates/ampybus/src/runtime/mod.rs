@@ -1,0 +1,370 @@
+//! The consumer runtime, written once above the transport traits: handlers, per-key ordering
+//! with many workers, retries with backoff, dead-lettering, dedupe, batched acks and graceful
+//! shutdown; plus a publisher with retries.
+//!
+//! ```
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! use ampybus::runtime::{Consumer, Outcome, handler_fn};
+//! use ampybus::{Bus, Headers, Topic, TopicPattern};
+//! use std::time::Duration;
+//! let dir = tempfile::tempdir().unwrap();
+//! let bus = Bus::connect(dir.path().to_str().unwrap()).await.unwrap();
+//! let topic = Topic::parse("ampy.dev.news.v1.raw").unwrap();
+//! bus.publish(&topic, Headers::for_publish("ampy.raw.v1.Bytes", "p@1", "p", "k"), b"hi".to_vec())
+//!     .await.unwrap();
+//! let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+//! let handle = Consumer::builder(bus.clone(), TopicPattern::parse("ampy.dev.news.>").unwrap(), "reader")
+//!     .handler(handler_fn(move |msg| {
+//!         let tx = tx.clone();
+//!         async move { tx.send(msg.payload.clone()).unwrap(); Outcome::Ok }
+//!     }))
+//!     .start()
+//!     .await
+//!     .unwrap();
+//! assert_eq!(&rx.recv().await.unwrap()[..], b"hi");
+//! let stats = handle.shutdown(Duration::from_secs(5)).await;
+//! assert_eq!(stats.handled_ok, 1);
+//! # });
+//! ```
+
+mod consumer;
+mod dlq;
+mod publisher;
+
+pub use consumer::{Consumer, ConsumerBuilder, ConsumerHandle, ConsumerStats};
+pub use dlq::{ORIGINAL_MESSAGE_ID, ORIGINAL_TOPIC_RAW, build_dlq_envelope};
+pub use publisher::Publisher;
+
+use crate::headers::Headers;
+use crate::topic::Topic;
+use crate::transport::DeliveryInfo;
+use async_trait::async_trait;
+use bytes::Bytes;
+use std::future::Future;
+use std::time::Duration;
+
+/// A message ready for a handler.
+///
+/// ```
+/// use ampybus::runtime::Message;
+/// use ampybus::{Headers, Topic, transport::DeliveryInfo};
+/// let m = Message {
+///     topic: Topic::parse("ampy.dev.news.v1.raw").unwrap(),
+///     headers: Headers::new(),
+///     payload: bytes::Bytes::from_static(b"x"),
+///     info: DeliveryInfo { sequence: 1, delivery_count: 1, stored_at: chrono::Utc::now() },
+/// };
+/// assert_eq!(m.topic.as_str(), "ampy.dev.news.v1.raw");
+/// ```
+#[derive(Debug, Clone)]
+pub struct Message {
+    /// The concrete topic.
+    pub topic: Topic,
+    /// Headers after [`Headers::normalize_for_consume`].
+    pub headers: Headers,
+    /// The raw payload: inflated, blob fetched and verified.
+    pub payload: Bytes,
+    /// Sequence, delivery count, store time.
+    pub info: DeliveryInfo,
+}
+
+/// What a handler decided.
+///
+/// ```
+/// use ampybus::runtime::Outcome;
+/// let o = Outcome::Retry { after: None };
+/// assert_ne!(o, Outcome::Ok);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Applied: ack it (and record it for dedupe).
+    Ok,
+    /// Try again later: after `after`, or after the policy's backoff when `None`.
+    Retry {
+        /// Explicit delay; `None` uses exponential backoff with full jitter.
+        after: Option<Duration>,
+    },
+    /// Poison: dead-letter now. A reason written as `code: detail` with a known [`DlqCode`]
+    /// is kept as is; anything else becomes `handler_error: <reason>`.
+    DeadLetter(String),
+}
+
+/// The closed set of DLQ reason codes. The `dlq_reason` header is `code: detail`; metrics label
+/// by code only.
+///
+/// | code                 | meaning                                                           |
+/// |----------------------|-------------------------------------------------------------------|
+/// | `decode_error`       | payload does not inflate / decode as its schema                   |
+/// | `schema_mismatch`    | `schema_fqdn` is not the type the handler expects                 |
+/// | `contract_violation` | headers or topic break the consume-side contract                  |
+/// | `handler_error`      | the handler said "dead-letter now" (poison)                       |
+/// | `handler_panic`      | the handler panicked                                              |
+/// | `blob_hash_mismatch` | the fetched blob does not match `blob_hash`/`blob_size`           |
+/// | `max_retries`        | the last allowed attempt failed                                   |
+/// | `other`              | anything else, e.g. reasons written by other tools                |
+///
+/// ```
+/// use ampybus::runtime::DlqCode;
+/// assert_eq!(DlqCode::MaxRetries.as_str(), "max_retries");
+/// assert_eq!(DlqCode::parse("handler_panic"), DlqCode::HandlerPanic);
+/// assert_eq!(DlqCode::parse("made_up"), DlqCode::Other);
+/// assert_eq!(DlqCode::from_reason("decode_error: bad gzip"), DlqCode::DecodeError);
+/// assert_eq!(DlqCode::DecodeError.reason("bad gzip"), "decode_error: bad gzip");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DlqCode {
+    /// `decode_error`
+    DecodeError,
+    /// `schema_mismatch`
+    SchemaMismatch,
+    /// `contract_violation`
+    ContractViolation,
+    /// `handler_error`
+    HandlerError,
+    /// `handler_panic`
+    HandlerPanic,
+    /// `blob_hash_mismatch`
+    BlobHashMismatch,
+    /// `max_retries`
+    MaxRetries,
+    /// `other`
+    Other,
+}
+
+impl DlqCode {
+    /// Every code, in declaration order.
+    pub const ALL: [DlqCode; 8] = [
+        DlqCode::DecodeError,
+        DlqCode::SchemaMismatch,
+        DlqCode::ContractViolation,
+        DlqCode::HandlerError,
+        DlqCode::HandlerPanic,
+        DlqCode::BlobHashMismatch,
+        DlqCode::MaxRetries,
+        DlqCode::Other,
+    ];
+
+    /// The wire spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DlqCode::DecodeError => "decode_error",
+            DlqCode::SchemaMismatch => "schema_mismatch",
+            DlqCode::ContractViolation => "contract_violation",
+            DlqCode::HandlerError => "handler_error",
+            DlqCode::HandlerPanic => "handler_panic",
+            DlqCode::BlobHashMismatch => "blob_hash_mismatch",
+            DlqCode::MaxRetries => "max_retries",
+            DlqCode::Other => "other",
+        }
+    }
+
+    /// Parses a code; unknown codes are [`DlqCode::Other`].
+    pub fn parse(code: &str) -> DlqCode {
+        DlqCode::ALL
+            .into_iter()
+            .find(|c| c.as_str() == code.trim())
+            .unwrap_or(DlqCode::Other)
+    }
+
+    /// The code of a `code: detail` reason.
+    pub fn from_reason(reason: &str) -> DlqCode {
+        DlqCode::parse(reason.split(':').next().unwrap_or_default())
+    }
+
+    /// Formats `code: detail` (detail on one line).
+    pub fn reason(self, detail: &str) -> String {
+        let detail: String = detail
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+        let detail = detail.trim();
+        if detail.is_empty() {
+            format!("{}: -", self.as_str())
+        } else {
+            format!("{}: {detail}", self.as_str())
+        }
+    }
+
+    fn index(self) -> usize {
+        DlqCode::ALL.iter().position(|c| *c == self).unwrap_or(7)
+    }
+}
+
+impl std::fmt::Display for DlqCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Handles messages. Implement it, or use [`handler_fn`] / [`typed`] for closures.
+///
+/// ```
+/// use ampybus::runtime::{Handler, Message, Outcome};
+/// struct Count(std::sync::atomic::AtomicU64);
+/// #[async_trait::async_trait]
+/// impl Handler for Count {
+///     async fn handle(&self, _msg: &Message) -> Outcome {
+///         self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+///         Outcome::Ok
+///     }
+/// }
+/// let _h: Box<dyn Handler> = Box::new(Count(Default::default()));
+/// ```
+#[async_trait]
+pub trait Handler: Send + Sync + 'static {
+    /// Handles one message.
+    async fn handle(&self, msg: &Message) -> Outcome;
+}
+
+/// A handler made from an async closure taking an owned [`Message`]; see [`handler_fn`].
+#[derive(Clone)]
+pub struct FnHandler<F>(F);
+
+impl<F> std::fmt::Debug for FnHandler<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FnHandler")
+    }
+}
+
+/// Wraps an async closure `Fn(Message) -> impl Future<Output = Outcome>` as a [`Handler`].
+///
+/// ```
+/// use ampybus::runtime::{Handler, Outcome, handler_fn};
+/// let h = handler_fn(|msg| async move {
+///     if msg.payload.is_empty() { Outcome::DeadLetter("empty".into()) } else { Outcome::Ok }
+/// });
+/// fn is_handler(_: &impl Handler) {}
+/// is_handler(&h);
+/// ```
+pub fn handler_fn<F, Fut>(f: F) -> FnHandler<F>
+where
+    F: Fn(Message) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Outcome> + Send + 'static,
+{
+    FnHandler(f)
+}
+
+#[async_trait]
+impl<F, Fut> Handler for FnHandler<F>
+where
+    F: Fn(Message) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Outcome> + Send + 'static,
+{
+    async fn handle(&self, msg: &Message) -> Outcome {
+        (self.0)(msg.clone()).await
+    }
+}
+
+/// A handler that checks `schema_fqdn` and decodes a protobuf payload; see [`typed`].
+pub struct TypedHandler<M, F> {
+    f: F,
+    _m: std::marker::PhantomData<fn() -> M>,
+}
+
+impl<M, F> std::fmt::Debug for TypedHandler<M, F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TypedHandler")
+    }
+}
+
+/// Wraps an async closure `Fn(M, Message)` for a protobuf type `M`. A message whose
+/// `schema_fqdn` is not `M::full_name()` is dead-lettered with
+/// `schema_mismatch: expected X got Y`; one that does not decode with `decode_error: …`.
+///
+/// ```
+/// use ampybus::runtime::{Handler, Outcome, typed};
+/// #[derive(Clone, PartialEq, prost::Message)]
+/// struct Ping { #[prost(string, tag = "1")] id: String }
+/// impl prost::Name for Ping {
+///     const NAME: &'static str = "Ping";
+///     const PACKAGE: &'static str = "demo.v1";
+/// }
+/// let h = typed(|ping: Ping, _msg| async move {
+///     if ping.id.is_empty() { Outcome::DeadLetter("no id".into()) } else { Outcome::Ok }
+/// });
+/// fn is_handler(_: &impl Handler) {}
+/// is_handler(&h);
+/// ```
+pub fn typed<M, F, Fut>(f: F) -> TypedHandler<M, F>
+where
+    M: prost::Message + prost::Name + Default + Send + 'static,
+    F: Fn(M, Message) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Outcome> + Send + 'static,
+{
+    TypedHandler {
+        f,
+        _m: std::marker::PhantomData,
+    }
+}
+
+#[async_trait]
+impl<M, F, Fut> Handler for TypedHandler<M, F>
+where
+    M: prost::Message + prost::Name + Default + Send + 'static,
+    F: Fn(M, Message) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Outcome> + Send + 'static,
+{
+    async fn handle(&self, msg: &Message) -> Outcome {
+        let expected = M::full_name();
+        let got = msg.headers.schema_fqdn().unwrap_or_default();
+        if got != expected {
+            return Outcome::DeadLetter(
+                DlqCode::SchemaMismatch.reason(&format!("expected {expected} got {got}")),
+            );
+        }
+        match M::decode(msg.payload.clone()) {
+            Ok(m) => (self.f)(m, msg.clone()).await,
+            Err(e) => Outcome::DeadLetter(DlqCode::DecodeError.reason(&format!("{expected}: {e}"))),
+        }
+    }
+}
+
+/// Retry policy: bounded attempts, exponential backoff with full jitter.
+///
+/// The delay before attempt `n + 1` is uniform in `[0, min(max_delay, min_delay · 2^(n-1))]`.
+///
+/// ```
+/// use ampybus::runtime::RetryPolicy;
+/// use std::time::Duration;
+/// let p = RetryPolicy::default();
+/// assert_eq!(p.max_attempts, 5);
+/// assert_eq!(p.bound(1), Duration::from_millis(100));
+/// assert_eq!(p.bound(3), Duration::from_millis(400));
+/// assert_eq!(p.bound(30), Duration::from_secs(30));
+/// assert!(p.backoff(3) <= Duration::from_millis(400));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts in total, the first included (at least 1).
+    pub max_attempts: u32,
+    /// Backoff bound after the first failure.
+    pub min_delay: Duration,
+    /// Largest backoff bound.
+    pub max_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 5,
+            min_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(30),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The upper bound of the delay after failed attempt `attempt` (1-based).
+    pub fn bound(&self, attempt: u32) -> Duration {
+        let shift = attempt.saturating_sub(1).min(30);
+        self.min_delay
+            .saturating_mul(1u32 << shift)
+            .min(self.max_delay)
+    }
+
+    /// A full-jitter delay after failed attempt `attempt`: uniform in `[0, bound(attempt)]`.
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let bound = self.bound(attempt).as_micros() as u64;
+        Duration::from_micros(rand::random_range(0..=bound))
+    }
+}

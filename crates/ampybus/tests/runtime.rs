@@ -1,0 +1,758 @@
+//! Consumer runtime on the embedded transport: at-least-once, dedupe, per-key order, retries,
+//! DLQ reasons, graceful shutdown. Waits poll counters with a generous timeout that turns a
+//! hang into a failure; no sleep is used as synchronisation.
+
+use ampybus::codec::sha256_tag;
+use ampybus::runtime::{
+    Consumer, ConsumerHandle, DlqCode, Outcome, RetryPolicy, handler_fn, typed,
+};
+use ampybus::transport::{Delivery, StartAt, SubscribeSpec};
+use ampybus::{Bus, Envelope, Headers, Topic, TopicPattern};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const HANG: Duration = Duration::from_secs(60);
+
+fn scale() -> f64 {
+    std::env::var("AMPYBUS_TEST_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1.0)
+}
+
+async fn bus_at(dir: &std::path::Path) -> Bus {
+    Bus::connect(&format!("file://{}?sync=normal", dir.display()))
+        .await
+        .unwrap()
+}
+
+fn pat(s: &str) -> TopicPattern {
+    TopicPattern::parse(s).unwrap()
+}
+
+fn env_for(topic: &Topic, key: &str, payload: &str) -> Envelope {
+    let h = Headers::for_publish("ampy.raw.v1.Bytes", "test@1", "test", key);
+    Envelope::new(topic, h, payload.as_bytes().to_vec())
+}
+
+async fn wait_for(what: &str, cond: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < HANG, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn wait_stats(
+    what: &str,
+    h: &ConsumerHandle,
+    cond: impl Fn(&ampybus::runtime::ConsumerStats) -> bool,
+) {
+    let start = Instant::now();
+    loop {
+        let s = h.stats();
+        if cond(&s) {
+            return;
+        }
+        assert!(
+            start.elapsed() < HANG,
+            "timed out waiting for {what}: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Reads exactly `n` messages of `pattern` from the start (ephemeral), then checks no more come.
+async fn read_all(bus: &Bus, pattern: &str, n: usize) -> Vec<Delivery> {
+    let mut sub = bus
+        .subscribe(SubscribeSpec::ephemeral(pat(pattern), StartAt::Earliest))
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let start = Instant::now();
+    while out.len() < n {
+        assert!(start.elapsed() < HANG, "read {} of {n}", out.len());
+        out.extend(
+            sub.fetch(n - out.len(), Duration::from_secs(1))
+                .await
+                .unwrap(),
+        );
+    }
+    let extra = sub.fetch(10, Duration::from_millis(200)).await.unwrap();
+    assert!(extra.is_empty(), "more than {n} messages on {pattern}");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_least_once_each_message_handled_once_and_acked() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = bus_at(dir.path()).await;
+    let topic = Topic::parse("ampy.dev.news.v1.raw").unwrap();
+    let n = 500;
+    let batch: Vec<Envelope> = (0..n)
+        .map(|i| env_for(&topic, &format!("k{}", i % 10), &format!("m{i}")))
+        .collect();
+    bus.publish_batch(batch).await.unwrap();
+
+    let seen: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    let s2 = seen.clone();
+    let handle = Consumer::builder(bus.clone(), pat("ampy.dev.news.>"), "alo")
+        .handler(handler_fn(move |msg| {
+            let seen = s2.clone();
+            async move {
+                let p = String::from_utf8(msg.payload.to_vec()).unwrap();
+                *seen.lock().unwrap().entry(p).or_default() += 1;
+                Outcome::Ok
+            }
+        }))
+        .start()
+        .await
+        .unwrap();
+    assert!(!handle.is_strict());
+    wait_stats("all handled", &handle, |s| s.handled_ok == n as u64).await;
+    let stats = handle.shutdown(Duration::from_secs(10)).await;
+    assert_eq!(stats.handled_ok, n as u64);
+    assert_eq!(stats.skipped_duplicates, 0);
+    assert_eq!(stats.released, 0);
+    assert_eq!(stats.in_flight, 0);
+    assert_eq!(stats.dead_lettered_total(), 0);
+    {
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), n);
+        assert!(seen.values().all(|c| *c == 1));
+    }
+
+    // Everything was acked: another instance of the same consumer sees nothing.
+    let mut sub = bus
+        .subscribe(SubscribeSpec::durable(pat("ampy.dev.news.>"), "alo"))
+        .await
+        .unwrap();
+    assert!(
+        sub.fetch(10, Duration::from_millis(500))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dedupe_by_message_id_and_by_dedupe_key_within_domain() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = bus_at(dir.path()).await;
+    let orders = Topic::parse("ampy.dev.orders.v1.requests").unwrap();
+    let fills = Topic::parse("ampy.dev.fills.v1.events").unwrap();
+
+    // The same envelope (same message_id) twice.
+    let h = Headers::for_publish("ampy.raw.v1.Bytes", "t@1", "t", "co_1");
+    let same = bus
+        .prepare(&orders, h, bytes::Bytes::from_static(b"dup-id"))
+        .await
+        .unwrap();
+    bus.publish_wire(vec![same.clone(), same.clone()])
+        .await
+        .unwrap();
+    // Two messages with different ids but one dedupe_key in the orders domain …
+    for p in ["dk-1", "dk-2"] {
+        let h =
+            Headers::for_publish("ampy.raw.v1.Bytes", "t@1", "t", "co_2").with("dedupe_key", "k9");
+        bus.publish(&orders, h, p.as_bytes().to_vec())
+            .await
+            .unwrap();
+    }
+    // … and the same dedupe_key in another domain (not a duplicate).
+    let h = Headers::for_publish("ampy.raw.v1.Bytes", "t@1", "t", "acct-1|co_9")
+        .with("dedupe_key", "k9");
+    bus.publish(&fills, h, b"fill-k9".to_vec()).await.unwrap();
+
+    let calls: Arc<Mutex<Vec<String>>> = Arc::default();
+    let start = |calls: Arc<Mutex<Vec<String>>>| {
+        Consumer::builder(bus.clone(), pat("ampy.dev.*.v1.>"), "dd").handler(handler_fn(
+            move |msg| {
+                let calls = calls.clone();
+                async move {
+                    calls
+                        .lock()
+                        .unwrap()
+                        .push(String::from_utf8(msg.payload.to_vec()).unwrap());
+                    Outcome::Ok
+                }
+            },
+        ))
+    };
+    let handle = start(calls.clone()).start().await.unwrap();
+    wait_stats("3 handled + 2 skipped", &handle, |s| {
+        s.handled_ok == 3 && s.skipped_duplicates == 2
+    })
+    .await;
+    let stats = handle.shutdown(Duration::from_secs(10)).await;
+    assert_eq!((stats.handled_ok, stats.skipped_duplicates), (3, 2));
+    let mut got = calls.lock().unwrap().clone();
+    got.sort();
+    assert_eq!(got, vec!["dk-1", "dup-id", "fill-k9"]);
+
+    // The store is durable and shared by instances: a later duplicate is skipped by a new one.
+    bus.publish_wire(vec![same]).await.unwrap();
+    let handle = start(calls.clone()).start().await.unwrap();
+    wait_stats("skip after restart", &handle, |s| s.skipped_duplicates == 1).await;
+    let stats = handle.shutdown(Duration::from_secs(10)).await;
+    assert_eq!((stats.handled_ok, stats.skipped_duplicates), (0, 1));
+    assert_eq!(calls.lock().unwrap().len(), 3);
+    assert!(dir.path().join("dedupe.sqlite3").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_key_order_with_many_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = bus_at(dir.path()).await;
+    let topic = Topic::parse("ampy.dev.orders.v1.requests").unwrap();
+    let keys = 100;
+    let total = ((20_000.0 * scale()) as usize).max(keys);
+    let per_key = total / keys;
+    let total = per_key * keys;
+    let mut batch = Vec::with_capacity(1000);
+    for i in 0..per_key {
+        for k in 0..keys {
+            batch.push(env_for(&topic, &format!("key{k}"), &format!("key{k}:{i}")));
+            if batch.len() == 1000 {
+                bus.publish_batch(std::mem::take(&mut batch)).await.unwrap();
+            }
+        }
+    }
+    if !batch.is_empty() {
+        bus.publish_batch(batch).await.unwrap();
+    }
+
+    let seqs: Arc<Mutex<HashMap<String, Vec<usize>>>> = Arc::default();
+    let running = Arc::new(AtomicU32::new(0));
+    let max_running = Arc::new(AtomicU32::new(0));
+    let (s2, r2, m2) = (seqs.clone(), running.clone(), max_running.clone());
+    let handle = Consumer::builder(bus.clone(), pat("ampy.dev.orders.>"), "order")
+        .workers(8)
+        .handler(handler_fn(move |msg| {
+            let (seqs, running, max_running) = (s2.clone(), r2.clone(), m2.clone());
+            async move {
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                max_running.fetch_max(now, Ordering::SeqCst);
+                let s = std::str::from_utf8(&msg.payload).unwrap();
+                let (k, i) = s.rsplit_once(':').unwrap();
+                if rand::random_bool(0.5) {
+                    tokio::task::yield_now().await;
+                }
+                seqs.lock()
+                    .unwrap()
+                    .entry(k.to_owned())
+                    .or_default()
+                    .push(i.parse().unwrap());
+                if rand::random_bool(0.3) {
+                    tokio::task::yield_now().await;
+                }
+                running.fetch_sub(1, Ordering::SeqCst);
+                Outcome::Ok
+            }
+        }))
+        .start()
+        .await
+        .unwrap();
+    assert!(handle.is_strict());
+    wait_stats("all handled", &handle, |s| s.handled_ok == total as u64).await;
+    let stats = handle.shutdown(Duration::from_secs(10)).await;
+    assert_eq!(stats.handled_ok, total as u64);
+    assert_eq!(stats.skipped_duplicates, 0);
+    let seqs = seqs.lock().unwrap();
+    assert_eq!(seqs.len(), keys);
+    let want: Vec<usize> = (0..per_key).collect();
+    for (k, v) in seqs.iter() {
+        assert_eq!(v, &want, "order of {k}");
+    }
+    assert!(
+        max_running.load(Ordering::SeqCst) > 1,
+        "handlers ran concurrently"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_backoff_parks_only_its_key_in_strict_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = bus_at(dir.path()).await;
+    let topic = Topic::parse("ampy.dev.orders.v1.requests").unwrap();
+    bus.publish_batch(vec![
+        env_for(&topic, "slow", "slow:0"),
+        env_for(&topic, "slow", "slow:1"),
+    ])
+    .await
+    .unwrap();
+    let fast: Vec<Envelope> = (0..20)
+        .map(|i| env_for(&topic, "fast", &format!("fast:{i}")))
+        .collect();
+    bus.publish_batch(fast).await.unwrap();
+
+    #[derive(Default)]
+    struct Log {
+        slow0_attempts: Vec<Instant>,
+        done: Vec<(String, Instant)>,
+    }
+    let log: Arc<Mutex<Log>> = Arc::default();
+    let l2 = log.clone();
+    let policy = RetryPolicy {
+        max_attempts: 5,
+        min_delay: Duration::from_millis(100),
+        max_delay: Duration::from_secs(1),
+    };
+    // One worker: the slow key's waits must not hold it.
+    let handle = Consumer::builder(bus.clone(), pat("ampy.dev.orders.>"), "retry")
+        .workers(1)
+        .retry(policy)
+        .handler(handler_fn(move |msg| {
+            let log = l2.clone();
+            async move {
+                let p = String::from_utf8(msg.payload.to_vec()).unwrap();
+                let mut log = log.lock().unwrap();
+                if p == "slow:0" {
+                    log.slow0_attempts.push(Instant::now());
+                    match log.slow0_attempts.len() {
+                        1 => {
+                            return Outcome::Retry {
+                                after: Some(Duration::from_millis(800)),
+                            };
+                        }
+                        2 => return Outcome::Retry { after: None },
+                        _ => {}
+                    }
+                }
+                log.done.push((p, Instant::now()));
+                Outcome::Ok
+            }
+        }))
+        .start()
+        .await
+        .unwrap();
+    wait_stats("22 handled", &handle, |s| s.handled_ok == 22).await;
+    let stats = handle.shutdown(Duration::from_secs(10)).await;
+    assert_eq!(stats.handled_ok, 22);
+    assert_eq!(stats.retried, 2);
+    assert_eq!(stats.dead_lettered_total(), 0);
+    let log = log.lock().unwrap();
+    let a = &log.slow0_attempts;
+    assert_eq!(a.len(), 3);
+    let gap1 = a[1] - a[0];
+    let gap2 = a[2] - a[1];
+    assert!(
+        gap1 >= Duration::from_millis(800),
+        "explicit delay honoured: {gap1:?}"
+    );
+    assert!(
+        gap1 <= Duration::from_millis(800) + Duration::from_secs(3),
+        "{gap1:?}"
+    );
+    // Full jitter after attempt 2: within [0, 200 ms], plus generous scheduling slack.
+    assert!(
+        gap2 <= Duration::from_millis(200) + Duration::from_secs(3),
+        "{gap2:?}"
+    );
+    let when = |p: &str| log.done.iter().find(|(x, _)| x == p).unwrap().1;
+    let slow0_ok = when("slow:0");
+    // The other key flowed while the slow key waited (with a single worker).
+    for i in 0..20 {
+        assert!(
+            when(&format!("fast:{i}")) < a[1],
+            "fast:{i} finished during the backoff"
+        );
+    }
+    // Strict: the slow key's later message waited for the retried one.
+    assert!(when("slow:1") > slow0_ok);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_strict_lets_later_messages_of_the_key_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = bus_at(dir.path()).await;
+    let topic = Topic::parse("ampy.dev.news.v1.raw").unwrap();
+    bus.publish_batch(vec![env_for(&topic, "k", "a"), env_for(&topic, "k", "b")])
+        .await
+        .unwrap();
+    let order: Arc<Mutex<Vec<String>>> = Arc::default();
+    let tries = Arc::new(AtomicU32::new(0));
+    let (o2, t2) = (order.clone(), tries.clone());
+    let handle = Consumer::builder(bus.clone(), pat("ampy.dev.news.>"), "ns")
+        .strict(false)
+        .handler(handler_fn(move |msg| {
+            let (order, tries) = (o2.clone(), t2.clone());
+            async move {
+                if &msg.payload[..] == b"a" && tries.fetch_add(1, Ordering::SeqCst) == 0 {
+                    return Outcome::Retry {
+                        after: Some(Duration::from_millis(300)),
+                    };
+                }
+                order
+                    .lock()
+                    .unwrap()
+                    .push(String::from_utf8(msg.payload.to_vec()).unwrap());
+                Outcome::Ok
+            }
+        }))
+        .start()
+        .await
+        .unwrap();
+    assert!(!handle.is_strict());
+    wait_stats("2 handled", &handle, |s| s.handled_ok == 2).await;
+    let stats = handle.shutdown(Duration::from_secs(10)).await;
+    assert_eq!(stats.retried, 1);
+    assert_eq!(*order.lock().unwrap(), vec!["b", "a"]);
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct Ping {
+    #[prost(string, tag = "1")]
+    id: String,
+}
+impl prost::Name for Ping {
+    const NAME: &'static str = "Ping";
+    const PACKAGE: &'static str = "demo.v1";
+}
+
+fn check_dlq(d: &Delivery, original: &Envelope, code: DlqCode, consumer: &str, retry_count: u32) {
+    let h = &d.envelope.headers;
+    assert_eq!(d.envelope.topic, "ampy.dev.dlq.v1.news");
+    let reason = h.get("dlq_reason").unwrap();
+    assert_eq!(DlqCode::from_reason(reason), code, "{reason}");
+    assert!(
+        reason.starts_with(&format!("{}: ", code.as_str())),
+        "{reason}"
+    );
+    assert_eq!(h.get("original_topic"), Some(original.topic.as_str()));
+    assert_eq!(
+        h.get("retry_count"),
+        Some(retry_count.to_string().as_str()),
+        "{reason}"
+    );
+    assert!(ampybus::ids::is_canonical_time(h.get("dlq_at").unwrap()));
+    assert_eq!(h.get("dlq_consumer"), Some(consumer));
+    assert_eq!(
+        h.get("payload_hash").unwrap(),
+        sha256_tag(&original.payload)
+    );
+    assert_eq!(
+        d.envelope.payload, original.payload,
+        "original bytes as carried"
+    );
+    assert_eq!(h.get("original_message_id"), original.headers.message_id());
+    assert_ne!(h.message_id(), original.headers.message_id());
+    assert_eq!(h.partition_key(), original.headers.partition_key());
+    d.envelope.validate_for_publish().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_carry_reason_headers_and_original_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = bus_at(dir.path()).await;
+    let raw = Topic::parse("ampy.dev.news.v1.raw").unwrap();
+    let typed_topic = Topic::parse("ampy.dev.news.v1.typed").unwrap();
+
+    let mut originals: HashMap<&str, Envelope> = HashMap::new();
+    for (name, payload) in [
+        ("poison", "poison"),
+        ("retry", "retry"),
+        ("panic", "panic"),
+        ("ok1", "ok1"),
+        ("ok2", "ok2"),
+    ] {
+        let env = bus
+            .prepare(
+                &raw,
+                Headers::for_publish("ampy.raw.v1.Bytes", "t@1", "t", name),
+                payload.as_bytes().to_vec().into(),
+            )
+            .await
+            .unwrap();
+        bus.publish_wire(vec![env.clone()]).await.unwrap();
+        originals.insert(name, env);
+    }
+    // Bad gzip: valid headers, content_encoding=gzip, bytes that do not inflate.
+    let mut h = Headers::for_publish("ampy.raw.v1.Bytes", "t@1", "t", "gz");
+    h.set("content_encoding", "gzip");
+    let gz = Envelope::new(&raw, h, b"definitely not gzip".to_vec());
+    bus.publish_wire(vec![gz.clone()]).await.unwrap();
+    originals.insert("gz", gz);
+    // Malformed headers, written straight to the transport (bypassing publish validation).
+    let mut h = Headers::for_publish("ampy.raw.v1.Bytes", "t@1", "t", "bad");
+    h.set("produced_at", "yesterday");
+    let bad = Envelope::new(&raw, h, b"malformed".to_vec());
+    bus.transport()
+        .publish_batch(vec![bad.clone()])
+        .await
+        .unwrap();
+    originals.insert("bad", bad);
+    // Typed: wrong schema, right schema with a payload that does not decode, a good one.
+    let mk = |fqdn: &str, key: &str, payload: Vec<u8>| {
+        Envelope::new(
+            &typed_topic,
+            Headers::for_publish(fqdn, "t@1", "t", key),
+            payload,
+        )
+    };
+    let wrong = mk("demo.v1.Pong", "t1", b"x".to_vec());
+    let undecodable = mk("demo.v1.Ping", "t2", vec![0x0a, 0xff, 0xff]);
+    let good = mk(
+        "demo.v1.Ping",
+        "t3",
+        prost::Message::encode_to_vec(&Ping { id: "p1".into() }),
+    );
+    bus.publish_wire(vec![wrong.clone(), undecodable.clone(), good])
+        .await
+        .unwrap();
+
+    let ok_calls = Arc::new(AtomicU64::new(0));
+    let retry_calls = Arc::new(AtomicU64::new(0));
+    let (oc, rc) = (ok_calls.clone(), retry_calls.clone());
+    let raw_consumer = Consumer::builder(bus.clone(), pat("ampy.dev.news.v1.raw"), "dlq-raw")
+        .retry(RetryPolicy {
+            max_attempts: 3,
+            min_delay: Duration::from_millis(10),
+            max_delay: Duration::from_millis(50),
+        })
+        .handler(handler_fn(move |msg| {
+            let (oc, rc) = (oc.clone(), rc.clone());
+            async move {
+                match &msg.payload[..] {
+                    b"poison" => Outcome::DeadLetter("cannot apply".into()),
+                    b"retry" => {
+                        rc.fetch_add(1, Ordering::SeqCst);
+                        Outcome::Retry { after: None }
+                    }
+                    b"panic" => panic!("boom"),
+                    _ => {
+                        oc.fetch_add(1, Ordering::SeqCst);
+                        Outcome::Ok
+                    }
+                }
+            }
+        }))
+        .start()
+        .await
+        .unwrap();
+    let pings: Arc<Mutex<Vec<String>>> = Arc::default();
+    let p2 = pings.clone();
+    let typed_consumer = Consumer::builder(bus.clone(), pat("ampy.dev.news.v1.typed"), "dlq-typed")
+        .handler(typed(move |ping: Ping, _msg| {
+            let pings = p2.clone();
+            async move {
+                pings.lock().unwrap().push(ping.id);
+                Outcome::Ok
+            }
+        }))
+        .start()
+        .await
+        .unwrap();
+
+    wait_stats("raw consumer settled", &raw_consumer, |s| {
+        s.handled_ok == 2 && s.dead_lettered_total() == 5
+    })
+    .await;
+    wait_stats("typed consumer settled", &typed_consumer, |s| {
+        s.handled_ok == 1 && s.dead_lettered_total() == 2
+    })
+    .await;
+    // The consumer survived the panic: a message published now is still handled.
+    bus.publish(
+        &raw,
+        Headers::for_publish("ampy.raw.v1.Bytes", "t@1", "t", "late"),
+        b"late".to_vec(),
+    )
+    .await
+    .unwrap();
+    wait_stats("late message", &raw_consumer, |s| s.handled_ok == 3).await;
+
+    let rs = raw_consumer.shutdown(Duration::from_secs(10)).await;
+    let ts = typed_consumer.shutdown(Duration::from_secs(10)).await;
+    for code in [
+        DlqCode::HandlerError,
+        DlqCode::MaxRetries,
+        DlqCode::HandlerPanic,
+        DlqCode::DecodeError,
+        DlqCode::ContractViolation,
+    ] {
+        assert_eq!(rs.dlq(code), 1, "{code}: {rs:?}");
+    }
+    assert_eq!(rs.dead_lettered_total(), 5);
+    assert_eq!(rs.handled_ok, 3);
+    assert_eq!(rs.retried, 2);
+    assert_eq!(retry_calls.load(Ordering::SeqCst), 3);
+    assert_eq!(ok_calls.load(Ordering::SeqCst), 3);
+    assert_eq!(ts.dlq(DlqCode::SchemaMismatch), 1);
+    assert_eq!(ts.dlq(DlqCode::DecodeError), 1);
+    assert_eq!(ts.handled_ok, 1);
+    assert_eq!(*pings.lock().unwrap(), vec!["p1"]);
+
+    let dlq = read_all(&bus, "ampy.dev.dlq.v1.news", 7).await;
+    let by_key: HashMap<String, &Delivery> = dlq
+        .iter()
+        .map(|d| (d.envelope.headers.partition_key().unwrap().to_owned(), d))
+        .collect();
+    assert_eq!(by_key.len(), 7);
+    check_dlq(
+        by_key["poison"],
+        &originals["poison"],
+        DlqCode::HandlerError,
+        "dlq-raw",
+        1,
+    );
+    assert_eq!(
+        by_key["poison"].envelope.headers.get("dlq_reason"),
+        Some("handler_error: cannot apply")
+    );
+    check_dlq(
+        by_key["retry"],
+        &originals["retry"],
+        DlqCode::MaxRetries,
+        "dlq-raw",
+        3,
+    );
+    check_dlq(
+        by_key["panic"],
+        &originals["panic"],
+        DlqCode::HandlerPanic,
+        "dlq-raw",
+        1,
+    );
+    assert_eq!(
+        by_key["panic"].envelope.headers.get("dlq_reason"),
+        Some("handler_panic: boom")
+    );
+    check_dlq(
+        by_key["gz"],
+        &originals["gz"],
+        DlqCode::DecodeError,
+        "dlq-raw",
+        1,
+    );
+    assert_eq!(
+        by_key["gz"].envelope.headers.content_encoding(),
+        Some("gzip")
+    );
+    let bad = by_key["bad"];
+    check_dlq(
+        bad,
+        &originals["bad"],
+        DlqCode::ContractViolation,
+        "dlq-raw",
+        1,
+    );
+    assert!(
+        bad.envelope
+            .headers
+            .get("dlq_reason")
+            .unwrap()
+            .contains("produced_at")
+    );
+    assert_eq!(
+        bad.envelope.headers.get("original_produced_at"),
+        Some("yesterday")
+    );
+    check_dlq(
+        by_key["t1"],
+        &wrong,
+        DlqCode::SchemaMismatch,
+        "dlq-typed",
+        1,
+    );
+    assert_eq!(
+        by_key["t1"].envelope.headers.get("dlq_reason"),
+        Some("schema_mismatch: expected demo.v1.Ping got demo.v1.Pong")
+    );
+    check_dlq(
+        by_key["t2"],
+        &undecodable,
+        DlqCode::DecodeError,
+        "dlq-typed",
+        1,
+    );
+
+    // Every original was acked (DLQ write first): nothing comes again.
+    for (p, name) in [
+        ("ampy.dev.news.v1.raw", "dlq-raw"),
+        ("ampy.dev.news.v1.typed", "dlq-typed"),
+    ] {
+        let mut sub = bus
+            .subscribe(SubscribeSpec::durable(pat(p), name))
+            .await
+            .unwrap();
+        assert!(
+            sub.fetch(10, Duration::from_millis(300))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_releases_unfinished_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = bus_at(dir.path()).await;
+    let topic = Topic::parse("ampy.dev.news.v1.sd").unwrap();
+    let n = 10;
+    let batch: Vec<Envelope> = (0..n)
+        .map(|i| env_for(&topic, &format!("k{i}"), &format!("m{i}")))
+        .collect();
+    bus.publish_batch(batch).await.unwrap();
+
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let started = Arc::new(AtomicU32::new(0));
+    let finished: Arc<Mutex<Vec<String>>> = Arc::default();
+    let make = |gate: Arc<tokio::sync::Semaphore>,
+                started: Arc<AtomicU32>,
+                finished: Arc<Mutex<Vec<String>>>| {
+        handler_fn(move |msg| {
+            let (gate, started, finished) = (gate.clone(), started.clone(), finished.clone());
+            async move {
+                started.fetch_add(1, Ordering::SeqCst);
+                gate.acquire().await.unwrap().forget();
+                finished
+                    .lock()
+                    .unwrap()
+                    .push(String::from_utf8(msg.payload.to_vec()).unwrap());
+                Outcome::Ok
+            }
+        })
+    };
+    let handle = Consumer::builder(bus.clone(), pat("ampy.dev.news.>"), "sd")
+        .workers(4)
+        .ack_deadline(Duration::from_secs(5))
+        .handler(make(gate.clone(), started.clone(), finished.clone()))
+        .start()
+        .await
+        .unwrap();
+    wait_for("4 handlers in flight", || {
+        started.load(Ordering::SeqCst) == 4
+    })
+    .await;
+    wait_stats("all fetched", &handle, |s| s.in_flight == n).await;
+    // Let exactly two handlers finish; the rest hang past the deadline.
+    gate.add_permits(2);
+    let stats = handle.shutdown(Duration::from_millis(500)).await;
+    let first: HashSet<String> = finished.lock().unwrap().iter().cloned().collect();
+    assert_eq!(first.len(), 2);
+    assert_eq!(stats.handled_ok, 2);
+    assert_eq!(stats.released, n - 2);
+    assert_eq!(stats.in_flight, 0);
+
+    // A new instance gets exactly the unfinished ones, at once (released, not left to expire).
+    let finished2: Arc<Mutex<Vec<String>>> = Arc::default();
+    let open = Arc::new(tokio::sync::Semaphore::new(1000));
+    let handle = Consumer::builder(bus.clone(), pat("ampy.dev.news.>"), "sd")
+        .handler(make(open, Arc::new(AtomicU32::new(0)), finished2.clone()))
+        .start()
+        .await
+        .unwrap();
+    wait_stats("rest handled", &handle, |s| s.handled_ok == n - 2).await;
+    let stats2 = handle.shutdown(Duration::from_secs(10)).await;
+    assert_eq!(stats2.handled_ok, n - 2);
+    assert_eq!(stats2.skipped_duplicates, 0);
+    let second: HashSet<String> = finished2.lock().unwrap().iter().cloned().collect();
+    assert_eq!(second.len(), (n - 2) as usize);
+    assert!(first.is_disjoint(&second));
+    let all: HashSet<String> = first.union(&second).cloned().collect();
+    assert_eq!(all.len(), n as usize);
+}
