@@ -336,7 +336,10 @@ impl Headers {
         }
         let id = self.get(MESSAGE_ID).unwrap_or_default();
         match uuid::Uuid::try_parse(id) {
-            Ok(u) if u.get_version_num() == 7 && u.hyphenated().to_string() == id => {}
+            Ok(u)
+                if u.get_version_num() == 7
+                    && u.get_variant() == uuid::Variant::RFC4122
+                    && u.hyphenated().to_string() == id => {}
             Ok(_) => {
                 return Err(Error::header(
                     MESSAGE_ID,
@@ -365,13 +368,13 @@ impl Headers {
                 ),
             ));
         }
-        if let Some(ce) = self.get(CONTENT_ENCODING) {
-            if ce != "gzip" {
-                return Err(Error::header(
-                    CONTENT_ENCODING,
-                    format!("must be absent or `gzip` (got {})", show(ce)),
-                ));
-            }
+        if let Some(ce) = self.get(CONTENT_ENCODING)
+            && ce != "gzip"
+        {
+            return Err(Error::header(
+                CONTENT_ENCODING,
+                format!("must be absent or `gzip` (got {})", show(ce)),
+            ));
         }
         let pa = self.get(PRODUCED_AT).unwrap_or_default();
         if !ids::is_canonical_time(pa) {
@@ -403,21 +406,21 @@ impl Headers {
                         ),
                     )
                 })?;
-                if let Some(t) = self.get(TRACE_ID) {
-                    if !t.eq_ignore_ascii_case(&tc.trace_id) {
-                        return Err(Error::header(
-                            TRACE_ID,
-                            "must equal the trace id inside `traceparent`",
-                        ));
-                    }
+                if let Some(t) = self.get(TRACE_ID)
+                    && !t.eq(&tc.trace_id)
+                {
+                    return Err(Error::header(
+                        TRACE_ID,
+                        "must equal the trace id inside `traceparent`",
+                    ));
                 }
-                if let Some(s) = self.get(SPAN_ID) {
-                    if !s.eq_ignore_ascii_case(&tc.span_id) {
-                        return Err(Error::header(
-                            SPAN_ID,
-                            "must equal the span id inside `traceparent`",
-                        ));
-                    }
+                if let Some(s) = self.get(SPAN_ID)
+                    && !s.eq(&tc.span_id)
+                {
+                    return Err(Error::header(
+                        SPAN_ID,
+                        "must equal the span id inside `traceparent`",
+                    ));
                 }
             }
         }
@@ -430,19 +433,22 @@ impl Headers {
         if let Some(v) = self.get(DEDUPE_KEY) {
             check_text(DEDUPE_KEY, v)?;
         }
-        if let Some(v) = self.get(RETRY_COUNT) {
-            if v.parse::<u32>().is_err() {
-                return Err(Error::header(
-                    RETRY_COUNT,
-                    format!("must be a non-negative integer (got {})", show(v)),
-                ));
-            }
+        if let Some(v) = self.get(RETRY_COUNT)
+            && (!is_decimal(v) || v.parse::<u32>().is_err())
+        {
+            return Err(Error::header(
+                RETRY_COUNT,
+                format!("must be a non-negative integer (got {})", show(v)),
+            ));
         }
         if let Some(v) = self.get(DLQ_REASON) {
             let code = v.split(':').next().unwrap_or_default();
             if !v.contains(':')
                 || code.is_empty()
-                || !code.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+                || !code.starts_with(|c: char| c.is_ascii_lowercase())
+                || !code
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
             {
                 return Err(Error::header(
                     DLQ_REASON,
@@ -468,13 +474,13 @@ impl Headers {
             }
         }
         for name in [BLOB_HASH, PAYLOAD_HASH] {
-            if let Some(v) = self.get(name) {
-                if !v.strip_prefix("sha256:").is_some_and(is_sha256_hex) {
-                    return Err(Error::header(
-                        name,
-                        format!("must be `sha256:<64 lowercase hex>` (got {})", show(v)),
-                    ));
-                }
+            if let Some(v) = self.get(name)
+                && !v.strip_prefix("sha256:").is_some_and(is_sha256_hex)
+            {
+                return Err(Error::header(
+                    name,
+                    format!("must be `sha256:<64 lowercase hex>` (got {})", show(v)),
+                ));
             }
         }
         let blob = [
@@ -488,13 +494,13 @@ impl Headers {
                 "`blob_ref`, `blob_hash` and `blob_size` go together: all three or none",
             ));
         }
-        if let Some(v) = self.get(BLOB_SIZE) {
-            if v.parse::<u64>().is_err() {
-                return Err(Error::header(
-                    BLOB_SIZE,
-                    format!("must be a non-negative integer (got {})", show(v)),
-                ));
-            }
+        if let Some(v) = self.get(BLOB_SIZE)
+            && (!is_decimal(v) || v.parse::<u64>().is_err())
+        {
+            return Err(Error::header(
+                BLOB_SIZE,
+                format!("must be a non-negative integer (got {})", show(v)),
+            ));
         }
         if let Some(v) = self.get(BLOB_REF) {
             check_text(BLOB_REF, v)?;
@@ -502,28 +508,28 @@ impl Headers {
         if let Some(v) = self.get(ORIGINAL_TOPIC) {
             Topic::parse(v).map_err(|e| Error::header(ORIGINAL_TOPIC, e.message()))?;
         }
-        if let Some(v) = self.get(DLQ_AT) {
-            if !ids::is_canonical_time(v) {
-                return Err(Error::header(
-                    DLQ_AT,
-                    format!(
-                        "must be RFC3339 UTC as YYYY-MM-DDTHH:MM:SS.ffffffZ (got {})",
-                        show(v)
-                    ),
-                ));
-            }
+        if let Some(v) = self.get(DLQ_AT)
+            && !ids::is_canonical_time(v)
+        {
+            return Err(Error::header(
+                DLQ_AT,
+                format!(
+                    "must be RFC3339 UTC as YYYY-MM-DDTHH:MM:SS.ffffffZ (got {})",
+                    show(v)
+                ),
+            ));
         }
         if let Some(v) = self.get(DLQ_CONSUMER) {
             check_text(DLQ_CONSUMER, v)?;
         }
         for name in [REPLAY_REQUEST_ID, REDRIVE_OF] {
-            if let Some(v) = self.get(name) {
-                if uuid::Uuid::try_parse(v).is_err() {
-                    return Err(Error::header(
-                        name,
-                        format!("must be a UUID (got {})", show(v)),
-                    ));
-                }
+            if let Some(v) = self.get(name)
+                && uuid::Uuid::try_parse(v).is_err()
+            {
+                return Err(Error::header(
+                    name,
+                    format!("must be a UUID (got {})", show(v)),
+                ));
             }
         }
         Ok(())
@@ -572,27 +578,26 @@ impl Headers {
             )
         })?;
         self.set(PRODUCED_AT, ids::format_time(t));
-        if let Some(ce) = self.get(CONTENT_ENCODING) {
-            if !ce.is_empty()
-                && !ce.eq_ignore_ascii_case("gzip")
-                && !ce.eq_ignore_ascii_case("identity")
-            {
-                return Err(Error::header(
-                    CONTENT_ENCODING,
-                    format!(
-                        "unsupported encoding {} (absent, `gzip` or `identity`)",
-                        show(ce)
-                    ),
-                ));
-            }
+        if let Some(ce) = self.get(CONTENT_ENCODING)
+            && !ce.is_empty()
+            && !ce.eq_ignore_ascii_case("gzip")
+            && !ce.eq_ignore_ascii_case("identity")
+        {
+            return Err(Error::header(
+                CONTENT_ENCODING,
+                format!(
+                    "unsupported encoding {} (absent, `gzip` or `identity`)",
+                    show(ce)
+                ),
+            ));
         }
-        if let Some(v) = self.get(RETRY_COUNT) {
-            if v.trim().parse::<u32>().is_err() {
-                return Err(Error::header(
-                    RETRY_COUNT,
-                    format!("must be a non-negative integer (got {})", show(v)),
-                ));
-            }
+        if let Some(v) = self.get(RETRY_COUNT)
+            && v.trim().parse::<u32>().is_err()
+        {
+            return Err(Error::header(
+                RETRY_COUNT,
+                format!("must be a non-negative integer (got {})", show(v)),
+            ));
         }
         if self.traceparent().and_then(TraceContext::parse).is_none() {
             if let Some(tc) = self
@@ -633,6 +638,10 @@ impl From<BTreeMap<String, String>> for Headers {
     fn from(m: BTreeMap<String, String>) -> Self {
         Headers(m)
     }
+}
+
+fn is_decimal(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())
 }
 
 fn is_sha256_hex(s: &str) -> bool {
@@ -691,6 +700,22 @@ fn check_fqdn(v: &str) -> Result<()> {
     }
 }
 
+/// `-pre.release` and/or `+build.meta`: non-empty dot-separated `[0-9A-Za-z-]` identifiers.
+fn semver_tail_ok(tail: &str) -> bool {
+    let idents_ok = |s: &str| {
+        !s.is_empty()
+            && s.split('.').all(|id| {
+                !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            })
+    };
+    let (pre, build) = match tail.split_once('+') {
+        Some((pre, build)) => (pre, Some(build)),
+        None => (tail, None),
+    };
+    let pre_ok = pre.is_empty() || pre.strip_prefix('-').is_some_and(idents_ok);
+    pre_ok && build.is_none_or(idents_ok)
+}
+
 fn check_semver(v: &str) -> Result<()> {
     let core = v.split(['-', '+']).next().unwrap_or_default();
     let parts: Vec<&str> = core.split('.').collect();
@@ -700,8 +725,7 @@ fn check_semver(v: &str) -> Result<()> {
                 && p.bytes().all(|b| b.is_ascii_digit())
                 && (p.len() == 1 || !p.starts_with('0'))
         })
-        && v.len() >= core.len()
-        && (v.len() == core.len() || v[core.len()..].len() > 1);
+        && semver_tail_ok(&v[core.len()..]);
     if ok {
         Ok(())
     } else {
@@ -822,6 +846,26 @@ mod tests {
             (DLQ_AT, Some("now"), "`dlq_at`: must be RFC3339"),
             (REDRIVE_OF, Some("x"), "`redrive_of`: must be a UUID"),
             (
+                RETRY_COUNT,
+                Some("+1"),
+                "`retry_count`: must be a non-negative integer",
+            ),
+            (
+                SCHEMA_VERSION,
+                Some("1.0.0-+"),
+                "`schema_version`: must be semver",
+            ),
+            (
+                MESSAGE_ID,
+                Some("019a6b3c-1d2e-7f00-0a00-0123456789ab"),
+                "`message_id`: must be a UUIDv7",
+            ),
+            (
+                DLQ_REASON,
+                Some("5xx: upstream"),
+                "`dlq_reason`: must be `code: detail`",
+            ),
+            (
                 "bad name",
                 Some("x"),
                 "header names must be printable ASCII",
@@ -840,6 +884,17 @@ mod tests {
                 e.to_string().contains(want),
                 "{name}={value:?}: {e} does not contain {want:?}"
             );
+        }
+    }
+
+    #[test]
+    fn tightened_rules_still_accept_valid_forms() {
+        for (name, v) in [
+            (SCHEMA_VERSION, "1.2.3-rc.1+build.7"),
+            (DLQ_REASON, "http_500: upstream failed"),
+            (RETRY_COUNT, "12"),
+        ] {
+            good().with(name, v).validate_for_publish(&topic()).unwrap();
         }
     }
 

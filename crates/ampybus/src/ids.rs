@@ -100,9 +100,12 @@ pub fn now_timestamp() -> String {
 /// assert_eq!(ampybus::ids::format_time(t), "2025-09-05T19:31:01.000000Z");
 /// ```
 pub fn parse_time(s: &str) -> Option<DateTime<Utc>> {
+    use chrono::Datelike;
+    // Years outside 0000–9999 in UTC cannot be written back as RFC3339.
     DateTime::parse_from_rfc3339(s)
         .ok()
         .map(|t| t.with_timezone(&Utc))
+        .filter(|t| (0..=9999).contains(&t.year()))
 }
 
 /// True when `s` is exactly in the emitted form `YYYY-MM-DDTHH:MM:SS.ffffffZ` and a real time.

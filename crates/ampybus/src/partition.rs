@@ -53,15 +53,17 @@ fn is_symbol(s: &str) -> bool {
 /// assert_eq!(split_security("AAPL"), None);
 /// ```
 pub fn split_security(s: &str) -> Option<(&str, &str)> {
-    if let Some((first, rest)) = s.split_once('.') {
-        if is_mic(first) && is_symbol(rest) {
-            return Some((first, rest));
-        }
+    if let Some((first, rest)) = s.split_once('.')
+        && is_mic(first)
+        && is_symbol(rest)
+    {
+        return Some((first, rest));
     }
-    if let Some((rest, last)) = s.rsplit_once('.') {
-        if is_mic(last) && is_symbol(rest) {
-            return Some((last, rest));
-        }
+    if let Some((rest, last)) = s.rsplit_once('.')
+        && is_mic(last)
+        && is_symbol(rest)
+    {
+        return Some((last, rest));
     }
     None
 }

@@ -149,7 +149,7 @@ fn fqdn() -> impl Strategy<Value = String> {
 }
 
 fn semver() -> impl Strategy<Value = String> {
-    "(0|[1-9][0-9]{0,3})\\.(0|[1-9][0-9]{0,3})\\.(0|[1-9][0-9]{0,3})(-[a-z0-9.]{1,8})?"
+    "(0|[1-9][0-9]{0,3})\\.(0|[1-9][0-9]{0,3})\\.(0|[1-9][0-9]{0,3})(-[a-z0-9]{1,4}(\\.[a-z0-9]{1,4}){0,2})?(\\+[a-z0-9]{1,4})?"
 }
 
 /// Unknown headers: names the contract does not define, printable values (any Unicode but
@@ -205,7 +205,7 @@ fn valid_message() -> impl Strategy<Value = (Topic, Headers)> {
                 h.set("run_id", run);
                 h.set("traceparent", tc.to_traceparent());
                 if old_ids {
-                    h.set("trace_id", tc.trace_id.to_ascii_uppercase());
+                    h.set("trace_id", tc.trace_id.clone());
                     h.set("span_id", tc.span_id.clone());
                 }
                 if gz {
@@ -702,12 +702,13 @@ fn produced_at_inside_years_0000_to_9999_normalises_idempotently() {
 /// Found while writing the idempotency property: an RFC3339 time whose offset moves it out
 /// of years 0000–9999 in UTC is accepted by `normalize_for_consume` and rewritten to a form
 /// (`-0001-12-31T23:00:00.000000Z`, `+10000-01-01T00:59:59.000000Z`) that the next
-/// normalisation (e.g. after a DLQ redrive) rejects. Not a panic; left for the owner of
-/// `headers.rs` (either refuse such times on consume or clamp them). Run with `--ignored`.
+/// normalisation (e.g. after a DLQ redrive) rejects. Fixed: such times are refused on
+/// consume (`ids::parse_time` only accepts UTC years 0000–9999).
 #[test]
-#[ignore = "core bug in headers.rs: produced_at normalised outside years 0000-9999 is not re-parseable"]
 fn produced_at_out_of_range_after_offset_normalises_idempotently() {
     for t in ["0000-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"] {
+        let err = consumable(t).normalize_for_consume().unwrap_err();
+        assert!(err.to_string().contains("`produced_at`"), "{t}: {err}");
         let mut h = consumable(t);
         if h.normalize_for_consume().is_ok() {
             let once = h.clone();

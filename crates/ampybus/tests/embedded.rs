@@ -271,15 +271,17 @@ async fn two_instances_share_work_exactly_once_in_key_order() {
         n,
         "handled {per_instance:?}"
     );
-    let seen = seen.lock().unwrap();
-    assert_eq!(seen.len(), keys);
-    for (k, v) in seen.iter() {
-        let idx: usize = k[1..].parse().unwrap();
-        assert_eq!(
-            v,
-            &(0..counters[idx]).collect::<Vec<_>>(),
-            "key {k} out of order or duplicated"
-        );
+    {
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), keys);
+        for (k, v) in seen.iter() {
+            let idx: usize = k[1..].parse().unwrap();
+            assert_eq!(
+                v,
+                &(0..counters[idx]).collect::<Vec<_>>(),
+                "key {k} out of order or duplicated"
+            );
+        }
     }
     bus.close().await.unwrap();
 }

@@ -237,12 +237,13 @@ fn percent_decode(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+        {
+            out.push(v);
+            i += 3;
+            continue;
         }
         out.push(b[i]);
         i += 1;
@@ -259,16 +260,15 @@ fn us_to_time(us: i64) -> DateTime<Utc> {
 }
 
 fn storage(what: &str, e: rusqlite::Error) -> Error {
-    if let rusqlite::Error::SqliteFailure(f, _) = &e {
-        if f.code == rusqlite::ErrorCode::DatabaseBusy
-            || f.code == rusqlite::ErrorCode::DatabaseLocked
-        {
-            return Error::with_source(
-                ErrorKind::Timeout,
-                format!("embedded log: {what}: the database stayed locked by another process"),
-                e,
-            );
-        }
+    if let rusqlite::Error::SqliteFailure(f, _) = &e
+        && (f.code == rusqlite::ErrorCode::DatabaseBusy
+            || f.code == rusqlite::ErrorCode::DatabaseLocked)
+    {
+        return Error::with_source(
+            ErrorKind::Timeout,
+            format!("embedded log: {what}: the database stayed locked by another process"),
+            e,
+        );
     }
     Error::transport(format!("embedded log: {what}"), e)
 }
@@ -624,10 +624,10 @@ fn writer_loop(mut w: Writer, rx: mpsc::Receiver<Cmd>, notify: Arc<Notify>) {
             f(&mut w);
         }
         notify.notify_waiters();
-        if w.last_retention.elapsed() >= w.opts.retention_interval {
-            if let Err(e) = w.retention() {
-                tracing::warn!(error = %e, "embedded log retention failed");
-            }
+        if w.last_retention.elapsed() >= w.opts.retention_interval
+            && let Err(e) = w.retention()
+        {
+            tracing::warn!(error = %e, "embedded log retention failed");
         }
     }
 }
@@ -1293,6 +1293,9 @@ impl ReplayByTime for EmbeddedLog {
     }
 }
 
+/// `(seq, topic, log_us, headers, payload)` as read for a window.
+type WindowRow = (i64, String, i64, Vec<u8>, Vec<u8>);
+
 fn read_window_blocking(conn: &Connection, q: &WindowQuery) -> Result<Vec<StoredMessage>> {
     let first_at = |t: Option<DateTime<Utc>>, default: i64| -> Result<i64> {
         match t {
@@ -1306,7 +1309,7 @@ fn read_window_blocking(conn: &Connection, q: &WindowQuery) -> Result<Vec<Stored
     let hi = first_at(q.end, i64::MAX)?; // exclusive
     let limit = q.limit.max(1);
     let mut out = Vec::new();
-    let to_msg = |r: &rusqlite::Row<'_>| -> rusqlite::Result<(i64, String, i64, Vec<u8>, Vec<u8>)> {
+    let to_msg = |r: &rusqlite::Row<'_>| -> rusqlite::Result<WindowRow> {
         Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
     };
     let mut push =
