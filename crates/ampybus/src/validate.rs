@@ -117,9 +117,28 @@ pub fn validate_envelope_json(
         ));
     }
 
+    // A dead-lettered message carries the original bytes as they were, poison included: its
+    // payload must match `payload_hash` but need not decode.
+    let dead_lettered = env.topic().is_ok_and(|t| t.domain() == crate::Domain::Dlq);
+    if dead_lettered && let Some(want) = env.headers.payload_hash() {
+        let got = codec::sha256_tag(&env.payload);
+        if got != want {
+            return Err(Error::header(
+                names::PAYLOAD_HASH,
+                format!("does not match the payload: expected {got}, got {want}"),
+            ));
+        }
+    }
     if let Some(decoded) = decoder.and_then(|d| d.decode_json(fqdn, &raw)) {
-        let decoded = decoded
-            .map_err(|e| Error::payload(format!("payload: does not decode as {fqdn}: {e}")))?;
+        let decoded = match decoded {
+            Ok(v) => v,
+            Err(_) if dead_lettered && value.get("payload_json").is_none() => return Ok(env),
+            Err(e) => {
+                return Err(Error::payload(format!(
+                    "payload: does not decode as {fqdn}: {e}"
+                )));
+            }
+        };
         if let Some(given) = value.get("payload_json")
             && *given != decoded
         {
