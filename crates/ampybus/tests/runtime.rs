@@ -756,3 +756,42 @@ async fn graceful_shutdown_releases_unfinished_messages() {
     let all: HashSet<String> = first.union(&second).cloned().collect();
     assert_eq!(all.len(), n as usize);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_of_queued_messages_are_extended_behind_a_slow_handler() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = bus_at(dir.path()).await;
+    let topic = Topic::parse("ampy.dev.orders.v1.requests").unwrap();
+    let n = 6;
+    let batch: Vec<Envelope> = (0..n)
+        .map(|i| env_for(&topic, "co_slow", &format!("m{i}")))
+        .collect();
+    bus.publish_batch(batch).await.unwrap();
+    let seen: Arc<Mutex<Vec<(String, u32)>>> = Arc::default();
+    let s2 = seen.clone();
+    // Each handler outlives the ack deadline; the messages queued behind it wait ~n× as long.
+    let handle = Consumer::builder(bus.clone(), pat("ampy.dev.orders.>"), "slow")
+        .workers(1)
+        .ack_deadline(Duration::from_millis(300))
+        .handler(handler_fn(move |msg| {
+            let seen = s2.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                seen.lock().unwrap().push((
+                    String::from_utf8(msg.payload.to_vec()).unwrap(),
+                    msg.info.delivery_count,
+                ));
+                Outcome::Ok
+            }
+        }))
+        .start()
+        .await
+        .unwrap();
+    wait_stats("all handled", &handle, |s| s.handled_ok == n as u64).await;
+    let stats = handle.shutdown(Duration::from_secs(10)).await;
+    assert_eq!(stats.handled_ok, n as u64);
+    assert_eq!(stats.skipped_duplicates, 0, "nothing was delivered twice");
+    let seen = seen.lock().unwrap().clone();
+    let want: Vec<(String, u32)> = (0..n).map(|i| (format!("m{i}"), 1)).collect();
+    assert_eq!(seen, want);
+}

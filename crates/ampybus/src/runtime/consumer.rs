@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -251,6 +251,7 @@ impl ConsumerBuilder {
         });
         let acker = tokio::spawn(run_acker(shared.clone(), ack_rx));
         let fetcher = tokio::spawn(run_fetcher(shared.clone(), sub));
+        let refresher = tokio::spawn(run_refresher(shared.clone()));
         let workers = (0..self.workers)
             .map(|_| tokio::spawn(run_worker(shared.clone())))
             .collect();
@@ -260,6 +261,7 @@ impl ConsumerBuilder {
             fetcher: Some(fetcher),
             workers,
             acker: Some(acker),
+            refresher: Some(refresher),
         })
     }
 }
@@ -321,6 +323,7 @@ pub struct ConsumerHandle {
     fetcher: Option<JoinHandle<()>>,
     workers: Vec<JoinHandle<()>>,
     acker: Option<JoinHandle<()>>,
+    refresher: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for ConsumerHandle {
@@ -389,6 +392,9 @@ impl ConsumerHandle {
             }
         }
         self.workers.clear();
+        if let Some(r) = self.refresher.take() {
+            let _ = r.await;
+        }
         let leftovers = {
             let mut s = self.shared.sched.lock().unwrap_or_else(|p| p.into_inner());
             let mut items = Vec::new();
@@ -417,6 +423,10 @@ struct Item {
     msg: Option<Message>,
     dedupe_checked: bool,
     last_error: String,
+    /// When the lease was last taken or extended.
+    refreshed: Instant,
+    /// Put back at the head of its key's queue by a strict retry.
+    parked_head: bool,
 }
 
 #[derive(Default)]
@@ -424,6 +434,8 @@ struct KeyState {
     queue: VecDeque<Item>,
     busy: bool,
     parked: bool,
+    /// The refresher has the queue out to extend leases.
+    refreshing: bool,
     in_ready: bool,
 }
 
@@ -441,12 +453,13 @@ impl Sched {
         let Some(ks) = self.keys.get_mut(key) else {
             return false;
         };
-        if !ks.busy && !ks.parked && !ks.in_ready && !ks.queue.is_empty() {
+        let blocked = ks.busy || ks.parked || ks.refreshing;
+        if !blocked && !ks.in_ready && !ks.queue.is_empty() {
             ks.in_ready = true;
             self.ready.push_back(key.to_owned());
             return true;
         }
-        if !ks.busy && !ks.parked && ks.queue.is_empty() {
+        if !blocked && ks.queue.is_empty() {
             self.keys.remove(key);
         }
         false
@@ -467,10 +480,11 @@ impl Sched {
                 continue;
             };
             ks.in_ready = false;
-            if ks.busy || ks.parked {
+            if ks.busy || ks.parked || ks.refreshing {
                 continue;
             }
-            if let Some(item) = ks.queue.pop_front() {
+            if let Some(mut item) = ks.queue.pop_front() {
+                item.parked_head = false;
                 ks.busy = true;
                 return Some((key, item));
             }
@@ -573,6 +587,8 @@ async fn run_fetcher(shared: Arc<Shared>, mut sub: Box<dyn crate::transport::Sub
                         msg: None,
                         dedupe_checked: false,
                         last_error: String::new(),
+                        refreshed: Instant::now(),
+                        parked_head: false,
                     };
                     let queued = shared
                         .sched
@@ -587,6 +603,59 @@ async fn run_fetcher(shared: Arc<Shared>, mut sub: Box<dyn crate::transport::Sub
             Err(e) => {
                 tracing::warn!(consumer = %shared.name, error = %e, "fetch failed; retrying");
                 tokio::time::sleep(FETCH_WAIT).await;
+            }
+        }
+    }
+}
+
+/// Extends the leases of messages waiting in the per-key queues (behind a slow handler or a
+/// parked retry) so that they are not delivered again while they wait. A key whose queue is
+/// out for refreshing is blocked like a parked key, so its order holds.
+async fn run_refresher(shared: Arc<Shared>) {
+    let every = (shared.ack_deadline / 3).max(Duration::from_millis(10));
+    let mut phase = shared.phase.clone();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = wait_phase(&mut phase, DRAINING) => return,
+        }
+        let Some(cutoff) = Instant::now().checked_sub(every) else {
+            continue;
+        };
+        let due: Vec<(String, VecDeque<Item>)> = {
+            let mut s = shared.sched.lock().unwrap_or_else(|p| p.into_inner());
+            let mut due = Vec::new();
+            for (k, ks) in s.keys.iter_mut() {
+                if !ks.refreshing && ks.queue.iter().any(|it| it.refreshed <= cutoff) {
+                    ks.refreshing = true;
+                    due.push((k.clone(), std::mem::take(&mut ks.queue)));
+                }
+            }
+            due
+        };
+        for (key, mut queue) in due {
+            for it in queue.iter_mut().filter(|it| it.refreshed <= cutoff) {
+                if let Err(e) = it.delivery.in_progress().await {
+                    tracing::warn!(consumer = %shared.name, error = %e, "lease extension failed");
+                }
+                it.refreshed = Instant::now();
+            }
+            let queued = {
+                let mut s = shared.sched.lock().unwrap_or_else(|p| p.into_inner());
+                let ks = s.keys.entry(key.clone()).or_default();
+                // A strict retry parked meanwhile goes first; arrivals go last.
+                let mut merged = VecDeque::with_capacity(queue.len() + ks.queue.len());
+                while ks.queue.front().is_some_and(|it| it.parked_head) {
+                    merged.extend(ks.queue.pop_front());
+                }
+                merged.extend(queue);
+                merged.extend(ks.queue.drain(..));
+                ks.queue = merged;
+                ks.refreshing = false;
+                s.make_ready(&key)
+            };
+            if queued {
+                shared.notify.notify_one();
             }
         }
     }
@@ -757,7 +826,9 @@ impl Shared {
                     let ks = s.keys.entry(key.clone()).or_default();
                     ks.busy = false;
                     ks.parked = true;
-                    ks.queue.push_front(*item);
+                    let mut item = *item;
+                    item.parked_head = true;
+                    ks.queue.push_front(item);
                 }
                 let shared = self.clone();
                 tokio::spawn(async move {
@@ -871,6 +942,7 @@ impl Shared {
         let attempt = self.next_attempt(&mut item);
         if item.local_attempts > 1 {
             let _ = item.delivery.in_progress().await;
+            item.refreshed = Instant::now();
         }
         let outcome = {
             let fut = AssertUnwindSafe(self.handler.handle(&msg)).catch_unwind();
@@ -970,7 +1042,9 @@ impl Shared {
         let delay = after
             .unwrap_or_else(|| self.retry.backoff(attempt))
             .min(self.ack_deadline / 2);
+        let mut item = item;
         let _ = item.delivery.in_progress().await;
+        item.refreshed = Instant::now();
         Step::Retry(Box::new(item), delay)
     }
 
