@@ -242,6 +242,7 @@ impl ConsumerBuilder {
             ack_deadline: self.ack_deadline,
             dedupe,
             pending: Mutex::new(HashSet::new()),
+            handling: Mutex::new(HashSet::new()),
             sched: Mutex::new(Sched::default()),
             notify: Notify::new(),
             counters: Counters::default(),
@@ -513,12 +514,46 @@ struct Shared {
     dedupe: Option<Arc<dyn DedupeStore>>,
     /// Keys handled Ok whose dedupe record is not written yet.
     pending: Mutex<HashSet<String>>,
+    /// Dedupe keys of messages being handled right now.
+    handling: Mutex<HashSet<String>>,
     sched: Mutex<Sched>,
     notify: Notify,
     counters: Counters,
     permits: Arc<Semaphore>,
     phase: watch::Receiver<u8>,
     ack_tx: mpsc::UnboundedSender<AckMsg>,
+}
+
+/// How long a message waits when another one with the same dedupe key is being handled.
+const CLAIM_WAIT: Duration = Duration::from_millis(5);
+
+/// In-process claim on dedupe keys while a handler runs; released on drop.
+struct Claim<'a> {
+    set: &'a Mutex<HashSet<String>>,
+    keys: Vec<String>,
+}
+
+impl<'a> Claim<'a> {
+    fn take(set: &'a Mutex<HashSet<String>>, keys: &[String]) -> Option<Claim<'a>> {
+        let mut s = set.lock().unwrap_or_else(|p| p.into_inner());
+        if keys.iter().any(|k| s.contains(k)) {
+            return None;
+        }
+        s.extend(keys.iter().cloned());
+        Some(Claim {
+            set,
+            keys: keys.to_vec(),
+        })
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        let mut s = self.set.lock().unwrap_or_else(|p| p.into_inner());
+        for k in &self.keys {
+            s.remove(k);
+        }
+    }
 }
 
 enum Step {
@@ -931,6 +966,11 @@ impl Shared {
         }
         let msg = item.msg.clone().expect("prepared above");
         let keys = dedupe_keys(&msg.headers, msg.topic.domain());
+        // Two messages with one dedupe key (e.g. the same `dedupe_key` under different
+        // partition keys) never run at once here: the later one waits and then re-checks.
+        let Some(_claim) = Claim::take(&self.handling, &keys) else {
+            return Step::Retry(Box::new(item), CLAIM_WAIT);
+        };
         if !item.dedupe_checked {
             item.dedupe_checked = true;
             if self.already_applied(&keys).await {
