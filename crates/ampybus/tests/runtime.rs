@@ -806,3 +806,122 @@ async fn leases_of_queued_messages_are_extended_behind_a_slow_handler() {
     let want: Vec<(String, u32)> = (0..n).map(|i| (format!("m{i}"), 1)).collect();
     assert_eq!(seen, want);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blob_failures_and_unparseable_topics() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = bus_at(dir.path()).await;
+    let raw = Topic::parse("ampy.dev.news.v1.raw").unwrap();
+    // A codec that sends every payload over 8 bytes to the blob store.
+    let blob_bus = bus.clone().with_codec(ampybus::codec::PayloadCodec {
+        compress_threshold: usize::MAX,
+        max_inline: 8,
+        blobs: bus.codec().blobs.clone(),
+        ..Default::default()
+    });
+    let blob_path = |env: &Envelope| {
+        std::path::PathBuf::from(
+            env.headers
+                .blob_ref()
+                .unwrap()
+                .strip_prefix("file://")
+                .unwrap(),
+        )
+    };
+    let h = |key: &str| Headers::for_publish("ampy.raw.v1.Bytes", "t@1", "t", key);
+    let tampered = blob_bus
+        .prepare(
+            &raw,
+            h("tamper"),
+            bytes::Bytes::from_static(b"tampered-blob-xx"),
+        )
+        .await
+        .unwrap();
+    let missing = blob_bus
+        .prepare(
+            &raw,
+            h("missing"),
+            bytes::Bytes::from_static(b"missing-blob-yy"),
+        )
+        .await
+        .unwrap();
+    assert!(tampered.payload.is_empty() && missing.payload.is_empty());
+    std::fs::write(blob_path(&tampered), b"TAMPERED-BLOB-XX").unwrap();
+    let missing_bytes = std::fs::read(blob_path(&missing)).unwrap();
+    std::fs::remove_file(blob_path(&missing)).unwrap();
+    bus.publish_wire(vec![tampered.clone(), missing.clone()])
+        .await
+        .unwrap();
+    // A topic that does not parse (whitespace in a token), straight to the transport.
+    let bad_topic = Envelope {
+        topic: "ampy.dev.news.v1.bad topic".into(),
+        headers: h("badtopic"),
+        payload: bytes::Bytes::from_static(b"bt"),
+    };
+    bus.transport()
+        .publish_batch(vec![bad_topic.clone()])
+        .await
+        .unwrap();
+
+    let got: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+    let g2 = got.clone();
+    let handle = Consumer::builder(bus.clone(), pat("ampy.dev.news.>"), "blobs")
+        .retry(RetryPolicy {
+            max_attempts: 10_000,
+            min_delay: Duration::from_millis(5),
+            max_delay: Duration::from_millis(20),
+        })
+        .handler(handler_fn(move |msg| {
+            let got = g2.clone();
+            async move {
+                got.lock().unwrap().push(msg.payload.to_vec());
+                Outcome::Ok
+            }
+        }))
+        .start()
+        .await
+        .unwrap();
+    // An unavailable blob is retried (it may be transient) …
+    wait_stats("blob retries and 2 DLQ", &handle, |s| {
+        s.retried >= 2 && s.dead_lettered_total() == 2
+    })
+    .await;
+    assert_eq!(handle.stats().handled_ok, 0);
+    // … and handled once it is back.
+    std::fs::write(blob_path(&missing), &missing_bytes).unwrap();
+    wait_stats("blob back", &handle, |s| s.handled_ok == 1).await;
+    let stats = handle.shutdown(Duration::from_secs(10)).await;
+    assert_eq!(stats.dlq(DlqCode::BlobHashMismatch), 1);
+    assert_eq!(stats.dlq(DlqCode::ContractViolation), 1);
+    assert_eq!(stats.dead_lettered_total(), 2);
+    assert_eq!(*got.lock().unwrap(), vec![b"missing-blob-yy".to_vec()]);
+
+    let dlq = read_all(&bus, "ampy.dev.dlq.v1.news", 2).await;
+    let by_key: HashMap<String, &Delivery> = dlq
+        .iter()
+        .map(|d| (d.envelope.headers.partition_key().unwrap().to_owned(), d))
+        .collect();
+    check_dlq(
+        by_key["tamper"],
+        &tampered,
+        DlqCode::BlobHashMismatch,
+        "blobs",
+        1,
+    );
+    assert_eq!(
+        by_key["tamper"].envelope.headers.blob_ref(),
+        tampered.headers.blob_ref()
+    );
+    let bt = &by_key["badtopic"].envelope;
+    assert_eq!(
+        DlqCode::from_reason(bt.headers.get("dlq_reason").unwrap()),
+        DlqCode::ContractViolation
+    );
+    assert_eq!(bt.headers.get("original_topic"), None);
+    assert_eq!(
+        bt.headers.get("original_topic_raw"),
+        Some("ampy.dev.news.v1.bad topic")
+    );
+    assert_eq!(bt.payload, bad_topic.payload);
+    assert_eq!(bt.headers.get("payload_hash").unwrap(), sha256_tag(b"bt"));
+}
