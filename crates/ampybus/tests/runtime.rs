@@ -925,3 +925,109 @@ async fn blob_failures_and_unparseable_topics() {
     assert_eq!(bt.payload, bad_topic.payload);
     assert_eq!(bt.headers.get("payload_hash").unwrap(), sha256_tag(b"bt"));
 }
+
+/// Delegates to a real transport but fails publishes to DLQ topics while `fail` is set.
+struct FlakyDlq {
+    inner: Arc<dyn ampybus::transport::Transport>,
+    fail: std::sync::atomic::AtomicBool,
+    failures: AtomicU32,
+}
+
+#[async_trait::async_trait]
+impl ampybus::transport::Transport for FlakyDlq {
+    fn name(&self) -> &'static str {
+        "flaky"
+    }
+    async fn publish_batch(
+        &self,
+        batch: Vec<Envelope>,
+    ) -> ampybus::Result<Vec<ampybus::transport::PublishReceipt>> {
+        if self.fail.load(Ordering::SeqCst) && batch.iter().any(|e| e.topic.contains(".dlq.")) {
+            self.failures.fetch_add(1, Ordering::SeqCst);
+            return Err(ampybus::Error::new(
+                ampybus::ErrorKind::Transport,
+                "injected DLQ failure",
+            ));
+        }
+        self.inner.publish_batch(batch).await
+    }
+    async fn subscribe(
+        &self,
+        spec: SubscribeSpec,
+    ) -> ampybus::Result<Box<dyn ampybus::transport::Subscription>> {
+        self.inner.subscribe(spec).await
+    }
+    async fn close(&self) -> ampybus::Result<()> {
+        self.inner.close().await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_dlq_write_is_retried_and_the_original_is_not_acked_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let real = bus_at(dir.path()).await;
+    let flaky = Arc::new(FlakyDlq {
+        inner: real.transport().clone(),
+        fail: true.into(),
+        failures: AtomicU32::new(0),
+    });
+    let bus = Bus::with_transport(flaky.clone(), "flaky://");
+    let topic = Topic::parse("ampy.dev.news.v1.raw").unwrap();
+    real.publish(
+        &topic,
+        Headers::for_publish("ampy.raw.v1.Bytes", "t@1", "t", "p"),
+        b"poison".to_vec(),
+    )
+    .await
+    .unwrap();
+    let poison = || handler_fn(|_msg| async { Outcome::DeadLetter("poison".into()) });
+    let retry = RetryPolicy {
+        max_attempts: 3,
+        min_delay: Duration::from_millis(5),
+        max_delay: Duration::from_millis(20),
+    };
+    // 1. The DLQ keeps failing: nothing is acked; shutdown hands the message back.
+    let handle = Consumer::builder(bus.clone(), pat("ampy.dev.news.>"), "flaky")
+        .retry(retry)
+        .handler(poison())
+        .start()
+        .await
+        .unwrap();
+    wait_for("DLQ write failures", || {
+        flaky.failures.load(Ordering::SeqCst) >= 3
+    })
+    .await;
+    let stats = handle.shutdown(Duration::from_millis(200)).await;
+    assert_eq!(stats.dead_lettered_total(), 0);
+    assert_eq!(stats.released, 1);
+    // 2. A new instance gets it again; the DLQ recovers after a few more failures.
+    let before = flaky.failures.load(Ordering::SeqCst);
+    let handle = Consumer::builder(bus.clone(), pat("ampy.dev.news.>"), "flaky")
+        .retry(retry)
+        .handler(poison())
+        .start()
+        .await
+        .unwrap();
+    wait_for("more failures", || {
+        flaky.failures.load(Ordering::SeqCst) >= before + 2
+    })
+    .await;
+    flaky.fail.store(false, Ordering::SeqCst);
+    wait_stats("dead-lettered", &handle, |s| s.dead_lettered_total() == 1).await;
+    let stats = handle.shutdown(Duration::from_secs(10)).await;
+    assert_eq!(stats.dlq(DlqCode::HandlerError), 1);
+    let dlq = read_all(&real, "ampy.dev.dlq.v1.news", 1).await;
+    assert_eq!(&dlq[0].envelope.payload[..], b"poison");
+    assert_eq!(dlq[0].envelope.headers.get("retry_count"), Some("2"));
+    // Acked after the DLQ write: nothing comes again.
+    let mut sub = real
+        .subscribe(SubscribeSpec::durable(pat("ampy.dev.news.>"), "flaky"))
+        .await
+        .unwrap();
+    assert!(
+        sub.fetch(10, Duration::from_millis(300))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
