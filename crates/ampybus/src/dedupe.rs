@@ -20,9 +20,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Default dedupe window: 7 days.
+///
+/// ```
+/// assert_eq!(ampybus::dedupe::DEFAULT_WINDOW.as_secs(), 7 * 24 * 3600);
+/// ```
 pub const DEFAULT_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// File name of the embedded default store, next to the embedded log.
+///
+/// ```
+/// assert_eq!(ampybus::dedupe::DEFAULT_FILE, "dedupe.sqlite3");
+/// ```
 pub const DEFAULT_FILE: &str = "dedupe.sqlite3";
 
 /// The dedupe keys of a message: its `message_id` and, if present, `{domain}:{dedupe_key}`.

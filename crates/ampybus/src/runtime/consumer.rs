@@ -316,8 +316,29 @@ struct Counters {
     settled: AtomicU64,
 }
 
-/// A running consumer. Call [`ConsumerHandle::shutdown`] to stop it cleanly; dropping the
-/// handle leaves the tasks running until the runtime ends.
+/// A running consumer. Call [`ConsumerHandle::shutdown`] to stop it cleanly. Dropping the
+/// handle instead stops it abruptly: running handlers are cancelled and their messages
+/// released, finished ones are still acked, and queued ones come again after the ack deadline.
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use ampybus::runtime::{Consumer, Outcome, handler_fn};
+/// use ampybus::{Bus, TopicPattern};
+/// use std::time::Duration;
+/// let dir = tempfile::tempdir().unwrap();
+/// let bus = Bus::connect(dir.path().to_str().unwrap()).await.unwrap();
+/// let handle = Consumer::builder(bus, TopicPattern::parse("ampy.dev.bars.>").unwrap(), "bars")
+///     .handler(handler_fn(|_msg| async { Outcome::Ok }))
+///     .start()
+///     .await
+///     .unwrap();
+/// assert_eq!(handle.name(), "bars");
+/// assert!(!handle.is_strict());
+/// assert_eq!(handle.stats().in_flight, 0);
+/// let stats = handle.shutdown(Duration::from_secs(5)).await;
+/// assert_eq!(stats.released, 0);
+/// # });
+/// ```
 pub struct ConsumerHandle {
     shared: Arc<Shared>,
     phase_tx: watch::Sender<u8>,
@@ -734,8 +755,19 @@ async fn run_worker(shared: Arc<Shared>) {
 
 async fn run_acker(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<AckMsg>) {
     let mut closing = false;
+    let mut phase = shared.phase.clone();
+    let mut handle_dropped = false;
     while !closing {
-        let Some(first) = rx.recv().await else {
+        let first = tokio::select! {
+            biased;
+            m = rx.recv() => m,
+            // The handle was dropped without shutdown: flush what is queued, then stop.
+            _ = async { while phase.changed().await.is_ok() {} }, if !handle_dropped => {
+                handle_dropped = true;
+                Some(AckMsg::Close)
+            }
+        };
+        let Some(first) = first else {
             break;
         };
         let mut batch = Vec::new();

@@ -8,10 +8,18 @@ use crate::topic::{Domain, Env, Topic, TopicPattern};
 
 /// Header holding the original `message_id` on a DLQ message (which gets a new one, so that
 /// broker-side dedupe does not swallow it).
+///
+/// ```
+/// assert_eq!(ampybus::runtime::ORIGINAL_MESSAGE_ID, "original_message_id");
+/// ```
 pub const ORIGINAL_MESSAGE_ID: &str = "original_message_id";
 
 /// Header holding the original topic string when it does not parse (then `original_topic`,
 /// which must be a valid topic, is left out).
+///
+/// ```
+/// assert_eq!(ampybus::runtime::ORIGINAL_TOPIC_RAW, "original_topic_raw");
+/// ```
 pub const ORIGINAL_TOPIC_RAW: &str = "original_topic_raw";
 
 /// The DLQ topic for a message whose topic string may not parse: `topic.dlq_topic()` when it

@@ -217,6 +217,13 @@ pub trait Handler: Send + Sync + 'static {
 }
 
 /// A handler made from an async closure taking an owned [`Message`]; see [`handler_fn`].
+///
+/// ```
+/// let h: ampybus::runtime::FnHandler<_> = ampybus::runtime::handler_fn(|_m| async {
+///     ampybus::runtime::Outcome::Ok
+/// });
+/// let _shared: std::sync::Arc<dyn ampybus::runtime::Handler> = std::sync::Arc::new(h);
+/// ```
 #[derive(Clone)]
 pub struct FnHandler<F>(F);
 
@@ -256,6 +263,20 @@ where
 }
 
 /// A handler that checks `schema_fqdn` and decodes a protobuf payload; see [`typed`].
+///
+/// ```
+/// use ampybus::runtime::{Outcome, TypedHandler, typed};
+/// #[derive(Clone, PartialEq, prost::Message)]
+/// struct Tick { #[prost(int64, tag = "1")] seconds: i64 }
+/// impl prost::Name for Tick {
+///     const NAME: &'static str = "Tick";
+///     const PACKAGE: &'static str = "demo.v1";
+/// }
+/// let h: TypedHandler<Tick, _> = typed(|t: Tick, _msg| async move {
+///     if t.seconds >= 0 { Outcome::Ok } else { Outcome::DeadLetter("negative".into()) }
+/// });
+/// let _shared: std::sync::Arc<dyn ampybus::runtime::Handler> = std::sync::Arc::new(h);
+/// ```
 pub struct TypedHandler<M, F> {
     f: F,
     _m: std::marker::PhantomData<fn() -> M>,
