@@ -1031,3 +1031,28 @@ async fn failed_dlq_write_is_retried_and_the_original_is_not_acked_before() {
             .is_empty()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dedupe_store_is_shared_by_handles_on_one_file_and_windowed() {
+    use ampybus::dedupe::{DedupeStore, SqliteDedupeStore};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shared.sqlite3");
+    let a = SqliteDedupeStore::open(&path).unwrap();
+    let b = SqliteDedupeStore::open(&path).unwrap();
+    let keys = vec!["m1".to_owned(), "orders:k1".to_owned()];
+    assert!(!b.is_applied("c", &keys).await.unwrap());
+    a.record_applied("c", &keys).await.unwrap();
+    assert!(b.is_applied("c", &keys[1..]).await.unwrap());
+    assert!(!b.is_applied("other", &keys).await.unwrap());
+    // A zero window: nothing counts any more, and a purge removes the rows.
+    let zero = SqliteDedupeStore::open(&path)
+        .unwrap()
+        .with_window(Duration::ZERO);
+    let start = Instant::now();
+    while zero.is_applied("c", &keys).await.unwrap() {
+        assert!(start.elapsed() < HANG);
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(zero.purge().await.unwrap(), 2);
+    assert!(!a.is_applied("c", &keys).await.unwrap());
+}
