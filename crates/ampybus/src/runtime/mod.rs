@@ -2,6 +2,35 @@
 //! with many workers, retries with backoff, dead-lettering, dedupe, batched acks and graceful
 //! shutdown; plus a publisher with retries.
 //!
+//! ## What happens to a delivery
+//!
+//! 1. The topic is parsed and the headers normalised ([`Headers::normalize_for_consume`]);
+//!    a failure dead-letters it with `contract_violation`. The payload is made raw (blob
+//!    fetched and verified, gzip inflated): `decode_error` / `blob_hash_mismatch` dead-letter
+//!    at once; an unavailable blob is retried like a handler retry.
+//! 2. Dedupe: skipped (and acked) when its `message_id` or `{domain}:{dedupe_key}` was applied
+//!    by this consumer name within the store's window, or is being handled right now here.
+//! 3. The handler runs ([`Outcome`]); a panic dead-letters with `handler_panic`. The attempt
+//!    number is `delivery_count - 1` plus the attempts made in this process; after
+//!    `max_attempts` the message is dead-lettered with `max_retries: <last error>`.
+//! 4. Acks are batched (a few ms or 1,024 messages); dedupe records for `Ok` messages are
+//!    written in one transaction right before the ack of the same batch.
+//!
+//! ## Dead-lettering
+//!
+//! The DLQ message goes to `topic.dlq_topic()` (`ampy.{env}.dlq.v1.{domain}`) with the original
+//! payload bytes as carried and the original headers, plus `dlq_reason` (`code: detail`, see
+//! [`DlqCode`]), `original_topic`, `retry_count` (delivery attempts so far), `dlq_at`,
+//! `dlq_consumer`, `payload_hash` (`sha256:` of the carried bytes). It gets a new
+//! `message_id`; the old one is kept in [`ORIGINAL_MESSAGE_ID`]. Original headers that would
+//! break publish validation are moved to `original_<name>` (see [`build_dlq_envelope`]).
+//! A topic that does not parse cannot name its DLQ exactly: the message goes to
+//! `ampy.{env}.dlq.v1.{domain}` using the env and domain tokens of the raw topic when they are
+//! valid, else the env token of the subscription pattern, else `prod`, and the domain
+//! `control`; the raw topic is kept in [`ORIGINAL_TOPIC_RAW`]. Nothing is ever dropped. The
+//! DLQ write is retried with backoff until it succeeds (or shutdown releases the message);
+//! the original is acked only after it.
+//!
 //! ```
 //! # tokio::runtime::Runtime::new().unwrap().block_on(async {
 //! use ampybus::runtime::{Consumer, Outcome, handler_fn};
