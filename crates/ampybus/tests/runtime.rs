@@ -1056,3 +1056,57 @@ async fn dedupe_store_is_shared_by_handles_on_one_file_and_windowed() {
     assert_eq!(zero.purge().await.unwrap(), 2);
     assert!(!a.is_applied("c", &keys).await.unwrap());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_order_holds_under_random_retries() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = bus_at(dir.path()).await;
+    let topic = Topic::parse("ampy.dev.orders.v1.requests").unwrap();
+    let (keys, per_key) = (20, 50);
+    let mut batch = Vec::new();
+    for i in 0..per_key {
+        for k in 0..keys {
+            batch.push(env_for(&topic, &format!("co{k}"), &format!("co{k}:{i}")));
+        }
+    }
+    bus.publish_batch(batch).await.unwrap();
+    let seqs: Arc<Mutex<HashMap<String, Vec<usize>>>> = Arc::default();
+    let s2 = seqs.clone();
+    let handle = Consumer::builder(bus.clone(), pat("ampy.dev.orders.>"), "flappy")
+        .retry(RetryPolicy {
+            max_attempts: 1000,
+            min_delay: Duration::from_millis(1),
+            max_delay: Duration::from_millis(5),
+        })
+        .handler(handler_fn(move |msg| {
+            let seqs = s2.clone();
+            async move {
+                if rand::random_bool(0.2) {
+                    return Outcome::Retry { after: None };
+                }
+                let s = std::str::from_utf8(&msg.payload).unwrap();
+                let (k, i) = s.rsplit_once(':').unwrap();
+                seqs.lock()
+                    .unwrap()
+                    .entry(k.to_owned())
+                    .or_default()
+                    .push(i.parse().unwrap());
+                Outcome::Ok
+            }
+        }))
+        .start()
+        .await
+        .unwrap();
+    let total = (keys * per_key) as u64;
+    wait_stats("all handled", &handle, |s| s.handled_ok == total).await;
+    let stats = handle.shutdown(Duration::from_secs(10)).await;
+    assert_eq!(stats.handled_ok, total);
+    assert!(stats.retried > 0);
+    assert_eq!(stats.dead_lettered_total(), 0);
+    let seqs = seqs.lock().unwrap();
+    let want: Vec<usize> = (0..per_key).collect();
+    assert_eq!(seqs.len(), keys);
+    for (k, v) in seqs.iter() {
+        assert_eq!(v, &want, "order of {k}");
+    }
+}
