@@ -59,6 +59,7 @@
 mod consumer;
 mod dlq;
 mod publisher;
+pub mod replay;
 
 pub use consumer::{Consumer, ConsumerBuilder, ConsumerHandle, ConsumerStats};
 pub use dlq::{ORIGINAL_MESSAGE_ID, ORIGINAL_TOPIC_RAW, build_dlq_envelope};
