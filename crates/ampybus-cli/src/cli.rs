@@ -100,6 +100,9 @@ touched. Rounds are interleaved (raw sqlite, ampybus batched, ampybus one-by-one
 best/median/worst are reported. MB/s counts payload bytes only.")]
     Bench(BenchArgs),
 
+    /// Run the end-to-end demo pipeline on synthetic data and print a summary
+    Demo(crate::demo::DemoArgs),
+
     /// Print a shell completion script to stdout
     #[command(after_help = "\
 Examples:

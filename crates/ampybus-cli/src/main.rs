@@ -6,6 +6,7 @@
 mod bench;
 mod cli;
 mod decoder;
+mod demo;
 mod error;
 mod publish;
 mod subscribe;
@@ -62,6 +63,7 @@ fn run(cli: Cli) -> CliResult<u8> {
         Command::Sub(args) => runtime()?.block_on(subscribe::run(&url, args)),
         Command::Bench(args) => runtime()?.block_on(bench::run(args, cli.log_level.as_deref())),
         Command::BenchConsumer(args) => runtime()?.block_on(bench::consumer(&url, args)),
+        Command::Demo(args) => runtime()?.block_on(demo::run(&url, args)),
     }
 }
 

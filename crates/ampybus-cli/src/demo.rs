@@ -1,0 +1,917 @@
+//! `ampybus demo`: the end-to-end narrative on the embedded log with synthetic, deterministic
+//! data.
+//!
+//! bars producer → features/signals → order service → paper broker → positions, plus metrics
+//! from every service, one poison bars message that must be dead-lettered with
+//! `decode_error`, and one replay of this run's bars window through the features handler that
+//! must apply nothing new.
+//!
+//! ## Runs on a data directory that already holds earlier runs
+//!
+//! Every run gets a suffix `r<UTC yyyymmddHHMMSSmmm>`: the consumer names
+//! (`demo-features-<run>`, …) and the model id (`momo-<run>`, hence the signals topic
+//! `ampy.dev.signals.v1.momo-<run>`) carry it. Consumers start at the end of the log
+//! (`StartAt::Latest`, created before anything is published), and handlers ignore messages
+//! whose `run_id` header is not this process's run id, so the counts are exact per run. The
+//! per-topic counts are read back from the log (everything stored since this run started with
+//! this run's `run_id`). The replay reads this run's bars window restricted to the demo's
+//! symbol keys (the poison message uses key `XNAS.ZZZZ`, so it is not part of the replay).
+//!
+//! Payloads are protobuf, built and read through the schema registry of `ampybus-proto`
+//! (`encode_from_json` / `decode_to_json`). The order service reads the reference price from a
+//! `ref_price` header the features service sets on each signal (unknown headers are carried).
+
+use crate::error::{CliError, CliResult, EXIT_OK};
+use ampybus::dedupe::{DEFAULT_FILE, DedupeStore, SqliteDedupeStore};
+use ampybus::runtime::replay::{ReplayReport, replay_window};
+use ampybus::runtime::{Consumer, ConsumerHandle, DlqCode, Handler, Message, Outcome, handler_fn};
+use ampybus::transport::embedded::EmbeddedOptions;
+use ampybus::transport::{StartAt, WindowQuery};
+use ampybus::{Bus, Envelope, Headers, Topic, TopicPattern, partition};
+use chrono::{DateTime, TimeZone, Utc};
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Exit code when an invariant of the demo does not hold.
+const EXIT_DEMO_FAILED: u8 = 1;
+const MIC: &str = "XNAS";
+const ACCOUNT: &str = "PAPER-1";
+const POISON_SYMBOL: &str = "ZZZZ";
+const SEED: u64 = 0x00A1_B2C3_D4E5_F607;
+const WARMUP: usize = 10;
+const VOL_WINDOW: usize = 20;
+const ORDER_QTY: f64 = 100.0;
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+/// `ampybus demo`.
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// One-minute bars per symbol
+    #[arg(long, default_value_t = 300)]
+    pub bars: usize,
+    /// Comma-separated symbols (XNAS)
+    #[arg(long, default_value = "AAPL,MSFT,NVDA", value_delimiter = ',')]
+    pub symbols: Vec<String>,
+    /// Print the summary as one JSON object instead of a table
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// splitmix64: small, fixed-seed, deterministic.
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    /// Roughly standard normal (Irwin–Hall, 12 uniforms).
+    fn normal(&mut self) -> f64 {
+        (0..12).map(|_| self.unit()).sum::<f64>() - 6.0
+    }
+}
+
+fn fnv(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+fn dec(v: f64, scale: u32) -> Value {
+    json!({"scaled": (v * 10f64.powi(scale as i32)).round() as i64, "scale": scale})
+}
+
+fn undec(v: &Value) -> f64 {
+    let num = |x: &Value| match x {
+        Value::String(s) => s.parse::<f64>().unwrap_or(0.0),
+        Value::Number(n) => n.as_f64().unwrap_or(0.0),
+        _ => 0.0,
+    };
+    num(&v["scaled"]) / 10f64.powi(num(&v["scale"]) as i32)
+}
+
+fn ts(t: DateTime<Utc>) -> Value {
+    Value::String(t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+}
+
+fn encode(fqdn: &str, v: &Value) -> Result<Vec<u8>, String> {
+    match ampybus_proto::encode_from_json(fqdn, v) {
+        Some(Ok(b)) => Ok(b),
+        Some(Err(e)) => Err(format!("{fqdn}: {e}")),
+        None => Err(format!("{fqdn}: unknown schema")),
+    }
+}
+
+/// Checks `schema_fqdn` and decodes; the error is a DLQ reason.
+fn decode(msg: &Message, fqdn: &str) -> Result<Value, String> {
+    let got = msg.headers.schema_fqdn().unwrap_or_default();
+    if got != fqdn {
+        return Err(DlqCode::SchemaMismatch.reason(&format!("expected {fqdn} got {got}")));
+    }
+    match ampybus_proto::decode_to_json(fqdn, &msg.payload) {
+        Some(Ok(v)) => Ok(v),
+        Some(Err(e)) => Err(DlqCode::DecodeError.reason(&format!("{fqdn}: {e}"))),
+        None => Err(DlqCode::DecodeError.reason(&format!("{fqdn}: unknown schema"))),
+    }
+}
+
+/// State shared by every service of one run.
+struct Ctx {
+    bus: Bus,
+    run: String,
+    run_id: String,
+    model_id: String,
+    latency_us: Mutex<hdrhistogram::Histogram<u64>>,
+    bars_handled: AtomicU64,
+    signals_pub: AtomicU64,
+    orders_seen: AtomicU64,
+    orders_pub: AtomicU64,
+    fills_seen: AtomicU64,
+    fills_pub: AtomicU64,
+    positions_pub: AtomicU64,
+    features: Mutex<HashMap<String, SymFeatures>>,
+    positions: Mutex<HashMap<String, (f64, f64)>>,
+    last_features: Mutex<BTreeMap<String, Value>>,
+}
+
+impl Ctx {
+    /// True for this run's messages; records the delivery latency.
+    fn admit(&self, msg: &Message) -> bool {
+        if msg.headers.get("run_id") != Some(self.run_id.as_str()) {
+            return false;
+        }
+        if let Some(at) = msg.headers.produced_at_time() {
+            let us = (Utc::now() - at).num_microseconds().unwrap_or(0).max(0) as u64;
+            let mut h = self.latency_us.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = h.record(us.max(1));
+        }
+        true
+    }
+
+    async fn publish(
+        &self,
+        topic: &str,
+        fqdn: &str,
+        service: &str,
+        key: &str,
+        body: &Value,
+        extra: &[(&str, &str)],
+    ) -> Result<(), String> {
+        let topic = Topic::parse(topic).map_err(|e| e.to_string())?;
+        let mut h =
+            Headers::for_publish(fqdn, &format!("{service}@demo-{}", self.run), service, key);
+        for (k, v) in extra {
+            h.set(*k, *v);
+        }
+        let payload = encode(fqdn, body)?;
+        self.bus
+            .publish(&topic, h, payload)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}
+
+#[derive(Default)]
+struct SymFeatures {
+    prev_close: Option<f64>,
+    returns: VecDeque<f64>,
+    pv: f64,
+    vol_sum: f64,
+    long: bool,
+}
+
+fn outcome(r: Result<(), String>) -> Outcome {
+    match r {
+        Ok(()) => Outcome::Ok,
+        Err(e) if e.starts_with("decode_error:") || e.starts_with("schema_mismatch:") => {
+            Outcome::DeadLetter(e)
+        }
+        Err(_) => Outcome::Retry { after: None },
+    }
+}
+
+/// features/signals: mid, spread, VWAP, return, rolling volatility; momentum signal.
+async fn features(ctx: &Ctx, msg: &Message) -> Result<(), String> {
+    let batch = decode(msg, "ampy.bars.v1.BarBatch")?;
+    let empty = Vec::new();
+    for bar in batch["bars"].as_array().unwrap_or(&empty) {
+        let sym = bar["security"]["symbol"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let (high, low, close) = (
+            undec(&bar["high"]),
+            undec(&bar["low"]),
+            undec(&bar["close"]),
+        );
+        let vwap_bar = undec(&bar["vwap"]);
+        let volume: f64 = bar["volume"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0.0);
+        let end = bar["end"].as_str().unwrap_or_default().to_owned();
+        let signal = {
+            let mut all = ctx.features.lock().unwrap_or_else(|p| p.into_inner());
+            let f = all.entry(sym.clone()).or_default();
+            let mid = (high + low) / 2.0;
+            let spread = high - low;
+            f.pv += vwap_bar * volume;
+            f.vol_sum += volume;
+            let vwap = if f.vol_sum > 0.0 {
+                f.pv / f.vol_sum
+            } else {
+                close
+            };
+            let ret = f.prev_close.map(|p| close / p - 1.0);
+            f.prev_close = Some(close);
+            if let Some(r) = ret {
+                f.returns.push_back(r);
+                if f.returns.len() > VOL_WINDOW {
+                    f.returns.pop_front();
+                }
+            }
+            let n = f.returns.len() as f64;
+            let mean = f.returns.iter().sum::<f64>() / n.max(1.0);
+            let vol =
+                (f.returns.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / n.max(1.0)).sqrt();
+            let momentum: f64 = f.returns.iter().rev().take(WARMUP).sum();
+            ctx.last_features
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(
+                    sym.clone(),
+                    json!({"mid": mid, "spread": spread, "vwap": vwap, "return": ret,
+                           "volatility": vol, "momentum": momentum}),
+                );
+            let band = 0.5 * vol * (WARMUP as f64).sqrt();
+            if f.returns.len() < WARMUP || vol == 0.0 {
+                None
+            } else if !f.long && momentum > band {
+                f.long = true;
+                Some(("ACTION_TYPE_BUY", momentum / vol))
+            } else if f.long && momentum < -band {
+                f.long = false;
+                Some(("ACTION_TYPE_SELL", momentum / vol))
+            } else {
+                None
+            }
+        };
+        if let Some((action, _score)) = signal {
+            let body = json!({
+                "security": {"symbol": sym, "mic": MIC},
+                "type": "SIGNAL_TYPE_ACTION",
+                "model_id": ctx.model_id,
+                "horizon": "1m",
+                "generated_at": end,
+                "action": action,
+            });
+            let key = partition::signals(&ctx.model_id, &sym, MIC, Some("1m"));
+            let price = format!("{close:.4}");
+            ctx.publish(
+                &format!("ampy.dev.signals.v1.{}", ctx.model_id),
+                "ampy.signals.v1.Signal",
+                "demo-features",
+                &key,
+                &body,
+                &[("ref_price", &price)],
+            )
+            .await?;
+            ctx.signals_pub.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    ctx.bars_handled.fetch_add(1, Ordering::SeqCst);
+    Ok(())
+}
+
+/// order service: one OrderRequest per signal, key and dedupe_key = client_order_id.
+async fn orders(ctx: &Ctx, msg: &Message) -> Result<(), String> {
+    let sig = decode(msg, "ampy.signals.v1.Signal")?;
+    let sym = sig["security"]["symbol"].as_str().unwrap_or_default();
+    let side = if sig["action"] == "ACTION_TYPE_SELL" {
+        "SIDE_SELL"
+    } else {
+        "SIDE_BUY"
+    };
+    let at = sig["generated_at"]
+        .as_str()
+        .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
+        .map(|t| t.timestamp() / 60)
+        .unwrap_or(0);
+    let coid = format!("co-{}-{sym}-{at}", ctx.run);
+    let price: f64 = msg
+        .headers
+        .get("ref_price")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0.0);
+    let body = json!({
+        "account_id": ACCOUNT,
+        "client_order_id": coid,
+        "security": {"symbol": sym, "mic": MIC},
+        "side": side,
+        "order_type": "ORDER_TYPE_LIMIT",
+        "tif": "TIME_IN_FORCE_DAY",
+        "quantity": dec(ORDER_QTY, 0),
+        "limit_price": dec(price, 4),
+        "strategy_tag": ctx.model_id,
+        "created_at": ts(Utc::now()),
+    });
+    ctx.publish(
+        "ampy.dev.orders.v1.requests",
+        "ampy.orders.v1.OrderRequest",
+        "demo-oms",
+        &coid,
+        &body,
+        &[("dedupe_key", &coid)],
+    )
+    .await?;
+    ctx.orders_pub.fetch_add(1, Ordering::SeqCst);
+    ctx.orders_seen.fetch_add(1, Ordering::SeqCst);
+    Ok(())
+}
+
+/// paper broker: fills every order in full at its limit price.
+async fn broker(ctx: &Ctx, msg: &Message) -> Result<(), String> {
+    let o = decode(msg, "ampy.orders.v1.OrderRequest")?;
+    let coid = o["client_order_id"].as_str().unwrap_or_default();
+    let account = o["account_id"].as_str().unwrap_or_default();
+    let qty = undec(&o["quantity"]);
+    let signed = if o["side"] == "SIDE_SELL" { -qty } else { qty };
+    let body = json!({
+        "account_id": account,
+        "client_order_id": coid,
+        "broker_order_id": format!("pb-{coid}"),
+        "security": o["security"],
+        "price": o["limit_price"],
+        "quantity": dec(signed, 0),
+        "venue": MIC,
+        "event_time": ts(Utc::now()),
+    });
+    let key = partition::fills(account, coid);
+    ctx.publish(
+        "ampy.dev.fills.v1.events",
+        "ampy.fills.v1.FillEvent",
+        "demo-paper-broker",
+        &key,
+        &body,
+        &[],
+    )
+    .await?;
+    ctx.fills_pub.fetch_add(1, Ordering::SeqCst);
+    Ok(())
+}
+
+/// positions: running quantity and average price per account and symbol.
+async fn positions(ctx: &Ctx, msg: &Message) -> Result<(), String> {
+    let f = decode(msg, "ampy.fills.v1.FillEvent")?;
+    let account = f["account_id"].as_str().unwrap_or_default();
+    let sym = f["security"]["symbol"].as_str().unwrap_or_default();
+    let (qty, price) = (undec(&f["quantity"]), undec(&f["price"]));
+    let (q, avg) = {
+        let mut all = ctx.positions.lock().unwrap_or_else(|p| p.into_inner());
+        let p = all.entry(format!("{account}|{sym}")).or_insert((0.0, 0.0));
+        let nq = p.0 + qty;
+        if qty > 0.0 && nq != 0.0 {
+            p.1 = (p.0 * p.1 + qty * price) / nq;
+        } else if nq == 0.0 {
+            p.1 = 0.0;
+        }
+        p.0 = nq;
+        *p
+    };
+    let body = json!({
+        "account_id": account,
+        "security": f["security"],
+        "quantity": dec(q, 0),
+        "avg_price": dec(avg, 4),
+        "as_of": ts(Utc::now()),
+    });
+    let key = partition::positions(account, sym, MIC);
+    ctx.publish(
+        "ampy.dev.positions.v1.snapshots",
+        "ampy.positions.v1.PositionSnapshot",
+        "demo-positions",
+        &key,
+        &body,
+        &[],
+    )
+    .await?;
+    ctx.fills_seen.fetch_add(1, Ordering::SeqCst);
+    ctx.positions_pub.fetch_add(1, Ordering::SeqCst);
+    Ok(())
+}
+
+type Step = for<'a> fn(
+    &'a Ctx,
+    &'a Message,
+) -> std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
+
+fn service(ctx: &Arc<Ctx>, step: Step) -> Arc<dyn Handler> {
+    let ctx = ctx.clone();
+    Arc::new(handler_fn(move |msg: Message| {
+        let ctx = ctx.clone();
+        async move {
+            if !ctx.admit(&msg) {
+                return Outcome::Ok;
+            }
+            outcome(step(&ctx, &msg).await)
+        }
+    }))
+}
+
+fn step_features<'a>(
+    c: &'a Ctx,
+    m: &'a Message,
+) -> std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>> {
+    Box::pin(features(c, m))
+}
+fn step_orders<'a>(
+    c: &'a Ctx,
+    m: &'a Message,
+) -> std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>> {
+    Box::pin(orders(c, m))
+}
+fn step_broker<'a>(
+    c: &'a Ctx,
+    m: &'a Message,
+) -> std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>> {
+    Box::pin(broker(c, m))
+}
+fn step_positions<'a>(
+    c: &'a Ctx,
+    m: &'a Message,
+) -> std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>> {
+    Box::pin(positions(c, m))
+}
+
+fn bar_json(sym: &str, start: DateTime<Utc>, o: f64, h: f64, l: f64, c: f64, vol: u64) -> Value {
+    let end = start + chrono::Duration::minutes(1);
+    json!({"bars": [{
+        "security": {"symbol": sym, "mic": MIC},
+        "start": ts(start),
+        "end": ts(end),
+        "open": dec(o, 4),
+        "high": dec(h, 4),
+        "low": dec(l, 4),
+        "close": dec(c, 4),
+        "vwap": dec((h + l + c) / 3.0, 4),
+        "volume": vol.to_string(),
+        "trade_count": (vol / 25).to_string(),
+        "adjusted": false,
+        "event_time": ts(end),
+    }]})
+}
+
+/// The synthetic bars of one symbol: a random walk from a fixed seed.
+fn synth_bars(sym: &str, n: usize) -> Vec<Value> {
+    let mut rng = Rng(SEED ^ fnv(sym));
+    let mut price = 50.0 + (fnv(sym) % 400) as f64;
+    let t0 = Utc
+        .with_ymd_and_hms(2025, 9, 5, 13, 30, 0)
+        .single()
+        .unwrap_or_else(Utc::now);
+    (0..n)
+        .map(|i| {
+            let open = price;
+            let drift = if (i / 40) % 2 == 0 { 0.0006 } else { -0.0006 };
+            price *= 1.0 + drift + 0.0015 * rng.normal();
+            let close = price;
+            let high = open.max(close) * (1.0 + 0.0008 * rng.unit());
+            let low = open.min(close) * (1.0 - 0.0008 * rng.unit());
+            let vol = 1_000 + rng.next_u64() % 9_000;
+            bar_json(
+                sym,
+                t0 + chrono::Duration::minutes(i as i64),
+                open,
+                high,
+                low,
+                close,
+                vol,
+            )
+        })
+        .collect()
+}
+
+fn data_dir(url: &str) -> CliResult<std::path::PathBuf> {
+    EmbeddedOptions::from_url(url).map(|o| o.dir).map_err(|e| {
+        CliError::usage(format!(
+            "demo needs the embedded log (--url a directory): {e}"
+        ))
+    })
+}
+
+async fn consumer(
+    ctx: &Arc<Ctx>,
+    pattern: &str,
+    name: &str,
+    step: Step,
+    store: &Arc<dyn DedupeStore>,
+) -> CliResult<(ConsumerHandle, Arc<dyn Handler>)> {
+    let pattern = TopicPattern::parse(pattern).map_err(|e| CliError::usage(e.to_string()))?;
+    let handler = service(ctx, step);
+    let handle = Consumer::builder(ctx.bus.clone(), pattern, name)
+        .handler_arc(handler.clone())
+        .workers(4)
+        .strict(true)
+        .dedupe(store.clone())
+        .start_at(StartAt::Latest)
+        .start()
+        .await
+        .map_err(|e| CliError::transport(format!("start consumer {name}: {e}")))?;
+    Ok((handle, handler))
+}
+
+/// Runs the demo; returns the exit code.
+pub async fn run(url: &str, args: DemoArgs) -> CliResult<u8> {
+    let wall = Instant::now();
+    if args.bars == 0 || args.symbols.is_empty() {
+        return Err(CliError::usage(
+            "--bars must be > 0 and --symbols non-empty",
+        ));
+    }
+    let symbols: Vec<String> = args
+        .symbols
+        .iter()
+        .map(|s| s.trim().to_ascii_uppercase())
+        .filter(|s| !s.is_empty())
+        .collect();
+    for s in &symbols {
+        ampybus::partition::check_key(ampybus::Domain::Bars, &partition::bars(s, MIC))
+            .map_err(|e| CliError::usage(format!("--symbols {s}: {e}")))?;
+    }
+    let dir = data_dir(url)?;
+    let bus = Bus::connect(url)
+        .await
+        .map_err(|e| CliError::transport(format!("connect {url}: {e}")))?;
+    let started_at = Utc::now() - chrono::Duration::milliseconds(5);
+    let run = format!("r{}", Utc::now().format("%Y%m%d%H%M%S%3f"));
+    let store: Arc<dyn DedupeStore> = Arc::new(
+        SqliteDedupeStore::open(dir.join(DEFAULT_FILE))
+            .map_err(|e| CliError::transport(format!("dedupe store: {e}")))?,
+    );
+    let ctx = Arc::new(Ctx {
+        bus: bus.clone(),
+        run: run.clone(),
+        run_id: ampybus::ids::process_run_id().to_owned(),
+        model_id: format!("momo-{run}"),
+        latency_us: Mutex::new(
+            hdrhistogram::Histogram::new_with_bounds(1, 600_000_000, 3)
+                .map_err(|e| CliError::usage(e.to_string()))?,
+        ),
+        bars_handled: AtomicU64::new(0),
+        signals_pub: AtomicU64::new(0),
+        orders_seen: AtomicU64::new(0),
+        orders_pub: AtomicU64::new(0),
+        fills_seen: AtomicU64::new(0),
+        fills_pub: AtomicU64::new(0),
+        positions_pub: AtomicU64::new(0),
+        features: Mutex::new(HashMap::new()),
+        positions: Mutex::new(HashMap::new()),
+        last_features: Mutex::new(BTreeMap::new()),
+    });
+
+    let feat_name = format!("demo-features-{run}");
+    let (feat, feat_handler) =
+        consumer(&ctx, "ampy.dev.bars.>", &feat_name, step_features, &store).await?;
+    let signals_pattern = format!("ampy.dev.signals.v1.{}", ctx.model_id);
+    let (oms, _) = consumer(
+        &ctx,
+        &signals_pattern,
+        &format!("demo-oms-{run}"),
+        step_orders,
+        &store,
+    )
+    .await?;
+    let (pb, _) = consumer(
+        &ctx,
+        "ampy.dev.orders.v1.requests",
+        &format!("demo-paper-broker-{run}"),
+        step_broker,
+        &store,
+    )
+    .await?;
+    let (pos, _) = consumer(
+        &ctx,
+        "ampy.dev.fills.v1.events",
+        &format!("demo-positions-{run}"),
+        step_positions,
+        &store,
+    )
+    .await?;
+    let handles = [feat, oms, pb, pos];
+
+    // Producer: one BarBatch per symbol per minute, one batch (commit) per minute.
+    let mut series: Vec<std::vec::IntoIter<Value>> = symbols
+        .iter()
+        .map(|s| synth_bars(s, args.bars).into_iter())
+        .collect();
+    let producer = format!("demo-bars@demo-{run}");
+    let mut produced = 0u64;
+    for i in 0..args.bars {
+        let mut batch = Vec::with_capacity(symbols.len() + 1);
+        for (sym, bars) in symbols.iter().zip(series.iter_mut()) {
+            let topic = Topic::parse(&format!("ampy.dev.bars.v1.{MIC}.{sym}"))
+                .map_err(|e| CliError::usage(e.to_string()))?;
+            let key = partition::bars(sym, MIC);
+            let h = Headers::for_publish("ampy.bars.v1.BarBatch", &producer, "demo-bars", &key);
+            let payload = encode("ampy.bars.v1.BarBatch", &bars.next().unwrap_or_default())
+                .map_err(CliError::usage)?;
+            batch.push(Envelope::new(&topic, h, payload));
+        }
+        if i == args.bars / 2 {
+            // The poison message: a valid bars envelope whose payload is not a BarBatch.
+            let sym = POISON_SYMBOL;
+            let topic = Topic::parse(&format!("ampy.dev.bars.v1.{MIC}.{sym}"))
+                .map_err(|e| CliError::usage(e.to_string()))?;
+            let key = partition::bars(sym, MIC);
+            let h = Headers::for_publish("ampy.bars.v1.BarBatch", &producer, "demo-bars", &key);
+            batch.push(Envelope::new(&topic, h, vec![0xffu8; 16]));
+        }
+        produced += batch.len() as u64;
+        bus.publish_batch(batch)
+            .await
+            .map_err(|e| CliError::transport(format!("publish bars: {e}")))?;
+    }
+    let expected_bars = (symbols.len() * args.bars) as u64;
+
+    // Wait for every service to drain, by counters.
+    let deadline = Instant::now() + TIMEOUT;
+    let drained = loop {
+        let dlq = handles[0].stats().dlq(DlqCode::DecodeError);
+        let done = ctx.bars_handled.load(Ordering::SeqCst) == expected_bars
+            && dlq >= 1
+            && ctx.orders_seen.load(Ordering::SeqCst) == ctx.signals_pub.load(Ordering::SeqCst)
+            && ctx.fills_seen.load(Ordering::SeqCst) == ctx.fills_pub.load(Ordering::SeqCst)
+            && ctx.fills_pub.load(Ordering::SeqCst) == ctx.orders_pub.load(Ordering::SeqCst);
+        if done {
+            break true;
+        }
+        if Instant::now() > deadline {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+
+    let mut stats = Vec::new();
+    for h in handles {
+        stats.push(h.shutdown(Duration::from_secs(10)).await);
+    }
+    let retries: u64 = stats.iter().map(|s| s.retried).sum();
+    let mut dlq_by_reason: BTreeMap<String, u64> = BTreeMap::new();
+    for s in &stats {
+        for (code, n) in &s.dead_lettered {
+            *dlq_by_reason.entry(code.as_str().to_owned()).or_default() += n;
+        }
+    }
+
+    // Metrics: one per service.
+    let counts = [
+        ("demo-bars", "demo.bars_published", produced),
+        (
+            "demo-features",
+            "demo.bars_handled",
+            ctx.bars_handled.load(Ordering::SeqCst),
+        ),
+        (
+            "demo-oms",
+            "demo.orders_published",
+            ctx.orders_pub.load(Ordering::SeqCst),
+        ),
+        (
+            "demo-paper-broker",
+            "demo.fills_published",
+            ctx.fills_pub.load(Ordering::SeqCst),
+        ),
+        (
+            "demo-positions",
+            "demo.snapshots_published",
+            ctx.positions_pub.load(Ordering::SeqCst),
+        ),
+    ];
+    for (svc, name, v) in counts {
+        let body =
+            json!({"name": name, "labels": {"run": run}, "value": v as f64, "at": ts(Utc::now())});
+        ctx.publish(
+            &format!("ampy.dev.metrics.v1.{svc}"),
+            "ampy.metrics.v1.Metric",
+            svc,
+            &partition::metrics(svc, name),
+            &body,
+            &[],
+        )
+        .await
+        .map_err(|e| CliError::transport(format!("publish metric: {e}")))?;
+    }
+
+    // Replay this run's bars window through the features handler: nothing new to apply.
+    let mut q = WindowQuery::new(
+        TopicPattern::parse("ampy.dev.bars.>").map_err(|e| CliError::usage(e.to_string()))?,
+    );
+    q.start = Some(started_at);
+    q.keys = Some(symbols.iter().map(|s| partition::bars(s, MIC)).collect());
+    let replay: ReplayReport = replay_window(&bus, q, feat_handler, store.clone(), &feat_name)
+        .await
+        .map_err(|e| CliError::transport(format!("replay: {e}")))?;
+
+    // Read back what this run stored, per domain.
+    let mut per_domain: BTreeMap<String, u64> = BTreeMap::new();
+    let mut dlq_in_log = 0u64;
+    if let Some(reader) = bus.replay() {
+        let mut q = WindowQuery::new(
+            TopicPattern::parse("ampy.dev.>").map_err(|e| CliError::usage(e.to_string()))?,
+        );
+        q.start = Some(started_at);
+        loop {
+            let page = reader
+                .read_window(&q)
+                .await
+                .map_err(|e| CliError::transport(format!("read back: {e}")))?;
+            if page.is_empty() {
+                break;
+            }
+            for m in page {
+                q.after_sequence = q.after_sequence.max(m.sequence);
+                if m.envelope.headers.get("run_id") != Some(ctx.run_id.as_str()) {
+                    continue;
+                }
+                let domain = m.envelope.topic.split('.').nth(2).unwrap_or("?").to_owned();
+                if m.envelope.topic == "ampy.dev.dlq.v1.bars"
+                    && m.envelope
+                        .headers
+                        .get("dlq_reason")
+                        .is_some_and(|r| DlqCode::from_reason(r) == DlqCode::DecodeError)
+                {
+                    dlq_in_log += 1;
+                }
+                *per_domain.entry(domain).or_default() += 1;
+            }
+        }
+    }
+    let (p50, p99, samples) = {
+        let h = ctx.latency_us.lock().unwrap_or_else(|p| p.into_inner());
+        (h.value_at_quantile(0.5), h.value_at_quantile(0.99), h.len())
+    };
+    let signals = ctx.signals_pub.load(Ordering::SeqCst);
+    let orders_n = ctx.orders_pub.load(Ordering::SeqCst);
+    let fills_n = ctx.fills_pub.load(Ordering::SeqCst);
+    let positions_n = ctx.positions_pub.load(Ordering::SeqCst);
+    let dlq_total: u64 = dlq_by_reason.values().sum();
+
+    let mut failures = Vec::new();
+    let mut check = |ok: bool, what: String| {
+        if !ok {
+            failures.push(what);
+        }
+    };
+    check(drained, "services did not drain within 120 s".into());
+    check(
+        ctx.bars_handled.load(Ordering::SeqCst) == expected_bars,
+        format!(
+            "bars handled {} != {expected_bars}",
+            ctx.bars_handled.load(Ordering::SeqCst)
+        ),
+    );
+    check(dlq_total == 1, format!("DLQ count {dlq_total} != 1"));
+    check(
+        dlq_by_reason.get("decode_error") == Some(&1),
+        "the poison message is not dead-lettered with decode_error".into(),
+    );
+    check(
+        dlq_in_log == 1,
+        format!("decode_error messages in ampy.dev.dlq.v1.bars: {dlq_in_log} != 1"),
+    );
+    check(signals > 0, "no signals".into());
+    check(
+        orders_n == signals,
+        format!("orders {orders_n} != signals {signals}"),
+    );
+    check(
+        fills_n == orders_n,
+        format!("fills {fills_n} != orders {orders_n}"),
+    );
+    check(
+        positions_n == fills_n,
+        format!("positions {positions_n} != fills {fills_n}"),
+    );
+    check(retries == 0, format!("retries {retries} != 0"));
+    check(
+        replay.applied == 0,
+        format!("replay applied {} != 0", replay.applied),
+    );
+    check(
+        replay.read == expected_bars && replay.skipped_duplicates == expected_bars,
+        format!(
+            "replay read {} skipped {} (expected {expected_bars} each)",
+            replay.read, replay.skipped_duplicates
+        ),
+    );
+    let expect_log = [
+        ("bars", expected_bars + 1),
+        ("signals", signals),
+        ("orders", orders_n),
+        ("fills", fills_n),
+        ("positions", positions_n),
+        ("metrics", counts.len() as u64),
+        ("dlq", 1),
+    ];
+    for (d, n) in expect_log {
+        let got = per_domain.get(d).copied().unwrap_or(0);
+        check(
+            got == n,
+            format!("log holds {got} {d} messages of this run, expected {n}"),
+        );
+    }
+    let wall_ms = wall.elapsed().as_millis() as u64;
+    let ok = failures.is_empty();
+
+    let summary = json!({
+        "run": run,
+        "url": bus.url_redacted(),
+        "symbols": symbols,
+        "bars_per_symbol": args.bars,
+        "topics": per_domain,
+        "counts": {
+            "bars": expected_bars,
+            "poison": 1,
+            "bars_handled": ctx.bars_handled.load(Ordering::SeqCst),
+            "signals": signals,
+            "orders": orders_n,
+            "fills": fills_n,
+            "positions": positions_n,
+            "metrics": counts.len(),
+        },
+        "latency_us": {"p50": p50, "p99": p99, "samples": samples},
+        "retries": retries,
+        "dlq": {"total": dlq_total, "by_reason": dlq_by_reason},
+        "replay": {
+            "read": replay.read,
+            "applied": replay.applied,
+            "skipped_duplicates": replay.skipped_duplicates,
+            "failed": replay.failed,
+            "first_id": replay.first_id,
+            "last_id": replay.last_id,
+        },
+        "last_features": *ctx.last_features.lock().unwrap_or_else(|p| p.into_inner()),
+        "wall_ms": wall_ms,
+        "ok": ok,
+        "failures": failures,
+    });
+    if args.json {
+        println!("{summary}");
+    } else {
+        print_table(&summary);
+    }
+    let _ = bus.close().await;
+    if ok {
+        Ok(EXIT_OK)
+    } else {
+        for f in &failures {
+            eprintln!("demo invariant failed: {f}");
+        }
+        Ok(EXIT_DEMO_FAILED)
+    }
+}
+
+fn print_table(s: &Value) {
+    println!("ampybus demo — run {} on {}", s["run"], s["url"]);
+    println!();
+    println!("{:<28} {:>10}", "messages per topic (domain)", "count");
+    if let Some(t) = s["topics"].as_object() {
+        for (d, n) in t {
+            println!("  ampy.dev.{:<18} {:>10}", format!("{d}.>"), n);
+        }
+    }
+    println!();
+    let c = &s["counts"];
+    println!(
+        "pipeline: bars {} (+{} poison) → signals {} → orders {} → fills {} → positions {}; metrics {}",
+        c["bars"], c["poison"], c["signals"], c["orders"], c["fills"], c["positions"], c["metrics"]
+    );
+    println!(
+        "delivery latency (produced_at → handler start): p50 {} µs, p99 {} µs ({} deliveries)",
+        s["latency_us"]["p50"], s["latency_us"]["p99"], s["latency_us"]["samples"]
+    );
+    println!("retries: {}", s["retries"]);
+    println!("DLQ: {} {}", s["dlq"]["total"], s["dlq"]["by_reason"]);
+    let r = &s["replay"];
+    println!(
+        "replay of the bars window: read {}, applied {}, skipped (duplicates) {}, failed {}",
+        r["read"], r["applied"], r["skipped_duplicates"], r["failed"]
+    );
+    println!("wall time: {} ms", s["wall_ms"]);
+    println!("result: {}", if s["ok"] == true { "OK" } else { "FAILED" });
+    if let Some(f) = s["failures"].as_array() {
+        for x in f {
+            println!("  failed: {x}");
+        }
+    }
+}
