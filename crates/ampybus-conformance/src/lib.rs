@@ -1,0 +1,122 @@
+//! The ampybus conformance suite: one behaviour suite that every transport binding must pass.
+//!
+//! A binding implements [`TransportFactory`] (a fresh, isolated namespace per test and a way to
+//! reconnect to it) and runs the suite either case by case with [`conformance_tests!`] (one
+//! `#[tokio::test]` per case) or all at once with [`run_all`], which returns a [`SuiteReport`]
+//! listing every case as passed, failed or *not applicable* (a capability the binding does not
+//! claim, or a tier not built yet) — a case that does not apply never passes silently.
+//!
+//! Rules the cases follow: exact counts, no sleep used as synchronisation (waits poll counters
+//! with a generous timeout that turns a hang into a failure), sizes scaled by the
+//! `AMPYBUS_TEST_SCALE` environment variable (default 1).
+//!
+//! See `README.md` next to this crate for what each case checks.
+
+#![warn(missing_docs)]
+
+mod cases;
+mod report;
+mod support;
+
+pub use cases::{
+    Case, at_least_once_across_crash, backpressure_bounded_in_flight, best_effort_drop_conflate,
+    dedupe_by_message_id_and_key, dlq_contents_and_redrive, graceful_shutdown_loses_nothing,
+    per_key_order, replay_window_and_keys, retry_counts_and_backoff, run_case,
+};
+pub use report::{CaseReport, CaseStatus, SuiteReport};
+pub use support::{Capabilities, TestContext, TransportFactory, hang_timeout, redrive, scale};
+
+/// Runs every case against `factory`, one after the other, and reports each (a failing case
+/// is caught and reported; it does not stop the others).
+pub async fn run_all(factory: &dyn TransportFactory) -> SuiteReport {
+    run_cases(factory, &Case::ALL).await
+}
+
+/// Runs the given cases against `factory`, in order, and reports each.
+pub async fn run_cases(factory: &dyn TransportFactory, cases: &[Case]) -> SuiteReport {
+    use futures::FutureExt;
+    let mut results = Vec::with_capacity(cases.len());
+    for &case in cases {
+        let started = std::time::Instant::now();
+        let outcome = std::panic::AssertUnwindSafe(run_case(factory, case))
+            .catch_unwind()
+            .await;
+        let status = match outcome {
+            Ok(status) => status,
+            Err(panic) => CaseStatus::Failed(report::panic_message(&*panic)),
+        };
+        results.push(CaseReport {
+            case,
+            status,
+            elapsed: started.elapsed(),
+        });
+    }
+    SuiteReport {
+        transport: factory.name().to_owned(),
+        results,
+    }
+}
+
+/// Expands to one `#[tokio::test(flavor = "multi_thread", worker_threads = 2)]` per case of the
+/// suite, each building the factory with `$factory` (an expression evaluated in every test).
+/// A case that does not apply passes the test but prints `NOT APPLICABLE: <reason>`; use
+/// [`run_all`] to get the list in a report. The calling crate needs `tokio` (with the `macros`
+/// and `rt-multi-thread` features) as a dev-dependency.
+///
+/// ```ignore
+/// struct MyFactory;
+/// // impl ampybus_conformance::TransportFactory for MyFactory { … }
+/// ampybus_conformance::conformance_tests!(MyFactory);
+/// ```
+#[macro_export]
+macro_rules! conformance_tests {
+    ($factory:expr) => {
+        $crate::conformance_tests!(@cases $factory;
+            at_least_once_across_crash => AtLeastOnceAcrossCrash,
+            dedupe_by_message_id_and_key => DedupeByMessageIdAndKey,
+            per_key_order => PerKeyOrder,
+            retry_counts_and_backoff => RetryCountsAndBackoff,
+            dlq_contents_and_redrive => DlqContentsAndRedrive,
+            replay_window => ReplayWindow,
+            replay_keys => ReplayKeys,
+            graceful_shutdown_loses_nothing => GracefulShutdownLosesNothing,
+            backpressure_bounded_in_flight => BackpressureBoundedInFlight,
+            best_effort_drop_conflate => BestEffortDropConflate,
+        );
+    };
+    (@cases $factory:expr; $($name:ident => $case:ident),* $(,)?) => {
+        $(
+            #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let factory = $factory;
+                $crate::run_case_test(&factory, $crate::Case::$case).await;
+            }
+        )*
+    };
+}
+
+/// Runs one case as a test: panics when it fails, prints `NOT APPLICABLE: …` when it does not
+/// apply, and prints the elapsed time. Used by [`conformance_tests!`].
+pub async fn run_case_test(factory: &dyn TransportFactory, case: Case) {
+    let started = std::time::Instant::now();
+    let status = run_case(factory, case).await;
+    let elapsed = started.elapsed();
+    match status {
+        CaseStatus::Passed(detail) => {
+            eprintln!(
+                "[{}] {}: passed in {:.2?} ({detail})",
+                factory.name(),
+                case.name(),
+                elapsed
+            )
+        }
+        CaseStatus::NotApplicable(reason) => {
+            eprintln!(
+                "[{}] {}: NOT APPLICABLE: {reason}",
+                factory.name(),
+                case.name()
+            )
+        }
+        CaseStatus::Failed(why) => panic!("[{}] {}: failed: {why}", factory.name(), case.name()),
+    }
+}

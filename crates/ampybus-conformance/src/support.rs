@@ -1,0 +1,282 @@
+//! The factory a binding implements, the per-test context, and shared helpers.
+
+use ampybus::dedupe::{DedupeStore, SqliteDedupeStore};
+use ampybus::headers::names;
+use ampybus::runtime::{ConsumerHandle, ConsumerStats, ORIGINAL_MESSAGE_ID, ORIGINAL_TOPIC_RAW};
+use ampybus::transport::{Delivery, StartAt, SubscribeSpec};
+use ampybus::{Bus, Envelope, Headers, Topic, TopicPattern};
+use async_trait::async_trait;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What a binding can do. A case that needs a capability the binding does not claim is
+/// reported as not applicable, never as passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    /// `bus.replay()` gives a [`ampybus::transport::ReplayByTime`] that honours
+    /// `WindowQuery::start`/`end` (store time, `[start, end)`).
+    pub replay_by_time: bool,
+    /// The same reader honours `WindowQuery::keys` (partition keys).
+    pub replay_by_keys: bool,
+    /// Best-effort topics (drop / conflate latest-per-key under a full queue) are implemented.
+    pub best_effort_tier: bool,
+}
+
+impl Default for Capabilities {
+    /// Everything the embedded log does: replay by time and keys, no best-effort tier.
+    fn default() -> Self {
+        Capabilities {
+            replay_by_time: true,
+            replay_by_keys: true,
+            best_effort_tier: false,
+        }
+    }
+}
+
+/// Builds buses for the suite. One [`TestContext`] per case: everything a case publishes lives
+/// under its [`TestContext::topic`]s and consumer names carry its id, so cases never see each
+/// other's messages even on a shared broker.
+#[async_trait]
+pub trait TransportFactory: Send + Sync {
+    /// Short name shown in reports (`embedded`, `nats`, …).
+    fn name(&self) -> &str;
+    /// What this binding can do.
+    fn capabilities(&self) -> Capabilities;
+    /// A bus on a fresh, isolated namespace for `ctx` (a temp dir, a unique stream/topic
+    /// prefix, …). Called once per case, first.
+    async fn new_bus(&self, ctx: &TestContext) -> Bus;
+    /// A new connection to the namespace [`TransportFactory::new_bus`] made for `ctx`:
+    /// simulates a consumer process restarting after a crash.
+    async fn reopen_bus(&self, ctx: &TestContext) -> Bus;
+    /// The durable dedupe store shared by every instance of a consumer in `ctx`'s namespace.
+    /// Default: a [`SqliteDedupeStore`] in `ctx.dir()/dedupe.sqlite3` (the embedded default).
+    async fn dedupe_store(&self, ctx: &TestContext) -> Arc<dyn DedupeStore> {
+        let path = ctx.dir().join(ampybus::dedupe::DEFAULT_FILE);
+        let store = tokio::task::spawn_blocking(move || SqliteDedupeStore::open(path))
+            .await
+            .expect("dedupe store: open task")
+            .expect("dedupe store: open");
+        Arc::new(store)
+    }
+}
+
+/// One case's namespace: a unique id, a scratch directory (removed at the end) and topic names.
+#[derive(Debug)]
+pub struct TestContext {
+    case: &'static str,
+    id: String,
+    dir: tempfile::TempDir,
+}
+
+impl TestContext {
+    /// A new context for the case named `case`.
+    pub fn new(case: &'static str) -> TestContext {
+        let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("ampybus-conf-{case}-"))
+            .tempdir()
+            .expect("temp dir");
+        TestContext { case, id, dir }
+    }
+
+    /// The case's name.
+    pub fn case(&self) -> &'static str {
+        self.case
+    }
+
+    /// A short unique id (12 lowercase hex digits).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// A scratch directory for this case (the embedded factory keeps its log here).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// `ampy.dev.{domain}.v1.c{id}.{leaf}`: a topic only this case uses.
+    pub fn topic(&self, domain: &str, leaf: &str) -> Topic {
+        Topic::parse(&format!("ampy.dev.{domain}.v1.c{}.{leaf}", self.id)).expect("topic")
+    }
+
+    /// `ampy.dev.{domain}.v1.c{id}.>`: every topic of this case in `domain`.
+    pub fn pattern(&self, domain: &str) -> TopicPattern {
+        TopicPattern::parse(&format!("ampy.dev.{domain}.v1.c{}.>", self.id)).expect("pattern")
+    }
+
+    /// A consumer name unique to this case: `{label}-{id}`.
+    pub fn consumer(&self, label: &str) -> String {
+        format!("{label}-{}", self.id)
+    }
+}
+
+/// The `AMPYBUS_TEST_SCALE` environment variable (default 1).
+pub fn scale() -> f64 {
+    std::env::var("AMPYBUS_TEST_SCALE")
+        .ok()
+        .and_then(|s| s.parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .unwrap_or(1.0)
+}
+
+/// `n` scaled by [`scale`], at least `min`.
+pub(crate) fn scaled(n: usize, min: usize) -> usize {
+    ((n as f64 * scale()) as usize).max(min)
+}
+
+/// How long a wait may take before it counts as a hang: 120 s, times the scale when above 1.
+pub fn hang_timeout() -> Duration {
+    Duration::from_secs_f64(120.0 * scale().max(1.0))
+}
+
+/// Polls `cond` until it holds; panics naming `what` after [`hang_timeout`].
+pub(crate) async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < hang_timeout(),
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Polls a consumer's stats until `cond` holds; panics with the stats after [`hang_timeout`].
+pub(crate) async fn wait_stats(
+    what: &str,
+    h: &ConsumerHandle,
+    cond: impl Fn(&ConsumerStats) -> bool,
+) -> ConsumerStats {
+    let start = Instant::now();
+    loop {
+        let s = h.stats();
+        if cond(&s) {
+            return s;
+        }
+        assert!(
+            start.elapsed() < hang_timeout(),
+            "timed out waiting for {what}: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Waits until the wall clock is strictly past `t` (store times are wall-clock times; this
+/// separates publish slices in time, it does not synchronise anything).
+pub(crate) async fn clock_past(t: chrono::DateTime<chrono::Utc>) {
+    while chrono::Utc::now() <= t {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// A raw-bytes envelope with `partition_key = key` and `payload` as UTF-8.
+pub(crate) fn raw(topic: &Topic, key: &str, payload: &str) -> Envelope {
+    let h = Headers::for_publish(
+        ampybus::headers::RAW_BYTES_SCHEMA,
+        "conformance@1",
+        "conformance",
+        key,
+    );
+    Envelope::new(topic, h, payload.as_bytes().to_vec())
+}
+
+/// Publishes in batches of 1,000.
+pub(crate) async fn publish_all(bus: &Bus, envs: Vec<Envelope>) {
+    let mut it = envs.into_iter().peekable();
+    while it.peek().is_some() {
+        let chunk: Vec<Envelope> = it.by_ref().take(1000).collect();
+        bus.publish_batch(chunk).await.expect("publish_batch");
+    }
+}
+
+/// Reads what is on `pattern` (ephemeral, from the earliest) until `done` says the messages
+/// collected so far are complete, then checks for `settle` that nothing more matching `keep`
+/// arrives. Only messages for which `keep` is true are collected.
+pub(crate) async fn read_until(
+    bus: &Bus,
+    pattern: &TopicPattern,
+    keep: impl Fn(&Delivery) -> bool,
+    done: impl Fn(&[Delivery]) -> bool,
+    settle: Duration,
+) -> Vec<Delivery> {
+    let mut sub = bus
+        .subscribe(SubscribeSpec::ephemeral(pattern.clone(), StartAt::Earliest))
+        .await
+        .expect("subscribe");
+    let mut out: Vec<Delivery> = Vec::new();
+    let start = Instant::now();
+    while !done(&out) {
+        assert!(
+            start.elapsed() < hang_timeout(),
+            "timed out reading {}: {} collected",
+            pattern.as_str(),
+            out.len()
+        );
+        let page = sub
+            .fetch(100, Duration::from_millis(500))
+            .await
+            .expect("fetch");
+        out.extend(page.into_iter().filter(|d| keep(d)));
+    }
+    let extra: Vec<Delivery> = sub
+        .fetch(100, settle)
+        .await
+        .expect("fetch")
+        .into_iter()
+        .filter(|d| keep(d))
+        .collect();
+    assert!(
+        extra.is_empty(),
+        "more messages than expected on {}",
+        pattern.as_str()
+    );
+    out
+}
+
+/// Headers that only make sense on a dead-lettered copy; [`redrive`] removes them.
+pub const DLQ_ONLY_HEADERS: [&str; 7] = [
+    names::DLQ_REASON,
+    names::ORIGINAL_TOPIC,
+    ORIGINAL_TOPIC_RAW,
+    names::DLQ_AT,
+    names::DLQ_CONSUMER,
+    names::PAYLOAD_HASH,
+    ORIGINAL_MESSAGE_ID,
+];
+
+/// Redrives one dead-lettered message: publishes its original bytes back to its
+/// `original_topic` with a NEW `message_id`, `redrive_of` = the DLQ'd message's
+/// `original_message_id` (or its `message_id` when absent), `retry_count` + 1, and every
+/// DLQ-only header removed, so that neither broker nor consumer dedupe swallows it. Returns
+/// the envelope as published.
+pub async fn redrive(bus: &Bus, dlq: &Envelope) -> ampybus::Result<Envelope> {
+    let h = &dlq.headers;
+    let original_topic = h.get(names::ORIGINAL_TOPIC).ok_or_else(|| {
+        ampybus::Error::new(
+            ampybus::ErrorKind::Header,
+            "redrive: the DLQ message has no original_topic",
+        )
+    })?;
+    let topic = Topic::parse(original_topic)?;
+    let redrive_of = h
+        .get(ORIGINAL_MESSAGE_ID)
+        .or_else(|| h.message_id())
+        .unwrap_or_default()
+        .to_owned();
+    let retry_count = h.retry_count().unwrap_or(0).saturating_add(1);
+    let mut headers = h.clone();
+    for name in DLQ_ONLY_HEADERS {
+        headers.remove(name);
+    }
+    headers.set(names::MESSAGE_ID, ampybus::ids::new_message_id());
+    headers.set(names::REDRIVE_OF, redrive_of);
+    headers.set(names::RETRY_COUNT, retry_count.to_string());
+    let env = Envelope {
+        topic: topic.as_str().to_owned(),
+        headers,
+        payload: dlq.payload.clone(),
+    };
+    bus.publish_wire(vec![env.clone()]).await?;
+    Ok(env)
+}
