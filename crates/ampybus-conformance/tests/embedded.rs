@@ -85,3 +85,51 @@ async fn missing_capabilities_are_listed_as_not_applicable() {
         CaseStatus::NotApplicable(why) if why == "best-effort tier not implemented"
     ));
 }
+
+/// A binding that cannot even open a bus: a failing case is caught and reported as failed, and
+/// the following cases still run.
+struct Broken;
+
+#[async_trait]
+impl TransportFactory for Broken {
+    fn name(&self) -> &str {
+        "broken"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
+    }
+
+    async fn new_bus(&self, _ctx: &TestContext) -> Bus {
+        panic!("no broker here")
+    }
+
+    async fn reopen_bus(&self, _ctx: &TestContext) -> Bus {
+        panic!("no broker here")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_case_is_reported_and_the_rest_still_run() {
+    let report = run_cases(
+        &Broken,
+        &[Case::DedupeByMessageIdAndKey, Case::BestEffortDropConflate],
+    )
+    .await;
+    eprintln!("{report}");
+    assert!(!report.ok());
+    let failed = report.failed();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].0, Case::DedupeByMessageIdAndKey);
+    assert!(failed[0].1.contains("no broker here"), "{}", failed[0].1);
+    assert_eq!(report.not_applicable().len(), 1);
+    let shown = report.to_string();
+    assert!(
+        shown.contains("FAIL dedupe_by_message_id_and_key"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("0 passed, 1 failed, 1 not applicable"),
+        "{shown}"
+    );
+}
