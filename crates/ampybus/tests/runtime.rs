@@ -1110,3 +1110,25 @@ async fn strict_order_holds_under_random_retries() {
         assert_eq!(v, &want, "order of {k}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_lettering_a_redriven_message_keeps_its_retry_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = bus_at(dir.path()).await;
+    let topic = Topic::parse("ampy.dev.news.v1.raw").unwrap();
+    // A message that already lived twice (as a redrive would send it).
+    let h = Headers::for_publish("ampy.raw.v1.Bytes", "t@1", "t", "k").with("retry_count", "2");
+    bus.publish(&topic, h, b"poison".to_vec()).await.unwrap();
+    let handle = Consumer::builder(bus.clone(), pat("ampy.dev.news.>"), "history")
+        .handler(handler_fn(|_msg: ampybus::runtime::Message| async {
+            Outcome::DeadLetter("still bad".into())
+        }))
+        .start()
+        .await
+        .unwrap();
+    wait_stats("dead-lettered", &handle, |s| s.dead_lettered_total() == 1).await;
+    handle.shutdown(Duration::from_secs(10)).await;
+    let dlq = read_all(&bus, "ampy.dev.dlq.v1.news", 1).await;
+    // 2 carried in + 1 attempt here.
+    assert_eq!(dlq[0].envelope.headers.get("retry_count"), Some("3"));
+}

@@ -1123,9 +1123,13 @@ impl Shared {
     async fn dead_letter(&self, item: Item, code: DlqCode, reason: String) -> Step {
         let env = &item.delivery.envelope;
         let info = &item.delivery.info;
-        let retry_count = info
+        // Attempts in this life of the message, on top of what it carried in (a redriven
+        // message arrives with the count of its earlier lives), so the history is kept.
+        let attempts = info
             .delivery_count
             .max(info.delivery_count.saturating_sub(1) + item.local_attempts);
+        let carried = env.headers.retry_count().unwrap_or(0);
+        let retry_count = carried.saturating_add(attempts);
         let dlq_topic = dlq_topic_for(&env.topic, &self.pattern);
         let dlq = build_dlq_envelope(env, &dlq_topic, &reason, retry_count, &self.name);
         let mut tries = 0u32;

@@ -20,7 +20,7 @@
 //!
 //! The DLQ message goes to `topic.dlq_topic()` (`ampy.{env}.dlq.v1.{domain}`) with the original
 //! payload bytes as carried and the original headers, plus `dlq_reason` (`code: detail`, see
-//! [`DlqCode`]), `original_topic`, `retry_count` (delivery attempts so far), `dlq_at`,
+//! [`DlqCode`]), `original_topic`, `retry_count` (the incoming `retry_count` plus the delivery attempts of this consumer), `dlq_at`,
 //! `dlq_consumer`, `payload_hash` (`sha256:` of the carried bytes). It gets a new
 //! `message_id`; the old one is kept in [`ORIGINAL_MESSAGE_ID`]. Original headers that would
 //! break publish validation are moved to `original_<name>` (see [`build_dlq_envelope`]).
