@@ -63,7 +63,9 @@ pub async fn run_cases(factory: &dyn TransportFactory, cases: &[Case]) -> SuiteR
 /// [`run_all`] to get the list in a report. The calling crate needs `tokio` (with the `macros`
 /// and `rt-multi-thread` features) as a dev-dependency.
 ///
-/// ```ignore
+/// A compiled, running use is `tests/embedded.rs` of this crate; in outline:
+///
+/// ```text
 /// struct MyFactory;
 /// // impl ampybus_conformance::TransportFactory for MyFactory { … }
 /// ampybus_conformance::conformance_tests!(MyFactory);
