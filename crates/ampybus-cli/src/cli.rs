@@ -101,6 +101,14 @@ best/median/worst are reported. MB/s counts payload bytes only.")]
     Bench(BenchArgs),
 
     /// Run the end-to-end demo pipeline on synthetic data and print a summary
+    #[command(after_help = "\
+Examples:
+  ampybus demo
+  ampybus --url /tmp/ampy-demo demo --bars 600 --symbols AAPL,MSFT --json
+
+bars → signals → orders → fills → positions on the embedded log at --url, with one poison
+message dead-lettered and a replay that must apply nothing new. Exit code 1 when an
+invariant of the run does not hold.")]
     Demo(crate::demo::DemoArgs),
 
     /// Print a shell completion script to stdout

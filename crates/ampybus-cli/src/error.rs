@@ -8,7 +8,7 @@ use std::fmt;
 
 /// Success.
 pub const EXIT_OK: u8 = 0;
-/// `validate` found at least one invalid or unreadable envelope file.
+/// `validate` found an invalid or unreadable envelope file (`demo`: an invariant failed).
 pub const EXIT_INVALID: u8 = 1;
 /// Usage, configuration or input error (flag, URL, topic, pattern, header, payload, file).
 pub const EXIT_USAGE: u8 = 2;
@@ -23,7 +23,7 @@ pub const EXIT_INTERRUPTED: u8 = 130;
 pub const EXIT_CODE_HELP: &str = "\
 Exit codes:
   0    success (`sub` also exits 0 after --max messages or --timeout seconds idle)
-  1    `validate`: at least one file is invalid or unreadable
+  1    `validate`: a file is invalid or unreadable; `demo`: an invariant did not hold
   2    usage or input error: bad flag, URL, topic, pattern, header, payload, envelope file
   3    transport error: the log or broker failed
   4    timed out: e.g. the data directory stayed locked by another process

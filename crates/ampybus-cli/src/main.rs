@@ -45,6 +45,7 @@ fn init_logging(level: Option<&str>) -> CliResult<()> {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .try_init()
         .map_err(|e| CliError::usage(format!("cannot start logging: {e}")))

@@ -795,7 +795,7 @@ fn help_has_examples_and_exit_codes() {
     let root = ok(ampybus(&["--help"]), "--help");
     assert!(root.stdout.contains("Exit codes:"), "{}", root.stdout);
     assert!(root.stdout.contains("3    transport error"));
-    for cmd in ["pub", "sub", "validate", "bench", "completions"] {
+    for cmd in ["pub", "sub", "validate", "bench", "demo", "completions"] {
         let o = ok(ampybus(&[cmd, "--help"]), cmd);
         assert!(
             o.stdout.contains("Examples:"),
