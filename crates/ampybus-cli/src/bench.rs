@@ -22,37 +22,8 @@ const TOPIC: &str = "ampy.dev.bars.v1.XNAS.BENCH";
 
 /// The tables of the embedded log, copied from `ampybus::transport::embedded` so the raw loop
 /// writes into the same shape (same indexes) as the log does.
-const RAW_SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS messages(
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    topic TEXT NOT NULL,
-    domain TEXT NOT NULL,
-    pkey TEXT NOT NULL,
-    message_id TEXT NOT NULL,
-    log_us INTEGER NOT NULL,
-    size INTEGER NOT NULL,
-    headers BLOB NOT NULL,
-    payload BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS messages_by_time ON messages(log_us);
-CREATE INDEX IF NOT EXISTS messages_by_key ON messages(pkey, seq);
-CREATE TABLE IF NOT EXISTS consumers(
-    name TEXT PRIMARY KEY,
-    pattern TEXT NOT NULL,
-    cursor INTEGER NOT NULL,
-    created_us INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS pending(
-    consumer TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    pkey TEXT NOT NULL,
-    owner TEXT,
-    not_before_us INTEGER NOT NULL,
-    deliveries INTEGER NOT NULL,
-    acked INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY(consumer, seq)
-) WITHOUT ROWID;
-";
+/// The baseline uses the log's own tables and indexes.
+const RAW_SCHEMA: &str = ampybus::transport::embedded::SCHEMA;
 
 const RAW_INSERT: &str = "INSERT INTO messages(topic, domain, pkey, message_id, log_us, size, headers, payload) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
 

@@ -273,7 +273,8 @@ fn storage(what: &str, e: rusqlite::Error) -> Error {
     Error::transport(format!("embedded log: {what}"), e)
 }
 
-const SCHEMA: &str = "
+/// The log's tables and indexes (also used by `ampybus bench --raw-sqlite` for its baseline).
+pub const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS messages(
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     topic TEXT NOT NULL,
@@ -362,9 +363,36 @@ fn open_conn(path: &Path, busy: Duration) -> Result<Connection> {
 
 type Reply<T> = oneshot::Sender<Result<T>>;
 
+/// A message ready for insertion: columns extracted and headers encoded by the publisher.
+struct NewRow {
+    topic: String,
+    domain: String,
+    pkey: String,
+    message_id: String,
+    size: i64,
+    headers: Vec<u8>,
+    payload: Bytes,
+}
+
+impl From<Envelope> for NewRow {
+    fn from(env: Envelope) -> Self {
+        let headers = encode_headers(&env.headers);
+        let size = (headers.len() + env.payload.len() + env.topic.len()) as i64;
+        NewRow {
+            domain: env.topic.split('.').nth(2).unwrap_or("").to_owned(),
+            pkey: env.headers.partition_key().unwrap_or("").to_owned(),
+            message_id: env.headers.message_id().unwrap_or("").to_owned(),
+            size,
+            headers,
+            payload: env.payload,
+            topic: env.topic,
+        }
+    }
+}
+
 enum Cmd {
     Append {
-        batch: Vec<Envelope>,
+        batch: Vec<NewRow>,
         reply: Reply<Vec<PublishReceipt>>,
     },
     Ack {
@@ -394,7 +422,7 @@ impl Writer {
         Ok(())
     }
 
-    fn append(&mut self, batches: &[&[Envelope]]) -> Result<Vec<Vec<PublishReceipt>>> {
+    fn append(&mut self, batches: &[&[NewRow]]) -> Result<Vec<Vec<PublishReceipt>>> {
         self.set_sync(self.opts.sync == SyncLevel::Full)?;
         let tx = self
             .conn
@@ -419,21 +447,16 @@ impl Writer {
                 .map_err(|e| storage("prepare insert", e))?;
             for batch in batches {
                 let mut receipts = Vec::with_capacity(batch.len());
-                for env in batch.iter() {
-                    let domain = env.topic.split('.').nth(2).unwrap_or("");
-                    let pkey = env.headers.partition_key().unwrap_or("");
-                    let id = env.headers.message_id().unwrap_or("");
-                    let headers = encode_headers(&env.headers);
-                    let size = (headers.len() + env.payload.len() + env.topic.len()) as i64;
+                for row in batch.iter() {
                     ins.execute(params![
-                        env.topic,
-                        domain,
-                        pkey,
-                        id,
+                        row.topic,
+                        row.domain,
+                        row.pkey,
+                        row.message_id,
                         log_us,
-                        size,
-                        headers,
-                        &env.payload[..]
+                        row.size,
+                        row.headers,
+                        &row.payload[..]
                     ])
                     .map_err(|e| storage("insert", e))?;
                     receipts.push(PublishReceipt {
@@ -593,7 +616,7 @@ fn writer_loop(mut w: Writer, rx: mpsc::Receiver<Cmd>, notify: Arc<Notify>) {
             }
         }
         if !appends.is_empty() {
-            let refs: Vec<&[Envelope]> = appends.iter().map(|(b, _)| b.as_slice()).collect();
+            let refs: Vec<&[NewRow]> = appends.iter().map(|(b, _)| b.as_slice()).collect();
             match w.append(&refs) {
                 Ok(receipts) => {
                     for ((_, reply), r) in appends.into_iter().zip(receipts) {
@@ -1158,6 +1181,8 @@ impl Transport for EmbeddedLog {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
+        // Encode on the caller's task, so the writer holds the lock only for the inserts.
+        let batch: Vec<NewRow> = batch.into_iter().map(NewRow::from).collect();
         let (reply, rx) = oneshot::channel();
         self.inner.send(Cmd::Append { batch, reply })?;
         rx.await
