@@ -31,6 +31,7 @@ pub fn default_url() -> String {
 /// assert_eq!(transport_kind("./data").unwrap(), TransportKind::Embedded);
 /// assert_eq!(transport_kind("nats://127.0.0.1:4222").unwrap(), TransportKind::Nats);
 /// assert!(transport_kind("ftp://x").unwrap_err().to_string().contains("ftp"));
+/// assert!(!transport_kind("ftp://bob:secret@h/x").unwrap_err().to_string().contains("secret"));
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TransportKind {
@@ -56,12 +57,14 @@ pub fn transport_kind(url: &str) -> Result<TransportKind> {
         Some("kafka") => Ok(TransportKind::Kafka),
         Some("redis") | Some("rediss") => Ok(TransportKind::Redis),
         Some(other) => Err(Error::config(format!(
-            "url {url:?}: scheme `{other}` is not supported (use file://, a path, nats://, tls://, kafka://, redis:// or rediss://)"
+            "url {:?}: scheme `{other}` is not supported (use file://, a path, nats://, tls://, kafka://, redis:// or rediss://)",
+            redact(url)
         ))),
         None if url.starts_with("file:") => Ok(TransportKind::Embedded),
         None if url.contains(':') && !url.starts_with('.') && !url.starts_with('/') => {
             Err(Error::config(format!(
-                "url {url:?}: not a path and no `scheme://` (use file://, a path, nats://, kafka:// or redis://)"
+                "url {:?}: not a path and no `scheme://` (use file://, a path, nats://, kafka:// or redis://)",
+                redact(url)
             )))
         }
         None => Ok(TransportKind::Embedded),
@@ -157,6 +160,13 @@ impl Bus {
         match transport_kind(url)? {
             TransportKind::Embedded => {
                 let opts = EmbeddedOptions::from_url(url)?;
+                if opts.dir.is_file() {
+                    return Err(Error::config(format!(
+                        "url {:?}: the data directory {} is a file",
+                        redact(url),
+                        opts.dir.display()
+                    )));
+                }
                 let blobs = BlobStore::local(&opts.dir.join("blobs"))?;
                 let log = tokio::task::spawn_blocking(move || EmbeddedLog::open(opts))
                     .await
