@@ -111,6 +111,9 @@ message dead-lettered and a replay that must apply nothing new. Exit code 1 when
 invariant of the run does not hold.")]
     Demo(crate::demo::DemoArgs),
 
+    /// Inspect, redrive or purge dead-lettered messages
+    Dlq(crate::dlq::DlqArgs),
+
     /// Print a shell completion script to stdout
     #[command(after_help = "\
 Examples:

@@ -7,6 +7,7 @@ mod bench;
 mod cli;
 mod decoder;
 mod demo;
+mod dlq;
 mod error;
 mod publish;
 mod subscribe;
@@ -65,6 +66,7 @@ fn run(cli: Cli) -> CliResult<u8> {
         Command::Bench(args) => runtime()?.block_on(bench::run(args, cli.log_level.as_deref())),
         Command::BenchConsumer(args) => runtime()?.block_on(bench::consumer(&url, args)),
         Command::Demo(args) => runtime()?.block_on(demo::run(&url, args)),
+        Command::Dlq(args) => runtime()?.block_on(dlq::run(&url, args)),
     }
 }
 

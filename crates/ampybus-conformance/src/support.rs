@@ -1,8 +1,7 @@
 //! The factory a binding implements, the per-test context, and shared helpers.
 
 use ampybus::dedupe::{DedupeStore, SqliteDedupeStore};
-use ampybus::headers::names;
-use ampybus::runtime::{ConsumerHandle, ConsumerStats, ORIGINAL_MESSAGE_ID, ORIGINAL_TOPIC_RAW};
+use ampybus::runtime::{ConsumerHandle, ConsumerStats};
 use ampybus::transport::{Delivery, StartAt, SubscribeSpec};
 use ampybus::{Bus, Envelope, Headers, Topic, TopicPattern};
 use async_trait::async_trait;
@@ -235,15 +234,7 @@ pub(crate) async fn read_until(
 }
 
 /// Headers that only make sense on a dead-lettered copy; [`redrive`] removes them.
-pub const DLQ_ONLY_HEADERS: [&str; 7] = [
-    names::DLQ_REASON,
-    names::ORIGINAL_TOPIC,
-    ORIGINAL_TOPIC_RAW,
-    names::DLQ_AT,
-    names::DLQ_CONSUMER,
-    names::PAYLOAD_HASH,
-    ORIGINAL_MESSAGE_ID,
-];
+pub use ampybus::runtime::DLQ_ONLY_HEADERS;
 
 /// Redrives one dead-lettered message: publishes its original bytes back to its
 /// `original_topic` with a NEW `message_id`, `redrive_of` = the DLQ'd message's
@@ -251,32 +242,7 @@ pub const DLQ_ONLY_HEADERS: [&str; 7] = [
 /// DLQ-only header removed, so that neither broker nor consumer dedupe swallows it. Returns
 /// the envelope as published.
 pub async fn redrive(bus: &Bus, dlq: &Envelope) -> ampybus::Result<Envelope> {
-    let h = &dlq.headers;
-    let original_topic = h.get(names::ORIGINAL_TOPIC).ok_or_else(|| {
-        ampybus::Error::new(
-            ampybus::ErrorKind::Header,
-            "redrive: the DLQ message has no original_topic",
-        )
-    })?;
-    let topic = Topic::parse(original_topic)?;
-    let redrive_of = h
-        .get(ORIGINAL_MESSAGE_ID)
-        .or_else(|| h.message_id())
-        .unwrap_or_default()
-        .to_owned();
-    let retry_count = h.retry_count().unwrap_or(0).saturating_add(1);
-    let mut headers = h.clone();
-    for name in DLQ_ONLY_HEADERS {
-        headers.remove(name);
-    }
-    headers.set(names::MESSAGE_ID, ampybus::ids::new_message_id());
-    headers.set(names::REDRIVE_OF, redrive_of);
-    headers.set(names::RETRY_COUNT, retry_count.to_string());
-    let env = Envelope {
-        topic: topic.as_str().to_owned(),
-        headers,
-        payload: dlq.payload.clone(),
-    };
+    let env = ampybus::runtime::redrive_envelope(dlq)?;
     bus.publish_wire(vec![env.clone()]).await?;
     Ok(env)
 }

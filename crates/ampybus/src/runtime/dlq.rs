@@ -185,3 +185,65 @@ fn fill_required(h: &mut Headers, original_topic: &str, consumer: &str) {
     set_if_missing(names::PARTITION_KEY, original_topic);
     h.fill_publish_defaults();
 }
+
+/// Headers that only make sense on a dead-lettered copy; [`redrive_envelope`] removes them.
+pub const DLQ_ONLY_HEADERS: [&str; 7] = [
+    names::DLQ_REASON,
+    names::ORIGINAL_TOPIC,
+    ORIGINAL_TOPIC_RAW,
+    names::DLQ_AT,
+    names::DLQ_CONSUMER,
+    names::PAYLOAD_HASH,
+    ORIGINAL_MESSAGE_ID,
+];
+
+/// The envelope that redrives one dead-lettered message (DESIGN §2): its original bytes on
+/// its `original_topic`, with a NEW `message_id`, `redrive_of` = the DLQ message's
+/// `original_message_id` (or its own `message_id` when absent), `retry_count` + 1, and every
+/// DLQ-only header removed, so that neither broker nor consumer dedupe swallows it.
+///
+/// Fails (`Header`/`Topic` error) when the DLQ message has no parseable `original_topic`.
+///
+/// ```
+/// use ampybus::{Envelope, Headers, Topic};
+/// use ampybus::runtime::{build_dlq_envelope, redrive_envelope};
+/// let topic = Topic::parse("ampy.dev.orders.v1.requests").unwrap();
+/// let h = Headers::for_publish("ampy.orders.v1.OrderRequest", "oms@1", "oms", "co_1");
+/// let env = Envelope::new(&topic, h.clone(), b"p".to_vec());
+/// let dlq = build_dlq_envelope(&env, &topic.dlq_topic(), "handler_error: nope", 1, "oms");
+/// let again = redrive_envelope(&dlq).unwrap();
+/// assert_eq!(again.topic, "ampy.dev.orders.v1.requests");
+/// assert_eq!(again.headers.get("redrive_of"), h.message_id());
+/// assert_eq!(again.headers.get("retry_count"), Some("2"));
+/// assert!(again.headers.get("dlq_reason").is_none());
+/// assert_ne!(again.headers.message_id(), h.message_id());
+/// assert_ne!(again.headers.message_id(), dlq.headers.message_id());
+/// ```
+pub fn redrive_envelope(dlq: &Envelope) -> crate::Result<Envelope> {
+    let h = &dlq.headers;
+    let original_topic = h.get(names::ORIGINAL_TOPIC).ok_or_else(|| {
+        crate::Error::new(
+            crate::ErrorKind::Header,
+            "redrive: the DLQ message has no original_topic",
+        )
+    })?;
+    let topic = Topic::parse(original_topic)?;
+    let redrive_of = h
+        .get(ORIGINAL_MESSAGE_ID)
+        .or_else(|| h.message_id())
+        .unwrap_or_default()
+        .to_owned();
+    let retry_count = h.retry_count().unwrap_or(0).saturating_add(1);
+    let mut headers = h.clone();
+    for name in DLQ_ONLY_HEADERS {
+        headers.remove(name);
+    }
+    headers.set(names::MESSAGE_ID, ids::new_message_id());
+    headers.set(names::REDRIVE_OF, redrive_of);
+    headers.set(names::RETRY_COUNT, retry_count.to_string());
+    Ok(Envelope {
+        topic: topic.as_str().to_owned(),
+        headers,
+        payload: dlq.payload.clone(),
+    })
+}

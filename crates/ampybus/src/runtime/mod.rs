@@ -62,7 +62,9 @@ mod publisher;
 pub mod replay;
 
 pub use consumer::{Consumer, ConsumerBuilder, ConsumerHandle, ConsumerStats};
-pub use dlq::{ORIGINAL_MESSAGE_ID, ORIGINAL_TOPIC_RAW, build_dlq_envelope};
+pub use dlq::{
+    DLQ_ONLY_HEADERS, ORIGINAL_MESSAGE_ID, ORIGINAL_TOPIC_RAW, build_dlq_envelope, redrive_envelope,
+};
 pub use publisher::Publisher;
 
 use crate::headers::Headers;

@@ -8,6 +8,7 @@
 //! * Optional capabilities are separate traits: [`ReplayByTime`].
 
 pub mod embedded;
+mod embedded_purge;
 mod headers_codec;
 
 pub use headers_codec::{decode_headers, encode_headers};
