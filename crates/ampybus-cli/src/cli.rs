@@ -114,6 +114,14 @@ invariant of the run does not hold.")]
     /// Inspect, redrive or purge dead-lettered messages
     Dlq(crate::dlq::DlqArgs),
 
+    /// Per-topic message counts and bytes, and durable consumer lag (embedded log)
+    #[command(after_help = "\
+Examples:
+  ampybus topics list --pattern 'ampy.dev.>'
+  ampybus topics describe ampy.dev.news.v1.raw --json
+  ampybus topics lag --consumer audit")]
+    Topics(crate::topics::TopicsArgs),
+
     /// Print a shell completion script to stdout
     #[command(after_help = "\
 Examples:

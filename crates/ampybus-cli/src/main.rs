@@ -11,6 +11,7 @@ mod dlq;
 mod error;
 mod publish;
 mod subscribe;
+mod topics;
 mod util;
 mod validate;
 
@@ -67,6 +68,7 @@ fn run(cli: Cli) -> CliResult<u8> {
         Command::BenchConsumer(args) => runtime()?.block_on(bench::consumer(&url, args)),
         Command::Demo(args) => runtime()?.block_on(demo::run(&url, args)),
         Command::Dlq(args) => runtime()?.block_on(dlq::run(&url, args)),
+        Command::Topics(args) => runtime()?.block_on(topics::run(&url, args)),
     }
 }
 

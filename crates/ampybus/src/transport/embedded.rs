@@ -655,7 +655,7 @@ fn writer_loop(mut w: Writer, rx: mpsc::Receiver<Cmd>, notify: Arc<Notify>) {
     }
 }
 
-struct Inner {
+pub(crate) struct Inner {
     tx: Mutex<Option<mpsc::Sender<Cmd>>>,
     notify: Arc<Notify>,
     opts: EmbeddedOptions,
@@ -686,7 +686,7 @@ impl Inner {
             .map_err(|_| Error::new(ErrorKind::Closed, "embedded log writer stopped"))?
     }
 
-    fn reader(&self) -> Result<Connection> {
+    pub(crate) fn reader(&self) -> Result<Connection> {
         let c = open_conn(&self.db_path, self.opts.busy_timeout)?;
         Ok(c)
     }
@@ -705,7 +705,7 @@ impl Inner {
 /// ```
 #[derive(Clone)]
 pub struct EmbeddedLog {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 impl std::fmt::Debug for EmbeddedLog {

@@ -8,6 +8,7 @@
 //! * Optional capabilities are separate traits: [`ReplayByTime`].
 
 pub mod embedded;
+pub mod embedded_admin;
 mod embedded_purge;
 mod headers_codec;
 

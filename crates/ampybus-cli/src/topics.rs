@@ -1,0 +1,318 @@
+//! `ampybus topics`: what the embedded log holds per topic and how far behind consumers are.
+
+use crate::error::{CliError, CliResult, EXIT_OK};
+use ampybus::TopicPattern;
+use ampybus::bus::{TransportKind, redact, transport_kind};
+use ampybus::transport::Transport;
+use ampybus::transport::embedded::{EmbeddedLog, EmbeddedOptions};
+use ampybus::transport::embedded_admin::{ConsumerStats, TopicStats};
+use chrono::{DateTime, SecondsFormat, Utc};
+use clap::{Args, Subcommand};
+use serde_json::{Value, json};
+
+/// `ampybus topics`.
+#[derive(Debug, Args)]
+pub struct TopicsArgs {
+    #[command(subcommand)]
+    pub command: TopicsCommand,
+}
+
+/// The `topics` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum TopicsCommand {
+    /// One row per stored topic: messages, bytes, sequences, store times
+    #[command(after_help = "\
+Examples:
+  ampybus topics list
+  ampybus topics list --pattern 'ampy.prod.bars.>' --json")]
+    List {
+        /// Only topics matching this pattern
+        #[arg(long, value_name = "PAT", default_value = ">")]
+        pattern: String,
+        /// One JSON object per topic per line
+        #[arg(long)]
+        json: bool,
+    },
+    /// Totals of a topic or pattern and the durable consumers reading it, with their lag
+    #[command(after_help = "\
+Examples:
+  ampybus topics describe ampy.dev.news.v1.raw
+  ampybus topics describe 'ampy.prod.>' --json")]
+    Describe {
+        /// A concrete topic or a pattern
+        #[arg(value_name = "TOPIC_OR_PATTERN")]
+        target: String,
+        /// One JSON object
+        #[arg(long)]
+        json: bool,
+    },
+    /// Durable consumers: cursor, in-flight leases, lag
+    #[command(after_help = "\
+Examples:
+  ampybus topics lag
+  ampybus topics lag --consumer audit --json
+
+Lag: messages after the cursor matching the consumer's pattern, not yet acknowledged.")]
+    Lag {
+        /// Only this consumer
+        #[arg(long, value_name = "NAME")]
+        consumer: Option<String>,
+        /// One JSON object per consumer per line
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Runs `ampybus topics …`.
+pub async fn run(url: &str, args: TopicsArgs) -> CliResult<u8> {
+    let log = open(url).await?;
+    let result = dispatch(&log, args.command).await;
+    let closed = log
+        .close()
+        .await
+        .map_err(|e| CliError::bus("closing the log", &e));
+    let code = result?;
+    closed?;
+    Ok(code)
+}
+
+async fn open(url: &str) -> CliResult<EmbeddedLog> {
+    let shown = redact(url);
+    let kind = transport_kind(url).map_err(|e| CliError::bus(format!("--url {shown:?}"), &e))?;
+    if kind != TransportKind::Embedded {
+        return Err(CliError::usage(format!(
+            "--url {shown:?}: topics list/describe/lag is available on the embedded log; \
+             broker bindings come later"
+        )));
+    }
+    let opts = EmbeddedOptions::from_url(url)
+        .map_err(|e| CliError::bus(format!("--url {shown:?}"), &e))?;
+    if !opts.dir.is_dir() {
+        return Err(CliError::usage(format!(
+            "--url {shown:?}: the data directory {} does not exist or is not a directory",
+            opts.dir.display()
+        )));
+    }
+    tokio::task::spawn_blocking(move || EmbeddedLog::open(opts))
+        .await
+        .map_err(|e| CliError::transport(format!("opening the log: {e}")))?
+        .map_err(|e| CliError::bus(format!("--url {shown:?}"), &e))
+}
+
+fn pattern_arg(flag: &str, s: &str) -> CliResult<TopicPattern> {
+    TopicPattern::parse(s).map_err(|e| CliError::bus(format!("{flag} {s:?}"), &e))
+}
+
+async fn dispatch(log: &EmbeddedLog, cmd: TopicsCommand) -> CliResult<u8> {
+    let bus_err = |e: ampybus::Error| CliError::bus("reading the log", &e);
+    match cmd {
+        TopicsCommand::List { pattern, json } => {
+            let pattern = pattern_arg("--pattern", &pattern)?;
+            let topics = log.topic_stats(&pattern).await.map_err(bus_err)?;
+            let mut out = String::new();
+            if json {
+                for t in &topics {
+                    out.push_str(&topic_json(t).to_string());
+                    out.push('\n');
+                }
+            } else {
+                out.push_str(&topic_table(&topics));
+            }
+            print(&out)?;
+        }
+        TopicsCommand::Describe { target, json } => {
+            let pattern = pattern_arg("TOPIC_OR_PATTERN", &target)?;
+            let topics = log.topic_stats(&pattern).await.map_err(bus_err)?;
+            let consumers: Vec<ConsumerStats> = log
+                .consumer_stats()
+                .await
+                .map_err(bus_err)?
+                .into_iter()
+                .filter(|c| reads(c, &pattern, &topics))
+                .collect();
+            let messages: u64 = topics.iter().map(|t| t.messages).sum();
+            let bytes: u64 = topics.iter().map(|t| t.bytes).sum();
+            let out = if json {
+                let v = json!({
+                    "pattern": pattern.as_str(),
+                    "topics": topics.iter().map(topic_json).collect::<Vec<_>>(),
+                    "messages": messages,
+                    "bytes": bytes,
+                    "consumers": consumers.iter().map(consumer_json).collect::<Vec<_>>(),
+                });
+                format!("{v}\n")
+            } else {
+                let mut s = format!(
+                    "pattern   {}\ntopics    {}\nmessages  {messages}\nbytes     {bytes}\n\n",
+                    pattern.as_str(),
+                    topics.len()
+                );
+                s.push_str(&topic_table(&topics));
+                s.push('\n');
+                s.push_str(&consumer_table(&consumers));
+                s
+            };
+            print(&out)?;
+        }
+        TopicsCommand::Lag { consumer, json } => {
+            let all = log.consumer_stats().await.map_err(bus_err)?;
+            let consumers: Vec<ConsumerStats> = match &consumer {
+                Some(name) => all.into_iter().filter(|c| &c.name == name).collect(),
+                None => all,
+            };
+            if let Some(name) = &consumer
+                && consumers.is_empty()
+            {
+                return Err(CliError::usage(format!(
+                    "--consumer {name:?}: no durable consumer of that name"
+                )));
+            }
+            let mut out = String::new();
+            if json {
+                for c in &consumers {
+                    out.push_str(&consumer_json(c).to_string());
+                    out.push('\n');
+                }
+            } else {
+                out.push_str(&consumer_table(&consumers));
+            }
+            print(&out)?;
+        }
+    }
+    Ok(EXIT_OK)
+}
+
+/// Whether the consumer reads the described topic(s): its pattern matches the literal topic
+/// or one of the stored topics the pattern selects.
+fn reads(c: &ConsumerStats, pattern: &TopicPattern, topics: &[TopicStats]) -> bool {
+    let Ok(cp) = TopicPattern::parse(&c.pattern) else {
+        return false;
+    };
+    (pattern.is_literal() && cp.matches(pattern.as_str()))
+        || topics.iter().any(|t| cp.matches(&t.topic))
+}
+
+fn print(s: &str) -> CliResult<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(s.as_bytes())
+        .and_then(|_| out.flush())
+        .map_err(|e| CliError::transport(format!("writing stdout: {e}")))
+}
+
+fn time(t: Option<DateTime<Utc>>) -> String {
+    t.map(|t| t.to_rfc3339_opts(SecondsFormat::Micros, true))
+        .unwrap_or_else(|| "-".into())
+}
+
+fn topic_json(t: &TopicStats) -> Value {
+    json!({
+        "topic": t.topic,
+        "messages": t.messages,
+        "bytes": t.bytes,
+        "first_seq": t.first_seq,
+        "last_seq": t.last_seq,
+        "oldest": t.oldest.map(|t| t.to_rfc3339_opts(SecondsFormat::Micros, true)),
+        "newest": t.newest.map(|t| t.to_rfc3339_opts(SecondsFormat::Micros, true)),
+    })
+}
+
+fn consumer_json(c: &ConsumerStats) -> Value {
+    json!({
+        "name": c.name,
+        "pattern": c.pattern,
+        "cursor": c.cursor,
+        "in_flight": c.in_flight,
+        "lag": c.lag,
+        "newest_seq": c.newest_seq,
+    })
+}
+
+fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let mut s = String::new();
+    let mut line = |cells: Vec<&str>| {
+        let l: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        s.push_str(l.join("  ").trim_end());
+        s.push('\n');
+    };
+    line(header.to_vec());
+    for r in &rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+    s
+}
+
+fn topic_table(topics: &[TopicStats]) -> String {
+    table(
+        &[
+            "TOPIC",
+            "MESSAGES",
+            "BYTES",
+            "FIRST_SEQ",
+            "LAST_SEQ",
+            "OLDEST",
+            "NEWEST",
+        ],
+        topics
+            .iter()
+            .map(|t| {
+                vec![
+                    t.topic.clone(),
+                    t.messages.to_string(),
+                    t.bytes.to_string(),
+                    t.first_seq.to_string(),
+                    t.last_seq.to_string(),
+                    time(t.oldest),
+                    time(t.newest),
+                ]
+            })
+            .collect(),
+    )
+}
+
+fn consumer_table(consumers: &[ConsumerStats]) -> String {
+    table(
+        &[
+            "CONSUMER",
+            "PATTERN",
+            "CURSOR",
+            "IN_FLIGHT",
+            "LAG",
+            "NEWEST_SEQ",
+        ],
+        consumers
+            .iter()
+            .map(|c| {
+                vec![
+                    c.name.clone(),
+                    c.pattern.clone(),
+                    c.cursor.to_string(),
+                    c.in_flight.to_string(),
+                    c.lag.to_string(),
+                    c.newest_seq.to_string(),
+                ]
+            })
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_aligns_columns() {
+        let t = table(&["A", "BB"], vec![vec!["long".into(), "1".into()]]);
+        assert_eq!(t, "A     BB\nlong  1\n");
+    }
+}

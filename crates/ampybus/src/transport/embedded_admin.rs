@@ -1,0 +1,302 @@
+//! Read-only statistics of the embedded log: per-topic counts and per-consumer lag.
+//!
+//! Used by `ampybus topics`. Every query runs on its own read connection in
+//! `spawn_blocking`, so it never holds the writer.
+
+use crate::error::{Error, Result};
+use crate::topic::TopicPattern;
+use crate::transport::embedded::EmbeddedLog;
+use chrono::{DateTime, Utc};
+use rusqlite::Connection;
+use std::collections::BTreeMap;
+
+/// What the log holds for one topic.
+///
+/// ```
+/// let s = ampybus::transport::embedded_admin::TopicStats {
+///     topic: "ampy.dev.news.v1.raw".into(),
+///     messages: 2,
+///     bytes: 10,
+///     oldest: None,
+///     newest: None,
+///     first_seq: 1,
+///     last_seq: 2,
+/// };
+/// assert_eq!(s.messages, 2);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicStats {
+    /// The concrete topic.
+    pub topic: String,
+    /// Messages stored.
+    pub messages: u64,
+    /// Sum of the stored message sizes (headers and payload as stored).
+    pub bytes: u64,
+    /// Store time of the oldest message.
+    pub oldest: Option<DateTime<Utc>>,
+    /// Store time of the newest message.
+    pub newest: Option<DateTime<Utc>>,
+    /// Lowest sequence.
+    pub first_seq: u64,
+    /// Highest sequence.
+    pub last_seq: u64,
+}
+
+/// Position and backlog of one durable consumer.
+///
+/// ```
+/// let c = ampybus::transport::embedded_admin::ConsumerStats {
+///     name: "audit".into(),
+///     pattern: "ampy.dev.>".into(),
+///     cursor: 3,
+///     in_flight: 1,
+///     lag: 4,
+///     newest_seq: 9,
+/// };
+/// assert_eq!(c.lag, 4);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerStats {
+    /// Durable consumer name.
+    pub name: String,
+    /// The pattern it subscribes to.
+    pub pattern: String,
+    /// Every sequence at or below the cursor is settled.
+    pub cursor: u64,
+    /// Delivered and not yet acknowledged (leases held or expired).
+    pub in_flight: u64,
+    /// Matching messages after the cursor that are not yet acknowledged.
+    pub lag: u64,
+    /// Highest sequence of a stored message matching the pattern (0: none).
+    pub newest_seq: u64,
+}
+
+fn sql(what: &str, e: rusqlite::Error) -> Error {
+    Error::transport(format!("embedded log: {what}"), e)
+}
+
+fn us_to_time(us: i64) -> Option<DateTime<Utc>> {
+    DateTime::<Utc>::from_timestamp_micros(us)
+}
+
+fn topic_rows(conn: &Connection, pattern: &TopicPattern) -> Result<Vec<TopicStats>> {
+    let mut stmt = conn
+        .prepare(
+            "SELECT topic, COUNT(*), COALESCE(SUM(size), 0), MIN(log_us), MAX(log_us), \
+             MIN(seq), MAX(seq) FROM messages GROUP BY topic ORDER BY topic",
+        )
+        .map_err(|e| sql("topic stats", e))?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok(TopicStats {
+                topic: r.get(0)?,
+                messages: r.get::<_, i64>(1)? as u64,
+                bytes: r.get::<_, i64>(2)? as u64,
+                oldest: us_to_time(r.get(3)?),
+                newest: us_to_time(r.get(4)?),
+                first_seq: r.get::<_, i64>(5)? as u64,
+                last_seq: r.get::<_, i64>(6)? as u64,
+            })
+        })
+        .map_err(|e| sql("topic stats", e))?;
+    let mut out = Vec::new();
+    for row in rows {
+        let row = row.map_err(|e| sql("topic stats", e))?;
+        if pattern.matches(&row.topic) {
+            out.push(row);
+        }
+    }
+    Ok(out)
+}
+
+/// Sums per-topic counts over the topics `pattern` matches.
+fn sum_matching(
+    conn: &Connection,
+    query: &str,
+    params: impl rusqlite::Params,
+    pattern: &TopicPattern,
+) -> Result<(u64, u64)> {
+    let mut stmt = conn.prepare(query).map_err(|e| sql("consumer stats", e))?;
+    let mut rows = stmt.query(params).map_err(|e| sql("consumer stats", e))?;
+    let (mut count, mut max_seq) = (0u64, 0u64);
+    while let Some(r) = rows.next().map_err(|e| sql("consumer stats", e))? {
+        let topic: String = r.get(0).map_err(|e| sql("consumer stats", e))?;
+        if pattern.matches(&topic) {
+            count += r.get::<_, i64>(1).map_err(|e| sql("consumer stats", e))? as u64;
+            max_seq = max_seq.max(r.get::<_, i64>(2).map_err(|e| sql("consumer stats", e))? as u64);
+        }
+    }
+    Ok((count, max_seq))
+}
+
+fn consumer_rows(conn: &Connection) -> Result<Vec<ConsumerStats>> {
+    let mut stmt = conn
+        .prepare("SELECT name, pattern, cursor FROM consumers ORDER BY name")
+        .map_err(|e| sql("consumer stats", e))?;
+    let consumers: Vec<(String, String, i64)> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .map_err(|e| sql("consumer stats", e))?
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| sql("consumer stats", e))?;
+    // Topic list with newest seq, once: for `newest_seq`.
+    let mut newest: BTreeMap<String, i64> = BTreeMap::new();
+    {
+        let mut s = conn
+            .prepare("SELECT topic, MAX(seq) FROM messages GROUP BY topic")
+            .map_err(|e| sql("consumer stats", e))?;
+        let rows = s
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .map_err(|e| sql("consumer stats", e))?;
+        for row in rows {
+            let (t, m) = row.map_err(|e| sql("consumer stats", e))?;
+            newest.insert(t, m);
+        }
+    }
+    let mut out = Vec::with_capacity(consumers.len());
+    for (name, pattern_s, cursor) in consumers {
+        let Ok(pattern) = TopicPattern::parse(&pattern_s) else {
+            continue;
+        };
+        let (after_cursor, _) = sum_matching(
+            conn,
+            "SELECT topic, COUNT(*), MAX(seq) FROM messages WHERE seq > ?1 GROUP BY topic",
+            [cursor],
+            &pattern,
+        )?;
+        let (acked, _) = sum_matching(
+            conn,
+            "SELECT m.topic, COUNT(*), MAX(m.seq) FROM pending p JOIN messages m ON m.seq = p.seq \
+             WHERE p.consumer = ?1 AND p.acked != 0 AND p.seq > ?2 GROUP BY m.topic",
+            rusqlite::params![name, cursor],
+            &pattern,
+        )?;
+        let in_flight: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM pending WHERE consumer = ?1 AND acked = 0",
+                [&name],
+                |r| r.get(0),
+            )
+            .map_err(|e| sql("consumer stats", e))?;
+        let newest_seq = newest
+            .iter()
+            .filter(|(t, _)| pattern.matches(t))
+            .map(|(_, m)| *m as u64)
+            .max()
+            .unwrap_or(0);
+        out.push(ConsumerStats {
+            name,
+            pattern: pattern_s,
+            cursor: cursor.max(0) as u64,
+            in_flight: in_flight as u64,
+            lag: after_cursor.saturating_sub(acked),
+            newest_seq,
+        });
+    }
+    Ok(out)
+}
+
+impl EmbeddedLog {
+    /// Per-topic statistics of the topics `pattern` matches, sorted by topic.
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use ampybus::{Bus, Headers, Topic, TopicPattern};
+    /// use ampybus::transport::embedded::{EmbeddedLog, EmbeddedOptions};
+    /// use std::sync::Arc;
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let log = EmbeddedLog::open(EmbeddedOptions::new(dir.path())).unwrap();
+    /// let bus = Bus::with_transport(Arc::new(log.clone()), dir.path().to_str().unwrap());
+    /// let topic = Topic::parse("ampy.dev.news.v1.raw").unwrap();
+    /// let h = Headers::for_publish("ampy.news.v1.Raw", "me@host", "cli", "n-1");
+    /// bus.publish(&topic, h, b"hello".to_vec()).await.unwrap();
+    /// let stats = log.topic_stats(&TopicPattern::parse(">").unwrap()).await.unwrap();
+    /// assert_eq!(stats.len(), 1);
+    /// assert_eq!(stats[0].messages, 1);
+    /// assert!(stats[0].bytes > 0);
+    /// bus.close().await.unwrap();
+    /// # });
+    /// ```
+    pub async fn topic_stats(&self, pattern: &TopicPattern) -> Result<Vec<TopicStats>> {
+        let conn = self.inner.reader()?;
+        let pattern = pattern.clone();
+        tokio::task::spawn_blocking(move || topic_rows(&conn, &pattern))
+            .await
+            .map_err(|e| Error::transport("embedded log: topic stats task failed", e))?
+    }
+
+    /// Position, in-flight leases and lag of every durable consumer, sorted by name.
+    ///
+    /// Lag counts the messages after the cursor whose topic matches the consumer's pattern,
+    /// minus those already acknowledged out of order.
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use ampybus::transport::embedded::{EmbeddedLog, EmbeddedOptions};
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let log = EmbeddedLog::open(EmbeddedOptions::new(dir.path())).unwrap();
+    /// assert!(log.consumer_stats().await.unwrap().is_empty());
+    /// # });
+    /// ```
+    pub async fn consumer_stats(&self) -> Result<Vec<ConsumerStats>> {
+        let conn = self.inner.reader()?;
+        tokio::task::spawn_blocking(move || consumer_rows(&conn))
+            .await
+            .map_err(|e| Error::transport("embedded log: consumer stats task failed", e))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::embedded::SCHEMA;
+
+    #[test]
+    fn lag_subtracts_out_of_order_acks() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(SCHEMA).unwrap();
+        for (i, topic) in [
+            "ampy.dev.news.v1.a",
+            "ampy.dev.news.v1.a",
+            "ampy.dev.bars.v1.b",
+        ]
+        .iter()
+        .cycle()
+        .take(9)
+        .enumerate()
+        {
+            conn.execute(
+                "INSERT INTO messages(topic, domain, pkey, message_id, log_us, size, headers, payload) \
+                 VALUES (?1, 'news', 'k', ?2, ?3, 10, x'', x'')",
+                rusqlite::params![topic, format!("m{i}"), i as i64],
+            )
+            .unwrap();
+        }
+        // seqs 1..=9; news at 1,2,4,5,7,8; bars at 3,6,9.
+        conn.execute(
+            "INSERT INTO consumers(name, pattern, cursor, created_us) VALUES ('c', 'ampy.dev.news.>', 2, 0)",
+            [],
+        )
+        .unwrap();
+        // 5 and 8 acked out of order, 4 in flight.
+        for (seq, acked) in [(4, 0), (5, 1), (8, 1)] {
+            conn.execute(
+                "INSERT INTO pending(consumer, seq, pkey, owner, not_before_us, deliveries, acked) \
+                 VALUES ('c', ?1, 'k', 'o', 0, 1, ?2)",
+                [seq, acked],
+            )
+            .unwrap();
+        }
+        let stats = consumer_rows(&conn).unwrap();
+        assert_eq!(stats.len(), 1);
+        let c = &stats[0];
+        // After cursor 2 the news messages are 4, 5, 7, 8; 5 and 8 are acked.
+        assert_eq!(c.lag, 2);
+        assert_eq!(c.in_flight, 1);
+        assert_eq!(c.cursor, 2);
+        assert_eq!(c.newest_seq, 8);
+        let topics = topic_rows(&conn, &TopicPattern::parse("ampy.dev.news.>").unwrap()).unwrap();
+        assert_eq!(topics.len(), 1);
+        assert_eq!((topics[0].messages, topics[0].bytes), (6, 60));
+        assert_eq!((topics[0].first_seq, topics[0].last_seq), (1, 8));
+    }
+}
