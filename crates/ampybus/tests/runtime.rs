@@ -773,7 +773,7 @@ async fn leases_of_queued_messages_are_extended_behind_a_slow_handler() {
     let dir = tempfile::tempdir().unwrap();
     let bus = bus_at(dir.path()).await;
     let topic = Topic::parse("ampy.dev.orders.v1.requests").unwrap();
-    let n = 6;
+    let n = 4;
     let batch: Vec<Envelope> = (0..n)
         .map(|i| env_for(&topic, "co_slow", &format!("m{i}")))
         .collect();
@@ -781,13 +781,15 @@ async fn leases_of_queued_messages_are_extended_behind_a_slow_handler() {
     let seen: Arc<Mutex<Vec<(String, u32)>>> = Arc::default();
     let s2 = seen.clone();
     // Each handler outlives the ack deadline; the messages queued behind it wait ~n× as long.
+    // The deadline is 1 s (refreshed every ~333 ms), so a busy CI machine needs a refresh to
+    // be late by over 600 ms before a lease could lapse.
     let handle = Consumer::builder(bus.clone(), pat("ampy.dev.orders.>"), "slow")
         .workers(1)
-        .ack_deadline(Duration::from_millis(300))
+        .ack_deadline(Duration::from_secs(1))
         .handler(handler_fn(move |msg| {
             let seen = s2.clone();
             async move {
-                tokio::time::sleep(Duration::from_millis(400)).await;
+                tokio::time::sleep(Duration::from_millis(1300)).await;
                 seen.lock().unwrap().push((
                     String::from_utf8(msg.payload.to_vec()).unwrap(),
                     msg.info.delivery_count,
