@@ -4,55 +4,15 @@ use base64::Engine as _;
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 const TOPIC: &str = "ampy.dev.news.v1.cli-test";
 
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Out {
-    fn lines(&self) -> Vec<&str> {
-        self.stdout.lines().filter(|l| !l.is_empty()).collect()
-    }
-    fn json_lines(&self) -> Vec<Value> {
-        self.lines()
-            .iter()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-            .collect()
-    }
-}
+mod common;
+use common::{Out, ampybus_in};
 
 fn ampybus(args: &[&str]) -> Out {
     ampybus_in(None, args)
-}
-
-/// Runs the binary with `--url <dir>` (when given) and a clean environment.
-fn ampybus_in(dir: Option<&Path>, args: &[&str]) -> Out {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ampybus"));
-    if let Some(d) = dir {
-        cmd.arg("--url").arg(d);
-    }
-    cmd.args(args)
-        .env_remove("AMPYBUS_URL")
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null());
-    let o = cmd.output().expect("run ampybus");
-    let out = Out {
-        code: o.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-    };
-    assert!(
-        !out.stderr.contains("panicked"),
-        "ampybus {args:?} panicked:\n{}",
-        out.stderr
-    );
-    out
 }
 
 fn ok(o: Out, what: &str) -> Out {

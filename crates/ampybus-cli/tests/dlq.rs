@@ -9,45 +9,11 @@ use std::process::{Command, Stdio};
 const ORDERS: &str = "ampy.dev.orders.v1.requests";
 const NEWS: &str = "ampy.dev.news.v1.raw";
 
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Out {
-    fn lines(&self) -> Vec<&str> {
-        self.stdout.lines().filter(|l| !l.is_empty()).collect()
-    }
-    fn json(&self) -> Vec<Value> {
-        self.lines()
-            .iter()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-            .collect()
-    }
-}
+mod common;
+use common::{Out, ampybus_in};
 
 fn run(dir: &Path, args: &[&str]) -> Out {
-    let o = Command::new(env!("CARGO_BIN_EXE_ampybus"))
-        .arg("--url")
-        .arg(dir)
-        .args(args)
-        .env_remove("AMPYBUS_URL")
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run ampybus");
-    let out = Out {
-        code: o.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-    };
-    assert!(
-        !out.stderr.contains("panicked"),
-        "{args:?} panicked:\n{}",
-        out.stderr
-    );
-    out
+    ampybus_in(Some(dir), args)
 }
 
 fn ok(dir: &Path, args: &[&str]) -> Out {
@@ -101,20 +67,20 @@ fn sub(dir: &Path, pattern: &str) -> Vec<Value> {
         dir,
         &["sub", "--pattern", pattern, "--json", "--timeout", "0.5"],
     )
-    .json()
+    .json_lines()
 }
 
 #[test]
 fn inspect_filters_by_reason() {
     let d = tempfile::tempdir().unwrap();
     seed(d.path());
-    let all = ok(d.path(), &["dlq", "inspect", "--json"]).json();
+    let all = ok(d.path(), &["dlq", "inspect", "--json"]).json_lines();
     assert_eq!(all.len(), 3);
     let h = ok(
         d.path(),
         &["dlq", "inspect", "--json", "--reason", "handler_error"],
     )
-    .json();
+    .json_lines();
     assert_eq!(h.len(), 2);
     for v in &h {
         assert_eq!(v["topic"], "ampy.dev.dlq.v1.orders");
@@ -129,7 +95,7 @@ fn inspect_filters_by_reason() {
         d.path(),
         &["dlq", "inspect", "--json", "--reason", "decode_error"],
     )
-    .json();
+    .json_lines();
     assert_eq!(dec.len(), 1);
     assert_eq!(header(&dec[0], "original_topic"), Some(NEWS));
     let none = ok(
@@ -169,7 +135,7 @@ fn redrive_publishes_exactly_the_selected_ones() {
         d.path(),
         &["dlq", "inspect", "--json", "--reason", "handler_error"],
     )
-    .json();
+    .json_lines();
     let dlq_ids: Vec<&str> = dlq
         .iter()
         .map(|v| header(v, "message_id").unwrap())
@@ -243,7 +209,7 @@ fn purge_refuses_without_yes_and_deletes_exactly_the_selected_ones() {
         d.path(),
         &["dlq", "inspect", "--json", "--reason", "handler_error"],
     )
-    .json();
+    .json_lines();
     let mut want: Vec<String> = before
         .iter()
         .map(|v| {
@@ -261,7 +227,7 @@ fn purge_refuses_without_yes_and_deletes_exactly_the_selected_ones() {
     want.sort();
     got.sort();
     assert_eq!(got, want);
-    let left = ok(d.path(), &["dlq", "inspect", "--json"]).json();
+    let left = ok(d.path(), &["dlq", "inspect", "--json"]).json_lines();
     assert_eq!(left.len(), 1);
     assert!(
         header(&left[0], "dlq_reason")

@@ -4,26 +4,11 @@ use serde_json::Value;
 use std::path::Path;
 use std::process::Command;
 
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
+mod common;
+use common::{Out, ampybus_in};
 
 fn ampybus(dir: &Path, args: &[&str]) -> Out {
-    let out = Command::new(env!("CARGO_BIN_EXE_ampybus"))
-        .arg("--url")
-        .arg(dir)
-        .args(args)
-        .env_remove("AMPYBUS_URL")
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run ampybus");
-    Out {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    ampybus_in(Some(dir), args)
 }
 
 fn ok(dir: &Path, args: &[&str]) -> Out {
@@ -33,11 +18,7 @@ fn ok(dir: &Path, args: &[&str]) -> Out {
 }
 
 fn json_lines(o: &Out) -> Vec<Value> {
-    o.stdout
-        .lines()
-        .filter(|l| !l.is_empty())
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-        .collect()
+    o.json_lines()
 }
 
 fn publish(dir: &Path, topic: &str, count: u64) {
@@ -90,7 +71,7 @@ fn list_describe_and_lag_report_exact_counts() {
             "--json",
         ],
     );
-    assert_eq!(json_lines(&sub).len() as u64, k);
+    assert_eq!(sub.json_lines().len() as u64, k);
 
     // list --json: one object per topic with exact counts.
     let list = json_lines(&ok(dir, &["topics", "list", "--json"]));

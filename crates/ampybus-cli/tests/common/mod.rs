@@ -1,0 +1,54 @@
+//! What every CLI test needs: run the built `ampybus` binary in a clean environment and look at
+//! its exit code, stdout and stderr.
+#![allow(dead_code)] // each test crate uses a different part
+
+use serde_json::Value;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+/// One run of the binary.
+pub struct Out {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Out {
+    /// Non-empty stdout lines.
+    pub fn lines(&self) -> Vec<&str> {
+        self.stdout.lines().filter(|l| !l.is_empty()).collect()
+    }
+
+    /// Every non-empty stdout line parsed as JSON.
+    pub fn json_lines(&self) -> Vec<Value> {
+        self.lines()
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect()
+    }
+}
+
+/// Runs the binary with `--url <dir>` (when given), no stdin, and neither `AMPYBUS_URL` nor
+/// `RUST_LOG` from the caller's environment. Fails the test if the binary panicked.
+pub fn ampybus_in(dir: Option<&Path>, args: &[&str]) -> Out {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ampybus"));
+    if let Some(d) = dir {
+        cmd.arg("--url").arg(d);
+    }
+    cmd.args(args)
+        .env_remove("AMPYBUS_URL")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null());
+    let o = cmd.output().expect("run ampybus");
+    let out = Out {
+        code: o.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+    };
+    assert!(
+        !out.stderr.contains("panicked"),
+        "ampybus {args:?} panicked:\n{}",
+        out.stderr
+    );
+    out
+}
