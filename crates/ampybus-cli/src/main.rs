@@ -4,12 +4,14 @@
 //! summaries go to stderr. See `ampybus --help` for the commands and the exit codes.
 
 mod bench;
+mod bench_consume;
 mod cli;
 mod decoder;
 mod demo;
 mod dlq;
 mod error;
 mod publish;
+mod replay;
 mod subscribe;
 mod topics;
 mod util;
@@ -67,6 +69,7 @@ fn run(cli: Cli) -> CliResult<u8> {
         Command::Bench(args) => runtime()?.block_on(bench::run(args, cli.log_level.as_deref())),
         Command::BenchConsumer(args) => runtime()?.block_on(bench::consumer(&url, args)),
         Command::Demo(args) => runtime()?.block_on(demo::run(&url, args)),
+        Command::Replay(args) => runtime()?.block_on(replay::run(&url, args)),
         Command::Dlq(args) => runtime()?.block_on(dlq::run(&url, args)),
         Command::Topics(args) => runtime()?.block_on(topics::run(&url, args)),
     }

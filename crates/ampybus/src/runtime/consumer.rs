@@ -79,6 +79,7 @@ impl Consumer {
             dedupe: DedupeChoice::Default,
             ack_deadline: Duration::from_secs(30),
             start: StartAt::Earliest,
+            serve_replays: true,
         }
     }
 }
@@ -114,6 +115,7 @@ pub struct ConsumerBuilder {
     dedupe: DedupeChoice,
     ack_deadline: Duration,
     start: StartAt,
+    serve_replays: bool,
 }
 
 impl std::fmt::Debug for ConsumerBuilder {
@@ -191,8 +193,51 @@ impl ConsumerBuilder {
         self
     }
 
-    /// Subscribes and spawns the fetcher, the workers and the acker.
+    /// Whether this consumer serves `ampy.control.v1.ReplayRequest`s addressed to its name
+    /// (default on, when the transport can read by time window). See [`crate::control`]: it
+    /// listens on `ampy.{env}.control.v1.replay_requests` through a durable consumer named
+    /// `{name}-replay-control` (starting at the end of the log) and replays through this
+    /// consumer's handler and dedupe store.
+    pub fn serve_replays(mut self, on: bool) -> Self {
+        self.serve_replays = on;
+        self
+    }
+
+    /// Subscribes and spawns the fetcher, the workers and the acker (and the replay control
+    /// listener, see [`ConsumerBuilder::serve_replays`]).
     pub async fn start(self) -> Result<ConsumerHandle> {
+        let serve = self.serve_replays && self.bus.replay().is_some();
+        let bus = self.bus.clone();
+        let pattern = self.pattern.clone();
+        let mut handle = self.start_inner().await?;
+        if serve {
+            match super::control::start_listener(
+                bus,
+                &handle.shared.name,
+                pattern,
+                handle.shared.handler.clone(),
+                handle.shared.dedupe.clone(),
+            )
+            .await
+            {
+                Ok(control) => handle.control = Some(Box::new(control)),
+                Err(e) => {
+                    handle.shutdown(Duration::from_secs(5)).await;
+                    return Err(e);
+                }
+            }
+        }
+        Ok(handle)
+    }
+
+    /// [`ConsumerBuilder::start`] as a boxed future (the control listener is itself a consumer).
+    pub(crate) fn start_boxed(
+        self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<ConsumerHandle>> + Send>> {
+        Box::pin(self.start())
+    }
+
+    async fn start_inner(self) -> Result<ConsumerHandle> {
         let handler = self
             .handler
             .ok_or_else(|| Error::new(ErrorKind::Config, "consumer: no handler set"))?;
@@ -263,6 +308,7 @@ impl ConsumerBuilder {
             workers,
             acker: Some(acker),
             refresher: Some(refresher),
+            control: None,
         })
     }
 }
@@ -346,6 +392,7 @@ pub struct ConsumerHandle {
     workers: Vec<JoinHandle<()>>,
     acker: Option<JoinHandle<()>>,
     refresher: Option<JoinHandle<()>>,
+    control: Option<Box<ConsumerHandle>>,
 }
 
 impl std::fmt::Debug for ConsumerHandle {
@@ -360,25 +407,7 @@ impl std::fmt::Debug for ConsumerHandle {
 impl ConsumerHandle {
     /// Current counts.
     pub fn stats(&self) -> ConsumerStats {
-        let c = &self.shared.counters;
-        let mut dead_lettered = BTreeMap::new();
-        for code in DlqCode::ALL {
-            let n = c.dead_lettered[code.index()].load(Ordering::SeqCst);
-            if n > 0 {
-                dead_lettered.insert(code, n);
-            }
-        }
-        ConsumerStats {
-            handled_ok: c.handled_ok.load(Ordering::SeqCst),
-            retried: c.retried.load(Ordering::SeqCst),
-            dead_lettered,
-            skipped_duplicates: c.skipped.load(Ordering::SeqCst),
-            released: c.released.load(Ordering::SeqCst),
-            in_flight: c
-                .fetched
-                .load(Ordering::SeqCst)
-                .saturating_sub(c.settled.load(Ordering::SeqCst)),
-        }
+        self.shared.stats()
     }
 
     /// Whether strict per-key order is on.
@@ -391,12 +420,73 @@ impl ConsumerHandle {
         &self.shared.name
     }
 
+    /// Runs until SIGINT or SIGTERM ([`super::shutdown_signal`]), then shuts down gracefully
+    /// with `deadline` (see [`ConsumerHandle::shutdown`]) and returns the final counts.
+    ///
+    /// ```no_run
+    /// # async fn f(bus: ampybus::Bus) -> ampybus::Result<()> {
+    /// use ampybus::runtime::{Consumer, Outcome, handler_fn};
+    /// use std::time::Duration;
+    /// let handle = Consumer::builder(bus, "ampy.prod.fills.>".parse()?, "positions")
+    ///     .handler(handler_fn(|_m| async { Outcome::Ok }))
+    ///     .start()
+    ///     .await?;
+    /// let stats = handle.run_until_signal(Duration::from_secs(30)).await;
+    /// println!("handled {}, released {}", stats.handled_ok, stats.released);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// The signal listeners are installed by this call, before the returned future first runs.
+    pub fn run_until_signal(
+        self,
+        deadline: Duration,
+    ) -> impl std::future::Future<Output = ConsumerStats> + Send + 'static {
+        let signal = super::shutdown_signal();
+        async move {
+            let signal = signal.await;
+            tracing::info!(consumer = %self.shared.name, signal, "stop requested; shutting down");
+            self.shutdown(deadline).await
+        }
+    }
+
+    /// A cloneable read-only view of this consumer (counts, draining), for health and stats
+    /// endpoints that outlive a `&self` borrow — e.g. while [`ConsumerHandle::run_until_signal`]
+    /// owns the handle.
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use ampybus::runtime::{Consumer, Outcome, handler_fn};
+    /// use ampybus::{Bus, TopicPattern};
+    /// use std::time::Duration;
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let bus = Bus::connect(dir.path().to_str().unwrap()).await.unwrap();
+    /// let handle = Consumer::builder(bus, TopicPattern::parse("ampy.dev.bars.>").unwrap(), "bars")
+    ///     .handler(handler_fn(|_m| async { Outcome::Ok }))
+    ///     .start()
+    ///     .await
+    ///     .unwrap();
+    /// let monitor = handle.monitor();
+    /// assert!(!monitor.is_draining());
+    /// handle.shutdown(Duration::from_secs(1)).await;
+    /// assert!(monitor.is_draining());
+    /// assert_eq!(monitor.name(), "bars");
+    /// # });
+    /// ```
+    pub fn monitor(&self) -> ConsumerMonitor {
+        ConsumerMonitor {
+            shared: self.shared.clone(),
+        }
+    }
+
     /// Stops fetching, lets handlers that are running finish until `deadline`, releases
     /// (nack, zero delay) everything else — queued, waiting for a retry, or still running at
     /// the deadline — flushes acks and dedupe records, and returns the final counts. No
     /// message is acked without its handler having finished.
     pub async fn shutdown(mut self, deadline: Duration) -> ConsumerStats {
         let started = tokio::time::Instant::now();
+        if let Some(control) = self.control.take() {
+            Box::pin(control.shutdown(deadline)).await;
+        }
         let _ = self.phase_tx.send(DRAINING);
         self.shared.notify.notify_waiters();
         if let Some(f) = self.fetcher.take() {
@@ -435,6 +525,66 @@ impl ConsumerHandle {
             let _ = a.await;
         }
         self.stats()
+    }
+}
+
+/// A cloneable read-only view of a running consumer; see [`ConsumerHandle::monitor`].
+#[derive(Clone)]
+pub struct ConsumerMonitor {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for ConsumerMonitor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsumerMonitor")
+            .field("name", &self.shared.name)
+            .finish()
+    }
+}
+
+impl ConsumerMonitor {
+    /// Current counts.
+    pub fn stats(&self) -> ConsumerStats {
+        self.shared.stats()
+    }
+
+    /// The consumer name.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// The subscription pattern.
+    pub fn pattern(&self) -> &TopicPattern {
+        &self.shared.pattern
+    }
+
+    /// True once shutdown has begun (no more fetching).
+    pub fn is_draining(&self) -> bool {
+        self.shared.phase() != RUNNING
+    }
+}
+
+impl Shared {
+    fn stats(&self) -> ConsumerStats {
+        let c = &self.counters;
+        let mut dead_lettered = BTreeMap::new();
+        for code in DlqCode::ALL {
+            let n = c.dead_lettered[code.index()].load(Ordering::SeqCst);
+            if n > 0 {
+                dead_lettered.insert(code, n);
+            }
+        }
+        ConsumerStats {
+            handled_ok: c.handled_ok.load(Ordering::SeqCst),
+            retried: c.retried.load(Ordering::SeqCst),
+            dead_lettered,
+            skipped_duplicates: c.skipped.load(Ordering::SeqCst),
+            released: c.released.load(Ordering::SeqCst),
+            in_flight: c
+                .fetched
+                .load(Ordering::SeqCst)
+                .saturating_sub(c.settled.load(Ordering::SeqCst)),
+        }
     }
 }
 

@@ -57,11 +57,12 @@
 //! ```
 
 mod consumer;
+pub mod control;
 mod dlq;
 mod publisher;
 pub mod replay;
 
-pub use consumer::{Consumer, ConsumerBuilder, ConsumerHandle, ConsumerStats};
+pub use consumer::{Consumer, ConsumerBuilder, ConsumerHandle, ConsumerMonitor, ConsumerStats};
 pub use dlq::{
     DLQ_ONLY_HEADERS, ORIGINAL_MESSAGE_ID, ORIGINAL_TOPIC_RAW, build_dlq_envelope, redrive_envelope,
 };
@@ -419,5 +420,41 @@ impl RetryPolicy {
     pub fn backoff(&self, attempt: u32) -> Duration {
         let bound = self.bound(attempt).as_micros() as u64;
         Duration::from_micros(rand::random_range(0..=bound))
+    }
+}
+
+/// Resolves when the process is asked to stop: SIGINT (Ctrl-C) or SIGTERM on Unix, Ctrl-C
+/// elsewhere, with the signal's name. The listeners are installed when this function is
+/// called (not when the future is first polled), so a signal sent right after the call is
+/// not missed. Must be called inside a tokio runtime.
+///
+/// ```no_run
+/// # async fn run(handle: ampybus::ConsumerHandle) {
+/// let signal = ampybus::runtime::shutdown_signal().await;
+/// tracing::info!(signal, "stopping");
+/// let stats = handle.shutdown(std::time::Duration::from_secs(30)).await;
+/// # let _ = stats; }
+/// ```
+///
+/// [`ConsumerHandle::run_until_signal`] does exactly that.
+pub fn shutdown_signal() -> impl Future<Output = &'static str> + Send + 'static {
+    #[cfg(unix)]
+    let listeners = {
+        use tokio::signal::unix::{SignalKind, signal};
+        (
+            signal(SignalKind::interrupt()).ok(),
+            signal(SignalKind::terminate()).ok(),
+        )
+    };
+    async move {
+        #[cfg(unix)]
+        if let (Some(mut int), Some(mut term)) = listeners {
+            return tokio::select! {
+                _ = int.recv() => "SIGINT",
+                _ = term.recv() => "SIGTERM",
+            };
+        }
+        let _ = tokio::signal::ctrl_c().await;
+        "SIGINT"
     }
 }
