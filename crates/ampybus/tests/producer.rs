@@ -255,3 +255,33 @@ async fn failures_after_the_last_attempt_are_counted_and_reported_once() {
     let s = p.close().await.unwrap();
     assert_eq!(s.failed, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lag_watching_needs_a_bus_that_reports_lag() {
+    let flaky = Arc::new(Flaky {
+        fail_first: 0,
+        calls: Mutex::new(Vec::new()),
+    });
+    let bus = Bus::with_transport(flaky, "flaky://");
+    assert!(!bus.has_consumer_lag());
+    let err = bus.consumer_lag("risk").await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config);
+    assert_eq!(
+        err.to_string(),
+        "invalid configuration: consumer_lag: the flaky transport cannot report consumer lag"
+    );
+    let err = Producer::builder(bus.clone())
+        .slow_down_on_lag("risk", 10)
+        .start()
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config);
+    assert!(err.to_string().contains("slow_down_on_lag"), "{err}");
+    let err = Producer::builder(bus)
+        .slow_down_on_lag(" ", 10)
+        .start()
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("slow_down_on_lag consumer"),
+        "{err}"
+    );
+}

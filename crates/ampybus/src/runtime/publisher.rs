@@ -96,7 +96,7 @@ where
         match attempt().await {
             Ok(v) => return Ok(v),
             Err(e) if n < max && is_transient(&e) => {
-                tracing::warn!(attempt = n, max_attempts = max, error = %e, target = what, "publish failed; retrying");
+                tracing::warn!(attempt = n, max_attempts = max, error = %e, destination = what, "publish failed; retrying");
                 tokio::time::sleep(policy.backoff(n)).await;
                 n += 1;
             }
