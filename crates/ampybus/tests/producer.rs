@@ -285,3 +285,74 @@ async fn lag_watching_needs_a_bus_that_reports_lag() {
         "{err}"
     );
 }
+
+/// Polls `cond` every 5 ms; panics naming `what` after 60 s (a hang, not a timing check).
+async fn wait_until(what: &str, cond: impl Fn() -> bool) {
+    let start = std::time::Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lag_watcher_follows_the_consumer_and_sheds_only_best_effort_topics() {
+    use ampybus::runtime::DropReason;
+    use ampybus::transport::SubscribeSpec;
+    let (_dir, bus) = embedded().await;
+    let pattern = TopicPattern::parse("ampy.dev.ticks.v1.>").unwrap();
+    let mut sub = bus
+        .subscribe(SubscribeSpec::durable(pattern.clone(), "strategy"))
+        .await
+        .unwrap();
+    let trade = Topic::parse("ampy.dev.ticks.v1.trade.MSFT").unwrap();
+    let hb = Topic::parse("ampy.dev.ticks.v1.heartbeat.XNAS").unwrap();
+    for i in 0..3 {
+        bus.publish(&trade, headers("MSFT.XNAS"), format!("t{i}").into_bytes())
+            .await
+            .unwrap();
+    }
+    let p = Producer::builder(bus.clone())
+        .best_effort(pattern)
+        .slow_down_on_lag("strategy", 2)
+        .lag_poll_interval(Duration::from_millis(10))
+        .start()
+        .unwrap();
+    wait_until("lagging", || p.lagging()).await;
+    assert_eq!(
+        p.send(&hb, headers("MSFT.XNAS"), b"h".to_vec())
+            .await
+            .unwrap(),
+        SendOutcome::Dropped(DropReason::Lag)
+    );
+    assert_eq!(
+        p.send(&trade, headers("MSFT.XNAS"), b"t3".to_vec())
+            .await
+            .unwrap(),
+        SendOutcome::Queued
+    );
+    p.flush().await.unwrap();
+    // The consumer catches up on all 4 trades.
+    let mut acked = 0;
+    while acked < 4 {
+        for d in sub.fetch(10, Duration::from_secs(5)).await.unwrap() {
+            d.ack().await.map_err(|(e, _)| e).unwrap();
+            acked += 1;
+        }
+    }
+    wait_until("not lagging", || !p.lagging()).await;
+    assert_eq!(
+        p.send(&hb, headers("MSFT.XNAS"), b"h2".to_vec())
+            .await
+            .unwrap(),
+        SendOutcome::Queued
+    );
+    let s = p.close().await.unwrap();
+    assert_eq!(
+        (s.accepted, s.published, s.dropped.lag, s.dropped.total()),
+        (3, 2, 1, 1)
+    );
+}
