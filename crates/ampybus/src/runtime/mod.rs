@@ -1,6 +1,7 @@
 //! The consumer runtime, written once above the transport traits: handlers, per-key ordering
 //! with many workers, retries with backoff, dead-lettering, dedupe, batched acks and graceful
-//! shutdown; plus a publisher with retries.
+//! shutdown; plus a publisher with retries and a [`Producer`] with a bounded publish queue
+//! (backpressure, best-effort shedding, consumer-lag slow-down).
 //!
 //! ## What happens to a delivery
 //!
@@ -59,12 +60,16 @@
 mod consumer;
 pub mod control;
 mod dlq;
+mod producer;
 mod publisher;
 pub mod replay;
 
 pub use consumer::{Consumer, ConsumerBuilder, ConsumerHandle, ConsumerMonitor, ConsumerStats};
 pub use dlq::{
     DLQ_ONLY_HEADERS, ORIGINAL_MESSAGE_ID, ORIGINAL_TOPIC_RAW, build_dlq_envelope, redrive_envelope,
+};
+pub use producer::{
+    DropCounts, DropReason, Producer, ProducerBuilder, ProducerStats, SendOutcome, ShedClass,
 };
 pub use publisher::Publisher;
 

@@ -5,7 +5,7 @@
 //! * [`Subscription`]: fetch deliveries.
 //! * [`Delivery`]: one message; settling consumes it (`ack(self)`), so a double ack does not
 //!   compile.
-//! * Optional capabilities are separate traits: [`ReplayByTime`].
+//! * Optional capabilities are separate traits: [`ReplayByTime`], [`ConsumerLag`].
 
 pub mod embedded;
 pub mod embedded_admin;
@@ -265,6 +265,44 @@ pub trait ReplayByTime: Send + Sync {
     async fn read_window(&self, query: &WindowQuery) -> Result<Vec<StoredMessage>>;
 }
 
+/// How far a durable consumer is behind: what [`ConsumerLag::lag`] reports.
+///
+/// ```
+/// let lag = ampybus::transport::Lag { pending: 12, in_flight: 4 };
+/// assert!(lag.pending >= lag.in_flight);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Lag {
+    /// Messages matching the consumer's pattern that it has not acknowledged yet (delivered
+    /// or not).
+    pub pending: u64,
+    /// Of those, delivered and not yet acknowledged (leases held or expired).
+    pub in_flight: u64,
+}
+
+/// Reading a durable consumer's lag: lets producers slow down low-priority topics while a
+/// consumer is behind (see `runtime::Producer`).
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use ampybus::transport::{ConsumerLag, Lag};
+/// struct Fixed;
+/// #[async_trait::async_trait]
+/// impl ConsumerLag for Fixed {
+///     async fn lag(&self, consumer: &str) -> ampybus::Result<Option<Lag>> {
+///         Ok((consumer == "audit").then_some(Lag { pending: 3, in_flight: 1 }))
+///     }
+/// }
+/// assert_eq!(Fixed.lag("audit").await.unwrap().unwrap().pending, 3);
+/// assert!(Fixed.lag("other").await.unwrap().is_none());
+/// # });
+/// ```
+#[async_trait]
+pub trait ConsumerLag: Send + Sync {
+    /// The lag of the durable consumer `consumer`; `None` when no such consumer exists.
+    async fn lag(&self, consumer: &str) -> Result<Option<Lag>>;
+}
+
 /// A message transport: the embedded log or a broker binding.
 #[async_trait]
 pub trait Transport: Send + Sync + 'static {
@@ -277,6 +315,10 @@ pub trait Transport: Send + Sync + 'static {
     async fn subscribe(&self, spec: SubscribeSpec) -> Result<Box<dyn Subscription>>;
     /// Time-window/key reads, when the transport can.
     fn replay(&self) -> Option<&dyn ReplayByTime> {
+        None
+    }
+    /// Consumer lag reads, when the transport can.
+    fn consumer_lag(&self) -> Option<&dyn ConsumerLag> {
         None
     }
     /// Flushes and closes.
