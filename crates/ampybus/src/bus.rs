@@ -7,9 +7,7 @@ use crate::error::{Error, Result};
 use crate::headers::Headers;
 use crate::topic::Topic;
 use crate::transport::embedded::{EmbeddedLog, EmbeddedOptions};
-use crate::transport::{
-    ConsumerLag, Lag, PublishReceipt, ReplayByTime, SubscribeSpec, Subscription, Transport,
-};
+use crate::transport::{Lag, PublishReceipt, ReplayByTime, SubscribeSpec, Subscription, Transport};
 use bytes::Bytes;
 use std::sync::Arc;
 
@@ -98,8 +96,6 @@ pub struct Bus {
     transport: Arc<dyn Transport>,
     codec: PayloadCodec,
     url: String,
-    /// Consumer lag reads when the transport's own accessor has none (the embedded log).
-    lag: Option<Arc<dyn ConsumerLag>>,
 }
 
 impl std::fmt::Debug for Bus {
@@ -175,10 +171,7 @@ impl Bus {
                 let log = tokio::task::spawn_blocking(move || EmbeddedLog::open(opts))
                     .await
                     .map_err(|e| Error::transport("embedded log: open task failed", e))??;
-                let lag: Arc<dyn ConsumerLag> = Arc::new(log.clone());
-                Ok(Bus::with_transport(Arc::new(log), url)
-                    .with_blob_store(blobs)
-                    .with_consumer_lag(lag))
+                Ok(Bus::with_transport(Arc::new(log), url).with_blob_store(blobs))
             }
             other => Err(Error::config(format!(
                 "url {:?}: the {other:?} binding is not available in this build",
@@ -193,25 +186,7 @@ impl Bus {
             transport,
             codec: PayloadCodec::default(),
             url: url.to_owned(),
-            lag: None,
         }
-    }
-
-    /// Sets where [`Bus::consumer_lag`] reads lag when the transport's own
-    /// [`Transport::consumer_lag`] gives none ([`Bus::connect`] does this for the embedded log).
-    ///
-    /// ```
-    /// use ampybus::Bus;
-    /// use ampybus::transport::embedded::{EmbeddedLog, EmbeddedOptions};
-    /// use std::sync::Arc;
-    /// let dir = tempfile::tempdir().unwrap();
-    /// let log = EmbeddedLog::open(EmbeddedOptions::new(dir.path())).unwrap();
-    /// let bus = Bus::with_transport(Arc::new(log.clone()), "mem").with_consumer_lag(Arc::new(log));
-    /// assert!(bus.has_consumer_lag());
-    /// ```
-    pub fn with_consumer_lag(mut self, lag: Arc<dyn ConsumerLag>) -> Bus {
-        self.lag = Some(lag);
-        self
     }
 
     /// Whether [`Bus::consumer_lag`] can answer on this bus.
@@ -224,7 +199,7 @@ impl Bus {
     /// # });
     /// ```
     pub fn has_consumer_lag(&self) -> bool {
-        self.transport.consumer_lag().is_some() || self.lag.is_some()
+        self.transport.consumer_lag().is_some()
     }
 
     /// The lag of the durable consumer `consumer`: `Ok(None)` when it does not exist; a
@@ -247,10 +222,7 @@ impl Bus {
     /// # });
     /// ```
     pub async fn consumer_lag(&self, consumer: &str) -> Result<Option<Lag>> {
-        if let Some(l) = self.transport.consumer_lag() {
-            return l.lag(consumer).await;
-        }
-        match &self.lag {
+        match self.transport.consumer_lag() {
             Some(l) => l.lag(consumer).await,
             None => Err(Error::config(format!(
                 "consumer_lag: the {} transport cannot report consumer lag",

@@ -1258,6 +1258,10 @@ impl Transport for EmbeddedLog {
         Some(self)
     }
 
+    fn consumer_lag(&self) -> Option<&dyn super::ConsumerLag> {
+        Some(self)
+    }
+
     async fn close(&self) -> Result<()> {
         let tx = self
             .inner
