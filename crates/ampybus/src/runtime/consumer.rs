@@ -80,9 +80,13 @@ impl Consumer {
             ack_deadline: Duration::from_secs(30),
             start: StartAt::Earliest,
             serve_replays: true,
+            max_payload: DEFAULT_MAX_PAYLOAD,
         }
     }
 }
+
+/// Default [`ConsumerBuilder::max_payload_bytes`]: 64 MiB.
+pub const DEFAULT_MAX_PAYLOAD: usize = 64 * 1024 * 1024;
 
 enum DedupeChoice {
     Default,
@@ -116,6 +120,7 @@ pub struct ConsumerBuilder {
     ack_deadline: Duration,
     start: StartAt,
     serve_replays: bool,
+    max_payload: usize,
 }
 
 impl std::fmt::Debug for ConsumerBuilder {
@@ -190,6 +195,14 @@ impl ConsumerBuilder {
     /// Where a new durable consumer starts (default: earliest retained).
     pub fn start_at(mut self, start: StartAt) -> Self {
         self.start = start;
+        self
+    }
+
+    /// Largest payload handed to the handler, as carried and after inflating (default
+    /// [`DEFAULT_MAX_PAYLOAD`], 64 MiB); a larger one is dead-lettered with
+    /// `payload_too_large`.
+    pub fn max_payload_bytes(mut self, n: usize) -> Self {
+        self.max_payload = n.max(1);
         self
     }
 
@@ -285,6 +298,7 @@ impl ConsumerBuilder {
             retry: self.retry,
             strict,
             ack_deadline: self.ack_deadline,
+            max_payload: self.max_payload,
             dedupe,
             pending: Mutex::new(HashSet::new()),
             handling: Mutex::new(HashSet::new()),
@@ -355,7 +369,7 @@ impl ConsumerStats {
 struct Counters {
     handled_ok: AtomicU64,
     retried: AtomicU64,
-    dead_lettered: [AtomicU64; 8],
+    dead_lettered: [AtomicU64; DlqCode::ALL.len()],
     skipped: AtomicU64,
     released: AtomicU64,
     fetched: AtomicU64,
@@ -682,6 +696,7 @@ struct Shared {
     retry: RetryPolicy,
     strict: bool,
     ack_deadline: Duration,
+    max_payload: usize,
     dedupe: Option<Arc<dyn DedupeStore>>,
     /// Keys handled Ok whose dedupe record is not written yet.
     pending: Mutex<HashSet<String>>,
@@ -1115,12 +1130,32 @@ impl Shared {
                     .dead_letter(item, DlqCode::ContractViolation, reason)
                     .await;
             }
+            if env.payload.len() > self.max_payload {
+                let reason = DlqCode::PayloadTooLarge.reason(&format!(
+                    "{} bytes as carried; this consumer's limit is {}",
+                    env.payload.len(),
+                    self.max_payload
+                ));
+                return self
+                    .dead_letter(item, DlqCode::PayloadTooLarge, reason)
+                    .await;
+            }
             match self
                 .bus
                 .codec()
                 .decode_detailed(&headers, &env.payload)
                 .await
             {
+                Ok(payload) if payload.len() > self.max_payload => {
+                    let reason = DlqCode::PayloadTooLarge.reason(&format!(
+                        "{} bytes after decoding; this consumer's limit is {}",
+                        payload.len(),
+                        self.max_payload
+                    ));
+                    return self
+                        .dead_letter(item, DlqCode::PayloadTooLarge, reason)
+                        .await;
+                }
                 Ok(payload) => {
                     item.msg = Some(Message {
                         topic,

@@ -139,6 +139,7 @@ pub enum Outcome {
 /// | `handler_panic`      | the handler panicked                                              |
 /// | `blob_hash_mismatch` | the fetched blob does not match `blob_hash`/`blob_size`           |
 /// | `max_retries`        | the last allowed attempt failed                                   |
+/// | `payload_too_large`  | the payload (as carried or inflated) exceeds the consumer's limit |
 /// | `other`              | anything else, e.g. reasons written by other tools                |
 ///
 /// ```
@@ -165,13 +166,15 @@ pub enum DlqCode {
     BlobHashMismatch,
     /// `max_retries`
     MaxRetries,
+    /// `payload_too_large`
+    PayloadTooLarge,
     /// `other`
     Other,
 }
 
 impl DlqCode {
     /// Every code, in declaration order.
-    pub const ALL: [DlqCode; 8] = [
+    pub const ALL: [DlqCode; 9] = [
         DlqCode::DecodeError,
         DlqCode::SchemaMismatch,
         DlqCode::ContractViolation,
@@ -179,6 +182,7 @@ impl DlqCode {
         DlqCode::HandlerPanic,
         DlqCode::BlobHashMismatch,
         DlqCode::MaxRetries,
+        DlqCode::PayloadTooLarge,
         DlqCode::Other,
     ];
 
@@ -192,6 +196,7 @@ impl DlqCode {
             DlqCode::HandlerPanic => "handler_panic",
             DlqCode::BlobHashMismatch => "blob_hash_mismatch",
             DlqCode::MaxRetries => "max_retries",
+            DlqCode::PayloadTooLarge => "payload_too_large",
             DlqCode::Other => "other",
         }
     }
@@ -224,7 +229,10 @@ impl DlqCode {
     }
 
     fn index(self) -> usize {
-        DlqCode::ALL.iter().position(|c| *c == self).unwrap_or(7)
+        DlqCode::ALL
+            .iter()
+            .position(|c| *c == self)
+            .unwrap_or(DlqCode::ALL.len() - 1)
     }
 }
 
