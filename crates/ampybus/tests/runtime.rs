@@ -1182,7 +1182,7 @@ async fn oversize_payloads_are_dead_lettered_and_the_consumer_keeps_going() {
         ]
     );
     check_dlq(
-        &dlq.iter()
+        dlq.iter()
             .find(|d| d.envelope.payload.len() == 4096)
             .unwrap(),
         &big_inline,
