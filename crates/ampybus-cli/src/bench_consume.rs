@@ -37,13 +37,16 @@ pub async fn run(args: &BenchArgs, parent: &Path) -> CliResult<u8> {
     let pattern = TopicPattern::parse(PATTERN).map_err(|e| CliError::bus("pattern", &e))?;
     let mut bare = Vec::new();
     let mut runtime = Vec::new();
+    let mut no_dedupe = Vec::new();
     for round in 1..=args.rounds {
         bare.push(bare_round(&bus, &pattern, args.messages, round).await?);
-        runtime.push(runtime_round(&bus, &pattern, args, round).await?);
+        runtime.push(runtime_round(&bus, &pattern, args, round, true).await?);
+        no_dedupe.push(runtime_round(&bus, &pattern, args, round, false).await?);
         eprintln!(
-            "round {round}: bare {:.0} msg/s, runtime {:.0} msg/s",
+            "round {round}: bare {:.0} msg/s, runtime {:.0} msg/s, runtime without dedupe {:.0} msg/s",
             bare[bare.len() - 1],
-            runtime[runtime.len() - 1]
+            runtime[runtime.len() - 1],
+            no_dedupe[no_dedupe.len() - 1]
         );
     }
     util::close(&bus).await?;
@@ -57,6 +60,7 @@ pub async fn run(args: &BenchArgs, parent: &Path) -> CliResult<u8> {
         "rounds": args.rounds,
         "bare_msg_per_sec": stats(&bare),
         "runtime_msg_per_sec": stats(&runtime),
+        "runtime_without_dedupe_msg_per_sec": stats(&no_dedupe),
         "ratio_median": round2(median(&runtime) / median(&bare)),
     });
     let mut out = util::Out::new();
@@ -64,7 +68,7 @@ pub async fn run(args: &BenchArgs, parent: &Path) -> CliResult<u8> {
         out.line(&report.to_string())?;
     } else {
         out.line(&format!(
-            "consume-and-ack, {} messages × {} B over {} keys, sync={}, {} rounds (best/median/worst msg/s)\n  bare fetch/ack loop : {}\n  runtime ({} workers, dedupe on): {}\n  ratio runtime/bare (median): {}",
+            "consume-and-ack, {} messages × {} B over {} keys, sync={}, {} rounds (best/median/worst msg/s)\n  bare fetch/ack loop : {}\n  runtime ({} workers, dedupe on): {}\n  runtime without dedupe: {}\n  ratio runtime/bare (median): {}",
             args.messages,
             args.payload_bytes,
             args.keys,
@@ -73,6 +77,7 @@ pub async fn run(args: &BenchArgs, parent: &Path) -> CliResult<u8> {
             show(&report["bare_msg_per_sec"]),
             args.workers,
             show(&report["runtime_msg_per_sec"]),
+            show(&report["runtime_without_dedupe_msg_per_sec"]),
             report["ratio_median"]
         ))?;
     }
@@ -147,11 +152,20 @@ async fn runtime_round(
     pattern: &TopicPattern,
     args: &BenchArgs,
     round: u64,
+    dedupe: bool,
 ) -> CliResult<f64> {
     let started = Instant::now();
-    let handle = Consumer::builder(bus.clone(), pattern.clone(), &format!("runtime-{round}"))
+    let name = format!(
+        "runtime-{round}-{}",
+        if dedupe { "dedupe" } else { "plain" }
+    );
+    let mut builder = Consumer::builder(bus.clone(), pattern.clone(), &name)
         .handler(handler_fn(|_m| async { Outcome::Ok }))
-        .workers(args.workers as usize)
+        .workers(args.workers as usize);
+    if !dedupe {
+        builder = builder.without_dedupe();
+    }
+    let handle = builder
         .start()
         .await
         .map_err(|e| CliError::bus("consumer", &e))?;

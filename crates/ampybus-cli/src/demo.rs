@@ -23,10 +23,9 @@
 
 use crate::error::{CliError, CliResult, EXIT_OK};
 use ampybus::control::{ReplayRequest, ReplayState, ReplayStatus};
-use ampybus::dedupe::{DEFAULT_FILE, DedupeStore, SqliteDedupeStore};
+use ampybus::dedupe::DedupeStore;
 use ampybus::runtime::control::request_replay;
 use ampybus::runtime::{Consumer, ConsumerHandle, DlqCode, Handler, Message, Outcome, handler_fn};
-use ampybus::transport::embedded::EmbeddedOptions;
 use ampybus::transport::{StartAt, WindowQuery};
 use ampybus::{Bus, Envelope, Headers, Topic, TopicPattern, partition};
 use chrono::{DateTime, TimeZone, Utc};
@@ -502,14 +501,6 @@ fn synth_bars(sym: &str, n: usize) -> Vec<Value> {
         .collect()
 }
 
-fn data_dir(url: &str) -> CliResult<std::path::PathBuf> {
-    EmbeddedOptions::from_url(url).map(|o| o.dir).map_err(|e| {
-        CliError::usage(format!(
-            "demo needs the embedded log (--url a directory): {e}"
-        ))
-    })
-}
-
 async fn consumer(
     ctx: &Arc<Ctx>,
     pattern: &str,
@@ -549,16 +540,19 @@ pub async fn run(url: &str, args: DemoArgs) -> CliResult<u8> {
         ampybus::partition::check_key(ampybus::Domain::Bars, &partition::bars(s, MIC))
             .map_err(|e| CliError::usage(format!("--symbols {s}: {e}")))?;
     }
-    let dir = data_dir(url)?;
     let bus = Bus::connect(url)
         .await
         .map_err(|e| CliError::transport(format!("connect {url}: {e}")))?;
     let started_at = Utc::now() - chrono::Duration::milliseconds(5);
     let run = format!("r{}", Utc::now().format("%Y%m%d%H%M%S%3f"));
-    let store: Arc<dyn DedupeStore> = Arc::new(
-        SqliteDedupeStore::open(dir.join(DEFAULT_FILE))
-            .map_err(|e| CliError::transport(format!("dedupe store: {e}")))?,
-    );
+    // The transport's own dedupe store (on the embedded log: a table of the log, recorded in
+    // the same transaction as the acks), shared by every service of the demo.
+    let store: Arc<dyn DedupeStore> = bus.transport().dedupe_store().ok_or_else(|| {
+        CliError::usage(format!(
+            "demo: the {} transport has no dedupe store",
+            bus.transport().name()
+        ))
+    })?;
     let ctx = Arc::new(Ctx {
         bus: bus.clone(),
         run: run.clone(),

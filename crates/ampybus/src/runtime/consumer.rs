@@ -4,11 +4,10 @@ use super::dlq::{build_dlq_envelope, dlq_topic_for};
 use super::{DlqCode, Handler, Message, Outcome, RetryPolicy};
 use crate::bus::Bus;
 use crate::codec::DecodeFailure;
-use crate::dedupe::{DEFAULT_FILE, DedupeStore, SqliteDedupeStore, dedupe_keys};
+use crate::dedupe::{DedupeStore, dedupe_keys};
 use crate::error::{Error, ErrorKind, Result};
 use crate::headers::names;
 use crate::topic::{Topic, TopicPattern};
-use crate::transport::embedded::EmbeddedOptions;
 use crate::transport::{Delivery, StartAt, SubscribeSpec};
 use futures::FutureExt;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -41,9 +40,10 @@ impl Consumer {
     ///
     /// Defaults: 8 workers, 1,024 messages in flight, [`RetryPolicy::default`], strict per-key
     /// order when the pattern's domain token is literally `orders` or `fills`, a 30 s ack
-    /// deadline, start at the earliest retained message, and — on the embedded transport — a
-    /// [`SqliteDedupeStore`] in `<data dir>/dedupe.sqlite3` (other transports: no dedupe unless
-    /// one is given).
+    /// deadline, start at the earliest retained message, and the transport's own dedupe store
+    /// ([`crate::transport::Transport::dedupe_store`]; on the embedded log a table in the log,
+    /// written in the same transaction as the acks) — no dedupe when the transport has none and
+    /// none is given.
     ///
     /// ```
     /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
@@ -266,15 +266,8 @@ impl ConsumerBuilder {
         let dedupe: Option<Arc<dyn DedupeStore>> = match self.dedupe {
             DedupeChoice::Off => None,
             DedupeChoice::Store(s) => Some(s),
-            DedupeChoice::Default if self.bus.transport().name() == "embedded" => {
-                let opts = EmbeddedOptions::from_url(&self.bus.url_redacted())?;
-                let path = opts.dir.join(DEFAULT_FILE);
-                let store = tokio::task::spawn_blocking(move || SqliteDedupeStore::open(path))
-                    .await
-                    .map_err(|e| {
-                        Error::with_source(ErrorKind::Transport, "dedupe store: open failed", e)
-                    })??;
-                Some(Arc::new(store))
+            DedupeChoice::Default if self.bus.transport().dedupe_store().is_some() => {
+                self.bus.transport().dedupe_store()
             }
             DedupeChoice::Default => {
                 tracing::warn!(consumer = %self.name, "no dedupe store configured for this transport; dedupe is off");
@@ -1005,38 +998,33 @@ impl Shared {
                 permits.push(_permit);
             }
         }
-        if let (Some(store), false) = (&self.dedupe, keys.is_empty()) {
-            let mut tries = 0;
-            while let Err(e) = store.record_applied(&self.name, &keys).await {
-                tries += 1;
-                if tries >= 5 {
-                    tracing::error!(consumer = %self.name, error = %e, "dedupe record failed; acking anyway");
-                    break;
+        let count = deliveries.len() as u64;
+        let mut todo = deliveries;
+        let mut tries = 0;
+        while !todo.is_empty() {
+            // Dedupe records first (or in the same transaction, on a store that lives with the
+            // transport), then acks: a crash in between redelivers what dedupe then skips.
+            let result = match &self.dedupe {
+                Some(store) => store.record_and_ack(&self.name, &keys, todo).await,
+                None => Delivery::ack_all(todo).await,
+            };
+            match result {
+                Ok(()) => break,
+                Err((e, failed)) => {
+                    tries += 1;
+                    if tries >= 5 {
+                        tracing::error!(consumer = %self.name, error = %e, count = failed.len(), "ack failed; messages will be redelivered");
+                        break;
+                    }
+                    tokio::time::sleep(self.retry.backoff(tries)).await;
+                    todo = failed;
                 }
-                tokio::time::sleep(self.retry.backoff(tries)).await;
             }
         }
         if !keys.is_empty() {
             let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
             for k in &keys {
                 p.remove(k);
-            }
-        }
-        let count = deliveries.len() as u64;
-        let mut todo = deliveries;
-        let mut tries = 0;
-        while !todo.is_empty() {
-            match Delivery::ack_all(todo).await {
-                Ok(()) => break,
-                Err((e, failed)) => {
-                    tries += 1;
-                    if tries >= 5 {
-                        tracing::error!(consumer = %self.name, error = %e, count = failed.len(), "ack failed; messages will be redelivered (dedupe skips them)");
-                        break;
-                    }
-                    tokio::time::sleep(self.retry.backoff(tries)).await;
-                    todo = failed;
-                }
             }
         }
         self.counters.settled.fetch_add(count, Ordering::SeqCst);
@@ -1181,11 +1169,13 @@ impl Shared {
                 }
             }
         }
-        let msg = item.msg.clone().expect("prepared above");
+        // Taken out while the handler borrows it; put back before the item moves on.
+        let msg = item.msg.take().expect("prepared above");
         let keys = dedupe_keys(&msg.headers, msg.topic.domain());
         // Two messages with one dedupe key (e.g. the same `dedupe_key` under different
         // partition keys) never run at once here: the later one waits and then re-checks.
         let Some(_claim) = Claim::take(&self.handling, &keys) else {
+            item.msg = Some(msg);
             return Step::Retry(Box::new(item), CLAIM_WAIT);
         };
         if !item.dedupe_checked {
@@ -1217,6 +1207,7 @@ impl Shared {
                 }
             }
         };
+        item.msg = Some(msg);
         match outcome {
             None => {
                 self.release(item).await;

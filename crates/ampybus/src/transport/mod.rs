@@ -115,6 +115,11 @@ pub struct DeliveryInfo {
 /// Settles deliveries on the transport. Implemented by bindings; used through [`Delivery`].
 #[async_trait]
 pub trait Settler: Send + Sync {
+    /// The settler as `Any`, so a binding can recognise its own deliveries (e.g. to ack them
+    /// in one transaction with its own dedupe records). Default: `None`.
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
     /// Acknowledges handled messages (by sequence) in one round trip where possible.
     async fn ack(&self, sequences: &[u64]) -> Result<()>;
     /// Releases a message for redelivery after `delay` (zero: as soon as possible).
@@ -168,6 +173,11 @@ impl Delivery {
             Ok(()) => Ok(()),
             Err(e) => Err((e, self)),
         }
+    }
+
+    /// The binding-side settler as `Any` (see [`Settler::as_any`]).
+    pub fn settler_any(&self) -> Option<&dyn std::any::Any> {
+        self.settler.as_any()
     }
 
     /// Tells the transport the handler is still working, extending the ack deadline.
@@ -315,6 +325,11 @@ pub trait Transport: Send + Sync + 'static {
     async fn subscribe(&self, spec: SubscribeSpec) -> Result<Box<dyn Subscription>>;
     /// Time-window/key reads, when the transport can.
     fn replay(&self) -> Option<&dyn ReplayByTime> {
+        None
+    }
+    /// The transport's own durable dedupe store (shared by every instance of a consumer), used
+    /// by a [`crate::Consumer`] that is not given one. Default: none.
+    fn dedupe_store(&self) -> Option<Arc<dyn crate::dedupe::DedupeStore>> {
         None
     }
     /// Consumer lag reads, when the transport can.
