@@ -71,6 +71,21 @@ pub trait DedupeStore: Send + Sync + 'static {
     async fn is_applied(&self, consumer: &str, keys: &[String]) -> Result<bool>;
     /// Records `keys` as applied by `consumer`, all in one transaction.
     async fn record_applied(&self, consumer: &str, keys: &[String]) -> Result<()>;
+    /// Which of `keys` `consumer` applied within the window — one lookup for a whole fetched
+    /// batch. The default asks [`DedupeStore::is_applied`] key by key.
+    async fn applied_among(
+        &self,
+        consumer: &str,
+        keys: &[String],
+    ) -> Result<std::collections::HashSet<String>> {
+        let mut out = std::collections::HashSet::new();
+        for k in keys {
+            if self.is_applied(consumer, std::slice::from_ref(k)).await? {
+                out.insert(k.clone());
+            }
+        }
+        Ok(out)
+    }
     /// Records `keys` as applied by `consumer`, then acks `deliveries` — the runtime's last
     /// step for a batch. The default does the two one after the other (the record first, so a
     /// crash in between redelivers messages that dedupe then skips); a store that lives with

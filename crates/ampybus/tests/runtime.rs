@@ -213,7 +213,12 @@ async fn dedupe_by_message_id_and_by_dedupe_key_within_domain() {
     // The records live in the log's own dedupe store (table `applied`, written with the acks).
     let store = bus.transport().dedupe_store().unwrap();
     let id = same.headers.message_id().unwrap().to_owned();
-    assert!(store.is_applied("dd", std::slice::from_ref(&id)).await.unwrap());
+    assert!(
+        store
+            .is_applied("dd", std::slice::from_ref(&id))
+            .await
+            .unwrap()
+    );
     assert!(!store.is_applied("other", &[id]).await.unwrap());
 }
 

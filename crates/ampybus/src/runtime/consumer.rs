@@ -295,6 +295,7 @@ impl ConsumerBuilder {
             dedupe,
             pending: Mutex::new(HashSet::new()),
             handling: Mutex::new(HashSet::new()),
+            recent: Mutex::new(Recent::new(65_536 + 4 * self.max_in_flight)),
             sched: Mutex::new(Sched::default()),
             notify: Notify::new(),
             counters: Counters::default(),
@@ -601,6 +602,10 @@ struct Item {
     local_attempts: u32,
     msg: Option<Message>,
     dedupe_checked: bool,
+    /// Topic and normalised headers, prepared by the fetcher for the batch dedupe lookup.
+    prepared: Option<(Topic, crate::headers::Headers)>,
+    /// The batch lookup's answer (fetch time): `Some(true)` applied already.
+    pre_applied: Option<bool>,
     last_error: String,
     /// When the lease was last taken or extended.
     refreshed: Instant,
@@ -695,6 +700,9 @@ struct Shared {
     pending: Mutex<HashSet<String>>,
     /// Dedupe keys of messages being handled right now.
     handling: Mutex<HashSet<String>>,
+    /// Keys this process recorded lately (moved here from `pending` by the acker), so that a
+    /// batch lookup made at fetch time cannot miss what was applied here since.
+    recent: Mutex<Recent>,
     sched: Mutex<Sched>,
     notify: Notify,
     counters: Counters,
@@ -735,9 +743,49 @@ impl Drop for Claim<'_> {
     }
 }
 
+/// A bounded set of the most recently recorded dedupe keys (oldest forgotten first).
+struct Recent {
+    set: HashSet<String>,
+    order: VecDeque<String>,
+    cap: usize,
+}
+
+impl Recent {
+    fn new(cap: usize) -> Recent {
+        Recent {
+            set: HashSet::new(),
+            order: VecDeque::new(),
+            cap,
+        }
+    }
+
+    fn insert(&mut self, key: String) {
+        if self.set.insert(key.clone()) {
+            self.order.push_back(key);
+            while self.order.len() > self.cap {
+                if let Some(old) = self.order.pop_front() {
+                    self.set.remove(&old);
+                }
+            }
+        }
+    }
+
+    fn contains_any(&self, keys: &[String]) -> bool {
+        keys.iter().any(|k| self.set.contains(k))
+    }
+}
+
 enum Step {
     Finished,
     Retry(Box<Item>, Duration),
+}
+
+/// Parses the topic and normalises the headers of a delivered envelope.
+fn prepare(env: &crate::Envelope) -> Result<(Topic, crate::headers::Headers)> {
+    let topic = Topic::parse(&env.topic)?;
+    let mut headers = env.headers.clone();
+    headers.normalize_for_consume()?;
+    Ok((topic, headers))
 }
 
 async fn wait_phase(rx: &mut watch::Receiver<u8>, at_least: u8) {
@@ -761,7 +809,38 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
-async fn run_fetcher(shared: Arc<Shared>, mut sub: Box<dyn crate::transport::Subscription>) {
+async fn run_fetcher(shared: Arc<Shared>, sub: Box<dyn crate::transport::Subscription>) {
+    // Fetching and preparing (batch dedupe lookup, then queueing by key) overlap: the next
+    // fetch runs while the previous batch is prepared. One preparer keeps batches in order.
+    let (tx, mut rx) = mpsc::channel::<Vec<(String, Item)>>(2);
+    let prep = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            while let Some(mut items) = rx.recv().await {
+                shared.pre_check(&mut items).await;
+                for (key, item) in items {
+                    let queued = shared
+                        .sched
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(key, item);
+                    if queued {
+                        shared.notify.notify_one();
+                    }
+                }
+            }
+        })
+    };
+    fetch_loop(&shared, sub, tx).await;
+    // The sender is gone: the preparer queues what it holds and ends.
+    let _ = prep.await;
+}
+
+async fn fetch_loop(
+    shared: &Arc<Shared>,
+    mut sub: Box<dyn crate::transport::Subscription>,
+    tx: mpsc::Sender<Vec<(String, Item)>>,
+) {
     let mut phase = shared.phase.clone();
     loop {
         if *phase.borrow() != RUNNING {
@@ -787,30 +866,35 @@ async fn run_fetcher(shared: Arc<Shared>, mut sub: Box<dyn crate::transport::Sub
                     .counters
                     .fetched
                     .fetch_add(got.len() as u64, Ordering::SeqCst);
-                for d in got {
-                    let key = d
-                        .envelope
-                        .headers
-                        .get(names::PARTITION_KEY)
-                        .unwrap_or_default()
-                        .to_owned();
-                    let item = Item {
-                        delivery: d,
-                        _permit: permits.pop(),
-                        local_attempts: 0,
-                        msg: None,
-                        dedupe_checked: false,
-                        last_error: String::new(),
-                        refreshed: Instant::now(),
-                        parked_head: false,
-                    };
-                    let queued = shared
-                        .sched
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push(key, item);
-                    if queued {
-                        shared.notify.notify_one();
+                let items: Vec<(String, Item)> = got
+                    .into_iter()
+                    .map(|d| {
+                        let key = d
+                            .envelope
+                            .headers
+                            .get(names::PARTITION_KEY)
+                            .unwrap_or_default()
+                            .to_owned();
+                        let item = Item {
+                            delivery: d,
+                            _permit: permits.pop(),
+                            local_attempts: 0,
+                            msg: None,
+                            dedupe_checked: false,
+                            prepared: None,
+                            pre_applied: None,
+                            last_error: String::new(),
+                            refreshed: Instant::now(),
+                            parked_head: false,
+                        };
+                        (key, item)
+                    })
+                    .collect();
+                if let Err(mpsc::error::SendError(items)) = tx.send(items).await {
+                    // Cannot happen while this loop runs (the preparer outlives it); release
+                    // rather than hold anything unsettled.
+                    for (_, item) in items {
+                        shared.release(item).await;
                     }
                 }
             }
@@ -1022,6 +1106,13 @@ impl Shared {
             }
         }
         if !keys.is_empty() {
+            // Into `recent` before leaving `pending`, so a check never sees neither.
+            {
+                let mut r = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+                for k in &keys {
+                    r.insert(k.clone());
+                }
+            }
             let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
             for k in &keys {
                 p.remove(k);
@@ -1102,22 +1193,19 @@ impl Shared {
     async fn process(&self, mut item: Item) -> Step {
         if item.msg.is_none() {
             let env = &item.delivery.envelope;
-            let topic = match Topic::parse(&env.topic) {
-                Ok(t) => t,
-                Err(e) => {
-                    let reason = DlqCode::ContractViolation.reason(&e.to_string());
-                    return self
-                        .dead_letter(item, DlqCode::ContractViolation, reason)
-                        .await;
-                }
+            let (topic, headers) = match item.prepared.take() {
+                Some(p) => p,
+                None => match prepare(env) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        let reason = DlqCode::ContractViolation.reason(&e.to_string());
+                        return self
+                            .dead_letter(item, DlqCode::ContractViolation, reason)
+                            .await;
+                    }
+                },
             };
-            let mut headers = env.headers.clone();
-            if let Err(e) = headers.normalize_for_consume() {
-                let reason = DlqCode::ContractViolation.reason(&e.to_string());
-                return self
-                    .dead_letter(item, DlqCode::ContractViolation, reason)
-                    .await;
-            }
+            let env = &item.delivery.envelope;
             if env.payload.len() > self.max_payload {
                 let reason = DlqCode::PayloadTooLarge.reason(&format!(
                     "{} bytes as carried; this consumer's limit is {}",
@@ -1180,7 +1268,13 @@ impl Shared {
         };
         if !item.dedupe_checked {
             item.dedupe_checked = true;
-            if self.already_applied(&keys).await {
+            let applied = match item.pre_applied {
+                // Looked up with its batch at fetch time; what this process applied since is
+                // in `pending` or `recent`.
+                Some(pre) => pre || self.applied_here(&keys),
+                None => self.already_applied(&keys).await,
+            };
+            if applied {
                 self.counters.skipped.fetch_add(1, Ordering::SeqCst);
                 self.done(item, Vec::new());
                 return Step::Finished;
@@ -1246,6 +1340,58 @@ impl Shared {
             Some(Ok(Outcome::Retry { after })) => {
                 item.last_error = format!("attempt {attempt}: handler asked to retry");
                 self.retry_or_give_up(item, attempt, after).await
+            }
+        }
+    }
+
+    /// True when this process applied one of `keys` (recorded or not yet).
+    fn applied_here(&self, keys: &[String]) -> bool {
+        if keys.is_empty() {
+            return false;
+        }
+        {
+            let p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            if keys.iter().any(|k| p.contains(k)) {
+                return true;
+            }
+        }
+        self.recent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_any(keys)
+    }
+
+    /// Prepares a fetched batch and asks the dedupe store about all of its keys in one call.
+    async fn pre_check(&self, items: &mut [(String, Item)]) {
+        let Some(store) = &self.dedupe else {
+            return;
+        };
+        let mut all = Vec::new();
+        let mut per_item = Vec::with_capacity(items.len());
+        for (_, item) in items.iter_mut() {
+            match prepare(&item.delivery.envelope) {
+                Ok((topic, headers)) => {
+                    let keys = dedupe_keys(&headers, topic.domain());
+                    all.extend(keys.iter().cloned());
+                    per_item.push(Some(keys));
+                    item.prepared = Some((topic, headers));
+                }
+                Err(_) => per_item.push(None),
+            }
+        }
+        if all.is_empty() {
+            return;
+        }
+        match store.applied_among(&self.name, &all).await {
+            Ok(applied) => {
+                for ((_, item), keys) in items.iter_mut().zip(per_item) {
+                    if let Some(keys) = keys {
+                        item.pre_applied = Some(keys.iter().any(|k| applied.contains(k)));
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(consumer = %self.name, error = %e, "batch dedupe lookup failed; checking one by one");
             }
         }
     }

@@ -1583,6 +1583,47 @@ impl crate::dedupe::DedupeStore for EmbeddedDedupe {
         found
     }
 
+    async fn applied_among(
+        &self,
+        consumer: &str,
+        keys: &[String],
+    ) -> Result<std::collections::HashSet<String>> {
+        let mut out = std::collections::HashSet::new();
+        if keys.is_empty() {
+            return Ok(out);
+        }
+        let conn = match self.readers.lock().unwrap_or_else(|p| p.into_inner()).pop() {
+            Some(c) => c,
+            None => self.inner.reader()?,
+        };
+        let cutoff = self.cutoff_ms();
+        let found = (|| {
+            for chunk in keys.chunks(400) {
+                let marks = vec!["?"; chunk.len()].join(",");
+                let sql = format!(
+                    "SELECT key FROM applied WHERE consumer = ? AND applied_at_ms >= ? AND key IN ({marks})"
+                );
+                let mut st = conn
+                    .prepare_cached(&sql)
+                    .map_err(|e| storage("prepare dedupe batch lookup", e))?;
+                let mut args: Vec<&dyn rusqlite::ToSql> = vec![&consumer, &cutoff];
+                args.extend(chunk.iter().map(|k| k as &dyn rusqlite::ToSql));
+                let rows = st
+                    .query_map(&args[..], |r| r.get::<_, String>(0))
+                    .map_err(|e| storage("dedupe batch lookup", e))?;
+                for r in rows {
+                    out.insert(r.map_err(|e| storage("dedupe batch lookup", e))?);
+                }
+            }
+            Ok(())
+        })();
+        self.readers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(conn);
+        found.map(|()| out)
+    }
+
     async fn record_applied(&self, consumer: &str, keys: &[String]) -> Result<()> {
         if keys.is_empty() {
             return Ok(());
