@@ -4,12 +4,14 @@
 //! summaries go to stderr. See `ampybus --help` for the commands and the exit codes.
 
 mod bench;
+mod bench_nats;
 mod cli;
 mod decoder;
 mod demo;
 mod dlq;
 mod error;
 mod publish;
+mod streams;
 mod subscribe;
 mod topics;
 mod util;
@@ -69,6 +71,8 @@ fn run(cli: Cli) -> CliResult<u8> {
         Command::Demo(args) => runtime()?.block_on(demo::run(&url, args)),
         Command::Dlq(args) => runtime()?.block_on(dlq::run(&url, args)),
         Command::Topics(args) => runtime()?.block_on(topics::run(&url, args)),
+        Command::Streams(args) => runtime()?.block_on(streams::run(&url, args)),
+        Command::BenchNats(args) => runtime()?.block_on(bench_nats::run(&url, args)),
     }
 }
 

@@ -42,7 +42,8 @@ impl Consumer {
     /// Defaults: 8 workers, 1,024 messages in flight, [`RetryPolicy::default`], strict per-key
     /// order when the pattern's domain token is literally `orders` or `fills`, a 30 s ack
     /// deadline, start at the earliest retained message, and — on the embedded transport — a
-    /// [`SqliteDedupeStore`] in `<data dir>/dedupe.sqlite3` (other transports: no dedupe unless
+    /// [`SqliteDedupeStore`] in `<data dir>/dedupe.sqlite3` (other transports: the transport's
+    /// `default_dedupe_store` — NATS: a JetStream KV bucket — else no dedupe unless
     /// one is given).
     ///
     /// ```
@@ -218,10 +219,13 @@ impl ConsumerBuilder {
                     })??;
                 Some(Arc::new(store))
             }
-            DedupeChoice::Default => {
-                tracing::warn!(consumer = %self.name, "no dedupe store configured for this transport; dedupe is off");
-                None
-            }
+            DedupeChoice::Default => match self.bus.transport().default_dedupe_store() {
+                Some(store) => Some(store),
+                None => {
+                    tracing::warn!(consumer = %self.name, "no dedupe store configured for this transport; dedupe is off");
+                    None
+                }
+            },
         };
         let spec = SubscribeSpec {
             pattern: self.pattern.clone(),

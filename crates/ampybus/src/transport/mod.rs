@@ -6,11 +6,15 @@
 //! * [`Delivery`]: one message; settling consumes it (`ack(self)`), so a double ack does not
 //!   compile.
 //! * Optional capabilities are separate traits: [`ReplayByTime`].
+//!
+//! Bindings: [`embedded`] (always), `nats` (cargo feature `nats`: NATS JetStream).
 
 pub mod embedded;
 pub mod embedded_admin;
 mod embedded_purge;
 mod headers_codec;
+#[cfg(feature = "nats")]
+pub mod nats;
 
 pub use headers_codec::{decode_headers, encode_headers};
 
@@ -277,6 +281,21 @@ pub trait Transport: Send + Sync + 'static {
     async fn subscribe(&self, spec: SubscribeSpec) -> Result<Box<dyn Subscription>>;
     /// Time-window/key reads, when the transport can.
     fn replay(&self) -> Option<&dyn ReplayByTime> {
+        None
+    }
+    /// The durable consumer dedupe store this transport offers (shared by every instance of a
+    /// consumer, e.g. a JetStream KV bucket), used by the consumer runtime when none is
+    /// configured. Default: none.
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let bus = ampybus::Bus::connect(dir.path().to_str().unwrap()).await.unwrap();
+    /// // The embedded log's default store is the SQLite file next to the log (opened by the runtime).
+    /// assert!(bus.transport().default_dedupe_store().is_none());
+    /// # });
+    /// ```
+    fn default_dedupe_store(&self) -> Option<Arc<dyn crate::dedupe::DedupeStore>> {
         None
     }
     /// Flushes and closes.

@@ -1,0 +1,511 @@
+//! NATS fault and bad-input tests. Each test that needs a server of its own (no JetStream,
+//! permissions, TLS, a restart) spawns `nats-server` on a free loopback port with a temp store
+//! directory and config file, and kills it when the guard drops.
+
+use ampybus::dedupe::DedupeStore;
+use ampybus::runtime::{Consumer, Message, Outcome, Publisher, RetryPolicy, handler_fn};
+use ampybus::transport::SubscribeSpec;
+use ampybus::transport::nats::NatsKvDedupeStore;
+use ampybus::{Bus, ErrorKind, Headers, Topic, TopicPattern};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A `nats-server` child process; killed (and reaped) on drop.
+struct Server {
+    child: Option<Child>,
+    port: u16,
+    args: Vec<String>,
+    log: PathBuf,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Server {
+    /// Starts `nats-server -a 127.0.0.1 -p <free port> <args…>` and waits until it accepts.
+    fn start(dir: &Path, args: &[&str]) -> Server {
+        let mut s = Server {
+            child: None,
+            port: free_port(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            log: dir.join("nats-server.log"),
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let child = Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(&self.args)
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn nats-server (apt-get install nats-server)");
+        self.child = Some(child);
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "nats-server did not listen on {}: {}",
+                self.port,
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL, as a crash: the store directory stays.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    fn url(&self, scheme: &str, query: &str) -> String {
+        format!("{scheme}://127.0.0.1:{}{query}", self.port)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn headers(key: &str) -> Headers {
+    Headers::for_publish(
+        ampybus::headers::RAW_BYTES_SCHEMA,
+        "faults@1",
+        "faults",
+        key,
+    )
+}
+
+async fn timed<T>(what: &str, limit: Duration, f: impl std::future::Future<Output = T>) -> T {
+    let start = Instant::now();
+    let r = tokio::time::timeout(limit, f)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: hung for more than {limit:?}"));
+    eprintln!("{what}: {:.2?}", start.elapsed());
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_urls_and_unreachable_servers_fail_fast_and_clearly() {
+    let limit = Duration::from_secs(15);
+    let e = timed(
+        "garbage port",
+        limit,
+        Bus::connect("nats://127.0.0.1:notaport"),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Config, "{e}");
+    assert!(e.to_string().contains("notaport"), "{e}");
+
+    let e = timed(
+        "unknown option",
+        limit,
+        Bus::connect("nats://127.0.0.1?colour=red"),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Config, "{e}");
+    assert!(e.to_string().contains("colour"), "{e}");
+
+    let e = timed("wrong scheme", limit, Bus::connect("natz://127.0.0.1:4222"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Config, "{e}");
+    assert!(e.to_string().contains("natz"), "{e}");
+
+    let port = free_port();
+    let e = timed(
+        "unreachable port",
+        limit,
+        Bus::connect(&format!("nats://bob:s3cret@127.0.0.1:{port}")),
+    )
+    .await
+    .unwrap_err();
+    let shown = format!("{e} {e:?}");
+    assert!(
+        matches!(e.kind(), ErrorKind::Transport | ErrorKind::Timeout),
+        "{e}"
+    );
+    assert!(e.to_string().contains(&format!("127.0.0.1:{port}")), "{e}");
+    assert!(!shown.contains("s3cret"), "credentials leaked: {shown}");
+
+    let e = timed(
+        "missing CA file",
+        limit,
+        Bus::connect(&format!(
+            "tls://127.0.0.1:{port}?tls_ca=/nonexistent/ca.pem"
+        )),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Config, "{e}");
+    assert!(e.to_string().contains("tls_ca"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_without_jetstream_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let e = timed(
+        "connect without JetStream",
+        Duration::from_secs(15),
+        Bus::connect(&server.url("nats", "")),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Config, "{e}");
+    assert!(e.to_string().contains("JetStream"), "{e}");
+    assert!(e.to_string().contains("-js"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_outside_permissions_is_a_clear_error_not_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("nats.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            r#"
+jetstream {{ store_dir: "{}" }}
+authorization {{
+  users = [
+    {{ user: alice, password: alicepw, permissions: {{
+        publish: {{ allow: ["ampy.dev.news.v1.alice.>", "$JS.API.>", "$JS.ACK.>"] }},
+        subscribe: {{ allow: ["_INBOX.>"] }}
+    }} }}
+  ]
+}}
+"#,
+            dir.path().join("js").display()
+        ),
+    )
+    .unwrap();
+    let server = Server::start(dir.path(), &["-c", conf.to_str().unwrap()]);
+
+    let e = timed(
+        "wrong password",
+        Duration::from_secs(15),
+        Bus::connect(&server.url("nats", "?user=alice&password=nope")),
+    )
+    .await
+    .unwrap_err();
+    assert!(!format!("{e:?}").contains("nope"), "password leaked: {e:?}");
+    assert!(e.to_string().to_ascii_lowercase().contains("auth"), "{e}");
+
+    let bus = Bus::connect(&server.url("nats", "?user=alice&password=alicepw&stream_prefix=PERM"))
+        .await
+        .expect("alice connects");
+    let ok = Topic::parse("ampy.dev.news.v1.alice.x").unwrap();
+    let r = bus
+        .publish(&ok, headers("k"), b"mine".to_vec())
+        .await
+        .expect("publish inside the permissions");
+    assert_eq!(r.sequence, 1);
+
+    let denied = Topic::parse("ampy.dev.news.v1.bob.x").unwrap();
+    let publisher = Publisher::new(bus.clone()).with_policy(RetryPolicy {
+        max_attempts: 50,
+        min_delay: Duration::from_millis(100),
+        max_delay: Duration::from_secs(1),
+    });
+    let e = timed(
+        "denied publish through the retrying publisher",
+        Duration::from_secs(10),
+        publisher.publish(&denied, headers("k"), b"not mine".to_vec()),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Config, "{e}");
+    assert!(e.to_string().contains("permission denied"), "{e}");
+    assert!(e.to_string().contains("ampy.dev.news.v1.bob.x"), "{e}");
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files in `dir`.
+fn make_certs(dir: &Path) -> [PathBuf; 5] {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, SanType,
+    };
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "ampybus test CA");
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+
+    let mut sp = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    sp.subject_alt_names
+        .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+    sp.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let sk = KeyPair::generate().unwrap();
+    let scert = sp.signed_by(&sk, &issuer).unwrap();
+
+    let mut cp = CertificateParams::new(Vec::<String>::new()).unwrap();
+    cp.distinguished_name
+        .push(DnType::CommonName, "ampybus client");
+    cp.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let ck = KeyPair::generate().unwrap();
+    let ccert = cp.signed_by(&ck, &issuer).unwrap();
+
+    let files = [
+        ("ca.pem", ca_cert.pem()),
+        ("server.pem", scert.pem()),
+        ("server.key", sk.serialize_pem()),
+        ("client.pem", ccert.pem()),
+        ("client.key", ck.serialize_pem()),
+    ];
+    files.map(|(name, pem)| {
+        let p = dir.join(name);
+        std::fs::write(&p, pem).unwrap();
+        p
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_works_with_a_client_cert_and_fails_clearly_without() {
+    let dir = tempfile::tempdir().unwrap();
+    let [ca, server_pem, server_key, client_pem, client_key] = make_certs(dir.path());
+    let conf = dir.path().join("nats.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            r#"
+jetstream {{ store_dir: "{}" }}
+tls {{
+  cert_file: "{}"
+  key_file: "{}"
+  ca_file: "{}"
+  verify: true
+  timeout: 2
+}}
+"#,
+            dir.path().join("js").display(),
+            server_pem.display(),
+            server_key.display(),
+            ca.display()
+        ),
+    )
+    .unwrap();
+    let server = Server::start(dir.path(), &["-c", conf.to_str().unwrap()]);
+
+    let url = server.url(
+        "tls",
+        &format!(
+            "?tls_ca={}&tls_cert={}&tls_key={}&stream_prefix=TLS",
+            ca.display(),
+            client_pem.display(),
+            client_key.display()
+        ),
+    );
+    let bus = timed("mTLS connect", Duration::from_secs(15), Bus::connect(&url))
+        .await
+        .expect("connect with a client certificate");
+    let topic = Topic::parse("ampy.dev.news.v1.tls.x").unwrap();
+    bus.publish(&topic, headers("k"), b"over tls".to_vec())
+        .await
+        .expect("publish over TLS");
+    let mut sub = bus
+        .subscribe(SubscribeSpec::durable(
+            TopicPattern::parse("ampy.dev.news.>").unwrap(),
+            "tls-reader",
+        ))
+        .await
+        .unwrap();
+    let got = sub.fetch(10, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(&got[0].envelope.payload[..], b"over tls");
+
+    let no_cert = server.url("tls", &format!("?tls_ca={}", ca.display()));
+    let e = timed(
+        "TLS connect without a client certificate",
+        Duration::from_secs(20),
+        Bus::connect(&no_cert),
+    )
+    .await
+    .unwrap_err();
+    eprintln!("without a client certificate: {e}");
+    assert!(
+        matches!(e.kind(), ErrorKind::Transport | ErrorKind::Timeout),
+        "{e}"
+    );
+    let text = e.to_string().to_ascii_lowercase();
+    assert!(
+        text.contains("tls") || text.contains("certificate"),
+        "not a TLS error: {e}"
+    );
+
+    let plain = server.url("nats", "");
+    let e = timed(
+        "plain connect to a TLS server",
+        Duration::from_secs(20),
+        Bus::connect(&plain),
+    )
+    .await
+    .unwrap_err();
+    eprintln!("plain to TLS: {e}");
+    assert!(e.to_string().to_ascii_lowercase().contains("tls"), "{e}");
+}
+
+/// Kill -9 the server mid-run (store kept) and restart it on the same port, with 8 retrying
+/// publishers and a consumer running: none lost, each applied once (dedupe store), publishers
+/// finished (retried through the outage), nothing hung.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_restart_mid_run_loses_nothing_and_applies_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_dir = dir.path().join("js");
+    let mut server = Server::start(dir.path(), &["-js", "-sd", store_dir.to_str().unwrap()]);
+    let url = server.url("nats", "?stream_prefix=FAULT&request_timeout_ms=2000");
+    let n = ((50_000.0 * ampybus_conformance::scale()) as usize).max(2_000);
+    let publishers = 8usize;
+    let bus = Bus::connect(&url).await.expect("connect");
+    let store: Arc<dyn DedupeStore> = Arc::new(
+        NatsKvDedupeStore::connect(&url)
+            .await
+            .expect("dedupe store"),
+    );
+
+    let effects: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    let e2 = effects.clone();
+    let consumer = Consumer::builder(
+        bus.clone(),
+        TopicPattern::parse("ampy.dev.news.v1.fault.>").unwrap(),
+        "fault-consumer",
+    )
+    .dedupe(store.clone())
+    .workers(8)
+    .max_in_flight(512)
+    .ack_deadline(Duration::from_secs(5))
+    .handler(handler_fn(move |m: Message| {
+        let effects = e2.clone();
+        async move {
+            *effects
+                .lock()
+                .unwrap()
+                .entry(String::from_utf8_lossy(&m.payload).into_owned())
+                .or_default() += 1;
+            Outcome::Ok
+        }
+    }))
+    .start()
+    .await
+    .expect("consumer");
+
+    let published = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for p in 0..publishers {
+        let publisher = Publisher::new(bus.clone()).with_policy(RetryPolicy {
+            max_attempts: 100,
+            min_delay: Duration::from_millis(50),
+            max_delay: Duration::from_millis(500),
+        });
+        let published = published.clone();
+        tasks.push(tokio::spawn(async move {
+            let topic = Topic::parse(&format!("ampy.dev.news.v1.fault.p{p}")).unwrap();
+            let mut failed = Vec::new();
+            for i in (p..n).step_by(publishers) {
+                match publisher
+                    .publish(&topic, headers(&format!("k{}", i % 32)), format!("m{i}"))
+                    .await
+                {
+                    Ok(_) => {
+                        published.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(e) => failed.push((i, e.to_string())),
+                }
+            }
+            failed
+        }));
+    }
+
+    // Mid-run: a third published and some handled, then the crash and the restart.
+    let hang = ampybus_conformance::hang_timeout();
+    let start = Instant::now();
+    while published.load(Ordering::SeqCst) < (n / 3) as u64 || effects.lock().unwrap().is_empty() {
+        assert!(start.elapsed() < hang, "no progress before the crash");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let at_crash = (
+        published.load(Ordering::SeqCst),
+        effects.lock().unwrap().len(),
+    );
+    server.kill();
+    tokio::time::sleep(Duration::from_millis(500)).await; // the outage itself, not a sync
+    server.restart();
+    eprintln!(
+        "server killed after {} published / {} handled; restarted",
+        at_crash.0, at_crash.1
+    );
+
+    for t in tasks {
+        let failed = tokio::time::timeout(hang, t)
+            .await
+            .expect("a publisher hung")
+            .expect("publisher task");
+        assert!(
+            failed.is_empty(),
+            "publishes failed after retries: {:?}",
+            &failed[..failed.len().min(5)]
+        );
+    }
+    assert_eq!(published.load(Ordering::SeqCst), n as u64);
+
+    let start = Instant::now();
+    loop {
+        let done = effects.lock().unwrap().len();
+        let s = consumer.stats();
+        if done == n && s.in_flight == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < hang,
+            "timed out: {done} of {n} handled; {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stats = consumer.shutdown(Duration::from_secs(10)).await;
+    let effects = effects.lock().unwrap();
+    assert_eq!(effects.len(), n, "distinct messages handled");
+    let again: Vec<(&String, &u32)> = effects.iter().filter(|(_, c)| **c > 1).collect();
+    // Handlers that finished but whose dedupe record and ack were cut by the crash may run
+    // again; at most what was in flight then.
+    assert!(
+        again.len() <= 512,
+        "{} messages handled more than once",
+        again.len()
+    );
+    assert_eq!(stats.dead_lettered_total(), 0, "{stats:?}");
+    eprintln!(
+        "n={n}: all published ({publishers} publishers), all handled; {} handled twice (in flight at the crash), {} skipped as applied; stats {stats:?}",
+        again.len(),
+        stats.skipped_duplicates
+    );
+}
