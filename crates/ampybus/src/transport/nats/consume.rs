@@ -41,8 +41,12 @@ pub(crate) fn consumer_name(durable: &str) -> String {
 
 struct Part {
     stream: String,
+    filter: String,
     consumer: PullConsumer,
     settler: Arc<PartSettler>,
+    /// A pull failed or was not answered: open the consumer again before the next pull (the
+    /// server may have restarted and lost the request, or the consumer may be gone).
+    stale: bool,
 }
 
 struct PartSettler {
@@ -143,13 +147,15 @@ impl Settler for PartSettler {
 }
 
 pub(crate) struct NatsSubscription {
+    shared: Arc<Shared>,
+    spec: SubscribeSpec,
     parts: Vec<Part>,
     next: usize,
     where_: String,
 }
 
 pub(crate) async fn subscribe(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     spec: SubscribeSpec,
 ) -> Result<Box<dyn Subscription>> {
     let targets = streams::streams_for_pattern(shared, &spec.pattern).await?;
@@ -158,6 +164,8 @@ pub(crate) async fn subscribe(
         let consumer = open_consumer(shared, &stream.name, &filter, &spec).await?;
         parts.push(Part {
             stream: stream.name.clone(),
+            filter,
+            stale: false,
             consumer,
             settler: Arc::new(PartSettler {
                 client: shared.client.clone(),
@@ -169,6 +177,8 @@ pub(crate) async fn subscribe(
         });
     }
     Ok(Box::new(NatsSubscription {
+        shared: shared.clone(),
+        spec,
         parts,
         next: 0,
         where_: shared.where_(),
@@ -336,6 +346,27 @@ impl NatsSubscription {
         max: usize,
         wait: Option<Duration>,
     ) -> Result<Vec<async_nats::jetstream::Message>> {
+        // A pull the server never answers (lost in a disconnect, server restarted) must not
+        // hang the consumer: bound it, and reopen the consumer before the next one.
+        let limit = wait.unwrap_or_default() + self.shared.opts.request_timeout;
+        match tokio::time::timeout(limit, self.pull_inner(part, max, wait)).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::new(
+                ErrorKind::Timeout,
+                format!(
+                    "{} stream {}: pull request not answered within {limit:?}",
+                    self.where_, self.parts[part].stream
+                ),
+            )),
+        }
+    }
+
+    async fn pull_inner(
+        &self,
+        part: usize,
+        max: usize,
+        wait: Option<Duration>,
+    ) -> Result<Vec<async_nats::jetstream::Message>> {
         let p = &self.parts[part];
         let batch = match wait {
             None => p.consumer.fetch().max_messages(max).messages().await,
@@ -383,6 +414,15 @@ impl Subscription for NatsSubscription {
         if max == 0 || self.parts.is_empty() {
             return Ok(Vec::new());
         }
+        for i in 0..self.parts.len() {
+            if self.parts[i].stale {
+                let (stream, filter) = (self.parts[i].stream.clone(), self.parts[i].filter.clone());
+                let c = open_consumer(&self.shared, &stream, &filter, &self.spec).await?;
+                self.parts[i].consumer = c;
+                self.parts[i].stale = false;
+                tracing::info!(stream = %stream, "nats: consumer reopened after a failed pull");
+            }
+        }
         let n = self.parts.len();
         let first = self.next % n;
         self.next = self.next.wrapping_add(1);
@@ -392,8 +432,16 @@ impl Subscription for NatsSubscription {
             if out.len() >= max {
                 break;
             }
-            let got = self.pull(i, max - out.len(), None).await?;
-            out.extend(self.convert(i, got));
+            match self.pull(i, max - out.len(), None).await {
+                Ok(got) => out.extend(self.convert(i, got)),
+                Err(e) => {
+                    self.parts[i].stale = true;
+                    if out.is_empty() {
+                        return Err(e);
+                    }
+                    return Ok(out);
+                }
+            }
         }
         if !out.is_empty() || wait < Duration::from_millis(20) {
             return Ok(out);
@@ -411,7 +459,10 @@ impl Subscription for NatsSubscription {
                     out.extend(self.convert(i, got));
                 }
                 Ok(_) => {}
-                Err(e) => err = Some(e),
+                Err(e) => {
+                    self.parts[i].stale = true;
+                    err = Some(e);
+                }
             }
         }
         if out.is_empty()
@@ -423,8 +474,14 @@ impl Subscription for NatsSubscription {
             if out.len() >= max {
                 break;
             }
-            let got = self.pull(i, max - out.len(), None).await?;
-            out.extend(self.convert(i, got));
+            match self.pull(i, max - out.len(), None).await {
+                Ok(got) => out.extend(self.convert(i, got)),
+                Err(e) => {
+                    tracing::debug!(error = %e, "nats: pull after a wake-up failed");
+                    self.parts[i].stale = true;
+                    break;
+                }
+            }
         }
         Ok(out)
     }

@@ -592,6 +592,13 @@ fn connect_error(servers: &str, opts: &NatsOptions, e: async_nats::ConnectError)
             ErrorKind::Config,
             format!("server name not resolved: {text}"),
         ),
+        K::Io
+            if ["certificate", "tls", "alert", "handshake"]
+                .iter()
+                .any(|w| text.to_ascii_lowercase().contains(w)) =>
+        {
+            (ErrorKind::Transport, format!("TLS failed: {text}"))
+        }
         K::Io => (ErrorKind::Transport, format!("cannot connect: {text}")),
         _ => (ErrorKind::Transport, format!("connect failed: {text}")),
     };
