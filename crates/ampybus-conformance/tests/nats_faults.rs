@@ -509,3 +509,189 @@ async fn server_restart_mid_run_loses_nothing_and_applies_once() {
         stats.skipped_duplicates
     );
 }
+
+/// An existing stream that captures the subjects (the seed's `AMPY` on `ampy.>`, no age limit)
+/// is used, never changed; one whose settings break the semantics is refused with the list;
+/// one that captures only part of a domain is refused too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn existing_streams_are_used_or_refused_with_the_reasons() {
+    use async_nats::jetstream::stream;
+    let dir = tempfile::tempdir().unwrap();
+    let store_dir = dir.path().join("js");
+    let server = Server::start(dir.path(), &["-js", "-sd", store_dir.to_str().unwrap()]);
+    let client = async_nats::connect(format!("127.0.0.1:{}", server.port))
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::new(client);
+    let seed = stream::Config {
+        name: "AMPY".into(),
+        subjects: vec!["ampy.dev.>".into()],
+        ..Default::default()
+    };
+    js.create_stream(seed).await.expect("seed stream");
+
+    let bus = Bus::connect(&server.url("nats", "")).await.unwrap();
+    let topic = Topic::parse("ampy.dev.bars.v1.XNAS.AAPL").unwrap();
+    let r = bus
+        .publish(&topic, headers("XNAS.AAPL"), b"bar".to_vec())
+        .await
+        .unwrap();
+    assert_eq!((r.sequence, r.duplicate), (1, false));
+    let mut s = js.get_stream("AMPY").await.unwrap();
+    let info = s.info().await.unwrap().clone();
+    assert_eq!(info.state.messages, 1, "stored in the existing stream");
+    assert_eq!(
+        info.config.max_age,
+        Duration::ZERO,
+        "existing stream left unchanged"
+    );
+    let mut names = Vec::new();
+    let mut list = js.stream_names();
+    while let Some(n) = futures::StreamExt::next(&mut list).await {
+        names.push(n.unwrap());
+    }
+    assert_eq!(names, vec!["AMPY"], "no stream of ours created beside it");
+
+    // A memory stream with discard new for paper orders: fatal, both reasons listed.
+    let bad = stream::Config {
+        name: "PAPER_ORDERS_MEM".into(),
+        subjects: vec!["ampy.paper.orders.>".into()],
+        storage: stream::StorageType::Memory,
+        discard: stream::DiscardPolicy::New,
+        ..Default::default()
+    };
+    js.create_stream(bad).await.unwrap();
+    let orders = Topic::parse("ampy.paper.orders.v1.requests").unwrap();
+    let e = bus
+        .publish(&orders, headers("co_1"), b"o".to_vec())
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Config, "{e}");
+    let text = e.to_string();
+    assert!(text.contains("PAPER_ORDERS_MEM"), "{text}");
+    assert!(text.contains("storage"), "{text}");
+    assert!(text.contains("discard"), "{text}");
+
+    // Part of the prod fills domain captured by someone else: refused, naming it.
+    let partial = stream::Config {
+        name: "SOME_FILLS".into(),
+        subjects: vec!["ampy.prod.fills.v1.special".into()],
+        ..Default::default()
+    };
+    js.create_stream(partial).await.unwrap();
+    let fills = Topic::parse("ampy.prod.fills.v1.other").unwrap();
+    let e = bus
+        .publish(&fills, headers("acct|co_1"), b"f".to_vec())
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Config, "{e}");
+    assert!(e.to_string().contains("SOME_FILLS"), "{e}");
+}
+
+/// Durable pull consumers: two instances of one name share the work (each message handled
+/// once in all); a pattern over several domains (`ampy.dev.>`) reads every domain stream;
+/// `StartAt::Latest` skips what was there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_consumers_share_work_span_domains_and_start_latest() {
+    use ampybus::transport::StartAt;
+    let dir = tempfile::tempdir().unwrap();
+    let store_dir = dir.path().join("js");
+    let server = Server::start(dir.path(), &["-js", "-sd", store_dir.to_str().unwrap()]);
+    let url = server.url("nats", "?stream_prefix=SHARE");
+    let bus = Bus::connect(&url).await.unwrap();
+    let news = Topic::parse("ampy.dev.news.v1.raw").unwrap();
+    let bars = Topic::parse("ampy.dev.bars.v1.XNAS.MSFT").unwrap();
+    let n = 400usize;
+    let mut batch = Vec::new();
+    for i in 0..n {
+        let (t, k) = if i % 2 == 0 {
+            (&news, format!("n-{}", i % 7))
+        } else {
+            (&bars, "XNAS.MSFT".to_owned())
+        };
+        batch.push(ampybus::Envelope::new(t, headers(&k), format!("m{i}")));
+    }
+    bus.publish_batch(batch).await.expect("publish");
+
+    let effects: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    let per_instance: Arc<[AtomicU64; 2]> = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+    let mut handles = Vec::new();
+    for inst in 0..2 {
+        let b = Bus::connect(&url).await.unwrap();
+        let (effects, per_instance) = (effects.clone(), per_instance.clone());
+        handles.push(
+            Consumer::builder(b, TopicPattern::parse("ampy.dev.>").unwrap(), "sharers")
+                .max_in_flight(16)
+                .handler(handler_fn(move |m: Message| {
+                    let (effects, per_instance) = (effects.clone(), per_instance.clone());
+                    async move {
+                        // Simulated work, so that both instances get a share.
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                        per_instance[inst].fetch_add(1, Ordering::SeqCst);
+                        *effects
+                            .lock()
+                            .unwrap()
+                            .entry(String::from_utf8_lossy(&m.payload).into_owned())
+                            .or_default() += 1;
+                        Outcome::Ok
+                    }
+                }))
+                .start()
+                .await
+                .expect("consumer"),
+        );
+    }
+    let start = Instant::now();
+    while effects.lock().unwrap().len() < n {
+        assert!(
+            start.elapsed() < ampybus_conformance::hang_timeout(),
+            "not all handled"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut total = 0;
+    for h in handles {
+        let s = h.shutdown(Duration::from_secs(10)).await;
+        total += s.handled_ok;
+    }
+    {
+        let effects = effects.lock().unwrap();
+        assert_eq!(effects.len(), n);
+        assert!(effects.values().all(|c| *c == 1), "a message handled twice");
+    }
+    assert_eq!(total, n as u64);
+    let shares = [
+        per_instance[0].load(Ordering::SeqCst),
+        per_instance[1].load(Ordering::SeqCst),
+    ];
+    assert!(
+        shares[0] > 0 && shares[1] > 0,
+        "both instances worked: {shares:?}"
+    );
+    eprintln!("shares of the two instances: {shares:?}");
+
+    // A new consumer starting at the latest message sees only what comes after it.
+    let mut sub = bus
+        .subscribe(SubscribeSpec {
+            start: StartAt::Latest,
+            ..SubscribeSpec::durable(TopicPattern::parse("ampy.dev.news.>").unwrap(), "late")
+        })
+        .await
+        .unwrap();
+    bus.publish(&news, headers("n-9"), b"after".to_vec())
+        .await
+        .unwrap();
+    let got = sub.fetch(100, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(&got[0].envelope.payload[..], b"after");
+    assert_eq!(got[0].info.delivery_count, 1);
+    for d in got {
+        d.ack().await.map_err(|(e, _)| e).unwrap();
+    }
+    assert!(
+        sub.fetch(10, Duration::from_millis(300))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
