@@ -695,3 +695,159 @@ async fn durable_consumers_share_work_span_domains_and_start_latest() {
             .is_empty()
     );
 }
+
+/// A 3-node JetStream cluster on loopback, streams and consumers with 3 replicas: one node is
+/// killed mid-run (publishers and a consumer active, connected to all three seeds). None lost,
+/// each applied once (the dedupe store skips redeliveries), publishers finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_node_loss_mid_run_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        let d = dir.path().join(format!("n{i}"));
+        std::fs::create_dir_all(&d).unwrap();
+        let routes: Vec<String> = (0..3)
+            .filter(|j| *j != i)
+            .map(|j| format!("\"nats-route://127.0.0.1:{}\"", cluster_ports[j]))
+            .collect();
+        let conf = d.join("nats.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                r#"
+server_name: n{i}
+jetstream {{ store_dir: "{}" }}
+cluster {{
+  name: ampytest
+  listen: 127.0.0.1:{}
+  routes: [{}]
+}}
+"#,
+                d.join("js").display(),
+                cluster_ports[i],
+                routes.join(", ")
+            ),
+        )
+        .unwrap();
+        nodes.push(Server::start(&d, &["-c", conf.to_str().unwrap()]));
+    }
+    let seeds: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("127.0.0.1:{}", n.port))
+        .collect();
+    let url = format!(
+        "nats://{}?stream_prefix=CLU&replicas=3&request_timeout_ms=3000",
+        seeds.join(",")
+    );
+    // The cluster elects its JetStream meta leader first: connect (and create the stream)
+    // until that is done, bounded.
+    let start = Instant::now();
+    let topic = Topic::parse("ampy.dev.news.v1.cluster.t").unwrap();
+    let bus = loop {
+        match Bus::connect(&url).await {
+            Ok(b) => match b.publish(&topic, headers("warm"), b"warm".to_vec()).await {
+                Ok(_) => break b,
+                Err(e) => eprintln!("cluster not ready: {e}"),
+            },
+            Err(e) => eprintln!("cluster not ready: {e}"),
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "cluster never ready"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let n = ((5_000.0 * ampybus_conformance::scale()) as usize).max(500);
+    let store: Arc<dyn DedupeStore> = Arc::new(
+        NatsKvDedupeStore::connect(&url)
+            .await
+            .expect("dedupe store"),
+    );
+    let effects: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    let e2 = effects.clone();
+    let consumer = Consumer::builder(
+        bus.clone(),
+        TopicPattern::parse("ampy.dev.news.v1.cluster.>").unwrap(),
+        "cluster-consumer",
+    )
+    .dedupe(store)
+    .max_in_flight(256)
+    .ack_deadline(Duration::from_secs(5))
+    .handler(handler_fn(move |m: Message| {
+        let effects = e2.clone();
+        async move {
+            *effects
+                .lock()
+                .unwrap()
+                .entry(String::from_utf8_lossy(&m.payload).into_owned())
+                .or_default() += 1;
+            Outcome::Ok
+        }
+    }))
+    .start()
+    .await
+    .expect("consumer");
+    let published = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for p in 0..4usize {
+        let publisher = Publisher::new(bus.clone()).with_policy(RetryPolicy {
+            max_attempts: 100,
+            min_delay: Duration::from_millis(50),
+            max_delay: Duration::from_millis(500),
+        });
+        let (published, topic) = (published.clone(), topic.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut failed = Vec::new();
+            for i in (p..n).step_by(4) {
+                match publisher
+                    .publish(&topic, headers(&format!("k{}", i % 16)), format!("m{i}"))
+                    .await
+                {
+                    Ok(_) => {
+                        published.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(e) => failed.push((i, e.to_string())),
+                }
+            }
+            failed
+        }));
+    }
+    let hang = ampybus_conformance::hang_timeout();
+    let start = Instant::now();
+    while published.load(Ordering::SeqCst) < (n / 3) as u64 {
+        assert!(start.elapsed() < hang, "no progress before the node loss");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    nodes[1].kill();
+    eprintln!(
+        "node n1 killed after {} published",
+        published.load(Ordering::SeqCst)
+    );
+    for t in tasks {
+        let failed = tokio::time::timeout(hang, t)
+            .await
+            .expect("a publisher hung")
+            .expect("publisher task");
+        assert!(failed.is_empty(), "{:?}", &failed[..failed.len().min(3)]);
+    }
+    let start = Instant::now();
+    loop {
+        // `warm` is handled too.
+        let done = effects.lock().unwrap().len();
+        if done == n + 1 && consumer.stats().in_flight == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < hang,
+            "timed out: {done} of {} handled; {:?}",
+            n + 1,
+            consumer.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stats = consumer.shutdown(Duration::from_secs(10)).await;
+    let twice = effects.lock().unwrap().values().filter(|c| **c > 1).count();
+    assert!(twice <= 256, "{twice} handled more than once");
+    eprintln!("cluster: n={n}, all handled, {twice} handled twice; {stats:?}");
+}
