@@ -851,3 +851,72 @@ cluster {{
     assert!(twice <= 256, "{twice} handled more than once");
     eprintln!("cluster: n={n}, all handled, {twice} handled twice; {stats:?}");
 }
+
+/// Token (userinfo) and NKey seed (`?nkey=`) authentication; a wrong token is refused clearly
+/// and never shown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_and_nkey_authentication() {
+    let user = nkeys::KeyPair::new_user();
+    let seed = user.seed().unwrap();
+    for (auth, good, bad) in [
+        (
+            "authorization { token: \"t0ken-s3cret\" }".to_owned(),
+            "t0ken-s3cret@".to_owned(),
+            "wrong-t0ken@".to_owned(),
+        ),
+        (
+            format!(
+                "authorization {{ users = [ {{ nkey: \"{}\" }} ] }}",
+                user.public_key()
+            ),
+            String::new(),
+            String::new(),
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("nats.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "jetstream {{ store_dir: \"{}\" }}\n{auth}\n",
+                dir.path().join("js").display()
+            ),
+        )
+        .unwrap();
+        let server = Server::start(dir.path(), &["-c", conf.to_str().unwrap()]);
+        let nkey = auth.contains("nkey");
+        let q = if nkey {
+            format!("?nkey={seed}&stream_prefix=AUTH")
+        } else {
+            "?stream_prefix=AUTH".to_owned()
+        };
+        let url = format!("nats://{good}127.0.0.1:{}{q}", server.port);
+        let bus = Bus::connect(&url).await.expect("authenticated connect");
+        let topic = Topic::parse("ampy.dev.news.v1.auth.x").unwrap();
+        bus.publish(&topic, headers("k"), b"x".to_vec())
+            .await
+            .expect("publish");
+        let (wrong, secret) = if nkey {
+            let other = nkeys::KeyPair::new_user().seed().unwrap();
+            (
+                format!("nats://127.0.0.1:{}?nkey={other}", server.port),
+                other,
+            )
+        } else {
+            (
+                format!("nats://{bad}127.0.0.1:{}", server.port),
+                "wrong-t0ken".to_owned(),
+            )
+        };
+        let e = timed(
+            "wrong credentials",
+            Duration::from_secs(15),
+            Bus::connect(&wrong),
+        )
+        .await
+        .unwrap_err();
+        let shown = format!("{e} {e:?}");
+        assert!(shown.to_ascii_lowercase().contains("auth"), "{shown}");
+        assert!(!shown.contains(&secret), "secret shown: {shown}");
+    }
+}
