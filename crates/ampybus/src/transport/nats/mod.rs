@@ -480,6 +480,9 @@ pub(crate) async fn connect_client(
                     async_nats::Event::Connected => {
                         tracing::info!(servers = %sv, "nats: connected")
                     }
+                    async_nats::Event::Closed => {
+                        tracing::debug!(servers = %sv, "nats: connection closed")
+                    }
                     other => tracing::warn!(servers = %sv, event = %other, "nats: connection event"),
                 }
             }

@@ -28,11 +28,20 @@ pub(crate) async fn publish_batch(
     let mut pending: VecDeque<Pending> = VecDeque::new();
     let mut violations = shared.violations.subscribe();
     let limit = shared.opts.max_in_flight.max(1);
+    // Batches usually share a topic: parse it and find its stream once per run of it.
+    let mut last: Option<(Topic, Arc<streams::StreamRef>)> = None;
     for (index, env) in batch.into_iter().enumerate() {
-        let topic = env
-            .topic()
-            .map_err(|e| Error::new(e.kind(), format!("message {index}: {}", e.message())))?;
-        let stream = streams::resolve(shared, topic.env(), topic.domain()).await?;
+        let (topic, stream) = match last.take() {
+            Some((t, s)) if t.as_str() == env.topic => (t, s),
+            _ => {
+                let topic = env.topic().map_err(|e| {
+                    Error::new(e.kind(), format!("message {index}: {}", e.message()))
+                })?;
+                let stream = streams::resolve(shared, topic.env(), topic.domain()).await?;
+                (topic, stream)
+            }
+        };
+        last = Some((topic.clone(), stream.clone()));
         let headers = to_header_map(&env.headers)
             .map_err(|e| Error::new(e.kind(), format!("message {index}: {}", e.message())))?;
         let mut msg = PublishMessage::build()
