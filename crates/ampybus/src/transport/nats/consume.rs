@@ -158,7 +158,10 @@ pub(crate) async fn subscribe(
     shared: &Arc<Shared>,
     spec: SubscribeSpec,
 ) -> Result<Box<dyn Subscription>> {
-    let targets = streams::streams_for_pattern(shared, &spec.pattern).await?;
+    // A durable consumer needs its streams (it starts at their earliest message); an
+    // ephemeral reader only reads what exists.
+    let targets =
+        streams::streams_for_pattern(shared, &spec.pattern, spec.durable.is_some()).await?;
     let mut parts = Vec::with_capacity(targets.len());
     for (stream, filter) in targets {
         let consumer = open_consumer(shared, &stream.name, &filter, &spec).await?;
@@ -411,7 +414,12 @@ impl NatsSubscription {
 #[async_trait]
 impl Subscription for NatsSubscription {
     async fn fetch(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
-        if max == 0 || self.parts.is_empty() {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        if self.parts.is_empty() {
+            // An ephemeral reader over streams that do not exist: nothing to read.
+            tokio::time::sleep(wait).await;
             return Ok(Vec::new());
         }
         for i in 0..self.parts.len() {

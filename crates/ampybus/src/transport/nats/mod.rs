@@ -13,7 +13,8 @@
 //!   PubAck awaited and checked.
 //! * **Consume**: durable pull consumers with explicit ack, one per stream the pattern spans,
 //!   merged into one subscription; unlimited `MaxDeliver` (the runtime retries and
-//!   dead-letters itself).
+//!   dead-letters itself). Durable consumers create missing streams; ephemeral readers and
+//!   replay only read streams that exist.
 //! * **Replay** by store time and keys ([`crate::transport::ReplayByTime`]).
 //! * **Dedupe** on a JetStream KV bucket ([`NatsKvDedupeStore`]).
 //!

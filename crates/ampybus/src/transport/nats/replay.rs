@@ -23,7 +23,10 @@ const SCAN_BATCH: usize = 512;
 impl ReplayByTime for NatsTransport {
     async fn read_window(&self, q: &WindowQuery) -> Result<Vec<StoredMessage>> {
         let shared = &self.shared;
-        let targets = streams::streams_for_pattern(shared, &q.pattern).await?;
+        let targets = streams::streams_for_pattern(shared, &q.pattern, false).await?;
+        if targets.is_empty() {
+            return Ok(Vec::new());
+        }
         let [(stream, filter)] = targets.as_slice() else {
             return Err(Error::config(format!(
                 "{}: replay of `{}` spans {} streams ({}); replay one env and domain at a time",

@@ -365,6 +365,24 @@ pub async fn ensure(
     env: Env,
     domain: Domain,
 ) -> Result<Ensured> {
+    find_or_create(js, opts, env, domain, true)
+        .await?
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::Transport,
+                "nats: stream neither found nor created",
+            )
+        })
+}
+
+/// [`ensure`] when `create`, else only the lookup (`None` when no stream captures the domain).
+pub(crate) async fn find_or_create(
+    js: &jetstream::Context,
+    opts: &NatsOptions,
+    env: Env,
+    domain: Domain,
+    create: bool,
+) -> Result<Option<Ensured>> {
     let where_ = format!("nats {}", opts.servers_shown());
     let subject = domain_subject(env, domain);
     let want = desired_config(opts, env, domain);
@@ -416,7 +434,7 @@ pub async fn ensure(
                     tracing::warn!(stream = %name, subject = %subject, "nats: existing stream differs: {w}");
                 }
             }
-            return Ok(Ensured {
+            return Ok(Some(Ensured {
                 stream: StreamRef {
                     name: name.clone(),
                     subjects: have.subjects,
@@ -424,7 +442,7 @@ pub async fn ensure(
                 created: false,
                 updated,
                 warnings: cmp.warnings,
-            });
+            }));
         }
         if !partial.is_empty() {
             return Err(Error::config(format!(
@@ -432,10 +450,13 @@ pub async fn ensure(
                 partial.join(", ")
             )));
         }
+        if !create {
+            return Ok(None);
+        }
         match js.create_stream(want.clone()).await {
             Ok(_) => {
                 tracing::info!(stream = %want.name, subject = %subject, "nats: stream created");
-                return Ok(Ensured {
+                return Ok(Some(Ensured {
                     stream: StreamRef {
                         name: want.name.clone(),
                         subjects: want.subjects.clone(),
@@ -443,7 +464,7 @@ pub async fn ensure(
                     created: true,
                     updated: false,
                     warnings: Vec::new(),
-                });
+                }));
             }
             Err(e) if round < 2 => {
                 // Another process created it (or an overlapping one) meanwhile: look again.
@@ -475,14 +496,33 @@ pub async fn ensure(
 
 /// The stream for env + domain, from the cache or [`ensure`]d once per connection.
 pub(crate) async fn resolve(shared: &Shared, env: Env, domain: Domain) -> Result<Arc<StreamRef>> {
+    resolve_with(shared, env, domain, true)
+        .await?
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::Transport,
+                "nats: stream neither found nor created",
+            )
+        })
+}
+
+/// Like [`resolve`]; with `create == false` only an existing stream is returned.
+pub(crate) async fn resolve_with(
+    shared: &Shared,
+    env: Env,
+    domain: Domain,
+    create: bool,
+) -> Result<Option<Arc<StreamRef>>> {
     if let Some(s) = cached(shared, env, domain) {
-        return Ok(s);
+        return Ok(Some(s));
     }
     let _g = shared.streams.resolving.lock().await;
     if let Some(s) = cached(shared, env, domain) {
-        return Ok(s);
+        return Ok(Some(s));
     }
-    let e = ensure(&shared.js, &shared.opts, env, domain).await?;
+    let Some(e) = find_or_create(&shared.js, &shared.opts, env, domain, create).await? else {
+        return Ok(None);
+    };
     let s = Arc::new(e.stream);
     shared
         .streams
@@ -490,7 +530,7 @@ pub(crate) async fn resolve(shared: &Shared, env: Env, domain: Domain) -> Result
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .insert((env, domain), s.clone());
-    Ok(s)
+    Ok(Some(s))
 }
 
 fn cached(shared: &Shared, env: Env, domain: Domain) -> Option<Arc<StreamRef>> {
@@ -514,14 +554,27 @@ pub(crate) fn invalidate(shared: &Shared, env: Env, domain: Domain) {
 }
 
 /// The streams a pattern spans, each with the consumer filter to use on it (the pattern
-/// narrowed to what the stream holds). Streams are ensured (created when missing).
+/// narrowed to what the stream holds). With `create`, missing streams are created (durable
+/// consumers: they must exist to start at the earliest message); without, only existing
+/// streams are used (ephemeral readers, replay), possibly none.
 pub(crate) async fn streams_for_pattern(
     shared: &Shared,
     pattern: &TopicPattern,
+    create: bool,
 ) -> Result<Vec<(Arc<StreamRef>, String)>> {
     let mut out: Vec<(Arc<StreamRef>, String)> = Vec::new();
-    for (env, domain) in pairs_for_pattern(pattern) {
-        let s = resolve(shared, env, domain).await?;
+    let pairs = pairs_for_pattern(pattern);
+    if pairs.is_empty() {
+        return Err(Error::config(format!(
+            "{}: pattern `{}` matches no ampy topic (ampy.{{env}}.{{domain}}.…)",
+            shared.where_(),
+            pattern.as_str()
+        )));
+    }
+    for (env, domain) in pairs {
+        let Some(s) = resolve_with(shared, env, domain, create).await? else {
+            continue;
+        };
         if out.iter().any(|(o, _)| o.name == s.name) {
             continue;
         }
@@ -548,13 +601,6 @@ pub(crate) async fn streams_for_pattern(
             }
         };
         out.push((s, filter));
-    }
-    if out.is_empty() {
-        return Err(Error::config(format!(
-            "{}: pattern `{}` matches no ampy topic (ampy.{{env}}.{{domain}}.…)",
-            shared.where_(),
-            pattern.as_str()
-        )));
     }
     Ok(out)
 }
