@@ -24,7 +24,8 @@ fn brokers() {
     });
 }
 
-const URL: &str = "nats://127.0.0.1:4222?stream_prefix=AMPYCONF&max_age_days=1";
+const URL: &str =
+    "nats://127.0.0.1:4222?stream_prefix=AMPYCONF&max_age_days=1&consumer_inactive_s=600";
 
 fn run(args: &[&str]) -> common::Out {
     let mut all = vec!["--url", URL];

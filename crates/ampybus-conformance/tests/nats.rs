@@ -15,7 +15,8 @@ use async_trait::async_trait;
 use std::sync::{Arc, Once};
 use std::time::Duration;
 
-const URL: &str = "nats://127.0.0.1:4222?stream_prefix=AMPYCONF&max_age_days=1";
+const URL: &str =
+    "nats://127.0.0.1:4222?stream_prefix=AMPYCONF&max_age_days=1&consumer_inactive_s=600";
 
 /// Starts (or finds) the test broker once per test process.
 fn brokers() {

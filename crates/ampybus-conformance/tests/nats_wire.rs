@@ -11,7 +11,8 @@ use futures::StreamExt;
 use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
 
-const URL: &str = "nats://127.0.0.1:4222?stream_prefix=AMPYCONF&max_age_days=1";
+const URL: &str =
+    "nats://127.0.0.1:4222?stream_prefix=AMPYCONF&max_age_days=1&consumer_inactive_s=600";
 
 fn brokers() {
     static START: Once = Once::new();

@@ -273,6 +273,7 @@ async fn open_consumer(
                     max_ack_pending: shared.opts.max_ack_pending,
                     description: have.description.clone(),
                     num_replicas: have.num_replicas,
+                    inactive_threshold: have.inactive_threshold,
                     ..Default::default()
                 };
                 match js.create_consumer_on_stream(cfg, stream).await {
@@ -296,6 +297,7 @@ async fn open_consumer(
                 replay_policy: consumer::ReplayPolicy::Instant,
                 max_ack_pending: shared.opts.max_ack_pending,
                 num_replicas: 0,
+                inactive_threshold: shared.opts.consumer_inactive.unwrap_or_default(),
                 ..Default::default()
             };
             js.create_consumer_on_stream(cfg, stream)

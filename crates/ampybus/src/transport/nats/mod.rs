@@ -41,6 +41,7 @@
 //! | `duplicate_window_ms=N` | duplicate window of created streams (default 120,000) |
 //! | `max_age_days=N` | max age of created streams, every domain (default 7; 30 for orders, fills, positions, dlq) |
 //! | `max_ack_pending=N` | per durable consumer (default 10,000) |
+//! | `consumer_inactive_s=N` | durable consumers this binding creates are removed by the server after N s without a puller (default: never; for tests and short-lived tools) |
 //! | `update_streams=true` | update an existing stream's max age, duplicate window and replicas to ours (never by default) |
 //! | `max_reconnects=N` | give up after N reconnect attempts (default: never) |
 //!
@@ -125,6 +126,9 @@ pub struct NatsOptions {
     pub max_ack_pending: i64,
     /// Update an existing stream's max age, duplicate window and replicas to ours.
     pub update_streams: bool,
+    /// Durable consumers created by this binding are removed after this long without a
+    /// puller (`None`: kept until deleted).
+    pub consumer_inactive: Option<Duration>,
     /// Give up after this many reconnect attempts (`None`: never).
     pub max_reconnects: Option<usize>,
 }
@@ -172,6 +176,7 @@ impl Default for NatsOptions {
             max_age: None,
             max_ack_pending: 10_000,
             update_streams: false,
+            consumer_inactive: None,
             max_reconnects: None,
         }
     }
@@ -348,10 +353,17 @@ impl NatsOptions {
                     o.max_ack_pending = n.min(i64::MAX as u64) as i64;
                 }
                 "update_streams" => o.update_streams = flag(k)?,
+                "consumer_inactive_s" => {
+                    let n = num(k)?;
+                    if n == 0 {
+                        return Err(bad(format!("option `{k}`: must be at least 1")));
+                    }
+                    o.consumer_inactive = Some(Duration::from_secs(n));
+                }
                 "max_reconnects" => o.max_reconnects = Some(num(k)? as usize),
                 other => {
                     return Err(bad(format!(
-                        "unknown option `{other}` (known: tls, tls_ca, tls_cert, tls_key, user, password, token, nkey, creds, name, connect_timeout_ms, request_timeout_ms, max_in_flight, stream_prefix, replicas, duplicate_window_ms, max_age_days, max_ack_pending, update_streams, max_reconnects)"
+                        "unknown option `{other}` (known: tls, tls_ca, tls_cert, tls_key, user, password, token, nkey, creds, name, connect_timeout_ms, request_timeout_ms, max_in_flight, stream_prefix, replicas, duplicate_window_ms, max_age_days, max_ack_pending, consumer_inactive_s, update_streams, max_reconnects)"
                     )));
                 }
             }
