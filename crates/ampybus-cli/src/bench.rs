@@ -148,6 +148,9 @@ pub async fn run(args: BenchArgs, log_level: Option<&str>) -> CliResult<u8> {
         args,
     };
     let a = &setup.args;
+    if a.mode == BenchMode::Consume {
+        return crate::bench_consume::run(a, &setup.parent).await;
+    }
     let publish = matches!(a.mode, BenchMode::Publish | BenchMode::Both);
     let e2e = matches!(a.mode, BenchMode::E2e | BenchMode::Both);
 

@@ -94,6 +94,7 @@ Examples:
   ampybus bench --messages 100000 --payload-bytes 256 --batch 1000 --raw-sqlite
   ampybus bench --mode publish --concurrency 16 --sync normal
   ampybus bench --mode e2e --rate 10000 --json
+  ampybus bench --mode consume --messages 100000 --keys 1000 --workers 8
 
 Every round uses fresh temporary data directories under --dir, so the data at --url is never
 touched. Rounds are interleaved (raw sqlite, ampybus batched, ampybus one-by-one, e2e) and
@@ -110,6 +111,21 @@ bars → signals → orders → fills → positions on the embedded log at --url
 message dead-lettered and a replay that must apply nothing new. Exit code 1 when an
 invariant of the run does not hold.")]
     Demo(crate::demo::DemoArgs),
+
+    /// Ask a running consumer to replay a stored window through its own handler
+    #[command(after_help = "\
+Examples:
+  ampybus replay --pattern 'ampy.dev.bars.>' --start 2025-09-05T13:30:00Z \\
+      --end 2025-09-05T14:00:00Z --durable features
+  ampybus replay --pattern 'ampy.prod.orders.>' --start … --end … --keys co_1,co_2 --durable oms --json
+
+Publishes an ampy.control.v1.ReplayRequest on ampy.{env}.control.v1.replay_requests and shows
+progress until the consumer NAME reports completion on ampy.{env}.control.v1.replay_status.
+The consumer delivers [start, end) through its own handler; its dedupe store makes effects
+already applied no-ops. Exit 0 when completed, 2 when the consumer rejected the request,
+3 when it failed, 4 when no final report came within --timeout. To read history without a
+consumer, use `ampybus sub --since T --until T`.")]
+    Replay(crate::replay::ReplayArgs),
 
     /// Inspect, redrive or purge dead-lettered messages
     Dlq(crate::dlq::DlqArgs),
@@ -256,8 +272,10 @@ pub enum BenchMode {
     Publish,
     /// End-to-end latency to a consumer in another process only
     E2e,
-    /// Both
+    /// Both publish and e2e
     Both,
+    /// Consume-and-ack throughput: the runtime (dedupe on, --workers) against a bare fetch/ack loop
+    Consume,
 }
 
 impl BenchMode {
@@ -267,6 +285,7 @@ impl BenchMode {
             BenchMode::Publish => "publish",
             BenchMode::E2e => "e2e",
             BenchMode::Both => "both",
+            BenchMode::Consume => "consume",
         }
     }
 }
@@ -320,6 +339,9 @@ pub struct BenchArgs {
     /// Concurrent publishers in the one-by-one run (each awaits every publish)
     #[arg(long, value_name = "C", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=4096))]
     pub concurrency: u64,
+    /// Handler workers of the runtime in --mode consume
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub workers: u64,
     /// Interleaved rounds
     #[arg(long, value_name = "R", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=1000))]
     pub rounds: u64,
@@ -354,7 +376,7 @@ pub struct BenchConsumerArgs {
     pub idle_timeout: f64,
 }
 
-fn parse_secs(s: &str) -> Result<f64, String> {
+pub(crate) fn parse_secs(s: &str) -> Result<f64, String> {
     let v: f64 = s
         .trim()
         .parse()

@@ -22,10 +22,10 @@
 //! `ref_price` header the features service sets on each signal (unknown headers are carried).
 
 use crate::error::{CliError, CliResult, EXIT_OK};
-use ampybus::dedupe::{DEFAULT_FILE, DedupeStore, SqliteDedupeStore};
-use ampybus::runtime::replay::{ReplayReport, replay_window};
+use ampybus::control::{ReplayRequest, ReplayState, ReplayStatus};
+use ampybus::dedupe::DedupeStore;
+use ampybus::runtime::control::request_replay;
 use ampybus::runtime::{Consumer, ConsumerHandle, DlqCode, Handler, Message, Outcome, handler_fn};
-use ampybus::transport::embedded::EmbeddedOptions;
 use ampybus::transport::{StartAt, WindowQuery};
 use ampybus::{Bus, Envelope, Headers, Topic, TopicPattern, partition};
 use chrono::{DateTime, TimeZone, Utc};
@@ -501,14 +501,6 @@ fn synth_bars(sym: &str, n: usize) -> Vec<Value> {
         .collect()
 }
 
-fn data_dir(url: &str) -> CliResult<std::path::PathBuf> {
-    EmbeddedOptions::from_url(url).map(|o| o.dir).map_err(|e| {
-        CliError::usage(format!(
-            "demo needs the embedded log (--url a directory): {e}"
-        ))
-    })
-}
-
 async fn consumer(
     ctx: &Arc<Ctx>,
     pattern: &str,
@@ -548,16 +540,19 @@ pub async fn run(url: &str, args: DemoArgs) -> CliResult<u8> {
         ampybus::partition::check_key(ampybus::Domain::Bars, &partition::bars(s, MIC))
             .map_err(|e| CliError::usage(format!("--symbols {s}: {e}")))?;
     }
-    let dir = data_dir(url)?;
     let bus = Bus::connect(url)
         .await
         .map_err(|e| CliError::transport(format!("connect {url}: {e}")))?;
     let started_at = Utc::now() - chrono::Duration::milliseconds(5);
     let run = format!("r{}", Utc::now().format("%Y%m%d%H%M%S%3f"));
-    let store: Arc<dyn DedupeStore> = Arc::new(
-        SqliteDedupeStore::open(dir.join(DEFAULT_FILE))
-            .map_err(|e| CliError::transport(format!("dedupe store: {e}")))?,
-    );
+    // The transport's own dedupe store (on the embedded log: a table of the log, recorded in
+    // the same transaction as the acks), shared by every service of the demo.
+    let store: Arc<dyn DedupeStore> = bus.transport().dedupe_store().ok_or_else(|| {
+        CliError::usage(format!(
+            "demo: the {} transport has no dedupe store",
+            bus.transport().name()
+        ))
+    })?;
     let ctx = Arc::new(Ctx {
         bus: bus.clone(),
         run: run.clone(),
@@ -580,8 +575,7 @@ pub async fn run(url: &str, args: DemoArgs) -> CliResult<u8> {
     });
 
     let feat_name = format!("demo-features-{run}");
-    let (feat, feat_handler) =
-        consumer(&ctx, "ampy.dev.bars.>", &feat_name, step_features, &store).await?;
+    let (feat, _) = consumer(&ctx, "ampy.dev.bars.>", &feat_name, step_features, &store).await?;
     let signals_pattern = format!("ampy.dev.signals.v1.{}", ctx.model_id);
     let (oms, _) = consumer(
         &ctx,
@@ -661,6 +655,17 @@ pub async fn run(url: &str, args: DemoArgs) -> CliResult<u8> {
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
 
+    // Replay this run's bars window through the running features service, the way an operator
+    // would (`ampybus replay`): a ReplayRequest on the control topic, served by the consumer
+    // through its own handler and dedupe store. Nothing new may be applied.
+    let mut req = ReplayRequest::new(&feat_name, "ampy.dev.bars.>", started_at, Utc::now());
+    req.keys = symbols.iter().map(|s| partition::bars(s, MIC)).collect();
+    req.requested_by = "ampybus demo".into();
+    req.reason = "demo: replay must change nothing already applied".into();
+    let replay: ReplayStatus = request_replay(&bus, &req, TIMEOUT, |_| {})
+        .await
+        .map_err(|e| CliError::transport(format!("replay: {e}")))?;
+
     let mut stats = Vec::new();
     for h in handles {
         stats.push(h.shutdown(Duration::from_secs(10)).await);
@@ -711,16 +716,6 @@ pub async fn run(url: &str, args: DemoArgs) -> CliResult<u8> {
         .await
         .map_err(|e| CliError::transport(format!("publish metric: {e}")))?;
     }
-
-    // Replay this run's bars window through the features handler: nothing new to apply.
-    let mut q = WindowQuery::new(
-        TopicPattern::parse("ampy.dev.bars.>").map_err(|e| CliError::usage(e.to_string()))?,
-    );
-    q.start = Some(started_at);
-    q.keys = Some(symbols.iter().map(|s| partition::bars(s, MIC)).collect());
-    let replay: ReplayReport = replay_window(&bus, q, feat_handler, store.clone(), &feat_name)
-        .await
-        .map_err(|e| CliError::transport(format!("replay: {e}")))?;
 
     // Read back what this run stored, per domain.
     let mut per_domain: BTreeMap<String, u64> = BTreeMap::new();
@@ -804,6 +799,10 @@ pub async fn run(url: &str, args: DemoArgs) -> CliResult<u8> {
     );
     check(retries == 0, format!("retries {retries} != 0"));
     check(
+        replay.state() == ReplayState::Completed,
+        format!("replay ended {}: {}", replay.state().as_str(), replay.error),
+    );
+    check(
         replay.applied == 0,
         format!("replay applied {} != 0", replay.applied),
     );
@@ -857,8 +856,10 @@ pub async fn run(url: &str, args: DemoArgs) -> CliResult<u8> {
             "applied": replay.applied,
             "skipped_duplicates": replay.skipped_duplicates,
             "failed": replay.failed,
-            "first_id": replay.first_id,
-            "last_id": replay.last_id,
+            "request_id": replay.request_id,
+            "state": replay.state().as_str(),
+            "first_message_id": replay.first_message_id,
+            "last_message_id": replay.last_message_id,
         },
         "last_features": *ctx.last_features.lock().unwrap_or_else(|p| p.into_inner()),
         "wall_ms": wall_ms,
@@ -904,8 +905,13 @@ fn print_table(s: &Value) {
     println!("DLQ: {} {}", s["dlq"]["total"], s["dlq"]["by_reason"]);
     let r = &s["replay"];
     println!(
-        "replay of the bars window: read {}, applied {}, skipped (duplicates) {}, failed {}",
-        r["read"], r["applied"], r["skipped_duplicates"], r["failed"]
+        "replay of the bars window (ReplayRequest {} on the control topic, served by the features consumer): {}, read {}, applied {}, skipped (duplicates) {}, failed {}",
+        r["request_id"].as_str().unwrap_or("-"),
+        r["state"].as_str().unwrap_or("-"),
+        r["read"],
+        r["applied"],
+        r["skipped_duplicates"],
+        r["failed"]
     );
     println!("wall time: {} ms", s["wall_ms"]);
     println!("result: {}", if s["ok"] == true { "OK" } else { "FAILED" });

@@ -4,6 +4,7 @@
 //! summaries go to stderr. See `ampybus --help` for the commands and the exit codes.
 
 mod bench;
+mod bench_consume;
 mod bench_nats;
 mod cli;
 mod decoder;
@@ -11,6 +12,7 @@ mod demo;
 mod dlq;
 mod error;
 mod publish;
+mod replay;
 mod streams;
 mod subscribe;
 mod topics;
@@ -69,6 +71,7 @@ fn run(cli: Cli) -> CliResult<u8> {
         Command::Bench(args) => runtime()?.block_on(bench::run(args, cli.log_level.as_deref())),
         Command::BenchConsumer(args) => runtime()?.block_on(bench::consumer(&url, args)),
         Command::Demo(args) => runtime()?.block_on(demo::run(&url, args)),
+        Command::Replay(args) => runtime()?.block_on(replay::run(&url, args)),
         Command::Dlq(args) => runtime()?.block_on(dlq::run(&url, args)),
         Command::Topics(args) => runtime()?.block_on(topics::run(&url, args)),
         Command::Streams(args) => runtime()?.block_on(streams::run(&url, args)),

@@ -18,17 +18,19 @@ pub struct Capabilities {
     pub replay_by_time: bool,
     /// The same reader honours `WindowQuery::keys` (partition keys).
     pub replay_by_keys: bool,
-    /// Best-effort topics (drop / conflate latest-per-key under a full queue) are implemented.
+    /// Best-effort topics (drop / conflate latest-per-key under a full queue) work. The
+    /// shedding is done by `runtime::Producer` above the transport, so every binding that
+    /// publishes batches can claim it; the case also reads consumer lag when the bus can.
     pub best_effort_tier: bool,
 }
 
 impl Default for Capabilities {
-    /// Everything the embedded log does: replay by time and keys, no best-effort tier.
+    /// Everything the embedded log does: replay by time and keys, the best-effort tier.
     fn default() -> Self {
         Capabilities {
             replay_by_time: true,
             replay_by_keys: true,
-            best_effort_tier: false,
+            best_effort_tier: true,
         }
     }
 }
@@ -102,6 +104,18 @@ impl TestContext {
     /// `ampy.dev.{domain}.v1.c{id}.>`: every topic of this case in `domain`.
     pub fn pattern(&self, domain: &str) -> TopicPattern {
         TopicPattern::parse(&format!("ampy.dev.{domain}.v1.c{}.>", self.id)).expect("pattern")
+    }
+
+    /// `ampy.dev.ticks.v1.{class}.c{id}.{leaf}`: a ticks topic only this case uses whose first
+    /// subtopic token is `class` (`trade`, `quote`, `heartbeat`, …), as best-effort shedding
+    /// classifies it.
+    pub fn ticks_topic(&self, class: &str, leaf: &str) -> Topic {
+        Topic::parse(&format!("ampy.dev.ticks.v1.{class}.c{}.{leaf}", self.id)).expect("topic")
+    }
+
+    /// `ampy.dev.ticks.v1.*.c{id}.>`: every [`TestContext::ticks_topic`] of this case.
+    pub fn ticks_pattern(&self) -> TopicPattern {
+        TopicPattern::parse(&format!("ampy.dev.ticks.v1.*.c{}.>", self.id)).expect("pattern")
     }
 
     /// A consumer name unique to this case: `{label}-{id}`.

@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::headers::Headers;
 use crate::topic::Topic;
 use crate::transport::embedded::{EmbeddedLog, EmbeddedOptions};
-use crate::transport::{PublishReceipt, ReplayByTime, SubscribeSpec, Subscription, Transport};
+use crate::transport::{Lag, PublishReceipt, ReplayByTime, SubscribeSpec, Subscription, Transport};
 use bytes::Bytes;
 use std::sync::Arc;
 
@@ -196,6 +196,48 @@ impl Bus {
             transport,
             codec: PayloadCodec::default(),
             url: url.to_owned(),
+        }
+    }
+
+    /// Whether [`Bus::consumer_lag`] can answer on this bus.
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let bus = ampybus::Bus::connect(dir.path().to_str().unwrap()).await.unwrap();
+    /// assert!(bus.has_consumer_lag());
+    /// # });
+    /// ```
+    pub fn has_consumer_lag(&self) -> bool {
+        self.transport.consumer_lag().is_some()
+    }
+
+    /// The lag of the durable consumer `consumer`: `Ok(None)` when it does not exist; a
+    /// `Config` error when the transport cannot report lag.
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use ampybus::{Bus, Headers, Topic, TopicPattern, transport::SubscribeSpec};
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let bus = Bus::connect(dir.path().to_str().unwrap()).await.unwrap();
+    /// let pattern = TopicPattern::parse("ampy.dev.news.>").unwrap();
+    /// drop(bus.subscribe(SubscribeSpec::durable(pattern, "reader")).await.unwrap());
+    /// let topic = Topic::parse("ampy.dev.news.v1.raw").unwrap();
+    /// for _ in 0..3 {
+    ///     let h = Headers::for_publish("ampy.raw.v1.Bytes", "p@1", "p", "k");
+    ///     bus.publish(&topic, h, b"x".to_vec()).await.unwrap();
+    /// }
+    /// assert_eq!(bus.consumer_lag("reader").await.unwrap().unwrap().pending, 3);
+    /// assert!(bus.consumer_lag("nobody").await.unwrap().is_none());
+    /// # });
+    /// ```
+    pub async fn consumer_lag(&self, consumer: &str) -> Result<Option<Lag>> {
+        match self.transport.consumer_lag() {
+            Some(l) => l.lag(consumer).await,
+            None => Err(Error::config(format!(
+                "consumer_lag: the {} transport cannot report consumer lag",
+                self.transport.name()
+            ))),
         }
     }
 

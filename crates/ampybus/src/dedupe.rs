@@ -71,6 +71,22 @@ pub trait DedupeStore: Send + Sync + 'static {
     async fn is_applied(&self, consumer: &str, keys: &[String]) -> Result<bool>;
     /// Records `keys` as applied by `consumer`, all in one transaction.
     async fn record_applied(&self, consumer: &str, keys: &[String]) -> Result<()>;
+    /// Records `keys` as applied by `consumer`, then acks `deliveries` — the runtime's last
+    /// step for a batch. The default does the two one after the other (the record first, so a
+    /// crash in between redelivers messages that dedupe then skips); a store that lives with
+    /// the transport (the embedded log's) does both in one transaction. On failure the
+    /// deliveries not acked are handed back.
+    async fn record_and_ack(
+        &self,
+        consumer: &str,
+        keys: &[String],
+        deliveries: Vec<crate::transport::Delivery>,
+    ) -> std::result::Result<(), (crate::Error, Vec<crate::transport::Delivery>)> {
+        if let Err(e) = self.record_applied(consumer, keys).await {
+            return Err((e, deliveries));
+        }
+        crate::transport::Delivery::ack_all(deliveries).await
+    }
 }
 
 /// The durable SQLite dedupe store (WAL mode, busy timeout, one file shared by processes).
@@ -92,6 +108,9 @@ pub struct SqliteDedupeStore {
 
 struct Inner {
     conn: Mutex<Connection>,
+    /// Idle read connections (WAL lets them read while `conn` writes); lookups take one, run
+    /// one indexed query inline on the calling task and put it back.
+    readers: Mutex<Vec<Connection>>,
     path: PathBuf,
     last_purge_ms: Mutex<i64>,
 }
@@ -149,6 +168,7 @@ impl SqliteDedupeStore {
         Ok(SqliteDedupeStore {
             inner: Arc::new(Inner {
                 conn: Mutex::new(conn),
+                readers: Mutex::new(Vec::new()),
                 path,
                 last_purge_ms: Mutex::new(now_ms()),
             }),
@@ -170,6 +190,22 @@ impl SqliteDedupeStore {
     /// The file the store lives in.
     pub fn path(&self) -> &Path {
         &self.inner.path
+    }
+
+    fn reader(&self) -> Result<Connection> {
+        if let Some(c) = self
+            .inner
+            .readers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+        {
+            return Ok(c);
+        }
+        let c = Connection::open(&self.inner.path).map_err(|e| db_err("open reader", e))?;
+        c.busy_timeout(Duration::from_secs(10))
+            .map_err(|e| db_err("busy_timeout", e))?;
+        Ok(c)
     }
 
     fn cutoff_ms(&self) -> i64 {
@@ -240,18 +276,17 @@ impl DedupeStore for SqliteDedupeStore {
         if keys.is_empty() {
             return Ok(false);
         }
-        let this = self.clone();
-        let consumer = consumer.to_owned();
-        let keys = keys.to_vec();
-        blocking(move || {
-            let cutoff = this.cutoff_ms();
-            let conn = this.inner.conn.lock().unwrap_or_else(|p| p.into_inner());
+        // A primary-key lookup takes microseconds: it runs inline, on a pooled read
+        // connection, instead of a round trip through the blocking pool per message.
+        let conn = self.reader()?;
+        let found = (|| {
             let mut stmt = conn
                 .prepare_cached(
                     "SELECT 1 FROM applied WHERE consumer = ?1 AND key = ?2 AND applied_at_ms >= ?3",
                 )
                 .map_err(|e| db_err("prepare", e))?;
-            for k in &keys {
+            let cutoff = self.cutoff_ms();
+            for k in keys {
                 if stmt
                     .exists(params![consumer, k, cutoff])
                     .map_err(|e| db_err("query", e))?
@@ -260,8 +295,13 @@ impl DedupeStore for SqliteDedupeStore {
                 }
             }
             Ok(false)
-        })
-        .await
+        })();
+        self.inner
+            .readers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(conn);
+        found
     }
 
     async fn record_applied(&self, consumer: &str, keys: &[String]) -> Result<()> {

@@ -17,6 +17,7 @@
 
 pub mod bus;
 pub mod codec;
+pub mod control;
 pub mod dedupe;
 pub mod envelope;
 pub mod error;

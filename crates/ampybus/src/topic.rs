@@ -474,6 +474,52 @@ impl TopicPattern {
         parts.next().is_none()
     }
 
+    /// True when every topic this pattern matches is also matched by `outer` (checked token by
+    /// token, so it is exact for these wildcards). Used to refuse a replay request that asks a
+    /// consumer for topics outside its own subscription.
+    ///
+    /// ```
+    /// use ampybus::TopicPattern;
+    /// let p = |s| TopicPattern::parse(s).unwrap();
+    /// assert!(p("ampy.dev.bars.v1.XNAS.AAPL").is_within(&p("ampy.dev.bars.>")));
+    /// assert!(p("ampy.dev.bars.>").is_within(&p("ampy.*.bars.>")));
+    /// assert!(p("ampy.dev.bars.v1.*").is_within(&p("ampy.dev.bars.v1.>")));
+    /// assert!(!p("ampy.dev.>").is_within(&p("ampy.dev.bars.>")));
+    /// assert!(!p("ampy.*.bars.>").is_within(&p("ampy.dev.bars.>")));
+    /// assert!(!p("ampy.dev.bars.v1.>").is_within(&p("ampy.dev.bars.v1.*")));
+    /// ```
+    pub fn is_within(&self, outer: &TopicPattern) -> bool {
+        for (i, o) in outer.toks.iter().enumerate() {
+            let Some(t) = self.toks.get(i) else {
+                return false;
+            };
+            match (o, t) {
+                (PatTok::Rest, _) => return true,
+                (PatTok::One, PatTok::Rest) => return false,
+                (PatTok::One, _) => {}
+                (PatTok::Lit(a), PatTok::Lit(b)) if a == b => {}
+                (PatTok::Lit(_), _) => return false,
+            }
+        }
+        self.toks.len() == outer.toks.len()
+    }
+
+    /// The env token as written (`dev`, `paper`, `prod`, `*` or `>`); `None` for a pattern of
+    /// one token.
+    ///
+    /// ```
+    /// use ampybus::TopicPattern;
+    /// assert_eq!(TopicPattern::parse("ampy.paper.>").unwrap().env_token(), Some("paper"));
+    /// assert_eq!(TopicPattern::parse("ampy.*.bars.>").unwrap().env_token(), Some("*"));
+    /// assert_eq!(TopicPattern::parse(">").unwrap().env_token(), None);
+    /// ```
+    pub fn env_token(&self) -> Option<&str> {
+        match self.toks.first()? {
+            PatTok::Rest => None,
+            _ => self.raw.split('.').nth(1),
+        }
+    }
+
     /// The literal prefix before the first wildcard (`ampy.prod.bars.` for `ampy.prod.bars.>`),
     /// used by transports to narrow a scan.
     ///

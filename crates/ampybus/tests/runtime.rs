@@ -204,13 +204,22 @@ async fn dedupe_by_message_id_and_by_dedupe_key_within_domain() {
     assert_eq!(got, vec!["dk-1", "dup-id", "fill-k9"]);
 
     // The store is durable and shared by instances: a later duplicate is skipped by a new one.
-    bus.publish_wire(vec![same]).await.unwrap();
+    bus.publish_wire(vec![same.clone()]).await.unwrap();
     let handle = start(calls.clone()).start().await.unwrap();
     wait_stats("skip after restart", &handle, |s| s.skipped_duplicates == 1).await;
     let stats = handle.shutdown(Duration::from_secs(10)).await;
     assert_eq!((stats.handled_ok, stats.skipped_duplicates), (0, 1));
     assert_eq!(calls.lock().unwrap().len(), 4);
-    assert!(dir.path().join("dedupe.sqlite3").exists());
+    // The records live in the log's own dedupe store (table `applied`, written with the acks).
+    let store = bus.transport().dedupe_store().unwrap();
+    let id = same.headers.message_id().unwrap().to_owned();
+    assert!(
+        store
+            .is_applied("dd", std::slice::from_ref(&id))
+            .await
+            .unwrap()
+    );
+    assert!(!store.is_applied("other", &[id]).await.unwrap());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1133,4 +1142,61 @@ async fn dead_lettering_a_redriven_message_keeps_its_retry_history() {
     let dlq = read_all(&bus, "ampy.dev.dlq.v1.news", 1).await;
     // 2 carried in + 1 attempt here.
     assert_eq!(dlq[0].envelope.headers.get("retry_count"), Some("3"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversize_payloads_are_dead_lettered_and_the_consumer_keeps_going() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = bus_at(dir.path()).await;
+    let topic = Topic::parse("ampy.dev.news.v1.raw").unwrap();
+    let h = |k: &str| Headers::for_publish("ampy.raw.v1.Bytes", "t@1", "t", k);
+    // Inline 4 KiB; and 200 KiB of zeros, gzipped on publish (small on the wire, large inflated).
+    let big_inline = Envelope::new(&topic, h("a"), vec![1u8; 4096]);
+    bus.publish_wire(vec![big_inline.clone()]).await.unwrap();
+    bus.publish(&topic, h("b"), vec![0u8; 200 * 1024])
+        .await
+        .unwrap();
+    bus.publish(&topic, h("c"), b"small".to_vec())
+        .await
+        .unwrap();
+    let handle = Consumer::builder(bus.clone(), pat("ampy.dev.news.>"), "sized")
+        .max_payload_bytes(1024)
+        .handler(handler_fn(|m| async move {
+            assert_eq!(&m.payload[..], b"small");
+            Outcome::Ok
+        }))
+        .start()
+        .await
+        .unwrap();
+    wait_stats("all settled", &handle, |s| {
+        s.handled_ok + s.dead_lettered_total() == 3
+    })
+    .await;
+    let stats = handle.shutdown(Duration::from_secs(10)).await;
+    assert_eq!(stats.handled_ok, 1);
+    assert_eq!(stats.dlq(DlqCode::PayloadTooLarge), 2);
+    assert_eq!(stats.dead_lettered_total(), 2);
+    let dlq = read_all(&bus, "ampy.dev.dlq.v1.news", 2).await;
+    let mut reasons: Vec<String> = dlq
+        .iter()
+        .map(|d| d.envelope.headers.dlq_reason().unwrap().to_owned())
+        .collect();
+    reasons.sort();
+    assert_eq!(
+        reasons,
+        vec![
+            "payload_too_large: 204800 bytes after decoding; this consumer's limit is 1024"
+                .to_owned(),
+            "payload_too_large: 4096 bytes as carried; this consumer's limit is 1024".to_owned(),
+        ]
+    );
+    check_dlq(
+        dlq.iter()
+            .find(|d| d.envelope.payload.len() == 4096)
+            .unwrap(),
+        &big_inline,
+        DlqCode::PayloadTooLarge,
+        "sized",
+        1,
+    );
 }

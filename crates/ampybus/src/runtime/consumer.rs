@@ -4,11 +4,10 @@ use super::dlq::{build_dlq_envelope, dlq_topic_for};
 use super::{DlqCode, Handler, Message, Outcome, RetryPolicy};
 use crate::bus::Bus;
 use crate::codec::DecodeFailure;
-use crate::dedupe::{DEFAULT_FILE, DedupeStore, SqliteDedupeStore, dedupe_keys};
+use crate::dedupe::{DedupeStore, dedupe_keys};
 use crate::error::{Error, ErrorKind, Result};
 use crate::headers::names;
 use crate::topic::{Topic, TopicPattern};
-use crate::transport::embedded::EmbeddedOptions;
 use crate::transport::{Delivery, StartAt, SubscribeSpec};
 use futures::FutureExt;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -41,10 +40,10 @@ impl Consumer {
     ///
     /// Defaults: 8 workers, 1,024 messages in flight, [`RetryPolicy::default`], strict per-key
     /// order when the pattern's domain token is literally `orders` or `fills`, a 30 s ack
-    /// deadline, start at the earliest retained message, and — on the embedded transport — a
-    /// [`SqliteDedupeStore`] in `<data dir>/dedupe.sqlite3` (other transports: the transport's
-    /// `default_dedupe_store` — NATS: a JetStream KV bucket — else no dedupe unless
-    /// one is given).
+    /// deadline, start at the earliest retained message, and the transport's own dedupe store
+    /// ([`crate::transport::Transport::dedupe_store`]; on the embedded log a table in the log,
+    /// written in the same transaction as the acks) — no dedupe when the transport has none and
+    /// none is given.
     ///
     /// ```
     /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
@@ -80,9 +79,14 @@ impl Consumer {
             dedupe: DedupeChoice::Default,
             ack_deadline: Duration::from_secs(30),
             start: StartAt::Earliest,
+            serve_replays: true,
+            max_payload: DEFAULT_MAX_PAYLOAD,
         }
     }
 }
+
+/// Default [`ConsumerBuilder::max_payload_bytes`]: 64 MiB.
+pub const DEFAULT_MAX_PAYLOAD: usize = 64 * 1024 * 1024;
 
 enum DedupeChoice {
     Default,
@@ -115,6 +119,8 @@ pub struct ConsumerBuilder {
     dedupe: DedupeChoice,
     ack_deadline: Duration,
     start: StartAt,
+    serve_replays: bool,
+    max_payload: usize,
 }
 
 impl std::fmt::Debug for ConsumerBuilder {
@@ -192,8 +198,59 @@ impl ConsumerBuilder {
         self
     }
 
-    /// Subscribes and spawns the fetcher, the workers and the acker.
+    /// Largest payload handed to the handler, as carried and after inflating (default
+    /// [`DEFAULT_MAX_PAYLOAD`], 64 MiB); a larger one is dead-lettered with
+    /// `payload_too_large`.
+    pub fn max_payload_bytes(mut self, n: usize) -> Self {
+        self.max_payload = n.max(1);
+        self
+    }
+
+    /// Whether this consumer serves `ampy.control.v1.ReplayRequest`s addressed to its name
+    /// (default on, when the transport can read by time window). See [`crate::control`]: it
+    /// listens on `ampy.{env}.control.v1.replay_requests` through a durable consumer named
+    /// `{name}-replay-control` (starting at the end of the log) and replays through this
+    /// consumer's handler and dedupe store.
+    pub fn serve_replays(mut self, on: bool) -> Self {
+        self.serve_replays = on;
+        self
+    }
+
+    /// Subscribes and spawns the fetcher, the workers and the acker (and the replay control
+    /// listener, see [`ConsumerBuilder::serve_replays`]).
     pub async fn start(self) -> Result<ConsumerHandle> {
+        let serve = self.serve_replays && self.bus.replay().is_some();
+        let bus = self.bus.clone();
+        let pattern = self.pattern.clone();
+        let mut handle = self.start_inner().await?;
+        if serve {
+            match super::control::start_listener(
+                bus,
+                &handle.shared.name,
+                pattern,
+                handle.shared.handler.clone(),
+                handle.shared.dedupe.clone(),
+            )
+            .await
+            {
+                Ok(control) => handle.control = Some(Box::new(control)),
+                Err(e) => {
+                    handle.shutdown(Duration::from_secs(5)).await;
+                    return Err(e);
+                }
+            }
+        }
+        Ok(handle)
+    }
+
+    /// [`ConsumerBuilder::start`] as a boxed future (the control listener is itself a consumer).
+    pub(crate) fn start_boxed(
+        self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<ConsumerHandle>> + Send>> {
+        Box::pin(self.start())
+    }
+
+    async fn start_inner(self) -> Result<ConsumerHandle> {
         let handler = self
             .handler
             .ok_or_else(|| Error::new(ErrorKind::Config, "consumer: no handler set"))?;
@@ -209,23 +266,13 @@ impl ConsumerBuilder {
         let dedupe: Option<Arc<dyn DedupeStore>> = match self.dedupe {
             DedupeChoice::Off => None,
             DedupeChoice::Store(s) => Some(s),
-            DedupeChoice::Default if self.bus.transport().name() == "embedded" => {
-                let opts = EmbeddedOptions::from_url(&self.bus.url_redacted())?;
-                let path = opts.dir.join(DEFAULT_FILE);
-                let store = tokio::task::spawn_blocking(move || SqliteDedupeStore::open(path))
-                    .await
-                    .map_err(|e| {
-                        Error::with_source(ErrorKind::Transport, "dedupe store: open failed", e)
-                    })??;
-                Some(Arc::new(store))
+            DedupeChoice::Default if self.bus.transport().dedupe_store().is_some() => {
+                self.bus.transport().dedupe_store()
             }
-            DedupeChoice::Default => match self.bus.transport().default_dedupe_store() {
-                Some(store) => Some(store),
-                None => {
-                    tracing::warn!(consumer = %self.name, "no dedupe store configured for this transport; dedupe is off");
-                    None
-                }
-            },
+            DedupeChoice::Default => {
+                tracing::warn!(consumer = %self.name, "no dedupe store configured for this transport; dedupe is off");
+                None
+            }
         };
         let spec = SubscribeSpec {
             pattern: self.pattern.clone(),
@@ -244,6 +291,7 @@ impl ConsumerBuilder {
             retry: self.retry,
             strict,
             ack_deadline: self.ack_deadline,
+            max_payload: self.max_payload,
             dedupe,
             pending: Mutex::new(HashSet::new()),
             handling: Mutex::new(HashSet::new()),
@@ -267,6 +315,7 @@ impl ConsumerBuilder {
             workers,
             acker: Some(acker),
             refresher: Some(refresher),
+            control: None,
         })
     }
 }
@@ -313,7 +362,7 @@ impl ConsumerStats {
 struct Counters {
     handled_ok: AtomicU64,
     retried: AtomicU64,
-    dead_lettered: [AtomicU64; 8],
+    dead_lettered: [AtomicU64; DlqCode::ALL.len()],
     skipped: AtomicU64,
     released: AtomicU64,
     fetched: AtomicU64,
@@ -350,6 +399,7 @@ pub struct ConsumerHandle {
     workers: Vec<JoinHandle<()>>,
     acker: Option<JoinHandle<()>>,
     refresher: Option<JoinHandle<()>>,
+    control: Option<Box<ConsumerHandle>>,
 }
 
 impl std::fmt::Debug for ConsumerHandle {
@@ -364,25 +414,7 @@ impl std::fmt::Debug for ConsumerHandle {
 impl ConsumerHandle {
     /// Current counts.
     pub fn stats(&self) -> ConsumerStats {
-        let c = &self.shared.counters;
-        let mut dead_lettered = BTreeMap::new();
-        for code in DlqCode::ALL {
-            let n = c.dead_lettered[code.index()].load(Ordering::SeqCst);
-            if n > 0 {
-                dead_lettered.insert(code, n);
-            }
-        }
-        ConsumerStats {
-            handled_ok: c.handled_ok.load(Ordering::SeqCst),
-            retried: c.retried.load(Ordering::SeqCst),
-            dead_lettered,
-            skipped_duplicates: c.skipped.load(Ordering::SeqCst),
-            released: c.released.load(Ordering::SeqCst),
-            in_flight: c
-                .fetched
-                .load(Ordering::SeqCst)
-                .saturating_sub(c.settled.load(Ordering::SeqCst)),
-        }
+        self.shared.stats()
     }
 
     /// Whether strict per-key order is on.
@@ -395,12 +427,73 @@ impl ConsumerHandle {
         &self.shared.name
     }
 
+    /// Runs until SIGINT or SIGTERM ([`super::shutdown_signal`]), then shuts down gracefully
+    /// with `deadline` (see [`ConsumerHandle::shutdown`]) and returns the final counts.
+    ///
+    /// ```no_run
+    /// # async fn f(bus: ampybus::Bus) -> ampybus::Result<()> {
+    /// use ampybus::runtime::{Consumer, Outcome, handler_fn};
+    /// use std::time::Duration;
+    /// let handle = Consumer::builder(bus, "ampy.prod.fills.>".parse()?, "positions")
+    ///     .handler(handler_fn(|_m| async { Outcome::Ok }))
+    ///     .start()
+    ///     .await?;
+    /// let stats = handle.run_until_signal(Duration::from_secs(30)).await;
+    /// println!("handled {}, released {}", stats.handled_ok, stats.released);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// The signal listeners are installed by this call, before the returned future first runs.
+    pub fn run_until_signal(
+        self,
+        deadline: Duration,
+    ) -> impl std::future::Future<Output = ConsumerStats> + Send + 'static {
+        let signal = super::shutdown_signal();
+        async move {
+            let signal = signal.await;
+            tracing::info!(consumer = %self.shared.name, signal, "stop requested; shutting down");
+            self.shutdown(deadline).await
+        }
+    }
+
+    /// A cloneable read-only view of this consumer (counts, draining), for health and stats
+    /// endpoints that outlive a `&self` borrow — e.g. while [`ConsumerHandle::run_until_signal`]
+    /// owns the handle.
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use ampybus::runtime::{Consumer, Outcome, handler_fn};
+    /// use ampybus::{Bus, TopicPattern};
+    /// use std::time::Duration;
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let bus = Bus::connect(dir.path().to_str().unwrap()).await.unwrap();
+    /// let handle = Consumer::builder(bus, TopicPattern::parse("ampy.dev.bars.>").unwrap(), "bars")
+    ///     .handler(handler_fn(|_m| async { Outcome::Ok }))
+    ///     .start()
+    ///     .await
+    ///     .unwrap();
+    /// let monitor = handle.monitor();
+    /// assert!(!monitor.is_draining());
+    /// handle.shutdown(Duration::from_secs(1)).await;
+    /// assert!(monitor.is_draining());
+    /// assert_eq!(monitor.name(), "bars");
+    /// # });
+    /// ```
+    pub fn monitor(&self) -> ConsumerMonitor {
+        ConsumerMonitor {
+            shared: self.shared.clone(),
+        }
+    }
+
     /// Stops fetching, lets handlers that are running finish until `deadline`, releases
     /// (nack, zero delay) everything else — queued, waiting for a retry, or still running at
     /// the deadline — flushes acks and dedupe records, and returns the final counts. No
     /// message is acked without its handler having finished.
     pub async fn shutdown(mut self, deadline: Duration) -> ConsumerStats {
         let started = tokio::time::Instant::now();
+        if let Some(control) = self.control.take() {
+            Box::pin(control.shutdown(deadline)).await;
+        }
         let _ = self.phase_tx.send(DRAINING);
         self.shared.notify.notify_waiters();
         if let Some(f) = self.fetcher.take() {
@@ -439,6 +532,66 @@ impl ConsumerHandle {
             let _ = a.await;
         }
         self.stats()
+    }
+}
+
+/// A cloneable read-only view of a running consumer; see [`ConsumerHandle::monitor`].
+#[derive(Clone)]
+pub struct ConsumerMonitor {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for ConsumerMonitor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsumerMonitor")
+            .field("name", &self.shared.name)
+            .finish()
+    }
+}
+
+impl ConsumerMonitor {
+    /// Current counts.
+    pub fn stats(&self) -> ConsumerStats {
+        self.shared.stats()
+    }
+
+    /// The consumer name.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// The subscription pattern.
+    pub fn pattern(&self) -> &TopicPattern {
+        &self.shared.pattern
+    }
+
+    /// True once shutdown has begun (no more fetching).
+    pub fn is_draining(&self) -> bool {
+        self.shared.phase() != RUNNING
+    }
+}
+
+impl Shared {
+    fn stats(&self) -> ConsumerStats {
+        let c = &self.counters;
+        let mut dead_lettered = BTreeMap::new();
+        for code in DlqCode::ALL {
+            let n = c.dead_lettered[code.index()].load(Ordering::SeqCst);
+            if n > 0 {
+                dead_lettered.insert(code, n);
+            }
+        }
+        ConsumerStats {
+            handled_ok: c.handled_ok.load(Ordering::SeqCst),
+            retried: c.retried.load(Ordering::SeqCst),
+            dead_lettered,
+            skipped_duplicates: c.skipped.load(Ordering::SeqCst),
+            released: c.released.load(Ordering::SeqCst),
+            in_flight: c
+                .fetched
+                .load(Ordering::SeqCst)
+                .saturating_sub(c.settled.load(Ordering::SeqCst)),
+        }
     }
 }
 
@@ -536,6 +689,7 @@ struct Shared {
     retry: RetryPolicy,
     strict: bool,
     ack_deadline: Duration,
+    max_payload: usize,
     dedupe: Option<Arc<dyn DedupeStore>>,
     /// Keys handled Ok whose dedupe record is not written yet.
     pending: Mutex<HashSet<String>>,
@@ -844,38 +998,33 @@ impl Shared {
                 permits.push(_permit);
             }
         }
-        if let (Some(store), false) = (&self.dedupe, keys.is_empty()) {
-            let mut tries = 0;
-            while let Err(e) = store.record_applied(&self.name, &keys).await {
-                tries += 1;
-                if tries >= 5 {
-                    tracing::error!(consumer = %self.name, error = %e, "dedupe record failed; acking anyway");
-                    break;
+        let count = deliveries.len() as u64;
+        let mut todo = deliveries;
+        let mut tries = 0;
+        while !todo.is_empty() {
+            // Dedupe records first (or in the same transaction, on a store that lives with the
+            // transport), then acks: a crash in between redelivers what dedupe then skips.
+            let result = match &self.dedupe {
+                Some(store) => store.record_and_ack(&self.name, &keys, todo).await,
+                None => Delivery::ack_all(todo).await,
+            };
+            match result {
+                Ok(()) => break,
+                Err((e, failed)) => {
+                    tries += 1;
+                    if tries >= 5 {
+                        tracing::error!(consumer = %self.name, error = %e, count = failed.len(), "ack failed; messages will be redelivered");
+                        break;
+                    }
+                    tokio::time::sleep(self.retry.backoff(tries)).await;
+                    todo = failed;
                 }
-                tokio::time::sleep(self.retry.backoff(tries)).await;
             }
         }
         if !keys.is_empty() {
             let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
             for k in &keys {
                 p.remove(k);
-            }
-        }
-        let count = deliveries.len() as u64;
-        let mut todo = deliveries;
-        let mut tries = 0;
-        while !todo.is_empty() {
-            match Delivery::ack_all(todo).await {
-                Ok(()) => break,
-                Err((e, failed)) => {
-                    tries += 1;
-                    if tries >= 5 {
-                        tracing::error!(consumer = %self.name, error = %e, count = failed.len(), "ack failed; messages will be redelivered (dedupe skips them)");
-                        break;
-                    }
-                    tokio::time::sleep(self.retry.backoff(tries)).await;
-                    todo = failed;
-                }
             }
         }
         self.counters.settled.fetch_add(count, Ordering::SeqCst);
@@ -969,12 +1118,32 @@ impl Shared {
                     .dead_letter(item, DlqCode::ContractViolation, reason)
                     .await;
             }
+            if env.payload.len() > self.max_payload {
+                let reason = DlqCode::PayloadTooLarge.reason(&format!(
+                    "{} bytes as carried; this consumer's limit is {}",
+                    env.payload.len(),
+                    self.max_payload
+                ));
+                return self
+                    .dead_letter(item, DlqCode::PayloadTooLarge, reason)
+                    .await;
+            }
             match self
                 .bus
                 .codec()
                 .decode_detailed(&headers, &env.payload)
                 .await
             {
+                Ok(payload) if payload.len() > self.max_payload => {
+                    let reason = DlqCode::PayloadTooLarge.reason(&format!(
+                        "{} bytes after decoding; this consumer's limit is {}",
+                        payload.len(),
+                        self.max_payload
+                    ));
+                    return self
+                        .dead_letter(item, DlqCode::PayloadTooLarge, reason)
+                        .await;
+                }
                 Ok(payload) => {
                     item.msg = Some(Message {
                         topic,
@@ -1000,11 +1169,13 @@ impl Shared {
                 }
             }
         }
-        let msg = item.msg.clone().expect("prepared above");
+        // Taken out while the handler borrows it; put back before the item moves on.
+        let msg = item.msg.take().expect("prepared above");
         let keys = dedupe_keys(&msg.headers, msg.topic.domain());
         // Two messages with one dedupe key (e.g. the same `dedupe_key` under different
         // partition keys) never run at once here: the later one waits and then re-checks.
         let Some(_claim) = Claim::take(&self.handling, &keys) else {
+            item.msg = Some(msg);
             return Step::Retry(Box::new(item), CLAIM_WAIT);
         };
         if !item.dedupe_checked {
@@ -1036,6 +1207,7 @@ impl Shared {
                 }
             }
         };
+        item.msg = Some(msg);
         match outcome {
             None => {
                 self.release(item).await;

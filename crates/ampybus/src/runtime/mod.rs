@@ -1,6 +1,7 @@
 //! The consumer runtime, written once above the transport traits: handlers, per-key ordering
 //! with many workers, retries with backoff, dead-lettering, dedupe, batched acks and graceful
-//! shutdown; plus a publisher with retries.
+//! shutdown; plus a publisher with retries and a [`Producer`] with a bounded publish queue
+//! (backpressure, best-effort shedding, consumer-lag slow-down).
 //!
 //! ## What happens to a delivery
 //!
@@ -57,13 +58,18 @@
 //! ```
 
 mod consumer;
+pub mod control;
 mod dlq;
+mod producer;
 mod publisher;
 pub mod replay;
 
-pub use consumer::{Consumer, ConsumerBuilder, ConsumerHandle, ConsumerStats};
+pub use consumer::{Consumer, ConsumerBuilder, ConsumerHandle, ConsumerMonitor, ConsumerStats};
 pub use dlq::{
     DLQ_ONLY_HEADERS, ORIGINAL_MESSAGE_ID, ORIGINAL_TOPIC_RAW, build_dlq_envelope, redrive_envelope,
+};
+pub use producer::{
+    DropCounts, DropReason, Producer, ProducerBuilder, ProducerStats, SendOutcome, ShedClass,
 };
 pub use publisher::Publisher;
 
@@ -133,6 +139,7 @@ pub enum Outcome {
 /// | `handler_panic`      | the handler panicked                                              |
 /// | `blob_hash_mismatch` | the fetched blob does not match `blob_hash`/`blob_size`           |
 /// | `max_retries`        | the last allowed attempt failed                                   |
+/// | `payload_too_large`  | the payload (as carried or inflated) exceeds the consumer's limit |
 /// | `other`              | anything else, e.g. reasons written by other tools                |
 ///
 /// ```
@@ -159,13 +166,15 @@ pub enum DlqCode {
     BlobHashMismatch,
     /// `max_retries`
     MaxRetries,
+    /// `payload_too_large`
+    PayloadTooLarge,
     /// `other`
     Other,
 }
 
 impl DlqCode {
     /// Every code, in declaration order.
-    pub const ALL: [DlqCode; 8] = [
+    pub const ALL: [DlqCode; 9] = [
         DlqCode::DecodeError,
         DlqCode::SchemaMismatch,
         DlqCode::ContractViolation,
@@ -173,6 +182,7 @@ impl DlqCode {
         DlqCode::HandlerPanic,
         DlqCode::BlobHashMismatch,
         DlqCode::MaxRetries,
+        DlqCode::PayloadTooLarge,
         DlqCode::Other,
     ];
 
@@ -186,6 +196,7 @@ impl DlqCode {
             DlqCode::HandlerPanic => "handler_panic",
             DlqCode::BlobHashMismatch => "blob_hash_mismatch",
             DlqCode::MaxRetries => "max_retries",
+            DlqCode::PayloadTooLarge => "payload_too_large",
             DlqCode::Other => "other",
         }
     }
@@ -218,7 +229,10 @@ impl DlqCode {
     }
 
     fn index(self) -> usize {
-        DlqCode::ALL.iter().position(|c| *c == self).unwrap_or(7)
+        DlqCode::ALL
+            .iter()
+            .position(|c| *c == self)
+            .unwrap_or(DlqCode::ALL.len() - 1)
     }
 }
 
@@ -419,5 +433,41 @@ impl RetryPolicy {
     pub fn backoff(&self, attempt: u32) -> Duration {
         let bound = self.bound(attempt).as_micros() as u64;
         Duration::from_micros(rand::random_range(0..=bound))
+    }
+}
+
+/// Resolves when the process is asked to stop: SIGINT (Ctrl-C) or SIGTERM on Unix, Ctrl-C
+/// elsewhere, with the signal's name. The listeners are installed when this function is
+/// called (not when the future is first polled), so a signal sent right after the call is
+/// not missed. Must be called inside a tokio runtime.
+///
+/// ```no_run
+/// # async fn run(handle: ampybus::ConsumerHandle) {
+/// let signal = ampybus::runtime::shutdown_signal().await;
+/// tracing::info!(signal, "stopping");
+/// let stats = handle.shutdown(std::time::Duration::from_secs(30)).await;
+/// # let _ = stats; }
+/// ```
+///
+/// [`ConsumerHandle::run_until_signal`] does exactly that.
+pub fn shutdown_signal() -> impl Future<Output = &'static str> + Send + 'static {
+    #[cfg(unix)]
+    let listeners = {
+        use tokio::signal::unix::{SignalKind, signal};
+        (
+            signal(SignalKind::interrupt()).ok(),
+            signal(SignalKind::terminate()).ok(),
+        )
+    };
+    async move {
+        #[cfg(unix)]
+        if let (Some(mut int), Some(mut term)) = listeners {
+            return tokio::select! {
+                _ = int.recv() => "SIGINT",
+                _ = term.recv() => "SIGTERM",
+            };
+        }
+        let _ = tokio::signal::ctrl_c().await;
+        "SIGINT"
     }
 }

@@ -35,6 +35,10 @@ pub struct ReplayReport {
     pub first_id: Option<u64>,
     /// Sequence of the last message read.
     pub last_id: Option<u64>,
+    /// `message_id` of the first message read.
+    pub first_message_id: Option<String>,
+    /// `message_id` of the last message read.
+    pub last_message_id: Option<String>,
 }
 
 /// Replays `query` through `handler` as consumer `consumer`, paging by `after_sequence`
@@ -77,6 +81,47 @@ pub async fn replay_window(
     dedupe: Arc<dyn DedupeStore>,
     consumer: &str,
 ) -> Result<ReplayReport> {
+    replay_window_with_progress(bus, query, handler, dedupe, consumer, &mut |_| {}).await
+}
+
+/// [`replay_window`], calling `progress` with the counts so far after each page.
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use ampybus::dedupe::{DedupeStore, SqliteDedupeStore};
+/// use ampybus::runtime::replay::replay_window_with_progress;
+/// use ampybus::runtime::{Handler, Outcome, handler_fn};
+/// use ampybus::transport::WindowQuery;
+/// use ampybus::{Bus, Headers, Topic, TopicPattern};
+/// use std::sync::Arc;
+/// let dir = tempfile::tempdir().unwrap();
+/// let bus = Bus::connect(dir.path().to_str().unwrap()).await.unwrap();
+/// let topic = Topic::parse("ampy.dev.news.v1.raw").unwrap();
+/// for _ in 0..5 {
+///     bus.publish(&topic, Headers::for_publish("ampy.raw.v1.Bytes", "p@1", "p", "k"), b"x".to_vec())
+///         .await.unwrap();
+/// }
+/// let handler: Arc<dyn Handler> = Arc::new(handler_fn(|_m| async { Outcome::Ok }));
+/// let store: Arc<dyn DedupeStore> =
+///     Arc::new(SqliteDedupeStore::open(dir.path().join("d.sqlite3")).unwrap());
+/// let q = WindowQuery { limit: 2, ..WindowQuery::new(TopicPattern::parse("ampy.dev.news.>").unwrap()) };
+/// let mut pages = Vec::new();
+/// let r = replay_window_with_progress(&bus, q, handler, store, "r", &mut |p| pages.push(p.read))
+///     .await
+///     .unwrap();
+/// assert_eq!(pages, vec![2, 4, 5]);
+/// assert_eq!(r.applied, 5);
+/// assert!(r.first_message_id.is_some() && r.first_message_id != r.last_message_id);
+/// # });
+/// ```
+pub async fn replay_window_with_progress(
+    bus: &Bus,
+    query: WindowQuery,
+    handler: Arc<dyn Handler>,
+    dedupe: Arc<dyn DedupeStore>,
+    consumer: &str,
+    progress: &mut (dyn FnMut(&ReplayReport) + Send),
+) -> Result<ReplayReport> {
     let Some(reader) = bus.replay() else {
         return Err(Error::new(
             ErrorKind::Config,
@@ -101,6 +146,11 @@ pub async fn replay_window(
             report.read += 1;
             report.first_id.get_or_insert(stored.sequence);
             report.last_id = Some(stored.sequence);
+            let id = stored.envelope.headers.message_id().map(str::to_owned);
+            if report.first_message_id.is_none() {
+                report.first_message_id = id.clone();
+            }
+            report.last_message_id = id;
             let Ok(topic) = Topic::parse(&stored.envelope.topic) else {
                 report.failed += 1;
                 continue;
@@ -143,6 +193,7 @@ pub async fn replay_window(
                 _ => report.failed += 1,
             }
         }
+        progress(&report);
     }
     Ok(report)
 }

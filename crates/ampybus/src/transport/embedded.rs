@@ -304,6 +304,13 @@ CREATE TABLE IF NOT EXISTS pending(
     acked INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY(consumer, seq)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS applied(
+    consumer TEXT NOT NULL,
+    key TEXT NOT NULL,
+    applied_at_ms INTEGER NOT NULL,
+    PRIMARY KEY(consumer, key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS applied_by_time ON applied(applied_at_ms);
 ";
 
 /// How long a connection waits for another process's lock, in ms (shared by every
@@ -398,6 +405,8 @@ enum Cmd {
     Ack {
         consumer: String,
         seqs: Vec<u64>,
+        /// Dedupe records written in the same transaction: (consumer, keys).
+        applied: Option<(String, Vec<String>)>,
         reply: Reply<()>,
     },
     Run(Box<dyn FnOnce(&mut Writer) + Send>),
@@ -471,12 +480,26 @@ impl Writer {
         Ok(out)
     }
 
-    fn ack(&mut self, acks: &[(&str, &[u64])]) -> Result<()> {
+    fn ack(&mut self, acks: &[(&str, &[u64])], applied: &[(&str, &[String])]) -> Result<()> {
         self.set_sync(false)?;
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(|e| storage("begin ack", e))?;
+        if !applied.is_empty() {
+            let now = chrono::Utc::now().timestamp_millis();
+            let mut ins = tx
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO applied(consumer, key, applied_at_ms) VALUES (?1, ?2, ?3)",
+                )
+                .map_err(|e| storage("prepare dedupe record", e))?;
+            for (consumer, keys) in applied {
+                for k in keys.iter() {
+                    ins.execute(params![consumer, k, now])
+                        .map_err(|e| storage("dedupe record", e))?;
+                }
+            }
+        }
         {
             let mut up = tx
                 .prepare_cached("UPDATE pending SET acked = 1 WHERE consumer = ?1 AND seq = ?2")
@@ -610,8 +633,9 @@ fn writer_loop(mut w: Writer, rx: mpsc::Receiver<Cmd>, notify: Arc<Notify>) {
                 Cmd::Ack {
                     consumer,
                     seqs,
+                    applied,
                     reply,
-                } => acks.push((consumer, seqs, reply)),
+                } => acks.push((consumer, seqs, applied, reply)),
                 Cmd::Run(f) => runs.push(f),
             }
         }
@@ -633,10 +657,14 @@ fn writer_loop(mut w: Writer, rx: mpsc::Receiver<Cmd>, notify: Arc<Notify>) {
         if !acks.is_empty() {
             let refs: Vec<(&str, &[u64])> = acks
                 .iter()
-                .map(|(c, s, _)| (c.as_str(), s.as_slice()))
+                .map(|(c, s, _, _)| (c.as_str(), s.as_slice()))
                 .collect();
-            let res = w.ack(&refs);
-            for (_, _, reply) in acks {
+            let applied: Vec<(&str, &[String])> = acks
+                .iter()
+                .filter_map(|(_, _, a, _)| a.as_ref().map(|(c, k)| (c.as_str(), k.as_slice())))
+                .collect();
+            let res = w.ack(&refs, &applied);
+            for (_, _, _, reply) in acks {
                 let _ = reply.send(match &res {
                     Ok(()) => Ok(()),
                     Err(e) => Err(Error::new(e.kind(), e.message().to_owned())),
@@ -801,6 +829,10 @@ struct EmbeddedSettler {
 
 #[async_trait]
 impl Settler for EmbeddedSettler {
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
+
     async fn ack(&self, sequences: &[u64]) -> Result<()> {
         let Some(consumer) = &self.consumer else {
             return Ok(());
@@ -809,6 +841,7 @@ impl Settler for EmbeddedSettler {
         self.inner.send(Cmd::Ack {
             consumer: consumer.clone(),
             seqs: sequences.to_vec(),
+            applied: None,
             reply,
         })?;
         rx.await
@@ -1258,6 +1291,14 @@ impl Transport for EmbeddedLog {
         Some(self)
     }
 
+    fn consumer_lag(&self) -> Option<&dyn super::ConsumerLag> {
+        Some(self)
+    }
+
+    fn dedupe_store(&self) -> Option<Arc<dyn crate::dedupe::DedupeStore>> {
+        Some(Arc::new(EmbeddedDedupe::new(self.inner.clone())))
+    }
+
     async fn close(&self) -> Result<()> {
         let tx = self
             .inner
@@ -1411,4 +1452,186 @@ fn read_window_blocking(conn: &Connection, q: &WindowQuery) -> Result<Vec<Stored
         }
     }
     Ok(out)
+}
+
+/// The embedded log's own dedupe store: table `applied` in the log's database, so that the
+/// consumer runtime records the dedupe entries of a batch and acks it in **one** transaction
+/// ([`crate::dedupe::DedupeStore::record_and_ack`]). Lookups run inline on pooled read
+/// connections. Entries older than the window (default
+/// [`crate::dedupe::DEFAULT_WINDOW`]) no longer count and are purged at most once a minute.
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let dir = tempfile::tempdir().unwrap();
+/// let bus = ampybus::Bus::connect(dir.path().to_str().unwrap()).await.unwrap();
+/// let store = bus.transport().dedupe_store().unwrap();
+/// let keys = vec!["m1".to_owned()];
+/// assert!(!store.is_applied("oms", &keys).await.unwrap());
+/// store.record_applied("oms", &keys).await.unwrap();
+/// assert!(store.is_applied("oms", &keys).await.unwrap());
+/// assert!(!store.is_applied("risk", &keys).await.unwrap());
+/// # });
+/// ```
+pub struct EmbeddedDedupe {
+    inner: Arc<Inner>,
+    readers: Mutex<Vec<Connection>>,
+    window: Duration,
+    last_purge: Mutex<Instant>,
+}
+
+impl std::fmt::Debug for EmbeddedDedupe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedDedupe")
+            .field("db", &self.inner.db_path)
+            .field("window", &self.window)
+            .finish()
+    }
+}
+
+impl EmbeddedDedupe {
+    fn new(inner: Arc<Inner>) -> EmbeddedDedupe {
+        EmbeddedDedupe {
+            inner,
+            readers: Mutex::new(Vec::new()),
+            window: crate::dedupe::DEFAULT_WINDOW,
+            last_purge: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// Sets the window (entries older than this no longer count).
+    pub fn with_window(mut self, window: Duration) -> EmbeddedDedupe {
+        self.window = window;
+        self
+    }
+
+    fn cutoff_ms(&self) -> i64 {
+        chrono::Utc::now().timestamp_millis()
+            - i64::try_from(self.window.as_millis()).unwrap_or(i64::MAX / 2)
+    }
+
+    async fn send_ack(
+        &self,
+        consumer: String,
+        seqs: Vec<u64>,
+        applied: Option<(String, Vec<String>)>,
+    ) -> Result<()> {
+        let (reply, rx) = oneshot::channel();
+        self.inner.send(Cmd::Ack {
+            consumer,
+            seqs,
+            applied,
+            reply,
+        })?;
+        let r = rx
+            .await
+            .map_err(|_| Error::new(ErrorKind::Closed, "embedded log writer stopped"))?;
+        self.maybe_purge();
+        r
+    }
+
+    fn maybe_purge(&self) {
+        {
+            let mut last = self.last_purge.lock().unwrap_or_else(|p| p.into_inner());
+            if last.elapsed() < Duration::from_secs(60) {
+                return;
+            }
+            *last = Instant::now();
+        }
+        let cutoff = self.cutoff_ms();
+        let _ = self.inner.send(Cmd::Run(Box::new(move |w| {
+            if let Err(e) = w.conn.execute(
+                "DELETE FROM applied WHERE applied_at_ms < ?1",
+                params![cutoff],
+            ) {
+                tracing::warn!(error = %e, "embedded dedupe: purge failed");
+            }
+        })));
+    }
+}
+
+#[async_trait]
+impl crate::dedupe::DedupeStore for EmbeddedDedupe {
+    async fn is_applied(&self, consumer: &str, keys: &[String]) -> Result<bool> {
+        if keys.is_empty() {
+            return Ok(false);
+        }
+        let conn = match self.readers.lock().unwrap_or_else(|p| p.into_inner()).pop() {
+            Some(c) => c,
+            None => self.inner.reader()?,
+        };
+        let found = (|| {
+            let mut st = conn
+                .prepare_cached(
+                    "SELECT 1 FROM applied WHERE consumer = ?1 AND key = ?2 AND applied_at_ms >= ?3",
+                )
+                .map_err(|e| storage("prepare dedupe lookup", e))?;
+            let cutoff = self.cutoff_ms();
+            for k in keys {
+                if st
+                    .exists(params![consumer, k, cutoff])
+                    .map_err(|e| storage("dedupe lookup", e))?
+                {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        })();
+        self.readers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(conn);
+        found
+    }
+
+    async fn record_applied(&self, consumer: &str, keys: &[String]) -> Result<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        self.send_ack(
+            consumer.to_owned(),
+            Vec::new(),
+            Some((consumer.to_owned(), keys.to_vec())),
+        )
+        .await
+    }
+
+    async fn record_and_ack(
+        &self,
+        consumer: &str,
+        keys: &[String],
+        deliveries: Vec<Delivery>,
+    ) -> std::result::Result<(), (Error, Vec<Delivery>)> {
+        // One transaction when every delivery is a durable delivery of this very log.
+        let durable = deliveries.first().and_then(|d| {
+            d.settler_any()
+                .and_then(|a| a.downcast_ref::<EmbeddedSettler>())
+                .filter(|s| Arc::ptr_eq(&s.inner, &self.inner))
+                .and_then(|s| s.consumer.clone())
+        });
+        let same = durable.as_ref().is_some_and(|name| {
+            deliveries.iter().all(|d| {
+                d.settler_any()
+                    .and_then(|a| a.downcast_ref::<EmbeddedSettler>())
+                    .is_some_and(|s| {
+                        Arc::ptr_eq(&s.inner, &self.inner) && s.consumer.as_ref() == Some(name)
+                    })
+            })
+        });
+        match durable {
+            Some(name) if same => {
+                let seqs = deliveries.iter().map(|d| d.info.sequence).collect();
+                let applied = (!keys.is_empty()).then(|| (consumer.to_owned(), keys.to_vec()));
+                match self.send_ack(name, seqs, applied).await {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err((e, deliveries)),
+                }
+            }
+            _ => {
+                if let Err(e) = self.record_applied(consumer, keys).await {
+                    return Err((e, deliveries));
+                }
+                Delivery::ack_all(deliveries).await
+            }
+        }
+    }
 }

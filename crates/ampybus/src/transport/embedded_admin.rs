@@ -245,6 +245,32 @@ impl EmbeddedLog {
     }
 }
 
+#[async_trait::async_trait]
+impl crate::transport::ConsumerLag for EmbeddedLog {
+    /// The lag and in-flight count of [`EmbeddedLog::consumer_stats`] for one consumer.
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use ampybus::transport::ConsumerLag;
+    /// use ampybus::transport::embedded::{EmbeddedLog, EmbeddedOptions};
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let log = EmbeddedLog::open(EmbeddedOptions::new(dir.path())).unwrap();
+    /// assert!(log.lag("nobody").await.unwrap().is_none());
+    /// # });
+    /// ```
+    async fn lag(&self, consumer: &str) -> Result<Option<crate::transport::Lag>> {
+        Ok(self
+            .consumer_stats()
+            .await?
+            .into_iter()
+            .find(|c| c.name == consumer)
+            .map(|c| crate::transport::Lag {
+                pending: c.lag,
+                in_flight: c.in_flight,
+            }))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

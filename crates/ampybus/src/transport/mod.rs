@@ -5,7 +5,7 @@
 //! * [`Subscription`]: fetch deliveries.
 //! * [`Delivery`]: one message; settling consumes it (`ack(self)`), so a double ack does not
 //!   compile.
-//! * Optional capabilities are separate traits: [`ReplayByTime`].
+//! * Optional capabilities are separate traits: [`ReplayByTime`], [`ConsumerLag`].
 //!
 //! Bindings: [`embedded`] (always), `nats` (cargo feature `nats`: NATS JetStream).
 
@@ -119,6 +119,11 @@ pub struct DeliveryInfo {
 /// Settles deliveries on the transport. Implemented by bindings; used through [`Delivery`].
 #[async_trait]
 pub trait Settler: Send + Sync {
+    /// The settler as `Any`, so a binding can recognise its own deliveries (e.g. to ack them
+    /// in one transaction with its own dedupe records). Default: `None`.
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
     /// Acknowledges handled messages (by sequence) in one round trip where possible.
     async fn ack(&self, sequences: &[u64]) -> Result<()>;
     /// Releases a message for redelivery after `delay` (zero: as soon as possible).
@@ -172,6 +177,11 @@ impl Delivery {
             Ok(()) => Ok(()),
             Err(e) => Err((e, self)),
         }
+    }
+
+    /// The binding-side settler as `Any` (see [`Settler::as_any`]).
+    pub fn settler_any(&self) -> Option<&dyn std::any::Any> {
+        self.settler.as_any()
     }
 
     /// Tells the transport the handler is still working, extending the ack deadline.
@@ -269,6 +279,44 @@ pub trait ReplayByTime: Send + Sync {
     async fn read_window(&self, query: &WindowQuery) -> Result<Vec<StoredMessage>>;
 }
 
+/// How far a durable consumer is behind: what [`ConsumerLag::lag`] reports.
+///
+/// ```
+/// let lag = ampybus::transport::Lag { pending: 12, in_flight: 4 };
+/// assert!(lag.pending >= lag.in_flight);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Lag {
+    /// Messages matching the consumer's pattern that it has not acknowledged yet (delivered
+    /// or not).
+    pub pending: u64,
+    /// Of those, delivered and not yet acknowledged (leases held or expired).
+    pub in_flight: u64,
+}
+
+/// Reading a durable consumer's lag: lets producers slow down low-priority topics while a
+/// consumer is behind (see `runtime::Producer`).
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use ampybus::transport::{ConsumerLag, Lag};
+/// struct Fixed;
+/// #[async_trait::async_trait]
+/// impl ConsumerLag for Fixed {
+///     async fn lag(&self, consumer: &str) -> ampybus::Result<Option<Lag>> {
+///         Ok((consumer == "audit").then_some(Lag { pending: 3, in_flight: 1 }))
+///     }
+/// }
+/// assert_eq!(Fixed.lag("audit").await.unwrap().unwrap().pending, 3);
+/// assert!(Fixed.lag("other").await.unwrap().is_none());
+/// # });
+/// ```
+#[async_trait]
+pub trait ConsumerLag: Send + Sync {
+    /// The lag of the durable consumer `consumer`; `None` when no such consumer exists.
+    async fn lag(&self, consumer: &str) -> Result<Option<Lag>>;
+}
+
 /// A message transport: the embedded log or a broker binding.
 #[async_trait]
 pub trait Transport: Send + Sync + 'static {
@@ -283,19 +331,13 @@ pub trait Transport: Send + Sync + 'static {
     fn replay(&self) -> Option<&dyn ReplayByTime> {
         None
     }
-    /// The durable consumer dedupe store this transport offers (shared by every instance of a
-    /// consumer, e.g. a JetStream KV bucket), used by the consumer runtime when none is
-    /// configured. Default: none.
-    ///
-    /// ```
-    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-    /// let dir = tempfile::tempdir().unwrap();
-    /// let bus = ampybus::Bus::connect(dir.path().to_str().unwrap()).await.unwrap();
-    /// // The embedded log's default store is the SQLite file next to the log (opened by the runtime).
-    /// assert!(bus.transport().default_dedupe_store().is_none());
-    /// # });
-    /// ```
-    fn default_dedupe_store(&self) -> Option<Arc<dyn crate::dedupe::DedupeStore>> {
+    /// The transport's own durable dedupe store (shared by every instance of a consumer), used
+    /// by a [`crate::Consumer`] that is not given one. Default: none.
+    fn dedupe_store(&self) -> Option<Arc<dyn crate::dedupe::DedupeStore>> {
+        None
+    }
+    /// Consumer lag reads, when the transport can.
+    fn consumer_lag(&self) -> Option<&dyn ConsumerLag> {
         None
     }
     /// Flushes and closes.

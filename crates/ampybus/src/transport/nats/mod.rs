@@ -753,10 +753,10 @@ impl NatsTransport {
     ///
     /// ```no_run
     /// # async fn demo(t: ampybus::transport::nats::NatsTransport) {
-    /// let store = t.dedupe_store().with_window(std::time::Duration::from_secs(86_400));
+    /// let store = t.kv_dedupe_store().with_window(std::time::Duration::from_secs(86_400));
     /// # }
     /// ```
-    pub fn dedupe_store(&self) -> NatsKvDedupeStore {
+    pub fn kv_dedupe_store(&self) -> NatsKvDedupeStore {
         NatsKvDedupeStore::from_context(
             self.shared.js.clone(),
             &self.shared.opts,
@@ -783,8 +783,8 @@ impl Transport for NatsTransport {
         Some(self)
     }
 
-    fn default_dedupe_store(&self) -> Option<Arc<dyn crate::dedupe::DedupeStore>> {
-        Some(Arc::new(self.dedupe_store()))
+    fn dedupe_store(&self) -> Option<Arc<dyn crate::dedupe::DedupeStore>> {
+        Some(Arc::new(self.kv_dedupe_store()))
     }
 
     async fn close(&self) -> Result<()> {

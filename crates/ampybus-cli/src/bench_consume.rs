@@ -1,0 +1,214 @@
+//! `ampybus bench --mode consume`: consume-and-ack throughput of the consumer runtime (dedupe
+//! on, N workers, no-op handler) against a bare fetch/ack loop over the same transport.
+//!
+//! One log is filled once with `--messages` messages over `--keys` keys; every round reads all
+//! of it with fresh consumer names (a fresh durable consumer starts at the earliest message,
+//! and dedupe records are per consumer name), bare loop and runtime interleaved.
+
+use crate::cli::BenchArgs;
+use crate::error::{CliError, CliResult, EXIT_OK};
+use crate::util;
+use ampybus::headers::{RAW_BYTES_SCHEMA, names};
+use ampybus::runtime::{Consumer, Outcome, handler_fn};
+use ampybus::transport::{Delivery, SubscribeSpec};
+use ampybus::{Bus, Envelope, Headers, Topic, TopicPattern};
+use bytes::Bytes;
+use serde_json::{Value, json};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const PATTERN: &str = "ampy.dev.bars.>";
+/// A round that does not finish in this time is reported as a timeout.
+const ROUND_LIMIT: Duration = Duration::from_secs(600);
+
+/// Runs the consume benchmark.
+pub async fn run(args: &BenchArgs, parent: &Path) -> CliResult<u8> {
+    let dir = tempfile::Builder::new()
+        .prefix("ampybus-bench-consume-")
+        .tempdir_in(parent)
+        .map_err(|e| CliError::usage(format!("--dir {:?}: {e}", parent.display())))?;
+    let url = format!(
+        "file://{}?sync={}",
+        dir.path().display(),
+        args.sync.as_str()
+    );
+    let bus = util::connect(&url).await?;
+    fill(&bus, args).await?;
+    let pattern = TopicPattern::parse(PATTERN).map_err(|e| CliError::bus("pattern", &e))?;
+    let mut bare = Vec::new();
+    let mut runtime = Vec::new();
+    let mut no_dedupe = Vec::new();
+    for round in 1..=args.rounds {
+        bare.push(bare_round(&bus, &pattern, args.messages, round).await?);
+        runtime.push(runtime_round(&bus, &pattern, args, round, true).await?);
+        no_dedupe.push(runtime_round(&bus, &pattern, args, round, false).await?);
+        eprintln!(
+            "round {round}: bare {:.0} msg/s, runtime {:.0} msg/s, runtime without dedupe {:.0} msg/s",
+            bare[bare.len() - 1],
+            runtime[runtime.len() - 1],
+            no_dedupe[no_dedupe.len() - 1]
+        );
+    }
+    util::close(&bus).await?;
+    let report = json!({
+        "mode": "consume",
+        "messages": args.messages,
+        "keys": args.keys,
+        "payload_bytes": args.payload_bytes,
+        "workers": args.workers,
+        "sync": args.sync.as_str(),
+        "rounds": args.rounds,
+        "bare_msg_per_sec": stats(&bare),
+        "runtime_msg_per_sec": stats(&runtime),
+        "runtime_without_dedupe_msg_per_sec": stats(&no_dedupe),
+        "ratio_median": round2(median(&runtime) / median(&bare)),
+    });
+    let mut out = util::Out::new();
+    if args.json {
+        out.line(&report.to_string())?;
+    } else {
+        out.line(&format!(
+            "consume-and-ack, {} messages × {} B over {} keys, sync={}, {} rounds (best/median/worst msg/s)\n  bare fetch/ack loop : {}\n  runtime ({} workers, dedupe on): {}\n  runtime without dedupe: {}\n  ratio runtime/bare (median): {}",
+            args.messages,
+            args.payload_bytes,
+            args.keys,
+            args.sync.as_str(),
+            args.rounds,
+            show(&report["bare_msg_per_sec"]),
+            args.workers,
+            show(&report["runtime_msg_per_sec"]),
+            show(&report["runtime_without_dedupe_msg_per_sec"]),
+            report["ratio_median"]
+        ))?;
+    }
+    out.flush()?;
+    Ok(EXIT_OK)
+}
+
+async fn fill(bus: &Bus, args: &BenchArgs) -> CliResult<()> {
+    let payload: Bytes = (0..args.payload_bytes)
+        .map(|i| (i % 251) as u8)
+        .collect::<Vec<u8>>()
+        .into();
+    let run_id = util::new_run_id();
+    let topics: Vec<(Topic, String)> = (0..args.keys)
+        .map(|i| {
+            let sym = format!("S{i}");
+            let t = Topic::parse(&format!("ampy.dev.bars.v1.XNAS.{sym}")).expect("valid topic");
+            (t, ampybus::partition::bars(&sym, "XNAS"))
+        })
+        .collect();
+    let mut i = 0u64;
+    while i < args.messages {
+        let n = (args.messages - i).min(5000);
+        let batch: Vec<Envelope> = (i..i + n)
+            .map(|j| {
+                let (t, k) = &topics[(j % args.keys) as usize];
+                let mut h = Headers::for_publish(RAW_BYTES_SCHEMA, "bench@ampybus", "bench", k);
+                h.set(names::RUN_ID, run_id.clone());
+                Envelope::new(t, h, payload.clone())
+            })
+            .collect();
+        bus.publish_batch(batch)
+            .await
+            .map_err(|e| CliError::bus("fill", &e))?;
+        i += n;
+    }
+    Ok(())
+}
+
+async fn bare_round(bus: &Bus, pattern: &TopicPattern, n: u64, round: u64) -> CliResult<f64> {
+    let mut sub = bus
+        .subscribe(SubscribeSpec::durable(
+            pattern.clone(),
+            format!("bare-{round}"),
+        ))
+        .await
+        .map_err(|e| CliError::bus("subscribe", &e))?;
+    let started = Instant::now();
+    let mut got = 0u64;
+    while got < n {
+        if started.elapsed() > ROUND_LIMIT {
+            return Err(CliError::transport(format!(
+                "bare round {round}: only {got} of {n} messages in {ROUND_LIMIT:?}"
+            )));
+        }
+        let batch = sub
+            .fetch(256, Duration::from_millis(100))
+            .await
+            .map_err(|e| CliError::bus("fetch", &e))?;
+        got += batch.len() as u64;
+        if !batch.is_empty() {
+            Delivery::ack_all(batch)
+                .await
+                .map_err(|(e, _)| CliError::bus("ack", &e))?;
+        }
+    }
+    Ok(n as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn runtime_round(
+    bus: &Bus,
+    pattern: &TopicPattern,
+    args: &BenchArgs,
+    round: u64,
+    dedupe: bool,
+) -> CliResult<f64> {
+    let started = Instant::now();
+    let name = format!(
+        "runtime-{round}-{}",
+        if dedupe { "dedupe" } else { "plain" }
+    );
+    let mut builder = Consumer::builder(bus.clone(), pattern.clone(), &name)
+        .handler(handler_fn(|_m| async { Outcome::Ok }))
+        .workers(args.workers as usize);
+    if !dedupe {
+        builder = builder.without_dedupe();
+    }
+    let handle = builder
+        .start()
+        .await
+        .map_err(|e| CliError::bus("consumer", &e))?;
+    while handle.stats().handled_ok < args.messages {
+        if started.elapsed() > ROUND_LIMIT {
+            return Err(CliError::transport(format!(
+                "runtime round {round}: {:?} after {ROUND_LIMIT:?}",
+                handle.stats()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let s = handle.shutdown(Duration::from_secs(30)).await;
+    if s.handled_ok != args.messages || s.skipped_duplicates != 0 {
+        return Err(CliError::transport(format!(
+            "runtime round {round}: expected {} handled, got {s:?}",
+            args.messages
+        )));
+    }
+    Ok(args.messages as f64 / secs)
+}
+
+fn sorted(v: &[f64]) -> Vec<f64> {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v
+}
+
+fn median(v: &[f64]) -> f64 {
+    let s = sorted(v);
+    s[s.len() / 2]
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+fn stats(v: &[f64]) -> Value {
+    let s = sorted(v);
+    json!({"best": s[s.len() - 1].round(), "median": median(v).round(), "worst": s[0].round()})
+}
+
+fn show(v: &Value) -> String {
+    format!("{} / {} / {}", v["best"], v["median"], v["worst"])
+}

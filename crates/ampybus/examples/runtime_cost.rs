@@ -1,0 +1,238 @@
+//! Cost of the consumer runtime per message, without any I/O: an in-process transport (a
+//! queue in memory, acks counted) and an in-memory dedupe store, so what is measured is the
+//! runtime itself — fetch, header normalisation, payload decode, dedupe check and record,
+//! per-key scheduling over 8 workers, the handler call, batched acks.
+//!
+//! ```sh
+//! cargo build --release --example runtime_cost -p ampybus
+//! target/release/examples/runtime_cost 20000            # allocations per message
+//! valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.%p target/release/examples/runtime_cost 2000
+//! valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.%p target/release/examples/runtime_cost 12000
+//! valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.%p target/release/examples/runtime_cost 2000 setup
+//! valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.%p target/release/examples/runtime_cost 12000 setup
+//! # instructions per message = ((Ir(12000) - Ir(2000)) - (Ir(12000 setup) - Ir(2000 setup))) / 10000
+//! # (fixed costs cancel in each difference; making the input cancels between them)
+//! ```
+//!
+//! Figures are recorded in docs/benchmarks.md. The in-memory parts live here, not in the
+//! library: only tests and measurements of the runtime use a stand-in for a transport.
+
+use ampybus::dedupe::DedupeStore;
+use ampybus::runtime::{Consumer, Handler, Message, Outcome};
+use ampybus::transport::{
+    Delivery, DeliveryInfo, PublishReceipt, Settler, SubscribeSpec, Subscription, Transport,
+};
+use ampybus::{Bus, Envelope, Headers, Result, Topic, TopicPattern};
+use async_trait::async_trait;
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Counts every allocation of the process.
+struct Counting;
+
+static ALLOCS: AtomicU64 = AtomicU64::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+#[derive(Default)]
+struct Queue {
+    messages: Mutex<VecDeque<Envelope>>,
+    next_seq: AtomicU64,
+    acked: AtomicU64,
+}
+
+struct Memory(Arc<Queue>);
+
+struct Acks(Arc<Queue>);
+
+#[async_trait]
+impl Settler for Acks {
+    async fn ack(&self, sequences: &[u64]) -> Result<()> {
+        self.0
+            .acked
+            .fetch_add(sequences.len() as u64, Ordering::SeqCst);
+        Ok(())
+    }
+    async fn nack(&self, _sequence: u64, _delay: Duration) -> Result<()> {
+        Ok(())
+    }
+    async fn in_progress(&self, _sequence: u64) -> Result<()> {
+        Ok(())
+    }
+}
+
+struct MemorySub {
+    queue: Arc<Queue>,
+    settler: Arc<dyn Settler>,
+    pattern: TopicPattern,
+}
+
+#[async_trait]
+impl Subscription for MemorySub {
+    async fn fetch(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
+        let batch: Vec<Envelope> = {
+            let mut q = self.queue.messages.lock().unwrap();
+            let n = max.min(q.len());
+            q.drain(..n).collect()
+        };
+        if batch.is_empty() {
+            tokio::time::sleep(wait.min(Duration::from_millis(1))).await;
+        }
+        let now = chrono::Utc::now();
+        Ok(batch
+            .into_iter()
+            .filter(|e| self.pattern.matches(&e.topic))
+            .map(|e| {
+                let seq = self.queue.next_seq.fetch_add(1, Ordering::Relaxed) + 1;
+                let info = DeliveryInfo {
+                    sequence: seq,
+                    delivery_count: 1,
+                    stored_at: now,
+                };
+                Delivery::new(e, info, self.settler.clone())
+            })
+            .collect())
+    }
+}
+
+#[async_trait]
+impl Transport for Memory {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+    async fn publish_batch(&self, batch: Vec<Envelope>) -> Result<Vec<PublishReceipt>> {
+        let n = batch.len();
+        self.0.messages.lock().unwrap().extend(batch);
+        Ok((0..n as u64)
+            .map(|i| PublishReceipt {
+                sequence: i + 1,
+                duplicate: false,
+            })
+            .collect())
+    }
+    async fn subscribe(&self, spec: SubscribeSpec) -> Result<Box<dyn Subscription>> {
+        Ok(Box::new(MemorySub {
+            queue: self.0.clone(),
+            settler: Arc::new(Acks(self.0.clone())),
+            pattern: spec.pattern,
+        }))
+    }
+    async fn close(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct MemoryDedupe(Mutex<HashSet<(String, String)>>);
+
+#[async_trait]
+impl DedupeStore for MemoryDedupe {
+    async fn is_applied(&self, consumer: &str, keys: &[String]) -> Result<bool> {
+        let s = self.0.lock().unwrap();
+        Ok(keys
+            .iter()
+            .any(|k| s.contains(&(consumer.to_owned(), k.clone()))))
+    }
+    async fn record_applied(&self, consumer: &str, keys: &[String]) -> Result<()> {
+        let mut s = self.0.lock().unwrap();
+        for k in keys {
+            s.insert((consumer.to_owned(), k.clone()));
+        }
+        Ok(())
+    }
+}
+
+/// A handler that borrows the message (a `handler_fn` closure takes it by value, which costs
+/// a clone of the headers per message — not the runtime's cost).
+struct Noop;
+
+#[async_trait]
+impl Handler for Noop {
+    async fn handle(&self, _msg: &Message) -> Outcome {
+        Outcome::Ok
+    }
+}
+
+fn main() {
+    let n: u64 = std::env::args()
+        .nth(1)
+        .map(|a| a.parse().expect("message count"))
+        .unwrap_or(20_000);
+    // `setup` as the second argument: build and queue the messages, consume nothing (to
+    // subtract the cost of making the input from a callgrind total).
+    let setup_only = std::env::args().nth(2).as_deref() == Some("setup");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let queue = Arc::new(Queue::default());
+        let bus = Bus::with_transport(Arc::new(Memory(queue.clone())), "memory://");
+        let payload = vec![7u8; 256];
+        let envs: Vec<Envelope> = (0..n)
+            .map(|i| {
+                let sym = format!("S{}", i % 1000);
+                let topic = Topic::parse(&format!("ampy.dev.bars.v1.XNAS.{sym}")).unwrap();
+                let h = Headers::for_publish(
+                    "ampy.raw.v1.Bytes",
+                    "cost@1",
+                    "cost",
+                    &format!("XNAS.{sym}"),
+                );
+                Envelope::new(&topic, h, payload.clone())
+            })
+            .collect();
+        bus.publish_wire(envs).await.unwrap();
+        if setup_only {
+            println!("{n} messages prepared (setup only)");
+            return;
+        }
+        let before = ALLOCS.load(Ordering::SeqCst);
+        let handle = Consumer::builder(
+            bus.clone(),
+            TopicPattern::parse("ampy.dev.bars.>").unwrap(),
+            "cost",
+        )
+        .handler(Noop)
+        .workers(8)
+        .dedupe(Arc::new(MemoryDedupe::default()))
+        .serve_replays(false)
+        .start()
+        .await
+        .unwrap();
+        while handle.stats().handled_ok < n {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let stats = handle.shutdown(Duration::from_secs(10)).await;
+        while queue.acked.load(Ordering::SeqCst) < n {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let allocs = ALLOCS.load(Ordering::SeqCst) - before;
+        assert_eq!(stats.handled_ok, n);
+        println!(
+            "{n} messages: handled {}, acked {}, allocations {allocs} ({:.1} per message)",
+            stats.handled_ok,
+            queue.acked.load(Ordering::SeqCst),
+            allocs as f64 / n as f64
+        );
+    });
+}
