@@ -179,6 +179,31 @@ fn kv_key(consumer: &str, k: &str) -> String {
     )
 }
 
+/// How long a lookup or a record keeps retrying transient failures (a leader election in a
+/// cluster, a reconnect) before it reports the error: the runtime handles a message whose
+/// lookup failed, so giving up early would turn an outage into a double apply.
+const RETRY_FOR: Duration = Duration::from_secs(15);
+
+async fn with_retry<T, F, Fut>(what: &str, mut op: F) -> std::result::Result<T, String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<T, String>>,
+{
+    let start = std::time::Instant::now();
+    let mut pause = Duration::from_millis(50);
+    loop {
+        match op().await {
+            Ok(v) => return Ok(v),
+            Err(e) if start.elapsed() + pause < RETRY_FOR => {
+                tracing::debug!(error = %e, "dedupe store: {what} failed; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 #[async_trait]
 impl DedupeStore for NatsKvDedupeStore {
     async fn is_applied(&self, consumer: &str, keys: &[String]) -> Result<bool> {
@@ -187,20 +212,23 @@ impl DedupeStore for NatsKvDedupeStore {
         }
         let b = self.bucket().await?;
         for k in keys {
-            match b.get(kv_key(consumer, k)).await {
-                Ok(Some(_)) => return Ok(true),
-                Ok(None) => {}
-                Err(e) => {
-                    return Err(Error::with_source(
-                        ErrorKind::Transport,
-                        format!(
-                            "{}: dedupe store: reading KV bucket {}: {e}",
-                            self.where_,
-                            self.bucket_name()
-                        ),
-                        e,
-                    ));
-                }
+            let key = kv_key(consumer, k);
+            let found = with_retry("lookup", || async {
+                b.get(key.clone()).await.map_err(|e| e.to_string())
+            })
+            .await
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::Transport,
+                    format!(
+                        "{}: dedupe store: reading KV bucket {} (retried {RETRY_FOR:?}): {e}",
+                        self.where_,
+                        self.bucket_name()
+                    ),
+                )
+            })?;
+            if found.is_some() {
+                return Ok(true);
             }
         }
         Ok(false)
@@ -212,23 +240,39 @@ impl DedupeStore for NatsKvDedupeStore {
         }
         let b = self.bucket().await?;
         let now = bytes::Bytes::from(chrono::Utc::now().timestamp_millis().to_string());
-        // Pipelined: every put in flight at once, each acknowledged by the server.
-        let results =
-            futures::future::join_all(keys.iter().map(|k| b.put(kv_key(consumer, k), now.clone())))
-                .await;
-        for r in results {
-            r.map_err(|e| {
-                Error::with_source(
+        let mut todo: Vec<String> = keys.iter().map(|k| kv_key(consumer, k)).collect();
+        // Pipelined: every put in flight at once, each acknowledged by the server; the ones
+        // that failed are put again until they land or the retry time is spent.
+        let start = std::time::Instant::now();
+        let mut pause = Duration::from_millis(50);
+        loop {
+            let results =
+                futures::future::join_all(todo.iter().map(|k| b.put(k.clone(), now.clone()))).await;
+            let mut failed = Vec::new();
+            let mut first_err = None;
+            for (k, r) in todo.iter().zip(results) {
+                if let Err(e) = r {
+                    failed.push(k.clone());
+                    first_err.get_or_insert(e.to_string());
+                }
+            }
+            let Some(e) = first_err else {
+                return Ok(());
+            };
+            if start.elapsed() + pause >= RETRY_FOR {
+                return Err(Error::new(
                     ErrorKind::Transport,
                     format!(
-                        "{}: dedupe store: writing KV bucket {}: {e}",
+                        "{}: dedupe store: writing KV bucket {} (retried {RETRY_FOR:?}): {e}",
                         self.where_,
                         self.bucket_name()
                     ),
-                    e,
-                )
-            })?;
+                ));
+            }
+            tracing::debug!(error = %e, failed = failed.len(), "dedupe store: record failed; retrying");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
+            todo = failed;
         }
-        Ok(())
     }
 }
