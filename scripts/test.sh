@@ -8,7 +8,9 @@
 #
 # Needs: rustup's cargo (with the rustfmt and clippy components), a C compiler (SQLite is
 # built from source), python3 with pip (ampybus-proto's cross-language tests create
-# .venv-ampyproto/ through scripts/python-env.sh).
+# .venv-ampyproto/ through scripts/python-env.sh), nats-server (Debian package; the NATS tests
+# use the one on 127.0.0.1:4222 or start one through scripts/brokers.sh, and spawn their own
+# for fault, TLS and permission tests).
 #
 # Environment:
 #   AMPYBUS_TEST_SCALE  multiplies the sizes of the heavier tests (default 1; 0.2 for a quick
@@ -49,6 +51,9 @@ if [ -x scripts/python-env.sh ] || [ -f scripts/python-env.sh ]; then
     step "python environment for the cross-language tests"
     bash scripts/python-env.sh >/dev/null
 fi
+
+step "test brokers (scripts/brokers.sh start nats: reuses a JetStream server on 127.0.0.1:4222)"
+bash scripts/brokers.sh start nats
 
 if cargo nextest --version >/dev/null 2>&1; then
     step "cargo nextest run --workspace (AMPYBUS_TEST_SCALE=$AMPYBUS_TEST_SCALE)"

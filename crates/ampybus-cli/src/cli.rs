@@ -138,6 +138,23 @@ Examples:
   ampybus topics lag --consumer audit")]
     Topics(crate::topics::TopicsArgs),
 
+    /// JetStream streams behind a nats:// URL: ensure, list, describe
+    #[command(after_help = "\
+Examples:
+  ampybus --url nats://127.0.0.1:4222 streams ensure --env dev
+  ampybus --url nats://127.0.0.1:4222 streams list
+  ampybus --url nats://127.0.0.1:4222 streams describe AMPY_DEV_BARS")]
+    Streams(crate::streams::StreamsArgs),
+
+    /// JetStream publish throughput: ampybus against the raw async-nats client, interleaved rounds
+    #[command(after_help = "\
+Examples:
+  ampybus --url nats://127.0.0.1:4222 bench-nats --messages 100000 --payload-bytes 256 --inflight 4000 --rounds 5
+
+Same subject prefix, headers, payload size and in-flight bound on both sides; fresh message ids
+every round (so the duplicate window does not help either side).")]
+    BenchNats(crate::bench_nats::BenchNatsArgs),
+
     /// Print a shell completion script to stdout
     #[command(after_help = "\
 Examples:

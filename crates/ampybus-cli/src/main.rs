@@ -5,6 +5,7 @@
 
 mod bench;
 mod bench_consume;
+mod bench_nats;
 mod cli;
 mod decoder;
 mod demo;
@@ -12,6 +13,7 @@ mod dlq;
 mod error;
 mod publish;
 mod replay;
+mod streams;
 mod subscribe;
 mod topics;
 mod util;
@@ -72,6 +74,8 @@ fn run(cli: Cli) -> CliResult<u8> {
         Command::Replay(args) => runtime()?.block_on(replay::run(&url, args)),
         Command::Dlq(args) => runtime()?.block_on(dlq::run(&url, args)),
         Command::Topics(args) => runtime()?.block_on(topics::run(&url, args)),
+        Command::Streams(args) => runtime()?.block_on(streams::run(&url, args)),
+        Command::BenchNats(args) => runtime()?.block_on(bench_nats::run(&url, args)),
     }
 }
 

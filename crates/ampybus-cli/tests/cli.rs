@@ -566,9 +566,15 @@ fn bad_input_fails_with_a_clear_message() {
             "scheme `ftp` is not supported",
         ),
         (
-            s(&["--url", "nats://127.0.0.1:4222", "sub", "--pattern", ">"]),
+            s(&[
+                "--url",
+                "nats://127.0.0.1:4222?colour=red",
+                "sub",
+                "--pattern",
+                ">",
+            ]),
             2,
-            "binding is not available",
+            "unknown option `colour`",
         ),
         (
             s(&["--url", &file_url, "sub", "--pattern", ">"]),

@@ -173,6 +173,16 @@ impl Bus {
                     .map_err(|e| Error::transport("embedded log: open task failed", e))??;
                 Ok(Bus::with_transport(Arc::new(log), url).with_blob_store(blobs))
             }
+            #[cfg(feature = "nats")]
+            TransportKind::Nats => {
+                let t = crate::transport::nats::NatsTransport::connect_url(url).await?;
+                Ok(Bus::with_transport(Arc::new(t), url))
+            }
+            #[cfg(not(feature = "nats"))]
+            TransportKind::Nats => Err(Error::config(format!(
+                "url {:?}: the NATS binding is not available in this build (enable cargo feature `nats` of crate `ampybus`)",
+                redact(url)
+            ))),
             other => Err(Error::config(format!(
                 "url {:?}: the {other:?} binding is not available in this build",
                 redact(url)

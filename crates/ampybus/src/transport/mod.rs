@@ -6,11 +6,15 @@
 //! * [`Delivery`]: one message; settling consumes it (`ack(self)`), so a double ack does not
 //!   compile.
 //! * Optional capabilities are separate traits: [`ReplayByTime`], [`ConsumerLag`].
+//!
+//! Bindings: [`embedded`] (always), `nats` (cargo feature `nats`: NATS JetStream).
 
 pub mod embedded;
 pub mod embedded_admin;
 mod embedded_purge;
 mod headers_codec;
+#[cfg(feature = "nats")]
+pub mod nats;
 
 pub use headers_codec::{decode_headers, encode_headers};
 

@@ -1,0 +1,164 @@
+//! `ampybus bench-nats`: JetStream publish throughput of ampybus against the raw async-nats
+//! client on the same server, same subject, headers, payload size and number in flight, in
+//! interleaved rounds (raw, ampybus, raw, …), best / median / worst and the per-round ratio.
+
+use crate::error::{CliError, CliResult, EXIT_OK};
+use ampybus::bus::{TransportKind, redact, transport_kind};
+use ampybus::transport::nats::NatsOptions;
+use ampybus::{Bus, Envelope, Headers, Topic};
+use clap::Args;
+use serde_json::json;
+use std::collections::VecDeque;
+use std::time::Instant;
+
+/// `ampybus bench-nats`.
+#[derive(Debug, Args)]
+pub struct BenchNatsArgs {
+    /// Messages per round and side
+    #[arg(long, value_name = "N", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub messages: u64,
+    /// Payload bytes per message
+    #[arg(long, value_name = "BYTES", default_value_t = 256)]
+    pub payload_bytes: usize,
+    /// Unacknowledged publishes at most (both sides)
+    #[arg(long, value_name = "N", default_value_t = 4000)]
+    pub inflight: usize,
+    /// Rounds (each: one raw run, one ampybus run)
+    #[arg(long, value_name = "R", default_value_t = 5)]
+    pub rounds: u64,
+    /// One JSON object
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn envelopes(n: u64, payload: usize, round: u64, side: &str) -> CliResult<Vec<Envelope>> {
+    let topic = Topic::parse(&format!("ampy.dev.bars.v1.benchnats.{side}{round}"))
+        .map_err(|e| CliError::bus("topic", &e))?;
+    let body = vec![b'x'; payload];
+    Ok((0..n)
+        .map(|i| {
+            let mut h = Headers::for_publish(
+                "ampy.bars.v1.BarBatch",
+                "bench@1",
+                "bench",
+                &format!("XNAS.S{}", i % 100),
+            );
+            h.fill_publish_defaults();
+            Envelope::new(&topic, h, body.clone())
+        })
+        .collect())
+}
+
+async fn raw_round(
+    js: &async_nats::jetstream::Context,
+    envs: Vec<Envelope>,
+    inflight: usize,
+) -> CliResult<f64> {
+    let start = Instant::now();
+    let mut pending = VecDeque::with_capacity(inflight);
+    let n = envs.len();
+    for env in envs {
+        let mut hm = async_nats::HeaderMap::new();
+        for (k, v) in env.headers.iter() {
+            hm.insert(k, v);
+        }
+        let id = env.headers.message_id().unwrap_or_default().to_owned();
+        let msg = async_nats::jetstream::message::PublishMessage::build()
+            .payload(env.payload)
+            .headers(hm)
+            .message_id(id);
+        if pending.len() >= inflight {
+            let f: async_nats::jetstream::context::PublishAckFuture =
+                pending.pop_front().expect("non-empty");
+            f.await
+                .map_err(|e| CliError::transport(format!("raw PubAck: {e}")))?;
+        }
+        pending.push_back(
+            js.send_publish(env.topic, msg)
+                .await
+                .map_err(|e| CliError::transport(format!("raw publish: {e}")))?,
+        );
+    }
+    for f in pending {
+        f.await
+            .map_err(|e| CliError::transport(format!("raw PubAck: {e}")))?;
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+fn stats(v: &[f64]) -> (f64, f64, f64) {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    (s[s.len() - 1], s[s.len() / 2], s[0])
+}
+
+/// Runs `ampybus bench-nats`.
+pub async fn run(url: &str, a: BenchNatsArgs) -> CliResult<u8> {
+    if transport_kind(url).map_err(|e| CliError::bus("--url", &e))? != TransportKind::Nats {
+        return Err(CliError::usage(format!(
+            "bench-nats: --url {:?} is not a NATS URL",
+            redact(url)
+        )));
+    }
+    let mut opts = NatsOptions::from_url(url).map_err(|e| CliError::bus("--url", &e))?;
+    opts.max_in_flight = a.inflight.max(1);
+    let t = ampybus::transport::nats::NatsTransport::connect(opts.clone())
+        .await
+        .map_err(|e| CliError::bus("connecting", &e))?;
+    let bus = Bus::with_transport(std::sync::Arc::new(t.clone()), url);
+    // The raw side: its own plain client, JetStream context with the same in-flight bound.
+    let client = async_nats::connect(opts.servers.clone())
+        .await
+        .map_err(|e| CliError::transport(format!("raw connect: {e}")))?;
+    let js = async_nats::jetstream::ContextBuilder::new()
+        .max_ack_inflight(a.inflight.max(1))
+        .backpressure_on_inflight(true)
+        .build(client);
+    // Make sure the stream exists before timing anything.
+    t.ensure_stream_for(&Topic::parse("ampy.dev.bars.v1.benchnats.warm").expect("topic"))
+        .await
+        .map_err(|e| CliError::bus("stream", &e))?;
+    let (mut raw, mut ours, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..a.rounds {
+        let envs = envelopes(a.messages, a.payload_bytes, round, "raw")?;
+        let r = raw_round(&js, envs, a.inflight.max(1)).await?;
+        let envs = envelopes(a.messages, a.payload_bytes, round, "bus")?;
+        let start = Instant::now();
+        bus.publish_wire(envs)
+            .await
+            .map_err(|e| CliError::bus("ampybus publish", &e))?;
+        let o = a.messages as f64 / start.elapsed().as_secs_f64();
+        eprintln!(
+            "round {round}: raw async-nats {r:.0} msg/s, ampybus {o:.0} msg/s, ratio {:.3}",
+            o / r
+        );
+        raw.push(r);
+        ours.push(o);
+        ratios.push(o / r);
+    }
+    let (rb, rm, rw) = stats(&raw);
+    let (ob, om, ow) = stats(&ours);
+    let (xb, xm, xw) = stats(&ratios);
+    if a.json {
+        println!(
+            "{}",
+            json!({"messages": a.messages, "payload_bytes": a.payload_bytes, "inflight": a.inflight,
+                "rounds": a.rounds,
+                "raw_async_nats_msg_s": {"best": rb, "median": rm, "worst": rw, "runs": raw},
+                "ampybus_msg_s": {"best": ob, "median": om, "worst": ow, "runs": ours},
+                "ratio": {"best": xb, "median": xm, "worst": xw, "runs": ratios}})
+        );
+    } else {
+        println!("{:<22} {:>12} {:>12} {:>12}", "", "best", "median", "worst");
+        println!(
+            "{:<22} {rb:>12.0} {rm:>12.0} {rw:>12.0}",
+            "raw async-nats msg/s"
+        );
+        println!("{:<22} {ob:>12.0} {om:>12.0} {ow:>12.0}", "ampybus msg/s");
+        println!(
+            "{:<22} {xb:>12.3} {xm:>12.3} {xw:>12.3}",
+            "ratio ampybus/raw"
+        );
+    }
+    Ok(EXIT_OK)
+}

@@ -1,0 +1,104 @@
+//! The CLI on NATS JetStream (server on 127.0.0.1:4222, started or found by
+//! `scripts/brokers.sh start nats`): `streams ensure|list|describe`, `pub` and `sub` with a
+//! `nats://` URL.
+
+mod common;
+
+use common::ampybus_in;
+use std::sync::Once;
+
+fn brokers() {
+    static START: Once = Once::new();
+    START.call_once(|| {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let out = std::process::Command::new("bash")
+            .arg(root.join("scripts/brokers.sh"))
+            .args(["start", "nats"])
+            .output()
+            .expect("run scripts/brokers.sh");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+}
+
+const URL: &str =
+    "nats://127.0.0.1:4222?stream_prefix=AMPYCONF&max_age_days=1&consumer_inactive_s=600";
+
+fn run(args: &[&str]) -> common::Out {
+    let mut all = vec!["--url", URL];
+    all.extend_from_slice(args);
+    ampybus_in(None, &all)
+}
+
+#[test]
+fn streams_ensure_list_describe() {
+    brokers();
+    let o = run(&[
+        "streams", "ensure", "--env", "dev", "--domain", "fx", "--json",
+    ]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let v = o.json_lines();
+    assert_eq!(v.len(), 1);
+    assert_eq!(v[0]["subject"], "ampy.dev.fx.>");
+    let name = v[0]["stream"].as_str().unwrap().to_owned();
+    assert!(["created", "exists", "updated"].contains(&v[0]["action"].as_str().unwrap()));
+
+    let o = run(&["streams", "list", "--json"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(o.json_lines().iter().any(|s| s["name"] == name.as_str()));
+
+    let o = run(&["streams", "describe", &name, "--json"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let d = &o.json_lines()[0];
+    assert_eq!(d["name"], name.as_str());
+    assert_eq!(d["storage"], "file");
+
+    let o = run(&["streams", "describe", "NO_SUCH_STREAM_X"]);
+    assert_ne!(o.code, 0);
+    assert!(o.stderr.contains("NO_SUCH_STREAM_X"), "{}", o.stderr);
+
+    let o = ampybus_in(None, &["--url", "/tmp/not-nats", "streams", "list"]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("not a NATS URL"), "{}", o.stderr);
+}
+
+#[test]
+fn pub_and_sub_over_nats() {
+    brokers();
+    let id = uuid_like();
+    let topic = format!("ampy.dev.news.v1.cli{id}.raw");
+    let o = run(&[
+        "pub",
+        "--topic",
+        &topic,
+        "--producer",
+        "cli@1",
+        "--source",
+        "cli",
+        "--pk",
+        "n-1",
+        "--payload",
+        "hello-nats",
+    ]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let pattern = format!("ampy.dev.news.v1.cli{id}.>");
+    let o = run(&["sub", "--pattern", &pattern, "--json", "--max", "1"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let v = o.json_lines();
+    assert_eq!(v.len(), 1, "{}", o.stdout);
+    assert_eq!(v[0]["topic"], topic.as_str());
+    assert_eq!(v[0]["headers"]["partition_key"], "n-1");
+}
+
+fn uuid_like() -> String {
+    format!(
+        "{:x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    )
+}

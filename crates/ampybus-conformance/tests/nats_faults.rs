@@ -1,0 +1,961 @@
+//! NATS fault and bad-input tests. Each test that needs a server of its own (no JetStream,
+//! permissions, TLS, a restart) spawns `nats-server` on a free loopback port with a temp store
+//! directory and config file, and kills it when the guard drops.
+
+use ampybus::dedupe::DedupeStore;
+use ampybus::runtime::{Consumer, Message, Outcome, Publisher, RetryPolicy, handler_fn};
+use ampybus::transport::SubscribeSpec;
+use ampybus::transport::nats::NatsKvDedupeStore;
+use ampybus::{Bus, ErrorKind, Headers, Topic, TopicPattern};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A `nats-server` child process; killed (and reaped) on drop.
+struct Server {
+    child: Option<Child>,
+    port: u16,
+    args: Vec<String>,
+    log: PathBuf,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Server {
+    /// Starts `nats-server -a 127.0.0.1 -p <free port> <args…>` and waits until it accepts.
+    fn start(dir: &Path, args: &[&str]) -> Server {
+        let mut s = Server {
+            child: None,
+            port: free_port(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            log: dir.join("nats-server.log"),
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let child = Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(&self.args)
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn nats-server (apt-get install nats-server)");
+        self.child = Some(child);
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "nats-server did not listen on {}: {}",
+                self.port,
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL, as a crash: the store directory stays.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    fn url(&self, scheme: &str, query: &str) -> String {
+        format!("{scheme}://127.0.0.1:{}{query}", self.port)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn headers(key: &str) -> Headers {
+    Headers::for_publish(
+        ampybus::headers::RAW_BYTES_SCHEMA,
+        "faults@1",
+        "faults",
+        key,
+    )
+}
+
+async fn timed<T>(what: &str, limit: Duration, f: impl std::future::Future<Output = T>) -> T {
+    let start = Instant::now();
+    let r = tokio::time::timeout(limit, f)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: hung for more than {limit:?}"));
+    eprintln!("{what}: {:.2?}", start.elapsed());
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_urls_and_unreachable_servers_fail_fast_and_clearly() {
+    let limit = Duration::from_secs(15);
+    let e = timed(
+        "garbage port",
+        limit,
+        Bus::connect("nats://127.0.0.1:notaport"),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Config, "{e}");
+    assert!(e.to_string().contains("notaport"), "{e}");
+
+    let e = timed(
+        "unknown option",
+        limit,
+        Bus::connect("nats://127.0.0.1?colour=red"),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Config, "{e}");
+    assert!(e.to_string().contains("colour"), "{e}");
+
+    let e = timed("wrong scheme", limit, Bus::connect("natz://127.0.0.1:4222"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Config, "{e}");
+    assert!(e.to_string().contains("natz"), "{e}");
+
+    let port = free_port();
+    let e = timed(
+        "unreachable port",
+        limit,
+        Bus::connect(&format!("nats://bob:s3cret@127.0.0.1:{port}")),
+    )
+    .await
+    .unwrap_err();
+    let shown = format!("{e} {e:?}");
+    assert!(
+        matches!(e.kind(), ErrorKind::Transport | ErrorKind::Timeout),
+        "{e}"
+    );
+    assert!(e.to_string().contains(&format!("127.0.0.1:{port}")), "{e}");
+    assert!(!shown.contains("s3cret"), "credentials leaked: {shown}");
+
+    let e = timed(
+        "missing CA file",
+        limit,
+        Bus::connect(&format!(
+            "tls://127.0.0.1:{port}?tls_ca=/nonexistent/ca.pem"
+        )),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Config, "{e}");
+    assert!(e.to_string().contains("tls_ca"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_without_jetstream_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let e = timed(
+        "connect without JetStream",
+        Duration::from_secs(15),
+        Bus::connect(&server.url("nats", "")),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Config, "{e}");
+    assert!(e.to_string().contains("JetStream"), "{e}");
+    assert!(e.to_string().contains("-js"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_outside_permissions_is_a_clear_error_not_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("nats.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            r#"
+jetstream {{ store_dir: "{}" }}
+authorization {{
+  users = [
+    {{ user: alice, password: alicepw, permissions: {{
+        publish: {{ allow: ["ampy.dev.news.v1.alice.>", "$JS.API.>", "$JS.ACK.>"] }},
+        subscribe: {{ allow: ["_INBOX.>"] }}
+    }} }}
+  ]
+}}
+"#,
+            dir.path().join("js").display()
+        ),
+    )
+    .unwrap();
+    let server = Server::start(dir.path(), &["-c", conf.to_str().unwrap()]);
+
+    let e = timed(
+        "wrong password",
+        Duration::from_secs(15),
+        Bus::connect(&server.url("nats", "?user=alice&password=nope")),
+    )
+    .await
+    .unwrap_err();
+    assert!(!format!("{e:?}").contains("nope"), "password leaked: {e:?}");
+    assert!(e.to_string().to_ascii_lowercase().contains("auth"), "{e}");
+
+    let bus = Bus::connect(&server.url("nats", "?user=alice&password=alicepw&stream_prefix=PERM"))
+        .await
+        .expect("alice connects");
+    let ok = Topic::parse("ampy.dev.news.v1.alice.x").unwrap();
+    let r = bus
+        .publish(&ok, headers("k"), b"mine".to_vec())
+        .await
+        .expect("publish inside the permissions");
+    assert_eq!(r.sequence, 1);
+
+    let denied = Topic::parse("ampy.dev.news.v1.bob.x").unwrap();
+    let publisher = Publisher::new(bus.clone()).with_policy(RetryPolicy {
+        max_attempts: 50,
+        min_delay: Duration::from_millis(100),
+        max_delay: Duration::from_secs(1),
+    });
+    let e = timed(
+        "denied publish through the retrying publisher",
+        Duration::from_secs(10),
+        publisher.publish(&denied, headers("k"), b"not mine".to_vec()),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Config, "{e}");
+    assert!(e.to_string().contains("permission denied"), "{e}");
+    assert!(e.to_string().contains("ampy.dev.news.v1.bob.x"), "{e}");
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files in `dir`.
+fn make_certs(dir: &Path) -> [PathBuf; 5] {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, SanType,
+    };
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "ampybus test CA");
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+
+    let mut sp = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    sp.subject_alt_names
+        .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+    sp.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let sk = KeyPair::generate().unwrap();
+    let scert = sp.signed_by(&sk, &issuer).unwrap();
+
+    let mut cp = CertificateParams::new(Vec::<String>::new()).unwrap();
+    cp.distinguished_name
+        .push(DnType::CommonName, "ampybus client");
+    cp.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let ck = KeyPair::generate().unwrap();
+    let ccert = cp.signed_by(&ck, &issuer).unwrap();
+
+    let files = [
+        ("ca.pem", ca_cert.pem()),
+        ("server.pem", scert.pem()),
+        ("server.key", sk.serialize_pem()),
+        ("client.pem", ccert.pem()),
+        ("client.key", ck.serialize_pem()),
+    ];
+    files.map(|(name, pem)| {
+        let p = dir.join(name);
+        std::fs::write(&p, pem).unwrap();
+        p
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_works_with_a_client_cert_and_fails_clearly_without() {
+    let dir = tempfile::tempdir().unwrap();
+    let [ca, server_pem, server_key, client_pem, client_key] = make_certs(dir.path());
+    let conf = dir.path().join("nats.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            r#"
+jetstream {{ store_dir: "{}" }}
+tls {{
+  cert_file: "{}"
+  key_file: "{}"
+  ca_file: "{}"
+  verify: true
+  timeout: 2
+}}
+"#,
+            dir.path().join("js").display(),
+            server_pem.display(),
+            server_key.display(),
+            ca.display()
+        ),
+    )
+    .unwrap();
+    let server = Server::start(dir.path(), &["-c", conf.to_str().unwrap()]);
+
+    let url = server.url(
+        "tls",
+        &format!(
+            "?tls_ca={}&tls_cert={}&tls_key={}&stream_prefix=TLS",
+            ca.display(),
+            client_pem.display(),
+            client_key.display()
+        ),
+    );
+    let bus = timed("mTLS connect", Duration::from_secs(15), Bus::connect(&url))
+        .await
+        .expect("connect with a client certificate");
+    let topic = Topic::parse("ampy.dev.news.v1.tls.x").unwrap();
+    bus.publish(&topic, headers("k"), b"over tls".to_vec())
+        .await
+        .expect("publish over TLS");
+    let mut sub = bus
+        .subscribe(SubscribeSpec::durable(
+            TopicPattern::parse("ampy.dev.news.>").unwrap(),
+            "tls-reader",
+        ))
+        .await
+        .unwrap();
+    let got = sub.fetch(10, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(&got[0].envelope.payload[..], b"over tls");
+
+    let no_cert = server.url("tls", &format!("?tls_ca={}", ca.display()));
+    let e = timed(
+        "TLS connect without a client certificate",
+        Duration::from_secs(20),
+        Bus::connect(&no_cert),
+    )
+    .await
+    .unwrap_err();
+    eprintln!("without a client certificate: {e}");
+    assert!(
+        matches!(e.kind(), ErrorKind::Transport | ErrorKind::Timeout),
+        "{e}"
+    );
+    let text = e.to_string().to_ascii_lowercase();
+    assert!(
+        text.contains("tls") || text.contains("certificate"),
+        "not a TLS error: {e}"
+    );
+
+    let plain = server.url("nats", "");
+    let e = timed(
+        "plain connect to a TLS server",
+        Duration::from_secs(20),
+        Bus::connect(&plain),
+    )
+    .await
+    .unwrap_err();
+    eprintln!("plain to TLS: {e}");
+    assert!(e.to_string().to_ascii_lowercase().contains("tls"), "{e}");
+}
+
+/// Kill -9 the server mid-run (store kept) and restart it on the same port, with 8 retrying
+/// publishers and a consumer running: none lost, each applied once (dedupe store), publishers
+/// finished (retried through the outage), nothing hung.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_restart_mid_run_loses_nothing_and_applies_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_dir = dir.path().join("js");
+    let mut server = Server::start(dir.path(), &["-js", "-sd", store_dir.to_str().unwrap()]);
+    let url = server.url("nats", "?stream_prefix=FAULT&request_timeout_ms=2000");
+    let n = ((50_000.0 * ampybus_conformance::scale()) as usize).max(2_000);
+    let publishers = 8usize;
+    let bus = Bus::connect(&url).await.expect("connect");
+    let store: Arc<dyn DedupeStore> = Arc::new(
+        NatsKvDedupeStore::connect(&url)
+            .await
+            .expect("dedupe store"),
+    );
+
+    let effects: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    let e2 = effects.clone();
+    let consumer = Consumer::builder(
+        bus.clone(),
+        TopicPattern::parse("ampy.dev.news.v1.fault.>").unwrap(),
+        "fault-consumer",
+    )
+    .dedupe(store.clone())
+    .workers(8)
+    .max_in_flight(512)
+    .ack_deadline(Duration::from_secs(5))
+    .handler(handler_fn(move |m: Message| {
+        let effects = e2.clone();
+        async move {
+            *effects
+                .lock()
+                .unwrap()
+                .entry(String::from_utf8_lossy(&m.payload).into_owned())
+                .or_default() += 1;
+            Outcome::Ok
+        }
+    }))
+    .start()
+    .await
+    .expect("consumer");
+
+    let published = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for p in 0..publishers {
+        let publisher = Publisher::new(bus.clone()).with_policy(RetryPolicy {
+            max_attempts: 100,
+            min_delay: Duration::from_millis(50),
+            max_delay: Duration::from_millis(500),
+        });
+        let published = published.clone();
+        tasks.push(tokio::spawn(async move {
+            let topic = Topic::parse(&format!("ampy.dev.news.v1.fault.p{p}")).unwrap();
+            let mut failed = Vec::new();
+            for i in (p..n).step_by(publishers) {
+                match publisher
+                    .publish(&topic, headers(&format!("k{}", i % 32)), format!("m{i}"))
+                    .await
+                {
+                    Ok(_) => {
+                        published.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(e) => failed.push((i, e.to_string())),
+                }
+            }
+            failed
+        }));
+    }
+
+    // Mid-run: a third published and some handled, then the crash and the restart.
+    let hang = ampybus_conformance::hang_timeout();
+    let start = Instant::now();
+    while published.load(Ordering::SeqCst) < (n / 3) as u64 || effects.lock().unwrap().is_empty() {
+        assert!(start.elapsed() < hang, "no progress before the crash");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let at_crash = (
+        published.load(Ordering::SeqCst),
+        effects.lock().unwrap().len(),
+    );
+    server.kill();
+    tokio::time::sleep(Duration::from_millis(500)).await; // the outage itself, not a sync
+    server.restart();
+    eprintln!(
+        "server killed after {} published / {} handled; restarted",
+        at_crash.0, at_crash.1
+    );
+
+    for t in tasks {
+        let failed = tokio::time::timeout(hang, t)
+            .await
+            .expect("a publisher hung")
+            .expect("publisher task");
+        assert!(
+            failed.is_empty(),
+            "publishes failed after retries: {:?}",
+            &failed[..failed.len().min(5)]
+        );
+    }
+    assert_eq!(published.load(Ordering::SeqCst), n as u64);
+
+    let start = Instant::now();
+    loop {
+        let done = effects.lock().unwrap().len();
+        let s = consumer.stats();
+        if done == n && s.in_flight == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < hang,
+            "timed out: {done} of {n} handled; {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stats = consumer.shutdown(Duration::from_secs(10)).await;
+    let effects = effects.lock().unwrap();
+    assert_eq!(effects.len(), n, "distinct messages handled");
+    let again: Vec<(&String, &u32)> = effects.iter().filter(|(_, c)| **c > 1).collect();
+    // Handlers that finished but whose dedupe record and ack were cut by the crash may run
+    // again; at most what was in flight then.
+    assert!(
+        again.len() <= 512,
+        "{} messages handled more than once",
+        again.len()
+    );
+    assert_eq!(stats.dead_lettered_total(), 0, "{stats:?}");
+    eprintln!(
+        "n={n}: all published ({publishers} publishers), all handled; {} handled twice (in flight at the crash), {} skipped as applied; stats {stats:?}",
+        again.len(),
+        stats.skipped_duplicates
+    );
+}
+
+/// An existing stream that captures the subjects (the seed's `AMPY` on `ampy.>`, no age limit)
+/// is used, never changed; one whose settings break the semantics is refused with the list;
+/// one that captures only part of a domain is refused too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn existing_streams_are_used_or_refused_with_the_reasons() {
+    use async_nats::jetstream::stream;
+    let dir = tempfile::tempdir().unwrap();
+    let store_dir = dir.path().join("js");
+    let server = Server::start(dir.path(), &["-js", "-sd", store_dir.to_str().unwrap()]);
+    let client = async_nats::connect(format!("127.0.0.1:{}", server.port))
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::new(client);
+    let seed = stream::Config {
+        name: "AMPY".into(),
+        subjects: vec!["ampy.dev.>".into()],
+        ..Default::default()
+    };
+    js.create_stream(seed).await.expect("seed stream");
+
+    let bus = Bus::connect(&server.url("nats", "")).await.unwrap();
+    let topic = Topic::parse("ampy.dev.bars.v1.XNAS.AAPL").unwrap();
+    let r = bus
+        .publish(&topic, headers("XNAS.AAPL"), b"bar".to_vec())
+        .await
+        .unwrap();
+    assert_eq!((r.sequence, r.duplicate), (1, false));
+    let mut s = js.get_stream("AMPY").await.unwrap();
+    let info = s.info().await.unwrap().clone();
+    assert_eq!(info.state.messages, 1, "stored in the existing stream");
+    assert_eq!(
+        info.config.max_age,
+        Duration::ZERO,
+        "existing stream left unchanged"
+    );
+    let mut names = Vec::new();
+    let mut list = js.stream_names();
+    while let Some(n) = futures::StreamExt::next(&mut list).await {
+        names.push(n.unwrap());
+    }
+    assert_eq!(names, vec!["AMPY"], "no stream of ours created beside it");
+
+    // A memory stream with discard new for paper orders: fatal, both reasons listed.
+    let bad = stream::Config {
+        name: "PAPER_ORDERS_MEM".into(),
+        subjects: vec!["ampy.paper.orders.>".into()],
+        storage: stream::StorageType::Memory,
+        discard: stream::DiscardPolicy::New,
+        ..Default::default()
+    };
+    js.create_stream(bad).await.unwrap();
+    let orders = Topic::parse("ampy.paper.orders.v1.requests").unwrap();
+    let e = bus
+        .publish(&orders, headers("co_1"), b"o".to_vec())
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Config, "{e}");
+    let text = e.to_string();
+    assert!(text.contains("PAPER_ORDERS_MEM"), "{text}");
+    assert!(text.contains("storage"), "{text}");
+    assert!(text.contains("discard"), "{text}");
+
+    // Part of the prod fills domain captured by someone else: refused, naming it.
+    let partial = stream::Config {
+        name: "SOME_FILLS".into(),
+        subjects: vec!["ampy.prod.fills.v1.special".into()],
+        ..Default::default()
+    };
+    js.create_stream(partial).await.unwrap();
+    let fills = Topic::parse("ampy.prod.fills.v1.other").unwrap();
+    let e = bus
+        .publish(&fills, headers("acct|co_1"), b"f".to_vec())
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Config, "{e}");
+    assert!(e.to_string().contains("SOME_FILLS"), "{e}");
+}
+
+/// Durable pull consumers: two instances of one name share the work (each message handled
+/// once in all); a pattern over several domains (`ampy.dev.>`) reads every domain stream;
+/// `StartAt::Latest` skips what was there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_consumers_share_work_span_domains_and_start_latest() {
+    use ampybus::transport::StartAt;
+    let dir = tempfile::tempdir().unwrap();
+    let store_dir = dir.path().join("js");
+    let server = Server::start(dir.path(), &["-js", "-sd", store_dir.to_str().unwrap()]);
+    let url = server.url("nats", "?stream_prefix=SHARE");
+    let bus = Bus::connect(&url).await.unwrap();
+    let news = Topic::parse("ampy.dev.news.v1.raw").unwrap();
+    let bars = Topic::parse("ampy.dev.bars.v1.XNAS.MSFT").unwrap();
+    let n = 400usize;
+    let mut batch = Vec::new();
+    for i in 0..n {
+        let (t, k) = if i % 2 == 0 {
+            (&news, format!("n-{}", i % 7))
+        } else {
+            (&bars, "XNAS.MSFT".to_owned())
+        };
+        batch.push(ampybus::Envelope::new(t, headers(&k), format!("m{i}")));
+    }
+    bus.publish_batch(batch).await.expect("publish");
+
+    let effects: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    let per_instance: Arc<[AtomicU64; 2]> = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+    let mut handles = Vec::new();
+    for inst in 0..2 {
+        let b = Bus::connect(&url).await.unwrap();
+        let (effects, per_instance) = (effects.clone(), per_instance.clone());
+        handles.push(
+            Consumer::builder(b, TopicPattern::parse("ampy.dev.>").unwrap(), "sharers")
+                .max_in_flight(16)
+                .handler(handler_fn(move |m: Message| {
+                    let (effects, per_instance) = (effects.clone(), per_instance.clone());
+                    async move {
+                        // Simulated work, so that both instances get a share.
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                        per_instance[inst].fetch_add(1, Ordering::SeqCst);
+                        *effects
+                            .lock()
+                            .unwrap()
+                            .entry(String::from_utf8_lossy(&m.payload).into_owned())
+                            .or_default() += 1;
+                        Outcome::Ok
+                    }
+                }))
+                .start()
+                .await
+                .expect("consumer"),
+        );
+    }
+    let start = Instant::now();
+    while effects.lock().unwrap().len() < n {
+        assert!(
+            start.elapsed() < ampybus_conformance::hang_timeout(),
+            "not all handled"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut total = 0;
+    for h in handles {
+        let s = h.shutdown(Duration::from_secs(10)).await;
+        total += s.handled_ok;
+    }
+    {
+        let effects = effects.lock().unwrap();
+        assert_eq!(effects.len(), n);
+        assert!(effects.values().all(|c| *c == 1), "a message handled twice");
+    }
+    assert_eq!(total, n as u64);
+    let shares = [
+        per_instance[0].load(Ordering::SeqCst),
+        per_instance[1].load(Ordering::SeqCst),
+    ];
+    assert!(
+        shares[0] > 0 && shares[1] > 0,
+        "both instances worked: {shares:?}"
+    );
+    eprintln!("shares of the two instances: {shares:?}");
+
+    // A new consumer starting at the latest message sees only what comes after it.
+    let mut sub = bus
+        .subscribe(SubscribeSpec {
+            start: StartAt::Latest,
+            ..SubscribeSpec::durable(TopicPattern::parse("ampy.dev.news.>").unwrap(), "late")
+        })
+        .await
+        .unwrap();
+    bus.publish(&news, headers("n-9"), b"after".to_vec())
+        .await
+        .unwrap();
+    let got = sub.fetch(100, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(&got[0].envelope.payload[..], b"after");
+    assert_eq!(got[0].info.delivery_count, 1);
+    for d in got {
+        d.ack().await.map_err(|(e, _)| e).unwrap();
+    }
+    assert!(
+        sub.fetch(10, Duration::from_millis(300))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// A 3-node JetStream cluster on loopback, streams and consumers with 3 replicas: one node is
+/// killed mid-run (publishers and a consumer active, connected to all three seeds). None lost,
+/// each applied once (the dedupe store skips redeliveries), publishers finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_node_loss_mid_run_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        let d = dir.path().join(format!("n{i}"));
+        std::fs::create_dir_all(&d).unwrap();
+        let routes: Vec<String> = (0..3)
+            .filter(|j| *j != i)
+            .map(|j| format!("\"nats-route://127.0.0.1:{}\"", cluster_ports[j]))
+            .collect();
+        let conf = d.join("nats.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                r#"
+server_name: n{i}
+jetstream {{ store_dir: "{}" }}
+cluster {{
+  name: ampytest
+  listen: 127.0.0.1:{}
+  routes: [{}]
+}}
+"#,
+                d.join("js").display(),
+                cluster_ports[i],
+                routes.join(", ")
+            ),
+        )
+        .unwrap();
+        nodes.push(Server::start(&d, &["-c", conf.to_str().unwrap()]));
+    }
+    let seeds: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("127.0.0.1:{}", n.port))
+        .collect();
+    let url = format!(
+        "nats://{}?stream_prefix=CLU&replicas=3&request_timeout_ms=3000",
+        seeds.join(",")
+    );
+    // The cluster elects its JetStream meta leader first: connect (and create the stream)
+    // until that is done, bounded.
+    let start = Instant::now();
+    let topic = Topic::parse("ampy.dev.news.v1.cluster.t").unwrap();
+    let bus = loop {
+        match Bus::connect(&url).await {
+            Ok(b) => match b.publish(&topic, headers("warm"), b"warm".to_vec()).await {
+                Ok(_) => break b,
+                Err(e) => eprintln!("cluster not ready: {e}"),
+            },
+            Err(e) => eprintln!("cluster not ready: {e}"),
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "cluster never ready"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let n = ((5_000.0 * ampybus_conformance::scale()) as usize).max(500);
+    let store: Arc<dyn DedupeStore> = Arc::new(
+        NatsKvDedupeStore::connect(&url)
+            .await
+            .expect("dedupe store"),
+    );
+    let effects: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    let e2 = effects.clone();
+    let consumer = Consumer::builder(
+        bus.clone(),
+        TopicPattern::parse("ampy.dev.news.v1.cluster.>").unwrap(),
+        "cluster-consumer",
+    )
+    .dedupe(store)
+    .max_in_flight(256)
+    .ack_deadline(Duration::from_secs(5))
+    .handler(handler_fn(move |m: Message| {
+        let effects = e2.clone();
+        async move {
+            *effects
+                .lock()
+                .unwrap()
+                .entry(String::from_utf8_lossy(&m.payload).into_owned())
+                .or_default() += 1;
+            Outcome::Ok
+        }
+    }))
+    .start()
+    .await
+    .expect("consumer");
+    let published = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for p in 0..4usize {
+        let publisher = Publisher::new(bus.clone()).with_policy(RetryPolicy {
+            max_attempts: 100,
+            min_delay: Duration::from_millis(50),
+            max_delay: Duration::from_millis(500),
+        });
+        let (published, topic) = (published.clone(), topic.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut failed = Vec::new();
+            for i in (p..n).step_by(4) {
+                match publisher
+                    .publish(&topic, headers(&format!("k{}", i % 16)), format!("m{i}"))
+                    .await
+                {
+                    Ok(_) => {
+                        published.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(e) => failed.push((i, e.to_string())),
+                }
+            }
+            failed
+        }));
+    }
+    let hang = ampybus_conformance::hang_timeout();
+    let start = Instant::now();
+    while published.load(Ordering::SeqCst) < (n / 3) as u64 {
+        assert!(start.elapsed() < hang, "no progress before the node loss");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    nodes[1].kill();
+    eprintln!(
+        "node n1 killed after {} published",
+        published.load(Ordering::SeqCst)
+    );
+    for t in tasks {
+        let failed = tokio::time::timeout(hang, t)
+            .await
+            .expect("a publisher hung")
+            .expect("publisher task");
+        assert!(failed.is_empty(), "{:?}", &failed[..failed.len().min(3)]);
+    }
+    let start = Instant::now();
+    loop {
+        // `warm` is handled too.
+        let done = effects.lock().unwrap().len();
+        if done == n + 1 && consumer.stats().in_flight == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < hang,
+            "timed out: {done} of {} handled; {:?}",
+            n + 1,
+            consumer.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stats = consumer.shutdown(Duration::from_secs(10)).await;
+    let twice = effects.lock().unwrap().values().filter(|c| **c > 1).count();
+    assert!(twice <= 256, "{twice} handled more than once");
+    eprintln!("cluster: n={n}, all handled, {twice} handled twice; {stats:?}");
+}
+
+/// Token (userinfo) and NKey seed (`?nkey=`) authentication; a wrong token is refused clearly
+/// and never shown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_and_nkey_authentication() {
+    let user = nkeys::KeyPair::new_user();
+    let seed = user.seed().unwrap();
+    for (auth, good, bad) in [
+        (
+            "authorization { token: \"t0ken-s3cret\" }".to_owned(),
+            "t0ken-s3cret@".to_owned(),
+            "wrong-t0ken@".to_owned(),
+        ),
+        (
+            format!(
+                "authorization {{ users = [ {{ nkey: \"{}\" }} ] }}",
+                user.public_key()
+            ),
+            String::new(),
+            String::new(),
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("nats.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "jetstream {{ store_dir: \"{}\" }}\n{auth}\n",
+                dir.path().join("js").display()
+            ),
+        )
+        .unwrap();
+        let server = Server::start(dir.path(), &["-c", conf.to_str().unwrap()]);
+        let nkey = auth.contains("nkey");
+        let q = if nkey {
+            format!("?nkey={seed}&stream_prefix=AUTH")
+        } else {
+            "?stream_prefix=AUTH".to_owned()
+        };
+        let url = format!("nats://{good}127.0.0.1:{}{q}", server.port);
+        let bus = Bus::connect(&url).await.expect("authenticated connect");
+        let topic = Topic::parse("ampy.dev.news.v1.auth.x").unwrap();
+        bus.publish(&topic, headers("k"), b"x".to_vec())
+            .await
+            .expect("publish");
+        let (wrong, secret) = if nkey {
+            let other = nkeys::KeyPair::new_user().seed().unwrap();
+            (
+                format!("nats://127.0.0.1:{}?nkey={other}", server.port),
+                other,
+            )
+        } else {
+            (
+                format!("nats://{bad}127.0.0.1:{}", server.port),
+                "wrong-t0ken".to_owned(),
+            )
+        };
+        let e = timed(
+            "wrong credentials",
+            Duration::from_secs(15),
+            Bus::connect(&wrong),
+        )
+        .await
+        .unwrap_err();
+        let shown = format!("{e} {e:?}");
+        assert!(shown.to_ascii_lowercase().contains("auth"), "{shown}");
+        assert!(!shown.contains(&secret), "secret shown: {shown}");
+    }
+}
+
+/// Replay over a pattern spanning several streams pages through every stream in store order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_across_streams_pages_in_store_order() {
+    use ampybus::transport::WindowQuery;
+    let dir = tempfile::tempdir().unwrap();
+    let store_dir = dir.path().join("js");
+    let server = Server::start(dir.path(), &["-js", "-sd", store_dir.to_str().unwrap()]);
+    let bus = Bus::connect(&server.url("nats", "?stream_prefix=RPL"))
+        .await
+        .unwrap();
+    let news = Topic::parse("ampy.dev.news.v1.raw").unwrap();
+    let bars = Topic::parse("ampy.dev.bars.v1.XNAS.AAPL").unwrap();
+    let mut want = Vec::new();
+    for i in 0..20 {
+        let (t, k) = if i % 3 == 0 {
+            (&bars, "XNAS.AAPL")
+        } else {
+            (&news, "n-1")
+        };
+        bus.publish(t, headers(k), format!("m{i}")).await.unwrap();
+        want.push(format!("m{i}"));
+    }
+    let reader = bus.replay().expect("replay");
+    let mut q = WindowQuery::new(TopicPattern::parse("ampy.dev.>").unwrap());
+    q.limit = 3;
+    let mut got = Vec::new();
+    loop {
+        let page = reader.read_window(&q).await.expect("read_window");
+        let Some(last) = page.last() else { break };
+        assert!(page.len() <= 3);
+        q.after_sequence = last.sequence;
+        got.extend(
+            page.iter()
+                .map(|m| String::from_utf8_lossy(&m.envelope.payload).into_owned()),
+        );
+    }
+    assert_eq!(got, want);
+}

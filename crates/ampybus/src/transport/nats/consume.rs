@@ -1,0 +1,498 @@
+//! Consuming: durable pull consumers with explicit ack, one per stream a pattern spans, merged
+//! into one [`Subscription`].
+//!
+//! * `SubscribeSpec::durable` names the consumer on every stream; instances using the same
+//!   name share the work (pull consumers hand each message to one puller).
+//! * AckWait = `SubscribeSpec::ack_deadline`; `MaxDeliver` unlimited (the runtime counts
+//!   attempts and dead-letters itself, so the server never drops a message);
+//!   `max_ack_pending` from [`super::NatsOptions::max_ack_pending`].
+//! * `StartAt` maps to deliver policy all / new / by start time, for a new consumer; an
+//!   existing one resumes where it was (its ack wait and max ack pending are updated to ours).
+//! * `fetch(max, wait)`: a no-wait pull for what is there; when nothing is, a pull for one
+//!   message that waits up to `wait`, then a no-wait pull for the rest. No pull request is
+//!   left open on the server between calls, so nothing is delivered to a puller that is gone.
+//! * Settling: `+ACK` (then a flush, so an ack has reached the server when it returns),
+//!   `-NAK {"delay": ns}`, `+WPI`.
+
+use super::{Shared, from_header_map, streams};
+use crate::envelope::Envelope;
+use crate::error::{Error, ErrorKind, Result};
+use crate::transport::{Delivery, DeliveryInfo, Settler, StartAt, SubscribeSpec, Subscription};
+use async_nats::jetstream::consumer::{self, AckPolicy, DeliverPolicy, PullConsumer, pull};
+use async_trait::async_trait;
+use futures::StreamExt;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// A NATS consumer name from a durable name: `.`, `*`, `>`, whitespace, `/` and `\` become `_`.
+pub(crate) fn consumer_name(durable: &str) -> String {
+    durable
+        .chars()
+        .map(|c| {
+            if c == '.' || c == '*' || c == '>' || c == '/' || c == '\\' || c.is_whitespace() {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
+struct Part {
+    stream: String,
+    filter: String,
+    consumer: PullConsumer,
+    settler: Arc<PartSettler>,
+    /// A pull failed or was not answered: open the consumer again before the next pull (the
+    /// server may have restarted and lost the request, or the consumer may be gone).
+    stale: bool,
+}
+
+struct PartSettler {
+    client: async_nats::Client,
+    replies: Mutex<HashMap<u64, async_nats::Subject>>,
+    ack_none: bool,
+    where_: String,
+    flush_timeout: Duration,
+}
+
+impl PartSettler {
+    fn reply(&self, seq: u64, take: bool) -> Option<async_nats::Subject> {
+        let mut m = self.replies.lock().unwrap_or_else(|p| p.into_inner());
+        if take {
+            m.remove(&seq)
+        } else {
+            m.get(&seq).cloned()
+        }
+    }
+
+    async fn send(&self, reply: async_nats::Subject, body: bytes::Bytes) -> Result<()> {
+        self.client.publish(reply, body).await.map_err(|e| {
+            Error::with_source(
+                ErrorKind::Transport,
+                format!("{}: settling a delivery failed", self.where_),
+                e,
+            )
+        })
+    }
+}
+
+#[async_trait]
+impl Settler for PartSettler {
+    async fn ack(&self, sequences: &[u64]) -> Result<()> {
+        if self.ack_none {
+            return Ok(());
+        }
+        let mut sent = 0;
+        for &seq in sequences {
+            match self.reply(seq, true) {
+                Some(r) => {
+                    self.send(r, bytes::Bytes::from_static(b"+ACK")).await?;
+                    sent += 1;
+                }
+                None => {
+                    tracing::debug!(seq, "nats: ack of a sequence with no outstanding delivery")
+                }
+            }
+        }
+        if sent > 0 {
+            match tokio::time::timeout(self.flush_timeout, self.client.flush()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    return Err(Error::with_source(
+                        ErrorKind::Transport,
+                        format!("{}: flushing {sent} acks failed", self.where_),
+                        e,
+                    ));
+                }
+                Err(_) => {
+                    return Err(Error::new(
+                        ErrorKind::Timeout,
+                        format!(
+                            "{}: {sent} acks not confirmed flushed within {:?} (disconnected?)",
+                            self.where_, self.flush_timeout
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn nack(&self, sequence: u64, delay: Duration) -> Result<()> {
+        if self.ack_none {
+            return Ok(());
+        }
+        let Some(r) = self.reply(sequence, true) else {
+            return Ok(());
+        };
+        let body = if delay.is_zero() {
+            bytes::Bytes::from_static(b"-NAK")
+        } else {
+            bytes::Bytes::from(format!("-NAK {{\"delay\":{}}}", delay.as_nanos()))
+        };
+        self.send(r, body).await
+    }
+
+    async fn in_progress(&self, sequence: u64) -> Result<()> {
+        if self.ack_none {
+            return Ok(());
+        }
+        match self.reply(sequence, false) {
+            Some(r) => self.send(r, bytes::Bytes::from_static(b"+WPI")).await,
+            None => Ok(()),
+        }
+    }
+}
+
+pub(crate) struct NatsSubscription {
+    shared: Arc<Shared>,
+    spec: SubscribeSpec,
+    parts: Vec<Part>,
+    next: usize,
+    where_: String,
+}
+
+pub(crate) async fn subscribe(
+    shared: &Arc<Shared>,
+    spec: SubscribeSpec,
+) -> Result<Box<dyn Subscription>> {
+    // A durable consumer needs its streams (it starts at their earliest message); an
+    // ephemeral reader only reads what exists.
+    let targets =
+        streams::streams_for_pattern(shared, &spec.pattern, spec.durable.is_some()).await?;
+    let mut parts = Vec::with_capacity(targets.len());
+    for (stream, filter) in targets {
+        let consumer = open_consumer(shared, &stream.name, &filter, &spec).await?;
+        parts.push(Part {
+            stream: stream.name.clone(),
+            filter,
+            stale: false,
+            consumer,
+            settler: Arc::new(PartSettler {
+                client: shared.client.clone(),
+                replies: Mutex::new(HashMap::new()),
+                ack_none: spec.durable.is_none(),
+                where_: format!("{} stream {}", shared.where_(), stream.name),
+                flush_timeout: shared.opts.request_timeout,
+            }),
+        });
+    }
+    Ok(Box::new(NatsSubscription {
+        shared: shared.clone(),
+        spec,
+        parts,
+        next: 0,
+        where_: shared.where_(),
+    }))
+}
+
+fn deliver_policy(start: StartAt) -> DeliverPolicy {
+    match start {
+        StartAt::Earliest => DeliverPolicy::All,
+        StartAt::Latest => DeliverPolicy::New,
+        StartAt::Time(t) => DeliverPolicy::ByStartTime { start_time: t },
+    }
+}
+
+async fn open_consumer(
+    shared: &Shared,
+    stream: &str,
+    filter: &str,
+    spec: &SubscribeSpec,
+) -> Result<PullConsumer> {
+    let where_ = format!("{} stream {stream}", shared.where_());
+    let js = &shared.js;
+    let api = |what: String, e: Box<dyn std::error::Error + Send + Sync>| {
+        let text = e.to_string();
+        let kind = if text.contains("timed out") {
+            ErrorKind::Timeout
+        } else {
+            ErrorKind::Transport
+        };
+        Error::with_source(kind, format!("{where_}: {what}: {text}"), e)
+    };
+    let Some(durable) = &spec.durable else {
+        let cfg = pull::Config {
+            deliver_policy: deliver_policy(spec.start),
+            ack_policy: AckPolicy::None,
+            filter_subject: filter.to_owned(),
+            inactive_threshold: Duration::from_secs(60),
+            replay_policy: consumer::ReplayPolicy::Instant,
+            ..Default::default()
+        };
+        return js
+            .create_consumer_on_stream(cfg, stream)
+            .await
+            .map_err(|e| {
+                api(
+                    format!("creating an ephemeral consumer on `{filter}`"),
+                    e.into(),
+                )
+            });
+    };
+    let name = consumer_name(durable);
+    if name.is_empty() {
+        return Err(Error::config("subscribe: empty durable consumer name"));
+    }
+    let ack_wait = spec.ack_deadline.max(Duration::from_millis(100));
+    match js
+        .get_consumer_from_stream::<pull::Config, _, _>(&name, stream)
+        .await
+    {
+        Ok(mut c) => {
+            let info = c
+                .info()
+                .await
+                .map_err(|e| api(format!("reading consumer {name}"), e.into()))?
+                .clone();
+            let have = info.config;
+            if have.filter_subject != filter {
+                return Err(Error::config(format!(
+                    "{where_}: durable consumer {name} already exists with filter `{}`, not `{filter}`; use another consumer name or delete it",
+                    have.filter_subject
+                )));
+            }
+            if have.ack_policy != AckPolicy::Explicit {
+                return Err(Error::config(format!(
+                    "{where_}: durable consumer {name} exists with ack policy {:?}; ampybus needs explicit acks",
+                    have.ack_policy
+                )));
+            }
+            if have.ack_wait != ack_wait || have.max_ack_pending != shared.opts.max_ack_pending {
+                let cfg = pull::Config {
+                    durable_name: Some(name.clone()),
+                    deliver_policy: have.deliver_policy,
+                    ack_policy: AckPolicy::Explicit,
+                    ack_wait,
+                    max_deliver: have.max_deliver,
+                    filter_subject: have.filter_subject.clone(),
+                    replay_policy: have.replay_policy,
+                    max_waiting: have.max_waiting,
+                    max_ack_pending: shared.opts.max_ack_pending,
+                    description: have.description.clone(),
+                    num_replicas: have.num_replicas,
+                    inactive_threshold: have.inactive_threshold,
+                    ..Default::default()
+                };
+                match js.create_consumer_on_stream(cfg, stream).await {
+                    Ok(c2) => return Ok(c2),
+                    Err(e) => {
+                        tracing::warn!(consumer = %name, stream, error = %e, "nats: could not update ack wait / max ack pending of an existing consumer; using it as it is");
+                    }
+                }
+            }
+            Ok(c)
+        }
+        Err(_) => {
+            let cfg = pull::Config {
+                durable_name: Some(name.clone()),
+                description: Some("ampybus durable consumer".to_owned()),
+                deliver_policy: deliver_policy(spec.start),
+                ack_policy: AckPolicy::Explicit,
+                ack_wait,
+                max_deliver: -1,
+                filter_subject: filter.to_owned(),
+                replay_policy: consumer::ReplayPolicy::Instant,
+                max_ack_pending: shared.opts.max_ack_pending,
+                num_replicas: 0,
+                inactive_threshold: shared.opts.consumer_inactive.unwrap_or_default(),
+                ..Default::default()
+            };
+            js.create_consumer_on_stream(cfg, stream)
+                .await
+                .map_err(|e| {
+                    api(
+                        format!("creating durable consumer {name} on `{filter}`"),
+                        e.into(),
+                    )
+                })
+        }
+    }
+}
+
+impl NatsSubscription {
+    fn convert(&self, part: usize, msgs: Vec<async_nats::jetstream::Message>) -> Vec<Delivery> {
+        let p = &self.parts[part];
+        let mut out = Vec::with_capacity(msgs.len());
+        for m in msgs {
+            let info = match m.info() {
+                Ok(i) => DeliveryInfo {
+                    sequence: i.stream_sequence,
+                    delivery_count: u32::try_from(i.delivered.max(1)).unwrap_or(u32::MAX),
+                    stored_at: i.published,
+                },
+                Err(e) => {
+                    tracing::warn!(stream = %p.stream, error = %e, "nats: a delivery without JetStream metadata was skipped");
+                    continue;
+                }
+            };
+            if let Some(r) = m.message.reply.clone() {
+                p.settler
+                    .replies
+                    .lock()
+                    .unwrap_or_else(|x| x.into_inner())
+                    .insert(info.sequence, r);
+            }
+            let envelope = Envelope {
+                topic: m.message.subject.to_string(),
+                headers: from_header_map(m.message.headers.as_ref()),
+                payload: m.message.payload.clone(),
+            };
+            out.push(Delivery::new(envelope, info, p.settler.clone()));
+        }
+        out
+    }
+
+    async fn pull(
+        &self,
+        part: usize,
+        max: usize,
+        wait: Option<Duration>,
+    ) -> Result<Vec<async_nats::jetstream::Message>> {
+        // A pull the server never answers (lost in a disconnect, server restarted) must not
+        // hang the consumer: bound it, and reopen the consumer before the next one.
+        let limit = wait.unwrap_or_default() + self.shared.opts.request_timeout;
+        match tokio::time::timeout(limit, self.pull_inner(part, max, wait)).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::new(
+                ErrorKind::Timeout,
+                format!(
+                    "{} stream {}: pull request not answered within {limit:?}",
+                    self.where_, self.parts[part].stream
+                ),
+            )),
+        }
+    }
+
+    async fn pull_inner(
+        &self,
+        part: usize,
+        max: usize,
+        wait: Option<Duration>,
+    ) -> Result<Vec<async_nats::jetstream::Message>> {
+        let p = &self.parts[part];
+        let batch = match wait {
+            None => p.consumer.fetch().max_messages(max).messages().await,
+            Some(w) => {
+                p.consumer
+                    .batch()
+                    .max_messages(max)
+                    .expires(w)
+                    .messages()
+                    .await
+            }
+        }
+        .map_err(|e| {
+            Error::with_source(
+                ErrorKind::Transport,
+                format!("{} stream {}: pull request failed", self.where_, p.stream),
+                e,
+            )
+        })?;
+        let mut batch = std::pin::pin!(batch);
+        let mut out = Vec::new();
+        while let Some(m) = batch.next().await {
+            match m {
+                Ok(m) => out.push(m),
+                Err(e) => {
+                    if out.is_empty() {
+                        return Err(Error::with_source(
+                            ErrorKind::Transport,
+                            format!("{} stream {}: pull failed", self.where_, p.stream),
+                            e,
+                        ));
+                    }
+                    tracing::debug!(error = %e, "nats: pull ended early");
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[async_trait]
+impl Subscription for NatsSubscription {
+    async fn fetch(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        if self.parts.is_empty() {
+            // An ephemeral reader over streams that do not exist: nothing to read.
+            tokio::time::sleep(wait).await;
+            return Ok(Vec::new());
+        }
+        for i in 0..self.parts.len() {
+            if self.parts[i].stale {
+                let (stream, filter) = (self.parts[i].stream.clone(), self.parts[i].filter.clone());
+                let c = open_consumer(&self.shared, &stream, &filter, &self.spec).await?;
+                self.parts[i].consumer = c;
+                self.parts[i].stale = false;
+                tracing::info!(stream = %stream, "nats: consumer reopened after a failed pull");
+            }
+        }
+        let n = self.parts.len();
+        let first = self.next % n;
+        self.next = self.next.wrapping_add(1);
+        let order: Vec<usize> = (0..n).map(|i| (first + i) % n).collect();
+        let mut out = Vec::new();
+        for &i in &order {
+            if out.len() >= max {
+                break;
+            }
+            match self.pull(i, max - out.len(), None).await {
+                Ok(got) => out.extend(self.convert(i, got)),
+                Err(e) => {
+                    self.parts[i].stale = true;
+                    if out.is_empty() {
+                        return Err(e);
+                    }
+                    return Ok(out);
+                }
+            }
+        }
+        if !out.is_empty() || wait < Duration::from_millis(20) {
+            return Ok(out);
+        }
+        // Nothing there: wait for one message on each stream (at most `max` streams).
+        let waiting: Vec<usize> = order.into_iter().take(max).collect();
+        let results =
+            futures::future::join_all(waiting.iter().map(|&i| self.pull(i, 1, Some(wait)))).await;
+        let mut err = None;
+        let mut woke = Vec::new();
+        for (&i, r) in waiting.iter().zip(results) {
+            match r {
+                Ok(got) if !got.is_empty() => {
+                    woke.push(i);
+                    out.extend(self.convert(i, got));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.parts[i].stale = true;
+                    err = Some(e);
+                }
+            }
+        }
+        if out.is_empty()
+            && let Some(e) = err
+        {
+            return Err(e);
+        }
+        for i in woke {
+            if out.len() >= max {
+                break;
+            }
+            match self.pull(i, max - out.len(), None).await {
+                Ok(got) => out.extend(self.convert(i, got)),
+                Err(e) => {
+                    tracing::debug!(error = %e, "nats: pull after a wake-up failed");
+                    self.parts[i].stale = true;
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+}

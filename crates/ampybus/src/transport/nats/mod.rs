@@ -1,0 +1,900 @@
+//! The NATS JetStream binding (cargo feature `nats`): `nats://` and `tls://` URLs.
+//!
+//! * **Wire form.** Subject = topic; the contract headers travel as NATS headers with exactly
+//!   their names, plus `Nats-Msg-Id` = `message_id` so the stream's duplicate window catches
+//!   producer retries. On consume, `Nats-*` headers are dropped and everything else is handed
+//!   to the runtime as is (it normalises liberal forms: lower-snake headers from the seed's
+//!   Python package, no `traceparent`, `+00:00` offsets, UUIDv4 ids).
+//! * **Streams** ([`streams`]): one per env + domain, `{prefix}_{ENV}_{DOMAIN}` capturing
+//!   `ampy.{env}.{domain}.>`, created on first use; an existing stream that already captures
+//!   the subjects (the seed's `AMPY` on `ampy.>`, say) is used instead. See
+//!   [`streams::compare`] for what is fatal and what is a warning.
+//! * **Publish**: pipelined, at most [`NatsOptions::max_in_flight`] unacknowledged, every
+//!   PubAck awaited and checked.
+//! * **Consume**: durable pull consumers with explicit ack, one per stream the pattern spans,
+//!   merged into one subscription; unlimited `MaxDeliver` (the runtime retries and
+//!   dead-letters itself). Durable consumers create missing streams; ephemeral readers and
+//!   replay only read streams that exist.
+//! * **Replay** by store time and keys ([`crate::transport::ReplayByTime`]).
+//! * **Dedupe** on a JetStream KV bucket ([`NatsKvDedupeStore`]).
+//!
+//! # URL
+//!
+//! `nats://[user:password@|token@]host[:port][,host2[:port]…][?option=value&…]`, or `tls://…`
+//! (TLS required). Options:
+//!
+//! | option | meaning |
+//! |---|---|
+//! | `tls=true` | require TLS (implied by `tls://`) |
+//! | `tls_ca=PATH` | extra root CA (PEM) |
+//! | `tls_cert=PATH`, `tls_key=PATH` | client certificate and key (PEM), for mutual TLS |
+//! | `user=…`, `password=…` | user and password (also from the userinfo) |
+//! | `token=…` | token (also a userinfo without `:`) |
+//! | `nkey=SEED` | NKey seed (`SU…`) |
+//! | `creds=PATH` | credentials file (JWT + NKey seed) |
+//! | `name=…` | connection name shown by the server |
+//! | `connect_timeout_ms=N` | initial connect timeout (default 5,000) |
+//! | `request_timeout_ms=N` | JetStream API and PubAck timeout (default 5,000) |
+//! | `max_in_flight=N` | unacknowledged publishes at most (default 4,096) |
+//! | `stream_prefix=NAME` | prefix of the streams this binding creates (default `AMPY`) |
+//! | `replicas=N` | replicas of created streams and buckets (default 1) |
+//! | `duplicate_window_ms=N` | duplicate window of created streams (default 120,000) |
+//! | `max_age_days=N` | max age of created streams, every domain (default 7; 30 for orders, fills, positions, dlq) |
+//! | `max_ack_pending=N` | per durable consumer (default 10,000) |
+//! | `consumer_inactive_s=N` | durable consumers this binding creates are removed by the server after N s without a puller (default: never; for tests and short-lived tools) |
+//! | `update_streams=true` | update an existing stream's max age, duplicate window and replicas to ours (never by default) |
+//! | `max_reconnects=N` | give up after N reconnect attempts (default: never) |
+//!
+//! **Which option wins**: defaults, then the URL (userinfo, then query options, so
+//! `?user=` overrides the userinfo), then whatever code sets on the [`NatsOptions`] returned by
+//! [`NatsOptions::from_url`] before [`NatsTransport::connect`] — the builder is applied last.
+//!
+//! ```
+//! use ampybus::transport::nats::NatsOptions;
+//! let mut o = NatsOptions::from_url("nats://bob:pw@n1:4222,n2:4223?stream_prefix=T1").unwrap();
+//! assert_eq!(o.servers, vec!["n1:4222", "n2:4223"]);
+//! assert_eq!(o.stream_prefix, "T1");
+//! o.max_in_flight = 128; // code wins over the URL
+//! assert_eq!(o.max_in_flight, 128);
+//! ```
+
+mod consume;
+mod kv_dedupe;
+mod publish;
+mod replay;
+pub mod streams;
+
+pub use kv_dedupe::NatsKvDedupeStore;
+
+use crate::bus::redact;
+use crate::envelope::Envelope;
+use crate::error::{Error, ErrorKind, Result};
+use crate::headers::Headers;
+use crate::transport::{PublishReceipt, ReplayByTime, SubscribeSpec, Subscription, Transport};
+use async_trait::async_trait;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Options of a NATS connection and of the streams the binding creates.
+///
+/// ```
+/// use ampybus::transport::nats::NatsOptions;
+/// let o = NatsOptions::default();
+/// assert_eq!(o.servers, vec!["127.0.0.1:4222"]);
+/// assert_eq!(o.max_in_flight, 4096);
+/// ```
+#[derive(Clone)]
+pub struct NatsOptions {
+    /// `host:port` of every seed server.
+    pub servers: Vec<String>,
+    /// Require TLS.
+    pub tls: bool,
+    /// Extra root CA certificate (PEM file).
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM file), for mutual TLS.
+    pub tls_cert: Option<PathBuf>,
+    /// Client key (PEM file), for mutual TLS.
+    pub tls_key: Option<PathBuf>,
+    /// User name.
+    pub user: Option<String>,
+    /// Password.
+    pub password: Option<String>,
+    /// Token.
+    pub token: Option<String>,
+    /// NKey seed.
+    pub nkey_seed: Option<String>,
+    /// Credentials file (JWT and NKey seed).
+    pub creds_file: Option<PathBuf>,
+    /// Connection name.
+    pub name: Option<String>,
+    /// Initial connect timeout.
+    pub connect_timeout: Duration,
+    /// JetStream API and PubAck timeout.
+    pub request_timeout: Duration,
+    /// Unacknowledged publishes at most.
+    pub max_in_flight: usize,
+    /// Prefix of the streams (and dedupe buckets) this binding creates.
+    pub stream_prefix: String,
+    /// Replicas of created streams and buckets.
+    pub replicas: usize,
+    /// Duplicate window of created streams.
+    pub duplicate_window: Duration,
+    /// Max age of created streams for every domain; `None`: 7 days, 30 for trading domains.
+    pub max_age: Option<Duration>,
+    /// Per durable consumer: unacknowledged deliveries at most.
+    pub max_ack_pending: i64,
+    /// Update an existing stream's max age, duplicate window and replicas to ours.
+    pub update_streams: bool,
+    /// Durable consumers created by this binding are removed after this long without a
+    /// puller (`None`: kept until deleted).
+    pub consumer_inactive: Option<Duration>,
+    /// Give up after this many reconnect attempts (`None`: never).
+    pub max_reconnects: Option<usize>,
+}
+
+impl std::fmt::Debug for NatsOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secret = |o: &Option<String>| o.as_ref().map(|_| "***");
+        f.debug_struct("NatsOptions")
+            .field("servers", &self.servers)
+            .field("tls", &self.tls)
+            .field("tls_ca", &self.tls_ca)
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
+            .field("user", &self.user)
+            .field("password", &secret(&self.password))
+            .field("token", &secret(&self.token))
+            .field("nkey_seed", &secret(&self.nkey_seed))
+            .field("creds_file", &self.creds_file)
+            .field("stream_prefix", &self.stream_prefix)
+            .field("max_in_flight", &self.max_in_flight)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for NatsOptions {
+    fn default() -> Self {
+        NatsOptions {
+            servers: vec!["127.0.0.1:4222".to_owned()],
+            tls: false,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+            user: None,
+            password: None,
+            token: None,
+            nkey_seed: None,
+            creds_file: None,
+            name: None,
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(5),
+            max_in_flight: 4096,
+            stream_prefix: "AMPY".to_owned(),
+            replicas: 1,
+            duplicate_window: Duration::from_secs(120),
+            max_age: None,
+            max_ack_pending: 10_000,
+            update_streams: false,
+            consumer_inactive: None,
+            max_reconnects: None,
+        }
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2]))
+        {
+            out.push(h * 16 + l);
+            i += 3;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+impl NatsOptions {
+    /// Parses a `nats://` or `tls://` URL (see the module docs for the options). Errors name
+    /// the URL (credentials redacted), the option and the rule.
+    ///
+    /// ```
+    /// use ampybus::transport::nats::NatsOptions;
+    /// let o = NatsOptions::from_url("tls://s3cret@h:4443?tls_ca=/ca.pem").unwrap();
+    /// assert!(o.tls);
+    /// assert_eq!(o.token.as_deref(), Some("s3cret"));
+    /// let e = NatsOptions::from_url("nats://h?bogus=1").unwrap_err();
+    /// assert!(e.to_string().contains("bogus"));
+    /// ```
+    pub fn from_url(url: &str) -> Result<NatsOptions> {
+        let shown = redact(url);
+        let bad = |what: String| Error::config(format!("url {shown:?}: {what}"));
+        let url = url.trim();
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| bad("no `scheme://` (use nats:// or tls://)".into()))?;
+        let mut o = NatsOptions::default();
+        match scheme {
+            "nats" => {}
+            "tls" => o.tls = true,
+            other => {
+                return Err(bad(format!(
+                    "scheme `{other}` is not a NATS scheme (use nats:// or tls://)"
+                )));
+            }
+        }
+        let (authority, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let authority = authority.trim_end_matches('/');
+        if authority.contains('/') {
+            return Err(bad("a NATS URL takes no path".into()));
+        }
+        let (userinfo, hosts) = match authority.rfind('@') {
+            Some(i) => (Some(&authority[..i]), &authority[i + 1..]),
+            None => (None, authority),
+        };
+        if let Some(ui) = userinfo {
+            match ui.split_once(':') {
+                Some((u, p)) => {
+                    o.user = Some(percent_decode(u));
+                    o.password = Some(percent_decode(p));
+                }
+                None => o.token = Some(percent_decode(ui)),
+            }
+        }
+        let mut servers = Vec::new();
+        for h in hosts.split(',') {
+            let h = h.trim();
+            if h.is_empty() {
+                return Err(bad("empty server in the host list".into()));
+            }
+            let (host, port) = match h.rsplit_once(':') {
+                Some((host, port)) if !host.ends_with(']') || h.starts_with('[') => {
+                    let p: u16 = port.parse().map_err(|_| {
+                        bad(format!(
+                            "server `{h}`: port `{port}` is not a number 1..=65535"
+                        ))
+                    })?;
+                    if p == 0 {
+                        return Err(bad(format!("server `{h}`: port 0 is not valid")));
+                    }
+                    (host, p)
+                }
+                _ => (h, 4222),
+            };
+            if host.is_empty() || host.chars().any(|c| c.is_whitespace()) {
+                return Err(bad(format!("server `{h}`: empty or invalid host")));
+            }
+            servers.push(format!("{host}:{port}"));
+        }
+        o.servers = servers;
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let v = percent_decode(v);
+            let num = |k: &str| -> Result<u64> {
+                v.parse::<u64>().map_err(|_| {
+                    bad(format!(
+                        "option `{k}`: must be a non-negative integer (got {:?})",
+                        v
+                    ))
+                })
+            };
+            let flag = |k: &str| -> Result<bool> {
+                match v.as_str() {
+                    "true" | "1" | "yes" | "" => Ok(true),
+                    "false" | "0" | "no" => Ok(false),
+                    _ => Err(bad(format!("option `{k}`: must be true or false"))),
+                }
+            };
+            let nonempty = |k: &str| -> Result<String> {
+                if v.is_empty() {
+                    Err(bad(format!("option `{k}`: empty value")))
+                } else {
+                    Ok(v.clone())
+                }
+            };
+            match k {
+                "tls" => o.tls = flag(k)?,
+                "tls_ca" => o.tls_ca = Some(nonempty(k)?.into()),
+                "tls_cert" => o.tls_cert = Some(nonempty(k)?.into()),
+                "tls_key" => o.tls_key = Some(nonempty(k)?.into()),
+                "user" => o.user = Some(nonempty(k)?),
+                "password" | "pass" => o.password = Some(v.clone()),
+                "token" => o.token = Some(nonempty(k)?),
+                "nkey" => o.nkey_seed = Some(nonempty(k)?),
+                "creds" => o.creds_file = Some(nonempty(k)?.into()),
+                "name" => o.name = Some(nonempty(k)?),
+                "connect_timeout_ms" => {
+                    o.connect_timeout = Duration::from_millis(num(k)?.max(1));
+                }
+                "request_timeout_ms" => {
+                    o.request_timeout = Duration::from_millis(num(k)?.max(1));
+                }
+                "max_in_flight" => {
+                    let n = num(k)?;
+                    if n == 0 || n > 1_000_000 {
+                        return Err(bad(format!("option `{k}`: must be 1..=1000000 (got {n})")));
+                    }
+                    o.max_in_flight = n as usize;
+                }
+                "stream_prefix" => {
+                    let p = nonempty(k)?;
+                    if !p
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                    {
+                        return Err(bad(format!(
+                            "option `stream_prefix`: {p:?} may hold only letters, digits, `_` and `-`"
+                        )));
+                    }
+                    o.stream_prefix = p;
+                }
+                "replicas" => {
+                    let n = num(k)?;
+                    if !(1..=5).contains(&n) {
+                        return Err(bad(format!("option `{k}`: must be 1..=5 (got {n})")));
+                    }
+                    o.replicas = n as usize;
+                }
+                "duplicate_window_ms" => o.duplicate_window = Duration::from_millis(num(k)?),
+                "max_age_days" => o.max_age = Some(Duration::from_secs(num(k)? * 86_400)),
+                "max_ack_pending" => {
+                    let n = num(k)?;
+                    if n == 0 {
+                        return Err(bad(format!("option `{k}`: must be at least 1")));
+                    }
+                    o.max_ack_pending = n.min(i64::MAX as u64) as i64;
+                }
+                "update_streams" => o.update_streams = flag(k)?,
+                "consumer_inactive_s" => {
+                    let n = num(k)?;
+                    if n == 0 {
+                        return Err(bad(format!("option `{k}`: must be at least 1")));
+                    }
+                    o.consumer_inactive = Some(Duration::from_secs(n));
+                }
+                "max_reconnects" => o.max_reconnects = Some(num(k)? as usize),
+                other => {
+                    return Err(bad(format!(
+                        "unknown option `{other}` (known: tls, tls_ca, tls_cert, tls_key, user, password, token, nkey, creds, name, connect_timeout_ms, request_timeout_ms, max_in_flight, stream_prefix, replicas, duplicate_window_ms, max_age_days, max_ack_pending, consumer_inactive_s, update_streams, max_reconnects)"
+                    )));
+                }
+            }
+        }
+        if o.tls_cert.is_some() != o.tls_key.is_some() {
+            return Err(bad(
+                "options `tls_cert` and `tls_key` go together (mutual TLS needs both)".into(),
+            ));
+        }
+        Ok(o)
+    }
+
+    /// The server list as shown in logs and errors.
+    ///
+    /// ```
+    /// let o = ampybus::transport::nats::NatsOptions::default();
+    /// assert_eq!(o.servers_shown(), "127.0.0.1:4222");
+    /// ```
+    pub fn servers_shown(&self) -> String {
+        self.servers.join(",")
+    }
+}
+
+/// Reconnect delay: 50 ms doubling up to 5 s, with full jitter on top of half of it.
+fn reconnect_delay(attempt: usize) -> Duration {
+    let base = 50u64.saturating_mul(1u64 << attempt.min(7)).min(5_000);
+    let half = base / 2;
+    Duration::from_millis(half + rand::random_range(0..=half))
+}
+
+pub(crate) struct Shared {
+    pub(crate) client: async_nats::Client,
+    pub(crate) js: async_nats::jetstream::Context,
+    pub(crate) opts: NatsOptions,
+    pub(crate) streams: streams::StreamCache,
+    pub(crate) violations: tokio::sync::broadcast::Sender<String>,
+}
+
+impl Shared {
+    pub(crate) fn where_(&self) -> String {
+        format!("nats {}", self.opts.servers_shown())
+    }
+}
+
+/// Connects a NATS client with `opts` and checks that the server has JetStream. Shared by the
+/// transport and the KV dedupe store.
+pub(crate) async fn connect_client(
+    opts: &NatsOptions,
+    violations: Option<tokio::sync::broadcast::Sender<String>>,
+) -> Result<(async_nats::Client, async_nats::jetstream::Context)> {
+    let servers = opts.servers_shown();
+    let mut co = match &opts.creds_file {
+        Some(path) => async_nats::ConnectOptions::with_credentials_file(path.clone())
+            .await
+            .map_err(|e| {
+                Error::with_source(
+                    ErrorKind::Config,
+                    format!(
+                        "nats {servers}: credentials file {} cannot be read",
+                        path.display()
+                    ),
+                    e,
+                )
+            })?,
+        None => async_nats::ConnectOptions::new(),
+    };
+    if let (Some(u), Some(p)) = (&opts.user, &opts.password) {
+        co = co.user_and_password(u.clone(), p.clone());
+    } else if opts.user.is_some() {
+        return Err(Error::config(format!(
+            "nats {servers}: option `user` needs a password"
+        )));
+    }
+    if let Some(t) = &opts.token {
+        co = co.token(t.clone());
+    }
+    if let Some(seed) = &opts.nkey_seed {
+        co = co.nkey(seed.clone());
+    }
+    for (what, p) in [
+        ("tls_ca", &opts.tls_ca),
+        ("tls_cert", &opts.tls_cert),
+        ("tls_key", &opts.tls_key),
+    ] {
+        if let Some(p) = p
+            && !p.is_file()
+        {
+            return Err(Error::config(format!(
+                "nats {servers}: option `{what}`: {} is not a readable file",
+                p.display()
+            )));
+        }
+    }
+    if opts.tls || opts.tls_ca.is_some() || opts.tls_cert.is_some() {
+        co = co.require_tls(true);
+    }
+    if let Some(ca) = &opts.tls_ca {
+        co = co.add_root_certificates(ca.clone());
+    }
+    if let (Some(c), Some(k)) = (&opts.tls_cert, &opts.tls_key) {
+        co = co.add_client_certificate(c.clone(), k.clone());
+    }
+    if let Some(n) = &opts.name {
+        co = co.name(n.clone());
+    }
+    let sv = servers.clone();
+    co = co
+        .connection_timeout(opts.connect_timeout)
+        .request_timeout(Some(opts.request_timeout))
+        .max_reconnects(opts.max_reconnects)
+        .reconnect_delay_callback(reconnect_delay)
+        .event_callback(move |ev| {
+            let violations = violations.clone();
+            let sv = sv.clone();
+            async move {
+                match &ev {
+                    async_nats::Event::ServerError(async_nats::ServerError::Other(text)) => {
+                        if let Some(subject) = publish_violation_subject(text) {
+                            tracing::warn!(servers = %sv, %subject, "nats: permission denied for publish");
+                            if let Some(tx) = &violations {
+                                let _ = tx.send(subject);
+                            }
+                        } else {
+                            tracing::warn!(servers = %sv, error = %text, "nats: server error");
+                        }
+                    }
+                    async_nats::Event::Connected => {
+                        tracing::info!(servers = %sv, "nats: connected")
+                    }
+                    async_nats::Event::Closed => {
+                        tracing::debug!(servers = %sv, "nats: connection closed")
+                    }
+                    other => tracing::warn!(servers = %sv, event = %other, "nats: connection event"),
+                }
+            }
+        });
+    let addrs: Vec<async_nats::ServerAddr> = opts
+        .servers
+        .iter()
+        .map(|s| {
+            let scheme = if opts.tls { "tls" } else { "nats" };
+            format!("{scheme}://{s}")
+                .parse::<async_nats::ServerAddr>()
+                .map_err(|e| {
+                    Error::with_source(
+                        ErrorKind::Config,
+                        format!("nats: server address `{s}` is not valid"),
+                        e,
+                    )
+                })
+        })
+        .collect::<Result<_>>()?;
+    // The client's own timeout covers each attempt; this one bounds the whole call (several
+    // servers, TLS handshakes), so a connect never hangs.
+    let overall = opts.connect_timeout * (opts.servers.len() as u32 + 1);
+    let client = match tokio::time::timeout(overall, co.connect(addrs)).await {
+        Err(_) => {
+            return Err(Error::new(
+                ErrorKind::Timeout,
+                format!(
+                    "nats {servers}: no connection within {overall:?} (is a NATS server listening there?)"
+                ),
+            ));
+        }
+        Ok(Err(e)) => return Err(connect_error(&servers, opts, e)),
+        Ok(Ok(c)) => c,
+    };
+    let js = async_nats::jetstream::ContextBuilder::new()
+        .timeout(opts.request_timeout)
+        .max_ack_inflight(opts.max_in_flight.saturating_mul(2).max(64))
+        .backpressure_on_inflight(true)
+        .build(client.clone());
+    // The account info request, read as plain JSON (the shape differs between server
+    // versions): "no responders" or an error body means no JetStream for this account.
+    let no_js = |detail: String| {
+        Error::new(
+            ErrorKind::Config,
+            format!(
+                "nats {servers}: JetStream is not enabled on the server or for this account (start nats-server with -js, or enable jetstream for the account): {detail}"
+            ),
+        )
+    };
+    match tokio::time::timeout(
+        opts.request_timeout + Duration::from_secs(1),
+        client.request("$JS.API.INFO", bytes::Bytes::new()),
+    )
+    .await
+    {
+        Ok(Ok(reply)) => {
+            let v: serde_json::Value =
+                serde_json::from_slice(&reply.payload).unwrap_or(serde_json::Value::Null);
+            if let Some(err) = v.get("error") {
+                return Err(no_js(err.to_string()));
+            }
+        }
+        Ok(Err(e)) => {
+            if matches!(e.kind(), async_nats::RequestErrorKind::NoResponders) {
+                return Err(no_js("no responders on $JS.API.INFO".to_owned()));
+            }
+            let kind = if matches!(e.kind(), async_nats::RequestErrorKind::TimedOut) {
+                ErrorKind::Timeout
+            } else {
+                ErrorKind::Transport
+            };
+            return Err(Error::with_source(
+                kind,
+                format!(
+                    "nats {servers}: JetStream account info request failed: {e} (is JetStream enabled? start nats-server with -js)"
+                ),
+                e,
+            ));
+        }
+        Err(_) => {
+            return Err(Error::new(
+                ErrorKind::Timeout,
+                format!(
+                    "nats {servers}: JetStream did not answer within {:?} (is JetStream enabled? start nats-server with -js)",
+                    opts.request_timeout
+                ),
+            ));
+        }
+    }
+    Ok((client, js))
+}
+
+fn connect_error(servers: &str, opts: &NatsOptions, e: async_nats::ConnectError) -> Error {
+    use async_nats::ConnectErrorKind as K;
+    let text = e.to_string();
+    let (kind, what) = match e.kind() {
+        K::TimedOut => (
+            ErrorKind::Timeout,
+            format!("no answer within {:?}", opts.connect_timeout),
+        ),
+        K::Tls => (
+            ErrorKind::Transport,
+            format!("TLS handshake failed: {text}"),
+        ),
+        K::Authentication | K::AuthorizationViolation => {
+            (ErrorKind::Config, format!("authentication refused: {text}"))
+        }
+        K::Dns => (
+            ErrorKind::Config,
+            format!("server name not resolved: {text}"),
+        ),
+        K::Io
+            if ["certificate", "tls", "alert", "handshake"]
+                .iter()
+                .any(|w| text.to_ascii_lowercase().contains(w)) =>
+        {
+            (ErrorKind::Transport, format!("TLS failed: {text}"))
+        }
+        K::Io => (ErrorKind::Transport, format!("cannot connect: {text}")),
+        _ => (ErrorKind::Transport, format!("connect failed: {text}")),
+    };
+    let lower = text.to_ascii_lowercase();
+    let tls_hint = if !opts.tls && lower.contains("tls") {
+        " (the server requires TLS: use tls:// or ?tls=true)"
+    } else if opts.tls && !matches!(e.kind(), K::Tls) && opts.tls_cert.is_none() {
+        " (over TLS: does the server require a client certificate? set tls_cert and tls_key)"
+    } else {
+        ""
+    };
+    Error::with_source(kind, format!("nats {servers}: {what}{tls_hint}"), e)
+}
+
+/// `Permissions Violation for Publish to "subj"` → `subj`.
+fn publish_violation_subject(text: &str) -> Option<String> {
+    let lower = text.to_ascii_lowercase();
+    let at = lower.find("permissions violation for publish to")?;
+    let rest = &text[at + "permissions violation for publish to".len()..];
+    let rest = rest.trim().trim_start_matches(['"', '\'']);
+    let end = rest.find(['"', '\'', ' ']).unwrap_or(rest.len());
+    Some(rest[..end].to_owned())
+}
+
+/// The JetStream transport. Cheap to share (`Arc` inside).
+///
+/// ```no_run
+/// # async fn demo() -> ampybus::Result<()> {
+/// use ampybus::transport::nats::{NatsOptions, NatsTransport};
+/// let mut opts = NatsOptions::from_url("nats://127.0.0.1:4222")?;
+/// opts.stream_prefix = "TEST".into();
+/// let t = NatsTransport::connect(opts).await?;
+/// let bus = ampybus::Bus::with_transport(std::sync::Arc::new(t), "nats://127.0.0.1:4222");
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct NatsTransport {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for NatsTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsTransport")
+            .field("servers", &self.shared.opts.servers)
+            .finish()
+    }
+}
+
+impl NatsTransport {
+    /// Connects (several servers, reconnect with backoff, auth, TLS) and checks JetStream.
+    /// Unreachable servers, refused auth, TLS failures and a server without JetStream each
+    /// fail fast with an error that says which.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> ampybus::Result<()> {
+    /// use ampybus::transport::nats::{NatsOptions, NatsTransport};
+    /// let opts = NatsOptions { servers: vec!["n1:4222".into(), "n2:4222".into()], ..Default::default() };
+    /// let t = NatsTransport::connect(opts).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect(opts: NatsOptions) -> Result<NatsTransport> {
+        let (tx, _) = tokio::sync::broadcast::channel(256);
+        let (client, js) = connect_client(&opts, Some(tx.clone())).await?;
+        Ok(NatsTransport {
+            shared: Arc::new(Shared {
+                client,
+                js,
+                opts,
+                streams: streams::StreamCache::default(),
+                violations: tx,
+            }),
+        })
+    }
+
+    /// [`NatsOptions::from_url`] then [`NatsTransport::connect`].
+    ///
+    /// ```no_run
+    /// # async fn demo() -> ampybus::Result<()> {
+    /// let t = ampybus::transport::nats::NatsTransport::connect_url("nats://127.0.0.1:4222").await?;
+    /// assert_eq!(ampybus::transport::Transport::name(&t), "nats");
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect_url(url: &str) -> Result<NatsTransport> {
+        NatsTransport::connect(NatsOptions::from_url(url)?).await
+    }
+
+    /// The options in force.
+    ///
+    /// ```no_run
+    /// # async fn demo(t: ampybus::transport::nats::NatsTransport) {
+    /// println!("streams are prefixed {}", t.options().stream_prefix);
+    /// # }
+    /// ```
+    pub fn options(&self) -> &NatsOptions {
+        &self.shared.opts
+    }
+
+    /// The underlying JetStream context (for admin tools and benchmarks).
+    ///
+    /// ```no_run
+    /// # async fn demo(t: ampybus::transport::nats::NatsTransport) -> ampybus::Result<()> {
+    /// let streams = ampybus::transport::nats::streams::list(t.jetstream()).await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn jetstream(&self) -> &async_nats::jetstream::Context {
+        &self.shared.js
+    }
+
+    /// The underlying client.
+    ///
+    /// ```no_run
+    /// # async fn demo(t: ampybus::transport::nats::NatsTransport) {
+    /// println!("{:?}", t.client().connection_state());
+    /// # }
+    /// ```
+    pub fn client(&self) -> &async_nats::Client {
+        &self.shared.client
+    }
+
+    /// Finds or creates the stream that holds `topic`'s env + domain; returns its name.
+    ///
+    /// ```no_run
+    /// # async fn demo(t: ampybus::transport::nats::NatsTransport) -> ampybus::Result<()> {
+    /// let topic = ampybus::Topic::parse("ampy.dev.bars.v1.XNAS.AAPL")?;
+    /// assert_eq!(t.ensure_stream_for(&topic).await?, "AMPY_DEV_BARS");
+    /// # Ok(()) }
+    /// ```
+    pub async fn ensure_stream_for(&self, topic: &crate::Topic) -> Result<String> {
+        Ok(streams::resolve(&self.shared, topic.env(), topic.domain())
+            .await?
+            .name
+            .clone())
+    }
+
+    /// A KV dedupe store on this connection (bucket `{prefix}_dedupe`, default window).
+    ///
+    /// ```no_run
+    /// # async fn demo(t: ampybus::transport::nats::NatsTransport) {
+    /// let store = t.kv_dedupe_store().with_window(std::time::Duration::from_secs(86_400));
+    /// # }
+    /// ```
+    pub fn kv_dedupe_store(&self) -> NatsKvDedupeStore {
+        NatsKvDedupeStore::from_context(
+            self.shared.js.clone(),
+            &self.shared.opts,
+            crate::dedupe::DEFAULT_WINDOW,
+        )
+    }
+}
+
+#[async_trait]
+impl Transport for NatsTransport {
+    fn name(&self) -> &'static str {
+        "nats"
+    }
+
+    async fn publish_batch(&self, batch: Vec<Envelope>) -> Result<Vec<PublishReceipt>> {
+        publish::publish_batch(&self.shared, batch).await
+    }
+
+    async fn subscribe(&self, spec: SubscribeSpec) -> Result<Box<dyn Subscription>> {
+        consume::subscribe(&self.shared, spec).await
+    }
+
+    fn replay(&self) -> Option<&dyn ReplayByTime> {
+        Some(self)
+    }
+
+    fn dedupe_store(&self) -> Option<Arc<dyn crate::dedupe::DedupeStore>> {
+        Some(Arc::new(self.kv_dedupe_store()))
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.shared.client.flush().await.map_err(|e| {
+            Error::with_source(
+                ErrorKind::Transport,
+                format!("{}: flush on close failed", self.shared.where_()),
+                e,
+            )
+        })
+    }
+}
+
+/// NATS header names may not hold `:`, whitespace or control characters; values may not hold
+/// CR or LF.
+pub(crate) fn to_header_map(h: &Headers) -> Result<async_nats::HeaderMap> {
+    let mut m = async_nats::HeaderMap::new();
+    for (k, v) in h.iter() {
+        if k.is_empty()
+            || k.bytes()
+                .any(|b| b == b':' || b.is_ascii_whitespace() || b.is_ascii_control() || b > 126)
+        {
+            return Err(Error::new(
+                ErrorKind::Header,
+                format!("`{k}`: a NATS header name must be printable ASCII without `:` or spaces"),
+            ));
+        }
+        if v.contains(['\r', '\n']) {
+            return Err(Error::new(
+                ErrorKind::Header,
+                format!("`{k}`: a NATS header value may not contain CR or LF"),
+            ));
+        }
+        let name: async_nats::header::HeaderName = k.parse().map_err(|e| {
+            Error::with_source(
+                ErrorKind::Header,
+                format!("`{k}`: not a valid NATS header name"),
+                e,
+            )
+        })?;
+        m.insert(name, v);
+    }
+    Ok(m)
+}
+
+/// NATS headers → contract headers; `Nats-*` (broker bookkeeping) dropped.
+pub(crate) fn from_header_map(m: Option<&async_nats::HeaderMap>) -> Headers {
+    let mut h = Headers::new();
+    if let Some(m) = m {
+        for (k, vs) in m.iter() {
+            let k: &str = k.as_ref();
+            if k.len() >= 5 && k[..5].eq_ignore_ascii_case("nats-") {
+                continue;
+            }
+            if let Some(v) = vs.first() {
+                h.set(k.to_owned(), v.as_str().to_owned());
+            }
+        }
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_forms() {
+        let o = NatsOptions::from_url("nats://u%40x:p%3Aw@h1,h2:5?name=svc").unwrap();
+        assert_eq!(o.servers, vec!["h1:4222", "h2:5"]);
+        assert_eq!(o.user.as_deref(), Some("u@x"));
+        assert_eq!(o.password.as_deref(), Some("p:w"));
+        assert_eq!(o.name.as_deref(), Some("svc"));
+        assert!(!o.tls);
+        let o = NatsOptions::from_url("nats://h?tls=true&user=a&password=b").unwrap();
+        assert!(o.tls);
+        assert_eq!(o.user.as_deref(), Some("a"));
+        let e = NatsOptions::from_url("nats://h:99999").unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Config);
+        assert!(e.to_string().contains("99999"), "{e}");
+        let e = NatsOptions::from_url("nats://bob:pw@h?tls_cert=/c.pem").unwrap_err();
+        assert!(e.to_string().contains("tls_key"), "{e}");
+        assert!(!e.to_string().contains("pw@"), "{e}");
+        let e = NatsOptions::from_url("kafka://h").unwrap_err();
+        assert!(e.to_string().contains("kafka"), "{e}");
+        let e = NatsOptions::from_url("nats://h/x").unwrap_err();
+        assert!(e.to_string().contains("path"), "{e}");
+    }
+
+    #[test]
+    fn violation_subject() {
+        assert_eq!(
+            publish_violation_subject("Permissions Violation for Publish to \"ampy.dev.x\"")
+                .as_deref(),
+            Some("ampy.dev.x")
+        );
+        assert_eq!(
+            publish_violation_subject("permissions violation for publish to 'a.b'").as_deref(),
+            Some("a.b")
+        );
+        assert!(publish_violation_subject("Authorization Violation").is_none());
+    }
+
+    #[test]
+    fn headers_round_trip_drop_nats_headers() {
+        let h = Headers::new().with("message_id", "m").with("x_extra", "v");
+        let mut m = to_header_map(&h).unwrap();
+        m.insert("Nats-Msg-Id", "m");
+        assert_eq!(from_header_map(Some(&m)), h);
+        let bad = Headers::new().with("a", "x\ny");
+        assert_eq!(to_header_map(&bad).unwrap_err().kind(), ErrorKind::Header);
+    }
+}

@@ -1,0 +1,190 @@
+//! Publishing: pipelined, bounded in flight, every PubAck awaited and checked.
+
+use super::{Shared, streams, to_header_map};
+use crate::envelope::Envelope;
+use crate::error::{Error, ErrorKind, Result};
+use crate::headers::names;
+use crate::topic::Topic;
+use crate::transport::PublishReceipt;
+use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
+use async_nats::jetstream::message::PublishMessage;
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+struct Pending {
+    index: usize,
+    subject: String,
+    stream: Arc<streams::StreamRef>,
+    topic: Topic,
+    ack: PublishAckFuture,
+}
+
+pub(crate) async fn publish_batch(
+    shared: &Shared,
+    batch: Vec<Envelope>,
+) -> Result<Vec<PublishReceipt>> {
+    let total = batch.len();
+    let mut receipts: Vec<PublishReceipt> = Vec::with_capacity(total);
+    let mut pending: VecDeque<Pending> = VecDeque::new();
+    let mut violations = shared.violations.subscribe();
+    let limit = shared.opts.max_in_flight.max(1);
+    // Batches usually share a topic: parse it and find its stream once per run of it.
+    let mut last: Option<(Topic, Arc<streams::StreamRef>)> = None;
+    for (index, env) in batch.into_iter().enumerate() {
+        let (topic, stream) = match last.take() {
+            Some((t, s)) if t.as_str() == env.topic => (t, s),
+            _ => {
+                let topic = env.topic().map_err(|e| {
+                    Error::new(e.kind(), format!("message {index}: {}", e.message()))
+                })?;
+                let stream = streams::resolve(shared, topic.env(), topic.domain()).await?;
+                (topic, stream)
+            }
+        };
+        last = Some((topic.clone(), stream.clone()));
+        let headers = to_header_map(&env.headers)
+            .map_err(|e| Error::new(e.kind(), format!("message {index}: {}", e.message())))?;
+        let mut msg = PublishMessage::build()
+            .payload(env.payload.clone())
+            .headers(headers);
+        if let Some(id) = env.headers.get(names::MESSAGE_ID) {
+            msg = msg.message_id(id);
+        }
+        while pending.len() >= limit {
+            let p = pending.pop_front().expect("non-empty");
+            receipts.push(await_ack(shared, p, total, &mut violations).await?);
+        }
+        let ack = shared
+            .js
+            .send_publish(topic.as_str().to_owned(), msg)
+            .await
+            .map_err(|e| {
+                publish_error(
+                    shared,
+                    index,
+                    total,
+                    topic.as_str(),
+                    e.kind(),
+                    e.to_string(),
+                    e,
+                )
+            })?;
+        pending.push_back(Pending {
+            index,
+            subject: topic.as_str().to_owned(),
+            stream,
+            topic,
+            ack,
+        });
+    }
+    while let Some(p) = pending.pop_front() {
+        receipts.push(await_ack(shared, p, total, &mut violations).await?);
+    }
+    Ok(receipts)
+}
+
+async fn await_ack(
+    shared: &Shared,
+    p: Pending,
+    total: usize,
+    violations: &mut tokio::sync::broadcast::Receiver<String>,
+) -> Result<PublishReceipt> {
+    let Pending {
+        index,
+        subject,
+        stream,
+        topic,
+        ack,
+    } = p;
+    let mut ack = std::pin::pin!(ack.into_future());
+    let res = loop {
+        tokio::select! {
+            r = &mut ack => break r,
+            v = violations.recv() => {
+                if let Ok(s) = v
+                    && s == subject
+                {
+                    return Err(permission_denied(shared, index, total, &subject));
+                }
+            }
+        }
+    };
+    match res {
+        Ok(a) => {
+            if a.stream != stream.name {
+                tracing::warn!(expected = %stream.name, got = %a.stream, subject = %subject, "nats: message stored in another stream than expected");
+            }
+            Ok(PublishReceipt {
+                sequence: a.sequence,
+                duplicate: a.duplicate,
+            })
+        }
+        Err(e) => {
+            if matches!(
+                e.kind(),
+                PublishErrorKind::StreamNotFound | PublishErrorKind::TimedOut
+            ) {
+                // The stream may have been deleted under us: look it up again next time.
+                streams::invalidate(shared, topic.env(), topic.domain());
+            }
+            Err(publish_error(
+                shared,
+                index,
+                total,
+                &subject,
+                e.kind(),
+                e.to_string(),
+                e,
+            ))
+        }
+    }
+}
+
+fn permission_denied(shared: &Shared, index: usize, total: usize, subject: &str) -> Error {
+    Error::new(
+        ErrorKind::Config,
+        format!(
+            "{}: message {index} of {total}: permission denied: the server refused publish to `{subject}` (Permissions Violation; check the user's publish permissions); not retried",
+            shared.where_()
+        ),
+    )
+}
+
+fn publish_error(
+    shared: &Shared,
+    index: usize,
+    total: usize,
+    subject: &str,
+    kind: PublishErrorKind,
+    text: String,
+    source: impl Into<crate::error::BoxError>,
+) -> Error {
+    let before = if index > 0 {
+        format!("; the {index} messages before it were stored")
+    } else {
+        String::new()
+    };
+    let (k, what) = match kind {
+        PublishErrorKind::TimedOut => (
+            ErrorKind::Timeout,
+            format!("no PubAck within {:?}", shared.opts.request_timeout),
+        ),
+        PublishErrorKind::StreamNotFound => (
+            ErrorKind::Transport,
+            "no stream answered (stream deleted, or the server is unavailable)".to_owned(),
+        ),
+        PublishErrorKind::MaxPayloadExceeded => (
+            ErrorKind::Payload,
+            format!("message larger than the server's max_payload: {text}"),
+        ),
+        _ => (ErrorKind::Transport, text),
+    };
+    Error::with_source(
+        k,
+        format!(
+            "{}: publish of message {index} of {total} to `{subject}` failed: {what}{before}",
+            shared.where_()
+        ),
+        source,
+    )
+}

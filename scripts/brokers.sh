@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# Test brokers for the conformance suite and the broker tests, on 127.0.0.1 only.
+#
+#   scripts/brokers.sh start  nats   # use what answers on 127.0.0.1:4222 with JetStream, else start one
+#   scripts/brokers.sh status nats   # exit 0 when a JetStream server answers on the port
+#   scripts/brokers.sh stop   nats   # stop only a server this script started
+#
+# Idempotent. `start` uses a nats-server already listening on 127.0.0.1:${NATS_PORT:-4222} when
+# it has JetStream enabled (checked with a JetStream account-info request); a server there without
+# JetStream is an error (this script does not kill what it did not start). Otherwise it installs
+# Debian's nats-server when missing (as root) and starts
+#   nats-server -js -a 127.0.0.1 -p 4222 -sd <repo>/.brokers/nats
+# in the background with a pid file, and waits until JetStream answers.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+root=$(pwd)
+state="$root/.brokers"
+port="${NATS_PORT:-4222}"
+
+# A JetStream account-info request over the plain NATS protocol (no client needed):
+# CONNECT with headers, SUB to an inbox, PUB $JS.API.INFO, read the answer.
+nats_js_ok() {
+    command -v python3 >/dev/null 2>&1 || { echo "python3 is needed to probe NATS" >&2; return 2; }
+    python3 - "$port" <<'PY'
+import socket, sys
+port = int(sys.argv[1])
+try:
+    s = socket.create_connection(("127.0.0.1", port), timeout=2)
+except OSError:
+    sys.exit(3)  # nothing listening
+s.settimeout(3)
+buf = b""
+try:
+    while b"\r\n" not in buf:
+        chunk = s.recv(4096)
+        if not chunk:
+            sys.exit(4)
+        buf += chunk
+    if not buf.startswith(b"INFO"):
+        sys.exit(4)  # not NATS
+    s.sendall(b'CONNECT {"verbose":false,"pedantic":false,"headers":true,"no_responders":true,"protocol":1}\r\n'
+              b"SUB _INBOX.brokerprobe 1\r\nPUB $JS.API.INFO _INBOX.brokerprobe 0\r\n\r\nPING\r\n")
+    data = b""
+    while b"MSG _INBOX.brokerprobe" not in data and b"HMSG _INBOX.brokerprobe" not in data:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    # read a bit more for the payload
+    try:
+        s.settimeout(0.5)
+        data += s.recv(65536)
+    except OSError:
+        pass
+except OSError:
+    sys.exit(5)
+if b"503" in data or b"No Responders" in data:
+    sys.exit(6)  # NATS without JetStream
+if b'"memory"' in data or b"io.nats.jetstream.api.v1.account_info_response" in data:
+    if b'"error"' in data:
+        sys.exit(6)
+    sys.exit(0)
+sys.exit(6)
+PY
+}
+
+wait_ready() {
+    for _ in $(seq 1 100); do
+        if nats_js_ok; then return 0; fi
+        sleep 0.1
+    done
+    return 1
+}
+
+start_nats() {
+    local rc=0
+    nats_js_ok || rc=$?
+    case $rc in
+        0) echo "nats: JetStream server already answering on 127.0.0.1:$port"; return 0 ;;
+        3) ;; # nothing listening: start one
+        6) echo "error: a NATS server on 127.0.0.1:$port has no JetStream (start it with -js); not touching it" >&2; return 1 ;;
+        *) echo "error: something on 127.0.0.1:$port is not a usable NATS server (probe exit $rc)" >&2; return 1 ;;
+    esac
+    if ! command -v nats-server >/dev/null 2>&1; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+            echo "nats: installing Debian's nats-server"
+            apt-get install -y nats-server >/dev/null 2>&1 || { apt-get update >/dev/null && apt-get install -y nats-server >/dev/null; }
+        else
+            echo "error: nats-server is not installed (apt-get install nats-server)" >&2
+            return 1
+        fi
+    fi
+    local bin
+    bin=$(command -v nats-server)
+    mkdir -p "$state/nats"
+    echo "nats: starting $bin -js -a 127.0.0.1 -p $port -sd $state/nats"
+    nohup "$bin" -js -a 127.0.0.1 -p "$port" -sd "$state/nats" >"$state/nats.log" 2>&1 &
+    echo $! >"$state/nats.pid"
+    if ! wait_ready; then
+        echo "error: nats-server did not become ready; log: $state/nats.log" >&2
+        tail -20 "$state/nats.log" >&2 || true
+        return 1
+    fi
+    echo "nats: ready on 127.0.0.1:$port (pid $(cat "$state/nats.pid"))"
+}
+
+stop_nats() {
+    if [ -f "$state/nats.pid" ]; then
+        local pid
+        pid=$(cat "$state/nats.pid")
+        if kill -0 "$pid" 2>/dev/null && grep -q nats-server "/proc/$pid/cmdline" 2>/dev/null; then
+            kill "$pid"
+            for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+            echo "nats: stopped pid $pid"
+        else
+            echo "nats: pid $pid is not running"
+        fi
+        rm -f "$state/nats.pid"
+    else
+        echo "nats: nothing started by this script"
+    fi
+}
+
+status_nats() {
+    if nats_js_ok; then
+        echo "nats: JetStream answering on 127.0.0.1:$port$( [ -f "$state/nats.pid" ] && echo " (started by this script, pid $(cat "$state/nats.pid"))")"
+    else
+        echo "nats: no JetStream server on 127.0.0.1:$port"
+        return 1
+    fi
+}
+
+cmd="${1:-}"
+shift || true
+brokers=("$@")
+[ ${#brokers[@]} -eq 0 ] && brokers=(nats)
+for b in "${brokers[@]}"; do
+    case "$cmd:$b" in
+        start:nats) start_nats ;;
+        stop:nats) stop_nats ;;
+        status:nats) status_nats ;;
+        *:nats) echo "usage: $0 start|stop|status [nats]" >&2; exit 2 ;;
+        *) echo "error: unknown broker \`$b\` (known: nats)" >&2; exit 2 ;;
+    esac
+done
