@@ -138,9 +138,9 @@ pub(crate) fn scaled(n: usize, min: usize) -> usize {
     ((n as f64 * scale()) as usize).max(min)
 }
 
-/// How long a wait may take before it counts as a hang: 120 s, times the scale when above 1.
+/// How long a wait may take before it counts as a hang: 300 s, times the scale when above 1.
 pub fn hang_timeout() -> Duration {
-    Duration::from_secs_f64(120.0 * scale().max(1.0))
+    Duration::from_secs_f64(300.0 * scale().max(1.0))
 }
 
 /// Polls `cond` until it holds; panics naming `what` after [`hang_timeout`].
