@@ -24,7 +24,9 @@ pub use cases::{
     per_key_order, replay_window_and_keys, retry_counts_and_backoff, run_case,
 };
 pub use report::{CaseReport, CaseStatus, SuiteReport};
-pub use support::{Capabilities, TestContext, TransportFactory, hang_timeout, redrive, scale};
+pub use support::{
+    Capabilities, TestContext, TransportFactory, hang_timeout, redrive, scale, start_test_broker,
+};
 
 /// Runs every case against `factory`, one after the other, and reports each (a failing case
 /// is caught and reported; it does not stop the others).

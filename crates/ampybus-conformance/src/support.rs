@@ -260,3 +260,31 @@ pub async fn redrive(bus: &Bus, dlq: &Envelope) -> ampybus::Result<Envelope> {
     bus.publish_wire(vec![env.clone()]).await?;
     Ok(env)
 }
+
+/// Starts (or finds) a test broker through `scripts/brokers.sh start <which>` once per test
+/// process (idempotent: it reuses a server already listening on 127.0.0.1); panics with the
+/// script's output when it fails.
+///
+/// ```no_run
+/// ampybus_conformance::start_test_broker("nats");
+/// ```
+pub fn start_test_broker(which: &'static str) {
+    static STARTED: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+    let mut started = STARTED.lock().unwrap_or_else(|p| p.into_inner());
+    if started.contains(&which) {
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let out = std::process::Command::new("bash")
+        .arg(root.join("scripts/brokers.sh"))
+        .args(["start", which])
+        .output()
+        .expect("run scripts/brokers.sh");
+    assert!(
+        out.status.success(),
+        "scripts/brokers.sh start {which} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    started.push(which);
+}

@@ -12,30 +12,11 @@ use ampybus::dedupe::DedupeStore;
 use ampybus::transport::nats::NatsKvDedupeStore;
 use ampybus_conformance::{Capabilities, TestContext, TransportFactory};
 use async_trait::async_trait;
-use std::sync::{Arc, Once};
+use std::sync::Arc;
 use std::time::Duration;
 
 const URL: &str =
     "nats://127.0.0.1:4222?stream_prefix=AMPYCONF&max_age_days=1&consumer_inactive_s=600";
-
-/// Starts (or finds) the test broker once per test process.
-fn brokers() {
-    static START: Once = Once::new();
-    START.call_once(|| {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-        let out = std::process::Command::new("bash")
-            .arg(root.join("scripts/brokers.sh"))
-            .args(["start", "nats"])
-            .output()
-            .expect("run scripts/brokers.sh");
-        assert!(
-            out.status.success(),
-            "scripts/brokers.sh start nats failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    });
-}
 
 struct Nats;
 
@@ -52,7 +33,9 @@ impl TransportFactory for Nats {
     }
 
     async fn new_bus(&self, ctx: &TestContext) -> Bus {
-        tokio::task::spawn_blocking(brokers).await.expect("brokers");
+        tokio::task::spawn_blocking(|| ampybus_conformance::start_test_broker("nats"))
+            .await
+            .expect("brokers");
         self.reopen_bus(ctx).await
     }
 

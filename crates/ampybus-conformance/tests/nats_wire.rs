@@ -8,28 +8,11 @@ use ampybus::runtime::{Consumer, Message, Outcome, handler_fn};
 use ampybus::transport::nats::NatsKvDedupeStore;
 use ampybus::{Bus, Headers, Topic, TopicPattern};
 use futures::StreamExt;
-use std::sync::{Arc, Mutex, Once};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const URL: &str =
     "nats://127.0.0.1:4222?stream_prefix=AMPYCONF&max_age_days=1&consumer_inactive_s=600";
-
-fn brokers() {
-    static START: Once = Once::new();
-    START.call_once(|| {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-        let out = std::process::Command::new("bash")
-            .arg(root.join("scripts/brokers.sh"))
-            .args(["start", "nats"])
-            .output()
-            .expect("run scripts/brokers.sh");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    });
-}
 
 fn uid() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..12].to_owned()
@@ -37,7 +20,9 @@ fn uid() -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn published_wire_form_has_the_contract_headers_and_nats_msg_id() {
-    tokio::task::spawn_blocking(brokers).await.unwrap();
+    tokio::task::spawn_blocking(|| ampybus_conformance::start_test_broker("nats"))
+        .await
+        .unwrap();
     let bus = Bus::connect(URL).await.expect("connect");
     let topic = Topic::parse(&format!("ampy.dev.news.v1.w{}.wire", uid())).unwrap();
     let h = Headers::for_publish(ampybus::headers::RAW_BYTES_SCHEMA, "wire@1", "wire", "n-1")
@@ -99,7 +84,9 @@ async fn published_wire_form_has_the_contract_headers_and_nats_msg_id() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_in_the_python_seed_form_is_consumed_and_normalised() {
-    tokio::task::spawn_blocking(brokers).await.unwrap();
+    tokio::task::spawn_blocking(|| ampybus_conformance::start_test_broker("nats"))
+        .await
+        .unwrap();
     let bus = Bus::connect(URL).await.expect("connect");
     let id = uid();
     let topic = format!("ampy.dev.bars.v1.py{id}.XNAS.AAPL");
@@ -185,7 +172,9 @@ async fn a_message_in_the_python_seed_form_is_consumed_and_normalised() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kv_dedupe_store_is_shared_and_scoped_by_consumer() {
     use ampybus::dedupe::DedupeStore;
-    tokio::task::spawn_blocking(brokers).await.unwrap();
+    tokio::task::spawn_blocking(|| ampybus_conformance::start_test_broker("nats"))
+        .await
+        .unwrap();
     let a = NatsKvDedupeStore::connect(URL).await.expect("store a");
     let b = NatsKvDedupeStore::connect(URL)
         .await
