@@ -78,19 +78,42 @@ struct Setup {
     run_id: String,
     single_messages: u64,
     log_level: Option<String>,
+    /// A broker URL to run against instead of temporary embedded logs.
+    broker: Option<String>,
+    /// Distinguishes this invocation's topics on a broker.
+    tag: String,
+}
+
+fn rand_tag() -> u32 {
+    let id = ampybus::ids::new_message_id();
+    let hex: String = id.chars().filter(char::is_ascii_hexdigit).collect();
+    u32::from_str_radix(&hex[hex.len() - 8..], 16).unwrap_or(0)
 }
 
 impl Setup {
-    fn envelopes(&self, n: u64) -> Vec<Envelope> {
+    fn envelopes(&self, topic: &Topic, n: u64) -> Vec<Envelope> {
         (0..n)
-            .map(|i| self.envelope(&self.keys[(i % self.keys.len() as u64) as usize]))
+            .map(|i| self.envelope(topic, &self.keys[(i % self.keys.len() as u64) as usize]))
             .collect()
     }
 
-    fn envelope(&self, key: &str) -> Envelope {
+    fn envelope(&self, topic: &Topic, key: &str) -> Envelope {
         let mut h = Headers::for_publish(RAW_BYTES_SCHEMA, "bench@ampybus", "ampybus-bench", key);
         h.set(names::RUN_ID, self.run_id.clone());
-        Envelope::new(&self.topic, h, self.payload.clone())
+        Envelope::new(topic, h, self.payload.clone())
+    }
+
+    /// The topic of one run: on the embedded log every run has a log of its own; on a broker
+    /// every run gets a topic of its own (`…BENCH.{tag}r{round}{what}`), so a new durable
+    /// consumer sees only its run's messages.
+    fn topic(&self, round: u64, what: &str) -> CliResult<Topic> {
+        match &self.broker {
+            None => Ok(self.topic.clone()),
+            Some(_) => {
+                let t = format!("{TOPIC}.{}r{round}{what}", self.tag);
+                Topic::parse(&t).map_err(|e| CliError::bus("bench topic", &e))
+            }
+        }
     }
 
     fn tempdir(&self, what: &str) -> CliResult<tempfile::TempDir> {
@@ -106,7 +129,10 @@ impl Setup {
     }
 
     fn url(&self, dir: &Path) -> String {
-        format!("file://{}?sync={}", dir.display(), self.args.sync.as_str())
+        match &self.broker {
+            Some(url) => url.clone(),
+            None => format!("file://{}?sync={}", dir.display(), self.args.sync.as_str()),
+        }
     }
 
     fn bar(&self, label: &str, len: u64) -> ProgressBar {
@@ -122,7 +148,21 @@ impl Setup {
 }
 
 /// Runs `bench`.
-pub async fn run(args: BenchArgs, log_level: Option<&str>) -> CliResult<u8> {
+///
+/// `url` is the global `--url`: a broker URL (`nats://`, …) runs the publish and e2e rounds
+/// against that broker, on topics of their own; an embedded URL is not touched (every round
+/// uses a temporary log).
+pub async fn run(url: &str, args: BenchArgs, log_level: Option<&str>) -> CliResult<u8> {
+    let broker = match ampybus::bus::transport_kind(url).map_err(|e| CliError::bus("--url", &e))? {
+        ampybus::bus::TransportKind::Embedded => None,
+        _ => Some(url.to_owned()),
+    };
+    if broker.is_some() && (args.raw_sqlite || args.mode == BenchMode::Consume) {
+        return Err(CliError::usage(format!(
+            "--url {:?}: --raw-sqlite and --mode consume measure the embedded log; against NATS use `ampybus bench-nats` for the raw-client comparison",
+            ampybus::bus::redact(url)
+        )));
+    }
     let parent = match &args.dir {
         Some(d) => std::fs::canonicalize(d)
             .map_err(|e| CliError::usage(format!("--dir {:?}: {e}", d.display())))?,
@@ -145,6 +185,8 @@ pub async fn run(args: BenchArgs, log_level: Option<&str>) -> CliResult<u8> {
         run_id: util::new_run_id(),
         single_messages,
         log_level: log_level.map(str::to_owned),
+        broker,
+        tag: format!("{:08x}", rand_tag()),
         args,
     };
     let a = &setup.args;
@@ -184,7 +226,7 @@ pub async fn run(args: BenchArgs, log_level: Option<&str>) -> CliResult<u8> {
 
 async fn raw_round(s: &Setup, round: u64) -> CliResult<Run> {
     let dir = s.tempdir("raw")?;
-    let envs = s.envelopes(s.args.messages);
+    let envs = s.envelopes(&s.topic, s.args.messages);
     let pb = s.bar(&format!("round {round}: raw rusqlite"), s.args.messages);
     let (path, batch, sync, pb2) = (
         dir.path().join("raw.sqlite3"),
@@ -269,7 +311,7 @@ fn raw_insert_loop(
 async fn batched_round(s: &Setup, round: u64) -> CliResult<Run> {
     let dir = s.tempdir("batched")?;
     let bus = util::connect(&s.url(dir.path())).await?;
-    let mut envs = s.envelopes(s.args.messages);
+    let mut envs = s.envelopes(&s.topic(round, "b")?, s.args.messages);
     let pb = s.bar(&format!("round {round}: ampybus batched"), s.args.messages);
     let inflight = s.args.inflight as usize;
     let started = Instant::now();
@@ -318,7 +360,11 @@ async fn single_round(s: &Setup, round: u64) -> CliResult<Run> {
     let bus = util::connect(&s.url(dir.path())).await?;
     let c = s.args.concurrency as usize;
     let mut parts: Vec<Vec<Envelope>> = vec![Vec::new(); c];
-    for (i, e) in s.envelopes(s.single_messages).into_iter().enumerate() {
+    for (i, e) in s
+        .envelopes(&s.topic(round, "s")?, s.single_messages)
+        .into_iter()
+        .enumerate()
+    {
         parts[i % c].push(e);
     }
     let pb = s.bar(
@@ -372,6 +418,7 @@ async fn e2e_round(s: &Setup, round: u64) -> CliResult<E2e> {
     let rate = s.args.rate as f64;
     let dir = s.tempdir("e2e")?;
     let url = s.url(dir.path());
+    let topic = s.topic(round, "e")?;
     // Create the log before the consumer opens it.
     let bus = util::connect(&url).await?;
     let name = format!("bench-{}", ampybus::ids::new_message_id());
@@ -382,12 +429,18 @@ async fn e2e_round(s: &Setup, round: u64) -> CliResult<E2e> {
     if let Some(l) = &s.log_level {
         cmd.arg("--log-level").arg(l);
     }
-    cmd.args(["bench-consumer", "--pattern", TOPIC, "--durable", &name])
-        .arg("--expect")
-        .arg(n.to_string())
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true);
+    cmd.args([
+        "bench-consumer",
+        "--pattern",
+        topic.as_str(),
+        "--durable",
+        &name,
+    ])
+    .arg("--expect")
+    .arg(n.to_string())
+    .stdin(std::process::Stdio::null())
+    .stdout(std::process::Stdio::piped())
+    .kill_on_drop(true);
     let mut child = cmd.spawn().map_err(|e| {
         CliError::transport(format!("bench: cannot start the consumer process: {e}"))
     })?;
@@ -431,7 +484,7 @@ async fn e2e_round(s: &Setup, round: u64) -> CliResult<E2e> {
         let envs: Vec<Envelope> = (0..k)
             .map(|_| {
                 key = (key + 1) % s.keys.len();
-                s.envelope(&s.keys[key])
+                s.envelope(&topic, &s.keys[key])
             })
             .collect();
         bus.publish_batch(envs)
@@ -602,6 +655,10 @@ fn report_json(s: &Setup, raw: &[Run], batched: &[Run], single: &[Run], e2e: &[E
             "rounds": a.rounds,
             "raw_sqlite": a.raw_sqlite,
             "sync": a.sync.as_str(),
+            "transport": match &s.broker {
+                Some(u) => ampybus::bus::redact(u),
+                None => "embedded (temporary logs)".to_owned(),
+            },
         },
         "machine": {
             "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
@@ -668,7 +725,8 @@ fn report_text(s: &Setup, r: &Value) -> String {
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "ampybus bench: {} msgs x {} B payload, batch {}, {} keys, sync={}, {} round(s), {} CPU(s)",
+        "ampybus bench on {}: {} msgs x {} B payload, batch {}, {} keys, sync={}, {} round(s), {} CPU(s)",
+        r["config"]["transport"].as_str().unwrap_or("-"),
         a.messages,
         a.payload_bytes,
         a.batch,

@@ -68,7 +68,9 @@ fn run(cli: Cli) -> CliResult<u8> {
         Command::Validate(args) => validate::run(&args),
         Command::Pub(args) => runtime()?.block_on(publish::run(&url, *args)),
         Command::Sub(args) => runtime()?.block_on(subscribe::run(&url, args)),
-        Command::Bench(args) => runtime()?.block_on(bench::run(args, cli.log_level.as_deref())),
+        Command::Bench(args) => {
+            runtime()?.block_on(bench::run(&url, args, cli.log_level.as_deref()))
+        }
         Command::BenchConsumer(args) => runtime()?.block_on(bench::consumer(&url, args)),
         Command::Demo(args) => runtime()?.block_on(demo::run(&url, args)),
         Command::Replay(args) => runtime()?.block_on(replay::run(&url, args)),

@@ -1,11 +1,11 @@
-//! `ampybus topics`: what the embedded log holds per topic and how far behind consumers are.
+//! `ampybus topics`: what the log or broker holds per topic and how far behind consumers are
+//! (any transport with the [`Inspect`] capability: the embedded log, NATS).
 
 use crate::error::{CliError, CliResult, EXIT_OK};
-use ampybus::TopicPattern;
 use ampybus::bus::{TransportKind, redact, transport_kind};
-use ampybus::transport::Transport;
-use ampybus::transport::embedded::{EmbeddedLog, EmbeddedOptions};
-use ampybus::transport::embedded_admin::{ConsumerStats, TopicStats};
+use ampybus::transport::embedded::EmbeddedOptions;
+use ampybus::transport::{ConsumerStats, Inspect, TopicStats};
+use ampybus::{Bus, TopicPattern};
 use chrono::{DateTime, SecondsFormat, Utc};
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
@@ -63,39 +63,43 @@ Lag: messages after the cursor matching the consumer's pattern, not yet acknowle
     },
 }
 
-/// Runs `ampybus topics …`.
+/// Runs `ampybus topics …` on any transport that can be inspected (embedded log, NATS).
 pub async fn run(url: &str, args: TopicsArgs) -> CliResult<u8> {
-    let log = open(url).await?;
-    let result = dispatch(&log, args.command).await;
-    let closed = log
+    let bus = open(url).await?;
+    let result = match bus.transport().inspect() {
+        Some(inspect) => dispatch(inspect, args.command).await,
+        None => Err(CliError::usage(format!(
+            "--url {:?}: topics list/describe/lag is not available on the {} transport",
+            redact(url),
+            bus.transport().name()
+        ))),
+    };
+    let closed = bus
         .close()
         .await
-        .map_err(|e| CliError::bus("closing the log", &e));
+        .map_err(|e| CliError::bus("closing the bus", &e));
     let code = result?;
     closed?;
     Ok(code)
 }
 
-async fn open(url: &str) -> CliResult<EmbeddedLog> {
+/// Connects; on the embedded log the data directory must exist already (reading statistics
+/// never creates a log).
+async fn open(url: &str) -> CliResult<Bus> {
     let shown = redact(url);
     let kind = transport_kind(url).map_err(|e| CliError::bus(format!("--url {shown:?}"), &e))?;
-    if kind != TransportKind::Embedded {
-        return Err(CliError::usage(format!(
-            "--url {shown:?}: topics list/describe/lag is available on the embedded log; \
-             broker bindings come later"
-        )));
+    if kind == TransportKind::Embedded {
+        let opts = EmbeddedOptions::from_url(url)
+            .map_err(|e| CliError::bus(format!("--url {shown:?}"), &e))?;
+        if !opts.dir.is_dir() {
+            return Err(CliError::usage(format!(
+                "--url {shown:?}: the data directory {} does not exist or is not a directory",
+                opts.dir.display()
+            )));
+        }
     }
-    let opts = EmbeddedOptions::from_url(url)
-        .map_err(|e| CliError::bus(format!("--url {shown:?}"), &e))?;
-    if !opts.dir.is_dir() {
-        return Err(CliError::usage(format!(
-            "--url {shown:?}: the data directory {} does not exist or is not a directory",
-            opts.dir.display()
-        )));
-    }
-    tokio::task::spawn_blocking(move || EmbeddedLog::open(opts))
+    Bus::connect(url)
         .await
-        .map_err(|e| CliError::transport(format!("opening the log: {e}")))?
         .map_err(|e| CliError::bus(format!("--url {shown:?}"), &e))
 }
 
@@ -103,8 +107,8 @@ fn pattern_arg(flag: &str, s: &str) -> CliResult<TopicPattern> {
     TopicPattern::parse(s).map_err(|e| CliError::bus(format!("{flag} {s:?}"), &e))
 }
 
-async fn dispatch(log: &EmbeddedLog, cmd: TopicsCommand) -> CliResult<u8> {
-    let bus_err = |e: ampybus::Error| CliError::bus("reading the log", &e);
+async fn dispatch(log: &dyn Inspect, cmd: TopicsCommand) -> CliResult<u8> {
+    let bus_err = |e: ampybus::Error| CliError::bus("reading statistics", &e);
     match cmd {
         TopicsCommand::List { pattern, json } => {
             let pattern = pattern_arg("--pattern", &pattern)?;
@@ -131,7 +135,7 @@ async fn dispatch(log: &EmbeddedLog, cmd: TopicsCommand) -> CliResult<u8> {
                 .filter(|c| reads(c, &pattern, &topics))
                 .collect();
             let messages: u64 = topics.iter().map(|t| t.messages).sum();
-            let bytes: u64 = topics.iter().map(|t| t.bytes).sum();
+            let bytes: Option<u64> = topics.iter().map(|t| t.bytes).sum();
             let out = if json {
                 let v = json!({
                     "pattern": pattern.as_str(),
@@ -143,9 +147,10 @@ async fn dispatch(log: &EmbeddedLog, cmd: TopicsCommand) -> CliResult<u8> {
                 format!("{v}\n")
             } else {
                 let mut s = format!(
-                    "pattern   {}\ntopics    {}\nmessages  {messages}\nbytes     {bytes}\n\n",
+                    "pattern   {}\ntopics    {}\nmessages  {messages}\nbytes     {}\n\n",
                     pattern.as_str(),
-                    topics.len()
+                    topics.len(),
+                    opt(bytes)
                 );
                 s.push_str(&topic_table(&topics));
                 s.push('\n');
@@ -203,6 +208,10 @@ fn print(s: &str) -> CliResult<()> {
 fn time(t: Option<DateTime<Utc>>) -> String {
     t.map(|t| t.to_rfc3339_opts(SecondsFormat::Micros, true))
         .unwrap_or_else(|| "-".into())
+}
+
+fn opt(v: Option<u64>) -> String {
+    v.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
 }
 
 fn topic_json(t: &TopicStats) -> Value {
@@ -269,7 +278,7 @@ fn topic_table(topics: &[TopicStats]) -> String {
                 vec![
                     t.topic.clone(),
                     t.messages.to_string(),
-                    t.bytes.to_string(),
+                    opt(t.bytes),
                     t.first_seq.to_string(),
                     t.last_seq.to_string(),
                     time(t.oldest),
@@ -296,10 +305,10 @@ fn consumer_table(consumers: &[ConsumerStats]) -> String {
                 vec![
                     c.name.clone(),
                     c.pattern.clone(),
-                    c.cursor.to_string(),
+                    opt(c.cursor),
                     c.in_flight.to_string(),
                     c.lag.to_string(),
-                    c.newest_seq.to_string(),
+                    opt(c.newest_seq),
                 ]
             })
             .collect(),

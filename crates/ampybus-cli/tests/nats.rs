@@ -1,6 +1,6 @@
 //! The CLI on NATS JetStream (server on 127.0.0.1:4222, started or found by
 //! `scripts/brokers.sh start nats`): `streams ensure|list|describe`, `pub` and `sub` with a
-//! `nats://` URL.
+//! `nats://` URL, `topics list|describe|lag` and `bench` against the server.
 
 mod common;
 
@@ -91,6 +91,132 @@ fn pub_and_sub_over_nats() {
     assert_eq!(v.len(), 1, "{}", o.stdout);
     assert_eq!(v[0]["topic"], topic.as_str());
     assert_eq!(v[0]["headers"]["partition_key"], "n-1");
+}
+
+fn publish(topic: &str, key: &str, payload: &str) {
+    let o = run(&[
+        "pub",
+        "--topic",
+        topic,
+        "--producer",
+        "cli@1",
+        "--source",
+        "cli",
+        "--pk",
+        key,
+        "--payload",
+        payload,
+    ]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+}
+
+#[test]
+fn topics_list_describe_lag_over_nats() {
+    brokers();
+    let id = uuid_like();
+    let (a, b) = (
+        format!("ampy.dev.news.v1.top{id}.a"),
+        format!("ampy.dev.news.v1.top{id}.b"),
+    );
+    for i in 0..3 {
+        publish(&a, "n-a", &format!("a{i}"));
+    }
+    for i in 0..2 {
+        publish(&b, "n-b", &format!("b{i}"));
+    }
+    let pattern = format!("ampy.dev.news.v1.top{id}.>");
+    let consumer = format!("lag{id}");
+    // A durable consumer that read (and acked) one message of the five.
+    let o = run(&[
+        "sub",
+        "--pattern",
+        &pattern,
+        "--durable",
+        &consumer,
+        "--json",
+        "--max",
+        "1",
+    ]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(o.json_lines().len(), 1);
+
+    let o = run(&["topics", "list", "--pattern", &pattern, "--json"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let v = o.json_lines();
+    let rows: Vec<(&str, u64)> = v
+        .iter()
+        .map(|t| {
+            (
+                t["topic"].as_str().unwrap(),
+                t["messages"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(rows, vec![(a.as_str(), 3), (b.as_str(), 2)]);
+    for t in &v {
+        assert!(
+            t["bytes"].is_null(),
+            "NATS reports no per-subject sizes: {t}"
+        );
+        let (first, last) = (
+            t["first_seq"].as_u64().unwrap(),
+            t["last_seq"].as_u64().unwrap(),
+        );
+        assert!(first > 0 && first < last, "{t}");
+        assert!(t["oldest"].as_str().unwrap() <= t["newest"].as_str().unwrap());
+    }
+
+    let o = run(&["topics", "describe", &pattern, "--json"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let d = &o.json_lines()[0];
+    assert_eq!(d["messages"], 5);
+    let mine: Vec<&serde_json::Value> = d["consumers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["name"] == consumer.as_str())
+        .collect();
+    assert_eq!(mine.len(), 1, "{d}");
+    assert_eq!(mine[0]["lag"], 4);
+    assert_eq!(mine[0]["pattern"], pattern.as_str());
+
+    let o = run(&["topics", "lag", "--consumer", &consumer, "--json"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let v = o.json_lines();
+    assert_eq!(v.len(), 1);
+    assert_eq!(
+        (v[0]["lag"].as_u64(), v[0]["in_flight"].as_u64()),
+        (Some(4), Some(0))
+    );
+    assert!(v[0]["cursor"].as_u64().unwrap() > 0);
+
+    let o = run(&["topics", "lag", "--consumer", &format!("nobody{id}")]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+}
+
+#[test]
+fn bench_runs_against_the_server() {
+    brokers();
+    let o = run(&[
+        "bench",
+        "--messages",
+        "2000",
+        "--single-messages",
+        "200",
+        "--rounds",
+        "1",
+        "--rate",
+        "2000",
+        "--json",
+    ]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let r = &o.json_lines()[0];
+    assert_eq!(r["e2e"]["rounds"][0]["unique"], 2000, "{r}");
+    assert_eq!(r["publish_batched"]["messages"], 2000, "{r}");
+    assert_eq!(r["publish_single"]["messages"], 200, "{r}");
+    let o = run(&["bench", "--raw-sqlite", "--rounds", "1"]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("bench-nats"), "{}", o.stderr);
 }
 
 fn uuid_like() -> String {

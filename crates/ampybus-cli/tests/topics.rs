@@ -2,7 +2,6 @@
 
 use serde_json::Value;
 use std::path::Path;
-use std::process::Command;
 
 mod common;
 use common::{Out, ampybus_in};
@@ -179,27 +178,6 @@ fn list_describe_and_lag_report_exact_counts() {
     let o = ampybus(dir, &["topics", "lag", "--consumer", "nobody"]);
     assert_eq!(o.code, 2, "{}", o.stderr);
     assert!(o.stderr.contains("nobody"), "{}", o.stderr);
-}
-
-#[test]
-fn broker_urls_are_refused_with_exit_2() {
-    for args in [
-        &["topics", "list"][..],
-        &["topics", "describe", ">"][..],
-        &["topics", "lag"][..],
-    ] {
-        let out = Command::new(env!("CARGO_BIN_EXE_ampybus"))
-            .args(["--url", "nats://127.0.0.1:4222"])
-            .args(args)
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(2));
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            err.contains("available on the embedded log; broker bindings come later"),
-            "{err}"
-        );
-    }
 }
 
 #[test]

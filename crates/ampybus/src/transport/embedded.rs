@@ -1295,6 +1295,10 @@ impl Transport for EmbeddedLog {
         Some(self)
     }
 
+    fn inspect(&self) -> Option<&dyn super::Inspect> {
+        Some(self)
+    }
+
     fn dedupe_store(&self) -> Option<Arc<dyn crate::dedupe::DedupeStore>> {
         Some(Arc::new(EmbeddedDedupe::new(self.inner.clone())))
     }

@@ -10,66 +10,7 @@ use chrono::{DateTime, Utc};
 use rusqlite::Connection;
 use std::collections::BTreeMap;
 
-/// What the log holds for one topic.
-///
-/// ```
-/// let s = ampybus::transport::embedded_admin::TopicStats {
-///     topic: "ampy.dev.news.v1.raw".into(),
-///     messages: 2,
-///     bytes: 10,
-///     oldest: None,
-///     newest: None,
-///     first_seq: 1,
-///     last_seq: 2,
-/// };
-/// assert_eq!(s.messages, 2);
-/// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TopicStats {
-    /// The concrete topic.
-    pub topic: String,
-    /// Messages stored.
-    pub messages: u64,
-    /// Sum of the stored message sizes (headers and payload as stored).
-    pub bytes: u64,
-    /// Store time of the oldest message.
-    pub oldest: Option<DateTime<Utc>>,
-    /// Store time of the newest message.
-    pub newest: Option<DateTime<Utc>>,
-    /// Lowest sequence.
-    pub first_seq: u64,
-    /// Highest sequence.
-    pub last_seq: u64,
-}
-
-/// Position and backlog of one durable consumer.
-///
-/// ```
-/// let c = ampybus::transport::embedded_admin::ConsumerStats {
-///     name: "audit".into(),
-///     pattern: "ampy.dev.>".into(),
-///     cursor: 3,
-///     in_flight: 1,
-///     lag: 4,
-///     newest_seq: 9,
-/// };
-/// assert_eq!(c.lag, 4);
-/// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConsumerStats {
-    /// Durable consumer name.
-    pub name: String,
-    /// The pattern it subscribes to.
-    pub pattern: String,
-    /// Every sequence at or below the cursor is settled.
-    pub cursor: u64,
-    /// Delivered and not yet acknowledged (leases held or expired).
-    pub in_flight: u64,
-    /// Matching messages after the cursor that are not yet acknowledged.
-    pub lag: u64,
-    /// Highest sequence of a stored message matching the pattern (0: none).
-    pub newest_seq: u64,
-}
+pub use super::{ConsumerStats, TopicStats};
 
 fn sql(what: &str, e: rusqlite::Error) -> Error {
     Error::transport(format!("embedded log: {what}"), e)
@@ -91,7 +32,7 @@ fn topic_rows(conn: &Connection, pattern: &TopicPattern) -> Result<Vec<TopicStat
             Ok(TopicStats {
                 topic: r.get(0)?,
                 messages: r.get::<_, i64>(1)? as u64,
-                bytes: r.get::<_, i64>(2)? as u64,
+                bytes: Some(r.get::<_, i64>(2)? as u64),
                 oldest: us_to_time(r.get(3)?),
                 newest: us_to_time(r.get(4)?),
                 first_seq: r.get::<_, i64>(5)? as u64,
@@ -186,10 +127,10 @@ fn consumer_rows(conn: &Connection) -> Result<Vec<ConsumerStats>> {
         out.push(ConsumerStats {
             name,
             pattern: pattern_s,
-            cursor: cursor.max(0) as u64,
+            cursor: Some(cursor.max(0) as u64),
             in_flight: in_flight as u64,
             lag: after_cursor.saturating_sub(acked),
-            newest_seq,
+            newest_seq: Some(newest_seq),
         });
     }
     Ok(out)
@@ -212,7 +153,7 @@ impl EmbeddedLog {
     /// let stats = log.topic_stats(&TopicPattern::parse(">").unwrap()).await.unwrap();
     /// assert_eq!(stats.len(), 1);
     /// assert_eq!(stats[0].messages, 1);
-    /// assert!(stats[0].bytes > 0);
+    /// assert!(stats[0].bytes.unwrap() > 0);
     /// bus.close().await.unwrap();
     /// # });
     /// ```
@@ -242,6 +183,17 @@ impl EmbeddedLog {
         tokio::task::spawn_blocking(move || consumer_rows(&conn))
             .await
             .map_err(|e| Error::transport("embedded log: consumer stats task failed", e))?
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::transport::Inspect for EmbeddedLog {
+    async fn topic_stats(&self, pattern: &TopicPattern) -> Result<Vec<TopicStats>> {
+        EmbeddedLog::topic_stats(self, pattern).await
+    }
+
+    async fn consumer_stats(&self) -> Result<Vec<ConsumerStats>> {
+        EmbeddedLog::consumer_stats(self).await
     }
 }
 
@@ -318,11 +270,11 @@ mod tests {
         // After cursor 2 the news messages are 4, 5, 7, 8; 5 and 8 are acked.
         assert_eq!(c.lag, 2);
         assert_eq!(c.in_flight, 1);
-        assert_eq!(c.cursor, 2);
-        assert_eq!(c.newest_seq, 8);
+        assert_eq!(c.cursor, Some(2));
+        assert_eq!(c.newest_seq, Some(8));
         let topics = topic_rows(&conn, &TopicPattern::parse("ampy.dev.news.>").unwrap()).unwrap();
         assert_eq!(topics.len(), 1);
-        assert_eq!((topics[0].messages, topics[0].bytes), (6, 60));
+        assert_eq!((topics[0].messages, topics[0].bytes), (6, Some(60)));
         assert_eq!((topics[0].first_seq, topics[0].last_seq), (1, 8));
     }
 }

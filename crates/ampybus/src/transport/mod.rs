@@ -5,7 +5,7 @@
 //! * [`Subscription`]: fetch deliveries.
 //! * [`Delivery`]: one message; settling consumes it (`ack(self)`), so a double ack does not
 //!   compile.
-//! * Optional capabilities are separate traits: [`ReplayByTime`], [`ConsumerLag`].
+//! * Optional capabilities are separate traits: [`ReplayByTime`], [`ConsumerLag`], [`Inspect`].
 //!
 //! Bindings: [`embedded`] (always), `nats` (cargo feature `nats`: NATS JetStream).
 
@@ -317,6 +317,92 @@ pub trait ConsumerLag: Send + Sync {
     async fn lag(&self, consumer: &str) -> Result<Option<Lag>>;
 }
 
+/// What a transport stores for one concrete topic (what `ampybus topics list` shows).
+///
+/// ```
+/// let s = ampybus::transport::TopicStats {
+///     topic: "ampy.dev.news.v1.raw".into(),
+///     messages: 2,
+///     bytes: Some(10),
+///     oldest: None,
+///     newest: None,
+///     first_seq: 1,
+///     last_seq: 2,
+/// };
+/// assert_eq!(s.messages, 2);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicStats {
+    /// The concrete topic.
+    pub topic: String,
+    /// Messages stored.
+    pub messages: u64,
+    /// Sum of the stored message sizes (headers and payload as stored); `None` where the
+    /// broker does not report sizes per topic (NATS: per stream only).
+    pub bytes: Option<u64>,
+    /// Store time of the oldest message.
+    pub oldest: Option<DateTime<Utc>>,
+    /// Store time of the newest message.
+    pub newest: Option<DateTime<Utc>>,
+    /// Lowest sequence.
+    pub first_seq: u64,
+    /// Highest sequence.
+    pub last_seq: u64,
+}
+
+/// Position and backlog of one durable consumer (what `ampybus topics lag` shows).
+///
+/// ```
+/// let c = ampybus::transport::ConsumerStats {
+///     name: "audit".into(),
+///     pattern: "ampy.dev.>".into(),
+///     cursor: Some(3),
+///     in_flight: 1,
+///     lag: 4,
+///     newest_seq: Some(9),
+/// };
+/// assert_eq!(c.lag, 4);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerStats {
+    /// Durable consumer name.
+    pub name: String,
+    /// The pattern it subscribes to (on brokers: the filter subjects, comma-separated, when
+    /// the consumer spans several streams).
+    pub pattern: String,
+    /// Every sequence at or below the cursor is settled; `None` when the consumer spans
+    /// several streams whose sequences are not comparable.
+    pub cursor: Option<u64>,
+    /// Delivered and not yet acknowledged (leases held or expired).
+    pub in_flight: u64,
+    /// Matching messages not yet acknowledged (delivered or not).
+    pub lag: u64,
+    /// Highest sequence of a stored message matching the pattern; `None` when unknown or
+    /// not comparable.
+    pub newest_seq: Option<u64>,
+}
+
+/// Reading what a transport stores per topic and its durable consumers: the base of
+/// `ampybus topics list|describe|lag`.
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use ampybus::TopicPattern;
+/// let dir = tempfile::tempdir().unwrap();
+/// let bus = ampybus::Bus::connect(dir.path().to_str().unwrap()).await.unwrap();
+/// let inspect = bus.transport().inspect().expect("the embedded log can be inspected");
+/// assert!(inspect.topic_stats(&TopicPattern::parse(">").unwrap()).await.unwrap().is_empty());
+/// assert!(inspect.consumer_stats().await.unwrap().is_empty());
+/// # });
+/// ```
+#[async_trait]
+pub trait Inspect: Send + Sync {
+    /// Per-topic statistics of the stored topics `pattern` matches, sorted by topic.
+    async fn topic_stats(&self, pattern: &TopicPattern) -> Result<Vec<TopicStats>>;
+    /// Every durable consumer with its position and lag, sorted by name.
+    async fn consumer_stats(&self) -> Result<Vec<ConsumerStats>>;
+}
+
 /// A message transport: the embedded log or a broker binding.
 #[async_trait]
 pub trait Transport: Send + Sync + 'static {
@@ -338,6 +424,10 @@ pub trait Transport: Send + Sync + 'static {
     }
     /// Consumer lag reads, when the transport can.
     fn consumer_lag(&self) -> Option<&dyn ConsumerLag> {
+        None
+    }
+    /// Per-topic and per-consumer statistics, when the transport can.
+    fn inspect(&self) -> Option<&dyn Inspect> {
         None
     }
     /// Flushes and closes.

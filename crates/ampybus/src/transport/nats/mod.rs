@@ -59,6 +59,7 @@
 //! ```
 
 mod consume;
+mod inspect;
 mod kv_dedupe;
 mod publish;
 mod replay;
@@ -791,6 +792,10 @@ impl Transport for NatsTransport {
         Some(self)
     }
 
+    fn inspect(&self) -> Option<&dyn crate::transport::Inspect> {
+        Some(self)
+    }
+
     async fn close(&self) -> Result<()> {
         self.shared.client.flush().await.map_err(|e| {
             Error::with_source(
@@ -849,49 +854,6 @@ pub(crate) fn from_header_map(m: Option<&async_nats::HeaderMap>) -> Headers {
         }
     }
     h
-}
-
-/// Lag of a durable consumer from JetStream consumer info, summed over every stream that has a
-/// consumer of that name (a pattern spanning domains has one per stream): `pending` =
-/// `num_pending` (not yet delivered) + `num_ack_pending` (delivered, not acked), `in_flight` =
-/// `num_ack_pending`. Only streams named with this binding's `stream_prefix` are asked. `None`
-/// when no stream has it.
-#[async_trait]
-impl crate::transport::ConsumerLag for NatsTransport {
-    async fn lag(&self, consumer: &str) -> Result<Option<crate::transport::Lag>> {
-        let name = consume::consumer_name(consumer);
-        let mut found = false;
-        let mut lag = crate::transport::Lag::default();
-        let prefix = &self.shared.opts.stream_prefix;
-        for info in streams::list(&self.shared.js).await? {
-            if !info.config.name.starts_with(prefix.as_str()) {
-                continue;
-            }
-            let Ok(stream) = self.shared.js.get_stream(&info.config.name).await else {
-                continue;
-            };
-            match stream.consumer_info(&name).await {
-                Ok(ci) => {
-                    found = true;
-                    lag.pending += ci.num_pending + ci.num_ack_pending as u64;
-                    lag.in_flight += ci.num_ack_pending as u64;
-                }
-                Err(e) if e.to_string().to_lowercase().contains("not found") => {}
-                Err(e) => {
-                    return Err(Error::with_source(
-                        ErrorKind::Transport,
-                        format!(
-                            "{}: consumer info of `{name}` on stream {}",
-                            self.shared.where_(),
-                            info.config.name
-                        ),
-                        e,
-                    ));
-                }
-            }
-        }
-        Ok(found.then_some(lag))
-    }
 }
 
 #[cfg(test)]
