@@ -921,6 +921,216 @@ async fn token_and_nkey_authentication() {
     }
 }
 
+/// A NATS v2 JWT: `sub` with `nats` claims, issued and signed by `issuer`. The `jti` is the
+/// base32 SHA-256 of the claims without it, as the nats jwt library computes it.
+fn nats_jwt(issuer: &nkeys::KeyPair, sub: &str, name: &str, nats: serde_json::Value) -> String {
+    use data_encoding::{BASE32_NOPAD, BASE64URL_NOPAD};
+    use sha2::Digest;
+    let iat = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let mut claims = serde_json::json!({
+        "iat": iat,
+        "iss": issuer.public_key(),
+        "sub": sub,
+        "name": name,
+        "nats": nats,
+    });
+    let jti = BASE32_NOPAD.encode(&sha2::Sha256::digest(claims.to_string().as_bytes()));
+    claims["jti"] = jti.into();
+    let header = BASE64URL_NOPAD.encode(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let body = BASE64URL_NOPAD.encode(claims.to_string().as_bytes());
+    let signed = format!("{header}.{body}");
+    let sig = issuer.sign(signed.as_bytes()).unwrap();
+    format!("{signed}.{}", BASE64URL_NOPAD.encode(&sig))
+}
+
+/// An account JWT signed by `operator`; with `jetstream`, unlimited JetStream (the v2 limits
+/// `mem_storage`/`disk_storage` not 0 is what enables it for the account).
+fn account_jwt(
+    operator: &nkeys::KeyPair,
+    account: &nkeys::KeyPair,
+    name: &str,
+    jetstream: bool,
+) -> String {
+    let mut limits = serde_json::json!({
+        "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+        "wildcards": true, "conn": -1, "leaf": -1,
+    });
+    if jetstream {
+        for k in ["mem_storage", "disk_storage", "streams", "consumer"] {
+            limits[k] = (-1).into();
+        }
+    }
+    nats_jwt(
+        operator,
+        &account.public_key(),
+        name,
+        serde_json::json!({
+            "type": "account",
+            "version": 2,
+            "limits": limits,
+            "default_permissions": { "pub": {}, "sub": {} },
+        }),
+    )
+}
+
+/// A `.creds` file for a new user of `account`: the user JWT and the user's seed.
+fn write_creds(path: &Path, account: &nkeys::KeyPair, name: &str) -> String {
+    let user = nkeys::KeyPair::new_user();
+    let seed = user.seed().unwrap();
+    let jwt = nats_jwt(
+        account,
+        &user.public_key(),
+        name,
+        serde_json::json!({
+            "type": "user",
+            "version": 2,
+            "pub": {}, "sub": {},
+            "subs": -1, "data": -1, "payload": -1,
+        }),
+    );
+    std::fs::write(
+        path,
+        format!(
+            "-----BEGIN NATS USER JWT-----\n{jwt}\n------END NATS USER JWT------\n\n\
+             ************************* IMPORTANT *************************\n\
+             NKEY Seed printed below can be used to sign and prove identity.\n\
+             NKEYs are sensitive and should be treated as secrets.\n\n\
+             -----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
+        ),
+    )
+    .unwrap();
+    seed
+}
+
+/// Operator mode (decentralised JWT auth): an operator, a JetStream-enabled account preloaded
+/// in a memory resolver, a user in a `.creds` file. `?creds=` connects, publishes and reads
+/// back; no credentials, a user of an unknown account and a missing file fail clearly, and no
+/// error shows a user seed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_file_jwt_authentication() {
+    let operator = nkeys::KeyPair::new_operator();
+    let account = nkeys::KeyPair::new_account();
+    // nats-server 2.9 will not start JetStream in operator mode without a system account.
+    let system = nkeys::KeyPair::new_account();
+    let operator_jwt = nats_jwt(
+        &operator,
+        &operator.public_key(),
+        "ampybus-op",
+        serde_json::json!({ "type": "operator", "version": 2 }),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("nats.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "operator: \"{operator_jwt}\"\nsystem_account: {}\nresolver: MEMORY\nresolver_preload: {{\n  {}: \"{}\"\n  {}: \"{}\"\n}}\njetstream {{ store_dir: \"{}\" }}\n",
+            system.public_key(),
+            system.public_key(),
+            account_jwt(&operator, &system, "SYS", false),
+            account.public_key(),
+            account_jwt(&operator, &account, "ampybus-acc", true),
+            dir.path().join("js").display()
+        ),
+    )
+    .unwrap();
+    let server = Server::start(dir.path(), &["-c", conf.to_str().unwrap()]);
+    let limit = Duration::from_secs(15);
+
+    let creds = dir.path().join("user.creds");
+    let seed = write_creds(&creds, &account, "ampybus-user");
+    // A user signed by an account the server does not know (not issued by its operator).
+    let foreign_acc = nkeys::KeyPair::new_account();
+    let foreign = dir.path().join("foreign.creds");
+    let foreign_seed = write_creds(&foreign, &foreign_acc, "foreign-user");
+    assert!(seed.starts_with("SU") && foreign_seed.starts_with("SU"));
+    let no_secret = |e: &ampybus::Error| {
+        let shown = format!("{e} {e:?}");
+        assert!(
+            !shown.contains(&seed) && !shown.contains(&foreign_seed),
+            "seed shown: {shown}"
+        );
+        eprintln!("{e}");
+    };
+
+    let bus = timed(
+        "connect with a creds file",
+        limit,
+        Bus::connect(&server.url(
+            "nats",
+            &format!("?creds={}&stream_prefix=JWT", creds.display()),
+        )),
+    )
+    .await
+    .expect("connect with the creds file");
+    let topic = Topic::parse("ampy.dev.news.v1.jwt.x").unwrap();
+    let r = bus
+        .publish(&topic, headers("k"), b"signed in".to_vec())
+        .await
+        .expect("publish as the JWT user");
+    assert_eq!(r.sequence, 1);
+    let mut sub = bus
+        .subscribe(SubscribeSpec::durable(
+            TopicPattern::parse("ampy.dev.news.>").unwrap(),
+            "jwt-reader",
+        ))
+        .await
+        .expect("durable subscription as the JWT user");
+    let got = sub.fetch(10, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(&got[0].envelope.payload[..], b"signed in");
+
+    let e = timed(
+        "connect without credentials",
+        limit,
+        Bus::connect(&server.url("nats", "")),
+    )
+    .await
+    .unwrap_err();
+    no_secret(&e);
+    assert_eq!(e.kind(), ErrorKind::Config, "{e}");
+    assert!(
+        e.to_string()
+            .to_ascii_lowercase()
+            .contains("authorization violation"),
+        "{e}"
+    );
+
+    let e = timed(
+        "connect as a user of an unknown account",
+        limit,
+        Bus::connect(&server.url("nats", &format!("?creds={}", foreign.display()))),
+    )
+    .await
+    .unwrap_err();
+    no_secret(&e);
+    assert_eq!(e.kind(), ErrorKind::Config, "{e}");
+    assert!(
+        e.to_string()
+            .to_ascii_lowercase()
+            .contains("authorization violation"),
+        "{e}"
+    );
+
+    let missing = dir.path().join("missing.creds");
+    let e = timed(
+        "connect with a missing creds file",
+        limit,
+        Bus::connect(&server.url("nats", &format!("?creds={}", missing.display()))),
+    )
+    .await
+    .unwrap_err();
+    no_secret(&e);
+    assert_eq!(e.kind(), ErrorKind::Config, "{e}");
+    assert!(
+        e.to_string()
+            .contains(&format!("credentials file {}", missing.display())),
+        "{e}"
+    );
+}
+
 /// Replay over a pattern spanning several streams pages through every stream in store order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_across_streams_pages_in_store_order() {
