@@ -340,6 +340,11 @@ pub trait Transport: Send + Sync + 'static {
     fn consumer_lag(&self) -> Option<&dyn ConsumerLag> {
         None
     }
+    /// A cheap "is the transport connected" probe for `/health`: `Ok` when it can serve
+    /// requests now. Default: `Ok` (a transport without a probe always reports healthy).
+    async fn health(&self) -> Result<()> {
+        Ok(())
+    }
     /// Flushes and closes.
     async fn close(&self) -> Result<()>;
 }
