@@ -238,7 +238,7 @@ impl Bus {
     /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
     /// let dir = tempfile::tempdir().unwrap();
     /// let bus = ampybus::Bus::connect(dir.path().to_str().unwrap()).await.unwrap();
-    /// assert!(bus.metrics().encode().contains("# TYPE bus_produced_total counter"));
+    /// assert!(bus.metrics().encode().contains("# TYPE bus_produced counter"));
     /// # });
     /// ```
     pub fn metrics(&self) -> &BusMetrics {

@@ -2,7 +2,8 @@
 //! and labels of the contract (DESIGN §6, seed §11).
 
 use crate::runtime::{DlqCode, DropReason};
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -89,10 +90,12 @@ fn size_histogram() -> Histogram {
 /// ```
 /// let m = ampybus::obs::BusMetrics::new();
 /// let text = m.encode();
-/// for family in ["bus_produced_total", "bus_consumed_total", "bus_delivery_latency_ms",
-///     "bus_handler_duration_ms", "bus_batch_size_bytes", "bus_consumer_lag", "bus_dlq_total",
-///     "bus_retry_total", "bus_decode_fail_total", "bus_dropped_total", "bus_inflight"] {
-///     assert!(text.contains(&format!("# TYPE {family}")), "{family}");
+/// // OpenMetrics names a counter family without `_total`; its samples carry it.
+/// for family in ["bus_produced counter", "bus_consumed counter", "bus_delivery_latency_ms histogram",
+///     "bus_handler_duration_ms histogram", "bus_batch_size_bytes histogram",
+///     "bus_consumer_lag gauge", "bus_dlq counter", "bus_retry counter",
+///     "bus_decode_fail counter", "bus_dropped counter", "bus_inflight gauge"] {
+///     assert!(text.contains(&format!("# TYPE {family}\n")), "{family}");
 /// }
 /// // Merge into an application's own registry:
 /// let mut mine = prometheus_client::registry::Registry::default();
@@ -339,60 +342,77 @@ impl BusMetrics {
     }
 }
 
+/// A family that is listed (`# HELP`/`# TYPE`) even before it has a sample: the contract wants
+/// every family on `/metrics` from start-up, and `prometheus-client` skips empty ones.
+#[derive(Debug)]
+struct Listed<M>(M);
+
+impl<M: EncodeMetric> EncodeMetric for Listed<M> {
+    fn encode(&self, encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        self.0.encode(encoder)
+    }
+    fn metric_type(&self) -> MetricType {
+        self.0.metric_type()
+    }
+    fn is_empty(&self) -> bool {
+        false
+    }
+}
+
 fn register_all(f: &Families, r: &mut Registry) {
     r.register(
         "bus_produced",
         "Messages the broker confirmed, by domain-level topic and producer",
-        f.produced.clone(),
+        Listed(f.produced.clone()),
     );
     r.register(
         "bus_consumed",
         "Messages handled Ok (then acked), by domain-level topic and consumer",
-        f.consumed.clone(),
+        Listed(f.consumed.clone()),
     );
     r.register(
         "bus_delivery_latency_ms",
         "Milliseconds from produced_at to handler start",
-        f.delivery_latency.clone(),
+        Listed(f.delivery_latency.clone()),
     );
     r.register(
         "bus_handler_duration_ms",
         "Milliseconds a handler ran, per attempt",
-        f.handler_duration.clone(),
+        Listed(f.handler_duration.clone()),
     );
     r.register(
         "bus_batch_size_bytes",
         "Bytes of payload per published batch and domain-level topic",
-        f.batch_size.clone(),
+        Listed(f.batch_size.clone()),
     );
     r.register(
         "bus_consumer_lag",
         "Messages not yet acked by a durable consumer",
-        f.consumer_lag.clone(),
+        Listed(f.consumer_lag.clone()),
     );
     r.register(
         "bus_dlq",
         "Messages dead-lettered, by domain-level topic and DLQ reason code",
-        f.dlq.clone(),
+        Listed(f.dlq.clone()),
     );
     r.register(
         "bus_retry",
         "Retries scheduled by consumers, by domain-level topic and reason",
-        f.retry.clone(),
+        Listed(f.retry.clone()),
     );
     r.register(
         "bus_decode_fail",
         "Deliveries that could not be turned into a message, by reason code",
-        f.decode_fail.clone(),
+        Listed(f.decode_fail.clone()),
     );
     r.register(
         "bus_dropped",
         "Messages shed by a producer queue, by domain-level topic and reason",
-        f.dropped.clone(),
+        Listed(f.dropped.clone()),
     );
     r.register(
         "bus_inflight",
         "Messages fetched and not yet settled, per consumer",
-        f.inflight.clone(),
+        Listed(f.inflight.clone()),
     );
 }
