@@ -283,6 +283,8 @@ fn consumer_span_is_a_child_of_the_producer_span_across_processes_nats_and_logs_
     let dir = tempfile::tempdir().unwrap();
     let server = NatsServer::start(dir.path());
     let logs = two_process_trace(&server.url(), "ampy.dev.news.v1.obs", "obs-trace");
+    // The URL was logged, redacted.
+    assert!(logs.contains("nats://***@127.0.0.1:"), "{logs}");
     assert_logs_clean(&logs, &[SECRET]);
 }
 
