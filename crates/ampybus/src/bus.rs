@@ -225,7 +225,8 @@ impl Bus {
         self
     }
 
-    /// Whether metrics and spans are recorded on this handle.
+    /// Whether metrics and spans are recorded on this handle; see
+    /// [`Bus::with_observability`] for an example.
     pub fn observability(&self) -> bool {
         self.obs.enabled
     }
@@ -264,6 +265,14 @@ impl Bus {
 
     /// Reads the lag of every consumer running on this handle into `bus_consumer_lag`, each
     /// read bounded by `timeout` (consumers also refresh it every second on their own).
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let bus = ampybus::Bus::connect(dir.path().to_str().unwrap()).await.unwrap();
+    /// bus.refresh_lag_metrics(std::time::Duration::from_secs(1)).await;
+    /// # });
+    /// ```
     pub async fn refresh_lag_metrics(&self, timeout: Duration) {
         if !self.obs.enabled || !self.has_consumer_lag() {
             return;

@@ -34,12 +34,12 @@ pub struct ObsServer {
 }
 
 impl ObsServer {
-    /// The bound address (useful with port 0).
+    /// The bound address (useful with port 0); see [`serve`] for an example.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
     }
 
-    /// Stops serving and waits for the server task.
+    /// Stops serving and waits for the server task; see [`serve`] for an example.
     pub async fn shutdown(mut self) {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());

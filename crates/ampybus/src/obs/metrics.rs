@@ -13,12 +13,21 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 /// Histogram buckets for latencies in milliseconds: 0.1 ms … 10 s.
+///
+/// ```
+/// let b = ampybus::obs::LATENCY_BUCKETS_MS;
+/// assert_eq!((b[0], b[b.len() - 1]), (0.1, 10_000.0));
+/// ```
 pub const LATENCY_BUCKETS_MS: [f64; 16] = [
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1_000.0, 2_500.0,
     5_000.0, 10_000.0,
 ];
 
 /// Histogram buckets for batch sizes in bytes: 64 B … 16 MiB.
+///
+/// ```
+/// assert_eq!(ampybus::obs::SIZE_BUCKETS_BYTES[0], 64.0);
+/// ```
 pub const SIZE_BUCKETS_BYTES: [f64; 10] = [
     64.0,
     256.0,
@@ -33,9 +42,19 @@ pub const SIZE_BUCKETS_BYTES: [f64; 10] = [
 ];
 
 /// Why a consumer retried: the closed set of `bus_retry_total{reason}`.
+///
+/// ```
+/// assert_eq!(ampybus::obs::RETRY_REASONS, ["handler", "blob_unavailable"]);
+/// ```
 pub const RETRY_REASONS: [&str; 2] = ["handler", "blob_unavailable"];
 
 /// The codes that count as a decode failure (`bus_decode_fail_total{reason}`).
+///
+/// ```
+/// use ampybus::runtime::DlqCode;
+/// assert!(ampybus::obs::DECODE_FAIL_CODES.contains(&DlqCode::DecodeError));
+/// assert!(!ampybus::obs::DECODE_FAIL_CODES.contains(&DlqCode::HandlerError));
+/// ```
 pub const DECODE_FAIL_CODES: [DlqCode; 4] = [
     DlqCode::DecodeError,
     DlqCode::ContractViolation,
@@ -168,6 +187,10 @@ pub fn domain_topic(topic: &str) -> &str {
 
 impl BusMetrics {
     /// Fresh families in a registry of their own.
+    ///
+    /// ```
+    /// assert!(ampybus::obs::BusMetrics::new().encode().ends_with("# EOF\n"));
+    /// ```
     pub fn new() -> BusMetrics {
         let mut registry = Registry::default();
         let f = Families {
@@ -194,16 +217,32 @@ impl BusMetrics {
 
     /// Registers these families (shared, not copied) in another registry, e.g. the
     /// application's own.
+    ///
+    /// ```
+    /// use prometheus_client::{encoding::text::encode, registry::Registry};
+    /// let mut mine = Registry::default();
+    /// ampybus::obs::BusMetrics::new().register(&mut mine);
+    /// let mut text = String::new();
+    /// encode(&mut text, &mine).unwrap();
+    /// assert!(text.contains("# TYPE bus_inflight gauge"));
+    /// ```
     pub fn register(&self, registry: &mut Registry) {
         register_all(&self.inner, registry);
     }
 
     /// This handle's own registry.
+    ///
+    /// ```
+    /// let m = ampybus::obs::BusMetrics::new();
+    /// let mut text = String::new();
+    /// prometheus_client::encoding::text::encode(&mut text, m.registry()).unwrap();
+    /// assert_eq!(text, m.encode());
+    /// ```
     pub fn registry(&self) -> &Registry {
         &self.inner.registry
     }
 
-    /// The registry in the Prometheus/OpenMetrics text format.
+    /// The registry in the Prometheus/OpenMetrics text format (see [`BusMetrics`]).
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.

@@ -187,7 +187,7 @@ pub struct TracingGuard {
 }
 
 impl TracingGuard {
-    /// Whether spans are exported.
+    /// Whether spans are exported; see [`init_tracing`] for an example.
     pub fn is_exporting(&self) -> bool {
         self.provider.is_some()
     }

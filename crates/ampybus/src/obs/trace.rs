@@ -10,6 +10,10 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use std::sync::OnceLock;
 
 /// The instrumentation scope of every span this crate starts.
+///
+/// ```
+/// assert_eq!(ampybus::obs::TRACER_NAME, "ampybus");
+/// ```
 pub const TRACER_NAME: &str = "ampybus";
 
 fn propagator() -> &'static TraceContextPropagator {

@@ -606,11 +606,33 @@ impl ConsumerMonitor {
     }
 
     /// True once [`ConsumerHandle::shutdown`] has finished.
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use ampybus::runtime::{Consumer, Outcome, handler_fn};
+    /// use ampybus::{Bus, TopicPattern};
+    /// use std::time::Duration;
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let bus = Bus::connect(dir.path().to_str().unwrap()).await.unwrap();
+    /// let handle = Consumer::builder(bus, TopicPattern::parse("ampy.dev.bars.>").unwrap(), "bars")
+    ///     .handler(handler_fn(|_m| async { Outcome::Ok }))
+    ///     .max_in_flight(64)
+    ///     .start()
+    ///     .await
+    ///     .unwrap();
+    /// let monitor = handle.monitor();
+    /// assert_eq!(monitor.max_in_flight(), 64);
+    /// assert!(monitor.last_message_at().is_none());
+    /// handle.shutdown(Duration::from_secs(1)).await;
+    /// assert!(monitor.is_stopped());
+    /// # });
+    /// ```
     pub fn is_stopped(&self) -> bool {
         self.shared.stopped.load(Ordering::SeqCst)
     }
 
-    /// When a message last reached this consumer's handler (`None`: not yet).
+    /// When a message last reached this consumer's handler (`None`: not yet); see
+    /// [`ConsumerMonitor::is_stopped`] for an example.
     pub fn last_message_at(&self) -> Option<chrono::DateTime<chrono::Utc>> {
         match self.shared.last_message_us.load(Ordering::Relaxed) {
             0 => None,
@@ -618,7 +640,8 @@ impl ConsumerMonitor {
         }
     }
 
-    /// The configured [`ConsumerBuilder::max_in_flight`].
+    /// The configured [`ConsumerBuilder::max_in_flight`]; see
+    /// [`ConsumerMonitor::is_stopped`] for an example.
     pub fn max_in_flight(&self) -> usize {
         self.shared.max_in_flight
     }
