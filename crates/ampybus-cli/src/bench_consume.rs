@@ -3,7 +3,10 @@
 //!
 //! One log is filled once with `--messages` messages over `--keys` keys; every round reads all
 //! of it with fresh consumer names (a fresh durable consumer starts at the earliest message,
-//! and dedupe records are per consumer name), bare loop and runtime interleaved.
+//! and dedupe records are per consumer name), bare loop and runtime interleaved. The runtime
+//! runs with observability on (metrics, spans with no exporter configured, per-message debug
+//! logs filtered out) — the default — and, as its own series, off
+//! ([`ampybus::Bus::with_observability`]), so their ratio is the cost of the hooks.
 
 use crate::cli::BenchArgs;
 use crate::error::{CliError, CliResult, EXIT_OK};
@@ -38,14 +41,18 @@ pub async fn run(args: &BenchArgs, parent: &Path) -> CliResult<u8> {
     let mut bare = Vec::new();
     let mut runtime = Vec::new();
     let mut no_dedupe = Vec::new();
+    let mut obs_off = Vec::new();
+    let quiet = bus.clone().with_observability(false);
     for round in 1..=args.rounds {
         bare.push(bare_round(&bus, &pattern, args.messages, round).await?);
         runtime.push(runtime_round(&bus, &pattern, args, round, true).await?);
+        obs_off.push(runtime_round(&quiet, &pattern, args, round, true).await?);
         no_dedupe.push(runtime_round(&bus, &pattern, args, round, false).await?);
         eprintln!(
-            "round {round}: bare {:.0} msg/s, runtime {:.0} msg/s, runtime without dedupe {:.0} msg/s",
+            "round {round}: bare {:.0} msg/s, runtime {:.0} msg/s, runtime observability off {:.0} msg/s, runtime without dedupe {:.0} msg/s",
             bare[bare.len() - 1],
             runtime[runtime.len() - 1],
+            obs_off[obs_off.len() - 1],
             no_dedupe[no_dedupe.len() - 1]
         );
     }
@@ -61,14 +68,16 @@ pub async fn run(args: &BenchArgs, parent: &Path) -> CliResult<u8> {
         "bare_msg_per_sec": stats(&bare),
         "runtime_msg_per_sec": stats(&runtime),
         "runtime_without_dedupe_msg_per_sec": stats(&no_dedupe),
+        "runtime_observability_off_msg_per_sec": stats(&obs_off),
         "ratio_median": round2(median(&runtime) / median(&bare)),
+        "observability_on_off_ratio_median": round2(median(&runtime) / median(&obs_off)),
     });
     let mut out = util::Out::new();
     if args.json {
         out.line(&report.to_string())?;
     } else {
         out.line(&format!(
-            "consume-and-ack, {} messages × {} B over {} keys, sync={}, {} rounds (best/median/worst msg/s)\n  bare fetch/ack loop : {}\n  runtime ({} workers, dedupe on): {}\n  runtime without dedupe: {}\n  ratio runtime/bare (median): {}",
+            "consume-and-ack, {} messages × {} B over {} keys, sync={}, {} rounds (best/median/worst msg/s)\n  bare fetch/ack loop : {}\n  runtime ({} workers, dedupe on): {}\n  runtime without dedupe: {}\n  runtime, observability off: {}\n  ratio runtime/bare (median): {}\n  ratio observability on/off (median): {}",
             args.messages,
             args.payload_bytes,
             args.keys,
@@ -78,7 +87,9 @@ pub async fn run(args: &BenchArgs, parent: &Path) -> CliResult<u8> {
             args.workers,
             show(&report["runtime_msg_per_sec"]),
             show(&report["runtime_without_dedupe_msg_per_sec"]),
-            report["ratio_median"]
+            show(&report["runtime_observability_off_msg_per_sec"]),
+            report["ratio_median"],
+            report["observability_on_off_ratio_median"]
         ))?;
     }
     out.flush()?;
@@ -156,8 +167,9 @@ async fn runtime_round(
 ) -> CliResult<f64> {
     let started = Instant::now();
     let name = format!(
-        "runtime-{round}-{}",
-        if dedupe { "dedupe" } else { "plain" }
+        "runtime-{round}-{}-{}",
+        if dedupe { "dedupe" } else { "plain" },
+        if bus.observability() { "obs" } else { "quiet" }
     );
     let mut builder = Consumer::builder(bus.clone(), pattern.clone(), &name)
         .handler(handler_fn(|_m| async { Outcome::Ok }))

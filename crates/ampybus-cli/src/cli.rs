@@ -35,6 +35,21 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "FILTER")]
     pub log_level: Option<String>,
 
+    /// Log line format on stderr: `text` or `json` (one JSON object per line with
+    /// message_id, trace_id, topic, producer/consumer, result, latency_ms; never payloads)
+    #[arg(long, global = true, value_name = "FORMAT", default_value = "text")]
+    pub log_format: String,
+
+    /// Serve /metrics (Prometheus), /health and /stats (JSON) on this address while the
+    /// command runs, e.g. 127.0.0.1:9464 (sub, demo, pub, dlq, …)
+    #[arg(long, global = true, value_name = "ADDR", env = "AMPYBUS_METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
+
+    /// Export spans over OTLP http/protobuf to this endpoint [default:
+    /// $OTEL_EXPORTER_OTLP_ENDPOINT; unset: no export]
+    #[arg(long, global = true, value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+
     #[command(subcommand)]
     pub command: Command,
 }

@@ -540,9 +540,7 @@ pub async fn run(url: &str, args: DemoArgs) -> CliResult<u8> {
         ampybus::partition::check_key(ampybus::Domain::Bars, &partition::bars(s, MIC))
             .map_err(|e| CliError::usage(format!("--symbols {s}: {e}")))?;
     }
-    let bus = Bus::connect(url)
-        .await
-        .map_err(|e| CliError::transport(format!("connect {url}: {e}")))?;
+    let bus = crate::util::connect(url).await?;
     let started_at = Utc::now() - chrono::Duration::milliseconds(5);
     let run = format!("r{}", Utc::now().format("%Y%m%d%H%M%S%3f"));
     // The transport's own dedupe store (on the embedded log: a table of the log, recorded in

@@ -26,10 +26,19 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Err(e) = init_logging(cli.log_level.as_deref()) {
+    if let Err(e) = init_logging(cli.log_level.as_deref(), &cli.log_format) {
         eprintln!("error: {e}");
         return ExitCode::from(e.code);
     }
+    // Before any bus is made: a bus takes its tracer when it is created.
+    let _tracing = match ampybus::obs::init_tracing("ampybus", cli.otlp_endpoint.as_deref()) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(error::EXIT_USAGE);
+        }
+    };
+    util::set_metrics_addr(cli.metrics_addr.clone());
     let code = match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -40,7 +49,10 @@ fn main() -> ExitCode {
     ExitCode::from(code)
 }
 
-fn init_logging(level: Option<&str>) -> CliResult<()> {
+fn init_logging(level: Option<&str>, format: &str) -> CliResult<()> {
+    let format: ampybus::obs::LogFormat = format
+        .parse()
+        .map_err(|e: ampybus::Error| CliError::usage(format!("--log-format: {}", e.message())))?;
     use tracing_subscriber::EnvFilter;
     let filter = match level {
         Some(l) => {
@@ -48,13 +60,22 @@ fn init_logging(level: Option<&str>) -> CliResult<()> {
         }
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
     };
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .try_init()
-        .map_err(|e| CliError::usage(format!("cannot start logging: {e}")))
+        .with_writer(std::io::stderr);
+    let r = match format {
+        ampybus::obs::LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_target(false)
+            .try_init(),
+        ampybus::obs::LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .try_init(),
+    };
+    r.map_err(|e| CliError::usage(format!("cannot start logging: {e}")))
 }
 
 fn run(cli: Cli) -> CliResult<u8> {

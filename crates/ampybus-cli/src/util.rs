@@ -3,17 +3,42 @@
 use crate::error::{CliError, CliResult};
 use ampybus::Bus;
 use std::io::Write;
+use std::sync::Mutex;
 
-/// Connects, naming `--url` (credentials redacted) in any error.
+static METRICS_ADDR: Mutex<Option<String>> = Mutex::new(None);
+static OPS_SERVER: Mutex<Option<ampybus::obs::ObsServer>> = Mutex::new(None);
+
+/// Records `--metrics-addr`: the first bus [`connect`] makes is served there.
+pub fn set_metrics_addr(addr: Option<String>) {
+    *METRICS_ADDR.lock().unwrap_or_else(|p| p.into_inner()) = addr;
+}
+
+/// Connects, naming `--url` (credentials redacted) in any error; with `--metrics-addr`, the
+/// first bus connected is served on /metrics, /health, /stats until the process exits.
 pub async fn connect(url: &str) -> CliResult<Bus> {
-    Bus::connect(url).await.map_err(|e| {
+    let bus = Bus::connect(url).await.map_err(|e| {
         let mut err = CliError::bus(format!("--url {:?}", ampybus::bus::redact(url)), &e);
         // The core quotes the URL in some messages; never show credentials.
         if url != ampybus::bus::redact(url) {
             err.message = err.message.replace(url, &ampybus::bus::redact(url));
         }
         err
-    })
+    })?;
+    let addr = METRICS_ADDR
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    if let Some(addr) = addr {
+        let server = ampybus::obs::serve(&bus, &addr)
+            .await
+            .map_err(|e| CliError::bus(format!("--metrics-addr {addr}"), &e))?;
+        eprintln!(
+            "serving http://{}/metrics /health /stats",
+            server.local_addr()
+        );
+        *OPS_SERVER.lock().unwrap_or_else(|p| p.into_inner()) = Some(server);
+    }
+    Ok(bus)
 }
 
 /// Closes the bus, mapping a failure to a transport error.

@@ -5,11 +5,13 @@ use crate::codec::{BlobStore, PayloadCodec};
 use crate::envelope::Envelope;
 use crate::error::{Error, Result};
 use crate::headers::Headers;
+use crate::obs::{BusMetrics, Obs, PublishSpan};
 use crate::topic::Topic;
 use crate::transport::embedded::{EmbeddedLog, EmbeddedOptions};
 use crate::transport::{Lag, PublishReceipt, ReplayByTime, SubscribeSpec, Subscription, Transport};
 use bytes::Bytes;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Default data directory when no URL is given: `$AMPYBUS_URL`, else `./ampybus-data`.
 ///
@@ -96,6 +98,7 @@ pub struct Bus {
     transport: Arc<dyn Transport>,
     codec: PayloadCodec,
     url: String,
+    obs: Arc<Obs>,
 }
 
 impl std::fmt::Debug for Bus {
@@ -196,7 +199,131 @@ impl Bus {
             transport,
             codec: PayloadCodec::default(),
             url: url.to_owned(),
+            obs: Arc::new(Obs::new(true)),
         }
+    }
+
+    /// Turns metrics, spans and per-message logs of this handle on (the default) or off. A
+    /// handle turned off records nothing and starts no spans (its `/metrics` families stay at
+    /// zero); `traceparent` is still written on every publish. Consumers and producers built
+    /// on the handle afterwards follow it.
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use ampybus::{Bus, Headers, Topic};
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let bus = Bus::connect(dir.path().to_str().unwrap()).await.unwrap().with_observability(false);
+    /// assert!(!bus.observability());
+    /// let topic = Topic::parse("ampy.dev.news.v1.raw").unwrap();
+    /// bus.publish(&topic, Headers::for_publish("ampy.raw.v1.Bytes", "p@1", "p", "k"), b"x".to_vec())
+    ///     .await.unwrap();
+    /// assert!(!bus.metrics().encode().contains("producer=\"p@1\""));
+    /// # });
+    /// ```
+    pub fn with_observability(mut self, on: bool) -> Bus {
+        self.obs = Arc::new(Obs::new(on));
+        self
+    }
+
+    /// Whether metrics and spans are recorded on this handle; see
+    /// [`Bus::with_observability`] for an example.
+    pub fn observability(&self) -> bool {
+        self.obs.enabled
+    }
+
+    /// The metric families of this handle (shared by its clones and everything built on it);
+    /// serve them with [`crate::obs::serve`] or merge them into your own registry with
+    /// [`BusMetrics::register`].
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let bus = ampybus::Bus::connect(dir.path().to_str().unwrap()).await.unwrap();
+    /// assert!(bus.metrics().encode().contains("# TYPE bus_produced counter"));
+    /// # });
+    /// ```
+    pub fn metrics(&self) -> &BusMetrics {
+        &self.obs.metrics
+    }
+
+    pub(crate) fn obs(&self) -> &Arc<Obs> {
+        &self.obs
+    }
+
+    /// Asks the transport whether it is connected ([`Transport::health`]).
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let bus = ampybus::Bus::connect(dir.path().to_str().unwrap()).await.unwrap();
+    /// bus.health().await.unwrap();
+    /// # });
+    /// ```
+    pub async fn health(&self) -> Result<()> {
+        self.transport.health().await
+    }
+
+    /// Reads the lag of every consumer running on this handle into `bus_consumer_lag`, each
+    /// read bounded by `timeout` (consumers also refresh it every second on their own).
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let bus = ampybus::Bus::connect(dir.path().to_str().unwrap()).await.unwrap();
+    /// bus.refresh_lag_metrics(std::time::Duration::from_secs(1)).await;
+    /// # });
+    /// ```
+    pub async fn refresh_lag_metrics(&self, timeout: Duration) {
+        if !self.obs.enabled || !self.has_consumer_lag() {
+            return;
+        }
+        for c in self.obs.consumers() {
+            if c.is_stopped() {
+                continue;
+            }
+            if let Ok(Ok(Some(l))) =
+                tokio::time::timeout(timeout, self.consumer_lag(c.name())).await
+            {
+                c.set_lag(l.pending);
+            }
+        }
+    }
+
+    /// Publishes a prepared batch and records what the broker confirmed.
+    async fn send(&self, batch: Vec<Envelope>) -> Result<Vec<PublishReceipt>> {
+        if !self.obs.enabled {
+            return self.transport.publish_batch(batch).await;
+        }
+        let labels: Vec<_> = batch
+            .iter()
+            .map(|e| {
+                (
+                    self.obs
+                        .metrics
+                        .producer_topic(&e.topic, e.headers.producer().unwrap_or_default()),
+                    e.payload.len() as u64,
+                )
+            })
+            .collect();
+        let receipts = self.transport.publish_batch(batch).await?;
+        let mut run: Option<(&Arc<crate::obs::ProducerTopic>, u64)> = None;
+        for ((h, size), r) in labels.iter().zip(&receipts) {
+            if !r.duplicate {
+                h.produced.inc();
+            }
+            run = match run {
+                Some((prev, bytes)) if Arc::ptr_eq(prev, h) => Some((prev, bytes + size)),
+                Some((prev, bytes)) => {
+                    prev.batch_size.observe(bytes as f64);
+                    Some((h, *size))
+                }
+                None => Some((h, *size)),
+            };
+        }
+        if let Some((prev, bytes)) = run {
+            prev.batch_size.observe(bytes as f64);
+        }
+        Ok(receipts)
     }
 
     /// Whether [`Bus::consumer_lag`] can answer on this bus.
@@ -270,13 +397,43 @@ impl Bus {
 
     /// Prepares one message for the wire: fills publish defaults, validates topic and
     /// headers, encodes the payload (gzip, blob pointer), and re-validates.
+    ///
+    /// With observability on, this starts the message's publish span (ended here; see
+    /// [`Bus::publish`]) and writes its context to `traceparent`.
     pub async fn prepare(
+        &self,
+        topic: &Topic,
+        headers: Headers,
+        payload: Bytes,
+    ) -> Result<Envelope> {
+        let (r, span) = self.prepare_traced(topic, headers, payload).await;
+        if let Some(span) = span {
+            span.end(r.as_ref().err());
+        }
+        r
+    }
+
+    /// [`Bus::prepare`], handing back the open publish span.
+    async fn prepare_traced(
+        &self,
+        topic: &Topic,
+        mut headers: Headers,
+        payload: Bytes,
+    ) -> (Result<Envelope>, Option<PublishSpan>) {
+        headers.fill_publish_defaults();
+        let span = self
+            .obs
+            .enabled
+            .then(|| self.obs.tracer.start_publish(topic.as_str(), &mut headers));
+        (self.encode_prepared(topic, headers, payload).await, span)
+    }
+
+    async fn encode_prepared(
         &self,
         topic: &Topic,
         mut headers: Headers,
         payload: Bytes,
     ) -> Result<Envelope> {
-        headers.fill_publish_defaults();
         headers.validate_for_publish(topic)?;
         let wire = self
             .codec
@@ -287,17 +444,29 @@ impl Bus {
         Ok(Envelope::new(topic, headers, wire))
     }
 
-    /// Publishes one message with a raw payload; durable when this returns.
+    /// Publishes one message with a raw payload; durable when this returns. With
+    /// observability on, its publish span (kind producer, parent: the current OpenTelemetry
+    /// context, else the `traceparent` given) lasts until the broker confirmed, and
+    /// `bus_produced_total` counts it then.
     pub async fn publish(
         &self,
         topic: &Topic,
         headers: Headers,
         payload: impl Into<Bytes>,
     ) -> Result<PublishReceipt> {
-        let env = self.prepare(topic, headers, payload.into()).await?;
-        let mut r = self.transport.publish_batch(vec![env]).await?;
-        r.pop()
-            .ok_or_else(|| Error::new(crate::ErrorKind::Transport, "transport returned no receipt"))
+        let (env, span) = self.prepare_traced(topic, headers, payload.into()).await;
+        let r = match env {
+            Ok(env) => self.send(vec![env]).await.and_then(|mut r| {
+                r.pop().ok_or_else(|| {
+                    Error::new(crate::ErrorKind::Transport, "transport returned no receipt")
+                })
+            }),
+            Err(e) => Err(e),
+        };
+        if let Some(span) = span {
+            span.end(r.as_ref().err());
+        }
+        r
     }
 
     /// Publishes an envelope whose payload is raw (not yet encoded).
@@ -311,6 +480,7 @@ impl Bus {
     /// with its index.
     pub async fn publish_batch(&self, batch: Vec<Envelope>) -> Result<Vec<PublishReceipt>> {
         let mut ready = Vec::with_capacity(batch.len());
+        let mut spans = Vec::new();
         let mut last: Option<Topic> = None;
         for (i, env) in batch.into_iter().enumerate() {
             // Batches usually share a topic: parse each distinct run of it once.
@@ -321,13 +491,25 @@ impl Bus {
                     .map_err(|e| Error::new(e.kind(), format!("message {i}: {}", e.message())))?,
             };
             last = Some(topic.clone());
-            let prepared = self
-                .prepare(&topic, env.headers, env.payload)
-                .await
-                .map_err(|e| Error::new(e.kind(), format!("message {i}: {}", e.message())))?;
+            let (prepared, span) = self.prepare_traced(&topic, env.headers, env.payload).await;
+            spans.extend(span);
+            let prepared = match prepared {
+                Ok(p) => p,
+                Err(e) => {
+                    let e = Error::new(e.kind(), format!("message {i}: {}", e.message()));
+                    for s in spans {
+                        s.end(Some(&e));
+                    }
+                    return Err(e);
+                }
+            };
             ready.push(prepared);
         }
-        self.transport.publish_batch(ready).await
+        let r = self.send(ready).await;
+        for s in spans {
+            s.end(r.as_ref().err());
+        }
+        r
     }
 
     /// Publishes envelopes that are already on the wire form (validated as such), e.g. from
@@ -337,7 +519,7 @@ impl Bus {
             env.validate_for_publish()
                 .map_err(|e| Error::new(e.kind(), format!("message {i}: {}", e.message())))?;
         }
-        self.transport.publish_batch(batch).await
+        self.send(batch).await
     }
 
     /// Opens a subscription.

@@ -23,6 +23,7 @@ pub mod envelope;
 pub mod error;
 pub mod headers;
 pub mod ids;
+pub mod obs;
 pub mod partition;
 pub mod runtime;
 pub mod schema_hash;

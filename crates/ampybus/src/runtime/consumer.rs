@@ -7,13 +7,16 @@ use crate::codec::DecodeFailure;
 use crate::dedupe::{DedupeStore, dedupe_keys};
 use crate::error::{Error, ErrorKind, Result};
 use crate::headers::names;
+use crate::obs::{BusTracer, ConsumerTopic};
 use crate::topic::{Topic, TopicPattern};
 use crate::transport::{Delivery, StartAt, SubscribeSpec};
 use futures::FutureExt;
+use opentelemetry::context::FutureExt as OtelFutureExt;
+use prometheus_client::metrics::gauge::Gauge;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
@@ -283,7 +286,16 @@ impl ConsumerBuilder {
         let sub = self.bus.subscribe(spec).await?;
         let (phase_tx, phase_rx) = watch::channel(RUNNING);
         let (ack_tx, ack_rx) = mpsc::unbounded_channel();
+        let obs = self.bus.obs().clone();
         let shared = Arc::new(Shared {
+            obs_on: obs.enabled,
+            tracer: obs.tracer.clone(),
+            topic_metrics: RwLock::new(HashMap::new()),
+            inflight_gauge: obs.metrics.inflight(&self.name),
+            lag_gauge: obs.metrics.consumer_lag(self.pattern.as_str(), &self.name),
+            last_message_us: AtomicI64::new(0),
+            stopped: AtomicBool::new(false),
+            max_in_flight: self.max_in_flight,
             bus: self.bus,
             pattern: self.pattern,
             name: self.name,
@@ -306,6 +318,14 @@ impl ConsumerBuilder {
         let acker = tokio::spawn(run_acker(shared.clone(), ack_rx));
         let fetcher = tokio::spawn(run_fetcher(shared.clone(), sub));
         let refresher = tokio::spawn(run_refresher(shared.clone()));
+        if shared.obs_on {
+            obs.add_consumer(ConsumerMonitor {
+                shared: shared.clone(),
+            });
+            if shared.bus.has_consumer_lag() {
+                tokio::spawn(run_lag_poller(shared.clone()));
+            }
+        }
         let workers = (0..self.workers)
             .map(|_| tokio::spawn(run_worker(shared.clone())))
             .collect();
@@ -532,6 +552,20 @@ impl ConsumerHandle {
         if let Some(a) = self.acker.take() {
             let _ = a.await;
         }
+        if self.shared.obs_on
+            && self.shared.bus.has_consumer_lag()
+            && let Ok(Ok(Some(l))) = tokio::time::timeout(
+                Duration::from_secs(2),
+                self.shared.bus.consumer_lag(&self.shared.name),
+            )
+            .await
+        {
+            self.shared
+                .lag_gauge
+                .set(i64::try_from(l.pending).unwrap_or(i64::MAX));
+        }
+        self.shared.stopped.store(true, Ordering::SeqCst);
+        self.shared.sync_inflight();
         self.stats()
     }
 }
@@ -569,6 +603,54 @@ impl ConsumerMonitor {
     /// True once shutdown has begun (no more fetching).
     pub fn is_draining(&self) -> bool {
         self.shared.phase() != RUNNING
+    }
+
+    /// True once [`ConsumerHandle::shutdown`] has finished.
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use ampybus::runtime::{Consumer, Outcome, handler_fn};
+    /// use ampybus::{Bus, TopicPattern};
+    /// use std::time::Duration;
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let bus = Bus::connect(dir.path().to_str().unwrap()).await.unwrap();
+    /// let handle = Consumer::builder(bus, TopicPattern::parse("ampy.dev.bars.>").unwrap(), "bars")
+    ///     .handler(handler_fn(|_m| async { Outcome::Ok }))
+    ///     .max_in_flight(64)
+    ///     .start()
+    ///     .await
+    ///     .unwrap();
+    /// let monitor = handle.monitor();
+    /// assert_eq!(monitor.max_in_flight(), 64);
+    /// assert!(monitor.last_message_at().is_none());
+    /// handle.shutdown(Duration::from_secs(1)).await;
+    /// assert!(monitor.is_stopped());
+    /// # });
+    /// ```
+    pub fn is_stopped(&self) -> bool {
+        self.shared.stopped.load(Ordering::SeqCst)
+    }
+
+    /// When a message last reached this consumer's handler (`None`: not yet); see
+    /// [`ConsumerMonitor::is_stopped`] for an example.
+    pub fn last_message_at(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        match self.shared.last_message_us.load(Ordering::Relaxed) {
+            0 => None,
+            us => chrono::DateTime::from_timestamp_micros(us),
+        }
+    }
+
+    /// The configured [`ConsumerBuilder::max_in_flight`]; see
+    /// [`ConsumerMonitor::is_stopped`] for an example.
+    pub fn max_in_flight(&self) -> usize {
+        self.shared.max_in_flight
+    }
+
+    /// Sets `bus_consumer_lag` of this consumer.
+    pub(crate) fn set_lag(&self, pending: u64) {
+        self.shared
+            .lag_gauge
+            .set(i64::try_from(pending).unwrap_or(i64::MAX));
     }
 }
 
@@ -687,6 +769,17 @@ enum AckMsg {
 }
 
 struct Shared {
+    /// Metrics and spans recorded (the bus handle's setting).
+    obs_on: bool,
+    tracer: BusTracer,
+    /// Pre-resolved metric handles per domain-level topic.
+    topic_metrics: RwLock<HashMap<String, Arc<ConsumerTopic>>>,
+    inflight_gauge: Gauge,
+    lag_gauge: Gauge,
+    /// Unix micros of the last handler start (0: none).
+    last_message_us: AtomicI64,
+    stopped: AtomicBool,
+    max_in_flight: usize,
     bus: Bus,
     pattern: TopicPattern,
     name: String,
@@ -709,6 +802,52 @@ struct Shared {
     permits: Arc<Semaphore>,
     phase: watch::Receiver<u8>,
     ack_tx: mpsc::UnboundedSender<AckMsg>,
+}
+
+/// What one handling attempt did, for its span, metrics and log line.
+struct Attempt {
+    /// `None` with observability off.
+    handles: Option<Arc<ConsumerTopic>>,
+    /// `ok`, `retry`, `dlq`, `skipped`, `deferred` (same dedupe key busy), `released`.
+    result: &'static str,
+    dlq_code: Option<DlqCode>,
+    /// Index into [`crate::obs::RETRY_REASONS`].
+    retry_reason: usize,
+    latency_ms: Option<f64>,
+}
+
+impl Attempt {
+    fn off() -> Attempt {
+        Attempt {
+            handles: None,
+            result: "released",
+            dlq_code: None,
+            retry_reason: 0,
+            latency_ms: None,
+        }
+    }
+}
+
+/// How often a running consumer reads its lag into `bus_consumer_lag`.
+const LAG_POLL: Duration = Duration::from_secs(1);
+
+async fn run_lag_poller(shared: Arc<Shared>) {
+    let mut phase = shared.phase.clone();
+    loop {
+        match shared.bus.consumer_lag(&shared.name).await {
+            Ok(Some(l)) => {
+                shared
+                    .lag_gauge
+                    .set(i64::try_from(l.pending).unwrap_or(i64::MAX));
+            }
+            Ok(None) => {}
+            Err(e) => tracing::debug!(consumer = %shared.name, error = %e, "lag read failed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(LAG_POLL) => {}
+            _ = wait_phase(&mut phase, DRAINING) => return,
+        }
+    }
 }
 
 /// How long a message waits when another one with the same dedupe key is being handled.
@@ -866,6 +1005,7 @@ async fn fetch_loop(
                     .counters
                     .fetched
                     .fetch_add(got.len() as u64, Ordering::SeqCst);
+                shared.sync_inflight();
                 let items: Vec<(String, Item)> = got
                     .into_iter()
                     .map(|d| {
@@ -1061,6 +1201,7 @@ impl Shared {
     async fn release(&self, item: Item) {
         self.counters.released.fetch_add(1, Ordering::SeqCst);
         self.counters.settled.fetch_add(1, Ordering::SeqCst);
+        self.sync_inflight();
         if let Err((e, _)) = item.delivery.nack(Duration::ZERO).await {
             tracing::warn!(consumer = %self.name, error = %e, "release failed; the ack deadline will redeliver");
         }
@@ -1119,6 +1260,7 @@ impl Shared {
             }
         }
         self.counters.settled.fetch_add(count, Ordering::SeqCst);
+        self.sync_inflight();
         drop(permits);
     }
 
@@ -1190,7 +1332,7 @@ impl Shared {
         }
     }
 
-    async fn process(&self, mut item: Item) -> Step {
+    async fn process_attempt(&self, mut item: Item, att: &mut Attempt) -> Step {
         if item.msg.is_none() {
             let env = &item.delivery.envelope;
             let (topic, headers) = match item.prepared.take() {
@@ -1200,7 +1342,7 @@ impl Shared {
                     Err(e) => {
                         let reason = DlqCode::ContractViolation.reason(&e.to_string());
                         return self
-                            .dead_letter(item, DlqCode::ContractViolation, reason)
+                            .dead_letter(item, DlqCode::ContractViolation, reason, att)
                             .await;
                     }
                 },
@@ -1213,7 +1355,7 @@ impl Shared {
                     self.max_payload
                 ));
                 return self
-                    .dead_letter(item, DlqCode::PayloadTooLarge, reason)
+                    .dead_letter(item, DlqCode::PayloadTooLarge, reason, att)
                     .await;
             }
             match self
@@ -1229,7 +1371,7 @@ impl Shared {
                         self.max_payload
                     ));
                     return self
-                        .dead_letter(item, DlqCode::PayloadTooLarge, reason)
+                        .dead_letter(item, DlqCode::PayloadTooLarge, reason, att)
                         .await;
                 }
                 Ok(payload) => {
@@ -1242,18 +1384,23 @@ impl Shared {
                 }
                 Err((DecodeFailure::Decode, e)) => {
                     let reason = DlqCode::DecodeError.reason(&e.to_string());
-                    return self.dead_letter(item, DlqCode::DecodeError, reason).await;
+                    return self
+                        .dead_letter(item, DlqCode::DecodeError, reason, att)
+                        .await;
                 }
                 Err((DecodeFailure::BlobHashMismatch, e)) => {
                     let reason = DlqCode::BlobHashMismatch.reason(&e.to_string());
                     return self
-                        .dead_letter(item, DlqCode::BlobHashMismatch, reason)
+                        .dead_letter(item, DlqCode::BlobHashMismatch, reason, att)
                         .await;
                 }
                 Err((DecodeFailure::BlobUnavailable, e)) => {
                     let attempt = self.next_attempt(&mut item);
                     item.last_error = e.to_string();
-                    return self.retry_or_give_up(item, attempt, None).await;
+                    return {
+                        att.retry_reason = 1;
+                        self.retry_or_give_up(item, attempt, None, att).await
+                    };
                 }
             }
         }
@@ -1264,6 +1411,7 @@ impl Shared {
         // partition keys) never run at once here: the later one waits and then re-checks.
         let Some(_claim) = Claim::take(&self.handling, &keys) else {
             item.msg = Some(msg);
+            att.result = "deferred";
             return Step::Retry(Box::new(item), CLAIM_WAIT);
         };
         if !item.dedupe_checked {
@@ -1275,6 +1423,7 @@ impl Shared {
                 None => self.already_applied(&keys).await,
             };
             if applied {
+                att.result = "skipped";
                 self.counters.skipped.fetch_add(1, Ordering::SeqCst);
                 self.done(item, Vec::new());
                 return Step::Finished;
@@ -1284,6 +1433,21 @@ impl Shared {
         if item.local_attempts > 1 {
             let _ = item.delivery.in_progress().await;
             item.refreshed = Instant::now();
+        }
+        let started = Instant::now();
+        if let Some(h) = &att.handles {
+            let now = chrono::Utc::now();
+            self.last_message_us
+                .store(now.timestamp_micros(), Ordering::Relaxed);
+            if let Some(t) = msg.headers.produced_at_time() {
+                let ms = (now - t).num_microseconds().unwrap_or(i64::MAX) as f64 / 1000.0;
+                let ms = ms.max(0.0);
+                h.delivery_latency.observe(ms);
+                att.latency_ms = Some(ms);
+            }
+        } else {
+            self.last_message_us
+                .store(chrono::Utc::now().timestamp_micros(), Ordering::Relaxed);
         }
         let outcome = {
             let fut = AssertUnwindSafe(self.handler.handle(&msg)).catch_unwind();
@@ -1302,14 +1466,20 @@ impl Shared {
             }
         };
         item.msg = Some(msg);
+        if let Some(h) = &att.handles {
+            h.handler_duration
+                .observe(started.elapsed().as_secs_f64() * 1000.0);
+        }
         match outcome {
             None => {
+                att.result = "released";
                 self.release(item).await;
                 Step::Finished
             }
             Some(Err(panic)) => {
                 let reason = DlqCode::HandlerPanic.reason(&panic_message(panic.as_ref()));
-                self.dead_letter(item, DlqCode::HandlerPanic, reason).await
+                self.dead_letter(item, DlqCode::HandlerPanic, reason, att)
+                    .await
             }
             Some(Ok(Outcome::Ok)) => {
                 let keys = if self.dedupe.is_some() {
@@ -1322,6 +1492,10 @@ impl Shared {
                     Vec::new()
                 };
                 self.counters.handled_ok.fetch_add(1, Ordering::SeqCst);
+                att.result = "ok";
+                if let Some(h) = &att.handles {
+                    h.consumed.inc();
+                }
                 self.done(item, keys);
                 Step::Finished
             }
@@ -1335,12 +1509,90 @@ impl Shared {
                 } else {
                     (DlqCode::HandlerError, DlqCode::HandlerError.reason(&r))
                 };
-                self.dead_letter(item, code, reason).await
+                self.dead_letter(item, code, reason, att).await
             }
             Some(Ok(Outcome::Retry { after })) => {
                 item.last_error = format!("attempt {attempt}: handler asked to retry");
-                self.retry_or_give_up(item, attempt, after).await
+                self.retry_or_give_up(item, attempt, after, att).await
             }
+        }
+    }
+
+    /// One handling attempt, observed: a consumer span (child of the message's
+    /// `traceparent`) around it with the handler running in its context, the metrics of its
+    /// domain-level topic, and a debug log line with its result.
+    async fn process(&self, item: Item) -> Step {
+        if !self.obs_on {
+            return self.process_attempt(item, &mut Attempt::off()).await;
+        }
+        let env = &item.delivery.envelope;
+        let (topic_label, headers) = match (&item.msg, &item.prepared) {
+            (Some(m), _) => (m.topic.as_str(), &m.headers),
+            (None, Some((t, h))) => (t.as_str(), h),
+            // Not parsed yet: a topic that does not parse is labelled `invalid`.
+            (None, None) if Topic::parse(&env.topic).is_ok() => (env.topic.as_str(), &env.headers),
+            (None, None) => ("invalid", &env.headers),
+        };
+        let span = self.tracer.start_consume(topic_label, headers, &self.name);
+        let mut att = Attempt {
+            handles: Some(self.topic_metrics(topic_label)),
+            result: "released",
+            dlq_code: None,
+            retry_reason: 0,
+            latency_ms: None,
+        };
+        let log = tracing::enabled!(tracing::Level::DEBUG);
+        let ids = log.then(|| {
+            (
+                env.topic.clone(),
+                headers.message_id().unwrap_or_default().to_owned(),
+            )
+        });
+        let cx = span.context().clone();
+        let step = self.process_attempt(item, &mut att).with_context(cx).await;
+        if let Some((topic, message_id)) = ids {
+            tracing::debug!(
+                consumer = %self.name,
+                topic = %topic,
+                message_id = %message_id,
+                trace_id = %span.trace_id(),
+                result = att.result,
+                latency_ms = att.latency_ms,
+                "message handled"
+            );
+        }
+        span.end(att.result, att.dlq_code.map(DlqCode::as_str));
+        step
+    }
+
+    /// The metric handles of one domain-level topic, resolved once.
+    fn topic_metrics(&self, topic: &str) -> Arc<ConsumerTopic> {
+        let key = crate::obs::domain_topic(topic);
+        if let Some(h) = self
+            .topic_metrics
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+        {
+            return h.clone();
+        }
+        let h = Arc::new(self.bus.metrics().consumer_topic(key, &self.name));
+        self.topic_metrics
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.to_owned(), h.clone());
+        h
+    }
+
+    fn sync_inflight(&self) {
+        if self.obs_on {
+            let c = &self.counters;
+            let n = c
+                .fetched
+                .load(Ordering::SeqCst)
+                .saturating_sub(c.settled.load(Ordering::SeqCst));
+            self.inflight_gauge
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
     }
 
@@ -1423,16 +1675,29 @@ impl Shared {
         }
     }
 
-    async fn retry_or_give_up(&self, item: Item, attempt: u32, after: Option<Duration>) -> Step {
+    async fn retry_or_give_up(
+        &self,
+        item: Item,
+        attempt: u32,
+        after: Option<Duration>,
+        att: &mut Attempt,
+    ) -> Step {
         if attempt >= self.retry.max_attempts.max(1) {
             let reason = DlqCode::MaxRetries.reason(&item.last_error);
-            return self.dead_letter(item, DlqCode::MaxRetries, reason).await;
+            return self
+                .dead_letter(item, DlqCode::MaxRetries, reason, att)
+                .await;
         }
         if self.phase() != RUNNING {
+            att.result = "released";
             self.release(item).await;
             return Step::Finished;
         }
         self.counters.retried.fetch_add(1, Ordering::SeqCst);
+        att.result = "retry";
+        if let Some(h) = &att.handles {
+            h.retry[att.retry_reason].inc();
+        }
         let delay = after
             .unwrap_or_else(|| self.retry.backoff(attempt))
             .min(self.ack_deadline / 2);
@@ -1442,7 +1707,13 @@ impl Shared {
         Step::Retry(Box::new(item), delay)
     }
 
-    async fn dead_letter(&self, item: Item, code: DlqCode, reason: String) -> Step {
+    async fn dead_letter(
+        &self,
+        item: Item,
+        code: DlqCode,
+        reason: String,
+        att: &mut Attempt,
+    ) -> Step {
         let env = &item.delivery.envelope;
         let info = &item.delivery.info;
         // Attempts in this life of the message, on top of what it carried in (a redriven
@@ -1466,6 +1737,7 @@ impl Shared {
                     tokio::select! {
                         _ = tokio::time::sleep(pause) => {}
                         _ = wait_phase(&mut phase, HARD_STOP) => {
+                            att.result = "released";
                             self.release(item).await;
                             return Step::Finished;
                         }
@@ -1474,8 +1746,24 @@ impl Shared {
                 }
             }
         }
-        tracing::warn!(consumer = %self.name, topic = %env.topic, dlq = %dlq_topic, reason = %reason, "message dead-lettered");
+        tracing::warn!(
+            consumer = %self.name,
+            topic = %env.topic,
+            message_id = env.headers.message_id().unwrap_or_default(),
+            dlq = %dlq_topic,
+            reason = code.as_str(),
+            result = "dlq",
+            "message dead-lettered"
+        );
         self.count_dlq(code);
+        att.result = "dlq";
+        att.dlq_code = Some(code);
+        if let Some(h) = &att.handles {
+            h.dlq[code.index()].inc();
+            if let Some(c) = &h.decode_fail[code.index()] {
+                c.inc();
+            }
+        }
         self.done(item, Vec::new());
         Step::Finished
     }

@@ -269,6 +269,8 @@ pub(crate) struct ShedQueue<T> {
     quote_books: BTreeSet<u64>,
     pub(crate) dropped: DropCounts,
     pub(crate) conflated: u64,
+    /// Topic and reason of each drop since the last [`ShedQueue::take_drops`] (when kept).
+    drop_log: Option<Vec<(String, DropReason)>>,
 }
 
 impl<T> ShedQueue<T> {
@@ -282,6 +284,28 @@ impl<T> ShedQueue<T> {
             quote_books: BTreeSet::new(),
             dropped: DropCounts::default(),
             conflated: 0,
+            drop_log: None,
+        }
+    }
+
+    /// Keeps the topic of every drop for [`ShedQueue::take_drops`].
+    pub(crate) fn log_drops(mut self) -> Self {
+        self.drop_log = Some(Vec::new());
+        self
+    }
+
+    /// The drops logged since the last call.
+    pub(crate) fn take_drops(&mut self) -> Vec<(String, DropReason)> {
+        self.drop_log
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    fn bump(&mut self, topic: &str, reason: DropReason) {
+        self.dropped.bump(reason);
+        if let Some(log) = &mut self.drop_log {
+            log.push((topic.to_owned(), reason));
         }
     }
 
@@ -313,7 +337,7 @@ impl<T> ShedQueue<T> {
         lagging: bool,
     ) -> std::result::Result<SendOutcome, T> {
         let value = if lagging && class == ShedClass::Heartbeat {
-            self.dropped.bump(DropReason::Lag);
+            self.bump(topic, DropReason::Lag);
             return Ok(SendOutcome::Dropped(DropReason::Lag));
         } else if lagging && class.conflates() {
             match self.conflate(topic, key, value, DropReason::Lag) {
@@ -336,7 +360,7 @@ impl<T> ShedQueue<T> {
             value
         };
         if class == ShedClass::Heartbeat {
-            self.dropped.bump(DropReason::Heartbeat);
+            self.bump(topic, DropReason::Heartbeat);
             return Ok(SendOutcome::Dropped(DropReason::Heartbeat));
         }
         let victim = match (self.heartbeats.first(), self.quote_books.first()) {
@@ -347,13 +371,14 @@ impl<T> ShedQueue<T> {
             _ => None,
         };
         if let Some((slot, reason)) = victim {
-            self.remove(slot);
-            self.dropped.bump(reason);
+            if let Some(gone) = self.remove(slot) {
+                self.bump(&gone.topic, reason);
+            }
             self.push(class, topic, key, value);
             return Ok(SendOutcome::Queued);
         }
         if class == ShedClass::QuoteBook {
-            self.dropped.bump(DropReason::QuoteBook);
+            self.bump(topic, DropReason::QuoteBook);
             return Ok(SendOutcome::Dropped(DropReason::QuoteBook));
         }
         Err(value)
@@ -376,7 +401,7 @@ impl<T> ShedQueue<T> {
             return Err(value);
         };
         slot.value = value;
-        self.dropped.bump(reason);
+        self.bump(topic, reason);
         self.conflated += 1;
         Ok(SendOutcome::Conflated)
     }
@@ -694,7 +719,11 @@ impl ProducerBuilder {
         };
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
-                queue: ShedQueue::new(self.capacity),
+                queue: if self.bus.observability() {
+                    ShedQueue::new(self.capacity).log_drops()
+                } else {
+                    ShedQueue::new(self.capacity)
+                },
                 paused: false,
                 closing: false,
                 lagging: false,
@@ -712,6 +741,16 @@ impl ProducerBuilder {
             max_batch: self.max_batch,
             lag,
         });
+        if shared.bus.observability() {
+            static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+            let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            shared.bus.obs().add_producer(
+                id,
+                self.capacity,
+                Arc::downgrade(&shared),
+                |s: &Shared| s.lock().stats(),
+            );
+        }
         let flusher = tokio::spawn(flush_loop(shared.clone()));
         let watcher = shared.lag.as_ref().map(|w| {
             let every = w.every;
@@ -889,9 +928,13 @@ impl Producer {
                 match st.queue.offer(class, topic.as_str(), &key, value, lagging) {
                     Ok(outcome) => {
                         st.accepted += 1;
+                        let drops = st.queue.take_drops();
                         drop(st);
+                        for (t, reason) in &drops {
+                            self.shared.bus.metrics().dropped(t, *reason);
+                        }
                         if let SendOutcome::Dropped(reason) = outcome {
-                            tracing::debug!(topic = %topic, key = %key, reason = %reason, "producer: message dropped");
+                            tracing::debug!(topic = %topic, reason = %reason, result = "dropped", "producer: message dropped");
                         }
                         self.shared.changed.notify_waiters();
                         return Ok(outcome);

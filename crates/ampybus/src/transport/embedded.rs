@@ -1222,6 +1222,18 @@ impl Transport for EmbeddedLog {
             .map_err(|_| Error::new(ErrorKind::Closed, "embedded log writer stopped"))?
     }
 
+    /// One trivial query through the writer thread: the thread runs and the database answers.
+    async fn health(&self) -> Result<()> {
+        self.inner
+            .run(|w| {
+                w.conn
+                    .query_row("SELECT 1", [], |r| r.get::<_, i64>(0))
+                    .map(|_| ())
+                    .map_err(|e| storage("health probe", e))
+            })
+            .await
+    }
+
     async fn subscribe(&self, spec: SubscribeSpec) -> Result<Box<dyn Subscription>> {
         let watch = self.inner.reader()?;
         let mut position = 0i64;

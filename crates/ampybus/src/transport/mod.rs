@@ -430,6 +430,20 @@ pub trait Transport: Send + Sync + 'static {
     fn inspect(&self) -> Option<&dyn Inspect> {
         None
     }
+    /// A cheap "is the transport connected" probe for `/health`: `Ok` when it can serve
+    /// requests now. Default: `Ok` (a transport without a probe always reports healthy).
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use ampybus::transport::{Transport, embedded::{EmbeddedLog, EmbeddedOptions}};
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let log = EmbeddedLog::open(EmbeddedOptions::new(dir.path())).unwrap();
+    /// log.health().await.unwrap();
+    /// # });
+    /// ```
+    async fn health(&self) -> Result<()> {
+        Ok(())
+    }
     /// Flushes and closes.
     async fn close(&self) -> Result<()>;
 }

@@ -796,6 +796,17 @@ impl Transport for NatsTransport {
         Some(self)
     }
 
+    /// The client's connection state: healthy only while connected to a server.
+    async fn health(&self) -> Result<()> {
+        match self.shared.client.connection_state() {
+            async_nats::connection::State::Connected => Ok(()),
+            other => Err(Error::new(
+                ErrorKind::Transport,
+                format!("{}: not connected ({other})", self.shared.where_()),
+            )),
+        }
+    }
+
     async fn close(&self) -> Result<()> {
         self.shared.client.flush().await.map_err(|e| {
             Error::with_source(

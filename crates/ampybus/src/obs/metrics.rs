@@ -1,0 +1,457 @@
+//! Prometheus metrics ([`BusMetrics`]): one registry per [`crate::Bus`] handle, with the names
+//! and labels of the contract (DESIGN §6, seed §11).
+
+use crate::runtime::{DlqCode, DropReason};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+/// Histogram buckets for latencies in milliseconds: 0.1 ms … 10 s.
+///
+/// ```
+/// let b = ampybus::obs::LATENCY_BUCKETS_MS;
+/// assert_eq!((b[0], b[b.len() - 1]), (0.1, 10_000.0));
+/// ```
+pub const LATENCY_BUCKETS_MS: [f64; 16] = [
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1_000.0, 2_500.0,
+    5_000.0, 10_000.0,
+];
+
+/// Histogram buckets for batch sizes in bytes: 64 B … 16 MiB.
+///
+/// ```
+/// assert_eq!(ampybus::obs::SIZE_BUCKETS_BYTES[0], 64.0);
+/// ```
+pub const SIZE_BUCKETS_BYTES: [f64; 10] = [
+    64.0,
+    256.0,
+    1_024.0,
+    4_096.0,
+    16_384.0,
+    65_536.0,
+    262_144.0,
+    1_048_576.0,
+    4_194_304.0,
+    16_777_216.0,
+];
+
+/// Why a consumer retried: the closed set of `bus_retry_total{reason}`.
+///
+/// ```
+/// assert_eq!(ampybus::obs::RETRY_REASONS, ["handler", "blob_unavailable"]);
+/// ```
+pub const RETRY_REASONS: [&str; 2] = ["handler", "blob_unavailable"];
+
+/// The codes that count as a decode failure (`bus_decode_fail_total{reason}`).
+///
+/// ```
+/// use ampybus::runtime::DlqCode;
+/// assert!(ampybus::obs::DECODE_FAIL_CODES.contains(&DlqCode::DecodeError));
+/// assert!(!ampybus::obs::DECODE_FAIL_CODES.contains(&DlqCode::HandlerError));
+/// ```
+pub const DECODE_FAIL_CODES: [DlqCode; 4] = [
+    DlqCode::DecodeError,
+    DlqCode::ContractViolation,
+    DlqCode::BlobHashMismatch,
+    DlqCode::PayloadTooLarge,
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TopicProducer {
+    topic: String,
+    producer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TopicConsumer {
+    topic: String,
+    consumer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TopicOnly {
+    topic: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TopicReason {
+    topic: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConsumerOnly {
+    consumer: String,
+}
+
+type HistFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS_MS.iter().copied())
+}
+
+fn size_histogram() -> Histogram {
+    Histogram::new(SIZE_BUCKETS_BYTES.iter().copied())
+}
+
+/// The metric families of one bus handle. Cloning shares the same families.
+///
+/// Every family is registered at creation, so `/metrics` lists each one (`# HELP`/`# TYPE`)
+/// before its first event. Label values stay bounded: `topic` is the domain-level prefix of
+/// the topic (`ampy.prod.bars.v1`, see [`domain_topic`]), `reason` comes from a closed set.
+///
+/// ```
+/// let m = ampybus::obs::BusMetrics::new();
+/// let text = m.encode();
+/// // OpenMetrics names a counter family without `_total`; its samples carry it.
+/// for family in ["bus_produced counter", "bus_consumed counter", "bus_delivery_latency_ms histogram",
+///     "bus_handler_duration_ms histogram", "bus_batch_size_bytes histogram",
+///     "bus_consumer_lag gauge", "bus_dlq counter", "bus_retry counter",
+///     "bus_decode_fail counter", "bus_dropped counter", "bus_inflight gauge"] {
+///     assert!(text.contains(&format!("# TYPE {family}\n")), "{family}");
+/// }
+/// // Merge into an application's own registry:
+/// let mut mine = prometheus_client::registry::Registry::default();
+/// m.register(&mut mine);
+/// ```
+#[derive(Clone)]
+pub struct BusMetrics {
+    inner: Arc<Families>,
+}
+
+struct Families {
+    registry: Registry,
+    produced: Family<TopicProducer, Counter>,
+    consumed: Family<TopicConsumer, Counter>,
+    delivery_latency: HistFamily<TopicOnly>,
+    handler_duration: HistFamily<TopicConsumer>,
+    batch_size: HistFamily<TopicOnly>,
+    consumer_lag: Family<TopicConsumer, Gauge>,
+    dlq: Family<TopicReason, Counter>,
+    retry: Family<TopicReason, Counter>,
+    decode_fail: Family<TopicReason, Counter>,
+    dropped: Family<TopicReason, Counter>,
+    inflight: Family<ConsumerOnly, Gauge>,
+    producer_cache: RwLock<HashMap<String, HashMap<String, Arc<ProducerTopic>>>>,
+    drop_cache: RwLock<HashMap<String, Arc<[Counter; 4]>>>,
+}
+
+impl std::fmt::Debug for BusMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BusMetrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for BusMetrics {
+    fn default() -> Self {
+        BusMetrics::new()
+    }
+}
+
+/// Pre-resolved publish-side handles for one (topic, producer).
+pub(crate) struct ProducerTopic {
+    pub(crate) produced: Counter,
+    pub(crate) batch_size: Histogram,
+}
+
+/// Pre-resolved consume-side handles for one (topic, consumer).
+pub(crate) struct ConsumerTopic {
+    pub(crate) consumed: Counter,
+    pub(crate) delivery_latency: Histogram,
+    pub(crate) handler_duration: Histogram,
+    pub(crate) retry: [Counter; 2],
+    pub(crate) dlq: Vec<Counter>,
+    pub(crate) decode_fail: Vec<Option<Counter>>,
+}
+
+/// The domain-level prefix of a topic used as the `topic` label: its first four tokens
+/// (`ampy.{env}.{domain}.{version}`).
+///
+/// ```
+/// use ampybus::obs::domain_topic;
+/// assert_eq!(domain_topic("ampy.prod.bars.v1.XNAS.AAPL"), "ampy.prod.bars.v1");
+/// assert_eq!(domain_topic("ampy.dev.>"), "ampy.dev.>");
+/// ```
+pub fn domain_topic(topic: &str) -> &str {
+    match topic.match_indices('.').nth(3) {
+        Some((i, _)) => &topic[..i],
+        None => topic,
+    }
+}
+
+impl BusMetrics {
+    /// Fresh families in a registry of their own.
+    ///
+    /// ```
+    /// assert!(ampybus::obs::BusMetrics::new().encode().ends_with("# EOF\n"));
+    /// ```
+    pub fn new() -> BusMetrics {
+        let mut registry = Registry::default();
+        let f = Families {
+            registry: Registry::default(),
+            produced: Family::default(),
+            consumed: Family::default(),
+            delivery_latency: Family::new_with_constructor(latency_histogram),
+            handler_duration: Family::new_with_constructor(latency_histogram),
+            batch_size: Family::new_with_constructor(size_histogram),
+            consumer_lag: Family::default(),
+            dlq: Family::default(),
+            retry: Family::default(),
+            decode_fail: Family::default(),
+            dropped: Family::default(),
+            inflight: Family::default(),
+            producer_cache: RwLock::new(HashMap::new()),
+            drop_cache: RwLock::new(HashMap::new()),
+        };
+        register_all(&f, &mut registry);
+        BusMetrics {
+            inner: Arc::new(Families { registry, ..f }),
+        }
+    }
+
+    /// Registers these families (shared, not copied) in another registry, e.g. the
+    /// application's own.
+    ///
+    /// ```
+    /// use prometheus_client::{encoding::text::encode, registry::Registry};
+    /// let mut mine = Registry::default();
+    /// ampybus::obs::BusMetrics::new().register(&mut mine);
+    /// let mut text = String::new();
+    /// encode(&mut text, &mine).unwrap();
+    /// assert!(text.contains("# TYPE bus_inflight gauge"));
+    /// ```
+    pub fn register(&self, registry: &mut Registry) {
+        register_all(&self.inner, registry);
+    }
+
+    /// This handle's own registry.
+    ///
+    /// ```
+    /// let m = ampybus::obs::BusMetrics::new();
+    /// let mut text = String::new();
+    /// prometheus_client::encoding::text::encode(&mut text, m.registry()).unwrap();
+    /// assert_eq!(text, m.encode());
+    /// ```
+    pub fn registry(&self) -> &Registry {
+        &self.inner.registry
+    }
+
+    /// The registry in the Prometheus/OpenMetrics text format (see [`BusMetrics`]).
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.inner.registry);
+        out
+    }
+
+    pub(crate) fn producer_topic(&self, topic: &str, producer: &str) -> Arc<ProducerTopic> {
+        let t = domain_topic(topic);
+        if let Some(h) = self
+            .inner
+            .producer_cache
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(t)
+            .and_then(|m| m.get(producer))
+        {
+            return h.clone();
+        }
+        let h = Arc::new(ProducerTopic {
+            produced: self
+                .inner
+                .produced
+                .get_or_create(&TopicProducer {
+                    topic: t.to_owned(),
+                    producer: producer.to_owned(),
+                })
+                .clone(),
+            batch_size: self
+                .inner
+                .batch_size
+                .get_or_create(&TopicOnly {
+                    topic: t.to_owned(),
+                })
+                .clone(),
+        });
+        self.inner
+            .producer_cache
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(t.to_owned())
+            .or_default()
+            .insert(producer.to_owned(), h.clone());
+        h
+    }
+
+    pub(crate) fn consumer_topic(&self, topic: &str, consumer: &str) -> ConsumerTopic {
+        let topic = domain_topic(topic).to_owned();
+        let tc = TopicConsumer {
+            topic: topic.clone(),
+            consumer: consumer.to_owned(),
+        };
+        let tr = |reason: &str| TopicReason {
+            topic: topic.clone(),
+            reason: reason.to_owned(),
+        };
+        let i = &self.inner;
+        ConsumerTopic {
+            consumed: i.consumed.get_or_create(&tc).clone(),
+            delivery_latency: i
+                .delivery_latency
+                .get_or_create(&TopicOnly {
+                    topic: topic.clone(),
+                })
+                .clone(),
+            handler_duration: i.handler_duration.get_or_create(&tc).clone(),
+            retry: RETRY_REASONS.map(|r| i.retry.get_or_create(&tr(r)).clone()),
+            dlq: DlqCode::ALL
+                .iter()
+                .map(|c| i.dlq.get_or_create(&tr(c.as_str())).clone())
+                .collect(),
+            decode_fail: DlqCode::ALL
+                .iter()
+                .map(|c| {
+                    DECODE_FAIL_CODES
+                        .contains(c)
+                        .then(|| i.decode_fail.get_or_create(&tr(c.as_str())).clone())
+                })
+                .collect(),
+        }
+    }
+
+    /// `bus_inflight{consumer}` (created at 0).
+    pub(crate) fn inflight(&self, consumer: &str) -> Gauge {
+        self.inner
+            .inflight
+            .get_or_create(&ConsumerOnly {
+                consumer: consumer.to_owned(),
+            })
+            .clone()
+    }
+
+    /// `bus_consumer_lag{topic,consumer}` (created at 0).
+    pub(crate) fn consumer_lag(&self, topic: &str, consumer: &str) -> Gauge {
+        self.inner
+            .consumer_lag
+            .get_or_create(&TopicConsumer {
+                topic: domain_topic(topic).to_owned(),
+                consumer: consumer.to_owned(),
+            })
+            .clone()
+    }
+
+    /// Counts one producer-side drop.
+    pub(crate) fn dropped(&self, topic: &str, reason: DropReason) {
+        let t = domain_topic(topic);
+        let idx = DropReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(0);
+        if let Some(h) = self
+            .inner
+            .drop_cache
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(t)
+        {
+            h[idx].inc();
+            return;
+        }
+        let h: Arc<[Counter; 4]> = Arc::new(DropReason::ALL.map(|r| {
+            self.inner
+                .dropped
+                .get_or_create(&TopicReason {
+                    topic: t.to_owned(),
+                    reason: r.as_str().to_owned(),
+                })
+                .clone()
+        }));
+        h[idx].inc();
+        self.inner
+            .drop_cache
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(t.to_owned(), h);
+    }
+}
+
+/// A family that is listed (`# HELP`/`# TYPE`) even before it has a sample: the contract wants
+/// every family on `/metrics` from start-up, and `prometheus-client` skips empty ones.
+#[derive(Debug)]
+struct Listed<M>(M);
+
+impl<M: EncodeMetric> EncodeMetric for Listed<M> {
+    fn encode(&self, encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        self.0.encode(encoder)
+    }
+    fn metric_type(&self) -> MetricType {
+        self.0.metric_type()
+    }
+    fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+fn register_all(f: &Families, r: &mut Registry) {
+    r.register(
+        "bus_produced",
+        "Messages the broker confirmed, by domain-level topic and producer",
+        Listed(f.produced.clone()),
+    );
+    r.register(
+        "bus_consumed",
+        "Messages handled Ok (then acked), by domain-level topic and consumer",
+        Listed(f.consumed.clone()),
+    );
+    r.register(
+        "bus_delivery_latency_ms",
+        "Milliseconds from produced_at to handler start",
+        Listed(f.delivery_latency.clone()),
+    );
+    r.register(
+        "bus_handler_duration_ms",
+        "Milliseconds a handler ran, per attempt",
+        Listed(f.handler_duration.clone()),
+    );
+    r.register(
+        "bus_batch_size_bytes",
+        "Bytes of payload per published batch and domain-level topic",
+        Listed(f.batch_size.clone()),
+    );
+    r.register(
+        "bus_consumer_lag",
+        "Messages not yet acked by a durable consumer",
+        Listed(f.consumer_lag.clone()),
+    );
+    r.register(
+        "bus_dlq",
+        "Messages dead-lettered, by domain-level topic and DLQ reason code",
+        Listed(f.dlq.clone()),
+    );
+    r.register(
+        "bus_retry",
+        "Retries scheduled by consumers, by domain-level topic and reason",
+        Listed(f.retry.clone()),
+    );
+    r.register(
+        "bus_decode_fail",
+        "Deliveries that could not be turned into a message, by reason code",
+        Listed(f.decode_fail.clone()),
+    );
+    r.register(
+        "bus_dropped",
+        "Messages shed by a producer queue, by domain-level topic and reason",
+        Listed(f.dropped.clone()),
+    );
+    r.register(
+        "bus_inflight",
+        "Messages fetched and not yet settled, per consumer",
+        Listed(f.inflight.clone()),
+    );
+}
