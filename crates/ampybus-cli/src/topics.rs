@@ -1,4 +1,5 @@
-//! `ampybus topics`: what the embedded log holds per topic and how far behind consumers are.
+//! `ampybus topics`: what the embedded log holds per topic and how far behind consumers are
+//! (on a `redis://` bus: per stream and consumer group, see `topics_redis`).
 
 use crate::error::{CliError, CliResult, EXIT_OK};
 use ampybus::TopicPattern;
@@ -65,6 +66,9 @@ Lag: messages after the cursor matching the consumer's pattern, not yet acknowle
 
 /// Runs `ampybus topics …`.
 pub async fn run(url: &str, args: TopicsArgs) -> CliResult<u8> {
+    if transport_kind(url).ok() == Some(TransportKind::Redis) {
+        return crate::topics_redis::run(url, args.command).await;
+    }
     let log = open(url).await?;
     let result = dispatch(&log, args.command).await;
     let closed = log
@@ -81,8 +85,8 @@ async fn open(url: &str) -> CliResult<EmbeddedLog> {
     let kind = transport_kind(url).map_err(|e| CliError::bus(format!("--url {shown:?}"), &e))?;
     if kind != TransportKind::Embedded {
         return Err(CliError::usage(format!(
-            "--url {shown:?}: topics list/describe/lag is available on the embedded log; \
-             broker bindings come later"
+            "--url {shown:?}: topics list/describe/lag is available on the embedded log and on Redis; \
+             other broker bindings come later"
         )));
     }
     let opts = EmbeddedOptions::from_url(url)
@@ -192,7 +196,7 @@ fn reads(c: &ConsumerStats, pattern: &TopicPattern, topics: &[TopicStats]) -> bo
         || topics.iter().any(|t| cp.matches(&t.topic))
 }
 
-fn print(s: &str) -> CliResult<()> {
+pub(crate) fn print(s: &str) -> CliResult<()> {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     out.write_all(s.as_bytes())
@@ -228,7 +232,7 @@ fn consumer_json(c: &ConsumerStats) -> Value {
     })
 }
 
-fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+pub(crate) fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in &rows {
         for (w, c) in widths.iter_mut().zip(r) {
