@@ -179,7 +179,10 @@ pub async fn run(url: &str, a: BenchRedisArgs) -> CliResult<u8> {
         println!("{:<22} {:>12} {:>12} {:>12}", "", "best", "median", "worst");
         println!("{:<22} {rb:>12.0} {rm:>12.0} {rw:>12.0}", "raw redis msg/s");
         println!("{:<22} {ob:>12.0} {om:>12.0} {ow:>12.0}", "ampybus msg/s");
-        println!("{:<22} {xb:>12.3} {xm:>12.3} {xw:>12.3}", "ratio ampybus/raw");
+        println!(
+            "{:<22} {xb:>12.3} {xm:>12.3} {xw:>12.3}",
+            "ratio ampybus/raw"
+        );
     }
     Ok(EXIT_OK)
 }

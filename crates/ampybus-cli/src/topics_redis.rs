@@ -62,9 +62,11 @@ pub async fn run(url: &str, cmd: TopicsCommand) -> CliResult<u8> {
         TopicsCommand::Lag { consumer, json } => {
             let all = TopicPattern::parse(">").expect("pattern");
             let streams = t.stream_stats(&all).await.map_err(bus_err)?;
-            let found = streams
-                .iter()
-                .any(|s| s.groups.iter().any(|g| consumer.as_ref().is_none_or(|c| *c == g.name)));
+            let found = streams.iter().any(|s| {
+                s.groups
+                    .iter()
+                    .any(|g| consumer.as_ref().is_none_or(|c| *c == g.name))
+            });
             if let Some(name) = &consumer
                 && !found
             {
@@ -125,7 +127,9 @@ fn group_json(s: &StreamStats, g: &ampybus::transport::redis::GroupStats) -> Val
 
 fn stream_table(streams: &[StreamStats]) -> String {
     table(
-        &["STREAM", "ENTRIES", "FIRST_ID", "LAST_ID", "OLDEST", "NEWEST", "GROUPS"],
+        &[
+            "STREAM", "ENTRIES", "FIRST_ID", "LAST_ID", "OLDEST", "NEWEST", "GROUPS",
+        ],
         streams
             .iter()
             .map(|s| {
@@ -160,7 +164,14 @@ fn group_table(streams: &[StreamStats], only: Option<&str>) -> String {
         }
     }
     table(
-        &["CONSUMER", "STREAM", "INSTANCES", "IN_FLIGHT", "LAG", "LAST_DELIVERED"],
+        &[
+            "CONSUMER",
+            "STREAM",
+            "INSTANCES",
+            "IN_FLIGHT",
+            "LAG",
+            "LAST_DELIVERED",
+        ],
         rows,
     )
 }

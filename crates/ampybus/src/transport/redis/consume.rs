@@ -22,6 +22,8 @@
 //!   (`XCLAIM … IDLE … JUSTID`), so `XAUTOCLAIM` of any instance takes it again once `delay`
 //!   has passed (a delay longer than the ack deadline is cut to it). The runtime itself parks
 //!   retried keys with backoff in process, so only shutdown releases (zero delay) use it.
+//! * **Gone consumers** (nothing pending, idle for an hour) are removed from the group by any
+//!   live instance, at most once a minute.
 //! * **Ephemeral** readers (`durable: None`) use `XREAD` from a position kept in memory and
 //!   settle nothing.
 
@@ -35,6 +37,14 @@ use std::time::{Duration, Instant};
 
 /// How often a subscription over several streams looks for new ones.
 const DISCOVER_EVERY: Duration = Duration::from_secs(1);
+
+/// How often a subscription removes consumers of its group that are gone (nothing pending,
+/// idle for longer than [`GONE_AFTER`]).
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+/// A consumer of the group idle this long with nothing pending is removed (a live one is
+/// created again by its next read).
+const GONE_AFTER: Duration = Duration::from_secs(3600);
 
 struct PartSettler {
     shared: Arc<Shared>,
@@ -109,6 +119,7 @@ struct Part {
     last_id: String,
     last_reclaim: Option<Instant>,
     reclaim_cursor: String,
+    last_sweep: Instant,
 }
 
 pub(crate) struct RedisSubscription {
@@ -250,6 +261,7 @@ impl RedisSubscription {
             last_id: start_id,
             last_reclaim: None,
             reclaim_cursor: "0-0".to_owned(),
+            last_sweep: Instant::now(),
         });
         Ok(())
     }
@@ -333,8 +345,67 @@ impl RedisSubscription {
         self.parts[i].settler.ack(&seqs).await
     }
 
+    /// Removes consumers of the group that are gone: nothing pending (so nothing can be lost),
+    /// idle for longer than [`GONE_AFTER`] (and ten ack deadlines). Best effort.
+    async fn sweep(&mut self, i: usize) {
+        if self.parts[i].last_sweep.elapsed() < SWEEP_EVERY {
+            return;
+        }
+        self.parts[i].last_sweep = Instant::now();
+        let (key, group) = (
+            self.parts[i].key.clone(),
+            self.parts[i].settler.group.clone(),
+        );
+        let gone = GONE_AFTER.max(self.spec.ack_deadline * 10).as_millis() as i64;
+        let v: Result<redis::Value> = self
+            .shared
+            .query(
+                "XINFO CONSUMERS",
+                redis::cmd("XINFO").arg("CONSUMERS").arg(&key).arg(&group),
+            )
+            .await;
+        let Ok(redis::Value::Array(rows)) = v else {
+            return;
+        };
+        for r in rows {
+            let redis::Value::Array(kv) = r else { continue };
+            let get = |name: &str| {
+                kv.chunks(2)
+                    .find(|c| c.first().and_then(wire::string_of).as_deref() == Some(name))
+                    .and_then(|c| c.get(1).cloned())
+            };
+            let (Some(n), Some(redis::Value::Int(pending)), Some(redis::Value::Int(idle))) = (
+                get("name").as_ref().and_then(wire::string_of),
+                get("pending"),
+                get("idle"),
+            ) else {
+                continue;
+            };
+            if n != self.consumer && pending == 0 && idle > gone {
+                let r: Result<i64> = self
+                    .shared
+                    .query(
+                        "XGROUP DELCONSUMER",
+                        redis::cmd("XGROUP")
+                            .arg("DELCONSUMER")
+                            .arg(&key)
+                            .arg(&group)
+                            .arg(&n),
+                    )
+                    .await;
+                match r {
+                    Ok(_) => {
+                        tracing::debug!(stream = %key, group = %group, consumer = %n, "redis: removed a consumer that is gone")
+                    }
+                    Err(e) => tracing::debug!(error = %e, "redis: removing a gone consumer failed"),
+                }
+            }
+        }
+    }
+
     /// Takes over entries idle for longer than the ack deadline (part `i`).
     async fn reclaim(&mut self, i: usize, max: usize) -> Result<Vec<Delivery>> {
+        self.sweep(i).await;
         let deadline = self.parts[i].settler.ack_deadline;
         let every = (deadline / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
         if self.parts[i]
