@@ -603,10 +603,19 @@ impl Subscription for RedisSubscription {
         let started = Instant::now();
         self.discover().await?;
         if self.parts.is_empty() {
-            // Nothing to read yet: wait, looking for streams once more at the end.
-            tokio::time::sleep(wait.min(DISCOVER_EVERY)).await;
-            self.discover().await?;
-            return Ok(Vec::new());
+            // No stream yet: look for one every 50 ms until the wait is over (there is nothing
+            // to block on), then read it at once.
+            loop {
+                let left = wait.saturating_sub(started.elapsed());
+                if left.is_zero() {
+                    return Ok(Vec::new());
+                }
+                tokio::time::sleep(left.min(Duration::from_millis(50))).await;
+                self.discover().await?;
+                if !self.parts.is_empty() {
+                    break;
+                }
+            }
         }
         let mut out = Vec::new();
         let n = self.parts.len();
