@@ -4,6 +4,8 @@
 #   scripts/brokers.sh start  nats   # use what answers on 127.0.0.1:4222 with JetStream, else start one
 #   scripts/brokers.sh status nats   # exit 0 when a JetStream server answers on the port
 #   scripts/brokers.sh stop   nats   # stop only a server this script started
+#   scripts/brokers.sh start  redis  # use what answers PING on 127.0.0.1:6379, else start one
+#   scripts/brokers.sh start  nats redis
 #
 # Idempotent. `start` uses a nats-server already listening on 127.0.0.1:${NATS_PORT:-4222} when
 # it has JetStream enabled (checked with a JetStream account-info request); a server there without
@@ -11,6 +13,12 @@
 # Debian's nats-server when missing (as root) and starts
 #   nats-server -js -a 127.0.0.1 -p 4222 -sd <repo>/.brokers/nats
 # in the background with a pid file, and waits until JetStream answers.
+#
+# Redis: `start redis` uses a server already answering PING (+PONG) on 127.0.0.1:${REDIS_PORT:-6379}
+# (one that wants AUTH is an error: the tests use the default user without a password);
+# otherwise it installs Debian's redis-server when missing (as root) and starts
+#   redis-server --bind 127.0.0.1 --port 6379 --save '' --appendonly no --dir <repo>/.brokers/redis
+# in the background with a pid file, and waits for PONG. `stop redis` stops only that one.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -131,6 +139,93 @@ status_nats() {
     fi
 }
 
+redis_port="${REDIS_PORT:-6379}"
+
+# PING over a plain TCP connection (bash's /dev/tcp; no redis-cli needed). Exit codes: 0 PONG,
+# 3 nothing listening, 6 the server wants AUTH, 4 something else.
+redis_ping() {
+    local line=""
+    if ! { exec 3<>"/dev/tcp/127.0.0.1/$redis_port"; } 2>/dev/null; then
+        return 3
+    fi
+    printf 'PING\r\n' >&3
+    IFS= read -r -t 3 line <&3 || true
+    exec 3<&- 3>&- || true
+    line="${line%$'\r'}"
+    case "$line" in
+        "+PONG") return 0 ;;
+        -NOAUTH*|-WRONGPASS*) return 6 ;;
+        *) return 4 ;;
+    esac
+}
+
+redis_wait_ready() {
+    for _ in $(seq 1 100); do
+        if redis_ping; then return 0; fi
+        sleep 0.1
+    done
+    return 1
+}
+
+start_redis() {
+    local rc=0
+    redis_ping || rc=$?
+    case $rc in
+        0) echo "redis: server already answering PING on 127.0.0.1:$redis_port"; return 0 ;;
+        3) ;; # nothing listening: start one
+        6) echo "error: the Redis server on 127.0.0.1:$redis_port requires AUTH; the tests need one without (not touching it)" >&2; return 1 ;;
+        *) echo "error: something on 127.0.0.1:$redis_port is not a usable Redis server (probe exit $rc)" >&2; return 1 ;;
+    esac
+    if ! command -v redis-server >/dev/null 2>&1; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+            echo "redis: installing Debian's redis-server"
+            DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server >/dev/null 2>&1 || { apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server >/dev/null; }
+        else
+            echo "error: redis-server is not installed (apt-get install redis-server)" >&2
+            return 1
+        fi
+    fi
+    local bin
+    bin=$(command -v redis-server)
+    mkdir -p "$state/redis"
+    echo "redis: starting $bin --bind 127.0.0.1 --port $redis_port (no persistence) in $state/redis"
+    nohup "$bin" --bind 127.0.0.1 --port "$redis_port" --save '' --appendonly no \
+        --dir "$state/redis" --daemonize no >"$state/redis.log" 2>&1 &
+    echo $! >"$state/redis.pid"
+    if ! redis_wait_ready; then
+        echo "error: redis-server did not become ready; log: $state/redis.log" >&2
+        tail -20 "$state/redis.log" >&2 || true
+        return 1
+    fi
+    echo "redis: ready on 127.0.0.1:$redis_port (pid $(cat "$state/redis.pid"))"
+}
+
+stop_redis() {
+    if [ -f "$state/redis.pid" ]; then
+        local pid
+        pid=$(cat "$state/redis.pid")
+        if kill -0 "$pid" 2>/dev/null && grep -q redis-server "/proc/$pid/cmdline" 2>/dev/null; then
+            kill "$pid"
+            for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+            echo "redis: stopped pid $pid"
+        else
+            echo "redis: pid $pid is not running"
+        fi
+        rm -f "$state/redis.pid"
+    else
+        echo "redis: nothing started by this script"
+    fi
+}
+
+status_redis() {
+    if redis_ping; then
+        echo "redis: answering PING on 127.0.0.1:$redis_port$( [ -f "$state/redis.pid" ] && echo " (started by this script, pid $(cat "$state/redis.pid"))")"
+    else
+        echo "redis: no usable server on 127.0.0.1:$redis_port"
+        return 1
+    fi
+}
+
 cmd="${1:-}"
 shift || true
 brokers=("$@")
@@ -140,7 +235,10 @@ for b in "${brokers[@]}"; do
         start:nats) start_nats ;;
         stop:nats) stop_nats ;;
         status:nats) status_nats ;;
-        *:nats) echo "usage: $0 start|stop|status [nats]" >&2; exit 2 ;;
-        *) echo "error: unknown broker \`$b\` (known: nats)" >&2; exit 2 ;;
+        start:redis) start_redis ;;
+        stop:redis) stop_redis ;;
+        status:redis) status_redis ;;
+        *:nats|*:redis) echo "usage: $0 start|stop|status [nats] [redis]" >&2; exit 2 ;;
+        *) echo "error: unknown broker \`$b\` (known: nats, redis)" >&2; exit 2 ;;
     esac
 done

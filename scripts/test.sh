@@ -10,7 +10,9 @@
 # built from source), python3 with pip (ampybus-proto's cross-language tests create
 # .venv-ampyproto/ through scripts/python-env.sh), nats-server (Debian package; the NATS tests
 # use the one on 127.0.0.1:4222 or start one through scripts/brokers.sh, and spawn their own
-# for fault, TLS and permission tests).
+# for fault, TLS and permission tests), redis-server (Debian package; the Redis tests use the
+# one on 127.0.0.1:6379 or start one through scripts/brokers.sh, and spawn their own for fault
+# and ACL tests).
 #
 # Environment:
 #   AMPYBUS_TEST_SCALE  multiplies the sizes of the heavier tests (default 1; 0.2 for a quick
@@ -52,8 +54,8 @@ if [ -x scripts/python-env.sh ] || [ -f scripts/python-env.sh ]; then
     bash scripts/python-env.sh >/dev/null
 fi
 
-step "test brokers (scripts/brokers.sh start nats: reuses a JetStream server on 127.0.0.1:4222)"
-bash scripts/brokers.sh start nats
+step "test brokers (scripts/brokers.sh start nats redis: reuses a JetStream server on 127.0.0.1:4222 and a Redis on 127.0.0.1:6379)"
+bash scripts/brokers.sh start nats redis
 
 if cargo nextest --version >/dev/null 2>&1; then
     step "cargo nextest run --workspace (AMPYBUS_TEST_SCALE=$AMPYBUS_TEST_SCALE)"

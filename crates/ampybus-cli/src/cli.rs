@@ -170,6 +170,15 @@ Same subject prefix, headers, payload size and in-flight bound on both sides; fr
 every round (so the duplicate window does not help either side).")]
     BenchNats(crate::bench_nats::BenchNatsArgs),
 
+    /// Redis Streams publish throughput: ampybus against the raw redis client, interleaved rounds
+    #[command(after_help = "\
+Examples:
+  ampybus --url redis://127.0.0.1:6379 bench-redis --messages 50000 --payload-bytes 256 --inflight 4096 --rounds 5
+
+Same stream, fields, payload size, MINID trim and in-flight bound (pipelines of up to 512 XADDs)
+on both sides; each round's stream is deleted afterwards (untimed).")]
+    BenchRedis(crate::bench_redis::BenchRedisArgs),
+
     /// Print a shell completion script to stdout
     #[command(after_help = "\
 Examples:

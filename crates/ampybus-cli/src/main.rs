@@ -6,6 +6,7 @@
 mod bench;
 mod bench_consume;
 mod bench_nats;
+mod bench_redis;
 mod cli;
 mod decoder;
 mod demo;
@@ -99,6 +100,7 @@ fn run(cli: Cli) -> CliResult<u8> {
         Command::Topics(args) => runtime()?.block_on(topics::run(&url, args)),
         Command::Streams(args) => runtime()?.block_on(streams::run(&url, args)),
         Command::BenchNats(args) => runtime()?.block_on(bench_nats::run(&url, args)),
+        Command::BenchRedis(args) => runtime()?.block_on(bench_redis::run(&url, args)),
     }
 }
 

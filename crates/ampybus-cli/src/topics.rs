@@ -1,5 +1,5 @@
 //! `ampybus topics`: what the log or broker holds per topic and how far behind consumers are
-//! (any transport with the [`Inspect`] capability: the embedded log, NATS).
+//! (any transport with the [`Inspect`] capability: the embedded log, NATS, Redis).
 
 use crate::error::{CliError, CliResult, EXIT_OK};
 use ampybus::bus::{TransportKind, redact, transport_kind};
@@ -63,7 +63,7 @@ Lag: messages after the cursor matching the consumer's pattern, not yet acknowle
     },
 }
 
-/// Runs `ampybus topics …` on any transport that can be inspected (embedded log, NATS).
+/// Runs `ampybus topics …` on any transport that can be inspected (embedded log, NATS, Redis).
 pub async fn run(url: &str, args: TopicsArgs) -> CliResult<u8> {
     let bus = open(url).await?;
     let result = match bus.transport().inspect() {

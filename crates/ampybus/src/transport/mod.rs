@@ -7,7 +7,8 @@
 //!   compile.
 //! * Optional capabilities are separate traits: [`ReplayByTime`], [`ConsumerLag`], [`Inspect`].
 //!
-//! Bindings: [`embedded`] (always), `nats` (cargo feature `nats`: NATS JetStream).
+//! Bindings: [`embedded`] (always), `nats` (cargo feature `nats`: NATS JetStream), `redis`
+//! (cargo feature `redis`: Redis Streams).
 
 pub mod embedded;
 pub mod embedded_admin;
@@ -15,6 +16,8 @@ mod embedded_purge;
 mod headers_codec;
 #[cfg(feature = "nats")]
 pub mod nats;
+#[cfg(feature = "redis")]
+pub mod redis;
 
 pub use headers_codec::{decode_headers, encode_headers};
 

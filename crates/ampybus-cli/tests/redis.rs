@@ -1,0 +1,113 @@
+//! The CLI on Redis Streams (server on 127.0.0.1:6379, started or found by
+//! `scripts/brokers.sh start redis`): `pub`, `sub --durable`, `topics list|describe|lag`. Each run
+//! uses a key prefix of its own, so its streams hold only its messages.
+
+mod common;
+
+use common::ampybus_in;
+use std::sync::Once;
+
+fn brokers() {
+    static START: Once = Once::new();
+    START.call_once(|| {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let out = std::process::Command::new("bash")
+            .arg(root.join("scripts/brokers.sh"))
+            .args(["start", "redis"])
+            .output()
+            .expect("run scripts/brokers.sh");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+}
+
+fn unique() -> String {
+    format!(
+        "{:x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    )
+}
+
+#[test]
+fn pub_sub_and_topics_over_redis() {
+    brokers();
+    let id = unique();
+    let url = format!("redis://127.0.0.1:6379?key_prefix=clitest{id}:");
+    let run = |args: &[&str]| {
+        let mut all = vec!["--url", url.as_str()];
+        all.extend_from_slice(args);
+        ampybus_in(None, &all)
+    };
+    for (topic, key, n) in [
+        ("ampy.dev.news.v1.a", "n-a", 3),
+        ("ampy.dev.news.v1.b", "n-b", 2),
+    ] {
+        for i in 0..n {
+            let payload = format!("{key}-{i}");
+            let o = run(&[
+                "pub",
+                "--topic",
+                topic,
+                "--producer",
+                "cli@1",
+                "--source",
+                "cli",
+                "--pk",
+                key,
+                "--payload",
+                &payload,
+            ]);
+            assert_eq!(o.code, 0, "{}", o.stderr);
+        }
+    }
+    let o = run(&[
+        "sub",
+        "--pattern",
+        "ampy.dev.news.>",
+        "--durable",
+        "audit",
+        "--json",
+        "--max",
+        "1",
+    ]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let v = o.json_lines();
+    assert_eq!(v.len(), 1);
+    assert_eq!(v[0]["topic"], "ampy.dev.news.v1.a");
+    assert_eq!(v[0]["headers"]["partition_key"], "n-a");
+
+    let o = run(&["topics", "list", "--json"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let v = o.json_lines();
+    assert_eq!(v.len(), 1, "{}", o.stdout);
+    assert_eq!(v[0]["topic"], "ampy.dev.news.v1");
+    assert_eq!(v[0]["messages"], 5);
+    assert!(v[0]["bytes"].is_null());
+    assert!(v[0]["first_seq"].as_u64().unwrap() < v[0]["last_seq"].as_u64().unwrap());
+
+    let o = run(&["topics", "describe", "ampy.dev.news.>", "--json"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let d = &o.json_lines()[0];
+    assert_eq!(d["messages"], 5);
+    assert_eq!(d["consumers"][0]["name"], "audit", "{d}");
+    assert_eq!(d["consumers"][0]["lag"], 4, "{d}");
+
+    let o = run(&["topics", "lag", "--consumer", "audit", "--json"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let v = o.json_lines();
+    assert_eq!(v.len(), 1);
+    assert_eq!(
+        (v[0]["lag"].as_u64(), v[0]["in_flight"].as_u64()),
+        (Some(4), Some(0))
+    );
+    assert_eq!(v[0]["pattern"], "ampy.dev.news.v1.>");
+
+    let o = run(&["topics", "lag", "--consumer", "nobody"]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+}

@@ -1,0 +1,113 @@
+//! The conformance suite on Redis Streams, against the real server on 127.0.0.1:6379
+//! (`scripts/brokers.sh start redis` is run first; it reuses a server already there).
+//!
+//! Isolation: every case gets a key prefix of its own, `conf{unix seconds}{id}:`, so its
+//! streams, groups and dedupe keys are its alone (the DLQ stream too). Keys of cases older than
+//! an hour (earlier runs) are deleted when a test process starts.
+
+use ampybus::Bus;
+use ampybus::dedupe::DedupeStore;
+use ampybus::transport::redis::RedisDedupeStore;
+use ampybus_conformance::{Capabilities, TestContext, TransportFactory};
+use async_trait::async_trait;
+use std::sync::Arc;
+use std::time::Duration;
+
+struct Redis;
+
+fn url(ctx: &TestContext) -> String {
+    static STARTED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let secs = *STARTED.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs()
+    });
+    format!(
+        "redis://127.0.0.1:6379?key_prefix=conf{secs}{}:&max_age_days=1",
+        ctx.id()
+    )
+}
+
+/// Deletes keys of cases started more than an hour ago (`conf{secs}…:`).
+async fn sweep_old_runs() {
+    static DONE: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    DONE.get_or_init(|| async {
+        let client = redis::Client::open("redis://127.0.0.1:6379").expect("client");
+        let mut c = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect redis");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg("conf*:*")
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut c)
+                .await
+                .expect("scan");
+            let old: Vec<&String> = keys
+                .iter()
+                .filter(|k| {
+                    k.get(4..14)
+                        .and_then(|s| s.parse::<u64>().ok())
+                        .is_some_and(|s| s + 3600 < now)
+                })
+                .collect();
+            if !old.is_empty() {
+                let _: i64 = redis::cmd("UNLINK")
+                    .arg(&old)
+                    .query_async(&mut c)
+                    .await
+                    .expect("unlink");
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    })
+    .await;
+}
+
+#[async_trait]
+impl TransportFactory for Redis {
+    fn name(&self) -> &str {
+        "redis"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        // Replay by time and keys (XRANGE); the best-effort tier is the runtime's Producer,
+        // and its lag sub-case runs (XINFO GROUPS).
+        Capabilities::default()
+    }
+
+    async fn new_bus(&self, ctx: &TestContext) -> Bus {
+        tokio::task::spawn_blocking(|| ampybus_conformance::start_test_broker("redis"))
+            .await
+            .expect("brokers");
+        sweep_old_runs().await;
+        self.reopen_bus(ctx).await
+    }
+
+    async fn reopen_bus(&self, ctx: &TestContext) -> Bus {
+        Bus::connect(&url(ctx)).await.expect("connect redis")
+    }
+
+    async fn dedupe_store(&self, ctx: &TestContext) -> Arc<dyn DedupeStore> {
+        let store = RedisDedupeStore::connect(&url(ctx))
+            .await
+            .expect("redis dedupe store")
+            .with_window(Duration::from_secs(86_400));
+        Arc::new(store)
+    }
+}
+
+ampybus_conformance::conformance_tests!(Redis);

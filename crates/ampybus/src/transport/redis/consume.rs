@@ -1,0 +1,758 @@
+//! Consuming: a consumer group per stream a pattern spans, merged into one [`Subscription`].
+//!
+//! * **Groups.** `SubscribeSpec::durable` names the group on every stream. A group is created
+//!   at `0` (a new consumer reads from the earliest retained entry), at `$` for
+//!   `StartAt::Latest`, at the last id before the time for `StartAt::Time`; an existing group
+//!   resumes where it was. A durable subscription on a pattern naming one stream creates the
+//!   stream (`MKSTREAM`); a pattern spanning several (`ampy.dev.>`) finds them with
+//!   `SCAN … TYPE stream` and looks again every second, so streams created later are read too
+//!   (their groups are created at `0`: everything in them is newer than the subscription).
+//! * **Consumers.** Every subscription is a consumer of its own in the group,
+//!   `{durable}:{12 hex}`, so instances share the work and a crashed one is recognised by its
+//!   pending entries going idle.
+//! * **Fetch.** First `XAUTOCLAIM` takes over entries pending (in any consumer of the group)
+//!   for longer than the ack deadline, at most every quarter of the deadline (their delivery
+//!   count read with `XPENDING`); then `XREADGROUP … >` without blocking on every stream; when
+//!   nothing came, one `XREADGROUP BLOCK` over every stream (one entry each) on the
+//!   subscription's own connection, then a non-blocking read for the rest. Entries whose topic
+//!   does not match the pattern are acknowledged at once and not handed out.
+//! * **Settling.** `ack` = `XACK`. `in_progress` = `XCLAIM … JUSTID` by the same consumer
+//!   (resets the idle time without counting a delivery). Redis has no delayed redelivery:
+//!   `nack(delay)` leaves the entry pending and sets its idle time to `ack_deadline − delay`
+//!   (`XCLAIM … IDLE … JUSTID`), so `XAUTOCLAIM` of any instance takes it again once `delay`
+//!   has passed (a delay longer than the ack deadline is cut to it). The runtime itself parks
+//!   retried keys with backoff in process, so only shutdown releases (zero delay) use it.
+//! * **Gone consumers** (nothing pending, idle for an hour) are removed from the group by any
+//!   live instance, at most once a minute.
+//! * **Ephemeral** readers (`durable: None`) use `XREAD` from a position kept in memory and
+//!   settle nothing.
+
+use super::{Shared, command_error, wire};
+use crate::error::{Error, ErrorKind, Result};
+use crate::transport::{Delivery, DeliveryInfo, Settler, StartAt, SubscribeSpec, Subscription};
+use async_trait::async_trait;
+use redis::aio::ConnectionManager;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How often a subscription over several streams looks for new ones.
+const DISCOVER_EVERY: Duration = Duration::from_secs(1);
+
+/// How often a subscription removes consumers of its group that are gone (nothing pending,
+/// idle for longer than [`GONE_AFTER`]).
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+/// A consumer of the group idle this long with nothing pending is removed (a live one is
+/// created again by its next read).
+const GONE_AFTER: Duration = Duration::from_secs(3600);
+
+struct PartSettler {
+    shared: Arc<Shared>,
+    key: String,
+    group: String,
+    consumer: String,
+    ack_deadline: Duration,
+    durable: bool,
+}
+
+impl PartSettler {
+    async fn claim(&self, sequence: u64, idle_ms: Option<u64>) -> Result<()> {
+        let mut cmd = redis::cmd("XCLAIM");
+        cmd.arg(&self.key)
+            .arg(&self.group)
+            .arg(&self.consumer)
+            .arg(0)
+            .arg(wire::unpack_id(sequence));
+        if let Some(ms) = idle_ms {
+            cmd.arg("IDLE").arg(ms);
+        }
+        cmd.arg("JUSTID");
+        let _: redis::Value = self
+            .shared
+            .query(&format!("stream {}: XCLAIM", self.key), &cmd)
+            .await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Settler for PartSettler {
+    async fn ack(&self, sequences: &[u64]) -> Result<()> {
+        if !self.durable || sequences.is_empty() {
+            return Ok(());
+        }
+        let mut cmd = redis::cmd("XACK");
+        cmd.arg(&self.key).arg(&self.group);
+        for s in sequences {
+            cmd.arg(wire::unpack_id(*s));
+        }
+        let _: i64 = self
+            .shared
+            .query(
+                &format!("stream {}: XACK of {} entries", self.key, sequences.len()),
+                &cmd,
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn nack(&self, sequence: u64, delay: Duration) -> Result<()> {
+        if !self.durable {
+            return Ok(());
+        }
+        let idle = self.ack_deadline.saturating_sub(delay).as_millis() as u64;
+        self.claim(sequence, Some(idle)).await
+    }
+
+    async fn in_progress(&self, sequence: u64) -> Result<()> {
+        if !self.durable {
+            return Ok(());
+        }
+        self.claim(sequence, None).await
+    }
+}
+
+struct Part {
+    key: String,
+    settler: Arc<PartSettler>,
+    /// Ephemeral readers: the last id read.
+    last_id: String,
+    last_reclaim: Option<Instant>,
+    reclaim_cursor: String,
+    last_sweep: Instant,
+}
+
+pub(crate) struct RedisSubscription {
+    shared: Arc<Shared>,
+    spec: SubscribeSpec,
+    /// The subscription's own connection, for blocking reads.
+    blocking: ConnectionManager,
+    consumer: String,
+    parts: Vec<Part>,
+    /// The pattern names one stream (no discovery needed).
+    single: Option<String>,
+    last_discovery: Instant,
+    where_: String,
+}
+
+pub(crate) async fn subscribe(
+    shared: &Arc<Shared>,
+    spec: SubscribeSpec,
+) -> Result<Box<dyn Subscription>> {
+    if let Some(d) = &spec.durable
+        && d.is_empty()
+    {
+        return Err(Error::config("subscribe: empty durable consumer name"));
+    }
+    let blocking = shared.opts.connect_manager(None).await?;
+    let single = single_stream(&spec);
+    let consumer = match &spec.durable {
+        Some(d) => format!("{d}:{}", &uuid::Uuid::new_v4().simple().to_string()[..12]),
+        None => String::new(),
+    };
+    let mut sub = RedisSubscription {
+        shared: shared.clone(),
+        blocking,
+        consumer,
+        parts: Vec::new(),
+        single: single.map(|s| shared.opts.stream_key(&s)),
+        last_discovery: Instant::now(),
+        where_: shared.where_(),
+        spec,
+    };
+    let keys = match &sub.single {
+        Some(k) if sub.spec.durable.is_some() => vec![k.clone()],
+        Some(k) => sub
+            .shared
+            .existing_streams(&sub.spec.pattern)
+            .await?
+            .into_iter()
+            .filter(|x| x == k)
+            .collect(),
+        None => sub.shared.existing_streams(&sub.spec.pattern).await?,
+    };
+    for k in keys {
+        sub.add_part(k, true).await?;
+    }
+    Ok(Box::new(sub))
+}
+
+/// The one stream a pattern names when its first four tokens are literal.
+fn single_stream(spec: &SubscribeSpec) -> Option<String> {
+    let toks: Vec<&str> = spec.pattern.as_str().split('.').collect();
+    if toks.len() < 4 || toks[..4].iter().any(|t| *t == "*" || *t == ">") {
+        return None;
+    }
+    Some(toks[..4].join("."))
+}
+
+/// The id just before the first entry stored at or after `t`.
+fn id_before(t: chrono::DateTime<chrono::Utc>) -> String {
+    let ms = wire::ceil_ms(t);
+    if ms <= 0 {
+        "0-0".to_owned()
+    } else {
+        format!("{}-{}", ms - 1, u64::MAX)
+    }
+}
+
+impl RedisSubscription {
+    async fn add_part(&mut self, key: String, at_subscribe: bool) -> Result<()> {
+        let durable = self.spec.durable.clone();
+        let start_id = if !at_subscribe {
+            "0-0".to_owned()
+        } else {
+            match self.spec.start {
+                StartAt::Earliest => "0-0".to_owned(),
+                StartAt::Latest if durable.is_some() => "$".to_owned(),
+                StartAt::Latest => {
+                    let v: redis::Value = self
+                        .shared
+                        .query(
+                            "XREVRANGE",
+                            redis::cmd("XREVRANGE")
+                                .arg(&key)
+                                .arg("+")
+                                .arg("-")
+                                .arg("COUNT")
+                                .arg(1),
+                        )
+                        .await?;
+                    wire::parse_entries(&v)
+                        .into_iter()
+                        .next()
+                        .map(|e| e.id)
+                        .unwrap_or_else(|| "0-0".to_owned())
+                }
+                StartAt::Time(t) => id_before(t),
+            }
+        };
+        if let Some(group) = &durable {
+            let r: Result<redis::Value> = self
+                .shared
+                .query(
+                    &format!("stream {key}: creating consumer group {group}"),
+                    redis::cmd("XGROUP")
+                        .arg("CREATE")
+                        .arg(&key)
+                        .arg(group)
+                        .arg(&start_id)
+                        .arg("MKSTREAM"),
+                )
+                .await;
+            match r {
+                Ok(_) => {
+                    tracing::debug!(stream = %key, group = %group, start = %start_id, "redis: consumer group created")
+                }
+                Err(e) if e.message().contains("BUSYGROUP") => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.parts.push(Part {
+            settler: Arc::new(PartSettler {
+                shared: self.shared.clone(),
+                key: key.clone(),
+                group: durable.clone().unwrap_or_default(),
+                consumer: self.consumer.clone(),
+                ack_deadline: self.spec.ack_deadline.max(Duration::from_millis(100)),
+                durable: durable.is_some(),
+            }),
+            key,
+            last_id: start_id,
+            last_reclaim: None,
+            reclaim_cursor: "0-0".to_owned(),
+            last_sweep: Instant::now(),
+        });
+        Ok(())
+    }
+
+    async fn discover(&mut self) -> Result<()> {
+        if self.single.is_some() && self.spec.durable.is_some() {
+            return Ok(());
+        }
+        if !self.parts.is_empty() && self.last_discovery.elapsed() < DISCOVER_EVERY {
+            return Ok(());
+        }
+        self.last_discovery = Instant::now();
+        let found = self.shared.existing_streams(&self.spec.pattern).await?;
+        for k in found {
+            if self.single.as_ref().is_some_and(|s| *s != k) {
+                continue;
+            }
+            if !self.parts.iter().any(|p| p.key == k) {
+                tracing::debug!(stream = %k, "redis: subscription found a new stream");
+                self.add_part(k, false).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Converts entries of part `i`: matching ones become deliveries, the others (other
+    /// topics, malformed, deleted) are collected to be acknowledged.
+    fn convert(
+        &self,
+        i: usize,
+        entries: Vec<wire::Entry>,
+        counts: Option<&std::collections::HashMap<String, u32>>,
+        out: &mut Vec<Delivery>,
+        skip: &mut Vec<String>,
+    ) {
+        let p = &self.parts[i];
+        for e in entries {
+            let Some(fields) = &e.fields else {
+                skip.push(e.id);
+                continue;
+            };
+            let Some(env) = wire::to_envelope(fields) else {
+                tracing::warn!(stream = %p.key, id = %e.id, "redis: an entry without a `topic` field was skipped (not written by ampybus)");
+                skip.push(e.id);
+                continue;
+            };
+            if !self.spec.pattern.matches(&env.topic) {
+                skip.push(e.id);
+                continue;
+            }
+            let Some(sequence) = wire::pack_id(&e.id) else {
+                skip.push(e.id);
+                continue;
+            };
+            let delivery_count = counts.and_then(|c| c.get(&e.id).copied()).unwrap_or(1);
+            let info = DeliveryInfo {
+                sequence,
+                delivery_count: delivery_count.max(1),
+                stored_at: wire::id_time(&e.id),
+            };
+            out.push(Delivery::new(env, info, p.settler.clone()));
+        }
+    }
+
+    async fn ack_skipped(&self, i: usize, skip: Vec<String>) -> Result<()> {
+        if skip.is_empty() || self.spec.durable.is_none() {
+            return Ok(());
+        }
+        let seqs: Vec<u64> = skip.iter().filter_map(|id| wire::pack_id(id)).collect();
+        if seqs.len() < skip.len() {
+            // Ids that do not pack: acknowledge them by id.
+            let mut cmd = redis::cmd("XACK");
+            cmd.arg(&self.parts[i].key)
+                .arg(&self.parts[i].settler.group);
+            for id in &skip {
+                cmd.arg(id);
+            }
+            let _: i64 = self.shared.query("XACK", &cmd).await?;
+            return Ok(());
+        }
+        self.parts[i].settler.ack(&seqs).await
+    }
+
+    /// Removes consumers of the group that are gone: nothing pending (so nothing can be lost),
+    /// idle for longer than [`GONE_AFTER`] (and ten ack deadlines). Best effort.
+    async fn sweep(&mut self, i: usize) {
+        if self.parts[i].last_sweep.elapsed() < SWEEP_EVERY {
+            return;
+        }
+        self.parts[i].last_sweep = Instant::now();
+        let (key, group) = (
+            self.parts[i].key.clone(),
+            self.parts[i].settler.group.clone(),
+        );
+        let gone = GONE_AFTER.max(self.spec.ack_deadline * 10).as_millis() as i64;
+        let v: Result<redis::Value> = self
+            .shared
+            .query(
+                "XINFO CONSUMERS",
+                redis::cmd("XINFO").arg("CONSUMERS").arg(&key).arg(&group),
+            )
+            .await;
+        let Ok(redis::Value::Array(rows)) = v else {
+            return;
+        };
+        for r in rows {
+            let redis::Value::Array(kv) = r else { continue };
+            let get = |name: &str| {
+                kv.chunks(2)
+                    .find(|c| c.first().and_then(wire::string_of).as_deref() == Some(name))
+                    .and_then(|c| c.get(1).cloned())
+            };
+            let (Some(n), Some(redis::Value::Int(pending)), Some(redis::Value::Int(idle))) = (
+                get("name").as_ref().and_then(wire::string_of),
+                get("pending"),
+                get("idle"),
+            ) else {
+                continue;
+            };
+            if n != self.consumer && pending == 0 && idle > gone {
+                let r: Result<i64> = self
+                    .shared
+                    .query(
+                        "XGROUP DELCONSUMER",
+                        redis::cmd("XGROUP")
+                            .arg("DELCONSUMER")
+                            .arg(&key)
+                            .arg(&group)
+                            .arg(&n),
+                    )
+                    .await;
+                match r {
+                    Ok(_) => {
+                        tracing::debug!(stream = %key, group = %group, consumer = %n, "redis: removed a consumer that is gone")
+                    }
+                    Err(e) => tracing::debug!(error = %e, "redis: removing a gone consumer failed"),
+                }
+            }
+        }
+    }
+
+    /// Takes over entries idle for longer than the ack deadline (part `i`).
+    async fn reclaim(&mut self, i: usize, max: usize) -> Result<Vec<Delivery>> {
+        self.sweep(i).await;
+        let deadline = self.parts[i].settler.ack_deadline;
+        let every = (deadline / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+        if self.parts[i]
+            .last_reclaim
+            .is_some_and(|t| t.elapsed() < every)
+        {
+            return Ok(Vec::new());
+        }
+        self.parts[i].last_reclaim = Some(Instant::now());
+        let (key, group) = (
+            self.parts[i].key.clone(),
+            self.parts[i].settler.group.clone(),
+        );
+        let v: redis::Value = self
+            .shared
+            .query(
+                &format!("stream {key}: XAUTOCLAIM"),
+                redis::cmd("XAUTOCLAIM")
+                    .arg(&key)
+                    .arg(&group)
+                    .arg(&self.consumer)
+                    .arg(deadline.as_millis() as u64)
+                    .arg(&self.parts[i].reclaim_cursor)
+                    .arg("COUNT")
+                    .arg(max),
+            )
+            .await?;
+        let redis::Value::Array(items) = &v else {
+            return Ok(Vec::new());
+        };
+        let next = items
+            .first()
+            .and_then(wire::string_of)
+            .unwrap_or_else(|| "0-0".to_owned());
+        let entries = items.get(1).map(wire::parse_entries).unwrap_or_default();
+        self.parts[i].reclaim_cursor = next.clone();
+        if next != "0-0" {
+            // More to scan: go on at the next fetch.
+            self.parts[i].last_reclaim = None;
+        }
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Delivery counts (XAUTOCLAIM counted this one) from XPENDING over the claimed range.
+        let first = entries.first().map(|e| e.id.clone()).unwrap_or_default();
+        let last = entries.last().map(|e| e.id.clone()).unwrap_or_default();
+        let pend: redis::Value = self
+            .shared
+            .query(
+                &format!("stream {key}: XPENDING"),
+                redis::cmd("XPENDING")
+                    .arg(&key)
+                    .arg(&group)
+                    .arg(&first)
+                    .arg(&last)
+                    .arg(entries.len().max(1) * 4)
+                    .arg(&self.consumer),
+            )
+            .await?;
+        let mut counts = std::collections::HashMap::new();
+        if let redis::Value::Array(rows) = &pend {
+            for r in rows {
+                if let redis::Value::Array(f) = r
+                    && let (Some(id), Some(redis::Value::Int(n))) =
+                        (f.first().and_then(wire::string_of), f.get(3))
+                {
+                    counts.insert(id, u32::try_from(*n).unwrap_or(u32::MAX));
+                }
+            }
+        }
+        tracing::info!(stream = %key, group = %group, claimed = entries.len(), "redis: took over entries pending longer than the ack deadline");
+        let mut out = Vec::new();
+        let mut skip = Vec::new();
+        self.convert(i, entries, Some(&counts), &mut out, &mut skip);
+        self.ack_skipped(i, skip).await?;
+        Ok(out)
+    }
+
+    /// One read over the given parts: `XREADGROUP` (durable) or `XREAD`, `count` per stream,
+    /// blocking up to `block` on the subscription's own connection when given.
+    async fn read(
+        &mut self,
+        parts: &[usize],
+        count: usize,
+        block: Option<Duration>,
+    ) -> Result<Vec<Delivery>> {
+        let mut cmd;
+        if let Some(group) = &self.spec.durable {
+            cmd = redis::cmd("XREADGROUP");
+            cmd.arg("GROUP").arg(group).arg(&self.consumer);
+        } else {
+            cmd = redis::cmd("XREAD");
+        }
+        cmd.arg("COUNT").arg(count.max(1));
+        if let Some(b) = block {
+            cmd.arg("BLOCK").arg(b.as_millis().max(1) as u64);
+        }
+        cmd.arg("STREAMS");
+        for &i in parts {
+            cmd.arg(&self.parts[i].key);
+        }
+        for &i in parts {
+            if self.spec.durable.is_some() {
+                cmd.arg(">");
+            } else {
+                cmd.arg(&self.parts[i].last_id);
+            }
+        }
+        let what = format!(
+            "reading {} stream(s) ({})",
+            parts.len(),
+            self.parts[parts[0]].key
+        );
+        let v: redis::Value = match block {
+            None => self.shared.query(&what, &cmd).await?,
+            Some(b) => {
+                let limit = b + self.shared.opts.request_timeout;
+                let mut c = self.blocking.clone();
+                match tokio::time::timeout(limit, cmd.query_async::<redis::Value>(&mut c)).await {
+                    Ok(Ok(v)) => v,
+                    Ok(Err(e)) => return Err(command_error(&self.where_, &what, e)),
+                    Err(_) => {
+                        return Err(Error::new(
+                            ErrorKind::Timeout,
+                            format!(
+                                "{}: {what}: blocking read not answered within {limit:?}",
+                                self.where_
+                            ),
+                        ));
+                    }
+                }
+            }
+        };
+        if let redis::Value::ServerError(se) = &v {
+            return Err(command_error(
+                &self.where_,
+                &what,
+                redis::RedisError::from(se.clone()),
+            ));
+        }
+        let mut out = Vec::new();
+        for (key, entries) in wire::parse_read_reply(&v) {
+            let Some(i) = self.parts.iter().position(|p| p.key == key) else {
+                continue;
+            };
+            if let Some(last) = entries.last() {
+                self.parts[i].last_id = last.id.clone();
+            }
+            let mut skip = Vec::new();
+            self.convert(i, entries, None, &mut out, &mut skip);
+            self.ack_skipped(i, skip).await?;
+        }
+        Ok(out)
+    }
+
+    async fn ensure_groups(&mut self, err: &Error) -> Result<()> {
+        // NOGROUP: the stream (and its group) was deleted, or the server restarted without
+        // persistence. Create them again, at 0.
+        if !err.message().contains("NOGROUP") {
+            return Ok(());
+        }
+        let Some(group) = self.spec.durable.clone() else {
+            return Ok(());
+        };
+        for p in &self.parts {
+            let r: Result<redis::Value> = self
+                .shared
+                .query(
+                    "recreating a consumer group",
+                    redis::cmd("XGROUP")
+                        .arg("CREATE")
+                        .arg(&p.key)
+                        .arg(&group)
+                        .arg("0")
+                        .arg("MKSTREAM"),
+                )
+                .await;
+            if let Err(e) = r
+                && !e.message().contains("BUSYGROUP")
+            {
+                return Err(e);
+            }
+        }
+        tracing::warn!(group = %group, "redis: consumer group was missing (stream deleted or server restarted without persistence); created again at 0");
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Subscription for RedisSubscription {
+    async fn fetch(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let started = Instant::now();
+        self.discover().await?;
+        if self.parts.is_empty() {
+            // No stream yet: look for one every 50 ms until the wait is over (there is nothing
+            // to block on), then read it at once.
+            loop {
+                let left = wait.saturating_sub(started.elapsed());
+                if left.is_zero() {
+                    return Ok(Vec::new());
+                }
+                tokio::time::sleep(left.min(Duration::from_millis(50))).await;
+                self.discover().await?;
+                if !self.parts.is_empty() {
+                    break;
+                }
+            }
+        }
+        let mut out = Vec::new();
+        let n = self.parts.len();
+        if self.spec.durable.is_some() {
+            for i in 0..n {
+                if out.len() >= max {
+                    break;
+                }
+                let got = self.reclaim(i, max - out.len()).await?;
+                out.extend(got);
+            }
+        }
+        for i in 0..n {
+            if out.len() >= max {
+                break;
+            }
+            match self.read(&[i], max - out.len(), None).await {
+                Ok(got) => out.extend(got),
+                Err(e) => {
+                    self.ensure_groups(&e).await?;
+                    if out.is_empty() {
+                        return Err(e);
+                    }
+                    return Ok(out);
+                }
+            }
+        }
+        let left = wait.saturating_sub(started.elapsed());
+        if !out.is_empty() || left < Duration::from_millis(10) {
+            return Ok(out);
+        }
+        // Nothing there: block for one entry on each stream (at most `max` streams), then
+        // take what else is there.
+        let waiting: Vec<usize> = (0..n).take(max).collect();
+        // A reclaim may come due while blocked: never block past a quarter of the deadline.
+        let cap = if self.spec.durable.is_some() {
+            (self.spec.ack_deadline / 4).max(Duration::from_millis(50))
+        } else {
+            left
+        };
+        let got = match self.read(&waiting, 1, Some(left.min(cap))).await {
+            Ok(g) => g,
+            Err(e) => {
+                self.ensure_groups(&e).await?;
+                return Err(e);
+            }
+        };
+        out.extend(got);
+        if !out.is_empty() && out.len() < max {
+            for i in 0..n {
+                if out.len() >= max {
+                    break;
+                }
+                match self.read(&[i], max - out.len(), None).await {
+                    Ok(got) => out.extend(got),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "redis: read after a wake-up failed");
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The consumer groups of a stream (`XINFO GROUPS`), with the lag counted by hand when the
+/// server cannot say (`lag` nil after deletions).
+pub(crate) async fn groups_of(shared: &Shared, key: &str) -> Result<Vec<super::GroupStats>> {
+    let v: redis::Value = shared
+        .query(
+            &format!("stream {key}: XINFO GROUPS"),
+            redis::cmd("XINFO").arg("GROUPS").arg(key),
+        )
+        .await?;
+    let redis::Value::Array(groups) = v else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for g in groups {
+        let pairs: Vec<(String, redis::Value)> = match g {
+            redis::Value::Array(kv) => kv
+                .chunks(2)
+                .filter_map(|c| Some((wire::string_of(c.first()?)?, c.get(1)?.clone())))
+                .collect(),
+            redis::Value::Map(m) => m
+                .into_iter()
+                .filter_map(|(k, v)| Some((wire::string_of(&k)?, v)))
+                .collect(),
+            _ => continue,
+        };
+        let get = |name: &str| pairs.iter().find(|(k, _)| k == name).map(|(_, v)| v);
+        let int = |name: &str| match get(name) {
+            Some(redis::Value::Int(n)) => Some((*n).max(0) as u64),
+            Some(other) => wire::string_of(other).and_then(|s| s.parse().ok()),
+            None => None,
+        };
+        let name = get("name").and_then(wire::string_of).unwrap_or_default();
+        let last = get("last-delivered-id")
+            .and_then(wire::string_of)
+            .unwrap_or_else(|| "0-0".to_owned());
+        let lag = match int("lag") {
+            Some(l) => l,
+            None => count_after(shared, key, &last).await?,
+        };
+        out.push(super::GroupStats {
+            name,
+            consumers: int("consumers").unwrap_or(0),
+            pending: int("pending").unwrap_or(0),
+            lag,
+            last_delivered_id: last,
+        });
+    }
+    Ok(out)
+}
+
+/// Entries after `id` (exclusive), counted in pages.
+async fn count_after(shared: &Shared, key: &str, id: &str) -> Result<u64> {
+    let mut from = format!("({id}");
+    let mut n = 0u64;
+    loop {
+        let v: redis::Value = shared
+            .query(
+                "XRANGE (lag count)",
+                redis::cmd("XRANGE")
+                    .arg(key)
+                    .arg(&from)
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(10_000),
+            )
+            .await?;
+        let e = wire::parse_entries(&v);
+        n += e.len() as u64;
+        match e.last() {
+            Some(l) if e.len() == 10_000 => from = format!("({}", l.id),
+            _ => return Ok(n),
+        }
+    }
+}

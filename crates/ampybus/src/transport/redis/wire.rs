@@ -1,0 +1,277 @@
+//! The wire form of an entry, entry ids and stream keys.
+
+use crate::envelope::Envelope;
+use crate::error::{Error, ErrorKind, Result};
+use crate::headers::Headers;
+use crate::topic::TopicPattern;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+
+/// Field holding the full topic.
+pub(crate) const TOPIC_FIELD: &str = "topic";
+/// Field holding the payload bytes.
+pub(crate) const PAYLOAD_FIELD: &str = "payload";
+
+/// Bits of the packed sequence given to the id's sequence part.
+const SEQ_BITS: u32 = 20;
+
+/// Packs an entry id `ms-seq` into one `u64`: `ms << 20 | seq` (a sequence part at or above
+/// 2^20 — a million entries in one millisecond of one stream — is clamped). Packed ids order
+/// like the ids, and like store times across streams.
+///
+/// ```
+/// use ampybus::transport::redis::{pack_id, unpack_id};
+/// let s = pack_id("1700000000123-7").unwrap();
+/// assert_eq!(unpack_id(s), "1700000000123-7");
+/// assert!(pack_id("1700000000123-8").unwrap() > s);
+/// assert!(pack_id("nonsense").is_none());
+/// ```
+pub fn pack_id(id: &str) -> Option<u64> {
+    let (ms, seq) = id.split_once('-')?;
+    let ms: u64 = ms.parse().ok()?;
+    let seq: u64 = seq.parse().ok()?;
+    if ms >= (1u64 << (64 - SEQ_BITS)) {
+        return None;
+    }
+    Some((ms << SEQ_BITS) | seq.min((1u64 << SEQ_BITS) - 1))
+}
+
+/// The entry id `ms-seq` of a packed sequence (see [`pack_id`]).
+///
+/// ```
+/// assert_eq!(ampybus::transport::redis::unpack_id(5 << 20 | 2), "5-2");
+/// ```
+pub fn unpack_id(seq: u64) -> String {
+    format!("{}-{}", seq >> SEQ_BITS, seq & ((1u64 << SEQ_BITS) - 1))
+}
+
+/// The store time of an entry id (its millisecond part).
+pub(crate) fn id_time(id: &str) -> DateTime<Utc> {
+    let ms = id
+        .split_once('-')
+        .and_then(|(ms, _)| ms.parse::<i64>().ok())
+        .unwrap_or(0);
+    DateTime::from_timestamp_millis(ms).unwrap_or_default()
+}
+
+/// The first millisecond at or after `t` (store times are whole milliseconds).
+pub(crate) fn ceil_ms(t: DateTime<Utc>) -> i64 {
+    let ms = t.timestamp_millis();
+    if !t.timestamp_subsec_nanos().is_multiple_of(1_000_000) {
+        ms + 1
+    } else {
+        ms
+    }
+}
+
+/// `ampy.{env}.{domain}.{version}` of a topic (its first four tokens).
+pub(crate) fn stream_of(topic: &str) -> &str {
+    let mut end = topic.len();
+    let mut dots = 0;
+    for (i, c) in topic.char_indices() {
+        if c == '.' {
+            dots += 1;
+            if dots == 4 {
+                end = i;
+                break;
+            }
+        }
+    }
+    &topic[..end]
+}
+
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if "*?[]\\".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The `SCAN MATCH` glob of the stream keys `pattern` may span.
+pub(crate) fn stream_glob(prefix: &str, pattern: &TopicPattern) -> String {
+    let mut out = glob_escape(prefix);
+    for (i, tok) in pattern.as_str().split('.').take(4).enumerate() {
+        if i > 0 {
+            out.push('.');
+        }
+        match tok {
+            ">" => {
+                out.push('*');
+                return out;
+            }
+            "*" => out.push('*'),
+            t => out.push_str(&glob_escape(t)),
+        }
+    }
+    out
+}
+
+/// Whether topics in the stream `name` (`ampy.{env}.{domain}.{version}`) may match `pattern`.
+pub(crate) fn stream_may_match(name: &str, pattern: &TopicPattern) -> bool {
+    let st: Vec<&str> = name.split('.').collect();
+    if st.len() != 4 || st[0] != "ampy" {
+        return false;
+    }
+    let pt: Vec<&str> = pattern.as_str().split('.').collect();
+    for (i, s) in st.iter().enumerate() {
+        match pt.get(i) {
+            None => return false,
+            Some(&">") => return true,
+            Some(&"*") => {}
+            Some(p) if p == s => {}
+            Some(_) => return false,
+        }
+    }
+    true
+}
+
+/// One stream entry as read.
+#[derive(Debug, Clone)]
+pub(crate) struct Entry {
+    pub(crate) id: String,
+    /// `None` for an entry deleted while pending.
+    pub(crate) fields: Option<Vec<(Vec<u8>, Vec<u8>)>>,
+}
+
+fn bytes_of(v: &redis::Value) -> Option<Vec<u8>> {
+    match v {
+        redis::Value::BulkString(b) => Some(b.clone()),
+        redis::Value::SimpleString(s) => Some(s.as_bytes().to_vec()),
+        redis::Value::Int(i) => Some(i.to_string().into_bytes()),
+        redis::Value::Okay => Some(b"OK".to_vec()),
+        _ => None,
+    }
+}
+
+pub(crate) fn string_of(v: &redis::Value) -> Option<String> {
+    bytes_of(v).map(|b| String::from_utf8_lossy(&b).into_owned())
+}
+
+/// Entries of an `XRANGE` / `XAUTOCLAIM` reply array: `[[id, [f, v, …]], …]`.
+pub(crate) fn parse_entries(v: &redis::Value) -> Vec<Entry> {
+    let redis::Value::Array(items) = v else {
+        return Vec::new();
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for it in items {
+        let redis::Value::Array(pair) = it else {
+            continue;
+        };
+        let Some(id) = pair.first().and_then(string_of) else {
+            continue;
+        };
+        let fields = match pair.get(1) {
+            Some(redis::Value::Array(fv)) => Some(
+                fv.chunks(2)
+                    .filter_map(|c| Some((bytes_of(c.first()?)?, bytes_of(c.get(1)?)?)))
+                    .collect(),
+            ),
+            Some(redis::Value::Map(m)) => Some(
+                m.iter()
+                    .filter_map(|(k, v)| Some((bytes_of(k)?, bytes_of(v)?)))
+                    .collect(),
+            ),
+            _ => None,
+        };
+        out.push(Entry { id, fields });
+    }
+    out
+}
+
+/// Entries per stream key of an `XREAD` / `XREADGROUP` reply (`nil` when none).
+pub(crate) fn parse_read_reply(v: &redis::Value) -> Vec<(String, Vec<Entry>)> {
+    match v {
+        redis::Value::Array(streams) => streams
+            .iter()
+            .filter_map(|s| match s {
+                redis::Value::Array(kv) => {
+                    Some((string_of(kv.first()?)?, parse_entries(kv.get(1)?)))
+                }
+                _ => None,
+            })
+            .collect(),
+        redis::Value::Map(m) => m
+            .iter()
+            .filter_map(|(k, v)| Some((string_of(k)?, parse_entries(v))))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// An entry's envelope: `topic`, headers, `payload`. `None` without a `topic` field.
+pub(crate) fn to_envelope(fields: &[(Vec<u8>, Vec<u8>)]) -> Option<Envelope> {
+    let mut topic = None;
+    let mut payload = Bytes::new();
+    let mut headers = Headers::new();
+    for (k, v) in fields {
+        match k.as_slice() {
+            b"topic" => topic = Some(String::from_utf8_lossy(v).into_owned()),
+            b"payload" => payload = Bytes::copy_from_slice(v),
+            _ => {
+                headers.set(
+                    String::from_utf8_lossy(k).into_owned(),
+                    String::from_utf8_lossy(v).into_owned(),
+                );
+            }
+        }
+    }
+    Some(Envelope {
+        topic: topic?,
+        headers,
+        payload,
+    })
+}
+
+/// Appends `topic T h1 v1 … payload P` to an `XADD` command.
+pub(crate) fn add_fields(cmd: &mut redis::Cmd, env: &Envelope) -> Result<()> {
+    cmd.arg(TOPIC_FIELD).arg(&env.topic);
+    for (k, v) in env.headers.iter() {
+        if k == TOPIC_FIELD || k == PAYLOAD_FIELD {
+            return Err(Error::new(
+                ErrorKind::Header,
+                format!("`{k}`: this name is reserved on Redis (the entry's own `{k}` field)"),
+            ));
+        }
+        cmd.arg(k).arg(v);
+    }
+    cmd.arg(PAYLOAD_FIELD).arg(env.payload.as_ref());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> TopicPattern {
+        TopicPattern::parse(s).unwrap()
+    }
+
+    #[test]
+    fn globs_and_matching() {
+        assert_eq!(stream_glob("", &p("ampy.dev.>")), "ampy.dev.*");
+        assert_eq!(
+            stream_glob("t:", &p("ampy.*.bars.v1.>")),
+            "t:ampy.*.bars.v1"
+        );
+        assert_eq!(stream_glob("", &p(">")), "*");
+        assert!(stream_may_match("ampy.dev.bars.v1", &p("ampy.dev.>")));
+        assert!(stream_may_match("ampy.dev.bars.v1", &p("ampy.*.bars.v1.x")));
+        assert!(!stream_may_match("ampy.dev.bars.v1", &p("ampy.prod.>")));
+        assert!(!stream_may_match("other", &p(">")));
+        assert_eq!(stream_of("ampy.dev.bars.v1.XNAS.AAPL"), "ampy.dev.bars.v1");
+    }
+
+    #[test]
+    fn ids() {
+        assert_eq!(pack_id("0-0"), Some(0));
+        assert_eq!(unpack_id(pack_id("12-3").unwrap()), "12-3");
+        let t = DateTime::from_timestamp_millis(1500).unwrap();
+        assert_eq!(ceil_ms(t), 1500);
+        assert_eq!(ceil_ms(t + chrono::Duration::microseconds(1)), 1501);
+        assert_eq!(id_time("1500-9"), t);
+    }
+}
