@@ -382,9 +382,15 @@ async fn server_restart_mid_run_loses_nothing_and_applies_once() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let stats = consumer.shutdown(Duration::from_secs(10)).await;
-    let effects = effects.lock().unwrap();
-    assert_eq!(effects.len(), n, "distinct messages handled");
-    let again: Vec<(&String, &u32)> = effects.iter().filter(|(_, c)| **c > 1).collect();
+    let again: Vec<(String, u32)> = {
+        let effects = effects.lock().unwrap();
+        assert_eq!(effects.len(), n, "distinct messages handled");
+        effects
+            .iter()
+            .filter(|(_, c)| **c > 1)
+            .map(|(k, c)| (k.clone(), *c))
+            .collect()
+    };
     // Handlers that finished but whose dedupe record and ack were cut by the crash may run
     // again; at most what was in flight then.
     assert!(
