@@ -188,13 +188,21 @@ async fn dispatch(log: &dyn Inspect, cmd: TopicsCommand) -> CliResult<u8> {
 }
 
 /// Whether the consumer reads the described topic(s): its pattern matches the literal topic
-/// or one of the stored topics the pattern selects.
+/// or one of the stored topics (or streams) the pattern selects.
 fn reads(c: &ConsumerStats, pattern: &TopicPattern, topics: &[TopicStats]) -> bool {
     let Ok(cp) = TopicPattern::parse(&c.pattern) else {
         return false;
     };
+    // A row that is not a concrete topic stands for a whole stream (Redis: one per
+    // `ampy.{env}.{domain}.{version}`): read when the consumer's pattern covers the stream.
+    let reads_stream = |t: &str| {
+        ampybus::Topic::parse(t).is_err()
+            && TopicPattern::parse(&format!("{t}.>")).is_ok_and(|tp| tp.is_within(&cp))
+    };
     (pattern.is_literal() && cp.matches(pattern.as_str()))
-        || topics.iter().any(|t| cp.matches(&t.topic))
+        || topics
+            .iter()
+            .any(|t| cp.matches(&t.topic) || reads_stream(&t.topic))
 }
 
 fn print(s: &str) -> CliResult<()> {

@@ -75,8 +75,10 @@ fn pub_sub_and_topics_over_redis() {
         "--json",
         "--max",
         "1",
+        "--timeout",
+        "30",
     ]);
-    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(o.code, 0, "{}\n{}", o.stdout, o.stderr);
     let v = o.json_lines();
     assert_eq!(v.len(), 1);
     assert_eq!(v[0]["topic"], "ampy.dev.news.v1.a");
@@ -110,4 +112,13 @@ fn pub_sub_and_topics_over_redis() {
 
     let o = run(&["topics", "lag", "--consumer", "nobody"]);
     assert_eq!(o.code, 2, "{}", o.stderr);
+}
+
+#[test]
+fn demo_runs_end_to_end_on_redis() {
+    brokers();
+    let url = format!("redis://127.0.0.1:6379?key_prefix=clidemo{}:", unique());
+    let o = ampybus_in(None, &["--url", &url, "demo"]);
+    assert_eq!(o.code, 0, "{}\n{}", o.stdout, o.stderr);
+    assert!(o.stdout.contains("result: OK"), "{}", o.stdout);
 }

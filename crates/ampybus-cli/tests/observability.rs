@@ -1,0 +1,172 @@
+//! The CLI's observability flags end to end: `--metrics-addr` serves /metrics, /health and
+//! /stats while a durable `sub` runs; `--log-format json` writes one JSON object per log line
+//! and never the payload.
+
+mod common;
+
+use common::ampybus_in;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the ops endpoint");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("read the response");
+    let status: u16 = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line: {raw}"));
+    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    (status, body.to_owned())
+}
+
+fn publish(dir: &std::path::Path, n: &str, extra: &[&str]) -> common::Out {
+    let mut args = extra.to_vec();
+    args.extend_from_slice(&[
+        "pub",
+        "--topic",
+        "ampy.dev.news.v1.raw",
+        "--producer",
+        "cli@1",
+        "--source",
+        "cli",
+        "--pk",
+        "n-1",
+        "--payload",
+        "SECRET-PAYLOAD-TEXT",
+        "--count",
+        n,
+    ]);
+    ampybus_in(Some(dir), &args)
+}
+
+#[test]
+fn metrics_addr_serves_metrics_health_and_stats_while_sub_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = publish(tmp.path(), "3", &[]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ampybus"))
+        .arg("--url")
+        .arg(tmp.path())
+        .args([
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "sub",
+            "--pattern",
+            "ampy.dev.>",
+            "--durable",
+            "audit",
+            "--json",
+            "--timeout",
+            "60",
+        ])
+        .env_remove("AMPYBUS_URL")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start ampybus sub");
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut addr = None;
+    for line in stderr.lines() {
+        let line = line.unwrap();
+        if let Some(rest) = line.strip_prefix("serving http://") {
+            addr = rest.split('/').next().map(str::to_owned);
+            break;
+        }
+    }
+    let addr = addr.expect("the ops endpoint address on stderr");
+    // The three messages are printed (and acked) before we look.
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let started = Instant::now();
+    for _ in 0..3 {
+        let mut l = String::new();
+        stdout.read_line(&mut l).unwrap();
+        assert!(l.contains("ampy.dev.news.v1.raw"), "{l}");
+        assert!(started.elapsed() < Duration::from_secs(60), "hang");
+    }
+
+    let (status, metrics) = http_get(&addr, "/metrics");
+    assert_eq!(status, 200);
+    // OpenMetrics text: counter families are declared without `_total`, samples carry it.
+    for family in [
+        "bus_produced",
+        "bus_consumed",
+        "bus_delivery_latency_ms",
+        "bus_dlq",
+        "bus_dropped",
+        "bus_consumer_lag",
+    ] {
+        assert!(
+            metrics.contains(&format!("# TYPE {family}")),
+            "{family} missing:\n{metrics}"
+        );
+    }
+    let (status, health) = http_get(&addr, "/health");
+    assert_eq!(status, 200, "{health}");
+    let (status, stats) = http_get(&addr, "/stats");
+    assert_eq!(status, 200);
+    let stats: serde_json::Value = serde_json::from_str(&stats).expect("/stats is JSON");
+    assert!(stats.is_object(), "{stats}");
+
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[test]
+fn log_format_json_lines_carry_the_fields_and_no_payload() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("demo");
+    let o = ampybus_in(
+        Some(&data),
+        &["--log-format", "json", "--log-level", "debug", "demo"],
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(o.stdout.contains("result: OK"), "{}", o.stdout);
+    let lines: Vec<serde_json::Value> = o
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let handled: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|v| v["message"] == "message handled")
+        .collect();
+    assert!(!handled.is_empty(), "no per-message lines:\n{}", o.stderr);
+    for v in &handled {
+        for field in [
+            "message_id",
+            "trace_id",
+            "topic",
+            "consumer",
+            "result",
+            "latency_ms",
+        ] {
+            assert!(v.get(field).is_some(), "{field} missing: {v}");
+        }
+        assert!(v.get("payload").is_none(), "{v}");
+    }
+    // The demo's one poison message: dead-lettered once, logged with its reason.
+    let dlq: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|v| v["message"] == "message dead-lettered")
+        .collect();
+    assert_eq!(dlq.len(), 1, "{dlq:?}");
+    assert_eq!(dlq[0]["result"], "dlq");
+    assert_eq!(dlq[0]["reason"], "decode_error");
+
+    let bad = publish(tmp.path(), "1", &["--log-format", "xml"]);
+    assert_eq!(bad.code, 2, "{}", bad.stderr);
+    assert!(bad.stderr.contains("xml"), "{}", bad.stderr);
+}
