@@ -83,12 +83,26 @@ pub fn inject_context(cx: &Context, headers: &mut Headers) {
 #[derive(Clone)]
 pub(crate) struct BusTracer {
     tracer: std::sync::Arc<global::BoxedTracer>,
+    /// Whether the tracer records spans (false for the no-op provider that is installed when
+    /// no exporter is configured): consumer spans are then not built at all, the handler runs
+    /// in the message's own trace context.
+    recording: bool,
 }
 
 impl BusTracer {
     pub(crate) fn from_global() -> BusTracer {
+        let tracer = global::tracer_provider().tracer(TRACER_NAME);
+        let recording = {
+            let mut probe = tracer.start("ampybus.probe");
+            let r = probe.is_recording();
+            // One span named `ampybus.probe` per bus handle on a recording provider (so
+            // exporters see it once per handle); the no-op provider drops it.
+            probe.end();
+            r
+        };
         BusTracer {
-            tracer: std::sync::Arc::new(global::tracer_provider().tracer(TRACER_NAME)),
+            tracer: std::sync::Arc::new(tracer),
+            recording,
         }
     }
 
@@ -136,6 +150,9 @@ impl BusTracer {
         consumer: &str,
     ) -> ConsumeSpan {
         let parent = extract_context(headers);
+        if !self.recording {
+            return ConsumeSpan { cx: parent };
+        }
         let mut span = self
             .tracer
             .span_builder(process_name(topic))
