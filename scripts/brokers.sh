@@ -55,19 +55,37 @@ try:
         if not chunk:
             break
         data += chunk
-    # read a bit more for the payload
-    try:
-        s.settimeout(0.5)
-        data += s.recv(65536)
-    except OSError:
-        pass
-except OSError:
+    # Read the whole message: `MSG <subject> <sid> <len>` or
+    # `HMSG <subject> <sid> <header len> <total len>`, then <total len> bytes and CRLF.
+    at = data.find(b"MSG _INBOX.brokerprobe")
+    while b"\r\n" not in data[at:]:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    line_end = data.find(b"\r\n", at)
+    total = int(data[at:line_end].split()[-1]) if line_end > 0 else 0
+    while len(data) < line_end + 2 + total:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    data = data[line_end + 2:line_end + 2 + total] if line_end > 0 else data
+except (OSError, ValueError):
     sys.exit(5)
-if b"503" in data or b"No Responders" in data:
+# A "no responders" status (an HMSG whose header block is NATS/1.0 503) means no JetStream. Otherwise the answer is
+# a JSON account-info document; only its own fields decide (its numbers may contain "503").
+if data.startswith(b"NATS/1.0 503"):
     sys.exit(6)  # NATS without JetStream
-if b'"memory"' in data or b"io.nats.jetstream.api.v1.account_info_response" in data:
-    if b'"error"' in data:
-        sys.exit(6)
+import json
+start = data.find(b"{")
+if start < 0:
+    sys.exit(6)
+try:
+    doc, _ = json.JSONDecoder().raw_decode(data[start:].decode("utf-8", "replace"))
+except ValueError:
+    sys.exit(6)
+if doc.get("type") == "io.nats.jetstream.api.v1.account_info_response" and "error" not in doc:
     sys.exit(0)
 sys.exit(6)
 PY

@@ -86,12 +86,6 @@ async fn raw_round(
     Ok(n as f64 / start.elapsed().as_secs_f64())
 }
 
-fn stats(v: &[f64]) -> (f64, f64, f64) {
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    (s[s.len() - 1], s[s.len() / 2], s[0])
-}
-
 /// Runs `ampybus bench-nats`.
 pub async fn run(url: &str, a: BenchNatsArgs) -> CliResult<u8> {
     if transport_kind(url).map_err(|e| CliError::bus("--url", &e))? != TransportKind::Nats {
@@ -118,7 +112,7 @@ pub async fn run(url: &str, a: BenchNatsArgs) -> CliResult<u8> {
     t.ensure_stream_for(&Topic::parse("ampy.dev.bars.v1.benchnats.warm").expect("topic"))
         .await
         .map_err(|e| CliError::bus("stream", &e))?;
-    let (mut raw, mut ours, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    let mut report = crate::bench_raw::RawVsBus::new("async-nats");
     for round in 0..a.rounds {
         let envs = envelopes(a.messages, a.payload_bytes, round, "raw")?;
         let r = raw_round(&js, envs, a.inflight.max(1)).await?;
@@ -128,37 +122,12 @@ pub async fn run(url: &str, a: BenchNatsArgs) -> CliResult<u8> {
             .await
             .map_err(|e| CliError::bus("ampybus publish", &e))?;
         let o = a.messages as f64 / start.elapsed().as_secs_f64();
-        eprintln!(
-            "round {round}: raw async-nats {r:.0} msg/s, ampybus {o:.0} msg/s, ratio {:.3}",
-            o / r
-        );
-        raw.push(r);
-        ours.push(o);
-        ratios.push(o / r);
+        report.round(round, r, o);
     }
-    let (rb, rm, rw) = stats(&raw);
-    let (ob, om, ow) = stats(&ours);
-    let (xb, xm, xw) = stats(&ratios);
-    if a.json {
-        println!(
-            "{}",
-            json!({"messages": a.messages, "payload_bytes": a.payload_bytes, "inflight": a.inflight,
-                "rounds": a.rounds,
-                "raw_async_nats_msg_s": {"best": rb, "median": rm, "worst": rw, "runs": raw},
-                "ampybus_msg_s": {"best": ob, "median": om, "worst": ow, "runs": ours},
-                "ratio": {"best": xb, "median": xm, "worst": xw, "runs": ratios}})
-        );
-    } else {
-        println!("{:<22} {:>12} {:>12} {:>12}", "", "best", "median", "worst");
-        println!(
-            "{:<22} {rb:>12.0} {rm:>12.0} {rw:>12.0}",
-            "raw async-nats msg/s"
-        );
-        println!("{:<22} {ob:>12.0} {om:>12.0} {ow:>12.0}", "ampybus msg/s");
-        println!(
-            "{:<22} {xb:>12.3} {xm:>12.3} {xw:>12.3}",
-            "ratio ampybus/raw"
-        );
-    }
+    report.print(
+        a.json,
+        json!({"messages": a.messages, "payload_bytes": a.payload_bytes, "inflight": a.inflight,
+            "rounds": a.rounds}),
+    );
     Ok(EXIT_OK)
 }

@@ -100,12 +100,6 @@ async fn raw_round(
     Ok(n as f64 / start.elapsed().as_secs_f64())
 }
 
-fn stats(v: &[f64]) -> (f64, f64, f64) {
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    (s[s.len() - 1], s[s.len() / 2], s[0])
-}
-
 /// Runs `ampybus bench-redis`.
 pub async fn run(url: &str, a: BenchRedisArgs) -> CliResult<u8> {
     if transport_kind(url).map_err(|e| CliError::bus("--url", &e))? != TransportKind::Redis {
@@ -135,7 +129,7 @@ pub async fn run(url: &str, a: BenchRedisArgs) -> CliResult<u8> {
         .map_err(|e| CliError::transport(format!("raw connect: {e}")))?;
     let key = opts.stream_key("ampy.dev.bars.v1");
     let mut admin = t.connection();
-    let (mut raws, mut ours, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    let mut report = crate::bench_raw::RawVsBus::new("redis");
     for round in 0..a.rounds {
         let envs = envelopes(a.messages, a.payload_bytes)?;
         let r = raw_round(&raw, &key, envs, a.inflight.max(1)).await?;
@@ -155,35 +149,13 @@ pub async fn run(url: &str, a: BenchRedisArgs) -> CliResult<u8> {
             .query_async(&mut admin)
             .await
             .map_err(|e| CliError::transport(format!("DEL: {e}")))?;
-        eprintln!(
-            "round {round}: raw redis {r:.0} msg/s, ampybus {o:.0} msg/s, ratio {:.3}",
-            o / r
-        );
-        raws.push(r);
-        ours.push(o);
-        ratios.push(o / r);
+        report.round(round, r, o);
     }
-    let (rb, rm, rw) = stats(&raws);
-    let (ob, om, ow) = stats(&ours);
-    let (xb, xm, xw) = stats(&ratios);
-    if a.json {
-        println!(
-            "{}",
-            json!({"messages": a.messages, "payload_bytes": a.payload_bytes, "inflight": a.inflight,
-                "rounds": a.rounds,
-                "raw_redis_msg_s": {"best": rb, "median": rm, "worst": rw, "runs": raws},
-                "ampybus_msg_s": {"best": ob, "median": om, "worst": ow, "runs": ours},
-                "ratio": {"best": xb, "median": xm, "worst": xw, "runs": ratios}})
-        );
-    } else {
-        println!("{:<22} {:>12} {:>12} {:>12}", "", "best", "median", "worst");
-        println!("{:<22} {rb:>12.0} {rm:>12.0} {rw:>12.0}", "raw redis msg/s");
-        println!("{:<22} {ob:>12.0} {om:>12.0} {ow:>12.0}", "ampybus msg/s");
-        println!(
-            "{:<22} {xb:>12.3} {xm:>12.3} {xw:>12.3}",
-            "ratio ampybus/raw"
-        );
-    }
+    report.print(
+        a.json,
+        json!({"messages": a.messages, "payload_bytes": a.payload_bytes, "inflight": a.inflight,
+            "rounds": a.rounds}),
+    );
     Ok(EXIT_OK)
 }
 

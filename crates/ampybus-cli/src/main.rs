@@ -6,6 +6,7 @@
 mod bench;
 mod bench_consume;
 mod bench_nats;
+mod bench_raw;
 mod bench_redis;
 mod cli;
 mod decoder;

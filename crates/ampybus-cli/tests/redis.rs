@@ -5,23 +5,9 @@
 mod common;
 
 use common::ampybus_in;
-use std::sync::Once;
 
 fn brokers() {
-    static START: Once = Once::new();
-    START.call_once(|| {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-        let out = std::process::Command::new("bash")
-            .arg(root.join("scripts/brokers.sh"))
-            .args(["start", "redis"])
-            .output()
-            .expect("run scripts/brokers.sh");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    });
+    common::start_broker("redis");
 }
 
 fn unique() -> String {

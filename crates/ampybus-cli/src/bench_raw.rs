@@ -1,0 +1,68 @@
+//! What `bench-nats` and `bench-redis` share: the per-round throughput of a raw client and of
+//! ampybus on the same broker, reported as best / median / worst with the per-round ratio.
+
+use serde_json::{Value, json};
+
+/// Best, median, worst (higher is better).
+fn spread(v: &[f64]) -> (f64, f64, f64) {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    (s[s.len() - 1], s[s.len() / 2], s[0])
+}
+
+/// Rounds of raw client vs ampybus, msg/s.
+pub struct RawVsBus {
+    raw_name: &'static str,
+    raw: Vec<f64>,
+    ours: Vec<f64>,
+    ratios: Vec<f64>,
+}
+
+impl RawVsBus {
+    /// `raw_name` names the raw client (`async-nats`, `redis`) in the report.
+    pub fn new(raw_name: &'static str) -> Self {
+        RawVsBus {
+            raw_name,
+            raw: Vec::new(),
+            ours: Vec::new(),
+            ratios: Vec::new(),
+        }
+    }
+
+    /// Records one round and reports it on stderr.
+    pub fn round(&mut self, round: u64, raw: f64, ours: f64) {
+        eprintln!(
+            "round {round}: raw {} {raw:.0} msg/s, ampybus {ours:.0} msg/s, ratio {:.3}",
+            self.raw_name,
+            ours / raw
+        );
+        self.raw.push(raw);
+        self.ours.push(ours);
+        self.ratios.push(ours / raw);
+    }
+
+    /// Prints the report on stdout: one JSON object (`config` fields plus the three series)
+    /// or a table.
+    pub fn print(&self, as_json: bool, config: Value) {
+        let (rb, rm, rw) = spread(&self.raw);
+        let (ob, om, ow) = spread(&self.ours);
+        let (xb, xm, xw) = spread(&self.ratios);
+        if as_json {
+            let mut v = config;
+            v[format!("raw_{}_msg_s", self.raw_name.replace('-', "_"))] =
+                json!({"best": rb, "median": rm, "worst": rw, "runs": self.raw});
+            v["ampybus_msg_s"] = json!({"best": ob, "median": om, "worst": ow, "runs": self.ours});
+            v["ratio"] = json!({"best": xb, "median": xm, "worst": xw, "runs": self.ratios});
+            println!("{v}");
+        } else {
+            let raw_label = format!("raw {} msg/s", self.raw_name);
+            println!("{:<22} {:>12} {:>12} {:>12}", "", "best", "median", "worst");
+            println!("{raw_label:<22} {rb:>12.0} {rm:>12.0} {rw:>12.0}");
+            println!("{:<22} {ob:>12.0} {om:>12.0} {ow:>12.0}", "ampybus msg/s");
+            println!(
+                "{:<22} {xb:>12.3} {xm:>12.3} {xw:>12.3}",
+                "ratio ampybus/raw"
+            );
+        }
+    }
+}
