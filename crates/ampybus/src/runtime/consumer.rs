@@ -232,7 +232,11 @@ impl ConsumerBuilder {
                 &handle.shared.name,
                 pattern,
                 handle.shared.handler.clone(),
-                handle.shared.dedupe.clone(),
+                handle.shared.dedupe.as_ref().map(|_| {
+                    Arc::new(LiveAwareDedupe {
+                        shared: handle.shared.clone(),
+                    }) as Arc<dyn DedupeStore>
+                }),
             )
             .await
             {
@@ -1613,6 +1617,12 @@ impl Shared {
             .contains_any(keys)
     }
 
+    /// Whether a message with these keys is being handled by this consumer right now.
+    fn handling_now(&self, keys: &[String]) -> bool {
+        let h = self.handling.lock().unwrap_or_else(|p| p.into_inner());
+        keys.iter().any(|k| h.contains(k))
+    }
+
     /// Prepares a fetched batch and asks the dedupe store about all of its keys in one call.
     async fn pre_check(&self, items: &mut [(String, Item)]) {
         let Some(store) = &self.dedupe else {
@@ -1766,5 +1776,32 @@ impl Shared {
         }
         self.done(item, Vec::new());
         Step::Finished
+    }
+}
+
+/// The dedupe store a consumer's replays use: what the live path applied but has not recorded
+/// yet (`pending`), recorded lately (`recent`) or is handling right now counts as applied, so a
+/// replay that arrives while the live path is finishing a message never applies it twice.
+struct LiveAwareDedupe {
+    shared: Arc<Shared>,
+}
+
+#[async_trait::async_trait]
+impl DedupeStore for LiveAwareDedupe {
+    async fn is_applied(&self, consumer: &str, keys: &[String]) -> Result<bool> {
+        if self.shared.applied_here(keys) || self.shared.handling_now(keys) {
+            return Ok(true);
+        }
+        match &self.shared.dedupe {
+            Some(store) => store.is_applied(consumer, keys).await,
+            None => Ok(false),
+        }
+    }
+
+    async fn record_applied(&self, consumer: &str, keys: &[String]) -> Result<()> {
+        match &self.shared.dedupe {
+            Some(store) => store.record_applied(consumer, keys).await,
+            None => Ok(()),
+        }
     }
 }
