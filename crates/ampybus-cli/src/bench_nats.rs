@@ -5,7 +5,7 @@
 use crate::error::{CliError, CliResult, EXIT_OK};
 use ampybus::bus::{TransportKind, redact, transport_kind};
 use ampybus::transport::nats::NatsOptions;
-use ampybus::{Bus, Envelope, Headers, Topic};
+use ampybus::{Bus, Envelope, Topic};
 use clap::Args;
 use serde_json::json;
 use std::collections::VecDeque;
@@ -32,21 +32,11 @@ pub struct BenchNatsArgs {
 }
 
 fn envelopes(n: u64, payload: usize, round: u64, side: &str) -> CliResult<Vec<Envelope>> {
-    let topic = Topic::parse(&format!("ampy.dev.bars.v1.benchnats.{side}{round}"))
-        .map_err(|e| CliError::bus("topic", &e))?;
-    let body = vec![b'x'; payload];
-    Ok((0..n)
-        .map(|i| {
-            let mut h = Headers::for_publish(
-                "ampy.bars.v1.BarBatch",
-                "bench@1",
-                "bench",
-                &format!("XNAS.S{}", i % 100),
-            );
-            h.fill_publish_defaults();
-            Envelope::new(&topic, h, body.clone())
-        })
-        .collect())
+    crate::bench_raw::envelopes(
+        &format!("ampy.dev.bars.v1.benchnats.{side}{round}"),
+        n,
+        payload,
+    )
 }
 
 async fn raw_round(

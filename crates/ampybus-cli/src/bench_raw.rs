@@ -1,7 +1,28 @@
 //! What `bench-nats` and `bench-redis` share: the per-round throughput of a raw client and of
 //! ampybus on the same broker, reported as best / median / worst with the per-round ratio.
 
+use crate::error::{CliError, CliResult};
+use ampybus::{Envelope, Headers, Topic};
 use serde_json::{Value, json};
+
+/// `n` bar envelopes on `topic` with `payload` bytes each, over 100 partition keys, headers
+/// filled as a publish would (the same input for the raw client and for ampybus).
+pub fn envelopes(topic: &str, n: u64, payload: usize) -> CliResult<Vec<Envelope>> {
+    let topic = Topic::parse(topic).map_err(|e| CliError::bus("topic", &e))?;
+    let body = vec![b'x'; payload];
+    Ok((0..n)
+        .map(|i| {
+            let mut h = Headers::for_publish(
+                "ampy.bars.v1.BarBatch",
+                "bench@1",
+                "bench",
+                &format!("XNAS.S{}", i % 100),
+            );
+            h.fill_publish_defaults();
+            Envelope::new(&topic, h, body.clone())
+        })
+        .collect())
+}
 
 /// Best, median, worst (higher is better).
 fn spread(v: &[f64]) -> (f64, f64, f64) {

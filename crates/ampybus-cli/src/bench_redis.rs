@@ -8,7 +8,7 @@
 use crate::error::{CliError, CliResult, EXIT_OK};
 use ampybus::bus::{TransportKind, redact, transport_kind};
 use ampybus::transport::redis::{RedisOptions, RedisTransport};
-use ampybus::{Bus, Envelope, Headers, Topic};
+use ampybus::{Bus, Envelope};
 use clap::Args;
 use futures::StreamExt;
 use serde_json::json;
@@ -37,20 +37,7 @@ pub struct BenchRedisArgs {
 const TOPIC: &str = "ampy.dev.bars.v1.benchredis.XNAS";
 
 fn envelopes(n: u64, payload: usize) -> CliResult<Vec<Envelope>> {
-    let topic = Topic::parse(TOPIC).map_err(|e| CliError::bus("topic", &e))?;
-    let body = vec![b'x'; payload];
-    Ok((0..n)
-        .map(|i| {
-            let mut h = Headers::for_publish(
-                "ampy.bars.v1.BarBatch",
-                "bench@1",
-                "bench",
-                &format!("XNAS.S{}", i % 100),
-            );
-            h.fill_publish_defaults();
-            Envelope::new(&topic, h, body.clone())
-        })
-        .collect())
+    crate::bench_raw::envelopes(TOPIC, n, payload)
 }
 
 async fn raw_round(
