@@ -6,6 +6,8 @@
 #   scripts/brokers.sh stop   nats   # stop only a server this script started
 #   scripts/brokers.sh start  redis  # use what answers PING on 127.0.0.1:6379, else start one
 #   scripts/brokers.sh start  nats redis
+#   scripts/brokers.sh start  kafka  # use a Kafka-API broker on 127.0.0.1:9092, else start tansu
+#   scripts/brokers.sh build  kafka  # only build (and cache) the tansu binary
 #
 # Idempotent. `start` uses a nats-server already listening on 127.0.0.1:${NATS_PORT:-4222} when
 # it has JetStream enabled (checked with a JetStream account-info request); a server there without
@@ -19,6 +21,12 @@
 # otherwise it installs Debian's redis-server when missing (as root) and starts
 #   redis-server --bind 127.0.0.1 --port 6379 --save '' --appendonly no --dir <repo>/.brokers/redis
 # in the background with a pid file, and waits for PONG. `stop redis` stops only that one.
+#
+# Kafka: `start kafka` uses a broker already answering a Kafka ApiVersions request on
+# 127.0.0.1:${KAFKA_PORT:-9092}; otherwise it starts the Kafka-API broker tansu 0.6.0 with its
+# in-memory storage engine (nothing kept across restarts). tansu is built once per machine with
+#   cargo install tansu --version 0.6.0 --locked --features dynostore --root ~/.cache/ampybus/tansu-0.6.0
+# (--locked: newer dependencies want a newer rustc; dynostore gives the memory:// engine).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -244,6 +252,116 @@ status_redis() {
     fi
 }
 
+kafka_port="${KAFKA_PORT:-9092}"
+tansu_version="0.6.0"
+# Where the tansu binary is built once per machine (cargo install --root); override with
+# AMPYBUS_TOOLS_DIR. CI on the same machine reuses it.
+tools_dir="${AMPYBUS_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/ampybus}"
+tansu_root="$tools_dir/tansu-$tansu_version"
+tansu_bin="$tansu_root/bin/tansu"
+
+# A Kafka ApiVersions (v0) request over TCP. Exit codes: 0 a Kafka-API broker answered,
+# 3 nothing listening, 4 something else.
+kafka_ok() {
+    python3 - "$kafka_port" <<'PY'
+import socket, struct, sys
+try:
+    s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=2)
+except OSError:
+    sys.exit(3)
+s.settimeout(3)
+client = b"ampybus-probe"
+body = struct.pack(">hhih", 18, 0, 7, len(client)) + client
+try:
+    s.sendall(struct.pack(">i", len(body)) + body)
+    data = b""
+    while len(data) < 10:
+        chunk = s.recv(65536)
+        if not chunk:
+            sys.exit(4)
+        data += chunk
+except OSError:
+    sys.exit(4)
+size, corr, err = struct.unpack(">iih", data[:10])
+sys.exit(0 if corr == 7 and err == 0 else 4)
+PY
+}
+
+# Builds tansu once (about 12 minutes on 2 cores) under a lock, so parallel callers wait
+# for one build.
+ensure_tansu() {
+    if [ -x "$tansu_bin" ]; then return 0; fi
+    mkdir -p "$tools_dir"
+    exec 8>"$tools_dir/tansu.lock"
+    if command -v flock >/dev/null 2>&1; then flock 8; fi
+    if [ ! -x "$tansu_bin" ]; then
+        echo "kafka: building tansu $tansu_version into $tansu_root (once per machine; about 12 minutes on 2 cores)"
+        cargo install tansu --version "$tansu_version" --locked --features dynostore \
+            --root "$tansu_root" >"$tools_dir/tansu-build.log" 2>&1 || {
+            echo "error: building tansu failed; log: $tools_dir/tansu-build.log" >&2
+            tail -30 "$tools_dir/tansu-build.log" >&2
+            return 1
+        }
+    fi
+    exec 8>&-
+}
+
+start_kafka() {
+    local rc=0
+    kafka_ok || rc=$?
+    case $rc in
+        0) echo "kafka: a Kafka-API broker is already answering on 127.0.0.1:$kafka_port"; return 0 ;;
+        3) ;;
+        *) echo "error: something on 127.0.0.1:$kafka_port is not a Kafka-API broker (probe exit $rc)" >&2; return 1 ;;
+    esac
+    ensure_tansu
+    mkdir -p "$state"
+    echo "kafka: starting $tansu_bin broker (memory storage) on 127.0.0.1:$kafka_port"
+    nohup "$tansu_bin" broker \
+        --storage-engine "memory://tansu/" \
+        --listener-url "tcp://127.0.0.1:$kafka_port" \
+        --advertised-listener-url "tcp://127.0.0.1:$kafka_port" \
+        >"$state/kafka.log" 2>&1 &
+    echo $! >"$state/kafka.pid"
+    for _ in $(seq 1 200); do
+        if kafka_ok; then
+            echo "kafka: ready on 127.0.0.1:$kafka_port (pid $(cat "$state/kafka.pid"))"
+            return 0
+        fi
+        if ! kill -0 "$(cat "$state/kafka.pid")" 2>/dev/null; then break; fi
+        sleep 0.1
+    done
+    echo "error: tansu did not become ready; log: $state/kafka.log" >&2
+    tail -20 "$state/kafka.log" >&2 || true
+    return 1
+}
+
+stop_kafka() {
+    if [ -f "$state/kafka.pid" ]; then
+        local pid
+        pid=$(cat "$state/kafka.pid")
+        if kill -0 "$pid" 2>/dev/null && grep -q tansu "/proc/$pid/cmdline" 2>/dev/null; then
+            kill "$pid"
+            for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+            echo "kafka: stopped pid $pid"
+        else
+            echo "kafka: pid $pid is not running"
+        fi
+        rm -f "$state/kafka.pid"
+    else
+        echo "kafka: nothing started by this script"
+    fi
+}
+
+status_kafka() {
+    if kafka_ok; then
+        echo "kafka: a Kafka-API broker answers on 127.0.0.1:$kafka_port$( [ -f "$state/kafka.pid" ] && echo " (started by this script, pid $(cat "$state/kafka.pid"))")"
+    else
+        echo "kafka: no Kafka-API broker on 127.0.0.1:$kafka_port"
+        return 1
+    fi
+}
+
 cmd="${1:-}"
 shift || true
 brokers=("$@")
@@ -256,7 +374,11 @@ for b in "${brokers[@]}"; do
         start:redis) start_redis ;;
         stop:redis) stop_redis ;;
         status:redis) status_redis ;;
-        *:nats|*:redis) echo "usage: $0 start|stop|status [nats] [redis]" >&2; exit 2 ;;
-        *) echo "error: unknown broker \`$b\` (known: nats, redis)" >&2; exit 2 ;;
+        start:kafka) start_kafka ;;
+        stop:kafka) stop_kafka ;;
+        status:kafka) status_kafka ;;
+        build:kafka) ensure_tansu ;;
+        *:nats|*:redis|*:kafka) echo "usage: $0 start|stop|status [nats] [redis] [kafka]  (or: build kafka)" >&2; exit 2 ;;
+        *) echo "error: unknown broker \`$b\` (known: nats, redis, kafka)" >&2; exit 2 ;;
     esac
 done

@@ -184,7 +184,7 @@ pub async fn at_least_once_across_crash(factory: &dyn TransportFactory) -> CaseS
     let before_crash = first.stats();
     // The crash: no shutdown, and the connection goes away too.
     drop(first);
-    drop(bus);
+    factory.crash(bus).await;
     crashing.store(false, Ordering::SeqCst);
     let handled_first = calls.lock().unwrap().len();
     let stuck = stuck.lock().unwrap().clone();

@@ -50,6 +50,14 @@ pub trait TransportFactory: Send + Sync {
     /// A new connection to the namespace [`TransportFactory::new_bus`] made for `ctx`:
     /// simulates a consumer process restarting after a crash.
     async fn reopen_bus(&self, ctx: &TestContext) -> Bus;
+    /// Makes `bus` go away as a crashed process's connection would: its consumers stop being
+    /// members of anything and their unacknowledged messages become deliverable to others.
+    /// Default: drop it (brokers that redeliver after the ack deadline, the embedded log).
+    /// Brokers that hand each partition to one member of a group (Kafka) close the transport,
+    /// which is what the broker's session timeout does for a process that died.
+    async fn crash(&self, bus: Bus) {
+        drop(bus);
+    }
     /// The durable dedupe store shared by every instance of a consumer in `ctx`'s namespace.
     /// Default: a [`SqliteDedupeStore`] in `ctx.dir()/dedupe.sqlite3` (the embedded default).
     async fn dedupe_store(&self, ctx: &TestContext) -> Arc<dyn DedupeStore> {

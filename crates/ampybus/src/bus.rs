@@ -186,6 +186,16 @@ impl Bus {
                 "url {:?}: the NATS binding is not available in this build (enable cargo feature `nats` of crate `ampybus`)",
                 redact(url)
             ))),
+            #[cfg(feature = "kafka")]
+            TransportKind::Kafka => {
+                let t = crate::transport::kafka::KafkaTransport::connect_url(url).await?;
+                Ok(Bus::with_transport(Arc::new(t), url))
+            }
+            #[cfg(not(feature = "kafka"))]
+            TransportKind::Kafka => Err(Error::config(format!(
+                "url {:?}: the Kafka binding is not available in this build (enable cargo feature `kafka` of crate `ampybus`)",
+                redact(url)
+            ))),
             #[cfg(feature = "redis")]
             TransportKind::Redis => {
                 let t = crate::transport::redis::RedisTransport::connect_url(url).await?;
@@ -194,10 +204,6 @@ impl Bus {
             #[cfg(not(feature = "redis"))]
             TransportKind::Redis => Err(Error::config(format!(
                 "url {:?}: the Redis binding is not available in this build (enable cargo feature `redis` of crate `ampybus`)",
-                redact(url)
-            ))),
-            other => Err(Error::config(format!(
-                "url {:?}: the {other:?} binding is not available in this build",
                 redact(url)
             ))),
         }

@@ -8,16 +8,21 @@
 //! * Optional capabilities are separate traits: [`ReplayByTime`], [`ConsumerLag`], [`Inspect`].
 //!
 //! Bindings: [`embedded`] (always), `nats` (cargo feature `nats`: NATS JetStream), `redis`
-//! (cargo feature `redis`: Redis Streams).
+//! (cargo feature `redis`: Redis Streams), `kafka` (cargo feature `kafka`: Kafka).
 
 pub mod embedded;
 pub mod embedded_admin;
 mod embedded_purge;
 mod headers_codec;
+#[cfg(feature = "kafka")]
+pub mod kafka;
+#[cfg(any(feature = "redis", feature = "kafka"))]
+mod naming;
 #[cfg(feature = "nats")]
 pub mod nats;
 #[cfg(feature = "redis")]
 pub mod redis;
+mod url_parts;
 
 pub use headers_codec::{decode_headers, encode_headers};
 

@@ -4,6 +4,7 @@ use crate::envelope::Envelope;
 use crate::error::{Error, ErrorKind, Result};
 use crate::headers::Headers;
 use crate::topic::TopicPattern;
+pub(crate) use crate::transport::naming::{stream_may_match, stream_of};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 
@@ -64,22 +65,6 @@ pub(crate) fn ceil_ms(t: DateTime<Utc>) -> i64 {
     }
 }
 
-/// `ampy.{env}.{domain}.{version}` of a topic (its first four tokens).
-pub(crate) fn stream_of(topic: &str) -> &str {
-    let mut end = topic.len();
-    let mut dots = 0;
-    for (i, c) in topic.char_indices() {
-        if c == '.' {
-            dots += 1;
-            if dots == 4 {
-                end = i;
-                break;
-            }
-        }
-    }
-    &topic[..end]
-}
-
 fn glob_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
@@ -108,25 +93,6 @@ pub(crate) fn stream_glob(prefix: &str, pattern: &TopicPattern) -> String {
         }
     }
     out
-}
-
-/// Whether topics in the stream `name` (`ampy.{env}.{domain}.{version}`) may match `pattern`.
-pub(crate) fn stream_may_match(name: &str, pattern: &TopicPattern) -> bool {
-    let st: Vec<&str> = name.split('.').collect();
-    if st.len() != 4 || st[0] != "ampy" {
-        return false;
-    }
-    let pt: Vec<&str> = pattern.as_str().split('.').collect();
-    for (i, s) in st.iter().enumerate() {
-        match pt.get(i) {
-            None => return false,
-            Some(&">") => return true,
-            Some(&"*") => {}
-            Some(p) if p == s => {}
-            Some(_) => return false,
-        }
-    }
-    true
 }
 
 /// One stream entry as read.
@@ -258,11 +224,6 @@ mod tests {
             "t:ampy.*.bars.v1"
         );
         assert_eq!(stream_glob("", &p(">")), "*");
-        assert!(stream_may_match("ampy.dev.bars.v1", &p("ampy.dev.>")));
-        assert!(stream_may_match("ampy.dev.bars.v1", &p("ampy.*.bars.v1.x")));
-        assert!(!stream_may_match("ampy.dev.bars.v1", &p("ampy.prod.>")));
-        assert!(!stream_may_match("other", &p(">")));
-        assert_eq!(stream_of("ampy.dev.bars.v1.XNAS.AAPL"), "ampy.dev.bars.v1");
     }
 
     #[test]
