@@ -7,12 +7,12 @@
 //!     publishes <count> BarBatch messages (one bar each: XNAS.AAPL, close = (10000 + i) / 100,
 //!     volume = 100 * i, trade_count = i) on <topic>; prints each message_id on stdout
 //! proto_peer consume <url> <pattern> <consumer> <count>
-//!     runs a durable consumer with a typed BarBatch handler until it handled <count> messages,
+//!     runs a durable consumer whose handler decodes BarBatch (prost) until it handled <count> messages,
 //!     then prints one JSON line per message (message_id, producer, symbol, mic, close_scaled,
 //!     close_scale, volume, trade_count) and exits; exit 1 after 60 s without them
 //! ```
 
-use ampybus::runtime::{Consumer, Outcome, typed};
+use ampybus::runtime::{Consumer, DlqCode, Outcome, handler_fn};
 use ampybus::{Bus, Headers, Topic, TopicPattern};
 use ampybus_proto::ampy::bars::v1::{Bar, BarBatch};
 use ampybus_proto::ampy::common::v1::{Decimal, SecurityId};
@@ -61,12 +61,22 @@ async fn consume(url: &str, pattern: &str, name: &str, count: usize) -> ampybus:
     let bus = Bus::connect(url).await?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     let handle = Consumer::builder(bus.clone(), TopicPattern::parse(pattern)?, name)
-        .handler(typed(move |batch: BarBatch, msg| {
+        .handler(handler_fn(move |msg| {
             let tx = tx.clone();
             async move {
+                let fqdn = msg.headers.schema_fqdn().unwrap_or_default();
+                if fqdn != "ampy.bars.v1.BarBatch" {
+                    return Outcome::DeadLetter(DlqCode::SchemaMismatch.reason(fqdn));
+                }
+                let batch = match BarBatch::decode(msg.payload.clone()) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        return Outcome::DeadLetter(DlqCode::DecodeError.reason(&e.to_string()));
+                    }
+                };
                 for b in &batch.bars {
                     let sec = b.security.clone().unwrap_or_default();
-                    let close = b.close.clone().unwrap_or_default();
+                    let close = b.close.unwrap_or_default();
                     let line = serde_json::json!({
                         "message_id": msg.headers.message_id(),
                         "producer": msg.headers.producer(),
