@@ -581,9 +581,8 @@ class Bus:
                     if msg.settled is None:
                         _settle(msg.retry)
                     continue
-                except BaseException:
-                    msg._release()
-                    raise
+                # A cancelled handler leaves the message unsettled: the close below
+                # releases it (no attempt counted).
                 if msg.settled is None:
                     _settle(msg.ack)
 
