@@ -4,7 +4,8 @@
 #   scripts/test.sh
 #
 # Runs, in order: rustfmt check, clippy (warnings are errors), every test of the workspace
-# (cargo-nextest when installed, else cargo test), then the doctests.
+# (cargo-nextest when installed, else cargo test), the doctests, then the Python SDK's pytest
+# suite (scripts/python-sdk.sh test: builds crates/ampybus-py with maturin into .venv-ampybus/).
 #
 # Needs: rustup's cargo (with the rustfmt and clippy components), a C compiler (SQLite is
 # built from source), python3 with pip (ampybus-proto's cross-language tests create
@@ -67,5 +68,8 @@ fi
 
 step "cargo test --workspace --doc"
 cargo test --workspace --doc
+
+step "Python SDK: scripts/python-sdk.sh test (venv .venv-ampybus/, maturin develop, pytest; brokers as above)"
+bash scripts/python-sdk.sh test
 
 step "all checks passed in $((SECONDS - started)) s"

@@ -1,0 +1,220 @@
+"""Publish and consume throughput of the Python SDK against nats-py, on one nats-server.
+
+Run through ``scripts/python-sdk.sh bench [options]`` (a release build of the extension into
+``.venv-ampybus/``), or directly with a venv that has ``ampybus`` and ``nats-py``::
+
+    python bench/bench_publish.py --url nats://127.0.0.1:4222 --messages 50000 --rounds 3
+
+Publish (256-byte payloads, 100 partition keys, topic ``ampy.dev.bars.v1.benchpy.…``, the
+contract's headers on every message, every PubAck awaited), rounds interleaved:
+
+* ``sdk awaited``: ``await bus.publish(...)`` one at a time.
+* ``sdk batched``: ``await bus.publish_batch(1,000 Outgoing)`` per call (the list is built in
+  the timed loop).
+* ``sdk pipelined``: up to ``--inflight`` ``bus.publish(...)`` coroutines in flight
+  (``asyncio`` tasks; a new one starts as one finishes).
+* ``nats-py awaited``: ``await js.publish(subject, payload, headers=…)`` one at a time.
+* ``nats-py pipelined``: ``await js.publish_async(...)`` (``publish_async_max_pending`` =
+  ``--inflight``), then ``publish_async_completed()``; every ack checked.
+
+nats-py sends the same headers as the SDK (``message_id`` = ``Nats-Msg-Id`` a fresh UUID per
+message, ``produced_at``, ``traceparent``, … built in the timed loop like the SDK does in Rust).
+
+Consume: ``--consume-messages`` messages are published first (batched, 1,000 keys), then a new
+durable consumer reads them into a trivial handler (``await msg.ack()``), timed from the start
+of the subscription to the last ack handed over; on NATS (same server) and on the embedded log.
+Results: best / median / worst over rounds, as a table (and ``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import Callable, Dict, List
+
+import nats
+
+import ampybus
+
+PAYLOAD = bytes(range(256))
+KEYS = [f"XNAS.K{i:03d}" for i in range(100)]
+
+
+def headers_for(message_id: str) -> Dict[str, str]:
+    """The contract headers the SDK writes, for nats-py to send the same."""
+    trace = uuid.uuid4().hex
+    span = uuid.uuid4().hex[:16]
+    return {
+        "Nats-Msg-Id": message_id,
+        "message_id": message_id,
+        "schema_fqdn": "ampy.bars.v1.BarBatch",
+        "schema_version": "1.0.0",
+        "content_type": "application/x-protobuf",
+        "produced_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "producer": "bench@1",
+        "source": "bench",
+        "run_id": "bench-run",
+        "partition_key": KEYS[0],
+        "traceparent": f"00-{trace}-{span}-01",
+        "trace_id": trace,
+        "span_id": span,
+    }
+
+
+async def sdk_awaited(bus: ampybus.Bus, topic: str, n: int) -> float:
+    t0 = time.perf_counter()
+    for i in range(n):
+        await bus.publish(topic, PAYLOAD, partition_key=KEYS[i % 100], schema_fqdn="ampy.bars.v1.BarBatch")
+    return n / (time.perf_counter() - t0)
+
+
+async def sdk_batched(bus: ampybus.Bus, topic: str, n: int, batch: int = 1000) -> float:
+    t0 = time.perf_counter()
+    for start in range(0, n, batch):
+        items = [ampybus.Outgoing(topic, PAYLOAD, KEYS[i % 100]) for i in range(start, min(n, start + batch))]
+        await bus.publish_batch(items, schema_fqdn="ampy.bars.v1.BarBatch")
+    return n / (time.perf_counter() - t0)
+
+
+async def sdk_pipelined(bus: ampybus.Bus, topic: str, n: int, inflight: int) -> float:
+    sem = asyncio.Semaphore(inflight)
+    tasks = []
+
+    async def one(i: int) -> None:
+        try:
+            await bus.publish(topic, PAYLOAD, partition_key=KEYS[i % 100], schema_fqdn="ampy.bars.v1.BarBatch")
+        finally:
+            sem.release()
+
+    t0 = time.perf_counter()
+    for i in range(n):
+        await sem.acquire()
+        tasks.append(asyncio.ensure_future(one(i)))
+    await asyncio.gather(*tasks)
+    return n / (time.perf_counter() - t0)
+
+
+async def natspy_awaited(js, subject: str, n: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        await js.publish(subject, PAYLOAD, headers=headers_for(str(uuid.uuid4())))
+    return n / (time.perf_counter() - t0)
+
+
+async def natspy_pipelined(js, subject: str, n: int) -> float:
+    futures = []
+    t0 = time.perf_counter()
+    for _ in range(n):
+        futures.append(await js.publish_async(subject, PAYLOAD, headers=headers_for(str(uuid.uuid4()))))
+    await js.publish_async_completed()
+    rate = n / (time.perf_counter() - t0)
+    failed = sum(1 for f in futures if f.exception() is not None)
+    if failed:
+        raise RuntimeError(f"nats-py: {failed} publishes failed")
+    return rate
+
+
+async def consume(url: str, n: int, workers: int) -> float:
+    async with await ampybus.connect(url, producer="bench@1", source="bench") as bus:
+        t = uuid.uuid4().hex[:10]
+        topic = f"ampy.dev.bars.v1.benchc{t}"
+        for start in range(0, n, 1000):
+            await bus.publish_batch(
+                [ampybus.Outgoing(topic, PAYLOAD, f"XNAS.C{i % 1000:04d}") for i in range(start, min(n, start + 1000))],
+                schema_fqdn="ampy.bars.v1.BarBatch",
+            )
+        sub = bus.subscribe(topic, consumer=f"benchc-{t}", workers=workers, max_in_flight=4096)
+        got = 0
+        t0 = time.perf_counter()
+        async for msg in sub:
+            await msg.ack()
+            got += 1
+            if got == n:
+                break
+        rate = n / (time.perf_counter() - t0)
+        stats = await sub.close()
+        assert stats is not None and stats.handled_ok == n, stats
+        return rate
+
+
+def summary(xs: List[float]) -> Dict[str, float]:
+    return {"best": max(xs), "median": statistics.median(xs), "worst": min(xs)}
+
+
+async def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", default="nats://127.0.0.1:4222")
+    ap.add_argument("--stream-prefix", default="AMPYPYBENCH")
+    ap.add_argument("--messages", type=int, default=50_000, help="per round, batched and pipelined")
+    ap.add_argument("--awaited-messages", type=int, default=5_000, help="per round, awaiting each")
+    ap.add_argument("--inflight", type=int, default=4_000)
+    ap.add_argument("--consume-messages", type=int, default=50_000)
+    ap.add_argument("--workers", type=int, default=64, help="consumer workers (messages with Python at once)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+
+    sdk_url = f"{a.url}?stream_prefix={a.stream_prefix}&max_age_days=1&max_in_flight={a.inflight}"
+    bus = await ampybus.connect(sdk_url, producer="bench@1", source="bench")
+    nc = await nats.connect(a.url)
+    js = nc.jetstream(publish_async_max_pending=a.inflight)
+    # The SDK creates (or finds) the stream capturing ampy.dev.bars.>; nats-py publishes into it.
+    await bus.publish("ampy.dev.bars.v1.benchpy.warmup", PAYLOAD, partition_key=KEYS[0], schema_fqdn="ampy.bars.v1.BarBatch")
+    await js.publish("ampy.dev.bars.v1.benchpy.warmup", PAYLOAD, headers=headers_for(str(uuid.uuid4())))
+
+    runs: Dict[str, List[float]] = {
+        k: []
+        for k in ("nats-py awaited", "sdk awaited", "nats-py pipelined", "sdk batched", "sdk pipelined")
+    }
+    for r in range(a.rounds):
+        subject = f"ampy.dev.bars.v1.benchpy.r{r}"
+        plan: List[tuple[str, Callable[[], object]]] = [
+            ("nats-py awaited", lambda: natspy_awaited(js, subject + ".nawait", a.awaited_messages)),
+            ("sdk awaited", lambda: sdk_awaited(bus, subject + ".sawait", a.awaited_messages)),
+            ("nats-py pipelined", lambda: natspy_pipelined(js, subject + ".npipe", a.messages)),
+            ("sdk batched", lambda: sdk_batched(bus, subject + ".sbatch", a.messages)),
+            ("sdk pipelined", lambda: sdk_pipelined(bus, subject + ".spipe", a.messages, a.inflight)),
+        ]
+        for name, fn in plan:
+            rate = await fn()  # type: ignore[misc]
+            runs[name].append(rate)
+            print(f"round {r + 1}: {name:<18} {rate:>10,.0f} msg/s", file=sys.stderr)
+    await nc.close()
+    await bus.close()
+
+    consume_runs: Dict[str, List[float]] = {"consume nats": [], "consume embedded": []}
+    for r in range(a.rounds):
+        rate = await consume(f"{a.url}?stream_prefix={a.stream_prefix}&max_age_days=1", a.consume_messages, a.workers)
+        consume_runs["consume nats"].append(rate)
+        print(f"round {r + 1}: consume nats       {rate:>10,.0f} msg/s", file=sys.stderr)
+        with tempfile.TemporaryDirectory() as d:
+            rate = await consume(f"file://{d}/bus?sync=normal", a.consume_messages, a.workers)
+        consume_runs["consume embedded"].append(rate)
+        print(f"round {r + 1}: consume embedded   {rate:>10,.0f} msg/s", file=sys.stderr)
+
+    results = {k: summary(v) for k, v in {**runs, **consume_runs}.items()}
+    ratio = [s / n for s, n in zip(runs["sdk batched"], runs["nats-py pipelined"])]
+    ratio_p = [s / n for s, n in zip(runs["sdk pipelined"], runs["nats-py pipelined"])]
+    ratio_a = [s / n for s, n in zip(runs["sdk awaited"], runs["nats-py awaited"])]
+    results["ratio sdk batched / nats-py pipelined"] = summary(ratio)
+    results["ratio sdk pipelined / nats-py pipelined"] = summary(ratio_p)
+    results["ratio sdk awaited / nats-py awaited"] = summary(ratio_a)
+    if a.json:
+        print(json.dumps({"args": vars(a), "results": results, "rounds": {**runs, **consume_runs}}, indent=2))
+    else:
+        print(f"{'':<42} {'best':>10} {'median':>10} {'worst':>10}")
+        for k, s in results.items():
+            fmt = "{:>10.2f}" if k.startswith("ratio") else "{:>10,.0f}"
+            print(f"{k:<42} " + " ".join(fmt.format(s[x]) for x in ("best", "median", "worst")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))

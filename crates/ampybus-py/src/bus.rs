@@ -1,0 +1,527 @@
+//! [`NativeBus`]: the Rust [`ampybus::Bus`] seen from Python (wrapped by `ampybus.Bus`).
+//! Every method that talks to the log or a broker returns an asyncio awaitable; the Rust side
+//! runs on the tokio runtime of `pyo3-async-runtimes` without the GIL.
+
+use crate::consumer::{self, ConsumerOptions, NativeConsumer};
+use crate::errors::{OrRaise, new_err};
+use crate::message::{PyStored, Receipt};
+use ampybus::headers::names;
+use ampybus::transport::{StoredMessage, WindowQuery};
+use ampybus::{Bus, Domain, Envelope, ErrorKind, Headers, Topic, TopicPattern};
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Connects to the bus at `url` (see the README's URL forms); an awaitable of [`NativeBus`].
+#[pyfunction]
+#[pyo3(signature = (url, observability=true))]
+pub fn connect(py: Python<'_>, url: String, observability: bool) -> PyResult<Bound<'_, PyAny>> {
+    pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        let bus = Bus::connect(&url).await.or_raise()?;
+        Ok(NativeBus {
+            bus: bus.with_observability(observability),
+        })
+    })
+}
+
+/// A connection to the bus.
+#[pyclass(module = "ampybus._native", frozen)]
+pub struct NativeBus {
+    bus: Bus,
+}
+
+/// Headers from a Python `dict` of strings, with a `message_id` filled in when absent (so the
+/// receipt can name it).
+fn headers_from(map: HashMap<String, String>) -> Headers {
+    let mut h = Headers::new();
+    for (k, v) in map {
+        h.set(k, v);
+    }
+    if h.message_id().is_none() {
+        h.set(names::MESSAGE_ID, ampybus::ids::new_message_id());
+    }
+    h
+}
+
+fn parse_time(what: &str, v: &str) -> PyResult<DateTime<Utc>> {
+    ampybus::ids::parse_time(v.trim()).ok_or_else(|| {
+        new_err(
+            ErrorKind::Config,
+            format!("{what}: {v:?} is not an RFC3339 time with offset (e.g. 2025-09-05T13:30:00Z)"),
+        )
+    })
+}
+
+fn opt_time(what: &str, v: Option<String>) -> PyResult<Option<DateTime<Utc>>> {
+    v.map(|s| parse_time(what, &s)).transpose()
+}
+
+fn secs(what: &str, v: f64) -> PyResult<Duration> {
+    if v.is_finite() && v >= 0.0 {
+        Ok(Duration::from_secs_f64(v))
+    } else {
+        Err(pyo3::exceptions::PyValueError::new_err(format!(
+            "{what}: must be a finite number of seconds >= 0, got {v}"
+        )))
+    }
+}
+
+/// Every stored message matching `q`, page by page.
+async fn read_all(
+    bus: &Bus,
+    mut q: WindowQuery,
+    max: Option<usize>,
+) -> ampybus::Result<Vec<StoredMessage>> {
+    let reader = bus.replay().ok_or_else(|| {
+        ampybus::Error::new(
+            ErrorKind::Config,
+            format!(
+                "read: the {} transport cannot read stored messages",
+                bus.transport().name()
+            ),
+        )
+    })?;
+    let mut out = Vec::new();
+    loop {
+        if let Some(m) = max {
+            if out.len() >= m {
+                out.truncate(m);
+                break;
+            }
+            q.limit = (m - out.len()).min(1000);
+        }
+        let page = reader.read_window(&q).await?;
+        let Some(last) = page.last() else { break };
+        q.after_sequence = last.sequence;
+        out.extend(page);
+    }
+    Ok(out)
+}
+
+/// DLQ messages under `pattern` (a `dlq` domain topic), with reason code `code` if given.
+async fn dlq_select(
+    bus: &Bus,
+    pattern: TopicPattern,
+    code: Option<String>,
+    since: Option<DateTime<Utc>>,
+) -> ampybus::Result<Vec<StoredMessage>> {
+    let mut q = WindowQuery::new(pattern.clone());
+    q.start = since;
+    let all = read_all(bus, q, None).await?;
+    Ok(all
+        .into_iter()
+        .filter(|m| {
+            let is_dlq = Topic::parse(&m.envelope.topic).is_ok_and(|t| t.domain() == Domain::Dlq);
+            let reason = m.envelope.headers.dlq_reason().unwrap_or_default();
+            let got = reason.split_once(':').map_or(reason, |(c, _)| c).trim();
+            is_dlq && pattern.matches(&m.envelope.topic) && code.as_deref().is_none_or(|c| c == got)
+        })
+        .collect())
+}
+
+fn dlq_code(reason: Option<String>) -> PyResult<Option<String>> {
+    match reason {
+        None => Ok(None),
+        Some(r) => {
+            let code = ampybus::DlqCode::ALL
+                .iter()
+                .find(|c| c.as_str() == r.trim())
+                .ok_or_else(|| {
+                    let all: Vec<&str> = ampybus::DlqCode::ALL.iter().map(|c| c.as_str()).collect();
+                    new_err(
+                        ErrorKind::Config,
+                        format!(
+                            "dlq: `reason` {r:?} is not a DLQ reason code (one of {})",
+                            all.join(", ")
+                        ),
+                    )
+                })?;
+            Ok(Some(code.as_str().to_owned()))
+        }
+    }
+}
+
+fn pattern(what: &str, p: &str) -> PyResult<TopicPattern> {
+    TopicPattern::parse(p).map_err(|e| {
+        crate::errors::kind_err(e.kind(), format!("{}: {what}: {}", e.kind(), e.message()))
+    })
+}
+
+#[pymethods]
+impl NativeBus {
+    /// The URL, credentials removed.
+    #[getter]
+    fn url(&self) -> String {
+        self.bus.url_redacted()
+    }
+
+    /// The transport's name (`embedded`, `nats`, `redis`, …).
+    #[getter]
+    fn transport(&self) -> String {
+        self.bus.transport().name().to_owned()
+    }
+
+    /// Publishes one message; an awaitable of [`Receipt`], done once the log or broker
+    /// confirmed it.
+    fn publish<'py>(
+        &self,
+        py: Python<'py>,
+        topic: String,
+        payload: &Bound<'py, PyBytes>,
+        headers: HashMap<String, String>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let payload = Bytes::copy_from_slice(payload.as_bytes());
+        let headers = headers_from(headers);
+        let bus = self.bus.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let topic = Topic::parse(&topic).or_raise()?;
+            let message_id = headers.message_id().unwrap_or_default().to_owned();
+            let r = bus.publish(&topic, headers, payload).await.or_raise()?;
+            Ok(Receipt {
+                message_id,
+                sequence: r.sequence,
+                duplicate: r.duplicate,
+            })
+        })
+    }
+
+    /// Publishes `items` — `(topic, payload: bytes, headers: dict)` tuples, each dict laid over
+    /// `common` — as one batch; every message is validated before any is sent.
+    fn publish_batch<'py>(
+        &self,
+        py: Python<'py>,
+        items: &Bound<'py, PyList>,
+        common: HashMap<String, String>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let mut batch = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            let t = item.cast::<PyTuple>().map_err(|_| {
+                pyo3::exceptions::PyTypeError::new_err(format!(
+                    "publish_batch: message {i}: expected a (topic, payload, headers) tuple"
+                ))
+            })?;
+            let topic: String = t.get_item(0)?.extract()?;
+            let payload = Bytes::copy_from_slice(t.get_item(1)?.cast::<PyBytes>()?.as_bytes());
+            let mut h = Headers::new();
+            for (k, v) in &common {
+                h.set(k.clone(), v.clone());
+            }
+            let own = t.get_item(2)?;
+            if !own.is_none() {
+                for (k, v) in own.cast::<PyDict>()?.iter() {
+                    h.set(k.extract::<String>()?, v.extract::<String>()?);
+                }
+            }
+            if h.message_id().is_none() {
+                h.set(names::MESSAGE_ID, ampybus::ids::new_message_id());
+            }
+            batch.push(Envelope {
+                topic,
+                headers: h,
+                payload,
+            });
+        }
+        let bus = self.bus.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let ids: Vec<String> = batch
+                .iter()
+                .map(|e| e.headers.message_id().unwrap_or_default().to_owned())
+                .collect();
+            let receipts = bus.publish_batch(batch).await.or_raise()?;
+            Ok(ids
+                .into_iter()
+                .zip(receipts)
+                .map(|(message_id, r)| Receipt {
+                    message_id,
+                    sequence: r.sequence,
+                    duplicate: r.duplicate,
+                })
+                .collect::<Vec<_>>())
+        })
+    }
+
+    /// Starts a durable consumer; an awaitable of `NativeConsumer`.
+    #[pyo3(signature = (
+        pattern, consumer, *, workers=8, max_in_flight=None, max_attempts=5, min_delay=0.1,
+        max_delay=30.0, strict=None, ack_deadline=None, start_at=None, dedupe=true,
+        serve_replays=true, max_payload_bytes=None
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn subscribe<'py>(
+        &self,
+        py: Python<'py>,
+        pattern: String,
+        consumer: String,
+        workers: usize,
+        max_in_flight: Option<usize>,
+        max_attempts: u32,
+        min_delay: f64,
+        max_delay: f64,
+        strict: Option<bool>,
+        ack_deadline: Option<f64>,
+        start_at: Option<String>,
+        dedupe: bool,
+        serve_replays: bool,
+        max_payload_bytes: Option<usize>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        if max_attempts == 0 {
+            return Err(pyo3::exceptions::PyValueError::new_err(
+                "subscribe: `max_attempts` must be at least 1 (the first attempt counts)",
+            ));
+        }
+        let opts = ConsumerOptions {
+            workers,
+            max_in_flight,
+            retry: ampybus::RetryPolicy {
+                max_attempts,
+                min_delay: secs("subscribe: `min_delay`", min_delay)?,
+                max_delay: secs("subscribe: `max_delay`", max_delay)?,
+            },
+            strict,
+            ack_deadline: ack_deadline
+                .map(|d| secs("subscribe: `ack_deadline`", d))
+                .transpose()?,
+            start: consumer::parse_start(start_at.as_deref())?,
+            dedupe,
+            serve_replays,
+            max_payload_bytes,
+        };
+        let bus = self.bus.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let pattern = TopicPattern::parse(&pattern).or_raise()?;
+            let c: NativeConsumer = consumer::start(bus, pattern, consumer, opts)
+                .await
+                .or_raise()?;
+            Ok(c)
+        })
+    }
+
+    /// Asks the running consumer `consumer` to replay `[start, end)` of `pattern` through its
+    /// own handler; an awaitable of the final status `dict`.
+    #[pyo3(signature = (consumer, pattern, start, end, keys=Vec::new(), reason=String::new(), timeout=600.0))]
+    #[allow(clippy::too_many_arguments)]
+    fn request_replay<'py>(
+        &self,
+        py: Python<'py>,
+        consumer: String,
+        pattern: String,
+        start: String,
+        end: String,
+        keys: Vec<String>,
+        reason: String,
+        timeout: f64,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let start = parse_time("replay: `start`", &start)?;
+        let end = parse_time("replay: `end`", &end)?;
+        let timeout = secs("replay: `timeout`", timeout)?;
+        let mut req = ampybus::control::ReplayRequest::new(&consumer, &pattern, start, end);
+        req.keys = keys;
+        req.reason = reason;
+        req.requested_by = "ampybus-python".to_owned();
+        req.validate().or_raise()?;
+        let bus = self.bus.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let s = ampybus::runtime::control::request_replay(&bus, &req, timeout, |_| {})
+                .await
+                .or_raise()?;
+            Ok(ReplayResult(s))
+        })
+    }
+
+    /// Stored messages of `pattern` in `[start, end)` (store time), optionally only `keys`,
+    /// at most `limit`; an awaitable of a list of `StoredMessage`.
+    #[pyo3(signature = (pattern, start=None, end=None, keys=None, limit=None))]
+    fn read<'py>(
+        &self,
+        py: Python<'py>,
+        pattern: String,
+        start: Option<String>,
+        end: Option<String>,
+        keys: Option<Vec<String>>,
+        limit: Option<usize>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let mut q = WindowQuery::new(self::pattern("read: `pattern`", &pattern)?);
+        q.start = opt_time("read: `start`", start)?;
+        q.end = opt_time("read: `end`", end)?;
+        q.keys = keys;
+        let bus = self.bus.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let msgs = read_all(&bus, q, limit).await.or_raise()?;
+            Ok(msgs.into_iter().map(PyStored::new).collect::<Vec<_>>())
+        })
+    }
+
+    /// Dead-lettered messages under `pattern`, optionally only reason code `reason` and stored
+    /// at or after `since`; an awaitable of a list of `StoredMessage`.
+    #[pyo3(signature = (pattern, reason=None, since=None))]
+    fn dlq_inspect<'py>(
+        &self,
+        py: Python<'py>,
+        pattern: String,
+        reason: Option<String>,
+        since: Option<String>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let p = self::pattern("dlq.inspect: `pattern`", &pattern)?;
+        let code = dlq_code(reason)?;
+        let since = opt_time("dlq.inspect: `since`", since)?;
+        let bus = self.bus.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let msgs = dlq_select(&bus, p, code, since).await.or_raise()?;
+            Ok(msgs.into_iter().map(PyStored::new).collect::<Vec<_>>())
+        })
+    }
+
+    /// Publishes the selected DLQ messages back to their `original_topic` (new `message_id`,
+    /// `redrive_of`, `retry_count` + 1) at most `rate` per second; an awaitable of a list of
+    /// `(dlq_message_id, original_topic, new_message_id)`.
+    #[pyo3(signature = (pattern, reason=None, since=None, rate=100.0, dry_run=false))]
+    fn dlq_redrive<'py>(
+        &self,
+        py: Python<'py>,
+        pattern: String,
+        reason: Option<String>,
+        since: Option<String>,
+        rate: f64,
+        dry_run: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let p = self::pattern("dlq.redrive: `pattern`", &pattern)?;
+        let code = dlq_code(reason)?;
+        let since = opt_time("dlq.redrive: `since`", since)?;
+        if !(rate.is_finite() && rate > 0.0) {
+            return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                "dlq.redrive: `rate` must be a positive number of messages per second, got {rate}"
+            )));
+        }
+        let bus = self.bus.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let msgs = dlq_select(&bus, p, code, since).await.or_raise()?;
+            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut out = Vec::with_capacity(msgs.len());
+            for m in &msgs {
+                let dlq_id = m.envelope.headers.message_id().unwrap_or("-").to_owned();
+                let env = ampybus::runtime::redrive_envelope(&m.envelope).map_err(|e| {
+                    crate::errors::kind_err(
+                        e.kind(),
+                        format!("{}: DLQ message {dlq_id}: {}", e.kind(), e.message()),
+                    )
+                })?;
+                let new_id = env.headers.message_id().unwrap_or("-").to_owned();
+                let topic = env.topic.clone();
+                if !dry_run {
+                    tick.tick().await;
+                    bus.publish_wire(vec![env]).await.or_raise()?;
+                    tracing::info!(dlq_message_id = %dlq_id, topic = %topic, message_id = %new_id, "redriven");
+                }
+                out.push((dlq_id, topic, new_id));
+            }
+            Ok(out)
+        })
+    }
+
+    /// Serves `/metrics`, `/health` and `/stats` for this bus on `addr` (port 0 picks one);
+    /// an awaitable of `MetricsServer`.
+    fn serve_metrics<'py>(&self, py: Python<'py>, addr: String) -> PyResult<Bound<'py, PyAny>> {
+        let bus = self.bus.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let server = ampybus::obs::serve(&bus, &addr).await.or_raise()?;
+            Ok(MetricsServer {
+                addr: server.local_addr().to_string(),
+                server: Mutex::new(Some(server)),
+            })
+        })
+    }
+
+    /// The Prometheus text of this bus's metric families.
+    fn metrics_text(&self) -> String {
+        self.bus.metrics().encode()
+    }
+
+    /// Checks the transport's connection; raises when it is down.
+    fn health<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let bus = self.bus.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            bus.health().await.or_raise()?;
+            Ok(())
+        })
+    }
+
+    /// The lag of durable consumer `consumer` as `{"pending", "in_flight"}`, `None` if unknown.
+    fn consumer_lag<'py>(&self, py: Python<'py>, consumer: String) -> PyResult<Bound<'py, PyAny>> {
+        let bus = self.bus.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let lag = bus.consumer_lag(&consumer).await.or_raise()?;
+            Ok(lag.map(|l| {
+                let mut m = HashMap::new();
+                m.insert("pending", l.pending);
+                m.insert("in_flight", l.in_flight);
+                m
+            }))
+        })
+    }
+
+    /// Flushes and closes the transport.
+    fn close<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let bus = self.bus.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            bus.close().await.or_raise()?;
+            Ok(())
+        })
+    }
+}
+
+/// A replay's final status, converted to a `dict` when it reaches Python.
+struct ReplayResult(ampybus::control::ReplayStatus);
+
+impl<'py> IntoPyObject<'py> for ReplayResult {
+    type Target = PyDict;
+    type Output = Bound<'py, PyDict>;
+    type Error = PyErr;
+
+    fn into_pyobject(self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.0;
+        let d = PyDict::new(py);
+        d.set_item("request_id", &s.request_id)?;
+        d.set_item("consumer", &s.consumer)?;
+        d.set_item("state", s.state().as_str())?;
+        d.set_item("read", s.read)?;
+        d.set_item("applied", s.applied)?;
+        d.set_item("skipped_duplicates", s.skipped_duplicates)?;
+        d.set_item("failed", s.failed)?;
+        d.set_item("first_message_id", &s.first_message_id)?;
+        d.set_item("last_message_id", &s.last_message_id)?;
+        d.set_item("error", &s.error)?;
+        Ok(d)
+    }
+}
+
+/// A running `/metrics` `/health` `/stats` endpoint.
+#[pyclass(module = "ampybus._native", frozen)]
+pub struct MetricsServer {
+    addr: String,
+    server: Mutex<Option<ampybus::obs::ObsServer>>,
+}
+
+#[pymethods]
+impl MetricsServer {
+    /// The bound address, `host:port`.
+    #[getter]
+    fn address(&self) -> &str {
+        &self.addr
+    }
+
+    /// Stops serving.
+    fn close<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let server = self.server.lock().unwrap_or_else(|p| p.into_inner()).take();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            if let Some(s) = server {
+                s.shutdown().await;
+            }
+            Ok(())
+        })
+    }
+}
