@@ -20,7 +20,12 @@ import pytest
 
 import ampybus
 
-NATS_URL = os.environ.get("AMPYBUS_TEST_NATS_URL", "nats://127.0.0.1:4222")
+# The Rust suites use this stream prefix too: NATS forbids streams with overlapping subjects,
+# so every test on the shared server must share one prefix.
+NATS_URL = os.environ.get(
+    "AMPYBUS_TEST_NATS_URL",
+    "nats://127.0.0.1:4222?stream_prefix=AMPYCONF&max_age_days=1&consumer_inactive_s=600",
+)
 REDIS_URL = os.environ.get("AMPYBUS_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 REPO = Path(__file__).resolve().parents[3]
 TARGET = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target"))
