@@ -105,6 +105,24 @@ domains! {
     Control => "control", "Control messages such as replay requests.";
 }
 
+impl Domain {
+    /// How long brokers keep this domain's messages unless configured otherwise: 30 days for
+    /// orders, fills, positions and the DLQ (audit), 7 days for everything else.
+    ///
+    /// ```
+    /// use ampybus::Domain;
+    /// assert_eq!(Domain::Fills.default_retention().as_secs(), 30 * 86_400);
+    /// assert_eq!(Domain::Bars.default_retention().as_secs(), 7 * 86_400);
+    /// ```
+    pub fn default_retention(self) -> std::time::Duration {
+        let days = match self {
+            Domain::Orders | Domain::Fills | Domain::Positions | Domain::Dlq => 30,
+            _ => 7,
+        };
+        std::time::Duration::from_secs(days * 86_400)
+    }
+}
+
 impl FromStr for Domain {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {

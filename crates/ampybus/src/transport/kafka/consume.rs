@@ -278,6 +278,21 @@ struct TopicSettler {
     topic: String,
 }
 
+impl TopicSettler {
+    /// Changes the tracked record of `sequence`, when it is still tracked.
+    fn with_entry(&self, sequence: u64, f: impl FnOnce(&mut Entry)) {
+        let (p, o) = unpack_offset(sequence);
+        let mut t = self.sub.tracker.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = t
+            .parts
+            .get_mut(&(self.topic.clone(), p))
+            .and_then(|part| part.out.get_mut(&o))
+        {
+            f(e);
+        }
+    }
+}
+
 #[async_trait]
 impl Settler for TopicSettler {
     async fn ack(&self, sequences: &[u64]) -> Result<()> {
@@ -290,28 +305,13 @@ impl Settler for TopicSettler {
     }
 
     async fn nack(&self, sequence: u64, delay: Duration) -> Result<()> {
-        let (p, o) = unpack_offset(sequence);
-        let mut t = self.sub.tracker.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(e) = t
-            .parts
-            .get_mut(&(self.topic.clone(), p))
-            .and_then(|part| part.out.get_mut(&o))
-        {
-            e.nacked_due = Some(Instant::now() + delay);
-        }
+        self.with_entry(sequence, |e| e.nacked_due = Some(Instant::now() + delay));
         Ok(())
     }
 
     async fn in_progress(&self, sequence: u64) -> Result<()> {
-        let (p, o) = unpack_offset(sequence);
-        let mut t = self.sub.tracker.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(e) = t
-            .parts
-            .get_mut(&(self.topic.clone(), p))
-            .and_then(|part| part.out.get_mut(&o))
-        {
-            e.lease_until = Instant::now() + self.sub.ack_deadline;
-        }
+        let deadline = self.sub.ack_deadline;
+        self.with_entry(sequence, |e| e.lease_until = Instant::now() + deadline);
         Ok(())
     }
 }

@@ -454,13 +454,7 @@ impl KafkaOptions {
     /// assert_eq!(KafkaOptions::default().max_age_for(Domain::Fills).as_secs(), 30 * 86_400);
     /// ```
     pub fn max_age_for(&self, domain: Domain) -> Duration {
-        self.max_age.unwrap_or_else(|| {
-            let days = match domain {
-                Domain::Orders | Domain::Fills | Domain::Positions | Domain::Dlq => 30,
-                _ => 7,
-            };
-            Duration::from_secs(days * 86_400)
-        })
+        self.max_age.unwrap_or_else(|| domain.default_retention())
     }
 
     /// The brokers as shown in logs and errors (never credentials).

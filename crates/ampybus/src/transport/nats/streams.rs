@@ -75,13 +75,7 @@ pub fn stream_name(prefix: &str, env: Env, domain: Domain) -> String {
 /// assert_eq!(max_age_for(&o, Domain::Bars).as_secs(), 7 * 86_400);
 /// ```
 pub fn max_age_for(opts: &NatsOptions, domain: Domain) -> Duration {
-    opts.max_age.unwrap_or_else(|| {
-        let days = match domain {
-            Domain::Orders | Domain::Fills | Domain::Positions | Domain::Dlq => 30,
-            _ => 7,
-        };
-        Duration::from_secs(days * 86_400)
-    })
+    opts.max_age.unwrap_or_else(|| domain.default_retention())
 }
 
 /// The configuration of the stream this binding creates for env + domain.
