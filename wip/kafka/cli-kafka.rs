@@ -1,0 +1,126 @@
+//! The CLI on Kafka (a Kafka-API broker on 127.0.0.1:9092, started or found by
+//! `scripts/brokers.sh start kafka`): `pub`, `sub --durable`, `topics list|describe|lag`, the
+//! demo. Each run uses a namespace of its own, so its topics hold only its messages.
+
+mod common;
+
+use common::ampybus_in;
+
+fn brokers() {
+    common::start_broker("kafka");
+}
+
+fn unique() -> String {
+    format!(
+        "{:x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    )
+}
+
+fn kafka_url(label: &str) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!(
+        "kafka://127.0.0.1:9092?namespace=cli{label}{}.&partitions=1&dedupe=sqlite:{}",
+        unique(),
+        dir.path().join("dedupe.sqlite3").display()
+    );
+    (dir, url)
+}
+
+#[test]
+fn pub_sub_and_topics_over_kafka() {
+    brokers();
+    let (_dir, url) = kafka_url("t");
+    let run = |args: &[&str]| {
+        let mut all = vec!["--url", url.as_str()];
+        all.extend_from_slice(args);
+        ampybus_in(None, &all)
+    };
+    for (topic, key, n) in [
+        ("ampy.dev.news.v1.a", "n-a", 3),
+        ("ampy.dev.news.v1.b", "n-b", 2),
+    ] {
+        for i in 0..n {
+            let payload = format!("{key}-{i}");
+            let o = run(&[
+                "pub",
+                "--topic",
+                topic,
+                "--producer",
+                "cli@1",
+                "--source",
+                "cli",
+                "--pk",
+                key,
+                "--payload",
+                &payload,
+            ]);
+            assert_eq!(o.code, 0, "{}", o.stderr);
+        }
+    }
+    // One partition: the first record is the first published.
+    let o = run(&[
+        "sub",
+        "--pattern",
+        "ampy.dev.news.>",
+        "--durable",
+        "audit",
+        "--json",
+        "--max",
+        "1",
+        "--timeout",
+        "60",
+    ]);
+    assert_eq!(o.code, 0, "{}\n{}", o.stdout, o.stderr);
+    let v = o.json_lines();
+    assert_eq!(v.len(), 1);
+    assert_eq!(v[0]["topic"], "ampy.dev.news.v1.a");
+    assert_eq!(v[0]["headers"]["partition_key"], "n-a");
+    assert_eq!(v[0]["payload_base64"], "bi1hLTA=", "{}", v[0]);
+
+    let o = run(&["topics", "list", "--json"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let v = o.json_lines();
+    assert_eq!(v.len(), 1, "{}", o.stdout);
+    assert_eq!(v[0]["topic"], "ampy.dev.news.v1");
+    assert_eq!(v[0]["messages"], 5);
+    assert!(v[0]["bytes"].is_null());
+    assert_eq!(
+        (v[0]["first_seq"].as_u64(), v[0]["last_seq"].as_u64()),
+        (Some(0), Some(4))
+    );
+
+    let o = run(&["topics", "lag", "--consumer", "audit", "--json"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let v = o.json_lines();
+    assert_eq!(v.len(), 1);
+    assert_eq!(
+        (v[0]["lag"].as_u64(), v[0]["in_flight"].as_u64()),
+        (Some(4), Some(0)),
+        "{}",
+        v[0]
+    );
+    assert_eq!(v[0]["pattern"], "ampy.dev.news.v1");
+
+    let o = run(&["topics", "describe", "ampy.dev.news.>", "--json"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let d = &o.json_lines()[0];
+    assert_eq!(d["messages"], 5);
+    assert_eq!(d["consumers"][0]["name"], "audit", "{d}");
+    assert_eq!(d["consumers"][0]["lag"], 4, "{d}");
+
+    let o = run(&["topics", "lag", "--consumer", "nobody"]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+}
+
+#[test]
+fn demo_runs_end_to_end_on_kafka() {
+    brokers();
+    let (_dir, url) = kafka_url("demo");
+    let o = ampybus_in(None, &["--url", &url, "demo"]);
+    assert_eq!(o.code, 0, "{}\n{}", o.stdout, o.stderr);
+    assert!(o.stdout.contains("result: OK"), "{}", o.stdout);
+}
