@@ -44,6 +44,18 @@ for component in rustfmt clippy; do
     fi
 done
 
+# librdkafka (the Kafka binding) is built from source against OpenSSL and zlib.
+if ! pkg-config --exists openssl zlib 2>/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        step "installing Debian's libssl-dev, zlib1g-dev and pkg-config (librdkafka's build needs them)"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y libssl-dev zlib1g-dev pkg-config >/dev/null 2>&1 \
+            || { apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y libssl-dev zlib1g-dev pkg-config >/dev/null; }
+    else
+        echo "error: OpenSSL and zlib headers are missing (apt-get install libssl-dev zlib1g-dev pkg-config)" >&2
+        exit 2
+    fi
+fi
+
 step "cargo fmt --all -- --check"
 cargo fmt --all -- --check
 
