@@ -13,7 +13,9 @@
 # use the one on 127.0.0.1:4222 or start one through scripts/brokers.sh, and spawn their own
 # for fault, TLS and permission tests), redis-server (Debian package; the Redis tests use the
 # one on 127.0.0.1:6379 or start one through scripts/brokers.sh, and spawn their own for fault
-# and ACL tests).
+# and ACL tests), a Kafka-API broker (the one on 127.0.0.1:9092, else tansu 0.6.0 with in-memory
+# storage, built by scripts/brokers.sh into ~/.cache/ampybus/ once per machine and started
+# there). Brokers this run started are stopped when it ends.
 #
 # Environment:
 #   AMPYBUS_TEST_SCALE  multiplies the sizes of the heavier tests (default 1; 0.2 for a quick
@@ -67,8 +69,10 @@ if [ -x scripts/python-env.sh ] || [ -f scripts/python-env.sh ]; then
     bash scripts/python-env.sh >/dev/null
 fi
 
-step "test brokers (scripts/brokers.sh start nats redis: reuses a JetStream server on 127.0.0.1:4222 and a Redis on 127.0.0.1:6379)"
-bash scripts/brokers.sh start nats redis
+step "test brokers (scripts/brokers.sh start nats redis kafka: reuses a JetStream server on 127.0.0.1:4222, a Redis on 127.0.0.1:6379 and a Kafka-API broker on 127.0.0.1:9092; tansu is built once per machine, about 12 minutes)"
+# Stop at exit what this run started (a broker that was already there is left alone).
+trap 'bash scripts/brokers.sh stop nats redis kafka >/dev/null 2>&1 || true' EXIT
+bash scripts/brokers.sh start nats redis kafka
 
 if cargo nextest --version >/dev/null 2>&1; then
     step "cargo nextest run --workspace (AMPYBUS_TEST_SCALE=$AMPYBUS_TEST_SCALE)"

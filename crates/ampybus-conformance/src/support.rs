@@ -22,6 +22,11 @@ pub struct Capabilities {
     /// shedding is done by `runtime::Producer` above the transport, so every binding that
     /// publishes batches can claim it; the case also reads consumer lag when the bus can.
     pub best_effort_tier: bool,
+    /// Acknowledgements settle only a prefix per partition (Kafka's committed offset): a
+    /// message acknowledged after an earlier one of its partition that was not is delivered
+    /// again to the next instance, which skips it as applied (dedupe store). Cases then accept
+    /// such skips, bounded by what was in flight, but never a message applied twice.
+    pub prefix_acks: bool,
 }
 
 impl Default for Capabilities {
@@ -31,6 +36,7 @@ impl Default for Capabilities {
             replay_by_time: true,
             replay_by_keys: true,
             best_effort_tier: true,
+            prefix_acks: false,
         }
     }
 }

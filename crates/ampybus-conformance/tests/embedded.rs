@@ -52,6 +52,7 @@ async fn missing_capabilities_are_listed_as_not_applicable() {
             replay_by_time: false,
             replay_by_keys: false,
             best_effort_tier: false,
+            prefix_acks: false,
         },
     };
     let report = run_cases(

@@ -5,10 +5,11 @@
 //!   if missing); a pattern spanning streams (`ampy.dev.>`) subscribes by regular expression,
 //!   and topics created later join within about a second (metadata refresh).
 //! * **Start.** A new group starts at the earliest retained offset (`StartAt::Latest`: the
-//!   end). `StartAt::Time`: before joining, partitions of the matching topics the group has
-//!   no committed offset for get the offset of the first record at or after the time
-//!   committed (`offsets_for_times`); topics created later start at their beginning. An
-//!   existing group resumes at its committed offsets.
+//!   end; `StartAt::Time`: the first record at or after the time, by `offsets_for_times`).
+//!   Before joining, a durable group commits that start on every partition of the matching
+//!   topics it has no offset for, so it exists (and has a lag) from the moment it was first
+//!   subscribed; topics created later start at their beginning. An existing group resumes at
+//!   its committed offsets.
 //! * **Commits.** Never automatic. Every delivered offset is tracked per partition; the
 //!   committed offset of a partition is the first one the runtime has not acknowledged yet
 //!   (records skipped because their logical topic does not match count as acknowledged). An
@@ -23,6 +24,8 @@
 //!   partition assigned back keeps its tracking (records fetched again that are still handed
 //!   out are not handed out twice); one that went to another member is forgotten, and late
 //!   acks for it are ignored (the new owner gets its unacknowledged records again).
+//! * **Joining.** The consumer joins its group at the first `fetch`, not at `subscribe`: a
+//!   subscription created and dropped unread never takes partitions from the group.
 //! * **Ephemeral** readers (`durable: None`) join a group of their own
 //!   (`{namespace}ampy-reader-{uuid}`) and never commit.
 //! * **Close.** [`crate::transport::Transport::close`] drops every consumer of the transport
@@ -322,6 +325,10 @@ struct KafkaSubscription {
     namespace: String,
     settlers: HashMap<String, Arc<TopicSettler>>,
     last_lease_scan: Instant,
+    /// What to subscribe to, until the first fetch joins the group: a subscription that is
+    /// never read never takes partitions from the group's other members (a member whose
+    /// join is cut short can hold its partitions until the session timeout).
+    join: Option<String>,
 }
 
 /// How often handed-out records are checked for an expired lease.
@@ -474,6 +481,12 @@ impl Subscription for KafkaSubscription {
     async fn fetch(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
         let max = max.max(1);
         let consumer = self.sub.consumer()?;
+        if let Some(expr) = &self.join {
+            consumer
+                .subscribe(&[expr])
+                .map_err(|e| kafka_error(&self.sub.where_, &format!("subscribe to {expr}"), e))?;
+            self.join = None;
+        }
         let mut out = Vec::new();
         self.take_due(max, &mut out);
         let deadline = Instant::now() + wait;
@@ -610,15 +623,12 @@ pub(crate) async fn subscribe(
         .create_with_context(ctx)
         .map_err(|e| kafka_error(&where_, "invalid consumer settings", e))?;
     let consumer = Arc::new(consumer);
-    if let StartAt::Time(t) = spec.start {
-        start_at_time(shared, &consumer, &spec.pattern, t, &where_).await?;
+    if durable || matches!(spec.start, StartAt::Time(_)) {
+        commit_start(shared, &consumer, &spec.pattern, spec.start, &where_).await?;
     }
-    let expr = match &target {
-        Ok(t) | Err(t) => t.clone(),
+    let expr = match target {
+        Ok(t) | Err(t) => t,
     };
-    consumer
-        .subscribe(&[&expr])
-        .map_err(|e| kafka_error(&where_, &format!("subscribe to {expr}"), e))?;
     let sub = Arc::new(SubShared {
         consumer: RwLock::new(Some(consumer)),
         tracker,
@@ -639,16 +649,20 @@ pub(crate) async fn subscribe(
         namespace: opts.namespace.clone(),
         settlers: HashMap::new(),
         last_lease_scan: Instant::now(),
+        join: Some(expr),
     }))
 }
 
-/// Commits, for partitions of the matching topics the group has no offset for, the offset of
-/// the first record at or after `t`.
-async fn start_at_time(
+/// Commits, for partitions of the matching topics the group has no offset for, where the
+/// group starts: the low watermark (`Earliest`), the high watermark (`Latest`) or the offset
+/// of the first record at or after the time (`Time`, the high watermark when there is none).
+/// A durable consumer created now thereby exists, with everything published later as its
+/// backlog, even before it joined (a Kafka group without offsets vanishes when it empties).
+async fn commit_start(
     shared: &Shared,
     consumer: &Arc<KConsumer>,
     pattern: &TopicPattern,
-    t: DateTime<Utc>,
+    start: StartAt,
     where_: &str,
 ) -> Result<()> {
     let topics = shared.topics_for(pattern).await?;
@@ -658,7 +672,6 @@ async fn start_at_time(
     let consumer = consumer.clone();
     let timeout = shared.opts.request_timeout;
     let where_ = where_.to_owned();
-    let ms = t.timestamp_millis();
     tokio::task::spawn_blocking(move || -> Result<()> {
         let mut all = TopicPartitionList::new();
         for (topic, n) in &topics {
@@ -669,38 +682,52 @@ async fn start_at_time(
         let committed = consumer
             .committed_offsets(all, timeout)
             .map_err(|e| kafka_error(&where_, "committed offsets", e))?;
-        let mut times = TopicPartitionList::new();
-        for e in committed.elements() {
-            if !matches!(e.offset(), Offset::Offset(_)) {
-                times
-                    .add_partition_offset(e.topic(), e.partition(), Offset::Offset(ms))
-                    .map_err(|e| kafka_error(&where_, "offsets", e))?;
-            }
-        }
-        if times.count() == 0 {
+        let fresh: Vec<(String, i32)> = committed
+            .elements()
+            .iter()
+            .filter(|e| !matches!(e.offset(), Offset::Offset(_)))
+            .map(|e| (e.topic().to_owned(), e.partition()))
+            .collect();
+        if fresh.is_empty() {
             return Ok(());
         }
-        let found = consumer
-            .offsets_for_times(times, timeout)
-            .map_err(|e| kafka_error(&where_, "offsets for times", e))?;
-        let mut commit = TopicPartitionList::new();
-        for e in found.elements() {
-            let off = match e.offset() {
-                Offset::Offset(o) => o,
-                // Nothing at or after the time: start at the end.
-                _ => {
-                    consumer
-                        .fetch_watermarks(e.topic(), e.partition(), timeout)
-                        .map_err(|err| kafka_error(&where_, "watermarks", err))?
-                        .1
+        let watermark = |topic: &str, p: i32, high: bool| -> Result<i64> {
+            let (lo, hi) = consumer
+                .fetch_watermarks(topic, p, timeout)
+                .map_err(|err| kafka_error(&where_, "watermarks", err))?;
+            Ok(if high { hi } else { lo })
+        };
+        let mut items: Vec<(Key, i64)> = Vec::with_capacity(fresh.len());
+        match start {
+            StartAt::Earliest | StartAt::Latest => {
+                for (t, p) in fresh {
+                    let off = watermark(&t, p, start == StartAt::Latest)?;
+                    items.push(((t, p), off));
                 }
-            };
-            commit
-                .add_partition_offset(e.topic(), e.partition(), Offset::Offset(off))
-                .map_err(|e| kafka_error(&where_, "offsets", e))?;
+            }
+            StartAt::Time(t) => {
+                let ms = t.timestamp_millis();
+                let mut times = TopicPartitionList::new();
+                for (topic, p) in &fresh {
+                    times
+                        .add_partition_offset(topic, *p, Offset::Offset(ms))
+                        .map_err(|e| kafka_error(&where_, "offsets", e))?;
+                }
+                let found = consumer
+                    .offsets_for_times(times, timeout)
+                    .map_err(|e| kafka_error(&where_, "offsets for times", e))?;
+                for e in found.elements() {
+                    let off = match e.offset() {
+                        Offset::Offset(o) => o,
+                        // Nothing at or after the time: start at the end.
+                        _ => watermark(e.topic(), e.partition(), true)?,
+                    };
+                    items.push(((e.topic().to_owned(), e.partition()), off));
+                }
+            }
         }
         consumer
-            .commit(&commit, CommitMode::Sync)
+            .commit(&tpl_of(&items)?, CommitMode::Sync)
             .map_err(|e| kafka_error(&where_, "commit start offsets", e))
     })
     .await
