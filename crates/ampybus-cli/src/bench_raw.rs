@@ -1,4 +1,4 @@
-//! What `bench-nats` and `bench-redis` share: the per-round throughput of a raw client and of
+//! What `bench-nats`, `bench-redis` and `bench-kafka` share: the per-round throughput of a raw client and of
 //! ampybus on the same broker, reported as best / median / worst with the per-round ratio.
 
 use crate::error::{CliError, CliResult};

@@ -179,6 +179,17 @@ Same stream, fields, payload size, MINID trim and in-flight bound (pipelines of 
 on both sides; each round's stream is deleted afterwards (untimed).")]
     BenchRedis(crate::bench_redis::BenchRedisArgs),
 
+    /// Kafka publish throughput: ampybus against a raw rdkafka FutureProducer, interleaved rounds
+    #[command(after_help = "\
+Examples:
+  ampybus --url kafka://127.0.0.1:9092 bench-kafka --messages 50000 --payload-bytes 256 --inflight 10000 --rounds 5
+
+Both sides use the transport's producer settings (idempotent, acks=all, linger.ms=1, the URL's
+librdkafka settings), the same Kafka topic, record key, headers (the contract's plus `topic`),
+payload size and bound on unconfirmed records. The topic (namespace `ampybench{pid}.` unless the
+URL sets one) is created before the first round, untimed.")]
+    BenchKafka(crate::bench_kafka::BenchKafkaArgs),
+
     /// Print a shell completion script to stdout
     #[command(after_help = "\
 Examples:

@@ -5,6 +5,7 @@
 
 mod bench;
 mod bench_consume;
+mod bench_kafka;
 mod bench_nats;
 mod bench_raw;
 mod bench_redis;
@@ -102,6 +103,7 @@ fn run(cli: Cli) -> CliResult<u8> {
         Command::Streams(args) => runtime()?.block_on(streams::run(&url, args)),
         Command::BenchNats(args) => runtime()?.block_on(bench_nats::run(&url, args)),
         Command::BenchRedis(args) => runtime()?.block_on(bench_redis::run(&url, args)),
+        Command::BenchKafka(args) => runtime()?.block_on(bench_kafka::run(&url, args)),
     }
 }
 

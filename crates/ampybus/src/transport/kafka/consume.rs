@@ -6,10 +6,11 @@
 //!   and topics created later join within about a second (metadata refresh).
 //! * **Start.** A new group starts at the earliest retained offset (`StartAt::Latest`: the
 //!   end; `StartAt::Time`: the first record at or after the time, by `offsets_for_times`).
-//!   Before joining, a durable group commits that start on every partition of the matching
-//!   topics it has no offset for, so it exists (and has a lag) from the moment it was first
-//!   subscribed; topics created later start at their beginning. An existing group resumes at
-//!   its committed offsets.
+//!   At subscribe, before joining, the group commits that start on every partition of the
+//!   matching topics it has no offset for (so a durable group exists, and has a lag, from the
+//!   moment it was first subscribed, and `Latest` means "after the subscribe", not "after the
+//!   join"); topics created later start at their beginning. An existing group resumes at its
+//!   committed offsets.
 //! * **Commits.** Never automatic. Every delivered offset is tracked per partition; the
 //!   committed offset of a partition is the first one the runtime has not acknowledged yet
 //!   (records skipped because their logical topic does not match count as acknowledged). An
@@ -150,7 +151,15 @@ pub(crate) struct Ctx {
     where_: String,
 }
 
-impl ClientContext for Ctx {}
+impl ClientContext for Ctx {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, msg: &str) {
+        super::Quiet.log(level, fac, msg)
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        super::Quiet.error(error, reason)
+    }
+}
 
 impl ConsumerContext for Ctx {
     fn pre_rebalance(&self, base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -329,6 +338,8 @@ struct KafkaSubscription {
     /// never read never takes partitions from the group's other members (a member whose
     /// join is cut short can hold its partitions until the session timeout).
     join: Option<String>,
+    /// Subscribed by regular expression (a pattern spanning streams).
+    by_pattern: bool,
 }
 
 /// How often handed-out records are checked for an expired lease.
@@ -500,12 +511,18 @@ impl Subscription for KafkaSubscription {
             {
                 Err(_) => self.take_due(max, &mut out),
                 Ok(Ok(m)) => self.take_record(&m, &mut out),
+                Ok(Err(e)) if self.by_pattern && not_there_yet(&e) => {
+                    // A pattern no topic matches yet: topics created later join within the
+                    // metadata refresh interval.
+                    tracing::debug!(where_ = %self.sub.where_, error = %e, "kafka: no topic matches yet");
+                }
                 Ok(Err(e)) => return Err(kafka_error(&self.sub.where_, "fetch", e)),
             }
         }
         while out.len() < max {
             match consumer.recv().now_or_never() {
                 Some(Ok(m)) => self.take_record(&m, &mut out),
+                Some(Err(e)) if self.by_pattern && not_there_yet(&e) => break,
                 Some(Err(e)) => {
                     if out.is_empty() {
                         return Err(kafka_error(&self.sub.where_, "fetch", e));
@@ -517,6 +534,11 @@ impl Subscription for KafkaSubscription {
         }
         Ok(out)
     }
+}
+
+/// The error a pattern subscription reports while no topic matches it.
+fn not_there_yet(e: &rdkafka::error::KafkaError) -> bool {
+    e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition)
 }
 
 fn regex_escape(s: &str) -> String {
@@ -596,14 +618,10 @@ pub(crate) async fn subscribe(
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "false")
-        .set(
-            "auto.offset.reset",
-            if spec.start == StartAt::Latest {
-                "latest"
-            } else {
-                "earliest"
-            },
-        )
+        // Partitions without a committed offset start at their beginning: those of topics that
+        // existed at subscribe got their start committed below; a topic created later holds
+        // only what was published after the subscribe.
+        .set("auto.offset.reset", "earliest")
         .set(
             "session.timeout.ms",
             opts.session_timeout.as_millis().to_string(),
@@ -623,9 +641,10 @@ pub(crate) async fn subscribe(
         .create_with_context(ctx)
         .map_err(|e| kafka_error(&where_, "invalid consumer settings", e))?;
     let consumer = Arc::new(consumer);
-    if durable || matches!(spec.start, StartAt::Time(_)) {
+    if durable || spec.start != StartAt::Earliest {
         commit_start(shared, &consumer, &spec.pattern, spec.start, &where_).await?;
     }
+    let by_pattern = target.is_err();
     let expr = match target {
         Ok(t) | Err(t) => t,
     };
@@ -650,6 +669,7 @@ pub(crate) async fn subscribe(
         settlers: HashMap::new(),
         last_lease_scan: Instant::now(),
         join: Some(expr),
+        by_pattern,
     }))
 }
 
@@ -659,7 +679,7 @@ pub(crate) async fn subscribe(
 /// A durable consumer created now thereby exists, with everything published later as its
 /// backlog, even before it joined (a Kafka group without offsets vanishes when it empties).
 async fn commit_start(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     consumer: &Arc<KConsumer>,
     pattern: &TopicPattern,
     start: StartAt,
@@ -672,6 +692,7 @@ async fn commit_start(
     let consumer = consumer.clone();
     let timeout = shared.opts.request_timeout;
     let where_ = where_.to_owned();
+    let shared_for_reads = shared.clone();
     tokio::task::spawn_blocking(move || -> Result<()> {
         let mut all = TopicPartitionList::new();
         for (topic, n) in &topics {
@@ -718,7 +739,14 @@ async fn commit_start(
                     .map_err(|e| kafka_error(&where_, "offsets for times", e))?;
                 for e in found.elements() {
                     let off = match e.offset() {
-                        Offset::Offset(o) => o,
+                        Offset::Offset(o) => first_at_or_after(
+                            &shared_for_reads,
+                            e.topic(),
+                            e.partition(),
+                            o,
+                            ms,
+                            &where_,
+                        )?,
                         // Nothing at or after the time: start at the end.
                         _ => watermark(e.topic(), e.partition(), true)?,
                     };
@@ -732,6 +760,61 @@ async fn commit_start(
     })
     .await
     .map_err(|e| Error::transport("kafka: start offsets task failed", e))?
+}
+
+/// The offset of the first record of `topic/partition` at or after `ms`, from `from` (what a
+/// timestamp lookup answered): reads forward from it to the first record whose timestamp is
+/// at or after `ms`, or to the end. On Kafka the record at `from` already is that record (one
+/// fetch); a broker whose lookup answers too early (tansu 0.6.0 answers offset 0 for times
+/// inside the log) costs a longer read but still gets the right start.
+fn first_at_or_after(
+    shared: &Shared,
+    topic: &str,
+    partition: i32,
+    from: i64,
+    ms: i64,
+    where_: &str,
+) -> Result<i64> {
+    let reader = super::replay::replay_consumer(shared)?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(from))
+        .map_err(|e| kafka_error(where_, "offsets", e))?;
+    reader
+        .assign(&tpl)
+        .map_err(|e| kafka_error(where_, "assign", e))?;
+    let overall = shared.opts.request_timeout * 3;
+    let mut last_progress = Instant::now();
+    loop {
+        match reader.poll(Duration::from_millis(100)) {
+            None if last_progress.elapsed() > overall => {
+                return Err(Error::new(
+                    ErrorKind::Timeout,
+                    format!(
+                        "{where_}: start offset of {topic}/{partition}: no answer within {overall:?}"
+                    ),
+                ));
+            }
+            None => {}
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => {
+                return Ok(reader
+                    .position()
+                    .ok()
+                    .and_then(|p| {
+                        p.find_partition(topic, partition)
+                            .and_then(|e| e.offset().to_raw())
+                    })
+                    .filter(|o| *o >= 0)
+                    .unwrap_or(from));
+            }
+            Some(Err(e)) => return Err(kafka_error(where_, "start offset read", e)),
+            Some(Ok(m)) => {
+                last_progress = Instant::now();
+                if m.offset() >= from && m.timestamp().to_millis().is_some_and(|t| t >= ms) {
+                    return Ok(m.offset());
+                }
+            }
+        }
+    }
 }
 
 /// Drops every consumer of the transport (each leaves its group).

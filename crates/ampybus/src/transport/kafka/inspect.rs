@@ -19,12 +19,12 @@ use rdkafka::{Offset, TopicPartitionList};
 use std::sync::Arc;
 
 /// A consumer for admin reads in `group` (never subscribes, never commits).
-fn admin_consumer(shared: &Shared, group: &str) -> Result<BaseConsumer> {
+fn admin_consumer(shared: &Shared, group: &str) -> Result<BaseConsumer<super::Quiet>> {
     let mut cfg = shared.opts.client_config();
     cfg.set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false");
-    cfg.create()
+    cfg.create_with_context(super::Quiet)
         .map_err(|e| kafka_error(&shared.where_(), "invalid consumer settings", e))
 }
 

@@ -60,6 +60,9 @@
 
 pub mod consume;
 mod inspect;
+/// The `rdkafka` crate this binding is built on (for [`KafkaOptions::client_config`] and a
+/// raw client with the same settings).
+pub use rdkafka;
 mod publish;
 mod replay;
 
@@ -82,6 +85,56 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+/// The client context of the binding's consumers: librdkafka's log lines and global errors go
+/// to `tracing` (target `librdkafka`) as librdkafka ranks them, except three notices that are
+/// expected here and go at debug level: a configuration warning about a setting of the URL
+/// meant for the other client kind (the URL's settings go to producer and consumers alike),
+/// the end of a partition (replay reads to it), and a subscribed pattern no topic matches yet.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Quiet;
+
+impl Quiet {
+    fn log_line(level: rdkafka::config::RDKafkaLogLevel, fac: &str, msg: &str) {
+        use rdkafka::config::RDKafkaLogLevel as L;
+        if fac == "CONFWARN" && msg.contains("will be ignored by this") {
+            tracing::debug!(target: "librdkafka", "librdkafka: {fac} {msg}");
+            return;
+        }
+        match level {
+            L::Emerg | L::Alert | L::Critical | L::Error => {
+                tracing::error!(target: "librdkafka", "librdkafka: {fac} {msg}")
+            }
+            L::Warning => tracing::warn!(target: "librdkafka", "librdkafka: {fac} {msg}"),
+            L::Notice | L::Info => tracing::info!(target: "librdkafka", "librdkafka: {fac} {msg}"),
+            L::Debug => tracing::debug!(target: "librdkafka", "librdkafka: {fac} {msg}"),
+        }
+    }
+
+    fn global_error(error: rdkafka::error::KafkaError, reason: &str) {
+        use rdkafka::types::RDKafkaErrorCode as C;
+        if matches!(
+            error.rdkafka_error_code(),
+            Some(C::PartitionEOF | C::UnknownTopicOrPartition)
+        ) {
+            tracing::debug!(target: "librdkafka", "librdkafka: {error}: {reason}");
+        } else {
+            tracing::error!(target: "librdkafka", "librdkafka: {error}: {reason}");
+        }
+    }
+}
+
+impl rdkafka::ClientContext for Quiet {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, msg: &str) {
+        Quiet::log_line(level, fac, msg)
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        Quiet::global_error(error, reason)
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for Quiet {}
 
 /// Name of the record header holding the full logical topic.
 pub const TOPIC_HEADER: &str = "topic";
@@ -481,8 +534,50 @@ impl KafkaOptions {
         }
     }
 
-    /// The common client settings.
-    pub(crate) fn client_config(&self) -> ClientConfig {
+    /// The settings of the transport's producer: [`KafkaOptions::client_config`] plus
+    /// `enable.idempotence=true`, `acks=all`, `linger.ms=1`, a delivery timeout of three
+    /// request timeouts and a local queue of at least `max_in_flight` records; librdkafka
+    /// settings of the URL other than those the binding owns win over these defaults.
+    /// Public so that a benchmark's raw producer can use exactly the same settings.
+    ///
+    /// ```
+    /// use ampybus::transport::kafka::KafkaOptions;
+    /// let o = KafkaOptions::from_url("kafka://127.0.0.1:9092?linger.ms=5").unwrap();
+    /// let c = o.producer_config();
+    /// assert_eq!(c.get("enable.idempotence"), Some("true"));
+    /// assert_eq!(c.get("linger.ms"), Some("5"));
+    /// ```
+    pub fn producer_config(&self) -> ClientConfig {
+        let mut c = self.client_config();
+        c.set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "1")
+            .set(
+                "message.timeout.ms",
+                (self.request_timeout.as_millis().max(1000) * 3).to_string(),
+            )
+            .set(
+                "queue.buffering.max.messages",
+                self.max_in_flight.max(100_000).to_string(),
+            );
+        for (k, v) in &self.client {
+            c.set(k, v);
+        }
+        c
+    }
+
+    /// The settings every client of the transport starts from: `bootstrap.servers`, socket
+    /// timeouts from `request_timeout`/`connect_timeout`, warnings-and-up logging, then the
+    /// librdkafka settings of the URL.
+    ///
+    /// ```
+    /// use ampybus::transport::kafka::KafkaOptions;
+    /// let o = KafkaOptions::from_url("kafka://k1:9092,k2:9092?security.protocol=SSL").unwrap();
+    /// let c = o.client_config();
+    /// assert_eq!(c.get("bootstrap.servers"), Some("k1:9092,k2:9092"));
+    /// assert_eq!(c.get("security.protocol"), Some("SSL"));
+    /// ```
+    pub fn client_config(&self) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", self.brokers.join(","));
         c.set(
@@ -694,19 +789,8 @@ impl KafkaTransport {
     /// `connect_timeout`), then opens the dedupe store.
     pub async fn connect(opts: KafkaOptions) -> Result<KafkaTransport> {
         let where_ = format!("kafka {}", opts.server_shown());
-        let mut pc = opts.client_config();
-        pc.set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "1")
-            .set(
-                "message.timeout.ms",
-                (opts.request_timeout.as_millis().max(1000) * 3).to_string(),
-            )
-            .set(
-                "queue.buffering.max.messages",
-                opts.max_in_flight.max(100_000).to_string(),
-            );
-        let producer: FutureProducer = pc
+        let producer: FutureProducer = opts
+            .producer_config()
             .create()
             .map_err(|e| kafka_error(&where_, "invalid producer settings", e))?;
         let admin: AdminClient<DefaultClientContext> = opts

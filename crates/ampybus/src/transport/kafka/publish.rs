@@ -1,7 +1,8 @@
 //! Publishing: every record of a batch is handed to the idempotent producer in order (record
-//! key = `partition_key`, headers = the contract headers plus `topic`), then every delivery
-//! report is awaited in order. The transport-wide semaphore bounds unconfirmed records to
-//! `max_in_flight` across concurrent batches.
+//! key = `partition_key`, headers = the contract headers plus `topic`) and every delivery
+//! report is awaited, oldest first. The transport-wide semaphore (one permit per unconfirmed
+//! record) bounds them to `max_in_flight` across concurrent batches; at the bound the oldest
+//! report is awaited before the next record goes out.
 
 use super::{Shared, TOPIC_HEADER, kafka_error, pack_offset};
 use crate::envelope::Envelope;
@@ -11,7 +12,9 @@ use crate::transport::PublishReceipt;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use rdkafka::producer::future_producer::DeliveryFuture;
+use std::collections::VecDeque;
 use std::time::Duration;
+use tokio::sync::OwnedSemaphorePermit;
 
 /// The record headers of an envelope: the contract headers, then `topic`.
 pub(crate) fn record_headers(env: &Envelope) -> Result<OwnedHeaders> {
@@ -49,57 +52,62 @@ pub(crate) async fn publish_batch(
         .collect();
     shared.ensure_topics(&topics).await?;
     let mut receipts = Vec::with_capacity(batch.len());
-    // Chunks no larger than the in-flight bound, so one huge batch cannot wait forever.
-    let chunk = shared.opts.max_in_flight.max(1);
-    let mut start = 0;
-    while start < batch.len() {
-        let end = (start + chunk).min(batch.len());
-        let n = (end - start) as u32;
-        let _permits = shared
-            .permits
-            .acquire_many(n)
-            .await
-            .map_err(|_| Error::new(ErrorKind::Closed, "kafka: the transport is closed"))?;
-        let mut pending: Vec<(usize, DeliveryFuture)> = Vec::with_capacity(n as usize);
-        for i in start..end {
-            let env = &batch[i];
-            let headers = record_headers(env)?;
-            let key = env.headers.get(names::PARTITION_KEY).unwrap_or("");
-            let mut record = FutureRecord::to(&topics[i])
-                .payload(env.payload.as_ref())
-                .key(key)
-                .headers(headers);
-            loop {
-                match shared.producer.send_result(record) {
-                    Ok(f) => {
-                        pending.push((i, f));
-                        break;
+    // A sliding window: one permit per unconfirmed record (shared by concurrent batches, so
+    // the bound holds across them), released when its delivery report arrived; reports are
+    // awaited oldest first, so a huge batch streams instead of draining in chunks.
+    let mut pending: VecDeque<(usize, DeliveryFuture, OwnedSemaphorePermit)> = VecDeque::new();
+    for (i, env) in batch.iter().enumerate() {
+        let permit =
+            match shared.permits.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => {
+                    // At the bound: our own oldest report frees a permit soonest.
+                    if let Some((j, f, p)) = pending.pop_front() {
+                        receipts.push((j, settle(shared, &topics[j], f).await?));
+                        drop(p);
                     }
-                    Err((e, back)) => {
-                        use rdkafka::types::RDKafkaErrorCode;
-                        if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) {
-                            // The local queue is full: wait for the oldest report, then retry.
-                            record = back;
-                            if let Some((j, f)) = (!pending.is_empty()).then(|| pending.remove(0)) {
-                                receipts.push((j, settle(shared, &topics[j], f).await?));
-                            } else {
-                                tokio::time::sleep(Duration::from_millis(1)).await;
-                            }
-                            continue;
+                    shared.permits.clone().acquire_owned().await.map_err(|_| {
+                        Error::new(ErrorKind::Closed, "kafka: the transport is closed")
+                    })?
+                }
+            };
+        let headers = record_headers(env)?;
+        let key = env.headers.get(names::PARTITION_KEY).unwrap_or("");
+        let mut record = FutureRecord::to(&topics[i])
+            .payload(env.payload.as_ref())
+            .key(key)
+            .headers(headers);
+        loop {
+            match shared.producer.send_result(record) {
+                Ok(f) => {
+                    pending.push_back((i, f, permit));
+                    break;
+                }
+                Err((e, back)) => {
+                    use rdkafka::types::RDKafkaErrorCode;
+                    if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) {
+                        // The local queue is full: wait for the oldest report, then retry.
+                        record = back;
+                        if let Some((j, f, p)) = pending.pop_front() {
+                            receipts.push((j, settle(shared, &topics[j], f).await?));
+                            drop(p);
+                        } else {
+                            tokio::time::sleep(Duration::from_millis(1)).await;
                         }
-                        return Err(kafka_error(
-                            &shared.where_(),
-                            &format!("publish to `{}`", topics[i]),
-                            e,
-                        ));
+                        continue;
                     }
+                    return Err(kafka_error(
+                        &shared.where_(),
+                        &format!("publish to `{}`", topics[i]),
+                        e,
+                    ));
                 }
             }
         }
-        for (j, f) in pending {
-            receipts.push((j, settle(shared, &topics[j], f).await?));
-        }
-        start = end;
+    }
+    for (j, f, p) in pending {
+        receipts.push((j, settle(shared, &topics[j], f).await?));
+        drop(p);
     }
     receipts.sort_by_key(|(i, _)| *i);
     Ok(receipts.into_iter().map(|(_, r)| r).collect())

@@ -177,7 +177,7 @@ impl ReplayByTime for KafkaTransport {
     }
 }
 
-fn replay_consumer(shared: &super::Shared) -> Result<BaseConsumer> {
+pub(crate) fn replay_consumer(shared: &super::Shared) -> Result<BaseConsumer<super::Quiet>> {
     let opts = &shared.opts;
     let mut cfg = opts.client_config();
     cfg.set(
@@ -191,7 +191,7 @@ fn replay_consumer(shared: &super::Shared) -> Result<BaseConsumer> {
     .set("enable.auto.commit", "false")
     .set("enable.auto.offset.store", "false")
     .set("enable.partition.eof", "true");
-    cfg.create()
+    cfg.create_with_context(super::Quiet)
         .map_err(|e| kafka_error(&shared.where_(), "invalid consumer settings", e))
 }
 

@@ -23,7 +23,7 @@ fn unique() -> String {
 fn kafka_url(label: &str) -> (tempfile::TempDir, String) {
     let dir = tempfile::tempdir().unwrap();
     let url = format!(
-        "kafka://127.0.0.1:9092?namespace=cli{label}{}.&partitions=1&dedupe=sqlite:{}",
+        "kafka://127.0.0.1:9092?namespace=cli{label}{}.&partitions=1&batch.num.messages=1&dedupe=sqlite:{}",
         unique(),
         dir.path().join("dedupe.sqlite3").display()
     );
