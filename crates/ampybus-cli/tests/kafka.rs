@@ -39,47 +39,9 @@ fn pub_sub_and_topics_over_kafka() {
         all.extend_from_slice(args);
         ampybus_in(None, &all)
     };
-    for (topic, key, n) in [
-        ("ampy.dev.news.v1.a", "n-a", 3),
-        ("ampy.dev.news.v1.b", "n-b", 2),
-    ] {
-        for i in 0..n {
-            let payload = format!("{key}-{i}");
-            let o = run(&[
-                "pub",
-                "--topic",
-                topic,
-                "--producer",
-                "cli@1",
-                "--source",
-                "cli",
-                "--pk",
-                key,
-                "--payload",
-                &payload,
-            ]);
-            assert_eq!(o.code, 0, "{}", o.stderr);
-        }
-    }
     // One partition: the first record is the first published.
-    let o = run(&[
-        "sub",
-        "--pattern",
-        "ampy.dev.news.>",
-        "--durable",
-        "audit",
-        "--json",
-        "--max",
-        "1",
-        "--timeout",
-        "60",
-    ]);
-    assert_eq!(o.code, 0, "{}\n{}", o.stdout, o.stderr);
-    let v = o.json_lines();
-    assert_eq!(v.len(), 1);
-    assert_eq!(v[0]["topic"], "ampy.dev.news.v1.a");
-    assert_eq!(v[0]["headers"]["partition_key"], "n-a");
-    assert_eq!(v[0]["payload_base64"], "bi1hLTA=", "{}", v[0]);
+    let first = common::pub_five_news_sub_one(&url);
+    assert_eq!(first["payload_base64"], "bi1hLTA=", "{first}");
 
     let o = run(&["topics", "list", "--json"]);
     assert_eq!(o.code, 0, "{}", o.stderr);

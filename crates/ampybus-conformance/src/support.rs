@@ -302,3 +302,21 @@ pub fn start_test_broker(which: &'static str) {
     );
     started.push(which);
 }
+
+/// Every topic row the bus's [`ampybus::transport::Inspect`] reports (pattern `>`); panics
+/// when the bus cannot inspect or the read fails (test helper).
+///
+/// ```no_run
+/// # async fn f(bus: ampybus::Bus) {
+/// let rows = ampybus_conformance::all_topic_stats(&bus).await;
+/// assert!(rows.iter().all(|r| r.messages == 0));
+/// # }
+/// ```
+pub async fn all_topic_stats(bus: &Bus) -> Vec<ampybus::transport::TopicStats> {
+    bus.transport()
+        .inspect()
+        .expect("the bus can inspect")
+        .topic_stats(&TopicPattern::parse(">").expect("pattern"))
+        .await
+        .expect("topic stats")
+}

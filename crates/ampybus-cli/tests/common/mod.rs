@@ -74,3 +74,56 @@ pub fn start_broker(which: &'static str) {
     );
     started.push(which);
 }
+
+/// The broker tests' first steps on `url`: `ampybus pub` of three messages on
+/// `ampy.dev.news.v1.a` (key `n-a`, payloads `n-a-0`…) and two on `ampy.dev.news.v1.b` (key
+/// `n-b`), then `sub --durable audit --max 1` on `ampy.dev.news.>`. Returns the message `sub`
+/// printed (asserting it is the first one published).
+#[allow(dead_code)] // not every test binary that includes `common` uses it
+pub fn pub_five_news_sub_one(url: &str) -> Value {
+    let run = |args: &[&str]| {
+        let mut all = vec!["--url", url];
+        all.extend_from_slice(args);
+        ampybus_in(None, &all)
+    };
+    for (topic, key, n) in [
+        ("ampy.dev.news.v1.a", "n-a", 3),
+        ("ampy.dev.news.v1.b", "n-b", 2),
+    ] {
+        for i in 0..n {
+            let payload = format!("{key}-{i}");
+            let o = run(&[
+                "pub",
+                "--topic",
+                topic,
+                "--producer",
+                "cli@1",
+                "--source",
+                "cli",
+                "--pk",
+                key,
+                "--payload",
+                &payload,
+            ]);
+            assert_eq!(o.code, 0, "{}", o.stderr);
+        }
+    }
+    let o = run(&[
+        "sub",
+        "--pattern",
+        "ampy.dev.news.>",
+        "--durable",
+        "audit",
+        "--json",
+        "--max",
+        "1",
+        "--timeout",
+        "60",
+    ]);
+    assert_eq!(o.code, 0, "{}\n{}", o.stdout, o.stderr);
+    let v = o.json_lines();
+    assert_eq!(v.len(), 1, "{}", o.stdout);
+    assert_eq!(v[0]["topic"], "ampy.dev.news.v1.a");
+    assert_eq!(v[0]["headers"]["partition_key"], "n-a");
+    v[0].clone()
+}
