@@ -10,21 +10,11 @@ fn brokers() {
     common::start_broker("kafka");
 }
 
-fn unique() -> String {
-    format!(
-        "{:x}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    )
-}
-
 fn kafka_url(label: &str) -> (tempfile::TempDir, String) {
     let dir = tempfile::tempdir().unwrap();
     let url = format!(
         "kafka://127.0.0.1:9092?namespace=cli{label}{}.&partitions=1&batch.num.messages=1&dedupe=sqlite:{}",
-        unique(),
+        common::unique(),
         dir.path().join("dedupe.sqlite3").display()
     );
     (dir, url)

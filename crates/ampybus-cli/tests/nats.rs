@@ -54,7 +54,7 @@ fn streams_ensure_list_describe() {
 #[test]
 fn pub_and_sub_over_nats() {
     brokers();
-    let id = uuid_like();
+    let id = common::unique();
     let topic = format!("ampy.dev.news.v1.cli{id}.raw");
     let o = run(&[
         "pub",
@@ -99,7 +99,7 @@ fn publish(topic: &str, key: &str, payload: &str) {
 #[test]
 fn topics_list_describe_lag_over_nats() {
     brokers();
-    let id = uuid_like();
+    let id = common::unique();
     let (a, b) = (
         format!("ampy.dev.news.v1.top{id}.a"),
         format!("ampy.dev.news.v1.top{id}.b"),
@@ -203,14 +203,4 @@ fn bench_runs_against_the_server() {
     let o = run(&["bench", "--raw-sqlite", "--rounds", "1"]);
     assert_eq!(o.code, 2, "{}", o.stderr);
     assert!(o.stderr.contains("bench-nats"), "{}", o.stderr);
-}
-
-fn uuid_like() -> String {
-    format!(
-        "{:x}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    )
 }

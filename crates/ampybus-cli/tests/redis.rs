@@ -10,20 +10,10 @@ fn brokers() {
     common::start_broker("redis");
 }
 
-fn unique() -> String {
-    format!(
-        "{:x}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    )
-}
-
 #[test]
 fn pub_sub_and_topics_over_redis() {
     brokers();
-    let id = unique();
+    let id = common::unique();
     let url = format!("redis://127.0.0.1:6379?key_prefix=clitest{id}:");
     let run = |args: &[&str]| {
         let mut all = vec!["--url", url.as_str()];
@@ -65,7 +55,10 @@ fn pub_sub_and_topics_over_redis() {
 #[test]
 fn demo_runs_end_to_end_on_redis() {
     brokers();
-    let url = format!("redis://127.0.0.1:6379?key_prefix=clidemo{}:", unique());
+    let url = format!(
+        "redis://127.0.0.1:6379?key_prefix=clidemo{}:",
+        common::unique()
+    );
     let o = ampybus_in(None, &["--url", &url, "demo"]);
     assert_eq!(o.code, 0, "{}\n{}", o.stdout, o.stderr);
     assert!(o.stdout.contains("result: OK"), "{}", o.stdout);

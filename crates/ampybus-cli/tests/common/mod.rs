@@ -127,3 +127,15 @@ pub fn pub_five_news_sub_one(url: &str) -> Value {
     assert_eq!(v[0]["headers"]["partition_key"], "n-a");
     v[0].clone()
 }
+
+/// A name part no other run uses: the current time in nanoseconds, in hex.
+#[allow(dead_code)] // not every test binary that includes `common` uses it
+pub fn unique() -> String {
+    format!(
+        "{:x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    )
+}
