@@ -107,11 +107,7 @@ pub async fn run(url: &str, a: BenchNatsArgs) -> CliResult<u8> {
         let envs = envelopes(a.messages, a.payload_bytes, round, "raw")?;
         let r = raw_round(&js, envs, a.inflight.max(1)).await?;
         let envs = envelopes(a.messages, a.payload_bytes, round, "bus")?;
-        let start = Instant::now();
-        bus.publish_wire(envs)
-            .await
-            .map_err(|e| CliError::bus("ampybus publish", &e))?;
-        let o = a.messages as f64 / start.elapsed().as_secs_f64();
+        let o = crate::bench_raw::bus_round(&bus, envs).await?;
         report.round(round, r, o);
     }
     report.print(

@@ -24,6 +24,16 @@ pub fn envelopes(topic: &str, n: u64, payload: usize) -> CliResult<Vec<Envelope>
         .collect())
 }
 
+/// The ampybus side of a round: `envs` through `bus.publish_wire`, in msg/s.
+pub async fn bus_round(bus: &ampybus::Bus, envs: Vec<Envelope>) -> CliResult<f64> {
+    let n = envs.len();
+    let start = std::time::Instant::now();
+    bus.publish_wire(envs)
+        .await
+        .map_err(|e| CliError::bus("ampybus publish", &e))?;
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
 /// Best, median, worst (higher is better).
 fn spread(v: &[f64]) -> (f64, f64, f64) {
     let mut s = v.to_vec();

@@ -126,11 +126,7 @@ pub async fn run(url: &str, a: BenchRedisArgs) -> CliResult<u8> {
             .await
             .map_err(|e| CliError::transport(format!("DEL: {e}")))?;
         let envs = envelopes(a.messages, a.payload_bytes)?;
-        let start = Instant::now();
-        bus.publish_wire(envs)
-            .await
-            .map_err(|e| CliError::bus("ampybus publish", &e))?;
-        let o = a.messages as f64 / start.elapsed().as_secs_f64();
+        let o = crate::bench_raw::bus_round(&bus, envs).await?;
         let _: () = redis::cmd("DEL")
             .arg(&key)
             .query_async(&mut admin)

@@ -187,7 +187,7 @@ Examples:
 Both sides use the transport's producer settings (idempotent, acks=all, linger.ms=1, the URL's
 librdkafka settings), the same Kafka topic, record key, headers (the contract's plus `topic`),
 payload size and bound on unconfirmed records. The topic (namespace `ampybench{pid}.` unless the
-URL sets one) is created before the first round, untimed.")]
+URL sets one) is created, and both producers send one record, before the first round, untimed.")]
     BenchKafka(crate::bench_kafka::BenchKafkaArgs),
 
     /// Print a shell completion script to stdout

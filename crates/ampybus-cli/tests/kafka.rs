@@ -24,11 +24,7 @@ fn kafka_url(label: &str) -> (tempfile::TempDir, String) {
 fn pub_sub_and_topics_over_kafka() {
     brokers();
     let (_dir, url) = kafka_url("t");
-    let run = |args: &[&str]| {
-        let mut all = vec!["--url", url.as_str()];
-        all.extend_from_slice(args);
-        ampybus_in(None, &all)
-    };
+    let run = |args: &[&str]| common::ampybus_on(&url, args);
     // One partition: the first record is the first published.
     let first = common::pub_five_news_sub_one(&url);
     assert_eq!(first["payload_base64"], "bi1hLTA=", "{first}");

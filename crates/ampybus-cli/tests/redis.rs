@@ -15,11 +15,7 @@ fn pub_sub_and_topics_over_redis() {
     brokers();
     let id = common::unique();
     let url = format!("redis://127.0.0.1:6379?key_prefix=clitest{id}:");
-    let run = |args: &[&str]| {
-        let mut all = vec!["--url", url.as_str()];
-        all.extend_from_slice(args);
-        ampybus_in(None, &all)
-    };
+    let run = |args: &[&str]| common::ampybus_on(&url, args);
     common::pub_five_news_sub_one(&url);
 
     let o = run(&["topics", "list", "--json"]);

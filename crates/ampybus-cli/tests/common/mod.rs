@@ -75,17 +75,21 @@ pub fn start_broker(which: &'static str) {
     started.push(which);
 }
 
+/// `ampybus --url {url} {args…}`.
+#[allow(dead_code)] // not every test binary that includes `common` uses it
+pub fn ampybus_on(url: &str, args: &[&str]) -> Out {
+    let mut all = vec!["--url", url];
+    all.extend_from_slice(args);
+    ampybus_in(None, &all)
+}
+
 /// The broker tests' first steps on `url`: `ampybus pub` of three messages on
 /// `ampy.dev.news.v1.a` (key `n-a`, payloads `n-a-0`…) and two on `ampy.dev.news.v1.b` (key
 /// `n-b`), then `sub --durable audit --max 1` on `ampy.dev.news.>`. Returns the message `sub`
 /// printed (asserting it is the first one published).
 #[allow(dead_code)] // not every test binary that includes `common` uses it
 pub fn pub_five_news_sub_one(url: &str) -> Value {
-    let run = |args: &[&str]| {
-        let mut all = vec!["--url", url];
-        all.extend_from_slice(args);
-        ampybus_in(None, &all)
-    };
+    let run = |args: &[&str]| ampybus_on(url, args);
     for (topic, key, n) in [
         ("ampy.dev.news.v1.a", "n-a", 3),
         ("ampy.dev.news.v1.b", "n-b", 2),
