@@ -278,12 +278,17 @@ pub struct SubArgs {
     /// Exit after this many seconds without a message (fractions allowed)
     #[arg(long, value_name = "SECS", default_value = "5", value_parser = parse_secs)]
     pub timeout: f64,
-    /// One JSON object per message per line: {"topic","headers","payload_base64"}
+    /// One JSON object per message per line: {"topic","headers","payload_base64"}; blob-stored
+    /// payloads are inlined (see --blob-pointers)
     #[arg(long)]
     pub json: bool,
-    /// With --json: add payload_json when the schema is known and the payload decodes
+    /// With --json: add payload_json when the schema is known and the payload decodes (why not: on stderr)
     #[arg(long, requires = "json")]
     pub decode: bool,
+    /// With --json: print blob-stored payloads as their pointer (blob_ref, blob_hash, blob_size)
+    /// instead of inlining the stored bytes
+    #[arg(long, requires = "json")]
+    pub blob_pointers: bool,
     /// Print the stored window from this time (RFC3339, inclusive) and exit
     #[arg(long, value_name = "TIME")]
     pub since: Option<String>,

@@ -1,15 +1,15 @@
 //! `ampybus dlq`: inspect, redrive and purge dead-lettered messages (DESIGN §2).
 //!
-//! Redrive does not delete or mark the DLQ entries it republishes: run `dlq purge` with the
-//! same selection afterwards, or a later redrive will publish them again (each time with a new
-//! `message_id`, `redrive_of` = the original id).
+//! Redrive checks every selected entry before it sends any, and records each entry it sent in
+//! the transport's dedupe store (consumer [`REDRIVE_CONSUMER`]), so a repeated redrive sends
+//! only what was not sent. It does not delete the DLQ entries: `dlq purge` does.
 
 use crate::decoder::ProtoDecoder;
 use crate::error::{CliError, CliResult, EXIT_OK, EXIT_USAGE};
 use crate::util::{self, Out};
 use ampybus::bus::TransportKind;
 use ampybus::headers::names;
-use ampybus::runtime::{ORIGINAL_MESSAGE_ID, redrive_envelope};
+use ampybus::runtime::{ORIGINAL_MESSAGE_ID, REDRIVE_CONSUMER, plan_redrive, record_redriven};
 use ampybus::transport::embedded::{EmbeddedLog, EmbeddedOptions};
 use ampybus::transport::{StoredMessage, Transport, WindowQuery};
 use ampybus::{Bus, Domain, PayloadDecoder, Topic, TopicPattern};
@@ -41,11 +41,15 @@ Examples:
 Examples:
   ampybus dlq redrive --reason handler_error --dry-run
   ampybus dlq redrive --pattern 'ampy.prod.dlq.v1.orders' --rate 50
+  ampybus dlq redrive --reason handler_error --skip-invalid
 
 Each message is published to its `original_topic` with a new message_id, `redrive_of` = the
-original id and retry_count + 1; one audit line per message on stdout. Redrive does not
-delete the DLQ entries: run `dlq purge` with the same selection afterwards, or a later
-redrive publishes them again.")]
+original id and retry_count + 1; one audit line per message on stdout. Every selected entry
+is checked first: entries that cannot be redriven (e.g. no `original_topic`) are listed on
+stderr and the run is refused (exit 2, nothing sent) unless --skip-invalid. Each entry sent
+is recorded in the transport's dedupe store (consumer `ampybus-redrive`) once its publish
+is confirmed, so running the same redrive again sends only what was not sent. The DLQ
+entries are kept: `dlq purge` removes them.")]
     Redrive(RedriveArgs),
     /// Delete dead-lettered messages from the embedded log
     #[command(after_help = "\
@@ -93,9 +97,12 @@ pub struct RedriveArgs {
     /// Messages per second
     #[arg(long, value_name = "N", default_value_t = 100.0)]
     pub rate: f64,
-    /// Print what would be redriven; publish nothing
+    /// Print what would be redriven (and list what cannot be); publish nothing
     #[arg(long)]
     pub dry_run: bool,
+    /// Send the entries that can be redriven and skip (list) those that cannot
+    #[arg(long)]
+    pub skip_invalid: bool,
 }
 
 /// `ampybus dlq purge`.
@@ -292,28 +299,53 @@ async fn redrive(url: &str, a: RedriveArgs) -> CliResult<u8> {
     let bus = util::connect(url).await?;
     let result = redrive_selected(&bus, &f, since, &a).await;
     let close = util::close(&bus).await;
-    let n = result?;
+    let code = result?;
     close?;
-    if a.dry_run {
-        eprintln!("would redrive {n} message(s); nothing published");
-    } else {
-        eprintln!(
-            "redrove {n} message(s); the DLQ entries are kept (remove them with `ampybus dlq purge`)"
-        );
-    }
-    Ok(EXIT_OK)
+    Ok(code)
 }
 
+/// Checks the whole selection, then (unless refused or a dry run) sends the entries not yet
+/// redriven, recording each one after its publish was confirmed.
 async fn redrive_selected(
     bus: &Bus,
     f: &Filter,
     since: Option<DateTime<Utc>>,
     a: &RedriveArgs,
-) -> CliResult<u64> {
+) -> CliResult<u8> {
+    let store = bus.transport().dedupe_store().ok_or_else(|| {
+        CliError::usage(format!(
+            "dlq redrive: the {} transport at {} has no dedupe store to record redriven entries in, so a repeated redrive would send them again; configure one (Kafka: option `dedupe=sqlite:PATH` or `dedupe=redis://…`)",
+            bus.transport().name(),
+            bus.url_redacted()
+        ))
+    })?;
     let msgs = select(bus, f, since).await?;
+    let entries: Vec<ampybus::Envelope> = msgs.iter().map(|m| m.envelope.clone()).collect();
+    let plan = plan_redrive(&entries, Some(store.as_ref()))
+        .await
+        .map_err(|e| CliError::bus("dlq redrive: reading the dedupe store", &e))?;
+    let id_of = |i: usize| msgs[i].envelope.headers.message_id().unwrap_or("-");
+    for (i, e) in &plan.invalid {
+        let m = &msgs[*i];
+        eprintln!(
+            "cannot redrive {} (seq {}, {}): {e}",
+            id_of(*i),
+            m.sequence,
+            m.envelope.topic
+        );
+    }
+    let refused = !plan.invalid.is_empty() && !a.skip_invalid;
+    if refused && !a.dry_run {
+        return Err(CliError::usage(format!(
+            "dlq redrive: {} of {} selected DLQ entries cannot be redriven (listed above); nothing sent. Fix or purge them, narrow the selection, or pass --skip-invalid to send the {} that can be",
+            plan.invalid.len(),
+            msgs.len(),
+            plan.ready.len()
+        )));
+    }
     let mut out = Out::new();
     let pb = indicatif::ProgressBar::with_draw_target(
-        Some(msgs.len() as u64),
+        Some(plan.ready.len() as u64),
         indicatif::ProgressDrawTarget::stderr(),
     );
     pb.set_style(
@@ -322,20 +354,38 @@ async fn redrive_selected(
     );
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / a.rate));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let to_send = plan.ready.len();
     let mut n = 0u64;
-    for m in &msgs {
-        let dlq_id = m.envelope.headers.message_id().unwrap_or("-");
-        let env = redrive_envelope(&m.envelope)
-            .map_err(|e| CliError::bus(format!("DLQ message {dlq_id} (seq {})", m.sequence), &e))?;
+    for (i, env) in plan.ready {
+        let dlq_id = id_of(i);
         let new_id = env.headers.message_id().unwrap_or("-").to_owned();
+        let topic = env.topic.clone();
         let line = if a.dry_run {
-            format!("would redrive {dlq_id} -> {} as {new_id}", env.topic)
+            format!("would redrive {dlq_id} -> {topic} as {new_id}")
         } else {
             tick.tick().await;
-            let topic = env.topic.clone();
+            let sent = n;
+            let stopped = |what: String, e: &ampybus::Error| {
+                pb.finish_and_clear();
+                let mut err = CliError::bus(what, e);
+                err.message.push_str(&format!(
+                    " (after redriving {sent} of {to_send}; running the same redrive again sends only the rest)"
+                ));
+                err
+            };
             bus.publish_wire(vec![env])
                 .await
-                .map_err(|e| CliError::bus(format!("redriving {dlq_id} to {topic}"), &e))?;
+                .map_err(|e| stopped(format!("redriving {dlq_id} to {topic}"), &e))?;
+            record_redriven(store.as_ref(), &msgs[i].envelope)
+                .await
+                .map_err(|e| {
+                    stopped(
+                        format!(
+                            "{dlq_id} was redriven to {topic} as {new_id} but could not be recorded as redriven, so a later run would send it again"
+                        ),
+                        &e,
+                    )
+                })?;
             format!("redrive {dlq_id} -> {topic} as {new_id}")
         };
         n += 1;
@@ -345,7 +395,26 @@ async fn redrive_selected(
         }
     }
     pb.finish_and_clear();
-    Ok(n)
+    let skipped = format!(
+        "{} already redriven (recorded under consumer `{REDRIVE_CONSUMER}`), {} invalid",
+        plan.already.len(),
+        plan.invalid.len()
+    );
+    if a.dry_run {
+        eprintln!("would redrive {n} message(s), skip {skipped}; nothing published");
+        if refused {
+            return Err(CliError::usage(format!(
+                "dlq redrive --dry-run: {} of {} selected DLQ entries cannot be redriven (listed above), so the run would be refused; pass --skip-invalid to send the {to_send} that can be",
+                plan.invalid.len(),
+                msgs.len(),
+            )));
+        }
+    } else {
+        eprintln!(
+            "redrove {n} message(s), skipped {skipped}; the DLQ entries are kept (remove them with `ampybus dlq purge`)"
+        );
+    }
+    Ok(EXIT_OK)
 }
 
 async fn purge(url: &str, a: PurgeArgs) -> CliResult<u8> {

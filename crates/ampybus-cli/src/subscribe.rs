@@ -8,6 +8,8 @@ use ampybus::headers::names;
 use ampybus::transport::{Delivery, StartAt, SubscribeSpec, WindowQuery};
 use ampybus::{Bus, Envelope, PayloadDecoder, TopicPattern};
 use chrono::{DateTime, Utc};
+use serde_json::Value;
+use std::collections::HashSet;
 use std::time::Duration;
 
 /// How many deliveries one fetch asks for.
@@ -40,7 +42,10 @@ pub async fn run(url: &str, args: SubArgs) -> CliResult<u8> {
         out: Out::new(),
         json: args.json,
         decode: args.decode,
+        blob_pointers: args.blob_pointers,
         count: 0,
+        failed: None,
+        unknown_schemas: HashSet::new(),
     };
     let result = if since.is_some() || until.is_some() {
         window(&bus, pattern, since, until, args.max, &mut printer).await
@@ -51,6 +56,9 @@ pub async fn run(url: &str, args: SubArgs) -> CliResult<u8> {
     let code = result?;
     close?;
     eprintln!("received {} message(s)", printer.count);
+    if let Some(e) = printer.failed.take() {
+        return Err(e);
+    }
     Ok(code)
 }
 
@@ -181,11 +189,20 @@ struct Printer {
     out: Out,
     json: bool,
     decode: bool,
+    /// `--blob-pointers`: print blob-stored payloads as their pointer headers.
+    blob_pointers: bool,
     count: u64,
+    /// Why printing stopped before the end (a blob that cannot be inlined): the command's
+    /// error once what was printed before it is flushed (and, when durable, acked).
+    failed: Option<CliError>,
+    /// Schemas `--decode` does not know, each noted once on stderr.
+    unknown_schemas: HashSet<String>,
 }
 
 impl Printer {
-    /// Prints one message; `Ok(false)` when stdout was closed (nothing more to print).
+    /// Prints one message; `Ok(false)` when nothing more is to be printed: stdout was closed,
+    /// or the message cannot be printed (then `failed` says why, and what was printed before
+    /// it is flushed).
     async fn print(
         &mut self,
         bus: &Bus,
@@ -195,12 +212,32 @@ impl Printer {
         delivery_count: u32,
     ) -> CliResult<bool> {
         let text = if self.json {
-            let dec: Option<&dyn PayloadDecoder> = if self.decode {
-                Some(&ProtoDecoder)
-            } else {
-                None
+            let inlined;
+            let env = match env.headers.blob_ref() {
+                Some(blob_ref) if !self.blob_pointers => match bus.codec().inline_blob(env).await {
+                    Ok(e) => {
+                        inlined = e;
+                        &inlined
+                    }
+                    Err(e) => {
+                        let id = env.headers.message_id().unwrap_or("-");
+                        self.failed = Some(CliError::bus(
+                            format!(
+                                "message {id}: blob_ref {blob_ref}: not printed, its payload cannot be inlined (--blob-pointers prints the pointer instead)"
+                            ),
+                            &e,
+                        ));
+                        self.out.flush()?;
+                        return Ok(false);
+                    }
+                },
+                _ => env,
             };
-            env.to_json_line(dec)
+            let mut json = env.to_json(None);
+            if self.decode {
+                json.payload_json = self.payload_json(bus, env).await;
+            }
+            serde_json::to_string(&json).expect("envelope JSON serialises")
         } else {
             readable(bus, env, seq, stored_at, delivery_count).await
         };
@@ -209,6 +246,36 @@ impl Printer {
             self.count += 1;
         }
         Ok(ok)
+    }
+
+    /// `--decode`: the payload as JSON, or `None` with the reason on stderr — per message
+    /// when the payload cannot be read or does not decode as its known schema, once per
+    /// schema when the schema is unknown to this build.
+    async fn payload_json(&mut self, bus: &Bus, env: &Envelope) -> Option<Value> {
+        let fqdn = env.headers.schema_fqdn().unwrap_or_default();
+        let id = env.headers.message_id().unwrap_or("-");
+        let raw = match bus.decode_payload(env).await {
+            Ok(raw) => raw,
+            Err(e) => {
+                eprintln!("message {id}: payload_json omitted: the payload cannot be read: {e}");
+                return None;
+            }
+        };
+        match ProtoDecoder.decode_json(fqdn, &raw) {
+            Some(Ok(v)) => Some(v),
+            Some(Err(e)) => {
+                eprintln!("message {id}: payload_json omitted: does not decode as {fqdn}: {e}");
+                None
+            }
+            None => {
+                if self.unknown_schemas.insert(fqdn.to_owned()) {
+                    eprintln!(
+                        "payload_json omitted for schema_fqdn {fqdn:?}: not a schema this build knows (said once per schema)"
+                    );
+                }
+                None
+            }
+        }
     }
 }
 

@@ -5,28 +5,55 @@ use crate::decoder::ProtoDecoder;
 use crate::error::{CliError, CliResult, EXIT_INVALID, EXIT_OK};
 use crate::util::Out;
 
-/// Runs `validate`: one `OK`/`FAIL` line per file on stdout, a summary on stderr.
+/// Runs `validate`: per file one `OK <path>` line, or one `FAIL <path>: …` line per invalid
+/// envelope (prefixed `envelope N (line L): ` when the file holds several) on stdout; a
+/// summary on stderr.
 pub fn run(args: &ValidateArgs) -> CliResult<u8> {
     let mut out = Out::new();
-    let (mut ok, mut failed) = (0usize, 0usize);
-    for path in &args.paths {
-        let results = ampybus::validate::validate_path(path, Some(&ProtoDecoder));
+    let (mut ok, mut failed, mut envelopes) = (0usize, 0usize, 0usize);
+    'paths: for path in &args.paths {
+        let results = ampybus::validate::validate_path_envelopes(path, Some(&ProtoDecoder));
         if results.is_empty() {
             eprintln!("warning: {}: no *.json files found", path.display());
         }
         for (file, result) in results {
-            let line = match result {
-                Ok(_) => {
-                    ok += 1;
-                    format!("OK {}", file.display())
-                }
-                Err(e) => {
-                    failed += 1;
-                    format!("FAIL {}: {e}", file.display())
+            let lines = match result {
+                Err(e) => vec![format!("FAIL {}: {e}", file.display())],
+                Ok(checks) => {
+                    envelopes += checks.len();
+                    let several = checks.len() > 1;
+                    let fails: Vec<String> = checks
+                        .into_iter()
+                        .filter_map(|c| {
+                            let e = c.result.err()?;
+                            Some(if several {
+                                format!(
+                                    "FAIL {}: envelope {} (line {}): {e}",
+                                    file.display(),
+                                    c.index,
+                                    c.line
+                                )
+                            } else {
+                                format!("FAIL {}: {e}", file.display())
+                            })
+                        })
+                        .collect();
+                    if fails.is_empty() {
+                        vec![format!("OK {}", file.display())]
+                    } else {
+                        fails
+                    }
                 }
             };
-            if !out.line(&line)? {
-                break;
+            if lines[0].starts_with("OK ") {
+                ok += 1;
+            } else {
+                failed += 1;
+            }
+            for line in &lines {
+                if !out.line(line)? {
+                    break 'paths;
+                }
             }
         }
     }
@@ -37,7 +64,7 @@ pub fn run(args: &ValidateArgs) -> CliResult<u8> {
         ));
     }
     eprintln!(
-        "validated {} file(s): {ok} ok, {failed} failed",
+        "validated {} file(s), {envelopes} envelope(s): {ok} ok, {failed} failed",
         ok + failed
     );
     Ok(if failed > 0 { EXIT_INVALID } else { EXIT_OK })

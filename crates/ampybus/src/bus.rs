@@ -529,11 +529,41 @@ impl Bus {
     }
 
     /// Publishes envelopes that are already on the wire form (validated as such), e.g. from
-    /// `--json-envelope` files or a redrive.
-    pub async fn publish_wire(&self, batch: Vec<Envelope>) -> Result<Vec<PublishReceipt>> {
-        for (i, env) in batch.iter().enumerate() {
-            env.validate_for_publish()
-                .map_err(|e| Error::new(e.kind(), format!("message {i}: {}", e.message())))?;
+    /// `--json-envelope` files or a redrive. A carried payload over the codec's inline limit
+    /// goes to the blob store as on any publish ([`PayloadCodec::offload`]: `blob_ref`,
+    /// `blob_hash`, `blob_size`; an error when no blob store is configured); payloads within
+    /// the limit and pointer envelopes are sent as they are, never re-compressed.
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use ampybus::{Bus, Envelope, Headers, Topic, TopicPattern};
+    /// use ampybus::transport::{StartAt, SubscribeSpec};
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let bus = Bus::connect(dir.path().to_str().unwrap()).await.unwrap();
+    /// let topic = Topic::parse("ampy.dev.news.v1.raw").unwrap();
+    /// let mut h = Headers::for_publish("ampy.raw.v1.Bytes", "p@1", "p", "n-1");
+    /// h.fill_publish_defaults();
+    /// let big = Envelope::new(&topic, h, vec![7u8; bus.codec().max_inline + 1]);
+    /// bus.publish_wire(vec![big]).await.unwrap();
+    /// let pattern = TopicPattern::parse("ampy.dev.news.>").unwrap();
+    /// let mut sub = bus.subscribe(SubscribeSpec::ephemeral(pattern, StartAt::Earliest)).await.unwrap();
+    /// let got = sub.fetch(1, std::time::Duration::from_secs(5)).await.unwrap();
+    /// assert!(got[0].envelope.payload.is_empty() && got[0].envelope.headers.blob_ref().is_some());
+    /// assert_eq!(bus.decode_payload(&got[0].envelope).await.unwrap().len(), bus.codec().max_inline + 1);
+    /// # });
+    /// ```
+    pub async fn publish_wire(&self, mut batch: Vec<Envelope>) -> Result<Vec<PublishReceipt>> {
+        for (i, env) in batch.iter_mut().enumerate() {
+            let at = |e: Error| Error::new(e.kind(), format!("message {i}: {}", e.message()));
+            let topic = env.validate_for_publish().map_err(at)?;
+            if env.payload.len() > self.codec.max_inline {
+                let wire = std::mem::take(&mut env.payload);
+                env.payload = self
+                    .codec
+                    .offload(&mut env.headers, wire, topic.domain().as_str())
+                    .await
+                    .map_err(at)?;
+            }
         }
         self.send(batch).await
     }

@@ -1,6 +1,7 @@
 //! Payload codec: gzip above 128 KiB, transparent inflate, and the object-store pointer pattern
 //! (`blob_ref`/`blob_hash`/`blob_size`) above the inline size limit.
 
+use crate::envelope::Envelope;
 use crate::error::{Error, Result};
 use crate::headers::{Headers, names};
 use bytes::Bytes;
@@ -216,6 +217,33 @@ impl PayloadCodec {
         } else {
             raw
         };
+        self.offload(headers, wire, domain).await
+    }
+
+    /// Moves wire bytes (already compressed when they are going to be) to the blob store when
+    /// they are over [`PayloadCodec::max_inline`], setting `blob_ref`, `blob_hash` and
+    /// `blob_size` and returning an empty inline payload; bytes within the limit are returned
+    /// unchanged. Never compresses: the second half of [`PayloadCodec::encode`], also used
+    /// for envelopes that arrive in their wire form ([`crate::Bus::publish_wire`]).
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// use ampybus::{Headers, codec::{BlobStore, PayloadCodec}};
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let codec = PayloadCodec {
+    ///     max_inline: 4,
+    ///     blobs: Some(BlobStore::local(dir.path()).unwrap()),
+    ///     ..Default::default()
+    /// };
+    /// let mut h = Headers::new().with("message_id", "m1");
+    /// assert_eq!(&codec.offload(&mut h, b"abcd".to_vec().into(), "news").await.unwrap()[..], b"abcd");
+    /// assert!(h.blob_ref().is_none());
+    /// assert!(codec.offload(&mut h, b"abcde".to_vec().into(), "news").await.unwrap().is_empty());
+    /// assert_eq!(h.blob_size(), Some(5));
+    /// assert!(h.content_encoding().is_none());
+    /// # });
+    /// ```
+    pub async fn offload(&self, headers: &mut Headers, wire: Bytes, domain: &str) -> Result<Bytes> {
         if wire.len() <= self.max_inline {
             return Ok(wire);
         }
@@ -250,8 +278,61 @@ impl PayloadCodec {
         headers: &Headers,
         wire: &Bytes,
     ) -> std::result::Result<Bytes, (DecodeFailure, Error)> {
-        let fetched;
-        let bytes = if let Some(blob_ref) = headers.blob_ref() {
+        let fetched = self.fetch_blob(headers).await?;
+        let bytes = fetched.as_ref().unwrap_or(wire);
+        inflate_if_needed(headers, bytes, self.max_inflated).map_err(|e| (DecodeFailure::Decode, e))
+    }
+
+    /// The envelope with a blob-stored payload brought inline: the blob's bytes as carried
+    /// (still gzip-compressed when `content_encoding=gzip`, which is kept), fetched and
+    /// verified against `blob_hash` and `blob_size`, and the `blob_ref`, `blob_hash` and
+    /// `blob_size` headers removed. An envelope without `blob_ref` comes back unchanged.
+    /// Publishing the result stores the payload as any publish does (offloaded again when it
+    /// is over the inline limit of the receiving bus). Errors name the `blob_ref`: the blob
+    /// cannot be read (kind `Transport`, or `Payload` when no store serves the ref), or its
+    /// hash or size does not match (kind `Payload`).
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// use ampybus::{Envelope, Headers, Topic, codec::{BlobStore, PayloadCodec}};
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let codec = PayloadCodec {
+    ///     max_inline: 4,
+    ///     blobs: Some(BlobStore::local(dir.path()).unwrap()),
+    ///     ..Default::default()
+    /// };
+    /// let topic = Topic::parse("ampy.dev.news.v1.raw").unwrap();
+    /// let mut h = Headers::for_publish("ampy.raw.v1.Bytes", "p@1", "p", "n-1");
+    /// let wire = codec.encode(&mut h, b"large payload".to_vec().into(), "news").await.unwrap();
+    /// let pointer = Envelope::new(&topic, h, wire);
+    /// assert!(pointer.payload.is_empty());
+    /// let inline = codec.inline_blob(&pointer).await.unwrap();
+    /// assert_eq!(&inline.payload[..], b"large payload");
+    /// assert!(inline.headers.blob_ref().is_none() && inline.headers.blob_hash().is_none());
+    /// assert_eq!(inline.headers.message_id(), pointer.headers.message_id());
+    /// # });
+    /// ```
+    pub async fn inline_blob(&self, env: &Envelope) -> Result<Envelope> {
+        let Some(bytes) = self.fetch_blob(&env.headers).await.map_err(|(_, e)| e)? else {
+            return Ok(env.clone());
+        };
+        let mut headers = env.headers.clone();
+        for name in [names::BLOB_REF, names::BLOB_HASH, names::BLOB_SIZE] {
+            headers.remove(name);
+        }
+        Ok(Envelope {
+            topic: env.topic.clone(),
+            headers,
+            payload: bytes,
+        })
+    }
+
+    /// The verified blob bytes when `blob_ref` is set; `None` for an inline payload.
+    async fn fetch_blob(
+        &self,
+        headers: &Headers,
+    ) -> std::result::Result<Option<Bytes>, (DecodeFailure, Error)> {
+        Ok(if let Some(blob_ref) = headers.blob_ref() {
             let store = self
                 .blobs
                 .clone()
@@ -264,7 +345,7 @@ impl PayloadCodec {
                         )),
                     )
                 })?;
-            fetched = store
+            let fetched = store
                 .get(blob_ref)
                 .await
                 .map_err(|e| (DecodeFailure::BlobUnavailable, e))?;
@@ -290,11 +371,10 @@ impl PayloadCodec {
                     )),
                 ));
             }
-            &fetched
+            Some(fetched)
         } else {
-            wire
-        };
-        inflate_if_needed(headers, bytes, self.max_inflated).map_err(|e| (DecodeFailure::Decode, e))
+            None
+        })
     }
 }
 

@@ -1,7 +1,9 @@
 //! Validation of envelopes in their JSON diagnostic form, as `ampybus validate` and the golden
 //! tests use it.
 //!
-//! An envelope file is valid when:
+//! A file holds one envelope or several, concatenated or one per line (the forms
+//! `ampybus pub --json-envelope` reads and `ampybus sub --json` writes); each is checked on its
+//! own ([`validate_envelopes_json`]). An envelope is valid when:
 //!
 //! 1. it parses as the JSON form ([`Envelope::from_json_str`]: an object with `topic`,
 //!    `headers` of strings, `payload_base64`, optional `payload_json`, nothing else);
@@ -96,7 +98,94 @@ pub fn validate_envelope_json(
 ) -> Result<Envelope> {
     let value: serde_json::Value =
         serde_json::from_str(text).map_err(|e| Error::envelope(format!("not valid JSON: {e}")))?;
-    let env = Envelope::from_json_value(&value)?;
+    validate_envelope_value(&value, decoder)
+}
+
+/// The result for one envelope of a file that may hold several ([`validate_envelopes_json`]).
+#[derive(Debug)]
+pub struct EnvelopeCheck {
+    /// The envelope's position in the file, from 1.
+    pub index: usize,
+    /// The line the envelope starts on, from 1.
+    pub line: usize,
+    /// The envelope, or why it is invalid (as [`validate_envelope_json`] says).
+    pub result: Result<Envelope>,
+}
+
+/// Validates every envelope of a text holding one or several JSON objects, concatenated or
+/// one per line, as `ampybus pub --json-envelope` reads them: one [`EnvelopeCheck`] per
+/// envelope, in order. A JSON syntax error ends the list (what follows it cannot be told
+/// apart), and a text without any JSON value gives one failed check.
+///
+/// ```
+/// use ampybus::validate::validate_envelopes_json;
+/// let one = r#"{"topic":"ampy.dev.news.v1.raw","headers":{
+///   "message_id":"019a6b3c-1d2e-7f00-8a00-0123456789ab","schema_fqdn":"ampy.raw.v1.Bytes",
+///   "schema_version":"1.0.0","content_type":"application/x-protobuf",
+///   "produced_at":"2025-09-05T19:31:01.462000Z","producer":"p","source":"s","run_id":"r",
+///   "partition_key":"n-1","traceparent":"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"},
+///   "payload_base64":"aGk="}"#.replace('\n', "");
+/// let text = format!("{one}\n{}\n{one}\n", one.replace("n-1", ""));
+/// let checks = validate_envelopes_json(&text, None);
+/// assert_eq!(checks.len(), 3);
+/// assert!(checks[0].result.is_ok() && checks[2].result.is_ok());
+/// assert_eq!((checks[1].index, checks[1].line), (2, 2));
+/// let e = checks[1].result.as_ref().unwrap_err();
+/// assert!(e.message().starts_with("`partition_key`"), "{e}");
+/// let broken = validate_envelopes_json(&format!("{one}\n{{\"topic\":"), None);
+/// assert!(broken[1].result.as_ref().unwrap_err().message().starts_with("not valid JSON"));
+/// assert!(validate_envelopes_json(" \n", None)[0].result.is_err());
+/// ```
+pub fn validate_envelopes_json(
+    text: &str,
+    decoder: Option<&dyn PayloadDecoder>,
+) -> Vec<EnvelopeCheck> {
+    let mut out = Vec::new();
+    let mut stream = serde_json::Deserializer::from_str(text).into_iter::<serde_json::Value>();
+    loop {
+        let line = line_of_next_token(text, stream.byte_offset());
+        let Some(item) = stream.next() else { break };
+        let index = out.len() + 1;
+        match item {
+            Ok(value) => out.push(EnvelopeCheck {
+                index,
+                line,
+                result: validate_envelope_value(&value, decoder),
+            }),
+            Err(e) => {
+                out.push(EnvelopeCheck {
+                    index,
+                    line,
+                    result: Err(Error::envelope(format!("not valid JSON: {e}"))),
+                });
+                break;
+            }
+        }
+    }
+    if out.is_empty() {
+        out.push(EnvelopeCheck {
+            index: 1,
+            line: 1,
+            result: Err(Error::envelope(
+                "not valid JSON: the text holds no JSON object",
+            )),
+        });
+    }
+    out
+}
+
+/// The line (from 1) of the first non-whitespace character at or after `offset`.
+fn line_of_next_token(text: &str, offset: usize) -> usize {
+    let offset = offset.min(text.len());
+    let skipped = text[offset..].len() - text[offset..].trim_start().len();
+    text[..offset + skipped].matches('\n').count() + 1
+}
+
+fn validate_envelope_value(
+    value: &serde_json::Value,
+    decoder: Option<&dyn PayloadDecoder>,
+) -> Result<Envelope> {
+    let env = Envelope::from_json_value(value)?;
     env.validate_for_publish()?;
 
     // A pointer envelope carries no inline payload (checked above); its blob is not fetched.
@@ -153,7 +242,10 @@ pub fn validate_envelope_json(
 
 /// Validates an envelope file, or every `*.json` file under a directory (recursively, in
 /// sorted path order). Returns one `(path, result)` per file; an unreadable path or file gives
-/// an [`ErrorKind::Config`] error naming the path. An empty directory gives an empty list.
+/// an [`ErrorKind::Config`] error naming the path. An empty directory gives an empty list. A
+/// file holding several envelopes is valid when each is; its result is then its first
+/// envelope, or the error of its first invalid one with the message starting
+/// `envelope N (line L): ` ([`validate_path_envelopes`] gives every envelope's result).
 ///
 /// Symbolic links to files are followed; symbolic links to directories are not descended
 /// into (so a link cycle cannot loop). A file passed directly is validated whatever its
@@ -178,6 +270,49 @@ pub fn validate_path(
     path: &Path,
     decoder: Option<&dyn PayloadDecoder>,
 ) -> Vec<(PathBuf, Result<Envelope>)> {
+    validate_path_envelopes(path, decoder)
+        .into_iter()
+        .map(|(p, r)| {
+            let r = r.and_then(|mut checks| {
+                if checks.len() == 1 {
+                    return checks.remove(0).result;
+                }
+                let mut first = None;
+                for c in checks {
+                    match c.result {
+                        Err(e) => {
+                            let msg =
+                                format!("envelope {} (line {}): {}", c.index, c.line, e.message());
+                            return Err(Error::new(e.kind(), msg));
+                        }
+                        Ok(env) => {
+                            first.get_or_insert(env);
+                        }
+                    }
+                }
+                first.ok_or_else(|| Error::envelope("the file holds no envelope"))
+            });
+            (p, r)
+        })
+        .collect()
+}
+
+/// Like [`validate_path`], with the result of every envelope of each file
+/// ([`validate_envelopes_json`]); the per-file error is for a path or file that cannot be
+/// read.
+///
+/// ```
+/// let dir = tempfile::tempdir().unwrap();
+/// std::fs::write(dir.path().join("two.json"), "{}\n[]\n").unwrap();
+/// let results = ampybus::validate::validate_path_envelopes(dir.path(), None);
+/// let checks = results[0].1.as_ref().unwrap();
+/// assert_eq!(checks.iter().map(|c| c.line).collect::<Vec<_>>(), [1, 2]);
+/// assert!(checks.iter().all(|c| c.result.is_err()));
+/// ```
+pub fn validate_path_envelopes(
+    path: &Path,
+    decoder: Option<&dyn PayloadDecoder>,
+) -> Vec<(PathBuf, Result<Vec<EnvelopeCheck>>)> {
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
         Err(e) => return vec![(path.to_owned(), Err(unreadable(path, e)))],
@@ -188,7 +323,7 @@ pub fn validate_path(
     let mut files = Vec::new();
     let mut failures = Vec::new();
     collect_json(path, &mut files, &mut failures);
-    let mut out: Vec<(PathBuf, Result<Envelope>)> = files
+    let mut out: Vec<(PathBuf, Result<Vec<EnvelopeCheck>>)> = files
         .into_iter()
         .map(|f| {
             let r = validate_file(&f, decoder);
@@ -200,9 +335,9 @@ pub fn validate_path(
     out
 }
 
-fn validate_file(path: &Path, decoder: Option<&dyn PayloadDecoder>) -> Result<Envelope> {
+fn validate_file(path: &Path, decoder: Option<&dyn PayloadDecoder>) -> Result<Vec<EnvelopeCheck>> {
     let text = std::fs::read_to_string(path).map_err(|e| unreadable(path, e))?;
-    validate_envelope_json(&text, decoder)
+    Ok(validate_envelopes_json(&text, decoder))
 }
 
 fn unreadable(path: &Path, e: std::io::Error) -> Error {

@@ -1,7 +1,9 @@
 //! Building dead-letter envelopes.
 
 use crate::codec::sha256_tag;
+use crate::dedupe::DedupeStore;
 use crate::envelope::Envelope;
+use crate::error::{Error, ErrorKind};
 use crate::headers::{Headers, RAW_BYTES_SCHEMA, names};
 use crate::ids;
 use crate::topic::{Domain, Env, Topic, TopicPattern};
@@ -202,7 +204,8 @@ pub const DLQ_ONLY_HEADERS: [&str; 7] = [
 /// `original_message_id` (or its own `message_id` when absent), `retry_count` + 1, and every
 /// DLQ-only header removed, so that neither broker nor consumer dedupe swallows it.
 ///
-/// Fails (`Header`/`Topic` error) when the DLQ message has no parseable `original_topic`.
+/// Fails (`Header`/`Topic` error) when the DLQ message has no parseable `original_topic`, or
+/// when the envelope it would publish breaks a publish rule (the error names the header).
 ///
 /// ```
 /// use ampybus::{Envelope, Headers, Topic};
@@ -241,9 +244,114 @@ pub fn redrive_envelope(dlq: &Envelope) -> crate::Result<Envelope> {
     headers.set(names::MESSAGE_ID, ids::new_message_id());
     headers.set(names::REDRIVE_OF, redrive_of);
     headers.set(names::RETRY_COUNT, retry_count.to_string());
-    Ok(Envelope {
+    let env = Envelope {
         topic: topic.as_str().to_owned(),
         headers,
         payload: dlq.payload.clone(),
-    })
+    };
+    env.validate_for_publish()?;
+    Ok(env)
+}
+
+/// The consumer name under which redrives are recorded in the transport's dedupe store (one
+/// entry per redriven DLQ `message_id`), so that a repeated redrive skips what was sent.
+/// Reserved: do not name a consumer of your own so.
+///
+/// ```
+/// assert_eq!(ampybus::runtime::REDRIVE_CONSUMER, "ampybus-redrive");
+/// ```
+pub const REDRIVE_CONSUMER: &str = "ampybus-redrive";
+
+/// What redriving a selection of DLQ entries would do, every entry checked before any is
+/// sent ([`plan_redrive`]). Indexes point into the selection, in its order.
+#[derive(Debug, Default)]
+pub struct RedrivePlan {
+    /// The entries to send, each with the envelope that redrives it ([`redrive_envelope`]).
+    pub ready: Vec<(usize, Envelope)>,
+    /// The entries recorded as redriven already (under [`REDRIVE_CONSUMER`], within the
+    /// dedupe store's window).
+    pub already: Vec<usize>,
+    /// The entries that cannot be redriven, with why.
+    pub invalid: Vec<(usize, Error)>,
+}
+
+/// Checks every DLQ entry of a selection and sorts it into [`RedrivePlan`]: `invalid` when it
+/// has no `message_id` (its redrive could not be recorded) or [`redrive_envelope`] fails
+/// (e.g. no `original_topic`); `already` when `store` records its `message_id` under
+/// [`REDRIVE_CONSUMER`]; `ready` otherwise. With no store nothing counts as redriven. Only
+/// the store lookup can fail.
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use ampybus::{Bus, Envelope, Headers, Topic};
+/// use ampybus::runtime::{build_dlq_envelope, plan_redrive, record_redriven};
+/// let dir = tempfile::tempdir().unwrap();
+/// let bus = Bus::connect(dir.path().to_str().unwrap()).await.unwrap();
+/// let store = bus.transport().dedupe_store().unwrap();
+/// let topic = Topic::parse("ampy.dev.orders.v1.requests").unwrap();
+/// let h = Headers::for_publish("ampy.orders.v1.OrderRequest", "oms@1", "oms", "co_1");
+/// let good = build_dlq_envelope(&Envelope::new(&topic, h, b"p".to_vec()), &topic.dlq_topic(),
+///     "handler_error: nope", 3, "oms");
+/// let mut bad = good.clone();
+/// bad.headers.remove("original_topic");
+/// let plan = plan_redrive(&[good.clone(), bad], Some(store.as_ref())).await.unwrap();
+/// assert_eq!((plan.ready.len(), plan.already.len(), plan.invalid.len()), (1, 0, 1));
+/// assert!(plan.invalid[0].1.message().contains("no original_topic"));
+/// record_redriven(store.as_ref(), &good).await.unwrap();
+/// let again = plan_redrive(&[good], Some(store.as_ref())).await.unwrap();
+/// assert_eq!((again.ready.len(), again.already), (0, vec![0]));
+/// # });
+/// ```
+pub async fn plan_redrive(
+    entries: &[Envelope],
+    store: Option<&dyn DedupeStore>,
+) -> crate::Result<RedrivePlan> {
+    let mut plan = RedrivePlan::default();
+    let mut checked = Vec::with_capacity(entries.len());
+    for (i, dlq) in entries.iter().enumerate() {
+        match dlq.headers.message_id().filter(|id| !id.is_empty()) {
+            None => plan.invalid.push((
+                i,
+                Error::new(
+                    ErrorKind::Header,
+                    "redrive: the DLQ message has no message_id, so its redrive could not be recorded",
+                ),
+            )),
+            Some(id) => match redrive_envelope(dlq) {
+                Ok(env) => checked.push((i, id.to_owned(), env)),
+                Err(e) => plan.invalid.push((i, e)),
+            },
+        }
+    }
+    let done = match store {
+        Some(store) if !checked.is_empty() => {
+            let ids: Vec<String> = checked.iter().map(|(_, id, _)| id.clone()).collect();
+            store.applied_among(REDRIVE_CONSUMER, &ids).await?
+        }
+        _ => Default::default(),
+    };
+    for (i, id, env) in checked {
+        if done.contains(&id) {
+            plan.already.push(i);
+        } else {
+            plan.ready.push((i, env));
+        }
+    }
+    Ok(plan)
+}
+
+/// Records in `store` that the DLQ entry `dlq` was redriven (its `message_id` under
+/// [`REDRIVE_CONSUMER`]); call it once its redrive publish was confirmed. See
+/// [`plan_redrive`] for an example.
+pub async fn record_redriven(store: &dyn DedupeStore, dlq: &Envelope) -> crate::Result<()> {
+    let id = dlq.headers.message_id().unwrap_or_default();
+    if id.is_empty() {
+        return Err(Error::new(
+            ErrorKind::Header,
+            "redrive: the DLQ message has no message_id, so its redrive cannot be recorded",
+        ));
+    }
+    store
+        .record_applied(REDRIVE_CONSUMER, &[id.to_owned()])
+        .await
 }

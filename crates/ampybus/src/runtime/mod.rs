@@ -66,7 +66,8 @@ pub mod replay;
 
 pub use consumer::{Consumer, ConsumerBuilder, ConsumerHandle, ConsumerMonitor, ConsumerStats};
 pub use dlq::{
-    DLQ_ONLY_HEADERS, ORIGINAL_MESSAGE_ID, ORIGINAL_TOPIC_RAW, build_dlq_envelope, redrive_envelope,
+    DLQ_ONLY_HEADERS, ORIGINAL_MESSAGE_ID, ORIGINAL_TOPIC_RAW, REDRIVE_CONSUMER, RedrivePlan,
+    build_dlq_envelope, plan_redrive, record_redriven, redrive_envelope,
 };
 pub use producer::{
     DropCounts, DropReason, Producer, ProducerBuilder, ProducerStats, SendOutcome, ShedClass,
