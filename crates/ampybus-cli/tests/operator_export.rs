@@ -75,19 +75,29 @@ fn publish_text(dir: &Path, payload: &str) -> String {
     o.lines()[0].to_owned()
 }
 
-/// Every message on `ampy.dev.news.>` as JSON lines (`extra` flags appended).
+/// Every stored message on `ampy.dev.news.>` as JSON lines, read as a stored window (`sub
+/// --since`, which ends with the last stored message), `extra` flags appended.
 fn export(dir: &Path, extra: &[&str]) -> Out {
     let mut args = vec![
         "sub",
         "--pattern",
         "ampy.dev.news.>",
         "--json",
-        "--timeout",
-        "0.5",
+        "--since",
+        EPOCH,
     ];
     args.extend_from_slice(extra);
     run(dir, &args)
 }
+
+/// Like [`export`], through a subscription (`sub` without `--since`), `extra` flags appended.
+fn export_subscribed(dir: &Path, extra: &[&str]) -> Out {
+    let mut args = vec!["sub", "--pattern", "ampy.dev.news.>", "--json"];
+    args.extend_from_slice(extra);
+    run(dir, &args)
+}
+
+const EPOCH: &str = "1970-01-01T00:00:00Z";
 
 /// Deterministic bytes: `n` pseudo-random bytes, or with `hex` their lower-case hex digits
 /// (4 bits of entropy per byte: gzip shrinks them to a little over half).
@@ -172,7 +182,7 @@ fn round_trip(payload: Vec<u8>, gzipped: bool) {
     assert_eq!(header(&pointer[0], "content_encoding").is_some(), gzipped);
 
     // The default export inlines the stored bytes, as carried.
-    let o = export(a.path(), &[]);
+    let o = export_subscribed(a.path(), &["--max", "1", "--timeout", "30"]);
     assert_eq!(o.code, 0, "{}", o.stderr);
     let lines = o.lines();
     assert_eq!(lines.len(), 1);
@@ -262,8 +272,13 @@ fn a_damaged_or_missing_blob_stops_the_export_naming_the_message() {
 
     // Same size, other bytes: the hash check fails.
     std::fs::write(&path, vec![0u8; size]).unwrap();
-    for extra in [&[][..], &["--since", "2000-01-01T00:00:00Z"][..]] {
-        let o = export(a.path(), extra);
+    for subscribed in [false, true] {
+        let o = if subscribed {
+            export_subscribed(a.path(), &["--timeout", "0.5"])
+        } else {
+            export(a.path(), &[])
+        };
+        let extra = if subscribed { "subscribed" } else { "window" };
         assert_eq!(o.code, 2, "{extra:?}: {}", o.stderr);
         let printed = o.json_lines();
         assert_eq!(printed.len(), 1, "{extra:?}: {}", o.stdout);
@@ -346,8 +361,8 @@ fn orders(dir: &Path) -> Vec<Value> {
             "--pattern",
             "ampy.dev.orders.>",
             "--json",
-            "--timeout",
-            "0.5",
+            "--since",
+            EPOCH,
         ],
     )
     .json_lines()
@@ -613,8 +628,8 @@ fn decode_says_why_payload_json_is_missing() {
             "ampy.>",
             "--json",
             "--decode",
-            "--timeout",
-            "0.5",
+            "--since",
+            EPOCH,
         ],
     );
     let v = o.json_lines();
