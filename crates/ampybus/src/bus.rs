@@ -529,11 +529,25 @@ impl Bus {
     }
 
     /// Publishes envelopes that are already on the wire form (validated as such), e.g. from
-    /// `--json-envelope` files or a redrive.
+    /// `--json-envelope` files or a redrive. A payload larger than the codec's `max_inflated`
+    /// (what consumers accept) as carried is refused, except on a DLQ topic: a dead-lettered
+    /// copy carries the original bytes as they were.
     pub async fn publish_wire(&self, batch: Vec<Envelope>) -> Result<Vec<PublishReceipt>> {
         for (i, env) in batch.iter().enumerate() {
-            env.validate_for_publish()
+            let topic = env
+                .validate_for_publish()
                 .map_err(|e| Error::new(e.kind(), format!("message {i}: {}", e.message())))?;
+            if env.payload.len() > self.codec.max_inflated && topic.domain() != crate::Domain::Dlq {
+                let e = crate::codec::over_limit(
+                    "payload as carried",
+                    env.payload.len(),
+                    self.codec.max_inflated,
+                );
+                return Err(Error::new(
+                    e.kind(),
+                    format!("message {i}: {}", e.message()),
+                ));
+            }
         }
         self.send(batch).await
     }
