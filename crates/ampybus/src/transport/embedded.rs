@@ -110,7 +110,7 @@ impl DomainRetention {
     }
 }
 
-/// `7 days, no size cap`, `unlimited age, 512 MiB`, `unlimited` (as `topics describe` and the
+/// `7 days, no size cap`, `no age limit, 512 MiB`, `unlimited` (as `topics describe` and the
 /// retention log lines show it).
 ///
 /// ```
