@@ -171,9 +171,14 @@ impl Bus {
                     )));
                 }
                 let blobs = BlobStore::local(&opts.dir.join("blobs"))?;
+                let dir = opts.dir.clone();
                 let log = tokio::task::spawn_blocking(move || EmbeddedLog::open(opts))
                     .await
-                    .map_err(|e| Error::transport("embedded log: open task failed", e))??;
+                    .map_err(|e| {
+                        let message =
+                            format!("embedded log in {}: open task failed: {e}", dir.display());
+                        Error::transport(message, e)
+                    })??;
                 Ok(Bus::with_transport(Arc::new(log), url).with_blob_store(blobs))
             }
             #[cfg(feature = "nats")]

@@ -831,11 +831,26 @@ impl Inner {
     fn send(&self, cmd: Cmd) -> Result<()> {
         let guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
         match guard.as_ref() {
-            Some(tx) => tx
-                .send(cmd)
-                .map_err(|_| Error::new(ErrorKind::Closed, "embedded log is closed")),
-            None => Err(Error::new(ErrorKind::Closed, "embedded log is closed")),
+            Some(tx) => tx.send(cmd).map_err(|_| self.closed("is closed")),
+            None => Err(self.closed("is closed")),
         }
+    }
+
+    /// A `Closed` error naming the data file.
+    fn closed(&self, what: &str) -> Error {
+        Error::new(
+            ErrorKind::Closed,
+            format!("embedded log {} {what}", self.db_path.display()),
+        )
+    }
+
+    /// A failed blocking task (panicked or cancelled), naming the data file and the cause.
+    pub(crate) fn task_failed(&self, what: &str, e: tokio::task::JoinError) -> Error {
+        let message = format!(
+            "embedded log {}: {what} failed: {e}",
+            self.db_path.display()
+        );
+        Error::transport(message, e)
     }
 
     async fn run<T: Send + 'static>(
@@ -846,8 +861,7 @@ impl Inner {
         self.send(Cmd::Run(Box::new(move |w| {
             let _ = reply.send(f(w));
         })))?;
-        rx.await
-            .map_err(|_| Error::new(ErrorKind::Closed, "embedded log writer stopped"))?
+        rx.await.map_err(|_| self.closed("writer stopped"))?
     }
 
     pub(crate) fn reader(&self) -> Result<Connection> {
@@ -916,7 +930,13 @@ impl EmbeddedLog {
         let thread = std::thread::Builder::new()
             .name("ampybus-embedded-writer".into())
             .spawn(move || writer_loop(w, rx, n2))
-            .map_err(|e| Error::transport("embedded log: cannot start writer thread", e))?;
+            .map_err(|e| {
+                let message = format!(
+                    "embedded log {}: cannot start writer thread: {e}",
+                    db_path.display()
+                );
+                Error::transport(message, e)
+            })?;
         Ok(EmbeddedLog {
             inner: Arc::new(Inner {
                 tx: Mutex::new(Some(tx)),
@@ -957,7 +977,7 @@ impl EmbeddedLog {
             .map_err(|e| storage(&db, "stats", e))
         })
         .await
-        .map_err(|e| Error::transport("embedded log: stats task failed", e))?
+        .map_err(|e| self.inner.task_failed("stats task", e))?
     }
 }
 
@@ -985,8 +1005,7 @@ impl Settler for EmbeddedSettler {
             applied: None,
             reply,
         })?;
-        rx.await
-            .map_err(|_| Error::new(ErrorKind::Closed, "embedded log writer stopped"))?
+        rx.await.map_err(|_| self.inner.closed("writer stopped"))?
     }
 
     async fn nack(&self, sequence: u64, delay: Duration) -> Result<()> {
@@ -1376,8 +1395,7 @@ impl Transport for EmbeddedLog {
         let batch: Vec<NewRow> = batch.into_iter().map(NewRow::from).collect();
         let (reply, rx) = oneshot::channel();
         self.inner.send(Cmd::Append { batch, reply })?;
-        rx.await
-            .map_err(|_| Error::new(ErrorKind::Closed, "embedded log writer stopped"))?
+        rx.await.map_err(|_| self.inner.closed("writer stopped"))?
     }
 
     /// One trivial query through the writer thread: the thread runs and the database answers.
@@ -1490,9 +1508,15 @@ impl Transport for EmbeddedLog {
         if let Some(h) = handle {
             tokio::task::spawn_blocking(move || h.join())
                 .await
-                .map_err(|e| Error::transport("embedded log: close failed", e))?
+                .map_err(|e| self.inner.task_failed("close", e))?
                 .map_err(|_| {
-                    Error::new(ErrorKind::Transport, "embedded log: writer thread panicked")
+                    Error::new(
+                        ErrorKind::Transport,
+                        format!(
+                            "embedded log {}: writer thread panicked",
+                            self.inner.db_path.display()
+                        ),
+                    )
                 })?;
         }
         Ok(())
@@ -1530,7 +1554,7 @@ impl ReplayByTime for EmbeddedLog {
         let db = self.inner.db_path.clone();
         tokio::task::spawn_blocking(move || read_window_blocking(&db, &conn, &q))
             .await
-            .map_err(|e| Error::transport("embedded log: read task failed", e))?
+            .map_err(|e| self.inner.task_failed("read task", e))?
     }
 }
 
@@ -1704,9 +1728,7 @@ impl EmbeddedDedupe {
             applied,
             reply,
         })?;
-        let r = rx
-            .await
-            .map_err(|_| Error::new(ErrorKind::Closed, "embedded log writer stopped"))?;
+        let r = rx.await.map_err(|_| self.inner.closed("writer stopped"))?;
         self.maybe_purge();
         r
     }

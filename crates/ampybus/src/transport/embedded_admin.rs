@@ -173,7 +173,7 @@ impl EmbeddedLog {
         let pattern = pattern.clone();
         tokio::task::spawn_blocking(move || topic_rows(&conn, &pattern))
             .await
-            .map_err(|e| Error::transport("embedded log: topic stats task failed", e))?
+            .map_err(|e| self.inner.task_failed("topic stats task", e))?
     }
 
     /// Position, in-flight leases and lag of every durable consumer, sorted by name.
@@ -193,7 +193,7 @@ impl EmbeddedLog {
         let conn = self.inner.reader()?;
         tokio::task::spawn_blocking(move || consumer_rows(&conn))
             .await
-            .map_err(|e| Error::transport("embedded log: consumer stats task failed", e))?
+            .map_err(|e| self.inner.task_failed("consumer stats task", e))?
     }
 }
 

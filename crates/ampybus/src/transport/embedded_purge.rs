@@ -1,7 +1,7 @@
 //! Deleting dead-lettered messages from the embedded log (`ampybus dlq purge`).
 
 use crate::envelope::Envelope;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Result};
 use crate::topic::{Domain, Topic, TopicPattern};
 use crate::transport::StoredMessage;
 use crate::transport::decode_headers;
@@ -118,6 +118,6 @@ impl EmbeddedLog {
             Ok(selected)
         })
         .await
-        .map_err(|e| Error::new(ErrorKind::Transport, format!("embedded log: purge task failed: {e}")))?
+        .map_err(|e| self.inner.task_failed("purge task", e))?
     }
 }
