@@ -14,6 +14,10 @@ URL forms (--url, default $AMPYBUS_URL or ./ampybus-data):
   ./dir or /abs/dir                      embedded log in that directory
   file:///abs/dir?sync=full|normal&poll_ms=2&retention_days=7
                  &retention.<domain>.days=N&retention.<domain>.max_mb=N
+  file:rel/dir?options                   the same, relative
+  nats://host:4222, tls://host:4222, redis://host:6379, rediss://host:6379, kafka://host:9092
+Retention values are N >= 1 or `unlimited` (keep forever); 0 is refused. Refused URLs:
+file:/// (the root), file://host/dir (a host), a broker URL without a host.
 ";
 
 /// Messaging for trading systems: publish, subscribe, validate envelopes, benchmark.

@@ -224,7 +224,7 @@ async fn select(
 async fn inspect(url: &str, a: InspectArgs) -> CliResult<u8> {
     let f = Filter::new(&a.select)?;
     let since = parse_time("--since", a.since.as_deref())?;
-    let bus = util::connect(url).await?;
+    let bus = util::connect_existing(url).await?;
     let result = select(&bus, &f, since).await;
     let close = util::close(&bus).await;
     let msgs = result?;

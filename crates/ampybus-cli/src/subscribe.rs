@@ -37,7 +37,11 @@ pub async fn run(url: &str, args: SubArgs) -> CliResult<u8> {
             "--durable {name:?}: a consumer name must be non-empty, without whitespace"
         )));
     }
-    let bus = util::connect(url).await?;
+    let bus = if args.durable.is_some() {
+        util::connect(url).await?
+    } else {
+        util::connect_existing(url).await?
+    };
     let mut printer = Printer {
         out: Out::new(),
         json: args.json,

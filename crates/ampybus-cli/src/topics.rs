@@ -2,10 +2,11 @@
 //! (any transport with the [`Inspect`] capability: the embedded log, NATS, Redis).
 
 use crate::error::{CliError, CliResult, EXIT_OK};
+use crate::util;
 use ampybus::bus::{TransportKind, redact, transport_kind};
 use ampybus::transport::embedded::EmbeddedOptions;
 use ampybus::transport::{ConsumerStats, Inspect, TopicStats};
-use ampybus::{Bus, TopicPattern};
+use ampybus::{Domain, TopicPattern};
 use chrono::{DateTime, SecondsFormat, Utc};
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
@@ -33,11 +34,15 @@ Examples:
         #[arg(long)]
         json: bool,
     },
-    /// Totals of a topic or pattern and the durable consumers reading it, with their lag
+    /// Totals of a topic or pattern, its oldest stored message, the retention in force and
+    /// the durable consumers reading it, with their lag
     #[command(after_help = "\
 Examples:
   ampybus topics describe ampy.dev.news.v1.raw
-  ampybus topics describe 'ampy.prod.>' --json")]
+  ampybus topics describe 'ampy.prod.>' --json
+
+Retention (embedded log): per domain of the described topics, as the URL's options set it
+(each process applies its own URL's retention, and only after its first publish).")]
     Describe {
         /// A concrete topic or a pattern
         #[arg(value_name = "TOPIC_OR_PATTERN")]
@@ -65,9 +70,9 @@ Lag: messages after the cursor matching the consumer's pattern, not yet acknowle
 
 /// Runs `ampybus topics …` on any transport that can be inspected (embedded log, NATS, Redis).
 pub async fn run(url: &str, args: TopicsArgs) -> CliResult<u8> {
-    let bus = open(url).await?;
+    let bus = util::connect_existing(url).await?;
     let result = match bus.transport().inspect() {
-        Some(inspect) => dispatch(inspect, args.command).await,
+        Some(inspect) => dispatch(url, inspect, args.command).await,
         None => Err(CliError::usage(format!(
             "--url {:?}: topics list/describe/lag is not available on the {} transport",
             redact(url),
@@ -83,31 +88,39 @@ pub async fn run(url: &str, args: TopicsArgs) -> CliResult<u8> {
     Ok(code)
 }
 
-/// Connects; on the embedded log the data directory must exist already (reading statistics
-/// never creates a log).
-async fn open(url: &str) -> CliResult<Bus> {
-    let shown = redact(url);
-    let kind = transport_kind(url).map_err(|e| CliError::bus(format!("--url {shown:?}"), &e))?;
-    if kind == TransportKind::Embedded {
-        let opts = EmbeddedOptions::from_url(url)
-            .map_err(|e| CliError::bus(format!("--url {shown:?}"), &e))?;
-        if !opts.dir.is_dir() {
-            return Err(CliError::usage(format!(
-                "--url {shown:?}: the data directory {} does not exist or is not a directory",
-                opts.dir.display()
-            )));
-        }
+/// The retention in force per domain of the described topics (and of the pattern's literal
+/// domain), on the embedded log: as the URL's options set it. `None` on a broker, where the
+/// broker holds it (NATS: `streams describe`; Kafka: the topic's `retention.ms`).
+fn retention_rows(
+    url: &str,
+    pattern: &TopicPattern,
+    topics: &[TopicStats],
+) -> Option<Vec<(Domain, ampybus::transport::embedded::DomainRetention)>> {
+    if transport_kind(url).ok()? != TransportKind::Embedded {
+        return None;
     }
-    Bus::connect(url)
-        .await
-        .map_err(|e| CliError::bus(format!("--url {shown:?}"), &e))
+    let opts = EmbeddedOptions::from_url(url).ok()?;
+    let domain_of = |s: &str| s.split('.').nth(2).and_then(|d| d.parse::<Domain>().ok());
+    let mut domains: Vec<Domain> = topics
+        .iter()
+        .filter_map(|t| domain_of(&t.topic))
+        .chain(domain_of(pattern.as_str()))
+        .collect();
+    domains.sort_by_key(|d| d.as_str());
+    domains.dedup();
+    Some(
+        domains
+            .into_iter()
+            .map(|d| (d, opts.retention_for(d)))
+            .collect(),
+    )
 }
 
 fn pattern_arg(flag: &str, s: &str) -> CliResult<TopicPattern> {
     TopicPattern::parse(s).map_err(|e| CliError::bus(format!("{flag} {s:?}"), &e))
 }
 
-async fn dispatch(log: &dyn Inspect, cmd: TopicsCommand) -> CliResult<u8> {
+async fn dispatch(url: &str, log: &dyn Inspect, cmd: TopicsCommand) -> CliResult<u8> {
     let bus_err = |e: ampybus::Error| CliError::bus("reading statistics", &e);
     match cmd {
         TopicsCommand::List { pattern, json } => {
@@ -136,22 +149,43 @@ async fn dispatch(log: &dyn Inspect, cmd: TopicsCommand) -> CliResult<u8> {
                 .collect();
             let messages: u64 = topics.iter().map(|t| t.messages).sum();
             let bytes: Option<u64> = topics.iter().map(|t| t.bytes).sum();
+            let oldest = topics.iter().filter_map(|t| t.oldest).min();
+            let retention = retention_rows(url, &pattern, &topics);
             let out = if json {
                 let v = json!({
                     "pattern": pattern.as_str(),
                     "topics": topics.iter().map(topic_json).collect::<Vec<_>>(),
                     "messages": messages,
                     "bytes": bytes,
+                    "oldest": oldest.map(|t| t.to_rfc3339_opts(SecondsFormat::Micros, true)),
+                    "retention": retention.as_ref().map(|rows| rows.iter().map(|(d, r)| json!({
+                        "domain": d.as_str(),
+                        "max_age_seconds": r.max_age.map(|a| a.as_secs()),
+                        "max_bytes": r.max_bytes,
+                        "text": r.to_string(),
+                    })).collect::<Vec<_>>()),
                     "consumers": consumers.iter().map(consumer_json).collect::<Vec<_>>(),
                 });
                 format!("{v}\n")
             } else {
                 let mut s = format!(
-                    "pattern   {}\ntopics    {}\nmessages  {messages}\nbytes     {}\n\n",
+                    "pattern   {}\ntopics    {}\nmessages  {messages}\nbytes     {}\noldest    {}\n",
                     pattern.as_str(),
                     topics.len(),
-                    opt(bytes)
+                    opt(bytes),
+                    time(oldest)
                 );
+                match &retention {
+                    None => s.push_str("retention held by the broker (NATS: `streams describe`; Kafka: the topic's retention.ms; Redis: the publishers' max_age_days)\n"),
+                    Some(rows) if rows.is_empty() => s.push_str("retention -\n"),
+                    Some(rows) => {
+                        for (i, (d, r)) in rows.iter().enumerate() {
+                            let label = if i == 0 { "retention" } else { "" };
+                            s.push_str(&format!("{label:<9} {}: {r}\n", d.as_str()));
+                        }
+                    }
+                }
+                s.push('\n');
                 s.push_str(&topic_table(&topics));
                 s.push('\n');
                 s.push_str(&consumer_table(&consumers));
@@ -191,7 +225,12 @@ async fn dispatch(log: &dyn Inspect, cmd: TopicsCommand) -> CliResult<u8> {
 /// or one of the stored topics (or streams) the pattern selects.
 fn reads(c: &ConsumerStats, pattern: &TopicPattern, topics: &[TopicStats]) -> bool {
     let Ok(cp) = TopicPattern::parse(&c.pattern) else {
-        return false;
+        // Not a pattern: the stream names a consumer reads (Kafka: the topics its group
+        // committed on, comma-separated), which are rows themselves.
+        return c
+            .pattern
+            .split(',')
+            .any(|name| topics.iter().any(|t| t.topic == name));
     };
     // A row that is not a concrete topic stands for a whole stream (Redis: one per
     // `ampy.{env}.{domain}.{version}`): read when the consumer's pattern covers the stream.

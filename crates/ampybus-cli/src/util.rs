@@ -48,6 +48,27 @@ pub async fn close(bus: &Bus) -> CliResult<()> {
         .map_err(|e| CliError::bus("closing the bus", &e))
 }
 
+/// [`connect`] for the inspection commands (`topics …`, `dlq inspect`, `sub` without
+/// `--durable`): on the embedded log the data directory must exist already, so a mistyped path
+/// is a usage error naming it (exit 2) instead of a fresh, empty log. A durable consumer uses
+/// [`connect`]: it may start before its producers and create the directory.
+pub async fn connect_existing(url: &str) -> CliResult<Bus> {
+    use ampybus::bus::{TransportKind, redact, transport_kind};
+    let shown = redact(url);
+    let kind = transport_kind(url).map_err(|e| CliError::bus(format!("--url {shown:?}"), &e))?;
+    if kind == TransportKind::Embedded {
+        let opts = ampybus::transport::embedded::EmbeddedOptions::from_url(url)
+            .map_err(|e| CliError::bus(format!("--url {shown:?}"), &e))?;
+        if !opts.dir.is_dir() {
+            return Err(CliError::usage(format!(
+                "--url {shown:?}: the data directory {} does not exist or is not a directory (inspection commands never create one; check the path)",
+                opts.dir.display()
+            )));
+        }
+    }
+    connect(url).await
+}
+
 /// A fresh run id: `run-<UTC time>-<8 random hex digits>`.
 pub fn new_run_id() -> String {
     // The tail of a UUIDv7 is random.

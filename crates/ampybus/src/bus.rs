@@ -171,9 +171,14 @@ impl Bus {
                     )));
                 }
                 let blobs = BlobStore::local(&opts.dir.join("blobs"))?;
+                let dir = opts.dir.clone();
                 let log = tokio::task::spawn_blocking(move || EmbeddedLog::open(opts))
                     .await
-                    .map_err(|e| Error::transport("embedded log: open task failed", e))??;
+                    .map_err(|e| {
+                        let message =
+                            format!("embedded log in {}: open task failed: {e}", dir.display());
+                        Error::transport(message, e)
+                    })??;
                 Ok(Bus::with_transport(Arc::new(log), url).with_blob_store(blobs))
             }
             #[cfg(feature = "nats")]
@@ -532,7 +537,9 @@ impl Bus {
     /// `--json-envelope` files or a redrive. A carried payload over the codec's inline limit
     /// goes to the blob store as on any publish ([`PayloadCodec::offload`]: `blob_ref`,
     /// `blob_hash`, `blob_size`; an error when no blob store is configured); payloads within
-    /// the limit and pointer envelopes are sent as they are, never re-compressed.
+    /// the limit and pointer envelopes are sent as they are, never re-compressed. A payload
+    /// larger than the codec's `max_inflated` (what consumers accept) as carried is refused,
+    /// except on a DLQ topic: a dead-lettered copy carries the original bytes as they were.
     ///
     /// ```
     /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
@@ -556,6 +563,13 @@ impl Bus {
         for (i, env) in batch.iter_mut().enumerate() {
             let at = |e: Error| Error::new(e.kind(), format!("message {i}: {}", e.message()));
             let topic = env.validate_for_publish().map_err(at)?;
+            if env.payload.len() > self.codec.max_inflated && topic.domain() != crate::Domain::Dlq {
+                return Err(at(crate::codec::over_limit(
+                    "payload as carried",
+                    env.payload.len(),
+                    self.codec.max_inflated,
+                )));
+            }
             if env.payload.len() > self.codec.max_inline {
                 let wire = std::mem::take(&mut env.payload);
                 env.payload = self

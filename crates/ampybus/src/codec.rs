@@ -19,8 +19,19 @@ use std::sync::Arc;
 pub const COMPRESS_THRESHOLD: usize = 128 * 1024;
 /// Default inline limit after compression: 1 MiB. Larger payloads go to the blob store.
 pub const DEFAULT_MAX_INLINE: usize = 1024 * 1024;
-/// Largest payload accepted after inflating (guards against gzip bombs): 64 MiB.
+/// Largest payload accepted after inflating (guards against gzip bombs): 64 MiB. The same
+/// limit is the consumer runtime's default ([`crate::runtime::ConsumerBuilder::max_payload_bytes`]), and
+/// publish refuses a larger payload ([`PayloadCodec::encode`]).
 pub const DEFAULT_MAX_INFLATED: usize = 64 * 1024 * 1024;
+
+/// The error of a payload over the limit consumers accept (`what` says which bytes: "payload"
+/// or "payload as carried").
+pub(crate) fn over_limit(what: &str, len: usize, max: usize) -> Error {
+    Error::payload(format!(
+        "{what} is {len} bytes, over the limit of {max} bytes ({} MiB) that consumers accept (they dead-letter larger payloads as payload_too_large); store it elsewhere and publish a reference",
+        max / (1024 * 1024)
+    ))
+}
 
 /// `sha256:<hex>` of some bytes, the form of `blob_hash` and `payload_hash`.
 ///
@@ -210,7 +221,22 @@ impl Default for PayloadCodec {
 impl PayloadCodec {
     /// Turns a raw payload into wire bytes, setting `content_encoding` and the blob headers as
     /// needed. `domain` names the blob folder. Call before validating headers.
+    ///
+    /// A payload larger than `max_inflated` (64 MiB by default, what consumers accept) is
+    /// refused.
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// use ampybus::{Headers, codec::PayloadCodec};
+    /// let codec = PayloadCodec { max_inflated: 10, ..PayloadCodec::default() };
+    /// let err = codec.encode(&mut Headers::new(), vec![0u8; 11].into(), "bars").await.unwrap_err();
+    /// assert!(err.to_string().contains("11 bytes, over the limit of 10 bytes"), "{err}");
+    /// # });
+    /// ```
     pub async fn encode(&self, headers: &mut Headers, raw: Bytes, domain: &str) -> Result<Bytes> {
+        if raw.len() > self.max_inflated {
+            return Err(over_limit("payload", raw.len(), self.max_inflated));
+        }
         let wire = if raw.len() > self.compress_threshold && headers.content_encoding().is_none() {
             headers.set(names::CONTENT_ENCODING, "gzip");
             Bytes::from(gzip(&raw))

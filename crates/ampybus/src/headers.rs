@@ -85,6 +85,10 @@ pub const CONTENT_TYPE_PROTOBUF: &str = "application/x-protobuf";
 pub const CONTENT_TYPE_JSON: &str = "application/json";
 /// Schema used when a publisher gives none: opaque bytes.
 pub const RAW_BYTES_SCHEMA: &str = "ampy.raw.v1.Bytes";
+/// Largest value of one header on publish, in bytes: 64 KiB.
+pub const MAX_HEADER_VALUE_BYTES: usize = 64 * 1024;
+/// Largest sum of every header's name and value on publish, in bytes: 256 KiB.
+pub const MAX_HEADERS_BYTES: usize = 256 * 1024;
 
 /// The header map of an envelope: wire name → string value. Unknown headers are carried
 /// through untouched. Keys are kept sorted.
@@ -323,11 +327,37 @@ impl Headers {
     /// assert!(err.to_string().contains("`produced_at`"), "{err}");
     /// ```
     pub fn validate_for_publish(&self, topic: &Topic) -> Result<()> {
+        let mut total = 0usize;
+        let mut largest: Option<(&str, usize)> = None;
         for (k, v) in &self.0 {
             check_name(k)?;
             if v.contains(['\r', '\n', '\0']) {
                 return Err(Error::header(k, "value must not contain CR, LF or NUL"));
             }
+            if v.len() > MAX_HEADER_VALUE_BYTES {
+                return Err(Error::header(
+                    k,
+                    format!(
+                        "value is {} bytes, over the limit of {MAX_HEADER_VALUE_BYTES} bytes (64 KiB) per header value",
+                        v.len()
+                    ),
+                ));
+            }
+            let size = k.len() + v.len();
+            total += size;
+            if largest.is_none_or(|(_, n)| size > n) {
+                largest = Some((k, size));
+            }
+        }
+        if total > MAX_HEADERS_BYTES
+            && let Some((name, size)) = largest
+        {
+            return Err(Error::header(
+                name,
+                format!(
+                    "the headers are {total} bytes in all (names and values), over the limit of {MAX_HEADERS_BYTES} bytes (256 KiB); this is the largest ({size} bytes)"
+                ),
+            ));
         }
         for name in REQUIRED {
             if self.get(name).is_none() {

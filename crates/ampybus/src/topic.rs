@@ -381,10 +381,15 @@ pub struct TopicPattern {
 impl TopicPattern {
     /// Parses a pattern. Literal tokens in the env, domain and version positions are checked
     /// against the taxonomy, so a pattern that can never match is an error naming its token.
+    /// So is a pattern of fewer than five tokens without a trailing `>` (`*`, `ampy.*`): a
+    /// topic has at least five. `>` alone matches every topic.
     ///
     /// ```
     /// let err = ampybus::TopicPattern::parse("ampy.prd.>").unwrap_err();
     /// assert!(err.to_string().contains("\"prd\""), "{err}");
+    /// let err = ampybus::TopicPattern::parse("ampy.*").unwrap_err();
+    /// assert!(err.to_string().contains("can never match"), "{err}");
+    /// assert!(ampybus::TopicPattern::parse(">").is_ok());
     /// ```
     pub fn parse(s: &str) -> Result<TopicPattern> {
         let bad = |i: usize, tok: &str, why: &str| {
@@ -442,6 +447,15 @@ impl TopicPattern {
                 }
             };
             toks.push(t);
+        }
+        // A topic has at least five tokens: without a trailing `>`, fewer can never match.
+        if toks.len() < 5 && !matches!(toks.last(), Some(PatTok::Rest)) {
+            return Err(Error::topic(format!(
+                "pattern {}: has {} token(s) and no trailing `>`, so it can never match a topic (topics have at least 5 tokens: ampy.{{env}}.{{domain}}.{{version}}.{{subtopic}}); add `.>` (e.g. {}) or write all five tokens",
+                show(s),
+                toks.len(),
+                show(&format!("{}.>", s.trim_end_matches(".*")))
+            )));
         }
         Ok(TopicPattern {
             raw: s.to_owned(),

@@ -89,7 +89,7 @@ impl Consumer {
 }
 
 /// Default [`ConsumerBuilder::max_payload_bytes`]: 64 MiB.
-pub const DEFAULT_MAX_PAYLOAD: usize = 64 * 1024 * 1024;
+pub const DEFAULT_MAX_PAYLOAD: usize = crate::codec::DEFAULT_MAX_INFLATED;
 
 enum DedupeChoice {
     Default,

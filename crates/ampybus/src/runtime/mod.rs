@@ -215,12 +215,27 @@ impl DlqCode {
         DlqCode::parse(reason.split(':').next().unwrap_or_default())
     }
 
-    /// Formats `code: detail` (detail on one line).
+    /// Formats `code: detail` (detail on one line, cut to 4,096 bytes so the `dlq_reason`
+    /// header stays far below the header limits).
+    ///
+    /// ```
+    /// let r = ampybus::DlqCode::HandlerError.reason(&"x".repeat(100_000));
+    /// assert!(r.len() < 4200 && r.ends_with('…'));
+    /// ```
     pub fn reason(self, detail: &str) -> String {
-        let detail: String = detail
+        const MAX_DETAIL: usize = 4096;
+        let mut detail: String = detail
             .chars()
             .map(|c| if c.is_control() { ' ' } else { c })
             .collect();
+        if detail.len() > MAX_DETAIL {
+            let mut cut = MAX_DETAIL;
+            while !detail.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            detail.truncate(cut);
+            detail.push('…');
+        }
         let detail = detail.trim();
         if detail.is_empty() {
             format!("{}: -", self.as_str())

@@ -15,7 +15,9 @@
 //!   lease row per delivered, unsettled message. A lease not acked within the ack deadline is
 //!   delivered again. A message is never leased while an earlier message of the same
 //!   partition key is leased to another instance, so per-key order holds across processes.
-//! * **Retention** by age and size per domain, checked at open and every minute.
+//! * **Retention** by age and size per domain, checked after the first publish on a handle
+//!   and then every minute (a handle that only reads never deletes); every pass that deletes
+//!   logs its counts at `info`.
 
 use super::{
     Delivery, DeliveryInfo, PublishReceipt, ReplayByTime, Settler, StartAt, StoredMessage,
@@ -24,7 +26,7 @@ use super::{
 use crate::envelope::Envelope;
 use crate::error::{Error, ErrorKind, Result};
 use crate::topic::{Domain, TopicPattern};
-use crate::transport::url_parts::percent_decode;
+use crate::transport::url_parts::{MAX_RETENTION_DAYS, percent_decode, retention_value};
 use async_trait::async_trait;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -85,8 +87,53 @@ impl DomainRetention {
     /// `max_age` of `n` days, no size cap.
     pub fn days(n: u64) -> Self {
         DomainRetention {
-            max_age: Some(Duration::from_secs(n * 86_400)),
+            max_age: Some(Duration::from_secs(n.saturating_mul(86_400))),
             max_bytes: None,
+        }
+    }
+
+    /// Neither an age limit nor a size cap: messages are kept forever.
+    ///
+    /// ```
+    /// use ampybus::transport::embedded::DomainRetention;
+    /// assert!(DomainRetention::UNLIMITED.is_unlimited());
+    /// assert!(!DomainRetention::days(7).is_unlimited());
+    /// ```
+    pub const UNLIMITED: DomainRetention = DomainRetention {
+        max_age: None,
+        max_bytes: None,
+    };
+
+    /// True when nothing is ever deleted.
+    pub fn is_unlimited(&self) -> bool {
+        self.max_age.is_none() && self.max_bytes.is_none()
+    }
+}
+
+/// `7 days, no size cap`, `no age limit, 512 MiB`, `unlimited` (as `topics describe` and the
+/// retention log lines show it).
+///
+/// ```
+/// use ampybus::transport::embedded::DomainRetention;
+/// assert_eq!(DomainRetention::days(7).to_string(), "7 days, no size cap");
+/// let r = DomainRetention { max_age: None, max_bytes: Some(512 * 1024 * 1024) };
+/// assert_eq!(r.to_string(), "no age limit, 512 MiB");
+/// assert_eq!(DomainRetention::UNLIMITED.to_string(), "unlimited");
+/// ```
+impl std::fmt::Display for DomainRetention {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.is_unlimited() {
+            return f.write_str("unlimited");
+        }
+        match self.max_age {
+            Some(a) if a.as_secs() % 86_400 == 0 => write!(f, "{} days", a.as_secs() / 86_400)?,
+            Some(a) => write!(f, "{:?}", a)?,
+            None => f.write_str("no age limit")?,
+        }
+        match self.max_bytes {
+            Some(b) if b % (1024 * 1024) == 0 => write!(f, ", {} MiB", b / (1024 * 1024)),
+            Some(b) => write!(f, ", {b} bytes"),
+            None => f.write_str(", no size cap"),
         }
     }
 }
@@ -151,7 +198,10 @@ impl EmbeddedOptions {
 
     /// Parses `file:///abs/dir?opt=…`, `file:rel/dir` or a plain path. Options:
     /// `sync=full|normal`, `poll_ms=N`, `retention_days=N` (every domain),
-    /// `retention.<domain>.days=N`, `retention.<domain>.max_mb=N`.
+    /// `retention.<domain>.days=N`, `retention.<domain>.max_mb=N`. A retention value is a
+    /// whole number ≥ 1 or `unlimited` (keep forever); 0 is refused.
+    ///
+    /// Refused: `file:///` (the root as data directory) and `file://host/…` (a host).
     ///
     /// ```
     /// use ampybus::transport::embedded::{EmbeddedOptions, SyncLevel};
@@ -159,11 +209,25 @@ impl EmbeddedOptions {
     /// assert_eq!(o.dir, std::path::PathBuf::from("/var/lib/ampy"));
     /// assert_eq!(o.sync, SyncLevel::Normal);
     /// assert_eq!(o.retention_for(ampybus::Domain::Ticks).max_bytes, Some(512 * 1024 * 1024));
+    /// let o = EmbeddedOptions::from_url("file:///x?retention.bars.days=unlimited").unwrap();
+    /// assert_eq!(o.retention_for(ampybus::Domain::Bars).max_age, None);
     /// assert!(EmbeddedOptions::from_url("file:///x?bogus=1").is_err());
+    /// assert!(EmbeddedOptions::from_url("file:///x?retention_days=0").unwrap_err().to_string().contains("unlimited"));
+    /// assert!(EmbeddedOptions::from_url("file:///").is_err());
+    /// assert!(EmbeddedOptions::from_url("file://host/x").is_err());
     /// ```
     pub fn from_url(url: &str) -> Result<Self> {
         let (path, query) = match url.strip_prefix("file://") {
-            Some(rest) => rest.split_once('?').unwrap_or((rest, "")),
+            Some(rest) => {
+                let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+                if !path.is_empty() && !path.starts_with('/') {
+                    let host = path.split('/').next().unwrap_or(path);
+                    return Err(Error::config(format!(
+                        "url {url:?}: `file://{host}/…` names a host ({host:?}), which the embedded log does not support; {FILE_URL_FORMS}"
+                    )));
+                }
+                (path, query)
+            }
             None => match url.strip_prefix("file:") {
                 Some(rest) => rest.split_once('?').unwrap_or((rest, "")),
                 None => (url, ""),
@@ -171,10 +235,16 @@ impl EmbeddedOptions {
         };
         if path.is_empty() {
             return Err(Error::config(format!(
-                "url {url:?}: the data directory path is empty"
+                "url {url:?}: the data directory path is empty; {FILE_URL_FORMS}"
             )));
         }
         let path = percent_decode(path);
+        let p = Path::new(&path);
+        if p.has_root() && p.parent().is_none() {
+            return Err(Error::config(format!(
+                "url {url:?}: the data directory would be the filesystem root `/`; {FILE_URL_FORMS}"
+            )));
+        }
         let mut o = EmbeddedOptions::new(path);
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -184,6 +254,10 @@ impl EmbeddedOptions {
                         "url option `{k}`: {what} must be a non-negative integer (got {v:?})"
                     ))
                 })
+            };
+            let retention = |unit: &str, scale: u64, max: u64| -> Result<Option<u64>> {
+                retention_value(k, unit, v, scale, max)
+                    .map_err(|rule| Error::config(format!("url option `{k}`: {rule}")))
             };
             match k {
                 "sync" => o.sync = v.parse()?,
@@ -197,23 +271,31 @@ impl EmbeddedOptions {
                     o.poll_interval = Duration::from_millis(ms);
                 }
                 "retention_days" => {
-                    let d = DomainRetention::days(num("retention_days")?);
-                    o.default_retention.max_age = d.max_age;
+                    let age =
+                        retention("days", 86_400, MAX_RETENTION_DAYS)?.map(Duration::from_secs);
+                    o.default_retention.max_age = age;
                     for r in o.retention.values_mut() {
-                        r.max_age = d.max_age;
+                        r.max_age = age;
                     }
                 }
                 _ if k.starts_with("retention.") => {
                     let mut it = k.split('.');
-                    let (_, dom, field) =
-                        (it.next(), it.next().unwrap_or(""), it.next().unwrap_or(""));
+                    let (_, dom, field, extra) = (
+                        it.next(),
+                        it.next().unwrap_or(""),
+                        it.next().unwrap_or(""),
+                        it.next(),
+                    );
                     let domain: Domain = dom.parse().map_err(|e: Error| {
                         Error::config(format!("url option `{k}`: {}", e.message()))
                     })?;
                     let mut r = o.retention_for(domain);
-                    match field {
-                        "days" => r.max_age = Some(Duration::from_secs(num("days")? * 86_400)),
-                        "max_mb" => r.max_bytes = Some(num("max_mb")? * 1024 * 1024),
+                    match (field, extra) {
+                        ("days", None) => {
+                            r.max_age = retention("days", 86_400, MAX_RETENTION_DAYS)?
+                                .map(Duration::from_secs)
+                        }
+                        ("max_mb", None) => r.max_bytes = retention("MiB", 1024 * 1024, u64::MAX)?,
                         _ => {
                             return Err(Error::config(format!(
                                 "url option `{k}`: expected retention.<domain>.days or .max_mb"
@@ -233,6 +315,10 @@ impl EmbeddedOptions {
     }
 }
 
+/// The accepted forms of an embedded-log URL, as errors list them.
+const FILE_URL_FORMS: &str =
+    "accepted forms: /abs/dir, ./rel/dir, file:///abs/dir?options, file:rel/dir?options";
+
 fn now_us() -> i64 {
     Utc::now().timestamp_micros()
 }
@@ -241,18 +327,37 @@ fn us_to_time(us: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_micros(us).unwrap_or_default()
 }
 
-fn storage(what: &str, e: rusqlite::Error) -> Error {
+/// An error of the database file `db` while doing `what`, keeping SQLite's own words (e.g.
+/// "database disk image is malformed", "attempt to write a readonly database", "database or
+/// disk is full") in the message as well as in the source.
+pub(crate) fn storage(db: &Path, what: &str, e: rusqlite::Error) -> Error {
     if let rusqlite::Error::SqliteFailure(f, _) = &e
         && (f.code == rusqlite::ErrorCode::DatabaseBusy
             || f.code == rusqlite::ErrorCode::DatabaseLocked)
     {
         return Error::with_source(
             ErrorKind::Timeout,
-            format!("embedded log: {what}: the database stayed locked by another process"),
+            format!(
+                "embedded log {}: {what}: the database stayed locked by another process ({e})",
+                db.display()
+            ),
             e,
         );
     }
-    Error::transport(format!("embedded log: {what}"), e)
+    Error::transport(format!("embedded log {}: {what}: {e}", db.display()), e)
+}
+
+/// A stored row whose headers cannot be decoded: named by data file and sequence, never
+/// delivered with empty headers.
+pub(crate) fn damaged_row(db: &Path, seq: i64, topic: &str, e: &Error) -> Error {
+    Error::new(
+        ErrorKind::Transport,
+        format!(
+            "embedded log {}: message seq {seq} on {topic:?} is damaged: {}; it cannot be delivered (restore the data file from a backup or remove the row)",
+            db.display(),
+            e.message()
+        ),
+    )
 }
 
 /// The log's tables and indexes (also used by `ampybus bench --raw-sqlite` for its baseline).
@@ -336,17 +441,17 @@ fn open_conn(path: &Path, busy: Duration) -> Result<Connection> {
             | OpenFlags::SQLITE_OPEN_CREATE
             | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
-    .map_err(|e| storage(&format!("cannot open {}", path.display()), e))?;
+    .map_err(|e| storage(path, "open", e))?;
     BUSY_LIMIT_MS.store(
         busy.as_millis() as u64,
         std::sync::atomic::Ordering::Relaxed,
     );
     conn.busy_handler(Some(busy_wait))
-        .map_err(|e| storage("busy handler", e))?;
+        .map_err(|e| storage(path, "busy handler", e))?;
     conn.pragma_update(None, "journal_mode", "WAL")
-        .map_err(|e| storage("journal_mode=WAL", e))?;
+        .map_err(|e| storage(path, "journal_mode=WAL", e))?;
     conn.pragma_update(None, "foreign_keys", "OFF")
-        .map_err(|e| storage("pragma", e))?;
+        .map_err(|e| storage(path, "pragma", e))?;
     Ok(conn)
 }
 
@@ -397,9 +502,14 @@ enum Cmd {
 /// The writer thread's state.
 struct Writer {
     conn: Connection,
+    /// The database file, named in every error.
+    db: PathBuf,
     opts: EmbeddedOptions,
     sync_full: bool,
     last_retention: Instant,
+    /// Retention runs only once this handle has published (a process that only reads never
+    /// deletes).
+    published: bool,
 }
 
 impl Writer {
@@ -407,7 +517,7 @@ impl Writer {
         if self.sync_full != full {
             self.conn
                 .pragma_update(None, "synchronous", if full { "FULL" } else { "NORMAL" })
-                .map_err(|e| storage("pragma synchronous", e))?;
+                .map_err(|e| storage(&self.db, "pragma synchronous", e))?;
             self.sync_full = full;
         }
         Ok(())
@@ -418,7 +528,7 @@ impl Writer {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(|e| storage("begin append", e))?;
+            .map_err(|e| storage(&self.db, "begin append", e))?;
         let last: i64 = tx
             .query_row(
                 "SELECT log_us FROM messages ORDER BY seq DESC LIMIT 1",
@@ -426,7 +536,7 @@ impl Writer {
                 |r| r.get(0),
             )
             .optional()
-            .map_err(|e| storage("read last time", e))?
+            .map_err(|e| storage(&self.db, "read last time", e))?
             .unwrap_or(0);
         let log_us = now_us().max(last);
         let mut out = Vec::with_capacity(batches.len());
@@ -435,7 +545,7 @@ impl Writer {
                 .prepare_cached(
                     "INSERT INTO messages(topic, domain, pkey, message_id, log_us, size, headers, payload) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 )
-                .map_err(|e| storage("prepare insert", e))?;
+                .map_err(|e| storage(&self.db, "prepare insert", e))?;
             for batch in batches {
                 let mut receipts = Vec::with_capacity(batch.len());
                 for row in batch.iter() {
@@ -449,7 +559,7 @@ impl Writer {
                         row.headers,
                         &row.payload[..]
                     ])
-                    .map_err(|e| storage("insert", e))?;
+                    .map_err(|e| storage(&self.db, "insert", e))?;
                     receipts.push(PublishReceipt {
                         sequence: tx.last_insert_rowid() as u64,
                         duplicate: false,
@@ -458,7 +568,8 @@ impl Writer {
                 out.push(receipts);
             }
         }
-        tx.commit().map_err(|e| storage("commit append", e))?;
+        tx.commit()
+            .map_err(|e| storage(&self.db, "commit append", e))?;
         Ok(out)
     }
 
@@ -467,56 +578,59 @@ impl Writer {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(|e| storage("begin ack", e))?;
+            .map_err(|e| storage(&self.db, "begin ack", e))?;
         if !applied.is_empty() {
             let now = chrono::Utc::now().timestamp_millis();
             let mut ins = tx
                 .prepare_cached(
                     "INSERT OR REPLACE INTO applied(consumer, key, applied_at_ms) VALUES (?1, ?2, ?3)",
                 )
-                .map_err(|e| storage("prepare dedupe record", e))?;
+                .map_err(|e| storage(&self.db, "prepare dedupe record", e))?;
             for (consumer, keys) in applied {
                 for k in keys.iter() {
                     ins.execute(params![consumer, k, now])
-                        .map_err(|e| storage("dedupe record", e))?;
+                        .map_err(|e| storage(&self.db, "dedupe record", e))?;
                 }
             }
         }
         {
             let mut up = tx
                 .prepare_cached("UPDATE pending SET acked = 1 WHERE consumer = ?1 AND seq = ?2")
-                .map_err(|e| storage("prepare ack", e))?;
+                .map_err(|e| storage(&self.db, "prepare ack", e))?;
             for (consumer, seqs) in acks {
                 for s in seqs.iter() {
                     up.execute(params![consumer, *s as i64])
-                        .map_err(|e| storage("ack", e))?;
+                        .map_err(|e| storage(&self.db, "ack", e))?;
                 }
             }
         }
-        tx.commit().map_err(|e| storage("commit ack", e))
+        tx.commit().map_err(|e| storage(&self.db, "commit ack", e))
     }
 
     fn retention(&mut self) -> Result<u64> {
         self.last_retention = Instant::now();
         self.set_sync(false)?;
         let mut deleted = 0u64;
+        // (domain, deleted by age, deleted by size)
+        let mut counts: Vec<(String, u64, u64)> = Vec::new();
         let now = now_us();
         let domains: Vec<String> = {
             let mut st = self
                 .conn
                 .prepare("SELECT DISTINCT domain FROM messages")
-                .map_err(|e| storage("retention", e))?;
+                .map_err(|e| storage(&self.db, "retention", e))?;
             st.query_map([], |r| r.get::<_, String>(0))
                 .and_then(|rows| rows.collect::<std::result::Result<Vec<_>, _>>())
-                .map_err(|e| storage("retention", e))?
+                .map_err(|e| storage(&self.db, "retention", e))?
         };
         for dom in domains {
             let r = match dom.parse::<Domain>() {
                 Ok(d) => self.opts.retention_for(d),
                 Err(_) => self.opts.default_retention,
             };
+            let (mut by_age, mut by_size) = (0u64, 0u64);
             if let Some(age) = r.max_age {
-                let cutoff = now - age.as_micros() as i64;
+                let cutoff = now.saturating_sub(i64::try_from(age.as_micros()).unwrap_or(i64::MAX));
                 loop {
                     let n = self
                         .conn
@@ -524,8 +638,8 @@ impl Writer {
                             "DELETE FROM messages WHERE seq IN (SELECT seq FROM messages WHERE log_us < ?1 AND domain = ?2 LIMIT 10000)",
                             params![cutoff, dom],
                         )
-                        .map_err(|e| storage("retention delete", e))?;
-                    deleted += n as u64;
+                        .map_err(|e| storage(&self.db, "retention delete", e))?;
+                    by_age += n as u64;
                     if n < 10000 {
                         break;
                     }
@@ -539,17 +653,17 @@ impl Writer {
                         [&dom],
                         |r| r.get(0),
                     )
-                    .map_err(|e| storage("retention size", e))?;
-                let mut excess = total - max as i64;
+                    .map_err(|e| storage(&self.db, "retention size", e))?;
+                let mut excess = total.saturating_sub(i64::try_from(max).unwrap_or(i64::MAX));
                 while excess > 0 {
                     let rows: Vec<(i64, i64)> = {
                         let mut st = self
                             .conn
                             .prepare_cached("SELECT seq, size FROM messages WHERE domain = ?1 ORDER BY seq LIMIT 5000")
-                            .map_err(|e| storage("retention size", e))?;
+                            .map_err(|e| storage(&self.db, "retention size", e))?;
                         st.query_map([&dom], |r| Ok((r.get(0)?, r.get(1)?)))
                             .and_then(|rows| rows.collect::<std::result::Result<Vec<_>, _>>())
-                            .map_err(|e| storage("retention size", e))?
+                            .map_err(|e| storage(&self.db, "retention size", e))?
                     };
                     if rows.is_empty() {
                         break;
@@ -562,22 +676,45 @@ impl Writer {
                             break;
                         }
                     }
-                    deleted += self
+                    by_size += self
                         .conn
                         .execute(
                             "DELETE FROM messages WHERE domain = ?1 AND seq <= ?2",
                             params![dom, upto],
                         )
-                        .map_err(|e| storage("retention delete", e))?
+                        .map_err(|e| storage(&self.db, "retention delete", e))?
                         as u64;
                 }
+            }
+            if by_age + by_size > 0 {
+                deleted += by_age + by_size;
+                counts.push((dom, by_age, by_size));
             }
         }
         if deleted > 0 {
             self.conn
                 .execute("DELETE FROM pending WHERE seq < (SELECT COALESCE(MIN(seq), 9223372036854775807) FROM messages)", [])
-                .map_err(|e| storage("retention pending", e))?;
-            tracing::info!(deleted, "embedded log retention removed expired messages");
+                .map_err(|e| storage(&self.db, "retention pending", e))?;
+            for (domain, by_age, by_size) in &counts {
+                let r = match domain.parse::<Domain>() {
+                    Ok(d) => self.opts.retention_for(d),
+                    Err(_) => self.opts.default_retention,
+                };
+                tracing::info!(
+                    db = %self.db.display(),
+                    domain = %domain,
+                    by_age,
+                    by_size,
+                    retention = %r,
+                    "embedded log retention deleted {} message(s) of domain {domain}",
+                    by_age + by_size
+                );
+            }
+            tracing::info!(
+                db = %self.db.display(),
+                deleted,
+                "embedded log retention deleted {deleted} message(s) in all"
+            );
         }
         Ok(deleted)
     }
@@ -585,19 +722,27 @@ impl Writer {
 
 fn writer_loop(mut w: Writer, rx: mpsc::Receiver<Cmd>, notify: Arc<Notify>) {
     loop {
-        let due = w
-            .opts
-            .retention_interval
-            .saturating_sub(w.last_retention.elapsed());
-        let first = match rx.recv_timeout(due) {
-            Ok(c) => c,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                if let Err(e) = w.retention() {
-                    tracing::warn!(error = %e, "embedded log retention failed");
+        // Before this handle's first publish there is no retention to schedule.
+        let first = if w.published {
+            let due = w
+                .opts
+                .retention_interval
+                .saturating_sub(w.last_retention.elapsed());
+            match rx.recv_timeout(due) {
+                Ok(c) => c,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if let Err(e) = w.retention() {
+                        tracing::warn!(error = %e, "embedded log retention failed");
+                    }
+                    continue;
                 }
-                continue;
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        } else {
+            match rx.recv() {
+                Ok(c) => c,
+                Err(_) => break,
+            }
         };
         let mut cmds = vec![first];
         while cmds.len() < 4096 {
@@ -628,6 +773,14 @@ fn writer_loop(mut w: Writer, rx: mpsc::Receiver<Cmd>, notify: Arc<Notify>) {
                     for ((_, reply), r) in appends.into_iter().zip(receipts) {
                         let _ = reply.send(Ok(r));
                     }
+                    if !w.published {
+                        // The first publish on this handle: retention starts now (the
+                        // publishers have their receipts already).
+                        w.published = true;
+                        if let Err(e) = w.retention() {
+                            tracing::warn!(error = %e, "embedded log retention failed");
+                        }
+                    }
                 }
                 Err(e) => {
                     for (_, reply) in appends {
@@ -657,7 +810,8 @@ fn writer_loop(mut w: Writer, rx: mpsc::Receiver<Cmd>, notify: Arc<Notify>) {
             f(&mut w);
         }
         notify.notify_waiters();
-        if w.last_retention.elapsed() >= w.opts.retention_interval
+        if w.published
+            && w.last_retention.elapsed() >= w.opts.retention_interval
             && let Err(e) = w.retention()
         {
             tracing::warn!(error = %e, "embedded log retention failed");
@@ -677,11 +831,26 @@ impl Inner {
     fn send(&self, cmd: Cmd) -> Result<()> {
         let guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
         match guard.as_ref() {
-            Some(tx) => tx
-                .send(cmd)
-                .map_err(|_| Error::new(ErrorKind::Closed, "embedded log is closed")),
-            None => Err(Error::new(ErrorKind::Closed, "embedded log is closed")),
+            Some(tx) => tx.send(cmd).map_err(|_| self.closed("is closed")),
+            None => Err(self.closed("is closed")),
         }
+    }
+
+    /// A `Closed` error naming the data file.
+    fn closed(&self, what: &str) -> Error {
+        Error::new(
+            ErrorKind::Closed,
+            format!("embedded log {} {what}", self.db_path.display()),
+        )
+    }
+
+    /// A failed blocking task (panicked or cancelled), naming the data file and the cause.
+    pub(crate) fn task_failed(&self, what: &str, e: tokio::task::JoinError) -> Error {
+        let message = format!(
+            "embedded log {}: {what} failed: {e}",
+            self.db_path.display()
+        );
+        Error::transport(message, e)
     }
 
     async fn run<T: Send + 'static>(
@@ -692,8 +861,7 @@ impl Inner {
         self.send(Cmd::Run(Box::new(move |w| {
             let _ = reply.send(f(w));
         })))?;
-        rx.await
-            .map_err(|_| Error::new(ErrorKind::Closed, "embedded log writer stopped"))?
+        rx.await.map_err(|_| self.closed("writer stopped"))?
     }
 
     pub(crate) fn reader(&self) -> Result<Connection> {
@@ -727,7 +895,9 @@ impl std::fmt::Debug for EmbeddedLog {
 }
 
 impl EmbeddedLog {
-    /// Opens (creating if needed) the log in `opts.dir`, and runs retention once.
+    /// Opens (creating if needed) the log in `opts.dir`. Retention first runs after the first
+    /// publish on this handle (then every [`EmbeddedOptions::retention_interval`]): a process
+    /// that only reads never deletes.
     pub fn open(opts: EmbeddedOptions) -> Result<Self> {
         std::fs::create_dir_all(&opts.dir).map_err(|e| {
             Error::config(format!(
@@ -738,28 +908,35 @@ impl EmbeddedLog {
         let db_path = opts.dir.join(DB_FILE);
         let conn = open_conn(&db_path, opts.busy_timeout)?;
         conn.execute_batch(SCHEMA)
-            .map_err(|e| storage("create schema", e))?;
+            .map_err(|e| storage(&db_path, "create schema", e))?;
         let sync_full = opts.sync == SyncLevel::Full;
         conn.pragma_update(
             None,
             "synchronous",
             if sync_full { "FULL" } else { "NORMAL" },
         )
-        .map_err(|e| storage("pragma synchronous", e))?;
-        let mut w = Writer {
+        .map_err(|e| storage(&db_path, "pragma synchronous", e))?;
+        let w = Writer {
             conn,
+            db: db_path.clone(),
             opts: opts.clone(),
             sync_full,
             last_retention: Instant::now(),
+            published: false,
         };
-        w.retention()?;
         let (tx, rx) = mpsc::channel();
         let notify = Arc::new(Notify::new());
         let n2 = notify.clone();
         let thread = std::thread::Builder::new()
             .name("ampybus-embedded-writer".into())
             .spawn(move || writer_loop(w, rx, n2))
-            .map_err(|e| Error::transport("embedded log: cannot start writer thread", e))?;
+            .map_err(|e| {
+                let message = format!(
+                    "embedded log {}: cannot start writer thread: {e}",
+                    db_path.display()
+                );
+                Error::transport(message, e)
+            })?;
         Ok(EmbeddedLog {
             inner: Arc::new(Inner {
                 tx: Mutex::new(Some(tx)),
@@ -781,7 +958,8 @@ impl EmbeddedLog {
         &self.inner.db_path
     }
 
-    /// Runs retention now; returns how many messages were deleted.
+    /// Runs retention now, whether or not this handle has published; returns how many
+    /// messages were deleted.
     pub async fn run_retention(&self) -> Result<u64> {
         self.inner.run(|w| w.retention()).await
     }
@@ -789,16 +967,17 @@ impl EmbeddedLog {
     /// Total messages stored, and the highest sequence.
     pub async fn stats(&self) -> Result<(u64, u64)> {
         let conn = self.inner.reader()?;
+        let db = self.inner.db_path.clone();
         tokio::task::spawn_blocking(move || {
             conn.query_row(
                 "SELECT COUNT(*), COALESCE(MAX(seq), 0) FROM messages",
                 [],
                 |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
             )
-            .map_err(|e| storage("stats", e))
+            .map_err(|e| storage(&db, "stats", e))
         })
         .await
-        .map_err(|e| Error::transport("embedded log: stats task failed", e))?
+        .map_err(|e| self.inner.task_failed("stats task", e))?
     }
 }
 
@@ -826,8 +1005,7 @@ impl Settler for EmbeddedSettler {
             applied: None,
             reply,
         })?;
-        rx.await
-            .map_err(|_| Error::new(ErrorKind::Closed, "embedded log writer stopped"))?
+        rx.await.map_err(|_| self.inner.closed("writer stopped"))?
     }
 
     async fn nack(&self, sequence: u64, delay: Duration) -> Result<()> {
@@ -842,7 +1020,7 @@ impl Settler for EmbeddedSettler {
                         "UPDATE pending SET owner = NULL, not_before_us = ?3 WHERE consumer = ?1 AND seq = ?2 AND acked = 0",
                         params![consumer, sequence as i64, now_us() + delay.as_micros() as i64],
                     )
-                    .map_err(|e| storage("nack", e))?;
+                    .map_err(|e| storage(&w.db, "nack", e))?;
                 Ok(())
             })
             .await
@@ -862,7 +1040,7 @@ impl Settler for EmbeddedSettler {
                         "UPDATE pending SET not_before_us = ?4 WHERE consumer = ?1 AND seq = ?2 AND owner = ?3 AND acked = 0",
                         params![consumer, sequence as i64, owner, now_us() + until],
                     )
-                    .map_err(|e| storage("in_progress", e))?;
+                    .map_err(|e| storage(&w.db, "in_progress", e))?;
                 Ok(())
             })
             .await
@@ -874,7 +1052,7 @@ struct Row {
     seq: i64,
     topic: String,
     log_us: i64,
-    headers: Vec<u8>,
+    headers: crate::Headers,
     payload: Vec<u8>,
     deliveries: u32,
 }
@@ -895,10 +1073,11 @@ fn fetch_durable(
     deadline_us: i64,
 ) -> Result<FetchOut> {
     w.set_sync(false)?;
+    let db = w.db.clone();
     let tx = w
         .conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(|e| storage("begin fetch", e))?;
+        .map_err(|e| storage(&db, "begin fetch", e))?;
     let now = now_us();
     let mut cursor: i64 = tx
         .query_row(
@@ -906,13 +1085,13 @@ fn fetch_durable(
             [consumer],
             |r| r.get(0),
         )
-        .map_err(|e| storage("read consumer", e))?;
+        .map_err(|e| storage(&db, "read consumer", e))?;
     // seq -> (owner, not_before, deliveries, acked)
     let mut pend: HashMap<i64, (Option<String>, i64, u32, bool)> = HashMap::new();
     {
         let mut st = tx
             .prepare_cached("SELECT seq, owner, not_before_us, deliveries, acked FROM pending WHERE consumer = ?1")
-            .map_err(|e| storage("read pending", e))?;
+            .map_err(|e| storage(&db, "read pending", e))?;
         let rows = st
             .query_map([consumer], |r| {
                 Ok((
@@ -925,9 +1104,9 @@ fn fetch_durable(
                     ),
                 ))
             })
-            .map_err(|e| storage("read pending", e))?;
+            .map_err(|e| storage(&db, "read pending", e))?;
         for r in rows {
-            let (k, v) = r.map_err(|e| storage("read pending", e))?;
+            let (k, v) = r.map_err(|e| storage(&db, "read pending", e))?;
             pend.insert(k, v);
         }
     }
@@ -944,12 +1123,12 @@ fn fetch_durable(
                 .prepare_cached(
                     "SELECT seq, topic, pkey FROM messages WHERE seq > ?1 ORDER BY seq LIMIT ?2",
                 )
-                .map_err(|e| storage("scan", e))?;
+                .map_err(|e| storage(&db, "scan", e))?;
             st.query_map(params![scan_from, scan_chunk as i64], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?))
             })
             .and_then(|rows| rows.collect::<std::result::Result<Vec<_>, _>>())
-            .map_err(|e| storage("scan", e))?
+            .map_err(|e| storage(&db, "scan", e))?
         };
         if chunk.is_empty() {
             break;
@@ -997,44 +1176,25 @@ fn fetch_durable(
             break;
         }
     }
-    {
-        let mut up = tx
-            .prepare_cached(
-                "INSERT INTO pending(consumer, seq, pkey, owner, not_before_us, deliveries, acked) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0)
-                 ON CONFLICT(consumer, seq) DO UPDATE SET owner = excluded.owner, not_before_us = excluded.not_before_us, deliveries = excluded.deliveries",
-            )
-            .map_err(|e| storage("lease", e))?;
-        for (seq, pkey, deliveries) in &taken {
-            up.execute(params![
-                consumer,
-                seq,
-                pkey,
-                owner,
-                now + deadline_us,
-                deliveries
-            ])
-            .map_err(|e| storage("lease", e))?;
-        }
-    }
-    tx.execute(
-        "UPDATE consumers SET cursor = ?2 WHERE name = ?1 AND cursor < ?2",
-        params![consumer, cursor],
-    )
-    .map_err(|e| storage("advance cursor", e))?;
-    tx.execute(
-        "DELETE FROM pending WHERE consumer = ?1 AND seq <= ?2",
-        params![consumer, cursor],
-    )
-    .map_err(|e| storage("trim pending", e))?;
+    // Read and decode the taken rows first: a damaged row is never leased or delivered. The
+    // rows before it are; when it is the first, the fetch fails naming it (nothing changes).
     let mut rows = Vec::with_capacity(taken.len());
     {
         let mut get = tx
             .prepare_cached("SELECT topic, log_us, headers, payload FROM messages WHERE seq = ?1")
-            .map_err(|e| storage("read message", e))?;
+            .map_err(|e| storage(&db, "read message", e))?;
         for (seq, _, deliveries) in &taken {
-            let (topic, log_us, headers, payload) = get
+            let (topic, log_us, headers, payload): (String, i64, Vec<u8>, Vec<u8>) = get
                 .query_row([seq], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-                .map_err(|e| storage("read message", e))?;
+                .map_err(|e| storage(&db, "read message", e))?;
+            let headers = match decode_headers(&headers) {
+                Ok(h) => h,
+                Err(e) if rows.is_empty() => return Err(damaged_row(&db, *seq, &topic, &e)),
+                Err(e) => {
+                    tracing::debug!(seq, error = %e, "embedded log: damaged row; delivering the rows before it");
+                    break;
+                }
+            };
             rows.push(Row {
                 seq: *seq,
                 topic,
@@ -1045,7 +1205,37 @@ fn fetch_durable(
             });
         }
     }
-    tx.commit().map_err(|e| storage("commit fetch", e))?;
+    taken.truncate(rows.len());
+    {
+        let mut up = tx
+            .prepare_cached(
+                "INSERT INTO pending(consumer, seq, pkey, owner, not_before_us, deliveries, acked) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0)
+                 ON CONFLICT(consumer, seq) DO UPDATE SET owner = excluded.owner, not_before_us = excluded.not_before_us, deliveries = excluded.deliveries",
+            )
+            .map_err(|e| storage(&db, "lease", e))?;
+        for (seq, pkey, deliveries) in &taken {
+            up.execute(params![
+                consumer,
+                seq,
+                pkey,
+                owner,
+                now + deadline_us,
+                deliveries
+            ])
+            .map_err(|e| storage(&db, "lease", e))?;
+        }
+    }
+    tx.execute(
+        "UPDATE consumers SET cursor = ?2 WHERE name = ?1 AND cursor < ?2",
+        params![consumer, cursor],
+    )
+    .map_err(|e| storage(&db, "advance cursor", e))?;
+    tx.execute(
+        "DELETE FROM pending WHERE consumer = ?1 AND seq <= ?2",
+        params![consumer, cursor],
+    )
+    .map_err(|e| storage(&db, "trim pending", e))?;
+    tx.commit().map_err(|e| storage(&db, "commit fetch", e))?;
     Ok(FetchOut {
         rows,
         next_due_us: next_due,
@@ -1053,14 +1243,10 @@ fn fetch_durable(
 }
 
 fn row_to_delivery(r: Row, settler: &Arc<dyn Settler>) -> Delivery {
-    let headers = decode_headers(&r.headers).unwrap_or_else(|e| {
-        tracing::error!(seq = r.seq, error = %e, "embedded log: stored headers unreadable; delivering without headers");
-        crate::Headers::new()
-    });
     Delivery::new(
         Envelope {
             topic: r.topic,
-            headers,
+            headers: r.headers,
             payload: Bytes::from(r.payload),
         },
         DeliveryInfo {
@@ -1087,7 +1273,7 @@ impl EmbeddedSubscription {
     fn data_version(&self) -> Result<i64> {
         self.watch
             .query_row("PRAGMA data_version", [], |r| r.get(0))
-            .map_err(|e| storage("data_version", e))
+            .map_err(|e| storage(&self.inner.db_path, "data_version", e))
     }
 
     fn read_ephemeral(&mut self, max: usize) -> Result<Vec<Row>> {
@@ -1095,32 +1281,41 @@ impl EmbeddedSubscription {
         let mut st = self
             .watch
             .prepare_cached("SELECT seq, topic, log_us, headers, payload FROM messages WHERE seq > ?1 ORDER BY seq LIMIT ?2")
-            .map_err(|e| storage("read", e))?;
+            .map_err(|e| storage(&self.inner.db_path, "read", e))?;
         for _ in 0..64 {
-            let rows: Vec<Row> = st
+            let rows: Vec<WindowRow> = st
                 .query_map(params![self.position, 1024i64], |r| {
-                    Ok(Row {
-                        seq: r.get(0)?,
-                        topic: r.get(1)?,
-                        log_us: r.get(2)?,
-                        headers: r.get(3)?,
-                        payload: r.get(4)?,
-                        deliveries: 1,
-                    })
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
                 })
                 .and_then(|rows| rows.collect::<std::result::Result<Vec<_>, _>>())
-                .map_err(|e| storage("read", e))?;
+                .map_err(|e| storage(&self.inner.db_path, "read", e))?;
             if rows.is_empty() {
                 break;
             }
-            for r in rows {
+            for (seq, topic, log_us, headers, payload) in rows {
                 if out.len() >= max {
                     return Ok(out);
                 }
-                self.position = r.seq;
-                if self.spec.pattern.matches(&r.topic) {
-                    out.push(r);
+                if self.spec.pattern.matches(&topic) {
+                    // A damaged row stops the read before it: the rows before it are
+                    // delivered, and the next read fails naming it.
+                    let headers = match decode_headers(&headers) {
+                        Ok(h) => h,
+                        Err(e) if out.is_empty() => {
+                            return Err(damaged_row(&self.inner.db_path, seq, &topic, &e));
+                        }
+                        Err(_) => return Ok(out),
+                    };
+                    out.push(Row {
+                        seq,
+                        topic,
+                        log_us,
+                        headers,
+                        payload,
+                        deliveries: 1,
+                    });
                 }
+                self.position = seq;
             }
             if !out.is_empty() {
                 break;
@@ -1200,8 +1395,7 @@ impl Transport for EmbeddedLog {
         let batch: Vec<NewRow> = batch.into_iter().map(NewRow::from).collect();
         let (reply, rx) = oneshot::channel();
         self.inner.send(Cmd::Append { batch, reply })?;
-        rx.await
-            .map_err(|_| Error::new(ErrorKind::Closed, "embedded log writer stopped"))?
+        rx.await.map_err(|_| self.inner.closed("writer stopped"))?
     }
 
     /// One trivial query through the writer thread: the thread runs and the database answers.
@@ -1211,7 +1405,7 @@ impl Transport for EmbeddedLog {
                 w.conn
                     .query_row("SELECT 1", [], |r| r.get::<_, i64>(0))
                     .map(|_| ())
-                    .map_err(|e| storage("health probe", e))
+                    .map_err(|e| storage(&w.db, "health probe", e))
             })
             .await
     }
@@ -1236,11 +1430,11 @@ impl Transport for EmbeddedLog {
                     let tx = w
                         .conn
                         .transaction_with_behavior(TransactionBehavior::Immediate)
-                        .map_err(|e| storage("begin subscribe", e))?;
+                        .map_err(|e| storage(&w.db, "begin subscribe", e))?;
                     let existing: Option<String> = tx
                         .query_row("SELECT pattern FROM consumers WHERE name = ?1", [&name], |r| r.get(0))
                         .optional()
-                        .map_err(|e| storage("read consumer", e))?;
+                        .map_err(|e| storage(&w.db, "read consumer", e))?;
                     match existing {
                         Some(p) if p != pattern => {
                             return Err(Error::config(format!(
@@ -1249,19 +1443,19 @@ impl Transport for EmbeddedLog {
                         }
                         Some(_) => {}
                         None => {
-                            let cursor = start_cursor(&tx, start)?;
+                            let cursor = start_cursor(&w.db, &tx, start)?;
                             tx.execute(
                                 "INSERT INTO consumers(name, pattern, cursor, created_us) VALUES (?1, ?2, ?3, ?4)",
                                 params![name, pattern, cursor, now_us()],
                             )
-                            .map_err(|e| storage("create consumer", e))?;
+                            .map_err(|e| storage(&w.db, "create consumer", e))?;
                         }
                     }
-                    tx.commit().map_err(|e| storage("commit subscribe", e))
+                    tx.commit().map_err(|e| storage(&w.db, "commit subscribe", e))
                 })
                 .await?;
         } else {
-            position = start_cursor(&watch, spec.start)?;
+            position = start_cursor(&self.inner.db_path, &watch, spec.start)?;
         }
         let owner = uuid::Uuid::new_v4().to_string();
         let settler: Arc<dyn Settler> = Arc::new(EmbeddedSettler {
@@ -1314,19 +1508,25 @@ impl Transport for EmbeddedLog {
         if let Some(h) = handle {
             tokio::task::spawn_blocking(move || h.join())
                 .await
-                .map_err(|e| Error::transport("embedded log: close failed", e))?
+                .map_err(|e| self.inner.task_failed("close", e))?
                 .map_err(|_| {
-                    Error::new(ErrorKind::Transport, "embedded log: writer thread panicked")
+                    Error::new(
+                        ErrorKind::Transport,
+                        format!(
+                            "embedded log {}: writer thread panicked",
+                            self.inner.db_path.display()
+                        ),
+                    )
                 })?;
         }
         Ok(())
     }
 }
 
-fn start_cursor(conn: &Connection, start: StartAt) -> Result<i64> {
+fn start_cursor(db: &Path, conn: &Connection, start: StartAt) -> Result<i64> {
     let q = |sql: &str, p: &[&dyn rusqlite::ToSql]| -> Result<i64> {
         conn.query_row(sql, p, |r| r.get::<_, i64>(0))
-            .map_err(|e| storage("start position", e))
+            .map_err(|e| storage(db, "start position", e))
     };
     match start {
         StartAt::Earliest => Ok(0),
@@ -1351,22 +1551,27 @@ impl ReplayByTime for EmbeddedLog {
     async fn read_window(&self, query: &WindowQuery) -> Result<Vec<StoredMessage>> {
         let conn = self.inner.reader()?;
         let q = query.clone();
-        tokio::task::spawn_blocking(move || read_window_blocking(&conn, &q))
+        let db = self.inner.db_path.clone();
+        tokio::task::spawn_blocking(move || read_window_blocking(&db, &conn, &q))
             .await
-            .map_err(|e| Error::transport("embedded log: read task failed", e))?
+            .map_err(|e| self.inner.task_failed("read task", e))?
     }
 }
 
 /// `(seq, topic, log_us, headers, payload)` as read for a window.
 type WindowRow = (i64, String, i64, Vec<u8>, Vec<u8>);
 
-fn read_window_blocking(conn: &Connection, q: &WindowQuery) -> Result<Vec<StoredMessage>> {
+fn read_window_blocking(
+    db: &Path,
+    conn: &Connection,
+    q: &WindowQuery,
+) -> Result<Vec<StoredMessage>> {
     let first_at = |t: Option<DateTime<Utc>>, default: i64| -> Result<i64> {
         match t {
             None => Ok(default),
             Some(t) => conn
                 .query_row("SELECT COALESCE(MIN(seq), 9223372036854775807) FROM messages WHERE log_us >= ?1", [t.timestamp_micros()], |r| r.get(0))
-                .map_err(|e| storage("window bound", e)),
+                .map_err(|e| storage(db, "window bound", e)),
         }
     };
     let lo = first_at(q.start, 0)?.max(q.after_sequence as i64 + 1);
@@ -1376,32 +1581,33 @@ fn read_window_blocking(conn: &Connection, q: &WindowQuery) -> Result<Vec<Stored
     let to_msg = |r: &rusqlite::Row<'_>| -> rusqlite::Result<WindowRow> {
         Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
     };
-    let mut push =
-        |(seq, topic, log_us, headers, payload): (i64, String, i64, Vec<u8>, Vec<u8>)| {
-            let headers = decode_headers(&headers).unwrap_or_default();
-            out.push(StoredMessage {
-                sequence: seq as u64,
-                stored_at: us_to_time(log_us),
-                envelope: Envelope {
-                    topic,
-                    headers,
-                    payload: Bytes::from(payload),
-                },
-            });
-        };
+    // A damaged row fails the read, naming it: never a message with empty headers.
+    let mut push = |(seq, topic, log_us, headers, payload): WindowRow| -> Result<()> {
+        let headers = decode_headers(&headers).map_err(|e| damaged_row(db, seq, &topic, &e))?;
+        out.push(StoredMessage {
+            sequence: seq as u64,
+            stored_at: us_to_time(log_us),
+            envelope: Envelope {
+                topic,
+                headers,
+                payload: Bytes::from(payload),
+            },
+        });
+        Ok(())
+    };
     match &q.keys {
         Some(keys) => {
             let mut rows = Vec::new();
             let mut st = conn
                 .prepare_cached("SELECT seq, topic, log_us, headers, payload FROM messages WHERE pkey = ?1 AND seq >= ?2 AND seq < ?3 ORDER BY seq LIMIT ?4")
-                .map_err(|e| storage("window by key", e))?;
+                .map_err(|e| storage(db, "window by key", e))?;
             for k in keys {
                 let mut from = lo;
                 loop {
                     let got: Vec<_> = st
                         .query_map(params![k, from, hi, limit as i64], to_msg)
                         .and_then(|r| r.collect::<std::result::Result<Vec<_>, _>>())
-                        .map_err(|e| storage("window by key", e))?;
+                        .map_err(|e| storage(db, "window by key", e))?;
                     let n = got.len();
                     let mut matched = 0;
                     for r in got {
@@ -1418,12 +1624,14 @@ fn read_window_blocking(conn: &Connection, q: &WindowQuery) -> Result<Vec<Stored
             }
             rows.sort_by_key(|r| r.0);
             rows.truncate(limit);
-            rows.into_iter().for_each(&mut push);
+            for r in rows {
+                push(r)?;
+            }
         }
         None => {
             let mut st = conn
                 .prepare_cached("SELECT seq, topic, log_us, headers, payload FROM messages WHERE seq >= ?1 AND seq < ?2 ORDER BY seq LIMIT ?3")
-                .map_err(|e| storage("window", e))?;
+                .map_err(|e| storage(db, "window", e))?;
             let mut from = lo;
             let chunk = limit.max(1000);
             let mut count = 0;
@@ -1431,12 +1639,12 @@ fn read_window_blocking(conn: &Connection, q: &WindowQuery) -> Result<Vec<Stored
                 let got: Vec<_> = st
                     .query_map(params![from, hi, chunk as i64], to_msg)
                     .and_then(|r| r.collect::<std::result::Result<Vec<_>, _>>())
-                    .map_err(|e| storage("window", e))?;
+                    .map_err(|e| storage(db, "window", e))?;
                 let n = got.len();
                 for r in got {
                     from = r.0 + 1;
                     if q.pattern.matches(&r.1) {
-                        push(r);
+                        push(r)?;
                         count += 1;
                         if count >= limit {
                             break 'scan;
@@ -1520,9 +1728,7 @@ impl EmbeddedDedupe {
             applied,
             reply,
         })?;
-        let r = rx
-            .await
-            .map_err(|_| Error::new(ErrorKind::Closed, "embedded log writer stopped"))?;
+        let r = rx.await.map_err(|_| self.inner.closed("writer stopped"))?;
         self.maybe_purge();
         r
     }
@@ -1562,12 +1768,12 @@ impl crate::dedupe::DedupeStore for EmbeddedDedupe {
                 .prepare_cached(
                     "SELECT 1 FROM applied WHERE consumer = ?1 AND key = ?2 AND applied_at_ms >= ?3",
                 )
-                .map_err(|e| storage("prepare dedupe lookup", e))?;
+                .map_err(|e| storage(&self.inner.db_path, "prepare dedupe lookup", e))?;
             let cutoff = self.cutoff_ms();
             for k in keys {
                 if st
                     .exists(params![consumer, k, cutoff])
-                    .map_err(|e| storage("dedupe lookup", e))?
+                    .map_err(|e| storage(&self.inner.db_path, "dedupe lookup", e))?
                 {
                     return Ok(true);
                 }
@@ -1603,14 +1809,16 @@ impl crate::dedupe::DedupeStore for EmbeddedDedupe {
                 );
                 let mut st = conn
                     .prepare_cached(&sql)
-                    .map_err(|e| storage("prepare dedupe batch lookup", e))?;
+                    .map_err(|e| storage(&self.inner.db_path, "prepare dedupe batch lookup", e))?;
                 let mut args: Vec<&dyn rusqlite::ToSql> = vec![&consumer, &cutoff];
                 args.extend(chunk.iter().map(|k| k as &dyn rusqlite::ToSql));
                 let rows = st
                     .query_map(&args[..], |r| r.get::<_, String>(0))
-                    .map_err(|e| storage("dedupe batch lookup", e))?;
+                    .map_err(|e| storage(&self.inner.db_path, "dedupe batch lookup", e))?;
                 for r in rows {
-                    out.insert(r.map_err(|e| storage("dedupe batch lookup", e))?);
+                    out.insert(
+                        r.map_err(|e| storage(&self.inner.db_path, "dedupe batch lookup", e))?,
+                    );
                 }
             }
             Ok(())

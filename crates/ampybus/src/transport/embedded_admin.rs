@@ -12,8 +12,10 @@ use std::collections::BTreeMap;
 
 pub use super::{ConsumerStats, TopicStats};
 
-fn sql(what: &str, e: rusqlite::Error) -> Error {
-    Error::transport(format!("embedded log: {what}"), e)
+/// An error of `conn`'s database file, keeping SQLite's cause and the path in the message.
+fn sql_at(conn: &Connection, what: &str, e: rusqlite::Error) -> Error {
+    let db = std::path::Path::new(conn.path().unwrap_or("(in memory)"));
+    crate::transport::embedded::storage(db, what, e)
 }
 
 fn us_to_time(us: i64) -> Option<DateTime<Utc>> {
@@ -26,7 +28,7 @@ fn topic_rows(conn: &Connection, pattern: &TopicPattern) -> Result<Vec<TopicStat
             "SELECT topic, COUNT(*), COALESCE(SUM(size), 0), MIN(log_us), MAX(log_us), \
              MIN(seq), MAX(seq) FROM messages GROUP BY topic ORDER BY topic",
         )
-        .map_err(|e| sql("topic stats", e))?;
+        .map_err(|e| sql_at(conn, "topic stats", e))?;
     let rows = stmt
         .query_map([], |r| {
             Ok(TopicStats {
@@ -39,10 +41,10 @@ fn topic_rows(conn: &Connection, pattern: &TopicPattern) -> Result<Vec<TopicStat
                 last_seq: r.get::<_, i64>(6)? as u64,
             })
         })
-        .map_err(|e| sql("topic stats", e))?;
+        .map_err(|e| sql_at(conn, "topic stats", e))?;
     let mut out = Vec::new();
     for row in rows {
-        let row = row.map_err(|e| sql("topic stats", e))?;
+        let row = row.map_err(|e| sql_at(conn, "topic stats", e))?;
         if pattern.matches(&row.topic) {
             out.push(row);
         }
@@ -57,14 +59,23 @@ fn sum_matching(
     params: impl rusqlite::Params,
     pattern: &TopicPattern,
 ) -> Result<(u64, u64)> {
-    let mut stmt = conn.prepare(query).map_err(|e| sql("consumer stats", e))?;
-    let mut rows = stmt.query(params).map_err(|e| sql("consumer stats", e))?;
+    let mut stmt = conn
+        .prepare(query)
+        .map_err(|e| sql_at(conn, "consumer stats", e))?;
+    let mut rows = stmt
+        .query(params)
+        .map_err(|e| sql_at(conn, "consumer stats", e))?;
     let (mut count, mut max_seq) = (0u64, 0u64);
-    while let Some(r) = rows.next().map_err(|e| sql("consumer stats", e))? {
-        let topic: String = r.get(0).map_err(|e| sql("consumer stats", e))?;
+    while let Some(r) = rows.next().map_err(|e| sql_at(conn, "consumer stats", e))? {
+        let topic: String = r.get(0).map_err(|e| sql_at(conn, "consumer stats", e))?;
         if pattern.matches(&topic) {
-            count += r.get::<_, i64>(1).map_err(|e| sql("consumer stats", e))? as u64;
-            max_seq = max_seq.max(r.get::<_, i64>(2).map_err(|e| sql("consumer stats", e))? as u64);
+            count += r
+                .get::<_, i64>(1)
+                .map_err(|e| sql_at(conn, "consumer stats", e))? as u64;
+            max_seq = max_seq.max(
+                r.get::<_, i64>(2)
+                    .map_err(|e| sql_at(conn, "consumer stats", e))? as u64,
+            );
         }
     }
     Ok((count, max_seq))
@@ -73,23 +84,23 @@ fn sum_matching(
 fn consumer_rows(conn: &Connection) -> Result<Vec<ConsumerStats>> {
     let mut stmt = conn
         .prepare("SELECT name, pattern, cursor FROM consumers ORDER BY name")
-        .map_err(|e| sql("consumer stats", e))?;
+        .map_err(|e| sql_at(conn, "consumer stats", e))?;
     let consumers: Vec<(String, String, i64)> = stmt
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .map_err(|e| sql("consumer stats", e))?
+        .map_err(|e| sql_at(conn, "consumer stats", e))?
         .collect::<std::result::Result<_, _>>()
-        .map_err(|e| sql("consumer stats", e))?;
+        .map_err(|e| sql_at(conn, "consumer stats", e))?;
     // Topic list with newest seq, once: for `newest_seq`.
     let mut newest: BTreeMap<String, i64> = BTreeMap::new();
     {
         let mut s = conn
             .prepare("SELECT topic, MAX(seq) FROM messages GROUP BY topic")
-            .map_err(|e| sql("consumer stats", e))?;
+            .map_err(|e| sql_at(conn, "consumer stats", e))?;
         let rows = s
             .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
-            .map_err(|e| sql("consumer stats", e))?;
+            .map_err(|e| sql_at(conn, "consumer stats", e))?;
         for row in rows {
-            let (t, m) = row.map_err(|e| sql("consumer stats", e))?;
+            let (t, m) = row.map_err(|e| sql_at(conn, "consumer stats", e))?;
             newest.insert(t, m);
         }
     }
@@ -117,7 +128,7 @@ fn consumer_rows(conn: &Connection) -> Result<Vec<ConsumerStats>> {
                 [&name],
                 |r| r.get(0),
             )
-            .map_err(|e| sql("consumer stats", e))?;
+            .map_err(|e| sql_at(conn, "consumer stats", e))?;
         let newest_seq = newest
             .iter()
             .filter(|(t, _)| pattern.matches(t))
@@ -162,7 +173,7 @@ impl EmbeddedLog {
         let pattern = pattern.clone();
         tokio::task::spawn_blocking(move || topic_rows(&conn, &pattern))
             .await
-            .map_err(|e| Error::transport("embedded log: topic stats task failed", e))?
+            .map_err(|e| self.inner.task_failed("topic stats task", e))?
     }
 
     /// Position, in-flight leases and lag of every durable consumer, sorted by name.
@@ -182,7 +193,7 @@ impl EmbeddedLog {
         let conn = self.inner.reader()?;
         tokio::task::spawn_blocking(move || consumer_rows(&conn))
             .await
-            .map_err(|e| Error::transport("embedded log: consumer stats task failed", e))?
+            .map_err(|e| self.inner.task_failed("consumer stats task", e))?
     }
 }
 

@@ -1,7 +1,7 @@
 //! Deleting dead-lettered messages from the embedded log (`ampybus dlq purge`).
 
 use crate::envelope::Envelope;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Result};
 use crate::topic::{Domain, Topic, TopicPattern};
 use crate::transport::StoredMessage;
 use crate::transport::decode_headers;
@@ -50,7 +50,7 @@ impl EmbeddedLog {
         let pattern = pattern.clone();
         tokio::task::spawn_blocking(move || -> Result<Vec<StoredMessage>> {
             let storage = |what: &str, e: rusqlite::Error| {
-                Error::new(ErrorKind::Transport, format!("embedded log: purge: {what}: {e}"))
+                crate::transport::embedded::storage(&db, &format!("purge: {what}"), e)
             };
             let mut conn = Connection::open(&db).map_err(|e| storage("open", e))?;
             conn.busy_timeout(busy).map_err(|e| storage("busy timeout", e))?;
@@ -80,12 +80,17 @@ impl EmbeddedLog {
                     if !is_dlq || !pattern.matches(&topic) {
                         continue;
                     }
+                    // A damaged row stops the purge (nothing is deleted): its reason and ids
+                    // cannot be checked against the selection.
+                    let headers = decode_headers(&headers).map_err(|e| {
+                        crate::transport::embedded::damaged_row(&db, seq, &topic, &e)
+                    })?;
                     let m = StoredMessage {
                         sequence: seq as u64,
                         stored_at: DateTime::from_timestamp_micros(log_us).unwrap_or_default(),
                         envelope: Envelope {
                             topic,
-                            headers: decode_headers(&headers).unwrap_or_default(),
+                            headers,
                             payload: Bytes::from(payload),
                         },
                     };
@@ -113,6 +118,6 @@ impl EmbeddedLog {
             Ok(selected)
         })
         .await
-        .map_err(|e| Error::new(ErrorKind::Transport, format!("embedded log: purge task failed: {e}")))?
+        .map_err(|e| self.inner.task_failed("purge task", e))?
     }
 }

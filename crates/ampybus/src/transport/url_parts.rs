@@ -22,9 +22,66 @@ pub(crate) fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Parses the value of a retention option (`retention_days`, `max_age_days`, `…max_mb`): a
+/// whole number of `unit` from 1 to `max`, multiplied by `scale`, or `unlimited` (`Ok(None)`:
+/// keep forever).
+/// A 0 is refused, because many systems read it as "unlimited" while a limit of 0 would delete
+/// every stored message. The error is the rule, to follow "option `name`: ".
+pub(crate) fn retention_value(
+    option: &str,
+    unit: &str,
+    v: &str,
+    scale: u64,
+    max: u64,
+) -> std::result::Result<Option<u64>, String> {
+    if v == "unlimited" {
+        return Ok(None);
+    }
+    match v.parse::<u64>() {
+        Ok(0) => Err(format!(
+            "0 is refused: a retention of 0 would delete every stored message; to keep messages forever write `{option}=unlimited`, otherwise give a number of {unit} ≥ 1"
+        )),
+        Ok(n) if n <= max => n.checked_mul(scale).map(Some).ok_or_else(|| {
+            format!("{n} {unit} is too large; write `{option}=unlimited` to keep messages forever")
+        }),
+        Ok(n) => Err(format!(
+            "{n} {unit} is more than {max}; write `{option}=unlimited` to keep messages forever"
+        )),
+        Err(_) => Err(format!(
+            "must be a whole number of {unit} ≥ 1, or `unlimited` to keep messages forever (got {v:?})"
+        )),
+    }
+}
+
+/// The largest retention in days an option takes (about 1,000 years); above it, `unlimited`.
+pub(crate) const MAX_RETENTION_DAYS: u64 = 365_000;
+
+/// The rule for a broker URL without a host, to follow "url …: ".
+#[cfg_attr(
+    not(any(feature = "nats", feature = "redis", feature = "kafka")),
+    allow(dead_code)
+)]
+pub(crate) fn missing_host(scheme: &str, example: &str) -> String {
+    format!(
+        "no host: a `{scheme}://` URL must name its server explicitly, e.g. {example} (no default host is assumed)"
+    )
+}
+
 #[cfg(test)]
 mod tests {
-    use super::percent_decode;
+    use super::{percent_decode, retention_value};
+
+    #[test]
+    fn retention_values() {
+        let r = |v: &str| retention_value("d", "days", v, 10, 1000);
+        assert_eq!(r("unlimited"), Ok(None));
+        assert_eq!(r("3"), Ok(Some(30)));
+        assert!(r("0").unwrap_err().contains("`d=unlimited`"));
+        assert!(r("-1").unwrap_err().contains("whole number"));
+        assert!(r("1001").unwrap_err().contains("more than 1000"));
+        let big = retention_value("d", "days", &u64::MAX.to_string(), 10, u64::MAX);
+        assert!(big.unwrap_err().contains("too large"));
+    }
 
     #[test]
     fn decodes_and_never_panics() {

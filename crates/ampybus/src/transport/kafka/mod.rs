@@ -72,7 +72,9 @@ use crate::envelope::Envelope;
 use crate::error::{Error, ErrorKind, Result};
 use crate::topic::{Domain, TopicPattern};
 use crate::transport::naming::{stream_may_match, stream_of};
-use crate::transport::url_parts::percent_decode;
+use crate::transport::url_parts::{
+    MAX_RETENTION_DAYS, missing_host, percent_decode, retention_value,
+};
 use crate::transport::{
     ConsumerLag, Inspect, PublishReceipt, ReplayByTime, SubscribeSpec, Subscription, Transport,
 };
@@ -210,7 +212,8 @@ pub struct KafkaOptions {
     pub replication: Option<i32>,
     /// Unconfirmed records at most.
     pub max_in_flight: usize,
-    /// `retention.ms` of created topics; `None`: 7 days, 30 for orders, fills, positions, dlq.
+    /// `retention.ms` of created topics; `None`: 7 days, 30 for orders, fills, positions, dlq;
+    /// `Some(Duration::ZERO)`: unlimited (`retention.ms=-1`; URL `max_age_days=unlimited`).
     pub max_age: Option<Duration>,
     /// Time allowed for the first metadata answer.
     pub connect_timeout: Duration,
@@ -314,7 +317,10 @@ impl KafkaOptions {
             None => (None, authority),
         };
         let mut o = KafkaOptions::default();
-        if !hosts.is_empty() {
+        if hosts.is_empty() {
+            return Err(bad(missing_host("kafka", "kafka://127.0.0.1:9092")));
+        }
+        {
             o.brokers.clear();
             for hp in hosts.split(',') {
                 let (host, port) = match hp.rsplit_once(':') {
@@ -415,11 +421,9 @@ impl KafkaOptions {
                     o.max_in_flight = n as usize;
                 }
                 "max_age_days" => {
-                    let n = num(&k)?;
-                    if n == 0 {
-                        return Err(bad("option `max_age_days`: must be at least 1".into()));
-                    }
-                    o.max_age = Some(Duration::from_secs(n * 86_400));
+                    let secs = retention_value(&k, "days", &v, 86_400, MAX_RETENTION_DAYS)
+                        .map_err(|rule| bad(format!("option `{k}`: {rule}")))?;
+                    o.max_age = Some(Duration::from_secs(secs.unwrap_or(0)));
                 }
                 "connect_timeout_ms" => o.connect_timeout = Duration::from_millis(num(&k)?.max(1)),
                 "request_timeout_ms" => o.request_timeout = Duration::from_millis(num(&k)?.max(1)),
@@ -645,7 +649,10 @@ impl Shared {
                     .nth(2)
                     .and_then(|d| d.parse::<Domain>().ok())
                     .unwrap_or(Domain::News);
-                self.opts.max_age_for(domain).as_millis().to_string()
+                match self.opts.max_age_for(domain).as_millis() {
+                    0 => "-1".to_owned(), // unlimited
+                    ms => ms.to_string(),
+                }
             })
             .collect();
         let replicas = self.opts.replication.unwrap_or(-1);

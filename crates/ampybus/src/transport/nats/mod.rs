@@ -71,7 +71,9 @@ use crate::bus::redact;
 use crate::envelope::Envelope;
 use crate::error::{Error, ErrorKind, Result};
 use crate::headers::Headers;
-use crate::transport::url_parts::percent_decode;
+use crate::transport::url_parts::{
+    MAX_RETENTION_DAYS, missing_host, percent_decode, retention_value,
+};
 use crate::transport::{PublishReceipt, ReplayByTime, SubscribeSpec, Subscription, Transport};
 use async_trait::async_trait;
 use std::path::PathBuf;
@@ -122,7 +124,8 @@ pub struct NatsOptions {
     pub replicas: usize,
     /// Duplicate window of created streams.
     pub duplicate_window: Duration,
-    /// Max age of created streams for every domain; `None`: 7 days, 30 for trading domains.
+    /// Max age of created streams for every domain; `None`: 7 days, 30 for trading domains;
+    /// `Some(Duration::ZERO)`: unlimited (URL `max_age_days=unlimited`).
     pub max_age: Option<Duration>,
     /// Per durable consumer: unacknowledged deliveries at most.
     pub max_ack_pending: i64,
@@ -231,6 +234,12 @@ impl NatsOptions {
                 None => o.token = Some(percent_decode(ui)),
             }
         }
+        if hosts.trim().is_empty() {
+            return Err(bad(missing_host(
+                scheme,
+                &format!("{scheme}://127.0.0.1:4222"),
+            )));
+        }
         let mut servers = Vec::new();
         for h in hosts.split(',') {
             let h = h.trim();
@@ -326,7 +335,12 @@ impl NatsOptions {
                     o.replicas = n as usize;
                 }
                 "duplicate_window_ms" => o.duplicate_window = Duration::from_millis(num(k)?),
-                "max_age_days" => o.max_age = Some(Duration::from_secs(num(k)? * 86_400)),
+                "max_age_days" => {
+                    let secs = retention_value(k, "days", &v, 86_400, MAX_RETENTION_DAYS)
+                        .map_err(|rule| bad(format!("option `{k}`: {rule}")))?;
+                    // JetStream reads a max age of 0 as "no limit".
+                    o.max_age = Some(Duration::from_secs(secs.unwrap_or(0)));
+                }
                 "max_ack_pending" => {
                     let n = num(k)?;
                     if n == 0 {

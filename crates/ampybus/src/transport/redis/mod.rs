@@ -64,7 +64,9 @@ use crate::bus::redact;
 use crate::envelope::Envelope;
 use crate::error::{Error, ErrorKind, Result};
 use crate::topic::{Domain, TopicPattern};
-use crate::transport::url_parts::percent_decode;
+use crate::transport::url_parts::{
+    MAX_RETENTION_DAYS, missing_host, percent_decode, retention_value,
+};
 use crate::transport::{PublishReceipt, ReplayByTime, SubscribeSpec, Subscription, Transport};
 use async_trait::async_trait;
 use redis::aio::ConnectionManager;
@@ -110,7 +112,8 @@ pub struct RedisOptions {
     pub request_timeout: Duration,
     /// Unanswered publish commands at most.
     pub max_in_flight: usize,
-    /// Retention of every stream; `None`: 7 days, 30 for orders, fills, positions, dlq.
+    /// Retention of every stream; `None`: 7 days, 30 for orders, fills, positions, dlq;
+    /// `Some(Duration::ZERO)`: unlimited (URL `max_age_days=unlimited`: no `MINID` trim).
     pub max_age: Option<Duration>,
     /// Also keep at most about this many entries per stream.
     pub max_len: Option<u64>,
@@ -204,7 +207,13 @@ impl RedisOptions {
                 None => {}
             }
         }
-        if !hostport.is_empty() {
+        if hostport.is_empty() {
+            return Err(bad(missing_host(
+                scheme,
+                &format!("{scheme}://127.0.0.1:6379"),
+            )));
+        }
+        {
             let (host, port) = match hostport.rsplit_once(':') {
                 Some((h, p)) if !h.ends_with(']') || hostport.starts_with('[') => {
                     let p: u16 = p
@@ -283,11 +292,9 @@ impl RedisOptions {
                     o.max_in_flight = n as usize;
                 }
                 "max_age_days" => {
-                    let n = num(k)?;
-                    if n == 0 {
-                        return Err(bad(format!("option `{k}`: must be at least 1")));
-                    }
-                    o.max_age = Some(Duration::from_secs(n * 86_400));
+                    let secs = retention_value(k, "days", &v, 86_400, MAX_RETENTION_DAYS)
+                        .map_err(|rule| bad(format!("option `{k}`: {rule}")))?;
+                    o.max_age = Some(Duration::from_secs(secs.unwrap_or(0)));
                 }
                 "max_len" => {
                     let n = num(k)?;
@@ -326,7 +333,7 @@ impl RedisOptions {
         format!("{}{stream}", self.key_prefix)
     }
 
-    /// Retention of a domain's stream.
+    /// Retention of a domain's stream; zero: unlimited.
     ///
     /// ```
     /// use ampybus::{Domain, transport::redis::RedisOptions};

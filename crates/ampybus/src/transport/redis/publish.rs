@@ -58,7 +58,12 @@ pub(crate) async fn publish_batch(
                 })?;
                 let key = shared.opts.stream_key(wire::stream_of(topic.as_str()));
                 let age = shared.opts.max_age_for(topic.domain()).as_millis() as i64;
-                let minid = format!("{}-0", (now_ms - age).max(0));
+                // An age of zero means unlimited: `MINID ~ 0-0` trims nothing.
+                let minid = if age == 0 {
+                    "0-0".to_owned()
+                } else {
+                    format!("{}-0", (now_ms - age).max(0))
+                };
                 last = Some((env.topic.clone(), key.clone(), minid.clone()));
                 (key, minid)
             }
