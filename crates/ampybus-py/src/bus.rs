@@ -378,7 +378,13 @@ impl NativeBus {
     /// Publishes the selected DLQ messages back to their `original_topic` (new `message_id`,
     /// `redrive_of`, `retry_count` + 1) at most `rate` per second; an awaitable of a list of
     /// `(dlq_message_id, original_topic, new_message_id)`.
-    #[pyo3(signature = (pattern, reason=None, since=None, rate=100.0, dry_run=false))]
+    ///
+    /// Every selected entry is checked before any is sent: an entry that cannot be redriven
+    /// (no `original_topic`, …) fails the call naming it, unless `skip_invalid`. Each sent
+    /// entry is recorded in the transport's dedupe store (consumer `ampybus-redrive`), so a
+    /// repeated call sends only what was not sent yet.
+    #[pyo3(signature = (pattern, reason=None, since=None, rate=100.0, dry_run=false, skip_invalid=false))]
+    #[allow(clippy::too_many_arguments)]
     fn dlq_redrive<'py>(
         &self,
         py: Python<'py>,
@@ -387,6 +393,7 @@ impl NativeBus {
         since: Option<String>,
         rate: f64,
         dry_run: bool,
+        skip_invalid: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
         let p = self::pattern("dlq.redrive: `pattern`", &pattern)?;
         let code = dlq_code(reason)?;
@@ -399,22 +406,39 @@ impl NativeBus {
         let bus = self.bus.clone();
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
             let msgs = dlq_select(&bus, p, code, since).await.or_raise()?;
+            let entries: Vec<ampybus::Envelope> = msgs.into_iter().map(|m| m.envelope).collect();
+            let store = bus.transport().dedupe_store();
+            let plan = ampybus::runtime::plan_redrive(&entries, store.as_deref())
+                .await
+                .or_raise()?;
+            if !skip_invalid && let Some((i, e)) = plan.invalid.first() {
+                let dlq_id = entries[*i].headers.message_id().unwrap_or("-");
+                return Err(crate::errors::kind_err(
+                    e.kind(),
+                    format!(
+                        "{}: DLQ message {dlq_id}: {} ({} of the selected entries cannot be redriven; nothing was sent; pass skip_invalid=True to send the rest)",
+                        e.kind(),
+                        e.message(),
+                        plan.invalid.len()
+                    ),
+                ));
+            }
             let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut out = Vec::with_capacity(msgs.len());
-            for m in &msgs {
-                let dlq_id = m.envelope.headers.message_id().unwrap_or("-").to_owned();
-                let env = ampybus::runtime::redrive_envelope(&m.envelope).map_err(|e| {
-                    crate::errors::kind_err(
-                        e.kind(),
-                        format!("{}: DLQ message {dlq_id}: {}", e.kind(), e.message()),
-                    )
-                })?;
+            let mut out = Vec::with_capacity(plan.ready.len());
+            for (i, env) in plan.ready {
+                let dlq = &entries[i];
+                let dlq_id = dlq.headers.message_id().unwrap_or("-").to_owned();
                 let new_id = env.headers.message_id().unwrap_or("-").to_owned();
                 let topic = env.topic.clone();
                 if !dry_run {
                     tick.tick().await;
                     bus.publish_wire(vec![env]).await.or_raise()?;
+                    if let Some(store) = &store {
+                        ampybus::runtime::record_redriven(store.as_ref(), dlq)
+                            .await
+                            .or_raise()?;
+                    }
                     tracing::info!(dlq_message_id = %dlq_id, topic = %topic, message_id = %new_id, "redriven");
                 }
                 out.push((dlq_id, topic, new_id));

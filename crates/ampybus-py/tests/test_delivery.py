@@ -199,6 +199,10 @@ async def test_retry_then_dead_letter(url: str, bus_factory) -> None:
     assert rows[0].payload == b"m2"
     assert rows[0].headers.redrive_of == poison.original_message_id
     assert rows[0].headers.retry_count == poison.headers.retry_count + 1
+    # Safe to repeat: the entry is recorded as redriven, a second call sends nothing.
+    again = await bus.dlq.redrive("ampy.dev.dlq.v1.news", reason="max_retries", since=since, rate=1000)
+    assert [r for r in again if r.topic == topic] == []
+    assert len(await _redriven(bus, topic)) == 1
 
 
 async def _redriven(bus: ampybus.Bus, topic: str) -> List[ampybus.StoredMessage]:

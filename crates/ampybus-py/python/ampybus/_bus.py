@@ -352,15 +352,21 @@ class Dlq:
         since: Optional[TimeLike] = None,
         rate: float = 100.0,
         dry_run: bool = False,
+        skip_invalid: bool = False,
     ) -> List[Redriven]:
         """Publishes the selected DLQ messages back to their ``original_topic``.
 
         Each gets a new ``message_id``, ``redrive_of`` = the original id and ``retry_count``
         + 1, at most ``rate`` per second. The DLQ entries are kept (as with ``ampybus dlq
         redrive``). ``dry_run`` publishes nothing and returns what would be sent.
+
+        Every selected entry is checked before any is sent: one that cannot be redriven (no
+        ``original_topic``, …) fails the call and nothing is sent, unless ``skip_invalid``.
+        Each sent entry is recorded in the transport's dedupe store, so calling again sends
+        only what was not sent yet (an empty list when everything was).
         """
         rows = await self._bus._native.dlq_redrive(
-            pattern, reason, _time("dlq.redrive: `since`", since), rate, dry_run
+            pattern, reason, _time("dlq.redrive: `since`", since), rate, dry_run, skip_invalid
         )
         return [Redriven(*r) for r in rows]
 
