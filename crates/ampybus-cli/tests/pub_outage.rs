@@ -119,7 +119,7 @@ fn pub_during_a_nats_outage_prints_every_confirmed_id_and_retries_without_duplic
     let mut server = Server::start(dir.path());
     let url = server.url();
     let topic = "ampy.dev.news.v1.outage";
-    let total = ((10_000.0 * scale()) as u64).max(2_000);
+    let total = ((10_000.0 * scale()) as u64).max(7_500); // three batches at least
     let unconfirmed = dir.path().join("unconfirmed.jsonl");
     let mut child = Command::new(env!("CARGO_BIN_EXE_ampybus"))
         .args(["--url", &url, "pub", "--topic", topic])
