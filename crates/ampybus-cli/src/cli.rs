@@ -78,7 +78,13 @@ Examples:
 The payload is never decoded. Without a payload flag the payload is empty.
 `--json-envelope` publishes the envelope exactly as written in the file (one JSON object,
 or several concatenated / one per line as `sub --json` prints them); it must satisfy every
-publish rule, nothing is filled in."
+publish rule, nothing is filled in.
+
+Only ids the transport confirmed are printed. On SIGINT/SIGTERM the batch in flight is
+finished and the run stops (exit 130 / 143); when the broker fails mid-run every confirmed id is
+still printed (exit 3). The summary on stderr then counts confirmed, unknown (sent, no
+confirmation) and unsent messages; --unconfirmed FILE keeps the unknown and unsent ones (and
+the rest of the job) for `pub --json-envelope FILE`, which retries them with the same ids."
     )]
     Pub(Box<PubArgs>),
 
@@ -93,7 +99,11 @@ Examples:
 
 Exits 0 after --max messages, or after --timeout seconds without a message.
 Without --durable the read starts at the earliest stored message and records no position.
-With --durable each message is acknowledged after it was printed and stdout flushed."
+With --durable a message is acknowledged once write(2) accepted its whole line: in a pipeline
+that is what the reader was handed, not what it used, so give `head`-like readers --max N.
+If the reader closes stdout: exit 3, `stdout closed after acking N message(s)`.
+SIGINT/SIGTERM: no new fetch, fetched messages not printed are released at once, summary on
+stderr; exit 130 on SIGINT, 0 on SIGTERM (with --max or --since/--until: 130 / 143)."
     )]
     Sub(SubArgs),
 
@@ -262,9 +272,14 @@ pub struct PubArgs {
     /// Messages per publish_batch call when --count > 1
     #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub batch: u64,
-    /// Print each published message_id on stdout, one per line
+    /// Print the message_id of each message the transport confirmed on stdout, one per line
     #[arg(long)]
     pub print_ids: bool,
+    /// Write every message not confirmed (unknown or unsent; after a signal or failure also
+    /// the rest of the job) to FILE as JSON lines; `pub --json-envelope FILE` retries them
+    /// with the same ids
+    #[arg(long, value_name = "FILE")]
+    pub unconfirmed: Option<PathBuf>,
 }
 
 /// `ampybus sub`.

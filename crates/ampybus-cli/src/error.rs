@@ -16,18 +16,28 @@ pub const EXIT_USAGE: u8 = 2;
 pub const EXIT_TRANSPORT: u8 = 3;
 /// An operation did not finish in time (e.g. the data directory stayed locked).
 pub const EXIT_TIMEOUT: u8 = 4;
-/// Interrupted by Ctrl-C.
+/// Stopped by SIGINT (Ctrl-C): an open-ended command (`sub` without `--max`) stopped, or a
+/// fixed-size job did not finish.
 pub const EXIT_INTERRUPTED: u8 = 130;
+/// A fixed-size job (`pub`, `sub --max`, `replay`, `dlq redrive`, `demo`, `bench`) was
+/// stopped by SIGTERM before it finished (an open-ended `sub` exits 0 on SIGTERM).
+pub const EXIT_TERMINATED: u8 = 143;
 
 /// The table printed by `ampybus --help` and copied into the README.
 pub const EXIT_CODE_HELP: &str = "\
 Exit codes:
-  0    success (`sub` also exits 0 after --max messages or --timeout seconds idle)
+  0    success (`sub` also exits 0 after --max messages or --timeout seconds idle, and when
+       SIGTERM stops an open-ended `sub`, i.e. one without --max)
   1    `validate`: a file is invalid or unreadable; `demo`: an invariant did not hold
   2    usage or input error: bad flag, URL, topic, pattern, header, payload, envelope file
-  3    transport error: the log or broker failed
+  3    transport error: the log or broker failed (`pub`: after printing every confirmed id);
+       or stdout was closed by its reader (broken pipe)
   4    timed out: e.g. the data directory stayed locked by another process
-  130  interrupted (Ctrl-C)";
+  130  SIGINT (Ctrl-C): an open-ended `sub` stopped, or a fixed-size job (`pub`, `sub --max`,
+       `sub --since/--until`, `replay`, `dlq redrive`, `demo`, `bench`) did not finish
+  143  SIGTERM: a fixed-size job did not finish
+A signal never strands work: no new work is taken, fetched messages are released, whole
+lines are flushed, and the summary is printed on stderr before the exit.";
 
 /// A failure of a command: what to print and which exit code to use.
 #[derive(Debug)]

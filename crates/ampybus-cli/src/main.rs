@@ -92,18 +92,30 @@ fn run(cli: Cli) -> CliResult<u8> {
         Command::Validate(args) => validate::run(&args),
         Command::Pub(args) => runtime()?.block_on(publish::run(&url, *args)),
         Command::Sub(args) => runtime()?.block_on(subscribe::run(&url, args)),
-        Command::Bench(args) => {
-            runtime()?.block_on(bench::run(&url, args, cli.log_level.as_deref()))
-        }
+        Command::Bench(args) => runtime()?.block_on(util::job_until_signal(
+            "bench",
+            bench::run(&url, args, cli.log_level.as_deref()),
+        )),
         Command::BenchConsumer(args) => runtime()?.block_on(bench::consumer(&url, args)),
-        Command::Demo(args) => runtime()?.block_on(demo::run(&url, args)),
+        Command::Demo(args) => {
+            runtime()?.block_on(util::job_until_signal("demo", demo::run(&url, args)))
+        }
         Command::Replay(args) => runtime()?.block_on(replay::run(&url, args)),
         Command::Dlq(args) => runtime()?.block_on(dlq::run(&url, args)),
         Command::Topics(args) => runtime()?.block_on(topics::run(&url, args)),
         Command::Streams(args) => runtime()?.block_on(streams::run(&url, args)),
-        Command::BenchNats(args) => runtime()?.block_on(bench_nats::run(&url, args)),
-        Command::BenchRedis(args) => runtime()?.block_on(bench_redis::run(&url, args)),
-        Command::BenchKafka(args) => runtime()?.block_on(bench_kafka::run(&url, args)),
+        Command::BenchNats(args) => runtime()?.block_on(util::job_until_signal(
+            "bench-nats",
+            bench_nats::run(&url, args),
+        )),
+        Command::BenchRedis(args) => runtime()?.block_on(util::job_until_signal(
+            "bench-redis",
+            bench_redis::run(&url, args),
+        )),
+        Command::BenchKafka(args) => runtime()?.block_on(util::job_until_signal(
+            "bench-kafka",
+            bench_kafka::run(&url, args),
+        )),
     }
 }
 

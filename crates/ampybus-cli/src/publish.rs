@@ -1,10 +1,11 @@
 //! `ampybus pub`.
 
 use crate::cli::PubArgs;
-use crate::error::{CliError, CliResult, EXIT_OK};
-use crate::util::{self, Out};
+use crate::error::{CliError, CliResult, EXIT_OK, EXIT_TIMEOUT, EXIT_TRANSPORT};
+use crate::util::{self, Out, Signal, Signals};
 use ampybus::headers::names;
-use ampybus::{Envelope, Headers, Topic};
+use ampybus::transport::PublishOutcome;
+use ampybus::{Bus, Envelope, Headers, Topic};
 use bytes::Bytes;
 use std::io::Read;
 use std::path::Path;
@@ -13,7 +14,7 @@ use std::time::Instant;
 /// Runs `pub`.
 pub async fn run(url: &str, args: PubArgs) -> CliResult<u8> {
     if let Some(path) = &args.json_envelope {
-        return publish_envelope_file(url, path, args.print_ids).await;
+        return publish_envelope_file(url, path, args.print_ids, args.unconfirmed.as_deref()).await;
     }
     let required = |v: &Option<String>, flag: &str| -> CliResult<String> {
         v.clone()
@@ -61,57 +62,250 @@ pub async fn run(url: &str, args: PubArgs) -> CliResult<u8> {
         .validate_for_publish(&topic)
         .map_err(|e| header_error(&e, &args, &extra))?;
 
+    let mut run = Run::new(args.count, args.print_ids, args.unconfirmed.as_deref())?;
     let bus = util::connect(url).await?;
-    let mut out = Out::new();
-    let started = Instant::now();
-    let (mut sent, mut first_seq, mut last_seq, mut dups) = (0u64, None, 0u64, 0u64);
-    let mut stdout_open = true;
-    while sent < args.count {
-        let n = args.batch.min(args.count - sent);
+    run.start()?;
+    let context = format!("publishing to {topic_s}");
+    let mut built = 0u64;
+    while built < args.count && run.go_on() {
+        let n = args.batch.min(args.count - built);
         let batch: Vec<Envelope> = (0..n)
             .map(|_| Envelope::new(&topic, make(), payload.clone()))
             .collect();
-        let ids: Vec<String> = if args.print_ids {
-            batch
-                .iter()
-                .map(|e| e.headers.message_id().unwrap_or_default().to_owned())
-                .collect()
-        } else {
-            Vec::new()
-        };
-        let receipts = bus
-            .publish_batch(batch)
-            .await
-            .map_err(|e| CliError::bus(format!("publishing to {topic_s}"), &e))?;
-        for r in &receipts {
-            first_seq.get_or_insert(r.sequence);
-            last_seq = r.sequence;
-            dups += u64::from(r.duplicate);
-        }
-        sent += n;
-        if stdout_open {
-            for id in &ids {
-                if !out.line(id)? {
-                    stdout_open = false;
-                    break;
-                }
-            }
-            stdout_open = stdout_open && out.flush()?;
-        }
+        built += n;
+        run.send(&bus, batch, false, &context).await;
     }
-    let secs = started.elapsed().as_secs_f64();
-    util::close(&bus).await?;
-    eprintln!(
-        "published {sent} message(s) to {topic_s} in {secs:.3}s ({:.0} msg/s), seq {}..{last_seq}, run_id {run_id}{}",
-        sent as f64 / secs.max(1e-9),
-        first_seq.unwrap_or(0),
-        if dups > 0 {
-            format!(", {dups} duplicate(s) not stored again")
+    // The part of the job never built is unsent too; --unconfirmed gets it as well, so
+    // publishing that file completes the job.
+    if run.unconfirmed.is_some() {
+        for _ in built..args.count {
+            run.not_sent(&Envelope::new(&topic, make(), payload.clone()));
+        }
+    } else {
+        run.unsent += args.count - built;
+    }
+    let secs = run.started.elapsed().as_secs_f64();
+    let close = util::close(&bus).await;
+    let done = format!(
+        "to {topic_s} in {secs:.3}s ({:.0} msg/s), seq {}..{}, run_id {run_id}{}",
+        run.confirmed as f64 / secs.max(1e-9),
+        run.first_seq.unwrap_or(0),
+        run.last_seq,
+        if run.dups > 0 {
+            format!(", {} duplicate(s) not stored again", run.dups)
         } else {
             String::new()
         }
     );
-    Ok(EXIT_OK)
+    run.finish("message(s)", &done, close)
+}
+
+/// Why a publish run stopped before its end.
+enum Stop {
+    Signal(Signal),
+    Failed(CliError),
+    StdoutClosed,
+}
+
+/// One publish run (`--count` or `--json-envelope`): batches go out while no signal, failure
+/// or closed stdout stopped it; every confirmed id is printed (with --print-ids), every
+/// other envelope counted as unknown or unsent and written to --unconfirmed.
+struct Run {
+    total: u64,
+    print_ids: bool,
+    out: Out,
+    signals: Option<Signals>,
+    /// `--unconfirmed FILE`: the path as given and the open file.
+    unconfirmed: Option<(String, std::io::BufWriter<std::fs::File>)>,
+    /// --unconfirmed was given.
+    keep: bool,
+    /// Envelopes written to --unconfirmed.
+    written: u64,
+    confirmed: u64,
+    unknown: u64,
+    unsent: u64,
+    dups: u64,
+    first_seq: Option<u64>,
+    last_seq: u64,
+    started: Instant,
+    stop: Option<Stop>,
+}
+
+impl Run {
+    /// Opens (truncates) --unconfirmed before anything is published.
+    fn new(total: u64, print_ids: bool, unconfirmed: Option<&Path>) -> CliResult<Run> {
+        let unconfirmed = unconfirmed
+            .map(|p| {
+                std::fs::File::create(p)
+                    .map(|f| (p.display().to_string(), std::io::BufWriter::new(f)))
+                    .map_err(|e| {
+                        CliError::usage(format!(
+                            "--unconfirmed {}: cannot create: {e}",
+                            p.display()
+                        ))
+                    })
+            })
+            .transpose()?;
+        Ok(Run {
+            total,
+            print_ids,
+            out: Out::new(),
+            signals: None,
+            keep: unconfirmed.is_some(),
+            unconfirmed,
+            written: 0,
+            confirmed: 0,
+            unknown: 0,
+            unsent: 0,
+            dups: 0,
+            first_seq: None,
+            last_seq: 0,
+            started: Instant::now(),
+            stop: None,
+        })
+    }
+
+    /// Starts catching signals and the clock (after connecting).
+    fn start(&mut self) -> CliResult<()> {
+        self.signals = Some(Signals::new()?);
+        self.started = Instant::now();
+        Ok(())
+    }
+
+    /// Whether to send another batch: nothing stopped the run and no signal arrived.
+    fn go_on(&mut self) -> bool {
+        if self.stop.is_none()
+            && let Some(s) = self.signals.as_mut().and_then(Signals::received)
+        {
+            self.stop = Some(Stop::Signal(s));
+        }
+        self.stop.is_none()
+    }
+
+    /// Publishes one batch (raw payloads, or `wire` envelopes as they are) to the end, and
+    /// settles every message of it: confirmed ids printed, the rest counted and written.
+    async fn send(&mut self, bus: &Bus, batch: Vec<Envelope>, wire: bool, context: &str) {
+        let outcome = if wire {
+            bus.publish_wire_outcomes(batch.clone()).await
+        } else {
+            bus.publish_batch_outcomes(batch.clone()).await
+        };
+        for (i, env) in batch.iter().enumerate() {
+            match outcome
+                .outcomes
+                .get(i)
+                .copied()
+                .unwrap_or(PublishOutcome::Unknown)
+            {
+                PublishOutcome::Confirmed(r) => {
+                    self.confirmed += 1;
+                    self.first_seq.get_or_insert(r.sequence);
+                    self.last_seq = r.sequence;
+                    self.dups += u64::from(r.duplicate);
+                    if self.print_ids && !self.out.is_closed() {
+                        let id = env.headers.message_id().unwrap_or_default();
+                        if let Err(e) = self.out.line(id) {
+                            self.stdout_failed(e);
+                        }
+                    }
+                }
+                PublishOutcome::Unknown => {
+                    self.unknown += 1;
+                    self.write_unconfirmed(env);
+                }
+                PublishOutcome::Unsent => self.not_sent(env),
+            }
+        }
+        if self.print_ids
+            && !self.out.is_closed()
+            && let Err(e) = self.out.flush()
+        {
+            self.stdout_failed(e);
+        }
+        if let Some(e) = outcome.error {
+            let mut e = CliError::bus(context, &e);
+            // A publish that timed out is a broker failure like any other.
+            if e.code == EXIT_TIMEOUT {
+                e.code = EXIT_TRANSPORT;
+            }
+            self.stop.get_or_insert(Stop::Failed(e));
+        }
+    }
+
+    fn stdout_failed(&mut self, e: CliError) {
+        let stop = if self.out.is_closed() {
+            Stop::StdoutClosed
+        } else {
+            Stop::Failed(e)
+        };
+        self.stop.get_or_insert(stop);
+    }
+
+    /// Counts one message that was not sent and writes it to --unconfirmed.
+    fn not_sent(&mut self, env: &Envelope) {
+        self.unsent += 1;
+        self.write_unconfirmed(env);
+    }
+
+    fn write_unconfirmed(&mut self, env: &Envelope) {
+        use std::io::Write;
+        let Some((path, f)) = &mut self.unconfirmed else {
+            return;
+        };
+        match writeln!(f, "{}", env.to_json_line(None)) {
+            Ok(()) => self.written += 1,
+            Err(e) => {
+                let e = CliError::usage(format!("--unconfirmed {path}: cannot write: {e}"));
+                self.unconfirmed = None;
+                self.stop.get_or_insert(Stop::Failed(e));
+            }
+        }
+    }
+
+    /// Prints the summary and picks the exit code. `done` follows "published N {what} " on
+    /// a complete run.
+    fn finish(mut self, what: &str, done: &str, close: CliResult<()>) -> CliResult<u8> {
+        use std::io::Write;
+        if let Some((path, mut f)) = self.unconfirmed.take()
+            && let Err(e) = f.flush()
+        {
+            self.written = 0;
+            self.stop
+                .get_or_insert(Stop::Failed(CliError::usage(format!(
+                    "--unconfirmed {path}: cannot write: {e}"
+                ))));
+        }
+        let Some(stop) = self.stop.take() else {
+            close?;
+            eprintln!("published {} {what} {done}", self.confirmed);
+            return Ok(EXIT_OK);
+        };
+        let why = match &stop {
+            Stop::Signal(s) => format!("stopped by {}", s.name()),
+            Stop::Failed(_) => "stopped by the error below".to_owned(),
+            Stop::StdoutClosed => "stopped: stdout closed".to_owned(),
+        };
+        let not_confirmed = self.unknown + self.unsent;
+        let file = if not_confirmed == 0 {
+            String::new()
+        } else if self.keep {
+            format!("; {} of them written to --unconfirmed", self.written)
+        } else {
+            "; use --unconfirmed FILE to keep them for a retry".to_owned()
+        };
+        eprintln!(
+            "published {} of {} {what} {done}; confirmed {}, unknown {}, unsent {}{file}; {why}",
+            self.confirmed, self.total, self.confirmed, self.unknown, self.unsent
+        );
+        match stop {
+            Stop::Signal(s) => Ok(s.job_code()),
+            Stop::Failed(e) => Err(e),
+            Stop::StdoutClosed => Err(CliError::transport(format!(
+                "stdout closed after {} id(s) were printed",
+                self.out.lines_written()
+            ))),
+        }
+    }
 }
 
 /// Parses `--header NAME=VALUE` values.
@@ -178,7 +372,12 @@ fn header_error(e: &ampybus::Error, args: &PubArgs, extra: &[(String, String)]) 
 }
 
 /// Publishes the envelope(s) of a JSON file exactly as written.
-async fn publish_envelope_file(url: &str, path: &Path, print_ids: bool) -> CliResult<u8> {
+async fn publish_envelope_file(
+    url: &str,
+    path: &Path,
+    print_ids: bool,
+    unconfirmed: Option<&Path>,
+) -> CliResult<u8> {
     let shown = path.display();
     let text = std::fs::read_to_string(path)
         .map_err(|e| CliError::usage(format!("--json-envelope {shown}: cannot read: {e}")))?;
@@ -187,17 +386,23 @@ async fn publish_envelope_file(url: &str, path: &Path, print_ids: bool) -> CliRe
     loop {
         let start = stream.byte_offset();
         let Some(item) = stream.next() else { break };
-        let line = line_of_next_token(&text, start);
-        let where_ = format!(
-            "--json-envelope {shown}: envelope {} (line {line})",
-            envs.len() + 1
-        );
+        // Counted only for an error: counting lines per envelope is quadratic in big files.
+        let where_ = || {
+            format!(
+                "--json-envelope {shown}: envelope {} (line {})",
+                envs.len() + 1,
+                line_of_next_token(&text, start)
+            )
+        };
         let value = item.map_err(|e| {
-            CliError::usage(format!("{where_}: invalid envelope: not valid JSON: {e}"))
+            CliError::usage(format!(
+                "{}: invalid envelope: not valid JSON: {e}",
+                where_()
+            ))
         })?;
-        let env = Envelope::from_json_value(&value).map_err(|e| CliError::bus(&where_, &e))?;
+        let env = Envelope::from_json_value(&value).map_err(|e| CliError::bus(where_(), &e))?;
         env.validate_for_publish()
-            .map_err(|e| CliError::bus(&where_, &e))?;
+            .map_err(|e| CliError::bus(where_(), &e))?;
         envs.push(env);
     }
     if envs.is_empty() {
@@ -205,41 +410,32 @@ async fn publish_envelope_file(url: &str, path: &Path, print_ids: bool) -> CliRe
             "--json-envelope {shown}: invalid envelope: the file holds no JSON object"
         )));
     }
-    let ids: Vec<String> = envs
-        .iter()
-        .map(|e| e.headers.message_id().unwrap_or_default().to_owned())
-        .collect();
     let n = envs.len();
+    let mut run = Run::new(n as u64, print_ids, unconfirmed)?;
     let bus = util::connect(url).await?;
-    let started = Instant::now();
-    let mut receipts = Vec::with_capacity(n);
-    let mut rest = envs;
-    while !rest.is_empty() {
-        let tail = rest.split_off(rest.len().min(1000));
-        receipts.extend(
-            bus.publish_wire(rest)
-                .await
-                .map_err(|e| CliError::bus(format!("--json-envelope {shown}"), &e))?,
-        );
-        rest = tail;
+    run.start()?;
+    let context = format!("--json-envelope {shown}");
+    let mut rest = envs.into_iter();
+    while rest.len() > 0 && run.go_on() {
+        let batch: Vec<Envelope> = rest.by_ref().take(1000).collect();
+        run.send(&bus, batch, true, &context).await;
     }
-    let secs = started.elapsed().as_secs_f64();
-    util::close(&bus).await?;
-    if print_ids {
-        let mut out = Out::new();
-        for id in &ids {
-            if !out.line(id)? {
-                break;
-            }
+    for env in rest {
+        run.not_sent(&env);
+    }
+    let secs = run.started.elapsed().as_secs_f64();
+    let close = util::close(&bus).await;
+    let done = format!(
+        "from {shown} in {secs:.3}s, seq {}..{}{}",
+        run.first_seq.unwrap_or(0),
+        run.last_seq,
+        if run.dups > 0 {
+            format!(", {} duplicate(s) not stored again", run.dups)
+        } else {
+            String::new()
         }
-        out.flush()?;
-    }
-    eprintln!(
-        "published {n} envelope(s) from {shown} in {secs:.3}s, seq {}..{}",
-        receipts.first().map_or(0, |r| r.sequence),
-        receipts.last().map_or(0, |r| r.sequence),
     );
-    Ok(EXIT_OK)
+    run.finish("envelope(s)", &done, close)
 }
 
 fn line_of_next_token(text: &str, offset: usize) -> usize {

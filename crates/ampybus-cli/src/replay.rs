@@ -72,7 +72,38 @@ pub async fn run(url: &str, args: ReplayArgs) -> CliResult<u8> {
             s.failed
         ));
     };
-    let result = request_replay(&bus, &req, Duration::from_secs_f64(args.timeout), show).await;
+    let mut signals = util::Signals::new()?;
+    let last: std::sync::Mutex<Option<ReplayStatus>> = std::sync::Mutex::new(None);
+    let show_and_keep = |s: &ReplayStatus| {
+        show(s);
+        *last.lock().unwrap_or_else(|p| p.into_inner()) = Some(s.clone());
+    };
+    let result = tokio::select! {
+        r = request_replay(&bus, &req, Duration::from_secs_f64(args.timeout), show_and_keep) => r,
+        signal = signals.recv() => {
+            bar.finish_and_clear();
+            let _ = util::close(&bus).await;
+            // The consumer goes on with the replay; only this watcher stops.
+            let progress = match last.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                Some(s) => format!(
+                    "last report: {} — read {}, applied {}, skipped (duplicates) {}, failed {}",
+                    s.state().as_str(),
+                    s.read,
+                    s.applied,
+                    s.skipped_duplicates,
+                    s.failed
+                ),
+                None => "no report yet".to_owned(),
+            };
+            eprintln!(
+                "replay {}: stopped watching by {} before the final report ({progress}); the consumer `{}` goes on",
+                req.request_id,
+                signal.name(),
+                args.durable
+            );
+            return Ok(signal.job_code());
+        }
+    };
     bar.finish_and_clear();
     let close = util::close(&bus).await;
     let status = result.map_err(|e| CliError::bus("replay", &e))?;

@@ -2,15 +2,15 @@
 
 use crate::cli::SubArgs;
 use crate::decoder::ProtoDecoder;
-use crate::error::{CliError, CliResult, EXIT_INTERRUPTED, EXIT_OK};
-use crate::util::{self, Out};
+use crate::error::{CliError, CliResult, EXIT_OK};
+use crate::util::{self, Out, Signal, Signals};
 use ampybus::headers::names;
 use ampybus::transport::{Delivery, StartAt, SubscribeSpec, WindowQuery};
 use ampybus::{Bus, Envelope, PayloadDecoder, TopicPattern};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use std::collections::HashSet;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How many deliveries one fetch asks for.
 const FETCH: u64 = 256;
@@ -47,23 +47,40 @@ pub async fn run(url: &str, args: SubArgs) -> CliResult<u8> {
         json: args.json,
         decode: args.decode,
         blob_pointers: args.blob_pointers,
-        count: 0,
-        failed: None,
         unknown_schemas: HashSet::new(),
     };
-    let result = if since.is_some() || until.is_some() {
-        window(&bus, pattern, since, until, args.max, &mut printer).await
-    } else {
-        follow(&bus, pattern, &args, &mut printer).await
+    let windowed = since.is_some() || until.is_some();
+    let result = match Signals::new() {
+        Err(e) => Err(e),
+        Ok(mut signals) if windowed => {
+            window(
+                &bus,
+                pattern,
+                since,
+                until,
+                args.max,
+                &mut printer,
+                &mut signals,
+            )
+            .await
+        }
+        Ok(mut signals) => follow(&bus, pattern, &args, &mut printer, &mut signals).await,
     };
     let close = util::close(&bus).await;
-    let code = result?;
+    let stopped = result?;
     close?;
-    eprintln!("received {} message(s)", printer.count);
-    if let Some(e) = printer.failed.take() {
-        return Err(e);
+    let n = printer.count();
+    let Some(signal) = stopped else {
+        eprintln!("received {n} message(s)");
+        return Ok(EXIT_OK);
+    };
+    eprintln!("received {n} message(s); stopped by {}", signal.name());
+    // Without --max and outside a stored window the read is open-ended.
+    if args.max.is_none() && !windowed {
+        Ok(signal.open_code())
+    } else {
+        Ok(signal.job_code())
     }
-    Ok(code)
 }
 
 fn parse_time_flag(flag: &str, v: Option<&str>) -> CliResult<Option<DateTime<Utc>>> {
@@ -77,7 +94,8 @@ fn parse_time_flag(flag: &str, v: Option<&str>) -> CliResult<Option<DateTime<Utc
     .transpose()
 }
 
-/// Prints the stored window `[since, until)` page by page.
+/// Prints the stored window `[since, until)` page by page; `Some(signal)` when a signal
+/// stopped it between pages.
 async fn window(
     bus: &Bus,
     pattern: TopicPattern,
@@ -85,7 +103,8 @@ async fn window(
     until: Option<DateTime<Utc>>,
     max: Option<u64>,
     p: &mut Printer,
-) -> CliResult<u8> {
+    signals: &mut Signals,
+) -> CliResult<Option<Signal>> {
     let replay = bus.replay().ok_or_else(|| {
         CliError::usage(format!(
             "--since/--until: the transport at {} cannot read stored windows",
@@ -96,8 +115,11 @@ async fn window(
     q.start = since;
     q.end = until;
     loop {
+        if let Some(s) = signals.received() {
+            return Ok(Some(s));
+        }
         if let Some(m) = max {
-            q.limit = (m - p.count).min(1000) as usize;
+            q.limit = (m - p.count()).min(1000) as usize;
             if q.limit == 0 {
                 break;
             }
@@ -108,28 +130,34 @@ async fn window(
             .map_err(|e| CliError::bus("reading the stored window", &e))?;
         let Some(last) = page.last() else { break };
         q.after_sequence = last.sequence;
-        for m in &page {
-            if !p
-                .print(bus, &m.envelope, m.sequence, m.stored_at, 1)
-                .await?
-            {
-                return Ok(EXIT_OK);
+        let written = async {
+            for m in &page {
+                p.print(bus, &m.envelope, m.sequence, m.stored_at, 1)
+                    .await?;
             }
+            p.out.flush()
         }
-        if !p.out.flush()? {
-            return Ok(EXIT_OK);
+        .await;
+        if let Err(e) = written {
+            return Err(p.stdout_error(e, None));
         }
     }
-    Ok(EXIT_OK)
+    Ok(None)
 }
 
-/// Subscribes (durable or ephemeral from the start) and prints until --max or idle --timeout.
+/// How long one fetch waits at most, so a signal is noticed soon while idle.
+const FETCH_SLICE: Duration = Duration::from_millis(200);
+
+/// Subscribes (durable or ephemeral from the start) and prints until --max, idle --timeout
+/// or a signal (`Some(signal)`). A durable reader acks exactly the messages whose whole line
+/// `write(2)` accepted and releases (nack, no delay) what it fetched and did not print.
 async fn follow(
     bus: &Bus,
     pattern: TopicPattern,
     args: &SubArgs,
     p: &mut Printer,
-) -> CliResult<u8> {
+    signals: &mut Signals,
+) -> CliResult<Option<Signal>> {
     let spec = match &args.durable {
         Some(name) => SubscribeSpec::durable(pattern, name.clone()),
         None => SubscribeSpec::ephemeral(pattern, StartAt::Earliest),
@@ -138,55 +166,80 @@ async fn follow(
         Some(n) => CliError::bus(format!("--durable {n:?}"), &e),
         None => CliError::bus("subscribe", &e),
     })?;
+    let durable = args.durable.is_some();
     let idle = Duration::from_secs_f64(args.timeout);
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
+    let mut active = Instant::now();
+    let mut acked = 0u64;
     loop {
+        // No new work after a signal.
+        if let Some(s) = signals.received() {
+            return Ok(Some(s));
+        }
         let want = match args.max {
-            Some(m) if p.count >= m => break,
-            Some(m) => (m - p.count).min(FETCH),
+            Some(m) if p.count() >= m => return Ok(None),
+            Some(m) => (m - p.count()).min(FETCH),
             None => FETCH,
         };
-        let got = tokio::select! {
-            r = sub.fetch(want as usize, idle) => r.map_err(|e| CliError::bus("fetch", &e))?,
-            _ = &mut ctrl_c => {
-                eprintln!("interrupted");
-                return Ok(EXIT_INTERRUPTED);
-            }
-        };
+        // Short fetches (a fetch is not cancelled midway: it may hold leases by then).
+        let wait = idle.saturating_sub(active.elapsed()).min(FETCH_SLICE);
+        let got = sub
+            .fetch(want as usize, wait)
+            .await
+            .map_err(|e| CliError::bus("fetch", &e))?;
         if got.is_empty() {
-            break;
+            if active.elapsed() >= idle {
+                return Ok(None);
+            }
+            continue;
         }
-        let mut printed: Vec<Delivery> = Vec::with_capacity(got.len());
-        let mut open = true;
-        for d in got {
-            if open {
-                open = p
-                    .print(
-                        bus,
-                        &d.envelope,
-                        d.info.sequence,
-                        d.info.stored_at,
-                        d.info.delivery_count,
-                    )
+        if let Some(s) = signals.received() {
+            if durable {
+                release(got).await;
+            }
+            return Ok(Some(s));
+        }
+        let before = p.out.lines_written();
+        let written = async {
+            for d in &got {
+                let i = &d.info;
+                p.print(bus, &d.envelope, i.sequence, i.stored_at, i.delivery_count)
                     .await?;
             }
-            if open {
-                printed.push(d);
+            p.out.flush()
+        }
+        .await;
+        // Exactly the messages whose whole line reached the reader.
+        let accepted = (p.out.lines_written() - before) as usize;
+        if durable {
+            let mut printed = got;
+            let rest = printed.split_off(accepted.min(printed.len()));
+            if !printed.is_empty() {
+                let n = printed.len() as u64;
+                if let Err((e, unacked)) = Delivery::ack_all(printed).await {
+                    release(unacked).await;
+                    release(rest).await;
+                    return Err(CliError::bus("ack", &e));
+                }
+                acked += n;
             }
+            release(rest).await;
         }
-        // Ack only what reached stdout.
-        open = open && p.out.flush()?;
-        if args.durable.is_some() && !printed.is_empty() {
-            Delivery::ack_all(printed)
-                .await
-                .map_err(|(e, _)| CliError::bus("ack", &e))?;
+        if let Err(e) = written {
+            return Err(p.stdout_error(e, durable.then_some(acked)));
         }
-        if !open {
-            break;
+        active = Instant::now();
+    }
+}
+
+/// Hands fetched, unprinted messages back at once (nack without delay), so nothing waits for
+/// a lease to expire.
+async fn release(deliveries: Vec<Delivery>) {
+    for d in deliveries {
+        let seq = d.info.sequence;
+        if let Err((e, _)) = d.nack(Duration::ZERO).await {
+            tracing::warn!(seq, error = %e, "sub: could not release a fetched message; it is redelivered after its ack deadline");
         }
     }
-    Ok(EXIT_OK)
 }
 
 struct Printer {
@@ -195,18 +248,19 @@ struct Printer {
     decode: bool,
     /// `--blob-pointers`: print blob-stored payloads as their pointer headers.
     blob_pointers: bool,
-    count: u64,
-    /// Why printing stopped before the end (a blob that cannot be inlined): the command's
-    /// error once what was printed before it is flushed (and, when durable, acked).
-    failed: Option<CliError>,
     /// Schemas `--decode` does not know, each noted once on stderr.
     unknown_schemas: HashSet<String>,
 }
 
 impl Printer {
-    /// Prints one message; `Ok(false)` when nothing more is to be printed: stdout was closed,
-    /// or the message cannot be printed (then `failed` says why, and what was printed before
-    /// it is flushed).
+    /// Messages printed: lines `write(2)` accepted whole.
+    fn count(&self) -> u64 {
+        self.out.lines_written()
+    }
+
+    /// Queues one message's line (written out at the flush or when the buffer fills). A
+    /// blob-stored payload that cannot be inlined is an error naming the message, returned
+    /// after what was queued before it is flushed (so a durable reader acks exactly that).
     async fn print(
         &mut self,
         bus: &Bus,
@@ -214,7 +268,7 @@ impl Printer {
         seq: u64,
         stored_at: DateTime<Utc>,
         delivery_count: u32,
-    ) -> CliResult<bool> {
+    ) -> CliResult<()> {
         let text = if self.json {
             let inlined;
             let env = match env.headers.blob_ref() {
@@ -225,14 +279,13 @@ impl Printer {
                     }
                     Err(e) => {
                         let id = env.headers.message_id().unwrap_or("-");
-                        self.failed = Some(CliError::bus(
+                        self.out.flush()?;
+                        return Err(CliError::bus(
                             format!(
                                 "message {id}: blob_ref {blob_ref}: not printed, its payload cannot be inlined (--blob-pointers prints the pointer instead)"
                             ),
                             &e,
                         ));
-                        self.out.flush()?;
-                        return Ok(false);
                     }
                 },
                 _ => env,
@@ -245,11 +298,19 @@ impl Printer {
         } else {
             readable(bus, env, seq, stored_at, delivery_count).await
         };
-        let ok = self.out.line(&text)?;
-        if ok {
-            self.count += 1;
+        self.out.line(&text)?;
+        Ok(())
+    }
+
+    /// The error to end with after a failed write: on a closed stdout, how far it got.
+    fn stdout_error(&self, e: CliError, acked: Option<u64>) -> CliError {
+        if !self.out.is_closed() {
+            return e;
         }
-        Ok(ok)
+        CliError::transport(match acked {
+            Some(n) => format!("stdout closed after acking {n} message(s)"),
+            None => format!("stdout closed after {} message(s)", self.count()),
+        })
     }
 
     /// `--decode`: the payload as JSON, or `None` with the reason on stderr — per message

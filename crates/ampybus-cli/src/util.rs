@@ -1,6 +1,6 @@
 //! Small helpers shared by the commands.
 
-use crate::error::{CliError, CliResult};
+use crate::error::{CliError, CliResult, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED};
 use ampybus::Bus;
 use std::io::Write;
 use std::sync::Mutex;
@@ -126,40 +126,223 @@ pub fn encode_hex(b: &[u8]) -> String {
     s
 }
 
-/// Writes to stdout; `Ok(false)` when the reader went away (broken pipe), so the caller stops
-/// quietly.
+/// Writes lines to stdout. Lines wait in a buffer and go to `write(2)` in blocks (at
+/// [`Out::flush`], or whenever 64 KiB are waiting), straight to the file descriptor (no
+/// buffer of the standard library in between), so [`Out::lines_written`] counts exactly the
+/// lines whose every byte `write(2)` accepted: a durable reader acks those and no other.
+///
+/// When the reader went away (EPIPE) the call fails with exit code 3 and the message
+/// `stdout closed (broken pipe)`, and [`Out::is_closed`] turns true; the command stops.
+/// (Rust ignores SIGPIPE, so the write returns EPIPE instead of killing the process.)
 pub struct Out {
-    inner: std::io::BufWriter<std::io::Stdout>,
+    sink: Sink,
+    buf: Vec<u8>,
+    /// End offset in `buf` of every line waiting.
+    ends: Vec<usize>,
+    written: u64,
+    closed: bool,
 }
 
+enum Sink {
+    /// A duplicate of file descriptor 1: every `write` is one `write(2)`.
+    Fd(std::fs::File),
+    /// When fd 1 cannot be duplicated (closed).
+    Std(std::io::Stdout),
+}
+
+/// Bytes waiting before [`Out::line`] writes them out.
+const OUT_BLOCK: usize = 64 * 1024;
+
 impl Out {
-    /// Buffered stdout.
+    /// Stdout, unbuffered underneath.
     pub fn new() -> Self {
+        use std::os::fd::AsFd;
+        let sink = match std::io::stdout().as_fd().try_clone_to_owned() {
+            Ok(fd) => Sink::Fd(std::fs::File::from(fd)),
+            Err(_) => Sink::Std(std::io::stdout()),
+        };
         Out {
-            inner: std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout()),
+            sink,
+            buf: Vec::with_capacity(OUT_BLOCK),
+            ends: Vec::new(),
+            written: 0,
+            closed: false,
         }
     }
 
-    /// Writes one line.
+    /// Queues one line (a newline is added). `Ok(true)`, or an error when stdout failed or
+    /// was closed (the `bool` stays for callers that used to stop quietly on `false`).
     pub fn line(&mut self, s: &str) -> CliResult<bool> {
-        let r = self
-            .inner
-            .write_all(s.as_bytes())
-            .and_then(|_| self.inner.write_all(b"\n"));
-        io_result(r)
+        if self.closed {
+            return Err(closed_error());
+        }
+        self.buf.extend_from_slice(s.as_bytes());
+        self.buf.push(b'\n');
+        self.ends.push(self.buf.len());
+        if self.buf.len() >= OUT_BLOCK {
+            self.write_out()?;
+        }
+        Ok(true)
     }
 
-    /// Flushes.
+    /// Writes every queued line. `Ok(true)`, or an error as for [`Out::line`].
     pub fn flush(&mut self) -> CliResult<bool> {
-        io_result(self.inner.flush())
+        if self.closed {
+            return Err(closed_error());
+        }
+        self.write_out()?;
+        Ok(true)
+    }
+
+    /// Lines whose every byte `write(2)` accepted so far.
+    pub fn lines_written(&self) -> u64 {
+        self.written
+    }
+
+    /// Whether the reader went away (EPIPE).
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    fn write_out(&mut self) -> CliResult<()> {
+        let mut pos = 0;
+        let res = loop {
+            if pos == self.buf.len() {
+                break Ok(());
+            }
+            let r = match &mut self.sink {
+                Sink::Fd(f) => f.write(&self.buf[pos..]),
+                Sink::Std(s) => s.write(&self.buf[pos..]).and_then(|n| s.flush().map(|_| n)),
+            };
+            match r {
+                Ok(0) => break Err(std::io::Error::from(std::io::ErrorKind::WriteZero)),
+                Ok(n) => pos += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+        };
+        self.written += self.ends.iter().take_while(|&&end| end <= pos).count() as u64;
+        self.buf.clear();
+        self.ends.clear();
+        res.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                self.closed = true;
+                closed_error()
+            } else {
+                CliError::transport(format!("writing to stdout: {e}"))
+            }
+        })
     }
 }
 
-fn io_result(r: std::io::Result<()>) -> CliResult<bool> {
-    match r {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
-        Err(e) => Err(CliError::transport(format!("writing to stdout: {e}"))),
+impl Drop for Out {
+    fn drop(&mut self) {
+        if !self.closed && !self.buf.is_empty() {
+            let _ = self.write_out();
+        }
+    }
+}
+
+fn closed_error() -> CliError {
+    CliError::transport("stdout closed (broken pipe)")
+}
+
+/// A stop signal the commands handle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// SIGINT (Ctrl-C).
+    Int,
+    /// SIGTERM.
+    Term,
+}
+
+impl Signal {
+    /// `SIGINT` or `SIGTERM`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Signal::Int => "SIGINT",
+            Signal::Term => "SIGTERM",
+        }
+    }
+
+    /// The exit code of a fixed-size job (`pub`, `sub --max`, `replay`, `dlq redrive`,
+    /// `demo`, `bench`) stopped by this signal before it finished: 130 or 143.
+    pub fn job_code(self) -> u8 {
+        match self {
+            Signal::Int => EXIT_INTERRUPTED,
+            Signal::Term => EXIT_TERMINATED,
+        }
+    }
+
+    /// The exit code of an open-ended command (`sub` without `--max`) stopped by this
+    /// signal: 130 for SIGINT, 0 for SIGTERM (the normal way to stop a service).
+    pub fn open_code(self) -> u8 {
+        match self {
+            Signal::Int => EXIT_INTERRUPTED,
+            Signal::Term => EXIT_OK,
+        }
+    }
+}
+
+/// SIGINT and SIGTERM, caught from [`Signals::new`] on instead of ending the process: a
+/// command checks [`Signals::received`] between units of work (takes no new work after a
+/// signal, settles what it holds, prints its summary) or awaits [`Signals::recv`]. The first
+/// signal is remembered.
+pub struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    got: Option<Signal>,
+}
+
+impl Signals {
+    /// Starts catching SIGINT and SIGTERM (inside the async runtime).
+    pub fn new() -> CliResult<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let catch = |kind: SignalKind, name: &str| {
+            signal(kind).map_err(|e| CliError::transport(format!("cannot catch {name}: {e}")))
+        };
+        Ok(Signals {
+            int: catch(SignalKind::interrupt(), "SIGINT")?,
+            term: catch(SignalKind::terminate(), "SIGTERM")?,
+            got: None,
+        })
+    }
+
+    /// Waits for a stop signal (at once when one arrived before).
+    pub async fn recv(&mut self) -> Signal {
+        if let Some(s) = self.got {
+            return s;
+        }
+        let (int, term) = (&mut self.int, &mut self.term);
+        let s = tokio::select! {
+            _ = int.recv() => Signal::Int,
+            _ = term.recv() => Signal::Term,
+        };
+        self.got = Some(s);
+        s
+    }
+
+    /// The stop signal received so far, without waiting.
+    pub fn received(&mut self) -> Option<Signal> {
+        use futures::FutureExt;
+        self.recv().now_or_never()
+    }
+}
+
+/// Runs a fixed-size job whose work cannot be split at a signal (`demo`, `bench`): on SIGINT
+/// or SIGTERM the job is dropped (its temporary data removed), `{what}: stopped by SIGINT
+/// before it finished` is printed on stderr, and the exit code is 130 or 143.
+pub async fn job_until_signal(
+    what: &str,
+    job: impl std::future::Future<Output = CliResult<u8>>,
+) -> CliResult<u8> {
+    let mut signals = Signals::new()?;
+    tokio::select! {
+        r = job => r,
+        s = signals.recv() => {
+            eprintln!("{what}: stopped by {} before it finished", s.name());
+            Ok(s.job_code())
+        }
     }
 }
 

@@ -8,7 +8,10 @@ use crate::headers::Headers;
 use crate::obs::{BusMetrics, Obs, PublishSpan};
 use crate::topic::Topic;
 use crate::transport::embedded::{EmbeddedLog, EmbeddedOptions};
-use crate::transport::{Lag, PublishReceipt, ReplayByTime, SubscribeSpec, Subscription, Transport};
+use crate::transport::{
+    BatchOutcome, Lag, PublishOutcome, PublishReceipt, ReplayByTime, SubscribeSpec, Subscription,
+    Transport,
+};
 use bytes::Bytes;
 use std::sync::Arc;
 use std::time::Duration;
@@ -315,7 +318,27 @@ impl Bus {
         if !self.obs.enabled {
             return self.transport.publish_batch(batch).await;
         }
-        let labels: Vec<_> = batch
+        let labels = self.labels(&batch);
+        let receipts = self.transport.publish_batch(batch).await?;
+        self.record_confirmed(&labels, receipts.iter().map(Some));
+        Ok(receipts)
+    }
+
+    /// [`Bus::send`] with per-message outcomes; only confirmed messages are counted.
+    async fn send_outcomes(&self, batch: Vec<Envelope>) -> BatchOutcome {
+        if !self.obs.enabled {
+            return self.transport.publish_batch_outcomes(batch).await;
+        }
+        let labels = self.labels(&batch);
+        let out = self.transport.publish_batch_outcomes(batch).await;
+        let receipts: Vec<Option<PublishReceipt>> =
+            out.outcomes.iter().map(PublishOutcome::receipt).collect();
+        self.record_confirmed(&labels, receipts.iter().map(Option::as_ref));
+        out
+    }
+
+    fn labels(&self, batch: &[Envelope]) -> Vec<(Arc<crate::obs::ProducerTopic>, u64)> {
+        batch
             .iter()
             .map(|e| {
                 (
@@ -325,10 +348,19 @@ impl Bus {
                     e.payload.len() as u64,
                 )
             })
-            .collect();
-        let receipts = self.transport.publish_batch(batch).await?;
+            .collect()
+    }
+
+    /// Counts the confirmed messages (`None`: not confirmed) into `bus_produced_total` and
+    /// the batch-size histogram.
+    fn record_confirmed<'a>(
+        &self,
+        labels: &[(Arc<crate::obs::ProducerTopic>, u64)],
+        receipts: impl Iterator<Item = Option<&'a PublishReceipt>>,
+    ) {
         let mut run: Option<(&Arc<crate::obs::ProducerTopic>, u64)> = None;
-        for ((h, size), r) in labels.iter().zip(&receipts) {
+        for ((h, size), r) in labels.iter().zip(receipts) {
+            let Some(r) = r else { continue };
             if !r.duplicate {
                 h.produced.inc();
             }
@@ -344,7 +376,6 @@ impl Bus {
         if let Some((prev, bytes)) = run {
             prev.batch_size.observe(bytes as f64);
         }
-        Ok(receipts)
     }
 
     /// Whether [`Bus::consumer_lag`] can answer on this bus.
@@ -533,6 +564,68 @@ impl Bus {
         r
     }
 
+    /// [`Bus::publish_batch`], telling per message what the transport confirmed (see
+    /// [`Transport::publish_batch_outcomes`]) instead of all-or-error: a message the broker
+    /// confirmed is never hidden behind a later failure. An invalid message fails the batch
+    /// before anything is sent (every outcome `Unsent`). Metrics count the confirmed ones.
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use ampybus::{Bus, Envelope, Headers, Topic, transport::PublishOutcome};
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let bus = Bus::connect(dir.path().to_str().unwrap()).await.unwrap();
+    /// let topic = Topic::parse("ampy.dev.news.v1.raw").unwrap();
+    /// let h = || Headers::for_publish("ampy.raw.v1.Bytes", "p@1", "p", "k");
+    /// let batch = vec![Envelope::new(&topic, h(), "a"), Envelope::new(&topic, h(), "b")];
+    /// let out = bus.publish_batch_outcomes(batch).await;
+    /// assert!(out.error.is_none());
+    /// assert!(matches!(out.outcomes[1], PublishOutcome::Confirmed(_)));
+    /// # });
+    /// ```
+    pub async fn publish_batch_outcomes(&self, batch: Vec<Envelope>) -> BatchOutcome {
+        let n = batch.len();
+        let mut ready = Vec::with_capacity(n);
+        let mut spans: Vec<PublishSpan> = Vec::new();
+        let mut last: Option<Topic> = None;
+        for (i, env) in batch.into_iter().enumerate() {
+            let topic = match last.take() {
+                Some(t) if t.as_str() == env.topic => t,
+                _ => match env.topic() {
+                    Ok(t) => t,
+                    Err(e) => {
+                        let e = Error::new(e.kind(), format!("message {i}: {}", e.message()));
+                        for s in spans {
+                            s.end(Some(&e));
+                        }
+                        return BatchOutcome::all(n, PublishOutcome::Unsent, e);
+                    }
+                },
+            };
+            last = Some(topic.clone());
+            let (prepared, span) = self.prepare_traced(&topic, env.headers, env.payload).await;
+            spans.extend(span);
+            match prepared {
+                Ok(p) => ready.push(p),
+                Err(e) => {
+                    let e = Error::new(e.kind(), format!("message {i}: {}", e.message()));
+                    for s in spans {
+                        s.end(Some(&e));
+                    }
+                    return BatchOutcome::all(n, PublishOutcome::Unsent, e);
+                }
+            }
+        }
+        let out = self.send_outcomes(ready).await;
+        let failed = out.error.as_ref().map_or_else(
+            || Error::new(crate::ErrorKind::Transport, "not confirmed"),
+            |e| Error::new(e.kind(), e.message().to_owned()),
+        );
+        for (s, o) in spans.into_iter().zip(&out.outcomes) {
+            s.end(o.receipt().is_none().then_some(&failed));
+        }
+        out
+    }
+
     /// Publishes envelopes that are already on the wire form (validated as such), e.g. from
     /// `--json-envelope` files or a redrive. A carried payload over the codec's inline limit
     /// goes to the blob store as on any publish ([`PayloadCodec::offload`]: `blob_ref`,
@@ -580,6 +673,31 @@ impl Bus {
             }
         }
         self.send(batch).await
+    }
+
+    /// [`Bus::publish_wire`] with per-message outcomes (see [`Bus::publish_batch_outcomes`]):
+    /// an invalid envelope fails the batch before anything is sent.
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use ampybus::{Bus, Envelope, Headers, Topic};
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let bus = Bus::connect(dir.path().to_str().unwrap()).await.unwrap();
+    /// let topic = Topic::parse("ampy.dev.news.v1.raw").unwrap();
+    /// let mut h = Headers::for_publish("ampy.raw.v1.Bytes", "p@1", "p", "k");
+    /// h.fill_publish_defaults();
+    /// let out = bus.publish_wire_outcomes(vec![Envelope::new(&topic, h, "x")]).await;
+    /// assert_eq!(out.counts(), (1, 0, 0));
+    /// # });
+    /// ```
+    pub async fn publish_wire_outcomes(&self, batch: Vec<Envelope>) -> BatchOutcome {
+        for (i, env) in batch.iter().enumerate() {
+            if let Err(e) = env.validate_for_publish() {
+                let e = Error::new(e.kind(), format!("message {i}: {}", e.message()));
+                return BatchOutcome::all(batch.len(), PublishOutcome::Unsent, e);
+            }
+        }
+        self.send_outcomes(batch).await
     }
 
     /// Opens a subscription.

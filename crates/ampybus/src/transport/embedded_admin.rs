@@ -122,10 +122,13 @@ fn consumer_rows(conn: &Connection) -> Result<Vec<ConsumerStats>> {
             rusqlite::params![name, cursor],
             &pattern,
         )?;
+        // Leased (held or expired) or waiting out a retry delay; a message released for
+        // redelivery now (nack without delay) is held by nobody.
         let in_flight: i64 = conn
             .query_row(
-                "SELECT COUNT(*) FROM pending WHERE consumer = ?1 AND acked = 0",
-                [&name],
+                "SELECT COUNT(*) FROM pending WHERE consumer = ?1 AND acked = 0 \
+                 AND (owner IS NOT NULL OR not_before_us > ?2)",
+                rusqlite::params![name, chrono::Utc::now().timestamp_micros()],
                 |r| r.get(0),
             )
             .map_err(|e| sql_at(conn, "consumer stats", e))?;
@@ -266,7 +269,7 @@ mod tests {
             [],
         )
         .unwrap();
-        // 5 and 8 acked out of order, 4 in flight.
+        // 5 and 8 acked out of order, 4 in flight, 7 released (nacked without delay).
         for (seq, acked) in [(4, 0), (5, 1), (8, 1)] {
             conn.execute(
                 "INSERT INTO pending(consumer, seq, pkey, owner, not_before_us, deliveries, acked) \
@@ -275,6 +278,12 @@ mod tests {
             )
             .unwrap();
         }
+        conn.execute(
+            "INSERT INTO pending(consumer, seq, pkey, owner, not_before_us, deliveries, acked) \
+             VALUES ('c', 7, 'k', NULL, 0, 1, 0)",
+            [],
+        )
+        .unwrap();
         let stats = consumer_rows(&conn).unwrap();
         assert_eq!(stats.len(), 1);
         let c = &stats[0];

@@ -48,6 +48,112 @@ pub struct PublishReceipt {
     pub duplicate: bool,
 }
 
+/// What became of one message of a published batch: see [`Transport::publish_batch_outcomes`].
+///
+/// ```
+/// use ampybus::transport::{PublishOutcome, PublishReceipt};
+/// let r = PublishReceipt { sequence: 3, duplicate: false };
+/// assert_eq!(PublishOutcome::Confirmed(r).receipt(), Some(r));
+/// assert_eq!(PublishOutcome::Unknown.receipt(), None);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishOutcome {
+    /// The log or broker confirmed it: stored, or recognised as a duplicate of a stored
+    /// message (`duplicate` in the receipt).
+    Confirmed(PublishReceipt),
+    /// Sent, and no confirmation came (the broker or the connection went away, the
+    /// confirmation timed out, a commit failed half way): it may or may not be stored. Retry
+    /// it with the same `message_id`; broker dedupe (NATS) or consumer dedupe catches a copy
+    /// that did land.
+    Unknown,
+    /// Not stored: never sent, or refused by the log or broker with a definite answer.
+    Unsent,
+}
+
+impl PublishOutcome {
+    /// The receipt when confirmed.
+    pub fn receipt(&self) -> Option<PublishReceipt> {
+        match self {
+            PublishOutcome::Confirmed(r) => Some(*r),
+            _ => None,
+        }
+    }
+}
+
+/// The outcome of every message of a batch, in order, and the error that stopped the batch.
+/// `error` is `None` exactly when every outcome is [`PublishOutcome::Confirmed`].
+///
+/// ```
+/// use ampybus::transport::{BatchOutcome, PublishOutcome, PublishReceipt};
+/// let ok = BatchOutcome::confirmed(vec![PublishReceipt { sequence: 1, duplicate: false }]);
+/// assert_eq!(ok.counts(), (1, 0, 0));
+/// assert_eq!(ok.into_result().unwrap()[0].sequence, 1);
+///
+/// let e = ampybus::Error::new(ampybus::ErrorKind::Transport, "broker gone");
+/// let failed = BatchOutcome::all(2, PublishOutcome::Unknown, e);
+/// assert_eq!(failed.counts(), (0, 2, 0));
+/// assert!(failed.into_result().unwrap_err().to_string().contains("broker gone"));
+/// ```
+#[derive(Debug)]
+pub struct BatchOutcome {
+    /// One outcome per message, in batch order.
+    pub outcomes: Vec<PublishOutcome>,
+    /// Why some message is not confirmed (the first failure).
+    pub error: Option<crate::Error>,
+}
+
+impl BatchOutcome {
+    /// Every message confirmed.
+    pub fn confirmed(receipts: Vec<PublishReceipt>) -> BatchOutcome {
+        BatchOutcome {
+            outcomes: receipts
+                .into_iter()
+                .map(PublishOutcome::Confirmed)
+                .collect(),
+            error: None,
+        }
+    }
+
+    /// `n` messages, all with the same unconfirmed `outcome`, because of `error`.
+    pub fn all(n: usize, outcome: PublishOutcome, error: crate::Error) -> BatchOutcome {
+        BatchOutcome {
+            outcomes: vec![outcome; n],
+            error: Some(error),
+        }
+    }
+
+    /// How many are confirmed, unknown and unsent.
+    pub fn counts(&self) -> (usize, usize, usize) {
+        let mut c = (0, 0, 0);
+        for o in &self.outcomes {
+            match o {
+                PublishOutcome::Confirmed(_) => c.0 += 1,
+                PublishOutcome::Unknown => c.1 += 1,
+                PublishOutcome::Unsent => c.2 += 1,
+            }
+        }
+        c
+    }
+
+    /// All receipts, or the error (the all-or-error form of [`Transport::publish_batch`]).
+    pub fn into_result(self) -> Result<Vec<PublishReceipt>> {
+        if let Some(e) = self.error {
+            return Err(e);
+        }
+        self.outcomes
+            .into_iter()
+            .map(|o| {
+                o.receipt().ok_or_else(|| {
+                    crate::Error::new(
+                        crate::ErrorKind::Transport,
+                        "a message of the batch was not confirmed",
+                    )
+                })
+            })
+            .collect()
+    }
+}
+
 /// Where a new subscription starts.
 ///
 /// ```
@@ -298,7 +404,8 @@ pub struct Lag {
     /// Messages matching the consumer's pattern that it has not acknowledged yet (delivered
     /// or not).
     pub pending: u64,
-    /// Of those, delivered and not yet acknowledged (leases held or expired).
+    /// Of those, delivered and not yet acknowledged (leases held or expired, or waiting out
+    /// a retry delay); a message released for redelivery now (nack without delay) is not.
     pub in_flight: u64,
 }
 
@@ -381,7 +488,8 @@ pub struct ConsumerStats {
     /// Every sequence at or below the cursor is settled; `None` when the consumer spans
     /// several streams whose sequences are not comparable.
     pub cursor: Option<u64>,
-    /// Delivered and not yet acknowledged (leases held or expired).
+    /// Delivered and not yet acknowledged (leases held or expired, or waiting out a retry
+    /// delay); a message released for redelivery now (nack without delay) is not counted.
     pub in_flight: u64,
     /// Matching messages not yet acknowledged (delivered or not).
     pub lag: u64,
@@ -419,6 +527,48 @@ pub trait Transport: Send + Sync + 'static {
     /// Stores a batch durably; one receipt per message, in order. Messages are already
     /// validated and encoded by the caller.
     async fn publish_batch(&self, batch: Vec<Envelope>) -> Result<Vec<PublishReceipt>>;
+    /// Publishes a batch like [`Transport::publish_batch`] and tells, per message, what the
+    /// transport confirmed: nothing the broker confirmed is hidden behind an error. After the
+    /// first failure no further message is sent; those already sent are settled (each
+    /// confirmed or unknown).
+    ///
+    /// The default builds on `publish_batch`: all confirmed, or all
+    /// [`PublishOutcome::Unknown`] on an error (the right answer for the embedded log, whose
+    /// batch is one transaction: a failed commit may still have reached the disk). The NATS,
+    /// Redis and Kafka bindings answer per message.
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use ampybus::transport::{Transport, embedded::{EmbeddedLog, EmbeddedOptions}};
+    /// use ampybus::{Envelope, Headers, Topic};
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let log = EmbeddedLog::open(EmbeddedOptions::new(dir.path())).unwrap();
+    /// let topic = Topic::parse("ampy.dev.news.v1.raw").unwrap();
+    /// let mut h = Headers::for_publish("ampy.raw.v1.Bytes", "p@1", "p", "k");
+    /// h.fill_publish_defaults();
+    /// let out = log.publish_batch_outcomes(vec![Envelope::new(&topic, h, "x")]).await;
+    /// assert_eq!(out.counts(), (1, 0, 0));
+    /// # });
+    /// ```
+    async fn publish_batch_outcomes(&self, batch: Vec<Envelope>) -> BatchOutcome {
+        let n = batch.len();
+        match self.publish_batch(batch).await {
+            Ok(receipts) if receipts.len() == n => BatchOutcome::confirmed(receipts),
+            Ok(receipts) => BatchOutcome::all(
+                n,
+                PublishOutcome::Unknown,
+                crate::Error::new(
+                    crate::ErrorKind::Transport,
+                    format!(
+                        "{}: {} receipt(s) for a batch of {n}",
+                        self.name(),
+                        receipts.len()
+                    ),
+                ),
+            ),
+            Err(e) => BatchOutcome::all(n, PublishOutcome::Unknown, e),
+        }
+    }
     /// Opens a subscription.
     async fn subscribe(&self, spec: SubscribeSpec) -> Result<Box<dyn Subscription>>;
     /// Time-window/key reads, when the transport can.

@@ -888,6 +888,11 @@ impl Transport for KafkaTransport {
         publish::publish_batch(&self.shared, batch).await
     }
 
+    /// Per-record delivery reports: see [`Transport::publish_batch_outcomes`].
+    async fn publish_batch_outcomes(&self, batch: Vec<Envelope>) -> crate::transport::BatchOutcome {
+        publish::publish_outcomes(&self.shared, batch, true).await
+    }
+
     async fn subscribe(&self, spec: SubscribeSpec) -> Result<Box<dyn Subscription>> {
         consume::subscribe(&self.shared, spec).await
     }

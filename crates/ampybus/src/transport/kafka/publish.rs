@@ -8,7 +8,7 @@ use super::{Shared, TOPIC_HEADER, kafka_error, pack_offset};
 use crate::envelope::Envelope;
 use crate::error::{Error, ErrorKind, Result};
 use crate::headers::names;
-use crate::transport::PublishReceipt;
+use crate::transport::{BatchOutcome, PublishOutcome, PublishReceipt};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use rdkafka::producer::future_producer::DeliveryFuture;
@@ -43,42 +43,74 @@ pub(crate) async fn publish_batch(
     shared: &Shared,
     batch: Vec<Envelope>,
 ) -> Result<Vec<PublishReceipt>> {
+    publish_outcomes(shared, batch, false).await.into_result()
+}
+
+/// Publishes with per-message outcomes: a record whose delivery report came is confirmed; a
+/// failed report is unknown (librdkafka gave up; a timed-out record may still have been
+/// written); after the first failure no further record is handed over (the rest stay
+/// [`PublishOutcome::Unsent`]). With `settle_rest` the reports of the records already handed
+/// over are then awaited; without it they count as unknown at once.
+pub(crate) async fn publish_outcomes(
+    shared: &Shared,
+    batch: Vec<Envelope>,
+    settle_rest: bool,
+) -> BatchOutcome {
     if batch.is_empty() {
-        return Ok(Vec::new());
+        return BatchOutcome::confirmed(Vec::new());
     }
+    let total = batch.len();
     let topics: Vec<String> = batch
         .iter()
         .map(|e| shared.opts.kafka_topic(&e.topic))
         .collect();
-    shared.ensure_topics(&topics).await?;
-    let mut receipts = Vec::with_capacity(batch.len());
+    if let Err(e) = shared.ensure_topics(&topics).await {
+        return BatchOutcome::all(total, PublishOutcome::Unsent, e);
+    }
+    let mut outcomes = vec![PublishOutcome::Unsent; total];
+    let mut error: Option<Error> = None;
     // A sliding window: one permit per unconfirmed record (shared by concurrent batches, so
     // the bound holds across them), released when its delivery report arrived; reports are
     // awaited oldest first, so a huge batch streams instead of draining in chunks.
     let mut pending: VecDeque<(usize, DeliveryFuture, OwnedSemaphorePermit)> = VecDeque::new();
-    for (i, env) in batch.iter().enumerate() {
-        let permit =
-            match shared.permits.clone().try_acquire_owned() {
-                Ok(p) => p,
-                Err(_) => {
-                    // At the bound: our own oldest report frees a permit soonest.
-                    if let Some((j, f, p)) = pending.pop_front() {
-                        receipts.push((j, settle(shared, &topics[j], f).await?));
-                        drop(p);
+    'send: for (i, env) in batch.iter().enumerate() {
+        let permit = match shared.permits.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                // At the bound: our own oldest report frees a permit soonest.
+                if let Some((j, f, p)) = pending.pop_front() {
+                    let r = settle(shared, &topics[j], f).await;
+                    drop(p);
+                    if !record(&mut outcomes, &mut error, j, r) {
+                        break 'send;
                     }
-                    shared.permits.clone().acquire_owned().await.map_err(|_| {
-                        Error::new(ErrorKind::Closed, "kafka: the transport is closed")
-                    })?
                 }
-            };
-        let headers = record_headers(env)?;
+                match shared.permits.clone().acquire_owned().await {
+                    Ok(p) => p,
+                    Err(_) => {
+                        error = Some(Error::new(
+                            ErrorKind::Closed,
+                            "kafka: the transport is closed",
+                        ));
+                        break 'send;
+                    }
+                }
+            }
+        };
+        let headers = match record_headers(env) {
+            Ok(h) => h,
+            Err(e) => {
+                error = Some(e);
+                break 'send;
+            }
+        };
         let key = env.headers.get(names::PARTITION_KEY).unwrap_or("");
-        let mut record = FutureRecord::to(&topics[i])
+        let mut record_ = FutureRecord::to(&topics[i])
             .payload(env.payload.as_ref())
             .key(key)
             .headers(headers);
         loop {
-            match shared.producer.send_result(record) {
+            match shared.producer.send_result(record_) {
                 Ok(f) => {
                     pending.push_back((i, f, permit));
                     break;
@@ -87,30 +119,58 @@ pub(crate) async fn publish_batch(
                     use rdkafka::types::RDKafkaErrorCode;
                     if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) {
                         // The local queue is full: wait for the oldest report, then retry.
-                        record = back;
+                        record_ = back;
                         if let Some((j, f, p)) = pending.pop_front() {
-                            receipts.push((j, settle(shared, &topics[j], f).await?));
+                            let r = settle(shared, &topics[j], f).await;
                             drop(p);
+                            if !record(&mut outcomes, &mut error, j, r) {
+                                break 'send;
+                            }
                         } else {
                             tokio::time::sleep(Duration::from_millis(1)).await;
                         }
                         continue;
                     }
-                    return Err(kafka_error(
+                    error = Some(kafka_error(
                         &shared.where_(),
                         &format!("publish to `{}`", topics[i]),
                         e,
                     ));
+                    break 'send;
                 }
             }
         }
     }
     for (j, f, p) in pending {
-        receipts.push((j, settle(shared, &topics[j], f).await?));
+        if error.is_some() && !settle_rest {
+            outcomes[j] = PublishOutcome::Unknown;
+            continue;
+        }
+        let r = settle(shared, &topics[j], f).await;
         drop(p);
+        record(&mut outcomes, &mut error, j, r);
     }
-    receipts.sort_by_key(|(i, _)| *i);
-    Ok(receipts.into_iter().map(|(_, r)| r).collect())
+    BatchOutcome { outcomes, error }
+}
+
+/// Records one delivery report; `false` when it failed (the first failure is kept).
+fn record(
+    outcomes: &mut [PublishOutcome],
+    error: &mut Option<Error>,
+    j: usize,
+    r: Result<PublishReceipt>,
+) -> bool {
+    match r {
+        Ok(r) => {
+            outcomes[j] = PublishOutcome::Confirmed(r);
+            true
+        }
+        Err(e) => {
+            outcomes[j] = PublishOutcome::Unknown;
+            error.get_or_insert(e);
+            false
+        }
+    }
 }
 
 async fn settle(shared: &Shared, topic: &str, f: DeliveryFuture) -> Result<PublishReceipt> {

@@ -771,6 +771,11 @@ impl Transport for NatsTransport {
         publish::publish_batch(&self.shared, batch).await
     }
 
+    /// Per-message JetStream PubAcks: see [`Transport::publish_batch_outcomes`].
+    async fn publish_batch_outcomes(&self, batch: Vec<Envelope>) -> crate::transport::BatchOutcome {
+        publish::publish_outcomes(&self.shared, batch, true).await
+    }
+
     async fn subscribe(&self, spec: SubscribeSpec) -> Result<Box<dyn Subscription>> {
         consume::subscribe(&self.shared, spec).await
     }
@@ -802,14 +807,26 @@ impl Transport for NatsTransport {
         }
     }
 
+    /// Flushes what the client still buffers, waiting at most `request_timeout` (a server
+    /// that is gone does not hold the caller forever).
     async fn close(&self) -> Result<()> {
-        self.shared.client.flush().await.map_err(|e| {
-            Error::with_source(
-                ErrorKind::Transport,
-                format!("{}: flush on close failed", self.shared.where_()),
-                e,
-            )
-        })
+        let limit = self.shared.opts.request_timeout;
+        match tokio::time::timeout(limit, self.shared.client.flush()).await {
+            Ok(r) => r.map_err(|e| {
+                Error::with_source(
+                    ErrorKind::Transport,
+                    format!("{}: flush on close failed", self.shared.where_()),
+                    e,
+                )
+            }),
+            Err(_) => Err(Error::new(
+                ErrorKind::Timeout,
+                format!(
+                    "{}: flush on close: no answer within {limit:?} (the server is unreachable)",
+                    self.shared.where_()
+                ),
+            )),
+        }
     }
 }
 

@@ -5,7 +5,7 @@ use crate::envelope::Envelope;
 use crate::error::{Error, ErrorKind, Result};
 use crate::headers::names;
 use crate::topic::Topic;
-use crate::transport::PublishReceipt;
+use crate::transport::{BatchOutcome, PublishOutcome, PublishReceipt};
 use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
 use std::collections::VecDeque;
@@ -23,27 +23,64 @@ pub(crate) async fn publish_batch(
     shared: &Shared,
     batch: Vec<Envelope>,
 ) -> Result<Vec<PublishReceipt>> {
+    publish_outcomes(shared, batch, false).await.into_result()
+}
+
+/// Publishes with per-message outcomes: a message whose PubAck came is confirmed; after the
+/// first failure nothing more is sent (the rest stay [`PublishOutcome::Unsent`]). With
+/// `settle_rest` the PubAcks of what was already sent are then awaited, concurrently (so
+/// within one `request_timeout`); without it they count as unknown at once (the fail-fast
+/// [`publish_batch`]).
+///
+/// Send errors are `Unsent` (the message never entered the client's queue); a PubAck timeout
+/// or a lost connection is `Unknown`; a definite answer that nothing was stored (no stream,
+/// wrong last id/sequence, a refused publish) is `Unsent`; anything else `Unknown`.
+pub(crate) async fn publish_outcomes(
+    shared: &Shared,
+    batch: Vec<Envelope>,
+    settle_rest: bool,
+) -> BatchOutcome {
     let total = batch.len();
-    let mut receipts: Vec<PublishReceipt> = Vec::with_capacity(total);
+    let mut outcomes = vec![PublishOutcome::Unsent; total];
+    let mut error: Option<Error> = None;
     let mut pending: VecDeque<Pending> = VecDeque::new();
     let mut violations = shared.violations.subscribe();
     let limit = shared.opts.max_in_flight.max(1);
     // Batches usually share a topic: parse it and find its stream once per run of it.
     let mut last: Option<(Topic, Arc<streams::StreamRef>)> = None;
-    for (index, env) in batch.into_iter().enumerate() {
+    'send: for (index, env) in batch.into_iter().enumerate() {
         let (topic, stream) = match last.take() {
             Some((t, s)) if t.as_str() == env.topic => (t, s),
             _ => {
-                let topic = env.topic().map_err(|e| {
-                    Error::new(e.kind(), format!("message {index}: {}", e.message()))
-                })?;
-                let stream = streams::resolve(shared, topic.env(), topic.domain()).await?;
-                (topic, stream)
+                let resolved = match env.topic() {
+                    Ok(topic) => streams::resolve(shared, topic.env(), topic.domain())
+                        .await
+                        .map(|s| (topic, s)),
+                    Err(e) => Err(Error::new(
+                        e.kind(),
+                        format!("message {index}: {}", e.message()),
+                    )),
+                };
+                match resolved {
+                    Ok(ts) => ts,
+                    Err(e) => {
+                        error = Some(e);
+                        break 'send;
+                    }
+                }
             }
         };
         last = Some((topic.clone(), stream.clone()));
-        let headers = to_header_map(&env.headers)
-            .map_err(|e| Error::new(e.kind(), format!("message {index}: {}", e.message())))?;
+        let headers = match to_header_map(&env.headers) {
+            Ok(h) => h,
+            Err(e) => {
+                error = Some(Error::new(
+                    e.kind(),
+                    format!("message {index}: {}", e.message()),
+                ));
+                break 'send;
+            }
+        };
         let mut msg = PublishMessage::build()
             .payload(env.payload.clone())
             .headers(headers);
@@ -52,14 +89,26 @@ pub(crate) async fn publish_batch(
         }
         while pending.len() >= limit {
             let p = pending.pop_front().expect("non-empty");
-            receipts.push(await_ack(shared, p, total, &mut violations).await?);
+            let i = p.index;
+            match await_ack(shared, p, total, &mut violations).await {
+                Ok(r) => outcomes[i] = PublishOutcome::Confirmed(r),
+                Err((e, o)) => {
+                    outcomes[i] = o;
+                    error = Some(e);
+                    break 'send;
+                }
+            }
         }
-        let ack = shared
-            .js
-            .send_publish(topic.as_str().to_owned(), msg)
-            .await
-            .map_err(|e| {
-                publish_error(
+        match shared.js.send_publish(topic.as_str().to_owned(), msg).await {
+            Ok(ack) => pending.push_back(Pending {
+                index,
+                subject: topic.as_str().to_owned(),
+                stream,
+                topic,
+                ack,
+            }),
+            Err(e) => {
+                error = Some(publish_error(
                     shared,
                     index,
                     total,
@@ -67,28 +116,53 @@ pub(crate) async fn publish_batch(
                     e.kind(),
                     e.to_string(),
                     e,
-                )
-            })?;
-        pending.push_back(Pending {
-            index,
-            subject: topic.as_str().to_owned(),
-            stream,
-            topic,
-            ack,
-        });
+                ));
+                break 'send;
+            }
+        }
     }
-    while let Some(p) = pending.pop_front() {
-        receipts.push(await_ack(shared, p, total, &mut violations).await?);
+    while error.is_none()
+        && let Some(p) = pending.pop_front()
+    {
+        let i = p.index;
+        match await_ack(shared, p, total, &mut violations).await {
+            Ok(r) => outcomes[i] = PublishOutcome::Confirmed(r),
+            Err((e, o)) => {
+                outcomes[i] = o;
+                error = Some(e);
+            }
+        }
     }
-    Ok(receipts)
+    if settle_rest {
+        let settled = futures::future::join_all(pending.into_iter().map(|p| {
+            let mut violations = shared.violations.subscribe();
+            async move {
+                let i = p.index;
+                (i, await_ack(shared, p, total, &mut violations).await)
+            }
+        }))
+        .await;
+        for (i, r) in settled {
+            outcomes[i] = match r {
+                Ok(r) => PublishOutcome::Confirmed(r),
+                Err((_, o)) => o,
+            };
+        }
+    } else {
+        for p in pending {
+            outcomes[p.index] = PublishOutcome::Unknown;
+        }
+    }
+    BatchOutcome { outcomes, error }
 }
 
+/// Awaits one PubAck; on failure the error and what it means for the message.
 async fn await_ack(
     shared: &Shared,
     p: Pending,
     total: usize,
     violations: &mut tokio::sync::broadcast::Receiver<String>,
-) -> Result<PublishReceipt> {
+) -> std::result::Result<PublishReceipt, (Error, PublishOutcome)> {
     let Pending {
         index,
         subject,
@@ -104,7 +178,10 @@ async fn await_ack(
                 if let Ok(s) = v
                     && s == subject
                 {
-                    return Err(permission_denied(shared, index, total, &subject));
+                    return Err((
+                        permission_denied(shared, index, total, &subject),
+                        PublishOutcome::Unsent,
+                    ));
                 }
             }
         }
@@ -127,14 +204,16 @@ async fn await_ack(
                 // The stream may have been deleted under us: look it up again next time.
                 streams::invalidate(shared, topic.env(), topic.domain());
             }
-            Err(publish_error(
-                shared,
-                index,
-                total,
-                &subject,
-                e.kind(),
-                e.to_string(),
-                e,
+            let outcome = match e.kind() {
+                PublishErrorKind::StreamNotFound
+                | PublishErrorKind::WrongLastMessageId
+                | PublishErrorKind::WrongLastSequence
+                | PublishErrorKind::MaxPayloadExceeded => PublishOutcome::Unsent,
+                _ => PublishOutcome::Unknown,
+            };
+            Err((
+                publish_error(shared, index, total, &subject, e.kind(), e.to_string(), e),
+                outcome,
             ))
         }
     }

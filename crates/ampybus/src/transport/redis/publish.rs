@@ -11,8 +11,9 @@ use super::{Shared, command_error, wire};
 use crate::envelope::Envelope;
 use crate::error::{Error, ErrorKind, Result};
 use crate::topic::Topic;
-use crate::transport::PublishReceipt;
+use crate::transport::{BatchOutcome, PublishOutcome, PublishReceipt};
 use futures::StreamExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Largest pipeline.
 const CHUNK: usize = 512;
@@ -28,9 +29,22 @@ pub(crate) async fn publish_batch(
     shared: &Shared,
     batch: Vec<Envelope>,
 ) -> Result<Vec<PublishReceipt>> {
+    publish_outcomes(shared, batch, false).await.into_result()
+}
+
+/// Publishes with per-message outcomes: every `XADD` answered with an entry id is confirmed
+/// (also the ones after a refused command in the same pipeline); after the first failure no
+/// further pipeline is sent (its messages stay [`PublishOutcome::Unsent`]). A refused `XADD`
+/// is `Unsent`; a pipeline without an answer (timeout, lost connection) is `Unknown`. With
+/// `settle_rest` the pipelines already sent are awaited; without it they count as unknown.
+pub(crate) async fn publish_outcomes(
+    shared: &Shared,
+    batch: Vec<Envelope>,
+    settle_rest: bool,
+) -> BatchOutcome {
     let total = batch.len();
     if total == 0 {
-        return Ok(Vec::new());
+        return BatchOutcome::confirmed(Vec::new());
     }
     let limit = shared.opts.max_in_flight.max(1);
     let chunk = limit.min(CHUNK);
@@ -53,9 +67,13 @@ pub(crate) async fn publish_batch(
         let (key, minid) = match &last {
             Some((t, k, m)) if *t == env.topic => (k.clone(), m.clone()),
             _ => {
-                let topic: Topic = env.topic().map_err(|e| {
-                    Error::new(e.kind(), format!("message {index}: {}", e.message()))
-                })?;
+                let topic: Topic = match env.topic() {
+                    Ok(t) => t,
+                    Err(e) => {
+                        let e = Error::new(e.kind(), format!("message {index}: {}", e.message()));
+                        return BatchOutcome::all(total, PublishOutcome::Unsent, e);
+                    }
+                };
                 let key = shared.opts.stream_key(wire::stream_of(topic.as_str()));
                 let age = shared.opts.max_age_for(topic.domain()).as_millis() as i64;
                 // An age of zero means unlimited: `MINID ~ 0-0` trims nothing.
@@ -70,8 +88,10 @@ pub(crate) async fn publish_batch(
         };
         let mut cmd = redis::cmd("XADD");
         cmd.arg(&key).arg("MINID").arg("~").arg(&minid).arg("*");
-        wire::add_fields(&mut cmd, &env)
-            .map_err(|e| Error::new(e.kind(), format!("message {index}: {}", e.message())))?;
+        if let Err(e) = wire::add_fields(&mut cmd, &env) {
+            let e = Error::new(e.kind(), format!("message {index}: {}", e.message()));
+            return BatchOutcome::all(total, PublishOutcome::Unsent, e);
+        }
         let c = chunks.last_mut().expect("a chunk");
         c.pipe.add_command(cmd);
         c.keys.push(key);
@@ -94,18 +114,25 @@ pub(crate) async fn publish_batch(
     }
     let where_ = shared.where_();
     let timeout = shared.opts.request_timeout;
+    // Set at the first failure: pipelines not started by then are not sent.
+    let stop = AtomicBool::new(false);
     let results = futures::stream::iter(chunks.into_iter().map(|c| {
         let mut conn = shared.conn.clone();
+        let stop = &stop;
         async move {
+            if stop.load(Ordering::SeqCst) {
+                return (c.first, c.keys, None);
+            }
             let r =
                 tokio::time::timeout(timeout, c.pipe.query_async::<Vec<redis::Value>>(&mut conn))
                     .await;
-            (c.first, c.keys, r)
+            (c.first, c.keys, Some(r))
         }
     }))
     .buffered(parallel);
     let mut results = std::pin::pin!(results);
-    let mut receipts = Vec::with_capacity(total);
+    let mut outcomes = vec![PublishOutcome::Unsent; total];
+    let mut error: Option<Error> = None;
     let before = |i: usize| {
         if i > 0 {
             format!("; the {i} messages before it were stored (later ones may have been)")
@@ -114,18 +141,27 @@ pub(crate) async fn publish_batch(
         }
     };
     while let Some((first, keys, r)) = results.next().await {
+        let Some(r) = r else { continue };
+        let span = first..first + keys.len();
         let values = match r {
             Err(_) => {
-                return Err(Error::new(
+                outcomes[span.clone()].fill(PublishOutcome::Unknown);
+                error.get_or_insert_with(|| Error::new(
                     ErrorKind::Timeout,
                     format!(
                         "{where_}: publish of messages {first}..{} of {total}: no answer within {timeout:?}{}",
-                        first + keys.len(),
+                        span.end,
                         before(first)
                     ),
                 ));
+                stop.store(true, Ordering::SeqCst);
+                if !settle_rest {
+                    break;
+                }
+                continue;
             }
             Ok(Err(e)) => {
+                outcomes[span.clone()].fill(PublishOutcome::Unknown);
                 let e = command_error(
                     &where_,
                     &format!(
@@ -134,42 +170,74 @@ pub(crate) async fn publish_batch(
                     ),
                     e,
                 );
-                return Err(Error::new(
-                    e.kind(),
-                    format!("{}{}", e.message(), before(first)),
-                ));
+                error.get_or_insert_with(|| {
+                    Error::new(e.kind(), format!("{}{}", e.message(), before(first)))
+                });
+                stop.store(true, Ordering::SeqCst);
+                if !settle_rest {
+                    break;
+                }
+                continue;
             }
             Ok(Ok(v)) => v,
         };
-        for (i, (v, key)) in values.iter().zip(&keys).enumerate() {
+        for (i, key) in keys.iter().enumerate() {
             let index = first + i;
-            match v {
-                redis::Value::ServerError(se) => {
+            outcomes[index] = match values.get(i) {
+                Some(redis::Value::ServerError(se)) => {
                     let e = command_error(
                         &where_,
                         &format!("publish of message {index} of {total} to stream {key}"),
                         redis::RedisError::from(se.clone()),
                     );
-                    return Err(Error::new(
-                        e.kind(),
-                        format!("{}{}", e.message(), before(index)),
-                    ));
+                    error.get_or_insert_with(|| {
+                        Error::new(e.kind(), format!("{}{}", e.message(), before(index)))
+                    });
+                    stop.store(true, Ordering::SeqCst);
+                    PublishOutcome::Unsent
                 }
-                other => {
+                Some(other) => {
                     let id = wire::string_of(other).unwrap_or_default();
-                    let sequence = wire::pack_id(&id).ok_or_else(|| {
+                    match wire::pack_id(&id) {
+                        Some(sequence) => PublishOutcome::Confirmed(PublishReceipt {
+                            sequence,
+                            duplicate: false,
+                        }),
+                        None => {
+                            error.get_or_insert_with(|| Error::new(
+                                ErrorKind::Transport,
+                                format!("{where_}: XADD to {key} answered {other:?}, not an entry id"),
+                            ));
+                            stop.store(true, Ordering::SeqCst);
+                            PublishOutcome::Unknown
+                        }
+                    }
+                }
+                None => {
+                    error.get_or_insert_with(|| {
                         Error::new(
                             ErrorKind::Transport,
-                            format!("{where_}: XADD to {key} answered {other:?}, not an entry id"),
+                            format!(
+                                "{where_}: publish of message {index} of {total} to stream {key}: no reply in the pipeline"
+                            ),
                         )
-                    })?;
-                    receipts.push(PublishReceipt {
-                        sequence,
-                        duplicate: false,
                     });
+                    stop.store(true, Ordering::SeqCst);
+                    PublishOutcome::Unknown
                 }
+            };
+        }
+        if error.is_some() && !settle_rest {
+            break;
+        }
+    }
+    if error.is_some() && !settle_rest {
+        // Pipelines still in flight when we stopped listening: their fate is not known.
+        for o in &mut outcomes {
+            if *o == PublishOutcome::Unsent {
+                *o = PublishOutcome::Unknown;
             }
         }
     }
-    Ok(receipts)
+    BatchOutcome { outcomes, error }
 }
