@@ -84,13 +84,13 @@ impl RawVsBus {
                 json!({"best": rb, "median": rm, "worst": rw, "runs": self.raw});
             v["ampybus_msg_s"] = json!({"best": ob, "median": om, "worst": ow, "runs": self.ours});
             v["ratio"] = json!({"best": xb, "median": xm, "worst": xw, "runs": self.ratios});
-            println!("{v}");
+            crate::util::outln!("{v}");
         } else {
             let raw_label = format!("raw {} msg/s", self.raw_name);
-            println!("{:<22} {:>12} {:>12} {:>12}", "", "best", "median", "worst");
-            println!("{raw_label:<22} {rb:>12.0} {rm:>12.0} {rw:>12.0}");
-            println!("{:<22} {ob:>12.0} {om:>12.0} {ow:>12.0}", "ampybus msg/s");
-            println!(
+            crate::util::outln!("{:<22} {:>12} {:>12} {:>12}", "", "best", "median", "worst");
+            crate::util::outln!("{raw_label:<22} {rb:>12.0} {rm:>12.0} {rw:>12.0}");
+            crate::util::outln!("{:<22} {ob:>12.0} {om:>12.0} {ow:>12.0}", "ampybus msg/s");
+            crate::util::outln!(
                 "{:<22} {xb:>12.3} {xm:>12.3} {xw:>12.3}",
                 "ratio ampybus/raw"
             );

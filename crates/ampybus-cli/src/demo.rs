@@ -865,7 +865,7 @@ pub async fn run(url: &str, args: DemoArgs) -> CliResult<u8> {
         "failures": failures,
     });
     if args.json {
-        println!("{summary}");
+        crate::util::outln!("{summary}");
     } else {
         print_table(&summary);
     }
@@ -881,28 +881,36 @@ pub async fn run(url: &str, args: DemoArgs) -> CliResult<u8> {
 }
 
 fn print_table(s: &Value) {
-    println!("ampybus demo — run {} on {}", s["run"], s["url"]);
-    println!();
-    println!("{:<28} {:>10}", "messages per topic (domain)", "count");
+    crate::util::outln!("ampybus demo — run {} on {}", s["run"], s["url"]);
+    crate::util::outln!();
+    crate::util::outln!("{:<28} {:>10}", "messages per topic (domain)", "count");
     if let Some(t) = s["topics"].as_object() {
         for (d, n) in t {
-            println!("  ampy.dev.{:<18} {:>10}", format!("{d}.>"), n);
+            crate::util::outln!("  ampy.dev.{:<18} {:>10}", format!("{d}.>"), n);
         }
     }
-    println!();
+    crate::util::outln!();
     let c = &s["counts"];
-    println!(
+    crate::util::outln!(
         "pipeline: bars {} (+{} poison) → signals {} → orders {} → fills {} → positions {}; metrics {}",
-        c["bars"], c["poison"], c["signals"], c["orders"], c["fills"], c["positions"], c["metrics"]
+        c["bars"],
+        c["poison"],
+        c["signals"],
+        c["orders"],
+        c["fills"],
+        c["positions"],
+        c["metrics"]
     );
-    println!(
+    crate::util::outln!(
         "delivery latency (produced_at → handler start): p50 {} µs, p99 {} µs ({} deliveries)",
-        s["latency_us"]["p50"], s["latency_us"]["p99"], s["latency_us"]["samples"]
+        s["latency_us"]["p50"],
+        s["latency_us"]["p99"],
+        s["latency_us"]["samples"]
     );
-    println!("retries: {}", s["retries"]);
-    println!("DLQ: {} {}", s["dlq"]["total"], s["dlq"]["by_reason"]);
+    crate::util::outln!("retries: {}", s["retries"]);
+    crate::util::outln!("DLQ: {} {}", s["dlq"]["total"], s["dlq"]["by_reason"]);
     let r = &s["replay"];
-    println!(
+    crate::util::outln!(
         "replay of the bars window (ReplayRequest {} on the control topic, served by the features consumer): {}, read {}, applied {}, skipped (duplicates) {}, failed {}",
         r["request_id"].as_str().unwrap_or("-"),
         r["state"].as_str().unwrap_or("-"),
@@ -911,11 +919,11 @@ fn print_table(s: &Value) {
         r["skipped_duplicates"],
         r["failed"]
     );
-    println!("wall time: {} ms", s["wall_ms"]);
-    println!("result: {}", if s["ok"] == true { "OK" } else { "FAILED" });
+    crate::util::outln!("wall time: {} ms", s["wall_ms"]);
+    crate::util::outln!("result: {}", if s["ok"] == true { "OK" } else { "FAILED" });
     if let Some(f) = s["failures"].as_array() {
         for x in f {
-            println!("  failed: {x}");
+            crate::util::outln!("  failed: {x}");
         }
     }
 }

@@ -356,7 +356,14 @@ async fn redrive_selected(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let to_send = plan.ready.len();
     let mut n = 0u64;
+    let mut signals = util::Signals::new()?;
+    let mut stopped_by = None;
     for (i, env) in plan.ready {
+        // A signal stops the job between two entries: what was sent is recorded.
+        if let Some(s) = signals.received() {
+            stopped_by = Some(s);
+            break;
+        }
         let dlq_id = id_of(i);
         let new_id = env.headers.message_id().unwrap_or("-").to_owned();
         let topic = env.topic.clone();
@@ -413,6 +420,13 @@ async fn redrive_selected(
         eprintln!(
             "redrove {n} message(s), skipped {skipped}; the DLQ entries are kept (remove them with `ampybus dlq purge`)"
         );
+    }
+    if let Some(s) = stopped_by {
+        eprintln!(
+            "stopped by {} after {n} of {to_send}; running the same redrive again sends only the rest",
+            s.name()
+        );
+        return Ok(s.job_code());
     }
     Ok(EXIT_OK)
 }

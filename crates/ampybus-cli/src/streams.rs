@@ -102,13 +102,13 @@ async fn ensure(t: &NatsTransport, env: &str, domains: &[String], json: bool) ->
             "exists"
         };
         if json {
-            println!(
+            crate::util::outln!(
                 "{}",
                 json!({"subject": streams::domain_subject(env, d), "stream": e.stream.name,
                     "subjects": e.stream.subjects, "action": action, "warnings": e.warnings})
             );
         } else {
-            println!(
+            crate::util::outln!(
                 "{:<40} {:<32} {action}{}",
                 streams::domain_subject(env, d),
                 e.stream.name,
@@ -147,16 +147,21 @@ async fn list(t: &NatsTransport, json: bool) -> CliResult<u8> {
         .await
         .map_err(|e| CliError::bus("listing streams", &e))?;
     if !json {
-        println!(
+        crate::util::outln!(
             "{:<32} {:<28} {:>10} {:>12} {:>10} {:>9}",
-            "STREAM", "SUBJECTS", "MESSAGES", "BYTES", "LAST_SEQ", "CONSUMERS"
+            "STREAM",
+            "SUBJECTS",
+            "MESSAGES",
+            "BYTES",
+            "LAST_SEQ",
+            "CONSUMERS"
         );
     }
     for i in &all {
         if json {
-            println!("{}", info_json(i));
+            crate::util::outln!("{}", info_json(i));
         } else {
-            println!(
+            crate::util::outln!(
                 "{:<32} {:<28} {:>10} {:>12} {:>10} {:>9}",
                 i.config.name,
                 i.config.subjects.join(","),
@@ -176,10 +181,10 @@ async fn describe(t: &NatsTransport, name: &str, json: bool) -> CliResult<u8> {
         .map_err(|e| CliError::bus(format!("stream {name}"), &e))?;
     let v = info_json(&i);
     if json {
-        println!("{v}");
+        crate::util::outln!("{v}");
     } else if let Value::Object(m) = v {
         for (k, v) in m {
-            println!("{k:<20} {v}");
+            crate::util::outln!("{k:<20} {v}");
         }
     }
     Ok(EXIT_OK)

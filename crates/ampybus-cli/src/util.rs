@@ -346,6 +346,38 @@ pub async fn job_until_signal(
     }
 }
 
+/// Writes one report line to stdout (what `println!` would), but a stdout that was closed
+/// (EPIPE) or fails ends the process at once with exit code 3 instead of a panic. For the
+/// reports printed at the end of a command (`demo`, `streams`, `bench*`); message streams
+/// use [`Out`], which counts the lines written.
+pub fn print_line(args: std::fmt::Arguments<'_>) {
+    let mut o = std::io::stdout().lock();
+    if let Err(e) = o
+        .write_fmt(args)
+        .and_then(|_| o.write_all(b"\n"))
+        .and_then(|_| o.flush())
+    {
+        drop(o);
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            eprintln!("error: stdout closed");
+        } else {
+            eprintln!("error: writing to stdout: {e}");
+        }
+        std::process::exit(i32::from(crate::error::EXIT_TRANSPORT));
+    }
+}
+
+/// `println!` through [`print_line`]: exit 3 on a closed stdout, never a panic.
+macro_rules! outln {
+    () => {
+        $crate::util::print_line(format_args!(""))
+    };
+    ($($t:tt)*) => {
+        $crate::util::print_line(format_args!($($t)*))
+    };
+}
+pub(crate) use outln;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -452,3 +452,34 @@ fn pub_print_ids_into_a_closed_pipe_stops_with_a_summary() {
     assert!((100..=10_000).contains(&confirmed), "confirmed {confirmed}");
     assert_eq!(stored(dir.path()), confirmed);
 }
+
+/// A report command (`bench` prints its table at the end) whose stdout was closed before it
+/// printed exits 3 with a clear line, never a panic.
+#[test]
+fn a_report_into_a_closed_pipe_exits_3() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ampybus"))
+        .args(["bench", "--mode", "publish", "--messages", "50"])
+        .args(["--single-messages", "5", "--rounds", "1", "--dir"])
+        .arg(tmp.path())
+        .env_remove("AMPYBUS_URL")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run ampybus");
+    // Close the read end before anything was printed.
+    drop(child.stdout.take());
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("error: stdout closed"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

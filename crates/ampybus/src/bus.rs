@@ -653,6 +653,13 @@ impl Bus {
     /// # });
     /// ```
     pub async fn publish_wire(&self, mut batch: Vec<Envelope>) -> Result<Vec<PublishReceipt>> {
+        self.prepare_wire(&mut batch).await?;
+        self.send(batch).await
+    }
+
+    /// The checks and blob offload of [`Bus::publish_wire`], for every message of a batch;
+    /// the first failure names its index.
+    async fn prepare_wire(&self, batch: &mut [Envelope]) -> Result<()> {
         for (i, env) in batch.iter_mut().enumerate() {
             let at = |e: Error| Error::new(e.kind(), format!("message {i}: {}", e.message()));
             let topic = env.validate_for_publish().map_err(at)?;
@@ -672,7 +679,7 @@ impl Bus {
                     .map_err(at)?;
             }
         }
-        self.send(batch).await
+        Ok(())
     }
 
     /// [`Bus::publish_wire`] with per-message outcomes (see [`Bus::publish_batch_outcomes`]):
@@ -690,12 +697,9 @@ impl Bus {
     /// assert_eq!(out.counts(), (1, 0, 0));
     /// # });
     /// ```
-    pub async fn publish_wire_outcomes(&self, batch: Vec<Envelope>) -> BatchOutcome {
-        for (i, env) in batch.iter().enumerate() {
-            if let Err(e) = env.validate_for_publish() {
-                let e = Error::new(e.kind(), format!("message {i}: {}", e.message()));
-                return BatchOutcome::all(batch.len(), PublishOutcome::Unsent, e);
-            }
+    pub async fn publish_wire_outcomes(&self, mut batch: Vec<Envelope>) -> BatchOutcome {
+        if let Err(e) = self.prepare_wire(&mut batch).await {
+            return BatchOutcome::all(batch.len(), PublishOutcome::Unsent, e);
         }
         self.send_outcomes(batch).await
     }
