@@ -4,92 +4,25 @@
 
 mod common;
 
+use ampybus_conformance::NatsServer;
 use common::ampybus_in;
 use serde_json::Value;
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// A private `nats-server -js`; killed (and reaped) on drop.
-struct Server {
-    child: Option<Child>,
-    port: u16,
-    store: PathBuf,
-    log: PathBuf,
+/// A private `nats-server -js` with its store under `dir/js`.
+fn start_server(dir: &Path) -> NatsServer {
+    let store = dir.join("js");
+    NatsServer::start(dir, &["-js", "-sd", store.to_str().unwrap()])
 }
 
-impl Server {
-    fn start(dir: &Path) -> Server {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut s = Server {
-            child: None,
-            port,
-            store: dir.join("js"),
-            log: dir.join("nats-server.log"),
-        };
-        s.spawn();
-        s
-    }
-
-    fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let child = Command::new("nats-server")
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
-            .arg(&self.store)
-            .stdout(Stdio::from(log.try_clone().unwrap()))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("spawn nats-server (apt-get install nats-server)");
-        self.child = Some(child);
-        let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "nats-server did not listen: {}",
-                std::fs::read_to_string(&self.log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGKILL: the store directory stays.
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn url(&self) -> String {
-        format!(
-            "nats://127.0.0.1:{}?stream_prefix=OUTAGE&request_timeout_ms=1000",
-            self.port
-        )
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// The bus URL of the private server.
+fn url_of(server: &NatsServer) -> String {
+    server.url("nats", "?stream_prefix=OUTAGE&request_timeout_ms=1000")
 }
 
 fn scale() -> f64 {
@@ -116,8 +49,8 @@ fn number_after(text: &str, prefix: &str) -> u64 {
 #[test]
 fn pub_during_a_nats_outage_prints_every_confirmed_id_and_retries_without_duplicates() {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = Server::start(dir.path());
-    let url = server.url();
+    let mut server = start_server(dir.path());
+    let url = url_of(&server);
     let topic = "ampy.dev.news.v1.outage";
     let total = ((10_000.0 * scale()) as u64).max(7_500); // three batches at least
     let unconfirmed = dir.path().join("unconfirmed.jsonl");
@@ -197,7 +130,7 @@ fn pub_during_a_nats_outage_prints_every_confirmed_id_and_retries_without_duplic
     // The server comes back on the same store. Whether an unknown message landed depends on
     // the moment of the crash; to see the retry meet ones that did, the first ten of the
     // file are published before it (as if they had landed).
-    server.spawn();
+    server.restart();
     let landed = dir.path().join("landed.jsonl");
     let first_ten: Vec<&str> = file.lines().take(10).collect();
     std::fs::write(&landed, first_ten.join("\n")).unwrap();

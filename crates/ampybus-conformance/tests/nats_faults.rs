@@ -9,18 +9,11 @@ use ampybus::transport::nats::NatsKvDedupeStore;
 use ampybus::{Bus, ErrorKind, Headers, Topic, TopicPattern};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// A `nats-server` child process; killed (and reaped) on drop.
-struct Server {
-    child: Option<Child>,
-    port: u16,
-    args: Vec<String>,
-    log: PathBuf,
-}
+use ampybus_conformance::NatsServer as Server;
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -28,69 +21,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-impl Server {
-    /// Starts `nats-server -a 127.0.0.1 -p <free port> <args…>` and waits until it accepts.
-    fn start(dir: &Path, args: &[&str]) -> Server {
-        let mut s = Server {
-            child: None,
-            port: free_port(),
-            args: args.iter().map(|a| a.to_string()).collect(),
-            log: dir.join("nats-server.log"),
-        };
-        s.spawn();
-        s
-    }
-
-    fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("log file");
-        let child = Command::new("nats-server")
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
-            .args(&self.args)
-            .stdout(Stdio::from(log.try_clone().unwrap()))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("spawn nats-server (apt-get install nats-server)");
-        self.child = Some(child);
-        let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "nats-server did not listen on {}: {}",
-                self.port,
-                std::fs::read_to_string(&self.log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGKILL, as a crash: the store directory stays.
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn restart(&mut self) {
-        self.kill();
-        self.spawn();
-    }
-
-    fn url(&self, scheme: &str, query: &str) -> String {
-        format!("{scheme}://127.0.0.1:{}{query}", self.port)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
 
 fn headers(key: &str) -> Headers {
@@ -519,7 +449,7 @@ async fn existing_streams_are_used_or_refused_with_the_reasons() {
     let dir = tempfile::tempdir().unwrap();
     let store_dir = dir.path().join("js");
     let server = Server::start(dir.path(), &["-js", "-sd", store_dir.to_str().unwrap()]);
-    let client = async_nats::connect(format!("127.0.0.1:{}", server.port))
+    let client = async_nats::connect(format!("127.0.0.1:{}", server.port()))
         .await
         .unwrap();
     let js = async_nats::jetstream::new(client);
@@ -734,7 +664,7 @@ cluster {{
     }
     let seeds: Vec<String> = nodes
         .iter()
-        .map(|n| format!("127.0.0.1:{}", n.port))
+        .map(|n| format!("127.0.0.1:{}", n.port()))
         .collect();
     let url = format!(
         "nats://{}?stream_prefix=CLU&replicas=3&request_timeout_ms=3000",
@@ -890,7 +820,7 @@ async fn token_and_nkey_authentication() {
         } else {
             "?stream_prefix=AUTH".to_owned()
         };
-        let url = format!("nats://{good}127.0.0.1:{}{q}", server.port);
+        let url = format!("nats://{good}127.0.0.1:{}{q}", server.port());
         let bus = Bus::connect(&url).await.expect("authenticated connect");
         let topic = Topic::parse("ampy.dev.news.v1.auth.x").unwrap();
         bus.publish(&topic, headers("k"), b"x".to_vec())
@@ -899,12 +829,12 @@ async fn token_and_nkey_authentication() {
         let (wrong, secret) = if nkey {
             let other = nkeys::KeyPair::new_user().seed().unwrap();
             (
-                format!("nats://127.0.0.1:{}?nkey={other}", server.port),
+                format!("nats://127.0.0.1:{}?nkey={other}", server.port()),
                 other,
             )
         } else {
             (
-                format!("nats://{bad}127.0.0.1:{}", server.port),
+                format!("nats://{bad}127.0.0.1:{}", server.port()),
                 "wrong-t0ken".to_owned(),
             )
         };
