@@ -1,12 +1,23 @@
 //! `ampybus bench-nats`: JetStream publish throughput of ampybus against the raw async-nats
 //! client on the same server, same subject, headers, payload size and number in flight, in
 //! interleaved rounds (raw, ampybus, raw, …), best / median / worst and the per-round ratio.
+//! The raw side's `HeaderMap`s are built before its clock starts.
+//!
+//! `--mode consume`: one subject of its own (`ampy.dev.bars.v1.benchnatsc{pid}x{ms}.XNAS`) is
+//! filled with `--messages` messages over `--keys` partition keys (untimed); every round reads
+//! all of them three times, each with a durable consumer of its own: a raw JetStream pull
+//! consumer (no-wait fetches of up to 1,024, `ack` each, a flush per fetch), the ampybus
+//! consumer runtime without dedupe and with the default dedupe store (the KV bucket). The
+//! round's consumers are deleted afterwards and the subject purged at the end (untimed).
 
+use crate::bench_raw::{Consumed, RAW_FETCH, RawMode, runtime_consume, shortfall};
 use crate::error::{CliError, CliResult, EXIT_OK};
 use ampybus::bus::{TransportKind, redact, transport_kind};
-use ampybus::transport::nats::NatsOptions;
-use ampybus::{Bus, Envelope, Topic};
+use ampybus::transport::nats::{NatsOptions, NatsTransport};
+use ampybus::{Bus, Envelope, Topic, TopicPattern};
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
 use clap::Args;
+use futures::StreamExt;
 use serde_json::json;
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -23,9 +34,18 @@ pub struct BenchNatsArgs {
     /// Unacknowledged publishes at most (both sides)
     #[arg(long, value_name = "N", default_value_t = 4000)]
     pub inflight: usize,
-    /// Rounds (each: one raw run, one ampybus run)
+    /// Rounds (each: one raw run, one ampybus run; consume: raw, runtime, runtime with dedupe)
     #[arg(long, value_name = "R", default_value_t = 5)]
     pub rounds: u64,
+    /// What to measure
+    #[arg(long, value_enum, default_value_t = RawMode::Publish)]
+    pub mode: RawMode,
+    /// Distinct partition keys of the pre-filled messages (--mode consume)
+    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub keys: u64,
+    /// Handler workers of the runtime (--mode consume)
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub workers: u64,
     /// One JSON object
     #[arg(long)]
     pub json: bool,
@@ -44,17 +64,24 @@ async fn raw_round(
     envs: Vec<Envelope>,
     inflight: usize,
 ) -> CliResult<f64> {
+    // The wire form (subject, header map, message id, payload) is built before the clock starts.
+    let wire: Vec<_> = envs
+        .into_iter()
+        .map(|env| {
+            let mut hm = async_nats::HeaderMap::new();
+            for (k, v) in env.headers.iter() {
+                hm.insert(k, v);
+            }
+            let id = env.headers.message_id().unwrap_or_default().to_owned();
+            (env.topic, hm, id, env.payload)
+        })
+        .collect();
     let start = Instant::now();
     let mut pending = VecDeque::with_capacity(inflight);
-    let n = envs.len();
-    for env in envs {
-        let mut hm = async_nats::HeaderMap::new();
-        for (k, v) in env.headers.iter() {
-            hm.insert(k, v);
-        }
-        let id = env.headers.message_id().unwrap_or_default().to_owned();
+    let n = wire.len();
+    for (subject, hm, id, payload) in wire {
         let msg = async_nats::jetstream::message::PublishMessage::build()
-            .payload(env.payload)
+            .payload(payload)
             .headers(hm)
             .message_id(id);
         if pending.len() >= inflight {
@@ -64,7 +91,7 @@ async fn raw_round(
                 .map_err(|e| CliError::transport(format!("raw PubAck: {e}")))?;
         }
         pending.push_back(
-            js.send_publish(env.topic, msg)
+            js.send_publish(subject, msg)
                 .await
                 .map_err(|e| CliError::transport(format!("raw publish: {e}")))?,
         );
@@ -98,6 +125,9 @@ pub async fn run(url: &str, a: BenchNatsArgs) -> CliResult<u8> {
         .max_ack_inflight(a.inflight.max(1))
         .backpressure_on_inflight(true)
         .build(client);
+    if a.mode == RawMode::Consume {
+        return consume(&a, &t, &bus, &js, &opts).await;
+    }
     // Make sure the stream exists before timing anything.
     t.ensure_stream_for(&Topic::parse("ampy.dev.bars.v1.benchnats.warm").expect("topic"))
         .await
@@ -112,8 +142,117 @@ pub async fn run(url: &str, a: BenchNatsArgs) -> CliResult<u8> {
     }
     report.print(
         a.json,
-        json!({"messages": a.messages, "payload_bytes": a.payload_bytes, "inflight": a.inflight,
-            "rounds": a.rounds}),
+        json!({"mode": "publish", "messages": a.messages, "payload_bytes": a.payload_bytes,
+            "inflight": a.inflight, "rounds": a.rounds}),
     );
     Ok(EXIT_OK)
+}
+
+/// `--mode consume` (see the module docs).
+async fn consume(
+    a: &BenchNatsArgs,
+    t: &NatsTransport,
+    bus: &Bus,
+    js: &async_nats::jetstream::Context,
+    opts: &NatsOptions,
+) -> CliResult<u8> {
+    let run = crate::bench_raw::run_label();
+    let subject = format!("ampy.dev.bars.v1.benchnatsc{run}.XNAS");
+    let topic = Topic::parse(&subject).map_err(|e| CliError::bus("topic", &e))?;
+    let pattern = TopicPattern::parse(&subject).map_err(|e| CliError::bus("pattern", &e))?;
+    let stream = t
+        .ensure_stream_for(&topic)
+        .await
+        .map_err(|e| CliError::bus("stream", &e))?;
+    crate::bench_raw::fill(bus, &subject, a.messages, a.payload_bytes, a.keys).await?;
+    let mut report = crate::bench_raw::RawVsBus::new("async-nats");
+    let result = async {
+        for round in 0..a.rounds {
+            let names = ["raw", "plain", "dedupe"].map(|s| format!("benchc{run}-{round}-{s}"));
+            let raw = raw_consume(js, &stream, &subject, a.messages, &names[0], opts).await?;
+            let ours = runtime_consume(bus, &pattern, a.messages, a.workers, &names[1], false);
+            let ours = ours.await?;
+            let dedupe = runtime_consume(bus, &pattern, a.messages, a.workers, &names[2], true);
+            let dedupe = dedupe.await?;
+            for name in &names {
+                // Untimed: the round's durable consumers go.
+                let _ = js.delete_consumer_from_stream(name, &stream).await;
+            }
+            report.consume_round(round, a.messages, raw, ours, dedupe)?;
+        }
+        CliResult::Ok(())
+    }
+    .await;
+    // Untimed: the pre-filled messages go, whatever happened.
+    if let Ok(s) = js.get_stream(&stream).await {
+        let _ = s.purge().filter(&subject).await;
+    }
+    result?;
+    report.print(
+        a.json,
+        json!({"mode": "consume", "messages": a.messages, "payload_bytes": a.payload_bytes,
+            "keys": a.keys, "workers": a.workers, "rounds": a.rounds, "subject": subject,
+            "raw_fetch": RAW_FETCH}),
+    );
+    Ok(EXIT_OK)
+}
+
+/// The raw side of a consume round: a durable pull consumer `name` on `subject` (explicit
+/// acks, the same `max_ack_pending` as the runtime's), no-wait fetches of up to
+/// [`RAW_FETCH`], every message acked, the acks flushed after each fetch; timed from creating
+/// the consumer to the flush after the `n`-th ack.
+async fn raw_consume(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+    subject: &str,
+    n: u64,
+    name: &str,
+    opts: &NatsOptions,
+) -> CliResult<Consumed> {
+    let err = |what: &str, e: &dyn std::fmt::Display| {
+        CliError::transport(format!("raw consumer {name}: {what}: {e}"))
+    };
+    let started = Instant::now();
+    let consumer = js
+        .create_consumer_on_stream(
+            pull::Config {
+                durable_name: Some(name.to_owned()),
+                deliver_policy: DeliverPolicy::All,
+                ack_policy: AckPolicy::Explicit,
+                filter_subject: subject.to_owned(),
+                max_ack_pending: opts.max_ack_pending,
+                ..Default::default()
+            },
+            stream,
+        )
+        .await
+        .map_err(|e| err("create", &e))?;
+    let client = js.client();
+    let mut got = 0u64;
+    let mut idle_since = Instant::now();
+    while got < n {
+        let batch = consumer
+            .fetch()
+            .max_messages(RAW_FETCH)
+            .messages()
+            .await
+            .map_err(|e| err("fetch", &e))?;
+        let mut batch = std::pin::pin!(batch);
+        let before = got;
+        while let Some(m) = batch.next().await {
+            let m = m.map_err(|e| err("fetch", &e))?;
+            m.ack().await.map_err(|e| err("ack", &e))?;
+            got += 1;
+        }
+        if got > before {
+            client.flush().await.map_err(|e| err("flush", &e))?;
+            idle_since = Instant::now();
+        } else if idle_since.elapsed() > crate::bench_raw::IDLE_LIMIT {
+            return Err(shortfall(&format!("raw consumer {name}"), got, n));
+        }
+    }
+    Ok(Consumed {
+        read: got,
+        secs: started.elapsed().as_secs_f64(),
+    })
 }
