@@ -8,7 +8,7 @@
 //! logs filtered out) — the default — and, as its own series, off
 //! ([`ampybus::Bus::with_observability`]), so their ratio is the cost of the hooks.
 
-use crate::bench_raw::{ROUND_LIMIT, runtime_consume, spread};
+use crate::bench_raw::{Clock, ROUND_LIMIT, runtime_consume, spread};
 use crate::cli::BenchArgs;
 use crate::error::{CliError, CliResult, EXIT_OK};
 use crate::util;
@@ -168,7 +168,16 @@ async fn runtime_round(
         if dedupe { "dedupe" } else { "plain" },
         if bus.observability() { "obs" } else { "quiet" }
     );
-    let c = runtime_consume(bus, pattern, args.messages, args.workers, &name, dedupe).await?;
+    let c = runtime_consume(
+        bus,
+        pattern,
+        args.messages,
+        args.workers,
+        &name,
+        dedupe,
+        Clock::AtStart,
+    )
+    .await?;
     Ok(c.rate())
 }
 

@@ -7,10 +7,12 @@
 //! filled with `--messages` messages over `--keys` partition keys (untimed); every round reads
 //! all of them three times, each with a durable consumer of its own: a raw JetStream pull
 //! consumer (no-wait fetches of up to 1,024, `ack` each, a flush per fetch), the ampybus
-//! consumer runtime without dedupe and with the default dedupe store (the KV bucket). The
-//! round's consumers are deleted afterwards and the subject purged at the end (untimed).
+//! consumer runtime without dedupe and with the default dedupe store (the KV bucket). Each side
+//! is timed from its first message reaching user code (the raw loop's body, the handler) to
+//! its last ack. The round's consumers are deleted afterwards and the subject purged at the end
+//! (untimed).
 
-use crate::bench_raw::{Consumed, RAW_FETCH, RawMode, runtime_consume, shortfall};
+use crate::bench_raw::{Clock, Consumed, RAW_FETCH, RawMode, runtime_consume, shortfall};
 use crate::error::{CliError, CliResult, EXIT_OK};
 use ampybus::bus::{TransportKind, redact, transport_kind};
 use ampybus::transport::nats::{NatsOptions, NatsTransport};
@@ -21,6 +23,9 @@ use futures::StreamExt;
 use serde_json::json;
 use std::collections::VecDeque;
 use std::time::Instant;
+
+/// Every side of a consume round is timed from its first message (see the module docs).
+const FIRST: Clock = Clock::AtFirstMessage;
 
 /// `ampybus bench-nats`.
 #[derive(Debug, Args)]
@@ -170,9 +175,12 @@ async fn consume(
         for round in 0..a.rounds {
             let names = ["raw", "plain", "dedupe"].map(|s| format!("benchc{run}-{round}-{s}"));
             let raw = raw_consume(js, &stream, &subject, a.messages, &names[0], opts).await?;
-            let ours = runtime_consume(bus, &pattern, a.messages, a.workers, &names[1], false);
+            let ours = runtime_consume(
+                bus, &pattern, a.messages, a.workers, &names[1], false, FIRST,
+            );
             let ours = ours.await?;
-            let dedupe = runtime_consume(bus, &pattern, a.messages, a.workers, &names[2], true);
+            let dedupe =
+                runtime_consume(bus, &pattern, a.messages, a.workers, &names[2], true, FIRST);
             let dedupe = dedupe.await?;
             for name in &names {
                 // Untimed: the round's durable consumers go.
@@ -199,8 +207,8 @@ async fn consume(
 
 /// The raw side of a consume round: a durable pull consumer `name` on `subject` (explicit
 /// acks, the same `max_ack_pending` as the runtime's), no-wait fetches of up to
-/// [`RAW_FETCH`], every message acked, the acks flushed after each fetch; timed from creating
-/// the consumer to the flush after the `n`-th ack.
+/// [`RAW_FETCH`], every message acked, the acks flushed after each fetch; timed from the first
+/// message to the flush after the `n`-th ack.
 async fn raw_consume(
     js: &async_nats::jetstream::Context,
     stream: &str,
@@ -212,7 +220,6 @@ async fn raw_consume(
     let err = |what: &str, e: &dyn std::fmt::Display| {
         CliError::transport(format!("raw consumer {name}: {what}: {e}"))
     };
-    let started = Instant::now();
     let consumer = js
         .create_consumer_on_stream(
             pull::Config {
@@ -229,6 +236,7 @@ async fn raw_consume(
         .map_err(|e| err("create", &e))?;
     let client = js.client();
     let mut got = 0u64;
+    let mut first = None;
     let mut idle_since = Instant::now();
     while got < n {
         let batch = consumer
@@ -241,6 +249,7 @@ async fn raw_consume(
         let before = got;
         while let Some(m) = batch.next().await {
             let m = m.map_err(|e| err("fetch", &e))?;
+            first.get_or_insert_with(Instant::now);
             m.ack().await.map_err(|e| err("ack", &e))?;
             got += 1;
         }
@@ -253,6 +262,6 @@ async fn raw_consume(
     }
     Ok(Consumed {
         read: got,
-        secs: started.elapsed().as_secs_f64(),
+        secs: first.map_or(0.0, |f: Instant| f.elapsed().as_secs_f64()),
     })
 }

@@ -6,6 +6,7 @@ use crate::error::{CliError, CliResult};
 use ampybus::runtime::{Consumer, Outcome, handler_fn};
 use ampybus::{Bus, Envelope, Headers, Topic, TopicPattern};
 use serde_json::{Value, json};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 /// What `bench-nats`, `bench-redis` and `bench-kafka` measure.
@@ -97,7 +98,7 @@ pub async fn fill(bus: &Bus, topic: &str, n: u64, payload: usize, keys: u64) -> 
 pub struct Consumed {
     /// Messages read and acknowledged.
     pub read: u64,
-    /// Seconds from creating the consumer to the last acknowledgement.
+    /// Seconds from the start of its [`Clock`] to the last acknowledgement.
     pub secs: f64,
 }
 
@@ -108,11 +109,21 @@ impl Consumed {
     }
 }
 
+/// Where a consume side's clock starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Clock {
+    /// When the consumer is created (its subscribe, group join, … are timed).
+    AtStart,
+    /// When the first message reaches user code (the handler; the raw loop's body): creating
+    /// the consumer and joining its group are not timed.
+    AtFirstMessage,
+}
+
 /// The runtime's side of a consume round: a [`Consumer`] named `name` on `pattern` with
 /// `workers` workers and a no-op handler (dedupe with the bus's default store, or off), timed
-/// from its start until `n` messages are handled and every one of them is settled (acked, and
-/// recorded when dedupe is on). Fewer than `n` within [`ROUND_LIMIT`], more, or any duplicate
-/// skipped is an error.
+/// from `clock` until `n` messages are handled and every one of them is settled (acked, and
+/// recorded when dedupe is on). Fewer than `n` (nothing new for [`IDLE_LIMIT`], or not all
+/// within [`ROUND_LIMIT`]), more, or any duplicate skipped is an error.
 pub async fn runtime_consume(
     bus: &Bus,
     pattern: &TopicPattern,
@@ -120,10 +131,19 @@ pub async fn runtime_consume(
     workers: u64,
     name: &str,
     dedupe: bool,
+    clock: Clock,
 ) -> CliResult<Consumed> {
     let started = Instant::now();
+    let first = Arc::new(OnceLock::new());
+    let handler = {
+        let first = first.clone();
+        handler_fn(move |_m| {
+            first.get_or_init(Instant::now);
+            async { Outcome::Ok }
+        })
+    };
     let mut builder = Consumer::builder(bus.clone(), pattern.clone(), name)
-        .handler(handler_fn(|_m| async { Outcome::Ok }))
+        .handler(handler)
         .workers(workers as usize);
     if !dedupe {
         builder = builder.without_dedupe();
@@ -147,7 +167,11 @@ pub async fn runtime_consume(
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    let secs = started.elapsed().as_secs_f64();
+    let secs = match clock {
+        Clock::AtStart => started.elapsed(),
+        Clock::AtFirstMessage => first.get().copied().unwrap_or(started).elapsed(),
+    }
+    .as_secs_f64();
     let s = handle.shutdown(Duration::from_secs(30)).await;
     if s.handled_ok != n || s.skipped_duplicates != 0 || s.dead_lettered_total() != 0 {
         return Err(CliError::transport(format!(
@@ -291,7 +315,10 @@ impl RawVsBus {
             println!("{:<22} {ob:>12.0} {om:>12.0} {ow:>12.0}", "ampybus msg/s");
             if consume {
                 let (db, dm, dw) = spread(&self.dedupe);
-                println!("{:<22} {db:>12.0} {dm:>12.0} {dw:>12.0}", "ampybus+dedupe msg/s");
+                println!(
+                    "{:<22} {db:>12.0} {dm:>12.0} {dw:>12.0}",
+                    "ampybus+dedupe msg/s"
+                );
             }
             println!(
                 "{:<22} {xb:>12.3} {xm:>12.3} {xw:>12.3}",
@@ -299,7 +326,10 @@ impl RawVsBus {
             );
             if consume {
                 let (db, dm, dw) = spread(&self.dedupe_ratios);
-                println!("{:<22} {db:>12.3} {dm:>12.3} {dw:>12.3}", "ratio dedupe/raw");
+                println!(
+                    "{:<22} {db:>12.3} {dm:>12.3} {dw:>12.3}",
+                    "ratio dedupe/raw"
+                );
             }
         }
     }

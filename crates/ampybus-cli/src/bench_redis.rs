@@ -11,9 +11,13 @@
 //! (untimed); every round reads all of them three times, each as a consumer group of its own:
 //! a raw loop (`XGROUP CREATE … 0`, then `XREADGROUP … COUNT 1024 … >` and one `XACK` of what
 //! came), the ampybus consumer runtime without dedupe and with the default dedupe store
-//! (Redis keys). Everything under the prefix is deleted at the end (untimed).
+//! (Redis keys). Each side is timed from its first message reaching user code (the raw loop's
+//! body, the handler) to its last ack. Everything under the prefix is deleted at the end
+//! (untimed).
 
-use crate::bench_raw::{Consumed, IDLE_LIMIT, RAW_FETCH, RawMode, runtime_consume, shortfall};
+use crate::bench_raw::{
+    Clock, Consumed, IDLE_LIMIT, RAW_FETCH, RawMode, runtime_consume, shortfall,
+};
 use crate::error::{CliError, CliResult, EXIT_OK};
 use ampybus::bus::{TransportKind, redact, transport_kind};
 use ampybus::transport::redis::{RedisOptions, RedisTransport};
@@ -24,6 +28,9 @@ use redis::AsyncCommands;
 use redis::streams::{StreamReadOptions, StreamReadReply};
 use serde_json::json;
 use std::time::Instant;
+
+/// Every side of a consume round is timed from its first message (see the module docs).
+const FIRST: Clock = Clock::AtFirstMessage;
 
 /// `ampybus bench-redis`.
 #[derive(Debug, Args)]
@@ -202,8 +209,12 @@ async fn consume(
     for round in 0..a.rounds {
         let names = ["raw", "plain", "dedupe"].map(|s| format!("benchc{run}-{round}-{s}"));
         let r = raw_consume(raw, key, a.messages, &names[0]).await?;
-        let o = runtime_consume(bus, &pattern, a.messages, a.workers, &names[1], false).await?;
-        let d = runtime_consume(bus, &pattern, a.messages, a.workers, &names[2], true).await?;
+        let o = runtime_consume(
+            bus, &pattern, a.messages, a.workers, &names[1], false, FIRST,
+        )
+        .await?;
+        let d =
+            runtime_consume(bus, &pattern, a.messages, a.workers, &names[2], true, FIRST).await?;
         report.consume_round(round, a.messages, r, o, d)?;
     }
     report.print(
@@ -217,7 +228,7 @@ async fn consume(
 
 /// The raw side of a consume round: consumer group `group` created at `0`, then
 /// `XREADGROUP GROUP group c COUNT 1024 STREAMS key >` and one `XACK` of the ids that came,
-/// until `n` are acked; timed from creating the group to the last `XACK`'s reply.
+/// until `n` are acked; timed from the first reply with entries to the last `XACK`'s reply.
 async fn raw_consume(
     conn: &redis::aio::MultiplexedConnection,
     key: &str,
@@ -228,7 +239,6 @@ async fn raw_consume(
         CliError::transport(format!("raw consumer group {group}: {what}: {e}"))
     };
     let mut conn = conn.clone();
-    let started = Instant::now();
     let _: () = conn
         .xgroup_create(key, group, "0")
         .await
@@ -238,6 +248,7 @@ async fn raw_consume(
         .count(RAW_FETCH)
         .block(100);
     let mut got = 0u64;
+    let mut first = None;
     let mut idle_since = Instant::now();
     while got < n {
         let reply: StreamReadReply = conn
@@ -249,7 +260,9 @@ async fn raw_consume(
             .iter()
             .flat_map(|k| k.ids.iter().map(|e| e.id.as_str()))
             .collect();
-        if ids.is_empty() {
+        if !ids.is_empty() {
+            first.get_or_insert_with(Instant::now);
+        } else {
             if idle_since.elapsed() > IDLE_LIMIT {
                 return Err(shortfall(&format!("raw consumer group {group}"), got, n));
             }
@@ -264,7 +277,7 @@ async fn raw_consume(
     }
     Ok(Consumed {
         read: got,
-        secs: started.elapsed().as_secs_f64(),
+        secs: first.map_or(0.0, |f: Instant| f.elapsed().as_secs_f64()),
     })
 }
 
