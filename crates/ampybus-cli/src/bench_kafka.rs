@@ -297,7 +297,7 @@ async fn raw_consume(
         first.get_or_insert_with(Instant::now);
         next.insert(m.partition(), m.offset() + 1);
         got += 1;
-        if got % RAW_FETCH as u64 == 0 {
+        if got.is_multiple_of(RAW_FETCH as u64) {
             commit(&next, CommitMode::Async)?;
         }
     }

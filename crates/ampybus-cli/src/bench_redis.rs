@@ -67,6 +67,9 @@ fn envelopes(n: u64, payload: usize) -> CliResult<Vec<Envelope>> {
     crate::bench_raw::envelopes(TOPIC, n, payload)
 }
 
+/// One entry's fields as the raw side sends them: topic, headers, payload.
+type Fields = (String, Vec<(String, String)>, bytes::Bytes);
+
 async fn raw_round(
     conn: &redis::aio::MultiplexedConnection,
     key: &str,
@@ -77,7 +80,7 @@ async fn raw_round(
     let parallel = (inflight / chunk).max(1);
     let n = envs.len();
     // The fields (topic, headers, payload) are built before the clock starts.
-    let wire: Vec<(String, Vec<(String, String)>, bytes::Bytes)> = envs
+    let wire: Vec<Fields> = envs
         .into_iter()
         .map(|env| {
             let fields = env
