@@ -14,9 +14,7 @@
 //! last commit: joining a fresh group takes the broker's rebalance delay, which is no
 //! per-message cost.
 
-use crate::bench_raw::{
-    Clock, Consumed, IDLE_LIMIT, RAW_FETCH, RawMode, runtime_consume, shortfall,
-};
+use crate::bench_raw::{Consumed, IDLE_LIMIT, RAW_FETCH, RawMode, shortfall};
 use crate::error::{CliError, CliResult, EXIT_OK};
 use ampybus::bus::{TransportKind, redact, transport_kind};
 use ampybus::transport::kafka::rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
@@ -25,14 +23,11 @@ use ampybus::transport::kafka::rdkafka::producer::future_producer::OwnedDelivery
 use ampybus::transport::kafka::rdkafka::producer::{FutureProducer, FutureRecord};
 use ampybus::transport::kafka::rdkafka::{Offset, TopicPartitionList};
 use ampybus::transport::kafka::{KafkaDedupe, KafkaOptions, KafkaTransport, TOPIC_HEADER};
-use ampybus::{Bus, Envelope, TopicPattern};
+use ampybus::{Bus, Envelope};
 use clap::Args;
 use serde_json::json;
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Instant;
-
-/// Every side of a consume round is timed from its first message (see the module docs).
-const FIRST: Clock = Clock::AtFirstMessage;
 
 /// `ampybus bench-kafka`.
 #[derive(Debug, Args)]
@@ -49,15 +44,8 @@ pub struct BenchKafkaArgs {
     /// Rounds (each: one raw run, one ampybus run; consume: raw, runtime, runtime with dedupe)
     #[arg(long, value_name = "R", default_value_t = 5)]
     pub rounds: u64,
-    /// What to measure
-    #[arg(long, value_enum, default_value_t = RawMode::Publish)]
-    pub mode: RawMode,
-    /// Distinct partition keys of the pre-filled messages (--mode consume)
-    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
-    pub keys: u64,
-    /// Handler workers of the runtime (--mode consume)
-    #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=1024))]
-    pub workers: u64,
+    #[command(flatten)]
+    pub m: crate::bench_raw::ModeArgs,
     /// One JSON object
     #[arg(long)]
     pub json: bool,
@@ -149,7 +137,7 @@ pub async fn run(url: &str, a: BenchKafkaArgs) -> CliResult<u8> {
     }
     let mut opts = KafkaOptions::from_url(url).map_err(|e| CliError::bus("--url", &e))?;
     opts.max_in_flight = a.inflight.max(1);
-    if a.mode == RawMode::Consume {
+    if a.m.mode == RawMode::Consume {
         return consume(&a, opts, url).await;
     }
     if opts.namespace.is_empty() {
@@ -209,30 +197,16 @@ async fn consume(a: &BenchKafkaArgs, mut opts: KafkaOptions, url: &str) -> CliRe
         .map_err(|e| CliError::bus("connecting", &e))?;
     let bus = Bus::with_transport(std::sync::Arc::new(t), url);
     let topic = format!("ampy.dev.bars.v1.benchkafkac{run}.XNAS");
-    let pattern = TopicPattern::parse(&topic).map_err(|e| CliError::bus("pattern", &e))?;
-    crate::bench_raw::fill(&bus, &topic, a.messages, a.payload_bytes, a.keys).await?;
+    crate::bench_raw::fill(&bus, &topic, a.messages, a.payload_bytes, a.m.keys).await?;
     let kafka_topic = opts.kafka_topic(&topic);
-    let mut report = crate::bench_raw::RawVsBus::new("rdkafka");
-    for round in 0..a.rounds {
-        let names = ["raw", "plain", "dedupe"].map(|s| format!("benchc-{round}-{s}"));
-        let group = opts.group_id(&names[0]);
-        let r = raw_consume(&opts, &kafka_topic, a.messages, &group).await?;
-        let o = runtime_consume(
-            &bus, &pattern, a.messages, a.workers, &names[1], false, FIRST,
-        )
-        .await?;
-        let d = runtime_consume(
-            &bus, &pattern, a.messages, a.workers, &names[2], true, FIRST,
-        )
-        .await?;
-        report.consume_round(round, a.messages, r, o, d)?;
-    }
-    report.print(
-        a.json,
-        json!({"mode": "consume", "messages": a.messages, "payload_bytes": a.payload_bytes,
-            "keys": a.keys, "workers": a.workers, "rounds": a.rounds, "kafka_topic": kafka_topic,
-            "raw_commit_every": RAW_FETCH}),
-    );
+    let (o, kt, n) = (&opts, &kafka_topic, a.messages);
+    let raw = |name: String| async move { raw_consume(o, kt, n, &o.group_id(&name)).await };
+    let report =
+        crate::bench_raw::consume_rounds(&bus, &topic, &a.m, n, a.rounds, &run, "rdkafka", raw)
+            .await?;
+    let mut config = crate::bench_raw::consume_config(n, a.payload_bytes, a.rounds, &a.m);
+    config["kafka_topic"] = json!(kafka_topic);
+    report.print(a.json, config);
     Ok(EXIT_OK)
 }
 

@@ -12,20 +12,17 @@
 //! its last ack. The round's consumers are deleted afterwards and the subject purged at the end
 //! (untimed).
 
-use crate::bench_raw::{Clock, Consumed, RAW_FETCH, RawMode, runtime_consume, shortfall};
+use crate::bench_raw::{Consumed, RAW_FETCH, RawMode, shortfall};
 use crate::error::{CliError, CliResult, EXIT_OK};
 use ampybus::bus::{TransportKind, redact, transport_kind};
 use ampybus::transport::nats::{NatsOptions, NatsTransport};
-use ampybus::{Bus, Envelope, Topic, TopicPattern};
+use ampybus::{Bus, Envelope, Topic};
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
 use clap::Args;
 use futures::StreamExt;
 use serde_json::json;
 use std::collections::VecDeque;
 use std::time::Instant;
-
-/// Every side of a consume round is timed from its first message (see the module docs).
-const FIRST: Clock = Clock::AtFirstMessage;
 
 /// `ampybus bench-nats`.
 #[derive(Debug, Args)]
@@ -42,15 +39,8 @@ pub struct BenchNatsArgs {
     /// Rounds (each: one raw run, one ampybus run; consume: raw, runtime, runtime with dedupe)
     #[arg(long, value_name = "R", default_value_t = 5)]
     pub rounds: u64,
-    /// What to measure
-    #[arg(long, value_enum, default_value_t = RawMode::Publish)]
-    pub mode: RawMode,
-    /// Distinct partition keys of the pre-filled messages (--mode consume)
-    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
-    pub keys: u64,
-    /// Handler workers of the runtime (--mode consume)
-    #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=1024))]
-    pub workers: u64,
+    #[command(flatten)]
+    pub m: crate::bench_raw::ModeArgs,
     /// One JSON object
     #[arg(long)]
     pub json: bool,
@@ -130,7 +120,7 @@ pub async fn run(url: &str, a: BenchNatsArgs) -> CliResult<u8> {
         .max_ack_inflight(a.inflight.max(1))
         .backpressure_on_inflight(true)
         .build(client);
-    if a.mode == RawMode::Consume {
+    if a.m.mode == RawMode::Consume {
         return consume(&a, &t, &bus, &js, &opts).await;
     }
     // Make sure the stream exists before timing anything.
@@ -164,44 +154,28 @@ async fn consume(
     let run = crate::bench_raw::run_label();
     let subject = format!("ampy.dev.bars.v1.benchnatsc{run}.XNAS");
     let topic = Topic::parse(&subject).map_err(|e| CliError::bus("topic", &e))?;
-    let pattern = TopicPattern::parse(&subject).map_err(|e| CliError::bus("pattern", &e))?;
     let stream = t
         .ensure_stream_for(&topic)
         .await
         .map_err(|e| CliError::bus("stream", &e))?;
-    crate::bench_raw::fill(bus, &subject, a.messages, a.payload_bytes, a.keys).await?;
-    let mut report = crate::bench_raw::RawVsBus::new("async-nats");
-    let result = async {
-        for round in 0..a.rounds {
-            let names = ["raw", "plain", "dedupe"].map(|s| format!("benchc{run}-{round}-{s}"));
-            let raw = raw_consume(js, &stream, &subject, a.messages, &names[0], opts).await?;
-            let ours = runtime_consume(
-                bus, &pattern, a.messages, a.workers, &names[1], false, FIRST,
-            );
-            let ours = ours.await?;
-            let dedupe =
-                runtime_consume(bus, &pattern, a.messages, a.workers, &names[2], true, FIRST);
-            let dedupe = dedupe.await?;
-            for name in &names {
-                // Untimed: the round's durable consumers go.
-                let _ = js.delete_consumer_from_stream(name, &stream).await;
-            }
-            report.consume_round(round, a.messages, raw, ours, dedupe)?;
+    crate::bench_raw::fill(bus, &subject, a.messages, a.payload_bytes, a.m.keys).await?;
+    let (st, sub, n) = (&stream, &subject, a.messages);
+    let raw = |name: String| async move { raw_consume(js, st, sub, n, &name, opts).await };
+    let report =
+        crate::bench_raw::consume_rounds(bus, &subject, &a.m, n, a.rounds, &run, "async-nats", raw)
+            .await;
+    // Untimed, whatever happened: the run's durable consumers and its messages go.
+    for round in 0..a.rounds {
+        for name in crate::bench_raw::consumer_names(&run, round) {
+            let _ = js.delete_consumer_from_stream(&name, &stream).await;
         }
-        CliResult::Ok(())
     }
-    .await;
-    // Untimed: the pre-filled messages go, whatever happened.
     if let Ok(s) = js.get_stream(&stream).await {
         let _ = s.purge().filter(&subject).await;
     }
-    result?;
-    report.print(
-        a.json,
-        json!({"mode": "consume", "messages": a.messages, "payload_bytes": a.payload_bytes,
-            "keys": a.keys, "workers": a.workers, "rounds": a.rounds, "subject": subject,
-            "raw_fetch": RAW_FETCH}),
-    );
+    let mut config = crate::bench_raw::consume_config(n, a.payload_bytes, a.rounds, &a.m);
+    config["subject"] = json!(subject);
+    report?.print(a.json, config);
     Ok(EXIT_OK)
 }
 

@@ -19,6 +19,20 @@ pub enum RawMode {
     Consume,
 }
 
+/// The flags every `bench-*` command shares beyond its publish ones.
+#[derive(Debug, clap::Args)]
+pub struct ModeArgs {
+    /// What to measure
+    #[arg(long, value_enum, default_value_t = RawMode::Publish)]
+    pub mode: RawMode,
+    /// Distinct partition keys of the pre-filled messages (--mode consume)
+    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub keys: u64,
+    /// Handler workers of the runtime (--mode consume)
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub workers: u64,
+}
+
 /// Records the raw consume loops ask for per fetch (the runtime's default `max_in_flight`).
 pub const RAW_FETCH: usize = 1024;
 
@@ -182,6 +196,50 @@ pub async fn runtime_consume(
         read: s.handled_ok,
         secs,
     })
+}
+
+/// The consumer names (raw, runtime without dedupe, runtime with dedupe) of round `round` of
+/// the consume run `label`.
+pub fn consumer_names(label: &str, round: u64) -> [String; 3] {
+    ["raw", "plain", "dedupe"].map(|s| format!("benchc{label}-{round}-{s}"))
+}
+
+/// The interleaved rounds of a consume run over `topic` (already filled with `messages`):
+/// per round the raw loop (`raw`, given its consumer name), then the runtime without and with
+/// dedupe, each with a fresh consumer name ([`consumer_names`]) and timed from its first
+/// message.
+#[allow(clippy::too_many_arguments)]
+pub async fn consume_rounds<F, Fut>(
+    bus: &Bus,
+    topic: &str,
+    m: &ModeArgs,
+    messages: u64,
+    rounds: u64,
+    label: &str,
+    raw_name: &'static str,
+    mut raw: F,
+) -> CliResult<RawVsBus>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = CliResult<Consumed>>,
+{
+    let pattern = TopicPattern::parse(topic).map_err(|e| CliError::bus("pattern", &e))?;
+    let mut report = RawVsBus::new(raw_name);
+    let first = Clock::AtFirstMessage;
+    for round in 0..rounds {
+        let [r, o, d] = consumer_names(label, round);
+        let r = raw(r).await?;
+        let o = runtime_consume(bus, &pattern, messages, m.workers, &o, false, first).await?;
+        let d = runtime_consume(bus, &pattern, messages, m.workers, &d, true, first).await?;
+        report.consume_round(round, messages, r, o, d)?;
+    }
+    Ok(report)
+}
+
+/// The report fields of a consume run every `bench-*` shares.
+pub fn consume_config(messages: u64, payload_bytes: usize, rounds: u64, m: &ModeArgs) -> Value {
+    json!({"mode": "consume", "messages": messages, "payload_bytes": payload_bytes,
+        "keys": m.keys, "workers": m.workers, "rounds": rounds, "raw_fetch": RAW_FETCH})
 }
 
 /// A consume loop's "not all there" error: `got` of `n`, then nothing for [`IDLE_LIMIT`].

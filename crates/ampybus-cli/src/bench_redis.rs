@@ -15,22 +15,17 @@
 //! body, the handler) to its last ack. Everything under the prefix is deleted at the end
 //! (untimed).
 
-use crate::bench_raw::{
-    Clock, Consumed, IDLE_LIMIT, RAW_FETCH, RawMode, runtime_consume, shortfall,
-};
+use crate::bench_raw::{Consumed, IDLE_LIMIT, RAW_FETCH, RawMode, shortfall};
 use crate::error::{CliError, CliResult, EXIT_OK};
 use ampybus::bus::{TransportKind, redact, transport_kind};
 use ampybus::transport::redis::{RedisOptions, RedisTransport};
-use ampybus::{Bus, Envelope, TopicPattern};
+use ampybus::{Bus, Envelope};
 use clap::Args;
 use futures::StreamExt;
 use redis::AsyncCommands;
 use redis::streams::{StreamReadOptions, StreamReadReply};
 use serde_json::json;
 use std::time::Instant;
-
-/// Every side of a consume round is timed from its first message (see the module docs).
-const FIRST: Clock = Clock::AtFirstMessage;
 
 /// `ampybus bench-redis`.
 #[derive(Debug, Args)]
@@ -47,15 +42,8 @@ pub struct BenchRedisArgs {
     /// Rounds (each: one raw run, one ampybus run; consume: raw, runtime, runtime with dedupe)
     #[arg(long, value_name = "R", default_value_t = 5)]
     pub rounds: u64,
-    /// What to measure
-    #[arg(long, value_enum, default_value_t = RawMode::Publish)]
-    pub mode: RawMode,
-    /// Distinct partition keys of the pre-filled messages (--mode consume)
-    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
-    pub keys: u64,
-    /// Handler workers of the runtime (--mode consume)
-    #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=1024))]
-    pub workers: u64,
+    #[command(flatten)]
+    pub m: crate::bench_raw::ModeArgs,
     /// One JSON object
     #[arg(long)]
     pub json: bool,
@@ -139,7 +127,7 @@ pub async fn run(url: &str, a: BenchRedisArgs) -> CliResult<u8> {
     }
     let mut opts = RedisOptions::from_url(url).map_err(|e| CliError::bus("--url", &e))?;
     opts.max_in_flight = a.inflight.max(1);
-    if a.mode == RawMode::Consume {
+    if a.m.mode == RawMode::Consume {
         // A stream of its own: the raw loop reads every entry of it.
         opts.key_prefix = format!(
             "{}ampybench{}:",
@@ -165,7 +153,7 @@ pub async fn run(url: &str, a: BenchRedisArgs) -> CliResult<u8> {
         .map_err(|e| CliError::transport(format!("raw connect: {e}")))?;
     let key = opts.stream_key("ampy.dev.bars.v1");
     let mut admin = t.connection();
-    if a.mode == RawMode::Consume {
+    if a.m.mode == RawMode::Consume {
         let result = consume(&a, &bus, &raw, &key).await;
         // Untimed: everything under the run's own prefix goes, whatever happened.
         delete_prefix(&mut admin, &opts.key_prefix).await?;
@@ -206,26 +194,15 @@ async fn consume(
 ) -> CliResult<u8> {
     let run = crate::bench_raw::run_label();
     let topic = format!("ampy.dev.bars.v1.benchredisc{run}.XNAS");
-    let pattern = TopicPattern::parse(&topic).map_err(|e| CliError::bus("pattern", &e))?;
-    crate::bench_raw::fill(bus, &topic, a.messages, a.payload_bytes, a.keys).await?;
-    let mut report = crate::bench_raw::RawVsBus::new("redis");
-    for round in 0..a.rounds {
-        let names = ["raw", "plain", "dedupe"].map(|s| format!("benchc{run}-{round}-{s}"));
-        let r = raw_consume(raw, key, a.messages, &names[0]).await?;
-        let o = runtime_consume(
-            bus, &pattern, a.messages, a.workers, &names[1], false, FIRST,
-        )
-        .await?;
-        let d =
-            runtime_consume(bus, &pattern, a.messages, a.workers, &names[2], true, FIRST).await?;
-        report.consume_round(round, a.messages, r, o, d)?;
-    }
-    report.print(
-        a.json,
-        json!({"mode": "consume", "messages": a.messages, "payload_bytes": a.payload_bytes,
-            "keys": a.keys, "workers": a.workers, "rounds": a.rounds, "stream": key,
-            "raw_fetch": RAW_FETCH}),
-    );
+    crate::bench_raw::fill(bus, &topic, a.messages, a.payload_bytes, a.m.keys).await?;
+    let n = a.messages;
+    let raw_side = |group: String| async move { raw_consume(raw, key, n, &group).await };
+    let report =
+        crate::bench_raw::consume_rounds(bus, &topic, &a.m, n, a.rounds, &run, "redis", raw_side)
+            .await?;
+    let mut config = crate::bench_raw::consume_config(n, a.payload_bytes, a.rounds, &a.m);
+    config["stream"] = json!(key);
+    report.print(a.json, config);
     Ok(EXIT_OK)
 }
 
