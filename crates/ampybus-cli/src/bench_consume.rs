@@ -8,11 +8,11 @@
 //! logs filtered out) — the default — and, as its own series, off
 //! ([`ampybus::Bus::with_observability`]), so their ratio is the cost of the hooks.
 
+use crate::bench_raw::{Clock, ROUND_LIMIT, runtime_consume, spread};
 use crate::cli::BenchArgs;
 use crate::error::{CliError, CliResult, EXIT_OK};
 use crate::util;
 use ampybus::headers::{RAW_BYTES_SCHEMA, names};
-use ampybus::runtime::{Consumer, Outcome, handler_fn};
 use ampybus::transport::{Delivery, SubscribeSpec};
 use ampybus::{Bus, Envelope, Headers, Topic, TopicPattern};
 use bytes::Bytes;
@@ -21,8 +21,6 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 const PATTERN: &str = "ampy.dev.bars.>";
-/// A round that does not finish in this time is reported as a timeout.
-const ROUND_LIMIT: Duration = Duration::from_secs(600);
 
 /// Runs the consume benchmark.
 pub async fn run(args: &BenchArgs, parent: &Path) -> CliResult<u8> {
@@ -165,51 +163,26 @@ async fn runtime_round(
     round: u64,
     dedupe: bool,
 ) -> CliResult<f64> {
-    let started = Instant::now();
     let name = format!(
         "runtime-{round}-{}-{}",
         if dedupe { "dedupe" } else { "plain" },
         if bus.observability() { "obs" } else { "quiet" }
     );
-    let mut builder = Consumer::builder(bus.clone(), pattern.clone(), &name)
-        .handler(handler_fn(|_m| async { Outcome::Ok }))
-        .workers(args.workers as usize);
-    if !dedupe {
-        builder = builder.without_dedupe();
-    }
-    let handle = builder
-        .start()
-        .await
-        .map_err(|e| CliError::bus("consumer", &e))?;
-    while handle.stats().handled_ok < args.messages {
-        if started.elapsed() > ROUND_LIMIT {
-            return Err(CliError::transport(format!(
-                "runtime round {round}: {:?} after {ROUND_LIMIT:?}",
-                handle.stats()
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    let secs = started.elapsed().as_secs_f64();
-    let s = handle.shutdown(Duration::from_secs(30)).await;
-    if s.handled_ok != args.messages || s.skipped_duplicates != 0 {
-        return Err(CliError::transport(format!(
-            "runtime round {round}: expected {} handled, got {s:?}",
-            args.messages
-        )));
-    }
-    Ok(args.messages as f64 / secs)
-}
-
-fn sorted(v: &[f64]) -> Vec<f64> {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v
+    let c = runtime_consume(
+        bus,
+        pattern,
+        args.messages,
+        args.workers,
+        &name,
+        dedupe,
+        Clock::AtStart,
+    )
+    .await?;
+    Ok(c.rate())
 }
 
 fn median(v: &[f64]) -> f64 {
-    let s = sorted(v);
-    s[s.len() / 2]
+    spread(v).1
 }
 
 fn round2(x: f64) -> f64 {
@@ -217,8 +190,8 @@ fn round2(x: f64) -> f64 {
 }
 
 fn stats(v: &[f64]) -> Value {
-    let s = sorted(v);
-    json!({"best": s[s.len() - 1].round(), "median": median(v).round(), "worst": s[0].round()})
+    let (best, median, worst) = spread(v);
+    json!({"best": best.round(), "median": median.round(), "worst": worst.round()})
 }
 
 fn show(v: &Value) -> String {

@@ -1,12 +1,25 @@
 //! `ampybus bench-nats`: JetStream publish throughput of ampybus against the raw async-nats
 //! client on the same server, same subject, headers, payload size and number in flight, in
 //! interleaved rounds (raw, ampybus, raw, …), best / median / worst and the per-round ratio.
+//! The raw side's `HeaderMap`s are built before its clock starts.
+//!
+//! `--mode consume`: one subject of its own (`ampy.dev.bars.v1.benchnatsc{pid}x{ms}.XNAS`) is
+//! filled with `--messages` messages over `--keys` partition keys (untimed); every round reads
+//! all of them three times, each with a durable consumer of its own: a raw JetStream pull
+//! consumer (no-wait fetches of up to 1,024, `ack` each, a flush per fetch), the ampybus
+//! consumer runtime without dedupe and with the default dedupe store (the KV bucket). Each side
+//! is timed from its first message reaching user code (the raw loop's body, the handler) to
+//! its last ack. The round's consumers are deleted afterwards and the subject purged at the end
+//! (untimed).
 
+use crate::bench_raw::{Consumed, RAW_FETCH, RawMode, shortfall};
 use crate::error::{CliError, CliResult, EXIT_OK};
 use ampybus::bus::{TransportKind, redact, transport_kind};
-use ampybus::transport::nats::NatsOptions;
+use ampybus::transport::nats::{NatsOptions, NatsTransport};
 use ampybus::{Bus, Envelope, Topic};
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
 use clap::Args;
+use futures::StreamExt;
 use serde_json::json;
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -23,9 +36,11 @@ pub struct BenchNatsArgs {
     /// Unacknowledged publishes at most (both sides)
     #[arg(long, value_name = "N", default_value_t = 4000)]
     pub inflight: usize,
-    /// Rounds (each: one raw run, one ampybus run)
+    /// Rounds (each: one raw run, one ampybus run; consume: raw, runtime, runtime with dedupe)
     #[arg(long, value_name = "R", default_value_t = 5)]
     pub rounds: u64,
+    #[command(flatten)]
+    pub m: crate::bench_raw::ModeArgs,
     /// One JSON object
     #[arg(long)]
     pub json: bool,
@@ -44,17 +59,24 @@ async fn raw_round(
     envs: Vec<Envelope>,
     inflight: usize,
 ) -> CliResult<f64> {
+    // The wire form (subject, header map, message id, payload) is built before the clock starts.
+    let wire: Vec<_> = envs
+        .into_iter()
+        .map(|env| {
+            let mut hm = async_nats::HeaderMap::new();
+            for (k, v) in env.headers.iter() {
+                hm.insert(k, v);
+            }
+            let id = env.headers.message_id().unwrap_or_default().to_owned();
+            (env.topic, hm, id, env.payload)
+        })
+        .collect();
     let start = Instant::now();
     let mut pending = VecDeque::with_capacity(inflight);
-    let n = envs.len();
-    for env in envs {
-        let mut hm = async_nats::HeaderMap::new();
-        for (k, v) in env.headers.iter() {
-            hm.insert(k, v);
-        }
-        let id = env.headers.message_id().unwrap_or_default().to_owned();
+    let n = wire.len();
+    for (subject, hm, id, payload) in wire {
         let msg = async_nats::jetstream::message::PublishMessage::build()
-            .payload(env.payload)
+            .payload(payload)
             .headers(hm)
             .message_id(id);
         if pending.len() >= inflight {
@@ -64,7 +86,7 @@ async fn raw_round(
                 .map_err(|e| CliError::transport(format!("raw PubAck: {e}")))?;
         }
         pending.push_back(
-            js.send_publish(env.topic, msg)
+            js.send_publish(subject, msg)
                 .await
                 .map_err(|e| CliError::transport(format!("raw publish: {e}")))?,
         );
@@ -98,6 +120,9 @@ pub async fn run(url: &str, a: BenchNatsArgs) -> CliResult<u8> {
         .max_ack_inflight(a.inflight.max(1))
         .backpressure_on_inflight(true)
         .build(client);
+    if a.m.mode == RawMode::Consume {
+        return consume(&a, &t, &bus, &js, &opts).await;
+    }
     // Make sure the stream exists before timing anything.
     t.ensure_stream_for(&Topic::parse("ampy.dev.bars.v1.benchnats.warm").expect("topic"))
         .await
@@ -112,8 +137,105 @@ pub async fn run(url: &str, a: BenchNatsArgs) -> CliResult<u8> {
     }
     report.print(
         a.json,
-        json!({"messages": a.messages, "payload_bytes": a.payload_bytes, "inflight": a.inflight,
-            "rounds": a.rounds}),
+        json!({"mode": "publish", "messages": a.messages, "payload_bytes": a.payload_bytes,
+            "inflight": a.inflight, "rounds": a.rounds}),
     );
     Ok(EXIT_OK)
+}
+
+/// `--mode consume` (see the module docs).
+async fn consume(
+    a: &BenchNatsArgs,
+    t: &NatsTransport,
+    bus: &Bus,
+    js: &async_nats::jetstream::Context,
+    opts: &NatsOptions,
+) -> CliResult<u8> {
+    let run = crate::bench_raw::run_label();
+    let subject = format!("ampy.dev.bars.v1.benchnatsc{run}.XNAS");
+    let topic = Topic::parse(&subject).map_err(|e| CliError::bus("topic", &e))?;
+    let stream = t
+        .ensure_stream_for(&topic)
+        .await
+        .map_err(|e| CliError::bus("stream", &e))?;
+    crate::bench_raw::fill(bus, &subject, a.messages, a.payload_bytes, a.m.keys).await?;
+    let (st, sub, n) = (&stream, &subject, a.messages);
+    let raw = |name: String| async move { raw_consume(js, st, sub, n, &name, opts).await };
+    let report =
+        crate::bench_raw::consume_rounds(bus, &subject, &a.m, n, a.rounds, &run, "async-nats", raw)
+            .await;
+    // Untimed, whatever happened: the run's durable consumers and its messages go.
+    for round in 0..a.rounds {
+        for name in crate::bench_raw::consumer_names(&run, round) {
+            let _ = js.delete_consumer_from_stream(&name, &stream).await;
+        }
+    }
+    if let Ok(s) = js.get_stream(&stream).await {
+        let _ = s.purge().filter(&subject).await;
+    }
+    let mut config = crate::bench_raw::consume_config(n, a.payload_bytes, a.rounds, &a.m);
+    config["subject"] = json!(subject);
+    report?.print(a.json, config);
+    Ok(EXIT_OK)
+}
+
+/// The raw side of a consume round: a durable pull consumer `name` on `subject` (explicit
+/// acks, the same `max_ack_pending` as the runtime's), no-wait fetches of up to
+/// [`RAW_FETCH`], every message acked, the acks flushed after each fetch; timed from the first
+/// message to the flush after the `n`-th ack.
+async fn raw_consume(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+    subject: &str,
+    n: u64,
+    name: &str,
+    opts: &NatsOptions,
+) -> CliResult<Consumed> {
+    let err = |what: &str, e: &dyn std::fmt::Display| {
+        CliError::transport(format!("raw consumer {name}: {what}: {e}"))
+    };
+    let consumer = js
+        .create_consumer_on_stream(
+            pull::Config {
+                durable_name: Some(name.to_owned()),
+                deliver_policy: DeliverPolicy::All,
+                ack_policy: AckPolicy::Explicit,
+                filter_subject: subject.to_owned(),
+                max_ack_pending: opts.max_ack_pending,
+                ..Default::default()
+            },
+            stream,
+        )
+        .await
+        .map_err(|e| err("create", &e))?;
+    let client = js.client();
+    let mut got = 0u64;
+    let mut first = None;
+    let mut idle_since = Instant::now();
+    while got < n {
+        let batch = consumer
+            .fetch()
+            .max_messages(RAW_FETCH)
+            .messages()
+            .await
+            .map_err(|e| err("fetch", &e))?;
+        let mut batch = std::pin::pin!(batch);
+        let before = got;
+        while let Some(m) = batch.next().await {
+            let m = m.map_err(|e| err("fetch", &e))?;
+            first.get_or_insert_with(Instant::now);
+            m.ack().await.map_err(|e| err("ack", &e))?;
+            got += 1;
+        }
+        if got > before {
+            client.flush().await.map_err(|e| err("flush", &e))?;
+            idle_since = Instant::now();
+        } else if idle_since.elapsed() > crate::bench_raw::IDLE_LIMIT {
+            return Err(shortfall(&format!("raw consumer {name}"), got, n));
+        }
+    }
+    Ok(Consumed {
+        read: got,
+        secs: first.map_or(0.0, |f: Instant| f.elapsed().as_secs_f64()),
+    })
 }

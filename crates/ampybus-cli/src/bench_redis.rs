@@ -4,13 +4,26 @@
 //! at once as the bound allows), in interleaved rounds (raw, ampybus, raw, …), best / median /
 //! worst and the per-round ratio. Every round writes under a key prefix of its own
 //! (`ampybench{pid}:` unless the URL sets one) and deletes its stream afterwards, untimed.
+//! The raw side's fields are built before its clock starts.
+//!
+//! `--mode consume`: a stream under a key prefix of its own (the URL's prefix, then
+//! `ampybench{pid}x{ms}:`) is filled with `--messages` messages over `--keys` partition keys
+//! (untimed); every round reads all of them three times, each as a consumer group of its own:
+//! a raw loop (`XGROUP CREATE … 0`, then `XREADGROUP … COUNT 1024 … >` and one `XACK` of what
+//! came), the ampybus consumer runtime without dedupe and with the default dedupe store
+//! (Redis keys). Each side is timed from its first message reaching user code (the raw loop's
+//! body, the handler) to its last ack. Everything under the prefix is deleted at the end
+//! (untimed).
 
+use crate::bench_raw::{Consumed, IDLE_LIMIT, RAW_FETCH, RawMode, shortfall};
 use crate::error::{CliError, CliResult, EXIT_OK};
 use ampybus::bus::{TransportKind, redact, transport_kind};
 use ampybus::transport::redis::{RedisOptions, RedisTransport};
 use ampybus::{Bus, Envelope};
 use clap::Args;
 use futures::StreamExt;
+use redis::AsyncCommands;
+use redis::streams::{StreamReadOptions, StreamReadReply};
 use serde_json::json;
 use std::time::Instant;
 
@@ -26,9 +39,11 @@ pub struct BenchRedisArgs {
     /// Commands in flight at most (both sides)
     #[arg(long, value_name = "N", default_value_t = 4096)]
     pub inflight: usize,
-    /// Rounds (each: one raw run, one ampybus run)
+    /// Rounds (each: one raw run, one ampybus run; consume: raw, runtime, runtime with dedupe)
     #[arg(long, value_name = "R", default_value_t = 5)]
     pub rounds: u64,
+    #[command(flatten)]
+    pub m: crate::bench_raw::ModeArgs,
     /// One JSON object
     #[arg(long)]
     pub json: bool,
@@ -40,6 +55,9 @@ fn envelopes(n: u64, payload: usize) -> CliResult<Vec<Envelope>> {
     crate::bench_raw::envelopes(TOPIC, n, payload)
 }
 
+/// One entry's fields as the raw side sends them: topic, headers, payload.
+type Fields = (String, Vec<(String, String)>, bytes::Bytes);
+
 async fn raw_round(
     conn: &redis::aio::MultiplexedConnection,
     key: &str,
@@ -49,16 +67,28 @@ async fn raw_round(
     let chunk = inflight.clamp(1, 512);
     let parallel = (inflight / chunk).max(1);
     let n = envs.len();
+    // The fields (topic, headers, payload) are built before the clock starts.
+    let wire: Vec<Fields> = envs
+        .into_iter()
+        .map(|env| {
+            let fields = env
+                .headers
+                .iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect();
+            (env.topic, fields, env.payload)
+        })
+        .collect();
     let start = Instant::now();
     let minid = format!(
         "{}-0",
         chrono::Utc::now().timestamp_millis() - 7 * 86_400_000
     );
     let mut pipes = Vec::with_capacity(n.div_ceil(chunk));
-    let mut it = envs.into_iter().peekable();
+    let mut it = wire.iter().peekable();
     while it.peek().is_some() {
         let mut p = redis::pipe();
-        for env in it.by_ref().take(chunk) {
+        for (topic, fields, payload) in it.by_ref().take(chunk) {
             let c = p
                 .cmd("XADD")
                 .arg(key)
@@ -67,11 +97,11 @@ async fn raw_round(
                 .arg(&minid)
                 .arg("*")
                 .arg("topic")
-                .arg(&env.topic);
-            for (k, v) in env.headers.iter() {
+                .arg(topic);
+            for (k, v) in fields {
                 c.arg(k).arg(v);
             }
-            c.arg("payload").arg(env.payload.as_ref());
+            c.arg("payload").arg(payload.as_ref());
         }
         pipes.push(p);
     }
@@ -97,7 +127,14 @@ pub async fn run(url: &str, a: BenchRedisArgs) -> CliResult<u8> {
     }
     let mut opts = RedisOptions::from_url(url).map_err(|e| CliError::bus("--url", &e))?;
     opts.max_in_flight = a.inflight.max(1);
-    if opts.key_prefix.is_empty() {
+    if a.m.mode == RawMode::Consume {
+        // A stream of its own: the raw loop reads every entry of it.
+        opts.key_prefix = format!(
+            "{}ampybench{}:",
+            opts.key_prefix,
+            crate::bench_raw::run_label()
+        );
+    } else if opts.key_prefix.is_empty() {
         opts.key_prefix = format!("ampybench{}:", std::process::id());
     }
     let t = RedisTransport::connect(opts.clone())
@@ -116,6 +153,12 @@ pub async fn run(url: &str, a: BenchRedisArgs) -> CliResult<u8> {
         .map_err(|e| CliError::transport(format!("raw connect: {e}")))?;
     let key = opts.stream_key("ampy.dev.bars.v1");
     let mut admin = t.connection();
+    if a.m.mode == RawMode::Consume {
+        let result = consume(&a, &bus, &raw, &key).await;
+        // Untimed: everything under the run's own prefix goes, whatever happened.
+        delete_prefix(&mut admin, &opts.key_prefix).await?;
+        return result;
+    }
     let mut report = crate::bench_raw::RawVsBus::new("redis");
     for round in 0..a.rounds {
         let envs = envelopes(a.messages, a.payload_bytes)?;
@@ -136,10 +179,114 @@ pub async fn run(url: &str, a: BenchRedisArgs) -> CliResult<u8> {
     }
     report.print(
         a.json,
-        json!({"messages": a.messages, "payload_bytes": a.payload_bytes, "inflight": a.inflight,
-            "rounds": a.rounds}),
+        json!({"mode": "publish", "messages": a.messages, "payload_bytes": a.payload_bytes,
+            "inflight": a.inflight, "rounds": a.rounds}),
     );
     Ok(EXIT_OK)
+}
+
+/// `--mode consume` (see the module docs) on the stream `key`.
+async fn consume(
+    a: &BenchRedisArgs,
+    bus: &Bus,
+    raw: &redis::aio::MultiplexedConnection,
+    key: &str,
+) -> CliResult<u8> {
+    let run = crate::bench_raw::run_label();
+    let topic = format!("ampy.dev.bars.v1.benchredisc{run}.XNAS");
+    crate::bench_raw::fill(bus, &topic, a.messages, a.payload_bytes, a.m.keys).await?;
+    let n = a.messages;
+    let raw_side = |group: String| async move { raw_consume(raw, key, n, &group).await };
+    let report =
+        crate::bench_raw::consume_rounds(bus, &topic, &a.m, n, a.rounds, &run, "redis", raw_side)
+            .await?;
+    let mut config = crate::bench_raw::consume_config(n, a.payload_bytes, a.rounds, &a.m);
+    config["stream"] = json!(key);
+    report.print(a.json, config);
+    Ok(EXIT_OK)
+}
+
+/// The raw side of a consume round: consumer group `group` created at `0`, then
+/// `XREADGROUP GROUP group c COUNT 1024 STREAMS key >` and one `XACK` of the ids that came,
+/// until `n` are acked; timed from the first reply with entries to the last `XACK`'s reply.
+async fn raw_consume(
+    conn: &redis::aio::MultiplexedConnection,
+    key: &str,
+    n: u64,
+    group: &str,
+) -> CliResult<Consumed> {
+    let err = |what: &str, e: redis::RedisError| {
+        CliError::transport(format!("raw consumer group {group}: {what}: {e}"))
+    };
+    let mut conn = conn.clone();
+    let _: () = conn
+        .xgroup_create(key, group, "0")
+        .await
+        .map_err(|e| err("XGROUP CREATE", e))?;
+    let opts = StreamReadOptions::default()
+        .group(group, "c")
+        .count(RAW_FETCH)
+        .block(100);
+    let mut got = 0u64;
+    let mut first = None;
+    let mut idle_since = Instant::now();
+    while got < n {
+        let reply: StreamReadReply = conn
+            .xread_options(&[key], &[">"], &opts)
+            .await
+            .map_err(|e| err("XREADGROUP", e))?;
+        let ids: Vec<&str> = reply
+            .keys
+            .iter()
+            .flat_map(|k| k.ids.iter().map(|e| e.id.as_str()))
+            .collect();
+        if !ids.is_empty() {
+            first.get_or_insert_with(Instant::now);
+        } else {
+            if idle_since.elapsed() > IDLE_LIMIT {
+                return Err(shortfall(&format!("raw consumer group {group}"), got, n));
+            }
+            continue;
+        }
+        let acked: u64 = conn
+            .xack(key, group, &ids)
+            .await
+            .map_err(|e| err("XACK", e))?;
+        got += acked;
+        idle_since = Instant::now();
+    }
+    Ok(Consumed {
+        read: got,
+        secs: first.map_or(0.0, |f: Instant| f.elapsed().as_secs_f64()),
+    })
+}
+
+/// Deletes every key under `prefix` (`SCAN MATCH` + `DEL`).
+async fn delete_prefix(conn: &mut redis::aio::ConnectionManager, prefix: &str) -> CliResult<()> {
+    let pattern = format!("{prefix}*");
+    let mut cursor = 0u64;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await
+            .map_err(|e| CliError::transport(format!("SCAN {pattern}: {e}")))?;
+        if !keys.is_empty() {
+            let _: () = redis::cmd("DEL")
+                .arg(&keys)
+                .query_async(conn)
+                .await
+                .map_err(|e| CliError::transport(format!("DEL: {e}")))?;
+        }
+        if next == 0 {
+            return Ok(());
+        }
+        cursor = next;
+    }
 }
 
 /// A plain `redis://` URL for the raw client (no ampybus options).

@@ -175,33 +175,48 @@ Examples:
   ampybus --url nats://127.0.0.1:4222 streams describe AMPY_DEV_BARS")]
     Streams(crate::streams::StreamsArgs),
 
-    /// JetStream publish throughput: ampybus against the raw async-nats client, interleaved rounds
+    /// JetStream publish or consume throughput: ampybus against the raw async-nats client, interleaved rounds
     #[command(after_help = "\
 Examples:
   ampybus --url nats://127.0.0.1:4222 bench-nats --messages 100000 --payload-bytes 256 --inflight 4000 --rounds 5
+  ampybus --url nats://127.0.0.1:4222 bench-nats --mode consume --messages 100000 --keys 1000 --workers 8
 
 Same subject prefix, headers, payload size and in-flight bound on both sides; fresh message ids
-every round (so the duplicate window does not help either side).")]
+every round (so the duplicate window does not help either side).
+
+--mode consume: a pre-filled subject of the run's own (untimed), read in every round by a raw
+JetStream pull + ack loop, the runtime without dedupe (ratio) and with dedupe (ratio_dedupe), each
+as a fresh durable consumer and required to read exactly --messages.")]
     BenchNats(crate::bench_nats::BenchNatsArgs),
 
-    /// Redis Streams publish throughput: ampybus against the raw redis client, interleaved rounds
+    /// Redis Streams publish or consume throughput: ampybus against the raw redis client, interleaved rounds
     #[command(after_help = "\
 Examples:
   ampybus --url redis://127.0.0.1:6379 bench-redis --messages 50000 --payload-bytes 256 --inflight 4096 --rounds 5
+  ampybus --url redis://127.0.0.1:6379 bench-redis --mode consume --messages 50000 --json
 
 Same stream, fields, payload size, MINID trim and in-flight bound (pipelines of up to 512 XADDs)
-on both sides; each round's stream is deleted afterwards (untimed).")]
+on both sides; each round's stream is deleted afterwards (untimed).
+
+--mode consume: a pre-filled stream of the run's own (untimed), read in every round by a raw
+XREADGROUP + XACK loop, the runtime without dedupe (ratio) and with dedupe (ratio_dedupe), each
+as a fresh consumer group and required to read exactly --messages.")]
     BenchRedis(crate::bench_redis::BenchRedisArgs),
 
-    /// Kafka publish throughput: ampybus against a raw rdkafka FutureProducer, interleaved rounds
+    /// Kafka publish or consume throughput: ampybus against raw rdkafka, interleaved rounds
     #[command(after_help = "\
 Examples:
   ampybus --url kafka://127.0.0.1:9092 bench-kafka --messages 50000 --payload-bytes 256 --inflight 10000 --rounds 5
+  ampybus --url kafka://127.0.0.1:9092 bench-kafka --mode consume --messages 50000 --json
 
 Both sides use the transport's producer settings (idempotent, acks=all, linger.ms=1, the URL's
 librdkafka settings), the same Kafka topic, record key, headers (the contract's plus `topic`),
 payload size and bound on unconfirmed records. The topic (namespace `ampybench{pid}.` unless the
-URL sets one) is created, and both producers send one record, before the first round, untimed.")]
+URL sets one) is created, and both producers send one record, before the first round, untimed.
+
+--mode consume: a pre-filled topic of the run's own (untimed), read in every round by a raw
+StreamConsumer + commit loop, the runtime without dedupe (ratio) and with dedupe (ratio_dedupe),
+each as a fresh group and required to read exactly --messages.")]
     BenchKafka(crate::bench_kafka::BenchKafkaArgs),
 
     /// Print a shell completion script to stdout

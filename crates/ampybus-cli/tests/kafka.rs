@@ -1,6 +1,7 @@
 //! The CLI on Kafka (a Kafka-API broker on 127.0.0.1:9092, started or found by
 //! `scripts/brokers.sh start kafka`): `pub`, `sub --durable`, `topics list|describe|lag`, the
-//! demo. Each run uses a namespace of its own, so its topics hold only its messages.
+//! demo, `bench-kafka` (both modes). Each run uses a namespace of its own, so its topics hold
+//! only its messages.
 
 mod common;
 
@@ -71,4 +72,27 @@ fn demo_runs_end_to_end_on_kafka() {
     let o = ampybus_in(None, &["--url", &url, "demo"]);
     assert_eq!(o.code, 0, "{}\n{}", o.stdout, o.stderr);
     assert!(o.stdout.contains("result: OK"), "{}", o.stdout);
+}
+
+#[test]
+fn bench_kafka_consume_and_publish_modes() {
+    brokers();
+    let url = "kafka://127.0.0.1:9092";
+    common::consume_bench_smoke(url, "kafka", "raw_rdkafka_msg_s");
+    common::publish_bench_smoke(url, "kafka", "raw_rdkafka_msg_s");
+    // The runtime with dedupe needs a store.
+    let o = common::ampybus_on(
+        "kafka://127.0.0.1:9092?dedupe=off",
+        &[
+            "bench-kafka",
+            "--mode",
+            "consume",
+            "--messages",
+            "10",
+            "--rounds",
+            "1",
+        ],
+    );
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("dedupe=off"), "{}", o.stderr);
 }

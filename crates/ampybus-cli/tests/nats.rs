@@ -1,6 +1,7 @@
 //! The CLI on NATS JetStream (server on 127.0.0.1:4222, started or found by
 //! `scripts/brokers.sh start nats`): `streams ensure|list|describe`, `pub` and `sub` with a
-//! `nats://` URL, `topics list|describe|lag` and `bench` against the server.
+//! `nats://` URL, `topics list|describe|lag`, `bench` and `bench-nats` (both modes) against the
+//! server.
 
 mod common;
 
@@ -203,4 +204,11 @@ fn bench_runs_against_the_server() {
     let o = run(&["bench", "--raw-sqlite", "--rounds", "1"]);
     assert_eq!(o.code, 2, "{}", o.stderr);
     assert!(o.stderr.contains("bench-nats"), "{}", o.stderr);
+}
+
+#[test]
+fn bench_nats_consume_and_publish_modes() {
+    brokers();
+    common::consume_bench_smoke(URL, "nats", "raw_async_nats_msg_s");
+    common::publish_bench_smoke(URL, "nats", "raw_async_nats_msg_s");
 }

@@ -1,6 +1,7 @@
 //! The CLI on Redis Streams (server on 127.0.0.1:6379, started or found by
-//! `scripts/brokers.sh start redis`): `pub`, `sub --durable`, `topics list|describe|lag`. Each run
-//! uses a key prefix of its own, so its streams hold only its messages.
+//! `scripts/brokers.sh start redis`): `pub`, `sub --durable`, `topics list|describe|lag`,
+//! `bench-redis` (both modes). Each run uses a key prefix of its own, so its streams hold only
+//! its messages.
 
 mod common;
 
@@ -58,4 +59,15 @@ fn demo_runs_end_to_end_on_redis() {
     let o = ampybus_in(None, &["--url", &url, "demo"]);
     assert_eq!(o.code, 0, "{}\n{}", o.stdout, o.stderr);
     assert!(o.stdout.contains("result: OK"), "{}", o.stdout);
+}
+
+#[test]
+fn bench_redis_consume_and_publish_modes() {
+    brokers();
+    let url = format!(
+        "redis://127.0.0.1:6379?key_prefix=clitest{}:",
+        common::unique()
+    );
+    common::consume_bench_smoke(&url, "redis", "raw_redis_msg_s");
+    common::publish_bench_smoke(&url, "redis", "raw_redis_msg_s");
 }

@@ -143,3 +143,83 @@ pub fn unique() -> String {
             .as_nanos()
     )
 }
+
+/// `ampybus --url {url} bench-{broker} --mode consume --messages 2000 --rounds 1 --json`: exit
+/// 0, one JSON object, every side read exactly 2,000 messages, every rate and both ratios
+/// (`ratio`, `ratio_dedupe`) positive; `raw_key` is the raw client's series
+/// (`raw_async_nats_msg_s`, …).
+pub fn consume_bench_smoke(url: &str, broker: &str, raw_key: &str) {
+    let o = ampybus_on(
+        url,
+        &[
+            &format!("bench-{broker}"),
+            "--mode",
+            "consume",
+            "--messages",
+            "2000",
+            "--rounds",
+            "1",
+            "--json",
+        ],
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let v = o.json_lines();
+    assert_eq!(v.len(), 1, "{}", o.stdout);
+    let r = &v[0];
+    assert_eq!(r["mode"], "consume", "{r}");
+    assert_eq!(r["messages"], 2000, "{r}");
+    assert_eq!(r["keys"], 1000, "{r}");
+    assert_eq!(r["workers"], 8, "{r}");
+    for side in ["raw", "ampybus", "ampybus_dedupe"] {
+        assert_eq!(
+            r["messages_read"][side],
+            serde_json::json!([2000]),
+            "{side}: {r}"
+        );
+    }
+    for key in [
+        raw_key,
+        "ampybus_msg_s",
+        "ampybus_dedupe_msg_s",
+        "ratio",
+        "ratio_dedupe",
+    ] {
+        let median = r[key]["median"].as_f64().unwrap_or(0.0);
+        assert!(median > 0.0, "{key}: {r}");
+        assert_eq!(
+            r[key]["runs"].as_array().map(Vec::len),
+            Some(1),
+            "{key}: {r}"
+        );
+    }
+    // The per-round line on stderr names all three sides.
+    assert!(
+        o.stderr.contains("round 0: raw ") && o.stderr.contains("runtime with dedupe"),
+        "{}",
+        o.stderr
+    );
+}
+
+/// `ampybus --url {url} bench-{broker} --messages 500 --rounds 1 --json` (publish, the default
+/// mode): today's keys are there (`ratio.median`, the raw client's series, `ampybus_msg_s`).
+pub fn publish_bench_smoke(url: &str, broker: &str, raw_key: &str) {
+    let o = ampybus_on(
+        url,
+        &[
+            &format!("bench-{broker}"),
+            "--messages",
+            "500",
+            "--rounds",
+            "1",
+            "--json",
+        ],
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let r = &o.json_lines()[0];
+    assert_eq!(r["mode"], "publish", "{r}");
+    assert_eq!(r["messages"], 500, "{r}");
+    for key in [raw_key, "ampybus_msg_s", "ratio"] {
+        assert!(r[key]["median"].as_f64().unwrap_or(0.0) > 0.0, "{key}: {r}");
+    }
+    assert!(r.get("ratio_dedupe").is_none(), "{r}");
+}
