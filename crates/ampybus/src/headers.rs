@@ -599,7 +599,13 @@ impl Headers {
         let id = self.get(MESSAGE_ID).unwrap_or_default();
         let u = uuid::Uuid::try_parse(id.trim())
             .map_err(|_| Error::header(MESSAGE_ID, format!("not a UUID (got {})", show(id))))?;
-        self.set(MESSAGE_ID, u.hyphenated().to_string());
+        // Rewrite only what is not in canonical form already (the common case costs nothing).
+        let mut buf = uuid::Uuid::encode_buffer();
+        let canonical = u.hyphenated().encode_lower(&mut buf);
+        if canonical != id {
+            let canonical = canonical.to_owned();
+            self.set(MESSAGE_ID, canonical);
+        }
         let pa = self.get(PRODUCED_AT).unwrap_or_default();
         let t = ids::parse_time(pa.trim()).ok_or_else(|| {
             Error::header(
@@ -607,7 +613,9 @@ impl Headers {
                 format!("must be an RFC3339 time with offset (got {})", show(pa)),
             )
         })?;
-        self.set(PRODUCED_AT, ids::format_time(t));
+        if !is_canonical_time(pa) {
+            self.set(PRODUCED_AT, ids::format_time(t));
+        }
         if let Some(ce) = self.get(CONTENT_ENCODING)
             && !ce.is_empty()
             && !ce.eq_ignore_ascii_case("gzip")
@@ -656,6 +664,17 @@ impl Headers {
     pub fn dedupe_scope(&self, domain: Domain) -> Option<String> {
         self.dedupe_key().map(|k| format!("{domain}:{k}"))
     }
+}
+
+/// Whether a time that parsed as RFC3339 is already in the emitted form
+/// `YYYY-MM-DDTHH:MM:SS.ffffffZ` (UTC, microseconds), so normalising it would not change it.
+fn is_canonical_time(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 27
+        && b[10] == b'T'
+        && b[19] == b'.'
+        && b[26] == b'Z'
+        && b[20..26].iter().all(u8::is_ascii_digit)
 }
 
 impl FromIterator<(String, String)> for Headers {
@@ -772,6 +791,30 @@ fn check_semver(v: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn canonical_times_are_recognised_and_others_normalised() {
+        assert!(is_canonical_time("2025-09-05T19:31:01.000000Z"));
+        for t in [
+            "2025-09-05t19:31:01.000000Z",
+            "2025-09-05T19:31:01.000000z",
+            "2025-09-05T19:31:01Z",
+            "2025-09-05T19:31:01.000000+00:00",
+            " 2025-09-05T19:31:01.00000Z",
+        ] {
+            assert!(!is_canonical_time(t), "{t}");
+        }
+        let mut h = Headers::for_publish("ampy.raw.v1.Bytes", "p@1", "p", "k");
+        h.fill_publish_defaults();
+        h.set(PRODUCED_AT, "2025-09-05t19:31:01.5z");
+        h.set(MESSAGE_ID, "018F5E2F-9B1C-46AA-8F7A-3B1D8F3EA0C2");
+        h.normalize_for_consume().unwrap();
+        assert_eq!(h.produced_at(), Some("2025-09-05T19:31:01.500000Z"));
+        assert_eq!(h.message_id(), Some("018f5e2f-9b1c-46aa-8f7a-3b1d8f3ea0c2"));
+        let before = h.clone();
+        h.normalize_for_consume().unwrap();
+        assert_eq!(h, before, "normalising a normal form changes nothing");
+    }
 
     fn topic() -> Topic {
         Topic::parse("ampy.prod.bars.v1.XNAS.AAPL").unwrap()

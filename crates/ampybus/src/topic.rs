@@ -164,7 +164,8 @@ impl fmt::Display for Domain {
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Topic {
-    raw: String,
+    /// Shared: a clone (one per delivered message) is a reference count, not a copy.
+    raw: std::sync::Arc<str>,
     env: Env,
     domain: Domain,
     version: u32,
@@ -268,7 +269,7 @@ impl Topic {
         }
         let sub_at = toks[..4].iter().map(|t| t.len() + 1).sum();
         Ok(Topic {
-            raw: s.to_owned(),
+            raw: s.into(),
             env,
             domain,
             version,
@@ -326,7 +327,7 @@ impl Topic {
         let raw = format!("ampy.{}.dlq.v1.{}", self.env, self.domain);
         let sub_at = format!("ampy.{}.dlq.v1.", self.env).len();
         Topic {
-            raw,
+            raw: raw.into(),
             env: self.env,
             domain: Domain::Dlq,
             version: 1,

@@ -311,6 +311,7 @@ impl ConsumerBuilder {
             dedupe,
             pending: Mutex::new(HashSet::new()),
             handling: Mutex::new(HashSet::new()),
+            topics: Mutex::new(HashMap::new()),
             recent: Mutex::new(Recent::new(65_536 + 4 * self.max_in_flight)),
             sched: Mutex::new(Sched::default()),
             notify: Notify::new(),
@@ -797,6 +798,9 @@ struct Shared {
     pending: Mutex<HashSet<String>>,
     /// Dedupe keys of messages being handled right now.
     handling: Mutex<HashSet<String>>,
+    /// Topics already parsed, by their text: a consumer sees few distinct topics, so each is
+    /// parsed and validated once (bounded by [`TOPIC_CACHE_MAX`]; cleared when full).
+    topics: Mutex<HashMap<String, Topic>>,
     /// Keys this process recorded lately (moved here from `pending` by the acker), so that a
     /// batch lookup made at fetch time cannot miss what was applied here since.
     recent: Mutex<Recent>,
@@ -923,9 +927,32 @@ enum Step {
     Retry(Box<Item>, Duration),
 }
 
-/// Parses the topic and normalises the headers of a delivered envelope.
-fn prepare(env: &crate::Envelope) -> Result<(Topic, crate::headers::Headers)> {
-    let topic = Topic::parse(&env.topic)?;
+/// How many parsed topics a consumer keeps (see `Shared::topics`).
+const TOPIC_CACHE_MAX: usize = 4096;
+
+/// Parses the topic (once per distinct topic, through `cache`) and normalises the headers of
+/// a delivered envelope.
+fn prepare(
+    cache: &Mutex<HashMap<String, Topic>>,
+    env: &crate::Envelope,
+) -> Result<(Topic, crate::headers::Headers)> {
+    let cached = cache
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(env.topic.as_str())
+        .cloned();
+    let topic = match cached {
+        Some(t) => t,
+        None => {
+            let t = Topic::parse(&env.topic)?;
+            let mut c = cache.lock().unwrap_or_else(|p| p.into_inner());
+            if c.len() >= TOPIC_CACHE_MAX {
+                c.clear();
+            }
+            c.insert(env.topic.clone(), t.clone());
+            t
+        }
+    };
     let mut headers = env.headers.clone();
     headers.normalize_for_consume()?;
     Ok((topic, headers))
@@ -1341,7 +1368,7 @@ impl Shared {
             let env = &item.delivery.envelope;
             let (topic, headers) = match item.prepared.take() {
                 Some(p) => p,
-                None => match prepare(env) {
+                None => match prepare(&self.topics, env) {
                     Ok(p) => p,
                     Err(e) => {
                         let reason = DlqCode::ContractViolation.reason(&e.to_string());
@@ -1631,7 +1658,7 @@ impl Shared {
         let mut all = Vec::new();
         let mut per_item = Vec::with_capacity(items.len());
         for (_, item) in items.iter_mut() {
-            match prepare(&item.delivery.envelope) {
+            match prepare(&self.topics, &item.delivery.envelope) {
                 Ok((topic, headers)) => {
                     let keys = dedupe_keys(&headers, topic.domain());
                     all.extend(keys.iter().cloned());
