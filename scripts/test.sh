@@ -5,7 +5,10 @@
 #
 # Runs, in order: rustfmt check, clippy (warnings are errors), every test of the workspace
 # (cargo-nextest when installed, else cargo test), the doctests, then the Python SDK's pytest
-# suite (scripts/python-sdk.sh test: builds crates/ampybus-py with maturin into .venv-ampybus/).
+# suite (scripts/python-sdk.sh test: builds crates/ampybus-py with maturin into .venv-ampybus/),
+# then the instruction budget of the consumer runtime (scripts/perf-gate.sh: a release build of
+# crates/ampybus/examples/runtime_cost under valgrind's callgrind, against docs/perf-budget.toml;
+# valgrind is installed from Debian's packages when missing).
 #
 # Needs: rustup's cargo (with the rustfmt and clippy components), a C compiler (SQLite is
 # built from source), python3 with pip (ampybus-proto's cross-language tests create
@@ -87,5 +90,8 @@ cargo test --workspace --doc
 
 step "Python SDK: scripts/python-sdk.sh test (venv .venv-ampybus/, maturin develop, pytest; brokers as above)"
 bash scripts/python-sdk.sh test
+
+step "perf gate: scripts/perf-gate.sh (release runtime_cost under callgrind against docs/perf-budget.toml)"
+bash scripts/perf-gate.sh
 
 step "all checks passed in $((SECONDS - started)) s"
