@@ -87,15 +87,10 @@ pub async fn run(url: &str, args: PubArgs) -> CliResult<u8> {
     let secs = run.started.elapsed().as_secs_f64();
     let close = util::close(&bus).await;
     let done = format!(
-        "to {topic_s} in {secs:.3}s ({:.0} msg/s), seq {}..{}, run_id {run_id}{}",
+        "to {topic_s} in {secs:.3}s ({:.0} msg/s), {}, run_id {run_id}{}",
         run.confirmed as f64 / secs.max(1e-9),
-        run.first_seq.unwrap_or(0),
-        run.last_seq,
-        if run.dups > 0 {
-            format!(", {} duplicate(s) not stored again", run.dups)
-        } else {
-            String::new()
-        }
+        run.seq_range(),
+        run.dups_note()
     );
     run.finish("message(s)", &done, close)
 }
@@ -264,6 +259,20 @@ impl Run {
 
     /// Prints the summary and picks the exit code. `done` follows "published N {what} " on
     /// a complete run.
+    /// `seq FIRST..LAST` of the confirmed messages.
+    fn seq_range(&self) -> String {
+        format!("seq {}..{}", self.first_seq.unwrap_or(0), self.last_seq)
+    }
+
+    /// `, N duplicate(s) not stored again`, or nothing.
+    fn dups_note(&self) -> String {
+        if self.dups > 0 {
+            format!(", {} duplicate(s) not stored again", self.dups)
+        } else {
+            String::new()
+        }
+    }
+
     fn finish(mut self, what: &str, done: &str, close: CliResult<()>) -> CliResult<u8> {
         use std::io::Write;
         if let Some((path, mut f)) = self.unconfirmed.take()
@@ -426,14 +435,9 @@ async fn publish_envelope_file(
     let secs = run.started.elapsed().as_secs_f64();
     let close = util::close(&bus).await;
     let done = format!(
-        "from {shown} in {secs:.3}s, seq {}..{}{}",
-        run.first_seq.unwrap_or(0),
-        run.last_seq,
-        if run.dups > 0 {
-            format!(", {} duplicate(s) not stored again", run.dups)
-        } else {
-            String::new()
-        }
+        "from {shown} in {secs:.3}s, {}{}",
+        run.seq_range(),
+        run.dups_note()
     );
     run.finish("envelope(s)", &done, close)
 }

@@ -89,14 +89,9 @@ pub(crate) async fn publish_outcomes(
         }
         while pending.len() >= limit {
             let p = pending.pop_front().expect("non-empty");
-            let i = p.index;
-            match await_ack(shared, p, total, &mut violations).await {
-                Ok(r) => outcomes[i] = PublishOutcome::Confirmed(r),
-                Err((e, o)) => {
-                    outcomes[i] = o;
-                    error = Some(e);
-                    break 'send;
-                }
+            if let Some(e) = settle(shared, p, total, &mut violations, &mut outcomes).await {
+                error = Some(e);
+                break 'send;
             }
         }
         match shared.js.send_publish(topic.as_str().to_owned(), msg).await {
@@ -124,14 +119,7 @@ pub(crate) async fn publish_outcomes(
     while error.is_none()
         && let Some(p) = pending.pop_front()
     {
-        let i = p.index;
-        match await_ack(shared, p, total, &mut violations).await {
-            Ok(r) => outcomes[i] = PublishOutcome::Confirmed(r),
-            Err((e, o)) => {
-                outcomes[i] = o;
-                error = Some(e);
-            }
-        }
+        error = settle(shared, p, total, &mut violations, &mut outcomes).await;
     }
     if settle_rest {
         let settled = futures::future::join_all(pending.into_iter().map(|p| {
@@ -154,6 +142,27 @@ pub(crate) async fn publish_outcomes(
         }
     }
     BatchOutcome { outcomes, error }
+}
+
+/// Awaits one PubAck and records the message's outcome; the error when it failed.
+async fn settle(
+    shared: &Shared,
+    p: Pending,
+    total: usize,
+    violations: &mut tokio::sync::broadcast::Receiver<String>,
+    outcomes: &mut [PublishOutcome],
+) -> Option<Error> {
+    let i = p.index;
+    match await_ack(shared, p, total, violations).await {
+        Ok(r) => {
+            outcomes[i] = PublishOutcome::Confirmed(r);
+            None
+        }
+        Err((e, o)) => {
+            outcomes[i] = o;
+            Some(e)
+        }
+    }
 }
 
 /// Awaits one PubAck; on failure the error and what it means for the message.
