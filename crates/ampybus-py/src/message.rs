@@ -133,7 +133,7 @@ impl PyHeaders {
 
     /// A plain `dict` copy.
     fn to_dict(&self) -> std::collections::BTreeMap<String, String> {
-        self.inner.as_map().clone()
+        self.inner.to_map()
     }
 
     /// `message_id` (a UUID; v7 when published by ampybus).

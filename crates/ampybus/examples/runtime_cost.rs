@@ -24,6 +24,7 @@ use ampybus::transport::{
 };
 use ampybus::{Bus, Envelope, Headers, Result, Topic, TopicPattern};
 use async_trait::async_trait;
+use bytes::Bytes;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -52,9 +53,12 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
+/// The queue holds each message in a wire form (the embedded log's row layout): topic length
+/// (u16 LE), topic, compact headers length (u32 LE), compact headers
+/// ([`Headers::encode_compact`]), payload. Fetching decodes it, as a transport would.
 #[derive(Default)]
 struct Queue {
-    messages: Mutex<VecDeque<Envelope>>,
+    messages: Mutex<VecDeque<Bytes>>,
     next_seq: AtomicU64,
     acked: AtomicU64,
 }
@@ -88,7 +92,7 @@ struct MemorySub {
 #[async_trait]
 impl Subscription for MemorySub {
     async fn fetch(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
-        let batch: Vec<Envelope> = {
+        let batch: Vec<Bytes> = {
             let mut q = self.queue.messages.lock().unwrap();
             let n = max.min(q.len());
             q.drain(..n).collect()
@@ -97,20 +101,62 @@ impl Subscription for MemorySub {
             tokio::time::sleep(wait.min(Duration::from_millis(1))).await;
         }
         let now = chrono::Utc::now();
-        Ok(batch
-            .into_iter()
-            .filter(|e| self.pattern.matches(&e.topic))
-            .map(|e| {
-                let seq = self.queue.next_seq.fetch_add(1, Ordering::Relaxed) + 1;
-                let info = DeliveryInfo {
-                    sequence: seq,
-                    delivery_count: 1,
-                    stored_at: now,
-                };
-                Delivery::new(e, info, self.settler.clone())
-            })
-            .collect())
+        let mut out = Vec::with_capacity(batch.len());
+        for wire in batch {
+            let e = decode(&wire)?;
+            if !self.pattern.matches(&e.topic) {
+                continue;
+            }
+            let seq = self.queue.next_seq.fetch_add(1, Ordering::Relaxed) + 1;
+            let info = DeliveryInfo {
+                sequence: seq,
+                delivery_count: 1,
+                stored_at: now,
+            };
+            out.push(Delivery::new(e, info, self.settler.clone()));
+        }
+        Ok(out)
     }
+}
+
+fn encode(e: &Envelope) -> Bytes {
+    let mut b = Vec::with_capacity(512 + e.payload.len());
+    b.extend_from_slice(&(e.topic.len() as u16).to_le_bytes());
+    b.extend_from_slice(e.topic.as_bytes());
+    b.extend_from_slice(&[0; 4]);
+    let at = b.len();
+    e.headers.encode_compact(&mut b);
+    let n = (b.len() - at) as u32;
+    b[at - 4..at].copy_from_slice(&n.to_le_bytes());
+    b.extend_from_slice(&e.payload);
+    Bytes::from(b)
+}
+
+fn decode(wire: &Bytes) -> Result<Envelope> {
+    let bad = || ampybus::Error::new(ampybus::ErrorKind::Envelope, "damaged wire message");
+    let tl = usize::from(u16::from_le_bytes(
+        wire.get(..2)
+            .ok_or_else(bad)?
+            .try_into()
+            .map_err(|_| bad())?,
+    ));
+    let topic = std::str::from_utf8(wire.get(2..2 + tl).ok_or_else(bad)?).map_err(|_| bad())?;
+    let hl = u32::from_le_bytes(
+        wire.get(2 + tl..6 + tl)
+            .ok_or_else(bad)?
+            .try_into()
+            .map_err(|_| bad())?,
+    ) as usize;
+    let h_end = (6 + tl)
+        .checked_add(hl)
+        .filter(|&e| e <= wire.len())
+        .ok_or_else(bad)?;
+    let headers = Headers::decode_compact(&wire.slice(6 + tl..h_end))?;
+    Ok(Envelope {
+        topic: topic.to_owned(),
+        headers,
+        payload: wire.slice(h_end..),
+    })
 }
 
 #[async_trait]
@@ -120,7 +166,8 @@ impl Transport for Memory {
     }
     async fn publish_batch(&self, batch: Vec<Envelope>) -> Result<Vec<PublishReceipt>> {
         let n = batch.len();
-        self.0.messages.lock().unwrap().extend(batch);
+        let wire: Vec<Bytes> = batch.iter().map(encode).collect();
+        self.0.messages.lock().unwrap().extend(wire);
         Ok((0..n as u64)
             .map(|i| PublishReceipt {
                 sequence: i + 1,

@@ -130,7 +130,7 @@ impl Envelope {
         });
         EnvelopeJson {
             topic: self.topic.clone(),
-            headers: self.headers.as_map().clone(),
+            headers: self.headers.to_map(),
             payload_base64: base64::engine::general_purpose::STANDARD.encode(&self.payload),
             payload_json,
         }

@@ -2,9 +2,10 @@
 //! contract (strict on publish, liberal but safe on consume).
 
 use crate::error::{Error, Result, show};
-use crate::ids::{self, TraceContext};
+use crate::ids::{self, TraceContext, TraceIds};
 use crate::partition;
 use crate::topic::{Domain, Topic};
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -90,8 +91,14 @@ pub const MAX_HEADER_VALUE_BYTES: usize = 64 * 1024;
 /// Largest sum of every header's name and value on publish, in bytes: 256 KiB.
 pub const MAX_HEADERS_BYTES: usize = 256 * 1024;
 
-/// The header map of an envelope: wire name → string value. Unknown headers are carried
-/// through untouched. Keys are kept sorted.
+/// The header map of an envelope: wire name → string value, with a typed core.
+///
+/// The contract's known headers live in fixed slots and extension headers in a small sorted
+/// side list; values are UTF-8 text held in shared [`Bytes`] (a slice of the buffer a message
+/// arrived in, a static string, or an owned string), so cloning costs reference counts, not
+/// copies. `message_id`, `produced_at` and `traceparent` are parsed once when they are set (see
+/// [`Headers::message_uuid`], [`Headers::produced_at_micros`], [`Headers::trace_ids`]) and
+/// never again. Unknown headers are carried through untouched; iteration is in name order.
 ///
 /// ```
 /// use ampybus::Headers;
@@ -101,9 +108,165 @@ pub const MAX_HEADERS_BYTES: usize = 256 * 1024;
 /// let topic = ampybus::Topic::parse("ampy.prod.bars.v1.XNAS.AAPL").unwrap();
 /// h.validate_for_publish(&topic).unwrap();
 /// ```
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct Headers(BTreeMap<String, String>);
+#[derive(Clone, Default)]
+pub struct Headers {
+    known: [Option<Text>; KNOWN_COUNT],
+    /// Extension headers, sorted by name, names unique.
+    ext: Vec<(Text, Text)>,
+    parsed: Parsed,
+}
+
+/// What was parsed when the text was set; `None` where the text is absent or not in its
+/// canonical form (the rules then read the text).
+#[derive(Clone, Copy, Default)]
+struct Parsed {
+    /// `message_id` when it is a UUID written lowercase and hyphenated.
+    id: Option<[u8; 16]>,
+    /// `produced_at` when it is in the canonical form.
+    produced_us: Option<i64>,
+    /// `traceparent` when it is valid.
+    trace: Option<TraceIds>,
+}
+
+/// UTF-8 text in shared bytes.
+#[derive(Clone)]
+struct Text(Bytes);
+
+impl Text {
+    fn as_str(&self) -> &str {
+        // SAFETY: a `Text` is only made from a `&str`, a `String`, or bytes that passed
+        // `std::str::from_utf8` (`Text::from_utf8`), and its bytes are never changed.
+        unsafe { std::str::from_utf8_unchecked(&self.0) }
+    }
+
+    fn owned(s: String) -> Text {
+        Text(Bytes::from(s))
+    }
+
+    fn from_static(s: &'static str) -> Text {
+        Text(Bytes::from_static(s.as_bytes()))
+    }
+
+    fn from_utf8(b: Bytes) -> std::result::Result<Text, std::str::Utf8Error> {
+        std::str::from_utf8(&b)?;
+        Ok(Text(b))
+    }
+}
+
+/// Number of headers the contract names.
+const KNOWN_COUNT: usize = 26;
+
+/// The contract's headers in name order (the slot order of [`Headers`]).
+const KNOWN: [&str; KNOWN_COUNT] = [
+    BLOB_HASH,
+    BLOB_REF,
+    BLOB_SIZE,
+    CONTENT_ENCODING,
+    CONTENT_TYPE,
+    DEDUPE_KEY,
+    DLQ_AT,
+    DLQ_CONSUMER,
+    DLQ_REASON,
+    MESSAGE_ID,
+    ORIGINAL_TOPIC,
+    PARTITION_KEY,
+    PAYLOAD_HASH,
+    PRODUCED_AT,
+    PRODUCER,
+    REDRIVE_OF,
+    REPLAY_REQUEST_ID,
+    RETRY_COUNT,
+    RUN_ID,
+    SCHEMA_FQDN,
+    SCHEMA_HASH,
+    SCHEMA_VERSION,
+    SOURCE,
+    SPAN_ID,
+    TRACE_ID,
+    TRACEPARENT,
+];
+
+const K_CONTENT_TYPE: usize = 4;
+const K_MESSAGE_ID: usize = 9;
+const K_PRODUCED_AT: usize = 13;
+const K_RUN_ID: usize = 18;
+const K_SCHEMA_VERSION: usize = 21;
+const K_SPAN_ID: usize = 23;
+const K_TRACE_ID: usize = 24;
+const K_TRACEPARENT: usize = 25;
+
+/// The slot of a known header name.
+fn known_index(name: &str) -> Option<usize> {
+    Some(match name {
+        BLOB_HASH => 0,
+        BLOB_REF => 1,
+        BLOB_SIZE => 2,
+        CONTENT_ENCODING => 3,
+        CONTENT_TYPE => 4,
+        DEDUPE_KEY => 5,
+        DLQ_AT => 6,
+        DLQ_CONSUMER => 7,
+        DLQ_REASON => 8,
+        MESSAGE_ID => 9,
+        ORIGINAL_TOPIC => 10,
+        PARTITION_KEY => 11,
+        PAYLOAD_HASH => 12,
+        PRODUCED_AT => 13,
+        PRODUCER => 14,
+        REDRIVE_OF => 15,
+        REPLAY_REQUEST_ID => 16,
+        RETRY_COUNT => 17,
+        RUN_ID => 18,
+        SCHEMA_FQDN => 19,
+        SCHEMA_HASH => 20,
+        SCHEMA_VERSION => 21,
+        SOURCE => 22,
+        SPAN_ID => 23,
+        TRACE_ID => 24,
+        TRACEPARENT => 25,
+        _ => return None,
+    })
+}
+
+/// A UUID written lowercase and hyphenated, as its 16 bytes.
+fn canonical_uuid(s: &str) -> Option<[u8; 16]> {
+    let b = s.as_bytes();
+    if b.len() != 36 || b[8] != b'-' || b[13] != b'-' || b[18] != b'-' || b[23] != b'-' {
+        return None;
+    }
+    let mut hex = [0u8; 32];
+    let mut n = 0;
+    for (i, &c) in b.iter().enumerate() {
+        if !matches!(i, 8 | 13 | 18 | 23) {
+            hex[n] = c;
+            n += 1;
+        }
+    }
+    let mut out = [0u8; 16];
+    for (o, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
+        let v = |c: u8| match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            _ => None,
+        };
+        *o = (v(pair[0])? << 4) | v(pair[1])?;
+    }
+    Some(out)
+}
+
+/// Writes 16 bytes as a lowercase hyphenated UUID.
+fn uuid_text(id: &[u8; 16], out: &mut [u8]) {
+    let mut at = 0;
+    for (i, range) in [0..4, 4..6, 6..8, 8..10, 10..16].into_iter().enumerate() {
+        if i > 0 {
+            out[at] = b'-';
+            at += 1;
+        }
+        let n = (range.end - range.start) * 2;
+        ids::hex_lower(&id[range], &mut out[at..at + n]);
+        at += n;
+    }
+}
 
 macro_rules! getters {
     ($($fn:ident => $name:ident),* $(,)?) => {
@@ -121,7 +284,7 @@ impl Headers {
     /// assert!(ampybus::Headers::new().is_empty());
     /// ```
     pub fn new() -> Self {
-        Headers(BTreeMap::new())
+        Headers::default()
     }
 
     /// Headers for a new publish: fills `message_id` (UUIDv7), `produced_at` (now),
@@ -140,22 +303,18 @@ impl Headers {
         partition_key: &str,
     ) -> Self {
         let mut h = Headers::new();
-        h.set(MESSAGE_ID, ids::new_message_id());
         h.set(SCHEMA_FQDN, schema_fqdn);
-        h.set(SCHEMA_VERSION, "1.0.0");
-        h.set(CONTENT_TYPE, CONTENT_TYPE_PROTOBUF);
-        h.set(PRODUCED_AT, ids::now_timestamp());
         h.set(PRODUCER, producer);
         h.set(SOURCE, source);
-        h.set(RUN_ID, ids::process_run_id());
         h.set(PARTITION_KEY, partition_key);
-        h.set_trace_context(&TraceContext::new_root());
+        h.fill_publish_defaults();
         h
     }
 
     /// Fills what a publish needs and the caller left out: `message_id`, `produced_at`,
     /// `schema_version`, `content_type`, `run_id`, `traceparent` (from `trace_id` when only
-    /// that is given), `trace_id`/`span_id`. Existing values are kept.
+    /// that is given), `trace_id`/`span_id`. Existing values are kept. The generated values
+    /// share one buffer.
     ///
     /// ```
     /// let mut h = ampybus::Headers::new();
@@ -163,33 +322,76 @@ impl Headers {
     /// assert!(h.message_id().is_some() && h.produced_at().is_some() && h.traceparent().is_some());
     /// ```
     pub fn fill_publish_defaults(&mut self) {
-        if self.get(MESSAGE_ID).is_none() {
-            self.set(MESSAGE_ID, ids::new_message_id());
+        if self.known[K_SCHEMA_VERSION].is_none() {
+            self.put(K_SCHEMA_VERSION, Text::from_static("1.0.0"));
         }
-        if self.get(PRODUCED_AT).is_none() {
-            self.set(PRODUCED_AT, ids::now_timestamp());
+        if self.known[K_CONTENT_TYPE].is_none() {
+            self.put(K_CONTENT_TYPE, Text::from_static(CONTENT_TYPE_PROTOBUF));
         }
-        if self.get(SCHEMA_VERSION).is_none() {
-            self.set(SCHEMA_VERSION, "1.0.0");
+        if self.known[K_RUN_ID].is_none() {
+            self.put(
+                K_RUN_ID,
+                Text(Bytes::from_static(ids::process_run_id().as_bytes())),
+            );
         }
-        if self.get(CONTENT_TYPE).is_none() {
-            self.set(CONTENT_TYPE, CONTENT_TYPE_PROTOBUF);
-        }
-        if self.get(RUN_ID).is_none() {
-            self.set(RUN_ID, ids::process_run_id());
-        }
-        if self.get(TRACEPARENT).is_none() {
-            let tc = self
+        let need_id = self.known[K_MESSAGE_ID].is_none();
+        let need_time = self.known[K_PRODUCED_AT].is_none();
+        let trace = if self.known[K_TRACEPARENT].is_none() {
+            let ids = self
                 .get(TRACE_ID)
                 .and_then(|t| TraceContext::from_ids(t, self.get(SPAN_ID)))
-                .unwrap_or_else(TraceContext::new_root);
-            self.set_trace_context(&tc);
-        } else if let Some(tc) = self.traceparent().and_then(TraceContext::parse) {
-            if self.get(TRACE_ID).is_none() {
-                self.set(TRACE_ID, tc.trace_id.clone());
+                .and_then(|tc| TraceIds::parse(&tc.to_traceparent()))
+                .unwrap_or_else(TraceIds::new_root);
+            Some(ids)
+        } else {
+            None
+        };
+        // One buffer for every generated value: id (36), time (27), traceparent (55).
+        let mut buf = Vec::with_capacity(118);
+        if need_id {
+            let mut t = [0u8; 36];
+            uuid_text(ids::new_message_uuid().as_bytes(), &mut t);
+            buf.extend_from_slice(&t);
+        }
+        if need_time {
+            let mut t = [0u8; 27];
+            ids::write_canonical_time(ids::now_micros(), &mut t);
+            buf.extend_from_slice(&t);
+        }
+        if let Some(t) = &trace {
+            buf.extend_from_slice(&t.traceparent_text());
+        }
+        if !buf.is_empty() {
+            let buf = Bytes::from(buf);
+            let mut at = 0;
+            let mut take = |n: usize| {
+                let t = Text(buf.slice(at..at + n));
+                at += n;
+                t
+            };
+            if need_id {
+                self.put(K_MESSAGE_ID, take(36));
             }
-            if self.get(SPAN_ID).is_none() {
-                self.set(SPAN_ID, tc.span_id);
+            if need_time {
+                self.put(K_PRODUCED_AT, take(27));
+            }
+            if trace.is_some() {
+                let tp = take(55);
+                self.put(K_TRACE_ID, Text(tp.0.slice(3..35)));
+                self.put(K_SPAN_ID, Text(tp.0.slice(36..52)));
+                self.put(K_TRACEPARENT, tp);
+            }
+        }
+        if trace.is_none()
+            && self.parsed.trace.is_some()
+            && let Some(tp) = self.known[K_TRACEPARENT].clone()
+        {
+            // A valid traceparent was given: fill the older headers from it.
+            if self.known[K_TRACE_ID].is_none() {
+                self.put(K_TRACE_ID, Text(tp.0.slice(3..35)));
+            }
+            if self.known[K_SPAN_ID].is_none() {
+                self.put(K_SPAN_ID, Text(tp.0.slice(36..52)));
             }
         }
     }
@@ -217,19 +419,114 @@ impl Headers {
     /// assert!(h.trace_context().is_none());
     /// ```
     pub fn trace_context(&self) -> Option<TraceContext> {
-        self.traceparent()
-            .and_then(TraceContext::parse)
-            .or_else(|| TraceContext::from_ids(self.get(TRACE_ID)?, self.get(SPAN_ID)))
+        if let Some(t) = self.parsed.trace {
+            return Some(t.to_context());
+        }
+        TraceContext::from_ids(self.get(TRACE_ID)?, self.get(SPAN_ID))
+    }
+
+    /// The `traceparent` as numbers, when it is present and valid (parsed when it was set).
+    ///
+    /// ```
+    /// let h = ampybus::Headers::new()
+    ///     .with("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+    /// assert_eq!(h.trace_ids().unwrap().flags, 1);
+    /// assert!(ampybus::Headers::new().with("traceparent", "nope").trace_ids().is_none());
+    /// ```
+    pub fn trace_ids(&self) -> Option<TraceIds> {
+        self.parsed.trace
+    }
+
+    /// `message_id` as a UUID, when it is written lowercase and hyphenated (parsed when it
+    /// was set).
+    ///
+    /// ```
+    /// let h = ampybus::Headers::new().with("message_id", "018f5e2f-9b1c-76aa-8f7a-3b1d8f3ea0c2");
+    /// assert_eq!(h.message_uuid().unwrap().get_version_num(), 7);
+    /// ```
+    pub fn message_uuid(&self) -> Option<uuid::Uuid> {
+        self.parsed.id.map(uuid::Uuid::from_bytes)
+    }
+
+    /// `produced_at` in microseconds since the Unix epoch, when it is in the canonical form
+    /// (parsed when it was set).
+    ///
+    /// ```
+    /// let h = ampybus::Headers::new().with("produced_at", "1970-01-01T00:00:01.000000Z");
+    /// assert_eq!(h.produced_at_micros(), Some(1_000_000));
+    /// ```
+    pub fn produced_at_micros(&self) -> Option<i64> {
+        self.parsed.produced_us
     }
 
     /// A header value by wire name.
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.0.get(name).map(String::as_str)
+        match known_index(name) {
+            Some(i) => self.known[i].as_ref().map(Text::as_str),
+            None => self.ext_position(name).ok().map(|i| self.ext[i].1.as_str()),
+        }
+    }
+
+    fn ext_position(&self, name: &str) -> std::result::Result<usize, usize> {
+        self.ext.binary_search_by(|(n, _)| n.as_str().cmp(name))
+    }
+
+    /// Stores a known header's text and parses what the typed core holds.
+    fn put(&mut self, i: usize, v: Text) -> Option<Text> {
+        match i {
+            K_MESSAGE_ID => self.parsed.id = canonical_uuid(v.as_str()),
+            K_PRODUCED_AT => self.parsed.produced_us = ids::canonical_time_micros(v.as_str()),
+            K_TRACEPARENT => self.parsed.trace = TraceIds::parse(v.as_str()),
+            _ => {}
+        }
+        self.known[i].replace(v)
+    }
+
+    fn take(&mut self, i: usize) -> Option<Text> {
+        match i {
+            K_MESSAGE_ID => self.parsed.id = None,
+            K_PRODUCED_AT => self.parsed.produced_us = None,
+            K_TRACEPARENT => self.parsed.trace = None,
+            _ => {}
+        }
+        self.known[i].take()
+    }
+
+    fn set_text(&mut self, name: &str, value: Text) -> Option<Text> {
+        match known_index(name) {
+            Some(i) => self.put(i, value),
+            None => match self.ext_position(name) {
+                Ok(i) => Some(std::mem::replace(&mut self.ext[i].1, value)),
+                Err(i) => {
+                    self.ext.insert(i, (Text::owned(name.to_owned()), value));
+                    None
+                }
+            },
+        }
     }
 
     /// Sets a header, returning the previous value.
     pub fn set(&mut self, name: impl Into<String>, value: impl Into<String>) -> Option<String> {
-        self.0.insert(name.into(), value.into())
+        let name = name.into();
+        self.set_text(&name, Text::owned(value.into()))
+            .map(|t| t.as_str().to_owned())
+    }
+
+    /// Sets a header from bytes as they arrived (shared, not copied): the value must be
+    /// UTF-8, and the error names the header.
+    ///
+    /// ```
+    /// let mut h = ampybus::Headers::new();
+    /// h.insert_bytes("partition_key", bytes::Bytes::from_static(b"XNAS.AAPL")).unwrap();
+    /// assert_eq!(h.partition_key(), Some("XNAS.AAPL"));
+    /// let err = h.insert_bytes("source", bytes::Bytes::from_static(b"\xff")).unwrap_err();
+    /// assert!(err.to_string().contains("`source`"), "{err}");
+    /// ```
+    pub fn insert_bytes(&mut self, name: &str, value: Bytes) -> Result<()> {
+        let v =
+            Text::from_utf8(value).map_err(|_| Error::header(name, "value is not valid UTF-8"))?;
+        self.set_text(name, v);
+        Ok(())
     }
 
     /// Sets a header and returns `self` (builder style).
@@ -245,27 +542,45 @@ impl Headers {
 
     /// Removes a header, returning its value.
     pub fn remove(&mut self, name: &str) -> Option<String> {
-        self.0.remove(name)
+        let t = match known_index(name) {
+            Some(i) => self.take(i),
+            None => match self.ext_position(name) {
+                Ok(i) => Some(self.ext.remove(i).1),
+                Err(_) => None,
+            },
+        };
+        t.map(|t| t.as_str().to_owned())
     }
 
     /// Number of headers.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.known.iter().filter(|k| k.is_some()).count() + self.ext.len()
     }
 
     /// True when there are no headers.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.len() == 0
     }
 
     /// Iterates `(name, value)` in name order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+        Iter {
+            h: self,
+            k: 0,
+            e: 0,
+        }
     }
 
-    /// The underlying map.
-    pub fn as_map(&self) -> &BTreeMap<String, String> {
-        &self.0
+    /// The headers as an ordered map of owned strings.
+    ///
+    /// ```
+    /// let h = ampybus::Headers::new().with("b", "2").with("a", "1");
+    /// assert_eq!(h.to_map().keys().collect::<Vec<_>>(), ["a", "b"]);
+    /// ```
+    pub fn to_map(&self) -> BTreeMap<String, String> {
+        self.iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect()
     }
 
     getters! {
@@ -313,9 +628,237 @@ impl Headers {
 
     /// `produced_at` parsed (any RFC3339 accepted).
     pub fn produced_at_time(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        if let Some(us) = self.parsed.produced_us {
+            return chrono::DateTime::from_timestamp_micros(us);
+        }
         ids::parse_time(self.produced_at()?)
     }
 
+    /// Appends the compact binary form of these headers to `out` (what the embedded log
+    /// stores): a format byte, then one entry per header — a tag byte, then the value.
+    /// `message_id`, `produced_at` and `traceparent` in their canonical forms are written as
+    /// 16, 8 and 25 bytes, and `trace_id`/`span_id` equal to the traceparent's ids as a tag
+    /// alone; anything else as length-prefixed text. [`Headers::decode_compact`] gives back
+    /// exactly the same headers.
+    ///
+    /// ```
+    /// let h = ampybus::Headers::for_publish("ampy.bars.v1.BarBatch", "p@1", "p", "XNAS.AAPL")
+    ///     .with("x-desk", "rates");
+    /// let mut buf = Vec::new();
+    /// h.encode_compact(&mut buf);
+    /// let text: usize = h.iter().map(|(k, v)| k.len() + v.len()).sum();
+    /// assert!(buf.len() < text / 2, "{} vs {text}", buf.len());
+    /// assert_eq!(ampybus::Headers::decode_compact(&bytes::Bytes::from(buf)).unwrap(), h);
+    /// ```
+    pub fn encode_compact(&self, out: &mut Vec<u8>) {
+        out.push(COMPACT_V1);
+        let trace_text = self.parsed.trace.map(|t| t.traceparent_text());
+        for (i, slot) in self.known.iter().enumerate() {
+            let Some(v) = slot else { continue };
+            let s = v.as_str();
+            match i {
+                K_MESSAGE_ID if self.parsed.id.is_some() => {
+                    out.push(TAG_ID_BIN);
+                    out.extend_from_slice(&self.parsed.id.unwrap_or_default());
+                    continue;
+                }
+                K_PRODUCED_AT if self.parsed.produced_us.is_some() => {
+                    out.push(TAG_TIME_BIN);
+                    out.extend_from_slice(
+                        &self.parsed.produced_us.unwrap_or_default().to_le_bytes(),
+                    );
+                    continue;
+                }
+                K_TRACEPARENT => {
+                    if let Some(t) = self.parsed.trace
+                        && trace_text.is_some_and(|tt| tt == s.as_bytes())
+                    {
+                        out.push(TAG_TRACE_BIN);
+                        out.extend_from_slice(&t.trace_id);
+                        out.extend_from_slice(&t.span_id);
+                        out.push(t.flags);
+                        continue;
+                    }
+                }
+                K_TRACE_ID if trace_text.is_some_and(|tt| &tt[3..35] == s.as_bytes()) => {
+                    out.push(TAG_TRACE_ID_SAME);
+                    continue;
+                }
+                K_SPAN_ID if trace_text.is_some_and(|tt| &tt[36..52] == s.as_bytes()) => {
+                    out.push(TAG_SPAN_ID_SAME);
+                    continue;
+                }
+                _ => {}
+            }
+            out.push(i as u8);
+            put_varint(out, s.len());
+            out.extend_from_slice(s.as_bytes());
+        }
+        for (k, v) in &self.ext {
+            out.push(TAG_EXT);
+            put_varint(out, k.len_bytes());
+            out.extend_from_slice(k.0.as_ref());
+            put_varint(out, v.len_bytes());
+            out.extend_from_slice(v.0.as_ref());
+        }
+    }
+
+    /// Reads the compact binary form written by [`Headers::encode_compact`]. Text values are
+    /// shared with `buf`, not copied (the binary ids are written out as text into one small
+    /// buffer). Damaged input gives an `envelope` error naming the byte offset; it never
+    /// panics.
+    ///
+    /// ```
+    /// let err = ampybus::Headers::decode_compact(&bytes::Bytes::from_static(b"\xa1\x09\x05ab")).unwrap_err();
+    /// assert!(err.to_string().contains("offset 2"), "{err}");
+    /// ```
+    pub fn decode_compact(buf: &Bytes) -> Result<Headers> {
+        let b = buf.as_ref();
+        let bad = |at: usize, what: &str| {
+            Error::envelope(format!(
+                "compact headers: {what} at offset {at} of {} bytes",
+                b.len()
+            ))
+        };
+        if b.first() != Some(&COMPACT_V1) {
+            return Err(bad(0, "unknown format byte"));
+        }
+        let mut h = Headers::new();
+        let mut at = 1;
+        let mut id: Option<[u8; 16]> = None;
+        let mut time: Option<i64> = None;
+        let mut trace: Option<TraceIds> = None;
+        let (mut same_trace, mut same_span) = (false, false);
+        let text = |at: &mut usize| -> Result<Text> {
+            let start = *at;
+            let n = get_varint(b, at).ok_or_else(|| bad(start, "bad length"))?;
+            if n > b.len() - *at {
+                return Err(bad(start, "length past the end"));
+            }
+            let t = Text::from_utf8(buf.slice(*at..*at + n))
+                .map_err(|_| bad(*at, "text is not UTF-8"))?;
+            *at += n;
+            Ok(t)
+        };
+        fn fixed<'b>(b: &'b [u8], at: &mut usize, n: usize) -> Option<&'b [u8]> {
+            let s = b.get(*at..at.checked_add(n)?)?;
+            *at += n;
+            Some(s)
+        }
+        while at < b.len() {
+            let tag_at = at;
+            let tag = b[at];
+            at += 1;
+            match tag {
+                t if usize::from(t) < KNOWN_COUNT => {
+                    let v = text(&mut at)?;
+                    if h.known[usize::from(t)].is_some() {
+                        return Err(bad(tag_at, "header repeated"));
+                    }
+                    h.put(usize::from(t), v);
+                }
+                TAG_ID_BIN => {
+                    let mut v = [0u8; 16];
+                    v.copy_from_slice(
+                        fixed(b, &mut at, 16).ok_or_else(|| bad(tag_at, "value past the end"))?,
+                    );
+                    id = Some(v);
+                }
+                TAG_TIME_BIN => {
+                    let mut v = [0u8; 8];
+                    v.copy_from_slice(
+                        fixed(b, &mut at, 8).ok_or_else(|| bad(tag_at, "value past the end"))?,
+                    );
+                    let us = i64::from_le_bytes(v);
+                    if !ids::write_canonical_time(us, &mut [0u8; 27]) {
+                        return Err(bad(tag_at, "time out of range"));
+                    }
+                    time = Some(us);
+                }
+                TAG_TRACE_BIN => {
+                    let v =
+                        fixed(b, &mut at, 25).ok_or_else(|| bad(tag_at, "value past the end"))?;
+                    let mut t = TraceIds {
+                        trace_id: [0; 16],
+                        span_id: [0; 8],
+                        flags: v[24],
+                    };
+                    t.trace_id.copy_from_slice(&v[..16]);
+                    t.span_id.copy_from_slice(&v[16..24]);
+                    if t.trace_id == [0; 16] || t.span_id == [0; 8] {
+                        return Err(bad(tag_at, "zero trace id"));
+                    }
+                    trace = Some(t);
+                }
+                TAG_TRACE_ID_SAME => same_trace = true,
+                TAG_SPAN_ID_SAME => same_span = true,
+                TAG_EXT => {
+                    let k = text(&mut at)?;
+                    let v = text(&mut at)?;
+                    if known_index(k.as_str()).is_some() {
+                        return Err(bad(tag_at, "known header written as an extension"));
+                    }
+                    match h.ext_position(k.as_str()) {
+                        Ok(_) => return Err(bad(tag_at, "header repeated")),
+                        Err(i) => h.ext.insert(i, (k, v)),
+                    }
+                }
+                _ => return Err(bad(tag_at, "unknown tag")),
+            }
+        }
+        if (same_trace || same_span) && trace.is_none() {
+            return Err(bad(b.len(), "trace id refers to a missing traceparent"));
+        }
+        let conflict = (id.is_some() && h.known[K_MESSAGE_ID].is_some())
+            || (time.is_some() && h.known[K_PRODUCED_AT].is_some())
+            || (trace.is_some() && h.known[K_TRACEPARENT].is_some())
+            || (same_trace && h.known[K_TRACE_ID].is_some())
+            || (same_span && h.known[K_SPAN_ID].is_some());
+        if conflict {
+            return Err(bad(b.len(), "header repeated"));
+        }
+        if id.is_some() || time.is_some() || trace.is_some() {
+            // The binary values as text, in one buffer.
+            let mut s = Vec::with_capacity(118);
+            if let Some(v) = &id {
+                let mut t = [0u8; 36];
+                uuid_text(v, &mut t);
+                s.extend_from_slice(&t);
+            }
+            if let Some(us) = time {
+                let mut t = [0u8; 27];
+                ids::write_canonical_time(us, &mut t);
+                s.extend_from_slice(&t);
+            }
+            if let Some(t) = &trace {
+                s.extend_from_slice(&t.traceparent_text());
+            }
+            let s = Bytes::from(s);
+            let mut at = 0;
+            if id.is_some() {
+                h.known[K_MESSAGE_ID] = Some(Text(s.slice(0..36)));
+                h.parsed.id = id;
+                at = 36;
+            }
+            if time.is_some() {
+                h.known[K_PRODUCED_AT] = Some(Text(s.slice(at..at + 27)));
+                h.parsed.produced_us = time;
+                at += 27;
+            }
+            if trace.is_some() {
+                let tp = s.slice(at..at + 55);
+                if same_trace {
+                    h.known[K_TRACE_ID] = Some(Text(tp.slice(3..35)));
+                }
+                if same_span {
+                    h.known[K_SPAN_ID] = Some(Text(tp.slice(36..52)));
+                }
+                h.known[K_TRACEPARENT] = Some(Text(tp));
+                h.parsed.trace = trace;
+            }
+        }
+        Ok(h)
+    }
     /// Checks every publish-side rule of the contract for a message on `topic`. The error
     /// names the header and the rule.
     ///
@@ -329,9 +872,9 @@ impl Headers {
     pub fn validate_for_publish(&self, topic: &Topic) -> Result<()> {
         let mut total = 0usize;
         let mut largest: Option<(&str, usize)> = None;
-        for (k, v) in &self.0 {
+        for (k, v) in self.iter() {
             check_name(k)?;
-            if v.contains(['\r', '\n', '\0']) {
+            if v.bytes().any(|b| matches!(b, b'\r' | b'\n' | 0)) {
                 return Err(Error::header(k, "value must not contain CR, LF or NUL"));
             }
             if v.len() > MAX_HEADER_VALUE_BYTES {
@@ -365,25 +908,31 @@ impl Headers {
             }
         }
         let id = self.get(MESSAGE_ID).unwrap_or_default();
-        match uuid::Uuid::try_parse(id) {
-            Ok(u)
-                if u.get_version_num() == 7
-                    && u.get_variant() == uuid::Variant::RFC4122
-                    && u.hyphenated().to_string() == id => {}
-            Ok(_) => {
-                return Err(Error::header(
-                    MESSAGE_ID,
-                    format!(
-                        "must be a UUIDv7, lowercase and hyphenated (got {})",
-                        show(id)
-                    ),
-                ));
-            }
-            Err(_) => {
-                return Err(Error::header(
-                    MESSAGE_ID,
-                    format!("not a UUID (got {})", show(id)),
-                ));
+        let fast = self
+            .parsed
+            .id
+            .is_some_and(|b| b[6] >> 4 == 7 && b[8] & 0xC0 == 0x80);
+        if !fast {
+            match uuid::Uuid::try_parse(id) {
+                Ok(u)
+                    if u.get_version_num() == 7
+                        && u.get_variant() == uuid::Variant::RFC4122
+                        && u.hyphenated().to_string() == id => {}
+                Ok(_) => {
+                    return Err(Error::header(
+                        MESSAGE_ID,
+                        format!(
+                            "must be a UUIDv7, lowercase and hyphenated (got {})",
+                            show(id)
+                        ),
+                    ));
+                }
+                Err(_) => {
+                    return Err(Error::header(
+                        MESSAGE_ID,
+                        format!("not a UUID (got {})", show(id)),
+                    ));
+                }
             }
         }
         check_fqdn(self.get(SCHEMA_FQDN).unwrap_or_default())?;
@@ -407,7 +956,7 @@ impl Headers {
             ));
         }
         let pa = self.get(PRODUCED_AT).unwrap_or_default();
-        if !ids::is_canonical_time(pa) {
+        if self.parsed.produced_us.is_none() && !ids::is_canonical_time(pa) {
             return Err(Error::header(
                 PRODUCED_AT,
                 format!(
@@ -427,17 +976,18 @@ impl Headers {
                 ));
             }
             Some(tp) => {
-                let tc = TraceContext::parse(tp).ok_or_else(|| {
-                    Error::header(
+                if self.parsed.trace.is_none() {
+                    return Err(Error::header(
                         TRACEPARENT,
                         format!(
                             "must be W3C `00-<32 hex>-<16 hex>-<2 hex>` with non-zero ids (got {})",
                             show(tp)
                         ),
-                    )
-                })?;
+                    ));
+                }
+                // A valid traceparent is 55 bytes: the ids are at fixed places.
                 if let Some(t) = self.get(TRACE_ID)
-                    && !t.eq(&tc.trace_id)
+                    && t != &tp[3..35]
                 {
                     return Err(Error::header(
                         TRACE_ID,
@@ -445,7 +995,7 @@ impl Headers {
                     ));
                 }
                 if let Some(s) = self.get(SPAN_ID)
-                    && !s.eq(&tc.span_id)
+                    && s != &tp[36..52]
                 {
                     return Err(Error::header(
                         SPAN_ID,
@@ -587,6 +1137,8 @@ impl Headers {
     /// assert!(h.trace_context().is_none());
     /// ```
     pub fn normalize_for_consume(&mut self) -> Result<()> {
+        // Everything is checked before anything is rewritten: on an error the headers are
+        // exactly as they arrived (the dead letter carries them so).
         for name in REQUIRED {
             match self.get(name) {
                 None => return Err(Error::header(name, "required header is missing")),
@@ -596,26 +1148,30 @@ impl Headers {
                 _ => {}
             }
         }
-        let id = self.get(MESSAGE_ID).unwrap_or_default();
-        let u = uuid::Uuid::try_parse(id.trim())
-            .map_err(|_| Error::header(MESSAGE_ID, format!("not a UUID (got {})", show(id))))?;
-        // Rewrite only what is not in canonical form already (the common case costs nothing).
-        let mut buf = uuid::Uuid::encode_buffer();
-        let canonical = u.hyphenated().encode_lower(&mut buf);
-        if canonical != id {
-            let canonical = canonical.to_owned();
-            self.set(MESSAGE_ID, canonical);
-        }
-        let pa = self.get(PRODUCED_AT).unwrap_or_default();
-        let t = ids::parse_time(pa.trim()).ok_or_else(|| {
-            Error::header(
-                PRODUCED_AT,
-                format!("must be an RFC3339 time with offset (got {})", show(pa)),
-            )
-        })?;
-        if !is_canonical_time(pa) {
-            self.set(PRODUCED_AT, ids::format_time(t));
-        }
+        // Canonical text was parsed when it was set: the common case rewrites nothing.
+        let new_id = match self.parsed.id {
+            Some(_) => None,
+            None => {
+                let id = self.get(MESSAGE_ID).unwrap_or_default();
+                let u = uuid::Uuid::try_parse(id.trim()).map_err(|_| {
+                    Error::header(MESSAGE_ID, format!("not a UUID (got {})", show(id)))
+                })?;
+                Some(u.hyphenated().to_string())
+            }
+        };
+        let new_time = match self.parsed.produced_us {
+            Some(_) => None,
+            None => {
+                let pa = self.get(PRODUCED_AT).unwrap_or_default();
+                let t = ids::parse_time(pa.trim()).ok_or_else(|| {
+                    Error::header(
+                        PRODUCED_AT,
+                        format!("must be an RFC3339 time with offset (got {})", show(pa)),
+                    )
+                })?;
+                (!is_canonical_time(pa)).then(|| ids::format_time(t))
+            }
+        };
         if let Some(ce) = self.get(CONTENT_ENCODING)
             && !ce.is_empty()
             && !ce.eq_ignore_ascii_case("gzip")
@@ -637,7 +1193,13 @@ impl Headers {
                 format!("must be a non-negative integer (got {})", show(v)),
             ));
         }
-        if self.traceparent().and_then(TraceContext::parse).is_none() {
+        if let Some(id) = new_id {
+            self.put(K_MESSAGE_ID, Text::owned(id));
+        }
+        if let Some(t) = new_time {
+            self.put(K_PRODUCED_AT, Text::owned(t));
+        }
+        if self.parsed.trace.is_none() {
             if let Some(tc) = self
                 .get(TRACE_ID)
                 .and_then(|t| TraceContext::from_ids(t, self.get(SPAN_ID)))
@@ -679,13 +1241,17 @@ fn is_canonical_time(s: &str) -> bool {
 
 impl FromIterator<(String, String)> for Headers {
     fn from_iter<I: IntoIterator<Item = (String, String)>>(iter: I) -> Self {
-        Headers(iter.into_iter().collect())
+        let mut h = Headers::new();
+        for (k, v) in iter {
+            h.set(k, v);
+        }
+        h
     }
 }
 
 impl From<BTreeMap<String, String>> for Headers {
     fn from(m: BTreeMap<String, String>) -> Self {
-        Headers(m)
+        m.into_iter().collect()
     }
 }
 
@@ -785,6 +1351,107 @@ fn check_semver(v: &str) -> Result<()> {
                 show(v)
             ),
         ))
+    }
+}
+
+/// Format byte of the compact binary header form, version 1.
+const COMPACT_V1: u8 = 0xA1;
+const TAG_ID_BIN: u8 = 0x40;
+const TAG_TIME_BIN: u8 = 0x41;
+const TAG_TRACE_BIN: u8 = 0x42;
+const TAG_TRACE_ID_SAME: u8 = 0x43;
+const TAG_SPAN_ID_SAME: u8 = 0x44;
+const TAG_EXT: u8 = 0x7F;
+
+impl Text {
+    fn len_bytes(&self) -> usize {
+        self.0.len()
+    }
+}
+
+fn put_varint(out: &mut Vec<u8>, mut n: usize) {
+    while n >= 0x80 {
+        out.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+}
+
+/// A LEB128 length of at most 32 bits.
+fn get_varint(b: &[u8], at: &mut usize) -> Option<usize> {
+    let mut v: u64 = 0;
+    for shift in (0..35).step_by(7) {
+        let c = *b.get(*at)?;
+        *at += 1;
+        v |= u64::from(c & 0x7F) << shift;
+        if c & 0x80 == 0 {
+            return usize::try_from(v).ok().filter(|&v| v <= u32::MAX as usize);
+        }
+    }
+    None
+}
+
+struct Iter<'a> {
+    h: &'a Headers,
+    k: usize,
+    e: usize,
+}
+
+impl<'a> Iterator for Iter<'a> {
+    type Item = (&'a str, &'a str);
+
+    fn next(&mut self) -> Option<(&'a str, &'a str)> {
+        while self.k < KNOWN_COUNT && self.h.known[self.k].is_none() {
+            self.k += 1;
+        }
+        let ext = self.h.ext.get(self.e);
+        let known = self.h.known.get(self.k).and_then(Option::as_ref);
+        match (known, ext) {
+            (Some(v), Some((en, ev))) => {
+                if en.as_str() < KNOWN[self.k] {
+                    self.e += 1;
+                    Some((en.as_str(), ev.as_str()))
+                } else {
+                    self.k += 1;
+                    Some((KNOWN[self.k - 1], v.as_str()))
+                }
+            }
+            (Some(v), None) => {
+                self.k += 1;
+                Some((KNOWN[self.k - 1], v.as_str()))
+            }
+            (None, Some((en, ev))) => {
+                self.e += 1;
+                Some((en.as_str(), ev.as_str()))
+            }
+            (None, None) => None,
+        }
+    }
+}
+
+impl PartialEq for Headers {
+    fn eq(&self, other: &Headers) -> bool {
+        self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for Headers {}
+
+impl std::fmt::Debug for Headers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}
+
+impl Serialize for Headers {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_map(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for Headers {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Headers, D::Error> {
+        BTreeMap::<String, String>::deserialize(d).map(Headers::from)
     }
 }
 
@@ -1009,5 +1676,186 @@ mod tests {
                 .to_string()
                 .contains("`produced_at`")
         );
+    }
+
+    #[test]
+    fn known_slots_are_in_name_order_and_lookup_agrees() {
+        let mut sorted = KNOWN;
+        sorted.sort_unstable();
+        assert_eq!(sorted, KNOWN);
+        for (i, name) in KNOWN.iter().enumerate() {
+            assert_eq!(known_index(name), Some(i), "{name}");
+        }
+        assert_eq!(known_index("x-desk"), None);
+        assert_eq!(KNOWN[K_MESSAGE_ID], MESSAGE_ID);
+        assert_eq!(KNOWN[K_PRODUCED_AT], PRODUCED_AT);
+        assert_eq!(KNOWN[K_TRACEPARENT], TRACEPARENT);
+        assert_eq!(KNOWN[K_TRACE_ID], TRACE_ID);
+        assert_eq!(KNOWN[K_SPAN_ID], SPAN_ID);
+        assert_eq!(KNOWN[K_CONTENT_TYPE], CONTENT_TYPE);
+        assert_eq!(KNOWN[K_RUN_ID], RUN_ID);
+        assert_eq!(KNOWN[K_SCHEMA_VERSION], SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn iteration_merges_known_and_extension_headers_in_name_order() {
+        let h = good()
+            .with("zz-last", "1")
+            .with("a-first", "2")
+            .with("m-middle", "3")
+            .with("dedupe_key", "d");
+        let names: Vec<&str> = h.iter().map(|(k, _)| k).collect();
+        let mut sorted = names.clone();
+        sorted.sort_unstable();
+        assert_eq!(names, sorted);
+        assert_eq!(names.len(), h.len());
+        assert_eq!(names.first(), Some(&"a-first"));
+        assert_eq!(names.last(), Some(&"zz-last"));
+        assert_eq!(h.get("m-middle"), Some("3"));
+        let mut h2 = h.clone();
+        assert_eq!(h2.remove("m-middle").as_deref(), Some("3"));
+        assert_eq!(h2.remove("m-middle"), None);
+        assert_eq!(h2.len(), h.len() - 1);
+        assert_ne!(h2, h);
+        assert_eq!(h2.set("a-first", "9").as_deref(), Some("2"));
+        assert_eq!(h2.get("a-first"), Some("9"));
+    }
+
+    #[test]
+    fn parsed_core_follows_the_text() {
+        let mut h = good();
+        assert!(h.message_uuid().is_some());
+        assert!(h.produced_at_micros().is_some());
+        let tp = h.traceparent().unwrap().to_owned();
+        assert_eq!(h.get(TRACE_ID), Some(&tp[3..35]));
+        assert_eq!(h.get(SPAN_ID), Some(&tp[36..52]));
+        assert_eq!(
+            h.trace_ids().map(|t| t.traceparent_text().to_vec()),
+            Some(tp.as_bytes().to_vec())
+        );
+        h.set(MESSAGE_ID, "018F5E2F-9B1C-76AA-8F7A-3B1D8F3EA0C2");
+        assert_eq!(h.message_uuid(), None);
+        h.set(PRODUCED_AT, "2025-09-05T21:31:01+02:00");
+        assert_eq!(h.produced_at_micros(), None);
+        assert_eq!(
+            h.produced_at_time().map(ids::format_time).as_deref(),
+            Some("2025-09-05T19:31:01.000000Z")
+        );
+        h.normalize_for_consume().unwrap();
+        assert_eq!(h.message_id(), Some("018f5e2f-9b1c-76aa-8f7a-3b1d8f3ea0c2"));
+        assert!(h.message_uuid().is_some());
+        assert_eq!(h.produced_at(), Some("2025-09-05T19:31:01.000000Z"));
+        assert!(h.produced_at_micros().is_some());
+        h.remove(TRACEPARENT);
+        assert_eq!(h.trace_ids(), None);
+    }
+
+    #[test]
+    fn a_failed_normalisation_changes_nothing() {
+        let mut h = good();
+        h.set(MESSAGE_ID, "018F5E2F-9B1C-76AA-8F7A-3B1D8F3EA0C2");
+        h.set(PRODUCED_AT, "not a time");
+        let before = h.clone();
+        let err = h.normalize_for_consume().unwrap_err();
+        assert!(err.to_string().contains("`produced_at`"), "{err}");
+        assert_eq!(h, before);
+        assert_eq!(h.message_id(), Some("018F5E2F-9B1C-76AA-8F7A-3B1D8F3EA0C2"));
+    }
+
+    #[test]
+    fn compact_form_round_trips_exactly() {
+        let base = good().with("x-desk", "rates").with(DEDUPE_KEY, "co_1");
+        let mut odd = base.clone();
+        odd.set(MESSAGE_ID, "018F5E2F-9B1C-76AA-8F7A-3B1D8F3EA0C2");
+        odd.set(PRODUCED_AT, "2025-09-05T21:31:01+02:00");
+        odd.set(TRACE_ID, "4BF92F3577B34DA6A3CE929D0E0E4736");
+        odd.set(SPAN_ID, "not-hex");
+        let mut bad_tp = base.clone();
+        bad_tp.set(TRACEPARENT, "00-zz");
+        let empty = Headers::new();
+        let unicode = Headers::new().with("x-ü", "€ and 😀").with(SOURCE, "");
+        for h in [base, odd, bad_tp, empty, unicode] {
+            let mut buf = Vec::new();
+            h.encode_compact(&mut buf);
+            let back = Headers::decode_compact(&Bytes::from(buf.clone())).unwrap();
+            assert_eq!(back, h);
+            assert_eq!(back.message_uuid(), h.message_uuid());
+            assert_eq!(back.produced_at_micros(), h.produced_at_micros());
+            assert_eq!(back.trace_ids(), h.trace_ids());
+            let mut again = Vec::new();
+            back.encode_compact(&mut again);
+            assert_eq!(again, buf);
+        }
+        // The canonical ids take their binary forms: well under half the text.
+        let h = good();
+        let mut buf = Vec::new();
+        h.encode_compact(&mut buf);
+        let text: usize = h.iter().map(|(k, v)| k.len() + v.len()).sum();
+        assert!(buf.len() * 2 < text, "{} of {text}", buf.len());
+    }
+
+    #[test]
+    fn damaged_compact_forms_are_refused_with_their_offset() {
+        let mut buf = Vec::new();
+        good().encode_compact(&mut buf);
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (vec![], "unknown format byte at offset 0"),
+            (vec![0x00], "unknown format byte at offset 0"),
+            (vec![COMPACT_V1, 0x99], "unknown tag at offset 1"),
+            (
+                vec![COMPACT_V1, 0x05, 0x09, b'a'],
+                "length past the end at offset 2",
+            ),
+            (
+                vec![COMPACT_V1, 0x05, 0x02, 0xff, 0xfe],
+                "text is not UTF-8 at offset 3",
+            ),
+            (vec![COMPACT_V1, 0x05, 0x80], "bad length at offset 2"),
+            (
+                vec![COMPACT_V1, 0x05, 0x01, b'a', 0x05, 0x01, b'b'],
+                "header repeated at offset 4",
+            ),
+            (
+                vec![COMPACT_V1, TAG_ID_BIN, 1, 2],
+                "value past the end at offset 1",
+            ),
+            (
+                vec![COMPACT_V1, TAG_TRACE_ID_SAME],
+                "refers to a missing traceparent",
+            ),
+            (
+                vec![
+                    COMPACT_V1, TAG_EXT, 0x0a, b'd', b'e', b'd', b'u', b'p', b'e', b'_', b'k',
+                    b'e', b'y', 0x01, b'x',
+                ],
+                "known header written as an extension at offset 1",
+            ),
+            (buf[..buf.len() - 1].to_vec(), "past the end"),
+        ];
+        for (bytes, want) in cases {
+            let err = Headers::decode_compact(&Bytes::from(bytes.clone())).unwrap_err();
+            assert!(err.to_string().contains(want), "{bytes:?}: {err}");
+        }
+        // Every truncation and every single-byte change either decodes or is refused.
+        for cut in 0..buf.len() {
+            let _ = Headers::decode_compact(&Bytes::copy_from_slice(&buf[..cut]));
+        }
+        for i in 0..buf.len() {
+            for x in [0x00, 0x7f, 0x80, 0xff] {
+                let mut b = buf.clone();
+                b[i] = x;
+                let _ = Headers::decode_compact(&Bytes::from(b));
+            }
+        }
+    }
+
+    #[test]
+    fn serde_form_is_a_plain_map() {
+        let h = Headers::new().with("b", "2").with(MESSAGE_ID, "x");
+        let j = serde_json::to_string(&h).unwrap();
+        assert_eq!(j, r#"{"b":"2","message_id":"x"}"#);
+        let back: Headers = serde_json::from_str(&j).unwrap();
+        assert_eq!(back, h);
+        assert_eq!(format!("{h:?}"), r#"{"b": "2", "message_id": "x"}"#);
     }
 }

@@ -282,3 +282,295 @@ mod tests {
         }
     }
 }
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Hinnant's `days_from_civil`).
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = if y >= 0 { y } else { y - 399 } / 400;
+    let yoe = y - era * 400;
+    let mp = i64::from((m + 9) % 12);
+    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The date of a day count since 1970-01-01 (Hinnant's `civil_from_days`).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = if z >= 0 { z } else { z - 146_096 } / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+fn days_in_month(y: i64, m: u32) -> u32 {
+    match m {
+        2 if (y % 4 == 0 && y % 100 != 0) || y % 400 == 0 => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
+}
+
+/// Microseconds since the Unix epoch of a time in the canonical `produced_at` form
+/// `YYYY-MM-DDTHH:MM:SS.ffffffZ`, without going through a general RFC3339 parser; `None` for
+/// anything else (including a leap second, which the general parser handles).
+///
+/// ```
+/// assert_eq!(ampybus::ids::canonical_time_micros("1970-01-01T00:00:01.000002Z"), Some(1_000_002));
+/// assert_eq!(ampybus::ids::canonical_time_micros("2025-02-30T00:00:00.000000Z"), None);
+/// assert_eq!(ampybus::ids::canonical_time_micros("2025-09-05T19:31:01Z"), None);
+/// ```
+pub fn canonical_time_micros(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    if b.len() != 27
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || b[10] != b'T'
+        || b[13] != b':'
+        || b[16] != b':'
+        || b[19] != b'.'
+        || b[26] != b'Z'
+    {
+        return None;
+    }
+    let num = |from: usize, to: usize| -> Option<i64> {
+        let mut v = 0i64;
+        for &c in &b[from..to] {
+            if !c.is_ascii_digit() {
+                return None;
+            }
+            v = v * 10 + i64::from(c - b'0');
+        }
+        Some(v)
+    };
+    let (y, mo, d) = (num(0, 4)?, num(5, 7)? as u32, num(8, 10)? as u32);
+    let (h, mi, sec, us) = (num(11, 13)?, num(14, 16)?, num(17, 19)?, num(20, 26)?);
+    if !(1..=12).contains(&mo)
+        || d == 0
+        || d > days_in_month(y, mo)
+        || h > 23
+        || mi > 59
+        || sec > 59
+    {
+        return None;
+    }
+    let days = days_from_civil(y, mo, d);
+    Some(((days * 24 + h) * 60 + mi) * 60_000_000 + sec * 1_000_000 + us)
+}
+
+/// Writes microseconds since the Unix epoch in the canonical `produced_at` form into `out`;
+/// false (and `out` untouched) when the year is outside 0000–9999.
+///
+/// ```
+/// let mut b = [0u8; 27];
+/// assert!(ampybus::ids::write_canonical_time(1_000_002, &mut b));
+/// assert_eq!(&b, b"1970-01-01T00:00:01.000002Z");
+/// ```
+pub fn write_canonical_time(us: i64, out: &mut [u8; 27]) -> bool {
+    let days = us.div_euclid(86_400_000_000);
+    let rem = us.rem_euclid(86_400_000_000);
+    let (y, m, d) = civil_from_days(days);
+    if !(0..=9999).contains(&y) {
+        return false;
+    }
+    let put = |out: &mut [u8; 27], at: usize, width: usize, mut v: i64| {
+        for i in (at..at + width).rev() {
+            out[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    put(out, 0, 4, y);
+    out[4] = b'-';
+    put(out, 5, 2, i64::from(m));
+    out[7] = b'-';
+    put(out, 8, 2, i64::from(d));
+    out[10] = b'T';
+    put(out, 11, 2, rem / 3_600_000_000);
+    out[13] = b':';
+    put(out, 14, 2, rem / 60_000_000 % 60);
+    out[16] = b':';
+    put(out, 17, 2, rem / 1_000_000 % 60);
+    out[19] = b'.';
+    put(out, 20, 6, rem % 1_000_000);
+    out[26] = b'Z';
+    true
+}
+
+/// Microseconds since the Unix epoch, now.
+///
+/// ```
+/// assert!(ampybus::ids::now_micros() > 1_700_000_000_000_000);
+/// ```
+pub fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
+/// A W3C trace context held as numbers (no allocation): what [`TraceContext`] holds as text.
+///
+/// ```
+/// use ampybus::ids::TraceIds;
+/// let t = TraceIds::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap();
+/// assert_eq!(t.flags, 1);
+/// assert_eq!(&t.traceparent_text(), b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+/// assert_eq!(t.to_context().span_id, "00f067aa0ba902b7");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TraceIds {
+    /// The trace id (not all zero).
+    pub trace_id: [u8; 16],
+    /// The parent span id (not all zero).
+    pub span_id: [u8; 8],
+    /// Trace flags (`1` = sampled).
+    pub flags: u8,
+}
+
+fn hex_val(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    }
+}
+
+/// Decodes lowercase hex into `out` (`s` is exactly twice as long).
+fn unhex_lower(s: &[u8], out: &mut [u8]) -> Option<()> {
+    for (o, pair) in out.iter_mut().zip(s.chunks_exact(2)) {
+        *o = (hex_val(pair[0])? << 4) | hex_val(pair[1])?;
+    }
+    Some(())
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Writes `bytes` as lowercase hex into `out` (twice as long).
+pub(crate) fn hex_lower(bytes: &[u8], out: &mut [u8]) {
+    for (b, o) in bytes.iter().zip(out.chunks_exact_mut(2)) {
+        o[0] = HEX[usize::from(b >> 4)];
+        o[1] = HEX[usize::from(b & 15)];
+    }
+}
+
+impl TraceIds {
+    /// Parses a `traceparent` by the same strict rule as [`TraceContext::parse`].
+    pub fn parse(s: &str) -> Option<TraceIds> {
+        let b = s.as_bytes();
+        if b.len() != 55 || &b[..3] != b"00-" || b[35] != b'-' || b[52] != b'-' {
+            return None;
+        }
+        let mut t = TraceIds {
+            trace_id: [0; 16],
+            span_id: [0; 8],
+            flags: 0,
+        };
+        unhex_lower(&b[3..35], &mut t.trace_id)?;
+        unhex_lower(&b[36..52], &mut t.span_id)?;
+        let mut f = [0u8; 1];
+        unhex_lower(&b[53..55], &mut f)?;
+        t.flags = f[0];
+        if t.trace_id == [0; 16] || t.span_id == [0; 8] {
+            return None;
+        }
+        Some(t)
+    }
+
+    /// Fresh random ids, sampled.
+    pub fn new_root() -> TraceIds {
+        let mut rng = rand::rng();
+        let t: u128 = rng.random_range(1..=u128::MAX);
+        let s: u64 = rng.random_range(1..=u64::MAX);
+        TraceIds {
+            trace_id: t.to_be_bytes(),
+            span_id: s.to_be_bytes(),
+            flags: 1,
+        }
+    }
+
+    /// The `traceparent` text (55 bytes).
+    pub fn traceparent_text(&self) -> [u8; 55] {
+        let mut o = [b'-'; 55];
+        o[0] = b'0';
+        o[1] = b'0';
+        hex_lower(&self.trace_id, &mut o[3..35]);
+        hex_lower(&self.span_id, &mut o[36..52]);
+        hex_lower(&[self.flags], &mut o[53..55]);
+        o
+    }
+
+    /// The same context as text.
+    pub fn to_context(&self) -> TraceContext {
+        let tp = self.traceparent_text();
+        let text = |r: std::ops::Range<usize>| String::from_utf8_lossy(&tp[r]).into_owned();
+        TraceContext {
+            trace_id: text(3..35),
+            span_id: text(36..52),
+            flags: self.flags,
+        }
+    }
+}
+
+#[cfg(test)]
+mod fast_time_tests {
+    use super::*;
+
+    #[test]
+    fn fast_time_agrees_with_chrono() {
+        let mut rng = rand::rng();
+        for _ in 0..20_000 {
+            // Years 0000-9999.
+            let us: i64 = rng.random_range(-62_167_219_200_000_000..253_402_300_799_999_999);
+            let mut b = [0u8; 27];
+            assert!(write_canonical_time(us, &mut b));
+            let s = std::str::from_utf8(&b).unwrap();
+            let t = DateTime::from_timestamp_micros(us).unwrap();
+            assert_eq!(s, format_time(t), "{us}");
+            assert_eq!(canonical_time_micros(s), Some(us), "{s}");
+            assert!(is_canonical_time(s));
+        }
+        for bad in [
+            "2025-13-01T00:00:00.000000Z",
+            "2025-00-01T00:00:00.000000Z",
+            "2024-02-30T00:00:00.000000Z",
+            "2023-02-29T00:00:00.000000Z",
+            "2025-01-01T24:00:00.000000Z",
+            "2025-01-01T00:60:00.000000Z",
+            "2025-01-01T00:00:60.000000Z",
+            "2025-01-01T00:00:00.00000aZ",
+            "2025-01-01 00:00:00.000000Z",
+            "+025-01-01T00:00:00.000000Z",
+        ] {
+            assert_eq!(canonical_time_micros(bad), None, "{bad}");
+        }
+        assert!(canonical_time_micros("2024-02-29T00:00:00.000000Z").is_some());
+        assert!(canonical_time_micros("2000-02-29T00:00:00.000000Z").is_some());
+        assert!(canonical_time_micros("1900-02-29T00:00:00.000000Z").is_none());
+    }
+
+    #[test]
+    fn trace_ids_agree_with_trace_context() {
+        for _ in 0..1000 {
+            let t = TraceIds::new_root();
+            let s = String::from_utf8(t.traceparent_text().to_vec()).unwrap();
+            assert_eq!(TraceContext::parse(&s), Some(t.to_context()));
+            assert_eq!(TraceIds::parse(&s), Some(t));
+        }
+        for bad in [
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0g",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+        ] {
+            assert_eq!(TraceIds::parse(bad), None, "{bad}");
+            assert_eq!(TraceContext::parse(bad), None, "{bad}");
+        }
+    }
+}
