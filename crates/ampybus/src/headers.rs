@@ -506,10 +506,62 @@ impl Headers {
     }
 
     /// Sets a header, returning the previous value.
-    pub fn set(&mut self, name: impl Into<String>, value: impl Into<String>) -> Option<String> {
-        let name = name.into();
-        self.set_text(&name, Text::owned(value.into()))
+    pub fn set(&mut self, name: impl AsRef<str>, value: impl Into<String>) -> Option<String> {
+        self.set_text(name.as_ref(), Text::owned(value.into()))
             .map(|t| t.as_str().to_owned())
+    }
+
+    /// Headers from `(name, value)` byte pairs as a broker client hands them over, copied
+    /// into one buffer (one allocation for the whole map). Text that is not UTF-8 is taken
+    /// lossily (the consume rules then judge it); a repeated name keeps its last value.
+    ///
+    /// ```
+    /// let pairs = [(&b"partition_key"[..], &b"XNAS.AAPL"[..]), (b"x-desk", b"rates")];
+    /// let h = ampybus::Headers::from_wire_pairs(pairs);
+    /// assert_eq!(h.partition_key(), Some("XNAS.AAPL"));
+    /// assert_eq!(h.get("x-desk"), Some("rates"));
+    /// ```
+    pub fn from_wire_pairs<'a>(pairs: impl IntoIterator<Item = (&'a [u8], &'a [u8])>) -> Headers {
+        const INLINE: usize = 40;
+        let mut buf: Vec<u8> = Vec::with_capacity(640);
+        let mut spans = [(0u32, 0u32, 0u32); INLINE];
+        let mut more: Vec<(u32, u32, u32)> = Vec::new();
+        let mut n = 0;
+        let push = |buf: &mut Vec<u8>, b: &[u8]| match std::str::from_utf8(b) {
+            Ok(_) => buf.extend_from_slice(b),
+            Err(_) => buf.extend_from_slice(String::from_utf8_lossy(b).as_bytes()),
+        };
+        for (k, v) in pairs {
+            let start = buf.len() as u32;
+            push(&mut buf, k);
+            let mid = buf.len() as u32;
+            push(&mut buf, v);
+            let span = (start, mid, buf.len() as u32);
+            if n < INLINE {
+                spans[n] = span;
+            } else {
+                more.push(span);
+            }
+            n += 1;
+        }
+        let buf = Bytes::from(buf);
+        let mut h = Headers::new();
+        for &(start, mid, end) in spans[..n.min(INLINE)].iter().chain(&more) {
+            let (start, mid, end) = (start as usize, mid as usize, end as usize);
+            let value = Text(buf.slice(mid..end));
+            // SAFETY of `Text`: every piece of `buf` was pushed as a whole UTF-8 string.
+            let name = Text(buf.slice(start..mid));
+            match known_index(name.as_str()) {
+                Some(i) => {
+                    h.put(i, value);
+                }
+                None => match h.ext_position(name.as_str()) {
+                    Ok(i) => h.ext[i].1 = value,
+                    Err(i) => h.ext.insert(i, (name, value)),
+                },
+            }
+        }
+        h
     }
 
     /// Sets a header from bytes as they arrived (shared, not copied): the value must be
@@ -535,7 +587,7 @@ impl Headers {
     /// let h = ampybus::Headers::new().with("dedupe_key", "co_1");
     /// assert_eq!(h.dedupe_key(), Some("co_1"));
     /// ```
-    pub fn with(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+    pub fn with(mut self, name: impl AsRef<str>, value: impl Into<String>) -> Self {
         self.set(name, value);
         self
     }

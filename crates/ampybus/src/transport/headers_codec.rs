@@ -24,15 +24,26 @@ pub fn encode_headers(h: &Headers) -> Vec<u8> {
     out
 }
 
-/// Decodes the stored form; never panics on malformed input.
+/// Decodes the stored form; never panics on malformed input. The text is copied once, into
+/// one buffer the headers share.
 ///
 /// ```
 /// assert!(ampybus::transport::decode_headers(&[5, 0, 1]).is_err());
 /// ```
 pub fn decode_headers(b: &[u8]) -> Result<Headers> {
+    // Checked whole first, so the map is built only from a sound record.
+    walk(b, |_, _| {})?;
+    let mut pairs: Vec<(&[u8], &[u8])> = Vec::new();
+    walk(b, |k, v| pairs.push((k, v)))?;
+    Ok(Headers::from_wire_pairs(pairs))
+}
+
+/// Calls `f` with each `(name, value)` of a stored header record, after checking its
+/// framing and UTF-8.
+fn walk<'a>(b: &'a [u8], mut f: impl FnMut(&'a [u8], &'a [u8])) -> Result<()> {
     let bad = |what: &str| Error::envelope(format!("stored headers are corrupt: {what}"));
     let mut pos = 0usize;
-    let mut take = |n: usize| -> Result<&[u8]> {
+    let mut take = |n: usize| -> Result<&'a [u8]> {
         let end = pos
             .checked_add(n)
             .filter(|e| *e <= b.len())
@@ -42,20 +53,17 @@ pub fn decode_headers(b: &[u8]) -> Result<Headers> {
         Ok(s)
     };
     let count = u16::from_le_bytes(take(2)?.try_into().map_err(|_| bad("count"))?);
-    let mut h = Headers::new();
     for _ in 0..count {
         let kl = u16::from_le_bytes(take(2)?.try_into().map_err(|_| bad("name length"))?) as usize;
-        let k = std::str::from_utf8(take(kl)?)
-            .map_err(|_| bad("name is not UTF-8"))?
-            .to_owned();
+        let k = take(kl)?;
+        std::str::from_utf8(k).map_err(|_| bad("name is not UTF-8"))?;
         let vl = u32::from_le_bytes(take(4)?.try_into().map_err(|_| bad("value length"))?) as usize;
-        let v = std::str::from_utf8(take(vl)?)
-            .map_err(|_| bad("value is not UTF-8"))?
-            .to_owned();
-        h.set(k, v);
+        let v = take(vl)?;
+        std::str::from_utf8(v).map_err(|_| bad("value is not UTF-8"))?;
+        f(k, v);
     }
     if pos != b.len() {
         return Err(bad("trailing bytes"));
     }
-    Ok(h)
+    Ok(())
 }

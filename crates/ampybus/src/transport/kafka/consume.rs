@@ -462,18 +462,22 @@ impl KafkaSubscription {
 /// The envelope of a record: the `topic` header (else the Kafka topic without the namespace),
 /// the other headers, the payload.
 pub(crate) fn to_envelope(m: &BorrowedMessage<'_>, namespace: &str) -> Envelope {
-    let mut headers = Headers::new();
     let mut topic = None;
-    if let Some(hs) = m.headers() {
-        for h in hs.iter() {
-            let v = String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned();
-            if h.key == TOPIC_HEADER {
-                topic = Some(v);
-            } else {
-                headers.set(h.key.to_owned(), v);
+    let headers = match m.headers() {
+        Some(hs) => {
+            for h in hs.iter() {
+                if h.key == TOPIC_HEADER {
+                    topic = Some(String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned());
+                }
             }
+            Headers::from_wire_pairs(
+                hs.iter()
+                    .filter(|h| h.key != TOPIC_HEADER)
+                    .map(|h| (h.key.as_bytes(), h.value.unwrap_or_default())),
+            )
         }
-    }
+        None => Headers::new(),
+    };
     let topic = topic.unwrap_or_else(|| {
         m.topic()
             .strip_prefix(namespace)

@@ -864,19 +864,16 @@ pub(crate) fn to_header_map(h: &Headers) -> Result<async_nats::HeaderMap> {
 
 /// NATS headers → contract headers; `Nats-*` (broker bookkeeping) dropped.
 pub(crate) fn from_header_map(m: Option<&async_nats::HeaderMap>) -> Headers {
-    let mut h = Headers::new();
-    if let Some(m) = m {
-        for (k, vs) in m.iter() {
-            let k: &str = k.as_ref();
-            if k.len() >= 5 && k[..5].eq_ignore_ascii_case("nats-") {
-                continue;
-            }
-            if let Some(v) = vs.first() {
-                h.set(k.to_owned(), v.as_str().to_owned());
-            }
+    let Some(m) = m else {
+        return Headers::new();
+    };
+    Headers::from_wire_pairs(m.iter().filter_map(|(k, vs)| {
+        let k: &str = k.as_ref();
+        if k.len() >= 5 && k[..5].eq_ignore_ascii_case("nats-") {
+            return None;
         }
-    }
-    h
+        Some((k.as_bytes(), vs.first()?.as_str().as_bytes()))
+    }))
 }
 
 #[cfg(test)]

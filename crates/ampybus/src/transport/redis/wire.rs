@@ -172,19 +172,19 @@ pub(crate) fn parse_read_reply(v: &redis::Value) -> Vec<(String, Vec<Entry>)> {
 pub(crate) fn to_envelope(fields: &[(Vec<u8>, Vec<u8>)]) -> Option<Envelope> {
     let mut topic = None;
     let mut payload = Bytes::new();
-    let mut headers = Headers::new();
     for (k, v) in fields {
         match k.as_slice() {
             b"topic" => topic = Some(String::from_utf8_lossy(v).into_owned()),
             b"payload" => payload = Bytes::copy_from_slice(v),
-            _ => {
-                headers.set(
-                    String::from_utf8_lossy(k).into_owned(),
-                    String::from_utf8_lossy(v).into_owned(),
-                );
-            }
+            _ => {}
         }
     }
+    let headers = Headers::from_wire_pairs(
+        fields
+            .iter()
+            .filter(|(k, _)| k.as_slice() != b"topic" && k.as_slice() != b"payload")
+            .map(|(k, v)| (k.as_slice(), v.as_slice())),
+    );
     Some(Envelope {
         topic: topic?,
         headers,
