@@ -1866,12 +1866,21 @@ impl Shared {
                     .dead_letter(item, DlqCode::PayloadTooLarge, reason, att)
                     .await;
             }
-            match self
-                .bus
-                .codec()
-                .decode_detailed(&headers, &env.payload)
-                .await
-            {
+            // A payload carried inline and not compressed is handed over as it came (the
+            // codec would copy it).
+            let plain = headers.get(names::BLOB_REF).is_none()
+                && !headers
+                    .content_encoding()
+                    .is_some_and(|ce| ce.eq_ignore_ascii_case("gzip"));
+            let decoded = if plain {
+                Ok(env.payload.clone())
+            } else {
+                self.bus
+                    .codec()
+                    .decode_detailed(&headers, &env.payload)
+                    .await
+            };
+            match decoded {
                 Ok(payload) if payload.len() > self.max_payload => {
                     let reason = DlqCode::PayloadTooLarge.reason(&format!(
                         "{} bytes after decoding; this consumer's limit is {}",
