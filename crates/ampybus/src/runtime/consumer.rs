@@ -1117,7 +1117,7 @@ struct Shared {
     /// Topics already parsed, by their text, with their metric handles: a consumer sees few
     /// distinct topics, so each is parsed and validated once (bounded by
     /// [`TOPIC_CACHE_MAX`]; cleared when full).
-    topics: Mutex<FastMap<String, (Topic, Option<Arc<ConsumerTopic>>)>>,
+    topics: Mutex<FastMap<String, TopicEntry>>,
     /// Keys this process recorded lately (moved here from `pending` by the acker), so that a
     /// batch lookup made at fetch time cannot miss what was applied here since.
     recent: Mutex<Recent>,
@@ -1131,6 +1131,9 @@ struct Shared {
     acks: Mutex<AckBuf>,
     ack_notify: Notify,
 }
+
+/// A parsed topic and its metric handles (observability on).
+type TopicEntry = (Topic, Option<Arc<ConsumerTopic>>);
 
 /// What one handling attempt did, for its span, metrics and log line.
 struct Attempt {
@@ -1572,7 +1575,7 @@ impl Shared {
 
     /// The topic of a delivered message, parsed once per distinct topic, with its metric
     /// handles.
-    fn topic_of(&self, raw: &str) -> Result<(Topic, Option<Arc<ConsumerTopic>>)> {
+    fn topic_of(&self, raw: &str) -> Result<TopicEntry> {
         if let Some(hit) = self
             .topics
             .lock()
