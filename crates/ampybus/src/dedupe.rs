@@ -102,6 +102,38 @@ pub trait DedupeStore: Send + Sync + 'static {
         }
         crate::transport::Delivery::ack_all(deliveries).await
     }
+    /// Which of `keys` `consumer` applied within the window, as one flag per key in order —
+    /// the consumer runtime's one lookup per fetched batch, with the keys borrowed. The
+    /// default builds on [`DedupeStore::applied_among`] (a `String` per key); a store that can
+    /// look up borrowed keys overrides it.
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use ampybus::dedupe::{DedupeStore, SqliteDedupeStore};
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let store = SqliteDedupeStore::open(dir.path().join("d.sqlite3")).unwrap();
+    /// store.record_applied("oms", &["m2".to_owned()]).await.unwrap();
+    /// assert_eq!(store.lookup_batch("oms", &["m1", "m2"]).await.unwrap(), vec![false, true]);
+    /// # });
+    /// ```
+    async fn lookup_batch(&self, consumer: &str, keys: &[&str]) -> Result<Vec<bool>> {
+        let owned: Vec<String> = keys.iter().map(|k| (*k).to_owned()).collect();
+        let applied = self.applied_among(consumer, &owned).await?;
+        Ok(owned.iter().map(|k| applied.contains(k)).collect())
+    }
+    /// [`DedupeStore::record_and_ack`] with the keys borrowed — the consumer runtime's last
+    /// step for a batch. The default builds on `record_and_ack` (a `String` per key), so a
+    /// store that records and acks in one transaction keeps doing so; a store that can record
+    /// borrowed keys overrides it.
+    async fn commit_batch(
+        &self,
+        consumer: &str,
+        keys: &[&str],
+        deliveries: Vec<crate::transport::Delivery>,
+    ) -> std::result::Result<(), (crate::Error, Vec<crate::transport::Delivery>)> {
+        let owned: Vec<String> = keys.iter().map(|k| (*k).to_owned()).collect();
+        self.record_and_ack(consumer, &owned, deliveries).await
+    }
 }
 
 /// The durable SQLite dedupe store (WAL mode, busy timeout, one file shared by processes).

@@ -84,8 +84,8 @@ pub fn inject_context(cx: &Context, headers: &mut Headers) {
 pub(crate) struct BusTracer {
     tracer: std::sync::Arc<global::BoxedTracer>,
     /// Whether the tracer records spans (false for the no-op provider that is installed when
-    /// no exporter is configured): consumer spans are then not built at all, the handler runs
-    /// in the message's own trace context.
+    /// no exporter is configured): consumer spans are then not built at all and the handler
+    /// runs without a trace context (so an idle tracer costs nothing per message).
     recording: bool,
 }
 
@@ -139,6 +139,11 @@ impl BusTracer {
             inject_context(&cx, headers);
         }
         PublishSpan { span }
+    }
+
+    /// Whether spans are recorded (a tracer provider other than the no-op one is installed).
+    pub(crate) fn is_recording(&self) -> bool {
+        self.recording
     }
 
     /// Starts the consumer span of one handling attempt; the parent is the message's

@@ -4,7 +4,7 @@ use super::dlq::{build_dlq_envelope, dlq_topic_for};
 use super::{DlqCode, Handler, Message, Outcome, RetryPolicy};
 use crate::bus::Bus;
 use crate::codec::DecodeFailure;
-use crate::dedupe::{DedupeStore, dedupe_keys};
+use crate::dedupe::DedupeStore;
 use crate::error::{Error, ErrorKind, Result};
 use crate::headers::names;
 use crate::obs::{BusTracer, ConsumerTopic};
@@ -18,7 +18,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
 
 const RUNNING: u8 = 0;
@@ -31,8 +31,6 @@ const FETCH_BATCH: usize = 256;
 const FETCH_WAIT: Duration = Duration::from_millis(100);
 /// How long the acker gathers finished messages before one flush.
 const ACK_LINGER: Duration = Duration::from_millis(2);
-/// Largest ack batch.
-const ACK_BATCH: usize = 1024;
 
 /// Entry point of the consumer runtime; see [`Consumer::builder`].
 #[derive(Debug)]
@@ -289,7 +287,6 @@ impl ConsumerBuilder {
         };
         let sub = self.bus.subscribe(spec).await?;
         let (phase_tx, phase_rx) = watch::channel(RUNNING);
-        let (ack_tx, ack_rx) = mpsc::unbounded_channel();
         let obs = self.bus.obs().clone();
         let shared = Arc::new(Shared {
             obs_on: obs.enabled,
@@ -309,18 +306,19 @@ impl ConsumerBuilder {
             ack_deadline: self.ack_deadline,
             max_payload: self.max_payload,
             dedupe,
-            pending: Mutex::new(HashSet::new()),
-            handling: Mutex::new(HashSet::new()),
-            topics: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashSet::with_hasher(FastHash::new())),
+            handling: Mutex::new(HashSet::with_hasher(FastHash::new())),
+            topics: Mutex::new(HashMap::with_hasher(FastHash::new())),
             recent: Mutex::new(Recent::new(65_536 + 4 * self.max_in_flight)),
-            sched: Mutex::new(Sched::default()),
+            sched: Mutex::new(Sched::new()),
             notify: Notify::new(),
             counters: Counters::default(),
-            permits: Arc::new(Semaphore::new(self.max_in_flight)),
+            permits: Semaphore::new(self.max_in_flight),
             phase: phase_rx,
-            ack_tx,
+            acks: Mutex::new(AckBuf::default()),
+            ack_notify: Notify::new(),
         });
-        let acker = tokio::spawn(run_acker(shared.clone(), ack_rx));
+        let acker = tokio::spawn(run_acker(shared.clone()));
         let fetcher = tokio::spawn(run_fetcher(shared.clone(), sub));
         let refresher = tokio::spawn(run_refresher(shared.clone()));
         if shared.obs_on {
@@ -540,20 +538,21 @@ impl ConsumerHandle {
         if let Some(r) = self.refresher.take() {
             let _ = r.await;
         }
-        let leftovers = {
-            let mut s = self.shared.sched.lock().unwrap_or_else(|p| p.into_inner());
-            let mut items = Vec::new();
-            for (_, ks) in s.keys.drain() {
-                items.extend(ks.queue);
-            }
-            items.extend(s.delayed.drain().map(|(_, (_, it))| it));
-            s.ready.clear();
-            items
-        };
+        let leftovers = self
+            .shared
+            .sched
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain_all();
         for item in leftovers {
             self.shared.release(item).await;
         }
-        let _ = self.shared.ack_tx.send(AckMsg::Close);
+        self.shared
+            .acks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .closing = true;
+        self.shared.ack_notify.notify_one();
         if let Some(a) = self.acker.take() {
             let _ = a.await;
         }
@@ -683,16 +682,205 @@ impl Shared {
     }
 }
 
+/// A hasher for the runtime's own maps (partition keys, topics, dedupe keys): FxHash, a
+/// multiply-rotate over 8-byte words, seeded per process. Far cheaper than SipHash for short
+/// keys; the maps it serves are bounded by the consumer's limits.
+#[derive(Clone, Copy)]
+struct FastHash(u64);
+
+impl FastHash {
+    fn new() -> FastHash {
+        static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+        FastHash(*SEED.get_or_init(rand::random::<u64>))
+    }
+}
+
+impl std::hash::BuildHasher for FastHash {
+    type Hasher = FxHasher;
+    fn build_hasher(&self) -> FxHasher {
+        FxHasher(self.0)
+    }
+}
+
+struct FxHasher(u64);
+
+impl FxHasher {
+    #[inline]
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+impl std::hash::Hasher for FxHasher {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            self.add(u64::from_le_bytes(c.try_into().unwrap_or_default()));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut b = [0u8; 8];
+            b[..rest.len()].copy_from_slice(rest);
+            self.add(u64::from_le_bytes(b));
+        }
+    }
+    #[inline]
+    fn write_u8(&mut self, i: u8) {
+        self.add(u64::from(i));
+    }
+    #[inline]
+    fn write_u32(&mut self, i: u32) {
+        self.add(u64::from(i));
+    }
+    #[inline]
+    fn write_u64(&mut self, i: u64) {
+        self.add(i);
+    }
+    #[inline]
+    fn write_u128(&mut self, i: u128) {
+        self.add(i as u64);
+        self.add((i >> 64) as u64);
+    }
+    #[inline]
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type FastMap<K, V> = HashMap<K, V, FastHash>;
+type FastSet<K> = HashSet<K, FastHash>;
+
+/// One dedupe key as the runtime holds it: a canonical `message_id` as its 128 bits (no
+/// allocation), or any other key text (`{domain}:{dedupe_key}`) shared by reference count.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+enum DKey {
+    Id(u128),
+    Text(Arc<str>),
+}
+
+impl DKey {
+    fn parse(s: &str) -> DKey {
+        match canonical_uuid(s) {
+            Some(v) => DKey::Id(v),
+            None => DKey::Text(Arc::from(s)),
+        }
+    }
+}
+
+/// The 128 bits of a UUID in canonical form (lowercase, hyphenated) — the form
+/// `normalize_for_consume` leaves `message_id` in; `None` for any other text.
+fn canonical_uuid(s: &str) -> Option<u128> {
+    let b = s.as_bytes();
+    if b.len() != 36 {
+        return None;
+    }
+    let mut v: u128 = 0;
+    for (i, &c) in b.iter().enumerate() {
+        if matches!(i, 8 | 13 | 18 | 23) {
+            if c != b'-' {
+                return None;
+            }
+            continue;
+        }
+        let d = match c {
+            b'0'..=b'9' => c - b'0',
+            b'a'..=b'f' => c - b'a' + 10,
+            _ => return None,
+        };
+        v = (v << 4) | u128::from(d);
+    }
+    Some(v)
+}
+
+/// Writes the text of a key into `buf` (for ids) and returns it.
+fn key_text<'a>(k: &'a DKey, buf: &'a mut [u8; 36]) -> &'a str {
+    match k {
+        DKey::Id(v) => uuid::Uuid::from_u128(*v).hyphenated().encode_lower(buf),
+        DKey::Text(s) => s,
+    }
+}
+
+/// The texts of `keys`, for a [`DedupeStore`] call.
+fn key_texts(keys: &[DKey]) -> Vec<String> {
+    let mut buf = [0u8; 36];
+    keys.iter()
+        .map(|k| key_text(k, &mut buf).to_owned())
+        .collect()
+}
+
+/// The texts of `keys` borrowed, ids written into `bufs` (one buffer per batch, no string
+/// per key).
+fn key_strs<'a>(keys: &'a [DKey], bufs: &'a mut Vec<[u8; 36]>) -> Vec<&'a str> {
+    bufs.clear();
+    bufs.resize(keys.len(), [0u8; 36]);
+    keys.iter()
+        .zip(bufs.iter_mut())
+        .map(|(k, buf)| match k {
+            DKey::Id(v) => &*uuid::Uuid::from_u128(*v).hyphenated().encode_lower(buf),
+            DKey::Text(s) => &**s,
+        })
+        .collect()
+}
+
+/// The dedupe keys of one message (what [`crate::dedupe::dedupe_keys`] gives, held without allocating for
+/// the `message_id`).
+#[derive(Clone, Default)]
+struct Keys([Option<DKey>; 2]);
+
+impl Keys {
+    fn of(headers: &crate::headers::Headers, domain: crate::topic::Domain) -> Keys {
+        Keys([
+            headers.message_id().map(DKey::parse),
+            headers
+                .dedupe_scope(domain)
+                .map(|s| DKey::Text(Arc::from(s))),
+        ])
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &DKey> {
+        self.0.iter().flatten()
+    }
+
+    fn len(&self) -> usize {
+        self.iter().count()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.iter().all(Option::is_none)
+    }
+
+    fn any_in(&self, set: &FastSet<DKey>) -> bool {
+        !set.is_empty() && self.iter().any(|k| set.contains(k))
+    }
+}
+
+/// The answer of one batch dedupe lookup: one flag per key of the batch (`None`: the lookup
+/// failed, each message is then checked on its own). Set once; until then no message of the
+/// batch is handled.
+#[derive(Default)]
+struct Lookup {
+    done: std::sync::OnceLock<Option<Vec<bool>>>,
+}
+
+/// A delivered message on its way through the runtime.
 struct Item {
     delivery: Delivery,
-    _permit: Option<OwnedSemaphorePermit>,
     local_attempts: u32,
     msg: Option<Message>,
-    dedupe_checked: bool,
-    /// Topic and normalised headers, prepared by the fetcher for the batch dedupe lookup.
+    /// Topic and normalised headers (parsed by the preparer when dedupe is on, else by the
+    /// worker).
     prepared: Option<(Topic, crate::headers::Headers)>,
-    /// The batch lookup's answer (fetch time): `Some(true)` applied already.
-    pre_applied: Option<bool>,
+    /// Metric handles of the message's domain-level topic (observability on, topic parsed).
+    metrics: Option<Arc<ConsumerTopic>>,
+    /// Dedupe keys (empty with dedupe off).
+    keys: Keys,
+    /// The batch lookup this message waits for and the index of its first key in it.
+    lookup: Option<(Arc<Lookup>, u32)>,
+    dedupe_checked: bool,
     last_error: String,
     /// When the lease was last taken or extended.
     refreshed: Instant,
@@ -700,7 +888,33 @@ struct Item {
     parked_head: bool,
 }
 
-#[derive(Default)]
+impl Item {
+    fn new(delivery: Delivery, at: Instant) -> Item {
+        Item {
+            delivery,
+            local_attempts: 0,
+            msg: None,
+            prepared: None,
+            metrics: None,
+            keys: Keys::default(),
+            lookup: None,
+            dedupe_checked: false,
+            last_error: String::new(),
+            refreshed: at,
+            parked_head: false,
+        }
+    }
+
+    /// Not waiting for its batch's dedupe lookup.
+    fn runnable(&self) -> bool {
+        self.lookup
+            .as_ref()
+            .is_none_or(|(l, _)| l.done.get().is_some())
+    }
+}
+
+/// One partition key's FIFO. Slots are kept while idle (so a busy key costs no allocation
+/// per message) and swept when there are many.
 struct KeyState {
     queue: VecDeque<Item>,
     busy: bool,
@@ -708,71 +922,171 @@ struct KeyState {
     /// The refresher has the queue out to extend leases.
     refreshing: bool,
     in_ready: bool,
+    /// Non-strict retries of this key waiting out their delay.
+    delayed: u32,
 }
 
-#[derive(Default)]
+impl KeyState {
+    fn idle(&self) -> bool {
+        !self.busy
+            && !self.parked
+            && !self.refreshing
+            && !self.in_ready
+            && self.delayed == 0
+            && self.queue.is_empty()
+    }
+}
+
+/// Idle key slots kept before a sweep (at least; a sweep sets the next bound to twice what
+/// is left).
+const KEY_SWEEP_MIN: usize = 8192;
+
 struct Sched {
-    keys: HashMap<String, KeyState>,
-    ready: VecDeque<String>,
-    delayed: HashMap<u64, (String, Item)>,
+    slots: Vec<KeyState>,
+    index: FastMap<Arc<str>, u32>,
+    free: Vec<u32>,
+    ready: VecDeque<u32>,
+    delayed: HashMap<u64, (u32, Item)>,
     next_id: u64,
+    sweep_at: usize,
 }
 
 impl Sched {
-    /// Queues `key` for a worker if it can run now; true if it was queued.
-    fn make_ready(&mut self, key: &str) -> bool {
-        let Some(ks) = self.keys.get_mut(key) else {
+    fn new() -> Sched {
+        Sched {
+            slots: Vec::new(),
+            index: HashMap::with_hasher(FastHash::new()),
+            free: Vec::new(),
+            ready: VecDeque::new(),
+            delayed: HashMap::new(),
+            next_id: 0,
+            sweep_at: KEY_SWEEP_MIN,
+        }
+    }
+
+    /// The slot of `key`, made if needed.
+    fn slot(&mut self, key: &str) -> u32 {
+        if let Some(&id) = self.index.get(key) {
+            return id;
+        }
+        if self.index.len() >= self.sweep_at {
+            self.sweep();
+        }
+        let name: Arc<str> = Arc::from(key);
+        let ks = KeyState {
+            queue: VecDeque::new(),
+            busy: false,
+            parked: false,
+            refreshing: false,
+            in_ready: false,
+            delayed: 0,
+        };
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.slots[id as usize] = ks;
+                id
+            }
+            None => {
+                self.slots.push(ks);
+                (self.slots.len() - 1) as u32
+            }
+        };
+        self.index.insert(name, id);
+        id
+    }
+
+    /// Forgets idle keys.
+    fn sweep(&mut self) {
+        let Sched {
+            slots, index, free, ..
+        } = self;
+        index.retain(|_, id| {
+            let ks = &mut slots[*id as usize];
+            if ks.idle() {
+                ks.queue = VecDeque::new();
+                free.push(*id);
+                false
+            } else {
+                true
+            }
+        });
+        self.sweep_at = (2 * self.index.len()).max(KEY_SWEEP_MIN);
+    }
+
+    /// Queues key `id` for a worker if it can run now; true if it was queued.
+    fn make_ready(&mut self, id: u32) -> bool {
+        let Some(ks) = self.slots.get_mut(id as usize) else {
             return false;
         };
-        let blocked = ks.busy || ks.parked || ks.refreshing;
-        if !blocked && !ks.in_ready && !ks.queue.is_empty() {
+        if !ks.busy
+            && !ks.parked
+            && !ks.refreshing
+            && !ks.in_ready
+            && ks.queue.front().is_some_and(Item::runnable)
+        {
             ks.in_ready = true;
-            self.ready.push_back(key.to_owned());
+            self.ready.push_back(id);
             return true;
-        }
-        if !blocked && ks.queue.is_empty() {
-            self.keys.remove(key);
         }
         false
     }
 
-    fn push(&mut self, key: String, item: Item) -> bool {
-        self.keys
-            .entry(key.clone())
-            .or_default()
-            .queue
-            .push_back(item);
-        self.make_ready(&key)
+    fn push(&mut self, id: u32, item: Item) -> bool {
+        self.slots[id as usize].queue.push_back(item);
+        self.make_ready(id)
     }
 
-    fn take(&mut self) -> Option<(String, Item)> {
-        while let Some(key) = self.ready.pop_front() {
-            let Some(ks) = self.keys.get_mut(&key) else {
+    fn take(&mut self) -> Option<(u32, Item)> {
+        while let Some(id) = self.ready.pop_front() {
+            let Some(ks) = self.slots.get_mut(id as usize) else {
                 continue;
             };
             ks.in_ready = false;
             if ks.busy || ks.parked || ks.refreshing {
                 continue;
             }
+            if !ks.queue.front().is_some_and(Item::runnable) {
+                continue;
+            }
             if let Some(mut item) = ks.queue.pop_front() {
                 item.parked_head = false;
                 ks.busy = true;
-                return Some((key, item));
+                return Some((id, item));
             }
         }
         None
     }
+
+    /// Key `id` finished a message: frees it and queues it again if it has more.
+    fn finish(&mut self, id: u32) -> bool {
+        if let Some(ks) = self.slots.get_mut(id as usize) {
+            ks.busy = false;
+        }
+        self.make_ready(id)
+    }
+
+    /// Everything queued or delayed, for release at shutdown.
+    fn drain_all(&mut self) -> Vec<Item> {
+        let mut items = Vec::new();
+        for ks in self.slots.iter_mut() {
+            items.extend(ks.queue.drain(..));
+            ks.in_ready = false;
+        }
+        items.extend(self.delayed.drain().map(|(_, (_, it))| it));
+        self.ready.clear();
+        items
+    }
 }
 
-// A `Delivery` is large (the headers' typed slots live inline); it moves once per message.
-#[allow(clippy::large_enum_variant)]
-enum AckMsg {
-    Done {
-        delivery: Delivery,
-        keys: Vec<String>,
-        _permit: Option<OwnedSemaphorePermit>,
-    },
-    Close,
+/// Finished messages waiting for the acker's next batch.
+#[derive(Default)]
+struct AckBuf {
+    deliveries: Vec<Delivery>,
+    keys: Vec<DKey>,
+    /// No more messages will come: flush and stop.
+    closing: bool,
+    /// The acker has stopped.
+    closed: bool,
 }
 
 struct Shared {
@@ -797,22 +1111,29 @@ struct Shared {
     max_payload: usize,
     dedupe: Option<Arc<dyn DedupeStore>>,
     /// Keys handled Ok whose dedupe record is not written yet.
-    pending: Mutex<HashSet<String>>,
+    pending: Mutex<FastSet<DKey>>,
     /// Dedupe keys of messages being handled right now.
-    handling: Mutex<HashSet<String>>,
-    /// Topics already parsed, by their text: a consumer sees few distinct topics, so each is
-    /// parsed and validated once (bounded by [`TOPIC_CACHE_MAX`]; cleared when full).
-    topics: Mutex<HashMap<String, Topic>>,
+    handling: Mutex<FastSet<DKey>>,
+    /// Topics already parsed, by their text, with their metric handles: a consumer sees few
+    /// distinct topics, so each is parsed and validated once (bounded by
+    /// [`TOPIC_CACHE_MAX`]; cleared when full).
+    topics: Mutex<FastMap<String, TopicEntry>>,
     /// Keys this process recorded lately (moved here from `pending` by the acker), so that a
     /// batch lookup made at fetch time cannot miss what was applied here since.
     recent: Mutex<Recent>,
     sched: Mutex<Sched>,
     notify: Notify,
     counters: Counters,
-    permits: Arc<Semaphore>,
+    /// Room for messages in flight (fetched, not settled); taken by the fetcher, given back
+    /// when messages are settled.
+    permits: Semaphore,
     phase: watch::Receiver<u8>,
-    ack_tx: mpsc::UnboundedSender<AckMsg>,
+    acks: Mutex<AckBuf>,
+    ack_notify: Notify,
 }
+
+/// A parsed topic and its metric handles (observability on).
+type TopicEntry = (Topic, Option<Arc<ConsumerTopic>>);
 
 /// What one handling attempt did, for its span, metrics and log line.
 struct Attempt {
@@ -865,20 +1186,20 @@ const CLAIM_WAIT: Duration = Duration::from_millis(5);
 
 /// In-process claim on dedupe keys while a handler runs; released on drop.
 struct Claim<'a> {
-    set: &'a Mutex<HashSet<String>>,
-    keys: Vec<String>,
+    set: &'a Mutex<FastSet<DKey>>,
+    keys: Keys,
 }
 
 impl<'a> Claim<'a> {
-    fn take(set: &'a Mutex<HashSet<String>>, keys: &[String]) -> Option<Claim<'a>> {
+    fn take(set: &'a Mutex<FastSet<DKey>>, keys: &Keys) -> Option<Claim<'a>> {
         let mut s = set.lock().unwrap_or_else(|p| p.into_inner());
-        if keys.iter().any(|k| s.contains(k)) {
+        if keys.any_in(&s) {
             return None;
         }
         s.extend(keys.iter().cloned());
         Some(Claim {
             set,
-            keys: keys.to_vec(),
+            keys: keys.clone(),
         })
     }
 }
@@ -886,7 +1207,7 @@ impl<'a> Claim<'a> {
 impl Drop for Claim<'_> {
     fn drop(&mut self) {
         let mut s = self.set.lock().unwrap_or_else(|p| p.into_inner());
-        for k in &self.keys {
+        for k in self.keys.iter() {
             s.remove(k);
         }
     }
@@ -894,21 +1215,21 @@ impl Drop for Claim<'_> {
 
 /// A bounded set of the most recently recorded dedupe keys (oldest forgotten first).
 struct Recent {
-    set: HashSet<String>,
-    order: VecDeque<String>,
+    set: FastSet<DKey>,
+    order: VecDeque<DKey>,
     cap: usize,
 }
 
 impl Recent {
     fn new(cap: usize) -> Recent {
         Recent {
-            set: HashSet::new(),
+            set: HashSet::with_hasher(FastHash::new()),
             order: VecDeque::new(),
             cap,
         }
     }
 
-    fn insert(&mut self, key: String) {
+    fn insert(&mut self, key: DKey) {
         if self.set.insert(key.clone()) {
             self.order.push_back(key);
             while self.order.len() > self.cap {
@@ -917,10 +1238,6 @@ impl Recent {
                 }
             }
         }
-    }
-
-    fn contains_any(&self, keys: &[String]) -> bool {
-        keys.iter().any(|k| self.set.contains(k))
     }
 }
 
@@ -932,34 +1249,6 @@ enum Step {
 /// How many parsed topics a consumer keeps (see `Shared::topics`).
 const TOPIC_CACHE_MAX: usize = 4096;
 
-/// Parses the topic (once per distinct topic, through `cache`) and normalises the headers of
-/// a delivered envelope.
-fn prepare(
-    cache: &Mutex<HashMap<String, Topic>>,
-    env: &crate::Envelope,
-) -> Result<(Topic, crate::headers::Headers)> {
-    let cached = cache
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(env.topic.as_str())
-        .cloned();
-    let topic = match cached {
-        Some(t) => t,
-        None => {
-            let t = Topic::parse(&env.topic)?;
-            let mut c = cache.lock().unwrap_or_else(|p| p.into_inner());
-            if c.len() >= TOPIC_CACHE_MAX {
-                c.clear();
-            }
-            c.insert(env.topic.clone(), t.clone());
-            t
-        }
-    };
-    let mut headers = env.headers.clone();
-    headers.normalize_for_consume()?;
-    Ok((topic, headers))
-}
-
 async fn wait_phase(rx: &mut watch::Receiver<u8>, at_least: u8) {
     loop {
         if *rx.borrow_and_update() >= at_least {
@@ -968,6 +1257,16 @@ async fn wait_phase(rx: &mut watch::Receiver<u8>, at_least: u8) {
         if rx.changed().await.is_err() {
             return;
         }
+    }
+}
+
+/// Whether the consumer still runs, as seen by `rx` (cheap: one atomic load while nothing
+/// changed; a dropped handle counts as stopped).
+fn still_running(rx: &mut watch::Receiver<u8>) -> bool {
+    match rx.has_changed() {
+        Ok(false) => *rx.borrow() == RUNNING,
+        Ok(true) => *rx.borrow_and_update() == RUNNING,
+        Err(_) => false,
     }
 }
 
@@ -981,25 +1280,66 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
+/// Unix microseconds of a time in the canonical form `YYYY-MM-DDTHH:MM:SS.ffffffZ` (what
+/// `normalize_for_consume` leaves `produced_at` in), without a general RFC3339 parse.
+fn canonical_time_us(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    if b.len() != 27
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || b[10] != b'T'
+        || b[13] != b':'
+        || b[16] != b':'
+        || b[19] != b'.'
+        || b[26] != b'Z'
+    {
+        return None;
+    }
+    let num = |from: usize, to: usize| -> Option<i64> {
+        let mut v = 0i64;
+        for &c in &b[from..to] {
+            if !c.is_ascii_digit() {
+                return None;
+            }
+            v = v * 10 + i64::from(c - b'0');
+        }
+        Some(v)
+    };
+    let (y, mo, d) = (num(0, 4)?, num(5, 7)?, num(8, 10)?);
+    let (h, mi, se, us) = (num(11, 13)?, num(14, 16)?, num(17, 19)?, num(20, 26)?);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 60 {
+        return None;
+    }
+    // Days from the civil date (H. Hinnant's algorithm).
+    let y = if mo <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(((days * 24 + h) * 60 + mi) * 60_000_000 + se * 1_000_000 + us)
+}
+
+fn unix_micros_now() -> i64 {
+    match std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_micros()).unwrap_or(i64::MAX),
+        Err(_) => 0,
+    }
+}
+
 async fn run_fetcher(shared: Arc<Shared>, sub: Box<dyn crate::transport::Subscription>) {
-    // Fetching and preparing (batch dedupe lookup, then queueing by key) overlap: the next
-    // fetch runs while the previous batch is prepared. One preparer keeps batches in order.
-    let (tx, mut rx) = mpsc::channel::<Vec<(String, Item)>>(2);
+    // Fetching and preparing overlap: the next fetch runs while the previous batch is
+    // prepared and queued. The preparer never waits for a dedupe lookup: it queues the batch
+    // (its messages wait, in their keys' order, until the lookup answers) and starts the
+    // lookup on a task of its own, so lookups of later batches overlap the handling of
+    // earlier ones.
+    let (tx, mut rx) = mpsc::channel::<(Vec<Delivery>, Instant)>(2);
     let prep = {
         let shared = shared.clone();
         tokio::spawn(async move {
-            while let Some(mut items) = rx.recv().await {
-                shared.pre_check(&mut items).await;
-                for (key, item) in items {
-                    let queued = shared
-                        .sched
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push(key, item);
-                    if queued {
-                        shared.notify.notify_one();
-                    }
-                }
+            while let Some((got, at)) = rx.recv().await {
+                shared.enqueue(got, at);
             }
         })
     };
@@ -1011,67 +1351,52 @@ async fn run_fetcher(shared: Arc<Shared>, sub: Box<dyn crate::transport::Subscri
 async fn fetch_loop(
     shared: &Arc<Shared>,
     mut sub: Box<dyn crate::transport::Subscription>,
-    tx: mpsc::Sender<Vec<(String, Item)>>,
+    tx: mpsc::Sender<(Vec<Delivery>, Instant)>,
 ) {
     let mut phase = shared.phase.clone();
     loop {
         if *phase.borrow() != RUNNING {
             break;
         }
-        let first = tokio::select! {
-            p = shared.permits.clone().acquire_owned() => match p {
-                Ok(p) => p,
+        tokio::select! {
+            p = shared.permits.acquire() => match p {
+                Ok(p) => p.forget(),
                 Err(_) => break,
             },
             _ = wait_phase(&mut phase, DRAINING) => break,
-        };
-        let mut permits = vec![first];
-        while permits.len() < FETCH_BATCH {
-            match shared.permits.clone().try_acquire_owned() {
-                Ok(p) => permits.push(p),
-                Err(_) => break,
-            }
         }
-        match sub.fetch(permits.len(), FETCH_WAIT).await {
+        let mut room = 1usize;
+        let more = shared.permits.available_permits().min(FETCH_BATCH - 1);
+        if more > 0
+            && let Ok(p) = shared.permits.try_acquire_many(more as u32)
+        {
+            p.forget();
+            room += more;
+        }
+        match sub.fetch(room, FETCH_WAIT).await {
             Ok(got) => {
+                if got.len() < room {
+                    shared.permits.add_permits(room - got.len());
+                }
+                if got.is_empty() {
+                    continue;
+                }
                 shared
                     .counters
                     .fetched
                     .fetch_add(got.len() as u64, Ordering::SeqCst);
                 shared.sync_inflight();
-                let items: Vec<(String, Item)> = got
-                    .into_iter()
-                    .map(|d| {
-                        let key = d
-                            .envelope
-                            .headers
-                            .get(names::PARTITION_KEY)
-                            .unwrap_or_default()
-                            .to_owned();
-                        let item = Item {
-                            delivery: d,
-                            _permit: permits.pop(),
-                            local_attempts: 0,
-                            msg: None,
-                            dedupe_checked: false,
-                            prepared: None,
-                            pre_applied: None,
-                            last_error: String::new(),
-                            refreshed: Instant::now(),
-                            parked_head: false,
-                        };
-                        (key, item)
-                    })
-                    .collect();
-                if let Err(mpsc::error::SendError(items)) = tx.send(items).await {
+                if let Err(mpsc::error::SendError((got, at))) = tx.send((got, Instant::now())).await
+                {
                     // Cannot happen while this loop runs (the preparer outlives it); release
                     // rather than hold anything unsettled.
-                    for (_, item) in items {
-                        shared.release(item).await;
+                    for d in got {
+                        shared.release(Item::new(d, at)).await;
                     }
                 }
             }
             Err(e) => {
+                shared.permits.add_permits(room);
                 tracing::warn!(consumer = %shared.name, error = %e, "fetch failed; retrying");
                 tokio::time::sleep(FETCH_WAIT).await;
             }
@@ -1093,18 +1418,18 @@ async fn run_refresher(shared: Arc<Shared>) {
         let Some(cutoff) = Instant::now().checked_sub(every) else {
             continue;
         };
-        let due: Vec<(String, VecDeque<Item>)> = {
+        let due: Vec<(u32, VecDeque<Item>)> = {
             let mut s = shared.sched.lock().unwrap_or_else(|p| p.into_inner());
             let mut due = Vec::new();
-            for (k, ks) in s.keys.iter_mut() {
+            for (id, ks) in s.slots.iter_mut().enumerate() {
                 if !ks.refreshing && ks.queue.iter().any(|it| it.refreshed <= cutoff) {
                     ks.refreshing = true;
-                    due.push((k.clone(), std::mem::take(&mut ks.queue)));
+                    due.push((id as u32, std::mem::take(&mut ks.queue)));
                 }
             }
             due
         };
-        for (key, mut queue) in due {
+        for (id, mut queue) in due {
             for it in queue.iter_mut().filter(|it| it.refreshed <= cutoff) {
                 if let Err(e) = it.delivery.in_progress().await {
                     tracing::warn!(consumer = %shared.name, error = %e, "lease extension failed");
@@ -1113,7 +1438,7 @@ async fn run_refresher(shared: Arc<Shared>) {
             }
             let queued = {
                 let mut s = shared.sched.lock().unwrap_or_else(|p| p.into_inner());
-                let ks = s.keys.entry(key.clone()).or_default();
+                let ks = &mut s.slots[id as usize];
                 // A strict retry parked meanwhile goes first; arrivals go last.
                 let mut merged = VecDeque::with_capacity(queue.len() + ks.queue.len());
                 while ks.queue.front().is_some_and(|it| it.parked_head) {
@@ -1123,7 +1448,7 @@ async fn run_refresher(shared: Arc<Shared>) {
                 merged.extend(ks.queue.drain(..));
                 ks.queue = merged;
                 ks.refreshing = false;
-                s.make_ready(&key)
+                s.make_ready(id)
             };
             if queued {
                 shared.notify.notify_one();
@@ -1134,80 +1459,108 @@ async fn run_refresher(shared: Arc<Shared>) {
 
 async fn run_worker(shared: Arc<Shared>) {
     let mut phase = shared.phase.clone();
+    // The key whose message this worker just finished: freed and the next message taken
+    // under one lock.
+    let mut finished: Option<u32> = None;
     loop {
-        if *phase.borrow() != RUNNING {
+        if !still_running(&mut phase) {
+            if let Some(id) = finished.take() {
+                let woke = shared
+                    .sched
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .finish(id);
+                if woke {
+                    shared.notify.notify_one();
+                }
+            }
             return;
         }
-        let notified = shared.notify.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        let next = shared
-            .sched
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        let Some((key, item)) = next else {
-            tokio::select! {
-                _ = notified => {}
-                _ = wait_phase(&mut phase, DRAINING) => return,
+        let (next, more) = {
+            let mut s = shared.sched.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(id) = finished.take() {
+                s.finish(id);
+            }
+            let next = s.take();
+            (next, !s.ready.is_empty())
+        };
+        let Some((id, item)) = next else {
+            let notified = shared.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let next = shared
+                .sched
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            match next {
+                Some((id, item)) => {
+                    finished = shared.run_one(id, item).await;
+                }
+                None => {
+                    tokio::select! {
+                        _ = notified => {}
+                        _ = wait_phase(&mut phase, DRAINING) => return,
+                    }
+                }
             }
             continue;
         };
         // Another ready key may be waiting for a worker: pass the wake-up on.
-        if !shared
-            .sched
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .ready
-            .is_empty()
-        {
+        if more {
             shared.notify.notify_one();
         }
-        let step = shared.process(item).await;
-        shared.after(key, step).await;
+        finished = shared.run_one(id, item).await;
     }
 }
 
-async fn run_acker(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<AckMsg>) {
-    let mut closing = false;
+/// Gathers finished messages for [`ACK_LINGER`] after the first, then records and acks them
+/// as one batch; on close, flushes what is left and stops.
+async fn run_acker(shared: Arc<Shared>) {
     let mut phase = shared.phase.clone();
     let mut handle_dropped = false;
-    while !closing {
-        let first = tokio::select! {
-            biased;
-            m = rx.recv() => m,
-            // The handle was dropped without shutdown: flush what is queued, then stop.
-            _ = async { while phase.changed().await.is_ok() {} }, if !handle_dropped => {
-                handle_dropped = true;
-                Some(AckMsg::Close)
-            }
-        };
-        let Some(first) = first else {
-            break;
-        };
-        let mut batch = Vec::new();
-        match first {
-            AckMsg::Close => closing = true,
-            m => batch.push(m),
-        }
+    let mut spare: Vec<DKey> = Vec::new();
+    loop {
+        let closing = shared
+            .acks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .closing;
         if !closing {
-            tokio::time::sleep(ACK_LINGER).await;
-        }
-        while batch.len() < ACK_BATCH {
-            match rx.try_recv() {
-                Ok(AckMsg::Close) => closing = true,
-                Ok(m) => batch.push(m),
-                Err(_) => break,
-            }
-        }
-        if closing {
-            while let Ok(m) = rx.try_recv() {
-                if !matches!(m, AckMsg::Close) {
-                    batch.push(m);
+            tokio::select! {
+                biased;
+                _ = shared.ack_notify.notified() => {}
+                // The handle was dropped without shutdown: flush what is queued, then stop.
+                _ = async { while phase.changed().await.is_ok() {} }, if !handle_dropped => {
+                    handle_dropped = true;
+                    shared.acks.lock().unwrap_or_else(|p| p.into_inner()).closing = true;
                 }
             }
         }
-        shared.flush(batch).await;
+        let closing = shared
+            .acks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .closing;
+        if !closing {
+            tokio::time::sleep(ACK_LINGER).await;
+        }
+        let (deliveries, keys, closing) = {
+            let mut a = shared.acks.lock().unwrap_or_else(|p| p.into_inner());
+            let d = std::mem::take(&mut a.deliveries);
+            let k = std::mem::replace(&mut a.keys, std::mem::take(&mut spare));
+            if closing && d.is_empty() {
+                a.closed = true;
+            }
+            (d, k, a.closing)
+        };
+        let stop = closing && deliveries.is_empty();
+        if !deliveries.is_empty() {
+            spare = shared.flush(deliveries, keys).await;
+        }
+        if stop {
+            break;
+        }
     }
 }
 
@@ -1220,14 +1573,144 @@ impl Shared {
         self.counters.dead_lettered[code.index()].fetch_add(1, Ordering::SeqCst);
     }
 
-    fn done(&self, item: Item, keys: Vec<String>) {
-        let msg = AckMsg::Done {
-            delivery: item.delivery,
-            keys,
-            _permit: item._permit,
+    /// The topic of a delivered message, parsed once per distinct topic, with its metric
+    /// handles.
+    fn topic_of(&self, raw: &str) -> Result<TopicEntry> {
+        if let Some(hit) = self
+            .topics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(raw)
+        {
+            return Ok(hit.clone());
+        }
+        let t = Topic::parse(raw)?;
+        let m = self.obs_on.then(|| self.topic_metrics(t.as_str()));
+        let mut c = self.topics.lock().unwrap_or_else(|p| p.into_inner());
+        if c.len() >= TOPIC_CACHE_MAX {
+            c.clear();
+        }
+        c.insert(raw.to_owned(), (t.clone(), m.clone()));
+        Ok((t, m))
+    }
+
+    /// Parses the topic and normalises the headers of a delivered message, and takes its
+    /// dedupe keys (dedupe on).
+    fn prepare(&self, item: &mut Item) -> Result<()> {
+        let env = &item.delivery.envelope;
+        let (topic, metrics) = self.topic_of(&env.topic)?;
+        item.metrics = metrics;
+        let mut headers = env.headers.clone();
+        headers.normalize_for_consume()?;
+        if self.dedupe.is_some() {
+            item.keys = Keys::of(&headers, topic.domain());
+        }
+        item.prepared = Some((topic, headers));
+        Ok(())
+    }
+
+    /// Queues a fetched batch by key. With dedupe on, its messages are prepared here and wait
+    /// for one lookup of all their keys, started on a task of its own.
+    fn enqueue(self: &Arc<Self>, got: Vec<Delivery>, at: Instant) {
+        let mut items: Vec<Item> = got.into_iter().map(|d| Item::new(d, at)).collect();
+        let mut lookup: Option<(Arc<Lookup>, Vec<DKey>)> = None;
+        if self.dedupe.is_some() {
+            let l = Arc::new(Lookup::default());
+            let mut keys = Vec::with_capacity(items.len());
+            for it in items.iter_mut() {
+                // A message that does not prepare is dead-lettered by its worker.
+                if self.prepare(it).is_ok() && !it.keys.is_empty() {
+                    it.lookup = Some((l.clone(), keys.len() as u32));
+                    keys.extend(it.keys.iter().cloned());
+                }
+            }
+            if !keys.is_empty() {
+                lookup = Some((l, keys));
+            }
+        }
+        let mut slots = Vec::new();
+        let mut woke = 0usize;
+        {
+            let mut s = self.sched.lock().unwrap_or_else(|p| p.into_inner());
+            for it in items {
+                let key = it
+                    .delivery
+                    .envelope
+                    .headers
+                    .get(names::PARTITION_KEY)
+                    .unwrap_or_default();
+                let id = s.slot(key);
+                if lookup.is_some() && it.lookup.is_some() {
+                    slots.push(id);
+                }
+                if s.push(id, it) {
+                    woke += 1;
+                }
+            }
+        }
+        self.wake(woke);
+        if let (Some((l, keys)), Some(store)) = (lookup, self.dedupe.clone()) {
+            let shared = self.clone();
+            tokio::spawn(async move {
+                let mut bufs = Vec::new();
+                let strs = key_strs(&keys, &mut bufs);
+                let answer = match store.lookup_batch(&shared.name, &strs).await {
+                    Ok(flags) if flags.len() == keys.len() => Some(flags),
+                    Ok(_) => {
+                        tracing::warn!(consumer = %shared.name, "batch dedupe lookup gave a wrong count; checking one by one");
+                        None
+                    }
+                    Err(e) => {
+                        tracing::warn!(consumer = %shared.name, error = %e, "batch dedupe lookup failed; checking one by one");
+                        None
+                    }
+                };
+                let _ = l.done.set(answer);
+                let woke = {
+                    let mut s = shared.sched.lock().unwrap_or_else(|p| p.into_inner());
+                    slots.into_iter().filter(|id| s.make_ready(*id)).count()
+                };
+                shared.wake(woke);
+            });
+        }
+    }
+
+    /// Wakes workers for `n` keys made ready.
+    fn wake(&self, n: usize) {
+        match n {
+            0 => {}
+            1 => self.notify.notify_one(),
+            _ => self.notify.notify_waiters(),
+        }
+    }
+
+    /// Handles one message of key `id`; returns the key when it is free for its next message.
+    async fn run_one(self: &Arc<Self>, id: u32, item: Item) -> Option<u32> {
+        match self.process(item).await {
+            Step::Finished => Some(id),
+            step => {
+                self.after(id, step).await;
+                None
+            }
+        }
+    }
+
+    fn done(&self, item: Item, keys: Keys) {
+        let first = {
+            let mut a = self.acks.lock().unwrap_or_else(|p| p.into_inner());
+            if a.closed {
+                drop(a);
+                tracing::error!(consumer = %self.name, sequence = item.delivery.info.sequence, "acker gone; message will be redelivered");
+                return;
+            }
+            a.deliveries.push(item.delivery);
+            for k in keys.0.into_iter().flatten() {
+                a.keys.push(k);
+            }
+            a.deliveries.len() == 1
         };
-        if let Err(mpsc::error::SendError(AckMsg::Done { delivery, .. })) = self.ack_tx.send(msg) {
-            tracing::error!(consumer = %self.name, sequence = delivery.info.sequence, "acker gone; message will be redelivered");
+        if first {
+            self.ack_notify.notify_one();
         }
     }
 
@@ -1235,35 +1718,26 @@ impl Shared {
         self.counters.released.fetch_add(1, Ordering::SeqCst);
         self.counters.settled.fetch_add(1, Ordering::SeqCst);
         self.sync_inflight();
+        self.permits.add_permits(1);
         if let Err((e, _)) = item.delivery.nack(Duration::ZERO).await {
             tracing::warn!(consumer = %self.name, error = %e, "release failed; the ack deadline will redeliver");
         }
     }
 
-    async fn flush(&self, batch: Vec<AckMsg>) {
-        let mut deliveries = Vec::with_capacity(batch.len());
-        let mut keys = Vec::new();
-        let mut permits = Vec::with_capacity(batch.len());
-        for m in batch {
-            if let AckMsg::Done {
-                delivery,
-                keys: k,
-                _permit,
-            } = m
-            {
-                deliveries.push(delivery);
-                keys.extend(k);
-                permits.push(_permit);
-            }
-        }
-        let count = deliveries.len() as u64;
+    /// Records and acks one batch; gives back the (emptied) key buffer for reuse.
+    async fn flush(&self, deliveries: Vec<Delivery>, mut keys: Vec<DKey>) -> Vec<DKey> {
+        let count = deliveries.len();
         let mut todo = deliveries;
         let mut tries = 0;
         while !todo.is_empty() {
             // Dedupe records first (or in the same transaction, on a store that lives with the
             // transport), then acks: a crash in between redelivers what dedupe then skips.
             let result = match &self.dedupe {
-                Some(store) => store.record_and_ack(&self.name, &keys, todo).await,
+                Some(store) => {
+                    let mut bufs = Vec::new();
+                    let strs = key_strs(&keys, &mut bufs);
+                    store.commit_batch(&self.name, &strs, todo).await
+                }
                 None => Delivery::ack_all(todo).await,
             };
             match result {
@@ -1292,24 +1766,26 @@ impl Shared {
                 p.remove(k);
             }
         }
-        self.counters.settled.fetch_add(count, Ordering::SeqCst);
+        keys.clear();
+        self.counters
+            .settled
+            .fetch_add(count as u64, Ordering::SeqCst);
         self.sync_inflight();
-        drop(permits);
+        self.permits.add_permits(count);
+        keys
     }
 
-    async fn after(self: &Arc<Self>, key: String, step: Step) {
+    async fn after(self: &Arc<Self>, id: u32, step: Step) {
         let wake = match step {
-            Step::Finished => {
-                let mut s = self.sched.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(ks) = s.keys.get_mut(&key) {
-                    ks.busy = false;
-                }
-                s.make_ready(&key)
-            }
+            Step::Finished => self
+                .sched
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .finish(id),
             Step::Retry(item, delay) if self.strict => {
                 {
                     let mut s = self.sched.lock().unwrap_or_else(|p| p.into_inner());
-                    let ks = s.keys.entry(key.clone()).or_default();
+                    let ks = &mut s.slots[id as usize];
                     ks.busy = false;
                     ks.parked = true;
                     let mut item = *item;
@@ -1321,10 +1797,10 @@ impl Shared {
                     tokio::time::sleep(delay).await;
                     let queued = {
                         let mut s = shared.sched.lock().unwrap_or_else(|p| p.into_inner());
-                        if let Some(ks) = s.keys.get_mut(&key) {
+                        if let Some(ks) = s.slots.get_mut(id as usize) {
                             ks.parked = false;
                         }
-                        s.make_ready(&key)
+                        s.make_ready(id)
                     };
                     if queued {
                         shared.notify.notify_one();
@@ -1333,23 +1809,26 @@ impl Shared {
                 false
             }
             Step::Retry(item, delay) => {
-                let (id, wake) = {
+                let (rid, wake) = {
                     let mut s = self.sched.lock().unwrap_or_else(|p| p.into_inner());
-                    let id = s.next_id;
+                    let rid = s.next_id;
                     s.next_id += 1;
-                    s.delayed.insert(id, (key.clone(), *item));
-                    if let Some(ks) = s.keys.get_mut(&key) {
-                        ks.busy = false;
-                    }
-                    (id, s.make_ready(&key))
+                    s.delayed.insert(rid, (id, *item));
+                    let ks = &mut s.slots[id as usize];
+                    ks.delayed += 1;
+                    ks.busy = false;
+                    (rid, s.make_ready(id))
                 };
                 let shared = self.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(delay).await;
                     let queued = {
                         let mut s = shared.sched.lock().unwrap_or_else(|p| p.into_inner());
-                        match s.delayed.remove(&id) {
-                            Some((k, it)) => s.push(k, it),
+                        match s.delayed.remove(&rid) {
+                            Some((id, it)) => {
+                                s.slots[id as usize].delayed -= 1;
+                                s.push(id, it)
+                            }
                             None => false,
                         }
                     };
@@ -1367,11 +1846,10 @@ impl Shared {
 
     async fn process_attempt(&self, mut item: Item, att: &mut Attempt) -> Step {
         if item.msg.is_none() {
-            let env = &item.delivery.envelope;
             let (topic, headers) = match item.prepared.take() {
                 Some(p) => p,
-                None => match prepare(&self.topics, env) {
-                    Ok(p) => p,
+                None => match self.prepare(&mut item) {
+                    Ok(()) => item.prepared.take().expect("prepared"),
                     Err(e) => {
                         let reason = DlqCode::ContractViolation.reason(&e.to_string());
                         return self
@@ -1391,12 +1869,21 @@ impl Shared {
                     .dead_letter(item, DlqCode::PayloadTooLarge, reason, att)
                     .await;
             }
-            match self
-                .bus
-                .codec()
-                .decode_detailed(&headers, &env.payload)
-                .await
-            {
+            // A payload carried inline and not compressed is handed over as it came (the
+            // codec would copy it).
+            let plain = headers.get(names::BLOB_REF).is_none()
+                && !headers
+                    .content_encoding()
+                    .is_some_and(|ce| ce.eq_ignore_ascii_case("gzip"));
+            let decoded = if plain {
+                Ok(env.payload.clone())
+            } else {
+                self.bus
+                    .codec()
+                    .decode_detailed(&headers, &env.payload)
+                    .await
+            };
+            match decoded {
                 Ok(payload) if payload.len() > self.max_payload => {
                     let reason = DlqCode::PayloadTooLarge.reason(&format!(
                         "{} bytes after decoding; this consumer's limit is {}",
@@ -1439,27 +1926,38 @@ impl Shared {
         }
         // Taken out while the handler borrows it; put back before the item moves on.
         let msg = item.msg.take().expect("prepared above");
-        let keys = dedupe_keys(&msg.headers, msg.topic.domain());
-        // Two messages with one dedupe key (e.g. the same `dedupe_key` under different
-        // partition keys) never run at once here: the later one waits and then re-checks.
-        let Some(_claim) = Claim::take(&self.handling, &keys) else {
-            item.msg = Some(msg);
-            att.result = "deferred";
-            return Step::Retry(Box::new(item), CLAIM_WAIT);
-        };
-        if !item.dedupe_checked {
-            item.dedupe_checked = true;
-            let applied = match item.pre_applied {
-                // Looked up with its batch at fetch time; what this process applied since is
-                // in `pending` or `recent`.
-                Some(pre) => pre || self.applied_here(&keys),
-                None => self.already_applied(&keys).await,
-            };
-            if applied {
-                att.result = "skipped";
-                self.counters.skipped.fetch_add(1, Ordering::SeqCst);
-                self.done(item, Vec::new());
-                return Step::Finished;
+        let mut _claim = None;
+        if self.dedupe.is_some() {
+            // Two messages with one dedupe key (e.g. the same `dedupe_key` under different
+            // partition keys) never run at once here: the later one waits and then re-checks.
+            match Claim::take(&self.handling, &item.keys) {
+                Some(c) => _claim = Some(c),
+                None => {
+                    item.msg = Some(msg);
+                    att.result = "deferred";
+                    return Step::Retry(Box::new(item), CLAIM_WAIT);
+                }
+            }
+            if !item.dedupe_checked {
+                item.dedupe_checked = true;
+                let answer = item.lookup.take().and_then(|(l, first)| {
+                    l.done.get().cloned().flatten().map(|flags| {
+                        let first = first as usize;
+                        flags[first..first + item.keys.len()].iter().any(|b| *b)
+                    })
+                });
+                let applied = match answer {
+                    // Looked up with its batch; what this process applied since is in
+                    // `pending` or `recent`.
+                    Some(pre) => pre || self.applied_here(&item.keys),
+                    None => self.already_applied(&item.keys).await,
+                };
+                if applied {
+                    att.result = "skipped";
+                    self.counters.skipped.fetch_add(1, Ordering::SeqCst);
+                    self.done(item, Keys::default());
+                    return Step::Finished;
+                }
             }
         }
         let attempt = self.next_attempt(&mut item);
@@ -1467,39 +1965,46 @@ impl Shared {
             let _ = item.delivery.in_progress().await;
             item.refreshed = Instant::now();
         }
-        let started = Instant::now();
+        let now_us = unix_micros_now();
+        self.last_message_us.store(now_us, Ordering::Relaxed);
         if let Some(h) = &att.handles {
-            let now = chrono::Utc::now();
-            self.last_message_us
-                .store(now.timestamp_micros(), Ordering::Relaxed);
-            if let Some(t) = msg.headers.produced_at_time() {
-                let ms = (now - t).num_microseconds().unwrap_or(i64::MAX) as f64 / 1000.0;
+            let produced = msg
+                .headers
+                .produced_at()
+                .and_then(canonical_time_us)
+                .or_else(|| msg.headers.produced_at_time().map(|t| t.timestamp_micros()));
+            if let Some(t) = produced {
+                let ms = (now_us.saturating_sub(t)) as f64 / 1000.0;
                 let ms = ms.max(0.0);
                 h.delivery_latency.observe(ms);
                 att.latency_ms = Some(ms);
             }
-        } else {
-            self.last_message_us
-                .store(chrono::Utc::now().timestamp_micros(), Ordering::Relaxed);
         }
+        let started = att.handles.is_some().then(Instant::now);
         let outcome = {
-            let fut = AssertUnwindSafe(self.handler.handle(&msg)).catch_unwind();
-            tokio::pin!(fut);
-            let beat = (self.ack_deadline / 3).max(Duration::from_millis(10));
-            let mut hb = tokio::time::interval_at(tokio::time::Instant::now() + beat, beat);
-            let mut phase = self.phase.clone();
-            loop {
-                tokio::select! {
-                    r = &mut fut => break Some(r),
-                    _ = hb.tick() => {
-                        let _ = item.delivery.in_progress().await;
+            let mut fut =
+                std::pin::pin!(AssertUnwindSafe(self.handler.handle(&msg)).catch_unwind());
+            // Most handlers finish in their first poll: no timer, no watch until they do not.
+            match futures::poll!(fut.as_mut()) {
+                std::task::Poll::Ready(r) => Some(r),
+                std::task::Poll::Pending => {
+                    let beat = (self.ack_deadline / 3).max(Duration::from_millis(10));
+                    let mut hb = tokio::time::interval_at(tokio::time::Instant::now() + beat, beat);
+                    let mut phase = self.phase.clone();
+                    loop {
+                        tokio::select! {
+                            r = &mut fut => break Some(r),
+                            _ = hb.tick() => {
+                                let _ = item.delivery.in_progress().await;
+                            }
+                            _ = wait_phase(&mut phase, HARD_STOP) => break None,
+                        }
                     }
-                    _ = wait_phase(&mut phase, HARD_STOP) => break None,
                 }
             }
         };
         item.msg = Some(msg);
-        if let Some(h) = &att.handles {
+        if let (Some(h), Some(started)) = (&att.handles, started) {
             h.handler_duration
                 .observe(started.elapsed().as_secs_f64() * 1000.0);
         }
@@ -1516,13 +2021,14 @@ impl Shared {
             }
             Some(Ok(Outcome::Ok)) => {
                 let keys = if self.dedupe.is_some() {
+                    let keys = std::mem::take(&mut item.keys);
                     self.pending
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .extend(keys.iter().cloned());
                     keys
                 } else {
-                    Vec::new()
+                    Keys::default()
                 };
                 self.counters.handled_ok.fetch_add(1, Ordering::SeqCst);
                 att.result = "ok";
@@ -1551,38 +2057,55 @@ impl Shared {
         }
     }
 
-    /// One handling attempt, observed: a consumer span (child of the message's
-    /// `traceparent`) around it with the handler running in its context, the metrics of its
-    /// domain-level topic, and a debug log line with its result.
-    async fn process(&self, item: Item) -> Step {
+    /// One handling attempt, observed: the metrics of its domain-level topic, a debug log
+    /// line with its result, and — when the tracer records — a consumer span (child of the
+    /// message's `traceparent`) with the handler running in its context.
+    async fn process(&self, mut item: Item) -> Step {
         if !self.obs_on {
             return self.process_attempt(item, &mut Attempt::off()).await;
         }
-        let env = &item.delivery.envelope;
-        let (topic_label, headers) = match (&item.msg, &item.prepared) {
-            (Some(m), _) => (m.topic.as_str(), &m.headers),
-            (None, Some((t, h))) => (t.as_str(), h),
-            // Not parsed yet: a topic that does not parse is labelled `invalid`.
-            (None, None) if Topic::parse(&env.topic).is_ok() => (env.topic.as_str(), &env.headers),
-            (None, None) => ("invalid", &env.headers),
+        if item.metrics.is_none() && item.msg.is_none() && item.prepared.is_none() {
+            // Not prepared yet (dedupe off): the topic's handles come with its parse.
+            if let Ok((_, m)) = self.topic_of(&item.delivery.envelope.topic) {
+                item.metrics = m;
+            }
+        }
+        let handles = match &item.metrics {
+            Some(h) => h.clone(),
+            // A topic that does not parse is labelled `invalid`.
+            None => self.topic_metrics("invalid"),
         };
-        let span = self.tracer.start_consume(topic_label, headers, &self.name);
         let mut att = Attempt {
-            handles: Some(self.topic_metrics(topic_label)),
+            handles: Some(handles),
             result: "released",
             dlq_code: None,
             retry_reason: 0,
             latency_ms: None,
         };
         let log = tracing::enabled!(tracing::Level::DEBUG);
+        if !self.tracer.is_recording() && !log {
+            return self.process_attempt(item, &mut att).await;
+        }
+        let env = &item.delivery.envelope;
+        let (topic_label, headers) = match (&item.msg, &item.prepared) {
+            (Some(m), _) => (m.topic.as_str(), &m.headers),
+            (None, Some((t, h))) => (t.as_str(), h),
+            (None, None) if item.metrics.is_some() => (env.topic.as_str(), &env.headers),
+            (None, None) => ("invalid", &env.headers),
+        };
+        let span = self.tracer.start_consume(topic_label, headers, &self.name);
         let ids = log.then(|| {
             (
                 env.topic.clone(),
                 headers.message_id().unwrap_or_default().to_owned(),
             )
         });
-        let cx = span.context().clone();
-        let step = self.process_attempt(item, &mut att).with_context(cx).await;
+        let step = if self.tracer.is_recording() {
+            let cx = span.context().clone();
+            self.process_attempt(item, &mut att).with_context(cx).await
+        } else {
+            self.process_attempt(item, &mut att).await
+        };
         if let Some((topic, message_id)) = ids {
             tracing::debug!(
                 consumer = %self.name,
@@ -1630,61 +2153,19 @@ impl Shared {
     }
 
     /// True when this process applied one of `keys` (recorded or not yet).
-    fn applied_here(&self, keys: &[String]) -> bool {
+    fn applied_here(&self, keys: &Keys) -> bool {
         if keys.is_empty() {
             return false;
         }
-        {
-            let p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-            if keys.iter().any(|k| p.contains(k)) {
-                return true;
-            }
+        if keys.any_in(&self.pending.lock().unwrap_or_else(|p| p.into_inner())) {
+            return true;
         }
-        self.recent
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_any(keys)
+        keys.any_in(&self.recent.lock().unwrap_or_else(|p| p.into_inner()).set)
     }
 
     /// Whether a message with these keys is being handled by this consumer right now.
-    fn handling_now(&self, keys: &[String]) -> bool {
-        let h = self.handling.lock().unwrap_or_else(|p| p.into_inner());
-        keys.iter().any(|k| h.contains(k))
-    }
-
-    /// Prepares a fetched batch and asks the dedupe store about all of its keys in one call.
-    async fn pre_check(&self, items: &mut [(String, Item)]) {
-        let Some(store) = &self.dedupe else {
-            return;
-        };
-        let mut all = Vec::new();
-        let mut per_item = Vec::with_capacity(items.len());
-        for (_, item) in items.iter_mut() {
-            match prepare(&self.topics, &item.delivery.envelope) {
-                Ok((topic, headers)) => {
-                    let keys = dedupe_keys(&headers, topic.domain());
-                    all.extend(keys.iter().cloned());
-                    per_item.push(Some(keys));
-                    item.prepared = Some((topic, headers));
-                }
-                Err(_) => per_item.push(None),
-            }
-        }
-        if all.is_empty() {
-            return;
-        }
-        match store.applied_among(&self.name, &all).await {
-            Ok(applied) => {
-                for ((_, item), keys) in items.iter_mut().zip(per_item) {
-                    if let Some(keys) = keys {
-                        item.pre_applied = Some(keys.iter().any(|k| applied.contains(k)));
-                    }
-                }
-            }
-            Err(e) => {
-                tracing::warn!(consumer = %self.name, error = %e, "batch dedupe lookup failed; checking one by one");
-            }
-        }
+    fn handling_now(&self, keys: &Keys) -> bool {
+        keys.any_in(&self.handling.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     fn next_attempt(&self, item: &mut Item) -> u32 {
@@ -1692,25 +2173,27 @@ impl Shared {
         item.delivery.info.delivery_count.saturating_sub(1) + item.local_attempts
     }
 
-    async fn already_applied(&self, keys: &[String]) -> bool {
+    /// Asks the store about one message (its batch lookup failed): what this process applied
+    /// and has not recorded yet counts too.
+    async fn already_applied(&self, keys: &Keys) -> bool {
         if keys.is_empty() {
             return false;
         }
-        {
-            let p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-            if keys.iter().any(|k| p.contains(k)) {
-                return true;
-            }
+        if self.applied_here(keys) {
+            return true;
         }
         match &self.dedupe {
             None => false,
-            Some(store) => match store.is_applied(&self.name, keys).await {
-                Ok(b) => b,
-                Err(e) => {
-                    tracing::warn!(consumer = %self.name, error = %e, "dedupe lookup failed; handling the message");
-                    false
+            Some(store) => {
+                let texts = key_texts(&keys.iter().cloned().collect::<Vec<_>>());
+                match store.is_applied(&self.name, &texts).await {
+                    Ok(b) => b,
+                    Err(e) => {
+                        tracing::warn!(consumer = %self.name, error = %e, "dedupe lookup failed; handling the message");
+                        false
+                    }
                 }
-            },
+            }
         }
     }
 
@@ -1803,7 +2286,7 @@ impl Shared {
                 c.inc();
             }
         }
-        self.done(item, Vec::new());
+        self.done(item, Keys::default());
         Step::Finished
     }
 }
@@ -1818,8 +2301,11 @@ struct LiveAwareDedupe {
 #[async_trait::async_trait]
 impl DedupeStore for LiveAwareDedupe {
     async fn is_applied(&self, consumer: &str, keys: &[String]) -> Result<bool> {
-        if self.shared.applied_here(keys) || self.shared.handling_now(keys) {
-            return Ok(true);
+        for k in keys {
+            let one = Keys([Some(DKey::parse(k)), None]);
+            if self.shared.applied_here(&one) || self.shared.handling_now(&one) {
+                return Ok(true);
+            }
         }
         match &self.shared.dedupe {
             Some(store) => store.is_applied(consumer, keys).await,
@@ -1832,5 +2318,52 @@ impl DedupeStore for LiveAwareDedupe {
             Some(store) => store.record_applied(consumer, keys).await,
             None => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_forms_parse_exactly() {
+        let id = "018f5e2f-9b1c-46aa-8f7a-3b1d8f3ea0c2";
+        let v = canonical_uuid(id).unwrap();
+        let mut buf = [0u8; 36];
+        assert_eq!(key_text(&DKey::Id(v), &mut buf), id);
+        assert!(canonical_uuid("018F5E2F-9B1C-46AA-8F7A-3B1D8F3EA0C2").is_none());
+        assert!(canonical_uuid("018f5e2f9b1c46aa8f7a3b1d8f3ea0c2").is_none());
+        assert_eq!(
+            DKey::parse("orders:co_1"),
+            DKey::Text(Arc::from("orders:co_1"))
+        );
+        for s in [
+            "2025-09-05T19:31:01.000000Z",
+            "1970-01-01T00:00:00.000001Z",
+            "2024-02-29T23:59:59.999999Z",
+            "2100-03-01T00:00:00.500000Z",
+            "1969-12-31T23:59:59.000000Z",
+        ] {
+            let want = chrono::DateTime::parse_from_rfc3339(s)
+                .unwrap()
+                .timestamp_micros();
+            assert_eq!(canonical_time_us(s), Some(want), "{s}");
+        }
+        assert!(canonical_time_us("2025-09-05T19:31:01Z").is_none());
+        assert!(canonical_time_us("2025-09-05T19:31:01.000000+00:00").is_none());
+    }
+
+    #[test]
+    fn idle_keys_are_swept_and_slots_reused() {
+        let mut s = Sched::new();
+        s.sweep_at = 4;
+        let ids: Vec<u32> = (0..4).map(|i| s.slot(&format!("k{i}"))).collect();
+        assert_eq!(ids, vec![0, 1, 2, 3]);
+        s.slots[1].busy = true;
+        // The fifth key sweeps the three idle ones and reuses a slot.
+        let id = s.slot("k4");
+        assert!(id != 1 && id < 4);
+        assert_eq!(s.index.len(), 2);
+        assert_eq!(s.slot("k1"), 1);
     }
 }

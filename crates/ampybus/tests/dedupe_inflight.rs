@@ -1,0 +1,153 @@
+//! Dedupe off the critical path (issue 15 item 3): the batch lookup runs beside the handling
+//! of earlier batches, so a duplicate can be fetched — and its lookup answered "not applied" —
+//! while its first copy is still being handled. The runtime's own record of keys it has taken
+//! (being handled, handled but not recorded yet, recorded lately) must catch it: handled once,
+//! skipped once, both acked. Waits poll counters; no sleep is used as synchronisation.
+
+use ampybus::runtime::{Consumer, ConsumerHandle, ConsumerStats, Handler, Message, Outcome};
+use ampybus::transport::SubscribeSpec;
+use ampybus::{Bus, Headers, Topic, TopicPattern};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+
+const HANG: Duration = Duration::from_secs(60);
+
+async fn wait_stats(what: &str, h: &ConsumerHandle, cond: impl Fn(&ConsumerStats) -> bool) {
+    let start = Instant::now();
+    loop {
+        let s = h.stats();
+        if cond(&s) {
+            return;
+        }
+        assert!(
+            start.elapsed() < HANG,
+            "timed out waiting for {what}: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Holds the first message it gets until `release` is notified; records every call.
+struct Gate {
+    entered: AtomicU64,
+    release: Notify,
+    calls: Mutex<Vec<String>>,
+}
+
+#[async_trait::async_trait]
+impl Handler for Gate {
+    async fn handle(&self, msg: &Message) -> Outcome {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(String::from_utf8_lossy(&msg.payload).into_owned());
+        if self.entered.fetch_add(1, Ordering::SeqCst) == 0 {
+            self.release.notified().await;
+        }
+        Outcome::Ok
+    }
+}
+
+fn with_dedupe_key(key: &str, dedupe_key: &str) -> Headers {
+    Headers::for_publish("ampy.raw.v1.Bytes", "t@1", "t", key).with("dedupe_key", dedupe_key)
+}
+
+/// Nothing is left for the consumer name: everything was acked.
+async fn all_acked(bus: &Bus, pattern: &str, name: &str) {
+    let mut sub = bus
+        .subscribe(SubscribeSpec::durable(
+            TopicPattern::parse(pattern).unwrap(),
+            name,
+        ))
+        .await
+        .unwrap();
+    let left = sub.fetch(10, Duration::from_millis(500)).await.unwrap();
+    assert!(left.is_empty(), "{} messages not acked", left.len());
+}
+
+async fn run(strict: bool, same_batch: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = Bus::connect(&format!("file://{}?sync=normal", dir.path().display()))
+        .await
+        .unwrap();
+    let topic = Topic::parse("ampy.dev.orders.v1.requests").unwrap();
+    let gate = Arc::new(Gate {
+        entered: AtomicU64::new(0),
+        release: Notify::new(),
+        calls: Mutex::default(),
+    });
+    // Two messages with different ids and partition keys (so they may run at once) and one
+    // dedupe_key.
+    bus.publish(&topic, with_dedupe_key("co_1", "dk-1"), b"first".to_vec())
+        .await
+        .unwrap();
+    if same_batch {
+        bus.publish(&topic, with_dedupe_key("co_2", "dk-1"), b"second".to_vec())
+            .await
+            .unwrap();
+    }
+    let handle = Consumer::builder(
+        bus.clone(),
+        TopicPattern::parse("ampy.dev.orders.>").unwrap(),
+        "inflight",
+    )
+    .handler_arc(gate.clone())
+    .strict(strict)
+    .workers(4)
+    .serve_replays(false)
+    .start()
+    .await
+    .unwrap();
+    let start = Instant::now();
+    while gate.entered.load(Ordering::SeqCst) == 0 {
+        assert!(
+            start.elapsed() < HANG,
+            "first copy never reached the handler"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    if !same_batch {
+        // The duplicate arrives while its first copy is in flight.
+        bus.publish(&topic, with_dedupe_key("co_2", "dk-1"), b"second".to_vec())
+            .await
+            .unwrap();
+    }
+    // Both fetched, the first still held: the duplicate's lookup cannot have seen a record.
+    wait_stats("both fetched", &handle, |s| s.in_flight == 2).await;
+    assert_eq!(handle.stats().handled_ok, 0);
+    assert_eq!(gate.calls.lock().unwrap().len(), 1);
+    gate.release.notify_one();
+    wait_stats("one handled, one skipped", &handle, |s| {
+        s.handled_ok == 1 && s.skipped_duplicates == 1 && s.in_flight == 0
+    })
+    .await;
+    let stats = handle.shutdown(Duration::from_secs(10)).await;
+    assert_eq!(
+        (
+            stats.handled_ok,
+            stats.skipped_duplicates,
+            stats.released,
+            stats.in_flight,
+            stats.dead_lettered_total()
+        ),
+        (1, 1, 0, 0, 0),
+        "{stats:?}"
+    );
+    // Whichever copy came first was handled, exactly once.
+    assert_eq!(gate.calls.lock().unwrap().len(), 1);
+    all_acked(&bus, "ampy.dev.orders.>", "inflight").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_dedupe_key_arriving_while_the_first_copy_is_in_flight() {
+    run(true, false).await;
+    run(false, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_dedupe_key_in_the_same_batch_as_the_first_copy() {
+    run(true, true).await;
+    run(false, true).await;
+}
