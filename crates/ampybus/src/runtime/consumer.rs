@@ -834,7 +834,10 @@ struct Keys([Option<DKey>; 2]);
 impl Keys {
     fn of(headers: &crate::headers::Headers, domain: crate::topic::Domain) -> Keys {
         Keys([
-            headers.message_id().map(DKey::parse),
+            match headers.message_uuid() {
+                Some(u) => Some(DKey::Id(u.as_u128())),
+                None => headers.message_id().map(DKey::parse),
+            },
             headers
                 .dedupe_scope(domain)
                 .map(|s| DKey::Text(Arc::from(s))),
@@ -874,6 +877,8 @@ struct Item {
     /// Topic and normalised headers (parsed by the preparer when dedupe is on, else by the
     /// worker).
     prepared: Option<(Topic, crate::headers::Headers)>,
+    /// The envelope's headers were moved into `prepared`/`msg` (they needed no rewrite).
+    headers_moved: bool,
     /// Metric handles of the message's domain-level topic (observability on, topic parsed).
     metrics: Option<Arc<ConsumerTopic>>,
     /// Dedupe keys (empty with dedupe off).
@@ -889,12 +894,37 @@ struct Item {
 }
 
 impl Item {
+    /// The message's headers wherever they are now (moved into the prepared form or the
+    /// message when they needed no rewrite).
+    fn headers(&self) -> &crate::headers::Headers {
+        match (&self.msg, &self.prepared) {
+            (Some(m), _) if self.headers_moved => &m.headers,
+            (None, Some((_, h))) if self.headers_moved => h,
+            _ => &self.delivery.envelope.headers,
+        }
+    }
+
+    /// Gives moved headers back to the envelope (a dead letter carries the envelope).
+    fn restore_headers(&mut self) {
+        if !self.headers_moved {
+            return;
+        }
+        let h = match (self.msg.take(), self.prepared.take()) {
+            (Some(m), _) => m.headers,
+            (None, Some((_, h))) => h,
+            (None, None) => return,
+        };
+        self.delivery.envelope.headers = h;
+        self.headers_moved = false;
+    }
+
     fn new(delivery: Delivery, at: Instant) -> Item {
         Item {
             delivery,
             local_attempts: 0,
             msg: None,
             prepared: None,
+            headers_moved: false,
             metrics: None,
             keys: Keys::default(),
             lookup: None,
@@ -1280,54 +1310,6 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
-/// Unix microseconds of a time in the canonical form `YYYY-MM-DDTHH:MM:SS.ffffffZ` (what
-/// `normalize_for_consume` leaves `produced_at` in), without a general RFC3339 parse.
-fn canonical_time_us(s: &str) -> Option<i64> {
-    let b = s.as_bytes();
-    if b.len() != 27
-        || b[4] != b'-'
-        || b[7] != b'-'
-        || b[10] != b'T'
-        || b[13] != b':'
-        || b[16] != b':'
-        || b[19] != b'.'
-        || b[26] != b'Z'
-    {
-        return None;
-    }
-    let num = |from: usize, to: usize| -> Option<i64> {
-        let mut v = 0i64;
-        for &c in &b[from..to] {
-            if !c.is_ascii_digit() {
-                return None;
-            }
-            v = v * 10 + i64::from(c - b'0');
-        }
-        Some(v)
-    };
-    let (y, mo, d) = (num(0, 4)?, num(5, 7)?, num(8, 10)?);
-    let (h, mi, se, us) = (num(11, 13)?, num(14, 16)?, num(17, 19)?, num(20, 26)?);
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 60 {
-        return None;
-    }
-    // Days from the civil date (H. Hinnant's algorithm).
-    let y = if mo <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (mo + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some(((days * 24 + h) * 60 + mi) * 60_000_000 + se * 1_000_000 + us)
-}
-
-fn unix_micros_now() -> i64 {
-    match std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
-        Ok(d) => i64::try_from(d.as_micros()).unwrap_or(i64::MAX),
-        Err(_) => 0,
-    }
-}
-
 async fn run_fetcher(shared: Arc<Shared>, sub: Box<dyn crate::transport::Subscription>) {
     // Fetching and preparing overlap: the next fetch runs while the previous batch is
     // prepared and queued. The preparer never waits for a dedupe lookup: it queues the batch
@@ -1597,11 +1579,30 @@ impl Shared {
     /// Parses the topic and normalises the headers of a delivered message, and takes its
     /// dedupe keys (dedupe on).
     fn prepare(&self, item: &mut Item) -> Result<()> {
-        let env = &item.delivery.envelope;
+        let env = &mut item.delivery.envelope;
         let (topic, metrics) = self.topic_of(&env.topic)?;
         item.metrics = metrics;
-        let mut headers = env.headers.clone();
-        headers.normalize_for_consume()?;
+        let h = &env.headers;
+        let headers = if h.message_uuid().is_some()
+            && h.produced_at_micros().is_some()
+            && h.trace_ids().is_some()
+        {
+            // Canonical already (parsed when the transport built the headers): normalising
+            // would rewrite nothing, so the message takes these headers instead of a copy;
+            // `restore_headers` gives them back to the envelope before a dead letter.
+            let mut headers = std::mem::take(&mut env.headers);
+            if let Err(e) = headers.normalize_for_consume() {
+                // A failed check changes nothing: the envelope gets them back as they came.
+                env.headers = headers;
+                return Err(e);
+            }
+            item.headers_moved = true;
+            headers
+        } else {
+            let mut headers = env.headers.clone();
+            headers.normalize_for_consume()?;
+            headers
+        };
         if self.dedupe.is_some() {
             item.keys = Keys::of(&headers, topic.domain());
         }
@@ -1633,12 +1634,7 @@ impl Shared {
         {
             let mut s = self.sched.lock().unwrap_or_else(|p| p.into_inner());
             for it in items {
-                let key = it
-                    .delivery
-                    .envelope
-                    .headers
-                    .get(names::PARTITION_KEY)
-                    .unwrap_or_default();
+                let key = it.headers().get(names::PARTITION_KEY).unwrap_or_default();
                 let id = s.slot(key);
                 if lookup.is_some() && it.lookup.is_some() {
                     slots.push(id);
@@ -1965,13 +1961,12 @@ impl Shared {
             let _ = item.delivery.in_progress().await;
             item.refreshed = Instant::now();
         }
-        let now_us = unix_micros_now();
+        let now_us = crate::ids::now_micros();
         self.last_message_us.store(now_us, Ordering::Relaxed);
         if let Some(h) = &att.handles {
             let produced = msg
                 .headers
-                .produced_at()
-                .and_then(canonical_time_us)
+                .produced_at_micros()
                 .or_else(|| msg.headers.produced_at_time().map(|t| t.timestamp_micros()));
             if let Some(t) = produced {
                 let ms = (now_us.saturating_sub(t)) as f64 / 1000.0;
@@ -2231,11 +2226,12 @@ impl Shared {
 
     async fn dead_letter(
         &self,
-        item: Item,
+        mut item: Item,
         code: DlqCode,
         reason: String,
         att: &mut Attempt,
     ) -> Step {
+        item.restore_headers();
         let env = &item.delivery.envelope;
         let info = &item.delivery.info;
         // Attempts in this life of the message, on top of what it carried in (a redriven
@@ -2337,20 +2333,6 @@ mod tests {
             DKey::parse("orders:co_1"),
             DKey::Text(Arc::from("orders:co_1"))
         );
-        for s in [
-            "2025-09-05T19:31:01.000000Z",
-            "1970-01-01T00:00:00.000001Z",
-            "2024-02-29T23:59:59.999999Z",
-            "2100-03-01T00:00:00.500000Z",
-            "1969-12-31T23:59:59.000000Z",
-        ] {
-            let want = chrono::DateTime::parse_from_rfc3339(s)
-                .unwrap()
-                .timestamp_micros();
-            assert_eq!(canonical_time_us(s), Some(want), "{s}");
-        }
-        assert!(canonical_time_us("2025-09-05T19:31:01Z").is_none());
-        assert!(canonical_time_us("2025-09-05T19:31:01.000000+00:00").is_none());
     }
 
     #[test]
