@@ -110,15 +110,33 @@ pub const MAX_HEADERS_BYTES: usize = 256 * 1024;
 /// ```
 #[derive(Clone, Default)]
 pub struct Headers {
+    /// Boxed so that a `Headers` (and every envelope, delivery and message holding one)
+    /// moves as one pointer; `None` while empty (no allocation).
+    inner: Option<Box<Inner>>,
+}
+
+#[derive(Clone)]
+struct Inner {
     known: [Option<Text>; KNOWN_COUNT],
     /// Extension headers, sorted by name, names unique.
     ext: Vec<(Text, Text)>,
     parsed: Parsed,
 }
 
+/// What an empty map reads as.
+static EMPTY: Inner = Inner {
+    known: [const { None }; KNOWN_COUNT],
+    ext: Vec::new(),
+    parsed: Parsed {
+        id: None,
+        produced_us: None,
+        trace: None,
+    },
+};
+
 /// What was parsed when the text was set; `None` where the text is absent or not in its
 /// canonical form (the rules then read the text).
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy)]
 struct Parsed {
     /// `message_id` when it is a UUID written lowercase and hyphenated.
     id: Option<[u8; 16]>,
@@ -278,6 +296,14 @@ macro_rules! getters {
 }
 
 impl Headers {
+    fn i(&self) -> &Inner {
+        self.inner.as_deref().unwrap_or(&EMPTY)
+    }
+
+    fn m(&mut self) -> &mut Inner {
+        self.inner.get_or_insert_with(|| Box::new(EMPTY.clone()))
+    }
+
     /// An empty header map.
     ///
     /// ```
@@ -322,21 +348,21 @@ impl Headers {
     /// assert!(h.message_id().is_some() && h.produced_at().is_some() && h.traceparent().is_some());
     /// ```
     pub fn fill_publish_defaults(&mut self) {
-        if self.known[K_SCHEMA_VERSION].is_none() {
+        if self.i().known[K_SCHEMA_VERSION].is_none() {
             self.put(K_SCHEMA_VERSION, Text::from_static("1.0.0"));
         }
-        if self.known[K_CONTENT_TYPE].is_none() {
+        if self.i().known[K_CONTENT_TYPE].is_none() {
             self.put(K_CONTENT_TYPE, Text::from_static(CONTENT_TYPE_PROTOBUF));
         }
-        if self.known[K_RUN_ID].is_none() {
+        if self.i().known[K_RUN_ID].is_none() {
             self.put(
                 K_RUN_ID,
                 Text(Bytes::from_static(ids::process_run_id().as_bytes())),
             );
         }
-        let need_id = self.known[K_MESSAGE_ID].is_none();
-        let need_time = self.known[K_PRODUCED_AT].is_none();
-        let trace = if self.known[K_TRACEPARENT].is_none() {
+        let need_id = self.i().known[K_MESSAGE_ID].is_none();
+        let need_time = self.i().known[K_PRODUCED_AT].is_none();
+        let trace = if self.i().known[K_TRACEPARENT].is_none() {
             let ids = self
                 .get(TRACE_ID)
                 .and_then(|t| TraceContext::from_ids(t, self.get(SPAN_ID)))
@@ -383,14 +409,14 @@ impl Headers {
             }
         }
         if trace.is_none()
-            && self.parsed.trace.is_some()
-            && let Some(tp) = self.known[K_TRACEPARENT].clone()
+            && self.i().parsed.trace.is_some()
+            && let Some(tp) = self.i().known[K_TRACEPARENT].clone()
         {
             // A valid traceparent was given: fill the older headers from it.
-            if self.known[K_TRACE_ID].is_none() {
+            if self.i().known[K_TRACE_ID].is_none() {
                 self.put(K_TRACE_ID, Text(tp.0.slice(3..35)));
             }
-            if self.known[K_SPAN_ID].is_none() {
+            if self.i().known[K_SPAN_ID].is_none() {
                 self.put(K_SPAN_ID, Text(tp.0.slice(36..52)));
             }
         }
@@ -419,7 +445,7 @@ impl Headers {
     /// assert!(h.trace_context().is_none());
     /// ```
     pub fn trace_context(&self) -> Option<TraceContext> {
-        if let Some(t) = self.parsed.trace {
+        if let Some(t) = self.i().parsed.trace {
             return Some(t.to_context());
         }
         TraceContext::from_ids(self.get(TRACE_ID)?, self.get(SPAN_ID))
@@ -434,7 +460,7 @@ impl Headers {
     /// assert!(ampybus::Headers::new().with("traceparent", "nope").trace_ids().is_none());
     /// ```
     pub fn trace_ids(&self) -> Option<TraceIds> {
-        self.parsed.trace
+        self.i().parsed.trace
     }
 
     /// `message_id` as a UUID, when it is written lowercase and hyphenated (parsed when it
@@ -445,7 +471,7 @@ impl Headers {
     /// assert_eq!(h.message_uuid().unwrap().get_version_num(), 7);
     /// ```
     pub fn message_uuid(&self) -> Option<uuid::Uuid> {
-        self.parsed.id.map(uuid::Uuid::from_bytes)
+        self.i().parsed.id.map(uuid::Uuid::from_bytes)
     }
 
     /// `produced_at` in microseconds since the Unix epoch, when it is in the canonical form
@@ -456,49 +482,54 @@ impl Headers {
     /// assert_eq!(h.produced_at_micros(), Some(1_000_000));
     /// ```
     pub fn produced_at_micros(&self) -> Option<i64> {
-        self.parsed.produced_us
+        self.i().parsed.produced_us
     }
 
     /// A header value by wire name.
     pub fn get(&self, name: &str) -> Option<&str> {
         match known_index(name) {
-            Some(i) => self.known[i].as_ref().map(Text::as_str),
-            None => self.ext_position(name).ok().map(|i| self.ext[i].1.as_str()),
+            Some(i) => self.i().known[i].as_ref().map(Text::as_str),
+            None => self
+                .ext_position(name)
+                .ok()
+                .map(|i| self.i().ext[i].1.as_str()),
         }
     }
 
     fn ext_position(&self, name: &str) -> std::result::Result<usize, usize> {
-        self.ext.binary_search_by(|(n, _)| n.as_str().cmp(name))
+        self.i().ext.binary_search_by(|(n, _)| n.as_str().cmp(name))
     }
 
     /// Stores a known header's text and parses what the typed core holds.
     fn put(&mut self, i: usize, v: Text) -> Option<Text> {
         match i {
-            K_MESSAGE_ID => self.parsed.id = canonical_uuid(v.as_str()),
-            K_PRODUCED_AT => self.parsed.produced_us = ids::canonical_time_micros(v.as_str()),
-            K_TRACEPARENT => self.parsed.trace = TraceIds::parse(v.as_str()),
+            K_MESSAGE_ID => self.m().parsed.id = canonical_uuid(v.as_str()),
+            K_PRODUCED_AT => self.m().parsed.produced_us = ids::canonical_time_micros(v.as_str()),
+            K_TRACEPARENT => self.m().parsed.trace = TraceIds::parse(v.as_str()),
             _ => {}
         }
-        self.known[i].replace(v)
+        self.m().known[i].replace(v)
     }
 
     fn take(&mut self, i: usize) -> Option<Text> {
         match i {
-            K_MESSAGE_ID => self.parsed.id = None,
-            K_PRODUCED_AT => self.parsed.produced_us = None,
-            K_TRACEPARENT => self.parsed.trace = None,
+            K_MESSAGE_ID => self.m().parsed.id = None,
+            K_PRODUCED_AT => self.m().parsed.produced_us = None,
+            K_TRACEPARENT => self.m().parsed.trace = None,
             _ => {}
         }
-        self.known[i].take()
+        self.m().known[i].take()
     }
 
     fn set_text(&mut self, name: &str, value: Text) -> Option<Text> {
         match known_index(name) {
             Some(i) => self.put(i, value),
             None => match self.ext_position(name) {
-                Ok(i) => Some(std::mem::replace(&mut self.ext[i].1, value)),
+                Ok(i) => Some(std::mem::replace(&mut self.m().ext[i].1, value)),
                 Err(i) => {
-                    self.ext.insert(i, (Text::owned(name.to_owned()), value));
+                    self.m()
+                        .ext
+                        .insert(i, (Text::owned(name.to_owned()), value));
                     None
                 }
             },
@@ -556,8 +587,8 @@ impl Headers {
                     h.put(i, value);
                 }
                 None => match h.ext_position(name.as_str()) {
-                    Ok(i) => h.ext[i].1 = value,
-                    Err(i) => h.ext.insert(i, (name, value)),
+                    Ok(i) => h.m().ext[i].1 = value,
+                    Err(i) => h.m().ext.insert(i, (name, value)),
                 },
             }
         }
@@ -597,7 +628,7 @@ impl Headers {
         let t = match known_index(name) {
             Some(i) => self.take(i),
             None => match self.ext_position(name) {
-                Ok(i) => Some(self.ext.remove(i).1),
+                Ok(i) => Some(self.m().ext.remove(i).1),
                 Err(_) => None,
             },
         };
@@ -606,7 +637,7 @@ impl Headers {
 
     /// Number of headers.
     pub fn len(&self) -> usize {
-        self.known.iter().filter(|k| k.is_some()).count() + self.ext.len()
+        self.i().known.iter().filter(|k| k.is_some()).count() + self.i().ext.len()
     }
 
     /// True when there are no headers.
@@ -680,7 +711,7 @@ impl Headers {
 
     /// `produced_at` parsed (any RFC3339 accepted).
     pub fn produced_at_time(&self) -> Option<chrono::DateTime<chrono::Utc>> {
-        if let Some(us) = self.parsed.produced_us {
+        if let Some(us) = self.i().parsed.produced_us {
             return chrono::DateTime::from_timestamp_micros(us);
         }
         ids::parse_time(self.produced_at()?)
@@ -704,25 +735,30 @@ impl Headers {
     /// ```
     pub fn encode_compact(&self, out: &mut Vec<u8>) {
         out.push(COMPACT_V1);
-        let trace_text = self.parsed.trace.map(|t| t.traceparent_text());
-        for (i, slot) in self.known.iter().enumerate() {
+        let trace_text = self.i().parsed.trace.map(|t| t.traceparent_text());
+        for (i, slot) in self.i().known.iter().enumerate() {
             let Some(v) = slot else { continue };
             let s = v.as_str();
             match i {
-                K_MESSAGE_ID if self.parsed.id.is_some() => {
+                K_MESSAGE_ID if self.i().parsed.id.is_some() => {
                     out.push(TAG_ID_BIN);
-                    out.extend_from_slice(&self.parsed.id.unwrap_or_default());
+                    out.extend_from_slice(&self.i().parsed.id.unwrap_or_default());
                     continue;
                 }
-                K_PRODUCED_AT if self.parsed.produced_us.is_some() => {
+                K_PRODUCED_AT if self.i().parsed.produced_us.is_some() => {
                     out.push(TAG_TIME_BIN);
                     out.extend_from_slice(
-                        &self.parsed.produced_us.unwrap_or_default().to_le_bytes(),
+                        &self
+                            .i()
+                            .parsed
+                            .produced_us
+                            .unwrap_or_default()
+                            .to_le_bytes(),
                     );
                     continue;
                 }
                 K_TRACEPARENT => {
-                    if let Some(t) = self.parsed.trace
+                    if let Some(t) = self.i().parsed.trace
                         && trace_text.is_some_and(|tt| tt == s.as_bytes())
                     {
                         out.push(TAG_TRACE_BIN);
@@ -746,7 +782,7 @@ impl Headers {
             put_varint(out, s.len());
             out.extend_from_slice(s.as_bytes());
         }
-        for (k, v) in &self.ext {
+        for (k, v) in &self.i().ext {
             out.push(TAG_EXT);
             put_varint(out, k.len_bytes());
             out.extend_from_slice(k.0.as_ref());
@@ -804,7 +840,7 @@ impl Headers {
             match tag {
                 t if usize::from(t) < KNOWN_COUNT => {
                     let v = text(&mut at)?;
-                    if h.known[usize::from(t)].is_some() {
+                    if h.i().known[usize::from(t)].is_some() {
                         return Err(bad(tag_at, "header repeated"));
                     }
                     h.put(usize::from(t), v);
@@ -852,7 +888,7 @@ impl Headers {
                     }
                     match h.ext_position(k.as_str()) {
                         Ok(_) => return Err(bad(tag_at, "header repeated")),
-                        Err(i) => h.ext.insert(i, (k, v)),
+                        Err(i) => h.m().ext.insert(i, (k, v)),
                     }
                 }
                 _ => return Err(bad(tag_at, "unknown tag")),
@@ -861,11 +897,11 @@ impl Headers {
         if (same_trace || same_span) && trace.is_none() {
             return Err(bad(b.len(), "trace id refers to a missing traceparent"));
         }
-        let conflict = (id.is_some() && h.known[K_MESSAGE_ID].is_some())
-            || (time.is_some() && h.known[K_PRODUCED_AT].is_some())
-            || (trace.is_some() && h.known[K_TRACEPARENT].is_some())
-            || (same_trace && h.known[K_TRACE_ID].is_some())
-            || (same_span && h.known[K_SPAN_ID].is_some());
+        let conflict = (id.is_some() && h.i().known[K_MESSAGE_ID].is_some())
+            || (time.is_some() && h.i().known[K_PRODUCED_AT].is_some())
+            || (trace.is_some() && h.i().known[K_TRACEPARENT].is_some())
+            || (same_trace && h.i().known[K_TRACE_ID].is_some())
+            || (same_span && h.i().known[K_SPAN_ID].is_some());
         if conflict {
             return Err(bad(b.len(), "header repeated"));
         }
@@ -888,25 +924,25 @@ impl Headers {
             let s = Bytes::from(s);
             let mut at = 0;
             if id.is_some() {
-                h.known[K_MESSAGE_ID] = Some(Text(s.slice(0..36)));
-                h.parsed.id = id;
+                h.m().known[K_MESSAGE_ID] = Some(Text(s.slice(0..36)));
+                h.m().parsed.id = id;
                 at = 36;
             }
             if time.is_some() {
-                h.known[K_PRODUCED_AT] = Some(Text(s.slice(at..at + 27)));
-                h.parsed.produced_us = time;
+                h.m().known[K_PRODUCED_AT] = Some(Text(s.slice(at..at + 27)));
+                h.m().parsed.produced_us = time;
                 at += 27;
             }
             if trace.is_some() {
                 let tp = s.slice(at..at + 55);
                 if same_trace {
-                    h.known[K_TRACE_ID] = Some(Text(tp.slice(3..35)));
+                    h.m().known[K_TRACE_ID] = Some(Text(tp.slice(3..35)));
                 }
                 if same_span {
-                    h.known[K_SPAN_ID] = Some(Text(tp.slice(36..52)));
+                    h.m().known[K_SPAN_ID] = Some(Text(tp.slice(36..52)));
                 }
-                h.known[K_TRACEPARENT] = Some(Text(tp));
-                h.parsed.trace = trace;
+                h.m().known[K_TRACEPARENT] = Some(Text(tp));
+                h.m().parsed.trace = trace;
             }
         }
         Ok(h)
@@ -961,6 +997,7 @@ impl Headers {
         }
         let id = self.get(MESSAGE_ID).unwrap_or_default();
         let fast = self
+            .i()
             .parsed
             .id
             .is_some_and(|b| b[6] >> 4 == 7 && b[8] & 0xC0 == 0x80);
@@ -1008,7 +1045,7 @@ impl Headers {
             ));
         }
         let pa = self.get(PRODUCED_AT).unwrap_or_default();
-        if self.parsed.produced_us.is_none() && !ids::is_canonical_time(pa) {
+        if self.i().parsed.produced_us.is_none() && !ids::is_canonical_time(pa) {
             return Err(Error::header(
                 PRODUCED_AT,
                 format!(
@@ -1028,7 +1065,7 @@ impl Headers {
                 ));
             }
             Some(tp) => {
-                if self.parsed.trace.is_none() {
+                if self.i().parsed.trace.is_none() {
                     return Err(Error::header(
                         TRACEPARENT,
                         format!(
@@ -1201,7 +1238,7 @@ impl Headers {
             }
         }
         // Canonical text was parsed when it was set: the common case rewrites nothing.
-        let new_id = match self.parsed.id {
+        let new_id = match self.i().parsed.id {
             Some(_) => None,
             None => {
                 let id = self.get(MESSAGE_ID).unwrap_or_default();
@@ -1211,7 +1248,7 @@ impl Headers {
                 Some(u.hyphenated().to_string())
             }
         };
-        let new_time = match self.parsed.produced_us {
+        let new_time = match self.i().parsed.produced_us {
             Some(_) => None,
             None => {
                 let pa = self.get(PRODUCED_AT).unwrap_or_default();
@@ -1251,7 +1288,7 @@ impl Headers {
         if let Some(t) = new_time {
             self.put(K_PRODUCED_AT, Text::owned(t));
         }
-        if self.parsed.trace.is_none() {
+        if self.i().parsed.trace.is_none() {
             if let Some(tc) = self
                 .get(TRACE_ID)
                 .and_then(|t| TraceContext::from_ids(t, self.get(SPAN_ID)))
@@ -1453,11 +1490,11 @@ impl<'a> Iterator for Iter<'a> {
     type Item = (&'a str, &'a str);
 
     fn next(&mut self) -> Option<(&'a str, &'a str)> {
-        while self.k < KNOWN_COUNT && self.h.known[self.k].is_none() {
+        while self.k < KNOWN_COUNT && self.h.i().known[self.k].is_none() {
             self.k += 1;
         }
-        let ext = self.h.ext.get(self.e);
-        let known = self.h.known.get(self.k).and_then(Option::as_ref);
+        let ext = self.h.i().ext.get(self.e);
+        let known = self.h.i().known.get(self.k).and_then(Option::as_ref);
         match (known, ext) {
             (Some(v), Some((en, ev))) => {
                 if en.as_str() < KNOWN[self.k] {
