@@ -124,15 +124,32 @@ struct Inner {
 }
 
 /// What an empty map reads as.
-static EMPTY: Inner = Inner {
-    known: [const { None }; KNOWN_COUNT],
-    ext: Vec::new(),
-    parsed: Parsed {
-        id: None,
-        produced_us: None,
-        trace: None,
-    },
-};
+static EMPTY: Inner = Inner::new();
+
+impl Inner {
+    /// Stores a known header's text and parses what the typed core holds.
+    fn put(&mut self, i: usize, v: Text) -> Option<Text> {
+        match i {
+            K_MESSAGE_ID => self.parsed.id = canonical_uuid(v.as_str()),
+            K_PRODUCED_AT => self.parsed.produced_us = ids::canonical_time_micros(v.as_str()),
+            K_TRACEPARENT => self.parsed.trace = TraceIds::parse(v.as_str()),
+            _ => {}
+        }
+        self.known[i].replace(v)
+    }
+
+    const fn new() -> Inner {
+        Inner {
+            known: [const { None }; KNOWN_COUNT],
+            ext: Vec::new(),
+            parsed: Parsed {
+                id: None,
+                produced_us: None,
+                trace: None,
+            },
+        }
+    }
+}
 
 /// What was parsed when the text was set; `None` where the text is absent or not in its
 /// canonical form (the rules then read the text).
@@ -204,11 +221,30 @@ const KNOWN: [&str; KNOWN_COUNT] = [
     TRACEPARENT,
 ];
 
+/// Slots of the known headers (indexes into [`KNOWN`]).
+const K_BLOB_HASH: usize = 0;
+const K_BLOB_REF: usize = 1;
+const K_BLOB_SIZE: usize = 2;
+const K_CONTENT_ENCODING: usize = 3;
 const K_CONTENT_TYPE: usize = 4;
+const K_DEDUPE_KEY: usize = 5;
+const K_DLQ_AT: usize = 6;
+const K_DLQ_CONSUMER: usize = 7;
+const K_DLQ_REASON: usize = 8;
 const K_MESSAGE_ID: usize = 9;
+const K_ORIGINAL_TOPIC: usize = 10;
+const K_PARTITION_KEY: usize = 11;
+const K_PAYLOAD_HASH: usize = 12;
 const K_PRODUCED_AT: usize = 13;
+const K_PRODUCER: usize = 14;
+const K_REDRIVE_OF: usize = 15;
+const K_REPLAY_REQUEST_ID: usize = 16;
+const K_RETRY_COUNT: usize = 17;
 const K_RUN_ID: usize = 18;
+const K_SCHEMA_FQDN: usize = 19;
+const K_SCHEMA_HASH: usize = 20;
 const K_SCHEMA_VERSION: usize = 21;
+const K_SOURCE: usize = 22;
 const K_SPAN_ID: usize = 23;
 const K_TRACE_ID: usize = 24;
 const K_TRACEPARENT: usize = 25;
@@ -290,7 +326,7 @@ macro_rules! getters {
     ($($fn:ident => $name:ident),* $(,)?) => {
         $(
             #[doc = concat!("The `", stringify!($fn), "` header, if present.")]
-            pub fn $fn(&self) -> Option<&str> { self.get($name) }
+            pub fn $fn(&self) -> Option<&str> { self.slot($name) }
         )*
     };
 }
@@ -301,7 +337,13 @@ impl Headers {
     }
 
     fn m(&mut self) -> &mut Inner {
-        self.inner.get_or_insert_with(|| Box::new(EMPTY.clone()))
+        self.inner.get_or_insert_with(|| Box::new(Inner::new()))
+    }
+
+    /// A known header's value by slot.
+    #[inline]
+    fn slot(&self, i: usize) -> Option<&str> {
+        self.inner.as_deref()?.known[i].as_ref().map(Text::as_str)
     }
 
     /// An empty header map.
@@ -365,7 +407,7 @@ impl Headers {
         let trace = if self.i().known[K_TRACEPARENT].is_none() {
             let ids = self
                 .get(TRACE_ID)
-                .and_then(|t| TraceContext::from_ids(t, self.get(SPAN_ID)))
+                .and_then(|t| TraceContext::from_ids(t, self.slot(K_SPAN_ID)))
                 .and_then(|tc| TraceIds::parse(&tc.to_traceparent()))
                 .unwrap_or_else(TraceIds::new_root);
             Some(ids)
@@ -448,7 +490,7 @@ impl Headers {
         if let Some(t) = self.i().parsed.trace {
             return Some(t.to_context());
         }
-        TraceContext::from_ids(self.get(TRACE_ID)?, self.get(SPAN_ID))
+        TraceContext::from_ids(self.slot(K_TRACE_ID)?, self.slot(K_SPAN_ID))
     }
 
     /// The `traceparent` as numbers, when it is present and valid (parsed when it was set).
@@ -502,13 +544,7 @@ impl Headers {
 
     /// Stores a known header's text and parses what the typed core holds.
     fn put(&mut self, i: usize, v: Text) -> Option<Text> {
-        match i {
-            K_MESSAGE_ID => self.m().parsed.id = canonical_uuid(v.as_str()),
-            K_PRODUCED_AT => self.m().parsed.produced_us = ids::canonical_time_micros(v.as_str()),
-            K_TRACEPARENT => self.m().parsed.trace = TraceIds::parse(v.as_str()),
-            _ => {}
-        }
-        self.m().known[i].replace(v)
+        self.m().put(i, v)
     }
 
     fn take(&mut self, i: usize) -> Option<Text> {
@@ -667,27 +703,27 @@ impl Headers {
     }
 
     getters! {
-        message_id => MESSAGE_ID,
-        schema_fqdn => SCHEMA_FQDN,
-        schema_version => SCHEMA_VERSION,
-        content_type => CONTENT_TYPE,
-        content_encoding => CONTENT_ENCODING,
-        produced_at => PRODUCED_AT,
-        producer => PRODUCER,
-        source => SOURCE,
-        run_id => RUN_ID,
-        traceparent => TRACEPARENT,
-        partition_key => PARTITION_KEY,
-        dedupe_key => DEDUPE_KEY,
-        dlq_reason => DLQ_REASON,
-        schema_hash => SCHEMA_HASH,
-        blob_ref => BLOB_REF,
-        blob_hash => BLOB_HASH,
-        original_topic => ORIGINAL_TOPIC,
-        dlq_consumer => DLQ_CONSUMER,
-        payload_hash => PAYLOAD_HASH,
-        replay_request_id => REPLAY_REQUEST_ID,
-        redrive_of => REDRIVE_OF,
+        message_id => K_MESSAGE_ID,
+        schema_fqdn => K_SCHEMA_FQDN,
+        schema_version => K_SCHEMA_VERSION,
+        content_type => K_CONTENT_TYPE,
+        content_encoding => K_CONTENT_ENCODING,
+        produced_at => K_PRODUCED_AT,
+        producer => K_PRODUCER,
+        source => K_SOURCE,
+        run_id => K_RUN_ID,
+        traceparent => K_TRACEPARENT,
+        partition_key => K_PARTITION_KEY,
+        dedupe_key => K_DEDUPE_KEY,
+        dlq_reason => K_DLQ_REASON,
+        schema_hash => K_SCHEMA_HASH,
+        blob_ref => K_BLOB_REF,
+        blob_hash => K_BLOB_HASH,
+        original_topic => K_ORIGINAL_TOPIC,
+        dlq_consumer => K_DLQ_CONSUMER,
+        payload_hash => K_PAYLOAD_HASH,
+        replay_request_id => K_REPLAY_REQUEST_ID,
+        redrive_of => K_REDRIVE_OF,
     }
 
     /// `retry_count` as a number (absent → 0; unparsable → `None`).
@@ -698,7 +734,7 @@ impl Headers {
     /// assert_eq!(ampybus::Headers::new().retry_count(), Some(0));
     /// ```
     pub fn retry_count(&self) -> Option<u32> {
-        match self.get(RETRY_COUNT) {
+        match self.slot(K_RETRY_COUNT) {
             None => Some(0),
             Some(v) => v.parse().ok(),
         }
@@ -706,7 +742,7 @@ impl Headers {
 
     /// `blob_size` as a number, if present and valid.
     pub fn blob_size(&self) -> Option<u64> {
-        self.get(BLOB_SIZE)?.parse().ok()
+        self.slot(K_BLOB_SIZE)?.parse().ok()
     }
 
     /// `produced_at` parsed (any RFC3339 accepted).
@@ -858,7 +894,7 @@ impl Headers {
                         fixed(b, &mut at, 8).ok_or_else(|| bad(tag_at, "value past the end"))?,
                     );
                     let us = i64::from_le_bytes(v);
-                    if !ids::write_canonical_time(us, &mut [0u8; 27]) {
+                    if !(ids::MIN_CANONICAL_MICROS..=ids::MAX_CANONICAL_MICROS).contains(&us) {
                         return Err(bad(tag_at, "time out of range"));
                     }
                     time = Some(us);
@@ -995,7 +1031,7 @@ impl Headers {
                 return Err(Error::header(name, "required header is missing"));
             }
         }
-        let id = self.get(MESSAGE_ID).unwrap_or_default();
+        let id = self.slot(K_MESSAGE_ID).unwrap_or_default();
         let fast = self
             .i()
             .parsed
@@ -1024,9 +1060,9 @@ impl Headers {
                 }
             }
         }
-        check_fqdn(self.get(SCHEMA_FQDN).unwrap_or_default())?;
-        check_semver(self.get(SCHEMA_VERSION).unwrap_or_default())?;
-        let ct = self.get(CONTENT_TYPE).unwrap_or_default();
+        check_fqdn(self.slot(K_SCHEMA_FQDN).unwrap_or_default())?;
+        check_semver(self.slot(K_SCHEMA_VERSION).unwrap_or_default())?;
+        let ct = self.slot(K_CONTENT_TYPE).unwrap_or_default();
         if ct != CONTENT_TYPE_PROTOBUF && ct != CONTENT_TYPE_JSON {
             return Err(Error::header(
                 CONTENT_TYPE,
@@ -1036,7 +1072,7 @@ impl Headers {
                 ),
             ));
         }
-        if let Some(ce) = self.get(CONTENT_ENCODING)
+        if let Some(ce) = self.slot(K_CONTENT_ENCODING)
             && ce != "gzip"
         {
             return Err(Error::header(
@@ -1044,7 +1080,7 @@ impl Headers {
                 format!("must be absent or `gzip` (got {})", show(ce)),
             ));
         }
-        let pa = self.get(PRODUCED_AT).unwrap_or_default();
+        let pa = self.slot(K_PRODUCED_AT).unwrap_or_default();
         if self.i().parsed.produced_us.is_none() && !ids::is_canonical_time(pa) {
             return Err(Error::header(
                 PRODUCED_AT,
@@ -1057,7 +1093,7 @@ impl Headers {
         for name in [PRODUCER, SOURCE, RUN_ID] {
             check_text(name, self.get(name).unwrap_or_default())?;
         }
-        match self.get(TRACEPARENT) {
+        match self.slot(K_TRACEPARENT) {
             None => {
                 return Err(Error::header(
                     TRACEPARENT,
@@ -1075,7 +1111,7 @@ impl Headers {
                     ));
                 }
                 // A valid traceparent is 55 bytes: the ids are at fixed places.
-                if let Some(t) = self.get(TRACE_ID)
+                if let Some(t) = self.slot(K_TRACE_ID)
                     && t != &tp[3..35]
                 {
                     return Err(Error::header(
@@ -1083,7 +1119,7 @@ impl Headers {
                         "must equal the trace id inside `traceparent`",
                     ));
                 }
-                if let Some(s) = self.get(SPAN_ID)
+                if let Some(s) = self.slot(K_SPAN_ID)
                     && s != &tp[36..52]
                 {
                     return Err(Error::header(
@@ -1093,16 +1129,19 @@ impl Headers {
                 }
             }
         }
-        partition::check_key(topic.domain(), self.get(PARTITION_KEY).unwrap_or_default())?;
+        partition::check_key(
+            topic.domain(),
+            self.slot(K_PARTITION_KEY).unwrap_or_default(),
+        )?;
         self.validate_optional()?;
         Ok(())
     }
 
     fn validate_optional(&self) -> Result<()> {
-        if let Some(v) = self.get(DEDUPE_KEY) {
+        if let Some(v) = self.slot(K_DEDUPE_KEY) {
             check_text(DEDUPE_KEY, v)?;
         }
-        if let Some(v) = self.get(RETRY_COUNT)
+        if let Some(v) = self.slot(K_RETRY_COUNT)
             && (!is_decimal(v) || v.parse::<u32>().is_err())
         {
             return Err(Error::header(
@@ -1110,7 +1149,7 @@ impl Headers {
                 format!("must be a non-negative integer (got {})", show(v)),
             ));
         }
-        if let Some(v) = self.get(DLQ_REASON) {
+        if let Some(v) = self.slot(K_DLQ_REASON) {
             let code = v.split(':').next().unwrap_or_default();
             if !v.contains(':')
                 || code.is_empty()
@@ -1128,7 +1167,7 @@ impl Headers {
                 ));
             }
         }
-        if let Some(v) = self.get(SCHEMA_HASH) {
+        if let Some(v) = self.slot(K_SCHEMA_HASH) {
             let hex = v
                 .strip_prefix("nameonly:sha256:")
                 .or_else(|| v.strip_prefix("sha256:"));
@@ -1153,9 +1192,9 @@ impl Headers {
             }
         }
         let blob = [
-            self.get(BLOB_REF).is_some(),
-            self.get(BLOB_HASH).is_some(),
-            self.get(BLOB_SIZE).is_some(),
+            self.slot(K_BLOB_REF).is_some(),
+            self.slot(K_BLOB_HASH).is_some(),
+            self.slot(K_BLOB_SIZE).is_some(),
         ];
         if blob.iter().any(|b| *b) && !blob.iter().all(|b| *b) {
             return Err(Error::header(
@@ -1163,7 +1202,7 @@ impl Headers {
                 "`blob_ref`, `blob_hash` and `blob_size` go together: all three or none",
             ));
         }
-        if let Some(v) = self.get(BLOB_SIZE)
+        if let Some(v) = self.slot(K_BLOB_SIZE)
             && (!is_decimal(v) || v.parse::<u64>().is_err())
         {
             return Err(Error::header(
@@ -1171,13 +1210,13 @@ impl Headers {
                 format!("must be a non-negative integer (got {})", show(v)),
             ));
         }
-        if let Some(v) = self.get(BLOB_REF) {
+        if let Some(v) = self.slot(K_BLOB_REF) {
             check_text(BLOB_REF, v)?;
         }
-        if let Some(v) = self.get(ORIGINAL_TOPIC) {
+        if let Some(v) = self.slot(K_ORIGINAL_TOPIC) {
             Topic::parse(v).map_err(|e| Error::header(ORIGINAL_TOPIC, e.message()))?;
         }
-        if let Some(v) = self.get(DLQ_AT)
+        if let Some(v) = self.slot(K_DLQ_AT)
             && !ids::is_canonical_time(v)
         {
             return Err(Error::header(
@@ -1188,7 +1227,7 @@ impl Headers {
                 ),
             ));
         }
-        if let Some(v) = self.get(DLQ_CONSUMER) {
+        if let Some(v) = self.slot(K_DLQ_CONSUMER) {
             check_text(DLQ_CONSUMER, v)?;
         }
         for name in [REPLAY_REQUEST_ID, REDRIVE_OF] {
@@ -1241,7 +1280,7 @@ impl Headers {
         let new_id = match self.i().parsed.id {
             Some(_) => None,
             None => {
-                let id = self.get(MESSAGE_ID).unwrap_or_default();
+                let id = self.slot(K_MESSAGE_ID).unwrap_or_default();
                 let u = uuid::Uuid::try_parse(id.trim()).map_err(|_| {
                     Error::header(MESSAGE_ID, format!("not a UUID (got {})", show(id)))
                 })?;
@@ -1251,7 +1290,7 @@ impl Headers {
         let new_time = match self.i().parsed.produced_us {
             Some(_) => None,
             None => {
-                let pa = self.get(PRODUCED_AT).unwrap_or_default();
+                let pa = self.slot(K_PRODUCED_AT).unwrap_or_default();
                 let t = ids::parse_time(pa.trim()).ok_or_else(|| {
                     Error::header(
                         PRODUCED_AT,
@@ -1261,7 +1300,7 @@ impl Headers {
                 (!is_canonical_time(pa)).then(|| ids::format_time(t))
             }
         };
-        if let Some(ce) = self.get(CONTENT_ENCODING)
+        if let Some(ce) = self.slot(K_CONTENT_ENCODING)
             && !ce.is_empty()
             && !ce.eq_ignore_ascii_case("gzip")
             && !ce.eq_ignore_ascii_case("identity")
@@ -1274,7 +1313,7 @@ impl Headers {
                 ),
             ));
         }
-        if let Some(v) = self.get(RETRY_COUNT)
+        if let Some(v) = self.slot(K_RETRY_COUNT)
             && v.trim().parse::<u32>().is_err()
         {
             return Err(Error::header(
@@ -1291,7 +1330,7 @@ impl Headers {
         if self.i().parsed.trace.is_none() {
             if let Some(tc) = self
                 .get(TRACE_ID)
-                .and_then(|t| TraceContext::from_ids(t, self.get(SPAN_ID)))
+                .and_then(|t| TraceContext::from_ids(t, self.slot(K_SPAN_ID)))
             {
                 self.set(TRACEPARENT, tc.to_traceparent());
             } else if self

@@ -364,6 +364,12 @@ pub fn canonical_time_micros(s: &str) -> Option<i64> {
     Some(((days * 24 + h) * 60 + mi) * 60_000_000 + sec * 1_000_000 + us)
 }
 
+/// Microseconds since the Unix epoch of 0000-01-01T00:00:00.000000Z, the earliest canonical
+/// time.
+pub const MIN_CANONICAL_MICROS: i64 = -62_167_219_200_000_000;
+/// Microseconds since the Unix epoch of 9999-12-31T23:59:59.999999Z, the latest canonical time.
+pub const MAX_CANONICAL_MICROS: i64 = 253_402_300_799_999_999;
+
 /// Writes microseconds since the Unix epoch in the canonical `produced_at` form into `out`;
 /// false (and `out` untouched) when the year is outside 0000–9999.
 ///
@@ -525,7 +531,7 @@ mod fast_time_tests {
         let mut rng = rand::rng();
         for _ in 0..20_000 {
             // Years 0000-9999.
-            let us: i64 = rng.random_range(-62_167_219_200_000_000..253_402_300_799_999_999);
+            let us: i64 = rng.random_range(MIN_CANONICAL_MICROS..=MAX_CANONICAL_MICROS);
             let mut b = [0u8; 27];
             assert!(write_canonical_time(us, &mut b));
             let s = std::str::from_utf8(&b).unwrap();
@@ -551,6 +557,13 @@ mod fast_time_tests {
         assert!(canonical_time_micros("2024-02-29T00:00:00.000000Z").is_some());
         assert!(canonical_time_micros("2000-02-29T00:00:00.000000Z").is_some());
         assert!(canonical_time_micros("1900-02-29T00:00:00.000000Z").is_none());
+        let mut b = [0u8; 27];
+        assert!(write_canonical_time(MIN_CANONICAL_MICROS, &mut b));
+        assert_eq!(&b, b"0000-01-01T00:00:00.000000Z");
+        assert!(write_canonical_time(MAX_CANONICAL_MICROS, &mut b));
+        assert_eq!(&b, b"9999-12-31T23:59:59.999999Z");
+        assert!(!write_canonical_time(MIN_CANONICAL_MICROS - 1, &mut b));
+        assert!(!write_canonical_time(MAX_CANONICAL_MICROS + 1, &mut b));
     }
 
     #[test]

@@ -6,7 +6,6 @@ use crate::bus::Bus;
 use crate::codec::DecodeFailure;
 use crate::dedupe::DedupeStore;
 use crate::error::{Error, ErrorKind, Result};
-use crate::headers::names;
 use crate::obs::{BusTracer, ConsumerTopic};
 use crate::topic::{Topic, TopicPattern};
 use crate::transport::{Delivery, StartAt, SubscribeSpec};
@@ -1634,7 +1633,7 @@ impl Shared {
         {
             let mut s = self.sched.lock().unwrap_or_else(|p| p.into_inner());
             for it in items {
-                let key = it.headers().get(names::PARTITION_KEY).unwrap_or_default();
+                let key = it.headers().partition_key().unwrap_or_default();
                 let id = s.slot(key);
                 if lookup.is_some() && it.lookup.is_some() {
                     slots.push(id);
@@ -1842,17 +1841,19 @@ impl Shared {
 
     async fn process_attempt(&self, mut item: Item, att: &mut Attempt) -> Step {
         if item.msg.is_none() {
-            let (topic, headers) = match item.prepared.take() {
-                Some(p) => p,
-                None => match self.prepare(&mut item) {
-                    Ok(()) => item.prepared.take().expect("prepared"),
-                    Err(e) => {
-                        let reason = DlqCode::ContractViolation.reason(&e.to_string());
-                        return self
-                            .dead_letter(item, DlqCode::ContractViolation, reason, att)
-                            .await;
-                    }
-                },
+            // The prepared headers stay in the item until the message is built, so that a
+            // dead letter or a retry from here finds them (they may have been moved out of
+            // the envelope).
+            if item.prepared.is_none()
+                && let Err(e) = self.prepare(&mut item)
+            {
+                let reason = DlqCode::ContractViolation.reason(&e.to_string());
+                return self
+                    .dead_letter(item, DlqCode::ContractViolation, reason, att)
+                    .await;
+            }
+            let Some((_, headers)) = item.prepared.as_ref() else {
+                unreachable!("prepared above");
             };
             let env = &item.delivery.envelope;
             if env.payload.len() > self.max_payload {
@@ -1867,7 +1868,7 @@ impl Shared {
             }
             // A payload carried inline and not compressed is handed over as it came (the
             // codec would copy it).
-            let plain = headers.get(names::BLOB_REF).is_none()
+            let plain = headers.blob_ref().is_none()
                 && !headers
                     .content_encoding()
                     .is_some_and(|ce| ce.eq_ignore_ascii_case("gzip"));
@@ -1876,7 +1877,7 @@ impl Shared {
             } else {
                 self.bus
                     .codec()
-                    .decode_detailed(&headers, &env.payload)
+                    .decode_detailed(headers, &env.payload)
                     .await
             };
             match decoded {
@@ -1891,6 +1892,7 @@ impl Shared {
                         .await;
                 }
                 Ok(payload) => {
+                    let (topic, headers) = item.prepared.take().expect("prepared above");
                     item.msg = Some(Message {
                         topic,
                         headers,
