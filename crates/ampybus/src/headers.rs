@@ -115,32 +115,64 @@ pub struct Headers {
     inner: Option<Box<Inner>>,
 }
 
+/// The map's storage. Every value is a span of one of three places: `base` (the buffer the
+/// message arrived in, shared), `arena` (small values written here: generated ids and times,
+/// the text of binary ids, values set one by one) or one of `extra` (larger values set one
+/// by one). Decoding a message therefore copies and counts no per-header references.
 #[derive(Clone)]
 struct Inner {
-    known: [Option<Text>; KNOWN_COUNT],
-    /// Extension headers, sorted by name, names unique.
-    ext: Vec<(Text, Text)>,
+    base: Bytes,
+    extra: Vec<Bytes>,
+    arena_len: u16,
+    arena: [u8; ARENA],
+    known: [Span; KNOWN_COUNT],
+    /// Extension headers (name, value), sorted by name, names unique.
+    ext: Vec<(Span, Span)>,
     parsed: Parsed,
+}
+
+/// Bytes of small values a map holds inline.
+const ARENA: usize = 384;
+
+/// Where a value's bytes are: `buf` 0 absent, 1 `base`, 2 `arena`, 3 + n `extra[n]`.
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+struct Span {
+    buf: u16,
+    start: u32,
+    len: u32,
+}
+
+impl Span {
+    const NONE: Span = Span {
+        buf: 0,
+        start: 0,
+        len: 0,
+    };
+
+    fn is_some(self) -> bool {
+        self.buf != 0
+    }
+
+    fn sub(self, from: u32, len: u32) -> Span {
+        Span {
+            buf: self.buf,
+            start: self.start + from,
+            len,
+        }
+    }
 }
 
 /// What an empty map reads as.
 static EMPTY: Inner = Inner::new();
 
 impl Inner {
-    /// Stores a known header's text and parses what the typed core holds.
-    fn put(&mut self, i: usize, v: Text) -> Option<Text> {
-        match i {
-            K_MESSAGE_ID => self.parsed.id = canonical_uuid(v.as_str()),
-            K_PRODUCED_AT => self.parsed.produced_us = ids::canonical_time_micros(v.as_str()),
-            K_TRACEPARENT => self.parsed.trace = TraceIds::parse(v.as_str()),
-            _ => {}
-        }
-        self.known[i].replace(v)
-    }
-
     const fn new() -> Inner {
         Inner {
-            known: [const { None }; KNOWN_COUNT],
+            base: Bytes::new(),
+            extra: Vec::new(),
+            arena_len: 0,
+            arena: [0; ARENA],
+            known: [Span::NONE; KNOWN_COUNT],
             ext: Vec::new(),
             parsed: Parsed {
                 id: None,
@@ -148,6 +180,102 @@ impl Inner {
                 trace: None,
             },
         }
+    }
+
+    /// The text of a span.
+    fn str(&self, s: Span) -> &str {
+        let b: &[u8] = match s.buf {
+            0 => &[],
+            1 => &self.base,
+            2 => &self.arena,
+            n => &self.extra[usize::from(n) - 3],
+        };
+        let b = &b[s.start as usize..(s.start + s.len) as usize];
+        // SAFETY: a span only ever covers bytes copied from a `&str`, or bytes of `base` or
+        // `extra` that passed `std::str::from_utf8` before the span was made; neither
+        // buffer is written after that.
+        unsafe { std::str::from_utf8_unchecked(b) }
+    }
+
+    fn opt(&self, s: Span) -> Option<&str> {
+        s.is_some().then(|| self.str(s))
+    }
+
+    /// Room for `n` bytes in the arena: their span, or `None` when full.
+    fn reserve(&mut self, n: usize) -> Option<Span> {
+        let at = usize::from(self.arena_len);
+        if n > ARENA - at {
+            return None;
+        }
+        self.arena_len = (at + n) as u16;
+        Some(Span {
+            buf: 2,
+            start: at as u32,
+            len: n as u32,
+        })
+    }
+
+    /// Copies text in (the arena when it fits, else a buffer of its own).
+    fn store(&mut self, s: &str) -> Span {
+        match self.reserve(s.len()) {
+            Some(sp) => {
+                let at = sp.start as usize;
+                self.arena[at..at + s.len()].copy_from_slice(s.as_bytes());
+                sp
+            }
+            None => self.store_bytes(Bytes::copy_from_slice(s.as_bytes())),
+        }
+    }
+
+    /// Takes an owned string (copied into the arena when small, else kept as it is).
+    fn store_owned(&mut self, s: String) -> Span {
+        if s.len() <= 64
+            && let Some(sp) = self.reserve(s.len())
+        {
+            let at = sp.start as usize;
+            self.arena[at..at + s.len()].copy_from_slice(s.as_bytes());
+            return sp;
+        }
+        self.store_bytes(Bytes::from(s))
+    }
+
+    /// Keeps a buffer whose bytes are known to be UTF-8; the span covers all of it.
+    fn store_bytes(&mut self, b: Bytes) -> Span {
+        let len = b.len() as u32;
+        let buf = if self.base.is_empty() && self.extra.is_empty() {
+            self.base = b;
+            1
+        } else {
+            self.extra.push(b);
+            (self.extra.len() + 2) as u16
+        };
+        Span { buf, start: 0, len }
+    }
+
+    /// Stores a known header's span and parses what the typed core holds.
+    fn put(&mut self, i: usize, v: Span) {
+        let text = self.str(v);
+        match i {
+            K_MESSAGE_ID => self.parsed.id = canonical_uuid(text),
+            K_PRODUCED_AT => self.parsed.produced_us = ids::canonical_time_micros(text),
+            K_TRACEPARENT => self.parsed.trace = TraceIds::parse(text),
+            _ => {}
+        }
+        self.known[i] = v;
+    }
+
+    fn take(&mut self, i: usize) -> Span {
+        match i {
+            K_MESSAGE_ID => self.parsed.id = None,
+            K_PRODUCED_AT => self.parsed.produced_us = None,
+            K_TRACEPARENT => self.parsed.trace = None,
+            _ => {}
+        }
+        std::mem::replace(&mut self.known[i], Span::NONE)
+    }
+
+    fn ext_position(&self, name: &str) -> std::result::Result<usize, usize> {
+        self.ext.binary_search_by(|(n, _)| self.str(*n).cmp(name))
     }
 }
 
@@ -161,31 +289,6 @@ struct Parsed {
     produced_us: Option<i64>,
     /// `traceparent` when it is valid.
     trace: Option<TraceIds>,
-}
-
-/// UTF-8 text in shared bytes.
-#[derive(Clone)]
-struct Text(Bytes);
-
-impl Text {
-    fn as_str(&self) -> &str {
-        // SAFETY: a `Text` is only made from a `&str`, a `String`, or bytes that passed
-        // `std::str::from_utf8` (`Text::from_utf8`), and its bytes are never changed.
-        unsafe { std::str::from_utf8_unchecked(&self.0) }
-    }
-
-    fn owned(s: String) -> Text {
-        Text(Bytes::from(s))
-    }
-
-    fn from_static(s: &'static str) -> Text {
-        Text(Bytes::from_static(s.as_bytes()))
-    }
-
-    fn from_utf8(b: Bytes) -> std::result::Result<Text, std::str::Utf8Error> {
-        std::str::from_utf8(&b)?;
-        Ok(Text(b))
-    }
 }
 
 /// Number of headers the contract names.
@@ -248,6 +351,19 @@ const K_SOURCE: usize = 22;
 const K_SPAN_ID: usize = 23;
 const K_TRACE_ID: usize = 24;
 const K_TRACEPARENT: usize = 25;
+
+/// The slots of [`REQUIRED`], in its order.
+const REQUIRED_SLOTS: [usize; 9] = [
+    K_MESSAGE_ID,
+    K_SCHEMA_FQDN,
+    K_SCHEMA_VERSION,
+    K_CONTENT_TYPE,
+    K_PRODUCED_AT,
+    K_PRODUCER,
+    K_SOURCE,
+    K_RUN_ID,
+    K_PARTITION_KEY,
+];
 
 /// The slot of a known header name.
 fn known_index(name: &str) -> Option<usize> {
@@ -343,7 +459,8 @@ impl Headers {
     /// A known header's value by slot.
     #[inline]
     fn slot(&self, i: usize) -> Option<&str> {
-        self.inner.as_deref()?.known[i].as_ref().map(Text::as_str)
+        let inner = self.inner.as_deref()?;
+        inner.opt(inner.known[i])
     }
 
     /// An empty header map.
@@ -390,76 +507,62 @@ impl Headers {
     /// assert!(h.message_id().is_some() && h.produced_at().is_some() && h.traceparent().is_some());
     /// ```
     pub fn fill_publish_defaults(&mut self) {
-        if self.i().known[K_SCHEMA_VERSION].is_none() {
-            self.put(K_SCHEMA_VERSION, Text::from_static("1.0.0"));
-        }
-        if self.i().known[K_CONTENT_TYPE].is_none() {
-            self.put(K_CONTENT_TYPE, Text::from_static(CONTENT_TYPE_PROTOBUF));
-        }
-        if self.i().known[K_RUN_ID].is_none() {
-            self.put(
-                K_RUN_ID,
-                Text(Bytes::from_static(ids::process_run_id().as_bytes())),
-            );
-        }
-        let need_id = self.i().known[K_MESSAGE_ID].is_none();
-        let need_time = self.i().known[K_PRODUCED_AT].is_none();
-        let trace = if self.i().known[K_TRACEPARENT].is_none() {
-            let ids = self
-                .get(TRACE_ID)
-                .and_then(|t| TraceContext::from_ids(t, self.slot(K_SPAN_ID)))
-                .and_then(|tc| TraceIds::parse(&tc.to_traceparent()))
-                .unwrap_or_else(TraceIds::new_root);
-            Some(ids)
-        } else {
+        let given_trace = self.i().parsed.trace.is_some();
+        let trace = if self.i().known[K_TRACEPARENT].is_some() {
             None
+        } else {
+            Some(
+                self.slot(K_TRACE_ID)
+                    .and_then(|t| TraceContext::from_ids(t, self.slot(K_SPAN_ID)))
+                    .and_then(|tc| TraceIds::parse(&tc.to_traceparent()))
+                    .unwrap_or_else(TraceIds::new_root),
+            )
         };
-        // One buffer for every generated value: id (36), time (27), traceparent (55).
-        let mut buf = Vec::with_capacity(118);
-        if need_id {
+        let h = self.m();
+        if !h.known[K_SCHEMA_VERSION].is_some() {
+            let v = h.store("1.0.0");
+            h.put(K_SCHEMA_VERSION, v);
+        }
+        if !h.known[K_CONTENT_TYPE].is_some() {
+            let v = h.store(CONTENT_TYPE_PROTOBUF);
+            h.put(K_CONTENT_TYPE, v);
+        }
+        if !h.known[K_RUN_ID].is_some() {
+            let v = h.store(ids::process_run_id());
+            h.put(K_RUN_ID, v);
+        }
+        // Generated values are written in place (no allocation).
+        if !h.known[K_MESSAGE_ID].is_some() {
+            let id = ids::new_message_uuid();
             let mut t = [0u8; 36];
-            uuid_text(ids::new_message_uuid().as_bytes(), &mut t);
-            buf.extend_from_slice(&t);
+            uuid_text(id.as_bytes(), &mut t);
+            let v = h.store(std::str::from_utf8(&t).unwrap_or_default());
+            h.known[K_MESSAGE_ID] = v;
+            h.parsed.id = Some(*id.as_bytes());
         }
-        if need_time {
+        if !h.known[K_PRODUCED_AT].is_some() {
+            let us = ids::now_micros();
             let mut t = [0u8; 27];
-            ids::write_canonical_time(ids::now_micros(), &mut t);
-            buf.extend_from_slice(&t);
+            ids::write_canonical_time(us, &mut t);
+            let v = h.store(std::str::from_utf8(&t).unwrap_or_default());
+            h.known[K_PRODUCED_AT] = v;
+            h.parsed.produced_us = Some(us);
         }
-        if let Some(t) = &trace {
-            buf.extend_from_slice(&t.traceparent_text());
-        }
-        if !buf.is_empty() {
-            let buf = Bytes::from(buf);
-            let mut at = 0;
-            let mut take = |n: usize| {
-                let t = Text(buf.slice(at..at + n));
-                at += n;
-                t
-            };
-            if need_id {
-                self.put(K_MESSAGE_ID, take(36));
-            }
-            if need_time {
-                self.put(K_PRODUCED_AT, take(27));
-            }
-            if trace.is_some() {
-                let tp = take(55);
-                self.put(K_TRACE_ID, Text(tp.0.slice(3..35)));
-                self.put(K_SPAN_ID, Text(tp.0.slice(36..52)));
-                self.put(K_TRACEPARENT, tp);
-            }
-        }
-        if trace.is_none()
-            && self.i().parsed.trace.is_some()
-            && let Some(tp) = self.i().known[K_TRACEPARENT].clone()
-        {
+        if let Some(t) = trace {
+            let text = t.traceparent_text();
+            let tp = h.store(std::str::from_utf8(&text).unwrap_or_default());
+            h.known[K_TRACEPARENT] = tp;
+            h.parsed.trace = Some(t);
+            h.known[K_TRACE_ID] = tp.sub(3, 32);
+            h.known[K_SPAN_ID] = tp.sub(36, 16);
+        } else if given_trace {
             // A valid traceparent was given: fill the older headers from it.
-            if self.i().known[K_TRACE_ID].is_none() {
-                self.put(K_TRACE_ID, Text(tp.0.slice(3..35)));
+            let tp = h.known[K_TRACEPARENT];
+            if !h.known[K_TRACE_ID].is_some() {
+                h.known[K_TRACE_ID] = tp.sub(3, 32);
             }
-            if self.i().known[K_SPAN_ID].is_none() {
-                self.put(K_SPAN_ID, Text(tp.0.slice(36..52)));
+            if !h.known[K_SPAN_ID].is_some() {
+                h.known[K_SPAN_ID] = tp.sub(36, 16);
             }
         }
     }
@@ -530,52 +633,38 @@ impl Headers {
     /// A header value by wire name.
     pub fn get(&self, name: &str) -> Option<&str> {
         match known_index(name) {
-            Some(i) => self.i().known[i].as_ref().map(Text::as_str),
-            None => self
-                .ext_position(name)
-                .ok()
-                .map(|i| self.i().ext[i].1.as_str()),
+            Some(i) => self.slot(i),
+            None => {
+                let inner = self.inner.as_deref()?;
+                let at = inner.ext_position(name).ok()?;
+                Some(inner.str(inner.ext[at].1))
+            }
         }
     }
 
-    fn ext_position(&self, name: &str) -> std::result::Result<usize, usize> {
-        self.i().ext.binary_search_by(|(n, _)| n.as_str().cmp(name))
-    }
-
-    /// Stores a known header's text and parses what the typed core holds.
-    fn put(&mut self, i: usize, v: Text) -> Option<Text> {
-        self.m().put(i, v)
-    }
-
-    fn take(&mut self, i: usize) -> Option<Text> {
-        match i {
-            K_MESSAGE_ID => self.m().parsed.id = None,
-            K_PRODUCED_AT => self.m().parsed.produced_us = None,
-            K_TRACEPARENT => self.m().parsed.trace = None,
-            _ => {}
-        }
-        self.m().known[i].take()
-    }
-
-    fn set_text(&mut self, name: &str, value: Text) -> Option<Text> {
-        match known_index(name) {
-            Some(i) => self.put(i, value),
-            None => match self.ext_position(name) {
-                Ok(i) => Some(std::mem::replace(&mut self.m().ext[i].1, value)),
-                Err(i) => {
-                    self.m()
-                        .ext
-                        .insert(i, (Text::owned(name.to_owned()), value));
-                    None
-                }
-            },
-        }
+    fn put_str(&mut self, i: usize, v: &str) {
+        let h = self.m();
+        let sp = h.store(v);
+        h.put(i, sp);
     }
 
     /// Sets a header, returning the previous value.
     pub fn set(&mut self, name: impl AsRef<str>, value: impl Into<String>) -> Option<String> {
-        self.set_text(name.as_ref(), Text::owned(value.into()))
-            .map(|t| t.as_str().to_owned())
+        let name = name.as_ref();
+        let prev = self.get(name).map(str::to_owned);
+        let h = self.m();
+        let v = h.store_owned(value.into());
+        match known_index(name) {
+            Some(i) => h.put(i, v),
+            None => match h.ext_position(name) {
+                Ok(i) => h.ext[i].1 = v,
+                Err(i) => {
+                    let n = h.store(name);
+                    h.ext.insert(i, (n, v));
+                }
+            },
+        }
+        prev
     }
 
     /// Headers from `(name, value)` byte pairs as a broker client hands them over, copied
@@ -611,20 +700,25 @@ impl Headers {
             }
             n += 1;
         }
-        let buf = Bytes::from(buf);
         let mut h = Headers::new();
+        if n == 0 {
+            return h;
+        }
+        let inner = h.m();
+        // Every piece of `buf` was pushed as a whole UTF-8 string.
+        inner.base = Bytes::from(buf);
+        let at = |a: u32, b: u32| Span {
+            buf: 1,
+            start: a,
+            len: b - a,
+        };
         for &(start, mid, end) in spans[..n.min(INLINE)].iter().chain(&more) {
-            let (start, mid, end) = (start as usize, mid as usize, end as usize);
-            let value = Text(buf.slice(mid..end));
-            // SAFETY of `Text`: every piece of `buf` was pushed as a whole UTF-8 string.
-            let name = Text(buf.slice(start..mid));
-            match known_index(name.as_str()) {
-                Some(i) => {
-                    h.put(i, value);
-                }
-                None => match h.ext_position(name.as_str()) {
-                    Ok(i) => h.m().ext[i].1 = value,
-                    Err(i) => h.m().ext.insert(i, (name, value)),
+            let (name, value) = (at(start, mid), at(mid, end));
+            match known_index(inner.str(name)) {
+                Some(i) => inner.put(i, value),
+                None => match inner.ext_position(inner.str(name)) {
+                    Ok(i) => inner.ext[i].1 = value,
+                    Err(i) => inner.ext.insert(i, (name, value)),
                 },
             }
         }
@@ -642,9 +736,19 @@ impl Headers {
     /// assert!(err.to_string().contains("`source`"), "{err}");
     /// ```
     pub fn insert_bytes(&mut self, name: &str, value: Bytes) -> Result<()> {
-        let v =
-            Text::from_utf8(value).map_err(|_| Error::header(name, "value is not valid UTF-8"))?;
-        self.set_text(name, v);
+        std::str::from_utf8(&value).map_err(|_| Error::header(name, "value is not valid UTF-8"))?;
+        let h = self.m();
+        let v = h.store_bytes(value);
+        match known_index(name) {
+            Some(i) => h.put(i, v),
+            None => match h.ext_position(name) {
+                Ok(i) => h.ext[i].1 = v,
+                Err(i) => {
+                    let n = h.store(name);
+                    h.ext.insert(i, (n, v));
+                }
+            },
+        }
         Ok(())
     }
 
@@ -661,14 +765,19 @@ impl Headers {
 
     /// Removes a header, returning its value.
     pub fn remove(&mut self, name: &str) -> Option<String> {
-        let t = match known_index(name) {
-            Some(i) => self.take(i),
-            None => match self.ext_position(name) {
-                Ok(i) => Some(self.m().ext.remove(i).1),
-                Err(_) => None,
-            },
-        };
-        t.map(|t| t.as_str().to_owned())
+        let prev = self.get(name)?.to_owned();
+        let h = self.m();
+        match known_index(name) {
+            Some(i) => {
+                h.take(i);
+            }
+            None => {
+                if let Ok(i) = h.ext_position(name) {
+                    h.ext.remove(i);
+                }
+            }
+        }
+        Some(prev)
     }
 
     /// Number of headers.
@@ -771,10 +880,13 @@ impl Headers {
     /// ```
     pub fn encode_compact(&self, out: &mut Vec<u8>) {
         out.push(COMPACT_V1);
-        let trace_text = self.i().parsed.trace.map(|t| t.traceparent_text());
-        for (i, slot) in self.i().known.iter().enumerate() {
-            let Some(v) = slot else { continue };
-            let s = v.as_str();
+        let inner = self.i();
+        let trace_text = inner.parsed.trace.map(|t| t.traceparent_text());
+        for (i, slot) in inner.known.iter().enumerate() {
+            if !slot.is_some() {
+                continue;
+            }
+            let s = inner.str(*slot);
             match i {
                 K_MESSAGE_ID if self.i().parsed.id.is_some() => {
                     out.push(TAG_ID_BIN);
@@ -818,12 +930,12 @@ impl Headers {
             put_varint(out, s.len());
             out.extend_from_slice(s.as_bytes());
         }
-        for (k, v) in &self.i().ext {
+        for (k, v) in &inner.ext {
             out.push(TAG_EXT);
-            put_varint(out, k.len_bytes());
-            out.extend_from_slice(k.0.as_ref());
-            put_varint(out, v.len_bytes());
-            out.extend_from_slice(v.0.as_ref());
+            for t in [inner.str(*k), inner.str(*v)] {
+                put_varint(out, t.len());
+                out.extend_from_slice(t.as_bytes());
+            }
         }
     }
 
@@ -848,21 +960,31 @@ impl Headers {
             return Err(bad(0, "unknown format byte"));
         }
         let mut h = Headers::new();
+        if b.len() == 1 {
+            return Ok(h);
+        }
+        let inner = h.m();
+        inner.base = buf.clone();
         let mut at = 1;
         let mut id: Option<[u8; 16]> = None;
         let mut time: Option<i64> = None;
         let mut trace: Option<TraceIds> = None;
         let (mut same_trace, mut same_span) = (false, false);
-        let text = |at: &mut usize| -> Result<Text> {
+        // A length-prefixed UTF-8 text of `base`.
+        let text = |at: &mut usize| -> Result<Span> {
             let start = *at;
             let n = get_varint(b, at).ok_or_else(|| bad(start, "bad length"))?;
             if n > b.len() - *at {
                 return Err(bad(start, "length past the end"));
             }
-            let t = Text::from_utf8(buf.slice(*at..*at + n))
-                .map_err(|_| bad(*at, "text is not UTF-8"))?;
+            std::str::from_utf8(&b[*at..*at + n]).map_err(|_| bad(*at, "text is not UTF-8"))?;
+            let sp = Span {
+                buf: 1,
+                start: *at as u32,
+                len: n as u32,
+            };
             *at += n;
-            Ok(t)
+            Ok(sp)
         };
         fn fixed<'b>(b: &'b [u8], at: &mut usize, n: usize) -> Option<&'b [u8]> {
             let s = b.get(*at..at.checked_add(n)?)?;
@@ -876,10 +998,10 @@ impl Headers {
             match tag {
                 t if usize::from(t) < KNOWN_COUNT => {
                     let v = text(&mut at)?;
-                    if h.i().known[usize::from(t)].is_some() {
+                    if inner.known[usize::from(t)].is_some() {
                         return Err(bad(tag_at, "header repeated"));
                     }
-                    h.put(usize::from(t), v);
+                    inner.put(usize::from(t), v);
                 }
                 TAG_ID_BIN => {
                     let mut v = [0u8; 16];
@@ -919,12 +1041,13 @@ impl Headers {
                 TAG_EXT => {
                     let k = text(&mut at)?;
                     let v = text(&mut at)?;
-                    if known_index(k.as_str()).is_some() {
+                    let name = inner.str(k);
+                    if known_index(name).is_some() {
                         return Err(bad(tag_at, "known header written as an extension"));
                     }
-                    match h.ext_position(k.as_str()) {
+                    match inner.ext_position(name) {
                         Ok(_) => return Err(bad(tag_at, "header repeated")),
-                        Err(i) => h.m().ext.insert(i, (k, v)),
+                        Err(i) => inner.ext.insert(i, (k, v)),
                     }
                 }
                 _ => return Err(bad(tag_at, "unknown tag")),
@@ -933,52 +1056,42 @@ impl Headers {
         if (same_trace || same_span) && trace.is_none() {
             return Err(bad(b.len(), "trace id refers to a missing traceparent"));
         }
-        let conflict = (id.is_some() && h.i().known[K_MESSAGE_ID].is_some())
-            || (time.is_some() && h.i().known[K_PRODUCED_AT].is_some())
-            || (trace.is_some() && h.i().known[K_TRACEPARENT].is_some())
-            || (same_trace && h.i().known[K_TRACE_ID].is_some())
-            || (same_span && h.i().known[K_SPAN_ID].is_some());
+        let conflict = (id.is_some() && inner.known[K_MESSAGE_ID].is_some())
+            || (time.is_some() && inner.known[K_PRODUCED_AT].is_some())
+            || (trace.is_some() && inner.known[K_TRACEPARENT].is_some())
+            || (same_trace && inner.known[K_TRACE_ID].is_some())
+            || (same_span && inner.known[K_SPAN_ID].is_some());
         if conflict {
             return Err(bad(b.len(), "header repeated"));
         }
-        if id.is_some() || time.is_some() || trace.is_some() {
-            // The binary values as text, in one buffer.
-            let mut s = Vec::with_capacity(118);
-            if let Some(v) = &id {
-                let mut t = [0u8; 36];
-                uuid_text(v, &mut t);
-                s.extend_from_slice(&t);
+        // The binary values as text, written into the map's arena (no allocation).
+        if let Some(v) = id {
+            let sp = inner.reserve(36).expect("an empty arena has room");
+            let at = sp.start as usize;
+            uuid_text(&v, &mut inner.arena[at..at + 36]);
+            inner.known[K_MESSAGE_ID] = sp;
+            inner.parsed.id = id;
+        }
+        if let Some(us) = time {
+            let sp = inner.reserve(27).expect("an empty arena has room");
+            let mut t = [0u8; 27];
+            ids::write_canonical_time(us, &mut t);
+            let at = sp.start as usize;
+            inner.arena[at..at + 27].copy_from_slice(&t);
+            inner.known[K_PRODUCED_AT] = sp;
+            inner.parsed.produced_us = time;
+        }
+        if let Some(t) = trace {
+            let sp = inner.reserve(55).expect("an empty arena has room");
+            let at = sp.start as usize;
+            inner.arena[at..at + 55].copy_from_slice(&t.traceparent_text());
+            inner.known[K_TRACEPARENT] = sp;
+            inner.parsed.trace = trace;
+            if same_trace {
+                inner.known[K_TRACE_ID] = sp.sub(3, 32);
             }
-            if let Some(us) = time {
-                let mut t = [0u8; 27];
-                ids::write_canonical_time(us, &mut t);
-                s.extend_from_slice(&t);
-            }
-            if let Some(t) = &trace {
-                s.extend_from_slice(&t.traceparent_text());
-            }
-            let s = Bytes::from(s);
-            let mut at = 0;
-            if id.is_some() {
-                h.m().known[K_MESSAGE_ID] = Some(Text(s.slice(0..36)));
-                h.m().parsed.id = id;
-                at = 36;
-            }
-            if time.is_some() {
-                h.m().known[K_PRODUCED_AT] = Some(Text(s.slice(at..at + 27)));
-                h.m().parsed.produced_us = time;
-                at += 27;
-            }
-            if trace.is_some() {
-                let tp = s.slice(at..at + 55);
-                if same_trace {
-                    h.m().known[K_TRACE_ID] = Some(Text(tp.slice(3..35)));
-                }
-                if same_span {
-                    h.m().known[K_SPAN_ID] = Some(Text(tp.slice(36..52)));
-                }
-                h.m().known[K_TRACEPARENT] = Some(Text(tp));
-                h.m().parsed.trace = trace;
+            if same_span {
+                inner.known[K_SPAN_ID] = sp.sub(36, 16);
             }
         }
         Ok(h)
@@ -1026,8 +1139,8 @@ impl Headers {
                 ),
             ));
         }
-        for name in REQUIRED {
-            if self.get(name).is_none() {
+        for (name, slot) in REQUIRED.iter().zip(REQUIRED_SLOTS) {
+            if self.slot(slot).is_none() {
                 return Err(Error::header(name, "required header is missing"));
             }
         }
@@ -1267,10 +1380,14 @@ impl Headers {
     pub fn normalize_for_consume(&mut self) -> Result<()> {
         // Everything is checked before anything is rewritten: on an error the headers are
         // exactly as they arrived (the dead letter carries them so).
-        for name in REQUIRED {
-            match self.get(name) {
+        for (name, slot) in REQUIRED.iter().zip(REQUIRED_SLOTS) {
+            match self.slot(slot) {
                 None => return Err(Error::header(name, "required header is missing")),
-                Some(v) if v.trim().is_empty() => {
+                // A first byte that is not whitespace settles it without trimming.
+                Some(v)
+                    if v.as_bytes().first().is_none_or(u8::is_ascii_whitespace)
+                        && v.trim().is_empty() =>
+                {
                     return Err(Error::header(name, "must not be empty"));
                 }
                 _ => {}
@@ -1322,10 +1439,10 @@ impl Headers {
             ));
         }
         if let Some(id) = new_id {
-            self.put(K_MESSAGE_ID, Text::owned(id));
+            self.put_str(K_MESSAGE_ID, &id);
         }
         if let Some(t) = new_time {
-            self.put(K_PRODUCED_AT, Text::owned(t));
+            self.put_str(K_PRODUCED_AT, &t);
         }
         if self.i().parsed.trace.is_none() {
             if let Some(tc) = self
@@ -1491,12 +1608,6 @@ const TAG_TRACE_ID_SAME: u8 = 0x43;
 const TAG_SPAN_ID_SAME: u8 = 0x44;
 const TAG_EXT: u8 = 0x7F;
 
-impl Text {
-    fn len_bytes(&self) -> usize {
-        self.0.len()
-    }
-}
-
 fn put_varint(out: &mut Vec<u8>, mut n: usize) {
     while n >= 0x80 {
         out.push((n as u8) | 0x80);
@@ -1529,28 +1640,27 @@ impl<'a> Iterator for Iter<'a> {
     type Item = (&'a str, &'a str);
 
     fn next(&mut self) -> Option<(&'a str, &'a str)> {
-        while self.k < KNOWN_COUNT && self.h.i().known[self.k].is_none() {
+        let inner = self.h.i();
+        while self.k < KNOWN_COUNT && !inner.known[self.k].is_some() {
             self.k += 1;
         }
-        let ext = self.h.i().ext.get(self.e);
-        let known = self.h.i().known.get(self.k).and_then(Option::as_ref);
+        let ext = inner
+            .ext
+            .get(self.e)
+            .map(|(n, v)| (inner.str(*n), inner.str(*v)));
+        let known = (self.k < KNOWN_COUNT).then(|| (KNOWN[self.k], inner.str(inner.known[self.k])));
         match (known, ext) {
-            (Some(v), Some((en, ev))) => {
-                if en.as_str() < KNOWN[self.k] {
-                    self.e += 1;
-                    Some((en.as_str(), ev.as_str()))
-                } else {
-                    self.k += 1;
-                    Some((KNOWN[self.k - 1], v.as_str()))
-                }
-            }
-            (Some(v), None) => {
-                self.k += 1;
-                Some((KNOWN[self.k - 1], v.as_str()))
-            }
-            (None, Some((en, ev))) => {
+            (Some(k), Some(e)) if e.0 < k.0 => {
                 self.e += 1;
-                Some((en.as_str(), ev.as_str()))
+                Some(e)
+            }
+            (Some(k), _) => {
+                self.k += 1;
+                Some(k)
+            }
+            (None, Some(e)) => {
+                self.e += 1;
+                Some(e)
             }
             (None, None) => None,
         }
@@ -1823,6 +1933,9 @@ mod tests {
         assert_eq!(KNOWN[K_CONTENT_TYPE], CONTENT_TYPE);
         assert_eq!(KNOWN[K_RUN_ID], RUN_ID);
         assert_eq!(KNOWN[K_SCHEMA_VERSION], SCHEMA_VERSION);
+        for (name, slot) in REQUIRED.iter().zip(REQUIRED_SLOTS) {
+            assert_eq!(KNOWN[slot], *name);
+        }
     }
 
     #[test]
