@@ -187,29 +187,29 @@ impl Transport for Memory {
     }
 }
 
-/// An in-memory dedupe store for one consumer name: keys that are UUIDs (message ids) held
-/// as 128-bit numbers, others as strings, so that a check or a record of a message id does
-/// not allocate (the runtime's cost is what is measured, not the stand-in's).
+/// An in-memory dedupe store for one consumer name: 36-byte keys (message ids) held as byte
+/// arrays, others as strings, so that a check or a record of a message id does not allocate
+/// (the runtime's cost is what is measured, not the stand-in's).
 #[derive(Default)]
 struct MemoryDedupe(Mutex<Applied>);
 
 #[derive(Default)]
 struct Applied {
-    ids: HashSet<u128>,
+    ids: HashSet<[u8; 36]>,
     texts: HashSet<String>,
 }
 
 impl Applied {
     fn contains(&self, key: &str) -> bool {
-        match uuid::Uuid::try_parse(key) {
-            Ok(u) => self.ids.contains(&u.as_u128()),
+        match <[u8; 36]>::try_from(key.as_bytes()) {
+            Ok(id) => self.ids.contains(&id),
             Err(_) => self.texts.contains(key),
         }
     }
     fn insert(&mut self, key: &str) {
-        match uuid::Uuid::try_parse(key) {
-            Ok(u) => {
-                self.ids.insert(u.as_u128());
+        match <[u8; 36]>::try_from(key.as_bytes()) {
+            Ok(id) => {
+                self.ids.insert(id);
             }
             Err(_) => {
                 self.texts.insert(key.to_owned());

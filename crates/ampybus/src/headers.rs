@@ -977,7 +977,11 @@ impl Headers {
             if n > b.len() - *at {
                 return Err(bad(start, "length past the end"));
             }
-            std::str::from_utf8(&b[*at..*at + n]).map_err(|_| bad(*at, "text is not UTF-8"))?;
+            let t = &b[*at..*at + n];
+            // Header text is nearly always ASCII: the word-at-a-time check settles it.
+            if !t.is_ascii() {
+                std::str::from_utf8(t).map_err(|_| bad(*at, "text is not UTF-8"))?;
+            }
             let sp = Span {
                 buf: 1,
                 start: *at as u32,
