@@ -134,6 +134,9 @@ struct Inner {
 /// Bytes of small values a map holds inline.
 const ARENA: usize = 384;
 
+/// Buffers of values set one by one a map keeps before it copies its live values together.
+const MAX_EXTRA: usize = 32;
+
 /// Where a value's bytes are: `buf` 0 absent, 1 `base`, 2 `arena`, 3 + n `extra[n]`.
 #[derive(Clone, Copy, Default, PartialEq, Eq)]
 struct Span {
@@ -241,6 +244,11 @@ impl Inner {
 
     /// Keeps a buffer whose bytes are known to be UTF-8; the span covers all of it.
     fn store_bytes(&mut self, b: Bytes) -> Span {
+        if self.extra.len() >= MAX_EXTRA {
+            // Values overwritten again and again leave their old bytes behind: copy what is
+            // live into one buffer, so a map set in a loop stays bounded.
+            self.rebuild();
+        }
         let len = b.len() as u32;
         let buf = if self.base.is_empty() && self.extra.is_empty() {
             self.base = b;
@@ -250,6 +258,36 @@ impl Inner {
             (self.extra.len() + 2) as u16
         };
         Span { buf, start: 0, len }
+    }
+
+    /// Copies every live value into one new `base` and empties the arena and `extra`.
+    fn rebuild(&mut self) {
+        let mut buf = Vec::new();
+        let mut copy = |buf: &mut Vec<u8>, s: &str| {
+            let start = buf.len() as u32;
+            buf.extend_from_slice(s.as_bytes());
+            Span {
+                buf: 1,
+                start,
+                len: s.len() as u32,
+            }
+        };
+        let mut known = [Span::NONE; KNOWN_COUNT];
+        for (i, sp) in self.known.iter().enumerate() {
+            if sp.is_some() {
+                known[i] = copy(&mut buf, self.str(*sp));
+            }
+        }
+        let ext: Vec<(Span, Span)> = self
+            .ext
+            .iter()
+            .map(|(k, v)| (copy(&mut buf, self.str(*k)), copy(&mut buf, self.str(*v))))
+            .collect();
+        self.base = Bytes::from(buf);
+        self.extra.clear();
+        self.arena_len = 0;
+        self.known = known;
+        self.ext = ext;
     }
 
     /// Stores a known header's span and parses what the typed core holds.
@@ -2102,5 +2140,22 @@ mod tests {
         let back: Headers = serde_json::from_str(&j).unwrap();
         assert_eq!(back, h);
         assert_eq!(format!("{h:?}"), r#"{"b": "2", "message_id": "x"}"#);
+    }
+
+    #[test]
+    fn a_map_set_in_a_loop_stays_bounded() {
+        let mut h = good().with("x-note", "n");
+        let long = "v".repeat(100);
+        for i in 0..10_000 {
+            h.set(DEDUPE_KEY, format!("{long}{i}"));
+            h.set("x-note", format!("note {i}"));
+            let inner = h.inner.as_deref().unwrap();
+            assert!(inner.extra.len() <= MAX_EXTRA, "{}", inner.extra.len());
+        }
+        assert_eq!(h.dedupe_key(), Some(format!("{long}9999").as_str()));
+        assert_eq!(h.get("x-note"), Some("note 9999"));
+        assert_eq!(h.len(), good().len() + 2);
+        good().validate_for_publish(&topic()).unwrap();
+        h.validate_for_publish(&topic()).unwrap();
     }
 }
