@@ -263,7 +263,7 @@ impl Inner {
     /// Copies every live value into one new `base` and empties the arena and `extra`.
     fn rebuild(&mut self) {
         let mut buf = Vec::new();
-        let mut copy = |buf: &mut Vec<u8>, s: &str| {
+        let copy = |buf: &mut Vec<u8>, s: &str| {
             let start = buf.len() as u32;
             buf.extend_from_slice(s.as_bytes());
             Span {
