@@ -4,11 +4,12 @@
 //! ```text
 //! storage-candidates [--dir D] [--messages N] [--batch B] [--single N] [--writers W]
 //!                    [--per-writer N] [--rounds R] [--candidates sqlite,lmdb,file]
-//!                    [--forms text,compact] [--segment-mib M] [--wake N] [--no-disk]
+//!                    [--forms text,compact] [--segment-mib M] [--wake N] [--meta N] [--no-disk]
 //! ```
 
 mod filelog;
 mod lmdb;
+mod meta;
 mod rows;
 mod sqlite;
 mod store;
@@ -35,6 +36,7 @@ struct Args {
     segment_mib: u64,
     wake: u32,
     disk: bool,
+    meta: usize,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -51,6 +53,7 @@ fn parse_args() -> Result<Args, String> {
         segment_mib: 64,
         wake: 2000,
         disk: true,
+        meta: 1_000_000,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -70,6 +73,7 @@ fn parse_args() -> Result<Args, String> {
             "--rounds" => a.rounds = num(&v)?,
             "--segment-mib" => a.segment_mib = num(&v)? as u64,
             "--wake" => a.wake = num(&v)? as u32,
+            "--meta" => a.meta = num(&v)?,
             "--candidates" => a.candidates = v.split(',').map(String::from).collect(),
             "--forms" => {
                 a.forms = v
@@ -366,6 +370,17 @@ fn run(a: Args) -> io::Result<()> {
                 run_candidate(&a, &mut res, form, &rows, c)?;
             }
         }
+        if a.meta > 0 {
+            // Consumer side: dedupe records + ack in one commit, `batch` keys per commit.
+            let d = fresh_dir(&a.dir, "meta-sqlite")?;
+            let v = meta::sqlite(&d, a.meta, a.batch)?;
+            record(&mut res, Form::Compact, "sqlite", "dedupe_ack_keys_s", v);
+            std::fs::remove_dir_all(&d)?;
+            let d = fresh_dir(&a.dir, "meta-journal")?;
+            let v = meta::journal(&d, a.meta, a.batch)?;
+            record(&mut res, Form::Compact, "file", "dedupe_ack_keys_s", v);
+            std::fs::remove_dir_all(&d)?;
+        }
         loads.push(format!("round {} end {}", r + 1, loadavg()));
     }
     let wake = if a.wake > 0 {
@@ -408,6 +423,7 @@ fn run(a: Args) -> io::Result<()> {
         ("read_hot_msg_s", "read msg/s (cache)"),
         ("read_cold_msg_s", "read msg/s (disk)"),
         ("bytes_per_msg", "bytes/msg"),
+        ("dedupe_ack_keys_s", "dedupe+ack keys/s"),
         ("close_checkpoint_ms", "close ms"),
         ("reopen_ms", "reopen ms"),
     ];
