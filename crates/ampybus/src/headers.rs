@@ -443,22 +443,13 @@ fn canonical_uuid(s: &str) -> Option<[u8; 16]> {
         return None;
     }
     let mut hex = [0u8; 32];
-    let mut n = 0;
-    for (i, &c) in b.iter().enumerate() {
-        if !matches!(i, 8 | 13 | 18 | 23) {
-            hex[n] = c;
-            n += 1;
-        }
-    }
+    hex[..8].copy_from_slice(&b[..8]);
+    hex[8..12].copy_from_slice(&b[9..13]);
+    hex[12..16].copy_from_slice(&b[14..18]);
+    hex[16..20].copy_from_slice(&b[19..23]);
+    hex[20..].copy_from_slice(&b[24..]);
     let mut out = [0u8; 16];
-    for (o, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
-        let v = |c: u8| match c {
-            b'0'..=b'9' => Some(c - b'0'),
-            b'a'..=b'f' => Some(c - b'a' + 10),
-            _ => None,
-        };
-        *o = (v(pair[0])? << 4) | v(pair[1])?;
-    }
+    ids::unhex_lower(&hex, &mut out)?;
     Some(out)
 }
 
@@ -721,9 +712,12 @@ impl Headers {
         let mut spans = [(0u32, 0u32, 0u32); INLINE];
         let mut more: Vec<(u32, u32, u32)> = Vec::new();
         let mut n = 0;
-        let push = |buf: &mut Vec<u8>, b: &[u8]| match std::str::from_utf8(b) {
-            Ok(_) => buf.extend_from_slice(b),
-            Err(_) => buf.extend_from_slice(String::from_utf8_lossy(b).as_bytes()),
+        let push = |buf: &mut Vec<u8>, b: &[u8]| {
+            if b.is_ascii() || std::str::from_utf8(b).is_ok() {
+                buf.extend_from_slice(b);
+            } else {
+                buf.extend_from_slice(String::from_utf8_lossy(b).as_bytes());
+            }
         };
         for (k, v) in pairs {
             let start = buf.len() as u32;

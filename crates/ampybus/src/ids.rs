@@ -438,20 +438,35 @@ pub struct TraceIds {
     pub flags: u8,
 }
 
-fn hex_val(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
+/// Lowercase hex digit values; 0xFF for every other byte.
+const HEX_VALUES: [u8; 256] = {
+    let mut t = [0xFFu8; 256];
+    let mut i = 0;
+    while i < 10 {
+        t[b'0' as usize + i] = i as u8;
+        i += 1;
     }
-}
+    let mut i = 0;
+    while i < 6 {
+        t[b'a' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    t
+};
 
 /// Decodes lowercase hex into `out` (`s` is exactly twice as long).
-fn unhex_lower(s: &[u8], out: &mut [u8]) -> Option<()> {
+pub(crate) fn unhex_lower(s: &[u8], out: &mut [u8]) -> Option<()> {
+    let mut bad = 0u8;
     for (o, pair) in out.iter_mut().zip(s.chunks_exact(2)) {
-        *o = (hex_val(pair[0])? << 4) | hex_val(pair[1])?;
+        let (hi, lo) = (
+            HEX_VALUES[usize::from(pair[0])],
+            HEX_VALUES[usize::from(pair[1])],
+        );
+        bad |= hi | lo;
+        *o = (hi << 4) | (lo & 0x0F);
     }
-    Some(())
+    // Valid digits are below 16; 0xFF sets the high bits.
+    (bad < 16).then_some(())
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";

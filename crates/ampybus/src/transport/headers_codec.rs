@@ -31,9 +31,8 @@ pub fn encode_headers(h: &Headers) -> Vec<u8> {
 /// assert!(ampybus::transport::decode_headers(&[5, 0, 1]).is_err());
 /// ```
 pub fn decode_headers(b: &[u8]) -> Result<Headers> {
-    // Checked whole first, so the map is built only from a sound record.
-    walk(b, |_, _| {})?;
-    let mut pairs: Vec<(&[u8], &[u8])> = Vec::new();
+    // Checked whole first (framing and UTF-8), so the map is built only from a sound record.
+    let mut pairs: Vec<(&[u8], &[u8])> = Vec::with_capacity(16);
     walk(b, |k, v| pairs.push((k, v)))?;
     Ok(Headers::from_wire_pairs(pairs))
 }
@@ -56,10 +55,14 @@ fn walk<'a>(b: &'a [u8], mut f: impl FnMut(&'a [u8], &'a [u8])) -> Result<()> {
     for _ in 0..count {
         let kl = u16::from_le_bytes(take(2)?.try_into().map_err(|_| bad("name length"))?) as usize;
         let k = take(kl)?;
-        std::str::from_utf8(k).map_err(|_| bad("name is not UTF-8"))?;
+        if !k.is_ascii() {
+            std::str::from_utf8(k).map_err(|_| bad("name is not UTF-8"))?;
+        }
         let vl = u32::from_le_bytes(take(4)?.try_into().map_err(|_| bad("value length"))?) as usize;
         let v = take(vl)?;
-        std::str::from_utf8(v).map_err(|_| bad("value is not UTF-8"))?;
+        if !v.is_ascii() {
+            std::str::from_utf8(v).map_err(|_| bad("value is not UTF-8"))?;
+        }
         f(k, v);
     }
     if pos != b.len() {
