@@ -69,7 +69,9 @@ impl Transport for Memory {
         "memory"
     }
     async fn publish_batch(&self, batch: Vec<Envelope>) -> Result<Vec<PublishReceipt>> {
-        let first = self.messages.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        let first = self
+            .messages
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
         let mut bytes = 0;
         for e in &batch {
             bytes += wire::encode(e).len() as u64;
@@ -83,7 +85,10 @@ impl Transport for Memory {
             .collect())
     }
     async fn subscribe(&self, _spec: SubscribeSpec) -> Result<Box<dyn Subscription>> {
-        Err(Error::new(ErrorKind::Config, "publish_cost: no subscriptions"))
+        Err(Error::new(
+            ErrorKind::Config,
+            "publish_cost: no subscriptions",
+        ))
     }
     async fn close(&self) -> Result<()> {
         Ok(())
@@ -117,8 +122,14 @@ fn main() {
         let topic = Topic::parse("ampy.dev.bars.v1.XNAS").unwrap();
         let keys: Vec<String> = (0..1000).map(|i| format!("XNAS.S{i}")).collect();
         let payload = Bytes::from(vec![7u8; 256]);
-        let headers =
-            |i: u64| Headers::for_publish("ampy.bars.v1.BarBatch", "cost@1", "cost", &keys[(i % 1000) as usize]);
+        let headers = |i: u64| {
+            Headers::for_publish(
+                "ampy.bars.v1.BarBatch",
+                "cost@1",
+                "cost",
+                &keys[(i % 1000) as usize],
+            )
+        };
         if setup_only {
             println!("{n} messages, {mode}: setup only");
             return;
@@ -127,7 +138,9 @@ fn main() {
         let mut i = 0;
         while i < n {
             if mode == "single" {
-                bus.publish(&topic, headers(i), payload.clone()).await.unwrap();
+                bus.publish(&topic, headers(i), payload.clone())
+                    .await
+                    .unwrap();
                 i += 1;
                 continue;
             }
