@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# The instruction budget of the consumer runtime (issue 15 item 7).
+# The instruction budgets of the consumer runtime and of the publish path (issue 15 item 7).
 #
 #   scripts/perf-gate.sh
 #
-# Builds crates/ampybus/examples/runtime_cost in release, counts instructions per consumed
-# message under callgrind (four runs: `small` and `large` messages, each also "setup" only,
-# so fixed costs cancel) and allocations per message (a counting allocator, 20,000
-# messages), prints both, and fails when either exceeds docs/perf-budget.toml by more than
-# its tolerance. Installs Debian's valgrind when it is missing (as root with apt-get).
+# Builds crates/ampybus/examples/runtime_cost and publish_cost in release, counts
+# instructions per message under callgrind (for each, four runs: `small` and `large` messages,
+# each also "setup" only, so fixed costs cancel) and allocations per message (a counting
+# allocator, 20,000 messages), prints them, and fails when any exceeds docs/perf-budget.toml
+# by more than its tolerance. The publish path is counted on `publish_cost … batch`
+# (`Headers::for_publish` + `Bus::publish_batch` of 1,000-message batches). Installs Debian's
+# valgrind when it is missing (as root with apt-get).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -15,6 +17,8 @@ budget=docs/perf-budget.toml
 value() { sed -n "s/^$1 *= *\([0-9.]*\).*/\1/p" "$budget"; }
 max_ir=$(value consume_instructions)
 max_alloc=$(value consume_allocations)
+max_pub_ir=$(value publish_instructions)
+max_pub_alloc=$(value publish_allocations)
 tol=$(value tolerance_percent)
 small=$(value small)
 large=$(value large)
@@ -30,30 +34,43 @@ if ! command -v valgrind >/dev/null 2>&1; then
     fi
 fi
 
-cargo build --release -p ampybus --example runtime_cost >&2
+cargo build --release -p ampybus --example runtime_cost --example publish_cost >&2
 exe=target/release/examples/runtime_cost
+pub_exe=target/release/examples/publish_cost
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 
-count() { # instructions of one run
+count() { # instructions of one run: count EXE ARGS…
+    local exe=$1
+    shift
     valgrind --tool=callgrind --callgrind-out-file="$out/cg" "$exe" "$@" 2>&1 >/dev/null \
         | sed -n 's/.*Collected : \([0-9]*\).*/\1/p'
 }
-a=$(count "$small"); b=$(count "$large"); c=$(count "$small" setup); d=$(count "$large" setup)
-ir=$(( ((b - a) - (d - c)) / (large - small) ))
+per_message() { # the difference method: per_message EXE [MODE]
+    local a b c d
+    a=$(count "$1" "$small" ${2:+"$2"}); b=$(count "$1" "$large" ${2:+"$2"})
+    c=$(count "$1" "$small" ${2:-} setup); d=$(count "$1" "$large" ${2:-} setup)
+    echo $(( ((b - a) - (d - c)) / (large - small) ))
+}
+ir=$(per_message "$exe")
 alloc=$("$exe" 20000 | sed -n 's/.*(\([0-9.]*\) per message).*/\1/p')
+pub_ir=$(per_message "$pub_exe" batch)
+pub_alloc=$("$pub_exe" 20000 batch | sed -n 's/.*(\([0-9.]*\) per message).*/\1/p')
 
 echo "perf-gate: consume path: $ir instructions per message (budget $max_ir), $alloc allocations per message (budget $max_alloc), tolerance ${tol}%"
+echo "perf-gate: publish path: $pub_ir instructions per message (budget $max_pub_ir), $pub_alloc allocations per message (budget $max_pub_alloc), tolerance ${tol}%"
 fail=0
-if awk -v v="$ir" -v m="$max_ir" -v t="$tol" 'BEGIN { exit !(v > m * (1 + t / 100)) }'; then
-    echo "error: perf-gate: $ir instructions per consumed message exceed the budget $max_ir by more than ${tol}% (docs/perf-budget.toml)" >&2
-    fail=1
-fi
-if awk -v v="$alloc" -v m="$max_alloc" -v t="$tol" 'BEGIN { exit !(v > m * (1 + t / 100)) }'; then
-    echo "error: perf-gate: $alloc allocations per consumed message exceed the budget $max_alloc by more than ${tol}% (docs/perf-budget.toml)" >&2
-    fail=1
-fi
-if awk -v v="$ir" -v m="$max_ir" 'BEGIN { exit !(v < m * 0.9) }'; then
-    echo "perf-gate: more than 10% under the budget: lower it in $budget" >&2
-fi
+over() { # over VALUE BUDGET WHAT
+    if awk -v v="$1" -v m="$2" -v t="$tol" 'BEGIN { exit !(v > m * (1 + t / 100)) }'; then
+        echo "error: perf-gate: $1 $3 exceed the budget $2 by more than ${tol}% (docs/perf-budget.toml)" >&2
+        fail=1
+    fi
+    if awk -v v="$1" -v m="$2" 'BEGIN { exit !(v < m * 0.9) }'; then
+        echo "perf-gate: $3: more than 10% under the budget: lower it in $budget" >&2
+    fi
+}
+over "$ir" "$max_ir" "instructions per consumed message"
+over "$alloc" "$max_alloc" "allocations per consumed message"
+over "$pub_ir" "$max_pub_ir" "instructions per published message"
+over "$pub_alloc" "$max_pub_alloc" "allocations per published message"
 exit "$fail"

@@ -31,6 +31,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+#[path = "common/wire.rs"]
+mod wire;
+
 /// Counts every allocation of the process.
 struct Counting;
 
@@ -53,9 +56,8 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-/// The queue holds each message in a wire form (the embedded log's row layout): topic length
-/// (u16 LE), topic, compact headers length (u32 LE), compact headers
-/// ([`Headers::encode_compact`]), payload. Fetching decodes it, as a transport would.
+/// The queue holds each message in its wire form ([`wire::encode`]: the embedded log's row
+/// layout). Fetching decodes it, as a transport would.
 #[derive(Default)]
 struct Queue {
     messages: Mutex<VecDeque<Bytes>>,
@@ -102,8 +104,8 @@ impl Subscription for MemorySub {
         }
         let now = chrono::Utc::now();
         let mut out = Vec::with_capacity(batch.len());
-        for wire in batch {
-            let e = decode(&wire)?;
+        for bytes in batch {
+            let e = wire::decode(&bytes)?;
             if !self.pattern.matches(&e.topic) {
                 continue;
             }
@@ -119,46 +121,6 @@ impl Subscription for MemorySub {
     }
 }
 
-fn encode(e: &Envelope) -> Bytes {
-    let mut b = Vec::with_capacity(512 + e.payload.len());
-    b.extend_from_slice(&(e.topic.len() as u16).to_le_bytes());
-    b.extend_from_slice(e.topic.as_bytes());
-    b.extend_from_slice(&[0; 4]);
-    let at = b.len();
-    e.headers.encode_compact(&mut b);
-    let n = (b.len() - at) as u32;
-    b[at - 4..at].copy_from_slice(&n.to_le_bytes());
-    b.extend_from_slice(&e.payload);
-    Bytes::from(b)
-}
-
-fn decode(wire: &Bytes) -> Result<Envelope> {
-    let bad = || ampybus::Error::new(ampybus::ErrorKind::Envelope, "damaged wire message");
-    let tl = usize::from(u16::from_le_bytes(
-        wire.get(..2)
-            .ok_or_else(bad)?
-            .try_into()
-            .map_err(|_| bad())?,
-    ));
-    let topic = std::str::from_utf8(wire.get(2..2 + tl).ok_or_else(bad)?).map_err(|_| bad())?;
-    let hl = u32::from_le_bytes(
-        wire.get(2 + tl..6 + tl)
-            .ok_or_else(bad)?
-            .try_into()
-            .map_err(|_| bad())?,
-    ) as usize;
-    let h_end = (6 + tl)
-        .checked_add(hl)
-        .filter(|&e| e <= wire.len())
-        .ok_or_else(bad)?;
-    let headers = Headers::decode_compact(&wire.slice(6 + tl..h_end))?;
-    Ok(Envelope {
-        topic: topic.to_owned(),
-        headers,
-        payload: wire.slice(h_end..),
-    })
-}
-
 #[async_trait]
 impl Transport for Memory {
     fn name(&self) -> &'static str {
@@ -166,8 +128,8 @@ impl Transport for Memory {
     }
     async fn publish_batch(&self, batch: Vec<Envelope>) -> Result<Vec<PublishReceipt>> {
         let n = batch.len();
-        let wire: Vec<Bytes> = batch.iter().map(encode).collect();
-        self.0.messages.lock().unwrap().extend(wire);
+        let encoded: Vec<Bytes> = batch.iter().map(wire::encode).collect();
+        self.0.messages.lock().unwrap().extend(encoded);
         Ok((0..n as u64)
             .map(|i| PublishReceipt {
                 sequence: i + 1,

@@ -331,50 +331,80 @@ impl Bus {
         }
         let labels = self.labels(&batch);
         let out = self.transport.publish_batch_outcomes(batch).await;
-        let receipts: Vec<Option<PublishReceipt>> =
-            out.outcomes.iter().map(PublishOutcome::receipt).collect();
-        self.record_confirmed(&labels, receipts.iter().map(Option::as_ref));
+        self.record_confirmed(
+            &labels,
+            out.outcomes.iter().map(|o| match o {
+                PublishOutcome::Confirmed(r) => Some(r),
+                _ => None,
+            }),
+        );
         out
     }
 
-    fn labels(&self, batch: &[Envelope]) -> Vec<(Arc<crate::obs::ProducerTopic>, u64)> {
-        batch
-            .iter()
-            .map(|e| {
-                (
-                    self.obs
-                        .metrics
-                        .producer_topic(&e.topic, e.headers.producer().unwrap_or_default()),
-                    e.payload.len() as u64,
-                )
-            })
-            .collect()
+    /// The metric handles of a batch, looked up once per run of messages with the same topic
+    /// and producer (a batch is usually one run).
+    fn labels(&self, batch: &[Envelope]) -> Labels {
+        let mut runs: Vec<(Arc<crate::obs::ProducerTopic>, usize)> = Vec::new();
+        let mut sizes = Vec::with_capacity(batch.len());
+        let mut prev: Option<&Envelope> = None;
+        for (i, e) in batch.iter().enumerate() {
+            sizes.push(e.payload.len() as u64);
+            let producer = e.headers.producer();
+            let same = prev.is_some_and(|p| p.topic == e.topic && p.headers.producer() == producer);
+            prev = Some(e);
+            if same {
+                continue;
+            }
+            let h = self
+                .obs
+                .metrics
+                .producer_topic(&e.topic, producer.unwrap_or_default());
+            match runs.last_mut() {
+                Some((last, _)) if Arc::ptr_eq(last, &h) => {}
+                _ => runs.push((h, i)),
+            }
+        }
+        Labels { runs, sizes }
     }
 
     /// Counts the confirmed messages (`None`: not confirmed) into `bus_produced_total` and
-    /// the batch-size histogram.
+    /// the batch-size histogram (one observation per run of confirmed messages with the same
+    /// topic and producer, the bytes of their payloads).
     fn record_confirmed<'a>(
         &self,
-        labels: &[(Arc<crate::obs::ProducerTopic>, u64)],
+        labels: &Labels,
         receipts: impl Iterator<Item = Option<&'a PublishReceipt>>,
     ) {
-        let mut run: Option<(&Arc<crate::obs::ProducerTopic>, u64)> = None;
-        for ((h, size), r) in labels.iter().zip(receipts) {
-            let Some(r) = r else { continue };
-            if !r.duplicate {
-                h.produced.inc();
+        let mut receipts = receipts;
+        let mut open: Option<(&Arc<crate::obs::ProducerTopic>, u64)> = None;
+        for (r, (h, start)) in labels.runs.iter().enumerate() {
+            let end = labels.runs.get(r + 1).map_or(labels.sizes.len(), |n| n.1);
+            let (mut produced, mut confirmed, mut bytes) = (0u64, false, 0u64);
+            for size in &labels.sizes[*start..end] {
+                let Some(Some(receipt)) = receipts.next() else {
+                    continue;
+                };
+                confirmed = true;
+                produced += u64::from(!receipt.duplicate);
+                bytes += size;
             }
-            run = match run {
-                Some((prev, bytes)) if Arc::ptr_eq(prev, h) => Some((prev, bytes + size)),
-                Some((prev, bytes)) => {
-                    prev.batch_size.observe(bytes as f64);
-                    Some((h, *size))
+            if produced > 0 {
+                h.produced.inc_by(produced);
+            }
+            if !confirmed {
+                continue;
+            }
+            open = match open {
+                Some((prev, b)) if Arc::ptr_eq(prev, h) => Some((prev, b + bytes)),
+                Some((prev, b)) => {
+                    prev.batch_size.observe(b as f64);
+                    Some((h, bytes))
                 }
-                None => Some((h, *size)),
+                None => Some((h, bytes)),
             };
         }
-        if let Some((prev, bytes)) = run {
-            prev.batch_size.observe(bytes as f64);
+        if let Some((prev, b)) = open {
+            prev.batch_size.observe(b as f64);
         }
     }
 
@@ -450,50 +480,67 @@ impl Bus {
     /// Prepares one message for the wire: fills publish defaults, validates topic and
     /// headers, encodes the payload (gzip, blob pointer), and re-validates.
     ///
-    /// With observability on, this starts the message's publish span (ended here; see
-    /// [`Bus::publish`]) and writes its context to `traceparent`.
+    /// With observability on and a recording tracer installed, this starts the message's
+    /// publish span (ended here; see [`Bus::publish`]) and writes its context to
+    /// `traceparent`.
     pub async fn prepare(
         &self,
         topic: &Topic,
         headers: Headers,
         payload: Bytes,
     ) -> Result<Envelope> {
-        let (r, span) = self.prepare_traced(topic, headers, payload).await;
+        let (r, span) = self
+            .prepare_traced(topic, topic.as_str().to_owned(), headers, payload)
+            .await;
         if let Some(span) = span {
             span.end(r.as_ref().err());
         }
         r
     }
 
-    /// [`Bus::prepare`], handing back the open publish span.
+    /// [`Bus::prepare`], handing back the open publish span; `name` is the topic's text (the
+    /// caller's envelope string, moved into the prepared envelope).
     async fn prepare_traced(
         &self,
         topic: &Topic,
+        name: String,
         mut headers: Headers,
         payload: Bytes,
     ) -> (Result<Envelope>, Option<PublishSpan>) {
         headers.fill_publish_defaults();
-        let span = self
-            .obs
-            .enabled
+        // Without a recording tracer a span would be the parent's context handed back (the
+        // OpenTelemetry no-op tracer): nothing to start, nothing to write.
+        let span = (self.obs.enabled && self.obs.tracer.is_recording())
             .then(|| self.obs.tracer.start_publish(topic.as_str(), &mut headers));
-        (self.encode_prepared(topic, headers, payload).await, span)
+        (
+            self.encode_prepared(topic, name, headers, payload).await,
+            span,
+        )
     }
 
     async fn encode_prepared(
         &self,
         topic: &Topic,
+        name: String,
         mut headers: Headers,
         payload: Bytes,
     ) -> Result<Envelope> {
         headers.validate_for_publish(topic)?;
-        let wire = self
-            .codec
-            .encode(&mut headers, payload, topic.domain().as_str())
-            .await?;
+        // A payload the codec leaves as it is (the usual case) skips its async call.
+        let wire = if self.codec.passes_through(payload.len()) {
+            payload
+        } else {
+            self.codec
+                .encode(&mut headers, payload, topic.domain().as_str())
+                .await?
+        };
         // Validated once above: the codec only adds `content_encoding=gzip` (when absent) and
         // well-formed blob headers with an empty inline payload.
-        Ok(Envelope::new(topic, headers, wire))
+        Ok(Envelope {
+            topic: name,
+            headers,
+            payload: wire,
+        })
     }
 
     /// Publishes one message with a raw payload; durable when this returns. With
@@ -506,7 +553,9 @@ impl Bus {
         headers: Headers,
         payload: impl Into<Bytes>,
     ) -> Result<PublishReceipt> {
-        let (env, span) = self.prepare_traced(topic, headers, payload.into()).await;
+        let (env, span) = self
+            .prepare_traced(topic, topic.as_str().to_owned(), headers, payload.into())
+            .await;
         let r = match env {
             Ok(env) => self.send(vec![env]).await.and_then(|mut r| {
                 r.pop().ok_or_else(|| {
@@ -524,7 +573,21 @@ impl Bus {
     /// Publishes an envelope whose payload is raw (not yet encoded).
     pub async fn publish_envelope(&self, env: Envelope) -> Result<PublishReceipt> {
         let topic = env.topic()?;
-        self.publish(&topic, env.headers, env.payload).await
+        let (env, span) = self
+            .prepare_traced(&topic, env.topic, env.headers, env.payload)
+            .await;
+        let r = match env {
+            Ok(env) => self.send(vec![env]).await.and_then(|mut r| {
+                r.pop().ok_or_else(|| {
+                    Error::new(crate::ErrorKind::Transport, "transport returned no receipt")
+                })
+            }),
+            Err(e) => Err(e),
+        };
+        if let Some(span) = span {
+            span.end(r.as_ref().err());
+        }
+        r
     }
 
     /// Publishes many raw-payload envelopes as one batch (one commit on the embedded log).
@@ -542,8 +605,10 @@ impl Bus {
                     .topic()
                     .map_err(|e| Error::new(e.kind(), format!("message {i}: {}", e.message())))?,
             };
-            last = Some(topic.clone());
-            let (prepared, span) = self.prepare_traced(&topic, env.headers, env.payload).await;
+            let (prepared, span) = self
+                .prepare_traced(&topic, env.topic, env.headers, env.payload)
+                .await;
+            last = Some(topic);
             spans.extend(span);
             let prepared = match prepared {
                 Ok(p) => p,
@@ -601,8 +666,10 @@ impl Bus {
                     }
                 },
             };
-            last = Some(topic.clone());
-            let (prepared, span) = self.prepare_traced(&topic, env.headers, env.payload).await;
+            let (prepared, span) = self
+                .prepare_traced(&topic, env.topic, env.headers, env.payload)
+                .await;
+            last = Some(topic);
             spans.extend(span);
             match prepared {
                 Ok(p) => ready.push(p),
@@ -660,9 +727,21 @@ impl Bus {
     /// The checks and blob offload of [`Bus::publish_wire`], for every message of a batch;
     /// the first failure names its index.
     async fn prepare_wire(&self, batch: &mut [Envelope]) -> Result<()> {
+        let mut last: Option<Topic> = None;
         for (i, env) in batch.iter_mut().enumerate() {
             let at = |e: Error| Error::new(e.kind(), format!("message {i}: {}", e.message()));
-            let topic = env.validate_for_publish().map_err(at)?;
+            // The checks of `Envelope::validate_for_publish`, with the topic of a run of
+            // messages on one topic parsed once.
+            let topic = match last.take() {
+                Some(t) if t.as_str() == env.topic => t,
+                _ => env.topic().map_err(at)?,
+            };
+            env.headers.validate_for_publish(&topic).map_err(at)?;
+            if !env.payload.is_empty() && env.headers.blob_ref().is_some() {
+                return Err(at(Error::envelope(
+                    "`blob_ref` is set, so the inline payload must be empty",
+                )));
+            }
             if env.payload.len() > self.codec.max_inflated && topic.domain() != crate::Domain::Dlq {
                 return Err(at(crate::codec::over_limit(
                     "payload as carried",
@@ -678,6 +757,7 @@ impl Bus {
                     .await
                     .map_err(at)?;
             }
+            last = Some(topic);
         }
         Ok(())
     }
@@ -723,4 +803,11 @@ impl Bus {
     pub async fn close(&self) -> Result<()> {
         self.transport.close().await
     }
+}
+
+/// The metric handles of a batch ([`Bus::send`]): each run's handle with the index of its
+/// first message, and every message's payload size.
+struct Labels {
+    runs: Vec<(Arc<crate::obs::ProducerTopic>, usize)>,
+    sizes: Vec<u64>,
 }

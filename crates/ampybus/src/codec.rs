@@ -219,6 +219,18 @@ impl Default for PayloadCodec {
 }
 
 impl PayloadCodec {
+    /// Whether [`PayloadCodec::encode`] hands a raw payload of `len` bytes back unchanged
+    /// (not over `max_inflated`, not compressed, not offloaded), whatever the headers say.
+    ///
+    /// ```
+    /// let codec = ampybus::codec::PayloadCodec::default();
+    /// assert!(codec.passes_through(256));
+    /// assert!(!codec.passes_through(codec.compress_threshold + 1));
+    /// ```
+    pub fn passes_through(&self, len: usize) -> bool {
+        len <= self.compress_threshold && len <= self.max_inline && len <= self.max_inflated
+    }
+
     /// Turns a raw payload into wire bytes, setting `content_encoding` and the blob headers as
     /// needed. `domain` names the blob folder. Call before validating headers.
     ///

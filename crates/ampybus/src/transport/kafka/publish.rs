@@ -60,10 +60,20 @@ pub(crate) async fn publish_outcomes(
         return BatchOutcome::confirmed(Vec::new());
     }
     let total = batch.len();
-    let topics: Vec<String> = batch
-        .iter()
-        .map(|e| shared.opts.kafka_topic(&e.topic))
-        .collect();
+    // The Kafka topic of each run of messages on one topic, named once per run; `run[i]` is
+    // message i's.
+    let mut topics: Vec<String> = Vec::new();
+    let mut run: Vec<u32> = Vec::with_capacity(total);
+    for (i, e) in batch.iter().enumerate() {
+        if i == 0 || batch[i - 1].topic != e.topic {
+            let t = shared.opts.kafka_topic(&e.topic);
+            if topics.last() != Some(&t) {
+                topics.push(t);
+            }
+        }
+        run.push((topics.len() - 1) as u32);
+    }
+    let topic_of = |i: usize| topics[run[i] as usize].as_str();
     if let Err(e) = shared.ensure_topics(&topics).await {
         return BatchOutcome::all(total, PublishOutcome::Unsent, e);
     }
@@ -79,7 +89,7 @@ pub(crate) async fn publish_outcomes(
             Err(_) => {
                 // At the bound: our own oldest report frees a permit soonest.
                 if let Some((j, f, p)) = pending.pop_front() {
-                    let r = settle(shared, &topics[j], f).await;
+                    let r = settle(shared, topic_of(j), f).await;
                     drop(p);
                     if !record(&mut outcomes, &mut error, j, r) {
                         break 'send;
@@ -105,7 +115,7 @@ pub(crate) async fn publish_outcomes(
             }
         };
         let key = env.headers.get(names::PARTITION_KEY).unwrap_or("");
-        let mut record_ = FutureRecord::to(&topics[i])
+        let mut record_ = FutureRecord::to(topic_of(i))
             .payload(env.payload.as_ref())
             .key(key)
             .headers(headers);
@@ -121,7 +131,7 @@ pub(crate) async fn publish_outcomes(
                         // The local queue is full: wait for the oldest report, then retry.
                         record_ = back;
                         if let Some((j, f, p)) = pending.pop_front() {
-                            let r = settle(shared, &topics[j], f).await;
+                            let r = settle(shared, topic_of(j), f).await;
                             drop(p);
                             if !record(&mut outcomes, &mut error, j, r) {
                                 break 'send;
@@ -133,7 +143,7 @@ pub(crate) async fn publish_outcomes(
                     }
                     error = Some(kafka_error(
                         &shared.where_(),
-                        &format!("publish to `{}`", topics[i]),
+                        &format!("publish to `{}`", topic_of(i)),
                         e,
                     ));
                     break 'send;
@@ -146,7 +156,7 @@ pub(crate) async fn publish_outcomes(
             outcomes[j] = PublishOutcome::Unknown;
             continue;
         }
-        let r = settle(shared, &topics[j], f).await;
+        let r = settle(shared, topic_of(j), f).await;
         drop(p);
         record(&mut outcomes, &mut error, j, r);
     }

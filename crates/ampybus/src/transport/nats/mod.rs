@@ -835,31 +835,90 @@ impl Transport for NatsTransport {
 pub(crate) fn to_header_map(h: &Headers) -> Result<async_nats::HeaderMap> {
     let mut m = async_nats::HeaderMap::new();
     for (k, v) in h.iter() {
-        if k.is_empty()
-            || k.bytes()
-                .any(|b| b == b':' || b.is_ascii_whitespace() || b.is_ascii_control() || b > 126)
-        {
-            return Err(Error::new(
-                ErrorKind::Header,
-                format!("`{k}`: a NATS header name must be printable ASCII without `:` or spaces"),
-            ));
-        }
-        if v.contains(['\r', '\n']) {
+        let name = match known_header_name(k) {
+            Some(n) => n,
+            None => {
+                if k.is_empty()
+                    || k.bytes().any(|b| {
+                        b == b':' || b.is_ascii_whitespace() || b.is_ascii_control() || b > 126
+                    })
+                {
+                    return Err(Error::new(
+                        ErrorKind::Header,
+                        format!(
+                            "`{k}`: a NATS header name must be printable ASCII without `:` or spaces"
+                        ),
+                    ));
+                }
+                k.parse().map_err(|e| {
+                    Error::with_source(
+                        ErrorKind::Header,
+                        format!("`{k}`: not a valid NATS header name"),
+                        e,
+                    )
+                })?
+            }
+        };
+        if v.bytes().any(|b| b == b'\r' || b == b'\n') {
             return Err(Error::new(
                 ErrorKind::Header,
                 format!("`{k}`: a NATS header value may not contain CR or LF"),
             ));
         }
-        let name: async_nats::header::HeaderName = k.parse().map_err(|e| {
-            Error::with_source(
-                ErrorKind::Header,
-                format!("`{k}`: not a valid NATS header name"),
-                e,
-            )
-        })?;
         m.insert(name, v);
     }
     Ok(m)
+}
+
+/// The NATS header name of one of the contract's headers, shared (not allocated per message);
+/// `None` for any other name.
+fn known_header_name(k: &str) -> Option<async_nats::header::HeaderName> {
+    use crate::headers::names::*;
+    use async_nats::header::HeaderName;
+    macro_rules! known {
+        ($($n:ident),* $(,)?) => {{
+            const COUNT: usize = [$($n),*].len();
+            static NAMES: [HeaderName; COUNT] = [$(HeaderName::from_static($n)),*];
+            let mut i = 0;
+            $(
+                if k == $n {
+                    return Some(NAMES[i].clone());
+                }
+                i += 1;
+            )*
+            let _ = i;
+            None
+        }};
+    }
+    // Only names of the right length are compared byte for byte.
+    known!(
+        MESSAGE_ID,
+        SCHEMA_FQDN,
+        SCHEMA_VERSION,
+        CONTENT_TYPE,
+        CONTENT_ENCODING,
+        PRODUCED_AT,
+        PRODUCER,
+        SOURCE,
+        RUN_ID,
+        TRACEPARENT,
+        TRACE_ID,
+        SPAN_ID,
+        PARTITION_KEY,
+        DEDUPE_KEY,
+        RETRY_COUNT,
+        DLQ_REASON,
+        SCHEMA_HASH,
+        BLOB_REF,
+        BLOB_HASH,
+        BLOB_SIZE,
+        ORIGINAL_TOPIC,
+        DLQ_AT,
+        DLQ_CONSUMER,
+        PAYLOAD_HASH,
+        REPLAY_REQUEST_ID,
+        REDRIVE_OF,
+    )
 }
 
 /// NATS headers → contract headers; `Nats-*` (broker bookkeeping) dropped.
@@ -879,6 +938,33 @@ pub(crate) fn from_header_map(m: Option<&async_nats::HeaderMap>) -> Headers {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn known_header_names_are_shared_and_exact() {
+        use crate::headers::names;
+        for n in [
+            names::MESSAGE_ID,
+            names::TRACEPARENT,
+            names::REDRIVE_OF,
+            names::BLOB_SIZE,
+        ] {
+            let h = known_header_name(n).unwrap();
+            assert_eq!(AsRef::<str>::as_ref(&h), n);
+        }
+        assert!(known_header_name("x-desk").is_none());
+        assert!(known_header_name("message_idx").is_none());
+        // Known and extension headers, the ones with the same text as a naive map.
+        let h = Headers::for_publish("ampy.bars.v1.BarBatch", "p@1", "p", "XNAS.AAPL")
+            .with("x-desk", "rates");
+        let m = to_header_map(&h).unwrap();
+        assert_eq!(m.len(), h.len());
+        for (k, v) in h.iter() {
+            assert_eq!(m.get(k).map(|v| v.as_str()), Some(v), "{k}");
+        }
+        let bad = Headers::new().with("bad name", "x\ny");
+        let e = to_header_map(&bad).unwrap_err();
+        assert!(e.to_string().contains("printable ASCII"), "{e}");
+    }
 
     #[test]
     fn url_forms() {

@@ -6,6 +6,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::headers::names;
 use crate::topic::Topic;
 use crate::transport::{BatchOutcome, PublishOutcome, PublishReceipt};
+use async_nats::Subject;
 use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
 use std::collections::VecDeque;
@@ -13,8 +14,8 @@ use std::sync::Arc;
 
 struct Pending {
     index: usize,
-    subject: String,
     stream: Arc<streams::StreamRef>,
+    /// The subject.
     topic: Topic,
     ack: PublishAckFuture,
 }
@@ -46,16 +47,17 @@ pub(crate) async fn publish_outcomes(
     let mut pending: VecDeque<Pending> = VecDeque::new();
     let mut violations = shared.violations.subscribe();
     let limit = shared.opts.max_in_flight.max(1);
-    // Batches usually share a topic: parse it and find its stream once per run of it.
-    let mut last: Option<(Topic, Arc<streams::StreamRef>)> = None;
+    // Batches usually share a topic: parse it, find its stream and make its subject once per
+    // run of it (the subject is then shared by every message of the run, not copied).
+    let mut last: Option<(Topic, Arc<streams::StreamRef>, Subject)> = None;
     'send: for (index, env) in batch.into_iter().enumerate() {
-        let (topic, stream) = match last.take() {
-            Some((t, s)) if t.as_str() == env.topic => (t, s),
+        let (topic, stream, subject) = match last.take() {
+            Some((t, s, subject)) if t.as_str() == env.topic => (t, s, subject),
             _ => {
                 let resolved = match env.topic() {
                     Ok(topic) => streams::resolve(shared, topic.env(), topic.domain())
                         .await
-                        .map(|s| (topic, s)),
+                        .map(|s| (topic, s, Subject::from(env.topic.as_str()))),
                     Err(e) => Err(Error::new(
                         e.kind(),
                         format!("message {index}: {}", e.message()),
@@ -70,7 +72,7 @@ pub(crate) async fn publish_outcomes(
                 }
             }
         };
-        last = Some((topic.clone(), stream.clone()));
+        last = Some((topic.clone(), stream.clone(), subject.clone()));
         let headers = match to_header_map(&env.headers) {
             Ok(h) => h,
             Err(e) => {
@@ -81,12 +83,11 @@ pub(crate) async fn publish_outcomes(
                 break 'send;
             }
         };
-        let mut msg = PublishMessage::build()
-            .payload(env.payload.clone())
-            .headers(headers);
+        let mut msg = PublishMessage::build().headers(headers);
         if let Some(id) = env.headers.get(names::MESSAGE_ID) {
             msg = msg.message_id(id);
         }
+        let msg = msg.payload(env.payload);
         while pending.len() >= limit {
             let p = pending.pop_front().expect("non-empty");
             if let Some(e) = settle(shared, p, total, &mut violations, &mut outcomes).await {
@@ -94,10 +95,9 @@ pub(crate) async fn publish_outcomes(
                 break 'send;
             }
         }
-        match shared.js.send_publish(topic.as_str().to_owned(), msg).await {
+        match shared.js.send_publish(subject, msg).await {
             Ok(ack) => pending.push_back(Pending {
                 index,
-                subject: topic.as_str().to_owned(),
                 stream,
                 topic,
                 ack,
@@ -174,11 +174,11 @@ async fn await_ack(
 ) -> std::result::Result<PublishReceipt, (Error, PublishOutcome)> {
     let Pending {
         index,
-        subject,
         stream,
         topic,
         ack,
     } = p;
+    let subject = topic.as_str();
     let mut ack = std::pin::pin!(ack.into_future());
     let res = loop {
         tokio::select! {
@@ -188,7 +188,7 @@ async fn await_ack(
                     && s == subject
                 {
                     return Err((
-                        permission_denied(shared, index, total, &subject),
+                        permission_denied(shared, index, total, subject),
                         PublishOutcome::Unsent,
                     ));
                 }
@@ -221,7 +221,7 @@ async fn await_ack(
                 _ => PublishOutcome::Unknown,
             };
             Err((
-                publish_error(shared, index, total, &subject, e.kind(), e.to_string(), e),
+                publish_error(shared, index, total, subject, e.kind(), e.to_string(), e),
                 outcome,
             ))
         }

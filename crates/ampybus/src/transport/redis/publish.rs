@@ -13,6 +13,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::topic::Topic;
 use crate::transport::{BatchOutcome, PublishOutcome, PublishReceipt};
 use futures::StreamExt;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Largest pipeline.
@@ -20,7 +21,8 @@ const CHUNK: usize = 512;
 
 struct Chunk {
     first: usize,
-    keys: Vec<String>,
+    /// The stream key of every message (shared by a run of messages on one stream).
+    keys: Vec<Arc<str>>,
     pipe: redis::Pipeline,
     n: usize,
 }
@@ -52,7 +54,7 @@ pub(crate) async fn publish_outcomes(
     let now_ms = chrono::Utc::now().timestamp_millis();
     // Build every pipeline first (validation errors before anything is sent).
     let mut chunks: Vec<Chunk> = Vec::with_capacity(total.div_ceil(chunk));
-    let mut last: Option<(String, String, String)> = None; // topic, key, minid
+    let mut last: Option<(String, Arc<str>, String)> = None; // topic, key, minid
     for (index, env) in batch.into_iter().enumerate() {
         if chunks.last().is_none_or(|c| c.n >= chunk) {
             let mut pipe = redis::pipe();
@@ -64,9 +66,8 @@ pub(crate) async fn publish_outcomes(
                 n: 0,
             });
         }
-        let (key, minid) = match &last {
-            Some((t, k, m)) if *t == env.topic => (k.clone(), m.clone()),
-            _ => {
+        if last.as_ref().is_none_or(|(t, _, _)| *t != env.topic) {
+            last = {
                 let topic: Topic = match env.topic() {
                     Ok(t) => t,
                     Err(e) => {
@@ -82,19 +83,20 @@ pub(crate) async fn publish_outcomes(
                 } else {
                     format!("{}-0", (now_ms - age).max(0))
                 };
-                last = Some((env.topic.clone(), key.clone(), minid.clone()));
-                (key, minid)
-            }
+                Some((env.topic.clone(), Arc::from(key), minid))
+            };
+        }
+        let Some((_, key, minid)) = &last else {
+            unreachable!("set above")
         };
-        let mut cmd = redis::cmd("XADD");
-        cmd.arg(&key).arg("MINID").arg("~").arg(&minid).arg("*");
+        let mut cmd = wire::xadd(key, minid, &env);
         if let Err(e) = wire::add_fields(&mut cmd, &env) {
             let e = Error::new(e.kind(), format!("message {index}: {}", e.message()));
             return BatchOutcome::all(total, PublishOutcome::Unsent, e);
         }
         let c = chunks.last_mut().expect("a chunk");
         c.pipe.add_command(cmd);
-        c.keys.push(key);
+        c.keys.push(key.clone());
         c.n += 1;
     }
     if let Some(max_len) = shared.opts.max_len {
@@ -104,7 +106,7 @@ pub(crate) async fn publish_outcomes(
             for k in keys {
                 c.pipe
                     .cmd("XTRIM")
-                    .arg(&k)
+                    .arg(&*k)
                     .arg("MAXLEN")
                     .arg("~")
                     .arg(max_len)
@@ -166,7 +168,7 @@ pub(crate) async fn publish_outcomes(
                     &where_,
                     &format!(
                         "publish of message {first} of {total} to stream {}",
-                        keys.first().map(String::as_str).unwrap_or("?")
+                        keys.first().map_or("?", |k| &**k)
                     ),
                     e,
                 );
@@ -197,8 +199,7 @@ pub(crate) async fn publish_outcomes(
                     PublishOutcome::Unsent
                 }
                 Some(other) => {
-                    let id = wire::string_of(other).unwrap_or_default();
-                    match wire::pack_id(&id) {
+                    match wire::pack_id_value(other) {
                         Some(sequence) => PublishOutcome::Confirmed(PublishReceipt {
                             sequence,
                             duplicate: false,

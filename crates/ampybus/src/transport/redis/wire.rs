@@ -192,6 +192,31 @@ pub(crate) fn to_envelope(fields: &[(Vec<u8>, Vec<u8>)]) -> Option<Envelope> {
     })
 }
 
+/// The packed id ([`pack_id`]) of an entry id as a reply value, read in place.
+pub(crate) fn pack_id_value(v: &redis::Value) -> Option<u64> {
+    match v {
+        redis::Value::BulkString(b) => pack_id(std::str::from_utf8(b).ok()?),
+        redis::Value::SimpleString(s) => pack_id(s),
+        _ => None,
+    }
+}
+
+/// `XADD key MINID ~ minid *` with room for an envelope's fields ([`add_fields`]): its
+/// argument list and data buffer are allocated once.
+pub(crate) fn xadd(key: &str, minid: &str, env: &Envelope) -> redis::Cmd {
+    // 6 arguments before the fields, topic and payload (4), 2 per header; header text is
+    // rarely over 1 KiB (the buffer grows if it is).
+    let data = key.len() + minid.len() + 24 + env.topic.len() + env.payload.len() + 1024;
+    let mut cmd = redis::Cmd::with_capacity(10 + 2 * 24, data);
+    cmd.arg("XADD")
+        .arg(key)
+        .arg("MINID")
+        .arg("~")
+        .arg(minid)
+        .arg("*");
+    cmd
+}
+
 /// Appends `topic T h1 v1 … payload P` to an `XADD` command.
 pub(crate) fn add_fields(cmd: &mut redis::Cmd, env: &Envelope) -> Result<()> {
     cmd.arg(TOPIC_FIELD).arg(&env.topic);
@@ -224,6 +249,46 @@ mod tests {
             "t:ampy.*.bars.v1"
         );
         assert_eq!(stream_glob("", &p(">")), "*");
+    }
+
+    #[test]
+    fn reply_ids_and_xadd() {
+        let id = redis::Value::BulkString(b"1700000000123-7".to_vec());
+        assert_eq!(pack_id_value(&id), pack_id("1700000000123-7"));
+        let id = redis::Value::SimpleString("5-2".into());
+        assert_eq!(pack_id_value(&id), Some(5 << 20 | 2));
+        assert_eq!(pack_id_value(&redis::Value::Nil), None);
+        assert_eq!(
+            pack_id_value(&redis::Value::BulkString(b"x".to_vec())),
+            None
+        );
+        let topic = crate::Topic::parse("ampy.dev.bars.v1.XNAS").unwrap();
+        let h = Headers::new().with("x-desk", "rates");
+        let env = Envelope::new(&topic, h, b"p".to_vec());
+        let mut cmd = xadd("k", "0-0", &env);
+        add_fields(&mut cmd, &env).unwrap();
+        let args: Vec<Vec<u8>> = cmd
+            .args_iter()
+            .map(|a| match a {
+                redis::Arg::Simple(b) => b.to_vec(),
+                _ => Vec::new(),
+            })
+            .collect();
+        let want: Vec<&[u8]> = vec![
+            &b"XADD"[..],
+            b"k",
+            b"MINID",
+            b"~",
+            b"0-0",
+            b"*",
+            b"topic",
+            b"ampy.dev.bars.v1.XNAS",
+            b"x-desk",
+            b"rates",
+            b"payload",
+            b"p",
+        ];
+        assert_eq!(args, want);
     }
 
     #[test]
