@@ -230,18 +230,6 @@ impl Inner {
         }
     }
 
-    /// Takes an owned string (copied into the arena when small, else kept as it is).
-    fn store_owned(&mut self, s: String) -> Span {
-        if s.len() <= 64
-            && let Some(sp) = self.reserve(s.len())
-        {
-            let at = sp.start as usize;
-            self.arena[at..at + s.len()].copy_from_slice(s.as_bytes());
-            return sp;
-        }
-        self.store_bytes(Bytes::from(s))
-    }
-
     /// Keeps a buffer whose bytes are known to be UTF-8; the span covers all of it.
     fn store_bytes(&mut self, b: Bytes) -> Span {
         if self.extra.len() >= MAX_EXTRA {
@@ -517,10 +505,10 @@ impl Headers {
         partition_key: &str,
     ) -> Self {
         let mut h = Headers::new();
-        h.set(SCHEMA_FQDN, schema_fqdn);
-        h.set(PRODUCER, producer);
-        h.set(SOURCE, source);
-        h.set(PARTITION_KEY, partition_key);
+        h.put_str(K_SCHEMA_FQDN, schema_fqdn);
+        h.put_str(K_PRODUCER, producer);
+        h.put_str(K_SOURCE, source);
+        h.put_str(K_PARTITION_KEY, partition_key);
         h.fill_publish_defaults();
         h
     }
@@ -678,11 +666,11 @@ impl Headers {
     }
 
     /// Sets a header, returning the previous value.
-    pub fn set(&mut self, name: impl AsRef<str>, value: impl Into<String>) -> Option<String> {
+    pub fn set(&mut self, name: impl AsRef<str>, value: impl AsRef<str>) -> Option<String> {
         let name = name.as_ref();
         let prev = self.get(name).map(str::to_owned);
         let h = self.m();
-        let v = h.store_owned(value.into());
+        let v = h.store(value.as_ref());
         match known_index(name) {
             Some(i) => h.put(i, v),
             None => match h.ext_position(name) {
@@ -790,7 +778,7 @@ impl Headers {
     /// let h = ampybus::Headers::new().with("dedupe_key", "co_1");
     /// assert_eq!(h.dedupe_key(), Some("co_1"));
     /// ```
-    pub fn with(mut self, name: impl AsRef<str>, value: impl Into<String>) -> Self {
+    pub fn with(mut self, name: impl AsRef<str>, value: impl AsRef<str>) -> Self {
         self.set(name, value);
         self
     }
@@ -1145,8 +1133,11 @@ impl Headers {
     pub fn validate_for_publish(&self, topic: &Topic) -> Result<()> {
         let mut total = 0usize;
         let mut largest: Option<(&str, usize)> = None;
+        let inner = self.i();
         for (k, v) in self.iter() {
-            check_name(k)?;
+            if !inner.ext.is_empty() && known_index(k).is_none() {
+                check_name(k)?;
+            }
             if v.bytes().any(|b| matches!(b, b'\r' | b'\n' | 0)) {
                 return Err(Error::header(k, "value must not contain CR, LF or NUL"));
             }
@@ -1560,6 +1551,15 @@ fn check_name(name: &str) -> Result<()> {
 }
 
 fn check_text(name: &str, v: &str) -> Result<()> {
+    let b = v.as_bytes();
+    // Printable ASCII that starts and ends with a non-space passes every rule below.
+    if !b.is_empty()
+        && b[0] != b' '
+        && b[b.len() - 1] != b' '
+        && b.iter().all(|c| (0x20..0x7f).contains(c))
+    {
+        return Ok(());
+    }
     if v.trim().is_empty() {
         return Err(Error::header(name, "must not be empty"));
     }
@@ -1576,6 +1576,10 @@ fn check_text(name: &str, v: &str) -> Result<()> {
 }
 
 fn check_fqdn(v: &str) -> Result<()> {
+    let ok = fqdn_ok(v.as_bytes());
+    if ok {
+        return Ok(());
+    }
     let ok = v.split('.').count() >= 2
         && v.split('.').all(|t| {
             let mut c = t.chars();
@@ -1596,6 +1600,53 @@ fn check_fqdn(v: &str) -> Result<()> {
     }
 }
 
+/// Dotted identifiers, at least two: each starts with a letter or `_`, then letters, digits, `_`.
+fn fqdn_ok(b: &[u8]) -> bool {
+    let mut tokens = 0;
+    let mut at_start = true;
+    for &c in b {
+        if c == b'.' {
+            if at_start {
+                return false;
+            }
+            at_start = true;
+        } else if at_start {
+            if !(c.is_ascii_alphabetic() || c == b'_') {
+                return false;
+            }
+            at_start = false;
+            tokens += 1;
+        } else if !(c.is_ascii_alphanumeric() || c == b'_') {
+            return false;
+        }
+    }
+    !at_start && tokens >= 2
+}
+
+/// `MAJOR.MINOR.PATCH` without a tail: three decimal numbers, no leading zeros.
+fn plain_semver(b: &[u8]) -> bool {
+    let mut parts = 0;
+    let mut len = 0;
+    let mut first = 0u8;
+    for &c in b.iter().chain(std::iter::once(&b'.')) {
+        if c == b'.' {
+            if len == 0 || (len > 1 && first == b'0') {
+                return false;
+            }
+            parts += 1;
+            len = 0;
+        } else if c.is_ascii_digit() {
+            if len == 0 {
+                first = c;
+            }
+            len += 1;
+        } else {
+            return false;
+        }
+    }
+    parts == 3
+}
+
 /// `-pre.release` and/or `+build.meta`: non-empty dot-separated `[0-9A-Za-z-]` identifiers.
 fn semver_tail_ok(tail: &str) -> bool {
     let idents_ok = |s: &str| {
@@ -1613,6 +1664,9 @@ fn semver_tail_ok(tail: &str) -> bool {
 }
 
 fn check_semver(v: &str) -> Result<()> {
+    if plain_semver(v.as_bytes()) {
+        return Ok(());
+    }
     let core = v.split(['-', '+']).next().unwrap_or_default();
     let parts: Vec<&str> = core.split('.').collect();
     let ok = parts.len() == 3
@@ -2151,5 +2205,66 @@ mod tests {
         assert_eq!(h.len(), good().len() + 2);
         good().validate_for_publish(&topic()).unwrap();
         h.validate_for_publish(&topic()).unwrap();
+    }
+
+    #[test]
+    fn fast_checks_agree_with_the_general_rules() {
+        let slow_fqdn = |v: &str| {
+            v.split('.').count() >= 2
+                && v.split('.').all(|t| {
+                    let mut c = t.chars();
+                    c.next()
+                        .is_some_and(|f| f.is_ascii_alphabetic() || f == '_')
+                        && c.all(|x| x.is_ascii_alphanumeric() || x == '_')
+                })
+        };
+        for v in [
+            "ampy.bars.v1.BarBatch",
+            "a.b",
+            "_a._b",
+            "a",
+            "a.",
+            ".a",
+            "a..b",
+            "a.1b",
+            "a.b-c",
+            "a.b.",
+            "",
+            ".",
+            "é.b",
+            "a.b c",
+        ] {
+            assert_eq!(fqdn_ok(v.as_bytes()), slow_fqdn(v), "{v:?}");
+            assert_eq!(check_fqdn(v).is_ok(), slow_fqdn(v), "{v:?}");
+        }
+        for (v, plain) in [
+            ("1.0.0", true),
+            ("10.20.30", true),
+            ("0.0.0", true),
+            ("01.0.0", false),
+            ("1.0", false),
+            ("1.0.0.0", false),
+            ("1..0", false),
+            ("1.0.0-rc.1", false),
+            ("a.b.c", false),
+            ("", false),
+        ] {
+            assert_eq!(plain_semver(v.as_bytes()), plain, "{v:?}");
+        }
+        assert!(check_semver("1.0.0-rc.1+b.2").is_ok());
+        assert!(check_semver("01.0.0").is_err());
+        for (v, ok) in [
+            ("oms@host-1", true),
+            (" oms", false),
+            ("oms ", false),
+            ("", false),
+            ("   ", false),
+            ("a\tb", false),
+            ("a\u{7f}b", false),
+            ("ünïcode ok", true),
+            ("a b", true),
+        ] {
+            assert_eq!(check_text(PRODUCER, v).is_ok(), ok, "{v:?}");
+        }
     }
 }

@@ -157,7 +157,7 @@ pub fn build_dlq_envelope(
         names::BLOB_SIZE,
     ] {
         if let Some(v) = env.headers.get(name) {
-            h.set(name, v.to_owned());
+            h.set(name, v);
         }
     }
     let mut fallback = Envelope::new(dlq_topic, h.clone(), original.payload.clone());
