@@ -2,19 +2,20 @@
 //! Every method that talks to the log or a broker returns an asyncio awaitable; the Rust side
 //! runs on the tokio runtime of `pyo3-async-runtimes` without the GIL.
 
+use crate::completer::{Completer, Future, Shared, Value};
 use crate::consumer::{self, ConsumerOptions, NativeConsumer};
 use crate::errors::{OrRaise, new_err};
 use crate::message::{PyStored, Receipt};
-use ampybus::headers::names;
 use ampybus::transport::{StoredMessage, WindowQuery};
 use ampybus::{Bus, Domain, Envelope, ErrorKind, Headers, Topic, TopicPattern};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
+use tokio::sync::mpsc;
 
 /// Connects to the bus at `url` (see the README's URL forms); an awaitable of [`NativeBus`].
 #[pyfunction]
@@ -24,6 +25,7 @@ pub fn connect(py: Python<'_>, url: String, observability: bool) -> PyResult<Bou
         let bus = Bus::connect(&url).await.or_raise()?;
         Ok(NativeBus {
             bus: bus.with_observability(observability),
+            publisher: OnceLock::new(),
         })
     })
 }
@@ -32,19 +34,116 @@ pub fn connect(py: Python<'_>, url: String, observability: bool) -> PyResult<Bou
 #[pyclass(module = "ampybus._native", frozen)]
 pub struct NativeBus {
     bus: Bus,
+    /// The queue of the publisher task (started by the first `publish`).
+    publisher: OnceLock<mpsc::UnboundedSender<PublishReq>>,
 }
 
-/// Headers from a Python `dict` of strings, with a `message_id` filled in when absent (so the
-/// receipt can name it).
-fn headers_from(map: HashMap<String, String>) -> Headers {
-    let mut h = Headers::new();
-    for (k, v) in map {
-        h.set(k, v);
+/// Headers from a Python `dict` of strings, laid over `base` when given.
+fn headers_from_dict(d: &Bound<'_, PyDict>, base: Option<&Headers>) -> PyResult<Headers> {
+    let mut h = base.cloned().unwrap_or_default();
+    for (k, v) in d.iter() {
+        let k = k.cast_into::<PyString>()?;
+        let v = v.cast_into::<PyString>()?;
+        h.set(&*k.to_cow()?, v.to_cow()?);
     }
-    if h.message_id().is_none() {
-        h.set(names::MESSAGE_ID, ampybus::ids::new_message_id());
+    Ok(h)
+}
+
+/// One `bus.publish` on its way to the publisher task.
+struct PublishReq {
+    topic: String,
+    headers: Headers,
+    payload: Bytes,
+    fut: Future,
+    done: Arc<Shared>,
+}
+
+/// Most messages the publisher task sends as one batch.
+const MAX_COALESCED: usize = 1024;
+
+/// The publisher task of a bus: publishes whatever accumulated in its queue as one batch, in
+/// order, one batch at a time.
+async fn run_publisher(bus: Bus, mut rx: mpsc::UnboundedReceiver<PublishReq>) {
+    let mut buf = Vec::with_capacity(MAX_COALESCED);
+    while rx.recv_many(&mut buf, MAX_COALESCED).await > 0 {
+        publish_coalesced(&bus, &mut buf).await;
     }
-    h
+}
+
+/// `message N: ` as the core prefixes a batch member's error, removed (the caller published
+/// one message).
+fn unprefixed(e: &ampybus::Error) -> ampybus::Error {
+    let m = e.message();
+    let rest = m
+        .strip_prefix("message ")
+        .and_then(|r| r.split_once(": "))
+        .filter(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        .map_or(m, |(_, r)| r);
+    ampybus::Error::new(e.kind(), rest.to_owned())
+}
+
+/// Publishes the requests in `reqs` (emptied) as one batch and resolves each one's future.
+async fn publish_coalesced(bus: &Bus, reqs: &mut Vec<PublishReq>) {
+    let mut envs = Vec::with_capacity(reqs.len());
+    let mut waiting = Vec::with_capacity(reqs.len());
+    let mut failed = Vec::new();
+    let mut last: Option<Topic> = None;
+    for mut r in reqs.drain(..) {
+        // Each message is checked here, on its own: an invalid one fails only its caller.
+        let topic = match last.take() {
+            Some(t) if t.as_str() == r.topic => Ok(t),
+            _ => Topic::parse(&r.topic),
+        };
+        let checked = topic.and_then(|t| {
+            r.headers.fill_publish_defaults();
+            r.headers.validate_for_publish(&t).map(|()| t)
+        });
+        match checked {
+            Ok(t) => {
+                last = Some(t);
+                let message_id = r.headers.message_id().unwrap_or_default().to_owned();
+                envs.push(Envelope {
+                    topic: r.topic,
+                    headers: r.headers,
+                    payload: r.payload,
+                });
+                waiting.push((r.fut, r.done, message_id));
+            }
+            Err(e) => failed.push((r.fut, r.done, e)),
+        }
+    }
+    for (fut, done, e) in failed {
+        done.push(fut, Value::Error(e));
+    }
+    if envs.is_empty() {
+        return;
+    }
+    let out = bus.publish_batch_outcomes(envs).await;
+    let mut results = Vec::with_capacity(waiting.len());
+    for ((fut, done, message_id), o) in waiting.into_iter().zip(out.outcomes) {
+        let value = match (o.receipt(), &out.error) {
+            (Some(r), _) => Value::Receipt(Receipt {
+                message_id,
+                sequence: r.sequence,
+                duplicate: r.duplicate,
+            }),
+            (None, Some(e)) => Value::Error(unprefixed(e)),
+            (None, None) => Value::Error(ampybus::Error::new(
+                ErrorKind::Transport,
+                "publish: the transport returned no receipt",
+            )),
+        };
+        results.push((done, fut, value));
+    }
+    // One push (at most one wake-up) per run of the same event loop.
+    let mut it = results.into_iter().peekable();
+    while let Some((done, fut, value)) = it.next() {
+        let mut run = vec![(fut, value)];
+        while let Some((_, f, v)) = it.next_if(|(d, _, _)| Arc::ptr_eq(d, &done)) {
+            run.push((f, v));
+        }
+        done.push_many(run);
+    }
 }
 
 fn parse_time(what: &str, v: &str) -> PyResult<DateTime<Utc>> {
@@ -165,38 +264,51 @@ impl NativeBus {
         self.bus.transport().name().to_owned()
     }
 
-    /// Publishes one message; an awaitable of [`Receipt`], done once the log or broker
-    /// confirmed it.
-    fn publish<'py>(
+    /// Publishes one message: `fut` (an asyncio future of `completer`'s loop) gets its
+    /// [`Receipt`] once the log or broker confirmed it, or the exception.
+    ///
+    /// The message joins the bus's publisher queue: a tokio task drains it and publishes
+    /// whatever accumulated as one batch (concurrent publishes coalesce); each message is
+    /// checked on its own, so an invalid one fails only its own future. Messages are sent in
+    /// the order of the calls.
+    fn publish(
         &self,
-        py: Python<'py>,
         topic: String,
-        payload: &Bound<'py, PyBytes>,
-        headers: HashMap<String, String>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        let payload = Bytes::copy_from_slice(payload.as_bytes());
-        let headers = headers_from(headers);
-        let bus = self.bus.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            let topic = Topic::parse(&topic).or_raise()?;
-            let message_id = headers.message_id().unwrap_or_default().to_owned();
-            let r = bus.publish(&topic, headers, payload).await.or_raise()?;
-            Ok(Receipt {
-                message_id,
-                sequence: r.sequence,
-                duplicate: r.duplicate,
-            })
-        })
+        payload: &Bound<'_, PyBytes>,
+        headers: &Bound<'_, PyDict>,
+        fut: Py<PyAny>,
+        completer: &Bound<'_, Completer>,
+    ) -> PyResult<()> {
+        let req = PublishReq {
+            topic,
+            headers: headers_from_dict(headers, None)?,
+            payload: Bytes::copy_from_slice(payload.as_bytes()),
+            fut,
+            done: completer.get().shared(),
+        };
+        let tx = self.publisher.get_or_init(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            pyo3_async_runtimes::tokio::get_runtime().spawn(run_publisher(self.bus.clone(), rx));
+            tx
+        });
+        if let Err(mpsc::error::SendError(req)) = tx.send(req) {
+            let e = ampybus::Error::new(ErrorKind::Closed, "publish: the publisher task stopped");
+            req.done.push(req.fut, Value::Error(e));
+        }
+        Ok(())
     }
 
     /// Publishes `items` — `(topic, payload: bytes, headers: dict)` tuples, each dict laid over
-    /// `common` — as one batch; every message is validated before any is sent.
-    fn publish_batch<'py>(
+    /// `common` — as one batch; every message is validated before any is sent. `fut` gets the
+    /// list of [`Receipt`]s, or the exception.
+    fn publish_batch(
         &self,
-        py: Python<'py>,
-        items: &Bound<'py, PyList>,
-        common: HashMap<String, String>,
-    ) -> PyResult<Bound<'py, PyAny>> {
+        items: &Bound<'_, PyList>,
+        common: &Bound<'_, PyDict>,
+        fut: Py<PyAny>,
+        completer: &Bound<'_, Completer>,
+    ) -> PyResult<()> {
+        let common = headers_from_dict(common, None)?;
         let mut batch = Vec::with_capacity(items.len());
         for (i, item) in items.iter().enumerate() {
             let t = item.cast::<PyTuple>().map_err(|_| {
@@ -206,41 +318,78 @@ impl NativeBus {
             })?;
             let topic: String = t.get_item(0)?.extract()?;
             let payload = Bytes::copy_from_slice(t.get_item(1)?.cast::<PyBytes>()?.as_bytes());
-            let mut h = Headers::new();
-            for (k, v) in &common {
-                h.set(k.clone(), v.clone());
-            }
             let own = t.get_item(2)?;
-            if !own.is_none() {
-                for (k, v) in own.cast::<PyDict>()?.iter() {
-                    h.set(k.extract::<String>()?, v.extract::<String>()?);
-                }
-            }
-            if h.message_id().is_none() {
-                h.set(names::MESSAGE_ID, ampybus::ids::new_message_id());
-            }
+            let headers = if own.is_none() {
+                common.clone()
+            } else {
+                headers_from_dict(own.cast::<PyDict>()?, Some(&common))?
+            };
             batch.push(Envelope {
                 topic,
-                headers: h,
+                headers,
                 payload,
             });
         }
         let bus = self.bus.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        let done = completer.get().shared();
+        pyo3_async_runtimes::tokio::get_runtime().spawn(async move {
+            // Filled here (what the core would fill) so that each receipt can name its id.
             let ids: Vec<String> = batch
-                .iter()
-                .map(|e| e.headers.message_id().unwrap_or_default().to_owned())
-                .collect();
-            let receipts = bus.publish_batch(batch).await.or_raise()?;
-            Ok(ids
-                .into_iter()
-                .zip(receipts)
-                .map(|(message_id, r)| Receipt {
-                    message_id,
-                    sequence: r.sequence,
-                    duplicate: r.duplicate,
+                .iter_mut()
+                .map(|e| {
+                    e.headers.fill_publish_defaults();
+                    e.headers.message_id().unwrap_or_default().to_owned()
                 })
-                .collect::<Vec<_>>())
+                .collect();
+            let value = match bus.publish_batch(batch).await {
+                Ok(receipts) => Value::Receipts(
+                    ids.into_iter()
+                        .zip(receipts)
+                        .map(|(message_id, r)| Receipt {
+                            message_id,
+                            sequence: r.sequence,
+                            duplicate: r.duplicate,
+                        })
+                        .collect(),
+                ),
+                Err(e) => Value::Error(e),
+            };
+            done.push(fut, value);
+        });
+        Ok(())
+    }
+
+    /// Benchmark aid (not API): publishes `n` messages like the SDK benchmark's (256-byte
+    /// payloads over 100 partition keys, the contract's headers) with the core's
+    /// `Bus::publish_wire`, `batch` per call, the envelopes prepared before the clock starts;
+    /// an awaitable of the seconds the publishes took.
+    #[pyo3(signature = (topic, n, batch=1000, payload_len=256, schema_fqdn="ampy.bars.v1.BarBatch".to_owned()))]
+    fn _bench_publish_wire<'py>(
+        &self,
+        py: Python<'py>,
+        topic: String,
+        n: usize,
+        batch: usize,
+        payload_len: usize,
+        schema_fqdn: String,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let bus = self.bus.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let topic = Topic::parse(&topic).or_raise()?;
+            let payload = Bytes::from((0..payload_len).map(|i| i as u8).collect::<Vec<u8>>());
+            let mut envs = Vec::with_capacity(n);
+            for i in 0..n {
+                let key = format!("XNAS.K{:03}", i % 100);
+                let h = Headers::for_publish(&schema_fqdn, "bench@1", "bench", &key);
+                envs.push(bus.prepare(&topic, h, payload.clone()).await.or_raise()?);
+            }
+            let t0 = std::time::Instant::now();
+            let mut it = envs.into_iter().peekable();
+            while it.peek().is_some() {
+                let chunk: Vec<Envelope> = it.by_ref().take(batch.max(1)).collect();
+                bus.publish_wire(chunk).await.or_raise()?;
+            }
+            Ok(t0.elapsed().as_secs_f64())
         })
     }
 

@@ -14,6 +14,7 @@
 //! on the workspace's target dir, then pytest).
 
 mod bus;
+mod completer;
 mod consumer;
 mod errors;
 mod message;
@@ -25,6 +26,7 @@ use pyo3::prelude::*;
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(bus::connect, m)?)?;
     m.add_class::<bus::NativeBus>()?;
+    m.add_class::<completer::Completer>()?;
     m.add_class::<bus::MetricsServer>()?;
     m.add_class::<consumer::NativeConsumer>()?;
     m.add_class::<message::PyHeaders>()?;

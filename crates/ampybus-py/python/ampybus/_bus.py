@@ -12,6 +12,7 @@ import collections
 import inspect
 import logging
 import os
+import weakref
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import (
@@ -57,6 +58,39 @@ Payload = Any
 TimeLike = Union[datetime, str]
 #: A handler for :meth:`Bus.run`: sync or async, taking a :class:`ampybus.Message`.
 Handler = Callable[[Any], Union[None, Awaitable[None]]]
+
+
+#: One native completer per event loop (see :func:`_completer`).
+_completers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any]" = weakref.WeakKeyDictionary()
+#: The last ``(loop, completer)`` pair handed out: the common case is one loop.
+_last_completer: Tuple[Any, Any] = (None, None)
+
+
+def _completer(loop: asyncio.AbstractEventLoop) -> Any:
+    """The native completer of ``loop``: resolves futures the Rust side completes, in batches.
+
+    The Rust side queues ``(future, result)`` pairs and writes one byte to a socket pair the
+    loop watches (``add_reader``) when the queue was empty; the loop then resolves everything
+    queued in one native call. Loops that cannot watch a socket are woken with
+    ``call_soon_threadsafe`` instead.
+    """
+    global _last_completer
+    last_loop, last = _last_completer
+    if last_loop is loop:
+        return last
+    c = _completers.get(loop)
+    if c is None:
+        c = _native.Completer()
+        fd = c.fileno()
+        try:
+            if fd < 0:
+                raise NotImplementedError
+            loop.add_reader(fd, c.drain)
+        except NotImplementedError:
+            c.use_threadsafe(loop.call_soon_threadsafe)
+        _completers[loop] = c
+    _last_completer = (loop, c)
+    return c
 
 
 def _time(name: str, value: Optional[TimeLike]) -> Optional[str]:
@@ -272,11 +306,22 @@ class Subscription:
         if native is None:
             await self.start()
             native = self._native
+        # Everything ready is taken in one native call; when nothing is, park on a future
+        # the Rust side resolves when messages arrive (or at close).
         items = native.take(self._batch)
-        if not items:
-            items = await native.wait(self._batch)
-            if items is None or self._closing:
+        while not items:
+            loop = asyncio.get_running_loop()
+            fut = loop.create_future()
+            state = native.arm(fut, _completer(loop))
+            if state < 0:
                 raise StopAsyncIteration
+            if state > 0:
+                await fut
+            if self._closing:
+                raise StopAsyncIteration
+            if buf:  # another task took a batch meanwhile
+                return buf.popleft()
+            items = native.take(self._batch)
         buf.extend(items)
         return buf.popleft()
 
@@ -457,7 +502,10 @@ class Bus:
             dedupe_key=dedupe_key,
             headers=headers,
         )
-        return await self._native.publish(topic, data, h)
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._native.publish(topic, data, h, fut, _completer(loop))
+        return await fut
 
     async def publish_batch(
         self,
@@ -498,7 +546,10 @@ class Bus:
             if m.headers:
                 own = _merge(where, m.headers, tuple(own.items()))
             items.append((m.topic, data, own))
-        return list(await self._native.publish_batch(items, common))
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._native.publish_batch(items, common, fut, _completer(loop))
+        return list(await fut)
 
     def subscribe(
         self,
