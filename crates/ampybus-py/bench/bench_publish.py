@@ -31,7 +31,9 @@ Consume: ``--consume-messages`` messages over 1,000 partition keys are published
 them into a trivial handler (``async for`` + ``await msg.ack()``), timed from the first message
 to the last ack handed over (the final counts are checked: exactly ``--consume-messages``
 handled); without and with dedupe, on NATS (same server) and on the embedded log
-(``sync=normal``), rounds interleaved. Results: best / median / worst over rounds, as a table
+(``sync=normal``), rounds interleaved. ``core`` rows run the Rust consumer runtime alone on the
+same data and settings (``NativeBus._bench_consume``: a Rust handler that only counts, timed
+from its first call to its last): the ratio is what the SDK keeps of the core. Results: best / median / worst over rounds, as a table
 (and ``--json``).
 """
 
@@ -137,7 +139,7 @@ async def natspy_pipelined(js, subject: str, n: int) -> float:
     return rate
 
 
-async def consume(url: str, n: int, workers: int, dedupe: bool) -> float:
+async def consume(url: str, n: int, workers: int, dedupe: bool, core: bool = False) -> float:
     async with await ampybus.connect(url, producer="bench@1", source="bench") as bus:
         t = uuid.uuid4().hex[:10]
         topic = f"ampy.dev.bars.v1.benchc{t}"
@@ -146,6 +148,9 @@ async def consume(url: str, n: int, workers: int, dedupe: bool) -> float:
                 [ampybus.Outgoing(topic, PAYLOAD, f"XNAS.C{i % 1000:04d}") for i in range(start, min(n, start + 1000))],
                 schema_fqdn=SCHEMA,
             )
+        if core:
+            seconds = await bus._native._bench_consume(topic, f"benchc-{t}", n, workers, dedupe, 4096)
+            return n / seconds
         sub = bus.subscribe(topic, consumer=f"benchc-{t}", workers=workers, max_in_flight=4096, dedupe=dedupe)
         got = 0
         t0 = 0.0
@@ -226,16 +231,19 @@ async def main() -> int:
 
     if not a.skip_consume:
         nats_url = f"{a.url}?stream_prefix={a.stream_prefix}&max_age_days=1"
+        with_core = hasattr(ampybus._native.NativeBus, "_bench_consume")  # builds before issue 15 lack it
         for r in range(a.rounds):
             for dedupe in (False, True):
                 tag = "dedupe" if dedupe else "no dedupe"
-                rate = await consume(nats_url, a.consume_messages, a.workers, dedupe)
-                runs.setdefault(f"consume nats, {tag}", []).append(rate)
-                print(f"round {r + 1}: consume nats, {tag:<9} {rate:>10,.0f} msg/s", file=sys.stderr)
-                with tempfile.TemporaryDirectory() as d:
-                    rate = await consume(f"file://{d}/bus?sync=normal", a.consume_messages, a.workers, dedupe)
-                runs.setdefault(f"consume embedded, {tag}", []).append(rate)
-                print(f"round {r + 1}: consume embedded, {tag:<9} {rate:>10,.0f} msg/s", file=sys.stderr)
+                for who in ("sdk", "core") if with_core else ("sdk",):
+                    core = who == "core"
+                    rate = await consume(nats_url, a.consume_messages, a.workers, dedupe, core)
+                    runs.setdefault(f"consume nats, {tag}, {who}", []).append(rate)
+                    print(f"round {r + 1}: consume nats, {tag}, {who:<4} {rate:>10,.0f} msg/s", file=sys.stderr)
+                    with tempfile.TemporaryDirectory() as d:
+                        rate = await consume(f"file://{d}/bus?sync=normal", a.consume_messages, a.workers, dedupe, core)
+                    runs.setdefault(f"consume embedded, {tag}, {who}", []).append(rate)
+                    print(f"round {r + 1}: consume embedded, {tag}, {who:<4} {rate:>10,.0f} msg/s", file=sys.stderr)
 
     results = {k: summary(v) for k, v in runs.items()}
 
@@ -247,15 +255,22 @@ async def main() -> int:
     ratio("ratio sdk batched / core publish_wire", "sdk batched", "core publish_wire")
     ratio("ratio sdk batched / nats-py pipelined", "sdk batched", "nats-py pipelined")
     ratio("ratio sdk pipelined / nats-py pipelined", "sdk pipelined", "nats-py pipelined")
+    for broker in ("nats", "embedded"):
+        for tag in ("no dedupe", "dedupe"):
+            ratio(
+                f"ratio consume {broker}, {tag}: sdk / core",
+                f"consume {broker}, {tag}, sdk",
+                f"consume {broker}, {tag}, core",
+            )
     load_end = os.getloadavg()[0]
     print(f"1-minute load average at the end: {load_end:.2f}", file=sys.stderr)
     if a.json:
         print(json.dumps({"args": vars(a), "load": [load_start, load_end], "results": results, "rounds": runs}, indent=2))
     else:
-        print(f"{'':<42} {'best':>10} {'median':>10} {'worst':>10}")
+        print(f"{'':<48} {'best':>10} {'median':>10} {'worst':>10}")
         for k, s in results.items():
             fmt = "{:>10.2f}" if k.startswith("ratio") else "{:>10,.0f}"
-            print(f"{k:<42} " + " ".join(fmt.format(s[x]) for x in ("best", "median", "worst")))
+            print(f"{k:<48} " + " ".join(fmt.format(s[x]) for x in ("best", "median", "worst")))
     return 0
 
 

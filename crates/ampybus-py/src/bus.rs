@@ -13,6 +13,7 @@ use chrono::{DateTime, Utc};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -26,6 +27,7 @@ pub fn connect(py: Python<'_>, url: String, observability: bool) -> PyResult<Bou
         Ok(NativeBus {
             bus: bus.with_observability(observability),
             publisher: OnceLock::new(),
+            coalesced: Arc::default(),
         })
     })
 }
@@ -36,6 +38,15 @@ pub struct NativeBus {
     bus: Bus,
     /// The queue of the publisher task (started by the first `publish`).
     publisher: OnceLock<mpsc::UnboundedSender<PublishReq>>,
+    /// What the publisher task did: messages taken, largest batch.
+    coalesced: Arc<PublisherStats>,
+}
+
+/// Counts of a bus's publisher task (for the tests: did concurrent publishes coalesce?).
+#[derive(Default)]
+struct PublisherStats {
+    sent: AtomicU64,
+    largest: AtomicU64,
 }
 
 /// Headers from a Python `dict` of strings, laid over `base` when given.
@@ -47,6 +58,34 @@ fn headers_from_dict(d: &Bound<'_, PyDict>, base: Option<&Headers>) -> PyResult<
         h.set(&*k.to_cow()?, v.to_cow()?);
     }
     Ok(h)
+}
+
+/// The handler of `_bench_consume`: counts, notes the first and the `n`-th call.
+struct CountingHandler {
+    n: u64,
+    seen: AtomicU64,
+    first: OnceLock<std::time::Instant>,
+    last: OnceLock<std::time::Instant>,
+    done: tokio::sync::Notify,
+}
+
+/// [`CountingHandler`] shared with the benchmark that reads it.
+struct SharedHandler(Arc<CountingHandler>);
+
+#[async_trait::async_trait]
+impl ampybus::runtime::Handler for SharedHandler {
+    async fn handle(&self, _msg: &ampybus::runtime::Message) -> ampybus::runtime::Outcome {
+        let c = &self.0;
+        let k = c.seen.fetch_add(1, Ordering::Relaxed) + 1;
+        if k == 1 {
+            let _ = c.first.set(std::time::Instant::now());
+        }
+        if k == c.n {
+            let _ = c.last.set(std::time::Instant::now());
+            c.done.notify_one();
+        }
+        ampybus::runtime::Outcome::Ok
+    }
 }
 
 /// One `bus.publish` on its way to the publisher task.
@@ -63,9 +102,16 @@ const MAX_COALESCED: usize = 1024;
 
 /// The publisher task of a bus: publishes whatever accumulated in its queue as one batch, in
 /// order, one batch at a time.
-async fn run_publisher(bus: Bus, mut rx: mpsc::UnboundedReceiver<PublishReq>) {
+async fn run_publisher(
+    bus: Bus,
+    mut rx: mpsc::UnboundedReceiver<PublishReq>,
+    stats: Arc<PublisherStats>,
+) {
     let mut buf = Vec::with_capacity(MAX_COALESCED);
     while rx.recv_many(&mut buf, MAX_COALESCED).await > 0 {
+        let n = buf.len() as u64;
+        stats.sent.fetch_add(n, Ordering::Relaxed);
+        stats.largest.fetch_max(n, Ordering::Relaxed);
         publish_coalesced(&bus, &mut buf).await;
     }
 }
@@ -288,7 +334,11 @@ impl NativeBus {
         };
         let tx = self.publisher.get_or_init(|| {
             let (tx, rx) = mpsc::unbounded_channel();
-            pyo3_async_runtimes::tokio::get_runtime().spawn(run_publisher(self.bus.clone(), rx));
+            pyo3_async_runtimes::tokio::get_runtime().spawn(run_publisher(
+                self.bus.clone(),
+                rx,
+                self.coalesced.clone(),
+            ));
             tx
         });
         if let Err(mpsc::error::SendError(req)) = tx.send(req) {
@@ -359,6 +409,14 @@ impl NativeBus {
         Ok(())
     }
 
+    /// Test aid (not API): `(messages taken by the publisher task, largest batch it sent)`.
+    fn _publisher_stats(&self) -> (u64, u64) {
+        (
+            self.coalesced.sent.load(Ordering::Relaxed),
+            self.coalesced.largest.load(Ordering::Relaxed),
+        )
+    }
+
     /// Benchmark aid (not API): publishes `n` messages like the SDK benchmark's (256-byte
     /// payloads over 100 partition keys, the contract's headers) with the core's
     /// `Bus::publish_wire`, `batch` per call, the envelopes prepared before the clock starts;
@@ -390,6 +448,55 @@ impl NativeBus {
                 bus.publish_wire(chunk).await.or_raise()?;
             }
             Ok(t0.elapsed().as_secs_f64())
+        })
+    }
+
+    /// Benchmark aid (not API): the core's consumer runtime alone on `pattern` (a Rust
+    /// handler that only counts, borrowing each message), `workers` workers, until `n`
+    /// messages were handled; an awaitable of the seconds from the first handler call to the
+    /// `n`-th. Fails unless exactly `n` were handled.
+    #[pyo3(signature = (pattern, consumer, n, workers=64, dedupe=false, max_in_flight=4096))]
+    #[allow(clippy::too_many_arguments)]
+    fn _bench_consume<'py>(
+        &self,
+        py: Python<'py>,
+        pattern: String,
+        consumer: String,
+        n: u64,
+        workers: usize,
+        dedupe: bool,
+        max_in_flight: usize,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let bus = self.bus.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let pattern = TopicPattern::parse(&pattern).or_raise()?;
+            let counter = Arc::new(CountingHandler {
+                n,
+                seen: AtomicU64::new(0),
+                first: OnceLock::new(),
+                last: OnceLock::new(),
+                done: tokio::sync::Notify::new(),
+            });
+            let mut b = ampybus::Consumer::builder(bus, pattern, &consumer)
+                .handler(SharedHandler(counter.clone()))
+                .workers(workers)
+                .max_in_flight(max_in_flight);
+            if !dedupe {
+                b = b.without_dedupe();
+            }
+            let handle = b.start().await.or_raise()?;
+            counter.done.notified().await;
+            let stats = handle.shutdown(Duration::from_secs(5)).await;
+            if stats.handled_ok != n {
+                return Err(new_err(
+                    ErrorKind::Config,
+                    format!("bench: handled {} messages, not {n}", stats.handled_ok),
+                ));
+            }
+            let (Some(first), Some(last)) = (counter.first.get(), counter.last.get()) else {
+                return Err(new_err(ErrorKind::Config, "bench: no message handled"));
+            };
+            Ok(last.duration_since(*first).as_secs_f64())
         })
     }
 

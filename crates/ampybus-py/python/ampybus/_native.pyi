@@ -181,6 +181,16 @@ class NativeBus:
         fut: "asyncio.Future[List[Receipt]]",
         completer: Completer,
     ) -> None: ...
+    def _publisher_stats(self) -> Tuple[int, int]: ...
+    def _bench_consume(
+        self,
+        pattern: str,
+        consumer: str,
+        n: int,
+        workers: int = 64,
+        dedupe: bool = False,
+        max_in_flight: int = 4096,
+    ) -> Awaitable[float]: ...
     def _bench_publish_wire(
         self, topic: str, n: int, batch: int = 1000, payload_len: int = 256, schema_fqdn: str = ...
     ) -> Awaitable[float]: ...
