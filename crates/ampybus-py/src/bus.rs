@@ -6,6 +6,7 @@ use crate::completer::{Completer, Future, Shared, Value};
 use crate::consumer::{self, ConsumerOptions, NativeConsumer};
 use crate::errors::{OrRaise, new_err};
 use crate::message::{PyStored, Receipt};
+use ampybus::headers::names;
 use ampybus::transport::{StoredMessage, WindowQuery};
 use ampybus::{Bus, Domain, Envelope, ErrorKind, Headers, Topic, TopicPattern};
 use bytes::Bytes;
@@ -348,35 +349,91 @@ impl NativeBus {
         Ok(())
     }
 
-    /// Publishes `items` — `(topic, payload: bytes, headers: dict)` tuples, each dict laid over
-    /// `common` — as one batch; every message is validated before any is sent. `fut` gets the
-    /// list of [`Receipt`]s, or the exception.
+    /// Publishes `items` as one batch; every message is validated before any is sent. Each
+    /// item is a tuple in `ampybus.Outgoing`'s field order — `(topic, payload: bytes,
+    /// partition_key[, dedupe_key[, schema_fqdn[, headers: dict]]])`, `None` for absent — laid
+    /// over `common`; `schema_fqdn` defaults to `default_schema`. `fut` gets the list of
+    /// [`Receipt`]s, or the exception.
     fn publish_batch(
         &self,
         items: &Bound<'_, PyList>,
         common: &Bound<'_, PyDict>,
+        default_schema: &str,
         fut: Py<PyAny>,
         completer: &Bound<'_, Completer>,
     ) -> PyResult<()> {
         let common = headers_from_dict(common, None)?;
         let mut batch = Vec::with_capacity(items.len());
+        // Consecutive items usually share their topic and schema objects: read each once.
+        let mut topic: Option<(Bound<'_, PyAny>, String)> = None;
+        let mut schema: Option<(Bound<'_, PyAny>, String)> = None;
         for (i, item) in items.iter().enumerate() {
-            let t = item.cast::<PyTuple>().map_err(|_| {
+            let at = |e: PyErr| {
                 pyo3::exceptions::PyTypeError::new_err(format!(
-                    "publish_batch: message {i}: expected a (topic, payload, headers) tuple"
+                    "publish_batch: message {i}: expected (topic: str, payload: bytes, partition_key: str, dedupe_key, schema_fqdn, headers) ({e})"
                 ))
-            })?;
-            let topic: String = t.get_item(0)?.extract()?;
-            let payload = Bytes::copy_from_slice(t.get_item(1)?.cast::<PyBytes>()?.as_bytes());
-            let own = t.get_item(2)?;
-            let headers = if own.is_none() {
-                common.clone()
-            } else {
-                headers_from_dict(own.cast::<PyDict>()?, Some(&common))?
             };
+            let t = item.cast::<PyTuple>().map_err(|e| at(e.into()))?;
+            if t.len() < 3 {
+                return Err(at(pyo3::exceptions::PyValueError::new_err("too short")));
+            }
+            let field = |k: usize| -> PyResult<Option<Bound<'_, PyAny>>> {
+                if k >= t.len() {
+                    return Ok(None);
+                }
+                let v = t.get_item(k)?;
+                Ok((!v.is_none()).then_some(v))
+            };
+            let topic_obj = t.get_item(0)?;
+            let topic_str = match &topic {
+                Some((o, s)) if o.is(&topic_obj) => s.clone(),
+                _ => {
+                    let s = topic_obj.extract::<String>().map_err(at)?;
+                    topic = Some((topic_obj, s.clone()));
+                    s
+                }
+            };
+            let payload = Bytes::copy_from_slice(
+                t.get_item(1)?
+                    .cast::<PyBytes>()
+                    .map_err(|e| at(e.into()))?
+                    .as_bytes(),
+            );
+            let mut h = common.clone();
+            if let Some(own) = field(5)? {
+                for (k, v) in own.cast::<PyDict>().map_err(|e| at(e.into()))?.iter() {
+                    let k = k.cast_into::<PyString>().map_err(|e| at(e.into()))?;
+                    let v = v.cast_into::<PyString>().map_err(|e| at(e.into()))?;
+                    h.set(&*k.to_cow()?, v.to_cow()?);
+                }
+            }
+            match field(4)? {
+                None => {
+                    h.set(names::SCHEMA_FQDN, default_schema);
+                }
+                Some(o) => {
+                    let s = match &schema {
+                        Some((prev, s)) if prev.is(&o) => s.clone(),
+                        _ => {
+                            let s = o.extract::<String>().map_err(at)?;
+                            schema = Some((o, s.clone()));
+                            s
+                        }
+                    };
+                    h.set(names::SCHEMA_FQDN, s);
+                }
+            }
+            if let Some(k) = field(2)? {
+                let k = k.cast_into::<PyString>().map_err(|e| at(e.into()))?;
+                h.set(names::PARTITION_KEY, k.to_cow()?);
+            }
+            if let Some(d) = field(3)? {
+                let d = d.cast_into::<PyString>().map_err(|e| at(e.into()))?;
+                h.set(names::DEDUPE_KEY, d.to_cow()?);
+            }
             batch.push(Envelope {
-                topic,
-                headers,
+                topic: topic_str,
+                headers: h,
                 payload,
             });
         }

@@ -133,3 +133,46 @@ async def test_mixed_outcomes_in_one_batch(url: str, bus_factory) -> None:
     rows = await until(dead)
     assert sorted(m.payload for m in rows) == [b"m%02d" % i for i in range(30) if i % 3 == 2]
     assert {m.dlq_reason for m in rows} == {"handler_error: bad price"}
+
+
+async def test_publish_batch_item_forms(embedded_url: str, bus_factory) -> None:
+    """Every item form reaches the log with the same headers: Outgoing, tuples, dicts."""
+    bus = await bus_factory(embedded_url)
+    t = token()
+    topic = f"ampy.dev.news.v1.{t}"
+    items = [
+        ampybus.Outgoing(topic, b"a", "k1"),
+        (topic, b"b", "k2", "dk-b"),
+        (topic, bytearray(b"c"), "k3", None, "ampy.news.v1.Custom"),
+        ampybus.Outgoing(topic, b"d", "k4", headers={"x_extra": "1"}),
+        {"topic": topic, "payload": b"e", "partition_key": "k5", "dedupe_key": "dk-e"},
+    ]
+    receipts = await bus.publish_batch(items, headers={"x_common": t})
+    assert len({r.message_id for r in receipts}) == 5
+    got = {m.payload: m for m in await bus.read(topic)}
+    assert sorted(got) == [b"a", b"b", b"c", b"d", b"e"]
+    assert [got[p].headers.partition_key for p in sorted(got)] == ["k1", "k2", "k3", "k4", "k5"]
+    assert got[b"b"].headers.dedupe_key == "dk-b" and got[b"e"].headers.dedupe_key == "dk-e"
+    assert got[b"a"].headers.dedupe_key is None
+    assert got[b"c"].headers.schema_fqdn == "ampy.news.v1.Custom"
+    assert got[b"a"].headers.schema_fqdn == ampybus.RAW_BYTES_SCHEMA
+    assert got[b"d"].headers["x_extra"] == "1" and "x_extra" not in got[b"a"].headers
+    assert {got[p].headers["x_common"] for p in got} == {t}
+    assert {got[p].headers.producer for p in got} == {"pytest@1"}
+
+    # A clash between a keyword field and the item's own headers names the message.
+    bad = [ampybus.Outgoing(topic, b"x", "k1"), ampybus.Outgoing(topic, b"y", "k1", headers={"partition_key": "k9"})]
+    try:
+        await bus.publish_batch(bad)
+    except ampybus.HeaderError as e:
+        assert "partition_key" in str(e)
+    else:
+        raise AssertionError("a clashing partition_key must fail")
+    # An invalid message fails the batch with its index; nothing is sent.
+    try:
+        await bus.publish_batch([(topic, b"x", "k1"), (topic, b"y", "bad key with spaces")])
+    except ampybus.HeaderError as e:
+        assert "message 1" in str(e)
+    else:
+        raise AssertionError("an invalid partition_key must fail")
+    assert len(await bus.read(topic)) == 5

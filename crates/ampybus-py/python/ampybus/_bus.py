@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import collections.abc as _abc
 import inspect
 import logging
 import os
@@ -62,8 +63,8 @@ Handler = Callable[[Any], Union[None, Awaitable[None]]]
 
 #: One native completer per event loop (see :func:`_completer`).
 _completers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any]" = weakref.WeakKeyDictionary()
-#: The last ``(loop, completer)`` pair handed out: the common case is one loop.
-_last_completer: Tuple[Any, Any] = (None, None)
+#: The last ``(weakref to loop, completer)`` pair handed out: the common case is one loop.
+_last_completer: Tuple[Callable[[], Any], Any] = (lambda: None, None)
 
 
 def _completer(loop: asyncio.AbstractEventLoop) -> Any:
@@ -76,7 +77,7 @@ def _completer(loop: asyncio.AbstractEventLoop) -> Any:
     """
     global _last_completer
     last_loop, last = _last_completer
-    if last_loop is loop:
+    if last_loop() is loop:
         return last
     c = _completers.get(loop)
     if c is None:
@@ -89,7 +90,7 @@ def _completer(loop: asyncio.AbstractEventLoop) -> Any:
         except NotImplementedError:
             c.use_threadsafe(loop.call_soon_threadsafe)
         _completers[loop] = c
-    _last_completer = (loop, c)
+    _last_completer = (weakref.ref(loop), c)
     return c
 
 
@@ -532,23 +533,30 @@ class Bus:
                 ("source", source if source is not None else self.source),
             ),
         )
-        items: List[Tuple[str, bytes, Optional[Dict[str, str]]]] = []
+        # Each item reaches Rust in Outgoing's field order; an Outgoing (or plain tuple) with
+        # a bytes payload and no own headers goes as it is (Rust reads its fields), anything
+        # else is normalised here first.
+        items: List[Tuple[Any, ...]] = []
         for i, m in enumerate(messages):
+            kind = type(m)
+            if (kind is Outgoing or kind is tuple) and 3 <= len(m) <= 6 and type(m[1]) is bytes:
+                if len(m) < 6 or m[5] is None:
+                    items.append(m)
+                    continue
             where = f"publish_batch: message {i}"
-            if isinstance(m, Mapping):
+            if isinstance(m, _abc.Mapping):
                 m = Outgoing(**m)
             elif not isinstance(m, Outgoing):
                 m = Outgoing(*m)
             data, fqdn = _encode(m.payload, m.schema_fqdn or schema_fqdn, where)
-            own: Dict[str, str] = {"schema_fqdn": fqdn, "partition_key": m.partition_key}
-            if m.dedupe_key is not None:
-                own["dedupe_key"] = m.dedupe_key
+            own = None
             if m.headers:
-                own = _merge(where, m.headers, tuple(own.items()))
-            items.append((m.topic, data, own))
+                named = (("schema_fqdn", fqdn), ("partition_key", m.partition_key), ("dedupe_key", m.dedupe_key))
+                own = _merge(where, m.headers, named)
+            items.append((m.topic, data, m.partition_key, m.dedupe_key, fqdn, own))
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self._native.publish_batch(items, common, fut, _completer(loop))
+        self._native.publish_batch(items, common, schema_fqdn or RAW_BYTES_SCHEMA, fut, _completer(loop))
         return list(await fut)
 
     def subscribe(
