@@ -20,6 +20,9 @@ contract's headers on every message, every PubAck awaited), rounds interleaved:
 * ``core publish_wire``: the Rust core's ``Bus::publish_wire`` of the same messages, 1,000 per
   call, envelopes prepared before the clock starts (``NativeBus._bench_publish_wire``, timed in
   Rust): what ``sdk batched`` is compared with.
+* ``core publish_batch``: the core's ``Bus::publish_batch`` of the same messages, 1,000 per
+  call, only the caller's headers built before the clock (ids, times, trace context filled and
+  everything validated in the timed part, as for ``sdk batched``): what the SDK adds to.
 * ``sdk pipelined``: up to ``--inflight`` ``bus.publish(...)`` coroutines in flight
   (``asyncio`` tasks; a new one starts as one finishes); coalesced into batches in Rust.
 
@@ -96,8 +99,8 @@ async def sdk_batched(bus: ampybus.Bus, topic: str, n: int, batch: int = 1000) -
     return n / (time.perf_counter() - t0)
 
 
-async def core_publish_wire(bus: ampybus.Bus, topic: str, n: int, batch: int = 1000) -> float:
-    seconds = await bus._native._bench_publish_wire(topic, n, batch)
+async def core_publish_wire(bus: ampybus.Bus, topic: str, n: int, batch: int = 1000, wire: bool = True) -> float:
+    seconds = await bus._native._bench_publish_wire(topic, n, batch, wire=wire)
     return n / seconds
 
 
@@ -222,6 +225,7 @@ async def main() -> int:
             ]
             if hasattr(bus._native, "_bench_publish_wire"):  # builds before issue 15 lack it
                 plan.insert(4, ("core publish_wire", lambda: core_publish_wire(bus, subject + ".cwire", a.messages)))
+                plan.insert(5, ("core publish_batch", lambda: core_publish_wire(bus, subject + ".cbatch", a.messages, wire=False)))
             for name, fn in plan:
                 rate = await fn()
                 runs.setdefault(name, []).append(rate)
@@ -253,6 +257,7 @@ async def main() -> int:
 
     ratio("ratio sdk awaited / nats-py awaited", "sdk awaited", "nats-py awaited")
     ratio("ratio sdk batched / core publish_wire", "sdk batched", "core publish_wire")
+    ratio("ratio sdk batched / core publish_batch", "sdk batched", "core publish_batch")
     ratio("ratio sdk batched / nats-py pipelined", "sdk batched", "nats-py pipelined")
     ratio("ratio sdk pipelined / nats-py pipelined", "sdk pipelined", "nats-py pipelined")
     for broker in ("nats", "embedded"):

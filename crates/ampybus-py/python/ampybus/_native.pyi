@@ -176,8 +176,9 @@ class NativeBus:
     ) -> None: ...
     def publish_batch(
         self,
-        items: List[Tuple[str, bytes, Optional[Dict[str, str]]]],
+        items: List[Tuple[Any, ...]],
         common: Dict[str, str],
+        default_schema: str,
         fut: "asyncio.Future[List[Receipt]]",
         completer: Completer,
     ) -> None: ...
@@ -192,7 +193,13 @@ class NativeBus:
         max_in_flight: int = 4096,
     ) -> Awaitable[float]: ...
     def _bench_publish_wire(
-        self, topic: str, n: int, batch: int = 1000, payload_len: int = 256, schema_fqdn: str = ...
+        self,
+        topic: str,
+        n: int,
+        batch: int = 1000,
+        payload_len: int = 256,
+        schema_fqdn: str = ...,
+        wire: bool = True,
     ) -> Awaitable[float]: ...
     def subscribe(self, pattern: str, consumer: str, **options: Any) -> Awaitable[NativeConsumer]: ...
     def request_replay(
