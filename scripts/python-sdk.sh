@@ -4,7 +4,9 @@
 #   scripts/python-sdk.sh          # create/refresh .venv-ampybus/ and build + install the SDK into it
 #   scripts/python-sdk.sh test     # the same, then pytest (extra arguments go to pytest)
 #   scripts/python-sdk.sh bench    # a release build into the same venv, then the publish/consume
-#                                  # benchmark against nats-py (extra arguments go to the script)
+#                                  # benchmark against nats-py and the Rust core run in the same
+#                                  # process (extra arguments go to the script; it waits for a
+#                                  # 1-minute load average < 1 first, see --max-load/--load-wait)
 #
 # Idempotent. `.venv-ampybus/` (git-ignored) gets pinned tools: maturin (build backend), pytest,
 # pytest-asyncio, protobuf, nats-py (benchmark baseline) and ampy-proto (the seed's generated

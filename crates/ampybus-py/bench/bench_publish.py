@@ -1,29 +1,43 @@
-"""Publish and consume throughput of the Python SDK against nats-py, on one nats-server.
+"""Publish and consume throughput of the Python SDK against nats-py and the Rust core.
 
 Run through ``scripts/python-sdk.sh bench [options]`` (a release build of the extension into
 ``.venv-ampybus/``), or directly with a venv that has ``ampybus`` and ``nats-py``::
 
-    python bench/bench_publish.py --url nats://127.0.0.1:4222 --messages 50000 --rounds 3
+    python bench/bench_publish.py --url nats://127.0.0.1:4222 --messages 50000 --rounds 5
+
+Before the first round the script waits (up to ``--load-wait`` seconds) for a quiet machine:
+1-minute load average below ``--max-load``; the load at the start and the end is reported.
 
 Publish (256-byte payloads, 100 partition keys, topic ``ampy.dev.bars.v1.benchpy.…``, the
 contract's headers on every message, every PubAck awaited), rounds interleaved:
 
-* ``sdk awaited``: ``await bus.publish(...)`` one at a time.
-* ``sdk batched``: ``await bus.publish_batch(1,000 Outgoing)`` per call (the list is built in
-  the timed loop).
-* ``sdk pipelined``: up to ``--inflight`` ``bus.publish(...)`` coroutines in flight
-  (``asyncio`` tasks; a new one starts as one finishes).
 * ``nats-py awaited``: ``await js.publish(subject, payload, headers=…)`` one at a time.
+* ``sdk awaited``: ``await bus.publish(...)`` one at a time.
 * ``nats-py pipelined``: ``await js.publish_async(...)`` (``publish_async_max_pending`` =
   ``--inflight``), then ``publish_async_completed()``; every ack checked.
+* ``sdk batched``: ``await bus.publish_batch(1,000 Outgoing)`` per call (the list is built in
+  the timed loop).
+* ``core publish_wire``: the Rust core's ``Bus::publish_wire`` of the same messages, 1,000 per
+  call, envelopes prepared before the clock starts (``NativeBus._bench_publish_wire``, timed in
+  Rust): what ``sdk batched`` is compared with.
+* ``core publish_batch``: the core's ``Bus::publish_batch`` of the same messages, 1,000 per
+  call, only the caller's headers built before the clock (ids, times, trace context filled and
+  everything validated in the timed part, as for ``sdk batched``): what the SDK adds to.
+* ``sdk pipelined``: up to ``--inflight`` ``bus.publish(...)`` coroutines in flight
+  (``asyncio`` tasks; a new one starts as one finishes); coalesced into batches in Rust.
 
 nats-py sends the same headers as the SDK (``message_id`` = ``Nats-Msg-Id`` a fresh UUID per
 message, ``produced_at``, ``traceparent``, … built in the timed loop like the SDK does in Rust).
 
-Consume: ``--consume-messages`` messages are published first (batched, 1,000 keys), then a new
-durable consumer reads them into a trivial handler (``await msg.ack()``), timed from the start
-of the subscription to the last ack handed over; on NATS (same server) and on the embedded log.
-Results: best / median / worst over rounds, as a table (and ``--json``).
+Consume: ``--consume-messages`` messages over 1,000 partition keys are published first
+(batched), then a new durable consumer (``--workers`` workers, ``max_in_flight`` 4,096) reads
+them into a trivial handler (``async for`` + ``await msg.ack()``), timed from the first message
+to the last ack handed over (the final counts are checked: exactly ``--consume-messages``
+handled); without and with dedupe, on NATS (same server) and on the embedded log
+(``sync=normal``), rounds interleaved. ``core`` rows run the Rust consumer runtime alone on the
+same data and settings (``NativeBus._bench_consume``: a Rust handler that only counts, timed
+from its first call to its last): the ratio is what the SDK keeps of the core. Results: best / median / worst over rounds, as a table
+(and ``--json``).
 """
 
 from __future__ import annotations
@@ -31,13 +45,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import tempfile
 import time
 import uuid
 from datetime import datetime, timezone
-from typing import Callable, Dict, List
+from typing import Awaitable, Callable, Dict, List, Tuple
 
 import nats
 
@@ -45,6 +60,7 @@ import ampybus
 
 PAYLOAD = bytes(range(256))
 KEYS = [f"XNAS.K{i:03d}" for i in range(100)]
+SCHEMA = "ampy.bars.v1.BarBatch"
 
 
 def headers_for(message_id: str) -> Dict[str, str]:
@@ -54,7 +70,7 @@ def headers_for(message_id: str) -> Dict[str, str]:
     return {
         "Nats-Msg-Id": message_id,
         "message_id": message_id,
-        "schema_fqdn": "ampy.bars.v1.BarBatch",
+        "schema_fqdn": SCHEMA,
         "schema_version": "1.0.0",
         "content_type": "application/x-protobuf",
         "produced_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
@@ -71,7 +87,7 @@ def headers_for(message_id: str) -> Dict[str, str]:
 async def sdk_awaited(bus: ampybus.Bus, topic: str, n: int) -> float:
     t0 = time.perf_counter()
     for i in range(n):
-        await bus.publish(topic, PAYLOAD, partition_key=KEYS[i % 100], schema_fqdn="ampy.bars.v1.BarBatch")
+        await bus.publish(topic, PAYLOAD, partition_key=KEYS[i % 100], schema_fqdn=SCHEMA)
     return n / (time.perf_counter() - t0)
 
 
@@ -79,8 +95,13 @@ async def sdk_batched(bus: ampybus.Bus, topic: str, n: int, batch: int = 1000) -
     t0 = time.perf_counter()
     for start in range(0, n, batch):
         items = [ampybus.Outgoing(topic, PAYLOAD, KEYS[i % 100]) for i in range(start, min(n, start + batch))]
-        await bus.publish_batch(items, schema_fqdn="ampy.bars.v1.BarBatch")
+        await bus.publish_batch(items, schema_fqdn=SCHEMA)
     return n / (time.perf_counter() - t0)
+
+
+async def core_publish_wire(bus: ampybus.Bus, topic: str, n: int, batch: int = 1000, wire: bool = True) -> float:
+    seconds = await bus._native._bench_publish_wire(topic, n, batch, wire=wire)
+    return n / seconds
 
 
 async def sdk_pipelined(bus: ampybus.Bus, topic: str, n: int, inflight: int) -> float:
@@ -89,7 +110,7 @@ async def sdk_pipelined(bus: ampybus.Bus, topic: str, n: int, inflight: int) -> 
 
     async def one(i: int) -> None:
         try:
-            await bus.publish(topic, PAYLOAD, partition_key=KEYS[i % 100], schema_fqdn="ampy.bars.v1.BarBatch")
+            await bus.publish(topic, PAYLOAD, partition_key=KEYS[i % 100], schema_fqdn=SCHEMA)
         finally:
             sem.release()
 
@@ -121,19 +142,24 @@ async def natspy_pipelined(js, subject: str, n: int) -> float:
     return rate
 
 
-async def consume(url: str, n: int, workers: int) -> float:
+async def consume(url: str, n: int, workers: int, dedupe: bool, core: bool = False) -> float:
     async with await ampybus.connect(url, producer="bench@1", source="bench") as bus:
         t = uuid.uuid4().hex[:10]
         topic = f"ampy.dev.bars.v1.benchc{t}"
         for start in range(0, n, 1000):
             await bus.publish_batch(
                 [ampybus.Outgoing(topic, PAYLOAD, f"XNAS.C{i % 1000:04d}") for i in range(start, min(n, start + 1000))],
-                schema_fqdn="ampy.bars.v1.BarBatch",
+                schema_fqdn=SCHEMA,
             )
-        sub = bus.subscribe(topic, consumer=f"benchc-{t}", workers=workers, max_in_flight=4096)
+        if core:
+            seconds = await bus._native._bench_consume(topic, f"benchc-{t}", n, workers, dedupe, 4096)
+            return n / seconds
+        sub = bus.subscribe(topic, consumer=f"benchc-{t}", workers=workers, max_in_flight=4096, dedupe=dedupe)
         got = 0
-        t0 = time.perf_counter()
+        t0 = 0.0
         async for msg in sub:
+            if got == 0:
+                t0 = time.perf_counter()
             await msg.ack()
             got += 1
             if got == n:
@@ -148,6 +174,17 @@ def summary(xs: List[float]) -> Dict[str, float]:
     return {"best": max(xs), "median": statistics.median(xs), "worst": min(xs)}
 
 
+def wait_quiet(max_load: float, wait: float) -> float:
+    """Waits up to `wait` seconds for a 1-minute load average below `max_load`; returns it."""
+    deadline = time.monotonic() + wait
+    load = os.getloadavg()[0]
+    while load >= max_load and time.monotonic() < deadline:
+        print(f"waiting for a quiet machine: load {load:.2f} >= {max_load}", file=sys.stderr)
+        time.sleep(10)
+        load = os.getloadavg()[0]
+    return load
+
+
 async def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", default="nats://127.0.0.1:4222")
@@ -157,62 +194,88 @@ async def main() -> int:
     ap.add_argument("--inflight", type=int, default=4_000)
     ap.add_argument("--consume-messages", type=int, default=50_000)
     ap.add_argument("--workers", type=int, default=64, help="consumer workers (messages with Python at once)")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--max-load", type=float, default=1.0, help="wait for a 1-minute load below this")
+    ap.add_argument("--load-wait", type=float, default=600.0, help="at most this many seconds")
+    ap.add_argument("--skip-publish", action="store_true")
+    ap.add_argument("--skip-consume", action="store_true")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
 
-    sdk_url = f"{a.url}?stream_prefix={a.stream_prefix}&max_age_days=1&max_in_flight={a.inflight}"
-    bus = await ampybus.connect(sdk_url, producer="bench@1", source="bench")
-    nc = await nats.connect(a.url)
-    js = nc.jetstream(publish_async_max_pending=a.inflight)
-    # The SDK creates (or finds) the stream capturing ampy.dev.bars.>; nats-py publishes into it.
-    await bus.publish("ampy.dev.bars.v1.benchpy.warmup", PAYLOAD, partition_key=KEYS[0], schema_fqdn="ampy.bars.v1.BarBatch")
-    await js.publish("ampy.dev.bars.v1.benchpy.warmup", PAYLOAD, headers=headers_for(str(uuid.uuid4())))
+    load_start = wait_quiet(a.max_load, a.load_wait)
+    print(f"1-minute load average at the start: {load_start:.2f}", file=sys.stderr)
 
-    runs: Dict[str, List[float]] = {
-        k: []
-        for k in ("nats-py awaited", "sdk awaited", "nats-py pipelined", "sdk batched", "sdk pipelined")
-    }
-    for r in range(a.rounds):
-        subject = f"ampy.dev.bars.v1.benchpy.r{r}"
-        plan: List[tuple[str, Callable[[], object]]] = [
-            ("nats-py awaited", lambda: natspy_awaited(js, subject + ".nawait", a.awaited_messages)),
-            ("sdk awaited", lambda: sdk_awaited(bus, subject + ".sawait", a.awaited_messages)),
-            ("nats-py pipelined", lambda: natspy_pipelined(js, subject + ".npipe", a.messages)),
-            ("sdk batched", lambda: sdk_batched(bus, subject + ".sbatch", a.messages)),
-            ("sdk pipelined", lambda: sdk_pipelined(bus, subject + ".spipe", a.messages, a.inflight)),
-        ]
-        for name, fn in plan:
-            rate = await fn()  # type: ignore[misc]
-            runs[name].append(rate)
-            print(f"round {r + 1}: {name:<18} {rate:>10,.0f} msg/s", file=sys.stderr)
-    await nc.close()
-    await bus.close()
+    runs: Dict[str, List[float]] = {}
+    if not a.skip_publish:
+        sdk_url = f"{a.url}?stream_prefix={a.stream_prefix}&max_age_days=1&max_in_flight={a.inflight}"
+        bus = await ampybus.connect(sdk_url, producer="bench@1", source="bench")
+        nc = await nats.connect(a.url)
+        js = nc.jetstream(publish_async_max_pending=a.inflight)
+        # The SDK creates (or finds) the stream capturing ampy.dev.bars.>; nats-py publishes into it.
+        await bus.publish("ampy.dev.bars.v1.benchpy.warmup", PAYLOAD, partition_key=KEYS[0], schema_fqdn=SCHEMA)
+        await js.publish("ampy.dev.bars.v1.benchpy.warmup", PAYLOAD, headers=headers_for(str(uuid.uuid4())))
+        for r in range(a.rounds):
+            subject = f"ampy.dev.bars.v1.benchpy.{uuid.uuid4().hex[:8]}"
+            plan: List[Tuple[str, Callable[[], Awaitable[float]]]] = [
+                ("nats-py awaited", lambda: natspy_awaited(js, subject + ".nawait", a.awaited_messages)),
+                ("sdk awaited", lambda: sdk_awaited(bus, subject + ".sawait", a.awaited_messages)),
+                ("nats-py pipelined", lambda: natspy_pipelined(js, subject + ".npipe", a.messages)),
+                ("sdk batched", lambda: sdk_batched(bus, subject + ".sbatch", a.messages)),
+                ("sdk pipelined", lambda: sdk_pipelined(bus, subject + ".spipe", a.messages, a.inflight)),
+            ]
+            if hasattr(bus._native, "_bench_publish_wire"):  # builds before issue 15 lack it
+                plan.insert(4, ("core publish_wire", lambda: core_publish_wire(bus, subject + ".cwire", a.messages)))
+                plan.insert(5, ("core publish_batch", lambda: core_publish_wire(bus, subject + ".cbatch", a.messages, wire=False)))
+            for name, fn in plan:
+                rate = await fn()
+                runs.setdefault(name, []).append(rate)
+                print(f"round {r + 1}: {name:<22} {rate:>10,.0f} msg/s", file=sys.stderr)
+        await nc.close()
+        await bus.close()
 
-    consume_runs: Dict[str, List[float]] = {"consume nats": [], "consume embedded": []}
-    for r in range(a.rounds):
-        rate = await consume(f"{a.url}?stream_prefix={a.stream_prefix}&max_age_days=1", a.consume_messages, a.workers)
-        consume_runs["consume nats"].append(rate)
-        print(f"round {r + 1}: consume nats       {rate:>10,.0f} msg/s", file=sys.stderr)
-        with tempfile.TemporaryDirectory() as d:
-            rate = await consume(f"file://{d}/bus?sync=normal", a.consume_messages, a.workers)
-        consume_runs["consume embedded"].append(rate)
-        print(f"round {r + 1}: consume embedded   {rate:>10,.0f} msg/s", file=sys.stderr)
+    if not a.skip_consume:
+        nats_url = f"{a.url}?stream_prefix={a.stream_prefix}&max_age_days=1"
+        with_core = hasattr(ampybus._native.NativeBus, "_bench_consume")  # builds before issue 15 lack it
+        for r in range(a.rounds):
+            for dedupe in (False, True):
+                tag = "dedupe" if dedupe else "no dedupe"
+                for who in ("sdk", "core") if with_core else ("sdk",):
+                    core = who == "core"
+                    rate = await consume(nats_url, a.consume_messages, a.workers, dedupe, core)
+                    runs.setdefault(f"consume nats, {tag}, {who}", []).append(rate)
+                    print(f"round {r + 1}: consume nats, {tag}, {who:<4} {rate:>10,.0f} msg/s", file=sys.stderr)
+                    with tempfile.TemporaryDirectory() as d:
+                        rate = await consume(f"file://{d}/bus?sync=normal", a.consume_messages, a.workers, dedupe, core)
+                    runs.setdefault(f"consume embedded, {tag}, {who}", []).append(rate)
+                    print(f"round {r + 1}: consume embedded, {tag}, {who:<4} {rate:>10,.0f} msg/s", file=sys.stderr)
 
-    results = {k: summary(v) for k, v in {**runs, **consume_runs}.items()}
-    ratio = [s / n for s, n in zip(runs["sdk batched"], runs["nats-py pipelined"])]
-    ratio_p = [s / n for s, n in zip(runs["sdk pipelined"], runs["nats-py pipelined"])]
-    ratio_a = [s / n for s, n in zip(runs["sdk awaited"], runs["nats-py awaited"])]
-    results["ratio sdk batched / nats-py pipelined"] = summary(ratio)
-    results["ratio sdk pipelined / nats-py pipelined"] = summary(ratio_p)
-    results["ratio sdk awaited / nats-py awaited"] = summary(ratio_a)
+    results = {k: summary(v) for k, v in runs.items()}
+
+    def ratio(name: str, top: str, bottom: str) -> None:
+        if top in runs and bottom in runs:
+            results[name] = summary([x / y for x, y in zip(runs[top], runs[bottom])])
+
+    ratio("ratio sdk awaited / nats-py awaited", "sdk awaited", "nats-py awaited")
+    ratio("ratio sdk batched / core publish_wire", "sdk batched", "core publish_wire")
+    ratio("ratio sdk batched / core publish_batch", "sdk batched", "core publish_batch")
+    ratio("ratio sdk batched / nats-py pipelined", "sdk batched", "nats-py pipelined")
+    ratio("ratio sdk pipelined / nats-py pipelined", "sdk pipelined", "nats-py pipelined")
+    for broker in ("nats", "embedded"):
+        for tag in ("no dedupe", "dedupe"):
+            ratio(
+                f"ratio consume {broker}, {tag}: sdk / core",
+                f"consume {broker}, {tag}, sdk",
+                f"consume {broker}, {tag}, core",
+            )
+    load_end = os.getloadavg()[0]
+    print(f"1-minute load average at the end: {load_end:.2f}", file=sys.stderr)
     if a.json:
-        print(json.dumps({"args": vars(a), "results": results, "rounds": {**runs, **consume_runs}}, indent=2))
+        print(json.dumps({"args": vars(a), "load": [load_start, load_end], "results": results, "rounds": runs}, indent=2))
     else:
-        print(f"{'':<42} {'best':>10} {'median':>10} {'worst':>10}")
+        print(f"{'':<48} {'best':>10} {'median':>10} {'worst':>10}")
         for k, s in results.items():
             fmt = "{:>10.2f}" if k.startswith("ratio") else "{:>10,.0f}"
-            print(f"{k:<42} " + " ".join(fmt.format(s[x]) for x in ("best", "median", "worst")))
+            print(f"{k:<48} " + " ".join(fmt.format(s[x]) for x in ("best", "median", "worst")))
     return 0
 
 

@@ -2,6 +2,7 @@
 //! Every method that talks to the log or a broker returns an asyncio awaitable; the Rust side
 //! runs on the tokio runtime of `pyo3-async-runtimes` without the GIL.
 
+use crate::completer::{Completer, Future, Shared, Value};
 use crate::consumer::{self, ConsumerOptions, NativeConsumer};
 use crate::errors::{OrRaise, new_err};
 use crate::message::{PyStored, Receipt};
@@ -11,10 +12,12 @@ use ampybus::{Bus, Domain, Envelope, ErrorKind, Headers, Topic, TopicPattern};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
+use tokio::sync::mpsc;
 
 /// Connects to the bus at `url` (see the README's URL forms); an awaitable of [`NativeBus`].
 #[pyfunction]
@@ -24,6 +27,8 @@ pub fn connect(py: Python<'_>, url: String, observability: bool) -> PyResult<Bou
         let bus = Bus::connect(&url).await.or_raise()?;
         Ok(NativeBus {
             bus: bus.with_observability(observability),
+            publisher: OnceLock::new(),
+            coalesced: Arc::default(),
         })
     })
 }
@@ -32,19 +37,171 @@ pub fn connect(py: Python<'_>, url: String, observability: bool) -> PyResult<Bou
 #[pyclass(module = "ampybus._native", frozen)]
 pub struct NativeBus {
     bus: Bus,
+    /// The queue of the publisher task (started by the first `publish`).
+    publisher: OnceLock<mpsc::UnboundedSender<PublishReq>>,
+    /// What the publisher task did: messages taken, largest batch.
+    coalesced: Arc<PublisherStats>,
 }
 
-/// Headers from a Python `dict` of strings, with a `message_id` filled in when absent (so the
-/// receipt can name it).
-fn headers_from(map: HashMap<String, String>) -> Headers {
-    let mut h = Headers::new();
-    for (k, v) in map {
-        h.set(k, v);
+/// Counts of a bus's publisher task (for the tests: did concurrent publishes coalesce?).
+#[derive(Default)]
+struct PublisherStats {
+    sent: AtomicU64,
+    largest: AtomicU64,
+}
+
+/// Headers from a Python `dict` of strings, laid over `base` when given.
+fn headers_from_dict(d: &Bound<'_, PyDict>, base: Option<&Headers>) -> PyResult<Headers> {
+    let mut h = base.cloned().unwrap_or_default();
+    for (k, v) in d.iter() {
+        let k = k.cast_into::<PyString>()?;
+        let v = v.cast_into::<PyString>()?;
+        h.set(&*k.to_cow()?, v.to_cow()?);
     }
-    if h.message_id().is_none() {
-        h.set(names::MESSAGE_ID, ampybus::ids::new_message_id());
+    Ok(h)
+}
+
+/// The handler of `_bench_consume`: counts, notes the first and the `n`-th call.
+struct CountingHandler {
+    n: u64,
+    seen: AtomicU64,
+    first: OnceLock<std::time::Instant>,
+    last: OnceLock<std::time::Instant>,
+    done: tokio::sync::Notify,
+}
+
+/// [`CountingHandler`] shared with the benchmark that reads it.
+struct SharedHandler(Arc<CountingHandler>);
+
+#[async_trait::async_trait]
+impl ampybus::runtime::Handler for SharedHandler {
+    async fn handle(&self, _msg: &ampybus::runtime::Message) -> ampybus::runtime::Outcome {
+        let c = &self.0;
+        let k = c.seen.fetch_add(1, Ordering::Relaxed) + 1;
+        if k == 1 {
+            let _ = c.first.set(std::time::Instant::now());
+        }
+        if k == c.n {
+            let _ = c.last.set(std::time::Instant::now());
+            c.done.notify_one();
+        }
+        ampybus::runtime::Outcome::Ok
     }
-    h
+}
+
+/// One `bus.publish` on its way to the publisher task.
+struct PublishReq {
+    topic: String,
+    headers: Headers,
+    payload: Bytes,
+    fut: Future,
+    done: Arc<Shared>,
+}
+
+/// Most messages the publisher task sends as one batch.
+const MAX_COALESCED: usize = 1024;
+
+/// The publisher task of a bus: publishes whatever accumulated in its queue as one batch, in
+/// order, one batch at a time.
+async fn run_publisher(
+    bus: Bus,
+    mut rx: mpsc::UnboundedReceiver<PublishReq>,
+    stats: Arc<PublisherStats>,
+) {
+    let mut buf = Vec::with_capacity(MAX_COALESCED);
+    while rx.recv_many(&mut buf, MAX_COALESCED).await > 0 {
+        let n = buf.len() as u64;
+        stats.sent.fetch_add(n, Ordering::Relaxed);
+        stats.largest.fetch_max(n, Ordering::Relaxed);
+        publish_coalesced(&bus, &mut buf).await;
+    }
+}
+
+/// `message N: ` as the core prefixes a batch member's error, removed (the caller published
+/// one message).
+fn unprefixed(e: &ampybus::Error) -> ampybus::Error {
+    let m = e.message();
+    let rest = m
+        .strip_prefix("message ")
+        .and_then(|r| r.split_once(": "))
+        .filter(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        .map_or(m, |(_, r)| r);
+    ampybus::Error::new(e.kind(), rest.to_owned())
+}
+
+/// Publishes the requests in `reqs` (emptied) as one batch and resolves each one's future.
+async fn publish_coalesced(bus: &Bus, reqs: &mut Vec<PublishReq>) {
+    let mut envs = Vec::with_capacity(reqs.len());
+    let mut waiting = Vec::with_capacity(reqs.len());
+    let mut failed = Vec::new();
+    let mut last: Option<Topic> = None;
+    // A lone message needs no separate check: the core's error is its own.
+    let alone = reqs.len() == 1;
+    for mut r in reqs.drain(..) {
+        // Each message is checked here, on its own: an invalid one fails only its caller.
+        let checked = if alone {
+            Ok(())
+        } else {
+            let topic = match last.take() {
+                Some(t) if t.as_str() == r.topic => Ok(t),
+                _ => Topic::parse(&r.topic),
+            };
+            topic.and_then(|t| {
+                r.headers.fill_publish_defaults();
+                r.headers.validate_for_publish(&t)?;
+                last = Some(t);
+                Ok(())
+            })
+        };
+        match checked {
+            Ok(()) => {
+                if alone {
+                    // Filled here (the core would fill it) so that the receipt can name it.
+                    r.headers.fill_publish_defaults();
+                }
+                let message_id = r.headers.message_id().unwrap_or_default().to_owned();
+                envs.push(Envelope {
+                    topic: r.topic,
+                    headers: r.headers,
+                    payload: r.payload,
+                });
+                waiting.push((r.fut, r.done, message_id));
+            }
+            Err(e) => failed.push((r.fut, r.done, e)),
+        }
+    }
+    for (fut, done, e) in failed {
+        done.push(fut, Value::Error(e));
+    }
+    if envs.is_empty() {
+        return;
+    }
+    let out = bus.publish_batch_outcomes(envs).await;
+    let mut results = Vec::with_capacity(waiting.len());
+    for ((fut, done, message_id), o) in waiting.into_iter().zip(out.outcomes) {
+        let value = match (o.receipt(), &out.error) {
+            (Some(r), _) => Value::Receipt(Receipt {
+                message_id,
+                sequence: r.sequence,
+                duplicate: r.duplicate,
+            }),
+            (None, Some(e)) => Value::Error(unprefixed(e)),
+            (None, None) => Value::Error(ampybus::Error::new(
+                ErrorKind::Transport,
+                "publish: the transport returned no receipt",
+            )),
+        };
+        results.push((done, fut, value));
+    }
+    // One push (at most one wake-up) per run of the same event loop.
+    let mut it = results.into_iter().peekable();
+    while let Some((done, fut, value)) = it.next() {
+        let mut run = vec![(fut, value)];
+        while let Some((_, f, v)) = it.next_if(|(d, _, _)| Arc::ptr_eq(d, &done)) {
+            run.push((f, v));
+        }
+        done.push_many(run);
+    }
 }
 
 fn parse_time(what: &str, v: &str) -> PyResult<DateTime<Utc>> {
@@ -165,82 +322,264 @@ impl NativeBus {
         self.bus.transport().name().to_owned()
     }
 
-    /// Publishes one message; an awaitable of [`Receipt`], done once the log or broker
-    /// confirmed it.
-    fn publish<'py>(
+    /// Publishes one message: `fut` (an asyncio future of `completer`'s loop) gets its
+    /// [`Receipt`] once the log or broker confirmed it, or the exception.
+    ///
+    /// The message joins the bus's publisher queue: a tokio task drains it and publishes
+    /// whatever accumulated as one batch (concurrent publishes coalesce); each message is
+    /// checked on its own, so an invalid one fails only its own future. Messages are sent in
+    /// the order of the calls.
+    fn publish(
         &self,
-        py: Python<'py>,
         topic: String,
-        payload: &Bound<'py, PyBytes>,
-        headers: HashMap<String, String>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        let payload = Bytes::copy_from_slice(payload.as_bytes());
-        let headers = headers_from(headers);
-        let bus = self.bus.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            let topic = Topic::parse(&topic).or_raise()?;
-            let message_id = headers.message_id().unwrap_or_default().to_owned();
-            let r = bus.publish(&topic, headers, payload).await.or_raise()?;
-            Ok(Receipt {
-                message_id,
-                sequence: r.sequence,
-                duplicate: r.duplicate,
-            })
-        })
+        payload: &Bound<'_, PyBytes>,
+        headers: &Bound<'_, PyDict>,
+        fut: Py<PyAny>,
+        completer: &Bound<'_, Completer>,
+    ) -> PyResult<()> {
+        let req = PublishReq {
+            topic,
+            headers: headers_from_dict(headers, None)?,
+            payload: Bytes::copy_from_slice(payload.as_bytes()),
+            fut,
+            done: completer.get().shared(),
+        };
+        let tx = self.publisher.get_or_init(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            pyo3_async_runtimes::tokio::get_runtime().spawn(run_publisher(
+                self.bus.clone(),
+                rx,
+                self.coalesced.clone(),
+            ));
+            tx
+        });
+        if let Err(mpsc::error::SendError(req)) = tx.send(req) {
+            let e = ampybus::Error::new(ErrorKind::Closed, "publish: the publisher task stopped");
+            req.done.push(req.fut, Value::Error(e));
+        }
+        Ok(())
     }
 
-    /// Publishes `items` — `(topic, payload: bytes, headers: dict)` tuples, each dict laid over
-    /// `common` — as one batch; every message is validated before any is sent.
-    fn publish_batch<'py>(
+    /// Publishes `items` as one batch; every message is validated before any is sent. Each
+    /// item is a tuple in `ampybus.Outgoing`'s field order — `(topic, payload: bytes,
+    /// partition_key[, dedupe_key[, schema_fqdn[, headers: dict]]])`, `None` for absent — laid
+    /// over `common`; `schema_fqdn` defaults to `default_schema`. `fut` gets the list of
+    /// [`Receipt`]s, or the exception.
+    fn publish_batch(
         &self,
-        py: Python<'py>,
-        items: &Bound<'py, PyList>,
-        common: HashMap<String, String>,
-    ) -> PyResult<Bound<'py, PyAny>> {
+        items: &Bound<'_, PyList>,
+        common: &Bound<'_, PyDict>,
+        default_schema: &str,
+        fut: Py<PyAny>,
+        completer: &Bound<'_, Completer>,
+    ) -> PyResult<()> {
+        let common = headers_from_dict(common, None)?;
         let mut batch = Vec::with_capacity(items.len());
+        // Consecutive items usually share their topic and schema objects: read each once.
+        let mut topic: Option<(Bound<'_, PyAny>, String)> = None;
+        let mut schema: Option<(Bound<'_, PyAny>, String)> = None;
         for (i, item) in items.iter().enumerate() {
-            let t = item.cast::<PyTuple>().map_err(|_| {
+            let at = |e: PyErr| {
                 pyo3::exceptions::PyTypeError::new_err(format!(
-                    "publish_batch: message {i}: expected a (topic, payload, headers) tuple"
+                    "publish_batch: message {i}: expected (topic: str, payload: bytes, partition_key: str, dedupe_key, schema_fqdn, headers) ({e})"
                 ))
-            })?;
-            let topic: String = t.get_item(0)?.extract()?;
-            let payload = Bytes::copy_from_slice(t.get_item(1)?.cast::<PyBytes>()?.as_bytes());
-            let mut h = Headers::new();
-            for (k, v) in &common {
-                h.set(k.clone(), v.clone());
+            };
+            let t = item.cast::<PyTuple>().map_err(|e| at(e.into()))?;
+            if t.len() < 3 {
+                return Err(at(pyo3::exceptions::PyValueError::new_err("too short")));
             }
-            let own = t.get_item(2)?;
-            if !own.is_none() {
-                for (k, v) in own.cast::<PyDict>()?.iter() {
-                    h.set(k.extract::<String>()?, v.extract::<String>()?);
+            let field = |k: usize| -> PyResult<Option<Bound<'_, PyAny>>> {
+                if k >= t.len() {
+                    return Ok(None);
+                }
+                let v = t.get_item(k)?;
+                Ok((!v.is_none()).then_some(v))
+            };
+            let topic_obj = t.get_item(0)?;
+            let topic_str = match &topic {
+                Some((o, s)) if o.is(&topic_obj) => s.clone(),
+                _ => {
+                    let s = topic_obj.extract::<String>().map_err(at)?;
+                    topic = Some((topic_obj, s.clone()));
+                    s
+                }
+            };
+            let payload = Bytes::copy_from_slice(
+                t.get_item(1)?
+                    .cast::<PyBytes>()
+                    .map_err(|e| at(e.into()))?
+                    .as_bytes(),
+            );
+            let mut h = common.clone();
+            if let Some(own) = field(5)? {
+                for (k, v) in own.cast::<PyDict>().map_err(|e| at(e.into()))?.iter() {
+                    let k = k.cast_into::<PyString>().map_err(|e| at(e.into()))?;
+                    let v = v.cast_into::<PyString>().map_err(|e| at(e.into()))?;
+                    h.set(&*k.to_cow()?, v.to_cow()?);
                 }
             }
-            if h.message_id().is_none() {
-                h.set(names::MESSAGE_ID, ampybus::ids::new_message_id());
+            match field(4)? {
+                None => {
+                    h.set(names::SCHEMA_FQDN, default_schema);
+                }
+                Some(o) => {
+                    let s = match &schema {
+                        Some((prev, s)) if prev.is(&o) => s.clone(),
+                        _ => {
+                            let s = o.extract::<String>().map_err(at)?;
+                            schema = Some((o, s.clone()));
+                            s
+                        }
+                    };
+                    h.set(names::SCHEMA_FQDN, s);
+                }
+            }
+            if let Some(k) = field(2)? {
+                let k = k.cast_into::<PyString>().map_err(|e| at(e.into()))?;
+                h.set(names::PARTITION_KEY, k.to_cow()?);
+            }
+            if let Some(d) = field(3)? {
+                let d = d.cast_into::<PyString>().map_err(|e| at(e.into()))?;
+                h.set(names::DEDUPE_KEY, d.to_cow()?);
             }
             batch.push(Envelope {
-                topic,
+                topic: topic_str,
                 headers: h,
                 payload,
             });
         }
         let bus = self.bus.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        let done = completer.get().shared();
+        pyo3_async_runtimes::tokio::get_runtime().spawn(async move {
+            // Filled here (what the core would fill) so that each receipt can name its id.
             let ids: Vec<String> = batch
-                .iter()
-                .map(|e| e.headers.message_id().unwrap_or_default().to_owned())
-                .collect();
-            let receipts = bus.publish_batch(batch).await.or_raise()?;
-            Ok(ids
-                .into_iter()
-                .zip(receipts)
-                .map(|(message_id, r)| Receipt {
-                    message_id,
-                    sequence: r.sequence,
-                    duplicate: r.duplicate,
+                .iter_mut()
+                .map(|e| {
+                    e.headers.fill_publish_defaults();
+                    e.headers.message_id().unwrap_or_default().to_owned()
                 })
-                .collect::<Vec<_>>())
+                .collect();
+            let value = match bus.publish_batch(batch).await {
+                Ok(receipts) => Value::Receipts(
+                    ids.into_iter()
+                        .zip(receipts)
+                        .map(|(message_id, r)| Receipt {
+                            message_id,
+                            sequence: r.sequence,
+                            duplicate: r.duplicate,
+                        })
+                        .collect(),
+                ),
+                Err(e) => Value::Error(e),
+            };
+            done.push(fut, value);
+        });
+        Ok(())
+    }
+
+    /// Test aid (not API): `(messages taken by the publisher task, largest batch it sent)`.
+    fn _publisher_stats(&self) -> (u64, u64) {
+        (
+            self.coalesced.sent.load(Ordering::Relaxed),
+            self.coalesced.largest.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Benchmark aid (not API): publishes `n` messages like the SDK benchmark's (256-byte
+    /// payloads over 100 partition keys, the contract's headers) with the core's
+    /// `Bus::publish_wire`, `batch` per call, the envelopes prepared before the clock starts;
+    /// an awaitable of the seconds the publishes took.
+    ///
+    /// With `wire=False` it times `Bus::publish_batch` instead, of envelopes whose headers
+    /// (producer, source, schema, partition key) were built before the clock: the ids, times
+    /// and trace context are filled and everything is validated in the timed part, as for the
+    /// SDK's `publish_batch`.
+    #[pyo3(signature = (topic, n, batch=1000, payload_len=256, schema_fqdn="ampy.bars.v1.BarBatch".to_owned(), wire=true))]
+    #[allow(clippy::too_many_arguments)]
+    fn _bench_publish_wire<'py>(
+        &self,
+        py: Python<'py>,
+        topic: String,
+        n: usize,
+        batch: usize,
+        payload_len: usize,
+        schema_fqdn: String,
+        wire: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let bus = self.bus.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let topic = Topic::parse(&topic).or_raise()?;
+            let payload = Bytes::from((0..payload_len).map(|i| i as u8).collect::<Vec<u8>>());
+            let mut envs = Vec::with_capacity(n);
+            for i in 0..n {
+                let key = format!("XNAS.K{:03}", i % 100);
+                let h = Headers::for_publish(&schema_fqdn, "bench@1", "bench", &key);
+                envs.push(if wire {
+                    bus.prepare(&topic, h, payload.clone()).await.or_raise()?
+                } else {
+                    Envelope::new(&topic, h, payload.clone())
+                });
+            }
+            let t0 = std::time::Instant::now();
+            let mut it = envs.into_iter().peekable();
+            while it.peek().is_some() {
+                let chunk: Vec<Envelope> = it.by_ref().take(batch.max(1)).collect();
+                if wire {
+                    bus.publish_wire(chunk).await.or_raise()?;
+                } else {
+                    bus.publish_batch(chunk).await.or_raise()?;
+                }
+            }
+            Ok(t0.elapsed().as_secs_f64())
+        })
+    }
+
+    /// Benchmark aid (not API): the core's consumer runtime alone on `pattern` (a Rust
+    /// handler that only counts, borrowing each message), `workers` workers, until `n`
+    /// messages were handled; an awaitable of the seconds from the first handler call to the
+    /// `n`-th. Fails unless exactly `n` were handled.
+    #[pyo3(signature = (pattern, consumer, n, workers=64, dedupe=false, max_in_flight=4096))]
+    #[allow(clippy::too_many_arguments)]
+    fn _bench_consume<'py>(
+        &self,
+        py: Python<'py>,
+        pattern: String,
+        consumer: String,
+        n: u64,
+        workers: usize,
+        dedupe: bool,
+        max_in_flight: usize,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let bus = self.bus.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let pattern = TopicPattern::parse(&pattern).or_raise()?;
+            let counter = Arc::new(CountingHandler {
+                n,
+                seen: AtomicU64::new(0),
+                first: OnceLock::new(),
+                last: OnceLock::new(),
+                done: tokio::sync::Notify::new(),
+            });
+            let mut b = ampybus::Consumer::builder(bus, pattern, &consumer)
+                .handler(SharedHandler(counter.clone()))
+                .workers(workers)
+                .max_in_flight(max_in_flight);
+            if !dedupe {
+                b = b.without_dedupe();
+            }
+            let handle = b.start().await.or_raise()?;
+            counter.done.notified().await;
+            let stats = handle.shutdown(Duration::from_secs(5)).await;
+            if stats.handled_ok != n {
+                return Err(new_err(
+                    ErrorKind::Config,
+                    format!("bench: handled {} messages, not {n}", stats.handled_ok),
+                ));
+            }
+            let (Some(first), Some(last)) = (counter.first.get(), counter.last.get()) else {
+                return Err(new_err(ErrorKind::Config, "bench: no message handled"));
+            };
+            Ok(last.duration_since(*first).as_secs_f64())
         })
     }
 

@@ -1,11 +1,18 @@
 //! The consumer behind `bus.subscribe(...)` and `bus.run(...)`: the Rust runtime
-//! ([`ampybus::Consumer`]) with a handler that hands each message to Python through a bounded
-//! channel and waits for its outcome.
+//! ([`ampybus::Consumer`]) with a handler that queues each message for Python and waits for its
+//! outcome.
+//!
+//! Messages cross per batch: a runtime worker pushes its message onto the consumer's ready
+//! queue (no GIL) and, only when a Python task is parked waiting, queues a wake-up on that
+//! task's [`Completer`](crate::completer) (one wake-up per batch of pushes). Python takes
+//! everything ready in one call (`take`), one GIL acquisition per batch. Outcomes go back the
+//! same way: `ack`/`retry`/`dead_letter` append to a queue and the first of a batch wakes one
+//! tokio task that hands the whole batch to the runtime's waiting handlers.
 //!
 //! Backpressure: a runtime worker waits for the Python outcome of the message it handed over,
-//! so at most `workers` messages are with Python at once (the channel holds at most that many
-//! too); the runtime then stops fetching at `max_in_flight`. Per-key order is the runtime's: the
-//! next message of a key reaches Python only after the previous one was settled.
+//! so at most `workers` messages are with Python (queued or held) at once; the runtime then
+//! stops fetching at `max_in_flight`. Per-key order is the runtime's: the next message of a
+//! key reaches Python only after the previous one was settled.
 //!
 //! Closing: no more messages reach Python; messages Python holds unsettled may still be settled
 //! until the close timeout; then everything unsettled — queued for Python, held by Python, or in
@@ -14,89 +21,212 @@
 //! no timeout. A message garbage-collected unsettled while the subscription runs counts as a
 //! failed attempt (retry with the policy's backoff).
 
+use crate::completer::{Completer, Future, Shared, Value};
 use crate::message::PyMessage;
 use ampybus::runtime::{ConsumerHandle, ConsumerMonitor, ConsumerStats, Handler, Message, Outcome};
 use async_trait::async_trait;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
-use std::sync::{Arc, Mutex};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Notify, oneshot};
 
 /// One message on its way to Python, with the way back for its outcome.
-pub struct Pending {
+struct Pending {
     msg: Message,
     reply: oneshot::Sender<Outcome>,
+}
+
+/// A Python task parked until messages are ready.
+type Waiter = (Future, Arc<Shared>);
+
+/// What the runtime's handlers and Python share.
+pub struct Inbox {
+    state: Mutex<InboxState>,
+    /// Set by a close (from Python, or when the subscription is garbage-collected).
+    closing: AtomicBool,
+    /// Messages held by Python, unsettled.
+    held: AtomicUsize,
+    held_changed: Notify,
+    /// Outcomes given by Python, not yet handed to their handlers.
+    outcomes: Mutex<Vec<(oneshot::Sender<Outcome>, Outcome)>>,
+    outcomes_ready: Notify,
+    /// Set once the runtime was shut down: the outcome task stops.
+    finished: AtomicBool,
+}
+
+struct InboxState {
+    ready: VecDeque<Pending>,
+    /// No more messages for Python (closing, or the runtime stopped).
+    closed: bool,
+    waiters: Vec<Waiter>,
+}
+
+fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Resolves parked Python tasks' futures with `None` (one push per event loop).
+fn wake(waiters: Vec<Waiter>) {
+    let mut it = waiters.into_iter().peekable();
+    while let Some((fut, done)) = it.next() {
+        let mut run = vec![(fut, Value::Wake)];
+        while let Some((f, _)) = it.next_if(|(_, d)| Arc::ptr_eq(d, &done)) {
+            run.push((f, Value::Wake));
+        }
+        done.push_many(run);
+    }
+}
+
+impl Inbox {
+    fn new() -> Inbox {
+        Inbox {
+            state: Mutex::new(InboxState {
+                ready: VecDeque::new(),
+                closed: false,
+                waiters: Vec::new(),
+            }),
+            closing: AtomicBool::new(false),
+            held: AtomicUsize::new(0),
+            held_changed: Notify::new(),
+            outcomes: Mutex::new(Vec::new()),
+            outcomes_ready: Notify::new(),
+            finished: AtomicBool::new(false),
+        }
+    }
+
+    fn closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
+    }
+
+    /// No more messages for Python; what is queued is dropped (its handler, seeing the
+    /// closing flag, waits for the shutdown to release it), parked tasks are woken.
+    fn close(&self) {
+        let (queued, waiters) = {
+            let mut st = locked(&self.state);
+            st.closed = true;
+            (
+                std::mem::take(&mut st.ready),
+                std::mem::take(&mut st.waiters),
+            )
+        };
+        drop(queued);
+        wake(waiters);
+    }
+
+    /// Hands every outcome given so far to its handler.
+    fn flush_outcomes(&self) {
+        let batch = std::mem::take(&mut *locked(&self.outcomes));
+        for (tx, outcome) in batch {
+            // Err: the handler is gone (released by a shutdown); the message comes again.
+            let _ = tx.send(outcome);
+        }
+    }
+
+    fn unhold(&self) {
+        if self.held.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.held_changed.notify_waiters();
+        }
+    }
+
+    async fn wait_unheld(&self) {
+        loop {
+            let changed = self.held_changed.notified();
+            if self.held.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            changed.await;
+        }
+    }
+}
+
+/// Hands outcomes to the runtime in batches until the consumer is shut down.
+async fn run_outcomes(inbox: Arc<Inbox>) {
+    loop {
+        inbox.outcomes_ready.notified().await;
+        inbox.flush_outcomes();
+        if inbox.finished.load(Ordering::Acquire) {
+            return;
+        }
+    }
 }
 
 /// The way back for one message's outcome, held by the Python `Message`; counted while it
 /// lives, so that a close can wait for Python to settle what it holds.
 pub struct Ticket {
     reply: Option<oneshot::Sender<Outcome>>,
-    held: watch::Sender<usize>,
+    inbox: Arc<Inbox>,
 }
 
 impl Ticket {
-    fn new(reply: oneshot::Sender<Outcome>, held: &watch::Sender<usize>) -> Ticket {
-        held.send_modify(|n| *n += 1);
-        Ticket {
-            reply: Some(reply),
-            held: held.clone(),
-        }
-    }
-
-    /// Hands `outcome` to the runtime; `Err` when the consumer is gone (message released).
+    /// Queues `outcome` for the runtime; `Err` when the consumer is gone (message released).
     pub fn send(mut self, outcome: Outcome) -> Result<(), Outcome> {
-        match self.reply.take() {
-            Some(tx) => tx.send(outcome),
-            None => Err(outcome),
+        let Some(tx) = self.reply.take() else {
+            return Err(outcome);
+        };
+        if tx.is_closed() || self.inbox.finished.load(Ordering::Acquire) {
+            return Err(outcome);
         }
+        let first = {
+            let mut q = locked(&self.inbox.outcomes);
+            q.push((tx, outcome));
+            q.len() == 1
+        };
+        if first {
+            self.inbox.outcomes_ready.notify_one();
+        }
+        Ok(())
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        self.held.send_modify(|n| *n = n.saturating_sub(1));
+        self.inbox.unhold();
     }
 }
 
-/// The runtime handler: forwards to Python, waits for the outcome.
+/// The runtime handler: queues the message for Python, waits for the outcome.
 pub struct PyHandler {
-    tx: mpsc::Sender<Pending>,
-    closing: watch::Receiver<bool>,
+    inbox: Arc<Inbox>,
 }
 
-/// Resolves once `closing` is set (or its sender is gone).
-async fn closed(mut closing: watch::Receiver<bool>) {
-    let _ = closing.wait_for(|c| *c).await;
+impl Drop for PyHandler {
+    fn drop(&mut self) {
+        // The runtime stopped: Python's iteration ends once it took what is queued.
+        self.inbox.close();
+    }
 }
 
 #[async_trait]
 impl Handler for PyHandler {
     async fn handle(&self, msg: &Message) -> Outcome {
-        if *self.closing.borrow() {
-            // Released by the shutdown (hard stop), no attempt counted.
-            std::future::pending::<()>().await;
-        }
         let (reply, rx) = oneshot::channel();
         let pending = Pending {
             msg: msg.clone(),
             reply,
         };
-        tokio::select! {
-            biased;
-            sent = self.tx.send(pending) => {
-                if sent.is_err() {
-                    std::future::pending::<()>().await;
-                }
+        let queued = {
+            let mut st = locked(&self.inbox.state);
+            if st.closed {
+                None
+            } else {
+                st.ready.push_back(pending);
+                Some(std::mem::take(&mut st.waiters))
             }
-            _ = closed(self.closing.clone()) => std::future::pending::<()>().await,
+        };
+        match queued {
+            // Released by the shutdown (hard stop), no attempt counted.
+            None => return std::future::pending().await,
+            Some(waiters) if !waiters.is_empty() => wake(waiters),
+            Some(_) => {}
         }
         match rx.await {
             Ok(outcome) => outcome,
             // Dropped unsettled: while closing the shutdown releases it; otherwise it is a
             // failed attempt.
-            Err(_) if *self.closing.borrow() => std::future::pending().await,
+            Err(_) if self.inbox.closing() => std::future::pending().await,
             Err(_) => {
                 tracing::warn!(
                     message_id = msg.headers.message_id().unwrap_or("-"),
@@ -129,11 +259,9 @@ pub async fn start(
     o: ConsumerOptions,
 ) -> ampybus::Result<NativeConsumer> {
     let workers = o.workers.max(1);
-    let (tx, rx) = mpsc::channel(workers);
-    let (closing_tx, closing_rx) = watch::channel(false);
+    let inbox = Arc::new(Inbox::new());
     let handler = PyHandler {
-        tx,
-        closing: closing_rx,
+        inbox: inbox.clone(),
     };
     let mut b = ampybus::Consumer::builder(bus, pattern, &name)
         .handler(handler)
@@ -157,13 +285,12 @@ pub async fn start(
         b = b.max_payload_bytes(n);
     }
     let handle = b.start().await?;
+    tokio::spawn(run_outcomes(inbox.clone()));
     Ok(NativeConsumer {
         monitor: handle.monitor(),
         name,
-        rx: Arc::new(tokio::sync::Mutex::new(rx)),
-        closing: closing_tx,
-        held: watch::channel(0).0,
-        handle: Mutex::new(Some(handle)),
+        inbox,
+        handle: std::sync::Mutex::new(Some(handle)),
     })
 }
 
@@ -172,11 +299,8 @@ pub async fn start(
 pub struct NativeConsumer {
     monitor: ConsumerMonitor,
     name: String,
-    rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Pending>>>,
-    closing: watch::Sender<bool>,
-    /// Messages held by Python, unsettled.
-    held: watch::Sender<usize>,
-    handle: Mutex<Option<ConsumerHandle>>,
+    inbox: Arc<Inbox>,
+    handle: std::sync::Mutex<Option<ConsumerHandle>>,
 }
 
 /// How long the runtime's shutdown lets handlers whose outcome Python gave finish before the
@@ -187,19 +311,18 @@ const FINISH_GRACE: Duration = Duration::from_millis(50);
 /// shuts the runtime down (the unsettled rest is released).
 async fn close_consumer(
     handle: Option<ConsumerHandle>,
-    rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Pending>>>,
-    mut held: watch::Receiver<usize>,
+    inbox: Arc<Inbox>,
     timeout: Duration,
 ) -> Option<ConsumerStats> {
-    {
-        // Messages still queued for Python: their handlers see the closing flag.
-        let mut rx = rx.lock().await;
-        rx.close();
-        while rx.try_recv().is_ok() {}
-    }
+    inbox.close();
     let handle = handle?;
-    let _ = tokio::time::timeout(timeout, held.wait_for(|n| *n == 0)).await;
-    Some(handle.shutdown(FINISH_GRACE).await)
+    let _ = tokio::time::timeout(timeout, inbox.wait_unheld()).await;
+    inbox.flush_outcomes();
+    let stats = handle.shutdown(FINISH_GRACE).await;
+    inbox.finished.store(true, Ordering::Release);
+    inbox.flush_outcomes();
+    inbox.outcomes_ready.notify_one();
+    Some(stats)
 }
 
 fn stats_dict<'py>(py: Python<'py>, s: &ConsumerStats) -> PyResult<Bound<'py, PyDict>> {
@@ -232,8 +355,8 @@ impl<'py> IntoPyObject<'py> for Stats {
 
 impl NativeConsumer {
     fn begin_close(&self) -> Option<ConsumerHandle> {
-        let _ = self.closing.send(true);
-        self.handle.lock().unwrap_or_else(|p| p.into_inner()).take()
+        self.inbox.closing.store(true, Ordering::Release);
+        locked(&self.handle).take()
     }
 }
 
@@ -247,50 +370,40 @@ impl NativeConsumer {
 
     /// Up to `max` messages that are ready now, without waiting (an empty list when none).
     fn take(&self, max: usize) -> Vec<PyMessage> {
-        let mut out = Vec::new();
-        if *self.closing.borrow() {
-            return out;
-        }
-        if let Ok(mut rx) = self.rx.try_lock() {
-            while out.len() < max {
-                match rx.try_recv() {
-                    Ok(p) => out.push(PyMessage::new(p.msg, Ticket::new(p.reply, &self.held))),
-                    Err(_) => break,
-                }
+        let batch: Vec<Pending> = {
+            let mut st = locked(&self.inbox.state);
+            if st.closed || self.inbox.closing() {
+                return Vec::new();
             }
-        }
-        out
+            let n = st.ready.len().min(max);
+            st.ready.drain(..n).collect()
+        };
+        self.inbox.held.fetch_add(batch.len(), Ordering::AcqRel);
+        batch
+            .into_iter()
+            .map(|p| {
+                let ticket = Ticket {
+                    reply: Some(p.reply),
+                    inbox: self.inbox.clone(),
+                };
+                PyMessage::new(p.msg, ticket)
+            })
+            .collect()
     }
 
-    /// Waits for at least one message and returns up to `max`; `None` once closed.
-    fn wait<'py>(&self, py: Python<'py>, max: usize) -> PyResult<Bound<'py, PyAny>> {
-        let rx = self.rx.clone();
-        let closing = self.closing.subscribe();
-        let held = self.held.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            if *closing.borrow() {
-                return Ok(None);
-            }
-            let mut rx = tokio::select! {
-                rx = rx.lock() => rx,
-                _ = closed(closing.clone()) => return Ok(None),
-            };
-            let first = tokio::select! {
-                p = rx.recv() => p,
-                _ = closed(closing) => None,
-            };
-            let Some(first) = first else {
-                return Ok(None);
-            };
-            let mut out = vec![PyMessage::new(first.msg, Ticket::new(first.reply, &held))];
-            while out.len() < max.max(1) {
-                match rx.try_recv() {
-                    Ok(p) => out.push(PyMessage::new(p.msg, Ticket::new(p.reply, &held))),
-                    Err(_) => break,
-                }
-            }
-            Ok(Some(out))
-        })
+    /// Parks the calling task until messages are ready: `1` when `fut` (a future of
+    /// `completer`'s loop) will be resolved with `None` then (or at close), `0` when messages
+    /// are ready already (take them), `-1` when closed (no more messages).
+    fn arm(&self, fut: Future, completer: &Bound<'_, Completer>) -> i32 {
+        let mut st = locked(&self.inbox.state);
+        if st.closed || self.inbox.closing() {
+            -1
+        } else if !st.ready.is_empty() {
+            0
+        } else {
+            st.waiters.push((fut, completer.get().shared()));
+            1
+        }
     }
 
     /// Current counts (`handled_ok`, `retried`, `dead_lettered` by code, …).
@@ -301,13 +414,13 @@ impl NativeConsumer {
     /// True while the consumer runs (not closing or closed).
     #[getter]
     fn running(&self) -> bool {
-        !*self.closing.borrow() && !self.monitor.is_draining()
+        !self.inbox.closing() && !self.monitor.is_draining()
     }
 
     /// Number of messages Python holds unsettled.
     #[getter]
     fn held(&self) -> usize {
-        *self.held.borrow()
+        self.inbox.held.load(Ordering::Acquire)
     }
 
     /// Stops the consumer: no more messages reach Python; what Python holds may still be
@@ -321,10 +434,9 @@ impl NativeConsumer {
             0.0
         });
         let handle = self.begin_close();
-        let rx = self.rx.clone();
-        let held = self.held.subscribe();
+        let inbox = self.inbox.clone();
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            Ok(close_consumer(handle, rx, held, timeout).await.map(Stats))
+            Ok(close_consumer(handle, inbox, timeout).await.map(Stats))
         })
     }
 }
@@ -332,10 +444,9 @@ impl NativeConsumer {
 impl Drop for NativeConsumer {
     fn drop(&mut self) {
         if let Some(h) = self.begin_close() {
-            let rx = self.rx.clone();
-            let held = self.held.subscribe();
+            let inbox = self.inbox.clone();
             pyo3_async_runtimes::tokio::get_runtime().spawn(async move {
-                close_consumer(Some(h), rx, held, Duration::ZERO).await;
+                close_consumer(Some(h), inbox, Duration::ZERO).await;
             });
         }
     }

@@ -6,14 +6,17 @@
 //! DLQ, replay) and transports. The Pythonic API (`ampybus.connect`, `Bus`, `Subscription`,
 //! exceptions) is in `python/ampybus/`; this crate is what it calls.
 //!
-//! Every operation that waits on the log or a broker returns an asyncio awaitable
-//! (`pyo3_async_runtimes::tokio::future_into_py`): the Rust future runs on a tokio runtime
-//! without the GIL, and only the result is handed back to the event loop.
+//! Every operation that waits on the log or a broker is awaitable from asyncio: the Rust future
+//! runs on a tokio runtime without the GIL, and only the result is handed back to the event
+//! loop. The hot paths (publish, a consumer waiting for messages) resolve asyncio futures in
+//! batches through a per-loop completer (`completer.rs`; no GIL taken on the tokio side); the rest uses
+//! `pyo3_async_runtimes::tokio::future_into_py`.
 //!
 //! Build and test: `scripts/python-sdk.sh test` (a venv in `.venv-ampybus/`, `maturin develop`
 //! on the workspace's target dir, then pytest).
 
 mod bus;
+mod completer;
 mod consumer;
 mod errors;
 mod message;
@@ -25,6 +28,7 @@ use pyo3::prelude::*;
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(bus::connect, m)?)?;
     m.add_class::<bus::NativeBus>()?;
+    m.add_class::<completer::Completer>()?;
     m.add_class::<bus::MetricsServer>()?;
     m.add_class::<consumer::NativeConsumer>()?;
     m.add_class::<message::PyHeaders>()?;

@@ -282,8 +282,8 @@ fn decode_as<'py>(
 #[pyclass(module = "ampybus._native", name = "Message", frozen)]
 pub struct PyMessage {
     msg: Message,
-    reply: Mutex<Option<Ticket>>,
-    settled: Mutex<Option<&'static str>>,
+    /// The way back while unsettled, and how it was settled (one lock for both).
+    state: Mutex<Settle>,
     headers: PyOnceLock<Py<PyHeaders>>,
     payload: PyOnceLock<Py<PyBytes>>,
 }
@@ -293,8 +293,10 @@ impl PyMessage {
     pub fn new(msg: Message, reply: Ticket) -> PyMessage {
         PyMessage {
             msg,
-            reply: Mutex::new(Some(reply)),
-            settled: Mutex::new(None),
+            state: Mutex::new(Settle {
+                reply: Some(reply),
+                how: None,
+            }),
             headers: PyOnceLock::new(),
             payload: PyOnceLock::new(),
         }
@@ -305,19 +307,23 @@ impl PyMessage {
     }
 
     fn settle(&self, outcome: Outcome, what: &'static str) -> PyResult<Ready> {
-        let tx = self.reply.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let Some(tx) = tx else {
-            let prev = self
-                .settled
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .unwrap_or("released");
-            return Err(PyRuntimeError::new_err(format!(
-                "message {}: already settled ({prev}); settle a message once",
-                self.id()
-            )));
+        let tx = {
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            match st.reply.take() {
+                Some(tx) => {
+                    st.how = Some(what);
+                    tx
+                }
+                None => {
+                    let prev = st.how.unwrap_or("released");
+                    drop(st);
+                    return Err(PyRuntimeError::new_err(format!(
+                        "message {}: already settled ({prev}); settle a message once",
+                        self.id()
+                    )));
+                }
+            }
         };
-        *self.settled.lock().unwrap_or_else(|p| p.into_inner()) = Some(what);
         tx.send(outcome).map_err(|_| {
             ClosedError::new_err(format!(
                 "closed: message {}: the subscription stopped before it was settled; it is delivered again",
@@ -326,6 +332,12 @@ impl PyMessage {
         })?;
         Ok(Ready)
     }
+}
+
+/// A delivery's settlement: the ticket while unsettled, then how it was settled.
+struct Settle {
+    reply: Option<Ticket>,
+    how: Option<&'static str>,
 }
 
 #[pymethods]
@@ -385,7 +397,7 @@ impl PyMessage {
     /// How it was settled: `"ack"`, `"retry"`, `"dead_letter"`, or `None` while unsettled.
     #[getter]
     fn settled(&self) -> Option<&'static str> {
-        *self.settled.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).how
     }
 
     /// Done: the runtime acks it (in batches) and records it for dedupe.
@@ -417,7 +429,13 @@ impl PyMessage {
 
     /// Gives the message back unsettled (what garbage collection of an unsettled message does).
     fn _release(&self) {
-        drop(self.reply.lock().unwrap_or_else(|p| p.into_inner()).take());
+        let ticket = self
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .reply
+            .take();
+        drop(ticket);
     }
 
     /// Decodes the payload as the protobuf class `cls` (its descriptor's full name must be

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import collections.abc as _abc
 import inspect
 import logging
 import os
+import weakref
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import (
@@ -57,6 +59,39 @@ Payload = Any
 TimeLike = Union[datetime, str]
 #: A handler for :meth:`Bus.run`: sync or async, taking a :class:`ampybus.Message`.
 Handler = Callable[[Any], Union[None, Awaitable[None]]]
+
+
+#: One native completer per event loop (see :func:`_completer`).
+_completers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any]" = weakref.WeakKeyDictionary()
+#: The last ``(weakref to loop, completer)`` pair handed out: the common case is one loop.
+_last_completer: Tuple[Callable[[], Any], Any] = (lambda: None, None)
+
+
+def _completer(loop: asyncio.AbstractEventLoop) -> Any:
+    """The native completer of ``loop``: resolves futures the Rust side completes, in batches.
+
+    The Rust side queues ``(future, result)`` pairs and writes one byte to a socket pair the
+    loop watches (``add_reader``) when the queue was empty; the loop then resolves everything
+    queued in one native call. Loops that cannot watch a socket are woken with
+    ``call_soon_threadsafe`` instead.
+    """
+    global _last_completer
+    last_loop, last = _last_completer
+    if last_loop() is loop:
+        return last
+    c = _completers.get(loop)
+    if c is None:
+        c = _native.Completer()
+        fd = c.fileno()
+        try:
+            if fd < 0:
+                raise NotImplementedError
+            loop.add_reader(fd, c.drain)
+        except NotImplementedError:
+            c.use_threadsafe(loop.call_soon_threadsafe)
+        _completers[loop] = c
+    _last_completer = (weakref.ref(loop), c)
+    return c
 
 
 def _time(name: str, value: Optional[TimeLike]) -> Optional[str]:
@@ -272,11 +307,22 @@ class Subscription:
         if native is None:
             await self.start()
             native = self._native
+        # Everything ready is taken in one native call; when nothing is, park on a future
+        # the Rust side resolves when messages arrive (or at close).
         items = native.take(self._batch)
-        if not items:
-            items = await native.wait(self._batch)
-            if items is None or self._closing:
+        while not items:
+            loop = asyncio.get_running_loop()
+            fut = loop.create_future()
+            state = native.arm(fut, _completer(loop))
+            if state < 0:
                 raise StopAsyncIteration
+            if state > 0:
+                await fut
+            if self._closing:
+                raise StopAsyncIteration
+            if buf:  # another task took a batch meanwhile
+                return buf.popleft()
+            items = native.take(self._batch)
         buf.extend(items)
         return buf.popleft()
 
@@ -457,7 +503,10 @@ class Bus:
             dedupe_key=dedupe_key,
             headers=headers,
         )
-        return await self._native.publish(topic, data, h)
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._native.publish(topic, data, h, fut, _completer(loop))
+        return await fut
 
     async def publish_batch(
         self,
@@ -484,21 +533,31 @@ class Bus:
                 ("source", source if source is not None else self.source),
             ),
         )
-        items: List[Tuple[str, bytes, Optional[Dict[str, str]]]] = []
+        # Each item reaches Rust in Outgoing's field order; an Outgoing (or plain tuple) with
+        # a bytes payload and no own headers goes as it is (Rust reads its fields), anything
+        # else is normalised here first.
+        items: List[Tuple[Any, ...]] = []
         for i, m in enumerate(messages):
+            kind = type(m)
+            if (kind is Outgoing or kind is tuple) and 3 <= len(m) <= 6 and type(m[1]) is bytes:
+                if len(m) < 6 or m[5] is None:
+                    items.append(m)
+                    continue
             where = f"publish_batch: message {i}"
-            if isinstance(m, Mapping):
+            if isinstance(m, _abc.Mapping):
                 m = Outgoing(**m)
             elif not isinstance(m, Outgoing):
                 m = Outgoing(*m)
             data, fqdn = _encode(m.payload, m.schema_fqdn or schema_fqdn, where)
-            own: Dict[str, str] = {"schema_fqdn": fqdn, "partition_key": m.partition_key}
-            if m.dedupe_key is not None:
-                own["dedupe_key"] = m.dedupe_key
+            own = None
             if m.headers:
-                own = _merge(where, m.headers, tuple(own.items()))
-            items.append((m.topic, data, own))
-        return list(await self._native.publish_batch(items, common))
+                named = (("schema_fqdn", fqdn), ("partition_key", m.partition_key), ("dedupe_key", m.dedupe_key))
+                own = _merge(where, m.headers, named)
+            items.append((m.topic, data, m.partition_key, m.dedupe_key, fqdn, own))
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._native.publish_batch(items, common, schema_fqdn or RAW_BYTES_SCHEMA, fut, _completer(loop))
+        return list(await fut)
 
     def subscribe(
         self,

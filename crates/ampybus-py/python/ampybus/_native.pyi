@@ -4,8 +4,9 @@ Import ``ampybus`` instead; ``Message``, ``Headers``, ``StoredMessage`` and ``Re
 re-exported there.
 """
 
+import asyncio
 from datetime import datetime
-from typing import Any, Awaitable, Dict, Iterator, List, Mapping, Optional, Tuple, Type, TypeVar
+from typing import Any, Awaitable, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Type, TypeVar
 
 __version__: str
 RAW_BYTES_SCHEMA: str
@@ -136,6 +137,17 @@ class MetricsServer:
     def address(self) -> str: ...
     def close(self) -> Awaitable[None]: ...
 
+class Completer:
+    """Resolves asyncio futures of one event loop in batches (made by ``ampybus._bus``)."""
+
+    def __init__(self) -> None: ...
+    def fileno(self) -> int:
+        """The fd the loop watches (``add_reader(fd, drain)``); -1 when there is none."""
+    def use_threadsafe(self, call_soon: Callable[[Callable[[], Any]], Any]) -> None:
+        """Wake the loop with ``call_soon(drain)`` (``call_soon_threadsafe``) instead."""
+    def drain(self) -> int:
+        """Resolves every queued future; returns how many were queued."""
+
 class NativeConsumer:
     @property
     def name(self) -> str: ...
@@ -144,7 +156,8 @@ class NativeConsumer:
     @property
     def held(self) -> int: ...
     def take(self, max: int) -> List[Message]: ...
-    def wait(self, max: int) -> Awaitable[Optional[List[Message]]]: ...
+    def arm(self, fut: "asyncio.Future[None]", completer: Completer) -> int:
+        """1: ``fut`` resolves when messages are ready (or at close); 0: ready now; -1: closed."""
     def stats(self) -> Dict[str, Any]: ...
     def close(self, timeout: float = 5.0) -> Awaitable[Optional[Dict[str, Any]]]: ...
 
@@ -153,10 +166,41 @@ class NativeBus:
     def url(self) -> str: ...
     @property
     def transport(self) -> str: ...
-    def publish(self, topic: str, payload: bytes, headers: Dict[str, str]) -> Awaitable[Receipt]: ...
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        headers: Dict[str, str],
+        fut: "asyncio.Future[Receipt]",
+        completer: Completer,
+    ) -> None: ...
     def publish_batch(
-        self, items: List[Tuple[str, bytes, Optional[Dict[str, str]]]], common: Dict[str, str]
-    ) -> Awaitable[List[Receipt]]: ...
+        self,
+        items: List[Tuple[Any, ...]],
+        common: Dict[str, str],
+        default_schema: str,
+        fut: "asyncio.Future[List[Receipt]]",
+        completer: Completer,
+    ) -> None: ...
+    def _publisher_stats(self) -> Tuple[int, int]: ...
+    def _bench_consume(
+        self,
+        pattern: str,
+        consumer: str,
+        n: int,
+        workers: int = 64,
+        dedupe: bool = False,
+        max_in_flight: int = 4096,
+    ) -> Awaitable[float]: ...
+    def _bench_publish_wire(
+        self,
+        topic: str,
+        n: int,
+        batch: int = 1000,
+        payload_len: int = 256,
+        schema_fqdn: str = ...,
+        wire: bool = True,
+    ) -> Awaitable[float]: ...
     def subscribe(self, pattern: str, consumer: str, **options: Any) -> Awaitable[NativeConsumer]: ...
     def request_replay(
         self,

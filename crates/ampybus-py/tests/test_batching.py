@@ -1,0 +1,178 @@
+"""Batching under the API: concurrent publishes coalesced in Rust, messages taken per batch.
+
+Each test runs on the embedded log and on NATS JetStream and asserts exact counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta, timezone
+from typing import Dict, List
+
+import ampybus
+from conftest import collect, token, until, within
+
+
+async def test_concurrent_publishes_coalesce(url: str, bus_factory) -> None:
+    bus = await bus_factory(url)
+    t = token()
+    topic = f"ampy.dev.news.v1.{t}"
+    keys = [f"k{k}" for k in range(5)]
+    n = 300
+    # All calls are queued before the first one can complete: they coalesce into batches.
+    receipts = await within(
+        asyncio.gather(
+            *(bus.publish(topic, f"{keys[i % 5]}:{i}".encode(), partition_key=keys[i % 5]) for i in range(n))
+        )
+    )
+    assert len(receipts) == n
+    assert len({r.message_id for r in receipts}) == n
+    assert len({r.sequence for r in receipts}) == n
+    assert not any(r.duplicate for r in receipts)
+    sent, largest = bus._native._publisher_stats()
+    assert sent == n and largest > 1, (sent, largest)
+
+    # Stored in call order: per key, the consumer sees them in the order they were called.
+    sub = bus.subscribe(topic, consumer=f"coal-{t}", workers=8)
+    got = await collect(sub, n)
+    seen: Dict[str, List[int]] = {k: [] for k in keys}
+    for m in got:
+        key, i = m.payload.decode().split(":")
+        assert key == m.partition_key
+        seen[key].append(int(i))
+    assert seen == {k: list(range(j, n, 5)) for j, k in enumerate(keys)}
+    assert {m.message_id for m in got} == {r.message_id for r in receipts}
+    stats = await sub.close()
+    assert stats is not None and stats.handled_ok == n and stats.skipped_duplicates == 0
+
+
+async def test_invalid_publish_fails_alone(url: str, bus_factory) -> None:
+    bus = await bus_factory(url)
+    t = token()
+    topic = f"ampy.dev.news.v1.{t}"
+    calls = [bus.publish(topic, b"ok%d" % i, partition_key=f"k{i % 3}") for i in range(40)]
+    calls.insert(10, bus.publish("ampy.dev.news.v1.Bad Topic", b"bad", partition_key="k0"))
+    calls.insert(25, bus.publish(topic, b"bad", partition_key="k0", headers={"message_id": "not-a-uuid"}))
+    out = await within(asyncio.gather(*calls, return_exceptions=True))
+    assert isinstance(out[10], ampybus.TopicError), out[10]
+    assert isinstance(out[25], ampybus.HeaderError), out[25]
+    assert "message_id" in str(out[25]) and not str(out[25]).startswith("invalid header: message ")
+    good = [r for i, r in enumerate(out) if i not in (10, 25)]
+    assert all(isinstance(r, ampybus.Receipt) for r in good), good
+    assert len({r.message_id for r in good}) == 40
+
+    sub = bus.subscribe(topic, consumer=f"inv-{t}")
+    got = await collect(sub, 40)
+    assert sorted(m.payload for m in got) == sorted(b"ok%d" % i for i in range(40))
+    # Nothing else was stored: the next message is one published now.
+    await bus.publish(topic, b"sentinel", partition_key="k0")
+    (last,) = await collect(sub, 1)
+    assert last.payload == b"sentinel"
+    stats = await sub.close()
+    assert stats is not None and stats.handled_ok == 41
+
+
+async def test_batched_delivery_order_and_counts(url: str, bus_factory) -> None:
+    bus = await bus_factory(url)
+    t = token()
+    topic = f"ampy.dev.news.v1.{t}"
+    keys = [f"key{k}" for k in range(20)]
+    batch = [ampybus.Outgoing(topic, f"{k}:{i}".encode(), k) for i in range(30) for k in keys]
+    assert len(await bus.publish_batch(batch)) == 600
+    sub = bus.subscribe(topic, consumer=f"batch-{t}", workers=16)
+    got = await collect(sub, 600)
+    seen: Dict[str, List[int]] = {k: [] for k in keys}
+    for m in got:
+        key, i = m.payload.decode().split(":")
+        seen[key].append(int(i))
+    assert seen == {k: list(range(30)) for k in keys}
+    assert len({m.message_id for m in got}) == 600
+    stats = await sub.close()
+    assert stats is not None
+    assert (stats.handled_ok, stats.retried, stats.dead_lettered_total, stats.skipped_duplicates) == (600, 0, 0, 0)
+
+
+async def test_mixed_outcomes_in_one_batch(url: str, bus_factory) -> None:
+    """Ack, retry and dead-letter settled side by side keep their own semantics."""
+    bus = await bus_factory(url)
+    t = token()
+    topic = f"ampy.dev.news.v1.{t}"
+    since = datetime.now(timezone.utc) - timedelta(seconds=1)
+    await bus.publish_batch([(topic, b"m%02d" % i, f"k{i}") for i in range(30)])
+    sub = bus.subscribe(topic, consumer=f"mixed-{t}", workers=30, min_delay=0.01, max_delay=0.05)
+    deliveries: Dict[bytes, int] = {}
+
+    async def run() -> None:
+        settled = 0
+        async for m in sub:
+            deliveries[m.payload] = deliveries.get(m.payload, 0) + 1
+            i = int(m.payload[1:])
+            if i % 3 == 1 and deliveries[m.payload] == 1:
+                await m.retry(0.0)
+            elif i % 3 == 2:
+                await m.dead_letter("bad price")
+                settled += 1
+            else:
+                await m.ack()
+                settled += 1
+            if settled == 30:
+                return
+
+    await within(run())
+    stats = await sub.close()
+    assert stats is not None
+    assert stats.handled_ok == 20 and stats.retried == 10
+    assert stats.dead_lettered == {"handler_error": 10}
+    assert {p: c for p, c in deliveries.items() if c > 1} == {b"m%02d" % i: 2 for i in range(30) if i % 3 == 1}
+
+    async def dead() -> List[ampybus.StoredMessage]:
+        rows = await bus.dlq.inspect("ampy.dev.dlq.v1.news", since=since)
+        mine = [m for m in rows if m.original_topic == topic]
+        return mine if len(mine) >= 10 else []
+
+    rows = await until(dead)
+    assert sorted(m.payload for m in rows) == [b"m%02d" % i for i in range(30) if i % 3 == 2]
+    assert {m.dlq_reason for m in rows} == {"handler_error: bad price"}
+
+
+async def test_publish_batch_item_forms(embedded_url: str, bus_factory) -> None:
+    """Every item form reaches the log with the same headers: Outgoing, tuples, dicts."""
+    bus = await bus_factory(embedded_url)
+    t = token()
+    topic = f"ampy.dev.news.v1.{t}"
+    items = [
+        ampybus.Outgoing(topic, b"a", "k1"),
+        (topic, b"b", "k2", "dk-b"),
+        (topic, bytearray(b"c"), "k3", None, "ampy.news.v1.Custom"),
+        ampybus.Outgoing(topic, b"d", "k4", headers={"x_extra": "1"}),
+        {"topic": topic, "payload": b"e", "partition_key": "k5", "dedupe_key": "dk-e"},
+    ]
+    receipts = await bus.publish_batch(items, headers={"x_common": t})
+    assert len({r.message_id for r in receipts}) == 5
+    got = {m.payload: m for m in await bus.read(topic)}
+    assert sorted(got) == [b"a", b"b", b"c", b"d", b"e"]
+    assert [got[p].headers.partition_key for p in sorted(got)] == ["k1", "k2", "k3", "k4", "k5"]
+    assert got[b"b"].headers.dedupe_key == "dk-b" and got[b"e"].headers.dedupe_key == "dk-e"
+    assert got[b"a"].headers.dedupe_key is None
+    assert got[b"c"].headers.schema_fqdn == "ampy.news.v1.Custom"
+    assert got[b"a"].headers.schema_fqdn == ampybus.RAW_BYTES_SCHEMA
+    assert got[b"d"].headers["x_extra"] == "1" and "x_extra" not in got[b"a"].headers
+    assert {got[p].headers["x_common"] for p in got} == {t}
+    assert {got[p].headers.producer for p in got} == {"pytest@1"}
+
+    # A clash between a keyword field and the item's own headers names the message.
+    bad = [ampybus.Outgoing(topic, b"x", "k1"), ampybus.Outgoing(topic, b"y", "k1", headers={"partition_key": "k9"})]
+    try:
+        await bus.publish_batch(bad)
+    except ampybus.HeaderError as e:
+        assert "partition_key" in str(e)
+    else:
+        raise AssertionError("a clashing partition_key must fail")
+    # An invalid message fails the batch with its index; nothing is sent.
+    try:
+        await bus.publish_batch([(topic, b"x", "k1"), (topic, b"y", "bad key with spaces")])
+    except ampybus.HeaderError as e:
+        assert "message 1" in str(e)
+    else:
+        raise AssertionError("an invalid partition_key must fail")
+    assert len(await bus.read(topic)) == 5
