@@ -232,11 +232,6 @@ impl Inner {
 
     /// Keeps a buffer whose bytes are known to be UTF-8; the span covers all of it.
     fn store_bytes(&mut self, b: Bytes) -> Span {
-        if self.extra.len() >= MAX_EXTRA {
-            // Values overwritten again and again leave their old bytes behind: copy what is
-            // live into one buffer, so a map set in a loop stays bounded.
-            self.rebuild();
-        }
         let len = b.len() as u32;
         let buf = if self.base.is_empty() && self.extra.is_empty() {
             self.base = b;
@@ -246,6 +241,16 @@ impl Inner {
             (self.extra.len() + 2) as u16
         };
         Span { buf, start: 0, len }
+    }
+
+    /// Values overwritten again and again leave their old bytes behind: once `extra` holds
+    /// [`MAX_EXTRA`] buffers, copies what is live into one buffer, so a map set in a loop
+    /// stays bounded. Called only where no span is held outside the map (at the start of an
+    /// operation that stores), since it moves every value.
+    fn tidy(&mut self) {
+        if self.extra.len() >= MAX_EXTRA {
+            self.rebuild();
+        }
     }
 
     /// Copies every live value into one new `base` and empties the arena and `extra`.
@@ -473,6 +478,13 @@ impl Headers {
         self.inner.get_or_insert_with(|| Box::new(Inner::new()))
     }
 
+    /// [`Headers::m`] for an operation that is about to store values: tidies first.
+    fn m_store(&mut self) -> &mut Inner {
+        let inner = self.m();
+        inner.tidy();
+        inner
+    }
+
     /// A known header's value by slot.
     #[inline]
     fn slot(&self, i: usize) -> Option<&str> {
@@ -535,7 +547,7 @@ impl Headers {
                     .unwrap_or_else(TraceIds::new_root),
             )
         };
-        let h = self.m();
+        let h = self.m_store();
         if !h.known[K_SCHEMA_VERSION].is_some() {
             let v = h.store("1.0.0");
             h.put(K_SCHEMA_VERSION, v);
@@ -660,7 +672,7 @@ impl Headers {
     }
 
     fn put_str(&mut self, i: usize, v: &str) {
-        let h = self.m();
+        let h = self.m_store();
         let sp = h.store(v);
         h.put(i, sp);
     }
@@ -669,7 +681,7 @@ impl Headers {
     pub fn set(&mut self, name: impl AsRef<str>, value: impl AsRef<str>) -> Option<String> {
         let name = name.as_ref();
         let prev = self.get(name).map(str::to_owned);
-        let h = self.m();
+        let h = self.m_store();
         let v = h.store(value.as_ref());
         match known_index(name) {
             Some(i) => h.put(i, v),
@@ -757,7 +769,7 @@ impl Headers {
     /// ```
     pub fn insert_bytes(&mut self, name: &str, value: Bytes) -> Result<()> {
         std::str::from_utf8(&value).map_err(|_| Error::header(name, "value is not valid UTF-8"))?;
-        let h = self.m();
+        let h = self.m_store();
         let v = h.store_bytes(value);
         match known_index(name) {
             Some(i) => h.put(i, v),
@@ -2198,7 +2210,7 @@ mod tests {
             h.set(DEDUPE_KEY, format!("{long}{i}"));
             h.set("x-note", format!("note {i}"));
             let inner = h.inner.as_deref().unwrap();
-            assert!(inner.extra.len() <= MAX_EXTRA, "{}", inner.extra.len());
+            assert!(inner.extra.len() <= MAX_EXTRA + 2, "{}", inner.extra.len());
         }
         assert_eq!(h.dedupe_key(), Some(format!("{long}9999").as_str()));
         assert_eq!(h.get("x-note"), Some("note 9999"));
@@ -2266,5 +2278,36 @@ mod tests {
         ] {
             assert_eq!(check_text(PRODUCER, v).is_ok(), ok, "{v:?}");
         }
+    }
+
+    #[test]
+    fn many_new_large_headers_keep_every_value() {
+        // A value stored before its new name was (the fuzzer's case): no value may be moved
+        // while the map is being written.
+        let mut h = Headers::new();
+        let value = |i: usize| format!("{i:03}{}", "x".repeat(120));
+        for i in 0..200 {
+            h.set(format!("x-h{i:03}"), value(i));
+            h.set(MESSAGE_ID, value(i));
+        }
+        for i in 0..200 {
+            assert_eq!(h.get(&format!("x-h{i:03}")), Some(value(i).as_str()), "{i}");
+        }
+        assert_eq!(h.message_id(), Some(value(199).as_str()));
+        assert_eq!(h.len(), 201);
+        let from_map: Headers = (0..200).map(|i| (format!("x-h{i:03}"), value(i))).collect();
+        assert_eq!(from_map.len(), 200);
+        assert_eq!(
+            from_map
+                .iter()
+                .filter(|(k, v)| *v == value(k[3..].parse().unwrap()))
+                .count(),
+            200
+        );
+        let mut more = from_map.clone();
+        more.insert_bytes("x-last", Bytes::from(value(7))).unwrap();
+        more.fill_publish_defaults();
+        assert_eq!(more.get("x-h150"), Some(value(150).as_str()));
+        assert_eq!(more.get("x-last"), Some(value(7).as_str()));
     }
 }
