@@ -26,34 +26,18 @@ use ampybus::transport::{PublishReceipt, SubscribeSpec, Subscription, Transport}
 use ampybus::{Bus, Envelope, Error, ErrorKind, Headers, Result, Topic};
 use async_trait::async_trait;
 use bytes::Bytes;
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 #[path = "common/wire.rs"]
 mod wire;
 
-/// Counts every allocation of the process.
-struct Counting;
-
-static ALLOCS: AtomicU64 = AtomicU64::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
+#[path = "common/alloc.rs"]
+mod alloc;
+use alloc::ALLOCS;
 
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: alloc::Counting = alloc::Counting;
 
 /// A transport that encodes every envelope it is handed into its wire form and counts it
 /// (messages and bytes); the encoded bytes are then dropped.

@@ -553,29 +553,27 @@ impl Bus {
         headers: Headers,
         payload: impl Into<Bytes>,
     ) -> Result<PublishReceipt> {
-        let (env, span) = self
-            .prepare_traced(topic, topic.as_str().to_owned(), headers, payload.into())
-            .await;
-        let r = match env {
-            Ok(env) => self.send(vec![env]).await.and_then(|mut r| {
-                r.pop().ok_or_else(|| {
-                    Error::new(crate::ErrorKind::Transport, "transport returned no receipt")
-                })
-            }),
-            Err(e) => Err(e),
-        };
-        if let Some(span) = span {
-            span.end(r.as_ref().err());
-        }
-        r
+        self.publish_one(topic, topic.as_str().to_owned(), headers, payload.into())
+            .await
     }
 
     /// Publishes an envelope whose payload is raw (not yet encoded).
     pub async fn publish_envelope(&self, env: Envelope) -> Result<PublishReceipt> {
         let topic = env.topic()?;
-        let (env, span) = self
-            .prepare_traced(&topic, env.topic, env.headers, env.payload)
-            .await;
+        self.publish_one(&topic, env.topic, env.headers, env.payload)
+            .await
+    }
+
+    /// One message through prepare, send and its span (`raw` is the topic's text, moved into
+    /// the envelope).
+    async fn publish_one(
+        &self,
+        topic: &Topic,
+        raw: String,
+        headers: Headers,
+        payload: Bytes,
+    ) -> Result<PublishReceipt> {
+        let (env, span) = self.prepare_traced(topic, raw, headers, payload).await;
         let r = match env {
             Ok(env) => self.send(vec![env]).await.and_then(|mut r| {
                 r.pop().ok_or_else(|| {

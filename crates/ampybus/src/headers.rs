@@ -283,6 +283,20 @@ impl Inner {
         self.ext = ext;
     }
 
+    /// Makes `v` the value of `name` (a known slot, or an extension header added in order).
+    fn link(&mut self, name: &str, v: Span) {
+        match known_index(name) {
+            Some(i) => self.put(i, v),
+            None => match self.ext_position(name) {
+                Ok(i) => self.ext[i].1 = v,
+                Err(i) => {
+                    let n = self.store(name);
+                    self.ext.insert(i, (n, v));
+                }
+            },
+        }
+    }
+
     /// Stores a known header's span and parses what the typed core holds.
     fn put(&mut self, i: usize, v: Span) {
         let text = self.str(v);
@@ -683,16 +697,7 @@ impl Headers {
         let prev = self.get(name).map(str::to_owned);
         let h = self.m_store();
         let v = h.store(value.as_ref());
-        match known_index(name) {
-            Some(i) => h.put(i, v),
-            None => match h.ext_position(name) {
-                Ok(i) => h.ext[i].1 = v,
-                Err(i) => {
-                    let n = h.store(name);
-                    h.ext.insert(i, (n, v));
-                }
-            },
-        }
+        h.link(name, v);
         prev
     }
 
@@ -771,16 +776,7 @@ impl Headers {
         std::str::from_utf8(&value).map_err(|_| Error::header(name, "value is not valid UTF-8"))?;
         let h = self.m_store();
         let v = h.store_bytes(value);
-        match known_index(name) {
-            Some(i) => h.put(i, v),
-            None => match h.ext_position(name) {
-                Ok(i) => h.ext[i].1 = v,
-                Err(i) => {
-                    let n = h.store(name);
-                    h.ext.insert(i, (n, v));
-                }
-            },
-        }
+        h.link(name, v);
         Ok(())
     }
 
