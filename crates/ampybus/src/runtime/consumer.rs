@@ -658,6 +658,11 @@ impl ConsumerMonitor {
 }
 
 impl Shared {
+    /// The acker was told to flush and stop.
+    fn acks_closing(&self) -> bool {
+        self.acks.lock().unwrap_or_else(|p| p.into_inner()).closing
+    }
+
     fn stats(&self) -> ConsumerStats {
         let c = &self.counters;
         let mut dead_lettered = BTreeMap::new();
@@ -1502,11 +1507,7 @@ async fn run_acker(shared: Arc<Shared>) {
     let mut handle_dropped = false;
     let mut spare: Vec<DKey> = Vec::new();
     loop {
-        let closing = shared
-            .acks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .closing;
+        let closing = shared.acks_closing();
         if !closing {
             tokio::select! {
                 biased;
@@ -1518,11 +1519,7 @@ async fn run_acker(shared: Arc<Shared>) {
                 }
             }
         }
-        let closing = shared
-            .acks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .closing;
+        let closing = shared.acks_closing();
         if !closing {
             tokio::time::sleep(ACK_LINGER).await;
         }
