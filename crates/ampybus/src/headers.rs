@@ -444,7 +444,7 @@ fn known_index(name: &str) -> Option<usize> {
 }
 
 /// A UUID written lowercase and hyphenated, as its 16 bytes.
-fn canonical_uuid(s: &str) -> Option<[u8; 16]> {
+pub(crate) fn canonical_uuid(s: &str) -> Option<[u8; 16]> {
     let b = s.as_bytes();
     if b.len() != 36 || b[8] != b'-' || b[13] != b'-' || b[18] != b'-' || b[23] != b'-' {
         return None;

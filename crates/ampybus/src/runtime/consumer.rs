@@ -778,26 +778,7 @@ impl DKey {
 /// The 128 bits of a UUID in canonical form (lowercase, hyphenated) — the form
 /// `normalize_for_consume` leaves `message_id` in; `None` for any other text.
 fn canonical_uuid(s: &str) -> Option<u128> {
-    let b = s.as_bytes();
-    if b.len() != 36 {
-        return None;
-    }
-    let mut v: u128 = 0;
-    for (i, &c) in b.iter().enumerate() {
-        if matches!(i, 8 | 13 | 18 | 23) {
-            if c != b'-' {
-                return None;
-            }
-            continue;
-        }
-        let d = match c {
-            b'0'..=b'9' => c - b'0',
-            b'a'..=b'f' => c - b'a' + 10,
-            _ => return None,
-        };
-        v = (v << 4) | u128::from(d);
-    }
-    Some(v)
+    crate::headers::canonical_uuid(s).map(u128::from_be_bytes)
 }
 
 /// Writes the text of a key into `buf` (for ids) and returns it.
