@@ -19,6 +19,15 @@
 //!   and then every minute (a handle that only reads never deletes); every pass that deletes
 //!   logs its counts at `info`.
 
+#[allow(dead_code)]
+pub(crate) mod format;
+#[allow(dead_code)]
+pub(crate) mod group;
+#[allow(dead_code)]
+pub(crate) mod log;
+#[allow(dead_code)]
+pub(crate) mod shared;
+
 use super::{
     Delivery, DeliveryInfo, PublishReceipt, ReplayByTime, Settler, StartAt, StoredMessage,
     SubscribeSpec, Subscription, Transport, WindowQuery, decode_headers, encode_headers,

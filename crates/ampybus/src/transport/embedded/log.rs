@@ -1,0 +1,750 @@
+//! The domain logs: appending (one writer at a time per data directory, group commit inside a
+//! process), recovery after a crash, and reading.
+//!
+//! Order of a commit: take `writer.lock`; read the shared committed ends (another process may
+//! have appended since, and a writer killed mid-commit may have left bytes past the end: they
+//! were never acknowledged and are cut off); write one BATCH frame and its records per domain;
+//! `fdatasync` (with `sync=full`); publish the new ends; release the lock; acknowledge. Readers
+//! read only up to the published end, so they never see a half-written commit.
+
+use super::format::{
+    self, Damage, Rec, SEG_HEADER, SegState, Step, batch_body, check_seg_header, put_frame,
+    put_varint, seg_header,
+};
+use super::shared::{DomainEnd, FileLock, MAX_DOMAINS, Shared, Snapshot, io_error, sync_dir};
+use crate::error::{Error, ErrorKind, Result};
+use crate::topic::Domain;
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// A segment is closed and a new one started once it passes this size.
+pub(crate) const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+/// Bytes read from a segment at a time.
+const CHUNK: usize = 1024 * 1024;
+
+/// Index of a domain in the shared page.
+pub(crate) fn domain_index(d: Domain) -> usize {
+    Domain::ALL.iter().position(|x| *x == d).unwrap_or(0)
+}
+
+/// The directory of a domain's log.
+pub(crate) fn domain_dir(data: &Path, d: Domain) -> PathBuf {
+    data.join("log").join(d.as_str())
+}
+
+/// Path of the segment starting at `first`.
+pub(crate) fn seg_path(dir: &Path, first: u64) -> PathBuf {
+    dir.join(format!("{first:020}.seg"))
+}
+
+/// The segments of a domain directory, by first sequence.
+pub(crate) fn segments(dir: &Path) -> Result<Vec<u64>> {
+    let rd = match std::fs::read_dir(dir) {
+        Ok(r) => r,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_error(dir, "listing segments", e)),
+    };
+    let mut out = Vec::new();
+    for ent in rd {
+        let ent = ent.map_err(|e| io_error(dir, "listing segments", e))?;
+        let name = ent.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(n) = name.strip_suffix(".seg")
+            && let Ok(v) = n.parse::<u64>()
+        {
+            out.push(v);
+        }
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+/// The error for damage found in `path`.
+pub(crate) fn damaged(path: &Path, d: &Damage) -> Error {
+    Error::new(
+        ErrorKind::Transport,
+        format!(
+            "embedded log {}: damaged at byte {}: {}; the messages from there on cannot be read (restore the file, or move it away to accept the loss)",
+            path.display(),
+            d.offset,
+            d.what
+        ),
+    )
+}
+
+/// One message to append.
+pub(crate) struct NewRec {
+    pub domain: usize,
+    pub topic: Arc<str>,
+    pub key_hash: u32,
+    /// Compact headers followed by the payload.
+    pub headers: Vec<u8>,
+    pub payload: Bytes,
+}
+
+/// A scan of a whole segment file.
+struct Scanned {
+    /// Offset after the last complete batch.
+    good_end: u64,
+    state: SegState,
+    last_us: i64,
+}
+
+/// Reads `path` (a segment) from its start to `limit` (or its end), checking every frame.
+/// `torn_ok`: a bad or incomplete frame with nothing valid after it is a torn tail (the scan
+/// ends before it); otherwise, or when valid batches follow it, it is damage.
+fn scan_file(path: &Path, limit: Option<u64>, torn_ok: bool) -> Result<Scanned> {
+    let data = std::fs::read(path).map_err(|e| io_error(path, "reading a segment", e))?;
+    let data = match limit {
+        Some(l) if (l as usize) < data.len() => data[..l as usize].to_vec(),
+        _ => data,
+    };
+    if check_seg_header(&data).is_none() {
+        if torn_ok && data.len() < SEG_HEADER {
+            return Ok(Scanned {
+                good_end: 0,
+                state: SegState::default(),
+                last_us: 0,
+            });
+        }
+        return Err(damaged(
+            path,
+            &Damage {
+                offset: 0,
+                what: "not a segment file (bad header)".into(),
+            },
+        ));
+    }
+    let shared = Bytes::from(data);
+    let buf = &shared[..];
+    let mut st = SegState::default();
+    let mut at = SEG_HEADER;
+    let mut good = (SEG_HEADER, st.clone(), 0i64);
+    let mut last_us;
+    loop {
+        let (step, next) = st.step(buf, &shared, at);
+        match step {
+            Step::Rec(r) => {
+                last_us = r.log_us;
+                if st.at_boundary() {
+                    good = (next, st.clone(), last_us);
+                }
+            }
+            Step::Meta => {}
+            Step::Incomplete if at == buf.len() && st.at_boundary() => break,
+            Step::Incomplete | Step::Damage(_) => {
+                let what = match step {
+                    Step::Damage(w) => w,
+                    _ => "frame runs past the end of the file",
+                };
+                if torn_ok && format::later_batch(buf, at, st.last_seq).is_none() {
+                    tracing::warn!(
+                        file = %path.display(),
+                        offset = good.0,
+                        "embedded log: cutting a torn tail (an unacknowledged commit) at byte {}",
+                        good.0
+                    );
+                    break;
+                }
+                return Err(damaged(
+                    path,
+                    &Damage {
+                        offset: at as u64,
+                        what: what.into(),
+                    },
+                ));
+            }
+        }
+        at = next;
+    }
+    Ok(Scanned {
+        good_end: good.0 as u64,
+        state: good.1,
+        last_us: good.2,
+    })
+}
+
+/// Rebuilds the shared state from the files (first open after a reboot or ever). Caller holds
+/// the writer lock. Torn tails are cut; damage fails naming the file and offset.
+pub(crate) fn recover(data: &Path, shared: &Shared) -> Result<Snapshot> {
+    let mut snap = Snapshot::default();
+    let mut max_seq = 0u64;
+    for d in Domain::ALL {
+        let i = domain_index(*d);
+        let dir = domain_dir(data, *d);
+        let mut segs = segments(&dir)?;
+        let floor = read_floor(&dir)?;
+        while let Some(&last) = segs.last() {
+            let path = seg_path(&dir, last);
+            let sc = scan_file(&path, None, true)?;
+            if sc.state.last_seq == 0 {
+                // Created by a writer that never committed to it.
+                std::fs::remove_file(&path).map_err(|e| io_error(&path, "removing an empty segment", e))?;
+                sync_dir(&dir)?;
+                segs.pop();
+                continue;
+            }
+            let f = OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map_err(|e| io_error(&path, "opening a segment", e))?;
+            let len = f.metadata().map_err(|e| io_error(&path, "reading a segment", e))?.len();
+            if len > sc.good_end {
+                f.set_len(sc.good_end).map_err(|e| io_error(&path, "cutting a torn tail", e))?;
+                f.sync_all().map_err(|e| io_error(&path, "syncing a segment", e))?;
+            }
+            snap.domains[i] = DomainEnd {
+                seg_first: last,
+                end: sc.good_end,
+                last_seq: sc.state.last_seq,
+                floor,
+            };
+            max_seq = max_seq.max(sc.state.last_seq);
+            snap.last_us = snap.last_us.max(sc.last_us);
+            break;
+        }
+        if segs.is_empty() {
+            snap.domains[i].floor = floor;
+        }
+    }
+    snap.next_seq = max_seq + 1;
+    shared.publish(&snap);
+    Ok(snap)
+}
+
+/// The retention floor of a domain (messages below it are deleted), from `floor`.
+pub(crate) fn read_floor(dir: &Path) -> Result<u64> {
+    let p = dir.join("floor");
+    match std::fs::read(&p) {
+        Ok(b) if b.len() == 12 && format::crc(&[&b[..8]]) == u32::from_le_bytes([b[8], b[9], b[10], b[11]]) => {
+            Ok(u64::from_le_bytes(b[..8].try_into().unwrap_or([0; 8])))
+        }
+        Ok(_) => Err(damaged(
+            &p,
+            &Damage {
+                offset: 0,
+                what: "retention floor file damaged".into(),
+            },
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(io_error(&p, "reading the retention floor", e)),
+    }
+}
+
+/// Writes a domain's retention floor durably (temp file, fsync, rename).
+pub(crate) fn write_floor(dir: &Path, floor: u64) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| io_error(dir, "creating the domain directory", e))?;
+    let mut b = floor.to_le_bytes().to_vec();
+    b.extend_from_slice(&format::crc(&[&b[..8]]).to_le_bytes());
+    let tmp = dir.join("floor.tmp");
+    let p = dir.join("floor");
+    std::fs::write(&tmp, &b).map_err(|e| io_error(&tmp, "writing the retention floor", e))?;
+    File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io_error(&tmp, "syncing the retention floor", e))?;
+    std::fs::rename(&tmp, &p).map_err(|e| io_error(&p, "writing the retention floor", e))?;
+    sync_dir(dir)
+}
+
+/// The open segment of one domain as this writer knows it.
+struct Appender {
+    seg_first: u64,
+    path: PathBuf,
+    file: File,
+    end: u64,
+    dict: HashMap<Arc<str>, u16>,
+}
+
+impl Appender {
+    /// Opens segment `first` of `dir` and reads its dictionary up to `end`.
+    fn open(dir: &Path, first: u64, end: u64) -> Result<Appender> {
+        let path = seg_path(dir, first);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| io_error(&path, "opening a segment", e))?;
+        let mut a = Appender {
+            seg_first: first,
+            path,
+            file,
+            end: SEG_HEADER as u64,
+            dict: HashMap::new(),
+        };
+        a.catch_up(end)?;
+        Ok(a)
+    }
+
+    /// Reads the topics another process added between our end and `end`.
+    fn catch_up(&mut self, end: u64) -> Result<()> {
+        if end <= self.end {
+            return Ok(());
+        }
+        let mut buf = vec![0u8; (end - self.end) as usize];
+        self.file
+            .read_exact_at(&mut buf, self.end)
+            .map_err(|e| io_error(&self.path, "reading a segment", e))?;
+        let mut at = 0;
+        while at < buf.len() {
+            match format::frame_at(&buf, at) {
+                format::Frame::Ok { kind, body, next } => {
+                    if kind == format::KIND_TOPIC {
+                        let b = &buf[body.0..body.1];
+                        if b.len() >= 2
+                            && let Ok(t) = std::str::from_utf8(&b[2..])
+                        {
+                            self.dict.insert(Arc::from(t), u16::from_le_bytes([b[0], b[1]]));
+                        }
+                    }
+                    at = next;
+                }
+                _ => {
+                    return Err(damaged(
+                        &self.path,
+                        &Damage {
+                            offset: self.end + at as u64,
+                            what: "bad frame inside the committed part".into(),
+                        },
+                    ));
+                }
+            }
+        }
+        self.end = end;
+        Ok(())
+    }
+}
+
+/// The appending side of a data directory (one per handle, used by its writer thread).
+pub(crate) struct LogWriter {
+    data: PathBuf,
+    shared: Arc<Shared>,
+    lock: FileLock,
+    lock_path: PathBuf,
+    pub sync_full: bool,
+    open: Vec<Option<Appender>>,
+    buf: Vec<u8>,
+}
+
+/// Microseconds since the epoch.
+pub(crate) fn now_us() -> i64 {
+    chrono::Utc::now().timestamp_micros()
+}
+
+impl LogWriter {
+    pub fn new(data: &Path, shared: Arc<Shared>, sync_full: bool) -> Result<LogWriter> {
+        let lock_path = data.join("writer.lock");
+        let lock = FileLock::lock(&lock_path, true)?;
+        lock.unlock();
+        Ok(LogWriter {
+            data: data.to_path_buf(),
+            shared,
+            lock,
+            lock_path,
+            sync_full,
+            open: (0..MAX_DOMAINS).map(|_| None).collect(),
+            buf: Vec::with_capacity(1 << 20),
+        })
+    }
+
+    /// Runs `f` holding the writer lock, with the current committed state (recovered first
+    /// when the shared page is not of this boot).
+    pub fn locked<T>(&mut self, f: impl FnOnce(&mut LogWriter, Snapshot) -> Result<T>) -> Result<T> {
+        self.lock.relock(&self.lock_path, true)?;
+        let snap = if self.shared.is_current() {
+            Ok(self.shared.snapshot())
+        } else {
+            for a in &mut self.open {
+                *a = None;
+            }
+            recover(&self.data, &self.shared)
+        };
+        let out = snap.and_then(|s| f(self, s));
+        self.lock.unlock();
+        out
+    }
+
+    /// Brings the appender of domain `d` in line with the committed state `e`.
+    fn sync_appender(&mut self, d: usize, e: &DomainEnd) -> Result<()> {
+        let dir = domain_dir(&self.data, Domain::ALL[d]);
+        if e.seg_first == 0 {
+            self.open[d] = None;
+            return Ok(());
+        }
+        let reopen = !matches!(&self.open[d], Some(a) if a.seg_first == e.seg_first && a.end <= e.end);
+        if reopen {
+            self.open[d] = Some(Appender::open(&dir, e.seg_first, e.end)?);
+        }
+        let a = self.open[d].as_mut().expect("opened above");
+        a.catch_up(e.end)?;
+        let len = a
+            .file
+            .metadata()
+            .map_err(|er| io_error(&a.path, "reading a segment", er))?
+            .len();
+        if len > e.end {
+            // A writer was killed during a commit it never acknowledged.
+            a.file
+                .set_len(e.end)
+                .map_err(|er| io_error(&a.path, "cutting an unacknowledged commit", er))?;
+        }
+        Ok(())
+    }
+
+    /// Starts a new segment for domain `d` whose first sequence is `first`.
+    fn roll(&mut self, d: usize, first: u64) -> Result<()> {
+        let dir = domain_dir(&self.data, Domain::ALL[d]);
+        std::fs::create_dir_all(&dir).map_err(|e| io_error(&dir, "creating the domain directory", e))?;
+        if let Some(old) = &self.open[d] {
+            old.file
+                .sync_data()
+                .map_err(|e| io_error(&old.path, "syncing a closed segment", e))?;
+        }
+        let path = seg_path(&dir, first);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(|e| io_error(&path, "creating a segment", e))?;
+        file.write_all_at(&seg_header(first), 0)
+            .map_err(|e| io_error(&path, "writing a segment header", e))?;
+        file.sync_all().map_err(|e| io_error(&path, "syncing a new segment", e))?;
+        sync_dir(&dir)?;
+        self.open[d] = Some(Appender {
+            seg_first: first,
+            path,
+            file,
+            end: SEG_HEADER as u64,
+            dict: HashMap::new(),
+        });
+        Ok(())
+    }
+
+    /// Appends `recs` as one commit; returns the sequence of each, in order.
+    pub fn append(&mut self, recs: &[NewRec]) -> Result<Vec<u64>> {
+        if recs.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.locked(|w, snap| w.append_locked(recs, snap))
+    }
+
+    fn append_locked(&mut self, recs: &[NewRec], mut snap: Snapshot) -> Result<Vec<u64>> {
+        let mut by_domain: [Vec<usize>; MAX_DOMAINS] = Default::default();
+        for (i, r) in recs.iter().enumerate() {
+            by_domain[r.domain].push(i);
+        }
+        let mut seqs = vec![0u64; recs.len()];
+        let mut next = snap.next_seq.max(1);
+        let log_us = now_us().max(snap.last_us);
+        let mut touched: Vec<(usize, u64)> = Vec::new(); // (domain, end before)
+        let result = (|| -> Result<()> {
+            for d in 0..MAX_DOMAINS {
+                let idx = &by_domain[d];
+                if idx.is_empty() {
+                    continue;
+                }
+                let e = snap.domains[d];
+                self.sync_appender(d, &e)?;
+                let first = next;
+                let need_roll = match &self.open[d] {
+                    None => true,
+                    Some(a) => a.end >= SEGMENT_BYTES || a.dict.len() + idx.len() > u16::MAX as usize,
+                };
+                if need_roll {
+                    self.roll(d, first)?;
+                }
+                let mut buf = std::mem::take(&mut self.buf);
+                buf.clear();
+                let a = self.open[d].as_mut().expect("rolled above");
+                put_frame(
+                    &mut buf,
+                    format::KIND_BATCH,
+                    &[&batch_body(first, idx.len() as u32, log_us, e.last_seq)],
+                );
+                let mut len = Vec::with_capacity(5);
+                for &i in idx {
+                    let r = &recs[i];
+                    let tid = match a.dict.get(&r.topic) {
+                        Some(t) => *t,
+                        None => {
+                            let t = a.dict.len() as u16;
+                            put_frame(&mut buf, format::KIND_TOPIC, &[&t.to_le_bytes(), r.topic.as_bytes()]);
+                            a.dict.insert(r.topic.clone(), t);
+                            t
+                        }
+                    };
+                    len.clear();
+                    put_varint(&mut len, r.headers.len() as u64);
+                    let body = 6 + len.len() + r.headers.len() + r.payload.len();
+                    if body > format::MAX_BODY {
+                        return Err(Error::new(
+                            ErrorKind::Payload,
+                            format!("embedded log: a message of {body} bytes is over the 256 MiB record limit"),
+                        ));
+                    }
+                    put_frame(
+                        &mut buf,
+                        format::KIND_RECORD,
+                        &[&r.key_hash.to_le_bytes(), &tid.to_le_bytes(), &len, &r.headers, &r.payload],
+                    );
+                    seqs[i] = next;
+                    next += 1;
+                }
+                touched.push((d, a.end));
+                let w = a.file.write_all_at(&buf, a.end);
+                self.buf = buf;
+                let a = self.open[d].as_mut().expect("rolled above");
+                w.map_err(|e| io_error(&a.path, "appending", e))?;
+                a.end += self.buf.len() as u64;
+                snap.domains[d].seg_first = a.seg_first;
+                snap.domains[d].end = a.end;
+                snap.domains[d].last_seq = next - 1;
+            }
+            if self.sync_full {
+                for (d, _) in &touched {
+                    let a = self.open[*d].as_ref().expect("written above");
+                    a.file.sync_data().map_err(|e| io_error(&a.path, "syncing", e))?;
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            // Nothing of this commit was published: cut what was written, forget the
+            // appenders (their dictionaries may name cut topics).
+            for (d, end) in touched {
+                if let Some(a) = self.open[d].take() {
+                    let _ = a.file.set_len(end);
+                }
+            }
+            for (d, idx) in by_domain.iter().enumerate() {
+                if !idx.is_empty() {
+                    self.open[d] = None;
+                }
+            }
+            return Err(e);
+        }
+        snap.next_seq = next;
+        snap.last_us = log_us;
+        self.shared.publish(&snap);
+        Ok(seqs)
+    }
+
+    /// The shared page.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// The data directory.
+    pub fn data(&self) -> &Path {
+        &self.data
+    }
+
+    /// Forgets every open segment (after retention removed files).
+    pub fn forget(&mut self) {
+        for a in &mut self.open {
+            *a = None;
+        }
+    }
+}
+
+/// Reads one domain's log in sequence order from a position, never past the committed end.
+pub(crate) struct DomainReader {
+    dir: PathBuf,
+    /// Index of the domain in the shared page.
+    pub d: usize,
+    seg_first: u64,
+    path: PathBuf,
+    file: Option<File>,
+    off: u64,
+    state: SegState,
+    /// Records with a sequence at or below this are skipped.
+    pub after: u64,
+    /// Last sequence returned or skipped.
+    pub pos: u64,
+}
+
+impl DomainReader {
+    /// A reader of domain `d` that returns records after sequence `after`.
+    pub fn new(data: &Path, d: usize, after: u64) -> DomainReader {
+        DomainReader {
+            dir: domain_dir(data, Domain::ALL[d]),
+            d,
+            seg_first: 0,
+            path: PathBuf::new(),
+            file: None,
+            off: 0,
+            state: SegState::default(),
+            after,
+            pos: after,
+        }
+    }
+
+    /// Opens the segment holding `after + 1` (or the next one).
+    fn open_segment(&mut self, end: &DomainEnd) -> Result<bool> {
+        let segs = segments(&self.dir)?;
+        let want = self.pos + 1;
+        let pick = if self.file.is_none() {
+            segs.iter().rev().find(|s| **s <= want).or(segs.first()).copied()
+        } else {
+            segs.iter().find(|s| **s > self.seg_first).copied()
+        };
+        let Some(first) = pick else { return Ok(false) };
+        if end.seg_first == 0 || first > end.seg_first {
+            return Ok(false);
+        }
+        let path = seg_path(&self.dir, first);
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            // Removed by retention meanwhile: list again.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.file = None;
+                return Ok(false);
+            }
+            Err(e) => return Err(io_error(&path, "opening a segment", e)),
+        };
+        let mut h = [0u8; SEG_HEADER];
+        file.read_exact_at(&mut h, 0)
+            .map_err(|e| io_error(&path, "reading a segment header", e))?;
+        if check_seg_header(&h) != Some(first) {
+            return Err(damaged(
+                &path,
+                &Damage {
+                    offset: 0,
+                    what: "segment header does not match its name".into(),
+                },
+            ));
+        }
+        let last_seq = self.state.last_seq;
+        self.state = SegState {
+            last_seq: if self.file.is_some() { last_seq } else { 0 },
+            ..SegState::default()
+        };
+        self.seg_first = first;
+        self.path = path;
+        self.file = Some(file);
+        self.off = SEG_HEADER as u64;
+        Ok(true)
+    }
+
+    /// Appends to `out` up to `max` records after the position, reading at most about
+    /// `budget` bytes; returns false when nothing more is committed now.
+    pub fn read(&mut self, end: &DomainEnd, out: &mut Vec<Rec>, max: usize) -> Result<bool> {
+        if end.last_seq <= self.pos {
+            return Ok(false);
+        }
+        let start_len = out.len();
+        loop {
+            if self.file.is_none() && !self.open_segment(end)? {
+                return Ok(out.len() > start_len);
+            }
+            let sealed = self.seg_first < end.seg_first;
+            let limit = if sealed {
+                self.file
+                    .as_ref()
+                    .expect("open")
+                    .metadata()
+                    .map_err(|e| io_error(&self.path, "reading a segment", e))?
+                    .len()
+            } else {
+                end.end
+            };
+            if self.off >= limit {
+                if !self.state.at_boundary() {
+                    return Err(damaged(
+                        &self.path,
+                        &Damage {
+                            offset: self.off,
+                            what: "segment ends inside a batch".into(),
+                        },
+                    ));
+                }
+                if sealed {
+                    let next = self.open_segment(end)?;
+                    if !next {
+                        return Ok(out.len() > start_len);
+                    }
+                    continue;
+                }
+                return Ok(out.len() > start_len);
+            }
+            if out.len() - start_len >= max {
+                return Ok(true);
+            }
+            let want = (limit - self.off).min(CHUNK as u64) as usize;
+            let mut buf = vec![0u8; want];
+            self.file
+                .as_ref()
+                .expect("open")
+                .read_exact_at(&mut buf, self.off)
+                .map_err(|e| io_error(&self.path, "reading a segment", e))?;
+            // A frame longer than the chunk: read it whole.
+            if let format::Frame::Incomplete = format::frame_at(&buf, 0)
+                && buf.len() >= format::FRAME_HEAD
+            {
+                let word = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
+                let need = format::FRAME_HEAD + (word & 0x0FFF_FFFF) as usize;
+                if (need as u64) <= limit - self.off && need > buf.len() {
+                    buf = vec![0u8; need];
+                    self.file
+                        .as_ref()
+                        .expect("open")
+                        .read_exact_at(&mut buf, self.off)
+                        .map_err(|e| io_error(&self.path, "reading a segment", e))?;
+                }
+            }
+            let shared = Bytes::from(buf);
+            let buf = &shared[..];
+            let mut at = 0usize;
+            loop {
+                if out.len() - start_len >= max && self.state.at_boundary() {
+                    break;
+                }
+                let (step, next) = self.state.step(buf, &shared, at);
+                match step {
+                    Step::Rec(r) => {
+                        if r.seq > self.pos {
+                            self.pos = r.seq;
+                            if r.seq > self.after && r.seq >= end.floor {
+                                out.push(r);
+                            }
+                        }
+                    }
+                    Step::Meta => {}
+                    Step::Incomplete => {
+                        if at == 0 {
+                            return Err(damaged(
+                                &self.path,
+                                &Damage {
+                                    offset: self.off,
+                                    what: "frame runs past the committed end".into(),
+                                },
+                            ));
+                        }
+                        break;
+                    }
+                    Step::Damage(what) => {
+                        return Err(damaged(
+                            &self.path,
+                            &Damage {
+                                offset: self.off + at as u64,
+                                what: what.into(),
+                            },
+                        ));
+                    }
+                }
+                at = next;
+            }
+            self.off += at as u64;
+        }
+    }
+
+    /// The segment file being read (named in errors).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
