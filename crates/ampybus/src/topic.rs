@@ -507,6 +507,19 @@ impl TopicPattern {
         parts.next().is_none()
     }
 
+    /// True when this pattern may match a topic of domain `domain` (the third token).
+    pub(crate) fn may_match_domain(&self, domain: &str) -> bool {
+        for (i, t) in self.toks.iter().enumerate() {
+            match t {
+                PatTok::Rest => return true,
+                _ if i < 2 => {}
+                PatTok::One => return true,
+                PatTok::Lit(l) => return l == domain,
+            }
+        }
+        false
+    }
+
     /// True when every topic this pattern matches is also matched by `outer` (checked token by
     /// token, so it is exact for these wildcards). Used to refuse a replay request that asks a
     /// consumer for topics outside its own subscription.

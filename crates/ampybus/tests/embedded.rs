@@ -596,9 +596,7 @@ fn kill_9_of_a_publisher_loses_no_returned_publish_and_the_log_opens_cleanly() {
     }
     let status = c.wait().unwrap();
     assert!(!status.success(), "publisher was not killed");
-    let db = dir.path().join(ampybus::transport::embedded::DB_FILE);
-    let conn = rusqlite_check(&db);
-    let stored: HashSet<String> = conn.into_iter().collect();
+    let stored: HashSet<String> = ids_after_crash(dir.path()).into_iter().collect();
     let missing: Vec<&String> = acked.iter().filter(|id| !stored.contains(*id)).collect();
     assert!(
         missing.is_empty(),
@@ -609,9 +607,9 @@ fn kill_9_of_a_publisher_loses_no_returned_publish_and_the_log_opens_cleanly() {
     assert!(stored.len() >= acked.len());
 }
 
-/// Opens the database after a crash through the public API and returns every message id.
-fn rusqlite_check(db: &std::path::Path) -> Vec<String> {
-    let dir = db.parent().unwrap().to_owned();
+/// Opens the log after a crash through the public API and returns every message id.
+fn ids_after_crash(dir: &std::path::Path) -> Vec<String> {
+    let dir = dir.to_owned();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async move {
         let bus = Bus::connect(dir.to_str().unwrap())

@@ -11,8 +11,6 @@
 //! (cargo feature `redis`: Redis Streams), `kafka` (cargo feature `kafka`: Kafka).
 
 pub mod embedded;
-pub mod embedded_admin;
-mod embedded_purge;
 mod headers_codec;
 #[cfg(feature = "kafka")]
 pub mod kafka;

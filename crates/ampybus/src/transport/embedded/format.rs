@@ -37,6 +37,8 @@ pub(crate) const KIND_ACK: u32 = 5;
 pub(crate) const KIND_NACK: u32 = 6;
 pub(crate) const KIND_DELIVERED: u32 = 7;
 pub(crate) const KIND_SNAPSHOT: u32 = 8;
+/// A list of purged sequences (`log/<domain>/purged`).
+pub(crate) const KIND_PURGE: u32 = 9;
 
 /// Length of a BATCH body.
 pub(crate) const BATCH_BODY: usize = 28;
@@ -150,7 +152,7 @@ pub(crate) fn frame_at(buf: &[u8], at: usize) -> Frame {
     let word = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
     let kind = word >> 28;
     let len = (word & 0x0FFF_FFFF) as usize;
-    if !(KIND_BATCH..=KIND_SNAPSHOT).contains(&kind) {
+    if !(KIND_BATCH..=KIND_PURGE).contains(&kind) {
         return Frame::Bad("unknown frame kind");
     }
     let start = at + FRAME_HEAD;

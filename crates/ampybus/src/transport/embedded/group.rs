@@ -177,14 +177,6 @@ impl GroupState {
         }
     }
 
-    /// The owner of `partition` at `now_us`, if any.
-    pub fn owner_of(&self, partition: u32, now_us: i64) -> Option<u128> {
-        self.leases
-            .iter()
-            .find(|(_, l)| l.mask & (1 << partition) != 0 && l.expires_us > now_us)
-            .map(|(o, _)| *o)
-    }
-
     fn apply(&mut self, kind: u32, b: &[u8]) -> Option<()> {
         let mut r = Rd { b, at: 0 };
         match kind {
@@ -192,9 +184,12 @@ impl GroupState {
                 let owner = r.u128()?;
                 let mask = r.u64()?;
                 let expires_us = r.i64()?;
-                if mask == 0 {
+                if mask == 0 && expires_us == 0 {
+                    // Released: the instance is gone.
                     self.leases.remove(&owner);
                 } else {
+                    // (A mask of 0 with a time: alive, holding nothing; it counts when the
+                    // partitions are shared out.)
                     // A lease frame is written after checking the partitions are free.
                     for (o, l) in self.leases.iter_mut() {
                         if *o != owner {
@@ -557,11 +552,6 @@ impl Journal {
         sync_dir(&self.dir)?;
         self.catch_up(true)
     }
-
-    /// The journal file (named in errors).
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
 }
 
 #[cfg(test)]
@@ -595,7 +585,7 @@ mod tests {
             assert!(j.state.acked.contains(&12));
             assert_eq!(j.state.dedupe.get(&key128("m1")), Some(&10));
             assert_eq!(j.state.dedupe.get(&key128("m2")), Some(&11));
-            assert_eq!(j.state.owner_of(0, 0), Some(1));
+            assert_eq!(j.state.leases.get(&1).map(|l| l.mask), Some(1));
         }
     }
 
@@ -604,19 +594,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut a = Journal::open(dir.path(), meta()).unwrap();
         a.append_shared(format::KIND_NACK, &frames::nack(0, 7, 100)).unwrap();
-        let good = std::fs::metadata(a.path()).unwrap().len();
+        let good = std::fs::metadata(a.path).unwrap().len();
         // Half a frame at the end: a process killed inside its write.
-        let mut f = OpenOptions::new().append(true).open(a.path()).unwrap();
+        let mut f = OpenOptions::new().append(true).open(a.path).unwrap();
         f.write_all(&[1, 2, 3, 4, 5]).unwrap();
         let b = Journal::open(dir.path(), meta()).unwrap();
-        assert_eq!(std::fs::metadata(b.path()).unwrap().len(), good);
+        assert_eq!(std::fs::metadata(b.path).unwrap().len(), good);
         assert_eq!(b.state.nacked.get(&7), Some(&100));
         // Damage in the middle: a flipped byte in the first of two frames.
         drop(b);
         a.append_shared(format::KIND_NACK, &frames::nack(0, 8, 100)).unwrap();
-        let mut bytes = std::fs::read(a.path()).unwrap();
+        let mut bytes = std::fs::read(a.path).unwrap();
         bytes[10] ^= 0xFF;
-        std::fs::write(a.path(), &bytes).unwrap();
+        std::fs::write(a.path, &bytes).unwrap();
         let err = Journal::open(dir.path(), meta()).err().unwrap().to_string();
         assert!(err.contains("journal") && err.contains("byte 0"), "{err}");
     }

@@ -543,13 +543,6 @@ impl LogWriter {
     pub fn data(&self) -> &Path {
         &self.data
     }
-
-    /// Forgets every open segment (after retention removed files).
-    pub fn forget(&mut self) {
-        for a in &mut self.open {
-            *a = None;
-        }
-    }
 }
 
 /// Reads one domain's log in sequence order from a position, never past the committed end.
@@ -566,6 +559,63 @@ pub(crate) struct DomainReader {
     pub after: u64,
     /// Last sequence returned or skipped.
     pub pos: u64,
+    /// Purged sequences of this domain, and the length of the file they were read from.
+    purged: (u64, std::collections::HashSet<u64>),
+}
+
+/// The purged sequences of a domain directory (`purged`: KIND_PURGE frames of u64s).
+pub(crate) fn read_purged(dir: &Path) -> Result<(u64, std::collections::HashSet<u64>)> {
+    let p = dir.join("purged");
+    let data = match std::fs::read(&p) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, Default::default())),
+        Err(e) => return Err(io_error(&p, "reading the purged list", e)),
+    };
+    let mut set = std::collections::HashSet::new();
+    let mut at = 0;
+    while at < data.len() {
+        match format::frame_at(&data, at) {
+            format::Frame::Ok { kind: format::KIND_PURGE, body, next } => {
+                for c in data[body.0..body.1].chunks_exact(8) {
+                    set.insert(u64::from_le_bytes(c.try_into().unwrap_or([0; 8])));
+                }
+                at = next;
+            }
+            // A torn append (a purge that never returned) ends the list.
+            format::Frame::Incomplete => break,
+            _ => {
+                return Err(damaged(
+                    &p,
+                    &Damage {
+                        offset: at as u64,
+                        what: "bad frame in the purged list".into(),
+                    },
+                ));
+            }
+        }
+    }
+    Ok((at as u64, set))
+}
+
+/// Appends purged sequences to a domain's list, durably.
+pub(crate) fn append_purged(dir: &Path, seqs: &[u64]) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| io_error(dir, "creating the domain directory", e))?;
+    let p = dir.join("purged");
+    let mut body = Vec::with_capacity(seqs.len() * 8);
+    for s in seqs {
+        body.extend_from_slice(&s.to_le_bytes());
+    }
+    let mut out = Vec::new();
+    put_frame(&mut out, format::KIND_PURGE, &[&body]);
+    let f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&p)
+        .map_err(|e| io_error(&p, "opening the purged list", e))?;
+    use std::io::Write;
+    (&f).write_all(&out)
+        .and_then(|()| f.sync_data())
+        .map_err(|e| io_error(&p, "appending to the purged list", e))
 }
 
 impl DomainReader {
@@ -581,6 +631,7 @@ impl DomainReader {
             state: SegState::default(),
             after,
             pos: after,
+            purged: (0, Default::default()),
         }
     }
 
@@ -638,6 +689,10 @@ impl DomainReader {
             return Ok(false);
         }
         let start_len = out.len();
+        let plen = std::fs::metadata(self.dir.join("purged")).map(|m| m.len()).unwrap_or(0);
+        if plen != self.purged.0 {
+            self.purged = read_purged(&self.dir)?;
+        }
         loop {
             if self.file.is_none() && !self.open_segment(end)? {
                 return Ok(out.len() > start_len);
@@ -709,7 +764,7 @@ impl DomainReader {
                     Step::Rec(r) => {
                         if r.seq > self.pos {
                             self.pos = r.seq;
-                            if r.seq > self.after && r.seq >= end.floor {
+                            if r.seq > self.after && r.seq >= end.floor && !self.purged.1.contains(&r.seq) {
                                 out.push(r);
                             }
                         }
@@ -741,10 +796,5 @@ impl DomainReader {
             }
             self.off += at as u64;
         }
-    }
-
-    /// The segment file being read (named in errors).
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 }

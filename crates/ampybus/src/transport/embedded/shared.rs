@@ -9,7 +9,7 @@
 use crate::error::{Error, ErrorKind, Result};
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering, fence};
 use std::time::Duration;
 
@@ -54,7 +54,6 @@ pub(crate) struct Snapshot {
 pub(crate) struct Shared {
     ptr: *mut u8,
     _file: File,
-    path: PathBuf,
 }
 
 // SAFETY: the mapping is only accessed through atomics.
@@ -138,7 +137,6 @@ impl Shared {
         Ok(Shared {
             ptr: ptr as *mut u8,
             _file: file,
-            path,
         })
     }
 
@@ -286,10 +284,6 @@ impl Shared {
             }
         }
         waiters.fetch_sub(1, Ordering::AcqRel);
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 }
 

@@ -1,0 +1,646 @@
+//! Subscriptions: ephemeral readers, and durable instances of a consumer group.
+
+use super::Inner;
+use super::format::Rec;
+use super::group::{self, Journal, Meta, PARTITIONS, frames, partition_of, slot};
+use super::log::{DomainReader, damaged, now_us};
+use super::replay::{domains_of, seq_at_time};
+use crate::envelope::Envelope;
+use crate::error::{Error, Result};
+use crate::headers::Headers;
+use crate::topic::TopicPattern;
+use crate::transport::{Delivery, DeliveryInfo, Settler, StartAt, SubscribeSpec, Subscription};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Records waiting in memory per instance before reading stops.
+const MAX_PENDING: usize = 50_000;
+
+pub(crate) fn us_to_time(us: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(us).unwrap_or_default()
+}
+
+/// The envelope of a stored record (headers decoded; a damaged record is an error naming its
+/// sequence).
+pub(crate) fn envelope_of(inner: &Inner, rec: &Rec) -> Result<Envelope> {
+    let headers = Headers::decode_compact(&rec.headers).map_err(|e| {
+        damaged(
+            &inner.dir,
+            &super::format::Damage {
+                offset: 0,
+                what: format!(
+                    "message {} on {}: stored headers do not decode: {}",
+                    rec.seq,
+                    rec.topic,
+                    e.message()
+                ),
+            },
+        )
+    })?;
+    Ok(Envelope {
+        topic: rec.topic.to_string(),
+        headers,
+        payload: rec.payload.clone(),
+    })
+}
+
+/// The sequence after which a new reader starts.
+async fn start_position(inner: &Arc<Inner>, start: StartAt) -> Result<u64> {
+    match start {
+        StartAt::Earliest => Ok(0),
+        StartAt::Latest => Ok(inner.shared.committed_through()),
+        StartAt::Time(t) => {
+            let i = inner.clone();
+            tokio::task::spawn_blocking(move || seq_at_time(&i, t.timestamp_micros()))
+                .await
+                .map_err(|e| inner.task_failed("start position", e))?
+        }
+    }
+}
+
+fn check_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > 200 || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(Error::config(format!(
+            "durable consumer name {name:?}: must be 1–200 characters without whitespace"
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) async fn subscribe(inner: Arc<Inner>, spec: SubscribeSpec) -> Result<Box<dyn Subscription>> {
+    let domains = domains_of(&spec.pattern);
+    let Some(name) = spec.durable.clone() else {
+        let after = start_position(&inner, spec.start).await?;
+        let readers = domains.iter().map(|d| DomainReader::new(&inner.dir, *d, after)).collect();
+        return Ok(Box::new(Ephemeral {
+            inner,
+            pattern: spec.pattern,
+            readers,
+            backlog: VecDeque::new(),
+            settler: Arc::new(NoSettle),
+        }));
+    };
+    check_name(&name)?;
+    let pattern = spec.pattern.as_str().to_owned();
+    let start = match group::Meta::read(&group::group_dir(&inner.dir, &name))? {
+        Some(m) if !m.pattern.is_empty() => m.start,
+        _ => start_position(&inner, spec.start).await?,
+    };
+    let define = |pattern: &str| Meta {
+        name: name.clone(),
+        pattern: pattern.to_owned(),
+        start,
+        created_us: now_us(),
+    };
+    let mut journal = inner.group(&name, || Ok(define(&pattern)))?;
+    let existing = journal.lock().unwrap_or_else(|p| p.into_inner()).meta.pattern.clone();
+    if existing.is_empty() {
+        // Known so far only by its dedupe records: it becomes a consumer now.
+        let dir = group::group_dir(&inner.dir, &name);
+        define(&pattern).write(&dir)?;
+        inner.forget_group(&name);
+        journal = inner.group(&name, || Ok(define(&pattern)))?;
+    } else if existing != pattern {
+        return Err(Error::config(format!(
+            "durable consumer {name:?} already exists with pattern {existing:?}, not {pattern:?}; use another name"
+        )));
+    }
+    let deadline_us = i64::try_from(spec.ack_deadline.as_micros()).unwrap_or(i64::MAX / 4).max(1_000);
+    let readers = domains.iter().map(|d| DomainReader::new(&inner.dir, *d, start)).collect();
+    let inst = Arc::new(Mutex::new(Instance {
+        inner: inner.clone(),
+        owner: rand::random::<u128>() | 1,
+        journal,
+        pattern: spec.pattern.clone(),
+        domains,
+        deadline_us,
+        lease_us: deadline_us,
+        mine: 0,
+        lease_until: 0,
+        next_maintain: 0,
+        readers,
+        pending: BTreeMap::new(),
+        per_slot: vec![BTreeSet::new(); group::SLOTS],
+        read_through: vec![0; group::SLOTS],
+    }));
+    {
+        let mut i = inst.lock().unwrap_or_else(|p| p.into_inner());
+        i.maintain(now_us(), true)?;
+    }
+    let settler: Arc<dyn Settler> = Arc::new(DurableSettler { inst: inst.clone() });
+    Ok(Box::new(Durable { inner, inst, settler }))
+}
+
+/// Waits until a commit (in any process), `until`, or `give_up`; false when `give_up` passed.
+async fn wait_commit(
+    notified: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>,
+    until: Option<i64>,
+    give_up: tokio::time::Instant,
+) -> bool {
+    let now = tokio::time::Instant::now();
+    if now >= give_up {
+        return false;
+    }
+    let mut t = give_up;
+    if let Some(u) = until {
+        let in_us = (u - now_us()).max(0) as u64;
+        t = t.min(now + Duration::from_micros(in_us));
+    }
+    tokio::select! {
+        _ = notified => {}
+        _ = tokio::time::sleep_until(t) => {}
+    }
+    true
+}
+
+struct NoSettle;
+
+#[async_trait]
+impl Settler for NoSettle {
+    async fn ack(&self, _: &[u64]) -> Result<()> {
+        Ok(())
+    }
+    async fn nack(&self, _: u64, _: Duration) -> Result<()> {
+        Ok(())
+    }
+    async fn in_progress(&self, _: u64) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// An ephemeral subscription: reads from a start position, records nothing.
+struct Ephemeral {
+    inner: Arc<Inner>,
+    pattern: TopicPattern,
+    readers: Vec<DomainReader>,
+    backlog: VecDeque<Rec>,
+    settler: Arc<dyn Settler>,
+}
+
+impl Ephemeral {
+    fn read(&mut self, max: usize) -> Result<()> {
+        let snap = self.inner.shared.snapshot();
+        let mut got = Vec::new();
+        for r in &mut self.readers {
+            let e = snap.domains[r.d];
+            let start = got.len();
+            r.read(&e, &mut got, max)?;
+            let pattern = &self.pattern;
+            let mut i = start;
+            got.retain(|rec: &Rec| {
+                i += 1;
+                i <= start || pattern.matches(&rec.topic)
+            });
+        }
+        got.sort_by_key(|r| r.seq);
+        self.backlog.extend(got);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Subscription for Ephemeral {
+    async fn fetch(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
+        let max = max.max(1);
+        let give_up = tokio::time::Instant::now() + wait;
+        loop {
+            let inner = self.inner.clone();
+            let notified = inner.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.backlog.is_empty() {
+                self.read(max)?;
+            }
+            if !self.backlog.is_empty() {
+                let mut out = Vec::with_capacity(max.min(self.backlog.len()));
+                while out.len() < max {
+                    let Some(rec) = self.backlog.front() else { break };
+                    let env = match envelope_of(&self.inner, rec) {
+                        Ok(e) => e,
+                        Err(e) if out.is_empty() => return Err(e),
+                        Err(_) => break,
+                    };
+                    let rec = self.backlog.pop_front().expect("front exists");
+                    out.push(Delivery::new(
+                        env,
+                        DeliveryInfo {
+                            sequence: rec.seq,
+                            delivery_count: 1,
+                            stored_at: us_to_time(rec.log_us),
+                        },
+                        self.settler.clone(),
+                    ));
+                }
+                return Ok(out);
+            }
+            if !wait_commit(notified, None, give_up).await {
+                return Ok(Vec::new());
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum St {
+    /// Read, not yet handed out by this instance.
+    Waiting,
+    /// Handed out; redelivered after the deadline (µs).
+    InFlight(i64),
+    /// Released with a delay; delivered again at the due time (µs). Blocks its key.
+    Delayed(i64),
+}
+
+struct Pend {
+    slot: usize,
+    rec: Rec,
+    deliveries: u32,
+    st: St,
+}
+
+/// One instance of a consumer group in this process.
+pub(crate) struct Instance {
+    inner: Arc<Inner>,
+    owner: u128,
+    journal: Arc<Mutex<Journal>>,
+    pattern: TopicPattern,
+    domains: Vec<usize>,
+    deadline_us: i64,
+    lease_us: i64,
+    /// Partitions held (bit mask).
+    mine: u64,
+    lease_until: i64,
+    next_maintain: i64,
+    readers: Vec<DomainReader>,
+    pending: BTreeMap<u64, Pend>,
+    per_slot: Vec<BTreeSet<u64>>,
+    /// Per slot: the highest sequence examined while this instance held the partition.
+    read_through: Vec<u64>,
+}
+
+impl Instance {
+    fn journal(&self) -> std::sync::MutexGuard<'_, Journal> {
+        self.journal.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Renews the lease and shares the partitions out among the live instances.
+    fn maintain(&mut self, now: i64, force: bool) -> Result<()> {
+        if !force && now < self.next_maintain {
+            return Ok(());
+        }
+        let owner = self.owner;
+        let lease_us = self.lease_us;
+        let busy: u64 = self
+            .pending
+            .values()
+            .filter(|p| p.st != St::Waiting)
+            .fold(0, |m, p| m | (1u64 << partition_of(p.slot)));
+        let cutoff_ms = now / 1000 - i64::try_from(crate::dedupe::DEFAULT_WINDOW.as_millis()).unwrap_or(i64::MAX / 2);
+        let (mask, positions, delivered) = {
+            let mut j = self.journal();
+            j.with_lock(true, |j| {
+                let st = &j.state;
+                let mut others = 0u64;
+                let mut live = 1usize;
+                for (o, l) in &st.leases {
+                    if *o != owner && l.expires_us > now {
+                        others |= l.mask;
+                        live += 1;
+                    }
+                }
+                let target = (PARTITIONS as usize).div_ceil(live);
+                let mut mask = st.leases.get(&owner).map_or(0, |l| l.mask) & !others;
+                for p in 0..PARTITIONS {
+                    if mask.count_ones() as usize >= target {
+                        break;
+                    }
+                    if (others | mask) & (1 << p) == 0 {
+                        mask |= 1 << p;
+                    }
+                }
+                for p in (0..PARTITIONS).rev() {
+                    if mask.count_ones() as usize <= target {
+                        break;
+                    }
+                    if mask & (1 << p) != 0 && busy & (1 << p) == 0 {
+                        mask &= !(1 << p);
+                    }
+                }
+                j.append(super::format::KIND_LEASE, &frames::lease(owner, mask, now + lease_us))?;
+                j.maybe_compact(cutoff_ms)?;
+                Ok((mask, j.state.positions.clone(), j.state.delivered.clone()))
+            })?
+        };
+        let _ = delivered;
+        let lost = self.mine & !mask;
+        let gained = mask & !self.mine;
+        if lost != 0 {
+            let gone: Vec<u64> = self
+                .pending
+                .iter()
+                .filter(|(_, p)| lost & (1 << partition_of(p.slot)) != 0)
+                .map(|(s, _)| *s)
+                .collect();
+            for s in gone {
+                if let Some(p) = self.pending.remove(&s) {
+                    self.per_slot[p.slot].remove(&s);
+                }
+            }
+        }
+        if gained != 0 {
+            for (k, d) in self.domains.iter().enumerate() {
+                let mut low = u64::MAX;
+                for p in 0..PARTITIONS {
+                    if gained & (1 << p) != 0 {
+                        let s = slot(*d, p);
+                        self.read_through[s] = positions[s];
+                        low = low.min(positions[s]);
+                    }
+                }
+                if low != u64::MAX && (low < self.readers[k].pos || self.mine == 0) {
+                    self.readers[k] = DomainReader::new(&self.inner.dir, *d, low);
+                }
+            }
+        }
+        self.mine = mask;
+        self.lease_until = now + lease_us;
+        let every = if mask == 0 {
+            (lease_us / 4).min(50_000)
+        } else {
+            lease_us / 3
+        };
+        self.next_maintain = now + every.max(1_000);
+        Ok(())
+    }
+
+    /// Reads newly committed records of this instance's partitions into `pending`.
+    fn read_new(&mut self, max: usize, now: i64) -> Result<()> {
+        if self.mine == 0 || self.pending.len() >= MAX_PENDING {
+            return Ok(());
+        }
+        let snap = self.inner.shared.snapshot();
+        let j = self.journal.clone();
+        let j = j.lock().unwrap_or_else(|p| p.into_inner());
+        let mut buf = Vec::new();
+        for k in 0..self.readers.len() {
+            let d = self.domains[k];
+            self.readers[k].read(&snap.domains[d], &mut buf, max.max(256))?;
+            for rec in buf.drain(..) {
+                let s = slot(d, rec.key_hash);
+                if self.mine & (1 << partition_of(s)) == 0 || rec.seq <= self.read_through[s] {
+                    continue;
+                }
+                self.read_through[s] = rec.seq;
+                if rec.seq <= j.state.positions[s]
+                    || j.state.acked.contains(&rec.seq)
+                    || !self.pattern.matches(&rec.topic)
+                {
+                    continue;
+                }
+                let st = match j.state.nacked.get(&rec.seq) {
+                    Some(due) if *due > now => St::Delayed(*due),
+                    _ => St::Waiting,
+                };
+                let deliveries = u32::from(rec.seq <= j.state.delivered[s]);
+                self.per_slot[s].insert(rec.seq);
+                self.pending.insert(rec.seq, Pend { slot: s, rec, deliveries, st });
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands out up to `max` records: new ones, expired ones and delayed ones that are due,
+    /// never one whose key has a delayed record before it. Returns them and the next time
+    /// something becomes due.
+    fn poll(&mut self, max: usize, settler: &Arc<dyn Settler>) -> Result<(Vec<Delivery>, Option<i64>)> {
+        let now = now_us();
+        self.maintain(now, false)?;
+        self.read_new(max, now)?;
+        let mut out = Vec::new();
+        let mut next_due: Option<i64> = (self.mine == 0 || self.next_maintain > now).then_some(self.next_maintain);
+        let mut blocked: HashSet<(usize, u32)> = HashSet::new();
+        let mut through: Vec<(usize, u64)> = Vec::new();
+        let deadline = now + self.deadline_us;
+        let mut damage = None;
+        for (seq, p) in self.pending.iter_mut() {
+            let key = (p.slot / PARTITIONS as usize, p.rec.key_hash);
+            match p.st {
+                St::Delayed(due) if due > now => {
+                    blocked.insert(key);
+                    next_due = Some(next_due.map_or(due, |n| n.min(due)));
+                    continue;
+                }
+                St::InFlight(dl) if dl > now => {
+                    next_due = Some(next_due.map_or(dl, |n| n.min(dl)));
+                    continue;
+                }
+                _ => {}
+            }
+            if blocked.contains(&key) {
+                continue;
+            }
+            if out.len() >= max {
+                break;
+            }
+            let env = match envelope_of(&self.inner, &p.rec) {
+                Ok(e) => e,
+                Err(e) => {
+                    damage = Some(e);
+                    break;
+                }
+            };
+            p.deliveries += 1;
+            p.st = St::InFlight(deadline);
+            through.push((p.slot, *seq));
+            out.push(Delivery::new(
+                env,
+                DeliveryInfo {
+                    sequence: *seq,
+                    delivery_count: p.deliveries,
+                    stored_at: us_to_time(p.rec.log_us),
+                },
+                settler.clone(),
+            ));
+        }
+        if let Some(e) = damage
+            && out.is_empty()
+        {
+            return Err(e);
+        }
+        if !through.is_empty() {
+            let mut j = self.journal();
+            let mut last: Vec<(usize, u64)> = Vec::new();
+            for (s, seq) in through {
+                if seq > j.state.delivered[s] {
+                    match last.iter_mut().find(|(x, _)| *x == s) {
+                        Some(e) => e.1 = e.1.max(seq),
+                        None => last.push((s, seq)),
+                    }
+                }
+            }
+            if !last.is_empty() {
+                j.append_shared(super::format::KIND_DELIVERED, &frames::delivered(&last))?;
+            }
+        }
+        Ok((out, next_due))
+    }
+
+    /// Settles `seqs` (and records `keys` as applied) in one journal frame.
+    pub(crate) fn ack(&mut self, seqs: &[u64], keys: &[u128]) -> Result<()> {
+        let now = now_us();
+        let mut touched: Vec<usize> = Vec::new();
+        let mut acked: Vec<(Option<usize>, u64)> = Vec::with_capacity(seqs.len());
+        for s in seqs {
+            match self.pending.remove(s) {
+                Some(p) => {
+                    self.per_slot[p.slot].remove(s);
+                    if !touched.contains(&p.slot) {
+                        touched.push(p.slot);
+                    }
+                    acked.push((Some(p.slot), *s));
+                }
+                None => acked.push((None, *s)),
+            }
+        }
+        let mut positions: Vec<(usize, u64)> = Vec::new();
+        let j = self.journal.clone();
+        let mut j = j.lock().unwrap_or_else(|p| p.into_inner());
+        for s in touched {
+            if self.mine & (1 << partition_of(s)) == 0 {
+                continue;
+            }
+            let k = self.domains.iter().position(|d| *d == s / PARTITIONS as usize).unwrap_or(0);
+            let examined = self.read_through[s].max(self.readers[k].pos);
+            let pos = match self.per_slot[s].first() {
+                Some(first) => first - 1,
+                None => examined,
+            };
+            if pos > j.state.positions[s] {
+                positions.push((s, pos));
+            }
+        }
+        let above: Vec<u64> = acked
+            .iter()
+            .filter(|(s, seq)| match s {
+                Some(s) => positions.iter().find(|(x, _)| x == s).map_or(true, |(_, p)| seq > p),
+                None => true,
+            })
+            .map(|(_, seq)| *seq)
+            .collect();
+        let body = frames::ack(self.owner, now / 1000, &positions, &above, keys);
+        j.append_shared(super::format::KIND_ACK, &body)?;
+        drop(j);
+        self.maintain(now, false)
+    }
+
+    fn nack(&mut self, seq: u64, delay: Duration) -> Result<()> {
+        let due = now_us() + i64::try_from(delay.as_micros()).unwrap_or(i64::MAX / 4);
+        let Some(p) = self.pending.get_mut(&seq) else {
+            return Ok(());
+        };
+        p.st = St::Delayed(due);
+        let body = frames::nack(p.slot, seq, due);
+        self.journal().append_shared(super::format::KIND_NACK, &body)
+    }
+
+    fn in_progress(&mut self, seq: u64) -> Result<()> {
+        let now = now_us();
+        if let Some(p) = self.pending.get_mut(&seq)
+            && let St::InFlight(_) = p.st
+        {
+            p.st = St::InFlight(now + self.deadline_us);
+        }
+        self.maintain(now, false)
+    }
+
+    /// Gives the partitions up (the instance is going away).
+    fn release(&mut self) {
+        let owner = self.owner;
+        let r = self
+            .journal()
+            .with_lock(true, |j| j.append(super::format::KIND_LEASE, &frames::lease(owner, 0, 0)));
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "embedded log: releasing partitions failed; they expire instead");
+        }
+        self.mine = 0;
+    }
+
+    /// True when this instance is of group `name` on the log of `inner`.
+    pub(crate) fn belongs_to(&self, inner: &Arc<Inner>, name: &str) -> bool {
+        Arc::ptr_eq(&self.inner, inner) && self.journal().meta.name == name
+    }
+
+    /// True when `a` and `b` are the same instance.
+    pub(crate) fn same(a: &Arc<Mutex<Instance>>, b: &Arc<Mutex<Instance>>) -> bool {
+        Arc::ptr_eq(a, b)
+    }
+}
+
+/// Settles deliveries of a durable instance.
+pub(crate) struct DurableSettler {
+    pub(crate) inst: Arc<Mutex<Instance>>,
+}
+
+impl DurableSettler {
+    fn inst(&self) -> std::sync::MutexGuard<'_, Instance> {
+        self.inst.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[async_trait]
+impl Settler for DurableSettler {
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
+
+    async fn ack(&self, sequences: &[u64]) -> Result<()> {
+        self.inst().ack(sequences, &[])
+    }
+
+    async fn nack(&self, sequence: u64, delay: Duration) -> Result<()> {
+        self.inst().nack(sequence, delay)
+    }
+
+    async fn in_progress(&self, sequence: u64) -> Result<()> {
+        self.inst().in_progress(sequence)
+    }
+}
+
+/// A durable subscription: one instance of its consumer group.
+struct Durable {
+    inner: Arc<Inner>,
+    inst: Arc<Mutex<Instance>>,
+    settler: Arc<dyn Settler>,
+}
+
+impl Drop for Durable {
+    fn drop(&mut self) {
+        self.inst.lock().unwrap_or_else(|p| p.into_inner()).release();
+    }
+}
+
+#[async_trait]
+impl Subscription for Durable {
+    async fn fetch(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
+        let max = max.max(1);
+        let give_up = tokio::time::Instant::now() + wait;
+        loop {
+            let inner = self.inner.clone();
+            let notified = inner.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let (out, next_due) = {
+                let mut i = self.inst.lock().unwrap_or_else(|p| p.into_inner());
+                i.poll(max, &self.settler)?
+            };
+            if !out.is_empty() {
+                return Ok(out);
+            }
+            if !wait_commit(notified, next_due, give_up).await {
+                return Ok(Vec::new());
+            }
+        }
+    }
+}
