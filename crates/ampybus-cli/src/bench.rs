@@ -23,9 +23,7 @@ const TOPIC: &str = "ampy.dev.bars.v1.XNAS.BENCH";
 /// The tables of the embedded log, copied from `ampybus::transport::embedded` so the raw loop
 /// writes into the same shape (same indexes) as the log does.
 /// The baseline uses the log's own tables and indexes.
-const RAW_SCHEMA: &str = ampybus::transport::embedded::SCHEMA;
 
-const RAW_INSERT: &str = "INSERT INTO messages(topic, domain, pkey, message_id, log_us, size, headers, payload) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
 
 /// One timed run of N messages.
 #[derive(Debug, Clone, Copy)]
@@ -157,9 +155,9 @@ pub async fn run(url: &str, args: BenchArgs, log_level: Option<&str>) -> CliResu
         ampybus::bus::TransportKind::Embedded => None,
         _ => Some(url.to_owned()),
     };
-    if broker.is_some() && (args.raw_sqlite || args.mode == BenchMode::Consume) {
+    if broker.is_some() && (args.raw || args.mode == BenchMode::Consume) {
         return Err(CliError::usage(format!(
-            "--url {:?}: --raw-sqlite and --mode consume measure the embedded log; against NATS use `ampybus bench-nats` for the raw-client comparison",
+            "--url {:?}: --raw and --mode consume measure the embedded log; against NATS use `ampybus bench-nats` for the raw-client comparison",
             ampybus::bus::redact(url)
         )));
     }
@@ -202,7 +200,7 @@ pub async fn run(url: &str, args: BenchArgs, log_level: Option<&str>) -> CliResu
     let mut e2e_runs = Vec::new();
     for round in 1..=a.rounds {
         if publish {
-            if a.raw_sqlite {
+            if a.raw {
                 raw_runs.push(raw_round(&setup, round).await?);
             }
             batched_runs.push(batched_round(&setup, round).await?);
@@ -227,85 +225,31 @@ pub async fn run(url: &str, args: BenchArgs, log_level: Option<&str>) -> CliResu
 async fn raw_round(s: &Setup, round: u64) -> CliResult<Run> {
     let dir = s.tempdir("raw")?;
     let envs = s.envelopes(&s.topic, s.args.messages);
-    let pb = s.bar(&format!("round {round}: raw rusqlite"), s.args.messages);
+    let pb = s.bar(&format!("round {round}: raw file appends"), s.args.messages);
     let (path, batch, sync, pb2) = (
-        dir.path().join("raw.sqlite3"),
+        dir.path().join("raw.seg"),
         s.args.batch as usize,
         s.args.sync,
         pb.clone(),
     );
-    let secs =
-        tokio::task::spawn_blocking(move || raw_insert_loop(&path, &envs, batch, sync, &pb2))
-            .await
-            .map_err(|e| CliError::transport(format!("raw sqlite task failed: {e}")))??;
+    let secs = tokio::task::spawn_blocking(move || {
+        ampybus::transport::embedded::raw_append_loop(
+            &path,
+            &envs,
+            batch,
+            matches!(sync, SyncArg::Full),
+            |n| pb2.inc(n as u64),
+        )
+    })
+    .await
+    .map_err(|e| CliError::transport(format!("raw append task failed: {e}")))?
+    .map_err(|e| CliError::bus("raw append loop", &e))?;
     pb.finish_and_clear();
     Ok(Run {
         messages: s.args.messages,
         payload_bytes: s.args.payload_bytes,
         secs,
     })
-}
-
-/// The plain rusqlite loop: same DDL and pragmas as the embedded log, `batch` rows per
-/// transaction. Returns the seconds spent inserting and committing.
-fn raw_insert_loop(
-    path: &Path,
-    envs: &[Envelope],
-    batch: usize,
-    sync: SyncArg,
-    pb: &ProgressBar,
-) -> CliResult<f64> {
-    use rusqlite::{Connection, TransactionBehavior, params};
-    let err =
-        |what: &str, e: rusqlite::Error| CliError::transport(format!("raw sqlite: {what}: {e}"));
-    let mut conn = Connection::open(path).map_err(|e| err("open", e))?;
-    conn.busy_timeout(Duration::from_secs(30))
-        .map_err(|e| err("busy_timeout", e))?;
-    conn.pragma_update(None, "journal_mode", "WAL")
-        .map_err(|e| err("journal_mode", e))?;
-    conn.pragma_update(None, "foreign_keys", "OFF")
-        .map_err(|e| err("foreign_keys", e))?;
-    conn.execute_batch(RAW_SCHEMA)
-        .map_err(|e| err("schema", e))?;
-    let level = match sync {
-        SyncArg::Full => "FULL",
-        SyncArg::Normal => "NORMAL",
-    };
-    conn.pragma_update(None, "synchronous", level)
-        .map_err(|e| err("synchronous", e))?;
-    let started = Instant::now();
-    for chunk in envs.chunks(batch) {
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(|e| err("begin", e))?;
-        {
-            let mut ins = tx
-                .prepare_cached(RAW_INSERT)
-                .map_err(|e| err("prepare", e))?;
-            let log_us = chrono::Utc::now().timestamp_micros();
-            for env in chunk {
-                let domain = env.topic.split('.').nth(2).unwrap_or("");
-                let pkey = env.headers.partition_key().unwrap_or("");
-                let id = env.headers.message_id().unwrap_or("");
-                let headers = ampybus::transport::encode_headers(&env.headers);
-                let size = (headers.len() + env.payload.len() + env.topic.len()) as i64;
-                ins.execute(params![
-                    env.topic,
-                    domain,
-                    pkey,
-                    id,
-                    log_us,
-                    size,
-                    headers,
-                    &env.payload[..]
-                ])
-                .map_err(|e| err("insert", e))?;
-            }
-        }
-        tx.commit().map_err(|e| err("commit", e))?;
-        pb.inc(chunk.len() as u64);
-    }
-    Ok(started.elapsed().as_secs_f64())
 }
 
 async fn batched_round(s: &Setup, round: u64) -> CliResult<Run> {
@@ -653,7 +597,7 @@ fn report_json(s: &Setup, raw: &[Run], batched: &[Run], single: &[Run], e2e: &[E
             "concurrency": a.concurrency,
             "inflight": a.inflight,
             "rounds": a.rounds,
-            "raw_sqlite": a.raw_sqlite,
+            "raw": a.raw,
             "sync": a.sync.as_str(),
             "transport": match &s.broker {
                 Some(u) => ampybus::bus::redact(u),
@@ -679,7 +623,7 @@ fn report_json(s: &Setup, raw: &[Run], batched: &[Run], single: &[Run], e2e: &[E
     }
     if !raw.is_empty() {
         m.insert(
-            "raw_sqlite".into(),
+            "raw".into(),
             runs_json(raw, json!({"batch": a.batch})),
         );
         let ratios: Vec<f64> = batched
@@ -758,11 +702,11 @@ fn report_text(s: &Setup, r: &Value) -> String {
             sec["mb_per_sec"]["worst"].as_f64().unwrap_or(f64::NAN),
         );
     };
-    if r.get("raw_sqlite").is_some() {
+    if r.get("raw").is_some() {
         row(
             &mut t,
-            &format!("raw rusqlite ({} rows/tx)", a.batch),
-            &r["raw_sqlite"],
+            &format!("raw file appends ({}/fdatasync)", a.batch),
+            &r["raw"],
         );
     }
     if r.get("publish_batched").is_some() {

@@ -8,7 +8,7 @@ Examples:
   ampybus pub --topic ampy.dev.news.v1.raw --producer me@laptop --source cli --pk n-1 --payload hello
   ampybus sub --pattern 'ampy.dev.news.>' --json --max 10
   ampybus validate golden/
-  ampybus bench --messages 100000 --raw-sqlite
+  ampybus bench --messages 100000 --raw
 
 URL forms (--url, default $AMPYBUS_URL or ./ampybus-data):
   ./dir or /abs/dir                      embedded log in that directory
@@ -120,7 +120,7 @@ Exit code 1 when any file is invalid or unreadable.")]
     /// Measure publish throughput and end-to-end latency on a fresh temporary log
     #[command(after_help = "\
 Examples:
-  ampybus bench --messages 100000 --payload-bytes 256 --batch 1000 --raw-sqlite
+  ampybus bench --messages 100000 --payload-bytes 256 --batch 1000 --raw
   ampybus bench --mode publish --concurrency 16 --sync normal
   ampybus bench --mode e2e --rate 10000 --json
   ampybus bench --mode consume --messages 100000 --keys 1000 --workers 8
@@ -419,9 +419,10 @@ pub struct BenchArgs {
     /// Interleaved rounds
     #[arg(long, value_name = "R", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=1000))]
     pub rounds: u64,
-    /// Also time a plain rusqlite insert loop of the same rows and print the ratio
+    /// Also time the storage floor: the same frames appended to one file with one fdatasync
+    /// per batch (no writer thread, lock or envelopes), and print the ratio
     #[arg(long)]
-    pub raw_sqlite: bool,
+    pub raw: bool,
     /// Commit durability of the temporary logs (sync= URL option)
     #[arg(long, value_enum, default_value_t = SyncArg::Full)]
     pub sync: SyncArg,

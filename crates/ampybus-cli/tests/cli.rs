@@ -789,7 +789,7 @@ fn bench_smoke() {
             "2000",
             "--rounds",
             "1",
-            "--raw-sqlite",
+            "--raw",
             "--mode",
             "both",
             "--rate",
@@ -814,7 +814,7 @@ fn bench_smoke() {
     assert_eq!(r["config"]["sync"], "normal");
     assert!(r["machine"]["cpus"].as_u64().unwrap() >= 1);
     for (section, n) in [
-        ("raw_sqlite", 2000),
+        ("raw", 2000),
         ("publish_batched", 2000),
         ("publish_single", 200),
     ] {

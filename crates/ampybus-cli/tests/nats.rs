@@ -201,7 +201,7 @@ fn bench_runs_against_the_server() {
     assert_eq!(r["e2e"]["rounds"][0]["unique"], 2000, "{r}");
     assert_eq!(r["publish_batched"]["messages"], 2000, "{r}");
     assert_eq!(r["publish_single"]["messages"], 200, "{r}");
-    let o = run(&["bench", "--raw-sqlite", "--rounds", "1"]);
+    let o = run(&["bench", "--raw", "--rounds", "1"]);
     assert_eq!(o.code, 2, "{}", o.stderr);
     assert!(o.stderr.contains("bench-nats"), "{}", o.stderr);
 }

@@ -594,19 +594,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut a = Journal::open(dir.path(), meta()).unwrap();
         a.append_shared(format::KIND_NACK, &frames::nack(0, 7, 100)).unwrap();
-        let good = std::fs::metadata(a.path).unwrap().len();
+        let good = std::fs::metadata(&a.path).unwrap().len();
         // Half a frame at the end: a process killed inside its write.
-        let mut f = OpenOptions::new().append(true).open(a.path).unwrap();
+        let mut f = OpenOptions::new().append(true).open(&a.path).unwrap();
         f.write_all(&[1, 2, 3, 4, 5]).unwrap();
         let b = Journal::open(dir.path(), meta()).unwrap();
-        assert_eq!(std::fs::metadata(b.path).unwrap().len(), good);
+        assert_eq!(std::fs::metadata(&b.path).unwrap().len(), good);
         assert_eq!(b.state.nacked.get(&7), Some(&100));
         // Damage in the middle: a flipped byte in the first of two frames.
         drop(b);
         a.append_shared(format::KIND_NACK, &frames::nack(0, 8, 100)).unwrap();
-        let mut bytes = std::fs::read(a.path).unwrap();
+        let mut bytes = std::fs::read(&a.path).unwrap();
         bytes[10] ^= 0xFF;
-        std::fs::write(a.path, &bytes).unwrap();
+        std::fs::write(&a.path, &bytes).unwrap();
         let err = Journal::open(dir.path(), meta()).err().unwrap().to_string();
         assert!(err.contains("journal") && err.contains("byte 0"), "{err}");
     }

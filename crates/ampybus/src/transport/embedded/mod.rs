@@ -31,12 +31,14 @@ pub(crate) mod format;
 pub(crate) mod group;
 pub(crate) mod log;
 pub(crate) mod purge;
+mod raw;
 mod replay;
 pub(crate) mod shared;
 mod subscription;
 mod writer;
 
 pub use dedupe::EmbeddedDedupe;
+pub use raw::raw_append_loop;
 
 use super::{PublishReceipt, ReplayByTime, SubscribeSpec, Subscription, Transport};
 use crate::envelope::Envelope;
