@@ -24,7 +24,6 @@ const TOPIC: &str = "ampy.dev.bars.v1.XNAS.BENCH";
 /// writes into the same shape (same indexes) as the log does.
 /// The baseline uses the log's own tables and indexes.
 
-
 /// One timed run of N messages.
 #[derive(Debug, Clone, Copy)]
 struct Run {
@@ -622,10 +621,7 @@ fn report_json(s: &Setup, raw: &[Run], batched: &[Run], single: &[Run], e2e: &[E
         );
     }
     if !raw.is_empty() {
-        m.insert(
-            "raw".into(),
-            runs_json(raw, json!({"batch": a.batch})),
-        );
+        m.insert("raw".into(), runs_json(raw, json!({"batch": a.batch})));
         let ratios: Vec<f64> = batched
             .iter()
             .zip(raw)

@@ -29,15 +29,17 @@ fn topic_rows(inner: &Inner, pattern: &TopicPattern) -> Result<Vec<TopicStats>> 
                 if !pattern.matches(&rec.topic) {
                     continue;
                 }
-                let t = by_topic.entry(rec.topic.to_string()).or_insert_with(|| TopicStats {
-                    topic: rec.topic.to_string(),
-                    messages: 0,
-                    bytes: Some(0),
-                    oldest: us_to_time_opt(rec.log_us),
-                    newest: None,
-                    first_seq: rec.seq,
-                    last_seq: rec.seq,
-                });
+                let t = by_topic
+                    .entry(rec.topic.to_string())
+                    .or_insert_with(|| TopicStats {
+                        topic: rec.topic.to_string(),
+                        messages: 0,
+                        bytes: Some(0),
+                        oldest: us_to_time_opt(rec.log_us),
+                        newest: None,
+                        first_seq: rec.seq,
+                        last_seq: rec.seq,
+                    });
                 t.messages += 1;
                 t.bytes = Some(t.bytes.unwrap_or(0) + u64::from(rec.stored));
                 t.newest = us_to_time_opt(rec.log_us);
@@ -64,6 +66,14 @@ fn group_row(inner: &Inner, meta: &Meta, st: &GroupState) -> Result<Option<Consu
     let snap = inner.shared.snapshot();
     let (mut lag, mut in_flight, mut newest) = (0u64, 0u64, 0u64);
     let cursor = st.positions.iter().copied().min().unwrap_or(0);
+    // Partitions held by a live instance: only their handed-out messages are in flight (the
+    // others' are delivered again to the next owner).
+    let now = super::log::now_us();
+    let held: u64 = st
+        .leases
+        .values()
+        .filter(|l| l.expires_us > now)
+        .fold(0, |m, l| m | l.mask);
     for d in domains_of(&pattern) {
         let e = snap.domains[d];
         if e.last_seq == 0 {
@@ -87,7 +97,7 @@ fn group_row(inner: &Inner, meta: &Meta, st: &GroupState) -> Result<Option<Consu
                     continue;
                 }
                 lag += 1;
-                if rec.seq <= st.delivered[s] {
+                if rec.seq <= st.delivered[s] && held & (1 << group::partition_of(s)) != 0 {
                     in_flight += 1;
                 }
             }
@@ -116,7 +126,9 @@ fn consumer_rows(inner: &Inner) -> Result<Vec<ConsumerStats>> {
     let mut out = Vec::new();
     for ent in rd {
         let ent = ent.map_err(|e| super::shared::io_error(&root, "listing consumer groups", e))?;
-        let Some(meta) = Meta::read(&ent.path())? else { continue };
+        let Some(meta) = Meta::read(&ent.path())? else {
+            continue;
+        };
         if meta.pattern.is_empty() {
             continue;
         }

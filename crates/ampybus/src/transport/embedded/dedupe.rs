@@ -127,7 +127,12 @@ impl EmbeddedDedupe {
     /// The instance all `deliveries` belong to, when they are durable deliveries of this log
     /// whose group is `consumer`.
     fn instance_of(&self, consumer: &str, deliveries: &[Delivery]) -> Option<Arc<Mutex<Instance>>> {
-        let first = deliveries.first()?.settler_any()?.downcast_ref::<DurableSettler>()?.inst.clone();
+        let first = deliveries
+            .first()?
+            .settler_any()?
+            .downcast_ref::<DurableSettler>()?
+            .inst
+            .clone();
         {
             let i = first.lock().unwrap_or_else(|p| p.into_inner());
             if !i.belongs_to(&self.inner, consumer) {
@@ -144,10 +149,18 @@ impl EmbeddedDedupe {
             .then_some(first)
     }
 
-    async fn commit(&self, consumer: &str, keys: Vec<u128>, deliveries: Vec<Delivery>) -> std::result::Result<(), (Error, Vec<Delivery>)> {
+    async fn commit(
+        &self,
+        consumer: &str,
+        keys: Vec<u128>,
+        deliveries: Vec<Delivery>,
+    ) -> std::result::Result<(), (Error, Vec<Delivery>)> {
         if let Some(inst) = self.instance_of(consumer, &deliveries) {
             let seqs: Vec<u64> = deliveries.iter().map(|d| d.info.sequence).collect();
-            let r = inst.lock().unwrap_or_else(|p| p.into_inner()).ack(&seqs, &keys);
+            let r = inst
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .ack(&seqs, &keys);
             return r.map_err(|e| (e, deliveries));
         }
         if let Err(e) = self.record(consumer, &keys) {

@@ -85,7 +85,12 @@ pub(crate) fn check_seg_header(buf: &[u8]) -> Option<u64> {
 }
 
 /// The BATCH body.
-pub(crate) fn batch_body(first_seq: u64, count: u32, log_us: i64, prev_seq: u64) -> [u8; BATCH_BODY] {
+pub(crate) fn batch_body(
+    first_seq: u64,
+    count: u32,
+    log_us: i64,
+    prev_seq: u64,
+) -> [u8; BATCH_BODY] {
     let mut b = [0u8; BATCH_BODY];
     b[..8].copy_from_slice(&first_seq.to_le_bytes());
     b[8..12].copy_from_slice(&count.to_le_bytes());
@@ -263,7 +268,10 @@ impl SegState {
                             return (Step::Damage("empty batch or sequence 0"), at);
                         }
                         if self.last_seq != 0 && batch.prev_seq != self.last_seq {
-                            return (Step::Damage("sequence chain broken (a batch is missing)"), at);
+                            return (
+                                Step::Damage("sequence chain broken (a batch is missing)"),
+                                at,
+                            );
                         }
                         if batch.first_seq <= batch.prev_seq {
                             return (Step::Damage("sequence goes backwards"), at);
@@ -336,7 +344,11 @@ impl SegState {
 pub(crate) fn later_batch(buf: &[u8], from: usize, last_seq: u64) -> Option<usize> {
     let mut at = from + 1;
     while at + FRAME_HEAD + BATCH_BODY <= buf.len() {
-        if let Frame::Ok { kind: KIND_BATCH, body, .. } = frame_at(buf, at)
+        if let Frame::Ok {
+            kind: KIND_BATCH,
+            body,
+            ..
+        } = frame_at(buf, at)
             && let Some(b) = parse_batch(&buf[body.0..body.1])
             && b.first_seq > last_seq
             && (last_seq == 0 || b.prev_seq >= last_seq)
@@ -358,14 +370,24 @@ mod tests {
         put_frame(
             out,
             KIND_RECORD,
-            &[&key_hash(key).to_le_bytes(), &tid.to_le_bytes(), &len, headers, payload],
+            &[
+                &key_hash(key).to_le_bytes(),
+                &tid.to_le_bytes(),
+                &len,
+                headers,
+                payload,
+            ],
         );
     }
 
     fn sample() -> Vec<u8> {
         let mut buf = Vec::new();
         put_frame(&mut buf, KIND_BATCH, &[&batch_body(1, 2, 10, 0)]);
-        put_frame(&mut buf, KIND_TOPIC, &[&0u16.to_le_bytes(), b"ampy.dev.orders.v1.x"]);
+        put_frame(
+            &mut buf,
+            KIND_TOPIC,
+            &[&0u16.to_le_bytes(), b"ampy.dev.orders.v1.x"],
+        );
         record(&mut buf, b"k", 0, b"hh", b"payload-1");
         record(&mut buf, b"k", 0, b"", b"payload-2");
         put_frame(&mut buf, KIND_BATCH, &[&batch_body(3, 1, 11, 2)]);
@@ -418,7 +440,11 @@ mod tests {
             let mut b = buf.clone();
             b[i] ^= 0x5A;
             let (recs, damage, _) = read(&b, true);
-            assert!(damage.is_some(), "flip at {i} not caught ({} records)", recs.len());
+            assert!(
+                damage.is_some(),
+                "flip at {i} not caught ({} records)",
+                recs.len()
+            );
         }
         for cut in 0..buf.len() {
             let (_, damage, _) = read(&buf[..cut], false);
@@ -436,7 +462,10 @@ mod tests {
         record(&mut buf, b"k", 0, b"", b"b");
         let (recs, damage, _) = read(&buf, true);
         assert_eq!(recs.len(), 1);
-        assert_eq!(damage.unwrap().1, "sequence chain broken (a batch is missing)");
+        assert_eq!(
+            damage.unwrap().1,
+            "sequence chain broken (a batch is missing)"
+        );
     }
 
     #[test]

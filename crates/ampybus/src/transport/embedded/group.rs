@@ -91,7 +91,10 @@ impl Meta {
         let bad = |what: &str| {
             Error::new(
                 ErrorKind::Transport,
-                format!("embedded log {}: damaged group definition: {what}", path.display()),
+                format!(
+                    "embedded log {}: damaged group definition: {what}",
+                    path.display()
+                ),
             )
         };
         let mut lines = s.lines();
@@ -105,7 +108,9 @@ impl Meta {
             created_us: 0,
         };
         for l in lines {
-            let (k, v) = l.split_once(' ').ok_or_else(|| bad("a line without a value"))?;
+            let (k, v) = l
+                .split_once(' ')
+                .ok_or_else(|| bad("a line without a value"))?;
             match k {
                 "name" => m.name = v.to_owned(),
                 "pattern" => m.pattern = v.to_owned(),
@@ -114,9 +119,7 @@ impl Meta {
                 _ => {}
             }
         }
-        if m.pattern.is_empty() {
-            return Err(bad("no pattern"));
-        }
+        // An empty pattern: a group known only by its dedupe records.
         Ok(m)
     }
 
@@ -132,10 +135,12 @@ impl Meta {
 
     /// Writes the definition durably (temp file, fsync, rename).
     pub fn write(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| io_error(dir, "creating the group directory", e))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| io_error(dir, "creating the group directory", e))?;
         let tmp = dir.join("meta.tmp");
         let p = dir.join("meta");
-        let mut f = File::create(&tmp).map_err(|e| io_error(&tmp, "writing the group definition", e))?;
+        let mut f =
+            File::create(&tmp).map_err(|e| io_error(&tmp, "writing the group definition", e))?;
         f.write_all(self.encode().as_bytes())
             .and_then(|()| f.sync_all())
             .map_err(|e| io_error(&tmp, "writing the group definition", e))?;
@@ -296,7 +301,11 @@ impl GroupState {
             b.extend_from_slice(&l.mask.to_le_bytes());
             b.extend_from_slice(&l.expires_us.to_le_bytes());
         }
-        let keys: Vec<(&u128, &i64)> = self.dedupe.iter().filter(|(_, t)| **t >= cutoff_ms).collect();
+        let keys: Vec<(&u128, &i64)> = self
+            .dedupe
+            .iter()
+            .filter(|(_, t)| **t >= cutoff_ms)
+            .collect();
         b.extend_from_slice(&(keys.len() as u32).to_le_bytes());
         for (k, t) in keys {
             b.extend_from_slice(&k.to_le_bytes());
@@ -349,8 +358,15 @@ pub(crate) mod frames {
     }
 
     /// ACK.
-    pub fn ack(owner: u128, at_ms: i64, positions: &[(usize, u64)], acked: &[u64], keys: &[u128]) -> Vec<u8> {
-        let mut b = Vec::with_capacity(34 + positions.len() * 9 + acked.len() * 8 + keys.len() * 16);
+    pub fn ack(
+        owner: u128,
+        at_ms: i64,
+        positions: &[(usize, u64)],
+        acked: &[u64],
+        keys: &[u128],
+    ) -> Vec<u8> {
+        let mut b =
+            Vec::with_capacity(34 + positions.len() * 9 + acked.len() * 8 + keys.len() * 16);
         b.extend_from_slice(&owner.to_le_bytes());
         b.extend_from_slice(&at_ms.to_le_bytes());
         b.extend_from_slice(&(positions.len() as u16).to_le_bytes());
@@ -417,7 +433,10 @@ impl Journal {
             .create(true)
             .open(&path)
             .map_err(|e| io_error(&path, "opening the group journal", e))?;
-        let ino = file.metadata().map_err(|e| io_error(&path, "reading the group journal", e))?.ino();
+        let ino = file
+            .metadata()
+            .map_err(|e| io_error(&path, "reading the group journal", e))?
+            .ino();
         lock.unlock();
         let mut j = Journal {
             dir: dir.to_path_buf(),
@@ -436,7 +455,11 @@ impl Journal {
     }
 
     /// Runs `f` holding the group lock (exclusive or shared); the journal is caught up first.
-    pub fn with_lock<T>(&mut self, exclusive: bool, f: impl FnOnce(&mut Journal) -> Result<T>) -> Result<T> {
+    pub fn with_lock<T>(
+        &mut self,
+        exclusive: bool,
+        f: impl FnOnce(&mut Journal) -> Result<T>,
+    ) -> Result<T> {
         self.lock.relock(&self.lock_path, exclusive)?;
         let out = self.catch_up(exclusive).and_then(|()| f(self));
         self.lock.unlock();
@@ -493,7 +516,8 @@ impl Journal {
                     if !exclusive {
                         break;
                     }
-                    let valid_after = (at + 1..buf.len()).any(|i| matches!(format::frame_at(&buf, i), Frame::Ok { .. }));
+                    let valid_after = (at + 1..buf.len())
+                        .any(|i| matches!(format::frame_at(&buf, i), Frame::Ok { .. }));
                     if valid_after {
                         return Err(super::log::damaged(
                             &self.path,
@@ -544,11 +568,13 @@ impl Journal {
         let mut out = Vec::new();
         put_frame(&mut out, format::KIND_SNAPSHOT, &[&body]);
         let tmp = self.dir.join("journal.tmp");
-        let mut f = File::create(&tmp).map_err(|e| io_error(&tmp, "compacting the group journal", e))?;
+        let mut f =
+            File::create(&tmp).map_err(|e| io_error(&tmp, "compacting the group journal", e))?;
         f.write_all(&out)
             .and_then(|()| f.sync_all())
             .map_err(|e| io_error(&tmp, "compacting the group journal", e))?;
-        std::fs::rename(&tmp, &self.path).map_err(|e| io_error(&self.path, "compacting the group journal", e))?;
+        std::fs::rename(&tmp, &self.path)
+            .map_err(|e| io_error(&self.path, "compacting the group journal", e))?;
         sync_dir(&self.dir)?;
         self.catch_up(true)
     }
@@ -573,10 +599,21 @@ mod tests {
         meta().write(dir.path()).unwrap();
         let mut a = Journal::open(dir.path(), Meta::read(dir.path()).unwrap().unwrap()).unwrap();
         let mut b = Journal::open(dir.path(), meta()).unwrap();
-        a.with_lock(true, |j| j.append(format::KIND_LEASE, &frames::lease(1, 0b1, i64::MAX))).unwrap();
+        a.with_lock(true, |j| {
+            j.append(format::KIND_LEASE, &frames::lease(1, 0b1, i64::MAX))
+        })
+        .unwrap();
         // Owner 1 holds partition 0: its position for slot 0 counts; owner 2's for slot 0 not.
-        a.append_shared(format::KIND_ACK, &frames::ack(1, 10, &[(0, 9)], &[12], &[key128("m1")])).unwrap();
-        b.append_shared(format::KIND_ACK, &frames::ack(2, 11, &[(0, 50)], &[], &[key128("m2")])).unwrap();
+        a.append_shared(
+            format::KIND_ACK,
+            &frames::ack(1, 10, &[(0, 9)], &[12], &[key128("m1")]),
+        )
+        .unwrap();
+        b.append_shared(
+            format::KIND_ACK,
+            &frames::ack(2, 11, &[(0, 50)], &[], &[key128("m2")]),
+        )
+        .unwrap();
         b.with_lock(false, |_| Ok(())).unwrap();
         a.with_lock(false, |_| Ok(())).unwrap();
         for j in [&a, &b] {
@@ -593,7 +630,8 @@ mod tests {
     fn a_torn_append_is_cut_and_damage_before_valid_frames_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let mut a = Journal::open(dir.path(), meta()).unwrap();
-        a.append_shared(format::KIND_NACK, &frames::nack(0, 7, 100)).unwrap();
+        a.append_shared(format::KIND_NACK, &frames::nack(0, 7, 100))
+            .unwrap();
         let good = std::fs::metadata(&a.path).unwrap().len();
         // Half a frame at the end: a process killed inside its write.
         let mut f = OpenOptions::new().append(true).open(&a.path).unwrap();
@@ -603,7 +641,8 @@ mod tests {
         assert_eq!(b.state.nacked.get(&7), Some(&100));
         // Damage in the middle: a flipped byte in the first of two frames.
         drop(b);
-        a.append_shared(format::KIND_NACK, &frames::nack(0, 8, 100)).unwrap();
+        a.append_shared(format::KIND_NACK, &frames::nack(0, 8, 100))
+            .unwrap();
         let mut bytes = std::fs::read(&a.path).unwrap();
         bytes[10] ^= 0xFF;
         std::fs::write(&a.path, &bytes).unwrap();
@@ -615,8 +654,15 @@ mod tests {
     fn compaction_keeps_the_state() {
         let dir = tempfile::tempdir().unwrap();
         let mut a = Journal::open(dir.path(), meta()).unwrap();
-        a.with_lock(true, |j| j.append(format::KIND_LEASE, &frames::lease(3, 0b11, 99))).unwrap();
-        a.append_shared(format::KIND_ACK, &frames::ack(3, 7, &[(1, 40)], &[44], &[9])).unwrap();
+        a.with_lock(true, |j| {
+            j.append(format::KIND_LEASE, &frames::lease(3, 0b11, 99))
+        })
+        .unwrap();
+        a.append_shared(
+            format::KIND_ACK,
+            &frames::ack(3, 7, &[(1, 40)], &[44], &[9]),
+        )
+        .unwrap();
         let before = a.state.clone();
         a.off = COMPACT_BYTES; // force
         a.with_lock(true, |j| j.maybe_compact(0)).unwrap();

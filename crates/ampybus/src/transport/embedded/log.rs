@@ -183,7 +183,8 @@ pub(crate) fn recover(data: &Path, shared: &Shared) -> Result<Snapshot> {
             let sc = scan_file(&path, None, true)?;
             if sc.state.last_seq == 0 {
                 // Created by a writer that never committed to it.
-                std::fs::remove_file(&path).map_err(|e| io_error(&path, "removing an empty segment", e))?;
+                std::fs::remove_file(&path)
+                    .map_err(|e| io_error(&path, "removing an empty segment", e))?;
                 sync_dir(&dir)?;
                 segs.pop();
                 continue;
@@ -192,10 +193,15 @@ pub(crate) fn recover(data: &Path, shared: &Shared) -> Result<Snapshot> {
                 .write(true)
                 .open(&path)
                 .map_err(|e| io_error(&path, "opening a segment", e))?;
-            let len = f.metadata().map_err(|e| io_error(&path, "reading a segment", e))?.len();
+            let len = f
+                .metadata()
+                .map_err(|e| io_error(&path, "reading a segment", e))?
+                .len();
             if len > sc.good_end {
-                f.set_len(sc.good_end).map_err(|e| io_error(&path, "cutting a torn tail", e))?;
-                f.sync_all().map_err(|e| io_error(&path, "syncing a segment", e))?;
+                f.set_len(sc.good_end)
+                    .map_err(|e| io_error(&path, "cutting a torn tail", e))?;
+                f.sync_all()
+                    .map_err(|e| io_error(&path, "syncing a segment", e))?;
             }
             snap.domains[i] = DomainEnd {
                 seg_first: last,
@@ -220,7 +226,10 @@ pub(crate) fn recover(data: &Path, shared: &Shared) -> Result<Snapshot> {
 pub(crate) fn read_floor(dir: &Path) -> Result<u64> {
     let p = dir.join("floor");
     match std::fs::read(&p) {
-        Ok(b) if b.len() == 12 && format::crc(&[&b[..8]]) == u32::from_le_bytes([b[8], b[9], b[10], b[11]]) => {
+        Ok(b)
+            if b.len() == 12
+                && format::crc(&[&b[..8]]) == u32::from_le_bytes([b[8], b[9], b[10], b[11]]) =>
+        {
             Ok(u64::from_le_bytes(b[..8].try_into().unwrap_or([0; 8])))
         }
         Ok(_) => Err(damaged(
@@ -297,7 +306,8 @@ impl Appender {
                         if b.len() >= 2
                             && let Ok(t) = std::str::from_utf8(&b[2..])
                         {
-                            self.dict.insert(Arc::from(t), u16::from_le_bytes([b[0], b[1]]));
+                            self.dict
+                                .insert(Arc::from(t), u16::from_le_bytes([b[0], b[1]]));
                         }
                     }
                     at = next;
@@ -352,7 +362,10 @@ impl LogWriter {
 
     /// Runs `f` holding the writer lock, with the current committed state (recovered first
     /// when the shared page is not of this boot).
-    pub fn locked<T>(&mut self, f: impl FnOnce(&mut LogWriter, Snapshot) -> Result<T>) -> Result<T> {
+    pub fn locked<T>(
+        &mut self,
+        f: impl FnOnce(&mut LogWriter, Snapshot) -> Result<T>,
+    ) -> Result<T> {
         self.lock.relock(&self.lock_path, true)?;
         let snap = if self.shared.is_current() {
             Ok(self.shared.snapshot())
@@ -374,7 +387,8 @@ impl LogWriter {
             self.open[d] = None;
             return Ok(());
         }
-        let reopen = !matches!(&self.open[d], Some(a) if a.seg_first == e.seg_first && a.end <= e.end);
+        let reopen =
+            !matches!(&self.open[d], Some(a) if a.seg_first == e.seg_first && a.end <= e.end);
         if reopen {
             self.open[d] = Some(Appender::open(&dir, e.seg_first, e.end)?);
         }
@@ -397,7 +411,8 @@ impl LogWriter {
     /// Starts a new segment for domain `d` whose first sequence is `first`.
     fn roll(&mut self, d: usize, first: u64) -> Result<()> {
         let dir = domain_dir(&self.data, Domain::ALL[d]);
-        std::fs::create_dir_all(&dir).map_err(|e| io_error(&dir, "creating the domain directory", e))?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| io_error(&dir, "creating the domain directory", e))?;
         if let Some(old) = &self.open[d] {
             old.file
                 .sync_data()
@@ -413,7 +428,8 @@ impl LogWriter {
             .map_err(|e| io_error(&path, "creating a segment", e))?;
         file.write_all_at(&seg_header(first), 0)
             .map_err(|e| io_error(&path, "writing a segment header", e))?;
-        file.sync_all().map_err(|e| io_error(&path, "syncing a new segment", e))?;
+        file.sync_all()
+            .map_err(|e| io_error(&path, "syncing a new segment", e))?;
         sync_dir(&dir)?;
         self.open[d] = Some(Appender {
             seg_first: first,
@@ -453,7 +469,9 @@ impl LogWriter {
                 let first = next;
                 let need_roll = match &self.open[d] {
                     None => true,
-                    Some(a) => a.end >= SEGMENT_BYTES || a.dict.len() + idx.len() > u16::MAX as usize,
+                    Some(a) => {
+                        a.end >= SEGMENT_BYTES || a.dict.len() + idx.len() > u16::MAX as usize
+                    }
                 };
                 if need_roll {
                     self.roll(d, first)?;
@@ -473,7 +491,11 @@ impl LogWriter {
                         Some(t) => *t,
                         None => {
                             let t = a.dict.len() as u16;
-                            put_frame(&mut buf, format::KIND_TOPIC, &[&t.to_le_bytes(), r.topic.as_bytes()]);
+                            put_frame(
+                                &mut buf,
+                                format::KIND_TOPIC,
+                                &[&t.to_le_bytes(), r.topic.as_bytes()],
+                            );
                             a.dict.insert(r.topic.clone(), t);
                             t
                         }
@@ -484,13 +506,21 @@ impl LogWriter {
                     if body > format::MAX_BODY {
                         return Err(Error::new(
                             ErrorKind::Payload,
-                            format!("embedded log: a message of {body} bytes is over the 256 MiB record limit"),
+                            format!(
+                                "embedded log: a message of {body} bytes is over the 256 MiB record limit"
+                            ),
                         ));
                     }
                     put_frame(
                         &mut buf,
                         format::KIND_RECORD,
-                        &[&r.key_hash.to_le_bytes(), &tid.to_le_bytes(), &len, &r.headers, &r.payload],
+                        &[
+                            &r.key_hash.to_le_bytes(),
+                            &tid.to_le_bytes(),
+                            &len,
+                            &r.headers,
+                            &r.payload,
+                        ],
                     );
                     seqs[i] = next;
                     next += 1;
@@ -508,7 +538,9 @@ impl LogWriter {
             if self.sync_full {
                 for (d, _) in &touched {
                     let a = self.open[*d].as_ref().expect("written above");
-                    a.file.sync_data().map_err(|e| io_error(&a.path, "syncing", e))?;
+                    a.file
+                        .sync_data()
+                        .map_err(|e| io_error(&a.path, "syncing", e))?;
                 }
             }
             Ok(())
@@ -575,7 +607,11 @@ pub(crate) fn read_purged(dir: &Path) -> Result<(u64, std::collections::HashSet<
     let mut at = 0;
     while at < data.len() {
         match format::frame_at(&data, at) {
-            format::Frame::Ok { kind: format::KIND_PURGE, body, next } => {
+            format::Frame::Ok {
+                kind: format::KIND_PURGE,
+                body,
+                next,
+            } => {
                 for c in data[body.0..body.1].chunks_exact(8) {
                     set.insert(u64::from_le_bytes(c.try_into().unwrap_or([0; 8])));
                 }
@@ -640,7 +676,11 @@ impl DomainReader {
         let segs = segments(&self.dir)?;
         let want = self.pos + 1;
         let pick = if self.file.is_none() {
-            segs.iter().rev().find(|s| **s <= want).or(segs.first()).copied()
+            segs.iter()
+                .rev()
+                .find(|s| **s <= want)
+                .or(segs.first())
+                .copied()
         } else {
             segs.iter().find(|s| **s > self.seg_first).copied()
         };
@@ -689,7 +729,9 @@ impl DomainReader {
             return Ok(false);
         }
         let start_len = out.len();
-        let plen = std::fs::metadata(self.dir.join("purged")).map(|m| m.len()).unwrap_or(0);
+        let plen = std::fs::metadata(self.dir.join("purged"))
+            .map(|m| m.len())
+            .unwrap_or(0);
         if plen != self.purged.0 {
             self.purged = read_purged(&self.dir)?;
         }
@@ -764,7 +806,10 @@ impl DomainReader {
                     Step::Rec(r) => {
                         if r.seq > self.pos {
                             self.pos = r.seq;
-                            if r.seq > self.after && r.seq >= end.floor && !self.purged.1.contains(&r.seq) {
+                            if r.seq > self.after
+                                && r.seq >= end.floor
+                                && !self.purged.1.contains(&r.seq)
+                            {
                                 out.push(r);
                             }
                         }

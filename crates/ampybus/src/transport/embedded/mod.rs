@@ -339,7 +339,6 @@ impl EmbeddedOptions {
 const FILE_URL_FORMS: &str =
     "accepted forms: /abs/dir, ./rel/dir, file:///abs/dir?options, file:rel/dir?options";
 
-
 pub(crate) struct Inner {
     pub(crate) opts: EmbeddedOptions,
     pub(crate) dir: PathBuf,
@@ -516,7 +515,10 @@ impl EmbeddedLog {
             .spawn(move || writer::writer_loop(state, rx, n2))
             .map_err(|e| {
                 Error::transport(
-                    format!("embedded log {}: cannot start writer thread: {e}", dir.display()),
+                    format!(
+                        "embedded log {}: cannot start writer thread: {e}",
+                        dir.display()
+                    ),
                     e,
                 )
             })?;
@@ -537,7 +539,10 @@ impl EmbeddedLog {
                 })
                 .map_err(|e| {
                     Error::transport(
-                        format!("embedded log {}: cannot start watcher thread: {e}", dir.display()),
+                        format!(
+                            "embedded log {}: cannot start watcher thread: {e}",
+                            dir.display()
+                        ),
                         e,
                     )
                 })?;
@@ -615,7 +620,9 @@ impl Transport for EmbeddedLog {
         }
         let (reply, rx) = oneshot::channel();
         self.inner.send(writer::Cmd::Append { recs, reply })?;
-        let seqs = rx.await.map_err(|_| self.inner.closed("writer stopped"))??;
+        let seqs = rx
+            .await
+            .map_err(|_| self.inner.closed("writer stopped"))??;
         Ok(seqs
             .into_iter()
             .map(|sequence| PublishReceipt {

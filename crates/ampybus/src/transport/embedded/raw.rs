@@ -54,7 +54,12 @@ pub fn raw_append_loop(
         put_frame(
             &mut buf,
             format::KIND_BATCH,
-            &[&format::batch_body(seq, chunk.len() as u32, log_us, seq.saturating_sub(1))],
+            &[&format::batch_body(
+                seq,
+                chunk.len() as u32,
+                log_us,
+                seq.saturating_sub(1),
+            )],
         );
         for env in chunk {
             let tid = match topics.iter().position(|t| *t == env.topic) {
@@ -62,7 +67,11 @@ pub fn raw_append_loop(
                 None => {
                     topics.push(env.topic.clone());
                     let i = (topics.len() - 1) as u16;
-                    put_frame(&mut buf, format::KIND_TOPIC, &[&i.to_le_bytes(), env.topic.as_bytes()]);
+                    put_frame(
+                        &mut buf,
+                        format::KIND_TOPIC,
+                        &[&i.to_le_bytes(), env.topic.as_bytes()],
+                    );
                     i
                 }
             };
@@ -74,10 +83,17 @@ pub fn raw_append_loop(
             put_frame(
                 &mut buf,
                 format::KIND_RECORD,
-                &[&kh.to_le_bytes(), &tid.to_le_bytes(), &len, &headers, &env.payload],
+                &[
+                    &kh.to_le_bytes(),
+                    &tid.to_le_bytes(),
+                    &len,
+                    &headers,
+                    &env.payload,
+                ],
             );
         }
-        f.write_all(&buf).map_err(|e| io_error(path, "writing", e))?;
+        f.write_all(&buf)
+            .map_err(|e| io_error(path, "writing", e))?;
         if sync_full {
             f.sync_data().map_err(|e| io_error(path, "syncing", e))?;
         }

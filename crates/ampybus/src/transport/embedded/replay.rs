@@ -26,7 +26,11 @@ fn first_batch_us(path: &std::path::Path) -> Option<i64> {
     let mut b = [0u8; FRAME_HEAD + format::BATCH_BODY];
     f.read_exact_at(&mut b, SEG_HEADER as u64).ok()?;
     match format::frame_at(&b, 0) {
-        format::Frame::Ok { kind: format::KIND_BATCH, body, .. } => format::parse_batch(&b[body.0..body.1]).map(|x| x.log_us),
+        format::Frame::Ok {
+            kind: format::KIND_BATCH,
+            body,
+            ..
+        } => format::parse_batch(&b[body.0..body.1]).map(|x| x.log_us),
         _ => None,
     }
 }
@@ -82,10 +86,11 @@ fn read_window_blocking(inner: &Inner, q: &WindowQuery) -> Result<Vec<StoredMess
     let limit = q.limit.max(1);
     let start_us = q.start.map(|t| t.timestamp_micros());
     let end_us = q.end.map(|t| t.timestamp_micros());
-    let key_hashes: Option<Vec<(u32, &str)>> = q
-        .keys
-        .as_ref()
-        .map(|ks| ks.iter().map(|k| (format::key_hash(k.as_bytes()), k.as_str())).collect());
+    let key_hashes: Option<Vec<(u32, &str)>> = q.keys.as_ref().map(|ks| {
+        ks.iter()
+            .map(|k| (format::key_hash(k.as_bytes()), k.as_str()))
+            .collect()
+    });
     let mut found: Vec<StoredMessage> = Vec::new();
     for d in domains_of(&q.pattern) {
         let e = snap.domains[d];

@@ -74,7 +74,10 @@ pub(crate) fn io_error(path: &Path, what: &str, e: std::io::Error) -> Error {
     if e.raw_os_error() == Some(libc::ENOSPC) {
         return Error::new(
             ErrorKind::Transport,
-            format!("embedded log {}: disk full while {what}: {e}", path.display()),
+            format!(
+                "embedded log {}: disk full while {what}: {e}",
+                path.display()
+            ),
         );
     }
     Error::new(
@@ -221,13 +224,18 @@ impl Shared {
             self.u64_at(o + 16).store(slot.last_seq, Ordering::Relaxed);
             self.u64_at(o + 24).store(slot.floor, Ordering::Relaxed);
         }
-        self.u64_at(OFF_NEXT_SEQ).store(s.next_seq, Ordering::Relaxed);
+        self.u64_at(OFF_NEXT_SEQ)
+            .store(s.next_seq, Ordering::Relaxed);
         if self.u64_at(OFF_MAGIC).load(Ordering::Relaxed) != SHM_MAGIC || !self.is_current() {
             let b = boot_id();
-            self.u64_at(OFF_BOOT)
-                .store(u64::from_le_bytes(b[..8].try_into().unwrap_or([0; 8])), Ordering::Relaxed);
-            self.u64_at(OFF_BOOT + 8)
-                .store(u64::from_le_bytes(b[8..].try_into().unwrap_or([0; 8])), Ordering::Relaxed);
+            self.u64_at(OFF_BOOT).store(
+                u64::from_le_bytes(b[..8].try_into().unwrap_or([0; 8])),
+                Ordering::Relaxed,
+            );
+            self.u64_at(OFF_BOOT + 8).store(
+                u64::from_le_bytes(b[8..].try_into().unwrap_or([0; 8])),
+                Ordering::Relaxed,
+            );
             self.u64_at(OFF_MAGIC).store(SHM_MAGIC, Ordering::Relaxed);
         }
         lock.store(v.wrapping_add(2) & !1, Ordering::Release);
@@ -388,6 +396,9 @@ mod tests {
         });
         a.publish(&Snapshot::default());
         let waited = t.join().unwrap();
-        assert!(waited < Duration::from_secs(10), "woken only by the timeout");
+        assert!(
+            waited < Duration::from_secs(10),
+            "woken only by the timeout"
+        );
     }
 }

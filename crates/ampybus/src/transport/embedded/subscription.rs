@@ -62,7 +62,10 @@ async fn start_position(inner: &Arc<Inner>, start: StartAt) -> Result<u64> {
 }
 
 fn check_name(name: &str) -> Result<()> {
-    if name.is_empty() || name.len() > 200 || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+    if name.is_empty()
+        || name.len() > 200
+        || name.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
         return Err(Error::config(format!(
             "durable consumer name {name:?}: must be 1–200 characters without whitespace"
         )));
@@ -70,11 +73,17 @@ fn check_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-pub(crate) async fn subscribe(inner: Arc<Inner>, spec: SubscribeSpec) -> Result<Box<dyn Subscription>> {
+pub(crate) async fn subscribe(
+    inner: Arc<Inner>,
+    spec: SubscribeSpec,
+) -> Result<Box<dyn Subscription>> {
     let domains = domains_of(&spec.pattern);
     let Some(name) = spec.durable.clone() else {
         let after = start_position(&inner, spec.start).await?;
-        let readers = domains.iter().map(|d| DomainReader::new(&inner.dir, *d, after)).collect();
+        let readers = domains
+            .iter()
+            .map(|d| DomainReader::new(&inner.dir, *d, after))
+            .collect();
         return Ok(Box::new(Ephemeral {
             inner,
             pattern: spec.pattern,
@@ -96,7 +105,12 @@ pub(crate) async fn subscribe(inner: Arc<Inner>, spec: SubscribeSpec) -> Result<
         created_us: now_us(),
     };
     let mut journal = inner.group(&name, || Ok(define(&pattern)))?;
-    let existing = journal.lock().unwrap_or_else(|p| p.into_inner()).meta.pattern.clone();
+    let existing = journal
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .meta
+        .pattern
+        .clone();
     if existing.is_empty() {
         // Known so far only by its dedupe records: it becomes a consumer now.
         let dir = group::group_dir(&inner.dir, &name);
@@ -108,8 +122,13 @@ pub(crate) async fn subscribe(inner: Arc<Inner>, spec: SubscribeSpec) -> Result<
             "durable consumer {name:?} already exists with pattern {existing:?}, not {pattern:?}; use another name"
         )));
     }
-    let deadline_us = i64::try_from(spec.ack_deadline.as_micros()).unwrap_or(i64::MAX / 4).max(1_000);
-    let readers = domains.iter().map(|d| DomainReader::new(&inner.dir, *d, start)).collect();
+    let deadline_us = i64::try_from(spec.ack_deadline.as_micros())
+        .unwrap_or(i64::MAX / 4)
+        .max(1_000);
+    let readers = domains
+        .iter()
+        .map(|d| DomainReader::new(&inner.dir, *d, start))
+        .collect();
     let inst = Arc::new(Mutex::new(Instance {
         inner: inner.clone(),
         owner: rand::random::<u128>() | 1,
@@ -131,7 +150,11 @@ pub(crate) async fn subscribe(inner: Arc<Inner>, spec: SubscribeSpec) -> Result<
         i.maintain(now_us(), true)?;
     }
     let settler: Arc<dyn Settler> = Arc::new(DurableSettler { inst: inst.clone() });
-    Ok(Box::new(Durable { inner, inst, settler }))
+    Ok(Box::new(Durable {
+        inner,
+        inst,
+        settler,
+    }))
 }
 
 /// Waits until a commit (in any process), `until`, or `give_up`; false when `give_up` passed.
@@ -217,7 +240,9 @@ impl Subscription for Ephemeral {
             if !self.backlog.is_empty() {
                 let mut out = Vec::with_capacity(max.min(self.backlog.len()));
                 while out.len() < max {
-                    let Some(rec) = self.backlog.front() else { break };
+                    let Some(rec) = self.backlog.front() else {
+                        break;
+                    };
                     let env = match envelope_of(&self.inner, rec) {
                         Ok(e) => e,
                         Err(e) if out.is_empty() => return Err(e),
@@ -297,7 +322,8 @@ impl Instance {
             .values()
             .filter(|p| p.st != St::Waiting)
             .fold(0, |m, p| m | (1u64 << partition_of(p.slot)));
-        let cutoff_ms = now / 1000 - i64::try_from(crate::dedupe::DEFAULT_WINDOW.as_millis()).unwrap_or(i64::MAX / 2);
+        let cutoff_ms = now / 1000
+            - i64::try_from(crate::dedupe::DEFAULT_WINDOW.as_millis()).unwrap_or(i64::MAX / 2);
         let (mask, positions, delivered) = {
             let mut j = self.journal();
             j.with_lock(true, |j| {
@@ -328,7 +354,10 @@ impl Instance {
                         mask &= !(1 << p);
                     }
                 }
-                j.append(super::format::KIND_LEASE, &frames::lease(owner, mask, now + lease_us))?;
+                j.append(
+                    super::format::KIND_LEASE,
+                    &frames::lease(owner, mask, now + lease_us),
+                )?;
                 j.maybe_compact(cutoff_ms)?;
                 Ok((mask, j.state.positions.clone(), j.state.delivered.clone()))
             })?
@@ -405,7 +434,15 @@ impl Instance {
                 };
                 let deliveries = u32::from(rec.seq <= j.state.delivered[s]);
                 self.per_slot[s].insert(rec.seq);
-                self.pending.insert(rec.seq, Pend { slot: s, rec, deliveries, st });
+                self.pending.insert(
+                    rec.seq,
+                    Pend {
+                        slot: s,
+                        rec,
+                        deliveries,
+                        st,
+                    },
+                );
             }
         }
         Ok(())
@@ -414,12 +451,17 @@ impl Instance {
     /// Hands out up to `max` records: new ones, expired ones and delayed ones that are due,
     /// never one whose key has a delayed record before it. Returns them and the next time
     /// something becomes due.
-    fn poll(&mut self, max: usize, settler: &Arc<dyn Settler>) -> Result<(Vec<Delivery>, Option<i64>)> {
+    fn poll(
+        &mut self,
+        max: usize,
+        settler: &Arc<dyn Settler>,
+    ) -> Result<(Vec<Delivery>, Option<i64>)> {
         let now = now_us();
         self.maintain(now, false)?;
         self.read_new(max, now)?;
         let mut out = Vec::new();
-        let mut next_due: Option<i64> = (self.mine == 0 || self.next_maintain > now).then_some(self.next_maintain);
+        let mut next_due: Option<i64> =
+            (self.mine == 0 || self.next_maintain > now).then_some(self.next_maintain);
         let mut blocked: HashSet<(usize, u32)> = HashSet::new();
         let mut through: Vec<(usize, u64)> = Vec::new();
         let deadline = now + self.deadline_us;
@@ -511,7 +553,11 @@ impl Instance {
             if self.mine & (1 << partition_of(s)) == 0 {
                 continue;
             }
-            let k = self.domains.iter().position(|d| *d == s / PARTITIONS as usize).unwrap_or(0);
+            let k = self
+                .domains
+                .iter()
+                .position(|d| *d == s / PARTITIONS as usize)
+                .unwrap_or(0);
             let examined = self.read_through[s].max(self.readers[k].pos);
             let pos = match self.per_slot[s].first() {
                 Some(first) => first - 1,
@@ -524,7 +570,10 @@ impl Instance {
         let above: Vec<u64> = acked
             .iter()
             .filter(|(s, seq)| match s {
-                Some(s) => positions.iter().find(|(x, _)| x == s).map_or(true, |(_, p)| seq > p),
+                Some(s) => positions
+                    .iter()
+                    .find(|(x, _)| x == s)
+                    .map_or(true, |(_, p)| seq > p),
                 None => true,
             })
             .map(|(_, seq)| *seq)
@@ -542,7 +591,8 @@ impl Instance {
         };
         p.st = St::Delayed(due);
         let body = frames::nack(p.slot, seq, due);
-        self.journal().append_shared(super::format::KIND_NACK, &body)
+        self.journal()
+            .append_shared(super::format::KIND_NACK, &body)
     }
 
     fn in_progress(&mut self, seq: u64) -> Result<()> {
@@ -558,9 +608,9 @@ impl Instance {
     /// Gives the partitions up (the instance is going away).
     fn release(&mut self) {
         let owner = self.owner;
-        let r = self
-            .journal()
-            .with_lock(true, |j| j.append(super::format::KIND_LEASE, &frames::lease(owner, 0, 0)));
+        let r = self.journal().with_lock(true, |j| {
+            j.append(super::format::KIND_LEASE, &frames::lease(owner, 0, 0))
+        });
         if let Err(e) = r {
             tracing::warn!(error = %e, "embedded log: releasing partitions failed; they expire instead");
         }
@@ -617,7 +667,10 @@ struct Durable {
 
 impl Drop for Durable {
     fn drop(&mut self) {
-        self.inst.lock().unwrap_or_else(|p| p.into_inner()).release();
+        self.inst
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .release();
     }
 }
 

@@ -21,9 +21,9 @@ pub(crate) enum Cmd {
 /// A publishable envelope as a record: domain, partition key hash, compact headers.
 pub(crate) fn new_rec(env: Envelope) -> Result<NewRec> {
     let dom = env.topic.split('.').nth(2).unwrap_or("");
-    let domain: Domain = dom.parse().map_err(|e: Error| {
-        Error::topic(format!("topic {:?}: {}", env.topic, e.message()))
-    })?;
+    let domain: Domain = dom
+        .parse()
+        .map_err(|e: Error| Error::topic(format!("topic {:?}: {}", env.topic, e.message())))?;
     let key_hash = super::format::key_hash(env.headers.partition_key().unwrap_or("").as_bytes());
     let mut headers = Vec::with_capacity(192);
     env.headers.encode_compact(&mut headers);
@@ -78,7 +78,9 @@ impl WriterState {
                     Some(max) => {
                         let mut total = 0u64;
                         for s in log::segments(&dir)? {
-                            total += std::fs::metadata(log::seg_path(&dir, s)).map(|m| m.len()).unwrap_or(0);
+                            total += std::fs::metadata(log::seg_path(&dir, s))
+                                .map(|m| m.len())
+                                .unwrap_or(0);
                         }
                         total > max
                     }
@@ -134,7 +136,8 @@ impl WriterState {
                 for pair in segs.windows(2) {
                     if pair[1] <= floor && pair[0] != e.seg_first {
                         let p = log::seg_path(&dir, pair[0]);
-                        std::fs::remove_file(&p).map_err(|er| super::shared::io_error(&p, "removing a segment", er))?;
+                        std::fs::remove_file(&p)
+                            .map_err(|er| super::shared::io_error(&p, "removing a segment", er))?;
                     }
                 }
                 deleted += by_age + by_size;
