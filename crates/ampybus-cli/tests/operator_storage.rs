@@ -1,11 +1,11 @@
 //! Nothing lost by an operator (issue 14), the storage part, through the `ampybus` binary:
 //! retention options that cannot wipe a log by surprise and that only a publishing process
-//! applies, `topics describe` showing the retention in force, damaged rows and SQLite failures
+//! applies, `topics describe` showing the retention in force, damaged records and I/O failures
 //! named, URL forms that mean one thing, inspection commands that never create a data
 //! directory, and the publish limits.
 
 use serde_json::Value;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 mod common;
 use common::{Out, ampybus_on};
@@ -275,34 +275,60 @@ fn topics_describe_shows_the_retention_in_force_and_the_oldest_message() {
     );
 }
 
+/// The only segment file of `domain` in the data directory `data`.
+fn only_segment(data: &Path, domain: &str) -> PathBuf {
+    let segs: Vec<PathBuf> = std::fs::read_dir(data.join("log").join(domain))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .collect();
+    assert_eq!(segs.len(), 1, "{segs:?}");
+    segs.into_iter().next().unwrap()
+}
+
+/// Flips 4 bytes in the middle of the frame of the `nth` record (1-based) of `domain`'s only
+/// segment (frames: crc u32, word u32 = kind << 28 | body length, body; a record is kind 3,
+/// after a 16-byte file header). Returns the segment and the byte offset of the frame.
+fn damage_record(data: &Path, domain: &str, nth: usize) -> (PathBuf, u64) {
+    let seg = only_segment(data, domain);
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let (mut at, mut records) = (16usize, 0);
+    loop {
+        let word = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().unwrap());
+        let len = 8 + (word & 0x0FFF_FFFF) as usize;
+        if word >> 28 == 3 {
+            records += 1;
+            if records == nth {
+                for b in &mut bytes[at + len / 2..at + len / 2 + 4] {
+                    *b ^= 0xFF;
+                }
+                std::fs::write(&seg, &bytes).unwrap();
+                return (seg, at as u64);
+            }
+        }
+        at += len;
+    }
+}
+
 #[test]
-fn a_damaged_row_is_named_and_nothing_garbled_is_printed() {
+fn a_damaged_record_is_named_and_nothing_garbled_is_printed() {
     let tmp = tempfile::tempdir().unwrap();
     let url = url_of(tmp.path(), "");
     let ids = publish(&url, 5, None, &[]);
-    let db = tmp.path().join("ampybus.sqlite3");
-    let conn = rusqlite::Connection::open(&db).unwrap();
-    // A header count of 5, then a truncated name: the row's headers cannot be decoded.
-    let n = conn
-        .execute(
-            "UPDATE messages SET headers = x'0500ffff' WHERE seq = 3",
-            [],
-        )
-        .unwrap();
-    assert_eq!(n, 1);
-    drop(conn);
+    // Record 3: its checksum no longer matches.
+    let (seg, offset) = damage_record(tmp.path(), "news", 3);
     let named = |o: &Out| {
         assert_eq!(o.code, 3, "{}", o.stderr);
         assert!(
             o.stderr.contains(&format!(
-                "embedded log {}: message seq 3 on \"{NEWS}\" is damaged: stored headers are corrupt: truncated",
-                db.display()
+                "transport error: embedded log {}: damaged at byte {offset}: checksum mismatch; the messages from there on cannot be read (restore the file, or move it away to accept the loss)",
+                seg.display()
             )),
             "{}",
             o.stderr
         );
     };
-    // Followers print the two rows before it (whole, with their headers), then fail.
+    // Followers print the two records before it (whole, with their headers), then fail.
     for extra in [&[][..], &["--durable", "audit"]] {
         let mut args = vec![
             "sub",
@@ -345,15 +371,17 @@ fn a_damaged_row_is_named_and_nothing_garbled_is_printed() {
 }
 
 #[test]
-fn sqlite_causes_and_the_data_file_are_named() {
-    // SQLite treats a database whose file-format write version is 3 as read-only.
+fn io_errors_and_damaged_segments_are_named() {
+    // The news log's directory replaced by a file: a real I/O failure (ENOTDIR) whatever the
+    // permissions of the user running the tests.
     let tmp = tempfile::tempdir().unwrap();
     let url = url_of(tmp.path(), "");
     publish(&url, 2, None, &[]);
-    let db = tmp.path().join("ampybus.sqlite3");
-    let mut bytes = std::fs::read(&db).unwrap();
-    bytes[18] = 3;
-    std::fs::write(&db, &bytes).unwrap();
+    let news = tmp.path().join("log").join("news");
+    let seg = only_segment(tmp.path(), "news");
+    let moved = tmp.path().join("news.away");
+    std::fs::rename(&news, &moved).unwrap();
+    std::fs::write(&news, b"not a directory").unwrap();
     let o = ampybus_on(
         &url,
         &[
@@ -371,18 +399,42 @@ fn sqlite_causes_and_the_data_file_are_named() {
     assert_eq!(o.code, 3, "{}", o.stderr);
     assert!(
         o.stderr.contains(&format!(
-            "transport error: embedded log {}: insert: attempt to write a readonly database",
-            db.display()
+            "transport error: embedded log {}: opening a segment: Not a directory (os error 20)",
+            seg.display()
         )),
         "{}",
         o.stderr
     );
+    let o = ampybus_on(&url, &["topics", "list"]);
+    assert_eq!(o.code, 3, "{}", o.stderr);
+    assert!(
+        o.stderr.contains(&format!(
+            "transport error: embedded log {}: listing segments: Not a directory (os error 20)",
+            news.display()
+        )),
+        "{}",
+        o.stderr
+    );
+    std::fs::remove_file(&news).unwrap();
+    std::fs::rename(&moved, &news).unwrap();
     assert_eq!(stored(&url).0, 2);
 
-    // A malformed database file (its schema page overwritten).
-    bytes[18] = 2;
-    bytes[100..4096].fill(0xff);
-    std::fs::write(&db, &bytes).unwrap();
+    // A segment whose file header is overwritten: reading it names the file and byte 0; after
+    // a reboot (the shared state gone) every command fails as the log opens.
+    let mut bytes = std::fs::read(&seg).unwrap();
+    bytes[..8].fill(0xff);
+    std::fs::write(&seg, &bytes).unwrap();
+    let o = ampybus_on(&url, &["topics", "list"]);
+    assert_eq!(o.code, 3, "{}", o.stderr);
+    assert!(
+        o.stderr.contains(&format!(
+            "transport error: embedded log {}: damaged at byte 0: segment header does not match its name;",
+            seg.display()
+        )),
+        "{}",
+        o.stderr
+    );
+    std::fs::remove_file(tmp.path().join("state.shm")).unwrap();
     for args in [
         &["topics", "list"][..],
         &["sub", "--pattern", ">", "--timeout", "0.2"],
@@ -390,18 +442,14 @@ fn sqlite_causes_and_the_data_file_are_named() {
         let o = ampybus_on(&url, args);
         assert_eq!(o.code, 3, "{}", o.stderr);
         assert!(
-            o.stderr
-                .contains(&format!("transport error: embedded log {}: ", db.display())),
+            o.stderr.contains(&format!(
+                "transport error: embedded log {}: damaged at byte 0: not a segment file (bad header); the messages from there on cannot be read (restore the file, or move it away to accept the loss)",
+                seg.display()
+            )),
             "{}",
             o.stderr
         );
-        assert!(
-            o.stderr
-                .trim_end()
-                .ends_with(": database disk image is malformed"),
-            "{}",
-            o.stderr
-        );
+        assert_eq!(o.stdout, "");
     }
 }
 
@@ -528,8 +576,41 @@ fn inspection_commands_never_create_a_data_directory_but_a_durable_consumer_may(
         ],
     );
     assert!(o.stderr.contains("received 0 message(s)"), "{}", o.stderr);
-    assert!(missing.join("ampybus.sqlite3").is_file());
+    let entries = || {
+        let mut e: Vec<String> = std::fs::read_dir(&missing)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        e.sort();
+        e
+    };
+    assert!(missing.join("FORMAT").is_file());
+    assert_eq!(
+        entries(),
+        [
+            "FORMAT",
+            "blobs",
+            "groups",
+            "groups.lock",
+            "state.shm",
+            "writer.lock"
+        ]
+    );
+    assert!(missing.join("groups").join("early").join("meta").is_file());
     let ids = publish(&url, 2, None, &[]);
+    assert_eq!(
+        entries(),
+        [
+            "FORMAT",
+            "blobs",
+            "groups",
+            "groups.lock",
+            "log",
+            "state.shm",
+            "writer.lock"
+        ]
+    );
+    only_segment(&missing, "news");
     let o = ok(
         &url,
         &[

@@ -9,60 +9,15 @@ use ampybus::transport::{Delivery, StartAt, SubscribeSpec, WindowQuery};
 use ampybus::{Bus, Domain, Envelope, Headers, Topic, TopicPattern};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const HANG: Duration = Duration::from_secs(300);
-
-fn scale() -> f64 {
-    std::env::var("AMPYBUS_TEST_SCALE")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1.0)
-}
-
-fn order_env(topic: &Topic, key: &str, i: usize) -> Envelope {
-    let h = Headers::for_publish("ampy.raw.v1.Bytes", "test@1", "test", key);
-    Envelope::new(topic, h, format!("{key}:{i}").into_bytes())
-}
-
-fn orders_topic() -> Topic {
-    Topic::parse("ampy.dev.orders.v1.requests").unwrap()
-}
-
-async fn bus_at(dir: &std::path::Path) -> Bus {
-    Bus::connect(&format!("file://{}?sync=normal", dir.display()))
-        .await
-        .unwrap()
-}
-
-fn parse_payload(d: &Delivery) -> (String, usize) {
-    let s = std::str::from_utf8(&d.envelope.payload).unwrap();
-    let (k, i) = s.rsplit_once(':').unwrap();
-    (k.to_owned(), i.parse().unwrap())
-}
-
-async fn fetch_exact(
-    sub: &mut Box<dyn ampybus::transport::Subscription>,
-    n: usize,
-) -> Vec<Delivery> {
-    let mut out = Vec::new();
-    let start = Instant::now();
-    while out.len() < n {
-        assert!(
-            start.elapsed() < HANG,
-            "timed out after {} of {n}",
-            out.len()
-        );
-        out.extend(
-            sub.fetch(n - out.len(), Duration::from_secs(5))
-                .await
-                .unwrap(),
-        );
-    }
-    out
-}
+mod common;
+use common::{
+    HANG, bus_at, child, child_role, fetch_exact, ids_after_crash, marked_lines, order_env,
+    orders_topic, parse_payload, scale,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn durable_consumer_resumes_after_reopen_and_new_consumer_starts_at_earliest() {
@@ -452,35 +407,6 @@ async fn ephemeral_reads_record_no_position() {
 
 // ---------- multi-process ----------
 
-fn child(role: &str, dir: &std::path::Path, extra: &[(&str, String)]) -> Command {
-    let mut c = Command::new(std::env::current_exe().unwrap());
-    c.args([
-        "child_process_entry",
-        "--exact",
-        "--nocapture",
-        "--ignored",
-        "--test-threads",
-        "1",
-    ])
-    .env("AMPYBUS_CHILD_ROLE", role)
-    .env("AMPYBUS_CHILD_DIR", dir)
-    .stdout(Stdio::piped())
-    .stderr(Stdio::inherit());
-    for (k, v) in extra {
-        c.env(k, v);
-    }
-    c
-}
-
-/// Lines a child printed that start with `@`, without the marker (libtest prints its own
-/// lines on stdout too).
-fn marked_lines(out: &[u8]) -> Vec<String> {
-    String::from_utf8_lossy(out)
-        .lines()
-        .filter_map(|l| l.split_once('@').map(|(_, rest)| rest.to_owned()))
-        .collect()
-}
-
 #[test]
 fn two_consumer_processes_drain_a_producer_process_exactly_once_in_key_order() {
     let dir = tempfile::tempdir().unwrap();
@@ -607,32 +533,6 @@ fn kill_9_of_a_publisher_loses_no_returned_publish_and_the_log_opens_cleanly() {
     assert!(stored.len() >= acked.len());
 }
 
-/// Opens the log after a crash through the public API and returns every message id.
-fn ids_after_crash(dir: &std::path::Path) -> Vec<String> {
-    let dir = dir.to_owned();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async move {
-        let bus = Bus::connect(dir.to_str().unwrap())
-            .await
-            .expect("log opens cleanly after kill -9");
-        let replay = bus.replay().unwrap();
-        let mut q = WindowQuery::new(TopicPattern::parse(">").unwrap());
-        q.limit = 10_000;
-        let mut ids = Vec::new();
-        loop {
-            let page = replay.read_window(&q).await.unwrap();
-            let Some(last) = page.last() else { break };
-            q.after_sequence = last.sequence;
-            ids.extend(
-                page.iter()
-                    .map(|m| m.envelope.headers.message_id().unwrap().to_owned()),
-            );
-        }
-        bus.close().await.unwrap();
-        ids
-    })
-}
-
 #[test]
 fn a_consumer_killed_before_acking_gets_the_message_again_after_restart() {
     let dir = tempfile::tempdir().unwrap();
@@ -689,8 +589,7 @@ fn a_consumer_killed_before_acking_gets_the_message_again_after_restart() {
 #[test]
 #[ignore = "entry point of the child processes spawned by the multi-process tests"]
 fn child_process_entry() {
-    let role = std::env::var("AMPYBUS_CHILD_ROLE").expect("run by the multi-process tests only");
-    let dir = std::path::PathBuf::from(std::env::var("AMPYBUS_CHILD_DIR").unwrap());
+    let (role, dir) = child_role();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

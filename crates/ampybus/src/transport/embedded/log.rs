@@ -723,7 +723,9 @@ impl DomainReader {
     }
 
     /// Appends to `out` up to `max` records after the position, reading at most about
-    /// `budget` bytes; returns false when nothing more is committed now.
+    /// `budget` bytes; returns false when nothing more is committed now. Damage (or an
+    /// error) found after some records were appended ends the call with those records;
+    /// the next call fails with it.
     pub fn read(&mut self, end: &DomainEnd, out: &mut Vec<Rec>, max: usize) -> Result<bool> {
         if end.last_seq <= self.pos {
             return Ok(false);
@@ -752,6 +754,9 @@ impl DomainReader {
             };
             if self.off >= limit {
                 if !self.state.at_boundary() {
+                    if out.len() > start_len {
+                        return Ok(true);
+                    }
                     return Err(damaged(
                         &self.path,
                         &Damage {
@@ -817,6 +822,9 @@ impl DomainReader {
                     Step::Meta => {}
                     Step::Incomplete => {
                         if at == 0 {
+                            if out.len() > start_len {
+                                return Ok(true);
+                            }
                             return Err(damaged(
                                 &self.path,
                                 &Damage {
@@ -828,10 +836,17 @@ impl DomainReader {
                         break;
                     }
                     Step::Damage(what) => {
+                        // Stop at the damaged frame (the state is that of its offset): the
+                        // records before it are returned first, and this call or the next
+                        // fails there, every time with the same offset.
+                        self.off += at as u64;
+                        if out.len() > start_len {
+                            return Ok(true);
+                        }
                         return Err(damaged(
                             &self.path,
                             &Damage {
-                                offset: self.off + at as u64,
+                                offset: self.off,
                                 what: what.into(),
                             },
                         ));

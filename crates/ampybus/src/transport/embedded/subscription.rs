@@ -207,20 +207,29 @@ impl Ephemeral {
     fn read(&mut self, max: usize) -> Result<()> {
         let snap = self.inner.shared.snapshot();
         let mut got = Vec::new();
+        let mut failed = None;
         for r in &mut self.readers {
             let e = snap.domains[r.d];
             let start = got.len();
-            r.read(&e, &mut got, max)?;
+            // What was read before an error is kept (the reader's position moved past it);
+            // the error is returned when nothing was read.
+            let read = r.read(&e, &mut got, max);
             let pattern = &self.pattern;
             let mut i = start;
             got.retain(|rec: &Rec| {
                 i += 1;
                 i <= start || pattern.matches(&rec.topic)
             });
+            if let Err(e) = read {
+                failed.get_or_insert(e);
+            }
         }
         got.sort_by_key(|r| r.seq);
         self.backlog.extend(got);
-        Ok(())
+        match failed {
+            Some(e) if self.backlog.is_empty() => Err(e),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -458,7 +467,8 @@ impl Instance {
     ) -> Result<(Vec<Delivery>, Option<i64>)> {
         let now = now_us();
         self.maintain(now, false)?;
-        self.read_new(max, now)?;
+        // A read error is returned when nothing read before it can be handed out.
+        let read_failed = self.read_new(max, now).err();
         let mut out = Vec::new();
         let mut next_due: Option<i64> =
             (self.mine == 0 || self.next_maintain > now).then_some(self.next_maintain);
@@ -506,7 +516,7 @@ impl Instance {
                 settler.clone(),
             ));
         }
-        if let Some(e) = damage
+        if let Some(e) = damage.or(read_failed)
             && out.is_empty()
         {
             return Err(e);
