@@ -3,7 +3,7 @@
 //! test binary in a role, and a reader of the frames of a segment or journal file.
 #![allow(dead_code)] // each test binary uses a different part
 
-use ampybus::transport::{Delivery, Subscription, WindowQuery};
+use ampybus::transport::{Delivery, ReplayByTime, Subscription, WindowQuery};
 use ampybus::{Bus, Envelope, Headers, Topic, TopicPattern};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -112,8 +112,7 @@ pub fn marked_lines(out: &[u8]) -> Vec<String> {
 /// Every stored message as (sequence, message id), in sequence order, read with
 /// `read_window` paging on `after_sequence` (so every record of every domain is read and
 /// checked).
-pub async fn stored_ids(bus: &Bus) -> Vec<(u64, String)> {
-    let replay = bus.replay().unwrap();
+pub async fn stored_ids(replay: &dyn ReplayByTime) -> Vec<(u64, String)> {
     let mut q = WindowQuery::new(TopicPattern::parse(">").unwrap());
     q.limit = 10_000;
     let mut ids = Vec::new();
@@ -140,7 +139,7 @@ pub fn ids_after_crash(dir: &Path) -> Vec<String> {
         let bus = Bus::connect(dir.to_str().unwrap())
             .await
             .expect("log opens cleanly after kill -9");
-        let ids = stored_ids(&bus).await;
+        let ids = stored_ids(bus.replay().unwrap()).await;
         bus.close().await.unwrap();
         ids.into_iter().map(|(_, id)| id).collect()
     })

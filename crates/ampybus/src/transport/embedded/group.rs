@@ -25,7 +25,7 @@ use super::shared::{FileLock, io_error, sync_dir};
 use crate::error::{Error, ErrorKind, Result};
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::io::{Seek, Write};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
@@ -545,12 +545,55 @@ impl Journal {
     pub fn append(&mut self, kind: u32, body: &[u8]) -> Result<()> {
         self.buf.clear();
         put_frame(&mut self.buf, kind, &[body]);
-        self.file
-            .write_all(&self.buf)
-            .map_err(|e| io_error(&self.path, "appending to the group journal", e))?;
+        let mut start = None;
+        let mut done = 0;
+        while done < self.buf.len() {
+            match (&self.file).write(&self.buf[done..]) {
+                Ok(0) => {
+                    let e = std::io::Error::from(std::io::ErrorKind::WriteZero);
+                    return Err(self.cut_partial_append(start, e));
+                }
+                Ok(n) => {
+                    if start.is_none() {
+                        // Where this frame starts (O_APPEND: the offset is after our bytes).
+                        start = (&self.file).stream_position().ok().map(|p| p - n as u64);
+                    }
+                    done += n;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.cut_partial_append(start, e)),
+            }
+        }
         // Frames appended by others before ours are read by the next catch-up; ours is
         // applied then too (the file is replayed in order).
         self.catch_up(false)
+    }
+
+    /// After a failed append (disk full) that wrote part of a frame from `start`: cuts it
+    /// off, so that later appends do not follow a bad frame (which would make the journal
+    /// read as damaged). Only when it is still the end of the file under the exclusive lock
+    /// (kept until the caller's `with_lock` ends); otherwise another process appended after
+    /// it, or already cut it as a torn append. Returns the error of the append.
+    fn cut_partial_append(&mut self, start: Option<u64>, e: std::io::Error) -> Error {
+        let err = io_error(&self.path, "appending to the group journal", e);
+        let Some(start) = start else { return err };
+        let cut = self.lock.relock(&self.lock_path, true).and_then(|()| {
+            let end = (&self.file)
+                .stream_position()
+                .and_then(|pos| Ok((pos, self.file.metadata()?.len())))
+                .map_err(|e| io_error(&self.path, "reading the group journal", e))?;
+            match end {
+                (pos, len) if len == pos => self
+                    .file
+                    .set_len(start)
+                    .map_err(|e| io_error(&self.path, "cutting a partial journal append", e)),
+                _ => Ok(()),
+            }
+        });
+        if let Err(c) = cut {
+            tracing::warn!(journal = %self.path.display(), error = %c, "embedded log: a partial journal append could not be cut");
+        }
+        err
     }
 
     /// Appends a frame under the shared lock.

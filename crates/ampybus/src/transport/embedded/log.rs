@@ -648,10 +648,19 @@ pub(crate) fn append_purged(dir: &Path, seqs: &[u64]) -> Result<()> {
         .append(true)
         .open(&p)
         .map_err(|e| io_error(&p, "opening the purged list", e))?;
+    let before = f
+        .metadata()
+        .map_err(|e| io_error(&p, "reading the purged list", e))?
+        .len();
     use std::io::Write;
     (&f).write_all(&out)
         .and_then(|()| f.sync_data())
-        .map_err(|e| io_error(&p, "appending to the purged list", e))
+        .map_err(|e| {
+            // A partial frame (disk full) would make the next append follow a bad frame:
+            // cut it (the caller holds the writer lock; nobody else appends).
+            let _ = f.set_len(before);
+            io_error(&p, "appending to the purged list", e)
+        })
 }
 
 impl DomainReader {
