@@ -165,11 +165,11 @@ fn a_publisher_killed_at_random_instants_loses_no_acknowledged_publish() {
             log.close().await.unwrap();
             stored
         });
-        if recovered {
-            for d in ["orders", "fills", "news", "bars"] {
-                for seg in segment_files(dir.path(), d) {
-                    assert_whole_frames(&seg);
-                }
+        // Opening cleaned up after the killed writer (or recovery cut its torn commit): the
+        // segment files hold whole frames only.
+        for d in ["orders", "fills", "news", "bars"] {
+            for seg in segment_files(dir.path(), d) {
+                assert_whole_frames(&seg);
             }
         }
         assert!(
@@ -202,6 +202,219 @@ fn a_publisher_killed_at_random_instants_loses_no_acknowledged_publish() {
         acked.len(),
         started.elapsed().as_secs_f64()
     );
+}
+
+/// Byte offset of the sequence lock in `state.shm` (odd while a writer publishes the committed
+/// ends; `transport/embedded/shared.rs`).
+const SHM_SEQLOCK: usize = 32;
+
+/// Runs `f` on a thread of its own and fails the test if it does not finish in `limit` (a
+/// spinning or blocked call cannot be cancelled by an async timeout).
+fn within<T: Send + 'static>(
+    limit: Duration,
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit)
+        .unwrap_or_else(|_| panic!("{what}: still running after {limit:?}"))
+}
+
+#[test]
+fn a_writer_killed_while_publishing_the_committed_ends_hangs_no_reader_or_writer() {
+    let started = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Arc::new(tokio::runtime::Runtime::new().unwrap());
+    let topic = orders_topic();
+    // A reading handle (another process, as far as the files go) follows the log.
+    let (reader, mut sub) = rt.block_on(async {
+        let writer = EmbeddedLog::open(opts(dir.path(), SyncLevel::Normal)).unwrap();
+        writer
+            .publish_batch((0..10).map(|i| order_env(&topic, "k", i)).collect())
+            .await
+            .unwrap();
+        writer.close().await.unwrap();
+        let reader = EmbeddedLog::open(opts(dir.path(), SyncLevel::Normal)).unwrap();
+        let mut sub = reader
+            .subscribe(SubscribeSpec::ephemeral(
+                TopicPattern::parse(">").unwrap(),
+                StartAt::Earliest,
+            ))
+            .await
+            .unwrap();
+        assert_eq!(
+            sub.fetch(100, Duration::from_secs(5)).await.unwrap().len(),
+            10
+        );
+        (reader, sub)
+    });
+    // What a writer killed between the two stores of its sequence lock leaves behind.
+    let shm = dir.path().join("state.shm");
+    let mut page = std::fs::read(&shm).unwrap();
+    assert_eq!(page[SHM_SEQLOCK] & 1, 0);
+    page[SHM_SEQLOCK] |= 1;
+    std::fs::write(&shm, &page).unwrap();
+    // The open reader neither spins forever nor misses what follows.
+    let (rt2, d) = (rt.clone(), dir.path().to_owned());
+    let sub = within(
+        Duration::from_secs(60),
+        "a fetch on the torn page",
+        move || {
+            rt2.block_on(async move {
+                assert!(
+                    sub.fetch(10, Duration::from_millis(10))
+                        .await
+                        .unwrap()
+                        .is_empty()
+                );
+                // A new process opens, publishes and reads.
+                let log = EmbeddedLog::open(opts(&d, SyncLevel::Normal)).unwrap();
+                log.publish_batch(vec![order_env(&orders_topic(), "k", 10)])
+                    .await
+                    .unwrap();
+                assert_eq!(log.stats().await.unwrap(), (11, 11));
+                log.close().await.unwrap();
+                let got = sub.fetch(10, Duration::from_secs(5)).await.unwrap();
+                assert_eq!(got.len(), 1);
+                assert_eq!(got[0].info.sequence, 11);
+                sub
+            })
+        },
+    );
+    // And a handle that was open all along writes again.
+    let rt2 = rt.clone();
+    within(
+        Duration::from_secs(60),
+        "a publish after the repair",
+        move || {
+            rt2.block_on(async move {
+                let r = reader
+                    .publish_batch(vec![order_env(&orders_topic(), "k", 11)])
+                    .await
+                    .unwrap();
+                assert_eq!(r[0].sequence, 12);
+                drop(sub);
+                reader.close().await.unwrap();
+            })
+        },
+    );
+    eprintln!("{:.1}s", started.elapsed().as_secs_f64());
+}
+
+/// Byte offset in `state.shm` of the word a writer sets before it changes files for a commit,
+/// and that publishing the commit clears.
+const SHM_DIRTY: usize = 56;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_killed_writer_wrote_and_never_published_is_gone_before_the_next_commit() {
+    let started = Instant::now();
+    let news = Topic::parse("ampy.dev.news.v1.crash").unwrap();
+    let bars = Topic::parse("ampy.dev.bars.v1.XNAS.AAPL").unwrap();
+    let news_env = |i: usize| {
+        let h = Headers::for_publish("ampy.raw.v1.Bytes", "crash@1", "crash", "n-1");
+        Envelope::new(&news, h, format!("news {i}").into_bytes())
+    };
+    // The commit a writer makes and is killed before publishing: news 6..=10 in a segment it
+    // created, and orders 11..=15 appended to the orders segment. Written for real in a
+    // scratch directory that went one commit further.
+    let scratch = tempfile::tempdir().unwrap();
+    let log = EmbeddedLog::open(opts(scratch.path(), SyncLevel::Normal)).unwrap();
+    let orders = |from: usize| {
+        (from..from + 5)
+            .map(|i| order_env(&orders_topic(), "k", i))
+            .collect()
+    };
+    log.publish_batch(orders(0)).await.unwrap();
+    let mut second: Vec<Envelope> = orders(5);
+    second.extend((0..5).map(news_env));
+    let r = log.publish_batch(second).await.unwrap();
+    // Sequences go by domain: news 6..=10, orders 11..=15.
+    assert_eq!((r[5].sequence, r[0].sequence), (6, 11));
+    log.close().await.unwrap();
+    let seg = only_segment(scratch.path(), "orders");
+    let second_batch = frames(&seg, SEG_HEADER)
+        .into_iter()
+        .filter(|f| f.kind == KIND_BATCH)
+        .nth(1)
+        .unwrap();
+    let unpublished_tail = std::fs::read(&seg).unwrap()[second_batch.offset as usize..].to_vec();
+    let created_segment = only_segment(scratch.path(), "news");
+
+    // The directory as the killed writer left it: orders 1..=5 published, its commit written.
+    let dir = tempfile::tempdir().unwrap();
+    let log = EmbeddedLog::open(opts(dir.path(), SyncLevel::Normal)).unwrap();
+    let published: Vec<String> = {
+        let envs: Vec<Envelope> = orders(0);
+        let ids = envs
+            .iter()
+            .map(|e| e.headers.message_id().unwrap().to_owned())
+            .collect();
+        log.publish_batch(envs).await.unwrap();
+        ids
+    };
+    log.close().await.unwrap();
+    let orders_seg = only_segment(dir.path(), "orders");
+    let published_len = std::fs::metadata(&orders_seg).unwrap().len();
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&orders_seg)
+        .unwrap();
+    f.write_all(&unpublished_tail).unwrap();
+    std::fs::create_dir_all(dir.path().join("log/news")).unwrap();
+    std::fs::copy(
+        &created_segment,
+        dir.path()
+            .join("log/news")
+            .join(created_segment.file_name().unwrap()),
+    )
+    .unwrap();
+    let shm = dir.path().join("state.shm");
+    let mut page = std::fs::read(&shm).unwrap();
+    page[SHM_DIRTY] = 1;
+    std::fs::write(&shm, &page).unwrap();
+
+    // The next writer publishes bars (sequences 6..=8, never acknowledged to anyone before)
+    // and news (9..=10, a new segment): what the dead writer left is gone.
+    let log = EmbeddedLog::open(opts(dir.path(), SyncLevel::Normal)).unwrap();
+    let mut expected = published;
+    for envs in [
+        (0..3)
+            .map(|i| order_env(&bars, "XNAS.AAPL", i))
+            .collect::<Vec<_>>(),
+        (0..2).map(news_env).collect(),
+    ] {
+        expected.extend(
+            envs.iter()
+                .map(|e| e.headers.message_id().unwrap().to_owned()),
+        );
+        log.publish_batch(envs).await.unwrap();
+    }
+    let stored: Vec<(u64, String)> = stored_ids(&log).await;
+    assert_eq!(
+        stored.iter().map(|s| s.0).collect::<Vec<_>>(),
+        (1..=10).collect::<Vec<u64>>()
+    );
+    assert_eq!(
+        stored.iter().map(|s| s.1.clone()).collect::<Vec<_>>(),
+        expected
+    );
+    log.close().await.unwrap();
+    // On disk: the unpublished commit is cut, the segment it created removed.
+    assert_eq!(std::fs::metadata(&orders_seg).unwrap().len(), published_len);
+    assert_eq!(
+        segment_files(dir.path(), "news"),
+        [dir.path().join("log/news/00000000000000000009.seg")]
+    );
+    // After a reboot, recovery finds the same.
+    std::fs::remove_file(&shm).unwrap();
+    let log = EmbeddedLog::open(opts(dir.path(), SyncLevel::Normal)).unwrap();
+    let again: Vec<(u64, String)> = stored_ids(&log).await;
+    assert_eq!(again, stored);
+    log.close().await.unwrap();
+    eprintln!("{:.1}s", started.elapsed().as_secs_f64());
 }
 
 // ---------- a consumer killed while it holds leases ----------

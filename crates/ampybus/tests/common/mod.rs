@@ -195,11 +195,14 @@ pub fn frame_ok(data: &[u8], f: &FrameAt) -> bool {
     crc32c::crc32c(&data[at + 4..end]) == crc
 }
 
-/// The segment files of `domain` in the data directory `data`, oldest first.
+/// The segment files of `domain` in the data directory `data`, oldest first (none before
+/// the domain's first publish).
 pub fn segment_files(data: &Path, domain: &str) -> Vec<PathBuf> {
     let dir = data.join("log").join(domain);
-    let mut segs: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap()
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    let mut segs: Vec<PathBuf> = entries
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|x| x == "seg"))
         .collect();

@@ -367,8 +367,16 @@ impl LogWriter {
         f: impl FnOnce(&mut LogWriter, Snapshot) -> Result<T>,
     ) -> Result<T> {
         self.lock.relock(&self.lock_path, true)?;
-        let snap = if self.shared.is_current() {
-            Ok(self.shared.snapshot())
+        // A torn page under the writer lock: its last writer was killed while publishing.
+        let snap = if self.shared.is_current() && !self.shared.torn() {
+            let snap = self.shared.snapshot();
+            if self.shared.dirty() {
+                self.clean_after_crash(&snap)
+                    .map(|()| self.shared.set_dirty(false))
+                    .map(|()| snap)
+            } else {
+                Ok(snap)
+            }
         } else {
             for a in &mut self.open {
                 *a = None;
@@ -378,6 +386,49 @@ impl LogWriter {
         let out = snap.and_then(|s| f(self, s));
         self.lock.unlock();
         out
+    }
+
+    /// The last writer died between changing files for a commit and publishing it: what it
+    /// wrote past the committed ends, and the segments it created, were never acknowledged nor
+    /// read. Removes them in every domain (the next commits reuse their sequences, and a
+    /// recovery must not find them).
+    fn clean_after_crash(&mut self, snap: &Snapshot) -> Result<()> {
+        for a in &mut self.open {
+            *a = None;
+        }
+        for (d, domain) in Domain::ALL.iter().enumerate().take(MAX_DOMAINS) {
+            let e = snap.domains[d];
+            let dir = domain_dir(&self.data, *domain);
+            let mut removed = false;
+            for first in segments(&dir)? {
+                let path = seg_path(&dir, first);
+                if e.seg_first == 0 || first > e.seg_first {
+                    tracing::warn!(file = %path.display(), "embedded log: removing a segment a killed writer created");
+                    std::fs::remove_file(&path)
+                        .map_err(|er| io_error(&path, "removing an unpublished segment", er))?;
+                    removed = true;
+                } else if first == e.seg_first {
+                    let f = OpenOptions::new()
+                        .write(true)
+                        .open(&path)
+                        .map_err(|er| io_error(&path, "opening a segment", er))?;
+                    let len = f
+                        .metadata()
+                        .map_err(|er| io_error(&path, "reading a segment", er))?
+                        .len();
+                    if len > e.end {
+                        tracing::warn!(file = %path.display(), offset = e.end, "embedded log: cutting a commit a killed writer never published");
+                        f.set_len(e.end).map_err(|er| {
+                            io_error(&path, "cutting an unacknowledged commit", er)
+                        })?;
+                    }
+                }
+            }
+            if removed {
+                sync_dir(&dir)?;
+            }
+        }
+        Ok(())
     }
 
     /// Brings the appender of domain `d` in line with the committed state `e`.
@@ -458,6 +509,10 @@ impl LogWriter {
         let mut next = snap.next_seq.max(1);
         let log_us = now_us().max(snap.last_us);
         let mut touched: Vec<(usize, u64)> = Vec::new(); // (domain, end before)
+        let mut created: Vec<(usize, u64)> = Vec::new(); // (domain, first) of new segments
+        // Until published (or cut back below): a writer dying in between leaves files the
+        // next one must clean up.
+        self.shared.set_dirty(true);
         let result = (|| -> Result<()> {
             for d in 0..MAX_DOMAINS {
                 let idx = &by_domain[d];
@@ -474,6 +529,7 @@ impl LogWriter {
                     }
                 };
                 if need_roll {
+                    created.push((d, first));
                     self.roll(d, first)?;
                 }
                 let mut buf = std::mem::take(&mut self.buf);
@@ -546,17 +602,32 @@ impl LogWriter {
             Ok(())
         })();
         if let Err(e) = result {
-            // Nothing of this commit was published: cut what was written, forget the
-            // appenders (their dictionaries may name cut topics).
+            // Nothing of this commit was published: cut what was written, remove the
+            // segments it created, forget the appenders (their dictionaries may name cut
+            // topics). Done, nothing is left for the next writer to clean up.
+            let mut clean = true;
             for (d, end) in touched {
                 if let Some(a) = self.open[d].take() {
-                    let _ = a.file.set_len(end);
+                    clean &= a.file.set_len(end).is_ok();
                 }
+            }
+            for (d, first) in created {
+                let path = seg_path(&domain_dir(&self.data, Domain::ALL[d]), first);
+                clean &= match std::fs::remove_file(&path) {
+                    Ok(()) => true,
+                    Err(e) => matches!(
+                        e.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                    ),
+                };
             }
             for (d, idx) in by_domain.iter().enumerate() {
                 if !idx.is_empty() {
                     self.open[d] = None;
                 }
+            }
+            if clean {
+                self.shared.set_dirty(false);
             }
             return Err(e);
         }

@@ -9,7 +9,7 @@
 use crate::error::{Error, ErrorKind, Result};
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering, fence};
 use std::time::Duration;
 
@@ -26,6 +26,9 @@ const OFF_BOOT: usize = 16; // 16 bytes
 const OFF_SEQLOCK: usize = 32;
 const OFF_NEXT_SEQ: usize = 40;
 const OFF_LAST_US: usize = 48;
+/// Non-zero from a writer's first change to the files of a commit until it publishes it (or
+/// until the next writer cleaned up after it): set, the writer died in between.
+const OFF_DIRTY: usize = 56;
 const OFF_DOMAINS: usize = 64;
 const DOMAIN_SLOT: usize = 32;
 
@@ -54,6 +57,8 @@ pub(crate) struct Snapshot {
 pub(crate) struct Shared {
     ptr: *mut u8,
     _file: File,
+    /// The data directory (to repair a page whose writer died while publishing).
+    dir: PathBuf,
 }
 
 // SAFETY: the mapping is only accessed through atomics.
@@ -140,6 +145,7 @@ impl Shared {
         Ok(Shared {
             ptr: ptr as *mut u8,
             _file: file,
+            dir: dir.to_path_buf(),
         })
     }
 
@@ -172,13 +178,26 @@ impl Shared {
             && self.u64_at(OFF_BOOT + 8).load(Ordering::Acquire) == hi
     }
 
+    /// True while the page is being written, or when its writer was killed while writing it
+    /// (then it stays so until [`Shared::repair`]).
+    pub fn torn(&self) -> bool {
+        self.u64_at(OFF_SEQLOCK).load(Ordering::Acquire) & 1 == 1
+    }
+
     /// Reads a consistent copy.
     pub fn snapshot(&self) -> Snapshot {
         let lock = self.u64_at(OFF_SEQLOCK);
+        let mut spins = 0u32;
         loop {
             let v1 = lock.load(Ordering::Acquire);
             if v1 & 1 == 1 {
-                std::hint::spin_loop();
+                spins += 1;
+                if spins < 1 << 16 {
+                    std::hint::spin_loop();
+                } else {
+                    self.repair();
+                    spins = 0;
+                }
                 continue;
             }
             let mut s = Snapshot {
@@ -200,6 +219,48 @@ impl Shared {
                 return s;
             }
         }
+    }
+
+    /// The page has been odd for long: takes the writer lock (which waits for a live writer
+    /// to finish its commit); if it is odd still, its writer was killed while publishing, and
+    /// the page is rebuilt from the files as after a reboot. When that fails (damage), the
+    /// page is marked stale, so every writer runs recovery (and reports the damage).
+    fn repair(&self) {
+        let path = self.dir.join("writer.lock");
+        let _lock = match FileLock::lock(&path, true) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "embedded log: cannot take the writer lock to repair the shared state");
+                std::thread::sleep(Duration::from_millis(1));
+                return;
+            }
+        };
+        if !self.torn() {
+            return;
+        }
+        tracing::warn!(dir = %self.dir.display(), "embedded log: a writer died while publishing the shared state; recovering it from the files");
+        if let Err(e) = super::log::recover(&self.dir, self) {
+            tracing::warn!(error = %e, "embedded log: recovering the shared state failed");
+            self.u64_at(OFF_MAGIC).store(0, Ordering::Release);
+            let lock = self.u64_at(OFF_SEQLOCK);
+            lock.store(
+                lock.load(Ordering::Relaxed).wrapping_add(1),
+                Ordering::Release,
+            );
+        }
+    }
+
+    /// Marks that the writer (holding the writer lock) starts changing files for a commit it
+    /// has not published yet.
+    pub fn set_dirty(&self, dirty: bool) {
+        self.u64_at(OFF_DIRTY)
+            .store(u64::from(dirty), Ordering::SeqCst);
+    }
+
+    /// True when the last holder of the writer lock changed files for a commit and died
+    /// before publishing it (or failed it: then it has cut its writes already).
+    pub fn dirty(&self) -> bool {
+        self.u64_at(OFF_DIRTY).load(Ordering::SeqCst) != 0
     }
 
     /// The last committed sequence of the whole directory (cheap: one load).
@@ -226,6 +287,7 @@ impl Shared {
         }
         self.u64_at(OFF_NEXT_SEQ)
             .store(s.next_seq, Ordering::Relaxed);
+        self.u64_at(OFF_DIRTY).store(0, Ordering::Relaxed);
         if self.u64_at(OFF_MAGIC).load(Ordering::Relaxed) != SHM_MAGIC || !self.is_current() {
             let b = boot_id();
             self.u64_at(OFF_BOOT).store(
