@@ -254,7 +254,21 @@ async fn raw_round(s: &Setup, round: u64) -> CliResult<Run> {
 async fn batched_round(s: &Setup, round: u64) -> CliResult<Run> {
     let dir = s.tempdir("batched")?;
     let bus = util::connect(&s.url(dir.path())).await?;
-    let mut envs = s.envelopes(&s.topic(round, "b")?, s.args.messages);
+    // Cut into batches before the clock starts (cutting a million-message Vec from the front
+    // while timing would move the rest every time).
+    let mut envs: std::collections::VecDeque<Vec<Envelope>> = {
+        let mut all = s.envelopes(&s.topic(round, "b")?, s.args.messages).into_iter();
+        let batch = (s.args.batch as usize).max(1);
+        let mut out = std::collections::VecDeque::new();
+        loop {
+            let chunk: Vec<Envelope> = all.by_ref().take(batch).collect();
+            if chunk.is_empty() {
+                break;
+            }
+            out.push_back(chunk);
+        }
+        out
+    };
     let pb = s.bar(&format!("round {round}: ampybus batched"), s.args.messages);
     let inflight = s.args.inflight as usize;
     let started = Instant::now();
@@ -276,11 +290,9 @@ async fn batched_round(s: &Setup, round: u64) -> CliResult<Run> {
             pb.inc(n);
             continue;
         }
-        if envs.is_empty() {
+        let Some(chunk) = envs.pop_front() else {
             break;
-        }
-        let rest = envs.split_off(envs.len().min(s.args.batch as usize));
-        let chunk = std::mem::replace(&mut envs, rest);
+        };
         let bus = bus.clone();
         pending.push_back(tokio::spawn(async move {
             let n = chunk.len() as u64;
