@@ -30,6 +30,9 @@ struct Run {
     messages: u64,
     payload_bytes: u64,
     secs: f64,
+    /// Size of the data directory after the round (apparent bytes, as `du -sb`) per message,
+    /// for rounds on the embedded log.
+    stored_per_msg: Option<f64>,
 }
 
 impl Run {
@@ -45,8 +48,24 @@ impl Run {
             "secs": round(self.secs, 6),
             "msg_per_sec": round(self.msg_per_sec(), 1),
             "mb_per_sec": round(self.mb_per_sec(), 3),
+            "stored_bytes_per_msg": self.stored_per_msg.map(|b| round(b, 1)),
         })
     }
+}
+
+/// Apparent size of every file under `dir` (what `du -sb` counts, less directory entries).
+fn dir_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => total += dir_bytes(&e.path()),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
 }
 
 /// One end-to-end round.
@@ -248,6 +267,7 @@ async fn raw_round(s: &Setup, round: u64) -> CliResult<Run> {
         messages: s.args.messages,
         payload_bytes: s.args.payload_bytes,
         secs,
+        stored_per_msg: None,
     })
 }
 
@@ -257,7 +277,9 @@ async fn batched_round(s: &Setup, round: u64) -> CliResult<Run> {
     // Cut into batches before the clock starts (cutting a million-message Vec from the front
     // while timing would move the rest every time).
     let mut envs: std::collections::VecDeque<Vec<Envelope>> = {
-        let mut all = s.envelopes(&s.topic(round, "b")?, s.args.messages).into_iter();
+        let mut all = s
+            .envelopes(&s.topic(round, "b")?, s.args.messages)
+            .into_iter();
         let batch = (s.args.batch as usize).max(1);
         let mut out = std::collections::VecDeque::new();
         loop {
@@ -303,10 +325,15 @@ async fn batched_round(s: &Setup, round: u64) -> CliResult<Run> {
     pb.finish_and_clear();
     util::close(&bus).await?;
     check_count("batched publish", stored, s.args.messages)?;
+    let stored_per_msg = s
+        .broker
+        .is_none()
+        .then(|| dir_bytes(dir.path()) as f64 / stored.max(1) as f64);
     Ok(Run {
         messages: stored,
         payload_bytes: s.args.payload_bytes,
         secs,
+        stored_per_msg,
     })
 }
 
@@ -355,6 +382,7 @@ async fn single_round(s: &Setup, round: u64) -> CliResult<Run> {
         messages: stored,
         payload_bytes: s.args.payload_bytes,
         secs,
+        stored_per_msg: None,
     })
 }
 

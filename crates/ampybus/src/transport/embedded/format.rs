@@ -195,6 +195,115 @@ pub(crate) fn parse_batch(body: &[u8]) -> Option<Batch> {
     })
 }
 
+/// In stored headers: a value taken from the segment's dictionary — the original tag, then
+/// the entry's id (u16 LE). Only the storage uses this tag; readers expand it before the
+/// headers are decoded (`Headers::decode_compact` never sees it).
+pub(crate) const TAG_DICT: u8 = 0x50;
+
+/// Header tags (slot numbers of the compact encoding) whose values repeat from message to
+/// message and are stored once per segment: content_encoding, content_type, dlq_consumer,
+/// original_topic, producer, run_id, schema_fqdn, schema_hash, schema_version, source.
+const DICT_TAGS: [u8; 10] = [3, 4, 7, 10, 14, 18, 19, 20, 21, 22];
+
+/// Walks the entries of compact headers `h`, calling `f(tag, entry bytes)` for each
+/// (entry bytes include the tag). Returns `None` when `h` is malformed.
+fn walk(h: &[u8], mut f: impl FnMut(u8, &[u8], Option<&[u8]>)) -> Option<()> {
+    if h.is_empty() {
+        return Some(());
+    }
+    let mut at = 1;
+    while at < h.len() {
+        let tag = h[at];
+        let start = at;
+        at += 1;
+        let fixed = match tag {
+            0x40 => Some(16),
+            0x41 => Some(8),
+            0x42 => Some(25),
+            0x43 | 0x44 => Some(0),
+            TAG_DICT => Some(3),
+            _ => None,
+        };
+        match (tag, fixed) {
+            (_, Some(n)) => {
+                at = at.checked_add(n).filter(|e| *e <= h.len())?;
+                f(tag, &h[start..at], None);
+            }
+            (0..=25, None) => {
+                let len = get_varint(h, &mut at)? as usize;
+                let vstart = at;
+                at = at.checked_add(len).filter(|e| *e <= h.len())?;
+                f(tag, &h[start..at], Some(&h[vstart..at]));
+            }
+            (0x7F, None) => {
+                for _ in 0..2 {
+                    let len = get_varint(h, &mut at)? as usize;
+                    at = at.checked_add(len).filter(|e| *e <= h.len())?;
+                }
+                f(tag, &h[start..at], None);
+            }
+            _ => return None,
+        }
+    }
+    Some(())
+}
+
+/// Writes `h` (compact headers) to `out`, replacing repeating values by dictionary
+/// references where `id_of` gives an id. Malformed input is copied unchanged.
+pub(crate) fn dict_encode(h: &[u8], out: &mut Vec<u8>, mut id_of: impl FnMut(&str) -> Option<u16>) {
+    let start = out.len();
+    if let Some(&first) = h.first() {
+        out.push(first);
+    }
+    let ok = walk(h, |tag, entry, value| {
+        if let Some(v) = value
+            && v.len() >= 3
+            && DICT_TAGS.contains(&tag)
+            && let Ok(text) = std::str::from_utf8(v)
+            && let Some(id) = id_of(text)
+        {
+            out.push(TAG_DICT);
+            out.push(tag);
+            out.extend_from_slice(&id.to_le_bytes());
+            return;
+        }
+        out.extend_from_slice(entry);
+    });
+    if ok.is_none() {
+        out.truncate(start);
+        out.extend_from_slice(h);
+    }
+}
+
+/// Expands the dictionary references of stored headers `h` (see [`dict_encode`]).
+pub(crate) fn dict_decode(
+    h: &[u8],
+    dict: &[Option<Arc<str>>],
+    out: &mut Vec<u8>,
+) -> Result<(), &'static str> {
+    if let Some(&first) = h.first() {
+        out.push(first);
+    }
+    let mut bad = None;
+    walk(h, |tag, entry, _| {
+        if tag == TAG_DICT {
+            let id = u16::from_le_bytes([entry[2], entry[3]]) as usize;
+            match dict.get(id) {
+                Some(Some(v)) => {
+                    out.push(entry[1]);
+                    put_varint(out, v.len() as u64);
+                    out.extend_from_slice(v.as_bytes());
+                }
+                _ => bad = Some("stored headers name an unknown dictionary entry"),
+            }
+        } else {
+            out.extend_from_slice(entry);
+        }
+    })
+    .ok_or("stored headers malformed")?;
+    bad.map_or(Ok(()), Err)
+}
+
 /// One stored message as read: its sequence, log time, partition key hash, topic, and the
 /// compact headers and payload as slices of the read buffer.
 #[derive(Debug, Clone)]
@@ -315,12 +424,22 @@ impl SegState {
                             return (Step::Damage("record header length past its end"), at);
                         };
                         let seq = batch.first_seq + u64::from(*done);
+                        let raw = &buf[hstart..hend];
+                        let headers = if raw.contains(&TAG_DICT) {
+                            let mut out = Vec::with_capacity(raw.len() + 128);
+                            if let Err(why) = dict_decode(raw, &self.dict, &mut out) {
+                                return (Step::Damage(why), at);
+                            }
+                            Bytes::from(out)
+                        } else {
+                            shared.slice(hstart..hend)
+                        };
                         let rec = Rec {
                             seq,
                             log_us: batch.log_us,
                             key_hash,
                             topic: topic.clone(),
-                            headers: shared.slice(hstart..hend),
+                            headers,
                             payload: shared.slice(hend..body.1),
                             stored: (next - at) as u32,
                         };
@@ -466,6 +585,57 @@ mod tests {
             damage.unwrap().1,
             "sequence chain broken (a batch is missing)"
         );
+    }
+
+    #[test]
+    fn repeating_header_values_are_stored_once_and_read_back_exactly() {
+        let h = crate::Headers::for_publish(
+            "ampy.bars.v1.BarBatch",
+            "bars@host-1",
+            "bars",
+            "XNAS.AAPL",
+        )
+        .with("x-desk", "rates");
+        let mut compact = Vec::new();
+        h.encode_compact(&mut compact);
+        let mut dict: Vec<String> = Vec::new();
+        let mut stored = Vec::new();
+        dict_encode(&compact, &mut stored, |v| {
+            let id = dict.iter().position(|d| d == v).unwrap_or_else(|| {
+                dict.push(v.to_owned());
+                dict.len() - 1
+            });
+            Some(id as u16)
+        });
+        assert!(
+            stored.len() + 20 < compact.len(),
+            "{} vs {}",
+            stored.len(),
+            compact.len()
+        );
+        assert!(
+            dict.contains(&"ampy.bars.v1.BarBatch".to_owned()),
+            "{dict:?}"
+        );
+        assert!(
+            !dict.contains(&"XNAS.AAPL".to_owned()),
+            "the partition key stays inline"
+        );
+        let table: Vec<Option<Arc<str>>> =
+            dict.iter().map(|d| Some(Arc::from(d.as_str()))).collect();
+        let mut back = Vec::new();
+        dict_decode(&stored, &table, &mut back).unwrap();
+        assert_eq!(back, compact);
+        assert_eq!(
+            crate::Headers::decode_compact(&Bytes::from(back)).unwrap(),
+            h
+        );
+        // An id the dictionary does not have is damage, not a panic.
+        assert!(dict_decode(&stored, &table[..1], &mut Vec::new()).is_err());
+        // Malformed input is stored unchanged.
+        let mut out = Vec::new();
+        dict_encode(&[0xA1, 0x13, 0x50], &mut out, |_| Some(0));
+        assert_eq!(out, [0xA1, 0x13, 0x50]);
     }
 
     #[test]

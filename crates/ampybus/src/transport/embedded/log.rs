@@ -269,6 +269,20 @@ struct Appender {
 }
 
 impl Appender {
+    /// The dictionary id of `s`, adding it (a TOPIC frame into `buf`) when new; `None` when
+    /// the dictionary is full.
+    fn intern(&mut self, s: &str, buf: &mut Vec<u8>) -> Option<u16> {
+        if let Some(id) = self.dict.get(s) {
+            return Some(*id);
+        }
+        let id = u16::try_from(self.dict.len())
+            .ok()
+            .filter(|i| *i < u16::MAX)?;
+        put_frame(buf, format::KIND_TOPIC, &[&id.to_le_bytes(), s.as_bytes()]);
+        self.dict.insert(Arc::from(s), id);
+        Some(id)
+    }
+
     /// Opens segment `first` of `dir` and reads its dictionary up to `end`.
     fn open(dir: &Path, first: u64, end: u64) -> Result<Appender> {
         let path = seg_path(dir, first);
@@ -337,6 +351,8 @@ pub(crate) struct LogWriter {
     pub sync_full: bool,
     open: Vec<Option<Appender>>,
     buf: Vec<u8>,
+    /// Scratch: one record's headers with dictionary references.
+    hdr: Vec<u8>,
 }
 
 /// Microseconds since the epoch.
@@ -357,6 +373,7 @@ impl LogWriter {
             sync_full,
             open: (0..MAX_DOMAINS).map(|_| None).collect(),
             buf: Vec::with_capacity(1 << 20),
+            hdr: Vec::with_capacity(512),
         })
     }
 
@@ -470,7 +487,7 @@ impl LogWriter {
                 let need_roll = match &self.open[d] {
                     None => true,
                     Some(a) => {
-                        a.end >= SEGMENT_BYTES || a.dict.len() + idx.len() > u16::MAX as usize
+                        a.end >= SEGMENT_BYTES || a.dict.len() + 11 * idx.len() >= u16::MAX as usize
                     }
                 };
                 if need_roll {
@@ -485,24 +502,15 @@ impl LogWriter {
                     &[&batch_body(first, idx.len() as u32, log_us, e.last_seq)],
                 );
                 let mut len = Vec::with_capacity(5);
+                let mut hdr = std::mem::take(&mut self.hdr);
                 for &i in idx {
                     let r = &recs[i];
-                    let tid = match a.dict.get(&r.topic) {
-                        Some(t) => *t,
-                        None => {
-                            let t = a.dict.len() as u16;
-                            put_frame(
-                                &mut buf,
-                                format::KIND_TOPIC,
-                                &[&t.to_le_bytes(), r.topic.as_bytes()],
-                            );
-                            a.dict.insert(r.topic.clone(), t);
-                            t
-                        }
-                    };
+                    let tid = a.intern(&r.topic, &mut buf).unwrap_or(u16::MAX);
+                    hdr.clear();
+                    format::dict_encode(&r.headers, &mut hdr, |v| a.intern(v, &mut buf));
                     len.clear();
-                    put_varint(&mut len, r.headers.len() as u64);
-                    let body = 6 + len.len() + r.headers.len() + r.payload.len();
+                    put_varint(&mut len, hdr.len() as u64);
+                    let body = 6 + len.len() + hdr.len() + r.payload.len();
                     if body > format::MAX_BODY {
                         return Err(Error::new(
                             ErrorKind::Payload,
@@ -518,13 +526,14 @@ impl LogWriter {
                             &r.key_hash.to_le_bytes(),
                             &tid.to_le_bytes(),
                             &len,
-                            &r.headers,
+                            &hdr,
                             &r.payload,
                         ],
                     );
                     seqs[i] = next;
                     next += 1;
                 }
+                self.hdr = hdr;
                 touched.push((d, a.end));
                 let w = a.file.write_all_at(&buf, a.end);
                 self.buf = buf;
