@@ -93,7 +93,7 @@ fn group_row(inner: &Inner, meta: &Meta, st: &GroupState) -> Result<Option<Consu
                 }
                 newest = newest.max(rec.seq);
                 let s = slot(d, rec.key_hash);
-                if rec.seq <= st.positions[s] || st.acked.contains(&rec.seq) {
+                if rec.seq <= st.positions[s] || st.acked.contains(s, rec.seq) {
                     continue;
                 }
                 lag += 1;

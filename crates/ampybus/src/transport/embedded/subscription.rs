@@ -423,7 +423,7 @@ impl Instance {
                 }
                 self.read_through[s] = rec.seq;
                 if rec.seq <= j.state.positions[s]
-                    || j.state.acked.contains(&rec.seq)
+                    || j.state.acked.contains(s, rec.seq)
                     || !self.pattern.matches(&rec.topic)
                 {
                     continue;
@@ -567,16 +567,16 @@ impl Instance {
                 positions.push((s, pos));
             }
         }
-        let above: Vec<u64> = acked
+        let above: Vec<(usize, u64)> = acked
             .iter()
-            .filter(|(s, seq)| match s {
+            .filter_map(|(s, seq)| match s {
                 Some(s) => positions
                     .iter()
                     .find(|(x, _)| x == s)
-                    .map_or(true, |(_, p)| seq > p),
-                None => true,
+                    .is_none_or(|(_, p)| seq > p)
+                    .then_some((*s, *seq)),
+                None => Some((group::UNKNOWN_SLOT, *seq)),
             })
-            .map(|(_, seq)| *seq)
             .collect();
         let body = frames::ack(self.owner, now / 1000, &positions, &above, keys);
         j.append_shared(super::format::KIND_ACK, &body)?;
