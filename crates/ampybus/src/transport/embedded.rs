@@ -25,8 +25,10 @@ pub(crate) mod format;
 pub(crate) mod group;
 #[allow(dead_code)]
 pub(crate) mod log;
+pub(crate) mod migrate;
 #[allow(dead_code)]
 pub(crate) mod shared;
+pub use migrate::{MigrateReport, migrate};
 
 use super::{
     Delivery, DeliveryInfo, PublishReceipt, ReplayByTime, Settler, StartAt, StoredMessage,
