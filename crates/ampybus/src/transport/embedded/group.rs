@@ -85,7 +85,8 @@ impl Acked {
         }
     }
 
-    fn iter(&self) -> impl Iterator<Item = (usize, u64)> + '_ {
+    /// Every (slot, sequence) kept.
+    pub fn iter(&self) -> impl Iterator<Item = (usize, u64)> + '_ {
         self.by_slot
             .iter()
             .flat_map(|(s, set)| set.iter().map(move |q| (*s, *q)))

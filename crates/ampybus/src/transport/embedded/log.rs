@@ -506,17 +506,32 @@ impl LogWriter {
         if recs.is_empty() {
             return Ok(Vec::new());
         }
-        self.locked(|w, snap| w.append_locked(recs, snap))
+        self.locked(|w, snap| w.append_locked(recs, None, snap))
     }
 
-    fn append_locked(&mut self, recs: &[NewRec], mut snap: Snapshot) -> Result<Vec<u64>> {
+    /// Appends `recs` as one commit stamped with log time `log_us` instead of now (`ampybus
+    /// migrate` keeps the original times); a time before the last commit's is raised to it, so
+    /// log times never decrease along the sequence.
+    pub fn append_at(&mut self, recs: &[NewRec], log_us: i64) -> Result<Vec<u64>> {
+        if recs.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.locked(|w, snap| w.append_locked(recs, Some(log_us), snap))
+    }
+
+    fn append_locked(
+        &mut self,
+        recs: &[NewRec],
+        at_us: Option<i64>,
+        mut snap: Snapshot,
+    ) -> Result<Vec<u64>> {
         let mut by_domain: [Vec<usize>; MAX_DOMAINS] = Default::default();
         for (i, r) in recs.iter().enumerate() {
             by_domain[r.domain].push(i);
         }
         let mut seqs = vec![0u64; recs.len()];
         let mut next = snap.next_seq.max(1);
-        let log_us = now_us().max(snap.last_us);
+        let log_us = at_us.unwrap_or_else(now_us).max(snap.last_us);
         let mut touched: Vec<(usize, u64)> = Vec::new(); // (domain, end before)
         let result = (|| -> Result<()> {
             for d in 0..MAX_DOMAINS {
