@@ -20,10 +20,6 @@ use tokio::io::AsyncBufReadExt;
 
 const TOPIC: &str = "ampy.dev.bars.v1.XNAS.BENCH";
 
-/// The tables of the embedded log, copied from `ampybus::transport::embedded` so the raw loop
-/// writes into the same shape (same indexes) as the log does.
-/// The baseline uses the log's own tables and indexes.
-
 /// One timed run of N messages.
 #[derive(Debug, Clone, Copy)]
 struct Run {

@@ -534,8 +534,7 @@ impl LogWriter {
         let log_us = at_us.unwrap_or_else(now_us).max(snap.last_us);
         let mut touched: Vec<(usize, u64)> = Vec::new(); // (domain, end before)
         let result = (|| -> Result<()> {
-            for d in 0..MAX_DOMAINS {
-                let idx = &by_domain[d];
+            for (d, idx) in by_domain.iter().enumerate() {
                 if idx.is_empty() {
                     continue;
                 }
