@@ -12,7 +12,7 @@ use crate::topic::TopicPattern;
 use crate::transport::{Delivery, DeliveryInfo, Settler, StartAt, SubscribeSpec, Subscription};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -143,6 +143,9 @@ pub(crate) async fn subscribe(
         readers,
         pending: BTreeMap::new(),
         per_slot: vec![BTreeSet::new(); group::SLOTS],
+        waiting: BTreeSet::new(),
+        timers: BTreeSet::new(),
+        delayed_keys: HashMap::new(),
         read_through: vec![0; group::SLOTS],
     }));
     {
@@ -301,6 +304,13 @@ pub(crate) struct Instance {
     readers: Vec<DomainReader>,
     pending: BTreeMap<u64, Pend>,
     per_slot: Vec<BTreeSet<u64>>,
+    /// Read, never handed out by this instance, in sequence order.
+    waiting: BTreeSet<u64>,
+    /// (when, sequence) of handed-out records (their ack deadline) and delayed ones (their due
+    /// time): what becomes deliverable again at a time.
+    timers: BTreeSet<(i64, u64)>,
+    /// Keys with a delayed record not yet due (count per key): later records of them wait.
+    delayed_keys: HashMap<(usize, u32), u32>,
     /// Per slot: the highest sequence examined while this instance held the partition.
     read_through: Vec<u64>,
 }
@@ -373,9 +383,7 @@ impl Instance {
                 .map(|(s, _)| *s)
                 .collect();
             for s in gone {
-                if let Some(p) = self.pending.remove(&s) {
-                    self.per_slot[p.slot].remove(&s);
-                }
+                self.forget(s);
             }
         }
         if gained != 0 {
@@ -404,9 +412,42 @@ impl Instance {
         Ok(())
     }
 
+    /// The key a record is ordered by (domain, partition key hash).
+    fn key_of(p: &Pend) -> (usize, u32) {
+        (p.slot / PARTITIONS as usize, p.rec.key_hash)
+    }
+
+    /// Drops a record from every index (acked, or its partition lost).
+    fn forget(&mut self, seq: u64) -> Option<Pend> {
+        let p = self.pending.remove(&seq)?;
+        self.per_slot[p.slot].remove(&seq);
+        match p.st {
+            St::Waiting => {
+                self.waiting.remove(&seq);
+            }
+            St::InFlight(t) => {
+                self.timers.remove(&(t, seq));
+            }
+            St::Delayed(t) => {
+                self.timers.remove(&(t, seq));
+                self.unblock(Self::key_of(&p));
+            }
+        }
+        Some(p)
+    }
+
+    fn unblock(&mut self, key: (usize, u32)) {
+        if let Some(n) = self.delayed_keys.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                self.delayed_keys.remove(&key);
+            }
+        }
+    }
+
     /// Reads newly committed records of this instance's partitions into `pending`.
     fn read_new(&mut self, max: usize, now: i64) -> Result<()> {
-        if self.mine == 0 || self.pending.len() >= MAX_PENDING {
+        if self.mine == 0 || self.pending.len() >= MAX_PENDING || self.waiting.len() >= max {
             return Ok(());
         }
         let snap = self.inner.shared.snapshot();
@@ -434,6 +475,15 @@ impl Instance {
                 };
                 let deliveries = u32::from(rec.seq <= j.state.delivered[s]);
                 self.per_slot[s].insert(rec.seq);
+                match st {
+                    St::Delayed(due) => {
+                        self.timers.insert((due, rec.seq));
+                        *self.delayed_keys.entry((d, rec.key_hash)).or_default() += 1;
+                    }
+                    _ => {
+                        self.waiting.insert(rec.seq);
+                    }
+                }
                 self.pending.insert(
                     rec.seq,
                     Pend {
@@ -460,31 +510,36 @@ impl Instance {
         self.maintain(now, false)?;
         self.read_new(max, now)?;
         let mut out = Vec::new();
-        let mut next_due: Option<i64> =
-            (self.mine == 0 || self.next_maintain > now).then_some(self.next_maintain);
-        let mut blocked: HashSet<(usize, u32)> = HashSet::new();
+        // Records whose time came: delayed ones now due, handed-out ones past their deadline.
+        while let Some(&(t, seq)) = self.timers.first() {
+            if t > now {
+                break;
+            }
+            self.timers.pop_first();
+            if let Some(p) = self.pending.get_mut(&seq) {
+                if let St::Delayed(_) = p.st {
+                    let key = Self::key_of(p);
+                    p.st = St::Waiting;
+                    self.unblock(key);
+                } else {
+                    p.st = St::Waiting;
+                }
+                self.waiting.insert(seq);
+            }
+        }
         let mut through: Vec<(usize, u64)> = Vec::new();
         let deadline = now + self.deadline_us;
         let mut damage = None;
-        for (seq, p) in self.pending.iter_mut() {
-            let key = (p.slot / PARTITIONS as usize, p.rec.key_hash);
-            match p.st {
-                St::Delayed(due) if due > now => {
-                    blocked.insert(key);
-                    next_due = Some(next_due.map_or(due, |n| n.min(due)));
-                    continue;
-                }
-                St::InFlight(dl) if dl > now => {
-                    next_due = Some(next_due.map_or(dl, |n| n.min(dl)));
-                    continue;
-                }
-                _ => {}
-            }
-            if blocked.contains(&key) {
-                continue;
-            }
+        let mut handed: Vec<u64> = Vec::new();
+        for &seq in &self.waiting {
             if out.len() >= max {
                 break;
+            }
+            let Some(p) = self.pending.get_mut(&seq) else {
+                continue;
+            };
+            if !self.delayed_keys.is_empty() && self.delayed_keys.contains_key(&Self::key_of(p)) {
+                continue;
             }
             let env = match envelope_of(&self.inner, &p.rec) {
                 Ok(e) => e,
@@ -495,16 +550,26 @@ impl Instance {
             };
             p.deliveries += 1;
             p.st = St::InFlight(deadline);
-            through.push((p.slot, *seq));
+            handed.push(seq);
+            through.push((p.slot, seq));
             out.push(Delivery::new(
                 env,
                 DeliveryInfo {
-                    sequence: *seq,
+                    sequence: seq,
                     delivery_count: p.deliveries,
                     stored_at: us_to_time(p.rec.log_us),
                 },
                 settler.clone(),
             ));
+        }
+        for seq in handed {
+            self.waiting.remove(&seq);
+            self.timers.insert((deadline, seq));
+        }
+        let mut next_due: Option<i64> =
+            (self.mine == 0 || self.next_maintain > now).then_some(self.next_maintain);
+        if let Some(&(t, _)) = self.timers.first() {
+            next_due = Some(next_due.map_or(t, |n| n.min(t)));
         }
         if let Some(e) = damage
             && out.is_empty()
@@ -535,9 +600,8 @@ impl Instance {
         let mut touched: Vec<usize> = Vec::new();
         let mut acked: Vec<(Option<usize>, u64)> = Vec::with_capacity(seqs.len());
         for s in seqs {
-            match self.pending.remove(s) {
+            match self.forget(*s) {
                 Some(p) => {
-                    self.per_slot[p.slot].remove(s);
                     if !touched.contains(&p.slot) {
                         touched.push(p.slot);
                     }
@@ -589,8 +653,24 @@ impl Instance {
         let Some(p) = self.pending.get_mut(&seq) else {
             return Ok(());
         };
+        let old = p.st;
         p.st = St::Delayed(due);
-        let body = frames::nack(p.slot, seq, due);
+        let (slot, key) = (p.slot, Self::key_of(p));
+        match old {
+            St::Waiting => {
+                self.waiting.remove(&seq);
+            }
+            St::InFlight(t) => {
+                self.timers.remove(&(t, seq));
+            }
+            St::Delayed(t) => {
+                self.timers.remove(&(t, seq));
+                self.unblock(key);
+            }
+        }
+        self.timers.insert((due, seq));
+        *self.delayed_keys.entry(key).or_default() += 1;
+        let body = frames::nack(slot, seq, due);
         self.journal()
             .append_shared(super::format::KIND_NACK, &body)
     }
@@ -598,9 +678,12 @@ impl Instance {
     fn in_progress(&mut self, seq: u64) -> Result<()> {
         let now = now_us();
         if let Some(p) = self.pending.get_mut(&seq)
-            && let St::InFlight(_) = p.st
+            && let St::InFlight(t) = p.st
         {
-            p.st = St::InFlight(now + self.deadline_us);
+            let t2 = now + self.deadline_us;
+            p.st = St::InFlight(t2);
+            self.timers.remove(&(t, seq));
+            self.timers.insert((t2, seq));
         }
         self.maintain(now, false)
     }
