@@ -16,6 +16,33 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// A pattern with the answer for the last topic it was asked about: records of a segment
+/// share their topic's `Arc`, so most questions are a pointer comparison.
+pub(crate) struct Matcher {
+    pattern: TopicPattern,
+    last: Option<(Arc<str>, bool)>,
+}
+
+impl Matcher {
+    pub(crate) fn new(pattern: TopicPattern) -> Matcher {
+        Matcher {
+            pattern,
+            last: None,
+        }
+    }
+
+    pub(crate) fn matches(&mut self, topic: &Arc<str>) -> bool {
+        if let Some((t, m)) = &self.last
+            && (Arc::ptr_eq(t, topic) || **t == **topic)
+        {
+            return *m;
+        }
+        let m = self.pattern.matches(topic);
+        self.last = Some((topic.clone(), m));
+        m
+    }
+}
+
 /// Records waiting in memory per instance before reading stops.
 const MAX_PENDING: usize = 50_000;
 
@@ -86,7 +113,7 @@ pub(crate) async fn subscribe(
             .collect();
         return Ok(Box::new(Ephemeral {
             inner,
-            pattern: spec.pattern,
+            pattern: Matcher::new(spec.pattern),
             readers,
             backlog: VecDeque::new(),
             settler: Arc::new(NoSettle),
@@ -133,7 +160,7 @@ pub(crate) async fn subscribe(
         inner: inner.clone(),
         owner: rand::random::<u128>() | 1,
         journal,
-        pattern: spec.pattern.clone(),
+        pattern: Matcher::new(spec.pattern.clone()),
         domains,
         deadline_us,
         lease_us: deadline_us,
@@ -200,7 +227,7 @@ impl Settler for NoSettle {
 /// An ephemeral subscription: reads from a start position, records nothing.
 struct Ephemeral {
     inner: Arc<Inner>,
-    pattern: TopicPattern,
+    pattern: Matcher,
     readers: Vec<DomainReader>,
     backlog: VecDeque<Rec>,
     settler: Arc<dyn Settler>,
@@ -214,7 +241,7 @@ impl Ephemeral {
             let e = snap.domains[r.d];
             let start = got.len();
             r.read(&e, &mut got, max)?;
-            let pattern = &self.pattern;
+            let pattern = &mut self.pattern;
             let mut i = start;
             got.retain(|rec: &Rec| {
                 i += 1;
@@ -293,7 +320,7 @@ pub(crate) struct Instance {
     inner: Arc<Inner>,
     owner: u128,
     journal: Arc<Mutex<Journal>>,
-    pattern: TopicPattern,
+    pattern: Matcher,
     domains: Vec<usize>,
     deadline_us: i64,
     lease_us: i64,
