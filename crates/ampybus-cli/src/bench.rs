@@ -20,16 +20,15 @@ use tokio::io::AsyncBufReadExt;
 
 const TOPIC: &str = "ampy.dev.bars.v1.XNAS.BENCH";
 
-/// The tables of the embedded log, copied from `ampybus::transport::embedded` so the raw loop
-/// writes into the same shape (same indexes) as the log does.
-/// The baseline uses the log's own tables and indexes.
-
 /// One timed run of N messages.
 #[derive(Debug, Clone, Copy)]
 struct Run {
     messages: u64,
     payload_bytes: u64,
     secs: f64,
+    /// Size of the data directory after the round (apparent bytes, as `du -sb`) per message,
+    /// for rounds on the embedded log.
+    stored_per_msg: Option<f64>,
 }
 
 impl Run {
@@ -45,8 +44,24 @@ impl Run {
             "secs": round(self.secs, 6),
             "msg_per_sec": round(self.msg_per_sec(), 1),
             "mb_per_sec": round(self.mb_per_sec(), 3),
+            "stored_bytes_per_msg": self.stored_per_msg.map(|b| round(b, 1)),
         })
     }
+}
+
+/// Apparent size of every file under `dir` (what `du -sb` counts, less directory entries).
+fn dir_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => total += dir_bytes(&e.path()),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
 }
 
 /// One end-to-end round.
@@ -248,13 +263,30 @@ async fn raw_round(s: &Setup, round: u64) -> CliResult<Run> {
         messages: s.args.messages,
         payload_bytes: s.args.payload_bytes,
         secs,
+        stored_per_msg: None,
     })
 }
 
 async fn batched_round(s: &Setup, round: u64) -> CliResult<Run> {
     let dir = s.tempdir("batched")?;
     let bus = util::connect(&s.url(dir.path())).await?;
-    let mut envs = s.envelopes(&s.topic(round, "b")?, s.args.messages);
+    // Cut into batches before the clock starts (cutting a million-message Vec from the front
+    // while timing would move the rest every time).
+    let mut envs: std::collections::VecDeque<Vec<Envelope>> = {
+        let mut all = s
+            .envelopes(&s.topic(round, "b")?, s.args.messages)
+            .into_iter();
+        let batch = (s.args.batch as usize).max(1);
+        let mut out = std::collections::VecDeque::new();
+        loop {
+            let chunk: Vec<Envelope> = all.by_ref().take(batch).collect();
+            if chunk.is_empty() {
+                break;
+            }
+            out.push_back(chunk);
+        }
+        out
+    };
     let pb = s.bar(&format!("round {round}: ampybus batched"), s.args.messages);
     let inflight = s.args.inflight as usize;
     let started = Instant::now();
@@ -276,11 +308,9 @@ async fn batched_round(s: &Setup, round: u64) -> CliResult<Run> {
             pb.inc(n);
             continue;
         }
-        if envs.is_empty() {
+        let Some(chunk) = envs.pop_front() else {
             break;
-        }
-        let rest = envs.split_off(envs.len().min(s.args.batch as usize));
-        let chunk = std::mem::replace(&mut envs, rest);
+        };
         let bus = bus.clone();
         pending.push_back(tokio::spawn(async move {
             let n = chunk.len() as u64;
@@ -291,10 +321,15 @@ async fn batched_round(s: &Setup, round: u64) -> CliResult<Run> {
     pb.finish_and_clear();
     util::close(&bus).await?;
     check_count("batched publish", stored, s.args.messages)?;
+    let stored_per_msg = s
+        .broker
+        .is_none()
+        .then(|| dir_bytes(dir.path()) as f64 / stored.max(1) as f64);
     Ok(Run {
         messages: stored,
         payload_bytes: s.args.payload_bytes,
         secs,
+        stored_per_msg,
     })
 }
 
@@ -343,6 +378,7 @@ async fn single_round(s: &Setup, round: u64) -> CliResult<Run> {
         messages: stored,
         payload_bytes: s.args.payload_bytes,
         secs,
+        stored_per_msg: None,
     })
 }
 

@@ -167,6 +167,20 @@ Examples:
   ampybus topics lag --consumer audit")]
     Topics(crate::topics::TopicsArgs),
 
+    /// Convert a data directory of an earlier version (ampybus.sqlite3) to the current format
+    #[command(after_help = "\
+Examples:
+  ampybus migrate --url /var/lib/ampy
+  ampybus migrate --url ./ampybus-data --json
+
+Converts the embedded log at --url in place: every message (same topics, headers, payloads and
+store times, in the same order; new sequence numbers), the durable consumers (each resumes
+after what it had acked), the dedupe records and the DLQ. Stop every process using the directory
+first. The old file is kept as ampybus.sqlite3.migrated (delete it once satisfied). A run that
+was interrupted is redone from the start; a directory already converted is left unchanged
+(exit 0). Prints a report on stdout: messages per domain, consumers, dedupe entries, DLQ.")]
+    Migrate(crate::migrate::MigrateArgs),
+
     /// JetStream streams behind a nats:// URL: ensure, list, describe
     #[command(after_help = "\
 Examples:

@@ -14,6 +14,7 @@ mod decoder;
 mod demo;
 mod dlq;
 mod error;
+mod migrate;
 mod publish;
 mod replay;
 mod streams;
@@ -103,6 +104,7 @@ fn run(cli: Cli) -> CliResult<u8> {
         Command::Replay(args) => runtime()?.block_on(replay::run(&url, args)),
         Command::Dlq(args) => runtime()?.block_on(dlq::run(&url, args)),
         Command::Topics(args) => runtime()?.block_on(topics::run(&url, args)),
+        Command::Migrate(args) => migrate::run(&url, &args),
         Command::Streams(args) => runtime()?.block_on(streams::run(&url, args)),
         Command::BenchNats(args) => runtime()?.block_on(util::job_until_signal(
             "bench-nats",

@@ -93,7 +93,7 @@ fn group_row(inner: &Inner, meta: &Meta, st: &GroupState) -> Result<Option<Consu
                 }
                 newest = newest.max(rec.seq);
                 let s = slot(d, rec.key_hash);
-                if rec.seq <= st.positions[s] || st.acked.contains(&rec.seq) {
+                if rec.seq <= st.positions[s] || st.acked.contains(s, rec.seq) {
                     continue;
                 }
                 lag += 1;
@@ -116,6 +116,37 @@ fn group_row(inner: &Inner, meta: &Meta, st: &GroupState) -> Result<Option<Consu
     }))
 }
 
+/// The row of one group, through this handle's journal of it (opened once, then caught up:
+/// a lag poll must not replay a whole journal each time).
+fn named_row(inner: &Inner, name: &str) -> Result<Option<ConsumerStats>> {
+    let dir = group::group_dir(&inner.dir, name);
+    let Some(meta) = Meta::read(&dir)? else {
+        return Ok(None);
+    };
+    if meta.pattern.is_empty() {
+        return Ok(None);
+    }
+    let j = inner.group(name, || Ok(meta.clone()))?;
+    let state = {
+        let mut j = j.lock().unwrap_or_else(|p| p.into_inner());
+        j.catch_up(false)?;
+        // Positions, acks, deliveries and leases; not the dedupe records.
+        GroupState {
+            positions: j.state.positions.clone(),
+            delivered: j.state.delivered.clone(),
+            acked: j.state.acked.clone(),
+            nacked: Default::default(),
+            leases: j.state.leases.clone(),
+            dedupe: Default::default(),
+        }
+    };
+    group_row(
+        inner,
+        &j.lock().unwrap_or_else(|p| p.into_inner()).meta.clone(),
+        &state,
+    )
+}
+
 fn consumer_rows(inner: &Inner) -> Result<Vec<ConsumerStats>> {
     let root = inner.dir.join("groups");
     let rd = match std::fs::read_dir(&root) {
@@ -129,11 +160,7 @@ fn consumer_rows(inner: &Inner) -> Result<Vec<ConsumerStats>> {
         let Some(meta) = Meta::read(&ent.path())? else {
             continue;
         };
-        if meta.pattern.is_empty() {
-            continue;
-        }
-        let j = group::Journal::open(&ent.path(), meta.clone())?;
-        if let Some(row) = group_row(inner, &meta, &j.state)? {
+        if let Some(row) = named_row(inner, &meta.name)? {
             out.push(row);
         }
     }
@@ -218,14 +245,14 @@ impl crate::transport::ConsumerLag for EmbeddedLog {
     /// # });
     /// ```
     async fn lag(&self, consumer: &str) -> Result<Option<crate::transport::Lag>> {
-        Ok(self
-            .consumer_stats()
-            .await?
-            .into_iter()
-            .find(|c| c.name == consumer)
-            .map(|c| crate::transport::Lag {
-                pending: c.lag,
-                in_flight: c.in_flight,
-            }))
+        let inner = self.inner.clone();
+        let name = consumer.to_owned();
+        let row = tokio::task::spawn_blocking(move || named_row(&inner, &name))
+            .await
+            .map_err(|e| self.inner.task_failed("consumer lag task", e))??;
+        Ok(row.map(|c| crate::transport::Lag {
+            pending: c.lag,
+            in_flight: c.in_flight,
+        }))
     }
 }

@@ -8,7 +8,8 @@
 //!          (the CRC covers the word and the body)
 //! BATCH  = first_seq u64 | count u32 | log_us i64 | prev_seq u64     one per commit
 //! TOPIC  = id u16 | topic text                                       dictionary, per segment
-//! RECORD = key_hash u32 | topic_id u16 | header_len varint | compact headers | payload
+//! HSET   = id u32 | header entries                                   dictionary, per segment
+//! RECORD = key16 u16 | topic_id varint | header_len varint | stored headers | payload
 //! ```
 //!
 //! A commit is one BATCH frame followed by its `count` RECORD frames (TOPIC frames may come
@@ -39,6 +40,8 @@ pub(crate) const KIND_DELIVERED: u32 = 7;
 pub(crate) const KIND_SNAPSHOT: u32 = 8;
 /// A list of purged sequences (`log/<domain>/purged`).
 pub(crate) const KIND_PURGE: u32 = 9;
+/// A header set of a segment: id u32 LE, then the entries' bytes.
+pub(crate) const KIND_HSET: u32 = 10;
 
 /// Length of a BATCH body.
 pub(crate) const BATCH_BODY: usize = 28;
@@ -122,15 +125,16 @@ pub(crate) fn get_varint(buf: &[u8], at: &mut usize) -> Option<u64> {
     None
 }
 
-/// The hash of a partition key stored in each record (FNV-1a, 32 bits): consumer groups
-/// assign a record to partition `key_hash % partitions` without decoding its headers.
+/// The hash of a partition key (FNV-1a folded to 16 bits, as stored in each record):
+/// consumer groups assign a record to partition `key_hash % partitions` without decoding its
+/// headers.
 pub(crate) fn key_hash(key: &[u8]) -> u32 {
     let mut h: u32 = 0x811c_9dc5;
     for b in key {
         h ^= u32::from(*b);
         h = h.wrapping_mul(0x0100_0193);
     }
-    h
+    (h ^ (h >> 16)) & 0xFFFF
 }
 
 /// One frame as found in a buffer.
@@ -157,7 +161,7 @@ pub(crate) fn frame_at(buf: &[u8], at: usize) -> Frame {
     let word = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
     let kind = word >> 28;
     let len = (word & 0x0FFF_FFFF) as usize;
-    if !(KIND_BATCH..=KIND_PURGE).contains(&kind) {
+    if !(KIND_BATCH..=KIND_HSET).contains(&kind) {
         return Frame::Bad("unknown frame kind");
     }
     let start = at + FRAME_HEAD;
@@ -195,6 +199,147 @@ pub(crate) fn parse_batch(body: &[u8]) -> Option<Batch> {
     })
 }
 
+/// In stored headers: the entries that repeat from message to message, stored once per
+/// segment as a header set (a HSET frame) — this tag, then the set's id (varint). Only the
+/// storage uses it; readers expand it before the headers are decoded.
+pub(crate) const TAG_SET: u8 = 0x51;
+/// In stored headers: `produced_at` as the difference to the batch's log time (zigzag
+/// varint, µs) instead of 8 bytes.
+pub(crate) const TAG_TIME_DELTA: u8 = 0x52;
+
+/// Header tags (slot numbers of the compact encoding) whose values repeat from message to
+/// message: content_encoding, content_type, dlq_consumer, original_topic, producer, run_id,
+/// schema_fqdn, schema_hash, schema_version, source.
+const SET_TAGS: [u8; 10] = [3, 4, 7, 10, 14, 18, 19, 20, 21, 22];
+/// The compact encoding's `produced_at` as 8 bytes.
+const TAG_TIME_BIN: u8 = 0x41;
+
+/// Walks the entries of compact headers `h`, calling `f(tag, entry bytes, text value)` for
+/// each (entry bytes include the tag). Returns `None` when `h` is malformed.
+fn walk(h: &[u8], mut f: impl FnMut(u8, &[u8], Option<&[u8]>)) -> Option<()> {
+    let mut at = 1;
+    while at < h.len() {
+        let tag = h[at];
+        let start = at;
+        at += 1;
+        let fixed = match tag {
+            0x40 => Some(16),
+            TAG_TIME_BIN => Some(8),
+            0x42 => Some(25),
+            0x43 | 0x44 => Some(0),
+            _ => None,
+        };
+        match (tag, fixed) {
+            (_, Some(n)) => {
+                at = at.checked_add(n).filter(|e| *e <= h.len())?;
+                f(tag, &h[start..at], None);
+            }
+            (0..=25, None) => {
+                let len = get_varint(h, &mut at)? as usize;
+                let vstart = at;
+                at = at.checked_add(len).filter(|e| *e <= h.len())?;
+                f(tag, &h[start..at], Some(&h[vstart..at]));
+            }
+            (0x7F, None) | (TAG_SET, None) | (TAG_TIME_DELTA, None) => {
+                let n = if tag == 0x7F { 2 } else { 0 };
+                if tag != 0x7F {
+                    get_varint(h, &mut at)?;
+                }
+                for _ in 0..n {
+                    let len = get_varint(h, &mut at)? as usize;
+                    at = at.checked_add(len).filter(|e| *e <= h.len())?;
+                }
+                f(tag, &h[start..at], None);
+            }
+            _ => return None,
+        }
+    }
+    Some(())
+}
+
+/// Writes compact headers `h` as stored: the entries that repeat (see `SET_TAGS`, and the
+/// trace/span "same as traceparent" markers) become one header-set reference when `set_id`
+/// gives an id for their bytes, and `produced_at` a difference to `log_us`. Malformed or
+/// empty input is copied unchanged.
+pub(crate) fn dict_encode(
+    h: &[u8],
+    log_us: i64,
+    out: &mut Vec<u8>,
+    set: &mut Vec<u8>,
+    mut set_id: impl FnMut(&[u8]) -> Option<u32>,
+) {
+    let start = out.len();
+    let Some(&first) = h.first() else { return };
+    out.push(first);
+    set.clear();
+    let ok = walk(h, |tag, entry, value| {
+        if tag == 0x43 || tag == 0x44 || (value.is_some() && SET_TAGS.contains(&tag)) {
+            set.extend_from_slice(entry);
+        } else if tag == TAG_TIME_BIN {
+            let t = i64::from_le_bytes(entry[1..9].try_into().unwrap_or([0; 8]));
+            let d = log_us.wrapping_sub(t);
+            out.push(TAG_TIME_DELTA);
+            put_varint(out, ((d << 1) ^ (d >> 63)) as u64);
+        } else {
+            out.extend_from_slice(entry);
+        }
+    });
+    if ok.is_none() {
+        out.truncate(start);
+        out.extend_from_slice(h);
+        return;
+    }
+    if !set.is_empty() {
+        match set_id(set) {
+            Some(id) => {
+                out.push(TAG_SET);
+                put_varint(out, u64::from(id));
+            }
+            None => out.extend_from_slice(set),
+        }
+    }
+}
+
+/// True when stored headers need [`dict_decode`] (they hold a set reference or a time
+/// difference).
+pub(crate) fn needs_decode(h: &[u8]) -> bool {
+    h.iter().any(|b| *b == TAG_SET || *b == TAG_TIME_DELTA)
+}
+
+/// Gives back the compact headers of stored headers `h` (see [`dict_encode`]).
+pub(crate) fn dict_decode(
+    h: &[u8],
+    log_us: i64,
+    sets: &[Option<Bytes>],
+    out: &mut Vec<u8>,
+) -> Result<(), &'static str> {
+    let Some(&first) = h.first() else {
+        return Ok(());
+    };
+    out.push(first);
+    let mut bad = None;
+    walk(h, |tag, entry, _| match tag {
+        TAG_SET => {
+            let mut at = 1;
+            let id = get_varint(entry, &mut at).unwrap_or(u64::MAX);
+            match usize::try_from(id).ok().and_then(|i| sets.get(i)) {
+                Some(Some(v)) => out.extend_from_slice(v),
+                _ => bad = Some("stored headers name an unknown header set"),
+            }
+        }
+        TAG_TIME_DELTA => {
+            let mut at = 1;
+            let z = get_varint(entry, &mut at).unwrap_or(0);
+            let d = ((z >> 1) as i64) ^ -((z & 1) as i64);
+            out.push(TAG_TIME_BIN);
+            out.extend_from_slice(&log_us.wrapping_sub(d).to_le_bytes());
+        }
+        _ => out.extend_from_slice(entry),
+    })
+    .ok_or("stored headers malformed")?;
+    bad.map_or(Ok(()), Err)
+}
+
 /// One stored message as read: its sequence, log time, partition key hash, topic, and the
 /// compact headers and payload as slices of the read buffer.
 #[derive(Debug, Clone)]
@@ -222,6 +367,8 @@ pub(crate) struct Damage {
 pub(crate) struct SegState {
     /// Topic dictionary of the segment, by id.
     pub dict: Vec<Option<Arc<str>>>,
+    /// Header sets of the segment, by id.
+    pub sets: Vec<Option<Bytes>>,
     /// The batch being read: (batch, records of it read so far).
     pub open: Option<(Batch, u32)>,
     /// Last sequence of a complete batch (the domain's chain), 0 before any.
@@ -293,19 +440,37 @@ impl SegState {
                         self.dict[id] = Some(Arc::from(text));
                         (Step::Meta, next)
                     }
+                    KIND_HSET => {
+                        if b.len() < 4 {
+                            return (Step::Damage("malformed header set"), at);
+                        }
+                        let id = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize;
+                        if id > self.sets.len() + 1_000_000 {
+                            return (Step::Damage("header set id out of range"), at);
+                        }
+                        if self.sets.len() <= id {
+                            self.sets.resize(id + 1, None);
+                        }
+                        self.sets[id] = Some(shared.slice(body.0 + 4..body.1));
+                        (Step::Meta, next)
+                    }
                     KIND_RECORD => {
                         let Some((batch, done)) = self.open.as_mut() else {
                             return (Step::Damage("record outside a batch"), at);
                         };
-                        if b.len() < 7 {
+                        if b.len() < 4 {
                             return (Step::Damage("record too short"), at);
                         }
-                        let key_hash = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                        let tid = u16::from_le_bytes([b[4], b[5]]) as usize;
-                        let Some(Some(topic)) = self.dict.get(tid) else {
+                        let key_hash = u32::from(u16::from_le_bytes([b[0], b[1]]));
+                        let mut p = 2;
+                        let Some(tid) = get_varint(b, &mut p) else {
+                            return (Step::Damage("record topic id malformed"), at);
+                        };
+                        let Some(Some(topic)) =
+                            usize::try_from(tid).ok().and_then(|t| self.dict.get(t))
+                        else {
                             return (Step::Damage("record names an unknown topic id"), at);
                         };
-                        let mut p = 6;
                         let Some(hlen) = get_varint(b, &mut p) else {
                             return (Step::Damage("record header length malformed"), at);
                         };
@@ -315,12 +480,22 @@ impl SegState {
                             return (Step::Damage("record header length past its end"), at);
                         };
                         let seq = batch.first_seq + u64::from(*done);
+                        let raw = &buf[hstart..hend];
+                        let headers = if needs_decode(raw) {
+                            let mut out = Vec::with_capacity(raw.len() + 128);
+                            if let Err(why) = dict_decode(raw, batch.log_us, &self.sets, &mut out) {
+                                return (Step::Damage(why), at);
+                            }
+                            Bytes::from(out)
+                        } else {
+                            shared.slice(hstart..hend)
+                        };
                         let rec = Rec {
                             seq,
                             log_us: batch.log_us,
                             key_hash,
                             topic: topic.clone(),
-                            headers: shared.slice(hstart..hend),
+                            headers,
                             payload: shared.slice(hend..body.1),
                             stored: (next - at) as u32,
                         };
@@ -366,13 +541,13 @@ mod tests {
 
     fn record(out: &mut Vec<u8>, key: &[u8], tid: u16, headers: &[u8], payload: &[u8]) {
         let mut len = Vec::new();
+        put_varint(&mut len, u64::from(tid));
         put_varint(&mut len, headers.len() as u64);
         put_frame(
             out,
             KIND_RECORD,
             &[
-                &key_hash(key).to_le_bytes(),
-                &tid.to_le_bytes(),
+                &(key_hash(key) as u16).to_le_bytes(),
                 &len,
                 headers,
                 payload,
@@ -466,6 +641,55 @@ mod tests {
             damage.unwrap().1,
             "sequence chain broken (a batch is missing)"
         );
+    }
+
+    #[test]
+    fn repeating_header_values_are_stored_once_and_read_back_exactly() {
+        let h = crate::Headers::for_publish(
+            "ampy.bars.v1.BarBatch",
+            "bars@host-1",
+            "bars",
+            "XNAS.AAPL",
+        )
+        .with("x-desk", "rates");
+        let mut compact = Vec::new();
+        h.encode_compact(&mut compact);
+        let log_us = h.produced_at_micros().unwrap() + 1234;
+        let mut sets: Vec<Vec<u8>> = Vec::new();
+        let mut stored = Vec::new();
+        let mut scratch = Vec::new();
+        let mut id_of = |v: &[u8]| {
+            let id = sets.iter().position(|d| d == v).unwrap_or_else(|| {
+                sets.push(v.to_vec());
+                sets.len() - 1
+            });
+            Some(id as u32)
+        };
+        dict_encode(&compact, log_us, &mut stored, &mut scratch, &mut id_of);
+        let mut again = Vec::new();
+        dict_encode(&compact, log_us, &mut again, &mut scratch, &mut id_of);
+        assert_eq!(sets.len(), 1, "the same values make the same set");
+        assert_eq!(again, stored);
+        assert!(
+            stored.len() + 40 < compact.len(),
+            "{} vs {}",
+            stored.len(),
+            compact.len()
+        );
+        let table: Vec<Option<Bytes>> = sets.iter().map(|d| Some(Bytes::from(d.clone()))).collect();
+        assert!(needs_decode(&stored));
+        let mut back = Vec::new();
+        dict_decode(&stored, log_us, &table, &mut back).unwrap();
+        assert_eq!(
+            crate::Headers::decode_compact(&Bytes::from(back)).unwrap(),
+            h
+        );
+        // A set the dictionary does not have is damage, not a panic.
+        assert!(dict_decode(&stored, log_us, &[], &mut Vec::new()).is_err());
+        // Malformed input is stored unchanged.
+        let mut out = Vec::new();
+        dict_encode(&[0xA1, 0x13, 0x50], 0, &mut out, &mut scratch, |_| Some(0));
+        assert_eq!(out, [0xA1, 0x13, 0x50]);
     }
 
     #[test]

@@ -23,11 +23,75 @@
 use super::format::{self, Frame, put_frame};
 use super::shared::{FileLock, io_error, sync_dir};
 use crate::error::{Error, ErrorKind, Result};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, Write};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
+
+/// A cheap hasher for keys that are already hashes or sequences (dedupe key hashes, message
+/// sequences): a multiply, no SipHash.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for c in bytes.chunks(8) {
+            let mut a = [0u8; 8];
+            a[..c.len()].copy_from_slice(c);
+            self.0 =
+                (self.0.rotate_left(5) ^ u64::from_le_bytes(a)).wrapping_mul(0x517c_c1b7_2722_0a95);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0 ^ v).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+    fn write_u128(&mut self, v: u128) {
+        self.0 = (v as u64) ^ ((v >> 64) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+/// A map keyed by hashes or sequences.
+pub(crate) type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<KeyHasher>>;
+
+/// The slot recorded for an acked sequence whose slot the acking instance did not know.
+pub(crate) const UNKNOWN_SLOT: usize = 255;
+
+/// Sequences acked above their slot's position, per slot (dropped as positions pass them).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Acked {
+    by_slot: HashMap<usize, std::collections::BTreeSet<u64>>,
+}
+
+impl Acked {
+    /// True when `seq` (of `slot`) was acked.
+    pub fn contains(&self, slot: usize, seq: u64) -> bool {
+        [slot, UNKNOWN_SLOT]
+            .iter()
+            .any(|s| self.by_slot.get(s).is_some_and(|set| set.contains(&seq)))
+    }
+
+    fn insert(&mut self, slot: usize, seq: u64) {
+        self.by_slot.entry(slot).or_default().insert(seq);
+    }
+
+    /// Forgets the sequences of `slot` at or below `pos`.
+    fn prune(&mut self, slot: usize, pos: u64) {
+        if let Some(set) = self.by_slot.get_mut(&slot) {
+            *set = set.split_off(&(pos + 1));
+        }
+    }
+
+    /// Every (slot, sequence) kept.
+    pub fn iter(&self) -> impl Iterator<Item = (usize, u64)> + '_ {
+        self.by_slot
+            .iter()
+            .flat_map(|(s, set)| set.iter().map(move |q| (*s, *q)))
+    }
+}
 
 /// Partitions per consumer group (fixed).
 pub(crate) const PARTITIONS: u32 = 16;
@@ -162,12 +226,12 @@ pub(crate) struct GroupState {
     pub positions: Vec<u64>,
     pub delivered: Vec<u64>,
     /// Sequences acked above their slot's position.
-    pub acked: HashSet<u64>,
+    pub acked: Acked,
     /// Delayed redeliveries: sequence → due (µs).
-    pub nacked: HashMap<u64, i64>,
+    pub nacked: FastMap<u64, i64>,
     pub leases: HashMap<u128, Lease>,
     /// Dedupe records: key hash → applied at (ms).
-    pub dedupe: HashMap<u128, i64>,
+    pub dedupe: FastMap<u128, i64>,
 }
 
 impl GroupState {
@@ -175,10 +239,10 @@ impl GroupState {
         GroupState {
             positions: vec![start; SLOTS],
             delivered: vec![start; SLOTS],
-            acked: HashSet::new(),
-            nacked: HashMap::new(),
+            acked: Acked::default(),
+            nacked: FastMap::default(),
             leases: HashMap::new(),
-            dedupe: HashMap::new(),
+            dedupe: FastMap::default(),
         }
     }
 
@@ -217,12 +281,16 @@ impl GroupState {
                         .is_some_and(|l| l.mask & (1 << partition_of(slot)) != 0);
                     if held && slot < SLOTS && pos > self.positions[slot] {
                         self.positions[slot] = pos;
+                        self.acked.prune(slot, pos);
                     }
                 }
                 let n = r.u32()?;
                 for _ in 0..n {
+                    let slot = r.u8()? as usize;
                     let s = r.u64()?;
-                    self.acked.insert(s);
+                    if slot >= SLOTS || s > self.positions[slot] {
+                        self.acked.insert(slot, s);
+                    }
                     self.nacked.remove(&s);
                 }
                 let n = r.u32()?;
@@ -253,7 +321,8 @@ impl GroupState {
                     s.delivered[i] = r.u64()?;
                 }
                 for _ in 0..r.u32()? {
-                    s.acked.insert(r.u64()?);
+                    let slot = r.u8()? as usize;
+                    s.acked.insert(slot, r.u64()?);
                 }
                 for _ in 0..r.u32()? {
                     let k = r.u64()?;
@@ -284,10 +353,10 @@ impl GroupState {
             b.extend_from_slice(&self.positions[i].to_le_bytes());
             b.extend_from_slice(&self.delivered[i].to_le_bytes());
         }
-        let low = self.positions.iter().copied().min().unwrap_or(0);
-        let acked: Vec<u64> = self.acked.iter().copied().filter(|s| *s > low).collect();
+        let acked: Vec<(usize, u64)> = self.acked.iter().collect();
         b.extend_from_slice(&(acked.len() as u32).to_le_bytes());
-        for s in acked {
+        for (slot, s) in acked {
+            b.push(slot as u8);
             b.extend_from_slice(&s.to_le_bytes());
         }
         b.extend_from_slice(&(self.nacked.len() as u32).to_le_bytes());
@@ -362,11 +431,11 @@ pub(crate) mod frames {
         owner: u128,
         at_ms: i64,
         positions: &[(usize, u64)],
-        acked: &[u64],
+        acked: &[(usize, u64)],
         keys: &[u128],
     ) -> Vec<u8> {
         let mut b =
-            Vec::with_capacity(34 + positions.len() * 9 + acked.len() * 8 + keys.len() * 16);
+            Vec::with_capacity(34 + positions.len() * 9 + acked.len() * 9 + keys.len() * 16);
         b.extend_from_slice(&owner.to_le_bytes());
         b.extend_from_slice(&at_ms.to_le_bytes());
         b.extend_from_slice(&(positions.len() as u16).to_le_bytes());
@@ -375,7 +444,8 @@ pub(crate) mod frames {
             b.extend_from_slice(&pos.to_le_bytes());
         }
         b.extend_from_slice(&(acked.len() as u32).to_le_bytes());
-        for s in acked {
+        for (slot, s) in acked {
+            b.push(*slot as u8);
             b.extend_from_slice(&s.to_le_bytes());
         }
         b.extend_from_slice(&(keys.len() as u32).to_le_bytes());
@@ -649,7 +719,7 @@ mod tests {
         // Owner 1 holds partition 0: its position for slot 0 counts; owner 2's for slot 0 not.
         a.append_shared(
             format::KIND_ACK,
-            &frames::ack(1, 10, &[(0, 9)], &[12], &[key128("m1")]),
+            &frames::ack(1, 10, &[(0, 9)], &[(0, 12)], &[key128("m1")]),
         )
         .unwrap();
         b.append_shared(
@@ -662,7 +732,7 @@ mod tests {
         for j in [&a, &b] {
             assert_eq!(j.state.positions[0], 9);
             assert_eq!(j.state.positions[1], 5);
-            assert!(j.state.acked.contains(&12));
+            assert!(j.state.acked.contains(0, 12));
             assert_eq!(j.state.dedupe.get(&key128("m1")), Some(&10));
             assert_eq!(j.state.dedupe.get(&key128("m2")), Some(&11));
             assert_eq!(j.state.leases.get(&1).map(|l| l.mask), Some(1));
@@ -703,7 +773,7 @@ mod tests {
         .unwrap();
         a.append_shared(
             format::KIND_ACK,
-            &frames::ack(3, 7, &[(1, 40)], &[44], &[9]),
+            &frames::ack(3, 7, &[(1, 40)], &[(1, 44)], &[9]),
         )
         .unwrap();
         let before = a.state.clone();

@@ -23,6 +23,8 @@ use std::sync::Arc;
 
 /// A segment is closed and a new one started once it passes this size.
 pub(crate) const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+/// Header sets per segment at most (a new segment starts after).
+const MAX_SETS: u32 = 1 << 20;
 /// Bytes read from a segment at a time.
 const CHUNK: usize = 1024 * 1024;
 
@@ -266,9 +268,52 @@ struct Appender {
     file: File,
     end: u64,
     dict: HashMap<Arc<str>, u16>,
+    /// Header sets of the segment (see `format::dict_encode`).
+    sets: HashMap<Vec<u8>, u32>,
+    /// The last topic and header set used (consecutive records mostly repeat them).
+    last_topic: Option<(Arc<str>, u16)>,
+    last_set: (Vec<u8>, u32),
 }
 
 impl Appender {
+    /// The dictionary id of `s`, adding it (a TOPIC frame into `buf`) when new; `None` when
+    /// the dictionary is full.
+    fn intern(&mut self, s: &str, buf: &mut Vec<u8>) -> Option<u16> {
+        if let Some((last, id)) = &self.last_topic
+            && **last == *s
+        {
+            return Some(*id);
+        }
+        if let Some((k, id)) = self.dict.get_key_value(s) {
+            self.last_topic = Some((k.clone(), *id));
+            return Some(*id);
+        }
+        let id = u16::try_from(self.dict.len())
+            .ok()
+            .filter(|i| *i < u16::MAX)?;
+        put_frame(buf, format::KIND_TOPIC, &[&id.to_le_bytes(), s.as_bytes()]);
+        self.dict.insert(Arc::from(s), id);
+        Some(id)
+    }
+
+    /// The id of header set `set`, adding it (a HSET frame into `buf`) when new.
+    fn intern_set(&mut self, set: &[u8], buf: &mut Vec<u8>) -> Option<u32> {
+        if self.last_set.0 == set {
+            return Some(self.last_set.1);
+        }
+        if let Some(id) = self.sets.get(set) {
+            self.last_set = (set.to_vec(), *id);
+            return Some(*id);
+        }
+        let id = u32::try_from(self.sets.len())
+            .ok()
+            .filter(|i| *i < MAX_SETS)?;
+        put_frame(buf, format::KIND_HSET, &[&id.to_le_bytes(), set]);
+        self.sets.insert(set.to_vec(), id);
+        self.last_set = (set.to_vec(), id);
+        Some(id)
+    }
+
     /// Opens segment `first` of `dir` and reads its dictionary up to `end`.
     fn open(dir: &Path, first: u64, end: u64) -> Result<Appender> {
         let path = seg_path(dir, first);
@@ -283,6 +328,9 @@ impl Appender {
             file,
             end: SEG_HEADER as u64,
             dict: HashMap::new(),
+            sets: HashMap::new(),
+            last_topic: None,
+            last_set: (Vec::new(), 0),
         };
         a.catch_up(end)?;
         Ok(a)
@@ -301,14 +349,18 @@ impl Appender {
         while at < buf.len() {
             match format::frame_at(&buf, at) {
                 format::Frame::Ok { kind, body, next } => {
-                    if kind == format::KIND_TOPIC {
-                        let b = &buf[body.0..body.1];
-                        if b.len() >= 2
-                            && let Ok(t) = std::str::from_utf8(&b[2..])
-                        {
-                            self.dict
-                                .insert(Arc::from(t), u16::from_le_bytes([b[0], b[1]]));
-                        }
+                    let b = &buf[body.0..body.1];
+                    if kind == format::KIND_TOPIC
+                        && b.len() >= 2
+                        && let Ok(t) = std::str::from_utf8(&b[2..])
+                    {
+                        self.dict
+                            .insert(Arc::from(t), u16::from_le_bytes([b[0], b[1]]));
+                    } else if kind == format::KIND_HSET && b.len() >= 4 {
+                        self.sets.insert(
+                            b[4..].to_vec(),
+                            u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+                        );
                     }
                     at = next;
                 }
@@ -337,6 +389,9 @@ pub(crate) struct LogWriter {
     pub sync_full: bool,
     open: Vec<Option<Appender>>,
     buf: Vec<u8>,
+    /// Scratch: one record's headers as stored, and its header set.
+    hdr: Vec<u8>,
+    set: Vec<u8>,
 }
 
 /// Microseconds since the epoch.
@@ -357,6 +412,8 @@ impl LogWriter {
             sync_full,
             open: (0..MAX_DOMAINS).map(|_| None).collect(),
             buf: Vec::with_capacity(1 << 20),
+            hdr: Vec::with_capacity(512),
+            set: Vec::with_capacity(512),
         })
     }
 
@@ -488,6 +545,9 @@ impl LogWriter {
             file,
             end: SEG_HEADER as u64,
             dict: HashMap::new(),
+            sets: HashMap::new(),
+            last_topic: None,
+            last_set: (Vec::new(), 0),
         });
         Ok(())
     }
@@ -497,25 +557,39 @@ impl LogWriter {
         if recs.is_empty() {
             return Ok(Vec::new());
         }
-        self.locked(|w, snap| w.append_locked(recs, snap))
+        self.locked(|w, snap| w.append_locked(recs, None, snap))
     }
 
-    fn append_locked(&mut self, recs: &[NewRec], mut snap: Snapshot) -> Result<Vec<u64>> {
+    /// Appends `recs` as one commit stamped with log time `log_us` instead of now (`ampybus
+    /// migrate` keeps the original times); a time before the last commit's is raised to it, so
+    /// log times never decrease along the sequence.
+    pub fn append_at(&mut self, recs: &[NewRec], log_us: i64) -> Result<Vec<u64>> {
+        if recs.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.locked(|w, snap| w.append_locked(recs, Some(log_us), snap))
+    }
+
+    fn append_locked(
+        &mut self,
+        recs: &[NewRec],
+        at_us: Option<i64>,
+        mut snap: Snapshot,
+    ) -> Result<Vec<u64>> {
         let mut by_domain: [Vec<usize>; MAX_DOMAINS] = Default::default();
         for (i, r) in recs.iter().enumerate() {
             by_domain[r.domain].push(i);
         }
         let mut seqs = vec![0u64; recs.len()];
         let mut next = snap.next_seq.max(1);
-        let log_us = now_us().max(snap.last_us);
+        let log_us = at_us.unwrap_or_else(now_us).max(snap.last_us);
         let mut touched: Vec<(usize, u64)> = Vec::new(); // (domain, end before)
         let mut created: Vec<(usize, u64)> = Vec::new(); // (domain, first) of new segments
         // Until published (or cut back below): a writer dying in between leaves files the
         // next one must clean up.
         self.shared.set_dirty(true);
         let result = (|| -> Result<()> {
-            for d in 0..MAX_DOMAINS {
-                let idx = &by_domain[d];
+            for (d, idx) in by_domain.iter().enumerate() {
                 if idx.is_empty() {
                     continue;
                 }
@@ -525,7 +599,9 @@ impl LogWriter {
                 let need_roll = match &self.open[d] {
                     None => true,
                     Some(a) => {
-                        a.end >= SEGMENT_BYTES || a.dict.len() + idx.len() > u16::MAX as usize
+                        a.end >= SEGMENT_BYTES
+                            || a.dict.len() + idx.len() >= u16::MAX as usize
+                            || a.sets.len() + idx.len() >= MAX_SETS as usize
                     }
                 };
                 if need_roll {
@@ -540,25 +616,20 @@ impl LogWriter {
                     format::KIND_BATCH,
                     &[&batch_body(first, idx.len() as u32, log_us, e.last_seq)],
                 );
-                let mut len = Vec::with_capacity(5);
+                let mut len = Vec::with_capacity(10);
+                let mut hdr = std::mem::take(&mut self.hdr);
+                let mut set = std::mem::take(&mut self.set);
                 for &i in idx {
                     let r = &recs[i];
-                    let tid = match a.dict.get(&r.topic) {
-                        Some(t) => *t,
-                        None => {
-                            let t = a.dict.len() as u16;
-                            put_frame(
-                                &mut buf,
-                                format::KIND_TOPIC,
-                                &[&t.to_le_bytes(), r.topic.as_bytes()],
-                            );
-                            a.dict.insert(r.topic.clone(), t);
-                            t
-                        }
-                    };
+                    let tid = a.intern(&r.topic, &mut buf).unwrap_or(u16::MAX);
+                    hdr.clear();
+                    format::dict_encode(&r.headers, log_us, &mut hdr, &mut set, |v| {
+                        a.intern_set(v, &mut buf)
+                    });
                     len.clear();
-                    put_varint(&mut len, r.headers.len() as u64);
-                    let body = 6 + len.len() + r.headers.len() + r.payload.len();
+                    put_varint(&mut len, u64::from(tid));
+                    put_varint(&mut len, hdr.len() as u64);
+                    let body = 2 + len.len() + hdr.len() + r.payload.len();
                     if body > format::MAX_BODY {
                         return Err(Error::new(
                             ErrorKind::Payload,
@@ -570,17 +641,13 @@ impl LogWriter {
                     put_frame(
                         &mut buf,
                         format::KIND_RECORD,
-                        &[
-                            &r.key_hash.to_le_bytes(),
-                            &tid.to_le_bytes(),
-                            &len,
-                            &r.headers,
-                            &r.payload,
-                        ],
+                        &[&(r.key_hash as u16).to_le_bytes(), &len, &hdr, &r.payload],
                     );
                     seqs[i] = next;
                     next += 1;
                 }
+                self.hdr = hdr;
+                self.set = set;
                 touched.push((d, a.end));
                 let w = a.file.write_all_at(&buf, a.end);
                 self.buf = buf;

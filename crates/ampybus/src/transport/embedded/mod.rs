@@ -30,6 +30,7 @@ pub(crate) mod dedupe;
 pub(crate) mod format;
 pub(crate) mod group;
 pub(crate) mod log;
+pub(crate) mod migrate;
 pub(crate) mod purge;
 mod raw;
 mod replay;
@@ -38,6 +39,7 @@ mod subscription;
 mod writer;
 
 pub use dedupe::EmbeddedDedupe;
+pub use migrate::{MigrateReport, migrate};
 pub use raw::raw_append_loop;
 
 use super::{PublishReceipt, ReplayByTime, SubscribeSpec, Subscription, Transport};
@@ -56,7 +58,7 @@ use tokio::sync::{Notify, oneshot};
 
 /// The file that marks a data directory of this format (its content names the version).
 pub const FORMAT_FILE: &str = "FORMAT";
-const FORMAT_TEXT: &str = "ampybus-log 2\n";
+pub(crate) const FORMAT_TEXT: &str = "ampybus-log 2\n";
 /// The SQLite file of the earlier format, which `ampybus migrate` converts.
 pub const LEGACY_DB_FILE: &str = "ampybus.sqlite3";
 

@@ -44,7 +44,10 @@ pub fn raw_append_loop(
         .map_err(|e| io_error(path, "writing", e))?;
     let mut buf = Vec::with_capacity(1 << 20);
     let mut headers = Vec::with_capacity(256);
-    let mut len = Vec::with_capacity(5);
+    let mut len = Vec::with_capacity(10);
+    let mut stored = Vec::with_capacity(256);
+    let mut set = Vec::with_capacity(256);
+    let mut sets: Vec<Vec<u8>> = Vec::new();
     let mut seq = 1u64;
     let mut topics: Vec<String> = Vec::new();
     let started = Instant::now();
@@ -77,19 +80,24 @@ pub fn raw_append_loop(
             };
             headers.clear();
             env.headers.encode_compact(&mut headers);
+            stored.clear();
+            format::dict_encode(&headers, log_us, &mut stored, &mut set, |v| {
+                if let Some(id) = sets.iter().position(|s| s.as_slice() == v) {
+                    return Some(id as u32);
+                }
+                sets.push(v.to_vec());
+                let id = (sets.len() - 1) as u32;
+                put_frame(&mut buf, format::KIND_HSET, &[&id.to_le_bytes(), v]);
+                Some(id)
+            });
             len.clear();
-            put_varint(&mut len, headers.len() as u64);
-            let kh = format::key_hash(env.headers.partition_key().unwrap_or("").as_bytes());
+            put_varint(&mut len, u64::from(tid));
+            put_varint(&mut len, stored.len() as u64);
+            let kh = format::key_hash(env.headers.partition_key().unwrap_or("").as_bytes()) as u16;
             put_frame(
                 &mut buf,
                 format::KIND_RECORD,
-                &[
-                    &kh.to_le_bytes(),
-                    &tid.to_le_bytes(),
-                    &len,
-                    &headers,
-                    &env.payload,
-                ],
+                &[&kh.to_le_bytes(), &len, &stored, &env.payload],
             );
         }
         f.write_all(&buf)

@@ -150,13 +150,13 @@ impl Shared {
     }
 
     fn u64_at(&self, off: usize) -> &AtomicU64 {
-        debug_assert!(off % 8 == 0 && off + 8 <= PAGE);
+        debug_assert!(off.is_multiple_of(8) && off + 8 <= PAGE);
         // SAFETY: aligned offset inside the live page-aligned mapping.
         unsafe { &*(self.ptr.add(off) as *const AtomicU64) }
     }
 
     fn u32_at(&self, off: usize) -> &AtomicU32 {
-        debug_assert!(off % 4 == 0 && off + 4 <= PAGE);
+        debug_assert!(off.is_multiple_of(4) && off + 4 <= PAGE);
         // SAFETY: aligned offset inside the live page-aligned mapping.
         unsafe { &*(self.ptr.add(off) as *const AtomicU32) }
     }

@@ -12,9 +12,36 @@ use crate::topic::TopicPattern;
 use crate::transport::{Delivery, DeliveryInfo, Settler, StartAt, SubscribeSpec, Subscription};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+/// A pattern with the answer for the last topic it was asked about: records of a segment
+/// share their topic's `Arc`, so most questions are a pointer comparison.
+pub(crate) struct Matcher {
+    pattern: TopicPattern,
+    last: Option<(Arc<str>, bool)>,
+}
+
+impl Matcher {
+    pub(crate) fn new(pattern: TopicPattern) -> Matcher {
+        Matcher {
+            pattern,
+            last: None,
+        }
+    }
+
+    pub(crate) fn matches(&mut self, topic: &Arc<str>) -> bool {
+        if let Some((t, m)) = &self.last
+            && (Arc::ptr_eq(t, topic) || **t == **topic)
+        {
+            return *m;
+        }
+        let m = self.pattern.matches(topic);
+        self.last = Some((topic.clone(), m));
+        m
+    }
+}
 
 /// Records waiting in memory per instance before reading stops.
 const MAX_PENDING: usize = 50_000;
@@ -86,7 +113,7 @@ pub(crate) async fn subscribe(
             .collect();
         return Ok(Box::new(Ephemeral {
             inner,
-            pattern: spec.pattern,
+            pattern: Matcher::new(spec.pattern),
             readers,
             backlog: VecDeque::new(),
             settler: Arc::new(NoSettle),
@@ -133,7 +160,7 @@ pub(crate) async fn subscribe(
         inner: inner.clone(),
         owner: rand::random::<u128>() | 1,
         journal,
-        pattern: spec.pattern.clone(),
+        pattern: Matcher::new(spec.pattern.clone()),
         domains,
         deadline_us,
         lease_us: deadline_us,
@@ -143,6 +170,9 @@ pub(crate) async fn subscribe(
         readers,
         pending: BTreeMap::new(),
         per_slot: vec![BTreeSet::new(); group::SLOTS],
+        waiting: BTreeSet::new(),
+        timers: BTreeSet::new(),
+        delayed_keys: HashMap::new(),
         read_through: vec![0; group::SLOTS],
     }));
     {
@@ -197,7 +227,7 @@ impl Settler for NoSettle {
 /// An ephemeral subscription: reads from a start position, records nothing.
 struct Ephemeral {
     inner: Arc<Inner>,
-    pattern: TopicPattern,
+    pattern: Matcher,
     readers: Vec<DomainReader>,
     backlog: VecDeque<Rec>,
     settler: Arc<dyn Settler>,
@@ -214,7 +244,7 @@ impl Ephemeral {
             // What was read before an error is kept (the reader's position moved past it);
             // the error is returned when nothing was read.
             let read = r.read(&e, &mut got, max);
-            let pattern = &self.pattern;
+            let pattern = &mut self.pattern;
             let mut i = start;
             got.retain(|rec: &Rec| {
                 i += 1;
@@ -299,7 +329,7 @@ pub(crate) struct Instance {
     inner: Arc<Inner>,
     owner: u128,
     journal: Arc<Mutex<Journal>>,
-    pattern: TopicPattern,
+    pattern: Matcher,
     domains: Vec<usize>,
     deadline_us: i64,
     lease_us: i64,
@@ -310,6 +340,13 @@ pub(crate) struct Instance {
     readers: Vec<DomainReader>,
     pending: BTreeMap<u64, Pend>,
     per_slot: Vec<BTreeSet<u64>>,
+    /// Read, never handed out by this instance, in sequence order.
+    waiting: BTreeSet<u64>,
+    /// (when, sequence) of handed-out records (their ack deadline) and delayed ones (their due
+    /// time): what becomes deliverable again at a time.
+    timers: BTreeSet<(i64, u64)>,
+    /// Keys with a delayed record not yet due (count per key): later records of them wait.
+    delayed_keys: HashMap<(usize, u32), u32>,
     /// Per slot: the highest sequence examined while this instance held the partition.
     read_through: Vec<u64>,
 }
@@ -382,9 +419,7 @@ impl Instance {
                 .map(|(s, _)| *s)
                 .collect();
             for s in gone {
-                if let Some(p) = self.pending.remove(&s) {
-                    self.per_slot[p.slot].remove(&s);
-                }
+                self.forget(s);
             }
         }
         if gained != 0 {
@@ -413,9 +448,42 @@ impl Instance {
         Ok(())
     }
 
+    /// The key a record is ordered by (domain, partition key hash).
+    fn key_of(p: &Pend) -> (usize, u32) {
+        (p.slot / PARTITIONS as usize, p.rec.key_hash)
+    }
+
+    /// Drops a record from every index (acked, or its partition lost).
+    fn forget(&mut self, seq: u64) -> Option<Pend> {
+        let p = self.pending.remove(&seq)?;
+        self.per_slot[p.slot].remove(&seq);
+        match p.st {
+            St::Waiting => {
+                self.waiting.remove(&seq);
+            }
+            St::InFlight(t) => {
+                self.timers.remove(&(t, seq));
+            }
+            St::Delayed(t) => {
+                self.timers.remove(&(t, seq));
+                self.unblock(Self::key_of(&p));
+            }
+        }
+        Some(p)
+    }
+
+    fn unblock(&mut self, key: (usize, u32)) {
+        if let Some(n) = self.delayed_keys.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                self.delayed_keys.remove(&key);
+            }
+        }
+    }
+
     /// Reads newly committed records of this instance's partitions into `pending`.
     fn read_new(&mut self, max: usize, now: i64) -> Result<()> {
-        if self.mine == 0 || self.pending.len() >= MAX_PENDING {
+        if self.mine == 0 || self.pending.len() >= MAX_PENDING || self.waiting.len() >= max {
             return Ok(());
         }
         let snap = self.inner.shared.snapshot();
@@ -432,7 +500,7 @@ impl Instance {
                 }
                 self.read_through[s] = rec.seq;
                 if rec.seq <= j.state.positions[s]
-                    || j.state.acked.contains(&rec.seq)
+                    || j.state.acked.contains(s, rec.seq)
                     || !self.pattern.matches(&rec.topic)
                 {
                     continue;
@@ -443,6 +511,15 @@ impl Instance {
                 };
                 let deliveries = u32::from(rec.seq <= j.state.delivered[s]);
                 self.per_slot[s].insert(rec.seq);
+                match st {
+                    St::Delayed(due) => {
+                        self.timers.insert((due, rec.seq));
+                        *self.delayed_keys.entry((d, rec.key_hash)).or_default() += 1;
+                    }
+                    _ => {
+                        self.waiting.insert(rec.seq);
+                    }
+                }
                 self.pending.insert(
                     rec.seq,
                     Pend {
@@ -470,31 +547,36 @@ impl Instance {
         // A read error is returned when nothing read before it can be handed out.
         let read_failed = self.read_new(max, now).err();
         let mut out = Vec::new();
-        let mut next_due: Option<i64> =
-            (self.mine == 0 || self.next_maintain > now).then_some(self.next_maintain);
-        let mut blocked: HashSet<(usize, u32)> = HashSet::new();
+        // Records whose time came: delayed ones now due, handed-out ones past their deadline.
+        while let Some(&(t, seq)) = self.timers.first() {
+            if t > now {
+                break;
+            }
+            self.timers.pop_first();
+            if let Some(p) = self.pending.get_mut(&seq) {
+                if let St::Delayed(_) = p.st {
+                    let key = Self::key_of(p);
+                    p.st = St::Waiting;
+                    self.unblock(key);
+                } else {
+                    p.st = St::Waiting;
+                }
+                self.waiting.insert(seq);
+            }
+        }
         let mut through: Vec<(usize, u64)> = Vec::new();
         let deadline = now + self.deadline_us;
         let mut damage = None;
-        for (seq, p) in self.pending.iter_mut() {
-            let key = (p.slot / PARTITIONS as usize, p.rec.key_hash);
-            match p.st {
-                St::Delayed(due) if due > now => {
-                    blocked.insert(key);
-                    next_due = Some(next_due.map_or(due, |n| n.min(due)));
-                    continue;
-                }
-                St::InFlight(dl) if dl > now => {
-                    next_due = Some(next_due.map_or(dl, |n| n.min(dl)));
-                    continue;
-                }
-                _ => {}
-            }
-            if blocked.contains(&key) {
-                continue;
-            }
+        let mut handed: Vec<u64> = Vec::new();
+        for &seq in &self.waiting {
             if out.len() >= max {
                 break;
+            }
+            let Some(p) = self.pending.get_mut(&seq) else {
+                continue;
+            };
+            if !self.delayed_keys.is_empty() && self.delayed_keys.contains_key(&Self::key_of(p)) {
+                continue;
             }
             let env = match envelope_of(&self.inner, &p.rec) {
                 Ok(e) => e,
@@ -505,16 +587,26 @@ impl Instance {
             };
             p.deliveries += 1;
             p.st = St::InFlight(deadline);
-            through.push((p.slot, *seq));
+            handed.push(seq);
+            through.push((p.slot, seq));
             out.push(Delivery::new(
                 env,
                 DeliveryInfo {
-                    sequence: *seq,
+                    sequence: seq,
                     delivery_count: p.deliveries,
                     stored_at: us_to_time(p.rec.log_us),
                 },
                 settler.clone(),
             ));
+        }
+        for seq in handed {
+            self.waiting.remove(&seq);
+            self.timers.insert((deadline, seq));
+        }
+        let mut next_due: Option<i64> =
+            (self.mine == 0 || self.next_maintain > now).then_some(self.next_maintain);
+        if let Some(&(t, _)) = self.timers.first() {
+            next_due = Some(next_due.map_or(t, |n| n.min(t)));
         }
         if let Some(e) = damage.or(read_failed)
             && out.is_empty()
@@ -545,9 +637,8 @@ impl Instance {
         let mut touched: Vec<usize> = Vec::new();
         let mut acked: Vec<(Option<usize>, u64)> = Vec::with_capacity(seqs.len());
         for s in seqs {
-            match self.pending.remove(s) {
+            match self.forget(*s) {
                 Some(p) => {
-                    self.per_slot[p.slot].remove(s);
                     if !touched.contains(&p.slot) {
                         touched.push(p.slot);
                     }
@@ -577,16 +668,16 @@ impl Instance {
                 positions.push((s, pos));
             }
         }
-        let above: Vec<u64> = acked
+        let above: Vec<(usize, u64)> = acked
             .iter()
-            .filter(|(s, seq)| match s {
+            .filter_map(|(s, seq)| match s {
                 Some(s) => positions
                     .iter()
                     .find(|(x, _)| x == s)
-                    .map_or(true, |(_, p)| seq > p),
-                None => true,
+                    .is_none_or(|(_, p)| seq > p)
+                    .then_some((*s, *seq)),
+                None => Some((group::UNKNOWN_SLOT, *seq)),
             })
-            .map(|(_, seq)| *seq)
             .collect();
         let body = frames::ack(self.owner, now / 1000, &positions, &above, keys);
         j.append_shared(super::format::KIND_ACK, &body)?;
@@ -599,8 +690,24 @@ impl Instance {
         let Some(p) = self.pending.get_mut(&seq) else {
             return Ok(());
         };
+        let old = p.st;
         p.st = St::Delayed(due);
-        let body = frames::nack(p.slot, seq, due);
+        let (slot, key) = (p.slot, Self::key_of(p));
+        match old {
+            St::Waiting => {
+                self.waiting.remove(&seq);
+            }
+            St::InFlight(t) => {
+                self.timers.remove(&(t, seq));
+            }
+            St::Delayed(t) => {
+                self.timers.remove(&(t, seq));
+                self.unblock(key);
+            }
+        }
+        self.timers.insert((due, seq));
+        *self.delayed_keys.entry(key).or_default() += 1;
+        let body = frames::nack(slot, seq, due);
         self.journal()
             .append_shared(super::format::KIND_NACK, &body)
     }
@@ -608,9 +715,12 @@ impl Instance {
     fn in_progress(&mut self, seq: u64) -> Result<()> {
         let now = now_us();
         if let Some(p) = self.pending.get_mut(&seq)
-            && let St::InFlight(_) = p.st
+            && let St::InFlight(t) = p.st
         {
-            p.st = St::InFlight(now + self.deadline_us);
+            let t2 = now + self.deadline_us;
+            p.st = St::InFlight(t2);
+            self.timers.remove(&(t, seq));
+            self.timers.insert((t2, seq));
         }
         self.maintain(now, false)
     }
