@@ -128,12 +128,14 @@ fn only_a_publishing_process_applies_retention_and_logs_what_it_deleted() {
     let payload = tmp.path().join("payload.bin");
     std::fs::write(&payload, vec![7u8; 1000]).unwrap();
     let plain = url_of(&data, "");
-    // 1,200 rows of one size: about 1.7 MB, over a 1 MiB cap.
+    // 1,200 rows of (nearly) one size: over a 1 MiB cap. A stored row varies by a byte or
+    // two (its `produced_at` is kept as a varint difference to the log time), so `row` is a
+    // lower bound of every row's size.
     publish(&plain, 1200, Some(&payload), &[]);
     let (messages, bytes) = stored(&plain);
     assert_eq!(messages, 1200);
-    let row = bytes / messages;
-    assert_eq!(bytes, row * messages, "rows of one size");
+    let row = bytes / messages - 4;
+    assert!(row > 1000, "{row}");
     let cap = 1024 * 1024;
     assert!(bytes > cap);
 
@@ -198,7 +200,7 @@ fn only_a_publishing_process_applies_retention_and_logs_what_it_deleted() {
         after_bytes <= cap && after_bytes + row > cap,
         "{after_bytes}"
     );
-    assert_eq!(after_bytes, after * row);
+    assert!(after_bytes >= after * row, "{after_bytes} for {after} rows");
     assert!(
         o.stderr.contains(&format!(
             "embedded log retention deleted {deleted} message(s) of domain news"
