@@ -184,6 +184,18 @@ impl Shared {
         self.u64_at(OFF_SEQLOCK).load(Ordering::Acquire) & 1 == 1
     }
 
+    /// The next sequence the page held, however stale (after a reboot, a torn page): every
+    /// sequence below it was handed out once, so recovery never hands one out again — a
+    /// consumer group may have acked it (with `sync=normal` a commit lost to a power cut
+    /// may have been read) and would skip a new message under the same number. 0 when the
+    /// page was never written.
+    pub fn stale_next_seq(&self) -> u64 {
+        if self.u64_at(OFF_MAGIC).load(Ordering::Acquire) != SHM_MAGIC {
+            return 0;
+        }
+        self.u64_at(OFF_NEXT_SEQ).load(Ordering::Acquire)
+    }
+
     /// Reads a consistent copy.
     pub fn snapshot(&self) -> Snapshot {
         let lock = self.u64_at(OFF_SEQLOCK);
