@@ -8,7 +8,7 @@
 //! | family | labels | recorded |
 //! |---|---|---|
 //! | `bus_produced_total` | topic, producer | after the broker confirmed a publish (duplicates not counted) |
-//! | `bus_consumed_total` | topic, consumer | a handler returned `Ok` |
+//! | `bus_consumed_total` | topic, consumer | a handler returned `Ok`, or [`ReaderCounter::consumed`] |
 //! | `bus_delivery_latency_ms` | topic | `produced_at` → handler start |
 //! | `bus_handler_duration_ms` | topic, consumer | each handler attempt |
 //! | `bus_batch_size_bytes` | topic | payload bytes of each confirmed publish batch |
