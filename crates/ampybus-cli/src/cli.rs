@@ -73,7 +73,7 @@ Examples:
   ampybus pub --topic ampy.dev.news.v1.raw --producer me@laptop --source cli --pk n-1 --payload hello
   ampybus pub --topic ampy.dev.bars.v1.XNAS.AAPL --producer p@1 --source s --pk XNAS.AAPL \\
       --schema ampy.bars.v1.BarBatch --payload-file bars.bin --count 1000 --print-ids
-  ampybus pub --json-envelope golden/bars/bar-batch.json
+  ampybus pub --json-envelope golden/bars/typical.json
 
 The payload is never decoded. Without a payload flag the payload is empty.
 `--json-envelope` publishes the envelope exactly as written in the file (one JSON object,
@@ -102,6 +102,8 @@ Without --durable the read starts at the earliest stored message and records no 
 With --durable a message is acknowledged once write(2) accepted its whole line: in a pipeline
 that is what the reader was handed, not what it used, so give `head`-like readers --max N.
 If the reader closes stdout: exit 3, `stdout closed after acking N message(s)`.
+With --metrics-addr, bus_consumed_total{consumer=<the --durable name, or `sub`>} and /stats
+count each message once its line was written (with --durable: and acknowledged).
 SIGINT/SIGTERM: no new fetch, fetched messages not printed are released at once, summary on
 stderr; exit 130 on SIGINT, 0 on SIGTERM (with --max or --since/--until: 130 / 143)."
     )]
@@ -136,9 +138,9 @@ Examples:
   ampybus demo
   ampybus --url /tmp/ampy-demo demo --bars 600 --symbols AAPL,MSFT --json
 
-bars → signals → orders → fills → positions on the embedded log at --url, with one poison
-message dead-lettered and a replay that must apply nothing new. Exit code 1 when an
-invariant of the run does not hold.")]
+bars → signals → orders → fills → positions on the transport at --url (the embedded log,
+nats://, redis:// or kafka://), with one poison message dead-lettered and a replay that must
+apply nothing new. Exit code 1 when an invariant of the run does not hold.")]
     Demo(crate::demo::DemoArgs),
 
     /// Ask a running consumer to replay a stored window through its own handler
@@ -157,14 +159,24 @@ consumer, use `ampybus sub --since T --until T`.")]
     Replay(crate::replay::ReplayArgs),
 
     /// Inspect, redrive or purge dead-lettered messages
+    #[command(after_help = "\
+Examples:
+  ampybus dlq inspect --reason decode_error --json
+  ampybus dlq redrive --reason handler_error --dry-run
+  ampybus dlq purge --reason decode_error --yes
+
+`ampybus dlq <COMMAND> --help` has the details of each.")]
     Dlq(crate::dlq::DlqArgs),
 
-    /// Per-topic message counts and bytes, and durable consumer lag (embedded log)
+    /// Per-topic message counts and bytes, and durable consumer lag (embedded log, NATS, Redis, Kafka)
     #[command(after_help = "\
 Examples:
   ampybus topics list --pattern 'ampy.dev.>'
   ampybus topics describe ampy.dev.news.v1.raw --json
-  ampybus topics lag --consumer audit")]
+  ampybus topics lag --consumer audit
+
+Works on the embedded log and on nats://, redis:// and kafka:// URLs; what a row holds on
+each broker is in the README (`ampybus topics`).")]
     Topics(crate::topics::TopicsArgs),
 
     /// Convert a data directory of an earlier version (ampybus.sqlite3) to the current format
@@ -244,7 +256,15 @@ Examples:
     },
 
     /// Internal: the consumer process of `bench --mode e2e`
-    #[command(hide = true, name = "bench-consumer")]
+    #[command(
+        hide = true,
+        name = "bench-consumer",
+        after_help = "\
+Examples:
+  ampybus --url /tmp/bench-log bench-consumer --pattern ampy.dev.bench.v1.e2e --durable e2e --expect 100000
+
+Started by `bench --mode e2e` in its own process; prints the latencies it measured on stdout."
+    )]
     BenchConsumer(BenchConsumerArgs),
 }
 
@@ -494,5 +514,91 @@ mod tests {
         assert!(parse_secs("-1").is_err());
         assert!(parse_secs("NaN").is_err());
         assert!(parse_secs("soon").unwrap_err().contains("soon"));
+    }
+}
+
+#[cfg(test)]
+mod help_tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    /// Every command and nested subcommand, hidden ones included, as `ampybus a b` paths
+    /// (clap's generated `help` commands, which print the others' help, left out).
+    fn walk(cmd: &clap::Command, path: &str, out: &mut Vec<(String, clap::Command)>) {
+        for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+            let p = format!("{path} {}", sub.get_name());
+            out.push((p.clone(), sub.clone()));
+            walk(sub, &p, out);
+        }
+    }
+
+    #[test]
+    fn every_command_help_has_an_example() {
+        let mut all = Vec::new();
+        let mut root = Cli::command();
+        root.build();
+        walk(&root, "ampybus", &mut all);
+        let names: Vec<&str> = all.iter().map(|(p, _)| p.as_str()).collect();
+        // The walk reaches the nested commands.
+        for expected in [
+            "ampybus pub",
+            "ampybus sub",
+            "ampybus dlq",
+            "ampybus dlq inspect",
+            "ampybus dlq redrive",
+            "ampybus dlq purge",
+            "ampybus topics lag",
+            "ampybus streams ensure",
+            "ampybus bench-consumer",
+        ] {
+            assert!(
+                names.contains(&expected),
+                "{expected} not walked: {names:?}"
+            );
+        }
+        let mut missing = Vec::new();
+        let mut root_help = Cli::command();
+        let root_text = root_help.render_long_help().to_string();
+        assert!(
+            root_text
+                .lines()
+                .any(|l| l.trim_start().starts_with("ampybus ")),
+            "ampybus --help has no example"
+        );
+        for (path, mut cmd) in all {
+            let text = cmd.render_long_help().to_string();
+            let examples = text
+                .split_once("Examples:")
+                .map(|(_, rest)| rest)
+                .unwrap_or("");
+            if !examples
+                .lines()
+                .any(|l| l.trim_start().starts_with("ampybus "))
+            {
+                missing.push(path);
+            }
+        }
+        assert!(missing.is_empty(), "--help without an example: {missing:?}");
+    }
+
+    #[test]
+    fn files_cited_in_help_exist() {
+        let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let mut all = Vec::new();
+        let mut root = Cli::command();
+        root.build();
+        walk(&root, "ampybus", &mut all);
+        let mut cited = 0;
+        for (path, mut cmd) in all {
+            let text = cmd.render_long_help().to_string();
+            for word in text.split_whitespace().filter(|w| w.starts_with("golden/")) {
+                cited += 1;
+                assert!(
+                    repo.join(word).exists(),
+                    "{path} --help cites {word}, which does not exist"
+                );
+            }
+        }
+        assert!(cited > 0, "no golden/ file cited in any --help");
     }
 }

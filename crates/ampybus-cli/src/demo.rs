@@ -1,5 +1,5 @@
-//! `ampybus demo`: the end-to-end narrative on the embedded log with synthetic, deterministic
-//! data.
+//! `ampybus demo`: the end-to-end narrative on the transport at `--url` (the embedded log, NATS,
+//! Redis or Kafka) with synthetic, deterministic data.
 //!
 //! bars producer → features/signals → order service → paper broker → positions, plus metrics
 //! from every service, one poison bars message that must be dead-lettered with

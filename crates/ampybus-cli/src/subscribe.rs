@@ -5,6 +5,7 @@ use crate::decoder::ProtoDecoder;
 use crate::error::{CliError, CliResult, EXIT_OK};
 use crate::util::{self, Out, Signal, Signals};
 use ampybus::headers::names;
+use ampybus::obs::ReaderCounter;
 use ampybus::transport::{Delivery, StartAt, SubscribeSpec, WindowQuery};
 use ampybus::{Bus, Envelope, PayloadDecoder, TopicPattern};
 use chrono::{DateTime, Utc};
@@ -14,6 +15,9 @@ use std::time::{Duration, Instant};
 
 /// How many deliveries one fetch asks for.
 const FETCH: u64 = 256;
+
+/// The `consumer` label (and `/stats` name) of a `sub` without `--durable`.
+pub const EPHEMERAL_NAME: &str = "sub";
 
 /// Runs `sub`.
 pub async fn run(url: &str, args: SubArgs) -> CliResult<u8> {
@@ -42,7 +46,16 @@ pub async fn run(url: &str, args: SubArgs) -> CliResult<u8> {
     } else {
         util::connect_existing(url).await?
     };
+    // With --metrics-addr: bus_consumed_total and /stats count what this read consumed.
+    let counter = ReaderCounter::register(
+        &bus,
+        args.durable.as_deref().unwrap_or(EPHEMERAL_NAME),
+        pattern.clone(),
+        args.durable.is_some(),
+        FETCH as usize,
+    );
     let mut printer = Printer {
+        counter,
         out: Out::new(),
         json: args.json,
         decode: args.decode,
@@ -130,6 +143,7 @@ async fn window(
             .map_err(|e| CliError::bus("reading the stored window", &e))?;
         let Some(last) = page.last() else { break };
         q.after_sequence = last.sequence;
+        let before = p.out.lines_written();
         let written = async {
             for m in &page {
                 p.print(bus, &m.envelope, m.sequence, m.stored_at, 1)
@@ -138,6 +152,10 @@ async fn window(
             p.out.flush()
         }
         .await;
+        let accepted = (p.out.lines_written() - before) as usize;
+        for m in page.iter().take(accepted) {
+            p.counter.consumed(&m.envelope.topic);
+        }
         if let Err(e) = written {
             return Err(p.stdout_error(e, None));
         }
@@ -215,14 +233,24 @@ async fn follow(
             let rest = printed.split_off(accepted.min(printed.len()));
             if !printed.is_empty() {
                 let n = printed.len() as u64;
+                let topics: Vec<String> =
+                    printed.iter().map(|d| d.envelope.topic.clone()).collect();
                 if let Err((e, unacked)) = Delivery::ack_all(printed).await {
                     release(unacked).await;
                     release(rest).await;
                     return Err(CliError::bus("ack", &e));
                 }
                 acked += n;
+                // Consumed = printed and acked.
+                for t in &topics {
+                    p.counter.consumed(t);
+                }
             }
             release(rest).await;
+        } else {
+            for d in got.iter().take(accepted) {
+                p.counter.consumed(&d.envelope.topic);
+            }
         }
         if let Err(e) = written {
             return Err(p.stdout_error(e, durable.then_some(acked)));
@@ -243,6 +271,8 @@ async fn release(deliveries: Vec<Delivery>) {
 }
 
 struct Printer {
+    /// Counts consumed messages for `/metrics` and `/stats`.
+    counter: ReaderCounter,
     out: Out,
     json: bool,
     decode: bool,

@@ -1,5 +1,5 @@
 //! `ampybus topics`: what the log or broker holds per topic and how far behind consumers are
-//! (any transport with the [`Inspect`] capability: the embedded log, NATS, Redis).
+//! (any transport with the [`Inspect`] capability: the embedded log, NATS, Redis, Kafka).
 
 use crate::error::{CliError, CliResult, EXIT_OK};
 use crate::util;
@@ -68,7 +68,8 @@ Lag: messages after the cursor matching the consumer's pattern, not yet acknowle
     },
 }
 
-/// Runs `ampybus topics …` on any transport that can be inspected (embedded log, NATS, Redis).
+/// Runs `ampybus topics …` on any transport that can be inspected (embedded log, NATS, Redis,
+/// Kafka).
 pub async fn run(url: &str, args: TopicsArgs) -> CliResult<u8> {
     let bus = util::connect_existing(url).await?;
     let result = match bus.transport().inspect() {

@@ -123,6 +123,155 @@ fn metrics_addr_serves_metrics_health_and_stats_while_sub_runs() {
     child.wait().unwrap();
 }
 
+/// Starts `ampybus --metrics-addr 127.0.0.1:0 sub --pattern ampy.dev.> --json <extra>` on
+/// `dir` and returns the child, its stdout and the ops endpoint address it printed.
+fn start_sub(
+    dir: &std::path::Path,
+    extra: &[&str],
+) -> (
+    std::process::Child,
+    BufReader<std::process::ChildStdout>,
+    String,
+) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ampybus"))
+        .arg("--url")
+        .arg(dir)
+        .args([
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "sub",
+            "--pattern",
+            "ampy.dev.>",
+            "--json",
+            "--timeout",
+            "60",
+        ])
+        .args(extra)
+        .env_remove("AMPYBUS_URL")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start ampybus sub");
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut addr = None;
+    for line in stderr.lines() {
+        let line = line.unwrap();
+        if let Some(rest) = line.strip_prefix("serving http://") {
+            addr = rest.split('/').next().map(str::to_owned);
+            break;
+        }
+    }
+    let addr = addr.expect("the ops endpoint address on stderr");
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    (child, stdout, addr)
+}
+
+/// Reads `n` lines of `sub --json` output, each a message of `ampy.dev.news.v1.raw`.
+fn read_messages(stdout: &mut BufReader<std::process::ChildStdout>, n: usize) {
+    let started = Instant::now();
+    for i in 0..n {
+        let mut l = String::new();
+        stdout.read_line(&mut l).unwrap();
+        assert!(l.contains("ampy.dev.news.v1.raw"), "line {i}: {l}");
+        assert!(started.elapsed() < Duration::from_secs(60), "hang");
+    }
+}
+
+/// `/stats` once its consumer `name` has counted at least `n` (or after 30 s).
+fn stats_once_counted(addr: &str, name: &str, n: u64) -> serde_json::Value {
+    let started = Instant::now();
+    loop {
+        let (status, body) = http_get(addr, "/stats");
+        assert_eq!(status, 200, "{body}");
+        let stats: serde_json::Value = serde_json::from_str(&body).expect("/stats is JSON");
+        let counted = stats["consumers"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["name"] == name))
+            .and_then(|c| c["handled_ok"].as_u64())
+            .unwrap_or(0);
+        if counted >= n || started.elapsed() > Duration::from_secs(30) {
+            return stats;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The value of one sample line on `/metrics`, e.g. `bus_consumed_total{…}`.
+fn sample(metrics: &str, series: &str) -> Option<String> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ').map(str::to_owned))
+}
+
+#[test]
+fn sub_metrics_and_stats_count_exactly_what_it_consumed() {
+    const N: usize = 250;
+    let tmp = tempfile::tempdir().unwrap();
+    let o = publish(tmp.path(), &N.to_string(), &[]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+
+    // Durable: counted once printed and acked, under the durable name.
+    let (mut child, mut stdout, addr) = start_sub(tmp.path(), &["--durable", "audit"]);
+    read_messages(&mut stdout, N);
+    let stats = stats_once_counted(&addr, "audit", N as u64);
+    let consumers = stats["consumers"].as_array().expect("consumers");
+    assert_eq!(consumers.len(), 1, "{stats}");
+    let c = &consumers[0];
+    assert_eq!(c["name"], "audit", "{stats}");
+    assert_eq!(c["pattern"], "ampy.dev.>", "{stats}");
+    assert_eq!(c["handled_ok"], N as u64, "{stats}");
+    assert_eq!(c["retried"], 0, "{stats}");
+    assert_eq!(c["in_flight"], 0, "{stats}");
+    assert!(c["last_message_at"].is_string(), "{stats}");
+    let (status, metrics) = http_get(&addr, "/metrics");
+    assert_eq!(status, 200);
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"bus_consumed_total{topic="ampy.dev.news.v1",consumer="audit"}"#
+        )
+        .as_deref(),
+        Some("250"),
+        "{metrics}"
+    );
+    assert_eq!(
+        metrics.matches("bus_consumed_total{").count(),
+        1,
+        "{metrics}"
+    );
+    let (status, health) = http_get(&addr, "/health");
+    assert_eq!(status, 200, "{health}");
+    let health: serde_json::Value = serde_json::from_str(&health).unwrap();
+    assert_eq!(health["consumers"][0]["name"], "audit", "{health}");
+    assert_eq!(health["consumers"][0]["running"], true, "{health}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    // Without --durable: counted once printed, under the name `sub`, with no lag.
+    let (mut child, mut stdout, addr) = start_sub(tmp.path(), &[]);
+    read_messages(&mut stdout, N);
+    let stats = stats_once_counted(&addr, "sub", N as u64);
+    let consumers = stats["consumers"].as_array().expect("consumers");
+    assert_eq!(consumers.len(), 1, "{stats}");
+    assert_eq!(consumers[0]["name"], "sub", "{stats}");
+    assert_eq!(consumers[0]["handled_ok"], N as u64, "{stats}");
+    assert!(consumers[0]["lag"].is_null(), "{stats}");
+    let (_, metrics) = http_get(&addr, "/metrics");
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"bus_consumed_total{topic="ampy.dev.news.v1",consumer="sub"}"#
+        )
+        .as_deref(),
+        Some("250"),
+        "{metrics}"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
 #[test]
 fn log_format_json_lines_carry_the_fields_and_no_payload() {
     let tmp = tempfile::tempdir().unwrap();

@@ -302,12 +302,10 @@ impl Bus {
             return;
         }
         for c in self.obs.consumers() {
-            if c.is_stopped() {
+            let Some(name) = c.lag_name().filter(|_| !c.is_stopped()) else {
                 continue;
-            }
-            if let Ok(Ok(Some(l))) =
-                tokio::time::timeout(timeout, self.consumer_lag(c.name())).await
-            {
+            };
+            if let Ok(Ok(Some(l))) = tokio::time::timeout(timeout, self.consumer_lag(name)).await {
                 c.set_lag(l.pending);
             }
         }

@@ -119,8 +119,21 @@ impl BlobStore {
         })
     }
 
-    /// Any `object_store` store (S3-compatible, memory, …) whose objects are named
-    /// `<url_prefix><key>` in `blob_ref`.
+    /// Any `object_store` (0.12) store whose objects are named `<url_prefix><key>` in
+    /// `blob_ref`. This crate compiles `object_store` with its `fs` feature only, so what it
+    /// brings is the local filesystem ([`BlobStore::local`]) and `object_store::memory::InMemory`;
+    /// no S3, GCS or Azure client is compiled in. For one of those, depend on `object_store`
+    /// 0.12 with its `aws`, `gcp` or `azure` feature in your own crate (cargo builds one
+    /// `object_store` with both feature sets) and pass the store here.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// let store = ampybus::codec::BlobStore::new(
+    ///     Arc::new(object_store::memory::InMemory::new()),
+    ///     "mem://blobs",
+    /// );
+    /// assert_eq!(store.url_prefix(), "mem://blobs/");
+    /// ```
     pub fn new(store: Arc<dyn ObjectStore>, url_prefix: impl Into<String>) -> Self {
         let mut prefix = url_prefix.into();
         if !prefix.ends_with('/') {

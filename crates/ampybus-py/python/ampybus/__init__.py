@@ -3,8 +3,8 @@
 The same Rust core as the ``ampybus`` CLI and Rust services (built with PyO3): topics,
 headers and partition keys checked on publish, at-least-once durable consumers with
 dedupe, per-key order, retries and a dead-letter queue, replay, metrics. Transports: the
-embedded durable log (``file://`` or a path, the default), NATS JetStream (``nats://``) and
-Redis Streams (``redis://``).
+embedded durable log (``file://`` or a path, the default), NATS JetStream (``nats://``),
+Redis Streams (``redis://``) and Kafka (``kafka://``).
 
 >>> import asyncio, ampybus
 >>> async def main() -> None:

@@ -579,7 +579,9 @@ class Bus:
         """A durable consumer named ``consumer`` on ``pattern`` (``*`` one token, ``>`` the rest).
 
         The Rust runtime does the work: at-least-once delivery, dedupe by ``message_id`` and
-        ``dedupe_key`` (shared by every instance of the consumer name), per-key order with
+        ``dedupe_key`` (in the transport's store: shared by every instance of the consumer name
+        on the embedded log's directory, NATS and Redis; on Kafka the default store is a SQLite
+        file on one host, ``dedupe=redis://…`` shares it between hosts), per-key order with
         ``workers`` keys in parallel, retries with exponential backoff and full jitter
         (``max_attempts`` in total, ``min_delay``/``max_delay`` seconds), then the DLQ. Strict
         per-key order is the default for ``orders`` and ``fills``. ``start_at``:
@@ -782,9 +784,9 @@ async def connect(
 
     ``url``: ``file:///dir`` or a path (the embedded log, the default: ``$AMPYBUS_URL``, else
     ``./ampybus-data``), ``nats://host:4222``, ``tls://…``, ``redis://host:6379``,
-    ``rediss://…``. Extra keyword ``options`` are the URL's query options (e.g.
-    ``stream_prefix="AMPY"`` for NATS, ``key_prefix="x:"`` for Redis, ``sync="normal"`` for the
-    embedded log) and are appended to it. ``producer``/``source`` are the defaults of every
+    ``rediss://…``, ``kafka://host:9092``. Extra keyword ``options`` are the URL's query options
+    (e.g. ``stream_prefix="AMPY"`` for NATS, ``key_prefix="x:"`` for Redis, ``namespace="x."`` for
+    Kafka, ``sync="normal"`` for the embedded log) and are appended to it. ``producer``/``source`` are the defaults of every
     publish. ``observability=False`` turns metrics and spans off for this handle.
     """
     if url is None:

@@ -206,13 +206,14 @@ async fn stats(State(st): State<Arc<AppState>>) -> Response {
             continue;
         }
         let s = c.stats();
-        let lag = if st.bus.has_consumer_lag() {
-            match tokio::time::timeout(PROBE_TIMEOUT, st.bus.consumer_lag(c.name())).await {
-                Ok(Ok(Some(l))) => json!(l.pending),
-                _ => Value::Null,
+        let lag = match c.lag_name() {
+            Some(name) if st.bus.has_consumer_lag() => {
+                match tokio::time::timeout(PROBE_TIMEOUT, st.bus.consumer_lag(name)).await {
+                    Ok(Ok(Some(l))) => json!(l.pending),
+                    _ => Value::Null,
+                }
             }
-        } else {
-            Value::Null
+            _ => Value::Null,
         };
         let finished = s.handled_ok + s.dead_lettered_total() + s.skipped_duplicates;
         total_in_flight += s.in_flight;

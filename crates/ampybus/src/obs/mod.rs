@@ -8,7 +8,7 @@
 //! | family | labels | recorded |
 //! |---|---|---|
 //! | `bus_produced_total` | topic, producer | after the broker confirmed a publish (duplicates not counted) |
-//! | `bus_consumed_total` | topic, consumer | a handler returned `Ok` |
+//! | `bus_consumed_total` | topic, consumer | a handler returned `Ok`, or [`ReaderCounter::consumed`] |
 //! | `bus_delivery_latency_ms` | topic | `produced_at` → handler start |
 //! | `bus_handler_duration_ms` | topic, consumer | each handler attempt |
 //! | `bus_batch_size_bytes` | topic | payload bytes of each confirmed publish batch |
@@ -37,6 +37,7 @@
 
 mod http;
 mod metrics;
+mod reader;
 mod trace;
 
 pub use http::{ObsServer, serve};
@@ -44,14 +45,16 @@ pub use metrics::{
     BusMetrics, DECODE_FAIL_CODES, LATENCY_BUCKETS_MS, RETRY_REASONS, SIZE_BUCKETS_BYTES,
     domain_topic,
 };
+pub use reader::ReaderCounter;
 pub use trace::{TRACER_NAME, extract_context, inject_context};
 
 pub(crate) use metrics::{ConsumerTopic, ProducerTopic};
 pub(crate) use trace::{BusTracer, PublishSpan};
 
 use crate::error::{Error, Result};
-use crate::runtime::{ConsumerMonitor, ProducerStats};
-use std::sync::{Mutex, Weak};
+use crate::runtime::{ConsumerMonitor, ConsumerStats, ProducerStats};
+use reader::ReaderShared;
+use std::sync::{Arc, Mutex, Weak};
 
 /// What one bus handle shares with its runtime pieces: metrics, the tracer, and the consumers
 /// and producers running on it (for `/health` and `/stats`).
@@ -59,7 +62,7 @@ pub(crate) struct Obs {
     pub(crate) enabled: bool,
     pub(crate) metrics: BusMetrics,
     pub(crate) tracer: BusTracer,
-    consumers: Mutex<Vec<ConsumerMonitor>>,
+    consumers: Mutex<Vec<Entry>>,
     producers: Mutex<Vec<ProducerEntry>>,
 }
 
@@ -83,16 +86,29 @@ impl Obs {
     }
 
     pub(crate) fn add_consumer(&self, m: ConsumerMonitor) {
-        let mut c = self.consumers.lock().unwrap_or_else(|p| p.into_inner());
-        c.retain(|x| !x.is_stopped());
-        c.push(m);
+        self.add_entry(Entry::Runtime(m));
     }
 
-    pub(crate) fn consumers(&self) -> Vec<ConsumerMonitor> {
+    /// A hand-written reader ([`ReaderCounter`]); held weakly, gone when its counter is.
+    pub(crate) fn add_reader(&self, r: Weak<ReaderShared>) {
+        self.add_entry(Entry::Reader(r));
+    }
+
+    fn add_entry(&self, e: Entry) {
+        let mut c = self.consumers.lock().unwrap_or_else(|p| p.into_inner());
+        c.retain(|x| x.live().is_some_and(|l| !l.is_stopped()));
+        c.push(e);
+    }
+
+    /// The consumers registered on this handle and still alive (stopped ones included until
+    /// the next registration).
+    pub(crate) fn consumers(&self) -> Vec<ConsumerEntry> {
         self.consumers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone()
+            .iter()
+            .filter_map(Entry::live)
+            .collect()
     }
 
     pub(crate) fn add_producer<T: Send + Sync + 'static>(
@@ -120,6 +136,95 @@ impl Obs {
             .iter()
             .filter_map(|e| (e.probe)().map(|s| (e.id, e.capacity, s)))
             .collect()
+    }
+}
+
+/// A registered consumer as stored: a runtime consumer, or a hand-written reader held weakly.
+enum Entry {
+    Runtime(ConsumerMonitor),
+    Reader(Weak<ReaderShared>),
+}
+
+impl Entry {
+    fn live(&self) -> Option<ConsumerEntry> {
+        match self {
+            Entry::Runtime(m) => Some(ConsumerEntry::Runtime(m.clone())),
+            Entry::Reader(w) => w.upgrade().map(ConsumerEntry::Reader),
+        }
+    }
+}
+
+/// A consumer shown on `/health`, `/stats` and in `bus_consumer_lag`: one of the runtime's
+/// or a hand-written reader ([`ReaderCounter`]).
+#[derive(Clone)]
+pub(crate) enum ConsumerEntry {
+    Runtime(ConsumerMonitor),
+    Reader(Arc<ReaderShared>),
+}
+
+impl ConsumerEntry {
+    pub(crate) fn name(&self) -> &str {
+        match self {
+            ConsumerEntry::Runtime(m) => m.name(),
+            ConsumerEntry::Reader(r) => r.name(),
+        }
+    }
+
+    pub(crate) fn pattern(&self) -> &crate::topic::TopicPattern {
+        match self {
+            ConsumerEntry::Runtime(m) => m.pattern(),
+            ConsumerEntry::Reader(r) => r.pattern(),
+        }
+    }
+
+    pub(crate) fn stats(&self) -> ConsumerStats {
+        match self {
+            ConsumerEntry::Runtime(m) => m.stats(),
+            ConsumerEntry::Reader(r) => r.stats(),
+        }
+    }
+
+    pub(crate) fn is_stopped(&self) -> bool {
+        match self {
+            ConsumerEntry::Runtime(m) => m.is_stopped(),
+            ConsumerEntry::Reader(r) => r.is_stopped(),
+        }
+    }
+
+    pub(crate) fn is_draining(&self) -> bool {
+        match self {
+            ConsumerEntry::Runtime(m) => m.is_draining(),
+            ConsumerEntry::Reader(r) => r.is_stopped(),
+        }
+    }
+
+    pub(crate) fn last_message_at(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        match self {
+            ConsumerEntry::Runtime(m) => m.last_message_at(),
+            ConsumerEntry::Reader(r) => r.last_message_at(),
+        }
+    }
+
+    pub(crate) fn max_in_flight(&self) -> usize {
+        match self {
+            ConsumerEntry::Runtime(m) => m.max_in_flight(),
+            ConsumerEntry::Reader(r) => r.max_in_flight(),
+        }
+    }
+
+    /// The durable name whose lag the transport can report (`None`: an ephemeral reader).
+    pub(crate) fn lag_name(&self) -> Option<&str> {
+        match self {
+            ConsumerEntry::Runtime(m) => Some(m.name()),
+            ConsumerEntry::Reader(r) => r.is_durable().then(|| r.name()),
+        }
+    }
+
+    pub(crate) fn set_lag(&self, pending: u64) {
+        match self {
+            ConsumerEntry::Runtime(m) => m.set_lag(pending),
+            ConsumerEntry::Reader(r) => r.set_lag(pending),
+        }
     }
 }
 

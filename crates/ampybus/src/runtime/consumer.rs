@@ -174,7 +174,8 @@ impl ConsumerBuilder {
         self
     }
 
-    /// The dedupe store shared by every instance of this consumer name.
+    /// The dedupe store of this consumer name, instead of the transport's own: instances of
+    /// the name skip each other's applied messages only when they reach the same store.
     pub fn dedupe(mut self, store: Arc<dyn DedupeStore>) -> Self {
         self.dedupe = DedupeChoice::Store(store);
         self

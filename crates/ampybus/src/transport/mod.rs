@@ -573,8 +573,10 @@ pub trait Transport: Send + Sync + 'static {
     fn replay(&self) -> Option<&dyn ReplayByTime> {
         None
     }
-    /// The transport's own durable dedupe store (shared by every instance of a consumer), used
-    /// by a [`crate::Consumer`] that is not given one. Default: none.
+    /// The transport's own durable dedupe store, used by a [`crate::Consumer`] that is not
+    /// given one. Default: none. Who shares it depends on the transport: every process on the
+    /// embedded log's data directory, every host on NATS and Redis, on Kafka only the processes
+    /// that open the same SQLite file (the default, one host) unless the URL names Redis.
     fn dedupe_store(&self) -> Option<Arc<dyn crate::dedupe::DedupeStore>> {
         None
     }

@@ -1,0 +1,174 @@
+//! [`ReaderCounter`]: metrics and `/stats` for a consumer that reads a
+//! [`crate::transport::Subscription`] itself instead of through [`crate::runtime::Consumer`]
+//! (e.g. `ampybus sub`).
+
+use super::metrics::ConsumerTopic;
+use crate::bus::Bus;
+use crate::runtime::ConsumerStats;
+use crate::topic::TopicPattern;
+use prometheus_client::metrics::gauge::Gauge;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+pub(crate) struct ReaderShared {
+    bus: Bus,
+    name: String,
+    pattern: TopicPattern,
+    /// A durable name the transport knows (its lag is read); `false` for an ephemeral read.
+    durable: bool,
+    max_in_flight: usize,
+    consumed: AtomicU64,
+    last_message_us: AtomicI64,
+    stopped: AtomicBool,
+    lag_gauge: Option<Gauge>,
+    topics: Mutex<HashMap<String, Arc<ConsumerTopic>>>,
+}
+
+impl ReaderShared {
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub(crate) fn pattern(&self) -> &TopicPattern {
+        &self.pattern
+    }
+
+    pub(crate) fn is_durable(&self) -> bool {
+        self.durable
+    }
+
+    pub(crate) fn max_in_flight(&self) -> usize {
+        self.max_in_flight
+    }
+
+    pub(crate) fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn last_message_at(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        match self.last_message_us.load(Ordering::Relaxed) {
+            0 => None,
+            us => chrono::DateTime::from_timestamp_micros(us),
+        }
+    }
+
+    pub(crate) fn stats(&self) -> ConsumerStats {
+        ConsumerStats {
+            handled_ok: self.consumed.load(Ordering::SeqCst),
+            ..ConsumerStats::default()
+        }
+    }
+
+    pub(crate) fn set_lag(&self, pending: u64) {
+        if let Some(g) = &self.lag_gauge {
+            g.set(i64::try_from(pending).unwrap_or(i64::MAX));
+        }
+    }
+}
+
+/// Counts what a hand-written reader consumed: `bus_consumed_total{topic,consumer}` on
+/// `/metrics` and a consumer entry (`handled_ok`, `last_message_at`, and for a durable name
+/// `lag`) on `/stats` of [`super::serve`] — what [`crate::runtime::Consumer`] records on its
+/// own. Call [`ReaderCounter::consumed`] once per message the reader finished (for a durable
+/// reader: after its ack). Dropping the counter (or [`ReaderCounter::stop`]) takes the
+/// consumer off `/stats` and `/health`; its counters stay on `/metrics`.
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use ampybus::{Bus, TopicPattern, obs::ReaderCounter};
+/// let dir = tempfile::tempdir().unwrap();
+/// let bus = Bus::connect(dir.path().to_str().unwrap()).await.unwrap();
+/// let pattern = TopicPattern::parse("ampy.dev.news.>").unwrap();
+/// let reader = ReaderCounter::register(&bus, "audit", pattern, true, 256);
+/// reader.consumed("ampy.dev.news.v1.raw");
+/// reader.consumed("ampy.dev.news.v1.raw");
+/// assert_eq!(reader.count(), 2);
+/// let text = bus.metrics().encode();
+/// assert!(text.contains(r#"bus_consumed_total{topic="ampy.dev.news.v1",consumer="audit"} 2"#));
+/// reader.stop();
+/// # });
+/// ```
+#[derive(Clone)]
+pub struct ReaderCounter {
+    inner: Arc<ReaderShared>,
+}
+
+impl std::fmt::Debug for ReaderCounter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReaderCounter")
+            .field("name", &self.inner.name)
+            .field("consumed", &self.count())
+            .finish()
+    }
+}
+
+impl ReaderCounter {
+    /// Registers a reader named `name` (the `consumer` label) reading `pattern` on `bus`;
+    /// `durable`: `name` is a durable consumer the transport knows, so its lag is reported;
+    /// `max_in_flight`: the most it fetches at once (shown on `/stats`). On a bus with
+    /// observability off nothing is recorded. See [`ReaderCounter`] for an example.
+    pub fn register(
+        bus: &Bus,
+        name: impl Into<String>,
+        pattern: TopicPattern,
+        durable: bool,
+        max_in_flight: usize,
+    ) -> ReaderCounter {
+        let name = name.into();
+        let obs = bus.obs();
+        let lag_gauge =
+            (obs.enabled && durable).then(|| obs.metrics.consumer_lag(pattern.as_str(), &name));
+        let inner = Arc::new(ReaderShared {
+            bus: bus.clone(),
+            name,
+            pattern,
+            durable,
+            max_in_flight,
+            consumed: AtomicU64::new(0),
+            last_message_us: AtomicI64::new(0),
+            stopped: AtomicBool::new(false),
+            lag_gauge,
+            topics: Mutex::new(HashMap::new()),
+        });
+        if obs.enabled {
+            obs.add_reader(Arc::downgrade(&inner));
+        }
+        ReaderCounter { inner }
+    }
+
+    /// Counts one message of `topic` consumed; see [`ReaderCounter`] for an example.
+    pub fn consumed(&self, topic: &str) {
+        let s = &self.inner;
+        s.consumed.fetch_add(1, Ordering::SeqCst);
+        s.last_message_us
+            .store(chrono::Utc::now().timestamp_micros(), Ordering::Relaxed);
+        let obs = s.bus.obs();
+        if !obs.enabled {
+            return;
+        }
+        let key = super::domain_topic(topic);
+        let mut topics = s.topics.lock().unwrap_or_else(|p| p.into_inner());
+        let h = match topics.get(key) {
+            Some(h) => h.clone(),
+            None => {
+                let h = Arc::new(obs.metrics.consumer_topic(key, &s.name));
+                topics.insert(key.to_owned(), h.clone());
+                h
+            }
+        };
+        drop(topics);
+        h.consumed.inc();
+    }
+
+    /// Messages counted so far; see [`ReaderCounter`] for an example.
+    pub fn count(&self) -> u64 {
+        self.inner.consumed.load(Ordering::SeqCst)
+    }
+
+    /// Takes the reader off `/stats` and `/health` (also done on drop of the last clone); see
+    /// [`ReaderCounter`] for an example.
+    pub fn stop(&self) {
+        self.inner.stopped.store(true, Ordering::SeqCst);
+    }
+}
