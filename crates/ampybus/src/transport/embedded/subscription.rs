@@ -785,12 +785,13 @@ struct Durable {
     settler: Arc<dyn Settler>,
 }
 
-impl Drop for Durable {
+/// The partitions are given up when the instance goes: after the subscription and every
+/// delivery it handed out (each holds the settler) are gone — so the acks a consumer still
+/// flushes after dropping its subscription land while it owns the partitions, not after
+/// another instance has taken them over and handed the same messages out again.
+impl Drop for Instance {
     fn drop(&mut self) {
-        self.inst
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .release();
+        self.release();
     }
 }
 
