@@ -273,9 +273,33 @@ struct Appender {
     /// The last topic and header set used (consecutive records mostly repeat them).
     last_topic: Option<(Arc<str>, u16)>,
     last_set: (Vec<u8>, u32),
+    /// Offset up to which writeback was started (`sync=normal`).
+    kicked: u64,
 }
 
+/// With `sync=normal`, writeback of a segment is started every this many bytes, so the sync
+/// when the segment is closed finds little left to write (and commits never stall on it).
+const KICK_BYTES: u64 = 4 * 1024 * 1024;
+
 impl Appender {
+    /// Starts writeback of what was written since the last kick, without waiting for it.
+    fn kick(&mut self) {
+        if self.end - self.kicked < KICK_BYTES {
+            return;
+        }
+        use std::os::fd::AsRawFd;
+        // SAFETY: a valid descriptor; the call only starts writeback of the given range.
+        unsafe {
+            libc::sync_file_range(
+                self.file.as_raw_fd(),
+                self.kicked as libc::off64_t,
+                (self.end - self.kicked) as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
+        self.kicked = self.end;
+    }
+
     /// The dictionary id of `s`, adding it (a TOPIC frame into `buf`) when new; `None` when
     /// the dictionary is full.
     fn intern(&mut self, s: &str, buf: &mut Vec<u8>) -> Option<u16> {
@@ -331,6 +355,7 @@ impl Appender {
             sets: HashMap::new(),
             last_topic: None,
             last_set: (Vec::new(), 0),
+            kicked: 0,
         };
         a.catch_up(end)?;
         Ok(a)
@@ -548,6 +573,7 @@ impl LogWriter {
             sets: HashMap::new(),
             last_topic: None,
             last_set: (Vec::new(), 0),
+            kicked: 0,
         });
         Ok(())
     }
@@ -654,6 +680,9 @@ impl LogWriter {
                 let a = self.open[d].as_mut().expect("rolled above");
                 w.map_err(|e| io_error(&a.path, "appending", e))?;
                 a.end += self.buf.len() as u64;
+                if !self.sync_full {
+                    a.kick();
+                }
                 snap.domains[d].seg_first = a.seg_first;
                 snap.domains[d].end = a.end;
                 snap.domains[d].last_seq = next - 1;
