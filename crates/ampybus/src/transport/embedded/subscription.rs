@@ -338,7 +338,9 @@ pub(crate) struct Instance {
     lease_until: i64,
     next_maintain: i64,
     readers: Vec<DomainReader>,
-    pending: BTreeMap<u64, Pend>,
+    /// Boxed: B-tree nodes shift their entries on insert and remove; a pointer is cheap to
+    /// shift, a record is not.
+    pending: BTreeMap<u64, Box<Pend>>,
     per_slot: Vec<BTreeSet<u64>>,
     /// Read, never handed out by this instance, in sequence order.
     waiting: BTreeSet<u64>,
@@ -454,7 +456,7 @@ impl Instance {
     }
 
     /// Drops a record from every index (acked, or its partition lost).
-    fn forget(&mut self, seq: u64) -> Option<Pend> {
+    fn forget(&mut self, seq: u64) -> Option<Box<Pend>> {
         let p = self.pending.remove(&seq)?;
         self.per_slot[p.slot].remove(&seq);
         match p.st {
@@ -522,12 +524,12 @@ impl Instance {
                 }
                 self.pending.insert(
                     rec.seq,
-                    Pend {
+                    Box::new(Pend {
                         slot: s,
                         rec,
                         deliveries,
                         st,
-                    },
+                    }),
                 );
             }
         }
