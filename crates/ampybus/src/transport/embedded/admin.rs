@@ -10,6 +10,7 @@ use super::{EmbeddedLog, Inner};
 use crate::error::Result;
 use crate::topic::TopicPattern;
 use std::collections::BTreeMap;
+use std::ops::ControlFlow;
 
 pub use crate::transport::{ConsumerStats, TopicStats};
 
@@ -21,34 +22,27 @@ fn topic_rows(inner: &Inner, pattern: &TopicPattern) -> Result<Vec<TopicStats>> 
         if e.last_seq == 0 {
             continue;
         }
-        let mut r = DomainReader::new(&inner.dir, d, 0);
-        let mut buf = Vec::new();
-        loop {
-            let more = r.read(&e, &mut buf, 65_536)?;
-            for rec in buf.drain(..) {
-                if !pattern.matches(&rec.topic) {
-                    continue;
-                }
-                let t = by_topic
-                    .entry(rec.topic.to_string())
-                    .or_insert_with(|| TopicStats {
-                        topic: rec.topic.to_string(),
-                        messages: 0,
-                        bytes: Some(0),
-                        oldest: us_to_time_opt(rec.log_us),
-                        newest: None,
-                        first_seq: rec.seq,
-                        last_seq: rec.seq,
-                    });
-                t.messages += 1;
-                t.bytes = Some(t.bytes.unwrap_or(0) + u64::from(rec.stored));
-                t.newest = us_to_time_opt(rec.log_us);
-                t.last_seq = rec.seq;
+        DomainReader::new(&inner.dir, d, 0).scan(&e, |rec| {
+            if !pattern.matches(&rec.topic) {
+                return Ok(ControlFlow::Continue(()));
             }
-            if !more {
-                break;
-            }
-        }
+            let t = by_topic
+                .entry(rec.topic.to_string())
+                .or_insert_with(|| TopicStats {
+                    topic: rec.topic.to_string(),
+                    messages: 0,
+                    bytes: Some(0),
+                    oldest: us_to_time_opt(rec.log_us),
+                    newest: None,
+                    first_seq: rec.seq,
+                    last_seq: rec.seq,
+                });
+            t.messages += 1;
+            t.bytes = Some(t.bytes.unwrap_or(0) + u64::from(rec.stored));
+            t.newest = us_to_time_opt(rec.log_us);
+            t.last_seq = rec.seq;
+            Ok(ControlFlow::Continue(()))
+        })?;
     }
     Ok(by_topic.into_values().collect())
 }
@@ -83,28 +77,21 @@ fn group_row(inner: &Inner, meta: &Meta, st: &GroupState) -> Result<Option<Consu
             .map(|p| st.positions[slot(d, p)])
             .min()
             .unwrap_or(0);
-        let mut r = DomainReader::new(&inner.dir, d, low);
-        let mut buf = Vec::new();
-        loop {
-            let more = r.read(&e, &mut buf, 65_536)?;
-            for rec in buf.drain(..) {
-                if !pattern.matches(&rec.topic) {
-                    continue;
-                }
-                newest = newest.max(rec.seq);
-                let s = slot(d, rec.key_hash);
-                if rec.seq <= st.positions[s] || st.acked.contains(s, rec.seq) {
-                    continue;
-                }
-                lag += 1;
-                if rec.seq <= st.delivered[s] && held & (1 << group::partition_of(s)) != 0 {
-                    in_flight += 1;
-                }
+        DomainReader::new(&inner.dir, d, low).scan(&e, |rec| {
+            if !pattern.matches(&rec.topic) {
+                return Ok(ControlFlow::Continue(()));
             }
-            if !more {
-                break;
+            newest = newest.max(rec.seq);
+            let s = slot(d, rec.key_hash);
+            if rec.seq <= st.positions[s] || st.acked.contains(s, rec.seq) {
+                return Ok(ControlFlow::Continue(()));
             }
-        }
+            lag += 1;
+            if rec.seq <= st.delivered[s] && held & (1 << group::partition_of(s)) != 0 {
+                in_flight += 1;
+            }
+            Ok(ControlFlow::Continue(()))
+        })?;
     }
     Ok(Some(ConsumerStats {
         name: meta.name.clone(),

@@ -170,6 +170,24 @@ fn scan_file(path: &Path, limit: Option<u64>, torn_ok: bool) -> Result<Scanned> 
     })
 }
 
+/// Cuts the file at `path` back to `len` when it is longer (`what` names the step in
+/// errors); returns the file when it cut.
+fn cut_back(path: &Path, len: u64, what: &str) -> Result<Option<File>> {
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| io_error(path, "opening a segment", e))?;
+    let now = f
+        .metadata()
+        .map_err(|e| io_error(path, "reading a segment", e))?
+        .len();
+    if now <= len {
+        return Ok(None);
+    }
+    f.set_len(len).map_err(|e| io_error(path, what, e))?;
+    Ok(Some(f))
+}
+
 /// Rebuilds the shared state from the files (first open after a reboot or ever). Caller holds
 /// the writer lock. Torn tails are cut; damage fails naming the file and offset.
 pub(crate) fn recover(data: &Path, shared: &Shared) -> Result<Snapshot> {
@@ -191,17 +209,7 @@ pub(crate) fn recover(data: &Path, shared: &Shared) -> Result<Snapshot> {
                 segs.pop();
                 continue;
             }
-            let f = OpenOptions::new()
-                .write(true)
-                .open(&path)
-                .map_err(|e| io_error(&path, "opening a segment", e))?;
-            let len = f
-                .metadata()
-                .map_err(|e| io_error(&path, "reading a segment", e))?
-                .len();
-            if len > sc.good_end {
-                f.set_len(sc.good_end)
-                    .map_err(|e| io_error(&path, "cutting a torn tail", e))?;
+            if let Some(f) = cut_back(&path, sc.good_end, "cutting a torn tail")? {
                 f.sync_all()
                     .map_err(|e| io_error(&path, "syncing a segment", e))?;
             }
@@ -490,19 +498,8 @@ impl LogWriter {
                         .map_err(|er| io_error(&path, "removing an unpublished segment", er))?;
                     removed = true;
                 } else if first == e.seg_first {
-                    let f = OpenOptions::new()
-                        .write(true)
-                        .open(&path)
-                        .map_err(|er| io_error(&path, "opening a segment", er))?;
-                    let len = f
-                        .metadata()
-                        .map_err(|er| io_error(&path, "reading a segment", er))?
-                        .len();
-                    if len > e.end {
-                        tracing::warn!(file = %path.display(), offset = e.end, "embedded log: cutting a commit a killed writer never published");
-                        f.set_len(e.end).map_err(|er| {
-                            io_error(&path, "cutting an unacknowledged commit", er)
-                        })?;
+                    if cut_back(&path, e.end, "cutting an unacknowledged commit")?.is_some() {
+                        tracing::warn!(file = %path.display(), offset = e.end, "embedded log: cut a commit a killed writer never published");
                     }
                 }
             }
@@ -896,6 +893,27 @@ impl DomainReader {
         self.file = Some(file);
         self.off = SEG_HEADER as u64;
         Ok(true)
+    }
+
+    /// Calls `f` with every committed record after the position, in order, until `f` says
+    /// stop; damage fails the scan (after the records before it were passed to `f`).
+    pub fn scan(
+        &mut self,
+        end: &DomainEnd,
+        mut f: impl FnMut(Rec) -> Result<std::ops::ControlFlow<()>>,
+    ) -> Result<()> {
+        let mut buf = Vec::new();
+        loop {
+            let more = self.read(end, &mut buf, 4096)?;
+            for rec in buf.drain(..) {
+                if f(rec)?.is_break() {
+                    return Ok(());
+                }
+            }
+            if !more {
+                return Ok(());
+            }
+        }
     }
 
     /// Appends to `out` up to `max` records after the position, reading at most about

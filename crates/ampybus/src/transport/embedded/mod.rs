@@ -591,12 +591,10 @@ impl EmbeddedLog {
                 if e.last_seq == 0 {
                     continue;
                 }
-                let mut r = log::DomainReader::new(&dir, d, 0);
-                let mut buf = Vec::new();
-                while r.read(&e, &mut buf, 65_536)? {
-                    count += buf.len() as u64;
-                    buf.clear();
-                }
+                log::DomainReader::new(&dir, d, 0).scan(&e, |_| {
+                    count += 1;
+                    Ok(std::ops::ControlFlow::Continue(()))
+                })?;
             }
             Ok((count, snap.next_seq.saturating_sub(1)))
         })

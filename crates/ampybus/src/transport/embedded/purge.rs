@@ -48,14 +48,8 @@ impl EmbeddedLog {
                     if e.last_seq == 0 {
                         return Ok(selected);
                     }
-                    let mut r = DomainReader::new(&inner.dir, d, 0);
-                    let mut buf = Vec::new();
-                    loop {
-                        let more = r.read(&e, &mut buf, 4096)?;
-                        for rec in buf.drain(..) {
-                            if !pattern.matches(&rec.topic) {
-                                continue;
-                            }
+                    DomainReader::new(&inner.dir, d, 0).scan(&e, |rec| {
+                        if pattern.matches(&rec.topic) {
                             // A damaged record stops the purge (nothing is deleted).
                             let m = StoredMessage {
                                 sequence: rec.seq,
@@ -66,10 +60,8 @@ impl EmbeddedLog {
                                 selected.push(m);
                             }
                         }
-                        if !more {
-                            break;
-                        }
-                    }
+                        Ok(std::ops::ControlFlow::Continue(()))
+                    })?;
                     if !selected.is_empty() {
                         let seqs: Vec<u64> = selected.iter().map(|m| m.sequence).collect();
                         log::append_purged(&log::domain_dir(&inner.dir, Domain::Dlq), &seqs)?;

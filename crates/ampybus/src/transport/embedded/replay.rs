@@ -8,6 +8,7 @@ use crate::error::Result;
 use crate::topic::{Domain, TopicPattern};
 use crate::transport::{ReplayByTime, StoredMessage, WindowQuery};
 use async_trait::async_trait;
+use std::ops::ControlFlow;
 use std::os::unix::fs::FileExt;
 
 /// The domains (indexes) a pattern may match.
@@ -60,20 +61,13 @@ pub(crate) fn seq_at_time(inner: &Inner, t_us: i64) -> Result<u64> {
         if e.last_seq == 0 {
             continue;
         }
-        let mut r = reader_near(inner, d, t_us)?;
-        let mut buf = Vec::new();
-        'scan: loop {
-            let more = r.read(&e, &mut buf, 4096)?;
-            for rec in buf.drain(..) {
-                if rec.log_us >= t_us {
-                    first = Some(first.map_or(rec.seq, |f| f.min(rec.seq)));
-                    break 'scan;
-                }
+        reader_near(inner, d, t_us)?.scan(&e, |rec| {
+            if rec.log_us >= t_us {
+                first = Some(first.map_or(rec.seq, |f| f.min(rec.seq)));
+                return Ok(ControlFlow::Break(()));
             }
-            if !more {
-                break;
-            }
-        }
+            Ok(ControlFlow::Continue(()))
+        })?;
     }
     Ok(match first {
         Some(f) => f - 1,
@@ -105,45 +99,40 @@ fn read_window_blocking(inner: &Inner, q: &WindowQuery) -> Result<Vec<StoredMess
             r = DomainReader::new(&inner.dir, d, q.after_sequence);
         }
         let mut n = 0usize;
-        let mut buf = Vec::new();
-        'scan: loop {
-            let more = r.read(&e, &mut buf, 4096)?;
-            for rec in buf.drain(..) {
-                if rec.seq <= q.after_sequence || start_us.is_some_and(|s| rec.log_us < s) {
-                    continue;
-                }
-                if end_us.is_some_and(|end| rec.log_us >= end) {
-                    break 'scan;
-                }
-                if !q.pattern.matches(&rec.topic) {
-                    continue;
-                }
-                if let Some(keys) = &key_hashes
-                    && !keys.iter().any(|(h, _)| *h == rec.key_hash)
-                {
-                    continue;
-                }
-                let env = envelope_of(inner, &rec)?;
-                if let Some(keys) = &key_hashes {
-                    let k = env.headers.partition_key().unwrap_or("");
-                    if !keys.iter().any(|(_, want)| *want == k) {
-                        continue;
-                    }
-                }
-                found.push(StoredMessage {
-                    sequence: rec.seq,
-                    stored_at: us_to_time(rec.log_us),
-                    envelope: env,
-                });
-                n += 1;
-                if n >= limit {
-                    break 'scan;
+        r.scan(&e, |rec| {
+            if rec.seq <= q.after_sequence || start_us.is_some_and(|s| rec.log_us < s) {
+                return Ok(ControlFlow::Continue(()));
+            }
+            if end_us.is_some_and(|end| rec.log_us >= end) {
+                return Ok(ControlFlow::Break(()));
+            }
+            if !q.pattern.matches(&rec.topic) {
+                return Ok(ControlFlow::Continue(()));
+            }
+            if let Some(keys) = &key_hashes
+                && !keys.iter().any(|(h, _)| *h == rec.key_hash)
+            {
+                return Ok(ControlFlow::Continue(()));
+            }
+            let env = envelope_of(inner, &rec)?;
+            if let Some(keys) = &key_hashes {
+                let k = env.headers.partition_key().unwrap_or("");
+                if !keys.iter().any(|(_, want)| *want == k) {
+                    return Ok(ControlFlow::Continue(()));
                 }
             }
-            if !more {
-                break;
-            }
-        }
+            found.push(StoredMessage {
+                sequence: rec.seq,
+                stored_at: us_to_time(rec.log_us),
+                envelope: env,
+            });
+            n += 1;
+            Ok(if n >= limit {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            })
+        })?;
     }
     found.sort_by_key(|m| m.sequence);
     found.truncate(limit);

@@ -266,43 +266,62 @@ impl Ephemeral {
 #[async_trait]
 impl Subscription for Ephemeral {
     async fn fetch(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
-        let max = max.max(1);
-        let give_up = tokio::time::Instant::now() + wait;
-        loop {
-            let inner = self.inner.clone();
-            let notified = inner.notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.backlog.is_empty() {
-                self.read(max)?;
-            }
-            if !self.backlog.is_empty() {
-                let mut out = Vec::with_capacity(max.min(self.backlog.len()));
-                while out.len() < max {
-                    let Some(rec) = self.backlog.front() else {
-                        break;
-                    };
-                    let env = match envelope_of(&self.inner, rec) {
-                        Ok(e) => e,
-                        Err(e) if out.is_empty() => return Err(e),
-                        Err(_) => break,
-                    };
-                    let rec = self.backlog.pop_front().expect("front exists");
-                    out.push(Delivery::new(
-                        env,
-                        DeliveryInfo {
-                            sequence: rec.seq,
-                            delivery_count: 1,
-                            stored_at: us_to_time(rec.log_us),
-                        },
-                        self.settler.clone(),
-                    ));
-                }
-                return Ok(out);
-            }
-            if !wait_commit(notified, None, give_up).await {
-                return Ok(Vec::new());
-            }
+        let inner = self.inner.clone();
+        fetch_loop(&inner, max, wait, |max| Ok((self.take(max)?, None))).await
+    }
+}
+
+impl Ephemeral {
+    /// Up to `max` deliveries from the backlog, reading more when it is empty.
+    fn take(&mut self, max: usize) -> Result<Vec<Delivery>> {
+        if self.backlog.is_empty() {
+            self.read(max)?;
+        }
+        let mut out = Vec::with_capacity(max.min(self.backlog.len()));
+        while out.len() < max {
+            let Some(rec) = self.backlog.front() else {
+                break;
+            };
+            let env = match envelope_of(&self.inner, rec) {
+                Ok(e) => e,
+                Err(e) if out.is_empty() => return Err(e),
+                Err(_) => break,
+            };
+            let rec = self.backlog.pop_front().expect("front exists");
+            out.push(Delivery::new(
+                env,
+                DeliveryInfo {
+                    sequence: rec.seq,
+                    delivery_count: 1,
+                    stored_at: us_to_time(rec.log_us),
+                },
+                self.settler.clone(),
+            ));
+        }
+        Ok(out)
+    }
+}
+
+/// The fetch of both subscription kinds: `poll(max)` until it gives something, sleeping in
+/// between until a commit (in any process), the time it names, or `wait` has passed.
+async fn fetch_loop(
+    inner: &Arc<Inner>,
+    max: usize,
+    wait: Duration,
+    mut poll: impl FnMut(usize) -> Result<(Vec<Delivery>, Option<i64>)>,
+) -> Result<Vec<Delivery>> {
+    let max = max.max(1);
+    let give_up = tokio::time::Instant::now() + wait;
+    loop {
+        let notified = inner.notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let (out, next_due) = poll(max)?;
+        if !out.is_empty() {
+            return Ok(out);
+        }
+        if !wait_commit(notified, next_due, give_up).await {
+            return Ok(Vec::new());
         }
     }
 }
@@ -800,23 +819,12 @@ impl Drop for Instance {
 #[async_trait]
 impl Subscription for Durable {
     async fn fetch(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
-        let max = max.max(1);
-        let give_up = tokio::time::Instant::now() + wait;
-        loop {
-            let inner = self.inner.clone();
-            let notified = inner.notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let (out, next_due) = {
-                let mut i = self.inst.lock().unwrap_or_else(|p| p.into_inner());
-                i.poll(max, &self.settler)?
-            };
-            if !out.is_empty() {
-                return Ok(out);
-            }
-            if !wait_commit(notified, next_due, give_up).await {
-                return Ok(Vec::new());
-            }
-        }
+        let (inner, inst, settler) = (self.inner.clone(), self.inst.clone(), self.settler.clone());
+        fetch_loop(&inner, max, wait, |max| {
+            inst.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .poll(max, &settler)
+        })
+        .await
     }
 }

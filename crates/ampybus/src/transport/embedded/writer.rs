@@ -91,22 +91,13 @@ impl WriterState {
                 }
                 // (seq, stored bytes, log time) of every retained record, oldest first.
                 let mut recs: Vec<(u64, u32, i64)> = Vec::new();
-                let mut reader = DomainReader::new(w.data(), d, e.floor.saturating_sub(1));
-                let mut buf = Vec::new();
-                loop {
-                    let more = reader.read(&e, &mut buf, 65_536)?;
-                    let mut young = false;
-                    for rec in buf.drain(..) {
-                        if !size_over && cutoff.is_some_and(|c| rec.log_us >= c) {
-                            young = true;
-                            break;
-                        }
-                        recs.push((rec.seq, rec.stored, rec.log_us));
+                DomainReader::new(w.data(), d, e.floor.saturating_sub(1)).scan(&e, |rec| {
+                    if !size_over && cutoff.is_some_and(|c| rec.log_us >= c) {
+                        return Ok(std::ops::ControlFlow::Break(()));
                     }
-                    if young || !more {
-                        break;
-                    }
-                }
+                    recs.push((rec.seq, rec.stored, rec.log_us));
+                    Ok(std::ops::ControlFlow::Continue(()))
+                })?;
                 let (mut by_age, mut by_size) = (0u64, 0u64);
                 let mut i = 0;
                 if let Some(c) = cutoff {
