@@ -497,10 +497,10 @@ impl LogWriter {
                     std::fs::remove_file(&path)
                         .map_err(|er| io_error(&path, "removing an unpublished segment", er))?;
                     removed = true;
-                } else if first == e.seg_first {
-                    if cut_back(&path, e.end, "cutting an unacknowledged commit")?.is_some() {
-                        tracing::warn!(file = %path.display(), offset = e.end, "embedded log: cut a commit a killed writer never published");
-                    }
+                } else if first == e.seg_first
+                    && cut_back(&path, e.end, "cutting an unacknowledged commit")?.is_some()
+                {
+                    tracing::warn!(file = %path.display(), offset = e.end, "embedded log: cut a commit a killed writer never published");
                 }
             }
             if removed {
