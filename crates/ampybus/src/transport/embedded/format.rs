@@ -375,7 +375,13 @@ pub(crate) struct SegState {
     pub last_seq: u64,
     /// Sequence of the last record read (inside an open batch or not).
     pub last_rec: u64,
+    /// Where expanded headers are written (see `step`), and a scratch buffer.
+    pub(crate) arena: bytes::BytesMut,
+    pub(crate) scratch: Vec<u8>,
 }
+
+/// Size of the blocks expanded headers are written into.
+const ARENA_BLOCK: usize = 64 * 1024;
 
 /// What one step of [`SegState::step`] found.
 pub(crate) enum Step {
@@ -482,11 +488,21 @@ impl SegState {
                         let seq = batch.first_seq + u64::from(*done);
                         let raw = &buf[hstart..hend];
                         let headers = if needs_decode(raw) {
-                            let mut out = Vec::with_capacity(raw.len() + 128);
-                            if let Err(why) = dict_decode(raw, batch.log_us, &self.sets, &mut out) {
+                            // Expanded headers go into a shared block (one allocation for many
+                            // records, not one each).
+                            self.scratch.clear();
+                            if let Err(why) =
+                                dict_decode(raw, batch.log_us, &self.sets, &mut self.scratch)
+                            {
                                 return (Step::Damage(why), at);
                             }
-                            Bytes::from(out)
+                            if self.arena.capacity() - self.arena.len() < self.scratch.len() {
+                                self.arena = bytes::BytesMut::with_capacity(
+                                    ARENA_BLOCK.max(self.scratch.len()),
+                                );
+                            }
+                            self.arena.extend_from_slice(&self.scratch);
+                            self.arena.split().freeze()
                         } else {
                             shared.slice(hstart..hend)
                         };

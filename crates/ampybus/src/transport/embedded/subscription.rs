@@ -172,6 +172,7 @@ pub(crate) async fn subscribe(
         per_slot: vec![BTreeSet::new(); group::SLOTS],
         waiting: BTreeSet::new(),
         timers: BTreeSet::new(),
+        deadlines: VecDeque::new(),
         delayed_keys: HashMap::new(),
         read_through: vec![0; group::SLOTS],
     }));
@@ -366,6 +367,10 @@ pub(crate) struct Instance {
     /// (when, sequence) of handed-out records (their ack deadline) and delayed ones (their due
     /// time): what becomes deliverable again at a time.
     timers: BTreeSet<(i64, u64)>,
+    /// (deadline, sequence) of handed-out records in hand-out order: deadlines only grow, so
+    /// this is a queue; entries whose record was acked or re-timed since are skipped when they
+    /// come up (and dropped in bulk when they outnumber the records).
+    deadlines: VecDeque<(i64, u64)>,
     /// Keys with a delayed record not yet due (count per key): later records of them wait.
     delayed_keys: HashMap<(usize, u32), u32>,
     /// Per slot: the highest sequence examined while this instance held the partition.
@@ -482,9 +487,8 @@ impl Instance {
             St::Waiting => {
                 self.waiting.remove(&seq);
             }
-            St::InFlight(t) => {
-                self.timers.remove(&(t, seq));
-            }
+            // Its deadline entry is skipped when it comes up.
+            St::InFlight(_) => {}
             St::Delayed(t) => {
                 self.timers.remove(&(t, seq));
                 self.unblock(Self::key_of(&p));
@@ -568,7 +572,19 @@ impl Instance {
         // A read error is returned when nothing read before it can be handed out.
         let read_failed = self.read_new(max, now).err();
         let mut out = Vec::new();
-        // Records whose time came: delayed ones now due, handed-out ones past their deadline.
+        // Records whose time came: handed-out ones past their deadline, delayed ones now due.
+        while let Some(&(t, seq)) = self.deadlines.front() {
+            if t > now {
+                break;
+            }
+            self.deadlines.pop_front();
+            if let Some(p) = self.pending.get_mut(&seq)
+                && p.st == St::InFlight(t)
+            {
+                p.st = St::Waiting;
+                self.waiting.insert(seq);
+            }
+        }
         while let Some(&(t, seq)) = self.timers.first() {
             if t > now {
                 break;
@@ -622,11 +638,22 @@ impl Instance {
         }
         for seq in handed {
             self.waiting.remove(&seq);
-            self.timers.insert((deadline, seq));
+            self.deadlines.push_back((deadline, seq));
+        }
+        if self.deadlines.len() > 2 * self.pending.len() + 1024 {
+            let pending = &self.pending;
+            self.deadlines
+                .retain(|(t, seq)| pending.get(seq).is_some_and(|p| p.st == St::InFlight(*t)));
         }
         let mut next_due: Option<i64> =
             (self.mine == 0 || self.next_maintain > now).then_some(self.next_maintain);
-        if let Some(&(t, _)) = self.timers.first() {
+        for t in [
+            self.timers.first().map(|x| x.0),
+            self.deadlines.front().map(|x| x.0),
+        ]
+        .into_iter()
+        .flatten()
+        {
             next_due = Some(next_due.map_or(t, |n| n.min(t)));
         }
         if let Some(e) = damage.or(read_failed)
@@ -718,9 +745,7 @@ impl Instance {
             St::Waiting => {
                 self.waiting.remove(&seq);
             }
-            St::InFlight(t) => {
-                self.timers.remove(&(t, seq));
-            }
+            St::InFlight(_) => {}
             St::Delayed(t) => {
                 self.timers.remove(&(t, seq));
                 self.unblock(key);
@@ -739,9 +764,10 @@ impl Instance {
             && let St::InFlight(t) = p.st
         {
             let t2 = now + self.deadline_us;
-            p.st = St::InFlight(t2);
-            self.timers.remove(&(t, seq));
-            self.timers.insert((t2, seq));
+            if t2 != t {
+                p.st = St::InFlight(t2);
+                self.deadlines.push_back((t2, seq));
+            }
         }
         self.maintain(now, false)
     }
