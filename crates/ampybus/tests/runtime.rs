@@ -422,6 +422,53 @@ async fn non_strict_lets_later_messages_of_the_key_pass() {
     assert_eq!(*order.lock().unwrap(), vec!["b", "a"]);
 }
 
+/// With the default order, a pattern spanning domains keeps orders and fills strict and lets
+/// other domains step aside: a retried order holds back its key's next order, a retried news
+/// item does not hold back its key's next news item.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_order_is_strict_by_the_message_domain_not_the_pattern() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = bus_at(dir.path()).await;
+    let orders = Topic::parse("ampy.dev.orders.v1.requests").unwrap();
+    let news = Topic::parse("ampy.dev.news.v1.raw").unwrap();
+    bus.publish_batch(vec![
+        env_for(&orders, "k", "o0"),
+        env_for(&orders, "k", "o1"),
+        env_for(&news, "k", "n0"),
+        env_for(&news, "k", "n1"),
+    ])
+    .await
+    .unwrap();
+    let order: Arc<Mutex<Vec<String>>> = Arc::default();
+    let tried: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let (o2, t2) = (order.clone(), tried.clone());
+    let handle = Consumer::builder(bus.clone(), pat("ampy.dev.>"), "mixed")
+        .handler(handler_fn(move |msg| {
+            let (order, tried) = (o2.clone(), t2.clone());
+            async move {
+                let p = String::from_utf8(msg.payload.to_vec()).unwrap();
+                if p.ends_with('0') && tried.lock().unwrap().insert(p.clone()) {
+                    return Outcome::Retry {
+                        after: Some(Duration::from_millis(300)),
+                    };
+                }
+                order.lock().unwrap().push(p);
+                Outcome::Ok
+            }
+        }))
+        .start()
+        .await
+        .unwrap();
+    assert!(handle.is_strict(), "the pattern can match orders");
+    wait_stats("4 handled", &handle, |s| s.handled_ok == 4).await;
+    let stats = handle.shutdown(Duration::from_secs(10)).await;
+    assert_eq!(stats.retried, 2);
+    let order = order.lock().unwrap().clone();
+    let at = |p: &str| order.iter().position(|x| x == p).unwrap();
+    assert!(at("o0") < at("o1"), "orders stay in key order: {order:?}");
+    assert!(at("n1") < at("n0"), "news steps aside: {order:?}");
+}
+
 #[derive(Clone, PartialEq, prost::Message)]
 struct Ping {
     #[prost(string, tag = "1")]

@@ -20,6 +20,11 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
 
+/// The domains whose messages are handled in strict per-key order unless the builder says
+/// otherwise.
+const STRICT_DOMAINS: [crate::topic::Domain; 2] =
+    [crate::topic::Domain::Orders, crate::topic::Domain::Fills];
+
 const RUNNING: u8 = 0;
 const DRAINING: u8 = 1;
 const HARD_STOP: u8 = 2;
@@ -99,8 +104,8 @@ enum DedupeChoice {
 /// Ordering: messages of one `partition_key` are handled one at a time, in the order they were
 /// delivered, whatever the number of workers; workers take the next key that is ready.
 ///
-/// * **Strict mode** (default for the `orders` and `fills` domains): a message waiting for a
-///   retry parks its key; later messages of that key wait until it succeeds or is
+/// * **Strict mode** (by default for every message of the `orders` and `fills` domains,
+///   whatever the pattern — `ampy.prod.>` too): a message waiting for a retry parks its key; later messages of that key wait until it succeeds or is
 ///   dead-lettered. Other keys keep flowing.
 /// * **Non-strict mode**: a message waiting for a retry steps aside; later messages of its key
 ///   may be handled before it, and it rejoins the back of its key's queue when its delay ends.
@@ -262,12 +267,9 @@ impl ConsumerBuilder {
         if self.name.trim().is_empty() {
             return Err(Error::new(ErrorKind::Config, "consumer: empty name"));
         }
-        let strict = self.strict.unwrap_or_else(|| {
-            matches!(
-                self.pattern.as_str().split('.').nth(2),
-                Some("orders") | Some("fills")
-            )
-        });
+        // Unset: decided per message by its domain (orders and fills are strict), so a pattern
+        // such as `ampy.prod.>` keeps orders in strict order and lets ticks step aside.
+        let strict = self.strict;
         let dedupe: Option<Arc<dyn DedupeStore>> = match self.dedupe {
             DedupeChoice::Off => None,
             DedupeChoice::Store(s) => Some(s),
@@ -441,9 +443,16 @@ impl ConsumerHandle {
         self.shared.stats()
     }
 
-    /// Whether strict per-key order is on.
+    /// Whether strict per-key order is on for some of the messages: always after
+    /// `.strict(true)`, never after `.strict(false)`, and by default when the pattern can
+    /// match the `orders` or `fills` domain (then the messages of those domains, and only
+    /// those, are handled in strict order).
     pub fn is_strict(&self) -> bool {
-        self.shared.strict
+        self.shared.strict.unwrap_or_else(|| {
+            STRICT_DOMAINS
+                .iter()
+                .any(|d| self.shared.pattern.may_match_domain(d.as_str()))
+        })
     }
 
     /// The consumer name.
@@ -1122,7 +1131,8 @@ struct Shared {
     name: String,
     handler: Arc<dyn Handler>,
     retry: RetryPolicy,
-    strict: bool,
+    /// `Some`: every message; `None`: by the message's domain (see [`strict_domain`]).
+    strict: Option<bool>,
     ack_deadline: Duration,
     max_payload: usize,
     dedupe: Option<Arc<dyn DedupeStore>>,
@@ -1749,6 +1759,24 @@ impl Shared {
         keys
     }
 
+    /// Whether a retry of `item` parks its key (strict order).
+    fn strict_for(&self, item: &Item) -> bool {
+        self.strict.unwrap_or_else(|| {
+            let domain = match (&item.msg, &item.prepared) {
+                (Some(m), _) => Some(m.topic.domain()),
+                (None, Some((t, _))) => Some(t.domain()),
+                (None, None) => item
+                    .delivery
+                    .envelope
+                    .topic
+                    .split('.')
+                    .nth(2)
+                    .and_then(|d| d.parse().ok()),
+            };
+            domain.is_some_and(|d| STRICT_DOMAINS.contains(&d))
+        })
+    }
+
     async fn after(self: &Arc<Self>, id: u32, step: Step) {
         let wake = match step {
             Step::Finished => self
@@ -1756,7 +1784,7 @@ impl Shared {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .finish(id),
-            Step::Retry(item, delay) if self.strict => {
+            Step::Retry(item, delay) if self.strict_for(&item) => {
                 {
                     let mut s = self.sched.lock().unwrap_or_else(|p| p.into_inner());
                     let ks = &mut s.slots[id as usize];
