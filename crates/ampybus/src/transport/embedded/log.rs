@@ -290,6 +290,21 @@ struct Appender {
 const KICK_BYTES: u64 = 4 * 1024 * 1024;
 
 impl Appender {
+    /// Segment `first` at `path`, known up to its file header only.
+    fn empty(first: u64, path: PathBuf, file: File) -> Appender {
+        Appender {
+            seg_first: first,
+            path,
+            file,
+            end: SEG_HEADER as u64,
+            dict: HashMap::new(),
+            sets: HashMap::new(),
+            last_topic: None,
+            last_set: (Vec::new(), 0),
+            kicked: 0,
+        }
+    }
+
     /// Starts writeback of what was written since the last kick, without waiting for it.
     fn kick(&mut self) {
         if self.end - self.kicked < KICK_BYTES {
@@ -354,17 +369,7 @@ impl Appender {
             .write(true)
             .open(&path)
             .map_err(|e| io_error(&path, "opening a segment", e))?;
-        let mut a = Appender {
-            seg_first: first,
-            path,
-            file,
-            end: SEG_HEADER as u64,
-            dict: HashMap::new(),
-            sets: HashMap::new(),
-            last_topic: None,
-            last_set: (Vec::new(), 0),
-            kicked: 0,
-        };
+        let mut a = Appender::empty(first, path, file);
         a.catch_up(end)?;
         Ok(a)
     }
@@ -561,17 +566,7 @@ impl LogWriter {
         file.sync_all()
             .map_err(|e| io_error(&path, "syncing a new segment", e))?;
         sync_dir(&dir)?;
-        self.open[d] = Some(Appender {
-            seg_first: first,
-            path,
-            file,
-            end: SEG_HEADER as u64,
-            dict: HashMap::new(),
-            sets: HashMap::new(),
-            last_topic: None,
-            last_set: (Vec::new(), 0),
-            kicked: 0,
-        });
+        self.open[d] = Some(Appender::empty(first, path, file));
         Ok(())
     }
 
