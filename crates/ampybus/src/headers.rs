@@ -129,6 +129,18 @@ struct Inner {
     /// Extension headers (name, value), sorted by name, names unique.
     ext: Vec<(Span, Span)>,
     parsed: Parsed,
+    /// The text of values that arrived in binary form, written on first read.
+    lazy: LazyText,
+}
+
+/// The text forms of `message_id`, `produced_at` and `traceparent` when they arrived in
+/// binary (compact) form: written from [`Parsed`] the first time a span of them is read, so
+/// a consumer that never reads the text never formats it.
+#[derive(Clone)]
+struct LazyText {
+    id: std::sync::OnceLock<[u8; 36]>,
+    time: std::sync::OnceLock<[u8; 27]>,
+    trace: std::sync::OnceLock<[u8; 55]>,
 }
 
 /// Bytes of small values a map holds inline.
@@ -137,7 +149,8 @@ const ARENA: usize = 384;
 /// Buffers of values set one by one a map keeps before it copies its live values together.
 const MAX_EXTRA: usize = 32;
 
-/// Where a value's bytes are: `buf` 0 absent, 1 `base`, 2 `arena`, 3 + n `extra[n]`.
+/// Where a value's bytes are: `buf` 0 absent, 1 `base`, 2 `arena`, 3/4/5 the lazily written
+/// text of the binary id/time/trace context, [`EXTRA0`] + n `extra[n]`.
 #[derive(Clone, Copy, Default, PartialEq, Eq)]
 struct Span {
     buf: u16,
@@ -145,7 +158,18 @@ struct Span {
     len: u32,
 }
 
+/// The `buf` numbers of the lazily written texts, and the first of `extra`.
+const LAZY_ID: u16 = 3;
+const LAZY_TIME: u16 = 4;
+const LAZY_TRACE: u16 = 5;
+const EXTRA0: u16 = 6;
+
 impl Span {
+    /// All of a lazily written text.
+    fn lazy(buf: u16, len: u32) -> Span {
+        Span { buf, start: 0, len }
+    }
+
     const NONE: Span = Span {
         buf: 0,
         start: 0,
@@ -154,6 +178,11 @@ impl Span {
 
     fn is_some(self) -> bool {
         self.buf != 0
+    }
+
+    /// A text written on first read from a value that arrived in binary form.
+    fn is_lazy(self) -> bool {
+        (3..EXTRA0).contains(&self.buf)
     }
 
     fn sub(self, from: u32, len: u32) -> Span {
@@ -182,22 +211,53 @@ impl Inner {
                 produced_us: None,
                 trace: None,
             },
+            lazy: LazyText {
+                id: std::sync::OnceLock::new(),
+                time: std::sync::OnceLock::new(),
+                trace: std::sync::OnceLock::new(),
+            },
         }
     }
 
     /// The text of a span.
+    #[inline]
     fn str(&self, s: Span) -> &str {
         let b: &[u8] = match s.buf {
             0 => &[],
             1 => &self.base,
             2 => &self.arena,
-            n => &self.extra[usize::from(n) - 3],
+            3..EXTRA0 => self.lazy_bytes(s.buf),
+            n => &self.extra[usize::from(n - EXTRA0)],
         };
         let b = &b[s.start as usize..(s.start + s.len) as usize];
         // SAFETY: a span only ever covers bytes copied from a `&str`, or bytes of `base` or
         // `extra` that passed `std::str::from_utf8` before the span was made; neither
         // buffer is written after that.
         unsafe { std::str::from_utf8_unchecked(b) }
+    }
+
+    /// The lazily written text of a binary id (3), time (4) or trace context (5).
+    #[cold]
+    #[inline(never)]
+    fn lazy_bytes(&self, buf: u16) -> &[u8] {
+        match buf {
+            LAZY_ID => self.lazy.id.get_or_init(|| {
+                let mut t = [0u8; 36];
+                ids::uuid_text(&self.parsed.id.unwrap_or_default(), &mut t);
+                t
+            }),
+            LAZY_TIME => self.lazy.time.get_or_init(|| {
+                let mut t = [0u8; 27];
+                ids::write_canonical_time(self.parsed.produced_us.unwrap_or_default(), &mut t);
+                t
+            }),
+            _ => self.lazy.trace.get_or_init(|| {
+                self.parsed
+                    .trace
+                    .map(|t| t.traceparent_text())
+                    .unwrap_or([b'0'; 55])
+            }),
+        }
     }
 
     fn opt(&self, s: Span) -> Option<&str> {
@@ -238,7 +298,7 @@ impl Inner {
             1
         } else {
             self.extra.push(b);
-            (self.extra.len() + 2) as u16
+            self.extra.len() as u16 - 1 + EXTRA0
         };
         Span { buf, start: 0, len }
     }
@@ -297,8 +357,29 @@ impl Inner {
         }
     }
 
+    /// Before the parsed value behind lazy cell `buf` changes: writes the cell's text if a
+    /// span still shows it, so that span keeps reading what it read before.
+    fn freeze(&self, buf: u16) {
+        if self.known.iter().any(|s| s.buf == buf) {
+            let _ = self.lazy_bytes(buf);
+        }
+    }
+
+    /// The lazy cell that slot `i`'s parsed value feeds, if any.
+    fn lazy_cell(i: usize) -> Option<u16> {
+        match i {
+            K_MESSAGE_ID => Some(LAZY_ID),
+            K_PRODUCED_AT => Some(LAZY_TIME),
+            K_TRACEPARENT => Some(LAZY_TRACE),
+            _ => None,
+        }
+    }
+
     /// Stores a known header's span and parses what the typed core holds.
     fn put(&mut self, i: usize, v: Span) {
+        if let Some(cell) = Inner::lazy_cell(i) {
+            self.freeze(cell);
+        }
         let text = self.str(v);
         match i {
             K_MESSAGE_ID => self.parsed.id = canonical_uuid(text),
@@ -310,6 +391,9 @@ impl Inner {
     }
 
     fn take(&mut self, i: usize) -> Span {
+        if let Some(cell) = Inner::lazy_cell(i) {
+            self.freeze(cell);
+        }
         match i {
             K_MESSAGE_ID => self.parsed.id = None,
             K_PRODUCED_AT => self.parsed.produced_us = None,
@@ -460,20 +544,6 @@ pub(crate) fn canonical_uuid(s: &str) -> Option<[u8; 16]> {
     Some(out)
 }
 
-/// Writes 16 bytes as a lowercase hyphenated UUID.
-fn uuid_text(id: &[u8; 16], out: &mut [u8]) {
-    let mut at = 0;
-    for (i, range) in [0..4, 4..6, 6..8, 8..10, 10..16].into_iter().enumerate() {
-        if i > 0 {
-            out[at] = b'-';
-            at += 1;
-        }
-        let n = (range.end - range.start) * 2;
-        ids::hex_lower(&id[range], &mut out[at..at + n]);
-        at += n;
-    }
-}
-
 macro_rules! getters {
     ($($fn:ident => $name:ident),* $(,)?) => {
         $(
@@ -574,26 +644,39 @@ impl Headers {
             let v = h.store(ids::process_run_id());
             h.put(K_RUN_ID, v);
         }
-        // Generated values are written in place (no allocation).
+        // Generated values are held parsed; their text is written when first read (or, when
+        // the map's lazy cell is taken already, in place now). No allocation either way.
         if !h.known[K_MESSAGE_ID].is_some() {
             let id = ids::new_message_uuid();
-            let mut t = [0u8; 36];
-            uuid_text(id.as_bytes(), &mut t);
-            let v = h.store(std::str::from_utf8(&t).unwrap_or_default());
+            let v = if h.lazy.id.get().is_none() {
+                Span::lazy(LAZY_ID, 36)
+            } else {
+                let mut t = [0u8; 36];
+                ids::uuid_text(id.as_bytes(), &mut t);
+                h.store(std::str::from_utf8(&t).unwrap_or_default())
+            };
             h.known[K_MESSAGE_ID] = v;
             h.parsed.id = Some(*id.as_bytes());
         }
         if !h.known[K_PRODUCED_AT].is_some() {
             let us = ids::now_micros();
-            let mut t = [0u8; 27];
-            ids::write_canonical_time(us, &mut t);
-            let v = h.store(std::str::from_utf8(&t).unwrap_or_default());
+            let v = if h.lazy.time.get().is_none() {
+                Span::lazy(LAZY_TIME, 27)
+            } else {
+                let mut t = [0u8; 27];
+                ids::write_canonical_time(us, &mut t);
+                h.store(std::str::from_utf8(&t).unwrap_or_default())
+            };
             h.known[K_PRODUCED_AT] = v;
             h.parsed.produced_us = Some(us);
         }
         if let Some(t) = trace {
-            let text = t.traceparent_text();
-            let tp = h.store(std::str::from_utf8(&text).unwrap_or_default());
+            let tp = if h.lazy.trace.get().is_none() {
+                Span::lazy(LAZY_TRACE, 55)
+            } else {
+                let text = t.traceparent_text();
+                h.store(std::str::from_utf8(&text).unwrap_or_default())
+            };
             h.known[K_TRACEPARENT] = tp;
             h.parsed.trace = Some(t);
             h.known[K_TRACE_ID] = tp.sub(3, 32);
@@ -909,51 +992,59 @@ impl Headers {
     pub fn encode_compact(&self, out: &mut Vec<u8>) {
         out.push(COMPACT_V1);
         let inner = self.i();
-        let trace_text = inner.parsed.trace.map(|t| t.traceparent_text());
+        let tp = inner.known[K_TRACEPARENT];
+        // The traceparent's text is its canonical form when it is held parsed and lazy, or
+        // (rarely) when the text given reads the same.
+        let trace_text = match inner.parsed.trace {
+            Some(_) if tp.is_lazy() => None,
+            Some(t) => Some(t.traceparent_text()),
+            None => None,
+        };
+        let canonical_tp = inner.parsed.trace.is_some()
+            && (tp.is_lazy() || trace_text.is_some_and(|tt| tt == inner.str(tp).as_bytes()));
+        // Whether a trace/span id header reads the same as its part of the traceparent.
+        let same_part = |slot: Span, from: u32, len: u32| {
+            canonical_tp
+                && (slot == tp.sub(from, len)
+                    || inner.str(slot).as_bytes()
+                        == &inner.str(tp).as_bytes()[from as usize..(from + len) as usize])
+        };
         for (i, slot) in inner.known.iter().enumerate() {
             if !slot.is_some() {
                 continue;
             }
-            let s = inner.str(*slot);
             match i {
-                K_MESSAGE_ID if self.i().parsed.id.is_some() => {
+                K_MESSAGE_ID if inner.parsed.id.is_some() => {
                     out.push(TAG_ID_BIN);
-                    out.extend_from_slice(&self.i().parsed.id.unwrap_or_default());
+                    out.extend_from_slice(&inner.parsed.id.unwrap_or_default());
                     continue;
                 }
-                K_PRODUCED_AT if self.i().parsed.produced_us.is_some() => {
+                K_PRODUCED_AT if inner.parsed.produced_us.is_some() => {
                     out.push(TAG_TIME_BIN);
                     out.extend_from_slice(
-                        &self
-                            .i()
-                            .parsed
-                            .produced_us
-                            .unwrap_or_default()
-                            .to_le_bytes(),
+                        &inner.parsed.produced_us.unwrap_or_default().to_le_bytes(),
                     );
                     continue;
                 }
-                K_TRACEPARENT => {
-                    if let Some(t) = self.i().parsed.trace
-                        && trace_text.is_some_and(|tt| tt == s.as_bytes())
-                    {
-                        out.push(TAG_TRACE_BIN);
-                        out.extend_from_slice(&t.trace_id);
-                        out.extend_from_slice(&t.span_id);
-                        out.push(t.flags);
-                        continue;
-                    }
+                K_TRACEPARENT if canonical_tp => {
+                    let t = inner.parsed.trace.unwrap_or_else(TraceIds::new_root);
+                    out.push(TAG_TRACE_BIN);
+                    out.extend_from_slice(&t.trace_id);
+                    out.extend_from_slice(&t.span_id);
+                    out.push(t.flags);
+                    continue;
                 }
-                K_TRACE_ID if trace_text.is_some_and(|tt| &tt[3..35] == s.as_bytes()) => {
+                K_TRACE_ID if same_part(*slot, 3, 32) => {
                     out.push(TAG_TRACE_ID_SAME);
                     continue;
                 }
-                K_SPAN_ID if trace_text.is_some_and(|tt| &tt[36..52] == s.as_bytes()) => {
+                K_SPAN_ID if same_part(*slot, 36, 16) => {
                     out.push(TAG_SPAN_ID_SAME);
                     continue;
                 }
                 _ => {}
             }
+            let s = inner.str(*slot);
             out.push(i as u8);
             put_varint(out, s.len());
             out.extend_from_slice(s.as_bytes());
@@ -1096,27 +1187,17 @@ impl Headers {
         if conflict {
             return Err(bad(b.len(), "header repeated"));
         }
-        // The binary values as text, written into the map's arena (no allocation).
-        if let Some(v) = id {
-            let sp = inner.reserve(36).expect("an empty arena has room");
-            let at = sp.start as usize;
-            uuid_text(&v, &mut inner.arena[at..at + 36]);
-            inner.known[K_MESSAGE_ID] = sp;
+        // The binary values: held parsed; their text is written when first read.
+        if id.is_some() {
+            inner.known[K_MESSAGE_ID] = Span::lazy(LAZY_ID, 36);
             inner.parsed.id = id;
         }
-        if let Some(us) = time {
-            let sp = inner.reserve(27).expect("an empty arena has room");
-            let mut t = [0u8; 27];
-            ids::write_canonical_time(us, &mut t);
-            let at = sp.start as usize;
-            inner.arena[at..at + 27].copy_from_slice(&t);
-            inner.known[K_PRODUCED_AT] = sp;
+        if time.is_some() {
+            inner.known[K_PRODUCED_AT] = Span::lazy(LAZY_TIME, 27);
             inner.parsed.produced_us = time;
         }
-        if let Some(t) = trace {
-            let sp = inner.reserve(55).expect("an empty arena has room");
-            let at = sp.start as usize;
-            inner.arena[at..at + 55].copy_from_slice(&t.traceparent_text());
+        if trace.is_some() {
+            let sp = Span::lazy(LAZY_TRACE, 55);
             inner.known[K_TRACEPARENT] = sp;
             inner.parsed.trace = trace;
             if same_trace {
@@ -1139,6 +1220,45 @@ impl Headers {
     /// assert!(err.to_string().contains("`produced_at`"), "{err}");
     /// ```
     pub fn validate_for_publish(&self, topic: &Topic) -> Result<()> {
+        if !self.values_plainly_valid() {
+            self.check_values_in_order()?;
+        }
+        self.validate_for_publish_fields(topic)
+    }
+
+    /// The common case of the per-value rules in one pass, in slot order: every value free
+    /// of CR, LF and NUL (eight bytes at a time) and within its limit, every extension name
+    /// valid, the total within its limit. Values held parsed (lazily written text) are
+    /// clean by construction and are not read. `false` sends the caller to
+    /// [`Headers::check_values_in_order`], which finds the first problem in name order.
+    fn values_plainly_valid(&self) -> bool {
+        let inner = self.i();
+        let mut total = 0usize;
+        for (i, sp) in inner.known.iter().enumerate() {
+            if !sp.is_some() {
+                continue;
+            }
+            total += KNOWN[i].len() + sp.len as usize;
+            if sp.is_lazy() {
+                continue;
+            }
+            let v = inner.str(*sp).as_bytes();
+            if v.len() > MAX_HEADER_VALUE_BYTES || has_cr_lf_nul(v) {
+                return false;
+            }
+        }
+        for (k, v) in &inner.ext {
+            let (k, v) = (inner.str(*k), inner.str(*v).as_bytes());
+            total += k.len() + v.len();
+            if check_name(k).is_err() || v.len() > MAX_HEADER_VALUE_BYTES || has_cr_lf_nul(v) {
+                return false;
+            }
+        }
+        total <= MAX_HEADERS_BYTES
+    }
+
+    /// The per-value rules header by header in name order: the first problem as an error.
+    fn check_values_in_order(&self) -> Result<()> {
         let mut total = 0usize;
         let mut largest: Option<(&str, usize)> = None;
         let inner = self.i();
@@ -1174,18 +1294,24 @@ impl Headers {
                 ),
             ));
         }
+        Ok(())
+    }
+
+    /// The rules of [`Headers::validate_for_publish`] on the fields themselves.
+    fn validate_for_publish_fields(&self, topic: &Topic) -> Result<()> {
+        let inner = self.i();
         for (name, slot) in REQUIRED.iter().zip(REQUIRED_SLOTS) {
-            if self.slot(slot).is_none() {
+            if !inner.known[slot].is_some() {
                 return Err(Error::header(name, "required header is missing"));
             }
         }
-        let id = self.slot(K_MESSAGE_ID).unwrap_or_default();
         let fast = self
             .i()
             .parsed
             .id
             .is_some_and(|b| b[6] >> 4 == 7 && b[8] & 0xC0 == 0x80);
         if !fast {
+            let id = self.slot(K_MESSAGE_ID).unwrap_or_default();
             match uuid::Uuid::try_parse(id) {
                 Ok(u)
                     if u.get_version_num() == 7
@@ -1228,8 +1354,10 @@ impl Headers {
                 format!("must be absent or `gzip` (got {})", show(ce)),
             ));
         }
-        let pa = self.slot(K_PRODUCED_AT).unwrap_or_default();
-        if self.i().parsed.produced_us.is_none() && !ids::is_canonical_time(pa) {
+        if self.i().parsed.produced_us.is_none()
+            && let pa = self.slot(K_PRODUCED_AT).unwrap_or_default()
+            && !ids::is_canonical_time(pa)
+        {
             return Err(Error::header(
                 PRODUCED_AT,
                 format!(
@@ -1238,10 +1366,21 @@ impl Headers {
                 ),
             ));
         }
-        for name in [PRODUCER, SOURCE, RUN_ID] {
-            check_text(name, self.get(name).unwrap_or_default())?;
+        for (name, slot) in [
+            (PRODUCER, K_PRODUCER),
+            (SOURCE, K_SOURCE),
+            (RUN_ID, K_RUN_ID),
+        ] {
+            check_text(name, self.slot(slot).unwrap_or_default())?;
         }
-        match self.slot(K_TRACEPARENT) {
+        let tp_span = inner.known[K_TRACEPARENT];
+        // A lazily written traceparent is valid and is not read here ("" stands for it).
+        let tp_text = if tp_span.is_lazy() {
+            Some("")
+        } else {
+            self.slot(K_TRACEPARENT)
+        };
+        match tp_text {
             None => {
                 return Err(Error::header(
                     TRACEPARENT,
@@ -1258,17 +1397,29 @@ impl Headers {
                         ),
                     ));
                 }
-                // A valid traceparent is 55 bytes: the ids are at fixed places.
-                if let Some(t) = self.slot(K_TRACE_ID)
-                    && t != &tp[3..35]
+                // A valid traceparent is 55 bytes: the ids are at fixed places. An id that is
+                // a part of the traceparent's own text is equal by construction.
+                let part = |slot: usize, from: u32, len: u32| {
+                    let sp = inner.known[slot];
+                    (sp.is_some() && sp != tp_span.sub(from, len)).then(|| {
+                        let tp = if tp.is_empty() {
+                            inner.str(tp_span)
+                        } else {
+                            tp
+                        };
+                        (inner.str(sp), &tp[from as usize..(from + len) as usize])
+                    })
+                };
+                if let Some((t, want)) = part(K_TRACE_ID, 3, 32)
+                    && t != want
                 {
                     return Err(Error::header(
                         TRACE_ID,
                         "must equal the trace id inside `traceparent`",
                     ));
                 }
-                if let Some(s) = self.slot(K_SPAN_ID)
-                    && s != &tp[36..52]
+                if let Some((s, want)) = part(K_SPAN_ID, 36, 16)
+                    && s != want
                 {
                     return Err(Error::header(
                         SPAN_ID,
@@ -1416,6 +1567,10 @@ impl Headers {
         // Everything is checked before anything is rewritten: on an error the headers are
         // exactly as they arrived (the dead letter carries them so).
         for (name, slot) in REQUIRED.iter().zip(REQUIRED_SLOTS) {
+            if self.i().known[slot].is_lazy() {
+                // Arrived in binary form: a valid value, written out on demand.
+                continue;
+            }
             match self.slot(slot) {
                 None => return Err(Error::header(name, "required header is missing")),
                 // A first byte that is not whitespace settles it without trimming.
@@ -1556,6 +1711,24 @@ fn check_name(name: &str) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Whether `b` holds a CR, LF or NUL byte (eight bytes at a time).
+fn has_cr_lf_nul(b: &[u8]) -> bool {
+    const LO: u64 = 0x0101_0101_0101_0101;
+    const HI: u64 = 0x8080_8080_8080_8080;
+    let zero_byte = |x: u64| x.wrapping_sub(LO) & !x & HI != 0;
+    let mut words = b.chunks_exact(8);
+    for w in &mut words {
+        let x = u64::from_le_bytes(w.try_into().unwrap_or_default());
+        if zero_byte(x) || zero_byte(x ^ (LO * 0x0d)) || zero_byte(x ^ (LO * 0x0a)) {
+            return true;
+        }
+    }
+    words
+        .remainder()
+        .iter()
+        .any(|c| matches!(c, b'\r' | b'\n' | 0))
 }
 
 fn check_text(name: &str, v: &str) -> Result<()> {
@@ -2131,6 +2304,94 @@ mod tests {
         h.encode_compact(&mut buf);
         let text: usize = h.iter().map(|(k, v)| k.len() + v.len()).sum();
         assert!(buf.len() * 2 < text, "{} of {text}", buf.len());
+    }
+
+    /// Values held parsed (generated on publish, or binary in the compact form) read as the
+    /// same text as before, keep reading it when the value behind them is replaced, and a
+    /// later generated value reads as its own.
+    #[test]
+    fn values_held_parsed_read_as_their_text() {
+        let h = Headers::for_publish("ampy.bars.v1.BarBatch", "p@1", "p", "XNAS.AAPL");
+        let id = h.message_uuid().unwrap();
+        let us = h.produced_at_micros().unwrap();
+        let t = h.trace_ids().unwrap();
+        let tp = String::from_utf8(t.traceparent_text().to_vec()).unwrap();
+        let mut canonical_time = [0u8; 27];
+        assert!(ids::write_canonical_time(us, &mut canonical_time));
+        // Encoded and decoded before any text was read: binary forms both ways.
+        let mut buf = Vec::new();
+        h.encode_compact(&mut buf);
+        let back = Headers::decode_compact(&Bytes::from(buf)).unwrap();
+        for m in [&back, &h] {
+            assert_eq!(
+                m.get(MESSAGE_ID),
+                Some(id.hyphenated().to_string().as_str())
+            );
+            assert_eq!(
+                m.get(PRODUCED_AT).map(str::as_bytes),
+                Some(&canonical_time[..])
+            );
+            assert_eq!(m.get(TRACEPARENT), Some(tp.as_str()));
+            assert_eq!(m.get(TRACE_ID), Some(&tp[3..35]));
+            assert_eq!(m.get(SPAN_ID), Some(&tp[36..52]));
+        }
+        assert_eq!(back, h);
+        // Replacing the traceparent before its text was ever read: the older headers keep
+        // the ids they had (as when the text was stored), the new one reads as given.
+        let mut h2 = Headers::for_publish("ampy.bars.v1.BarBatch", "p@1", "p", "XNAS.AAPL");
+        let first = h2.trace_ids().unwrap();
+        let other = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        h2.set(TRACEPARENT, other);
+        let first_text = String::from_utf8(first.traceparent_text().to_vec()).unwrap();
+        assert_eq!(h2.get(TRACEPARENT), Some(other));
+        assert_eq!(h2.get(TRACE_ID), Some(&first_text[3..35]));
+        assert_eq!(h2.get(SPAN_ID), Some(&first_text[36..52]));
+        // Removed and generated again: the new values read as themselves.
+        let mut h3 = Headers::for_publish("ampy.bars.v1.BarBatch", "p@1", "p", "XNAS.AAPL");
+        let old_id = h3.get(MESSAGE_ID).unwrap().to_owned();
+        h3.remove(MESSAGE_ID);
+        h3.remove(TRACEPARENT);
+        h3.remove(TRACE_ID);
+        h3.remove(SPAN_ID);
+        h3.fill_publish_defaults();
+        let new_id = h3.message_uuid().unwrap().hyphenated().to_string();
+        assert_ne!(new_id, old_id);
+        assert_eq!(h3.get(MESSAGE_ID), Some(new_id.as_str()));
+        let t3 = String::from_utf8(h3.trace_ids().unwrap().traceparent_text().to_vec()).unwrap();
+        assert_eq!(h3.get(TRACEPARENT), Some(t3.as_str()));
+        assert_eq!(h3.get(TRACE_ID), Some(&t3[3..35]));
+        let topic = Topic::parse("ampy.prod.bars.v1.XNAS.AAPL").unwrap();
+        h3.validate_for_publish(&topic).unwrap();
+        // A cloned map reads the same text as its original.
+        let c = Headers::for_publish("ampy.bars.v1.BarBatch", "p@1", "p", "XNAS.AAPL");
+        let c2 = c.clone();
+        assert_eq!(c.get(MESSAGE_ID), c2.get(MESSAGE_ID));
+        assert_eq!(c.iter().count(), c2.iter().count());
+    }
+
+    /// The eight-bytes-at-a-time scan finds CR, LF and NUL at every position and nothing
+    /// else, and the publish rules name the same header as the ordered check would.
+    #[test]
+    fn control_bytes_are_found_wherever_they_are() {
+        for len in 0..40 {
+            let clean: Vec<u8> = (0..len).map(|i| b' ' + (i % 90) as u8).collect();
+            assert!(!has_cr_lf_nul(&clean), "{len}");
+            for at in 0..len {
+                for bad in [b'\r', b'\n', 0] {
+                    let mut v = clean.clone();
+                    v[at] = bad;
+                    assert!(has_cr_lf_nul(&v), "{len} {at} {bad}");
+                }
+                let mut v = clean.clone();
+                v[at] = 0x8d; // 0x0d with the high bit: not a CR
+                assert!(!has_cr_lf_nul(&v), "{len} {at}");
+            }
+        }
+        let topic = Topic::parse("ampy.prod.bars.v1.XNAS.AAPL").unwrap();
+        let h = good().with("x-a", "ok\r").with(SOURCE, "bad\n");
+        let err = h.validate_for_publish(&topic).unwrap_err();
+        assert!(err.to_string().contains("source"), "{err}");
+        assert!(err.to_string().contains("CR, LF or NUL"), "{err}");
     }
 
     #[test]

@@ -471,6 +471,33 @@ pub(crate) fn unhex_lower(s: &[u8], out: &mut [u8]) -> Option<()> {
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
+/// Two lowercase hex digits for every byte value.
+static HEX_PAIRS: [[u8; 2]; 256] = {
+    let mut t = [[0u8; 2]; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = [HEX[i >> 4], HEX[i & 15]];
+        i += 1;
+    }
+    t
+};
+
+/// Writes a UUID's 16 bytes in its canonical text form (lowercase, hyphenated: 36 bytes)
+/// into `out[..36]`.
+#[inline]
+pub(crate) fn uuid_text(id: &[u8; 16], out: &mut [u8]) {
+    let out = &mut out[..36];
+    let mut at = 0;
+    for (i, b) in id.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            out[at] = b'-';
+            at += 1;
+        }
+        out[at..at + 2].copy_from_slice(&HEX_PAIRS[usize::from(*b)]);
+        at += 2;
+    }
+}
+
 /// Writes `bytes` as lowercase hex into `out` (twice as long).
 pub(crate) fn hex_lower(bytes: &[u8], out: &mut [u8]) {
     for (b, o) in bytes.iter().zip(out.chunks_exact_mut(2)) {

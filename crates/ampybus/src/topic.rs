@@ -486,25 +486,34 @@ impl TopicPattern {
     /// assert!(!p.matches("ampy.prod.fills.v1"));
     /// ```
     pub fn matches(&self, topic: &str) -> bool {
-        let mut parts = topic.split('.');
-        for (i, pt) in self.toks.iter().enumerate() {
-            match pt {
-                PatTok::Rest => {
-                    return parts.next().is_some();
-                }
-                PatTok::One => {
-                    if parts.next().is_none_or(str::is_empty) {
-                        return false;
-                    }
-                }
-                PatTok::Lit(l) => match parts.next() {
-                    Some(p) if p == l => {}
-                    _ => return false,
-                },
+        // Token by token over the bytes (as `topic.split('.')` would cut them; `.` is ASCII,
+        // so every cut is on a character boundary).
+        let t = topic.as_bytes();
+        let mut at = 0;
+        let mut exhausted = false;
+        for pt in self.toks.iter() {
+            if exhausted {
+                return false;
             }
-            let _ = i;
+            let end = t[at..]
+                .iter()
+                .position(|&c| c == b'.')
+                .map_or(t.len(), |p| at + p);
+            let tok = &t[at..end];
+            match pt {
+                PatTok::Rest => return true,
+                PatTok::One if tok.is_empty() => return false,
+                PatTok::One => {}
+                PatTok::Lit(l) if tok != l.as_bytes() => return false,
+                PatTok::Lit(_) => {}
+            }
+            if end == t.len() {
+                exhausted = true;
+            } else {
+                at = end + 1;
+            }
         }
-        parts.next().is_none()
+        exhausted
     }
 
     /// True when this pattern may match a topic of domain `domain` (the third token).
@@ -648,5 +657,67 @@ mod tests {
         assert!(TopicPattern::parse("ampy.prod.ba*").is_err());
         assert!(TopicPattern::parse("ampy..bars").is_err());
         assert!(TopicPattern::parse("ampy.prod.bars.x1.>").is_err());
+    }
+
+    /// The byte-wise matcher agrees with the definition (tokens as `split('.')` cuts them)
+    /// on every pattern × topic pair below, empty tokens and odd shapes included.
+    #[test]
+    fn pattern_matching_agrees_with_token_split() {
+        fn reference(p: &TopicPattern, topic: &str) -> bool {
+            let mut parts = topic.split('.');
+            for pt in p.toks.iter() {
+                match pt {
+                    PatTok::Rest => return parts.next().is_some(),
+                    PatTok::One if parts.next().is_none_or(str::is_empty) => return false,
+                    PatTok::One => {}
+                    PatTok::Lit(l) if parts.next() != Some(l.as_str()) => return false,
+                    PatTok::Lit(_) => {}
+                }
+            }
+            parts.next().is_none()
+        }
+        let patterns = [
+            ">",
+            "*.>",
+            "ampy.>",
+            "ampy.*.*.*.*",
+            "ampy.prod.>",
+            "ampy.*.bars.>",
+            "ampy.prod.bars.v1.*",
+            "ampy.prod.bars.v1.*.*",
+            "ampy.prod.bars.v1.XNAS.AAPL",
+            "ampy.*.*.v1.>",
+        ];
+        let topics = [
+            "",
+            ".",
+            "..",
+            "ampy",
+            "ampy.",
+            ".ampy",
+            "ampy..bars",
+            "ampy.prod",
+            "ampy.prod.",
+            "ampy.prod.bars",
+            "ampy.prod.bars.v1",
+            "ampy.prod.bars.v1.",
+            "ampy.prod.bars.v1.X",
+            "ampy.prod.bars.v1.X.",
+            "ampy.prod.bars.v1.X.Y",
+            "ampy.prod.bars.v1.XNAS.AAPL",
+            "ampy.prod.bars.v1.XNAS.AAPLX",
+            "ampy.prod.bars.v1.XNAS.AAPL.",
+            "ampy.dev.bars.v1.é.ü",
+            "ampy.prod.ordersé.v1.x",
+        ];
+        let mut agreed = 0;
+        for p in patterns {
+            let p = TopicPattern::parse(p).unwrap();
+            for t in topics {
+                assert_eq!(p.matches(t), reference(&p, t), "{} vs {t:?}", p.as_str());
+                agreed += 1;
+            }
+        }
+        assert_eq!(agreed, patterns.len() * topics.len());
     }
 }

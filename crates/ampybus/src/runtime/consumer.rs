@@ -794,7 +794,11 @@ fn canonical_uuid(s: &str) -> Option<u128> {
 /// Writes the text of a key into `buf` (for ids) and returns it.
 fn key_text<'a>(k: &'a DKey, buf: &'a mut [u8; 36]) -> &'a str {
     match k {
-        DKey::Id(v) => uuid::Uuid::from_u128(*v).hyphenated().encode_lower(buf),
+        DKey::Id(v) => {
+            crate::ids::uuid_text(&v.to_be_bytes(), buf);
+            // SAFETY: `uuid_text` writes 36 ASCII bytes.
+            unsafe { std::str::from_utf8_unchecked(buf) }
+        }
         DKey::Text(s) => s,
     }
 }
@@ -815,7 +819,11 @@ fn key_strs<'a>(keys: &'a [DKey], bufs: &'a mut Vec<[u8; 36]>) -> Vec<&'a str> {
     keys.iter()
         .zip(bufs.iter_mut())
         .map(|(k, buf)| match k {
-            DKey::Id(v) => &*uuid::Uuid::from_u128(*v).hyphenated().encode_lower(buf),
+            DKey::Id(v) => {
+                crate::ids::uuid_text(&v.to_be_bytes(), buf);
+                // SAFETY: `uuid_text` writes 36 ASCII bytes.
+                unsafe { std::str::from_utf8_unchecked(buf) }
+            }
             DKey::Text(s) => &**s,
         })
         .collect()
@@ -864,8 +872,12 @@ struct Lookup {
     done: std::sync::OnceLock<Option<Vec<bool>>>,
 }
 
-/// A delivered message on its way through the runtime.
-struct Item {
+/// A delivered message on its way through the runtime, boxed: it moves between the fetcher,
+/// its key's queue, a worker and the acker several times, as one pointer.
+type Item = Box<ItemData>;
+
+/// What an [`Item`] holds.
+struct ItemData {
     delivery: Delivery,
     local_attempts: u32,
     msg: Option<Message>,
@@ -888,7 +900,7 @@ struct Item {
     parked_head: bool,
 }
 
-impl Item {
+impl ItemData {
     /// The message's headers wherever they are now (moved into the prepared form or the
     /// message when they needed no rewrite).
     fn headers(&self) -> &crate::headers::Headers {
@@ -914,7 +926,7 @@ impl Item {
     }
 
     fn new(delivery: Delivery, at: Instant) -> Item {
-        Item {
+        Box::new(ItemData {
             delivery,
             local_attempts: 0,
             msg: None,
@@ -927,7 +939,7 @@ impl Item {
             last_error: String::new(),
             refreshed: at,
             parked_head: false,
-        }
+        })
     }
 
     /// Not waiting for its batch's dedupe lookup.
@@ -1047,7 +1059,7 @@ impl Sched {
             && !ks.parked
             && !ks.refreshing
             && !ks.in_ready
-            && ks.queue.front().is_some_and(Item::runnable)
+            && ks.queue.front().is_some_and(|i| i.runnable())
         {
             ks.in_ready = true;
             self.ready.push_back(id);
@@ -1070,7 +1082,7 @@ impl Sched {
             if ks.busy || ks.parked || ks.refreshing {
                 continue;
             }
-            if !ks.queue.front().is_some_and(Item::runnable) {
+            if !ks.queue.front().is_some_and(|i| i.runnable()) {
                 continue;
             }
             if let Some(mut item) = ks.queue.pop_front() {
@@ -1269,7 +1281,7 @@ impl Recent {
 
 enum Step {
     Finished,
-    Retry(Box<Item>, Duration),
+    Retry(Item, Duration),
 }
 
 /// How many parsed topics a consumer keeps (see `Shared::topics`).
@@ -1369,7 +1381,7 @@ async fn fetch_loop(
                     // Cannot happen while this loop runs (the preparer outlives it); release
                     // rather than hold anything unsettled.
                     for d in got {
-                        shared.release(Item::new(d, at)).await;
+                        shared.release(ItemData::new(d, at)).await;
                     }
                 }
             }
@@ -1601,7 +1613,7 @@ impl Shared {
     /// Queues a fetched batch by key. With dedupe on, its messages are prepared here and wait
     /// for one lookup of all their keys, started on a task of its own.
     fn enqueue(self: &Arc<Self>, got: Vec<Delivery>, at: Instant) {
-        let mut items: Vec<Item> = got.into_iter().map(|d| Item::new(d, at)).collect();
+        let mut items: Vec<Item> = got.into_iter().map(|d| ItemData::new(d, at)).collect();
         let mut lookup: Option<(Arc<Lookup>, Vec<DKey>)> = None;
         if self.dedupe.is_some() {
             let l = Arc::new(Lookup::default());
@@ -1790,7 +1802,7 @@ impl Shared {
                     let ks = &mut s.slots[id as usize];
                     ks.busy = false;
                     ks.parked = true;
-                    let mut item = *item;
+                    let mut item = item;
                     item.parked_head = true;
                     ks.queue.push_front(item);
                 }
@@ -1815,7 +1827,7 @@ impl Shared {
                     let mut s = self.sched.lock().unwrap_or_else(|p| p.into_inner());
                     let rid = s.next_id;
                     s.next_id += 1;
-                    s.delayed.insert(rid, (id, *item));
+                    s.delayed.insert(rid, (id, item));
                     let ks = &mut s.slots[id as usize];
                     ks.delayed += 1;
                     ks.busy = false;
@@ -1940,7 +1952,7 @@ impl Shared {
                 None => {
                     item.msg = Some(msg);
                     att.result = "deferred";
-                    return Step::Retry(Box::new(item), CLAIM_WAIT);
+                    return Step::Retry(item, CLAIM_WAIT);
                 }
             }
             if !item.dedupe_checked {
@@ -2230,7 +2242,7 @@ impl Shared {
         let mut item = item;
         let _ = item.delivery.in_progress().await;
         item.refreshed = Instant::now();
-        Step::Retry(Box::new(item), delay)
+        Step::Retry(item, delay)
     }
 
     async fn dead_letter(

@@ -305,6 +305,19 @@ impl Delivery {
     pub async fn ack_all(
         deliveries: Vec<Delivery>,
     ) -> std::result::Result<(), (crate::Error, Vec<Delivery>)> {
+        // Nearly always one settler (one subscription): ack in place, nothing moved.
+        if let Some(first) = deliveries.first()
+            && deliveries
+                .iter()
+                .all(|d| Arc::ptr_eq(&d.settler, &first.settler))
+        {
+            let settler = first.settler.clone();
+            let seqs: Vec<u64> = deliveries.iter().map(|d| d.info.sequence).collect();
+            return match settler.ack(&seqs).await {
+                Ok(()) => Ok(()),
+                Err(e) => Err((e, deliveries)),
+            };
+        }
         let mut groups: Vec<(Arc<dyn Settler>, Vec<Delivery>)> = Vec::new();
         for d in deliveries {
             match groups.iter_mut().find(|(s, _)| Arc::ptr_eq(s, &d.settler)) {
