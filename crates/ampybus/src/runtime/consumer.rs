@@ -926,7 +926,11 @@ impl ItemData {
     }
 
     fn new(delivery: Delivery, at: Instant) -> Item {
-        Box::new(ItemData {
+        Box::new(ItemData::fresh(delivery, at))
+    }
+
+    fn fresh(delivery: Delivery, at: Instant) -> ItemData {
+        ItemData {
             delivery,
             local_attempts: 0,
             msg: None,
@@ -939,7 +943,7 @@ impl ItemData {
             last_error: String::new(),
             refreshed: at,
             parked_head: false,
-        })
+        }
     }
 
     /// Not waiting for its batch's dedupe lookup.
@@ -973,6 +977,9 @@ impl KeyState {
             && self.queue.is_empty()
     }
 }
+
+/// Finished items' boxes kept for reuse.
+const SPARE_ITEMS: usize = 1024;
 
 /// Idle key slots kept before a sweep (at least; a sweep sets the next bound to twice what
 /// is left).
@@ -1120,6 +1127,8 @@ impl Sched {
 struct AckBuf {
     deliveries: Vec<Delivery>,
     keys: Vec<DKey>,
+    /// Boxes of finished items, for the fetcher to reuse (at most [`SPARE_ITEMS`]).
+    spare: Vec<Item>,
     /// No more messages will come: flush and stop.
     closing: bool,
     /// The acker has stopped.
@@ -1613,7 +1622,20 @@ impl Shared {
     /// Queues a fetched batch by key. With dedupe on, its messages are prepared here and wait
     /// for one lookup of all their keys, started on a task of its own.
     fn enqueue(self: &Arc<Self>, got: Vec<Delivery>, at: Instant) {
-        let mut items: Vec<Item> = got.into_iter().map(|d| ItemData::new(d, at)).collect();
+        // Boxes of finished items first (no allocation), new ones for the rest.
+        let mut items: Vec<Item> = Vec::with_capacity(got.len());
+        {
+            let mut a = self.acks.lock().unwrap_or_else(|p| p.into_inner());
+            let from = a.spare.len().saturating_sub(got.len());
+            items.extend(a.spare.drain(from..));
+        }
+        let reused = items.len();
+        for (i, d) in got.into_iter().enumerate() {
+            match items.get_mut(i) {
+                Some(b) if i < reused => **b = ItemData::fresh(d, at),
+                _ => items.push(ItemData::new(d, at)),
+            }
+        }
         let mut lookup: Option<(Arc<Lookup>, Vec<DKey>)> = None;
         if self.dedupe.is_some() {
             let l = Arc::new(Lookup::default());
@@ -1691,19 +1713,27 @@ impl Shared {
         }
     }
 
-    fn done(&self, item: Item, keys: Keys) {
+    fn done(&self, mut item: Item, keys: Keys) {
+        let delivery = std::mem::replace(&mut item.delivery, Delivery::placeholder());
+        // The message's buffers go now, not when the box is next used.
+        item.msg = None;
+        item.prepared = None;
         let first = {
             let mut a = self.acks.lock().unwrap_or_else(|p| p.into_inner());
             if a.closed {
                 drop(a);
-                tracing::error!(consumer = %self.name, sequence = item.delivery.info.sequence, "acker gone; message will be redelivered");
+                tracing::error!(consumer = %self.name, sequence = delivery.info.sequence, "acker gone; message will be redelivered");
                 return;
             }
-            a.deliveries.push(item.delivery);
+            a.deliveries.push(delivery);
             for k in keys.0.into_iter().flatten() {
                 a.keys.push(k);
             }
-            a.deliveries.len() == 1
+            let first = a.deliveries.len() == 1;
+            if a.spare.len() < SPARE_ITEMS {
+                a.spare.push(item);
+            }
+            first
         };
         if first {
             self.ack_notify.notify_one();

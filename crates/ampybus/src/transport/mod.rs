@@ -264,7 +264,42 @@ impl std::fmt::Debug for Delivery {
     }
 }
 
+/// The settler of [`Delivery::placeholder`]: settles nothing.
+struct NoSettler;
+
+#[async_trait]
+impl Settler for NoSettler {
+    async fn ack(&self, _sequences: &[u64]) -> Result<()> {
+        Ok(())
+    }
+    async fn nack(&self, _sequence: u64, _delay: Duration) -> Result<()> {
+        Ok(())
+    }
+    async fn in_progress(&self, _sequence: u64) -> Result<()> {
+        Ok(())
+    }
+}
+
 impl Delivery {
+    /// An empty delivery that settles nothing: what the runtime leaves in a reused slot
+    /// after moving the real delivery out (no allocation).
+    pub(crate) fn placeholder() -> Delivery {
+        static NONE: std::sync::OnceLock<Arc<dyn Settler>> = std::sync::OnceLock::new();
+        Delivery {
+            envelope: Envelope {
+                topic: String::new(),
+                headers: crate::Headers::new(),
+                payload: bytes::Bytes::new(),
+            },
+            info: DeliveryInfo {
+                sequence: 0,
+                delivery_count: 0,
+                stored_at: DateTime::<Utc>::UNIX_EPOCH,
+            },
+            settler: NONE.get_or_init(|| Arc::new(NoSettler)).clone(),
+        }
+    }
+
     /// Builds a delivery (for bindings).
     pub fn new(envelope: Envelope, info: DeliveryInfo, settler: Arc<dyn Settler>) -> Self {
         Delivery {
