@@ -110,9 +110,11 @@ pub const MAX_HEADERS_BYTES: usize = 256 * 1024;
 /// ```
 #[derive(Clone, Default)]
 pub struct Headers {
-    /// Boxed so that a `Headers` (and every envelope, delivery and message holding one)
-    /// moves as one pointer; `None` while empty (no allocation).
-    inner: Option<Box<Inner>>,
+    /// Behind one pointer so that a `Headers` (and every envelope, delivery and message
+    /// holding one) moves as a pointer, and shared by reference count so that a clone (e.g.
+    /// the owned message a [`crate::runtime::handler_fn`] closure receives) copies nothing:
+    /// a change to a shared map copies it first. `None` while empty (no allocation).
+    inner: Option<std::sync::Arc<Inner>>,
 }
 
 /// The map's storage. Every value is a span of one of three places: `base` (the buffer the
@@ -559,7 +561,10 @@ impl Headers {
     }
 
     fn m(&mut self) -> &mut Inner {
-        self.inner.get_or_insert_with(|| Box::new(Inner::new()))
+        std::sync::Arc::make_mut(
+            self.inner
+                .get_or_insert_with(|| std::sync::Arc::new(Inner::new())),
+        )
     }
 
     /// [`Headers::m`] for an operation that is about to store values: tidies first.
@@ -601,10 +606,16 @@ impl Headers {
         partition_key: &str,
     ) -> Self {
         let mut h = Headers::new();
-        h.put_str(K_SCHEMA_FQDN, schema_fqdn);
-        h.put_str(K_PRODUCER, producer);
-        h.put_str(K_SOURCE, source);
-        h.put_str(K_PARTITION_KEY, partition_key);
+        let inner = h.m_store();
+        for (i, v) in [
+            (K_SCHEMA_FQDN, schema_fqdn),
+            (K_PRODUCER, producer),
+            (K_SOURCE, source),
+            (K_PARTITION_KEY, partition_key),
+        ] {
+            let sp = inner.store(v);
+            inner.put(i, sp);
+        }
         h.fill_publish_defaults();
         h
     }
@@ -1124,7 +1135,11 @@ impl Headers {
                     if inner.known[usize::from(t)].is_some() {
                         return Err(bad(tag_at, "header repeated"));
                     }
-                    inner.put(usize::from(t), v);
+                    match usize::from(t) {
+                        // Text of a value the typed core parses.
+                        i @ (K_MESSAGE_ID | K_PRODUCED_AT | K_TRACEPARENT) => inner.put(i, v),
+                        i => inner.known[i] = v,
+                    }
                 }
                 TAG_ID_BIN => {
                     let mut v = [0u8; 16];
