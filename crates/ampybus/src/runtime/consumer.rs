@@ -319,6 +319,7 @@ impl ConsumerBuilder {
             phase: phase_rx,
             acks: Mutex::new(AckBuf::default()),
             ack_notify: Notify::new(),
+            ack_full: Notify::new(),
         });
         let acker = tokio::spawn(run_acker(shared.clone()));
         let fetcher = tokio::spawn(run_fetcher(shared.clone(), sub));
@@ -1177,6 +1178,8 @@ struct Shared {
     phase: watch::Receiver<u8>,
     acks: Mutex<AckBuf>,
     ack_notify: Notify,
+    /// A quarter of the in-flight limit waits for its ack: the acker stops lingering.
+    ack_full: Notify,
 }
 
 /// A parsed topic and its metric handles (observability on).
@@ -1534,7 +1537,11 @@ async fn run_acker(shared: Arc<Shared>) {
         }
         let closing = shared.acks_closing();
         if !closing {
-            tokio::time::sleep(ACK_LINGER).await;
+            // Gather for a moment, but not while the fetcher is starved of permits.
+            tokio::select! {
+                _ = tokio::time::sleep(ACK_LINGER) => {}
+                _ = shared.ack_full.notified() => {}
+            }
         }
         let (deliveries, keys, closing) = {
             let mut a = shared.acks.lock().unwrap_or_else(|p| p.into_inner());
@@ -1718,7 +1725,7 @@ impl Shared {
         // The message's buffers go now, not when the box is next used.
         item.msg = None;
         item.prepared = None;
-        let first = {
+        let waiting = {
             let mut a = self.acks.lock().unwrap_or_else(|p| p.into_inner());
             if a.closed {
                 drop(a);
@@ -1729,14 +1736,17 @@ impl Shared {
             for k in keys.0.into_iter().flatten() {
                 a.keys.push(k);
             }
-            let first = a.deliveries.len() == 1;
+            let waiting = a.deliveries.len();
             if a.spare.len() < SPARE_ITEMS {
                 a.spare.push(item);
             }
-            first
+            waiting
         };
-        if first {
+        if waiting == 1 {
             self.ack_notify.notify_one();
+        }
+        if waiting == (self.max_in_flight / 4).max(1) {
+            self.ack_full.notify_one();
         }
     }
 
