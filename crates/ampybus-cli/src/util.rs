@@ -7,6 +7,19 @@ use std::sync::Mutex;
 
 static METRICS_ADDR: Mutex<Option<String>> = Mutex::new(None);
 static OPS_SERVER: Mutex<Option<ampybus::obs::ObsServer>> = Mutex::new(None);
+/// `--registry` (loaded) and `--service`: applied to every bus [`connect`] makes.
+static REGISTRY: Mutex<(Option<ampybus::registry::Registry>, Option<String>)> =
+    Mutex::new((None, None));
+
+/// Records the registry and service every bus [`connect`] makes is opened with.
+pub fn set_registry(reg: Option<ampybus::registry::Registry>, service: Option<String>) {
+    *REGISTRY.lock().unwrap_or_else(|p| p.into_inner()) = (reg, service);
+}
+
+/// The registry given with `--registry` (or the environment / config file), if any.
+pub fn registry() -> Option<ampybus::registry::Registry> {
+    REGISTRY.lock().unwrap_or_else(|p| p.into_inner()).0.clone()
+}
 
 /// Records `--metrics-addr`: the first bus [`connect`] makes is served there.
 pub fn set_metrics_addr(addr: Option<String>) {
@@ -24,6 +37,17 @@ pub async fn connect(url: &str) -> CliResult<Bus> {
         }
         err
     })?;
+    let bus = {
+        let (reg, service) = REGISTRY.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let bus = match reg {
+            Some(r) => bus.with_registry(r),
+            None => bus,
+        };
+        match service {
+            Some(s) => bus.with_service(&s),
+            None => bus,
+        }
+    };
     let addr = METRICS_ADDR
         .lock()
         .unwrap_or_else(|p| p.into_inner())

@@ -236,11 +236,14 @@ pub fn nats_config(
     Ok(out)
 }
 
-/// A Redis ACL file (`redis-server --aclfile`): the `default` user off and one user per
-/// service with its password, read access (`%R~`) to the streams it may read and write
-/// access (`%W~`) to the streams it owns, read and write to the DLQ and control streams and
-/// to its dedupe keys, and the commands the binding uses (`+@stream`, `+@read`, `+@write`
-/// minus `+@dangerous`, plus `SCAN`, `PING`, `CLIENT`, `INFO`). Stream keys are
+/// The commands a reader needs on a stream it does not own (a Redis 7 ACL selector): reads,
+/// and the consumer-group commands (which Redis counts as writes), never `XADD`.
+const READER_COMMANDS: &str = "+@read +xreadgroup +xack +xclaim +xautoclaim +xgroup";
+
+/// A Redis ACL file (`redis-server --aclfile`, Redis 7 or later): the `default` user off and
+/// one user per service with its password, every command on the streams it owns, the DLQ and
+/// control streams and the dedupe keys, and a selector with the reader commands (reads and
+/// consumer groups, no `XADD`) on the streams it may read. Stream keys are
 /// `{key_prefix}ampy.{env}.{domain}.{version}`.
 ///
 /// ```
@@ -256,7 +259,7 @@ pub fn nats_config(
 /// let pw = acl::parse_passwords("oms = \"a\"\n", "pw.toml").unwrap();
 /// let acl = acl::redis_acl(&reg, &pw, "").unwrap();
 /// assert!(acl.contains("user oms on >a "));
-/// assert!(acl.contains(" %W~ampy.prod.orders.v1 "));
+/// assert!(acl.contains(" ~ampy.prod.orders.v1 "));
 /// ```
 pub fn redis_acl(
     reg: &Registry,
@@ -284,26 +287,36 @@ pub fn redis_acl(
             ));
         }
         let (owned, read) = split(reg, &service);
-        let mut keys = BTreeSet::new();
+        let mut write = BTreeSet::new();
         for e in &owned {
             for env in envs(e) {
-                keys.insert(format!("%W~{}", key(e, env.as_str())));
+                write.insert(format!("~{}", key(e, env.as_str())));
             }
         }
+        write.insert(format!("~{key_prefix}ampy.*.dlq.*"));
+        write.insert(format!("~{key_prefix}ampy.*.control.*"));
+        write.insert(format!("~{key_prefix}ampy:dedupe:*"));
+        let mut readonly = BTreeSet::new();
         for e in &read {
             for env in envs(e) {
-                keys.insert(format!("%R~{}", key(e, env.as_str())));
+                let k = format!("~{}", key(e, env.as_str()));
+                if !write.contains(&k) {
+                    readonly.insert(k);
+                }
             }
         }
-        keys.insert(format!("~{key_prefix}ampy.*.dlq.*"));
-        keys.insert(format!("~{key_prefix}ampy.*.control.*"));
-        keys.insert(format!("~{key_prefix}ampy:dedupe:*"));
-        let keys: Vec<String> = keys.into_iter().collect();
-        let _ = writeln!(
-            out,
-            "user {service} on >{password} {} +@read +@write +@stream +@connection -@dangerous +scan +info +client",
-            keys.join(" ")
+        let mut line = format!(
+            "user {service} on >{password} {} +@all",
+            write.into_iter().collect::<Vec<_>>().join(" ")
         );
+        if !readonly.is_empty() {
+            let _ = write!(
+                line,
+                " ({} {READER_COMMANDS})",
+                readonly.into_iter().collect::<Vec<_>>().join(" ")
+            );
+        }
+        let _ = writeln!(out, "{line}");
     }
     Ok(out)
 }

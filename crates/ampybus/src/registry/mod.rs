@@ -730,6 +730,27 @@ impl TopicEntry {
     }
 }
 
+/// Reads a TOML file into `T` with the registry's error rules (an unreadable file, bad TOML,
+/// an unknown or missing field: an error naming the file, the line and the field); used for
+/// the CLI's `ampybus.toml` too.
+///
+/// ```
+/// #[derive(serde::Deserialize)]
+/// #[serde(deny_unknown_fields)]
+/// struct Conf { url: Option<String> }
+/// let dir = tempfile::tempdir().unwrap();
+/// let path = dir.path().join("ampybus.toml");
+/// std::fs::write(&path, "url = \"./data\"\nulr = 1\n").unwrap();
+/// let e = ampybus::registry::load_toml::<Conf>(&path).unwrap_err();
+/// assert!(e.to_string().ends_with(":2: unknown field `ulr`, expected `url`"), "{e}");
+/// ```
+pub fn load_toml<T: serde::de::DeserializeOwned>(
+    path: &Path,
+) -> std::result::Result<T, RegistryError> {
+    let text = file::read(path)?;
+    file::parse(&text, &path.display().to_string())
+}
+
 /// The service of a `producer` header: the part before `@` (`oms@host-1` → `oms`).
 ///
 /// ```
