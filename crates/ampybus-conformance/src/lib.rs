@@ -25,7 +25,7 @@ pub use cases::{
 };
 pub use report::{CaseReport, CaseStatus, SuiteReport};
 pub use support::{
-    Capabilities, NatsServer, TestContext, TransportFactory, all_topic_stats, hang_timeout,
+    Capabilities, NatsServer, RedisServer, TestContext, TransportFactory, all_topic_stats, hang_timeout,
     redrive, scale, start_test_broker,
 };
 
