@@ -269,20 +269,16 @@ fn add_message(d: &MessageDescriptor, out: &mut BTreeMap<String, Value>) {
     out.insert(name.clone(), Value::Null);
     let mut props = Map::new();
     for f in d.fields() {
-        let inner = kind_schema(f.kind(), out);
         let mut s = if f.is_map() {
             let value = match f.kind() {
-                Kind::Message(entry) => entry
-                    .map_entry_value_field()
-                    .kind()
-                    .clone(),
+                Kind::Message(entry) => entry.map_entry_value_field().kind().clone(),
                 other => other,
             };
             json!({"type": "object", "additionalProperties": kind_schema(value, out)})
         } else if f.is_list() {
-            json!({"type": "array", "items": inner})
+            json!({"type": "array", "items": kind_schema(f.kind(), out)})
         } else {
-            inner
+            kind_schema(f.kind(), out)
         };
         if let Value::Object(m) = &mut s {
             m.insert(
@@ -306,7 +302,9 @@ fn add_message(d: &MessageDescriptor, out: &mut BTreeMap<String, Value>) {
 fn kind_schema(kind: Kind, out: &mut BTreeMap<String, Value>) -> Value {
     match kind {
         Kind::Double | Kind::Float => json!({"type": "number"}),
-        Kind::Int32 | Kind::Sint32 | Kind::Sfixed32 => json!({"type": "integer", "format": "int32"}),
+        Kind::Int32 | Kind::Sint32 | Kind::Sfixed32 => {
+            json!({"type": "integer", "format": "int32"})
+        }
         Kind::Uint32 | Kind::Fixed32 => json!({"type": "integer", "minimum": 0}),
         Kind::Int64 | Kind::Sint64 | Kind::Sfixed64 | Kind::Uint64 | Kind::Fixed64 => {
             json!({"type": "string", "format": "int64"})

@@ -64,7 +64,10 @@ fn ampybus_at(cwd: &Path, env: &[(&str, &str)], args: &[&str]) -> Out {
 #[test]
 fn check_passes_on_the_example_and_names_every_problem() {
     let example = repo().join("registry.example.toml");
-    let o = ampybus_in(None, &["registry", "check", "--registry", example.to_str().unwrap()]);
+    let o = ampybus_in(
+        None,
+        &["registry", "check", "--registry", example.to_str().unwrap()],
+    );
     assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
     assert_eq!(
         o.stdout,
@@ -91,16 +94,29 @@ fn check_passes_on_the_example_and_names_every_problem() {
     );
     let o = ampybus_in(
         None,
-        &["registry", "check", "--registry", &bad, "--manifests", mdir.to_str().unwrap()],
+        &[
+            "registry",
+            "check",
+            "--registry",
+            &bad,
+            "--manifests",
+            mdir.to_str().unwrap(),
+        ],
     );
     assert_eq!(o.code, 1, "{}{}", o.stdout, o.stderr);
     let m = format!("{}/risk.toml", mdir.display());
     assert_eq!(
         o.lines(),
         vec![
-            format!("{bad}:1: entry \"ampy.*.orders.v1.>\": overlaps \"ampy.prod.orders.v1.algo\" (line 17): owner `oms` and owner `algo` would both publish the topics both patterns match; one owner per topic"),
-            format!("{bad}:17: entry \"ampy.prod.orders.v1.algo\": schema \"ampy.orders.v1.Nope\" is unknown to ampybus-proto (and not ampy.raw.v1.Bytes)"),
-            format!("{m}:2: entry \"[[publishes]] ampy.prod.orders.v1.>\": service `risk` publishes outside its claims: the pattern is not within an entry it owns (\"ampy.*.orders.v1.>\" belongs to `oms`, \"ampy.prod.orders.v1.algo\" belongs to `algo`)"),
+            format!(
+                "{bad}:1: entry \"ampy.*.orders.v1.>\": overlaps \"ampy.prod.orders.v1.algo\" (line 17): owner `oms` and owner `algo` would both publish the topics both patterns match; one owner per topic"
+            ),
+            format!(
+                "{bad}:17: entry \"ampy.prod.orders.v1.algo\": schema \"ampy.orders.v1.Nope\" is unknown to ampybus-proto (and not ampy.raw.v1.Bytes)"
+            ),
+            format!(
+                "{m}:2: entry \"[[publishes]] ampy.prod.orders.v1.>\": service `risk` publishes outside its claims: the pattern is not within an entry it owns (\"ampy.*.orders.v1.>\" belongs to `oms`, \"ampy.prod.orders.v1.algo\" belongs to `algo`)"
+            ),
             format!("FAIL {bad}: 3 entries, 4 services, 1 manifest(s), 3 problem(s), 0 warning(s)"),
         ]
     );
@@ -112,13 +128,22 @@ fn unreadable_or_malformed_files_exit_2_naming_file_line_and_field() {
     let missing = dir.path().join("nope.toml");
     let missing = missing.to_str().unwrap();
     let cases = [
-        (missing.to_owned(), format!("error: registry {missing}: cannot read the file: No such file or directory (os error 2)\n")),
+        (
+            missing.to_owned(),
+            format!(
+                "error: registry {missing}: cannot read the file: No such file or directory (os error 2)\n"
+            ),
+        ),
         (
             write(dir.path(), "syntax.toml", "[[topic]\npattern = 1\n"),
             String::new(),
         ),
         (
-            write(dir.path(), "unknown.toml", &REGISTRY.replace("tier ", "teir ")),
+            write(
+                dir.path(),
+                "unknown.toml",
+                &REGISTRY.replace("tier ", "teir "),
+            ),
             String::new(),
         ),
     ];
@@ -131,19 +156,33 @@ fn unreadable_or_malformed_files_exit_2_naming_file_line_and_field() {
         }
     }
     let o = ampybus_in(None, &["registry", "check", "--registry", &cases[1].0]);
-    assert!(o.stderr.starts_with(&format!("error: registry {}:1: ", cases[1].0)), "{}", o.stderr);
+    assert!(
+        o.stderr
+            .starts_with(&format!("error: registry {}:1: ", cases[1].0)),
+        "{}",
+        o.stderr
+    );
     let o = ampybus_in(None, &["registry", "check", "--registry", &cases[2].0]);
     assert!(
-        o.stderr.starts_with(&format!("error: registry {}:5: unknown field `teir`", cases[2].0)),
+        o.stderr.starts_with(&format!(
+            "error: registry {}:5: unknown field `teir`",
+            cases[2].0
+        )),
         "{}",
         o.stderr
     );
     // A bad config file is named the same way.
-    let conf = write(dir.path(), "ampybus.toml", "url = \"./x\"\nregistyr = \"r.toml\"\n");
+    let conf = write(
+        dir.path(),
+        "ampybus.toml",
+        "url = \"./x\"\nregistyr = \"r.toml\"\n",
+    );
     let o = ampybus_in(None, &["--config", &conf, "registry", "check"]);
     assert_eq!(o.code, 2);
     assert!(
-        o.stderr.starts_with(&format!("error: config file {conf}:2: unknown field `registyr`")),
+        o.stderr.starts_with(&format!(
+            "error: config file {conf}:2: unknown field `registyr`"
+        )),
         "{}",
         o.stderr
     );
@@ -153,30 +192,66 @@ fn unreadable_or_malformed_files_exit_2_naming_file_line_and_field() {
 fn config_file_env_and_flag_precedence() {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "from-file.toml", REGISTRY);
-    write(dir.path(), "from-env.toml", &REGISTRY.replace("retention_days = 7", "retention_days = 8"));
+    write(
+        dir.path(),
+        "from-env.toml",
+        &REGISTRY.replace("retention_days = 7", "retention_days = 8"),
+    );
     let flag = write(dir.path(), "from-flag.toml", "");
-    write(dir.path(), "ampybus.toml", "registry = \"from-file.toml\"\nurl = \"./data\"\n");
+    write(
+        dir.path(),
+        "ampybus.toml",
+        "registry = \"from-file.toml\"\nurl = \"./data\"\n",
+    );
     let d = dir.path();
     // The file's registry (relative to the config file).
     let o = ampybus_at(d, &[], &["registry", "check"]);
     assert_eq!(o.code, 0, "{}", o.stderr);
-    assert!(o.stdout.contains("from-file.toml: 2 entries"), "{}", o.stdout);
+    assert!(
+        o.stdout.contains("from-file.toml: 2 entries"),
+        "{}",
+        o.stdout
+    );
     // The environment beats the file.
     let env_path = d.join("from-env.toml");
-    let o = ampybus_at(d, &[("AMPYBUS_REGISTRY", env_path.to_str().unwrap())], &["registry", "check"]);
-    assert!(o.stdout.contains("from-env.toml: 2 entries"), "{}", o.stdout);
+    let o = ampybus_at(
+        d,
+        &[("AMPYBUS_REGISTRY", env_path.to_str().unwrap())],
+        &["registry", "check"],
+    );
+    assert!(
+        o.stdout.contains("from-env.toml: 2 entries"),
+        "{}",
+        o.stdout
+    );
     // The flag beats both.
     let o = ampybus_at(
         d,
         &[("AMPYBUS_REGISTRY", env_path.to_str().unwrap())],
         &["--registry", &flag, "registry", "check"],
     );
-    assert!(o.stdout.contains("from-flag.toml: 0 entries"), "{}", o.stdout);
+    assert!(
+        o.stdout.contains("from-flag.toml: 0 entries"),
+        "{}",
+        o.stdout
+    );
     // `url` from the file: pub creates ./data.
     let o = ampybus_at(
         d,
         &[],
-        &["pub", "--topic", "ampy.dev.news.v1.x", "--producer", "ui@1", "--source", "s", "--pk", "n-1", "--payload", "x"],
+        &[
+            "pub",
+            "--topic",
+            "ampy.dev.news.v1.x",
+            "--producer",
+            "ui@1",
+            "--source",
+            "s",
+            "--pk",
+            "n-1",
+            "--payload",
+            "x",
+        ],
     );
     assert_eq!(o.code, 0, "{}", o.stderr);
     assert!(d.join("data").is_dir());
@@ -189,8 +264,19 @@ fn pub_outside_claims_exits_like_other_header_errors_and_topics_show_the_registr
     let data = dir.path().join("data");
     let args = |producer: &'static str| {
         vec![
-            "--registry", &reg, "pub", "--topic", "ampy.dev.orders.v1.requests", "--producer", producer,
-            "--source", "s", "--pk", "co_1", "--payload", "x",
+            "--registry",
+            reg.as_str(),
+            "pub",
+            "--topic",
+            "ampy.dev.orders.v1.requests",
+            "--producer",
+            producer,
+            "--source",
+            "s",
+            "--pk",
+            "co_1",
+            "--payload",
+            "x",
         ]
         .into_iter()
         .map(str::to_owned)
@@ -198,7 +284,7 @@ fn pub_outside_claims_exits_like_other_header_errors_and_topics_show_the_registr
     };
     let run = |a: Vec<String>| {
         let a: Vec<&str> = a.iter().map(String::as_str).collect();
-        ampybus_in(Some(&data), &a)
+        ampybus_in(Some(data.as_path()), &a)
     };
     let o = run(args("risk@h2"));
     assert_eq!(o.code, 2, "{}", o.stderr);
@@ -209,17 +295,33 @@ fn pub_outside_claims_exits_like_other_header_errors_and_topics_show_the_registr
     );
     let o = run(args("oms@h1"));
     assert_eq!(o.code, 0, "{}", o.stderr);
-    let o = ampybus_in(Some(&data), &["--registry", &reg, "topics", "list", "--json"]);
+    let o = ampybus_in(
+        Some(data.as_path()),
+        &["--registry", &reg, "topics", "list", "--json"],
+    );
     assert_eq!(o.code, 0, "{}", o.stderr);
     let rows = o.json_lines();
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0]["registry"]["owner"], "oms");
     assert_eq!(rows[0]["registry"]["tier"], "at_least_once_dedupe");
     assert_eq!(rows[0]["registry"]["retention_days"], 30);
-    let o = ampybus_in(Some(&data), &["--registry", &reg, "topics", "describe", "ampy.dev.orders.v1.requests"]);
+    let o = ampybus_in(
+        Some(data.as_path()),
+        &[
+            "--registry",
+            &reg,
+            "topics",
+            "describe",
+            "ampy.dev.orders.v1.requests",
+        ],
+    );
     assert_eq!(o.code, 0, "{}", o.stderr);
     assert!(o.stdout.contains("owner     oms\n"), "{}", o.stdout);
-    assert!(o.stdout.contains("tier      at_least_once_dedupe\n"), "{}", o.stdout);
+    assert!(
+        o.stdout.contains("tier      at_least_once_dedupe\n"),
+        "{}",
+        o.stdout
+    );
 }
 
 #[test]
@@ -230,7 +332,16 @@ fn asyncapi_document_is_accepted_by_the_official_parser() {
         let out = dir.path().join(name);
         let o = ampybus_in(
             None,
-            &["--registry", example.to_str().unwrap(), "registry", "asyncapi", "--format", format, "--out", out.to_str().unwrap()],
+            &[
+                "--registry",
+                example.to_str().unwrap(),
+                "registry",
+                "asyncapi",
+                "--format",
+                format,
+                "--out",
+                out.to_str().unwrap(),
+            ],
         );
         assert_eq!(o.code, 0, "{}", o.stderr);
         let v = Command::new("bash")
@@ -239,8 +350,15 @@ fn asyncapi_document_is_accepted_by_the_official_parser() {
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&v.stdout);
-        assert!(v.status.success(), "{format}: {text}{}", String::from_utf8_lossy(&v.stderr));
-        assert!(text.ends_with(&format!("valid {}\n", out.display())), "{text}");
+        assert!(
+            v.status.success(),
+            "{format}: {text}{}",
+            String::from_utf8_lossy(&v.stderr)
+        );
+        assert!(
+            text.ends_with(&format!("valid {}\n", out.display())),
+            "{text}"
+        );
     }
     let json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.path().join("asyncapi.json")).unwrap()).unwrap();
@@ -276,8 +394,15 @@ fn kafka_acl_matches_the_golden_file() {
         std::fs::create_dir_all(golden.parent().unwrap()).unwrap();
         std::fs::write(&golden, &o.stdout).unwrap();
     }
-    let want = std::fs::read_to_string(&golden).expect("golden/registry/kafka-acl.txt (AMPYBUS_BLESS=1 writes it)");
-    assert_eq!(o.stdout.replace(repo().join("registry.example.toml").to_str().unwrap(), "registry.example.toml"), want);
+    let want = std::fs::read_to_string(&golden)
+        .expect("golden/registry/kafka-acl.txt (AMPYBUS_BLESS=1 writes it)");
+    assert_eq!(
+        o.stdout.replace(
+            repo().join("registry.example.toml").to_str().unwrap(),
+            "registry.example.toml"
+        ),
+        want
+    );
 }
 
 /// Generated permissions on a nats-server of our own: the owner publishes, another service is
@@ -291,13 +416,27 @@ async fn nats_permissions_from_the_registry() {
     let auth = dir.path().join("auth.conf");
     let o = ampybus_in(
         None,
-        &["--registry", &reg, "registry", "nats-config", "--passwords", &pw, "--stream-prefix", "RG", "--out", auth.to_str().unwrap()],
+        &[
+            "--registry",
+            &reg,
+            "registry",
+            "nats-config",
+            "--passwords",
+            &pw,
+            "--stream-prefix",
+            "RG",
+            "--out",
+            auth.to_str().unwrap(),
+        ],
     );
     assert_eq!(o.code, 0, "{}", o.stderr);
     let conf = write(
         dir.path(),
         "nats.conf",
-        &format!("jetstream {{ store_dir: \"{}\" }}\ninclude \"auth.conf\"\n", dir.path().join("js").display()),
+        &format!(
+            "jetstream {{ store_dir: \"{}\" }}\ninclude \"auth.conf\"\n",
+            dir.path().join("js").display()
+        ),
     );
     let server = ampybus_conformance::NatsServer::start(dir.path(), &["-c", &conf]);
     let url = |user: &str| {
@@ -320,40 +459,64 @@ async fn nats_permissions_from_the_registry() {
         .await
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Config, "{e}");
-    assert!(e.to_string().contains("permission denied: the server refused publish to `ampy.dev.orders.v1.requests`"), "{e}");
+    assert!(
+        e.to_string().contains(
+            "permission denied: the server refused publish to `ampy.dev.orders.v1.requests`"
+        ),
+        "{e}"
+    );
 
     // risk consumes: co_1 retried once, co_2 dead-lettered, co_3 ok; then a replay request.
     let attempts = Arc::new(AtomicUsize::new(0));
     let a = attempts.clone();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    let consumer = Consumer::builder(risk.clone(), TopicPattern::parse("ampy.dev.orders.>").unwrap(), "risk")
-        .handler(handler_fn(move |m| {
-            let a = a.clone();
-            let tx = tx.clone();
-            async move {
-                let key = m.headers.partition_key().unwrap_or_default().to_owned();
-                a.fetch_add(1, Ordering::SeqCst);
-                let out = match key.as_str() {
-                    "co_1" if m.info.delivery_count <= 1 && m.headers.retry_count().is_none() => {
-                        Outcome::Retry { after: Some(Duration::from_millis(50)) }
+    let consumer = Consumer::builder(
+        risk.clone(),
+        TopicPattern::parse("ampy.dev.orders.>").unwrap(),
+        "risk",
+    )
+    .handler(handler_fn(move |m| {
+        let a = a.clone();
+        let tx = tx.clone();
+        async move {
+            let key = m.headers.partition_key().unwrap_or_default().to_owned();
+            a.fetch_add(1, Ordering::SeqCst);
+            let out = match key.as_str() {
+                "co_1" if m.info.delivery_count <= 1 && m.headers.retry_count().is_none() => {
+                    Outcome::Retry {
+                        after: Some(Duration::from_millis(50)),
                     }
-                    "co_2" => Outcome::DeadLetter("handler_error: poison".into()),
-                    _ => Outcome::Ok,
-                };
-                let _ = tx.send(format!("{key}:{}", matches!(out, Outcome::Ok)));
-                out
-            }
-        }))
-        .retry(ampybus::RetryPolicy { max_attempts: 5, min_delay: Duration::from_millis(20), max_delay: Duration::from_millis(100) })
-        .start()
-        .await
-        .expect("risk may read orders");
+                }
+                "co_2" => Outcome::DeadLetter("handler_error: poison".into()),
+                _ => Outcome::Ok,
+            };
+            let _ = tx.send(format!("{key}:{}", matches!(out, Outcome::Ok)));
+            out
+        }
+    }))
+    .retry(ampybus::RetryPolicy {
+        max_attempts: 5,
+        min_delay: Duration::from_millis(20),
+        max_delay: Duration::from_millis(100),
+    })
+    .start()
+    .await
+    .expect("risk may read orders");
     let mut seen = Vec::new();
-    while !(seen.contains(&"co_1:true".to_owned()) && seen.contains(&"co_3:true".to_owned()) && seen.contains(&"co_2:false".to_owned())) {
-        let s = tokio::time::timeout(Duration::from_secs(20), rx.recv()).await.expect("handler progress").unwrap();
+    while !(seen.contains(&"co_1:true".to_owned())
+        && seen.contains(&"co_3:true".to_owned())
+        && seen.contains(&"co_2:false".to_owned()))
+    {
+        let s = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+            .await
+            .expect("handler progress")
+            .unwrap();
         seen.push(s);
     }
-    assert!(seen.contains(&"co_1:false".to_owned()), "no retry: {seen:?}");
+    assert!(
+        seen.contains(&"co_1:false".to_owned()),
+        "no retry: {seen:?}"
+    );
     let mut dlq = risk
         .subscribe(ampybus::transport::SubscribeSpec::ephemeral(
             TopicPattern::parse("ampy.dev.dlq.>").unwrap(),
@@ -363,7 +526,10 @@ async fn nats_permissions_from_the_registry() {
         .expect("risk may read the DLQ");
     let got = dlq.fetch(1, Duration::from_secs(10)).await.unwrap();
     assert_eq!(got.len(), 1);
-    assert_eq!(got[0].envelope.headers.get("dlq_reason"), Some("handler_error: poison"));
+    assert_eq!(
+        got[0].envelope.headers.get("dlq_reason"),
+        Some("handler_error: poison")
+    );
     let req = ampybus::control::ReplayRequest::new(
         "risk",
         "ampy.dev.orders.>",
@@ -373,7 +539,11 @@ async fn nats_permissions_from_the_registry() {
     let status = control::request_replay(&risk, &req, Duration::from_secs(20), |_| {})
         .await
         .expect("replay completes");
-    assert_eq!(status.state, ampybus::control::ReplayState::Completed, "{status:?}");
+    assert_eq!(
+        status.state(),
+        ampybus::control::ReplayState::Completed,
+        "{status:?}"
+    );
     let stats = consumer.shutdown(Duration::from_secs(5)).await;
     assert_eq!(stats.handled_ok, 2, "{stats:?}");
 
@@ -385,7 +555,10 @@ async fn nats_permissions_from_the_registry() {
         .start()
         .await
         .unwrap_err();
-    assert!(matches!(e.kind(), ErrorKind::Timeout | ErrorKind::Transport), "{e}");
+    assert!(
+        matches!(e.kind(), ErrorKind::Timeout | ErrorKind::Transport),
+        "{e}"
+    );
     let log = std::fs::read_to_string(dir.path().join("nats-server.log")).unwrap();
     assert!(
         log.contains("Permissions Violation for Publish to \"$JS.API.CONSUMER.CREATE.RG_DEV_ORDERS.ui.ampy.dev.orders.>\""),
@@ -403,10 +576,20 @@ async fn redis_acl_from_the_registry() {
     let acl = dir.path().join("users.acl");
     let o = ampybus_in(
         None,
-        &["--registry", &reg, "registry", "redis-acl", "--passwords", &pw, "--out", acl.to_str().unwrap()],
+        &[
+            "--registry",
+            &reg,
+            "registry",
+            "redis-acl",
+            "--passwords",
+            &pw,
+            "--out",
+            acl.to_str().unwrap(),
+        ],
     );
     assert_eq!(o.code, 0, "{}", o.stderr);
-    let server = ampybus_conformance::RedisServer::start(dir.path(), &["--aclfile", acl.to_str().unwrap()]);
+    let server =
+        ampybus_conformance::RedisServer::start(dir.path(), &["--aclfile", acl.to_str().unwrap()]);
     let url = |user: &str| server.url(&format!("{user}:{user}-pw@"), "");
     let oms = Bus::connect(&url("oms")).await.expect("oms connects");
     let orders = Topic::parse("ampy.dev.orders.v1.requests").unwrap();
@@ -422,27 +605,42 @@ async fn redis_acl_from_the_registry() {
     assert_eq!(e.kind(), ErrorKind::Config, "{e}");
     assert!(e.to_string().contains("ampy.dev.orders.v1"), "{e}");
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    let c = Consumer::builder(risk.clone(), TopicPattern::parse("ampy.dev.orders.v1.>").unwrap(), "risk")
-        .handler(handler_fn(move |m| {
-            let tx = tx.clone();
-            async move {
-                let _ = tx.send(m.headers.partition_key().unwrap_or_default().to_owned());
-                Outcome::Ok
-            }
-        }))
-        .serve_replays(false)
-        .start()
+    let c = Consumer::builder(
+        risk.clone(),
+        TopicPattern::parse("ampy.dev.orders.v1.>").unwrap(),
+        "risk",
+    )
+    .handler(handler_fn(move |m| {
+        let tx = tx.clone();
+        async move {
+            let _ = tx.send(m.headers.partition_key().unwrap_or_default().to_owned());
+            Outcome::Ok
+        }
+    }))
+    .serve_replays(false)
+    .start()
+    .await
+    .expect("risk reads orders");
+    let got = tokio::time::timeout(Duration::from_secs(20), rx.recv())
         .await
-        .expect("risk reads orders");
-    let got = tokio::time::timeout(Duration::from_secs(20), rx.recv()).await.expect("delivery").unwrap();
+        .expect("delivery")
+        .unwrap();
     assert_eq!(got, "co_1");
     assert_eq!(c.shutdown(Duration::from_secs(5)).await.handled_ok, 1);
     let ui = Bus::connect(&url("ui")).await.expect("ui connects");
-    let e = Consumer::builder(ui, TopicPattern::parse("ampy.dev.orders.v1.>").unwrap(), "ui")
-        .handler(handler_fn(|_m| async { Outcome::Ok }))
-        .serve_replays(false)
-        .start()
-        .await
-        .unwrap_err();
-    assert!(e.to_string().to_ascii_lowercase().contains("noperm") || e.to_string().contains("permission"), "{e}");
+    let e = Consumer::builder(
+        ui,
+        TopicPattern::parse("ampy.dev.orders.v1.>").unwrap(),
+        "ui",
+    )
+    .handler(handler_fn(|_m| async { Outcome::Ok }))
+    .serve_replays(false)
+    .start()
+    .await
+    .unwrap_err();
+    assert!(
+        e.to_string().to_ascii_lowercase().contains("noperm")
+            || e.to_string().contains("permission"),
+        "{e}"
+    );
 }

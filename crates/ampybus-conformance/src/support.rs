@@ -507,4 +507,3 @@ impl Drop for RedisServer {
         self.kill();
     }
 }
-

@@ -40,11 +40,19 @@ async fn publish_is_refused_outside_claims_and_allowed_inside() {
     let bus = bus(dir.path()).await.with_registry(registry());
     let orders = Topic::parse("ampy.dev.orders.v1.requests").unwrap();
     let h = |p: &str, s: &str| Headers::for_publish(s, p, "test", "co_1");
-    bus.publish(&orders, h("oms@1", "ampy.orders.v1.OrderRequest"), b"o".to_vec())
-        .await
-        .expect("the owner publishes");
+    bus.publish(
+        &orders,
+        h("oms@1", "ampy.orders.v1.OrderRequest"),
+        b"o".to_vec(),
+    )
+    .await
+    .expect("the owner publishes");
     let e = bus
-        .publish(&orders, h("risk@2", "ampy.orders.v1.OrderRequest"), b"o".to_vec())
+        .publish(
+            &orders,
+            h("risk@2", "ampy.orders.v1.OrderRequest"),
+            b"o".to_vec(),
+        )
         .await
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Header);
@@ -57,10 +65,17 @@ async fn publish_is_refused_outside_claims_and_allowed_inside() {
         .await
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Header);
-    assert!(e.message().starts_with("`schema_fqdn`: \"ampy.raw.v1.Bytes\" is not listed"));
+    assert!(
+        e.message()
+            .starts_with("`schema_fqdn`: \"ampy.raw.v1.Bytes\" is not listed")
+    );
     let bars = Topic::parse("ampy.dev.bars.v1.XNAS.AAPL").unwrap();
     let e = bus
-        .publish(&bars, Headers::for_publish("ampy.bars.v1.BarBatch", "md@1", "t", "XNAS.AAPL"), b"b".to_vec())
+        .publish(
+            &bars,
+            Headers::for_publish("ampy.bars.v1.BarBatch", "md@1", "t", "XNAS.AAPL"),
+            b"b".to_vec(),
+        )
         .await
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Topic);
@@ -105,26 +120,37 @@ async fn unlisted_schema_is_dead_lettered_as_schema_mismatch_and_counted() {
     // A producer without the registry writes one listed and one unlisted schema.
     let plain = bus(dir.path()).await;
     let orders = Topic::parse("ampy.dev.orders.v1.requests").unwrap();
-    for (key, schema) in [("co_1", "ampy.orders.v1.OrderRequest"), ("co_2", "ampy.fills.v1.FillEvent")] {
+    for (key, schema) in [
+        ("co_1", "ampy.orders.v1.OrderRequest"),
+        ("co_2", "ampy.fills.v1.FillEvent"),
+    ] {
         plain
-            .publish(&orders, Headers::for_publish(schema, "oms@1", "t", key), b"x".to_vec())
+            .publish(
+                &orders,
+                Headers::for_publish(schema, "oms@1", "t", key),
+                b"x".to_vec(),
+            )
             .await
             .unwrap();
     }
     let risk = plain.clone().with_registry(registry()).with_service("risk");
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let handle = Consumer::builder(risk.clone(), TopicPattern::parse("ampy.dev.orders.>").unwrap(), "risk")
-        .handler(handler_fn(move |m| {
-            let tx = tx.clone();
-            async move {
-                let _ = tx.send(m.headers.partition_key().unwrap_or_default().to_owned());
-                Outcome::Ok
-            }
-        }))
-        .serve_replays(false)
-        .start()
-        .await
-        .unwrap();
+    let handle = Consumer::builder(
+        risk.clone(),
+        TopicPattern::parse("ampy.dev.orders.>").unwrap(),
+        "risk",
+    )
+    .handler(handler_fn(move |m| {
+        let tx = tx.clone();
+        async move {
+            let _ = tx.send(m.headers.partition_key().unwrap_or_default().to_owned());
+            Outcome::Ok
+        }
+    }))
+    .serve_replays(false)
+    .start()
+    .await
+    .unwrap();
     let mut dlq = plain
         .subscribe(SubscribeSpec::ephemeral(
             TopicPattern::parse("ampy.dev.dlq.>").unwrap(),
@@ -144,7 +170,10 @@ async fn unlisted_schema_is_dead_lettered_as_schema_mismatch_and_counted() {
     let stats = handle.shutdown(Duration::from_secs(5)).await;
     assert_eq!(stats.dlq(DlqCode::SchemaMismatch), 1);
     assert_eq!(stats.handled_ok, 1);
-    assert!(rx.try_recv().is_err(), "the mismatched message reached the handler");
+    assert!(
+        rx.try_recv().is_err(),
+        "the mismatched message reached the handler"
+    );
     let text = risk.metrics().encode();
     assert!(
         text.contains("bus_schema_mismatch_total{topic=\"ampy.dev.orders.v1\"} 1\n"),
@@ -173,7 +202,13 @@ async fn max_rate_slows_the_owner_and_drops_nothing() {
     assert_eq!((stats.accepted, stats.published), (N as u64, N as u64));
     // 200 msg/s with a burst of 20: the last message cannot be sent before (300 - 20) / 200 s.
     let floor = (N as f64 - 20.0) / 200.0;
-    assert!(elapsed >= floor * 0.98, "{N} messages in {elapsed:.3}s, faster than the 200 msg/s limit allows");
+    assert!(
+        elapsed >= floor * 0.98,
+        "{N} messages in {elapsed:.3}s, faster than the 200 msg/s limit allows"
+    );
     let rate = N as f64 / elapsed;
-    assert!(rate <= 200.0 * 1.1, "measured {rate:.1} msg/s over {elapsed:.3}s");
+    assert!(
+        rate <= 200.0 * 1.1,
+        "measured {rate:.1} msg/s over {elapsed:.3}s"
+    );
 }

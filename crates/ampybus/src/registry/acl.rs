@@ -100,8 +100,16 @@ fn version(e: &TopicEntry) -> String {
 
 /// The entries a service owns and those it may read.
 fn split<'a>(reg: &'a Registry, service: &str) -> (Vec<&'a TopicEntry>, Vec<&'a TopicEntry>) {
-    let owned = reg.entries().iter().filter(|e| e.owner == service).collect();
-    let read = reg.entries().iter().filter(|e| e.may_read(service)).collect();
+    let owned = reg
+        .entries()
+        .iter()
+        .filter(|e| e.owner == service)
+        .collect();
+    let read = reg
+        .entries()
+        .iter()
+        .filter(|e| e.may_read(service))
+        .collect();
     (owned, read)
 }
 
@@ -283,7 +291,9 @@ pub fn redis_acl(
                 RegistryErrorKind::Invalid,
                 "passwords file".to_owned(),
                 None,
-                format!("password of service {service}: empty or has whitespace (Redis ACL files cannot hold it)"),
+                format!(
+                    "password of service {service}: empty or has whitespace (Redis ACL files cannot hold it)"
+                ),
             ));
         }
         let (owned, read) = split(reg, &service);

@@ -243,7 +243,12 @@ impl Registry {
         for c in &m.publishes {
             let entry = format!("[[publishes]] {}", c.pattern_text);
             let Some(p) = &c.pattern else {
-                out.push(Finding::error(&m.origin, Some(c.line), &entry, c.pattern_error.clone()));
+                out.push(Finding::error(
+                    &m.origin,
+                    Some(c.line),
+                    &entry,
+                    c.pattern_error.clone(),
+                ));
                 continue;
             };
             let owned = self
@@ -294,11 +299,21 @@ impl Registry {
         for c in &m.consumes {
             let entry = format!("[[consumes]] {}", c.pattern_text);
             let Some(p) = &c.pattern else {
-                out.push(Finding::error(&m.origin, Some(c.line), &entry, c.pattern_error.clone()));
+                out.push(Finding::error(
+                    &m.origin,
+                    Some(c.line),
+                    &entry,
+                    c.pattern_error.clone(),
+                ));
                 continue;
             };
             if let Err(e) = self.check_subscribe(&m.service, p) {
-                out.push(Finding::error(&m.origin, Some(c.line), &entry, e.message().to_owned()));
+                out.push(Finding::error(
+                    &m.origin,
+                    Some(c.line),
+                    &entry,
+                    e.message().to_owned(),
+                ));
                 continue;
             }
             if let Some(s) = &c.schema {
@@ -417,7 +432,11 @@ mod tests {
         let text = entry("ampy.*.orders.v1.>", "oms", "at_least_once", 30)
             + &entry("ampy.prod.orders.v1.requests", "algo", "at_least_once", 30);
         let reg = Registry::parse_unchecked(&text, "r.toml").unwrap();
-        let lines: Vec<String> = reg.check(&|_| false).iter().map(|f| f.to_string()).collect();
+        let lines: Vec<String> = reg
+            .check(&|_| false)
+            .iter()
+            .map(|f| f.to_string())
+            .collect();
         assert_eq!(
             lines,
             vec![
@@ -453,7 +472,11 @@ mod tests {
             "oms.toml",
         )
         .unwrap();
-        let lines: Vec<String> = reg.check_manifest(&m).iter().map(|f| f.to_string()).collect();
+        let lines: Vec<String> = reg
+            .check_manifest(&m)
+            .iter()
+            .map(|f| f.to_string())
+            .collect();
         assert_eq!(
             lines,
             vec![
@@ -465,7 +488,11 @@ mod tests {
             "ui.toml",
         )
         .unwrap();
-        let lines: Vec<String> = reg.check_manifest(&ui).iter().map(|f| f.to_string()).collect();
+        let lines: Vec<String> = reg
+            .check_manifest(&ui)
+            .iter()
+            .map(|f| f.to_string())
+            .collect();
         assert_eq!(
             lines,
             vec![

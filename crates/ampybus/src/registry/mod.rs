@@ -404,7 +404,10 @@ impl Registry {
     /// let reg = ampybus::registry::Registry::parse_unchecked("", "r.toml").unwrap();
     /// assert!(reg.check(&|_| true).is_empty());
     /// ```
-    pub fn parse_unchecked(text: &str, origin: &str) -> std::result::Result<Registry, RegistryError> {
+    pub fn parse_unchecked(
+        text: &str,
+        origin: &str,
+    ) -> std::result::Result<Registry, RegistryError> {
         let raw: file::RawRegistry = file::parse(text, origin)?;
         let mut entries = Vec::new();
         let mut problems = Vec::new();
@@ -419,7 +422,10 @@ impl Registry {
             let pattern = match TopicPattern::parse(raw.pattern.get_ref()) {
                 Ok(p) => Some(p),
                 Err(e) => {
-                    problem(at(raw.pattern.span()), format!("field `pattern`: {}", e.message()));
+                    problem(
+                        at(raw.pattern.span()),
+                        format!("field `pattern`: {}", e.message()),
+                    );
                     None
                 }
             };
@@ -444,7 +450,9 @@ impl Registry {
             if !(1..=MAX_RETENTION_DAYS).contains(&days) {
                 problem(
                     at(raw.retention_days.span()),
-                    format!("field `retention_days`: {days} is out of range (1 to {MAX_RETENTION_DAYS})"),
+                    format!(
+                        "field `retention_days`: {days} is out of range (1 to {MAX_RETENTION_DAYS})"
+                    ),
                 );
             }
             let max_rate = raw.max_rate.as_ref().map(|r| *r.get_ref());
@@ -852,7 +860,10 @@ description = "Order requests from the OMS"
             e.consumers.as_deref(),
             Some(&["risk".to_string(), "audit".to_string()][..])
         );
-        assert_eq!(e.description.as_deref(), Some("Order requests from the OMS"));
+        assert_eq!(
+            e.description.as_deref(),
+            Some("Order requests from the OMS")
+        );
         assert_eq!(e.line, 2);
     }
 
@@ -860,10 +871,22 @@ description = "Order requests from the OMS"
     fn overlap_cases() {
         let p = |s| TopicPattern::parse(s).unwrap();
         assert!(patterns_overlap(&p(">"), &p("ampy.dev.bars.v1.X")));
-        assert!(patterns_overlap(&p("ampy.*.bars.>"), &p("ampy.prod.*.v1.>")));
-        assert!(!patterns_overlap(&p("ampy.prod.bars.v1.X"), &p("ampy.prod.bars.v1.X.>")));
-        assert!(patterns_overlap(&p("ampy.prod.bars.v1.X.*"), &p("ampy.prod.bars.v1.X.>")));
-        assert!(patterns_overlap(&p("ampy.*.bars.v1.X"), &p("ampy.paper.bars.v1.*")));
+        assert!(patterns_overlap(
+            &p("ampy.*.bars.>"),
+            &p("ampy.prod.*.v1.>")
+        ));
+        assert!(!patterns_overlap(
+            &p("ampy.prod.bars.v1.X"),
+            &p("ampy.prod.bars.v1.X.>")
+        ));
+        assert!(patterns_overlap(
+            &p("ampy.prod.bars.v1.X.*"),
+            &p("ampy.prod.bars.v1.X.>")
+        ));
+        assert!(patterns_overlap(
+            &p("ampy.*.bars.v1.X"),
+            &p("ampy.paper.bars.v1.*")
+        ));
     }
 
     #[test]
@@ -890,7 +913,10 @@ description = "Order requests from the OMS"
             .check_publish(&bars, Some("md@1"), Some("ampy.bars.v1.BarBatch"))
             .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Topic);
-        assert!(e.message().contains("no entry of the registry r.toml claims it"));
+        assert!(
+            e.message()
+                .contains("no entry of the registry r.toml claims it")
+        );
     }
 
     #[test]
@@ -929,7 +955,8 @@ retention_days = 7
 
     #[test]
     fn missing_field_is_a_parse_error() {
-        let e = Registry::parse("[[topic]]\npattern = \"ampy.*.bars.v1.>\"\n", "r.toml").unwrap_err();
+        let e =
+            Registry::parse("[[topic]]\npattern = \"ampy.*.bars.v1.>\"\n", "r.toml").unwrap_err();
         assert_eq!(e.kind(), RegistryErrorKind::Parse);
         assert!(e.to_string().contains("missing field `owner`"), "{e}");
         assert!(e.to_string().starts_with("r.toml:1: "), "{e}");

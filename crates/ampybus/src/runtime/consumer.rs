@@ -1865,7 +1865,11 @@ impl Shared {
             let Some((topic, headers)) = item.prepared.as_ref() else {
                 unreachable!("prepared above");
             };
-            if let Some(detail) = self.schemas.as_ref().and_then(|g| g.mismatch(topic, headers)) {
+            if let Some(detail) = self
+                .schemas
+                .as_ref()
+                .and_then(|g| g.mismatch(topic, headers))
+            {
                 let reason = DlqCode::SchemaMismatch.reason(&detail);
                 return self
                     .dead_letter(item, DlqCode::SchemaMismatch, reason, att)
