@@ -491,7 +491,7 @@ impl Registry {
                 tier,
                 retention_days: days.clamp(1, MAX_RETENTION_DAYS) as u32,
                 max_rate: max_rate.filter(|r| r.is_finite() && *r > 0.0),
-                consumers: raw.consumers.map(Spanned::into_inner),
+                consumers: raw.consumers.map(toml::Spanned::into_inner),
                 description: raw.description,
                 line,
             });
