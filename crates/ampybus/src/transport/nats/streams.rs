@@ -514,7 +514,31 @@ pub(crate) async fn resolve_with(
     if let Some(s) = cached(shared, env, domain) {
         return Ok(Some(s));
     }
-    let Some(e) = find_or_create(&shared.js, &shared.opts, env, domain, create).await? else {
+    // A JetStream API request the user's permissions refuse gets no reply (the server reports
+    // a violation on the connection instead): end the wait with a clear error at once.
+    let name = stream_name(&shared.opts.stream_prefix, env, domain);
+    let mut violations = shared.violations.subscribe();
+    let refused = async {
+        loop {
+            match violations.recv().await {
+                Ok(subject) if is_stream_api_for(&subject, &name) => return subject,
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                    std::future::pending::<()>().await
+                }
+            }
+        }
+    };
+    let found = tokio::select! {
+        r = find_or_create(&shared.js, &shared.opts, env, domain, create) => r?,
+        subject = refused => {
+            return Err(Error::config(format!(
+                "{}: permission denied: the server refused `{subject}` (Permissions Violation; the user may not use stream {name}: check its publish permissions on the JetStream API)",
+                shared.where_()
+            )));
+        }
+    };
+    let Some(e) = found else {
         return Ok(None);
     };
     let s = Arc::new(e.stream);
@@ -525,6 +549,15 @@ pub(crate) async fn resolve_with(
         .unwrap_or_else(|p| p.into_inner())
         .insert((env, domain), s.clone());
     Ok(Some(s))
+}
+
+/// Whether `subject` is a JetStream API request about stream `name` (`$JS.API.STREAM.INFO.{name}`
+/// and the like).
+fn is_stream_api_for(subject: &str, name: &str) -> bool {
+    subject.starts_with("$JS.API.STREAM.")
+        && subject
+            .strip_suffix(name)
+            .is_some_and(|head| head.ends_with('.'))
 }
 
 fn cached(shared: &Shared, env: Env, domain: Domain) -> Option<Arc<StreamRef>> {
@@ -646,6 +679,26 @@ pub async fn describe(js: &jetstream::Context, name: &str) -> Result<stream::Inf
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stream_api_subjects() {
+        assert!(is_stream_api_for(
+            "$JS.API.STREAM.INFO.A_DEV_BARS",
+            "A_DEV_BARS"
+        ));
+        assert!(is_stream_api_for(
+            "$JS.API.STREAM.CREATE.A_DEV_BARS",
+            "A_DEV_BARS"
+        ));
+        assert!(!is_stream_api_for(
+            "$JS.API.STREAM.INFO.XA_DEV_BARS",
+            "A_DEV_BARS"
+        ));
+        assert!(!is_stream_api_for(
+            "ampy.dev.bars.v1.A_DEV_BARS",
+            "A_DEV_BARS"
+        ));
+    }
 
     #[test]
     fn subsets_and_intersections() {
