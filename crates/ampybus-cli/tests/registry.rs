@@ -115,7 +115,7 @@ fn check_passes_on_the_example_and_names_every_problem() {
                 "{bad}:1: warning: entry \"ampy.*.orders.v1.>\": shares a Redis stream / Kafka topic (ampy.*.orders.v1) with \"ampy.prod.orders.v1.algo\" (line 16) but not its settings (tier at_least_once_dedupe vs at_least_once, retention_days 30 vs 30): the unit gets the longest retention and the ACL of both; the library still enforces per topic"
             ),
             format!(
-                "{bad}:16: entry \"ampy.prod.orders.v1.algo\": schema \"ampy.orders.v1.Nope\" is unknown to ampybus-proto (and not ampy.raw.v1.Bytes)"
+                "{bad}:19: entry \"ampy.prod.orders.v1.algo\": schema \"ampy.orders.v1.Nope\" is unknown to ampybus-proto (and not ampy.raw.v1.Bytes)"
             ),
             format!(
                 "{m}:2: entry \"[[publishes]] ampy.prod.orders.v1.>\": service `risk` publishes outside its claims: the pattern is not within an entry it owns (\"ampy.*.orders.v1.>\" belongs to `oms`, \"ampy.prod.orders.v1.algo\" belongs to `algo`)"
@@ -470,6 +470,175 @@ async fn nats_permissions_from_the_registry() {
         "{e}"
     );
 
+    reader_completes_a_run_with_retry_dlq_and_replay(&risk).await;
+    // The whole run needed nothing the generated permissions refuse: the only violation so
+    // far is risk's publish on orders.
+    assert_eq!(
+        nats_violations(dir.path()),
+        ["Publish Violation - User \"risk\", Subject \"ampy.dev.orders.v1.requests\""]
+    );
+
+    // ui may not read orders: the broker refuses its consumer.
+    let ui = Bus::connect(&url("ui")).await.expect("ui connects");
+    let e = Consumer::builder(ui, TopicPattern::parse("ampy.dev.orders.>").unwrap(), "ui")
+        .handler(handler_fn(|_m| async { Outcome::Ok }))
+        .serve_replays(false)
+        .start()
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Config, "{e}");
+    assert_eq!(
+        e.message().split_once(": ").map(|(_, m)| m),
+        Some(
+            "permission denied: the server refused `$JS.API.STREAM.INFO.RG_DEV_ORDERS` (Permissions Violation; the user may not use stream RG_DEV_ORDERS: check its publish permissions on the JetStream API)"
+        )
+    );
+    assert_eq!(
+        nats_violations(dir.path())[1..],
+        ["Publish Violation - User \"ui\", Subject \"$JS.API.STREAM.INFO.RG_DEV_ORDERS\""]
+    );
+}
+
+/// The permission violations in the log of a [`ampybus_conformance::NatsServer`] started in
+/// `dir`, each as `Publish Violation - User "…", Subject "…"` (nats-server 2.9 wording).
+fn nats_violations(dir: &Path) -> Vec<String> {
+    let log = std::fs::read_to_string(dir.join("nats-server.log")).unwrap();
+    log.lines()
+        .filter_map(|l| {
+            let parts: Vec<&str> = l.split(" - ").collect();
+            let at = parts.iter().position(|p| p.ends_with(" Violation"))?;
+            Some(parts[at..].join(" - "))
+        })
+        .collect()
+}
+
+/// The generated ACL file on a redis-server of our own: the owner writes, another service is
+/// refused, a reader consumes with its group, a service outside the consumers cannot read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_acl_from_the_registry() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = write(dir.path(), "r.toml", REGISTRY);
+    let pw = write(dir.path(), "pw.toml", PASSWORDS);
+    let acl = dir.path().join("users.acl");
+    let o = ampybus_in(
+        None,
+        &[
+            "--registry",
+            &reg,
+            "registry",
+            "redis-acl",
+            "--passwords",
+            &pw,
+            "--out",
+            acl.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let server =
+        ampybus_conformance::RedisServer::start(dir.path(), &["--aclfile", acl.to_str().unwrap()]);
+    let url = |user: &str| server.url(&format!("{user}:{user}-pw@"), "");
+    let oms = Bus::connect(&url("oms")).await.expect("oms connects");
+    let orders = Topic::parse("ampy.dev.orders.v1.requests").unwrap();
+    let h = |p: &str, key: &str| Headers::for_publish("ampy.raw.v1.Bytes", p, "t", key);
+    for key in ["co_1", "co_2", "co_3"] {
+        oms.publish(&orders, h("oms@1", key), key.as_bytes().to_vec())
+            .await
+            .expect("the owner writes");
+    }
+    let risk = Bus::connect(&url("risk")).await.expect("risk connects");
+    let e = risk
+        .publish(&orders, h("risk@1", "co_9"), b"x".to_vec())
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Config, "{e}");
+    assert_eq!(
+        e.message().split_once(": ").map(|(_, m)| m),
+        Some(
+            "publish of message 0 of 1 to stream ampy.dev.orders.v1: NoPerm: this user has no permissions to access one of the keys used as arguments (permission denied: check the ACL user's key and command permissions); not retried"
+        )
+    );
+    reader_completes_a_run_with_retry_dlq_and_replay(&risk).await;
+    let ui = Bus::connect(&url("ui")).await.expect("ui connects");
+    let e = Consumer::builder(
+        ui,
+        TopicPattern::parse("ampy.dev.orders.v1.>").unwrap(),
+        "ui",
+    )
+    .handler(handler_fn(|_m| async { Outcome::Ok }))
+    .serve_replays(false)
+    .start()
+    .await
+    .unwrap_err();
+    assert_eq!(
+        e.message().split_once(": ").map(|(_, m)| m),
+        Some(
+            "stream ampy.dev.orders.v1: creating consumer group ui: NoPerm: this user has no permissions to access one of the keys used as arguments (permission denied: check the ACL user's key and command permissions); not retried"
+        )
+    );
+}
+
+/// `ampybus demo` with the example registry: every publish and subscription of the pipeline
+/// passes the registry, and the run is clean; a registry that leaves a reader out stops it.
+#[test]
+fn demo_runs_clean_with_the_example_registry() {
+    let dir = tempfile::tempdir().unwrap();
+    let example = repo().join("registry.example.toml");
+    let data = dir.path().join("data");
+    let o = ampybus_in(
+        None,
+        &[
+            "--registry",
+            example.to_str().unwrap(),
+            "--url",
+            data.to_str().unwrap(),
+            "demo",
+            "--bars",
+            "60",
+            "--json",
+        ],
+    );
+    assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
+    let s: serde_json::Value = serde_json::from_str(o.stdout.trim()).unwrap();
+    assert_eq!(s["ok"], true, "{s}");
+    assert_eq!(s["retries"], 0, "{s}");
+    assert_eq!(
+        s["dlq"],
+        serde_json::json!({"by_reason": {"decode_error": 1}, "total": 1}),
+        "{s}"
+    );
+    assert_eq!(s["counts"]["bars_handled"], 180, "{s}");
+
+    let text = std::fs::read_to_string(&example).unwrap().replace(
+        "consumers = [\"demo-paper-broker\"]",
+        "consumers = [\"nobody\"]",
+    );
+    let reg = write(dir.path(), "no-reader.toml", &text);
+    let o = ampybus_in(
+        None,
+        &[
+            "--registry",
+            &reg,
+            "--url",
+            dir.path().join("data2").to_str().unwrap(),
+            "demo",
+            "--bars",
+            "60",
+        ],
+    );
+    assert_eq!(o.code, 3, "{}{}", o.stdout, o.stderr);
+    assert!(
+        o.stderr.contains(&format!(
+            ": invalid configuration: service `demo-paper-broker` may not read pattern \"ampy.dev.orders.v1.requests\": it overlaps \"ampy.*.orders.v1.>\" (registry {reg}:34, owner `demo-oms`), readable by demo-oms, nobody\n"
+        )),
+        "{}",
+        o.stderr
+    );
+}
+
+/// The owner has published co_1, co_2 and co_3 on ampy.dev.orders.v1.requests; `risk` (with the
+/// generated permissions) consumes them: co_1 retried once, co_2 dead-lettered (the DLQ message
+/// read back), co_3 ok; then a replay request of the window completes.
+async fn reader_completes_a_run_with_retry_dlq_and_replay(risk: &Bus) {
     // risk consumes: co_1 retried once, co_2 dead-lettered, co_3 ok; then a replay request.
     let attempts = Arc::new(AtomicUsize::new(0));
     let a = attempts.clone();
@@ -568,122 +737,4 @@ async fn nats_permissions_from_the_registry() {
         ]
     );
     assert_eq!(attempts.load(Ordering::SeqCst), 5);
-    // The whole run needed nothing the generated permissions refuse: the only violation so
-    // far is risk's publish on orders.
-    assert_eq!(
-        nats_violations(dir.path()),
-        ["Publish Violation - User \"risk\", Subject \"ampy.dev.orders.v1.requests\""]
-    );
-
-    // ui may not read orders: the broker refuses its consumer.
-    let ui = Bus::connect(&url("ui")).await.expect("ui connects");
-    let e = Consumer::builder(ui, TopicPattern::parse("ampy.dev.orders.>").unwrap(), "ui")
-        .handler(handler_fn(|_m| async { Outcome::Ok }))
-        .serve_replays(false)
-        .start()
-        .await
-        .unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::Config, "{e}");
-    assert_eq!(
-        e.message().split_once(": ").map(|(_, m)| m),
-        Some(
-            "permission denied: the server refused `$JS.API.STREAM.INFO.RG_DEV_ORDERS` (Permissions Violation; the user may not use stream RG_DEV_ORDERS: check its publish permissions on the JetStream API)"
-        )
-    );
-    assert_eq!(
-        nats_violations(dir.path())[1..],
-        ["Publish Violation - User \"ui\", Subject \"$JS.API.STREAM.INFO.RG_DEV_ORDERS\""]
-    );
-}
-
-/// The permission violations in the log of a [`ampybus_conformance::NatsServer`] started in
-/// `dir`, each as `Publish Violation - User "…", Subject "…"` (nats-server 2.9 wording).
-fn nats_violations(dir: &Path) -> Vec<String> {
-    let log = std::fs::read_to_string(dir.join("nats-server.log")).unwrap();
-    log.lines()
-        .filter_map(|l| {
-            let parts: Vec<&str> = l.split(" - ").collect();
-            let at = parts.iter().position(|p| p.ends_with(" Violation"))?;
-            Some(parts[at..].join(" - "))
-        })
-        .collect()
-}
-
-/// The generated ACL file on a redis-server of our own: the owner writes, another service is
-/// refused, a reader consumes with its group, a service outside the consumers cannot read.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_acl_from_the_registry() {
-    let dir = tempfile::tempdir().unwrap();
-    let reg = write(dir.path(), "r.toml", REGISTRY);
-    let pw = write(dir.path(), "pw.toml", PASSWORDS);
-    let acl = dir.path().join("users.acl");
-    let o = ampybus_in(
-        None,
-        &[
-            "--registry",
-            &reg,
-            "registry",
-            "redis-acl",
-            "--passwords",
-            &pw,
-            "--out",
-            acl.to_str().unwrap(),
-        ],
-    );
-    assert_eq!(o.code, 0, "{}", o.stderr);
-    let server =
-        ampybus_conformance::RedisServer::start(dir.path(), &["--aclfile", acl.to_str().unwrap()]);
-    let url = |user: &str| server.url(&format!("{user}:{user}-pw@"), "");
-    let oms = Bus::connect(&url("oms")).await.expect("oms connects");
-    let orders = Topic::parse("ampy.dev.orders.v1.requests").unwrap();
-    let h = |p: &str, key: &str| Headers::for_publish("ampy.raw.v1.Bytes", p, "t", key);
-    oms.publish(&orders, h("oms@1", "co_1"), b"x".to_vec())
-        .await
-        .expect("the owner writes");
-    let risk = Bus::connect(&url("risk")).await.expect("risk connects");
-    let e = risk
-        .publish(&orders, h("risk@1", "co_2"), b"x".to_vec())
-        .await
-        .unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::Config, "{e}");
-    assert!(e.to_string().contains("ampy.dev.orders.v1"), "{e}");
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    let c = Consumer::builder(
-        risk.clone(),
-        TopicPattern::parse("ampy.dev.orders.v1.>").unwrap(),
-        "risk",
-    )
-    .handler(handler_fn(move |m| {
-        let tx = tx.clone();
-        async move {
-            let _ = tx.send(m.headers.partition_key().unwrap_or_default().to_owned());
-            Outcome::Ok
-        }
-    }))
-    .serve_replays(false)
-    .start()
-    .await
-    .expect("risk reads orders");
-    let got = tokio::time::timeout(Duration::from_secs(20), rx.recv())
-        .await
-        .expect("delivery")
-        .unwrap();
-    assert_eq!(got, "co_1");
-    assert_eq!(c.shutdown(Duration::from_secs(5)).await.handled_ok, 1);
-    let ui = Bus::connect(&url("ui")).await.expect("ui connects");
-    let e = Consumer::builder(
-        ui,
-        TopicPattern::parse("ampy.dev.orders.v1.>").unwrap(),
-        "ui",
-    )
-    .handler(handler_fn(|_m| async { Outcome::Ok }))
-    .serve_replays(false)
-    .start()
-    .await
-    .unwrap_err();
-    assert!(
-        e.to_string().to_ascii_lowercase().contains("noperm")
-            || e.to_string().contains("permission"),
-        "{e}"
-    );
 }

@@ -179,7 +179,7 @@ impl Registry {
                 if s != RAW_SCHEMA && !known(s) {
                     out.push(Finding::error(
                         origin,
-                        Some(a.line),
+                        Some(a.schemas_line),
                         a.pattern.as_str(),
                         format!("schema {s:?} is unknown to ampybus-proto (and not {RAW_SCHEMA})"),
                     ));

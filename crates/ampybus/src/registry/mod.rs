@@ -241,6 +241,8 @@ pub struct TopicEntry {
     pub description: Option<String>,
     /// The line of the entry's `[[topic]]` header in its file.
     pub line: usize,
+    /// The line of its `schemas` field (named by unknown-schema findings).
+    pub(crate) schemas_line: usize,
 }
 
 impl TopicEntry {
@@ -484,6 +486,7 @@ impl Registry {
                 );
             }
             let Some(pattern) = pattern else { continue };
+            let schemas_line = at(raw.schemas.span());
             entries.push(TopicEntry {
                 pattern,
                 owner: raw.owner.into_inner(),
@@ -494,6 +497,7 @@ impl Registry {
                 consumers: raw.consumers.map(toml::Spanned::into_inner),
                 description: raw.description,
                 line,
+                schemas_line,
             });
         }
         Ok(Registry {
@@ -743,7 +747,7 @@ impl TopicEntry {
 /// the CLI's `ampybus.toml` too.
 ///
 /// ```
-/// #[derive(serde::Deserialize)]
+/// #[derive(Debug, serde::Deserialize)]
 /// #[serde(deny_unknown_fields)]
 /// struct Conf { url: Option<String> }
 /// let dir = tempfile::tempdir().unwrap();
