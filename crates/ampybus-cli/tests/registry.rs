@@ -710,7 +710,7 @@ async fn reader_completes_a_run_with_retry_dlq_and_replay(risk: &Bus) {
         chrono::Utc::now() - chrono::Duration::minutes(5),
         chrono::Utc::now(),
     );
-    let status = control::request_replay(&risk, &req, Duration::from_secs(20), |_| {})
+    let status = control::request_replay(risk, &req, Duration::from_secs(20), |_| {})
         .await
         .expect("replay completes");
     assert_eq!(
