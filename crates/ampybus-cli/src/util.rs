@@ -29,7 +29,13 @@ pub fn set_metrics_addr(addr: Option<String>) {
 /// Connects, naming `--url` (credentials redacted) in any error; with `--metrics-addr`, the
 /// first bus connected is served on /metrics, /health, /stats until the process exits.
 pub async fn connect(url: &str) -> CliResult<Bus> {
-    let bus = Bus::connect(url).await.map_err(|e| {
+    let (reg, service) = REGISTRY.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    // With a registry, the binding also applies its retention where it creates storage.
+    let opened = match reg {
+        Some(r) => Bus::connect_with_registry(url, r).await,
+        None => Bus::connect(url).await,
+    };
+    let bus = opened.map_err(|e| {
         let mut err = CliError::bus(format!("--url {:?}", ampybus::bus::redact(url)), &e);
         // The core quotes the URL in some messages; never show credentials.
         if url != ampybus::bus::redact(url) {
@@ -37,16 +43,9 @@ pub async fn connect(url: &str) -> CliResult<Bus> {
         }
         err
     })?;
-    let bus = {
-        let (reg, service) = REGISTRY.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let bus = match reg {
-            Some(r) => bus.with_registry(r),
-            None => bus,
-        };
-        match service {
-            Some(s) => bus.with_service(&s),
-            None => bus,
-        }
+    let bus = match service {
+        Some(s) => bus.with_service(&s),
+        None => bus,
     };
     let addr = METRICS_ADDR
         .lock()

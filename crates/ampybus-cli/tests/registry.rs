@@ -738,3 +738,89 @@ async fn reader_completes_a_run_with_retry_dlq_and_replay(risk: &Bus) {
     );
     assert_eq!(attempts.load(Ordering::SeqCst), 5);
 }
+
+/// A registry with its own retention for news (any env) and prod fills.
+const RETENTION: &str = r#"[[topic]]
+pattern = "ampy.*.news.v1.>"
+owner = "news"
+schemas = ["ampy.raw.v1.Bytes"]
+tier = "at_least_once"
+retention_days = 3
+
+[[topic]]
+pattern = "ampy.prod.fills.v1.>"
+owner = "oms"
+schemas = ["ampy.raw.v1.Bytes"]
+tier = "at_least_once_dedupe"
+retention_days = 90
+"#;
+
+/// The streams a bus opened with a registry creates on NATS have the registry's retention as
+/// `max_age` (per env and domain); without a registry, the binding's defaults.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_streams_are_created_with_the_registry_retention() {
+    use ampybus::registry::Registry;
+    use ampybus::transport::nats::{NatsTransport, streams};
+    let dir = tempfile::tempdir().unwrap();
+    let js = dir.path().join("js");
+    let server =
+        ampybus_conformance::NatsServer::start(dir.path(), &["-js", "-sd", js.to_str().unwrap()]);
+    let url = server.url("nats", "?stream_prefix=RT");
+    let reg = Registry::parse(RETENTION, "retention.toml").unwrap();
+    let bus = Bus::connect_with_registry(&url, reg).await.unwrap();
+    for (topic, producer) in [
+        ("ampy.dev.news.v1.wire", "news@1"),
+        ("ampy.prod.news.v1.wire", "news@1"),
+        ("ampy.prod.fills.v1.events", "oms@1"),
+    ] {
+        let t = Topic::parse(topic).unwrap();
+        bus.publish(
+            &t,
+            Headers::for_publish("ampy.raw.v1.Bytes", producer, "t", "acct|co_1"),
+            b"x".to_vec(),
+        )
+        .await
+        .unwrap();
+    }
+    // A bus without a registry creates dev fills with the default (30 days for fills).
+    let plain = Bus::connect(&url).await.unwrap();
+    plain
+        .publish(
+            &Topic::parse("ampy.dev.fills.v1.events").unwrap(),
+            Headers::for_publish("ampy.raw.v1.Bytes", "oms@1", "t", "acct|co_1"),
+            b"x".to_vec(),
+        )
+        .await
+        .unwrap();
+    let t = NatsTransport::connect_url(&url).await.unwrap();
+    let day = 86_400;
+    for (stream, days) in [
+        ("RT_DEV_NEWS", 3),
+        ("RT_PROD_NEWS", 3),
+        ("RT_PROD_FILLS", 90),
+        ("RT_DEV_FILLS", 30),
+    ] {
+        let info = streams::describe(t.jetstream(), stream).await.unwrap();
+        assert_eq!(info.config.max_age.as_secs(), days * day, "{stream}");
+    }
+}
+
+/// The embedded log keeps one retention per domain: a bus opened with a registry applies the
+/// longest of the domain's envs and keeps the URL's size cap; other domains keep the URL's.
+#[test]
+fn embedded_retention_from_the_registry() {
+    use ampybus::transport::embedded::EmbeddedOptions;
+    use ampybus::{Domain, registry::Registry};
+    let reg = Registry::parse(RETENTION, "retention.toml").unwrap();
+    let mut o = EmbeddedOptions::from_url("file:///tmp/x?retention_days=1&retention.news.max_mb=5")
+        .unwrap();
+    o.apply_registry_retention(&reg.unit_retentions());
+    let day = Duration::from_secs(86_400);
+    let news = o.retention_for(Domain::News);
+    assert_eq!(
+        (news.max_age, news.max_bytes),
+        (Some(3 * day), Some(5 * 1024 * 1024))
+    );
+    assert_eq!(o.retention_for(Domain::Fills).max_age, Some(90 * day));
+    assert_eq!(o.retention_for(Domain::Bars).max_age, Some(day));
+}

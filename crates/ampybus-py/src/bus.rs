@@ -37,10 +37,11 @@ pub fn connect(
             .transpose()
             .map_err(ampybus::Error::from)
             .or_raise()?;
-        let mut bus = Bus::connect(&url).await.or_raise()?;
-        if let Some(r) = reg {
-            bus = bus.with_registry(r);
-        }
+        // With a registry, the binding also applies its retention where it creates storage.
+        let mut bus = match reg {
+            Some(r) => Bus::connect_with_registry(&url, r).await.or_raise()?,
+            None => Bus::connect(&url).await.or_raise()?,
+        };
         if let Some(s) = &service {
             bus = bus.with_service(s);
         }

@@ -167,9 +167,46 @@ impl Bus {
     /// `nats://`, `tls://`, `kafka://`, `redis://`, `rediss://` when those bindings are
     /// built in. Errors name the URL (credentials redacted) and the problem.
     pub async fn connect(url: &str) -> Result<Bus> {
+        Bus::open(url, None).await
+    }
+
+    /// [`Bus::connect`] enforcing `registry` ([`Bus::with_registry`]), whose retention the
+    /// binding applies where it creates or trims storage: each entry's `retention_days` (the
+    /// longest of the entries sharing a unit) becomes the NATS stream `max_age`, the Kafka
+    /// topic `retention.ms`, the Redis `MINID` trim of that env and domain, and the embedded
+    /// log's retention of the domain (the longest over envs; the log keeps one per domain).
+    /// The registry beats the URL's `max_age_days` / `retention_days` for the units it covers.
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use ampybus::{Bus, registry::Registry};
+    /// let reg = Registry::parse(r#"
+    /// [[topic]]
+    /// pattern = "ampy.*.news.v1.>"
+    /// owner = "news"
+    /// schemas = ["ampy.raw.v1.Bytes"]
+    /// tier = "at_least_once"
+    /// retention_days = 2
+    /// "#, "registry.toml").unwrap();
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let bus = Bus::connect_with_registry(dir.path().to_str().unwrap(), reg).await.unwrap();
+    /// assert_eq!(bus.registry().unwrap().entries().len(), 1);
+    /// # });
+    /// ```
+    pub async fn connect_with_registry(url: &str, registry: Registry) -> Result<Bus> {
+        let retention = registry.unit_retentions();
+        Ok(Bus::open(url, Some(&retention))
+            .await?
+            .with_registry(registry))
+    }
+
+    async fn open(url: &str, retention: Option<&crate::transport::UnitRetention>) -> Result<Bus> {
         match transport_kind(url)? {
             TransportKind::Embedded => {
-                let opts = EmbeddedOptions::from_url(url)?;
+                let mut opts = EmbeddedOptions::from_url(url)?;
+                if let Some(r) = retention {
+                    opts.apply_registry_retention(r);
+                }
                 if opts.dir.is_file() {
                     return Err(Error::config(format!(
                         "url {:?}: the data directory {} is a file",
@@ -190,7 +227,11 @@ impl Bus {
             }
             #[cfg(feature = "nats")]
             TransportKind::Nats => {
-                let t = crate::transport::nats::NatsTransport::connect_url(url).await?;
+                let mut opts = crate::transport::nats::NatsOptions::from_url(url)?;
+                if let Some(r) = retention {
+                    opts.registry_retention = r.clone();
+                }
+                let t = crate::transport::nats::NatsTransport::connect(opts).await?;
                 Ok(Bus::with_transport(Arc::new(t), url))
             }
             #[cfg(not(feature = "nats"))]
@@ -200,7 +241,11 @@ impl Bus {
             ))),
             #[cfg(feature = "kafka")]
             TransportKind::Kafka => {
-                let t = crate::transport::kafka::KafkaTransport::connect_url(url).await?;
+                let mut opts = crate::transport::kafka::KafkaOptions::from_url(url)?;
+                if let Some(r) = retention {
+                    opts.registry_retention = r.clone();
+                }
+                let t = crate::transport::kafka::KafkaTransport::connect(opts).await?;
                 Ok(Bus::with_transport(Arc::new(t), url))
             }
             #[cfg(not(feature = "kafka"))]
@@ -210,7 +255,11 @@ impl Bus {
             ))),
             #[cfg(feature = "redis")]
             TransportKind::Redis => {
-                let t = crate::transport::redis::RedisTransport::connect_url(url).await?;
+                let mut opts = crate::transport::redis::RedisOptions::from_url(url)?;
+                if let Some(r) = retention {
+                    opts.registry_retention = r.clone();
+                }
+                let t = crate::transport::redis::RedisTransport::connect(opts).await?;
                 Ok(Bus::with_transport(Arc::new(t), url))
             }
             #[cfg(not(feature = "redis"))]

@@ -590,6 +590,35 @@ impl Registry {
             .max()
     }
 
+    /// [`Registry::unit_retention`] of every env and domain some entry may match: what
+    /// [`crate::Bus::connect_with_registry`] hands the binding.
+    ///
+    /// ```
+    /// # let reg = ampybus::registry::Registry::parse(r#"
+    /// # [[topic]]
+    /// # pattern = "ampy.prod.fills.v1.>"
+    /// # owner = "oms"
+    /// # schemas = ["ampy.fills.v1.Fill"]
+    /// # tier = "at_least_once_dedupe"
+    /// # retention_days = 90
+    /// # "#, "r.toml").unwrap();
+    /// use ampybus::{Domain, Env};
+    /// let r = reg.unit_retentions();
+    /// assert_eq!(r.len(), 1);
+    /// assert_eq!(r[&(Env::Prod, Domain::Fills)].as_secs(), 90 * 86_400);
+    /// ```
+    pub fn unit_retentions(&self) -> crate::transport::UnitRetention {
+        let mut out = crate::transport::UnitRetention::new();
+        for env in crate::topic::Env::ALL {
+            for &domain in Domain::ALL {
+                if let Some(d) = self.unit_retention(env.as_str(), domain) {
+                    out.insert((env, domain), d);
+                }
+            }
+        }
+        out
+    }
+
     /// Every service named (owners and consumers), sorted.
     ///
     /// ```

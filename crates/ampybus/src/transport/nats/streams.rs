@@ -78,6 +78,24 @@ pub fn max_age_for(opts: &NatsOptions, domain: Domain) -> Duration {
     opts.max_age.unwrap_or_else(|| domain.default_retention())
 }
 
+/// The max age of the stream of env + domain: the registry's retention for that unit, else
+/// [`max_age_for`].
+///
+/// ```
+/// use ampybus::{Domain, Env};
+/// use ampybus::transport::nats::{NatsOptions, streams::max_age_at};
+/// let mut o = NatsOptions::default();
+/// o.registry_retention.insert((Env::Prod, Domain::Bars), std::time::Duration::from_secs(86_400));
+/// assert_eq!(max_age_at(&o, Env::Prod, Domain::Bars).as_secs(), 86_400);
+/// assert_eq!(max_age_at(&o, Env::Dev, Domain::Bars).as_secs(), 7 * 86_400);
+/// ```
+pub fn max_age_at(opts: &NatsOptions, env: Env, domain: Domain) -> Duration {
+    opts.registry_retention
+        .get(&(env, domain))
+        .copied()
+        .unwrap_or_else(|| max_age_for(opts, domain))
+}
+
 /// The configuration of the stream this binding creates for env + domain.
 ///
 /// ```
@@ -99,7 +117,7 @@ pub fn desired_config(opts: &NatsOptions, env: Env, domain: Domain) -> stream::C
         retention: stream::RetentionPolicy::Limits,
         storage: stream::StorageType::File,
         discard: stream::DiscardPolicy::Old,
-        max_age: max_age_for(opts, domain),
+        max_age: max_age_at(opts, env, domain),
         num_replicas: opts.replicas,
         duplicate_window: opts.duplicate_window,
         max_messages: -1,
