@@ -147,6 +147,25 @@ fn emit(text: &str, out: Option<&Path>) -> CliResult<()> {
     }
 }
 
+/// A generator that needs the passwords file: loads both, writes what `make` returns to
+/// stdout or `out`; a password problem names the passwords file.
+fn generate_with_passwords(
+    path: &Path,
+    passwords: &Path,
+    out: Option<&Path>,
+    make: impl FnOnce(
+        &ampybus::registry::Registry,
+        &acl::Passwords,
+    ) -> Result<String, ampybus::registry::RegistryError>,
+) -> CliResult<u8> {
+    let reg = load(path)?;
+    let pw = acl::load_passwords(passwords).map_err(registry_err)?;
+    let text = make(&reg, &pw)
+        .map_err(|e| CliError::usage(format!("--passwords {}: {e}", passwords.display())))?;
+    emit(&text, out)?;
+    Ok(EXIT_OK)
+}
+
 /// Runs `ampybus registry …`.
 pub fn run(registry: Option<&Path>, args: RegistryArgs) -> CliResult<u8> {
     let path = registry.ok_or_else(no_registry)?;
@@ -156,28 +175,16 @@ pub fn run(registry: Option<&Path>, args: RegistryArgs) -> CliResult<u8> {
             passwords,
             stream_prefix,
             out,
-        } => {
-            let reg = load(path)?;
-            let pw = acl::load_passwords(&passwords).map_err(registry_err)?;
-            let text = acl::nats_config(&reg, &pw, &stream_prefix).map_err(|e| {
-                CliError::usage(format!("--passwords {}: {e}", passwords.display()))
-            })?;
-            emit(&text, out.as_deref())?;
-            Ok(EXIT_OK)
-        }
+        } => generate_with_passwords(path, &passwords, out.as_deref(), |reg, pw| {
+            acl::nats_config(reg, pw, &stream_prefix)
+        }),
         RegistryCommand::RedisAcl {
             passwords,
             key_prefix,
             out,
-        } => {
-            let reg = load(path)?;
-            let pw = acl::load_passwords(&passwords).map_err(registry_err)?;
-            let text = acl::redis_acl(&reg, &pw, &key_prefix).map_err(|e| {
-                CliError::usage(format!("--passwords {}: {e}", passwords.display()))
-            })?;
-            emit(&text, out.as_deref())?;
-            Ok(EXIT_OK)
-        }
+        } => generate_with_passwords(path, &passwords, out.as_deref(), |reg, pw| {
+            acl::redis_acl(reg, pw, &key_prefix)
+        }),
         RegistryCommand::KafkaAcl {
             namespace,
             bootstrap_server,

@@ -415,25 +415,11 @@ fn kafka_acl_matches_the_golden_file() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_permissions_from_the_registry() {
     let dir = tempfile::tempdir().unwrap();
-    let reg = write(dir.path(), "r.toml", REGISTRY);
-    let pw = write(dir.path(), "pw.toml", PASSWORDS);
-    let auth = dir.path().join("auth.conf");
-    let o = ampybus_in(
-        None,
-        &[
-            "--registry",
-            &reg,
-            "registry",
-            "nats-config",
-            "--passwords",
-            &pw,
-            "--stream-prefix",
-            "RG",
-            "--out",
-            auth.to_str().unwrap(),
-        ],
+    generate(
+        dir.path(),
+        &["nats-config", "--stream-prefix", "RG"],
+        "auth.conf",
     );
-    assert_eq!(o.code, 0, "{}", o.stderr);
     let conf = write(
         dir.path(),
         "nats.conf",
@@ -449,25 +435,13 @@ async fn nats_permissions_from_the_registry() {
             &format!("?user={user}&password={user}-pw&stream_prefix=RG&request_timeout_ms=2000&consumer_inactive_s=30"),
         )
     };
-    let oms = Bus::connect(&url("oms")).await.expect("oms connects");
-    let orders = Topic::parse("ampy.dev.orders.v1.requests").unwrap();
-    let h = |p: &str, key: &str| Headers::for_publish("ampy.raw.v1.Bytes", p, "t", key);
-    for key in ["co_1", "co_2", "co_3"] {
-        oms.publish(&orders, h("oms@1", key), key.as_bytes().to_vec())
-            .await
-            .expect("the owner publishes");
-    }
-    let risk = Bus::connect(&url("risk")).await.expect("risk connects");
-    let e = risk
-        .publish(&orders, h("risk@1", "co_9"), b"no".to_vec())
-        .await
-        .unwrap_err();
+    let (risk, e) = owner_publishes_and_another_service_is_refused(&url).await;
     assert_eq!(e.kind(), ErrorKind::Config, "{e}");
-    assert!(
-        e.to_string().contains(
-            "permission denied: the server refused publish to `ampy.dev.orders.v1.requests`"
-        ),
-        "{e}"
+    assert_eq!(
+        e.message().split_once(": ").map(|(_, m)| m),
+        Some(
+            "message 0 of 1: permission denied: the server refused publish to `ampy.dev.orders.v1.requests` (Permissions Violation; check the user's publish permissions); not retried"
+        )
     );
 
     reader_completes_a_run_with_retry_dlq_and_replay(&risk).await;
@@ -517,39 +491,11 @@ fn nats_violations(dir: &Path) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_acl_from_the_registry() {
     let dir = tempfile::tempdir().unwrap();
-    let reg = write(dir.path(), "r.toml", REGISTRY);
-    let pw = write(dir.path(), "pw.toml", PASSWORDS);
-    let acl = dir.path().join("users.acl");
-    let o = ampybus_in(
-        None,
-        &[
-            "--registry",
-            &reg,
-            "registry",
-            "redis-acl",
-            "--passwords",
-            &pw,
-            "--out",
-            acl.to_str().unwrap(),
-        ],
-    );
-    assert_eq!(o.code, 0, "{}", o.stderr);
+    let acl = generate(dir.path(), &["redis-acl"], "users.acl");
     let server =
         ampybus_conformance::RedisServer::start(dir.path(), &["--aclfile", acl.to_str().unwrap()]);
     let url = |user: &str| server.url(&format!("{user}:{user}-pw@"), "");
-    let oms = Bus::connect(&url("oms")).await.expect("oms connects");
-    let orders = Topic::parse("ampy.dev.orders.v1.requests").unwrap();
-    let h = |p: &str, key: &str| Headers::for_publish("ampy.raw.v1.Bytes", p, "t", key);
-    for key in ["co_1", "co_2", "co_3"] {
-        oms.publish(&orders, h("oms@1", key), key.as_bytes().to_vec())
-            .await
-            .expect("the owner writes");
-    }
-    let risk = Bus::connect(&url("risk")).await.expect("risk connects");
-    let e = risk
-        .publish(&orders, h("risk@1", "co_9"), b"x".to_vec())
-        .await
-        .unwrap_err();
+    let (risk, e) = owner_publishes_and_another_service_is_refused(&url).await;
     assert_eq!(e.kind(), ErrorKind::Config, "{e}");
     assert_eq!(
         e.message().split_once(": ").map(|(_, m)| m),
@@ -633,6 +579,42 @@ fn demo_runs_clean_with_the_example_registry() {
         "{}",
         o.stderr
     );
+}
+
+/// Writes the test registry and passwords into `dir` and runs `ampybus registry {args…}
+/// --passwords … --out dir/{out}`; returns the path written.
+fn generate(dir: &Path, args: &[&str], out: &str) -> PathBuf {
+    let reg = write(dir, "r.toml", REGISTRY);
+    let pw = write(dir, "pw.toml", PASSWORDS);
+    let path = dir.join(out);
+    let mut all = vec!["--registry", reg.as_str(), "registry"];
+    all.extend_from_slice(args);
+    all.extend(["--passwords", pw.as_str(), "--out", path.to_str().unwrap()]);
+    let o = ampybus_in(None, &all);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    path
+}
+
+/// With generated permissions (`url(user)` connects as a service): `oms` publishes co_1, co_2
+/// and co_3 on ampy.dev.orders.v1.requests; `risk` may not publish there. Returns risk's bus
+/// and the broker's refusal.
+async fn owner_publishes_and_another_service_is_refused(
+    url: &dyn Fn(&str) -> String,
+) -> (Bus, ampybus::Error) {
+    let oms = Bus::connect(&url("oms")).await.expect("oms connects");
+    let orders = Topic::parse("ampy.dev.orders.v1.requests").unwrap();
+    let h = |p: &str, key: &str| Headers::for_publish("ampy.raw.v1.Bytes", p, "t", key);
+    for key in ["co_1", "co_2", "co_3"] {
+        oms.publish(&orders, h("oms@1", key), key.as_bytes().to_vec())
+            .await
+            .expect("the owner publishes");
+    }
+    let risk = Bus::connect(&url("risk")).await.expect("risk connects");
+    let e = risk
+        .publish(&orders, h("risk@1", "co_9"), b"no".to_vec())
+        .await
+        .unwrap_err();
+    (risk, e)
 }
 
 /// The owner has published co_1, co_2 and co_3 on ampy.dev.orders.v1.requests; `risk` (with the

@@ -240,99 +240,67 @@ impl Registry {
     /// ```
     pub fn check_manifest(&self, m: &Manifest) -> Vec<Finding> {
         let mut out = Vec::new();
-        for c in &m.publishes {
-            let entry = format!("[[publishes]] {}", c.pattern_text);
-            let Some(p) = &c.pattern else {
-                out.push(Finding::error(
-                    &m.origin,
-                    Some(c.line),
-                    &entry,
-                    c.pattern_error.clone(),
-                ));
-                continue;
-            };
-            let owned = self
-                .entries
-                .iter()
-                .find(|e| e.owner == m.service && p.is_within(&e.pattern));
-            match owned {
-                None => {
-                    let others: Vec<String> = self
-                        .entries
-                        .iter()
-                        .filter(|e| patterns_overlap(&e.pattern, p))
-                        .map(|e| format!("{:?} belongs to `{}`", e.pattern.as_str(), e.owner))
-                        .collect();
-                    let why = if others.is_empty() {
-                        "no entry claims it".to_owned()
-                    } else {
-                        others.join(", ")
-                    };
-                    out.push(Finding::error(
-                        &m.origin,
-                        Some(c.line),
-                        &entry,
-                        format!(
-                            "service `{}` publishes outside its claims: the pattern is not within an entry it owns ({why})",
-                            m.service
-                        ),
-                    ));
-                }
-                Some(e) => {
-                    if let Some(s) = &c.schema
-                        && !e.allows_schema(s)
-                    {
-                        out.push(Finding::error(
-                            &m.origin,
-                            Some(c.line),
-                            &entry,
-                            format!(
-                                "schema {s:?} is not listed by {:?} (schemas: {})",
-                                e.pattern.as_str(),
-                                e.schemas.join(", ")
-                            ),
-                        ));
-                    }
-                }
-            }
-        }
-        for c in &m.consumes {
-            let entry = format!("[[consumes]] {}", c.pattern_text);
-            let Some(p) = &c.pattern else {
-                out.push(Finding::error(
-                    &m.origin,
-                    Some(c.line),
-                    &entry,
-                    c.pattern_error.clone(),
-                ));
-                continue;
-            };
-            if let Err(e) = self.check_subscribe(&m.service, p) {
-                out.push(Finding::error(
-                    &m.origin,
-                    Some(c.line),
-                    &entry,
-                    e.message().to_owned(),
-                ));
-                continue;
-            }
-            if let Some(s) = &c.schema {
-                let listed = self
-                    .entries
-                    .iter()
-                    .filter(|e| patterns_overlap(&e.pattern, p))
-                    .any(|e| e.allows_schema(s));
-                if !listed {
-                    out.push(Finding::error(
-                        &m.origin,
-                        Some(c.line),
-                        &entry,
-                        format!("schema {s:?} is not listed by any entry the pattern overlaps"),
-                    ));
+        for (table, claims, publishes) in [
+            ("publishes", &m.publishes, true),
+            ("consumes", &m.consumes, false),
+        ] {
+            for c in claims {
+                let problem = match &c.pattern {
+                    None => Some(c.pattern_error.clone()),
+                    Some(p) if publishes => self.publish_claim_problem(&m.service, p, c),
+                    Some(p) => self.consume_claim_problem(&m.service, p, c),
+                };
+                if let Some(message) = problem {
+                    let entry = format!("[[{table}]] {}", c.pattern_text);
+                    out.push(Finding::error(&m.origin, Some(c.line), &entry, message));
                 }
             }
         }
         out
+    }
+
+    /// What is wrong with `service` publishing on `p` (with the claim's schema), if anything.
+    fn publish_claim_problem(&self, service: &str, p: &TopicPattern, c: &Claim) -> Option<String> {
+        let Some(e) = self
+            .entries
+            .iter()
+            .find(|e| e.owner == service && p.is_within(&e.pattern))
+        else {
+            let others: Vec<String> = self
+                .entries
+                .iter()
+                .filter(|e| patterns_overlap(&e.pattern, p))
+                .map(|e| format!("{:?} belongs to `{}`", e.pattern.as_str(), e.owner))
+                .collect();
+            let why = if others.is_empty() {
+                "no entry claims it".to_owned()
+            } else {
+                others.join(", ")
+            };
+            return Some(format!(
+                "service `{service}` publishes outside its claims: the pattern is not within an entry it owns ({why})"
+            ));
+        };
+        let s = c.schema.as_ref().filter(|s| !e.allows_schema(s))?;
+        Some(format!(
+            "schema {s:?} is not listed by {:?} (schemas: {})",
+            e.pattern.as_str(),
+            e.schemas.join(", ")
+        ))
+    }
+
+    /// What is wrong with `service` consuming `p` (with the claim's schema), if anything.
+    fn consume_claim_problem(&self, service: &str, p: &TopicPattern, c: &Claim) -> Option<String> {
+        if let Err(e) = self.check_subscribe(service, p) {
+            return Some(e.message().to_owned());
+        }
+        let s = c.schema.as_ref()?;
+        let listed = self
+            .entries
+            .iter()
+            .filter(|e| patterns_overlap(&e.pattern, p))
+            .any(|e| e.allows_schema(s));
+        (!listed).then(|| format!("schema {s:?} is not listed by any entry the pattern overlaps"))
     }
 }
 
@@ -421,6 +389,10 @@ impl Manifest {
 mod tests {
     use super::*;
 
+    fn texts(found: &[Finding]) -> Vec<String> {
+        found.iter().map(|f| f.to_string()).collect()
+    }
+
     fn entry(pattern: &str, owner: &str, tier: &str, days: u32) -> String {
         format!(
             "[[topic]]\npattern = \"{pattern}\"\nowner = \"{owner}\"\nschemas = [\"ampy.raw.v1.Bytes\"]\ntier = \"{tier}\"\nretention_days = {days}\n\n"
@@ -432,11 +404,7 @@ mod tests {
         let text = entry("ampy.*.orders.v1.>", "oms", "at_least_once", 30)
             + &entry("ampy.prod.orders.v1.requests", "algo", "at_least_once", 30);
         let reg = Registry::parse_unchecked(&text, "r.toml").unwrap();
-        let lines: Vec<String> = reg
-            .check(&|_| false)
-            .iter()
-            .map(|f| f.to_string())
-            .collect();
+        let lines = texts(&reg.check(&|_| false));
         assert_eq!(
             lines,
             vec![
@@ -472,11 +440,7 @@ mod tests {
             "oms.toml",
         )
         .unwrap();
-        let lines: Vec<String> = reg
-            .check_manifest(&m)
-            .iter()
-            .map(|f| f.to_string())
-            .collect();
+        let lines = texts(&reg.check_manifest(&m));
         assert_eq!(
             lines,
             vec![
@@ -488,11 +452,7 @@ mod tests {
             "ui.toml",
         )
         .unwrap();
-        let lines: Vec<String> = reg
-            .check_manifest(&ui)
-            .iter()
-            .map(|f| f.to_string())
-            .collect();
+        let lines = texts(&reg.check_manifest(&ui));
         assert_eq!(
             lines,
             vec![
