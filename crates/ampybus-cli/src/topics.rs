@@ -90,7 +90,7 @@ pub async fn run(url: &str, args: TopicsArgs) -> CliResult<u8> {
 }
 
 /// The retention in force per domain of the described topics (and of the pattern's literal
-/// domain), on the embedded log: as the URL's options set it. `None` on a broker, where the
+/// domain), on the embedded log: as the URL's options (and the registry, when given) set it. `None` on a broker, where the
 /// broker holds it (NATS: `streams describe`; Kafka: the topic's `retention.ms`).
 fn retention_rows(
     url: &str,
@@ -100,7 +100,11 @@ fn retention_rows(
     if transport_kind(url).ok()? != TransportKind::Embedded {
         return None;
     }
-    let opts = EmbeddedOptions::from_url(url).ok()?;
+    let mut opts = EmbeddedOptions::from_url(url).ok()?;
+    // With a registry, its retention is what the log applies (see `Bus::connect_with_registry`).
+    if let Some(reg) = util::registry() {
+        opts.apply_registry_retention(&reg.unit_retentions());
+    }
     let domain_of = |s: &str| s.split('.').nth(2).and_then(|d| d.parse::<Domain>().ok());
     let mut domains: Vec<Domain> = topics
         .iter()

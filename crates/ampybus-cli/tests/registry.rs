@@ -789,6 +789,7 @@ async fn nats_streams_are_created_with_the_registry_retention() {
 
 /// The embedded log keeps one retention per domain: a bus opened with a registry applies the
 /// longest of the domain's envs and keeps the URL's size cap; other domains keep the URL's.
+/// `topics describe` shows the retention in force.
 #[test]
 fn embedded_retention_from_the_registry() {
     use ampybus::transport::embedded::EmbeddedOptions;
@@ -805,4 +806,42 @@ fn embedded_retention_from_the_registry() {
     );
     assert_eq!(o.retention_for(Domain::Fills).max_age, Some(90 * day));
     assert_eq!(o.retention_for(Domain::Bars).max_age, Some(day));
+
+    let dir = tempfile::tempdir().unwrap();
+    let reg = write(dir.path(), "retention.toml", RETENTION);
+    let data = dir.path().join("data");
+    let publish = ampybus_in(
+        Some(data.as_path()),
+        &[
+            "--registry",
+            &reg,
+            "pub",
+            "--topic",
+            "ampy.dev.news.v1.wire",
+            "--producer",
+            "news@1",
+            "--source",
+            "s",
+            "--pk",
+            "n-1",
+            "--payload",
+            "x",
+        ],
+    );
+    assert_eq!(publish.code, 0, "{}", publish.stderr);
+    let described = ampybus_in(
+        Some(data.as_path()),
+        &[
+            "--registry",
+            &reg,
+            "topics",
+            "describe",
+            "ampy.dev.news.v1.wire",
+            "--json",
+        ],
+    );
+    assert_eq!(described.code, 0, "{}", described.stderr);
+    let v = &described.json_lines()[0];
+    assert_eq!(v["retention"][0]["domain"], "news");
+    assert_eq!(v["retention"][0]["max_age_seconds"], 3 * 86_400);
 }
