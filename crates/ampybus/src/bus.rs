@@ -350,6 +350,14 @@ impl Bus {
     }
 
     /// The service named with [`Bus::with_service`].
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let bus = ampybus::Bus::connect(dir.path().to_str().unwrap()).await.unwrap();
+    /// assert_eq!(bus.service(), None);
+    /// # });
+    /// ```
     pub fn service(&self) -> Option<&str> {
         self.service.as_deref()
     }

@@ -305,6 +305,16 @@ impl Registry {
 }
 
 /// A `[[publishes]]` / `[[consumes]]` line of a manifest.
+///
+/// ```
+/// let m = ampybus::registry::Manifest::parse(
+///     "service = \"oms\"\n[[publishes]]\npattern = \"ampy.prod.orders.v1.>\"\nschema = \"ampy.orders.v1.OrderRequest\"\n",
+///     "oms.toml",
+/// ).unwrap();
+/// let c = &m.publishes[0];
+/// assert_eq!((c.pattern_text.as_str(), c.line), ("ampy.prod.orders.v1.>", 2));
+/// assert_eq!(c.schema.as_deref(), Some("ampy.orders.v1.OrderRequest"));
+/// ```
 #[derive(Debug, Clone)]
 pub struct Claim {
     /// The pattern as written.

@@ -48,7 +48,12 @@ use std::fmt;
 use std::path::Path;
 use std::time::Duration;
 
-/// The schema every topic accepts without being listed: opaque bytes.
+/// The schema of opaque bytes: a topic accepts it only when its entry lists it, and
+/// `registry check` knows it without `ampybus-proto`.
+///
+/// ```
+/// assert_eq!(ampybus::registry::RAW_SCHEMA, "ampy.raw.v1.Bytes");
+/// ```
 pub const RAW_SCHEMA: &str = crate::headers::RAW_BYTES_SCHEMA;
 
 /// What went wrong loading a registry or manifest, as a closed set.
@@ -324,6 +329,13 @@ pub struct Registry {
 }
 
 /// Largest `retention_days` accepted (100 years).
+///
+/// ```
+/// let text = format!("[[topic]]\npattern = \"ampy.*.news.v1.>\"\nowner = \"n\"\n\
+///     schemas = [\"ampy.raw.v1.Bytes\"]\ntier = \"at_least_once\"\nretention_days = {}\n",
+///     ampybus::registry::MAX_RETENTION_DAYS + 1);
+/// assert!(ampybus::registry::Registry::parse(&text, "r.toml").is_err());
+/// ```
 pub const MAX_RETENTION_DAYS: i64 = 36_500;
 
 impl Registry {
