@@ -288,10 +288,13 @@ fn add_message(d: &MessageDescriptor, out: &mut BTreeMap<String, Value>) {
             kind_schema(f.kind(), out)
         };
         if let Value::Object(m) = &mut s {
-            m.insert(
-                "description".into(),
-                json!(format!("field {} = {}", f.name(), f.number())),
-            );
+            // The field's `.proto` comment when it has one, after its name and number.
+            let number = format!("field {} = {}", f.name(), f.number());
+            let text = match ampybus_proto::doc(d.full_name(), Some(f.name())) {
+                Some(doc) => format!("{number}: {doc}"),
+                None => number,
+            };
+            m.insert("description".into(), json!(text));
         }
         props.insert(f.name().to_owned(), s);
     }
@@ -300,7 +303,10 @@ fn add_message(d: &MessageDescriptor, out: &mut BTreeMap<String, Value>) {
         json!({
             "type": "object",
             "title": d.full_name(),
-            "description": format!("protobuf message {} ({})", d.full_name(), d.parent_file().name()),
+            "description": match ampybus_proto::doc(d.full_name(), None) {
+                Some(doc) => format!("{doc}\n\nprotobuf message {} ({})", d.full_name(), d.parent_file().name()),
+                None => format!("protobuf message {} ({})", d.full_name(), d.parent_file().name()),
+            },
             "properties": props,
         }),
     );

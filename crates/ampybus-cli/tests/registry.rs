@@ -370,6 +370,20 @@ fn asyncapi_document_is_accepted_by_the_official_parser() {
     assert_eq!(json["channels"].as_object().unwrap().len(), 10);
     let bars = &json["components"]["schemas"]["ampy_bars_v1_BarBatch"];
     assert_eq!(bars["title"], "ampy.bars.v1.BarBatch");
+    // Docs from the `.proto` comments: the message's, and a field's after its name and number.
+    assert_eq!(
+        bars["description"],
+        "A batch of bars (payload type for bars topics).\n\nprotobuf message ampy.bars.v1.BarBatch (ampy/bars/v1/bars.proto)"
+    );
+    let bar = &json["components"]["schemas"]["ampy_bars_v1_Bar"];
+    assert_eq!(
+        bar["properties"]["adjustment_policy"]["description"],
+        "field adjustment_policy = 17: Number 17 is declared here, between 12 and 13, exactly as upstream does."
+    );
+    assert_eq!(
+        bar["properties"]["volume"]["description"],
+        "field volume = 9"
+    );
     assert_eq!(
         json["operations"]["demo-bars_send_ampy_any_bars_v1_all"]["action"],
         "send"
