@@ -467,14 +467,7 @@ async fn nats_permissions_from_the_registry() {
     );
 
     // ui may not read orders: the broker refuses its consumer.
-    let ui = Bus::connect(&url("ui")).await.expect("ui connects");
-    let e = Consumer::builder(ui, TopicPattern::parse("ampy.dev.orders.>").unwrap(), "ui")
-        .handler(handler_fn(|_m| async { Outcome::Ok }))
-        .serve_replays(false)
-        .start()
-        .await
-        .unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::Config, "{e}");
+    let e = ui_may_not_consume_orders(&url).await;
     assert_eq!(
         e.message().split_once(": ").map(|(_, m)| m),
         Some(
@@ -518,17 +511,7 @@ async fn redis_acl_from_the_registry() {
         )
     );
     reader_completes_a_run_with_retry_dlq_and_replay(&risk).await;
-    let ui = Bus::connect(&url("ui")).await.expect("ui connects");
-    let e = Consumer::builder(
-        ui,
-        TopicPattern::parse("ampy.dev.orders.v1.>").unwrap(),
-        "ui",
-    )
-    .handler(handler_fn(|_m| async { Outcome::Ok }))
-    .serve_replays(false)
-    .start()
-    .await
-    .unwrap_err();
+    let e = ui_may_not_consume_orders(&url).await;
     assert_eq!(
         e.message().split_once(": ").map(|(_, m)| m),
         Some(
@@ -629,6 +612,20 @@ async fn owner_publishes_and_another_service_is_refused(
         .await
         .unwrap_err();
     (risk, e)
+}
+
+/// `ui`, not among the readers of orders, starts a consumer on `ampy.dev.orders.>` (no registry
+/// in the library: the broker refuses it). Returns the error, checked to be of kind `Config`.
+async fn ui_may_not_consume_orders(url: &dyn Fn(&str) -> String) -> ampybus::Error {
+    let ui = Bus::connect(&url("ui")).await.expect("ui connects");
+    let e = Consumer::builder(ui, TopicPattern::parse("ampy.dev.orders.>").unwrap(), "ui")
+        .handler(handler_fn(|_m| async { Outcome::Ok }))
+        .serve_replays(false)
+        .start()
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Config, "{e}");
+    e
 }
 
 /// The owner has published co_1, co_2 and co_3 on ampy.dev.orders.v1.requests; `risk` (with the
