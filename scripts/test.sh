@@ -77,6 +77,9 @@ step "test brokers (scripts/brokers.sh start nats redis kafka: reuses a JetStrea
 trap 'bash scripts/brokers.sh stop nats redis kafka >/dev/null 2>&1 || true' EXIT
 bash scripts/brokers.sh start nats redis kafka
 
+step "AsyncAPI parser (scripts/asyncapi-validate.sh install: @asyncapi/parser into ~/.cache/ampybus once per machine, for crates/ampybus-cli/tests/registry.rs)"
+bash scripts/asyncapi-validate.sh install
+
 if cargo nextest --version >/dev/null 2>&1; then
     step "cargo nextest run --workspace (AMPYBUS_TEST_SCALE=$AMPYBUS_TEST_SCALE)"
     cargo nextest run --workspace --no-fail-fast

@@ -10,7 +10,10 @@ Examples:
   ampybus validate golden/
   ampybus bench --messages 100000 --raw
 
-URL forms (--url, default $AMPYBUS_URL or ./ampybus-data):
+Settings: a flag beats the environment, which beats the config file (--config, $AMPYBUS_CONFIG,
+else ./ampybus.toml when present), which beats the default.
+
+URL forms (--url, default $AMPYBUS_URL, `url` in the config file, or ./ampybus-data):
   ./dir or /abs/dir                      embedded log in that directory
   file:///abs/dir?sync=full|normal&poll_ms=2&retention_days=7
                  &retention.<domain>.days=N&retention.<domain>.max_mb=N
@@ -53,6 +56,22 @@ pub struct Cli {
     /// $OTEL_EXPORTER_OTLP_ENDPOINT; unset: no export]
     #[arg(long, global = true, value_name = "URL")]
     pub otlp_endpoint: Option<String>,
+
+    /// Config file holding `url`, `registry`, `service`, `log_level`, `metrics_addr`,
+    /// `otlp_endpoint` [default: $AMPYBUS_CONFIG, else ./ampybus.toml when present]. A flag
+    /// beats the environment, which beats the file, which beats the default
+    #[arg(long, global = true, value_name = "FILE", env = "AMPYBUS_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// Topic registry (TOML): enforced on publish and subscribe, shown by `topics`, read by
+    /// `registry …` [default: $AMPYBUS_REGISTRY, else `registry` in the config file]
+    #[arg(long, global = true, value_name = "FILE", env = "AMPYBUS_REGISTRY")]
+    pub registry: Option<PathBuf>,
+
+    /// The service this process runs as: with a registry, subscriptions outside what it may
+    /// read are refused [default: $AMPYBUS_SERVICE, else `service` in the config file]
+    #[arg(long, global = true, value_name = "NAME", env = "AMPYBUS_SERVICE")]
+    pub service: Option<String>,
 
     #[command(subcommand)]
     pub command: Command,
@@ -244,6 +263,17 @@ URL sets one) is created, and both producers send one record, before the first r
 StreamConsumer + commit loop, the runtime without dedupe (ratio) and with dedupe (ratio_dedupe),
 each as a fresh group and required to read exactly --messages.")]
     BenchKafka(crate::bench_kafka::BenchKafkaArgs),
+
+    /// Topic registry: check it, and generate broker permissions and an AsyncAPI document
+    #[command(after_help = "\
+Examples:
+  ampybus registry check --registry registry.example.toml
+  ampybus registry check --registry registry.toml --manifests services/
+  ampybus --registry registry.toml registry nats-config --passwords passwords.toml --out auth.conf
+  ampybus --registry registry.toml registry asyncapi --format json
+
+`ampybus registry <COMMAND> --help` has the details of each.")]
+    Registry(crate::registry::RegistryArgs),
 
     /// Print a shell completion script to stdout
     #[command(after_help = "\

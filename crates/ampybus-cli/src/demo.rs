@@ -510,7 +510,16 @@ async fn consumer(
 ) -> CliResult<(ConsumerHandle, Arc<dyn Handler>)> {
     let pattern = TopicPattern::parse(pattern).map_err(|e| CliError::usage(e.to_string()))?;
     let handler = service(ctx, step);
-    let handle = Consumer::builder(ctx.bus.clone(), pattern, name)
+    // With a registry each consumer runs as its own service (the name without the run id),
+    // so subscriptions are checked against what that service may read.
+    let bus = match ctx.bus.registry() {
+        Some(_) => {
+            let svc = name.rsplit_once('-').map_or(name, |(s, _)| s);
+            ctx.bus.clone().with_service(svc)
+        }
+        None => ctx.bus.clone(),
+    };
+    let handle = Consumer::builder(bus, pattern, name)
         .handler_arc(handler.clone())
         .workers(4)
         .strict(true)

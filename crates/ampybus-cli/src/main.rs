@@ -10,12 +10,14 @@ mod bench_nats;
 mod bench_raw;
 mod bench_redis;
 mod cli;
+mod config;
 mod decoder;
 mod demo;
 mod dlq;
 mod error;
 mod migrate;
 mod publish;
+mod registry;
 mod replay;
 mod streams;
 mod subscribe;
@@ -29,7 +31,11 @@ use error::{CliError, CliResult};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    if let Err(e) = config::apply(&mut cli) {
+        eprintln!("error: {e}");
+        return ExitCode::from(e.code);
+    }
     if let Err(e) = init_logging(cli.log_level.as_deref(), &cli.log_format) {
         eprintln!("error: {e}");
         return ExitCode::from(e.code);
@@ -84,7 +90,15 @@ fn init_logging(level: Option<&str>, format: &str) -> CliResult<()> {
 
 fn run(cli: Cli) -> CliResult<u8> {
     let url = cli.url.clone().unwrap_or_else(ampybus::bus::default_url);
-    match cli.command {
+    let command = match cli.command {
+        Command::Registry(args) => return registry::run(cli.registry.as_deref(), args),
+        other => other,
+    };
+    // Every other command enforces the registry when one is given.
+    let reg = cli.registry.as_deref().map(registry::load).transpose()?;
+    util::set_registry(reg, cli.service.clone());
+    match command {
+        Command::Registry(_) => unreachable!("handled above"),
         Command::Completions { shell } => {
             let mut cmd = Cli::command();
             clap_complete::generate(shell, &mut cmd, "ampybus", &mut std::io::stdout());

@@ -57,10 +57,15 @@ pub async fn run(url: &str, args: PubArgs) -> CliResult<u8> {
         h
     };
 
-    // Check the contract before touching the data directory.
-    make()
+    // Check the contract (and the registry's claims) before touching the data directory.
+    let first = make();
+    first
         .validate_for_publish(&topic)
         .map_err(|e| header_error(&e, &args, &extra))?;
+    if let Some(reg) = util::registry() {
+        reg.check_publish(&topic, first.producer(), first.schema_fqdn())
+            .map_err(|e| header_error(&e, &args, &extra))?;
+    }
 
     let mut run = Run::new(args.count, args.print_ids, args.unconfirmed.as_deref())?;
     let bus = util::connect(url).await?;

@@ -2,7 +2,7 @@
 
 use crate::error::{CliError, CliResult, EXIT_OK};
 use ampybus::bus::{TransportKind, redact, transport_kind};
-use ampybus::transport::nats::{NatsTransport, streams};
+use ampybus::transport::nats::{NatsOptions, NatsTransport, streams};
 use ampybus::{Domain, Env};
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
@@ -65,7 +65,12 @@ pub async fn run(url: &str, args: StreamsArgs) -> CliResult<u8> {
             redact(url)
         )));
     }
-    let t = NatsTransport::connect_url(url)
+    let mut opts = NatsOptions::from_url(url).map_err(|e| CliError::bus("--url", &e))?;
+    // `streams ensure` creates streams with the registry's retention, like the binding.
+    if let Some(reg) = crate::util::registry() {
+        opts.registry_retention = reg.unit_retentions();
+    }
+    let t = NatsTransport::connect(opts)
         .await
         .map_err(|e| CliError::bus("connecting", &e))?;
     match args.command {

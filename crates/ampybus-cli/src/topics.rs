@@ -90,7 +90,7 @@ pub async fn run(url: &str, args: TopicsArgs) -> CliResult<u8> {
 }
 
 /// The retention in force per domain of the described topics (and of the pattern's literal
-/// domain), on the embedded log: as the URL's options set it. `None` on a broker, where the
+/// domain), on the embedded log: as the URL's options (and the registry, when given) set it. `None` on a broker, where the
 /// broker holds it (NATS: `streams describe`; Kafka: the topic's `retention.ms`).
 fn retention_rows(
     url: &str,
@@ -100,7 +100,11 @@ fn retention_rows(
     if transport_kind(url).ok()? != TransportKind::Embedded {
         return None;
     }
-    let opts = EmbeddedOptions::from_url(url).ok()?;
+    let mut opts = EmbeddedOptions::from_url(url).ok()?;
+    // With a registry, its retention is what the log applies (see `Bus::connect_with_registry`).
+    if let Some(reg) = util::registry() {
+        opts.apply_registry_retention(&reg.unit_retentions());
+    }
     let domain_of = |s: &str| s.split('.').nth(2).and_then(|d| d.parse::<Domain>().ok());
     let mut domains: Vec<Domain> = topics
         .iter()
@@ -127,14 +131,22 @@ async fn dispatch(url: &str, log: &dyn Inspect, cmd: TopicsCommand) -> CliResult
         TopicsCommand::List { pattern, json } => {
             let pattern = pattern_arg("--pattern", &pattern)?;
             let topics = log.topic_stats(&pattern).await.map_err(bus_err)?;
+            let reg = util::registry();
             let mut out = String::new();
             if json {
                 for t in &topics {
-                    out.push_str(&topic_json(t).to_string());
+                    let mut v = topic_json(t);
+                    if let Some(r) = &reg {
+                        v["registry"] = r
+                            .entry_for(&t.topic)
+                            .map(crate::registry::entry_info)
+                            .into();
+                    }
+                    out.push_str(&v.to_string());
                     out.push('\n');
                 }
             } else {
-                out.push_str(&topic_table(&topics));
+                out.push_str(&topic_table(&topics, reg.as_ref()));
             }
             print(&out)?;
         }
@@ -166,6 +178,7 @@ async fn dispatch(url: &str, log: &dyn Inspect, cmd: TopicsCommand) -> CliResult
                         "text": r.to_string(),
                     })).collect::<Vec<_>>()),
                     "consumers": consumers.iter().map(consumer_json).collect::<Vec<_>>(),
+                    "registry": registry_entry(&pattern),
                 });
                 format!("{v}\n")
             } else {
@@ -186,8 +199,18 @@ async fn dispatch(url: &str, log: &dyn Inspect, cmd: TopicsCommand) -> CliResult
                         }
                     }
                 }
+                if let Some(e) = registry_entry(&pattern) {
+                    s.push_str(&format!(
+                        "owner     {}\nschemas   {}\ntier      {}\nregistry retention {} days (entry {})\n",
+                        e["owner"].as_str().unwrap_or("-"),
+                        e["schemas"].as_array().map(|a| a.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", ")).unwrap_or_default(),
+                        e["tier"].as_str().unwrap_or("-"),
+                        e["retention_days"],
+                        e["pattern"].as_str().unwrap_or("-"),
+                    ));
+                }
                 s.push('\n');
-                s.push_str(&topic_table(&topics));
+                s.push_str(&topic_table(&topics, util::registry().as_ref()));
                 s.push('\n');
                 s.push_str(&consumer_table(&consumers));
                 s
@@ -309,21 +332,36 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
     s
 }
 
-fn topic_table(topics: &[TopicStats]) -> String {
+/// The registry entry of a described topic (a literal topic, or the entry claiming every
+/// topic of the pattern), when a registry is given.
+fn registry_entry(pattern: &TopicPattern) -> Option<Value> {
+    let reg = util::registry()?;
+    let e = reg
+        .entries()
+        .iter()
+        .find(|e| pattern.is_within(&e.pattern))?;
+    Some(crate::registry::entry_info(e))
+}
+
+fn topic_table(topics: &[TopicStats], reg: Option<&ampybus::registry::Registry>) -> String {
+    let mut header = vec![
+        "TOPIC",
+        "MESSAGES",
+        "BYTES",
+        "FIRST_SEQ",
+        "LAST_SEQ",
+        "OLDEST",
+        "NEWEST",
+    ];
+    if reg.is_some() {
+        header.extend(["OWNER", "SCHEMAS", "TIER", "RETENTION_DAYS"]);
+    }
     table(
-        &[
-            "TOPIC",
-            "MESSAGES",
-            "BYTES",
-            "FIRST_SEQ",
-            "LAST_SEQ",
-            "OLDEST",
-            "NEWEST",
-        ],
+        &header,
         topics
             .iter()
             .map(|t| {
-                vec![
+                let mut row = vec![
                     t.topic.clone(),
                     t.messages.to_string(),
                     opt(t.bytes),
@@ -331,7 +369,19 @@ fn topic_table(topics: &[TopicStats]) -> String {
                     t.last_seq.to_string(),
                     time(t.oldest),
                     time(t.newest),
-                ]
+                ];
+                if let Some(r) = reg {
+                    match r.entry_for(&t.topic) {
+                        Some(e) => row.extend([
+                            e.owner.clone(),
+                            e.schemas.join(","),
+                            e.tier.to_string(),
+                            e.retention_days.to_string(),
+                        ]),
+                        None => row.extend(["-", "-", "-", "-"].map(String::from)),
+                    }
+                }
+                row
             })
             .collect(),
     )

@@ -7,6 +7,19 @@ use std::sync::Mutex;
 
 static METRICS_ADDR: Mutex<Option<String>> = Mutex::new(None);
 static OPS_SERVER: Mutex<Option<ampybus::obs::ObsServer>> = Mutex::new(None);
+/// `--registry` (loaded) and `--service`: applied to every bus [`connect`] makes.
+static REGISTRY: Mutex<(Option<ampybus::registry::Registry>, Option<String>)> =
+    Mutex::new((None, None));
+
+/// Records the registry and service every bus [`connect`] makes is opened with.
+pub fn set_registry(reg: Option<ampybus::registry::Registry>, service: Option<String>) {
+    *REGISTRY.lock().unwrap_or_else(|p| p.into_inner()) = (reg, service);
+}
+
+/// The registry given with `--registry` (or the environment / config file), if any.
+pub fn registry() -> Option<ampybus::registry::Registry> {
+    REGISTRY.lock().unwrap_or_else(|p| p.into_inner()).0.clone()
+}
 
 /// Records `--metrics-addr`: the first bus [`connect`] makes is served there.
 pub fn set_metrics_addr(addr: Option<String>) {
@@ -16,7 +29,13 @@ pub fn set_metrics_addr(addr: Option<String>) {
 /// Connects, naming `--url` (credentials redacted) in any error; with `--metrics-addr`, the
 /// first bus connected is served on /metrics, /health, /stats until the process exits.
 pub async fn connect(url: &str) -> CliResult<Bus> {
-    let bus = Bus::connect(url).await.map_err(|e| {
+    let (reg, service) = REGISTRY.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    // With a registry, the binding also applies its retention where it creates storage.
+    let opened = match reg {
+        Some(r) => Bus::connect_with_registry(url, r).await,
+        None => Bus::connect(url).await,
+    };
+    let bus = opened.map_err(|e| {
         let mut err = CliError::bus(format!("--url {:?}", ampybus::bus::redact(url)), &e);
         // The core quotes the URL in some messages; never show credentials.
         if url != ampybus::bus::redact(url) {
@@ -24,6 +43,10 @@ pub async fn connect(url: &str) -> CliResult<Bus> {
         }
         err
     })?;
+    let bus = match service {
+        Some(s) => bus.with_service(&s),
+        None => bus,
+    };
     let addr = METRICS_ADDR
         .lock()
         .unwrap_or_else(|p| p.into_inner())

@@ -25,8 +25,8 @@ pub use cases::{
 };
 pub use report::{CaseReport, CaseStatus, SuiteReport};
 pub use support::{
-    Capabilities, NatsServer, TestContext, TransportFactory, all_topic_stats, hang_timeout,
-    redrive, scale, start_test_broker,
+    Capabilities, NatsServer, RedisServer, TestContext, TransportFactory, all_topic_stats,
+    hang_timeout, redrive, scale, start_test_broker,
 };
 
 /// Runs every case against `factory`, one after the other, and reports each (a failing case

@@ -419,3 +419,91 @@ impl Drop for NatsServer {
         self.kill();
     }
 }
+
+/// A `redis-server` child process on a free loopback port in a directory of its own (ACL
+/// files, restarts), for tests that need a server of their own; killed (and reaped) on drop.
+///
+/// ```no_run
+/// let dir = tempfile::tempdir().unwrap();
+/// let server = ampybus_conformance::RedisServer::start(dir.path(), &[]);
+/// let url = server.url("", "");
+/// # let _ = url;
+/// ```
+pub struct RedisServer {
+    child: Option<std::process::Child>,
+    port: u16,
+    dir: std::path::PathBuf,
+    args: Vec<String>,
+    log: std::path::PathBuf,
+}
+
+fn free_redis_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl RedisServer {
+    /// Starts `redis-server --bind 127.0.0.1 --port <free port> --dir <dir> <args…>` and waits
+    /// until it accepts connections.
+    pub fn start(dir: &Path, args: &[&str]) -> RedisServer {
+        let mut s = RedisServer {
+            child: None,
+            port: free_redis_port(),
+            dir: dir.to_owned(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            log: dir.join("redis-server.log"),
+        };
+        s.spawn();
+        s
+    }
+
+    /// Starts the server (again) on the same port with the same arguments.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let child = std::process::Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--dir", self.dir.to_str().unwrap(), "--save", ""])
+            .args(&self.args)
+            .stdout(std::process::Stdio::from(log.try_clone().unwrap()))
+            .stderr(std::process::Stdio::from(log))
+            .spawn()
+            .expect("spawn redis-server (apt-get install redis-server)");
+        self.child = Some(child);
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "redis-server did not listen on {}: {}",
+                self.port,
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL, as a crash: the append-only file stays.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// `redis://{userinfo}127.0.0.1:{port}{query}`.
+    pub fn url(&self, userinfo: &str, query: &str) -> String {
+        format!("redis://{userinfo}127.0.0.1:{}{query}", self.port)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

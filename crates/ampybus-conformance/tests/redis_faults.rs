@@ -9,20 +9,11 @@ use ampybus::transport::redis::RedisDedupeStore;
 use ampybus::transport::{StartAt, SubscribeSpec, WindowQuery};
 use ampybus::{Bus, Envelope, ErrorKind, Headers, Topic, TopicPattern};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// A `redis-server` child process; killed (and reaped) on drop.
-struct Server {
-    child: Option<Child>,
-    port: u16,
-    dir: PathBuf,
-    args: Vec<String>,
-    log: PathBuf,
-}
+use ampybus_conformance::RedisServer as Server;
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -30,67 +21,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-impl Server {
-    /// Starts `redis-server --bind 127.0.0.1 --port <free port> --dir <dir> <args…>` and waits
-    /// until it accepts connections.
-    fn start(dir: &Path, args: &[&str]) -> Server {
-        let mut s = Server {
-            child: None,
-            port: free_port(),
-            dir: dir.to_owned(),
-            args: args.iter().map(|a| a.to_string()).collect(),
-            log: dir.join("redis-server.log"),
-        };
-        s.spawn();
-        s
-    }
-
-    fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("log file");
-        let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
-            .args(["--dir", self.dir.to_str().unwrap(), "--save", ""])
-            .args(&self.args)
-            .stdout(Stdio::from(log.try_clone().unwrap()))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("spawn redis-server (apt-get install redis-server)");
-        self.child = Some(child);
-        let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "redis-server did not listen on {}: {}",
-                self.port,
-                std::fs::read_to_string(&self.log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGKILL, as a crash: the append-only file stays.
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn url(&self, userinfo: &str, query: &str) -> String {
-        format!("redis://{userinfo}127.0.0.1:{}{query}", self.port)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
 
 fn headers(key: &str) -> Headers {

@@ -129,6 +129,30 @@ fn recode<M: prost::Message + Default>(bytes: &[u8]) -> Result<Vec<u8>, prost::D
 // file and declaration order.
 include!(concat!(env!("OUT_DIR"), "/ampy_registry.rs"));
 
+// Defines `DOCS: &[(&str, &str, &str)]`: (message, field or "", comment).
+include!(concat!(env!("OUT_DIR"), "/ampy_docs.rs"));
+
+/// The `.proto` comment of a known message (`field: None`) or of one of its
+/// fields, when the `.proto` file has one (comment markers and indentation
+/// removed, lines joined with `\n`).
+///
+/// # Example
+///
+/// ```
+/// assert_eq!(
+///     ampybus_proto::doc("ampy.bars.v1.Bar", None),
+///     Some("One OHLCV bar for a security over the half-open interval [start, end).")
+/// );
+/// assert_eq!(ampybus_proto::doc("ampy.bars.v1.Bar", Some("volume")), None);
+/// assert_eq!(ampybus_proto::doc("ampy.bars.v1.Nope", None), None);
+/// ```
+pub fn doc(message: &str, field: Option<&str>) -> Option<&'static str> {
+    let field = field.unwrap_or("");
+    DOCS.iter()
+        .find(|(m, f, _)| *m == message && *f == field)
+        .map(|(_, _, text)| *text)
+}
+
 /// The encoded `google.protobuf.FileDescriptorSet` of every ampy `.proto`
 /// file plus its imports (`google/protobuf/timestamp.proto`), without
 /// source info.

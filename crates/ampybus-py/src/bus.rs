@@ -20,11 +20,31 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 /// Connects to the bus at `url` (see the README's URL forms); an awaitable of [`NativeBus`].
+/// `registry` (a registry file) is enforced on the handle, `service` names the consuming
+/// service (see `Bus::with_registry`, `Bus::with_service`).
 #[pyfunction]
-#[pyo3(signature = (url, observability=true))]
-pub fn connect(py: Python<'_>, url: String, observability: bool) -> PyResult<Bound<'_, PyAny>> {
+#[pyo3(signature = (url, observability=true, service=None, registry=None))]
+pub fn connect(
+    py: Python<'_>,
+    url: String,
+    observability: bool,
+    service: Option<String>,
+    registry: Option<String>,
+) -> PyResult<Bound<'_, PyAny>> {
     pyo3_async_runtimes::tokio::future_into_py(py, async move {
-        let bus = Bus::connect(&url).await.or_raise()?;
+        let reg = registry
+            .map(|p| ampybus::registry::Registry::load(std::path::Path::new(&p)))
+            .transpose()
+            .map_err(ampybus::Error::from)
+            .or_raise()?;
+        // With a registry, the binding also applies its retention where it creates storage.
+        let mut bus = match reg {
+            Some(r) => Bus::connect_with_registry(&url, r).await.or_raise()?,
+            None => Bus::connect(&url).await.or_raise()?,
+        };
+        if let Some(s) = &service {
+            bus = bus.with_service(s);
+        }
         Ok(NativeBus {
             bus: bus.with_observability(observability),
             publisher: OnceLock::new(),

@@ -6,6 +6,7 @@ use crate::envelope::Envelope;
 use crate::error::{Error, Result};
 use crate::headers::Headers;
 use crate::obs::{BusMetrics, Obs, PublishSpan};
+use crate::registry::{RateLimits, Registry, SchemaGate};
 use crate::topic::Topic;
 use crate::transport::embedded::{EmbeddedLog, EmbeddedOptions};
 use crate::transport::{
@@ -102,6 +103,9 @@ pub struct Bus {
     codec: PayloadCodec,
     url: String,
     obs: Arc<Obs>,
+    registry: Option<Arc<Registry>>,
+    service: Option<Arc<str>>,
+    rates: Option<Arc<RateLimits>>,
 }
 
 impl std::fmt::Debug for Bus {
@@ -163,9 +167,46 @@ impl Bus {
     /// `nats://`, `tls://`, `kafka://`, `redis://`, `rediss://` when those bindings are
     /// built in. Errors name the URL (credentials redacted) and the problem.
     pub async fn connect(url: &str) -> Result<Bus> {
+        Bus::open(url, None).await
+    }
+
+    /// [`Bus::connect`] enforcing `registry` ([`Bus::with_registry`]), whose retention the
+    /// binding applies where it creates or trims storage: each entry's `retention_days` (the
+    /// longest of the entries sharing a unit) becomes the NATS stream `max_age`, the Kafka
+    /// topic `retention.ms`, the Redis `MINID` trim of that env and domain, and the embedded
+    /// log's retention of the domain (the longest over envs; the log keeps one per domain).
+    /// The registry beats the URL's `max_age_days` / `retention_days` for the units it covers.
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use ampybus::{Bus, registry::Registry};
+    /// let reg = Registry::parse(r#"
+    /// [[topic]]
+    /// pattern = "ampy.*.news.v1.>"
+    /// owner = "news"
+    /// schemas = ["ampy.raw.v1.Bytes"]
+    /// tier = "at_least_once"
+    /// retention_days = 2
+    /// "#, "registry.toml").unwrap();
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let bus = Bus::connect_with_registry(dir.path().to_str().unwrap(), reg).await.unwrap();
+    /// assert_eq!(bus.registry().unwrap().entries().len(), 1);
+    /// # });
+    /// ```
+    pub async fn connect_with_registry(url: &str, registry: Registry) -> Result<Bus> {
+        let retention = registry.unit_retentions();
+        Ok(Bus::open(url, Some(&retention))
+            .await?
+            .with_registry(registry))
+    }
+
+    async fn open(url: &str, retention: Option<&crate::transport::UnitRetention>) -> Result<Bus> {
         match transport_kind(url)? {
             TransportKind::Embedded => {
-                let opts = EmbeddedOptions::from_url(url)?;
+                let mut opts = EmbeddedOptions::from_url(url)?;
+                if let Some(r) = retention {
+                    opts.apply_registry_retention(r);
+                }
                 if opts.dir.is_file() {
                     return Err(Error::config(format!(
                         "url {:?}: the data directory {} is a file",
@@ -186,7 +227,11 @@ impl Bus {
             }
             #[cfg(feature = "nats")]
             TransportKind::Nats => {
-                let t = crate::transport::nats::NatsTransport::connect_url(url).await?;
+                let mut opts = crate::transport::nats::NatsOptions::from_url(url)?;
+                if let Some(r) = retention {
+                    opts.registry_retention = r.clone();
+                }
+                let t = crate::transport::nats::NatsTransport::connect(opts).await?;
                 Ok(Bus::with_transport(Arc::new(t), url))
             }
             #[cfg(not(feature = "nats"))]
@@ -196,7 +241,11 @@ impl Bus {
             ))),
             #[cfg(feature = "kafka")]
             TransportKind::Kafka => {
-                let t = crate::transport::kafka::KafkaTransport::connect_url(url).await?;
+                let mut opts = crate::transport::kafka::KafkaOptions::from_url(url)?;
+                if let Some(r) = retention {
+                    opts.registry_retention = r.clone();
+                }
+                let t = crate::transport::kafka::KafkaTransport::connect(opts).await?;
                 Ok(Bus::with_transport(Arc::new(t), url))
             }
             #[cfg(not(feature = "kafka"))]
@@ -206,7 +255,11 @@ impl Bus {
             ))),
             #[cfg(feature = "redis")]
             TransportKind::Redis => {
-                let t = crate::transport::redis::RedisTransport::connect_url(url).await?;
+                let mut opts = crate::transport::redis::RedisOptions::from_url(url)?;
+                if let Some(r) = retention {
+                    opts.registry_retention = r.clone();
+                }
+                let t = crate::transport::redis::RedisTransport::connect(opts).await?;
                 Ok(Bus::with_transport(Arc::new(t), url))
             }
             #[cfg(not(feature = "redis"))]
@@ -224,7 +277,115 @@ impl Bus {
             codec: PayloadCodec::default(),
             url: url.to_owned(),
             obs: Arc::new(Obs::new(true)),
+            registry: None,
+            service: None,
+            rates: None,
         }
+    }
+
+    /// Enforces a topic registry on this handle (and everything built on it): a publish
+    /// outside the producer service's claims, of an unclaimed topic or of a schema not listed
+    /// for its topic is refused ([`Registry::check_publish`]); with a
+    /// [service](Bus::with_service), subscriptions outside what it may read are refused
+    /// ([`Registry::check_subscribe`]); consumers dead-letter messages whose `schema_fqdn` is
+    /// not listed as `schema_mismatch`; a [`crate::runtime::Producer`] keeps each entry's
+    /// `max_rate`. The `dlq` and `control` domains stay open to every service.
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use ampybus::{Bus, ErrorKind, Headers, Topic, registry::Registry};
+    /// let reg = Registry::parse(r#"
+    /// [[topic]]
+    /// pattern = "ampy.*.news.v1.>"
+    /// owner = "news"
+    /// schemas = ["ampy.raw.v1.Bytes"]
+    /// tier = "at_least_once"
+    /// retention_days = 7
+    /// "#, "registry.toml").unwrap();
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let bus = Bus::connect(dir.path().to_str().unwrap()).await.unwrap().with_registry(reg);
+    /// let topic = Topic::parse("ampy.dev.news.v1.raw").unwrap();
+    /// let ok = Headers::for_publish("ampy.raw.v1.Bytes", "news@1", "wire", "n-1");
+    /// bus.publish(&topic, ok, b"x".to_vec()).await.unwrap();
+    /// let other = Headers::for_publish("ampy.raw.v1.Bytes", "ui@1", "wire", "n-2");
+    /// let e = bus.publish(&topic, other, b"x".to_vec()).await.unwrap_err();
+    /// assert_eq!(e.kind(), ErrorKind::Header);
+    /// assert!(e.message().contains("owned by `news`"));
+    /// # });
+    /// ```
+    pub fn with_registry(mut self, registry: Registry) -> Bus {
+        let registry = Arc::new(registry);
+        self.rates = RateLimits::new(registry.clone()).map(Arc::new);
+        self.registry = Some(registry);
+        self
+    }
+
+    /// Names the service using this handle (the consumer side of the registry): with a
+    /// [registry](Bus::with_registry), subscribing to a pattern the service may not read is
+    /// a `Config` error naming the pattern, the entry and who may read it.
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let bus = ampybus::Bus::connect(dir.path().to_str().unwrap()).await.unwrap().with_service("risk");
+    /// assert_eq!(bus.service(), Some("risk"));
+    /// # });
+    /// ```
+    pub fn with_service(mut self, service: &str) -> Bus {
+        self.service = Some(Arc::from(service));
+        self
+    }
+
+    /// The registry this handle enforces, if any.
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let bus = ampybus::Bus::connect(dir.path().to_str().unwrap()).await.unwrap();
+    /// assert!(bus.registry().is_none());
+    /// # });
+    /// ```
+    pub fn registry(&self) -> Option<&Arc<Registry>> {
+        self.registry.as_ref()
+    }
+
+    /// The service named with [`Bus::with_service`].
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let bus = ampybus::Bus::connect(dir.path().to_str().unwrap()).await.unwrap();
+    /// assert_eq!(bus.service(), None);
+    /// # });
+    /// ```
+    pub fn service(&self) -> Option<&str> {
+        self.service.as_deref()
+    }
+
+    /// Waits until one more message of `topic` fits the `max_rate` of its registry entry
+    /// (at once without a registry or a rate).
+    pub(crate) async fn throttle(&self, topic: &Topic) {
+        if let Some(r) = &self.rates {
+            r.acquire(topic).await;
+        }
+    }
+
+    /// The registry's publish check, when the handle has a registry.
+    fn check_claims(&self, topic: &Topic, headers: &Headers) -> Result<()> {
+        match &self.registry {
+            Some(r) => r.check_publish(topic, headers.producer(), headers.schema_fqdn()),
+            None => Ok(()),
+        }
+    }
+
+    /// The consume-side schema check of a consumer on this handle (`None` without registry).
+    pub(crate) fn schema_gate(&self) -> Option<SchemaGate> {
+        self.registry.as_ref().map(|r| {
+            SchemaGate::new(
+                r.clone(),
+                self.obs.enabled.then(|| self.obs.metrics.clone()),
+            )
+        })
     }
 
     /// Turns metrics, spans and per-message logs of this handle on (the default) or off. A
@@ -524,6 +685,7 @@ impl Bus {
         payload: Bytes,
     ) -> Result<Envelope> {
         headers.validate_for_publish(topic)?;
+        self.check_claims(topic, &headers)?;
         // A payload the codec leaves as it is (the usual case) skips its async call.
         let wire = if self.codec.passes_through(payload.len()) {
             payload
@@ -733,6 +895,7 @@ impl Bus {
                 _ => env.topic().map_err(at)?,
             };
             env.headers.validate_for_publish(&topic).map_err(at)?;
+            self.check_claims(&topic, &env.headers).map_err(at)?;
             if !env.payload.is_empty() && env.headers.blob_ref().is_some() {
                 return Err(at(Error::envelope(
                     "`blob_ref` is set, so the inline payload must be empty",
@@ -781,7 +944,12 @@ impl Bus {
     }
 
     /// Opens a subscription.
+    /// With a [registry](Bus::with_registry) and a [service](Bus::with_service), a pattern the
+    /// service may not read is refused before anything reaches the transport.
     pub async fn subscribe(&self, spec: SubscribeSpec) -> Result<Box<dyn Subscription>> {
+        if let (Some(r), Some(s)) = (&self.registry, &self.service) {
+            r.check_subscribe(s, &spec.pattern)?;
+        }
         self.transport.subscribe(spec).await
     }
 

@@ -25,6 +25,7 @@ pub mod headers;
 pub mod ids;
 pub mod obs;
 pub mod partition;
+pub mod registry;
 pub mod runtime;
 pub mod schema_hash;
 pub mod topic;

@@ -778,6 +778,8 @@ async def connect(
     producer: Optional[str] = None,
     source: Optional[str] = None,
     observability: bool = True,
+    service: Optional[str] = None,
+    registry: Optional[str] = None,
     **options: Any,
 ) -> Bus:
     """Connects to the bus at ``url`` and returns a :class:`Bus`.
@@ -788,8 +790,10 @@ async def connect(
     (e.g. ``stream_prefix="AMPY"`` for NATS, ``key_prefix="x:"`` for Redis, ``namespace="x."`` for
     Kafka, ``sync="normal"`` for the embedded log) and are appended to it. ``producer``/``source`` are the defaults of every
     publish. ``observability=False`` turns metrics and spans off for this handle.
+    ``registry`` (a registry TOML file) is enforced on publish and subscribe; ``service`` names
+    the consuming service (subscriptions outside what it may read are refused).
     """
     if url is None:
         url = os.environ.get("AMPYBUS_URL") or "./ampybus-data"
-    native = await _native.connect(_url_with(url, options), observability)
+    native = await _native.connect(_url_with(url, options), observability, service, registry)
     return Bus(native, producer, source)

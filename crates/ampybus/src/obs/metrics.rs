@@ -113,7 +113,8 @@ fn size_histogram() -> Histogram {
 /// for family in ["bus_produced counter", "bus_consumed counter", "bus_delivery_latency_ms histogram",
 ///     "bus_handler_duration_ms histogram", "bus_batch_size_bytes histogram",
 ///     "bus_consumer_lag gauge", "bus_dlq counter", "bus_retry counter",
-///     "bus_decode_fail counter", "bus_dropped counter", "bus_inflight gauge"] {
+///     "bus_decode_fail counter", "bus_dropped counter", "bus_inflight gauge",
+///     "bus_schema_mismatch counter"] {
 ///     assert!(text.contains(&format!("# TYPE {family}\n")), "{family}");
 /// }
 /// // Merge into an application's own registry:
@@ -138,6 +139,7 @@ struct Families {
     decode_fail: Family<TopicReason, Counter>,
     dropped: Family<TopicReason, Counter>,
     inflight: Family<ConsumerOnly, Gauge>,
+    schema_mismatch: Family<TopicOnly, Counter>,
     producer_cache: RwLock<HashMap<String, HashMap<String, Arc<ProducerTopic>>>>,
     drop_cache: RwLock<HashMap<String, Arc<[Counter; 4]>>>,
 }
@@ -206,6 +208,7 @@ impl BusMetrics {
             decode_fail: Family::default(),
             dropped: Family::default(),
             inflight: Family::default(),
+            schema_mismatch: Family::default(),
             producer_cache: RwLock::new(HashMap::new()),
             drop_cache: RwLock::new(HashMap::new()),
         };
@@ -346,6 +349,17 @@ impl BusMetrics {
             .clone()
     }
 
+    /// Counts one consumed message whose `schema_fqdn` the registry does not list for its
+    /// topic (`bus_schema_mismatch_total{topic}`).
+    pub(crate) fn schema_mismatch(&self, topic: &str) {
+        self.inner
+            .schema_mismatch
+            .get_or_create(&TopicOnly {
+                topic: domain_topic(topic).to_owned(),
+            })
+            .inc();
+    }
+
     /// Counts one producer-side drop.
     pub(crate) fn dropped(&self, topic: &str, reason: DropReason) {
         let t = domain_topic(topic);
@@ -453,5 +467,10 @@ fn register_all(f: &Families, r: &mut Registry) {
         "bus_inflight",
         "Messages fetched and not yet settled, per consumer",
         Listed(f.inflight.clone()),
+    );
+    r.register(
+        "bus_schema_mismatch",
+        "Consumed messages whose schema_fqdn the registry does not list for their topic (dead-lettered as schema_mismatch), by domain-level topic",
+        Listed(f.schema_mismatch.clone()),
     );
 }

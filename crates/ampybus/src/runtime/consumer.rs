@@ -299,6 +299,7 @@ impl ConsumerBuilder {
             last_message_us: AtomicI64::new(0),
             stopped: AtomicBool::new(false),
             max_in_flight: self.max_in_flight,
+            schemas: self.bus.schema_gate(),
             bus: self.bus,
             pattern: self.pattern,
             name: self.name,
@@ -1158,6 +1159,8 @@ struct Shared {
     ack_deadline: Duration,
     max_payload: usize,
     dedupe: Option<Arc<dyn DedupeStore>>,
+    /// The registry's schema check (a bus opened with a registry).
+    schemas: Option<crate::registry::SchemaGate>,
     /// Keys handled Ok whose dedupe record is not written yet.
     pending: Mutex<FastSet<DKey>>,
     /// Dedupe keys of messages being handled right now.
@@ -1911,9 +1914,19 @@ impl Shared {
                     .dead_letter(item, DlqCode::ContractViolation, reason, att)
                     .await;
             }
-            let Some((_, headers)) = item.prepared.as_ref() else {
+            let Some((topic, headers)) = item.prepared.as_ref() else {
                 unreachable!("prepared above");
             };
+            if let Some(detail) = self
+                .schemas
+                .as_ref()
+                .and_then(|g| g.mismatch(topic, headers))
+            {
+                let reason = DlqCode::SchemaMismatch.reason(&detail);
+                return self
+                    .dead_letter(item, DlqCode::SchemaMismatch, reason, att)
+                    .await;
+            }
             let env = &item.delivery.envelope;
             if env.payload.len() > self.max_payload {
                 let reason = DlqCode::PayloadTooLarge.reason(&format!(

@@ -911,6 +911,8 @@ impl Producer {
             .bus
             .prepare(topic, headers, payload.into())
             .await?;
+        // A registry entry's `max_rate` slows the owner down here; nothing is dropped.
+        self.shared.bus.throttle(topic).await;
         let key = env.headers.partition_key().unwrap_or_default().to_owned();
         let class = self.class_of(topic);
         let mut env = Some(env);

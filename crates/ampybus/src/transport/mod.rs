@@ -217,6 +217,20 @@ impl SubscribeSpec {
     }
 }
 
+/// Retention per env and domain from a topic registry
+/// ([`crate::registry::Registry::unit_retentions`]): what a binding applies to the stream,
+/// topic or log domain of that unit when it creates (or trims) it, before its own `max_age`.
+///
+/// ```
+/// use ampybus::{Domain, Env, transport::UnitRetention};
+/// use std::time::Duration;
+/// let mut r = UnitRetention::new();
+/// r.insert((Env::Prod, Domain::Orders), Duration::from_secs(90 * 86_400));
+/// assert_eq!(r.len(), 1);
+/// ```
+pub type UnitRetention =
+    std::collections::HashMap<(crate::topic::Env, crate::topic::Domain), std::time::Duration>;
+
 /// Facts about one delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeliveryInfo {

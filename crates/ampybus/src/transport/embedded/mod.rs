@@ -218,6 +218,34 @@ impl EmbeddedOptions {
             .unwrap_or(self.default_retention)
     }
 
+    /// Applies a topic registry's retention ([`crate::registry::Registry::unit_retentions`]):
+    /// the log keeps one retention per domain, so a domain gets the longest age of its envs;
+    /// a size cap already set stays. Domains the registry leaves out keep theirs.
+    ///
+    /// ```
+    /// use ampybus::{Domain, Env, transport::{UnitRetention, embedded::EmbeddedOptions}};
+    /// use std::time::Duration;
+    /// let mut o = EmbeddedOptions::new("/tmp/x");
+    /// let mut r = UnitRetention::new();
+    /// r.insert((Env::Dev, Domain::Bars), Duration::from_secs(86_400));
+    /// r.insert((Env::Prod, Domain::Bars), Duration::from_secs(3 * 86_400));
+    /// o.apply_registry_retention(&r);
+    /// assert_eq!(o.retention_for(Domain::Bars).max_age, Some(Duration::from_secs(3 * 86_400)));
+    /// assert_eq!(o.retention_for(Domain::Orders).max_age, Some(Duration::from_secs(30 * 86_400)));
+    /// ```
+    pub fn apply_registry_retention(&mut self, retention: &super::UnitRetention) {
+        let mut longest: HashMap<Domain, Duration> = HashMap::new();
+        for (&(_, domain), &age) in retention {
+            let l = longest.entry(domain).or_insert(age);
+            *l = (*l).max(age);
+        }
+        for (domain, age) in longest {
+            let mut kept = self.retention_for(domain);
+            kept.max_age = Some(age);
+            self.retention.insert(domain, kept);
+        }
+    }
+
     /// Parses `file:///abs/dir?opt=…`, `file:rel/dir` or a plain path. Options:
     /// `sync=full|normal`, `poll_ms=N`, `retention_days=N` (every domain),
     /// `retention.<domain>.days=N`, `retention.<domain>.max_mb=N`. A retention value is a

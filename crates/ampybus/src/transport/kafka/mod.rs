@@ -215,6 +215,9 @@ pub struct KafkaOptions {
     /// `retention.ms` of created topics; `None`: 7 days, 30 for orders, fills, positions, dlq;
     /// `Some(Duration::ZERO)`: unlimited (`retention.ms=-1`; URL `max_age_days=unlimited`).
     pub max_age: Option<Duration>,
+    /// `retention.ms` per env and domain from a topic registry; beats `max_age` for those
+    /// topics (set by [`crate::Bus::connect_with_registry`]).
+    pub registry_retention: crate::transport::UnitRetention,
     /// Time allowed for the first metadata answer.
     pub connect_timeout: Duration,
     /// Time allowed for one request or delivery report.
@@ -256,6 +259,7 @@ impl Default for KafkaOptions {
             replication: None,
             max_in_flight: 10_000,
             max_age: None,
+            registry_retention: Default::default(),
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(10),
             session_timeout: Duration::from_secs(10),
@@ -514,6 +518,23 @@ impl KafkaOptions {
         self.max_age.unwrap_or_else(|| domain.default_retention())
     }
 
+    /// Retention of the topics of env + domain: the registry's for that unit, else
+    /// [`KafkaOptions::max_age_for`].
+    ///
+    /// ```
+    /// use ampybus::{Domain, Env, transport::kafka::KafkaOptions};
+    /// let mut o = KafkaOptions::default();
+    /// o.registry_retention.insert((Env::Prod, Domain::Fills), std::time::Duration::from_secs(86_400));
+    /// assert_eq!(o.max_age_at(Env::Prod, Domain::Fills).as_secs(), 86_400);
+    /// assert_eq!(o.max_age_at(Env::Dev, Domain::Fills).as_secs(), 30 * 86_400);
+    /// ```
+    pub fn max_age_at(&self, env: crate::topic::Env, domain: Domain) -> Duration {
+        self.registry_retention
+            .get(&(env, domain))
+            .copied()
+            .unwrap_or_else(|| self.max_age_for(domain))
+    }
+
     /// The brokers as shown in logs and errors (never credentials).
     ///
     /// ```
@@ -649,7 +670,11 @@ impl Shared {
                     .nth(2)
                     .and_then(|d| d.parse::<Domain>().ok())
                     .unwrap_or(Domain::News);
-                match self.opts.max_age_for(domain).as_millis() {
+                let age = match rest.split('.').nth(1).and_then(|e| e.parse().ok()) {
+                    Some(env) => self.opts.max_age_at(env, domain),
+                    None => self.opts.max_age_for(domain),
+                };
+                match age.as_millis() {
                     0 => "-1".to_owned(), // unlimited
                     ms => ms.to_string(),
                 }

@@ -127,6 +127,9 @@ pub struct NatsOptions {
     /// Max age of created streams for every domain; `None`: 7 days, 30 for trading domains;
     /// `Some(Duration::ZERO)`: unlimited (URL `max_age_days=unlimited`).
     pub max_age: Option<Duration>,
+    /// Max age per env and domain from a topic registry; beats `max_age` for those streams
+    /// (set by [`crate::Bus::connect_with_registry`]).
+    pub registry_retention: crate::transport::UnitRetention,
     /// Per durable consumer: unacknowledged deliveries at most.
     pub max_ack_pending: i64,
     /// Update an existing stream's max age, duplicate window and replicas to ours.
@@ -179,6 +182,7 @@ impl Default for NatsOptions {
             replicas: 1,
             duplicate_window: Duration::from_secs(120),
             max_age: None,
+            registry_retention: Default::default(),
             max_ack_pending: 10_000,
             update_streams: false,
             consumer_inactive: None,

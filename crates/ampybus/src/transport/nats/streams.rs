@@ -78,6 +78,24 @@ pub fn max_age_for(opts: &NatsOptions, domain: Domain) -> Duration {
     opts.max_age.unwrap_or_else(|| domain.default_retention())
 }
 
+/// The max age of the stream of env + domain: the registry's retention for that unit, else
+/// [`max_age_for`].
+///
+/// ```
+/// use ampybus::{Domain, Env};
+/// use ampybus::transport::nats::{NatsOptions, streams::max_age_at};
+/// let mut o = NatsOptions::default();
+/// o.registry_retention.insert((Env::Prod, Domain::Bars), std::time::Duration::from_secs(86_400));
+/// assert_eq!(max_age_at(&o, Env::Prod, Domain::Bars).as_secs(), 86_400);
+/// assert_eq!(max_age_at(&o, Env::Dev, Domain::Bars).as_secs(), 7 * 86_400);
+/// ```
+pub fn max_age_at(opts: &NatsOptions, env: Env, domain: Domain) -> Duration {
+    opts.registry_retention
+        .get(&(env, domain))
+        .copied()
+        .unwrap_or_else(|| max_age_for(opts, domain))
+}
+
 /// The configuration of the stream this binding creates for env + domain.
 ///
 /// ```
@@ -99,7 +117,7 @@ pub fn desired_config(opts: &NatsOptions, env: Env, domain: Domain) -> stream::C
         retention: stream::RetentionPolicy::Limits,
         storage: stream::StorageType::File,
         discard: stream::DiscardPolicy::Old,
-        max_age: max_age_for(opts, domain),
+        max_age: max_age_at(opts, env, domain),
         num_replicas: opts.replicas,
         duplicate_window: opts.duplicate_window,
         max_messages: -1,
@@ -514,7 +532,31 @@ pub(crate) async fn resolve_with(
     if let Some(s) = cached(shared, env, domain) {
         return Ok(Some(s));
     }
-    let Some(e) = find_or_create(&shared.js, &shared.opts, env, domain, create).await? else {
+    // A JetStream API request the user's permissions refuse gets no reply (the server reports
+    // a violation on the connection instead): end the wait with a clear error at once.
+    let name = stream_name(&shared.opts.stream_prefix, env, domain);
+    let mut violations = shared.violations.subscribe();
+    let refused = async {
+        loop {
+            match violations.recv().await {
+                Ok(subject) if is_stream_api_for(&subject, &name) => return subject,
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                    std::future::pending::<()>().await
+                }
+            }
+        }
+    };
+    let found = tokio::select! {
+        r = find_or_create(&shared.js, &shared.opts, env, domain, create) => r?,
+        subject = refused => {
+            return Err(Error::config(format!(
+                "{}: permission denied: the server refused `{subject}` (Permissions Violation; the user may not use stream {name}: check its publish permissions on the JetStream API)",
+                shared.where_()
+            )));
+        }
+    };
+    let Some(e) = found else {
         return Ok(None);
     };
     let s = Arc::new(e.stream);
@@ -525,6 +567,15 @@ pub(crate) async fn resolve_with(
         .unwrap_or_else(|p| p.into_inner())
         .insert((env, domain), s.clone());
     Ok(Some(s))
+}
+
+/// Whether `subject` is a JetStream API request about stream `name` (`$JS.API.STREAM.INFO.{name}`
+/// and the like).
+fn is_stream_api_for(subject: &str, name: &str) -> bool {
+    subject.starts_with("$JS.API.STREAM.")
+        && subject
+            .strip_suffix(name)
+            .is_some_and(|head| head.ends_with('.'))
 }
 
 fn cached(shared: &Shared, env: Env, domain: Domain) -> Option<Arc<StreamRef>> {
@@ -646,6 +697,26 @@ pub async fn describe(js: &jetstream::Context, name: &str) -> Result<stream::Inf
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stream_api_subjects() {
+        assert!(is_stream_api_for(
+            "$JS.API.STREAM.INFO.A_DEV_BARS",
+            "A_DEV_BARS"
+        ));
+        assert!(is_stream_api_for(
+            "$JS.API.STREAM.CREATE.A_DEV_BARS",
+            "A_DEV_BARS"
+        ));
+        assert!(!is_stream_api_for(
+            "$JS.API.STREAM.INFO.XA_DEV_BARS",
+            "A_DEV_BARS"
+        ));
+        assert!(!is_stream_api_for(
+            "ampy.dev.bars.v1.A_DEV_BARS",
+            "A_DEV_BARS"
+        ));
+    }
 
     #[test]
     fn subsets_and_intersections() {

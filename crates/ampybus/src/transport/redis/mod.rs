@@ -115,6 +115,9 @@ pub struct RedisOptions {
     /// Retention of every stream; `None`: 7 days, 30 for orders, fills, positions, dlq;
     /// `Some(Duration::ZERO)`: unlimited (URL `max_age_days=unlimited`: no `MINID` trim).
     pub max_age: Option<Duration>,
+    /// Retention per env and domain from a topic registry (the `MINID` trim of those
+    /// streams); beats `max_age` (set by [`crate::Bus::connect_with_registry`]).
+    pub registry_retention: crate::transport::UnitRetention,
     /// Also keep at most about this many entries per stream.
     pub max_len: Option<u64>,
 }
@@ -152,6 +155,7 @@ impl Default for RedisOptions {
             request_timeout: Duration::from_secs(5),
             max_in_flight: 4096,
             max_age: None,
+            registry_retention: Default::default(),
             max_len: None,
         }
     }
@@ -343,6 +347,23 @@ impl RedisOptions {
     /// ```
     pub fn max_age_for(&self, domain: Domain) -> Duration {
         self.max_age.unwrap_or_else(|| domain.default_retention())
+    }
+
+    /// Retention of the stream of env + domain: the registry's for that unit, else
+    /// [`RedisOptions::max_age_for`].
+    ///
+    /// ```
+    /// use ampybus::{Domain, Env, transport::redis::RedisOptions};
+    /// let mut o = RedisOptions::default();
+    /// o.registry_retention.insert((Env::Dev, Domain::Bars), std::time::Duration::from_secs(3_600));
+    /// assert_eq!(o.max_age_at(Env::Dev, Domain::Bars).as_secs(), 3_600);
+    /// assert_eq!(o.max_age_at(Env::Prod, Domain::Bars).as_secs(), 7 * 86_400);
+    /// ```
+    pub fn max_age_at(&self, env: crate::topic::Env, domain: Domain) -> Duration {
+        self.registry_retention
+            .get(&(env, domain))
+            .copied()
+            .unwrap_or_else(|| self.max_age_for(domain))
     }
 
     /// `host:port` as shown in logs and errors (never credentials).

@@ -76,7 +76,10 @@ pub(crate) async fn publish_outcomes(
                     }
                 };
                 let key = shared.opts.stream_key(wire::stream_of(topic.as_str()));
-                let age = shared.opts.max_age_for(topic.domain()).as_millis() as i64;
+                let age = shared
+                    .opts
+                    .max_age_at(topic.env(), topic.domain())
+                    .as_millis() as i64;
                 // An age of zero means unlimited: `MINID ~ 0-0` trims nothing.
                 let minid = if age == 0 {
                     "0-0".to_owned()
