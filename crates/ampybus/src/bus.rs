@@ -48,6 +48,8 @@ pub enum TransportKind {
     Kafka,
     /// `redis://`, `rediss://`.
     Redis,
+    /// `postgres://`, `postgresql://`: the archive, read-only (feature `archive`).
+    Archive,
 }
 
 /// Classifies a URL without connecting.
@@ -61,8 +63,9 @@ pub fn transport_kind(url: &str) -> Result<TransportKind> {
         Some("nats") | Some("tls") => Ok(TransportKind::Nats),
         Some("kafka") => Ok(TransportKind::Kafka),
         Some("redis") | Some("rediss") => Ok(TransportKind::Redis),
+        Some("postgres") | Some("postgresql") => Ok(TransportKind::Archive),
         Some(other) => Err(Error::config(format!(
-            "url {:?}: scheme `{other}` is not supported (use file://, a path, nats://, tls://, kafka://, redis:// or rediss://)",
+            "url {:?}: scheme `{other}` is not supported (use file://, a path, nats://, tls://, kafka://, redis://, rediss:// or postgres:// for the archive)",
             redact(url)
         ))),
         None if url.starts_with("file:") => Ok(TransportKind::Embedded),
@@ -184,6 +187,16 @@ impl Bus {
                     })??;
                 Ok(Bus::with_transport(Arc::new(log), url).with_blob_store(blobs))
             }
+            #[cfg(feature = "archive")]
+            TransportKind::Archive => {
+                let t = crate::archive::ArchiveTransport::connect(url).await?;
+                Ok(Bus::with_transport(Arc::new(t), url))
+            }
+            #[cfg(not(feature = "archive"))]
+            TransportKind::Archive => Err(Error::config(format!(
+                "url {:?}: reading the archive is not available in this build (enable cargo feature `archive` of crate `ampybus`)",
+                redact(url)
+            ))),
             #[cfg(feature = "nats")]
             TransportKind::Nats => {
                 let t = crate::transport::nats::NatsTransport::connect_url(url).await?;
