@@ -250,11 +250,10 @@ pub async fn push_message(
         }
     };
     let failed = match rows {
-        Ok(rows) => rows
-            .into_iter()
-            .try_for_each(|(t, cells)| batch.push_row(t, cells))
+        Ok(rows) => batch
+            .push_rows(rows)
             .err()
-            .map(|e| format!("decode_error: {e}")),
+            .map(|e| format!("decode_error: {}", e.message())),
         Err(reason) => Some(format!("decode_error: {reason}")),
     };
     batch.push_envelope(env, stored_at, sequence, failed.as_deref());

@@ -79,6 +79,8 @@ pub struct Numeric {
 
 /// Largest scale PostgreSQL keeps in a `numeric` display scale.
 const MAX_SCALE: i32 = 0x3FFF;
+/// Most zeros a negative scale appends.
+const MIN_SCALE: i32 = -1000;
 
 impl Numeric {
     /// `scaled × 10^-scale`.
@@ -86,12 +88,24 @@ impl Numeric {
         Numeric { scaled, scale }
     }
 
+    /// Whether PostgreSQL's `numeric` can hold the value exactly: a scale from -1,000 to
+    /// 16,383.
+    ///
+    /// ```
+    /// use ampybus::archive::Numeric;
+    /// assert!(Numeric::new(1, 4).is_representable());
+    /// assert!(!Numeric::new(1, i32::MAX).is_representable());
+    /// ```
+    pub fn is_representable(&self) -> bool {
+        (MIN_SCALE..=MAX_SCALE).contains(&self.scale)
+    }
+
     /// The absolute value's digits and the number of them after the point, or `None` when
     /// the value cannot be a `numeric` (scale beyond 16,383 or a huge negative scale).
     fn digits(&self) -> Option<(String, usize)> {
         let mut digits = self.scaled.unsigned_abs().to_string();
         if self.scale < 0 {
-            if self.scale < -1000 {
+            if self.scale < MIN_SCALE {
                 return None;
             }
             digits.push_str(&"0".repeat(self.scale.unsigned_abs() as usize));

@@ -113,12 +113,15 @@ pub(crate) fn pg_error(context: &str, e: tokio_postgres::Error) -> Error {
         }
     };
     // Classes: 28 authentication, 3D no such database, 42/3F a missing or unusable table or
-    // schema, 22 a value the server refused; the rest (connection, 57 shutdown, 08, 53) is
+    // schema, 22/23 a value or row the server refused; the rest (connection, 57 shutdown, 08, 53) is
     // worth retrying.
     let class = e.code().map(|c| &c.code()[..2]);
+    // A value the client could not encode is the row's fault, not the connection's.
+    let client_side = e.code().is_none() && e.to_string().starts_with("error serializing");
     let kind = match class {
+        _ if client_side => ErrorKind::Payload,
         Some("28" | "3D" | "42" | "3F") => ErrorKind::Config,
-        Some("22") => ErrorKind::Payload,
+        Some("22" | "23") => ErrorKind::Payload,
         _ => ErrorKind::Transport,
     };
     Error::with_source(kind, format!("PostgreSQL: {context}: {detail}"), e)

@@ -108,7 +108,7 @@ impl ArchiveReader {
     ) -> Result<BTreeMap<String, (u64, String)>> {
         let rows = self
             .query(
-                "SELECT topic, count(*)::bigint, encode(sha256(string_agg(payload_hash, ',' ORDER BY message_id COLLATE "C")::bytea), 'hex')
+                "SELECT topic, count(*)::bigint, encode(sha256(string_agg(payload_hash, ',' ORDER BY message_id COLLATE \"C\")::bytea), 'hex')
                  FROM ampybus.envelopes
                  WHERE topic ~ $1 AND ($2::timestamptz IS NULL OR stored_at >= $2) AND ($3::timestamptz IS NULL OR stored_at < $3)
                  GROUP BY topic",

@@ -88,6 +88,30 @@ impl ArchiveBatch {
         Ok(())
     }
 
+    /// Adds the typed rows of one message, all or none: the first row that does not fit its
+    /// table is the error (see [`ArchiveBatch::push_row`]).
+    ///
+    /// ```
+    /// use ampybus::archive::{ArchiveBatch, Cell, Numeric, Table};
+    /// let mut row = vec![Cell::text("m"), Cell::Int4(0)];
+    /// row.resize(Table::FxRates.spec().columns.len(), Cell::Null);
+    /// let mut bad = row.clone();
+    /// bad[4] = Cell::Numeric(Numeric::new(1, i32::MAX));
+    /// let mut batch = ArchiveBatch::new();
+    /// let err = batch.push_rows(vec![(Table::FxRates, row), (Table::FxRates, bad)]).unwrap_err();
+    /// assert!(err.to_string().contains("ampybus.fx_rates.bid: decimal scale 2147483647"), "{err}");
+    /// assert_eq!(batch.rows(Table::FxRates), 0);
+    /// ```
+    pub fn push_rows(&mut self, rows: Vec<(Table, Vec<Cell>)>) -> Result<()> {
+        for (t, row) in &rows {
+            check_row(t.spec(), row)?;
+        }
+        for (t, row) in rows {
+            self.typed[t.index()].push(row);
+        }
+        Ok(())
+    }
+
     /// Envelopes in the batch.
     pub fn len(&self) -> usize {
         self.envelopes.len()
@@ -143,6 +167,17 @@ fn check_row(spec: &TableSpec, row: &[Cell]) -> Result<()> {
         ));
     }
     for ((name, ty), cell) in spec.columns.iter().zip(row) {
+        if let Cell::Numeric(n) = cell
+            && !n.is_representable()
+        {
+            return Err(Error::new(
+                ErrorKind::Payload,
+                format!(
+                    "ampybus.{}.{name}: decimal scale {} is outside numeric's range (-1000..=16383)",
+                    spec.name, n.scale
+                ),
+            ));
+        }
         if !cell.fits(*ty) {
             return Err(Error::new(
                 ErrorKind::Payload,
@@ -304,8 +339,9 @@ impl ArchiveWriter {
             let mut ddl = String::new();
             for (spec, _) in batch.tables() {
                 ddl.push_str(&format!(
-                    "CREATE TEMP TABLE IF NOT EXISTS stage_{0} (LIKE ampybus.{0}) ON COMMIT DELETE ROWS;",
-                    spec.name
+                    "CREATE TEMP TABLE IF NOT EXISTS stage_{0} ON COMMIT DELETE ROWS AS SELECT {1} FROM ampybus.{0} WITH NO DATA;",
+                    spec.name,
+                    spec.column_list()
                 ));
             }
             self.client().batch_execute(&ddl).await?;
