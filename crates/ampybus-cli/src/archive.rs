@@ -45,6 +45,10 @@ pub struct RunArgs {
     /// Messages per transaction, at most
     #[arg(long, value_name = "N", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub batch: u64,
+    /// Ack deadline of the subscription: after a crash, what the dead archiver held is
+    /// delivered again (to the next instance) after this long
+    #[arg(long, value_name = "SECS", default_value = "30", value_parser = crate::cli::parse_secs)]
+    pub ack_deadline: f64,
 }
 
 /// Subcommands of `archive`.
@@ -138,8 +142,10 @@ async fn archive(url: &str, args: RunArgs) -> CliResult<u8> {
     let bus = util::connect(url).await?;
     let counter = ReaderCounter::register(&bus, &name, pattern.clone(), true, args.batch as usize);
     let mut signals = Signals::new()?;
+    let mut spec = SubscribeSpec::durable(pattern, name.clone());
+    spec.ack_deadline = Duration::from_secs_f64(args.ack_deadline.max(0.5));
     let mut sub = bus
-        .subscribe(SubscribeSpec::durable(pattern, name.clone()))
+        .subscribe(spec)
         .await
         .map_err(|e| CliError::bus(format!("--durable {name:?}"), &e))?;
     let limits = Limits {

@@ -37,6 +37,19 @@ pub fn count(url: &str, from_where: &str) -> i64 {
     query(url, &format!("SELECT count(*) FROM {from_where}"))[0].get(0)
 }
 
+/// `SELECT count(*)`, or `None` while the table does not exist yet (or the server is away).
+pub fn try_count(url: &str, from_where: &str) -> Option<i64> {
+    block(async {
+        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.ok()?;
+        tokio::spawn(conn);
+        let rows = client
+            .query(&format!("SELECT count(*) FROM {from_where}"), &[])
+            .await
+            .ok()?;
+        rows.first().map(|r| r.get(0))
+    })
+}
+
 /// A database of its own, dropped at the end.
 pub struct Db {
     admin: String,
