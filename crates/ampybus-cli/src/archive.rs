@@ -190,7 +190,8 @@ pub struct ArchiveSink<'a> {
     bus: &'a Bus,
     writer: ArchiveWriter,
     counter: ReaderCounter,
-    batch: ArchiveBatch,
+    /// Two batches: one being written while the next is filled.
+    batches: [ArchiveBatch; 2],
     /// Totals of the writes.
     pub stats: WriteReport,
     /// Messages whose payload did not decode (archived without typed rows).
@@ -201,6 +202,12 @@ pub struct ArchiveSink<'a> {
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(2);
 
+/// A fetched batch is written in up to this many transactions, each one's rows built while
+/// the one before it is written (PostgreSQL works in its own process meanwhile).
+const PIPELINE: usize = 4;
+/// Smallest transaction the split makes.
+const MIN_CHUNK: usize = 250;
+
 impl<'a> ArchiveSink<'a> {
     /// A sink writing through `writer`, counting decode failures on `counter`.
     pub fn new(bus: &'a Bus, writer: ArchiveWriter, counter: ReaderCounter) -> Self {
@@ -208,26 +215,80 @@ impl<'a> ArchiveSink<'a> {
             bus,
             writer,
             counter,
-            batch: ArchiveBatch::new(),
+            batches: [ArchiveBatch::new(), ArchiveBatch::new()],
             stats: WriteReport::default(),
             undecodable: 0,
         }
     }
+}
 
-    /// Fills the batch from the deliveries: every envelope, typed rows of the payloads that
-    /// decode.
-    async fn fill(&mut self, got: &[Delivery]) {
-        self.batch.clear();
-        for d in got {
-            let env = &d.envelope;
-            let failed =
-                push_message(self.bus, &mut self.batch, env, d.info.stored_at, d.info.sequence)
-                    .await;
-            if let Some(reason) = failed {
-                self.undecodable += 1;
-                self.counter.decode_failed(&env.topic);
-                let id = env.headers.message_id().unwrap_or("");
-                tracing::warn!(message_id = id, topic = %env.topic, reason = %reason, "archive: payload archived without typed rows");
+/// Fills `batch` from the deliveries: every envelope, typed rows of the payloads that decode;
+/// returns how many did not decode (each counted on `counter` and logged).
+async fn fill(
+    bus: &Bus,
+    counter: &ReaderCounter,
+    batch: &mut ArchiveBatch,
+    got: &[Delivery],
+) -> u64 {
+    batch.clear();
+    let mut undecodable = 0;
+    for d in got {
+        let env = &d.envelope;
+        let failed = push_message(bus, batch, env, d.info.stored_at, d.info.sequence).await;
+        if let Some(reason) = failed {
+            undecodable += 1;
+            counter.decode_failed(&env.topic);
+            let id = env.headers.message_id().unwrap_or("");
+            tracing::warn!(message_id = id, topic = %env.topic, reason = %reason, "archive: payload archived without typed rows");
+        }
+    }
+    undecodable
+}
+
+/// How a write that would not go through ended.
+enum Stopped {
+    /// A signal came while waiting for the database.
+    Signal,
+    /// An error retrying cannot fix.
+    Failed(CliError),
+}
+
+/// Writes `batch`, holding it (leases of `held` extended) and retrying with backoff while the
+/// database is unreachable.
+async fn write_retrying(
+    writer: &mut ArchiveWriter,
+    batch: &ArchiveBatch,
+    held: &[Delivery],
+    signals: &mut Signals,
+) -> Result<WriteReport, Stopped> {
+    let mut delay = RETRY_MIN;
+    let mut outage: Option<std::time::Instant> = None;
+    loop {
+        match writer.write(batch).await {
+            Ok(r) => {
+                if let Some(t) = outage {
+                    tracing::warn!(after_ms = t.elapsed().as_millis() as u64, "archive: PostgreSQL is back; batch committed");
+                }
+                return Ok(r);
+            }
+            Err(e) if ampybus::archive::is_retryable(&e) => {
+                if outage.is_none() {
+                    outage = Some(std::time::Instant::now());
+                    tracing::warn!(error = %e, "archive: cannot write; holding the batch and retrying until PostgreSQL answers");
+                }
+                // Keep the leases while waiting.
+                for d in held {
+                    let _ = d.in_progress().await;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = signals.recv() => return Err(Stopped::Signal),
+                }
+                delay = (delay * 2).min(RETRY_MAX);
+            }
+            Err(e) => {
+                let to = writer.url_redacted().to_owned();
+                return Err(Stopped::Failed(CliError::bus(format!("--to {to:?}"), &e)));
             }
         }
     }
@@ -267,46 +328,41 @@ pub async fn push_message(
 }
 
 impl Sink for ArchiveSink<'_> {
-    async fn take(
-        &mut self,
-        got: &[Delivery],
-        signals: &mut Signals,
-    ) -> (usize, CliResult<()>) {
-        self.fill(got).await;
-        let mut delay = RETRY_MIN;
-        let mut outage: Option<std::time::Instant> = None;
-        loop {
-            match self.writer.write(&self.batch).await {
-                Ok(r) => {
-                    if let Some(t) = outage {
-                        tracing::warn!(after_ms = t.elapsed().as_millis() as u64, "archive: PostgreSQL is back; batch committed");
+    /// Writes the deliveries in order, in up to [`PIPELINE`] transactions; finished = the
+    /// committed prefix.
+    async fn take(&mut self, got: &[Delivery], signals: &mut Signals) -> (usize, CliResult<()>) {
+        let size = got.len().div_ceil(PIPELINE).max(MIN_CHUNK);
+        let chunks: Vec<&[Delivery]> = got.chunks(size).collect();
+        let (bus, counter) = (self.bus, &self.counter);
+        let [cur, next] = &mut self.batches;
+        self.undecodable += fill(bus, counter, cur, chunks[0]).await;
+        let mut done = 0;
+        for (i, chunk) in chunks.iter().enumerate() {
+            let following = chunks.get(i + 1).copied().unwrap_or_default();
+            let (written, undecodable) = tokio::join!(
+                write_retrying(&mut self.writer, cur, &got[done..], signals),
+                async {
+                    if following.is_empty() {
+                        0
+                    } else {
+                        fill(bus, counter, next, following).await
                     }
+                }
+            );
+            match written {
+                Ok(r) => {
                     self.stats.envelopes_new += r.envelopes_new;
                     self.stats.envelopes_known += r.envelopes_known;
                     self.stats.rows_new += r.rows_new;
-                    return (got.len(), Ok(()));
                 }
-                Err(e) if ampybus::archive::is_retryable(&e) => {
-                    if outage.is_none() {
-                        outage = Some(std::time::Instant::now());
-                        tracing::warn!(error = %e, "archive: cannot write; holding the batch and retrying until PostgreSQL answers");
-                    }
-                    // Keep the leases while waiting.
-                    for d in got {
-                        let _ = d.in_progress().await;
-                    }
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = signals.recv() => return (0, Ok(())),
-                    }
-                    delay = (delay * 2).min(RETRY_MAX);
-                }
-                Err(e) => {
-                    let to = self.writer.url_redacted().to_owned();
-                    return (0, Err(CliError::bus(format!("--to {to:?}"), &e)));
-                }
+                Err(Stopped::Signal) => return (done, Ok(())),
+                Err(Stopped::Failed(e)) => return (done, Err(e)),
             }
+            done += chunk.len();
+            self.undecodable += undecodable;
+            std::mem::swap(cur, next);
         }
+        (done, Ok(()))
     }
 }
 
