@@ -127,8 +127,8 @@ async fn migrate(to: &str) -> CliResult<u8> {
 
 async fn archive(url: &str, args: RunArgs) -> CliResult<u8> {
     let raw = args.pattern.unwrap_or_default();
-    let pattern = TopicPattern::parse(&raw)
-        .map_err(|e| CliError::bus(format!("--pattern {raw:?}"), &e))?;
+    let pattern =
+        TopicPattern::parse(&raw).map_err(|e| CliError::bus(format!("--pattern {raw:?}"), &e))?;
     let name = args.durable;
     if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(CliError::usage(format!(
@@ -150,9 +150,7 @@ async fn archive(url: &str, args: RunArgs) -> CliResult<u8> {
         .map_err(|e| CliError::bus(format!("--durable {name:?}"), &e))?;
     let limits = Limits {
         max: args.max,
-        idle: args
-            .timeout
-            .map_or(Duration::MAX, Duration::from_secs_f64),
+        idle: args.timeout.map_or(Duration::MAX, Duration::from_secs_f64),
         fetch: args.batch,
         durable: true,
     };
@@ -267,7 +265,10 @@ async fn write_retrying(
         match writer.write(batch).await {
             Ok(r) => {
                 if let Some(t) = outage {
-                    tracing::warn!(after_ms = t.elapsed().as_millis() as u64, "archive: PostgreSQL is back; batch committed");
+                    tracing::warn!(
+                        after_ms = t.elapsed().as_millis() as u64,
+                        "archive: PostgreSQL is back; batch committed"
+                    );
                 }
                 return Ok(r);
             }
@@ -394,7 +395,8 @@ async fn verify(url: &str, args: VerifyArgs) -> CliResult<u8> {
     let on_bus = bus_digest(&bus, &pattern, since, until).await;
     util::close(&bus).await?;
     let on_bus = on_bus?;
-    let topics: std::collections::BTreeSet<&String> = archived.keys().chain(on_bus.keys()).collect();
+    let topics: std::collections::BTreeSet<&String> =
+        archived.keys().chain(on_bus.keys()).collect();
     let mut differ = 0;
     let mut out = util::Out::new();
     for t in topics {
@@ -419,7 +421,11 @@ async fn verify(url: &str, args: VerifyArgs) -> CliResult<u8> {
                 if same { "OK  " } else { "DIFF" },
                 count(b),
                 count(a),
-                if !same && count(a) == count(b) { " (payload hashes differ)" } else { "" }
+                if !same && count(a) == count(b) {
+                    " (payload hashes differ)"
+                } else {
+                    ""
+                }
             )
         };
         out.line(&line)?;

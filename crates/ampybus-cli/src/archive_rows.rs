@@ -97,9 +97,11 @@ pub fn rows(fqdn: &str, message_id: &str, payload: &[u8]) -> Result<Rows, String
 
 /// A `google.protobuf.Timestamp` as a time (NULL when unset or out of range).
 pub fn ts(t: &Option<prost_types::Timestamp>) -> Cell {
-    Cell::time(t.as_ref().and_then(|t| {
-        chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).ok()?)
-    }))
+    Cell::time(
+        t.as_ref().and_then(|t| {
+            chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).ok()?)
+        }),
+    )
 }
 
 /// An `ampy.common.v1.Decimal` as a numeric (NULL when unset).
@@ -314,8 +316,15 @@ mod tests {
             let (t, cells) = r.into_iter().next().unwrap();
             batch.push_row(t, cells).unwrap();
         }
-        assert!(rows("ampy.metrics.v1.MetricBatch", "m", b"\xff").unwrap().is_empty());
+        assert!(
+            rows("ampy.metrics.v1.MetricBatch", "m", b"\xff")
+                .unwrap()
+                .is_empty()
+        );
         let e = rows("ampy.bars.v1.BarBatch", "m", b"\xff\xff").unwrap_err();
-        assert!(e.starts_with("does not decode as ampy.bars.v1.BarBatch"), "{e}");
+        assert!(
+            e.starts_with("does not decode as ampy.bars.v1.BarBatch"),
+            "{e}"
+        );
     }
 }

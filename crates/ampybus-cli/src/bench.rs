@@ -169,7 +169,9 @@ pub async fn run(url: &str, args: BenchArgs, log_level: Option<&str>) -> CliResu
         ampybus::bus::TransportKind::Embedded => None,
         _ => Some(url.to_owned()),
     };
-    if broker.is_some() && (args.raw || matches!(args.mode, BenchMode::Consume | BenchMode::Archive)) {
+    if broker.is_some()
+        && (args.raw || matches!(args.mode, BenchMode::Consume | BenchMode::Archive))
+    {
         return Err(CliError::usage(format!(
             "--url {:?}: --raw and --mode consume measure the embedded log; against NATS use `ampybus bench-nats` for the raw-client comparison",
             ampybus::bus::redact(url)

@@ -66,7 +66,15 @@ pub async fn run(args: &BenchArgs, parent: &Path) -> CliResult<u8> {
     let (mut ours, mut raw, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     for round in 1..=args.rounds {
         let r = raw_round(&mut client, &raw_batches, args.messages).await?;
-        let o = archive_round(&bus, to, &pattern, args, &format!("bench-{tag}-{round}"), &mut signals).await?;
+        let o = archive_round(
+            &bus,
+            to,
+            &pattern,
+            args,
+            &format!("bench-{tag}-{round}"),
+            &mut signals,
+        )
+        .await?;
         eprintln!(
             "round {round}: raw COPY {r:.0} msg/s, ampybus archive {o:.0} msg/s, ratio {:.3}",
             o / r
@@ -128,7 +136,12 @@ fn bars(args: &BenchArgs) -> CliResult<Vec<Envelope>> {
         .map(|i| {
             let (topic, key, sym) = &topics[(i % args.keys) as usize];
             let t = base + (i / args.keys) as i64 * 60;
-            let ts = |s: i64| Some(prost_types::Timestamp { seconds: s, nanos: 0 });
+            let ts = |s: i64| {
+                Some(prost_types::Timestamp {
+                    seconds: s,
+                    nanos: 0,
+                })
+            };
             let p = 1_900_000 + (i % 1000) as i64;
             let mut bar = Bar {
                 security: Some(SecurityId {
@@ -159,7 +172,10 @@ fn bars(args: &BenchArgs) -> CliResult<Vec<Envelope>> {
             };
             // Pad to the target size (the padding found for the first bar fits nearly all).
             for _ in 0..4 {
-                let len = BarBatch { bars: vec![bar.clone()] }.encoded_len();
+                let len = BarBatch {
+                    bars: vec![bar.clone()],
+                }
+                .encoded_len();
                 if len == target || (len > target && pad == 0) {
                     break;
                 }
@@ -168,7 +184,8 @@ fn bars(args: &BenchArgs) -> CliResult<Vec<Envelope>> {
                     m.checksum = "x".repeat(pad);
                 }
             }
-            let mut h = Headers::for_publish("ampy.bars.v1.BarBatch", "bench@ampybus", "bench", key);
+            let mut h =
+                Headers::for_publish("ampy.bars.v1.BarBatch", "bench@ampybus", "bench", key);
             h.set(ampybus::headers::names::RUN_ID, run_id.clone());
             Envelope::new(topic, h, BarBatch { bars: vec![bar] }.encode_to_vec())
         })
@@ -207,12 +224,22 @@ async fn raw_round(
     let started = Instant::now();
     for b in batches {
         let tx = client.transaction().await.map_err(err)?;
-        copy_rows(&tx, "ampybus.envelopes", TableSpec::envelopes(), b.envelope_rows())
-            .await
-            .map_err(err)?;
-        copy_rows(&tx, "ampybus.bars", Table::Bars.spec(), b.typed_rows(Table::Bars))
-            .await
-            .map_err(err)?;
+        copy_rows(
+            &tx,
+            "ampybus.envelopes",
+            TableSpec::envelopes(),
+            b.envelope_rows(),
+        )
+        .await
+        .map_err(err)?;
+        copy_rows(
+            &tx,
+            "ampybus.bars",
+            Table::Bars.spec(),
+            b.typed_rows(Table::Bars),
+        )
+        .await
+        .map_err(err)?;
         tx.commit().await.map_err(err)?;
     }
     Ok(n as f64 / started.elapsed().as_secs_f64())

@@ -60,7 +60,10 @@ pub async fn follow(
             None => limits.fetch,
         };
         // Short fetches (a fetch is not cancelled midway: it may hold leases by then).
-        let wait = limits.idle.saturating_sub(active.elapsed()).min(FETCH_SLICE);
+        let wait = limits
+            .idle
+            .saturating_sub(active.elapsed())
+            .min(FETCH_SLICE);
         let got = match sub.fetch(want as usize, wait).await {
             Ok(got) => got,
             Err(e) => return (done, Err(CliError::bus("fetch", &e))),

@@ -204,8 +204,14 @@ impl Sink for PrintSink<'_> {
         let written = async {
             for d in got {
                 let i = &d.info;
-                p.print(self.bus, &d.envelope, i.sequence, i.stored_at, i.delivery_count)
-                    .await?;
+                p.print(
+                    self.bus,
+                    &d.envelope,
+                    i.sequence,
+                    i.stored_at,
+                    i.delivery_count,
+                )
+                .await?;
             }
             p.out.flush()
         }

@@ -60,7 +60,11 @@ enum Kind {
 }
 
 /// `(table, natural key columns, [(column, path in the record, kind)])`.
-type Spec = (&'static str, &'static [&'static str], Vec<(&'static str, &'static str, Kind)>);
+type Spec = (
+    &'static str,
+    &'static [&'static str],
+    Vec<(&'static str, &'static str, Kind)>,
+);
 
 fn specs() -> Vec<Spec> {
     use Kind::*;
@@ -81,7 +85,11 @@ fn specs() -> Vec<Spec> {
                 ("volume", "volume", Int),
                 ("trade_count", "trade_count", Int),
                 ("adjusted", "adjusted", Bool),
-                ("adjustment_policy", "adjustment_policy", Enum("ampy.common.v1.AdjustmentPolicy")),
+                (
+                    "adjustment_policy",
+                    "adjustment_policy",
+                    Enum("ampy.common.v1.AdjustmentPolicy"),
+                ),
                 ("event_time", "event_time", Ts),
                 ("ingest_time", "ingest_time", Ts),
                 ("as_of", "as_of", Ts),
@@ -159,7 +167,11 @@ fn specs() -> Vec<Spec> {
                 ("quantity", "quantity", Num),
                 ("avg_price", "avg_price", Num),
                 ("unrealized_pnl", "unrealized_pnl.amount", Num),
-                ("unrealized_pnl_currency", "unrealized_pnl.currency_code", Text),
+                (
+                    "unrealized_pnl_currency",
+                    "unrealized_pnl.currency_code",
+                    Text,
+                ),
                 ("realized_pnl", "realized_pnl.amount", Num),
                 ("realized_pnl_currency", "realized_pnl.currency_code", Text),
                 ("as_of", "as_of", Ts),
@@ -246,7 +258,11 @@ fn expected(record: &Value, path: &str, kind: Kind) -> Option<String> {
     for p in path.split('.') {
         v = v.get(p).unwrap_or(&Value::Null);
     }
-    let s = |v: &Value| v.as_str().map(str::to_owned).or_else(|| v.as_i64().map(|n| n.to_string()));
+    let s = |v: &Value| {
+        v.as_str()
+            .map(str::to_owned)
+            .or_else(|| v.as_i64().map(|n| n.to_string()))
+    };
     match kind {
         Kind::Text => s(v).filter(|t| !t.is_empty()),
         Kind::Int => Some(s(v).unwrap_or_else(|| "0".into())),
@@ -271,7 +287,10 @@ fn expected(record: &Value, path: &str, kind: Kind) -> Option<String> {
             if v.is_null() {
                 return None;
             }
-            let scaled: i128 = s(&v["scaled"]).unwrap_or_else(|| "0".into()).parse().unwrap();
+            let scaled: i128 = s(&v["scaled"])
+                .unwrap_or_else(|| "0".into())
+                .parse()
+                .unwrap();
             let scale = v["scale"].as_i64().unwrap_or(0);
             Some(decimal_text(scaled, scale))
         }
@@ -294,15 +313,20 @@ fn decimal_text(scaled: i128, scale: i64) -> String {
         digits.insert(0, '0');
     }
     let point = digits.len() - scale as usize;
-    format!("{}{}.{}", if neg { "-" } else { "" }, &digits[..point], &digits[point..])
+    format!(
+        "{}{}.{}",
+        if neg { "-" } else { "" },
+        &digits[..point],
+        &digits[point..]
+    )
 }
 
 /// A column as text the way [`expected`] writes it.
 fn select_expr(col: &str, kind: Kind) -> String {
     match kind {
-        Kind::Ts => format!(
-            "to_char({col} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
-        ),
+        Kind::Ts => {
+            format!("to_char({col} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')")
+        }
         _ => format!("{col}::text"),
     }
 }
@@ -321,7 +345,10 @@ fn publish_goldens(dir: &Path) -> BTreeMap<String, Value> {
     }
     let file = dir.join("goldens.jsonl");
     std::fs::write(&file, all).unwrap();
-    let o = ampybus_in(Some(&dir.join("log")), &["pub", "--json-envelope", file.to_str().unwrap()]);
+    let o = ampybus_in(
+        Some(&dir.join("log")),
+        &["pub", "--json-envelope", file.to_str().unwrap()],
+    );
     assert_eq!(o.code, 0, "{}", o.stderr);
     by_id
 }
@@ -337,8 +364,19 @@ fn every_golden_payload_lands_in_envelopes_and_typed_tables() {
     let o = ampybus_in(
         Some(dir),
         &[
-            "pub", "--topic", "ampy.prod.bars.v1.XNAS.MSFT", "--producer", "t@1", "--source", "t",
-            "--pk", "XNAS.MSFT", "--schema", "ampy.bars.v1.BarBatch", "--payload-hex", "ffff",
+            "pub",
+            "--topic",
+            "ampy.prod.bars.v1.XNAS.MSFT",
+            "--producer",
+            "t@1",
+            "--source",
+            "t",
+            "--pk",
+            "XNAS.MSFT",
+            "--schema",
+            "ampy.bars.v1.BarBatch",
+            "--payload-hex",
+            "ffff",
             "--print-ids",
         ],
     );
@@ -348,11 +386,23 @@ fn every_golden_payload_lands_in_envelopes_and_typed_tables() {
 
     let o = ampybus_in(
         Some(dir),
-        &["archive", "--pattern", ">", "--to", &db.url, "--max", &total.to_string(), "--timeout", "60"],
+        &[
+            "archive",
+            "--pattern",
+            ">",
+            "--to",
+            &db.url,
+            "--max",
+            &total.to_string(),
+            "--timeout",
+            "60",
+        ],
     );
     assert_eq!(o.code, 0, "{}", o.stderr);
     assert!(
-        o.stderr.contains(&format!("archived {total} message(s): {total} new, 0 already archived")),
+        o.stderr.contains(&format!(
+            "archived {total} message(s): {total} new, 0 already archived"
+        )),
         "{}",
         o.stderr
     );
@@ -385,8 +435,14 @@ fn every_golden_payload_lands_in_envelopes_and_typed_tables() {
         let g = &goldens[id];
         assert_eq!(r.get::<_, &str>(1), g["topic"].as_str().unwrap());
         let topic: Vec<&str> = g["topic"].as_str().unwrap().split('.').collect();
-        assert_eq!((r.get::<_, &str>(2), r.get::<_, &str>(3)), (topic[1], topic[2]));
-        assert_eq!(r.get::<_, Option<&str>>(4), g["headers"]["partition_key"].as_str());
+        assert_eq!(
+            (r.get::<_, &str>(2), r.get::<_, &str>(3)),
+            (topic[1], topic[2])
+        );
+        assert_eq!(
+            r.get::<_, Option<&str>>(4),
+            g["headers"]["partition_key"].as_str()
+        );
         let headers: BTreeMap<String, String> = serde_json::from_str(r.get(5)).unwrap();
         let want: BTreeMap<String, String> = serde_json::from_value(g["headers"].clone()).unwrap();
         assert_eq!(headers, want, "{id}");
@@ -407,18 +463,30 @@ fn every_golden_payload_lands_in_envelopes_and_typed_tables() {
     // The decoded records of every golden with typed rows, once.
     let recs_of: BTreeMap<&String, Vec<(&'static str, Value)>> = goldens
         .iter()
-        .filter(|(_, g)| unrepresentable(g).is_none() && !g["topic"].as_str().unwrap().contains(".dlq."))
+        .filter(|(_, g)| {
+            unrepresentable(g).is_none() && !g["topic"].as_str().unwrap().contains(".dlq.")
+        })
         .filter_map(|(id, g)| {
             let pj = g.get("payload_json")?;
             let r = records(pj);
-            Some((id, if r.is_empty() { single_record(g, pj) } else { r }))
+            Some((
+                id,
+                if r.is_empty() {
+                    single_record(g, pj)
+                } else {
+                    r
+                },
+            ))
         })
         .collect();
     for (table, key, cols) in specs() {
         let exprs: Vec<String> = cols.iter().map(|(c, _, k)| select_expr(c, *k)).collect();
         let rows = query(
             &db.url,
-            &format!("SELECT message_id, idx, {} FROM ampybus.{table}", exprs.join(", ")),
+            &format!(
+                "SELECT message_id, idx, {} FROM ampybus.{table}",
+                exprs.join(", ")
+            ),
         );
         let mut keys_expected = HashSet::new();
         for (id, records) in &recs_of {
@@ -448,7 +516,11 @@ fn every_golden_payload_lands_in_envelopes_and_typed_tables() {
             assert_eq!(*t, table);
             for (j, (col, path, kind)) in cols.iter().enumerate() {
                 let got: Option<String> = r.get(j + 2);
-                assert_eq!(got, expected(rec, path, *kind), "ampybus.{table}.{col} of {id}[{idx}]");
+                assert_eq!(
+                    got,
+                    expected(rec, path, *kind),
+                    "ampybus.{table}.{col} of {id}[{idx}]"
+                );
             }
             checked += 1;
         }
@@ -460,7 +532,11 @@ fn every_golden_payload_lands_in_envelopes_and_typed_tables() {
 /// -1000..=16383), as (table, column, scale).
 fn unrepresentable(g: &Value) -> Option<(&'static str, &'static str, i64)> {
     let pj = g.get("payload_json")?;
-    let recs = if records(pj).is_empty() { single_record(g, pj) } else { records(pj) };
+    let recs = if records(pj).is_empty() {
+        single_record(g, pj)
+    } else {
+        records(pj)
+    };
     for (table, rec) in recs {
         let (_, _, cols) = specs().into_iter().find(|(t, _, _)| *t == table)?;
         for (col, path, kind) in cols {
@@ -494,7 +570,10 @@ fn single_record(g: &Value, pj: &Value) -> Vec<(&'static str, Value)> {
 /// Publishes `n` distinct one-bar `BarBatch` messages on `ampy.dev.bars.v1.…` (100 symbols,
 /// one minute apart) from this process.
 fn publish_bars(dir: &Path, n: usize) {
-    use ampybus_proto::ampy::{bars::v1::{Bar, BarBatch}, common::v1::{Decimal, SecurityId}};
+    use ampybus_proto::ampy::{
+        bars::v1::{Bar, BarBatch},
+        common::v1::{Decimal, SecurityId},
+    };
     use prost::Message;
     archive_support::block(async {
         let bus = ampybus::Bus::connect(dir.to_str().unwrap()).await.unwrap();
@@ -505,16 +584,38 @@ fn publish_bars(dir: &Path, n: usize) {
                 let sym = format!("S{:03}", i % 100);
                 let t = base + (i / 100) as i64 * 60;
                 let bar = Bar {
-                    security: Some(SecurityId { symbol: sym.clone(), mic: "XNAS".into(), ..Default::default() }),
-                    start: Some(prost_types::Timestamp { seconds: t, nanos: 0 }),
-                    end: Some(prost_types::Timestamp { seconds: t + 60, nanos: 0 }),
-                    close: Some(Decimal { scaled: 1_000_000 + i as i64, scale: 4 }),
+                    security: Some(SecurityId {
+                        symbol: sym.clone(),
+                        mic: "XNAS".into(),
+                        ..Default::default()
+                    }),
+                    start: Some(prost_types::Timestamp {
+                        seconds: t,
+                        nanos: 0,
+                    }),
+                    end: Some(prost_types::Timestamp {
+                        seconds: t + 60,
+                        nanos: 0,
+                    }),
+                    close: Some(Decimal {
+                        scaled: 1_000_000 + i as i64,
+                        scale: 4,
+                    }),
                     volume: i as i64,
                     ..Default::default()
                 };
                 let topic = ampybus::Topic::parse(&format!("ampy.dev.bars.v1.XNAS.{sym}")).unwrap();
-                let headers = ampybus::Headers::for_publish("ampy.bars.v1.BarBatch", "t@1", "t", &format!("XNAS.{sym}"));
-                batch.push(ampybus::Envelope::new(&topic, headers, BarBatch { bars: vec![bar] }.encode_to_vec()));
+                let headers = ampybus::Headers::for_publish(
+                    "ampy.bars.v1.BarBatch",
+                    "t@1",
+                    "t",
+                    &format!("XNAS.{sym}"),
+                );
+                batch.push(ampybus::Envelope::new(
+                    &topic,
+                    headers,
+                    BarBatch { bars: vec![bar] }.encode_to_vec(),
+                ));
             }
             bus.publish_batch(batch).await.unwrap();
         }
@@ -538,7 +639,10 @@ fn archive_cmd(dir: &Path, to: &str, extra: &[&str]) -> Command {
 fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     let start = std::time::Instant::now();
     while !cond() {
-        assert!(start.elapsed().as_secs() < 120, "timed out waiting for {what}");
+        assert!(
+            start.elapsed().as_secs() < 120,
+            "timed out waiting for {what}"
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
@@ -547,10 +651,16 @@ fn assert_each_bar_once(url: &str, n: i64) {
     assert_eq!(count(url, "ampybus.envelopes"), n);
     assert_eq!(count(url, "ampybus.bars"), n);
     assert_eq!(
-        count(url, "ampybus.envelopes e JOIN ampybus.bars b ON b.message_id = e.message_id AND b.idx = 0"),
+        count(
+            url,
+            "ampybus.envelopes e JOIN ampybus.bars b ON b.message_id = e.message_id AND b.idx = 0"
+        ),
         n
     );
-    assert_eq!(count(url, "ampybus.envelopes WHERE decode_error IS NOT NULL"), 0);
+    assert_eq!(
+        count(url, "ampybus.envelopes WHERE decode_error IS NOT NULL"),
+        0
+    );
 }
 
 #[test]
@@ -559,22 +669,36 @@ fn kill_9_mid_run_then_restart_archives_each_message_once() {
     let db = Db::shared();
     let dir = tempfile::tempdir().unwrap();
     publish_bars(dir.path(), n);
-    let mut child = archive_cmd(dir.path(), &db.url, &["--batch", "1000", "--ack-deadline", "3"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = archive_cmd(
+        dir.path(),
+        &db.url,
+        &["--batch", "1000", "--ack-deadline", "3"],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
     // Kill it somewhere in the middle of the run.
     wait_until("a third archived", || {
-        archive_support::try_count(&db.url, "ampybus.envelopes").is_some_and(|c| c >= (n / 3) as i64)
+        archive_support::try_count(&db.url, "ampybus.envelopes")
+            .is_some_and(|c| c >= (n / 3) as i64)
     });
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     let before = count(&db.url, "ampybus.envelopes");
-    assert!(before < n as i64, "the archiver finished before it was killed ({before})");
+    assert!(
+        before < n as i64,
+        "the archiver finished before it was killed ({before})"
+    );
 
     // The dead archiver's leases lapse after its ack deadline (3 s); then the new one takes over.
-    let o = archive_cmd(dir.path(), &db.url, &["--timeout", "6", "--ack-deadline", "3"]).output().unwrap();
+    let o = archive_cmd(
+        dir.path(),
+        &db.url,
+        &["--timeout", "6", "--ack-deadline", "3"],
+    )
+    .output()
+    .unwrap();
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(0), "{stderr}");
     assert_each_bar_once(&db.url, n as i64);
@@ -604,7 +728,9 @@ fn postgres_restart_mid_run_loses_nothing() {
         .spawn()
         .unwrap();
     let stderr = child.stderr.take().unwrap();
-    wait_until("some archived", || archive_support::try_count(&db.url, "ampybus.envelopes").is_some_and(|n| n > 0));
+    wait_until("some archived", || {
+        archive_support::try_count(&db.url, "ampybus.envelopes").is_some_and(|n| n > 0)
+    });
     server.pg_ctl_stop();
     // The archiver notices the outage and says it holds the batch.
     let mut lines = std::io::BufReader::new(stderr).lines();
@@ -620,7 +746,10 @@ fn postgres_restart_mid_run_loses_nothing() {
     let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0), "{seen:?} {rest:?}");
-    assert!(rest.iter().any(|l| l.contains("PostgreSQL is back")), "{rest:?}");
+    assert!(
+        rest.iter().any(|l| l.contains("PostgreSQL is back")),
+        "{rest:?}"
+    );
     assert_each_bar_once(&db.url, n as i64);
 }
 
@@ -628,20 +757,32 @@ fn postgres_restart_mid_run_loses_nothing() {
 fn bad_input_is_named() {
     let dir = tempfile::tempdir().unwrap();
     // Unreachable: a port nothing listens on.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let url = format!("postgres://postgres@127.0.0.1:{port}/x");
     let shown = format!("postgres://***@127.0.0.1:{port}/x");
-    let o = ampybus_in(Some(dir.path()), &["archive", "--pattern", ">", "--to", &url, "--max", "1"]);
+    let o = ampybus_in(
+        Some(dir.path()),
+        &["archive", "--pattern", ">", "--to", &url, "--max", "1"],
+    );
     assert_eq!(o.code, 3, "{}", o.stderr);
     assert!(
-        o.stderr.starts_with(&format!("error: --to \"{shown}\": transport error: PostgreSQL: connecting to {shown}: ")),
+        o.stderr.starts_with(&format!(
+            "error: --to \"{shown}\": transport error: PostgreSQL: connecting to {shown}: "
+        )),
         "{}",
         o.stderr
     );
     assert!(o.stderr.contains("Connection refused"), "{}", o.stderr);
 
     // Not a PostgreSQL URL.
-    let o = ampybus_in(Some(dir.path()), &["archive", "migrate", "--to", "mysql://h/db"]);
+    let o = ampybus_in(
+        Some(dir.path()),
+        &["archive", "migrate", "--to", "mysql://h/db"],
+    );
     assert_eq!(o.code, 2, "{}", o.stderr);
     assert_eq!(
         o.stderr.trim(),
@@ -655,8 +796,14 @@ fn bad_input_is_named() {
     assert!(o.stderr.contains("version 0 -> 1"), "{}", o.stderr);
     let o = ampybus_in(None, &["archive", "migrate", "--to", &db.url]);
     assert!(o.stderr.contains("at version 1 already"), "{}", o.stderr);
-    query(&db.url, "INSERT INTO ampybus.schema_version (version, applied_by) VALUES (7, 'future')");
-    let o = ampybus_in(Some(dir.path()), &["archive", "--pattern", ">", "--to", &db.url, "--max", "1"]);
+    query(
+        &db.url,
+        "INSERT INTO ampybus.schema_version (version, applied_by) VALUES (7, 'future')",
+    );
+    let o = ampybus_in(
+        Some(dir.path()),
+        &["archive", "--pattern", ">", "--to", &db.url, "--max", "1"],
+    );
     assert_eq!(o.code, 2, "{}", o.stderr);
     assert_eq!(
         o.stderr.trim(),
@@ -671,9 +818,15 @@ fn bad_input_is_named() {
 fn wrong_password_is_a_configuration_error_without_the_password() {
     let server = OwnServer::start(Some("right-pw"));
     let dir = tempfile::tempdir().unwrap();
-    let url = format!("postgres://postgres:wrong-pw@127.0.0.1:{}/postgres", server.port);
+    let url = format!(
+        "postgres://postgres:wrong-pw@127.0.0.1:{}/postgres",
+        server.port
+    );
     let shown = format!("postgres://***@127.0.0.1:{}/postgres", server.port);
-    let o = ampybus_in(Some(dir.path()), &["archive", "--pattern", ">", "--to", &url, "--max", "1"]);
+    let o = ampybus_in(
+        Some(dir.path()),
+        &["archive", "--pattern", ">", "--to", &url, "--max", "1"],
+    );
     assert_eq!(o.code, 2, "{}", o.stderr);
     assert_eq!(
         o.stderr.trim(),
@@ -683,7 +836,13 @@ fn wrong_password_is_a_configuration_error_without_the_password() {
     );
     assert!(!o.stderr.contains("wrong-pw"));
     // The right password works.
-    let good = format!("postgres://postgres:right-pw@127.0.0.1:{}/postgres", server.port);
-    let o = ampybus_on(dir.path().to_str().unwrap(), &["archive", "migrate", "--to", &good]);
+    let good = format!(
+        "postgres://postgres:right-pw@127.0.0.1:{}/postgres",
+        server.port
+    );
+    let o = ampybus_on(
+        dir.path().to_str().unwrap(),
+        &["archive", "migrate", "--to", &good],
+    );
     assert_eq!(o.code, 0, "{}", o.stderr);
 }

@@ -17,8 +17,19 @@ fn publish(url: &str, topic: &str, key: &str, n: usize) {
         let o = ampybus_on(
             url,
             &[
-                "pub", "--topic", topic, "--producer", "t@1", "--source", "t", "--pk", key,
-                "--payload", &format!("{key}-{i}"), "--header", "x-desk=rates",
+                "pub",
+                "--topic",
+                topic,
+                "--producer",
+                "t@1",
+                "--source",
+                "t",
+                "--pk",
+                key,
+                "--payload",
+                &format!("{key}-{i}"),
+                "--header",
+                "x-desk=rates",
             ],
         );
         assert_eq!(o.code, 0, "{}", o.stderr);
@@ -30,7 +41,16 @@ fn publish(url: &str, topic: &str, key: &str, n: usize) {
 fn window(url: &str, pattern: &str) -> Vec<String> {
     let o = ampybus_on(
         url,
-        &["sub", "--pattern", pattern, "--since", SINCE, "--until", UNTIL, "--json"],
+        &[
+            "sub",
+            "--pattern",
+            pattern,
+            "--since",
+            SINCE,
+            "--until",
+            UNTIL,
+            "--json",
+        ],
     );
     assert_eq!(o.code, 0, "{}", o.stderr);
     let mut lines: Vec<String> = o.lines().into_iter().map(str::to_owned).collect();
@@ -41,10 +61,27 @@ fn window(url: &str, pattern: &str) -> Vec<String> {
 fn archive(bus: &str, pattern: &str, durable: &str, to: &str, n: usize) {
     let o = ampybus_on(
         bus,
-        &["archive", "--pattern", pattern, "--durable", durable, "--to", to, "--max", &n.to_string(), "--timeout", "60"],
+        &[
+            "archive",
+            "--pattern",
+            pattern,
+            "--durable",
+            durable,
+            "--to",
+            to,
+            "--max",
+            &n.to_string(),
+            "--timeout",
+            "60",
+        ],
     );
     assert_eq!(o.code, 0, "{}", o.stderr);
-    assert!(o.stderr.contains(&format!("archived {n} message(s): {n} new")), "{}", o.stderr);
+    assert!(
+        o.stderr
+            .contains(&format!("archived {n} message(s): {n} new")),
+        "{}",
+        o.stderr
+    );
 }
 
 #[test]
@@ -55,8 +92,15 @@ fn embedded_window_and_dlq_read_back_from_the_archive_byte_for_byte() {
     publish(&bus, "ampy.dev.news.v1.raw", "n-1", 3);
     publish(&bus, "ampy.dev.fx.v1.rates", "USD.JPY", 2);
     let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../golden/dlq");
-    for f in ["decode_error.json", "handler_error.json", "max_retries.json"] {
-        let o = ampybus_on(&bus, &["pub", "--json-envelope", golden.join(f).to_str().unwrap()]);
+    for f in [
+        "decode_error.json",
+        "handler_error.json",
+        "max_retries.json",
+    ] {
+        let o = ampybus_on(
+            &bus,
+            &["pub", "--json-envelope", golden.join(f).to_str().unwrap()],
+        );
         assert_eq!(o.code, 0, "{}", o.stderr);
     }
     archive(&bus, ">", "archive", &db.url, 8);
@@ -64,7 +108,10 @@ fn embedded_window_and_dlq_read_back_from_the_archive_byte_for_byte() {
     let from_bus = window(&bus, ">");
     assert_eq!(from_bus.len(), 8);
     assert_eq!(window(&db.url, ">"), from_bus);
-    assert_eq!(window(&db.url, "ampy.dev.news.>"), window(&bus, "ampy.dev.news.>"));
+    assert_eq!(
+        window(&db.url, "ampy.dev.news.>"),
+        window(&bus, "ampy.dev.news.>")
+    );
     assert_eq!(window(&db.url, "ampy.dev.news.>").len(), 3);
 
     // dlq inspect reads the archived DLQ messages as it reads the bus's.
@@ -80,15 +127,37 @@ fn embedded_window_and_dlq_read_back_from_the_archive_byte_for_byte() {
     assert_eq!(inspect(&db.url), dlq);
 
     // The archive is read-only.
-    let o = ampybus_on(&db.url, &["pub", "--topic", "ampy.dev.news.v1.raw", "--producer", "t@1", "--source", "t", "--pk", "n-1", "--payload", "x"]);
+    let o = ampybus_on(
+        &db.url,
+        &[
+            "pub",
+            "--topic",
+            "ampy.dev.news.v1.raw",
+            "--producer",
+            "t@1",
+            "--source",
+            "t",
+            "--pk",
+            "n-1",
+            "--payload",
+            "x",
+        ],
+    );
     assert_eq!(o.code, 2, "{}", o.stderr);
-    assert!(o.stderr.contains("the archive is read-only: publishing needs a bus URL"), "{}", o.stderr);
+    assert!(
+        o.stderr
+            .contains("the archive is read-only: publishing needs a bus URL"),
+        "{}",
+        o.stderr
+    );
 
     // verify: equal, then a difference exits 1 naming the topic.
     let verify = || {
         ampybus_in(
             Some(dir.path()),
-            &["archive", "verify", "--to", &db.url, "--since", SINCE, "--until", UNTIL],
+            &[
+                "archive", "verify", "--to", &db.url, "--since", SINCE, "--until", UNTIL,
+            ],
         )
     };
     let o = verify();
@@ -103,8 +172,14 @@ fn embedded_window_and_dlq_read_back_from_the_archive_byte_for_byte() {
             "OK   ampy.prod.dlq.v1.orders: bus 1, archive 1",
         ]
     );
-    query(&db.url, "UPDATE ampybus.envelopes SET payload_hash = 'sha256:00' WHERE topic = 'ampy.dev.fx.v1.rates' AND message_id = (SELECT min(message_id) FROM ampybus.envelopes WHERE topic = 'ampy.dev.fx.v1.rates')");
-    query(&db.url, "DELETE FROM ampybus.envelopes WHERE topic = 'ampy.dev.news.v1.raw' AND message_id = (SELECT min(message_id) FROM ampybus.envelopes WHERE topic = 'ampy.dev.news.v1.raw')");
+    query(
+        &db.url,
+        "UPDATE ampybus.envelopes SET payload_hash = 'sha256:00' WHERE topic = 'ampy.dev.fx.v1.rates' AND message_id = (SELECT min(message_id) FROM ampybus.envelopes WHERE topic = 'ampy.dev.fx.v1.rates')",
+    );
+    query(
+        &db.url,
+        "DELETE FROM ampybus.envelopes WHERE topic = 'ampy.dev.news.v1.raw' AND message_id = (SELECT min(message_id) FROM ampybus.envelopes WHERE topic = 'ampy.dev.news.v1.raw')",
+    );
     let o = verify();
     assert_eq!(o.code, 1, "{}\n{}", o.stdout, o.stderr);
     assert_eq!(

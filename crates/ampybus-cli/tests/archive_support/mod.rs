@@ -40,7 +40,9 @@ pub fn count(url: &str, from_where: &str) -> i64 {
 /// `SELECT count(*)`, or `None` while the table does not exist yet (or the server is away).
 pub fn try_count(url: &str, from_where: &str) -> Option<i64> {
     block(async {
-        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.ok()?;
+        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .ok()?;
         tokio::spawn(conn);
         let rows = client
             .query(&format!("SELECT count(*) FROM {from_where}"), &[])

@@ -234,7 +234,11 @@ impl Cell {
 
     /// Text, or NULL for an empty string (proto3's "unset").
     pub fn opt_text(s: &str) -> Cell {
-        if s.is_empty() { Cell::Null } else { Cell::text(s) }
+        if s.is_empty() {
+            Cell::Null
+        } else {
+            Cell::text(s)
+        }
     }
 
     /// A numeric, or NULL.
@@ -301,7 +305,9 @@ mod tests {
     fn enc(n: Numeric) -> Vec<i16> {
         let mut b = BytesMut::new();
         n.encode(&mut b).unwrap();
-        b.chunks(2).map(|c| i16::from_be_bytes([c[0], c[1]])).collect()
+        b.chunks(2)
+            .map(|c| i16::from_be_bytes([c[0], c[1]]))
+            .collect()
     }
 
     #[test]
@@ -320,13 +326,20 @@ mod tests {
         // 10000: one group 1 at weight 1
         assert_eq!(enc(Numeric::new(10000, 0)), [1, 1, 0, 0, 1]);
         assert_eq!(enc(Numeric::new(12, -3)), [2, 1, 0, 0, 1, 2000]);
-        assert!(Numeric::new(1, 20_000).encode(&mut BytesMut::new()).is_err());
+        assert!(
+            Numeric::new(1, 20_000)
+                .encode(&mut BytesMut::new())
+                .is_err()
+        );
     }
 
     #[test]
     fn numeric_text() {
         assert_eq!(Numeric::new(5, 3).to_string(), "0.005");
         assert_eq!(Numeric::new(-5, 3).to_string(), "-0.005");
-        assert_eq!(Numeric::new(i64::MIN, 2).to_string(), "-92233720368547758.08");
+        assert_eq!(
+            Numeric::new(i64::MIN, 2).to_string(),
+            "-92233720368547758.08"
+        );
     }
 }

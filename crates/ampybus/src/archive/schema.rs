@@ -415,9 +415,16 @@ mod tests {
     fn ddl_is_generated_from_the_specs() {
         let m = migrations();
         assert_eq!(m.len() as i32, SCHEMA_VERSION);
-        assert!(m[0][0].starts_with("CREATE TABLE ampybus.envelopes (message_id text NOT NULL, topic text NOT NULL"));
-        assert!(m[0].iter().any(|s| s.contains("CREATE TABLE ampybus.bars (message_id text NOT NULL, idx integer NOT NULL, symbol text")));
+        assert!(m[0][0].starts_with(
+            "CREATE TABLE ampybus.envelopes (message_id text NOT NULL, topic text NOT NULL"
+        ));
+        assert!(m[0].iter().any(|s| s.contains(
+            "CREATE TABLE ampybus.bars (message_id text NOT NULL, idx integer NOT NULL, symbol text"
+        )));
         let e = check_version(SCHEMA_VERSION + 1).unwrap_err();
-        assert!(e.to_string().contains("version 2, newer than version 1"), "{e}");
+        assert!(
+            e.to_string().contains("version 2, newer than version 1"),
+            "{e}"
+        );
     }
 }

@@ -61,7 +61,9 @@ impl ArchiveBatch {
             Some(id) if !id.is_empty() => Cell::text(id),
             _ => Cell::Text(format!(
                 "absent:{}",
-                crate::codec::sha256_tag(format!("{}\n{headers}\n{payload_hash}", env.topic).as_bytes())
+                crate::codec::sha256_tag(
+                    format!("{}\n{headers}\n{payload_hash}", env.topic).as_bytes()
+                )
             )),
         };
         self.envelopes.push(vec![
@@ -296,7 +298,10 @@ impl ArchiveWriter {
             }
         };
         result.map_err(|e| {
-            let err = pg_error(&format!("writing a batch of {} to {}", batch.len(), self.shown), e);
+            let err = pg_error(
+                &format!("writing a batch of {} to {}", batch.len(), self.shown),
+                e,
+            );
             if super::is_retryable(&err) {
                 self.client = None;
             }
