@@ -69,6 +69,35 @@ pub async fn connect_existing(url: &str) -> CliResult<Bus> {
     connect(url).await
 }
 
+/// Reads the stored window of `q` page by page, handing each page to `page`. `who` names the
+/// command in the error for a transport that cannot read stored windows, `reading` the step
+/// in a read error.
+pub async fn each_stored_page(
+    bus: &Bus,
+    mut q: ampybus::transport::WindowQuery,
+    who: &str,
+    reading: &str,
+    mut page: impl FnMut(Vec<ampybus::transport::StoredMessage>),
+) -> CliResult<()> {
+    let replay = bus.replay().ok_or_else(|| {
+        CliError::usage(format!(
+            "{who}: the transport at {} cannot read stored messages",
+            bus.url_redacted()
+        ))
+    })?;
+    loop {
+        let got = replay
+            .read_window(&q)
+            .await
+            .map_err(|e| CliError::bus(reading, &e))?;
+        let Some(last) = got.last() else {
+            return Ok(());
+        };
+        q.after_sequence = last.sequence;
+        page(got);
+    }
+}
+
 /// A fresh run id: `run-<UTC time>-<8 random hex digits>`.
 pub fn new_run_id() -> String {
     // The tail of a UUIDv7 is random.

@@ -101,20 +101,7 @@ fn unique() -> String {
 
 /// `scripts/brokers.sh start postgres`, once per test process.
 pub fn start_shared() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-        let out = Command::new("bash")
-            .arg(root.join("scripts/brokers.sh"))
-            .args(["start", "postgres"])
-            .output()
-            .expect("run scripts/brokers.sh");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    });
+    crate::common::start_broker("postgres");
 }
 
 fn bin_dir() -> PathBuf {

@@ -53,7 +53,7 @@ pub fn ampybus_in(dir: Option<&Path>, args: &[&str]) -> Out {
     out
 }
 
-/// Starts (or finds) the test broker `which` (`nats`, `redis`, `kafka`) on 127.0.0.1 through
+/// Starts (or finds) the test broker `which` (`nats`, `redis`, `kafka`, `postgres`) on 127.0.0.1 through
 /// `scripts/brokers.sh start`, once per test process.
 pub fn start_broker(which: &'static str) {
     static STARTED: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
