@@ -199,7 +199,8 @@ async fn archive(url: &str, args: RunArgs) -> CliResult<u8> {
 /// Writes each fetched batch in one transaction; finished = the whole batch once committed.
 pub struct ArchiveSink<'a> {
     bus: &'a Bus,
-    writer: ArchiveWriter,
+    /// `None` only while a write task has it.
+    writer: Option<ArchiveWriter>,
     counter: ReaderCounter,
     /// Two batches: one being written while the next is filled.
     batches: [ArchiveBatch; 2],
@@ -224,7 +225,7 @@ impl<'a> ArchiveSink<'a> {
     pub fn new(bus: &'a Bus, writer: ArchiveWriter, counter: ReaderCounter) -> Self {
         ArchiveSink {
             bus,
-            writer,
+            writer: Some(writer),
             counter,
             batches: [ArchiveBatch::new(), ArchiveBatch::new()],
             stats: WriteReport::default(),
@@ -343,8 +344,10 @@ pub async fn push_message(
 
 impl Sink for ArchiveSink<'_> {
     /// Writes the deliveries in order, in up to [`PIPELINE`] transactions; finished = the
-    /// committed prefix.
+    /// committed prefix. Each transaction is encoded and sent by a task of its own while this
+    /// one builds the rows of the next.
     async fn take(&mut self, got: &[Delivery], signals: &mut Signals) -> (usize, CliResult<()>) {
+        tracing::debug!(fetched = got.len(), "archive: writing a fetched batch");
         let size = got.len().div_ceil(PIPELINE).max(MIN_CHUNK);
         let chunks: Vec<&[Delivery]> = got.chunks(size).collect();
         let (bus, counter) = (self.bus, &self.counter);
@@ -352,17 +355,38 @@ impl Sink for ArchiveSink<'_> {
         self.undecodable += fill(bus, counter, cur, chunks[0]).await;
         let mut done = 0;
         for (i, chunk) in chunks.iter().enumerate() {
+            let Some(mut writer) = self.writer.take() else {
+                return (done, Err(CliError::transport("archive: the writer was lost")));
+            };
+            let batch = std::mem::take(cur);
+            let task = tokio::spawn(async move {
+                let r = writer.write(&batch).await;
+                (writer, batch, r)
+            });
             let following = chunks.get(i + 1).copied().unwrap_or_default();
-            let (written, undecodable) = tokio::join!(
-                write_retrying(&mut self.writer, cur, &got[done..], signals),
-                async {
-                    if following.is_empty() {
-                        0
-                    } else {
-                        fill(bus, counter, next, following).await
-                    }
+            let undecodable = if following.is_empty() {
+                0
+            } else {
+                fill(bus, counter, next, following).await
+            };
+            let (mut writer, batch, first) = match task.await {
+                Ok(t) => t,
+                Err(e) => {
+                    return (done, Err(CliError::transport(format!("archive: the write task failed: {e}"))));
                 }
-            );
+            };
+            *cur = batch;
+            let written = match first {
+                Err(e) if ampybus::archive::is_retryable(&e) => {
+                    write_retrying(&mut writer, cur, &got[done..], signals).await
+                }
+                Err(e) => Err(Stopped::Failed(CliError::bus(
+                    format!("--to {:?}", writer.url_redacted()),
+                    &e,
+                ))),
+                Ok(r) => Ok(r),
+            };
+            self.writer = Some(writer);
             match written {
                 Ok(r) => {
                     self.stats.envelopes_new += r.envelopes_new;
