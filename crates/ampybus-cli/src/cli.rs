@@ -16,6 +16,7 @@ URL forms (--url, default $AMPYBUS_URL or ./ampybus-data):
                  &retention.<domain>.days=N&retention.<domain>.max_mb=N
   file:rel/dir?options                   the same, relative
   nats://host:4222, tls://host:4222, redis://host:6379, rediss://host:6379, kafka://host:9092
+  postgres://user@host/db                the archive (`ampybus archive`), read-only: sub --since/--until, dlq inspect
 Retention values are N >= 1 or `unlimited` (keep forever); 0 is refused. Refused URLs:
 file:/// (the root), file://host/dir (a host), a broker URL without a host.
 ";
