@@ -356,7 +356,10 @@ impl Sink for ArchiveSink<'_> {
         let mut done = 0;
         for (i, chunk) in chunks.iter().enumerate() {
             let Some(mut writer) = self.writer.take() else {
-                return (done, Err(CliError::transport("archive: the writer was lost")));
+                return (
+                    done,
+                    Err(CliError::transport("archive: the writer was lost")),
+                );
             };
             let batch = std::mem::take(cur);
             let task = tokio::spawn(async move {
@@ -372,7 +375,12 @@ impl Sink for ArchiveSink<'_> {
             let (mut writer, batch, first) = match task.await {
                 Ok(t) => t,
                 Err(e) => {
-                    return (done, Err(CliError::transport(format!("archive: the write task failed: {e}"))));
+                    return (
+                        done,
+                        Err(CliError::transport(format!(
+                            "archive: the write task failed: {e}"
+                        ))),
+                    );
                 }
             };
             *cur = batch;
@@ -488,16 +496,22 @@ async fn bus_digest(
     q.start = Some(since);
     q.end = Some(until);
     let mut per_topic: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
-    util::each_stored_page(bus, q, "archive verify", "reading the stored window", |page| {
-        for m in page {
-            let e = m.envelope;
-            let id = e.headers.message_id().unwrap_or("").to_owned();
-            per_topic
-                .entry(e.topic)
-                .or_default()
-                .push((id, ampybus::codec::sha256_tag(&e.payload)));
-        }
-    })
+    util::each_stored_page(
+        bus,
+        q,
+        "archive verify",
+        "reading the stored window",
+        |page| {
+            for m in page {
+                let e = m.envelope;
+                let id = e.headers.message_id().unwrap_or("").to_owned();
+                per_topic
+                    .entry(e.topic)
+                    .or_default()
+                    .push((id, ampybus::codec::sha256_tag(&e.payload)));
+            }
+        },
+    )
     .await?;
     Ok(per_topic
         .into_iter()

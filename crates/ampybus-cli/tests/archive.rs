@@ -846,3 +846,35 @@ fn wrong_password_is_a_configuration_error_without_the_password() {
     );
     assert_eq!(o.code, 0, "{}", o.stderr);
 }
+
+#[test]
+fn sigterm_exits_0_and_sigint_130_with_everything_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    publish_bars(dir.path(), 1000);
+    for (signal, code, name) in [("-TERM", 0, "SIGTERM"), ("-INT", 130, "SIGINT")] {
+        let db = Db::shared();
+        let child = archive_cmd(dir.path(), &db.url, &["--durable", name])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_until("every message archived", || {
+            archive_support::try_count(&db.url, "ampybus.envelopes") == Some(1000)
+        });
+        let st = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let o = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(code), "{stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "archived 1000 message(s): 1000 new, 0 already archived, 1000 typed row(s), 0 undecodable; stopped by {name}"
+            )),
+            "{stderr}"
+        );
+        assert_each_bar_once(&db.url, 1000);
+    }
+}
