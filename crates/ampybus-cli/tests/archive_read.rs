@@ -206,3 +206,47 @@ fn nats_window_reads_back_from_the_archive_byte_for_byte() {
     assert_eq!(from_bus.len(), 5);
     assert_eq!(window(&db.url, &pattern), from_bus);
 }
+
+#[test]
+fn a_bus_with_archive_option_serves_what_its_transport_no_longer_holds() {
+    let db = Db::shared();
+    // The old log: archived, then gone from the bus we read (a fresh log holds only new ones).
+    let old = tempfile::tempdir().unwrap();
+    let old_url = old.path().to_str().unwrap().to_owned();
+    publish(&old_url, "ampy.dev.news.v1.raw", "n-1", 3);
+    archive(&old_url, "ampy.dev.news.>", "archive", &db.url, 3);
+    let new = tempfile::tempdir().unwrap();
+    let new_url = new.path().to_str().unwrap().to_owned();
+    publish(&new_url, "ampy.dev.news.v1.raw", "n-1", 2);
+
+    let sub = |url: &str| {
+        let o = ampybus_on(
+            url,
+            &[
+                "sub",
+                "--pattern",
+                "ampy.dev.news.>",
+                "--since",
+                SINCE,
+                "--until",
+                UNTIL,
+                "--json",
+            ],
+        );
+        assert_eq!(o.code, 0, "{}", o.stderr);
+        o.lines().into_iter().map(str::to_owned).collect::<Vec<_>>()
+    };
+    let encoded: String = url::form_urlencoded::byte_serialize(db.url.as_bytes()).collect();
+    let tiered = sub(&format!("{new_url}?archive={encoded}"));
+    let mut want = sub(&old_url);
+    want.extend(sub(&new_url));
+    assert_eq!(tiered.len(), 5);
+    assert_eq!(tiered, want);
+    // The option's credentials never show.
+    let o = ampybus_on(
+        &format!("{new_url}?archive=postgres%3A%2F%2Fpostgres%3Asecret%40127.0.0.1%3A1%2Fx"),
+        &["sub", "--pattern", ">", "--since", SINCE],
+    );
+    assert_eq!(o.code, 3, "{}", o.stderr);
+    assert!(!o.stderr.contains("secret"), "{}", o.stderr);
+}

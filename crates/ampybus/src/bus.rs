@@ -102,6 +102,8 @@ pub fn transport_kind(url: &str) -> Result<TransportKind> {
 #[derive(Clone)]
 pub struct Bus {
     transport: Arc<dyn Transport>,
+    /// Stored windows with an archive behind the transport (`archive=` option).
+    history: Option<Arc<dyn ReplayByTime>>,
     codec: PayloadCodec,
     url: String,
     obs: Arc<Obs>,
@@ -147,6 +149,7 @@ pub fn redact(url: &str) -> String {
                         "nkey",
                         "sasl_password",
                         "key",
+                        "archive",
                     ]
                     .iter()
                     .any(|s| k.to_ascii_lowercase().contains(s)) =>
@@ -161,11 +164,63 @@ pub fn redact(url: &str) -> String {
     out
 }
 
+/// Splits the `archive=` option (a percent-encoded `postgres://` URL) off a bus URL: the URL
+/// the transport sees, and the archive's URL.
+///
+/// ```
+/// let (url, archive) = ampybus::bus::take_archive_option("file:///d?sync=full&archive=postgres%3A%2F%2Fu%40h%2Fdb");
+/// assert_eq!(url, "file:///d?sync=full");
+/// assert_eq!(archive.as_deref(), Some("postgres://u@h/db"));
+/// assert_eq!(ampybus::bus::take_archive_option("/d").1, None);
+/// ```
+pub fn take_archive_option(url: &str) -> (String, Option<String>) {
+    let Some((base, query)) = url.split_once('?') else {
+        return (url.to_owned(), None);
+    };
+    let mut archive = None;
+    let rest: Vec<&str> = query
+        .split('&')
+        .filter(|kv| match kv.strip_prefix("archive=") {
+            Some(v) => {
+                archive = Some(
+                    url::form_urlencoded::parse(format!("a={v}").as_bytes())
+                        .next()
+                        .map(|(_, v)| v.into_owned())
+                        .unwrap_or_default(),
+                );
+                false
+            }
+            None => true,
+        })
+        .collect();
+    let url = if rest.is_empty() {
+        base.to_owned()
+    } else {
+        format!("{base}?{}", rest.join("&"))
+    };
+    (url, archive)
+}
+
 impl Bus {
     /// Connects to the transport the URL names: `file:///dir` or a path (embedded log);
     /// `nats://`, `tls://`, `kafka://`, `redis://`, `rediss://` when those bindings are
     /// built in. Errors name the URL (credentials redacted) and the problem.
     pub async fn connect(url: &str) -> Result<Bus> {
+        let (url, archive) = take_archive_option(url);
+        let bus = Bus::connect_transport(&url).await?;
+        match archive {
+            None => Ok(bus),
+            #[cfg(feature = "archive")]
+            Some(a) => Ok(bus.with_archive(crate::archive::ArchiveReader::connect(&a).await?)),
+            #[cfg(not(feature = "archive"))]
+            Some(_) => Err(Error::config(format!(
+                "url {:?}: option `archive`: reading the archive is not available in this build (enable cargo feature `archive` of crate `ampybus`)",
+                redact(&url)
+            ))),
+        }
+    }
+
+    async fn connect_transport(url: &str) -> Result<Bus> {
         match transport_kind(url)? {
             TransportKind::Embedded => {
                 let opts = EmbeddedOptions::from_url(url)?;
@@ -234,6 +289,7 @@ impl Bus {
     pub fn with_transport(transport: Arc<dyn Transport>, url: &str) -> Bus {
         Bus {
             transport,
+            history: None,
             codec: PayloadCodec::default(),
             url: url.to_owned(),
             obs: Arc::new(Obs::new(true)),
@@ -800,7 +856,31 @@ impl Bus {
 
     /// Time-window and key reads, when the transport supports them.
     pub fn replay(&self) -> Option<&dyn ReplayByTime> {
-        self.transport.replay()
+        match &self.history {
+            Some(h) => Some(h.as_ref()),
+            None => self.transport.replay(),
+        }
+    }
+
+    /// Serves stored windows from `archive` where they are older than what the transport
+    /// still holds (the part the transport holds from the transport): [`Bus::replay`] — and
+    /// so `sub --since/--until` and replay requests — then reads a window older than the
+    /// transport's retention from the archive. What `archive=postgres://…` on the URL does.
+    ///
+    /// ```no_run
+    /// # async fn f() -> ampybus::Result<()> {
+    /// let archive = ampybus::archive::ArchiveReader::connect("postgres://postgres@127.0.0.1/ampy").await?;
+    /// let bus = ampybus::Bus::connect("./ampybus-data").await?.with_archive(archive);
+    /// assert!(bus.replay().is_some());
+    /// # Ok(()) }
+    /// ```
+    #[cfg(feature = "archive")]
+    pub fn with_archive(mut self, archive: crate::archive::ArchiveReader) -> Bus {
+        self.history = Some(Arc::new(crate::archive::Tiered::new(
+            self.transport.clone(),
+            archive,
+        )));
+        self
     }
 
     /// Decodes a delivered payload: fetches and verifies a blob, inflates gzip.

@@ -33,7 +33,7 @@ mod schema;
 mod write;
 
 pub use cell::{Cell, ColType, Numeric};
-pub use read::{ArchiveReader, ArchiveTransport, pattern_regex};
+pub use read::{ArchiveReader, ArchiveTransport, Tiered, pattern_regex};
 pub use schema::{SCHEMA_VERSION, Table, TableSpec};
 pub use write::{ArchiveBatch, ArchiveWriter, WriteReport, copy_rows};
 

@@ -273,3 +273,82 @@ impl crate::transport::Transport for ArchiveTransport {
         Ok(())
     }
 }
+
+/// Sequences of messages served from the archive by [`Tiered`] carry this bit (transport
+/// sequences stay below it), so paging knows which part a page came from.
+const ARCHIVE_BIT: u64 = 1 << 63;
+
+/// Stored windows from a transport with an archive behind it (see
+/// [`crate::Bus::with_archive`]): a window starts with the archived messages stored before the
+/// first message the transport still holds in it, then goes on with the transport's. Pages
+/// from the archive have sequences with the top bit set.
+pub struct Tiered {
+    transport: std::sync::Arc<dyn crate::transport::Transport>,
+    archive: ArchiveReader,
+}
+
+impl std::fmt::Debug for Tiered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tiered")
+            .field("transport", &self.transport.name())
+            .field("archive", &self.archive.shown)
+            .finish()
+    }
+}
+
+impl Tiered {
+    /// The transport's windows, with `archive` behind them.
+    pub fn new(
+        transport: std::sync::Arc<dyn crate::transport::Transport>,
+        archive: ArchiveReader,
+    ) -> Tiered {
+        Tiered { transport, archive }
+    }
+}
+
+#[async_trait]
+impl ReplayByTime for Tiered {
+    async fn read_window(&self, q: &WindowQuery) -> Result<Vec<StoredMessage>> {
+        let live = self.transport.replay();
+        let in_archive = q.after_sequence == 0 || q.after_sequence & ARCHIVE_BIT != 0;
+        if !in_archive {
+            return match live {
+                Some(l) => l.read_window(q).await,
+                None => Ok(Vec::new()),
+            };
+        }
+        // Where the transport's part of the window begins: its first message in it.
+        let boundary = match live {
+            None => None,
+            Some(l) => {
+                let mut first = q.clone();
+                first.after_sequence = 0;
+                first.limit = 1;
+                l.read_window(&first).await?.first().map(|m| m.stored_at)
+            }
+        };
+        let mut aq = q.clone();
+        aq.after_sequence = q.after_sequence & !ARCHIVE_BIT;
+        if let Some(b) = boundary {
+            aq.end = Some(aq.end.map_or(b, |e| e.min(b)));
+        }
+        let skip = matches!((aq.start, aq.end), (Some(s), Some(e)) if e <= s);
+        if !skip {
+            let mut page = self.archive.read_window(&aq).await?;
+            if !page.is_empty() {
+                for m in &mut page {
+                    m.sequence |= ARCHIVE_BIT;
+                }
+                return Ok(page);
+            }
+        }
+        match live {
+            Some(l) => {
+                let mut lq = q.clone();
+                lq.after_sequence = 0;
+                l.read_window(&lq).await
+            }
+            None => Ok(Vec::new()),
+        }
+    }
+}
