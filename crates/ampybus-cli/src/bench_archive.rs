@@ -4,7 +4,8 @@
 //!
 //! N one-bar `BarBatch` messages (payloads of `--payload-bytes`, 256 by default) are
 //! published once (untimed); the raw side's rows are built from the same envelopes before its
-//! clock starts. Both sides write into the tables of `--to` (emptied before every round) in
+//! clock starts, and written with tokio-postgres' `BinaryCopyInWriter` (the client's own binary
+//! COPY, as an application would use it). Both sides write into the tables of `--to` (emptied before every round) in
 //! transactions of `--batch` messages.
 
 use crate::archive::ArchiveSink;
@@ -13,7 +14,7 @@ use crate::cli::BenchArgs;
 use crate::error::{CliError, CliResult, EXIT_OK};
 use crate::follow::{self, Limits};
 use crate::util::{self, Signals};
-use ampybus::archive::{ArchiveBatch, ArchiveWriter, Table, TableSpec, copy_rows};
+use ampybus::archive::{ArchiveWriter, Cell, Table, TableSpec, envelope_row};
 use ampybus::obs::ReaderCounter;
 use ampybus::transport::SubscribeSpec;
 use ampybus::{Bus, Envelope, Headers, Topic, TopicPattern};
@@ -23,6 +24,8 @@ use prost::Message;
 use serde_json::{Value, json};
 use std::path::Path;
 use std::time::{Duration, Instant};
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::{ToSql, Type};
 
 const PATTERN: &str = "ampy.dev.bars.>";
 
@@ -54,7 +57,7 @@ pub async fn run(args: &BenchArgs, parent: &Path) -> CliResult<u8> {
             .await
             .map_err(|e| CliError::bus("publishing the bars", &e))?;
     }
-    let raw_batches = raw_rows(&bus, &envs, args.batch as usize).await;
+    let raw_batches = raw_rows(&envs, args.batch as usize);
     drop(envs);
     let (mut client, conn) = tokio_postgres::connect(to, tokio_postgres::NoTls)
         .await
@@ -192,18 +195,52 @@ fn bars(args: &BenchArgs) -> CliResult<Vec<Envelope>> {
         .collect())
 }
 
-/// The raw side's rows: the same envelopes and typed rows the archiver writes, in batches.
-async fn raw_rows(bus: &Bus, envs: &[Envelope], batch: usize) -> Vec<ArchiveBatch> {
-    let mut out = Vec::new();
-    for (c, chunk) in envs.chunks(batch.max(1)).enumerate() {
-        let mut b = ArchiveBatch::new();
-        for (i, env) in chunk.iter().enumerate() {
-            let seq = (c * batch + i) as u64 + 1;
-            crate::archive::push_message(bus, &mut b, env, chrono::Utc::now(), seq).await;
-        }
-        out.push(b);
+/// One transaction of the raw side: envelope rows and bar rows.
+type RawBatch = (Vec<Vec<Cell>>, Vec<Vec<Cell>>);
+
+/// The raw side's rows: the same envelope and bar rows the archiver writes, as plain values
+/// (what any client holding the data would have), in batches.
+fn raw_rows(envs: &[Envelope], batch: usize) -> Vec<RawBatch> {
+    let now = chrono::Utc::now();
+    envs.chunks(batch.max(1))
+        .enumerate()
+        .map(|(c, chunk)| {
+            let mut out: RawBatch = (Vec::new(), Vec::new());
+            for (i, env) in chunk.iter().enumerate() {
+                let seq = (c * batch + i) as u64 + 1;
+                out.0.push(envelope_row(env, now, seq, None).to_vec());
+                let id = env.headers.message_id().unwrap_or("");
+                let rows = crate::archive_rows::rows("ampy.bars.v1.BarBatch", id, &env.payload)
+                    .unwrap_or_default();
+                out.1.extend(rows.into_iter().map(|(_, r)| r));
+            }
+            out
+        })
+        .collect()
+}
+
+/// tokio-postgres' own binary COPY writer, one row at a time: the raw client.
+async fn raw_copy(
+    tx: &tokio_postgres::Transaction<'_>,
+    table: &str,
+    spec: &TableSpec,
+    rows: &[Vec<Cell>],
+) -> Result<u64, tokio_postgres::Error> {
+    let cols: Vec<&str> = spec.columns.iter().map(|(n, _)| *n).collect();
+    let sink = tx
+        .copy_in(&format!(
+            "COPY ampybus.{table} ({}) FROM STDIN (FORMAT binary)",
+            cols.join(", ")
+        ))
+        .await?;
+    let types: Vec<Type> = spec.columns.iter().map(|(_, t)| t.pg()).collect();
+    let writer = BinaryCopyInWriter::new(sink, &types);
+    futures::pin_mut!(writer);
+    for row in rows {
+        let refs: Vec<&(dyn ToSql + Sync)> = row.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+        writer.as_mut().write(&refs).await?;
     }
-    out
+    writer.finish().await
 }
 
 async fn truncate(client: &tokio_postgres::Client) -> CliResult<()> {
@@ -216,30 +253,20 @@ async fn truncate(client: &tokio_postgres::Client) -> CliResult<()> {
 /// One raw round: `COPY` envelopes and bars per batch, one transaction each.
 async fn raw_round(
     client: &mut tokio_postgres::Client,
-    batches: &[ArchiveBatch],
+    batches: &[RawBatch],
     n: u64,
 ) -> CliResult<f64> {
     truncate(client).await?;
     let err = |e: tokio_postgres::Error| CliError::transport(format!("raw COPY: {e}"));
     let started = Instant::now();
-    for b in batches {
+    for (envelopes, bars) in batches {
         let tx = client.transaction().await.map_err(err)?;
-        copy_rows(
-            &tx,
-            "ampybus.envelopes",
-            TableSpec::envelopes(),
-            b.envelope_rows(),
-        )
-        .await
-        .map_err(err)?;
-        copy_rows(
-            &tx,
-            "ampybus.bars",
-            Table::Bars.spec(),
-            b.typed_rows(Table::Bars),
-        )
-        .await
-        .map_err(err)?;
+        raw_copy(&tx, "envelopes", TableSpec::envelopes(), envelopes)
+            .await
+            .map_err(err)?;
+        raw_copy(&tx, "bars", Table::Bars.spec(), bars)
+            .await
+            .map_err(err)?;
         tx.commit().await.map_err(err)?;
     }
     Ok(n as f64 / started.elapsed().as_secs_f64())

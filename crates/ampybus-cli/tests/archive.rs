@@ -685,6 +685,17 @@ fn kill_9_mid_run_then_restart_archives_each_message_once() {
     });
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
+    // A COMMIT the server had received still completes: wait until the dead archiver's
+    // sessions are gone before counting.
+    wait_until("the killed archiver's sessions to end", || {
+        count(
+            &db.url,
+            &format!(
+                "pg_stat_activity WHERE datname = '{}' AND pid <> pg_backend_pid()",
+                db.name
+            ),
+        ) == 0
+    });
     let before = count(&db.url, "ampybus.envelopes");
     assert!(
         before < n as i64,

@@ -46,7 +46,12 @@ impl ColType {
         }
     }
 
-    pub(crate) fn pg(self) -> Type {
+    /// The type as tokio-postgres names it.
+    ///
+    /// ```
+    /// assert_eq!(ampybus::archive::ColType::Bytea.pg(), tokio_postgres::types::Type::BYTEA);
+    /// ```
+    pub fn pg(self) -> Type {
         match self {
             ColType::Text => Type::TEXT,
             ColType::Int8 => Type::INT8,

@@ -35,7 +35,7 @@ mod write;
 pub use cell::{Cell, ColType, Numeric};
 pub use read::{ArchiveReader, ArchiveTransport, Tiered, pattern_regex};
 pub use schema::{SCHEMA_VERSION, Table, TableSpec};
-pub use write::{ArchiveBatch, ArchiveWriter, WriteReport, copy_rows};
+pub use write::{ArchiveBatch, ArchiveWriter, WriteReport, envelope_row};
 
 use crate::error::{Error, ErrorKind, Result};
 

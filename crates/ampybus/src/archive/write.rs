@@ -6,11 +6,11 @@ use super::schema::{self, ENVELOPES, Table, TableSpec};
 use super::{connect, parse_url, pg_error};
 use crate::envelope::Envelope;
 use crate::error::{Error, ErrorKind, Result};
+use bytes::{BufMut, Bytes, BytesMut};
 use chrono::{DateTime, Utc};
 use futures::pin_mut;
-use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::types::ToSql;
 
 /// Envelopes and typed rows to write in one transaction.
 ///
@@ -29,10 +29,53 @@ use tokio_postgres::types::{ToSql, Type};
 /// let err = batch.push_row(Table::Bars, vec![Cell::Int8(1)]).unwrap_err();
 /// assert!(err.to_string().contains("ampybus.bars"), "{err}");
 /// ```
+///
+/// Rows are checked and encoded in PostgreSQL's binary `COPY` form when they are added, so
+/// a value the column cannot take is an error of the message that brought it, and writing is
+/// sending bytes.
 #[derive(Debug, Default)]
 pub struct ArchiveBatch {
-    envelopes: Vec<Vec<Cell>>,
-    typed: [Vec<Vec<Cell>>; 9],
+    envelopes: Encoded,
+    typed: [Encoded; 9],
+}
+
+/// Rows of one table in binary `COPY` form (without the file header and trailer).
+#[derive(Debug, Default)]
+struct Encoded {
+    buf: BytesMut,
+    rows: usize,
+}
+
+impl Encoded {
+    /// Encodes one checked row; on an encoding error nothing of it stays.
+    fn push(&mut self, spec: &TableSpec, row: &[Cell]) -> Result<()> {
+        let start = self.buf.len();
+        self.buf.put_i16(row.len() as i16);
+        for ((name, ty), cell) in spec.columns.iter().zip(row) {
+            if matches!(cell, Cell::Null) {
+                self.buf.put_i32(-1);
+                continue;
+            }
+            let at = self.buf.len();
+            self.buf.put_i32(0);
+            if let Err(e) = cell.to_sql(&ty.pg(), &mut self.buf) {
+                self.buf.truncate(start);
+                return Err(Error::new(
+                    ErrorKind::Payload,
+                    format!("ampybus.{}.{name}: {e}", spec.name),
+                ));
+            }
+            let len = (self.buf.len() - at - 4) as i32;
+            self.buf[at..at + 4].copy_from_slice(&len.to_be_bytes());
+        }
+        self.rows += 1;
+        Ok(())
+    }
+
+    fn clear(&mut self) {
+        self.buf.clear();
+        self.rows = 0;
+    }
 }
 
 impl ArchiveBatch {
@@ -50,44 +93,19 @@ impl ArchiveBatch {
         sequence: u64,
         decode_error: Option<&str>,
     ) {
-        let h = &env.headers;
-        let mut tokens = env.topic.split('.');
-        let (env_token, domain) = (tokens.nth(1).unwrap_or(""), tokens.next().unwrap_or(""));
-        let headers = serde_json::to_string(h).unwrap_or_else(|_| "{}".into());
-        let payload_hash = crate::codec::sha256_tag(&env.payload);
-        // A message without an id (it breaks the contract, yet it was on the bus) is keyed by
-        // a digest of what it carries, so a redelivery is still recognised.
-        let id = match h.message_id() {
-            Some(id) if !id.is_empty() => Cell::text(id),
-            _ => Cell::Text(format!(
-                "absent:{}",
-                crate::codec::sha256_tag(
-                    format!("{}\n{headers}\n{payload_hash}", env.topic).as_bytes()
-                )
-            )),
-        };
-        self.envelopes.push(vec![
-            id,
-            Cell::text(&env.topic),
-            Cell::text(env_token),
-            Cell::text(domain),
-            h.partition_key().map_or(Cell::Null, Cell::text),
-            Cell::time(h.produced_at_time()),
-            Cell::Time(stored_at),
-            Cell::Int8(i64::try_from(sequence).unwrap_or(i64::MAX)),
-            Cell::Text(headers),
-            Cell::Bytes(env.payload.clone()),
-            Cell::Text(payload_hash),
-            decode_error.map_or(Cell::Null, Cell::text),
-        ]);
+        let row = envelope_row(env, stored_at, sequence, decode_error);
+        // Every value here is one the envelope columns take (text, a time from the headers'
+        // own parse, bytes).
+        if let Err(e) = self.envelopes.push(&ENVELOPES, &row) {
+            tracing::error!(error = %e, "archive: an envelope row could not be encoded");
+        }
     }
 
     /// Adds one typed row, its values in the order of `table.spec().columns`; a wrong count
     /// or type is an error naming the table and the column.
     pub fn push_row(&mut self, table: Table, row: Vec<Cell>) -> Result<()> {
         check_row(table.spec(), &row)?;
-        self.typed[table.index()].push(row);
-        Ok(())
+        self.typed[table.index()].push(table.spec(), &row)
     }
 
     /// Adds the typed rows of one message, all or none: the first row that does not fit its
@@ -108,35 +126,32 @@ impl ArchiveBatch {
         for (t, row) in &rows {
             check_row(t.spec(), row)?;
         }
-        for (t, row) in rows {
-            self.typed[t.index()].push(row);
+        let marks: Vec<(usize, usize)> = self.typed.iter().map(|e| (e.buf.len(), e.rows)).collect();
+        for (t, row) in &rows {
+            if let Err(e) = self.typed[t.index()].push(t.spec(), row) {
+                for (enc, (len, n)) in self.typed.iter_mut().zip(marks) {
+                    enc.buf.truncate(len);
+                    enc.rows = n;
+                }
+                return Err(e);
+            }
         }
         Ok(())
     }
 
     /// Envelopes in the batch.
     pub fn len(&self) -> usize {
-        self.envelopes.len()
+        self.envelopes.rows
     }
 
     /// True when the batch holds no envelope.
     pub fn is_empty(&self) -> bool {
-        self.envelopes.is_empty()
+        self.envelopes.rows == 0
     }
 
     /// Typed rows of one table in the batch.
     pub fn rows(&self, table: Table) -> usize {
-        self.typed[table.index()].len()
-    }
-
-    /// The envelope rows, in the column order of [`TableSpec::envelopes`].
-    pub fn envelope_rows(&self) -> &[Vec<Cell>] {
-        &self.envelopes
-    }
-
-    /// The rows of one typed table.
-    pub fn typed_rows(&self, table: Table) -> &[Vec<Cell>] {
-        &self.typed[table.index()]
+        self.typed[table.index()].rows
     }
 
     /// Empties the batch (keeping its capacity).
@@ -147,13 +162,63 @@ impl ArchiveBatch {
         }
     }
 
-    fn tables(&self) -> impl Iterator<Item = (&'static TableSpec, &[Vec<Cell>])> {
-        std::iter::once((&ENVELOPES, &self.envelopes[..])).chain(
+    fn tables(&self) -> impl Iterator<Item = (&'static TableSpec, &Encoded)> {
+        std::iter::once((&ENVELOPES, &self.envelopes)).chain(
             Table::ALL
                 .iter()
-                .map(|t| (t.spec(), &self.typed[t.index()][..])),
+                .map(|t| (t.spec(), &self.typed[t.index()])),
         )
     }
+}
+
+/// The `ampybus.envelopes` row of a message (values in the order of
+/// [`TableSpec::envelopes`]): what [`ArchiveBatch::push_envelope`] adds, public for tools
+/// that write the same rows themselves (the archive benchmark's raw `COPY`).
+///
+/// ```
+/// use ampybus::{Envelope, Headers, Topic, archive::{Cell, envelope_row}};
+/// let topic = Topic::parse("ampy.dev.news.v1.raw").unwrap();
+/// let env = Envelope::new(&topic, Headers::for_publish("ampy.news.v1.NewsBatch", "p@1", "p", "n-1"), b"x".to_vec());
+/// let row = envelope_row(&env, chrono::Utc::now(), 7, None);
+/// assert_eq!(row[1], Cell::text("ampy.dev.news.v1.raw"));
+/// assert_eq!(row[7], Cell::Int8(7));
+/// ```
+pub fn envelope_row(
+    env: &Envelope,
+    stored_at: DateTime<Utc>,
+    sequence: u64,
+    decode_error: Option<&str>,
+) -> [Cell; 12] {
+    let h = &env.headers;
+    let mut tokens = env.topic.split('.');
+    let (env_token, domain) = (tokens.nth(1).unwrap_or(""), tokens.next().unwrap_or(""));
+    let headers = serde_json::to_string(h).unwrap_or_else(|_| "{}".into());
+    let payload_hash = crate::codec::sha256_tag(&env.payload);
+    // A message without an id (it breaks the contract, yet it was on the bus) is keyed by
+    // a digest of what it carries, so a redelivery is still recognised.
+    let id = match h.message_id() {
+        Some(id) if !id.is_empty() => Cell::text(id),
+        _ => Cell::Text(format!(
+            "absent:{}",
+            crate::codec::sha256_tag(
+                format!("{}\n{headers}\n{payload_hash}", env.topic).as_bytes()
+            )
+        )),
+    };
+    [
+        id,
+        Cell::text(&env.topic),
+        Cell::text(env_token),
+        Cell::text(domain),
+        h.partition_key().map_or(Cell::Null, Cell::text),
+        Cell::time(h.produced_at_time()),
+        Cell::Time(stored_at),
+        Cell::Int8(i64::try_from(sequence).unwrap_or(i64::MAX)),
+        Cell::Text(headers),
+        Cell::Bytes(env.payload.clone()),
+        Cell::Text(payload_hash),
+        decode_error.map_or(Cell::Null, Cell::text),
+    ]
 }
 
 fn check_row(spec: &TableSpec, row: &[Cell]) -> Result<()> {
@@ -321,7 +386,7 @@ impl ArchiveWriter {
         let tx = self.client().transaction().await?;
         let mut report = WriteReport::default();
         for (spec, rows) in batch.tables() {
-            if rows.is_empty() {
+            if rows.rows == 0 {
                 continue;
             }
             let n = copy_rows(&tx, &format!("ampybus.{}", spec.name), spec, rows).await?;
@@ -355,7 +420,7 @@ impl ArchiveWriter {
         let tx = self.client().transaction().await?;
         let mut report = WriteReport::default();
         for (spec, rows) in batch.tables() {
-            if rows.is_empty() {
+            if rows.rows == 0 {
                 continue;
             }
             let stage = format!("stage_{}", spec.name);
@@ -372,7 +437,7 @@ impl ArchiveWriter {
                 .await?;
             if std::ptr::eq(spec, &ENVELOPES) {
                 report.envelopes_new = n;
-                report.envelopes_known = rows.len() as u64 - n;
+                report.envelopes_known = rows.rows as u64 - n;
             } else {
                 report.rows_new += n;
             }
@@ -382,37 +447,32 @@ impl ArchiveWriter {
     }
 }
 
-/// Binary `COPY` of `rows` into `target` (the columns of `spec`, in order) inside `tx`;
-/// returns the number of rows. What [`ArchiveWriter::write`] runs per table, public for
-/// benchmarks that time the bare `COPY` of the same rows.
-///
-/// ```no_run
-/// # async fn f(client: &mut tokio_postgres::Client, batch: &ampybus::archive::ArchiveBatch) -> Result<(), tokio_postgres::Error> {
-/// use ampybus::archive::{TableSpec, copy_rows};
-/// let tx = client.transaction().await?;
-/// copy_rows(&tx, "ampybus.envelopes", TableSpec::envelopes(), batch.envelope_rows()).await?;
-/// tx.commit().await
-/// # }
-/// ```
-pub async fn copy_rows(
+/// Bytes handed to the connection per send of a `COPY`.
+const COPY_CHUNK: usize = 256 * 1024;
+
+/// Binary `COPY` of encoded rows into `target` (the columns of `spec`, in order) inside
+/// `tx`, in chunks of 256 KiB; returns the number of rows.
+async fn copy_rows(
     tx: &tokio_postgres::Transaction<'_>,
     target: &str,
     spec: &TableSpec,
-    rows: &[Vec<Cell>],
+    rows: &Encoded,
 ) -> std::result::Result<u64, tokio_postgres::Error> {
+    use futures::SinkExt;
     let sql = format!(
         "COPY {target} ({}) FROM STDIN (FORMAT binary)",
         spec.column_list()
     );
-    let sink = tx.copy_in(&sql).await?;
-    let types: Vec<Type> = spec.columns.iter().map(|(_, t)| t.pg()).collect();
-    let writer = BinaryCopyInWriter::new(sink, &types);
-    pin_mut!(writer);
-    let mut refs: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(types.len());
-    for row in rows {
-        refs.clear();
-        refs.extend(row.iter().map(|c| c as &(dyn ToSql + Sync)));
-        writer.as_mut().write(&refs).await?;
+    let sink = tx.copy_in::<_, Bytes>(&sql).await?;
+    pin_mut!(sink);
+    let mut head = BytesMut::with_capacity(19);
+    head.put_slice(b"PGCOPY\n\xff\r\n\0");
+    head.put_i32(0); // flags
+    head.put_i32(0); // header extension
+    sink.feed(head.freeze()).await?;
+    for chunk in rows.buf.chunks(COPY_CHUNK) {
+        sink.feed(Bytes::copy_from_slice(chunk)).await?;
     }
-    writer.finish().await
+    sink.send(Bytes::from_static(&[0xff, 0xff])).await?;
+    sink.finish().await
 }
