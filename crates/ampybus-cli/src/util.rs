@@ -53,9 +53,9 @@ pub async fn close(bus: &Bus) -> CliResult<()> {
 /// is a usage error naming it (exit 2) instead of a fresh, empty log. A durable consumer uses
 /// [`connect`]: it may start before its producers and create the directory.
 pub async fn connect_existing(url: &str) -> CliResult<Bus> {
-    use ampybus::bus::{TransportKind, redact, take_archive_option, transport_kind};
+    use ampybus::bus::{TransportKind, redact, transport_kind, transport_url};
     let shown = redact(url);
-    let (bus_url, _) = take_archive_option(url);
+    let bus_url = transport_url(url);
     let kind =
         transport_kind(&bus_url).map_err(|e| CliError::bus(format!("--url {shown:?}"), &e))?;
     if kind == TransportKind::Embedded {

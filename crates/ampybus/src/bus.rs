@@ -174,13 +174,32 @@ pub fn redact(url: &str) -> String {
 /// assert_eq!(ampybus::bus::take_archive_option("/d").1, None);
 /// ```
 pub fn take_archive_option(url: &str) -> (String, Option<String>) {
+    take_option(url, "archive")
+}
+
+/// The URL a transport sees: `url` without the options the bus handles itself (`archive`,
+/// `blob_store`).
+///
+/// ```
+/// assert_eq!(ampybus::bus::transport_url("/d?blob_store=file:///b&archive=x"), "/d");
+/// assert_eq!(ampybus::bus::transport_url("nats://h:4222?stream_prefix=A"), "nats://h:4222?stream_prefix=A");
+/// ```
+pub fn transport_url(url: &str) -> String {
+    let (url, _) = take_option(url, "archive");
+    take_option(&url, "blob_store").0
+}
+
+/// Splits the option `name` (its value percent-decoded) off a URL: options the bus itself
+/// handles (`archive`, `blob_store`) on any transport's URL.
+fn take_option(url: &str, name: &str) -> (String, Option<String>) {
     let Some((base, query)) = url.split_once('?') else {
         return (url.to_owned(), None);
     };
     let mut archive = None;
+    let key = format!("{name}=");
     let rest: Vec<&str> = query
         .split('&')
-        .filter(|kv| match kv.strip_prefix("archive=") {
+        .filter(|kv| match kv.strip_prefix(key.as_str()) {
             Some(v) => {
                 archive = Some(
                     url::form_urlencoded::parse(format!("a={v}").as_bytes())
@@ -207,7 +226,11 @@ impl Bus {
     /// built in. Errors name the URL (credentials redacted) and the problem.
     pub async fn connect(url: &str) -> Result<Bus> {
         let (url, archive) = take_archive_option(url);
-        let bus = Bus::connect_transport(&url).await?;
+        let (url, blob_store) = take_option(&url, "blob_store");
+        let mut bus = Bus::connect_transport(&url).await?;
+        if let Some(b) = blob_store {
+            bus = bus.with_blob_store(BlobStore::from_url(&b)?);
+        }
         match archive {
             None => Ok(bus),
             #[cfg(feature = "archive")]

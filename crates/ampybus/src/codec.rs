@@ -119,6 +119,28 @@ impl BlobStore {
         })
     }
 
+    /// The store a `blob_store=` bus URL option names: `file:///absolute/dir` (created if
+    /// missing). Other schemes are a Config error naming the option (no S3 client is compiled
+    /// in; see [`BlobStore::new`]).
+    ///
+    /// ```
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let url = format!("file://{}", dir.path().display());
+    /// assert!(ampybus::codec::BlobStore::from_url(&url).is_ok());
+    /// let e = ampybus::codec::BlobStore::from_url("s3://bucket/x").unwrap_err();
+    /// assert!(e.to_string().contains("blob_store \"s3://bucket/x\""), "{e}");
+    /// ```
+    pub fn from_url(url: &str) -> Result<Self> {
+        match url.strip_prefix("file://") {
+            Some(path) if path.starts_with('/') && path.len() > 1 => {
+                BlobStore::local(std::path::Path::new(path))
+            }
+            _ => Err(Error::config(format!(
+                "blob_store {url:?}: must be file:///absolute/dir (this build has no S3 client; a library user can pass any object_store through BlobStore::new)"
+            ))),
+        }
+    }
+
     /// Any `object_store` (0.12) store whose objects are named `<url_prefix><key>` in
     /// `blob_ref`. This crate compiles `object_store` with its `fs` feature only, so what it
     /// brings is the local filesystem ([`BlobStore::local`]) and `object_store::memory::InMemory`;
