@@ -229,7 +229,11 @@ impl Bus {
         let (url, blob_store) = take_option(&url, "blob_store");
         let mut bus = Bus::connect_transport(&url).await?;
         if let Some(b) = blob_store {
-            bus = bus.with_blob_store(BlobStore::from_url(&b)?);
+            let store = BlobStore::from_url(&b)?;
+            // Blobs in a store of the option's expire with the transports' default retention
+            // (the embedded log's own `<dir>/blobs` follows its configurable retention instead).
+            crate::codec::spawn_blob_expiry(store.clone());
+            bus = bus.with_blob_store(store);
         }
         match archive {
             None => Ok(bus),
