@@ -14,31 +14,18 @@ const UNTIL: &str = "2100-01-01T00:00:00Z";
 
 fn publish(url: &str, topic: &str, key: &str, n: usize) {
     for i in 0..n {
-        let o = ampybus_on(
+        let payload = format!("{key}-{i}");
+        common::pub_one(
             url,
-            &[
-                "pub",
-                "--topic",
-                topic,
-                "--producer",
-                "t@1",
-                "--source",
-                "t",
-                "--pk",
-                key,
-                "--payload",
-                &format!("{key}-{i}"),
-                "--header",
-                "x-desk=rates",
-            ],
+            topic,
+            key,
+            &["--payload", &payload, "--header", "x-desk=rates"],
         );
-        assert_eq!(o.code, 0, "{}", o.stderr);
     }
 }
 
-/// `sub --since/--until --json` over `pattern`, lines sorted (the archive reads in archive
-/// order, the bus in store order).
-fn window(url: &str, pattern: &str) -> Vec<String> {
+/// `sub --since/--until --json` over `pattern`, lines in the order printed.
+fn window_in_order(url: &str, pattern: &str) -> Vec<String> {
     let o = ampybus_on(
         url,
         &[
@@ -53,7 +40,13 @@ fn window(url: &str, pattern: &str) -> Vec<String> {
         ],
     );
     assert_eq!(o.code, 0, "{}", o.stderr);
-    let mut lines: Vec<String> = o.lines().into_iter().map(str::to_owned).collect();
+    o.lines().into_iter().map(str::to_owned).collect()
+}
+
+/// [`window_in_order`], lines sorted (the archive reads in archive order, the bus in store
+/// order).
+fn window(url: &str, pattern: &str) -> Vec<String> {
+    let mut lines = window_in_order(url, pattern);
     lines.sort();
     lines
 }
@@ -219,23 +212,7 @@ fn a_bus_with_archive_option_serves_what_its_transport_no_longer_holds() {
     let new_url = new.path().to_str().unwrap().to_owned();
     publish(&new_url, "ampy.dev.news.v1.raw", "n-1", 2);
 
-    let sub = |url: &str| {
-        let o = ampybus_on(
-            url,
-            &[
-                "sub",
-                "--pattern",
-                "ampy.dev.news.>",
-                "--since",
-                SINCE,
-                "--until",
-                UNTIL,
-                "--json",
-            ],
-        );
-        assert_eq!(o.code, 0, "{}", o.stderr);
-        o.lines().into_iter().map(str::to_owned).collect::<Vec<_>>()
-    };
+    let sub = |url: &str| window_in_order(url, "ampy.dev.news.>");
     let encoded: String = url::form_urlencoded::byte_serialize(db.url.as_bytes()).collect();
     let tiered = sub(&format!("{new_url}?archive={encoded}"));
     let mut want = sub(&old_url);

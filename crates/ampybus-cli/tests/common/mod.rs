@@ -83,6 +83,27 @@ pub fn ampybus_on(url: &str, args: &[&str]) -> Out {
     ampybus_in(None, &all)
 }
 
+/// `ampybus --url {url} pub --topic {topic} --producer t@1 --source t --pk {key} {extra…}`,
+/// asserting exit 0.
+#[allow(dead_code)] // not every test binary that includes `common` uses it
+pub fn pub_one(url: &str, topic: &str, key: &str, extra: &[&str]) -> Out {
+    let mut args = vec![
+        "pub",
+        "--topic",
+        topic,
+        "--producer",
+        "t@1",
+        "--source",
+        "t",
+        "--pk",
+        key,
+    ];
+    args.extend_from_slice(extra);
+    let o = ampybus_on(url, &args);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    o
+}
+
 /// The broker tests' first steps on `url`: `ampybus pub` of three messages on
 /// `ampy.dev.news.v1.a` (key `n-a`, payloads `n-a-0`…) and two on `ampy.dev.news.v1.b` (key
 /// `n-b`), then `sub --durable audit --max 1` on `ampy.dev.news.>`. Returns the message `sub`
