@@ -8,6 +8,7 @@
 #   scripts/brokers.sh start  nats redis
 #   scripts/brokers.sh start  kafka  # use a Kafka-API broker on 127.0.0.1:9092, else start tansu
 #   scripts/brokers.sh build  kafka  # only build (and cache) the tansu binary
+#   scripts/brokers.sh start  postgres  # use postgres@127.0.0.1:5432 (trust), else initdb + pg_ctl one
 #
 # Idempotent. `start` uses a nats-server already listening on 127.0.0.1:${NATS_PORT:-4222} when
 # it has JetStream enabled (checked with a JetStream account-info request); a server there without
@@ -27,6 +28,14 @@
 # in-memory storage engine (nothing kept across restarts). tansu is built once per machine with
 #   cargo install tansu --version 0.6.0 --locked --features dynostore --root ~/.cache/ampybus/tansu-0.6.0
 # (--locked: newer dependencies want a newer rustc; dynostore gives the memory:// engine).
+#
+# PostgreSQL (the archive's tests): `start postgres` uses a server already accepting
+# `postgres@127.0.0.1:${PG_PORT:-5432}` without a password (checked with `psql -c 'select 1'`);
+# otherwise it installs Debian's postgresql when missing (as root) and starts one with
+#   initdb -U postgres --auth=trust -D <repo>/.brokers/postgres/data
+#   pg_ctl -D … -o '-c listen_addresses=127.0.0.1 -p 5432 -c unix_socket_directories=…' start
+# (as the `postgres` system user when run as root: initdb refuses root). `stop postgres` stops
+# only that one.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -362,6 +371,103 @@ status_kafka() {
     fi
 }
 
+pg_port="${PG_PORT:-5432}"
+pg_state="$state/postgres"
+pg_bin_dir() {
+    local d
+    for d in /usr/lib/postgresql/*/bin; do
+        [ -x "$d/initdb" ] && { echo "$d"; return 0; }
+    done
+    return 1
+}
+
+# 0: postgres@127.0.0.1 answers without a password; 3: nothing listening; 4: something else.
+pg_ok() {
+    command -v psql >/dev/null 2>&1 || { [ -x "$(pg_bin_dir 2>/dev/null)/psql" ] || return 3; }
+    local psql_bin
+    psql_bin=$(command -v psql || echo "$(pg_bin_dir)/psql")
+    local out
+    if out=$(PGCONNECT_TIMEOUT=3 "$psql_bin" -h 127.0.0.1 -p "$pg_port" -U postgres -d postgres -w -tAc 'select 1' 2>&1); then
+        [ "$out" = 1 ] && return 0
+        return 4
+    fi
+    case "$out" in
+        *"Connection refused"*|*"could not connect"*) return 3 ;;
+        *) return 4 ;;
+    esac
+}
+
+start_postgres() {
+    local rc=0
+    pg_ok || rc=$?
+    case $rc in
+        0) echo "postgres: server already accepting postgres@127.0.0.1:$pg_port"; return 0 ;;
+        3) ;;
+        *) echo "error: something on 127.0.0.1:$pg_port does not accept postgres without a password (probe exit $rc); not touching it" >&2; return 1 ;;
+    esac
+    if ! pg_bin_dir >/dev/null; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+            echo "postgres: installing Debian's postgresql"
+            DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql >/dev/null 2>&1 || { apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql >/dev/null; }
+        else
+            echo "error: PostgreSQL is not installed (apt-get install postgresql)" >&2
+            return 1
+        fi
+    fi
+    local bin as=()
+    bin=$(pg_bin_dir)
+    mkdir -p "$state/postgres"
+    if [ "$(id -u)" = 0 ]; then
+        as=(runuser -u postgres --)
+        chown -R postgres "$state/postgres"
+        if ! runuser -u postgres -- test -w "$state/postgres"; then
+            # The checkout is not reachable by the postgres user (e.g. under /root): keep the
+            # data directory where it is, and say so.
+            pg_state="/var/tmp/ampybus-postgres-$pg_port"
+            mkdir -p "$pg_state" && chown postgres "$pg_state"
+            echo "postgres: $state/postgres is not reachable by the postgres user; data in $pg_state"
+            ln -sfn "$pg_state" "$state/postgres/external"
+        fi
+    fi
+    if [ ! -f "$pg_state/data/PG_VERSION" ]; then
+        "${as[@]}" "$bin/initdb" -U postgres --auth=trust -E UTF8 -D "$pg_state/data" >"$state/postgres.log" 2>&1 || {
+            echo "error: initdb failed; log: $state/postgres.log" >&2; tail -20 "$state/postgres.log" >&2; return 1; }
+    fi
+    echo "postgres: starting $bin/postgres on 127.0.0.1:$pg_port in $pg_state/data"
+    "${as[@]}" "$bin/pg_ctl" -D "$pg_state/data" -l "$pg_state/server.log" -w -t 60 \
+        -o "-c listen_addresses=127.0.0.1 -p $pg_port -c unix_socket_directories=$pg_state -c fsync=on" start >/dev/null || {
+        echo "error: PostgreSQL did not start; log: $pg_state/server.log" >&2
+        tail -20 "$pg_state/server.log" >&2 || true
+        return 1
+    }
+    head -1 "$pg_state/data/postmaster.pid" >"$state/postgres.pid"
+    pg_ok || { echo "error: PostgreSQL started but does not accept postgres@127.0.0.1:$pg_port" >&2; return 1; }
+    echo "postgres: ready on 127.0.0.1:$pg_port (pid $(cat "$state/postgres.pid"))"
+}
+
+stop_postgres() {
+    if [ -f "$state/postgres.pid" ]; then
+        [ -L "$state/postgres/external" ] && pg_state=$(readlink "$state/postgres/external")
+        local as=()
+        [ "$(id -u)" = 0 ] && as=(runuser -u postgres --)
+        "${as[@]}" "$(pg_bin_dir)/pg_ctl" -D "$pg_state/data" -m fast -w stop >/dev/null 2>&1 \
+            && echo "postgres: stopped pid $(cat "$state/postgres.pid")" \
+            || echo "postgres: pid $(cat "$state/postgres.pid") is not running"
+        rm -f "$state/postgres.pid"
+    else
+        echo "postgres: nothing started by this script"
+    fi
+}
+
+status_postgres() {
+    if pg_ok; then
+        echo "postgres: accepting postgres@127.0.0.1:$pg_port$( [ -f "$state/postgres.pid" ] && echo " (started by this script, pid $(cat "$state/postgres.pid"))")"
+    else
+        echo "postgres: no usable server on 127.0.0.1:$pg_port"
+        return 1
+    fi
+}
+
 cmd="${1:-}"
 shift || true
 brokers=("$@")
@@ -378,7 +484,10 @@ for b in "${brokers[@]}"; do
         stop:kafka) stop_kafka ;;
         status:kafka) status_kafka ;;
         build:kafka) ensure_tansu ;;
-        *:nats|*:redis|*:kafka) echo "usage: $0 start|stop|status [nats] [redis] [kafka]  (or: build kafka)" >&2; exit 2 ;;
-        *) echo "error: unknown broker \`$b\` (known: nats, redis, kafka)" >&2; exit 2 ;;
+        start:postgres) start_postgres ;;
+        stop:postgres) stop_postgres ;;
+        status:postgres) status_postgres ;;
+        *:nats|*:redis|*:kafka|*:postgres) echo "usage: $0 start|stop|status [nats] [redis] [kafka] [postgres]  (or: build kafka)" >&2; exit 2 ;;
+        *) echo "error: unknown broker \`$b\` (known: nats, redis, kafka, postgres)" >&2; exit 2 ;;
     esac
 done

@@ -169,7 +169,9 @@ pub async fn run(url: &str, args: BenchArgs, log_level: Option<&str>) -> CliResu
         ampybus::bus::TransportKind::Embedded => None,
         _ => Some(url.to_owned()),
     };
-    if broker.is_some() && (args.raw || args.mode == BenchMode::Consume) {
+    if broker.is_some()
+        && (args.raw || matches!(args.mode, BenchMode::Consume | BenchMode::Archive))
+    {
         return Err(CliError::usage(format!(
             "--url {:?}: --raw and --mode consume measure the embedded log; against NATS use `ampybus bench-nats` for the raw-client comparison",
             ampybus::bus::redact(url)
@@ -204,6 +206,9 @@ pub async fn run(url: &str, args: BenchArgs, log_level: Option<&str>) -> CliResu
     let a = &setup.args;
     if a.mode == BenchMode::Consume {
         return crate::bench_consume::run(a, &setup.parent).await;
+    }
+    if a.mode == BenchMode::Archive {
+        return crate::bench_archive::run(a, &setup.parent).await;
     }
     let publish = matches!(a.mode, BenchMode::Publish | BenchMode::Both);
     let e2e = matches!(a.mode, BenchMode::E2e | BenchMode::Both);

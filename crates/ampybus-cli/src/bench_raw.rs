@@ -257,7 +257,7 @@ pub fn spread(v: &[f64]) -> (f64, f64, f64) {
 }
 
 /// Best / median / worst and every run of a series, as reported in JSON.
-fn series(v: &[f64]) -> Value {
+pub fn series(v: &[f64]) -> Value {
     let (b, m, w) = spread(v);
     json!({"best": b, "median": m, "worst": w, "runs": v})
 }

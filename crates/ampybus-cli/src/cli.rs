@@ -19,6 +19,7 @@ URL forms (--url, default $AMPYBUS_URL, `url` in the config file, or ./ampybus-d
                  &retention.<domain>.days=N&retention.<domain>.max_mb=N
   file:rel/dir?options                   the same, relative
   nats://host:4222, tls://host:4222, redis://host:6379, rediss://host:6379, kafka://host:9092
+  postgres://user@host/db                the archive (`ampybus archive`), read-only: sub --since/--until, dlq inspect
 Retention values are N >= 1 or `unlimited` (keep forever); 0 is refused. Refused URLs:
 file:/// (the root), file://host/dir (a host), a broker URL without a host.
 ";
@@ -145,6 +146,7 @@ Examples:
   ampybus bench --mode publish --concurrency 16 --sync normal
   ampybus bench --mode e2e --rate 10000 --json
   ampybus bench --mode consume --messages 100000 --keys 1000 --workers 8
+  ampybus bench --mode archive --to postgres://postgres@127.0.0.1/bench --messages 100000 --json
 
 Every round uses fresh temporary data directories under --dir, so the data at --url is never
 touched. Rounds are interleaved (raw sqlite, ampybus batched, ampybus one-by-one, e2e) and
@@ -197,6 +199,25 @@ Examples:
 Works on the embedded log and on nats://, redis:// and kafka:// URLs; what a row holds on
 each broker is in the README (`ampybus topics`).")]
     Topics(crate::topics::TopicsArgs),
+
+    /// Archive every message into PostgreSQL (typed tables per domain); migrate; verify
+    #[command(after_help = "\
+Examples:
+  ampybus --url ./ampybus-data archive --pattern 'ampy.prod.>' --to postgres://postgres@127.0.0.1/ampy
+  ampybus archive migrate --to postgres://postgres@127.0.0.1/ampy
+  ampybus archive verify --to postgres://postgres@127.0.0.1/ampy --since 2025-09-05T00:00:00Z --until 2025-09-06T00:00:00Z
+
+A durable consumer (--durable, default `archive`) writes each fetched batch (--batch, default
+2,000) into schema ampybus in one transaction -- ampybus.envelopes (one row per message_id, the
+message as carried) and the typed tables (bars, trades, quotes, orders, fills, positions,
+signals, fx_rates, news) -- and acks it only after the commit. A message already archived is
+skipped, so a restart after a crash writes nothing twice. A payload that does not decode is
+archived without typed rows (decode_error column; bus_decode_fail_total). While PostgreSQL is
+unreachable the batch is held and retried. The schema is created or migrated at start.
+Exits 0 after --max messages or --timeout seconds idle; without them runs until SIGTERM (exit 0
+after committing what it holds) or SIGINT (exit 130).
+`archive verify` exits 1 when a topic's count or payload hashes differ over the window.")]
+    Archive(crate::archive::ArchiveArgs),
 
     /// Convert a data directory of an earlier version (ampybus.sqlite3) to the current format
     #[command(after_help = "\
@@ -414,6 +435,8 @@ pub enum BenchMode {
     Both,
     /// Consume-and-ack throughput: the runtime (dedupe on, --workers) against a bare fetch/ack loop
     Consume,
+    /// `ampybus archive` into PostgreSQL (--to) against a raw COPY of the same rows
+    Archive,
 }
 
 impl BenchMode {
@@ -424,6 +447,7 @@ impl BenchMode {
             BenchMode::E2e => "e2e",
             BenchMode::Both => "both",
             BenchMode::Consume => "consume",
+            BenchMode::Archive => "archive",
         }
     }
 }
@@ -496,6 +520,10 @@ pub struct BenchArgs {
     /// Print the results as one JSON object on stdout
     #[arg(long)]
     pub json: bool,
+    /// --mode archive: the PostgreSQL database to archive into (its ampybus tables are
+    /// emptied before every round), postgres://user:password@host:port/database
+    #[arg(long, value_name = "URL")]
+    pub to: Option<String>,
 }
 
 /// `ampybus bench-consumer` (internal).

@@ -199,25 +199,14 @@ async fn select(
     f: &Filter,
     since: Option<DateTime<Utc>>,
 ) -> CliResult<Vec<StoredMessage>> {
-    let replay = bus.replay().ok_or_else(|| {
-        CliError::usage(format!(
-            "dlq: the transport at {} cannot read stored messages",
-            bus.url_redacted()
-        ))
-    })?;
     let mut q = WindowQuery::new(f.pattern.clone());
     q.start = since;
     q.limit = 1000;
     let mut out = Vec::new();
-    loop {
-        let page = replay
-            .read_window(&q)
-            .await
-            .map_err(|e| CliError::bus("reading the DLQ", &e))?;
-        let Some(last) = page.last() else { break };
-        q.after_sequence = last.sequence;
+    util::each_stored_page(bus, q, "dlq", "reading the DLQ", |page| {
         out.extend(page.into_iter().filter(|m| f.keep(m)));
-    }
+    })
+    .await?;
     Ok(out)
 }
 

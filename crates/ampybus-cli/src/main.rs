@@ -3,7 +3,10 @@
 //! stdout carries only data (messages, ids, validation lines, results); logs, progress and
 //! summaries go to stderr. See `ampybus --help` for the commands and the exit codes.
 
+mod archive;
+mod archive_rows;
 mod bench;
+mod bench_archive;
 mod bench_consume;
 mod bench_kafka;
 mod bench_nats;
@@ -15,6 +18,7 @@ mod decoder;
 mod demo;
 mod dlq;
 mod error;
+mod follow;
 mod migrate;
 mod publish;
 mod registry;
@@ -118,6 +122,7 @@ fn run(cli: Cli) -> CliResult<u8> {
         Command::Replay(args) => runtime()?.block_on(replay::run(&url, args)),
         Command::Dlq(args) => runtime()?.block_on(dlq::run(&url, args)),
         Command::Topics(args) => runtime()?.block_on(topics::run(&url, args)),
+        Command::Archive(args) => runtime()?.block_on(archive::run(&url, args)),
         Command::Migrate(args) => migrate::run(&url, &args),
         Command::Streams(args) => runtime()?.block_on(streams::run(&url, args)),
         Command::BenchNats(args) => runtime()?.block_on(util::job_until_signal(

@@ -3,6 +3,7 @@
 use crate::cli::SubArgs;
 use crate::decoder::ProtoDecoder;
 use crate::error::{CliError, CliResult, EXIT_OK};
+use crate::follow::{self, Limits, Sink};
 use crate::util::{self, Out, Signal, Signals};
 use ampybus::headers::names;
 use ampybus::obs::ReaderCounter;
@@ -11,7 +12,7 @@ use ampybus::{Bus, Envelope, PayloadDecoder, TopicPattern};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use std::collections::HashSet;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How many deliveries one fetch asks for.
 const FETCH: u64 = 256;
@@ -89,11 +90,7 @@ pub async fn run(url: &str, args: SubArgs) -> CliResult<u8> {
     };
     eprintln!("received {n} message(s); stopped by {}", signal.name());
     // Without --max and outside a stored window the read is open-ended.
-    if args.max.is_none() && !windowed {
-        Ok(signal.open_code())
-    } else {
-        Ok(signal.job_code())
-    }
+    Ok(follow::signal_code(signal, args.max.is_none() && !windowed))
 }
 
 fn parse_time_flag(flag: &str, v: Option<&str>) -> CliResult<Option<DateTime<Utc>>> {
@@ -163,9 +160,6 @@ async fn window(
     Ok(None)
 }
 
-/// How long one fetch waits at most, so a signal is noticed soon while idle.
-const FETCH_SLICE: Duration = Duration::from_millis(200);
-
 /// Subscribes (durable or ephemeral from the start) and prints until --max, idle --timeout
 /// or a signal (`Some(signal)`). A durable reader acks exactly the messages whose whole line
 /// `write(2)` accepted and releases (nack, no delay) what it fetched and did not print.
@@ -184,89 +178,50 @@ async fn follow(
         Some(n) => CliError::bus(format!("--durable {n:?}"), &e),
         None => CliError::bus("subscribe", &e),
     })?;
-    let durable = args.durable.is_some();
-    let idle = Duration::from_secs_f64(args.timeout);
-    let mut active = Instant::now();
-    let mut acked = 0u64;
-    loop {
-        // No new work after a signal.
-        if let Some(s) = signals.received() {
-            return Ok(Some(s));
-        }
-        let want = match args.max {
-            Some(m) if p.count() >= m => return Ok(None),
-            Some(m) => (m - p.count()).min(FETCH),
-            None => FETCH,
-        };
-        // Short fetches (a fetch is not cancelled midway: it may hold leases by then).
-        let wait = idle.saturating_sub(active.elapsed()).min(FETCH_SLICE);
-        let got = sub
-            .fetch(want as usize, wait)
-            .await
-            .map_err(|e| CliError::bus("fetch", &e))?;
-        if got.is_empty() {
-            if active.elapsed() >= idle {
-                return Ok(None);
-            }
-            continue;
-        }
-        if let Some(s) = signals.received() {
-            if durable {
-                release(got).await;
-            }
-            return Ok(Some(s));
-        }
+    let limits = Limits {
+        max: args.max,
+        idle: Duration::from_secs_f64(args.timeout),
+        fetch: FETCH,
+        durable: args.durable.is_some(),
+    };
+    let counter = p.counter.clone();
+    let mut sink = PrintSink { bus, p };
+    follow::follow(&mut sub, &limits, &mut sink, &counter, signals)
+        .await
+        .1
+}
+
+/// `sub`'s [`Sink`]: prints each delivery; finished = lines `write(2)` accepted whole.
+struct PrintSink<'a> {
+    bus: &'a Bus,
+    p: &'a mut Printer,
+}
+
+impl Sink for PrintSink<'_> {
+    async fn take(&mut self, got: &[Delivery], _signals: &mut Signals) -> (usize, CliResult<()>) {
+        let p = &mut *self.p;
         let before = p.out.lines_written();
         let written = async {
-            for d in &got {
+            for d in got {
                 let i = &d.info;
-                p.print(bus, &d.envelope, i.sequence, i.stored_at, i.delivery_count)
-                    .await?;
+                p.print(
+                    self.bus,
+                    &d.envelope,
+                    i.sequence,
+                    i.stored_at,
+                    i.delivery_count,
+                )
+                .await?;
             }
             p.out.flush()
         }
         .await;
-        // Exactly the messages whose whole line reached the reader.
         let accepted = (p.out.lines_written() - before) as usize;
-        if durable {
-            let mut printed = got;
-            let rest = printed.split_off(accepted.min(printed.len()));
-            if !printed.is_empty() {
-                let n = printed.len() as u64;
-                let topics: Vec<String> =
-                    printed.iter().map(|d| d.envelope.topic.clone()).collect();
-                if let Err((e, unacked)) = Delivery::ack_all(printed).await {
-                    release(unacked).await;
-                    release(rest).await;
-                    return Err(CliError::bus("ack", &e));
-                }
-                acked += n;
-                // Consumed = printed and acked.
-                for t in &topics {
-                    p.counter.consumed(t);
-                }
-            }
-            release(rest).await;
-        } else {
-            for d in got.iter().take(accepted) {
-                p.counter.consumed(&d.envelope.topic);
-            }
-        }
-        if let Err(e) = written {
-            return Err(p.stdout_error(e, durable.then_some(acked)));
-        }
-        active = Instant::now();
+        (accepted, written.map(|_| ()))
     }
-}
 
-/// Hands fetched, unprinted messages back at once (nack without delay), so nothing waits for
-/// a lease to expire.
-async fn release(deliveries: Vec<Delivery>) {
-    for d in deliveries {
-        let seq = d.info.sequence;
-        if let Err((e, _)) = d.nack(Duration::ZERO).await {
-            tracing::warn!(seq, error = %e, "sub: could not release a fetched message; it is redelivered after its ack deadline");
-        }
+    fn stop_error(&self, e: CliError, acked: Option<u64>) -> CliError {
+        self.p.stdout_error(e, acked)
     }
 }
 

@@ -76,11 +76,13 @@ pub async fn close(bus: &Bus) -> CliResult<()> {
 /// is a usage error naming it (exit 2) instead of a fresh, empty log. A durable consumer uses
 /// [`connect`]: it may start before its producers and create the directory.
 pub async fn connect_existing(url: &str) -> CliResult<Bus> {
-    use ampybus::bus::{TransportKind, redact, transport_kind};
+    use ampybus::bus::{TransportKind, redact, transport_kind, transport_url};
     let shown = redact(url);
-    let kind = transport_kind(url).map_err(|e| CliError::bus(format!("--url {shown:?}"), &e))?;
+    let bus_url = transport_url(url);
+    let kind =
+        transport_kind(&bus_url).map_err(|e| CliError::bus(format!("--url {shown:?}"), &e))?;
     if kind == TransportKind::Embedded {
-        let opts = ampybus::transport::embedded::EmbeddedOptions::from_url(url)
+        let opts = ampybus::transport::embedded::EmbeddedOptions::from_url(&bus_url)
             .map_err(|e| CliError::bus(format!("--url {shown:?}"), &e))?;
         if !opts.dir.is_dir() {
             return Err(CliError::usage(format!(
@@ -90,6 +92,35 @@ pub async fn connect_existing(url: &str) -> CliResult<Bus> {
         }
     }
     connect(url).await
+}
+
+/// Reads the stored window of `q` page by page, handing each page to `page`. `who` names the
+/// command in the error for a transport that cannot read stored windows, `reading` the step
+/// in a read error.
+pub async fn each_stored_page(
+    bus: &Bus,
+    mut q: ampybus::transport::WindowQuery,
+    who: &str,
+    reading: &str,
+    mut page: impl FnMut(Vec<ampybus::transport::StoredMessage>),
+) -> CliResult<()> {
+    let replay = bus.replay().ok_or_else(|| {
+        CliError::usage(format!(
+            "{who}: the transport at {} cannot read stored messages",
+            bus.url_redacted()
+        ))
+    })?;
+    loop {
+        let got = replay
+            .read_window(&q)
+            .await
+            .map_err(|e| CliError::bus(reading, &e))?;
+        let Some(last) = got.last() else {
+            return Ok(());
+        };
+        q.after_sequence = last.sequence;
+        page(got);
+    }
 }
 
 /// A fresh run id: `run-<UTC time>-<8 random hex digits>`.

@@ -49,6 +49,8 @@ pub enum TransportKind {
     Kafka,
     /// `redis://`, `rediss://`.
     Redis,
+    /// `postgres://`, `postgresql://`: the archive, read-only (feature `archive`).
+    Archive,
 }
 
 /// Classifies a URL without connecting.
@@ -62,8 +64,9 @@ pub fn transport_kind(url: &str) -> Result<TransportKind> {
         Some("nats") | Some("tls") => Ok(TransportKind::Nats),
         Some("kafka") => Ok(TransportKind::Kafka),
         Some("redis") | Some("rediss") => Ok(TransportKind::Redis),
+        Some("postgres") | Some("postgresql") => Ok(TransportKind::Archive),
         Some(other) => Err(Error::config(format!(
-            "url {:?}: scheme `{other}` is not supported (use file://, a path, nats://, tls://, kafka://, redis:// or rediss://)",
+            "url {:?}: scheme `{other}` is not supported (use file://, a path, nats://, tls://, kafka://, redis://, rediss:// or postgres:// for the archive)",
             redact(url)
         ))),
         None if url.starts_with("file:") => Ok(TransportKind::Embedded),
@@ -100,6 +103,8 @@ pub fn transport_kind(url: &str) -> Result<TransportKind> {
 #[derive(Clone)]
 pub struct Bus {
     transport: Arc<dyn Transport>,
+    /// Stored windows with an archive behind the transport (`archive=` option).
+    history: Option<Arc<dyn ReplayByTime>>,
     codec: PayloadCodec,
     url: String,
     obs: Arc<Obs>,
@@ -148,6 +153,7 @@ pub fn redact(url: &str) -> String {
                         "nkey",
                         "sasl_password",
                         "key",
+                        "archive",
                     ]
                     .iter()
                     .any(|s| k.to_ascii_lowercase().contains(s)) =>
@@ -160,6 +166,62 @@ pub fn redact(url: &str) -> String {
         out = format!("{base}?{}", q.join("&"));
     }
     out
+}
+
+/// Splits the `archive=` option (a percent-encoded `postgres://` URL) off a bus URL: the URL
+/// the transport sees, and the archive's URL.
+///
+/// ```
+/// let (url, archive) = ampybus::bus::take_archive_option("file:///d?sync=full&archive=postgres%3A%2F%2Fu%40h%2Fdb");
+/// assert_eq!(url, "file:///d?sync=full");
+/// assert_eq!(archive.as_deref(), Some("postgres://u@h/db"));
+/// assert_eq!(ampybus::bus::take_archive_option("/d").1, None);
+/// ```
+pub fn take_archive_option(url: &str) -> (String, Option<String>) {
+    take_option(url, "archive")
+}
+
+/// The URL a transport sees: `url` without the options the bus handles itself (`archive`,
+/// `blob_store`).
+///
+/// ```
+/// assert_eq!(ampybus::bus::transport_url("/d?blob_store=file:///b&archive=x"), "/d");
+/// assert_eq!(ampybus::bus::transport_url("nats://h:4222?stream_prefix=A"), "nats://h:4222?stream_prefix=A");
+/// ```
+pub fn transport_url(url: &str) -> String {
+    let (url, _) = take_option(url, "archive");
+    take_option(&url, "blob_store").0
+}
+
+/// Splits the option `name` (its value percent-decoded) off a URL: options the bus itself
+/// handles (`archive`, `blob_store`) on any transport's URL.
+fn take_option(url: &str, name: &str) -> (String, Option<String>) {
+    let Some((base, query)) = url.split_once('?') else {
+        return (url.to_owned(), None);
+    };
+    let mut archive = None;
+    let key = format!("{name}=");
+    let rest: Vec<&str> = query
+        .split('&')
+        .filter(|kv| match kv.strip_prefix(key.as_str()) {
+            Some(v) => {
+                archive = Some(
+                    url::form_urlencoded::parse(format!("a={v}").as_bytes())
+                        .next()
+                        .map(|(_, v)| v.into_owned())
+                        .unwrap_or_default(),
+                );
+                false
+            }
+            None => true,
+        })
+        .collect();
+    let url = if rest.is_empty() {
+        base.to_owned()
+    } else {
+        format!("{base}?{}", rest.join("&"))
+    };
+    (url, archive)
 }
 
 impl Bus {
@@ -201,6 +263,32 @@ impl Bus {
     }
 
     async fn open(url: &str, retention: Option<&crate::transport::UnitRetention>) -> Result<Bus> {
+        let (url, archive) = take_archive_option(url);
+        let (url, blob_store) = take_option(&url, "blob_store");
+        let mut bus = Bus::connect_transport(&url, retention).await?;
+        if let Some(b) = blob_store {
+            let store = BlobStore::from_url(&b)?;
+            // Blobs in a store of the option's expire with the transports' default retention
+            // (the embedded log's own `<dir>/blobs` follows its configurable retention instead).
+            crate::codec::spawn_blob_expiry(store.clone());
+            bus = bus.with_blob_store(store);
+        }
+        match archive {
+            None => Ok(bus),
+            #[cfg(feature = "archive")]
+            Some(a) => Ok(bus.with_archive(crate::archive::ArchiveReader::connect(&a).await?)),
+            #[cfg(not(feature = "archive"))]
+            Some(_) => Err(Error::config(format!(
+                "url {:?}: option `archive`: reading the archive is not available in this build (enable cargo feature `archive` of crate `ampybus`)",
+                redact(&url)
+            ))),
+        }
+    }
+
+    async fn connect_transport(
+        url: &str,
+        retention: Option<&crate::transport::UnitRetention>,
+    ) -> Result<Bus> {
         match transport_kind(url)? {
             TransportKind::Embedded => {
                 let mut opts = EmbeddedOptions::from_url(url)?;
@@ -225,6 +313,16 @@ impl Bus {
                     })??;
                 Ok(Bus::with_transport(Arc::new(log), url).with_blob_store(blobs))
             }
+            #[cfg(feature = "archive")]
+            TransportKind::Archive => {
+                let t = crate::archive::ArchiveTransport::connect(url).await?;
+                Ok(Bus::with_transport(Arc::new(t), url))
+            }
+            #[cfg(not(feature = "archive"))]
+            TransportKind::Archive => Err(Error::config(format!(
+                "url {:?}: reading the archive is not available in this build (enable cargo feature `archive` of crate `ampybus`)",
+                redact(url)
+            ))),
             #[cfg(feature = "nats")]
             TransportKind::Nats => {
                 let mut opts = crate::transport::nats::NatsOptions::from_url(url)?;
@@ -274,6 +372,7 @@ impl Bus {
     pub fn with_transport(transport: Arc<dyn Transport>, url: &str) -> Bus {
         Bus {
             transport,
+            history: None,
             codec: PayloadCodec::default(),
             url: url.to_owned(),
             obs: Arc::new(Obs::new(true)),
@@ -955,7 +1054,31 @@ impl Bus {
 
     /// Time-window and key reads, when the transport supports them.
     pub fn replay(&self) -> Option<&dyn ReplayByTime> {
-        self.transport.replay()
+        match &self.history {
+            Some(h) => Some(h.as_ref()),
+            None => self.transport.replay(),
+        }
+    }
+
+    /// Serves stored windows from `archive` where they are older than what the transport
+    /// still holds (the part the transport holds from the transport): [`Bus::replay`] — and
+    /// so `sub --since/--until` and replay requests — then reads a window older than the
+    /// transport's retention from the archive. What `archive=postgres://…` on the URL does.
+    ///
+    /// ```no_run
+    /// # async fn f() -> ampybus::Result<()> {
+    /// let archive = ampybus::archive::ArchiveReader::connect("postgres://postgres@127.0.0.1/ampy").await?;
+    /// let bus = ampybus::Bus::connect("./ampybus-data").await?.with_archive(archive);
+    /// assert!(bus.replay().is_some());
+    /// # Ok(()) }
+    /// ```
+    #[cfg(feature = "archive")]
+    pub fn with_archive(mut self, archive: crate::archive::ArchiveReader) -> Bus {
+        self.history = Some(Arc::new(crate::archive::Tiered::new(
+            self.transport.clone(),
+            archive,
+        )));
+        self
     }
 
     /// Decodes a delivered payload: fetches and verifies a blob, inflates gzip.

@@ -33,6 +33,47 @@ pub(crate) fn over_limit(what: &str, len: usize, max: usize) -> Error {
     ))
 }
 
+/// How long blobs of a domain are kept: what the transports keep by default — 30 days for
+/// orders, fills, positions and the DLQ, 7 days for every other domain.
+///
+/// ```
+/// use std::time::Duration;
+/// assert_eq!(ampybus::codec::default_blob_retention("fills"), Some(Duration::from_secs(30 * 86_400)));
+/// assert_eq!(ampybus::codec::default_blob_retention("bars"), Some(Duration::from_secs(7 * 86_400)));
+/// ```
+pub fn default_blob_retention(domain: &str) -> Option<std::time::Duration> {
+    let days = match domain {
+        "orders" | "fills" | "positions" | "dlq" => 30,
+        _ => 7,
+    };
+    Some(std::time::Duration::from_secs(days * 86_400))
+}
+
+/// Runs [`BlobStore::expire`] with [`default_blob_retention`] a minute after it is called and
+/// every hour after that, logging what it deleted, until the runtime stops.
+pub(crate) fn spawn_blob_expiry(store: BlobStore) {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return;
+    }
+    tokio::spawn(async move {
+        let mut wait = std::time::Duration::from_secs(60);
+        loop {
+            tokio::time::sleep(wait).await;
+            wait = std::time::Duration::from_secs(3600);
+            match store
+                .expire(chrono::Utc::now(), default_blob_retention)
+                .await
+            {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(deleted = n, store = %store.url_prefix(), "blob store: expired blobs deleted")
+                }
+                Err(e) => tracing::warn!(error = %e, "blob store: expiry pass failed"),
+            }
+        }
+    });
+}
+
 /// `sha256:<hex>` of some bytes, the form of `blob_hash` and `payload_hash`.
 ///
 /// ```
@@ -119,6 +160,28 @@ impl BlobStore {
         })
     }
 
+    /// The store a `blob_store=` bus URL option names: `file:///absolute/dir` (created if
+    /// missing). Other schemes are a Config error naming the option (no S3 client is compiled
+    /// in; see [`BlobStore::new`]).
+    ///
+    /// ```
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let url = format!("file://{}", dir.path().display());
+    /// assert!(ampybus::codec::BlobStore::from_url(&url).is_ok());
+    /// let e = ampybus::codec::BlobStore::from_url("s3://bucket/x").unwrap_err();
+    /// assert!(e.to_string().contains("blob_store \"s3://bucket/x\""), "{e}");
+    /// ```
+    pub fn from_url(url: &str) -> Result<Self> {
+        match url.strip_prefix("file://") {
+            Some(path) if path.starts_with('/') && path.len() > 1 => {
+                BlobStore::local(std::path::Path::new(path))
+            }
+            _ => Err(Error::config(format!(
+                "blob_store {url:?}: must be file:///absolute/dir (this build has no S3 client; a library user can pass any object_store through BlobStore::new)"
+            ))),
+        }
+    }
+
     /// Any `object_store` (0.12) store whose objects are named `<url_prefix><key>` in
     /// `blob_ref`. This crate compiles `object_store` with its `fs` feature only, so what it
     /// brings is the local filesystem ([`BlobStore::local`]) and `object_store::memory::InMemory`;
@@ -145,6 +208,55 @@ impl BlobStore {
     /// The prefix of every `blob_ref` this store writes.
     pub fn url_prefix(&self) -> &str {
         &self.prefix
+    }
+
+    /// Deletes the blobs older than their domain's retention (`retention(domain)`, the first
+    /// segment of the key; `None` keeps them) as of `now`; returns how many were deleted.
+    /// Blobs are written under `{domain}/{day}/{message_id}`.
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use ampybus::codec::{BlobStore, default_blob_retention};
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let store = BlobStore::local(dir.path()).unwrap();
+    /// store.put("bars/2025-09-05/a", bytes::Bytes::from_static(b"x")).await.unwrap();
+    /// let later = chrono::Utc::now() + chrono::Duration::days(8);
+    /// assert_eq!(store.expire(later, default_blob_retention).await.unwrap(), 1);
+    /// assert_eq!(store.expire(later, default_blob_retention).await.unwrap(), 0);
+    /// # });
+    /// ```
+    pub async fn expire(
+        &self,
+        now: chrono::DateTime<chrono::Utc>,
+        retention: impl Fn(&str) -> Option<std::time::Duration>,
+    ) -> Result<u64> {
+        use futures::TryStreamExt;
+        let listed: Vec<object_store::ObjectMeta> = self
+            .store
+            .list(None)
+            .try_collect()
+            .await
+            .map_err(|e| Error::transport("blob store: cannot list blobs", e))?;
+        let mut deleted = 0;
+        for meta in listed {
+            let domain = meta.location.parts().next();
+            let Some(keep) = domain.and_then(|d| retention(d.as_ref())) else {
+                continue;
+            };
+            let keep = chrono::Duration::from_std(keep).unwrap_or(chrono::Duration::MAX);
+            if meta.last_modified + keep < now {
+                match self.store.delete(&meta.location).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => deleted += 1,
+                    Err(e) => {
+                        return Err(Error::transport(
+                            format!("blob store: cannot delete {}", meta.location),
+                            e,
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(deleted)
     }
 
     /// Stores bytes under `key`, returning the `blob_ref`.

@@ -15,6 +15,8 @@
 //! ```
 #![warn(missing_docs)]
 
+#[cfg(feature = "archive")]
+pub mod archive;
 pub mod bus;
 pub mod codec;
 pub mod control;

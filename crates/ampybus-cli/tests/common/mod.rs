@@ -53,7 +53,7 @@ pub fn ampybus_in(dir: Option<&Path>, args: &[&str]) -> Out {
     out
 }
 
-/// Starts (or finds) the test broker `which` (`nats`, `redis`, `kafka`) on 127.0.0.1 through
+/// Starts (or finds) the test broker `which` (`nats`, `redis`, `kafka`, `postgres`) on 127.0.0.1 through
 /// `scripts/brokers.sh start`, once per test process.
 pub fn start_broker(which: &'static str) {
     static STARTED: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
@@ -81,6 +81,27 @@ pub fn ampybus_on(url: &str, args: &[&str]) -> Out {
     let mut all = vec!["--url", url];
     all.extend_from_slice(args);
     ampybus_in(None, &all)
+}
+
+/// `ampybus --url {url} pub --topic {topic} --producer t@1 --source t --pk {key} {extra…}`,
+/// asserting exit 0.
+#[allow(dead_code)] // not every test binary that includes `common` uses it
+pub fn pub_one(url: &str, topic: &str, key: &str, extra: &[&str]) -> Out {
+    let mut args = vec![
+        "pub",
+        "--topic",
+        topic,
+        "--producer",
+        "t@1",
+        "--source",
+        "t",
+        "--pk",
+        key,
+    ];
+    args.extend_from_slice(extra);
+    let o = ampybus_on(url, &args);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    o
 }
 
 /// The broker tests' first steps on `url`: `ampybus pub` of three messages on

@@ -143,9 +143,43 @@ impl ReaderCounter {
         s.consumed.fetch_add(1, Ordering::SeqCst);
         s.last_message_us
             .store(chrono::Utc::now().timestamp_micros(), Ordering::Relaxed);
+        if let Some(h) = self.topic_handles(topic) {
+            h.consumed.inc();
+        }
+    }
+
+    /// Counts one message of `topic` whose payload did not decode as its schema
+    /// (`bus_decode_fail_total{topic,reason="decode_error"}`), for a reader that keeps such
+    /// messages instead of dead-lettering them (e.g. `ampybus archive`).
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use ampybus::{Bus, TopicPattern, obs::ReaderCounter};
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let bus = Bus::connect(dir.path().to_str().unwrap()).await.unwrap();
+    /// let reader = ReaderCounter::register(&bus, "archive", TopicPattern::parse(">").unwrap(), true, 1);
+    /// reader.decode_failed("ampy.dev.bars.v1.XNAS.AAPL");
+    /// let text = bus.metrics().encode();
+    /// assert!(text.contains(r#"bus_decode_fail_total{topic="ampy.dev.bars.v1",reason="decode_error"} 1"#), "{text}");
+    /// # });
+    /// ```
+    pub fn decode_failed(&self, topic: &str) {
+        let at = crate::runtime::DlqCode::ALL
+            .iter()
+            .position(|c| *c == crate::runtime::DlqCode::DecodeError);
+        if let Some(h) = self.topic_handles(topic)
+            && let Some(Some(c)) = at.map(|i| &h.decode_fail[i])
+        {
+            c.inc();
+        }
+    }
+
+    /// The metric handles of `topic`'s domain-level prefix (`None` with observability off).
+    fn topic_handles(&self, topic: &str) -> Option<Arc<ConsumerTopic>> {
+        let s = &self.inner;
         let obs = s.bus.obs();
         if !obs.enabled {
-            return;
+            return None;
         }
         let key = super::domain_topic(topic);
         let mut topics = s.topics.lock().unwrap_or_else(|p| p.into_inner());
@@ -158,7 +192,7 @@ impl ReaderCounter {
             }
         };
         drop(topics);
-        h.consumed.inc();
+        Some(h)
     }
 
     /// Messages counted so far; see [`ReaderCounter`] for an example.
