@@ -718,3 +718,73 @@ fn produced_at_out_of_range_after_offset_normalises_idempotently() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The compact header form (what the embedded log stores) from arbitrary bytes
+// ---------------------------------------------------------------------------------------------
+
+/// A valid compact form to mutate: generated publish headers (binary id, time and trace
+/// context) with an extension header.
+fn compact_seed() -> Vec<u8> {
+    let h = Headers::for_publish("ampy.bars.v1.BarBatch", "p@1", "p", "XNAS.AAPL")
+        .with("x-desk", "rates")
+        .with("dedupe_key", "co_1");
+    let mut buf = Vec::new();
+    h.encode_compact(&mut buf);
+    buf
+}
+
+/// What must hold for whatever `decode_compact` accepts: every value reads as text (the
+/// lazily written ones included), the map re-encodes to a form that decodes to the same
+/// map, and the consume rules run without a panic.
+fn check_decoded(bytes: &[u8]) -> Result<(), TestCaseError> {
+    if let Ok(h) = Headers::decode_compact(&bytes::Bytes::copy_from_slice(bytes)) {
+        let text: Vec<(String, String)> = h
+            .iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        let mut again = Vec::new();
+        h.encode_compact(&mut again);
+        let back = Headers::decode_compact(&bytes::Bytes::from(again)).unwrap();
+        prop_assert_eq!(&back, &h);
+        let back_text: Vec<(String, String)> = back
+            .iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        prop_assert_eq!(back_text, text);
+        let mut n = h.clone();
+        let _ = n.normalize_for_consume();
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(config(2048))]
+
+    #[test]
+    fn compact_headers_from_any_bytes(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+        let mut with_format = vec![0xA1];
+        with_format.extend_from_slice(&bytes);
+        check_decoded(&bytes)?;
+        check_decoded(&with_format)?;
+    }
+
+    #[test]
+    fn compact_headers_mutated(edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..3), 1..6)) {
+        let mut b = compact_seed();
+        for (at, byte, how) in edits {
+            if b.is_empty() {
+                break;
+            }
+            let i = at.index(b.len());
+            match how {
+                0 => b[i] = byte,
+                1 => b.insert(i, byte),
+                _ => {
+                    b.remove(i);
+                }
+            }
+        }
+        check_decoded(&b)?;
+    }
+}
