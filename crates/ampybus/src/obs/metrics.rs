@@ -10,6 +10,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 /// Histogram buckets for latencies in milliseconds: 0.1 ms … 10 s.
@@ -91,9 +92,117 @@ struct ConsumerOnly {
 }
 
 type HistFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+type FastFamily<L> = Family<L, FastHistogram, fn() -> FastHistogram>;
 
-fn latency_histogram() -> Histogram {
-    Histogram::new(LATENCY_BUCKETS_MS.iter().copied())
+fn latency_histogram() -> FastHistogram {
+    FastHistogram::new(&LATENCY_BUCKETS_MS)
+}
+
+/// Shards of a [`FastHistogram`]: threads are spread over them, so two cores rarely write
+/// the same cache line.
+const SHARDS: usize = 8;
+
+/// The shard of the current thread (assigned round-robin at its first observation).
+fn shard_index() -> usize {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    thread_local! {
+        static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+    }
+    SHARD.try_with(|s| *s).unwrap_or(0)
+}
+
+/// A histogram for observations made per message (delivery latency, handler duration):
+/// lock-free counters sharded by thread, summed when scraped. (The client library's
+/// histogram takes a mutex per observation, which two cores observing per message contend
+/// for.) Encodes exactly as that histogram does; `_count` is the sum of the buckets.
+#[derive(Clone)]
+pub(crate) struct FastHistogram(Arc<FastInner>);
+
+struct FastInner {
+    /// Upper bounds, the last one infinite (`+Inf`).
+    bounds: Vec<f64>,
+    shards: Vec<FastShard>,
+}
+
+/// One shard on cache lines of its own.
+#[repr(align(128))]
+struct FastShard {
+    /// `f64` bits of the sum.
+    sum: AtomicU64,
+    buckets: Vec<AtomicU64>,
+}
+
+impl FastHistogram {
+    fn new(bounds: &[f64]) -> FastHistogram {
+        let bounds: Vec<f64> = bounds.iter().copied().chain([f64::INFINITY]).collect();
+        let shards = (0..SHARDS)
+            .map(|_| FastShard {
+                sum: AtomicU64::new(0f64.to_bits()),
+                buckets: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+            })
+            .collect();
+        FastHistogram(Arc::new(FastInner { bounds, shards }))
+    }
+
+    /// Records one observation.
+    pub(crate) fn observe(&self, v: f64) {
+        let inner = &*self.0;
+        let shard = &inner.shards[shard_index()];
+        let last = inner.bounds.len() - 1;
+        let i = inner.bounds.iter().position(|b| v <= *b).unwrap_or(last);
+        shard.buckets[i].fetch_add(1, Ordering::Relaxed);
+        let mut cur = shard.sum.load(Ordering::Relaxed);
+        loop {
+            let new = (f64::from_bits(cur) + v).to_bits();
+            match shard
+                .sum
+                .compare_exchange_weak(cur, new, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => break,
+                Err(seen) => cur = seen,
+            }
+        }
+    }
+
+    /// (sum, count, per-bucket counts) over all shards.
+    fn totals(&self) -> (f64, u64, Vec<(f64, u64)>) {
+        let inner = &*self.0;
+        let mut buckets: Vec<(f64, u64)> = inner.bounds.iter().map(|b| (*b, 0)).collect();
+        let mut sum = 0.0;
+        for shard in &inner.shards {
+            sum += f64::from_bits(shard.sum.load(Ordering::Relaxed));
+            for (b, n) in buckets.iter_mut().zip(&shard.buckets) {
+                b.1 += n.load(Ordering::Relaxed);
+            }
+        }
+        let count = buckets.iter().map(|b| b.1).sum();
+        (sum, count, buckets)
+    }
+}
+
+impl std::fmt::Debug for FastHistogram {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (sum, count, _) = self.totals();
+        f.debug_struct("FastHistogram")
+            .field("sum", &sum)
+            .field("count", &count)
+            .finish()
+    }
+}
+
+impl prometheus_client::metrics::TypedMetric for FastHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for FastHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let (sum, count, buckets) = self.totals();
+        encoder
+            .encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, count, &buckets, None)
+    }
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
 }
 
 fn size_histogram() -> Histogram {
@@ -130,8 +239,8 @@ struct Families {
     registry: Registry,
     produced: Family<TopicProducer, Counter>,
     consumed: Family<TopicConsumer, Counter>,
-    delivery_latency: HistFamily<TopicOnly>,
-    handler_duration: HistFamily<TopicConsumer>,
+    delivery_latency: FastFamily<TopicOnly>,
+    handler_duration: FastFamily<TopicConsumer>,
     batch_size: HistFamily<TopicOnly>,
     consumer_lag: Family<TopicConsumer, Gauge>,
     dlq: Family<TopicReason, Counter>,
@@ -165,8 +274,8 @@ pub(crate) struct ProducerTopic {
 /// Pre-resolved consume-side handles for one (topic, consumer).
 pub(crate) struct ConsumerTopic {
     pub(crate) consumed: Counter,
-    pub(crate) delivery_latency: Histogram,
-    pub(crate) handler_duration: Histogram,
+    pub(crate) delivery_latency: FastHistogram,
+    pub(crate) handler_duration: FastHistogram,
     pub(crate) retry: [Counter; 2],
     pub(crate) dlq: Vec<Counter>,
     pub(crate) decode_fail: Vec<Option<Counter>>,
@@ -473,4 +582,74 @@ fn register_all(f: &Families, r: &mut Registry) {
         "Consumed messages whose schema_fqdn the registry does not list for their topic (dead-lettered as schema_mismatch), by domain-level topic",
         Listed(f.schema_mismatch.clone()),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The same observations, from several threads, give the same exposition text as the
+    /// client library's histogram.
+    #[test]
+    fn fast_histogram_encodes_as_the_library_histogram() {
+        let values: Vec<f64> = (0..2_000)
+            .map(|i| f64::from(i % 37) * 0.75 + f64::from(i % 5) * 1_000.0 + 0.05)
+            .chain([0.1, 10_000.0, 10_000.5, 0.0])
+            .collect();
+        let fast = FastHistogram::new(&LATENCY_BUCKETS_MS);
+        let lib = Histogram::new(LATENCY_BUCKETS_MS.iter().copied());
+        std::thread::scope(|s| {
+            for chunk in values.chunks(500) {
+                let fast = fast.clone();
+                s.spawn(move || chunk.iter().for_each(|v| fast.observe(*v)));
+            }
+        });
+        values.iter().for_each(|v| lib.observe(*v));
+        let text = |m: Box<dyn EncodeMetric + Send + Sync>| {
+            struct Named(Box<dyn EncodeMetric + Send + Sync>);
+            impl std::fmt::Debug for Named {
+                fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str("Named")
+                }
+            }
+            impl EncodeMetric for Named {
+                fn encode(&self, e: MetricEncoder) -> Result<(), std::fmt::Error> {
+                    self.0.encode(e)
+                }
+                fn metric_type(&self) -> MetricType {
+                    self.0.metric_type()
+                }
+            }
+            let mut r = Registry::default();
+            r.register("h", "help", Named(m));
+            let mut out = String::new();
+            prometheus_client::encoding::text::encode(&mut out, &r).unwrap();
+            out
+        };
+        let (fast_text, lib_text) = (text(Box::new(fast.clone())), text(Box::new(lib)));
+        assert!(fast_text.contains("h_count 2004"), "{fast_text}");
+        assert!(
+            fast_text.contains(r#"h_bucket{le="+Inf"} 2004"#),
+            "{fast_text}"
+        );
+        // Sums may differ in the last bits (added in another order): compare the rest exactly.
+        let strip = |t: &str| {
+            t.lines()
+                .filter(|l| !l.starts_with("h_sum"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        assert_eq!(strip(&fast_text), strip(&lib_text));
+        let sum = |t: &str| -> f64 {
+            t.lines()
+                .find_map(|l| l.strip_prefix("h_sum "))
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        assert!(
+            (sum(&fast_text) - sum(&lib_text)).abs() < 1e-6,
+            "{fast_text}\n{lib_text}"
+        );
+    }
 }

@@ -1201,6 +1201,19 @@ struct Attempt {
 }
 
 impl Attempt {
+    /// A message going round again takes its topic's metric handles with it.
+    fn give_back(&mut self, step: Step) -> Step {
+        match step {
+            Step::Retry(mut item, delay) => {
+                if item.metrics.is_none() {
+                    item.metrics = self.handles.take();
+                }
+                Step::Retry(item, delay)
+            }
+            step => step,
+        }
+    }
+
     fn off() -> Attempt {
         Attempt {
             handles: None,
@@ -2139,8 +2152,10 @@ impl Shared {
                 item.metrics = m;
             }
         }
-        let handles = match &item.metrics {
-            Some(h) => h.clone(),
+        // Taken, not cloned (a clone and a drop per message of a count every worker shares);
+        // a retry gets them back below.
+        let handles = match item.metrics.take() {
+            Some(h) => h,
             // A topic that does not parse is labelled `invalid`.
             None => self.topic_metrics("invalid"),
         };
@@ -2153,7 +2168,8 @@ impl Shared {
         };
         let log = tracing::enabled!(tracing::Level::DEBUG);
         if !self.tracer.is_recording() && !log {
-            return self.process_attempt(item, &mut att).await;
+            let step = self.process_attempt(item, &mut att).await;
+            return att.give_back(step);
         }
         let env = &item.delivery.envelope;
         let (topic_label, headers) = match (&item.msg, &item.prepared) {
@@ -2187,7 +2203,7 @@ impl Shared {
             );
         }
         span.end(att.result, att.dlq_code.map(DlqCode::as_str));
-        step
+        att.give_back(step)
     }
 
     /// The metric handles of one domain-level topic, resolved once.
