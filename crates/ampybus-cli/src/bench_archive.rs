@@ -9,7 +9,7 @@
 //! transactions of `--batch` messages.
 
 use crate::archive::ArchiveSink;
-use crate::bench_raw::series;
+use crate::bench_raw::{series, show_series};
 use crate::cli::BenchArgs;
 use crate::error::{CliError, CliResult, EXIT_OK};
 use crate::follow::{self, Limits};
@@ -21,7 +21,7 @@ use ampybus::{Bus, Envelope, Headers, Topic, TopicPattern};
 use ampybus_proto::ampy::bars::v1::{Bar, BarBatch};
 use ampybus_proto::ampy::common::v1::{Decimal, Meta, SecurityId};
 use prost::Message;
-use serde_json::{Value, json};
+use serde_json::json;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
@@ -110,9 +110,9 @@ pub async fn run(args: &BenchArgs, parent: &Path) -> CliResult<u8> {
             args.payload_bytes,
             args.batch,
             args.rounds,
-            show(&report["raw_copy_msg_per_sec"]),
-            show(&report["archive_msg_per_sec"]),
-            show(&report["ratio"]),
+            show_series(&report["raw_copy_msg_per_sec"]),
+            show_series(&report["archive_msg_per_sec"]),
+            show_series(&report["ratio"]),
         ))?;
     }
     out.flush()?;
@@ -318,8 +318,4 @@ async fn archive_round(
         )));
     }
     Ok(n as f64 / secs)
-}
-
-fn show(v: &Value) -> String {
-    format!("{} / {} / {}", v["best"], v["median"], v["worst"])
 }

@@ -8,7 +8,7 @@
 //! logs filtered out) — the default — and, as its own series, off
 //! ([`ampybus::Bus::with_observability`]), so their ratio is the cost of the hooks.
 
-use crate::bench_raw::{Clock, ROUND_LIMIT, runtime_consume, spread};
+use crate::bench_raw::{Clock, ROUND_LIMIT, runtime_consume, show_series, spread};
 use crate::cli::BenchArgs;
 use crate::error::{CliError, CliResult, EXIT_OK};
 use crate::util;
@@ -81,11 +81,11 @@ pub async fn run(args: &BenchArgs, parent: &Path) -> CliResult<u8> {
             args.keys,
             args.sync.as_str(),
             args.rounds,
-            show(&report["bare_msg_per_sec"]),
+            show_series(&report["bare_msg_per_sec"]),
             args.workers,
-            show(&report["runtime_msg_per_sec"]),
-            show(&report["runtime_without_dedupe_msg_per_sec"]),
-            show(&report["runtime_observability_off_msg_per_sec"]),
+            show_series(&report["runtime_msg_per_sec"]),
+            show_series(&report["runtime_without_dedupe_msg_per_sec"]),
+            show_series(&report["runtime_observability_off_msg_per_sec"]),
             report["ratio_median"],
             report["observability_on_off_ratio_median"]
         ))?;
@@ -192,8 +192,4 @@ fn round2(x: f64) -> f64 {
 fn stats(v: &[f64]) -> Value {
     let (best, median, worst) = spread(v);
     json!({"best": best.round(), "median": median.round(), "worst": worst.round()})
-}
-
-fn show(v: &Value) -> String {
-    format!("{} / {} / {}", v["best"], v["median"], v["worst"])
 }

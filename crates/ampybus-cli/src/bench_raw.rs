@@ -256,6 +256,11 @@ pub fn spread(v: &[f64]) -> (f64, f64, f64) {
     (s[s.len() - 1], s[s.len() / 2], s[0])
 }
 
+/// A series' best / median / worst as printed in a report line.
+pub fn show_series(v: &Value) -> String {
+    format!("{} / {} / {}", v["best"], v["median"], v["worst"])
+}
+
 /// Best / median / worst and every run of a series, as reported in JSON.
 pub fn series(v: &[f64]) -> Value {
     let (b, m, w) = spread(v);
