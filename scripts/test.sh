@@ -63,6 +63,19 @@ if ! pkg-config --exists openssl zlib 2>/dev/null; then
     fi
 fi
 
+# promtool checks docs/grafana/alerts.yml (crates/ampybus/tests/alert_rules.rs): Debian's
+# prometheus package, installed once when missing.
+if ! command -v promtool >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        step "installing Debian's prometheus (promtool, for the alert rules test)"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus >/dev/null 2>&1 \
+            || { apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus >/dev/null; }
+    else
+        echo "error: promtool is missing (apt-get install prometheus)" >&2
+        exit 2
+    fi
+fi
+
 step "cargo fmt --all -- --check"
 cargo fmt --all -- --check
 

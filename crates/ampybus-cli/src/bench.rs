@@ -422,6 +422,7 @@ async fn e2e_round(s: &Setup, round: u64) -> CliResult<E2e> {
     ])
     .arg("--expect")
     .arg(n.to_string())
+    .args(s.args.tier.iter().flat_map(|t| ["--tier", t.as_str()]))
     .stdin(std::process::Stdio::null())
     .stdout(std::process::Stdio::piped())
     .kill_on_drop(true);
@@ -639,6 +640,7 @@ fn report_json(s: &Setup, raw: &[Run], batched: &[Run], single: &[Run], e2e: &[E
             "rounds": a.rounds,
             "raw": a.raw,
             "sync": a.sync.as_str(),
+            "tier": a.tier.map_or("at_least_once_dedupe (default)", |t| t.as_str()),
             "transport": match &s.broker {
                 Some(u) => ampybus::bus::redact(u),
                 None => "embedded (temporary logs)".to_owned(),

@@ -1,7 +1,8 @@
 //! `ampybus bench-nats`: JetStream publish throughput of ampybus against the raw async-nats
 //! client on the same server, same subject, headers, payload size and number in flight, in
 //! interleaved rounds (raw, ampybus, raw, …), best / median / worst and the per-round ratio.
-//! The raw side's `HeaderMap`s are built before its clock starts.
+//! The raw side's `HeaderMap`s are built before its clock starts. With `--tier best-effort`
+//! both sides publish with core NATS (no PubAck) and flush once at the end of the run.
 //!
 //! `--mode consume`: one subject of its own (`ampy.dev.bars.v1.benchnatsc{pid}x{ms}.XNAS`) is
 //! filled with `--messages` messages over `--keys` partition keys (untimed); every round reads
@@ -44,6 +45,10 @@ pub struct BenchNatsArgs {
     /// One JSON object
     #[arg(long)]
     pub json: bool,
+    /// best_effort (or best-effort): --mode publish compares core publishes (no PubAck; each
+    /// side flushes its client at the end of the run) instead of JetStream publishes
+    #[arg(long, value_name = "TIER", value_parser = crate::util::parse_tier)]
+    pub tier: Option<ampybus::tier::Tier>,
 }
 
 fn envelopes(n: u64, payload: usize, round: u64, side: &str) -> CliResult<Vec<Envelope>> {
@@ -52,6 +57,37 @@ fn envelopes(n: u64, payload: usize, round: u64, side: &str) -> CliResult<Vec<En
         n,
         payload,
     )
+}
+
+/// The raw side of a best-effort round: core publishes with the same header maps (built
+/// before the clock starts), then one flush.
+async fn raw_core_round(client: &async_nats::Client, envs: Vec<Envelope>) -> CliResult<f64> {
+    let wire: Vec<_> = envs
+        .into_iter()
+        .map(|env| {
+            let mut hm = async_nats::HeaderMap::new();
+            for (k, v) in env.headers.iter() {
+                hm.insert(k, v);
+            }
+            if let Some(id) = env.headers.message_id() {
+                hm.insert("Nats-Msg-Id", id);
+            }
+            (env.topic, hm, env.payload)
+        })
+        .collect();
+    let start = Instant::now();
+    let n = wire.len();
+    for (subject, hm, payload) in wire {
+        client
+            .publish_with_headers(subject, hm, payload)
+            .await
+            .map_err(|e| CliError::transport(format!("raw core publish: {e}")))?;
+    }
+    client
+        .flush()
+        .await
+        .map_err(|e| CliError::transport(format!("raw flush: {e}")))?;
+    Ok(n as f64 / start.elapsed().as_secs_f64())
 }
 
 async fn raw_round(
@@ -111,7 +147,17 @@ pub async fn run(url: &str, a: BenchNatsArgs) -> CliResult<u8> {
     let t = ampybus::transport::nats::NatsTransport::connect(opts.clone())
         .await
         .map_err(|e| CliError::bus("connecting", &e))?;
+    let best_effort = a.tier == Some(ampybus::tier::Tier::BestEffort);
+    if best_effort && a.m.mode == RawMode::Consume {
+        return Err(CliError::usage(
+            "bench-nats: --tier best-effort measures --mode publish (core publishes); --mode consume reads JetStream",
+        ));
+    }
     let bus = Bus::with_transport(std::sync::Arc::new(t.clone()), url);
+    let bus = match a.tier {
+        Some(tier) => bus.with_tier(ampybus::TopicPattern::parse(">").expect("pattern"), tier),
+        None => bus,
+    };
     // The raw side: its own plain client, JetStream context with the same in-flight bound.
     let client = async_nats::connect(opts.servers.clone())
         .await
@@ -119,7 +165,7 @@ pub async fn run(url: &str, a: BenchNatsArgs) -> CliResult<u8> {
     let js = async_nats::jetstream::ContextBuilder::new()
         .max_ack_inflight(a.inflight.max(1))
         .backpressure_on_inflight(true)
-        .build(client);
+        .build(client.clone());
     if a.m.mode == RawMode::Consume {
         return consume(&a, &t, &bus, &js, &opts).await;
     }
@@ -130,7 +176,11 @@ pub async fn run(url: &str, a: BenchNatsArgs) -> CliResult<u8> {
     let mut report = crate::bench_raw::RawVsBus::new("async-nats");
     for round in 0..a.rounds {
         let envs = envelopes(a.messages, a.payload_bytes, round, "raw")?;
-        let r = raw_round(&js, envs, a.inflight.max(1)).await?;
+        let r = if best_effort {
+            raw_core_round(&client, envs).await?
+        } else {
+            raw_round(&js, envs, a.inflight.max(1)).await?
+        };
         let envs = envelopes(a.messages, a.payload_bytes, round, "bus")?;
         let o = crate::bench_raw::bus_round(&bus, envs).await?;
         report.round(round, r, o);
@@ -138,7 +188,8 @@ pub async fn run(url: &str, a: BenchNatsArgs) -> CliResult<u8> {
     report.print(
         a.json,
         json!({"mode": "publish", "messages": a.messages, "payload_bytes": a.payload_bytes,
-            "inflight": a.inflight, "rounds": a.rounds}),
+            "inflight": a.inflight, "rounds": a.rounds,
+            "tier": a.tier.map_or("at_least_once_dedupe (default)", |t| t.as_str())}),
     );
     Ok(EXIT_OK)
 }

@@ -380,6 +380,11 @@ pub struct PubArgs {
     /// with the same ids
     #[arg(long, value_name = "FILE")]
     pub unconfirmed: Option<PathBuf>,
+    /// Durability tier of every topic of the command: best_effort (or best-effort),
+    /// at_least_once, at_least_once_dedupe [default: the registry's, else at_least_once_dedupe].
+    /// A registry entry wins
+    #[arg(long, value_name = "TIER", value_parser = crate::util::parse_tier)]
+    pub tier: Option<ampybus::tier::Tier>,
 }
 
 /// `ampybus sub`.
@@ -414,6 +419,11 @@ pub struct SubArgs {
     /// Print the stored window up to this time (RFC3339, exclusive) and exit
     #[arg(long, value_name = "TIME")]
     pub until: Option<String>,
+    /// Durability tier of every topic of the command: best_effort (or best-effort),
+    /// at_least_once, at_least_once_dedupe [default: the registry's, else at_least_once_dedupe].
+    /// A registry entry wins
+    #[arg(long, value_name = "TIER", value_parser = crate::util::parse_tier)]
+    pub tier: Option<ampybus::tier::Tier>,
 }
 
 /// `ampybus validate`.
@@ -524,6 +534,11 @@ pub struct BenchArgs {
     /// emptied before every round), postgres://user:password@host:port/database
     #[arg(long, value_name = "URL")]
     pub to: Option<String>,
+    /// Durability tier of every topic of the command: best_effort (or best-effort),
+    /// at_least_once, at_least_once_dedupe [default: the registry's, else at_least_once_dedupe].
+    /// A registry entry wins
+    #[arg(long, value_name = "TIER", value_parser = crate::util::parse_tier)]
+    pub tier: Option<ampybus::tier::Tier>,
 }
 
 /// `ampybus bench-consumer` (internal).
@@ -541,6 +556,11 @@ pub struct BenchConsumerArgs {
     /// Stop after this many seconds without a message
     #[arg(long, default_value = "10", value_parser = parse_secs)]
     pub idle_timeout: f64,
+    /// Durability tier of every topic of the command: best_effort (or best-effort),
+    /// at_least_once, at_least_once_dedupe [default: the registry's, else at_least_once_dedupe].
+    /// A registry entry wins
+    #[arg(long, value_name = "TIER", value_parser = crate::util::parse_tier)]
+    pub tier: Option<ampybus::tier::Tier>,
 }
 
 pub(crate) fn parse_secs(s: &str) -> Result<f64, String> {

@@ -109,13 +109,25 @@ fn run(cli: Cli) -> CliResult<u8> {
             Ok(error::EXIT_OK)
         }
         Command::Validate(args) => validate::run(&args),
-        Command::Pub(args) => runtime()?.block_on(publish::run(&url, *args)),
-        Command::Sub(args) => runtime()?.block_on(subscribe::run(&url, args)),
-        Command::Bench(args) => runtime()?.block_on(util::job_until_signal(
-            "bench",
-            bench::run(&url, args, cli.log_level.as_deref()),
-        )),
-        Command::BenchConsumer(args) => runtime()?.block_on(bench::consumer(&url, args)),
+        Command::Pub(args) => {
+            util::set_tier(args.tier);
+            runtime()?.block_on(publish::run(&url, *args))
+        }
+        Command::Sub(args) => {
+            util::set_tier(args.tier);
+            runtime()?.block_on(subscribe::run(&url, args))
+        }
+        Command::Bench(args) => {
+            util::set_tier(args.tier);
+            runtime()?.block_on(util::job_until_signal(
+                "bench",
+                bench::run(&url, args, cli.log_level.as_deref()),
+            ))
+        }
+        Command::BenchConsumer(args) => {
+            util::set_tier(args.tier);
+            runtime()?.block_on(bench::consumer(&url, args))
+        }
         Command::Demo(args) => {
             runtime()?.block_on(util::job_until_signal("demo", demo::run(&url, args)))
         }

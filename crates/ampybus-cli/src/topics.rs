@@ -164,6 +164,12 @@ async fn dispatch(url: &str, log: &dyn Inspect, cmd: TopicsCommand) -> CliResult
             let bytes: Option<u64> = topics.iter().map(|t| t.bytes).sum();
             let oldest = topics.iter().filter_map(|t| t.oldest).min();
             let retention = retention_rows(url, &pattern, &topics);
+            let (tier, tier_source) = ampybus::tier::of_pattern(
+                util::registry().as_ref(),
+                &ampybus::tier::TierTable::default(),
+                &pattern,
+                None,
+            );
             let out = if json {
                 let v = json!({
                     "pattern": pattern.as_str(),
@@ -179,6 +185,7 @@ async fn dispatch(url: &str, log: &dyn Inspect, cmd: TopicsCommand) -> CliResult
                     })).collect::<Vec<_>>()),
                     "consumers": consumers.iter().map(consumer_json).collect::<Vec<_>>(),
                     "registry": registry_entry(&pattern),
+                    "tier": {"tier": tier.as_str(), "source": tier_source.as_str()},
                 });
                 format!("{v}\n")
             } else {
@@ -198,6 +205,12 @@ async fn dispatch(url: &str, log: &dyn Inspect, cmd: TopicsCommand) -> CliResult
                             s.push_str(&format!("{label:<9} {}: {r}\n", d.as_str()));
                         }
                     }
+                }
+                if tier_source != ampybus::tier::TierSource::Registry {
+                    s.push_str(&format!(
+                        "tier      {tier} ({}; best_effort only by a registry entry or --tier)\n",
+                        tier_source.as_str()
+                    ));
                 }
                 if let Some(e) = registry_entry(&pattern) {
                     s.push_str(&format!(

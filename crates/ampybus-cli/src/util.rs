@@ -11,6 +11,27 @@ static OPS_SERVER: Mutex<Option<ampybus::obs::ObsServer>> = Mutex::new(None);
 static REGISTRY: Mutex<(Option<ampybus::registry::Registry>, Option<String>)> =
     Mutex::new((None, None));
 
+/// `--tier` of the command: applied to every topic of every bus [`connect`] makes.
+static TIER: Mutex<Option<ampybus::tier::Tier>> = Mutex::new(None);
+
+/// Records the command's `--tier` (a registry entry still wins where it has one).
+pub fn set_tier(tier: Option<ampybus::tier::Tier>) {
+    *TIER.lock().unwrap_or_else(|p| p.into_inner()) = tier;
+}
+
+/// `bus` with the command's `--tier` on every topic (`>`), when given.
+pub fn apply_tier(bus: Bus) -> Bus {
+    match *TIER.lock().unwrap_or_else(|p| p.into_inner()) {
+        Some(t) => bus.with_tier(ampybus::TopicPattern::parse(">").expect("valid pattern"), t),
+        None => bus,
+    }
+}
+
+/// `--tier`: `best_effort` (or `best-effort`), `at_least_once`, `at_least_once_dedupe`.
+pub fn parse_tier(s: &str) -> Result<ampybus::tier::Tier, String> {
+    s.parse()
+}
+
 /// Records the registry and service every bus [`connect`] makes is opened with.
 pub fn set_registry(reg: Option<ampybus::registry::Registry>, service: Option<String>) {
     *REGISTRY.lock().unwrap_or_else(|p| p.into_inner()) = (reg, service);
@@ -43,10 +64,10 @@ pub async fn connect(url: &str) -> CliResult<Bus> {
         }
         err
     })?;
-    let bus = match service {
+    let bus = apply_tier(match service {
         Some(s) => bus.with_service(&s),
         None => bus,
-    };
+    });
     let addr = METRICS_ADDR
         .lock()
         .unwrap_or_else(|p| p.into_inner())

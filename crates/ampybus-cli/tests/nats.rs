@@ -212,3 +212,75 @@ fn bench_nats_consume_and_publish_modes() {
     common::consume_bench_smoke(URL, "nats", "raw_async_nats_msg_s");
     common::publish_bench_smoke(URL, "nats", "raw_async_nats_msg_s");
 }
+
+#[test]
+fn tier_flags_best_effort_bench_and_describe() {
+    brokers();
+    // e2e over NATS core, consumer in another process; the tier is in the report.
+    let o = run(&[
+        "bench",
+        "--mode",
+        "e2e",
+        "--tier",
+        "best-effort",
+        "--messages",
+        "1000",
+        "--rate",
+        "2000",
+        "--rounds",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let r = &o.json_lines()[0];
+    assert_eq!(r["config"]["tier"], "best_effort", "{r}");
+    let unique = r["e2e"]["rounds"][0]["unique"].as_u64().unwrap();
+    assert!(unique > 0 && unique <= 1000, "{r}");
+    // Core publishes against raw core publishes (the other spelling).
+    let o = run(&[
+        "bench-nats",
+        "--tier",
+        "best_effort",
+        "--messages",
+        "500",
+        "--rounds",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let r = &o.json_lines()[0];
+    assert_eq!(r["tier"], "best_effort", "{r}");
+    assert!(r["ratio"]["median"].as_f64().unwrap_or(0.0) > 0.0, "{r}");
+    // Consume mode reads JetStream: refused with the reason.
+    let o = run(&["bench-nats", "--tier", "best-effort", "--mode", "consume"]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("--mode publish"), "{}", o.stderr);
+    // A bad tier names the flag and the choices.
+    let o = run(&[
+        "pub",
+        "--tier",
+        "fast",
+        "--topic",
+        "ampy.dev.news.v1.x",
+        "--producer",
+        "p@1",
+        "--source",
+        "s",
+        "--pk",
+        "k",
+        "--payload",
+        "x",
+    ]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(
+        o.stderr.contains("--tier") && o.stderr.contains("best_effort"),
+        "{}",
+        o.stderr
+    );
+    // describe shows the default tier and where it comes from.
+    let o = run(&["topics", "describe", "ampy.dev.ticks.>", "--json"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let d = &o.json_lines()[0];
+    assert_eq!(d["tier"]["tier"], "at_least_once_dedupe", "{d}");
+    assert_eq!(d["tier"]["source"], "default", "{d}");
+}

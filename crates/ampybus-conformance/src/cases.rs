@@ -44,11 +44,13 @@ pub enum Case {
     BackpressureBoundedInFlight,
     /// [`best_effort_drop_conflate`]
     BestEffortDropConflate,
+    /// [`crate::tier_cases::best_effort_tier`]
+    BestEffortTier,
 }
 
 impl Case {
     /// Every case, in run order.
-    pub const ALL: [Case; 10] = [
+    pub const ALL: [Case; 11] = [
         Case::AtLeastOnceAcrossCrash,
         Case::DedupeByMessageIdAndKey,
         Case::PerKeyOrder,
@@ -59,6 +61,7 @@ impl Case {
         Case::GracefulShutdownLosesNothing,
         Case::BackpressureBoundedInFlight,
         Case::BestEffortDropConflate,
+        Case::BestEffortTier,
     ];
 
     /// The snake_case name (also the test name the macro generates).
@@ -74,6 +77,7 @@ impl Case {
             Case::GracefulShutdownLosesNothing => "graceful_shutdown_loses_nothing",
             Case::BackpressureBoundedInFlight => "backpressure_bounded_in_flight",
             Case::BestEffortDropConflate => "best_effort_drop_conflate",
+            Case::BestEffortTier => "best_effort_tier",
         }
     }
 }
@@ -97,6 +101,7 @@ pub async fn run_case(factory: &dyn TransportFactory, case: Case) -> CaseStatus 
         Case::GracefulShutdownLosesNothing => graceful_shutdown_loses_nothing(factory).await,
         Case::BackpressureBoundedInFlight => backpressure_bounded_in_flight(factory).await,
         Case::BestEffortDropConflate => best_effort_drop_conflate(factory).await,
+        Case::BestEffortTier => crate::tier_cases::best_effort_tier(factory).await,
     }
 }
 

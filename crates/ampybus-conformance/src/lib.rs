@@ -17,6 +17,7 @@
 mod cases;
 mod report;
 mod support;
+mod tier_cases;
 
 pub use cases::{
     Case, at_least_once_across_crash, backpressure_bounded_in_flight, best_effort_drop_conflate,
@@ -28,6 +29,7 @@ pub use support::{
     Capabilities, NatsServer, RedisServer, TestContext, TransportFactory, all_topic_stats,
     hang_timeout, redrive, scale, start_test_broker,
 };
+pub use tier_cases::best_effort_tier;
 
 /// Runs every case against `factory`, one after the other, and reports each (a failing case
 /// is caught and reported; it does not stop the others).
@@ -87,6 +89,7 @@ macro_rules! conformance_tests {
             graceful_shutdown_loses_nothing => GracefulShutdownLosesNothing,
             backpressure_bounded_in_flight => BackpressureBoundedInFlight,
             best_effort_drop_conflate => BestEffortDropConflate,
+            best_effort_tier => BestEffortTier,
         );
     };
     (@cases $factory:expr; $($name:ident => $case:ident),* $(,)?) => {

@@ -111,6 +111,8 @@ pub struct Bus {
     registry: Option<Arc<Registry>>,
     service: Option<Arc<str>>,
     rates: Option<Arc<RateLimits>>,
+    /// Tiers set with [`Bus::with_tier`] (see [`crate::tier`]).
+    tiers: Arc<crate::tier::TierTable>,
 }
 
 impl std::fmt::Debug for Bus {
@@ -379,7 +381,17 @@ impl Bus {
             registry: None,
             service: None,
             rates: None,
+            tiers: Arc::default(),
         }
+    }
+
+    pub(crate) fn tier_table(&self) -> &crate::tier::TierTable {
+        &self.tiers
+    }
+
+    pub(crate) fn map_tiers(mut self, f: impl FnOnce(&mut crate::tier::TierTable)) -> Bus {
+        f(Arc::make_mut(&mut self.tiers));
+        self
     }
 
     /// Enforces a topic registry on this handle (and everything built on it): a publish
@@ -573,22 +585,36 @@ impl Bus {
 
     /// Publishes a prepared batch and records what the broker confirmed.
     async fn send(&self, batch: Vec<Envelope>) -> Result<Vec<PublishReceipt>> {
+        if self.has_best_effort() {
+            return self.send_by_tier(batch).await;
+        }
         if !self.obs.enabled {
             return self.transport.publish_batch(batch).await;
         }
         let labels = self.labels(&batch);
-        let receipts = self.transport.publish_batch(batch).await?;
+        let receipts = match self.transport.publish_batch(batch).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.record_confirmed(&labels, std::iter::repeat(None));
+                return Err(e);
+            }
+        };
         self.record_confirmed(&labels, receipts.iter().map(Some));
         Ok(receipts)
+    }
+
+    /// [`Bus::send`] over [`crate::tier::publish_outcomes`] (some topic is best-effort).
+    async fn send_by_tier(&self, batch: Vec<Envelope>) -> Result<Vec<PublishReceipt>> {
+        self.send_outcomes(batch).await.into_result()
     }
 
     /// [`Bus::send`] with per-message outcomes; only confirmed messages are counted.
     async fn send_outcomes(&self, batch: Vec<Envelope>) -> BatchOutcome {
         if !self.obs.enabled {
-            return self.transport.publish_batch_outcomes(batch).await;
+            return crate::tier::publish_outcomes(self, batch).await;
         }
         let labels = self.labels(&batch);
-        let out = self.transport.publish_batch_outcomes(batch).await;
+        let out = crate::tier::publish_outcomes(self, batch).await;
         self.record_confirmed(
             &labels,
             out.outcomes.iter().map(|o| match o {
@@ -627,7 +653,8 @@ impl Bus {
 
     /// Counts the confirmed messages (`None`: not confirmed) into `bus_produced_total` and
     /// the batch-size histogram (one observation per run of confirmed messages with the same
-    /// topic and producer, the bytes of their payloads).
+    /// topic and producer, the bytes of their payloads), the others into
+    /// `bus_publish_failed_total`.
     fn record_confirmed<'a>(
         &self,
         labels: &Labels,
@@ -640,6 +667,7 @@ impl Bus {
             let (mut produced, mut confirmed, mut bytes) = (0u64, false, 0u64);
             for size in &labels.sizes[*start..end] {
                 let Some(Some(receipt)) = receipts.next() else {
+                    h.failed.inc();
                     continue;
                 };
                 confirmed = true;
@@ -1044,11 +1072,14 @@ impl Bus {
 
     /// Opens a subscription.
     /// With a [registry](Bus::with_registry) and a [service](Bus::with_service), a pattern the
-    /// service may not read is refused before anything reaches the transport.
+    /// service may not read is refused before anything reaches the transport. The spec's
+    /// `tier` is settled here ([`Bus::tier_of_pattern`]: a covering registry entry wins).
     pub async fn subscribe(&self, spec: SubscribeSpec) -> Result<Box<dyn Subscription>> {
         if let (Some(r), Some(s)) = (&self.registry, &self.service) {
             r.check_subscribe(s, &spec.pattern)?;
         }
+        let mut spec = spec;
+        spec.tier = Some(self.tier_of_pattern(&spec.pattern, spec.tier).0);
         self.transport.subscribe(spec).await
     }
 

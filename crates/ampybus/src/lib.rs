@@ -30,6 +30,7 @@ pub mod partition;
 pub mod registry;
 pub mod runtime;
 pub mod schema_hash;
+pub mod tier;
 pub mod topic;
 pub mod transport;
 pub mod validate;

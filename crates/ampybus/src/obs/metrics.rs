@@ -221,7 +221,7 @@ fn size_histogram() -> Histogram {
 /// // OpenMetrics names a counter family without `_total`; its samples carry it.
 /// for family in ["bus_produced counter", "bus_consumed counter", "bus_delivery_latency_ms histogram",
 ///     "bus_handler_duration_ms histogram", "bus_batch_size_bytes histogram",
-///     "bus_consumer_lag gauge", "bus_dlq counter", "bus_retry counter",
+///     "bus_consumer_lag gauge", "bus_consumer_lag_seconds gauge", "bus_publish_failed counter", "bus_dlq counter", "bus_retry counter",
 ///     "bus_decode_fail counter", "bus_dropped counter", "bus_inflight gauge",
 ///     "bus_schema_mismatch counter"] {
 ///     assert!(text.contains(&format!("# TYPE {family}\n")), "{family}");
@@ -243,6 +243,8 @@ struct Families {
     handler_duration: FastFamily<TopicConsumer>,
     batch_size: HistFamily<TopicOnly>,
     consumer_lag: Family<TopicConsumer, Gauge>,
+    consumer_lag_seconds: Family<TopicConsumer, Gauge<f64, AtomicU64>>,
+    publish_failed: Family<TopicProducer, Counter>,
     dlq: Family<TopicReason, Counter>,
     retry: Family<TopicReason, Counter>,
     decode_fail: Family<TopicReason, Counter>,
@@ -268,6 +270,9 @@ impl Default for BusMetrics {
 /// Pre-resolved publish-side handles for one (topic, producer).
 pub(crate) struct ProducerTopic {
     pub(crate) produced: Counter,
+    /// `bus_publish_failed_total{topic,producer}`: messages of a publish call that were not
+    /// confirmed (the call failed).
+    pub(crate) failed: Counter,
     pub(crate) batch_size: Histogram,
 }
 
@@ -312,6 +317,8 @@ impl BusMetrics {
             handler_duration: Family::new_with_constructor(latency_histogram),
             batch_size: Family::new_with_constructor(size_histogram),
             consumer_lag: Family::default(),
+            consumer_lag_seconds: Family::default(),
+            publish_failed: Family::default(),
             dlq: Family::default(),
             retry: Family::default(),
             decode_fail: Family::default(),
@@ -375,6 +382,14 @@ impl BusMetrics {
             return h.clone();
         }
         let h = Arc::new(ProducerTopic {
+            failed: self
+                .inner
+                .publish_failed
+                .get_or_create(&TopicProducer {
+                    topic: t.to_owned(),
+                    producer: producer.to_owned(),
+                })
+                .clone(),
             produced: self
                 .inner
                 .produced
@@ -451,6 +466,21 @@ impl BusMetrics {
     pub(crate) fn consumer_lag(&self, topic: &str, consumer: &str) -> Gauge {
         self.inner
             .consumer_lag
+            .get_or_create(&TopicConsumer {
+                topic: domain_topic(topic).to_owned(),
+                consumer: consumer.to_owned(),
+            })
+            .clone()
+    }
+
+    /// `bus_consumer_lag_seconds{topic,consumer}` (created at 0): see `runtime::lag`.
+    pub(crate) fn consumer_lag_seconds(
+        &self,
+        topic: &str,
+        consumer: &str,
+    ) -> Gauge<f64, AtomicU64> {
+        self.inner
+            .consumer_lag_seconds
             .get_or_create(&TopicConsumer {
                 topic: domain_topic(topic).to_owned(),
                 consumer: consumer.to_owned(),
@@ -553,6 +583,16 @@ fn register_all(f: &Families, r: &mut Registry) {
         Listed(f.consumer_lag.clone()),
     );
     r.register(
+        "bus_publish_failed",
+        "Messages of failed publish calls not confirmed by the transport, by domain-level topic and producer",
+        Listed(f.publish_failed.clone()),
+    );
+    r.register(
+        "bus_consumer_lag_seconds",
+        "Age in seconds of the oldest message a consumer holds unacknowledged (0: none)",
+        Listed(f.consumer_lag_seconds.clone()),
+    );
+    r.register(
         "bus_dlq",
         "Messages dead-lettered, by domain-level topic and DLQ reason code",
         Listed(f.dlq.clone()),
@@ -569,7 +609,7 @@ fn register_all(f: &Families, r: &mut Registry) {
     );
     r.register(
         "bus_dropped",
-        "Messages shed by a producer queue, by domain-level topic and reason",
+        "Messages shed by a producer queue or a best-effort consumer queue, by domain-level topic and reason",
         Listed(f.dropped.clone()),
     );
     r.register(

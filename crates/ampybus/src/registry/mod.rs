@@ -158,6 +158,7 @@ impl From<RegistryError> for Error {
 /// use ampybus::registry::Tier;
 /// assert_eq!("at_least_once".parse::<Tier>().unwrap(), Tier::AtLeastOnce);
 /// assert_eq!(Tier::BestEffort.as_str(), "best_effort");
+/// assert_eq!("best-effort".parse::<Tier>().unwrap(), Tier::BestEffort);
 /// assert!("exactly_once".parse::<Tier>().is_err());
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -200,10 +201,11 @@ impl fmt::Display for Tier {
 
 impl std::str::FromStr for Tier {
     type Err = String;
+    /// Either spelling: `best_effort` or `best-effort` (the CLI's `--tier`).
     fn from_str(s: &str) -> std::result::Result<Tier, String> {
         Tier::ALL
             .into_iter()
-            .find(|t| t.as_str() == s)
+            .find(|t| t.as_str() == s || t.as_str().replace('_', "-") == s)
             .ok_or_else(|| {
                 format!("{s:?} is not a tier (best_effort | at_least_once | at_least_once_dedupe)")
             })

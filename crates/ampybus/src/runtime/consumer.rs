@@ -86,6 +86,8 @@ impl Consumer {
             start: StartAt::Earliest,
             serve_replays: true,
             max_payload: DEFAULT_MAX_PAYLOAD,
+            shed: super::ShedOptions::default(),
+            lag_alert: super::lag::DEFAULT_LAG_ALERT,
         }
     }
 }
@@ -126,6 +128,8 @@ pub struct ConsumerBuilder {
     start: StartAt,
     serve_replays: bool,
     max_payload: usize,
+    shed: super::ShedOptions,
+    lag_alert: Duration,
 }
 
 impl std::fmt::Debug for ConsumerBuilder {
@@ -183,6 +187,19 @@ impl ConsumerBuilder {
     /// the name skip each other's applied messages only when they reach the same store.
     pub fn dedupe(mut self, store: Arc<dyn DedupeStore>) -> Self {
         self.dedupe = DedupeChoice::Store(store);
+        self
+    }
+
+    /// The bounded queue of a best-effort pattern (see [`crate::runtime::shedding`]; default
+    /// 10,000 messages, no conflation). Ignored on other tiers.
+    pub fn best_effort_queue(mut self, opts: super::ShedOptions) -> Self {
+        self.shed = opts;
+        self
+    }
+
+    /// The lag alert threshold (default 30 s): see [`crate::runtime::LagWatch`].
+    pub fn lag_alert_after(mut self, d: Duration) -> Self {
+        self.lag_alert = d;
         self
     }
 
@@ -270,9 +287,13 @@ impl ConsumerBuilder {
         // Unset: decided per message by its domain (orders and fills are strict), so a pattern
         // such as `ampy.prod.>` keeps orders in strict order and lets ticks step aside.
         let strict = self.strict;
+        // The tier of the pattern (crate::tier): dedupe only on at_least_once_dedupe;
+        // best-effort reads through the shedding queue.
+        let tier = self.bus.tier_of_pattern(&self.pattern, None).0;
         let dedupe: Option<Arc<dyn DedupeStore>> = match self.dedupe {
             DedupeChoice::Off => None,
             DedupeChoice::Store(s) => Some(s),
+            DedupeChoice::Default if tier != crate::tier::Tier::AtLeastOnceDedupe => None,
             DedupeChoice::Default if self.bus.transport().dedupe_store().is_some() => {
                 self.bus.transport().dedupe_store()
             }
@@ -286,8 +307,12 @@ impl ConsumerBuilder {
             durable: Some(self.name.clone()),
             start: self.start,
             ack_deadline: self.ack_deadline,
+            tier: Some(tier),
         };
-        let sub = self.bus.subscribe(spec).await?;
+        let mut sub = self.bus.subscribe(spec).await?;
+        if tier == crate::tier::Tier::BestEffort {
+            sub = super::shedding(&self.bus, sub, self.shed).0;
+        }
         let (phase_tx, phase_rx) = watch::channel(RUNNING);
         let obs = self.bus.obs().clone();
         let shared = Arc::new(Shared {
@@ -321,7 +346,16 @@ impl ConsumerBuilder {
             acks: Mutex::new(AckBuf::default()),
             ack_notify: Notify::new(),
             ack_full: Notify::new(),
+            lag_clock: super::lag::LagClock::new(self.lag_alert),
         });
+        super::lag::spawn_sampler(
+            &shared.bus,
+            shared.pattern.as_str(),
+            &shared.name,
+            shared.lag_clock.clone(),
+            Arc::downgrade(&shared),
+            |s: &Shared| s.counters.settled.load(Ordering::SeqCst),
+        );
         let acker = tokio::spawn(run_acker(shared.clone()));
         let fetcher = tokio::spawn(run_fetcher(shared.clone(), sub));
         let refresher = tokio::spawn(run_refresher(shared.clone()));
@@ -489,6 +523,11 @@ impl ConsumerHandle {
             tracing::info!(consumer = %self.shared.name, signal, "stop requested; shutting down");
             self.shutdown(deadline).await
         }
+    }
+
+    /// This consumer's lag in seconds and its lag alerts (`runtime::lag`).
+    pub fn lag_watch(&self) -> super::LagWatch {
+        super::LagWatch::new(self.shared.lag_clock.clone())
     }
 
     /// A cloneable read-only view of this consumer (counts, draining), for health and stats
@@ -1138,6 +1177,8 @@ struct AckBuf {
 }
 
 struct Shared {
+    /// Fetch marks for the lag in seconds (`runtime::lag`).
+    lag_clock: Arc<super::lag::LagClock>,
     /// Metrics and spans recorded (the bus handle's setting).
     obs_on: bool,
     tracer: BusTracer,
@@ -1399,10 +1440,11 @@ async fn fetch_loop(
                 if got.is_empty() {
                     continue;
                 }
-                shared
+                let before = shared
                     .counters
                     .fetched
                     .fetch_add(got.len() as u64, Ordering::SeqCst);
+                shared.lag_clock.on_fetch(before + got.len() as u64, &got);
                 shared.sync_inflight();
                 if let Err(mpsc::error::SendError((got, at))) = tx.send((got, Instant::now())).await
                 {

@@ -60,19 +60,23 @@
 mod consumer;
 pub mod control;
 mod dlq;
+mod lag;
 mod producer;
 mod publisher;
 pub mod replay;
+mod shed;
 
 pub use consumer::{Consumer, ConsumerBuilder, ConsumerHandle, ConsumerMonitor, ConsumerStats};
 pub use dlq::{
     DLQ_ONLY_HEADERS, ORIGINAL_MESSAGE_ID, ORIGINAL_TOPIC_RAW, REDRIVE_CONSUMER, RedrivePlan,
     build_dlq_envelope, plan_redrive, record_redriven, redrive_envelope,
 };
+pub use lag::{DEFAULT_LAG_ALERT, LagEvent, LagWatch};
 pub use producer::{
     DropCounts, DropReason, Producer, ProducerBuilder, ProducerStats, SendOutcome, ShedClass,
 };
 pub use publisher::Publisher;
+pub use shed::{SHED_AT_PERCENT, ShedMonitor, ShedOptions, ShedStats, shedding};
 
 use crate::headers::Headers;
 use crate::topic::Topic;

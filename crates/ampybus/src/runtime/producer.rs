@@ -271,6 +271,8 @@ pub(crate) struct ShedQueue<T> {
     pub(crate) conflated: u64,
     /// Topic and reason of each drop since the last [`ShedQueue::take_drops`] (when kept).
     drop_log: Option<Vec<(String, DropReason)>>,
+    /// Conflate latest-per-key (the producer always; a consumer where configured).
+    conflate: bool,
 }
 
 impl<T> ShedQueue<T> {
@@ -285,7 +287,20 @@ impl<T> ShedQueue<T> {
             dropped: DropCounts::default(),
             conflated: 0,
             drop_log: None,
+            conflate: true,
         }
+    }
+
+    /// Never conflates: quote/book messages are only dropped, other classes kept.
+    pub(crate) fn without_conflation(mut self) -> Self {
+        self.conflate = false;
+        self
+    }
+
+    /// Queues a message past the shedding capacity (a class that is never dropped, on a
+    /// queue whose hard bound is elsewhere).
+    pub(crate) fn push_over(&mut self, class: ShedClass, topic: &str, key: &str, value: T) {
+        self.push(class, topic, key, value);
     }
 
     /// Keeps the topic of every drop for [`ShedQueue::take_drops`].
@@ -339,7 +354,7 @@ impl<T> ShedQueue<T> {
         let value = if lagging && class == ShedClass::Heartbeat {
             self.bump(topic, DropReason::Lag);
             return Ok(SendOutcome::Dropped(DropReason::Lag));
-        } else if lagging && class.conflates() {
+        } else if lagging && self.conflates(class) {
             match self.conflate(topic, key, value, DropReason::Lag) {
                 Ok(outcome) => return Ok(outcome),
                 Err(value) => value,
@@ -351,7 +366,7 @@ impl<T> ShedQueue<T> {
             self.push(class, topic, key, value);
             return Ok(SendOutcome::Queued);
         }
-        let value = if class.conflates() {
+        let value = if self.conflates(class) {
             match self.conflate(topic, key, value, DropReason::Conflated) {
                 Ok(outcome) => return Ok(outcome),
                 Err(value) => value,
@@ -382,6 +397,10 @@ impl<T> ShedQueue<T> {
             return Ok(SendOutcome::Dropped(DropReason::QuoteBook));
         }
         Err(value)
+    }
+
+    fn conflates(&self, class: ShedClass) -> bool {
+        self.conflate && class.conflates()
     }
 
     /// Replaces the newest queued message of (topic, key) with `value`, counting the replaced
@@ -418,7 +437,7 @@ impl<T> ShedQueue<T> {
             }
             _ => {}
         }
-        if class.conflates() {
+        if self.conflates(class) {
             self.newest.insert((topic.to_owned(), key.to_owned()), slot);
         }
         self.slots.insert(
@@ -585,8 +604,8 @@ impl ProducerBuilder {
     }
 
     /// Marks the topics matching `pattern` best-effort: they may be conflated or dropped under
-    /// pressure in the order [`ShedClass`] gives. Call it once per pattern; without it nothing
-    /// is ever shed.
+    /// pressure in the order [`ShedClass`] gives. Call it once per pattern; without it (or a
+    /// best-effort tier on the bus, [`Bus::with_tier`]) nothing is ever shed.
     ///
     /// ```
     /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
@@ -855,12 +874,14 @@ impl Producer {
         self.capacity
     }
 
-    /// Whether `topic` matches a best-effort pattern.
+    /// Whether `topic` matches a best-effort pattern of this producer or is best-effort on
+    /// its bus ([`Bus::tier_of`]).
     pub fn is_best_effort(&self, topic: &Topic) -> bool {
         self.shared
             .best_effort
             .iter()
             .any(|p| p.matches(topic.as_str()))
+            || self.shared.bus.tier_of(topic) == crate::tier::Tier::BestEffort
     }
 
     /// The [`ShedClass`] of `topic` on this producer.

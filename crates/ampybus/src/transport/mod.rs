@@ -187,6 +187,11 @@ pub struct SubscribeSpec {
     pub start: StartAt,
     /// A delivery not settled within this time is delivered again.
     pub ack_deadline: Duration,
+    /// The durability tier asked for (`None`: the bus decides from the pattern, see
+    /// [`crate::tier`]; a transport given `None` subscribes at least once).
+    /// [`crate::registry::Tier::BestEffort`] on NATS is a core subscription (see the README's
+    /// tier table for the others).
+    pub tier: Option<crate::registry::Tier>,
 }
 
 impl SubscribeSpec {
@@ -197,6 +202,7 @@ impl SubscribeSpec {
             durable: Some(name.into()),
             start: StartAt::Earliest,
             ack_deadline: Duration::from_secs(30),
+            tier: None,
         }
     }
 
@@ -213,7 +219,21 @@ impl SubscribeSpec {
             durable: None,
             start,
             ack_deadline: Duration::from_secs(30),
+            tier: None,
         }
+    }
+
+    /// Asks for a durability tier (a covering registry entry still wins).
+    ///
+    /// ```
+    /// use ampybus::{TopicPattern, registry::Tier, transport::SubscribeSpec};
+    /// let spec = SubscribeSpec::durable(TopicPattern::parse("ampy.prod.ticks.>").unwrap(), "md")
+    ///     .with_tier(Tier::BestEffort);
+    /// assert_eq!(spec.tier, Some(Tier::BestEffort));
+    /// ```
+    pub fn with_tier(mut self, tier: crate::registry::Tier) -> Self {
+        self.tier = Some(tier);
+        self
     }
 }
 
@@ -312,6 +332,26 @@ impl Delivery {
             },
             settler: NONE.get_or_init(|| Arc::new(NoSettler)).clone(),
         }
+    }
+
+    /// A delivery of a best-effort subscription: nothing to settle, so `ack`, `nack` and
+    /// `in_progress` succeed and do nothing (a nacked message is not delivered again). The
+    /// one settler of every transport's best-effort deliveries.
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use ampybus::transport::{Delivery, DeliveryInfo};
+    /// let e = ampybus::Envelope { topic: "ampy.dev.ticks.v1.quote.X".into(),
+    ///     headers: ampybus::Headers::new(), payload: bytes::Bytes::new() };
+    /// let info = DeliveryInfo { sequence: 1, delivery_count: 1, stored_at: chrono::Utc::now() };
+    /// Delivery::best_effort(e, info).ack().await.unwrap();
+    /// # });
+    /// ```
+    pub fn best_effort(envelope: Envelope, info: DeliveryInfo) -> Delivery {
+        let mut d = Delivery::placeholder();
+        d.envelope = envelope;
+        d.info = info;
+        d
     }
 
     /// Builds a delivery (for bindings).
@@ -628,6 +668,13 @@ pub trait Transport: Send + Sync + 'static {
             ),
             Err(e) => BatchOutcome::all(n, PublishOutcome::Unknown, e),
         }
+    }
+    /// Publishes a batch of best-effort topics ([`crate::registry::Tier::BestEffort`]):
+    /// `Confirmed` may mean only "handed to the connection" (receipt sequence 0). Default:
+    /// [`Transport::publish_batch_outcomes`] — at least once, where the transport cannot do
+    /// anything cheaper (the embedded log, Redis, Kafka). NATS: a core publish, no PubAck.
+    async fn publish_best_effort(&self, batch: Vec<Envelope>) -> BatchOutcome {
+        self.publish_batch_outcomes(batch).await
     }
     /// Opens a subscription.
     async fn subscribe(&self, spec: SubscribeSpec) -> Result<Box<dyn Subscription>>;

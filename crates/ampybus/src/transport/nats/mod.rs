@@ -58,6 +58,7 @@
 //! assert_eq!(o.max_in_flight, 128);
 //! ```
 
+mod best_effort;
 mod consume;
 mod inspect;
 mod kv_dedupe;
@@ -780,7 +781,15 @@ impl Transport for NatsTransport {
         publish::publish_outcomes(&self.shared, batch, true).await
     }
 
+    /// Core publish, no PubAck: see `best_effort.rs`.
+    async fn publish_best_effort(&self, batch: Vec<Envelope>) -> crate::transport::BatchOutcome {
+        best_effort::publish(&self.shared, batch).await
+    }
+
     async fn subscribe(&self, spec: SubscribeSpec) -> Result<Box<dyn Subscription>> {
+        if spec.tier == Some(crate::registry::Tier::BestEffort) {
+            return best_effort::subscribe(&self.shared, spec).await;
+        }
         consume::subscribe(&self.shared, spec).await
     }
 
