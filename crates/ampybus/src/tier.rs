@@ -126,7 +126,8 @@ impl TierTable {
 /// assert!(covers(&p("ampy.*.ticks.>"), &p("ampy.dev.ticks.v1.quote.*")));
 /// assert!(covers(&p(">"), &p("ampy.dev.>")));
 /// assert!(!covers(&p("ampy.dev.ticks.v1.quote.>"), &p("ampy.dev.ticks.>")));
-/// assert!(!covers(&p("ampy.dev.*"), &p("ampy.dev.>")));
+/// assert!(!covers(&p("ampy.dev.*.v1.*"), &p("ampy.dev.>")));
+/// assert!(!covers(&p("ampy.dev.ticks.v1.*"), &p("ampy.dev.ticks.v1.>")));
 /// assert!(covers(&p("ampy.dev.bars.v1.X"), &p("ampy.dev.bars.v1.X")));
 /// ```
 pub fn covers(outer: &TopicPattern, inner: &TopicPattern) -> bool {

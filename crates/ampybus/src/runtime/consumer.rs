@@ -191,13 +191,14 @@ impl ConsumerBuilder {
     }
 
     /// The bounded queue of a best-effort pattern (see [`crate::runtime::shedding`]; default
-    /// 10,000 messages, no conflation). Ignored on other tiers.
+    /// 10,000 messages, no conflation). Ignored on other tiers; the README's "Durability
+    /// tiers" has an example.
     pub fn best_effort_queue(mut self, opts: super::ShedOptions) -> Self {
         self.shed = opts;
         self
     }
 
-    /// The lag alert threshold (default 30 s): see [`crate::runtime::LagWatch`].
+    /// The lag alert threshold (default 30 s): see [`ConsumerHandle::lag_watch`] (example).
     pub fn lag_alert_after(mut self, d: Duration) -> Self {
         self.lag_alert = d;
         self
@@ -526,6 +527,26 @@ impl ConsumerHandle {
     }
 
     /// This consumer's lag in seconds and its lag alerts (`runtime::lag`).
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use ampybus::runtime::{Consumer, Outcome, handler_fn};
+    /// use ampybus::{Bus, TopicPattern};
+    /// use std::time::Duration;
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let bus = Bus::connect(dir.path().to_str().unwrap()).await.unwrap();
+    /// let handle = Consumer::builder(bus, TopicPattern::parse("ampy.dev.bars.>").unwrap(), "bars")
+    ///     .lag_alert_after(Duration::from_secs(10))
+    ///     .handler(handler_fn(|_m| async { Outcome::Ok }))
+    ///     .start()
+    ///     .await
+    ///     .unwrap();
+    /// let lag = handle.lag_watch();
+    /// assert_eq!((lag.seconds(), lag.alert_after()), (0.0, Duration::from_secs(10)));
+    /// let _alerts = lag.events(); // LagEvent::Over / Back
+    /// handle.shutdown(Duration::from_secs(1)).await;
+    /// # });
+    /// ```
     pub fn lag_watch(&self) -> super::LagWatch {
         super::LagWatch::new(self.shared.lag_clock.clone())
     }
