@@ -59,16 +59,22 @@ fn envelopes(n: u64, payload: usize, round: u64, side: &str) -> CliResult<Vec<En
     )
 }
 
+/// Every header of `env` in a NATS header map (the raw sides' wire headers).
+fn header_map(env: &Envelope) -> async_nats::HeaderMap {
+    let mut hm = async_nats::HeaderMap::new();
+    for (k, v) in env.headers.iter() {
+        hm.insert(k, v);
+    }
+    hm
+}
+
 /// The raw side of a best-effort round: core publishes with the same header maps (built
 /// before the clock starts), then one flush.
 async fn raw_core_round(client: &async_nats::Client, envs: Vec<Envelope>) -> CliResult<f64> {
     let wire: Vec<_> = envs
         .into_iter()
         .map(|env| {
-            let mut hm = async_nats::HeaderMap::new();
-            for (k, v) in env.headers.iter() {
-                hm.insert(k, v);
-            }
+            let mut hm = header_map(&env);
             if let Some(id) = env.headers.message_id() {
                 hm.insert("Nats-Msg-Id", id);
             }
@@ -99,10 +105,7 @@ async fn raw_round(
     let wire: Vec<_> = envs
         .into_iter()
         .map(|env| {
-            let mut hm = async_nats::HeaderMap::new();
-            for (k, v) in env.headers.iter() {
-                hm.insert(k, v);
-            }
+            let hm = header_map(&env);
             let id = env.headers.message_id().unwrap_or_default().to_owned();
             (env.topic, hm, id, env.payload)
         })

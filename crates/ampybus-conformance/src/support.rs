@@ -198,7 +198,13 @@ pub(crate) async fn clock_past(t: chrono::DateTime<chrono::Utc>) {
 }
 
 /// A raw-bytes envelope with `partition_key = key` and `payload` as UTF-8.
-pub(crate) fn raw(topic: &Topic, key: &str, payload: &str) -> Envelope {
+///
+/// ```
+/// let t = ampybus::Topic::parse("ampy.dev.news.v1.x").unwrap();
+/// let e = ampybus_conformance::raw(&t, "k", "hello");
+/// assert_eq!(&e.payload[..], b"hello");
+/// ```
+pub fn raw(topic: &Topic, key: &str, payload: &str) -> Envelope {
     let h = Headers::for_publish(
         ampybus::headers::RAW_BYTES_SCHEMA,
         "conformance@1",

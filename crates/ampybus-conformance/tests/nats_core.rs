@@ -7,8 +7,8 @@
 use ampybus::runtime::{DropCounts, ShedOptions, ShedStats, shedding};
 use ampybus::tier::Tier;
 use ampybus::transport::{Delivery, PublishReceipt, SubscribeSpec, Subscription};
-use ampybus::{Bus, Envelope, Headers, Topic, TopicPattern};
-use ampybus_conformance::{NatsServer, hang_timeout};
+use ampybus::{Bus, Envelope, Topic, TopicPattern};
+use ampybus_conformance::{NatsServer, hang_timeout, raw};
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
@@ -24,16 +24,6 @@ fn pattern(id: &str) -> TopicPattern {
 
 fn topic(id: &str, class: &str) -> Topic {
     Topic::parse(&format!("ampy.dev.ticks.v1.{class}.c{id}.XNAS")).unwrap()
-}
-
-fn env(topic: &Topic, key: &str, text: &str) -> Envelope {
-    let h = Headers::for_publish(
-        ampybus::headers::RAW_BYTES_SCHEMA,
-        "core-test@1",
-        "core-test",
-        key,
-    );
-    Envelope::new(topic, h, text.as_bytes().to_vec())
 }
 
 async fn connect(url: &str, id: &str) -> Bus {
@@ -91,7 +81,7 @@ async fn core_round_trip_and_queue_group_sharing() {
     let quote = topic(&id, "quote");
     let envs: Vec<Envelope> = (0..n)
         .map(|i| {
-            env(
+            raw(
                 &quote,
                 if i % 2 == 0 { "A.XNAS" } else { "B.XNAS" },
                 &format!("m{i:03}"),
@@ -157,8 +147,8 @@ async fn core_round_trip_and_queue_group_sharing() {
         .await
         .unwrap();
     p.publish_batch(vec![
-        env(&quote, "A.XNAS", "x1"),
-        env(&quote, "A.XNAS", "x2"),
+        raw(&quote, "A.XNAS", "x1"),
+        raw(&quote, "A.XNAS", "x2"),
     ])
     .await
     .unwrap();
@@ -183,7 +173,7 @@ async fn core_round_trip_and_queue_group_sharing() {
 async fn publish_script(p: &Bus, id: &str, script: &[(&str, &str, &str)]) {
     let envs = script
         .iter()
-        .map(|(class, key, label)| env(&topic(id, class), key, label))
+        .map(|(class, key, label)| raw(&topic(id, class), key, label))
         .collect();
     p.publish_batch(envs).await.unwrap();
 }
@@ -194,23 +184,33 @@ async fn drain(sub: &mut Box<dyn Subscription>, n: usize) -> Vec<String> {
     out
 }
 
+/// A best-effort subscription of `id`'s ticks through a shedding queue of 10.
+async fn shed_sub(
+    bus: &Bus,
+    id: &str,
+    name: &str,
+    conflate: bool,
+) -> (Box<dyn Subscription>, ampybus::runtime::ShedMonitor) {
+    let sub = bus
+        .subscribe(SubscribeSpec::durable(pattern(id), format!("{name}-{id}")))
+        .await
+        .unwrap();
+    shedding(
+        bus,
+        sub,
+        ShedOptions {
+            capacity: 10,
+            conflate,
+        },
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn too_slow_consumer_sheds_by_class() {
     let id = run_id();
     let bus = connect(URL, &id).await;
-    let raw = bus
-        .subscribe(SubscribeSpec::durable(pattern(&id), format!("slow-{id}")))
-        .await
-        .unwrap();
     // Capacity 10: shedding from 9 queued (90 %); nobody fetches until the script is in.
-    let (mut sub, monitor) = shedding(
-        &bus,
-        raw,
-        ShedOptions {
-            capacity: 10,
-            conflate: false,
-        },
-    );
+    let (mut sub, monitor) = shed_sub(&bus, &id, "slow", false).await;
     let script = [
         ("heartbeat", "HB.XNAS", "hb1"),
         ("heartbeat", "HB.XNAS", "hb2"),
@@ -266,18 +266,7 @@ async fn too_slow_consumer_sheds_by_class() {
 async fn best_effort_consumer_conflates_where_configured() {
     let id = run_id();
     let bus = connect(URL, &id).await;
-    let raw = bus
-        .subscribe(SubscribeSpec::durable(pattern(&id), format!("conf-{id}")))
-        .await
-        .unwrap();
-    let (mut sub, monitor) = shedding(
-        &bus,
-        raw,
-        ShedOptions {
-            capacity: 10,
-            conflate: true,
-        },
-    );
+    let (mut sub, monitor) = shed_sub(&bus, &id, "conf", true).await;
     let labels: Vec<String> = (1..=12).map(|i| format!("q{i}")).collect();
     let script: Vec<(&str, &str, &str)> = labels
         .iter()
@@ -324,7 +313,7 @@ async fn server_restart_fails_publishes_then_resumes_without_intervention() {
         .unwrap();
     let quote = topic(&id, "quote");
     let before: Vec<Envelope> = (0..5)
-        .map(|i| env(&quote, "A.XNAS", &format!("before{i}")))
+        .map(|i| raw(&quote, "A.XNAS", &format!("before{i}")))
         .collect();
     p.publish_batch(before).await.unwrap();
     let got = drain(&mut sub, 5).await;
@@ -338,7 +327,7 @@ async fn server_restart_fails_publishes_then_resumes_without_intervention() {
     // what the server held for the subscriber when it died is gone, what the publishing
     // client still buffered may be sent after it reconnects).
     let during: Vec<Envelope> = (0..5)
-        .map(|i| env(&quote, "A.XNAS", &format!("during{i}")))
+        .map(|i| raw(&quote, "A.XNAS", &format!("during{i}")))
         .collect();
     let during_result = p.publish_batch(during).await;
     // The publisher is told: nothing was flushed to a server within the request timeout. (The
@@ -359,14 +348,14 @@ async fn server_restart_fails_publishes_then_resumes_without_intervention() {
             "no probe came back: {seen:?}"
         );
         let _ = p
-            .publish_batch(vec![env(&quote, "A.XNAS", &format!("probe{probe}"))])
+            .publish_batch(vec![raw(&quote, "A.XNAS", &format!("probe{probe}"))])
             .await;
         probe += 1;
         let page = sub.fetch(100, Duration::from_millis(200)).await.unwrap();
         seen.extend(page.iter().map(text));
     }
     let after: Vec<Envelope> = (0..10)
-        .map(|i| env(&quote, "A.XNAS", &format!("after{i}")))
+        .map(|i| raw(&quote, "A.XNAS", &format!("after{i}")))
         .collect();
     p.publish_batch(after).await.unwrap();
     read_while(&mut sub, &mut seen, |o| {
