@@ -224,17 +224,22 @@ pub fn consume_bench_smoke(url: &str, broker: &str, raw_key: &str) {
 /// `ampybus --url {url} bench-{broker} --messages 500 --rounds 1 --json` (publish, the default
 /// mode): today's keys are there (`ratio.median`, the raw client's series, `ampybus_msg_s`).
 pub fn publish_bench_smoke(url: &str, broker: &str, raw_key: &str) {
-    let o = ampybus_on(
-        url,
-        &[
-            &format!("bench-{broker}"),
-            "--messages",
-            "500",
-            "--rounds",
-            "1",
-            "--json",
-        ],
-    );
+    publish_bench_smoke_with(url, broker, raw_key, &[]);
+}
+
+/// [`publish_bench_smoke`] with more arguments (`--tier best_effort`); returns the report.
+pub fn publish_bench_smoke_with(url: &str, broker: &str, raw_key: &str, extra: &[&str]) -> Value {
+    let bench = format!("bench-{broker}");
+    let mut args = vec![
+        bench.as_str(),
+        "--messages",
+        "500",
+        "--rounds",
+        "1",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let o = ampybus_on(url, &args);
     assert_eq!(o.code, 0, "{}", o.stderr);
     let r = &o.json_lines()[0];
     assert_eq!(r["mode"], "publish", "{r}");
@@ -243,4 +248,5 @@ pub fn publish_bench_smoke(url: &str, broker: &str, raw_key: &str) {
         assert!(r[key]["median"].as_f64().unwrap_or(0.0) > 0.0, "{key}: {r}");
     }
     assert!(r.get("ratio_dedupe").is_none(), "{r}");
+    r.clone()
 }
