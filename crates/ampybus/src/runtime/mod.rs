@@ -60,6 +60,7 @@
 mod consumer;
 pub mod control;
 mod dlq;
+pub mod feeds;
 mod producer;
 mod publisher;
 pub mod replay;
