@@ -9,7 +9,7 @@ use ampybus::{Bus, Headers, Topic};
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -22,18 +22,11 @@ struct Monitor {
 }
 
 fn spawn_monitor(dir: &Path, extra: &[&str]) -> Monitor {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ampybus"))
-        .arg("--url")
-        .arg(dir)
-        .args(["monitor", "--pattern", "ampy.dev.ticks.>"])
-        .args(extra)
-        .env_remove("AMPYBUS_URL")
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn ampybus monitor");
+    let mut child =
+        common::ampybus_command(Some(dir), &["monitor", "--pattern", "ampy.dev.ticks.>"])
+            .args(extra)
+            .spawn()
+            .expect("spawn ampybus monitor");
     let lines = |r: Box<dyn std::io::Read + Send>| {
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {

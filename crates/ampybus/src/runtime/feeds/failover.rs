@@ -128,7 +128,7 @@ struct Source {
 /// let mut s = FailoverState::new(&["a", "b"], cfg, clock.now()).unwrap();
 /// assert_eq!(s.active(), "a");
 /// clock.advance(Duration::from_secs(1));
-/// assert!(s.on_data("b", clock.now()).is_none());
+/// assert!(s.on_data("b", clock.now()).unwrap().is_none());
 /// clock.advance(Duration::from_secs(1)); // a: silent for 2 s
 /// let e = s.tick(clock.now()).unwrap();
 /// assert_eq!((e.from.as_str(), e.to.as_str(), e.reason), ("a", "b", FailoverReason::Silent));

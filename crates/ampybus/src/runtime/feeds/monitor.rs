@@ -307,6 +307,8 @@ struct SeqTrack {
 ///   `duplicate` event, the baseline stays. A new `run_id` starts a new baseline. Messages
 ///   delivered by a replay (`replay_request_id`) are not checked; a malformed `sequence` is
 ///   counted in [`FeedStats::bad_sequence`] and not checked.
+/// * **Memory.** One entry per source, per (domain-level topic, key) and per (producer, key)
+///   seen; nothing is forgotten while the monitor lives.
 ///
 /// ```
 /// use ampybus::Headers;
