@@ -1,5 +1,5 @@
-//! `ampybus monitor` end to end on the embedded log: a separate process watches a pattern
-//! while this test publishes into the same data directory; exact JSON lines (gap, stale,
+//! `ampybus monitor` end to end on the embedded log (and once on NATS JetStream): a separate
+//! process watches a pattern while this test publishes into the same data directory; exact JSON lines (gap, stale,
 //! recovered), new messages only, SIGTERM → 0, SIGINT → 130. The test waits for lines and for
 //! the process to end, never for time (the monitor itself measures the silence).
 
@@ -21,12 +21,12 @@ struct Monitor {
     stderr: mpsc::Receiver<String>,
 }
 
-fn spawn_monitor(dir: &Path, extra: &[&str]) -> Monitor {
-    let mut child =
-        common::ampybus_command(Some(dir), &["monitor", "--pattern", "ampy.dev.ticks.>"])
-            .args(extra)
-            .spawn()
-            .expect("spawn ampybus monitor");
+/// `ampybus --url URL monitor --pattern P EXTRA…`, once it said it is watching.
+fn spawn_monitor(url: &str, pattern: &str, extra: &[&str]) -> Monitor {
+    let mut child = common::ampybus_command(None, &["--url", url, "monitor", "--pattern", pattern])
+        .args(extra)
+        .spawn()
+        .expect("spawn ampybus monitor");
     let lines = |r: Box<dyn std::io::Read + Send>| {
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -77,6 +77,11 @@ impl Monitor {
     }
 }
 
+/// [`publish_on`] the embedded log in `dir`, topic [`TRADE`].
+fn publish(rt: &tokio::runtime::Runtime, dir: &Path, ticks: &[(&str, &str, u64)]) {
+    publish_on(rt, dir.to_str().unwrap(), TRADE, ticks);
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -84,11 +89,13 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// Publishes ticks (source, key, sequence) in one go from this process.
-fn publish(rt: &tokio::runtime::Runtime, dir: &Path, ticks: &[(&str, &str, u64)]) {
+const TRADE: &str = "ampy.dev.ticks.v1.trade.MSFT";
+
+/// Publishes trades (source, key, sequence) on `topic` in one go from this process.
+fn publish_on(rt: &tokio::runtime::Runtime, url: &str, topic: &str, ticks: &[(&str, &str, u64)]) {
     rt.block_on(async {
-        let bus = Bus::connect(dir.to_str().unwrap()).await.unwrap();
-        let topic = Topic::parse("ampy.dev.ticks.v1.trade.MSFT").unwrap();
+        let bus = Bus::connect(url).await.unwrap();
+        let topic = Topic::parse(topic).unwrap();
         for (source, key, seq) in ticks {
             let h = Headers::for_publish(
                 "ampy.ticks.v1.TradeBatch",
@@ -123,7 +130,11 @@ fn monitor_prints_gap_stale_and_recovered_and_stops_on_sigterm() {
     let rt = runtime();
     // Before the monitor starts: never seen, so never stale.
     publish(&rt, dir.path(), &[("feed-old", "OLD.XNAS", 1)]);
-    let mut m = spawn_monitor(dir.path(), &["--stale-after", "1", "--json"]);
+    let mut m = spawn_monitor(
+        dir.path().to_str().unwrap(),
+        "ampy.dev.ticks.>",
+        &["--stale-after", "1", "--json"],
+    );
     publish(
         &rt,
         dir.path(),
@@ -133,7 +144,7 @@ fn monitor_prints_gap_stale_and_recovered_and_stops_on_sigterm() {
             ("feed-a", "MSFT.XNAS", 4),
         ],
     );
-    let t = "ampy.dev.ticks.v1.trade.MSFT";
+    let t = TRADE;
     assert_eq!(
         brief(&m.next_json()),
         format!("gap {t} MSFT.XNAS feed-a missing=3-3")
@@ -168,7 +179,11 @@ fn monitor_text_lines_and_sigint_exits_130() {
     let dir = tempfile::tempdir().unwrap();
     let rt = runtime();
     publish(&rt, dir.path(), &[("feed-old", "OLD.XNAS", 1)]);
-    let mut m = spawn_monitor(dir.path(), &["--stale-after", "30"]);
+    let mut m = spawn_monitor(
+        dir.path().to_str().unwrap(),
+        "ampy.dev.ticks.>",
+        &["--stale-after", "30"],
+    );
     publish(
         &rt,
         dir.path(),
@@ -207,4 +222,41 @@ fn monitor_refuses_bad_arguments() {
     let missing = dir.path().join("nope");
     let o = common::ampybus_in(Some(&missing), &["monitor", "--pattern", "ampy.dev.>"]);
     assert_eq!(o.code, 2, "{}", o.stderr);
+}
+
+/// The same watch on NATS JetStream (the shared server on 127.0.0.1:4222): a non-durable
+/// subscription of new messages, so it works whatever the topic's tier.
+#[test]
+fn monitor_on_nats_reports_a_gap_and_a_stale_source() {
+    common::start_broker("nats");
+    let url = "nats://127.0.0.1:4222?stream_prefix=AMPYFEEDS&max_age_days=1";
+    // A topic of this run only.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let topic = format!("ampy.dev.ticks.v1.trade.m{}x{nanos}", std::process::id());
+    let rt = runtime();
+    // The stream exists before the monitor starts (a reader never creates one).
+    publish_on(&rt, url, &topic, &[("feed-old", "OLD.XNAS", 1)]);
+    let mut m = spawn_monitor(url, &topic, &["--stale-after", "1", "--json"]);
+    publish_on(
+        &rt,
+        url,
+        &topic,
+        &[("feed-n", "MSFT.XNAS", 1), ("feed-n", "MSFT.XNAS", 3)],
+    );
+    assert_eq!(
+        brief(&m.next_json()),
+        format!("gap {topic} MSFT.XNAS feed-n missing=2-2")
+    );
+    assert_eq!(brief(&m.next_json()), format!("stale {topic} - feed-n"));
+    assert_eq!(
+        brief(&m.next_json()),
+        format!("stale {topic} MSFT.XNAS feed-n")
+    );
+    let (code, rest, err) = m.signal("TERM");
+    assert_eq!(code, 0, "{err}");
+    assert!(rest.is_empty(), "{rest:?}");
+    assert!(err.contains("1 source(s) seen"), "{err}");
 }
