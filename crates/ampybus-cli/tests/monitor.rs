@@ -124,17 +124,19 @@ fn brief(v: &Value) -> String {
     out
 }
 
-#[test]
-fn monitor_prints_gap_stale_and_recovered_and_stops_on_sigterm() {
+/// A fresh embedded log holding one message from `feed-old` (published before the monitor
+/// starts: never seen, so never stale), and a monitor of `ampy.dev.ticks.>` on it.
+fn embedded_monitor(extra: &[&str]) -> (tempfile::TempDir, tokio::runtime::Runtime, Monitor) {
     let dir = tempfile::tempdir().unwrap();
     let rt = runtime();
-    // Before the monitor starts: never seen, so never stale.
     publish(&rt, dir.path(), &[("feed-old", "OLD.XNAS", 1)]);
-    let mut m = spawn_monitor(
-        dir.path().to_str().unwrap(),
-        "ampy.dev.ticks.>",
-        &["--stale-after", "1", "--json"],
-    );
+    let m = spawn_monitor(dir.path().to_str().unwrap(), "ampy.dev.ticks.>", extra);
+    (dir, rt, m)
+}
+
+#[test]
+fn monitor_prints_gap_stale_and_recovered_and_stops_on_sigterm() {
+    let (dir, rt, mut m) = embedded_monitor(&["--stale-after", "1", "--json"]);
     publish(
         &rt,
         dir.path(),
@@ -176,14 +178,7 @@ fn monitor_prints_gap_stale_and_recovered_and_stops_on_sigterm() {
 
 #[test]
 fn monitor_text_lines_and_sigint_exits_130() {
-    let dir = tempfile::tempdir().unwrap();
-    let rt = runtime();
-    publish(&rt, dir.path(), &[("feed-old", "OLD.XNAS", 1)]);
-    let mut m = spawn_monitor(
-        dir.path().to_str().unwrap(),
-        "ampy.dev.ticks.>",
-        &["--stale-after", "30"],
-    );
+    let (dir, rt, mut m) = embedded_monitor(&["--stale-after", "30"]);
     publish(
         &rt,
         dir.path(),
