@@ -241,6 +241,22 @@ Examples:
   ampybus --url nats://127.0.0.1:4222 streams describe AMPY_DEV_BARS")]
     Streams(crate::streams::StreamsArgs),
 
+    /// Watch feed health from now on: stale/recovered sources and keys, sequence gaps
+    #[command(after_help = "\
+Examples:
+  ampybus monitor --pattern 'ampy.prod.ticks.>' --stale-after 5
+  ampybus monitor --pattern 'ampy.prod.ticks.>' --json | jq -c 'select(.event == \"stale\")'
+
+Reads new messages only (no durable position, so it works on every tier and takes nothing
+from other consumers); a source or key is known once one of its messages has been seen.
+One line per event on stdout: `stale` (a source, or a partition key, silent for --stale-after
+seconds; heartbeats on ampy.{env}.ticks.v1.heartbeat.{source} keep their source alive),
+`recovered` (its next message), `gap` / `duplicate` (the `sequence` header per producer, run
+and key skipped or went back). With --json one object per line with `event`, `topic`, `at`,
+and `key`, `source`, `silent_ms`, `producer`, `run_id`, `first_missing`, `last_missing`,
+`sequence` where they apply. SIGTERM: clean stop, exit 0; SIGINT: exit 130.")]
+    Monitor(crate::monitor::MonitorArgs),
+
     /// JetStream publish or consume throughput: ampybus against the raw async-nats client, interleaved rounds
     #[command(after_help = "\
 Examples:

@@ -20,6 +20,7 @@ mod dlq;
 mod error;
 mod follow;
 mod migrate;
+mod monitor;
 mod publish;
 mod registry;
 mod replay;
@@ -136,6 +137,7 @@ fn run(cli: Cli) -> CliResult<u8> {
         Command::Topics(args) => runtime()?.block_on(topics::run(&url, args)),
         Command::Archive(args) => runtime()?.block_on(archive::run(&url, args)),
         Command::Migrate(args) => migrate::run(&url, &args),
+        Command::Monitor(args) => runtime()?.block_on(monitor::run(&url, args)),
         Command::Streams(args) => runtime()?.block_on(streams::run(&url, args)),
         Command::BenchNats(args) => runtime()?.block_on(util::job_until_signal(
             "bench-nats",

@@ -40,15 +40,7 @@ enum Reader {
 }
 
 fn spawn(dir: &Path, args: &[&str], how: Reader) -> Running {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ampybus"))
-        .arg("--url")
-        .arg(dir)
-        .args(args)
-        .env_remove("AMPYBUS_URL")
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+    let mut child = common::ampybus_command(Some(dir), args)
         .spawn()
         .expect("spawn ampybus");
     let lines: Arc<Mutex<Vec<String>>> = Arc::default();

@@ -970,7 +970,8 @@ pub async fn backpressure_bounded_in_flight(factory: &dyn TransportFactory) -> C
 /// queue, in the order `ampybus::runtime::ShedClass` documents, every drop counted by reason.
 ///
 /// A `Producer` with capacity 8, every ticks topic of the case best-effort, paused: a fixed
-/// mix of 16 sends on `trade`, `quote` and `heartbeat` topics over keys A, M, N, B gives exact
+/// mix of 16 sends on `trade`, `quote` and `heartbeat` topics over keys A, M, N, B (heartbeats:
+/// their source id `XNAS`, the contract's heartbeat key) gives exact
 /// outcomes (8 queued, 3 conflated — the newest queued quote of the key replaced in place —,
 /// 3 heartbeats and 2 quotes dropped, counted by reason). After `resume` + `flush`, a durable
 /// consumer receives exactly the 8 survivors, in order within each key: every trade in order
@@ -1019,7 +1020,12 @@ pub async fn best_effort_drop_conflate(factory: &dyn TransportFactory) -> CaseSt
         } else {
             ctx.ticks_topic(kind, sym(k))
         };
-        let key = format!("{}.XNAS", sym(k));
+        // A heartbeat's key is its source id (the topic's last token), not `SYMBOL.MIC`.
+        let key = if kind == "heartbeat" {
+            "XNAS".to_owned()
+        } else {
+            format!("{}.XNAS", sym(k))
+        };
         let h = Headers::for_publish(
             ampybus::headers::RAW_BYTES_SCHEMA,
             "conformance@1",
@@ -1144,17 +1150,16 @@ pub async fn best_effort_drop_conflate(factory: &dyn TransportFactory) -> CaseSt
     wait_stats("every survivor handled", &handle, |s| s.handled_ok >= n).await;
     let s = handle.shutdown(Duration::from_secs(10)).await;
     assert_eq!(s.handled_ok, n, "{s:?}");
-    // Heartbeats were sent with key A; every other label names its key second (`tA1`).
+    // Heartbeats were sent with key XNAS (their source id); every other label names its key
+    // second (`tA1`).
     let mut want: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for label in &expected {
-        let k = if label.starts_with("hb") {
-            "A"
+        let key = if label.starts_with("hb") {
+            "XNAS".to_owned()
         } else {
-            &label[1..2]
+            format!("{}.XNAS", sym(&label[1..2]))
         };
-        want.entry(format!("{}.XNAS", sym(k)))
-            .or_default()
-            .push((*label).to_owned());
+        want.entry(key).or_default().push((*label).to_owned());
     }
     assert_eq!(*got.lock().unwrap(), want);
     if with_lag {

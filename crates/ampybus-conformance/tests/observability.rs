@@ -449,7 +449,8 @@ async fn scripted_run() {
     let hb = Topic::parse("ampy.dev.ticks.v1.heartbeat.XNAS").unwrap();
     let mut dropped = 0;
     for _ in 0..3 {
-        let h = raw_headers("feed@1", "MSFT.XNAS");
+        // A heartbeat's key is its source id, the topic's last token.
+        let h = raw_headers("feed@1", "XNAS");
         if !producer
             .send(&hb, h, b"hb".to_vec())
             .await

@@ -63,6 +63,9 @@ pub mod names {
     pub const REPLAY_REQUEST_ID: &str = "replay_request_id";
     /// Extension: the message id a redriven message replaces.
     pub const REDRIVE_OF: &str = "redrive_of";
+    /// Extension: the message's number per producer run and partition key, from 1 (gap
+    /// detection; see `runtime::feeds`).
+    pub const SEQUENCE: &str = "sequence";
 
     /// Headers that must be present on every message.
     pub const REQUIRED: [&str; 9] = [
@@ -1443,10 +1446,7 @@ impl Headers {
                 }
             }
         }
-        partition::check_key(
-            topic.domain(),
-            self.slot(K_PARTITION_KEY).unwrap_or_default(),
-        )?;
+        partition::check_topic_key(topic, self.slot(K_PARTITION_KEY).unwrap_or_default())?;
         self.validate_optional()?;
         Ok(())
     }
@@ -1543,6 +1543,12 @@ impl Headers {
         }
         if let Some(v) = self.slot(K_DLQ_CONSUMER) {
             check_text(DLQ_CONSUMER, v)?;
+        }
+        // An extension: looked up only when the message has extensions at all.
+        if !self.i().ext.is_empty()
+            && let Some(v) = self.get(SEQUENCE)
+        {
+            crate::runtime::feeds::check_sequence(v)?;
         }
         for name in [REPLAY_REQUEST_ID, REDRIVE_OF] {
             if let Some(v) = self.get(name)

@@ -3,7 +3,7 @@
 //! | domain | key |
 //! |---|---|
 //! | bars | `MIC.SYMBOL` (`XNAS.AAPL`) |
-//! | ticks | `SYMBOL.MIC` (`MSFT.XNAS`) |
+//! | ticks | `SYMBOL.MIC` (`MSFT.XNAS`); on `ampy.{env}.ticks.v1.heartbeat.{source}` the source id (`feed-a`), the topic's last token |
 //! | news | news item id |
 //! | fx | `BASE.QUOTE` (`USD.JPY`) |
 //! | fundamentals | `SYMBOL.MIC\|period_end\|source` |
@@ -21,7 +21,7 @@
 //! may contain whitespace or control characters.
 
 use crate::error::{Error, Result, show};
-use crate::topic::Domain;
+use crate::topic::{Domain, Topic};
 
 const KEY: &str = "partition_key";
 /// Longest key accepted, in bytes.
@@ -178,7 +178,53 @@ fn security(key: &str, part: &str, shape: &str) -> Result<()> {
     Ok(())
 }
 
-/// Checks a partition key against its domain's shape (publish side and `validate`).
+/// Checks a partition key against the shape its topic asks for (publish side and
+/// `validate`): [`check_key`] for the topic's domain, except on a ticks topic whose first
+/// subtopic token is `heartbeat` (`ampy.{env}.ticks.v1.heartbeat.{source}`), where the key is
+/// the source id: the topic's last token, which must come after `heartbeat` (tokens between
+/// them, e.g. `heartbeat.eu.feed-a`, are allowed as a namespace).
+///
+/// ```
+/// use ampybus::{Topic, partition::check_topic_key};
+/// let hb = Topic::parse("ampy.prod.ticks.v1.heartbeat.feed-a").unwrap();
+/// check_topic_key(&hb, "feed-a").unwrap();
+/// let err = check_topic_key(&hb, "MSFT.XNAS").unwrap_err();
+/// assert!(err.to_string().contains("the source id `feed-a`"), "{err}");
+/// check_topic_key(&Topic::parse("ampy.prod.ticks.v1.heartbeat.eu.feed-a").unwrap(), "feed-a").unwrap();
+/// let trade = Topic::parse("ampy.prod.ticks.v1.trade.MSFT").unwrap();
+/// check_topic_key(&trade, "MSFT.XNAS").unwrap();
+/// assert!(check_topic_key(&trade, "feed-a").is_err());
+/// ```
+pub fn check_topic_key(topic: &Topic, key: &str) -> Result<()> {
+    if topic.domain() != Domain::Ticks || topic.first_subtopic() != "heartbeat" {
+        return check_key(topic.domain(), key);
+    }
+    if key.is_empty() {
+        return Err(Error::header(KEY, "must not be empty"));
+    }
+    let Some((_, source)) = topic.subtopic().rsplit_once('.') else {
+        return Err(Error::header(
+            KEY,
+            format!(
+                "a heartbeat topic must end in the source id, `ampy.{{env}}.ticks.v1.heartbeat.{{source}}`, and the key be that source id (got topic {})",
+                show(topic.as_str())
+            ),
+        ));
+    };
+    if key != source {
+        return Err(Error::header(
+            KEY,
+            format!(
+                "on a heartbeat topic the key must be the source id `{source}` (the topic's last token), not `SYMBOL.MIC` (got {})",
+                show(key)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a partition key against its domain's shape (publish side and `validate`); see
+/// [`check_topic_key`] for the one rule that needs the whole topic.
 ///
 /// ```
 /// use ampybus::{Domain, partition::check_key};
@@ -310,6 +356,49 @@ mod tests {
         for (d, k, want) in bad {
             let e = check_key(d, k).unwrap_err();
             assert!(e.to_string().contains(want), "{d} {k:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn heartbeat_keys_are_the_source_id() {
+        let t = |s: &str| Topic::parse(s).unwrap();
+        check_topic_key(&t("ampy.dev.ticks.v1.heartbeat.feed-a"), "feed-a").unwrap();
+        check_topic_key(&t("ampy.dev.ticks.v1.heartbeat.eu.feed-a"), "feed-a").unwrap();
+        // Not a heartbeat topic: the ticks rule.
+        check_topic_key(&t("ampy.dev.ticks.v1.quote.MSFT"), "MSFT.XNAS").unwrap();
+        let bad = [
+            (
+                "ampy.dev.ticks.v1.heartbeat.feed-a",
+                "MSFT.XNAS",
+                "the source id `feed-a`",
+            ),
+            (
+                "ampy.dev.ticks.v1.heartbeat.feed-a",
+                "feed-b",
+                "the source id `feed-a`",
+            ),
+            (
+                "ampy.dev.ticks.v1.heartbeat.feed-a",
+                "",
+                "must not be empty",
+            ),
+            (
+                "ampy.dev.ticks.v1.heartbeat",
+                "feed-a",
+                "must end in the source id",
+            ),
+            (
+                "ampy.dev.ticks.v1.heartbeat.eu.feed-a",
+                "eu",
+                "the source id `feed-a`",
+            ),
+            // Only ticks has the rule: a bars heartbeat subtopic keeps `MIC.SYMBOL`.
+            ("ampy.dev.bars.v1.heartbeat.feed-a", "feed-a", "MIC.SYMBOL"),
+        ];
+        for (topic, key, want) in bad {
+            let e = check_topic_key(&t(topic), key).unwrap_err();
+            assert!(e.to_string().contains(want), "{topic} {key:?}: {e}");
+            assert!(e.to_string().contains("partition_key"), "{e}");
         }
     }
 }

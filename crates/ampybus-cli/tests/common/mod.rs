@@ -28,9 +28,9 @@ impl Out {
     }
 }
 
-/// Runs the binary with `--url <dir>` (when given), no stdin, and neither `AMPYBUS_URL` nor
-/// `RUST_LOG` from the caller's environment. Fails the test if the binary panicked.
-pub fn ampybus_in(dir: Option<&Path>, args: &[&str]) -> Out {
+/// The binary with `--url <dir>` (when given) and `args`, no stdin, stdout and stderr piped,
+/// and neither `AMPYBUS_URL` nor `RUST_LOG` from the caller's environment.
+pub fn ampybus_command(dir: Option<&Path>, args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ampybus"));
     if let Some(d) = dir {
         cmd.arg("--url").arg(d);
@@ -38,8 +38,16 @@ pub fn ampybus_in(dir: Option<&Path>, args: &[&str]) -> Out {
     cmd.args(args)
         .env_remove("AMPYBUS_URL")
         .env_remove("RUST_LOG")
-        .stdin(Stdio::null());
-    let o = cmd.output().expect("run ampybus");
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// Runs the binary with `--url <dir>` (when given), no stdin, and neither `AMPYBUS_URL` nor
+/// `RUST_LOG` from the caller's environment. Fails the test if the binary panicked.
+pub fn ampybus_in(dir: Option<&Path>, args: &[&str]) -> Out {
+    let o = ampybus_command(dir, args).output().expect("run ampybus");
     let out = Out {
         code: o.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&o.stdout).into_owned(),

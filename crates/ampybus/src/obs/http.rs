@@ -69,7 +69,10 @@ impl Drop for ObsServer {
 ///   "handled_ok", "retried", "dead_lettered", "skipped_duplicates", "released", "in_flight",
 ///   "max_in_flight", "queue_fill", "rate_per_s", "lag", "last_message_at"}], "producers":
 ///   [{"id", "accepted", "published", "failed", "queued", "in_flight", "capacity",
-///   "queue_fill", "dropped": {…, "total"}, "rate_per_s"}], "totals": {"in_flight", "dropped",
+///   "queue_fill", "dropped": {…, "total"}, "rate_per_s"}], "feeds": [{"name", "pattern",
+///   "stale_after_s", "sources", "stale_sources", "keys", "stale_keys", "gaps", "missing",
+///   "duplicates", "bad_sequence", "seconds_since_last": {topic: s}}] (one per running
+///   [`FeedWatch`](crate::runtime::feeds::FeedWatch)), "totals": {"in_flight", "dropped",
 ///   "dead_lettered"}}`. Rates are per second since the previous `/stats` call (the first:
 ///   since the endpoint started).
 ///
@@ -269,6 +272,7 @@ async fn stats(State(st): State<Arc<AppState>>) -> Response {
         "uptime_s": st.started.elapsed().as_secs_f64(),
         "consumers": consumers,
         "producers": producers,
+        "feeds": st.bus.obs().feeds(),
         "totals": { "in_flight": total_in_flight, "dropped": total_dropped, "dead_lettered": total_dlq },
     }))
     .into_response()

@@ -1,6 +1,7 @@
 //! Prometheus metrics ([`BusMetrics`]): one registry per [`crate::Bus`] handle, with the names
 //! and labels of the contract (DESIGN §6, seed §11).
 
+use super::feed_metrics::FeedFamilies;
 use crate::runtime::{DlqCode, DropReason};
 use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder};
 use prometheus_client::metrics::MetricType;
@@ -223,7 +224,8 @@ fn size_histogram() -> Histogram {
 ///     "bus_handler_duration_ms histogram", "bus_batch_size_bytes histogram",
 ///     "bus_consumer_lag gauge", "bus_consumer_lag_seconds gauge", "bus_publish_failed counter", "bus_dlq counter", "bus_retry counter",
 ///     "bus_decode_fail counter", "bus_dropped counter", "bus_inflight gauge",
-///     "bus_schema_mismatch counter"] {
+///     "bus_schema_mismatch counter", "bus_stale_sources gauge", "bus_seconds_since_last gauge",
+///     "bus_gap counter"] {
 ///     assert!(text.contains(&format!("# TYPE {family}\n")), "{family}");
 /// }
 /// // Merge into an application's own registry:
@@ -251,6 +253,7 @@ struct Families {
     dropped: Family<TopicReason, Counter>,
     inflight: Family<ConsumerOnly, Gauge>,
     schema_mismatch: Family<TopicOnly, Counter>,
+    feeds: FeedFamilies,
     producer_cache: RwLock<HashMap<String, HashMap<String, Arc<ProducerTopic>>>>,
     drop_cache: RwLock<HashMap<String, Arc<[Counter; 4]>>>,
 }
@@ -325,6 +328,7 @@ impl BusMetrics {
             dropped: Family::default(),
             inflight: Family::default(),
             schema_mismatch: Family::default(),
+            feeds: FeedFamilies::default(),
             producer_cache: RwLock::new(HashMap::new()),
             drop_cache: RwLock::new(HashMap::new()),
         };
@@ -499,6 +503,11 @@ impl BusMetrics {
             .inc();
     }
 
+    /// The feed-health families (`runtime::feeds`).
+    pub(crate) fn feeds(&self) -> &FeedFamilies {
+        &self.inner.feeds
+    }
+
     /// Counts one producer-side drop.
     pub(crate) fn dropped(&self, topic: &str, reason: DropReason) {
         let t = domain_topic(topic);
@@ -537,7 +546,7 @@ impl BusMetrics {
 /// A family that is listed (`# HELP`/`# TYPE`) even before it has a sample: the contract wants
 /// every family on `/metrics` from start-up, and `prometheus-client` skips empty ones.
 #[derive(Debug)]
-struct Listed<M>(M);
+pub(super) struct Listed<M>(pub(super) M);
 
 impl<M: EncodeMetric> EncodeMetric for Listed<M> {
     fn encode(&self, encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
@@ -622,6 +631,7 @@ fn register_all(f: &Families, r: &mut Registry) {
         "Consumed messages whose schema_fqdn the registry does not list for their topic (dead-lettered as schema_mismatch), by domain-level topic",
         Listed(f.schema_mismatch.clone()),
     );
+    f.feeds.register(r);
 }
 
 #[cfg(test)]

@@ -35,6 +35,7 @@
 //! # });
 //! ```
 
+mod feed_metrics;
 mod http;
 mod metrics;
 mod reader;
@@ -64,7 +65,11 @@ pub(crate) struct Obs {
     pub(crate) tracer: BusTracer,
     consumers: Mutex<Vec<Entry>>,
     producers: Mutex<Vec<ProducerEntry>>,
+    feeds: Mutex<Vec<Box<FeedProbe>>>,
 }
+
+/// A feed monitor's `/stats` entry; `None` once it is gone.
+type FeedProbe = dyn Fn() -> Option<serde_json::Value> + Send + Sync;
 
 type ProducerProbe = dyn Fn() -> Option<ProducerStats> + Send + Sync;
 
@@ -82,6 +87,7 @@ impl Obs {
             tracer: BusTracer::from_global(),
             consumers: Mutex::new(Vec::new()),
             producers: Mutex::new(Vec::new()),
+            feeds: Mutex::new(Vec::new()),
         }
     }
 
@@ -126,6 +132,23 @@ impl Obs {
             capacity,
             probe: Box::new(probe),
         });
+    }
+
+    /// Registers a feed monitor's `/stats` entry (dropped once the probe returns `None`).
+    pub(crate) fn add_feed(&self, probe: Box<FeedProbe>) {
+        let mut f = self.feeds.lock().unwrap_or_else(|p| p.into_inner());
+        f.retain(|p| p().is_some());
+        f.push(probe);
+    }
+
+    /// The `/stats` entries of the live feed monitors.
+    pub(crate) fn feeds(&self) -> Vec<serde_json::Value> {
+        self.feeds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(|p| p())
+            .collect()
     }
 
     /// (id, capacity, stats) of every live producer.

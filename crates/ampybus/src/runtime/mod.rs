@@ -60,6 +60,7 @@
 mod consumer;
 pub mod control;
 mod dlq;
+pub mod feeds;
 mod lag;
 mod producer;
 mod publisher;

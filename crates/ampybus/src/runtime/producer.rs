@@ -3,6 +3,7 @@
 //! See [`Producer`] for the API and [`ShedClass`] for the exact shedding order.
 
 use super::RetryPolicy;
+use super::feeds::{Heartbeat, SEQUENCE, Sequencer};
 use super::publisher::retry_transient;
 use crate::bus::Bus;
 use crate::envelope::Envelope;
@@ -495,6 +496,8 @@ struct State {
     /// Failures not yet reported by `flush`/`close`, and the last error.
     unreported: u64,
     last_error: Option<(ErrorKind, String)>,
+    /// `sequence` numbers, when stamping is on.
+    sequencer: Option<Sequencer>,
 }
 
 impl State {
@@ -552,6 +555,66 @@ impl Shared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn is_best_effort(&self, topic: &Topic) -> bool {
+        self.best_effort.iter().any(|p| p.matches(topic.as_str()))
+            || self.bus.tier_of(topic) == crate::tier::Tier::BestEffort
+    }
+
+    /// [`Producer::send`].
+    async fn send(&self, topic: &Topic, headers: Headers, payload: Bytes) -> Result<SendOutcome> {
+        if self.lock().closing {
+            return Err(closed());
+        }
+        let env = self.bus.prepare(topic, headers, payload).await?;
+        // A registry entry's `max_rate` slows the owner down here; nothing is dropped.
+        self.bus.throttle(topic).await;
+        let key = env.headers.partition_key().unwrap_or_default().to_owned();
+        let class = ShedClass::of(topic, self.is_best_effort(topic));
+        let mut env = Some(env);
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut st = self.lock();
+                if st.closing {
+                    return Err(closed());
+                }
+                let lagging = st.lagging;
+                let mut value = env.take().expect("message present until queued");
+                // Numbered in the order messages enter the queue; taken only when accepted.
+                let seq = st.sequencer.as_ref().map(|s| {
+                    let h = &value.headers;
+                    let (p, r) = (h.producer().unwrap_or(""), h.run_id().unwrap_or(""));
+                    (p.to_owned(), r.to_owned(), s.peek(p, r, &key))
+                });
+                if let Some((_, _, n)) = &seq {
+                    value.headers.set(SEQUENCE, n.to_string());
+                }
+                match st.queue.offer(class, topic.as_str(), &key, value, lagging) {
+                    Ok(outcome) => {
+                        st.accepted += 1;
+                        if let (Some(s), Some((p, r, n))) = (st.sequencer.as_mut(), &seq) {
+                            s.commit(p, r, &key, *n);
+                        }
+                        let drops = st.queue.take_drops();
+                        drop(st);
+                        for (t, reason) in &drops {
+                            self.bus.metrics().dropped(t, *reason);
+                        }
+                        if let SendOutcome::Dropped(reason) = outcome {
+                            tracing::debug!(topic = %topic, reason = %reason, result = "dropped", "producer: message dropped");
+                        }
+                        self.changed.notify_waiters();
+                        return Ok(outcome);
+                    }
+                    Err(back) => env = Some(back),
+                }
+            }
+            notified.await;
+        }
+    }
+
     async fn refresh_lag(&self) -> Result<bool> {
         let Some(w) = &self.lag else {
             return Err(Error::new(
@@ -585,6 +648,8 @@ pub struct ProducerBuilder {
     max_batch: usize,
     lag: Option<(String, u64)>,
     lag_every: Duration,
+    heartbeats: Vec<Heartbeat>,
+    sequence: bool,
 }
 
 impl ProducerBuilder {
@@ -693,6 +758,49 @@ impl ProducerBuilder {
         self
     }
 
+    /// Sends heartbeats for one source (call once per source): the first at start, then one
+    /// every interval, through the queue like any message (on a best-effort heartbeat topic
+    /// the queue may shed them first). See [`Heartbeat`] for topic, headers and payload.
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use ampybus::{Bus, Env, runtime::{Producer, feeds::Heartbeat}};
+    /// use std::time::Duration;
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let bus = Bus::connect(dir.path().to_str().unwrap()).await.unwrap();
+    /// let p = Producer::builder(bus)
+    ///     .heartbeat(Heartbeat::new(Env::Dev, "md@feed-a", "feed-a", Duration::from_secs(1)).unwrap())
+    ///     .start()
+    ///     .unwrap();
+    /// p.close().await.unwrap();
+    /// # });
+    /// ```
+    pub fn heartbeat(mut self, heartbeat: Heartbeat) -> Self {
+        self.heartbeats.push(heartbeat);
+        self
+    }
+
+    /// Stamps the `sequence` header (1, 2, … per `producer`, `run_id` and `partition_key`)
+    /// on every message in the order it enters the queue (default off). A message the queue
+    /// sheds keeps its number: consumers checking sequences see the loss as a gap.
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use ampybus::{Bus, Headers, Topic, runtime::Producer};
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let bus = Bus::connect(dir.path().to_str().unwrap()).await.unwrap();
+    /// let p = Producer::builder(bus).sequence(true).start().unwrap();
+    /// let topic = Topic::parse("ampy.dev.news.v1.raw").unwrap();
+    /// p.send(&topic, Headers::for_publish("ampy.raw.v1.Bytes", "p@1", "p", "k"), b"x".to_vec())
+    ///     .await.unwrap();
+    /// p.close().await.unwrap();
+    /// # });
+    /// ```
+    pub fn sequence(mut self, on: bool) -> Self {
+        self.sequence = on;
+        self
+    }
+
     /// Starts the flusher (and the lag watcher) on the current Tokio runtime. Errors
     /// (`Config`) on a zero capacity or batch size, an empty consumer name, a zero poll
     /// interval, or lag watching on a bus that cannot report lag.
@@ -752,6 +860,7 @@ impl ProducerBuilder {
                 failed: 0,
                 unreported: 0,
                 last_error: None,
+                sequencer: self.sequence.then(Sequencer::default),
             }),
             changed: Notify::new(),
             bus: self.bus,
@@ -787,11 +896,17 @@ impl ProducerBuilder {
                 }
             })
         });
+        let heartbeats = self
+            .heartbeats
+            .into_iter()
+            .map(|hb| tokio::spawn(heartbeat_loop(Arc::downgrade(&shared), hb)))
+            .collect();
         Ok(Producer {
             shared,
             capacity: self.capacity,
             flusher: Some(flusher),
             watcher,
+            heartbeats,
         })
     }
 }
@@ -843,6 +958,7 @@ pub struct Producer {
     capacity: usize,
     flusher: Option<JoinHandle<()>>,
     watcher: Option<JoinHandle<()>>,
+    heartbeats: Vec<JoinHandle<()>>,
 }
 
 impl Producer {
@@ -866,6 +982,8 @@ impl Producer {
             max_batch: 512,
             lag: None,
             lag_every: Duration::from_millis(250),
+            heartbeats: Vec::new(),
+            sequence: false,
         }
     }
 
@@ -877,11 +995,7 @@ impl Producer {
     /// Whether `topic` matches a best-effort pattern of this producer or is best-effort on
     /// its bus ([`Bus::tier_of`]).
     pub fn is_best_effort(&self, topic: &Topic) -> bool {
-        self.shared
-            .best_effort
-            .iter()
-            .any(|p| p.matches(topic.as_str()))
-            || self.shared.bus.tier_of(topic) == crate::tier::Tier::BestEffort
+        self.shared.is_best_effort(topic)
     }
 
     /// The [`ShedClass`] of `topic` on this producer.
@@ -924,49 +1038,7 @@ impl Producer {
         headers: Headers,
         payload: impl Into<Bytes>,
     ) -> Result<SendOutcome> {
-        if self.shared.lock().closing {
-            return Err(closed());
-        }
-        let env = self
-            .shared
-            .bus
-            .prepare(topic, headers, payload.into())
-            .await?;
-        // A registry entry's `max_rate` slows the owner down here; nothing is dropped.
-        self.shared.bus.throttle(topic).await;
-        let key = env.headers.partition_key().unwrap_or_default().to_owned();
-        let class = self.class_of(topic);
-        let mut env = Some(env);
-        loop {
-            let notified = self.shared.changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            {
-                let mut st = self.shared.lock();
-                if st.closing {
-                    return Err(closed());
-                }
-                let lagging = st.lagging;
-                let value = env.take().expect("message present until queued");
-                match st.queue.offer(class, topic.as_str(), &key, value, lagging) {
-                    Ok(outcome) => {
-                        st.accepted += 1;
-                        let drops = st.queue.take_drops();
-                        drop(st);
-                        for (t, reason) in &drops {
-                            self.shared.bus.metrics().dropped(t, *reason);
-                        }
-                        if let SendOutcome::Dropped(reason) = outcome {
-                            tracing::debug!(topic = %topic, reason = %reason, result = "dropped", "producer: message dropped");
-                        }
-                        self.shared.changed.notify_waiters();
-                        return Ok(outcome);
-                    }
-                    Err(back) => env = Some(back),
-                }
-            }
-            notified.await;
-        }
+        self.shared.send(topic, headers, payload.into()).await
     }
 
     /// Waits until every message queued before this call was published or failed for good
@@ -1028,6 +1100,7 @@ impl Producer {
     /// # });
     /// ```
     pub async fn close(mut self) -> Result<ProducerStats> {
+        self.heartbeats.drain(..).for_each(|h| h.abort());
         self.begin_close();
         if let Some(w) = self.watcher.take() {
             w.abort();
@@ -1128,6 +1201,7 @@ impl Drop for Producer {
         if let Some(w) = self.watcher.take() {
             w.abort();
         }
+        self.heartbeats.drain(..).for_each(|h| h.abort());
         if self.flusher.take().is_some() {
             // The flusher drains what is queued and ends on its own.
             self.begin_close();
@@ -1137,6 +1211,29 @@ impl Drop for Producer {
 
 fn closed() -> Error {
     Error::new(ErrorKind::Closed, "producer: closed; send after close")
+}
+
+/// Sends `hb`'s heartbeats until the producer closes: the first at once, then every interval
+/// (a late tick is not made up for).
+async fn heartbeat_loop(shared: std::sync::Weak<Shared>, hb: Heartbeat) {
+    let mut tick = tokio::time::interval(hb.interval());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut count = 0u64;
+    loop {
+        tick.tick().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        count += 1;
+        let (headers, payload) = hb.message(count, chrono::Utc::now());
+        match shared.send(hb.topic(), headers, payload.into()).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::Closed => return,
+            Err(e) => {
+                tracing::warn!(topic = %hb.topic(), error = %e, "producer: heartbeat not sent");
+            }
+        }
+    }
 }
 
 /// The background task: takes batches from the front of the queue and publishes them.

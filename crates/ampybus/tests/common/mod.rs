@@ -1,5 +1,5 @@
 //! Helpers shared by the embedded-log test binaries (`embedded.rs`, `embedded_faults.rs`,
-//! `operator_safety.rs`): messages keyed for order checks, child processes that re-run the
+//! `operator_safety.rs`, `producer.rs`, `feeds.rs`): messages keyed for order checks, child processes that re-run the
 //! test binary in a role, and a reader of the frames of a segment or journal file.
 #![allow(dead_code)] // each test binary uses a different part
 
@@ -35,6 +35,26 @@ pub async fn bus_at(dir: &Path) -> Bus {
     Bus::connect(&format!("file://{}?sync=normal", dir.display()))
         .await
         .unwrap()
+}
+
+/// A fresh embedded log in a temporary directory (`sync=normal`).
+pub async fn embedded() -> (tempfile::TempDir, Bus) {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = bus_at(dir.path()).await;
+    (dir, bus)
+}
+
+/// Every stored message on `pattern`, in log order.
+pub async fn stored_envelopes(bus: &Bus, pattern: &str) -> Vec<Envelope> {
+    let mut q = WindowQuery::new(TopicPattern::parse(pattern).unwrap());
+    let mut out = Vec::new();
+    loop {
+        let page = bus.replay().unwrap().read_window(&q).await.unwrap();
+        let Some(last) = page.last() else { break };
+        q.after_sequence = last.sequence;
+        out.extend(page.into_iter().map(|m| m.envelope));
+    }
+    out
 }
 
 /// The key and index of a payload written by [`order_env`].

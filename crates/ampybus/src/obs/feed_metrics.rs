@@ -1,0 +1,66 @@
+//! The feed-health families of [`BusMetrics`](super::BusMetrics): `bus_stale_sources`,
+//! `bus_seconds_since_last{topic}`, `bus_gap_total{topic}` (see `runtime::feeds`).
+
+use super::metrics::{Listed, domain_topic};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TopicLabel {
+    topic: String,
+}
+
+/// The families, shared by clones.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct FeedFamilies {
+    stale_sources: Gauge,
+    seconds_since_last: Family<TopicLabel, Gauge<f64, AtomicU64>>,
+    gaps: Family<TopicLabel, Counter>,
+}
+
+impl FeedFamilies {
+    /// One more (`+1`) or one fewer (`-1`) stale source.
+    pub(crate) fn stale_sources(&self, delta: i64) {
+        self.stale_sources.inc_by(delta);
+    }
+
+    /// Seconds since the last message on `topic`'s domain-level topic.
+    pub(crate) fn seconds_since_last(&self, topic: &str, secs: f64) {
+        self.seconds_since_last
+            .get_or_create(&TopicLabel {
+                topic: domain_topic(topic).to_owned(),
+            })
+            .set(secs);
+    }
+
+    /// One gap on `topic`.
+    pub(crate) fn gap(&self, topic: &str) {
+        self.gaps
+            .get_or_create(&TopicLabel {
+                topic: domain_topic(topic).to_owned(),
+            })
+            .inc();
+    }
+
+    pub(crate) fn register(&self, r: &mut Registry) {
+        r.register(
+            "bus_stale_sources",
+            "Sources silent past their threshold now, over every feed monitor of this handle",
+            Listed(self.stale_sources.clone()),
+        );
+        r.register(
+            "bus_seconds_since_last",
+            "Seconds since a feed monitor last saw a message, by domain-level topic",
+            Listed(self.seconds_since_last.clone()),
+        );
+        r.register(
+            "bus_gap",
+            "Gaps in the sequence header seen by feed monitors, by domain-level topic",
+            Listed(self.gaps.clone()),
+        );
+    }
+}
