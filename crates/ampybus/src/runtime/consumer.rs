@@ -706,7 +706,8 @@ impl ConsumerMonitor {
         self.shared.stopped.load(Ordering::SeqCst)
     }
 
-    /// When a message last reached this consumer's handler (`None`: not yet); see
+    /// When a message last reached this consumer's handler, to the millisecond (`None`: not
+    /// yet); see
     /// [`ConsumerMonitor::is_stopped`] for an example.
     pub fn last_message_at(&self) -> Option<chrono::DateTime<chrono::Utc>> {
         match self.shared.last_message_us.load(Ordering::Relaxed) {
@@ -1287,12 +1288,23 @@ impl Attempt {
     }
 }
 
-/// How often a running consumer reads its lag into `bus_consumer_lag`.
+/// How often a running consumer reads its lag into `bus_consumer_lag` (at most).
 const LAG_POLL: Duration = Duration::from_secs(1);
+
+/// A lag read may take at most this share of the time between two reads: reading the lag can
+/// cost in proportion to the backlog (the embedded log counts the matching messages after the
+/// positions), and a poll every second over a deep backlog took a fifth of the consumer's CPU.
+const LAG_POLL_SHARE: u32 = 50;
+
+/// The pause after a lag read that took `took`: [`LAG_POLL`], or longer when the read was slow.
+fn lag_poll_pause(took: Duration) -> Duration {
+    LAG_POLL.max(took.saturating_mul(LAG_POLL_SHARE))
+}
 
 async fn run_lag_poller(shared: Arc<Shared>) {
     let mut phase = shared.phase.clone();
     loop {
+        let started = Instant::now();
         match shared.bus.consumer_lag(&shared.name).await {
             Ok(Some(l)) => {
                 shared
@@ -1303,7 +1315,7 @@ async fn run_lag_poller(shared: Arc<Shared>) {
             Err(e) => tracing::debug!(consumer = %shared.name, error = %e, "lag read failed"),
         }
         tokio::select! {
-            _ = tokio::time::sleep(LAG_POLL) => {}
+            _ = tokio::time::sleep(lag_poll_pause(started.elapsed())) => {}
             _ = wait_phase(&mut phase, DRAINING) => return,
         }
     }
@@ -2112,7 +2124,11 @@ impl Shared {
             item.refreshed = Instant::now();
         }
         let now_us = crate::ids::now_micros();
-        self.last_message_us.store(now_us, Ordering::Relaxed);
+        // Written at most once a millisecond: every worker on every core would otherwise
+        // write this one cache line per message.
+        if now_us.saturating_sub(self.last_message_us.load(Ordering::Relaxed)) >= 1000 {
+            self.last_message_us.store(now_us, Ordering::Relaxed);
+        }
         if let Some(h) = &att.handles {
             let produced = msg
                 .headers
@@ -2210,10 +2226,10 @@ impl Shared {
             return self.process_attempt(item, &mut Attempt::off()).await;
         }
         if item.metrics.is_none() && item.msg.is_none() && item.prepared.is_none() {
-            // Not prepared yet (dedupe off): the topic's handles come with its parse.
-            if let Ok((_, m)) = self.topic_of(&item.delivery.envelope.topic) {
-                item.metrics = m;
-            }
+            // Not prepared yet (dedupe off): the topic's handles come with its parse, which
+            // `process_attempt` then finds done (a failure is met again there and
+            // dead-lettered).
+            let _ = self.prepare(&mut item);
         }
         // Taken, not cloned (a clone and a drop per message of a count every worker shares);
         // a retry gets them back below.
@@ -2472,6 +2488,19 @@ impl DedupeStore for LiveAwareDedupe {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_slow_lag_read_spaces_out_the_next() {
+        assert_eq!(super::lag_poll_pause(Duration::ZERO), super::LAG_POLL);
+        assert_eq!(
+            super::lag_poll_pause(Duration::from_millis(10)),
+            super::LAG_POLL
+        );
+        assert_eq!(
+            super::lag_poll_pause(Duration::from_millis(300)),
+            Duration::from_secs(15)
+        );
+    }
+
     use super::*;
 
     #[test]
