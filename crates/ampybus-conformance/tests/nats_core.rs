@@ -212,8 +212,8 @@ async fn too_slow_consumer_sheds_by_class() {
     // Capacity 10: shedding from 9 queued (90 %); nobody fetches until the script is in.
     let (mut sub, monitor) = shed_sub(&bus, &id, "slow", false).await;
     let script = [
-        ("heartbeat", "HB.XNAS", "hb1"),
-        ("heartbeat", "HB.XNAS", "hb2"),
+        ("heartbeat", "XNAS", "hb1"),
+        ("heartbeat", "XNAS", "hb2"),
         ("quote", "A.XNAS", "q1"),
         ("quote", "A.XNAS", "q2"),
         ("quote", "A.XNAS", "q3"),
@@ -221,7 +221,7 @@ async fn too_slow_consumer_sheds_by_class() {
         ("quote", "B.XNAS", "q5"),
         ("trade", "A.XNAS", "t1"),
         ("trade", "B.XNAS", "t2"),       // 9 queued: shedding from here
-        ("heartbeat", "HB.XNAS", "hb3"), // dropped (incoming heartbeat)
+        ("heartbeat", "XNAS", "hb3"), // dropped (incoming heartbeat)
         ("quote", "A.XNAS", "q6"),       // evicts hb1
         ("trade", "A.XNAS", "t3"),       // evicts hb2
         ("trade", "A.XNAS", "t4"),       // evicts q1
