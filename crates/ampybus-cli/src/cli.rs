@@ -219,6 +219,13 @@ after committing what it holds) or SIGINT (exit 130).
 `archive verify` exits 1 when a topic's count or payload hashes differ over the window.")]
     Archive(crate::archive::ArchiveArgs),
 
+    /// Relay a transactional outbox (PostgreSQL or SQLite) to the bus
+    #[command(after_help = "\
+Examples:
+  ampybus outbox relay --db postgres://postgres@127.0.0.1/oms --url nats://127.0.0.1:4222
+  ampybus outbox relay --db sqlite:///var/lib/oms.sqlite3 --url /var/lib/ampybus-data")]
+    Outbox(crate::outbox::OutboxArgs),
+
     /// Convert a data directory of an earlier version (ampybus.sqlite3) to the current format
     #[command(after_help = "\
 Examples:
@@ -437,6 +444,9 @@ pub enum BenchMode {
     Consume,
     /// `ampybus archive` into PostgreSQL (--to) against a raw COPY of the same rows
     Archive,
+    /// Consume through a transactional inbox (--db) against the default dedupe store, and
+    /// the outbox relay's throughput
+    Inbox,
 }
 
 impl BenchMode {
@@ -448,6 +458,7 @@ impl BenchMode {
             BenchMode::Both => "both",
             BenchMode::Consume => "consume",
             BenchMode::Archive => "archive",
+            BenchMode::Inbox => "inbox",
         }
     }
 }
@@ -524,6 +535,10 @@ pub struct BenchArgs {
     /// emptied before every round), postgres://user:password@host:port/database
     #[arg(long, value_name = "URL")]
     pub to: Option<String>,
+    /// --mode inbox: the database of the inbox and outbox (its ampybus inbox and outbox
+    /// tables are emptied before every round), postgres://… or sqlite:///path
+    #[arg(long, value_name = "URL")]
+    pub db: Option<String>,
 }
 
 /// `ampybus bench-consumer` (internal).

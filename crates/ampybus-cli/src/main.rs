@@ -8,6 +8,7 @@ mod archive_rows;
 mod bench;
 mod bench_archive;
 mod bench_consume;
+mod bench_inbox;
 mod bench_kafka;
 mod bench_nats;
 mod bench_raw;
@@ -20,6 +21,7 @@ mod dlq;
 mod error;
 mod follow;
 mod migrate;
+mod outbox;
 mod publish;
 mod registry;
 mod replay;
@@ -123,6 +125,7 @@ fn run(cli: Cli) -> CliResult<u8> {
         Command::Dlq(args) => runtime()?.block_on(dlq::run(&url, args)),
         Command::Topics(args) => runtime()?.block_on(topics::run(&url, args)),
         Command::Archive(args) => runtime()?.block_on(archive::run(&url, args)),
+        Command::Outbox(args) => runtime()?.block_on(outbox::run(&url, args)),
         Command::Migrate(args) => migrate::run(&url, &args),
         Command::Streams(args) => runtime()?.block_on(streams::run(&url, args)),
         Command::BenchNats(args) => runtime()?.block_on(util::job_until_signal(
