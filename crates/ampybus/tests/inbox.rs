@@ -3,6 +3,7 @@
 //! test), with the embedded log as the bus. Exact counts: what was applied, what was skipped,
 //! what was rolled back.
 
+#[path = "../../ampybus-cli/tests/archive_support/mod.rs"]
 mod archive_support;
 mod common;
 

@@ -532,12 +532,13 @@ async fn plain_dedupe_store_applies_a_fill_twice_after_a_crash_the_inbox_does_no
             assert!(twice.is_empty(), "{twice:?}");
             assert_eq!(positions(&pos), expected_positions(0..m));
         } else {
-            // The fifth fill (co4) was applied, then the process died before its dedupe
-            // record: it came again and was applied again.
+            // The fill being handled when the process died after its effect (the fifth
+            // one) was not recorded: it came again and was applied again.
             eprintln!("plain dedupe store: {applied} applications of {m} fills; twice: {twice:?}");
             assert_eq!(applied, m as i64 + 1);
-            assert_eq!(twice, vec!["co4".to_owned()]);
-            assert_eq!(positions(&pos), expected_positions((0..m).chain([4])));
+            assert_eq!(twice.len(), 1, "{twice:?}");
+            let again: usize = twice[0].trim_start_matches("co").parse().unwrap();
+            assert_eq!(positions(&pos), expected_positions((0..m).chain([again])));
         }
     }
 }
