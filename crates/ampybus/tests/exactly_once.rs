@@ -284,9 +284,8 @@ fn create_app_tables(dir: &Path) {
         .unwrap();
 }
 
-async fn publish_orders(dir: &Path, n: usize) {
-    let bus = Bus::connect(&bus_url(dir)).await.unwrap();
-    let batch: Vec<ampybus::Envelope> = (0..n)
+async fn publish_orders(bus: &Bus, range: std::ops::Range<usize>) {
+    let batch: Vec<ampybus::Envelope> = range
         .map(|i| {
             let (acct, sym, qty, id) = order(i);
             let h = Headers::for_publish("ampy.orders.v1.OrderRequest", "gw@1", "gw", &id);
@@ -300,7 +299,6 @@ async fn publish_orders(dir: &Path, n: usize) {
     for chunk in batch.chunks(500) {
         bus.publish_batch(chunk.to_vec()).await.unwrap();
     }
-    bus.close().await.unwrap();
 }
 
 fn positions(path: &Path) -> BTreeMap<String, i64> {
@@ -334,7 +332,11 @@ async fn embedded_sqlite_pipeline_applies_every_effect_once_under_kill_9() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     create_app_tables(d);
-    publish_orders(d, n).await;
+    // A first tenth now (work for the crash points), the rest in slices between the random
+    // kills, so that every kill lands while the pipeline has work.
+    let bus = Bus::connect(&bus_url(d)).await.unwrap();
+    let first = n / 10;
+    publish_orders(&bus, 0..first).await;
     let roles = ["orders", "relay", "positions"];
     // Each named crash point, in the process that has it, started in pipeline order so that
     // each has work when it starts: orders (orders waiting), then the relay (rows staged),
@@ -346,6 +348,12 @@ async fn embedded_sqlite_pipeline_applies_every_effect_once_under_kill_9() {
     ];
     let mut procs: Vec<Option<Proc>> = vec![None, None, None];
     for (idx, list) in points {
+        eprintln!(
+            "crash points of {}: {} orders applied, {} fills applied",
+            roles[idx],
+            scalar(&d.join("oms.sqlite3"), "SELECT count(*) FROM ampybus_inbox"),
+            scalar(&d.join("pos.sqlite3"), "SELECT count(*) FROM ampybus_inbox")
+        );
         for point in list {
             // Inbox points are hit once per message; the relay's once per round (one is
             // certain to come).
@@ -362,7 +370,12 @@ async fn embedded_sqlite_pipeline_applies_every_effect_once_under_kill_9() {
         procs[idx] = Some(spawn(roles[idx], d, None));
     }
     // Random instants.
+    let per_kill = (n - first).div_ceil(kills.max(1));
+    let mut next = first;
     for _ in 0..kills {
+        let end = (next + per_kill).min(n);
+        publish_orders(&bus, next..end).await;
+        next = end;
         tokio::time::sleep(Duration::from_millis(rng.random_range(20..250))).await;
         let idx = rng.random_range(0..roles.len());
         if let Some(mut p) = procs[idx].take() {
@@ -370,8 +383,15 @@ async fn embedded_sqlite_pipeline_applies_every_effect_once_under_kill_9() {
         }
         procs[idx] = Some(spawn(roles[idx], d, None));
     }
+    publish_orders(&bus, next..n).await;
+    bus.close().await.unwrap();
     let oms = d.join("oms.sqlite3");
     let pos = d.join("pos.sqlite3");
+    eprintln!(
+        "after the kills: {} of {n} orders applied, {} fills applied",
+        scalar(&oms, "SELECT count(*) FROM ampybus_inbox"),
+        scalar(&pos, "SELECT count(*) FROM ampybus_inbox")
+    );
     let t = Instant::now();
     loop {
         let applied = scalar(&pos, "SELECT count(*) FROM ampybus_inbox");
