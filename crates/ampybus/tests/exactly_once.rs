@@ -21,16 +21,11 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::{Child, Stdio};
 
-fn scale() -> f64 {
-    std::env::var("AMPYBUS_TEST_SCALE")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1.0)
-}
+mod common;
+use std::time::{Duration, Instant};
 
 const ACCOUNTS: usize = 5;
 const SYMBOLS: [&str; 4] = ["XNAS.AAPL", "XNAS.MSFT", "XNYS.IBM", "XNAS.NVDA"];
@@ -96,25 +91,19 @@ fn wait_exit(c: &mut Child, limit: Duration) -> std::process::ExitStatus {
     }
 }
 
-fn spawn(role: &str, dir: &Path, crash: Option<String>) -> Proc {
-    let mut c = Command::new(std::env::current_exe().unwrap());
-    c.args([
-        "child_process_entry",
-        "--exact",
-        "--nocapture",
-        "--ignored",
-        "--test-threads",
-        "1",
-    ])
-    .env("AMPYBUS_CHILD_ROLE", role)
-    .env("AMPYBUS_CHILD_DIR", dir)
-    .env_remove("AMPYBUS_CRASH_AT")
-    .stdout(Stdio::null())
-    .stderr(Stdio::inherit());
-    if let Some(point) = crash {
-        c.env("AMPYBUS_CRASH_AT", point);
-    }
+/// `role` as a child process (this test binary again), with `env` added to its environment.
+fn spawn_with(role: &str, dir: &Path, env: &[(&str, String)]) -> Proc {
+    let mut c = common::child(role, dir, env);
+    c.stdout(Stdio::null());
     Proc(c.spawn().unwrap())
+}
+
+/// `role` as a child process, armed with the crash point `crash` (`name@hit`) when given.
+fn spawn(role: &str, dir: &Path, crash: Option<String>) -> Proc {
+    match crash {
+        Some(point) => spawn_with(role, dir, &[("AMPYBUS_CRASH_AT", point)]),
+        None => spawn_with(role, dir, &[]),
+    }
 }
 
 fn sqlite(path: &Path) -> rusqlite::Connection {
@@ -135,8 +124,7 @@ fn scalar(path: &Path, sql: &str) -> i64 {
 #[test]
 #[ignore = "run by the multi-process tests as a child process"]
 fn child_process_entry() {
-    let role = std::env::var("AMPYBUS_CHILD_ROLE").expect("run by the multi-process tests only");
-    let dir = PathBuf::from(std::env::var("AMPYBUS_CHILD_DIR").unwrap());
+    let (role, dir) = common::child_role();
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -321,8 +309,8 @@ fn expected_positions(orders: impl Iterator<Item = usize>) -> BTreeMap<String, i
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_sqlite_pipeline_applies_every_effect_once_under_kill_9() {
-    let n = (1_000.0 * scale()) as usize;
-    let kills = (50.0 * scale()) as usize;
+    let n = (1_000.0 * common::scale()) as usize;
+    let kills = (50.0 * common::scale()) as usize;
     let seed: u64 = std::env::var("AMPYBUS_TEST_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -506,24 +494,9 @@ async fn plain_dedupe_store_applies_a_fill_twice_after_a_crash_the_inbox_does_no
         } else {
             ("positions-dedupe", None)
         };
-        let mut p = if with_inbox {
-            spawn(role, d, crash)
-        } else {
-            let mut cmd = Command::new(std::env::current_exe().unwrap());
-            cmd.args([
-                "child_process_entry",
-                "--exact",
-                "--nocapture",
-                "--ignored",
-                "--test-threads",
-                "1",
-            ])
-            .env("AMPYBUS_CHILD_ROLE", role)
-            .env("AMPYBUS_CHILD_DIR", d)
-            .env("CRASH_AFTER_EFFECTS", "5")
-            .env_remove("AMPYBUS_CRASH_AT")
-            .stdout(Stdio::null());
-            Proc(cmd.spawn().unwrap())
+        let mut p = match crash {
+            Some(_) => spawn(role, d, crash),
+            None => spawn_with(role, d, &[("CRASH_AFTER_EFFECTS", "5".to_owned())]),
         };
         let st = wait_exit(&mut p.0, Duration::from_secs(60));
         assert_eq!(st.signal(), Some(libc::SIGKILL), "{st:?}");

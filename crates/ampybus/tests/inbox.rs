@@ -14,7 +14,7 @@ use ampybus::runtime::{Consumer, ConsumerHandle, DlqCode, Outcome, RetryPolicy};
 use ampybus::transport::{StartAt, SubscribeSpec};
 use ampybus::{Bus, ErrorKind, Headers, Topic, TopicPattern};
 use archive_support::{Db, OwnServer};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -33,13 +33,6 @@ fn query(url: &str, sql: &str) -> Vec<tokio_postgres::Row> {
 fn count(url: &str, from_where: &str) -> i64 {
     let (url, from) = (url.to_owned(), from_where.to_owned());
     off(move || archive_support::count(&url, &from))
-}
-
-fn scale() -> f64 {
-    std::env::var("AMPYBUS_TEST_SCALE")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1.0)
 }
 
 /// Waits for `cond`, failing after a generous minute (a hang becomes a failure).
@@ -134,6 +127,32 @@ async fn wait_settled(handle: &ConsumerHandle) {
     }
 }
 
+/// Publishes the mixed batch to a started consumer "pos", waits until every message settled,
+/// stops it and checks its counts; returns the ids that must have been applied.
+async fn run_mixed(bus: &Bus, handle: ConsumerHandle, skipped: impl Fn() -> u64) -> Vec<String> {
+    let applied = publish_mixed(bus).await;
+    wait_settled(&handle).await;
+    let stats = handle.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(stats.dlq(DlqCode::HandlerPanic), 1);
+    assert_eq!(stats.dlq(DlqCode::HandlerError), 1);
+    assert_eq!(stats.retried, 1);
+    assert_eq!(skipped(), 2);
+    assert_metrics(bus, "pos", 2);
+    applied
+}
+
+/// The effect rows (message id, quantity) are the applied messages', each once: nothing of a
+/// skipped, rolled-back, panicked or dead-lettered attempt is left.
+fn assert_effects(rows: &[(String, i64)], applied: &[String]) {
+    let mut got: Vec<&str> = rows.iter().map(|(m, _)| m.as_str()).collect();
+    let mut want: Vec<&str> = applied.iter().map(|s| s.as_str()).collect();
+    got.sort_unstable();
+    want.sort_unstable();
+    assert_eq!(got, want);
+    let sum: i64 = rows.iter().map(|(_, q)| q).sum();
+    assert_eq!(sum, (1..=20).sum::<i64>() + 100 + 1000);
+}
+
 fn assert_metrics(bus: &Bus, consumer: &str, skipped: u64) {
     let text = bus.metrics().encode();
     let line = format!("bus_inbox_skipped_total{{consumer=\"{consumer}\"}} {skipped}");
@@ -175,14 +194,7 @@ async fn sqlite_inbox_applies_each_message_once_and_rolls_back_failures() {
     .start()
     .await
     .unwrap();
-    let applied = publish_mixed(&bus).await;
-    wait_settled(&handle).await;
-    let stats = handle.shutdown(Duration::from_secs(5)).await;
-    assert_eq!(stats.dlq(DlqCode::HandlerPanic), 1);
-    assert_eq!(stats.dlq(DlqCode::HandlerError), 1);
-    assert_eq!(stats.retried, 1);
-    assert_eq!(inbox.skipped("pos"), 2);
-    assert_metrics(&bus, "pos", 2);
+    let applied = run_mixed(&bus, handle, || inbox.skipped("pos")).await;
     let c = inbox.connection().unwrap();
     let rows: Vec<(String, i64)> = c
         .prepare("SELECT message_id, qty FROM effects")
@@ -191,16 +203,7 @@ async fn sqlite_inbox_applies_each_message_once_and_rolls_back_failures() {
         .unwrap()
         .map(|r| r.unwrap())
         .collect();
-    let ids: Vec<&String> = rows.iter().map(|(m, _)| m).collect();
-    assert_eq!(ids.len(), applied.len(), "{rows:?}");
-    assert_eq!(
-        ids.iter().map(|s| s.as_str()).collect::<HashSet<_>>(),
-        applied.iter().map(|s| s.as_str()).collect()
-    );
-    assert_eq!(
-        rows.iter().map(|(_, q)| q).sum::<i64>(),
-        (1..=20).sum::<i64>() + 100 + 1000
-    );
+    assert_effects(&rows, &applied);
     let inbox_rows: i64 = c
         .query_row(
             "SELECT count(*) FROM ampybus_inbox WHERE consumer = 'pos'",
@@ -442,19 +445,12 @@ async fn pg_inbox_applies_each_message_once_and_relays_staged_fills() {
     .start()
     .await
     .unwrap();
-    let applied = publish_mixed(&bus).await;
-    wait_settled(&handle).await;
-    let stats = handle.shutdown(Duration::from_secs(5)).await;
-    assert_eq!(stats.dlq(DlqCode::HandlerPanic), 1);
-    assert_eq!(stats.dlq(DlqCode::HandlerError), 1);
-    assert_eq!(inbox.skipped("pos"), 2);
-    assert_metrics(&bus, "pos", 2);
-    let rows = query(&db.url, "SELECT message_id, qty FROM effects");
-    let ids: HashSet<String> = rows.iter().map(|r| r.get::<_, String>(0)).collect();
-    assert_eq!(rows.len(), applied.len());
-    assert_eq!(ids, applied.iter().cloned().collect());
-    let sum: i64 = rows.iter().map(|r| r.get::<_, i64>(1)).sum();
-    assert_eq!(sum, (1..=20).sum::<i64>() + 100 + 1000);
+    let applied = run_mixed(&bus, handle, || inbox.skipped("pos")).await;
+    let rows: Vec<(String, i64)> = query(&db.url, "SELECT message_id, qty FROM effects")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_effects(&rows, &applied);
     assert_eq!(
         count(&db.url, "ampybus.inbox WHERE consumer = 'pos'"),
         applied.len() as i64
@@ -507,7 +503,7 @@ async fn pg_unreachable_at_start_and_newer_schema_are_named() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pg_lost_mid_run_holds_messages_and_applies_each_once() {
-    let n = (3_000.0 * scale()) as usize;
+    let n = (3_000.0 * common::scale()) as usize;
     let server = OwnServer::start(None);
     let (admin, at) = (server.admin_url(), format!("127.0.0.1:{}", server.port));
     let db = off(move || Db::on(&admin, &at));

@@ -158,6 +158,43 @@ pub trait InboxBinding: Send + 'static {
     fn bind(self: Box<Self>, consumer: &str, metrics: &BusMetrics) -> Arc<dyn Handler>;
 }
 
+/// The `bus_inbox_skipped_total` counters of the consumers bound to one inbox handle.
+#[derive(Default)]
+pub(crate) struct Skips(std::sync::Mutex<Vec<(String, Counter)>>);
+
+impl Skips {
+    /// Skips counted for consumers named `consumer`.
+    pub(crate) fn total(&self, consumer: &str) -> u64 {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(c, _)| c == consumer)
+            .map(|(_, n)| n.get())
+            .sum()
+    }
+
+    /// The runtime handler of consumer `consumer` over `store`, its skips counted here and in
+    /// `metrics`.
+    pub(crate) fn bind<A: InboxAttempt>(
+        &self,
+        store: A,
+        consumer: &str,
+        metrics: &BusMetrics,
+    ) -> Arc<dyn Handler> {
+        let skipped = metrics.inbox_skipped(consumer);
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((consumer.to_owned(), skipped.clone()));
+        Arc::new(InboxHandler {
+            store,
+            consumer: consumer.to_owned(),
+            skipped,
+        })
+    }
+}
+
 /// The inbox row of a message (all but `applied_at`).
 #[derive(Debug, Clone)]
 pub(crate) struct InboxRow {

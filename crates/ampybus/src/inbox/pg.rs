@@ -46,7 +46,7 @@
 use super::relay::{OutboxRow, RelayStore};
 use super::{
     Attempted, CRASH_BEFORE_ACK, CRASH_BEFORE_COMMIT, DEFAULT_RETENTION, InboxAttempt,
-    InboxBinding, InboxHandler, InboxRow, OutboxRelay, RelayOptions, crash_point, prepare_stage,
+    InboxBinding, InboxRow, OutboxRelay, RelayOptions, Skips, crash_point, prepare_stage,
 };
 use crate::archive::{connect, migrate, parse_url, pg_error};
 use crate::bus::Bus;
@@ -159,7 +159,7 @@ struct Inner {
     idle: Mutex<Vec<Client>>,
     last_purge: Mutex<Option<Instant>>,
     migrated: (i32, i32),
-    skipped: Mutex<Vec<(String, prometheus_client::metrics::counter::Counter)>>,
+    skipped: Skips,
 }
 
 impl std::fmt::Debug for PgInbox {
@@ -190,7 +190,7 @@ impl PgInbox {
                 idle: Mutex::new(vec![client]),
                 last_purge: Mutex::new(None),
                 migrated,
-                skipped: Mutex::new(Vec::new()),
+                skipped: Skips::default(),
             }),
             retention: DEFAULT_RETENTION,
         })
@@ -231,14 +231,7 @@ impl PgInbox {
 
     /// How many messages consumers named `consumer` of this handle found applied already.
     pub fn skipped(&self, consumer: &str) -> u64 {
-        self.inner
-            .skipped
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .filter(|(c, _)| c == consumer)
-            .map(|(_, n)| n.get())
-            .sum()
+        self.inner.skipped.total(consumer)
     }
 
     /// Binds `handler` to this inbox for [`crate::runtime::ConsumerBuilder::inbox`].
@@ -326,21 +319,12 @@ impl std::fmt::Debug for PgInboxBinding {
 
 impl InboxBinding for PgInboxBinding {
     fn bind(self: Box<Self>, consumer: &str, metrics: &BusMetrics) -> Arc<dyn Handler> {
-        let skipped = metrics.inbox_skipped(consumer);
-        self.inbox
-            .inner
-            .skipped
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((consumer.to_owned(), skipped.clone()));
-        Arc::new(InboxHandler {
-            store: PgAttempt {
-                inbox: self.inbox,
-                handler: self.handler,
-            },
-            consumer: consumer.to_owned(),
-            skipped,
-        })
+        let skips = self.inbox.inner.clone();
+        let store = PgAttempt {
+            inbox: self.inbox,
+            handler: self.handler,
+        };
+        skips.skipped.bind(store, consumer, metrics)
     }
 }
 

@@ -60,7 +60,7 @@
 use super::relay::{OutboxRow, RelayStore};
 use super::{
     Attempted, CRASH_BEFORE_ACK, CRASH_BEFORE_COMMIT, DEFAULT_RETENTION, InboxAttempt,
-    InboxBinding, InboxHandler, InboxRow, OutboxRelay, RelayOptions, crash_point, prepare_stage,
+    InboxBinding, InboxRow, OutboxRelay, RelayOptions, Skips, crash_point, prepare_stage,
 };
 use crate::bus::Bus;
 use crate::error::{Error, ErrorKind, Result};
@@ -192,7 +192,7 @@ struct Inner {
     idle: Mutex<Vec<Connection>>,
     last_purge_ms: Mutex<i64>,
     migrated: (i64, i64),
-    skipped: Mutex<Vec<(String, prometheus_client::metrics::counter::Counter)>>,
+    skipped: Skips,
 }
 
 impl std::fmt::Debug for SqliteInbox {
@@ -221,7 +221,7 @@ impl SqliteInbox {
                 idle: Mutex::new(vec![conn]),
                 last_purge_ms: Mutex::new(0),
                 migrated,
-                skipped: Mutex::new(Vec::new()),
+                skipped: Skips::default(),
             }),
             retention: DEFAULT_RETENTION,
         })
@@ -256,14 +256,7 @@ impl SqliteInbox {
 
     /// How many messages consumers named `consumer` of this handle found applied already.
     pub fn skipped(&self, consumer: &str) -> u64 {
-        self.inner
-            .skipped
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .filter(|(c, _)| c == consumer)
-            .map(|(_, n)| n.get())
-            .sum()
+        self.inner.skipped.total(consumer)
     }
 
     /// Binds `handler` to this inbox for [`crate::runtime::ConsumerBuilder::inbox`]. The
@@ -367,21 +360,12 @@ impl std::fmt::Debug for SqliteInboxBinding {
 
 impl InboxBinding for SqliteInboxBinding {
     fn bind(self: Box<Self>, consumer: &str, metrics: &BusMetrics) -> Arc<dyn Handler> {
-        let skipped = metrics.inbox_skipped(consumer);
-        self.inbox
-            .inner
-            .skipped
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((consumer.to_owned(), skipped.clone()));
-        Arc::new(InboxHandler {
-            store: SqliteAttempt {
-                inbox: self.inbox,
-                handler: self.handler,
-            },
-            consumer: consumer.to_owned(),
-            skipped,
-        })
+        let skips = self.inbox.inner.clone();
+        let store = SqliteAttempt {
+            inbox: self.inbox,
+            handler: self.handler,
+        };
+        skips.skipped.bind(store, consumer, metrics)
     }
 }
 
