@@ -1,4 +1,5 @@
-//! The proof of exactly-once effects (issue 21, item 4), embedded log + SQLite layout: an
+//! The proof of exactly-once effects (issue 21, item 4), on the embedded log with SQLite and
+//! with PostgreSQL (the NATS + PostgreSQL layout with nats-server restarts is not here): an
 //! order → fill → position pipeline where every component is a process of its own — an
 //! orders consumer with an inbox that stages one fill per order through the outbox, the
 //! outbox relay, a positions consumer that applies fills through an inbox — while a seeded
@@ -11,6 +12,7 @@
 //! through `child_process_entry` (ignored when the binary runs on its own). Scale:
 //! `AMPYBUS_TEST_SCALE` multiplies the orders (1,000) and the random kills (50).
 
+use ampybus::inbox::pg::{PgInbox, PgOutbox, pg_handler_fn};
 use ampybus::inbox::sqlite::{SqliteInbox, SqliteOutbox};
 use ampybus::inbox::{
     CRASH_BEFORE_ACK, CRASH_BEFORE_COMMIT, CRASH_BEFORE_MARK, CRASH_BEFORE_PUBLISH, RelayOptions,
@@ -21,9 +23,11 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 
+#[path = "../../ampybus-cli/tests/archive_support/mod.rs"]
+mod archive_support;
 mod common;
 use std::time::{Duration, Instant};
 
@@ -98,11 +102,129 @@ fn spawn_with(role: &str, dir: &Path, env: &[(&str, String)]) -> Proc {
     Proc(c.spawn().unwrap())
 }
 
-/// `role` as a child process, armed with the crash point `crash` (`name@hit`) when given.
-fn spawn(role: &str, dir: &Path, crash: Option<String>) -> Proc {
-    match crash {
-        Some(point) => spawn_with(role, dir, &[("AMPYBUS_CRASH_AT", point)]),
-        None => spawn_with(role, dir, &[]),
+/// `role` as a child process on `store`, armed with the crash point `crash` (`name@hit`) when
+/// given.
+fn spawn(role: &str, dir: &Path, store: &Store, crash: Option<String>) -> Proc {
+    let mut env = store.child_env();
+    if let Some(point) = crash {
+        env.push(("AMPYBUS_CRASH_AT", point));
+    }
+    spawn_with(role, dir, &env)
+}
+
+/// Where the components keep their state: SQLite files in the test directory (`oms.sqlite3`,
+/// `pos.sqlite3`) or one PostgreSQL database (children: `AMPYBUS_HARNESS_PG`).
+#[derive(Clone)]
+enum Store {
+    Sqlite(PathBuf),
+    Pg(String),
+}
+
+impl Store {
+    fn of_child(dir: &Path) -> Store {
+        match std::env::var("AMPYBUS_HARNESS_PG") {
+            Ok(url) => Store::Pg(url),
+            Err(_) => Store::Sqlite(dir.to_path_buf()),
+        }
+    }
+
+    fn child_env(&self) -> Vec<(&'static str, String)> {
+        match self {
+            Store::Sqlite(_) => Vec::new(),
+            Store::Pg(url) => vec![("AMPYBUS_HARNESS_PG", url.clone())],
+        }
+    }
+
+    /// One number from `sql`, written in SQLite's spelling (`ampybus_inbox`,
+    /// `ampybus_outbox`, `sent_at_ms`), on the orders side (`oms`) or the positions side; 0
+    /// while the tables do not exist yet.
+    fn scalar(&self, oms: bool, sql: &str) -> i64 {
+        match self {
+            Store::Sqlite(dir) => scalar(
+                &dir.join(if oms { "oms.sqlite3" } else { "pos.sqlite3" }),
+                sql,
+            ),
+            Store::Pg(url) => {
+                let sql = sql
+                    .replace("ampybus_inbox", "ampybus.inbox")
+                    .replace("ampybus_outbox", "ampybus.outbox")
+                    .replace("sent_at_ms", "sent_at");
+                archive_support::block(async {
+                    let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+                        .await
+                        .ok()?;
+                    tokio::spawn(conn);
+                    c.query_one(&sql, &[])
+                        .await
+                        .ok()
+                        .map(|r| r.get::<_, i64>(0))
+                })
+                .unwrap_or(0)
+            }
+        }
+    }
+
+    /// The application tables (created before the components start).
+    fn create_app_tables(&self) {
+        match self {
+            Store::Sqlite(dir) => {
+                SqliteInbox::open(dir.join("oms.sqlite3"))
+                    .unwrap()
+                    .connection()
+                    .unwrap()
+                    .execute_batch("CREATE TABLE orders_applied (order_id TEXT NOT NULL)")
+                    .unwrap();
+                sqlite(&dir.join("pos.sqlite3"))
+                    .execute_batch(
+                        "PRAGMA journal_mode=WAL;
+                         CREATE TABLE fills_applied (fill_id TEXT NOT NULL, order_id TEXT NOT NULL);
+                         CREATE TABLE positions (acct_sym TEXT PRIMARY KEY, qty INTEGER NOT NULL);",
+                    )
+                    .unwrap();
+            }
+            Store::Pg(url) => {
+                for sql in [
+                    "CREATE TABLE orders_applied (order_id text NOT NULL)",
+                    "CREATE TABLE fills_applied (fill_id text NOT NULL, order_id text NOT NULL)",
+                    "CREATE TABLE positions (acct_sym text PRIMARY KEY, qty bigint NOT NULL)",
+                ] {
+                    archive_support::query(url, sql);
+                }
+            }
+        }
+    }
+
+    fn positions(&self) -> BTreeMap<String, i64> {
+        match self {
+            Store::Sqlite(dir) => positions(&dir.join("pos.sqlite3")),
+            Store::Pg(url) => archive_support::query(url, "SELECT acct_sym, qty FROM positions")
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect(),
+        }
+    }
+
+    /// Fills applied whose id is a staged outbox row's.
+    fn matched_fills(&self) -> i64 {
+        const JOIN: &str =
+            "SELECT count(*) FROM fills_applied f JOIN {outbox} o ON o.message_id = f.fill_id";
+        match self {
+            Store::Sqlite(dir) => {
+                let c = sqlite(&dir.join("pos.sqlite3"));
+                c.execute(
+                    "ATTACH DATABASE ?1 AS oms",
+                    [dir.join("oms.sqlite3").display().to_string()],
+                )
+                .unwrap();
+                c.query_row(&JOIN.replace("{outbox}", "oms.ampybus_outbox"), [], |r| {
+                    r.get(0)
+                })
+                .unwrap()
+            }
+            Store::Pg(url) => {
+                archive_support::query(url, &JOIN.replace("{outbox}", "ampybus.outbox"))[0].get(0)
+            }
+        }
     }
 }
 
@@ -138,36 +260,58 @@ async fn run_role(role: &str, dir: &Path) {
     let pattern = |p: &str| TopicPattern::parse(p).unwrap();
     let handle = match role {
         "orders" => {
-            let inbox = SqliteInbox::open(dir.join("oms.sqlite3")).unwrap();
-            Consumer::builder(bus.clone(), pattern("ampy.dev.orders.>"), "oms")
-                .inbox(inbox.handler(|msg, tx| {
-                    let body = std::str::from_utf8(&msg.payload).unwrap();
-                    let (acct, rest) = body.split_once('|').unwrap();
-                    let order_id = rest.rsplit('|').next().unwrap();
-                    tx.execute(
-                        "INSERT INTO orders_applied (order_id) VALUES (?1)",
-                        [order_id],
-                    )
-                    .unwrap();
-                    let h = Headers::for_publish(
-                        "ampy.fills.v1.Fill",
-                        "oms@1",
-                        "oms",
-                        &format!("{acct}|{order_id}"),
-                    );
-                    SqliteOutbox
-                        .stage(tx, &fills_topic(), h, body.as_bytes().to_vec())
-                        .unwrap();
-                    Outcome::Ok
-                }))
-                .ack_deadline(Duration::from_secs(1))
-                .start()
-                .await
-                .unwrap()
+            let b = Consumer::builder(bus.clone(), pattern("ampy.dev.orders.>"), "oms")
+                .ack_deadline(Duration::from_secs(1));
+            match Store::of_child(dir) {
+                Store::Sqlite(d) => b.inbox(
+                    SqliteInbox::open(d.join("oms.sqlite3"))
+                        .unwrap()
+                        .handler(|msg, tx| {
+                            let (order_id, h) = fill_of(&msg.payload);
+                            tx.execute(
+                                "INSERT INTO orders_applied (order_id) VALUES (?1)",
+                                [&order_id],
+                            )
+                            .unwrap();
+                            SqliteOutbox
+                                .stage(tx, &fills_topic(), h, msg.payload.clone())
+                                .unwrap();
+                            Outcome::Ok
+                        }),
+                ),
+                Store::Pg(url) => b.inbox(PgInbox::connect(&url).await.unwrap().handler(
+                    pg_handler_fn(|msg, tx| {
+                        Box::pin(async move {
+                            let (order_id, h) = fill_of(&msg.payload);
+                            tx.execute(
+                                "INSERT INTO orders_applied (order_id) VALUES ($1)",
+                                &[&order_id],
+                            )
+                            .await
+                            .unwrap();
+                            PgOutbox
+                                .stage(tx, &fills_topic(), h, msg.payload.clone())
+                                .await
+                                .unwrap();
+                            Outcome::Ok
+                        })
+                    }),
+                )),
+            }
+            .start()
+            .await
+            .unwrap()
         }
         "relay" => {
-            let inbox = SqliteInbox::open(dir.join("oms.sqlite3")).unwrap();
-            let relay = inbox.relay(bus.clone(), RelayOptions::default());
+            let relay = match Store::of_child(dir) {
+                Store::Sqlite(d) => SqliteInbox::open(d.join("oms.sqlite3"))
+                    .unwrap()
+                    .relay(bus.clone(), RelayOptions::default()),
+                Store::Pg(url) => PgInbox::connect(&url)
+                    .await
+                    .unwrap()
+                    .relay(bus.clone(), RelayOptions::default()),
+            };
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
             relay
@@ -180,16 +324,41 @@ async fn run_role(role: &str, dir: &Path) {
             return;
         }
         "positions" => {
-            let inbox = SqliteInbox::open(dir.join("pos.sqlite3")).unwrap();
-            Consumer::builder(bus.clone(), pattern("ampy.dev.fills.>"), "positions")
-                .inbox(inbox.handler(|msg, tx| {
-                    apply_fill(tx, msg.headers.message_id().unwrap(), &msg.payload);
-                    Outcome::Ok
-                }))
-                .ack_deadline(Duration::from_secs(1))
-                .start()
-                .await
-                .unwrap()
+            let b = Consumer::builder(bus.clone(), pattern("ampy.dev.fills.>"), "positions")
+                .ack_deadline(Duration::from_secs(1));
+            match Store::of_child(dir) {
+                Store::Sqlite(d) => b.inbox(SqliteInbox::open(d.join("pos.sqlite3")).unwrap().handler(
+                    |msg, tx| {
+                        apply_fill(tx, msg.headers.message_id().unwrap(), &msg.payload);
+                        Outcome::Ok
+                    },
+                )),
+                Store::Pg(url) => b.inbox(PgInbox::connect(&url).await.unwrap().handler(pg_handler_fn(
+                    |msg, tx| {
+                        Box::pin(async move {
+                            let (acct_sym, qty, order_id) = parse_fill(&msg.payload);
+                            let fill_id = msg.headers.message_id().unwrap();
+                            tx.execute(
+                                "INSERT INTO fills_applied (fill_id, order_id) VALUES ($1, $2)",
+                                &[&fill_id, &order_id],
+                            )
+                            .await
+                            .unwrap();
+                            tx.execute(
+                                "INSERT INTO positions (acct_sym, qty) VALUES ($1, $2)
+                                 ON CONFLICT (acct_sym) DO UPDATE SET qty = positions.qty + excluded.qty",
+                                &[&acct_sym, &qty],
+                            )
+                            .await
+                            .unwrap();
+                            Outcome::Ok
+                        })
+                    },
+                ))),
+            }
+            .start()
+            .await
+            .unwrap()
         }
         "positions-dedupe" => {
             // The plain runtime: the transport's dedupe store, effects committed by the handler
@@ -238,38 +407,42 @@ async fn run_role(role: &str, dir: &Path) {
 /// The positions effect: the fill's row in `fills_applied` (no unique key: a second
 /// application shows) and its quantity added to the position.
 fn apply_fill(tx: &rusqlite::Transaction<'_>, fill_id: &str, payload: &[u8]) {
-    let body = std::str::from_utf8(payload).unwrap();
-    let parts: Vec<&str> = body.split('|').collect();
-    let (acct, sym, qty, order_id) = (parts[0], parts[1], parts[2], parts[3]);
-    let qty: i64 = qty.parse().unwrap();
+    let (acct_sym, qty, order_id) = parse_fill(payload);
     tx.execute(
         "INSERT INTO fills_applied (fill_id, order_id) VALUES (?1, ?2)",
-        [fill_id, order_id],
+        [fill_id, &order_id],
     )
     .unwrap();
     tx.execute(
         "INSERT INTO positions (acct_sym, qty) VALUES (?1, ?2)
          ON CONFLICT (acct_sym) DO UPDATE SET qty = qty + excluded.qty",
-        rusqlite::params![format!("{acct}|{sym}"), qty],
+        rusqlite::params![acct_sym, qty],
     )
     .unwrap();
 }
 
-/// The application tables (created by the test before the components start).
-fn create_app_tables(dir: &Path) {
-    SqliteInbox::open(dir.join("oms.sqlite3"))
-        .unwrap()
-        .connection()
-        .unwrap()
-        .execute_batch("CREATE TABLE orders_applied (order_id TEXT NOT NULL)")
-        .unwrap();
-    sqlite(&dir.join("pos.sqlite3"))
-        .execute_batch(
-            "PRAGMA journal_mode=WAL;
-             CREATE TABLE fills_applied (fill_id TEXT NOT NULL, order_id TEXT NOT NULL);
-             CREATE TABLE positions (acct_sym TEXT PRIMARY KEY, qty INTEGER NOT NULL);",
-        )
-        .unwrap();
+/// A payload `acct|symbol|qty|order_id`: (`acct|symbol`, qty, order id).
+fn parse_fill(payload: &[u8]) -> (String, i64, String) {
+    let body = std::str::from_utf8(payload).unwrap();
+    let parts: Vec<&str> = body.split('|').collect();
+    (
+        format!("{}|{}", parts[0], parts[1]),
+        parts[2].parse().unwrap(),
+        parts[3].to_owned(),
+    )
+}
+
+/// The order id of an order payload and the headers of its fill (key `acct|order_id`).
+fn fill_of(payload: &[u8]) -> (String, Headers) {
+    let (acct_sym, _, order_id) = parse_fill(payload);
+    let acct = acct_sym.split('|').next().unwrap();
+    let h = Headers::for_publish(
+        "ampy.fills.v1.Fill",
+        "oms@1",
+        "oms",
+        &format!("{acct}|{order_id}"),
+    );
+    (order_id, h)
 }
 
 async fn publish_orders(bus: &Bus, range: std::ops::Range<usize>) {
@@ -309,6 +482,20 @@ fn expected_positions(orders: impl Iterator<Item = usize>) -> BTreeMap<String, i
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_sqlite_pipeline_applies_every_effect_once_under_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::Sqlite(dir.path().to_path_buf());
+    run_pipeline(dir.path(), &store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_postgres_pipeline_applies_every_effect_once_under_kill_9() {
+    let db = archive_support::Db::shared();
+    let dir = tempfile::tempdir().unwrap();
+    run_pipeline(dir.path(), &Store::Pg(db.url.clone())).await;
+}
+
+/// The pipeline under `kill -9`, state in `store`, the log in `d`.
+async fn run_pipeline(d: &Path, store: &Store) {
     let n = (1_000.0 * common::scale()) as usize;
     let kills = (50.0 * common::scale()) as usize;
     let seed: u64 = std::env::var("AMPYBUS_TEST_SEED")
@@ -317,9 +504,7 @@ async fn embedded_sqlite_pipeline_applies_every_effect_once_under_kill_9() {
         .unwrap_or(21);
     eprintln!("exactly-once harness: {n} orders, {kills} random kills, seed {seed}");
     let mut rng = StdRng::seed_from_u64(seed);
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    create_app_tables(d);
+    store.create_app_tables();
     // A first tenth now (work for the crash points), the rest in slices between the random
     // kills, so that every kill lands while the pipeline has work.
     let bus = Bus::connect(&bus_url(d)).await.unwrap();
@@ -339,14 +524,20 @@ async fn embedded_sqlite_pipeline_applies_every_effect_once_under_kill_9() {
         eprintln!(
             "crash points of {}: {} orders applied, {} fills applied",
             roles[idx],
-            scalar(&d.join("oms.sqlite3"), "SELECT count(*) FROM ampybus_inbox"),
-            scalar(&d.join("pos.sqlite3"), "SELECT count(*) FROM ampybus_inbox")
+            store.scalar(
+                true,
+                "SELECT count(*) FROM ampybus_inbox WHERE consumer = 'oms'"
+            ),
+            store.scalar(
+                false,
+                "SELECT count(*) FROM ampybus_inbox WHERE consumer = 'positions'"
+            )
         );
         for point in list {
             // Inbox points are hit once per message; the relay's once per round (one is
             // certain to come).
             let hit = if idx == 1 { 1 } else { rng.random_range(1..6) };
-            let mut p = spawn(roles[idx], d, Some(format!("{point}@{hit}")));
+            let mut p = spawn(roles[idx], d, store, Some(format!("{point}@{hit}")));
             let st = wait_exit(&mut p.0, Duration::from_secs(120));
             assert_eq!(
                 st.signal(),
@@ -355,7 +546,7 @@ async fn embedded_sqlite_pipeline_applies_every_effect_once_under_kill_9() {
                 roles[idx]
             );
         }
-        procs[idx] = Some(spawn(roles[idx], d, None));
+        procs[idx] = Some(spawn(roles[idx], d, store, None));
     }
     // Random instants.
     let per_kill = (n - first).div_ceil(kills.max(1));
@@ -369,25 +560,32 @@ async fn embedded_sqlite_pipeline_applies_every_effect_once_under_kill_9() {
         if let Some(mut p) = procs[idx].take() {
             p.kill_9();
         }
-        procs[idx] = Some(spawn(roles[idx], d, None));
+        procs[idx] = Some(spawn(roles[idx], d, store, None));
     }
     publish_orders(&bus, next..n).await;
     bus.close().await.unwrap();
-    let oms = d.join("oms.sqlite3");
-    let pos = d.join("pos.sqlite3");
     eprintln!(
         "after the kills: {} of {n} orders applied, {} fills applied",
-        scalar(&oms, "SELECT count(*) FROM ampybus_inbox"),
-        scalar(&pos, "SELECT count(*) FROM ampybus_inbox")
+        store.scalar(
+            true,
+            "SELECT count(*) FROM ampybus_inbox WHERE consumer = 'oms'"
+        ),
+        store.scalar(
+            false,
+            "SELECT count(*) FROM ampybus_inbox WHERE consumer = 'positions'"
+        )
     );
     let t = Instant::now();
     loop {
-        let applied = scalar(&pos, "SELECT count(*) FROM ampybus_inbox");
-        let unsent = scalar(
-            &oms,
+        let applied = store.scalar(
+            false,
+            "SELECT count(*) FROM ampybus_inbox WHERE consumer = 'positions'",
+        );
+        let unsent = store.scalar(
+            true,
             "SELECT count(*) FROM ampybus_outbox WHERE sent_at_ms IS NULL",
         );
-        let staged = scalar(&oms, "SELECT count(*) FROM ampybus_outbox");
+        let staged = store.scalar(true, "SELECT count(*) FROM ampybus_outbox");
         if applied as usize >= n && unsent == 0 && staged as usize >= n {
             break;
         }
@@ -403,60 +601,54 @@ async fn embedded_sqlite_pipeline_applies_every_effect_once_under_kill_9() {
     }
     // Each order applied once, with exactly one fill staged for it.
     assert_eq!(
-        scalar(
-            &oms,
+        store.scalar(
+            true,
             "SELECT count(*) FROM ampybus_inbox WHERE consumer = 'oms'"
         ),
         n as i64
     );
     assert_eq!(
-        scalar(&oms, "SELECT count(*) FROM orders_applied"),
+        store.scalar(true, "SELECT count(*) FROM orders_applied"),
         n as i64
     );
     assert_eq!(
-        scalar(&oms, "SELECT count(DISTINCT order_id) FROM orders_applied"),
+        store.scalar(true, "SELECT count(DISTINCT order_id) FROM orders_applied"),
         n as i64
     );
     assert_eq!(
-        scalar(&oms, "SELECT count(*) FROM ampybus_outbox"),
+        store.scalar(true, "SELECT count(*) FROM ampybus_outbox"),
         n as i64
     );
     assert_eq!(
-        scalar(
-            &oms,
+        store.scalar(
+            true,
             "SELECT count(DISTINCT message_id) FROM ampybus_outbox"
         ),
         n as i64
     );
     // Each fill applied once, and the fills applied are exactly the staged ones.
     assert_eq!(
-        scalar(
-            &pos,
+        store.scalar(
+            false,
             "SELECT count(*) FROM ampybus_inbox WHERE consumer = 'positions'"
         ),
         n as i64
     );
-    assert_eq!(scalar(&pos, "SELECT count(*) FROM fills_applied"), n as i64);
     assert_eq!(
-        scalar(&pos, "SELECT count(DISTINCT fill_id) FROM fills_applied"),
+        store.scalar(false, "SELECT count(*) FROM fills_applied"),
         n as i64
     );
     assert_eq!(
-        scalar(&pos, "SELECT count(DISTINCT order_id) FROM fills_applied"),
+        store.scalar(false, "SELECT count(DISTINCT fill_id) FROM fills_applied"),
         n as i64
     );
-    let c = sqlite(&pos);
-    c.execute("ATTACH DATABASE ?1 AS oms", [oms.display().to_string()])
-        .unwrap();
-    let matched: i64 = c
-        .query_row(
-            "SELECT count(*) FROM fills_applied f JOIN oms.ampybus_outbox o ON o.message_id = f.fill_id",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    assert_eq!(
+        store.scalar(false, "SELECT count(DISTINCT order_id) FROM fills_applied"),
+        n as i64
+    );
+    let matched = store.matched_fills();
     assert_eq!(matched, n as i64);
-    assert_eq!(positions(&pos), expected_positions(0..n));
+    assert_eq!(store.positions(), expected_positions(0..n));
 }
 
 /// The plain dedupe store, killed after a handler's effects and before the dedupe record:
@@ -468,7 +660,8 @@ async fn plain_dedupe_store_applies_a_fill_twice_after_a_crash_the_inbox_does_no
     for with_inbox in [false, true] {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        create_app_tables(d);
+        let store = Store::Sqlite(d.to_path_buf());
+        store.create_app_tables();
         {
             let bus = Bus::connect(&bus_url(d)).await.unwrap();
             for i in 0..m {
@@ -495,13 +688,13 @@ async fn plain_dedupe_store_applies_a_fill_twice_after_a_crash_the_inbox_does_no
             ("positions-dedupe", None)
         };
         let mut p = match crash {
-            Some(_) => spawn(role, d, crash),
+            Some(_) => spawn(role, d, &store, crash),
             None => spawn_with(role, d, &[("CRASH_AFTER_EFFECTS", "5".to_owned())]),
         };
         let st = wait_exit(&mut p.0, Duration::from_secs(60));
         assert_eq!(st.signal(), Some(libc::SIGKILL), "{st:?}");
         drop(p);
-        let p = spawn(role, d, None);
+        let p = spawn(role, d, &store, None);
         let pos = d.join("pos.sqlite3");
         let t = Instant::now();
         while scalar(&pos, "SELECT count(DISTINCT fill_id) FROM fills_applied") < m as i64 {

@@ -13,27 +13,11 @@ use ampybus::inbox::{OutboxRelay, RelayOptions};
 use ampybus::runtime::{Consumer, ConsumerHandle, DlqCode, Outcome, RetryPolicy};
 use ampybus::transport::{StartAt, SubscribeSpec};
 use ampybus::{Bus, ErrorKind, Headers, Topic, TopicPattern};
-use archive_support::{Db, OwnServer};
+use archive_support::{Db, OwnServer, count, query};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-
-/// Runs blocking database setup off the async runtime (the support helpers start runtimes of
-/// their own).
-fn off<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    std::thread::spawn(f).join().unwrap()
-}
-
-fn query(url: &str, sql: &str) -> Vec<tokio_postgres::Row> {
-    let (url, sql) = (url.to_owned(), sql.to_owned());
-    off(move || archive_support::query(&url, &sql))
-}
-
-fn count(url: &str, from_where: &str) -> i64 {
-    let (url, from) = (url.to_owned(), from_where.to_owned());
-    off(move || archive_support::count(&url, &from))
-}
 
 /// Waits for `cond`, failing after a generous minute (a hang becomes a failure).
 async fn until(what: &str, mut cond: impl FnMut() -> bool) {
@@ -394,7 +378,7 @@ async fn sqlite_outbox_relay_publishes_each_row_once_in_key_order_and_dead_lette
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pg_inbox_applies_each_message_once_and_relays_staged_fills() {
-    let db = off(Db::shared);
+    let db = Db::shared();
     let dir = tempfile::tempdir().unwrap();
     let bus = Bus::connect(dir.path().join("log").to_str().unwrap())
         .await
@@ -470,7 +454,6 @@ async fn pg_inbox_applies_each_message_once_and_relays_staged_fills() {
         staged.iter().map(|s| s.as_str()).collect::<Vec<_>>()
     );
     assert_eq!(count(&db.url, "ampybus.outbox WHERE sent_at IS NULL"), 0);
-    off(move || drop(db));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -485,7 +468,7 @@ async fn pg_unreachable_at_start_and_newer_schema_are_named() {
         "{text}"
     );
     assert!(!text.contains("secret"), "{text}");
-    let db = off(Db::shared);
+    let db = Db::shared();
     PgInbox::connect(&db.url).await.unwrap();
     query(
         &db.url,
@@ -498,15 +481,13 @@ async fn pg_unreachable_at_start_and_newer_schema_are_named() {
             .contains("is version 7, newer than version 2 that this ampybus build knows"),
         "{e}"
     );
-    off(move || drop(db));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pg_lost_mid_run_holds_messages_and_applies_each_once() {
     let n = (3_000.0 * common::scale()) as usize;
     let server = OwnServer::start(None);
-    let (admin, at) = (server.admin_url(), format!("127.0.0.1:{}", server.port));
-    let db = off(move || Db::on(&admin, &at));
+    let db = Db::on(&server.admin_url(), &format!("127.0.0.1:{}", server.port));
     query(
         &db.url,
         "CREATE TABLE effects (message_id text NOT NULL, qty bigint NOT NULL)",
@@ -577,5 +558,4 @@ async fn pg_lost_mid_run_holds_messages_and_applies_each_once() {
     let expected: i64 = (0..n).map(|i| (i % 7) as i64).sum();
     let sum: i64 = query(&db.url, "SELECT sum(qty)::bigint FROM effects")[0].get(0);
     assert_eq!(sum, expected);
-    off(move || drop(db));
 }
