@@ -13,8 +13,12 @@
 //!
 //! (or a closure through [`pg_handler_fn`]: `for<'a> Fn(&'a Message, &'a Transaction<'a>) ->
 //! BoxFuture<'a, Outcome>`). The message's inbox row is already inserted in `tx`; the handler
-//! writes its effects and stages messages ([`PgOutbox::stage`]) through it; the runtime commits
-//! on `Ok` (with the server's `synchronous_commit`), then acks, and rolls back otherwise.
+//! writes its effects and stages messages ([`PgOutbox::stage`]) through it. Messages handled at
+//! the same time share a transaction (up to 64 per transaction, 4 transactions at once, each
+//! on a connection of its own), each in a savepoint: an `Ok` releases the savepoint, anything
+//! else (or a panic) rolls back to it, and a statement that failed inside an `Ok` handler
+//! makes that message a retry. The runtime commits (with the server's `synchronous_commit`),
+//! then acks. The handler must not end the transaction itself.
 //!
 //! ```no_run
 //! # async fn f(bus: ampybus::Bus) -> ampybus::Result<()> {
@@ -323,6 +327,7 @@ impl InboxBinding for PgInboxBinding {
         let store = PgAttempt {
             inbox: self.inbox,
             handler: self.handler,
+            lanes: std::sync::OnceLock::new(),
         };
         skips.skipped.bind(store, consumer, metrics)
     }
@@ -331,64 +336,207 @@ impl InboxBinding for PgInboxBinding {
 struct PgAttempt {
     inbox: PgInbox,
     handler: Arc<dyn PgHandler>,
+    /// The queue of the commit lanes, started on first use.
+    lanes: std::sync::OnceLock<tokio::sync::mpsc::Sender<Job>>,
+}
+
+/// How many transactions an inbox consumer keeps open at once (each on a connection of its
+/// own), and how many messages one of them takes at most.
+const LANES: usize = 4;
+const MAX_BATCH: usize = 64;
+
+/// A message waiting for a shared transaction, and where its result goes.
+struct Job {
+    consumer: String,
+    row: InboxRow,
+    msg: Message,
+    reply: tokio::sync::oneshot::Sender<JobResult>,
+}
+
+enum JobResult {
+    Done(Attempted),
+    /// The handler panicked (its savepoint rolled back): the panic goes on in the worker.
+    Panicked(Box<dyn std::any::Any + Send>),
+    Failed(Error),
 }
 
 #[async_trait]
 impl InboxAttempt for PgAttempt {
     async fn attempt(&self, consumer: &str, row: &InboxRow, msg: &Message) -> Result<Attempted> {
-        let mut client = self.inbox.take().await?;
-        let r = async {
-            let tx = client
-                .transaction()
-                .await
-                .map_err(|e| pg_error("begin", e))?;
-            let n = tx
-                .execute(
-                    "INSERT INTO ampybus.inbox (consumer, message_id, domain, dedupe_key, topic)
-                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-                    &[
-                        &consumer,
-                        &row.message_id,
-                        &row.domain,
-                        &row.dedupe_key,
-                        &row.topic,
-                    ],
-                )
-                .await
-                .map_err(|e| pg_error("inserting the inbox row", e))?;
-            if n == 0 {
-                let _ = tx.rollback().await;
-                return Ok(Attempted::Skipped);
+        let lanes = self.lanes.get_or_init(|| {
+            let (tx, rx) = tokio::sync::mpsc::channel::<Job>(MAX_BATCH * LANES);
+            let rx = Arc::new(tokio::sync::Mutex::new(rx));
+            for _ in 0..LANES {
+                let lane = Lane {
+                    inbox: self.inbox.clone(),
+                    handler: self.handler.clone(),
+                    queue: rx.clone(),
+                };
+                tokio::spawn(lane.run());
             }
-            // A panic unwinds through here: the transaction rolls back as it drops.
-            let outcome = self.handler.handle(msg, &tx).await;
-            if outcome != Outcome::Ok {
-                let _ = tx.rollback().await;
-                return Ok(Attempted::Handled(outcome));
-            }
-            crash_point(CRASH_BEFORE_COMMIT);
-            tx.commit().await.map_err(|e| pg_error("commit", e))?;
-            crash_point(CRASH_BEFORE_ACK);
-            Ok(Attempted::Handled(Outcome::Ok))
+            tx
+        });
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job = Job {
+            consumer: consumer.to_owned(),
+            row: row.clone(),
+            msg: msg.clone(),
+            reply,
+        };
+        let closed = || Error::new(ErrorKind::Closed, "inbox: the commit lanes stopped");
+        lanes.send(job).await.map_err(|_| closed())?;
+        match answer.await.map_err(|_| closed())? {
+            JobResult::Done(a) => Ok(a),
+            JobResult::Panicked(p) => std::panic::resume_unwind(p),
+            JobResult::Failed(e) => Err(e),
         }
-        .await;
+    }
+}
+
+/// One commit lane: takes what is queued (up to [`MAX_BATCH`]), applies it in one
+/// transaction with a savepoint per message, commits, then answers every message.
+struct Lane {
+    inbox: PgInbox,
+    handler: Arc<dyn PgHandler>,
+    queue: Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Job>>>,
+}
+
+impl Lane {
+    async fn run(self) {
+        loop {
+            let mut jobs = Vec::new();
+            {
+                let mut q = self.queue.lock().await;
+                match q.recv().await {
+                    Some(j) => jobs.push(j),
+                    None => return,
+                }
+                while jobs.len() < MAX_BATCH {
+                    match q.try_recv() {
+                        Ok(j) => jobs.push(j),
+                        Err(_) => break,
+                    }
+                }
+            }
+            self.batch(jobs).await;
+        }
+    }
+
+    async fn batch(&self, jobs: Vec<Job>) {
+        let mut client = match self.inbox.take().await {
+            Ok(c) => c,
+            Err(e) => {
+                for j in jobs {
+                    let _ = j
+                        .reply
+                        .send(JobResult::Failed(Error::new(e.kind(), e.message())));
+                }
+                return;
+            }
+        };
+        let r = self.apply(&mut client, &jobs).await;
         let r = match r {
-            // The connection went away while the handler ran: its Retry or DeadLetter may be
-            // the outage's doing, not the message's. Held and tried again.
-            Ok(Attempted::Handled(o)) if o != Outcome::Ok && client.is_closed() => Err(Error::new(
+            // The connection went away while a handler ran: a Retry or DeadLetter may be the
+            // outage's doing, not the message's. Held and tried again.
+            Ok(_) if client.is_closed() => Err(Error::new(
                 ErrorKind::Transport,
                 format!(
-                    "PostgreSQL {}: the connection was lost while the handler ran",
+                    "PostgreSQL {}: the connection was lost during the transaction",
                     self.inbox.inner.shown
                 ),
             )),
             r => r,
         };
-        if r.is_ok() {
-            self.inbox.maybe_purge(&client).await;
+        match r {
+            Ok(results) => {
+                self.inbox.maybe_purge(&client).await;
+                for (j, res) in jobs.into_iter().zip(results) {
+                    let _ = j.reply.send(res);
+                }
+            }
+            Err(e) => {
+                for j in jobs {
+                    let _ = j
+                        .reply
+                        .send(JobResult::Failed(Error::new(e.kind(), e.message())));
+                }
+            }
         }
         self.inbox.give_back(client);
-        r
+    }
+
+    /// The transaction: per message a savepoint, the inbox row, the handler; released when
+    /// the handler said Ok, rolled back to otherwise; then one commit.
+    async fn apply(&self, client: &mut Client, jobs: &[Job]) -> Result<Vec<JobResult>> {
+        use futures::FutureExt;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(|e| pg_error("begin", e))?;
+        let mut out = Vec::with_capacity(jobs.len());
+        for j in jobs {
+            let row = &j.row;
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] = [
+                &j.consumer,
+                &row.message_id,
+                &row.domain,
+                &row.dedupe_key,
+                &row.topic,
+            ];
+            // Sent together: one round trip for the savepoint and the row.
+            let (sp, inserted) = tokio::join!(
+                tx.batch_execute("SAVEPOINT ampybus_msg"),
+                tx.execute(
+                    "INSERT INTO ampybus.inbox (consumer, message_id, domain, dedupe_key, topic)
+                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                    &params,
+                )
+            );
+            sp.map_err(|e| pg_error("savepoint", e))?;
+            if inserted.map_err(|e| pg_error("inserting the inbox row", e))? == 0 {
+                tx.batch_execute("RELEASE SAVEPOINT ampybus_msg")
+                    .await
+                    .map_err(|e| pg_error("release savepoint", e))?;
+                out.push(JobResult::Done(Attempted::Skipped));
+                continue;
+            }
+            let handled = std::panic::AssertUnwindSafe(self.handler.handle(&j.msg, &tx))
+                .catch_unwind()
+                .await;
+            let res = match handled {
+                Ok(Outcome::Ok) => match tx.batch_execute("RELEASE SAVEPOINT ampybus_msg").await {
+                    Ok(()) => JobResult::Done(Attempted::Handled(Outcome::Ok)),
+                    // A statement of the handler failed and it said Ok anyway: nothing of it
+                    // can commit; tried again as a retry.
+                    Err(e) if e.as_db_error().is_some() => {
+                        tracing::warn!(error = %e, message_id = %row.message_id,
+                            "inbox: the handler returned Ok after a failed statement; rolled back, retrying");
+                        self.roll_back(&tx).await?;
+                        JobResult::Done(Attempted::Handled(Outcome::Retry { after: None }))
+                    }
+                    Err(e) => return Err(pg_error("release savepoint", e)),
+                },
+                Ok(other) => {
+                    self.roll_back(&tx).await?;
+                    JobResult::Done(Attempted::Handled(other))
+                }
+                Err(panic) => {
+                    self.roll_back(&tx).await?;
+                    JobResult::Panicked(panic)
+                }
+            };
+            out.push(res);
+        }
+        crash_point(CRASH_BEFORE_COMMIT);
+        tx.commit().await.map_err(|e| pg_error("commit", e))?;
+        crash_point(CRASH_BEFORE_ACK);
+        Ok(out)
+    }
+
+    async fn roll_back(&self, tx: &Transaction<'_>) -> Result<()> {
+        tx.batch_execute("ROLLBACK TO SAVEPOINT ampybus_msg; RELEASE SAVEPOINT ampybus_msg")
+            .await
+            .map_err(|e| pg_error("rollback to savepoint", e))
     }
 }
 
