@@ -599,53 +599,31 @@ async fn run_pipeline(d: &Path, store: &Store) {
         let st = p.term();
         assert_eq!(st.code(), Some(0), "{st:?}");
     }
-    // Each order applied once, with exactly one fill staged for it.
-    assert_eq!(
-        store.scalar(
+    // Each order applied once, with exactly one fill staged for it (`true`: the orders side);
+    // each fill applied once.
+    for (oms, sql) in [
+        (
             true,
-            "SELECT count(*) FROM ampybus_inbox WHERE consumer = 'oms'"
+            "SELECT count(*) FROM ampybus_inbox WHERE consumer = 'oms'",
         ),
-        n as i64
-    );
-    assert_eq!(
-        store.scalar(true, "SELECT count(*) FROM orders_applied"),
-        n as i64
-    );
-    assert_eq!(
-        store.scalar(true, "SELECT count(DISTINCT order_id) FROM orders_applied"),
-        n as i64
-    );
-    assert_eq!(
-        store.scalar(true, "SELECT count(*) FROM ampybus_outbox"),
-        n as i64
-    );
-    assert_eq!(
-        store.scalar(
+        (true, "SELECT count(*) FROM orders_applied"),
+        (true, "SELECT count(DISTINCT order_id) FROM orders_applied"),
+        (true, "SELECT count(*) FROM ampybus_outbox"),
+        (
             true,
-            "SELECT count(DISTINCT message_id) FROM ampybus_outbox"
+            "SELECT count(DISTINCT message_id) FROM ampybus_outbox",
         ),
-        n as i64
-    );
-    // Each fill applied once, and the fills applied are exactly the staged ones.
-    assert_eq!(
-        store.scalar(
+        (
             false,
-            "SELECT count(*) FROM ampybus_inbox WHERE consumer = 'positions'"
+            "SELECT count(*) FROM ampybus_inbox WHERE consumer = 'positions'",
         ),
-        n as i64
-    );
-    assert_eq!(
-        store.scalar(false, "SELECT count(*) FROM fills_applied"),
-        n as i64
-    );
-    assert_eq!(
-        store.scalar(false, "SELECT count(DISTINCT fill_id) FROM fills_applied"),
-        n as i64
-    );
-    assert_eq!(
-        store.scalar(false, "SELECT count(DISTINCT order_id) FROM fills_applied"),
-        n as i64
-    );
+        (false, "SELECT count(*) FROM fills_applied"),
+        (false, "SELECT count(DISTINCT fill_id) FROM fills_applied"),
+        (false, "SELECT count(DISTINCT order_id) FROM fills_applied"),
+    ] {
+        assert_eq!(store.scalar(oms, sql), n as i64, "{sql}");
+    }
+    // The fills applied are exactly the staged ones.
     let matched = store.matched_fills();
     assert_eq!(matched, n as i64);
     assert_eq!(store.positions(), expected_positions(0..n));
