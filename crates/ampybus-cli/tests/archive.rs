@@ -804,7 +804,7 @@ fn bad_input_is_named() {
     let db = Db::shared();
     let o = ampybus_in(None, &["archive", "migrate", "--to", &db.url]);
     assert_eq!(o.code, 0, "{}", o.stderr);
-    assert!(o.stderr.contains("version 0 -> 1"), "{}", o.stderr);
+    assert!(o.stderr.contains("version 0 -> 2"), "{}", o.stderr);
     let o = ampybus_in(None, &["archive", "migrate", "--to", &db.url]);
     assert!(o.stderr.contains("at version 2 already"), "{}", o.stderr);
     query(
