@@ -170,7 +170,11 @@ pub async fn run(url: &str, args: BenchArgs, log_level: Option<&str>) -> CliResu
         _ => Some(url.to_owned()),
     };
     if broker.is_some()
-        && (args.raw || matches!(args.mode, BenchMode::Consume | BenchMode::Archive))
+        && (args.raw
+            || matches!(
+                args.mode,
+                BenchMode::Consume | BenchMode::Archive | BenchMode::Inbox
+            ))
     {
         return Err(CliError::usage(format!(
             "--url {:?}: --raw and --mode consume measure the embedded log; against NATS use `ampybus bench-nats` for the raw-client comparison",
@@ -209,6 +213,9 @@ pub async fn run(url: &str, args: BenchArgs, log_level: Option<&str>) -> CliResu
     }
     if a.mode == BenchMode::Archive {
         return crate::bench_archive::run(a, &setup.parent).await;
+    }
+    if a.mode == BenchMode::Inbox {
+        return crate::bench_inbox::run(a, &setup.parent).await;
     }
     let publish = matches!(a.mode, BenchMode::Publish | BenchMode::Both);
     let e2e = matches!(a.mode, BenchMode::E2e | BenchMode::Both);

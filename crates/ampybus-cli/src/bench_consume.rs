@@ -94,7 +94,7 @@ pub async fn run(args: &BenchArgs, parent: &Path) -> CliResult<u8> {
     Ok(EXIT_OK)
 }
 
-async fn fill(bus: &Bus, args: &BenchArgs) -> CliResult<()> {
+pub(crate) async fn fill(bus: &Bus, args: &BenchArgs) -> CliResult<()> {
     let payload: Bytes = (0..args.payload_bytes)
         .map(|i| (i % 251) as u8)
         .collect::<Vec<u8>>()
@@ -181,15 +181,15 @@ async fn runtime_round(
     Ok(c.rate())
 }
 
-fn median(v: &[f64]) -> f64 {
+pub(crate) fn median(v: &[f64]) -> f64 {
     spread(v).1
 }
 
-fn round2(x: f64) -> f64 {
+pub(crate) fn round2(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
-fn stats(v: &[f64]) -> Value {
+pub(crate) fn stats(v: &[f64]) -> Value {
     let (best, median, worst) = spread(v);
     json!({"best": best.round(), "median": median.round(), "worst": worst.round()})
 }

@@ -166,6 +166,24 @@ pub async fn runtime_consume(
         .start()
         .await
         .map_err(|e| CliError::bus("consumer", &e))?;
+    let from = match clock {
+        Clock::AtStart => None,
+        Clock::AtFirstMessage => Some(first),
+    };
+    settle(handle, n, name, started, from).await
+}
+
+/// Waits until a started consumer handled `n` messages and settled every one of them, and
+/// times it from `started` (or from the instant `first` holds, when given). Fewer than `n`
+/// (nothing new for [`IDLE_LIMIT`], or not all within [`ROUND_LIMIT`]), more, or any
+/// duplicate skipped is an error.
+pub async fn settle(
+    handle: ampybus::ConsumerHandle,
+    n: u64,
+    name: &str,
+    started: Instant,
+    first: Option<Arc<OnceLock<Instant>>>,
+) -> CliResult<Consumed> {
     let (mut last, mut idle_since) = (0, Instant::now());
     loop {
         let s = handle.stats();
@@ -181,9 +199,9 @@ pub async fn runtime_consume(
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    let secs = match clock {
-        Clock::AtStart => started.elapsed(),
-        Clock::AtFirstMessage => first.get().copied().unwrap_or(started).elapsed(),
+    let secs = match first {
+        None => started.elapsed(),
+        Some(f) => f.get().copied().unwrap_or(started).elapsed(),
     }
     .as_secs_f64();
     let s = handle.shutdown(Duration::from_secs(30)).await;

@@ -219,6 +219,13 @@ after committing what it holds) or SIGINT (exit 130).
 `archive verify` exits 1 when a topic's count or payload hashes differ over the window.")]
     Archive(crate::archive::ArchiveArgs),
 
+    /// Relay a transactional outbox (PostgreSQL or SQLite) to the bus
+    #[command(after_help = "\
+Examples:
+  ampybus outbox relay --db postgres://postgres@127.0.0.1/oms --url nats://127.0.0.1:4222
+  ampybus outbox relay --db sqlite:///var/lib/oms.sqlite3 --url /var/lib/ampybus-data")]
+    Outbox(crate::outbox::OutboxArgs),
+
     /// Convert a data directory of an earlier version (ampybus.sqlite3) to the current format
     #[command(after_help = "\
 Examples:
@@ -463,6 +470,9 @@ pub enum BenchMode {
     Consume,
     /// `ampybus archive` into PostgreSQL (--to) against a raw COPY of the same rows
     Archive,
+    /// Consume through a transactional inbox (--db) against the default dedupe store, and
+    /// the outbox relay's throughput
+    Inbox,
 }
 
 impl BenchMode {
@@ -474,6 +484,7 @@ impl BenchMode {
             BenchMode::Both => "both",
             BenchMode::Consume => "consume",
             BenchMode::Archive => "archive",
+            BenchMode::Inbox => "inbox",
         }
     }
 }
@@ -550,11 +561,18 @@ pub struct BenchArgs {
     /// emptied before every round), postgres://user:password@host:port/database
     #[arg(long, value_name = "URL")]
     pub to: Option<String>,
+<<<<<<< HEAD
     /// Durability tier of every topic of the command: best_effort (or best-effort),
     /// at_least_once, at_least_once_dedupe [default: the registry's, else at_least_once_dedupe].
     /// A registry entry wins
     #[arg(long, value_name = "TIER", value_parser = crate::util::parse_tier)]
     pub tier: Option<ampybus::tier::Tier>,
+=======
+    /// --mode inbox: the database of the inbox and outbox (its ampybus inbox and outbox
+    /// tables are emptied before every round), postgres://… or sqlite:///path
+    #[arg(long, value_name = "URL")]
+    pub db: Option<String>,
+>>>>>>> inbox
 }
 
 /// `ampybus bench-consumer` (internal).

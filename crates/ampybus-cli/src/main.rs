@@ -8,6 +8,7 @@ mod archive_rows;
 mod bench;
 mod bench_archive;
 mod bench_consume;
+mod bench_inbox;
 mod bench_kafka;
 mod bench_nats;
 mod bench_raw;
@@ -20,7 +21,11 @@ mod dlq;
 mod error;
 mod follow;
 mod migrate;
+<<<<<<< HEAD
 mod monitor;
+=======
+mod outbox;
+>>>>>>> inbox
 mod publish;
 mod registry;
 mod replay;
@@ -136,6 +141,7 @@ fn run(cli: Cli) -> CliResult<u8> {
         Command::Dlq(args) => runtime()?.block_on(dlq::run(&url, args)),
         Command::Topics(args) => runtime()?.block_on(topics::run(&url, args)),
         Command::Archive(args) => runtime()?.block_on(archive::run(&url, args)),
+        Command::Outbox(args) => runtime()?.block_on(outbox::run(&url, args)),
         Command::Migrate(args) => migrate::run(&url, &args),
         Command::Monitor(args) => runtime()?.block_on(monitor::run(&url, args)),
         Command::Streams(args) => runtime()?.block_on(streams::run(&url, args)),

@@ -804,9 +804,9 @@ fn bad_input_is_named() {
     let db = Db::shared();
     let o = ampybus_in(None, &["archive", "migrate", "--to", &db.url]);
     assert_eq!(o.code, 0, "{}", o.stderr);
-    assert!(o.stderr.contains("version 0 -> 1"), "{}", o.stderr);
+    assert!(o.stderr.contains("version 0 -> 2"), "{}", o.stderr);
     let o = ampybus_in(None, &["archive", "migrate", "--to", &db.url]);
-    assert!(o.stderr.contains("at version 1 already"), "{}", o.stderr);
+    assert!(o.stderr.contains("at version 2 already"), "{}", o.stderr);
     query(
         &db.url,
         "INSERT INTO ampybus.schema_version (version, applied_by) VALUES (7, 'future')",
@@ -819,7 +819,7 @@ fn bad_input_is_named() {
     assert_eq!(
         o.stderr.trim(),
         format!(
-            "error: --to \"{}\": invalid configuration: ampybus.schema_version: the archive schema in this database is version 7, newer than version 1 that this ampybus build knows; use a newer ampybus (nothing was changed)",
+            "error: --to \"{}\": invalid configuration: ampybus.schema_version: the archive schema in this database is version 7, newer than version 2 that this ampybus build knows; use a newer ampybus (nothing was changed)",
             db.url.replace("postgres@", "***@")
         )
     );

@@ -25,6 +25,8 @@ pub mod envelope;
 pub mod error;
 pub mod headers;
 pub mod ids;
+#[cfg(any(feature = "inbox-postgres", feature = "inbox-sqlite"))]
+pub mod inbox;
 pub mod obs;
 pub mod partition;
 pub mod registry;

@@ -9,13 +9,24 @@ use std::process::Command;
 /// The shared server's admin URL.
 pub const SHARED: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
-/// Runs one async block on a fresh runtime (the tests are synchronous: they run the binary).
-pub fn block<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(f)
+/// Runs one async block on a fresh runtime (the tests are synchronous: they run the binary);
+/// called from inside a runtime (an async test), on a thread of its own.
+pub fn block<F: std::future::Future + Send>(f: F) -> F::Output
+where
+    F::Output: Send,
+{
+    let run = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f)
+    };
+    if tokio::runtime::Handle::try_current().is_ok() {
+        std::thread::scope(|s| s.spawn(run).join().unwrap())
+    } else {
+        run()
+    }
 }
 
 /// Connects and runs `sql`, returning the rows (panics on failure: test setup).

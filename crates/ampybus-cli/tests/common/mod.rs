@@ -61,27 +61,10 @@ pub fn ampybus_in(dir: Option<&Path>, args: &[&str]) -> Out {
     out
 }
 
-/// Starts (or finds) the test broker `which` (`nats`, `redis`, `kafka`, `postgres`) on 127.0.0.1 through
-/// `scripts/brokers.sh start`, once per test process.
-pub fn start_broker(which: &'static str) {
-    static STARTED: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
-    let mut started = STARTED.lock().unwrap_or_else(|p| p.into_inner());
-    if started.contains(&which) {
-        return;
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let out = Command::new("bash")
-        .arg(root.join("scripts/brokers.sh"))
-        .args(["start", which])
-        .output()
-        .expect("run scripts/brokers.sh");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    started.push(which);
-}
+#[path = "../../../ampybus/tests/common/brokers.rs"]
+mod brokers;
+#[allow(unused_imports)] // not every test binary that includes `common` starts a broker
+pub use brokers::start_broker;
 
 /// `ampybus --url {url} {args…}`.
 #[allow(dead_code)] // not every test binary that includes `common` uses it

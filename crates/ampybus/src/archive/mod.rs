@@ -34,6 +34,8 @@ mod write;
 
 pub use cell::{Cell, ColType, Numeric};
 pub use read::{ArchiveReader, ArchiveTransport, Tiered, pattern_regex};
+#[cfg(feature = "inbox-postgres")]
+pub(crate) use schema::migrate;
 pub use schema::{SCHEMA_VERSION, Table, TableSpec};
 pub use write::{ArchiveBatch, ArchiveWriter, WriteReport, envelope_row};
 

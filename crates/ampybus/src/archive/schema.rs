@@ -7,9 +7,9 @@ use crate::error::{Error, Result};
 /// The schema version this build writes and reads. A database at a newer version is refused.
 ///
 /// ```
-/// assert_eq!(ampybus::archive::SCHEMA_VERSION, 1);
+/// assert_eq!(ampybus::archive::SCHEMA_VERSION, 2);
 /// ```
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// One table of the archive: its columns in row order and its key.
 ///
@@ -335,8 +335,21 @@ fn migrations() -> Vec<Vec<String>> {
             .into(),
     );
     v1.extend(TYPED.iter().map(|t| t.create("")));
-    vec![v1]
+    // Version 2: the transactional inbox and outbox (`crate::inbox`, issue 21).
+    let v2 = INBOX_OUTBOX_V2.iter().map(|s| (*s).to_owned()).collect();
+    vec![v1, v2]
 }
+
+/// The inbox and outbox tables (version 2), the PostgreSQL twins of `crate::inbox`'s SQLite
+/// ones.
+const INBOX_OUTBOX_V2: [&str; 6] = [
+    "CREATE TABLE ampybus.inbox (consumer text NOT NULL, message_id text NOT NULL, domain text NOT NULL, dedupe_key text, topic text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (consumer, message_id))",
+    "CREATE UNIQUE INDEX inbox_dedupe ON ampybus.inbox (consumer, domain, dedupe_key) WHERE dedupe_key IS NOT NULL",
+    "CREATE INDEX inbox_applied_at ON ampybus.inbox (applied_at)",
+    "CREATE TABLE ampybus.outbox (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, message_id text NOT NULL UNIQUE, topic text NOT NULL, partition_key text NOT NULL, seq bigint NOT NULL, headers bytea NOT NULL, payload bytea NOT NULL, staged_at timestamptz NOT NULL DEFAULT now(), sent_at timestamptz, dlq_reason text, UNIQUE (partition_key, seq))",
+    "CREATE INDEX outbox_unsent ON ampybus.outbox (id) WHERE sent_at IS NULL",
+    "CREATE INDEX outbox_sent_at ON ampybus.outbox (sent_at)",
+];
 
 /// A key for `pg_advisory_xact_lock`, so concurrent archivers migrate one at a time.
 const MIGRATION_LOCK: i64 = 0x616d_7079_6275_7301;
@@ -423,7 +436,7 @@ mod tests {
         )));
         let e = check_version(SCHEMA_VERSION + 1).unwrap_err();
         assert!(
-            e.to_string().contains("version 2, newer than version 1"),
+            e.to_string().contains("version 3, newer than version 2"),
             "{e}"
         );
     }

@@ -210,6 +210,17 @@ impl ConsumerBuilder {
         self
     }
 
+    /// A transactional inbox with its handler ([`crate::inbox`]) instead of a handler and a
+    /// dedupe store: each message's inbox row and its effects commit in one database
+    /// transaction before the ack, and a message found there is acked without calling the
+    /// handler. Replays go through it too. See `PgInbox::handler` / `SqliteInbox::handler`
+    /// for the handler signatures and a complete example.
+    #[cfg(any(feature = "inbox-postgres", feature = "inbox-sqlite"))]
+    pub fn inbox(self, inbox: impl crate::inbox::InboxBinding) -> Self {
+        let h = Box::new(inbox).bind(&self.name, self.bus.metrics());
+        self.handler_arc(h).without_dedupe()
+    }
+
     /// Ack deadline of the subscription (default 30 s).
     pub fn ack_deadline(mut self, d: Duration) -> Self {
         self.ack_deadline = d.max(Duration::from_millis(100));

@@ -3,6 +3,10 @@
 //! test binary in a role, and a reader of the frames of a segment or journal file.
 #![allow(dead_code)] // each test binary uses a different part
 
+mod brokers;
+#[allow(unused_imports)] // not every test binary that includes `common` starts a broker
+pub use brokers::start_broker;
+
 use ampybus::transport::{Delivery, ReplayByTime, Subscription, WindowQuery};
 use ampybus::{Bus, Envelope, Headers, Topic, TopicPattern};
 use std::path::{Path, PathBuf};

@@ -1,0 +1,93 @@
+//! `ampybus outbox relay` on a SQLite outbox staged by the library: every row published once,
+//! with the `message_id` it got at staging, in staging order; bad `--db` values named.
+
+mod common;
+
+use ampybus::inbox::sqlite::{SqliteInbox, SqliteOutbox};
+use ampybus::{Headers, Topic};
+use common::ampybus_in;
+
+#[test]
+fn relay_drain_publishes_staged_rows_once_with_their_ids_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let db = dir.path().join("oms.sqlite3");
+    let inbox = SqliteInbox::open(&db).unwrap();
+    let mut conn = inbox.connection().unwrap();
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .unwrap();
+    let topic = Topic::parse("ampy.dev.fills.v1.sim").unwrap();
+    let ids: Vec<String> = (0..10)
+        .map(|i| {
+            let h = Headers::for_publish(
+                "ampy.fills.v1.Fill",
+                "oms@1",
+                "oms",
+                &format!("acct|co{}", i % 3),
+            );
+            SqliteOutbox
+                .stage(&tx, &topic, h, format!("fill {i}").into_bytes())
+                .unwrap()
+        })
+        .collect();
+    tx.commit().unwrap();
+    let db_url = format!("sqlite://{}", db.display());
+    let relay = |what: &str| {
+        let o = ampybus_in(Some(&log), &["outbox", "relay", "--db", &db_url, "--drain"]);
+        assert_eq!(o.code, 0, "{what}: {}", o.stderr);
+        o.stderr
+    };
+    let first = relay("first drain");
+    assert!(first.contains(": published 10, dead-lettered 0"), "{first}");
+    let second = relay("second drain");
+    assert!(
+        second.contains(": published 0, dead-lettered 0"),
+        "{second}"
+    );
+    let o = ampybus_in(
+        Some(&log),
+        &[
+            "sub",
+            "--pattern",
+            "ampy.dev.fills.>",
+            "--json",
+            "--max",
+            "20",
+            "--timeout",
+            "1",
+        ],
+    );
+    let got: Vec<String> = o
+        .json_lines()
+        .iter()
+        .map(|m| m["headers"]["message_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(got, ids);
+}
+
+#[test]
+fn relay_names_a_bad_db() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = ampybus_in(
+        Some(dir.path()),
+        &["outbox", "relay", "--db", "mysql://h/oms", "--drain"],
+    );
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert_eq!(
+        o.stderr.trim(),
+        "error: --db \"mysql://h/oms\": must be postgres://… or sqlite:///path/to/file"
+    );
+    let o = ampybus_in(
+        Some(dir.path()),
+        &[
+            "outbox",
+            "relay",
+            "--db",
+            "sqlite:///nonexistent-ampybus/oms.sqlite3",
+            "--drain",
+        ],
+    );
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("no such file"), "{}", o.stderr);
+}

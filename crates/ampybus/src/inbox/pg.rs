@@ -1,0 +1,712 @@
+//! The inbox and outbox on PostgreSQL (cargo feature `inbox-postgres`), through the
+//! archive's client crate (`tokio-postgres`) in its schema `ampybus`: tables `ampybus.inbox`
+//! and `ampybus.outbox`, version 2 of `ampybus.schema_version`.
+//!
+//! The handler is async and receives the open transaction:
+//!
+//! ```text
+//! #[async_trait]
+//! trait PgHandler: Send + Sync + 'static {
+//!     async fn handle(&self, msg: &Message, tx: &tokio_postgres::Transaction<'_>) -> Outcome;
+//! }
+//! ```
+//!
+//! (or a closure through [`pg_handler_fn`]: `for<'a> Fn(&'a Message, &'a Transaction<'a>) ->
+//! BoxFuture<'a, Outcome>`). The message's inbox row is already inserted in `tx`; the handler
+//! writes its effects and stages messages ([`PgOutbox::stage`]) through it. Messages handled at
+//! the same time share a transaction (up to 64 per transaction, 4 transactions at once, each
+//! on a connection of its own), each in a savepoint: an `Ok` releases the savepoint, anything
+//! else (or a panic) rolls back to it, and a statement that failed inside an `Ok` handler
+//! makes that message a retry. The runtime commits (with the server's `synchronous_commit`),
+//! then acks. The handler must not end the transaction itself.
+//!
+//! ```no_run
+//! # async fn f(bus: ampybus::Bus) -> ampybus::Result<()> {
+//! use ampybus::inbox::pg::{PgInbox, PgOutbox, pg_handler_fn};
+//! use ampybus::runtime::{Consumer, Outcome};
+//! use ampybus::{Headers, Topic};
+//! let inbox = PgInbox::connect("postgres://postgres@127.0.0.1/oms").await?;
+//! let fills = Topic::parse("ampy.prod.fills.v1.sim")?;
+//! let handle = Consumer::builder(bus, "ampy.prod.orders.>".parse()?, "oms")
+//!     .inbox(inbox.handler(pg_handler_fn(move |msg, tx| {
+//!         let fills = fills.clone();
+//!         Box::pin(async move {
+//!             let id = msg.headers.partition_key().unwrap_or_default().to_owned();
+//!             if tx.execute("INSERT INTO orders (id) VALUES ($1)", &[&id]).await.is_err() {
+//!                 return Outcome::Retry { after: None };
+//!             }
+//!             let h = Headers::for_publish("ampy.fills.v1.Fill", "oms@1", "oms", &format!("acct|{id}"));
+//!             match PgOutbox.stage(tx, &fills, h, b"fill".to_vec()).await {
+//!                 Ok(_) => Outcome::Ok,
+//!                 Err(_) => Outcome::Retry { after: None },
+//!             }
+//!         })
+//!     })))
+//!     .start()
+//!     .await?;
+//! # Ok(()) }
+//! ```
+
+use super::relay::{OutboxRow, RelayStore};
+use super::{
+    Attempted, CRASH_BEFORE_ACK, CRASH_BEFORE_COMMIT, DEFAULT_RETENTION, InboxAttempt,
+    InboxBinding, InboxRow, OutboxRelay, RelayOptions, Skips, crash_point, prepare_stage,
+};
+use crate::archive::{connect, migrate, parse_url, pg_error};
+use crate::bus::Bus;
+use crate::error::{Error, ErrorKind, Result};
+use crate::headers::Headers;
+use crate::obs::BusMetrics;
+use crate::runtime::{Handler, Message, Outcome};
+use crate::topic::Topic;
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio_postgres::{Client, Transaction};
+
+/// An inbox consumer's handler on PostgreSQL: the message and the open transaction.
+///
+/// ```
+/// use ampybus::inbox::pg::PgHandler;
+/// use ampybus::runtime::{Message, Outcome};
+/// struct Positions;
+/// #[async_trait::async_trait]
+/// impl PgHandler for Positions {
+///     async fn handle(&self, msg: &Message, tx: &tokio_postgres::Transaction<'_>) -> Outcome {
+///         let qty: i64 = std::str::from_utf8(&msg.payload).ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+///         match tx.execute("UPDATE positions SET qty = qty + $1", &[&qty]).await {
+///             Ok(_) => Outcome::Ok,
+///             Err(_) => Outcome::Retry { after: None },
+///         }
+///     }
+/// }
+/// let _h: Box<dyn PgHandler> = Box::new(Positions);
+/// ```
+#[async_trait]
+pub trait PgHandler: Send + Sync + 'static {
+    /// Handles one message inside `tx` (the inbox row is inserted; commit and ack follow an
+    /// `Ok`).
+    async fn handle(&self, msg: &Message, tx: &Transaction<'_>) -> Outcome;
+}
+
+/// A [`PgHandler`] from a closure returning a boxed future; see [`pg_handler_fn`].
+///
+/// ```
+/// let h = ampybus::inbox::pg::pg_handler_fn(|_m, _tx| Box::pin(async { ampybus::Outcome::Ok }));
+/// let _: &dyn ampybus::inbox::pg::PgHandler = &h;
+/// ```
+pub struct PgFnHandler<F>(F);
+
+impl<F> std::fmt::Debug for PgFnHandler<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PgFnHandler")
+    }
+}
+
+/// Wraps `for<'a> Fn(&'a Message, &'a Transaction<'a>) -> BoxFuture<'a, Outcome>` as a
+/// [`PgHandler`].
+///
+/// ```
+/// use ampybus::inbox::pg::pg_handler_fn;
+/// let _h = pg_handler_fn(|msg, tx| Box::pin(async move {
+///     let id = msg.headers.message_id().unwrap_or_default().to_owned();
+///     match tx.execute("INSERT INTO seen (id) VALUES ($1)", &[&id]).await {
+///         Ok(_) => ampybus::Outcome::Ok,
+///         Err(_) => ampybus::Outcome::Retry { after: None },
+///     }
+/// }));
+/// ```
+pub fn pg_handler_fn<F>(f: F) -> PgFnHandler<F>
+where
+    F: for<'a> Fn(&'a Message, &'a Transaction<'a>) -> BoxFuture<'a, Outcome>
+        + Send
+        + Sync
+        + 'static,
+{
+    PgFnHandler(f)
+}
+
+#[async_trait]
+impl<F> PgHandler for PgFnHandler<F>
+where
+    F: for<'a> Fn(&'a Message, &'a Transaction<'a>) -> BoxFuture<'a, Outcome>
+        + Send
+        + Sync
+        + 'static,
+{
+    async fn handle(&self, msg: &Message, tx: &Transaction<'_>) -> Outcome {
+        (self.0)(msg, tx).await
+    }
+}
+
+/// A transactional inbox (and outbox) in a PostgreSQL database.
+///
+/// ```no_run
+/// # async fn f() -> ampybus::Result<()> {
+/// use ampybus::inbox::pg::PgInbox;
+/// let inbox = PgInbox::connect("postgres://postgres@127.0.0.1/oms").await?
+///     .with_retention(std::time::Duration::from_secs(3 * 24 * 3600));
+/// assert_eq!(inbox.schema_versions().1, ampybus::archive::SCHEMA_VERSION);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct PgInbox {
+    inner: Arc<Inner>,
+    retention: Duration,
+}
+
+struct Inner {
+    config: tokio_postgres::Config,
+    shown: String,
+    idle: Mutex<Vec<Client>>,
+    last_purge: Mutex<Option<Instant>>,
+    migrated: (i32, i32),
+    skipped: Skips,
+}
+
+impl std::fmt::Debug for PgInbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgInbox")
+            .field("url", &self.inner.shown)
+            .field("retention", &self.retention)
+            .finish()
+    }
+}
+
+const PURGE_EVERY: Duration = Duration::from_secs(60);
+
+impl PgInbox {
+    /// Connects and creates or migrates schema `ampybus` (the archive's, with the inbox and
+    /// outbox tables). Errors: a bad URL (Config), an unreachable server (Transport, naming
+    /// the URL without its password), a missing database or wrong credentials (Config), a
+    /// schema of a newer version (Config, naming both versions).
+    pub async fn connect(url: &str) -> Result<PgInbox> {
+        let config = parse_url(url)?;
+        let shown = crate::bus::redact(url);
+        let mut client = connect(&config, &shown).await?;
+        let migrated = migrate(&mut client).await?;
+        Ok(PgInbox {
+            inner: Arc::new(Inner {
+                config,
+                shown,
+                idle: Mutex::new(vec![client]),
+                last_purge: Mutex::new(None),
+                migrated,
+                skipped: Skips::default(),
+            }),
+            retention: DEFAULT_RETENTION,
+        })
+    }
+
+    /// Sets how long inbox rows count (default [`DEFAULT_RETENTION`], 7 days).
+    pub fn with_retention(mut self, d: Duration) -> PgInbox {
+        self.retention = d;
+        self
+    }
+
+    /// How long inbox rows count.
+    pub fn retention(&self) -> Duration {
+        self.retention
+    }
+
+    /// `(version found, version now)` of schema `ampybus` when this handle connected.
+    pub fn schema_versions(&self) -> (i32, i32) {
+        self.inner.migrated
+    }
+
+    /// A connection of this inbox's pool, for the application's own transactions (give it
+    /// back with [`PgInbox::give_back`], or drop it).
+    pub async fn client(&self) -> Result<Client> {
+        self.take().await
+    }
+
+    /// Returns a connection to the pool (a closed one is dropped).
+    pub fn give_back(&self, client: Client) {
+        if client.is_closed() {
+            return;
+        }
+        let mut idle = self.inner.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < 64 {
+            idle.push(client);
+        }
+    }
+
+    /// How many messages consumers named `consumer` of this handle found applied already.
+    pub fn skipped(&self, consumer: &str) -> u64 {
+        self.inner.skipped.total(consumer)
+    }
+
+    /// Binds `handler` to this inbox for [`crate::runtime::ConsumerBuilder::inbox`].
+    pub fn handler(&self, handler: impl PgHandler) -> PgInboxBinding {
+        PgInboxBinding {
+            inbox: self.clone(),
+            handler: Arc::new(handler),
+        }
+    }
+
+    /// A relay for this database's outbox (`bus_outbox_*{table="ampybus.outbox@<db>"}`); one
+    /// per database is active at a time (a session advisory lock).
+    pub fn relay(&self, bus: Bus, opts: RelayOptions) -> OutboxRelay {
+        let db = self.inner.config.get_dbname().unwrap_or("postgres");
+        OutboxRelay::new(
+            Arc::new(PgRelayStore {
+                inbox: self.clone(),
+                table: format!("ampybus.outbox@{db}"),
+                lock: tokio::sync::Mutex::new(None),
+                work: tokio::sync::Mutex::new(None),
+            }),
+            bus,
+            opts,
+        )
+    }
+
+    async fn take(&self) -> Result<Client> {
+        loop {
+            let c = self
+                .inner
+                .idle
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop();
+            match c {
+                Some(c) if !c.is_closed() => return Ok(c),
+                Some(_) => continue,
+                None => return connect(&self.inner.config, &self.inner.shown).await,
+            }
+        }
+    }
+
+    async fn maybe_purge(&self, client: &Client) {
+        {
+            let mut last = self
+                .inner
+                .last_purge
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|t| t.elapsed() < PURGE_EVERY) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        let secs = self.retention.as_secs_f64();
+        match client
+            .execute(
+                "DELETE FROM ampybus.inbox WHERE applied_at < now() - make_interval(secs => $1)",
+                &[&secs],
+            )
+            .await
+        {
+            Ok(n) if n > 0 => {
+                tracing::info!(db = %self.inner.shown, rows = n, "inbox: expired rows purged")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(db = %self.inner.shown, error = %e, "inbox: purge failed"),
+        }
+    }
+}
+
+/// A [`PgInbox`] with its handler ([`PgInbox::handler`]).
+pub struct PgInboxBinding {
+    inbox: PgInbox,
+    handler: Arc<dyn PgHandler>,
+}
+
+impl std::fmt::Debug for PgInboxBinding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgInboxBinding")
+            .field("inbox", &self.inbox)
+            .finish()
+    }
+}
+
+impl InboxBinding for PgInboxBinding {
+    fn bind(self: Box<Self>, consumer: &str, metrics: &BusMetrics) -> Arc<dyn Handler> {
+        let skips = self.inbox.inner.clone();
+        let store = PgAttempt {
+            inbox: self.inbox,
+            handler: self.handler,
+            lanes: std::sync::OnceLock::new(),
+        };
+        skips.skipped.bind(store, consumer, metrics)
+    }
+}
+
+struct PgAttempt {
+    inbox: PgInbox,
+    handler: Arc<dyn PgHandler>,
+    /// The queue of the commit lanes, started on first use.
+    lanes: std::sync::OnceLock<tokio::sync::mpsc::Sender<Job>>,
+}
+
+/// How many transactions an inbox consumer keeps open at once (each on a connection of its
+/// own), and how many messages one of them takes at most.
+const LANES: usize = 4;
+const MAX_BATCH: usize = 64;
+
+/// A message waiting for a shared transaction, and where its result goes.
+struct Job {
+    consumer: String,
+    row: InboxRow,
+    msg: Message,
+    reply: tokio::sync::oneshot::Sender<JobResult>,
+}
+
+enum JobResult {
+    Done(Attempted),
+    /// The handler panicked (its savepoint rolled back): the panic goes on in the worker.
+    Panicked(Box<dyn std::any::Any + Send>),
+    Failed(Error),
+}
+
+#[async_trait]
+impl InboxAttempt for PgAttempt {
+    async fn attempt(&self, consumer: &str, row: &InboxRow, msg: &Message) -> Result<Attempted> {
+        let lanes = self.lanes.get_or_init(|| {
+            let (tx, rx) = tokio::sync::mpsc::channel::<Job>(MAX_BATCH * LANES);
+            let rx = Arc::new(tokio::sync::Mutex::new(rx));
+            for _ in 0..LANES {
+                let lane = Lane {
+                    inbox: self.inbox.clone(),
+                    handler: self.handler.clone(),
+                    queue: rx.clone(),
+                };
+                tokio::spawn(lane.run());
+            }
+            tx
+        });
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job = Job {
+            consumer: consumer.to_owned(),
+            row: row.clone(),
+            msg: msg.clone(),
+            reply,
+        };
+        let closed = || Error::new(ErrorKind::Closed, "inbox: the commit lanes stopped");
+        lanes.send(job).await.map_err(|_| closed())?;
+        match answer.await.map_err(|_| closed())? {
+            JobResult::Done(a) => Ok(a),
+            JobResult::Panicked(p) => std::panic::resume_unwind(p),
+            JobResult::Failed(e) => Err(e),
+        }
+    }
+}
+
+/// One commit lane: takes what is queued (up to [`MAX_BATCH`]), applies it in one
+/// transaction with a savepoint per message, commits, then answers every message.
+struct Lane {
+    inbox: PgInbox,
+    handler: Arc<dyn PgHandler>,
+    queue: Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Job>>>,
+}
+
+impl Lane {
+    async fn run(self) {
+        loop {
+            let mut jobs = Vec::new();
+            {
+                let mut q = self.queue.lock().await;
+                match q.recv().await {
+                    Some(j) => jobs.push(j),
+                    None => return,
+                }
+                while jobs.len() < MAX_BATCH {
+                    match q.try_recv() {
+                        Ok(j) => jobs.push(j),
+                        Err(_) => break,
+                    }
+                }
+            }
+            self.batch(jobs).await;
+        }
+    }
+
+    async fn batch(&self, jobs: Vec<Job>) {
+        let mut client = match self.inbox.take().await {
+            Ok(c) => c,
+            Err(e) => {
+                for j in jobs {
+                    let _ = j
+                        .reply
+                        .send(JobResult::Failed(Error::new(e.kind(), e.message())));
+                }
+                return;
+            }
+        };
+        let r = self.apply(&mut client, &jobs).await;
+        let r = match r {
+            // The connection went away while a handler ran: a Retry or DeadLetter may be the
+            // outage's doing, not the message's. Held and tried again.
+            Ok(_) if client.is_closed() => Err(Error::new(
+                ErrorKind::Transport,
+                format!(
+                    "PostgreSQL {}: the connection was lost during the transaction",
+                    self.inbox.inner.shown
+                ),
+            )),
+            r => r,
+        };
+        match r {
+            Ok(results) => {
+                self.inbox.maybe_purge(&client).await;
+                for (j, res) in jobs.into_iter().zip(results) {
+                    let _ = j.reply.send(res);
+                }
+            }
+            Err(e) => {
+                for j in jobs {
+                    let _ = j
+                        .reply
+                        .send(JobResult::Failed(Error::new(e.kind(), e.message())));
+                }
+            }
+        }
+        self.inbox.give_back(client);
+    }
+
+    /// The transaction: per message a savepoint, the inbox row, the handler; released when
+    /// the handler said Ok, rolled back to otherwise; then one commit.
+    async fn apply(&self, client: &mut Client, jobs: &[Job]) -> Result<Vec<JobResult>> {
+        use futures::FutureExt;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(|e| pg_error("begin", e))?;
+        let mut out = Vec::with_capacity(jobs.len());
+        for j in jobs {
+            let row = &j.row;
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] = [
+                &j.consumer,
+                &row.message_id,
+                &row.domain,
+                &row.dedupe_key,
+                &row.topic,
+            ];
+            // Sent together: one round trip for the savepoint and the row.
+            let (sp, inserted) = tokio::join!(
+                tx.batch_execute("SAVEPOINT ampybus_msg"),
+                tx.execute(
+                    "INSERT INTO ampybus.inbox (consumer, message_id, domain, dedupe_key, topic)
+                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                    &params,
+                )
+            );
+            sp.map_err(|e| pg_error("savepoint", e))?;
+            if inserted.map_err(|e| pg_error("inserting the inbox row", e))? == 0 {
+                tx.batch_execute("RELEASE SAVEPOINT ampybus_msg")
+                    .await
+                    .map_err(|e| pg_error("release savepoint", e))?;
+                out.push(JobResult::Done(Attempted::Skipped));
+                continue;
+            }
+            let handled = std::panic::AssertUnwindSafe(self.handler.handle(&j.msg, &tx))
+                .catch_unwind()
+                .await;
+            let res = match handled {
+                Ok(Outcome::Ok) => match tx.batch_execute("RELEASE SAVEPOINT ampybus_msg").await {
+                    Ok(()) => JobResult::Done(Attempted::Handled(Outcome::Ok)),
+                    // A statement of the handler failed and it said Ok anyway: nothing of it
+                    // can commit; tried again as a retry.
+                    Err(e) if e.as_db_error().is_some() => {
+                        tracing::warn!(error = %e, message_id = %row.message_id,
+                            "inbox: the handler returned Ok after a failed statement; rolled back, retrying");
+                        self.roll_back(&tx).await?;
+                        JobResult::Done(Attempted::Handled(Outcome::Retry { after: None }))
+                    }
+                    Err(e) => return Err(pg_error("release savepoint", e)),
+                },
+                Ok(other) => {
+                    self.roll_back(&tx).await?;
+                    JobResult::Done(Attempted::Handled(other))
+                }
+                Err(panic) => {
+                    self.roll_back(&tx).await?;
+                    JobResult::Panicked(panic)
+                }
+            };
+            out.push(res);
+        }
+        crash_point(CRASH_BEFORE_COMMIT);
+        tx.commit().await.map_err(|e| pg_error("commit", e))?;
+        crash_point(CRASH_BEFORE_ACK);
+        Ok(out)
+    }
+
+    async fn roll_back(&self, tx: &Transaction<'_>) -> Result<()> {
+        tx.batch_execute("ROLLBACK TO SAVEPOINT ampybus_msg; RELEASE SAVEPOINT ampybus_msg")
+            .await
+            .map_err(|e| pg_error("rollback to savepoint", e))
+    }
+}
+
+/// Stages messages into `ampybus.outbox`, inside the application's transaction.
+///
+/// ```no_run
+/// # async fn f(inbox: ampybus::inbox::pg::PgInbox) -> ampybus::Result<()> {
+/// use ampybus::inbox::pg::PgOutbox;
+/// use ampybus::{Headers, Topic};
+/// let mut client = inbox.client().await?;
+/// let tx = client.transaction().await.unwrap();
+/// let topic = Topic::parse("ampy.prod.orders.v1.new")?;
+/// let h = Headers::for_publish("ampy.orders.v1.OrderRequest", "oms@1", "oms", "co_1");
+/// let id = PgOutbox.stage(&tx, &topic, h, b"order".to_vec()).await?;
+/// tx.commit().await.unwrap();
+/// println!("will publish {id}");
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PgOutbox;
+
+/// The class id of the per-key staging locks (`pg_advisory_xact_lock(class, hashtext(key))`).
+const STAGE_LOCK_CLASS: i32 = 0x6f75_7462; // "outb"
+/// The class id of the relay's session lock.
+const RELAY_LOCK_CLASS: i32 = 0x7265_6c79; // "rely"
+
+impl PgOutbox {
+    /// Stages one message in `tx`: fills every publish default, checks the headers as a
+    /// publish would, takes the key's next `seq` under a per-key advisory transaction lock
+    /// (held until `tx` ends, so a key's rows commit in `seq` order), and returns the final
+    /// `message_id`. Published after the commit by the database's [`OutboxRelay`].
+    pub async fn stage(
+        &self,
+        tx: &Transaction<'_>,
+        topic: &Topic,
+        headers: Headers,
+        payload: impl Into<Bytes>,
+    ) -> Result<String> {
+        let s = prepare_stage(topic, headers, payload.into())?;
+        tx.execute(
+            "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+            &[&STAGE_LOCK_CLASS, &s.key],
+        )
+        .await
+        .map_err(|e| pg_error("locking the partition key for staging", e))?;
+        tx.execute(
+            "INSERT INTO ampybus.outbox (message_id, topic, partition_key, seq, headers, payload)
+             VALUES ($1, $2, $3, (SELECT coalesce(max(seq), 0) + 1 FROM ampybus.outbox WHERE partition_key = $3), $4, $5)",
+            &[&s.message_id, &s.topic, &s.key, &s.headers, &s.payload.as_ref()],
+        )
+        .await
+        .map_err(|e| pg_error("staging into ampybus.outbox", e))?;
+        Ok(s.message_id)
+    }
+}
+
+/// The relay's side of `ampybus.outbox`.
+struct PgRelayStore {
+    inbox: PgInbox,
+    table: String,
+    /// The session holding the relay's advisory lock.
+    lock: tokio::sync::Mutex<Option<Client>>,
+    work: tokio::sync::Mutex<Option<Client>>,
+}
+
+impl PgRelayStore {
+    async fn work(&self) -> Result<tokio::sync::MutexGuard<'_, Option<Client>>> {
+        let mut g = self.work.lock().await;
+        if g.as_ref().is_none_or(|c| c.is_closed()) {
+            *g = Some(connect(&self.inbox.inner.config, &self.inbox.inner.shown).await?);
+        }
+        Ok(g)
+    }
+}
+
+#[async_trait]
+impl RelayStore for PgRelayStore {
+    fn table(&self) -> &str {
+        &self.table
+    }
+
+    async fn try_lock(&self) -> Result<bool> {
+        let mut g = self.lock.lock().await;
+        if g.as_ref().is_some_and(|c| !c.is_closed()) {
+            return Ok(true);
+        }
+        *g = None;
+        let c = connect(&self.inbox.inner.config, &self.inbox.inner.shown).await?;
+        let got: bool = c
+            .query_one("SELECT pg_try_advisory_lock($1, 0)", &[&RELAY_LOCK_CLASS])
+            .await
+            .map_err(|e| pg_error("taking the relay lock", e))?
+            .get(0);
+        if got {
+            *g = Some(c);
+        }
+        Ok(got)
+    }
+
+    async fn unsent(&self, limit: usize) -> Result<Vec<OutboxRow>> {
+        let g = self.work().await?;
+        let c = g.as_ref().expect("connected");
+        let rows = c
+            .query(
+                "SELECT id, topic, headers, payload FROM ampybus.outbox WHERE sent_at IS NULL ORDER BY id LIMIT $1",
+                &[&(limit as i64)],
+            )
+            .await
+            .map_err(|e| pg_error("reading unsent rows", e))?;
+        Ok(rows
+            .into_iter()
+            .map(|r| OutboxRow {
+                id: r.get(0),
+                topic: r.get(1),
+                headers: r.get(2),
+                payload: r.get(3),
+            })
+            .collect())
+    }
+
+    async fn mark_sent(&self, ids: &[i64]) -> Result<()> {
+        let g = self.work().await?;
+        g.as_ref()
+            .expect("connected")
+            .execute(
+                "UPDATE ampybus.outbox SET sent_at = now() WHERE id = ANY($1)",
+                &[&ids],
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| pg_error("marking rows sent", e))
+    }
+
+    async fn mark_dead_lettered(&self, id: i64, reason: &str) -> Result<()> {
+        let g = self.work().await?;
+        g.as_ref()
+            .expect("connected")
+            .execute(
+                "UPDATE ampybus.outbox SET sent_at = now(), dlq_reason = $2 WHERE id = $1",
+                &[&id, &reason],
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| pg_error("marking a row dead-lettered", e))
+    }
+
+    async fn purge_sent(&self, older_than: Duration) -> Result<u64> {
+        let g = self.work().await?;
+        g.as_ref()
+            .expect("connected")
+            .execute(
+                "DELETE FROM ampybus.outbox WHERE sent_at < now() - make_interval(secs => $1)",
+                &[&older_than.as_secs_f64()],
+            )
+            .await
+            .map_err(|e| pg_error("purging sent rows", e))
+    }
+
+    async fn depth(&self) -> Result<(i64, f64)> {
+        let g = self.work().await?;
+        let r = g
+            .as_ref()
+            .expect("connected")
+            .query_one(
+                "SELECT count(*), coalesce(extract(epoch FROM now() - min(staged_at)), 0)::float8
+                 FROM ampybus.outbox WHERE sent_at IS NULL",
+                &[],
+            )
+            .await
+            .map_err(|e| pg_error("counting unsent rows", e))?;
+        Ok((r.get(0), r.get(1)))
+    }
+}

@@ -1,0 +1,561 @@
+//! The transactional inbox and outbox (issue 21) on real databases: SQLite files and
+//! PostgreSQL (a database of its own on the shared server; a server of its own for the outage
+//! test), with the embedded log as the bus. Exact counts: what was applied, what was skipped,
+//! what was rolled back.
+
+#[path = "../../ampybus-cli/tests/archive_support/mod.rs"]
+mod archive_support;
+mod common;
+
+use ampybus::inbox::pg::{PgInbox, PgOutbox, pg_handler_fn};
+use ampybus::inbox::sqlite::{SqliteInbox, SqliteOutbox};
+use ampybus::inbox::{OutboxRelay, RelayOptions};
+use ampybus::runtime::{Consumer, ConsumerHandle, DlqCode, Outcome, RetryPolicy};
+use ampybus::transport::{StartAt, SubscribeSpec};
+use ampybus::{Bus, ErrorKind, Headers, Topic, TopicPattern};
+use archive_support::{Db, OwnServer, count, query};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// Waits for `cond`, failing after a generous minute (a hang becomes a failure).
+async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !cond() {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn fills() -> Topic {
+    Topic::parse("ampy.dev.fills.v1.sim").unwrap()
+}
+
+/// A fill: `qty` and what the handler should do (`ok`, `retry-once`, `panic`, `dead`).
+fn fill_headers(key: &str) -> Headers {
+    Headers::for_publish("ampy.fills.v1.Fill", "test@1", "test", key)
+}
+
+async fn publish(bus: &Bus, h: Headers, body: &str) {
+    bus.publish(&fills(), h, body.as_bytes().to_vec())
+        .await
+        .unwrap();
+}
+
+/// The mixed batch both inbox tests send: 20 plain fills, one exact copy, one dedupe-key
+/// twin, one that fails its first attempt after writing, one that panics and one that asks
+/// for the DLQ after writing. Returns the message ids expected to be applied.
+async fn publish_mixed(bus: &Bus) -> Vec<String> {
+    let mut applied = Vec::new();
+    for i in 0..20 {
+        let h = fill_headers(&format!("a{}|co{i}", i % 4));
+        applied.push(h.message_id().unwrap().to_owned());
+        let copy = h.clone();
+        publish(bus, h, &format!("{}|ok", i + 1)).await;
+        if i == 7 {
+            publish(bus, copy, &format!("{}|ok", i + 1)).await;
+        }
+    }
+    let twin_a = fill_headers("a9|dk").with("dedupe_key", "fill-dk");
+    applied.push(twin_a.message_id().unwrap().to_owned());
+    publish(bus, twin_a, "100|ok").await;
+    publish(
+        bus,
+        fill_headers("a9|dk").with("dedupe_key", "fill-dk"),
+        "100|ok",
+    )
+    .await;
+    let retry = fill_headers("a8|r");
+    applied.push(retry.message_id().unwrap().to_owned());
+    publish(bus, retry, "1000|retry-once").await;
+    publish(bus, fill_headers("a7|p"), "5|panic").await;
+    publish(bus, fill_headers("a6|d"), "7|dead").await;
+    applied
+}
+
+/// The quantity of a payload `qty|mode`.
+fn qty_of(payload: &[u8]) -> i64 {
+    let s = std::str::from_utf8(payload).unwrap();
+    s.split_once('|').unwrap().0.parse().unwrap()
+}
+
+/// The handler's decision for a payload `qty|mode`; `failed` remembers the retry-once case.
+fn decide(payload: &[u8], failed: &AtomicBool) -> Outcome {
+    let s = std::str::from_utf8(payload).unwrap();
+    match s.split_once('|').unwrap().1 {
+        "ok" => Outcome::Ok,
+        "retry-once" if !failed.swap(true, Ordering::SeqCst) => Outcome::Retry {
+            after: Some(Duration::from_millis(20)),
+        },
+        "retry-once" => Outcome::Ok,
+        "panic" => panic!("handler panic after writing its effect"),
+        "dead" => Outcome::DeadLetter("handler_error: refused after writing".into()),
+        m => panic!("unknown mode {m}"),
+    }
+}
+
+/// 20 + 1 copy + 2 twins + 1 retried settled Ok (2 of them skips), 1 panic, 1 dead letter.
+async fn wait_settled(handle: &ConsumerHandle) {
+    let t = Instant::now();
+    loop {
+        let s = handle.stats();
+        if s.handled_ok == 24 && s.dead_lettered_total() == 2 && s.in_flight == 0 {
+            return;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "not settled: {s:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Publishes the mixed batch to a started consumer "pos", waits until every message settled,
+/// stops it and checks its counts; returns the ids that must have been applied.
+async fn run_mixed(bus: &Bus, handle: ConsumerHandle, skipped: impl Fn() -> u64) -> Vec<String> {
+    let applied = publish_mixed(bus).await;
+    wait_settled(&handle).await;
+    let stats = handle.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(stats.dlq(DlqCode::HandlerPanic), 1);
+    assert_eq!(stats.dlq(DlqCode::HandlerError), 1);
+    assert_eq!(stats.retried, 1);
+    assert_eq!(skipped(), 2);
+    assert_metrics(bus, "pos", 2);
+    applied
+}
+
+/// The effect rows (message id, quantity) are the applied messages', each once: nothing of a
+/// skipped, rolled-back, panicked or dead-lettered attempt is left.
+fn assert_effects(rows: &[(String, i64)], applied: &[String]) {
+    let mut got: Vec<&str> = rows.iter().map(|(m, _)| m.as_str()).collect();
+    let mut want: Vec<&str> = applied.iter().map(|s| s.as_str()).collect();
+    got.sort_unstable();
+    want.sort_unstable();
+    assert_eq!(got, want);
+    let sum: i64 = rows.iter().map(|(_, q)| q).sum();
+    assert_eq!(sum, (1..=20).sum::<i64>() + 100 + 1000);
+}
+
+fn assert_metrics(bus: &Bus, consumer: &str, skipped: u64) {
+    let text = bus.metrics().encode();
+    let line = format!("bus_inbox_skipped_total{{consumer=\"{consumer}\"}} {skipped}");
+    assert!(text.contains(&line), "{line} not in\n{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_inbox_applies_each_message_once_and_rolls_back_failures() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = Bus::connect(dir.path().join("log").to_str().unwrap())
+        .await
+        .unwrap();
+    let inbox = SqliteInbox::open(dir.path().join("pos.sqlite3")).unwrap();
+    inbox
+        .connection()
+        .unwrap()
+        .execute_batch("CREATE TABLE effects (message_id TEXT NOT NULL, qty INTEGER NOT NULL)")
+        .unwrap();
+    let failed = Arc::new(AtomicBool::new(false));
+    let f = failed.clone();
+    let handle = Consumer::builder(
+        bus.clone(),
+        TopicPattern::parse("ampy.dev.fills.>").unwrap(),
+        "pos",
+    )
+    .inbox(inbox.handler(move |msg, tx| {
+        // The effect is written first, whatever the outcome: rollbacks must undo it.
+        tx.execute(
+            "INSERT INTO effects (message_id, qty) VALUES (?1, ?2)",
+            rusqlite::params![msg.headers.message_id().unwrap(), qty_of(&msg.payload)],
+        )
+        .unwrap();
+        decide(&msg.payload, &f)
+    }))
+    .retry(RetryPolicy {
+        max_attempts: 3,
+        ..Default::default()
+    })
+    .start()
+    .await
+    .unwrap();
+    let applied = run_mixed(&bus, handle, || inbox.skipped("pos")).await;
+    let c = inbox.connection().unwrap();
+    let rows: Vec<(String, i64)> = c
+        .prepare("SELECT message_id, qty FROM effects")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_effects(&rows, &applied);
+    let inbox_rows: i64 = c
+        .query_row(
+            "SELECT count(*) FROM ampybus_inbox WHERE consumer = 'pos'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(inbox_rows, applied.len() as i64);
+}
+
+#[test]
+fn sqlite_tables_of_a_newer_version_and_an_unopenable_file_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.sqlite3");
+    let inbox = SqliteInbox::open(&path).unwrap();
+    assert_eq!(inbox.schema_versions(), (0, 1));
+    assert_eq!(SqliteInbox::open(&path).unwrap().schema_versions(), (1, 1));
+    inbox
+        .connection()
+        .unwrap()
+        .execute(
+            "INSERT INTO ampybus_schema_version VALUES (9, 0, 'future')",
+            [],
+        )
+        .unwrap();
+    let e = SqliteInbox::open(&path).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Config);
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "invalid configuration: SQLite {}: ampybus_schema_version: the inbox/outbox tables in this file are version 9, newer than version 1 that this ampybus build knows; use a newer ampybus (nothing was changed)",
+            path.display()
+        )
+    );
+    let e = SqliteInbox::open("/nonexistent-ampybus-dir/app.sqlite3").unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("SQLite /nonexistent-ampybus-dir/app.sqlite3: cannot open"),
+        "{e}"
+    );
+}
+
+/// Every message on `pattern`, in order: (partition key, message id, payload).
+async fn read_all(bus: &Bus, pattern: &str, n: usize) -> Vec<(String, String, String)> {
+    let mut sub = bus
+        .subscribe(SubscribeSpec::ephemeral(
+            TopicPattern::parse(pattern).unwrap(),
+            StartAt::Earliest,
+        ))
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let t = Instant::now();
+    while out.len() < n {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "only {} of {n} on {pattern}",
+            out.len()
+        );
+        for d in sub.fetch(1000, Duration::from_millis(200)).await.unwrap() {
+            let h = &d.envelope.headers;
+            out.push((
+                h.partition_key().unwrap().to_owned(),
+                h.message_id().unwrap().to_owned(),
+                String::from_utf8(d.envelope.payload.to_vec()).unwrap(),
+            ));
+        }
+    }
+    // Nothing more than expected.
+    assert!(
+        sub.fetch(10, Duration::from_millis(200))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    out
+}
+
+/// Checks what a relay published: every staged id once, each key's rows in staging order.
+fn assert_relayed(
+    got: &[(String, String, String)],
+    staged: &BTreeMap<String, Vec<(String, String)>>,
+) {
+    let mut by_key: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+    for (k, id, p) in got {
+        by_key
+            .entry(k.clone())
+            .or_default()
+            .push((id.clone(), p.clone()));
+    }
+    assert_eq!(&by_key, staged);
+}
+
+/// Stages `keys` × `per_key` messages over several transactions (keys interleaved), plus
+/// one transaction that is rolled back; returns what was committed, per key in order.
+fn stage_sqlite(
+    inbox: &SqliteInbox,
+    keys: usize,
+    per_key: usize,
+) -> BTreeMap<String, Vec<(String, String)>> {
+    let mut staged: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+    let mut conn = inbox.connection().unwrap();
+    for round in 0..per_key {
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .unwrap();
+        for k in 0..keys {
+            let key = format!("acct|co{k}");
+            let body = format!("{key}#{round}");
+            let id = SqliteOutbox
+                .stage(&tx, &fills(), fill_headers(&key), body.clone().into_bytes())
+                .unwrap();
+            staged.entry(key).or_default().push((id, body));
+        }
+        tx.commit().unwrap();
+        if round == 1 {
+            let tx = conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .unwrap();
+            SqliteOutbox
+                .stage(
+                    &tx,
+                    &fills(),
+                    fill_headers("acct|co0"),
+                    b"rolled back".to_vec(),
+                )
+                .unwrap();
+            drop(tx);
+        }
+    }
+    staged
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_outbox_relay_publishes_each_row_once_in_key_order_and_dead_letters_a_refusal() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = Bus::connect(dir.path().join("log").to_str().unwrap())
+        .await
+        .unwrap();
+    let inbox = SqliteInbox::open(dir.path().join("oms.sqlite3")).unwrap();
+    let staged = stage_sqlite(&inbox, 5, 40);
+    // A row the bus refuses for good: its topic changed under it to a domain whose
+    // partition-key rule the key breaks.
+    {
+        let mut conn = inbox.connection().unwrap();
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .unwrap();
+        let bad = SqliteOutbox
+            .stage(&tx, &fills(), fill_headers("acct|bad"), b"bad".to_vec())
+            .unwrap();
+        tx.execute(
+            "UPDATE ampybus_outbox SET topic = 'ampy.dev.bars.v1.XNAS.AAPL' WHERE message_id = ?1",
+            [&bad],
+        )
+        .unwrap();
+        tx.commit().unwrap();
+    }
+    // Two relays on one file: the second stands by while the first holds the lock.
+    let first = inbox.relay(bus.clone(), RelayOptions::default());
+    let stats = first.drain().await.unwrap();
+    assert_eq!((stats.published, stats.dead_lettered), (200, 1));
+    let second: OutboxRelay = inbox.relay(bus.clone(), RelayOptions::default());
+    let standby = tokio::time::timeout(Duration::from_millis(300), second.drain()).await;
+    assert!(
+        standby.is_err(),
+        "a second relay must wait while the first holds the lock"
+    );
+    let got = read_all(&bus, "ampy.dev.fills.>", 200).await;
+    assert_relayed(&got, &staged);
+    let dlq = read_all(&bus, "ampy.dev.dlq.>", 1).await;
+    assert_eq!(dlq[0].2, "bad");
+    let c = inbox.connection().unwrap();
+    let (unsent, dead): (i64, i64) = c
+        .query_row(
+            "SELECT count(*) FILTER (WHERE sent_at_ms IS NULL), count(*) FILTER (WHERE dlq_reason LIKE 'other: outbox relay: refused by the bus: %partition_key%')
+             FROM ampybus_outbox",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((unsent, dead), (0, 1));
+    // The first relay goes away: the standby takes over and finds nothing left to do.
+    drop(first);
+    let stats = second.drain().await.unwrap();
+    assert_eq!(stats.published, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pg_inbox_applies_each_message_once_and_relays_staged_fills() {
+    let db = Db::shared();
+    let dir = tempfile::tempdir().unwrap();
+    let bus = Bus::connect(dir.path().join("log").to_str().unwrap())
+        .await
+        .unwrap();
+    let inbox = PgInbox::connect(&db.url).await.unwrap();
+    assert_eq!(inbox.schema_versions(), (0, 2));
+    query(
+        &db.url,
+        "CREATE TABLE effects (message_id text NOT NULL, qty bigint NOT NULL)",
+    );
+    let failed = Arc::new(AtomicBool::new(false));
+    let f = failed.clone();
+    let positions = Topic::parse("ampy.dev.positions.v1.sim").unwrap();
+    let handle = Consumer::builder(
+        bus.clone(),
+        TopicPattern::parse("ampy.dev.fills.>").unwrap(),
+        "pos",
+    )
+    .inbox(inbox.handler(pg_handler_fn(move |msg, tx| {
+        let f = f.clone();
+        let positions = positions.clone();
+        Box::pin(async move {
+            let id = msg.headers.message_id().unwrap().to_owned();
+            let q = qty_of(&msg.payload);
+            tx.execute(
+                "INSERT INTO effects (message_id, qty) VALUES ($1, $2)",
+                &[&id, &q],
+            )
+            .await
+            .unwrap();
+            let h = Headers::for_publish(
+                "ampy.positions.v1.Position",
+                "pos@1",
+                "pos",
+                "acct|XNAS.AAPL",
+            );
+            PgOutbox
+                .stage(tx, &positions, h, id.into_bytes())
+                .await
+                .unwrap();
+            decide(&msg.payload, &f)
+        })
+    })))
+    .retry(RetryPolicy {
+        max_attempts: 3,
+        ..Default::default()
+    })
+    .start()
+    .await
+    .unwrap();
+    let applied = run_mixed(&bus, handle, || inbox.skipped("pos")).await;
+    let rows: Vec<(String, i64)> = query(&db.url, "SELECT message_id, qty FROM effects")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_effects(&rows, &applied);
+    assert_eq!(
+        count(&db.url, "ampybus.inbox WHERE consumer = 'pos'"),
+        applied.len() as i64
+    );
+    // One staged position per applied fill (the rolled-back attempts staged nothing).
+    assert_eq!(count(&db.url, "ampybus.outbox"), applied.len() as i64);
+    let relay = inbox.relay(bus.clone(), RelayOptions::default());
+    assert_eq!(relay.drain().await.unwrap().published, applied.len() as u64);
+    let got = read_all(&bus, "ampy.dev.positions.>", applied.len()).await;
+    let bodies: Vec<&str> = got.iter().map(|(_, _, p)| p.as_str()).collect();
+    let staged: Vec<String> = query(&db.url, "SELECT payload FROM ampybus.outbox ORDER BY seq")
+        .iter()
+        .map(|r| String::from_utf8(r.get::<_, Vec<u8>>(0)).unwrap())
+        .collect();
+    assert_eq!(
+        bodies,
+        staged.iter().map(|s| s.as_str()).collect::<Vec<_>>()
+    );
+    assert_eq!(count(&db.url, "ampybus.outbox WHERE sent_at IS NULL"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_unreachable_at_start_and_newer_schema_are_named() {
+    let e = PgInbox::connect("postgres://postgres:secret@127.0.0.1:1/oms")
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Transport);
+    let text = e.to_string();
+    assert!(
+        text.contains("connecting to postgres://***@127.0.0.1:1/oms"),
+        "{text}"
+    );
+    assert!(!text.contains("secret"), "{text}");
+    let db = Db::shared();
+    PgInbox::connect(&db.url).await.unwrap();
+    query(
+        &db.url,
+        "INSERT INTO ampybus.schema_version (version, applied_by) VALUES (7, 'future')",
+    );
+    let e = PgInbox::connect(&db.url).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Config);
+    assert!(
+        e.to_string()
+            .contains("is version 7, newer than version 2 that this ampybus build knows"),
+        "{e}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pg_lost_mid_run_holds_messages_and_applies_each_once() {
+    let n = (3_000.0 * common::scale()) as usize;
+    let server = OwnServer::start(None);
+    let db = Db::on(&server.admin_url(), &format!("127.0.0.1:{}", server.port));
+    query(
+        &db.url,
+        "CREATE TABLE effects (message_id text NOT NULL, qty bigint NOT NULL)",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let bus = Bus::connect(dir.path().join("log").to_str().unwrap())
+        .await
+        .unwrap();
+    for i in 0..n {
+        publish(
+            &bus,
+            fill_headers(&format!("a{}|co{i}", i % 16)),
+            &format!("{}|ok", i % 7),
+        )
+        .await;
+    }
+    let inbox = PgInbox::connect(&db.url).await.unwrap();
+    let handle = Consumer::builder(
+        bus.clone(),
+        TopicPattern::parse("ampy.dev.fills.>").unwrap(),
+        "pos",
+    )
+    .inbox(inbox.handler(pg_handler_fn(|msg, tx| {
+        Box::pin(async move {
+            let id = msg.headers.message_id().unwrap().to_owned();
+            let q = qty_of(&msg.payload);
+            match tx
+                .execute(
+                    "INSERT INTO effects (message_id, qty) VALUES ($1, $2)",
+                    &[&id, &q],
+                )
+                .await
+            {
+                Ok(_) => Outcome::Ok,
+                // The server went away under the handler: the runtime holds the message.
+                Err(_) => Outcome::Retry { after: None },
+            }
+        })
+    })))
+    .ack_deadline(Duration::from_secs(5))
+    .start()
+    .await
+    .unwrap();
+    until("a tenth applied", || {
+        handle.stats().handled_ok as usize >= n / 10
+    })
+    .await;
+    server.pg_ctl_stop();
+    let at_stop = handle.stats().handled_ok;
+    tokio::time::sleep(Duration::from_millis(500)).await; // the outage lasts a while
+    let during = handle.stats();
+    assert!(during.handled_ok <= at_stop + 64, "{during:?} vs {at_stop}");
+    assert_eq!(during.dead_lettered_total(), 0, "{during:?}");
+    server.pg_ctl_start();
+    until("every message settled", || {
+        let s = handle.stats();
+        s.handled_ok as usize == n && s.in_flight == 0
+    })
+    .await;
+    let stats = handle.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(stats.dead_lettered_total(), 0, "{stats:?}");
+    assert_eq!(count(&db.url, "effects"), n as i64);
+    assert_eq!(
+        count(&db.url, "(SELECT DISTINCT message_id FROM effects) d"),
+        n as i64
+    );
+    assert_eq!(count(&db.url, "ampybus.inbox"), n as i64);
+    let expected: i64 = (0..n).map(|i| (i % 7) as i64).sum();
+    let sum: i64 = query(&db.url, "SELECT sum(qty)::bigint FROM effects")[0].get(0);
+    assert_eq!(sum, expected);
+}
