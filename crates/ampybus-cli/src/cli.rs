@@ -561,18 +561,15 @@ pub struct BenchArgs {
     /// emptied before every round), postgres://user:password@host:port/database
     #[arg(long, value_name = "URL")]
     pub to: Option<String>,
-<<<<<<< HEAD
     /// Durability tier of every topic of the command: best_effort (or best-effort),
     /// at_least_once, at_least_once_dedupe [default: the registry's, else at_least_once_dedupe].
     /// A registry entry wins
     #[arg(long, value_name = "TIER", value_parser = crate::util::parse_tier)]
     pub tier: Option<ampybus::tier::Tier>,
-=======
     /// --mode inbox: the database of the inbox and outbox (its ampybus inbox and outbox
     /// tables are emptied before every round), postgres://… or sqlite:///path
     #[arg(long, value_name = "URL")]
     pub db: Option<String>,
->>>>>>> inbox
 }
 
 /// `ampybus bench-consumer` (internal).

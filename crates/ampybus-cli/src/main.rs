@@ -21,11 +21,8 @@ mod dlq;
 mod error;
 mod follow;
 mod migrate;
-<<<<<<< HEAD
 mod monitor;
-=======
 mod outbox;
->>>>>>> inbox
 mod publish;
 mod registry;
 mod replay;

@@ -220,13 +220,13 @@ async fn too_slow_consumer_sheds_by_class() {
         ("quote", "B.XNAS", "q4"),
         ("quote", "B.XNAS", "q5"),
         ("trade", "A.XNAS", "t1"),
-        ("trade", "B.XNAS", "t2"),       // 9 queued: shedding from here
+        ("trade", "B.XNAS", "t2"),    // 9 queued: shedding from here
         ("heartbeat", "XNAS", "hb3"), // dropped (incoming heartbeat)
-        ("quote", "A.XNAS", "q6"),       // evicts hb1
-        ("trade", "A.XNAS", "t3"),       // evicts hb2
-        ("trade", "A.XNAS", "t4"),       // evicts q1
-        ("quote", "B.XNAS", "q7"),       // nothing lower: dropped
-        ("trade", "B.XNAS", "t5"),       // evicts q2
+        ("quote", "A.XNAS", "q6"),    // evicts hb1
+        ("trade", "A.XNAS", "t3"),    // evicts hb2
+        ("trade", "A.XNAS", "t4"),    // evicts q1
+        ("quote", "B.XNAS", "q7"),    // nothing lower: dropped
+        ("trade", "B.XNAS", "t5"),    // evicts q2
     ];
     publish_script(&bus, &id, &script).await;
     assert!(monitor.wait_received(15, hang_timeout()).await);

@@ -229,13 +229,10 @@ fn size_histogram() -> Histogram {
 ///     "bus_handler_duration_ms histogram", "bus_batch_size_bytes histogram",
 ///     "bus_consumer_lag gauge", "bus_consumer_lag_seconds gauge", "bus_publish_failed counter", "bus_dlq counter", "bus_retry counter",
 ///     "bus_decode_fail counter", "bus_dropped counter", "bus_inflight gauge",
-<<<<<<< HEAD
 ///     "bus_schema_mismatch counter", "bus_stale_sources gauge", "bus_seconds_since_last gauge",
-///     "bus_gap counter"] {
-=======
-///     "bus_schema_mismatch counter", "bus_inbox_skipped counter", "bus_outbox_depth gauge",
+///     "bus_gap counter",
+///     "bus_inbox_skipped counter", "bus_outbox_depth gauge",
 ///     "bus_outbox_age_seconds gauge"] {
->>>>>>> inbox
 ///     assert!(text.contains(&format!("# TYPE {family}\n")), "{family}");
 /// }
 /// // Merge into an application's own registry:
@@ -263,13 +260,10 @@ struct Families {
     dropped: Family<TopicReason, Counter>,
     inflight: Family<ConsumerOnly, Gauge>,
     schema_mismatch: Family<TopicOnly, Counter>,
-<<<<<<< HEAD
     feeds: FeedFamilies,
-=======
     inbox_skipped: Family<ConsumerOnly, Counter>,
     outbox_depth: Family<TableOnly, Gauge>,
     outbox_age: Family<TableOnly, Gauge<f64, AtomicU64>>,
->>>>>>> inbox
     producer_cache: RwLock<HashMap<String, HashMap<String, Arc<ProducerTopic>>>>,
     drop_cache: RwLock<HashMap<String, Arc<[Counter; 4]>>>,
 }
@@ -344,13 +338,10 @@ impl BusMetrics {
             dropped: Family::default(),
             inflight: Family::default(),
             schema_mismatch: Family::default(),
-<<<<<<< HEAD
             feeds: FeedFamilies::default(),
-=======
             inbox_skipped: Family::default(),
             outbox_depth: Family::default(),
             outbox_age: Family::default(),
->>>>>>> inbox
             producer_cache: RwLock::new(HashMap::new()),
             drop_cache: RwLock::new(HashMap::new()),
         };
@@ -675,9 +666,7 @@ fn register_all(f: &Families, r: &mut Registry) {
         "Consumed messages whose schema_fqdn the registry does not list for their topic (dead-lettered as schema_mismatch), by domain-level topic",
         Listed(f.schema_mismatch.clone()),
     );
-<<<<<<< HEAD
     f.feeds.register(r);
-=======
     r.register(
         "bus_inbox_skipped",
         "Messages a transactional inbox found applied already (handler not called, acked), per consumer",
@@ -693,7 +682,6 @@ fn register_all(f: &Families, r: &mut Registry) {
         "Age in seconds of the oldest unpublished outbox row (0 when none), per outbox table",
         Listed(f.outbox_age.clone()),
     );
->>>>>>> inbox
 }
 
 #[cfg(test)]
