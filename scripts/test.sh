@@ -3,7 +3,8 @@
 #
 #   scripts/test.sh
 #
-# Runs, in order: rustfmt check, clippy (warnings are errors), every test of the workspace
+# Runs, in order: rustfmt check, clippy (warnings are errors), the library's rustdoc (warnings
+# are errors), every test of the workspace
 # (cargo-nextest when installed, else cargo test), the doctests, then the Python SDK's pytest
 # suite (scripts/python-sdk.sh test: builds crates/ampybus-py with maturin into .venv-ampybus/),
 # then the instruction budget of the consumer runtime (scripts/perf-gate.sh: a release build of
@@ -81,6 +82,9 @@ cargo fmt --all -- --check
 
 step "cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
+
+step "RUSTDOCFLAGS=-D warnings cargo doc -p ampybus --no-deps (the library's rustdoc: no broken or private links)"
+RUSTDOCFLAGS="-D warnings" cargo doc -p ampybus --no-deps
 
 if [ -x scripts/python-env.sh ] || [ -f scripts/python-env.sh ]; then
     step "python environment for the cross-language tests"

@@ -234,7 +234,7 @@ impl ConsumerBuilder {
     }
 
     /// Largest payload handed to the handler, as carried and after inflating (default
-    /// [`DEFAULT_MAX_PAYLOAD`], 64 MiB); a larger one is dead-lettered with
+    /// [`crate::codec::DEFAULT_MAX_INFLATED`], 64 MiB); a larger one is dead-lettered with
     /// `payload_too_large`.
     pub fn max_payload_bytes(mut self, n: usize) -> Self {
         self.max_payload = n.max(1);
