@@ -20,6 +20,12 @@
 //! Payloads are protobuf, built and read through the schema registry of `ampybus-proto`
 //! (`encode_from_json` / `decode_to_json`). The order service reads the reference price from a
 //! `ref_price` header the features service sets on each signal (unknown headers are carried).
+//!
+//! The features step runs on `ampybus-features`' engine (the seed 004 consumer's features and
+//! signal rule): each one-minute bar is read as the ticks that engine takes, a quote at the
+//! bar's end (bid = low, ask = high) and a trade (close × volume) at the same time, so
+//! `return_10s` is the close-to-close return and the demo's signal rule
+//! ([`DEMO_RULE`]) is the seed's with thresholds for one-minute bars.
 
 use crate::error::{CliError, CliResult, EXIT_OK};
 use ampybus::control::{ReplayRequest, ReplayState, ReplayStatus};
@@ -28,9 +34,10 @@ use ampybus::runtime::control::request_replay;
 use ampybus::runtime::{Consumer, ConsumerHandle, DlqCode, Handler, Message, Outcome, handler_fn};
 use ampybus::transport::{StartAt, WindowQuery};
 use ampybus::{Bus, Envelope, Headers, Topic, TopicPattern, partition};
+use ampybus_features::{FeatureEngine, SignalRule, TickEvent};
 use chrono::{DateTime, TimeZone, Utc};
 use serde_json::{Value, json};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -41,8 +48,13 @@ const MIC: &str = "XNAS";
 const ACCOUNT: &str = "PAPER-1";
 const POISON_SYMBOL: &str = "ZZZZ";
 const SEED: u64 = 0x00A1_B2C3_D4E5_F607;
-const WARMUP: usize = 10;
-const VOL_WINDOW: usize = 20;
+/// The seed's rule with thresholds for one-minute bars: |close-to-close return| above 0.2 %,
+/// any volume, a bar range (the synthetic spread) under 60 bps.
+const DEMO_RULE: SignalRule = SignalRule {
+    return_threshold: 0.002,
+    volume_threshold: 0.0,
+    max_spread_bps: 60.0,
+};
 const ORDER_QTY: f64 = 100.0;
 const TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -138,7 +150,7 @@ struct Ctx {
     fills_seen: AtomicU64,
     fills_pub: AtomicU64,
     positions_pub: AtomicU64,
-    features: Mutex<HashMap<String, SymFeatures>>,
+    features: Mutex<FeatureEngine>,
     positions: Mutex<HashMap<String, (f64, f64)>>,
     last_features: Mutex<BTreeMap<String, Value>>,
 }
@@ -181,26 +193,22 @@ impl Ctx {
     }
 }
 
-#[derive(Default)]
-struct SymFeatures {
-    prev_close: Option<f64>,
-    returns: VecDeque<f64>,
-    pv: f64,
-    vol_sum: f64,
-    long: bool,
-}
-
 fn outcome(r: Result<(), String>) -> Outcome {
     match r {
         Ok(()) => Outcome::Ok,
-        Err(e) if e.starts_with("decode_error:") || e.starts_with("schema_mismatch:") => {
+        Err(e)
+            if e.starts_with("decode_error:")
+                || e.starts_with("schema_mismatch:")
+                || e.starts_with("contract_violation:") =>
+        {
             Outcome::DeadLetter(e)
         }
         Err(_) => Outcome::Retry { after: None },
     }
 }
 
-/// features/signals: mid, spread, VWAP, return, rolling volatility; momentum signal.
+/// features/signals: the bar as a quote and a trade into the seed 004 feature engine, the
+/// seed's signal rule ([`DEMO_RULE`]) on the result.
 async fn features(ctx: &Ctx, msg: &Message) -> Result<(), String> {
     let batch = decode(msg, "ampy.bars.v1.BarBatch")?;
     let empty = Vec::new();
@@ -214,59 +222,40 @@ async fn features(ctx: &Ctx, msg: &Message) -> Result<(), String> {
             undec(&bar["low"]),
             undec(&bar["close"]),
         );
-        let vwap_bar = undec(&bar["vwap"]);
         let volume: f64 = bar["volume"]
             .as_str()
             .and_then(|s| s.parse().ok())
             .unwrap_or(0.0);
         let end = bar["end"].as_str().unwrap_or_default().to_owned();
+        let event_time = DateTime::parse_from_rfc3339(&end)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(|e| DlqCode::ContractViolation.reason(&format!("bars[].end {end:?}: {e}")))?;
         let signal = {
-            let mut all = ctx.features.lock().unwrap_or_else(|p| p.into_inner());
-            let f = all.entry(sym.clone()).or_default();
-            let mid = (high + low) / 2.0;
-            let spread = high - low;
-            f.pv += vwap_bar * volume;
-            f.vol_sum += volume;
-            let vwap = if f.vol_sum > 0.0 {
-                f.pv / f.vol_sum
-            } else {
-                close
+            let mut engine = ctx.features.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Utc::now();
+            let quote = TickEvent::Quote {
+                bid: low,
+                bid_size: 0.0,
+                ask: high,
+                ask_size: 0.0,
+                event_time,
             };
-            let ret = f.prev_close.map(|p| close / p - 1.0);
-            f.prev_close = Some(close);
-            if let Some(r) = ret {
-                f.returns.push_back(r);
-                if f.returns.len() > VOL_WINDOW {
-                    f.returns.pop_front();
-                }
+            let trade = TickEvent::Trade {
+                price: close,
+                size: volume,
+                event_time,
+            };
+            engine.apply(&sym, MIC, quote, now);
+            engine.apply(&sym, MIC, trade, now);
+            if let Some(f) = engine.features(&sym) {
+                ctx.last_features
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(sym.clone(), f.to_json()["features"].clone());
             }
-            let n = f.returns.len() as f64;
-            let mean = f.returns.iter().sum::<f64>() / n.max(1.0);
-            let vol =
-                (f.returns.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / n.max(1.0)).sqrt();
-            let momentum: f64 = f.returns.iter().rev().take(WARMUP).sum();
-            ctx.last_features
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(
-                    sym.clone(),
-                    json!({"mid": mid, "spread": spread, "vwap": vwap, "return": ret,
-                           "volatility": vol, "momentum": momentum}),
-                );
-            let band = 0.5 * vol * (WARMUP as f64).sqrt();
-            if f.returns.len() < WARMUP || vol == 0.0 {
-                None
-            } else if !f.long && momentum > band {
-                f.long = true;
-                Some(("ACTION_TYPE_BUY", momentum / vol))
-            } else if f.long && momentum < -band {
-                f.long = false;
-                Some(("ACTION_TYPE_SELL", momentum / vol))
-            } else {
-                None
-            }
+            engine.signal(&sym, &DEMO_RULE).map(|d| d.action())
         };
-        if let Some((action, _score)) = signal {
+        if let Some(action) = signal {
             let body = json!({
                 "security": {"symbol": sym, "mic": MIC},
                 "type": "SIGNAL_TYPE_ACTION",
@@ -576,7 +565,7 @@ pub async fn run(url: &str, args: DemoArgs) -> CliResult<u8> {
         fills_seen: AtomicU64::new(0),
         fills_pub: AtomicU64::new(0),
         positions_pub: AtomicU64::new(0),
-        features: Mutex::new(HashMap::new()),
+        features: Mutex::new(FeatureEngine::new()),
         positions: Mutex::new(HashMap::new()),
         last_features: Mutex::new(BTreeMap::new()),
     });

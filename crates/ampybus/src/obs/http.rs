@@ -86,6 +86,26 @@ impl Drop for ObsServer {
 /// # });
 /// ```
 pub async fn serve(bus: &Bus, addr: &str) -> Result<ObsServer> {
+    serve_with(bus, addr, Router::new()).await
+}
+
+/// [`serve`] plus the application's own routes, merged into the same server: a service adds
+/// its endpoints next to `/metrics`, `/health` and `/stats` instead of running a second HTTP
+/// server. A route of `extra` that repeats one of the three is a configuration error (axum
+/// refuses overlapping routes), reported as a `Config` error.
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use axum::routing::get;
+/// let dir = tempfile::tempdir().unwrap();
+/// let bus = ampybus::Bus::connect(dir.path().to_str().unwrap()).await.unwrap();
+/// let extra = axum::Router::new().route("/hello", get(|| async { "hi" }));
+/// let server = ampybus::obs::serve_with(&bus, "127.0.0.1:0", extra).await.unwrap();
+/// assert_ne!(server.local_addr().port(), 0);
+/// server.shutdown().await;
+/// # });
+/// ```
+pub async fn serve_with(bus: &Bus, addr: &str, extra: Router) -> Result<ObsServer> {
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
         Error::with_source(
             ErrorKind::Config,
@@ -101,11 +121,19 @@ pub async fn serve(bus: &Bus, addr: &str) -> Result<ObsServer> {
         started: Instant::now(),
         samples: Mutex::new(HashMap::new()),
     });
-    let app = Router::new()
+    let base = Router::new()
         .route("/metrics", get(metrics))
         .route("/health", get(health))
         .route("/stats", get(stats))
         .with_state(state);
+    // axum panics on overlapping routes; that is a configuration error here, not a crash.
+    let app = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| base.merge(extra)))
+        .map_err(|_| {
+            Error::new(
+                ErrorKind::Config,
+                "metrics endpoint: an extra route repeats /metrics, /health or /stats",
+            )
+        })?;
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         let r = axum::serve(listener, app)

@@ -41,7 +41,7 @@ mod metrics;
 mod reader;
 mod trace;
 
-pub use http::{ObsServer, serve};
+pub use http::{ObsServer, serve, serve_with};
 pub use metrics::{
     BusMetrics, DECODE_FAIL_CODES, LATENCY_BUCKETS_MS, RETRY_REASONS, SIZE_BUCKETS_BYTES,
     domain_topic,
