@@ -350,7 +350,7 @@ impl Shared {
                             name: (*name).to_owned(),
                             labels: labels.clone(),
                             value,
-                            at: at.clone(),
+                            at,
                         })
                     })
                     .collect();
@@ -654,7 +654,7 @@ fn json_error(code: StatusCode, msg: String) -> Response {
 }
 
 /// The `symbol` query parameter, or the 400 naming it.
-fn symbol_param(q: Option<&str>, route: &str) -> Result<String, Response> {
+fn symbol_param(q: Option<&str>, route: &str) -> Result<String, Box<Response>> {
     let sym = q.and_then(|q| {
         url::form_urlencoded::parse(q.as_bytes())
             .find(|(k, _)| k == "symbol")
@@ -662,10 +662,10 @@ fn symbol_param(q: Option<&str>, route: &str) -> Result<String, Response> {
     });
     match sym {
         Some(s) if !s.is_empty() => Ok(s),
-        _ => Err(json_error(
+        _ => Err(Box::new(json_error(
             StatusCode::BAD_REQUEST,
             format!("missing query parameter `symbol`: use {route}?symbol=SYMBOL"),
-        )),
+        ))),
     }
 }
 
@@ -679,7 +679,7 @@ fn unknown(sym: &str) -> Response {
 async fn state_latest(State(st): State<Arc<Shared>>, RawQuery(q): RawQuery) -> Response {
     let sym = match symbol_param(q.as_deref(), "/state/latest") {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let engine = st.engine.lock().unwrap_or_else(|p| p.into_inner());
     match engine.state_json(&sym) {
@@ -691,7 +691,7 @@ async fn state_latest(State(st): State<Arc<Shared>>, RawQuery(q): RawQuery) -> R
 async fn features_latest(State(st): State<Arc<Shared>>, RawQuery(q): RawQuery) -> Response {
     let sym = match symbol_param(q.as_deref(), "/features/latest") {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let engine = st.engine.lock().unwrap_or_else(|p| p.into_inner());
     match (engine.features(&sym), engine.mic(&sym)) {

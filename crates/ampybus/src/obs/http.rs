@@ -103,6 +103,10 @@ pub async fn serve(bus: &Bus, addr: &str) -> Result<ObsServer> {
 /// let server = ampybus::obs::serve_with(&bus, "127.0.0.1:0", extra).await.unwrap();
 /// assert_ne!(server.local_addr().port(), 0);
 /// server.shutdown().await;
+/// // A route that repeats a built-in one is refused.
+/// let clash = axum::Router::new().route("/health", get(|| async { "mine" }));
+/// let err = ampybus::obs::serve_with(&bus, "127.0.0.1:0", clash).await.unwrap_err();
+/// assert_eq!(err.kind(), ampybus::ErrorKind::Config);
 /// # });
 /// ```
 pub async fn serve_with(bus: &Bus, addr: &str, extra: Router) -> Result<ObsServer> {
