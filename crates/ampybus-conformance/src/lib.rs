@@ -27,7 +27,7 @@ pub use cases::{
 pub use report::{CaseReport, CaseStatus, SuiteReport};
 pub use support::{
     Capabilities, NatsServer, RedisServer, TestContext, TransportFactory, all_topic_stats,
-    hang_timeout, raw, redrive, scale, start_test_broker,
+    hang_timeout, http_get, raw, redrive, scale, start_test_broker,
 };
 pub use tier_cases::best_effort_tier;
 

@@ -8,6 +8,7 @@
 use ampybus::obs::{LogFormat, init_logging, serve};
 use ampybus::runtime::{Consumer, Message, Outcome, Producer, RetryPolicy, handler_fn};
 use ampybus::{Bus, Envelope, Headers, Topic, TopicPattern};
+use ampybus_conformance::http_get;
 use opentelemetry::trace::SpanKind;
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
 use std::collections::HashMap;
@@ -15,7 +16,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const HANG: Duration = Duration::from_secs(60);
 const PAYLOAD_MARKER: &[u8] = b"PAYLOAD-7f3a9c-DO-NOT-LOG";
@@ -28,40 +28,6 @@ fn raw_headers(producer: &str, key: &str) -> Headers {
         "obs-test",
         key,
     )
-}
-
-/// `GET path` on `addr`: (status, body).
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.unwrap();
-    let text = String::from_utf8(buf).expect("utf-8 response");
-    let (head, body) = text.split_once("\r\n\r\n").expect("http response");
-    let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(body)
-    } else {
-        body.to_owned()
-    };
-    (status, body)
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    loop {
-        let (len, rest) = s.split_once("\r\n").expect("chunk size");
-        let n = usize::from_str_radix(len.trim(), 16).unwrap();
-        if n == 0 {
-            return out;
-        }
-        out.push_str(&rest[..n]);
-        s = &rest[n + 2..];
-    }
 }
 
 /// The value of one exact sample line `name{labels} value` in a Prometheus text body.

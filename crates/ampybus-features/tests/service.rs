@@ -17,7 +17,6 @@ use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const HANG: Duration = Duration::from_secs(30);
 
@@ -83,17 +82,10 @@ async fn publish(bus: &Bus, kind: &str, symbol: &str, fqdn: &str, payload: Vec<u
     bus.publish(&topic, h, payload).await.unwrap();
 }
 
-/// Status and body of `GET path`.
+/// Status and JSON body of `GET path`.
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, Value) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.unwrap();
-    let text = String::from_utf8(buf).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
-    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+    let (status, body) = ampybus_conformance::http_get(addr, path).await;
+    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
 }
 
 /// Every message stored on `pattern`: (topic, key, headers, payload).
