@@ -291,7 +291,15 @@ fn child_process_entry() {
 }
 
 async fn run_role(role: &str, dir: &Path) {
-    let bus = Bus::connect(&bus_url(dir)).await.unwrap();
+    // A bus that is down at start (nats-server being restarted): exit, and the driver starts
+    // this component again as after a kill.
+    let bus = match Bus::connect(&bus_url(dir)).await {
+        Ok(bus) => bus,
+        Err(e) => {
+            eprintln!("{role}: cannot connect to the bus: {e}");
+            std::process::exit(3);
+        }
+    };
     let pattern = |p: &str| TopicPattern::parse(p).unwrap();
     let handle = match role {
         "orders" => {
