@@ -1,6 +1,6 @@
-//! The proof of exactly-once effects (issue 21, item 4), in three layouts — the embedded log
-//! with SQLite, the embedded log with PostgreSQL, and a private JetStream `nats-server` with
-//! PostgreSQL — : an order → fill → position pipeline where every component is a process of
+//! The proof of exactly-once effects (issue 21, item 4), in three layouts (the embedded log
+//! with SQLite, the embedded log with PostgreSQL, a private JetStream `nats-server` with
+//! PostgreSQL): an order → fill → position pipeline where every component is a process of
 //! its own — an orders consumer with an inbox that stages one fill per order through the
 //! outbox, the outbox relay, a positions consumer that applies fills through an inbox — while
 //! a seeded driver `kill -9`s them at random instants and at each named crash point, and, in
