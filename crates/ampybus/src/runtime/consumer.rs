@@ -2194,7 +2194,8 @@ impl Shared {
             if !item.dedupe_checked {
                 item.dedupe_checked = true;
                 let answer = item.lookup.take().and_then(|(l, first)| {
-                    l.done.get().cloned().flatten().map(|flags| {
+                    // Read in place: the batch's flags are shared by all its messages.
+                    l.done.get().and_then(Option::as_ref).map(|flags| {
                         let first = first as usize;
                         flags[first..first + item.keys.len()].iter().any(|b| *b)
                     })
