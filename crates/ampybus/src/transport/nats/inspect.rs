@@ -90,25 +90,6 @@ fn not_found(e: &impl std::fmt::Display) -> bool {
 /// namespace that has a consumer of that name: `pending` = `num_pending` (not yet delivered) +
 /// `num_ack_pending` (delivered, not acked), `in_flight` = `num_ack_pending`. `None` when no
 /// stream has it.
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn which_subjects_capture_a_domain() {
-        for s in ["ampy.>", "ampy.dev.>", "ampy.dev.news.>", "ampy.*.news.>"] {
-            assert!(super::captures_a_domain(s), "{s}");
-        }
-        for s in [
-            "ampy.dev.news.v1.>",
-            "ampy.dev.news.v1.raw",
-            "other.>",
-            ">",
-            "ampy.dev.news",
-        ] {
-            assert!(!super::captures_a_domain(s), "{s}");
-        }
-    }
-}
-
 #[async_trait]
 impl ConsumerLag for NatsTransport {
     async fn lag(&self, consumer: &str) -> Result<Option<Lag>> {
@@ -211,5 +192,24 @@ impl Inspect for NatsTransport {
             }
         }
         Ok(by_name.into_iter().map(|(n, s)| s.stats(n)).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn which_subjects_capture_a_domain() {
+        for s in ["ampy.>", "ampy.dev.>", "ampy.dev.news.>", "ampy.*.news.>"] {
+            assert!(super::captures_a_domain(s), "{s}");
+        }
+        for s in [
+            "ampy.dev.news.v1.>",
+            "ampy.dev.news.v1.raw",
+            "other.>",
+            ">",
+            "ampy.dev.news",
+        ] {
+            assert!(!super::captures_a_domain(s), "{s}");
+        }
     }
 }
