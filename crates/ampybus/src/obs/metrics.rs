@@ -481,6 +481,7 @@ impl BusMetrics {
 
     /// `bus_inbox_skipped_total{consumer}`: messages a transactional inbox found applied
     /// already (created at 0).
+    #[cfg(any(feature = "inbox-postgres", feature = "inbox-sqlite"))]
     pub(crate) fn inbox_skipped(&self, consumer: &str) -> Counter {
         self.inner
             .inbox_skipped
@@ -491,6 +492,7 @@ impl BusMetrics {
     }
 
     /// `bus_outbox_depth{table}` and `bus_outbox_age_seconds{table}` (created at 0).
+    #[cfg(any(feature = "inbox-postgres", feature = "inbox-sqlite"))]
     pub(crate) fn outbox(&self, table: &str) -> (Gauge, Gauge<f64, AtomicU64>) {
         let l = TableOnly {
             table: table.to_owned(),
