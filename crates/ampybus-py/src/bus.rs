@@ -71,7 +71,10 @@ struct PublisherStats {
 }
 
 /// Headers from a Python `dict` of strings, laid over `base` when given.
-pub(crate) fn headers_from_dict(d: &Bound<'_, PyDict>, base: Option<&Headers>) -> PyResult<Headers> {
+pub(crate) fn headers_from_dict(
+    d: &Bound<'_, PyDict>,
+    base: Option<&Headers>,
+) -> PyResult<Headers> {
     let mut h = base.cloned().unwrap_or_default();
     for (k, v) in d.iter() {
         let k = k.cast_into::<PyString>()?;

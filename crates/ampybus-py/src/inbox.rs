@@ -9,8 +9,8 @@
 use crate::bus::headers_from_dict;
 use crate::errors::OrRaise;
 use crate::message::PyMessage;
-use ampybus::inbox::{InboxRow, pg, prepare_stage, sqlite};
 use ampybus::Topic;
+use ampybus::inbox::{InboxRow, pg, prepare_stage, sqlite};
 use bytes::Bytes;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};

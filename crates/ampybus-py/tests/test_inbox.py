@@ -71,15 +71,15 @@ class Db:
         fills_topic: Optional[str] = None,
         attempts: Optional[Dict[str, int]] = None,
     ) -> Callable[..., Any]:
-        """A handler writing one `effects` row per message (and staging one fill per order to
-        account `acct<i % 2>` when `fills_topic`), raising on the first attempt of the keys in
+        """A handler writing one `effects` row per message (and staging one fill per order under
+        key `acct<i % 2>|basket` when `fills_topic`), raising on the first attempt of the keys in
         `fail_first` after its writes."""
         tries: Dict[str, int] = attempts if attempts is not None else {}
 
         def note(msg: Any) -> Tuple[str, str, bool]:
             key = msg.partition_key or ""
             tries[key] = tries.get(key, 0) + 1
-            acct = f"acct{int(key[1:]) % 2}"
+            acct = f"acct{int(key[1:]) % 2}|basket"  # fills: `account_id|client_order_id`
             return key, acct, key in fail_first and tries[key] == 1
 
         if self.kind == "postgres":
@@ -284,11 +284,11 @@ async def test_inbox_outbox_staged_in_python_published_by_the_rust_relay(db: Db,
     if db.kind == "postgres":
         async with db.inbox.pool.acquire() as c:
             async with c.transaction():
-                extra = await db.outbox.stage(c, "ampy.dev.fills.v1.sim", b"manual", partition_key="acct0")
+                extra = await db.outbox.stage(c, "ampy.dev.fills.v1.sim", b"manual", partition_key="acct0|basket")
     else:
         c = db.inbox.connection()
         c.execute("BEGIN IMMEDIATE")
-        extra = db.outbox.stage(c, "ampy.dev.fills.v1.sim", b"manual", partition_key="acct0")
+        extra = db.outbox.stage(c, "ampy.dev.fills.v1.sim", b"manual", partition_key="acct0|basket")
         c.execute("COMMIT")
         c.close()
 
@@ -296,11 +296,11 @@ async def test_inbox_outbox_staged_in_python_published_by_the_rust_relay(db: Db,
         key: [m for (m,) in await db.query(
             "SELECT message_id FROM ampybus_outbox WHERE partition_key = ? ORDER BY seq", key
         )]
-        for key in ("acct0", "acct1")
+        for key in ("acct0|basket", "acct1|basket")
     }
     seqs = await db.query("SELECT partition_key, seq FROM ampybus_outbox ORDER BY partition_key, seq")
-    assert seqs == [("acct0", s) for s in range(1, 7)] + [("acct1", s) for s in range(1, 6)]
-    assert staged["acct0"][-1] == extra
+    assert seqs == [("acct0|basket", s) for s in range(1, 7)] + [("acct1|basket", s) for s in range(1, 6)]
+    assert staged["acct0|basket"][-1] == extra
 
     fills_url = f"file://{tmp_path / 'fills'}"
     assert "published 11, dead-lettered 0" in relay(db, fills_url)

@@ -333,10 +333,7 @@ impl PgInbox {
             *last = Some(Instant::now());
         }
         let secs = self.retention.as_secs_f64();
-        match client
-            .execute(INBOX_PURGE_SQL, &[&secs])
-            .await
-        {
+        match client.execute(INBOX_PURGE_SQL, &[&secs]).await {
             Ok(n) if n > 0 => {
                 tracing::info!(db = %self.inner.shown, rows = n, "inbox: expired rows purged")
             }
@@ -610,11 +607,17 @@ impl PgOutbox {
     ) -> Result<String> {
         let s = prepare_stage(topic, headers, payload.into())?;
         tx.execute(STAGE_LOCK_SQL, &[&STAGE_LOCK_CLASS, &s.key])
-        .await
-        .map_err(|e| pg_error("locking the partition key for staging", e))?;
+            .await
+            .map_err(|e| pg_error("locking the partition key for staging", e))?;
         tx.execute(
             OUTBOX_INSERT_SQL,
-            &[&s.message_id, &s.topic, &s.key, &s.headers, &s.payload.as_ref()],
+            &[
+                &s.message_id,
+                &s.topic,
+                &s.key,
+                &s.headers,
+                &s.payload.as_ref(),
+            ],
         )
         .await
         .map_err(|e| pg_error("staging into ampybus.outbox", e))?;

@@ -498,17 +498,17 @@ impl SqliteOutbox {
         let s = prepare_stage(topic, headers, payload.into())?;
         let path = PathBuf::from(tx.path().unwrap_or_default());
         tx.prepare_cached(OUTBOX_INSERT_SQL)
-        .and_then(|mut st| {
-            st.execute(params![
-                s.message_id,
-                s.topic,
-                s.key,
-                s.headers,
-                s.payload.as_ref(),
-                now_ms()
-            ])
-        })
-        .map_err(|e| db_err(&path, "staging into ampybus_outbox", e))?;
+            .and_then(|mut st| {
+                st.execute(params![
+                    s.message_id,
+                    s.topic,
+                    s.key,
+                    s.headers,
+                    s.payload.as_ref(),
+                    now_ms()
+                ])
+            })
+            .map_err(|e| db_err(&path, "staging into ampybus_outbox", e))?;
         Ok(s.message_id)
     }
 }
