@@ -160,6 +160,31 @@ def _merge(
     return out
 
 
+def _message_headers(
+    where: str,
+    headers: Optional[Mapping[str, str]],
+    *,
+    schema_fqdn: str,
+    producer: Optional[str],
+    source: Optional[str],
+    partition_key: Optional[str],
+    dedupe_key: Optional[str],
+) -> Dict[str, str]:
+    """The headers of one message to publish (or stage): ``headers`` with the keyword ones
+    laid over them (see :func:`_merge`)."""
+    return _merge(
+        where,
+        headers,
+        (
+            ("schema_fqdn", schema_fqdn),
+            ("producer", producer),
+            ("source", source),
+            ("partition_key", partition_key),
+            ("dedupe_key", dedupe_key),
+        ),
+    )
+
+
 class Outgoing(NamedTuple):
     """One message of :meth:`Bus.publish_batch` (a plain tuple in this order works too)."""
 
@@ -460,16 +485,14 @@ class Bus:
         dedupe_key: Optional[str],
         headers: Optional[Mapping[str, str]],
     ) -> Dict[str, str]:
-        return _merge(
+        return _message_headers(
             where,
             headers,
-            (
-                ("schema_fqdn", schema_fqdn),
-                ("producer", producer if producer is not None else self.producer),
-                ("source", source if source is not None else self.source),
-                ("partition_key", partition_key),
-                ("dedupe_key", dedupe_key),
-            ),
+            schema_fqdn=schema_fqdn,
+            producer=producer if producer is not None else self.producer,
+            source=source if source is not None else self.source,
+            partition_key=partition_key,
+            dedupe_key=dedupe_key,
         )
 
     async def publish(

@@ -59,7 +59,7 @@ from typing import (
 )
 
 from . import _native
-from ._bus import Payload, _encode, _merge
+from ._bus import Payload, _encode, _message_headers
 from .errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -480,16 +480,14 @@ class _Outbox:
         headers: Optional[Mapping[str, str]],
     ) -> Tuple[str, str, str, bytes, bytes]:
         data, fqdn = _encode(payload, schema_fqdn, "outbox.stage")
-        h = _merge(
+        h = _message_headers(
             "outbox.stage",
             headers,
-            (
-                ("schema_fqdn", fqdn),
-                ("producer", producer if producer is not None else self.producer),
-                ("source", source if source is not None else self.source),
-                ("partition_key", partition_key),
-                ("dedupe_key", dedupe_key),
-            ),
+            schema_fqdn=fqdn,
+            producer=producer if producer is not None else self.producer,
+            source=source if source is not None else self.source,
+            partition_key=partition_key,
+            dedupe_key=dedupe_key,
         )
         message_id, topic, key, encoded = _native.outbox_row(topic, h)
         return message_id, topic, key, encoded, data
