@@ -15,7 +15,7 @@ import re
 import sqlite3
 import subprocess
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Dict, List, Optional, Set, Tuple
+from typing import AbstractSet, Any, AsyncIterator, Awaitable, Callable, Dict, List, Optional, Tuple
 
 import pytest
 
@@ -67,7 +67,7 @@ class Db:
     def handler(
         self,
         *,
-        fail_first: Set[str] = frozenset(),  # type: ignore[assignment]
+        fail_first: AbstractSet[str] = frozenset(),
         fills_topic: Optional[str] = None,
         attempts: Optional[Dict[str, int]] = None,
     ) -> Callable[..., Any]:
