@@ -169,15 +169,27 @@ pub async fn run(url: &str, args: BenchArgs, log_level: Option<&str>) -> CliResu
         ampybus::bus::TransportKind::Embedded => None,
         _ => Some(url.to_owned()),
     };
+    // `--raw --mode e2e` on NATS with the best-effort tier: raw async-nats core pub/sub rounds
+    // interleaved with the ampybus rounds (the latency the client and server give).
+    let raw_e2e = broker.is_some() && args.raw && args.mode == BenchMode::E2e;
+    if raw_e2e
+        && (ampybus::bus::transport_kind(url).ok() != Some(ampybus::bus::TransportKind::Nats)
+            || args.tier != Some(ampybus::tier::Tier::BestEffort))
+    {
+        return Err(CliError::usage(format!(
+            "--url {:?}: --raw with --mode e2e against a broker compares raw async-nats core publish/subscribe: it needs a nats:// URL and --tier best-effort",
+            ampybus::bus::redact(url)
+        )));
+    }
     if broker.is_some()
-        && (args.raw
+        && ((args.raw && !raw_e2e)
             || matches!(
                 args.mode,
                 BenchMode::Consume | BenchMode::Archive | BenchMode::Inbox
             ))
     {
         return Err(CliError::usage(format!(
-            "--url {:?}: --raw and --mode consume measure the embedded log; against NATS use `ampybus bench-nats` for the raw-client comparison",
+            "--url {:?}: --raw (except with --mode e2e --tier best-effort on NATS) and --mode consume measure the embedded log; against NATS use `ampybus bench-nats` for the raw-client comparison",
             ampybus::bus::redact(url)
         )));
     }
@@ -224,6 +236,7 @@ pub async fn run(url: &str, args: BenchArgs, log_level: Option<&str>) -> CliResu
     let mut batched_runs = Vec::new();
     let mut single_runs = Vec::new();
     let mut e2e_runs = Vec::new();
+    let mut e2e_raw_runs = Vec::new();
     for round in 1..=a.rounds {
         if publish {
             if a.raw {
@@ -233,11 +246,21 @@ pub async fn run(url: &str, args: BenchArgs, log_level: Option<&str>) -> CliResu
             single_runs.push(single_round(&setup, round).await?);
         }
         if e2e {
-            e2e_runs.push(e2e_round(&setup, round).await?);
+            if raw_e2e {
+                e2e_raw_runs.push(e2e_round(&setup, round, true).await?);
+            }
+            e2e_runs.push(e2e_round(&setup, round, false).await?);
         }
     }
 
-    let report = report_json(&setup, &raw_runs, &batched_runs, &single_runs, &e2e_runs);
+    let report = report_json(
+        &setup,
+        &raw_runs,
+        &batched_runs,
+        &single_runs,
+        &e2e_runs,
+        &e2e_raw_runs,
+    );
     let mut out = util::Out::new();
     if a.json {
         out.line(&report.to_string())?;
@@ -404,14 +427,21 @@ fn check_count(what: &str, got: u64, want: u64) -> CliResult<()> {
     }
 }
 
-async fn e2e_round(s: &Setup, round: u64) -> CliResult<E2e> {
+/// One end-to-end round: a consumer process, then messages published at `--rate`. `raw`: both
+/// sides are plain async-nats core clients (same subject, same header map per message as the
+/// best-effort tier writes, one flush per tick), so the round measures client and server alone.
+async fn e2e_round(s: &Setup, round: u64, raw: bool) -> CliResult<E2e> {
     let n = s.args.messages;
     let rate = s.args.rate as f64;
     let dir = s.tempdir("e2e")?;
     let url = s.url(dir.path());
-    let topic = s.topic(round, "e")?;
+    let topic = s.topic(round, if raw { "x" } else { "e" })?;
     // Create the log before the consumer opens it.
     let bus = util::connect(&url).await?;
+    let raw_client = match raw {
+        true => Some(raw_nats(&url).await?),
+        false => None,
+    };
     let name = format!("bench-{}", ampybus::ids::new_message_id());
     let exe = std::env::current_exe()
         .map_err(|e| CliError::transport(format!("bench: cannot find own executable: {e}")))?;
@@ -429,6 +459,7 @@ async fn e2e_round(s: &Setup, round: u64) -> CliResult<E2e> {
     ])
     .arg("--expect")
     .arg(n.to_string())
+    .args(raw.then_some("--raw"))
     .args(s.args.tier.iter().flat_map(|t| ["--tier", t.as_str()]))
     .stdin(std::process::Stdio::null())
     .stdout(std::process::Stdio::piped())
@@ -460,7 +491,8 @@ async fn e2e_round(s: &Setup, round: u64) -> CliResult<E2e> {
         Err(_) => return Err(timeout_err("did not get ready within 60 s")),
     }
 
-    let pb = s.bar(&format!("round {round}: e2e @{} msg/s", s.args.rate), n);
+    let side = if raw { "raw e2e" } else { "e2e" };
+    let pb = s.bar(&format!("round {round}: {side} @{} msg/s", s.args.rate), n);
     let batch = s.args.batch;
     let started = Instant::now();
     let mut sent = 0u64;
@@ -479,9 +511,14 @@ async fn e2e_round(s: &Setup, round: u64) -> CliResult<E2e> {
                 s.envelope(&topic, &s.keys[key])
             })
             .collect();
-        bus.publish_batch(envs)
-            .await
-            .map_err(|e| CliError::bus("bench e2e publish", &e))?;
+        match &raw_client {
+            Some(c) => raw_publish(c, envs).await?,
+            None => {
+                bus.publish_batch(envs)
+                    .await
+                    .map_err(|e| CliError::bus("bench e2e publish", &e))?;
+            }
+        }
         sent += k;
         pb.set_position(sent);
     }
@@ -520,16 +557,132 @@ async fn e2e_round(s: &Setup, round: u64) -> CliResult<E2e> {
     })
 }
 
+/// A plain async-nats client on the servers of a `nats://` URL (its ampybus options ignored).
+async fn raw_nats(url: &str) -> CliResult<async_nats::Client> {
+    let opts = ampybus::transport::nats::NatsOptions::from_url(url)
+        .map_err(|e| CliError::bus("--url", &e))?;
+    async_nats::connect(opts.servers.clone())
+        .await
+        .map_err(|e| CliError::transport(format!("raw connect: {e}")))
+}
+
+/// The raw side's publish of one tick: a core publish per message with the headers the
+/// best-effort tier writes (`Nats-Msg-Id` included), then one flush.
+async fn raw_publish(c: &async_nats::Client, envs: Vec<Envelope>) -> CliResult<()> {
+    let fail = |e: &dyn std::fmt::Display| CliError::transport(format!("raw publish: {e}"));
+    for env in envs {
+        let mut hm = async_nats::HeaderMap::new();
+        for (k, v) in env.headers.iter() {
+            hm.insert(k, v);
+        }
+        if let Some(id) = env.headers.message_id() {
+            hm.insert("Nats-Msg-Id", id);
+        }
+        c.publish_with_headers(env.topic, hm, env.payload)
+            .await
+            .map_err(|e| fail(&e))?;
+    }
+    c.flush().await.map_err(|e| fail(&e))
+}
+
+/// What the consumer process reads from: the bus, or (`--raw`) a plain async-nats core
+/// subscription in the queue group of the durable name.
+enum E2eSource {
+    Bus(Box<dyn ampybus::transport::Subscription>),
+    Raw(async_nats::Subscriber),
+}
+
+/// One received message: its id and `produced_at` (µs), as each side reads them.
+struct Seen {
+    id: Option<String>,
+    produced_us: Option<i64>,
+}
+
+impl E2eSource {
+    /// Waits up to `idle` for a message, then takes what else is already there (up to 1,000);
+    /// acks (bus side) once read.
+    async fn next_batch(&mut self, idle: Duration) -> CliResult<Vec<Seen>> {
+        use futures::{FutureExt, StreamExt};
+        match self {
+            E2eSource::Bus(sub) => {
+                let got = sub
+                    .fetch(1000, idle)
+                    .await
+                    .map_err(|e| CliError::bus("fetch", &e))?;
+                let seen = got
+                    .iter()
+                    .map(|d| Seen {
+                        id: d.envelope.headers.message_id().map(str::to_owned),
+                        produced_us: d
+                            .envelope
+                            .headers
+                            .produced_at_time()
+                            .map(|t| t.timestamp_micros()),
+                    })
+                    .collect();
+                Delivery::ack_all(got)
+                    .await
+                    .map_err(|(e, _)| CliError::bus("ack", &e))?;
+                Ok(seen)
+            }
+            E2eSource::Raw(sub) => {
+                let first = match tokio::time::timeout(idle, sub.next()).await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => return Err(CliError::transport("raw subscription closed")),
+                    Err(_) => return Ok(Vec::new()),
+                };
+                let mut msgs = vec![first];
+                while msgs.len() < 1000 {
+                    match sub.next().now_or_never() {
+                        Some(Some(m)) => msgs.push(m),
+                        _ => break,
+                    }
+                }
+                let header = |m: &async_nats::Message, name: &str| {
+                    m.headers
+                        .as_ref()
+                        .and_then(|h| h.get(name))
+                        .map(|v| v.as_str().to_owned())
+                };
+                Ok(msgs
+                    .iter()
+                    .map(|m| Seen {
+                        id: header(m, names::MESSAGE_ID),
+                        produced_us: header(m, names::PRODUCED_AT)
+                            .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok())
+                            .map(|t| t.timestamp_micros()),
+                    })
+                    .collect())
+            }
+        }
+    }
+}
+
 /// The consumer process of the e2e run: prints `READY` once subscribed, then one JSON line
 /// with the latency percentiles (receive time − `produced_at`, µs).
 pub async fn consumer(url: &str, args: BenchConsumerArgs) -> CliResult<u8> {
     let pattern = TopicPattern::parse(&args.pattern)
         .map_err(|e| CliError::bus(format!("--pattern {:?}", args.pattern), &e))?;
     let bus = util::connect(url).await?;
-    let mut sub = bus
-        .subscribe(SubscribeSpec::durable(pattern, args.durable.clone()))
-        .await
-        .map_err(|e| CliError::bus(format!("--durable {:?}", args.durable), &e))?;
+    let mut source = if args.raw {
+        let client = raw_nats(url).await?;
+        let sub = client
+            .queue_subscribe(args.pattern.clone(), args.durable.clone())
+            .await
+            .map_err(|e| CliError::transport(format!("raw subscribe: {e}")))?;
+        // The subscription is live on the server once a flush has come back.
+        client
+            .flush()
+            .await
+            .map_err(|e| CliError::transport(format!("raw subscribe: {e}")))?;
+        E2eSource::Raw(sub)
+    } else {
+        E2eSource::Bus(
+            bus.subscribe(SubscribeSpec::durable(pattern, args.durable.clone()))
+                .await
+                .map_err(|e| CliError::bus(format!("--durable {:?}", args.durable), &e))?,
+        )
+    };
     let mut out = util::Out::new();
     out.line("READY")?;
     out.flush()?;
@@ -541,29 +694,22 @@ pub async fn consumer(url: &str, args: BenchConsumerArgs) -> CliResult<u8> {
     let started = Instant::now();
     let mut first_at: Option<Instant> = None;
     while (seen.len() as u64) < args.expect {
-        let got = sub
-            .fetch(1000, idle)
-            .await
-            .map_err(|e| CliError::bus("fetch", &e))?;
+        let got = source.next_batch(idle).await?;
         let now_us = chrono::Utc::now().timestamp_micros();
         if got.is_empty() {
             break;
         }
         first_at.get_or_insert_with(Instant::now);
-        for d in &got {
+        for d in got {
             received += 1;
-            let id = d.envelope.headers.message_id().unwrap_or_default();
-            if !seen.insert(id.to_owned()) {
+            if !seen.insert(d.id.unwrap_or_default()) {
                 continue;
             }
-            match d.envelope.headers.produced_at_time() {
-                Some(t) => hist.saturating_record((now_us - t.timestamp_micros()).max(1) as u64),
+            match d.produced_us {
+                Some(t) => hist.saturating_record((now_us - t).max(1) as u64),
                 None => no_time += 1,
             }
         }
-        Delivery::ack_all(got)
-            .await
-            .map_err(|(e, _)| CliError::bus("ack", &e))?;
     }
     let secs = first_at.map_or(0.0, |f| f.elapsed().as_secs_f64());
     let report = json!({
@@ -631,7 +777,14 @@ fn runs_json(runs: &[Run], extra: Value) -> Value {
     v
 }
 
-fn report_json(s: &Setup, raw: &[Run], batched: &[Run], single: &[Run], e2e: &[E2e]) -> Value {
+fn report_json(
+    s: &Setup,
+    raw: &[Run],
+    batched: &[Run],
+    single: &[Run],
+    e2e: &[E2e],
+    e2e_raw: &[E2e],
+) -> Value {
     let a = &s.args;
     let mut r = json!({
         "config": {
@@ -681,32 +834,46 @@ fn report_json(s: &Setup, raw: &[Run], batched: &[Run], single: &[Run], e2e: &[E
         ratio["rounds"] = json!(ratios.iter().map(|x| round(*x, 3)).collect::<Vec<_>>());
         m.insert("ratio_batched_vs_raw".into(), ratio);
     }
-    if !e2e.is_empty() {
-        let pick = |k: &str| -> Vec<f64> { e2e.iter().map(|x| x.us(k)).collect() };
-        let rounds: Vec<Value> = e2e
+    for (key, runs) in [("e2e", e2e), ("e2e_raw", e2e_raw)] {
+        if !runs.is_empty() {
+            m.insert(key.into(), e2e_json(a, runs));
+        }
+    }
+    if !e2e_raw.is_empty() {
+        // ampybus p99 ÷ raw p99 of the same round (lower is better; 1.0 = no cost).
+        let ratios: Vec<f64> = e2e
             .iter()
-            .map(|x| {
-                let mut v = x.report.clone();
-                v["sent"] = json!(x.sent);
-                v["publish_secs"] = json!(round(x.publish_secs, 6));
-                v["achieved_rate"] = json!(round(x.sent as f64 / x.publish_secs.max(1e-9), 1));
-                v
-            })
+            .zip(e2e_raw)
+            .map(|(b, r)| b.us("p99_us") / r.us("p99_us"))
             .collect();
-        m.insert(
-            "e2e".into(),
-            json!({
-                "messages": a.messages,
-                "rate": a.rate,
-                "rounds": rounds,
-                "p50_us": spread_json(&pick("p50_us"), false, 0),
-                "p90_us": spread_json(&pick("p90_us"), false, 0),
-                "p99_us": spread_json(&pick("p99_us"), false, 0),
-                "max_us": spread_json(&pick("max_us"), false, 0),
-            }),
-        );
+        let mut ratio = spread_json(&ratios, false, 3);
+        ratio["rounds"] = json!(ratios.iter().map(|x| round(*x, 3)).collect::<Vec<_>>());
+        m.insert("e2e_p99_vs_raw".into(), ratio);
     }
     r
+}
+
+fn e2e_json(a: &BenchArgs, runs: &[E2e]) -> Value {
+    let pick = |k: &str| -> Vec<f64> { runs.iter().map(|x| x.us(k)).collect() };
+    let rounds: Vec<Value> = runs
+        .iter()
+        .map(|x| {
+            let mut v = x.report.clone();
+            v["sent"] = json!(x.sent);
+            v["publish_secs"] = json!(round(x.publish_secs, 6));
+            v["achieved_rate"] = json!(round(x.sent as f64 / x.publish_secs.max(1e-9), 1));
+            v
+        })
+        .collect();
+    json!({
+        "messages": a.messages,
+        "rate": a.rate,
+        "rounds": rounds,
+        "p50_us": spread_json(&pick("p50_us"), false, 0),
+        "p90_us": spread_json(&pick("p90_us"), false, 0),
+        "p99_us": spread_json(&pick("p99_us"), false, 0),
+        "max_us": spread_json(&pick("max_us"), false, 0),
+    })
 }
 
 fn report_text(s: &Setup, r: &Value) -> String {
@@ -787,10 +954,11 @@ fn report_text(s: &Setup, r: &Value) -> String {
             ratio["worst"].as_f64().unwrap_or(f64::NAN),
         );
     }
-    if let Some(e) = r.get("e2e") {
+    for (key, side) in [("e2e_raw", "raw async-nats"), ("e2e", "ampybus")] {
+        let Some(e) = r.get(key) else { continue };
         let _ = writeln!(
             t,
-            "end-to-end latency at {} msg/s, consumer in another process (receive - produced_at):",
+            "{side}: end-to-end latency at {} msg/s, consumer in another process (receive - produced_at):",
             a.rate
         );
         for k in ["p50_us", "p90_us", "p99_us", "max_us"] {

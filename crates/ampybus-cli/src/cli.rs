@@ -545,7 +545,9 @@ pub struct BenchArgs {
     #[arg(long, value_name = "R", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=1000))]
     pub rounds: u64,
     /// Also time the storage floor: the same frames appended to one file with one fdatasync
-    /// per batch (no writer thread, lock or envelopes), and print the ratio
+    /// per batch (no writer thread, lock or envelopes), and print the ratio. With --mode e2e
+    /// --tier best-effort on a nats:// URL: raw async-nats core publish/subscribe rounds
+    /// interleaved with the ampybus rounds (`e2e_raw`, `e2e_p99_vs_raw` in --json)
     #[arg(long)]
     pub raw: bool,
     /// Commit durability of the temporary logs (sync= URL option)
@@ -592,6 +594,10 @@ pub struct BenchConsumerArgs {
     /// A registry entry wins
     #[arg(long, value_name = "TIER", value_parser = crate::util::parse_tier)]
     pub tier: Option<ampybus::tier::Tier>,
+    /// Read with a plain async-nats core subscription (queue group = --durable) instead of
+    /// the bus: the raw side of `bench --mode e2e --raw --tier best-effort` on NATS
+    #[arg(long)]
+    pub raw: bool,
 }
 
 pub(crate) fn parse_secs(s: &str) -> Result<f64, String> {

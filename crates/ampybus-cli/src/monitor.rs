@@ -1,5 +1,5 @@
 //! `ampybus monitor`: feed health of a pattern from now on — one line per stale, recovered,
-//! gap or duplicate event (`runtime::feeds::FeedWatch`).
+//! gap, duplicate, lag or lag_recovered event (`runtime::feeds::FeedWatch`).
 
 use crate::error::{CliError, CliResult};
 use crate::util::{self, Out, Signals};
@@ -19,6 +19,11 @@ pub struct MonitorArgs {
     #[arg(long, value_name = "SECS", default_value = "10")]
     pub stale_after: f64,
 
+    /// A message arriving this many seconds after its produced_at makes its topic lag (one
+    /// `lag` line, then `lag_recovered`); 0 turns the check off
+    #[arg(long, value_name = "SECS", default_value = "30")]
+    pub lag_after: f64,
+
     /// One JSON object per line: {"event", "topic", "key", "source", "at", …}
     #[arg(long)]
     pub json: bool,
@@ -34,14 +39,25 @@ pub async fn run(url: &str, args: MonitorArgs) -> CliResult<u8> {
             args.stale_after
         )));
     }
+    if !(args.lag_after.is_finite() && args.lag_after >= 0.0 && args.lag_after < 1e9) {
+        return Err(CliError::usage(format!(
+            "--lag-after {}: must be a number of seconds, 0 or more (0: no lag check)",
+            args.lag_after
+        )));
+    }
     let stale_after = Duration::from_secs_f64(args.stale_after);
+    let lag_after = (args.lag_after > 0.0).then(|| Duration::from_secs_f64(args.lag_after));
     let mut signals = Signals::new()?;
     let bus = util::connect_existing(url).await?;
-    let mut watch = FeedWatch::builder(bus.clone(), pattern, FeedConfig::new(stale_after))
-        .name("monitor")
-        .start()
-        .await
-        .map_err(|e| CliError::bus("subscribe", &e))?;
+    let mut watch = FeedWatch::builder(
+        bus.clone(),
+        pattern,
+        FeedConfig::new(stale_after).lag_after(lag_after),
+    )
+    .name("monitor")
+    .start()
+    .await
+    .map_err(|e| CliError::bus("subscribe", &e))?;
     eprintln!(
         "monitor: watching {} from now on (stale after {}s); SIGINT/SIGTERM to stop",
         args.pattern, args.stale_after

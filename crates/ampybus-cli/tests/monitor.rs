@@ -177,6 +177,44 @@ fn monitor_prints_gap_stale_and_recovered_and_stops_on_sigterm() {
 }
 
 #[test]
+fn monitor_reports_late_data_as_lag_then_lag_recovered() {
+    let (dir, rt, mut m) =
+        embedded_monitor(&["--json", "--lag-after", "20", "--stale-after", "600"]);
+    let url = dir.path().to_str().unwrap().to_owned();
+    // Produced 60 s ago (a feed replaying its backlog), then a fresh one.
+    rt.block_on(async {
+        let bus = Bus::connect(&url).await.unwrap();
+        let topic = Topic::parse(TRADE).unwrap();
+        let old = chrono::Utc::now() - chrono::Duration::seconds(60);
+        for produced in [Some(old), None] {
+            let mut h = Headers::for_publish(
+                "ampy.ticks.v1.TradeBatch",
+                "md@feed-a",
+                "feed-a",
+                "MSFT.XNAS",
+            );
+            if let Some(t) = produced {
+                h.set("produced_at", ampybus::ids::format_time(t));
+            }
+            bus.publish(&topic, h, b"t".to_vec()).await.unwrap();
+        }
+        bus.close().await.unwrap();
+    });
+    let lag = m.next_json();
+    assert_eq!(brief(&lag), format!("lag {TRADE} MSFT.XNAS feed-a"));
+    let late = lag["lag_ms"].as_u64().unwrap();
+    assert!((60_000..120_000).contains(&late), "{lag}");
+    let back = m.next_json();
+    assert_eq!(
+        brief(&back),
+        format!("lag_recovered {TRADE} MSFT.XNAS feed-a")
+    );
+    assert!(back["lag_ms"].as_u64().unwrap() < 20_000, "{back}");
+    let (code, rest, _) = m.signal("TERM");
+    assert_eq!((code, rest), (0, Vec::<String>::new()));
+}
+
+#[test]
 fn monitor_text_lines_and_sigint_exits_130() {
     let (dir, rt, mut m) = embedded_monitor(&["--stale-after", "30"]);
     publish(

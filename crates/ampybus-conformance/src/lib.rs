@@ -15,6 +15,7 @@
 #![warn(missing_docs)]
 
 mod cases;
+mod nats_server;
 mod report;
 mod support;
 mod tier_cases;
@@ -24,10 +25,11 @@ pub use cases::{
     dedupe_by_message_id_and_key, dlq_contents_and_redrive, graceful_shutdown_loses_nothing,
     per_key_order, replay_window_and_keys, retry_counts_and_backoff, run_case,
 };
+pub use nats_server::NatsServer;
 pub use report::{CaseReport, CaseStatus, SuiteReport};
 pub use support::{
-    Capabilities, NatsServer, RedisServer, TestContext, TransportFactory, all_topic_stats,
-    hang_timeout, raw, redrive, scale, start_test_broker,
+    Capabilities, RedisServer, TestContext, TransportFactory, all_topic_stats, hang_timeout, raw,
+    redrive, scale, start_test_broker,
 };
 pub use tier_cases::best_effort_tier;
 

@@ -1,16 +1,21 @@
-//! The proof of exactly-once effects (issue 21, item 4), on the embedded log with SQLite and
-//! with PostgreSQL (the NATS + PostgreSQL layout with nats-server restarts is not here): an
-//! order → fill → position pipeline where every component is a process of its own — an
-//! orders consumer with an inbox that stages one fill per order through the outbox, the
-//! outbox relay, a positions consumer that applies fills through an inbox — while a seeded
-//! driver `kill -9`s them at random instants and at each named crash point. Then: each order
+//! The proof of exactly-once effects (issue 21, item 4), in three layouts (the embedded log
+//! with SQLite, the embedded log with PostgreSQL, a private JetStream `nats-server` with
+//! PostgreSQL): an order → fill → position pipeline where every component is a process of
+//! its own — an orders consumer with an inbox that stages one fill per order through the
+//! outbox, the outbox relay, a positions consumer that applies fills through an inbox — while
+//! a seeded driver `kill -9`s them at random instants and at each named crash point, and, in
+//! the NATS layout, also `kill -9`s the nats-server at seeded instants and starts it again on
+//! the same port and store directory (the components reconnect on their own; one that exits
+//! instead is started again like after a kill, and counted). Then, once both durable
+//! consumers report nothing pending or in flight and the outbox has no unsent row: each order
 //! produced exactly one fill `message_id`, every position is the exact sum of its fills, each
 //! message is in each inbox once. The same kind of crash with the plain dedupe store applies
 //! a fill twice: the window the inbox closes.
 //!
 //! The components are this test binary run again as children (`AMPYBUS_CHILD_ROLE`), entering
 //! through `child_process_entry` (ignored when the binary runs on its own). Scale:
-//! `AMPYBUS_TEST_SCALE` multiplies the orders (1,000) and the random kills (50).
+//! `AMPYBUS_TEST_SCALE` multiplies the orders (1,000), the random kills (50) and the
+//! nats-server restarts (4, at least 3). Seed: `AMPYBUS_TEST_SEED` (default 21), printed first.
 
 use ampybus::inbox::pg::{PgInbox, PgOutbox, pg_handler_fn};
 use ampybus::inbox::sqlite::{SqliteInbox, SqliteOutbox};
@@ -29,6 +34,10 @@ use std::process::{Child, Stdio};
 #[path = "../../ampybus-cli/tests/archive_support/mod.rs"]
 mod archive_support;
 mod common;
+#[allow(dead_code)] // the harness uses start, url, kill and restart
+#[path = "../../ampybus-conformance/src/nats_server.rs"]
+mod nats_server;
+use nats_server::NatsServer;
 use std::time::{Duration, Instant};
 
 const ACCOUNTS: usize = 5;
@@ -52,7 +61,13 @@ fn fills_topic() -> Topic {
     Topic::parse("ampy.dev.fills.v1.sim").unwrap()
 }
 
+/// A child's bus: `AMPYBUS_HARNESS_BUS` (the NATS layout's server) or the embedded log in
+/// `dir/log`.
 fn bus_url(dir: &Path) -> String {
+    std::env::var("AMPYBUS_HARNESS_BUS").unwrap_or_else(|_| embedded_url(dir))
+}
+
+fn embedded_url(dir: &Path) -> String {
     dir.join("log").display().to_string()
 }
 
@@ -102,14 +117,34 @@ fn spawn_with(role: &str, dir: &Path, env: &[(&str, String)]) -> Proc {
     Proc(c.spawn().unwrap())
 }
 
-/// `role` as a child process on `store`, armed with the crash point `crash` (`name@hit`) when
-/// given.
-fn spawn(role: &str, dir: &Path, store: &Store, crash: Option<String>) -> Proc {
-    let mut env = store.child_env();
-    if let Some(point) = crash {
-        env.push(("AMPYBUS_CRASH_AT", point));
+/// Where a pipeline runs: the test directory, the store, and the bus — the embedded log in
+/// the directory, or a private nats-server (JetStream, its store in the directory) that the
+/// driver restarts.
+struct Layout<'a> {
+    dir: &'a Path,
+    store: Store,
+    nats: Option<NatsServer>,
+}
+
+impl Layout<'_> {
+    fn bus_url(&self) -> String {
+        match &self.nats {
+            Some(server) => server.url("nats", "?request_timeout_ms=2000"),
+            None => embedded_url(self.dir),
+        }
     }
-    spawn_with(role, dir, &env)
+
+    /// `role` as a child process, armed with the crash point `crash` (`name@hit`) when given.
+    fn spawn(&self, role: &str, crash: Option<String>) -> Proc {
+        let mut env = self.store.child_env();
+        if self.nats.is_some() {
+            env.push(("AMPYBUS_HARNESS_BUS", self.bus_url()));
+        }
+        if let Some(point) = crash {
+            env.push(("AMPYBUS_CRASH_AT", point));
+        }
+        spawn_with(role, self.dir, &env)
+    }
 }
 
 /// Where the components keep their state: SQLite files in the test directory (`oms.sqlite3`,
@@ -256,7 +291,15 @@ fn child_process_entry() {
 }
 
 async fn run_role(role: &str, dir: &Path) {
-    let bus = Bus::connect(&bus_url(dir)).await.unwrap();
+    // A bus that is down at start (nats-server being restarted): exit, and the driver starts
+    // this component again as after a kill.
+    let bus = match Bus::connect(&bus_url(dir)).await {
+        Ok(bus) => bus,
+        Err(e) => {
+            eprintln!("{role}: cannot connect to the bus: {e}");
+            std::process::exit(3);
+        }
+    };
     let pattern = |p: &str| TopicPattern::parse(p).unwrap();
     let handle = match role {
         "orders" => {
@@ -445,8 +488,9 @@ fn fill_of(payload: &[u8]) -> (String, Headers) {
     (order_id, h)
 }
 
-async fn publish_orders(bus: &Bus, range: std::ops::Range<usize>) {
-    let batch: Vec<ampybus::Envelope> = range
+/// The envelopes of orders `range` (each with its own fresh `message_id`).
+fn order_envelopes(range: std::ops::Range<usize>) -> Vec<ampybus::Envelope> {
+    range
         .map(|i| {
             let (acct, sym, qty, id) = order(i);
             let h = Headers::for_publish("ampy.orders.v1.OrderRequest", "gw@1", "gw", &id);
@@ -456,10 +500,7 @@ async fn publish_orders(bus: &Bus, range: std::ops::Range<usize>) {
                 format!("{acct}|{sym}|{qty}|{id}").into_bytes(),
             )
         })
-        .collect();
-    for chunk in batch.chunks(500) {
-        bus.publish_batch(chunk.to_vec()).await.unwrap();
-    }
+        .collect()
 }
 
 fn positions(path: &Path) -> BTreeMap<String, i64> {
@@ -483,31 +524,92 @@ fn expected_positions(orders: impl Iterator<Item = usize>) -> BTreeMap<String, i
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_sqlite_pipeline_applies_every_effect_once_under_kill_9() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::Sqlite(dir.path().to_path_buf());
-    run_pipeline(dir.path(), &store).await;
+    run_pipeline(Layout {
+        dir: dir.path(),
+        store: Store::Sqlite(dir.path().to_path_buf()),
+        nats: None,
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_postgres_pipeline_applies_every_effect_once_under_kill_9() {
     let db = archive_support::Db::shared();
     let dir = tempfile::tempdir().unwrap();
-    run_pipeline(dir.path(), &Store::Pg(db.url.clone())).await;
+    run_pipeline(Layout {
+        dir: dir.path(),
+        store: Store::Pg(db.url.clone()),
+        nats: None,
+    })
+    .await;
 }
 
-/// The pipeline under `kill -9`, state in `store`, the log in `d`.
-async fn run_pipeline(d: &Path, store: &Store) {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_postgres_pipeline_applies_every_effect_once_under_kill_9_and_server_restarts() {
+    let db = archive_support::Db::shared();
+    let dir = tempfile::tempdir().unwrap();
+    let js = dir.path().join("js");
+    let server = NatsServer::start(dir.path(), &["-js", "-sd", js.to_str().unwrap()]);
+    run_pipeline(Layout {
+        dir: dir.path(),
+        store: Store::Pg(db.url.clone()),
+        nats: Some(server),
+    })
+    .await;
+}
+
+/// Publishes orders `range`, each batch tried again (same envelopes, so the same
+/// `message_id`s) while the bus is down.
+async fn publish_orders(bus: &Bus, range: std::ops::Range<usize>) {
+    let policy = ampybus::runtime::RetryPolicy {
+        max_attempts: u32::MAX,
+        min_delay: Duration::from_millis(50),
+        max_delay: Duration::from_millis(500),
+    };
+    let batch = order_envelopes(range);
+    for chunk in batch.chunks(500) {
+        let t = Instant::now();
+        let mut attempt = 0;
+        while let Err(e) = bus.publish_batch(chunk.to_vec()).await {
+            assert!(t.elapsed() < common::HANG, "publishing orders: {e}");
+            attempt += 1;
+            tokio::time::sleep(policy.backoff(attempt)).await;
+        }
+    }
+}
+
+/// The consumers' lag as their broker reports it: (pending, in flight) of `oms` and of
+/// `positions`; `None` while it cannot be read (the server restarting).
+async fn lags(bus: &Bus) -> Option<[(u64, u64); 2]> {
+    let mut out = [(0, 0); 2];
+    for (slot, name) in out.iter_mut().zip(["oms", "positions"]) {
+        let lag = bus.consumer_lag(name).await.ok()??;
+        *slot = (lag.pending, lag.in_flight);
+    }
+    Some(out)
+}
+
+/// The pipeline under `kill -9` (and nats-server restarts in the NATS layout).
+async fn run_pipeline(mut layout: Layout<'_>) {
     let n = (1_000.0 * common::scale()) as usize;
     let kills = (50.0 * common::scale()) as usize;
+    let restarts = match layout.nats {
+        Some(_) => ((4.0 * common::scale()).round() as usize).clamp(3, kills.max(3)),
+        None => 0,
+    };
     let seed: u64 = std::env::var("AMPYBUS_TEST_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(21);
-    eprintln!("exactly-once harness: {n} orders, {kills} random kills, seed {seed}");
+    eprintln!(
+        "exactly-once harness: {n} orders, {kills} random kills, {restarts} nats-server restarts, seed {seed} (AMPYBUS_TEST_SEED)"
+    );
     let mut rng = StdRng::seed_from_u64(seed);
+    let store = layout.store.clone();
     store.create_app_tables();
     // A first tenth now (work for the crash points), the rest in slices between the random
     // kills, so that every kill lands while the pipeline has work.
-    let bus = Bus::connect(&bus_url(d)).await.unwrap();
+    let bus = Bus::connect(&layout.bus_url()).await.unwrap();
     let first = n / 10;
     publish_orders(&bus, 0..first).await;
     let roles = ["orders", "relay", "positions"];
@@ -537,7 +639,7 @@ async fn run_pipeline(d: &Path, store: &Store) {
             // Inbox points are hit once per message; the relay's once per round (one is
             // certain to come).
             let hit = if idx == 1 { 1 } else { rng.random_range(1..6) };
-            let mut p = spawn(roles[idx], d, store, Some(format!("{point}@{hit}")));
+            let mut p = layout.spawn(roles[idx], Some(format!("{point}@{hit}")));
             let st = wait_exit(&mut p.0, Duration::from_secs(120));
             assert_eq!(
                 st.signal(),
@@ -546,24 +648,56 @@ async fn run_pipeline(d: &Path, store: &Store) {
                 roles[idx]
             );
         }
-        procs[idx] = Some(spawn(roles[idx], d, store, None));
+        procs[idx] = Some(layout.spawn(roles[idx], None));
     }
+    // The rounds after which nats-server is killed and started again (distinct, seeded).
+    let mut restart_rounds = std::collections::BTreeSet::new();
+    while restart_rounds.len() < restarts.min(kills) {
+        restart_rounds.insert(rng.random_range(0..kills));
+    }
+    // Components that exited on their own (a lost connection): started again, counted.
+    let mut exited = 0usize;
+    let mut revive = |procs: &mut Vec<Option<Proc>>, layout: &Layout<'_>| {
+        for (idx, slot) in procs.iter_mut().enumerate() {
+            let status = slot.as_mut().and_then(|p| p.0.try_wait().unwrap());
+            if let Some(st) = status {
+                eprintln!("{} exited on its own ({st:?}); started again", roles[idx]);
+                exited += 1;
+                *slot = Some(layout.spawn(roles[idx], None));
+            }
+        }
+    };
     // Random instants.
     let per_kill = (n - first).div_ceil(kills.max(1));
     let mut next = first;
-    for _ in 0..kills {
+    for round in 0..kills {
         let end = (next + per_kill).min(n);
         publish_orders(&bus, next..end).await;
         next = end;
         tokio::time::sleep(Duration::from_millis(rng.random_range(20..250))).await;
+        if restart_rounds.contains(&round) {
+            let outage = Duration::from_millis(rng.random_range(0..300));
+            let server = layout.nats.as_mut().unwrap();
+            server.kill();
+            // The outage itself (a fault parameter), not a synchronisation.
+            tokio::time::sleep(outage).await;
+            tokio::task::block_in_place(|| server.restart());
+            eprintln!(
+                "round {round}: nats-server kill -9, down {outage:?}, started again ({} orders applied)",
+                store.scalar(
+                    true,
+                    "SELECT count(*) FROM ampybus_inbox WHERE consumer = 'oms'"
+                )
+            );
+        }
         let idx = rng.random_range(0..roles.len());
         if let Some(mut p) = procs[idx].take() {
             p.kill_9();
         }
-        procs[idx] = Some(spawn(roles[idx], d, store, None));
+        procs[idx] = Some(layout.spawn(roles[idx], None));
+        revive(&mut procs, &layout);
     }
     publish_orders(&bus, next..n).await;
-    bus.close().await.unwrap();
     eprintln!(
         "after the kills: {} of {n} orders applied, {} fills applied",
         store.scalar(
@@ -577,6 +711,7 @@ async fn run_pipeline(d: &Path, store: &Store) {
     );
     let t = Instant::now();
     loop {
+        revive(&mut procs, &layout);
         let applied = store.scalar(
             false,
             "SELECT count(*) FROM ampybus_inbox WHERE consumer = 'positions'",
@@ -586,19 +721,27 @@ async fn run_pipeline(d: &Path, store: &Store) {
             "SELECT count(*) FROM ampybus_outbox WHERE sent_at_ms IS NULL",
         );
         let staged = store.scalar(true, "SELECT count(*) FROM ampybus_outbox");
-        if applied as usize >= n && unsent == 0 && staged as usize >= n {
+        // Both consumers report nothing pending and nothing in flight.
+        let lag = lags(&bus).await;
+        if applied as usize >= n && unsent == 0 && staged as usize >= n && lag == Some([(0, 0); 2])
+        {
             break;
         }
         assert!(
             t.elapsed() < Duration::from_secs(180),
-            "not done: {applied} applied, {staged} staged, {unsent} unsent"
+            "not done (seed {seed}): {applied} applied, {staged} staged, {unsent} unsent, lag (pending, in flight) of oms, positions: {lag:?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    bus.close().await.unwrap();
     for p in procs.into_iter().flatten() {
         let st = p.term();
-        assert_eq!(st.code(), Some(0), "{st:?}");
+        assert_eq!(st.code(), Some(0), "seed {seed}: {st:?}");
     }
+    eprintln!(
+        "done in {:?} after the kills; {exited} components exited on their own",
+        t.elapsed()
+    );
     // Each order applied once, with exactly one fill staged for it (`true`: the orders side);
     // each fill applied once.
     for (oms, sql) in [
@@ -621,12 +764,12 @@ async fn run_pipeline(d: &Path, store: &Store) {
         (false, "SELECT count(DISTINCT fill_id) FROM fills_applied"),
         (false, "SELECT count(DISTINCT order_id) FROM fills_applied"),
     ] {
-        assert_eq!(store.scalar(oms, sql), n as i64, "{sql}");
+        assert_eq!(store.scalar(oms, sql), n as i64, "seed {seed}: {sql}");
     }
     // The fills applied are exactly the staged ones.
     let matched = store.matched_fills();
-    assert_eq!(matched, n as i64);
-    assert_eq!(store.positions(), expected_positions(0..n));
+    assert_eq!(matched, n as i64, "seed {seed}");
+    assert_eq!(store.positions(), expected_positions(0..n), "seed {seed}");
 }
 
 /// The plain dedupe store, killed after a handler's effects and before the dedupe record:
@@ -638,10 +781,14 @@ async fn plain_dedupe_store_applies_a_fill_twice_after_a_crash_the_inbox_does_no
     for with_inbox in [false, true] {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        let store = Store::Sqlite(d.to_path_buf());
-        store.create_app_tables();
+        let layout = Layout {
+            dir: d,
+            store: Store::Sqlite(d.to_path_buf()),
+            nats: None,
+        };
+        layout.store.create_app_tables();
         {
-            let bus = Bus::connect(&bus_url(d)).await.unwrap();
+            let bus = Bus::connect(&layout.bus_url()).await.unwrap();
             for i in 0..m {
                 let (acct, sym, qty, id) = order(i);
                 let h = Headers::for_publish(
@@ -666,13 +813,13 @@ async fn plain_dedupe_store_applies_a_fill_twice_after_a_crash_the_inbox_does_no
             ("positions-dedupe", None)
         };
         let mut p = match crash {
-            Some(_) => spawn(role, d, &store, crash),
+            Some(_) => layout.spawn(role, crash),
             None => spawn_with(role, d, &[("CRASH_AFTER_EFFECTS", "5".to_owned())]),
         };
         let st = wait_exit(&mut p.0, Duration::from_secs(60));
         assert_eq!(st.signal(), Some(libc::SIGKILL), "{st:?}");
         drop(p);
-        let p = spawn(role, d, &store, None);
+        let p = layout.spawn(role, None);
         let pos = d.join("pos.sqlite3");
         let t = Instant::now();
         while scalar(&pos, "SELECT count(DISTINCT fill_id) FROM fills_applied") < m as i64 {

@@ -342,6 +342,76 @@ fn sources_and_keys_go_stale_and_recover_in_a_fixed_order() {
 }
 
 #[test]
+fn late_data_makes_its_topic_lag_once_until_a_message_is_on_time_again() {
+    let c = clock(); // 2026-03-02T09:30:00Z
+    let mut m = FeedMonitor::new(FeedConfig::new(secs(60)).sequence(false));
+    let at = |produced: &str, key: &str| {
+        let mut h = tick("md@a", "feed-a", key, None, "r");
+        h.set("produced_at", produced);
+        h
+    };
+    let lag = |ev: &[FeedEvent]| -> Vec<String> {
+        ev.iter()
+            .map(|e| {
+                format!(
+                    "{} {} {} {}ms",
+                    e.kind.as_str(),
+                    e.topic,
+                    e.key.as_deref().unwrap_or("-"),
+                    e.lag.map_or(0, |d| d.as_millis())
+                )
+            })
+            .collect()
+    };
+    let trade = "ampy.dev.ticks.v1.trade.MSFT";
+    // 29.5 s late: under the default 30 s.
+    quiet(
+        &mut m,
+        c.now(),
+        trade,
+        &at("2026-03-02T09:29:30.500000Z", "MSFT.XNAS"),
+    );
+    // 31 s late: the topic lags.
+    let ev = m.observe(
+        c.now(),
+        trade,
+        &at("2026-03-02T09:29:29.000000Z", "MSFT.XNAS"),
+    );
+    assert_eq!(
+        lag(&ev),
+        ["lag ampy.dev.ticks.v1.trade.MSFT MSFT.XNAS 31000ms"]
+    );
+    assert_eq!(ev[0].to_json()["lag_ms"], 31000);
+    assert_eq!(ev[0].to_json()["event"], "lag");
+    // Still late, another symbol of the same domain-level topic: no second event.
+    quiet(
+        &mut m,
+        c.now(),
+        "ampy.dev.ticks.v1.trade.AAPL",
+        &at("2026-03-02T09:29:00.000000Z", "AAPL.XNAS"),
+    );
+    // On time again.
+    c.advance(secs(1));
+    let ev = m.observe(
+        c.now(),
+        trade,
+        &at("2026-03-02T09:30:00.750000Z", "MSFT.XNAS"),
+    );
+    assert_eq!(
+        lag(&ev),
+        ["lag_recovered ampy.dev.ticks.v1.trade.MSFT MSFT.XNAS 250ms"]
+    );
+    // Checking off: nothing, however late.
+    let mut off = FeedMonitor::new(FeedConfig::new(secs(60)).sequence(false).lag_after(None));
+    quiet(
+        &mut off,
+        c.now(),
+        trade,
+        &at("2026-03-01T09:30:00.000000Z", "MSFT.XNAS"),
+    );
+}
+
+#[test]
 fn key_tracking_can_be_off() {
     let c = clock();
     let mut m = FeedMonitor::new(FeedConfig::new(secs(1)).key_stale_after(None));
@@ -709,6 +779,11 @@ async fn failover_producer_publishes_the_active_source_only() {
             "feed-b->feed-a primary_recovered #2"
         ]
     );
+    let text = bus.metrics().encode();
+    for reason in ["silent", "primary_recovered"] {
+        let line = format!("bus_failover_switches_total{{service=\"md\",reason=\"{reason}\"}} 1\n");
+        assert!(text.contains(&line), "{line} in {text}");
+    }
     // Errors: an unknown source.
     assert_eq!(
         fo.offer("feed-z", &trade, h(), b"x".to_vec())

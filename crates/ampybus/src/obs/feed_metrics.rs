@@ -1,5 +1,6 @@
 //! The feed-health families of [`BusMetrics`](super::BusMetrics): `bus_stale_sources`,
-//! `bus_seconds_since_last{topic}`, `bus_gap_total{topic}` (see `runtime::feeds`).
+//! `bus_seconds_since_last{topic}`, `bus_gap_total{topic}`, `bus_failover_switches_total{service,
+//! reason}` (see `runtime::feeds`).
 
 use super::metrics::{Listed, domain_topic};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -14,12 +15,19 @@ struct TopicLabel {
     topic: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SwitchLabels {
+    service: String,
+    reason: String,
+}
+
 /// The families, shared by clones.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct FeedFamilies {
     stale_sources: Gauge,
     seconds_since_last: Family<TopicLabel, Gauge<f64, AtomicU64>>,
     gaps: Family<TopicLabel, Counter>,
+    switches: Family<SwitchLabels, Counter>,
 }
 
 impl FeedFamilies {
@@ -46,6 +54,16 @@ impl FeedFamilies {
             .inc();
     }
 
+    /// One switch of a failover producer's active source.
+    pub(crate) fn failover_switch(&self, service: &str, reason: &str) {
+        self.switches
+            .get_or_create(&SwitchLabels {
+                service: service.to_owned(),
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
     pub(crate) fn register(&self, r: &mut Registry) {
         r.register(
             "bus_stale_sources",
@@ -61,6 +79,11 @@ impl FeedFamilies {
             "bus_gap",
             "Gaps in the sequence header seen by feed monitors, by domain-level topic",
             Listed(self.gaps.clone()),
+        );
+        r.register(
+            "bus_failover_switches",
+            "Switches of a failover producer's active source, by service and reason",
+            Listed(self.switches.clone()),
         );
     }
 }

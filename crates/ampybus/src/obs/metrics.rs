@@ -481,13 +481,14 @@ impl BusMetrics {
 
     /// `bus_inbox_skipped_total{consumer}`: messages a transactional inbox found applied
     /// already (created at 0). Public for the inboxes that live outside this crate (the
-    /// Python SDK's, on asyncpg and sqlite3 connections).
+    /// Python SDK's, on asyncpg and sqlite3 connections); with the inbox features only.
     ///
     /// ```
     /// let m = ampybus::obs::BusMetrics::new();
     /// m.inbox_skipped("positions").inc();
     /// assert_eq!(m.inbox_skipped("positions").get(), 1);
     /// ```
+    #[cfg(any(feature = "inbox-postgres", feature = "inbox-sqlite"))]
     pub fn inbox_skipped(&self, consumer: &str) -> Counter {
         self.inner
             .inbox_skipped
@@ -498,6 +499,7 @@ impl BusMetrics {
     }
 
     /// `bus_outbox_depth{table}` and `bus_outbox_age_seconds{table}` (created at 0).
+    #[cfg(any(feature = "inbox-postgres", feature = "inbox-sqlite"))]
     pub(crate) fn outbox(&self, table: &str) -> (Gauge, Gauge<f64, AtomicU64>) {
         let l = TableOnly {
             table: table.to_owned(),

@@ -12,7 +12,7 @@ use crate::transport::{Delivery, StartAt, SubscribeSpec};
 use futures::FutureExt;
 use opentelemetry::context::FutureExt as OtelFutureExt;
 use prometheus_client::metrics::gauge::Gauge;
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -346,10 +346,8 @@ impl ConsumerBuilder {
             ack_deadline: self.ack_deadline,
             max_payload: self.max_payload,
             dedupe,
-            pending: Mutex::new(HashSet::with_hasher(FastHash::new())),
-            handling: Mutex::new(HashSet::with_hasher(FastHash::new())),
+            book: Mutex::new(KeyBook::new(65_536 + 4 * self.max_in_flight)),
             topics: Mutex::new(HashMap::with_hasher(FastHash::new())),
-            recent: Mutex::new(Recent::new(65_536 + 4 * self.max_in_flight)),
             sched: Mutex::new(Sched::new()),
             notify: Notify::new(),
             counters: Counters::default(),
@@ -840,7 +838,6 @@ impl std::hash::Hasher for FxHasher {
 }
 
 type FastMap<K, V> = HashMap<K, V, FastHash>;
-type FastSet<K> = HashSet<K, FastHash>;
 
 /// One dedupe key as the runtime holds it: a canonical `message_id` as its 128 bits (no
 /// allocation), or any other key text (`{domain}:{dedupe_key}`) shared by reference count.
@@ -931,10 +928,6 @@ impl Keys {
 
     fn is_empty(&self) -> bool {
         self.0.iter().all(Option::is_none)
-    }
-
-    fn any_in(&self, set: &FastSet<DKey>) -> bool {
-        !set.is_empty() && self.iter().any(|k| set.contains(k))
     }
 }
 
@@ -1235,17 +1228,14 @@ struct Shared {
     dedupe: Option<Arc<dyn DedupeStore>>,
     /// The registry's schema check (a bus opened with a registry).
     schemas: Option<crate::registry::SchemaGate>,
-    /// Keys handled Ok whose dedupe record is not written yet.
-    pending: Mutex<FastSet<DKey>>,
-    /// Dedupe keys of messages being handled right now.
-    handling: Mutex<FastSet<DKey>>,
+    /// The dedupe keys this process is handling, has applied and not recorded yet, or has
+    /// recorded lately (so that a batch lookup made at fetch time cannot miss what was applied
+    /// here since).
+    book: Mutex<KeyBook>,
     /// Topics already parsed, by their text, with their metric handles: a consumer sees few
     /// distinct topics, so each is parsed and validated once (bounded by
     /// [`TOPIC_CACHE_MAX`]; cleared when full).
     topics: Mutex<FastMap<String, TopicEntry>>,
-    /// Keys this process recorded lately (moved here from `pending` by the acker), so that a
-    /// batch lookup made at fetch time cannot miss what was applied here since.
-    recent: Mutex<Recent>,
     sched: Mutex<Sched>,
     notify: Notify,
     counters: Counters,
@@ -1336,57 +1326,146 @@ async fn run_lag_poller(shared: Arc<Shared>) {
 const CLAIM_WAIT: Duration = Duration::from_millis(5);
 
 /// In-process claim on dedupe keys while a handler runs; released on drop.
-struct Claim<'a> {
-    set: &'a Mutex<FastSet<DKey>>,
-    keys: Keys,
+/// Where a dedupe key of this process stands.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mark {
+    /// A message with this key is being handled now.
+    Handling,
+    /// Handled Ok; its dedupe record is not written yet.
+    Pending,
+    /// Recorded lately (among the newest `cap` recorded).
+    Recorded,
 }
 
-impl<'a> Claim<'a> {
-    fn take(set: &'a Mutex<FastSet<DKey>>, keys: &Keys) -> Option<Claim<'a>> {
-        let mut s = set.lock().unwrap_or_else(|p| p.into_inner());
-        if keys.any_in(&s) {
-            return None;
-        }
-        s.extend(keys.iter().cloned());
-        Some(Claim {
-            set,
-            keys: keys.clone(),
-        })
-    }
+/// What a claim on a message's keys found.
+enum Claimed<'a> {
+    /// The keys are this message's until the claim is dropped or promoted.
+    Taken(Claim<'a>),
+    /// Another message with one of the keys is being handled: wait and claim again.
+    Busy,
+    /// One of the keys was applied by this process (pending or recorded): skip the message.
+    Applied,
 }
 
-impl Drop for Claim<'_> {
-    fn drop(&mut self) {
-        let mut s = self.set.lock().unwrap_or_else(|p| p.into_inner());
-        for k in self.keys.iter() {
-            s.remove(k);
-        }
-    }
-}
-
-/// A bounded set of the most recently recorded dedupe keys (oldest forgotten first).
-struct Recent {
-    set: FastSet<DKey>,
+/// The dedupe keys this process knows, one map under one lock: a key moves from `Handling` to
+/// `Pending` (handled Ok) to `Recorded` (record written), and recorded keys are forgotten
+/// oldest first past `cap`.
+struct KeyBook {
+    marks: FastMap<DKey, Mark>,
+    /// Recorded keys, oldest first.
     order: VecDeque<DKey>,
     cap: usize,
 }
 
-impl Recent {
-    fn new(cap: usize) -> Recent {
-        Recent {
-            set: HashSet::with_hasher(FastHash::new()),
+impl KeyBook {
+    fn new(cap: usize) -> KeyBook {
+        KeyBook {
+            marks: HashMap::with_hasher(FastHash::new()),
             order: VecDeque::new(),
             cap,
         }
     }
 
-    fn insert(&mut self, key: DKey) {
-        if self.set.insert(key.clone()) {
-            self.order.push_back(key);
-            while self.order.len() > self.cap {
-                if let Some(old) = self.order.pop_front() {
-                    self.set.remove(&old);
+    fn mark(&self, k: &DKey) -> Option<Mark> {
+        if self.marks.is_empty() {
+            return None;
+        }
+        self.marks.get(k).copied()
+    }
+
+    /// True when one of `keys` was applied here (pending or recorded).
+    fn applied(&self, keys: &Keys) -> bool {
+        keys.iter()
+            .any(|k| matches!(self.mark(k), Some(Mark::Pending | Mark::Recorded)))
+    }
+
+    /// True when one of `keys` is known here in any state.
+    fn known(&self, keys: &Keys) -> bool {
+        keys.iter().any(|k| self.mark(k).is_some())
+    }
+
+    /// The keys of a message that handled Ok: pending until recorded.
+    fn promote(&mut self, keys: &Keys) {
+        for k in keys.iter() {
+            if let Some(m) = self.marks.get_mut(k) {
+                *m = Mark::Pending;
+            }
+        }
+    }
+
+    /// Keys whose records were written (or given up on): recorded lately.
+    fn record(&mut self, keys: &[DKey]) {
+        for k in keys {
+            match self.marks.get_mut(k) {
+                Some(m) if *m == Mark::Recorded => continue,
+                Some(m) => *m = Mark::Recorded,
+                None => {
+                    self.marks.insert(k.clone(), Mark::Recorded);
                 }
+            }
+            self.order.push_back(k.clone());
+        }
+        while self.order.len() > self.cap {
+            if let Some(old) = self.order.pop_front()
+                && self.marks.get(&old) == Some(&Mark::Recorded)
+            {
+                self.marks.remove(&old);
+            }
+        }
+    }
+}
+
+/// The claim of a message on its dedupe keys while it is handled: released on drop, or
+/// promoted to pending when the message was handled Ok.
+struct Claim<'a> {
+    book: &'a Mutex<KeyBook>,
+    keys: Keys,
+    settled: bool,
+}
+
+impl<'a> Claim<'a> {
+    fn take(book: &'a Mutex<KeyBook>, keys: &Keys) -> Claimed<'a> {
+        let mut b = book.lock().unwrap_or_else(|p| p.into_inner());
+        let mut applied = false;
+        for k in keys.iter() {
+            match b.mark(k) {
+                Some(Mark::Handling) => return Claimed::Busy,
+                Some(_) => applied = true,
+                None => {}
+            }
+        }
+        if applied {
+            return Claimed::Applied;
+        }
+        for k in keys.iter() {
+            b.marks.insert(k.clone(), Mark::Handling);
+        }
+        Claimed::Taken(Claim {
+            book,
+            keys: keys.clone(),
+            settled: false,
+        })
+    }
+
+    /// Handled Ok: the keys stay, pending their record.
+    fn promote(mut self) {
+        self.settled = true;
+        self.book
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .promote(&self.keys);
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        let mut b = self.book.lock().unwrap_or_else(|p| p.into_inner());
+        for k in self.keys.iter() {
+            if b.marks.get(k) == Some(&Mark::Handling) {
+                b.marks.remove(k);
             }
         }
     }
@@ -1647,7 +1726,10 @@ async fn run_acker(shared: Arc<Shared>) {
         }
         let (deliveries, keys, closing) = {
             let mut a = shared.acks.lock().unwrap_or_else(|p| p.into_inner());
-            let d = std::mem::take(&mut a.deliveries);
+            // The next batch gets a buffer of this one's size: one allocation per batch,
+            // not a doubling series of reallocations while workers push.
+            let cap = a.deliveries.len().max(16);
+            let d = std::mem::replace(&mut a.deliveries, Vec::with_capacity(cap));
             let k = std::mem::replace(&mut a.keys, std::mem::take(&mut spare));
             if closing && d.is_empty() {
                 a.closed = true;
@@ -1892,17 +1974,10 @@ impl Shared {
             }
         }
         if !keys.is_empty() {
-            // Into `recent` before leaving `pending`, so a check never sees neither.
-            {
-                let mut r = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-                for k in &keys {
-                    r.insert(k.clone());
-                }
-            }
-            let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-            for k in &keys {
-                p.remove(k);
-            }
+            self.book
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .record(&keys);
         }
         keys.clear();
         self.counters
@@ -2095,30 +2170,40 @@ impl Shared {
         }
         // Taken out while the handler borrows it; put back before the item moves on.
         let msg = item.msg.take().expect("prepared above");
-        let mut _claim = None;
+        let mut claim = None;
         if self.dedupe.is_some() {
             // Two messages with one dedupe key (e.g. the same `dedupe_key` under different
             // partition keys) never run at once here: the later one waits and then re-checks.
-            match Claim::take(&self.handling, &item.keys) {
-                Some(c) => _claim = Some(c),
-                None => {
+            // A key this process applied since the batch lookup (pending or recorded) makes
+            // it a duplicate, also for a retry whose twin was applied meanwhile.
+            match Claim::take(&self.book, &item.keys) {
+                Claimed::Taken(c) => claim = Some(c),
+                Claimed::Busy => {
                     item.msg = Some(msg);
                     att.result = "deferred";
                     return Step::Retry(item, CLAIM_WAIT);
+                }
+                Claimed::Applied => {
+                    item.msg = Some(msg);
+                    att.result = "skipped";
+                    self.counters.skipped.fetch_add(1, Ordering::SeqCst);
+                    self.done(item, Keys::default());
+                    return Step::Finished;
                 }
             }
             if !item.dedupe_checked {
                 item.dedupe_checked = true;
                 let answer = item.lookup.take().and_then(|(l, first)| {
-                    l.done.get().cloned().flatten().map(|flags| {
+                    // Read in place: the batch's flags are shared by all its messages.
+                    l.done.get().and_then(Option::as_ref).map(|flags| {
                         let first = first as usize;
                         flags[first..first + item.keys.len()].iter().any(|b| *b)
                     })
                 });
                 let applied = match answer {
-                    // Looked up with its batch; what this process applied since is in
-                    // `pending` or `recent`.
-                    Some(pre) => pre || self.applied_here(&item.keys),
+                    // Looked up with its batch; what this process applied since was found
+                    // by the claim.
+                    Some(pre) => pre,
                     None => self.already_applied(&item.keys).await,
                 };
                 if applied {
@@ -2192,15 +2277,12 @@ impl Shared {
                     .await
             }
             Some(Ok(Outcome::Ok)) => {
-                let keys = if self.dedupe.is_some() {
-                    let keys = std::mem::take(&mut item.keys);
-                    self.pending
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .extend(keys.iter().cloned());
-                    keys
-                } else {
-                    Keys::default()
+                let keys = match claim.take() {
+                    Some(c) => {
+                        c.promote();
+                        std::mem::take(&mut item.keys)
+                    }
+                    None => Keys::default(),
                 };
                 self.counters.handled_ok.fetch_add(1, Ordering::SeqCst);
                 att.result = "ok";
@@ -2329,18 +2411,12 @@ impl Shared {
 
     /// True when this process applied one of `keys` (recorded or not yet).
     fn applied_here(&self, keys: &Keys) -> bool {
-        if keys.is_empty() {
-            return false;
-        }
-        if keys.any_in(&self.pending.lock().unwrap_or_else(|p| p.into_inner())) {
-            return true;
-        }
-        keys.any_in(&self.recent.lock().unwrap_or_else(|p| p.into_inner()).set)
-    }
-
-    /// Whether a message with these keys is being handled by this consumer right now.
-    fn handling_now(&self, keys: &Keys) -> bool {
-        keys.any_in(&self.handling.lock().unwrap_or_else(|p| p.into_inner()))
+        !keys.is_empty()
+            && self
+                .book
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .applied(keys)
     }
 
     fn next_attempt(&self, item: &mut Item) -> u32 {
@@ -2479,7 +2555,13 @@ impl DedupeStore for LiveAwareDedupe {
     async fn is_applied(&self, consumer: &str, keys: &[String]) -> Result<bool> {
         for k in keys {
             let one = Keys([Some(DKey::parse(k)), None]);
-            if self.shared.applied_here(&one) || self.shared.handling_now(&one) {
+            let known = self
+                .shared
+                .book
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .known(&one);
+            if known {
                 return Ok(true);
             }
         }

@@ -962,6 +962,11 @@ pub struct Producer {
 }
 
 impl Producer {
+    /// The bus this producer publishes on.
+    pub(crate) fn bus(&self) -> &Bus {
+        &self.shared.bus
+    }
+
     /// A builder with the defaults: capacity 10,000, no best-effort topic, default retry
     /// policy, batches of 512, no lag watching.
     ///

@@ -299,6 +299,9 @@ struct Inner {
     state: Mutex<FailoverState>,
     clock: Arc<dyn Clock>,
     tx: mpsc::UnboundedSender<FailoverEvent>,
+    /// Counts switches (`bus_failover_switches_total`) when the bus observes.
+    bus: Option<crate::Bus>,
+    service: String,
 }
 
 impl Inner {
@@ -308,6 +311,11 @@ impl Inner {
                 from = %e.from, to = %e.to, reason = e.reason.as_str(), switches = e.switches,
                 "failover: switched the active source"
             );
+            if let Some(bus) = &self.bus {
+                bus.metrics()
+                    .feeds()
+                    .failover_switch(&self.service, e.reason.as_str());
+            }
             let _ = self.tx.send(e);
         }
     }
@@ -391,10 +399,13 @@ impl FailoverProducer {
         let clock: Arc<dyn Clock> = Arc::new(clock);
         let state = FailoverState::new(sources, config, clock.now())?;
         let (tx, rx) = mpsc::unbounded_channel();
+        let bus = producer.bus();
         let inner = Arc::new(Inner {
             state: Mutex::new(state),
             clock,
             tx,
+            bus: bus.observability().then(|| bus.clone()),
+            service: service.to_owned(),
         });
         let ticker = check_every.filter(|d| !d.is_zero()).map(|every| {
             let weak: Weak<Inner> = Arc::downgrade(&inner);

@@ -1,5 +1,6 @@
 //! [`FeedMonitor`]: staleness per source and per partition key, gaps and duplicates from the
-//! `sequence` header — a plain state machine fed messages and clock readings, so its event
+//! `sequence` header, late data (a message older than the lag threshold when it arrives, per
+//! domain-level topic) — a plain state machine fed messages and clock readings, so its event
 //! sequences are exact and testable without sleeping.
 
 use super::clock::Now;
@@ -29,6 +30,7 @@ pub struct FeedConfig {
     stale_after: Duration,
     key_stale_after: Option<Duration>,
     sequence: bool,
+    lag_after: Option<Duration>,
 }
 
 impl FeedConfig {
@@ -39,7 +41,29 @@ impl FeedConfig {
             stale_after,
             key_stale_after: Some(stale_after),
             sequence: true,
+            lag_after: Some(crate::runtime::lag::DEFAULT_LAG_ALERT),
         }
+    }
+
+    /// A message that arrives this much after its `produced_at` makes its domain-level topic
+    /// lag (one [`FeedEventKind::Lag`] event, then [`FeedEventKind::LagRecovered`] with the
+    /// first message under it again); default 30 s (seed 002's alert), `None` checks nothing.
+    ///
+    /// ```
+    /// use ampybus::runtime::feeds::FeedConfig;
+    /// use std::time::Duration;
+    /// let c = FeedConfig::new(Duration::from_secs(5));
+    /// assert_eq!(c.lag_threshold(), Some(Duration::from_secs(30)));
+    /// assert_eq!(c.lag_after(None).lag_threshold(), None);
+    /// ```
+    pub fn lag_after(mut self, after: Option<Duration>) -> FeedConfig {
+        self.lag_after = after;
+        self
+    }
+
+    /// The late-data threshold, if checked.
+    pub fn lag_threshold(&self) -> Option<Duration> {
+        self.lag_after
     }
 
     /// The threshold for partition keys; `None` tracks no key (sources only).
@@ -92,6 +116,11 @@ pub enum FeedEventKind {
     Gap,
     /// A sequence number at or below the last one seen arrived again.
     Duplicate,
+    /// A message arrived later after its `produced_at` than the lag threshold (`lag` holds
+    /// how late); once per domain-level topic until it recovers.
+    Lag,
+    /// A lagging topic delivered a message under the threshold again.
+    LagRecovered,
 }
 
 impl FeedEventKind {
@@ -102,6 +131,8 @@ impl FeedEventKind {
             FeedEventKind::Recovered => "recovered",
             FeedEventKind::Gap => "gap",
             FeedEventKind::Duplicate => "duplicate",
+            FeedEventKind::Lag => "lag",
+            FeedEventKind::LagRecovered => "lag_recovered",
         }
     }
 }
@@ -122,6 +153,7 @@ impl FeedEventKind {
 ///     run_id: Some("r1".into()),
 ///     missing: Some((3, 4)),
 ///     sequence: Some(5),
+///     lag: None,
 /// };
 /// assert_eq!(e.to_json()["event"], "gap");
 /// assert_eq!(e.to_json()["at"], "2026-01-02T03:04:05.000000Z");
@@ -150,6 +182,8 @@ pub struct FeedEvent {
     pub missing: Option<(u64, u64)>,
     /// Gap/duplicate: the sequence number that arrived.
     pub sequence: Option<u64>,
+    /// Lag/lag recovered: receive time − `produced_at` of the message.
+    pub lag: Option<Duration>,
 }
 
 impl FeedEvent {
@@ -165,11 +199,13 @@ impl FeedEvent {
             run_id: None,
             missing: None,
             sequence: None,
+            lag: None,
         }
     }
 
     /// One JSON object: `event`, `topic`, `at`, and `key`, `source`, `silent_ms`,
-    /// `producer`, `run_id`, `first_missing`, `last_missing`, `sequence` where they apply.
+    /// `producer`, `run_id`, `first_missing`, `last_missing`, `sequence`, `lag_ms` where they
+    /// apply.
     pub fn to_json(&self) -> Value {
         let mut o = json!({
             "event": self.kind.as_str(),
@@ -193,6 +229,10 @@ impl FeedEvent {
         put("first_missing", self.missing.map(|m| Value::from(m.0)));
         put("last_missing", self.missing.map(|m| Value::from(m.1)));
         put("sequence", self.sequence.map(Value::from));
+        put(
+            "lag_ms",
+            self.lag.map(|d| Value::from(d.as_millis() as u64)),
+        );
         o
     }
 }
@@ -220,6 +260,9 @@ impl std::fmt::Display for FeedEvent {
         }
         if let Some(s) = self.sequence {
             write!(f, " sequence={s}")?;
+        }
+        if let Some(d) = self.lag {
+            write!(f, " lag_ms={}", d.as_millis())?;
         }
         if let Some(p) = &self.producer {
             write!(f, " producer={p}")?;
@@ -331,6 +374,8 @@ pub struct FeedMonitor {
     keys: BTreeMap<(String, String), Track>,
     sequences: HashMap<(String, String), SeqTrack>,
     last_by_topic: BTreeMap<String, Now>,
+    /// Domain-level topics whose last message came later than the lag threshold.
+    lagging: BTreeMap<String, bool>,
     gaps: u64,
     missing: u64,
     duplicates: u64,
@@ -352,6 +397,7 @@ impl FeedMonitor {
             keys: BTreeMap::new(),
             sequences: HashMap::new(),
             last_by_topic: BTreeMap::new(),
+            lagging: BTreeMap::new(),
             gaps: 0,
             missing: 0,
             duplicates: 0,
@@ -371,6 +417,9 @@ impl FeedMonitor {
         let key = headers.partition_key().filter(|k| !k.is_empty());
         self.last_by_topic
             .insert(domain_topic(topic).to_owned(), now);
+        if let Some(limit) = self.config.lag_after {
+            self.check_lag(now, topic, headers, limit, &mut out);
+        }
         if let Some(s) = source {
             let t = self.sources.entry(s.to_owned()).or_insert_with(|| Track {
                 topic: topic.to_owned(),
@@ -415,6 +464,42 @@ impl FeedMonitor {
             }
         }
         out
+    }
+
+    /// Late data: the message's age at `now` against `limit`, per domain-level topic.
+    fn check_lag(
+        &mut self,
+        now: Now,
+        topic: &str,
+        headers: &Headers,
+        limit: Duration,
+        out: &mut Vec<FeedEvent>,
+    ) {
+        let Some(produced) = headers
+            .produced_at_micros()
+            .or_else(|| headers.produced_at_time().map(|t| t.timestamp_micros()))
+        else {
+            return;
+        };
+        let late_us = now.wall.timestamp_micros().saturating_sub(produced).max(0);
+        let late = Duration::from_micros(late_us as u64);
+        let over = late >= limit;
+        let domain = domain_topic(topic);
+        let was = self.lagging.get(domain).copied().unwrap_or(false);
+        if over == was {
+            return;
+        }
+        self.lagging.insert(domain.to_owned(), over);
+        let kind = if over {
+            FeedEventKind::Lag
+        } else {
+            FeedEventKind::LagRecovered
+        };
+        let mut e = FeedEvent::new(kind, topic, now.wall);
+        e.key = headers.partition_key().map(str::to_owned);
+        e.source = headers.source().map(str::to_owned);
+        e.lag = Some(late);
+        out.push(e);
     }
 
     fn check_sequence(

@@ -136,7 +136,7 @@ impl Shared {
             _ => {}
         }
         match e.kind {
-            FeedEventKind::Stale | FeedEventKind::Gap => {
+            FeedEventKind::Stale | FeedEventKind::Gap | FeedEventKind::Lag => {
                 tracing::warn!(event = e.kind.as_str(), topic = %e.topic, key = ?e.key, source = ?e.source, "feed: {e}")
             }
             _ => {

@@ -1,8 +1,10 @@
 //! Consumer lag and per-topic statistics from JetStream stream and consumer info: the NATS
 //! side of [`ConsumerLag`] and [`Inspect`] (`ampybus topics list|describe|lag`).
 //!
-//! Only streams named with this binding's `stream_prefix` are asked (the seed's `AMPY` stream
-//! counts under the default prefix). A durable consumer whose pattern spans several domains
+//! The streams asked are those this binding publishes to and reads from: the ones named with
+//! its `stream_prefix`, and any other stream that captures a whole `ampy.{env}.{domain}.>`
+//! (the seed's `AMPY` on `ampy.>`, or another namespace's stream that was there first: the
+//! binding then uses it, see [`streams`]). A durable consumer whose pattern spans several domains
 //! has one JetStream consumer per stream; its figures are summed over them.
 
 use super::{NatsTransport, consume, streams};
@@ -15,13 +17,16 @@ use futures::TryStreamExt;
 use std::collections::BTreeMap;
 
 impl NatsTransport {
-    /// The streams of this binding's namespace (named with its prefix).
+    /// The streams this binding uses: named with its prefix, or capturing a whole domain.
     async fn own_streams(&self) -> Result<Vec<stream::Info>> {
         let prefix = self.shared.opts.stream_prefix.as_str();
         Ok(streams::list(&self.shared.js)
             .await?
             .into_iter()
-            .filter(|i| i.config.name.starts_with(prefix))
+            .filter(|i| {
+                i.config.name.starts_with(prefix)
+                    || i.config.subjects.iter().any(|s| captures_a_domain(s))
+            })
             .collect())
     }
 
@@ -68,6 +73,13 @@ impl Sum {
             newest_seq: single.then_some(self.newest),
         }
     }
+}
+
+/// True for a stream subject that holds every topic of some env and domain: `ampy.>`,
+/// `ampy.{env}.>`, `ampy.{env}.{domain}.>` (tokens may be `*`).
+fn captures_a_domain(subject: &str) -> bool {
+    let tokens: Vec<&str> = subject.split('.').collect();
+    tokens.len() <= 4 && tokens.first() == Some(&"ampy") && tokens.last() == Some(&">")
 }
 
 fn not_found(e: &impl std::fmt::Display) -> bool {
@@ -180,5 +192,24 @@ impl Inspect for NatsTransport {
             }
         }
         Ok(by_name.into_iter().map(|(n, s)| s.stats(n)).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn which_subjects_capture_a_domain() {
+        for s in ["ampy.>", "ampy.dev.>", "ampy.dev.news.>", "ampy.*.news.>"] {
+            assert!(super::captures_a_domain(s), "{s}");
+        }
+        for s in [
+            "ampy.dev.news.v1.>",
+            "ampy.dev.news.v1.raw",
+            "other.>",
+            ">",
+            "ampy.dev.news",
+        ] {
+            assert!(!super::captures_a_domain(s), "{s}");
+        }
     }
 }
