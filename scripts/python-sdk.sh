@@ -9,15 +9,16 @@
 #                                  # 1-minute load average < 1 first, see --max-load/--load-wait)
 #
 # Idempotent. `.venv-ampybus/` (git-ignored) gets pinned tools: maturin (build backend), pytest,
-# pytest-asyncio, protobuf, nats-py (benchmark baseline) and ampy-proto (the seed's generated
+# pytest-asyncio, protobuf, nats-py (benchmark baseline), ampy-proto (the seed's generated
 # protobuf classes, for the cross-language tests; it is not the seed's `ampybus` package, so the
-# import name `ampybus` stays ours). The extension is built by `maturin develop` with the dev
+# import name `ampybus` stays ours) and asyncpg (the PostgreSQL driver of `ampybus.inbox`). The extension is built by `maturin develop` with the dev
 # profile into the workspace's target dir (CARGO_TARGET_DIR if set), so tests, the CLI and the
 # wheel share one profile and one set of compiled dependencies. The tests also use two Rust
 # programs built here: the CLI (`target/debug/ampybus`) and `examples/proto_peer.rs`.
 #
 # Needs python3 (3.9+, with venv/pip), cargo, access to PyPI; `test` needs the brokers of
-# scripts/brokers.sh (nats on 127.0.0.1:4222, redis on 127.0.0.1:6379).
+# scripts/brokers.sh (nats on 127.0.0.1:4222, redis on 127.0.0.1:6379) and PostgreSQL on
+# 127.0.0.1:5432 (user postgres, no password; tests/test_inbox.py, AMPYBUS_TEST_PG_URL).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -35,6 +36,7 @@ REQUIREMENTS=(
     "protobuf==6.33.6"
     "nats-py==2.16.0"
     "ampy-proto==2.1.1"
+    "asyncpg==0.32.0"
 )
 
 log() { echo "python-sdk: $*" >&2; }

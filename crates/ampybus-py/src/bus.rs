@@ -71,7 +71,10 @@ struct PublisherStats {
 }
 
 /// Headers from a Python `dict` of strings, laid over `base` when given.
-fn headers_from_dict(d: &Bound<'_, PyDict>, base: Option<&Headers>) -> PyResult<Headers> {
+pub(crate) fn headers_from_dict(
+    d: &Bound<'_, PyDict>,
+    base: Option<&Headers>,
+) -> PyResult<Headers> {
     let mut h = base.cloned().unwrap_or_default();
     for (k, v) in d.iter() {
         let k = k.cast_into::<PyString>()?;
@@ -822,6 +825,12 @@ impl NativeBus {
     /// The Prometheus text of this bus's metric families.
     fn metrics_text(&self) -> String {
         self.bus.metrics().encode()
+    }
+
+    /// Adds `n` to `bus_inbox_skipped_total{consumer}` (the Python inbox's skips; `n = 0`
+    /// creates the series at 0).
+    fn count_inbox_skipped(&self, consumer: &str, n: u64) {
+        self.bus.metrics().inbox_skipped(consumer).inc_by(n);
     }
 
     /// Checks the transport's connection; raises when it is down.

@@ -19,6 +19,7 @@ mod bus;
 mod completer;
 mod consumer;
 mod errors;
+mod inbox;
 mod message;
 
 use pyo3::prelude::*;
@@ -36,6 +37,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<message::PyStored>()?;
     m.add_class::<message::Receipt>()?;
     m.add_class::<message::Ready>()?;
+    inbox::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("RAW_BYTES_SCHEMA", ampybus::headers::RAW_BYTES_SCHEMA)?;
     Ok(())

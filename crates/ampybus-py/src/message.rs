@@ -289,6 +289,11 @@ pub struct PyMessage {
 }
 
 impl PyMessage {
+    /// The runtime's message.
+    pub fn message(&self) -> &Message {
+        &self.msg
+    }
+
     /// A message whose outcome goes to `reply`.
     pub fn new(msg: Message, reply: Ticket) -> PyMessage {
         PyMessage {

@@ -27,6 +27,8 @@ NATS_URL = os.environ.get(
     "nats://127.0.0.1:4222?stream_prefix=AMPYCONF&max_age_days=1&consumer_inactive_s=600",
 )
 REDIS_URL = os.environ.get("AMPYBUS_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+#: The PostgreSQL server of the inbox tests (``postgres`` user, no password), no database.
+PG_URL = os.environ.get("AMPYBUS_TEST_PG_URL", "postgres://postgres@127.0.0.1:5432")
 REPO = Path(__file__).resolve().parents[3]
 TARGET = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target"))
 
@@ -83,6 +85,22 @@ def any_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         _reachable(REDIS_URL)
         return f"{REDIS_URL}?key_prefix=pysdk-{token()}:"
     return f"file://{tmp_path / 'bus'}"
+
+
+@pytest.fixture
+async def pg_dsn() -> AsyncIterator[str]:
+    """A fresh database on the PostgreSQL server, dropped (connections and all) after the test."""
+    import asyncpg
+
+    _reachable(PG_URL)
+    name = "ampybus_pytest_" + token()
+    admin = await asyncpg.connect(PG_URL + "/postgres")
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        yield f"{PG_URL}/{name}"
+        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
 
 
 @pytest.fixture

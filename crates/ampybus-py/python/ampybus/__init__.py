@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import collections.abc as _abc
 
-from . import _native
+from . import _native, inbox
 from ._bus import (
     RAW_BYTES_SCHEMA,
     Bus,
@@ -83,4 +83,5 @@ __all__ = [
     "TransportError",
     "__version__",
     "connect",
+    "inbox",
 ]

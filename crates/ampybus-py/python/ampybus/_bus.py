@@ -57,8 +57,9 @@ RAW_BYTES_SCHEMA: str = _native.RAW_BYTES_SCHEMA
 Payload = Any
 #: A time argument: a timezone-aware ``datetime`` or an RFC3339 string.
 TimeLike = Union[datetime, str]
-#: A handler for :meth:`Bus.run`: sync or async, taking a :class:`ampybus.Message`.
-Handler = Callable[[Any], Union[None, Awaitable[None]]]
+#: A handler for :meth:`Bus.run`: sync or async, taking a :class:`ampybus.Message` (and, with
+#: an inbox, the database connection: see :mod:`ampybus.inbox`).
+Handler = Callable[..., Union[None, Awaitable[None]]]
 
 
 #: One native completer per event loop (see :func:`_completer`).
@@ -157,6 +158,31 @@ def _merge(
             )
         out[k] = v
     return out
+
+
+def _message_headers(
+    where: str,
+    headers: Optional[Mapping[str, str]],
+    *,
+    schema_fqdn: str,
+    producer: Optional[str],
+    source: Optional[str],
+    partition_key: Optional[str],
+    dedupe_key: Optional[str],
+) -> Dict[str, str]:
+    """The headers of one message to publish (or stage): ``headers`` with the keyword ones
+    laid over them (see :func:`_merge`)."""
+    return _merge(
+        where,
+        headers,
+        (
+            ("schema_fqdn", schema_fqdn),
+            ("producer", producer),
+            ("source", source),
+            ("partition_key", partition_key),
+            ("dedupe_key", dedupe_key),
+        ),
+    )
 
 
 class Outgoing(NamedTuple):
@@ -459,16 +485,14 @@ class Bus:
         dedupe_key: Optional[str],
         headers: Optional[Mapping[str, str]],
     ) -> Dict[str, str]:
-        return _merge(
+        return _message_headers(
             where,
             headers,
-            (
-                ("schema_fqdn", schema_fqdn),
-                ("producer", producer if producer is not None else self.producer),
-                ("source", source if source is not None else self.source),
-                ("partition_key", partition_key),
-                ("dedupe_key", dedupe_key),
-            ),
+            schema_fqdn=schema_fqdn,
+            producer=producer if producer is not None else self.producer,
+            source=source if source is not None else self.source,
+            partition_key=partition_key,
+            dedupe_key=dedupe_key,
         )
 
     async def publish(
@@ -613,6 +637,7 @@ class Bus:
         workers: int = 8,
         stop: Optional[asyncio.Event] = None,
         shutdown_timeout: float = 30.0,
+        inbox: Optional[Any] = None,
         **options: Any,
     ) -> ConsumerStats:
         """Runs ``handler`` for every message until ``stop`` is set or the task is cancelled.
@@ -624,7 +649,23 @@ class Bus:
         (``msg.retry``/``msg.dead_letter``). When ``stop`` is set, handlers that run finish
         (up to ``shutdown_timeout`` seconds) and the final counts are returned. Other
         ``options`` are those of :meth:`subscribe`.
+
+        With ``inbox`` (an :class:`ampybus.inbox.PgInbox` or
+        :class:`ampybus.inbox.SqliteInbox`) the consumer applies each message once:
+        ``handler(msg, conn)`` gets a database connection inside the message's open
+        transaction, where its inbox row is inserted; returning commits, then acks; raising
+        rolls back, then retries; a message applied before is acked without calling it. The
+        inbox replaces the dedupe store (``dedupe`` is off). On PostgreSQL the handler is
+        ``async`` and ``conn`` an ``asyncpg.Connection``; on SQLite it is a plain function run
+        in a worker thread and ``conn`` a ``sqlite3.Connection``. See :mod:`ampybus.inbox`.
         """
+        if inbox is not None:
+            if options.get("dedupe"):
+                raise ValueError(
+                    "run: `dedupe`: an inbox consumer deduplicates through its inbox; leave `dedupe` unset"
+                )
+            options["dedupe"] = False
+            handler = inbox._bind(self._native, consumer, handler)
         sub = self.subscribe(pattern, consumer=consumer, workers=workers, **options)
         await sub.start()
 

@@ -198,17 +198,43 @@ impl Skips {
     }
 }
 
-/// The inbox row of a message (all but `applied_at`).
+/// The inbox row of a message (all but `applied_at`, which the database sets): what the
+/// inbox inserts, and what an inbox outside this crate (the Python SDK's) must insert too.
+///
+/// ```
+/// use ampybus::inbox::InboxRow;
+/// use ampybus::runtime::Message;
+/// use ampybus::{Headers, Topic, transport::DeliveryInfo};
+/// let mut headers = Headers::for_publish("ampy.fills.v1.Fill", "oms@1", "oms", "acct|co_1");
+/// headers.fill_publish_defaults();
+/// let msg = Message {
+///     topic: Topic::parse("ampy.dev.fills.v1.sim").unwrap(),
+///     headers,
+///     payload: bytes::Bytes::new(),
+///     info: DeliveryInfo { sequence: 1, delivery_count: 1, stored_at: chrono::Utc::now() },
+/// };
+/// let row = InboxRow::of(&msg).unwrap();
+/// assert_eq!(row.domain, "fills");
+/// assert_eq!(row.topic, "ampy.dev.fills.v1.sim");
+/// assert_eq!(row.dedupe_key, None);
+/// ```
 #[derive(Debug, Clone)]
-pub(crate) struct InboxRow {
-    pub(crate) message_id: String,
-    pub(crate) domain: &'static str,
-    pub(crate) dedupe_key: Option<String>,
-    pub(crate) topic: String,
+pub struct InboxRow {
+    /// The message's `message_id` (unique per consumer).
+    pub message_id: String,
+    /// The topic's domain (`fills`, `orders`, …): a `dedupe_key` is unique per consumer and
+    /// domain.
+    pub domain: &'static str,
+    /// The message's `dedupe_key`, if any.
+    pub dedupe_key: Option<String>,
+    /// The concrete topic.
+    pub topic: String,
 }
 
 impl InboxRow {
-    fn of(msg: &Message) -> Option<InboxRow> {
+    /// The row of `msg`; `None` when it has no `message_id` (the inbox dead-letters it as a
+    /// `contract_violation`).
+    pub fn of(msg: &Message) -> Option<InboxRow> {
         Some(InboxRow {
             message_id: msg.headers.message_id()?.to_owned(),
             domain: msg.topic.domain().as_str(),
@@ -279,18 +305,39 @@ impl<A: InboxAttempt> Handler for InboxHandler<A> {
     }
 }
 
-/// A message staged for the outbox: final headers (every publish default filled, checked as a
-/// publish would check them), raw payload.
-pub(crate) struct Staged {
-    pub(crate) message_id: String,
-    pub(crate) topic: String,
-    pub(crate) key: String,
-    pub(crate) headers: Vec<u8>,
-    pub(crate) payload: Bytes,
+/// A message ready for an outbox row: final headers (every publish default filled, checked as
+/// a publish would check them, encoded as the relay decodes them), raw payload. Made by
+/// [`prepare_stage`].
+#[derive(Debug, Clone)]
+pub struct Staged {
+    /// The final `message_id` (the relay publishes with it).
+    pub message_id: String,
+    /// The concrete topic.
+    pub topic: String,
+    /// The partition key (`""` when none): the rows of a key are published in `seq` order.
+    pub key: String,
+    /// The headers in the compact encoding the relay decodes (the `headers` column).
+    pub headers: Vec<u8>,
+    /// The raw payload (the `payload` column).
+    pub payload: Bytes,
 }
 
-/// Fills publish defaults (the final `message_id`), validates, encodes the headers.
-pub(crate) fn prepare_stage(topic: &Topic, mut headers: Headers, payload: Bytes) -> Result<Staged> {
+/// Fills publish defaults (the final `message_id`), validates the headers as a publish would
+/// (a bad one is a Header error naming it) and encodes them: the values of one outbox row.
+/// Used by [`pg::PgOutbox::stage`], [`sqlite::SqliteOutbox::stage`] and the Python SDK's
+/// outbox, which then insert them with the table's staging statement.
+///
+/// ```
+/// use ampybus::{Headers, Topic};
+/// let topic = Topic::parse("ampy.dev.orders.v1.new").unwrap();
+/// let h = Headers::for_publish("ampy.orders.v1.OrderRequest", "oms@1", "oms", "co_1");
+/// let s = ampybus::inbox::prepare_stage(&topic, h, b"o".to_vec().into()).unwrap();
+/// assert_eq!(s.key, "co_1");
+/// assert!(!s.message_id.is_empty());
+/// let bad = Headers::for_publish("ampy.orders.v1.OrderRequest", "", "oms", "co_1");
+/// assert!(ampybus::inbox::prepare_stage(&topic, bad, b"o".to_vec().into()).is_err());
+/// ```
+pub fn prepare_stage(topic: &Topic, mut headers: Headers, payload: Bytes) -> Result<Staged> {
     headers.fill_publish_defaults();
     headers.validate_for_publish(topic)?;
     let message_id = headers

@@ -66,6 +66,48 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_postgres::{Client, Transaction};
 
+/// Inserts a message's inbox row ([`super::InboxRow`]): `$1` consumer, `$2` message_id, `$3`
+/// domain, `$4` dedupe_key (NULL when none), `$5` topic. No row inserted means the message was
+/// applied before (either unique key). The one statement of the Rust inbox and the Python
+/// SDK's (asyncpg), so both write the same rows.
+///
+/// ```
+/// assert!(ampybus::inbox::pg::INBOX_INSERT_SQL.ends_with("ON CONFLICT DO NOTHING"));
+/// ```
+pub const INBOX_INSERT_SQL: &str = "INSERT INTO ampybus.inbox (consumer, message_id, domain, dedupe_key, topic) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING";
+
+/// Deletes inbox rows older than `$1` seconds (float8): the retention.
+///
+/// ```
+/// assert!(ampybus::inbox::pg::INBOX_PURGE_SQL.starts_with("DELETE FROM ampybus.inbox"));
+/// ```
+pub const INBOX_PURGE_SQL: &str =
+    "DELETE FROM ampybus.inbox WHERE applied_at < now() - make_interval(secs => $1)";
+
+/// The class id of the per-key staging locks (`$1` of [`STAGE_LOCK_SQL`]).
+///
+/// ```
+/// assert_eq!(ampybus::inbox::pg::STAGE_LOCK_CLASS, 0x6f75_7462); // "outb"
+/// ```
+pub const STAGE_LOCK_CLASS: i32 = 0x6f75_7462; // "outb"
+
+/// Takes the per-key staging lock until the transaction ends: `$1` [`STAGE_LOCK_CLASS`]
+/// (int4), `$2` the partition key.
+///
+/// ```
+/// assert!(ampybus::inbox::pg::STAGE_LOCK_SQL.contains("pg_advisory_xact_lock"));
+/// ```
+pub const STAGE_LOCK_SQL: &str = "SELECT pg_advisory_xact_lock($1, hashtext($2))";
+
+/// Inserts a staged row with the key's next `seq` (run after [`STAGE_LOCK_SQL`], in the same
+/// transaction): `$1` message_id, `$2` topic, `$3` partition key, `$4` encoded headers
+/// (bytea), `$5` payload (bytea) — the values of [`super::prepare_stage`].
+///
+/// ```
+/// assert!(ampybus::inbox::pg::OUTBOX_INSERT_SQL.starts_with("INSERT INTO ampybus.outbox"));
+/// ```
+pub const OUTBOX_INSERT_SQL: &str = "INSERT INTO ampybus.outbox (message_id, topic, partition_key, seq, headers, payload) VALUES ($1, $2, $3, (SELECT coalesce(max(seq), 0) + 1 FROM ampybus.outbox WHERE partition_key = $3), $4, $5)";
+
 /// An inbox consumer's handler on PostgreSQL: the message and the open transaction.
 ///
 /// ```
@@ -291,13 +333,7 @@ impl PgInbox {
             *last = Some(Instant::now());
         }
         let secs = self.retention.as_secs_f64();
-        match client
-            .execute(
-                "DELETE FROM ampybus.inbox WHERE applied_at < now() - make_interval(secs => $1)",
-                &[&secs],
-            )
-            .await
-        {
+        match client.execute(INBOX_PURGE_SQL, &[&secs]).await {
             Ok(n) if n > 0 => {
                 tracing::info!(db = %self.inner.shown, rows = n, "inbox: expired rows purged")
             }
@@ -486,11 +522,7 @@ impl Lane {
             // Sent together: one round trip for the savepoint and the row.
             let (sp, inserted) = tokio::join!(
                 tx.batch_execute("SAVEPOINT ampybus_msg"),
-                tx.execute(
-                    "INSERT INTO ampybus.inbox (consumer, message_id, domain, dedupe_key, topic)
-                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-                    &params,
-                )
+                tx.execute(INBOX_INSERT_SQL, &params)
             );
             sp.map_err(|e| pg_error("savepoint", e))?;
             if inserted.map_err(|e| pg_error("inserting the inbox row", e))? == 0 {
@@ -558,8 +590,6 @@ impl Lane {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PgOutbox;
 
-/// The class id of the per-key staging locks (`pg_advisory_xact_lock(class, hashtext(key))`).
-const STAGE_LOCK_CLASS: i32 = 0x6f75_7462; // "outb"
 /// The class id of the relay's session lock.
 const RELAY_LOCK_CLASS: i32 = 0x7265_6c79; // "rely"
 
@@ -576,16 +606,18 @@ impl PgOutbox {
         payload: impl Into<Bytes>,
     ) -> Result<String> {
         let s = prepare_stage(topic, headers, payload.into())?;
+        tx.execute(STAGE_LOCK_SQL, &[&STAGE_LOCK_CLASS, &s.key])
+            .await
+            .map_err(|e| pg_error("locking the partition key for staging", e))?;
         tx.execute(
-            "SELECT pg_advisory_xact_lock($1, hashtext($2))",
-            &[&STAGE_LOCK_CLASS, &s.key],
-        )
-        .await
-        .map_err(|e| pg_error("locking the partition key for staging", e))?;
-        tx.execute(
-            "INSERT INTO ampybus.outbox (message_id, topic, partition_key, seq, headers, payload)
-             VALUES ($1, $2, $3, (SELECT coalesce(max(seq), 0) + 1 FROM ampybus.outbox WHERE partition_key = $3), $4, $5)",
-            &[&s.message_id, &s.topic, &s.key, &s.headers, &s.payload.as_ref()],
+            OUTBOX_INSERT_SQL,
+            &[
+                &s.message_id,
+                &s.topic,
+                &s.key,
+                &s.headers,
+                &s.payload.as_ref(),
+            ],
         )
         .await
         .map_err(|e| pg_error("staging into ampybus.outbox", e))?;

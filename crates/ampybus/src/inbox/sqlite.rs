@@ -97,6 +97,33 @@ CREATE INDEX ampybus_outbox_unsent ON ampybus_outbox (id) WHERE sent_at_ms IS NU
 CREATE INDEX ampybus_outbox_sent_at ON ampybus_outbox (sent_at_ms);
 ";
 
+/// Inserts a message's inbox row ([`super::InboxRow`]): `?1` consumer, `?2` message_id, `?3`
+/// domain, `?4` dedupe_key (NULL when none), `?5` topic, `?6` applied_at (Unix ms). No row
+/// inserted means the message was applied before (either unique key). The one statement of
+/// the Rust inbox and the Python SDK's (`sqlite3`), so both write the same rows.
+///
+/// ```
+/// assert!(ampybus::inbox::sqlite::INBOX_INSERT_SQL.ends_with("ON CONFLICT DO NOTHING"));
+/// ```
+pub const INBOX_INSERT_SQL: &str = "INSERT INTO ampybus_inbox (consumer, message_id, domain, dedupe_key, topic, applied_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING";
+
+/// Deletes inbox rows applied before `?1` (Unix ms): the retention.
+///
+/// ```
+/// assert!(ampybus::inbox::sqlite::INBOX_PURGE_SQL.starts_with("DELETE FROM ampybus_inbox"));
+/// ```
+pub const INBOX_PURGE_SQL: &str = "DELETE FROM ampybus_inbox WHERE applied_at_ms < ?1";
+
+/// Inserts a staged row with the key's next `seq` (in an `IMMEDIATE` transaction: SQLite's
+/// write lock is the per-key lock): `?1` message_id, `?2` topic, `?3` partition key, `?4`
+/// encoded headers (blob), `?5` payload (blob) — the values of [`super::prepare_stage`] —
+/// and `?6` staged_at (Unix ms).
+///
+/// ```
+/// assert!(ampybus::inbox::sqlite::OUTBOX_INSERT_SQL.starts_with("INSERT INTO ampybus_outbox"));
+/// ```
+pub const OUTBOX_INSERT_SQL: &str = "INSERT INTO ampybus_outbox (message_id, topic, partition_key, seq, headers, payload, staged_at_ms) VALUES (?1, ?2, ?3, (SELECT coalesce(max(seq), 0) + 1 FROM ampybus_outbox WHERE partition_key = ?3), ?4, ?5, ?6)";
+
 fn db_err(path: &Path, what: &str, e: rusqlite::Error) -> Error {
     // A locked or busy database, a full disk, an I/O error: worth trying again.
     let kind = match e.sqlite_error_code() {
@@ -327,10 +354,7 @@ impl SqliteInbox {
         }
         let cutoff =
             now.saturating_sub(i64::try_from(self.retention.as_millis()).unwrap_or(i64::MAX));
-        match conn.execute(
-            "DELETE FROM ampybus_inbox WHERE applied_at_ms < ?1",
-            params![cutoff],
-        ) {
+        match conn.execute(INBOX_PURGE_SQL, params![cutoff]) {
             Ok(n) if n > 0 => {
                 tracing::info!(file = %self.inner.path.display(), rows = n, "inbox: expired rows purged")
             }
@@ -390,10 +414,7 @@ impl InboxAttempt for SqliteAttempt {
                     .transaction_with_behavior(TransactionBehavior::Immediate)
                     .map_err(|e| db_err(&path, "begin", e))?;
                 let n = tx
-                    .prepare_cached(
-                        "INSERT INTO ampybus_inbox (consumer, message_id, domain, dedupe_key, topic, applied_at_ms)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
-                    )
+                    .prepare_cached(INBOX_INSERT_SQL)
                     .and_then(|mut s| {
                         s.execute(params![
                             consumer,
@@ -476,21 +497,18 @@ impl SqliteOutbox {
     ) -> Result<String> {
         let s = prepare_stage(topic, headers, payload.into())?;
         let path = PathBuf::from(tx.path().unwrap_or_default());
-        tx.prepare_cached(
-            "INSERT INTO ampybus_outbox (message_id, topic, partition_key, seq, headers, payload, staged_at_ms)
-             VALUES (?1, ?2, ?3, (SELECT coalesce(max(seq), 0) + 1 FROM ampybus_outbox WHERE partition_key = ?3), ?4, ?5, ?6)",
-        )
-        .and_then(|mut st| {
-            st.execute(params![
-                s.message_id,
-                s.topic,
-                s.key,
-                s.headers,
-                s.payload.as_ref(),
-                now_ms()
-            ])
-        })
-        .map_err(|e| db_err(&path, "staging into ampybus_outbox", e))?;
+        tx.prepare_cached(OUTBOX_INSERT_SQL)
+            .and_then(|mut st| {
+                st.execute(params![
+                    s.message_id,
+                    s.topic,
+                    s.key,
+                    s.headers,
+                    s.payload.as_ref(),
+                    now_ms()
+                ])
+            })
+            .map_err(|e| db_err(&path, "staging into ampybus_outbox", e))?;
         Ok(s.message_id)
     }
 }

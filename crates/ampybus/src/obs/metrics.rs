@@ -480,9 +480,16 @@ impl BusMetrics {
     }
 
     /// `bus_inbox_skipped_total{consumer}`: messages a transactional inbox found applied
-    /// already (created at 0).
+    /// already (created at 0). Public for the inboxes that live outside this crate (the
+    /// Python SDK's, on asyncpg and sqlite3 connections); with the inbox features only.
+    ///
+    /// ```
+    /// let m = ampybus::obs::BusMetrics::new();
+    /// m.inbox_skipped("positions").inc();
+    /// assert_eq!(m.inbox_skipped("positions").get(), 1);
+    /// ```
     #[cfg(any(feature = "inbox-postgres", feature = "inbox-sqlite"))]
-    pub(crate) fn inbox_skipped(&self, consumer: &str) -> Counter {
+    pub fn inbox_skipped(&self, consumer: &str) -> Counter {
         self.inner
             .inbox_skipped
             .get_or_create(&ConsumerOnly {
