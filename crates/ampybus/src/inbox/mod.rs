@@ -159,6 +159,14 @@ mod hooks {
 pub trait InboxBinding: Send + 'static {
     /// The runtime handler of consumer `consumer`, counting skips in `metrics`.
     fn bind(self: Box<Self>, consumer: &str, metrics: &BusMetrics) -> Arc<dyn Handler>;
+
+    /// The workers of a consumer of this inbox when
+    /// [`crate::runtime::ConsumerBuilder::workers`] is not called: the runtime's default, 8,
+    /// unless the inbox takes more messages at once (the PostgreSQL inbox:
+    /// `ampybus::inbox::pg::DEFAULT_WORKERS`).
+    fn workers(&self) -> usize {
+        8
+    }
 }
 
 /// The `bus_inbox_skipped_total` counters of the consumers bound to one inbox handle.
