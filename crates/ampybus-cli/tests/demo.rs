@@ -25,7 +25,9 @@ fn demo(dir: &std::path::Path) -> Value {
 /// Quantity and fills per position (the average price depends on the order in which fills of
 /// different orders arrive).
 fn quantities(s: &Value) -> Value {
-    let p = s["positions"].as_object().expect("positions in the summary");
+    let p = s["positions"]
+        .as_object()
+        .expect("positions in the summary");
     p.iter()
         .map(|(k, v)| (k.clone(), serde_json::json!([v["qty"], v["fills"]])))
         .collect::<serde_json::Map<_, _>>()

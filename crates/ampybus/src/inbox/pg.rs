@@ -15,10 +15,15 @@
 //! BoxFuture<'a, Outcome>`). The message's inbox row is already inserted in `tx`; the handler
 //! writes its effects and stages messages ([`PgOutbox::stage`]) through it. Messages handled at
 //! the same time share a transaction (up to 64 per transaction, 4 transactions at once, each
-//! on a connection of its own), each in a savepoint: an `Ok` releases the savepoint, anything
-//! else (or a panic) rolls back to it, and a statement that failed inside an `Ok` handler
-//! makes that message a retry. The runtime commits (with the server's `synchronous_commit`),
-//! then acks. The handler must not end the transaction itself.
+//! on a connection of its own; an inbox consumer has [`DEFAULT_WORKERS`] workers unless told
+//! otherwise, so that many messages can be in flight): one statement inserts the batch's inbox
+//! rows, the handlers run one after the other, and one commit (with the server's
+//! `synchronous_commit`) precedes the acks. When a handler does not return `Ok` (or panics,
+//! or returns `Ok` after one of its statements failed) the whole transaction is rolled back,
+//! that message keeps its outcome (a failed statement under `Ok` makes it a retry), and the
+//! other messages go again in a new transaction with a savepoint each — their handlers are
+//! called a second time; nothing of the first call was committed. The handler must not end the
+//! transaction itself.
 //!
 //! ```no_run
 //! # async fn f(bus: ampybus::Bus) -> ampybus::Result<()> {
