@@ -539,7 +539,7 @@ pub struct BenchArgs {
     #[arg(long, value_name = "C", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=4096))]
     pub concurrency: u64,
     /// Handler workers of the runtime in --mode consume and inbox [default: 8; --mode inbox:
-    /// the inbox consumer's own default, 128 on PostgreSQL, 8 on SQLite]
+    /// the inbox consumer's own default, 8]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub workers: Option<u64>,
     /// Interleaved rounds

@@ -16,7 +16,7 @@
 //! writes its effects and stages messages ([`PgOutbox::stage`]) through it. Messages handled at
 //! the same time share a transaction (up to 64 per transaction, 4 transactions at once, each
 //! on a connection of its own; an inbox consumer has [`DEFAULT_WORKERS`] workers unless told
-//! otherwise, so that many messages can be in flight): one statement inserts the batch's inbox
+//! otherwise: as many messages in flight): one statement inserts the batch's inbox
 //! rows, the handlers run one after the other, and one commit (with the server's
 //! `synchronous_commit`) precedes the acks. When a handler does not return `Ok` (or panics,
 //! or returns `Ok` after one of its statements failed) the whole transaction is rolled back,
@@ -327,13 +327,15 @@ impl std::fmt::Debug for PgInboxBinding {
 }
 
 /// The workers of a PostgreSQL inbox consumer unless
-/// [`crate::runtime::ConsumerBuilder::workers`] says otherwise: messages in flight are what its
-/// shared transactions can take at once, and a worker waits for its message's commit.
+/// [`crate::runtime::ConsumerBuilder::workers`] says otherwise: the runtime's 8. More workers
+/// fill the shared transactions (128 reach ~18,000 msg/s with a no-op effect, see
+/// docs/benchmarks.md Run G), but the lanes' bigger transactions then deadlock on application
+/// rows several messages update (PostgreSQL aborts one: the handler sees the error).
 ///
 /// ```
-/// assert_eq!(ampybus::inbox::pg::DEFAULT_WORKERS, 128);
+/// assert_eq!(ampybus::inbox::pg::DEFAULT_WORKERS, 8);
 /// ```
-pub const DEFAULT_WORKERS: usize = 128;
+pub const DEFAULT_WORKERS: usize = 8;
 
 impl InboxBinding for PgInboxBinding {
     fn workers(&self) -> usize {
