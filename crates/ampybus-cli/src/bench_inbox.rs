@@ -30,15 +30,20 @@ enum Db {
 }
 
 impl Db {
+    /// The inbox's default workers, and what makes a consumer an inbox consumer.
     fn binding(
         &self,
-    ) -> Box<dyn FnOnce(ampybus::runtime::ConsumerBuilder) -> ampybus::runtime::ConsumerBuilder>
-    {
+    ) -> (
+        usize,
+        Box<dyn FnOnce(ampybus::runtime::ConsumerBuilder) -> ampybus::runtime::ConsumerBuilder>,
+    ) {
         fn with(
             b: impl InboxBinding,
-        ) -> Box<dyn FnOnce(ampybus::runtime::ConsumerBuilder) -> ampybus::runtime::ConsumerBuilder>
-        {
-            Box::new(move |c| c.inbox(b))
+        ) -> (
+            usize,
+            Box<dyn FnOnce(ampybus::runtime::ConsumerBuilder) -> ampybus::runtime::ConsumerBuilder>,
+        ) {
+            (b.workers(), Box::new(move |c| c.inbox(b)))
         }
         match self {
             Db::Pg(p) => with(p.handler(pg_handler_fn(|_m, _tx| Box::pin(async { Outcome::Ok })))),
@@ -169,13 +174,15 @@ pub async fn run(args: &BenchArgs, parent: &Path) -> CliResult<u8> {
     let mut dedupe = Vec::new();
     let mut inbox = Vec::new();
     let mut relay = Vec::new();
+    // Both runtimes get the same workers: --workers, else the inbox consumer's default.
+    let workers = args.workers.unwrap_or(db.binding().0 as u64);
     for round in 1..=args.rounds {
         db.clear().await?;
         let c = runtime_consume(
             &bus,
             &pattern,
             args.messages,
-            args.workers,
+            workers,
             &format!("dedupe-{round}"),
             true,
             Clock::AtStart,
@@ -184,8 +191,8 @@ pub async fn run(args: &BenchArgs, parent: &Path) -> CliResult<u8> {
         dedupe.push(c.rate());
         let name = format!("inbox-{round}");
         let started = Instant::now();
-        let handle = (db.binding())(
-            Consumer::builder(bus.clone(), pattern.clone(), &name).workers(args.workers as usize),
+        let handle = (db.binding().1)(
+            Consumer::builder(bus.clone(), pattern.clone(), &name).workers(workers as usize),
         )
         .start()
         .await
@@ -221,7 +228,7 @@ pub async fn run(args: &BenchArgs, parent: &Path) -> CliResult<u8> {
         "synchronous_commit": sync_commit,
         "messages": args.messages,
         "keys": args.keys,
-        "workers": args.workers,
+        "workers": workers,
         "rounds": args.rounds,
         "dedupe_msg_per_sec": crate::bench_consume::stats(&dedupe),
         "inbox_msg_per_sec": crate::bench_consume::stats(&inbox),
@@ -238,7 +245,7 @@ pub async fn run(args: &BenchArgs, parent: &Path) -> CliResult<u8> {
             sync_commit,
             args.messages,
             args.keys,
-            args.workers,
+            workers,
             args.rounds,
             show_series(&report["dedupe_msg_per_sec"]),
             show_series(&report["inbox_msg_per_sec"]),

@@ -538,9 +538,10 @@ pub struct BenchArgs {
     /// Concurrent publishers in the one-by-one run (each awaits every publish)
     #[arg(long, value_name = "C", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=4096))]
     pub concurrency: u64,
-    /// Handler workers of the runtime in --mode consume
-    #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=1024))]
-    pub workers: u64,
+    /// Handler workers of the runtime in --mode consume and inbox [default: 8; --mode inbox:
+    /// the inbox consumer's own default, 8]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub workers: Option<u64>,
     /// Interleaved rounds
     #[arg(long, value_name = "R", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=1000))]
     pub rounds: u64,
@@ -572,6 +573,13 @@ pub struct BenchArgs {
     /// tables are emptied before every round), postgres://… or sqlite:///path
     #[arg(long, value_name = "URL")]
     pub db: Option<String>,
+}
+
+impl BenchArgs {
+    /// The runtime's workers outside `--mode inbox`: `--workers`, else 8.
+    pub fn consume_workers(&self) -> u64 {
+        self.workers.unwrap_or(8)
+    }
 }
 
 /// `ampybus bench-consumer` (internal).

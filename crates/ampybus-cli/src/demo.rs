@@ -30,6 +30,8 @@
 use crate::error::{CliError, CliResult, EXIT_OK};
 use ampybus::control::{ReplayRequest, ReplayState, ReplayStatus};
 use ampybus::dedupe::DedupeStore;
+use ampybus::inbox::sqlite::{SqliteInbox, SqliteOutbox};
+use ampybus::inbox::{InboxBinding, RelayOptions};
 use ampybus::runtime::control::request_replay;
 use ampybus::runtime::{Consumer, ConsumerHandle, DlqCode, Handler, Message, Outcome, handler_fn};
 use ampybus::transport::{StartAt, WindowQuery};
@@ -37,7 +39,7 @@ use ampybus::{Bus, Envelope, Headers, Topic, TopicPattern, partition};
 use ampybus_features::{FeatureEngine, SignalRule, TickEvent};
 use chrono::{DateTime, TimeZone, Utc};
 use serde_json::{Value, json};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -70,6 +72,11 @@ pub struct DemoArgs {
     /// Print the summary as one JSON object instead of a table
     #[arg(long)]
     pub json: bool,
+    /// The SQLite file of the positions service (its positions table and its inbox) [default:
+    /// demo-positions.sqlite3 in the embedded log's data directory; on other transports in the
+    /// system temp directory]
+    #[arg(long, value_name = "PATH")]
+    pub positions_db: Option<std::path::PathBuf>,
 }
 
 /// splitmix64: small, fixed-seed, deterministic.
@@ -151,7 +158,9 @@ struct Ctx {
     fills_pub: AtomicU64,
     positions_pub: AtomicU64,
     features: Mutex<FeatureEngine>,
-    positions: Mutex<HashMap<String, (f64, f64)>>,
+    /// This run's fills as the positions service applied them (handed to it again by the
+    /// redelivery step).
+    fills_applied: Mutex<Vec<Message>>,
     last_features: Mutex<BTreeMap<String, Value>>,
 }
 
@@ -359,24 +368,50 @@ async fn broker(ctx: &Ctx, msg: &Message) -> Result<(), String> {
     Ok(())
 }
 
-/// positions: running quantity and average price per account and symbol.
-async fn positions(ctx: &Ctx, msg: &Message) -> Result<(), String> {
+/// The positions service's table (one row per run, account and symbol) in its SQLite file.
+const POSITIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS demo_positions (
+    run TEXT NOT NULL, account TEXT NOT NULL, symbol TEXT NOT NULL,
+    qty REAL NOT NULL, avg_price REAL NOT NULL, fills INTEGER NOT NULL,
+    PRIMARY KEY (run, account, symbol))";
+
+/// A position after a fill of `qty` (signed) at `price`: quantity and average price.
+fn next_position((q, avg): (f64, f64), qty: f64, price: f64) -> (f64, f64) {
+    let nq = q + qty;
+    let avg = if qty > 0.0 && nq != 0.0 {
+        (q * avg + qty * price) / nq
+    } else if nq == 0.0 {
+        0.0
+    } else {
+        avg
+    };
+    (nq, avg)
+}
+
+/// positions: applies a fill through the SQLite inbox, in `tx` (the inbox row is inserted, the
+/// commit follows `Ok`): the running quantity and average price per account and symbol in
+/// `demo_positions`, and a PositionSnapshot staged in the outbox (the relay publishes it).
+fn apply_fill(ctx: &Ctx, msg: &Message, tx: &rusqlite::Transaction<'_>) -> Result<(), String> {
+    use rusqlite::OptionalExtension;
     let f = decode(msg, "ampy.fills.v1.FillEvent")?;
     let account = f["account_id"].as_str().unwrap_or_default();
     let sym = f["security"]["symbol"].as_str().unwrap_or_default();
     let (qty, price) = (undec(&f["quantity"]), undec(&f["price"]));
-    let (q, avg) = {
-        let mut all = ctx.positions.lock().unwrap_or_else(|p| p.into_inner());
-        let p = all.entry(format!("{account}|{sym}")).or_insert((0.0, 0.0));
-        let nq = p.0 + qty;
-        if qty > 0.0 && nq != 0.0 {
-            p.1 = (p.0 * p.1 + qty * price) / nq;
-        } else if nq == 0.0 {
-            p.1 = 0.0;
-        }
-        p.0 = nq;
-        *p
-    };
+    let sql = |e: rusqlite::Error| format!("positions: {e}");
+    let before = tx
+        .query_row(
+            "SELECT qty, avg_price FROM demo_positions WHERE run = ?1 AND account = ?2 AND symbol = ?3",
+            (&ctx.run, account, sym),
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()
+        .map_err(sql)?;
+    let (q, avg) = next_position(before.unwrap_or((0.0, 0.0)), qty, price);
+    tx.execute(
+        "INSERT INTO demo_positions (run, account, symbol, qty, avg_price, fills) VALUES (?1, ?2, ?3, ?4, ?5, 1)
+         ON CONFLICT (run, account, symbol) DO UPDATE SET qty = excluded.qty, avg_price = excluded.avg_price, fills = fills + 1",
+        (&ctx.run, account, sym, q, avg),
+    )
+    .map_err(sql)?;
     let body = json!({
         "account_id": account,
         "security": f["security"],
@@ -384,19 +419,76 @@ async fn positions(ctx: &Ctx, msg: &Message) -> Result<(), String> {
         "avg_price": dec(avg, 4),
         "as_of": ts(Utc::now()),
     });
-    let key = partition::positions(account, sym, MIC);
-    ctx.publish(
-        "ampy.dev.positions.v1.snapshots",
-        "ampy.positions.v1.PositionSnapshot",
+    let fqdn = "ampy.positions.v1.PositionSnapshot";
+    let topic = Topic::parse("ampy.dev.positions.v1.snapshots").map_err(|e| e.to_string())?;
+    let h = Headers::for_publish(
+        fqdn,
+        &format!("demo-positions@demo-{}", ctx.run),
         "demo-positions",
-        &key,
-        &body,
-        &[],
-    )
-    .await?;
+        &partition::positions(account, sym, MIC),
+    );
+    SqliteOutbox
+        .stage(tx, &topic, h, encode(fqdn, &body)?)
+        .map_err(|e| format!("positions: staging the snapshot: {e}"))?;
+    ctx.fills_applied
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(msg.clone());
     ctx.fills_seen.fetch_add(1, Ordering::SeqCst);
-    ctx.positions_pub.fetch_add(1, Ordering::SeqCst);
     Ok(())
+}
+
+/// The positions service's handler: [`apply_fill`] through the SQLite inbox of `inbox`,
+/// bound to consumer `name` (a fill applied before is skipped and counted there).
+fn positions_service(ctx: &Arc<Ctx>, inbox: &SqliteInbox, name: &str) -> Arc<dyn Handler> {
+    let bus = ctx.bus.clone();
+    let ctx = ctx.clone();
+    let binding = inbox.handler(move |msg: &Message, tx: &rusqlite::Transaction<'_>| {
+        if !ctx.admit(msg) {
+            return Outcome::Ok;
+        }
+        outcome(apply_fill(&ctx, msg, tx))
+    });
+    Box::new(binding).bind(name, bus.metrics())
+}
+
+/// This run's rows of `demo_positions`: `{"ACCOUNT|SYMBOL": {qty, avg_price, fills}}`.
+fn read_positions(inbox: &SqliteInbox, run: &str) -> CliResult<BTreeMap<String, Value>> {
+    let err = |e: rusqlite::Error| CliError::transport(format!("positions db: {e}"));
+    let c = inbox
+        .connection()
+        .map_err(|e| CliError::bus("positions db", &e))?;
+    let mut st = c
+        .prepare("SELECT account, symbol, qty, avg_price, fills FROM demo_positions WHERE run = ?1")
+        .map_err(err)?;
+    let rows = st
+        .query_map([run], |r| {
+            Ok((
+                format!("{}|{}", r.get::<_, String>(0)?, r.get::<_, String>(1)?),
+                json!({
+                    "qty": r.get::<_, f64>(2)?,
+                    "avg_price": (r.get::<_, f64>(3)? * 1e4).round() / 1e4,
+                    "fills": r.get::<_, i64>(4)?,
+                }),
+            ))
+        })
+        .map_err(err)?;
+    rows.collect::<Result<_, _>>().map_err(err)
+}
+
+/// Where the positions service keeps its SQLite file when `--positions-db` is not given.
+fn default_positions_db(url: &str) -> std::path::PathBuf {
+    use ampybus::bus::{TransportKind, transport_kind, transport_url};
+    let bus_url = transport_url(url);
+    let dir = match transport_kind(&bus_url) {
+        Ok(TransportKind::Embedded) => {
+            ampybus::transport::embedded::EmbeddedOptions::from_url(&bus_url)
+                .map(|o| o.dir)
+                .unwrap_or_else(|_| std::env::temp_dir())
+        }
+        _ => std::env::temp_dir(),
+    };
+    dir.join("demo-positions.sqlite3")
 }
 
 type Step = for<'a> fn(
@@ -434,12 +526,6 @@ fn step_broker<'a>(
     m: &'a Message,
 ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>> {
     Box::pin(broker(c, m))
-}
-fn step_positions<'a>(
-    c: &'a Ctx,
-    m: &'a Message,
-) -> std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>> {
-    Box::pin(positions(c, m))
 }
 
 fn bar_json(sym: &str, start: DateTime<Utc>, o: f64, h: f64, l: f64, c: f64, vol: u64) -> Value {
@@ -490,15 +576,21 @@ fn synth_bars(sym: &str, n: usize) -> Vec<Value> {
         .collect()
 }
 
+/// How a consumer of the demo applies what it reads.
+enum Applies<'a> {
+    /// A service step, with the shared dedupe store.
+    Step(Step, &'a Arc<dyn DedupeStore>),
+    /// A handler that keeps its own record of what it applied (the positions inbox).
+    Inbox(Arc<dyn Handler>),
+}
+
 async fn consumer(
     ctx: &Arc<Ctx>,
     pattern: &str,
     name: &str,
-    step: Step,
-    store: &Arc<dyn DedupeStore>,
-) -> CliResult<(ConsumerHandle, Arc<dyn Handler>)> {
+    applies: Applies<'_>,
+) -> CliResult<ConsumerHandle> {
     let pattern = TopicPattern::parse(pattern).map_err(|e| CliError::usage(e.to_string()))?;
-    let handler = service(ctx, step);
     // With a registry each consumer runs as its own service (the name without the run id),
     // so subscriptions are checked against what that service may read.
     let bus = match ctx.bus.registry() {
@@ -508,16 +600,21 @@ async fn consumer(
         }
         None => ctx.bus.clone(),
     };
-    let handle = Consumer::builder(bus, pattern, name)
-        .handler_arc(handler.clone())
+    let builder = Consumer::builder(bus, pattern, name);
+    let builder = match applies {
+        Applies::Step(step, store) => builder
+            .handler_arc(service(ctx, step))
+            .dedupe(store.clone()),
+        // What `ConsumerBuilder::inbox` does, with the handler kept for the redelivery step.
+        Applies::Inbox(h) => builder.handler_arc(h).without_dedupe(),
+    };
+    builder
         .workers(4)
         .strict(true)
-        .dedupe(store.clone())
         .start_at(StartAt::Latest)
         .start()
         .await
-        .map_err(|e| CliError::transport(format!("start consumer {name}: {e}")))?;
-    Ok((handle, handler))
+        .map_err(|e| CliError::transport(format!("start consumer {name}: {e}")))
 }
 
 /// Runs the demo; returns the exit code.
@@ -566,35 +663,57 @@ pub async fn run(url: &str, args: DemoArgs) -> CliResult<u8> {
         fills_pub: AtomicU64::new(0),
         positions_pub: AtomicU64::new(0),
         features: Mutex::new(FeatureEngine::new()),
-        positions: Mutex::new(HashMap::new()),
+        fills_applied: Mutex::new(Vec::new()),
         last_features: Mutex::new(BTreeMap::new()),
     });
 
+    // The positions service applies fills through a transactional inbox in its own SQLite
+    // file: a fill delivered again is skipped, whatever the transport.
+    let positions_db = args
+        .positions_db
+        .clone()
+        .unwrap_or_else(|| default_positions_db(url));
+    let inbox = SqliteInbox::open(&positions_db)
+        .map_err(|e| CliError::bus(format!("--positions-db {:?}", positions_db.display()), &e))?;
+    inbox
+        .connection()
+        .and_then(|c| {
+            c.execute_batch(POSITIONS_TABLE).map_err(|e| {
+                ampybus::Error::new(ampybus::ErrorKind::Config, format!("demo_positions: {e}"))
+            })
+        })
+        .map_err(|e| CliError::bus(format!("--positions-db {:?}", positions_db.display()), &e))?;
+
     let feat_name = format!("demo-features-{run}");
-    let (feat, _) = consumer(&ctx, "ampy.dev.bars.>", &feat_name, step_features, &store).await?;
+    let feat = consumer(
+        &ctx,
+        "ampy.dev.bars.>",
+        &feat_name,
+        Applies::Step(step_features, &store),
+    )
+    .await?;
     let signals_pattern = format!("ampy.dev.signals.v1.{}", ctx.model_id);
-    let (oms, _) = consumer(
+    let oms = consumer(
         &ctx,
         &signals_pattern,
         &format!("demo-oms-{run}"),
-        step_orders,
-        &store,
+        Applies::Step(step_orders, &store),
     )
     .await?;
-    let (pb, _) = consumer(
+    let pb = consumer(
         &ctx,
         "ampy.dev.orders.v1.requests",
         &format!("demo-paper-broker-{run}"),
-        step_broker,
-        &store,
+        Applies::Step(step_broker, &store),
     )
     .await?;
-    let (pos, _) = consumer(
+    let pos_name = format!("demo-positions-{run}");
+    let pos_handler = positions_service(&ctx, &inbox, &pos_name);
+    let pos = consumer(
         &ctx,
         "ampy.dev.fills.v1.events",
-        &format!("demo-positions-{run}"),
-        step_positions,
-        &store,
+        &pos_name,
+        Applies::Inbox(pos_handler.clone()),
     )
     .await?;
     let handles = [feat, oms, pb, pos];
@@ -662,10 +781,34 @@ pub async fn run(url: &str, args: DemoArgs) -> CliResult<u8> {
         .await
         .map_err(|e| CliError::transport(format!("replay: {e}")))?;
 
+    // Redelivery: every fill the positions service applied is handed to it again, as a
+    // broker redelivers a message whose ack was lost. Its inbox must skip each one and the
+    // positions must not move.
+    let positions_before = read_positions(&inbox, &run)?;
+    let applied_fills =
+        std::mem::take(&mut *ctx.fills_applied.lock().unwrap_or_else(|p| p.into_inner()));
+    let skipped_before = inbox.skipped(&pos_name);
+    let mut redelivered_not_ok = 0u64;
+    for m in &applied_fills {
+        if pos_handler.handle(m).await != Outcome::Ok {
+            redelivered_not_ok += 1;
+        }
+    }
+    let redelivery_skipped = inbox.skipped(&pos_name) - skipped_before;
+    let positions = read_positions(&inbox, &run)?;
+
     let mut stats = Vec::new();
     for h in handles {
         stats.push(h.shutdown(Duration::from_secs(10)).await);
     }
+    // The outbox relay publishes the snapshots the positions service staged.
+    let relayed = inbox
+        .relay(bus.clone(), RelayOptions::default())
+        .drain()
+        .await
+        .map_err(|e| CliError::bus("positions outbox relay", &e))?;
+    ctx.positions_pub
+        .fetch_add(relayed.published, Ordering::SeqCst);
     let retries: u64 = stats.iter().map(|s| s.retried).sum();
     let mut dlq_by_reason: BTreeMap<String, u64> = BTreeMap::new();
     for s in &stats {
@@ -795,6 +938,27 @@ pub async fn run(url: &str, args: DemoArgs) -> CliResult<u8> {
     );
     check(retries == 0, format!("retries {retries} != 0"));
     check(
+        applied_fills.len() as u64 == fills_n
+            && redelivery_skipped == fills_n
+            && redelivered_not_ok == 0,
+        format!(
+            "redelivery: {} fills handed again, {redelivery_skipped} skipped by the inbox, {redelivered_not_ok} not Ok (expected {fills_n}, {fills_n}, 0)",
+            applied_fills.len()
+        ),
+    );
+    check(
+        positions == positions_before,
+        "redelivery: the positions moved".into(),
+    );
+    let position_fills: i64 = positions
+        .values()
+        .map(|p| p["fills"].as_i64().unwrap_or(0))
+        .sum();
+    check(
+        position_fills == fills_n as i64,
+        format!("positions table: {position_fills} fills applied, expected {fills_n}"),
+    );
+    check(
         replay.state() == ReplayState::Completed,
         format!("replay ended {}: {}", replay.state().as_str(), replay.error),
     );
@@ -857,6 +1021,12 @@ pub async fn run(url: &str, args: DemoArgs) -> CliResult<u8> {
             "first_message_id": replay.first_message_id,
             "last_message_id": replay.last_message_id,
         },
+        "positions": positions,
+        "inbox": {
+            "db": positions_db.display().to_string(),
+            "redelivered": applied_fills.len(),
+            "skipped": redelivery_skipped,
+        },
         "last_features": *ctx.last_features.lock().unwrap_or_else(|p| p.into_inner()),
         "wall_ms": wall_ms,
         "ok": ok,
@@ -916,6 +1086,22 @@ fn print_table(s: &Value) {
         r["applied"],
         r["skipped_duplicates"],
         r["failed"]
+    );
+    if let Some(p) = s["positions"].as_object() {
+        crate::util::outln!("positions (SQLite inbox {}):", s["inbox"]["db"]);
+        for (k, v) in p {
+            crate::util::outln!(
+                "  {k:<20} qty {:>8} avg price {:>10} ({} fills)",
+                v["qty"],
+                v["avg_price"],
+                v["fills"]
+            );
+        }
+    }
+    crate::util::outln!(
+        "redelivery of every fill to the positions service: {} handed again, {} skipped by its inbox",
+        s["inbox"]["redelivered"],
+        s["inbox"]["skipped"]
     );
     crate::util::outln!("wall time: {} ms", s["wall_ms"]);
     crate::util::outln!("result: {}", if s["ok"] == true { "OK" } else { "FAILED" });

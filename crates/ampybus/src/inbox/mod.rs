@@ -9,9 +9,10 @@
 //! `(consumer, message_id)` and on `(consumer, domain, dedupe_key)` when a dedupe key is
 //! present), hands the open transaction to the handler with the message, commits when the
 //! handler returned [`Outcome::Ok`], and only then acks (on PostgreSQL the messages in flight
-//! together — up to 64 per transaction, 4 transactions at once — share one transaction, each in
-//! a savepoint of its own, and none is acked before that commit: one WAL flush for many
-//! messages). An insert that hits either unique key
+//! together — up to 64 per transaction, 4 transactions at once — share one transaction, their
+//! inbox rows inserted by one statement, and none is acked before that commit: one WAL flush
+//! for many messages; see [`pg`] for what a failing handler does to the others). An insert that
+//! hits either unique key
 //! means the message was applied: the handler is not called, the message is acked and counted
 //! in `bus_inbox_skipped_total{consumer}`. A `Retry` or `DeadLetter` outcome, an error or a
 //! panic rolls the transaction back. A concurrent duplicate waits on the unique key and is
@@ -159,6 +160,14 @@ mod hooks {
 pub trait InboxBinding: Send + 'static {
     /// The runtime handler of consumer `consumer`, counting skips in `metrics`.
     fn bind(self: Box<Self>, consumer: &str, metrics: &BusMetrics) -> Arc<dyn Handler>;
+
+    /// The workers of a consumer of this inbox when
+    /// [`crate::runtime::ConsumerBuilder::workers`] is not called: the runtime's default, 8,
+    /// unless the inbox takes more messages at once (the PostgreSQL inbox:
+    /// `ampybus::inbox::pg::DEFAULT_WORKERS`).
+    fn workers(&self) -> usize {
+        8
+    }
 }
 
 /// The `bus_inbox_skipped_total` counters of the consumers bound to one inbox handle.

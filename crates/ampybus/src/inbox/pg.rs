@@ -15,10 +15,15 @@
 //! BoxFuture<'a, Outcome>`). The message's inbox row is already inserted in `tx`; the handler
 //! writes its effects and stages messages ([`PgOutbox::stage`]) through it. Messages handled at
 //! the same time share a transaction (up to 64 per transaction, 4 transactions at once, each
-//! on a connection of its own), each in a savepoint: an `Ok` releases the savepoint, anything
-//! else (or a panic) rolls back to it, and a statement that failed inside an `Ok` handler
-//! makes that message a retry. The runtime commits (with the server's `synchronous_commit`),
-//! then acks. The handler must not end the transaction itself.
+//! on a connection of its own; an inbox consumer has [`DEFAULT_WORKERS`] workers unless told
+//! otherwise: as many messages in flight): one statement inserts the batch's inbox
+//! rows, the handlers run one after the other, and one commit (with the server's
+//! `synchronous_commit`) precedes the acks. When a handler does not return `Ok` (or panics,
+//! or returns `Ok` after one of its statements failed) the whole transaction is rolled back,
+//! that message keeps its outcome (a failed statement under `Ok` makes it a retry), and the
+//! other messages go again in a new transaction with a savepoint each — their handlers are
+//! called a second time; nothing of the first call was committed. The handler must not end the
+//! transaction itself.
 //!
 //! ```no_run
 //! # async fn f(bus: ampybus::Bus) -> ampybus::Result<()> {
@@ -357,7 +362,22 @@ impl std::fmt::Debug for PgInboxBinding {
     }
 }
 
+/// The workers of a PostgreSQL inbox consumer unless
+/// [`crate::runtime::ConsumerBuilder::workers`] says otherwise: the runtime's 8. More workers
+/// fill the shared transactions (128 reach ~18,000 msg/s with a no-op effect, see
+/// docs/benchmarks.md Run G), but the lanes' bigger transactions then deadlock on application
+/// rows several messages update (PostgreSQL aborts one: the handler sees the error).
+///
+/// ```
+/// assert_eq!(ampybus::inbox::pg::DEFAULT_WORKERS, 8);
+/// ```
+pub const DEFAULT_WORKERS: usize = 8;
+
 impl InboxBinding for PgInboxBinding {
+    fn workers(&self) -> usize {
+        DEFAULT_WORKERS
+    }
+
     fn bind(self: Box<Self>, consumer: &str, metrics: &BusMetrics) -> Arc<dyn Handler> {
         let skips = self.inbox.inner.clone();
         let store = PgAttempt {
@@ -391,7 +411,7 @@ struct Job {
 
 enum JobResult {
     Done(Attempted),
-    /// The handler panicked (its savepoint rolled back): the panic goes on in the worker.
+    /// The handler panicked (its effects rolled back): the panic goes on in the worker.
     Panicked(Box<dyn std::any::Any + Send>),
     Failed(Error),
 }
@@ -407,6 +427,8 @@ impl InboxAttempt for PgAttempt {
                     inbox: self.inbox.clone(),
                     handler: self.handler.clone(),
                     queue: rx.clone(),
+                    conn: None,
+                    carry: Vec::new(),
                 };
                 tokio::spawn(lane.run());
             }
@@ -429,63 +451,156 @@ impl InboxAttempt for PgAttempt {
     }
 }
 
+/// The inbox rows of a whole batch in one statement (sorted by message id, so that two lanes
+/// take the rows' locks in one order); the ids it returns are the rows inserted, the others
+/// were applied before.
+const INSERT_ROWS: &str =
+    "INSERT INTO ampybus.inbox (consumer, message_id, domain, dedupe_key, topic)
+     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
+     ON CONFLICT DO NOTHING RETURNING message_id";
+/// One message's inbox row (the savepoint path): the statement the Python SDK runs too.
+const INSERT_ONE: &str = INBOX_INSERT_SQL;
+/// Fails in a transaction a failed statement aborted (where `COMMIT` would roll back without
+/// an error).
+const CHECK: &str = "SELECT 1";
+
+/// A lane's connection with its statements, prepared once.
+struct Conn {
+    client: Client,
+    rows: tokio_postgres::Statement,
+    one: tokio_postgres::Statement,
+    check: tokio_postgres::Statement,
+}
+
 /// One commit lane: takes what is queued (up to [`MAX_BATCH`]), applies it in one
-/// transaction with a savepoint per message, commits, then answers every message.
+/// transaction, commits, then answers every message.
+///
+/// The batch first goes through together: one statement inserts every inbox row, the
+/// handlers run one after the other, a check statement proves that none of their statements
+/// failed, one commit. A handler that does not return `Ok` (or panics, or returned `Ok` after
+/// a failed statement) rolls the whole transaction back; its result stands, and the other
+/// messages go again in a new transaction with a savepoint each (their handlers are called a
+/// second time; nothing of the first call was committed).
 struct Lane {
     inbox: PgInbox,
     handler: Arc<dyn PgHandler>,
     queue: Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Job>>>,
+    conn: Option<Conn>,
+    /// Copies (same message id, or same dedupe key) of a message of the batch being formed,
+    /// held for the next batch: the one insert must see the first copy's fate.
+    carry: Vec<Job>,
+}
+
+/// The message ids and dedupe keys of a batch being formed.
+#[derive(Default)]
+struct Formed {
+    jobs: Vec<Job>,
+    ids: std::collections::HashSet<String>,
+    keys: std::collections::HashSet<(&'static str, String)>,
+}
+
+impl Formed {
+    /// Takes `j` into the batch, or into `carry` when the batch is full or has a copy of it.
+    fn offer(&mut self, j: Job, carry: &mut Vec<Job>) {
+        let key = j.row.dedupe_key.clone().map(|k| (j.row.domain, k));
+        let copy = self.ids.contains(&j.row.message_id)
+            || key.as_ref().is_some_and(|k| self.keys.contains(k));
+        if copy || self.jobs.len() >= MAX_BATCH {
+            carry.push(j);
+            return;
+        }
+        self.ids.insert(j.row.message_id.clone());
+        if let Some(k) = key {
+            self.keys.insert(k);
+        }
+        self.jobs.push(j);
+    }
+}
+
+/// What the batch did when it went through together.
+enum Together {
+    Committed(Vec<JobResult>),
+    /// Rolled back; again with a savepoint each, but for the message at `.0` whose result
+    /// is `.1` (none: a handler returned `Ok` after a failed statement, unknown which).
+    Redo(Option<(usize, JobResult)>),
 }
 
 impl Lane {
-    async fn run(self) {
-        loop {
-            let mut jobs = Vec::new();
-            {
-                let mut q = self.queue.lock().await;
-                match q.recv().await {
-                    Some(j) => jobs.push(j),
-                    None => return,
-                }
-                while jobs.len() < MAX_BATCH {
-                    match q.try_recv() {
-                        Ok(j) => jobs.push(j),
-                        Err(_) => break,
-                    }
-                }
-            }
+    async fn run(mut self) {
+        while let Some(jobs) = self.gather().await {
             self.batch(jobs).await;
+        }
+        if let Some(c) = self.conn.take() {
+            self.inbox.give_back(c.client);
         }
     }
 
-    async fn batch(&self, jobs: Vec<Job>) {
-        let mut client = match self.inbox.take().await {
-            Ok(c) => c,
-            Err(e) => {
-                for j in jobs {
-                    let _ = j
-                        .reply
-                        .send(JobResult::Failed(Error::new(e.kind(), e.message())));
-                }
-                return;
+    /// The next batch: the held copies first, then what is queued (waiting for one message
+    /// when there is nothing else); `None` once the queue is closed.
+    async fn gather(&mut self) -> Option<Vec<Job>> {
+        let mut formed = Formed::default();
+        for j in std::mem::take(&mut self.carry) {
+            formed.offer(j, &mut self.carry);
+        }
+        let mut q = self.queue.lock().await;
+        if formed.jobs.is_empty() {
+            formed.offer(q.recv().await?, &mut self.carry);
+        }
+        for _ in 0..MAX_BATCH {
+            if formed.jobs.len() >= MAX_BATCH {
+                break;
             }
-        };
-        let r = self.apply(&mut client, &jobs).await;
-        let r = match r {
-            // The connection went away while a handler ran: a Retry or DeadLetter may be the
-            // outage's doing, not the message's. Held and tried again.
-            Ok(_) if client.is_closed() => Err(Error::new(
-                ErrorKind::Transport,
-                format!(
-                    "PostgreSQL {}: the connection was lost during the transaction",
-                    self.inbox.inner.shown
-                ),
-            )),
-            r => r,
+            match q.try_recv() {
+                Ok(j) => formed.offer(j, &mut self.carry),
+                Err(_) => break,
+            }
+        }
+        Some(formed.jobs)
+    }
+
+    /// This lane's connection, (re)connected and its statements prepared when needed.
+    async fn connection(&mut self) -> Result<&mut Conn> {
+        if self.conn.as_ref().is_some_and(|c| c.client.is_closed()) {
+            self.conn = None;
+        }
+        if self.conn.is_none() {
+            let client = self.inbox.take().await?;
+            let (rows, one, check) = tokio::try_join!(
+                client.prepare(INSERT_ROWS),
+                client.prepare(INSERT_ONE),
+                client.prepare(CHECK)
+            )
+            .map_err(|e| pg_error("preparing the inbox statements", e))?;
+            self.conn = Some(Conn {
+                client,
+                rows,
+                one,
+                check,
+            });
+        }
+        Ok(self.conn.as_mut().expect("connected above"))
+    }
+
+    async fn batch(&mut self, jobs: Vec<Job>) {
+        let handler = self.handler.clone();
+        let shown = self.inbox.inner.shown.clone();
+        let r = match self.connection().await {
+            Ok(conn) => match apply(&*handler, conn, &jobs).await {
+                // The connection went away while a handler ran: a Retry or DeadLetter may be
+                // the outage's doing, not the message's. Held and tried again.
+                Ok(_) if conn.client.is_closed() => Err(Error::new(
+                    ErrorKind::Transport,
+                    format!("PostgreSQL {shown}: the connection was lost during the transaction"),
+                )),
+                r => r,
+            },
+            Err(e) => Err(e),
         };
         match r {
             Ok(results) => {
-                self.inbox.maybe_purge(&client).await;
+                if let Some(c) = &self.conn {
+                    self.inbox.maybe_purge(&c.client).await;
+                }
                 for (j, res) in jobs.into_iter().zip(results) {
                     let _ = j.reply.send(res);
                 }
@@ -498,78 +613,163 @@ impl Lane {
                 }
             }
         }
-        self.inbox.give_back(client);
     }
+}
 
-    /// The transaction: per message a savepoint, the inbox row, the handler; released when
-    /// the handler said Ok, rolled back to otherwise; then one commit.
-    async fn apply(&self, client: &mut Client, jobs: &[Job]) -> Result<Vec<JobResult>> {
-        use futures::FutureExt;
-        let tx = client
-            .transaction()
+/// Applies a batch: together first, then (after a failure) the others a savepoint each.
+async fn apply(handler: &dyn PgHandler, conn: &mut Conn, jobs: &[Job]) -> Result<Vec<JobResult>> {
+    let (at, failed) = match together(handler, conn, jobs).await? {
+        Together::Committed(out) => return Ok(out),
+        Together::Redo(Some((at, failed))) => (Some(at), Some(failed)),
+        Together::Redo(None) => (None, None),
+    };
+    let others: Vec<&Job> = (0..jobs.len())
+        .filter(|i| Some(*i) != at)
+        .map(|i| &jobs[i])
+        .collect();
+    let mut out = each_in_savepoint(handler, conn, &others).await?;
+    if let (Some(at), Some(failed)) = (at, failed) {
+        out.insert(at, failed);
+    }
+    Ok(out)
+}
+
+/// The batch in one transaction without savepoints (see [`Lane`]).
+async fn together(handler: &dyn PgHandler, conn: &mut Conn, jobs: &[Job]) -> Result<Together> {
+    use futures::FutureExt;
+    let Conn {
+        client,
+        rows,
+        check,
+        ..
+    } = conn;
+    let tx = client
+        .transaction()
+        .await
+        .map_err(|e| pg_error("begin", e))?;
+    let mut order: Vec<&Job> = jobs.iter().collect();
+    order.sort_unstable_by(|a, b| a.row.message_id.cmp(&b.row.message_id));
+    let consumers: Vec<&str> = order.iter().map(|j| j.consumer.as_str()).collect();
+    let ids: Vec<&str> = order.iter().map(|j| j.row.message_id.as_str()).collect();
+    let domains: Vec<&str> = order.iter().map(|j| j.row.domain).collect();
+    let keys: Vec<Option<&str>> = order.iter().map(|j| j.row.dedupe_key.as_deref()).collect();
+    let topics: Vec<&str> = order.iter().map(|j| j.row.topic.as_str()).collect();
+    let inserted = tx
+        .query(&*rows, &[&consumers, &ids, &domains, &keys, &topics])
+        .await
+        .map_err(|e| pg_error("inserting the inbox rows", e))?;
+    let fresh: std::collections::HashSet<&str> = inserted.iter().map(|r| r.get(0)).collect();
+    let mut out = Vec::with_capacity(jobs.len());
+    for (i, j) in jobs.iter().enumerate() {
+        if !fresh.contains(j.row.message_id.as_str()) {
+            out.push(JobResult::Done(Attempted::Skipped));
+            continue;
+        }
+        let failed = match std::panic::AssertUnwindSafe(handler.handle(&j.msg, &tx))
+            .catch_unwind()
             .await
-            .map_err(|e| pg_error("begin", e))?;
-        let mut out = Vec::with_capacity(jobs.len());
-        for j in jobs {
-            let row = &j.row;
-            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] = [
-                &j.consumer,
-                &row.message_id,
-                &row.domain,
-                &row.dedupe_key,
-                &row.topic,
-            ];
-            // Sent together: one round trip for the savepoint and the row.
-            let (sp, inserted) = tokio::join!(
-                tx.batch_execute("SAVEPOINT ampybus_msg"),
-                tx.execute(INBOX_INSERT_SQL, &params)
-            );
-            sp.map_err(|e| pg_error("savepoint", e))?;
-            if inserted.map_err(|e| pg_error("inserting the inbox row", e))? == 0 {
-                tx.batch_execute("RELEASE SAVEPOINT ampybus_msg")
-                    .await
-                    .map_err(|e| pg_error("release savepoint", e))?;
-                out.push(JobResult::Done(Attempted::Skipped));
+        {
+            Ok(Outcome::Ok) => {
+                out.push(JobResult::Done(Attempted::Handled(Outcome::Ok)));
                 continue;
             }
-            let handled = std::panic::AssertUnwindSafe(self.handler.handle(&j.msg, &tx))
-                .catch_unwind()
-                .await;
-            let res = match handled {
-                Ok(Outcome::Ok) => match tx.batch_execute("RELEASE SAVEPOINT ampybus_msg").await {
-                    Ok(()) => JobResult::Done(Attempted::Handled(Outcome::Ok)),
-                    // A statement of the handler failed and it said Ok anyway: nothing of it
-                    // can commit; tried again as a retry.
-                    Err(e) if e.as_db_error().is_some() => {
-                        tracing::warn!(error = %e, message_id = %row.message_id,
-                            "inbox: the handler returned Ok after a failed statement; rolled back, retrying");
-                        self.roll_back(&tx).await?;
-                        JobResult::Done(Attempted::Handled(Outcome::Retry { after: None }))
-                    }
-                    Err(e) => return Err(pg_error("release savepoint", e)),
-                },
-                Ok(other) => {
-                    self.roll_back(&tx).await?;
-                    JobResult::Done(Attempted::Handled(other))
-                }
-                Err(panic) => {
-                    self.roll_back(&tx).await?;
-                    JobResult::Panicked(panic)
-                }
-            };
-            out.push(res);
+            Ok(other) => JobResult::Done(Attempted::Handled(other)),
+            Err(panic) => JobResult::Panicked(panic),
+        };
+        tx.rollback().await.map_err(|e| pg_error("rollback", e))?;
+        return Ok(Together::Redo(Some((i, failed))));
+    }
+    if !fresh.is_empty() {
+        match tx.query(&*check, &[]).await {
+            Ok(_) => {}
+            Err(e) if e.as_db_error().is_some() => {
+                tracing::warn!(error = %e,
+                    "inbox: a handler returned Ok after a failed statement; the batch goes again a savepoint each");
+                tx.rollback().await.map_err(|e| pg_error("rollback", e))?;
+                return Ok(Together::Redo(None));
+            }
+            Err(e) => return Err(pg_error("checking the transaction", e)),
         }
-        crash_point(CRASH_BEFORE_COMMIT);
-        tx.commit().await.map_err(|e| pg_error("commit", e))?;
-        crash_point(CRASH_BEFORE_ACK);
-        Ok(out)
     }
+    crash_point(CRASH_BEFORE_COMMIT);
+    tx.commit().await.map_err(|e| pg_error("commit", e))?;
+    crash_point(CRASH_BEFORE_ACK);
+    Ok(Together::Committed(out))
+}
 
-    async fn roll_back(&self, tx: &Transaction<'_>) -> Result<()> {
-        tx.batch_execute("ROLLBACK TO SAVEPOINT ampybus_msg; RELEASE SAVEPOINT ampybus_msg")
-            .await
-            .map_err(|e| pg_error("rollback to savepoint", e))
+/// The transaction with a savepoint per message: the savepoint, the inbox row, the handler;
+/// released when the handler said Ok, rolled back to otherwise; then one commit.
+async fn each_in_savepoint(
+    handler: &dyn PgHandler,
+    conn: &mut Conn,
+    jobs: &[&Job],
+) -> Result<Vec<JobResult>> {
+    use futures::FutureExt;
+    let Conn { client, one, .. } = conn;
+    let tx = client
+        .transaction()
+        .await
+        .map_err(|e| pg_error("begin", e))?;
+    let mut out = Vec::with_capacity(jobs.len());
+    for j in jobs {
+        let row = &j.row;
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] = [
+            &j.consumer,
+            &row.message_id,
+            &row.domain,
+            &row.dedupe_key,
+            &row.topic,
+        ];
+        // Sent together: one round trip for the savepoint and the row.
+        let (sp, inserted) = tokio::join!(
+            tx.batch_execute("SAVEPOINT ampybus_msg"),
+            tx.execute(&*one, &params)
+        );
+        sp.map_err(|e| pg_error("savepoint", e))?;
+        if inserted.map_err(|e| pg_error("inserting the inbox row", e))? == 0 {
+            tx.batch_execute("RELEASE SAVEPOINT ampybus_msg")
+                .await
+                .map_err(|e| pg_error("release savepoint", e))?;
+            out.push(JobResult::Done(Attempted::Skipped));
+            continue;
+        }
+        let handled = std::panic::AssertUnwindSafe(handler.handle(&j.msg, &tx))
+            .catch_unwind()
+            .await;
+        let res = match handled {
+            Ok(Outcome::Ok) => match tx.batch_execute("RELEASE SAVEPOINT ampybus_msg").await {
+                Ok(()) => JobResult::Done(Attempted::Handled(Outcome::Ok)),
+                // A statement of the handler failed and it said Ok anyway: nothing of it
+                // can commit; tried again as a retry.
+                Err(e) if e.as_db_error().is_some() => {
+                    tracing::warn!(error = %e, message_id = %row.message_id,
+                        "inbox: the handler returned Ok after a failed statement; rolled back, retrying");
+                    roll_back(&tx).await?;
+                    JobResult::Done(Attempted::Handled(Outcome::Retry { after: None }))
+                }
+                Err(e) => return Err(pg_error("release savepoint", e)),
+            },
+            Ok(other) => {
+                roll_back(&tx).await?;
+                JobResult::Done(Attempted::Handled(other))
+            }
+            Err(panic) => {
+                roll_back(&tx).await?;
+                JobResult::Panicked(panic)
+            }
+        };
+        out.push(res);
     }
+    crash_point(CRASH_BEFORE_COMMIT);
+    tx.commit().await.map_err(|e| pg_error("commit", e))?;
+    crash_point(CRASH_BEFORE_ACK);
+    Ok(out)
+}
+
+async fn roll_back(tx: &Transaction<'_>) -> Result<()> {
+    tx.batch_execute("ROLLBACK TO SAVEPOINT ampybus_msg; RELEASE SAVEPOINT ampybus_msg")
+        .await
+        .map_err(|e| pg_error("rollback to savepoint", e))
 }
 
 /// Stages messages into `ampybus.outbox`, inside the application's transaction.

@@ -77,7 +77,8 @@ impl Consumer {
             pattern,
             name: name.to_owned(),
             handler: None,
-            workers: 8,
+            workers: None,
+            default_workers: 8,
             max_in_flight: 1024,
             retry: RetryPolicy::default(),
             strict: None,
@@ -119,7 +120,9 @@ pub struct ConsumerBuilder {
     pattern: TopicPattern,
     name: String,
     handler: Option<Arc<dyn Handler>>,
-    workers: usize,
+    workers: Option<usize>,
+    /// Workers when [`ConsumerBuilder::workers`] was not called (8; an inbox's choice).
+    default_workers: usize,
     max_in_flight: usize,
     retry: RetryPolicy,
     strict: Option<bool>,
@@ -137,7 +140,7 @@ impl std::fmt::Debug for ConsumerBuilder {
         f.debug_struct("ConsumerBuilder")
             .field("pattern", &self.pattern.as_str())
             .field("name", &self.name)
-            .field("workers", &self.workers)
+            .field("workers", &self.workers.unwrap_or(self.default_workers))
             .field("max_in_flight", &self.max_in_flight)
             .field("retry", &self.retry)
             .field("strict", &self.strict)
@@ -158,9 +161,10 @@ impl ConsumerBuilder {
         self
     }
 
-    /// Number of concurrent handlers (default 8, at least 1).
+    /// Number of concurrent handlers (default 8, at least 1; an inbox consumer's default is its
+    /// inbox's, see [`crate::inbox::InboxBinding::workers`]).
     pub fn workers(mut self, n: usize) -> Self {
-        self.workers = n.max(1);
+        self.workers = Some(n.max(1));
         self
     }
 
@@ -217,8 +221,11 @@ impl ConsumerBuilder {
     /// for the handler signatures and a complete example.
     #[cfg(any(feature = "inbox-postgres", feature = "inbox-sqlite"))]
     pub fn inbox(self, inbox: impl crate::inbox::InboxBinding) -> Self {
+        let workers = inbox.workers();
         let h = Box::new(inbox).bind(&self.name, self.bus.metrics());
-        self.handler_arc(h).without_dedupe()
+        let mut b = self.handler_arc(h).without_dedupe();
+        b.default_workers = workers.max(1);
+        b
     }
 
     /// Ack deadline of the subscription (default 30 s).
@@ -377,7 +384,7 @@ impl ConsumerBuilder {
                 tokio::spawn(run_lag_poller(shared.clone()));
             }
         }
-        let workers = (0..self.workers)
+        let workers = (0..self.workers.unwrap_or(self.default_workers))
             .map(|_| tokio::spawn(run_worker(shared.clone())))
             .collect();
         Ok(ConsumerHandle {
