@@ -162,7 +162,8 @@ impl ConsumerBuilder {
     }
 
     /// Number of concurrent handlers (default 8, at least 1; an inbox consumer's default is its
-    /// inbox's, see [`crate::inbox::InboxBinding::workers`]).
+    /// inbox's: `inbox::InboxBinding::workers`, with the `inbox-postgres` or `inbox-sqlite`
+    /// feature).
     pub fn workers(mut self, n: usize) -> Self {
         self.workers = Some(n.max(1));
         self
