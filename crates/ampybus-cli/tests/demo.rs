@@ -90,9 +90,9 @@ fn demo_runs_twice_on_one_dir_with_exact_counts() {
     assert_eq!(
         quantities(&first),
         serde_json::json!({
-            "PAPER-1|AAPL": [0.0, 2],
-            "PAPER-1|MSFT": [0.0, 2],
-            "PAPER-1|NVDA": [0.0, 4],
+            "PAPER-1|AAPL": [300.0, 9],
+            "PAPER-1|MSFT": [100.0, 13],
+            "PAPER-1|NVDA": [600.0, 12],
         }),
         "{first}"
     );

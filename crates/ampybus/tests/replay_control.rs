@@ -7,7 +7,7 @@ use ampybus::dedupe::{DedupeStore, SqliteDedupeStore};
 use ampybus::headers::names;
 use ampybus::runtime::control::request_replay;
 use ampybus::runtime::{Consumer, ConsumerHandle, Outcome, handler_fn};
-use ampybus::transport::WindowQuery;
+use ampybus::transport::{StartAt, SubscribeSpec, WindowQuery};
 use ampybus::{Bus, Envelope, ErrorKind, Headers, Topic, TopicPattern};
 use chrono::{DateTime, Utc};
 use prost::Message as _;
@@ -302,6 +302,16 @@ async fn bad_requests_are_rejected_with_the_reason_and_unknown_consumers_time_ou
     let ok = ReplayRequest::new("oms", "ampy.dev.orders.>", t0, Utc::now());
     let done = request_replay(&bus, &ok, HANG, |_| {}).await.unwrap();
     assert_eq!(done.state(), ReplayState::Completed);
+    // The garbage and the good request have different keys: the listener may finish the
+    // good one first, so wait for the dead letter itself to be stored.
+    let mut dead = bus
+        .subscribe(SubscribeSpec::ephemeral(
+            pat("ampy.dev.dlq.v1.control"),
+            StartAt::Earliest,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(dead.fetch(1, HANG).await.unwrap().len(), 1);
     let dlq = bus
         .replay()
         .unwrap()
