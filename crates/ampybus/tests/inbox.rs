@@ -565,3 +565,58 @@ async fn pg_lost_mid_run_holds_messages_and_applies_each_once() {
     let sum: i64 = query(&db.url, "SELECT sum(qty)::bigint FROM effects")[0].get(0);
     assert_eq!(sum, expected);
 }
+
+/// A replay request to an inbox consumer goes through its inbox (it has no dedupe store): the
+/// window is read again, every message reaches the inbox, which skips them all — nothing is
+/// applied twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inbox_consumer_serves_a_replay_through_its_inbox() {
+    use ampybus::control::{ReplayRequest, ReplayState};
+    use ampybus::runtime::control::request_replay;
+    let dir = tempfile::tempdir().unwrap();
+    let bus = Bus::connect(dir.path().join("log").to_str().unwrap())
+        .await
+        .unwrap();
+    let inbox = SqliteInbox::open(dir.path().join("pos.sqlite3")).unwrap();
+    inbox
+        .connection()
+        .unwrap()
+        .execute_batch("CREATE TABLE effects (message_id TEXT NOT NULL)")
+        .unwrap();
+    let t0 = chrono::Utc::now() - chrono::Duration::seconds(1);
+    let handle = Consumer::builder(
+        bus.clone(),
+        TopicPattern::parse("ampy.dev.fills.>").unwrap(),
+        "pos",
+    )
+    .inbox(inbox.handler(|msg, tx| {
+        tx.execute(
+            "INSERT INTO effects (message_id) VALUES (?1)",
+            rusqlite::params![msg.headers.message_id().unwrap()],
+        )
+        .unwrap();
+        Outcome::Ok
+    }))
+    .start()
+    .await
+    .unwrap();
+    for i in 0..6 {
+        publish(&bus, fill_headers(&format!("a|co{i}")), "1|ok").await;
+    }
+    until("six applied", || handle.stats().handled_ok == 6).await;
+    let req = ReplayRequest::new("pos", "ampy.dev.fills.>", t0, chrono::Utc::now());
+    let done = request_replay(&bus, &req, Duration::from_secs(60), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(done.state(), ReplayState::Completed, "{done:?}");
+    assert_eq!((done.read, done.failed), (6, 0), "{done:?}");
+    // Every replayed message was handed to the inbox, which found its row.
+    assert_eq!(inbox.skipped("pos"), 6);
+    let n: i64 = inbox
+        .connection()
+        .unwrap()
+        .query_row("SELECT count(*) FROM effects", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 6);
+    handle.shutdown(Duration::from_secs(10)).await;
+}

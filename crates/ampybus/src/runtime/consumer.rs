@@ -86,6 +86,7 @@ impl Consumer {
             ack_deadline: Duration::from_secs(30),
             start: StartAt::Earliest,
             serve_replays: true,
+            handler_dedupes: false,
             max_payload: DEFAULT_MAX_PAYLOAD,
             shed: super::ShedOptions::default(),
             lag_alert: super::lag::DEFAULT_LAG_ALERT,
@@ -130,6 +131,8 @@ pub struct ConsumerBuilder {
     ack_deadline: Duration,
     start: StartAt,
     serve_replays: bool,
+    /// The handler skips what was applied before by itself (an inbox): replays need no store.
+    handler_dedupes: bool,
     max_payload: usize,
     shed: super::ShedOptions,
     lag_alert: Duration,
@@ -226,6 +229,7 @@ impl ConsumerBuilder {
         let h = Box::new(inbox).bind(&self.name, self.bus.metrics());
         let mut b = self.handler_arc(h).without_dedupe();
         b.default_workers = workers.max(1);
+        b.handler_dedupes = true;
         b
     }
 
@@ -263,6 +267,7 @@ impl ConsumerBuilder {
     /// listener, see [`ConsumerBuilder::serve_replays`]).
     pub async fn start(self) -> Result<ConsumerHandle> {
         let serve = self.serve_replays && self.bus.replay().is_some();
+        let handler_dedupes = self.handler_dedupes;
         let bus = self.bus.clone();
         let pattern = self.pattern.clone();
         let mut handle = self.start_inner().await?;
@@ -272,11 +277,15 @@ impl ConsumerBuilder {
                 &handle.shared.name,
                 pattern,
                 handle.shared.handler.clone(),
-                handle.shared.dedupe.as_ref().map(|_| {
-                    Arc::new(LiveAwareDedupe {
+                match (&handle.shared.dedupe, handler_dedupes) {
+                    (Some(_), _) => Some(Arc::new(LiveAwareDedupe {
                         shared: handle.shared.clone(),
-                    }) as Arc<dyn DedupeStore>
-                }),
+                    }) as Arc<dyn DedupeStore>),
+                    // An inbox consumer: every replayed message goes through the inbox, which
+                    // skips what it applied before (counted in bus_inbox_skipped_total).
+                    (None, true) => Some(Arc::new(HandlerDedupes) as Arc<dyn DedupeStore>),
+                    (None, false) => None,
+                },
             )
             .await
             {
@@ -2548,6 +2557,22 @@ impl Shared {
         }
         self.done(item, Keys::default());
         Step::Finished
+    }
+}
+
+/// The replay store of a consumer whose handler dedupes by itself (an inbox): it knows nothing
+/// and records nothing, so every replayed message reaches the handler, which skips it when its
+/// inbox row exists.
+struct HandlerDedupes;
+
+#[async_trait::async_trait]
+impl DedupeStore for HandlerDedupes {
+    async fn is_applied(&self, _consumer: &str, _keys: &[String]) -> Result<bool> {
+        Ok(false)
+    }
+
+    async fn record_applied(&self, _consumer: &str, _keys: &[String]) -> Result<()> {
+        Ok(())
     }
 }
 
