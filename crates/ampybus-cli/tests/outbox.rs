@@ -48,25 +48,31 @@ fn relay_drain_publishes_staged_rows_once_with_their_ids_in_order() {
         second.contains(": published 0, dead-lettered 0"),
         "{second}"
     );
+    let got = published_ids(&log, 20, 1);
+    assert_eq!(got, ids);
+}
+
+/// The `message_id`s of the fills on the log at `log`, in log order (`sub` waits up to
+/// `timeout` seconds for `max` of them).
+fn published_ids(log: &std::path::Path, max: u32, timeout: u32) -> Vec<String> {
+    let (max, timeout) = (max.to_string(), timeout.to_string());
     let o = ampybus_in(
-        Some(&log),
+        Some(log),
         &[
             "sub",
             "--pattern",
             "ampy.dev.fills.>",
             "--json",
             "--max",
-            "20",
+            &max,
             "--timeout",
-            "1",
+            &timeout,
         ],
     );
-    let got: Vec<String> = o
-        .json_lines()
+    o.json_lines()
         .iter()
         .map(|m| m["headers"]["message_id"].as_str().unwrap().to_owned())
-        .collect();
-    assert_eq!(got, ids);
+        .collect()
 }
 
 /// Stages `n` fills for key `acct|{key}` in one transaction; their ids in staging order.
@@ -107,24 +113,7 @@ fn a_running_relay_publishes_what_is_staged_and_stops_on_sigterm_0_and_sigint_13
         assert!(first.contains("running (SIGTERM to stop)"), "{first}");
         // Staged while it runs: published, in order, with the staged ids (sub waits for them).
         let ids = stage(&db, key, 3);
-        let o = ampybus_in(
-            Some(&log),
-            &[
-                "sub",
-                "--pattern",
-                "ampy.dev.fills.>",
-                "--json",
-                "--max",
-                "3",
-                "--timeout",
-                "60",
-            ],
-        );
-        let got: Vec<String> = o
-            .json_lines()
-            .iter()
-            .map(|m| m["headers"]["message_id"].as_str().unwrap().to_owned())
-            .collect();
+        let got = published_ids(&log, 3, 60);
         assert_eq!(got, ids, "{signal}");
         let st = std::process::Command::new("kill")
             .args(["-s", signal, &child.id().to_string()])

@@ -31,6 +31,21 @@ async fn until(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// An embedded log and a SQLite inbox in a fresh directory, with the test's `effects` table.
+async fn sqlite_setup(effects_table: &str) -> (tempfile::TempDir, Bus, SqliteInbox) {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = Bus::connect(dir.path().join("log").to_str().unwrap())
+        .await
+        .unwrap();
+    let inbox = SqliteInbox::open(dir.path().join("pos.sqlite3")).unwrap();
+    inbox
+        .connection()
+        .unwrap()
+        .execute_batch(effects_table)
+        .unwrap();
+    (dir, bus, inbox)
+}
+
 fn fills() -> Topic {
     Topic::parse("ampy.dev.fills.v1.sim").unwrap()
 }
@@ -145,16 +160,8 @@ fn assert_metrics(bus: &Bus, consumer: &str, skipped: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sqlite_inbox_applies_each_message_once_and_rolls_back_failures() {
-    let dir = tempfile::tempdir().unwrap();
-    let bus = Bus::connect(dir.path().join("log").to_str().unwrap())
-        .await
-        .unwrap();
-    let inbox = SqliteInbox::open(dir.path().join("pos.sqlite3")).unwrap();
-    inbox
-        .connection()
-        .unwrap()
-        .execute_batch("CREATE TABLE effects (message_id TEXT NOT NULL, qty INTEGER NOT NULL)")
-        .unwrap();
+    let (_dir, bus, inbox) =
+        sqlite_setup("CREATE TABLE effects (message_id TEXT NOT NULL, qty INTEGER NOT NULL)").await;
     let failed = Arc::new(AtomicBool::new(false));
     let f = failed.clone();
     let handle = Consumer::builder(
@@ -573,16 +580,7 @@ async fn pg_lost_mid_run_holds_messages_and_applies_each_once() {
 async fn an_inbox_consumer_serves_a_replay_through_its_inbox() {
     use ampybus::control::{ReplayRequest, ReplayState};
     use ampybus::runtime::control::request_replay;
-    let dir = tempfile::tempdir().unwrap();
-    let bus = Bus::connect(dir.path().join("log").to_str().unwrap())
-        .await
-        .unwrap();
-    let inbox = SqliteInbox::open(dir.path().join("pos.sqlite3")).unwrap();
-    inbox
-        .connection()
-        .unwrap()
-        .execute_batch("CREATE TABLE effects (message_id TEXT NOT NULL)")
-        .unwrap();
+    let (_dir, bus, inbox) = sqlite_setup("CREATE TABLE effects (message_id TEXT NOT NULL)").await;
     let t0 = chrono::Utc::now() - chrono::Duration::seconds(1);
     let handle = Consumer::builder(
         bus.clone(),
