@@ -343,6 +343,116 @@ async fn server_restart_mid_run_loses_nothing_and_applies_once() {
     );
 }
 
+/// The server goes away while a handled batch waits for its ack and stays away for longer
+/// than a few quick retries take (3 s against at most 1.5 s of the first four backoffs):
+/// the acker keeps asking until the server is back, so every message is acknowledged within
+/// about a second of the restart — nothing is left pending in the group, and nothing is
+/// handled twice (a batch the acker gave up on would be redelivered when its 8 s lease ran
+/// out, and handled again; a read whose reply the outage cut is redelivered then too, which
+/// is no second handling).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_cut_by_an_outage_are_retried_until_the_server_is_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(
+        dir.path(),
+        &["--appendonly", "yes", "--appendfsync", "always"],
+    );
+    let url = server.url("", "?request_timeout_ms=1000&connect_timeout_ms=500");
+    let bus = Bus::connect(&url).await.expect("connect");
+    let topic = Topic::parse("ampy.dev.news.v1.ackcut").unwrap();
+    let publisher = Publisher::new(bus.clone()).with_policy(RetryPolicy {
+        max_attempts: 100,
+        min_delay: Duration::from_millis(50),
+        max_delay: Duration::from_millis(500),
+    });
+    let first = 20usize;
+    for i in 0..first {
+        publisher
+            .publish(&topic, headers(&format!("k{}", i % 4)), format!("m{i}"))
+            .await
+            .expect("publish");
+    }
+
+    // The handler of m10 tells the test it runs, then waits until the server is down.
+    let (at_m10_tx, mut at_m10) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let (down_tx, down) = tokio::sync::watch::channel(false);
+    let effects: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    let e2 = effects.clone();
+    let consumer = Consumer::builder(
+        bus.clone(),
+        TopicPattern::parse("ampy.dev.news.v1.ackcut").unwrap(),
+        "ackcut",
+    )
+    .without_dedupe()
+    .workers(1)
+    .max_in_flight(8)
+    .ack_deadline(Duration::from_secs(8))
+    .start_at(StartAt::Earliest)
+    .handler(handler_fn(move |m: Message| {
+        let effects = e2.clone();
+        let at_m10 = at_m10_tx.clone();
+        let mut down = down.clone();
+        async move {
+            let text = String::from_utf8_lossy(&m.payload).into_owned();
+            if text == "m10" && m.info.delivery_count == 1 {
+                let _ = at_m10.send(());
+                let _ = down.wait_for(|d| *d).await;
+            }
+            *effects.lock().unwrap().entry(text).or_default() += 1;
+            Outcome::Ok
+        }
+    }))
+    .start()
+    .await
+    .expect("consumer");
+
+    let hang = ampybus_conformance::hang_timeout();
+    tokio::time::timeout(hang, at_m10.recv())
+        .await
+        .expect("m10 never handled")
+        .expect("handler gone");
+    server.kill();
+    down_tx.send(true).unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await; // the outage itself, not a sync
+    server.spawn();
+    eprintln!("server restarted after a 3 s outage");
+
+    for i in first..first + 10 {
+        publisher
+            .publish(&topic, headers(&format!("k{}", i % 4)), format!("m{i}"))
+            .await
+            .expect("publish after the restart");
+    }
+    let total = first + 10;
+    eprintln!("published {total}");
+    let start = Instant::now();
+    loop {
+        let done = effects.lock().unwrap().len();
+        let s = consumer.stats();
+        if done == total && s.in_flight == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < hang,
+            "timed out: {done} of {total} handled; {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!("all handled after {:.2?}", start.elapsed());
+    let stats = consumer.shutdown(Duration::from_secs(10)).await;
+    let lag = bus
+        .consumer_lag("ackcut")
+        .await
+        .expect("lag")
+        .expect("group");
+    assert_eq!(lag.in_flight, 0, "left pending in the group: {lag:?}");
+    let effects = effects.lock().unwrap();
+    let twice: Vec<_> = effects.iter().filter(|(_, c)| **c != 1).collect();
+    assert!(twice.is_empty(), "handled more than once: {twice:?}");
+    assert_eq!(effects.len(), total);
+    assert_eq!(stats.dead_lettered_total(), 0, "{stats:?}");
+}
+
 fn raw(topic: &Topic, key: &str, payload: &str) -> Envelope {
     Envelope::new(topic, headers(key), payload.as_bytes().to_vec())
 }

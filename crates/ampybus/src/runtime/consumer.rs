@@ -36,6 +36,13 @@ const FETCH_WAIT: Duration = Duration::from_millis(100);
 /// How long the acker gathers finished messages before one flush.
 const ACK_LINGER: Duration = Duration::from_millis(2);
 
+/// Tries of a failed batch ack before the acker gives up on an error that another try cannot
+/// mend, or while the consumer shuts down; a transport error is retried while it runs.
+const ACK_TRIES: u32 = 5;
+
+/// The longest pause between two tries of a failed batch ack.
+const ACK_RETRY_MAX: Duration = Duration::from_secs(1);
+
 /// Entry point of the consumer runtime; see [`Consumer::builder`].
 #[derive(Debug)]
 pub struct Consumer;
@@ -1981,11 +1988,21 @@ impl Shared {
                 Ok(()) => break,
                 Err((e, failed)) => {
                     tries += 1;
-                    if tries >= 5 {
-                        tracing::error!(consumer = %self.name, error = %e, count = failed.len(), "ack failed; messages will be redelivered");
+                    // A broker that is away (restarting, failing over) gets asked again for
+                    // as long as the consumer runs: giving up would leave the messages
+                    // unacknowledged until their lease runs out, handled but not settled.
+                    // Meanwhile the fetcher waits for permits. Errors that another try cannot
+                    // mend, and a consumer shutting down, get a few tries only.
+                    let transient = matches!(e.kind(), ErrorKind::Transport | ErrorKind::Timeout);
+                    if tries >= ACK_TRIES && (!transient || self.acks_closing()) {
+                        tracing::error!(consumer = %self.name, error = %e, count = failed.len(), tries, "ack failed; messages will be redelivered");
                         break;
                     }
-                    tokio::time::sleep(self.retry.backoff(tries)).await;
+                    if tries == ACK_TRIES {
+                        tracing::warn!(consumer = %self.name, error = %e, count = failed.len(), "ack failing; retrying until the broker answers");
+                    }
+                    tokio::time::sleep(self.retry.backoff(tries.min(ACK_TRIES)).min(ACK_RETRY_MAX))
+                        .await;
                     todo = failed;
                 }
             }
