@@ -779,6 +779,69 @@ fn help_has_examples_and_exit_codes() {
     assert!(c.stdout.contains("--pattern"));
 }
 
+/// The subcommands a `--help` text lists under `Commands:` (clap's `help` left out).
+fn listed_commands(help: &str) -> Vec<String> {
+    help.lines()
+        .skip_while(|l| l.trim_end() != "Commands:")
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        // A wrapped description continues on a line indented further.
+        .filter(|l| !l.starts_with("   "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|name| *name != "help")
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `ampybus <cmd> [<sub>…] --help` of every command the binary lists, recursively: each has an
+/// `Examples:` section with at least one `ampybus …` line.
+#[test]
+fn every_listed_command_help_has_an_example() {
+    let mut todo: Vec<Vec<String>> = vec![Vec::new()];
+    let mut walked = Vec::new();
+    let mut missing = Vec::new();
+    while let Some(path) = todo.pop() {
+        let mut args: Vec<&str> = path.iter().map(String::as_str).collect();
+        args.push("--help");
+        let o = ok(ampybus(&args), &args.join(" "));
+        let examples = o
+            .stdout
+            .split_once("Examples:")
+            .map(|(_, rest)| rest)
+            .unwrap_or("");
+        if !examples
+            .lines()
+            .any(|l| l.trim_start().starts_with("ampybus "))
+        {
+            missing.push(format!("ampybus {}", path.join(" ")));
+        }
+        for sub in listed_commands(&o.stdout) {
+            let mut p = path.clone();
+            p.push(sub);
+            todo.push(p);
+        }
+        walked.push(path.join(" "));
+    }
+    // The walk reaches the nested commands.
+    for expected in [
+        "pub",
+        "dlq",
+        "dlq inspect",
+        "dlq redrive",
+        "dlq purge",
+        "topics lag",
+        "streams ensure",
+        "registry",
+        "outbox relay",
+    ] {
+        assert!(
+            walked.iter().any(|w| w == expected),
+            "{expected} not walked: {walked:?}"
+        );
+    }
+    assert!(missing.is_empty(), "--help without an example: {missing:?}");
+}
+
 #[test]
 fn bench_smoke() {
     let parent = tempfile::tempdir().unwrap();

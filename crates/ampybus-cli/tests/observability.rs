@@ -319,3 +319,101 @@ fn log_format_json_lines_carry_the_fields_and_no_payload() {
     assert_eq!(bad.code, 2, "{}", bad.stderr);
     assert!(bad.stderr.contains("xml"), "{}", bad.stderr);
 }
+
+/// `sub --max`: while it runs, `/metrics` and `/stats` count exactly the messages it printed
+/// and acked (250) under its durable name; it then stops at `--max` with exit 0 and says how
+/// many it received.
+#[test]
+fn sub_with_max_counts_exactly_what_it_consumed_and_stops_at_max() {
+    const N: usize = 250;
+    let tmp = tempfile::tempdir().unwrap();
+    let o = publish(tmp.path(), &N.to_string(), &[]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+
+    let max = (N + 1).to_string();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ampybus"))
+        .arg("--url")
+        .arg(tmp.path())
+        .args([
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "sub",
+            "--pattern",
+            "ampy.dev.>",
+            "--durable",
+            "audit",
+            "--json",
+            "--max",
+            &max,
+            "--timeout",
+            "60",
+        ])
+        .env_remove("AMPYBUS_URL")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start ampybus sub");
+    // stderr is read to its end on a thread of its own (the summary comes at exit); the ops
+    // endpoint's address is handed over as soon as it is printed.
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let stderr = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in stderr.lines() {
+            let line = line.unwrap();
+            if let Some(rest) = line.strip_prefix("serving http://") {
+                let _ = addr_tx.send(rest.split('/').next().unwrap_or("").to_owned());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    let addr = addr_rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the ops endpoint address on stderr");
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    read_messages(&mut stdout, N);
+
+    let stats = stats_once_counted(&addr, "audit", N as u64);
+    let consumers = stats["consumers"].as_array().expect("consumers");
+    assert_eq!(consumers.len(), 1, "{stats}");
+    assert_eq!(consumers[0]["name"], "audit", "{stats}");
+    assert_eq!(consumers[0]["pattern"], "ampy.dev.>", "{stats}");
+    assert_eq!(consumers[0]["handled_ok"], N as u64, "{stats}");
+    let (status, metrics) = http_get(&addr, "/metrics");
+    assert_eq!(status, 200);
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"bus_consumed_total{topic="ampy.dev.news.v1",consumer="audit"}"#
+        )
+        .as_deref(),
+        Some("250"),
+        "{metrics}"
+    );
+
+    // One more message reaches --max: exit 0 with the summary.
+    let o = publish(tmp.path(), "1", &[]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    read_messages(&mut stdout, 1);
+    let pid = child.id();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done_tx.send(child.wait().expect("wait for ampybus sub"));
+    });
+    let status = done_rx
+        .recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|_| {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            panic!("sub --max {max} did not stop after its last message")
+        });
+    let stderr = stderr.join().unwrap();
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains(&format!("received {max} message(s)")),
+        "{stderr}"
+    );
+}

@@ -7,7 +7,9 @@
 //! the ack, so a crash never turns into a loss (at worst the handler runs again).
 //!
 //! [`SqliteDedupeStore`] is the durable implementation: one SQLite file (WAL) shared by every
-//! instance — threads or processes — of a consumer name. Entries older than the window
+//! instance — threads or processes — of a consumer name that opens the same file (so on one
+//! host; instances on other hosts need a shared store, e.g. the transport's own on NATS and
+//! Redis, see [`crate::transport::Transport::dedupe_store`]). Entries older than the window
 //! (default [`DEFAULT_WINDOW`], 7 days) no longer count and are purged periodically.
 
 use crate::error::{Error, ErrorKind, Result};
@@ -51,7 +53,11 @@ pub fn dedupe_keys(headers: &Headers, domain: Domain) -> Vec<String> {
     keys
 }
 
-/// Where a consumer remembers what it has applied. Shared by every instance of a consumer name.
+/// Where a consumer remembers what it has applied. Instances of a consumer name see each other's
+/// records when they use the same store. A transport's default store
+/// ([`crate::transport::Transport::dedupe_store`]) reaches every host on NATS and Redis (and on
+/// Kafka with `dedupe=redis://…`), the processes on one data directory on the embedded log, and
+/// on Kafka by default only the processes that open the same SQLite file.
 ///
 /// ```
 /// # tokio::runtime::Runtime::new().unwrap().block_on(async {

@@ -608,7 +608,11 @@ class Bus:
         file on one host, ``dedupe=redis://…`` shares it between hosts), per-key order with
         ``workers`` keys in parallel, retries with exponential backoff and full jitter
         (``max_attempts`` in total, ``min_delay``/``max_delay`` seconds), then the DLQ. Strict
-        per-key order is the default for ``orders`` and ``fills``. ``start_at``:
+        per-key order is the default for ``orders`` and ``fills``. Per-key order holds within
+        this subscription; across several instances of one consumer name it holds on the
+        embedded log and Kafka (there except around a rebalance) but not on NATS and Redis,
+        which hand each message to any instance: there run one instance per consumer name
+        where order matters. ``start_at``:
         ``"earliest"`` (default), ``"latest"`` or a time, for a new consumer name.
         ``serve_replays`` lets ``bus.replay(...)`` run through this consumer.
         """
@@ -643,7 +647,8 @@ class Bus:
         """Runs ``handler`` for every message until ``stop`` is set or the task is cancelled.
 
         ``handler(msg)`` may be a plain or an ``async`` function; it runs on this event loop,
-        up to ``workers`` at once (different partition keys; one key is always in order).
+        up to ``workers`` at once (different partition keys; one key in order, as for
+        :meth:`subscribe`).
         Returning acks the message; raising retries it per the policy (then DLQ
         ``max_retries``); the handler may also settle the message itself
         (``msg.retry``/``msg.dead_letter``). When ``stop`` is set, handlers that run finish
