@@ -506,7 +506,7 @@ async fn bus_digest(
                 let e = m.envelope;
                 let id = e.headers.message_id().unwrap_or("").to_owned();
                 per_topic
-                    .entry(e.topic)
+                    .entry(e.topic.to_string())
                     .or_default()
                     .push((id, ampybus::codec::sha256_tag(&e.payload)));
             }

@@ -578,7 +578,7 @@ async fn raw_publish(c: &async_nats::Client, envs: Vec<Envelope>) -> CliResult<(
         if let Some(id) = env.headers.message_id() {
             hm.insert("Nats-Msg-Id", id);
         }
-        c.publish_with_headers(env.topic, hm, env.payload)
+        c.publish_with_headers(env.topic.to_string(), hm, env.payload)
             .await
             .map_err(|e| fail(&e))?;
     }

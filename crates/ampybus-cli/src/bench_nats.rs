@@ -78,7 +78,7 @@ async fn raw_core_round(client: &async_nats::Client, envs: Vec<Envelope>) -> Cli
             if let Some(id) = env.headers.message_id() {
                 hm.insert("Nats-Msg-Id", id);
             }
-            (env.topic, hm, env.payload)
+            (env.topic.to_string(), hm, env.payload)
         })
         .collect();
     let start = Instant::now();
@@ -107,7 +107,7 @@ async fn raw_round(
         .map(|env| {
             let hm = header_map(&env);
             let id = env.headers.message_id().unwrap_or_default().to_owned();
-            (env.topic, hm, id, env.payload)
+            (env.topic.to_string(), hm, id, env.payload)
         })
         .collect();
     let start = Instant::now();

@@ -76,7 +76,7 @@ async fn raw_round(
                 .iter()
                 .map(|(k, v)| (k.to_owned(), v.to_owned()))
                 .collect();
-            (env.topic, fields, env.payload)
+            (env.topic.to_string(), fields, env.payload)
         })
         .collect();
     let start = Instant::now();

@@ -184,7 +184,7 @@ async fn publish_coalesced(bus: &Bus, reqs: &mut Vec<PublishReq>) {
                 }
                 let message_id = r.headers.message_id().unwrap_or_default().to_owned();
                 envs.push(Envelope {
-                    topic: r.topic,
+                    topic: r.topic.into(),
                     headers: r.headers,
                     payload: r.payload,
                 });
@@ -399,7 +399,7 @@ impl NativeBus {
         let common = headers_from_dict(common, None)?;
         let mut batch = Vec::with_capacity(items.len());
         // Consecutive items usually share their topic and schema objects: read each once.
-        let mut topic: Option<(Bound<'_, PyAny>, String)> = None;
+        let mut topic: Option<(Bound<'_, PyAny>, ampybus::TopicName)> = None;
         let mut schema: Option<(Bound<'_, PyAny>, String)> = None;
         for (i, item) in items.iter().enumerate() {
             let at = |e: PyErr| {
@@ -422,7 +422,7 @@ impl NativeBus {
             let topic_str = match &topic {
                 Some((o, s)) if o.is(&topic_obj) => s.clone(),
                 _ => {
-                    let s = topic_obj.extract::<String>().map_err(at)?;
+                    let s = ampybus::TopicName::from(topic_obj.extract::<String>().map_err(at)?);
                     topic = Some((topic_obj, s.clone()));
                     s
                 }
@@ -792,7 +792,7 @@ impl NativeBus {
                 let dlq = &entries[i];
                 let dlq_id = dlq.headers.message_id().unwrap_or("-").to_owned();
                 let new_id = env.headers.message_id().unwrap_or("-").to_owned();
-                let topic = env.topic.clone();
+                let topic = env.topic.to_string();
                 if !dry_run {
                     tick.tick().await;
                     bus.publish_wire(vec![env]).await.or_raise()?;

@@ -480,7 +480,7 @@ impl PyStored {
     /// Wraps a stored message.
     pub fn new(m: ampybus::transport::StoredMessage) -> PyStored {
         PyStored {
-            topic: m.envelope.topic,
+            topic: m.envelope.topic.to_string(),
             headers: m.envelope.headers,
             payload: m.envelope.payload,
             sequence: m.sequence,

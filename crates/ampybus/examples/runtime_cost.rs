@@ -73,6 +73,8 @@ struct MemorySub {
     queue: Arc<Queue>,
     settler: Arc<dyn Settler>,
     pattern: TopicPattern,
+    /// One shared topic name per topic, as a binding keeps.
+    names: ampybus::envelope::TopicNames,
 }
 
 #[async_trait]
@@ -89,7 +91,7 @@ impl Subscription for MemorySub {
         let now = chrono::Utc::now();
         let mut out = Vec::with_capacity(batch.len());
         for bytes in batch {
-            let e = wire::decode(&bytes)?;
+            let e = wire::decode(&bytes, &mut self.names)?;
             if !self.pattern.matches(&e.topic) {
                 continue;
             }
@@ -126,6 +128,7 @@ impl Transport for Memory {
             queue: self.0.clone(),
             settler: Arc::new(Acks(self.0.clone())),
             pattern: spec.pattern,
+            names: Default::default(),
         }))
     }
     async fn close(&self) -> Result<()> {

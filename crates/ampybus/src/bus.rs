@@ -2,7 +2,7 @@
 //! headers, encodes payloads (gzip, blob pointer) and publishes; opens subscriptions.
 
 use crate::codec::{BlobStore, PayloadCodec};
-use crate::envelope::Envelope;
+use crate::envelope::{Envelope, TopicName};
 use crate::error::{Error, Result};
 use crate::headers::Headers;
 use crate::obs::{BusMetrics, Obs, PublishSpan};
@@ -776,7 +776,7 @@ impl Bus {
         payload: Bytes,
     ) -> Result<Envelope> {
         let (r, span) = self
-            .prepare_traced(topic, topic.as_str().to_owned(), headers, payload)
+            .prepare_traced(topic, TopicName::from(topic), headers, payload)
             .await;
         if let Some(span) = span {
             span.end(r.as_ref().err());
@@ -789,7 +789,7 @@ impl Bus {
     async fn prepare_traced(
         &self,
         topic: &Topic,
-        name: String,
+        name: TopicName,
         mut headers: Headers,
         payload: Bytes,
     ) -> (Result<Envelope>, Option<PublishSpan>) {
@@ -807,7 +807,7 @@ impl Bus {
     async fn encode_prepared(
         &self,
         topic: &Topic,
-        name: String,
+        name: TopicName,
         mut headers: Headers,
         payload: Bytes,
     ) -> Result<Envelope> {
@@ -840,7 +840,7 @@ impl Bus {
         headers: Headers,
         payload: impl Into<Bytes>,
     ) -> Result<PublishReceipt> {
-        self.publish_one(topic, topic.as_str().to_owned(), headers, payload.into())
+        self.publish_one(topic, TopicName::from(topic), headers, payload.into())
             .await
     }
 
@@ -856,7 +856,7 @@ impl Bus {
     async fn publish_one(
         &self,
         topic: &Topic,
-        raw: String,
+        raw: TopicName,
         headers: Headers,
         payload: Bytes,
     ) -> Result<PublishReceipt> {

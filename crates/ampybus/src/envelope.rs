@@ -24,13 +24,260 @@ use std::collections::BTreeMap;
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Envelope {
-    /// The concrete topic. Kept as a string so that a message from the wire with a bad topic
-    /// can still be carried to the DLQ; [`Envelope::topic`] parses it.
-    pub topic: String,
+    /// The concrete topic. Kept as text so that a message from the wire with a bad topic
+    /// can still be carried to the DLQ; [`Envelope::topic`] parses it. Shared: bindings hand
+    /// every message of one topic the same text ([`TopicName`]).
+    pub topic: TopicName,
     /// The headers.
     pub headers: Headers,
     /// The payload bytes as carried.
     pub payload: Bytes,
+}
+
+/// The topic of an envelope as carried: text shared by reference count, so that the
+/// messages of one topic a binding receives share one copy of it (a clone is a count, not an
+/// allocation). Reads as a `&str` (it dereferences to one) and compares with strings.
+///
+/// ```
+/// use ampybus::envelope::TopicName;
+/// let t = TopicName::from("ampy.prod.fx.v1.rates");
+/// let u = t.clone();
+/// assert_eq!(u, "ampy.prod.fx.v1.rates");
+/// assert!(t.starts_with("ampy.prod."));
+/// assert_eq!(t.as_str().len(), 21);
+/// assert_eq!(format!("{t} {u:?}"), "ampy.prod.fx.v1.rates \"ampy.prod.fx.v1.rates\"");
+/// ```
+#[derive(Clone, Default)]
+pub struct TopicName(Option<std::sync::Arc<str>>);
+
+impl TopicName {
+    fn of(s: std::sync::Arc<str>) -> TopicName {
+        TopicName((!s.is_empty()).then_some(s))
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        self.0.as_deref().unwrap_or("")
+    }
+
+    /// The shared text itself (a count, except for the empty name).
+    ///
+    /// ```
+    /// let t = ampybus::envelope::TopicName::from("ampy.dev.news.v1.raw");
+    /// assert!(std::sync::Arc::ptr_eq(&t.to_arc(), &t.clone().to_arc()));
+    /// ```
+    pub fn to_arc(&self) -> std::sync::Arc<str> {
+        self.0.clone().unwrap_or_else(|| std::sync::Arc::from(""))
+    }
+
+    /// Whether both share one text (then they are equal without comparing it).
+    ///
+    /// ```
+    /// let mut names = ampybus::envelope::TopicNames::default();
+    /// let a = names.get("ampy.dev.news.v1.raw");
+    /// assert!(a.same(&names.get("ampy.dev.news.v1.raw")));
+    /// assert!(!a.same(&ampybus::envelope::TopicName::from("ampy.dev.news.v1.raw")));
+    /// ```
+    pub fn same(&self, other: &TopicName) -> bool {
+        match (&self.0, &other.0) {
+            (Some(a), Some(b)) => std::sync::Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        }
+    }
+}
+
+impl PartialEq for TopicName {
+    fn eq(&self, other: &TopicName) -> bool {
+        self.same(other) || self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for TopicName {}
+
+impl std::hash::Hash for TopicName {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state)
+    }
+}
+
+impl PartialOrd for TopicName {
+    fn partial_cmp(&self, other: &TopicName) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for TopicName {
+    fn cmp(&self, other: &TopicName) -> std::cmp::Ordering {
+        self.as_str().cmp(other.as_str())
+    }
+}
+
+impl std::ops::Deref for TopicName {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl AsRef<str> for TopicName {
+    fn as_ref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::borrow::Borrow<str> for TopicName {
+    fn borrow(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Display for TopicName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Debug for TopicName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl From<&str> for TopicName {
+    fn from(s: &str) -> Self {
+        TopicName((!s.is_empty()).then(|| std::sync::Arc::from(s)))
+    }
+}
+
+impl From<String> for TopicName {
+    fn from(s: String) -> Self {
+        TopicName((!s.is_empty()).then(|| std::sync::Arc::from(s)))
+    }
+}
+
+impl From<&String> for TopicName {
+    fn from(s: &String) -> Self {
+        TopicName::from(s.as_str())
+    }
+}
+
+impl From<std::sync::Arc<str>> for TopicName {
+    fn from(s: std::sync::Arc<str>) -> Self {
+        TopicName::of(s)
+    }
+}
+
+impl From<&Topic> for TopicName {
+    fn from(t: &Topic) -> Self {
+        TopicName::of(t.shared().clone())
+    }
+}
+
+impl From<TopicName> for String {
+    fn from(t: TopicName) -> Self {
+        t.as_str().to_owned()
+    }
+}
+
+impl PartialEq<str> for TopicName {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for TopicName {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl PartialEq<String> for TopicName {
+    fn eq(&self, other: &String) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl PartialEq<TopicName> for str {
+    fn eq(&self, other: &TopicName) -> bool {
+        self == other.as_str()
+    }
+}
+
+impl PartialEq<TopicName> for &str {
+    fn eq(&self, other: &TopicName) -> bool {
+        *self == other.as_str()
+    }
+}
+
+impl PartialEq<TopicName> for String {
+    fn eq(&self, other: &TopicName) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Serialize for TopicName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for TopicName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        String::deserialize(d).map(TopicName::from)
+    }
+}
+
+/// Hands the messages of one topic one shared [`TopicName`]: a binding keeps one per
+/// subscription and asks it for the topic of each message it receives (up to 4,096 distinct
+/// topics are remembered; then it starts over).
+///
+/// ```
+/// let mut names = ampybus::envelope::TopicNames::default();
+/// let a = names.get("ampy.dev.ticks.v1.trade.XNAS.AAPL");
+/// let b = names.get("ampy.dev.ticks.v1.trade.XNAS.AAPL");
+/// assert!(a.same(&b));
+/// ```
+#[derive(Debug, Clone)]
+pub struct TopicNames {
+    last: Option<TopicName>,
+    seen: crate::fasthash::FastSet<TopicName>,
+}
+
+impl Default for TopicNames {
+    fn default() -> Self {
+        TopicNames {
+            last: None,
+            seen: crate::fasthash::FastSet::with_hasher(crate::fasthash::FastHash::new()),
+        }
+    }
+}
+
+impl TopicNames {
+    /// Distinct topics remembered before the set starts over.
+    const MAX: usize = 4096;
+
+    /// The shared name of `topic`.
+    pub fn get(&mut self, topic: &str) -> TopicName {
+        if let Some(last) = &self.last
+            && last.as_str() == topic
+        {
+            return last.clone();
+        }
+        let name = match self.seen.get(topic) {
+            Some(n) => n.clone(),
+            None => {
+                if self.seen.len() >= Self::MAX {
+                    self.seen.clear();
+                }
+                let n = TopicName::from(topic);
+                self.seen.insert(n.clone());
+                n
+            }
+        };
+        self.last = Some(name.clone());
+        name
+    }
 }
 
 /// Looks up payload schemas by `schema_fqdn` to show payloads as JSON. Implemented by
@@ -82,7 +329,7 @@ impl Envelope {
     /// Builds an envelope.
     pub fn new(topic: &Topic, headers: Headers, payload: impl Into<Bytes>) -> Self {
         Envelope {
-            topic: topic.as_str().to_owned(),
+            topic: TopicName::from(topic),
             headers,
             payload: payload.into(),
         }
@@ -129,7 +376,7 @@ impl Envelope {
             d.decode_json(fqdn, &raw)?.ok()
         });
         EnvelopeJson {
-            topic: self.topic.clone(),
+            topic: self.topic.to_string(),
             headers: self.headers.to_map(),
             payload_base64: base64::engine::general_purpose::STANDARD.encode(&self.payload),
             payload_json,
@@ -218,7 +465,7 @@ impl Envelope {
             Some(_) => return Err(Error::envelope("field `payload_base64` must be a string")),
         };
         Ok(Envelope {
-            topic,
+            topic: topic.into(),
             headers,
             payload: Bytes::from(payload),
         })

@@ -23,6 +23,7 @@ pub mod control;
 pub mod dedupe;
 pub mod envelope;
 pub mod error;
+mod fasthash;
 pub mod headers;
 pub mod ids;
 #[cfg(any(feature = "inbox-postgres", feature = "inbox-sqlite"))]
@@ -38,7 +39,7 @@ pub mod transport;
 pub mod validate;
 
 pub use bus::Bus;
-pub use envelope::{Envelope, EnvelopeJson, PayloadDecoder};
+pub use envelope::{Envelope, EnvelopeJson, PayloadDecoder, TopicName};
 pub use error::{Error, ErrorKind, Result};
 pub use headers::Headers;
 pub use runtime::{Consumer, ConsumerHandle, DlqCode, Handler, Message, Outcome, RetryPolicy};

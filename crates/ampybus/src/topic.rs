@@ -292,6 +292,11 @@ impl Topic {
     pub fn as_str(&self) -> &str {
         &self.raw
     }
+
+    /// The topic's text as shared (a clone is a count).
+    pub(crate) fn shared(&self) -> &std::sync::Arc<str> {
+        &self.raw
+    }
     /// The environment token.
     pub fn env(&self) -> Env {
         self.env

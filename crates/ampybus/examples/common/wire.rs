@@ -22,7 +22,7 @@ pub fn encode(e: &Envelope) -> Bytes {
 }
 
 /// Decodes a wire message written by [`encode`] (header text and payload shared with `wire`).
-pub fn decode(wire: &Bytes) -> Result<Envelope> {
+pub fn decode(wire: &Bytes, names: &mut ampybus::envelope::TopicNames) -> Result<Envelope> {
     let bad = || ampybus::Error::new(ampybus::ErrorKind::Envelope, "damaged wire message");
     let tl = usize::from(u16::from_le_bytes(
         wire.get(..2)
@@ -43,7 +43,7 @@ pub fn decode(wire: &Bytes) -> Result<Envelope> {
         .ok_or_else(bad)?;
     let headers = Headers::decode_compact(&wire.slice(6 + tl..h_end))?;
     Ok(Envelope {
-        topic: topic.to_owned(),
+        topic: names.get(topic),
         headers,
         payload: wire.slice(h_end..),
     })

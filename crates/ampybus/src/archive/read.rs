@@ -200,7 +200,7 @@ impl ReplayByTime for ArchiveReader {
                     sequence: seq as u64,
                     stored_at: r.get(1),
                     envelope: Envelope {
-                        topic: r.get(2),
+                        topic: r.get::<_, String>(2).into(),
                         headers,
                         payload: Bytes::from(payload),
                     },

@@ -243,7 +243,7 @@ impl OutboxRelay {
             match Headers::decode_compact(&Bytes::from(r.headers)) {
                 Ok(h) => {
                     envs.push(Envelope {
-                        topic: r.topic,
+                        topic: r.topic.into(),
                         headers: h,
                         payload: Bytes::from(r.payload),
                     });

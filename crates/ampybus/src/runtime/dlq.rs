@@ -245,7 +245,7 @@ pub fn redrive_envelope(dlq: &Envelope) -> crate::Result<Envelope> {
     headers.set(names::REDRIVE_OF, redrive_of);
     headers.set(names::RETRY_COUNT, retry_count.to_string());
     let env = Envelope {
-        topic: topic.as_str().to_owned(),
+        topic: crate::envelope::TopicName::from(&topic),
         headers,
         payload: dlq.payload.clone(),
     };

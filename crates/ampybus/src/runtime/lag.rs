@@ -206,7 +206,7 @@ mod tests {
     fn d(at_us: i64) -> Delivery {
         Delivery::best_effort(
             crate::Envelope {
-                topic: String::new(),
+                topic: Default::default(),
                 headers: crate::Headers::new(),
                 payload: bytes::Bytes::new(),
             },

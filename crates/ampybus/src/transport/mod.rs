@@ -321,7 +321,7 @@ impl Delivery {
         static NONE: std::sync::OnceLock<Arc<dyn Settler>> = std::sync::OnceLock::new();
         Delivery {
             envelope: Envelope {
-                topic: String::new(),
+                topic: crate::envelope::TopicName::default(),
                 headers: crate::Headers::new(),
                 payload: bytes::Bytes::new(),
             },

@@ -68,7 +68,7 @@ pub fn raw_append_loop(
             let tid = match topics.iter().position(|t| *t == env.topic) {
                 Some(i) => i as u16,
                 None => {
-                    topics.push(env.topic.clone());
+                    topics.push(env.topic.to_string());
                     let i = (topics.len() - 1) as u16;
                     put_frame(
                         &mut buf,

@@ -68,7 +68,7 @@ pub(crate) fn envelope_of(inner: &Inner, rec: &Rec) -> Result<Envelope> {
         )
     })?;
     Ok(Envelope {
-        topic: rec.topic.to_string(),
+        topic: rec.topic.clone().into(),
         headers,
         payload: rec.payload.clone(),
     })

@@ -29,7 +29,7 @@ pub(crate) fn new_rec(env: Envelope) -> Result<NewRec> {
     env.headers.encode_compact(&mut headers);
     Ok(NewRec {
         domain: domain_index(domain),
-        topic: Arc::from(env.topic),
+        topic: env.topic.to_arc(),
         key_hash,
         headers,
         payload: env.payload,

@@ -33,7 +33,7 @@
 //!   (each leaves its group); their subscriptions then fail with `Closed`.
 
 use super::{Shared, TOPIC_HEADER, kafka_error, pack_offset, unpack_offset};
-use crate::envelope::Envelope;
+use crate::envelope::{Envelope, TopicName};
 use crate::error::{Error, ErrorKind, Result};
 use crate::headers::Headers;
 use crate::topic::TopicPattern;
@@ -467,7 +467,9 @@ pub(crate) fn to_envelope(m: &BorrowedMessage<'_>, namespace: &str) -> Envelope 
         Some(hs) => {
             for h in hs.iter() {
                 if h.key == TOPIC_HEADER {
-                    topic = Some(String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned());
+                    topic = Some(TopicName::from(&*String::from_utf8_lossy(
+                        h.value.unwrap_or_default(),
+                    )));
                 }
             }
             Headers::from_wire_pairs(
@@ -478,12 +480,8 @@ pub(crate) fn to_envelope(m: &BorrowedMessage<'_>, namespace: &str) -> Envelope 
         }
         None => Headers::new(),
     };
-    let topic = topic.unwrap_or_else(|| {
-        m.topic()
-            .strip_prefix(namespace)
-            .unwrap_or(m.topic())
-            .to_owned()
-    });
+    let topic = topic
+        .unwrap_or_else(|| TopicName::from(m.topic().strip_prefix(namespace).unwrap_or(m.topic())));
     Envelope {
         topic,
         headers,

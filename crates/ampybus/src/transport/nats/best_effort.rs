@@ -45,7 +45,7 @@ pub(crate) async fn publish(shared: &Shared, batch: Vec<Envelope>) -> BatchOutco
             }
             shared
                 .client
-                .publish_with_headers(env.topic, headers, env.payload)
+                .publish_with_headers(env.topic.to_string(), headers, env.payload)
                 .await
                 .map_err(|e| {
                     Error::with_source(
@@ -124,6 +124,7 @@ pub(crate) async fn subscribe(
         sub,
         next_seq: 1,
         where_: shared.where_(),
+        names: Default::default(),
     }))
 }
 
@@ -167,6 +168,8 @@ struct CoreSubscription {
     sub: async_nats::Subscriber,
     next_seq: u64,
     where_: String,
+    /// One shared name per subject received.
+    names: crate::envelope::TopicNames,
 }
 
 impl CoreSubscription {
@@ -178,7 +181,7 @@ impl CoreSubscription {
         };
         self.next_seq += 1;
         let envelope = Envelope {
-            topic: m.subject.to_string(),
+            topic: self.names.get(m.subject.as_str()),
             headers: from_header_map(m.headers.as_ref()),
             payload: m.payload,
         };

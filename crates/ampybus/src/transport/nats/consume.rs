@@ -152,6 +152,8 @@ pub(crate) struct NatsSubscription {
     parts: Vec<Part>,
     next: usize,
     where_: String,
+    /// One shared name per subject received.
+    names: crate::envelope::TopicNames,
 }
 
 pub(crate) async fn subscribe(
@@ -185,6 +187,7 @@ pub(crate) async fn subscribe(
         parts,
         next: 0,
         where_: shared.where_(),
+        names: Default::default(),
     }))
 }
 
@@ -313,8 +316,9 @@ async fn open_consumer(
 }
 
 impl NatsSubscription {
-    fn convert(&self, part: usize, msgs: Vec<async_nats::jetstream::Message>) -> Vec<Delivery> {
+    fn convert(&mut self, part: usize, msgs: Vec<async_nats::jetstream::Message>) -> Vec<Delivery> {
         let p = &self.parts[part];
+        let names = &mut self.names;
         let mut out = Vec::with_capacity(msgs.len());
         for m in msgs {
             let info = match m.info() {
@@ -336,7 +340,7 @@ impl NatsSubscription {
                     .insert(info.sequence, r);
             }
             let envelope = Envelope {
-                topic: m.message.subject.to_string(),
+                topic: names.get(m.message.subject.as_str()),
                 headers: from_header_map(m.message.headers.as_ref()),
                 payload: m.message.payload.clone(),
             };

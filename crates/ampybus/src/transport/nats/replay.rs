@@ -163,7 +163,7 @@ async fn read_stream(
                 sequence: seq,
                 stored_at,
                 envelope: Envelope {
-                    topic: m.message.subject.to_string(),
+                    topic: m.message.subject.as_str().into(),
                     headers,
                     payload: m.message.payload.clone(),
                 },

@@ -86,7 +86,7 @@ pub(crate) async fn publish_outcomes(
                 } else {
                     format!("{}-0", (now_ms - age).max(0))
                 };
-                Some((env.topic.clone(), Arc::from(key), minid))
+                Some((env.topic.to_string(), Arc::from(key), minid))
             };
         }
         let Some((_, key, minid)) = &last else {

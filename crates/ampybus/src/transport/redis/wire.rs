@@ -1,6 +1,6 @@
 //! The wire form of an entry, entry ids and stream keys.
 
-use crate::envelope::Envelope;
+use crate::envelope::{Envelope, TopicName};
 use crate::error::{Error, ErrorKind, Result};
 use crate::headers::Headers;
 use crate::topic::TopicPattern;
@@ -174,7 +174,7 @@ pub(crate) fn to_envelope(fields: &[(Vec<u8>, Vec<u8>)]) -> Option<Envelope> {
     let mut payload = Bytes::new();
     for (k, v) in fields {
         match k.as_slice() {
-            b"topic" => topic = Some(String::from_utf8_lossy(v).into_owned()),
+            b"topic" => topic = Some(TopicName::from(&*String::from_utf8_lossy(v))),
             b"payload" => payload = Bytes::copy_from_slice(v),
             _ => {}
         }
@@ -219,7 +219,7 @@ pub(crate) fn xadd(key: &str, minid: &str, env: &Envelope) -> redis::Cmd {
 
 /// Appends `topic T h1 v1 … payload P` to an `XADD` command.
 pub(crate) fn add_fields(cmd: &mut redis::Cmd, env: &Envelope) -> Result<()> {
-    cmd.arg(TOPIC_FIELD).arg(&env.topic);
+    cmd.arg(TOPIC_FIELD).arg(env.topic.as_str());
     for (k, v) in env.headers.iter() {
         if k == TOPIC_FIELD || k == PAYLOAD_FIELD {
             return Err(Error::new(
