@@ -6,6 +6,7 @@
 //! ```sh
 //! cargo build --release --example runtime_cost -p ampybus
 //! target/release/examples/runtime_cost 20000            # allocations per message
+//! target/release/examples/runtime_cost 20000 sync       # the same with a handler that answers at once
 //! valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.%p target/release/examples/runtime_cost 2000
 //! valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.%p target/release/examples/runtime_cost 12000
 //! valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.%p target/release/examples/runtime_cost 2000 setup
@@ -254,7 +255,10 @@ fn main() {
         .unwrap_or(20_000);
     // `setup` as the second argument: build and queue the messages, consume nothing (to
     // subtract the cost of making the input from a callgrind total).
-    let setup_only = std::env::args().nth(2).as_deref() == Some("setup");
+    // `sync` (before `setup`, if both): the handler answers at once (`handler_sync`) instead of
+    // through an async future.
+    let setup_only = std::env::args().skip(2).any(|a| a == "setup");
+    let sync = std::env::args().skip(2).any(|a| a == "sync");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -288,7 +292,11 @@ fn main() {
             TopicPattern::parse("ampy.dev.bars.>").unwrap(),
             "cost",
         )
-        .handler(Noop)
+        .handler_arc(if sync {
+            Arc::new(ampybus::runtime::handler_sync(|_msg| Outcome::Ok))
+        } else {
+            Arc::new(Noop)
+        })
         .workers(8)
         .dedupe(Arc::new(MemoryDedupe::with_capacity(n as usize)))
         .serve_replays(false)

@@ -4,7 +4,7 @@
 
 use ampybus::codec::sha256_tag;
 use ampybus::runtime::{
-    Consumer, ConsumerHandle, DlqCode, Outcome, RetryPolicy, handler_fn, typed,
+    Consumer, ConsumerHandle, DlqCode, Outcome, RetryPolicy, handler_fn, handler_sync, typed,
 };
 use ampybus::transport::{Delivery, StartAt, SubscribeSpec};
 use ampybus::{Bus, Envelope, Headers, Topic, TopicPattern};
@@ -289,6 +289,92 @@ async fn per_key_order_with_many_workers() {
     assert!(
         max_running.load(Ordering::SeqCst) > 1,
         "handlers ran concurrently"
+    );
+}
+
+/// A handler that answers at once (`handler_sync`, no future) gets the runtime's guarantees:
+/// per-key order over 8 workers, a retry that then succeeds, a dead letter with its reason,
+/// a panic caught and dead-lettered, exact counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_handlers_keep_order_retries_and_dead_letters() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = bus_at(dir.path()).await;
+    let topic = Topic::parse("ampy.dev.orders.v1.sync").unwrap();
+    let keys = 20;
+    let per_key = 50;
+    let mut batch = Vec::new();
+    for i in 0..per_key {
+        for k in 0..keys {
+            batch.push(env_for(&topic, &format!("key{k}"), &format!("key{k}:{i}")));
+        }
+    }
+    // Three special messages on keys of their own.
+    batch.push(env_for(&topic, "r", "retry-once"));
+    batch.push(env_for(&topic, "d", "dead"));
+    batch.push(env_for(&topic, "p", "panic"));
+    bus.publish_batch(batch).await.unwrap();
+    let total = keys * per_key + 3;
+
+    let seqs: Arc<Mutex<HashMap<String, Vec<usize>>>> = Arc::default();
+    let retried = Arc::new(AtomicU32::new(0));
+    let (s2, r2) = (seqs.clone(), retried.clone());
+    let handle = Consumer::builder(bus.clone(), pat("ampy.dev.orders.>"), "sync")
+        .workers(8)
+        .retry(RetryPolicy {
+            max_attempts: 3,
+            min_delay: Duration::from_millis(1),
+            max_delay: Duration::from_millis(5),
+        })
+        .handler(handler_sync(move |msg| {
+            let s = std::str::from_utf8(&msg.payload).unwrap();
+            match s {
+                "retry-once" if r2.fetch_add(1, Ordering::SeqCst) == 0 => {
+                    Outcome::Retry { after: None }
+                }
+                "retry-once" => Outcome::Ok,
+                "dead" => Outcome::DeadLetter("bad fill".into()),
+                "panic" => panic!("sync boom"),
+                _ => {
+                    let (k, i) = s.rsplit_once(':').unwrap();
+                    s2.lock()
+                        .unwrap()
+                        .entry(k.to_owned())
+                        .or_default()
+                        .push(i.parse().unwrap());
+                    Outcome::Ok
+                }
+            }
+        }))
+        .start()
+        .await
+        .unwrap();
+    wait_stats("all settled", &handle, |s| {
+        s.handled_ok + s.dead_lettered_total() == total as u64
+    })
+    .await;
+    let stats = handle.shutdown(Duration::from_secs(10)).await;
+    assert_eq!(stats.handled_ok, (keys * per_key + 1) as u64, "{stats:?}");
+    assert_eq!(stats.retried, 1, "{stats:?}");
+    assert_eq!(stats.dlq(DlqCode::HandlerError), 1, "{stats:?}");
+    assert_eq!(stats.dlq(DlqCode::HandlerPanic), 1, "{stats:?}");
+    assert_eq!(retried.load(Ordering::SeqCst), 2);
+    {
+        let seqs = seqs.lock().unwrap();
+        assert_eq!(seqs.len(), keys);
+        let want: Vec<usize> = (0..per_key).collect();
+        for (k, v) in seqs.iter() {
+            assert_eq!(v, &want, "order of {k}");
+        }
+    }
+    let dlq = read_all(&bus, "ampy.dev.dlq.>", 2).await;
+    let mut reasons: Vec<String> = dlq
+        .iter()
+        .map(|d| d.envelope.headers.get("dlq_reason").unwrap().to_owned())
+        .collect();
+    reasons.sort();
+    assert_eq!(
+        reasons,
+        ["handler_error: bad fill", "handler_panic: sync boom"]
     );
 }
 

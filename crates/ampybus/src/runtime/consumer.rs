@@ -2203,7 +2203,11 @@ impl Shared {
             }
         }
         let started = att.handles.is_some().then(Instant::now);
-        let outcome = {
+        // A handler that answers at once (`handle_now`) needs no future.
+        let now = std::panic::catch_unwind(AssertUnwindSafe(|| self.handler.handle_now(&msg)));
+        let outcome = if let Some(now) = now.transpose() {
+            Some(now)
+        } else {
             let mut fut =
                 std::pin::pin!(AssertUnwindSafe(self.handler.handle(&msg)).catch_unwind());
             // Most handlers finish in their first poll: no timer, no watch until they do not.

@@ -281,6 +281,84 @@ impl std::fmt::Display for DlqCode {
 pub trait Handler: Send + Sync + 'static {
     /// Handles one message.
     async fn handle(&self, msg: &Message) -> Outcome;
+
+    /// For a handler that decides without awaiting anything: the runtime asks here first and
+    /// awaits [`Handler::handle`] only when this answers `None` (the default). Answering
+    /// here spares the boxed future `handle` returns (one allocation per message); panics
+    /// are caught as in `handle`. [`handler_sync`] makes such a handler from a closure.
+    ///
+    /// ```
+    /// use ampybus::runtime::{Handler, Message, Outcome};
+    /// struct Book;
+    /// #[async_trait::async_trait]
+    /// impl Handler for Book {
+    ///     async fn handle(&self, msg: &Message) -> Outcome {
+    ///         self.handle_now(msg).unwrap_or(Outcome::Ok)
+    ///     }
+    ///     fn handle_now(&self, msg: &Message) -> Option<Outcome> {
+    ///         // update an order book from `msg.payload` …
+    ///         Some(if msg.payload.is_empty() { Outcome::DeadLetter("empty".into()) } else { Outcome::Ok })
+    ///     }
+    /// }
+    /// ```
+    fn handle_now(&self, msg: &Message) -> Option<Outcome> {
+        let _ = msg;
+        None
+    }
+}
+
+/// A handler made from a closure that decides at once, borrowing the message; see
+/// [`handler_sync`].
+///
+/// ```
+/// let h: ampybus::runtime::SyncFnHandler<_> =
+///     ampybus::runtime::handler_sync(|_m| ampybus::runtime::Outcome::Ok);
+/// let _shared: std::sync::Arc<dyn ampybus::runtime::Handler> = std::sync::Arc::new(h);
+/// ```
+#[derive(Clone)]
+pub struct SyncFnHandler<F>(F);
+
+impl<F> std::fmt::Debug for SyncFnHandler<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SyncFnHandler")
+    }
+}
+
+/// Wraps a closure `Fn(&Message) -> Outcome` as a [`Handler`] that answers without a future
+/// ([`Handler::handle_now`]): for handlers that do their work in memory (an order book, a
+/// feature window, a counter) and await nothing. The runtime gives it the same guarantees
+/// (per-key order, retries, DLQ, dedupe, panics caught).
+///
+/// ```
+/// use ampybus::runtime::{Handler, Outcome, handler_sync};
+/// let seen = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+/// let s = seen.clone();
+/// let h = handler_sync(move |msg| {
+///     s.fetch_add(msg.payload.len() as u64, std::sync::atomic::Ordering::Relaxed);
+///     Outcome::Ok
+/// });
+/// fn is_handler(_: &impl Handler) {}
+/// is_handler(&h);
+/// ```
+pub fn handler_sync<F>(f: F) -> SyncFnHandler<F>
+where
+    F: Fn(&Message) -> Outcome + Send + Sync + 'static,
+{
+    SyncFnHandler(f)
+}
+
+#[async_trait]
+impl<F> Handler for SyncFnHandler<F>
+where
+    F: Fn(&Message) -> Outcome + Send + Sync + 'static,
+{
+    async fn handle(&self, msg: &Message) -> Outcome {
+        (self.0)(msg)
+    }
+
+    fn handle_now(&self, msg: &Message) -> Option<Outcome> {
+        Some((self.0)(msg))
+    }
 }
 
 /// A handler made from an async closure taking an owned [`Message`]; see [`handler_fn`].
