@@ -393,9 +393,13 @@ impl<'a> Archiver<'a> {
     }
 
     /// Acks committed deliveries (counted as consumed and in `done`).
-    async fn ack(&mut self, held: Vec<Delivery>, done: &mut u64) -> CliResult<()> {
+    async fn ack(&mut self, mut held: Vec<Delivery>, done: &mut u64) -> CliResult<()> {
         let n = held.len() as u64;
-        let topics: Vec<String> = held.iter().map(|d| d.envelope.topic.clone()).collect();
+        // The topics are moved out (an ack goes by sequence), counted once acked.
+        let topics: Vec<String> = held
+            .iter_mut()
+            .map(|d| std::mem::take(&mut d.envelope.topic))
+            .collect();
         if let Err((e, unacked)) = Delivery::ack_all(held).await {
             follow::release(unacked).await;
             return Err(CliError::bus("ack", &e));
