@@ -42,11 +42,23 @@ pub struct ArchiveBatch {
 /// Rows of one table in binary `COPY` form (without the file header and trailer).
 #[derive(Debug, Default)]
 struct Encoded {
+    /// Full chunks of whole rows (at least [`COPY_CHUNK`] bytes each), sent without a copy.
+    sealed: Vec<Bytes>,
+    /// The rows after them.
     buf: BytesMut,
     rows: usize,
 }
 
 impl Encoded {
+    /// Between rows: once the rows encoded so far fill a chunk, they become a sealed chunk
+    /// (shared, not copied, when the batch is written) and the next ones go to a fresh buffer.
+    fn seal_full(&mut self) {
+        if self.buf.len() >= COPY_CHUNK {
+            self.sealed.push(self.buf.split().freeze());
+            self.buf.reserve(COPY_CHUNK + COPY_CHUNK / 4);
+        }
+    }
+
     /// Encodes one checked row; on an encoding error nothing of it stays.
     fn push(&mut self, spec: &TableSpec, row: &[Cell]) -> Result<()> {
         let start = self.buf.len();
@@ -73,6 +85,7 @@ impl Encoded {
     }
 
     fn clear(&mut self) {
+        self.sealed.clear();
         self.buf.clear();
         self.rows = 0;
     }
@@ -191,6 +204,7 @@ impl ArchiveBatch {
         sequence: u64,
         decode_error: Option<&str>,
     ) {
+        self.envelopes.seal_full();
         // Every value here is one the envelope columns take (text, a time from the headers'
         // own parse, bytes).
         let pushed = match env.headers.message_id() {
@@ -213,7 +227,9 @@ impl ArchiveBatch {
     /// or type is an error naming the table and the column.
     pub fn push_row(&mut self, table: Table, row: Vec<Cell>) -> Result<()> {
         check_row(table.spec(), &row)?;
-        self.typed[table.index()].push(table.spec(), &row)
+        let enc = &mut self.typed[table.index()];
+        enc.seal_full();
+        enc.push(table.spec(), &row)
     }
 
     /// Adds the typed rows of one message, all or none: the first row that does not fit its
@@ -233,6 +249,10 @@ impl ArchiveBatch {
     pub fn push_rows(&mut self, rows: Vec<(Table, Vec<Cell>)>) -> Result<()> {
         for (t, row) in &rows {
             check_row(t.spec(), row)?;
+        }
+        // Sealed before the marks: a rollback stays inside the open buffers.
+        for enc in &mut self.typed {
+            enc.seal_full();
         }
         let marks: [(usize, usize); 9] =
             std::array::from_fn(|i| (self.typed[i].buf.len(), self.typed[i].rows));
@@ -559,7 +579,8 @@ impl ArchiveWriter {
 const COPY_CHUNK: usize = 256 * 1024;
 
 /// Binary `COPY` of encoded rows into `target` (the columns of `spec`, in order) inside
-/// `tx`, in chunks of 256 KiB; returns the number of rows.
+/// `tx`: the sealed chunks as they are, the rest in chunks of 256 KiB; returns the number of
+/// rows.
 async fn copy_rows(
     tx: &tokio_postgres::Transaction<'_>,
     target: &str,
@@ -578,6 +599,9 @@ async fn copy_rows(
     head.put_i32(0); // flags
     head.put_i32(0); // header extension
     sink.feed(head.freeze()).await?;
+    for chunk in &rows.sealed {
+        sink.feed(chunk.clone()).await?;
+    }
     for chunk in rows.buf.chunks(COPY_CHUNK) {
         sink.feed(Bytes::copy_from_slice(chunk)).await?;
     }
@@ -589,6 +613,64 @@ async fn copy_rows(
 mod tests {
     use super::*;
     use crate::{Headers, Topic};
+
+    /// A batch larger than a chunk keeps its rows in sealed chunks plus the open buffer:
+    /// together byte for byte the rows in order, whole rows per chunk; a refused message
+    /// leaves them as they were.
+    #[test]
+    fn sealed_chunks_hold_whole_rows_in_order() {
+        let topic = Topic::parse("ampy.dev.news.v1.raw").unwrap();
+        let at = Utc::now();
+        let (mut batch, mut flat) = (ArchiveBatch::new(), Encoded::default());
+        for i in 0..100u64 {
+            let h = Headers::for_publish("ampy.news.v1.NewsBatch", "p@1", "p", &format!("k{i}"));
+            let env = Envelope::new(&topic, h, vec![i as u8; 10_000]);
+            batch.push_envelope(&env, at, i, None);
+            let id = env.headers.message_id().unwrap();
+            flat.push_envelope(id, &env, at, i, None).unwrap();
+        }
+        let e = &batch.envelopes;
+        assert_eq!(e.sealed.len(), 3);
+        assert!(e.sealed.iter().all(|c| c.len() >= COPY_CHUNK));
+        let mut joined = BytesMut::new();
+        for c in &e.sealed {
+            joined.extend_from_slice(c);
+        }
+        joined.extend_from_slice(&e.buf);
+        assert_eq!(joined, flat.buf);
+        assert_eq!(batch.len(), 100);
+
+        let spec = Table::News.spec();
+        let row = |id: &str, body: String| {
+            let mut r = vec![Cell::text(id), Cell::Int4(0)];
+            r.resize(spec.columns.len(), Cell::Null);
+            r[6] = Cell::Text(body);
+            r
+        };
+        for i in 0..30 {
+            batch
+                .push_rows(vec![(
+                    Table::News,
+                    row(&format!("n{i}"), "b".repeat(10_000)),
+                )])
+                .unwrap();
+        }
+        let news = &batch.typed[Table::News.index()];
+        let before = (news.sealed.len(), news.buf.len());
+        assert_eq!(before.0, 1);
+        let mut bad = row("bad", String::new());
+        bad[4] = Cell::Int8(1);
+        let bad = vec![
+            (Table::News, row("ok", "b".repeat(10_000))),
+            (Table::News, bad),
+        ];
+        assert!(batch.push_rows(bad).is_err());
+        let news = &batch.typed[Table::News.index()];
+        assert_eq!((news.sealed.len(), news.buf.len()), before);
+        assert_eq!(batch.rows(Table::News), 30);
+        batch.clear();
+        assert!(batch.is_empty() && batch.envelopes.sealed.is_empty());
+    }
 
     /// The envelope row written in place is byte for byte the row of `envelope_row`.
     #[test]
