@@ -4,15 +4,15 @@
 
 use crate::archive_rows;
 use crate::error::{CliError, CliResult, EXIT_INVALID, EXIT_OK};
-use crate::follow::{self, Limits, Sink};
-use crate::util::{self, Signals};
+use crate::follow::{self, Limits};
+use crate::util::{self, Signal, Signals};
 use ampybus::archive::{ArchiveBatch, ArchiveReader, ArchiveWriter, WriteReport};
 use ampybus::obs::ReaderCounter;
-use ampybus::transport::{Delivery, SubscribeSpec, WindowQuery};
+use ampybus::transport::{Delivery, SubscribeSpec, Subscription, WindowQuery};
 use ampybus::{Bus, TopicPattern};
 use clap::{Args, Subcommand};
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// `ampybus archive`.
 #[derive(Debug, Args)]
@@ -167,8 +167,8 @@ async fn archive(url: &str, args: RunArgs) -> CliResult<u8> {
         fetch: args.batch,
         durable: true,
     };
-    let mut sink = ArchiveSink::new(&bus, writer, counter.clone());
-    let (n, result) = follow::follow(&mut sub, &limits, &mut sink, &counter, &mut signals).await;
+    let mut sink = Archiver::new(&bus, writer, counter);
+    let (n, result) = sink.run(&mut sub, &limits, &mut signals).await;
     drop(sub);
     let close = util::close(&bus).await;
     let s = &sink.stats;
@@ -196,41 +196,227 @@ async fn archive(url: &str, args: RunArgs) -> CliResult<u8> {
     }
 }
 
-/// Writes each fetched batch in one transaction; finished = the whole batch once committed.
-pub struct ArchiveSink<'a> {
+/// The archiving loop: each fetched batch is written in one transaction by a task of its own
+/// while the next batch is fetched and its rows built, and acked only once that transaction
+/// committed.
+///
+/// At most one transaction is in flight. Its deliveries stay held (unacked) until its commit
+/// returned; a batch whose write fails is held (leases extended) while the database is away
+/// and written again, so after any crash what was not acked is either not in the archive or
+/// skipped as already archived when it comes again.
+pub struct Archiver<'a> {
     bus: &'a Bus,
-    /// `None` only while a write task has it.
-    writer: Option<ArchiveWriter>,
     counter: ReaderCounter,
-    /// Two batches: one being written while the next is filled.
-    batches: [ArchiveBatch; 2],
+    /// `None` only while the write task has it.
+    writer: Option<ArchiveWriter>,
+    /// The batch buffer not in use by the write task.
+    spare: ArchiveBatch,
+    /// The transaction being written, with the deliveries it holds.
+    in_flight: Option<InFlight>,
     /// Totals of the writes.
     pub stats: WriteReport,
     /// Messages whose payload did not decode (archived without typed rows).
     pub undecodable: u64,
 }
 
+/// A batch being written by its task.
+struct InFlight {
+    task: tokio::task::JoinHandle<(ArchiveWriter, ArchiveBatch, ampybus::Result<WriteReport>)>,
+    held: Vec<Delivery>,
+    undecodable: u64,
+}
+
 /// Backoff bounds while the database is away.
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(2);
 
-/// A fetched batch is written in up to this many transactions, each one's rows built while
-/// the one before it is written (PostgreSQL works in its own process meanwhile).
-const PIPELINE: usize = 4;
-/// Smallest transaction the split makes.
-const MIN_CHUNK: usize = 250;
-
-impl<'a> ArchiveSink<'a> {
-    /// A sink writing through `writer`, counting decode failures on `counter`.
+impl<'a> Archiver<'a> {
+    /// An archiver writing through `writer`, counting on `counter`.
     pub fn new(bus: &'a Bus, writer: ArchiveWriter, counter: ReaderCounter) -> Self {
-        ArchiveSink {
+        Archiver {
             bus,
-            writer: Some(writer),
             counter,
-            batches: [ArchiveBatch::new(), ArchiveBatch::new()],
+            writer: Some(writer),
+            spare: ArchiveBatch::new(),
+            in_flight: None,
             stats: WriteReport::default(),
             undecodable: 0,
         }
+    }
+
+    /// Reads `sub` until `--max` (`limits.max`) messages are archived, `limits.idle` passed
+    /// without a message, or a signal came (`Some(signal)`); returns the number of messages
+    /// archived and acked with it. Whatever it returns, nothing is left in flight: a batch
+    /// being written is waited for (and acked when committed), anything else is released.
+    pub async fn run(
+        &mut self,
+        sub: &mut Box<dyn Subscription>,
+        limits: &Limits,
+        signals: &mut Signals,
+    ) -> (u64, CliResult<Option<Signal>>) {
+        let mut done = 0u64;
+        let result = self.run_inner(sub, limits, signals, &mut done).await;
+        // An early return leaves at most the in-flight batch; finish it.
+        let settled = self.settle(&mut done, signals).await;
+        let result = match (result, settled) {
+            (Err(e), _) => Err(e),
+            (Ok(_), Err(Stopped::Failed(e))) => Err(e),
+            (Ok(None), Err(Stopped::Signal)) => Ok(signals.received()),
+            (Ok(s), _) => Ok(s),
+        };
+        (done, result)
+    }
+
+    async fn run_inner(
+        &mut self,
+        sub: &mut Box<dyn Subscription>,
+        limits: &Limits,
+        signals: &mut Signals,
+        done: &mut u64,
+    ) -> CliResult<Option<Signal>> {
+        let mut active = Instant::now();
+        loop {
+            // No new work after a signal.
+            if let Some(s) = signals.received() {
+                return Ok(Some(s));
+            }
+            let pending = self.in_flight.as_ref().map_or(0, |f| f.held.len() as u64);
+            let want = match limits.max {
+                Some(m) if *done + pending >= m => return Ok(None),
+                Some(m) => (m - *done - pending).min(limits.fetch),
+                None => limits.fetch,
+            };
+            // Short fetches (a fetch is not cancelled midway: it may hold leases by then).
+            let wait = limits
+                .idle
+                .saturating_sub(active.elapsed())
+                .min(follow::FETCH_SLICE);
+            let got = sub
+                .fetch(want as usize, wait)
+                .await
+                .map_err(|e| CliError::bus("fetch", &e))?;
+            if got.is_empty() {
+                // Nothing new: what is in flight is acked as soon as it is committed.
+                match self.settle(done, signals).await {
+                    Ok(()) => {}
+                    Err(Stopped::Signal) => return Ok(signals.received()),
+                    Err(Stopped::Failed(e)) => return Err(e),
+                }
+                if active.elapsed() >= limits.idle {
+                    return Ok(None);
+                }
+                continue;
+            }
+            if let Some(s) = signals.received() {
+                follow::release(got).await;
+                return Ok(Some(s));
+            }
+            // The rows of this batch are built while the one before it is written.
+            let mut batch = std::mem::take(&mut self.spare);
+            let undecodable = fill(self.bus, &self.counter, &mut batch, &got).await;
+            let committed = match self.complete(&got, signals).await {
+                Ok(c) => c,
+                Err(stop) => {
+                    self.spare = batch;
+                    follow::release(got).await;
+                    return match stop {
+                        Stopped::Signal => Ok(signals.received()),
+                        Stopped::Failed(e) => Err(e),
+                    };
+                }
+            };
+            let Some(mut writer) = self.writer.take() else {
+                follow::release(got).await;
+                return Err(CliError::transport("archive: the writer was lost"));
+            };
+            let task = tokio::spawn(async move {
+                let r = writer.write(&batch).await;
+                (writer, batch, r)
+            });
+            self.in_flight = Some(InFlight {
+                task,
+                held: got,
+                undecodable,
+            });
+            if let Some(held) = committed {
+                self.ack(held, done).await?;
+            }
+            active = Instant::now();
+        }
+    }
+
+    /// Waits for the in-flight batch (if any) to commit, writing it again while the database
+    /// is away (leases of its deliveries and of `also_held` kept meanwhile); returns its
+    /// deliveries, now safe to ack. On `Stopped`, its deliveries are released.
+    async fn complete(
+        &mut self,
+        also_held: &[Delivery],
+        signals: &mut Signals,
+    ) -> Result<Option<Vec<Delivery>>, Stopped> {
+        let Some(f) = self.in_flight.take() else {
+            return Ok(None);
+        };
+        let (mut writer, batch, first) = match f.task.await {
+            Ok(t) => t,
+            Err(e) => {
+                follow::release(f.held).await;
+                return Err(Stopped::Failed(CliError::transport(format!(
+                    "archive: the write task failed: {e}"
+                ))));
+            }
+        };
+        let written = match first {
+            Err(e) if ampybus::archive::is_retryable(&e) => {
+                write_retrying(&mut writer, &batch, &[&f.held, also_held], signals).await
+            }
+            Err(e) => Err(Stopped::Failed(CliError::bus(
+                format!("--to {:?}", writer.url_redacted()),
+                &e,
+            ))),
+            Ok(r) => Ok(r),
+        };
+        self.writer = Some(writer);
+        self.spare = batch;
+        match written {
+            Ok(r) => {
+                self.stats.envelopes_new += r.envelopes_new;
+                self.stats.envelopes_known += r.envelopes_known;
+                self.stats.rows_new += r.rows_new;
+                self.undecodable += f.undecodable;
+                Ok(Some(f.held))
+            }
+            Err(stop) => {
+                follow::release(f.held).await;
+                Err(stop)
+            }
+        }
+    }
+
+    /// Acks committed deliveries (counted as consumed and in `done`).
+    async fn ack(&mut self, mut held: Vec<Delivery>, done: &mut u64) -> CliResult<()> {
+        let n = held.len() as u64;
+        // The topics are moved out (an ack goes by sequence), counted once acked.
+        let topics: Vec<String> = held
+            .iter_mut()
+            .map(|d| std::mem::take(&mut d.envelope.topic))
+            .collect();
+        if let Err((e, unacked)) = Delivery::ack_all(held).await {
+            follow::release(unacked).await;
+            return Err(CliError::bus("ack", &e));
+        }
+        *done += n;
+        for t in &topics {
+            self.counter.consumed(t);
+        }
+        Ok(())
+    }
+
+    /// Finishes the in-flight batch: waits for its commit, then acks it.
+    async fn settle(&mut self, done: &mut u64, signals: &mut Signals) -> Result<(), Stopped> {
+        if let Some(held) = self.complete(&[], signals).await? {
+            self.ack(held, done).await.map_err(Stopped::Failed)?;
+        }
+        Ok(())
     }
 }
 
@@ -270,7 +456,7 @@ enum Stopped {
 async fn write_retrying(
     writer: &mut ArchiveWriter,
     batch: &ArchiveBatch,
-    held: &[Delivery],
+    held: &[&[Delivery]],
     signals: &mut Signals,
 ) -> Result<WriteReport, Stopped> {
     let mut delay = RETRY_MIN;
@@ -292,7 +478,7 @@ async fn write_retrying(
                     tracing::warn!(error = %e, "archive: cannot write; holding the batch and retrying until PostgreSQL answers");
                 }
                 // Keep the leases while waiting.
-                for d in held {
+                for d in held.iter().flat_map(|h| h.iter()) {
                     let _ = d.in_progress().await;
                 }
                 tokio::select! {
@@ -340,76 +526,6 @@ pub async fn push_message(
     };
     batch.push_envelope(env, stored_at, sequence, failed.as_deref());
     failed
-}
-
-impl Sink for ArchiveSink<'_> {
-    /// Writes the deliveries in order, in up to [`PIPELINE`] transactions; finished = the
-    /// committed prefix. Each transaction is encoded and sent by a task of its own while this
-    /// one builds the rows of the next.
-    async fn take(&mut self, got: &[Delivery], signals: &mut Signals) -> (usize, CliResult<()>) {
-        tracing::debug!(fetched = got.len(), "archive: writing a fetched batch");
-        let size = got.len().div_ceil(PIPELINE).max(MIN_CHUNK);
-        let chunks: Vec<&[Delivery]> = got.chunks(size).collect();
-        let (bus, counter) = (self.bus, &self.counter);
-        let [cur, next] = &mut self.batches;
-        self.undecodable += fill(bus, counter, cur, chunks[0]).await;
-        let mut done = 0;
-        for (i, chunk) in chunks.iter().enumerate() {
-            let Some(mut writer) = self.writer.take() else {
-                return (
-                    done,
-                    Err(CliError::transport("archive: the writer was lost")),
-                );
-            };
-            let batch = std::mem::take(cur);
-            let task = tokio::spawn(async move {
-                let r = writer.write(&batch).await;
-                (writer, batch, r)
-            });
-            let following = chunks.get(i + 1).copied().unwrap_or_default();
-            let undecodable = if following.is_empty() {
-                0
-            } else {
-                fill(bus, counter, next, following).await
-            };
-            let (mut writer, batch, first) = match task.await {
-                Ok(t) => t,
-                Err(e) => {
-                    return (
-                        done,
-                        Err(CliError::transport(format!(
-                            "archive: the write task failed: {e}"
-                        ))),
-                    );
-                }
-            };
-            *cur = batch;
-            let written = match first {
-                Err(e) if ampybus::archive::is_retryable(&e) => {
-                    write_retrying(&mut writer, cur, &got[done..], signals).await
-                }
-                Err(e) => Err(Stopped::Failed(CliError::bus(
-                    format!("--to {:?}", writer.url_redacted()),
-                    &e,
-                ))),
-                Ok(r) => Ok(r),
-            };
-            self.writer = Some(writer);
-            match written {
-                Ok(r) => {
-                    self.stats.envelopes_new += r.envelopes_new;
-                    self.stats.envelopes_known += r.envelopes_known;
-                    self.stats.rows_new += r.rows_new;
-                }
-                Err(Stopped::Signal) => return (done, Ok(())),
-                Err(Stopped::Failed(e)) => return (done, Err(e)),
-            }
-            done += chunk.len();
-            self.undecodable += undecodable;
-            std::mem::swap(cur, next);
-        }
-        (done, Ok(()))
-    }
 }
 
 async fn verify(url: &str, args: VerifyArgs) -> CliResult<u8> {

@@ -11,7 +11,7 @@ pub type Rows = Vec<(Table, Vec<Cell>)>;
 /// The typed rows of a raw (inflated) payload of schema `fqdn`: `Ok(rows)` (empty for a
 /// schema without a table), `Err(reason)` when the bytes do not decode as `fqdn`.
 pub fn rows(fqdn: &str, message_id: &str, payload: &[u8]) -> Result<Rows, String> {
-    let mut out = Rows::new();
+    let mut out = Rows::with_capacity(1);
     let id = Cell::text(message_id);
     let mut push = |table: Table, idx: usize, mut cells: Vec<Cell>| {
         let mut row = Vec::with_capacity(cells.len() + 2);

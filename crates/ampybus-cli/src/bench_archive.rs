@@ -8,11 +8,11 @@
 //! COPY, as an application would use it). Both sides write into the tables of `--to` (emptied before every round) in
 //! transactions of `--batch` messages.
 
-use crate::archive::ArchiveSink;
+use crate::archive::Archiver;
 use crate::bench_raw::{series, show_series};
 use crate::cli::BenchArgs;
 use crate::error::{CliError, CliResult, EXIT_OK};
-use crate::follow::{self, Limits};
+use crate::follow::Limits;
 use crate::util::{self, Signals};
 use ampybus::archive::{ArchiveWriter, Cell, Table, TableSpec, envelope_row};
 use ampybus::obs::ReaderCounter;
@@ -272,7 +272,7 @@ async fn raw_round(
     Ok(n as f64 / started.elapsed().as_secs_f64())
 }
 
-/// One archive round: a fresh durable consumer reads the whole log through `ArchiveSink`.
+/// One archive round: a fresh durable consumer reads the whole log through `Archiver`.
 async fn archive_round(
     bus: &Bus,
     to: &str,
@@ -294,7 +294,7 @@ async fn archive_round(
         .await
         .map_err(|e| CliError::bus("subscribe", &e))?;
     let counter = ReaderCounter::register(bus, name, pattern.clone(), true, args.batch as usize);
-    let mut sink = ArchiveSink::new(bus, writer, counter.clone());
+    let mut sink = Archiver::new(bus, writer, counter);
     let limits = Limits {
         max: Some(args.messages),
         idle: Duration::from_secs(60),
@@ -302,7 +302,7 @@ async fn archive_round(
         durable: true,
     };
     let started = Instant::now();
-    let (n, result) = follow::follow(&mut sub, &limits, &mut sink, &counter, signals).await;
+    let (n, result) = sink.run(&mut sub, &limits, signals).await;
     let secs = started.elapsed().as_secs_f64();
     if let Some(s) = result? {
         return Err(CliError {

@@ -9,7 +9,7 @@ use ampybus::transport::{Delivery, Subscription};
 use std::time::{Duration, Instant};
 
 /// How long one fetch waits at most, so a signal is noticed soon while idle.
-const FETCH_SLICE: Duration = Duration::from_millis(200);
+pub const FETCH_SLICE: Duration = Duration::from_millis(200);
 
 /// Where fetched deliveries go.
 pub trait Sink {

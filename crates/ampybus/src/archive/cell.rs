@@ -126,60 +126,55 @@ impl Numeric {
         Some((digits, scale))
     }
 
-    /// The PostgreSQL binary form: ndigits, weight, sign, dscale, base-10,000 digits.
+    /// The PostgreSQL binary form: ndigits, weight, sign, dscale, base-10,000 digits
+    /// (computed from the integer, nothing allocated).
     fn encode(&self, out: &mut BytesMut) -> Result<(), String> {
-        let (digits, scale) = self
-            .digits()
-            .ok_or_else(|| format!("decimal scale {} is outside numeric's range", self.scale))?;
-        let (int, frac) = digits.split_at(digits.len() - scale);
-        // Groups of four digits, aligned on the decimal point.
-        let mut groups: Vec<i16> = Vec::with_capacity(digits.len() / 4 + 2);
-        let lead = int.len() % 4;
-        let mut weight = (int.len().div_ceil(4)) as i32 - 1;
-        if lead > 0 {
-            groups.push(int[..lead].parse().unwrap_or(0));
+        if !self.is_representable() {
+            return Err(format!(
+                "decimal scale {} is outside numeric's range",
+                self.scale
+            ));
         }
-        for c in int.as_bytes()[lead..].chunks(4) {
-            groups.push(group(c));
-        }
-        for c in frac.as_bytes().chunks(4) {
-            let mut g = group(c);
-            for _ in c.len()..4 {
-                g *= 10;
-            }
-            groups.push(g);
-        }
-        // Strip leading zero groups (each lowers the weight) and trailing zero groups.
-        let first = groups.iter().position(|&g| g != 0);
-        let (start, end) = match first {
-            None => (0, 0),
-            Some(f) => (f, groups.iter().rposition(|&g| g != 0).unwrap_or(f) + 1),
-        };
-        if first.is_none() {
-            weight = 0;
+        // Align the digits on a group boundary: a positive scale is padded to a multiple of
+        // four fractional digits; a negative one appends its zeros (whole groups of them
+        // only move the weight).
+        let (v, shift) = if self.scale >= 0 {
+            let pad = (4 - self.scale % 4) % 4;
+            (
+                u128::from(self.scaled.unsigned_abs()) * 10u128.pow(pad as u32),
+                -((self.scale + pad) / 4),
+            )
         } else {
-            weight -= start as i32;
-        }
-        let sign: u16 = if self.scaled < 0 && first.is_some() {
-            0x4000
-        } else {
-            0
+            let zeros = -self.scale;
+            (
+                u128::from(self.scaled.unsigned_abs()) * 10u128.pow((zeros % 4) as u32),
+                zeros / 4,
+            )
         };
-        let n = end - start;
+        // Groups, least significant first; a u64 times 1,000 has at most 7 of them.
+        let mut groups = [0i16; 8];
+        let mut k = 0;
+        let mut rest = v;
+        while rest > 0 {
+            groups[k] = (rest % 10_000) as i16;
+            rest /= 10_000;
+            k += 1;
+        }
+        // Trailing zero groups are dropped (they only lower the first group's weight).
+        let low = groups[..k].iter().position(|&g| g != 0).unwrap_or(k);
+        let n = k - low;
+        let weight = if n == 0 { 0 } else { k as i32 - 1 + shift };
+        let sign: u16 = if self.scaled < 0 && n > 0 { 0x4000 } else { 0 };
         out.reserve(8 + 2 * n);
         out.put_i16(n as i16);
         out.put_i16(weight as i16);
         out.put_u16(sign);
-        out.put_u16(scale as u16);
-        for &g in &groups[start..end] {
+        out.put_u16(self.scale.max(0) as u16);
+        for &g in groups[low..k].iter().rev() {
             out.put_i16(g);
         }
         Ok(())
     }
-}
-
-fn group(c: &[u8]) -> i16 {
-    c.iter().fold(0i16, |acc, d| acc * 10 + i16::from(d - b'0'))
 }
 
 impl std::fmt::Display for Numeric {
@@ -315,6 +310,61 @@ mod tests {
             .collect()
     }
 
+    fn group(c: &[u8]) -> i16 {
+        c.iter().fold(0i16, |acc, d| acc * 10 + i16::from(d - b'0'))
+    }
+
+    /// The encoding as it was first written (through the decimal text): the reference.
+    fn encode_by_text(n: &Numeric, out: &mut BytesMut) -> Result<(), String> {
+        let (digits, scale) = n
+            .digits()
+            .ok_or_else(|| format!("decimal scale {} is outside numeric's range", n.scale))?;
+        let (int, frac) = digits.split_at(digits.len() - scale);
+        // Groups of four digits, aligned on the decimal point.
+        let mut groups: Vec<i16> = Vec::with_capacity(digits.len() / 4 + 2);
+        let lead = int.len() % 4;
+        let mut weight = (int.len().div_ceil(4)) as i32 - 1;
+        if lead > 0 {
+            groups.push(int[..lead].parse().unwrap_or(0));
+        }
+        for c in int.as_bytes()[lead..].chunks(4) {
+            groups.push(group(c));
+        }
+        for c in frac.as_bytes().chunks(4) {
+            let mut g = group(c);
+            for _ in c.len()..4 {
+                g *= 10;
+            }
+            groups.push(g);
+        }
+        // Strip leading zero groups (each lowers the weight) and trailing zero groups.
+        let first = groups.iter().position(|&g| g != 0);
+        let (start, end) = match first {
+            None => (0, 0),
+            Some(f) => (f, groups.iter().rposition(|&g| g != 0).unwrap_or(f) + 1),
+        };
+        if first.is_none() {
+            weight = 0;
+        } else {
+            weight -= start as i32;
+        }
+        let sign: u16 = if n.scaled < 0 && first.is_some() {
+            0x4000
+        } else {
+            0
+        };
+        let n = end - start;
+        out.reserve(8 + 2 * n);
+        out.put_i16(n as i16);
+        out.put_i16(weight as i16);
+        out.put_u16(sign);
+        out.put_u16(scale as u16);
+        for &g in &groups[start..end] {
+            out.put_i16(g);
+        }
+        Ok(())
+    }
+
     #[test]
     fn numeric_binary_form() {
         // 192.3450: groups 192 | 3450, weight 0, dscale 4
@@ -336,6 +386,45 @@ mod tests {
                 .encode(&mut BytesMut::new())
                 .is_err()
         );
+    }
+
+    /// The arithmetic encoding equals the one through the text, for every kind of value.
+    #[test]
+    fn numeric_arithmetic_equals_text() {
+        let mut values = vec![
+            0i64,
+            1,
+            -1,
+            9,
+            10,
+            9999,
+            10_000,
+            123_456_789,
+            i64::MAX,
+            i64::MIN,
+        ];
+        for p in 0..19 {
+            let t = 10i64.pow(p);
+            values.extend([t, t - 1, t + 1, -t, 7 * t / 3 + 5]);
+        }
+        for v in values {
+            for scale in (-1000..=-990)
+                .chain(-9..=40)
+                .chain([100, 1001, 16_380, 16_383])
+            {
+                let n = Numeric::new(v, scale);
+                let (mut a, mut b) = (BytesMut::new(), BytesMut::new());
+                n.encode(&mut a).unwrap();
+                encode_by_text(&n, &mut b).unwrap();
+                assert_eq!(a, b, "{v} scale {scale}");
+            }
+        }
+        for scale in [-1001, 16_384, i32::MIN, i32::MAX] {
+            let e = Numeric::new(1, scale)
+                .encode(&mut BytesMut::new())
+                .unwrap_err();
+            assert!(e.contains(&format!("decimal scale {scale}")), "{e}");
+        }
     }
 
     #[test]

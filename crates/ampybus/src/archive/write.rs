@@ -42,11 +42,23 @@ pub struct ArchiveBatch {
 /// Rows of one table in binary `COPY` form (without the file header and trailer).
 #[derive(Debug, Default)]
 struct Encoded {
+    /// Full chunks of whole rows (at least [`COPY_CHUNK`] bytes each), sent without a copy.
+    sealed: Vec<Bytes>,
+    /// The rows after them.
     buf: BytesMut,
     rows: usize,
 }
 
 impl Encoded {
+    /// Between rows: once the rows encoded so far fill a chunk, they become a sealed chunk
+    /// (shared, not copied, when the batch is written) and the next ones go to a fresh buffer.
+    fn seal_full(&mut self) {
+        if self.buf.len() >= COPY_CHUNK {
+            self.sealed.push(self.buf.split().freeze());
+            self.buf.reserve(COPY_CHUNK + COPY_CHUNK / 4);
+        }
+    }
+
     /// Encodes one checked row; on an encoding error nothing of it stays.
     fn push(&mut self, spec: &TableSpec, row: &[Cell]) -> Result<()> {
         let start = self.buf.len();
@@ -73,9 +85,108 @@ impl Encoded {
     }
 
     fn clear(&mut self) {
+        self.sealed.clear();
         self.buf.clear();
         self.rows = 0;
     }
+
+    /// Encodes the `ampybus.envelopes` row of a message whose id is `id` straight from the
+    /// envelope's buffers: the same values as [`envelope_row`] gives, without building them
+    /// first (no text copied twice, the headers' JSON and the payload hash written in place).
+    fn push_envelope(
+        &mut self,
+        id: &str,
+        env: &Envelope,
+        stored_at: DateTime<Utc>,
+        sequence: u64,
+        decode_error: Option<&str>,
+    ) -> Result<()> {
+        let start = self.buf.len();
+        let h = &env.headers;
+        let (env_token, domain) = topic_tokens(&env.topic);
+        let b = &mut self.buf;
+        b.reserve(200 + env.topic.len() * 2 + env.payload.len());
+        b.put_i16(ENVELOPES.columns.len() as i16);
+        put_text(b, id);
+        put_text(b, &env.topic);
+        put_text(b, env_token);
+        put_text(b, domain);
+        match h.partition_key() {
+            Some(k) => put_text(b, k),
+            None => b.put_i32(-1),
+        }
+        let times = [h.produced_at_time(), Some(stored_at)];
+        for (t, name) in times.iter().zip(["produced_at", "stored_at"]) {
+            if let Some(t) = t {
+                if let Err(e) = put_sql(b, t, &tokio_postgres::types::Type::TIMESTAMPTZ) {
+                    b.truncate(start);
+                    return Err(Error::new(
+                        ErrorKind::Payload,
+                        format!("ampybus.envelopes.{name}: {e}"),
+                    ));
+                }
+            } else {
+                b.put_i32(-1);
+            }
+        }
+        b.put_i32(8);
+        b.put_i64(i64::try_from(sequence).unwrap_or(i64::MAX));
+        // The headers' JSON text (serde_json escapes control characters: no NUL byte).
+        let at = b.len();
+        b.put_i32(0);
+        if serde_json::to_writer((&mut *b).writer(), h).is_err() {
+            b.truncate(at + 4);
+            b.put_slice(b"{}");
+        }
+        let len = (b.len() - at - 4) as i32;
+        b[at..at + 4].copy_from_slice(&len.to_be_bytes());
+        b.put_i32(env.payload.len() as i32);
+        b.put_slice(&env.payload);
+        let mut hash = [0u8; 7 + 64];
+        hash[..7].copy_from_slice(b"sha256:");
+        let digest = <sha2::Sha256 as sha2::Digest>::digest(&env.payload);
+        hex::encode_to_slice(digest, &mut hash[7..]).expect("64 hex digits for 32 bytes");
+        b.put_i32(hash.len() as i32);
+        b.put_slice(&hash);
+        match decode_error {
+            Some(e) => put_text(b, e),
+            None => b.put_i32(-1),
+        }
+        self.rows += 1;
+        Ok(())
+    }
+}
+
+/// The environment and domain tokens of a topic (`ampy.ENV.DOMAIN.…`; empty when absent).
+fn topic_tokens(topic: &str) -> (&str, &str) {
+    let mut tokens = topic.split('.');
+    (tokens.nth(1).unwrap_or(""), tokens.next().unwrap_or(""))
+}
+
+/// A `text` value, length first, each NUL byte replaced by U+FFFD (as [`Cell::text`] does).
+fn put_text(b: &mut BytesMut, s: &str) {
+    if s.as_bytes().contains(&0) {
+        return put_text(b, &s.replace('\0', "\u{fffd}"));
+    }
+    b.put_i32(s.len() as i32);
+    b.put_slice(s.as_bytes());
+}
+
+/// A value in its binary form, length first.
+fn put_sql(
+    b: &mut BytesMut,
+    v: &(dyn ToSql + Sync),
+    ty: &tokio_postgres::types::Type,
+) -> std::result::Result<(), Box<dyn std::error::Error + Sync + Send>> {
+    let at = b.len();
+    b.put_i32(0);
+    if let Err(e) = v.to_sql_checked(ty, b) {
+        b.truncate(at);
+        return Err(e);
+    }
+    let len = (b.len() - at - 4) as i32;
+    b[at..at + 4].copy_from_slice(&len.to_be_bytes());
+    Ok(())
 }
 
 impl ArchiveBatch {
@@ -93,10 +204,21 @@ impl ArchiveBatch {
         sequence: u64,
         decode_error: Option<&str>,
     ) {
-        let row = envelope_row(env, stored_at, sequence, decode_error);
+        self.envelopes.seal_full();
         // Every value here is one the envelope columns take (text, a time from the headers'
         // own parse, bytes).
-        if let Err(e) = self.envelopes.push(&ENVELOPES, &row) {
+        let pushed = match env.headers.message_id() {
+            Some(id) if !id.is_empty() => {
+                self.envelopes
+                    .push_envelope(id, env, stored_at, sequence, decode_error)
+            }
+            // A message without an id is rare: the general path keys it by a digest.
+            _ => {
+                let row = envelope_row(env, stored_at, sequence, decode_error);
+                self.envelopes.push(&ENVELOPES, &row)
+            }
+        };
+        if let Err(e) = pushed {
             tracing::error!(error = %e, "archive: an envelope row could not be encoded");
         }
     }
@@ -105,7 +227,9 @@ impl ArchiveBatch {
     /// or type is an error naming the table and the column.
     pub fn push_row(&mut self, table: Table, row: Vec<Cell>) -> Result<()> {
         check_row(table.spec(), &row)?;
-        self.typed[table.index()].push(table.spec(), &row)
+        let enc = &mut self.typed[table.index()];
+        enc.seal_full();
+        enc.push(table.spec(), &row)
     }
 
     /// Adds the typed rows of one message, all or none: the first row that does not fit its
@@ -126,7 +250,12 @@ impl ArchiveBatch {
         for (t, row) in &rows {
             check_row(t.spec(), row)?;
         }
-        let marks: Vec<(usize, usize)> = self.typed.iter().map(|e| (e.buf.len(), e.rows)).collect();
+        // Sealed before the marks: a rollback stays inside the open buffers.
+        for enc in &mut self.typed {
+            enc.seal_full();
+        }
+        let marks: [(usize, usize); 9] =
+            std::array::from_fn(|i| (self.typed[i].buf.len(), self.typed[i].rows));
         for (t, row) in &rows {
             if let Err(e) = self.typed[t.index()].push(t.spec(), row) {
                 for (enc, (len, n)) in self.typed.iter_mut().zip(marks) {
@@ -190,8 +319,7 @@ pub fn envelope_row(
     decode_error: Option<&str>,
 ) -> [Cell; 12] {
     let h = &env.headers;
-    let mut tokens = env.topic.split('.');
-    let (env_token, domain) = (tokens.nth(1).unwrap_or(""), tokens.next().unwrap_or(""));
+    let (env_token, domain) = topic_tokens(&env.topic);
     let headers = serde_json::to_string(h).unwrap_or_else(|_| "{}".into());
     let payload_hash = crate::codec::sha256_tag(&env.payload);
     // A message without an id (it breaks the contract, yet it was on the bus) is keyed by
@@ -451,7 +579,8 @@ impl ArchiveWriter {
 const COPY_CHUNK: usize = 256 * 1024;
 
 /// Binary `COPY` of encoded rows into `target` (the columns of `spec`, in order) inside
-/// `tx`, in chunks of 256 KiB; returns the number of rows.
+/// `tx`: the sealed chunks as they are, the rest in chunks of 256 KiB; returns the number of
+/// rows.
 async fn copy_rows(
     tx: &tokio_postgres::Transaction<'_>,
     target: &str,
@@ -470,9 +599,97 @@ async fn copy_rows(
     head.put_i32(0); // flags
     head.put_i32(0); // header extension
     sink.feed(head.freeze()).await?;
+    for chunk in &rows.sealed {
+        sink.feed(chunk.clone()).await?;
+    }
     for chunk in rows.buf.chunks(COPY_CHUNK) {
         sink.feed(Bytes::copy_from_slice(chunk)).await?;
     }
     sink.send(Bytes::from_static(&[0xff, 0xff])).await?;
     sink.finish().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Headers, Topic};
+
+    /// A batch larger than a chunk keeps its rows in sealed chunks plus the open buffer:
+    /// together byte for byte the rows in order, whole rows per chunk; a refused message
+    /// leaves them as they were.
+    #[test]
+    fn sealed_chunks_hold_whole_rows_in_order() {
+        let topic = Topic::parse("ampy.dev.news.v1.raw").unwrap();
+        let at = Utc::now();
+        let (mut batch, mut flat) = (ArchiveBatch::new(), Encoded::default());
+        for i in 0..100u64 {
+            let h = Headers::for_publish("ampy.news.v1.NewsBatch", "p@1", "p", &format!("k{i}"));
+            let env = Envelope::new(&topic, h, vec![i as u8; 10_000]);
+            batch.push_envelope(&env, at, i, None);
+            let id = env.headers.message_id().unwrap();
+            flat.push_envelope(id, &env, at, i, None).unwrap();
+        }
+        let e = &batch.envelopes;
+        assert_eq!(e.sealed.len(), 3);
+        assert!(e.sealed.iter().all(|c| c.len() >= COPY_CHUNK));
+        let mut joined = BytesMut::new();
+        for c in &e.sealed {
+            joined.extend_from_slice(c);
+        }
+        joined.extend_from_slice(&e.buf);
+        assert_eq!(joined, flat.buf);
+        assert_eq!(batch.len(), 100);
+
+        let spec = Table::News.spec();
+        let row = |id: &str, body: String| {
+            let mut r = vec![Cell::text(id), Cell::Int4(0)];
+            r.resize(spec.columns.len(), Cell::Null);
+            r[6] = Cell::Text(body);
+            r
+        };
+        for i in 0..30 {
+            batch
+                .push_rows(vec![(
+                    Table::News,
+                    row(&format!("n{i}"), "b".repeat(10_000)),
+                )])
+                .unwrap();
+        }
+        let news = &batch.typed[Table::News.index()];
+        let before = (news.sealed.len(), news.buf.len());
+        assert_eq!(before.0, 1);
+        let mut bad = row("bad", String::new());
+        bad[4] = Cell::Int8(1);
+        let bad = vec![
+            (Table::News, row("ok", "b".repeat(10_000))),
+            (Table::News, bad),
+        ];
+        assert!(batch.push_rows(bad).is_err());
+        let news = &batch.typed[Table::News.index()];
+        assert_eq!((news.sealed.len(), news.buf.len()), before);
+        assert_eq!(batch.rows(Table::News), 30);
+        batch.clear();
+        assert!(batch.is_empty() && batch.envelopes.sealed.is_empty());
+    }
+
+    /// The envelope row written in place is byte for byte the row of `envelope_row`.
+    #[test]
+    fn envelope_in_place_equals_the_general_row() {
+        let topic = Topic::parse("ampy.dev.bars.v1.XNAS.AAPL").unwrap();
+        let mut h = Headers::for_publish("ampy.bars.v1.BarBatch", "p@1", "p", "XNAS.AA\0PL");
+        h.set("x-note", "quote \" and \u{1} and \0");
+        let env = Envelope::new(&topic, h, b"pay\0load".to_vec());
+        let at = Utc::now();
+        for err in [None, Some("decode_error: bad\0")] {
+            let id = env.headers.message_id().unwrap();
+            let mut fast = Encoded::default();
+            fast.push_envelope(id, &env, at, 42, err).unwrap();
+            let mut general = Encoded::default();
+            general
+                .push(&ENVELOPES, &envelope_row(&env, at, 42, err))
+                .unwrap();
+            assert_eq!(fast.rows, 1);
+            assert_eq!(fast.buf, general.buf);
+        }
+    }
 }
