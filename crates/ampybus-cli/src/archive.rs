@@ -396,7 +396,7 @@ impl<'a> Archiver<'a> {
     async fn ack(&mut self, mut held: Vec<Delivery>, done: &mut u64) -> CliResult<()> {
         let n = held.len() as u64;
         // The topics are moved out (an ack goes by sequence), counted once acked.
-        let topics: Vec<String> = held
+        let topics: Vec<ampybus::TopicName> = held
             .iter_mut()
             .map(|d| std::mem::take(&mut d.envelope.topic))
             .collect();

@@ -87,10 +87,8 @@ pub async fn follow(
             let rest = finished.split_off(accepted);
             if !finished.is_empty() {
                 let n = finished.len() as u64;
-                let topics: Vec<String> = finished
-                    .iter()
-                    .map(|d| d.envelope.topic.to_string())
-                    .collect();
+                let topics: Vec<ampybus::TopicName> =
+                    finished.iter().map(|d| d.envelope.topic.clone()).collect();
                 if let Err((e, unacked)) = Delivery::ack_all(finished).await {
                     release(unacked).await;
                     release(rest).await;
