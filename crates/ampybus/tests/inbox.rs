@@ -573,6 +573,137 @@ async fn pg_lost_mid_run_holds_messages_and_applies_each_once() {
     assert_eq!(sum, expected);
 }
 
+/// Deadlocks between the commit lanes' shared transactions are rolled back and applied again,
+/// out of the handlers' sight: many messages (32 accounts) whose effects each update two
+/// of four shared rows, in an order that differs from message to message, through the default
+/// workers (128: four lanes with big transactions at once). The handlers meet the deadlocks
+/// (PostgreSQL aborts a lane's transaction) and do what handlers do with an error: a third
+/// returns `Retry`, a third panics on `unwrap`, a third returns `Ok` over it. None of that
+/// reaches the runtime (no retry, no dead letter), each message is applied exactly once (rows,
+/// sums, inbox rows exact), and the retries are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pg_lane_deadlocks_are_retried_and_each_message_applied_once() {
+    let n = (2_000.0 * common::scale()) as usize;
+    let db = Db::shared();
+    // Deadlocks found in milliseconds rather than the default second.
+    query(
+        &db.url,
+        &format!("ALTER DATABASE {} SET deadlock_timeout = '10ms'", db.name),
+    );
+    query(
+        &db.url,
+        "CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL)",
+    );
+    query(
+        &db.url,
+        "INSERT INTO accounts SELECT g, 0 FROM generate_series(0, 3) g",
+    );
+    query(
+        &db.url,
+        "CREATE TABLE applied (message_id text NOT NULL, qty bigint NOT NULL)",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let bus = Bus::connect(dir.path().join("log").to_str().unwrap())
+        .await
+        .unwrap();
+    // Message i: quantity, the two rows it updates in that order, what its handler does with
+    // an error.
+    let plan = |i: usize| {
+        let first = (i % 4) as i32;
+        let second = ((i % 4 + 1 + (i / 4) % 3) % 4) as i32;
+        ((i % 7 + 1) as i64, first, second, i % 3)
+    };
+    let mut expected = BTreeMap::new();
+    for i in 0..n {
+        let (qty, first, second, mode) = plan(i);
+        *expected.entry(first).or_insert(0i64) += qty;
+        *expected.entry(second).or_insert(0i64) += qty;
+        publish(
+            &bus,
+            fill_headers(&format!("acct{}|co{i}", i % 32)),
+            &format!("{qty}|{first}|{second}|{mode}"),
+        )
+        .await;
+    }
+    let inbox = PgInbox::connect(&db.url).await.unwrap();
+    let handle = Consumer::builder(
+        bus.clone(),
+        TopicPattern::parse("ampy.dev.fills.>").unwrap(),
+        "lanes",
+    )
+    .inbox(inbox.handler(pg_handler_fn(|msg, tx| {
+        Box::pin(async move {
+            let id = msg.headers.message_id().unwrap().to_owned();
+            let body = std::str::from_utf8(&msg.payload).unwrap().to_owned();
+            let f: Vec<i64> = body.split('|').map(|v| v.parse().unwrap()).collect();
+            let (qty, first, second, mode) = (f[0], f[1] as i32, f[2] as i32, f[3]);
+            let effects = async {
+                tx.execute(
+                    "INSERT INTO applied (message_id, qty) VALUES ($1, $2)",
+                    &[&id, &qty],
+                )
+                .await?;
+                for row in [first, second] {
+                    tx.execute(
+                        "UPDATE accounts SET balance = balance + $1 WHERE id = $2",
+                        &[&qty, &row],
+                    )
+                    .await?;
+                }
+                Ok::<_, tokio_postgres::Error>(())
+            };
+            match (effects.await, mode) {
+                (Ok(()), _) => Outcome::Ok,
+                (Err(_), 0) => Outcome::Retry { after: None },
+                (Err(e), 1) => panic!("the handler unwraps: {e}"),
+                (Err(_), _) => Outcome::Ok,
+            }
+        })
+    })))
+    .start()
+    .await
+    .unwrap();
+    let t = Instant::now();
+    loop {
+        let s = handle.stats();
+        if s.handled_ok as usize == n && s.in_flight == 0 {
+            break;
+        }
+        assert!(s.retried == 0 && s.dead_lettered_total() == 0, "{s:?}");
+        assert!(t.elapsed() < Duration::from_secs(120), "not settled: {s:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let stats = handle.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(stats.handled_ok as usize, n, "{stats:?}");
+    assert_eq!(stats.retried, 0, "{stats:?}");
+    assert_eq!(stats.dead_lettered_total(), 0, "{stats:?}");
+    assert_eq!(inbox.skipped("lanes"), 0);
+    // Each message applied once: its row once, the rows' sums exact, one inbox row each.
+    assert_eq!(count(&db.url, "applied"), n as i64);
+    assert_eq!(
+        count(&db.url, "(SELECT DISTINCT message_id FROM applied) d"),
+        n as i64
+    );
+    assert_eq!(
+        count(&db.url, "ampybus.inbox WHERE consumer = 'lanes'"),
+        n as i64
+    );
+    let balances: BTreeMap<i32, i64> = query(&db.url, "SELECT id, balance FROM accounts")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(balances, expected);
+    let retries = inbox.conflict_retries("lanes");
+    eprintln!(
+        "{n} messages, {retries} lane transactions retried after a conflict in {:?}",
+        t.elapsed()
+    );
+    assert!(retries > 0, "no deadlock was provoked");
+    let text = bus.metrics().encode();
+    let line = format!("bus_inbox_conflict_retries_total{{consumer=\"lanes\"}} {retries}\n");
+    assert!(text.contains(&line), "{line} not in\n{text}");
+}
+
 /// A replay request to an inbox consumer goes through its inbox (it has no dedupe store): the
 /// window is read again, every message reaches the inbox, which skips them all — nothing is
 /// applied twice.
