@@ -574,8 +574,8 @@ async fn pg_lost_mid_run_holds_messages_and_applies_each_once() {
 }
 
 /// Deadlocks between the commit lanes' shared transactions are rolled back and applied again,
-/// out of the handlers' sight: many messages (32 accounts) whose effects each update two
-/// of four shared rows, in an order that differs from message to message, through the default
+/// out of the handlers' sight: many messages (32 accounts) whose effects each update two of
+/// four shared rows, in an order that differs from message to message, through the default
 /// workers (128: four lanes with big transactions at once). The handlers meet the deadlocks
 /// (PostgreSQL aborts a lane's transaction) and do what handlers do with an error: a third
 /// returns `Retry`, a third panics on `unwrap`, a third returns `Ok` over it. None of that
@@ -583,6 +583,21 @@ async fn pg_lost_mid_run_holds_messages_and_applies_each_once() {
 /// sums, inbox rows exact), and the retries are counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pg_lane_deadlocks_are_retried_and_each_message_applied_once() {
+    let codes = lane_conflicts(false).await;
+    assert!(codes.contains_key("40P01"), "{codes:?}");
+}
+
+/// The same under `SERIALIZABLE` (the database's default isolation), with effects that read a
+/// row and write back the sum: concurrent lanes fail with serialization failures (`40001`),
+/// and the sums are still exact — every committed transaction is one that no conflict hit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pg_lane_serialization_failures_are_retried_and_each_message_applied_once() {
+    let codes = lane_conflicts(true).await;
+    assert!(codes.contains_key("40001"), "{codes:?}");
+}
+
+/// Runs the conflict test (see above); returns how many times the handlers saw each SQLSTATE.
+async fn lane_conflicts(serializable: bool) -> BTreeMap<String, u64> {
     let n = (2_000.0 * common::scale()) as usize;
     let db = Db::shared();
     // Deadlocks found in milliseconds rather than the default second.
@@ -590,6 +605,15 @@ async fn pg_lane_deadlocks_are_retried_and_each_message_applied_once() {
         &db.url,
         &format!("ALTER DATABASE {} SET deadlock_timeout = '10ms'", db.name),
     );
+    if serializable {
+        query(
+            &db.url,
+            &format!(
+                "ALTER DATABASE {} SET default_transaction_isolation = 'serializable'",
+                db.name
+            ),
+        );
+    }
     query(
         &db.url,
         "CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL)",
@@ -626,12 +650,15 @@ async fn pg_lane_deadlocks_are_retried_and_each_message_applied_once() {
         .await;
     }
     let inbox = PgInbox::connect(&db.url).await.unwrap();
+    let seen: Arc<std::sync::Mutex<BTreeMap<String, u64>>> = Arc::default();
+    let codes = seen.clone();
     let handle = Consumer::builder(
         bus.clone(),
         TopicPattern::parse("ampy.dev.fills.>").unwrap(),
         "lanes",
     )
-    .inbox(inbox.handler(pg_handler_fn(|msg, tx| {
+    .inbox(inbox.handler(pg_handler_fn(move |msg, tx| {
+        let codes = codes.clone();
         Box::pin(async move {
             let id = msg.headers.message_id().unwrap().to_owned();
             let body = std::str::from_utf8(&msg.payload).unwrap().to_owned();
@@ -644,15 +671,36 @@ async fn pg_lane_deadlocks_are_retried_and_each_message_applied_once() {
                 )
                 .await?;
                 for row in [first, second] {
-                    tx.execute(
-                        "UPDATE accounts SET balance = balance + $1 WHERE id = $2",
-                        &[&qty, &row],
-                    )
-                    .await?;
+                    if serializable {
+                        // Read, then write the sum back: right only if serializable holds.
+                        let balance: i64 = tx
+                            .query_one("SELECT balance FROM accounts WHERE id = $1", &[&row])
+                            .await?
+                            .get(0);
+                        tx.execute(
+                            "UPDATE accounts SET balance = $1 WHERE id = $2",
+                            &[&(balance + qty), &row],
+                        )
+                        .await?;
+                    } else {
+                        tx.execute(
+                            "UPDATE accounts SET balance = balance + $1 WHERE id = $2",
+                            &[&qty, &row],
+                        )
+                        .await?;
+                    }
                 }
                 Ok::<_, tokio_postgres::Error>(())
             };
-            match (effects.await, mode) {
+            let r = effects.await;
+            if let Some(code) = r.as_ref().err().and_then(|e| e.code()) {
+                *codes
+                    .lock()
+                    .unwrap()
+                    .entry(code.code().to_owned())
+                    .or_default() += 1;
+            }
+            match (r, mode) {
                 (Ok(()), _) => Outcome::Ok,
                 (Err(_), 0) => Outcome::Retry { after: None },
                 (Err(e), 1) => panic!("the handler unwraps: {e}"),
@@ -694,14 +742,23 @@ async fn pg_lane_deadlocks_are_retried_and_each_message_applied_once() {
         .collect();
     assert_eq!(balances, expected);
     let retries = inbox.conflict_retries("lanes");
+    let codes = seen.lock().unwrap().clone();
     eprintln!(
-        "{n} messages, {retries} lane transactions retried after a conflict in {:?}",
+        "{n} messages, {retries} lane transactions retried after a conflict in {:?}; SQLSTATEs the handlers saw: {codes:?}",
         t.elapsed()
     );
-    assert!(retries > 0, "no deadlock was provoked");
+    assert!(retries > 0, "no conflict was provoked");
+    // Each conflict a handler saw aborted its lane's transaction: one retry each (a conflict
+    // on the lane's own statements — the inbox rows, the commit — is retried unseen).
+    let seen_conflicts: u64 = ["40P01", "40001"]
+        .iter()
+        .filter_map(|c| codes.get(*c))
+        .sum();
+    assert!(retries >= seen_conflicts, "{retries} < {codes:?}");
     let text = bus.metrics().encode();
     let line = format!("bus_inbox_conflict_retries_total{{consumer=\"lanes\"}} {retries}\n");
     assert!(text.contains(&line), "{line} not in\n{text}");
+    codes
 }
 
 /// A replay request to an inbox consumer goes through its inbox (it has no dedupe store): the
