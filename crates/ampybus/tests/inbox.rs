@@ -7,7 +7,7 @@
 mod archive_support;
 mod common;
 
-use ampybus::inbox::pg::{PgInbox, PgOutbox, pg_handler_fn};
+use ampybus::inbox::pg::{DEFAULT_CONFLICT_TURNS, PgInbox, PgOutbox, pg_handler_fn};
 use ampybus::inbox::sqlite::{SqliteInbox, SqliteOutbox};
 use ampybus::inbox::{OutboxRelay, RelayOptions};
 use ampybus::runtime::{Consumer, ConsumerHandle, DlqCode, Outcome, RetryPolicy};
@@ -580,11 +580,18 @@ async fn pg_lost_mid_run_holds_messages_and_applies_each_once() {
 /// (PostgreSQL aborts a lane's transaction) and do what handlers do with an error: a third
 /// returns `Retry`, a third panics on `unwrap`, a third returns `Ok` over it. None of that
 /// reaches the runtime (no retry, no dead letter), each message is applied exactly once (rows,
-/// sums, inbox rows exact), and the retries are counted.
+/// sums, inbox rows exact), and the retries are counted — first with the lanes always running
+/// at once (`with_conflict_turns(ZERO)`: every batch may conflict), then with the default turns
+/// after a conflict (one transaction at a time for 10 s), which leave far fewer conflicts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pg_lane_deadlocks_are_retried_and_each_message_applied_once() {
-    let codes = lane_conflicts(false).await;
+    let (codes, at_once) = lane_conflicts(false, Duration::ZERO).await;
     assert!(codes.contains_key("40P01"), "{codes:?}");
+    let (_, taking_turns) = lane_conflicts(false, DEFAULT_CONFLICT_TURNS).await;
+    assert!(
+        taking_turns < at_once,
+        "{taking_turns} conflicts taking turns, {at_once} at once"
+    );
 }
 
 /// The same under `SERIALIZABLE` (the database's default isolation), with effects that read a
@@ -592,12 +599,13 @@ async fn pg_lane_deadlocks_are_retried_and_each_message_applied_once() {
 /// and the sums are still exact — every committed transaction is one that no conflict hit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pg_lane_serialization_failures_are_retried_and_each_message_applied_once() {
-    let codes = lane_conflicts(true).await;
+    let (codes, _) = lane_conflicts(true, Duration::ZERO).await;
     assert!(codes.contains_key("40001"), "{codes:?}");
 }
 
-/// Runs the conflict test (see above); returns how many times the handlers saw each SQLSTATE.
-async fn lane_conflicts(serializable: bool) -> BTreeMap<String, u64> {
+/// Runs the conflict test (see above) with the lanes taking `turns` after a conflict; returns
+/// how many times the handlers saw each SQLSTATE, and the lane retries.
+async fn lane_conflicts(serializable: bool, turns: Duration) -> (BTreeMap<String, u64>, u64) {
     let n = (2_000.0 * common::scale()) as usize;
     let db = Db::shared();
     // Deadlocks found in milliseconds rather than the default second.
@@ -649,7 +657,10 @@ async fn lane_conflicts(serializable: bool) -> BTreeMap<String, u64> {
         )
         .await;
     }
-    let inbox = PgInbox::connect(&db.url).await.unwrap();
+    let inbox = PgInbox::connect(&db.url)
+        .await
+        .unwrap()
+        .with_conflict_turns(turns);
     let seen: Arc<std::sync::Mutex<BTreeMap<String, u64>>> = Arc::default();
     let codes = seen.clone();
     let handle = Consumer::builder(
@@ -744,7 +755,7 @@ async fn lane_conflicts(serializable: bool) -> BTreeMap<String, u64> {
     let retries = inbox.conflict_retries("lanes");
     let codes = seen.lock().unwrap().clone();
     eprintln!(
-        "{n} messages, {retries} lane transactions retried after a conflict in {:?}; SQLSTATEs the handlers saw: {codes:?}",
+        "{n} messages, turns {turns:?}: {retries} lane transactions retried after a conflict in {:?}; SQLSTATEs the handlers saw: {codes:?}",
         t.elapsed()
     );
     assert!(retries > 0, "no conflict was provoked");
@@ -758,7 +769,7 @@ async fn lane_conflicts(serializable: bool) -> BTreeMap<String, u64> {
     let text = bus.metrics().encode();
     let line = format!("bus_inbox_conflict_retries_total{{consumer=\"lanes\"}} {retries}\n");
     assert!(text.contains(&line), "{line} not in\n{text}");
-    codes
+    (codes, retries)
 }
 
 /// A replay request to an inbox consumer goes through its inbox (it has no dedupe store): the

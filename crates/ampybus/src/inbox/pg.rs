@@ -28,8 +28,11 @@
 //! transaction back and applies its messages again — together once more, then one per
 //! transaction until each goes through — and counts it in
 //! `bus_inbox_conflict_retries_total{consumer}` ([`PgInbox::conflict_retries`]); handlers may
-//! run more than once, their effects commit once. The handler must not end the transaction
-//! itself.
+//! run more than once, their effects commit once. After a conflict the consumer's lanes take
+//! turns, one transaction at a time, for [`DEFAULT_CONFLICT_TURNS`] (10 s,
+//! [`PgInbox::with_conflict_turns`]), so effects that conflict all the time pay PostgreSQL's
+//! `deadlock_timeout` about once per period, not once per batch. The handler must not end the
+//! transaction itself.
 //!
 //! ```no_run
 //! # async fn f(bus: ampybus::Bus) -> ampybus::Result<()> {
@@ -211,6 +214,7 @@ where
 pub struct PgInbox {
     inner: Arc<Inner>,
     retention: Duration,
+    turns: Duration,
 }
 
 struct Inner {
@@ -228,6 +232,7 @@ impl std::fmt::Debug for PgInbox {
         f.debug_struct("PgInbox")
             .field("url", &self.inner.shown)
             .field("retention", &self.retention)
+            .field("conflict_turns", &self.turns)
             .finish()
     }
 }
@@ -255,6 +260,7 @@ impl PgInbox {
                 conflict_retries: Skips::default(),
             }),
             retention: DEFAULT_RETENTION,
+            turns: DEFAULT_CONFLICT_TURNS,
         })
     }
 
@@ -267,6 +273,28 @@ impl PgInbox {
     /// How long inbox rows count.
     pub fn retention(&self) -> Duration {
         self.retention
+    }
+
+    /// Sets how long the commit lanes of a consumer take turns after a deadlock or
+    /// serialization failure (default [`DEFAULT_CONFLICT_TURNS`], 10 s; `Duration::ZERO`: never
+    /// — the lanes always run at once and retry every conflict).
+    ///
+    /// ```no_run
+    /// # async fn f() -> ampybus::Result<()> {
+    /// use ampybus::inbox::pg::PgInbox;
+    /// let inbox = PgInbox::connect("postgres://postgres@127.0.0.1/oms").await?
+    ///     .with_conflict_turns(std::time::Duration::from_secs(30));
+    /// assert_eq!(inbox.conflict_turns().as_secs(), 30);
+    /// # Ok(()) }
+    /// ```
+    pub fn with_conflict_turns(mut self, d: Duration) -> PgInbox {
+        self.turns = d;
+        self
+    }
+
+    /// How long the commit lanes of a consumer take turns after a conflict.
+    pub fn conflict_turns(&self) -> Duration {
+        self.turns
     }
 
     /// `(version found, version now)` of schema `ampybus` when this handle connected.
@@ -393,8 +421,9 @@ impl std::fmt::Debug for PgInboxBinding {
 /// with 128, 18–40k — docs/benchmarks.md, Run G and Run I). Bigger transactions meet more
 /// deadlocks on application rows several messages update; a lane rolls a transaction that
 /// lost one back and applies its messages again (see [`PgInbox::conflict_retries`]), so no
-/// handler outcome of it counts. Effects that mostly update a few shared rows gain little
-/// from big transactions: there `.workers(8)` trades throughput for fewer retries.
+/// handler outcome of it counts, and the lanes then take turns for a while
+/// ([`PgInbox::with_conflict_turns`]). Fewer workers do not avoid deadlocks: with 8, effects
+/// on a few shared rows still deadlock across the lanes, with fewer messages per transaction.
 ///
 /// ```
 /// assert_eq!(ampybus::inbox::pg::DEFAULT_WORKERS, 128);
@@ -455,6 +484,11 @@ impl InboxAttempt for PgAttempt {
         let lanes = self.lanes.get_or_init(|| {
             let (tx, rx) = tokio::sync::mpsc::channel::<Job>(MAX_BATCH * LANES);
             let rx = Arc::new(tokio::sync::Mutex::new(rx));
+            let turns = Arc::new(Turns {
+                calm: self.inbox.turns,
+                calm_until: Mutex::new(None),
+                turn: tokio::sync::Mutex::new(()),
+            });
             for _ in 0..LANES {
                 let lane = Lane {
                     inbox: self.inbox.clone(),
@@ -463,6 +497,7 @@ impl InboxAttempt for PgAttempt {
                     queue: rx.clone(),
                     conn: None,
                     carry: Vec::new(),
+                    turns: turns.clone(),
                 };
                 tokio::spawn(lane.run());
             }
@@ -526,7 +561,8 @@ struct Conn {
 /// together; after a second conflict one message per transaction, each again until it goes
 /// through (a deadlock's other transaction does; after [`MAX_CONFLICTS`] in a row the message
 /// is held and tried again like during an outage). Each retry counts in
-/// `bus_inbox_conflict_retries_total{consumer}`.
+/// `bus_inbox_conflict_retries_total{consumer}`, and the consumer's lanes take turns for a
+/// while ([`Turns`]).
 struct Lane {
     inbox: PgInbox,
     handler: Arc<dyn PgHandler>,
@@ -536,6 +572,50 @@ struct Lane {
     /// Copies (same message id, or same dedupe key) of a message of the batch being formed,
     /// held for the next batch: the one insert must see the first copy's fate.
     carry: Vec<Job>,
+    /// Shared by the consumer's lanes: whether they take turns.
+    turns: Arc<Turns>,
+}
+
+/// How long the commit lanes of a consumer take turns after a deadlock or serialization
+/// failure, unless [`PgInbox::with_conflict_turns`] says otherwise: 10 s.
+///
+/// ```
+/// assert_eq!(ampybus::inbox::pg::DEFAULT_CONFLICT_TURNS.as_secs(), 10);
+/// ```
+pub const DEFAULT_CONFLICT_TURNS: Duration = Duration::from_secs(10);
+
+/// After a conflict the lanes of a consumer take turns — one transaction at a time — for
+/// `calm` ([`PgInbox::with_conflict_turns`]): their transactions can no longer deadlock with
+/// each other, so effects that conflict all the time (a few shared rows updated in varying
+/// orders) pay PostgreSQL's `deadlock_timeout` (1 s by default) about once per period instead
+/// of once per batch. Without conflicts the lanes run at once. A lane never waits for its
+/// turn with a transaction open, so a turn cannot wait on a row lock of a lane waiting for
+/// the turn.
+struct Turns {
+    calm: Duration,
+    calm_until: Mutex<Option<Instant>>,
+    turn: tokio::sync::Mutex<()>,
+}
+
+impl Turns {
+    fn taking(&self) -> bool {
+        self.calm_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|t| Instant::now() < t)
+    }
+
+    /// A conflict: turns for the next `calm`; waits for this lane's turn if it has none.
+    async fn conflict<'a>(&'a self, held: &mut Option<tokio::sync::MutexGuard<'a, ()>>) {
+        if self.calm.is_zero() {
+            return;
+        }
+        *self.calm_until.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(Instant::now() + self.calm);
+        if held.is_none() {
+            *held = Some(self.turn.lock().await);
+        }
+    }
 }
 
 /// The message ids and dedupe keys of a batch being formed.
@@ -636,8 +716,17 @@ impl Lane {
         let handler = self.handler.clone();
         let retries = self.retries.clone();
         let shown = self.inbox.inner.shown.clone();
+        let turns = self.turns.clone();
+        let mut held = match turns.taking() {
+            true => Some(turns.turn.lock().await),
+            false => None,
+        };
+        let lane = Conflicts {
+            retries: &retries,
+            turns: &turns,
+        };
         let r = match self.connection().await {
-            Ok(conn) => match apply(&*handler, conn, &jobs, &retries).await {
+            Ok(conn) => match apply(&*handler, conn, &jobs, &lane, &mut held).await {
                 // The connection went away while a handler ran: a Retry or DeadLetter may be
                 // the outage's doing, not the message's. Held and tried again.
                 Ok(_) if conn.client.is_closed() => Err(Error::new(
@@ -648,6 +737,7 @@ impl Lane {
             },
             Err(e) => Err(e),
         };
+        drop(held);
         match r {
             Ok(results) => {
                 if let Some(c) = &self.conn {
@@ -672,17 +762,18 @@ impl Lane {
 /// each. A conflict (a deadlock or serialization failure, [`super::pg_watch`]) rolls the
 /// transaction back and goes again: the batch together once more, then one message per
 /// transaction, each until it goes through — no outcome of an aborted attempt counts.
-async fn apply(
+async fn apply<'a>(
     handler: &dyn PgHandler,
     conn: &mut Conn,
     jobs: &[Job],
-    retries: &Counter,
+    lane: &Conflicts<'a>,
+    held: &mut Option<tokio::sync::MutexGuard<'a, ()>>,
 ) -> Result<Vec<JobResult>> {
     for attempt in 1..=2 {
         let (at, failed) = match together(handler, conn, jobs).await? {
             Together::Committed(out) => return Ok(out),
             Together::Conflict => {
-                retries.inc();
+                lane.hit(held).await;
                 tracing::debug!(
                     attempt,
                     messages = jobs.len(),
@@ -700,8 +791,8 @@ async fn apply(
         let mut out = match each_in_savepoint(handler, conn, &others).await? {
             Some(out) => out,
             None => {
-                retries.inc();
-                one_by_one(handler, conn, &others, retries).await?
+                lane.hit(held).await;
+                one_by_one(handler, conn, &others, lane, held).await?
             }
         };
         if let (Some(at), Some(failed)) = (at, failed) {
@@ -710,7 +801,20 @@ async fn apply(
         return Ok(out);
     }
     let all: Vec<&Job> = jobs.iter().collect();
-    one_by_one(handler, conn, &all, retries).await
+    one_by_one(handler, conn, &all, lane, held).await
+}
+
+/// What a conflict does to a lane: counted, and the consumer's lanes take turns ([`Turns`]).
+struct Conflicts<'a> {
+    retries: &'a Counter,
+    turns: &'a Turns,
+}
+
+impl<'a> Conflicts<'a> {
+    async fn hit(&self, held: &mut Option<tokio::sync::MutexGuard<'a, ()>>) {
+        self.retries.inc();
+        self.turns.conflict(held).await;
+    }
 }
 
 /// How many conflicts in a row one message's own transaction may meet before the lane gives
@@ -719,11 +823,12 @@ const MAX_CONFLICTS: u32 = 50;
 
 /// Each message in a transaction of its own (with its savepoint), again after a conflict
 /// (after a short pause that grows: the other transaction of a deadlock went through).
-async fn one_by_one(
+async fn one_by_one<'a>(
     handler: &dyn PgHandler,
     conn: &mut Conn,
     jobs: &[&Job],
-    retries: &Counter,
+    lane: &Conflicts<'a>,
+    held: &mut Option<tokio::sync::MutexGuard<'a, ()>>,
 ) -> Result<Vec<JobResult>> {
     let mut out = Vec::with_capacity(jobs.len());
     for j in jobs {
@@ -733,7 +838,7 @@ async fn one_by_one(
                 out.push(r.pop().expect("one result per message"));
                 break;
             }
-            retries.inc();
+            lane.hit(held).await;
             tries += 1;
             if tries >= MAX_CONFLICTS {
                 out.push(JobResult::Failed(Error::new(
