@@ -485,7 +485,8 @@ impl InboxAttempt for PgAttempt {
             let (tx, rx) = tokio::sync::mpsc::channel::<Job>(MAX_BATCH * LANES);
             let rx = Arc::new(tokio::sync::Mutex::new(rx));
             let turns = Arc::new(Turns {
-                calm: self.inbox.turns,
+                // At most a year: `Instant + calm` must not overflow.
+                calm: self.inbox.turns.min(Duration::from_secs(365 * 24 * 3600)),
                 calm_until: Mutex::new(None),
                 turn: tokio::sync::Mutex::new(()),
             });
