@@ -291,6 +291,11 @@ fn child_process_entry() {
 }
 
 async fn run_role(role: &str, dir: &Path) {
+    // SIGTERM is taken from the first instant: a component the driver stops while it is still
+    // starting (spawned in the last round) finishes starting and stops cleanly, instead of
+    // dying of the signal's default action.
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
     // A bus that is down at start (nats-server being restarted): exit, and the driver starts
     // this component again as after a kill.
     let bus = match Bus::connect(&bus_url(dir)).await {
@@ -355,8 +360,6 @@ async fn run_role(role: &str, dir: &Path) {
                     .unwrap()
                     .relay(bus.clone(), RelayOptions::default()),
             };
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
             relay
                 .run_until(async move {
                     term.recv().await;
@@ -443,7 +446,8 @@ async fn run_role(role: &str, dir: &Path) {
         }
         r => panic!("unknown role {r}"),
     };
-    handle.run_until_signal(Duration::from_secs(10)).await;
+    term.recv().await;
+    handle.shutdown(Duration::from_secs(10)).await;
     bus.close().await.unwrap();
 }
 
