@@ -49,6 +49,8 @@
 
 #[cfg(feature = "inbox-postgres")]
 pub mod pg;
+#[cfg(feature = "inbox-postgres")]
+mod pg_watch;
 mod relay;
 #[cfg(feature = "inbox-sqlite")]
 pub mod sqlite;
@@ -170,7 +172,8 @@ pub trait InboxBinding: Send + 'static {
     }
 }
 
-/// The `bus_inbox_skipped_total` counters of the consumers bound to one inbox handle.
+/// Counters of the consumers bound to one inbox handle, by consumer name (the
+/// `bus_inbox_skipped_total` ones; on PostgreSQL also `bus_inbox_conflict_retries_total`).
 #[derive(Default)]
 pub(crate) struct Skips(std::sync::Mutex<Vec<(String, Counter)>>);
 
@@ -184,6 +187,15 @@ impl Skips {
             .filter(|(c, _)| c == consumer)
             .map(|(_, n)| n.get())
             .sum()
+    }
+
+    /// Counts `counter` under consumer `consumer` too.
+    #[cfg(feature = "inbox-postgres")]
+    pub(crate) fn track(&self, consumer: &str, counter: Counter) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((consumer.to_owned(), counter));
     }
 
     /// The runtime handler of consumer `consumer` over `store`, its skips counted here and in

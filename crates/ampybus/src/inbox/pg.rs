@@ -15,14 +15,23 @@
 //! BoxFuture<'a, Outcome>`). The message's inbox row is already inserted in `tx`; the handler
 //! writes its effects and stages messages ([`PgOutbox::stage`]) through it. Messages handled at
 //! the same time share a transaction (up to 64 per transaction, 4 transactions at once, each
-//! on a connection of its own; an inbox consumer has [`DEFAULT_WORKERS`] workers unless told
-//! otherwise: as many messages in flight): one statement inserts the batch's inbox
+//! on a connection of its own; an inbox consumer has [`DEFAULT_WORKERS`] (128) workers unless
+//! told otherwise: as many messages in flight): one statement inserts the batch's inbox
 //! rows, the handlers run one after the other, and one commit (with the server's
 //! `synchronous_commit`) precedes the acks. When a handler does not return `Ok` (or panics,
 //! or returns `Ok` after one of its statements failed) the whole transaction is rolled back,
 //! that message keeps its outcome (a failed statement under `Ok` makes it a retry), and the
 //! other messages go again in a new transaction with a savepoint each — their handlers are
-//! called a second time; nothing of the first call was committed. The handler must not end the
+//! called a second time; nothing of the first call was committed. A deadlock (SQLSTATE
+//! `40P01`) or serialization failure (`40001`) in a shared transaction is not a handler's
+//! failure: whatever the handler returned after it (or a panic on it), the lane rolls the
+//! transaction back and applies its messages again — together once more, then one per
+//! transaction until each goes through — and counts it in
+//! `bus_inbox_conflict_retries_total{consumer}` ([`PgInbox::conflict_retries`]); handlers may
+//! run more than once, their effects commit once. After a conflict the consumer's lanes take
+//! turns, one transaction at a time, for [`DEFAULT_CONFLICT_TURNS`] (10 s,
+//! [`PgInbox::with_conflict_turns`]), so effects that conflict all the time pay PostgreSQL's
+//! `deadlock_timeout` about once per period, not once per batch. The handler must not end the
 //! transaction itself.
 //!
 //! ```no_run
@@ -52,6 +61,7 @@
 //! # Ok(()) }
 //! ```
 
+use super::pg_watch::is_conflict;
 use super::relay::{OutboxRow, RelayStore};
 use super::{
     Attempted, CRASH_BEFORE_ACK, CRASH_BEFORE_COMMIT, DEFAULT_RETENTION, InboxAttempt,
@@ -67,6 +77,8 @@ use crate::topic::Topic;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::future::BoxFuture;
+use prometheus_client::metrics::counter::Counter;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_postgres::{Client, Transaction};
@@ -202,6 +214,7 @@ where
 pub struct PgInbox {
     inner: Arc<Inner>,
     retention: Duration,
+    turns: Duration,
 }
 
 struct Inner {
@@ -211,6 +224,7 @@ struct Inner {
     last_purge: Mutex<Option<Instant>>,
     migrated: (i32, i32),
     skipped: Skips,
+    conflict_retries: Skips,
 }
 
 impl std::fmt::Debug for PgInbox {
@@ -218,6 +232,7 @@ impl std::fmt::Debug for PgInbox {
         f.debug_struct("PgInbox")
             .field("url", &self.inner.shown)
             .field("retention", &self.retention)
+            .field("conflict_turns", &self.turns)
             .finish()
     }
 }
@@ -242,8 +257,10 @@ impl PgInbox {
                 last_purge: Mutex::new(None),
                 migrated,
                 skipped: Skips::default(),
+                conflict_retries: Skips::default(),
             }),
             retention: DEFAULT_RETENTION,
+            turns: DEFAULT_CONFLICT_TURNS,
         })
     }
 
@@ -256,6 +273,28 @@ impl PgInbox {
     /// How long inbox rows count.
     pub fn retention(&self) -> Duration {
         self.retention
+    }
+
+    /// Sets how long the commit lanes of a consumer take turns after a deadlock or
+    /// serialization failure (default [`DEFAULT_CONFLICT_TURNS`], 10 s; `Duration::ZERO`: never
+    /// — the lanes always run at once and retry every conflict).
+    ///
+    /// ```no_run
+    /// # async fn f() -> ampybus::Result<()> {
+    /// use ampybus::inbox::pg::PgInbox;
+    /// let inbox = PgInbox::connect("postgres://postgres@127.0.0.1/oms").await?
+    ///     .with_conflict_turns(std::time::Duration::from_secs(30));
+    /// assert_eq!(inbox.conflict_turns().as_secs(), 30);
+    /// # Ok(()) }
+    /// ```
+    pub fn with_conflict_turns(mut self, d: Duration) -> PgInbox {
+        self.turns = d;
+        self
+    }
+
+    /// How long the commit lanes of a consumer take turns after a conflict.
+    pub fn conflict_turns(&self) -> Duration {
+        self.turns
     }
 
     /// `(version found, version now)` of schema `ampybus` when this handle connected.
@@ -283,6 +322,19 @@ impl PgInbox {
     /// How many messages consumers named `consumer` of this handle found applied already.
     pub fn skipped(&self, consumer: &str) -> u64 {
         self.inner.skipped.total(consumer)
+    }
+
+    /// How many times the commit lanes of consumers named `consumer` of this handle rolled a
+    /// transaction back after a deadlock (SQLSTATE `40P01`) or a serialization failure
+    /// (`40001`) and applied its messages again (also `bus_inbox_conflict_retries_total`).
+    ///
+    /// ```no_run
+    /// # async fn f(inbox: ampybus::inbox::pg::PgInbox) {
+    /// println!("{} conflicts retried", inbox.conflict_retries("positions"));
+    /// # }
+    /// ```
+    pub fn conflict_retries(&self, consumer: &str) -> u64 {
+        self.inner.conflict_retries.total(consumer)
     }
 
     /// Binds `handler` to this inbox for [`crate::runtime::ConsumerBuilder::inbox`].
@@ -363,15 +415,20 @@ impl std::fmt::Debug for PgInboxBinding {
 }
 
 /// The workers of a PostgreSQL inbox consumer unless
-/// [`crate::runtime::ConsumerBuilder::workers`] says otherwise: the runtime's 8. More workers
-/// fill the shared transactions (128 reach ~18,000 msg/s with a no-op effect, see
-/// docs/benchmarks.md Run G), but the lanes' bigger transactions then deadlock on application
-/// rows several messages update (PostgreSQL aborts one: the handler sees the error).
+/// [`crate::runtime::ConsumerBuilder::workers`] says otherwise: 128, so that the commit lanes'
+/// shared transactions fill (a lane commits what is in flight: with the runtime's usual 8
+/// workers a transaction holds 2 messages and the inbox does 3–6k msg/s with a no-op effect;
+/// with 128, 18–40k — docs/benchmarks.md, Run G and Run I). Bigger transactions meet more
+/// deadlocks on application rows several messages update; a lane rolls a transaction that
+/// lost one back and applies its messages again (see [`PgInbox::conflict_retries`]), so no
+/// handler outcome of it counts, and the lanes then take turns for a while
+/// ([`PgInbox::with_conflict_turns`]). Fewer workers do not avoid deadlocks: with 8, effects
+/// on a few shared rows still deadlock across the lanes, with fewer messages per transaction.
 ///
 /// ```
-/// assert_eq!(ampybus::inbox::pg::DEFAULT_WORKERS, 8);
+/// assert_eq!(ampybus::inbox::pg::DEFAULT_WORKERS, 128);
 /// ```
-pub const DEFAULT_WORKERS: usize = 8;
+pub const DEFAULT_WORKERS: usize = 128;
 
 impl InboxBinding for PgInboxBinding {
     fn workers(&self) -> usize {
@@ -380,9 +437,12 @@ impl InboxBinding for PgInboxBinding {
 
     fn bind(self: Box<Self>, consumer: &str, metrics: &BusMetrics) -> Arc<dyn Handler> {
         let skips = self.inbox.inner.clone();
+        let retries = metrics.inbox_conflict_retries(consumer);
+        skips.conflict_retries.track(consumer, retries.clone());
         let store = PgAttempt {
             inbox: self.inbox,
             handler: self.handler,
+            retries,
             lanes: std::sync::OnceLock::new(),
         };
         skips.skipped.bind(store, consumer, metrics)
@@ -392,6 +452,8 @@ impl InboxBinding for PgInboxBinding {
 struct PgAttempt {
     inbox: PgInbox,
     handler: Arc<dyn PgHandler>,
+    /// `bus_inbox_conflict_retries_total` of the consumer.
+    retries: Counter,
     /// The queue of the commit lanes, started on first use.
     lanes: std::sync::OnceLock<tokio::sync::mpsc::Sender<Job>>,
 }
@@ -422,13 +484,21 @@ impl InboxAttempt for PgAttempt {
         let lanes = self.lanes.get_or_init(|| {
             let (tx, rx) = tokio::sync::mpsc::channel::<Job>(MAX_BATCH * LANES);
             let rx = Arc::new(tokio::sync::Mutex::new(rx));
+            let turns = Arc::new(Turns {
+                // At most a year: `Instant + calm` must not overflow.
+                calm: self.inbox.turns.min(Duration::from_secs(365 * 24 * 3600)),
+                calm_until: Mutex::new(None),
+                turn: tokio::sync::Mutex::new(()),
+            });
             for _ in 0..LANES {
                 let lane = Lane {
                     inbox: self.inbox.clone(),
                     handler: self.handler.clone(),
+                    retries: self.retries.clone(),
                     queue: rx.clone(),
                     conn: None,
                     carry: Vec::new(),
+                    turns: turns.clone(),
                 };
                 tokio::spawn(lane.run());
             }
@@ -467,6 +537,9 @@ const CHECK: &str = "SELECT 1";
 /// A lane's connection with its statements, prepared once.
 struct Conn {
     client: Client,
+    /// Deadlocks and serialization failures the server reported on this connection
+    /// ([`super::pg_watch`]).
+    conflicts: Arc<AtomicU64>,
     rows: tokio_postgres::Statement,
     one: tokio_postgres::Statement,
     check: tokio_postgres::Statement,
@@ -481,14 +554,69 @@ struct Conn {
 /// a failed statement) rolls the whole transaction back; its result stands, and the other
 /// messages go again in a new transaction with a savepoint each (their handlers are called a
 /// second time; nothing of the first call was committed).
+///
+/// A deadlock (`40P01`) or serialization failure (`40001`) anywhere in the transaction — seen
+/// on the lane's connection whichever statement it answered, [`super::pg_watch`] — voids every
+/// outcome of the attempt, whatever the handlers made of the error (a `Retry`, a panic on
+/// `unwrap`, an `Ok` over it): the transaction is rolled back and the batch goes again
+/// together; after a second conflict one message per transaction, each again until it goes
+/// through (a deadlock's other transaction does; after [`MAX_CONFLICTS`] in a row the message
+/// is held and tried again like during an outage). Each retry counts in
+/// `bus_inbox_conflict_retries_total{consumer}`, and the consumer's lanes take turns for a
+/// while ([`Turns`]).
 struct Lane {
     inbox: PgInbox,
     handler: Arc<dyn PgHandler>,
+    retries: Counter,
     queue: Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Job>>>,
     conn: Option<Conn>,
     /// Copies (same message id, or same dedupe key) of a message of the batch being formed,
     /// held for the next batch: the one insert must see the first copy's fate.
     carry: Vec<Job>,
+    /// Shared by the consumer's lanes: whether they take turns.
+    turns: Arc<Turns>,
+}
+
+/// How long the commit lanes of a consumer take turns after a deadlock or serialization
+/// failure, unless [`PgInbox::with_conflict_turns`] says otherwise: 10 s.
+///
+/// ```
+/// assert_eq!(ampybus::inbox::pg::DEFAULT_CONFLICT_TURNS.as_secs(), 10);
+/// ```
+pub const DEFAULT_CONFLICT_TURNS: Duration = Duration::from_secs(10);
+
+/// After a conflict the lanes of a consumer take turns — one transaction at a time — for
+/// `calm` ([`PgInbox::with_conflict_turns`]): their transactions can no longer deadlock with
+/// each other, so effects that conflict all the time (a few shared rows updated in varying
+/// orders) pay PostgreSQL's `deadlock_timeout` (1 s by default) about once per period instead
+/// of once per batch. Without conflicts the lanes run at once. A lane never waits for its
+/// turn with a transaction open, so a turn cannot wait on a row lock of a lane waiting for
+/// the turn.
+struct Turns {
+    calm: Duration,
+    calm_until: Mutex<Option<Instant>>,
+    turn: tokio::sync::Mutex<()>,
+}
+
+impl Turns {
+    fn taking(&self) -> bool {
+        self.calm_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|t| Instant::now() < t)
+    }
+
+    /// A conflict: turns for the next `calm`; waits for this lane's turn if it has none.
+    async fn conflict<'a>(&'a self, held: &mut Option<tokio::sync::MutexGuard<'a, ()>>) {
+        if self.calm.is_zero() {
+            return;
+        }
+        *self.calm_until.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(Instant::now() + self.calm);
+        if held.is_none() {
+            *held = Some(self.turn.lock().await);
+        }
+    }
 }
 
 /// The message ids and dedupe keys of a batch being formed.
@@ -520,6 +648,8 @@ impl Formed {
 /// What the batch did when it went through together.
 enum Together {
     Committed(Vec<JobResult>),
+    /// A deadlock or serialization failure aborted it: rolled back, every outcome void.
+    Conflict,
     /// Rolled back; again with a savepoint each, but for the message at `.0` whose result
     /// is `.1` (none: a handler returned `Ok` after a failed statement, unknown which).
     Redo(Option<(usize, JobResult)>),
@@ -564,7 +694,8 @@ impl Lane {
             self.conn = None;
         }
         if self.conn.is_none() {
-            let client = self.inbox.take().await?;
+            let (client, conflicts) =
+                super::pg_watch::connect(&self.inbox.inner.config, &self.inbox.inner.shown).await?;
             let (rows, one, check) = tokio::try_join!(
                 client.prepare(INSERT_ROWS),
                 client.prepare(INSERT_ONE),
@@ -573,6 +704,7 @@ impl Lane {
             .map_err(|e| pg_error("preparing the inbox statements", e))?;
             self.conn = Some(Conn {
                 client,
+                conflicts,
                 rows,
                 one,
                 check,
@@ -583,9 +715,19 @@ impl Lane {
 
     async fn batch(&mut self, jobs: Vec<Job>) {
         let handler = self.handler.clone();
+        let retries = self.retries.clone();
         let shown = self.inbox.inner.shown.clone();
+        let turns = self.turns.clone();
+        let mut held = match turns.taking() {
+            true => Some(turns.turn.lock().await),
+            false => None,
+        };
+        let lane = Conflicts {
+            retries: &retries,
+            turns: &turns,
+        };
         let r = match self.connection().await {
-            Ok(conn) => match apply(&*handler, conn, &jobs).await {
+            Ok(conn) => match apply(&*handler, conn, &jobs, &lane, &mut held).await {
                 // The connection went away while a handler ran: a Retry or DeadLetter may be
                 // the outage's doing, not the message's. Held and tried again.
                 Ok(_) if conn.client.is_closed() => Err(Error::new(
@@ -596,6 +738,7 @@ impl Lane {
             },
             Err(e) => Err(e),
         };
+        drop(held);
         match r {
             Ok(results) => {
                 if let Some(c) = &self.conn {
@@ -616,22 +759,107 @@ impl Lane {
     }
 }
 
-/// Applies a batch: together first, then (after a failure) the others a savepoint each.
-async fn apply(handler: &dyn PgHandler, conn: &mut Conn, jobs: &[Job]) -> Result<Vec<JobResult>> {
-    let (at, failed) = match together(handler, conn, jobs).await? {
-        Together::Committed(out) => return Ok(out),
-        Together::Redo(Some((at, failed))) => (Some(at), Some(failed)),
-        Together::Redo(None) => (None, None),
-    };
-    let others: Vec<&Job> = (0..jobs.len())
-        .filter(|i| Some(*i) != at)
-        .map(|i| &jobs[i])
-        .collect();
-    let mut out = each_in_savepoint(handler, conn, &others).await?;
-    if let (Some(at), Some(failed)) = (at, failed) {
-        out.insert(at, failed);
+/// Applies a batch: together first, then (after a handler's failure) the others a savepoint
+/// each. A conflict (a deadlock or serialization failure, [`super::pg_watch`]) rolls the
+/// transaction back and goes again: the batch together once more, then one message per
+/// transaction, each until it goes through — no outcome of an aborted attempt counts.
+async fn apply<'a>(
+    handler: &dyn PgHandler,
+    conn: &mut Conn,
+    jobs: &[Job],
+    lane: &Conflicts<'a>,
+    held: &mut Option<tokio::sync::MutexGuard<'a, ()>>,
+) -> Result<Vec<JobResult>> {
+    for attempt in 1..=2 {
+        let (at, failed) = match together(handler, conn, jobs).await? {
+            Together::Committed(out) => return Ok(out),
+            Together::Conflict => {
+                lane.hit(held).await;
+                tracing::debug!(
+                    attempt,
+                    messages = jobs.len(),
+                    "inbox: a deadlock or serialization failure aborted the lane's transaction; rolled back, applying again"
+                );
+                continue;
+            }
+            Together::Redo(Some((at, failed))) => (Some(at), Some(failed)),
+            Together::Redo(None) => (None, None),
+        };
+        let others: Vec<&Job> = (0..jobs.len())
+            .filter(|i| Some(*i) != at)
+            .map(|i| &jobs[i])
+            .collect();
+        let mut out = match each_in_savepoint(handler, conn, &others).await? {
+            Some(out) => out,
+            None => {
+                lane.hit(held).await;
+                one_by_one(handler, conn, &others, lane, held).await?
+            }
+        };
+        if let (Some(at), Some(failed)) = (at, failed) {
+            out.insert(at, failed);
+        }
+        return Ok(out);
+    }
+    let all: Vec<&Job> = jobs.iter().collect();
+    one_by_one(handler, conn, &all, lane, held).await
+}
+
+/// What a conflict does to a lane: counted, and the consumer's lanes take turns ([`Turns`]).
+struct Conflicts<'a> {
+    retries: &'a Counter,
+    turns: &'a Turns,
+}
+
+impl<'a> Conflicts<'a> {
+    async fn hit(&self, held: &mut Option<tokio::sync::MutexGuard<'a, ()>>) {
+        self.retries.inc();
+        self.turns.conflict(held).await;
+    }
+}
+
+/// How many conflicts in a row one message's own transaction may meet before the lane gives
+/// it back as a database error (the message is held and tried again by the inbox handler).
+const MAX_CONFLICTS: u32 = 50;
+
+/// Each message in a transaction of its own (with its savepoint), again after a conflict
+/// (after a short pause that grows: the other transaction of a deadlock went through).
+async fn one_by_one<'a>(
+    handler: &dyn PgHandler,
+    conn: &mut Conn,
+    jobs: &[&Job],
+    lane: &Conflicts<'a>,
+    held: &mut Option<tokio::sync::MutexGuard<'a, ()>>,
+) -> Result<Vec<JobResult>> {
+    let mut out = Vec::with_capacity(jobs.len());
+    for j in jobs {
+        let mut tries = 0u32;
+        loop {
+            if let Some(mut r) = each_in_savepoint(handler, conn, std::slice::from_ref(j)).await? {
+                out.push(r.pop().expect("one result per message"));
+                break;
+            }
+            lane.hit(held).await;
+            tries += 1;
+            if tries >= MAX_CONFLICTS {
+                out.push(JobResult::Failed(Error::new(
+                    ErrorKind::Transport,
+                    format!(
+                        "inbox: message {} met {tries} deadlocks or serialization failures in a row",
+                        j.row.message_id
+                    ),
+                )));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5 * u64::from(tries.min(20)))).await;
+        }
     }
     Ok(out)
+}
+
+/// Whether a conflict hit the connection since the count was `base`.
+fn conflicted(conn_conflicts: &AtomicU64, base: u64) -> bool {
+    conn_conflicts.load(Ordering::SeqCst) > base
 }
 
 /// The batch in one transaction without savepoints (see [`Lane`]).
@@ -639,10 +867,12 @@ async fn together(handler: &dyn PgHandler, conn: &mut Conn, jobs: &[Job]) -> Res
     use futures::FutureExt;
     let Conn {
         client,
+        conflicts,
         rows,
         check,
         ..
     } = conn;
+    let base = conflicts.load(Ordering::SeqCst);
     let tx = client
         .transaction()
         .await
@@ -654,10 +884,17 @@ async fn together(handler: &dyn PgHandler, conn: &mut Conn, jobs: &[Job]) -> Res
     let domains: Vec<&str> = order.iter().map(|j| j.row.domain).collect();
     let keys: Vec<Option<&str>> = order.iter().map(|j| j.row.dedupe_key.as_deref()).collect();
     let topics: Vec<&str> = order.iter().map(|j| j.row.topic.as_str()).collect();
-    let inserted = tx
+    let inserted = match tx
         .query(&*rows, &[&consumers, &ids, &domains, &keys, &topics])
         .await
-        .map_err(|e| pg_error("inserting the inbox rows", e))?;
+    {
+        Ok(rows) => rows,
+        Err(e) if is_conflict(&e) => {
+            tx.rollback().await.map_err(|e| pg_error("rollback", e))?;
+            return Ok(Together::Conflict);
+        }
+        Err(e) => return Err(pg_error("inserting the inbox rows", e)),
+    };
     let fresh: std::collections::HashSet<&str> = inserted.iter().map(|r| r.get(0)).collect();
     let mut out = Vec::with_capacity(jobs.len());
     for (i, j) in jobs.iter().enumerate() {
@@ -677,39 +914,66 @@ async fn together(handler: &dyn PgHandler, conn: &mut Conn, jobs: &[Job]) -> Res
             Err(panic) => JobResult::Panicked(panic),
         };
         tx.rollback().await.map_err(|e| pg_error("rollback", e))?;
+        // A handler that fails after a deadlock or serialization failure (its own statement's
+        // or an earlier handler's, which left the transaction aborted) failed because of it.
+        if conflicted(conflicts, base) {
+            return Ok(Together::Conflict);
+        }
         return Ok(Together::Redo(Some((i, failed))));
     }
     if !fresh.is_empty() {
         match tx.query(&*check, &[]).await {
             Ok(_) => {}
             Err(e) if e.as_db_error().is_some() => {
+                tx.rollback().await.map_err(|e| pg_error("rollback", e))?;
+                if conflicted(conflicts, base) {
+                    return Ok(Together::Conflict);
+                }
                 tracing::warn!(error = %e,
                     "inbox: a handler returned Ok after a failed statement; the batch goes again a savepoint each");
-                tx.rollback().await.map_err(|e| pg_error("rollback", e))?;
                 return Ok(Together::Redo(None));
             }
             Err(e) => return Err(pg_error("checking the transaction", e)),
         }
     }
     crash_point(CRASH_BEFORE_COMMIT);
-    tx.commit().await.map_err(|e| pg_error("commit", e))?;
+    match tx.commit().await {
+        Ok(()) => {}
+        // A serialization failure at commit (serializable isolation): nothing committed.
+        Err(e) if is_conflict(&e) => return Ok(Together::Conflict),
+        Err(e) => return Err(pg_error("commit", e)),
+    }
     crash_point(CRASH_BEFORE_ACK);
     Ok(Together::Committed(out))
 }
 
 /// The transaction with a savepoint per message: the savepoint, the inbox row, the handler;
-/// released when the handler said Ok, rolled back to otherwise; then one commit.
+/// released when the handler said Ok, rolled back to otherwise; then one commit. `None`: a
+/// conflict aborted the transaction (rolled back; nothing of it counts).
 async fn each_in_savepoint(
     handler: &dyn PgHandler,
     conn: &mut Conn,
     jobs: &[&Job],
-) -> Result<Vec<JobResult>> {
+) -> Result<Option<Vec<JobResult>>> {
     use futures::FutureExt;
-    let Conn { client, one, .. } = conn;
+    let Conn {
+        client,
+        conflicts,
+        one,
+        ..
+    } = conn;
+    let base = conflicts.load(Ordering::SeqCst);
     let tx = client
         .transaction()
         .await
         .map_err(|e| pg_error("begin", e))?;
+    // Ends the transaction after a conflict.
+    macro_rules! conflict {
+        () => {{
+            tx.rollback().await.map_err(|e| pg_error("rollback", e))?;
+            return Ok(None);
+        }};
+    }
     let mut out = Vec::with_capacity(jobs.len());
     for j in jobs {
         let row = &j.row;
@@ -726,7 +990,12 @@ async fn each_in_savepoint(
             tx.execute(&*one, &params)
         );
         sp.map_err(|e| pg_error("savepoint", e))?;
-        if inserted.map_err(|e| pg_error("inserting the inbox row", e))? == 0 {
+        let inserted = match inserted {
+            Ok(n) => n,
+            Err(e) if is_conflict(&e) => conflict!(),
+            Err(e) => return Err(pg_error("inserting the inbox row", e)),
+        };
+        if inserted == 0 {
             tx.batch_execute("RELEASE SAVEPOINT ampybus_msg")
                 .await
                 .map_err(|e| pg_error("release savepoint", e))?;
@@ -739,6 +1008,7 @@ async fn each_in_savepoint(
         let res = match handled {
             Ok(Outcome::Ok) => match tx.batch_execute("RELEASE SAVEPOINT ampybus_msg").await {
                 Ok(()) => JobResult::Done(Attempted::Handled(Outcome::Ok)),
+                Err(_) if conflicted(conflicts, base) => conflict!(),
                 // A statement of the handler failed and it said Ok anyway: nothing of it
                 // can commit; tried again as a retry.
                 Err(e) if e.as_db_error().is_some() => {
@@ -749,6 +1019,7 @@ async fn each_in_savepoint(
                 }
                 Err(e) => return Err(pg_error("release savepoint", e)),
             },
+            _ if conflicted(conflicts, base) => conflict!(),
             Ok(other) => {
                 roll_back(&tx).await?;
                 JobResult::Done(Attempted::Handled(other))
@@ -761,9 +1032,13 @@ async fn each_in_savepoint(
         out.push(res);
     }
     crash_point(CRASH_BEFORE_COMMIT);
-    tx.commit().await.map_err(|e| pg_error("commit", e))?;
+    match tx.commit().await {
+        Ok(()) => {}
+        Err(e) if is_conflict(&e) => return Ok(None),
+        Err(e) => return Err(pg_error("commit", e)),
+    }
     crash_point(CRASH_BEFORE_ACK);
-    Ok(out)
+    Ok(Some(out))
 }
 
 async fn roll_back(tx: &Transaction<'_>) -> Result<()> {

@@ -231,7 +231,7 @@ fn size_histogram() -> Histogram {
 ///     "bus_decode_fail counter", "bus_dropped counter", "bus_inflight gauge",
 ///     "bus_schema_mismatch counter", "bus_stale_sources gauge", "bus_seconds_since_last gauge",
 ///     "bus_gap counter",
-///     "bus_inbox_skipped counter", "bus_outbox_depth gauge",
+///     "bus_inbox_skipped counter", "bus_inbox_conflict_retries counter", "bus_outbox_depth gauge",
 ///     "bus_outbox_age_seconds gauge"] {
 ///     assert!(text.contains(&format!("# TYPE {family}\n")), "{family}");
 /// }
@@ -262,6 +262,7 @@ struct Families {
     schema_mismatch: Family<TopicOnly, Counter>,
     feeds: FeedFamilies,
     inbox_skipped: Family<ConsumerOnly, Counter>,
+    inbox_conflict_retries: Family<ConsumerOnly, Counter>,
     outbox_depth: Family<TableOnly, Gauge>,
     outbox_age: Family<TableOnly, Gauge<f64, AtomicU64>>,
     producer_cache: RwLock<HashMap<String, HashMap<String, Arc<ProducerTopic>>>>,
@@ -340,6 +341,7 @@ impl BusMetrics {
             schema_mismatch: Family::default(),
             feeds: FeedFamilies::default(),
             inbox_skipped: Family::default(),
+            inbox_conflict_retries: Family::default(),
             outbox_depth: Family::default(),
             outbox_age: Family::default(),
             producer_cache: RwLock::new(HashMap::new()),
@@ -492,6 +494,25 @@ impl BusMetrics {
     pub fn inbox_skipped(&self, consumer: &str) -> Counter {
         self.inner
             .inbox_skipped
+            .get_or_create(&ConsumerOnly {
+                consumer: consumer.to_owned(),
+            })
+            .clone()
+    }
+
+    /// `bus_inbox_conflict_retries_total{consumer}`: transactions of a PostgreSQL inbox's
+    /// commit lanes that a deadlock (SQLSTATE `40P01`) or a serialization failure (`40001`)
+    /// aborted, rolled back and applied again (no handler's outcome counts from them).
+    ///
+    /// ```
+    /// let m = ampybus::obs::BusMetrics::new();
+    /// m.inbox_conflict_retries("positions").inc();
+    /// assert_eq!(m.inbox_conflict_retries("positions").get(), 1);
+    /// ```
+    #[cfg(any(feature = "inbox-postgres", feature = "inbox-sqlite"))]
+    pub fn inbox_conflict_retries(&self, consumer: &str) -> Counter {
+        self.inner
+            .inbox_conflict_retries
             .get_or_create(&ConsumerOnly {
                 consumer: consumer.to_owned(),
             })
@@ -680,6 +701,11 @@ fn register_all(f: &Families, r: &mut Registry) {
         "bus_inbox_skipped",
         "Messages a transactional inbox found applied already (handler not called, acked), per consumer",
         Listed(f.inbox_skipped.clone()),
+    );
+    r.register(
+        "bus_inbox_conflict_retries",
+        "Transactions of a PostgreSQL inbox aborted by a deadlock or serialization failure, rolled back and applied again, per consumer",
+        Listed(f.inbox_conflict_retries.clone()),
     );
     r.register(
         "bus_outbox_depth",
