@@ -151,3 +151,116 @@ async fn duplicate_dedupe_key_in_the_same_batch_as_the_first_copy() {
     run(true, true).await;
     run(false, true).await;
 }
+
+/// Holds `slow-1` until `fillers` other messages were handled; records every call.
+struct Blocker {
+    fillers: u64,
+    done: AtomicU64,
+    release: Notify,
+    calls: Mutex<Vec<String>>,
+}
+
+#[async_trait::async_trait]
+impl Handler for Blocker {
+    async fn handle(&self, msg: &Message) -> Outcome {
+        let text = String::from_utf8_lossy(&msg.payload).into_owned();
+        if text == "slow-1" {
+            while self.done.load(Ordering::SeqCst) < self.fillers {
+                // Woken by the filler that completes the count (checked again after each).
+                let n = self.release.notified();
+                if self.done.load(Ordering::SeqCst) >= self.fillers {
+                    break;
+                }
+                n.await;
+            }
+        } else if text.starts_with("fill") {
+            if self.done.fetch_add(1, Ordering::SeqCst) + 1 == self.fillers {
+                self.release.notify_waiters();
+            }
+            return Outcome::Ok;
+        }
+        self.calls.lock().unwrap().push(text);
+        Outcome::Ok
+    }
+}
+
+/// A duplicate looked up with its first copy's batch (both "not applied") waits behind a slow
+/// message of its partition key while 80,000 other messages are handled and recorded — more
+/// than the key book ever kept by count (65,536 + 4 × in flight) — and is still skipped: the
+/// book keeps a record while a batch looked up before it has a message in the runtime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_waiting_behind_a_slow_key_is_skipped_however_many_pass_meanwhile() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = Bus::connect(&format!("file://{}?sync=normal", dir.path().display()))
+        .await
+        .unwrap();
+    let topic = Topic::parse("ampy.dev.orders.v1.requests").unwrap();
+    let fillers = 80_000u64;
+    let plain = |key: &str| Headers::for_publish("ampy.raw.v1.Bytes", "t@1", "t", key);
+    // One batch: the slow message, the first copy (its own key), the duplicate (behind the
+    // slow one), then the fillers on many keys.
+    let mut batch = vec![
+        ampybus::Envelope::new(&topic, plain("co_slow"), b"slow-1".to_vec()),
+        ampybus::Envelope::new(&topic, with_dedupe_key("co_a", "dk-9"), b"first".to_vec()),
+        ampybus::Envelope::new(
+            &topic,
+            with_dedupe_key("co_slow", "dk-9"),
+            b"second".to_vec(),
+        ),
+    ];
+    bus.publish_batch(std::mem::take(&mut batch)).await.unwrap();
+    for i in 0..fillers {
+        batch.push(ampybus::Envelope::new(
+            &topic,
+            plain(&format!("co_f{}", i % 500)),
+            format!("fill-{i}").into_bytes(),
+        ));
+        if batch.len() == 1000 {
+            bus.publish_batch(std::mem::take(&mut batch)).await.unwrap();
+        }
+    }
+    let blocker = Arc::new(Blocker {
+        fillers,
+        done: AtomicU64::new(0),
+        release: Notify::new(),
+        calls: Mutex::default(),
+    });
+    let handle = Consumer::builder(
+        bus.clone(),
+        TopicPattern::parse("ampy.dev.orders.>").unwrap(),
+        "longwait",
+    )
+    .handler_arc(blocker.clone())
+    .strict(true)
+    .workers(8)
+    .serve_replays(false)
+    .start()
+    .await
+    .unwrap();
+    let total = fillers + 3;
+    let start = Instant::now();
+    loop {
+        let s = handle.stats();
+        if s.handled_ok + s.skipped_duplicates == total && s.in_flight == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "timed out: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stats = handle.shutdown(Duration::from_secs(10)).await;
+    assert_eq!(
+        (
+            stats.handled_ok,
+            stats.skipped_duplicates,
+            stats.dead_lettered_total()
+        ),
+        (fillers + 2, 1, 0),
+        "{stats:?}"
+    );
+    // The first copy was handled; its duplicate never reached the handler.
+    assert_eq!(*blocker.calls.lock().unwrap(), ["first", "slow-1"]);
+    all_acked(&bus, "ampy.dev.orders.>", "longwait").await;
+}

@@ -370,7 +370,7 @@ impl ConsumerBuilder {
             ack_deadline: self.ack_deadline,
             max_payload: self.max_payload,
             dedupe,
-            book: Mutex::new(KeyBook::new(65_536 + 4 * self.max_in_flight)),
+            book: Mutex::new(KeyBook::new(KEY_BOOK_CAP + 4 * self.max_in_flight)),
             topics: Mutex::new(HashMap::with_hasher(FastHash::new())),
             sched: Mutex::new(Sched::new()),
             notify: Notify::new(),
@@ -1000,6 +1000,10 @@ impl KeyState {
     }
 }
 
+/// Recorded dedupe keys a consumer keeps at most (see [`KeyBook`]; normally it holds about
+/// what is in flight).
+const KEY_BOOK_CAP: usize = 1 << 20;
+
 /// Finished items' boxes kept for reuse.
 const SPARE_ITEMS: usize = 1024;
 
@@ -1288,7 +1292,7 @@ enum Mark {
     Handling,
     /// Handled Ok; its dedupe record is not written yet.
     Pending,
-    /// Recorded lately (among the newest `cap` recorded).
+    /// Recorded while a message looked up before the record may still be in the runtime.
     Recorded,
 }
 
@@ -1303,12 +1307,21 @@ enum Claimed<'a> {
 }
 
 /// The dedupe keys this process knows, one map under one lock: a key moves from `Handling` to
-/// `Pending` (handled Ok) to `Recorded` (record written), and recorded keys are forgotten
-/// oldest first past `cap`.
+/// `Pending` (handled Ok) to `Recorded` (record written). A recorded key matters only to a
+/// message whose batch was looked up in the store before the record was written (the store
+/// answered "not applied"); every later lookup finds the record in the store. So a recorded
+/// key is kept while a batch opened before its record still has a message in the runtime
+/// (a message holds its batch's [`Lookup`] until it leaves), and forgotten after — which
+/// keeps the map about as large as what is in flight. `cap` bounds it whatever happens (a
+/// message stuck behind a slow key for a long time): past it the oldest records go.
 struct KeyBook {
     marks: FastMap<DKey, Mark>,
-    /// Recorded keys, oldest first.
-    order: VecDeque<DKey>,
+    /// Recorded keys with the newest batch open when they were recorded, oldest first.
+    order: VecDeque<(DKey, u64)>,
+    /// Batches opened and not known to be finished, oldest first.
+    batches: VecDeque<(u64, std::sync::Weak<Lookup>)>,
+    /// The newest batch opened.
+    last_epoch: u64,
     cap: usize,
 }
 
@@ -1317,8 +1330,33 @@ impl KeyBook {
         KeyBook {
             marks: HashMap::with_hasher(FastHash::new()),
             order: VecDeque::new(),
+            batches: VecDeque::new(),
+            last_epoch: 0,
             cap,
         }
+    }
+
+    /// A new batch's lookup, numbered after every batch before it.
+    fn open_batch(&mut self) -> Arc<Lookup> {
+        self.last_epoch += 1;
+        // Records written after this are kept until the batch's last message has left.
+        let l = Arc::new(Lookup::default());
+        self.batches
+            .push_back((self.last_epoch, Arc::downgrade(&l)));
+        l
+    }
+
+    /// The oldest batch that still has a message in the runtime (or the next one).
+    fn oldest_live(&mut self) -> u64 {
+        while let Some((_, w)) = self.batches.front() {
+            if w.strong_count() > 0 {
+                break;
+            }
+            self.batches.pop_front();
+        }
+        self.batches
+            .front()
+            .map_or(self.last_epoch + 1, |(epoch, _)| *epoch)
     }
 
     fn mark(&self, k: &DKey) -> Option<Mark> {
@@ -1348,8 +1386,12 @@ impl KeyBook {
         }
     }
 
-    /// Keys whose records were written (or given up on): recorded lately.
+    /// Keys whose records were written (or given up on); forgets the records no message in
+    /// the runtime can need any more.
     fn record(&mut self, keys: &[DKey]) {
+        // Every batch opened so far may have been looked up before these records were
+        // written; batches opened from now on are looked up after.
+        let epoch = self.last_epoch;
         for k in keys {
             match self.marks.get_mut(k) {
                 Some(m) if *m == Mark::Recorded => continue,
@@ -1358,10 +1400,14 @@ impl KeyBook {
                     self.marks.insert(k.clone(), Mark::Recorded);
                 }
             }
-            self.order.push_back(k.clone());
+            self.order.push_back((k.clone(), epoch));
         }
-        while self.order.len() > self.cap {
-            if let Some(old) = self.order.pop_front()
+        let live = self.oldest_live();
+        while let Some((_, at)) = self.order.front() {
+            if *at >= live && self.order.len() <= self.cap {
+                break;
+            }
+            if let Some((old, _)) = self.order.pop_front()
                 && self.marks.get(&old) == Some(&Mark::Recorded)
             {
                 self.marks.remove(&old);
@@ -1784,7 +1830,11 @@ impl Shared {
         }
         let mut lookup: Option<(Arc<Lookup>, Vec<DKey>)> = None;
         if self.dedupe.is_some() {
-            let l = Arc::new(Lookup::default());
+            let l = self
+                .book
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .open_batch();
             let mut keys = Vec::with_capacity(items.len());
             for it in items.iter_mut() {
                 // A message that does not prepare is dead-lettered by its worker.
@@ -1861,9 +1911,11 @@ impl Shared {
 
     fn done(&self, mut item: Item, keys: Keys) {
         let delivery = std::mem::replace(&mut item.delivery, Delivery::placeholder());
-        // The message's buffers go now, not when the box is next used.
+        // The message's buffers go now, not when the box is next used; so does its hold on
+        // the key book's records (its batch's lookup).
         item.msg = None;
         item.prepared = None;
+        item.lookup = None;
         let waiting = {
             let mut a = self.acks.lock().unwrap_or_else(|p| p.into_inner());
             if a.closed {
@@ -2158,10 +2210,12 @@ impl Shared {
             }
             if !item.dedupe_checked {
                 item.dedupe_checked = true;
-                let answer = item.lookup.take().and_then(|(l, first)| {
+                // The lookup stays with the message until it leaves the runtime: while it is
+                // held, the key book keeps every record written since the batch was looked up.
+                let answer = item.lookup.as_ref().and_then(|(l, first)| {
                     // Read in place: the batch's flags are shared by all its messages.
                     l.done.get().and_then(Option::as_ref).map(|flags| {
-                        let first = first as usize;
+                        let first = *first as usize;
                         flags[first..first + item.keys.len()].iter().any(|b| *b)
                     })
                 });
@@ -2566,6 +2620,44 @@ impl DedupeStore for LiveAwareDedupe {
 
 #[cfg(test)]
 mod tests {
+    /// A record is kept while a batch looked up before it still has a message in the runtime,
+    /// forgotten once none has (at the next record), and `cap` bounds the book regardless.
+    #[test]
+    fn key_book_keeps_records_while_an_earlier_batch_is_in_flight() {
+        use super::{DKey, KeyBook, Keys};
+        let key = |i: u128| DKey::Id(i);
+        let one = |i: u128| Keys([Some(key(i)), None]);
+        let mut b = KeyBook::new(1000);
+        let early = b.open_batch();
+        b.record(&[key(1), key(2)]);
+        // A later batch was looked up after the records: it does not hold them.
+        let late = b.open_batch();
+        drop(late);
+        b.record(&[key(3)]);
+        assert!(b.applied(&one(1)) && b.applied(&one(2)) && b.applied(&one(3)));
+        // The early batch's last message leaves: the next record forgets what it no longer
+        // needs (all of it: no batch is open any more).
+        drop(early);
+        b.record(&[key(4)]);
+        assert!(!b.applied(&one(1)) && !b.applied(&one(2)) && !b.applied(&one(3)));
+        assert!(!b.applied(&one(4)), "no batch in flight needs key 4");
+        assert_eq!(b.order.len(), 0);
+        // Keys being handled or pending are never forgotten by recording others.
+        let held = b.open_batch();
+        b.marks.insert(key(9), super::Mark::Pending);
+        b.record(&[key(5)]);
+        drop(held);
+        b.record(&[key(6)]);
+        assert!(b.applied(&one(9)));
+        // The cap bounds the records even while a batch holds them.
+        let mut b = KeyBook::new(3);
+        let _stuck = b.open_batch();
+        b.record(&[key(1), key(2), key(3), key(4), key(5)]);
+        assert_eq!(b.order.len(), 3);
+        assert!(!b.applied(&one(1)) && !b.applied(&one(2)));
+        assert!(b.applied(&one(3)) && b.applied(&one(5)));
+    }
+
     #[test]
     fn a_slow_lag_read_spaces_out_the_next() {
         assert_eq!(super::lag_poll_pause(Duration::ZERO), super::LAG_POLL);
