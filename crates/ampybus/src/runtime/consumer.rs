@@ -1188,8 +1188,8 @@ struct Shared {
     /// The registry's schema check (a bus opened with a registry).
     schemas: Option<crate::registry::SchemaGate>,
     /// The dedupe keys this process is handling, has applied and not recorded yet, or has
-    /// recorded lately (so that a batch lookup made at fetch time cannot miss what was applied
-    /// here since).
+    /// recorded while a batch looked up before the record is still in the runtime (so that a
+    /// batch lookup made at fetch time cannot miss what was applied here since).
     book: Mutex<KeyBook>,
     /// Topics already parsed, by their text, with their metric handles: a consumer sees few
     /// distinct topics, so each is parsed and validated once (bounded by
@@ -2583,7 +2583,8 @@ impl DedupeStore for HandlerDedupes {
 }
 
 /// The dedupe store a consumer's replays use: what the live path applied but has not recorded
-/// yet (`pending`), recorded lately (`recent`) or is handling right now counts as applied, so a
+/// yet, recorded while an earlier lookup is in flight, or is handling right now counts as
+/// applied (then the store is asked), so a
 /// replay that arrives while the live path is finishing a message never applies it twice.
 struct LiveAwareDedupe {
     shared: Arc<Shared>,
