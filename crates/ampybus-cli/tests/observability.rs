@@ -123,17 +123,10 @@ fn metrics_addr_serves_metrics_health_and_stats_while_sub_runs() {
     child.wait().unwrap();
 }
 
-/// Starts `ampybus --metrics-addr 127.0.0.1:0 sub --pattern ampy.dev.> --json <extra>` on
-/// `dir` and returns the child, its stdout and the ops endpoint address it printed.
-fn start_sub(
-    dir: &std::path::Path,
-    extra: &[&str],
-) -> (
-    std::process::Child,
-    BufReader<std::process::ChildStdout>,
-    String,
-) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ampybus"))
+/// `ampybus --metrics-addr 127.0.0.1:0 sub --pattern ampy.dev.> --json --timeout 60 EXTRA…`
+/// on `dir`, with piped stdout and stderr.
+fn spawn_sub(dir: &std::path::Path, extra: &[&str]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_ampybus"))
         .arg("--url")
         .arg(dir)
         .args([
@@ -153,7 +146,20 @@ fn start_sub(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("start ampybus sub");
+        .expect("start ampybus sub")
+}
+
+/// Starts `ampybus --metrics-addr 127.0.0.1:0 sub --pattern ampy.dev.> --json <extra>` on
+/// `dir` and returns the child, its stdout and the ops endpoint address it printed.
+fn start_sub(
+    dir: &std::path::Path,
+    extra: &[&str],
+) -> (
+    std::process::Child,
+    BufReader<std::process::ChildStdout>,
+    String,
+) {
+    let mut child = spawn_sub(dir, extra);
     let stderr = BufReader::new(child.stderr.take().unwrap());
     let mut addr = None;
     for line in stderr.lines() {
@@ -331,30 +337,7 @@ fn sub_with_max_counts_exactly_what_it_consumed_and_stops_at_max() {
     assert_eq!(o.code, 0, "{}", o.stderr);
 
     let max = (N + 1).to_string();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ampybus"))
-        .arg("--url")
-        .arg(tmp.path())
-        .args([
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "sub",
-            "--pattern",
-            "ampy.dev.>",
-            "--durable",
-            "audit",
-            "--json",
-            "--max",
-            &max,
-            "--timeout",
-            "60",
-        ])
-        .env_remove("AMPYBUS_URL")
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start ampybus sub");
+    let mut child = spawn_sub(tmp.path(), &["--durable", "audit", "--max", &max]);
     // stderr is read to its end on a thread of its own (the summary comes at exit); the ops
     // endpoint's address is handed over as soon as it is printed.
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
