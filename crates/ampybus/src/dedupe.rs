@@ -127,6 +127,26 @@ pub trait DedupeStore: Send + Sync + 'static {
         let applied = self.applied_among(consumer, &owned).await?;
         Ok(owned.iter().map(|k| applied.contains(k)).collect())
     }
+    /// `keys` were found not applied by [`DedupeStore::is_applied`], and the handling that
+    /// followed did not apply them (it failed): a store that reserves keys while they are
+    /// handled (the store a running consumer's replays use) frees them here. The default does
+    /// nothing.
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use ampybus::dedupe::{DedupeStore, SqliteDedupeStore};
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let store = SqliteDedupeStore::open(dir.path().join("d.sqlite3")).unwrap();
+    /// let keys = ["m1".to_owned()];
+    /// assert!(!store.is_applied("oms", &keys).await.unwrap());
+    /// store.abandon("oms", &keys).await.unwrap();
+    /// assert!(!store.is_applied("oms", &keys).await.unwrap());
+    /// # });
+    /// ```
+    async fn abandon(&self, consumer: &str, keys: &[String]) -> Result<()> {
+        let _ = (consumer, keys);
+        Ok(())
+    }
     /// [`DedupeStore::record_and_ack`] with the keys borrowed — the consumer runtime's last
     /// step for a batch. The default builds on `record_and_ack` (a `String` per key), so a
     /// store that records and acks in one transaction keeps doing so; a store that can record

@@ -331,3 +331,133 @@ async fn bad_requests_are_rejected_with_the_reason_and_unknown_consumers_time_ou
     );
     oms.shutdown(Duration::from_secs(10)).await;
 }
+
+async fn next<T>(rx: &mut tokio::sync::mpsc::UnboundedReceiver<T>) -> T {
+    tokio::time::timeout(HANG, rx.recv())
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+/// A replay that is applying a message when the live path reaches the same message: the live
+/// copy waits for the replay's handler (it is counted as deferred), then is skipped as applied
+/// — the message is applied once, by the replay. Before the replay claimed its keys in the
+/// consumer's key book, the live copy (looked up in the store before the replay's record)
+/// was handled a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_live_twin_of_a_message_a_replay_is_applying_waits_and_is_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = bus_at(dir.path()).await;
+    let t0 = Utc::now() - chrono::Duration::seconds(1);
+    // A and X share a partition key: live, X waits behind A.
+    let topic = Topic::parse("ampy.dev.orders.v1.requests").unwrap();
+    let batch: Vec<Envelope> = ["a", "x"]
+        .iter()
+        .map(|p| {
+            let h = Headers::for_publish("ampy.orders.v1.OrderRequest", "oms@1", "test", "co_1");
+            Envelope::new(&topic, h, p.as_bytes().to_vec())
+        })
+        .collect();
+    let a = batch[0].headers.message_id().unwrap().to_owned();
+    let x = batch[1].headers.message_id().unwrap().to_owned();
+    bus.publish_batch(batch).await.unwrap();
+
+    // (message id, replayed) → calls.
+    let calls: Arc<Mutex<HashMap<(String, bool), u32>>> = Arc::default();
+    let gate_a = Arc::new(tokio::sync::Semaphore::new(0));
+    let gate_x = Arc::new(tokio::sync::Semaphore::new(0));
+    let (entered_tx, mut entered) = tokio::sync::mpsc::unbounded_channel::<(String, bool)>();
+    let handler = {
+        let (calls, gate_a, gate_x, a, x) = (
+            calls.clone(),
+            gate_a.clone(),
+            gate_x.clone(),
+            a.clone(),
+            x.clone(),
+        );
+        handler_fn(move |m| {
+            let (calls, gate_a, gate_x, a, x, entered_tx) = (
+                calls.clone(),
+                gate_a.clone(),
+                gate_x.clone(),
+                a.clone(),
+                x.clone(),
+                entered_tx.clone(),
+            );
+            async move {
+                let id = m.headers.message_id().unwrap().to_owned();
+                let replayed = m.headers.get(names::REPLAY_REQUEST_ID).is_some();
+                *calls
+                    .lock()
+                    .unwrap()
+                    .entry((id.clone(), replayed))
+                    .or_default() += 1;
+                let _ = entered_tx.send((id.clone(), replayed));
+                if id == a && !replayed {
+                    gate_a.acquire().await.unwrap().forget();
+                }
+                if id == x && replayed {
+                    gate_x.acquire().await.unwrap().forget();
+                }
+                Outcome::Ok
+            }
+        })
+    };
+    let store: Arc<dyn DedupeStore> =
+        Arc::new(SqliteDedupeStore::open(dir.path().join("oms.sqlite3")).unwrap());
+    let oms = Consumer::builder(bus.clone(), pat("ampy.dev.orders.>"), "oms")
+        .handler(handler)
+        .dedupe(store)
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(next(&mut entered).await, (a.clone(), false), "live A first");
+
+    // The replay skips A (the live path is handling it) and applies X, held in the handler.
+    let (start, end) = window(t0);
+    let req = ReplayRequest::new("oms", "ampy.dev.orders.>", start, end);
+    let replay = {
+        let bus = bus.clone();
+        tokio::spawn(async move { request_replay(&bus, &req, HANG, |_| {}).await })
+    };
+    assert_eq!(next(&mut entered).await, (x.clone(), true), "replayed X");
+
+    // Live A finishes; live X reaches its claim while the replay still holds X.
+    gate_a.add_permits(1);
+    let waited = Instant::now();
+    while oms.stats().deferred == 0 && !calls.lock().unwrap().contains_key(&(x.clone(), false)) {
+        assert!(waited.elapsed() < HANG, "timed out: {:?}", oms.stats());
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(
+        calls.lock().unwrap().get(&(x.clone(), false)),
+        None,
+        "the live twin ran while the replay was applying X"
+    );
+    gate_x.add_permits(1);
+    let done = replay.await.unwrap().unwrap();
+    assert_eq!(done.state(), ReplayState::Completed, "{}", done.error);
+    assert_eq!(
+        (
+            done.read,
+            done.applied,
+            done.skipped_duplicates,
+            done.failed
+        ),
+        (2, 1, 1, 0)
+    );
+    let waited = Instant::now();
+    while oms.stats().skipped_duplicates < 1 || oms.stats().in_flight > 0 {
+        assert!(waited.elapsed() < HANG, "timed out: {:?}", oms.stats());
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let stats = oms.shutdown(Duration::from_secs(10)).await;
+    assert_eq!((stats.handled_ok, stats.skipped_duplicates), (1, 1));
+    assert!(stats.deferred >= 1);
+    let calls = calls.lock().unwrap().clone();
+    assert_eq!(
+        calls,
+        HashMap::from([((a.clone(), false), 1), ((x.clone(), true), 1)]),
+        "each message applied once"
+    );
+}

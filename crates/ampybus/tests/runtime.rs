@@ -292,6 +292,55 @@ async fn per_key_order_with_many_workers() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_that_answers_at_once_but_slowly_keeps_order_and_counts() {
+    // A worker takes a run of messages when its handler answers at once; a run slower than its
+    // budget hands the rest back to their keys' queues. Every message once, each key in order.
+    let dir = tempfile::tempdir().unwrap();
+    let bus = bus_at(dir.path()).await;
+    let topic = Topic::parse("ampy.dev.orders.v1.slow").unwrap();
+    let (keys, per_key) = (16, 8);
+    let mut batch = Vec::new();
+    for i in 0..per_key {
+        for k in 0..keys {
+            batch.push(env_for(&topic, &format!("key{k}"), &format!("key{k}:{i}")));
+        }
+    }
+    bus.publish_batch(batch).await.unwrap();
+    let seqs: Arc<Mutex<HashMap<String, Vec<usize>>>> = Arc::default();
+    let s2 = seqs.clone();
+    let handle = Consumer::builder(bus.clone(), pat("ampy.dev.orders.>"), "slow")
+        .workers(4)
+        .handler(handler_sync(move |msg| {
+            // Slower than a run's budget: blocking work done in the handler itself.
+            std::thread::sleep(Duration::from_millis(3));
+            let s = std::str::from_utf8(&msg.payload).unwrap();
+            let (k, i) = s.rsplit_once(':').unwrap();
+            s2.lock()
+                .unwrap()
+                .entry(k.to_owned())
+                .or_default()
+                .push(i.parse().unwrap());
+            Outcome::Ok
+        }))
+        .start()
+        .await
+        .unwrap();
+    wait_stats("all handled", &handle, |s| {
+        s.handled_ok == (keys * per_key) as u64 && s.in_flight == 0
+    })
+    .await;
+    let stats = handle.shutdown(Duration::from_secs(10)).await;
+    assert_eq!(stats.handled_ok, (keys * per_key) as u64, "{stats:?}");
+    assert_eq!((stats.retried, stats.released), (0, 0), "{stats:?}");
+    let seqs = seqs.lock().unwrap();
+    assert_eq!(seqs.len(), keys);
+    let want: Vec<usize> = (0..per_key).collect();
+    for (k, v) in seqs.iter() {
+        assert_eq!(v, &want, "order of {k}");
+    }
+}
+
 /// A handler that answers at once (`handler_sync`, no future) gets the runtime's guarantees:
 /// per-key order over 8 workers, a retry that then succeeds, a dead letter with its reason,
 /// a panic caught and dead-lettered, exact counts.

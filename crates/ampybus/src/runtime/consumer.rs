@@ -365,6 +365,7 @@ impl ConsumerBuilder {
             pattern: self.pattern,
             name: self.name,
             handler,
+            answers_at_once: AtomicBool::new(false),
             retry: self.retry,
             strict,
             ack_deadline: self.ack_deadline,
@@ -438,6 +439,10 @@ pub struct ConsumerStats {
     pub skipped_duplicates: u64,
     /// Deliveries handed back to the transport unfinished (shutdown).
     pub released: u64,
+    /// Attempts put off because another message with one of the same dedupe keys was being
+    /// handled at that moment (by this consumer or by a replay it serves); each is tried again
+    /// shortly and is skipped when the other one applied it.
+    pub deferred: u64,
     /// Fetched and not yet settled.
     pub in_flight: u64,
 }
@@ -461,6 +466,7 @@ struct Counters {
     dead_lettered: [AtomicU64; DlqCode::ALL.len()],
     skipped: AtomicU64,
     released: AtomicU64,
+    deferred: AtomicU64,
     fetched: AtomicU64,
     settled: AtomicU64,
 }
@@ -784,6 +790,7 @@ impl Shared {
             dead_lettered,
             skipped_duplicates: c.skipped.load(Ordering::SeqCst),
             released: c.released.load(Ordering::SeqCst),
+            deferred: c.deferred.load(Ordering::SeqCst),
             in_flight: c
                 .fetched
                 .load(Ordering::SeqCst)
@@ -1179,6 +1186,9 @@ struct Shared {
     pattern: TopicPattern,
     name: String,
     handler: Arc<dyn Handler>,
+    /// The handler's last answer came from [`Handler::handle_now`] (no future): workers take
+    /// runs of messages ([`RUN_MAX`]) instead of one at a time.
+    answers_at_once: AtomicBool,
     retry: RetryPolicy,
     /// `Some`: every message; `None`: by the message's domain (see [`strict_domain`]).
     strict: Option<bool>,
@@ -1373,7 +1383,7 @@ impl KeyBook {
     }
 
     /// True when one of `keys` is known here in any state.
-    fn known(&self, keys: &Keys) -> bool {
+    fn known(&self, keys: &[DKey]) -> bool {
         keys.iter().any(|k| self.mark(k).is_some())
     }
 
@@ -1641,60 +1651,68 @@ async fn run_refresher(shared: Arc<Shared>) {
     }
 }
 
+/// Messages one worker takes under one lock when its handler answers at once: run one after
+/// the other, their keys freed together under the next lock. A handler that awaits takes one
+/// at a time, so that `workers` of them wait concurrently.
+const RUN_MAX: usize = 32;
+
+/// How long a run may take before its remaining messages are handed back: a handler that
+/// answers at once but slowly must not hold messages outside their queues, where their
+/// leases are not extended.
+const RUN_BUDGET: Duration = Duration::from_millis(2);
+
 async fn run_worker(shared: Arc<Shared>) {
     let mut phase = shared.phase.clone();
-    // The key whose message this worker just finished: freed and the next message taken
-    // under one lock.
-    let mut finished: Option<u32> = None;
+    // Keys this worker's last run finished: freed, and the next run taken, under one lock.
+    let mut finished: Vec<u32> = Vec::new();
+    let mut run: Vec<(u32, Item)> = Vec::new();
     loop {
         if !still_running(&mut phase) {
-            if let Some(id) = finished.take() {
-                let woke = shared
-                    .sched
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .finish(id);
-                if woke {
-                    shared.notify.notify_one();
-                }
+            if !finished.is_empty() {
+                let woke = {
+                    let mut s = shared.sched.lock().unwrap_or_else(|p| p.into_inner());
+                    finished.drain(..).filter(|id| s.finish(*id)).count()
+                };
+                shared.wake(woke);
             }
             return;
         }
-        let (next, more) = {
-            let mut s = shared.sched.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(id) = finished.take() {
-                s.finish(id);
-            }
-            let next = s.take();
-            (next, !s.ready.is_empty())
+        let limit = if shared.answers_at_once.load(Ordering::Relaxed) {
+            RUN_MAX
+        } else {
+            1
         };
-        let Some((id, item)) = next else {
+        let mut more = shared.take_run(&mut finished, &mut run, limit);
+        if run.is_empty() {
             let notified = shared.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let next = shared
-                .sched
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take();
-            match next {
-                Some((id, item)) => {
-                    finished = shared.run_one(id, item).await;
+            more = shared.take_run(&mut finished, &mut run, limit);
+            if run.is_empty() {
+                tokio::select! {
+                    _ = notified => {}
+                    _ = wait_phase(&mut phase, DRAINING) => return,
                 }
-                None => {
-                    tokio::select! {
-                        _ = notified => {}
-                        _ = wait_phase(&mut phase, DRAINING) => return,
-                    }
-                }
+                continue;
             }
-            continue;
-        };
-        // Another ready key may be waiting for a worker: pass the wake-up on.
+        }
         if more {
+            // Another ready key may be waiting for a worker: pass the wake-up on.
             shared.notify.notify_one();
         }
-        finished = shared.run_one(id, item).await;
+        let started = Instant::now();
+        let mut rest = run.drain(..);
+        while let Some((id, item)) = rest.next() {
+            if let Some(id) = shared.run_one(id, item).await {
+                finished.push(id);
+            }
+            if rest.len() > 0 && started.elapsed() > RUN_BUDGET {
+                // Slower than a run is meant to be: the rest go back to their keys' queues
+                // (where the refresher extends their leases) for any worker to take.
+                let back: Vec<(u32, Item)> = rest.by_ref().collect();
+                shared.untake(back);
+            }
+        }
     }
 }
 
@@ -1887,6 +1905,39 @@ impl Shared {
                 shared.wake(woke);
             });
         }
+    }
+
+    /// Frees the keys in `finished` and takes up to `limit` ready messages into `run`, under
+    /// one lock; true when more keys are ready than were taken.
+    fn take_run(&self, finished: &mut Vec<u32>, run: &mut Vec<(u32, Item)>, limit: usize) -> bool {
+        let mut s = self.sched.lock().unwrap_or_else(|p| p.into_inner());
+        for id in finished.drain(..) {
+            s.finish(id);
+        }
+        while run.len() < limit {
+            match s.take() {
+                Some(next) => run.push(next),
+                None => break,
+            }
+        }
+        !s.ready.is_empty()
+    }
+
+    /// Puts messages taken in a run and not started back at the head of their keys' queues.
+    fn untake(&self, back: Vec<(u32, Item)>) {
+        let mut woke = 0;
+        {
+            let mut s = self.sched.lock().unwrap_or_else(|p| p.into_inner());
+            for (id, item) in back {
+                let ks = &mut s.slots[id as usize];
+                ks.busy = false;
+                ks.queue.push_front(item);
+                if s.make_ready(id) {
+                    woke += 1;
+                }
+            }
+        }
+        self.wake(woke);
     }
 
     /// Wakes workers for `n` keys made ready.
@@ -2198,6 +2249,7 @@ impl Shared {
                 Claimed::Busy => {
                     item.msg = Some(msg);
                     att.result = "deferred";
+                    self.counters.deferred.fetch_add(1, Ordering::SeqCst);
                     return Step::Retry(item, CLAIM_WAIT);
                 }
                 Claimed::Applied => {
@@ -2259,6 +2311,10 @@ impl Shared {
         let started = att.handles.is_some().then(Instant::now);
         // A handler that answers at once (`handle_now`) needs no future.
         let now = std::panic::catch_unwind(AssertUnwindSafe(|| self.handler.handle_now(&msg)));
+        let at_once = !matches!(now, Ok(None));
+        if self.answers_at_once.load(Ordering::Relaxed) != at_once {
+            self.answers_at_once.store(at_once, Ordering::Relaxed);
+        }
         let outcome = if let Some(now) = now.transpose() {
             Some(now)
         } else {
@@ -2582,40 +2638,78 @@ impl DedupeStore for HandlerDedupes {
     }
 }
 
-/// The dedupe store a consumer's replays use: what the live path applied but has not recorded
-/// yet, recorded while an earlier lookup is in flight, or is handling right now counts as
-/// applied (then the store is asked), so a
-/// replay that arrives while the live path is finishing a message never applies it twice.
+/// The dedupe store a consumer's replays use, sharing the live path's key book: a key the live
+/// path is handling, applied and has not recorded yet, or recorded while an earlier lookup is in
+/// flight counts as applied (then the store is asked). A key the replay goes on to apply is
+/// claimed in the book (`Handling`) from the moment it is found not applied until its record is
+/// written (`Recorded`, kept while live batches looked up before it are in flight) or the
+/// handling fails ([`DedupeStore::abandon`]): so a live twin arriving meanwhile waits and is then
+/// skipped, and a replay and the live path never apply one key twice, whichever comes first.
 struct LiveAwareDedupe {
     shared: Arc<Shared>,
+}
+
+impl LiveAwareDedupe {
+    fn keys(keys: &[String]) -> Vec<DKey> {
+        keys.iter().map(|k| DKey::parse(k)).collect()
+    }
+
+    fn known(&self, keys: &[DKey]) -> bool {
+        self.shared
+            .book
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .known(keys)
+    }
 }
 
 #[async_trait::async_trait]
 impl DedupeStore for LiveAwareDedupe {
     async fn is_applied(&self, consumer: &str, keys: &[String]) -> Result<bool> {
-        for k in keys {
-            let one = Keys([Some(DKey::parse(k)), None]);
-            let known = self
-                .shared
-                .book
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .known(&one);
-            if known {
-                return Ok(true);
-            }
+        let dkeys = LiveAwareDedupe::keys(keys);
+        if self.known(&dkeys) {
+            return Ok(true);
         }
-        match &self.shared.dedupe {
-            Some(store) => store.is_applied(consumer, keys).await,
-            None => Ok(false),
+        if let Some(store) = &self.shared.dedupe
+            && store.is_applied(consumer, keys).await?
+        {
+            return Ok(true);
         }
+        // Not applied anywhere: the replay takes the keys, unless the live path took or
+        // applied one of them while the store was asked.
+        let mut book = self.shared.book.lock().unwrap_or_else(|p| p.into_inner());
+        if book.known(&dkeys) {
+            return Ok(true);
+        }
+        for k in dkeys {
+            book.marks.insert(k, Mark::Handling);
+        }
+        Ok(false)
     }
 
     async fn record_applied(&self, consumer: &str, keys: &[String]) -> Result<()> {
-        match &self.shared.dedupe {
+        let written = match &self.shared.dedupe {
             Some(store) => store.record_applied(consumer, keys).await,
             None => Ok(()),
+        };
+        // Applied, written or not: the book keeps the keys as the live path keeps its own
+        // records (a live twin looked up before now is skipped).
+        self.shared
+            .book
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .record(&LiveAwareDedupe::keys(keys));
+        written
+    }
+
+    async fn abandon(&self, _consumer: &str, keys: &[String]) -> Result<()> {
+        let mut book = self.shared.book.lock().unwrap_or_else(|p| p.into_inner());
+        for k in LiveAwareDedupe::keys(keys) {
+            if book.marks.get(&k) == Some(&Mark::Handling) {
+                book.marks.remove(&k);
+            }
         }
+        Ok(())
     }
 }
 

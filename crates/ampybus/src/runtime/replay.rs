@@ -190,7 +190,12 @@ pub async fn replay_window_with_progress(
                     }
                     report.applied += 1;
                 }
-                _ => report.failed += 1,
+                _ => {
+                    if !keys.is_empty() {
+                        dedupe.abandon(consumer, &keys).await?;
+                    }
+                    report.failed += 1;
+                }
             }
         }
         progress(&report);
