@@ -70,6 +70,14 @@ impl TopicName {
         self.0.clone().unwrap_or_else(|| std::sync::Arc::from(""))
     }
 
+    /// The address of the shared text (0 for the empty name): equal for names that are
+    /// [`TopicName::same`], and not reused while either is alive.
+    pub(crate) fn addr(&self) -> usize {
+        self.0
+            .as_ref()
+            .map_or(0, |a| std::sync::Arc::as_ptr(a) as *const u8 as usize)
+    }
+
     /// Whether both share one text (then they are equal without comparing it).
     ///
     /// ```

@@ -373,6 +373,7 @@ impl ConsumerBuilder {
             dedupe,
             book: Mutex::new(KeyBook::new(KEY_BOOK_CAP + 4 * self.max_in_flight)),
             topics: Mutex::new(HashMap::with_hasher(FastHash::new())),
+            id: NEXT_CONSUMER_ID.fetch_add(1, Ordering::Relaxed),
             sched: Mutex::new(Sched::new()),
             notify: Notify::new(),
             counters: Counters::default(),
@@ -1169,6 +1170,8 @@ struct AckBuf {
 }
 
 struct Shared {
+    /// Unique in the process (see [`TOPICS_HERE`]).
+    id: u64,
     /// Fetch marks for the lag in seconds (`runtime::lag`).
     lag_clock: Arc<super::lag::LagClock>,
     /// Metrics and spans recorded (the bus handle's setting).
@@ -1220,6 +1223,21 @@ struct Shared {
 
 /// A parsed topic and its metric handles (observability on).
 type TopicEntry = (Topic, Option<Arc<ConsumerTopic>>);
+
+/// Entries [`Shared::topic_of_name`] keeps per thread (over every consumer on the thread;
+/// cleared when full).
+const TOPICS_HERE_MAX: usize = 4096;
+
+/// (consumer id, address of the topic's shared text) → the name and its entry.
+type TopicsHere = FastMap<(u64, usize), (crate::envelope::TopicName, TopicEntry)>;
+
+thread_local! {
+    static TOPICS_HERE: std::cell::RefCell<TopicsHere> =
+        std::cell::RefCell::new(HashMap::with_hasher(FastHash::new()));
+}
+
+/// Numbers consumers for [`TOPICS_HERE`] (an address could be reused by a later consumer).
+static NEXT_CONSUMER_ID: AtomicU64 = AtomicU64::new(1);
 
 /// What one handling attempt did, for its span, metrics and log line.
 struct Attempt {
@@ -1795,11 +1813,36 @@ impl Shared {
         Ok((t, m))
     }
 
+    /// [`Shared::topic_of`] through entries kept per thread, found by the address of the
+    /// name's shared text (the embedded log and NATS hand out one text per topic): no lock,
+    /// and no hashing or comparing of the topic's text, per message on the workers.
+    fn topic_of_name(&self, name: &crate::envelope::TopicName) -> Result<TopicEntry> {
+        if name.is_empty() {
+            return self.topic_of(name);
+        }
+        let key = (self.id, name.addr());
+        let hit = TOPICS_HERE.with(|c| c.borrow().get(&key).map(|(_, e)| e.clone()));
+        if let Some(e) = hit {
+            return Ok(e);
+        }
+        let e = self.topic_of(name)?;
+        TOPICS_HERE.with(|c| {
+            let mut c = c.borrow_mut();
+            if c.len() >= TOPICS_HERE_MAX {
+                c.clear();
+            }
+            // The name is kept with its entry: its text, and so its address, stays this
+            // topic's while the entry exists.
+            c.insert(key, (name.clone(), e.clone()));
+        });
+        Ok(e)
+    }
+
     /// Parses the topic and normalises the headers of a delivered message, and takes its
     /// dedupe keys (dedupe on).
     fn prepare(&self, item: &mut Item) -> Result<()> {
         let env = &mut item.delivery.envelope;
-        let (topic, metrics) = self.topic_of(&env.topic)?;
+        let (topic, metrics) = self.topic_of_name(&env.topic)?;
         item.metrics = metrics;
         let h = &env.headers;
         let headers = if h.message_uuid().is_some()
