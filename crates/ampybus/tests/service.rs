@@ -11,9 +11,10 @@ use ampybus::runtime::{
     DlqCode, Handler, HandlerError, Message, Outcome, Producer, RetryPolicy, handler_sync,
     handler_try, typed_try,
 };
-use ampybus::service::{Service, StopReason};
+use ampybus::service::{Service, ServiceReport, StopReason};
 use ampybus::transport::StartAt;
 use ampybus::{Envelope, Headers, Topic};
+use serde_json::json;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -65,6 +66,30 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     (status, body.to_owned())
 }
 
+/// Waits until the service's consumers have acked or dead-lettered `n` messages in all,
+/// then shuts it down.
+async fn settle_then_stop(service: Service, n: u64) -> ServiceReport {
+    wait_for("all settled", || {
+        let t = service.stats().total();
+        t.handled_ok + t.dead_lettered_total() == n
+    })
+    .await;
+    service.shutdown().await
+}
+
+/// `(name, field)` of every consumer in a `/health` or `/stats` body, sorted by name.
+fn per_consumer(body: &str, field: &str) -> Vec<(String, serde_json::Value)> {
+    let v: serde_json::Value = serde_json::from_str(body).unwrap();
+    let mut out: Vec<(String, serde_json::Value)> = v["consumers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["name"].as_str().unwrap().to_owned(), c[field].clone()))
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
 /// A handler that fails with `?` on every attempt is retried, and once out of attempts is
 /// dead-lettered with the error's own text as the reason; an explicit dead letter keeps its
 /// code; a typed handler decodes first.
@@ -101,12 +126,7 @@ async fn a_handler_failing_with_question_mark_ends_in_the_dlq_with_its_cause() {
         .start()
         .await
         .unwrap();
-    wait_for("all settled", || {
-        let t = service.stats().total();
-        t.handled_ok + t.dead_lettered_total() == 3
-    })
-    .await;
-    let report = service.shutdown().await;
+    let report = settle_then_stop(service, 3).await;
     let oms = report.stats.consumer("oms").unwrap();
     assert_eq!(oms.handled_ok, 1, "{oms:?}");
     assert_eq!(oms.retried, 2, "{oms:?}");
@@ -188,12 +208,7 @@ async fn typed_try_decodes_then_keeps_the_cause() {
         .start()
         .await
         .unwrap();
-    wait_for("all settled", || {
-        let t = service.stats().total();
-        t.handled_ok + t.dead_lettered_total() == 3
-    })
-    .await;
-    let report = service.shutdown().await;
+    let report = settle_then_stop(service, 3).await;
     assert_eq!(total.load(Ordering::SeqCst), 5);
     let mut reasons: Vec<String> = stored_envelopes(&bus, "ampy.dev.dlq.>")
         .await
@@ -268,19 +283,6 @@ async fn two_consumers_and_a_producer_in_one_service_with_exact_counts() {
     let addr = service.ops_addr().unwrap();
     let (status, body) = http_get(addr, "/health").await;
     assert_eq!(status, 200, "{body}");
-    let health: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let mut running: Vec<(String, bool)> = health["consumers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| {
-            (
-                c["name"].as_str().unwrap().to_owned(),
-                c["running"].as_bool().unwrap(),
-            )
-        })
-        .collect();
-    running.sort();
     // Each consumer runs its replay control consumer beside it (`runtime::control`).
     let want = [
         "oms",
@@ -288,33 +290,23 @@ async fn two_consumers_and_a_producer_in_one_service_with_exact_counts() {
         "positions",
         "positions-replay-control",
     ];
-    assert_eq!(running, want.map(|name| (name.to_owned(), true)), "{body}");
+    let running = per_consumer(&body, "running");
+    assert_eq!(
+        running,
+        want.map(|name| (name.to_owned(), json!(true))),
+        "{body}"
+    );
 
     let (status, body) = http_get(addr, "/stats").await;
     assert_eq!(status, 200, "{body}");
-    let stats: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let mut handled: Vec<(String, u64)> = stats["consumers"]
-        .as_array()
-        .unwrap()
+    let handled = per_consumer(&body, "handled_ok");
+    let want_handled: Vec<(String, serde_json::Value)> = want
         .iter()
-        .map(|c| {
-            (
-                c["name"].as_str().unwrap().to_owned(),
-                c["handled_ok"].as_u64().unwrap(),
-            )
-        })
+        .zip([n, 0, n, 0])
+        .map(|(name, count)| (name.to_string(), json!(count)))
         .collect();
-    handled.sort();
-    assert_eq!(
-        handled,
-        [
-            ("oms".to_owned(), n),
-            ("oms-replay-control".to_owned(), 0),
-            ("positions".to_owned(), n),
-            ("positions-replay-control".to_owned(), 0)
-        ],
-        "{body}"
-    );
+    assert_eq!(handled, want_handled, "{body}");
+    let stats: serde_json::Value = serde_json::from_str(&body).unwrap();
     let producers = stats["producers"].as_array().unwrap();
     assert_eq!(producers.len(), 1, "{body}");
     assert_eq!(producers[0]["published"].as_u64(), Some(n), "{body}");
@@ -477,12 +469,7 @@ async fn middleware_sees_every_message_enriches_it_and_can_dead_letter() {
         .start()
         .await
         .unwrap();
-    wait_for("all settled", || {
-        let t = service.stats().total();
-        t.handled_ok + t.dead_lettered_total() == good + bad
-    })
-    .await;
-    let report = service.shutdown().await;
+    let report = settle_then_stop(service, good + bad).await;
     let audit = report.stats.consumer("audit").unwrap();
     assert_eq!(audit.handled_ok, good, "{audit:?}");
     assert_eq!(audit.dlq(DlqCode::HandlerError), bad, "{audit:?}");

@@ -1,9 +1,9 @@
 //! Handlers that return a `Result`, so `?` works inside them: any error means "retry, and keep
 //! this cause for the DLQ reason"; [`HandlerError::dead_letter`] dead-letters at once with a
-//! [`DlqCode`]. [`handler_try`] and [`typed_try`] turn such closures into [`Handler`]s.
+//! [`DlqCode`]. [`handler_try`] and [`typed_try`] turn such closures into
+//! [`Handler`](super::Handler)s.
 
-use super::{DlqCode, Handler, Message, Outcome, decode_typed};
-use async_trait::async_trait;
+use super::{DlqCode, FnHandler, Message, Outcome, TypedHandler};
 use std::future::Future;
 use std::time::Duration;
 
@@ -240,23 +240,8 @@ impl From<HandlerResult> for Outcome {
     }
 }
 
-/// A handler made from an async closure returning a [`HandlerResult`]; see [`handler_try`].
-///
-/// ```
-/// let h: ampybus::runtime::TryFnHandler<_> = ampybus::runtime::handler_try(|_m| async { Ok(()) });
-/// let _shared: std::sync::Arc<dyn ampybus::runtime::Handler> = std::sync::Arc::new(h);
-/// ```
-#[derive(Clone)]
-pub struct TryFnHandler<F>(F);
-
-impl<F> std::fmt::Debug for TryFnHandler<F> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("TryFnHandler")
-    }
-}
-
 /// Wraps an async closure `Fn(Message) -> impl Future<Output = HandlerResult>` as a
-/// [`Handler`]: `Ok(())` acks; an error from `?` retries with its text kept, so a message
+/// [`Handler`](super::Handler): `Ok(())` acks; an error from `?` retries with its text kept, so a message
 /// that runs out of attempts is dead-lettered with `max_retries: attempt N: <error>`;
 /// [`HandlerError::dead_letter`] dead-letters at once with its code.
 ///
@@ -273,47 +258,12 @@ impl<F> std::fmt::Debug for TryFnHandler<F> {
 /// fn is_handler(_: &impl Handler) {}
 /// is_handler(&h);
 /// ```
-pub fn handler_try<F, Fut>(f: F) -> TryFnHandler<F>
+pub fn handler_try<F, Fut>(f: F) -> FnHandler<F>
 where
     F: Fn(Message) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = HandlerResult> + Send + 'static,
 {
-    TryFnHandler(f)
-}
-
-#[async_trait]
-impl<F, Fut> Handler for TryFnHandler<F>
-where
-    F: Fn(Message) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = HandlerResult> + Send + 'static,
-{
-    async fn handle(&self, msg: &Message) -> Outcome {
-        (self.0)(msg.clone()).await.into()
-    }
-}
-
-/// A handler that decodes a protobuf payload and runs a fallible closure; see [`typed_try`].
-///
-/// ```
-/// use ampybus::runtime::{TypedTryHandler, typed_try};
-/// #[derive(Clone, PartialEq, prost::Message)]
-/// struct Tick { #[prost(int64, tag = "1")] seconds: i64 }
-/// impl prost::Name for Tick {
-///     const NAME: &'static str = "Tick";
-///     const PACKAGE: &'static str = "demo.v1";
-/// }
-/// let h: TypedTryHandler<Tick, _> = typed_try(|_t: Tick, _msg| async move { Ok(()) });
-/// let _shared: std::sync::Arc<dyn ampybus::runtime::Handler> = std::sync::Arc::new(h);
-/// ```
-pub struct TypedTryHandler<M, F> {
-    f: F,
-    _m: std::marker::PhantomData<fn() -> M>,
-}
-
-impl<M, F> std::fmt::Debug for TypedTryHandler<M, F> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("TypedTryHandler")
-    }
+    FnHandler(f)
 }
 
 /// [`typed`](super::typed) with a closure returning a [`HandlerResult`]: the payload is
@@ -338,30 +288,15 @@ impl<M, F> std::fmt::Debug for TypedTryHandler<M, F> {
 /// fn is_handler(_: &impl Handler) {}
 /// is_handler(&h);
 /// ```
-pub fn typed_try<M, F, Fut>(f: F) -> TypedTryHandler<M, F>
+pub fn typed_try<M, F, Fut>(f: F) -> TypedHandler<M, F>
 where
     M: prost::Message + prost::Name + Default + Send + 'static,
     F: Fn(M, Message) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = HandlerResult> + Send + 'static,
 {
-    TypedTryHandler {
+    TypedHandler {
         f,
         _m: std::marker::PhantomData,
-    }
-}
-
-#[async_trait]
-impl<M, F, Fut> Handler for TypedTryHandler<M, F>
-where
-    M: prost::Message + prost::Name + Default + Send + 'static,
-    F: Fn(M, Message) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = HandlerResult> + Send + 'static,
-{
-    async fn handle(&self, msg: &Message) -> Outcome {
-        match decode_typed::<M>(msg) {
-            Ok(m) => (self.f)(m, msg.clone()).await.into(),
-            Err(dead) => dead,
-        }
     }
 }
 

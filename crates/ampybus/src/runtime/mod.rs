@@ -73,9 +73,7 @@ pub use dlq::{
     DLQ_ONLY_HEADERS, ORIGINAL_MESSAGE_ID, ORIGINAL_TOPIC_RAW, REDRIVE_CONSUMER, RedrivePlan,
     build_dlq_envelope, plan_redrive, record_redriven, redrive_envelope,
 };
-pub use fallible::{
-    HandlerError, HandlerResult, TryFnHandler, TypedTryHandler, handler_try, typed_try,
-};
+pub use fallible::{HandlerError, HandlerResult, handler_try, typed_try};
 pub use lag::{DEFAULT_LAG_ALERT, LagEvent, LagWatch};
 pub use producer::{
     DropCounts, DropReason, Producer, ProducerBuilder, ProducerStats, SendOutcome, ShedClass,
@@ -447,14 +445,16 @@ where
     FnHandler(f)
 }
 
+/// Also the handler of [`handler_try`], whose closure's future gives a [`HandlerResult`].
 #[async_trait]
 impl<F, Fut> Handler for FnHandler<F>
 where
     F: Fn(Message) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Outcome> + Send + 'static,
+    Fut: Future + Send + 'static,
+    Fut::Output: Into<Outcome>,
 {
     async fn handle(&self, msg: &Message) -> Outcome {
-        (self.0)(msg.clone()).await
+        (self.0)(msg.clone()).await.into()
     }
 }
 
@@ -514,16 +514,18 @@ where
     }
 }
 
+/// Also the handler of [`typed_try`], whose closure's future gives a [`HandlerResult`].
 #[async_trait]
 impl<M, F, Fut> Handler for TypedHandler<M, F>
 where
     M: prost::Message + prost::Name + Default + Send + 'static,
     F: Fn(M, Message) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Outcome> + Send + 'static,
+    Fut: Future + Send + 'static,
+    Fut::Output: Into<Outcome>,
 {
     async fn handle(&self, msg: &Message) -> Outcome {
         match decode_typed::<M>(msg) {
-            Ok(m) => (self.f)(m, msg.clone()).await,
+            Ok(m) => (self.f)(m, msg.clone()).await.into(),
             Err(dead) => dead,
         }
     }
