@@ -33,7 +33,8 @@ use ampybus::dedupe::DedupeStore;
 use ampybus::inbox::sqlite::{SqliteInbox, SqliteOutbox};
 use ampybus::inbox::{InboxBinding, RelayOptions};
 use ampybus::runtime::control::request_replay;
-use ampybus::runtime::{Consumer, ConsumerHandle, DlqCode, Handler, Message, Outcome, handler_fn};
+use ampybus::runtime::{ConsumerStats, DlqCode, Handler, Message, Outcome, handler_fn};
+use ampybus::service::{Service, ServiceBuilder};
 use ampybus::transport::{StartAt, WindowQuery};
 use ampybus::{Bus, Envelope, Headers, Topic, TopicPattern, partition};
 use ampybus_features::{FeatureEngine, SignalRule, TickEvent};
@@ -212,7 +213,8 @@ fn outcome(r: Result<(), String>) -> Outcome {
         {
             Outcome::DeadLetter(e)
         }
-        Err(_) => Outcome::Retry { after: None },
+        // Retried with its cause, which a `max_retries` dead letter would carry.
+        Err(e) => Outcome::failed(e),
     }
 }
 
@@ -496,7 +498,7 @@ type Step = for<'a> fn(
     &'a Message,
 ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
 
-fn service(ctx: &Arc<Ctx>, step: Step) -> Arc<dyn Handler> {
+fn service_step(ctx: &Arc<Ctx>, step: Step) -> Arc<dyn Handler> {
     let ctx = ctx.clone();
     Arc::new(handler_fn(move |msg: Message| {
         let ctx = ctx.clone();
@@ -584,13 +586,15 @@ enum Applies<'a> {
     Inbox(Arc<dyn Handler>),
 }
 
-async fn consumer(
+/// Adds one consumer of the demo to the service being built: strict order, four workers,
+/// from the end of the log.
+fn consumer(
+    service: ServiceBuilder,
     ctx: &Arc<Ctx>,
     pattern: &str,
     name: &str,
     applies: Applies<'_>,
-) -> CliResult<ConsumerHandle> {
-    let pattern = TopicPattern::parse(pattern).map_err(|e| CliError::usage(e.to_string()))?;
+) -> ServiceBuilder {
     // With a registry each consumer runs as its own service (the name without the run id),
     // so subscriptions are checked against what that service may read.
     let bus = match ctx.bus.registry() {
@@ -600,21 +604,18 @@ async fn consumer(
         }
         None => ctx.bus.clone(),
     };
-    let builder = Consumer::builder(bus, pattern, name);
-    let builder = match applies {
-        Applies::Step(step, store) => builder
-            .handler_arc(service(ctx, step))
-            .dedupe(store.clone()),
+    let (handler, store) = match applies {
+        Applies::Step(step, store) => (service_step(ctx, step), Some(store.clone())),
         // What `ConsumerBuilder::inbox` does, with the handler kept for the redelivery step.
-        Applies::Inbox(h) => builder.handler_arc(h).without_dedupe(),
+        Applies::Inbox(h) => (h, None),
     };
-    builder
-        .workers(4)
-        .strict(true)
-        .start_at(StartAt::Latest)
-        .start()
-        .await
-        .map_err(|e| CliError::transport(format!("start consumer {name}: {e}")))
+    service.consumer_on(bus, pattern, name, handler, move |c| {
+        let c = match store {
+            Some(store) => c.dedupe(store),
+            None => c.without_dedupe(),
+        };
+        c.workers(4).strict(true).start_at(StartAt::Latest)
+    })
 }
 
 /// Runs the demo; returns the exit code.
@@ -684,39 +685,45 @@ pub async fn run(url: &str, args: DemoArgs) -> CliResult<u8> {
         })
         .map_err(|e| CliError::bus(format!("--positions-db {:?}", positions_db.display()), &e))?;
 
+    // Every step of the pipeline is a consumer of one service, started and stopped together.
     let feat_name = format!("demo-features-{run}");
-    let feat = consumer(
-        &ctx,
-        "ampy.dev.bars.>",
-        &feat_name,
-        Applies::Step(step_features, &store),
-    )
-    .await?;
-    let signals_pattern = format!("ampy.dev.signals.v1.{}", ctx.model_id);
-    let oms = consumer(
-        &ctx,
-        &signals_pattern,
-        &format!("demo-oms-{run}"),
-        Applies::Step(step_orders, &store),
-    )
-    .await?;
-    let pb = consumer(
-        &ctx,
-        "ampy.dev.orders.v1.requests",
-        &format!("demo-paper-broker-{run}"),
-        Applies::Step(step_broker, &store),
-    )
-    .await?;
     let pos_name = format!("demo-positions-{run}");
     let pos_handler = positions_service(&ctx, &inbox, &pos_name);
-    let pos = consumer(
-        &ctx,
-        "ampy.dev.fills.v1.events",
-        &pos_name,
-        Applies::Inbox(pos_handler.clone()),
-    )
-    .await?;
-    let handles = [feat, oms, pb, pos];
+    let signals_pattern = format!("ampy.dev.signals.v1.{}", ctx.model_id);
+    let steps = [
+        (
+            "ampy.dev.bars.>",
+            feat_name.clone(),
+            Applies::Step(step_features, &store),
+        ),
+        (
+            signals_pattern.as_str(),
+            format!("demo-oms-{run}"),
+            Applies::Step(step_orders, &store),
+        ),
+        (
+            "ampy.dev.orders.v1.requests",
+            format!("demo-paper-broker-{run}"),
+            Applies::Step(step_broker, &store),
+        ),
+        (
+            "ampy.dev.fills.v1.events",
+            pos_name.clone(),
+            Applies::Inbox(pos_handler.clone()),
+        ),
+    ];
+    let mut builder = Service::builder(bus.clone()).shutdown_deadline(Duration::from_secs(10));
+    for (pattern, name, applies) in steps {
+        builder = consumer(builder, &ctx, pattern, &name, applies);
+    }
+    let service = builder.start().await.map_err(|e| {
+        // The consumer's own error (it names the registry service and rule), exit 3 as when
+        // each consumer was started by hand.
+        let cause = std::error::Error::source(&e)
+            .and_then(|s| s.downcast_ref::<ampybus::Error>())
+            .unwrap_or(&e);
+        CliError::transport(format!("demo: start: {cause}"))
+    })?;
 
     // Producer: one BarBatch per symbol per minute, one batch (commit) per minute.
     let mut series: Vec<std::vec::IntoIter<Value>> = symbols
@@ -755,7 +762,9 @@ pub async fn run(url: &str, args: DemoArgs) -> CliResult<u8> {
     // Wait for every service to drain, by counters.
     let deadline = Instant::now() + TIMEOUT;
     let drained = loop {
-        let dlq = handles[0].stats().dlq(DlqCode::DecodeError);
+        let dlq = service
+            .consumer(&feat_name)
+            .map_or(0, |c| c.stats().dlq(DlqCode::DecodeError));
         let done = ctx.bars_handled.load(Ordering::SeqCst) == expected_bars
             && dlq >= 1
             && ctx.orders_seen.load(Ordering::SeqCst) == ctx.signals_pub.load(Ordering::SeqCst)
@@ -797,10 +806,14 @@ pub async fn run(url: &str, args: DemoArgs) -> CliResult<u8> {
     let redelivery_skipped = inbox.skipped(&pos_name) - skipped_before;
     let positions = read_positions(&inbox, &run)?;
 
-    let mut stats = Vec::new();
-    for h in handles {
-        stats.push(h.shutdown(Duration::from_secs(10)).await);
-    }
+    let stats: Vec<ConsumerStats> = service
+        .shutdown()
+        .await
+        .stats
+        .consumers
+        .into_iter()
+        .map(|(_, s)| s)
+        .collect();
     // The outbox relay publishes the snapshots the positions service staged.
     let relayed = inbox
         .relay(bus.clone(), RelayOptions::default())

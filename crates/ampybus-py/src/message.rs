@@ -411,9 +411,10 @@ impl PyMessage {
     }
 
     /// Try again after `delay` seconds, or after the retry policy's backoff when `None`;
-    /// after the policy's last attempt it is dead-lettered (`max_retries`).
-    #[pyo3(signature = (delay=None))]
-    fn retry(&self, delay: Option<f64>) -> PyResult<Ready> {
+    /// after the policy's last attempt it is dead-lettered (`max_retries`), with `cause` (why
+    /// this attempt failed) in the reason when given: `max_retries: attempt N: <cause>`.
+    #[pyo3(signature = (delay=None, cause=None))]
+    fn retry(&self, delay: Option<f64>, cause: Option<String>) -> PyResult<Ready> {
         let after = match delay {
             None => None,
             Some(d) if d.is_finite() && d >= 0.0 => Some(Duration::from_secs_f64(d)),
@@ -423,7 +424,11 @@ impl PyMessage {
                 )));
             }
         };
-        self.settle(Outcome::Retry { after }, "retry")
+        let outcome = match cause {
+            Some(cause) => Outcome::Failed { after, cause },
+            None => Outcome::Retry { after },
+        };
+        self.settle(outcome, "retry")
     }
 
     /// Poison: dead-letter it now. `reason` is kept as is when written `code: detail` with a

@@ -33,6 +33,7 @@ pub mod partition;
 pub mod registry;
 pub mod runtime;
 pub mod schema_hash;
+pub mod service;
 pub mod tier;
 pub mod topic;
 pub mod transport;

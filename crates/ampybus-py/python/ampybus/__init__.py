@@ -8,7 +8,7 @@ Redis Streams (``redis://``) and Kafka (``kafka://``).
 
 >>> import asyncio, ampybus
 >>> async def main() -> None:
-...     async with await ampybus.connect("./ampybus-data", producer="oms@1", source="oms") as bus:
+...     async with ampybus.connect("./ampybus-data", producer="oms@1", source="oms") as bus:
 ...         await bus.publish("ampy.dev.orders.v1.requests", b"...", partition_key="co_1")
 ...         async for msg in bus.subscribe("ampy.dev.orders.>", consumer="oms-audit"):
 ...             print(msg.topic, msg.headers.message_id)
@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections.abc as _abc
 
 from . import _native, inbox
+from .app import App, DeadLetter
 from ._bus import (
     RAW_BYTES_SCHEMA,
     Bus,
@@ -61,10 +62,12 @@ __version__: str = _native.__version__
 __all__ = [
     "RAW_BYTES_SCHEMA",
     "AmpybusError",
+    "App",
     "Bus",
     "ClosedError",
     "ConfigError",
     "ConsumerStats",
+    "DeadLetter",
     "Dlq",
     "EnvelopeError",
     "HeaderError",

@@ -684,7 +684,7 @@ class Bus:
                     result = handler(msg)
                     if inspect.isawaitable(result):
                         await result
-                except Exception:
+                except Exception as e:
                     log.warning(
                         "handler failed for message %s on %s; retrying per the policy",
                         msg.message_id,
@@ -692,7 +692,10 @@ class Bus:
                         exc_info=True,
                     )
                     if msg.settled is None:
-                        _settle(msg.retry)
+                        # The cause is kept: a `max_retries` dead letter names it.
+                        text = str(e)
+                        cause = f"{type(e).__name__}: {text}" if text else type(e).__name__
+                        _settle(lambda: msg.retry(cause=cause))
                     continue
                 # A cancelled handler leaves the message unsettled: the close below
                 # releases it (no attempt counted).
@@ -818,7 +821,27 @@ def _url_with(url: str, options: Mapping[str, Any]) -> str:
     return url + sep + "&".join(parts)
 
 
-async def connect(
+class _Connecting:
+    """What :func:`connect` returns: awaitable (``bus = await ampybus.connect(...)``) and an
+    async context manager (``async with ampybus.connect(...) as bus:``, closed on exit)."""
+
+    def __init__(self, opening: Callable[[], Awaitable[Bus]]) -> None:
+        self._opening = opening
+        self._bus: Optional[Bus] = None
+
+    def __await__(self) -> Any:
+        return self._opening().__await__()
+
+    async def __aenter__(self) -> Bus:
+        self._bus = await self._opening()
+        return self._bus
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._bus is not None:
+            await self._bus.close()
+
+
+def connect(
     url: Optional[str] = None,
     *,
     producer: Optional[str] = None,
@@ -827,8 +850,10 @@ async def connect(
     service: Optional[str] = None,
     registry: Optional[str] = None,
     **options: Any,
-) -> Bus:
-    """Connects to the bus at ``url`` and returns a :class:`Bus`.
+) -> _Connecting:
+    """Connects to the bus at ``url``: ``bus = await connect(...)``, or
+    ``async with connect(...) as bus:`` (closed on exit; ``async with await connect(...)``
+    works too).
 
     ``url``: ``file:///dir`` or a path (the embedded log, the default: ``$AMPYBUS_URL``, else
     ``./ampybus-data``), ``nats://host:4222``, ``tls://…``, ``redis://host:6379``,
@@ -841,5 +866,10 @@ async def connect(
     """
     if url is None:
         url = os.environ.get("AMPYBUS_URL") or "./ampybus-data"
-    native = await _native.connect(_url_with(url, options), observability, service, registry)
-    return Bus(native, producer, source)
+    full = _url_with(url, options)
+
+    async def opening() -> Bus:
+        native = await _native.connect(full, observability, service, registry)
+        return Bus(native, producer, source)
+
+    return _Connecting(opening)

@@ -108,8 +108,9 @@ class Message:
         """``"ack"``, ``"retry"``, ``"dead_letter"``, or ``None`` while unsettled."""
     def ack(self) -> Ready:
         """Done: acked (in batches) and recorded for dedupe."""
-    def retry(self, delay: Optional[float] = None) -> Ready:
-        """Again after ``delay`` seconds (``None``: the policy's backoff); DLQ after the last attempt."""
+    def retry(self, delay: Optional[float] = None, cause: Optional[str] = None) -> Ready:
+        """Again after ``delay`` seconds (``None``: the policy's backoff); DLQ after the last
+        attempt, as ``max_retries: attempt N: <cause>`` when ``cause`` is given."""
     def dead_letter(self, reason: str) -> Ready:
         """Poison: to the DLQ now with ``reason`` (``code: detail`` or free text)."""
     def decode(self, cls: Type[_M]) -> _M:

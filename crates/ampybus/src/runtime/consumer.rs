@@ -2430,6 +2430,10 @@ impl Shared {
                 item.last_error = format!("attempt {attempt}: handler asked to retry");
                 self.retry_or_give_up(item, attempt, after, att).await
             }
+            Some(Ok(Outcome::Failed { after, cause })) => {
+                item.last_error = format!("attempt {attempt}: {cause}");
+                self.retry_or_give_up(item, attempt, after, att).await
+            }
         }
     }
 

@@ -60,6 +60,7 @@
 mod consumer;
 pub mod control;
 mod dlq;
+mod fallible;
 pub mod feeds;
 mod lag;
 mod producer;
@@ -72,6 +73,7 @@ pub use dlq::{
     DLQ_ONLY_HEADERS, ORIGINAL_MESSAGE_ID, ORIGINAL_TOPIC_RAW, REDRIVE_CONSUMER, RedrivePlan,
     build_dlq_envelope, plan_redrive, record_redriven, redrive_envelope,
 };
+pub use fallible::{HandlerError, HandlerResult, handler_try, typed_try};
 pub use lag::{DEFAULT_LAG_ALERT, LagEvent, LagWatch};
 pub use producer::{
     DropCounts, DropReason, Producer, ProducerBuilder, ProducerStats, SendOutcome, ShedClass,
@@ -131,6 +133,31 @@ pub enum Outcome {
     /// Poison: dead-letter now. A reason written as `code: detail` with a known [`DlqCode`]
     /// is kept as is; anything else becomes `handler_error: <reason>`.
     DeadLetter(String),
+    /// The attempt failed with `cause`: retried like [`Outcome::Retry`], and the cause is
+    /// kept, so a message that runs out of attempts is dead-lettered with
+    /// `max_retries: attempt N: <cause>`. What a [`HandlerError`] from `?` becomes.
+    Failed {
+        /// Explicit delay; `None` uses exponential backoff with full jitter.
+        after: Option<Duration>,
+        /// Why the attempt failed (one line in the DLQ reason).
+        cause: String,
+    },
+}
+
+impl Outcome {
+    /// [`Outcome::Failed`] with the policy's backoff.
+    ///
+    /// ```
+    /// use ampybus::runtime::Outcome;
+    /// let o = Outcome::failed("database unavailable");
+    /// assert_eq!(o, Outcome::Failed { after: None, cause: "database unavailable".into() });
+    /// ```
+    pub fn failed(cause: impl Into<String>) -> Outcome {
+        Outcome::Failed {
+            after: None,
+            cause: cause.into(),
+        }
+    }
 }
 
 /// The closed set of DLQ reason codes. The `dlq_reason` header is `code: detail`; metrics label
@@ -307,6 +334,28 @@ pub trait Handler: Send + Sync + 'static {
     }
 }
 
+/// A shared handler is a handler (both paths forwarded), so an `Arc<dyn Handler>` kept
+/// elsewhere — e.g. to hand it a message again, or to wrap it in a middleware layer — can be
+/// given wherever `impl Handler` is taken.
+///
+/// ```
+/// use ampybus::runtime::{Handler, Outcome, handler_sync};
+/// use std::sync::Arc;
+/// let shared: Arc<dyn Handler> = Arc::new(handler_sync(|_m| Outcome::Ok));
+/// fn is_handler(_: &impl Handler) {}
+/// is_handler(&shared);
+/// ```
+#[async_trait]
+impl<H: Handler + ?Sized> Handler for std::sync::Arc<H> {
+    async fn handle(&self, msg: &Message) -> Outcome {
+        (**self).handle(msg).await
+    }
+
+    fn handle_now(&self, msg: &Message) -> Option<Outcome> {
+        (**self).handle_now(msg)
+    }
+}
+
 /// A handler made from a closure that decides at once, borrowing the message; see
 /// [`handler_sync`].
 ///
@@ -396,14 +445,16 @@ where
     FnHandler(f)
 }
 
+/// Also the handler of [`handler_try`], whose closure's future gives a [`HandlerResult`].
 #[async_trait]
 impl<F, Fut> Handler for FnHandler<F>
 where
     F: Fn(Message) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Outcome> + Send + 'static,
+    Fut: Future + Send + 'static,
+    Fut::Output: Into<Outcome>,
 {
     async fn handle(&self, msg: &Message) -> Outcome {
-        (self.0)(msg.clone()).await
+        (self.0)(msg.clone()).await.into()
     }
 }
 
@@ -463,26 +514,39 @@ where
     }
 }
 
+/// Also the handler of [`typed_try`], whose closure's future gives a [`HandlerResult`].
 #[async_trait]
 impl<M, F, Fut> Handler for TypedHandler<M, F>
 where
     M: prost::Message + prost::Name + Default + Send + 'static,
     F: Fn(M, Message) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Outcome> + Send + 'static,
+    Fut: Future + Send + 'static,
+    Fut::Output: Into<Outcome>,
 {
     async fn handle(&self, msg: &Message) -> Outcome {
-        let expected = M::full_name();
-        let got = msg.headers.schema_fqdn().unwrap_or_default();
-        if got != expected {
-            return Outcome::DeadLetter(
-                DlqCode::SchemaMismatch.reason(&format!("expected {expected} got {got}")),
-            );
-        }
-        match M::decode(msg.payload.clone()) {
-            Ok(m) => (self.f)(m, msg.clone()).await,
-            Err(e) => Outcome::DeadLetter(DlqCode::DecodeError.reason(&format!("{expected}: {e}"))),
+        match decode_typed::<M>(msg) {
+            Ok(m) => (self.f)(m, msg.clone()).await.into(),
+            Err(dead) => dead,
         }
     }
+}
+
+/// Checks `schema_fqdn` against `M` and decodes the payload; the error is the dead-letter
+/// outcome ([`DlqCode::SchemaMismatch`] or [`DlqCode::DecodeError`]). Shared by [`typed`] and
+/// [`typed_try`].
+pub(crate) fn decode_typed<M>(msg: &Message) -> Result<M, Outcome>
+where
+    M: prost::Message + prost::Name + Default,
+{
+    let expected = M::full_name();
+    let got = msg.headers.schema_fqdn().unwrap_or_default();
+    if got != expected {
+        return Err(Outcome::DeadLetter(
+            DlqCode::SchemaMismatch.reason(&format!("expected {expected} got {got}")),
+        ));
+    }
+    M::decode(msg.payload.clone())
+        .map_err(|e| Outcome::DeadLetter(DlqCode::DecodeError.reason(&format!("{expected}: {e}"))))
 }
 
 /// Retry policy: bounded attempts, exponential backoff with full jitter.
