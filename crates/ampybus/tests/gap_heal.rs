@@ -22,8 +22,8 @@ fn pattern() -> TopicPattern {
     TopicPattern::parse("ampy.dev.ticks.>").unwrap()
 }
 
-/// The `sequence` of every message the handler applied, in order.
-type Applied = Arc<Mutex<Vec<u64>>>;
+/// The key and `sequence` of every message the handler applied, in order.
+type Applied = Arc<Mutex<Vec<(String, u64)>>>;
 
 async fn start(
     bus: &Bus,
@@ -35,7 +35,8 @@ async fn start(
     let mut b = Consumer::builder(bus.clone(), pattern(), "md")
         .handler(handler_fn(move |m| {
             let seq = m.headers.get("sequence").unwrap().parse().unwrap();
-            seen.lock().unwrap().push(seq);
+            let key = m.headers.partition_key().unwrap().to_owned();
+            seen.lock().unwrap().push((key, seq));
             async { Outcome::Ok }
         }))
         .dedupe(Arc::new(SqliteDedupeStore::open(dedupe).unwrap()))
@@ -62,8 +63,9 @@ async fn until_applied(applied: &Applied, n: usize) {
 /// position (its group directory is removed, as when Kafka offsets expire or a JetStream
 /// durable is deleted after its inactive threshold) and restarts it at the live edge on a
 /// fresh handle (a new process), then publishes 7..10. Its dedupe store (SQLite) survives.
-/// Returns what the handler applied and the second bus.
+/// Every step for each of `keys`. Returns what the handler applied and the second bus.
 async fn lose_position_and_restart(
+    keys: &[&str],
     healer: Option<&GapHealer>,
 ) -> (tempfile::TempDir, Bus, Applied) {
     let dir = tempfile::tempdir().unwrap();
@@ -75,19 +77,23 @@ async fn lose_position_and_restart(
     let send = |n: u64| {
         let (p, topic) = (&p, &topic);
         async move {
-            let h = Headers::for_publish("ampy.ticks.v1.TradeBatch", "md@feed-a", "feed-a", KEY);
-            p.send(topic, h, format!("t{n}").into_bytes())
-                .await
-                .unwrap();
+            for key in keys {
+                let h =
+                    Headers::for_publish("ampy.ticks.v1.TradeBatch", "md@feed-a", "feed-a", key);
+                p.send(topic, h, format!("t{n}").into_bytes())
+                    .await
+                    .unwrap();
+            }
         }
     };
+    let k = keys.len();
     let applied: Applied = Arc::default();
     let c = start(&a, &dedupe, &applied, healer).await;
     for n in 1..=3 {
         send(n).await;
     }
     p.flush().await.unwrap();
-    until_applied(&applied, 3).await;
+    until_applied(&applied, 3 * k).await;
     c.shutdown(Duration::from_secs(5)).await;
     for n in 4..=6 {
         send(n).await;
@@ -100,7 +106,7 @@ async fn lose_position_and_restart(
         send(n).await;
     }
     p.close().await.unwrap();
-    until_applied(&applied, 7).await;
+    until_applied(&applied, 7 * k).await;
     // The heal (if any) ran to its end, or nothing more comes.
     if let Some(h) = healer {
         let t0 = tokio::time::Instant::now();
@@ -119,8 +125,8 @@ async fn a_gap_after_a_lost_position_is_replayed_and_applied_once() {
         min_interval: Duration::from_millis(200),
         ..Default::default()
     });
-    let (_dir, bus, applied) = lose_position_and_restart(Some(&healer)).await;
-    let mut got = applied.lock().unwrap().clone();
+    let (_dir, bus, applied) = lose_position_and_restart(&[KEY], Some(&healer)).await;
+    let mut got: Vec<u64> = applied.lock().unwrap().iter().map(|a| a.1).collect();
     // Live: 1..3, then 7..10; the heal's replay: 4..6 (after 7, the message that revealed it).
     assert_eq!(&got[..3], &[1, 2, 3]);
     assert_eq!(got.len(), 10, "applied {got:?}");
@@ -166,13 +172,63 @@ async fn a_gap_after_a_lost_position_is_replayed_and_applied_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_healing_the_gap_stays_and_nothing_is_requested() {
-    let (_dir, bus, applied) = lose_position_and_restart(None).await;
-    assert_eq!(*applied.lock().unwrap(), [1, 2, 3, 7, 8, 9, 10]);
+    let (_dir, bus, applied) = lose_position_and_restart(&[KEY], None).await;
+    let got: Vec<u64> = applied.lock().unwrap().iter().map(|a| a.1).collect();
+    assert_eq!(got, [1, 2, 3, 7, 8, 9, 10]);
     assert!(
         stored_envelopes(&bus, "ampy.dev.control.>")
             .await
             .is_empty(),
         "no replay request"
+    );
+}
+
+/// Five keys with a gap each at once: one request for all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_gaps_is_one_request() {
+    let keys = [
+        "AAPL.XNAS",
+        "AMZN.XNAS",
+        "MSFT.XNAS",
+        "NVDA.XNAS",
+        "TSLA.XNAS",
+    ];
+    let healer = GapHealer::new(HealOptions {
+        coalesce: Duration::from_secs(2),
+        ..Default::default()
+    });
+    let (_dir, bus, applied) = lose_position_and_restart(&keys, Some(&healer)).await;
+    let mut got = applied.lock().unwrap().clone();
+    assert_eq!(got.len(), 50, "applied {got:?}");
+    got.sort_unstable();
+    let want: Vec<(String, u64)> = keys
+        .iter()
+        .flat_map(|k| (1..=10).map(move |n| (k.to_string(), n)))
+        .collect();
+    assert_eq!(got, want, "each message of each key once");
+    let mut kinds = Vec::new();
+    while let Some(e) = healer.try_next() {
+        kinds.push(e.kind.as_str());
+    }
+    assert_eq!(
+        kinds,
+        [
+            "gap",
+            "gap",
+            "gap",
+            "gap",
+            "gap",
+            "heal_requested",
+            "healed"
+        ]
+    );
+    let s = healer.stats();
+    assert_eq!((s.gaps, s.requests, s.healed, s.applied), (5, 1, 1, 15));
+    assert_eq!(
+        stored_envelopes(&bus, "ampy.dev.control.v1.replay_requests")
+            .await
+            .len(),
+        1
     );
 }
 
