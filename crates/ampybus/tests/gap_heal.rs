@@ -148,6 +148,30 @@ async fn a_gap_after_a_lost_position_is_replayed_and_applied_once() {
     assert_eq!(h.applied, 3, "{h:?}");
     assert_eq!(h.read, h.applied + h.skipped);
     assert!(h.skipped >= 2, "{h:?}");
+    let j = events[2].to_json();
+    assert_eq!(
+        (
+            &j["event"],
+            &j["key"],
+            &j["first_missing"],
+            &j["last_missing"]
+        ),
+        (&"healed".into(), &KEY.into(), &4.into(), &6.into())
+    );
+    assert_eq!(
+        (&j["request_id"], &j["applied"]),
+        (&h.request_id.clone().into(), &3.into())
+    );
+    assert!(
+        events[2].to_string().contains(" missing=4-6 "),
+        "{}",
+        events[2]
+    );
+    assert!(
+        events[2].to_string().contains(" applied=3 "),
+        "{}",
+        events[2]
+    );
     let s = healer.stats();
     assert_eq!(
         (s.gaps, s.requests, s.healed, s.failed, s.applied),
