@@ -1,5 +1,5 @@
 //! The feed-health families of [`BusMetrics`](super::BusMetrics): `bus_stale_sources`,
-//! `bus_seconds_since_last{topic}`, `bus_gap_total{topic}`, `bus_failover_switches_total{service,
+//! `bus_seconds_since_last{topic}`, `bus_gap_total{topic}`, `bus_gap_heal_requests_total{topic}`, `bus_failover_switches_total{service,
 //! reason}` (see `runtime::feeds`).
 
 use super::metrics::{Listed, domain_topic};
@@ -27,6 +27,7 @@ pub(crate) struct FeedFamilies {
     stale_sources: Gauge,
     seconds_since_last: Family<TopicLabel, Gauge<f64, AtomicU64>>,
     gaps: Family<TopicLabel, Counter>,
+    heal_requests: Family<TopicLabel, Counter>,
     switches: Family<SwitchLabels, Counter>,
 }
 
@@ -48,6 +49,15 @@ impl FeedFamilies {
     /// One gap on `topic`.
     pub(crate) fn gap(&self, topic: &str) {
         self.gaps
+            .get_or_create(&TopicLabel {
+                topic: domain_topic(topic).to_owned(),
+            })
+            .inc();
+    }
+
+    /// One replay request of a gap healer on `topic`.
+    pub(crate) fn heal_request(&self, topic: &str) {
+        self.heal_requests
             .get_or_create(&TopicLabel {
                 topic: domain_topic(topic).to_owned(),
             })
@@ -79,6 +89,11 @@ impl FeedFamilies {
             "bus_gap",
             "Gaps in the sequence header seen by feed monitors, by domain-level topic",
             Listed(self.gaps.clone()),
+        );
+        r.register(
+            "bus_gap_heal_requests",
+            "Replay requests sent by gap healers for gaps their consumer saw, by domain-level topic",
+            Listed(self.heal_requests.clone()),
         );
         r.register(
             "bus_failover_switches",

@@ -97,6 +97,7 @@ impl Consumer {
             max_payload: DEFAULT_MAX_PAYLOAD,
             shed: super::ShedOptions::default(),
             lag_alert: super::lag::DEFAULT_LAG_ALERT,
+            heal: None,
         }
     }
 }
@@ -143,6 +144,7 @@ pub struct ConsumerBuilder {
     max_payload: usize,
     shed: super::ShedOptions,
     lag_alert: Duration,
+    heal: Option<super::feeds::GapHealer>,
 }
 
 impl std::fmt::Debug for ConsumerBuilder {
@@ -270,10 +272,45 @@ impl ConsumerBuilder {
         self
     }
 
+    /// Heals gaps in the `sequence` of what this consumer is delivered by asking itself to
+    /// replay the missing range (see [`GapHealer`](super::feeds::GapHealer), which has an
+    /// example). [`start`](ConsumerBuilder::start) fails with a `Config` error naming
+    /// `heal_gaps` on a best-effort pattern, a transport that cannot replay, without
+    /// [`serve_replays`](ConsumerBuilder::serve_replays) or without a dedupe store.
+    pub fn heal_gaps(mut self, healer: super::feeds::GapHealer) -> Self {
+        self.heal = Some(healer);
+        self
+    }
+
+    /// The dedupe store this consumer uses on `tier` (none when the choice is the default and
+    /// the tier or the transport has none).
+    fn dedupe_store(&self, tier: crate::tier::Tier) -> Option<Arc<dyn DedupeStore>> {
+        match &self.dedupe {
+            DedupeChoice::Off => None,
+            DedupeChoice::Store(s) => Some(s.clone()),
+            DedupeChoice::Default if tier != crate::tier::Tier::AtLeastOnceDedupe => None,
+            DedupeChoice::Default => self.bus.transport().dedupe_store(),
+        }
+    }
+
     /// Subscribes and spawns the fetcher, the workers and the acker (and the replay control
     /// listener, see [`ConsumerBuilder::serve_replays`]).
-    pub async fn start(self) -> Result<ConsumerHandle> {
+    pub async fn start(mut self) -> Result<ConsumerHandle> {
         let serve = self.serve_replays && self.bus.replay().is_some();
+        if let Some(healer) = self.heal.take() {
+            let tier = self.bus.tier_of_pattern(&self.pattern, None).0;
+            let has_dedupe = self.handler_dedupes || self.dedupe_store(tier).is_some();
+            super::feeds::GapHealer::check(
+                &self.bus,
+                &self.name,
+                &self.pattern,
+                tier,
+                self.serve_replays,
+                has_dedupe,
+            )?;
+            self.handler = self.handler.map(|h| healer.wrap(h));
+            healer.bind(self.bus.clone(), &self.name, self.pattern.clone());
+        }
         let handler_dedupes = self.handler_dedupes;
         let bus = self.bus.clone();
         let pattern = self.pattern.clone();
@@ -313,9 +350,10 @@ impl ConsumerBuilder {
         Box::pin(self.start())
     }
 
-    async fn start_inner(self) -> Result<ConsumerHandle> {
+    async fn start_inner(mut self) -> Result<ConsumerHandle> {
         let handler = self
             .handler
+            .take()
             .ok_or_else(|| Error::new(ErrorKind::Config, "consumer: no handler set"))?;
         if self.name.trim().is_empty() {
             return Err(Error::new(ErrorKind::Config, "consumer: empty name"));
@@ -326,18 +364,13 @@ impl ConsumerBuilder {
         // The tier of the pattern (crate::tier): dedupe only on at_least_once_dedupe;
         // best-effort reads through the shedding queue.
         let tier = self.bus.tier_of_pattern(&self.pattern, None).0;
-        let dedupe: Option<Arc<dyn DedupeStore>> = match self.dedupe {
-            DedupeChoice::Off => None,
-            DedupeChoice::Store(s) => Some(s),
-            DedupeChoice::Default if tier != crate::tier::Tier::AtLeastOnceDedupe => None,
-            DedupeChoice::Default if self.bus.transport().dedupe_store().is_some() => {
-                self.bus.transport().dedupe_store()
-            }
-            DedupeChoice::Default => {
-                tracing::warn!(consumer = %self.name, "no dedupe store configured for this transport; dedupe is off");
-                None
-            }
-        };
+        let dedupe = self.dedupe_store(tier);
+        if dedupe.is_none()
+            && matches!(self.dedupe, DedupeChoice::Default)
+            && tier == crate::tier::Tier::AtLeastOnceDedupe
+        {
+            tracing::warn!(consumer = %self.name, "no dedupe store configured for this transport; dedupe is off");
+        }
         let spec = SubscribeSpec {
             pattern: self.pattern.clone(),
             durable: Some(self.name.clone()),

@@ -13,6 +13,10 @@
 //!   partition key, `gap` / `duplicate` per (producer, run, key), as [`FeedEvent`]s to the
 //!   application, as metrics (`bus_stale_sources`, `bus_seconds_since_last{topic}`,
 //!   `bus_gap_total{topic}`) and on `/stats` (`feeds`). `ampybus monitor` prints them.
+//! * **Healing** ([`GapHealer`], enabled by
+//!   [`ConsumerBuilder::heal_gaps`](crate::runtime::ConsumerBuilder::heal_gaps)): on a durable
+//!   tier, a gap in what a consumer is delivered becomes a replay request for the missing
+//!   range, served by that consumer through its handler and dedupe store.
 //! * **Failover** ([`FailoverProducer`]): one active source among several of the same
 //!   topics, switched on silence or failures, switched back after the primary was healthy
 //!   for a set time.
@@ -22,6 +26,7 @@
 
 mod clock;
 mod failover;
+mod heal;
 mod heartbeat;
 mod monitor;
 mod watch;
@@ -30,10 +35,13 @@ pub use clock::{Clock, ManualClock, Now, SystemClock};
 pub use failover::{
     FailoverConfig, FailoverEvent, FailoverProducer, FailoverReason, FailoverState, Offered,
 };
+pub use heal::{GapHealer, HealOptions, HealStats};
 pub use heartbeat::{
     HEARTBEAT_NAME, HEARTBEAT_SCHEMA, Heartbeat, HeartbeatMetric, heartbeat_topic,
 };
-pub use monitor::{FeedConfig, FeedEvent, FeedEventKind, FeedMonitor, FeedStats, SEQUENCE};
+pub use monitor::{
+    FeedConfig, FeedEvent, FeedEventKind, FeedMonitor, FeedStats, HealReport, SEQUENCE,
+};
 pub use watch::{FeedWatch, FeedWatchBuilder};
 
 use crate::error::{Error, Result};

@@ -121,6 +121,14 @@ pub enum FeedEventKind {
     Lag,
     /// A lagging topic delivered a message under the threshold again.
     LagRecovered,
+    /// A [`GapHealer`](super::GapHealer) asked its consumer to replay a gap's range (`missing`;
+    /// `heal` holds the request id).
+    HealRequested,
+    /// The replay of a heal completed (`heal` holds what it read, applied and skipped).
+    Healed,
+    /// The replay of a heal was rejected, failed or got no final report (`heal.error` says
+    /// why).
+    HealFailed,
 }
 
 impl FeedEventKind {
@@ -133,6 +141,9 @@ impl FeedEventKind {
             FeedEventKind::Duplicate => "duplicate",
             FeedEventKind::Lag => "lag",
             FeedEventKind::LagRecovered => "lag_recovered",
+            FeedEventKind::HealRequested => "heal_requested",
+            FeedEventKind::Healed => "healed",
+            FeedEventKind::HealFailed => "heal_failed",
         }
     }
 }
@@ -154,6 +165,8 @@ impl FeedEventKind {
 ///     missing: Some((3, 4)),
 ///     sequence: Some(5),
 ///     lag: None,
+///     since: None,
+///     heal: None,
 /// };
 /// assert_eq!(e.to_json()["event"], "gap");
 /// assert_eq!(e.to_json()["at"], "2026-01-02T03:04:05.000000Z");
@@ -184,10 +197,37 @@ pub struct FeedEvent {
     pub sequence: Option<u64>,
     /// Lag/lag recovered: receive time − `produced_at` of the message.
     pub lag: Option<Duration>,
+    /// Gap: when the last message before the gap was stored (given to
+    /// [`FeedMonitor::observe_stored`]), else its `produced_at` — where a replay of the
+    /// missing range starts.
+    pub since: Option<DateTime<Utc>>,
+    /// Heal events: the replay request and its outcome.
+    pub heal: Option<HealReport>,
+}
+
+/// The replay behind a heal event ([`FeedEventKind::HealRequested`], [`FeedEventKind::Healed`],
+/// [`FeedEventKind::HealFailed`]).
+///
+/// ```
+/// let r = ampybus::runtime::feeds::HealReport { request_id: "r1".into(), ..Default::default() };
+/// assert_eq!((r.applied, r.error.as_deref()), (0, None));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HealReport {
+    /// The `ReplayRequest`'s id.
+    pub request_id: String,
+    /// Stored messages the replay read (healed, final events).
+    pub read: u64,
+    /// Messages the consumer's handler applied through the replay.
+    pub applied: u64,
+    /// Messages skipped as already applied.
+    pub skipped: u64,
+    /// Why the heal failed.
+    pub error: Option<String>,
 }
 
 impl FeedEvent {
-    fn new(kind: FeedEventKind, topic: &str, at: DateTime<Utc>) -> FeedEvent {
+    pub(super) fn new(kind: FeedEventKind, topic: &str, at: DateTime<Utc>) -> FeedEvent {
         FeedEvent {
             kind,
             topic: topic.to_owned(),
@@ -200,6 +240,8 @@ impl FeedEvent {
             missing: None,
             sequence: None,
             lag: None,
+            since: None,
+            heal: None,
         }
     }
 
@@ -233,6 +275,15 @@ impl FeedEvent {
             "lag_ms",
             self.lag.map(|d| Value::from(d.as_millis() as u64)),
         );
+        if let Some(h) = &self.heal {
+            put("request_id", Some(Value::from(h.request_id.clone())));
+            if self.kind == FeedEventKind::Healed {
+                put("read", Some(Value::from(h.read)));
+                put("applied", Some(Value::from(h.applied)));
+                put("skipped", Some(Value::from(h.skipped)));
+            }
+            put("error", h.error.clone().map(Value::from));
+        }
         o
     }
 }
@@ -269,6 +320,19 @@ impl std::fmt::Display for FeedEvent {
         }
         if let Some(r) = &self.run_id {
             write!(f, " run_id={r}")?;
+        }
+        if let Some(h) = &self.heal {
+            write!(f, " request_id={}", h.request_id)?;
+            if self.kind == FeedEventKind::Healed {
+                write!(
+                    f,
+                    " read={} applied={} skipped={}",
+                    h.read, h.applied, h.skipped
+                )?;
+            }
+            if let Some(e) = &h.error {
+                write!(f, " error={e:?}")?;
+            }
         }
         Ok(())
     }
@@ -331,6 +395,8 @@ struct Track {
 struct SeqTrack {
     run_id: String,
     last: u64,
+    /// When the message numbered `last` was stored (or produced).
+    last_at: Option<DateTime<Utc>>,
 }
 
 /// Feed health as a state machine: [`observe`](FeedMonitor::observe) each message,
@@ -412,6 +478,19 @@ impl FeedMonitor {
 
     /// Takes one message (its topic as carried and its headers) seen at `now`.
     pub fn observe(&mut self, now: Now, topic: &str, headers: &Headers) -> Vec<FeedEvent> {
+        self.observe_stored(now, topic, headers, None)
+    }
+
+    /// [`observe`](FeedMonitor::observe) with the time the message was stored, when known
+    /// (a consumer's delivery): a gap's [`since`](FeedEvent::since) is then the store time of
+    /// the message before it, the time base of a replay window.
+    pub fn observe_stored(
+        &mut self,
+        now: Now,
+        topic: &str,
+        headers: &Headers,
+        stored_at: Option<DateTime<Utc>>,
+    ) -> Vec<FeedEvent> {
         let mut out = Vec::new();
         let source = headers.source().filter(|s| !s.is_empty());
         let key = headers.partition_key().filter(|k| !k.is_empty());
@@ -451,7 +530,8 @@ impl FeedMonitor {
         {
             match raw.parse::<u64>() {
                 Ok(seq) if seq >= 1 && raw.bytes().all(|b| b.is_ascii_digit()) => {
-                    self.check_sequence(now, topic, headers, key.unwrap_or(""), seq, &mut out)
+                    let at = stored_at.or_else(|| headers.produced_at_time());
+                    self.check_sequence(now, topic, headers, key.unwrap_or(""), (seq, at), &mut out)
                 }
                 _ => {
                     self.bad_sequence += 1;
@@ -508,7 +588,7 @@ impl FeedMonitor {
         topic: &str,
         headers: &Headers,
         key: &str,
-        seq: u64,
+        (seq, at): (u64, Option<DateTime<Utc>>),
         out: &mut Vec<FeedEvent>,
     ) {
         let producer = headers.producer().unwrap_or_default();
@@ -521,6 +601,7 @@ impl FeedMonitor {
                 SeqTrack {
                     run_id: run.to_owned(),
                     last: seq,
+                    last_at: at,
                 },
             );
             return;
@@ -529,10 +610,12 @@ impl FeedMonitor {
             // A new run numbers from 1 again: a new baseline.
             run.clone_into(&mut slot.run_id);
             slot.last = seq;
+            slot.last_at = at;
             return;
         }
         let kind = if seq == slot.last + 1 {
             slot.last = seq;
+            slot.last_at = at;
             return;
         } else if seq <= slot.last {
             self.duplicates += 1;
@@ -550,7 +633,9 @@ impl FeedMonitor {
         e.sequence = Some(seq);
         if kind == FeedEventKind::Gap {
             e.missing = Some((slot.last + 1, seq - 1));
+            e.since = slot.last_at;
             slot.last = seq;
+            slot.last_at = at;
         }
         out.push(e);
     }

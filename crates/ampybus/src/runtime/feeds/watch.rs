@@ -123,29 +123,41 @@ impl Shared {
 
     /// Metrics for one event, then hands it to the application.
     fn emit(&self, e: FeedEvent, tx: &mpsc::UnboundedSender<FeedEvent>) {
-        let feeds = self.bus.metrics().feeds();
         let source_event = e.key.is_none();
-        match e.kind {
-            FeedEventKind::Stale if source_event && self.bus.observability() => {
-                feeds.stale_sources(1)
-            }
-            FeedEventKind::Recovered if source_event && self.bus.observability() => {
-                feeds.stale_sources(-1)
-            }
-            FeedEventKind::Gap if self.bus.observability() => feeds.gap(&e.topic),
-            _ => {}
-        }
-        match e.kind {
-            FeedEventKind::Stale | FeedEventKind::Gap | FeedEventKind::Lag => {
-                tracing::warn!(event = e.kind.as_str(), topic = %e.topic, key = ?e.key, source = ?e.source, "feed: {e}")
-            }
-            _ => {
-                tracing::info!(event = e.kind.as_str(), topic = %e.topic, key = ?e.key, source = ?e.source, "feed: {e}")
+        if source_event && self.bus.observability() {
+            match e.kind {
+                FeedEventKind::Stale => self.bus.metrics().feeds().stale_sources(1),
+                FeedEventKind::Recovered => self.bus.metrics().feeds().stale_sources(-1),
+                _ => {}
             }
         }
+        note(&self.bus, &e);
         // The receiver may be gone (the application stopped listening): the state and the
         // metrics still hold.
         let _ = tx.send(e);
+    }
+}
+
+/// The counters (`bus_gap_total`, `bus_gap_heal_requests_total`) and the log line of one
+/// event, wherever it was noticed (a [`FeedWatch`] or a [`GapHealer`](super::GapHealer)).
+pub(super) fn note(bus: &Bus, e: &FeedEvent) {
+    if bus.observability() {
+        match e.kind {
+            FeedEventKind::Gap => bus.metrics().feeds().gap(&e.topic),
+            FeedEventKind::HealRequested => bus.metrics().feeds().heal_request(&e.topic),
+            _ => {}
+        }
+    }
+    match e.kind {
+        FeedEventKind::Stale
+        | FeedEventKind::Gap
+        | FeedEventKind::Lag
+        | FeedEventKind::HealFailed => {
+            tracing::warn!(event = e.kind.as_str(), topic = %e.topic, key = ?e.key, source = ?e.source, "feed: {e}")
+        }
+        _ => {
+            tracing::info!(event = e.kind.as_str(), topic = %e.topic, key = ?e.key, source = ?e.source, "feed: {e}")
+        }
     }
 }
 
