@@ -6,7 +6,7 @@ mod common;
 
 use ampybus::dedupe::SqliteDedupeStore;
 use ampybus::runtime::feeds::{GapHealer, HealOptions};
-use ampybus::runtime::{Consumer, ConsumerHandle, Outcome, Producer, handler_fn};
+use ampybus::runtime::{Consumer, ConsumerHandle, Outcome, Producer, handler_fn, handler_sync};
 use ampybus::tier::Tier;
 use ampybus::transport::StartAt;
 use ampybus::{Bus, ErrorKind, Headers, Topic, TopicPattern};
@@ -30,15 +30,27 @@ async fn start(
     dedupe: &Path,
     applied: &Applied,
     healer: Option<&GapHealer>,
+    at_once: bool,
 ) -> ConsumerHandle {
     let seen = applied.clone();
-    let mut b = Consumer::builder(bus.clone(), pattern(), "md")
-        .handler(handler_fn(move |m| {
-            let seq = m.headers.get("sequence").unwrap().parse().unwrap();
-            let key = m.headers.partition_key().unwrap().to_owned();
-            seen.lock().unwrap().push((key, seq));
-            async { Outcome::Ok }
+    let record = move |m: &ampybus::runtime::Message| {
+        let seq = m.headers.get("sequence").unwrap().parse().unwrap();
+        let key = m.headers.partition_key().unwrap().to_owned();
+        seen.lock().unwrap().push((key, seq));
+        Outcome::Ok
+    };
+    let b = Consumer::builder(bus.clone(), pattern(), "md");
+    // Both kinds of handler go through the healer: one that answers at once (no future) and
+    // one that is awaited.
+    let b = if at_once {
+        b.handler(handler_sync(record))
+    } else {
+        b.handler(handler_fn(move |m| {
+            let outcome = record(&m);
+            async move { outcome }
         }))
+    };
+    let mut b = b
         .dedupe(Arc::new(SqliteDedupeStore::open(dedupe).unwrap()))
         .start_at(StartAt::Latest);
     if let Some(h) = healer {
@@ -63,10 +75,12 @@ async fn until_applied(applied: &Applied, n: usize) {
 /// position (its group directory is removed, as when Kafka offsets expire or a JetStream
 /// durable is deleted after its inactive threshold) and restarts it at the live edge on a
 /// fresh handle (a new process), then publishes 7..10. Its dedupe store (SQLite) survives.
-/// Every step for each of `keys`. Returns what the handler applied and the second bus.
+/// Every step for each of `keys`; the handler answers at once when `at_once`. Returns what the
+/// handler applied and the second bus.
 async fn lose_position_and_restart(
     keys: &[&str],
     healer: Option<&GapHealer>,
+    at_once: bool,
 ) -> (tempfile::TempDir, Bus, Applied) {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("log");
@@ -88,7 +102,7 @@ async fn lose_position_and_restart(
     };
     let k = keys.len();
     let applied: Applied = Arc::default();
-    let c = start(&a, &dedupe, &applied, healer).await;
+    let c = start(&a, &dedupe, &applied, healer, at_once).await;
     for n in 1..=3 {
         send(n).await;
     }
@@ -101,7 +115,7 @@ async fn lose_position_and_restart(
     p.flush().await.unwrap();
     std::fs::remove_dir_all(log.join("groups").join("md")).unwrap();
     let b = bus_at(&log).await;
-    let c = start(&b, &dedupe, &applied, healer).await;
+    let c = start(&b, &dedupe, &applied, healer, at_once).await;
     for n in 7..=10 {
         send(n).await;
     }
@@ -125,7 +139,7 @@ async fn a_gap_after_a_lost_position_is_replayed_and_applied_once() {
         min_interval: Duration::from_millis(200),
         ..Default::default()
     });
-    let (_dir, bus, applied) = lose_position_and_restart(&[KEY], Some(&healer)).await;
+    let (_dir, bus, applied) = lose_position_and_restart(&[KEY], Some(&healer), false).await;
     let mut got: Vec<u64> = applied.lock().unwrap().iter().map(|a| a.1).collect();
     // Live: 1..3, then 7..10; the heal's replay: 4..6 (after 7, the message that revealed it).
     assert_eq!(&got[..3], &[1, 2, 3]);
@@ -196,7 +210,7 @@ async fn a_gap_after_a_lost_position_is_replayed_and_applied_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_healing_the_gap_stays_and_nothing_is_requested() {
-    let (_dir, bus, applied) = lose_position_and_restart(&[KEY], None).await;
+    let (_dir, bus, applied) = lose_position_and_restart(&[KEY], None, false).await;
     let got: Vec<u64> = applied.lock().unwrap().iter().map(|a| a.1).collect();
     assert_eq!(got, [1, 2, 3, 7, 8, 9, 10]);
     assert!(
@@ -221,7 +235,7 @@ async fn a_burst_of_gaps_is_one_request() {
         coalesce: Duration::from_secs(2),
         ..Default::default()
     });
-    let (_dir, bus, applied) = lose_position_and_restart(&keys, Some(&healer)).await;
+    let (_dir, bus, applied) = lose_position_and_restart(&keys, Some(&healer), true).await;
     let mut got = applied.lock().unwrap().clone();
     assert_eq!(got.len(), 50, "applied {got:?}");
     got.sort_unstable();

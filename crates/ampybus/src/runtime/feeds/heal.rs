@@ -290,6 +290,23 @@ impl Handler for Healing {
         self.healer.observe(msg);
         self.inner.handle(msg).await
     }
+
+    /// A handler that answers at once keeps doing so (no future per message): the message is
+    /// checked once it answered (or panicked); when it does not answer here, `handle` checks it.
+    fn handle_now(&self, msg: &Message) -> Option<Outcome> {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.inner.handle_now(msg)))
+        {
+            Ok(None) => None,
+            Ok(Some(outcome)) => {
+                self.healer.observe(msg);
+                Some(outcome)
+            }
+            Err(panic) => {
+                self.healer.observe(msg);
+                std::panic::resume_unwind(panic)
+            }
+        }
+    }
 }
 
 impl Inner {
