@@ -51,6 +51,43 @@ root=$(pwd)
 state="$root/.brokers"
 port="${NATS_PORT:-4222}"
 
+# Stops the server this script started for `$1` (pid in $state/$1.pid) when its command line
+# still matches `$2`; anything else is left alone.
+stop_started() {
+    local name=$1 match=$2 pid
+    if [ -f "$state/$name.pid" ]; then
+        pid=$(cat "$state/$name.pid")
+        if kill -0 "$pid" 2>/dev/null && grep -q "$match" "/proc/$pid/cmdline" 2>/dev/null; then
+            kill "$pid"
+            for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+            echo "$name: stopped pid $pid"
+        else
+            echo "$name: pid $pid is not running"
+        fi
+        rm -f "$state/$name.pid"
+    else
+        echo "$name: nothing started by this script"
+    fi
+}
+
+# Waits up to 20 s for the server just started for `$1` (pid in $state/$1.pid, log in
+# $state/$1.log) on port `$4` until the probe `$2` passes; says which program (`$3`) failed
+# otherwise.
+wait_started() {
+    local name=$1 probe=$2 program=$3 port=$4
+    for _ in $(seq 1 200); do
+        if "$probe"; then
+            echo "$name: ready on 127.0.0.1:$port (pid $(cat "$state/$name.pid"))"
+            return 0
+        fi
+        if ! kill -0 "$(cat "$state/$name.pid")" 2>/dev/null; then break; fi
+        sleep 0.1
+    done
+    echo "error: $program did not become ready; log: $state/$name.log" >&2
+    tail -20 "$state/$name.log" >&2 || true
+    return 1
+}
+
 # A JetStream account-info request over the plain NATS protocol (no client needed):
 # CONNECT with headers, SUB to an inbox, PUB $JS.API.INFO, read the answer.
 nats_js_ok() {
@@ -156,22 +193,7 @@ start_nats() {
     echo "nats: ready on 127.0.0.1:$port (pid $(cat "$state/nats.pid"))"
 }
 
-stop_nats() {
-    if [ -f "$state/nats.pid" ]; then
-        local pid
-        pid=$(cat "$state/nats.pid")
-        if kill -0 "$pid" 2>/dev/null && grep -q nats-server "/proc/$pid/cmdline" 2>/dev/null; then
-            kill "$pid"
-            for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-            echo "nats: stopped pid $pid"
-        else
-            echo "nats: pid $pid is not running"
-        fi
-        rm -f "$state/nats.pid"
-    else
-        echo "nats: nothing started by this script"
-    fi
-}
+stop_nats() { stop_started nats nats-server; }
 
 status_nats() {
     if nats_js_ok; then
@@ -243,22 +265,7 @@ start_redis() {
     echo "redis: ready on 127.0.0.1:$redis_port (pid $(cat "$state/redis.pid"))"
 }
 
-stop_redis() {
-    if [ -f "$state/redis.pid" ]; then
-        local pid
-        pid=$(cat "$state/redis.pid")
-        if kill -0 "$pid" 2>/dev/null && grep -q redis-server "/proc/$pid/cmdline" 2>/dev/null; then
-            kill "$pid"
-            for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-            echo "redis: stopped pid $pid"
-        else
-            echo "redis: pid $pid is not running"
-        fi
-        rm -f "$state/redis.pid"
-    else
-        echo "redis: nothing started by this script"
-    fi
-}
+stop_redis() { stop_started redis redis-server; }
 
 status_redis() {
     if redis_ping; then
@@ -340,35 +347,10 @@ start_kafka() {
         --advertised-listener-url "tcp://127.0.0.1:$kafka_port" \
         >"$state/kafka.log" 2>&1 &
     echo $! >"$state/kafka.pid"
-    for _ in $(seq 1 200); do
-        if kafka_ok; then
-            echo "kafka: ready on 127.0.0.1:$kafka_port (pid $(cat "$state/kafka.pid"))"
-            return 0
-        fi
-        if ! kill -0 "$(cat "$state/kafka.pid")" 2>/dev/null; then break; fi
-        sleep 0.1
-    done
-    echo "error: tansu did not become ready; log: $state/kafka.log" >&2
-    tail -20 "$state/kafka.log" >&2 || true
-    return 1
+    wait_started kafka kafka_ok tansu "$kafka_port"
 }
 
-stop_kafka() {
-    if [ -f "$state/kafka.pid" ]; then
-        local pid
-        pid=$(cat "$state/kafka.pid")
-        if kill -0 "$pid" 2>/dev/null && grep -q tansu "/proc/$pid/cmdline" 2>/dev/null; then
-            kill "$pid"
-            for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-            echo "kafka: stopped pid $pid"
-        else
-            echo "kafka: pid $pid is not running"
-        fi
-        rm -f "$state/kafka.pid"
-    else
-        echo "kafka: nothing started by this script"
-    fi
-}
+stop_kafka() { stop_started kafka tansu; }
 
 status_kafka() {
     if kafka_ok; then
@@ -532,35 +514,10 @@ start_s3() {
     echo "s3: starting $moto_root/bin/moto_server on 127.0.0.1:$s3_port (in memory)"
     nohup "$moto_root/bin/moto_server" -H 127.0.0.1 -p "$s3_port" >"$state/s3.log" 2>&1 &
     echo $! >"$state/s3.pid"
-    for _ in $(seq 1 200); do
-        if s3_ok; then
-            echo "s3: ready on 127.0.0.1:$s3_port (pid $(cat "$state/s3.pid"))"
-            return 0
-        fi
-        if ! kill -0 "$(cat "$state/s3.pid")" 2>/dev/null; then break; fi
-        sleep 0.1
-    done
-    echo "error: moto_server did not become ready; log: $state/s3.log" >&2
-    tail -20 "$state/s3.log" >&2 || true
-    return 1
+    wait_started s3 s3_ok moto_server "$s3_port"
 }
 
-stop_s3() {
-    if [ -f "$state/s3.pid" ]; then
-        local pid
-        pid=$(cat "$state/s3.pid")
-        if kill -0 "$pid" 2>/dev/null && grep -q moto_server "/proc/$pid/cmdline" 2>/dev/null; then
-            kill "$pid"
-            for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-            echo "s3: stopped pid $pid"
-        else
-            echo "s3: pid $pid is not running"
-        fi
-        rm -f "$state/s3.pid"
-    else
-        echo "s3: nothing started by this script"
-    fi
-}
+stop_s3() { stop_started s3 moto_server; }
 
 status_s3() {
     if s3_ok; then
