@@ -11,7 +11,7 @@ use ampybus::codec::{BlobStore, PayloadCodec, default_blob_retention, sha256_tag
 use ampybus::runtime::{Consumer, ConsumerHandle, DlqCode, Outcome, RetryPolicy, handler_fn};
 use ampybus::transport::{Delivery, StartAt, SubscribeSpec};
 use ampybus::{Bus, Headers, Topic, TopicPattern};
-use common::{HANG, bus_at};
+use common::{HANG, bus_at, fetch_exact};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -63,12 +63,7 @@ async fn dlq(bus: &Bus, n: usize) -> Vec<Delivery> {
         .subscribe(SubscribeSpec::ephemeral(pattern, StartAt::Earliest))
         .await
         .unwrap();
-    let mut out = Vec::new();
-    let start = Instant::now();
-    while out.len() < n {
-        assert!(start.elapsed() < HANG, "read {} of {n}", out.len());
-        out.extend(sub.fetch(n, Duration::from_secs(1)).await.unwrap());
-    }
+    let out = fetch_exact(&mut sub, n).await;
     assert!(
         sub.fetch(10, Duration::from_millis(200))
             .await
