@@ -9,6 +9,7 @@
 #   scripts/brokers.sh start  kafka  # use a Kafka-API broker on 127.0.0.1:9092, else start tansu
 #   scripts/brokers.sh build  kafka  # only build (and cache) the tansu binary
 #   scripts/brokers.sh start  postgres  # use postgres@127.0.0.1:5432 (trust), else initdb + pg_ctl one
+#   scripts/brokers.sh start  s3     # use an S3 server on 127.0.0.1:9000, else start moto's
 #
 # Idempotent. `start` uses a nats-server already listening on 127.0.0.1:${NATS_PORT:-4222} when
 # it has JetStream enabled (checked with a JetStream account-info request); a server there without
@@ -36,12 +37,56 @@
 #   pg_ctl -D … -o '-c listen_addresses=127.0.0.1 -p 5432 -c unix_socket_directories=…' start
 # (as the `postgres` system user when run as root: initdb refuses root). `stop postgres` stops
 # only that one.
+#
+# S3 (the blob store's tests): `start s3` uses an S3-compatible server already answering an
+# anonymous ListBuckets on 127.0.0.1:${S3_PORT:-9000}; otherwise it starts moto's S3 server
+# (in memory, nothing kept across restarts), installed once per machine with
+#   python3 -m venv ~/.cache/ampybus/moto-5.2.1 && pip install 'moto[server]==5.2.1'
+# and started as `moto_server -H 127.0.0.1 -p 9000`. It accepts any credentials; the tests
+# create their own buckets. `stop s3` stops only that one.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root=$(pwd)
 state="$root/.brokers"
 port="${NATS_PORT:-4222}"
+
+# Stops the server this script started for `$1` (pid in $state/$1.pid) when its command line
+# still matches `$2`; anything else is left alone.
+stop_started() {
+    local name=$1 match=$2 pid
+    if [ -f "$state/$name.pid" ]; then
+        pid=$(cat "$state/$name.pid")
+        if kill -0 "$pid" 2>/dev/null && grep -q "$match" "/proc/$pid/cmdline" 2>/dev/null; then
+            kill "$pid"
+            for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+            echo "$name: stopped pid $pid"
+        else
+            echo "$name: pid $pid is not running"
+        fi
+        rm -f "$state/$name.pid"
+    else
+        echo "$name: nothing started by this script"
+    fi
+}
+
+# Waits up to 20 s for the server just started for `$1` (pid in $state/$1.pid, log in
+# $state/$1.log) on port `$4` until the probe `$2` passes; says which program (`$3`) failed
+# otherwise.
+wait_started() {
+    local name=$1 probe=$2 program=$3 port=$4
+    for _ in $(seq 1 200); do
+        if "$probe"; then
+            echo "$name: ready on 127.0.0.1:$port (pid $(cat "$state/$name.pid"))"
+            return 0
+        fi
+        if ! kill -0 "$(cat "$state/$name.pid")" 2>/dev/null; then break; fi
+        sleep 0.1
+    done
+    echo "error: $program did not become ready; log: $state/$name.log" >&2
+    tail -20 "$state/$name.log" >&2 || true
+    return 1
+}
 
 # A JetStream account-info request over the plain NATS protocol (no client needed):
 # CONNECT with headers, SUB to an inbox, PUB $JS.API.INFO, read the answer.
@@ -148,22 +193,7 @@ start_nats() {
     echo "nats: ready on 127.0.0.1:$port (pid $(cat "$state/nats.pid"))"
 }
 
-stop_nats() {
-    if [ -f "$state/nats.pid" ]; then
-        local pid
-        pid=$(cat "$state/nats.pid")
-        if kill -0 "$pid" 2>/dev/null && grep -q nats-server "/proc/$pid/cmdline" 2>/dev/null; then
-            kill "$pid"
-            for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-            echo "nats: stopped pid $pid"
-        else
-            echo "nats: pid $pid is not running"
-        fi
-        rm -f "$state/nats.pid"
-    else
-        echo "nats: nothing started by this script"
-    fi
-}
+stop_nats() { stop_started nats nats-server; }
 
 status_nats() {
     if nats_js_ok; then
@@ -235,22 +265,7 @@ start_redis() {
     echo "redis: ready on 127.0.0.1:$redis_port (pid $(cat "$state/redis.pid"))"
 }
 
-stop_redis() {
-    if [ -f "$state/redis.pid" ]; then
-        local pid
-        pid=$(cat "$state/redis.pid")
-        if kill -0 "$pid" 2>/dev/null && grep -q redis-server "/proc/$pid/cmdline" 2>/dev/null; then
-            kill "$pid"
-            for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-            echo "redis: stopped pid $pid"
-        else
-            echo "redis: pid $pid is not running"
-        fi
-        rm -f "$state/redis.pid"
-    else
-        echo "redis: nothing started by this script"
-    fi
-}
+stop_redis() { stop_started redis redis-server; }
 
 status_redis() {
     if redis_ping; then
@@ -332,35 +347,10 @@ start_kafka() {
         --advertised-listener-url "tcp://127.0.0.1:$kafka_port" \
         >"$state/kafka.log" 2>&1 &
     echo $! >"$state/kafka.pid"
-    for _ in $(seq 1 200); do
-        if kafka_ok; then
-            echo "kafka: ready on 127.0.0.1:$kafka_port (pid $(cat "$state/kafka.pid"))"
-            return 0
-        fi
-        if ! kill -0 "$(cat "$state/kafka.pid")" 2>/dev/null; then break; fi
-        sleep 0.1
-    done
-    echo "error: tansu did not become ready; log: $state/kafka.log" >&2
-    tail -20 "$state/kafka.log" >&2 || true
-    return 1
+    wait_started kafka kafka_ok tansu "$kafka_port"
 }
 
-stop_kafka() {
-    if [ -f "$state/kafka.pid" ]; then
-        local pid
-        pid=$(cat "$state/kafka.pid")
-        if kill -0 "$pid" 2>/dev/null && grep -q tansu "/proc/$pid/cmdline" 2>/dev/null; then
-            kill "$pid"
-            for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-            echo "kafka: stopped pid $pid"
-        else
-            echo "kafka: pid $pid is not running"
-        fi
-        rm -f "$state/kafka.pid"
-    else
-        echo "kafka: nothing started by this script"
-    fi
-}
+stop_kafka() { stop_started kafka tansu; }
 
 status_kafka() {
     if kafka_ok; then
@@ -468,6 +458,76 @@ status_postgres() {
     fi
 }
 
+s3_port="${S3_PORT:-9000}"
+moto_version="5.2.1"
+moto_root="$tools_dir/moto-$moto_version"
+
+# An anonymous ListBuckets (GET /) over HTTP. Exit codes: 0 an S3 server answered,
+# 3 nothing listening, 4 something else.
+s3_ok() {
+    python3 - "$s3_port" <<'PY'
+import sys, urllib.request, urllib.error
+try:
+    with urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/", timeout=3) as r:
+        body = r.read()
+except urllib.error.URLError as e:
+    sys.exit(3 if isinstance(e.reason, ConnectionRefusedError) else 4)
+except OSError:
+    sys.exit(4)
+sys.exit(0 if b"ListAllMyBucketsResult" in body else 4)
+PY
+}
+
+# Installs moto's server once per machine (a venv under the tools dir, marked complete only
+# after pip succeeded) under a lock, so parallel callers wait for one install.
+ensure_moto() {
+    if [ -f "$moto_root/.installed" ]; then return 0; fi
+    mkdir -p "$tools_dir"
+    exec 7>"$tools_dir/moto.lock"
+    if command -v flock >/dev/null 2>&1; then flock 7; fi
+    if [ ! -f "$moto_root/.installed" ]; then
+        echo "s3: installing moto[server]==$moto_version into $moto_root (once per machine)"
+        rm -rf "$moto_root"
+        { python3 -m venv "$moto_root" \
+            && "$moto_root/bin/pip" install --quiet --disable-pip-version-check "moto[server]==$moto_version"; } \
+            >"$tools_dir/moto-install.log" 2>&1 || {
+            echo "error: installing moto failed; log: $tools_dir/moto-install.log" >&2
+            tail -30 "$tools_dir/moto-install.log" >&2
+            rm -rf "$moto_root"
+            return 1
+        }
+        touch "$moto_root/.installed"
+    fi
+    exec 7>&-
+}
+
+start_s3() {
+    local rc=0
+    s3_ok || rc=$?
+    case $rc in
+        0) echo "s3: an S3-compatible server is already answering on 127.0.0.1:$s3_port"; return 0 ;;
+        3) ;;
+        *) echo "error: something on 127.0.0.1:$s3_port is not an S3 server (probe exit $rc)" >&2; return 1 ;;
+    esac
+    ensure_moto
+    mkdir -p "$state"
+    echo "s3: starting $moto_root/bin/moto_server on 127.0.0.1:$s3_port (in memory)"
+    nohup "$moto_root/bin/moto_server" -H 127.0.0.1 -p "$s3_port" >"$state/s3.log" 2>&1 &
+    echo $! >"$state/s3.pid"
+    wait_started s3 s3_ok moto_server "$s3_port"
+}
+
+stop_s3() { stop_started s3 moto_server; }
+
+status_s3() {
+    if s3_ok; then
+        echo "s3: answering on 127.0.0.1:$s3_port$( [ -f "$state/s3.pid" ] && echo " (started by this script, pid $(cat "$state/s3.pid"))")"
+    else
+        echo "s3: no S3-compatible server on 127.0.0.1:$s3_port"
+        return 1
+    fi
+}
+
 cmd="${1:-}"
 shift || true
 brokers=("$@")
@@ -487,7 +547,10 @@ for b in "${brokers[@]}"; do
         start:postgres) start_postgres ;;
         stop:postgres) stop_postgres ;;
         status:postgres) status_postgres ;;
-        *:nats|*:redis|*:kafka|*:postgres) echo "usage: $0 start|stop|status [nats] [redis] [kafka] [postgres]  (or: build kafka)" >&2; exit 2 ;;
-        *) echo "error: unknown broker \`$b\` (known: nats, redis, kafka, postgres)" >&2; exit 2 ;;
+        start:s3) start_s3 ;;
+        stop:s3) stop_s3 ;;
+        status:s3) status_s3 ;;
+        *:nats|*:redis|*:kafka|*:postgres|*:s3) echo "usage: $0 start|stop|status [nats] [redis] [kafka] [postgres] [s3]  (or: build kafka)" >&2; exit 2 ;;
+        *) echo "error: unknown broker \`$b\` (known: nats, redis, kafka, postgres, s3)" >&2; exit 2 ;;
     esac
 done

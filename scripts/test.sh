@@ -21,7 +21,9 @@
 # storage, built by scripts/brokers.sh into ~/.cache/ampybus/ once per machine and started
 # there), PostgreSQL (the archive tests: postgres@127.0.0.1:5432 without a password, else
 # Debian's postgresql started by scripts/brokers.sh; each test makes its own database, and the
-# restart test runs its own initdb instance). Brokers this run started are stopped when it ends.
+# restart test runs its own initdb instance), an S3-compatible server (the blob store tests: the
+# one on 127.0.0.1:9000, else moto's, installed by scripts/brokers.sh into ~/.cache/ampybus/ once
+# per machine). Brokers this run started are stopped when it ends.
 #
 # Environment:
 #   AMPYBUS_TEST_SCALE  multiplies the sizes of the heavier tests (default 1; 0.2 for a quick
@@ -91,10 +93,10 @@ if [ -x scripts/python-env.sh ] || [ -f scripts/python-env.sh ]; then
     bash scripts/python-env.sh >/dev/null
 fi
 
-step "test brokers (scripts/brokers.sh start nats redis kafka postgres: reuses a JetStream server on 127.0.0.1:4222, a Redis on 127.0.0.1:6379 a Kafka-API broker on 127.0.0.1:9092 and PostgreSQL on 127.0.0.1:5432; tansu is built once per machine, about 12 minutes)"
+step "test brokers (scripts/brokers.sh start nats redis kafka postgres s3: reuses a JetStream server on 127.0.0.1:4222, a Redis on 127.0.0.1:6379 a Kafka-API broker on 127.0.0.1:9092, PostgreSQL on 127.0.0.1:5432 and an S3 server on 127.0.0.1:9000; tansu is built once per machine, about 12 minutes; moto is installed once, under a minute)"
 # Stop at exit what this run started (a broker that was already there is left alone).
-trap 'bash scripts/brokers.sh stop nats redis kafka postgres >/dev/null 2>&1 || true' EXIT
-bash scripts/brokers.sh start nats redis kafka postgres
+trap 'bash scripts/brokers.sh stop nats redis kafka postgres s3 >/dev/null 2>&1 || true' EXIT
+bash scripts/brokers.sh start nats redis kafka postgres s3
 
 step "AsyncAPI parser (scripts/asyncapi-validate.sh install: @asyncapi/parser into ~/.cache/ampybus once per machine, for crates/ampybus-cli/tests/registry.rs)"
 bash scripts/asyncapi-validate.sh install

@@ -15,6 +15,8 @@ use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
 use std::sync::Arc;
 
+mod s3;
+
 /// Payloads strictly larger than this (in bytes) are gzipped: 128 KiB.
 pub const COMPRESS_THRESHOLD: usize = 128 * 1024;
 /// Default inline limit after compression: 1 MiB. Larger payloads go to the blob store.
@@ -134,10 +136,19 @@ pub fn inflate_if_needed(headers: &Headers, payload: &[u8], max: usize) -> Resul
 /// let store = ampybus::codec::BlobStore::local(dir.path()).unwrap();
 /// assert!(store.url_prefix().starts_with("file://"));
 /// ```
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct BlobStore {
     store: Arc<dyn ObjectStore>,
     prefix: String,
+}
+
+/// Shows the `blob_ref` prefix only: a client's configuration (credentials) is never printed.
+impl std::fmt::Debug for BlobStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlobStore")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
 }
 
 impl BlobStore {
@@ -160,34 +171,83 @@ impl BlobStore {
         })
     }
 
-    /// The store a `blob_store=` bus URL option names: `file:///absolute/dir` (created if
-    /// missing). Other schemes are a Config error naming the option (no S3 client is compiled
-    /// in; see [`BlobStore::new`]).
+    /// The store a `blob_store=` bus URL option names, with the AWS settings of the process
+    /// environment ([`BlobStore::from_url_with_env`] over `std::env::vars`):
+    ///
+    /// - `file:///absolute/dir` — a local directory (created if missing);
+    /// - `s3://bucket[/prefix][?endpoint=URL&region=NAME&allow_http=true]` — S3 or an
+    ///   S3-compatible server through `object_store`'s AWS support (cargo feature `blob-s3`,
+    ///   which the CLI and the Python SDK enable). Credentials come from the standard AWS
+    ///   variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`,
+    ///   `AWS_REGION`, `AWS_ENDPOINT_URL`, …; credentials in the URL are refused); the
+    ///   `endpoint` and `region` options beat the environment's. Plain `http://` endpoints are
+    ///   allowed to a loopback address only, unless `allow_http=true` (or `AWS_ALLOW_HTTP=true`).
+    ///   Objects are `prefix/{domain}/{day}/{message_id}`; `blob_ref` is
+    ///   `s3://bucket/prefix/{domain}/{day}/{message_id}`.
+    ///
+    /// Anything else is a Config error naming the option and the rule (bucket missing or
+    /// malformed, a bad prefix segment, an unknown or repeated option, plain http to another
+    /// host). Nothing is contacted here: an unreachable server shows on the first write or read.
     ///
     /// ```
     /// let dir = tempfile::tempdir().unwrap();
     /// let url = format!("file://{}", dir.path().display());
     /// assert!(ampybus::codec::BlobStore::from_url(&url).is_ok());
-    /// let e = ampybus::codec::BlobStore::from_url("s3://bucket/x").unwrap_err();
-    /// assert!(e.to_string().contains("blob_store \"s3://bucket/x\""), "{e}");
+    /// let e = ampybus::codec::BlobStore::from_url("s3://bucket/x?colour=red").unwrap_err();
+    /// assert!(e.to_string().contains("unknown option \"colour\""), "{e}");
+    /// let e = ampybus::codec::BlobStore::from_url("ftp://h/x").unwrap_err();
+    /// assert!(e.to_string().contains("must be file:///absolute/dir or s3://bucket[/prefix]"), "{e}");
     /// ```
     pub fn from_url(url: &str) -> Result<Self> {
+        let env = std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
+        BlobStore::from_url_with_env(url, env)
+    }
+
+    /// [`BlobStore::from_url`] with the environment given: `env` holds the variables an
+    /// `s3://` store reads (those starting with `AWS_`; others are ignored). For a process
+    /// that keeps several S3 identities, or a test that must not touch its environment.
+    ///
+    /// ```
+    /// # #[cfg(feature = "blob-s3")] {
+    /// use ampybus::codec::BlobStore;
+    /// let env = [
+    ///     ("AWS_ACCESS_KEY_ID".to_string(), "AKIDEXAMPLE".to_string()),
+    ///     ("AWS_SECRET_ACCESS_KEY".to_string(), "secret".to_string()),
+    /// ];
+    /// let store = BlobStore::from_url_with_env("s3://bucket/blobs?endpoint=http://127.0.0.1:9000", env).unwrap();
+    /// assert_eq!(store.url_prefix(), "s3://bucket/blobs/");
+    /// # }
+    /// ```
+    pub fn from_url_with_env(
+        url: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self> {
+        if url.starts_with("s3://") {
+            let env: Vec<(String, String)> = env
+                .into_iter()
+                .filter(|(k, _)| k.starts_with("AWS_"))
+                .collect();
+            let loc = s3::S3Url::parse(url, &env)?;
+            return s3::open(url, &loc, &env);
+        }
         match url.strip_prefix("file://") {
             Some(path) if path.starts_with('/') && path.len() > 1 => {
                 BlobStore::local(std::path::Path::new(path))
             }
             _ => Err(Error::config(format!(
-                "blob_store {url:?}: must be file:///absolute/dir (this build has no S3 client; a library user can pass any object_store through BlobStore::new)"
+                "blob_store {:?}: must be file:///absolute/dir or s3://bucket[/prefix][?options] (see BlobStore::from_url)",
+                crate::bus::redact(url)
             ))),
         }
     }
 
     /// Any `object_store` (0.12) store whose objects are named `<url_prefix><key>` in
-    /// `blob_ref`. This crate compiles `object_store` with its `fs` feature only, so what it
-    /// brings is the local filesystem ([`BlobStore::local`]) and `object_store::memory::InMemory`;
-    /// no S3, GCS or Azure client is compiled in. For one of those, depend on `object_store`
-    /// 0.12 with its `aws`, `gcp` or `azure` feature in your own crate (cargo builds one
-    /// `object_store` with both feature sets) and pass the store here.
+    /// `blob_ref`. This crate compiles `object_store` with its `fs` feature, and its `aws`
+    /// feature with cargo feature `blob-s3` ([`BlobStore::from_url`] builds those stores); for
+    /// GCS or Azure, depend on `object_store` 0.12 with its `gcp` or `azure` feature in your
+    /// own crate (cargo builds one `object_store` with both feature sets) and pass the store
+    /// here.
     ///
     /// ```
     /// use std::sync::Arc;
@@ -270,25 +330,54 @@ impl BlobStore {
         Ok(format!("{}{}", self.prefix, path))
     }
 
-    /// Fetches the bytes a `blob_ref` points at. Only refs under this store's prefix are
-    /// fetched.
-    pub async fn get(&self, blob_ref: &str) -> Result<Bytes> {
+    /// The object path of a `blob_ref` of this store; refs under another prefix are refused.
+    fn path_of(&self, blob_ref: &str) -> Result<ObjPath> {
         let key = blob_ref.strip_prefix(&self.prefix).ok_or_else(|| {
             Error::payload(format!(
                 "blob_ref {blob_ref:?} is not under this store ({})",
                 self.prefix
             ))
         })?;
-        let path = ObjPath::parse(key)
-            .map_err(|e| Error::payload(format!("blob_ref {blob_ref:?}: {e}")))?;
-        let got = self
-            .store
-            .get(&path)
-            .await
-            .map_err(|e| Error::transport(format!("blob store: cannot read {blob_ref}"), e))?;
+        ObjPath::parse(key).map_err(|e| Error::payload(format!("blob_ref {blob_ref:?}: {e}")))
+    }
+
+    /// Fetches the bytes a `blob_ref` points at. Only refs under this store's prefix are
+    /// fetched; a missing blob is a Transport error saying so ("no such blob").
+    pub async fn get(&self, blob_ref: &str) -> Result<Bytes> {
+        let path = self.path_of(blob_ref)?;
+        let got = self.store.get(&path).await.map_err(|e| match e {
+            object_store::Error::NotFound { .. } => Error::transport(
+                format!("blob store: cannot read {blob_ref}: no such blob (never written, deleted, or expired with its topic's retention)"),
+                e,
+            ),
+            e => Error::transport(format!("blob store: cannot read {blob_ref}: {e}"), e),
+        })?;
         got.bytes()
             .await
-            .map_err(|e| Error::transport(format!("blob store: cannot read {blob_ref}"), e))
+            .map_err(|e| Error::transport(format!("blob store: cannot read {blob_ref}: {e}"), e))
+    }
+
+    /// Deletes the blob a `blob_ref` of this store points at (a missing blob is not an error).
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let store = ampybus::codec::BlobStore::local(dir.path()).unwrap();
+    /// let r = store.put("news/2025-09-05/a", bytes::Bytes::from_static(b"x")).await.unwrap();
+    /// store.delete(&r).await.unwrap();
+    /// let e = store.get(&r).await.unwrap_err();
+    /// assert!(e.to_string().contains("no such blob"), "{e}");
+    /// store.delete(&r).await.unwrap();
+    /// # });
+    /// ```
+    pub async fn delete(&self, blob_ref: &str) -> Result<()> {
+        match self.store.delete(&self.path_of(blob_ref)?).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(Error::transport(
+                format!("blob store: cannot delete {blob_ref}: {e}"),
+                e,
+            )),
+        }
     }
 }
 

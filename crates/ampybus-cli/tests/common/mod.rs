@@ -47,7 +47,12 @@ pub fn ampybus_command(dir: Option<&Path>, args: &[&str]) -> Command {
 /// Runs the binary with `--url <dir>` (when given), no stdin, and neither `AMPYBUS_URL` nor
 /// `RUST_LOG` from the caller's environment. Fails the test if the binary panicked.
 pub fn ampybus_in(dir: Option<&Path>, args: &[&str]) -> Out {
-    let o = ampybus_command(dir, args).output().expect("run ampybus");
+    run(ampybus_command(dir, args), args)
+}
+
+/// Runs `cmd` (the binary with `args`), failing the test if it panicked.
+fn run(mut cmd: Command, args: &[&str]) -> Out {
+    let o = cmd.output().expect("run ampybus");
     let out = Out {
         code: o.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
@@ -64,20 +69,34 @@ pub fn ampybus_in(dir: Option<&Path>, args: &[&str]) -> Out {
 #[path = "../../../ampybus/tests/common/brokers.rs"]
 mod brokers;
 #[allow(unused_imports)] // not every test binary that includes `common` starts a broker
-pub use brokers::start_broker;
+pub use brokers::{s3_bucket, start_broker};
 
 /// `ampybus --url {url} {args…}`.
 #[allow(dead_code)] // not every test binary that includes `common` uses it
 pub fn ampybus_on(url: &str, args: &[&str]) -> Out {
+    ampybus_on_env(url, args, &[])
+}
+
+/// `ampybus --url {url} {args…}` with the variables `env` added to its environment.
+#[allow(dead_code)] // not every test binary that includes `common` uses it
+pub fn ampybus_on_env(url: &str, args: &[&str], env: &[(&str, &str)]) -> Out {
     let mut all = vec!["--url", url];
     all.extend_from_slice(args);
-    ampybus_in(None, &all)
+    let mut cmd = ampybus_command(None, &all);
+    cmd.envs(env.iter().copied());
+    run(cmd, &all)
 }
 
 /// `ampybus --url {url} pub --topic {topic} --producer t@1 --source t --pk {key} {extra…}`,
 /// asserting exit 0.
 #[allow(dead_code)] // not every test binary that includes `common` uses it
 pub fn pub_one(url: &str, topic: &str, key: &str, extra: &[&str]) -> Out {
+    pub_one_env(url, topic, key, extra, &[])
+}
+
+/// [`pub_one`] with the variables `env` added to the binary's environment.
+#[allow(dead_code)] // not every test binary that includes `common` uses it
+pub fn pub_one_env(url: &str, topic: &str, key: &str, extra: &[&str], env: &[(&str, &str)]) -> Out {
     let mut args = vec![
         "pub",
         "--topic",
@@ -90,7 +109,7 @@ pub fn pub_one(url: &str, topic: &str, key: &str, extra: &[&str]) -> Out {
         key,
     ];
     args.extend_from_slice(extra);
-    let o = ampybus_on(url, &args);
+    let o = ampybus_on_env(url, &args, env);
     assert_eq!(o.code, 0, "{}", o.stderr);
     o
 }

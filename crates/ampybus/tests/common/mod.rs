@@ -5,7 +5,7 @@
 
 mod brokers;
 #[allow(unused_imports)] // not every test binary that includes `common` starts a broker
-pub use brokers::start_broker;
+pub use brokers::{s3_bucket, start_broker};
 
 use ampybus::transport::{Delivery, ReplayByTime, Subscription, WindowQuery};
 use ampybus::{Bus, Envelope, Headers, Topic, TopicPattern};
