@@ -46,11 +46,13 @@ pub enum Case {
     BestEffortDropConflate,
     /// [`crate::tier_cases::best_effort_tier`]
     BestEffortTier,
+    /// [`crate::order_cases::order_across_instances`]
+    OrderAcrossInstances,
 }
 
 impl Case {
     /// Every case, in run order.
-    pub const ALL: [Case; 11] = [
+    pub const ALL: [Case; 12] = [
         Case::AtLeastOnceAcrossCrash,
         Case::DedupeByMessageIdAndKey,
         Case::PerKeyOrder,
@@ -62,6 +64,7 @@ impl Case {
         Case::BackpressureBoundedInFlight,
         Case::BestEffortDropConflate,
         Case::BestEffortTier,
+        Case::OrderAcrossInstances,
     ];
 
     /// The snake_case name (also the test name the macro generates).
@@ -78,6 +81,7 @@ impl Case {
             Case::BackpressureBoundedInFlight => "backpressure_bounded_in_flight",
             Case::BestEffortDropConflate => "best_effort_drop_conflate",
             Case::BestEffortTier => "best_effort_tier",
+            Case::OrderAcrossInstances => "order_across_instances",
         }
     }
 }
@@ -102,6 +106,9 @@ pub async fn run_case(factory: &dyn TransportFactory, case: Case) -> CaseStatus 
         Case::BackpressureBoundedInFlight => backpressure_bounded_in_flight(factory).await,
         Case::BestEffortDropConflate => best_effort_drop_conflate(factory).await,
         Case::BestEffortTier => crate::tier_cases::best_effort_tier(factory).await,
+        Case::OrderAcrossInstances => {
+            crate::order_cases::order_across_instances(factory).await
+        }
     }
 }
 

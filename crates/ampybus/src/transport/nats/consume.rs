@@ -13,8 +13,16 @@
 //!   left open on the server between calls, so nothing is delivered to a puller that is gone.
 //! * Settling: `+ACK` (then a flush, so an ack has reached the server when it returns),
 //!   `-NAK {"delay": ns}`, `+WPI`.
+//! * One active instance per durable name (default, [`crate::transport::InstanceOrder`]): a
+//!   durable subscription fetches only while it holds the consumer's lease (`super::lease`,
+//!   rules in `transport::lease`), each pull's wait cut to the lease's validity; after taking
+//!   over from an instance that stopped without releasing, it fetches once nothing of the
+//!   consumer is unacknowledged or an ack wait has passed, so the server's redeliveries (which
+//!   JetStream serves before new messages) come first.
 
 use super::{Shared, from_header_map, streams};
+use crate::transport::InstanceOrder;
+use crate::transport::lease::{Admit, Exclusive, LeaseRef};
 use crate::envelope::Envelope;
 use crate::error::{Error, ErrorKind, Result};
 use crate::transport::{Delivery, DeliveryInfo, Settler, StartAt, SubscribeSpec, Subscription};
@@ -55,6 +63,8 @@ struct PartSettler {
     ack_none: bool,
     where_: String,
     flush_timeout: Duration,
+    /// The consumer's lease, when one instance is active at a time.
+    lease: Option<LeaseRef>,
 }
 
 impl PartSettler {
@@ -88,6 +98,8 @@ impl Settler for PartSettler {
         for &seq in sequences {
             match self.reply(seq, true) {
                 Some(r) => {
+                    // Counted as settled for the lease only once flushed below: a failed
+                    // ack keeps the lease from being released as clean.
                     self.send(r, bytes::Bytes::from_static(b"+ACK")).await?;
                     sent += 1;
                 }
@@ -98,7 +110,11 @@ impl Settler for PartSettler {
         }
         if sent > 0 {
             match tokio::time::timeout(self.flush_timeout, self.client.flush()).await {
-                Ok(Ok(())) => {}
+                Ok(Ok(())) => {
+                    if let Some(l) = &self.lease {
+                        l.settled(sent);
+                    }
+                }
                 Ok(Err(e)) => {
                     return Err(Error::with_source(
                         ErrorKind::Transport,
@@ -132,11 +148,20 @@ impl Settler for PartSettler {
         } else {
             bytes::Bytes::from(format!("-NAK {{\"delay\":{}}}", delay.as_nanos()))
         };
-        self.send(r, body).await
+        self.send(r, body).await?;
+        if let Some(l) = &self.lease {
+            l.settled(1);
+        }
+        Ok(())
     }
 
     async fn in_progress(&self, sequence: u64) -> Result<()> {
         if self.ack_none {
+            return Ok(());
+        }
+        if self.lease.as_ref().is_some_and(|l| !l.may_extend()) {
+            // The lease is gone: a successor counts on this delivery's deadline.
+            tracing::debug!(seq = sequence, "nats: not extending a delivery (lease not held)");
             return Ok(());
         }
         match self.reply(sequence, false) {
@@ -154,6 +179,8 @@ pub(crate) struct NatsSubscription {
     where_: String,
     /// One shared name per subject received.
     names: crate::envelope::TopicNames,
+    /// One active instance per durable name (dropped last: it releases the lease).
+    exclusive: Option<Exclusive>,
 }
 
 pub(crate) async fn subscribe(
@@ -164,6 +191,17 @@ pub(crate) async fn subscribe(
     // ephemeral reader only reads what exists.
     let targets =
         streams::streams_for_pattern(shared, &spec.pattern, spec.durable.is_some()).await?;
+    let exclusive = match &spec.durable {
+        Some(d) if shared.opts.order == InstanceOrder::AcrossInstances => {
+            let name = consumer_name(d);
+            Some(Exclusive::new(
+                Arc::new(super::lease::NatsLease::new(shared, &name)),
+                spec.ack_deadline.max(Duration::from_millis(100)),
+                name,
+            ))
+        }
+        _ => None,
+    };
     let mut parts = Vec::with_capacity(targets.len());
     for (stream, filter) in targets {
         let consumer = open_consumer(shared, &stream.name, &filter, &spec).await?;
@@ -178,6 +216,7 @@ pub(crate) async fn subscribe(
                 ack_none: spec.durable.is_none(),
                 where_: format!("{} stream {}", shared.where_(), stream.name),
                 flush_timeout: shared.opts.request_timeout,
+                lease: exclusive.as_ref().map(Exclusive::handle),
             }),
         });
     }
@@ -188,6 +227,7 @@ pub(crate) async fn subscribe(
         next: 0,
         where_: shared.where_(),
         names: Default::default(),
+        exclusive,
     }))
 }
 
@@ -316,6 +356,34 @@ async fn open_consumer(
 }
 
 impl NatsSubscription {
+    /// The consumer's deliveries not yet acknowledged on the server, over every stream.
+    async fn backlog(&self) -> Result<u64> {
+        let Some(d) = &self.spec.durable else {
+            return Ok(0);
+        };
+        let name = consumer_name(d);
+        let mut n = 0u64;
+        for p in &self.parts {
+            let c = self
+                .shared
+                .js
+                .get_consumer_from_stream::<pull::Config, _, _>(&name, &p.stream)
+                .await
+                .map_err(|e| {
+                    Error::with_source(
+                        ErrorKind::Transport,
+                        format!(
+                            "{} stream {}: reading consumer {name}",
+                            self.where_, p.stream
+                        ),
+                        e,
+                    )
+                })?;
+            n += c.cached_info().num_ack_pending as u64;
+        }
+        Ok(n)
+    }
+
     fn convert(&mut self, part: usize, msgs: Vec<async_nats::jetstream::Message>) -> Vec<Delivery> {
         let p = &self.parts[part];
         let names = &mut self.names;
@@ -333,11 +401,17 @@ impl NatsSubscription {
                 }
             };
             if let Some(r) = m.message.reply.clone() {
-                p.settler
+                let before = p
+                    .settler
                     .replies
                     .lock()
                     .unwrap_or_else(|x| x.into_inner())
                     .insert(info.sequence, r);
+                if before.is_none()
+                    && let Some(l) = &p.settler.lease
+                {
+                    l.handed(1);
+                }
             }
             let envelope = Envelope {
                 topic: names.get(m.message.subject.as_str()),
@@ -427,6 +501,13 @@ impl Subscription for NatsSubscription {
             // An ephemeral reader over streams that do not exist: nothing to read.
             tokio::time::sleep(wait).await;
             return Ok(Vec::new());
+        }
+        let mut wait = wait;
+        if let Some(ex) = &self.exclusive {
+            match ex.admit(wait, || self.backlog()).await? {
+                Admit::Idle => return Ok(Vec::new()),
+                Admit::Go { budget, .. } => wait = wait.min(budget),
+            }
         }
         for i in 0..self.parts.len() {
             if self.parts[i].stale {
