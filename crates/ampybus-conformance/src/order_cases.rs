@@ -12,6 +12,18 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// What happens a third of the way through [`order_with_disruption`].
+///
+/// ```
+/// use ampybus_conformance::Disruption;
+/// struct Nothing;
+/// #[async_trait::async_trait]
+/// impl Disruption for Nothing {
+///     fn label(&self) -> String {
+///         "nothing".into()
+///     }
+/// }
+/// assert!(!Nothing.kills());
+/// ```
 #[async_trait]
 pub trait Disruption: Send + Sync {
     /// A label for the report.
@@ -68,8 +80,9 @@ fn retries(key: usize, index: usize, attempt: u32) -> bool {
 
 #[derive(Default)]
 struct Book {
-    /// Per key: (index, instance) of every successful completion, in completion order.
-    done: HashMap<usize, Vec<(usize, usize)>>,
+    /// Per key: (index, instance, delivery count) of every successful completion, in
+    /// completion order.
+    done: HashMap<usize, Vec<(usize, usize, u32)>>,
     /// Attempts per message.
     attempts: HashMap<(usize, usize), u32>,
     /// Handlers of each key running now (any instance).
@@ -173,7 +186,7 @@ pub async fn order_with_disruption(
                             after: Some(Duration::from_millis(5)),
                         };
                     }
-                    b.done.entry(k).or_default().push((i, me));
+                    b.done.entry(k).or_default().push((i, me, msg.info.delivery_count));
                     b.last_by = me;
                     completions.fetch_add(1, Ordering::SeqCst);
                     Outcome::Ok
@@ -212,8 +225,9 @@ pub async fn order_with_disruption(
     let disrupted = Instant::now();
     if let Some(killed) = killed {
         victim.store(killed, Ordering::SeqCst);
+        // (Or everything done: instances sharing the work may leave it nothing more.)
         wait_for("a handler of the killed instance started after the kill", || {
-            book.lock().unwrap().dead > 0
+            book.lock().unwrap().dead > 0 || completions.load(Ordering::SeqCst) as usize >= n
         })
         .await;
         drop(handles[killed].take());
@@ -224,7 +238,8 @@ pub async fn order_with_disruption(
     let before = completions.load(Ordering::SeqCst);
     wait_for("a message completed after the disruption", || {
         let b = book.lock().unwrap();
-        completions.load(Ordering::SeqCst) > before && Some(b.last_by) != killed
+        let c = completions.load(Ordering::SeqCst);
+        (c > before && Some(b.last_by) != killed) || c as usize >= n
     })
     .await;
     let resumed_after = disrupted.elapsed();
@@ -232,7 +247,7 @@ pub async fn order_with_disruption(
     wait_for("every message completed", || {
         let b = book.lock().unwrap();
         b.done.values().map(|l| {
-            let mut s: Vec<usize> = l.iter().map(|(i, _)| *i).collect();
+            let mut s: Vec<usize> = l.iter().map(|(i, _, _)| *i).collect();
             s.sort_unstable();
             s.dedup();
             s.len()
@@ -254,16 +269,19 @@ pub async fn order_with_disruption(
     let mut repeats = 0usize;
     for k in 0..keys {
         let list = b.done.get(&k).cloned().unwrap_or_default();
-        let seq: Vec<usize> = list.iter().map(|(i, _)| *i).collect();
+        let seq: Vec<usize> = list.iter().map(|(i, _, _)| *i).collect();
         // The one place where the completions step back (a replay of the killed instance's
         // unacknowledged tail), if any.
         let back: Vec<usize> = (1..seq.len()).filter(|&j| seq[j] != seq[j - 1] + 1).collect();
-        assert!(back.len() <= 1, "key {k}: completions out of order: {seq:?}");
+        assert!(
+            back.len() <= 1,
+            "key {k}: completions out of order (index, instance, delivery count): {list:?}"
+        );
         if let Some(&j) = back.first() {
             let (a, bb) = (seq[j - 1], seq[j]);
             assert!(bb <= a, "key {k}: message(s) {}..{bb} skipped: {seq:?}", a + 1);
             if let Some(killed) = killed {
-                for (x, who) in &list[..j] {
+                for (x, who, _) in &list[..j] {
                     if (bb..=a).contains(x) {
                         assert_eq!(*who, killed, "key {k}: message {x} completed twice but not first by the killed instance: {seq:?}");
                     }

@@ -179,6 +179,9 @@ pub(crate) struct NatsSubscription {
     where_: String,
     /// One shared name per subject received.
     names: crate::envelope::TopicNames,
+    /// Deliveries taken at a takeover, in stream order, handed out before anything else.
+    takeover: std::collections::VecDeque<Delivery>,
+    takeover_extended: std::time::Instant,
     /// One active instance per durable name (dropped last: it releases the lease).
     exclusive: Option<Exclusive>,
 }
@@ -227,6 +230,8 @@ pub(crate) async fn subscribe(
         next: 0,
         where_: shared.where_(),
         names: Default::default(),
+        takeover: Default::default(),
+        takeover_extended: std::time::Instant::now(),
         exclusive,
     }))
 }
@@ -356,6 +361,51 @@ async fn open_consumer(
 }
 
 impl NatsSubscription {
+    /// At a takeover: pulls what the consumer has unacknowledged (redelivered first by the
+    /// server, but in the order their deadlines ran out — a deadline extended by the previous
+    /// holder runs out later — or their releases came) plus whatever follows in the same
+    /// pulls, and keeps it sorted by stream sequence, so every key's messages go out in
+    /// publish order. Their deadlines are extended once here and while they wait.
+    async fn fill_takeover(&mut self) -> Result<()> {
+        let want = self.backlog().await? as usize;
+        let mut got: Vec<(usize, Delivery)> = Vec::new();
+        for i in 0..self.parts.len() {
+            while got.len() < want {
+                let batch = self.pull(i, (want - got.len()).min(256), None).await?;
+                if batch.is_empty() {
+                    break;
+                }
+                got.extend(self.convert(i, batch).into_iter().map(|d| (i, d)));
+            }
+        }
+        got.sort_by_key(|(i, d)| (*i, d.info.sequence));
+        for (_, d) in &got {
+            if let Err(e) = d.in_progress().await {
+                tracing::debug!(error = %e, "nats: extending a taken-over delivery failed");
+            }
+        }
+        if !got.is_empty() {
+            tracing::info!(deliveries = got.len(), "nats: took over the consumer's unacknowledged messages, in stream order");
+        }
+        self.takeover = got.into_iter().map(|(_, d)| d).collect();
+        self.takeover_extended = std::time::Instant::now();
+        Ok(())
+    }
+
+    /// Hands out up to `max` taken-over deliveries, extending the deadlines of those still
+    /// waiting every third of the ack deadline.
+    async fn from_takeover(&mut self, max: usize) -> Vec<Delivery> {
+        let n = max.min(self.takeover.len());
+        let out: Vec<Delivery> = self.takeover.drain(..n).collect();
+        if self.takeover_extended.elapsed() > self.spec.ack_deadline / 3 {
+            self.takeover_extended = std::time::Instant::now();
+            for d in &self.takeover {
+                let _ = d.in_progress().await;
+            }
+        }
+        out
+    }
+
     /// The consumer's deliveries not yet acknowledged on the server, over every stream.
     async fn backlog(&self) -> Result<u64> {
         let Some(d) = &self.spec.durable else {
@@ -504,10 +554,19 @@ impl Subscription for NatsSubscription {
         }
         let mut wait = wait;
         if let Some(ex) = &self.exclusive {
-            match ex.admit(wait, || self.backlog()).await? {
+            let admit = ex.admit(wait, || self.backlog()).await?;
+            match admit {
                 Admit::Idle => return Ok(Vec::new()),
-                Admit::Go { budget, .. } => wait = wait.min(budget),
+                Admit::Go { budget, took_over } => {
+                    wait = wait.min(budget);
+                    if took_over && let Err(e) = self.fill_takeover().await {
+                        tracing::warn!(error = %e, "nats: taking over unacknowledged messages failed; they come in the server's order");
+                    }
+                }
             }
+        }
+        if !self.takeover.is_empty() {
+            return Ok(self.from_takeover(max).await);
         }
         for i in 0..self.parts.len() {
             if self.parts[i].stale {
