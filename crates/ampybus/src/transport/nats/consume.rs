@@ -94,44 +94,54 @@ impl Settler for PartSettler {
         if self.ack_none {
             return Ok(());
         }
-        let mut sent = 0;
+        // The reply subjects taken: put back if the acks are not confirmed flushed, so the
+        // runtime's retry of this ack sends them again (after a reconnect) instead of finding
+        // nothing to ack and leaving the messages to be redelivered.
+        let mut taken = Vec::with_capacity(sequences.len());
+        let mut failed = None;
         for &seq in sequences {
             match self.reply(seq, true) {
                 Some(r) => {
-                    // Counted as settled for the lease only once flushed below: a failed
-                    // ack keeps the lease from being released as clean.
-                    self.send(r, bytes::Bytes::from_static(b"+ACK")).await?;
-                    sent += 1;
+                    taken.push((seq, r.clone()));
+                    if let Err(e) = self.send(r, bytes::Bytes::from_static(b"+ACK")).await {
+                        failed = Some(e);
+                        break;
+                    }
                 }
                 None => {
                     tracing::debug!(seq, "nats: ack of a sequence with no outstanding delivery")
                 }
             }
         }
-        if sent > 0 {
-            match tokio::time::timeout(self.flush_timeout, self.client.flush()).await {
-                Ok(Ok(())) => {
-                    if let Some(l) = &self.lease {
-                        l.settled(sent);
-                    }
-                }
-                Ok(Err(e)) => {
-                    return Err(Error::with_source(
-                        ErrorKind::Transport,
-                        format!("{}: flushing {sent} acks failed", self.where_),
-                        e,
-                    ));
-                }
-                Err(_) => {
-                    return Err(Error::new(
-                        ErrorKind::Timeout,
-                        format!(
-                            "{}: {sent} acks not confirmed flushed within {:?} (disconnected?)",
-                            self.where_, self.flush_timeout
-                        ),
-                    ));
-                }
+        let sent = taken.len();
+        if failed.is_none() && sent > 0 {
+            failed = match tokio::time::timeout(self.flush_timeout, self.client.flush()).await {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(Error::with_source(
+                    ErrorKind::Transport,
+                    format!("{}: flushing {sent} acks failed", self.where_),
+                    e,
+                )),
+                Err(_) => Some(Error::new(
+                    ErrorKind::Timeout,
+                    format!(
+                        "{}: {sent} acks not confirmed flushed within {:?} (disconnected?)",
+                        self.where_, self.flush_timeout
+                    ),
+                )),
+            };
+        }
+        if let Some(e) = failed {
+            let mut m = self.replies.lock().unwrap_or_else(|p| p.into_inner());
+            for (seq, r) in taken {
+                m.entry(seq).or_insert(r);
             }
+            return Err(e);
+        }
+        // Counted as settled for the lease only once flushed: a failed ack keeps the lease
+        // from being released as clean.
+        if let Some(l) = &self.lease {
+            l.settled(sent);
         }
         Ok(())
     }
