@@ -106,9 +106,7 @@ pub async fn run_case(factory: &dyn TransportFactory, case: Case) -> CaseStatus 
         Case::BackpressureBoundedInFlight => backpressure_bounded_in_flight(factory).await,
         Case::BestEffortDropConflate => best_effort_drop_conflate(factory).await,
         Case::BestEffortTier => crate::tier_cases::best_effort_tier(factory).await,
-        Case::OrderAcrossInstances => {
-            crate::order_cases::order_across_instances(factory).await
-        }
+        Case::OrderAcrossInstances => crate::order_cases::order_across_instances(factory).await,
     }
 }
 

@@ -1,7 +1,9 @@
 //! Per-key order across the instances of one durable consumer name.
 
 use crate::report::CaseStatus;
-use crate::support::{TestContext, TransportFactory, publish_all, raw, scaled, wait_for, wait_stats};
+use crate::support::{
+    TestContext, TransportFactory, publish_all, raw, scaled, wait_for, wait_stats,
+};
 use ampybus::runtime::{Consumer, ConsumerHandle, Message, Outcome, RetryPolicy, handler_fn};
 use ampybus::transport::SubscribeSpec;
 use ampybus::{Bus, Envelope};
@@ -60,7 +62,7 @@ impl Disruption for KillActive {
 const NONE: usize = usize::MAX;
 
 /// The seed of the retry decisions (deterministic: the same attempts fail on every run).
-const SEED: u64 = 0x5eed_0f_0bde_5;
+const SEED: u64 = 0x05ee_d0f0_bde5;
 
 /// splitmix64 of the seed, key, index and attempt: whether that attempt asks for a retry
 /// (about one in five, at most two per message).
@@ -75,7 +77,7 @@ fn retries(key: usize, index: usize, attempt: u32) -> bool {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^= z >> 31;
-    z % 5 == 0
+    z.is_multiple_of(5)
 }
 
 #[derive(Default)]
@@ -226,9 +228,10 @@ pub async fn order_with_disruption(
     if let Some(killed) = killed {
         victim.store(killed, Ordering::SeqCst);
         // (Or everything done: instances sharing the work may leave it nothing more.)
-        wait_for("a handler of the killed instance started after the kill", || {
-            book.lock().unwrap().dead > 0 || completions.load(Ordering::SeqCst) as usize >= n
-        })
+        wait_for(
+            "a handler of the killed instance started after the kill",
+            || book.lock().unwrap().dead > 0 || completions.load(Ordering::SeqCst) as usize >= n,
+        )
         .await;
         drop(handles[killed].take());
         factory.crash(buses[killed].take().unwrap()).await;
@@ -246,12 +249,16 @@ pub async fn order_with_disruption(
 
     wait_for("every message completed", || {
         let b = book.lock().unwrap();
-        b.done.values().map(|l| {
-            let mut s: Vec<usize> = l.iter().map(|(i, _, _)| *i).collect();
-            s.sort_unstable();
-            s.dedup();
-            s.len()
-        }).sum::<usize>() == n
+        b.done
+            .values()
+            .map(|l| {
+                let mut s: Vec<usize> = l.iter().map(|(i, _, _)| *i).collect();
+                s.sort_unstable();
+                s.dedup();
+                s.len()
+            })
+            .sum::<usize>()
+            == n
     })
     .await;
     let mut dead_lettered = 0;
@@ -264,26 +271,40 @@ pub async fn order_with_disruption(
     }
     assert_eq!(dead_lettered, 0, "nothing dead-lettered");
 
-    let b = book.lock().unwrap();
-    assert!(b.overlaps.is_empty(), "{} overlaps, first: {:?}", b.overlaps.len(), &b.overlaps[..b.overlaps.len().min(3)]);
+    let b = std::mem::take(&mut *book.lock().unwrap());
+    assert!(
+        b.overlaps.is_empty(),
+        "{} overlaps, first: {:?}",
+        b.overlaps.len(),
+        &b.overlaps[..b.overlaps.len().min(3)]
+    );
     let mut repeats = 0usize;
     for k in 0..keys {
         let list = b.done.get(&k).cloned().unwrap_or_default();
         let seq: Vec<usize> = list.iter().map(|(i, _, _)| *i).collect();
         // The one place where the completions step back (a replay of the killed instance's
         // unacknowledged tail), if any.
-        let back: Vec<usize> = (1..seq.len()).filter(|&j| seq[j] != seq[j - 1] + 1).collect();
+        let back: Vec<usize> = (1..seq.len())
+            .filter(|&j| seq[j] != seq[j - 1] + 1)
+            .collect();
         assert!(
             back.len() <= 1,
             "key {k}: completions out of order (index, instance, delivery count): {list:?}"
         );
         if let Some(&j) = back.first() {
             let (a, bb) = (seq[j - 1], seq[j]);
-            assert!(bb <= a, "key {k}: message(s) {}..{bb} skipped: {seq:?}", a + 1);
+            assert!(
+                bb <= a,
+                "key {k}: message(s) {}..{bb} skipped: {seq:?}",
+                a + 1
+            );
             if let Some(killed) = killed {
                 for (x, who, _) in &list[..j] {
                     if (bb..=a).contains(x) {
-                        assert_eq!(*who, killed, "key {k}: message {x} completed twice but not first by the killed instance: {seq:?}");
+                        assert_eq!(
+                            *who, killed,
+                            "key {k}: message {x} completed twice but not first by the killed instance: {seq:?}"
+                        );
                     }
                 }
             }
@@ -295,18 +316,26 @@ pub async fn order_with_disruption(
                 expect += 1;
             }
         }
-        assert_eq!(expect, per_key, "key {k}: first completions stop at {expect} of {per_key}: {seq:?}");
+        assert_eq!(
+            expect, per_key,
+            "key {k}: first completions stop at {expect} of {per_key}: {seq:?}"
+        );
         assert_eq!(seq.first().copied(), Some(0), "key {k}");
     }
     let total: usize = b.done.values().map(Vec::len).sum();
     assert_eq!(total, n + repeats, "completions = messages + repeats");
-    assert!(repeats <= 32, "{repeats} repeats, more than the killed instance could hold unacknowledged");
+    assert!(
+        repeats <= 32,
+        "{repeats} repeats, more than the killed instance could hold unacknowledged"
+    );
     assert!(b.retried > 0, "no attempt asked for a retry");
     let (retried, dead) = (b.retried, b.dead);
-    drop(b);
     for id in &ids {
         assert!(
-            store.is_applied(&name, std::slice::from_ref(id)).await.unwrap(),
+            store
+                .is_applied(&name, std::slice::from_ref(id))
+                .await
+                .unwrap(),
             "{id} not recorded as applied"
         );
     }
@@ -315,7 +344,10 @@ pub async fn order_with_disruption(
     let mut spec = SubscribeSpec::durable(pattern.clone(), name.clone());
     spec.ack_deadline = Duration::from_secs(3);
     let mut sub = bus.subscribe(spec).await.expect("subscribe");
-    let left = sub.fetch(10, Duration::from_millis(4000)).await.expect("fetch");
+    let left = sub
+        .fetch(10, Duration::from_millis(4000))
+        .await
+        .expect("fetch");
     assert!(left.is_empty(), "{} messages left unacked", left.len());
     CaseStatus::Passed(format!(
         "n={n} over {keys} keys, 3 instances; {} after {at_kill} completions (instance {active} \

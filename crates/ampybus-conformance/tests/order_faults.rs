@@ -18,7 +18,7 @@ use ampybus::dedupe::DedupeStore;
 use ampybus::transport::nats::NatsKvDedupeStore;
 use ampybus::transport::redis::RedisDedupeStore;
 use ampybus_conformance::{
-    CaseStatus, Capabilities, Disruption, KillActive, NatsServer, RedisServer, TestContext,
+    Capabilities, CaseStatus, Disruption, KillActive, NatsServer, RedisServer, TestContext,
     TransportFactory, order_with_disruption,
 };
 use async_trait::async_trait;

@@ -21,10 +21,10 @@
 //!   JetStream serves before new messages) come first.
 
 use super::{Shared, from_header_map, streams};
-use crate::transport::InstanceOrder;
-use crate::transport::lease::{Admit, Exclusive, LeaseRef};
 use crate::envelope::Envelope;
 use crate::error::{Error, ErrorKind, Result};
+use crate::transport::InstanceOrder;
+use crate::transport::lease::{Admit, Exclusive, LeaseRef};
 use crate::transport::{Delivery, DeliveryInfo, Settler, StartAt, SubscribeSpec, Subscription};
 use async_nats::jetstream::consumer::{self, AckPolicy, DeliverPolicy, PullConsumer, pull};
 use async_trait::async_trait;
@@ -171,7 +171,10 @@ impl Settler for PartSettler {
         }
         if self.lease.as_ref().is_some_and(|l| !l.may_extend()) {
             // The lease is gone: a successor counts on this delivery's deadline.
-            tracing::debug!(seq = sequence, "nats: not extending a delivery (lease not held)");
+            tracing::debug!(
+                seq = sequence,
+                "nats: not extending a delivery (lease not held)"
+            );
             return Ok(());
         }
         match self.reply(sequence, false) {
@@ -395,7 +398,10 @@ impl NatsSubscription {
             }
         }
         if !got.is_empty() {
-            tracing::info!(deliveries = got.len(), "nats: took over the consumer's unacknowledged messages, in stream order");
+            tracing::info!(
+                deliveries = got.len(),
+                "nats: took over the consumer's unacknowledged messages, in stream order"
+            );
         }
         self.takeover = got.into_iter().map(|(_, d)| d).collect();
         self.takeover_extended = std::time::Instant::now();
@@ -404,7 +410,7 @@ impl NatsSubscription {
 
     /// Hands out up to `max` taken-over deliveries, extending the deadlines of those still
     /// waiting every third of the ack deadline.
-    async fn from_takeover(&mut self, max: usize) -> Vec<Delivery> {
+    async fn next_taken_over(&mut self, max: usize) -> Vec<Delivery> {
         let n = max.min(self.takeover.len());
         let out: Vec<Delivery> = self.takeover.drain(..n).collect();
         if self.takeover_extended.elapsed() > self.spec.ack_deadline / 3 {
@@ -576,7 +582,7 @@ impl Subscription for NatsSubscription {
             }
         }
         if !self.takeover.is_empty() {
-            return Ok(self.from_takeover(max).await);
+            return Ok(self.next_taken_over(max).await);
         }
         for i in 0..self.parts.len() {
             if self.parts[i].stale {

@@ -149,8 +149,7 @@ impl LeaseStore for NatsLease {
             .map_err(|e| self.err("reading the lease", e))?;
         match e {
             Some(e)
-                if e.operation == kv::Operation::Put
-                    && e.value == Self::held(token).as_ref() =>
+                if e.operation == kv::Operation::Put && e.value == Self::held(token).as_ref() =>
             {
                 Ok(self
                     .write(b, Self::held(token), e.revision)

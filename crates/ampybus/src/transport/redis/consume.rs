@@ -35,9 +35,9 @@
 //!   settle nothing.
 
 use super::{Shared, command_error, wire};
+use crate::error::{Error, ErrorKind, Result};
 use crate::transport::InstanceOrder;
 use crate::transport::lease::{Admit, Exclusive, LeaseRef};
-use crate::error::{Error, ErrorKind, Result};
 use crate::transport::{Delivery, DeliveryInfo, Settler, StartAt, SubscribeSpec, Subscription};
 use async_trait::async_trait;
 use redis::aio::ConnectionManager;
@@ -136,7 +136,10 @@ impl Settler for PartSettler {
         }
         if self.lease.as_ref().is_some_and(|l| !l.may_extend()) {
             // The lease is gone: a successor counts on this entry's idle time.
-            tracing::debug!(seq = sequence, "redis: not extending a delivery (lease not held)");
+            tracing::debug!(
+                seq = sequence,
+                "redis: not extending a delivery (lease not held)"
+            );
             return Ok(());
         }
         self.claim(sequence, None).await

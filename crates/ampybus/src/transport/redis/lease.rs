@@ -69,7 +69,12 @@ impl RedisLease {
         }
     }
 
-    async fn eval<T: redis::FromRedisValue>(&self, what: &str, script: &str, args: &[&str]) -> Result<T> {
+    async fn eval<T: redis::FromRedisValue>(
+        &self,
+        what: &str,
+        script: &str,
+        args: &[&str],
+    ) -> Result<T> {
         let mut cmd = redis::cmd("EVAL");
         cmd.arg(script).arg(2).arg(&self.key).arg(&self.last);
         for a in args {
