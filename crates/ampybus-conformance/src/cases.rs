@@ -4,8 +4,8 @@
 
 use crate::report::CaseStatus;
 use crate::support::{
-    TestContext, TransportFactory, clock_past, hang_timeout, publish_all, raw, read_until, redrive,
-    scaled, wait_for, wait_stats,
+    TestContext, TransportFactory, assert_all_applied, clock_past, hang_timeout, publish_all, raw,
+    read_until, redrive, scaled, wait_for, wait_stats,
 };
 use ampybus::codec::sha256_tag;
 use ampybus::dedupe::{DedupeStore, dedupe_keys};
@@ -221,15 +221,7 @@ pub async fn at_least_once_across_crash(factory: &dyn TransportFactory) -> CaseS
         let expect = if stuck.contains(p) { 2 } else { 1 };
         assert_eq!(*c, expect, "{p} handled {c} times");
     }
-    for id in &ids {
-        assert!(
-            store
-                .is_applied(&name, std::slice::from_ref(id))
-                .await
-                .unwrap(),
-            "{id} not recorded as applied"
-        );
-    }
+    assert_all_applied(&*store, &name, &ids).await;
     // Nothing left unacked: a third instance sees nothing even after the ack deadline.
     let mut sub = bus
         .subscribe(SubscribeSpec::durable(pattern.clone(), name.clone()))

@@ -2,7 +2,8 @@
 
 use crate::report::CaseStatus;
 use crate::support::{
-    TestContext, TransportFactory, publish_all, raw, scaled, wait_for, wait_stats,
+    TestContext, TransportFactory, assert_all_applied, publish_all, raw, scaled, wait_for,
+    wait_stats,
 };
 use ampybus::runtime::{Consumer, ConsumerHandle, Message, Outcome, RetryPolicy, handler_fn};
 use ampybus::transport::SubscribeSpec;
@@ -87,8 +88,8 @@ struct Book {
     done: HashMap<usize, Vec<(usize, usize, u32)>>,
     /// Attempts per message.
     attempts: HashMap<(usize, usize), u32>,
-    /// Handlers of each key running now (any instance).
-    running: HashMap<usize, u32>,
+    /// Handlers of each key running now (any instance): (instance, index).
+    running: HashMap<usize, Vec<(usize, usize)>>,
     /// A handler started while another of its key was running.
     overlaps: Vec<String>,
     /// Handlers of the victim that "died" (started after the kill point, never finished).
@@ -161,10 +162,12 @@ pub async fn order_with_disruption(
                     let attempt = {
                         let mut b = book.lock().unwrap();
                         let r = b.running.entry(k).or_default();
-                        *r += 1;
-                        if *r > 1 {
-                            b.overlaps
-                                .push(format!("key {k}: message {i} started on instance {me} while another of its key ran"));
+                        r.push((me, i));
+                        if r.len() > 1 {
+                            let others = format!("{r:?}");
+                            b.overlaps.push(format!(
+                                "key {k}: message {i} started on instance {me} while others of its key ran: {others} (instance, index)"
+                            ));
                         }
                         let a = b.attempts.entry((k, i)).or_default();
                         *a += 1;
@@ -175,13 +178,13 @@ pub async fn order_with_disruption(
                         // The instance is dead from here on: this handler never finishes.
                         {
                             let mut b = book.lock().unwrap();
-                            *b.running.get_mut(&k).unwrap() -= 1;
+                            b.running.get_mut(&k).unwrap().retain(|r| *r != (me, i));
                             b.dead += 1;
                         }
                         std::future::pending::<()>().await;
                     }
                     let mut b = book.lock().unwrap();
-                    *b.running.get_mut(&k).unwrap() -= 1;
+                    b.running.get_mut(&k).unwrap().retain(|r| *r != (me, i));
                     if retries(k, i, attempt) {
                         b.retried += 1;
                         return Outcome::Retry {
@@ -330,15 +333,7 @@ pub async fn order_with_disruption(
     );
     assert!(b.retried > 0, "no attempt asked for a retry");
     let (retried, dead) = (b.retried, b.dead);
-    for id in &ids {
-        assert!(
-            store
-                .is_applied(&name, std::slice::from_ref(id))
-                .await
-                .unwrap(),
-            "{id} not recorded as applied"
-        );
-    }
+    assert_all_applied(&*store, &name, &ids).await;
     // Nothing left unacknowledged: another instance sees nothing after the ack deadline.
     let bus = factory.reopen_bus(&ctx).await;
     let mut spec = SubscribeSpec::durable(pattern.clone(), name.clone());

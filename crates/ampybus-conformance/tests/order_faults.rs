@@ -172,96 +172,80 @@ impl Disruption for RemoveLease {
     }
 }
 
-fn nats_server(dir: &std::path::Path) -> NatsServer {
-    let store = dir.join("js");
-    NatsServer::start(dir, &["-js", "-sd", store.to_str().unwrap()])
-}
-
-fn redis_server(dir: &std::path::Path) -> RedisServer {
-    RedisServer::start(dir, &["--appendonly", "yes", "--appendfsync", "always"])
-}
-
 const NATS_QUERY: &str = "?stream_prefix=ORD&max_age_days=1";
 const REDIS_QUERY: &str = "?key_prefix=ord:&max_age_days=1";
 
+#[derive(Clone, Copy)]
+enum Fault {
+    Kill,
+    Restart,
+    RemoveLease,
+}
+
+/// Spawns a private server of `kind` (NATS with a JetStream store, Redis with an fsynced
+/// append-only file), runs the flow with `fault` and returns the case's report.
+async fn run(kind: &'static str, fault: Fault) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, url) = if kind == "nats" {
+        let store = dir.path().join("js");
+        let s = NatsServer::start(dir.path(), &["-js", "-sd", store.to_str().unwrap()]);
+        let url = s.url("nats", NATS_QUERY);
+        (Broker::Nats(s), url)
+    } else {
+        let s = RedisServer::start(
+            dir.path(),
+            &["--appendonly", "yes", "--appendfsync", "always"],
+        );
+        let url = s.url("", REDIS_QUERY);
+        (Broker::Redis(s), url)
+    };
+    let f = Private {
+        name: kind,
+        url: url.clone(),
+    };
+    let restart = Restart(Mutex::new(Some(broker)));
+    let remove = RemoveLease {
+        url,
+        nats_prefix: (kind == "nats").then_some("ORD"),
+    };
+    let d: &dyn Disruption = match fault {
+        Fault::Kill => &KillActive,
+        Fault::Restart => &restart,
+        Fault::RemoveLease => &remove,
+    };
+    let detail = passed(order_with_disruption(&f, d).await);
+    eprintln!("[{kind}] {detail}");
+    detail
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_active_instance_killed_standby_takes_over_in_order() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = nats_server(dir.path());
-    let f = Private {
-        name: "nats",
-        url: server.url("nats", NATS_QUERY),
-    };
-    let d = passed(order_with_disruption(&f, &KillActive).await);
-    eprintln!("{d}");
+    let d = run("nats", Fault::Kill).await;
     assert!(takeover(&d) < TAKEOVER_BOUND, "{d}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_active_instance_killed_standby_takes_over_in_order() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = redis_server(dir.path());
-    let f = Private {
-        name: "redis",
-        url: server.url("", REDIS_QUERY),
-    };
-    let d = passed(order_with_disruption(&f, &KillActive).await);
-    eprintln!("{d}");
+    let d = run("redis", Fault::Kill).await;
     assert!(takeover(&d) < TAKEOVER_BOUND, "{d}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_broker_restart_during_a_lease_keeps_order() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = nats_server(dir.path());
-    let f = Private {
-        name: "nats",
-        url: server.url("nats", NATS_QUERY),
-    };
-    let r = Restart(Mutex::new(Some(Broker::Nats(server))));
-    eprintln!("{}", passed(order_with_disruption(&f, &r).await));
+    run("nats", Fault::Restart).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_broker_restart_during_a_lease_keeps_order() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = redis_server(dir.path());
-    let f = Private {
-        name: "redis",
-        url: server.url("", REDIS_QUERY),
-    };
-    let r = Restart(Mutex::new(Some(Broker::Redis(server))));
-    eprintln!("{}", passed(order_with_disruption(&f, &r).await));
+    run("redis", Fault::Restart).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_lease_removed_holder_stops_and_order_holds() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = nats_server(dir.path());
-    let url = server.url("nats", NATS_QUERY);
-    let f = Private {
-        name: "nats",
-        url: url.clone(),
-    };
-    let r = RemoveLease {
-        url,
-        nats_prefix: Some("ORD"),
-    };
-    eprintln!("{}", passed(order_with_disruption(&f, &r).await));
+    run("nats", Fault::RemoveLease).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_lease_removed_holder_stops_and_order_holds() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = redis_server(dir.path());
-    let url = server.url("", REDIS_QUERY);
-    let f = Private {
-        name: "redis",
-        url: url.clone(),
-    };
-    let r = RemoveLease {
-        url,
-        nats_prefix: None,
-    };
-    eprintln!("{}", passed(order_with_disruption(&f, &r).await));
+    run("redis", Fault::RemoveLease).await;
 }

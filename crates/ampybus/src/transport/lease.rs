@@ -22,7 +22,8 @@
 //!   on how the last holder left ([`Previous`]): released cleanly (everything it fetched was
 //!   settled, its releases went back first in line) or never held — fetch at once; stopped
 //!   renewing and its lease ran out — if nothing of the consumer is unacknowledged, fetch at
-//!   once, else wait until it is, at most one ack deadline (plus a second), so that what the
+//!   once (after half a lease time, for reads the last holder sent just before its end),
+//!   else wait until it is, at most one ack deadline (plus a second), so that what the
 //!   last holder held is redelivered before anything newer; the lease record was removed while
 //!   held (tampering) — first wait out the holder's validity (`ttl`), then as before.
 //! * A subscription dropped with nothing unsettled releases the lease at once (a clean
@@ -265,6 +266,17 @@ impl Exclusive {
         }
     }
 
+    /// Whether the next read from the broker may still be sent: active, with a tenth of the
+    /// lease time of validity left (checked before every read of a fetch, not only at its
+    /// start, since one fetch sends several).
+    pub(crate) fn may_fetch(&self) -> bool {
+        let st = self.inner.st();
+        st.phase == Phase::Active
+            && st
+                .valid_until
+                .is_some_and(|v| v > Instant::now() + self.inner.ttl / 10)
+    }
+
     /// The handle settlers keep.
     pub(crate) fn handle(&self) -> LeaseRef {
         LeaseRef(self.inner.clone())
@@ -410,7 +422,9 @@ impl Exclusive {
                 st.took_over = true;
                 Phase::Active
             }
-            Previous::Lapsed => settle(Duration::ZERO),
+            // Commands the last holder sent just before its validity ended may still be
+            // executed by the broker: give them half a lease time.
+            Previous::Lapsed => settle(inner.ttl / 2),
             Previous::Removed(w) => settle(w),
         };
         tracing::info!(consumer = %inner.what, previous = ?prev, "lease taken");

@@ -495,6 +495,10 @@ impl NatsSubscription {
         max: usize,
         wait: Option<Duration>,
     ) -> Result<Vec<async_nats::jetstream::Message>> {
+        if !self.exclusive.as_ref().is_none_or(Exclusive::may_fetch) {
+            // The lease is not valid long enough for another pull (one fetch sends several).
+            return Ok(Vec::new());
+        }
         // A pull the server never answers (lost in a disconnect, server restarted) must not
         // hang the consumer: bound it, and reopen the consumer before the next one.
         let limit = wait.unwrap_or_default() + self.shared.opts.request_timeout;

@@ -610,6 +610,12 @@ impl RedisSubscription {
         Ok(out)
     }
 
+    /// Whether a read may be sent now (always, unless one instance is active at a time and
+    /// this one's lease is not valid long enough).
+    fn may_read(&self) -> bool {
+        self.exclusive.as_ref().is_none_or(Exclusive::may_fetch)
+    }
+
     /// Entries of the group pending in any consumer, over every stream (`XPENDING` summary).
     async fn backlog(&self) -> Result<u64> {
         let Some(group) = &self.spec.durable else {
@@ -711,7 +717,7 @@ impl Subscription for RedisSubscription {
         let n = self.parts.len();
         if self.spec.durable.is_some() {
             for i in 0..n {
-                if out.len() >= max {
+                if out.len() >= max || !self.may_read() {
                     break;
                 }
                 let got = self.reclaim(i, max - out.len()).await?;
@@ -723,7 +729,7 @@ impl Subscription for RedisSubscription {
             return Ok(out);
         }
         for i in 0..n {
-            if out.len() >= max {
+            if out.len() >= max || !self.may_read() {
                 break;
             }
             match self.read(&[i], max - out.len(), None).await {
@@ -738,7 +744,7 @@ impl Subscription for RedisSubscription {
             }
         }
         let left = wait.saturating_sub(started.elapsed());
-        if !out.is_empty() || left < Duration::from_millis(10) {
+        if !out.is_empty() || left < Duration::from_millis(10) || !self.may_read() {
             return Ok(out);
         }
         // Nothing there: block for one entry on each stream (at most `max` streams), then
@@ -760,7 +766,7 @@ impl Subscription for RedisSubscription {
         out.extend(got);
         if !out.is_empty() && out.len() < max {
             for i in 0..n {
-                if out.len() >= max {
+                if out.len() >= max || !self.may_read() {
                     break;
                 }
                 match self.read(&[i], max - out.len(), None).await {
