@@ -191,7 +191,9 @@ impl Inner {
                     tracing::warn!(consumer = %me.what, error = %e, "releasing the lease failed; it runs out by itself")
                 }
             }
-            me.lose("released");
+            let mut st = me.st();
+            st.phase = Phase::Standby;
+            st.valid_until = None;
         });
     }
 }
