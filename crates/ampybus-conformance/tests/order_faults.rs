@@ -81,7 +81,7 @@ fn takeover(detail: &str) -> Duration {
         .nth(1)
         .and_then(|r| r.split(' ').next())
         .expect("takeover time in the report");
-    let (num, unit) = t.split_at(t.find(|c: char| c.is_ascii_alphabetic()).unwrap());
+    let (num, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap());
     let v: f64 = num.parse().unwrap();
     match unit {
         "s" => Duration::from_secs_f64(v),
