@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 pub trait Disruption: Send + Sync {
     /// A label for the report.
     fn label(&self) -> String;
-    /// Whether the instance that completed the latest message is killed (its handlers never
+    /// Whether an active instance is killed (the one whose handler first sees a third completed) (its handlers never
     /// return, its consumer dropped without shutdown, its connection crashed).
     fn kills(&self) -> bool {
         false
@@ -119,8 +119,8 @@ struct Book {
 /// Case — per-key order across instances. Three instances of one durable consumer (same
 /// name, each its own `Consumer` on its own connection, strict mode, 4 workers) read orders
 /// of 12 interleaved keys; handlers ask for a retry on some attempts (a seeded hash: the same
-/// ones every run, at most two per message). A third of the way through, the instance that
-/// completed the latest message is killed: its handlers from then on never return, its
+/// ones every run, at most two per message). A third of the way through, the instance whose
+/// handler first sees a third completed (an active one) is killed: its handlers from then on never return, its
 /// consumer is dropped without shutdown and its connection goes as a crashed process's would.
 ///
 /// Asserted, per key: the messages' first successful completions are exactly the key's
