@@ -55,8 +55,11 @@ use std::time::{Duration, Instant};
 /// assert_eq!("per_instance".parse::<InstanceOrder>().unwrap(), InstanceOrder::PerInstance);
 /// assert!("sideways".parse::<InstanceOrder>().unwrap_err().message().contains("order"));
 /// // A NATS URL that lets instances share the work instead:
+/// # #[cfg(feature = "nats")]
+/// # {
 /// let o = ampybus::transport::nats::NatsOptions::from_url("nats://127.0.0.1:4222?order=per_instance").unwrap();
 /// assert_eq!(o.order, InstanceOrder::PerInstance);
+/// # }
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum InstanceOrder {
