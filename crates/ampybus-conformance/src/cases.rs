@@ -4,8 +4,8 @@
 
 use crate::report::CaseStatus;
 use crate::support::{
-    TestContext, TransportFactory, clock_past, hang_timeout, publish_all, raw, read_until, redrive,
-    scaled, wait_for, wait_stats,
+    TestContext, TransportFactory, assert_all_applied, clock_past, hang_timeout, publish_all, raw,
+    read_until, redrive, scaled, wait_for, wait_stats,
 };
 use ampybus::codec::sha256_tag;
 use ampybus::dedupe::{DedupeStore, dedupe_keys};
@@ -46,11 +46,13 @@ pub enum Case {
     BestEffortDropConflate,
     /// [`crate::tier_cases::best_effort_tier`]
     BestEffortTier,
+    /// [`crate::order_cases::order_across_instances`]
+    OrderAcrossInstances,
 }
 
 impl Case {
     /// Every case, in run order.
-    pub const ALL: [Case; 11] = [
+    pub const ALL: [Case; 12] = [
         Case::AtLeastOnceAcrossCrash,
         Case::DedupeByMessageIdAndKey,
         Case::PerKeyOrder,
@@ -62,6 +64,7 @@ impl Case {
         Case::BackpressureBoundedInFlight,
         Case::BestEffortDropConflate,
         Case::BestEffortTier,
+        Case::OrderAcrossInstances,
     ];
 
     /// The snake_case name (also the test name the macro generates).
@@ -78,6 +81,7 @@ impl Case {
             Case::BackpressureBoundedInFlight => "backpressure_bounded_in_flight",
             Case::BestEffortDropConflate => "best_effort_drop_conflate",
             Case::BestEffortTier => "best_effort_tier",
+            Case::OrderAcrossInstances => "order_across_instances",
         }
     }
 }
@@ -102,6 +106,7 @@ pub async fn run_case(factory: &dyn TransportFactory, case: Case) -> CaseStatus 
         Case::BackpressureBoundedInFlight => backpressure_bounded_in_flight(factory).await,
         Case::BestEffortDropConflate => best_effort_drop_conflate(factory).await,
         Case::BestEffortTier => crate::tier_cases::best_effort_tier(factory).await,
+        Case::OrderAcrossInstances => crate::order_cases::order_across_instances(factory).await,
     }
 }
 
@@ -216,15 +221,7 @@ pub async fn at_least_once_across_crash(factory: &dyn TransportFactory) -> CaseS
         let expect = if stuck.contains(p) { 2 } else { 1 };
         assert_eq!(*c, expect, "{p} handled {c} times");
     }
-    for id in &ids {
-        assert!(
-            store
-                .is_applied(&name, std::slice::from_ref(id))
-                .await
-                .unwrap(),
-            "{id} not recorded as applied"
-        );
-    }
+    assert_all_applied(&*store, &name, &ids).await;
     // Nothing left unacked: a third instance sees nothing even after the ack deadline.
     let mut sub = bus
         .subscribe(SubscribeSpec::durable(pattern.clone(), name.clone()))

@@ -16,6 +16,7 @@
 
 mod cases;
 mod nats_server;
+mod order_cases;
 mod report;
 mod support;
 mod tier_cases;
@@ -26,6 +27,7 @@ pub use cases::{
     per_key_order, replay_window_and_keys, retry_counts_and_backoff, run_case,
 };
 pub use nats_server::NatsServer;
+pub use order_cases::{Disruption, KillActive, order_across_instances, order_with_disruption};
 pub use report::{CaseReport, CaseStatus, SuiteReport};
 pub use support::{
     Capabilities, RedisServer, TestContext, TransportFactory, all_topic_stats, hang_timeout,
@@ -92,6 +94,7 @@ macro_rules! conformance_tests {
             backpressure_bounded_in_flight => BackpressureBoundedInFlight,
             best_effort_drop_conflate => BestEffortDropConflate,
             best_effort_tier => BestEffortTier,
+            order_across_instances => OrderAcrossInstances,
         );
     };
     (@cases $factory:expr; $($name:ident => $case:ident),* $(,)?) => {

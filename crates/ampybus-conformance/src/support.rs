@@ -169,6 +169,23 @@ pub(crate) async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// Asserts that every id in `ids` is recorded as applied for consumer `name` in `store`.
+pub(crate) async fn assert_all_applied(
+    store: &dyn ampybus::dedupe::DedupeStore,
+    name: &str,
+    ids: &[String],
+) {
+    for id in ids {
+        assert!(
+            store
+                .is_applied(name, std::slice::from_ref(id))
+                .await
+                .unwrap(),
+            "{id} not recorded as applied"
+        );
+    }
+}
+
 /// Polls a consumer's stats until `cond` holds; panics with the stats after [`hang_timeout`].
 pub(crate) async fn wait_stats(
     what: &str,

@@ -518,16 +518,16 @@ async fn existing_streams_are_used_or_refused_with_the_reasons() {
     assert!(e.to_string().contains("SOME_FILLS"), "{e}");
 }
 
-/// Durable pull consumers: two instances of one name share the work (each message handled
-/// once in all); a pattern over several domains (`ampy.dev.>`) reads every domain stream;
-/// `StartAt::Latest` skips what was there.
+/// Durable pull consumers with `order=per_instance`: two instances of one name share the work
+/// (each message handled once in all); a pattern over several domains (`ampy.dev.>`) reads
+/// every domain stream; `StartAt::Latest` skips what was there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn durable_consumers_share_work_span_domains_and_start_latest() {
     use ampybus::transport::StartAt;
     let dir = tempfile::tempdir().unwrap();
     let store_dir = dir.path().join("js");
     let server = Server::start(dir.path(), &["-js", "-sd", store_dir.to_str().unwrap()]);
-    let url = server.url("nats", "?stream_prefix=SHARE");
+    let url = server.url("nats", "?stream_prefix=SHARE&order=per_instance");
     let bus = Bus::connect(&url).await.unwrap();
     let news = Topic::parse("ampy.dev.news.v1.raw").unwrap();
     let bars = Topic::parse("ampy.dev.bars.v1.XNAS.MSFT").unwrap();

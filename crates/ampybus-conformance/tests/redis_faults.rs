@@ -458,13 +458,14 @@ fn raw(topic: &Topic, key: &str, payload: &str) -> Envelope {
 }
 
 /// A durable subscription over `ampy.dev.>` reads every domain stream, including one created
-/// after it subscribed; two instances of one name share the work (each message once in all);
+/// after it subscribed; two instances of one name share the work with `order=per_instance`
+/// (each message once in all);
 /// `StartAt::Latest` skips what was there; entries of other topics in a stream are never
 /// handed out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn durable_consumers_span_streams_share_work_and_start_latest() {
     start_shared();
-    let url = shared_url("span");
+    let url = format!("{}&order=per_instance", shared_url("span"));
     let bus = Bus::connect(&url).await.expect("connect");
     let news = Topic::parse("ampy.dev.news.v1.span.a").unwrap();
     let bars = Topic::parse("ampy.dev.bars.v1.span.b").unwrap();

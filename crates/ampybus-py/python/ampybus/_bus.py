@@ -610,9 +610,9 @@ class Bus:
         (``max_attempts`` in total, ``min_delay``/``max_delay`` seconds), then the DLQ. Strict
         per-key order is the default for ``orders`` and ``fills``. Per-key order holds within
         this subscription; across several instances of one consumer name it holds on the
-        embedded log and Kafka (there except around a rebalance) but not on NATS and Redis,
-        which hand each message to any instance: there run one instance per consumer name
-        where order matters. ``start_at``:
+        embedded log, Kafka (there except around a rebalance), NATS and Redis (there one
+        instance fetches at a time, the others are standbys; a URL with
+        ``order=per_instance`` lets them share the work without that order). ``start_at``:
         ``"earliest"`` (default), ``"latest"`` or a time, for a new consumer name.
         ``serve_replays`` lets ``bus.replay(...)`` run through this consumer.
         """

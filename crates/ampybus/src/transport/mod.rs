@@ -14,6 +14,8 @@ pub mod embedded;
 mod headers_codec;
 #[cfg(feature = "kafka")]
 pub mod kafka;
+#[cfg_attr(not(any(feature = "nats", feature = "redis")), allow(dead_code))]
+mod lease;
 #[cfg(any(feature = "redis", feature = "kafka"))]
 mod naming;
 #[cfg(feature = "nats")]
@@ -23,6 +25,7 @@ pub mod redis;
 mod url_parts;
 
 pub use headers_codec::{decode_headers, encode_headers};
+pub use lease::InstanceOrder;
 
 use crate::envelope::Envelope;
 use crate::error::Result;

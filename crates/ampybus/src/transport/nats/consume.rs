@@ -13,10 +13,18 @@
 //!   left open on the server between calls, so nothing is delivered to a puller that is gone.
 //! * Settling: `+ACK` (then a flush, so an ack has reached the server when it returns),
 //!   `-NAK {"delay": ns}`, `+WPI`.
+//! * One active instance per durable name (default, [`crate::transport::InstanceOrder`]): a
+//!   durable subscription fetches only while it holds the consumer's lease (`super::lease`,
+//!   rules in `transport::lease`), each pull's wait cut to the lease's validity; after taking
+//!   over from an instance that stopped without releasing, it fetches once nothing of the
+//!   consumer is unacknowledged or an ack wait has passed, so the server's redeliveries (which
+//!   JetStream serves before new messages) come first.
 
 use super::{Shared, from_header_map, streams};
 use crate::envelope::Envelope;
 use crate::error::{Error, ErrorKind, Result};
+use crate::transport::InstanceOrder;
+use crate::transport::lease::{Admit, Exclusive, LeaseRef};
 use crate::transport::{Delivery, DeliveryInfo, Settler, StartAt, SubscribeSpec, Subscription};
 use async_nats::jetstream::consumer::{self, AckPolicy, DeliverPolicy, PullConsumer, pull};
 use async_trait::async_trait;
@@ -55,6 +63,8 @@ struct PartSettler {
     ack_none: bool,
     where_: String,
     flush_timeout: Duration,
+    /// The consumer's lease, when one instance is active at a time.
+    lease: Option<LeaseRef>,
 }
 
 impl PartSettler {
@@ -84,38 +94,54 @@ impl Settler for PartSettler {
         if self.ack_none {
             return Ok(());
         }
-        let mut sent = 0;
+        // The reply subjects taken: put back if the acks are not confirmed flushed, so the
+        // runtime's retry of this ack sends them again (after a reconnect) instead of finding
+        // nothing to ack and leaving the messages to be redelivered.
+        let mut taken = Vec::with_capacity(sequences.len());
+        let mut failed = None;
         for &seq in sequences {
             match self.reply(seq, true) {
                 Some(r) => {
-                    self.send(r, bytes::Bytes::from_static(b"+ACK")).await?;
-                    sent += 1;
+                    taken.push((seq, r.clone()));
+                    if let Err(e) = self.send(r, bytes::Bytes::from_static(b"+ACK")).await {
+                        failed = Some(e);
+                        break;
+                    }
                 }
                 None => {
                     tracing::debug!(seq, "nats: ack of a sequence with no outstanding delivery")
                 }
             }
         }
-        if sent > 0 {
-            match tokio::time::timeout(self.flush_timeout, self.client.flush()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    return Err(Error::with_source(
-                        ErrorKind::Transport,
-                        format!("{}: flushing {sent} acks failed", self.where_),
-                        e,
-                    ));
-                }
-                Err(_) => {
-                    return Err(Error::new(
-                        ErrorKind::Timeout,
-                        format!(
-                            "{}: {sent} acks not confirmed flushed within {:?} (disconnected?)",
-                            self.where_, self.flush_timeout
-                        ),
-                    ));
-                }
+        let sent = taken.len();
+        if failed.is_none() && sent > 0 {
+            failed = match tokio::time::timeout(self.flush_timeout, self.client.flush()).await {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(Error::with_source(
+                    ErrorKind::Transport,
+                    format!("{}: flushing {sent} acks failed", self.where_),
+                    e,
+                )),
+                Err(_) => Some(Error::new(
+                    ErrorKind::Timeout,
+                    format!(
+                        "{}: {sent} acks not confirmed flushed within {:?} (disconnected?)",
+                        self.where_, self.flush_timeout
+                    ),
+                )),
+            };
+        }
+        if let Some(e) = failed {
+            let mut m = self.replies.lock().unwrap_or_else(|p| p.into_inner());
+            for (seq, r) in taken {
+                m.entry(seq).or_insert(r);
             }
+            return Err(e);
+        }
+        // Counted as settled for the lease only once flushed: a failed ack keeps the lease
+        // from being released as clean.
+        if let Some(l) = &self.lease {
+            l.settled(sent);
         }
         Ok(())
     }
@@ -132,11 +158,23 @@ impl Settler for PartSettler {
         } else {
             bytes::Bytes::from(format!("-NAK {{\"delay\":{}}}", delay.as_nanos()))
         };
-        self.send(r, body).await
+        self.send(r, body).await?;
+        if let Some(l) = &self.lease {
+            l.settled(1);
+        }
+        Ok(())
     }
 
     async fn in_progress(&self, sequence: u64) -> Result<()> {
         if self.ack_none {
+            return Ok(());
+        }
+        if self.lease.as_ref().is_some_and(|l| !l.may_extend()) {
+            // The lease is gone: a successor counts on this delivery's deadline.
+            tracing::debug!(
+                seq = sequence,
+                "nats: not extending a delivery (lease not held)"
+            );
             return Ok(());
         }
         match self.reply(sequence, false) {
@@ -154,6 +192,11 @@ pub(crate) struct NatsSubscription {
     where_: String,
     /// One shared name per subject received.
     names: crate::envelope::TopicNames,
+    /// Deliveries taken at a takeover, in stream order, handed out before anything else.
+    takeover: std::collections::VecDeque<Delivery>,
+    takeover_extended: std::time::Instant,
+    /// One active instance per durable name (dropped last: it releases the lease).
+    exclusive: Option<Exclusive>,
 }
 
 pub(crate) async fn subscribe(
@@ -164,6 +207,17 @@ pub(crate) async fn subscribe(
     // ephemeral reader only reads what exists.
     let targets =
         streams::streams_for_pattern(shared, &spec.pattern, spec.durable.is_some()).await?;
+    let exclusive = match &spec.durable {
+        Some(d) if shared.opts.order == InstanceOrder::AcrossInstances => {
+            let name = consumer_name(d);
+            Some(Exclusive::new(
+                Arc::new(super::lease::NatsLease::new(shared, &name)),
+                spec.ack_deadline.max(Duration::from_millis(100)),
+                name,
+            ))
+        }
+        _ => None,
+    };
     let mut parts = Vec::with_capacity(targets.len());
     for (stream, filter) in targets {
         let consumer = open_consumer(shared, &stream.name, &filter, &spec).await?;
@@ -178,6 +232,7 @@ pub(crate) async fn subscribe(
                 ack_none: spec.durable.is_none(),
                 where_: format!("{} stream {}", shared.where_(), stream.name),
                 flush_timeout: shared.opts.request_timeout,
+                lease: exclusive.as_ref().map(Exclusive::handle),
             }),
         });
     }
@@ -188,6 +243,9 @@ pub(crate) async fn subscribe(
         next: 0,
         where_: shared.where_(),
         names: Default::default(),
+        takeover: Default::default(),
+        takeover_extended: std::time::Instant::now(),
+        exclusive,
     }))
 }
 
@@ -316,6 +374,82 @@ async fn open_consumer(
 }
 
 impl NatsSubscription {
+    /// At a takeover: pulls what the consumer has unacknowledged (redelivered first by the
+    /// server, but in the order their deadlines ran out — a deadline extended by the previous
+    /// holder runs out later — or their releases came) plus whatever follows in the same
+    /// pulls, and keeps it sorted by stream sequence, so every key's messages go out in
+    /// publish order. Their deadlines are extended once here and while they wait.
+    async fn fill_takeover(&mut self) -> Result<()> {
+        let want = self.backlog().await? as usize;
+        let mut got: Vec<(usize, Delivery)> = Vec::new();
+        for i in 0..self.parts.len() {
+            while got.len() < want {
+                let batch = self.pull(i, (want - got.len()).min(256), None).await?;
+                if batch.is_empty() {
+                    break;
+                }
+                got.extend(self.convert(i, batch).into_iter().map(|d| (i, d)));
+            }
+        }
+        got.sort_by_key(|(i, d)| (*i, d.info.sequence));
+        for (_, d) in &got {
+            if let Err(e) = d.in_progress().await {
+                tracing::debug!(error = %e, "nats: extending a taken-over delivery failed");
+            }
+        }
+        if !got.is_empty() {
+            tracing::info!(
+                deliveries = got.len(),
+                "nats: took over the consumer's unacknowledged messages, in stream order"
+            );
+        }
+        self.takeover = got.into_iter().map(|(_, d)| d).collect();
+        self.takeover_extended = std::time::Instant::now();
+        Ok(())
+    }
+
+    /// Hands out up to `max` taken-over deliveries, extending the deadlines of those still
+    /// waiting every third of the ack deadline.
+    async fn next_taken_over(&mut self, max: usize) -> Vec<Delivery> {
+        let n = max.min(self.takeover.len());
+        let out: Vec<Delivery> = self.takeover.drain(..n).collect();
+        if self.takeover_extended.elapsed() > self.spec.ack_deadline / 3 {
+            self.takeover_extended = std::time::Instant::now();
+            for d in &self.takeover {
+                let _ = d.in_progress().await;
+            }
+        }
+        out
+    }
+
+    /// The consumer's deliveries not yet acknowledged on the server, over every stream.
+    async fn backlog(&self) -> Result<u64> {
+        let Some(d) = &self.spec.durable else {
+            return Ok(0);
+        };
+        let name = consumer_name(d);
+        let mut n = 0u64;
+        for p in &self.parts {
+            let c = self
+                .shared
+                .js
+                .get_consumer_from_stream::<pull::Config, _, _>(&name, &p.stream)
+                .await
+                .map_err(|e| {
+                    Error::with_source(
+                        ErrorKind::Transport,
+                        format!(
+                            "{} stream {}: reading consumer {name}",
+                            self.where_, p.stream
+                        ),
+                        e,
+                    )
+                })?;
+            n += c.cached_info().num_ack_pending as u64;
+        }
+        Ok(n)
+    }
+
     fn convert(&mut self, part: usize, msgs: Vec<async_nats::jetstream::Message>) -> Vec<Delivery> {
         let p = &self.parts[part];
         let names = &mut self.names;
@@ -333,11 +467,17 @@ impl NatsSubscription {
                 }
             };
             if let Some(r) = m.message.reply.clone() {
-                p.settler
+                let before = p
+                    .settler
                     .replies
                     .lock()
                     .unwrap_or_else(|x| x.into_inner())
                     .insert(info.sequence, r);
+                if before.is_none()
+                    && let Some(l) = &p.settler.lease
+                {
+                    l.handed(1);
+                }
             }
             let envelope = Envelope {
                 topic: names.get(m.message.subject.as_str()),
@@ -355,6 +495,10 @@ impl NatsSubscription {
         max: usize,
         wait: Option<Duration>,
     ) -> Result<Vec<async_nats::jetstream::Message>> {
+        if !self.exclusive.as_ref().is_none_or(Exclusive::may_fetch) {
+            // The lease is not valid long enough for another pull (one fetch sends several).
+            return Ok(Vec::new());
+        }
         // A pull the server never answers (lost in a disconnect, server restarted) must not
         // hang the consumer: bound it, and reopen the consumer before the next one.
         let limit = wait.unwrap_or_default() + self.shared.opts.request_timeout;
@@ -427,6 +571,22 @@ impl Subscription for NatsSubscription {
             // An ephemeral reader over streams that do not exist: nothing to read.
             tokio::time::sleep(wait).await;
             return Ok(Vec::new());
+        }
+        let mut wait = wait;
+        if let Some(ex) = &self.exclusive {
+            let admit = ex.admit(wait, || self.backlog()).await?;
+            match admit {
+                Admit::Idle => return Ok(Vec::new()),
+                Admit::Go { budget, took_over } => {
+                    wait = wait.min(budget);
+                    if took_over && let Err(e) = self.fill_takeover().await {
+                        tracing::warn!(error = %e, "nats: taking over unacknowledged messages failed; they come in the server's order");
+                    }
+                }
+            }
+        }
+        if !self.takeover.is_empty() {
+            return Ok(self.next_taken_over(max).await);
         }
         for i in 0..self.parts.len() {
             if self.parts[i].stale {

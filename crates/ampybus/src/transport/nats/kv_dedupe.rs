@@ -130,44 +130,75 @@ impl NatsKvDedupeStore {
     async fn bucket(&self) -> Result<&kv::Store> {
         self.bucket
             .get_or_try_init(|| async {
-                let name = self.bucket_name();
-                if let Ok(s) = self.js.get_key_value(&name).await {
-                    return Ok(s);
-                }
-                // The bucket's stream, created directly (the client's KV create first asks
-                // for account info in a shape older servers do not send). Same layout as any
-                // KV bucket: `KV_{bucket}` on `$KV.{bucket}.>`, one value per key.
-                let cfg = jetstream::stream::Config {
-                    name: format!("KV_{name}"),
-                    description: Some("ampybus consumer dedupe store".to_owned()),
-                    subjects: vec![format!("$KV.{name}.>")],
-                    max_messages_per_subject: 1,
-                    max_messages: -1,
-                    max_bytes: -1,
-                    max_message_size: -1,
-                    max_age: self.window,
-                    storage: jetstream::stream::StorageType::File,
-                    num_replicas: self.replicas.max(1),
-                    allow_rollup: true,
-                    deny_delete: true,
-                    allow_direct: true,
-                    discard: jetstream::stream::DiscardPolicy::New,
-                    ..Default::default()
-                };
-                if let Err(e) = self.js.create_stream(cfg).await {
-                    // Created by another instance meanwhile? Then opening it works.
-                    tracing::debug!(bucket = %name, error = %e, "KV bucket create failed; opening it");
-                }
-                self.js.get_key_value(&name).await.map_err(|e| {
-                    Error::with_source(
-                        ErrorKind::Transport,
-                        format!("{}: dedupe store: opening KV bucket {name}: {e}", self.where_),
-                        e,
-                    )
-                })
+                open_bucket(
+                    &self.js,
+                    &self.bucket_name(),
+                    BucketSpec {
+                        description: "ampybus consumer dedupe store",
+                        max_age: self.window,
+                        replicas: self.replicas,
+                        deny_delete: true,
+                    },
+                    &format!("{}: dedupe store", self.where_),
+                )
+                .await
             })
             .await
     }
+}
+
+/// How a KV bucket this binding creates is configured.
+pub(crate) struct BucketSpec {
+    pub(crate) description: &'static str,
+    /// Max age of a value (zero: kept until replaced).
+    pub(crate) max_age: Duration,
+    pub(crate) replicas: usize,
+    /// Refuse deletes of single values.
+    pub(crate) deny_delete: bool,
+}
+
+/// Opens KV bucket `name`, creating it when missing (shared by the dedupe store and the
+/// consumer leases). `what` prefixes errors.
+pub(crate) async fn open_bucket(
+    js: &jetstream::Context,
+    name: &str,
+    spec: BucketSpec,
+    what: &str,
+) -> Result<kv::Store> {
+    if let Ok(s) = js.get_key_value(name).await {
+        return Ok(s);
+    }
+    // The bucket's stream, created directly (the client's KV create first asks for account
+    // info in a shape older servers do not send). Same layout as any KV bucket:
+    // `KV_{bucket}` on `$KV.{bucket}.>`, one value per key.
+    let cfg = jetstream::stream::Config {
+        name: format!("KV_{name}"),
+        description: Some(spec.description.to_owned()),
+        subjects: vec![format!("$KV.{name}.>")],
+        max_messages_per_subject: 1,
+        max_messages: -1,
+        max_bytes: -1,
+        max_message_size: -1,
+        max_age: spec.max_age,
+        storage: jetstream::stream::StorageType::File,
+        num_replicas: spec.replicas.max(1),
+        allow_rollup: true,
+        deny_delete: spec.deny_delete,
+        allow_direct: true,
+        discard: jetstream::stream::DiscardPolicy::New,
+        ..Default::default()
+    };
+    if let Err(e) = js.create_stream(cfg).await {
+        // Created by another instance meanwhile? Then opening it works.
+        tracing::debug!(bucket = %name, error = %e, "KV bucket create failed; opening it");
+    }
+    js.get_key_value(name).await.map_err(|e| {
+        Error::with_source(
+            ErrorKind::Transport,
+            format!("{what}: opening KV bucket {name}: {e}"),
+            e,
+        )
+    })
 }
 
 fn kv_key(consumer: &str, k: &str) -> String {

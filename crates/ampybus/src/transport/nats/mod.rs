@@ -44,6 +44,7 @@
 //! | `consumer_inactive_s=N` | durable consumers this binding creates are removed by the server after N s without a puller (default: never; for tests and short-lived tools) |
 //! | `update_streams=true` | update an existing stream's max age, duplicate window and replicas to ours (never by default) |
 //! | `max_reconnects=N` | give up after N reconnect attempts (default: never) |
+//! | `order=across_instances\|per_instance` | several instances of one durable consumer name: one fetches at a time and per-key order holds across them (default), or all fetch and order holds per instance ([`crate::transport::InstanceOrder`]) |
 //!
 //! **Which option wins**: defaults, then the URL (userinfo, then query options, so
 //! `?user=` overrides the userinfo), then whatever code sets on the [`NatsOptions`] returned by
@@ -62,6 +63,7 @@ mod best_effort;
 mod consume;
 mod inspect;
 mod kv_dedupe;
+mod lease;
 mod publish;
 mod replay;
 pub mod streams;
@@ -140,6 +142,9 @@ pub struct NatsOptions {
     pub consumer_inactive: Option<Duration>,
     /// Give up after this many reconnect attempts (`None`: never).
     pub max_reconnects: Option<usize>,
+    /// What several instances of one durable consumer name promise about per-key order
+    /// (URL `order=`): one active instance at a time (default) or shared work.
+    pub order: crate::transport::InstanceOrder,
 }
 
 impl std::fmt::Debug for NatsOptions {
@@ -188,6 +193,7 @@ impl Default for NatsOptions {
             update_streams: false,
             consumer_inactive: None,
             max_reconnects: None,
+            order: Default::default(),
         }
     }
 }
@@ -362,9 +368,10 @@ impl NatsOptions {
                     o.consumer_inactive = Some(Duration::from_secs(n));
                 }
                 "max_reconnects" => o.max_reconnects = Some(num(k)? as usize),
+                "order" => o.order = v.parse().map_err(|e: Error| bad(e.message().to_owned()))?,
                 other => {
                     return Err(bad(format!(
-                        "unknown option `{other}` (known: tls, tls_ca, tls_cert, tls_key, user, password, token, nkey, creds, name, connect_timeout_ms, request_timeout_ms, max_in_flight, stream_prefix, replicas, duplicate_window_ms, max_age_days, max_ack_pending, consumer_inactive_s, update_streams, max_reconnects)"
+                        "unknown option `{other}` (known: tls, tls_ca, tls_cert, tls_key, user, password, token, nkey, creds, name, connect_timeout_ms, request_timeout_ms, max_in_flight, stream_prefix, replicas, duplicate_window_ms, max_age_days, max_ack_pending, consumer_inactive_s, update_streams, max_reconnects, order)"
                     )));
                 }
             }

@@ -24,11 +24,20 @@
 //!   retried keys with backoff in process, so only shutdown releases (zero delay) use it.
 //! * **Gone consumers** (nothing pending, idle for an hour) are removed from the group by any
 //!   live instance, at most once a minute.
+//! * **One active instance per durable name** (default, [`crate::transport::InstanceOrder`]):
+//!   a durable subscription reads only while it holds the consumer's lease (`super::lease`,
+//!   rules in `transport::lease`), blocking reads cut to the lease's validity. After taking it
+//!   over from an instance that stopped without releasing, it reads once nothing of the group
+//!   is pending or an ack deadline has passed, and then claims every entry idle past the
+//!   deadline (`XAUTOCLAIM` to the end of the pending list) before it reads anything new, so
+//!   the previous holder's entries come first, in id order.
 //! * **Ephemeral** readers (`durable: None`) use `XREAD` from a position kept in memory and
 //!   settle nothing.
 
 use super::{Shared, command_error, wire};
 use crate::error::{Error, ErrorKind, Result};
+use crate::transport::InstanceOrder;
+use crate::transport::lease::{Admit, Exclusive, LeaseRef};
 use crate::transport::{Delivery, DeliveryInfo, Settler, StartAt, SubscribeSpec, Subscription};
 use async_trait::async_trait;
 use redis::aio::ConnectionManager;
@@ -53,6 +62,8 @@ struct PartSettler {
     consumer: String,
     ack_deadline: Duration,
     durable: bool,
+    /// The consumer's lease, when one instance is active at a time.
+    lease: Option<LeaseRef>,
 }
 
 impl PartSettler {
@@ -75,9 +86,9 @@ impl PartSettler {
     }
 }
 
-#[async_trait]
-impl Settler for PartSettler {
-    async fn ack(&self, sequences: &[u64]) -> Result<()> {
+impl PartSettler {
+    /// `XACK` (not counted as settled deliveries: also used for skipped entries).
+    async fn xack(&self, sequences: &[u64]) -> Result<()> {
         if !self.durable || sequences.is_empty() {
             return Ok(());
         }
@@ -95,17 +106,40 @@ impl Settler for PartSettler {
             .await?;
         Ok(())
     }
+}
+
+#[async_trait]
+impl Settler for PartSettler {
+    async fn ack(&self, sequences: &[u64]) -> Result<()> {
+        self.xack(sequences).await?;
+        if let Some(l) = &self.lease {
+            l.settled(sequences.len());
+        }
+        Ok(())
+    }
 
     async fn nack(&self, sequence: u64, delay: Duration) -> Result<()> {
         if !self.durable {
             return Ok(());
         }
         let idle = self.ack_deadline.saturating_sub(delay).as_millis() as u64;
-        self.claim(sequence, Some(idle)).await
+        self.claim(sequence, Some(idle)).await?;
+        if let Some(l) = &self.lease {
+            l.settled(1);
+        }
+        Ok(())
     }
 
     async fn in_progress(&self, sequence: u64) -> Result<()> {
         if !self.durable {
+            return Ok(());
+        }
+        if self.lease.as_ref().is_some_and(|l| !l.may_extend()) {
+            // The lease is gone: a successor counts on this entry's idle time.
+            tracing::debug!(
+                seq = sequence,
+                "redis: not extending a delivery (lease not held)"
+            );
             return Ok(());
         }
         self.claim(sequence, None).await
@@ -133,6 +167,8 @@ pub(crate) struct RedisSubscription {
     single: Option<String>,
     last_discovery: Instant,
     where_: String,
+    /// One active instance per durable name (dropped last: it releases the lease).
+    exclusive: Option<Exclusive>,
 }
 
 pub(crate) async fn subscribe(
@@ -150,7 +186,16 @@ pub(crate) async fn subscribe(
         Some(d) => format!("{d}:{}", &uuid::Uuid::new_v4().simple().to_string()[..12]),
         None => String::new(),
     };
+    let exclusive = match &spec.durable {
+        Some(d) if shared.opts.order == InstanceOrder::AcrossInstances => Some(Exclusive::new(
+            Arc::new(super::lease::RedisLease::new(shared, d)),
+            spec.ack_deadline.max(Duration::from_millis(100)),
+            d.clone(),
+        )),
+        _ => None,
+    };
     let mut sub = RedisSubscription {
+        exclusive,
         shared: shared.clone(),
         blocking,
         consumer,
@@ -256,6 +301,7 @@ impl RedisSubscription {
                 consumer: self.consumer.clone(),
                 ack_deadline: self.spec.ack_deadline.max(Duration::from_millis(100)),
                 durable: durable.is_some(),
+                lease: self.exclusive.as_ref().map(Exclusive::handle),
             }),
             key,
             last_id: start_id,
@@ -317,6 +363,9 @@ impl RedisSubscription {
                 continue;
             };
             let delivery_count = counts.and_then(|c| c.get(&e.id).copied()).unwrap_or(1);
+            if let Some(l) = &p.settler.lease {
+                l.handed(1);
+            }
             let info = DeliveryInfo {
                 sequence,
                 delivery_count: delivery_count.max(1),
@@ -342,7 +391,7 @@ impl RedisSubscription {
             let _: i64 = self.shared.query("XACK", &cmd).await?;
             return Ok(());
         }
-        self.parts[i].settler.ack(&seqs).await
+        self.parts[i].settler.xack(&seqs).await
     }
 
     /// Removes consumers of the group that are gone: nothing pending (so nothing can be lost),
@@ -561,6 +610,35 @@ impl RedisSubscription {
         Ok(out)
     }
 
+    /// Whether a read may be sent now (always, unless one instance is active at a time and
+    /// this one's lease is not valid long enough).
+    fn may_read(&self) -> bool {
+        self.exclusive.as_ref().is_none_or(Exclusive::may_fetch)
+    }
+
+    /// Entries of the group pending in any consumer, over every stream (`XPENDING` summary).
+    async fn backlog(&self) -> Result<u64> {
+        let Some(group) = &self.spec.durable else {
+            return Ok(0);
+        };
+        let mut n = 0u64;
+        for p in &self.parts {
+            let v: redis::Value = self
+                .shared
+                .query(
+                    &format!("stream {}: XPENDING", p.key),
+                    redis::cmd("XPENDING").arg(&p.key).arg(group),
+                )
+                .await?;
+            if let redis::Value::Array(f) = &v
+                && let Some(redis::Value::Int(c)) = f.first()
+            {
+                n += (*c).max(0) as u64;
+            }
+        }
+        Ok(n)
+    }
+
     async fn ensure_groups(&mut self, err: &Error) -> Result<()> {
         // NOGROUP: the stream (and its group) was deleted, or the server restarted without
         // persistence. Create them again, at 0.
@@ -617,19 +695,41 @@ impl Subscription for RedisSubscription {
                 }
             }
         }
+        let mut wait = wait;
+        if let Some(ex) = &self.exclusive {
+            let left = wait.saturating_sub(started.elapsed());
+            let admit = ex.admit(left, || self.backlog()).await?;
+            match admit {
+                Admit::Idle => return Ok(Vec::new()),
+                Admit::Go { budget, took_over } => {
+                    wait = wait.min(started.elapsed() + budget);
+                    if took_over {
+                        // Claim everything idle past the deadline before reading new entries.
+                        for p in &mut self.parts {
+                            p.last_reclaim = None;
+                            p.reclaim_cursor = "0-0".to_owned();
+                        }
+                    }
+                }
+            }
+        }
         let mut out = Vec::new();
         let n = self.parts.len();
         if self.spec.durable.is_some() {
             for i in 0..n {
-                if out.len() >= max {
+                if out.len() >= max || !self.may_read() {
                     break;
                 }
                 let got = self.reclaim(i, max - out.len()).await?;
                 out.extend(got);
             }
         }
+        if self.exclusive.is_some() && self.parts.iter().any(|p| p.reclaim_cursor != "0-0") {
+            // Entries left to claim come before anything new (order across instances).
+            return Ok(out);
+        }
         for i in 0..n {
-            if out.len() >= max {
+            if out.len() >= max || !self.may_read() {
                 break;
             }
             match self.read(&[i], max - out.len(), None).await {
@@ -644,7 +744,7 @@ impl Subscription for RedisSubscription {
             }
         }
         let left = wait.saturating_sub(started.elapsed());
-        if !out.is_empty() || left < Duration::from_millis(10) {
+        if !out.is_empty() || left < Duration::from_millis(10) || !self.may_read() {
             return Ok(out);
         }
         // Nothing there: block for one entry on each stream (at most `max` streams), then
@@ -666,7 +766,7 @@ impl Subscription for RedisSubscription {
         out.extend(got);
         if !out.is_empty() && out.len() < max {
             for i in 0..n {
-                if out.len() >= max {
+                if out.len() >= max || !self.may_read() {
                     break;
                 }
                 match self.read(&[i], max - out.len(), None).await {

@@ -38,6 +38,7 @@
 //! | `max_in_flight=N` | unanswered publish commands at most (default 4,096) |
 //! | `max_age_days=N` | retention of every stream (default 7; 30 for orders, fills, positions, dlq) |
 //! | `max_len=N` | also keep at most about N entries per stream |
+//! | `order=across_instances\|per_instance` | several instances of one durable consumer name: one reads at a time and per-key order holds across them (default), or all read and order holds per instance ([`crate::transport::InstanceOrder`]) |
 //!
 //! **Which option wins**: defaults, then the URL (userinfo, then query options), then whatever
 //! code sets on the [`RedisOptions`] returned by [`RedisOptions::from_url`] before
@@ -53,6 +54,7 @@
 
 pub mod consume;
 mod dedupe;
+mod lease;
 mod publish;
 mod replay;
 mod wire;
@@ -120,6 +122,9 @@ pub struct RedisOptions {
     pub registry_retention: crate::transport::UnitRetention,
     /// Also keep at most about this many entries per stream.
     pub max_len: Option<u64>,
+    /// What several instances of one durable consumer name promise about per-key order
+    /// (URL `order=`): one active instance at a time (default) or shared work.
+    pub order: crate::transport::InstanceOrder,
 }
 
 impl std::fmt::Debug for RedisOptions {
@@ -157,6 +162,7 @@ impl Default for RedisOptions {
             max_age: None,
             registry_retention: Default::default(),
             max_len: None,
+            order: Default::default(),
         }
     }
 }
@@ -307,9 +313,10 @@ impl RedisOptions {
                     }
                     o.max_len = Some(n);
                 }
+                "order" => o.order = v.parse().map_err(|e: Error| bad(e.message().to_owned()))?,
                 other => {
                     return Err(bad(format!(
-                        "unknown option `{other}` (known: user, password, db, tls, tls_ca, tls_cert, tls_key, tls_insecure, key_prefix, connect_timeout_ms, request_timeout_ms, max_in_flight, max_age_days, max_len)"
+                        "unknown option `{other}` (known: user, password, db, tls, tls_ca, tls_cert, tls_key, tls_insecure, key_prefix, connect_timeout_ms, request_timeout_ms, max_in_flight, max_age_days, max_len, order)"
                     )));
                 }
             }
