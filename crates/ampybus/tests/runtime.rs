@@ -45,6 +45,47 @@ async fn wait_for(what: &str, cond: impl Fn() -> bool) {
     }
 }
 
+/// What a handler of `{key}:{i}` payloads saw, per key in handling order.
+type Seqs = Arc<Mutex<HashMap<String, Vec<usize>>>>;
+
+/// Publishes `per_key` messages on each of the keys `key0…`, interleaved, with the payload
+/// `key{k}:{i}`, in batches of 1,000.
+async fn publish_keyed(bus: &Bus, topic: &Topic, keys: usize, per_key: usize) {
+    let mut batch = Vec::with_capacity(1000);
+    for i in 0..per_key {
+        for k in 0..keys {
+            batch.push(env_for(topic, &format!("key{k}"), &format!("key{k}:{i}")));
+            if batch.len() == 1000 {
+                bus.publish_batch(std::mem::take(&mut batch)).await.unwrap();
+            }
+        }
+    }
+    if !batch.is_empty() {
+        bus.publish_batch(batch).await.unwrap();
+    }
+}
+
+/// Notes a handled `key{k}:{i}` payload.
+fn note_seq(seqs: &Seqs, payload: &[u8]) {
+    let s = std::str::from_utf8(payload).unwrap();
+    let (k, i) = s.rsplit_once(':').unwrap();
+    seqs.lock()
+        .unwrap()
+        .entry(k.to_owned())
+        .or_default()
+        .push(i.parse().unwrap());
+}
+
+/// Every one of `keys` keys saw exactly `0..per_key`, in order.
+fn assert_each_key_in_order(seqs: &Seqs, keys: usize, per_key: usize) {
+    let seqs = seqs.lock().unwrap();
+    assert_eq!(seqs.len(), keys);
+    let want: Vec<usize> = (0..per_key).collect();
+    for (k, v) in seqs.iter() {
+        assert_eq!(v, &want, "order of {k}");
+    }
+}
+
 async fn wait_stats(
     what: &str,
     h: &ConsumerHandle,
@@ -231,20 +272,9 @@ async fn per_key_order_with_many_workers() {
     let total = ((20_000.0 * scale()) as usize).max(keys);
     let per_key = total / keys;
     let total = per_key * keys;
-    let mut batch = Vec::with_capacity(1000);
-    for i in 0..per_key {
-        for k in 0..keys {
-            batch.push(env_for(&topic, &format!("key{k}"), &format!("key{k}:{i}")));
-            if batch.len() == 1000 {
-                bus.publish_batch(std::mem::take(&mut batch)).await.unwrap();
-            }
-        }
-    }
-    if !batch.is_empty() {
-        bus.publish_batch(batch).await.unwrap();
-    }
+    publish_keyed(&bus, &topic, keys, per_key).await;
 
-    let seqs: Arc<Mutex<HashMap<String, Vec<usize>>>> = Arc::default();
+    let seqs: Seqs = Arc::default();
     let running = Arc::new(AtomicU32::new(0));
     let max_running = Arc::new(AtomicU32::new(0));
     let (s2, r2, m2) = (seqs.clone(), running.clone(), max_running.clone());
@@ -255,16 +285,10 @@ async fn per_key_order_with_many_workers() {
             async move {
                 let now = running.fetch_add(1, Ordering::SeqCst) + 1;
                 max_running.fetch_max(now, Ordering::SeqCst);
-                let s = std::str::from_utf8(&msg.payload).unwrap();
-                let (k, i) = s.rsplit_once(':').unwrap();
                 if rand::random_bool(0.5) {
                     tokio::task::yield_now().await;
                 }
-                seqs.lock()
-                    .unwrap()
-                    .entry(k.to_owned())
-                    .or_default()
-                    .push(i.parse().unwrap());
+                note_seq(&seqs, &msg.payload);
                 if rand::random_bool(0.3) {
                     tokio::task::yield_now().await;
                 }
@@ -280,12 +304,7 @@ async fn per_key_order_with_many_workers() {
     let stats = handle.shutdown(Duration::from_secs(10)).await;
     assert_eq!(stats.handled_ok, total as u64);
     assert_eq!(stats.skipped_duplicates, 0);
-    let seqs = seqs.lock().unwrap();
-    assert_eq!(seqs.len(), keys);
-    let want: Vec<usize> = (0..per_key).collect();
-    for (k, v) in seqs.iter() {
-        assert_eq!(v, &want, "order of {k}");
-    }
+    assert_each_key_in_order(&seqs, keys, per_key);
     assert!(
         max_running.load(Ordering::SeqCst) > 1,
         "handlers ran concurrently"
@@ -300,27 +319,15 @@ async fn a_handler_that_answers_at_once_but_slowly_keeps_order_and_counts() {
     let bus = bus_at(dir.path()).await;
     let topic = Topic::parse("ampy.dev.orders.v1.slow").unwrap();
     let (keys, per_key) = (16, 8);
-    let mut batch = Vec::new();
-    for i in 0..per_key {
-        for k in 0..keys {
-            batch.push(env_for(&topic, &format!("key{k}"), &format!("key{k}:{i}")));
-        }
-    }
-    bus.publish_batch(batch).await.unwrap();
-    let seqs: Arc<Mutex<HashMap<String, Vec<usize>>>> = Arc::default();
+    publish_keyed(&bus, &topic, keys, per_key).await;
+    let seqs: Seqs = Arc::default();
     let s2 = seqs.clone();
     let handle = Consumer::builder(bus.clone(), pat("ampy.dev.orders.>"), "slow")
         .workers(4)
         .handler(handler_sync(move |msg| {
             // Slower than a run's budget: blocking work done in the handler itself.
             std::thread::sleep(Duration::from_millis(3));
-            let s = std::str::from_utf8(&msg.payload).unwrap();
-            let (k, i) = s.rsplit_once(':').unwrap();
-            s2.lock()
-                .unwrap()
-                .entry(k.to_owned())
-                .or_default()
-                .push(i.parse().unwrap());
+            note_seq(&s2, &msg.payload);
             Outcome::Ok
         }))
         .start()
@@ -333,12 +340,7 @@ async fn a_handler_that_answers_at_once_but_slowly_keeps_order_and_counts() {
     let stats = handle.shutdown(Duration::from_secs(10)).await;
     assert_eq!(stats.handled_ok, (keys * per_key) as u64, "{stats:?}");
     assert_eq!((stats.retried, stats.released), (0, 0), "{stats:?}");
-    let seqs = seqs.lock().unwrap();
-    assert_eq!(seqs.len(), keys);
-    let want: Vec<usize> = (0..per_key).collect();
-    for (k, v) in seqs.iter() {
-        assert_eq!(v, &want, "order of {k}");
-    }
+    assert_each_key_in_order(&seqs, keys, per_key);
 }
 
 /// A handler that answers at once (`handler_sync`, no future) gets the runtime's guarantees:
@@ -351,20 +353,17 @@ async fn sync_handlers_keep_order_retries_and_dead_letters() {
     let topic = Topic::parse("ampy.dev.orders.v1.sync").unwrap();
     let keys = 20;
     let per_key = 50;
-    let mut batch = Vec::new();
-    for i in 0..per_key {
-        for k in 0..keys {
-            batch.push(env_for(&topic, &format!("key{k}"), &format!("key{k}:{i}")));
-        }
-    }
+    publish_keyed(&bus, &topic, keys, per_key).await;
     // Three special messages on keys of their own.
-    batch.push(env_for(&topic, "r", "retry-once"));
-    batch.push(env_for(&topic, "d", "dead"));
-    batch.push(env_for(&topic, "p", "panic"));
+    let batch = vec![
+        env_for(&topic, "r", "retry-once"),
+        env_for(&topic, "d", "dead"),
+        env_for(&topic, "p", "panic"),
+    ];
     bus.publish_batch(batch).await.unwrap();
     let total = keys * per_key + 3;
 
-    let seqs: Arc<Mutex<HashMap<String, Vec<usize>>>> = Arc::default();
+    let seqs: Seqs = Arc::default();
     let retried = Arc::new(AtomicU32::new(0));
     let (s2, r2) = (seqs.clone(), retried.clone());
     let handle = Consumer::builder(bus.clone(), pat("ampy.dev.orders.>"), "sync")
@@ -384,12 +383,7 @@ async fn sync_handlers_keep_order_retries_and_dead_letters() {
                 "dead" => Outcome::DeadLetter("bad fill".into()),
                 "panic" => panic!("sync boom"),
                 _ => {
-                    let (k, i) = s.rsplit_once(':').unwrap();
-                    s2.lock()
-                        .unwrap()
-                        .entry(k.to_owned())
-                        .or_default()
-                        .push(i.parse().unwrap());
+                    note_seq(&s2, &msg.payload);
                     Outcome::Ok
                 }
             }
@@ -407,14 +401,7 @@ async fn sync_handlers_keep_order_retries_and_dead_letters() {
     assert_eq!(stats.dlq(DlqCode::HandlerError), 1, "{stats:?}");
     assert_eq!(stats.dlq(DlqCode::HandlerPanic), 1, "{stats:?}");
     assert_eq!(retried.load(Ordering::SeqCst), 2);
-    {
-        let seqs = seqs.lock().unwrap();
-        assert_eq!(seqs.len(), keys);
-        let want: Vec<usize> = (0..per_key).collect();
-        for (k, v) in seqs.iter() {
-            assert_eq!(v, &want, "order of {k}");
-        }
-    }
+    assert_each_key_in_order(&seqs, keys, per_key);
     let dlq = read_all(&bus, "ampy.dev.dlq.>", 2).await;
     let mut reasons: Vec<String> = dlq
         .iter()
@@ -1256,14 +1243,8 @@ async fn strict_order_holds_under_random_retries() {
     let bus = bus_at(dir.path()).await;
     let topic = Topic::parse("ampy.dev.orders.v1.requests").unwrap();
     let (keys, per_key) = (20, 50);
-    let mut batch = Vec::new();
-    for i in 0..per_key {
-        for k in 0..keys {
-            batch.push(env_for(&topic, &format!("co{k}"), &format!("co{k}:{i}")));
-        }
-    }
-    bus.publish_batch(batch).await.unwrap();
-    let seqs: Arc<Mutex<HashMap<String, Vec<usize>>>> = Arc::default();
+    publish_keyed(&bus, &topic, keys, per_key).await;
+    let seqs: Seqs = Arc::default();
     let s2 = seqs.clone();
     let handle = Consumer::builder(bus.clone(), pat("ampy.dev.orders.>"), "flappy")
         .retry(RetryPolicy {
@@ -1277,13 +1258,7 @@ async fn strict_order_holds_under_random_retries() {
                 if rand::random_bool(0.2) {
                     return Outcome::Retry { after: None };
                 }
-                let s = std::str::from_utf8(&msg.payload).unwrap();
-                let (k, i) = s.rsplit_once(':').unwrap();
-                seqs.lock()
-                    .unwrap()
-                    .entry(k.to_owned())
-                    .or_default()
-                    .push(i.parse().unwrap());
+                note_seq(&seqs, &msg.payload);
                 Outcome::Ok
             }
         }))
@@ -1296,12 +1271,7 @@ async fn strict_order_holds_under_random_retries() {
     assert_eq!(stats.handled_ok, total);
     assert!(stats.retried > 0);
     assert_eq!(stats.dead_lettered_total(), 0);
-    let seqs = seqs.lock().unwrap();
-    let want: Vec<usize> = (0..per_key).collect();
-    assert_eq!(seqs.len(), keys);
-    for (k, v) in seqs.iter() {
-        assert_eq!(v, &want, "order of {k}");
-    }
+    assert_each_key_in_order(&seqs, keys, per_key);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
