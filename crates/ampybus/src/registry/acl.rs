@@ -145,13 +145,13 @@ fn quoted(list: &[String]) -> String {
 
 /// A nats-server configuration include: `authorization { users = [...] }` with one user per
 /// service. `stream_prefix` is the binding's stream prefix (URL option `stream_prefix`,
-/// default `AMPY`); streams are `{prefix}_{ENV}_{DOMAIN}` and the dedupe bucket
-/// `{prefix}_dedupe`.
+/// default `AMPY`); streams are `{prefix}_{ENV}_{DOMAIN}`, the dedupe bucket
+/// `{prefix}_dedupe` and the consumers' lease bucket `{prefix}_leases`.
 ///
 /// Per user: publish on its owned patterns, `ampy.*.dlq.>` and `ampy.*.control.>`; the
 /// JetStream API for the streams it writes or reads (info, create, message get) and, only on
-/// streams it may read, consumers (create, info, next, delete) and `$JS.ACK`; the KV dedupe
-/// bucket; subscribe on `_INBOX.>` and the patterns it may read.
+/// streams it may read, consumers (create, info, next, delete) and `$JS.ACK`; the KV dedupe and lease
+/// buckets; subscribe on `_INBOX.>` and the patterns it may read.
 ///
 /// ```
 /// use ampybus::registry::{Registry, acl};
@@ -182,6 +182,7 @@ pub fn nats_config(
         )
     };
     let kv = format!("{stream_prefix}_dedupe");
+    let leases = format!("{stream_prefix}_leases");
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -222,14 +223,18 @@ pub fn nats_config(
             publish.push(format!("$JS.API.CONSUMER.LIST.{s}"));
             publish.push(format!("$JS.ACK.{s}.>"));
         }
-        publish.extend([
-            format!("$KV.{kv}.>"),
-            format!("$JS.API.STREAM.INFO.KV_{kv}"),
-            format!("$JS.API.STREAM.CREATE.KV_{kv}"),
-            format!("$JS.API.STREAM.MSG.GET.KV_{kv}"),
-            format!("$JS.API.DIRECT.GET.KV_{kv}.>"),
-            format!("$JS.API.DIRECT.GET.KV_{kv}"),
-        ]);
+        // The KV buckets: the dedupe store and the consumers' leases (one active instance
+        // per durable name, `order=across_instances`).
+        for kv in [&kv, &leases] {
+            publish.extend([
+                format!("$KV.{kv}.>"),
+                format!("$JS.API.STREAM.INFO.KV_{kv}"),
+                format!("$JS.API.STREAM.CREATE.KV_{kv}"),
+                format!("$JS.API.STREAM.MSG.GET.KV_{kv}"),
+                format!("$JS.API.DIRECT.GET.KV_{kv}.>"),
+                format!("$JS.API.DIRECT.GET.KV_{kv}"),
+            ]);
+        }
         let mut subscribe = vec!["_INBOX.>".to_owned()];
         subscribe.extend(read.iter().map(|e| e.pattern.to_string()));
         subscribe.extend(["ampy.*.dlq.>".to_owned(), "ampy.*.control.>".to_owned()]);
@@ -305,6 +310,7 @@ pub fn redis_acl(
         write.insert(format!("~{key_prefix}ampy.*.dlq.*"));
         write.insert(format!("~{key_prefix}ampy.*.control.*"));
         write.insert(format!("~{key_prefix}ampy:dedupe:*"));
+        write.insert(format!("~{key_prefix}ampy:lease:*"));
         let mut readonly = BTreeSet::new();
         for e in &read {
             for env in envs(e) {
