@@ -345,10 +345,19 @@ pub trait Handler: Send + Sync + 'static {
 /// fn is_handler(_: &impl Handler) {}
 /// is_handler(&shared);
 /// ```
-#[async_trait]
+// Written out (not `#[async_trait]`): the shared handler's own future is returned as it is,
+// where an `async` forwarding would box a second future around it on every message.
 impl<H: Handler + ?Sized> Handler for std::sync::Arc<H> {
-    async fn handle(&self, msg: &Message) -> Outcome {
-        (**self).handle(msg).await
+    fn handle<'life0, 'life1, 'async_trait>(
+        &'life0 self,
+        msg: &'life1 Message,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Outcome> + Send + 'async_trait>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
+        (**self).handle(msg)
     }
 
     fn handle_now(&self, msg: &Message) -> Option<Outcome> {
