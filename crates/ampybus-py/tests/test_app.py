@@ -123,7 +123,7 @@ async def test_app_decodes_from_the_annotation_keeps_causes_and_runs_middleware(
 
 APP_SCRIPT = textwrap.dedent(
     """
-    import asyncio, sys, ampybus
+    import asyncio, os, sys, ampybus
     url, name = sys.argv[1], sys.argv[2]
     app = ampybus.App(url)
     handled = 0
@@ -139,8 +139,16 @@ APP_SCRIPT = textwrap.dedent(
         if handled == 20:
             print("@ready", flush=True)
 
-    app.run()
+    try:
+        app.run()
+    except SystemExit as e:
+        print("@stopped", flush=True)
+        os._exit(e.code)
     print("@stopped", flush=True)
+    # The exit code run() decided, without the interpreter's finalisation: the native
+    # runtime's threads can still touch Python while it finalises, which has crashed a
+    # process that had already drained (a known SDK defect, not what this test checks).
+    os._exit(0)
     """
 )
 
