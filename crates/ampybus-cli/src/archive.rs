@@ -7,7 +7,7 @@ use crate::error::{CliError, CliResult, EXIT_INVALID, EXIT_OK};
 use crate::follow::{self, Limits};
 use crate::util::{self, Signal, Signals};
 use ampybus::archive::{ArchiveBatch, ArchiveReader, ArchiveWriter, WriteReport};
-use ampybus::obs::ReaderCounter;
+use ampybus::ops::ReaderCounter;
 use ampybus::transport::{Delivery, SubscribeSpec, Subscription, WindowQuery};
 use ampybus::{Bus, TopicPattern};
 use clap::{Args, Subcommand};
@@ -40,14 +40,14 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub max: Option<u64>,
     /// Exit after this many seconds without a message [default: run until a signal]
-    #[arg(long, value_name = "SECS", value_parser = crate::cli::parse_secs)]
+    #[arg(long, value_name = "SECS", value_parser = crate::util::parse_secs)]
     pub timeout: Option<f64>,
     /// Messages per transaction, at most
     #[arg(long, value_name = "N", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub batch: u64,
     /// Ack deadline of the subscription: after a crash, what the dead archiver held is
     /// delivered again (to the next instance) after this long
-    #[arg(long, value_name = "SECS", default_value = "30", value_parser = crate::cli::parse_secs)]
+    #[arg(long, value_name = "SECS", default_value = "30", value_parser = crate::util::parse_secs)]
     pub ack_deadline: f64,
 }
 

@@ -1,6 +1,6 @@
 //! Command-line surface (clap derive).
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 const ROOT_AFTER_HELP: &str = "\
@@ -106,7 +106,7 @@ still printed (exit 3). The summary on stderr then counts confirmed, unknown (se
 confirmation) and unsent messages; --unconfirmed FILE keeps the unknown and unsent ones (and
 the rest of the job) for `pub --json-envelope FILE`, which retries them with the same ids."
     )]
-    Pub(Box<PubArgs>),
+    Pub(Box<crate::publish::PubArgs>),
 
     /// Subscribe and print messages (or print a stored time window)
     #[command(
@@ -127,7 +127,7 @@ count each message once its line was written (with --durable: and acknowledged).
 SIGINT/SIGTERM: no new fetch, fetched messages not printed are released at once, summary on
 stderr; exit 130 on SIGINT, 0 on SIGTERM (with --max or --since/--until: 130 / 143)."
     )]
-    Sub(SubArgs),
+    Sub(crate::subscribe::SubArgs),
 
     /// Validate envelope files (JSON form) or every *.json file under directories
     #[command(after_help = "\
@@ -137,7 +137,7 @@ Examples:
 
 Prints `OK <path>` or `FAIL <path>: <reason>` per file on stdout and a summary on stderr.
 Exit code 1 when any file is invalid or unreadable.")]
-    Validate(ValidateArgs),
+    Validate(crate::validate::ValidateArgs),
 
     /// Measure publish throughput and end-to-end latency on a fresh temporary log
     #[command(after_help = "\
@@ -151,7 +151,7 @@ Examples:
 Every round uses fresh temporary data directories under --dir, so the data at --url is never
 touched. Rounds are interleaved (raw sqlite, ampybus batched, ampybus one-by-one, e2e) and
 best/median/worst are reported. MB/s counts payload bytes only.")]
-    Bench(BenchArgs),
+    Bench(crate::bench::BenchArgs),
 
     /// Run the end-to-end demo pipeline on synthetic data and print a summary
     #[command(after_help = "\
@@ -276,7 +276,7 @@ every round (so the duplicate window does not help either side).
 --mode consume: a pre-filled subject of the run's own (untimed), read in every round by a raw
 JetStream pull + ack loop, the runtime without dedupe (ratio) and with dedupe (ratio_dedupe), each
 as a fresh durable consumer and required to read exactly --messages.")]
-    BenchNats(crate::bench_nats::BenchNatsArgs),
+    BenchNats(crate::bench::nats::BenchNatsArgs),
 
     /// Redis Streams publish or consume throughput: ampybus against the raw redis client, interleaved rounds
     #[command(after_help = "\
@@ -290,7 +290,7 @@ on both sides; each round's stream is deleted afterwards (untimed).
 --mode consume: a pre-filled stream of the run's own (untimed), read in every round by a raw
 XREADGROUP + XACK loop, the runtime without dedupe (ratio) and with dedupe (ratio_dedupe), each
 as a fresh consumer group and required to read exactly --messages.")]
-    BenchRedis(crate::bench_redis::BenchRedisArgs),
+    BenchRedis(crate::bench::redis::BenchRedisArgs),
 
     /// Kafka publish or consume throughput: ampybus against raw rdkafka, interleaved rounds
     #[command(after_help = "\
@@ -306,7 +306,7 @@ URL sets one) is created, and both producers send one record, before the first r
 --mode consume: a pre-filled topic of the run's own (untimed), read in every round by a raw
 StreamConsumer + commit loop, the runtime without dedupe (ratio) and with dedupe (ratio_dedupe),
 each as a fresh group and required to read exactly --messages.")]
-    BenchKafka(crate::bench_kafka::BenchKafkaArgs),
+    BenchKafka(crate::bench::kafka::BenchKafkaArgs),
 
     /// Topic registry: check it, and generate broker permissions and an AsyncAPI document
     #[command(after_help = "\
@@ -339,286 +339,7 @@ Examples:
 
 Started by `bench --mode e2e` in its own process; prints the latencies it measured on stdout."
     )]
-    BenchConsumer(BenchConsumerArgs),
-}
-
-/// `ampybus pub`.
-#[derive(Debug, Args)]
-pub struct PubArgs {
-    /// Concrete topic, e.g. ampy.dev.bars.v1.XNAS.AAPL
-    #[arg(long, value_name = "TOPIC", required_unless_present = "json_envelope")]
-    pub topic: Option<String>,
-    /// `producer` header: the logical service instance, e.g. oms@host-1
-    #[arg(long, value_name = "P", required_unless_present = "json_envelope")]
-    pub producer: Option<String>,
-    /// `source` header: the upstream system
-    #[arg(long, value_name = "S", required_unless_present = "json_envelope")]
-    pub source: Option<String>,
-    /// `partition_key` header; its shape depends on the domain (bars: MIC.SYMBOL, …)
-    #[arg(long, value_name = "KEY", required_unless_present = "json_envelope")]
-    pub pk: Option<String>,
-    /// `schema_fqdn` header
-    #[arg(long, value_name = "FQDN", default_value = ampybus::headers::RAW_BYTES_SCHEMA)]
-    pub schema: String,
-    /// `schema_version` header (semver) [default: 1.0.0]
-    #[arg(long, value_name = "SEMVER")]
-    pub schema_version: Option<String>,
-    /// `run_id` header [default: run-<utc>-<random>, one per invocation]
-    #[arg(long, value_name = "ID")]
-    pub run_id: Option<String>,
-    /// `dedupe_key` header
-    #[arg(long, value_name = "K")]
-    pub dedupe_key: Option<String>,
-    /// Extra header NAME=VALUE (repeatable); overrides the value a flag or default would set
-    #[arg(long = "header", value_name = "NAME=VALUE")]
-    pub headers: Vec<String>,
-    /// Payload: the bytes of this file (`-` for stdin)
-    #[arg(long, value_name = "FILE", group = "payload_src")]
-    pub payload_file: Option<PathBuf>,
-    /// Payload: hex bytes (whitespace and a leading 0x are ignored)
-    #[arg(long, value_name = "HEX", group = "payload_src")]
-    pub payload_hex: Option<String>,
-    /// Payload: this UTF-8 string
-    #[arg(long, value_name = "STRING", group = "payload_src")]
-    pub payload: Option<String>,
-    /// Publish the envelope(s) in this file (JSON form) as is
-    #[arg(
-        long,
-        value_name = "FILE",
-        group = "payload_src",
-        conflicts_with_all = ["topic", "producer", "source", "pk", "schema_version", "run_id", "dedupe_key", "headers", "count"]
-    )]
-    pub json_envelope: Option<PathBuf>,
-    /// Publish N messages (a fresh message_id each)
-    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
-    pub count: u64,
-    /// Messages per publish_batch call when --count > 1
-    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
-    pub batch: u64,
-    /// Print the message_id of each message the transport confirmed on stdout, one per line
-    #[arg(long)]
-    pub print_ids: bool,
-    /// Write every message not confirmed (unknown or unsent; after a signal or failure also
-    /// the rest of the job) to FILE as JSON lines; `pub --json-envelope FILE` retries them
-    /// with the same ids
-    #[arg(long, value_name = "FILE")]
-    pub unconfirmed: Option<PathBuf>,
-    /// Durability tier of every topic of the command: best_effort (or best-effort),
-    /// at_least_once, at_least_once_dedupe [default: the registry's, else at_least_once_dedupe].
-    /// A registry entry wins
-    #[arg(long, value_name = "TIER", value_parser = crate::util::parse_tier)]
-    pub tier: Option<ampybus::tier::Tier>,
-}
-
-/// `ampybus sub`.
-#[derive(Debug, Args)]
-pub struct SubArgs {
-    /// Topic pattern: `*` matches one token, `>` (last) the rest, e.g. ampy.prod.bars.>
-    #[arg(long, value_name = "PAT")]
-    pub pattern: String,
-    /// Durable consumer name: resume where it stopped and ack what was printed
-    #[arg(long, value_name = "NAME", conflicts_with_all = ["since", "until"])]
-    pub durable: Option<String>,
-    /// Exit after this many messages
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
-    pub max: Option<u64>,
-    /// Exit after this many seconds without a message (fractions allowed)
-    #[arg(long, value_name = "SECS", default_value = "5", value_parser = parse_secs)]
-    pub timeout: f64,
-    /// One JSON object per message per line: {"topic","headers","payload_base64"}; blob-stored
-    /// payloads are inlined (see --blob-pointers)
-    #[arg(long)]
-    pub json: bool,
-    /// With --json: add payload_json when the schema is known and the payload decodes (why not: on stderr)
-    #[arg(long, requires = "json")]
-    pub decode: bool,
-    /// With --json: print blob-stored payloads as their pointer (blob_ref, blob_hash, blob_size)
-    /// instead of inlining the stored bytes
-    #[arg(long, requires = "json")]
-    pub blob_pointers: bool,
-    /// Print the stored window from this time (RFC3339, inclusive) and exit
-    #[arg(long, value_name = "TIME")]
-    pub since: Option<String>,
-    /// Print the stored window up to this time (RFC3339, exclusive) and exit
-    #[arg(long, value_name = "TIME")]
-    pub until: Option<String>,
-    /// Durability tier of every topic of the command: best_effort (or best-effort),
-    /// at_least_once, at_least_once_dedupe [default: the registry's, else at_least_once_dedupe].
-    /// A registry entry wins
-    #[arg(long, value_name = "TIER", value_parser = crate::util::parse_tier)]
-    pub tier: Option<ampybus::tier::Tier>,
-}
-
-/// `ampybus validate`.
-#[derive(Debug, Args)]
-pub struct ValidateArgs {
-    /// Envelope files or directories (searched recursively for *.json)
-    #[arg(required = true, value_name = "PATH")]
-    pub paths: Vec<PathBuf>,
-}
-
-/// What `bench` measures.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum BenchMode {
-    /// Publish throughput only (batched and one-by-one)
-    Publish,
-    /// End-to-end latency to a consumer in another process only
-    E2e,
-    /// Both publish and e2e
-    Both,
-    /// Consume-and-ack throughput: the runtime (dedupe on, --workers) against a bare fetch/ack loop
-    Consume,
-    /// `ampybus archive` into PostgreSQL (--to) against a raw COPY of the same rows
-    Archive,
-    /// Consume through a transactional inbox (--db) against the default dedupe store, and
-    /// the outbox relay's throughput
-    Inbox,
-}
-
-impl BenchMode {
-    /// Lower-case name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BenchMode::Publish => "publish",
-            BenchMode::E2e => "e2e",
-            BenchMode::Both => "both",
-            BenchMode::Consume => "consume",
-            BenchMode::Archive => "archive",
-            BenchMode::Inbox => "inbox",
-        }
-    }
-}
-
-/// Commit durability of the temporary logs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum SyncArg {
-    /// fsync the WAL on every publish commit
-    Full,
-    /// no fsync on commit
-    Normal,
-}
-
-impl SyncArg {
-    /// The URL option value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SyncArg::Full => "full",
-            SyncArg::Normal => "normal",
-        }
-    }
-}
-
-/// `ampybus bench`.
-#[derive(Debug, Args)]
-pub struct BenchArgs {
-    /// Messages per batched publish run and per e2e run
-    #[arg(long, value_name = "N", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
-    pub messages: u64,
-    /// Messages per one-by-one publish run [default: min(--messages, 5000)]
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
-    pub single_messages: Option<u64>,
-    /// Payload size in bytes
-    #[arg(long, value_name = "BYTES", default_value_t = 256, value_parser = clap::value_parser!(u64).range(0..=1_048_576))]
-    pub payload_bytes: u64,
-    /// Messages per publish_batch call (and per raw sqlite transaction)
-    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
-    pub batch: u64,
-    /// Batches in flight in the batched run (1: await each publish_batch before the next)
-    #[arg(long, value_name = "K", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
-    pub inflight: u64,
-    /// Distinct partition keys
-    #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
-    pub keys: u64,
-    /// What to measure
-    #[arg(long, value_enum, default_value_t = BenchMode::Both)]
-    pub mode: BenchMode,
-    /// Publish rate of the e2e run, messages per second
-    #[arg(long, value_name = "MSG_PER_SEC", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
-    pub rate: u64,
-    /// Concurrent publishers in the one-by-one run (each awaits every publish)
-    #[arg(long, value_name = "C", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=4096))]
-    pub concurrency: u64,
-    /// Handler workers of the runtime in --mode consume and inbox [default: 8; --mode inbox:
-    /// the inbox consumer's own default, 8]
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1024))]
-    pub workers: Option<u64>,
-    /// Interleaved rounds
-    #[arg(long, value_name = "R", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=1000))]
-    pub rounds: u64,
-    /// Also time the storage floor: the same frames appended to one file with one fdatasync
-    /// per batch (no writer thread, lock or envelopes), and print the ratio. With --mode e2e
-    /// --tier best-effort on a nats:// URL: raw async-nats core publish/subscribe rounds
-    /// interleaved with the ampybus rounds (`e2e_raw`, `e2e_p99_vs_raw` in --json)
-    #[arg(long)]
-    pub raw: bool,
-    /// Commit durability of the temporary logs (sync= URL option)
-    #[arg(long, value_enum, default_value_t = SyncArg::Full)]
-    pub sync: SyncArg,
-    /// Parent directory of the temporary data directories [default: the system temp dir]
-    #[arg(long, value_name = "DIR")]
-    pub dir: Option<PathBuf>,
-    /// Print the results as one JSON object on stdout
-    #[arg(long)]
-    pub json: bool,
-    /// --mode archive: the PostgreSQL database to archive into (its ampybus tables are
-    /// emptied before every round), postgres://user:password@host:port/database
-    #[arg(long, value_name = "URL")]
-    pub to: Option<String>,
-    /// Durability tier of every topic of the command: best_effort (or best-effort),
-    /// at_least_once, at_least_once_dedupe [default: the registry's, else at_least_once_dedupe].
-    /// A registry entry wins
-    #[arg(long, value_name = "TIER", value_parser = crate::util::parse_tier)]
-    pub tier: Option<ampybus::tier::Tier>,
-    /// --mode inbox: the database of the inbox and outbox (its ampybus inbox and outbox
-    /// tables are emptied before every round), postgres://… or sqlite:///path
-    #[arg(long, value_name = "URL")]
-    pub db: Option<String>,
-}
-
-impl BenchArgs {
-    /// The runtime's workers outside `--mode inbox`: `--workers`, else 8.
-    pub fn consume_workers(&self) -> u64 {
-        self.workers.unwrap_or(8)
-    }
-}
-
-/// `ampybus bench-consumer` (internal).
-#[derive(Debug, Args)]
-pub struct BenchConsumerArgs {
-    /// Pattern to subscribe to
-    #[arg(long)]
-    pub pattern: String,
-    /// Durable consumer name
-    #[arg(long)]
-    pub durable: String,
-    /// Stop after this many distinct messages
-    #[arg(long)]
-    pub expect: u64,
-    /// Stop after this many seconds without a message
-    #[arg(long, default_value = "10", value_parser = parse_secs)]
-    pub idle_timeout: f64,
-    /// Durability tier of every topic of the command: best_effort (or best-effort),
-    /// at_least_once, at_least_once_dedupe [default: the registry's, else at_least_once_dedupe].
-    /// A registry entry wins
-    #[arg(long, value_name = "TIER", value_parser = crate::util::parse_tier)]
-    pub tier: Option<ampybus::tier::Tier>,
-    /// Read with a plain async-nats core subscription (queue group = --durable) instead of
-    /// the bus: the raw side of `bench --mode e2e --raw --tier best-effort` on NATS
-    #[arg(long)]
-    pub raw: bool,
-}
-
-pub(crate) fn parse_secs(s: &str) -> Result<f64, String> {
-    let v: f64 = s
-        .trim()
-        .parse()
-        .map_err(|_| format!("expected a number of seconds such as 5 or 0.5 (got {s:?})"))?;
-    if !v.is_finite() || !(0.0..=86_400.0 * 365.0).contains(&v) {
-        return Err(format!(
-            "must be between 0 and one year of seconds (got {s:?})"
-        ));
-    }
-    Ok(v)
+    BenchConsumer(crate::bench::BenchConsumerArgs),
 }
 
 #[cfg(test)]
@@ -633,6 +354,7 @@ mod tests {
 
     #[test]
     fn seconds() {
+        use crate::util::parse_secs;
         assert_eq!(parse_secs("0.5"), Ok(0.5));
         assert!(parse_secs("-1").is_err());
         assert!(parse_secs("NaN").is_err());

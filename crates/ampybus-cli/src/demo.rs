@@ -30,10 +30,12 @@
 use crate::error::{CliError, CliResult, EXIT_OK};
 use ampybus::control::{ReplayRequest, ReplayState, ReplayStatus};
 use ampybus::dedupe::DedupeStore;
-use ampybus::inbox::sqlite::{SqliteInbox, SqliteOutbox};
+use ampybus::inbox::sqlite::{SqliteInbox, SqliteInboxBinding, SqliteOutbox};
 use ampybus::inbox::{InboxBinding, RelayOptions};
 use ampybus::runtime::control::request_replay;
-use ampybus::runtime::{ConsumerStats, DlqCode, Handler, Message, Outcome, handler_fn};
+use ampybus::runtime::{
+    ConsumerBuilder, ConsumerStats, DlqCode, Handler, Message, Outcome, handler_fn,
+};
 use ampybus::service::{Service, ServiceBuilder};
 use ampybus::transport::{StartAt, WindowQuery};
 use ampybus::{Bus, Envelope, Headers, Topic, TopicPattern, partition};
@@ -74,8 +76,8 @@ pub struct DemoArgs {
     #[arg(long)]
     pub json: bool,
     /// The SQLite file of the positions service (its positions table and its inbox) [default:
-    /// demo-positions.sqlite3 in the embedded log's data directory; on other transports in the
-    /// system temp directory]
+    /// demo-positions.sqlite3 in the embedded log's data directory; on other transports
+    /// demo-positions-<hash of the URL>.sqlite3 in the system temp directory]
     #[arg(long, value_name = "PATH")]
     pub positions_db: Option<std::path::PathBuf>,
 }
@@ -440,18 +442,16 @@ fn apply_fill(ctx: &Ctx, msg: &Message, tx: &rusqlite::Transaction<'_>) -> Resul
     Ok(())
 }
 
-/// The positions service's handler: [`apply_fill`] through the SQLite inbox of `inbox`,
-/// bound to consumer `name` (a fill applied before is skipped and counted there).
-fn positions_service(ctx: &Arc<Ctx>, inbox: &SqliteInbox, name: &str) -> Arc<dyn Handler> {
-    let bus = ctx.bus.clone();
+/// The positions service: [`apply_fill`] through the SQLite inbox of `inbox` (a fill applied
+/// before is skipped and counted there), to be bound to the positions consumer's name.
+fn positions_service(ctx: &Arc<Ctx>, inbox: &SqliteInbox) -> SqliteInboxBinding {
     let ctx = ctx.clone();
-    let binding = inbox.handler(move |msg: &Message, tx: &rusqlite::Transaction<'_>| {
+    inbox.handler(move |msg: &Message, tx: &rusqlite::Transaction<'_>| {
         if !ctx.admit(msg) {
             return Outcome::Ok;
         }
         outcome(apply_fill(&ctx, msg, tx))
-    });
-    Box::new(binding).bind(name, bus.metrics())
+    })
 }
 
 /// This run's rows of `demo_positions`: `{"ACCOUNT|SYMBOL": {qty, avg_price, fills}}`.
@@ -488,7 +488,12 @@ fn default_positions_db(url: &str) -> std::path::PathBuf {
                 .map(|o| o.dir)
                 .unwrap_or_else(|_| std::env::temp_dir())
         }
-        _ => std::env::temp_dir(),
+        // One file per bus URL: demos on two transports (or two namespaces of one) at the
+        // same time must not share an outbox, whose relay would publish the other's rows.
+        _ => {
+            let name = format!("demo-positions-{:016x}.sqlite3", fnv(&bus_url));
+            return std::env::temp_dir().join(name);
+        }
     };
     dir.join("demo-positions.sqlite3")
 }
@@ -582,8 +587,8 @@ fn synth_bars(sym: &str, n: usize) -> Vec<Value> {
 enum Applies<'a> {
     /// A service step, with the shared dedupe store.
     Step(Step, &'a Arc<dyn DedupeStore>),
-    /// A handler that keeps its own record of what it applied (the positions inbox).
-    Inbox(Arc<dyn Handler>),
+    /// The positions service, through its SQLite inbox.
+    Inbox(SqliteInboxBinding),
 }
 
 /// Adds one consumer of the demo to the service being built: strict order, four workers,
@@ -604,18 +609,16 @@ fn consumer(
         }
         None => ctx.bus.clone(),
     };
-    let (handler, store) = match applies {
-        Applies::Step(step, store) => (service_step(ctx, step), Some(store.clone())),
-        // What `ConsumerBuilder::inbox` does, with the handler kept for the redelivery step.
-        Applies::Inbox(h) => (h, None),
-    };
-    service.consumer_on(bus, pattern, name, handler, move |c| {
-        let c = match store {
-            Some(store) => c.dedupe(store),
-            None => c.without_dedupe(),
-        };
-        c.workers(4).strict(true).start_at(StartAt::Latest)
-    })
+    let options = |c: ConsumerBuilder| c.workers(4).strict(true).start_at(StartAt::Latest);
+    match applies {
+        Applies::Step(step, store) => {
+            let store = store.clone();
+            service.consumer_on(bus, pattern, name, service_step(ctx, step), move |c| {
+                options(c.dedupe(store))
+            })
+        }
+        Applies::Inbox(binding) => service.inbox_consumer_on(bus, pattern, name, binding, options),
+    }
 }
 
 /// Runs the demo; returns the exit code.
@@ -688,7 +691,6 @@ pub async fn run(url: &str, args: DemoArgs) -> CliResult<u8> {
     // Every step of the pipeline is a consumer of one service, started and stopped together.
     let feat_name = format!("demo-features-{run}");
     let pos_name = format!("demo-positions-{run}");
-    let pos_handler = positions_service(&ctx, &inbox, &pos_name);
     let signals_pattern = format!("ampy.dev.signals.v1.{}", ctx.model_id);
     let steps = [
         (
@@ -709,7 +711,7 @@ pub async fn run(url: &str, args: DemoArgs) -> CliResult<u8> {
         (
             "ampy.dev.fills.v1.events",
             pos_name.clone(),
-            Applies::Inbox(pos_handler.clone()),
+            Applies::Inbox(positions_service(&ctx, &inbox)),
         ),
     ];
     let mut builder = Service::builder(bus.clone()).shutdown_deadline(Duration::from_secs(10));
@@ -792,7 +794,9 @@ pub async fn run(url: &str, args: DemoArgs) -> CliResult<u8> {
 
     // Redelivery: every fill the positions service applied is handed to it again, as a
     // broker redelivers a message whose ack was lost. Its inbox must skip each one and the
-    // positions must not move.
+    // positions must not move. The positions service's inbox bound to its consumer name
+    // once more, as the running consumer has it (skips are counted under the same name).
+    let pos_handler = Box::new(positions_service(&ctx, &inbox)).bind(&pos_name, bus.metrics());
     let positions_before = read_positions(&inbox, &run)?;
     let applied_fills =
         std::mem::take(&mut *ctx.fills_applied.lock().unwrap_or_else(|p| p.into_inner()));
@@ -879,14 +883,14 @@ pub async fn run(url: &str, args: DemoArgs) -> CliResult<u8> {
         q.start = Some(started_at);
         loop {
             let page = reader
-                .read_window(&q)
+                .read_page(&q)
                 .await
                 .map_err(|e| CliError::transport(format!("read back: {e}")))?;
-            if page.is_empty() {
+            if page.messages.is_empty() {
                 break;
             }
-            for m in page {
-                q.after_sequence = q.after_sequence.max(m.sequence);
+            q.cursor = Some(page.next);
+            for m in page.messages {
                 if m.envelope.headers.get("run_id") != Some(ctx.run_id.as_str()) {
                     continue;
                 }

@@ -4,7 +4,7 @@
 
 use crate::error::{CliError, CliResult};
 use crate::util::{Signal, Signals};
-use ampybus::obs::ReaderCounter;
+use ampybus::ops::ReaderCounter;
 use ampybus::transport::{Delivery, Subscription};
 use std::time::{Duration, Instant};
 

@@ -6,13 +6,6 @@
 mod archive;
 mod archive_rows;
 mod bench;
-mod bench_archive;
-mod bench_consume;
-mod bench_inbox;
-mod bench_kafka;
-mod bench_nats;
-mod bench_raw;
-mod bench_redis;
 mod cli;
 mod config;
 mod decoder;
@@ -144,15 +137,15 @@ fn run(cli: Cli) -> CliResult<u8> {
         Command::Streams(args) => runtime()?.block_on(streams::run(&url, args)),
         Command::BenchNats(args) => runtime()?.block_on(util::job_until_signal(
             "bench-nats",
-            bench_nats::run(&url, args),
+            bench::nats::run(&url, args),
         )),
         Command::BenchRedis(args) => runtime()?.block_on(util::job_until_signal(
             "bench-redis",
-            bench_redis::run(&url, args),
+            bench::redis::run(&url, args),
         )),
         Command::BenchKafka(args) => runtime()?.block_on(util::job_until_signal(
             "bench-kafka",
-            bench_kafka::run(&url, args),
+            bench::kafka::run(&url, args),
         )),
     }
 }

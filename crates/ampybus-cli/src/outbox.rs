@@ -43,7 +43,7 @@ pub struct RelayArgs {
     #[arg(long, value_name = "N", default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub batch: u64,
     /// Delete sent rows older than this many seconds
-    #[arg(long, value_name = "SECS", default_value = "86400", value_parser = crate::cli::parse_secs)]
+    #[arg(long, value_name = "SECS", default_value = "86400", value_parser = crate::util::parse_secs)]
     pub purge_after: f64,
     /// Publish what is committed now, then exit
     #[arg(long)]

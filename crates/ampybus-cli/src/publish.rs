@@ -1,15 +1,84 @@
 //! `ampybus pub`.
 
-use crate::cli::PubArgs;
 use crate::error::{CliError, CliResult, EXIT_OK, EXIT_TIMEOUT, EXIT_TRANSPORT};
 use crate::util::{self, Out, Signal, Signals};
 use ampybus::headers::names;
 use ampybus::transport::PublishOutcome;
 use ampybus::{Bus, Envelope, Headers, Topic};
 use bytes::Bytes;
+use clap::Args;
 use std::io::Read;
 use std::path::Path;
+use std::path::PathBuf;
 use std::time::Instant;
+
+/// `ampybus pub`.
+#[derive(Debug, Args)]
+pub struct PubArgs {
+    /// Concrete topic, e.g. ampy.dev.bars.v1.XNAS.AAPL
+    #[arg(long, value_name = "TOPIC", required_unless_present = "json_envelope")]
+    pub topic: Option<String>,
+    /// `producer` header: the logical service instance, e.g. oms@host-1
+    #[arg(long, value_name = "P", required_unless_present = "json_envelope")]
+    pub producer: Option<String>,
+    /// `source` header: the upstream system
+    #[arg(long, value_name = "S", required_unless_present = "json_envelope")]
+    pub source: Option<String>,
+    /// `partition_key` header; its shape depends on the domain (bars: MIC.SYMBOL, …)
+    #[arg(long, value_name = "KEY", required_unless_present = "json_envelope")]
+    pub pk: Option<String>,
+    /// `schema_fqdn` header
+    #[arg(long, value_name = "FQDN", default_value = ampybus::headers::RAW_BYTES_SCHEMA)]
+    pub schema: String,
+    /// `schema_version` header (semver) [default: 1.0.0]
+    #[arg(long, value_name = "SEMVER")]
+    pub schema_version: Option<String>,
+    /// `run_id` header [default: run-<utc>-<random>, one per invocation]
+    #[arg(long, value_name = "ID")]
+    pub run_id: Option<String>,
+    /// `dedupe_key` header
+    #[arg(long, value_name = "K")]
+    pub dedupe_key: Option<String>,
+    /// Extra header NAME=VALUE (repeatable); overrides the value a flag or default would set
+    #[arg(long = "header", value_name = "NAME=VALUE")]
+    pub headers: Vec<String>,
+    /// Payload: the bytes of this file (`-` for stdin)
+    #[arg(long, value_name = "FILE", group = "payload_src")]
+    pub payload_file: Option<PathBuf>,
+    /// Payload: hex bytes (whitespace and a leading 0x are ignored)
+    #[arg(long, value_name = "HEX", group = "payload_src")]
+    pub payload_hex: Option<String>,
+    /// Payload: this UTF-8 string
+    #[arg(long, value_name = "STRING", group = "payload_src")]
+    pub payload: Option<String>,
+    /// Publish the envelope(s) in this file (JSON form) as is
+    #[arg(
+        long,
+        value_name = "FILE",
+        group = "payload_src",
+        conflicts_with_all = ["topic", "producer", "source", "pk", "schema_version", "run_id", "dedupe_key", "headers", "count"]
+    )]
+    pub json_envelope: Option<PathBuf>,
+    /// Publish N messages (a fresh message_id each)
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub count: u64,
+    /// Messages per publish_batch call when --count > 1
+    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub batch: u64,
+    /// Print the message_id of each message the transport confirmed on stdout, one per line
+    #[arg(long)]
+    pub print_ids: bool,
+    /// Write every message not confirmed (unknown or unsent; after a signal or failure also
+    /// the rest of the job) to FILE as JSON lines; `pub --json-envelope FILE` retries them
+    /// with the same ids
+    #[arg(long, value_name = "FILE")]
+    pub unconfirmed: Option<PathBuf>,
+    /// Durability tier of every topic of the command: best_effort (or best-effort),
+    /// at_least_once, at_least_once_dedupe [default: the registry's, else at_least_once_dedupe].
+    /// A registry entry wins
+    #[arg(long, value_name = "TIER", value_parser = crate::util::parse_tier)]
+    pub tier: Option<ampybus::tier::Tier>,
+}
 
 /// Runs `pub`.
 pub async fn run(url: &str, args: PubArgs) -> CliResult<u8> {

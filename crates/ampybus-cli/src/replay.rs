@@ -29,7 +29,7 @@ pub struct ReplayArgs {
     #[arg(long, value_name = "TEXT", default_value = "")]
     pub reason: String,
     /// Give up after this many seconds without a final report
-    #[arg(long, value_name = "SECS", default_value = "600", value_parser = crate::cli::parse_secs)]
+    #[arg(long, value_name = "SECS", default_value = "600", value_parser = crate::util::parse_secs)]
     pub timeout: f64,
     /// Print the final report as one JSON object on stdout
     #[arg(long)]

@@ -1,18 +1,57 @@
 //! `ampybus sub`.
 
-use crate::cli::SubArgs;
 use crate::decoder::ProtoDecoder;
 use crate::error::{CliError, CliResult, EXIT_OK};
 use crate::follow::{self, Limits, Sink};
 use crate::util::{self, Out, Signal, Signals};
 use ampybus::headers::names;
-use ampybus::obs::ReaderCounter;
+use ampybus::ops::ReaderCounter;
 use ampybus::transport::{Delivery, StartAt, SubscribeSpec, WindowQuery};
 use ampybus::{Bus, Envelope, PayloadDecoder, TopicPattern};
 use chrono::{DateTime, Utc};
+use clap::Args;
 use serde_json::Value;
 use std::collections::HashSet;
 use std::time::Duration;
+
+/// `ampybus sub`.
+#[derive(Debug, Args)]
+pub struct SubArgs {
+    /// Topic pattern: `*` matches one token, `>` (last) the rest, e.g. ampy.prod.bars.>
+    #[arg(long, value_name = "PAT")]
+    pub pattern: String,
+    /// Durable consumer name: resume where it stopped and ack what was printed
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["since", "until"])]
+    pub durable: Option<String>,
+    /// Exit after this many messages
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max: Option<u64>,
+    /// Exit after this many seconds without a message (fractions allowed)
+    #[arg(long, value_name = "SECS", default_value = "5", value_parser = crate::util::parse_secs)]
+    pub timeout: f64,
+    /// One JSON object per message per line: {"topic","headers","payload_base64"}; blob-stored
+    /// payloads are inlined (see --blob-pointers)
+    #[arg(long)]
+    pub json: bool,
+    /// With --json: add payload_json when the schema is known and the payload decodes (why not: on stderr)
+    #[arg(long, requires = "json")]
+    pub decode: bool,
+    /// With --json: print blob-stored payloads as their pointer (blob_ref, blob_hash, blob_size)
+    /// instead of inlining the stored bytes
+    #[arg(long, requires = "json")]
+    pub blob_pointers: bool,
+    /// Print the stored window from this time (RFC3339, inclusive) and exit
+    #[arg(long, value_name = "TIME")]
+    pub since: Option<String>,
+    /// Print the stored window up to this time (RFC3339, exclusive) and exit
+    #[arg(long, value_name = "TIME")]
+    pub until: Option<String>,
+    /// Durability tier of every topic of the command: best_effort (or best-effort),
+    /// at_least_once, at_least_once_dedupe [default: the registry's, else at_least_once_dedupe].
+    /// A registry entry wins
+    #[arg(long, value_name = "TIER", value_parser = crate::util::parse_tier)]
+    pub tier: Option<ampybus::tier::Tier>,
+}
 
 /// How many deliveries one fetch asks for.
 const FETCH: u64 = 256;
@@ -135,11 +174,14 @@ async fn window(
             }
         }
         let page = replay
-            .read_window(&q)
+            .read_page(&q)
             .await
             .map_err(|e| CliError::bus("reading the stored window", &e))?;
-        let Some(last) = page.last() else { break };
-        q.after_sequence = last.sequence;
+        if page.messages.is_empty() {
+            break;
+        }
+        q.cursor = Some(page.next);
+        let page = page.messages;
         let before = p.out.lines_written();
         let written = async {
             for m in &page {

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::sync::Mutex;
 
 static METRICS_ADDR: Mutex<Option<String>> = Mutex::new(None);
-static OPS_SERVER: Mutex<Option<ampybus::obs::ObsServer>> = Mutex::new(None);
+static OPS_SERVER: Mutex<Option<ampybus::ops::ObsServer>> = Mutex::new(None);
 /// `--registry` (loaded) and `--service`: applied to every bus [`connect`] makes.
 static REGISTRY: Mutex<(Option<ampybus::registry::Registry>, Option<String>)> =
     Mutex::new((None, None));
@@ -73,7 +73,7 @@ pub async fn connect(url: &str) -> CliResult<Bus> {
         .unwrap_or_else(|p| p.into_inner())
         .take();
     if let Some(addr) = addr {
-        let server = ampybus::obs::serve(&bus, &addr)
+        let server = ampybus::ops::serve(&bus, &addr)
             .await
             .map_err(|e| CliError::bus(format!("--metrics-addr {addr}"), &e))?;
         eprintln!(
@@ -133,14 +133,14 @@ pub async fn each_stored_page(
     })?;
     loop {
         let got = replay
-            .read_window(&q)
+            .read_page(&q)
             .await
             .map_err(|e| CliError::bus(reading, &e))?;
-        let Some(last) = got.last() else {
+        if got.messages.is_empty() {
             return Ok(());
-        };
-        q.after_sequence = last.sequence;
-        page(got);
+        }
+        q.cursor = Some(got.next);
+        page(got.messages);
     }
 }
 
@@ -452,6 +452,20 @@ macro_rules! outln {
     };
 }
 pub(crate) use outln;
+
+/// A clap value parser of a number of seconds (`5`, `0.5`): finite, from 0 to one year.
+pub(crate) fn parse_secs(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("expected a number of seconds such as 5 or 0.5 (got {s:?})"))?;
+    if !v.is_finite() || !(0.0..=86_400.0 * 365.0).contains(&v) {
+        return Err(format!(
+            "must be between 0 and one year of seconds (got {s:?})"
+        ));
+    }
+    Ok(v)
+}
 
 #[cfg(test)]
 mod tests {

@@ -1,9 +1,18 @@
 //! `ampybus validate`.
 
-use crate::cli::ValidateArgs;
 use crate::decoder::ProtoDecoder;
 use crate::error::{CliError, CliResult, EXIT_INVALID, EXIT_OK};
 use crate::util::Out;
+use clap::Args;
+use std::path::PathBuf;
+
+/// `ampybus validate`.
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    /// Envelope files or directories (searched recursively for *.json)
+    #[arg(required = true, value_name = "PATH")]
+    pub paths: Vec<PathBuf>,
+}
 
 /// Runs `validate`: per file one `OK <path>` line, or one `FAIL <path>: …` line per invalid
 /// envelope (prefixed `envelope N (line L): ` when the file holds several) on stdout; a

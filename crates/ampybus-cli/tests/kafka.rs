@@ -68,8 +68,19 @@ fn pub_sub_and_topics_over_kafka() {
 #[test]
 fn demo_runs_end_to_end_on_kafka() {
     brokers();
-    let (_dir, url) = kafka_url("demo");
-    let o = ampybus_in(None, &["--url", &url, "demo"]);
+    let (dir, url) = kafka_url("demo");
+    // A positions file of its own: demos on other transports may run at the same time.
+    let db = dir.path().join("positions.sqlite3");
+    let o = ampybus_in(
+        None,
+        &[
+            "--url",
+            &url,
+            "demo",
+            "--positions-db",
+            db.to_str().unwrap(),
+        ],
+    );
     assert_eq!(o.code, 0, "{}\n{}", o.stdout, o.stderr);
     assert!(o.stdout.contains("result: OK"), "{}", o.stdout);
 }

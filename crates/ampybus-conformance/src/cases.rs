@@ -2,7 +2,7 @@
 //! [`CaseStatus::Passed`] with its figures, returns [`CaseStatus::NotApplicable`] with the
 //! reason, or panics (an assertion, or a wait that hit [`crate::hang_timeout`]).
 
-use crate::report::CaseStatus;
+use crate::status::CaseStatus;
 use crate::support::{
     TestContext, TransportFactory, assert_all_applied, clock_past, hang_timeout, publish_all, raw,
     read_until, redrive, scaled, wait_for, wait_stats,
@@ -21,70 +21,126 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// The cases of the suite, in the order [`crate::run_all`] runs them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Case {
-    /// [`at_least_once_across_crash`]
-    AtLeastOnceAcrossCrash,
-    /// [`dedupe_by_message_id_and_key`]
-    DedupeByMessageIdAndKey,
-    /// [`per_key_order`]
-    PerKeyOrder,
-    /// [`retry_counts_and_backoff`]
-    RetryCountsAndBackoff,
-    /// [`dlq_contents_and_redrive`]
-    DlqContentsAndRedrive,
-    /// [`replay_window_and_keys`] (time window part)
-    ReplayWindow,
-    /// [`replay_window_and_keys`] (key query part)
-    ReplayKeys,
-    /// [`graceful_shutdown_loses_nothing`]
-    GracefulShutdownLosesNothing,
-    /// [`backpressure_bounded_in_flight`]
-    BackpressureBoundedInFlight,
-    /// [`best_effort_drop_conflate`]
-    BestEffortDropConflate,
-    /// [`crate::tier_cases::best_effort_tier`]
-    BestEffortTier,
-    /// [`crate::order_cases::order_across_instances`]
-    OrderAcrossInstances,
-}
-
-impl Case {
-    /// Every case, in run order.
-    pub const ALL: [Case; 12] = [
-        Case::AtLeastOnceAcrossCrash,
-        Case::DedupeByMessageIdAndKey,
-        Case::PerKeyOrder,
-        Case::RetryCountsAndBackoff,
-        Case::DlqContentsAndRedrive,
-        Case::ReplayWindow,
-        Case::ReplayKeys,
-        Case::GracefulShutdownLosesNothing,
-        Case::BackpressureBoundedInFlight,
-        Case::BestEffortDropConflate,
-        Case::BestEffortTier,
-        Case::OrderAcrossInstances,
-    ];
-
-    /// The snake_case name (also the test name the macro generates).
-    pub fn name(self) -> &'static str {
-        match self {
-            Case::AtLeastOnceAcrossCrash => "at_least_once_across_crash",
-            Case::DedupeByMessageIdAndKey => "dedupe_by_message_id_and_key",
-            Case::PerKeyOrder => "per_key_order",
-            Case::RetryCountsAndBackoff => "retry_counts_and_backoff",
-            Case::DlqContentsAndRedrive => "dlq_contents_and_redrive",
-            Case::ReplayWindow => "replay_window",
-            Case::ReplayKeys => "replay_keys",
-            Case::GracefulShutdownLosesNothing => "graceful_shutdown_loses_nothing",
-            Case::BackpressureBoundedInFlight => "backpressure_bounded_in_flight",
-            Case::BestEffortDropConflate => "best_effort_drop_conflate",
-            Case::BestEffortTier => "best_effort_tier",
-            Case::OrderAcrossInstances => "order_across_instances",
+/// The one table of cases: `name => Variant: runner, requires [capability flags]`, in run
+/// order. [`Case`], [`Case::ALL`], [`Case::name`], [`Case::requires`], [`run_case`] and the
+/// tests [`crate::conformance_tests!`] expands are all generated from it, so adding a case is
+/// one entry here (and its function). A case whose required flag the binding does not claim is
+/// reported as not applicable with the flag's meaning, never run and never passed.
+///
+/// `[callback] { args }` calls `callback! { args ; entries }`; used by this crate only.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __with_case_table {
+    ([$($callback:tt)*] { $($args:tt)* }) => {
+        $($callback)*! { $($args)* ;
+            at_least_once_across_crash => AtLeastOnceAcrossCrash:
+                $crate::at_least_once_across_crash, [];
+            dedupe_by_message_id_and_key => DedupeByMessageIdAndKey:
+                $crate::dedupe_by_message_id_and_key, [];
+            per_key_order => PerKeyOrder: $crate::per_key_order, [];
+            retry_counts_and_backoff => RetryCountsAndBackoff:
+                $crate::retry_counts_and_backoff, [];
+            dlq_contents_and_redrive => DlqContentsAndRedrive:
+                $crate::dlq_contents_and_redrive, [];
+            replay_window => ReplayWindow: $crate::replay_window, [replay_by_time];
+            replay_keys => ReplayKeys: $crate::replay_keys, [replay_by_time, replay_by_keys];
+            graceful_shutdown_loses_nothing => GracefulShutdownLosesNothing:
+                $crate::graceful_shutdown_loses_nothing, [];
+            backpressure_bounded_in_flight => BackpressureBoundedInFlight:
+                $crate::backpressure_bounded_in_flight, [];
+            best_effort_drop_conflate => BestEffortDropConflate:
+                $crate::best_effort_drop_conflate, [best_effort_tier];
+            best_effort_tier => BestEffortTier: $crate::best_effort_tier, [];
+            order_across_instances => OrderAcrossInstances:
+                $crate::order_across_instances, [];
+            nack_delay_redelivers_after_it => NackDelayRedeliversAfterIt:
+                $crate::nack_delay_redelivers_after_it, [];
+            in_progress_extends_the_deadline => InProgressExtendsTheDeadline:
+                $crate::in_progress_extends_the_deadline, [];
+            expired_lease_comes_back_counted => ExpiredLeaseComesBackCounted:
+                $crate::expired_lease_comes_back_counted, [];
+            ack_survives_a_reopen => AckSurvivesAReopen: $crate::ack_survives_a_reopen, [];
+            start_at_latest_and_time => StartAtLatestAndTime:
+                $crate::start_at_latest_and_time, [];
+            shared_durable_splits_the_work => SharedDurableSplitsTheWork:
+                $crate::shared_durable_splits_the_work, [];
+            pattern_spans_streams => PatternSpansStreams: $crate::pattern_spans_streams, [];
+            close_during_a_fetch => CloseDuringAFetch: $crate::close_during_a_fetch, [];
+            consumer_crash_mid_run => ConsumerCrashMidRun: $crate::consumer_crash_mid_run, [];
+            broker_restart_mid_run => BrokerRestartMidRun:
+                $crate::broker_restart_mid_run, [broker_restart];
         }
-    }
+    };
 }
+
+macro_rules! define_cases {
+    (; $($name:ident => $variant:ident: $run:path, [$($flag:ident),*];)*) => {
+        /// The cases of the suite, in the order [`crate::run_all`] runs them (generated from
+        /// the case table: see `README.md` for what each checks).
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum Case {
+            $(
+                #[doc = concat!("The `", stringify!($name), "` case.")]
+                $variant,
+            )*
+        }
+
+        impl Case {
+            /// Every case, in run order.
+            pub const ALL: &'static [Case] = &[$(Case::$variant),*];
+
+            /// The snake_case name (also the test name [`crate::conformance_tests!`]
+            /// generates).
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(Case::$variant => stringify!($name),)*
+                }
+            }
+
+            /// The capability flags ([`crate::Capabilities`] fields) the case needs.
+            ///
+            /// ```
+            /// use ampybus_conformance::Case;
+            /// assert_eq!(Case::ReplayKeys.requires(), &["replay_by_time", "replay_by_keys"]);
+            /// ```
+            pub fn requires(self) -> &'static [&'static str] {
+                match self {
+                    $(Case::$variant => &[$(stringify!($flag)),*],)*
+                }
+            }
+
+            /// The case named `name`, if any.
+            ///
+            /// ```
+            /// use ampybus_conformance::Case;
+            /// assert_eq!(Case::from_name("pattern_spans_streams"), Some(Case::PatternSpansStreams));
+            /// ```
+            pub fn from_name(name: &str) -> Option<Case> {
+                Case::ALL.iter().copied().find(|c| c.name() == name)
+            }
+        }
+
+        /// Runs one case (a failure panics; see [`crate::run_cases`] for a caught run). A case
+        /// whose required capability the binding does not claim is not applicable, and not
+        /// run.
+        pub async fn run_case(factory: &dyn TransportFactory, case: Case) -> CaseStatus {
+            let caps = factory.capabilities();
+            for flag in case.requires() {
+                if !caps.flag(flag) {
+                    let why = factory
+                        .why_not(flag)
+                        .unwrap_or_else(|| crate::Capabilities::meaning(flag).to_owned());
+                    return CaseStatus::NotApplicable(format!("needs `{flag}`: {why}"));
+                }
+            }
+            match case {
+                $(Case::$variant => $run(factory).await,)*
+            }
+        }
+    };
+}
+
+__with_case_table!([define_cases] {});
 
 impl std::fmt::Display for Case {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -92,22 +148,28 @@ impl std::fmt::Display for Case {
     }
 }
 
-/// Runs one case (a failure panics; see [`crate::run_cases`] for a caught run).
-pub async fn run_case(factory: &dyn TransportFactory, case: Case) -> CaseStatus {
-    match case {
-        Case::AtLeastOnceAcrossCrash => at_least_once_across_crash(factory).await,
-        Case::DedupeByMessageIdAndKey => dedupe_by_message_id_and_key(factory).await,
-        Case::PerKeyOrder => per_key_order(factory).await,
-        Case::RetryCountsAndBackoff => retry_counts_and_backoff(factory).await,
-        Case::DlqContentsAndRedrive => dlq_contents_and_redrive(factory).await,
-        Case::ReplayWindow => replay_window_and_keys(factory, false).await,
-        Case::ReplayKeys => replay_window_and_keys(factory, true).await,
-        Case::GracefulShutdownLosesNothing => graceful_shutdown_loses_nothing(factory).await,
-        Case::BackpressureBoundedInFlight => backpressure_bounded_in_flight(factory).await,
-        Case::BestEffortDropConflate => best_effort_drop_conflate(factory).await,
-        Case::BestEffortTier => crate::tier_cases::best_effort_tier(factory).await,
-        Case::OrderAcrossInstances => crate::order_cases::order_across_instances(factory).await,
-    }
+/// Case — replay by time window: see [`replay_window_and_keys`].
+///
+/// ```no_run
+/// # async fn f(factory: &dyn ampybus_conformance::TransportFactory) {
+/// let status = ampybus_conformance::replay_window(factory).await;
+/// println!("{status:?}");
+/// # }
+/// ```
+pub async fn replay_window(factory: &dyn TransportFactory) -> CaseStatus {
+    replay_window_and_keys(factory, false).await
+}
+
+/// Case — replay by keys (and keys within a window): see [`replay_window_and_keys`].
+///
+/// ```no_run
+/// # async fn f(factory: &dyn ampybus_conformance::TransportFactory) {
+/// let status = ampybus_conformance::replay_keys(factory).await;
+/// println!("{status:?}");
+/// # }
+/// ```
+pub async fn replay_keys(factory: &dyn TransportFactory) -> CaseStatus {
+    replay_window_and_keys(factory, true).await
 }
 
 type Counts = Arc<Mutex<HashMap<String, u32>>>;
@@ -703,11 +765,8 @@ fn payloads(ms: &[StoredMessage]) -> Vec<String> {
 /// fresh one even when replayed twice.
 pub async fn replay_window_and_keys(factory: &dyn TransportFactory, keys: bool) -> CaseStatus {
     let caps = factory.capabilities();
-    if !caps.replay_by_time {
-        return CaseStatus::NotApplicable("no replay by time window (replay_by_time)".into());
-    }
-    if keys && !caps.replay_by_keys {
-        return CaseStatus::NotApplicable("no key-scoped replay (replay_by_keys)".into());
+    if !caps.replay_by_time || (keys && !caps.replay_by_keys) {
+        return CaseStatus::NotApplicable("needs `replay_by_time` (and `replay_by_keys`)".into());
     }
     let ctx = TestContext::new(if keys { "replay_keys" } else { "replay_window" });
     let bus = factory.new_bus(&ctx).await;
@@ -979,9 +1038,6 @@ pub async fn backpressure_bounded_in_flight(factory: &dyn TransportFactory) -> C
 /// producer reports lagging, drops a heartbeat and conflates a quote of a queued key (reason
 /// `lag`), never touches a trade. After the consumer ran, its lag is 0.
 pub async fn best_effort_drop_conflate(factory: &dyn TransportFactory) -> CaseStatus {
-    if !factory.capabilities().best_effort_tier {
-        return CaseStatus::NotApplicable("best-effort tier not implemented".into());
-    }
     let ctx = TestContext::new("best_effort_drop_conflate");
     let bus = factory.new_bus(&ctx).await;
     let store = factory.dedupe_store(&ctx).await;

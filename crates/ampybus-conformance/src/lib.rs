@@ -15,30 +15,43 @@
 #![warn(missing_docs)]
 
 mod cases;
+mod fault_cases;
 mod nats_server;
 mod order_cases;
 mod report;
+mod status;
 mod support;
 mod tier_cases;
+mod transport_cases;
+mod urls;
 
 pub use cases::{
     Case, at_least_once_across_crash, backpressure_bounded_in_flight, best_effort_drop_conflate,
     dedupe_by_message_id_and_key, dlq_contents_and_redrive, graceful_shutdown_loses_nothing,
-    per_key_order, replay_window_and_keys, retry_counts_and_backoff, run_case,
+    per_key_order, replay_keys, replay_window, replay_window_and_keys, retry_counts_and_backoff,
+    run_case,
 };
+pub use fault_cases::{broker_restart_mid_run, consumer_crash_mid_run};
 pub use nats_server::NatsServer;
 pub use order_cases::{Disruption, KillActive, order_across_instances, order_with_disruption};
-pub use report::{CaseReport, CaseStatus, SuiteReport};
+pub use report::{CaseReport, SuiteReport};
+pub use status::CaseStatus;
 pub use support::{
     Capabilities, RedisServer, TestContext, TransportFactory, all_topic_stats, hang_timeout,
     http_get, raw, redrive, scale, start_test_broker,
 };
 pub use tier_cases::best_effort_tier;
+pub use transport_cases::{
+    ack_survives_a_reopen, close_during_a_fetch, expired_lease_comes_back_counted,
+    in_progress_extends_the_deadline, nack_delay_redelivers_after_it, pattern_spans_streams,
+    shared_durable_splits_the_work, start_at_latest_and_time,
+};
+pub use urls::{BadUrls, bad_urls_fail_fast_and_clearly};
 
 /// Runs every case against `factory`, one after the other, and reports each (a failing case
 /// is caught and reported; it does not stop the others).
 pub async fn run_all(factory: &dyn TransportFactory) -> SuiteReport {
-    run_cases(factory, &Case::ALL).await
+    run_cases(factory, Case::ALL).await
 }
 
 /// Runs the given cases against `factory`, in order, and reports each.
@@ -67,10 +80,11 @@ pub async fn run_cases(factory: &dyn TransportFactory, cases: &[Case]) -> SuiteR
 }
 
 /// Expands to one `#[tokio::test(flavor = "multi_thread", worker_threads = 2)]` per case of the
-/// suite, each building the factory with `$factory` (an expression evaluated in every test).
-/// A case that does not apply passes the test but prints `NOT APPLICABLE: <reason>`; use
-/// [`run_all`] to get the list in a report. The calling crate needs `tokio` (with the `macros`
-/// and `rt-multi-thread` features) as a dev-dependency.
+/// suite (every entry of the case table, named after the case), each building the factory
+/// with `$factory` (an expression evaluated in every test). A case that does not apply passes
+/// the test but prints `NOT APPLICABLE: <reason>`; use [`run_all`] to get the list in a
+/// report. The calling crate needs `tokio` (with the `macros` and `rt-multi-thread` features)
+/// as a dev-dependency.
 ///
 /// A compiled, running use is `tests/embedded.rs` of this crate; in outline:
 ///
@@ -82,27 +96,20 @@ pub async fn run_cases(factory: &dyn TransportFactory, cases: &[Case]) -> SuiteR
 #[macro_export]
 macro_rules! conformance_tests {
     ($factory:expr) => {
-        $crate::conformance_tests!(@cases $factory;
-            at_least_once_across_crash => AtLeastOnceAcrossCrash,
-            dedupe_by_message_id_and_key => DedupeByMessageIdAndKey,
-            per_key_order => PerKeyOrder,
-            retry_counts_and_backoff => RetryCountsAndBackoff,
-            dlq_contents_and_redrive => DlqContentsAndRedrive,
-            replay_window => ReplayWindow,
-            replay_keys => ReplayKeys,
-            graceful_shutdown_loses_nothing => GracefulShutdownLosesNothing,
-            backpressure_bounded_in_flight => BackpressureBoundedInFlight,
-            best_effort_drop_conflate => BestEffortDropConflate,
-            best_effort_tier => BestEffortTier,
-            order_across_instances => OrderAcrossInstances,
-        );
+        $crate::__with_case_table!([$crate::__conformance_test_fns] { $factory });
     };
-    (@cases $factory:expr; $($name:ident => $case:ident),* $(,)?) => {
+}
+
+/// Expands the case table into test functions (used by [`conformance_tests!`]).
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_test_fns {
+    ($factory:expr; $($name:ident => $variant:ident: $run:path, [$($flag:ident),*];)*) => {
         $(
             #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() {
                 let factory = $factory;
-                $crate::run_case_test(&factory, $crate::Case::$case).await;
+                $crate::run_case_test(&factory, $crate::Case::$variant).await;
             }
         )*
     };

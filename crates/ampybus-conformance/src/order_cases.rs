@@ -1,6 +1,6 @@
 //! Per-key order across the instances of one durable consumer name.
 
-use crate::report::CaseStatus;
+use crate::status::CaseStatus;
 use crate::support::{
     TestContext, TransportFactory, assert_all_applied, publish_all, raw, scaled, wait_for,
     wait_stats,

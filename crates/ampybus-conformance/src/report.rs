@@ -1,19 +1,8 @@
 //! What a run of the suite says.
 
 use crate::cases::Case;
+use crate::status::CaseStatus;
 use std::time::Duration;
-
-/// How one case ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CaseStatus {
-    /// Every assertion held; the text gives the figures (counts, maxima).
-    Passed(String),
-    /// The case does not apply to this binding; the text says why (a missing capability or a
-    /// tier not built yet). Never counted as a pass.
-    NotApplicable(String),
-    /// An assertion failed or the case hung past its timeout; the text is the failure.
-    Failed(String),
-}
 
 /// One case of a run.
 #[derive(Debug, Clone)]

@@ -27,16 +27,75 @@ pub struct Capabilities {
     /// again to the next instance, which skips it as applied (dedupe store). Cases then accept
     /// such skips, bounded by what was in flight, but never a message applied twice.
     pub prefix_acks: bool,
+    /// The factory can kill the broker of a case's namespace (storage kept) and start it again
+    /// on the same address ([`TransportFactory::restart_broker`]), while the case's
+    /// connections stay open and reconnect by themselves. Needs a broker of the case's own:
+    /// the factory starts one for a [`TestContext::own_broker`] context.
+    pub broker_restart: bool,
+    /// A durable subscription over a pattern spanning several streams also reads a stream
+    /// created after it subscribed (NATS resolves the streams at subscribe time: no).
+    pub joins_new_streams: bool,
+}
+
+impl Capabilities {
+    /// Every flag name, in declaration order.
+    pub const FLAGS: [&'static str; 6] = [
+        "replay_by_time",
+        "replay_by_keys",
+        "best_effort_tier",
+        "prefix_acks",
+        "broker_restart",
+        "joins_new_streams",
+    ];
+
+    /// The value of the flag named `name` (a field name); `false` for an unknown name.
+    ///
+    /// ```
+    /// let caps = ampybus_conformance::Capabilities::default();
+    /// assert!(caps.flag("replay_by_time") && !caps.flag("broker_restart"));
+    /// ```
+    pub fn flag(&self, name: &str) -> bool {
+        match name {
+            "replay_by_time" => self.replay_by_time,
+            "replay_by_keys" => self.replay_by_keys,
+            "best_effort_tier" => self.best_effort_tier,
+            "prefix_acks" => self.prefix_acks,
+            "broker_restart" => self.broker_restart,
+            "joins_new_streams" => self.joins_new_streams,
+            _ => false,
+        }
+    }
+
+    /// What a flag means, as a not-applicable report states it.
+    ///
+    /// ```
+    /// let m = ampybus_conformance::Capabilities::meaning("broker_restart");
+    /// assert!(m.contains("restart"));
+    /// ```
+    pub fn meaning(name: &str) -> &'static str {
+        match name {
+            "replay_by_time" => "no replay by store-time window",
+            "replay_by_keys" => "no replay by partition keys",
+            "best_effort_tier" => "best-effort tier not implemented",
+            "prefix_acks" => "acks are not settled per partition prefix",
+            "broker_restart" => "the factory has no broker restart hook",
+            "joins_new_streams" => "streams created after a subscription are not read by it",
+            _ => "unknown capability",
+        }
+    }
 }
 
 impl Default for Capabilities {
-    /// Everything the embedded log does: replay by time and keys, the best-effort tier.
+    /// Everything the embedded log does: replay by time and keys, the best-effort tier, new
+    /// streams joined; no broker to restart.
     fn default() -> Self {
         Capabilities {
             replay_by_time: true,
             replay_by_keys: true,
             best_effort_tier: true,
             prefix_acks: false,
+            broker_restart: false,
+            joins_new_streams: true,
         }
     }
 }
@@ -64,6 +123,34 @@ pub trait TransportFactory: Send + Sync {
     async fn crash(&self, bus: Bus) {
         drop(bus);
     }
+    /// Why the binding does not claim the capability flag `flag`, when it can say more than
+    /// the flag's meaning ([`Capabilities::meaning`]); shown in the not-applicable report.
+    /// Default: `None`.
+    fn why_not(&self, flag: &str) -> Option<String> {
+        let _ = flag;
+        None
+    }
+    /// A new connection to `ctx`'s namespace whose durable subscriptions share the work
+    /// between instances of one name (every instance fetches). Default:
+    /// [`TransportFactory::reopen_bus`] (the embedded log and Kafka share partitions out).
+    /// NATS and Redis keep one active instance per name by default, so they connect with
+    /// `order=per_instance` here.
+    async fn shared_work_bus(&self, ctx: &TestContext) -> Bus {
+        self.reopen_bus(ctx).await
+    }
+    /// Kills the broker of `ctx`'s namespace as a crash would (SIGKILL, storage kept) and
+    /// starts it again on the same address; the connections already open must reconnect by
+    /// themselves. Only called when [`Capabilities::broker_restart`] is claimed, and only for
+    /// a context made with [`TestContext::own_broker`], for which [`TransportFactory::new_bus`]
+    /// starts a broker of the case's own (a shared broker is never restarted). Default:
+    /// panics (a factory claiming the flag overrides it).
+    async fn restart_broker(&self, ctx: &TestContext) {
+        panic!(
+            "{}: restart_broker called for {} but the factory has no restart hook",
+            self.name(),
+            ctx.case()
+        )
+    }
     /// The durable dedupe store shared by every instance of a consumer in `ctx`'s namespace.
     /// Default: a [`SqliteDedupeStore`] in `ctx.dir()/dedupe.sqlite3` (the embedded default).
     async fn dedupe_store(&self, ctx: &TestContext) -> Arc<dyn DedupeStore> {
@@ -82,6 +169,7 @@ pub struct TestContext {
     case: &'static str,
     id: String,
     dir: tempfile::TempDir,
+    own_broker: bool,
 }
 
 impl TestContext {
@@ -92,7 +180,34 @@ impl TestContext {
             .prefix(&format!("ampybus-conf-{case}-"))
             .tempdir()
             .expect("temp dir");
-        TestContext { case, id, dir }
+        TestContext {
+            case,
+            id,
+            dir,
+            own_broker: false,
+        }
+    }
+
+    /// A context whose namespace lives on a broker of its own (one the case may restart,
+    /// see [`TransportFactory::restart_broker`]).
+    ///
+    /// ```
+    /// let ctx = ampybus_conformance::TestContext::new("x").own_broker();
+    /// assert!(ctx.wants_own_broker());
+    /// ```
+    pub fn own_broker(mut self) -> TestContext {
+        self.own_broker = true;
+        self
+    }
+
+    /// True for a context made with [`TestContext::own_broker`]: the factory starts a broker
+    /// for it (in [`TransportFactory::new_bus`]) and connects every bus of it there.
+    ///
+    /// ```
+    /// assert!(!ampybus_conformance::TestContext::new("x").wants_own_broker());
+    /// ```
+    pub fn wants_own_broker(&self) -> bool {
+        self.own_broker
     }
 
     /// The case's name.

@@ -1,6 +1,6 @@
 //! The durability-tier case (DESIGN §2 "Durability tiers").
 
-use crate::report::CaseStatus;
+use crate::status::CaseStatus;
 use crate::support::{TestContext, TransportFactory, hang_timeout, raw, wait_stats};
 use ampybus::runtime::{Consumer, Outcome, handler_fn};
 use ampybus::tier::Tier;

@@ -30,6 +30,14 @@ impl TransportFactory for Embedded {
         self.caps
     }
 
+    fn why_not(&self, flag: &str) -> Option<String> {
+        (flag == "broker_restart").then(|| {
+            "no broker process: the log lives in the process that opens it (a process restart \
+             is what at_least_once_across_crash and ack_survives_a_reopen check)"
+                .into()
+        })
+    }
+
     async fn new_bus(&self, ctx: &TestContext) -> Bus {
         self.reopen_bus(ctx).await
     }
@@ -52,7 +60,7 @@ async fn missing_capabilities_are_listed_as_not_applicable() {
             replay_by_time: false,
             replay_by_keys: false,
             best_effort_tier: false,
-            prefix_acks: false,
+            ..Capabilities::default()
         },
     };
     let report = run_cases(
@@ -83,7 +91,8 @@ async fn missing_capabilities_are_listed_as_not_applicable() {
     assert!(report.to_string().contains("3 not applicable"));
     assert!(matches!(
         &report.results[2].status,
-        CaseStatus::NotApplicable(why) if why == "best-effort tier not implemented"
+        CaseStatus::NotApplicable(why)
+            if why == "needs `best_effort_tier`: best-effort tier not implemented"
     ));
 }
 
@@ -136,5 +145,46 @@ async fn a_failing_case_is_reported_and_the_rest_still_run() {
     assert!(
         shown.contains("0 passed, 2 failed, 0 not applicable"),
         "{shown}"
+    );
+}
+
+/// The case table: every case has a distinct name that maps back to it, and its required
+/// flags are real [`Capabilities`] flags.
+#[test]
+fn the_case_table_is_consistent() {
+    let mut names: Vec<&str> = Case::ALL.iter().map(|c| c.name()).collect();
+    for c in Case::ALL {
+        assert_eq!(Case::from_name(c.name()), Some(*c));
+        for flag in c.requires() {
+            assert!(
+                Capabilities::FLAGS.contains(flag),
+                "{c}: unknown flag {flag}"
+            );
+        }
+    }
+    names.sort();
+    names.dedup();
+    assert_eq!(names.len(), Case::ALL.len(), "duplicate case names");
+    assert_eq!(
+        Case::BrokerRestartMidRun.requires(),
+        &["broker_restart"][..]
+    );
+}
+
+/// A flag the binding does not claim is reported with the binding's own reason when it gives
+/// one (`why_not`), and the case does not run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_flag_is_reported_with_the_bindings_reason() {
+    let report = run_cases(&Embedded::new(), &[Case::BrokerRestartMidRun]).await;
+    eprintln!("{report}");
+    let na = report.not_applicable();
+    assert_eq!(na.len(), 1, "{report}");
+    assert_eq!(na[0].0, Case::BrokerRestartMidRun);
+    assert!(
+        na[0]
+            .1
+            .starts_with("needs `broker_restart`: no broker process"),
+        "{}",
+        na[0].1
     );
 }

@@ -39,6 +39,12 @@ impl TransportFactory for Kafka {
         }
     }
 
+    fn why_not(&self, flag: &str) -> Option<String> {
+        (flag == "broker_restart").then(|| {
+            "the test broker (tansu) keeps its log in memory: a restart loses every topic".into()
+        })
+    }
+
     async fn new_bus(&self, ctx: &TestContext) -> Bus {
         // `RUST_LOG=ampybus=debug,librdkafka=info cargo nextest run … --no-capture` shows
         // what the binding and librdkafka do.

@@ -5,20 +5,41 @@
 //! consumers are named after it, so cases share the per-domain streams (created with the
 //! `AMPYCONF` prefix and a 1-day max age when missing) without seeing each other's messages;
 //! the DLQ case filters the shared DLQ stream by `original_topic`. The dedupe store is the KV
-//! bucket `AMPYCONF_dedupe`, keyed by consumer name.
+//! bucket `AMPYCONF_dedupe`, keyed by consumer name. The broker restart case runs on a
+//! `nats-server` of its own (JetStream store in the case's directory), killed -9 and started
+//! again on the same port.
 
 use ampybus::Bus;
 use ampybus::dedupe::DedupeStore;
 use ampybus::transport::nats::NatsKvDedupeStore;
-use ampybus_conformance::{Capabilities, TestContext, TransportFactory};
+use ampybus_conformance::{Capabilities, NatsServer, TestContext, TransportFactory};
 use async_trait::async_trait;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 const URL: &str =
     "nats://127.0.0.1:4222?stream_prefix=AMPYCONF&max_age_days=1&consumer_inactive_s=600";
 
-struct Nats;
+/// What a case with a broker of its own connects with (a short request timeout: the broker
+/// restart case waits out an outage).
+const OWN_QUERY: &str = "?stream_prefix=AMPYCONF&max_age_days=1&request_timeout_ms=2000";
+
+/// The shared server, and a `nats-server` of its own (JetStream store in the case's
+/// directory) for a case that restarts its broker.
+#[derive(Default)]
+struct Nats {
+    own: Mutex<HashMap<String, NatsServer>>,
+}
+
+impl Nats {
+    fn url(&self, ctx: &TestContext) -> String {
+        match self.own.lock().unwrap().get(ctx.id()) {
+            Some(server) => server.url("nats", OWN_QUERY),
+            None => URL.to_owned(),
+        }
+    }
+}
 
 #[async_trait]
 impl TransportFactory for Nats {
@@ -28,23 +49,66 @@ impl TransportFactory for Nats {
 
     fn capabilities(&self) -> Capabilities {
         // Replay by time and keys; the best-effort tier is the runtime's Producer, above any
-        // transport (its lag sub-case runs where the transport reports consumer lag).
-        Capabilities::default()
+        // transport (its lag sub-case runs where the transport reports consumer lag). A
+        // subscription resolves the streams of its pattern when it subscribes.
+        Capabilities {
+            broker_restart: true,
+            joins_new_streams: false,
+            ..Capabilities::default()
+        }
     }
 
     async fn new_bus(&self, ctx: &TestContext) -> Bus {
-        tokio::task::spawn_blocking(|| ampybus_conformance::start_test_broker("nats"))
+        if ctx.wants_own_broker() {
+            let store = ctx.dir().join("js");
+            let args = ["-js", "-sd", store.to_str().expect("utf-8 path")].map(String::from);
+            let dir = ctx.dir().to_owned();
+            let server = tokio::task::spawn_blocking(move || {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                NatsServer::start(&dir, &args)
+            })
             .await
-            .expect("brokers");
+            .expect("start nats-server");
+            self.own.lock().unwrap().insert(ctx.id().to_owned(), server);
+        } else {
+            tokio::task::spawn_blocking(|| ampybus_conformance::start_test_broker("nats"))
+                .await
+                .expect("brokers");
+        }
         self.reopen_bus(ctx).await
     }
 
-    async fn reopen_bus(&self, _ctx: &TestContext) -> Bus {
-        Bus::connect(URL).await.expect("connect nats")
+    async fn reopen_bus(&self, ctx: &TestContext) -> Bus {
+        Bus::connect(&self.url(ctx)).await.expect("connect nats")
     }
 
-    async fn dedupe_store(&self, _ctx: &TestContext) -> Arc<dyn DedupeStore> {
-        let store = NatsKvDedupeStore::connect(URL)
+    async fn shared_work_bus(&self, ctx: &TestContext) -> Bus {
+        Bus::connect(&format!("{}&order=per_instance", self.url(ctx)))
+            .await
+            .expect("connect nats")
+    }
+
+    async fn restart_broker(&self, ctx: &TestContext) {
+        let mut server = self
+            .own
+            .lock()
+            .unwrap()
+            .remove(ctx.id())
+            .expect("a broker of the case's own");
+        let server = tokio::task::spawn_blocking(move || {
+            server.kill();
+            // The outage itself, not a synchronisation.
+            std::thread::sleep(Duration::from_millis(500));
+            server.restart();
+            server
+        })
+        .await
+        .expect("restart nats-server");
+        self.own.lock().unwrap().insert(ctx.id().to_owned(), server);
+    }
+
+    async fn dedupe_store(&self, ctx: &TestContext) -> Arc<dyn DedupeStore> {
+        let store = NatsKvDedupeStore::connect(&self.url(ctx))
             .await
             .expect("KV dedupe store")
             .with_window(Duration::from_secs(86_400));
@@ -52,4 +116,4 @@ impl TransportFactory for Nats {
     }
 }
 
-ampybus_conformance::conformance_tests!(Nats);
+ampybus_conformance::conformance_tests!(Nats::default());

@@ -1,6 +1,9 @@
-//! NATS fault and bad-input tests. Each test that needs a server of its own (no JetStream,
-//! permissions, TLS, a restart) spawns `nats-server` on a free loopback port with a temp store
-//! directory and config file, and kills it when the guard drops.
+//! NATS fault and bad-input tests that are specific to NATS (no JetStream, permissions, TLS,
+//! tokens, NKeys and JWT credentials, existing streams, a cluster losing a node). Each test that
+//! needs a server of its own spawns `nats-server` on a free loopback port with a temp store
+//! directory and config file, and kills it when the guard drops. The flows every transport
+//! shares (a broker restart mid-run, shared durables, patterns over several streams, where a
+//! subscription starts, replay across streams) are conformance cases (`tests/nats.rs`).
 
 use ampybus::dedupe::DedupeStore;
 use ampybus::runtime::{Consumer, Message, Outcome, Publisher, RetryPolicy, handler_fn};
@@ -41,62 +44,19 @@ async fn timed<T>(what: &str, limit: Duration, f: impl std::future::Future<Outpu
     r
 }
 
+/// The checks every broker binding shares (garbage port, unknown option, misspelt scheme,
+/// unreachable server without leaking the password, missing CA file).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_urls_and_unreachable_servers_fail_fast_and_clearly() {
-    let limit = Duration::from_secs(15);
-    let e = timed(
-        "garbage port",
-        limit,
-        Bus::connect("nats://127.0.0.1:notaport"),
-    )
-    .await
-    .unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::Config, "{e}");
-    assert!(e.to_string().contains("notaport"), "{e}");
-
-    let e = timed(
-        "unknown option",
-        limit,
-        Bus::connect("nats://127.0.0.1?colour=red"),
-    )
-    .await
-    .unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::Config, "{e}");
-    assert!(e.to_string().contains("colour"), "{e}");
-
-    let e = timed("wrong scheme", limit, Bus::connect("natz://127.0.0.1:4222"))
-        .await
-        .unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::Config, "{e}");
-    assert!(e.to_string().contains("natz"), "{e}");
-
-    let port = free_port();
-    let e = timed(
-        "unreachable port",
-        limit,
-        Bus::connect(&format!("nats://bob:s3cret@127.0.0.1:{port}")),
-    )
-    .await
-    .unwrap_err();
-    let shown = format!("{e} {e:?}");
-    assert!(
-        matches!(e.kind(), ErrorKind::Transport | ErrorKind::Timeout),
-        "{e}"
-    );
-    assert!(e.to_string().contains(&format!("127.0.0.1:{port}")), "{e}");
-    assert!(!shown.contains("s3cret"), "credentials leaked: {shown}");
-
-    let e = timed(
-        "missing CA file",
-        limit,
-        Bus::connect(&format!(
-            "tls://127.0.0.1:{port}?tls_ca=/nonexistent/ca.pem"
-        )),
-    )
-    .await
-    .unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::Config, "{e}");
-    assert!(e.to_string().contains("tls_ca"), "{e}");
+    ampybus_conformance::bad_urls_fail_fast_and_clearly(ampybus_conformance::BadUrls {
+        scheme: "nats",
+        unreachable_query: "",
+        missing_ca: Some(("tls://127.0.0.1:1?tls_ca=/nonexistent/ca.pem", "tls_ca")),
+        unreachable_kinds: &[ErrorKind::Transport, ErrorKind::Timeout],
+        unreachable_text: "",
+        limit: Duration::from_secs(15),
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -305,141 +265,6 @@ tls {{
     assert!(e.to_string().to_ascii_lowercase().contains("tls"), "{e}");
 }
 
-/// Kill -9 the server mid-run (store kept) and restart it on the same port, with 8 retrying
-/// publishers and a consumer running: none lost, each applied once (dedupe store), publishers
-/// finished (retried through the outage), nothing hung.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn server_restart_mid_run_loses_nothing_and_applies_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let store_dir = dir.path().join("js");
-    let mut server = Server::start(dir.path(), &["-js", "-sd", store_dir.to_str().unwrap()]);
-    let url = server.url("nats", "?stream_prefix=FAULT&request_timeout_ms=2000");
-    let n = ((50_000.0 * ampybus_conformance::scale()) as usize).max(2_000);
-    let publishers = 8usize;
-    let bus = Bus::connect(&url).await.expect("connect");
-    let store: Arc<dyn DedupeStore> = Arc::new(
-        NatsKvDedupeStore::connect(&url)
-            .await
-            .expect("dedupe store"),
-    );
-
-    let effects: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
-    let e2 = effects.clone();
-    let consumer = Consumer::builder(
-        bus.clone(),
-        TopicPattern::parse("ampy.dev.news.v1.fault.>").unwrap(),
-        "fault-consumer",
-    )
-    .dedupe(store.clone())
-    .workers(8)
-    .max_in_flight(512)
-    .ack_deadline(Duration::from_secs(5))
-    .handler(handler_fn(move |m: Message| {
-        let effects = e2.clone();
-        async move {
-            *effects
-                .lock()
-                .unwrap()
-                .entry(String::from_utf8_lossy(&m.payload).into_owned())
-                .or_default() += 1;
-            Outcome::Ok
-        }
-    }))
-    .start()
-    .await
-    .expect("consumer");
-
-    let published = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::new();
-    for p in 0..publishers {
-        let publisher = Publisher::new(bus.clone()).with_policy(RetryPolicy {
-            max_attempts: 100,
-            min_delay: Duration::from_millis(50),
-            max_delay: Duration::from_millis(500),
-        });
-        let published = published.clone();
-        tasks.push(tokio::spawn(async move {
-            let topic = Topic::parse(&format!("ampy.dev.news.v1.fault.p{p}")).unwrap();
-            let mut failed = Vec::new();
-            for i in (p..n).step_by(publishers) {
-                match publisher
-                    .publish(&topic, headers(&format!("k{}", i % 32)), format!("m{i}"))
-                    .await
-                {
-                    Ok(_) => {
-                        published.fetch_add(1, Ordering::SeqCst);
-                    }
-                    Err(e) => failed.push((i, e.to_string())),
-                }
-            }
-            failed
-        }));
-    }
-
-    // Mid-run: a third published and some handled, then the crash and the restart.
-    let hang = ampybus_conformance::hang_timeout();
-    let start = Instant::now();
-    while published.load(Ordering::SeqCst) < (n / 3) as u64 || effects.lock().unwrap().is_empty() {
-        assert!(start.elapsed() < hang, "no progress before the crash");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let at_crash = (
-        published.load(Ordering::SeqCst),
-        effects.lock().unwrap().len(),
-    );
-    server.kill();
-    tokio::time::sleep(Duration::from_millis(500)).await; // the outage itself, not a sync
-    server.restart();
-    eprintln!(
-        "server killed after {} published / {} handled; restarted",
-        at_crash.0, at_crash.1
-    );
-
-    for t in tasks {
-        let failed = tokio::time::timeout(hang, t)
-            .await
-            .expect("a publisher hung")
-            .expect("publisher task");
-        assert!(
-            failed.is_empty(),
-            "publishes failed after retries: {:?}",
-            &failed[..failed.len().min(5)]
-        );
-    }
-    assert_eq!(published.load(Ordering::SeqCst), n as u64);
-
-    let start = Instant::now();
-    loop {
-        let done = effects.lock().unwrap().len();
-        let s = consumer.stats();
-        if done == n && s.in_flight == 0 {
-            break;
-        }
-        assert!(
-            start.elapsed() < hang,
-            "timed out: {done} of {n} handled; {s:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let stats = consumer.shutdown(Duration::from_secs(10)).await;
-    let effects = effects.lock().unwrap();
-    assert_eq!(effects.len(), n, "distinct messages handled");
-    let again: Vec<(&String, &u32)> = effects.iter().filter(|(_, c)| **c > 1).collect();
-    // Handlers that finished but whose dedupe record and ack were cut by the crash may run
-    // again; at most what was in flight then.
-    assert!(
-        again.len() <= 512,
-        "{} messages handled more than once",
-        again.len()
-    );
-    assert_eq!(stats.dead_lettered_total(), 0, "{stats:?}");
-    eprintln!(
-        "n={n}: all published ({publishers} publishers), all handled; {} handled twice (in flight at the crash), {} skipped as applied; stats {stats:?}",
-        again.len(),
-        stats.skipped_duplicates
-    );
-}
-
 /// An existing stream that captures the subjects (the seed's `AMPY` on `ampy.>`, no age limit)
 /// is used, never changed; one whose settings break the semantics is refused with the list;
 /// one that captures only part of a domain is refused too.
@@ -516,114 +341,6 @@ async fn existing_streams_are_used_or_refused_with_the_reasons() {
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Config, "{e}");
     assert!(e.to_string().contains("SOME_FILLS"), "{e}");
-}
-
-/// Durable pull consumers with `order=per_instance`: two instances of one name share the work
-/// (each message handled once in all); a pattern over several domains (`ampy.dev.>`) reads
-/// every domain stream; `StartAt::Latest` skips what was there.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn durable_consumers_share_work_span_domains_and_start_latest() {
-    use ampybus::transport::StartAt;
-    let dir = tempfile::tempdir().unwrap();
-    let store_dir = dir.path().join("js");
-    let server = Server::start(dir.path(), &["-js", "-sd", store_dir.to_str().unwrap()]);
-    let url = server.url("nats", "?stream_prefix=SHARE&order=per_instance");
-    let bus = Bus::connect(&url).await.unwrap();
-    let news = Topic::parse("ampy.dev.news.v1.raw").unwrap();
-    let bars = Topic::parse("ampy.dev.bars.v1.XNAS.MSFT").unwrap();
-    let n = 400usize;
-    let mut batch = Vec::new();
-    for i in 0..n {
-        let (t, k) = if i % 2 == 0 {
-            (&news, format!("n-{}", i % 7))
-        } else {
-            (&bars, "XNAS.MSFT".to_owned())
-        };
-        batch.push(ampybus::Envelope::new(t, headers(&k), format!("m{i}")));
-    }
-    bus.publish_batch(batch).await.expect("publish");
-
-    let effects: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
-    let per_instance: Arc<[AtomicU64; 2]> = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
-    let mut handles = Vec::new();
-    for inst in 0..2 {
-        let b = Bus::connect(&url).await.unwrap();
-        let (effects, per_instance) = (effects.clone(), per_instance.clone());
-        handles.push(
-            Consumer::builder(b, TopicPattern::parse("ampy.dev.>").unwrap(), "sharers")
-                .max_in_flight(16)
-                .handler(handler_fn(move |m: Message| {
-                    let (effects, per_instance) = (effects.clone(), per_instance.clone());
-                    async move {
-                        // Simulated work, so that both instances get a share.
-                        tokio::time::sleep(Duration::from_millis(1)).await;
-                        per_instance[inst].fetch_add(1, Ordering::SeqCst);
-                        *effects
-                            .lock()
-                            .unwrap()
-                            .entry(String::from_utf8_lossy(&m.payload).into_owned())
-                            .or_default() += 1;
-                        Outcome::Ok
-                    }
-                }))
-                .start()
-                .await
-                .expect("consumer"),
-        );
-    }
-    let start = Instant::now();
-    while effects.lock().unwrap().len() < n {
-        assert!(
-            start.elapsed() < ampybus_conformance::hang_timeout(),
-            "not all handled"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let mut total = 0;
-    for h in handles {
-        let s = h.shutdown(Duration::from_secs(10)).await;
-        total += s.handled_ok;
-    }
-    {
-        let effects = effects.lock().unwrap();
-        assert_eq!(effects.len(), n);
-        assert!(effects.values().all(|c| *c == 1), "a message handled twice");
-    }
-    assert_eq!(total, n as u64);
-    let shares = [
-        per_instance[0].load(Ordering::SeqCst),
-        per_instance[1].load(Ordering::SeqCst),
-    ];
-    assert!(
-        shares[0] > 0 && shares[1] > 0,
-        "both instances worked: {shares:?}"
-    );
-    eprintln!("shares of the two instances: {shares:?}");
-
-    // A new consumer starting at the latest message sees only what comes after it.
-    let mut sub = bus
-        .subscribe(SubscribeSpec {
-            start: StartAt::Latest,
-            ..SubscribeSpec::durable(TopicPattern::parse("ampy.dev.news.>").unwrap(), "late")
-        })
-        .await
-        .unwrap();
-    bus.publish(&news, headers("n-9"), b"after".to_vec())
-        .await
-        .unwrap();
-    let got = sub.fetch(100, Duration::from_secs(5)).await.unwrap();
-    assert_eq!(got.len(), 1);
-    assert_eq!(&got[0].envelope.payload[..], b"after");
-    assert_eq!(got[0].info.delivery_count, 1);
-    for d in got {
-        d.ack().await.map_err(|(e, _)| e).unwrap();
-    }
-    assert!(
-        sub.fetch(10, Duration::from_millis(300))
-            .await
-            .unwrap()
-            .is_empty()
-    );
 }
 
 /// A 3-node JetStream cluster on loopback, streams and consumers with 3 replicas: one node is
@@ -1059,43 +776,4 @@ async fn credentials_file_jwt_authentication() {
             .contains(&format!("credentials file {}", missing.display())),
         "{e}"
     );
-}
-
-/// Replay over a pattern spanning several streams pages through every stream in store order.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replay_across_streams_pages_in_store_order() {
-    use ampybus::transport::WindowQuery;
-    let dir = tempfile::tempdir().unwrap();
-    let store_dir = dir.path().join("js");
-    let server = Server::start(dir.path(), &["-js", "-sd", store_dir.to_str().unwrap()]);
-    let bus = Bus::connect(&server.url("nats", "?stream_prefix=RPL"))
-        .await
-        .unwrap();
-    let news = Topic::parse("ampy.dev.news.v1.raw").unwrap();
-    let bars = Topic::parse("ampy.dev.bars.v1.XNAS.AAPL").unwrap();
-    let mut want = Vec::new();
-    for i in 0..20 {
-        let (t, k) = if i % 3 == 0 {
-            (&bars, "XNAS.AAPL")
-        } else {
-            (&news, "n-1")
-        };
-        bus.publish(t, headers(k), format!("m{i}")).await.unwrap();
-        want.push(format!("m{i}"));
-    }
-    let reader = bus.replay().expect("replay");
-    let mut q = WindowQuery::new(TopicPattern::parse("ampy.dev.>").unwrap());
-    q.limit = 3;
-    let mut got = Vec::new();
-    loop {
-        let page = reader.read_window(&q).await.expect("read_window");
-        let Some(last) = page.last() else { break };
-        assert!(page.len() <= 3);
-        q.after_sequence = last.sequence;
-        got.extend(
-            page.iter()
-                .map(|m| String::from_utf8_lossy(&m.envelope.payload).into_owned()),
-        );
-    }
-    assert_eq!(got, want);
 }

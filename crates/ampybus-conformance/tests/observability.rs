@@ -5,7 +5,8 @@
 //!
 //! Child processes enter through `child_process_entry` (ignored when run on its own).
 
-use ampybus::obs::{LogFormat, init_logging, serve};
+use ampybus::obs::{LogFormat, init_logging};
+use ampybus::ops::serve;
 use ampybus::runtime::{Consumer, Message, Outcome, Producer, RetryPolicy, handler_fn};
 use ampybus::{Bus, Envelope, Headers, Topic, TopicPattern};
 use ampybus_conformance::http_get;

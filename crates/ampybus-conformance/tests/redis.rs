@@ -3,19 +3,39 @@
 //!
 //! Isolation: every case gets a key prefix of its own, `conf{unix seconds}{id}:`, so its
 //! streams, groups and dedupe keys are its alone (the DLQ stream too). Keys of cases older than
-//! an hour (earlier runs) are deleted when a test process starts.
+//! an hour (earlier runs) are deleted when a test process starts. The broker restart case runs
+//! on a `redis-server` of its own (append-only file with fsync always, in the case's
+//! directory), killed -9 and started again on the same port.
 
 use ampybus::Bus;
 use ampybus::dedupe::DedupeStore;
 use ampybus::transport::redis::RedisDedupeStore;
-use ampybus_conformance::{Capabilities, TestContext, TransportFactory};
+use ampybus_conformance::{Capabilities, RedisServer, TestContext, TransportFactory};
 use async_trait::async_trait;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-struct Redis;
+/// The shared server, and a `redis-server` of its own (append-only file, fsync always, in the
+/// case's directory) for a case that restarts its broker.
+#[derive(Default)]
+struct Redis {
+    own: Mutex<HashMap<String, RedisServer>>,
+}
 
-fn url(ctx: &TestContext) -> String {
+impl Redis {
+    fn url(&self, ctx: &TestContext) -> String {
+        match self.own.lock().unwrap().get(ctx.id()) {
+            Some(server) => server.url(
+                "",
+                "?max_age_days=1&request_timeout_ms=2000&connect_timeout_ms=1000",
+            ),
+            None => shared_url(ctx),
+        }
+    }
+}
+
+fn shared_url(ctx: &TestContext) -> String {
     static STARTED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     let secs = *STARTED.get_or_init(|| {
         std::time::SystemTime::now()
@@ -96,24 +116,63 @@ impl TransportFactory for Redis {
 
     fn capabilities(&self) -> Capabilities {
         // Replay by time and keys (XRANGE); the best-effort tier is the runtime's Producer,
-        // and its lag sub-case runs (XINFO GROUPS).
-        Capabilities::default()
+        // and its lag sub-case runs (XINFO GROUPS). Streams created later are found (a scan
+        // every second).
+        Capabilities {
+            broker_restart: true,
+            ..Capabilities::default()
+        }
     }
 
     async fn new_bus(&self, ctx: &TestContext) -> Bus {
-        tokio::task::spawn_blocking(|| ampybus_conformance::start_test_broker("redis"))
+        if ctx.wants_own_broker() {
+            let dir = ctx.dir().to_owned();
+            let server = tokio::task::spawn_blocking(move || {
+                RedisServer::start(&dir, &["--appendonly", "yes", "--appendfsync", "always"])
+            })
             .await
-            .expect("brokers");
-        sweep_old_runs().await;
+            .expect("start redis-server");
+            self.own.lock().unwrap().insert(ctx.id().to_owned(), server);
+        } else {
+            tokio::task::spawn_blocking(|| ampybus_conformance::start_test_broker("redis"))
+                .await
+                .expect("brokers");
+            sweep_old_runs().await;
+        }
         self.reopen_bus(ctx).await
     }
 
     async fn reopen_bus(&self, ctx: &TestContext) -> Bus {
-        Bus::connect(&url(ctx)).await.expect("connect redis")
+        Bus::connect(&self.url(ctx)).await.expect("connect redis")
+    }
+
+    async fn shared_work_bus(&self, ctx: &TestContext) -> Bus {
+        Bus::connect(&format!("{}&order=per_instance", self.url(ctx)))
+            .await
+            .expect("connect redis")
+    }
+
+    async fn restart_broker(&self, ctx: &TestContext) {
+        let mut server = self
+            .own
+            .lock()
+            .unwrap()
+            .remove(ctx.id())
+            .expect("a broker of the case's own");
+        let server = tokio::task::spawn_blocking(move || {
+            server.kill();
+            // The outage itself, not a synchronisation.
+            std::thread::sleep(Duration::from_millis(500));
+            server.spawn();
+            server
+        })
+        .await
+        .expect("restart redis-server");
+        self.own.lock().unwrap().insert(ctx.id().to_owned(), server);
     }
 
     async fn dedupe_store(&self, ctx: &TestContext) -> Arc<dyn DedupeStore> {
-        let store = RedisDedupeStore::connect(&url(ctx))
+        let store = RedisDedupeStore::connect(&self.url(ctx))
             .await
             .expect("redis dedupe store")
             .with_window(Duration::from_secs(86_400));
@@ -121,4 +180,4 @@ impl TransportFactory for Redis {
     }
 }
 
-ampybus_conformance::conformance_tests!(Redis);
+ampybus_conformance::conformance_tests!(Redis::default());

@@ -1,7 +1,7 @@
 //! The service around the [`FeatureEngine`]: a consumer of `ampy.{env}.ticks.v1.>`, the
 //! rate-limited feature publisher, the signal publisher, and the HTTP routes
 //! `/state/latest?symbol=` and `/features/latest?symbol=` served next to the bus's own
-//! `/health`, `/metrics`, `/stats` ([`ampybus::obs::serve_with`]).
+//! `/health`, `/metrics`, `/stats` ([`ampybus::ops::serve_with`]).
 
 use crate::engine::{Direction, FeatureEngine, RateLimiter, SignalRule, TickEvent, time_json};
 use ampybus::runtime::feeds::Clock;
@@ -17,10 +17,10 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use chrono::{DateTime, Utc};
+use prometheus_client::metrics::counter::Counter;
 use prost::Message as _;
 use serde_json::json;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -120,11 +120,13 @@ struct Shared {
     /// Outputs of a message whose publish failed, by message id: a redelivery republishes
     /// them instead of applying the ticks twice.
     pending: Mutex<HashMap<String, Vec<Output>>>,
-    ticks: AtomicU64,
-    heartbeats: AtomicU64,
-    features_published: AtomicU64,
-    rate_limited: AtomicU64,
-    signals_published: AtomicU64,
+    /// These counters are also the service's families on the bus's `/metrics`
+    /// (`features_*_total{service}`).
+    ticks: Counter,
+    heartbeats: Counter,
+    features_published: Counter,
+    rate_limited: Counter,
+    signals_published: Counter,
     handled: tokio::sync::watch::Sender<u64>,
 }
 
@@ -140,7 +142,7 @@ struct Output {
 pub struct FeaturesService {
     shared: Arc<Shared>,
     consumer: ConsumerHandle,
-    server: Option<ampybus::obs::ObsServer>,
+    server: Option<ampybus::ops::ObsServer>,
 }
 
 impl std::fmt::Debug for FeaturesService {
@@ -324,7 +326,7 @@ impl Shared {
         let mut touched: BTreeMap<String, String> = BTreeMap::new();
         for (sym, mic, ev) in ticks {
             if engine.apply(&sym, &mic, ev, now.wall) == crate::engine::Applied::Updated {
-                self.ticks.fetch_add(1, Ordering::Relaxed);
+                self.ticks.inc();
                 touched.insert(sym, mic);
             }
         }
@@ -361,7 +363,7 @@ impl Shared {
                     MetricBatch { metrics }.encode_to_vec(),
                 )?);
             } else {
-                self.rate_limited.fetch_add(1, Ordering::Relaxed);
+                self.rate_limited.inc();
             }
             if let Some(d) = engine.signal(&sym, &self.cfg.rule) {
                 let action = match d {
@@ -401,9 +403,9 @@ impl Shared {
                 return Err((i, e));
             }
             if o.fqdn == SIGNAL {
-                self.signals_published.fetch_add(1, Ordering::Relaxed);
+                self.signals_published.inc();
             } else {
-                self.features_published.fetch_add(1, Ordering::Relaxed);
+                self.features_published.inc();
             }
         }
         Ok(())
@@ -423,7 +425,7 @@ impl Shared {
                 match decode_ticks(fqdn, &msg.payload) {
                     Err(reason) => return Outcome::DeadLetter(reason),
                     Ok(None) => {
-                        self.heartbeats.fetch_add(1, Ordering::Relaxed);
+                        self.heartbeats.inc();
                         return Outcome::Ok;
                     }
                     Ok(Some(ticks)) => match self.apply(ticks) {
@@ -461,12 +463,12 @@ impl Shared {
     fn stats(&self) -> ServiceStats {
         ServiceStats {
             messages: *self.handled.borrow(),
-            ticks: self.ticks.load(Ordering::Relaxed),
+            ticks: self.ticks.get(),
             late: self.engine.lock().unwrap_or_else(|p| p.into_inner()).late(),
-            heartbeats: self.heartbeats.load(Ordering::Relaxed),
-            features_published: self.features_published.load(Ordering::Relaxed),
-            rate_limited: self.rate_limited.load(Ordering::Relaxed),
-            signals_published: self.signals_published.load(Ordering::Relaxed),
+            heartbeats: self.heartbeats.get(),
+            features_published: self.features_published.get(),
+            rate_limited: self.rate_limited.get(),
+            signals_published: self.signals_published.get(),
         }
     }
 }
@@ -519,17 +521,28 @@ impl FeaturesService {
         )
         .map_err(|e| Error::new(ErrorKind::Config, format!("service {:?}: {e}", cfg.service)))?;
         let (handled, _) = tokio::sync::watch::channel(0);
+        let service = cfg.service.clone();
+        let counter = |name: &str, help: &str| {
+            bus.metrics()
+                .app_counter(name, help, &[("service", service.as_str())])
+        };
         let shared = Arc::new(Shared {
             bus: bus.clone(),
             limiter: Mutex::new(RateLimiter::new(cfg.publish_interval)),
             clock,
             engine: Mutex::new(FeatureEngine::new()),
             pending: Mutex::new(HashMap::new()),
-            ticks: AtomicU64::new(0),
-            heartbeats: AtomicU64::new(0),
-            features_published: AtomicU64::new(0),
-            rate_limited: AtomicU64::new(0),
-            signals_published: AtomicU64::new(0),
+            ticks: counter("features_ticks", "Ticks applied to the features state")?,
+            heartbeats: counter(
+                "features_heartbeats",
+                "Heartbeat messages read (and ignored)",
+            )?,
+            features_published: counter("features_batches_published", "Feature batches published")?,
+            rate_limited: counter(
+                "features_rate_limited",
+                "Feature publishes skipped by the per-symbol rate limit",
+            )?,
+            signals_published: counter("features_signals_published", "Signals published")?,
             handled,
             cfg,
         });
@@ -563,7 +576,7 @@ impl FeaturesService {
     /// # });
     /// ```
     pub async fn serve_http(&mut self, addr: &str) -> ampybus::Result<std::net::SocketAddr> {
-        let server = ampybus::obs::serve_with(&self.shared.bus, addr, self.router()).await?;
+        let server = ampybus::ops::serve_with(&self.shared.bus, addr, self.router()).await?;
         let local = server.local_addr();
         if let Some(old) = self.server.replace(server) {
             old.shutdown().await;

@@ -444,6 +444,23 @@ async fn scripted_ticks_give_exact_features_signals_http_and_dlq() {
     // The bus's own endpoints on the same server.
     let (code, health) = http_get(addr, "/health").await;
     assert_eq!((code, &health["status"]), (200, &json!("ok")));
+    // The service's own counters on the bus's /metrics, with the values of `stats()`.
+    let (code, text) = ampybus_conformance::http_get(addr, "/metrics").await;
+    assert_eq!(code, 200);
+    for line in [
+        r#"features_ticks_total{service="feat"} 5"#,
+        r#"features_heartbeats_total{service="feat"} 1"#,
+        r#"features_batches_published_total{service="feat"} 3"#,
+        r#"features_rate_limited_total{service="feat"} 1"#,
+        r#"features_signals_published_total{service="feat"} 1"#,
+    ] {
+        assert_eq!(
+            text.lines().filter(|l| *l == line).count(),
+            1,
+            "{line} in:\n{text}"
+        );
+    }
+    assert_eq!(text.matches("# EOF").count(), 1);
     let (code, stats) = http_get(addr, "/stats").await;
     assert_eq!(code, 200);
     assert_eq!(stats["consumers"][0]["name"], "feat");

@@ -31,7 +31,7 @@ pub fn connect(
     service: Option<String>,
     registry: Option<String>,
 ) -> PyResult<Bound<'_, PyAny>> {
-    pyo3_async_runtimes::tokio::future_into_py(py, async move {
+    crate::aio::future_into_py(py, async move {
         let reg = registry
             .map(|p| ampybus::registry::Registry::load(std::path::Path::new(&p)))
             .transpose()
@@ -274,10 +274,12 @@ async fn read_all(
             }
             q.limit = (m - out.len()).min(1000);
         }
-        let page = reader.read_window(&q).await?;
-        let Some(last) = page.last() else { break };
-        q.after_sequence = last.sequence;
-        out.extend(page);
+        let page = reader.read_page(&q).await?;
+        if page.messages.is_empty() {
+            break;
+        }
+        q.cursor = Some(page.next);
+        out.extend(page.messages);
     }
     Ok(out)
 }
@@ -530,7 +532,7 @@ impl NativeBus {
         wire: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
         let bus = self.bus.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        crate::aio::future_into_py(py, async move {
             let topic = Topic::parse(&topic).or_raise()?;
             let payload = Bytes::from((0..payload_len).map(|i| i as u8).collect::<Vec<u8>>());
             let mut envs = Vec::with_capacity(n);
@@ -574,7 +576,7 @@ impl NativeBus {
         max_in_flight: usize,
     ) -> PyResult<Bound<'py, PyAny>> {
         let bus = self.bus.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        crate::aio::future_into_py(py, async move {
             let pattern = TopicPattern::parse(&pattern).or_raise()?;
             let counter = Arc::new(CountingHandler {
                 n,
@@ -653,7 +655,7 @@ impl NativeBus {
             max_payload_bytes,
         };
         let bus = self.bus.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        crate::aio::future_into_py(py, async move {
             let pattern = TopicPattern::parse(&pattern).or_raise()?;
             let c: NativeConsumer = consumer::start(bus, pattern, consumer, opts)
                 .await
@@ -686,7 +688,7 @@ impl NativeBus {
         req.requested_by = "ampybus-python".to_owned();
         req.validate().or_raise()?;
         let bus = self.bus.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        crate::aio::future_into_py(py, async move {
             let s = ampybus::runtime::control::request_replay(&bus, &req, timeout, |_| {})
                 .await
                 .or_raise()?;
@@ -711,7 +713,7 @@ impl NativeBus {
         q.end = opt_time("read: `end`", end)?;
         q.keys = keys;
         let bus = self.bus.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        crate::aio::future_into_py(py, async move {
             let msgs = read_all(&bus, q, limit).await.or_raise()?;
             Ok(msgs.into_iter().map(PyStored::new).collect::<Vec<_>>())
         })
@@ -731,7 +733,7 @@ impl NativeBus {
         let code = dlq_code(reason)?;
         let since = opt_time("dlq.inspect: `since`", since)?;
         let bus = self.bus.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        crate::aio::future_into_py(py, async move {
             let msgs = dlq_select(&bus, p, code, since).await.or_raise()?;
             Ok(msgs.into_iter().map(PyStored::new).collect::<Vec<_>>())
         })
@@ -766,7 +768,7 @@ impl NativeBus {
             )));
         }
         let bus = self.bus.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        crate::aio::future_into_py(py, async move {
             let msgs = dlq_select(&bus, p, code, since).await.or_raise()?;
             let entries: Vec<ampybus::Envelope> = msgs.into_iter().map(|m| m.envelope).collect();
             let store = bus.transport().dedupe_store();
@@ -813,8 +815,8 @@ impl NativeBus {
     /// an awaitable of `MetricsServer`.
     fn serve_metrics<'py>(&self, py: Python<'py>, addr: String) -> PyResult<Bound<'py, PyAny>> {
         let bus = self.bus.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            let server = ampybus::obs::serve(&bus, &addr).await.or_raise()?;
+        crate::aio::future_into_py(py, async move {
+            let server = ampybus::ops::serve(&bus, &addr).await.or_raise()?;
             Ok(MetricsServer {
                 addr: server.local_addr().to_string(),
                 server: Mutex::new(Some(server)),
@@ -836,7 +838,7 @@ impl NativeBus {
     /// Checks the transport's connection; raises when it is down.
     fn health<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let bus = self.bus.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        crate::aio::future_into_py(py, async move {
             bus.health().await.or_raise()?;
             Ok(())
         })
@@ -845,7 +847,7 @@ impl NativeBus {
     /// The lag of durable consumer `consumer` as `{"pending", "in_flight"}`, `None` if unknown.
     fn consumer_lag<'py>(&self, py: Python<'py>, consumer: String) -> PyResult<Bound<'py, PyAny>> {
         let bus = self.bus.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        crate::aio::future_into_py(py, async move {
             let lag = bus.consumer_lag(&consumer).await.or_raise()?;
             Ok(lag.map(|l| {
                 let mut m = HashMap::new();
@@ -859,7 +861,7 @@ impl NativeBus {
     /// Flushes and closes the transport.
     fn close<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let bus = self.bus.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        crate::aio::future_into_py(py, async move {
             bus.close().await.or_raise()?;
             Ok(())
         })
@@ -895,7 +897,7 @@ impl<'py> IntoPyObject<'py> for ReplayResult {
 #[pyclass(module = "ampybus._native", frozen)]
 pub struct MetricsServer {
     addr: String,
-    server: Mutex<Option<ampybus::obs::ObsServer>>,
+    server: Mutex<Option<ampybus::ops::ObsServer>>,
 }
 
 #[pymethods]
@@ -909,7 +911,7 @@ impl MetricsServer {
     /// Stops serving.
     fn close<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let server = self.server.lock().unwrap_or_else(|p| p.into_inner()).take();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        crate::aio::future_into_py(py, async move {
             if let Some(s) = server {
                 s.shutdown().await;
             }

@@ -115,7 +115,8 @@ impl Shared {
         if let Some(ts) = self.fallback.get() {
             let ts = ts.clone();
             pyo3_async_runtimes::tokio::get_runtime().spawn_blocking(move || {
-                Python::attach(|py| {
+                // Not once the interpreter exits (see `aio`).
+                crate::aio::attach_unless_exiting(|py| {
                     // A closed loop: nobody waits for these futures any more.
                     let _ = ts.0.call1(py, (ts.1.clone_ref(py),));
                 });

@@ -22,7 +22,7 @@
 //! failed attempt (retry with the policy's backoff).
 
 use crate::completer::{Completer, Future, Shared, Value};
-use crate::message::PyMessage;
+use crate::message::{PyMessage, Returns, Ticket};
 use ampybus::runtime::{ConsumerHandle, ConsumerMonitor, ConsumerStats, Handler, Message, Outcome};
 use async_trait::async_trait;
 use pyo3::prelude::*;
@@ -153,37 +153,24 @@ async fn run_outcomes(inbox: Arc<Inbox>) {
     }
 }
 
-/// The way back for one message's outcome, held by the Python `Message`; counted while it
-/// lives, so that a close can wait for Python to settle what it holds.
-pub struct Ticket {
-    reply: Option<oneshot::Sender<Outcome>>,
-    inbox: Arc<Inbox>,
-}
-
-impl Ticket {
-    /// Queues `outcome` for the runtime; `Err` when the consumer is gone (message released).
-    pub fn send(mut self, outcome: Outcome) -> Result<(), Outcome> {
-        let Some(tx) = self.reply.take() else {
-            return Err(outcome);
-        };
-        if tx.is_closed() || self.inbox.finished.load(Ordering::Acquire) {
+impl Returns for Inbox {
+    fn queue(&self, tx: oneshot::Sender<Outcome>, outcome: Outcome) -> Result<(), Outcome> {
+        if tx.is_closed() || self.finished.load(Ordering::Acquire) {
             return Err(outcome);
         }
         let first = {
-            let mut q = locked(&self.inbox.outcomes);
+            let mut q = locked(&self.outcomes);
             q.push((tx, outcome));
             q.len() == 1
         };
         if first {
-            self.inbox.outcomes_ready.notify_one();
+            self.outcomes_ready.notify_one();
         }
         Ok(())
     }
-}
 
-impl Drop for Ticket {
-    fn drop(&mut self) {
-        self.inbox.unhold();
+    fn release(&self) {
+        self.unhold();
     }
 }
 
@@ -382,10 +369,7 @@ impl NativeConsumer {
         batch
             .into_iter()
             .map(|p| {
-                let ticket = Ticket {
-                    reply: Some(p.reply),
-                    inbox: self.inbox.clone(),
-                };
+                let ticket = Ticket::new(p.reply, self.inbox.clone());
                 PyMessage::new(p.msg, ticket)
             })
             .collect()
@@ -435,7 +419,7 @@ impl NativeConsumer {
         });
         let handle = self.begin_close();
         let inbox = self.inbox.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        crate::aio::future_into_py(py, async move {
             Ok(close_consumer(handle, inbox, timeout).await.map(Stats))
         })
     }

@@ -15,23 +15,32 @@ pyo3::import_exception!(ampybus.errors, TransportError);
 pyo3::import_exception!(ampybus.errors, TimeoutError);
 pyo3::import_exception!(ampybus.errors, ClosedError);
 
-/// The Python exception for a Rust error: the class of its kind, the message of its `Display`.
+/// The Python exception for a Rust error: the class of its kind, the message of its `Display`,
+/// and the field it is about ([`Error::field`], `AmpybusError.field` in Python).
 pub fn to_py(e: Error) -> PyErr {
-    kind_err(e.kind(), e.to_string())
+    let field = e.field().map(str::to_owned);
+    kind_err_with(e.kind(), e.to_string(), field)
 }
 
 /// An exception of the class for `kind` with `text` as its message (already prefixed).
 pub fn kind_err(kind: ErrorKind, text: String) -> PyErr {
+    let field = Error::new(kind, text.clone()).field().map(str::to_owned);
+    kind_err_with(kind, text, field)
+}
+
+/// The exception with its message and field (the class's `__init__(message, field)`).
+fn kind_err_with(kind: ErrorKind, text: String, field: Option<String>) -> PyErr {
+    let args = (text, field);
     match kind {
-        ErrorKind::Topic => TopicError::new_err(text),
-        ErrorKind::Header => HeaderError::new_err(text),
-        ErrorKind::Envelope => EnvelopeError::new_err(text),
-        ErrorKind::Payload => PayloadError::new_err(text),
-        ErrorKind::Config => ConfigError::new_err(text),
-        ErrorKind::Transport => TransportError::new_err(text),
-        ErrorKind::Timeout => TimeoutError::new_err(text),
-        ErrorKind::Closed => ClosedError::new_err(text),
-        _ => AmpybusError::new_err(text),
+        ErrorKind::Topic => TopicError::new_err(args),
+        ErrorKind::Header => HeaderError::new_err(args),
+        ErrorKind::Envelope => EnvelopeError::new_err(args),
+        ErrorKind::Payload => PayloadError::new_err(args),
+        ErrorKind::Config => ConfigError::new_err(args),
+        ErrorKind::Transport => TransportError::new_err(args),
+        ErrorKind::Timeout => TimeoutError::new_err(args),
+        ErrorKind::Closed => ClosedError::new_err(args),
+        _ => AmpybusError::new_err(args),
     }
 }
 

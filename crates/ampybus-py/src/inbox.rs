@@ -22,7 +22,7 @@ use pyo3::types::{PyBytes, PyDict};
 /// `ConfigError` for a bad URL, a missing database or tables of a newer version.
 #[pyfunction]
 fn inbox_migrate_pg(py: Python<'_>, url: String) -> PyResult<Bound<'_, PyAny>> {
-    pyo3_async_runtimes::tokio::future_into_py(py, async move {
+    crate::aio::future_into_py(py, async move {
         let inbox = pg::PgInbox::connect(&url).await.or_raise()?;
         let (found, now) = inbox.schema_versions();
         Ok((found, now, ampybus::bus::redact(&url)))

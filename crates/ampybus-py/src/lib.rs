@@ -10,11 +10,13 @@
 //! runs on a tokio runtime without the GIL, and only the result is handed back to the event
 //! loop. The hot paths (publish, a consumer waiting for messages) resolve asyncio futures in
 //! batches through a per-loop completer (`completer.rs`; no GIL taken on the tokio side); the rest uses
-//! `pyo3_async_runtimes::tokio::future_into_py`.
+//! `aio::future_into_py`. No tokio thread attaches to the interpreter once it exits (`aio.rs`:
+//! an `atexit` hook closes the gate every such attach goes through).
 //!
 //! Build and test: `scripts/python-sdk.sh test` (a venv in `.venv-ampybus/`, `maturin develop`
 //! on the workspace's target dir, then pytest).
 
+mod aio;
 mod bus;
 mod completer;
 mod consumer;
@@ -38,6 +40,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<message::Receipt>()?;
     m.add_class::<message::Ready>()?;
     inbox::register(m)?;
+    aio::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("RAW_BYTES_SCHEMA", ampybus::headers::RAW_BYTES_SCHEMA)?;
     Ok(())

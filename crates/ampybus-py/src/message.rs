@@ -2,7 +2,6 @@
 //! [`PyMessage`] (a delivery to settle with `ack`/`retry`/`dead_letter`), [`PyStored`] (a
 //! stored message read back, e.g. from the DLQ) and [`Receipt`] (what a publish returns).
 
-use crate::consumer::Ticket;
 use crate::errors::{ClosedError, new_err};
 use ampybus::headers::names;
 use ampybus::runtime::{Message, Outcome};
@@ -13,8 +12,49 @@ use pyo3::exceptions::{PyKeyError, PyRuntimeError, PyTypeError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict, PyList, PyType};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::sync::oneshot;
+
+/// Where a [`Ticket`] sends its message's outcome: the consumer that handed the message to
+/// Python (`consumer::Inbox`), so that this module needs nothing of the consumer's.
+pub trait Returns: Send + Sync {
+    /// Queues `outcome` for the runtime; `Err` when the consumer is gone (message released).
+    fn queue(&self, tx: oneshot::Sender<Outcome>, outcome: Outcome) -> Result<(), Outcome>;
+    /// The message is no longer held by Python.
+    fn release(&self);
+}
+
+/// The way back for one message's outcome, held by the Python `Message`; counted while it
+/// lives, so that a close can wait for Python to settle what it holds.
+pub struct Ticket {
+    reply: Option<oneshot::Sender<Outcome>>,
+    back: Arc<dyn Returns>,
+}
+
+impl Ticket {
+    /// A ticket that answers `reply` through `back`.
+    pub fn new(reply: oneshot::Sender<Outcome>, back: Arc<dyn Returns>) -> Ticket {
+        Ticket {
+            reply: Some(reply),
+            back,
+        }
+    }
+
+    /// Queues `outcome` for the runtime; `Err` when the consumer is gone (message released).
+    pub fn send(mut self, outcome: Outcome) -> Result<(), Outcome> {
+        match self.reply.take() {
+            Some(tx) => self.back.queue(tx, outcome),
+            None => Err(outcome),
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.back.release();
+    }
+}
 
 /// An awaitable that is already done (its `await` returns `None` at once): what `ack`,
 /// `retry` and `dead_letter` return, since handing the outcome to the runtime never waits.

@@ -85,9 +85,19 @@ async def test_invalid_header_names_the_field(embedded_url: str, bus_factory, kw
     with pytest.raises(ampybus.HeaderError) as e:
         await bus.publish("ampy.dev.orders.v1.requests", b"x", **args)
     assert e.value.field == field, str(e.value)
+    # Given by the Rust core with the error (`Error::field`), not read back from the text.
+    assert e.value._field == field
     assert str(e.value).startswith(f"invalid header: `{field}`")
     assert isinstance(e.value, ampybus.AmpybusError) and e.value.kind == "header"
     assert await bus.read("ampy.dev.>") == []
+
+
+def test_field_comes_with_the_error_and_falls_back_to_the_text() -> None:
+    given = ampybus.HeaderError("invalid header: `a`: must be `b`", "a")
+    assert (given.field, given.message) == ("a", "`a`: must be `b`")
+    assert str(given) == "invalid header: `a`: must be `b`"
+    assert ampybus.ConfigError("invalid configuration: option `x`: bad").field == "x"
+    assert ampybus.ClosedError("closed: bus closed").field is None
 
 
 async def test_partition_key_shape_by_domain(embedded_url: str, bus_factory) -> None:

@@ -5,7 +5,8 @@ publishing what Python staged.
 
 Duplicates are real redeliveries: the same messages (same ``message_id``) published again on a
 second embedded log that the same consumer name reads from the start, as after a failover, and
-a new message carrying a ``dedupe_key`` applied before.
+a new message carrying a ``dedupe_key`` applied before. The last tests declare the inbox
+consumer on an ``ampybus.App``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import AbstractSet, Any, AsyncIterator, Awaitable, Callable, Dict, List, Optional, Tuple
 
 import pytest
+from ampy.bars.v1 import bars_pb2
+from ampy.common.v1 import common_pb2
 
 import ampybus
 from ampybus.inbox import PgInbox, PgOutbox, SqliteInbox, SqliteOutbox
@@ -361,3 +364,156 @@ async def test_inbox_outbox_stage_refuses_bad_input(tmp_path: Path) -> None:
     c.close()
     with pytest.raises(ampybus.ConfigError, match="`retention`"):
         SqliteInbox(str(tmp_path / "app.sqlite3"), retention=0)
+
+
+def _bar(close: int) -> "bars_pb2.BarBatch":
+    b = bars_pb2.BarBatch()
+    bar = b.bars.add()
+    bar.security.CopyFrom(common_pb2.SecurityId(symbol="MSFT", mic="XNAS"))
+    bar.close.CopyFrom(common_pb2.Decimal(scaled=close, scale=2))
+    return b
+
+
+async def _serve_until(app: ampybus.App, name: str, done: Callable[[], bool]) -> str:
+    """Serves `app` until `done()` holds and consumer `name` has nothing pending or in flight;
+    returns the bus's metrics text read just before the stop."""
+    stop = asyncio.Event()
+    serving = asyncio.ensure_future(app.serve(stop))
+    text = ""
+    try:
+
+        async def settled() -> bool:
+            if serving.done():
+                serving.result()  # raises what the app raised
+            bus = app.bus
+            if bus is None or not done():
+                return False
+            lag = await bus.consumer_lag(name)
+            return bool(lag and lag["pending"] == 0 and lag["in_flight"] == 0)
+
+        await until(settled)
+        assert app.bus is not None
+        text = app.bus.metrics_text()
+    finally:
+        stop.set()
+        assert await within(serving) == "requested"
+    return text
+
+
+async def test_app_inbox_consumer_decodes_applies_once_rolls_back_and_dead_letters(
+    db: Db, tmp_path: Path
+) -> None:
+    """`@app.consumer(..., inbox=...)`: the handler gets the decoded message, the connection
+    and the `ampybus.Message`; a raise rolls back and retries, `DeadLetter` rolls back and
+    dead-letters, middleware wraps the step (its refusal and an undecodable message open no
+    transaction), and the same messages delivered again are skipped and counted."""
+    t = token()
+    name = f"positions-{t}"
+    topic = f"ampy.dev.bars.v1.{t}.XNAS.MSFT"
+    closes = [100, 200, 300, 400, 500, 600]  # 300: fails once after writing; 400: refused
+    first_url = f"file://{tmp_path / 'bus1'}"
+    ids: Dict[int, str] = {}
+    async with ampybus.connect(first_url, producer="p@1", source="p") as bus:
+        for close in closes:
+            ids[close] = (await bus.publish(topic, _bar(close), partition_key="XNAS.MSFT")).message_id
+        await bus.publish(topic, b"raw", partition_key="XNAS.MSFT")  # not a BarBatch: DLQ
+        refused = await bus.publish(topic, _bar(700), partition_key="XNAS.NOPE")
+
+    calls: List[int] = []
+    seen: List[str] = []
+
+    def decide(close: int) -> None:
+        calls.append(close)
+        if close == 300 and calls.count(300) == 1:
+            raise RuntimeError("injected failure after the effect")
+        if close == 400:
+            raise ampybus.DeadLetter("handler_error: refused after the effect")
+
+    def make_app(url: str) -> ampybus.App:
+        app = ampybus.App(url)
+
+        @app.middleware
+        async def gate(msg: ampybus.Message, call_next: Any) -> None:
+            seen.append(msg.message_id)
+            if msg.partition_key == "XNAS.NOPE":
+                raise ampybus.DeadLetter("handler_error: unauthenticated")
+            await call_next(msg)
+
+        options = dict(name=name, inbox=db.inbox, workers=2, max_attempts=3, min_delay=0.01, max_delay=0.05)
+        if db.kind == "postgres":
+
+            @app.consumer(f"ampy.dev.bars.v1.{t}.>", **options)
+            async def on_bar_pg(batch: bars_pb2.BarBatch, conn: Any, msg: ampybus.Message) -> None:
+                close = batch.bars[0].close.scaled
+                await conn.execute("INSERT INTO effects (k, mid) VALUES ($1, $2)", str(close), msg.message_id)
+                decide(close)
+
+        else:
+
+            @app.consumer(f"ampy.dev.bars.v1.{t}.>", **options)
+            def on_bar(batch: bars_pb2.BarBatch, conn: sqlite3.Connection, msg: ampybus.Message) -> None:
+                close = batch.bars[0].close.scaled
+                conn.execute("INSERT INTO effects (k, mid) VALUES (?, ?)", (str(close), msg.message_id))
+                decide(close)
+
+        return app
+
+    app = make_app(first_url)
+    await _serve_until(app, name, lambda: len(calls) == 7 and len(seen) == 9)
+    stats = app.stats[name]
+    assert sorted(calls) == [100, 200, 300, 300, 400, 500, 600]
+    assert len(seen) == 8 + 1  # every delivery, the retried one twice
+    assert stats.handled_ok == 5
+    assert stats.retried == 1
+    assert stats.dead_lettered == {"handler_error": 2, "schema_mismatch": 1}
+    assert stats.skipped_duplicates == 0
+    assert db.inbox.skipped(name) == 0
+    applied = [ids[c] for c in (100, 200, 300, 500, 600)]
+    # The failed attempt of 300 and the dead-lettered 400 were rolled back; the refused and
+    # the undecodable messages never reached the database.
+    assert await db.effects() == {m: 1 for m in applied}
+    rows = await db.query("SELECT message_id FROM ampybus_inbox WHERE consumer = ?", name)
+    assert sorted(m for (m,) in rows) == sorted(applied)
+    assert refused.message_id not in {m for (m,) in rows}
+    async with ampybus.connect(first_url) as bus:
+        reasons = sorted(m.headers.dlq_reason for m in await bus.read("ampy.dev.dlq.>"))
+    assert reasons == [
+        "handler_error: refused after the effect",
+        "handler_error: unauthenticated",
+        "schema_mismatch: expected ampy.bars.v1.BarBatch got ampy.raw.v1.Bytes",
+    ]
+
+    # The applied messages delivered again (same message_id, on a second log read by the same
+    # consumer name, as after a failover): skipped by the inbox, the handler not called.
+    second_url = f"file://{tmp_path / 'bus2'}"
+    async with ampybus.connect(second_url, producer="p@1", source="p") as bus:
+        for close in (100, 200, 300, 500, 600):
+            await bus.publish(
+                topic, _bar(close), partition_key="XNAS.MSFT", headers={"message_id": ids[close]}
+            )
+    seen.clear()
+    app = make_app(second_url)
+    text = await _serve_until(app, name, lambda: db.inbox.skipped(name) == 5)
+    stats = app.stats[name]
+    assert stats.handled_ok == 5
+    assert stats.dead_lettered_total == 0
+    assert len(seen) == 5
+    assert sorted(calls) == [100, 200, 300, 300, 400, 500, 600]  # not called again
+    assert db.inbox.skipped(name) == 5
+    assert f'bus_inbox_skipped_total{{consumer="{name}"}} 5' in text
+    assert await db.effects() == {m: 1 for m in applied}
+
+
+async def test_app_inbox_consumer_refuses_a_bad_declaration(tmp_path: Path) -> None:
+    inbox = SqliteInbox(str(tmp_path / "app.sqlite3"))
+    app = ampybus.App(f"file://{tmp_path / 'bus'}")
+    with pytest.raises(TypeError, match=r"takes the message and the connection: `one\(message, conn\)`"):
+
+        @app.consumer("ampy.dev.fills.>", name="a", inbox=inbox)
+        def one(msg: ampybus.Message) -> None: ...
+
+    with pytest.raises(ValueError, match="`dedupe`: an inbox consumer deduplicates through its inbox"):
+        app.consumer("ampy.dev.fills.>", name="b", inbox=inbox, dedupe=True)
+    with pytest.raises(TypeError, match="`inbox`: expected an ampybus.inbox.SqliteInbox or PgInbox, got str"):
+        app.consumer("ampy.dev.fills.>", name="c", inbox="app.sqlite3")
+    inbox.close()

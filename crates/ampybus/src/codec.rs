@@ -5,27 +5,21 @@ use crate::envelope::Envelope;
 use crate::error::{Error, Result};
 use crate::headers::{Headers, names};
 use bytes::Bytes;
-use flate2::Compression;
-use flate2::read::GzDecoder;
-use flate2::write::GzEncoder;
 use object_store::ObjectStore;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjPath;
 use sha2::{Digest, Sha256};
-use std::io::{Read, Write};
 use std::sync::Arc;
 
+pub(crate) mod gzip;
 mod s3;
+
+pub use gzip::{DEFAULT_MAX_INFLATED, gzip, inflate_if_needed};
 
 /// Payloads strictly larger than this (in bytes) are gzipped: 128 KiB.
 pub const COMPRESS_THRESHOLD: usize = 128 * 1024;
 /// Default inline limit after compression: 1 MiB. Larger payloads go to the blob store.
 pub const DEFAULT_MAX_INLINE: usize = 1024 * 1024;
-/// Largest payload accepted after inflating (guards against gzip bombs): 64 MiB. The same
-/// limit is the consumer runtime's default ([`crate::runtime::ConsumerBuilder::max_payload_bytes`]), and
-/// publish refuses a larger payload ([`PayloadCodec::encode`]).
-pub const DEFAULT_MAX_INFLATED: usize = 64 * 1024 * 1024;
-
 /// The error of a payload over the limit consumers accept (`what` says which bytes: "payload"
 /// or "payload as carried").
 pub(crate) fn over_limit(what: &str, len: usize, max: usize) -> Error {
@@ -83,49 +77,6 @@ pub(crate) fn spawn_blob_expiry(store: BlobStore) {
 /// ```
 pub fn sha256_tag(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
-}
-
-/// Gzips bytes.
-///
-/// ```
-/// let z = ampybus::codec::gzip(b"hello");
-/// assert_eq!(&z[..2], &[0x1f, 0x8b]);
-/// ```
-pub fn gzip(raw: &[u8]) -> Vec<u8> {
-    let mut enc = GzEncoder::new(Vec::with_capacity(raw.len() / 4 + 64), Compression::fast());
-    enc.write_all(raw).expect("writing to a Vec cannot fail");
-    enc.finish().expect("writing to a Vec cannot fail")
-}
-
-/// Inflates `payload` when `content_encoding=gzip` (case-insensitive), refusing output larger
-/// than `max` bytes; otherwise returns the bytes unchanged.
-///
-/// ```
-/// use ampybus::{Headers, codec};
-/// let h = Headers::new().with("content_encoding", "gzip");
-/// let raw = codec::inflate_if_needed(&h, &codec::gzip(b"abc"), 1024).unwrap();
-/// assert_eq!(&raw[..], b"abc");
-/// assert!(codec::inflate_if_needed(&h, b"not gzip", 1024).is_err());
-/// ```
-pub fn inflate_if_needed(headers: &Headers, payload: &[u8], max: usize) -> Result<Bytes> {
-    match headers.content_encoding() {
-        Some(ce) if ce.eq_ignore_ascii_case("gzip") => {
-            let mut out = Vec::with_capacity(payload.len().saturating_mul(4).min(max));
-            let mut dec = GzDecoder::new(payload).take(max as u64 + 1);
-            dec.read_to_end(&mut out).map_err(|e| {
-                Error::payload(format!(
-                    "content_encoding=gzip but the payload does not inflate: {e}"
-                ))
-            })?;
-            if out.len() > max {
-                return Err(Error::payload(format!(
-                    "payload inflates to more than {max} bytes"
-                )));
-            }
-            Ok(Bytes::from(out))
-        }
-        _ => Ok(Bytes::copy_from_slice(payload)),
-    }
 }
 
 /// Where oversized payloads are stored: an `object_store` store plus the URL prefix that
@@ -237,7 +188,7 @@ impl BlobStore {
             }
             _ => Err(Error::config(format!(
                 "blob_store {:?}: must be file:///absolute/dir or s3://bucket[/prefix][?options] (see BlobStore::from_url)",
-                crate::bus::redact(url)
+                crate::transport::url::redact(url)
             ))),
         }
     }

@@ -21,12 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// Default dedupe window: 7 days.
-///
-/// ```
-/// assert_eq!(ampybus::dedupe::DEFAULT_WINDOW.as_secs(), 7 * 24 * 3600);
-/// ```
-pub const DEFAULT_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
+pub use crate::transport::dedupe_store::{DEFAULT_WINDOW, DedupeStore};
 
 /// File name of the embedded default store, next to the embedded log.
 ///
@@ -53,112 +48,97 @@ pub fn dedupe_keys(headers: &Headers, domain: Domain) -> Vec<String> {
     keys
 }
 
-/// Where a consumer remembers what it has applied. Instances of a consumer name see each other's
-/// records when they use the same store. A transport's default store
-/// ([`crate::transport::Transport::dedupe_store`]) reaches every host on NATS and Redis (and on
-/// Kafka with `dedupe=redis://…`), the processes on one data directory on the embedded log, and
-/// on Kafka by default only the processes that open the same SQLite file.
+/// Which dedupe store a consumer uses, as a URL option (`dedupe=…`) names it: the one place
+/// that turns such a name into a store ([`open`]), so no binding names another's store.
+///
+/// ```
+/// use ampybus::dedupe::DedupeSpec;
+/// use std::path::PathBuf;
+/// assert_eq!(DedupeSpec::parse("off").unwrap(), DedupeSpec::Off);
+/// assert_eq!(DedupeSpec::parse("sqlite:/d/x.sqlite3").unwrap(), DedupeSpec::Sqlite(PathBuf::from("/d/x.sqlite3")));
+/// assert_eq!(DedupeSpec::parse("redis://h:6379").unwrap(), DedupeSpec::Redis("redis://h:6379".into()));
+/// assert!(DedupeSpec::parse("sqlite:").unwrap_err().contains("needs a path"));
+/// assert!(DedupeSpec::parse("mongo://h").unwrap_err().contains("must be"));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DedupeSpec {
+    /// A SQLite file on this host (`sqlite:PATH`).
+    Sqlite(PathBuf),
+    /// Redis keys with a TTL, shared by every host (`redis://…` or `rediss://…`; needs cargo
+    /// feature `redis`).
+    Redis(String),
+    /// No dedupe store (`off`; the runtime warns).
+    Off,
+}
+
+impl DedupeSpec {
+    /// Parses `sqlite:PATH`, `redis://…`, `rediss://…` or `off`; the error is the rule broken
+    /// (callers prefix the option's name).
+    ///
+    /// ```
+    /// assert!(ampybus::dedupe::DedupeSpec::parse("rediss://h").is_ok());
+    /// ```
+    pub fn parse(v: &str) -> std::result::Result<DedupeSpec, String> {
+        if v == "off" {
+            Ok(DedupeSpec::Off)
+        } else if let Some(p) = v.strip_prefix("sqlite:") {
+            if p.is_empty() {
+                return Err("`sqlite:` needs a path".into());
+            }
+            Ok(DedupeSpec::Sqlite(PathBuf::from(p)))
+        } else if v.starts_with("redis://") || v.starts_with("rediss://") {
+            Ok(DedupeSpec::Redis(v.to_owned()))
+        } else {
+            Err("must be `sqlite:PATH`, `redis://…` or `off`".into())
+        }
+    }
+}
+
+/// Opens the store `spec` names (`None` for [`DedupeSpec::Off`]). A SQLite file's directory
+/// is created when missing. Errors start with `context` (e.g. the bus URL, redacted) and name
+/// the option `dedupe`.
 ///
 /// ```
 /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-/// use ampybus::dedupe::{DedupeStore, SqliteDedupeStore};
+/// use ampybus::dedupe::{DedupeSpec, open};
 /// let dir = tempfile::tempdir().unwrap();
-/// let store = SqliteDedupeStore::open(dir.path().join("d.sqlite3")).unwrap();
-/// let keys = vec!["m1".to_owned()];
-/// assert!(!store.is_applied("oms", &keys).await.unwrap());
-/// store.record_applied("oms", &keys).await.unwrap();
-/// assert!(store.is_applied("oms", &keys).await.unwrap());
-/// assert!(!store.is_applied("risk", &keys).await.unwrap());
+/// let spec = DedupeSpec::Sqlite(dir.path().join("sub/d.sqlite3"));
+/// let store = open(&spec, "example").await.unwrap().unwrap();
+/// store.record_applied("oms", &["m1".to_owned()]).await.unwrap();
+/// assert!(store.is_applied("oms", &["m1".to_owned()]).await.unwrap());
+/// assert!(open(&DedupeSpec::Off, "example").await.unwrap().is_none());
 /// # });
 /// ```
-#[async_trait]
-pub trait DedupeStore: Send + Sync + 'static {
-    /// True when any of `keys` was applied by `consumer` within the window.
-    async fn is_applied(&self, consumer: &str, keys: &[String]) -> Result<bool>;
-    /// Records `keys` as applied by `consumer`, all in one transaction.
-    async fn record_applied(&self, consumer: &str, keys: &[String]) -> Result<()>;
-    /// Which of `keys` `consumer` applied within the window — one lookup for a whole fetched
-    /// batch. The default asks [`DedupeStore::is_applied`] key by key.
-    async fn applied_among(
-        &self,
-        consumer: &str,
-        keys: &[String],
-    ) -> Result<std::collections::HashSet<String>> {
-        let mut out = std::collections::HashSet::new();
-        for k in keys {
-            if self.is_applied(consumer, std::slice::from_ref(k)).await? {
-                out.insert(k.clone());
+pub async fn open(spec: &DedupeSpec, context: &str) -> Result<Option<Arc<dyn DedupeStore>>> {
+    match spec {
+        DedupeSpec::Off => Ok(None),
+        DedupeSpec::Sqlite(p) => {
+            if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    Error::with_source(
+                        ErrorKind::Config,
+                        format!(
+                            "{context}: option `dedupe`: cannot create {}",
+                            dir.display()
+                        ),
+                        e,
+                    )
+                })?;
             }
+            let p = p.clone();
+            let store = tokio::task::spawn_blocking(move || SqliteDedupeStore::open(p))
+                .await
+                .map_err(|e| Error::transport("dedupe: open task failed", e))??;
+            Ok(Some(Arc::new(store)))
         }
-        Ok(out)
-    }
-    /// Records `keys` as applied by `consumer`, then acks `deliveries` — the runtime's last
-    /// step for a batch. The default does the two one after the other (the record first, so a
-    /// crash in between redelivers messages that dedupe then skips); a store that lives with
-    /// the transport (the embedded log's) does both in one transaction. On failure the
-    /// deliveries not acked are handed back.
-    async fn record_and_ack(
-        &self,
-        consumer: &str,
-        keys: &[String],
-        deliveries: Vec<crate::transport::Delivery>,
-    ) -> std::result::Result<(), (crate::Error, Vec<crate::transport::Delivery>)> {
-        if let Err(e) = self.record_applied(consumer, keys).await {
-            return Err((e, deliveries));
-        }
-        crate::transport::Delivery::ack_all(deliveries).await
-    }
-    /// Which of `keys` `consumer` applied within the window, as one flag per key in order —
-    /// the consumer runtime's one lookup per fetched batch, with the keys borrowed. The
-    /// default builds on [`DedupeStore::applied_among`] (a `String` per key); a store that can
-    /// look up borrowed keys overrides it.
-    ///
-    /// ```
-    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-    /// use ampybus::dedupe::{DedupeStore, SqliteDedupeStore};
-    /// let dir = tempfile::tempdir().unwrap();
-    /// let store = SqliteDedupeStore::open(dir.path().join("d.sqlite3")).unwrap();
-    /// store.record_applied("oms", &["m2".to_owned()]).await.unwrap();
-    /// assert_eq!(store.lookup_batch("oms", &["m1", "m2"]).await.unwrap(), vec![false, true]);
-    /// # });
-    /// ```
-    async fn lookup_batch(&self, consumer: &str, keys: &[&str]) -> Result<Vec<bool>> {
-        let owned: Vec<String> = keys.iter().map(|k| (*k).to_owned()).collect();
-        let applied = self.applied_among(consumer, &owned).await?;
-        Ok(owned.iter().map(|k| applied.contains(k)).collect())
-    }
-    /// `keys` were found not applied by [`DedupeStore::is_applied`], and the handling that
-    /// followed did not apply them (it failed): a store that reserves keys while they are
-    /// handled (the store a running consumer's replays use) frees them here. The default does
-    /// nothing.
-    ///
-    /// ```
-    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-    /// use ampybus::dedupe::{DedupeStore, SqliteDedupeStore};
-    /// let dir = tempfile::tempdir().unwrap();
-    /// let store = SqliteDedupeStore::open(dir.path().join("d.sqlite3")).unwrap();
-    /// let keys = ["m1".to_owned()];
-    /// assert!(!store.is_applied("oms", &keys).await.unwrap());
-    /// store.abandon("oms", &keys).await.unwrap();
-    /// assert!(!store.is_applied("oms", &keys).await.unwrap());
-    /// # });
-    /// ```
-    async fn abandon(&self, consumer: &str, keys: &[String]) -> Result<()> {
-        let _ = (consumer, keys);
-        Ok(())
-    }
-    /// [`DedupeStore::record_and_ack`] with the keys borrowed — the consumer runtime's last
-    /// step for a batch. The default builds on `record_and_ack` (a `String` per key), so a
-    /// store that records and acks in one transaction keeps doing so; a store that can record
-    /// borrowed keys overrides it.
-    async fn commit_batch(
-        &self,
-        consumer: &str,
-        keys: &[&str],
-        deliveries: Vec<crate::transport::Delivery>,
-    ) -> std::result::Result<(), (crate::Error, Vec<crate::transport::Delivery>)> {
-        let owned: Vec<String> = keys.iter().map(|k| (*k).to_owned()).collect();
-        self.record_and_ack(consumer, &owned, deliveries).await
+        #[cfg(feature = "redis")]
+        DedupeSpec::Redis(u) => Ok(Some(Arc::new(
+            crate::transport::redis::RedisDedupeStore::connect(u).await?,
+        ))),
+        #[cfg(not(feature = "redis"))]
+        DedupeSpec::Redis(_) => Err(Error::config(format!(
+            "{context}: option `dedupe=redis://…` needs cargo feature `redis` of crate `ampybus`"
+        ))),
     }
 }
 

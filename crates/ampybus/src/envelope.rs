@@ -375,10 +375,10 @@ impl Envelope {
             if self.headers.blob_ref().is_some() {
                 return None;
             }
-            let raw = crate::codec::inflate_if_needed(
+            let raw = crate::codec::gzip::inflate_if_needed(
                 &self.headers,
                 &self.payload,
-                crate::codec::DEFAULT_MAX_INFLATED,
+                crate::codec::gzip::DEFAULT_MAX_INFLATED,
             )
             .ok()?;
             d.decode_json(fqdn, &raw)?.ok()

@@ -85,6 +85,8 @@ impl fmt::Display for ErrorKind {
 pub struct Error {
     kind: ErrorKind,
     message: String,
+    /// The field the error is about, when it was built knowing it (see [`Error::field`]).
+    field: Option<Box<str>>,
     #[source]
     source: Option<BoxError>,
 }
@@ -100,6 +102,7 @@ impl Error {
         Error {
             kind,
             message: message.into(),
+            field: None,
             source: None,
         }
     }
@@ -119,6 +122,7 @@ impl Error {
         Error {
             kind,
             message: message.into(),
+            field: None,
             source: Some(source.into()),
         }
     }
@@ -143,11 +147,37 @@ impl Error {
         &self.message
     }
 
+    /// The field the error is about — a header, option, key or token — as the code that made
+    /// the error knew it, else the first name in backticks in the message (the crate's
+    /// messages name what broke a rule that way); `None` when there is none. The Python SDK's
+    /// `AmpybusError.field` is this value.
+    ///
+    /// ```
+    /// use ampybus::{Error, ErrorKind, Headers, Topic};
+    /// let topic = Topic::parse("ampy.dev.news.v1.raw").unwrap();
+    /// let h = Headers::for_publish("ampy.raw.v1.Bytes", "p@1", "p", "k").with("producer", "");
+    /// let e = h.validate_for_publish(&topic).unwrap_err();
+    /// assert_eq!(e.field(), Some("producer"), "{e}");
+    /// let e = Error::new(ErrorKind::Config, "option `dedupe`: must be `sqlite:PATH`");
+    /// assert_eq!(e.field(), Some("dedupe"));
+    /// assert_eq!(Error::new(ErrorKind::Closed, "bus closed").field(), None);
+    /// ```
+    pub fn field(&self) -> Option<&str> {
+        if let Some(f) = &self.field {
+            return Some(f);
+        }
+        let (_, rest) = self.message.split_once('`')?;
+        let (name, _) = rest.split_once('`')?;
+        (!name.is_empty()).then_some(name)
+    }
+
     pub(crate) fn topic(message: impl Into<String>) -> Self {
         Error::new(ErrorKind::Topic, message)
     }
     pub(crate) fn header(header: &str, rule: impl fmt::Display) -> Self {
-        Error::new(ErrorKind::Header, format!("`{header}`: {rule}"))
+        let mut e = Error::new(ErrorKind::Header, format!("`{header}`: {rule}"));
+        e.field = Some(header.into());
+        e
     }
     pub(crate) fn envelope(message: impl Into<String>) -> Self {
         Error::new(ErrorKind::Envelope, message)

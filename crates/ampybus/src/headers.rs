@@ -1639,7 +1639,7 @@ impl Headers {
         if !self.i().ext.is_empty()
             && let Some(v) = self.get(SEQUENCE)
         {
-            crate::runtime::feeds::check_sequence(v)?;
+            check_sequence(v)?;
         }
         for name in [REPLAY_REQUEST_ID, REDRIVE_OF] {
             if let Some(v) = self.get(name)
@@ -2073,6 +2073,35 @@ impl Serialize for Headers {
 impl<'de> Deserialize<'de> for Headers {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Headers, D::Error> {
         BTreeMap::<String, String>::deserialize(d).map(Headers::from)
+    }
+}
+
+/// The publish rule of the `sequence` header: an unsigned decimal integer from 1 (no sign,
+/// no spaces, fits in 64 bits); also `ampybus::runtime::feeds::check_sequence`.
+///
+/// ```
+/// use ampybus::headers::check_sequence;
+/// check_sequence("1").unwrap();
+/// check_sequence("18446744073709551615").unwrap();
+/// for bad in ["0", "-1", "+1", " 1", "1.0", "", "18446744073709551616", "x"] {
+///     let e = check_sequence(bad).unwrap_err();
+///     assert!(e.to_string().contains("`sequence`"), "{e}");
+/// }
+/// ```
+pub fn check_sequence(v: &str) -> Result<()> {
+    let ok = !v.is_empty()
+        && v.bytes().all(|b| b.is_ascii_digit())
+        && v.parse::<u64>().is_ok_and(|n| n >= 1);
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::header(
+            SEQUENCE,
+            format!(
+                "must be an unsigned decimal integer from 1 (per producer run and partition key) (got {})",
+                crate::error::show(v)
+            ),
+        ))
     }
 }
 

@@ -21,6 +21,7 @@ pub mod bus;
 pub mod codec;
 pub mod control;
 pub mod dedupe;
+pub mod dlq;
 pub mod envelope;
 pub mod error;
 mod fasthash;
@@ -29,6 +30,7 @@ pub mod ids;
 #[cfg(any(feature = "inbox-postgres", feature = "inbox-sqlite"))]
 pub mod inbox;
 pub mod obs;
+pub mod ops;
 pub mod partition;
 pub mod registry;
 pub mod runtime;

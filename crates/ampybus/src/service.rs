@@ -43,7 +43,7 @@
 
 use crate::bus::Bus;
 use crate::error::{Error, ErrorKind, Result};
-use crate::obs::{ObsServer, serve_with};
+use crate::ops::{ObsServer, serve_with};
 use crate::runtime::{
     Consumer, ConsumerBuilder, ConsumerHandle, ConsumerMonitor, ConsumerStats, Handler, Producer,
     ProducerStats, shutdown_signal,
@@ -122,12 +122,22 @@ where
 
 type Configure = Box<dyn FnOnce(ConsumerBuilder) -> ConsumerBuilder + Send>;
 
+/// What a consumer of the service applies messages with.
+enum Applies {
+    /// A handler (wrapped in the service's layers).
+    Handler(Arc<dyn Handler>),
+    /// An inbox with its handler, bound to the consumer's name at start (the bound handler
+    /// is wrapped in the service's layers).
+    #[cfg(any(feature = "inbox-postgres", feature = "inbox-sqlite"))]
+    Inbox(Box<dyn crate::inbox::InboxBinding>),
+}
+
 struct ConsumerSpec {
     /// Another handle than the service's (see [`ServiceBuilder::consumer_on`]).
     bus: Option<Bus>,
     pattern: String,
     name: String,
-    handler: Arc<dyn Handler>,
+    applies: Applies,
     configure: Option<Configure>,
 }
 
@@ -184,7 +194,7 @@ impl ServiceBuilder {
     ///     .consumer("ampy.prod.fills.>", "positions", handler_try(|_m| async { Ok(()) }));
     /// ```
     pub fn consumer(self, pattern: &str, name: &str, handler: impl Handler) -> Self {
-        self.push_consumer(pattern, name, Arc::new(handler), None)
+        self.push_consumer(pattern, name, Applies::Handler(Arc::new(handler)), None)
     }
 
     /// [`ServiceBuilder::consumer`] with options: `configure` gets the [`ConsumerBuilder`]
@@ -208,7 +218,12 @@ impl ServiceBuilder {
         handler: impl Handler,
         configure: impl FnOnce(ConsumerBuilder) -> ConsumerBuilder + Send + 'static,
     ) -> Self {
-        self.push_consumer(pattern, name, Arc::new(handler), Some(Box::new(configure)))
+        self.push_consumer(
+            pattern,
+            name,
+            Applies::Handler(Arc::new(handler)),
+            Some(Box::new(configure)),
+        )
     }
 
     /// [`ServiceBuilder::consumer_with`] on another handle of the same bus: e.g.
@@ -235,25 +250,162 @@ impl ServiceBuilder {
         handler: impl Handler,
         configure: impl FnOnce(ConsumerBuilder) -> ConsumerBuilder + Send + 'static,
     ) -> Self {
-        let mut b = self.push_consumer(pattern, name, Arc::new(handler), Some(Box::new(configure)));
-        if let Some(c) = b.consumers.last_mut() {
+        let b = self.push_consumer(
+            pattern,
+            name,
+            Applies::Handler(Arc::new(handler)),
+            Some(Box::new(configure)),
+        );
+        b.on_bus(bus)
+    }
+
+    /// Adds a consumer of `pattern` named `name` that applies each message once through a
+    /// transactional inbox ([`crate::inbox`]): what
+    /// [`ConsumerBuilder::inbox`](crate::runtime::ConsumerBuilder::inbox) makes, declared like
+    /// any other consumer of the service — started, counted (`/stats`, the
+    /// [`ServiceReport`]) and stopped with the others. `inbox` is the inbox with its handler
+    /// (`SqliteInbox::handler`, `PgInbox::handler`); the service binds it to `name` at
+    /// [`ServiceBuilder::start`]. A message applied before is acked without calling the
+    /// handler: it counts as `handled_ok` and in the inbox's `skipped(name)` and
+    /// `bus_inbox_skipped_total{consumer}`. The service's layers wrap the whole inbox step (the
+    /// transaction, the insert, the handler, the commit): a layer sees every message, those
+    /// the inbox skips too, before any transaction is opened, and an outcome it returns
+    /// without calling the inner handler touches no database. Needs the `inbox-postgres` or
+    /// `inbox-sqlite` feature.
+    ///
+    /// ```
+    /// # #[cfg(feature = "inbox-sqlite")]
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use ampybus::inbox::sqlite::SqliteInbox;
+    /// use ampybus::runtime::Outcome;
+    /// use ampybus::service::Service;
+    /// use ampybus::{Bus, Headers, Topic};
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let bus = Bus::connect(dir.path().join("log").to_str().unwrap()).await.unwrap();
+    /// let inbox = SqliteInbox::open(dir.path().join("positions.sqlite3")).unwrap();
+    /// inbox.connection().unwrap()
+    ///     .execute_batch("CREATE TABLE fills (message_id TEXT PRIMARY KEY)").unwrap();
+    /// let service = Service::builder(bus.clone())
+    ///     .inbox_consumer("ampy.dev.fills.>", "positions", inbox.handler(|msg, tx| {
+    ///         // The effect commits with the message's inbox row, or not at all.
+    ///         match tx.execute("INSERT INTO fills VALUES (?1)", [msg.headers.message_id()]) {
+    ///             Ok(_) => Outcome::Ok,
+    ///             Err(_) => Outcome::Retry { after: None },
+    ///         }
+    ///     }))
+    ///     .start()
+    ///     .await
+    ///     .unwrap();
+    /// let topic = Topic::parse("ampy.dev.fills.v1.sim").unwrap();
+    /// let h = Headers::for_publish("ampy.fills.v1.FillEvent", "oms@1", "oms", "acct|co_1");
+    /// bus.publish(&topic, h.clone(), b"f".to_vec()).await.unwrap();
+    /// bus.publish(&topic, h, b"f".to_vec()).await.unwrap(); // the same message_id again
+    /// while service.stats().total().handled_ok < 2 {
+    ///     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    /// }
+    /// let report = service.shutdown().await;
+    /// assert_eq!(report.stats.consumer("positions").unwrap().handled_ok, 2);
+    /// assert_eq!(inbox.skipped("positions"), 1);
+    /// # });
+    /// ```
+    #[cfg(any(feature = "inbox-postgres", feature = "inbox-sqlite"))]
+    pub fn inbox_consumer(
+        self,
+        pattern: &str,
+        name: &str,
+        inbox: impl crate::inbox::InboxBinding,
+    ) -> Self {
+        self.push_consumer(pattern, name, Applies::Inbox(Box::new(inbox)), None)
+    }
+
+    /// [`ServiceBuilder::inbox_consumer`] with options, as [`ServiceBuilder::consumer_with`]
+    /// takes them (workers — the inbox's default when not set, retry policy, start position,
+    /// …; the inbox replaces the dedupe store, leave `dedupe` unset).
+    ///
+    /// ```no_run
+    /// # #[cfg(feature = "inbox-sqlite")]
+    /// # async fn f(bus: ampybus::Bus) -> ampybus::Result<()> {
+    /// use ampybus::inbox::sqlite::SqliteInbox;
+    /// use ampybus::runtime::{Outcome, RetryPolicy};
+    /// let inbox = SqliteInbox::open("/var/lib/positions.sqlite3")?;
+    /// let service = ampybus::service::Service::builder(bus)
+    ///     .inbox_consumer_with(
+    ///         "ampy.prod.fills.>",
+    ///         "positions",
+    ///         inbox.handler(|_msg, _tx| Outcome::Ok),
+    ///         |c| c.workers(4).retry(RetryPolicy { max_attempts: 3, ..RetryPolicy::default() }),
+    ///     )
+    ///     .start()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    #[cfg(any(feature = "inbox-postgres", feature = "inbox-sqlite"))]
+    pub fn inbox_consumer_with(
+        self,
+        pattern: &str,
+        name: &str,
+        inbox: impl crate::inbox::InboxBinding,
+        configure: impl FnOnce(ConsumerBuilder) -> ConsumerBuilder + Send + 'static,
+    ) -> Self {
+        self.push_consumer(
+            pattern,
+            name,
+            Applies::Inbox(Box::new(inbox)),
+            Some(Box::new(configure)),
+        )
+    }
+
+    /// [`ServiceBuilder::inbox_consumer_with`] on another handle of the same bus, as
+    /// [`ServiceBuilder::consumer_on`].
+    ///
+    /// ```no_run
+    /// # #[cfg(feature = "inbox-sqlite")]
+    /// # async fn f(bus: ampybus::Bus) -> ampybus::Result<()> {
+    /// use ampybus::inbox::sqlite::SqliteInbox;
+    /// use ampybus::runtime::Outcome;
+    /// let inbox = SqliteInbox::open("/var/lib/positions.sqlite3")?;
+    /// let b = ampybus::service::Service::builder(bus.clone()).inbox_consumer_on(
+    ///     bus.clone().with_service("positions"),
+    ///     "ampy.prod.fills.>",
+    ///     "positions",
+    ///     inbox.handler(|_msg, _tx| Outcome::Ok),
+    ///     |c| c,
+    /// );
+    /// # Ok(()) }
+    /// ```
+    #[cfg(any(feature = "inbox-postgres", feature = "inbox-sqlite"))]
+    pub fn inbox_consumer_on(
+        self,
+        bus: Bus,
+        pattern: &str,
+        name: &str,
+        inbox: impl crate::inbox::InboxBinding,
+        configure: impl FnOnce(ConsumerBuilder) -> ConsumerBuilder + Send + 'static,
+    ) -> Self {
+        self.inbox_consumer_with(pattern, name, inbox, configure)
+            .on_bus(bus)
+    }
+
+    /// The last consumer added runs on `bus`.
+    fn on_bus(mut self, bus: Bus) -> Self {
+        if let Some(c) = self.consumers.last_mut() {
             c.bus = Some(bus);
         }
-        b
+        self
     }
 
     fn push_consumer(
         mut self,
         pattern: &str,
         name: &str,
-        handler: Arc<dyn Handler>,
+        applies: Applies,
         configure: Option<Configure>,
     ) -> Self {
         self.consumers.push(ConsumerSpec {
             bus: None,
             pattern: pattern.to_owned(),
             name: name.to_owned(),
-            handler,
+            applies,
             configure,
         });
         self
@@ -303,7 +455,7 @@ impl ServiceBuilder {
     }
 
     /// Serves `/health`, `/metrics` and `/stats` on `addr` (e.g. `0.0.0.0:9464`; port 0 picks
-    /// one, see [`Service::ops_addr`]) while the service runs; see [`crate::obs::serve`] for
+    /// one, see [`Service::ops_addr`]) while the service runs; see [`crate::ops::serve`] for
     /// what each returns.
     ///
     /// ```no_run
@@ -316,7 +468,7 @@ impl ServiceBuilder {
     }
 
     /// The service's own routes, served next to the three of [`ServiceBuilder::ops_addr`]
-    /// (see [`crate::obs::serve_with`]).
+    /// (see [`crate::ops::serve_with`]).
     ///
     /// ```no_run
     /// # let bus: ampybus::Bus = todo!();
@@ -387,13 +539,23 @@ impl ServiceBuilder {
         }
         let mut consumers = Vec::with_capacity(self.consumers.len());
         for (spec, pattern) in self.consumers.into_iter().zip(patterns) {
-            let handler = self
-                .layers
-                .iter()
-                .rev()
-                .fold(spec.handler, |h, layer| layer.wrap(&spec.name, h));
             let bus = spec.bus.unwrap_or_else(|| self.bus.clone());
-            let mut builder = Consumer::builder(bus, pattern, &spec.name).handler_arc(handler);
+            let wrap = |inner: Arc<dyn Handler>| {
+                self.layers
+                    .iter()
+                    .rev()
+                    .fold(inner, |h, layer| layer.wrap(&spec.name, h))
+            };
+            let builder = Consumer::builder(bus.clone(), pattern, &spec.name);
+            let mut builder = match spec.applies {
+                Applies::Handler(h) => builder.handler_arc(wrap(h)),
+                #[cfg(any(feature = "inbox-postgres", feature = "inbox-sqlite"))]
+                Applies::Inbox(inbox) => {
+                    let workers = inbox.workers();
+                    let bound = inbox.bind(&spec.name, bus.metrics());
+                    builder.inbox_handler(wrap(bound), workers)
+                }
+            };
             if let Some(configure) = spec.configure {
                 builder = configure(builder);
             }

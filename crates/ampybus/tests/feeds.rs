@@ -549,7 +549,7 @@ async fn a_watch_reports_new_messages_only_with_metrics_and_stats() {
     .start()
     .await
     .unwrap();
-    let server = ampybus::obs::serve(&bus, "127.0.0.1:0").await.unwrap();
+    let server = ampybus::ops::serve(&bus, "127.0.0.1:0").await.unwrap();
     for seq in [1, 2, 5] {
         send(
             &bus,

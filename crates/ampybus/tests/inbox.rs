@@ -1,7 +1,7 @@
 //! The transactional inbox and outbox (issue 21) on real databases: SQLite files and
 //! PostgreSQL (a database of its own on the shared server; a server of its own for the outage
 //! test), with the embedded log as the bus. Exact counts: what was applied, what was skipped,
-//! what was rolled back.
+//! what was rolled back. Inbox consumers declared on a `Service` too.
 
 #[path = "../../ampybus-cli/tests/archive_support/mod.rs"]
 mod archive_support;
@@ -10,7 +10,10 @@ mod common;
 use ampybus::inbox::pg::{DEFAULT_CONFLICT_TURNS, PgInbox, PgOutbox, pg_handler_fn};
 use ampybus::inbox::sqlite::{SqliteInbox, SqliteOutbox};
 use ampybus::inbox::{OutboxRelay, RelayOptions};
-use ampybus::runtime::{Consumer, ConsumerHandle, DlqCode, Outcome, RetryPolicy};
+use ampybus::runtime::{
+    Consumer, ConsumerHandle, DlqCode, Handler, Message, Outcome, RetryPolicy, handler_sync,
+};
+use ampybus::service::{Service, ServiceBuilder, StopReason};
 use ampybus::transport::{StartAt, SubscribeSpec};
 use ampybus::{Bus, ErrorKind, Headers, Topic, TopicPattern};
 use archive_support::{Db, OwnServer, count, query};
@@ -816,4 +819,221 @@ async fn an_inbox_consumer_serves_a_replay_through_its_inbox() {
         .unwrap();
     assert_eq!(n, 6);
     handle.shutdown(Duration::from_secs(10)).await;
+}
+
+/// A service layer: counts every message it sees by consumer and dead-letters the ones with
+/// an `auth: no` header without calling the inner handler (so without any transaction).
+struct Gate {
+    consumer: String,
+    inner: Arc<dyn Handler>,
+    seen: Arc<std::sync::Mutex<BTreeMap<String, u64>>>,
+}
+
+#[async_trait::async_trait]
+impl Handler for Gate {
+    async fn handle(&self, msg: &Message) -> Outcome {
+        *self
+            .seen
+            .lock()
+            .unwrap()
+            .entry(self.consumer.clone())
+            .or_default() += 1;
+        if msg.headers.get("auth") == Some("no") {
+            return Outcome::DeadLetter(DlqCode::HandlerError.reason("unauthenticated"));
+        }
+        self.inner.handle(msg).await
+    }
+}
+
+/// Runs a service of two consumers on `bus` — `builder` has added the inbox consumer "pos"
+/// on `ampy.dev.fills.>`, this adds a plain consumer "orders" and the [`Gate`] layer — sends
+/// the mixed batch, one fill the layer refuses and three orders, waits until every message is
+/// settled and shuts the service down. Checks the report and the layer's counts; returns the
+/// ids that must have been applied, and the refused fill's id.
+async fn run_mixed_service(bus: &Bus, builder: ServiceBuilder) -> (Vec<String>, String) {
+    let seen: Arc<std::sync::Mutex<BTreeMap<String, u64>>> = Arc::default();
+    let s = seen.clone();
+    let orders = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let o = orders.clone();
+    let service = builder
+        .consumer(
+            "ampy.dev.orders.>",
+            "orders",
+            handler_sync(move |_m| {
+                o.fetch_add(1, Ordering::SeqCst);
+                Outcome::Ok
+            }),
+        )
+        .layer(
+            move |name: &str, inner: Arc<dyn Handler>| -> Arc<dyn Handler> {
+                Arc::new(Gate {
+                    consumer: name.to_owned(),
+                    inner,
+                    seen: s.clone(),
+                })
+            },
+        )
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(service.consumer_names(), ["pos", "orders"]);
+    let applied = publish_mixed(bus).await;
+    let mut refused = fill_headers("a5|auth");
+    refused.set("auth", "no");
+    let refused_id = refused.message_id().unwrap().to_owned();
+    publish(bus, refused, "9|ok").await;
+    let order_topic = Topic::parse("ampy.dev.orders.v1.requests").unwrap();
+    for i in 0..3 {
+        let h = Headers::for_publish("ampy.raw.v1.Bytes", "test@1", "test", &format!("co{i}"));
+        bus.publish(&order_topic, h, b"o".to_vec()).await.unwrap();
+    }
+    // 24 fills Ok (2 of them skipped by the inbox), 3 dead-lettered; 3 orders Ok.
+    until("every message settled", || {
+        let t = service.stats().total();
+        t.handled_ok == 27 && t.dead_lettered_total() == 3 && t.in_flight == 0
+    })
+    .await;
+    let report = service.shutdown().await;
+    assert_eq!(report.reason, StopReason::Requested);
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    let names: Vec<&str> = report
+        .stats
+        .consumers
+        .iter()
+        .map(|c| c.0.as_str())
+        .collect();
+    assert_eq!(names, ["pos", "orders"]);
+    let pos = report.stats.consumer("pos").unwrap();
+    assert_eq!(pos.handled_ok, 24, "{pos:?}");
+    assert_eq!(pos.retried, 1, "{pos:?}");
+    assert_eq!(pos.dlq(DlqCode::HandlerPanic), 1, "{pos:?}");
+    assert_eq!(pos.dlq(DlqCode::HandlerError), 2, "{pos:?}");
+    assert_eq!(pos.dead_lettered_total(), 3, "{pos:?}");
+    assert_eq!(
+        pos.skipped_duplicates, 0,
+        "the inbox skips, not a dedupe store: {pos:?}"
+    );
+    assert_eq!(report.stats.consumer("orders").unwrap().handled_ok, 3);
+    assert_eq!(orders.load(Ordering::SeqCst), 3);
+    // The layer saw every delivery of "pos": 20 + 1 copy + 2 twins + 2 attempts of the
+    // retried one + the panic + the dead letter + the refused one; and the 3 orders.
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        BTreeMap::from([("orders".to_owned(), 3), ("pos".to_owned(), 28)])
+    );
+    assert_metrics(bus, "pos", 2);
+    (applied, refused_id)
+}
+
+/// An inbox consumer declared on a `Service` (SQLite inbox, embedded log): applied once, the
+/// copy and the dedupe-key twin skipped and counted, failures rolled back, wrapped by the
+/// service's layer (whose refusal touches no database), and reported by the service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_service_declares_a_sqlite_inbox_consumer_like_any_other() {
+    let (_dir, bus, inbox) =
+        sqlite_setup("CREATE TABLE effects (message_id TEXT NOT NULL, qty INTEGER NOT NULL)").await;
+    let failed = Arc::new(AtomicBool::new(false));
+    let f = failed.clone();
+    let builder = Service::builder(bus.clone()).inbox_consumer_with(
+        "ampy.dev.fills.>",
+        "pos",
+        inbox.handler(move |msg, tx| {
+            tx.execute(
+                "INSERT INTO effects (message_id, qty) VALUES (?1, ?2)",
+                rusqlite::params![msg.headers.message_id().unwrap(), qty_of(&msg.payload)],
+            )
+            .unwrap();
+            decide(&msg.payload, &f)
+        }),
+        |c| {
+            c.retry(RetryPolicy {
+                max_attempts: 3,
+                ..Default::default()
+            })
+        },
+    );
+    let (applied, refused) = run_mixed_service(&bus, builder).await;
+    assert_eq!(inbox.skipped("pos"), 2);
+    let c = inbox.connection().unwrap();
+    let rows: Vec<(String, i64)> = c
+        .prepare("SELECT message_id, qty FROM effects")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_effects(&rows, &applied);
+    let ids: Vec<String> = c
+        .prepare("SELECT message_id FROM ampybus_inbox WHERE consumer = 'pos'")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(ids.len(), applied.len());
+    assert!(
+        !ids.contains(&refused),
+        "the refused fill reached the inbox"
+    );
+}
+
+/// The same on PostgreSQL (a database of its own): the inbox's own workers, one commit lane
+/// per batch, the same counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_service_declares_a_pg_inbox_consumer_like_any_other() {
+    let db = Db::shared();
+    let dir = tempfile::tempdir().unwrap();
+    let bus = Bus::connect(dir.path().join("log").to_str().unwrap())
+        .await
+        .unwrap();
+    let inbox = PgInbox::connect(&db.url).await.unwrap();
+    query(
+        &db.url,
+        "CREATE TABLE effects (message_id text NOT NULL, qty bigint NOT NULL)",
+    );
+    let failed = Arc::new(AtomicBool::new(false));
+    let f = failed.clone();
+    let builder = Service::builder(bus.clone()).inbox_consumer_with(
+        "ampy.dev.fills.>",
+        "pos",
+        inbox.handler(pg_handler_fn(move |msg, tx| {
+            let f = f.clone();
+            Box::pin(async move {
+                let id = msg.headers.message_id().unwrap().to_owned();
+                let q = qty_of(&msg.payload);
+                tx.execute(
+                    "INSERT INTO effects (message_id, qty) VALUES ($1, $2)",
+                    &[&id, &q],
+                )
+                .await
+                .unwrap();
+                decide(&msg.payload, &f)
+            })
+        })),
+        |c| {
+            c.retry(RetryPolicy {
+                max_attempts: 3,
+                ..Default::default()
+            })
+        },
+    );
+    let (applied, refused) = run_mixed_service(&bus, builder).await;
+    assert_eq!(inbox.skipped("pos"), 2);
+    let rows: Vec<(String, i64)> = query(&db.url, "SELECT message_id, qty FROM effects")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_effects(&rows, &applied);
+    assert_eq!(
+        count(&db.url, "ampybus.inbox WHERE consumer = 'pos'"),
+        applied.len() as i64
+    );
+    assert_eq!(
+        count(
+            &db.url,
+            &format!("ampybus.inbox WHERE message_id = '{refused}'")
+        ),
+        0
+    );
 }

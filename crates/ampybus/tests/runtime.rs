@@ -1068,7 +1068,10 @@ async fn blob_failures_and_unparseable_topics() {
     .await;
     assert_eq!(handle.stats().handled_ok, 0);
     // … and handled once it is back.
-    std::fs::write(blob_path(&missing), &missing_bytes).unwrap();
+    // Put back whole (written aside, then renamed): a retry must never read half a blob.
+    let back = blob_path(&missing).with_extension("part");
+    std::fs::write(&back, &missing_bytes).unwrap();
+    std::fs::rename(&back, blob_path(&missing)).unwrap();
     wait_stats("blob back", &handle, |s| s.handled_ok == 1).await;
     let stats = handle.shutdown(Duration::from_secs(10)).await;
     assert_eq!(stats.dlq(DlqCode::BlobHashMismatch), 1);

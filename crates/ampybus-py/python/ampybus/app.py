@@ -12,6 +12,19 @@ shutdown on SIGINT/SIGTERM with one deadline — what ``ampybus::service::Servic
 A handler returns to ack; raising retries the message with the exception as its cause (a
 message out of attempts is dead-lettered as ``max_retries: attempt N: ValueError: …``);
 raising :class:`DeadLetter` dead-letters it at once with its reason.
+
+An inbox consumer (:mod:`ampybus.inbox`) is declared like any other, with ``inbox=``; its
+handler also gets the database connection inside the message's open transaction::
+
+    inbox = SqliteInbox("positions.sqlite3")
+
+    @app.consumer("ampy.dev.fills.v1.>", name="positions", inbox=inbox)
+    def on_fill(fill: "FillEvent", conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO fills (id) VALUES (?)", (fill.fill_id,))
+
+Returning commits the transaction (with the message's inbox row), then acks; raising rolls
+it back, then retries (:class:`DeadLetter`: rolls back, then dead-letters); a message applied
+before is acked without calling the handler.
 """
 
 from __future__ import annotations
@@ -71,6 +84,8 @@ class _Consumer:
     cls: Optional[type]
     wants_msg: bool
     options: Dict[str, Any] = field(default_factory=dict)
+    #: The inbox the handler applies messages through (``None``: a plain consumer).
+    inbox: Optional[Any] = None
 
 
 class App:
@@ -103,7 +118,9 @@ class App:
         #: Each consumer's final counts after :meth:`serve` returned.
         self.stats: Dict[str, ConsumerStats] = {}
 
-    def consumer(self, pattern: str, *, name: str, **options: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def consumer(
+        self, pattern: str, *, name: str, inbox: Optional[Any] = None, **options: Any
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Registers the decorated function as the handler of a durable consumer ``name`` on
         ``pattern``; ``options`` are those of :meth:`ampybus.Bus.subscribe` (``workers``,
         ``max_attempts``, ``strict``, ``start_at``, …).
@@ -112,16 +129,50 @@ class App:
         annotated with a protobuf class, the payload is decoded as that class (a message of
         another ``schema_fqdn`` is dead-lettered as ``schema_mismatch``, one that does not
         decode as ``decode_error``); a second parameter gets the :class:`ampybus.Message`.
+
+        With ``inbox`` (an :class:`ampybus.inbox.SqliteInbox` or
+        :class:`ampybus.inbox.PgInbox`) the consumer applies each message once, as
+        :meth:`ampybus.Bus.run` with ``inbox=`` does, and the handler is
+        ``handler(message, conn)`` or ``handler(message, conn, msg)``: ``message`` decoded
+        from the annotation as above (else the :class:`ampybus.Message`), ``conn`` the
+        database connection inside the message's open transaction (SQLite: a
+        ``sqlite3.Connection``, the handler a plain function run in a worker thread;
+        PostgreSQL: an ``asyncpg.Connection``, the handler ``async``), ``msg`` the
+        :class:`ampybus.Message`. Decoding happens before the transaction begins (a message
+        that does not decode is dead-lettered without touching the database). Returning
+        commits, then acks; raising rolls back, then retries (:class:`DeadLetter`: rolls
+        back, then dead-letters); a message applied before is acked without calling the
+        handler and counted (``inbox.skipped(name)``, ``bus_inbox_skipped_total``).
+        Middleware wraps the whole step: it sees every message (those the inbox skips too)
+        before any transaction, and a refusal there touches no database. The inbox replaces
+        the dedupe store: ``dedupe`` must be left unset.
         """
         if not isinstance(name, str) or not name.strip():
             raise ValueError("consumer: `name` must be a non-empty string")
         if any(c.name == name for c in self._consumers):
             raise ValueError(f"consumer: `name` {name!r} is given twice")
+        if inbox is not None:
+            if not callable(getattr(inbox, "apply", None)):
+                raise TypeError(
+                    f"consumer {name!r}: `inbox`: expected an ampybus.inbox.SqliteInbox or "
+                    f"PgInbox, got {type(inbox).__name__}"
+                )
+            if options.get("dedupe"):
+                raise ValueError(
+                    f"consumer {name!r}: `dedupe`: an inbox consumer deduplicates through its "
+                    "inbox; leave `dedupe` unset"
+                )
 
         def register(fn: Callable[..., Any]) -> Callable[..., Any]:
             params = list(inspect.signature(fn).parameters.values())
+            if inbox is not None and len(params) < 2:
+                raise TypeError(
+                    f"consumer {name!r}: an inbox handler takes the message and the connection: "
+                    f"`{fn.__name__}(message, conn)`"
+                )
+            wants_msg = len(params) >= (3 if inbox is not None else 2)
             self._consumers.append(
-                _Consumer(pattern, name, fn, _message_class(fn), len(params) >= 2, dict(options))
+                _Consumer(pattern, name, fn, _message_class(fn), wants_msg, dict(options), inbox)
             )
             return fn
 
@@ -136,21 +187,38 @@ class App:
         self._middleware.append(fn)
         return fn
 
-    def _chain(self, c: _Consumer) -> Callable[[Any], Awaitable[None]]:
-        async def call(msg: Any) -> None:
-            arg = msg
-            if c.cls is not None:
-                want = c.cls.DESCRIPTOR.full_name
-                got = msg.headers.schema_fqdn
-                if got != want:
-                    raise DeadLetter(f"schema_mismatch: expected {want} got {got}")
-                try:
-                    arg = c.cls.FromString(msg.payload)
-                except Exception as e:
-                    raise DeadLetter(f"decode_error: {want}: {e}") from e
+    def _chain(self, c: _Consumer, bus: Bus) -> Callable[[Any], Awaitable[None]]:
+        def decoded(msg: Any) -> Any:
+            if c.cls is None:
+                return msg
+            want = c.cls.DESCRIPTOR.full_name
+            got = msg.headers.schema_fqdn
+            if got != want:
+                raise DeadLetter(f"schema_mismatch: expected {want} got {got}")
+            try:
+                return c.cls.FromString(msg.payload)
+            except Exception as e:
+                raise DeadLetter(f"decode_error: {want}: {e}") from e
+
+        async def plain(msg: Any) -> None:
+            arg = decoded(msg)
             result = c.handler(arg, msg) if c.wants_msg else c.handler(arg)
             if inspect.isawaitable(result):
                 await result
+
+        async def through_inbox(msg: Any) -> None:
+            arg = decoded(msg)
+
+            def in_transaction(m: Any, conn: Any) -> Any:
+                return c.handler(arg, conn, m) if c.wants_msg else c.handler(arg, conn)
+
+            if not await c.inbox.apply(msg, in_transaction, consumer=c.name):
+                bus._native.count_inbox_skipped(c.name, 1)
+
+        call = plain
+        if c.inbox is not None:
+            bus._native.count_inbox_skipped(c.name, 0)  # the metric exists from the start
+            call = through_inbox
 
         handler = call
         for mw in reversed(self._middleware):
@@ -188,7 +256,10 @@ class App:
                 self.ops_address = server.address
 
             async def one(c: _Consumer) -> ConsumerStats:
-                handler = self._chain(c)
+                handler = self._chain(c, bus)
+                options = dict(c.options)
+                if c.inbox is not None:
+                    options["dedupe"] = False  # the inbox replaces the dedupe store
 
                 async def settle(msg: Any) -> None:
                     try:
@@ -206,7 +277,7 @@ class App:
                     consumer=c.name,
                     stop=stop,
                     shutdown_timeout=self.shutdown_timeout,
-                    **c.options,
+                    **options,
                 )
 
             results = await asyncio.gather(*(one(c) for c in self._consumers))

@@ -3,8 +3,9 @@
 Every error raised by the bus is an :class:`AmpybusError`. Its subclass says what went
 wrong (the Rust ``ErrorKind``) and its text is exactly the Rust error's message, e.g.
 ``invalid header: `producer`: must not be empty``. :attr:`AmpybusError.message` is the
-part after the kind's prefix and :attr:`AmpybusError.field` the first name in backticks
-(for a :class:`HeaderError`, the header that broke its rule).
+part after the kind's prefix and :attr:`AmpybusError.field` the field the Rust core says the
+error is about (``Error::field``: for a :class:`HeaderError` the header that broke its rule;
+otherwise the option, key or token the message names).
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ class AmpybusError(Exception):
     #: The prefix the Rust core writes before the message (``"invalid header"``).
     prefix: ClassVar[str] = ""
 
+    def __init__(self, message: str = "", field: Optional[str] = None) -> None:
+        super().__init__(message)
+        self._field = field
+
     @property
     def message(self) -> str:
         """The message without the kind's prefix."""
@@ -45,7 +50,10 @@ class AmpybusError(Exception):
 
     @property
     def field(self) -> Optional[str]:
-        """The first name in backticks in the message (a header, option or token)."""
+        """The field the error is about, as the Rust core gave it; for an error raised by
+        Python code with a message only, the first name in backticks in it."""
+        if self._field is not None:
+            return self._field
         m = _FIELD.search(str(self))
         return m.group(1) if m else None
 

@@ -54,7 +54,7 @@ pub fn is_postgres_url(url: &str) -> bool {
 /// Parses a `postgres://` URL into a client configuration; the error names the URL
 /// (credentials redacted) and the rule.
 pub(crate) fn parse_url(url: &str) -> Result<tokio_postgres::Config> {
-    let shown = crate::bus::redact(url);
+    let shown = crate::transport::url::redact(url);
     if !is_postgres_url(url) {
         return Err(Error::new(
             ErrorKind::Config,

@@ -45,7 +45,7 @@ impl ArchiveReader {
     /// Connects and checks that schema `ampybus` exists at a version this build reads.
     pub async fn connect(url: &str) -> Result<ArchiveReader> {
         let config = parse_url(url)?;
-        let shown = crate::bus::redact(url);
+        let shown = crate::transport::url::redact(url);
         let client = connect(&config, &shown).await?;
         let row = client
             .query_one(

@@ -433,7 +433,7 @@ impl ArchiveWriter {
     /// a newer schema version are `Config`; an unreachable server is `Transport`.
     pub async fn connect(url: &str) -> Result<ArchiveWriter> {
         let config = parse_url(url)?;
-        let shown = crate::bus::redact(url);
+        let shown = crate::transport::url::redact(url);
         let mut client = connect(&config, &shown).await?;
         let migrated = schema::migrate(&mut client).await?;
         Ok(ArchiveWriter {

@@ -8,8 +8,8 @@
 //! `endpoint=`, `region=` and `allow_http=` options beat them. Credentials in the URL are
 //! refused: a bus URL is printed and logged (redacted, but still).
 
-use crate::bus::redact;
 use crate::error::{Error, Result};
+use crate::transport::url::redact;
 
 /// The options an `s3://` URL accepts.
 const OPTIONS: [&str; 3] = ["endpoint", "region", "allow_http"];

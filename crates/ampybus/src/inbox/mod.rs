@@ -55,6 +55,7 @@ mod relay;
 #[cfg(feature = "inbox-sqlite")]
 pub mod sqlite;
 
+pub use crate::runtime::InboxBinding;
 pub use relay::{OutboxRelay, RelayOptions, RelayStats};
 
 use crate::error::{Error, ErrorKind, Result};
@@ -143,39 +144,12 @@ mod hooks {
     }
 }
 
-/// An inbox with its handler, ready to become a consumer's handler: what
-/// [`crate::runtime::ConsumerBuilder::inbox`] takes ([`pg::PgInbox::handler`],
-/// [`sqlite::SqliteInbox::handler`] make one).
-///
-/// ```no_run
-/// # #[cfg(feature = "inbox-sqlite")]
-/// # async fn f(bus: ampybus::Bus) -> ampybus::Result<()> {
-/// use ampybus::inbox::sqlite::SqliteInbox;
-/// use ampybus::runtime::{Consumer, Outcome};
-/// let inbox = SqliteInbox::open("/var/lib/positions.sqlite3")?;
-/// let handle = Consumer::builder(bus, "ampy.prod.fills.>".parse()?, "positions")
-///     .inbox(inbox.handler(|_msg, _tx| Outcome::Ok))
-///     .start()
-///     .await?;
-/// # Ok(()) }
-/// ```
-pub trait InboxBinding: Send + 'static {
-    /// The runtime handler of consumer `consumer`, counting skips in `metrics`.
-    fn bind(self: Box<Self>, consumer: &str, metrics: &BusMetrics) -> Arc<dyn Handler>;
-
-    /// The workers of a consumer of this inbox when
-    /// [`crate::runtime::ConsumerBuilder::workers`] is not called: the runtime's default, 8,
-    /// unless the inbox takes more messages at once (the PostgreSQL inbox:
-    /// `ampybus::inbox::pg::DEFAULT_WORKERS`).
-    fn workers(&self) -> usize {
-        8
-    }
-}
-
 /// Counters of the consumers bound to one inbox handle, by consumer name (the
-/// `bus_inbox_skipped_total` ones; on PostgreSQL also `bus_inbox_conflict_retries_total`).
+/// `bus_inbox_skipped_total` ones; on PostgreSQL also `bus_inbox_conflict_retries_total`),
+/// each counter once: binding the inbox to a consumer name twice on one bus (a service's
+/// consumer and a handler kept to hand messages to it again) shares its counter.
 #[derive(Default)]
-pub(crate) struct Skips(std::sync::Mutex<Vec<(String, Counter)>>);
+pub(crate) struct Skips(std::sync::Mutex<Vec<(String, usize, Counter)>>);
 
 impl Skips {
     /// Skips counted for consumers named `consumer`.
@@ -184,18 +158,19 @@ impl Skips {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .filter(|(c, _)| c == consumer)
-            .map(|(_, n)| n.get())
+            .filter(|(c, _, _)| c == consumer)
+            .map(|(_, _, n)| n.get())
             .sum()
     }
 
-    /// Counts `counter` under consumer `consumer` too.
-    #[cfg(feature = "inbox-postgres")]
-    pub(crate) fn track(&self, consumer: &str, counter: Counter) {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((consumer.to_owned(), counter));
+    /// Counts `counter` (of `metrics`' families) under consumer `consumer` too, unless it is
+    /// counted already.
+    pub(crate) fn track(&self, consumer: &str, metrics: &BusMetrics, counter: Counter) {
+        let mut all = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let id = metrics.id();
+        if !all.iter().any(|(c, m, _)| c == consumer && *m == id) {
+            all.push((consumer.to_owned(), id, counter));
+        }
     }
 
     /// The runtime handler of consumer `consumer` over `store`, its skips counted here and in
@@ -207,10 +182,7 @@ impl Skips {
         metrics: &BusMetrics,
     ) -> Arc<dyn Handler> {
         let skipped = metrics.inbox_skipped(consumer);
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((consumer.to_owned(), skipped.clone()));
+        self.track(consumer, metrics, skipped.clone());
         Arc::new(InboxHandler {
             store,
             consumer: consumer.to_owned(),

@@ -246,7 +246,7 @@ impl PgInbox {
     /// schema of a newer version (Config, naming both versions).
     pub async fn connect(url: &str) -> Result<PgInbox> {
         let config = parse_url(url)?;
-        let shown = crate::bus::redact(url);
+        let shown = crate::transport::url::redact(url);
         let mut client = connect(&config, &shown).await?;
         let migrated = migrate(&mut client).await?;
         Ok(PgInbox {
@@ -438,7 +438,9 @@ impl InboxBinding for PgInboxBinding {
     fn bind(self: Box<Self>, consumer: &str, metrics: &BusMetrics) -> Arc<dyn Handler> {
         let skips = self.inbox.inner.clone();
         let retries = metrics.inbox_conflict_retries(consumer);
-        skips.conflict_retries.track(consumer, retries.clone());
+        skips
+            .conflict_retries
+            .track(consumer, metrics, retries.clone());
         let store = PgAttempt {
             inbox: self.inbox,
             handler: self.handler,

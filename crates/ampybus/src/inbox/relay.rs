@@ -123,6 +123,8 @@ impl std::fmt::Debug for OutboxRelay {
 /// How often the depth gauges are refreshed and sent rows purged.
 const GAUGE_EVERY: Duration = Duration::from_secs(1);
 const PURGE_EVERY: Duration = Duration::from_secs(60);
+/// How long a round in progress when the relay is told to stop may still take to finish.
+const STOP_GRACE: Duration = Duration::from_secs(10);
 
 impl OutboxRelay {
     pub(crate) fn new(store: Arc<dyn RelayStore>, bus: Bus, opts: RelayOptions) -> OutboxRelay {
@@ -166,13 +168,35 @@ impl OutboxRelay {
         };
         let mut tries = 0u32;
         loop {
-            let r = tokio::select! {
-                biased;
-                _ = &mut stop => break,
-                r = self.step(&mut st, &mut stats) => r,
+            let r = {
+                let work = self.step(&mut st, &mut stats);
+                let mut work = std::pin::pin!(work);
+                tokio::select! {
+                    biased;
+                    r = &mut work => r,
+                    _ = &mut stop => {
+                        // Asked to stop in the middle of a turn: the round finishes — publish,
+                        // mark sent, count — so that what was published is not published
+                        // again at the next start, unless it takes longer than STOP_GRACE.
+                        match tokio::time::timeout(STOP_GRACE, &mut work).await {
+                            Ok(Ok(_)) => {}
+                            Ok(Err(e)) => tracing::warn!(table = self.store.table(), error = %e, "outbox relay: the last round failed while stopping"),
+                            Err(_) => tracing::warn!(table = self.store.table(), "outbox relay: stopped in the middle of a round (its rows are published again at the next start)"),
+                        }
+                        break;
+                    }
+                }
             };
             match r {
-                Ok(()) => tries = 0,
+                Ok(wait) => {
+                    tries = 0;
+                    if !wait.is_zero() {
+                        tokio::select! {
+                            _ = &mut stop => break,
+                            _ = tokio::time::sleep(wait) => {}
+                        }
+                    }
+                }
                 Err(e) => {
                     tries += 1;
                     stats.retried_rounds += 1;
@@ -188,8 +212,8 @@ impl OutboxRelay {
     }
 
     /// One turn of [`OutboxRelay::run_until`]: the lock, the gauges and the purge when due,
-    /// one round (or the idle pause).
-    async fn step(&self, st: &mut LoopState, stats: &mut RelayStats) -> Result<()> {
+    /// one round. Returns how long to pause before the next turn (standing by, or idle).
+    async fn step(&self, st: &mut LoopState, stats: &mut RelayStats) -> Result<Duration> {
         if !self.store.try_lock().await? {
             if st.active {
                 tracing::warn!(
@@ -198,8 +222,7 @@ impl OutboxRelay {
                 );
             }
             st.active = false;
-            tokio::time::sleep(self.opts.standby_poll).await;
-            return Ok(());
+            return Ok(self.opts.standby_poll);
         }
         if !st.active {
             tracing::info!(table = self.store.table(), "outbox relay: active");
@@ -223,9 +246,9 @@ impl OutboxRelay {
             st.last_purge = Some(Instant::now());
         }
         if self.round(stats).await? == 0 {
-            tokio::time::sleep(self.opts.idle).await;
+            return Ok(self.opts.idle);
         }
-        Ok(())
+        Ok(Duration::ZERO)
     }
 
     /// One round: reads up to a batch, publishes it, marks what was confirmed. Returns the

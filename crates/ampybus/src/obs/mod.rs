@@ -1,6 +1,7 @@
 //! Observability: Prometheus metrics ([`BusMetrics`]), OpenTelemetry spans linked through
 //! `traceparent` ([`extract_context`], [`init_tracing`]), structured logs ([`init_logging`])
-//! and the `/metrics`, `/health`, `/stats` endpoint ([`serve`]).
+//! and the counts `/stats` shows ([`ConsumerStats`], [`ProducerStats`]); the endpoint that
+//! serves them is [`crate::ops`].
 //!
 //! Every [`crate::Bus`] handle (and its clones) carries one [`BusMetrics`] registry; the
 //! runtime records into it as messages flow:
@@ -8,7 +9,7 @@
 //! | family | labels | recorded |
 //! |---|---|---|
 //! | `bus_produced_total` | topic, producer | after the broker confirmed a publish (duplicates not counted) |
-//! | `bus_consumed_total` | topic, consumer | a handler returned `Ok`, or [`ReaderCounter::consumed`] |
+//! | `bus_consumed_total` | topic, consumer | a handler returned `Ok`, or [`ReaderCounter::consumed`](crate::ops::ReaderCounter::consumed) |
 //! | `bus_delivery_latency_ms` | topic | `produced_at` → handler start |
 //! | `bus_handler_duration_ms` | topic, consumer | each handler attempt |
 //! | `bus_batch_size_bytes` | topic | payload bytes of each confirmed publish batch |
@@ -35,26 +36,21 @@
 //! # });
 //! ```
 
-mod feed_metrics;
-mod http;
 mod metrics;
-mod reader;
+mod stats;
 mod trace;
 
-pub use http::{ObsServer, serve, serve_with};
 pub use metrics::{
     BusMetrics, DECODE_FAIL_CODES, LATENCY_BUCKETS_MS, RETRY_REASONS, SIZE_BUCKETS_BYTES,
     domain_topic,
 };
-pub use reader::ReaderCounter;
+pub use stats::{ConsumerStats, DropCounts, DropReason, ProducerStats};
 pub use trace::{TRACER_NAME, extract_context, inject_context};
 
 pub(crate) use metrics::{ConsumerTopic, ProducerTopic};
 pub(crate) use trace::{BusTracer, PublishSpan};
 
 use crate::error::{Error, Result};
-use crate::runtime::{ConsumerMonitor, ConsumerStats, ProducerStats};
-use reader::ReaderShared;
 use std::sync::{Arc, Mutex, Weak};
 
 /// What one bus handle shares with its runtime pieces: metrics, the tracer, and the consumers
@@ -91,13 +87,15 @@ impl Obs {
         }
     }
 
-    pub(crate) fn add_consumer(&self, m: ConsumerMonitor) {
-        self.add_entry(Entry::Runtime(m));
+    /// A runtime consumer; held until it has stopped and another one is registered.
+    pub(crate) fn add_consumer(&self, m: Arc<dyn ConsumerProbe>) {
+        self.add_entry(Entry::Held(m));
     }
 
-    /// A hand-written reader ([`ReaderCounter`]); held weakly, gone when its counter is.
-    pub(crate) fn add_reader(&self, r: Weak<ReaderShared>) {
-        self.add_entry(Entry::Reader(r));
+    /// A hand-written reader ([`crate::ops::ReaderCounter`]); held weakly, gone when its
+    /// counter is.
+    pub(crate) fn add_reader(&self, r: Weak<dyn ConsumerProbe>) {
+        self.add_entry(Entry::Weak(r));
     }
 
     fn add_entry(&self, e: Entry) {
@@ -164,91 +162,44 @@ impl Obs {
 
 /// A registered consumer as stored: a runtime consumer, or a hand-written reader held weakly.
 enum Entry {
-    Runtime(ConsumerMonitor),
-    Reader(Weak<ReaderShared>),
+    Held(Arc<dyn ConsumerProbe>),
+    Weak(Weak<dyn ConsumerProbe>),
 }
 
 impl Entry {
     fn live(&self) -> Option<ConsumerEntry> {
         match self {
-            Entry::Runtime(m) => Some(ConsumerEntry::Runtime(m.clone())),
-            Entry::Reader(w) => w.upgrade().map(ConsumerEntry::Reader),
+            Entry::Held(m) => Some(m.clone()),
+            Entry::Weak(w) => w.upgrade(),
         }
     }
 }
 
 /// A consumer shown on `/health`, `/stats` and in `bus_consumer_lag`: one of the runtime's
-/// or a hand-written reader ([`ReaderCounter`]).
-#[derive(Clone)]
-pub(crate) enum ConsumerEntry {
-    Runtime(ConsumerMonitor),
-    Reader(Arc<ReaderShared>),
-}
+/// or a hand-written reader ([`crate::ops::ReaderCounter`]).
+pub(crate) type ConsumerEntry = Arc<dyn ConsumerProbe>;
 
-impl ConsumerEntry {
-    pub(crate) fn name(&self) -> &str {
-        match self {
-            ConsumerEntry::Runtime(m) => m.name(),
-            ConsumerEntry::Reader(r) => r.name(),
-        }
-    }
-
-    pub(crate) fn pattern(&self) -> &crate::topic::TopicPattern {
-        match self {
-            ConsumerEntry::Runtime(m) => m.pattern(),
-            ConsumerEntry::Reader(r) => r.pattern(),
-        }
-    }
-
-    pub(crate) fn stats(&self) -> ConsumerStats {
-        match self {
-            ConsumerEntry::Runtime(m) => m.stats(),
-            ConsumerEntry::Reader(r) => r.stats(),
-        }
-    }
-
-    pub(crate) fn is_stopped(&self) -> bool {
-        match self {
-            ConsumerEntry::Runtime(m) => m.is_stopped(),
-            ConsumerEntry::Reader(r) => r.is_stopped(),
-        }
-    }
-
-    pub(crate) fn is_draining(&self) -> bool {
-        match self {
-            ConsumerEntry::Runtime(m) => m.is_draining(),
-            ConsumerEntry::Reader(r) => r.is_stopped(),
-        }
-    }
-
-    pub(crate) fn last_message_at(&self) -> Option<chrono::DateTime<chrono::Utc>> {
-        match self {
-            ConsumerEntry::Runtime(m) => m.last_message_at(),
-            ConsumerEntry::Reader(r) => r.last_message_at(),
-        }
-    }
-
-    pub(crate) fn max_in_flight(&self) -> usize {
-        match self {
-            ConsumerEntry::Runtime(m) => m.max_in_flight(),
-            ConsumerEntry::Reader(r) => r.max_in_flight(),
-        }
-    }
-
+/// What the ops endpoint and the lag poller read of a registered consumer (implemented by the
+/// runtime's consumers and by hand-written readers).
+pub(crate) trait ConsumerProbe: Send + Sync {
+    /// The consumer's name.
+    fn name(&self) -> &str;
+    /// The pattern it reads.
+    fn pattern(&self) -> &crate::topic::TopicPattern;
+    /// Its counts now.
+    fn stats(&self) -> ConsumerStats;
+    /// It has stopped.
+    fn is_stopped(&self) -> bool;
+    /// It is stopping (no longer fetching).
+    fn is_draining(&self) -> bool;
+    /// When a message last reached it.
+    fn last_message_at(&self) -> Option<chrono::DateTime<chrono::Utc>>;
+    /// Its in-flight limit.
+    fn max_in_flight(&self) -> usize;
     /// The durable name whose lag the transport can report (`None`: an ephemeral reader).
-    pub(crate) fn lag_name(&self) -> Option<&str> {
-        match self {
-            ConsumerEntry::Runtime(m) => Some(m.name()),
-            ConsumerEntry::Reader(r) => r.is_durable().then(|| r.name()),
-        }
-    }
-
-    pub(crate) fn set_lag(&self, pending: u64) {
-        match self {
-            ConsumerEntry::Runtime(m) => m.set_lag(pending),
-            ConsumerEntry::Reader(r) => r.set_lag(pending),
-        }
-    }
+    fn lag_name(&self) -> Option<&str>;
+    /// Sets its `bus_consumer_lag`.
+    fn set_lag(&self, pending: u64);
 }
 
 /// The log line format of [`init_logging`].
@@ -384,7 +335,7 @@ fn otlp_provider(
         .map_err(|e| {
             Error::config(format!(
                 "OTLP exporter for {}: {e}",
-                crate::bus::redact(endpoint)
+                crate::transport::url::redact(endpoint)
             ))
         })?;
     let resource = opentelemetry_sdk::Resource::builder()
@@ -403,6 +354,6 @@ fn otlp_provider(
 ) -> Result<opentelemetry_sdk::trace::SdkTracerProvider> {
     Err(Error::config(format!(
         "OTLP endpoint {} is set but this build has no OTLP exporter (enable cargo feature `otlp` of crate `ampybus`)",
-        crate::bus::redact(endpoint)
+        crate::transport::url::redact(endpoint)
     )))
 }

@@ -621,8 +621,8 @@ impl Registry {
     /// assert_eq!(r.len(), 1);
     /// assert_eq!(r[&(Env::Prod, Domain::Fills)].as_secs(), 90 * 86_400);
     /// ```
-    pub fn unit_retentions(&self) -> crate::transport::UnitRetention {
-        let mut out = crate::transport::UnitRetention::new();
+    pub fn unit_retentions(&self) -> UnitRetention {
+        let mut out = UnitRetention::new();
         for env in crate::topic::Env::ALL {
             for &domain in Domain::ALL {
                 if let Some(d) = self.unit_retention(env.as_str(), domain) {
@@ -876,6 +876,20 @@ fn service_name_problem(s: &str) -> Option<&'static str> {
         None
     }
 }
+
+/// Retention per env and domain from a topic registry
+/// ([`Registry::unit_retentions`]; also `ampybus::transport::UnitRetention`): what a binding applies to the stream,
+/// topic or log domain of that unit when it creates (or trims) it, before its own `max_age`.
+///
+/// ```
+/// use ampybus::{Domain, Env, registry::UnitRetention};
+/// use std::time::Duration;
+/// let mut r = UnitRetention::new();
+/// r.insert((Env::Prod, Domain::Orders), Duration::from_secs(90 * 86_400));
+/// assert_eq!(r.len(), 1);
+/// ```
+pub type UnitRetention =
+    std::collections::HashMap<(crate::topic::Env, crate::topic::Domain), std::time::Duration>;
 
 #[cfg(test)]
 mod tests {

@@ -68,16 +68,18 @@ mod publisher;
 pub mod replay;
 mod shed;
 
-pub use consumer::{Consumer, ConsumerBuilder, ConsumerHandle, ConsumerMonitor, ConsumerStats};
-pub use dlq::{
-    DLQ_ONLY_HEADERS, ORIGINAL_MESSAGE_ID, ORIGINAL_TOPIC_RAW, REDRIVE_CONSUMER, RedrivePlan,
-    build_dlq_envelope, plan_redrive, record_redriven, redrive_envelope,
+pub use crate::dlq::{
+    DLQ_ONLY_HEADERS, DlqCode, ORIGINAL_MESSAGE_ID, ORIGINAL_TOPIC_RAW, REDRIVE_CONSUMER,
+    build_dlq_envelope, redrive_envelope,
 };
+pub use crate::obs::{ConsumerStats, DropCounts, DropReason, ProducerStats};
+#[cfg(any(feature = "inbox-postgres", feature = "inbox-sqlite"))]
+pub use consumer::InboxBinding;
+pub use consumer::{Consumer, ConsumerBuilder, ConsumerHandle, ConsumerMonitor};
+pub use dlq::{RedrivePlan, plan_redrive, record_redriven};
 pub use fallible::{HandlerError, HandlerResult, handler_try, typed_try};
 pub use lag::{DEFAULT_LAG_ALERT, LagEvent, LagWatch};
-pub use producer::{
-    DropCounts, DropReason, Producer, ProducerBuilder, ProducerStats, SendOutcome, ShedClass,
-};
+pub use producer::{Producer, ProducerBuilder, SendOutcome, ShedClass};
 pub use publisher::Publisher;
 pub use shed::{SHED_AT_PERCENT, ShedMonitor, ShedOptions, ShedStats, shedding};
 
@@ -157,136 +159,6 @@ impl Outcome {
             after: None,
             cause: cause.into(),
         }
-    }
-}
-
-/// The closed set of DLQ reason codes. The `dlq_reason` header is `code: detail`; metrics label
-/// by code only.
-///
-/// | code                 | meaning                                                           |
-/// |----------------------|-------------------------------------------------------------------|
-/// | `decode_error`       | payload does not inflate / decode as its schema                   |
-/// | `schema_mismatch`    | `schema_fqdn` is not the type the handler expects                 |
-/// | `contract_violation` | headers or topic break the consume-side contract                  |
-/// | `handler_error`      | the handler said "dead-letter now" (poison)                       |
-/// | `handler_panic`      | the handler panicked                                              |
-/// | `blob_hash_mismatch` | the fetched blob does not match `blob_hash`/`blob_size`           |
-/// | `max_retries`        | the last allowed attempt failed                                   |
-/// | `payload_too_large`  | the payload (as carried or inflated) exceeds the consumer's limit |
-/// | `other`              | anything else, e.g. reasons written by other tools                |
-///
-/// ```
-/// use ampybus::runtime::DlqCode;
-/// assert_eq!(DlqCode::MaxRetries.as_str(), "max_retries");
-/// assert_eq!(DlqCode::parse("handler_panic"), DlqCode::HandlerPanic);
-/// assert_eq!(DlqCode::parse("made_up"), DlqCode::Other);
-/// assert_eq!(DlqCode::from_reason("decode_error: bad gzip"), DlqCode::DecodeError);
-/// assert_eq!(DlqCode::DecodeError.reason("bad gzip"), "decode_error: bad gzip");
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum DlqCode {
-    /// `decode_error`
-    DecodeError,
-    /// `schema_mismatch`
-    SchemaMismatch,
-    /// `contract_violation`
-    ContractViolation,
-    /// `handler_error`
-    HandlerError,
-    /// `handler_panic`
-    HandlerPanic,
-    /// `blob_hash_mismatch`
-    BlobHashMismatch,
-    /// `max_retries`
-    MaxRetries,
-    /// `payload_too_large`
-    PayloadTooLarge,
-    /// `other`
-    Other,
-}
-
-impl DlqCode {
-    /// Every code, in declaration order.
-    pub const ALL: [DlqCode; 9] = [
-        DlqCode::DecodeError,
-        DlqCode::SchemaMismatch,
-        DlqCode::ContractViolation,
-        DlqCode::HandlerError,
-        DlqCode::HandlerPanic,
-        DlqCode::BlobHashMismatch,
-        DlqCode::MaxRetries,
-        DlqCode::PayloadTooLarge,
-        DlqCode::Other,
-    ];
-
-    /// The wire spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DlqCode::DecodeError => "decode_error",
-            DlqCode::SchemaMismatch => "schema_mismatch",
-            DlqCode::ContractViolation => "contract_violation",
-            DlqCode::HandlerError => "handler_error",
-            DlqCode::HandlerPanic => "handler_panic",
-            DlqCode::BlobHashMismatch => "blob_hash_mismatch",
-            DlqCode::MaxRetries => "max_retries",
-            DlqCode::PayloadTooLarge => "payload_too_large",
-            DlqCode::Other => "other",
-        }
-    }
-
-    /// Parses a code; unknown codes are [`DlqCode::Other`].
-    pub fn parse(code: &str) -> DlqCode {
-        DlqCode::ALL
-            .into_iter()
-            .find(|c| c.as_str() == code.trim())
-            .unwrap_or(DlqCode::Other)
-    }
-
-    /// The code of a `code: detail` reason.
-    pub fn from_reason(reason: &str) -> DlqCode {
-        DlqCode::parse(reason.split(':').next().unwrap_or_default())
-    }
-
-    /// Formats `code: detail` (detail on one line, cut to 4,096 bytes so the `dlq_reason`
-    /// header stays far below the header limits).
-    ///
-    /// ```
-    /// let r = ampybus::DlqCode::HandlerError.reason(&"x".repeat(100_000));
-    /// assert!(r.len() < 4200 && r.ends_with('…'));
-    /// ```
-    pub fn reason(self, detail: &str) -> String {
-        const MAX_DETAIL: usize = 4096;
-        let mut detail: String = detail
-            .chars()
-            .map(|c| if c.is_control() { ' ' } else { c })
-            .collect();
-        if detail.len() > MAX_DETAIL {
-            let mut cut = MAX_DETAIL;
-            while !detail.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            detail.truncate(cut);
-            detail.push('…');
-        }
-        let detail = detail.trim();
-        if detail.is_empty() {
-            format!("{}: -", self.as_str())
-        } else {
-            format!("{}: {detail}", self.as_str())
-        }
-    }
-
-    fn index(self) -> usize {
-        DlqCode::ALL
-            .iter()
-            .position(|c| *c == self)
-            .unwrap_or(DlqCode::ALL.len() - 1)
-    }
-}
-
-impl std::fmt::Display for DlqCode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 

@@ -41,8 +41,8 @@ pub struct ReplayReport {
     pub last_message_id: Option<String>,
 }
 
-/// Replays `query` through `handler` as consumer `consumer`, paging by `after_sequence`
-/// (`query.limit` per page, 1,000 when 0). Fails with [`ErrorKind::Config`] when the bus's
+/// Replays `query` through `handler` as consumer `consumer`, paging by cursor
+/// ([`crate::transport::ReplayByTime::read_page`]; `query.limit` per page, 1,000 when 0). Fails with [`ErrorKind::Config`] when the bus's
 /// transport cannot read by time window.
 ///
 /// ```
@@ -137,12 +137,12 @@ pub async fn replay_window_with_progress(
     }
     let mut report = ReplayReport::default();
     loop {
-        let page = reader.read_window(&query).await?;
-        if page.is_empty() {
+        let page = reader.read_page(&query).await?;
+        if page.messages.is_empty() {
             break;
         }
-        for stored in page {
-            query.after_sequence = query.after_sequence.max(stored.sequence);
+        query.cursor = Some(page.next);
+        for stored in page.messages {
             report.read += 1;
             report.first_id.get_or_insert(stored.sequence);
             report.last_id = Some(stored.sequence);

@@ -10,22 +10,29 @@
 //! Bindings: [`embedded`] (always), `nats` (cargo feature `nats`: NATS JetStream), `redis`
 //! (cargo feature `redis`: Redis Streams), `kafka` (cargo feature `kafka`: Kafka).
 
+pub(crate) mod dedupe_store;
 pub mod embedded;
 mod headers_codec;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 #[cfg_attr(not(any(feature = "nats", feature = "redis")), allow(dead_code))]
 mod lease;
+#[cfg_attr(
+    not(any(feature = "nats", feature = "redis", feature = "kafka")),
+    allow(dead_code)
+)]
+mod multi;
 #[cfg(any(feature = "redis", feature = "kafka"))]
 mod naming;
 #[cfg(feature = "nats")]
 pub mod nats;
 #[cfg(feature = "redis")]
 pub mod redis;
-mod url_parts;
+pub mod url;
 
 pub use headers_codec::{decode_headers, encode_headers};
 pub use lease::InstanceOrder;
+pub use multi::{ReplayCursor, ReplayPage};
 
 use crate::envelope::Envelope;
 use crate::error::Result;
@@ -240,19 +247,7 @@ impl SubscribeSpec {
     }
 }
 
-/// Retention per env and domain from a topic registry
-/// ([`crate::registry::Registry::unit_retentions`]): what a binding applies to the stream,
-/// topic or log domain of that unit when it creates (or trims) it, before its own `max_age`.
-///
-/// ```
-/// use ampybus::{Domain, Env, transport::UnitRetention};
-/// use std::time::Duration;
-/// let mut r = UnitRetention::new();
-/// r.insert((Env::Prod, Domain::Orders), Duration::from_secs(90 * 86_400));
-/// assert_eq!(r.len(), 1);
-/// ```
-pub type UnitRetention =
-    std::collections::HashMap<(crate::topic::Env, crate::topic::Domain), std::time::Duration>;
+pub use crate::registry::UnitRetention;
 
 /// Facts about one delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -469,8 +464,12 @@ pub struct WindowQuery {
     pub end: Option<DateTime<Utc>>,
     /// Only these partition keys.
     pub keys: Option<Vec<String>>,
-    /// Only sequences greater than this (for paging).
+    /// Only sequences greater than this (paging by the last message's `sequence`; see
+    /// [`ReplayByTime::read_window`]). Ignored when `cursor` is set.
     pub after_sequence: u64,
+    /// Where this page starts: the previous page's [`ReplayPage::next`] (see
+    /// [`ReplayByTime::read_page`]); `None`: at the window's start (or `after_sequence`).
+    pub cursor: Option<ReplayCursor>,
     /// At most this many per call.
     pub limit: usize,
 }
@@ -484,16 +483,75 @@ impl WindowQuery {
             end: None,
             keys: None,
             after_sequence: 0,
+            cursor: None,
             limit: 1000,
         }
     }
 }
 
 /// Reading stored history by time window and keys: the base of replay.
+///
+/// Page with [`ReplayByTime::read_page`] and its cursor. The older form,
+/// [`ReplayByTime::read_window`] with `after_sequence` set to the last message's `sequence`,
+/// also pages without loss: on a broker whose pattern spans several streams `sequence` is then
+/// the store time in nanoseconds and a page never ends between two messages stored in the same
+/// nanosecond (see `transport::multi`).
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use ampybus::transport::{ReplayByTime, Transport, WindowQuery};
+/// use ampybus::transport::embedded::{EmbeddedLog, EmbeddedOptions};
+/// use ampybus::{Envelope, Headers, Topic, TopicPattern};
+/// let dir = tempfile::tempdir().unwrap();
+/// let log = EmbeddedLog::open(EmbeddedOptions::new(dir.path())).unwrap();
+/// let topic = Topic::parse("ampy.dev.news.v1.raw").unwrap();
+/// for i in 0..3 {
+///     let mut h = Headers::for_publish("ampy.raw.v1.Bytes", "p@1", "p", "k");
+///     h.fill_publish_defaults();
+///     log.publish_batch(vec![Envelope::new(&topic, h, format!("m{i}"))]).await.unwrap();
+/// }
+/// let mut q = WindowQuery::new(TopicPattern::parse("ampy.dev.>").unwrap());
+/// q.limit = 2;
+/// let mut got = Vec::new();
+/// loop {
+///     let page = log.read_page(&q).await.unwrap();
+///     if page.messages.is_empty() { break; }
+///     got.extend(page.messages.iter().map(|m| m.envelope.payload.clone()));
+///     q.cursor = Some(page.next);
+/// }
+/// assert_eq!(got, ["m0", "m1", "m2"]);
+/// # });
+/// ```
 #[async_trait]
 pub trait ReplayByTime: Send + Sync {
-    /// One page of matches in store order; an empty page means the end.
+    /// One page of matches in store order; an empty page means the end. Pages by
+    /// `after_sequence` (or a cursor, where the reader has one sequence).
     async fn read_window(&self, query: &WindowQuery) -> Result<Vec<StoredMessage>>;
+
+    /// One page of matches in store order and where the next one starts (put `next` in
+    /// `query.cursor`); an empty page means the end. Paging by cursor never skips or repeats a
+    /// message, whatever the store times of the streams a pattern spans.
+    ///
+    /// The default, for a reader with one sequence, reads [`ReplayByTime::read_window`] after
+    /// the cursor's sequence; the broker bindings keep a position per stream.
+    async fn read_page(&self, query: &WindowQuery) -> Result<ReplayPage> {
+        let mut q = query.clone();
+        if let Some(c) = query.cursor.as_ref() {
+            q.after_sequence = c.sequence().ok_or_else(|| {
+                crate::Error::new(
+                    crate::ErrorKind::Config,
+                    "replay: query.cursor holds per-stream positions, which this reader (one sequence) cannot resume from",
+                )
+            })?;
+        }
+        q.cursor = None;
+        let messages = self.read_window(&q).await?;
+        let after = messages.last().map_or(q.after_sequence, |m| m.sequence);
+        Ok(ReplayPage {
+            messages,
+            next: ReplayCursor::after_sequence(after),
+        })
+    }
 }
 
 /// How far a durable consumer is behind: what [`ConsumerLag::lag`] reports.
@@ -689,7 +747,7 @@ pub trait Transport: Send + Sync + 'static {
     /// given one. Default: none. Who shares it depends on the transport: every process on the
     /// embedded log's data directory, every host on NATS and Redis, on Kafka only the processes
     /// that open the same SQLite file (the default, one host) unless the URL names Redis.
-    fn dedupe_store(&self) -> Option<Arc<dyn crate::dedupe::DedupeStore>> {
+    fn dedupe_store(&self) -> Option<Arc<dyn dedupe_store::DedupeStore>> {
         None
     }
     /// Consumer lag reads, when the transport can.

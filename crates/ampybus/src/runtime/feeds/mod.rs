@@ -44,37 +44,9 @@ pub use monitor::{
 };
 pub use watch::{FeedWatch, FeedWatchBuilder};
 
-use crate::error::{Error, Result};
 use std::collections::HashMap;
 
-/// The publish rule of the `sequence` header: an unsigned decimal integer from 1 (no sign,
-/// no spaces, fits in 64 bits).
-///
-/// ```
-/// use ampybus::runtime::feeds::check_sequence;
-/// check_sequence("1").unwrap();
-/// check_sequence("18446744073709551615").unwrap();
-/// for bad in ["0", "-1", "+1", " 1", "1.0", "", "18446744073709551616", "x"] {
-///     let e = check_sequence(bad).unwrap_err();
-///     assert!(e.to_string().contains("`sequence`"), "{e}");
-/// }
-/// ```
-pub fn check_sequence(v: &str) -> Result<()> {
-    let ok = !v.is_empty()
-        && v.bytes().all(|b| b.is_ascii_digit())
-        && v.parse::<u64>().is_ok_and(|n| n >= 1);
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::header(
-            SEQUENCE,
-            format!(
-                "must be an unsigned decimal integer from 1 (per producer run and partition key) (got {})",
-                crate::error::show(v)
-            ),
-        ))
-    }
-}
+pub use crate::headers::check_sequence;
 
 /// The producer side of `sequence`: the last number given per (`producer`, `run_id`,
 /// partition key). [`peek`](Sequencer::peek) the next number, and

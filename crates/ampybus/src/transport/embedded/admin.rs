@@ -4,8 +4,8 @@
 
 use super::group::{self, GroupState, Meta, slot};
 use super::log::DomainReader;
+use super::log::us_to_time;
 use super::replay::domains_of;
-use super::subscription::us_to_time;
 use super::{EmbeddedLog, Inner};
 use crate::error::Result;
 use crate::topic::TopicPattern;

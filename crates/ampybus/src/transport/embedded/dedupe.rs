@@ -13,10 +13,10 @@ use std::time::Duration;
 
 /// The embedded log's own dedupe store. A consumer's records are kept in its group's journal
 /// (`groups/<consumer>/`), so that the runtime records the dedupe entries of a batch and acks
-/// it in **one** atomic write ([`crate::dedupe::DedupeStore::record_and_ack`]). Lookups are
+/// it in **one** atomic write ([`crate::transport::dedupe_store::DedupeStore::record_and_ack`]). Lookups are
 /// answered from memory (the journal replayed, and caught up with other processes' writes
 /// before each lookup). Entries older than the window (default
-/// [`crate::dedupe::DEFAULT_WINDOW`]) no longer count and are dropped when the journal is
+/// [`crate::transport::dedupe_store::DEFAULT_WINDOW`]) no longer count and are dropped when the journal is
 /// compacted.
 ///
 /// ```
@@ -49,7 +49,7 @@ impl EmbeddedDedupe {
     pub(crate) fn new(inner: Arc<Inner>) -> EmbeddedDedupe {
         EmbeddedDedupe {
             inner,
-            window: crate::dedupe::DEFAULT_WINDOW,
+            window: crate::transport::dedupe_store::DEFAULT_WINDOW,
         }
     }
 
@@ -171,7 +171,7 @@ impl EmbeddedDedupe {
 }
 
 #[async_trait]
-impl crate::dedupe::DedupeStore for EmbeddedDedupe {
+impl crate::transport::dedupe_store::DedupeStore for EmbeddedDedupe {
     async fn is_applied(&self, consumer: &str, keys: &[String]) -> Result<bool> {
         let ks: Vec<&str> = keys.iter().map(String::as_str).collect();
         Ok(self.lookup(consumer, &ks)?.into_iter().any(|b| b))

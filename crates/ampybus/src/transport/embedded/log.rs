@@ -1048,6 +1048,38 @@ impl DomainReader {
     }
 }
 
+/// A log time (micros since the epoch) as a time.
+pub(crate) fn us_to_time(us: i64) -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::from_timestamp_micros(us).unwrap_or_default()
+}
+
+/// The envelope of a stored record (headers decoded; a damaged record is an error naming its
+/// sequence).
+pub(crate) fn envelope_of(
+    inner: &super::Inner,
+    rec: &super::format::Rec,
+) -> Result<crate::envelope::Envelope> {
+    let headers = crate::headers::Headers::decode_compact(&rec.headers).map_err(|e| {
+        damaged(
+            &inner.dir,
+            &super::format::Damage {
+                offset: 0,
+                what: format!(
+                    "message {} on {}: stored headers do not decode: {}",
+                    rec.seq,
+                    rec.topic,
+                    e.message()
+                ),
+            },
+        )
+    })?;
+    Ok(crate::envelope::Envelope {
+        topic: rec.topic.clone().into(),
+        headers,
+        payload: rec.payload.clone(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1071,7 +1103,7 @@ mod tests {
     #[test]
     fn recovery_after_a_reboot_never_hands_a_sequence_out_twice() {
         let dir = tempfile::tempdir().unwrap();
-        let shared = Arc::new(Shared::open(dir.path()).unwrap());
+        let shared = Arc::new(Shared::open(dir.path(), recover).unwrap());
         let mut w = LogWriter::new(dir.path(), shared.clone(), false).unwrap();
         assert_eq!(w.append(&[rec(b"a"), rec(b"b")]).unwrap(), vec![1, 2]);
         assert_eq!(w.append(&[rec(b"c")]).unwrap(), vec![3]);
@@ -1090,7 +1122,7 @@ mod tests {
         bytes[16..32].fill(0);
         std::fs::write(&page, &bytes).unwrap();
         drop(shared);
-        let shared = Arc::new(Shared::open(dir.path()).unwrap());
+        let shared = Arc::new(Shared::open(dir.path(), recover).unwrap());
         assert!(!shared.is_current());
         let mut w = LogWriter::new(dir.path(), shared.clone(), false).unwrap();
         assert_eq!(

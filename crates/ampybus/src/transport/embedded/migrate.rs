@@ -528,7 +528,7 @@ fn convert_messages(
     conn: &Connection,
     report: &mut MigrateReport,
 ) -> Result<SeqMap> {
-    let shared = Arc::new(Shared::open(dir)?);
+    let shared = Arc::new(Shared::open(dir, super::log::recover)?);
     let mut w = LogWriter::new(dir, shared, false)?;
     let mut map = SeqMap(Vec::new());
     let mut topics: HashMap<String, Arc<str>> = HashMap::new();
@@ -913,7 +913,12 @@ mod tests {
 
     /// Every record of the converted directory, in sequence order.
     fn read_new(data: &Path) -> Vec<Rec> {
-        let mut w = LogWriter::new(data, Arc::new(Shared::open(data).unwrap()), false).unwrap();
+        let mut w = LogWriter::new(
+            data,
+            Arc::new(Shared::open(data, super::super::log::recover).unwrap()),
+            false,
+        )
+        .unwrap();
         let snap = w.locked(|_, s| Ok(s)).unwrap();
         let mut out = Vec::new();
         for (d, end) in snap.domains.iter().enumerate().take(Domain::ALL.len()) {

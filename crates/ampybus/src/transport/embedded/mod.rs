@@ -46,7 +46,7 @@ use super::{PublishReceipt, ReplayByTime, SubscribeSpec, Subscription, Transport
 use crate::envelope::Envelope;
 use crate::error::{Error, ErrorKind, Result};
 use crate::topic::Domain;
-use crate::transport::url_parts::{MAX_RETENTION_DAYS, percent_decode, retention_value};
+use crate::transport::url::{MAX_RETENTION_DAYS, percent_decode, retention_value};
 use async_trait::async_trait;
 use shared::Shared;
 use std::collections::HashMap;
@@ -532,7 +532,7 @@ impl EmbeddedLog {
         })?;
         check_format(&opts.dir)?;
         let dir = opts.dir.clone();
-        let shared = Arc::new(Shared::open(&dir)?);
+        let shared = Arc::new(Shared::open(&dir, log::recover)?);
         let mut log = log::LogWriter::new(&dir, shared.clone(), opts.sync == SyncLevel::Full)?;
         log.locked(|_, _| Ok(()))?;
         let notify = Arc::new(Notify::new());
@@ -681,7 +681,7 @@ impl Transport for EmbeddedLog {
         Some(self)
     }
 
-    fn dedupe_store(&self) -> Option<Arc<dyn crate::dedupe::DedupeStore>> {
+    fn dedupe_store(&self) -> Option<Arc<dyn crate::transport::dedupe_store::DedupeStore>> {
         Some(Arc::new(EmbeddedDedupe::new(self.inner.clone())))
     }
 

@@ -3,7 +3,7 @@
 
 use super::EmbeddedLog;
 use super::log::{self, DomainReader, domain_index};
-use super::subscription::{envelope_of, us_to_time};
+use super::log::{envelope_of, us_to_time};
 use crate::error::{Error, Result};
 use crate::topic::{Domain, TopicPattern};
 use crate::transport::StoredMessage;

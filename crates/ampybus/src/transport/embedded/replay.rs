@@ -2,7 +2,7 @@
 
 use super::format::{self, FRAME_HEAD, SEG_HEADER};
 use super::log::{self, DomainReader};
-use super::subscription::{envelope_of, us_to_time};
+use super::log::{envelope_of, us_to_time};
 use super::{EmbeddedLog, Inner};
 use crate::error::Result;
 use crate::topic::{Domain, TopicPattern};

@@ -59,7 +59,13 @@ pub(crate) struct Shared {
     _file: File,
     /// The data directory (to repair a page whose writer died while publishing).
     dir: PathBuf,
+    /// Rebuilds the page from the files (the log's recovery, handed in by whoever opens the
+    /// page, so that this module needs nothing of the log's).
+    recover: Recover,
 }
+
+/// The log's recovery: reads the data files and publishes their committed ends in the page.
+pub(crate) type Recover = fn(&Path, &Shared) -> Result<Snapshot>;
 
 // SAFETY: the mapping is only accessed through atomics.
 unsafe impl Send for Shared {}
@@ -105,8 +111,9 @@ fn boot_id() -> [u8; 16] {
 }
 
 impl Shared {
-    /// Maps `dir/state.shm`, creating it (zeroed) if missing.
-    pub fn open(dir: &Path) -> Result<Shared> {
+    /// Maps `dir/state.shm`, creating it (zeroed) if missing; `recover` rebuilds it from the
+    /// files when a writer died while publishing it.
+    pub fn open(dir: &Path, recover: Recover) -> Result<Shared> {
         let path = dir.join("state.shm");
         let file = OpenOptions::new()
             .read(true)
@@ -146,6 +153,7 @@ impl Shared {
             ptr: ptr as *mut u8,
             _file: file,
             dir: dir.to_path_buf(),
+            recover,
         })
     }
 
@@ -251,7 +259,7 @@ impl Shared {
             return;
         }
         tracing::warn!(dir = %self.dir.display(), "embedded log: a writer died while publishing the shared state; recovering it from the files");
-        if let Err(e) = super::log::recover(&self.dir, self) {
+        if let Err(e) = (self.recover)(&self.dir, self) {
             tracing::warn!(error = %e, "embedded log: recovering the shared state failed");
             self.u64_at(OFF_MAGIC).store(0, Ordering::Release);
             let lock = self.u64_at(OFF_SEQLOCK);
@@ -432,7 +440,7 @@ mod tests {
     #[test]
     fn a_published_snapshot_reads_back_and_is_current() {
         let dir = tempfile::tempdir().unwrap();
-        let a = Shared::open(dir.path()).unwrap();
+        let a = Shared::open(dir.path(), super::super::log::recover).unwrap();
         assert!(!a.is_current());
         let mut s = Snapshot {
             next_seq: 42,
@@ -447,7 +455,7 @@ mod tests {
         };
         let before = a.counter();
         a.publish(&s);
-        let b = Shared::open(dir.path()).unwrap();
+        let b = Shared::open(dir.path(), super::super::log::recover).unwrap();
         assert!(b.is_current());
         assert_eq!(b.snapshot(), s);
         assert_eq!(b.committed_through(), 41);
@@ -457,8 +465,8 @@ mod tests {
     #[test]
     fn a_waiter_in_another_mapping_is_woken_by_a_commit() {
         let dir = tempfile::tempdir().unwrap();
-        let a = Shared::open(dir.path()).unwrap();
-        let b = std::sync::Arc::new(Shared::open(dir.path()).unwrap());
+        let a = Shared::open(dir.path(), super::super::log::recover).unwrap();
+        let b = std::sync::Arc::new(Shared::open(dir.path(), super::super::log::recover).unwrap());
         let seen = b.counter();
         let b2 = b.clone();
         let t = std::thread::spawn(move || {

@@ -3,15 +3,12 @@
 use super::Inner;
 use super::format::Rec;
 use super::group::{self, Journal, Meta, PARTITIONS, frames, partition_of, slot};
-use super::log::{DomainReader, damaged, now_us};
+use super::log::{DomainReader, envelope_of, now_us, us_to_time};
 use super::replay::{domains_of, seq_at_time};
-use crate::envelope::Envelope;
 use crate::error::{Error, Result};
-use crate::headers::Headers;
 use crate::topic::TopicPattern;
 use crate::transport::{Delivery, DeliveryInfo, Settler, StartAt, SubscribeSpec, Subscription};
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -45,34 +42,6 @@ impl Matcher {
 
 /// Records waiting in memory per instance before reading stops.
 const MAX_PENDING: usize = 50_000;
-
-pub(crate) fn us_to_time(us: i64) -> DateTime<Utc> {
-    DateTime::from_timestamp_micros(us).unwrap_or_default()
-}
-
-/// The envelope of a stored record (headers decoded; a damaged record is an error naming its
-/// sequence).
-pub(crate) fn envelope_of(inner: &Inner, rec: &Rec) -> Result<Envelope> {
-    let headers = Headers::decode_compact(&rec.headers).map_err(|e| {
-        damaged(
-            &inner.dir,
-            &super::format::Damage {
-                offset: 0,
-                what: format!(
-                    "message {} on {}: stored headers do not decode: {}",
-                    rec.seq,
-                    rec.topic,
-                    e.message()
-                ),
-            },
-        )
-    })?;
-    Ok(Envelope {
-        topic: rec.topic.clone().into(),
-        headers,
-        payload: rec.payload.clone(),
-    })
-}
 
 /// The sequence after which a new reader starts.
 async fn start_position(inner: &Arc<Inner>, start: StartAt) -> Result<u64> {
@@ -395,7 +364,8 @@ impl Instance {
             .filter(|p| p.st != St::Waiting)
             .fold(0, |m, p| m | (1u64 << partition_of(p.slot)));
         let cutoff_ms = now / 1000
-            - i64::try_from(crate::dedupe::DEFAULT_WINDOW.as_millis()).unwrap_or(i64::MAX / 2);
+            - i64::try_from(crate::transport::dedupe_store::DEFAULT_WINDOW.as_millis())
+                .unwrap_or(i64::MAX / 2);
         let (mask, positions, delivered) = {
             let mut j = self.journal();
             j.with_lock(true, |j| {

@@ -777,7 +777,7 @@ fn first_at_or_after(
     ms: i64,
     where_: &str,
 ) -> Result<i64> {
-    let reader = super::replay::replay_consumer(shared)?;
+    let reader = shared.reader()?;
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, partition, Offset::Offset(from))
         .map_err(|e| kafka_error(where_, "offsets", e))?;

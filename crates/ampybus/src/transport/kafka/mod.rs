@@ -66,15 +66,13 @@ pub use rdkafka;
 mod publish;
 mod replay;
 
-use crate::bus::redact;
-use crate::dedupe::{DedupeStore, SqliteDedupeStore};
+use crate::dedupe::DedupeStore;
 use crate::envelope::Envelope;
 use crate::error::{Error, ErrorKind, Result};
 use crate::topic::{Domain, TopicPattern};
 use crate::transport::naming::{stream_may_match, stream_of};
-use crate::transport::url_parts::{
-    MAX_RETENTION_DAYS, missing_host, percent_decode, retention_value,
-};
+use crate::transport::url::redact;
+use crate::transport::url::{MAX_RETENTION_DAYS, missing_host, percent_decode, retention_value};
 use crate::transport::{
     ConsumerLag, Inspect, PublishReceipt, ReplayByTime, SubscribeSpec, Subscription, Transport,
 };
@@ -171,22 +169,15 @@ pub fn unpack_offset(seq: u64) -> (i32, i64) {
     )
 }
 
-/// Where a Kafka consumer's applied-message records live.
+/// Where a Kafka consumer's applied-message records live (the `dedupe=` option): a
+/// [`crate::dedupe::DedupeSpec`].
 ///
 /// ```
 /// use ampybus::transport::kafka::{KafkaDedupe, KafkaOptions};
 /// let o = KafkaOptions::from_url("kafka://h:9092?dedupe=off").unwrap();
 /// assert_eq!(o.dedupe, KafkaDedupe::Off);
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KafkaDedupe {
-    /// A SQLite file on this host.
-    Sqlite(PathBuf),
-    /// Redis keys with a TTL, shared by every host (needs cargo feature `redis`).
-    Redis(String),
-    /// No dedupe store (the runtime warns).
-    Off,
-}
+pub type KafkaDedupe = crate::dedupe::DedupeSpec;
 
 /// Options of a Kafka connection and of the topics the binding creates.
 ///
@@ -441,20 +432,8 @@ impl KafkaOptions {
                     o.session_timeout = Duration::from_millis(n);
                 }
                 "dedupe" => {
-                    o.dedupe = if v == "off" {
-                        KafkaDedupe::Off
-                    } else if let Some(p) = v.strip_prefix("sqlite:") {
-                        if p.is_empty() {
-                            return Err(bad("option `dedupe`: `sqlite:` needs a path".into()));
-                        }
-                        KafkaDedupe::Sqlite(PathBuf::from(p))
-                    } else if v.starts_with("redis://") || v.starts_with("rediss://") {
-                        KafkaDedupe::Redis(v)
-                    } else {
-                        return Err(bad(
-                            "option `dedupe`: must be `sqlite:PATH`, `redis://…` or `off`".into(),
-                        ));
-                    };
+                    o.dedupe = KafkaDedupe::parse(&v)
+                        .map_err(|rule| bad(format!("option `dedupe`: {rule}")))?;
                 }
                 other => {
                     return Err(bad(format!(
@@ -636,6 +615,25 @@ pub(crate) struct Shared {
 impl Shared {
     pub(crate) fn where_(&self) -> String {
         format!("kafka {}", self.opts.server_shown())
+    }
+
+    /// A consumer without a group position (a fresh group id, nothing committed, the end of
+    /// a partition reported): what replay and the start-offset lookups read with.
+    pub(crate) fn reader(&self) -> Result<rdkafka::consumer::BaseConsumer<Quiet>> {
+        let mut cfg = self.opts.client_config();
+        cfg.set(
+            "group.id",
+            format!(
+                "{}ampy-replay-{}",
+                self.opts.namespace,
+                uuid::Uuid::new_v4().simple()
+            ),
+        )
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "true");
+        cfg.create_with_context(Quiet)
+            .map_err(|e| kafka_error(&self.where_(), "invalid consumer settings", e))
     }
 
     /// Creates the Kafka topics not known to exist yet (an existing one is fine).
@@ -854,35 +852,7 @@ impl KafkaTransport {
         })
         .await
         .map_err(|e| Error::transport("kafka: connect task failed", e))??;
-        let dedupe: Option<Arc<dyn DedupeStore>> = match &opts.dedupe {
-            KafkaDedupe::Off => None,
-            KafkaDedupe::Sqlite(p) => {
-                if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
-                    std::fs::create_dir_all(dir).map_err(|e| {
-                        Error::with_source(
-                            ErrorKind::Config,
-                            format!("{where_}: option `dedupe`: cannot create {}", dir.display()),
-                            e,
-                        )
-                    })?;
-                }
-                let p = p.clone();
-                let store = tokio::task::spawn_blocking(move || SqliteDedupeStore::open(p))
-                    .await
-                    .map_err(|e| Error::transport("kafka: dedupe open task failed", e))??;
-                Some(Arc::new(store))
-            }
-            #[cfg(feature = "redis")]
-            KafkaDedupe::Redis(u) => Some(Arc::new(
-                crate::transport::redis::RedisDedupeStore::connect(u).await?,
-            )),
-            #[cfg(not(feature = "redis"))]
-            KafkaDedupe::Redis(_) => {
-                return Err(Error::config(format!(
-                    "{where_}: option `dedupe=redis://…` needs cargo feature `redis` of crate `ampybus`"
-                )));
-            }
-        };
+        let dedupe = crate::dedupe::open(&opts.dedupe, &where_).await?;
         let permits = Arc::new(tokio::sync::Semaphore::new(opts.max_in_flight));
         Ok(KafkaTransport {
             shared: Arc::new(Shared {

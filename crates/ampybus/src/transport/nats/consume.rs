@@ -184,6 +184,9 @@ impl Settler for PartSettler {
     }
 }
 
+/// The longest single waiting pull of a fetch (a longer wait is several pulls).
+const WAIT_SLICE: Duration = Duration::from_millis(500);
+
 pub(crate) struct NatsSubscription {
     shared: Arc<Shared>,
     spec: SubscribeSpec,
@@ -620,23 +623,39 @@ impl Subscription for NatsSubscription {
         if !out.is_empty() || wait < Duration::from_millis(20) {
             return Ok(out);
         }
-        // Nothing there: wait for one message on each stream (at most `max` streams).
+        // Nothing there: wait for one message on each stream (at most `max` streams), in
+        // pulls of at most WAIT_SLICE: a waiting pull of several seconds was seen to miss
+        // messages stored while it waited (nats-server 2.9), a short one does not.
         let waiting: Vec<usize> = order.into_iter().take(max).collect();
-        let results =
-            futures::future::join_all(waiting.iter().map(|&i| self.pull(i, 1, Some(wait)))).await;
+        let deadline = std::time::Instant::now() + wait;
         let mut err = None;
         let mut woke = Vec::new();
-        for (&i, r) in waiting.iter().zip(results) {
-            match r {
-                Ok(got) if !got.is_empty() => {
-                    woke.push(i);
-                    out.extend(self.convert(i, got));
+        loop {
+            let slice = deadline
+                .saturating_duration_since(std::time::Instant::now())
+                .min(WAIT_SLICE);
+            let results =
+                futures::future::join_all(waiting.iter().map(|&i| self.pull(i, 1, Some(slice))))
+                    .await;
+            for (&i, r) in waiting.iter().zip(results) {
+                match r {
+                    Ok(got) if !got.is_empty() => {
+                        woke.push(i);
+                        out.extend(self.convert(i, got));
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        self.parts[i].stale = true;
+                        err = Some(e);
+                    }
                 }
-                Ok(_) => {}
-                Err(e) => {
-                    self.parts[i].stale = true;
-                    err = Some(e);
-                }
+            }
+            if !out.is_empty()
+                || err.is_some()
+                || deadline.saturating_duration_since(std::time::Instant::now())
+                    < Duration::from_millis(20)
+            {
+                break;
             }
         }
         if out.is_empty()

@@ -6,8 +6,8 @@
 //! whatever the consumer name or the key holds), so consumers never see each other's entries.
 
 use super::NatsOptions;
-use crate::dedupe::DedupeStore;
 use crate::error::{Error, ErrorKind, Result};
+use crate::transport::dedupe_store::DedupeStore;
 use async_nats::jetstream::{self, kv};
 use async_trait::async_trait;
 use base64::Engine as _;
@@ -47,7 +47,7 @@ impl std::fmt::Debug for NatsKvDedupeStore {
 
 impl NatsKvDedupeStore {
     /// Connects with a `nats://`/`tls://` URL (its own connection) and the default window
-    /// ([`crate::dedupe::DEFAULT_WINDOW`]).
+    /// ([`crate::transport::dedupe_store::DEFAULT_WINDOW`]).
     ///
     /// ```no_run
     /// # async fn demo() -> ampybus::Result<()> {
@@ -61,7 +61,7 @@ impl NatsKvDedupeStore {
         Ok(NatsKvDedupeStore::from_context(
             js,
             &opts,
-            crate::dedupe::DEFAULT_WINDOW,
+            crate::transport::dedupe_store::DEFAULT_WINDOW,
         ))
     }
 

@@ -70,13 +70,11 @@ pub mod streams;
 
 pub use kv_dedupe::NatsKvDedupeStore;
 
-use crate::bus::redact;
 use crate::envelope::Envelope;
 use crate::error::{Error, ErrorKind, Result};
 use crate::headers::Headers;
-use crate::transport::url_parts::{
-    MAX_RETENTION_DAYS, missing_host, percent_decode, retention_value,
-};
+use crate::transport::url::redact;
+use crate::transport::url::{MAX_RETENTION_DAYS, missing_host, percent_decode, retention_value};
 use crate::transport::{PublishReceipt, ReplayByTime, SubscribeSpec, Subscription, Transport};
 use async_trait::async_trait;
 use std::path::PathBuf;
@@ -768,7 +766,7 @@ impl NatsTransport {
         NatsKvDedupeStore::from_context(
             self.shared.js.clone(),
             &self.shared.opts,
-            crate::dedupe::DEFAULT_WINDOW,
+            crate::transport::dedupe_store::DEFAULT_WINDOW,
         )
     }
 }
@@ -804,7 +802,7 @@ impl Transport for NatsTransport {
         Some(self)
     }
 
-    fn dedupe_store(&self) -> Option<Arc<dyn crate::dedupe::DedupeStore>> {
+    fn dedupe_store(&self) -> Option<Arc<dyn crate::transport::dedupe_store::DedupeStore>> {
         Some(Arc::new(self.kv_dedupe_store()))
     }
 

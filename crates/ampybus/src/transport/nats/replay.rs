@@ -1,22 +1,22 @@
-//! Replay by store time and keys: an ephemeral consumer (no acks) starting by time or after a
-//! sequence, filtered to the pattern, reading at most what the stream held when the call
-//! started, stopping at the first message stored at or after `end`. Keys are filtered here.
-//!
-//! Within one stream `sequence` is the stream sequence. Sequences of different streams are not
-//! comparable, so a pattern spanning several streams (`ampy.dev.>`) is read stream by stream,
-//! merged by store time, and `sequence` is then the store time in nanoseconds since the epoch
-//! (paging continues after it; two messages of different streams stored in the same nanosecond
-//! across a page boundary would lose the second).
+//! Replay by store time and keys, translated for JetStream: the streams a pattern spans
+//! ([`streams::streams_for_pattern`], existing ones only) and one page of each through an
+//! ephemeral consumer (no acks) filtered to the pattern, starting after a stream sequence or by
+//! time, reading at most what the stream held when the read started. Merging the streams, the
+//! tie rule, the cursor and the client-side filter (window end, keys) are `transport::multi`'s.
+//! `sequence` is the stream sequence when the pattern spans one stream, else the store time in
+//! nanoseconds.
 
 use super::streams::StreamRef;
 use super::{NatsTransport, Shared, from_header_map, streams};
 use crate::envelope::Envelope;
 use crate::error::{Error, ErrorKind, Result};
-use crate::headers::names;
-use crate::transport::{ReplayByTime, StoredMessage, WindowQuery};
+use crate::topic::TopicPattern;
+use crate::transport::multi::{self, Entry, Filter, Start, StreamRead, StreamSource, Verdict};
+use crate::transport::{ReplayByTime, ReplayPage, StoredMessage, WindowQuery};
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, ReplayPolicy, pull};
 use async_trait::async_trait;
 use futures::StreamExt;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Largest pull while scanning.
@@ -25,61 +25,60 @@ const SCAN_BATCH: usize = 512;
 #[async_trait]
 impl ReplayByTime for NatsTransport {
     async fn read_window(&self, q: &WindowQuery) -> Result<Vec<StoredMessage>> {
-        let shared = &self.shared;
-        let targets = streams::streams_for_pattern(shared, &q.pattern, false).await?;
-        match targets.as_slice() {
-            [] => Ok(Vec::new()),
-            [(stream, filter)] => read_stream(shared, stream, filter, q).await,
-            many => {
-                // Several streams: their sequences are not comparable, so the page is merged
-                // by store time and `sequence` is the store time in nanoseconds since the
-                // epoch (pages continue after it).
-                let limit = if q.limit == 0 { 1000 } else { q.limit };
-                let mut sub = q.clone();
-                sub.after_sequence = 0;
-                if q.after_sequence > 0 {
-                    let after = chrono::DateTime::from_timestamp_nanos(
-                        i64::try_from(q.after_sequence).unwrap_or(i64::MAX),
-                    );
-                    sub.start = Some(q.start.map_or(after, |s| s.max(after)));
-                }
-                let mut all = Vec::new();
-                for (stream, filter) in many {
-                    all.extend(read_stream(shared, stream, filter, &sub).await?);
-                }
-                for m in &mut all {
-                    m.sequence = m
-                        .stored_at
-                        .timestamp_nanos_opt()
-                        .and_then(|n| u64::try_from(n).ok())
-                        .unwrap_or(0);
-                }
-                all.retain(|m| m.sequence > q.after_sequence);
-                all.sort_by_key(|m| m.sequence);
-                all.truncate(limit);
-                Ok(all)
-            }
-        }
+        multi::read_window(&Source(&self.shared), q).await
+    }
+
+    async fn read_page(&self, q: &WindowQuery) -> Result<ReplayPage> {
+        multi::read_page(&Source(&self.shared), q).await
     }
 }
 
-/// One page from one stream, by stream sequence.
+/// The JetStream side of a multi-stream read.
+struct Source<'a>(&'a Shared);
+
+#[async_trait]
+impl StreamSource for Source<'_> {
+    /// A stream and the consumer filter to use on it.
+    type Stream = (Arc<StreamRef>, String);
+
+    async fn streams(&self, pattern: &TopicPattern) -> Result<Vec<Self::Stream>> {
+        let mut s = streams::streams_for_pattern(self.0, pattern, false).await?;
+        s.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+        Ok(s)
+    }
+
+    fn name(stream: &Self::Stream) -> String {
+        stream.0.name.clone()
+    }
+
+    async fn read(
+        &self,
+        reads: Vec<StreamRead<Self::Stream>>,
+        filter: &Filter,
+        limit: usize,
+    ) -> Result<Vec<Vec<Entry>>> {
+        futures::future::try_join_all(
+            reads
+                .iter()
+                .map(|r| read_stream(self.0, &r.stream.0, &r.stream.1, r.from, filter, limit)),
+        )
+        .await
+    }
+}
+
+/// Up to `limit` kept messages of one stream, by stream sequence.
 async fn read_stream(
     shared: &Shared,
     stream: &StreamRef,
-    filter: &str,
-    q: &WindowQuery,
-) -> Result<Vec<StoredMessage>> {
+    subject: &str,
+    from: Start,
+    filter: &Filter,
+    limit: usize,
+) -> Result<Vec<Entry>> {
     let where_ = format!("{} stream {}", shared.where_(), stream.name);
     let api = |what: &str, e: Box<dyn std::error::Error + Send + Sync>| {
         Error::with_source(ErrorKind::Transport, format!("{where_}: {what}: {e}"), e)
     };
-    let limit = if q.limit == 0 { 1000 } else { q.limit };
-    if let (Some(s), Some(e)) = (q.start, q.end)
-        && s >= e
-    {
-        return Ok(Vec::new());
-    }
     let mut js_stream = shared
         .js
         .get_stream(&stream.name)
@@ -91,22 +90,18 @@ async fn read_stream(
         .map_err(|e| api("reading the stream", e.into()))?
         .state
         .last_sequence;
-    if q.after_sequence >= last_seq {
-        return Ok(Vec::new());
-    }
-    let deliver_policy = if q.after_sequence > 0 {
-        DeliverPolicy::ByStartSequence {
-            start_sequence: q.after_sequence + 1,
-        }
-    } else if let Some(start) = q.start {
-        DeliverPolicy::ByStartTime { start_time: start }
-    } else {
-        DeliverPolicy::All
+    let deliver_policy = match from {
+        Start::After(seq) if seq >= last_seq => return Ok(Vec::new()),
+        Start::After(seq) => DeliverPolicy::ByStartSequence {
+            start_sequence: seq + 1,
+        },
+        Start::Time(Some(start_time)) => DeliverPolicy::ByStartTime { start_time },
+        Start::Time(None) => DeliverPolicy::All,
     };
     let cfg = pull::Config {
         deliver_policy,
         ack_policy: AckPolicy::None,
-        filter_subject: filter.to_owned(),
+        filter_subject: subject.to_owned(),
         replay_policy: ReplayPolicy::Instant,
         inactive_threshold: Duration::from_secs(30),
         description: Some("ampybus replay".to_owned()),
@@ -122,7 +117,6 @@ async fn read_stream(
         .map_err(|e| api("reading the replay consumer", e.into()))?
         .num_pending;
     let consumer_name = consumer.cached_info().name.clone();
-    let keys = q.keys.as_ref();
     let mut out = Vec::new();
     let mut empty_pulls = 0;
     'scan: while pending > 0 && out.len() < limit {
@@ -145,29 +139,20 @@ async fn read_stream(
             if seq > last_seq {
                 break 'scan;
             }
-            if q.end.is_some_and(|end| stored_at >= end) {
-                break 'scan;
+            let envelope = Envelope {
+                topic: m.message.subject.as_str().into(),
+                headers: from_header_map(m.message.headers.as_ref()),
+                payload: m.message.payload.clone(),
+            };
+            match filter.check(stored_at, &envelope) {
+                Verdict::Stop => break 'scan,
+                Verdict::Skip => {}
+                Verdict::Keep => out.push(Entry {
+                    seq,
+                    stored_at,
+                    envelope,
+                }),
             }
-            if q.start.is_some_and(|start| stored_at < start) {
-                continue;
-            }
-            let headers = from_header_map(m.message.headers.as_ref());
-            if let Some(keys) = keys
-                && !headers
-                    .get(names::PARTITION_KEY)
-                    .is_some_and(|k| keys.iter().any(|x| x == k))
-            {
-                continue;
-            }
-            out.push(StoredMessage {
-                sequence: seq,
-                stored_at,
-                envelope: Envelope {
-                    topic: m.message.subject.as_str().into(),
-                    headers,
-                    payload: m.message.payload.clone(),
-                },
-            });
             if out.len() >= limit || seq >= last_seq {
                 break 'scan;
             }

@@ -5,8 +5,8 @@
 //! calls [`DedupeStore::record_applied`] then).
 
 use super::{RedisOptions, command_error};
-use crate::dedupe::DedupeStore;
 use crate::error::{Error, ErrorKind, Result};
+use crate::transport::dedupe_store::DedupeStore;
 use async_trait::async_trait;
 use base64::Engine as _;
 use redis::aio::ConnectionManager;
@@ -49,7 +49,7 @@ impl std::fmt::Debug for RedisDedupeStore {
 
 impl RedisDedupeStore {
     /// Connects with a `redis://`/`rediss://` URL (its own connection) and the default window
-    /// ([`crate::dedupe::DEFAULT_WINDOW`]).
+    /// ([`crate::transport::dedupe_store::DEFAULT_WINDOW`]).
     ///
     /// ```no_run
     /// # async fn demo() -> ampybus::Result<()> {
@@ -63,7 +63,7 @@ impl RedisDedupeStore {
         Ok(RedisDedupeStore::from_connection(
             conn,
             &opts,
-            crate::dedupe::DEFAULT_WINDOW,
+            crate::transport::dedupe_store::DEFAULT_WINDOW,
         ))
     }
 

@@ -62,13 +62,11 @@ mod wire;
 pub use dedupe::RedisDedupeStore;
 pub use wire::{pack_id, unpack_id};
 
-use crate::bus::redact;
 use crate::envelope::Envelope;
 use crate::error::{Error, ErrorKind, Result};
 use crate::topic::{Domain, TopicPattern};
-use crate::transport::url_parts::{
-    MAX_RETENTION_DAYS, missing_host, percent_decode, retention_value,
-};
+use crate::transport::url::redact;
+use crate::transport::url::{MAX_RETENTION_DAYS, missing_host, percent_decode, retention_value};
 use crate::transport::{PublishReceipt, ReplayByTime, SubscribeSpec, Subscription, Transport};
 use async_trait::async_trait;
 use redis::aio::ConnectionManager;
@@ -718,7 +716,7 @@ impl RedisTransport {
         RedisDedupeStore::from_connection(
             self.shared.conn.clone(),
             &self.shared.opts,
-            crate::dedupe::DEFAULT_WINDOW,
+            crate::transport::dedupe_store::DEFAULT_WINDOW,
         )
     }
 
@@ -847,7 +845,7 @@ impl Transport for RedisTransport {
         Some(self)
     }
 
-    fn dedupe_store(&self) -> Option<Arc<dyn crate::dedupe::DedupeStore>> {
+    fn dedupe_store(&self) -> Option<Arc<dyn crate::transport::dedupe_store::DedupeStore>> {
         Some(Arc::new(self.dedupe_store_handle()))
     }
 

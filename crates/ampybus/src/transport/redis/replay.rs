@@ -1,15 +1,15 @@
-//! Replay by store time and keys: `XRANGE` over millisecond ids, `[start, end)` (the end
-//! exclusive: `(end_ms-0`), reading only streams that exist; topics and keys filtered here.
-//!
-//! `sequence` is the packed entry id ([`super::pack_id`]), which orders like store time across
-//! streams too, so a pattern spanning several streams is read stream by stream and merged by
-//! it. A page never ends between two entries of different streams with the same id (it may
-//! then hold a few more than `limit`), so paging by `after_sequence` loses nothing.
+//! Replay by store time and keys, translated for Redis Streams: the stream keys a pattern
+//! spans (existing ones, `SCAN`) and one page of each by `XRANGE` over millisecond ids,
+//! `[start, end)` (the end exclusive: `(end_ms-0`), or after an entry id. Merging the streams,
+//! the tie rule, the cursor and the client-side filter (topics, keys) are `transport::multi`'s.
+//! `sequence` is the packed entry id ([`super::pack_id`]) when the pattern spans one stream,
+//! else the store time in nanoseconds.
 
 use super::{RedisTransport, Shared, wire};
 use crate::error::Result;
-use crate::headers::names;
-use crate::transport::{ReplayByTime, StoredMessage, WindowQuery};
+use crate::topic::TopicPattern;
+use crate::transport::multi::{self, Entry, Filter, Start, StreamRead, StreamSource, Verdict};
+use crate::transport::{ReplayByTime, ReplayPage, StoredMessage, WindowQuery};
 use async_trait::async_trait;
 
 /// Largest `XRANGE` page while scanning.
@@ -18,56 +18,59 @@ const SCAN_BATCH: usize = 1000;
 #[async_trait]
 impl ReplayByTime for RedisTransport {
     async fn read_window(&self, q: &WindowQuery) -> Result<Vec<StoredMessage>> {
-        let shared = &self.shared;
-        let limit = if q.limit == 0 { 1000 } else { q.limit };
-        if let (Some(s), Some(e)) = (q.start, q.end)
-            && s >= e
-        {
-            return Ok(Vec::new());
-        }
-        let keys = shared.existing_streams(&q.pattern).await?;
-        let mut all = Vec::new();
-        for key in &keys {
-            all.extend(read_stream(shared, key, q, limit).await?);
-        }
-        if keys.len() > 1 {
-            all.sort_by_key(|m| m.sequence);
-            if all.len() > limit {
-                let last = all[limit - 1].sequence;
-                let keep = limit
-                    + all[limit..]
-                        .iter()
-                        .take_while(|m| m.sequence == last)
-                        .count();
-                all.truncate(keep);
-            }
-        }
-        Ok(all)
+        multi::read_window(&Source(&self.shared), q).await
+    }
+
+    async fn read_page(&self, q: &WindowQuery) -> Result<ReplayPage> {
+        multi::read_page(&Source(&self.shared), q).await
     }
 }
 
-/// Up to `limit` matches from one stream, in id order.
+/// The Redis side of a multi-stream read.
+struct Source<'a>(&'a Shared);
+
+#[async_trait]
+impl StreamSource for Source<'_> {
+    /// A stream key.
+    type Stream = String;
+
+    async fn streams(&self, pattern: &TopicPattern) -> Result<Vec<String>> {
+        self.0.existing_streams(pattern).await
+    }
+
+    fn name(stream: &String) -> String {
+        stream.clone()
+    }
+
+    async fn read(
+        &self,
+        reads: Vec<StreamRead<String>>,
+        filter: &Filter,
+        limit: usize,
+    ) -> Result<Vec<Vec<Entry>>> {
+        futures::future::try_join_all(
+            reads
+                .iter()
+                .map(|r| read_stream(self.0, &r.stream, r.from, filter, limit)),
+        )
+        .await
+    }
+}
+
+/// Up to `limit` kept entries of one stream, in id order.
 async fn read_stream(
     shared: &Shared,
     key: &str,
-    q: &WindowQuery,
+    from: Start,
+    filter: &Filter,
     limit: usize,
-) -> Result<Vec<StoredMessage>> {
-    let mut from = match q.start {
-        Some(s) => format!("{}-0", wire::ceil_ms(s).max(0)),
-        None => "-".to_owned(),
+) -> Result<Vec<Entry>> {
+    let mut from = match from {
+        Start::After(packed) => format!("({}", wire::unpack_id(packed)),
+        Start::Time(Some(s)) => format!("{}-0", wire::ceil_ms(s).max(0)),
+        Start::Time(None) => "-".to_owned(),
     };
-    if q.after_sequence > 0 {
-        let after = wire::unpack_id(q.after_sequence);
-        let after_is_later = q.start.is_none_or(|s| {
-            wire::pack_id(&format!("{}-0", wire::ceil_ms(s).max(0))).unwrap_or(0)
-                <= q.after_sequence
-        });
-        if after_is_later {
-            from = format!("({after}");
-        }
-    }
-    let to = match q.end {
+    let to = match filter.end() {
         Some(e) => format!("({}-0", wire::ceil_ms(e).max(0)),
         None => "+".to_owned(),
     };
@@ -91,27 +94,22 @@ async fn read_stream(
         };
         for e in entries {
             let Some(fields) = &e.fields else { continue };
-            let Some(env) = wire::to_envelope(fields) else {
+            let Some(envelope) = wire::to_envelope(fields) else {
                 continue;
             };
-            if !q.pattern.matches(&env.topic) {
-                continue;
-            }
-            if let Some(keys) = &q.keys
-                && !env
-                    .headers
-                    .get(names::PARTITION_KEY)
-                    .is_some_and(|k| keys.iter().any(|x| x == k))
-            {
-                continue;
-            }
-            let Some(sequence) = wire::pack_id(&e.id) else {
+            let Some(seq) = wire::pack_id(&e.id) else {
                 continue;
             };
-            out.push(StoredMessage {
-                sequence,
-                stored_at: wire::id_time(&e.id),
-                envelope: env,
+            let stored_at = wire::id_time(&e.id);
+            match filter.check(stored_at, &envelope) {
+                Verdict::Stop => return Ok(out),
+                Verdict::Skip => continue,
+                Verdict::Keep => {}
+            }
+            out.push(Entry {
+                seq,
+                stored_at,
+                envelope,
             });
             if out.len() >= limit {
                 return Ok(out);

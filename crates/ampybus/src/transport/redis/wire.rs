@@ -56,14 +56,7 @@ pub(crate) fn id_time(id: &str) -> DateTime<Utc> {
 }
 
 /// The first millisecond at or after `t` (store times are whole milliseconds).
-pub(crate) fn ceil_ms(t: DateTime<Utc>) -> i64 {
-    let ms = t.timestamp_millis();
-    if !t.timestamp_subsec_nanos().is_multiple_of(1_000_000) {
-        ms + 1
-    } else {
-        ms
-    }
-}
+pub(crate) use crate::transport::multi::ceil_ms;
 
 fn glob_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());

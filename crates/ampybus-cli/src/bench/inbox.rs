@@ -8,8 +8,9 @@
 //! server's `synchronous_commit` is reported (on by default: each commit waits for its WAL
 //! flush).
 
-use crate::bench_raw::{Clock, runtime_consume, settle, show_series};
-use crate::cli::BenchArgs;
+use crate::bench::BenchArgs;
+use crate::bench::raw::{Clock, runtime_consume, settle};
+use crate::bench::stats::{median, round, show_series, spread_json};
 use crate::error::{CliError, CliResult, EXIT_OK};
 use crate::util;
 use ampybus::inbox::pg::{PgInbox, PgOutbox, pg_handler_fn};
@@ -169,7 +170,7 @@ pub async fn run(args: &BenchArgs, parent: &Path) -> CliResult<u8> {
         args.sync.as_str()
     );
     let bus = util::connect(&bus_url).await?;
-    crate::bench_consume::fill(&bus, args).await?;
+    crate::bench::consume::fill(&bus, args).await?;
     let pattern = TopicPattern::parse(PATTERN).map_err(|e| CliError::bus("pattern", &e))?;
     let mut dedupe = Vec::new();
     let mut inbox = Vec::new();
@@ -230,10 +231,10 @@ pub async fn run(args: &BenchArgs, parent: &Path) -> CliResult<u8> {
         "keys": args.keys,
         "workers": workers,
         "rounds": args.rounds,
-        "dedupe_msg_per_sec": crate::bench_consume::stats(&dedupe),
-        "inbox_msg_per_sec": crate::bench_consume::stats(&inbox),
-        "relay_msg_per_sec": crate::bench_consume::stats(&relay),
-        "ratio": crate::bench_consume::round2(crate::bench_consume::median(&inbox) / crate::bench_consume::median(&dedupe)),
+        "dedupe_msg_per_sec": spread_json(&dedupe, true, 0),
+        "inbox_msg_per_sec": spread_json(&inbox, true, 0),
+        "relay_msg_per_sec": spread_json(&relay, true, 0),
+        "ratio": round(median(&inbox) / median(&dedupe), 3),
     });
     let mut out = util::Out::new();
     if args.json {

@@ -1,8 +1,11 @@
 //! Prometheus metrics ([`BusMetrics`]): one registry per [`crate::Bus`] handle, with the names
 //! and labels of the contract (DESIGN §6, seed §11).
 
-use super::feed_metrics::FeedFamilies;
-use crate::runtime::{DlqCode, DropReason};
+mod feeds;
+
+use crate::dlq::DlqCode;
+use crate::obs::DropReason;
+use feeds::FeedFamilies;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
@@ -244,8 +247,14 @@ pub struct BusMetrics {
     inner: Arc<Families>,
 }
 
+/// A counter family of the application's ([`BusMetrics::app_counter`]).
+type AppFamily = Family<Vec<(String, String)>, Counter>;
+
 struct Families {
     registry: Registry,
+    /// Counter families an application added ([`BusMetrics::app_counter`]), served after the
+    /// bus's, by name.
+    app: std::sync::Mutex<(Registry, HashMap<String, AppFamily>)>,
     produced: Family<TopicProducer, Counter>,
     consumed: Family<TopicConsumer, Counter>,
     delivery_latency: FastFamily<TopicOnly>,
@@ -316,6 +325,13 @@ pub fn domain_topic(topic: &str) -> &str {
 }
 
 impl BusMetrics {
+    /// The identity of these families (clones share it): what a counter of theirs is told
+    /// apart by when an inbox is bound to one consumer more than once.
+    #[cfg(any(feature = "inbox-postgres", feature = "inbox-sqlite"))]
+    pub(crate) fn id(&self) -> usize {
+        Arc::as_ptr(&self.inner) as usize
+    }
+
     /// Fresh families in a registry of their own.
     ///
     /// ```
@@ -325,6 +341,7 @@ impl BusMetrics {
         let mut registry = Registry::default();
         let f = Families {
             registry: Registry::default(),
+            app: std::sync::Mutex::new((Registry::default(), HashMap::new())),
             produced: Family::default(),
             consumed: Family::default(),
             delivery_latency: Family::new_with_constructor(latency_histogram),
@@ -380,12 +397,78 @@ impl BusMetrics {
         &self.inner.registry
     }
 
-    /// The registry in the Prometheus/OpenMetrics text format (see [`BusMetrics`]).
+    /// The registry in the Prometheus/OpenMetrics text format (see [`BusMetrics`]), followed
+    /// by the counters added with [`BusMetrics::app_counter`].
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.inner.registry);
+        let app = self.inner.app.lock().unwrap_or_else(|p| p.into_inner());
+        let mut extra = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut extra, &app.0);
+        if extra != "# EOF\n" {
+            // One exposition: the first part's end marker goes.
+            if let Some(body) = out.strip_suffix("# EOF\n") {
+                out.truncate(body.len());
+            }
+            out.push_str(&extra);
+        }
         out
+    }
+
+    /// A counter of the application's own, served on `/metrics` with the bus's families
+    /// (every clone of the handle shares it): family `name` (a `_total` suffix is added by the
+    /// encoder), the series of `labels`. The family is made on first use; a later call with
+    /// the same name and labels returns the same counter. `name` follows Prometheus naming
+    /// (letters, digits, `_`, not starting with a digit) and must not start with `bus_`.
+    ///
+    /// ```
+    /// let m = ampybus::obs::BusMetrics::new();
+    /// let ticks = m.app_counter("features_ticks", "Ticks applied", &[("service", "feat")]).unwrap();
+    /// ticks.inc_by(3);
+    /// m.app_counter("features_ticks", "Ticks applied", &[("service", "feat")]).unwrap().inc();
+    /// let text = m.encode();
+    /// assert!(text.contains(r#"features_ticks_total{service="feat"} 4"#), "{text}");
+    /// assert!(text.contains("# TYPE bus_inflight gauge"));
+    /// assert_eq!(text.matches("# EOF").count(), 1);
+    /// assert!(text.ends_with("# EOF\n"));
+    /// let e = m.app_counter("bus_x", "x", &[]).unwrap_err();
+    /// assert!(e.to_string().contains("`bus_x`"), "{e}");
+    /// assert!(m.app_counter("9x", "x", &[]).is_err());
+    /// ```
+    pub fn app_counter(
+        &self,
+        name: &str,
+        help: &str,
+        labels: &[(&str, &str)],
+    ) -> crate::Result<Counter> {
+        let well_formed = name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !well_formed {
+            return Err(crate::Error::config(format!(
+                "metric name `{name}`: must be letters, digits and `_`, not starting with a digit"
+            )));
+        }
+        if name.starts_with("bus_") {
+            return Err(crate::Error::config(format!(
+                "metric name `{name}`: `bus_` is the bus's own prefix"
+            )));
+        }
+        let mut app = self.inner.app.lock().unwrap_or_else(|p| p.into_inner());
+        let (registry, families) = &mut *app;
+        let family = families.entry(name.to_owned()).or_insert_with(|| {
+            let f = AppFamily::default();
+            registry.register(name, help, f.clone());
+            f
+        });
+        let labels: Vec<(String, String)> = labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Ok(family.get_or_create(&labels).clone())
     }
 
     pub(crate) fn producer_topic(&self, topic: &str, producer: &str) -> Arc<ProducerTopic> {

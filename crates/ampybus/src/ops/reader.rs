@@ -2,9 +2,9 @@
 //! [`crate::transport::Subscription`] itself instead of through [`crate::runtime::Consumer`]
 //! (e.g. `ampybus sub`).
 
-use super::metrics::ConsumerTopic;
 use crate::bus::Bus;
-use crate::runtime::ConsumerStats;
+use crate::obs::ConsumerStats;
+use crate::obs::{ConsumerProbe, ConsumerTopic};
 use crate::topic::TopicPattern;
 use prometheus_client::metrics::gauge::Gauge;
 use std::collections::HashMap;
@@ -25,42 +25,46 @@ pub(crate) struct ReaderShared {
     topics: Mutex<HashMap<String, Arc<ConsumerTopic>>>,
 }
 
-impl ReaderShared {
-    pub(crate) fn name(&self) -> &str {
+impl ConsumerProbe for ReaderShared {
+    fn name(&self) -> &str {
         &self.name
     }
 
-    pub(crate) fn pattern(&self) -> &TopicPattern {
+    fn pattern(&self) -> &TopicPattern {
         &self.pattern
     }
 
-    pub(crate) fn is_durable(&self) -> bool {
-        self.durable
-    }
-
-    pub(crate) fn max_in_flight(&self) -> usize {
-        self.max_in_flight
-    }
-
-    pub(crate) fn is_stopped(&self) -> bool {
-        self.stopped.load(Ordering::SeqCst)
-    }
-
-    pub(crate) fn last_message_at(&self) -> Option<chrono::DateTime<chrono::Utc>> {
-        match self.last_message_us.load(Ordering::Relaxed) {
-            0 => None,
-            us => chrono::DateTime::from_timestamp_micros(us),
-        }
-    }
-
-    pub(crate) fn stats(&self) -> ConsumerStats {
+    fn stats(&self) -> ConsumerStats {
         ConsumerStats {
             handled_ok: self.consumed.load(Ordering::SeqCst),
             ..ConsumerStats::default()
         }
     }
 
-    pub(crate) fn set_lag(&self, pending: u64) {
+    fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::SeqCst)
+    }
+
+    fn is_draining(&self) -> bool {
+        self.stopped.load(Ordering::SeqCst)
+    }
+
+    fn last_message_at(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        match self.last_message_us.load(Ordering::Relaxed) {
+            0 => None,
+            us => chrono::DateTime::from_timestamp_micros(us),
+        }
+    }
+
+    fn max_in_flight(&self) -> usize {
+        self.max_in_flight
+    }
+
+    fn lag_name(&self) -> Option<&str> {
+        self.durable.then_some(self.name.as_str())
+    }
+
+    fn set_lag(&self, pending: u64) {
         if let Some(g) = &self.lag_gauge {
             g.set(i64::try_from(pending).unwrap_or(i64::MAX));
         }
@@ -76,7 +80,7 @@ impl ReaderShared {
 ///
 /// ```
 /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-/// use ampybus::{Bus, TopicPattern, obs::ReaderCounter};
+/// use ampybus::{Bus, TopicPattern, ops::ReaderCounter};
 /// let dir = tempfile::tempdir().unwrap();
 /// let bus = Bus::connect(dir.path().to_str().unwrap()).await.unwrap();
 /// let pattern = TopicPattern::parse("ampy.dev.news.>").unwrap();
@@ -132,7 +136,8 @@ impl ReaderCounter {
             topics: Mutex::new(HashMap::new()),
         });
         if obs.enabled {
-            obs.add_reader(Arc::downgrade(&inner));
+            let probe: Arc<dyn ConsumerProbe> = inner.clone();
+            obs.add_reader(Arc::downgrade(&probe));
         }
         ReaderCounter { inner }
     }
@@ -154,7 +159,7 @@ impl ReaderCounter {
     ///
     /// ```
     /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-    /// use ampybus::{Bus, TopicPattern, obs::ReaderCounter};
+    /// use ampybus::{Bus, TopicPattern, ops::ReaderCounter};
     /// let dir = tempfile::tempdir().unwrap();
     /// let bus = Bus::connect(dir.path().to_str().unwrap()).await.unwrap();
     /// let reader = ReaderCounter::register(&bus, "archive", TopicPattern::parse(">").unwrap(), true, 1);
@@ -164,9 +169,9 @@ impl ReaderCounter {
     /// # });
     /// ```
     pub fn decode_failed(&self, topic: &str) {
-        let at = crate::runtime::DlqCode::ALL
+        let at = crate::dlq::DlqCode::ALL
             .iter()
-            .position(|c| *c == crate::runtime::DlqCode::DecodeError);
+            .position(|c| *c == crate::dlq::DlqCode::DecodeError);
         if let Some(h) = self.topic_handles(topic)
             && let Some(Some(c)) = at.map(|i| &h.decode_fail[i])
         {
@@ -181,7 +186,7 @@ impl ReaderCounter {
         if !obs.enabled {
             return None;
         }
-        let key = super::domain_topic(topic);
+        let key = crate::obs::domain_topic(topic);
         let mut topics = s.topics.lock().unwrap_or_else(|p| p.into_inner());
         let h = match topics.get(key) {
             Some(h) => h.clone(),

@@ -1,8 +1,8 @@
-//! The feed-health families of [`BusMetrics`](super::BusMetrics): `bus_stale_sources`,
+//! The feed-health families of [`BusMetrics`](crate::obs::BusMetrics): `bus_stale_sources`,
 //! `bus_seconds_since_last{topic}`, `bus_gap_total{topic}`, `bus_gap_heal_requests_total{topic}`, `bus_failover_switches_total{service,
 //! reason}` (see `runtime::feeds`).
 
-use super::metrics::{Listed, domain_topic};
+use super::{Listed, domain_topic};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;

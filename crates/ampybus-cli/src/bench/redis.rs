@@ -15,7 +15,7 @@
 //! body, the handler) to its last ack. Everything under the prefix is deleted at the end
 //! (untimed).
 
-use crate::bench_raw::{Consumed, IDLE_LIMIT, RAW_FETCH, RawMode, shortfall};
+use crate::bench::raw::{Consumed, IDLE_LIMIT, RAW_FETCH, RawMode, shortfall};
 use crate::error::{CliError, CliResult, EXIT_OK};
 use ampybus::bus::{TransportKind, redact, transport_kind};
 use ampybus::transport::redis::{RedisOptions, RedisTransport};
@@ -43,7 +43,7 @@ pub struct BenchRedisArgs {
     #[arg(long, value_name = "R", default_value_t = 5)]
     pub rounds: u64,
     #[command(flatten)]
-    pub m: crate::bench_raw::ModeArgs,
+    pub m: crate::bench::raw::ModeArgs,
     /// One JSON object
     #[arg(long)]
     pub json: bool,
@@ -52,7 +52,7 @@ pub struct BenchRedisArgs {
 const TOPIC: &str = "ampy.dev.bars.v1.benchredis.XNAS";
 
 fn envelopes(n: u64, payload: usize) -> CliResult<Vec<Envelope>> {
-    crate::bench_raw::envelopes(TOPIC, n, payload)
+    crate::bench::raw::envelopes(TOPIC, n, payload)
 }
 
 /// One entry's fields as the raw side sends them: topic, headers, payload.
@@ -132,7 +132,7 @@ pub async fn run(url: &str, a: BenchRedisArgs) -> CliResult<u8> {
         opts.key_prefix = format!(
             "{}ampybench{}:",
             opts.key_prefix,
-            crate::bench_raw::run_label()
+            crate::bench::raw::run_label()
         );
     } else if opts.key_prefix.is_empty() {
         opts.key_prefix = format!("ampybench{}:", std::process::id());
@@ -159,7 +159,7 @@ pub async fn run(url: &str, a: BenchRedisArgs) -> CliResult<u8> {
         delete_prefix(&mut admin, &opts.key_prefix).await?;
         return result;
     }
-    let mut report = crate::bench_raw::RawVsBus::new("redis");
+    let mut report = crate::bench::raw::RawVsBus::new("redis");
     for round in 0..a.rounds {
         let envs = envelopes(a.messages, a.payload_bytes)?;
         let r = raw_round(&raw, &key, envs, a.inflight.max(1)).await?;
@@ -169,7 +169,7 @@ pub async fn run(url: &str, a: BenchRedisArgs) -> CliResult<u8> {
             .await
             .map_err(|e| CliError::transport(format!("DEL: {e}")))?;
         let envs = envelopes(a.messages, a.payload_bytes)?;
-        let o = crate::bench_raw::bus_round(&bus, envs).await?;
+        let o = crate::bench::raw::bus_round(&bus, envs).await?;
         let _: () = redis::cmd("DEL")
             .arg(&key)
             .query_async(&mut admin)
@@ -192,15 +192,15 @@ async fn consume(
     raw: &redis::aio::MultiplexedConnection,
     key: &str,
 ) -> CliResult<u8> {
-    let run = crate::bench_raw::run_label();
+    let run = crate::bench::raw::run_label();
     let topic = format!("ampy.dev.bars.v1.benchredisc{run}.XNAS");
-    crate::bench_raw::fill(bus, &topic, a.messages, a.payload_bytes, a.m.keys).await?;
+    crate::bench::raw::fill(bus, &topic, a.messages, a.payload_bytes, a.m.keys).await?;
     let n = a.messages;
     let raw_side = |group: String| async move { raw_consume(raw, key, n, &group).await };
     let report =
-        crate::bench_raw::consume_rounds(bus, &topic, &a.m, n, a.rounds, &run, "redis", raw_side)
+        crate::bench::raw::consume_rounds(bus, &topic, &a.m, n, a.rounds, &run, "redis", raw_side)
             .await?;
-    let mut config = crate::bench_raw::consume_config(n, a.payload_bytes, a.rounds, &a.m);
+    let mut config = crate::bench::raw::consume_config(n, a.payload_bytes, a.rounds, &a.m);
     config["stream"] = json!(key);
     report.print(a.json, config);
     Ok(EXIT_OK)

@@ -1,6 +1,8 @@
 //! [`Bus`]: the handle applications use. Chooses a transport from a URL, fills and validates
 //! headers, encodes payloads (gzip, blob pointer) and publishes; opens subscriptions.
 
+mod tiers;
+
 use crate::codec::{BlobStore, PayloadCodec};
 use crate::envelope::{Envelope, TopicName};
 use crate::error::{Error, Result};
@@ -124,51 +126,7 @@ impl std::fmt::Debug for Bus {
     }
 }
 
-/// Removes credentials (`user:password@`) and secret-looking query options from a URL for
-/// logs and errors.
-///
-/// ```
-/// assert_eq!(ampybus::bus::redact("nats://bob:s3cret@host:4222"), "nats://***@host:4222");
-/// assert_eq!(ampybus::bus::redact("redis://h/?password=x&db=1"), "redis://h/?password=***&db=1");
-/// ```
-pub fn redact(url: &str) -> String {
-    let mut out = url.to_owned();
-    if let Some((scheme, rest)) = url.split_once("://") {
-        let (auth, tail) = match rest.find('/') {
-            Some(i) => rest.split_at(i),
-            None => (rest, ""),
-        };
-        if let Some(at) = auth.rfind('@') {
-            out = format!("{scheme}://***@{}{tail}", &auth[at + 1..]);
-        }
-    }
-    if let Some((base, q)) = out.clone().split_once('?') {
-        let q: Vec<String> = q
-            .split('&')
-            .map(|kv| match kv.split_once('=') {
-                Some((k, _))
-                    if [
-                        "password",
-                        "pass",
-                        "token",
-                        "secret",
-                        "nkey",
-                        "sasl_password",
-                        "key",
-                        "archive",
-                    ]
-                    .iter()
-                    .any(|s| k.to_ascii_lowercase().contains(s)) =>
-                {
-                    format!("{k}=***")
-                }
-                _ => kv.to_owned(),
-            })
-            .collect();
-        out = format!("{base}?{}", q.join("&"));
-    }
-    out
-}
+pub use crate::transport::url::redact;
 
 /// Splits the `archive=` option (a percent-encoded `postgres://` URL) off a bus URL: the URL
 /// the transport sees, and the archive's URL.
@@ -528,7 +486,7 @@ impl Bus {
     }
 
     /// The metric families of this handle (shared by its clones and everything built on it);
-    /// serve them with [`crate::obs::serve`] or merge them into your own registry with
+    /// serve them with [`crate::ops::serve`] or merge them into your own registry with
     /// [`BusMetrics::register`].
     ///
     /// ```
@@ -603,7 +561,7 @@ impl Bus {
         Ok(receipts)
     }
 
-    /// [`Bus::send`] over [`crate::tier::publish_outcomes`] (some topic is best-effort).
+    /// [`Bus::send`] over [`tiers::publish_outcomes`] (some topic is best-effort).
     async fn send_by_tier(&self, batch: Vec<Envelope>) -> Result<Vec<PublishReceipt>> {
         self.send_outcomes(batch).await.into_result()
     }
@@ -611,10 +569,10 @@ impl Bus {
     /// [`Bus::send`] with per-message outcomes; only confirmed messages are counted.
     async fn send_outcomes(&self, batch: Vec<Envelope>) -> BatchOutcome {
         if !self.obs.enabled {
-            return crate::tier::publish_outcomes(self, batch).await;
+            return tiers::publish_outcomes(self, batch).await;
         }
         let labels = self.labels(&batch);
-        let out = crate::tier::publish_outcomes(self, batch).await;
+        let out = tiers::publish_outcomes(self, batch).await;
         self.record_confirmed(
             &labels,
             out.outcomes.iter().map(|o| match o {

@@ -4,19 +4,181 @@
 //! are built before the clock starts, so the runs time the bus (validation, codec, group
 //! commit, SQLite) and the raw loop times SQLite alone on the same rows.
 
-use crate::cli::{BenchArgs, BenchConsumerArgs, BenchMode, SyncArg};
+pub(crate) mod archive;
+pub(crate) mod consume;
+pub(crate) mod inbox;
+pub(crate) mod kafka;
+pub(crate) mod nats;
+pub(crate) mod raw;
+pub(crate) mod redis;
+pub(crate) mod stats;
+
+use stats::{round, spread_json};
+
 use crate::error::{CliError, CliResult, EXIT_OK, EXIT_TIMEOUT};
 use crate::util;
 use ampybus::headers::{RAW_BYTES_SCHEMA, names};
 use ampybus::transport::{Delivery, PublishReceipt, SubscribeSpec};
 use ampybus::{Envelope, Headers, Topic, TopicPattern};
 use bytes::Bytes;
+use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{Value, json};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncBufReadExt;
+
+/// What `bench` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchMode {
+    /// Publish throughput only (batched and one-by-one)
+    Publish,
+    /// End-to-end latency to a consumer in another process only
+    E2e,
+    /// Both publish and e2e
+    Both,
+    /// Consume-and-ack throughput: the runtime (dedupe on, --workers) against a bare fetch/ack loop
+    Consume,
+    /// `ampybus archive` into PostgreSQL (--to) against a raw COPY of the same rows
+    Archive,
+    /// Consume through a transactional inbox (--db) against the default dedupe store, and
+    /// the outbox relay's throughput
+    Inbox,
+}
+
+impl BenchMode {
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BenchMode::Publish => "publish",
+            BenchMode::E2e => "e2e",
+            BenchMode::Both => "both",
+            BenchMode::Consume => "consume",
+            BenchMode::Archive => "archive",
+            BenchMode::Inbox => "inbox",
+        }
+    }
+}
+
+/// Commit durability of the temporary logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SyncArg {
+    /// fsync the WAL on every publish commit
+    Full,
+    /// no fsync on commit
+    Normal,
+}
+
+impl SyncArg {
+    /// The URL option value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncArg::Full => "full",
+            SyncArg::Normal => "normal",
+        }
+    }
+}
+
+/// `ampybus bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Messages per batched publish run and per e2e run
+    #[arg(long, value_name = "N", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    pub messages: u64,
+    /// Messages per one-by-one publish run [default: min(--messages, 5000)]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    pub single_messages: Option<u64>,
+    /// Payload size in bytes
+    #[arg(long, value_name = "BYTES", default_value_t = 256, value_parser = clap::value_parser!(u64).range(0..=1_048_576))]
+    pub payload_bytes: u64,
+    /// Messages per publish_batch call (and per raw sqlite transaction)
+    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub batch: u64,
+    /// Batches in flight in the batched run (1: await each publish_batch before the next)
+    #[arg(long, value_name = "K", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub inflight: u64,
+    /// Distinct partition keys
+    #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub keys: u64,
+    /// What to measure
+    #[arg(long, value_enum, default_value_t = BenchMode::Both)]
+    pub mode: BenchMode,
+    /// Publish rate of the e2e run, messages per second
+    #[arg(long, value_name = "MSG_PER_SEC", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub rate: u64,
+    /// Concurrent publishers in the one-by-one run (each awaits every publish)
+    #[arg(long, value_name = "C", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub concurrency: u64,
+    /// Handler workers of the runtime in --mode consume and inbox [default: 8; --mode inbox:
+    /// the inbox consumer's own default, 8]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub workers: Option<u64>,
+    /// Interleaved rounds
+    #[arg(long, value_name = "R", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub rounds: u64,
+    /// Also time the storage floor: the same frames appended to one file with one fdatasync
+    /// per batch (no writer thread, lock or envelopes), and print the ratio. With --mode e2e
+    /// --tier best-effort on a nats:// URL: raw async-nats core publish/subscribe rounds
+    /// interleaved with the ampybus rounds (`e2e_raw`, `e2e_p99_vs_raw` in --json)
+    #[arg(long)]
+    pub raw: bool,
+    /// Commit durability of the temporary logs (sync= URL option)
+    #[arg(long, value_enum, default_value_t = SyncArg::Full)]
+    pub sync: SyncArg,
+    /// Parent directory of the temporary data directories [default: the system temp dir]
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// Print the results as one JSON object on stdout
+    #[arg(long)]
+    pub json: bool,
+    /// --mode archive: the PostgreSQL database to archive into (its ampybus tables are
+    /// emptied before every round), postgres://user:password@host:port/database
+    #[arg(long, value_name = "URL")]
+    pub to: Option<String>,
+    /// Durability tier of every topic of the command: best_effort (or best-effort),
+    /// at_least_once, at_least_once_dedupe [default: the registry's, else at_least_once_dedupe].
+    /// A registry entry wins
+    #[arg(long, value_name = "TIER", value_parser = crate::util::parse_tier)]
+    pub tier: Option<ampybus::tier::Tier>,
+    /// --mode inbox: the database of the inbox and outbox (its ampybus inbox and outbox
+    /// tables are emptied before every round), postgres://… or sqlite:///path
+    #[arg(long, value_name = "URL")]
+    pub db: Option<String>,
+}
+
+impl BenchArgs {
+    /// The runtime's workers outside `--mode inbox`: `--workers`, else 8.
+    pub fn consume_workers(&self) -> u64 {
+        self.workers.unwrap_or(8)
+    }
+}
+
+/// `ampybus bench-consumer` (internal).
+#[derive(Debug, Args)]
+pub struct BenchConsumerArgs {
+    /// Pattern to subscribe to
+    #[arg(long)]
+    pub pattern: String,
+    /// Durable consumer name
+    #[arg(long)]
+    pub durable: String,
+    /// Stop after this many distinct messages
+    #[arg(long)]
+    pub expect: u64,
+    /// Stop after this many seconds without a message
+    #[arg(long, default_value = "10", value_parser = crate::util::parse_secs)]
+    pub idle_timeout: f64,
+    /// Durability tier of every topic of the command: best_effort (or best-effort),
+    /// at_least_once, at_least_once_dedupe [default: the registry's, else at_least_once_dedupe].
+    /// A registry entry wins
+    #[arg(long, value_name = "TIER", value_parser = crate::util::parse_tier)]
+    pub tier: Option<ampybus::tier::Tier>,
+    /// Read with a plain async-nats core subscription (queue group = --durable) instead of
+    /// the bus: the raw side of `bench --mode e2e --raw --tier best-effort` on NATS
+    #[arg(long)]
+    pub raw: bool,
+}
 
 const TOPIC: &str = "ampy.dev.bars.v1.XNAS.BENCH";
 
@@ -221,13 +383,13 @@ pub async fn run(url: &str, args: BenchArgs, log_level: Option<&str>) -> CliResu
     };
     let a = &setup.args;
     if a.mode == BenchMode::Consume {
-        return crate::bench_consume::run(a, &setup.parent).await;
+        return crate::bench::consume::run(a, &setup.parent).await;
     }
     if a.mode == BenchMode::Archive {
-        return crate::bench_archive::run(a, &setup.parent).await;
+        return crate::bench::archive::run(a, &setup.parent).await;
     }
     if a.mode == BenchMode::Inbox {
-        return crate::bench_inbox::run(a, &setup.parent).await;
+        return crate::bench::inbox::run(a, &setup.parent).await;
     }
     let publish = matches!(a.mode, BenchMode::Publish | BenchMode::Both);
     let e2e = matches!(a.mode, BenchMode::E2e | BenchMode::Both);
@@ -732,36 +894,6 @@ pub async fn consumer(url: &str, args: BenchConsumerArgs) -> CliResult<u8> {
     Ok(EXIT_OK)
 }
 
-fn round(v: f64, digits: i32) -> f64 {
-    let m = 10f64.powi(digits);
-    (v * m).round() / m
-}
-
-/// (best, median, worst) of per-round values.
-fn spread(values: &[f64], higher_is_better: bool) -> (f64, f64, f64) {
-    let mut v: Vec<f64> = values.iter().copied().filter(|x| !x.is_nan()).collect();
-    if v.is_empty() {
-        return (f64::NAN, f64::NAN, f64::NAN);
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    let median = if v.len() % 2 == 1 {
-        v[v.len() / 2]
-    } else {
-        (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
-    };
-    let (lo, hi) = (v[0], v[v.len() - 1]);
-    if higher_is_better {
-        (hi, median, lo)
-    } else {
-        (lo, median, hi)
-    }
-}
-
-fn spread_json(values: &[f64], higher_is_better: bool, digits: i32) -> Value {
-    let (b, m, w) = spread(values, higher_is_better);
-    json!({"best": round(b, digits), "median": round(m, digits), "worst": round(w, digits)})
-}
-
 fn runs_json(runs: &[Run], extra: Value) -> Value {
     let rates: Vec<f64> = runs.iter().map(Run::msg_per_sec).collect();
     let mbs: Vec<f64> = runs.iter().map(Run::mb_per_sec).collect();
@@ -1011,9 +1143,9 @@ mod tests {
 
     #[test]
     fn spreads() {
-        assert_eq!(spread(&[3.0, 1.0, 2.0], true), (3.0, 2.0, 1.0));
-        assert_eq!(spread(&[3.0, 1.0, 2.0, 4.0], false), (1.0, 2.5, 4.0));
-        assert!(spread(&[], true).0.is_nan());
+        assert_eq!(stats::spread(&[3.0, 1.0, 2.0], true), (3.0, 2.0, 1.0));
+        assert_eq!(stats::spread(&[3.0, 1.0, 2.0, 4.0], false), (1.0, 2.5, 4.0));
+        assert!(stats::spread(&[], true).0.is_nan());
     }
 
     #[test]

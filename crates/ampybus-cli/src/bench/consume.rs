@@ -8,15 +8,16 @@
 //! logs filtered out) — the default — and, as its own series, off
 //! ([`ampybus::Bus::with_observability`]), so their ratio is the cost of the hooks.
 
-use crate::bench_raw::{Clock, ROUND_LIMIT, runtime_consume, show_series, spread};
-use crate::cli::BenchArgs;
+use crate::bench::BenchArgs;
+use crate::bench::raw::{Clock, ROUND_LIMIT, runtime_consume};
+use crate::bench::stats::{median, round, show_series, spread_json};
 use crate::error::{CliError, CliResult, EXIT_OK};
 use crate::util;
 use ampybus::headers::{RAW_BYTES_SCHEMA, names};
 use ampybus::transport::{Delivery, SubscribeSpec};
 use ampybus::{Bus, Envelope, Headers, Topic, TopicPattern};
 use bytes::Bytes;
-use serde_json::{Value, json};
+use serde_json::json;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -63,12 +64,12 @@ pub async fn run(args: &BenchArgs, parent: &Path) -> CliResult<u8> {
         "workers": args.consume_workers(),
         "sync": args.sync.as_str(),
         "rounds": args.rounds,
-        "bare_msg_per_sec": stats(&bare),
-        "runtime_msg_per_sec": stats(&runtime),
-        "runtime_without_dedupe_msg_per_sec": stats(&no_dedupe),
-        "runtime_observability_off_msg_per_sec": stats(&obs_off),
-        "ratio_median": round2(median(&runtime) / median(&bare)),
-        "observability_on_off_ratio_median": round2(median(&runtime) / median(&obs_off)),
+        "bare_msg_per_sec": spread_json(&bare, true, 0),
+        "runtime_msg_per_sec": spread_json(&runtime, true, 0),
+        "runtime_without_dedupe_msg_per_sec": spread_json(&no_dedupe, true, 0),
+        "runtime_observability_off_msg_per_sec": spread_json(&obs_off, true, 0),
+        "ratio_median": round(median(&runtime) / median(&bare), 3),
+        "observability_on_off_ratio_median": round(median(&runtime) / median(&obs_off), 3),
     });
     let mut out = util::Out::new();
     if args.json {
@@ -179,17 +180,4 @@ async fn runtime_round(
     )
     .await?;
     Ok(c.rate())
-}
-
-pub(crate) fn median(v: &[f64]) -> f64 {
-    spread(v).1
-}
-
-pub(crate) fn round2(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
-}
-
-pub(crate) fn stats(v: &[f64]) -> Value {
-    let (best, median, worst) = spread(v);
-    json!({"best": best.round(), "median": median.round(), "worst": worst.round()})
 }

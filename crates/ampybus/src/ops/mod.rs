@@ -1,4 +1,10 @@
-//! The ops endpoint: `/metrics`, `/health`, `/stats` over HTTP (axum).
+//! The ops endpoint: `/metrics`, `/health`, `/stats` of a bus over HTTP (axum) — what
+//! [`crate::obs`] counts, the bus's consumers, producers and feeds, and the transport's health
+//! and lag — and [`ReaderCounter`], the `/stats` entry of a hand-written reader.
+
+mod reader;
+
+pub use reader::ReaderCounter;
 
 use crate::bus::Bus;
 use crate::error::{Error, ErrorKind, Result};
@@ -80,7 +86,7 @@ impl Drop for ObsServer {
 /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
 /// let dir = tempfile::tempdir().unwrap();
 /// let bus = ampybus::Bus::connect(dir.path().to_str().unwrap()).await.unwrap();
-/// let server = ampybus::obs::serve(&bus, "127.0.0.1:0").await.unwrap();
+/// let server = ampybus::ops::serve(&bus, "127.0.0.1:0").await.unwrap();
 /// assert_ne!(server.local_addr().port(), 0);
 /// server.shutdown().await;
 /// # });
@@ -100,12 +106,12 @@ pub async fn serve(bus: &Bus, addr: &str) -> Result<ObsServer> {
 /// let dir = tempfile::tempdir().unwrap();
 /// let bus = ampybus::Bus::connect(dir.path().to_str().unwrap()).await.unwrap();
 /// let extra = axum::Router::new().route("/hello", get(|| async { "hi" }));
-/// let server = ampybus::obs::serve_with(&bus, "127.0.0.1:0", extra).await.unwrap();
+/// let server = ampybus::ops::serve_with(&bus, "127.0.0.1:0", extra).await.unwrap();
 /// assert_ne!(server.local_addr().port(), 0);
 /// server.shutdown().await;
 /// // A route that repeats a built-in one is refused.
 /// let clash = axum::Router::new().route("/health", get(|| async { "mine" }));
-/// let err = ampybus::obs::serve_with(&bus, "127.0.0.1:0", clash).await.unwrap_err();
+/// let err = ampybus::ops::serve_with(&bus, "127.0.0.1:0", clash).await.unwrap_err();
 /// assert_eq!(err.kind(), ampybus::ErrorKind::Config);
 /// # });
 /// ```

@@ -2,6 +2,7 @@
 //! ampybus on the same broker, reported as best / median / worst with the per-round ratio;
 //! for `--mode consume`, the pre-fill, the runtime's side of a round and the exact-count check.
 
+use crate::bench::stats::{series, spread};
 use crate::error::{CliError, CliResult};
 use ampybus::runtime::{Consumer, Outcome, handler_sync};
 use ampybus::{Bus, Envelope, Headers, Topic, TopicPattern};
@@ -269,24 +270,6 @@ pub fn shortfall(what: &str, got: u64, n: u64) -> CliError {
     ))
 }
 
-/// Best, median, worst (higher is better).
-pub fn spread(v: &[f64]) -> (f64, f64, f64) {
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    (s[s.len() - 1], s[s.len() / 2], s[0])
-}
-
-/// A series' best / median / worst as printed in a report line.
-pub fn show_series(v: &Value) -> String {
-    format!("{} / {} / {}", v["best"], v["median"], v["worst"])
-}
-
-/// Best / median / worst and every run of a series, as reported in JSON.
-pub fn series(v: &[f64]) -> Value {
-    let (b, m, w) = spread(v);
-    json!({"best": b, "median": m, "worst": w, "runs": v})
-}
-
 /// Rounds of raw client vs ampybus, msg/s.
 pub struct RawVsBus {
     raw_name: &'static str,
@@ -389,15 +372,15 @@ impl RawVsBus {
             }
             crate::util::outln!("{v}");
         } else {
-            let (rb, rm, rw) = spread(&self.raw);
-            let (ob, om, ow) = spread(&self.ours);
-            let (xb, xm, xw) = spread(&self.ratios);
+            let (rb, rm, rw) = spread(&self.raw, true);
+            let (ob, om, ow) = spread(&self.ours, true);
+            let (xb, xm, xw) = spread(&self.ratios, true);
             let raw_label = format!("raw {} msg/s", self.raw_name);
             crate::util::outln!("{:<22} {:>12} {:>12} {:>12}", "", "best", "median", "worst");
             crate::util::outln!("{raw_label:<22} {rb:>12.0} {rm:>12.0} {rw:>12.0}");
             crate::util::outln!("{:<22} {ob:>12.0} {om:>12.0} {ow:>12.0}", "ampybus msg/s");
             if consume {
-                let (db, dm, dw) = spread(&self.dedupe);
+                let (db, dm, dw) = spread(&self.dedupe, true);
                 crate::util::outln!(
                     "{:<22} {db:>12.0} {dm:>12.0} {dw:>12.0}",
                     "ampybus+dedupe msg/s"
@@ -408,7 +391,7 @@ impl RawVsBus {
                 "ratio ampybus/raw"
             );
             if consume {
-                let (db, dm, dw) = spread(&self.dedupe_ratios);
+                let (db, dm, dw) = spread(&self.dedupe_ratios, true);
                 crate::util::outln!(
                     "{:<22} {db:>12.3} {dm:>12.3} {dw:>12.3}",
                     "ratio dedupe/raw"

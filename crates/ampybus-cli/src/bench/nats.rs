@@ -13,7 +13,7 @@
 //! its last ack. The round's consumers are deleted afterwards and the subject purged at the end
 //! (untimed).
 
-use crate::bench_raw::{Consumed, RAW_FETCH, RawMode, shortfall};
+use crate::bench::raw::{Consumed, RAW_FETCH, RawMode, shortfall};
 use crate::error::{CliError, CliResult, EXIT_OK};
 use ampybus::bus::{TransportKind, redact, transport_kind};
 use ampybus::transport::nats::{NatsOptions, NatsTransport};
@@ -41,7 +41,7 @@ pub struct BenchNatsArgs {
     #[arg(long, value_name = "R", default_value_t = 5)]
     pub rounds: u64,
     #[command(flatten)]
-    pub m: crate::bench_raw::ModeArgs,
+    pub m: crate::bench::raw::ModeArgs,
     /// One JSON object
     #[arg(long)]
     pub json: bool,
@@ -52,7 +52,7 @@ pub struct BenchNatsArgs {
 }
 
 fn envelopes(n: u64, payload: usize, round: u64, side: &str) -> CliResult<Vec<Envelope>> {
-    crate::bench_raw::envelopes(
+    crate::bench::raw::envelopes(
         &format!("ampy.dev.bars.v1.benchnats.{side}{round}"),
         n,
         payload,
@@ -176,7 +176,7 @@ pub async fn run(url: &str, a: BenchNatsArgs) -> CliResult<u8> {
     t.ensure_stream_for(&Topic::parse("ampy.dev.bars.v1.benchnats.warm").expect("topic"))
         .await
         .map_err(|e| CliError::bus("stream", &e))?;
-    let mut report = crate::bench_raw::RawVsBus::new("async-nats");
+    let mut report = crate::bench::raw::RawVsBus::new("async-nats");
     for round in 0..a.rounds {
         let envs = envelopes(a.messages, a.payload_bytes, round, "raw")?;
         let r = if best_effort {
@@ -185,7 +185,7 @@ pub async fn run(url: &str, a: BenchNatsArgs) -> CliResult<u8> {
             raw_round(&js, envs, a.inflight.max(1)).await?
         };
         let envs = envelopes(a.messages, a.payload_bytes, round, "bus")?;
-        let o = crate::bench_raw::bus_round(&bus, envs).await?;
+        let o = crate::bench::raw::bus_round(&bus, envs).await?;
         report.round(round, r, o);
     }
     report.print(
@@ -205,29 +205,37 @@ async fn consume(
     js: &async_nats::jetstream::Context,
     opts: &NatsOptions,
 ) -> CliResult<u8> {
-    let run = crate::bench_raw::run_label();
+    let run = crate::bench::raw::run_label();
     let subject = format!("ampy.dev.bars.v1.benchnatsc{run}.XNAS");
     let topic = Topic::parse(&subject).map_err(|e| CliError::bus("topic", &e))?;
     let stream = t
         .ensure_stream_for(&topic)
         .await
         .map_err(|e| CliError::bus("stream", &e))?;
-    crate::bench_raw::fill(bus, &subject, a.messages, a.payload_bytes, a.m.keys).await?;
+    crate::bench::raw::fill(bus, &subject, a.messages, a.payload_bytes, a.m.keys).await?;
     let (st, sub, n) = (&stream, &subject, a.messages);
     let raw = |name: String| async move { raw_consume(js, st, sub, n, &name, opts).await };
-    let report =
-        crate::bench_raw::consume_rounds(bus, &subject, &a.m, n, a.rounds, &run, "async-nats", raw)
-            .await;
+    let report = crate::bench::raw::consume_rounds(
+        bus,
+        &subject,
+        &a.m,
+        n,
+        a.rounds,
+        &run,
+        "async-nats",
+        raw,
+    )
+    .await;
     // Untimed, whatever happened: the run's durable consumers and its messages go.
     for round in 0..a.rounds {
-        for name in crate::bench_raw::consumer_names(&run, round) {
+        for name in crate::bench::raw::consumer_names(&run, round) {
             let _ = js.delete_consumer_from_stream(&name, &stream).await;
         }
     }
     if let Ok(s) = js.get_stream(&stream).await {
         let _ = s.purge().filter(&subject).await;
     }
-    let mut config = crate::bench_raw::consume_config(n, a.payload_bytes, a.rounds, &a.m);
+    let mut config = crate::bench::raw::consume_config(n, a.payload_bytes, a.rounds, &a.m);
     config["subject"] = json!(subject);
     report?.print(a.json, config);
     Ok(EXIT_OK)
@@ -284,7 +292,7 @@ async fn raw_consume(
         if got > before {
             client.flush().await.map_err(|e| err("flush", &e))?;
             idle_since = Instant::now();
-        } else if idle_since.elapsed() > crate::bench_raw::IDLE_LIMIT {
+        } else if idle_since.elapsed() > crate::bench::raw::IDLE_LIMIT {
             return Err(shortfall(&format!("raw consumer {name}"), got, n));
         }
     }

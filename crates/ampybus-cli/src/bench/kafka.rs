@@ -14,7 +14,7 @@
 //! last commit: joining a fresh group takes the broker's rebalance delay, which is no
 //! per-message cost.
 
-use crate::bench_raw::{Consumed, IDLE_LIMIT, RAW_FETCH, RawMode, shortfall};
+use crate::bench::raw::{Consumed, IDLE_LIMIT, RAW_FETCH, RawMode, shortfall};
 use crate::error::{CliError, CliResult, EXIT_OK};
 use ampybus::bus::{TransportKind, redact, transport_kind};
 use ampybus::transport::kafka::rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
@@ -45,7 +45,7 @@ pub struct BenchKafkaArgs {
     #[arg(long, value_name = "R", default_value_t = 5)]
     pub rounds: u64,
     #[command(flatten)]
-    pub m: crate::bench_raw::ModeArgs,
+    pub m: crate::bench::raw::ModeArgs,
     /// One JSON object
     #[arg(long)]
     pub json: bool,
@@ -54,7 +54,7 @@ pub struct BenchKafkaArgs {
 const TOPIC: &str = "ampy.dev.bars.v1.benchkafka.XNAS";
 
 fn envelopes(n: u64, payload: usize) -> CliResult<Vec<Envelope>> {
-    crate::bench_raw::envelopes(TOPIC, n, payload)
+    crate::bench::raw::envelopes(TOPIC, n, payload)
 }
 
 /// The raw side: every record sent as a plain rdkafka user would (key, headers, payload),
@@ -159,12 +159,12 @@ pub async fn run(url: &str, a: BenchKafkaArgs) -> CliResult<u8> {
     let kafka_topic = opts.kafka_topic(TOPIC);
     // The raw producer connects and learns the topic's metadata, untimed, as the bus did.
     raw_round(&raw, &kafka_topic, envelopes(1, a.payload_bytes)?, 1).await?;
-    let mut report = crate::bench_raw::RawVsBus::new("rdkafka");
+    let mut report = crate::bench::raw::RawVsBus::new("rdkafka");
     for round in 0..a.rounds {
         let envs = envelopes(a.messages, a.payload_bytes)?;
         let r = raw_round(&raw, &kafka_topic, envs, a.inflight.max(1)).await?;
         let envs = envelopes(a.messages, a.payload_bytes)?;
-        let o = crate::bench_raw::bus_round(&bus, envs).await?;
+        let o = crate::bench::raw::bus_round(&bus, envs).await?;
         report.round(round, r, o);
     }
     report.print(
@@ -177,7 +177,7 @@ pub async fn run(url: &str, a: BenchKafkaArgs) -> CliResult<u8> {
 
 /// `--mode consume` (see the module docs).
 async fn consume(a: &BenchKafkaArgs, mut opts: KafkaOptions, url: &str) -> CliResult<u8> {
-    let run = crate::bench_raw::run_label();
+    let run = crate::bench::raw::run_label();
     // A Kafka topic of its own: the raw loop reads every record of it.
     opts.namespace = format!("{}ampybench{run}.", opts.namespace);
     let tmp = tempfile::tempdir().map_err(|e| CliError::transport(format!("temp dir: {e}")))?;
@@ -197,14 +197,14 @@ async fn consume(a: &BenchKafkaArgs, mut opts: KafkaOptions, url: &str) -> CliRe
         .map_err(|e| CliError::bus("connecting", &e))?;
     let bus = Bus::with_transport(std::sync::Arc::new(t), url);
     let topic = format!("ampy.dev.bars.v1.benchkafkac{run}.XNAS");
-    crate::bench_raw::fill(&bus, &topic, a.messages, a.payload_bytes, a.m.keys).await?;
+    crate::bench::raw::fill(&bus, &topic, a.messages, a.payload_bytes, a.m.keys).await?;
     let kafka_topic = opts.kafka_topic(&topic);
     let (o, kt, n) = (&opts, &kafka_topic, a.messages);
     let raw = |name: String| async move { raw_consume(o, kt, n, &o.group_id(&name)).await };
     let report =
-        crate::bench_raw::consume_rounds(&bus, &topic, &a.m, n, a.rounds, &run, "rdkafka", raw)
+        crate::bench::raw::consume_rounds(&bus, &topic, &a.m, n, a.rounds, &run, "rdkafka", raw)
             .await?;
-    let mut config = crate::bench_raw::consume_config(n, a.payload_bytes, a.rounds, &a.m);
+    let mut config = crate::bench::raw::consume_config(n, a.payload_bytes, a.rounds, &a.m);
     config["kafka_topic"] = json!(kafka_topic);
     report.print(a.json, config);
     Ok(EXIT_OK)

@@ -1,4 +1,5 @@
-//! Pieces of URL parsing shared by the bindings.
+//! URLs as the bindings read them: pieces of parsing they share, and [`redact`] for logs
+//! and errors.
 
 /// Decodes `%XX` escapes (bytes that are not UTF-8 become U+FFFD). Never panics: a `%` not
 /// followed by two hex digits is kept as it is.
@@ -65,6 +66,52 @@ pub(crate) fn missing_host(scheme: &str, example: &str) -> String {
     format!(
         "no host: a `{scheme}://` URL must name its server explicitly, e.g. {example} (no default host is assumed)"
     )
+}
+
+/// Removes credentials (`user:password@`) and secret-looking query options from a URL for
+/// logs and errors (also `ampybus::bus::redact`).
+///
+/// ```
+/// assert_eq!(ampybus::transport::url::redact("nats://bob:s3cret@host:4222"), "nats://***@host:4222");
+/// assert_eq!(ampybus::transport::url::redact("redis://h/?password=x&db=1"), "redis://h/?password=***&db=1");
+/// ```
+pub fn redact(url: &str) -> String {
+    let mut out = url.to_owned();
+    if let Some((scheme, rest)) = url.split_once("://") {
+        let (auth, tail) = match rest.find('/') {
+            Some(i) => rest.split_at(i),
+            None => (rest, ""),
+        };
+        if let Some(at) = auth.rfind('@') {
+            out = format!("{scheme}://***@{}{tail}", &auth[at + 1..]);
+        }
+    }
+    if let Some((base, q)) = out.clone().split_once('?') {
+        let q: Vec<String> = q
+            .split('&')
+            .map(|kv| match kv.split_once('=') {
+                Some((k, _))
+                    if [
+                        "password",
+                        "pass",
+                        "token",
+                        "secret",
+                        "nkey",
+                        "sasl_password",
+                        "key",
+                        "archive",
+                    ]
+                    .iter()
+                    .any(|s| k.to_ascii_lowercase().contains(s)) =>
+                {
+                    format!("{k}=***")
+                }
+                _ => kv.to_owned(),
+            })
+            .collect();
+        out = format!("{base}?{}", q.join("&"));
+    }
+    out
 }
 
 #[cfg(test)]

@@ -9,13 +9,13 @@
 //! transactions of `--batch` messages.
 
 use crate::archive::Archiver;
-use crate::bench_raw::{series, show_series};
-use crate::cli::BenchArgs;
+use crate::bench::BenchArgs;
+use crate::bench::stats::{series, show_series};
 use crate::error::{CliError, CliResult, EXIT_OK};
 use crate::follow::Limits;
 use crate::util::{self, Signals};
 use ampybus::archive::{ArchiveWriter, Cell, Table, TableSpec, envelope_row};
-use ampybus::obs::ReaderCounter;
+use ampybus::ops::ReaderCounter;
 use ampybus::transport::SubscribeSpec;
 use ampybus::{Bus, Envelope, Headers, Topic, TopicPattern};
 use ampybus_proto::ampy::bars::v1::{Bar, BarBatch};

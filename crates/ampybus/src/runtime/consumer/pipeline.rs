@@ -1,0 +1,515 @@
+//! The consumer's tasks: fetcher → per-key queues → workers → acker, the lease refresher and
+//! the lag poller.
+
+use super::*;
+
+/// How often a running consumer reads its lag into `bus_consumer_lag` (at most).
+pub(super) const LAG_POLL: Duration = Duration::from_secs(1);
+
+/// A lag read may take at most this share of the time between two reads: reading the lag can
+/// cost in proportion to the backlog (the embedded log counts the matching messages after the
+/// positions), and a poll every second over a deep backlog took a fifth of the consumer's CPU.
+pub(super) const LAG_POLL_SHARE: u32 = 50;
+
+/// The pause after a lag read that took `took`: [`LAG_POLL`], or longer when the read was slow.
+pub(super) fn lag_poll_pause(took: Duration) -> Duration {
+    LAG_POLL.max(took.saturating_mul(LAG_POLL_SHARE))
+}
+
+pub(super) async fn run_lag_poller(shared: Arc<Shared>) {
+    let mut phase = shared.phase.clone();
+    loop {
+        let started = Instant::now();
+        match shared.bus.consumer_lag(&shared.name).await {
+            Ok(Some(l)) => {
+                shared
+                    .lag_gauge
+                    .set(i64::try_from(l.pending).unwrap_or(i64::MAX));
+            }
+            Ok(None) => {}
+            Err(e) => tracing::debug!(consumer = %shared.name, error = %e, "lag read failed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(lag_poll_pause(started.elapsed())) => {}
+            _ = wait_phase(&mut phase, Phase::Draining) => return,
+        }
+    }
+}
+
+pub(super) async fn run_fetcher(shared: Arc<Shared>, sub: Box<dyn crate::transport::Subscription>) {
+    // Fetching and preparing overlap: the next fetch runs while the previous batch is
+    // prepared and queued. The preparer never waits for a dedupe lookup: it queues the batch
+    // (its messages wait, in their keys' order, until the lookup answers) and starts the
+    // lookup on a task of its own, so lookups of later batches overlap the handling of
+    // earlier ones.
+    let (tx, mut rx) = mpsc::channel::<(Vec<Delivery>, Instant)>(2);
+    let prep = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            while let Some((got, at)) = rx.recv().await {
+                shared.enqueue(got, at);
+            }
+        })
+    };
+    fetch_loop(&shared, sub, tx).await;
+    // The sender is gone: the preparer queues what it holds and ends.
+    let _ = prep.await;
+}
+
+pub(super) async fn fetch_loop(
+    shared: &Arc<Shared>,
+    mut sub: Box<dyn crate::transport::Subscription>,
+    tx: mpsc::Sender<(Vec<Delivery>, Instant)>,
+) {
+    let mut phase = shared.phase.clone();
+    loop {
+        if *phase.borrow() != Phase::Running {
+            break;
+        }
+        tokio::select! {
+            p = shared.permits.acquire() => match p {
+                Ok(p) => p.forget(),
+                Err(_) => break,
+            },
+            _ = wait_phase(&mut phase, Phase::Draining) => break,
+        }
+        let mut room = 1usize;
+        let more = shared.permits.available_permits().min(FETCH_BATCH - 1);
+        if more > 0
+            && let Ok(p) = shared.permits.try_acquire_many(more as u32)
+        {
+            p.forget();
+            room += more;
+        }
+        match sub.fetch(room, FETCH_WAIT).await {
+            Ok(got) => {
+                if got.len() < room {
+                    shared.permits.add_permits(room - got.len());
+                }
+                if got.is_empty() {
+                    continue;
+                }
+                let before = shared
+                    .counters
+                    .fetched
+                    .fetch_add(got.len() as u64, Ordering::SeqCst);
+                shared.lag_clock.on_fetch(before + got.len() as u64, &got);
+                shared.sync_inflight();
+                if let Err(mpsc::error::SendError((got, at))) = tx.send((got, Instant::now())).await
+                {
+                    // Cannot happen while this loop runs (the preparer outlives it); release
+                    // rather than hold anything unsettled.
+                    for d in got {
+                        shared.release(ItemData::new(d, at)).await;
+                    }
+                }
+            }
+            Err(e) => {
+                shared.permits.add_permits(room);
+                tracing::warn!(consumer = %shared.name, error = %e, "fetch failed; retrying");
+                tokio::time::sleep(FETCH_WAIT).await;
+            }
+        }
+    }
+}
+
+/// Extends the leases of messages waiting in the per-key queues (behind a slow handler or a
+/// parked retry) so that they are not delivered again while they wait. A key whose queue is
+/// out for refreshing is blocked like a parked key, so its order holds.
+pub(super) async fn run_refresher(shared: Arc<Shared>) {
+    let every = (shared.ack_deadline / 3).max(Duration::from_millis(10));
+    let mut phase = shared.phase.clone();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = wait_phase(&mut phase, Phase::Draining) => return,
+        }
+        let Some(cutoff) = Instant::now().checked_sub(every) else {
+            continue;
+        };
+        let due: Vec<(u32, VecDeque<Item>)> = {
+            let mut s = shared.sched.lock().unwrap_or_else(|p| p.into_inner());
+            let mut due = Vec::new();
+            for (id, ks) in s.slots.iter_mut().enumerate() {
+                if !ks.refreshing && ks.queue.iter().any(|it| it.refreshed <= cutoff) {
+                    ks.refreshing = true;
+                    due.push((id as u32, std::mem::take(&mut ks.queue)));
+                }
+            }
+            due
+        };
+        for (id, mut queue) in due {
+            for it in queue.iter_mut().filter(|it| it.refreshed <= cutoff) {
+                if let Err(e) = it.delivery.in_progress().await {
+                    tracing::warn!(consumer = %shared.name, error = %e, "lease extension failed");
+                }
+                it.refreshed = Instant::now();
+            }
+            let queued = {
+                let mut s = shared.sched.lock().unwrap_or_else(|p| p.into_inner());
+                let ks = &mut s.slots[id as usize];
+                // A strict retry parked meanwhile goes first; arrivals go last.
+                let mut merged = VecDeque::with_capacity(queue.len() + ks.queue.len());
+                while ks.queue.front().is_some_and(|it| it.parked_head) {
+                    merged.extend(ks.queue.pop_front());
+                }
+                merged.extend(queue);
+                merged.extend(ks.queue.drain(..));
+                ks.queue = merged;
+                ks.refreshing = false;
+                s.make_ready(id)
+            };
+            if queued {
+                shared.notify.notify_one();
+            }
+        }
+    }
+}
+
+/// Messages one worker takes under one lock when its handler answers at once: run one after
+/// the other, their keys freed together under the next lock. A handler that awaits takes one
+/// at a time, so that `workers` of them wait concurrently.
+pub(super) const RUN_MAX: usize = 32;
+
+/// How long a run may take before its remaining messages are handed back: a handler that
+/// answers at once but slowly must not hold messages outside their queues, where their
+/// leases are not extended.
+pub(super) const RUN_BUDGET: Duration = Duration::from_millis(2);
+
+pub(super) async fn run_worker(shared: Arc<Shared>) {
+    let mut phase = shared.phase.clone();
+    // Keys this worker's last run finished: freed, and the next run taken, under one lock.
+    let mut finished: Vec<u32> = Vec::new();
+    let mut run: Vec<(u32, Item)> = Vec::new();
+    loop {
+        if !still_running(&mut phase) {
+            if !finished.is_empty() {
+                let woke = {
+                    let mut s = shared.sched.lock().unwrap_or_else(|p| p.into_inner());
+                    finished.drain(..).filter(|id| s.finish(*id)).count()
+                };
+                shared.wake(woke);
+            }
+            return;
+        }
+        let limit = if shared.answers_at_once.load(Ordering::Relaxed) {
+            RUN_MAX
+        } else {
+            1
+        };
+        let mut more = shared.take_run(&mut finished, &mut run, limit);
+        if run.is_empty() {
+            let notified = shared.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            more = shared.take_run(&mut finished, &mut run, limit);
+            if run.is_empty() {
+                tokio::select! {
+                    _ = notified => {}
+                    _ = wait_phase(&mut phase, Phase::Draining) => return,
+                }
+                continue;
+            }
+        }
+        if more {
+            // Another ready key may be waiting for a worker: pass the wake-up on.
+            shared.notify.notify_one();
+        }
+        let started = Instant::now();
+        let mut rest = run.drain(..);
+        while let Some((id, item)) = rest.next() {
+            if let Some(id) = shared.run_one(id, item).await {
+                finished.push(id);
+            }
+            if rest.len() > 0 && started.elapsed() > RUN_BUDGET {
+                // Slower than a run is meant to be: the rest go back to their keys' queues
+                // (where the refresher extends their leases) for any worker to take.
+                let back: Vec<(u32, Item)> = rest.by_ref().collect();
+                shared.untake(back);
+            }
+        }
+    }
+}
+
+/// Gathers finished messages for [`ACK_LINGER`] after the first, then records and acks them
+/// as one batch; on close, flushes what is left and stops.
+pub(super) async fn run_acker(shared: Arc<Shared>) {
+    let mut phase = shared.phase.clone();
+    let mut handle_dropped = false;
+    let mut spare: Vec<DKey> = Vec::new();
+    loop {
+        let closing = shared.acks_closing();
+        if !closing {
+            tokio::select! {
+                biased;
+                _ = shared.ack_notify.notified() => {}
+                // The handle was dropped without shutdown: flush what is queued, then stop.
+                _ = async { while phase.changed().await.is_ok() {} }, if !handle_dropped => {
+                    handle_dropped = true;
+                    shared.acks.lock().unwrap_or_else(|p| p.into_inner()).closing = true;
+                }
+            }
+        }
+        let closing = shared.acks_closing();
+        if !closing {
+            // Gather for a moment, but not while the fetcher is starved of permits.
+            tokio::select! {
+                _ = tokio::time::sleep(ACK_LINGER) => {}
+                _ = shared.ack_full.notified() => {}
+            }
+        }
+        let (deliveries, keys, closing) = {
+            let mut a = shared.acks.lock().unwrap_or_else(|p| p.into_inner());
+            // The next batch gets a buffer of this one's size: one allocation per batch,
+            // not a doubling series of reallocations while workers push.
+            let cap = a.deliveries.len().max(16);
+            let d = std::mem::replace(&mut a.deliveries, Vec::with_capacity(cap));
+            let k = std::mem::replace(&mut a.keys, std::mem::take(&mut spare));
+            if closing && d.is_empty() {
+                a.closed = true;
+            }
+            (d, k, a.closing)
+        };
+        let stop = closing && deliveries.is_empty();
+        if !deliveries.is_empty() {
+            spare = shared.flush(deliveries, keys).await;
+        }
+        if stop {
+            break;
+        }
+    }
+}
+
+impl Shared {
+    /// Queues a fetched batch by key. With dedupe on, its messages are prepared here and wait
+    /// for one lookup of all their keys, started on a task of its own.
+    pub(super) fn enqueue(self: &Arc<Self>, got: Vec<Delivery>, at: Instant) {
+        // Boxes of finished items first (no allocation), new ones for the rest.
+        let mut items: Vec<Item> = Vec::with_capacity(got.len());
+        {
+            let mut a = self.acks.lock().unwrap_or_else(|p| p.into_inner());
+            let from = a.spare.len().saturating_sub(got.len());
+            items.extend(a.spare.drain(from..));
+        }
+        let reused = items.len();
+        for (i, d) in got.into_iter().enumerate() {
+            match items.get_mut(i) {
+                Some(b) if i < reused => **b = ItemData::fresh(d, at),
+                _ => items.push(ItemData::new(d, at)),
+            }
+        }
+        let mut lookup: Option<(Arc<Lookup>, Vec<DKey>)> = None;
+        if self.dedupe.is_some() {
+            let l = self
+                .book
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .open_batch();
+            let mut keys = Vec::with_capacity(items.len());
+            for it in items.iter_mut() {
+                // A message that does not prepare is dead-lettered by its worker.
+                if self.prepare(it).is_ok() && !it.keys.is_empty() {
+                    it.lookup = Some((l.clone(), keys.len() as u32));
+                    keys.extend(it.keys.iter().cloned());
+                }
+            }
+            if !keys.is_empty() {
+                lookup = Some((l, keys));
+            }
+        }
+        let mut slots = Vec::new();
+        let mut woke = 0usize;
+        {
+            let mut s = self.sched.lock().unwrap_or_else(|p| p.into_inner());
+            for it in items {
+                let key = it.headers().partition_key().unwrap_or_default();
+                let id = s.slot(key);
+                if lookup.is_some() && it.lookup.is_some() {
+                    slots.push(id);
+                }
+                if s.push(id, it) {
+                    woke += 1;
+                }
+            }
+        }
+        self.wake(woke);
+        if let (Some((l, keys)), Some(store)) = (lookup, self.dedupe.clone()) {
+            let shared = self.clone();
+            tokio::spawn(async move {
+                let mut bufs = Vec::new();
+                let strs = key_strs(&keys, &mut bufs);
+                let answer = match store.lookup_batch(&shared.name, &strs).await {
+                    Ok(flags) if flags.len() == keys.len() => Some(flags),
+                    Ok(_) => {
+                        tracing::warn!(consumer = %shared.name, "batch dedupe lookup gave a wrong count; checking one by one");
+                        None
+                    }
+                    Err(e) => {
+                        tracing::warn!(consumer = %shared.name, error = %e, "batch dedupe lookup failed; checking one by one");
+                        None
+                    }
+                };
+                let _ = l.done.set(answer);
+                let woke = {
+                    let mut s = shared.sched.lock().unwrap_or_else(|p| p.into_inner());
+                    slots.into_iter().filter(|id| s.make_ready(*id)).count()
+                };
+                shared.wake(woke);
+            });
+        }
+    }
+
+    /// Frees the keys in `finished` and takes up to `limit` ready messages into `run`, under
+    /// one lock; true when more keys are ready than were taken.
+    pub(super) fn take_run(
+        &self,
+        finished: &mut Vec<u32>,
+        run: &mut Vec<(u32, Item)>,
+        limit: usize,
+    ) -> bool {
+        let mut s = self.sched.lock().unwrap_or_else(|p| p.into_inner());
+        for id in finished.drain(..) {
+            s.finish(id);
+        }
+        while run.len() < limit {
+            match s.take() {
+                Some(next) => run.push(next),
+                None => break,
+            }
+        }
+        !s.ready.is_empty()
+    }
+
+    /// Puts messages taken in a run and not started back at the head of their keys' queues.
+    pub(super) fn untake(&self, back: Vec<(u32, Item)>) {
+        let mut woke = 0;
+        {
+            let mut s = self.sched.lock().unwrap_or_else(|p| p.into_inner());
+            for (id, item) in back {
+                let ks = &mut s.slots[id as usize];
+                ks.busy = false;
+                ks.queue.push_front(item);
+                if s.make_ready(id) {
+                    woke += 1;
+                }
+            }
+        }
+        self.wake(woke);
+    }
+
+    /// Wakes workers for `n` keys made ready.
+    pub(super) fn wake(&self, n: usize) {
+        match n {
+            0 => {}
+            1 => self.notify.notify_one(),
+            _ => self.notify.notify_waiters(),
+        }
+    }
+
+    /// Handles one message of key `id`; returns the key when it is free for its next message.
+    pub(super) async fn run_one(self: &Arc<Self>, id: u32, item: Item) -> Option<u32> {
+        match self.process(item).await {
+            Step::Finished => Some(id),
+            step => {
+                self.after(id, step).await;
+                None
+            }
+        }
+    }
+
+    pub(super) fn done(&self, mut item: Item, keys: Keys) {
+        let delivery = std::mem::replace(&mut item.delivery, Delivery::placeholder());
+        // The message's buffers go now, not when the box is next used; so does its hold on
+        // the key book's records (its batch's lookup).
+        item.msg = None;
+        item.prepared = None;
+        item.lookup = None;
+        let waiting = {
+            let mut a = self.acks.lock().unwrap_or_else(|p| p.into_inner());
+            if a.closed {
+                drop(a);
+                tracing::error!(consumer = %self.name, sequence = delivery.info.sequence, "acker gone; message will be redelivered");
+                return;
+            }
+            a.deliveries.push(delivery);
+            for k in keys.0.into_iter().flatten() {
+                a.keys.push(k);
+            }
+            let waiting = a.deliveries.len();
+            if a.spare.len() < SPARE_ITEMS {
+                a.spare.push(item);
+            }
+            waiting
+        };
+        if waiting == 1 {
+            self.ack_notify.notify_one();
+        }
+        if waiting == (self.max_in_flight / 4).max(1) {
+            self.ack_full.notify_one();
+        }
+    }
+
+    pub(super) async fn release(&self, item: Item) {
+        self.counters.released.fetch_add(1, Ordering::SeqCst);
+        self.counters.settled.fetch_add(1, Ordering::SeqCst);
+        self.sync_inflight();
+        self.permits.add_permits(1);
+        if let Err((e, _)) = item.delivery.nack(Duration::ZERO).await {
+            tracing::warn!(consumer = %self.name, error = %e, "release failed; the ack deadline will redeliver");
+        }
+    }
+
+    /// Records and acks one batch; gives back the (emptied) key buffer for reuse.
+    pub(super) async fn flush(&self, deliveries: Vec<Delivery>, mut keys: Vec<DKey>) -> Vec<DKey> {
+        let count = deliveries.len();
+        let mut todo = deliveries;
+        let mut tries = 0;
+        while !todo.is_empty() {
+            // Dedupe records first (or in the same transaction, on a store that lives with the
+            // transport), then acks: a crash in between redelivers what dedupe then skips.
+            let result = match &self.dedupe {
+                Some(store) => {
+                    let mut bufs = Vec::new();
+                    let strs = key_strs(&keys, &mut bufs);
+                    store.commit_batch(&self.name, &strs, todo).await
+                }
+                None => Delivery::ack_all(todo).await,
+            };
+            match result {
+                Ok(()) => break,
+                Err((e, failed)) => {
+                    tries += 1;
+                    // A broker that is away (restarting, failing over) gets asked again for
+                    // as long as the consumer runs: giving up would leave the messages
+                    // unacknowledged until their lease runs out, handled but not settled.
+                    // Meanwhile the fetcher waits for permits. Errors that another try cannot
+                    // mend, and a consumer shutting down, get a few tries only.
+                    let transient = matches!(e.kind(), ErrorKind::Transport | ErrorKind::Timeout);
+                    if tries >= ACK_TRIES && (!transient || self.acks_closing()) {
+                        tracing::error!(consumer = %self.name, error = %e, count = failed.len(), tries, "ack failed; messages will be redelivered");
+                        break;
+                    }
+                    if tries == ACK_TRIES {
+                        tracing::warn!(consumer = %self.name, error = %e, count = failed.len(), "ack failing; retrying until the broker answers");
+                    }
+                    tokio::time::sleep(self.retry.backoff(tries.min(ACK_TRIES)).min(ACK_RETRY_MAX))
+                        .await;
+                    todo = failed;
+                }
+            }
+        }
+        if !keys.is_empty() {
+            self.book
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .record(&keys);
+        }
+        keys.clear();
+        self.counters
+            .settled
+            .fetch_add(count as u64, Ordering::SeqCst);
+        self.sync_inflight();
+        self.permits.add_permits(count);
+        keys
+    }
+}
