@@ -32,8 +32,8 @@ pub struct Capabilities {
     /// connections stay open and reconnect by themselves. Needs a broker of the case's own:
     /// the factory starts one for a [`TestContext::own_broker`] context.
     pub broker_restart: bool,
-    /// A durable subscription over a pattern spanning several streams also reads a stream
-    /// created after it subscribed (NATS resolves the streams at subscribe time: no).
+    /// A subscription (durable or ephemeral) over a pattern spanning several streams also
+    /// reads a stream created after it subscribed.
     pub joins_new_streams: bool,
 }
 

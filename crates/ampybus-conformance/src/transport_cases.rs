@@ -517,7 +517,9 @@ pub async fn shared_durable_splits_the_work(factory: &dyn TransportFactory) -> C
 /// created only after the subscription. A durable subscription gets exactly the twelve, in
 /// publish order per topic, never the others; after the acks nothing more, and lag 0 where
 /// reported. A durable `StartAt::Latest` subscription made at the same moment gets exactly the
-/// messages published after it (the late bars stream from its beginning), or nothing. With `replay_by_time`: a replay of the pattern, paged 4 at a time (no page
+/// messages published after it (the late bars stream from its beginning), or nothing. With
+/// `joins_new_streams`, an ephemeral reader from the earliest message, subscribed before the
+/// durable ones, gets the same twelve per topic in order, and nothing more. With `replay_by_time`: a replay of the pattern, paged 4 at a time (no page
 /// longer), returns the twelve in publish (store-time) order; with `replay_by_keys` too, two
 /// keys over all time, and from a time half way, give exactly their messages in order.
 ///
@@ -569,6 +571,15 @@ pub async fn pattern_spans_streams(factory: &dyn TransportFactory) -> CaseStatus
     let early: Vec<usize> = (0..12).filter(|i| !late(order[*i].0)).collect();
     let later: Vec<usize> = (0..12).filter(|i| late(order[*i].0)).collect();
     times.extend(publish(bus.clone(), early).await);
+    // An ephemeral reader from the earliest message, subscribed before anything else (so
+    // before a durable subscription may create streams): it also reads the bars stream
+    // created after it.
+    let mut reader = if caps.joins_new_streams {
+        let spec = SubscribeSpec::ephemeral(pattern.clone(), StartAt::Earliest);
+        Some(bus.subscribe(spec).await.expect("subscribe ephemeral"))
+    } else {
+        None
+    };
     let name = ctx.consumer("span");
     let mut sub = bus
         .subscribe(durable(
@@ -620,6 +631,26 @@ pub async fn pattern_spans_streams(factory: &dyn TransportFactory) -> CaseStatus
             .push(p.clone());
     }
     assert_eq!(per_topic, want, "per topic, in publish order");
+    if let Some(reader) = &mut reader {
+        let seen = fetch_n(&mut **reader, 12, "every matching message, ephemeral").await;
+        let mut seen_per_topic: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for d in &seen {
+            seen_per_topic
+                .entry(d.envelope.topic.as_str().to_owned())
+                .or_default()
+                .push(text(d));
+        }
+        assert_eq!(
+            seen_per_topic, want,
+            "ephemeral reader, per topic, in publish order"
+        );
+        nothing_within(
+            &mut **reader,
+            Duration::from_millis(300),
+            "ephemeral, after 12",
+        )
+        .await;
+    }
     Delivery::ack_all(got)
         .await
         .map_err(|(e, _)| e)
@@ -636,7 +667,7 @@ pub async fn pattern_spans_streams(factory: &dyn TransportFactory) -> CaseStatus
     let mut detail = format!(
         "12 messages on 3 streams{} delivered per topic in order, the unmatched topic never",
         if caps.joins_new_streams {
-            " (bars created after subscribing)"
+            " (bars created after subscribing; an ephemeral reader too)"
         } else {
             ""
         }

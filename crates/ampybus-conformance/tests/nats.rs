@@ -49,11 +49,11 @@ impl TransportFactory for Nats {
 
     fn capabilities(&self) -> Capabilities {
         // Replay by time and keys; the best-effort tier is the runtime's Producer, above any
-        // transport (its lag sub-case runs where the transport reports consumer lag). A
-        // subscription resolves the streams of its pattern when it subscribes.
+        // transport (its lag sub-case runs where the transport reports consumer lag). New
+        // streams are joined: a durable consumer creates them when it subscribes, an
+        // ephemeral reader lists them again every second.
         Capabilities {
             broker_restart: true,
-            joins_new_streams: false,
             ..Capabilities::default()
         }
     }

@@ -1355,3 +1355,158 @@ async fn oversize_payloads_are_dead_lettered_and_the_consumer_keeps_going() {
         1,
     );
 }
+
+/// A transport over another whose deliveries can be "fenced" at will, as a NATS or Redis
+/// subscription's are once its instance loses the consumer's lease: while fenced it fetches
+/// nothing and a release settles nothing (the message comes back after its deadline).
+struct Fenceable {
+    inner: Arc<dyn ampybus::transport::Transport>,
+    fenced: Arc<std::sync::atomic::AtomicBool>,
+}
+
+struct FenceSub {
+    inner: Box<dyn ampybus::transport::Subscription>,
+    settler: Arc<FenceSettler>,
+}
+
+struct FenceSettler {
+    fenced: Arc<std::sync::atomic::AtomicBool>,
+    held: Mutex<HashMap<u64, Delivery>>,
+}
+
+#[async_trait::async_trait]
+impl ampybus::transport::Settler for FenceSettler {
+    fn fenced(&self) -> bool {
+        self.fenced.load(Ordering::SeqCst)
+    }
+    async fn ack(&self, sequences: &[u64]) -> ampybus::Result<()> {
+        let ds: Vec<Delivery> = {
+            let mut held = self.held.lock().unwrap();
+            sequences.iter().filter_map(|s| held.remove(s)).collect()
+        };
+        Delivery::ack_all(ds).await.map_err(|(e, _)| e)
+    }
+    async fn nack(&self, sequence: u64, delay: Duration) -> ampybus::Result<()> {
+        let d = self.held.lock().unwrap().remove(&sequence);
+        match d {
+            Some(d) if !self.fenced() => d.nack(delay).await.map_err(|(e, _)| e),
+            _ => Ok(()),
+        }
+    }
+    async fn in_progress(&self, sequence: u64) -> ampybus::Result<()> {
+        if self.fenced() {
+            return Ok(());
+        }
+        let d = self.held.lock().unwrap().remove(&sequence);
+        let Some(d) = d else {
+            return Ok(());
+        };
+        let r = d.in_progress().await;
+        self.held.lock().unwrap().insert(sequence, d);
+        r
+    }
+}
+
+#[async_trait::async_trait]
+impl ampybus::transport::Subscription for FenceSub {
+    async fn fetch(&mut self, max: usize, wait: Duration) -> ampybus::Result<Vec<Delivery>> {
+        if self.settler.fenced.load(Ordering::SeqCst) {
+            tokio::time::sleep(wait.min(Duration::from_millis(20))).await;
+            return Ok(Vec::new());
+        }
+        let got = self.inner.fetch(max, wait).await?;
+        let mut out = Vec::with_capacity(got.len());
+        for d in got {
+            let mine = Delivery::new(d.envelope.clone(), d.info.clone(), self.settler.clone());
+            self.settler.held.lock().unwrap().insert(d.info.sequence, d);
+            out.push(mine);
+        }
+        Ok(out)
+    }
+}
+
+#[async_trait::async_trait]
+impl ampybus::transport::Transport for Fenceable {
+    fn name(&self) -> &'static str {
+        "fenceable"
+    }
+    async fn publish_batch(
+        &self,
+        batch: Vec<Envelope>,
+    ) -> ampybus::Result<Vec<ampybus::transport::PublishReceipt>> {
+        self.inner.publish_batch(batch).await
+    }
+    async fn subscribe(
+        &self,
+        spec: SubscribeSpec,
+    ) -> ampybus::Result<Box<dyn ampybus::transport::Subscription>> {
+        Ok(Box::new(FenceSub {
+            inner: self.inner.subscribe(spec).await?,
+            settler: Arc::new(FenceSettler {
+                fenced: self.fenced.clone(),
+                held: Mutex::default(),
+            }),
+        }))
+    }
+    async fn close(&self) -> ampybus::Result<()> {
+        self.inner.close().await
+    }
+}
+
+/// An instance that loses its consumer's lease while messages of a key wait behind a running
+/// handler hands them back unhandled (they come back, after their deadline, to whoever holds
+/// the lease: here the same consumer once the lease is back), so each is handled once and
+/// the key keeps its order. Without the fence the waiting messages were handled by the
+/// instance that no longer held the lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_not_started_when_the_lease_is_lost_are_handed_back_unhandled() {
+    let dir = tempfile::tempdir().unwrap();
+    let inner = bus_at(dir.path()).await.transport().clone();
+    let fenced = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let bus = Bus::with_transport(
+        Arc::new(Fenceable {
+            inner,
+            fenced: fenced.clone(),
+        }),
+        "fenceable://",
+    );
+    let topic = Topic::parse("ampy.dev.orders.v1.requests").unwrap();
+    let n = 6;
+    let batch: Vec<Envelope> = (0..n)
+        .map(|i| env_for(&topic, "co_fence", &format!("m{i}")))
+        .collect();
+    bus.publish_batch(batch).await.unwrap();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let handled: Arc<Mutex<Vec<String>>> = Arc::default();
+    let (g, h) = (gate.clone(), handled.clone());
+    let handle = Consumer::builder(bus.clone(), pat("ampy.dev.orders.>"), "fence")
+        .workers(4)
+        .ack_deadline(Duration::from_secs(1))
+        .handler(handler_fn(move |msg| {
+            let (gate, handled) = (g.clone(), h.clone());
+            async move {
+                let p = String::from_utf8(msg.payload.to_vec()).unwrap();
+                if p == "m0" && msg.info.delivery_count == 1 {
+                    gate.acquire().await.unwrap().forget();
+                }
+                handled.lock().unwrap().push(p);
+                Outcome::Ok
+            }
+        }))
+        .start()
+        .await
+        .unwrap();
+    wait_stats("all fetched", &handle, |s| s.in_flight == n).await;
+    // The lease is lost while m0 runs and m1…m5 wait behind it (one key, strict order).
+    fenced.store(true, Ordering::SeqCst);
+    gate.add_permits(1);
+    wait_stats("m1…m5 handed back", &handle, |s| s.released == n - 1).await;
+    assert_eq!(*handled.lock().unwrap(), ["m0"]);
+    // The lease is back (as a successor would hold it): m1…m5 come back after their deadline.
+    fenced.store(false, Ordering::SeqCst);
+    wait_stats("all handled", &handle, |s| s.handled_ok == n).await;
+    let stats = handle.shutdown(Duration::from_secs(10)).await;
+    assert_eq!((stats.handled_ok, stats.released), (n, n - 1));
+    let want: Vec<String> = (0..n).map(|i| format!("m{i}")).collect();
+    assert_eq!(*handled.lock().unwrap(), want);
+}

@@ -8,9 +8,15 @@
 //!   `max_ack_pending` from [`super::NatsOptions::max_ack_pending`].
 //! * `StartAt` maps to deliver policy all / new / by start time, for a new consumer; an
 //!   existing one resumes where it was (its ack wait and max ack pending are updated to ours).
-//! * `fetch(max, wait)`: a no-wait pull for what is there; when nothing is, a pull for one
-//!   message that waits up to `wait`, then a no-wait pull for the rest. No pull request is
-//!   left open on the server between calls, so nothing is delivered to a puller that is gone.
+//! * `fetch(max, wait)`: the multi-stream layer's merged fetch (`transport::multi`): a
+//!   no-wait pull of each stream for what is there, starting each fetch at the next stream;
+//!   when nothing is, a pull for one message on each stream that waits up to `wait` (in
+//!   slices of at most 500 ms), then a no-wait pull for the rest of those that woke. No pull
+//!   request is left open on the server between calls, so nothing is delivered to a puller
+//!   that is gone.
+//! * An ephemeral reader lists the streams of its pattern again every second and reads one
+//!   created after it subscribed from its beginning; a durable consumer creates every stream
+//!   its pattern can span when it subscribes.
 //! * Settling: `+ACK` (then a flush, so an ack has reached the server when it returns),
 //!   `-NAK {"delay": ns}`, `+WPI`.
 //! * One active instance per durable name (default, [`crate::transport::InstanceOrder`]): a
@@ -25,6 +31,7 @@ use crate::envelope::Envelope;
 use crate::error::{Error, ErrorKind, Result};
 use crate::transport::InstanceOrder;
 use crate::transport::lease::{Admit, Exclusive, LeaseRef};
+use crate::transport::multi::{self, LiveState, LiveStreams};
 use crate::transport::{Delivery, DeliveryInfo, Settler, StartAt, SubscribeSpec, Subscription};
 use async_nats::jetstream::consumer::{self, AckPolicy, DeliverPolicy, PullConsumer, pull};
 use async_trait::async_trait;
@@ -90,6 +97,11 @@ impl PartSettler {
 
 #[async_trait]
 impl Settler for PartSettler {
+    /// Handed out under the consumer's lease, which is no longer held and valid.
+    fn fenced(&self) -> bool {
+        self.lease.as_ref().is_some_and(|l| !l.may_extend())
+    }
+
     async fn ack(&self, sequences: &[u64]) -> Result<()> {
         if self.ack_none {
             return Ok(());
@@ -150,6 +162,14 @@ impl Settler for PartSettler {
         if self.ack_none {
             return Ok(());
         }
+        if self.fenced() {
+            // The lease is gone and a successor may have the message by now: a release from
+            // here could take it back from the successor. It comes back after its deadline.
+            if let Some(l) = &self.lease {
+                l.settled(1);
+            }
+            return Ok(());
+        }
         let Some(r) = self.reply(sequence, true) else {
             return Ok(());
         };
@@ -191,7 +211,8 @@ pub(crate) struct NatsSubscription {
     shared: Arc<Shared>,
     spec: SubscribeSpec,
     parts: Vec<Part>,
-    next: usize,
+    /// The merged fetch over the parts (`transport::multi`).
+    live: LiveState,
     where_: String,
     /// One shared name per subject received.
     names: crate::envelope::TopicNames,
@@ -221,35 +242,22 @@ pub(crate) async fn subscribe(
         }
         _ => None,
     };
-    let mut parts = Vec::with_capacity(targets.len());
-    for (stream, filter) in targets {
-        let consumer = open_consumer(shared, &stream.name, &filter, &spec).await?;
-        parts.push(Part {
-            stream: stream.name.clone(),
-            filter,
-            stale: false,
-            consumer,
-            settler: Arc::new(PartSettler {
-                client: shared.client.clone(),
-                replies: Mutex::new(HashMap::new()),
-                ack_none: spec.durable.is_none(),
-                where_: format!("{} stream {}", shared.where_(), stream.name),
-                flush_timeout: shared.opts.request_timeout,
-                lease: exclusive.as_ref().map(Exclusive::handle),
-            }),
-        });
-    }
-    Ok(Box::new(NatsSubscription {
+    let mut sub = NatsSubscription {
         shared: shared.clone(),
         spec,
-        parts,
-        next: 0,
+        parts: Vec::with_capacity(targets.len()),
+        live: LiveState::default(),
         where_: shared.where_(),
         names: Default::default(),
         takeover: Default::default(),
         takeover_extended: std::time::Instant::now(),
         exclusive,
-    }))
+    };
+    for (stream, filter) in targets {
+        let start = sub.spec.start;
+        sub.add_part(&stream.name, filter, start).await?;
+    }
+    Ok(Box::new(sub))
 }
 
 fn deliver_policy(start: StartAt) -> DeliverPolicy {
@@ -377,6 +385,30 @@ async fn open_consumer(
 }
 
 impl NatsSubscription {
+    /// Opens the consumer of `stream` (filtered by `filter`), starting at `start` when it is
+    /// new, as the next part.
+    async fn add_part(&mut self, stream: &str, filter: String, start: StartAt) -> Result<()> {
+        let mut spec = self.spec.clone();
+        spec.start = start;
+        let consumer = open_consumer(&self.shared, stream, &filter, &spec).await?;
+        let shared = &self.shared;
+        self.parts.push(Part {
+            stream: stream.to_owned(),
+            filter,
+            stale: false,
+            consumer,
+            settler: Arc::new(PartSettler {
+                client: shared.client.clone(),
+                replies: Mutex::new(HashMap::new()),
+                ack_none: spec.durable.is_none(),
+                where_: format!("{} stream {stream}", shared.where_()),
+                flush_timeout: shared.opts.request_timeout,
+                lease: self.exclusive.as_ref().map(Exclusive::handle),
+            }),
+        });
+        Ok(())
+    }
+
     /// At a takeover: pulls what the consumer has unacknowledged (redelivered first by the
     /// server, but in the order their deadlines ran out — a deadline extended by the previous
     /// holder runs out later — or their releases came) plus whatever follows in the same
@@ -565,70 +597,58 @@ impl NatsSubscription {
 }
 
 #[async_trait]
-impl Subscription for NatsSubscription {
-    async fn fetch(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
-        if max == 0 {
-            return Ok(Vec::new());
-        }
-        if self.parts.is_empty() {
-            // An ephemeral reader over streams that do not exist: nothing to read.
-            tokio::time::sleep(wait).await;
-            return Ok(Vec::new());
-        }
-        let mut wait = wait;
-        if let Some(ex) = &self.exclusive {
-            let admit = ex.admit(wait, || self.backlog()).await?;
-            match admit {
-                Admit::Idle => return Ok(Vec::new()),
-                Admit::Go { budget, took_over } => {
-                    wait = wait.min(budget);
-                    if took_over && let Err(e) = self.fill_takeover().await {
-                        tracing::warn!(error = %e, "nats: taking over unacknowledged messages failed; they come in the server's order");
-                    }
-                }
-            }
-        }
-        if !self.takeover.is_empty() {
-            return Ok(self.next_taken_over(max).await);
-        }
-        for i in 0..self.parts.len() {
-            if self.parts[i].stale {
-                let (stream, filter) = (self.parts[i].stream.clone(), self.parts[i].filter.clone());
-                let c = open_consumer(&self.shared, &stream, &filter, &self.spec).await?;
-                self.parts[i].consumer = c;
-                self.parts[i].stale = false;
-                tracing::info!(stream = %stream, "nats: consumer reopened after a failed pull");
-            }
-        }
-        let n = self.parts.len();
-        let first = self.next % n;
-        self.next = self.next.wrapping_add(1);
-        let order: Vec<usize> = (0..n).map(|i| (first + i) % n).collect();
-        let mut out = Vec::new();
-        for &i in &order {
-            if out.len() >= max {
-                break;
-            }
-            match self.pull(i, max - out.len(), None).await {
-                Ok(got) => out.extend(self.convert(i, got)),
-                Err(e) => {
-                    self.parts[i].stale = true;
-                    if out.is_empty() {
-                        return Err(e);
-                    }
-                    return Ok(out);
-                }
-            }
-        }
-        if !out.is_empty() || wait < Duration::from_millis(20) {
-            return Ok(out);
-        }
-        // Nothing there: wait for one message on each stream (at most `max` streams), in
-        // pulls of at most WAIT_SLICE: a waiting pull of several seconds was seen to miss
-        // messages stored while it waited (nats-server 2.9), a short one does not.
-        let waiting: Vec<usize> = order.into_iter().take(max).collect();
+impl LiveStreams for NatsSubscription {
+    type Found = (Arc<streams::StreamRef>, String);
+
+    fn live(&mut self) -> &mut LiveState {
+        &mut self.live
+    }
+
+    fn len(&self) -> usize {
+        self.parts.len()
+    }
+
+    /// A durable consumer created every stream its pattern can span when it subscribed.
+    fn discovers(&self) -> bool {
+        self.spec.durable.is_none()
+    }
+
+    fn name(found: &Self::Found) -> &str {
+        &found.0.name
+    }
+
+    fn is_open(&self, name: &str) -> bool {
+        self.parts.iter().any(|p| p.stream == name)
+    }
+
+    async fn spanned(&mut self) -> Result<Vec<Self::Found>> {
+        streams::streams_for_pattern(&self.shared, &self.spec.pattern, false).await
+    }
+
+    async fn open(&mut self, (stream, filter): Self::Found) -> Result<()> {
+        self.add_part(&stream.name, filter, StartAt::Earliest).await
+    }
+
+    fn may_read(&self) -> bool {
+        self.exclusive.as_ref().is_none_or(Exclusive::may_fetch)
+    }
+
+    async fn read(&mut self, i: usize, max: usize) -> Result<Vec<Delivery>> {
+        let got = self.pull(i, max, None).await?;
+        Ok(self.convert(i, got))
+    }
+
+    /// One waiting pull for one message on each stream, in pulls of at most WAIT_SLICE
+    /// until one arrives or `wait` is over: a waiting pull of several seconds was seen to
+    /// miss messages stored while it waited (nats-server 2.9), a short one does not.
+    async fn wait_any(
+        &mut self,
+        waiting: &[usize],
+        wait: Duration,
+    ) -> Result<(Vec<Delivery>, Vec<usize>)> {
         let deadline = std::time::Instant::now() + wait;
         let mut err = None;
+        let mut out = Vec::new();
         let mut woke = Vec::new();
         loop {
             let slice = deadline
@@ -658,24 +678,58 @@ impl Subscription for NatsSubscription {
                 break;
             }
         }
-        if out.is_empty()
-            && let Some(e) = err
-        {
-            return Err(e);
+        match err {
+            Some(e) if out.is_empty() => Err(e),
+            _ => Ok((out, woke)),
         }
-        for i in woke {
-            if out.len() >= max {
-                break;
-            }
-            match self.pull(i, max - out.len(), None).await {
-                Ok(got) => out.extend(self.convert(i, got)),
-                Err(e) => {
-                    tracing::debug!(error = %e, "nats: pull after a wake-up failed");
-                    self.parts[i].stale = true;
-                    break;
+    }
+
+    /// Reopens the part's consumer before its next pull (a failed wait marked its own).
+    async fn recover(&mut self, i: Option<usize>, _e: &Error) -> Result<()> {
+        if let Some(i) = i {
+            self.parts[i].stale = true;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Subscription for NatsSubscription {
+    async fn fetch(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        // An ephemeral reader joins the streams of its pattern created after it subscribed
+        // (while there is none, it waits for the first).
+        multi::join_streams(self, wait).await?;
+        if self.parts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut wait = wait;
+        if let Some(ex) = &self.exclusive {
+            let admit = ex.admit(wait, || self.backlog()).await?;
+            match admit {
+                Admit::Idle => return Ok(Vec::new()),
+                Admit::Go { budget, took_over } => {
+                    wait = wait.min(budget);
+                    if took_over && let Err(e) = self.fill_takeover().await {
+                        tracing::warn!(error = %e, "nats: taking over unacknowledged messages failed; they come in the server's order");
+                    }
                 }
             }
         }
-        Ok(out)
+        if !self.takeover.is_empty() {
+            return Ok(self.next_taken_over(max).await);
+        }
+        for i in 0..self.parts.len() {
+            if self.parts[i].stale {
+                let (stream, filter) = (self.parts[i].stream.clone(), self.parts[i].filter.clone());
+                let c = open_consumer(&self.shared, &stream, &filter, &self.spec).await?;
+                self.parts[i].consumer = c;
+                self.parts[i].stale = false;
+                tracing::info!(stream = %stream, "nats: consumer reopened after a failed pull");
+            }
+        }
+        multi::fetch_merged(self, Vec::new(), max, wait).await
     }
 }

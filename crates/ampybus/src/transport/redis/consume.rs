@@ -5,16 +5,18 @@
 //!   `StartAt::Latest`, at the last id before the time for `StartAt::Time`; an existing group
 //!   resumes where it was. A durable subscription on a pattern naming one stream creates the
 //!   stream (`MKSTREAM`); a pattern spanning several (`ampy.dev.>`) finds them with
-//!   `SCAN … TYPE stream` and looks again every second, so streams created later are read too
-//!   (their groups are created at `0`: everything in them is newer than the subscription).
+//!   `SCAN … TYPE stream`, listed again by the multi-stream layer (`transport::multi`) every
+//!   second, so streams created later are read too (their groups are created at `0`:
+//!   everything in them is newer than the subscription).
 //! * **Consumers.** Every subscription is a consumer of its own in the group,
 //!   `{durable}:{12 hex}`, so instances share the work and a crashed one is recognised by its
 //!   pending entries going idle.
 //! * **Fetch.** First `XAUTOCLAIM` takes over entries pending (in any consumer of the group)
 //!   for longer than the ack deadline, at most every quarter of the deadline (their delivery
-//!   count read with `XPENDING`); then `XREADGROUP … >` without blocking on every stream; when
-//!   nothing came, one `XREADGROUP BLOCK` over every stream (one entry each) on the
-//!   subscription's own connection, then a non-blocking read for the rest. Entries whose topic
+//!   count read with `XPENDING`); then the multi-stream layer's merged fetch: `XREADGROUP … >`
+//!   without blocking on every stream, starting each fetch at the next; when nothing came, one
+//!   `XREADGROUP BLOCK` over every stream (one entry each) on the subscription's own
+//!   connection, then a non-blocking read for the rest of the streams that woke. Entries whose topic
 //!   does not match the pattern are acknowledged at once and not handed out.
 //! * **Settling.** `ack` = `XACK`. `in_progress` = `XCLAIM … JUSTID` by the same consumer
 //!   (resets the idle time without counting a delivery). Redis has no delayed redelivery:
@@ -38,14 +40,12 @@ use super::{Shared, command_error, wire};
 use crate::error::{Error, ErrorKind, Result};
 use crate::transport::InstanceOrder;
 use crate::transport::lease::{Admit, Exclusive, LeaseRef};
+use crate::transport::multi::{self, LiveState, LiveStreams};
 use crate::transport::{Delivery, DeliveryInfo, Settler, StartAt, SubscribeSpec, Subscription};
 use async_trait::async_trait;
 use redis::aio::ConnectionManager;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// How often a subscription over several streams looks for new ones.
-const DISCOVER_EVERY: Duration = Duration::from_secs(1);
 
 /// How often a subscription removes consumers of its group that are gone (nothing pending,
 /// idle for longer than [`GONE_AFTER`]).
@@ -110,6 +110,11 @@ impl PartSettler {
 
 #[async_trait]
 impl Settler for PartSettler {
+    /// Handed out under the consumer's lease, which is no longer held and valid.
+    fn fenced(&self) -> bool {
+        self.lease.as_ref().is_some_and(|l| !l.may_extend())
+    }
+
     async fn ack(&self, sequences: &[u64]) -> Result<()> {
         self.xack(sequences).await?;
         if let Some(l) = &self.lease {
@@ -120,6 +125,14 @@ impl Settler for PartSettler {
 
     async fn nack(&self, sequence: u64, delay: Duration) -> Result<()> {
         if !self.durable {
+            return Ok(());
+        }
+        if self.fenced() {
+            // The lease is gone and a successor may have the message by now: a release from
+            // here could take it back from the successor. It comes back after its deadline.
+            if let Some(l) = &self.lease {
+                l.settled(1);
+            }
             return Ok(());
         }
         let idle = self.ack_deadline.saturating_sub(delay).as_millis() as u64;
@@ -165,7 +178,8 @@ pub(crate) struct RedisSubscription {
     parts: Vec<Part>,
     /// The pattern names one stream (no discovery needed).
     single: Option<String>,
-    last_discovery: Instant,
+    /// The merged fetch over the parts (`transport::multi`).
+    live: LiveState,
     where_: String,
     /// One active instance per durable name (dropped last: it releases the lease).
     exclusive: Option<Exclusive>,
@@ -201,7 +215,7 @@ pub(crate) async fn subscribe(
         consumer,
         parts: Vec::new(),
         single: single.map(|s| shared.opts.stream_key(&s)),
-        last_discovery: Instant::now(),
+        live: LiveState::default(),
         where_: shared.where_(),
         spec,
     };
@@ -309,27 +323,6 @@ impl RedisSubscription {
             reclaim_cursor: "0-0".to_owned(),
             last_sweep: Instant::now(),
         });
-        Ok(())
-    }
-
-    async fn discover(&mut self) -> Result<()> {
-        if self.single.is_some() && self.spec.durable.is_some() {
-            return Ok(());
-        }
-        if !self.parts.is_empty() && self.last_discovery.elapsed() < DISCOVER_EVERY {
-            return Ok(());
-        }
-        self.last_discovery = Instant::now();
-        let found = self.shared.existing_streams(&self.spec.pattern).await?;
-        for k in found {
-            if self.single.as_ref().is_some_and(|s| *s != k) {
-                continue;
-            }
-            if !self.parts.iter().any(|p| p.key == k) {
-                tracing::debug!(stream = %k, "redis: subscription found a new stream");
-                self.add_part(k, false).await?;
-            }
-        }
         Ok(())
     }
 
@@ -535,11 +528,14 @@ impl RedisSubscription {
 
     /// One read over the given parts: `XREADGROUP` (durable) or `XREAD`, `count` per stream,
     /// blocking up to `block` on the subscription's own connection when given.
-    async fn read(
+    /// Reads up to `count` entries of each of `parts` (blocking up to `block` when nothing is
+    /// there); the parts that had entries are added to `woke`.
+    async fn read_streams(
         &mut self,
         parts: &[usize],
         count: usize,
         block: Option<Duration>,
+        woke: &mut Vec<usize>,
     ) -> Result<Vec<Delivery>> {
         let mut cmd;
         if let Some(group) = &self.spec.durable {
@@ -602,18 +598,13 @@ impl RedisSubscription {
             };
             if let Some(last) = entries.last() {
                 self.parts[i].last_id = last.id.clone();
+                woke.push(i);
             }
             let mut skip = Vec::new();
             self.convert(i, entries, None, &mut out, &mut skip);
             self.ack_skipped(i, skip).await?;
         }
         Ok(out)
-    }
-
-    /// Whether a read may be sent now (always, unless one instance is active at a time and
-    /// this one's lease is not valid long enough).
-    fn may_read(&self) -> bool {
-        self.exclusive.as_ref().is_none_or(Exclusive::may_fetch)
     }
 
     /// Entries of the group pending in any consumer, over every stream (`XPENDING` summary).
@@ -673,27 +664,86 @@ impl RedisSubscription {
 }
 
 #[async_trait]
+impl LiveStreams for RedisSubscription {
+    type Found = String;
+
+    fn live(&mut self) -> &mut LiveState {
+        &mut self.live
+    }
+
+    fn len(&self) -> usize {
+        self.parts.len()
+    }
+
+    /// A durable subscription to one stream created it when it subscribed.
+    fn discovers(&self) -> bool {
+        !(self.single.is_some() && self.spec.durable.is_some())
+    }
+
+    fn name(found: &String) -> &str {
+        found
+    }
+
+    fn is_open(&self, name: &str) -> bool {
+        self.parts.iter().any(|p| p.key == name)
+    }
+
+    async fn spanned(&mut self) -> Result<Vec<String>> {
+        let mut found = self.shared.existing_streams(&self.spec.pattern).await?;
+        if let Some(one) = &self.single {
+            found.retain(|k| k == one);
+        }
+        Ok(found)
+    }
+
+    async fn open(&mut self, key: String) -> Result<()> {
+        self.add_part(key, false).await
+    }
+
+    fn may_read(&self) -> bool {
+        self.exclusive.as_ref().is_none_or(Exclusive::may_fetch)
+    }
+
+    async fn read(&mut self, i: usize, max: usize) -> Result<Vec<Delivery>> {
+        self.read_streams(&[i], max, None, &mut Vec::new()).await
+    }
+
+    /// One blocking read of every stream, for one entry; a durable one blocks at most a
+    /// quarter of the ack deadline (a reclaim may come due meanwhile).
+    async fn wait_any(
+        &mut self,
+        streams: &[usize],
+        wait: Duration,
+    ) -> Result<(Vec<Delivery>, Vec<usize>)> {
+        let cap = if self.spec.durable.is_some() {
+            (self.spec.ack_deadline / 4).max(Duration::from_millis(50))
+        } else {
+            wait
+        };
+        let mut woke = Vec::new();
+        let got = self
+            .read_streams(streams, 1, Some(wait.min(cap)), &mut woke)
+            .await?;
+        Ok((got, woke))
+    }
+
+    /// A stream (and its group) deleted, or a server restarted without persistence: the
+    /// groups are created again.
+    async fn recover(&mut self, _i: Option<usize>, e: &Error) -> Result<()> {
+        self.ensure_groups(e).await
+    }
+}
+
+#[async_trait]
 impl Subscription for RedisSubscription {
     async fn fetch(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
         if max == 0 {
             return Ok(Vec::new());
         }
         let started = Instant::now();
-        self.discover().await?;
+        multi::join_streams(self, wait).await?;
         if self.parts.is_empty() {
-            // No stream yet: look for one every 50 ms until the wait is over (there is nothing
-            // to block on), then read it at once.
-            loop {
-                let left = wait.saturating_sub(started.elapsed());
-                if left.is_zero() {
-                    return Ok(Vec::new());
-                }
-                tokio::time::sleep(left.min(Duration::from_millis(50))).await;
-                self.discover().await?;
-                if !self.parts.is_empty() {
-                    break;
-                }
-            }
+            return Ok(Vec::new());
         }
         let mut wait = wait;
         if let Some(ex) = &self.exclusive {
@@ -714,9 +764,8 @@ impl Subscription for RedisSubscription {
             }
         }
         let mut out = Vec::new();
-        let n = self.parts.len();
         if self.spec.durable.is_some() {
-            for i in 0..n {
+            for i in 0..self.parts.len() {
                 if out.len() >= max || !self.may_read() {
                     break;
                 }
@@ -728,57 +777,8 @@ impl Subscription for RedisSubscription {
             // Entries left to claim come before anything new (order across instances).
             return Ok(out);
         }
-        for i in 0..n {
-            if out.len() >= max || !self.may_read() {
-                break;
-            }
-            match self.read(&[i], max - out.len(), None).await {
-                Ok(got) => out.extend(got),
-                Err(e) => {
-                    self.ensure_groups(&e).await?;
-                    if out.is_empty() {
-                        return Err(e);
-                    }
-                    return Ok(out);
-                }
-            }
-        }
         let left = wait.saturating_sub(started.elapsed());
-        if !out.is_empty() || left < Duration::from_millis(10) || !self.may_read() {
-            return Ok(out);
-        }
-        // Nothing there: block for one entry on each stream (at most `max` streams), then
-        // take what else is there.
-        let waiting: Vec<usize> = (0..n).take(max).collect();
-        // A reclaim may come due while blocked: never block past a quarter of the deadline.
-        let cap = if self.spec.durable.is_some() {
-            (self.spec.ack_deadline / 4).max(Duration::from_millis(50))
-        } else {
-            left
-        };
-        let got = match self.read(&waiting, 1, Some(left.min(cap))).await {
-            Ok(g) => g,
-            Err(e) => {
-                self.ensure_groups(&e).await?;
-                return Err(e);
-            }
-        };
-        out.extend(got);
-        if !out.is_empty() && out.len() < max {
-            for i in 0..n {
-                if out.len() >= max || !self.may_read() {
-                    break;
-                }
-                match self.read(&[i], max - out.len(), None).await {
-                    Ok(got) => out.extend(got),
-                    Err(e) => {
-                        tracing::debug!(error = %e, "redis: read after a wake-up failed");
-                        break;
-                    }
-                }
-            }
-        }
-        Ok(out)
+        multi::fetch_merged(self, out, max, left).await
     }
 }
 

@@ -1,6 +1,7 @@
 //! Reading a pattern that spans several streams, written once for the broker bindings: the
 //! streams of a NATS pattern, the stream keys of a Redis pattern, the partitions of the Kafka
-//! topics of a pattern.
+//! topics of a pattern. Live subscriptions (discovery of new streams and the merged fetch) are
+//! in `live` ([`LiveStreams`], [`join_streams`], [`fetch_merged`]); replay pages are here.
 //!
 //! A binding only translates (see [`StreamSource`]): it names the streams a pattern spans now
 //! (asked again on every page, so a stream created between two pages is found) and reads one
@@ -37,6 +38,9 @@ use chrono::{DateTime, Utc};
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::str::FromStr;
+
+mod live;
+pub(crate) use live::{LiveState, LiveStreams, fetch as fetch_merged, join_streams};
 
 /// The page size when a query's `limit` is 0.
 pub(crate) const DEFAULT_LIMIT: usize = 1000;
