@@ -162,6 +162,9 @@ impl Settler for PartSettler {
         if self.ack_none {
             return Ok(());
         }
+        let Some(r) = self.reply(sequence, true) else {
+            return Ok(());
+        };
         if self.fenced() {
             // The lease is gone and a successor may have the message by now: a release from
             // here could take it back from the successor. It comes back after its deadline.
@@ -170,9 +173,6 @@ impl Settler for PartSettler {
             }
             return Ok(());
         }
-        let Some(r) = self.reply(sequence, true) else {
-            return Ok(());
-        };
         let body = if delay.is_zero() {
             bytes::Bytes::from_static(b"-NAK")
         } else {
