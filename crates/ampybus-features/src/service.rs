@@ -123,6 +123,7 @@ struct Shared {
     /// These counters are also the service's families on the bus's `/metrics`
     /// (`features_*_total{service}`).
     ticks: Counter,
+    late: Counter,
     heartbeats: Counter,
     features_published: Counter,
     rate_limited: Counter,
@@ -325,9 +326,12 @@ impl Shared {
         let mut engine = self.engine.lock().unwrap_or_else(|p| p.into_inner());
         let mut touched: BTreeMap<String, String> = BTreeMap::new();
         for (sym, mic, ev) in ticks {
-            if engine.apply(&sym, &mic, ev, now.wall) == crate::engine::Applied::Updated {
-                self.ticks.inc();
-                touched.insert(sym, mic);
+            match engine.apply(&sym, &mic, ev, now.wall) {
+                crate::engine::Applied::Updated => {
+                    self.ticks.inc();
+                    touched.insert(sym, mic);
+                }
+                crate::engine::Applied::Late => self.late.inc(),
             }
         }
         let mut out = Vec::new();
@@ -533,6 +537,10 @@ impl FeaturesService {
             engine: Mutex::new(FeatureEngine::new()),
             pending: Mutex::new(HashMap::new()),
             ticks: counter("features_ticks", "Ticks applied to the features state")?,
+            late: counter(
+                "features_late_ticks",
+                "Ticks older than their symbol's 60 s window, ignored",
+            )?,
             heartbeats: counter(
                 "features_heartbeats",
                 "Heartbeat messages read (and ignored)",

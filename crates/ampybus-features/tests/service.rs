@@ -449,6 +449,7 @@ async fn scripted_ticks_give_exact_features_signals_http_and_dlq() {
     assert_eq!(code, 200);
     for line in [
         r#"features_ticks_total{service="feat"} 5"#,
+        r#"features_late_ticks_total{service="feat"} 0"#,
         r#"features_heartbeats_total{service="feat"} 1"#,
         r#"features_batches_published_total{service="feat"} 3"#,
         r#"features_rate_limited_total{service="feat"} 1"#,
@@ -470,7 +471,27 @@ async fn scripted_ticks_give_exact_features_signals_http_and_dlq() {
         json!({"contract_violation": 1, "decode_error": 1})
     );
 
+    // 6. A trade 70 s older than MSFT's latest tick: late, counted, nothing published.
+    publish(
+        &bus,
+        "trade",
+        "MSFT",
+        "ampy.ticks.v1.TradeTick",
+        trade("MSFT", -60_000, 100.0, 1).encode_to_vec(),
+    )
+    .await;
+    assert!(svc.wait_handled(8, HANG).await);
+    let st = svc.stats();
+    assert_eq!((st.ticks, st.late, st.features_published), (5, 1, 3));
+    let (_, text) = ampybus_conformance::http_get(addr, "/metrics").await;
+    for line in [
+        r#"features_ticks_total{service="feat"} 5"#,
+        r#"features_late_ticks_total{service="feat"} 1"#,
+    ] {
+        assert_eq!(text.lines().filter(|l| *l == line).count(), 1, "{line}");
+    }
+
     let final_stats = svc.shutdown(Duration::from_secs(10)).await;
-    assert_eq!(final_stats.handled_ok, 5);
+    assert_eq!(final_stats.handled_ok, 6);
     assert_eq!(final_stats.dead_lettered_total(), 2);
 }

@@ -72,7 +72,8 @@ pub(crate) trait LiveStreams: Send {
     /// Whether the stream named `name` is open.
     fn is_open(&self, name: &str) -> bool;
 
-    /// The streams the pattern spans now (open or not).
+    /// The streams the pattern spans now, open or not (a binding that can tell cheaply that
+    /// none is new may return only the new ones, or none).
     async fn spanned(&mut self) -> Result<Vec<Self::Found>>;
 
     /// Opens a stream found after the subscription, read from its beginning; it gets the

@@ -621,7 +621,16 @@ impl LiveStreams for NatsSubscription {
         self.parts.iter().any(|p| p.stream == name)
     }
 
+    /// One `STREAM.NAMES` request for the streams whose subjects meet the pattern; only when
+    /// it names one not open yet, the pattern's streams are resolved (a request per env and
+    /// domain the pattern spans that has no stream known yet).
     async fn spanned(&mut self) -> Result<Vec<Self::Found>> {
+        let names =
+            streams::stream_names_for(&self.shared.js, &self.where_, self.spec.pattern.as_str())
+                .await?;
+        if names.iter().all(|n| self.is_open(n)) {
+            return Ok(Vec::new());
+        }
         streams::streams_for_pattern(&self.shared, &self.spec.pattern, false).await
     }
 
