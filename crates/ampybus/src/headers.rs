@@ -155,7 +155,8 @@ const ARENA: usize = 384;
 const MAX_EXTRA: usize = 32;
 
 /// Where a value's bytes are: `buf` 0 absent, 1 `base`, 2 `arena`, 3/4/5 the lazily written
-/// text of the binary id/time/trace context, [`EXTRA0`] + n `extra[n]`.
+/// text of the binary id/time/trace context, 6 ([`DEFAULTS`]) the shared text of the publish
+/// defaults, [`EXTRA0`] + n `extra[n]`.
 #[derive(Clone, Copy, Default, PartialEq, Eq)]
 struct Span {
     buf: u16,
@@ -167,7 +168,48 @@ struct Span {
 const LAZY_ID: u16 = 3;
 const LAZY_TIME: u16 = 4;
 const LAZY_TRACE: u16 = 5;
-const EXTRA0: u16 = 6;
+/// The `buf` of a default [`Headers::fill_publish_defaults`] wrote (see [`defaults_text`]).
+const DEFAULTS: u16 = 6;
+const EXTRA0: u16 = 7;
+
+/// The text of the values [`Headers::fill_publish_defaults`] writes when they are missing,
+/// one buffer for the process: `schema_version` `1.0.0`, `content_type` protobuf and `run_id`
+/// the process run id, at the spans [`DEFAULT_SPANS`] gives. A map points at it instead of
+/// copying it; a span of it stands only in the slot it was written to, so it is known to pass
+/// that slot's publish rules and is not checked again.
+fn defaults_text() -> &'static [u8] {
+    static TEXT: std::sync::OnceLock<Box<[u8]>> = std::sync::OnceLock::new();
+    TEXT.get_or_init(|| {
+        let mut t = Vec::new();
+        t.extend_from_slice(b"1.0.0");
+        t.extend_from_slice(CONTENT_TYPE_PROTOBUF.as_bytes());
+        t.extend_from_slice(ids::process_run_id().as_bytes());
+        t.into_boxed_slice()
+    })
+}
+
+/// The spans of `schema_version`, `content_type` and `run_id` in [`defaults_text`].
+fn default_spans() -> [Span; 3] {
+    let ct = CONTENT_TYPE_PROTOBUF.len() as u32;
+    let run = defaults_text().len() as u32 - 5 - ct;
+    [
+        Span {
+            buf: DEFAULTS,
+            start: 0,
+            len: 5,
+        },
+        Span {
+            buf: DEFAULTS,
+            start: 5,
+            len: ct,
+        },
+        Span {
+            buf: DEFAULTS,
+            start: 5 + ct,
+            len: run,
+        },
+    ]
+}
 
 impl Span {
     /// All of a lazily written text.
@@ -187,7 +229,12 @@ impl Span {
 
     /// A text written on first read from a value that arrived in binary form.
     fn is_lazy(self) -> bool {
-        (3..EXTRA0).contains(&self.buf)
+        (LAZY_ID..=LAZY_TRACE).contains(&self.buf)
+    }
+
+    /// A publish default of the shared [`defaults_text`]: valid for its slot by construction.
+    fn is_default(self) -> bool {
+        self.buf == DEFAULTS
     }
 
     fn sub(self, from: u32, len: u32) -> Span {
@@ -325,7 +372,8 @@ impl Inner {
             0 => &[],
             1 => &self.base,
             2 => &self.arena,
-            3..EXTRA0 => self.lazy_bytes(s.buf),
+            LAZY_ID..=LAZY_TRACE => self.lazy_bytes(s.buf),
+            DEFAULTS => defaults_text(),
             n => &self.extra[usize::from(n - EXTRA0)],
         };
         let b = &b[s.start as usize..(s.start + s.len) as usize];
@@ -726,33 +774,47 @@ impl Headers {
     /// ```
     pub fn fill_publish_defaults(&mut self) {
         let given_trace = self.i().parsed.trace.is_some();
-        let trace = if self.i().known[K_TRACEPARENT].is_some() {
+        let missing = |i: usize| !self.i().known[i].is_some();
+        if !missing(K_TRACEPARENT)
+            && !missing(K_MESSAGE_ID)
+            && !missing(K_PRODUCED_AT)
+            && !missing(K_SCHEMA_VERSION)
+            && !missing(K_CONTENT_TYPE)
+            && !missing(K_RUN_ID)
+            && (!given_trace || (!missing(K_TRACE_ID) && !missing(K_SPAN_ID)))
+        {
+            // Filled already (e.g. by `for_publish`): nothing to write, no copy of a shared map.
+            return;
+        }
+        // One generator handle and one clock reading for every value made here.
+        let mut rng = rand::rng();
+        let trace = if !missing(K_TRACEPARENT) {
             None
         } else {
             Some(
                 self.slot(K_TRACE_ID)
                     .and_then(|t| TraceContext::from_ids(t, self.slot(K_SPAN_ID)))
                     .and_then(|tc| TraceIds::parse(&tc.to_traceparent()))
-                    .unwrap_or_else(TraceIds::new_root),
+                    .unwrap_or_else(|| TraceIds::new_root_from(&mut rng)),
             )
         };
+        let now_us = ids::now_micros();
         let h = self.m_store();
+        // Constant defaults point at the process's one copy of their text.
+        let [version, content_type, run_id] = default_spans();
         if !h.known[K_SCHEMA_VERSION].is_some() {
-            let v = h.store("1.0.0");
-            h.put(K_SCHEMA_VERSION, v);
+            h.known[K_SCHEMA_VERSION] = version;
         }
         if !h.known[K_CONTENT_TYPE].is_some() {
-            let v = h.store(CONTENT_TYPE_PROTOBUF);
-            h.put(K_CONTENT_TYPE, v);
+            h.known[K_CONTENT_TYPE] = content_type;
         }
         if !h.known[K_RUN_ID].is_some() {
-            let v = h.store(ids::process_run_id());
-            h.put(K_RUN_ID, v);
+            h.known[K_RUN_ID] = run_id;
         }
         // Generated values are held parsed; their text is written when first read (or, when
         // the map's lazy cell is taken already, in place now). No allocation either way.
         if !h.known[K_MESSAGE_ID].is_some() {
-            let id = ids::new_message_uuid();
+            let id = ids::new_message_uuid_at(now_us, &mut rng);
             let v = if h.lazy.id.get().is_none() {
                 Span::lazy(LAZY_ID, 36)
             } else {
@@ -764,7 +826,7 @@ impl Headers {
             h.parsed.id = Some(*id.as_bytes());
         }
         if !h.known[K_PRODUCED_AT].is_some() {
-            let us = ids::now_micros();
+            let us = now_us;
             let v = if h.lazy.time.get().is_none() {
                 Span::lazy(LAZY_TIME, 27)
             } else {
@@ -1329,20 +1391,29 @@ impl Headers {
     /// assert!(err.to_string().contains("`produced_at`"), "{err}");
     /// ```
     pub fn validate_for_publish(&self, topic: &Topic) -> Result<()> {
-        if !self.values_plainly_valid() {
-            self.check_values_in_order()?;
-        }
-        self.validate_for_publish_fields(topic)
+        let verified = match self.values_plainly_valid() {
+            Some(v) => v,
+            None => {
+                self.check_values_in_order()?;
+                0
+            }
+        };
+        self.validate_for_publish_fields(topic, verified)
     }
 
     /// The common case of the per-value rules in one pass, in slot order: every value free
     /// of CR, LF and NUL (eight bytes at a time) and within its limit, every extension name
-    /// valid, the total within its limit. Values held parsed (lazily written text) are
-    /// clean by construction and are not read. `false` sends the caller to
-    /// [`Headers::check_values_in_order`], which finds the first problem in name order.
-    fn values_plainly_valid(&self) -> bool {
+    /// valid, the total within its limit. Values held parsed (lazily written text) and the
+    /// shared publish defaults are clean by construction and are not read. A value that
+    /// passes its slot's own fast rule (plain text, dotted name, plain semver: each admits no
+    /// CR, LF or NUL) is clean too, and its bit in the mask returned tells
+    /// [`Headers::validate_for_publish_fields`] that its rule holds already. `None` sends the
+    /// caller to [`Headers::check_values_in_order`], which finds the first problem in name
+    /// order.
+    fn values_plainly_valid(&self) -> Option<u32> {
         let inner = self.i();
         let mut total = 0usize;
+        let mut verified = 0u32;
         for (i, sp) in inner.known.iter().enumerate() {
             if !sp.is_some() {
                 continue;
@@ -1351,19 +1422,34 @@ impl Headers {
             if sp.is_lazy() {
                 continue;
             }
+            if sp.is_default() {
+                verified |= 1 << i;
+                continue;
+            }
             let v = inner.str(*sp).as_bytes();
-            if v.len() > MAX_HEADER_VALUE_BYTES || has_cr_lf_nul(v) {
-                return false;
+            if v.len() > MAX_HEADER_VALUE_BYTES {
+                return None;
+            }
+            let own_rule = match i {
+                K_PRODUCER | K_SOURCE | K_RUN_ID => plain_text(v),
+                K_SCHEMA_FQDN => fqdn_ok(v),
+                K_SCHEMA_VERSION => plain_semver(v),
+                _ => false,
+            };
+            if own_rule {
+                verified |= 1 << i;
+            } else if has_cr_lf_nul(v) {
+                return None;
             }
         }
         for (k, v) in &inner.ext {
             let (k, v) = (inner.str(*k), inner.str(*v).as_bytes());
             total += k.len() + v.len();
             if check_name(k).is_err() || v.len() > MAX_HEADER_VALUE_BYTES || has_cr_lf_nul(v) {
-                return false;
+                return None;
             }
         }
-        total <= MAX_HEADERS_BYTES
+        (total <= MAX_HEADERS_BYTES).then_some(verified)
     }
 
     /// The per-value rules header by header in name order: the first problem as an error.
@@ -1407,7 +1493,10 @@ impl Headers {
     }
 
     /// The rules of [`Headers::validate_for_publish`] on the fields themselves.
-    fn validate_for_publish_fields(&self, topic: &Topic) -> Result<()> {
+    /// `verified`: slots whose own rule is known to hold (see
+    /// [`Headers::values_plainly_valid`]); their checks are skipped.
+    fn validate_for_publish_fields(&self, topic: &Topic, verified: u32) -> Result<()> {
+        let unchecked = |slot: usize| verified & (1 << slot) == 0;
         let inner = self.i();
         for (name, slot) in REQUIRED.iter().zip(REQUIRED_SLOTS) {
             if !inner.known[slot].is_some() {
@@ -1443,8 +1532,12 @@ impl Headers {
                 }
             }
         }
-        check_fqdn(self.slot(K_SCHEMA_FQDN).unwrap_or_default())?;
-        check_semver(self.slot(K_SCHEMA_VERSION).unwrap_or_default())?;
+        if unchecked(K_SCHEMA_FQDN) {
+            check_fqdn(self.slot(K_SCHEMA_FQDN).unwrap_or_default())?;
+        }
+        if unchecked(K_SCHEMA_VERSION) {
+            check_semver(self.slot(K_SCHEMA_VERSION).unwrap_or_default())?;
+        }
         let ct = self.slot(K_CONTENT_TYPE).unwrap_or_default();
         if ct != CONTENT_TYPE_PROTOBUF && ct != CONTENT_TYPE_JSON {
             return Err(Error::header(
@@ -1480,7 +1573,9 @@ impl Headers {
             (SOURCE, K_SOURCE),
             (RUN_ID, K_RUN_ID),
         ] {
-            check_text(name, self.slot(slot).unwrap_or_default())?;
+            if unchecked(slot) {
+                check_text(name, self.slot(slot).unwrap_or_default())?;
+            }
         }
         let tp_span = inner.known[K_TRACEPARENT];
         // A lazily written traceparent is valid and is not read here ("" stands for it).
@@ -1586,8 +1681,8 @@ impl Headers {
                 ));
             }
         }
-        for name in [BLOB_HASH, PAYLOAD_HASH] {
-            if let Some(v) = self.get(name)
+        for (name, slot) in [(BLOB_HASH, K_BLOB_HASH), (PAYLOAD_HASH, K_PAYLOAD_HASH)] {
+            if let Some(v) = self.slot(slot)
                 && !v.strip_prefix("sha256:").is_some_and(is_sha256_hex)
             {
                 return Err(Error::header(
@@ -1641,8 +1736,11 @@ impl Headers {
         {
             check_sequence(v)?;
         }
-        for name in [REPLAY_REQUEST_ID, REDRIVE_OF] {
-            if let Some(v) = self.get(name)
+        for (name, slot) in [
+            (REPLAY_REQUEST_ID, K_REPLAY_REQUEST_ID),
+            (REDRIVE_OF, K_REDRIVE_OF),
+        ] {
+            if let Some(v) = self.slot(slot)
                 && uuid::Uuid::try_parse(v).is_err()
             {
                 return Err(Error::header(
@@ -1843,14 +1941,34 @@ fn has_cr_lf_nul(b: &[u8]) -> bool {
         .any(|c| matches!(c, b'\r' | b'\n' | 0))
 }
 
+/// Printable ASCII that starts and ends with a non-space: passes every rule of
+/// [`check_text`] (and holds no CR, LF or NUL).
+fn plain_text(b: &[u8]) -> bool {
+    !b.is_empty() && b[0] != b' ' && b[b.len() - 1] != b' ' && all_printable(b)
+}
+
+/// Whether every byte of `b` is printable ASCII (0x20..=0x7e), eight bytes at a time.
+fn all_printable(b: &[u8]) -> bool {
+    const LO: u64 = 0x0101_0101_0101_0101;
+    const HI: u64 = 0x8080_8080_8080_8080;
+    // A byte below 0x20 (the borrow trick finds one exactly when there is one), at or above
+    // 0x80 (its high bit), or 0x7f (+1 sets the high bit; a carry comes only out of 0xff,
+    // found already).
+    let bad = |x: u64| ((x.wrapping_sub(LO * 0x20) & !x) | x | x.wrapping_add(LO)) & HI != 0;
+    let mut words = b.chunks_exact(8);
+    for w in &mut words {
+        if bad(u64::from_le_bytes(w.try_into().unwrap_or_default())) {
+            return false;
+        }
+    }
+    let rest = words.remainder();
+    let mut last = [b'a'; 8];
+    last[..rest.len()].copy_from_slice(rest);
+    !bad(u64::from_le_bytes(last))
+}
+
 fn check_text(name: &str, v: &str) -> Result<()> {
-    let b = v.as_bytes();
-    // Printable ASCII that starts and ends with a non-space passes every rule below.
-    if !b.is_empty()
-        && b[0] != b' '
-        && b[b.len() - 1] != b' '
-        && b.iter().all(|c| (0x20..0x7f).contains(c))
-    {
+    if plain_text(v.as_bytes()) {
         return Ok(());
     }
     if v.trim().is_empty() {
