@@ -641,6 +641,23 @@ const REQUIRED_SLOTS: [usize; 9] = [
     K_PARTITION_KEY,
 ];
 
+/// The slots of the headers whose rules [`Headers::validate_optional`] checks when present.
+const OPTIONAL_SLOTS: [usize; 13] = [
+    K_DEDUPE_KEY,
+    K_RETRY_COUNT,
+    K_DLQ_REASON,
+    K_SCHEMA_HASH,
+    K_BLOB_HASH,
+    K_PAYLOAD_HASH,
+    K_BLOB_REF,
+    K_BLOB_SIZE,
+    K_ORIGINAL_TOPIC,
+    K_DLQ_AT,
+    K_DLQ_CONSUMER,
+    K_REPLAY_REQUEST_ID,
+    K_REDRIVE_OF,
+];
+
 /// The slot of a known header name.
 fn known_index(name: &str) -> Option<usize> {
     Some(match name {
@@ -717,7 +734,7 @@ impl Headers {
     }
 
     /// A known header's value by slot.
-    #[inline]
+    #[inline(always)]
     fn slot(&self, i: usize) -> Option<&str> {
         let inner = self.inner.as_deref()?;
         inner.opt(inner.known[i])
@@ -1157,8 +1174,24 @@ impl Headers {
     /// assert_eq!(ampybus::Headers::decode_compact(&bytes::Bytes::from(buf)).unwrap(), h);
     /// ```
     pub fn encode_compact(&self, out: &mut Vec<u8>) {
-        out.push(COMPACT_V1);
         let inner = self.i();
+        // Room for the longest form, written through a cursor and cut to length at the end
+        // (one capacity check instead of one per byte): per header a tag, a varint length of
+        // at most 5 bytes and the value (a binary value is shorter than its text).
+        let mut room = 1;
+        for sp in &inner.known {
+            room += sp.len as usize;
+        }
+        room += 6 * KNOWN_COUNT;
+        for (k, v) in &inner.ext {
+            room += 11 + k.len as usize + v.len as usize;
+        }
+        out.reserve(room);
+        let mut w = Cursor {
+            buf: &mut out.spare_capacity_mut()[..room],
+            at: 0,
+        };
+        w.byte(COMPACT_V1);
         let tp = inner.known[K_TRACEPARENT];
         // The traceparent's text is its canonical form when it is held parsed and lazy, or
         // (rarely) when the text given reads the same.
@@ -1182,47 +1215,45 @@ impl Headers {
             }
             match i {
                 K_MESSAGE_ID if inner.parsed.id.is_some() => {
-                    out.push(TAG_ID_BIN);
-                    out.extend_from_slice(&inner.parsed.id.unwrap_or_default());
+                    w.byte(TAG_ID_BIN);
+                    w.bytes(&inner.parsed.id.unwrap_or_default());
                     continue;
                 }
                 K_PRODUCED_AT if inner.parsed.produced_us.is_some() => {
-                    out.push(TAG_TIME_BIN);
-                    out.extend_from_slice(
-                        &inner.parsed.produced_us.unwrap_or_default().to_le_bytes(),
-                    );
+                    w.byte(TAG_TIME_BIN);
+                    w.bytes(&inner.parsed.produced_us.unwrap_or_default().to_le_bytes());
                     continue;
                 }
                 K_TRACEPARENT if canonical_tp => {
                     let t = inner.parsed.trace.unwrap_or_else(TraceIds::new_root);
-                    out.push(TAG_TRACE_BIN);
-                    out.extend_from_slice(&t.trace_id);
-                    out.extend_from_slice(&t.span_id);
-                    out.push(t.flags);
+                    w.byte(TAG_TRACE_BIN);
+                    w.bytes(&t.trace_id);
+                    w.bytes(&t.span_id);
+                    w.byte(t.flags);
                     continue;
                 }
                 K_TRACE_ID if same_part(*slot, 3, 32) => {
-                    out.push(TAG_TRACE_ID_SAME);
+                    w.byte(TAG_TRACE_ID_SAME);
                     continue;
                 }
                 K_SPAN_ID if same_part(*slot, 36, 16) => {
-                    out.push(TAG_SPAN_ID_SAME);
+                    w.byte(TAG_SPAN_ID_SAME);
                     continue;
                 }
                 _ => {}
             }
-            let s = inner.str(*slot);
-            out.push(i as u8);
-            put_varint(out, s.len());
-            out.extend_from_slice(s.as_bytes());
+            w.byte(i as u8);
+            w.text(inner.str(*slot).as_bytes());
         }
         for (k, v) in &inner.ext {
-            out.push(TAG_EXT);
-            for t in [inner.str(*k), inner.str(*v)] {
-                put_varint(out, t.len());
-                out.extend_from_slice(t.as_bytes());
-            }
+            w.byte(TAG_EXT);
+            w.text(inner.str(*k).as_bytes());
+            w.text(inner.str(*v).as_bytes());
         }
+        let n = w.at;
+        // SAFETY: the cursor wrote the first `n` bytes of the spare capacity (it writes only
+        // in order, from the start, and `n` counts what it wrote).
+        unsafe { out.set_len(out.len() + n) };
     }
 
     /// Reads the compact binary form written by [`Headers::encode_compact`]. Text values are
@@ -1638,6 +1669,12 @@ impl Headers {
     }
 
     fn validate_optional(&self) -> Result<()> {
+        // Every rule below is about a header that is present: a map with none of them (the
+        // usual publish) passes at once.
+        let inner = self.i();
+        if inner.ext.is_empty() && OPTIONAL_SLOTS.iter().all(|&i| !inner.known[i].is_some()) {
+            return Ok(());
+        }
         if let Some(v) = self.slot(K_DEDUPE_KEY) {
             check_text(DEDUPE_KEY, v)?;
         }
@@ -2013,21 +2050,39 @@ fn check_fqdn(v: &str) -> Result<()> {
 
 /// Dotted identifiers, at least two: each starts with a letter or `_`, then letters, digits, `_`.
 fn fqdn_ok(b: &[u8]) -> bool {
+    /// Per byte: [`START`] a letter or `_`, [`INNER`] a digit; 0 anything else but `.`.
+    const START: u8 = 1;
+    const INNER: u8 = 2;
+    const CLASS: [u8; 256] = {
+        let mut t = [0u8; 256];
+        let mut c = 0;
+        while c < 256 {
+            let b = c as u8;
+            t[c] = if b.is_ascii_alphabetic() || b == b'_' {
+                START | INNER
+            } else if b.is_ascii_digit() {
+                INNER
+            } else {
+                0
+            };
+            c += 1;
+        }
+        t
+    };
     let mut tokens = 0;
     let mut at_start = true;
     for &c in b {
-        if c == b'.' {
-            if at_start {
-                return false;
-            }
-            at_start = true;
-        } else if at_start {
-            if !(c.is_ascii_alphabetic() || c == b'_') {
+        let class = CLASS[usize::from(c)];
+        if at_start {
+            // A token's first byte: a dot here would make an empty token.
+            if class & START == 0 {
                 return false;
             }
             at_start = false;
             tokens += 1;
-        } else if !(c.is_ascii_alphanumeric() || c == b'_') {
+        } else if c == b'.' {
+            at_start = true;
+        } else if class == 0 {
             return false;
         }
     }
@@ -2109,12 +2164,37 @@ const TAG_TRACE_ID_SAME: u8 = 0x43;
 const TAG_SPAN_ID_SAME: u8 = 0x44;
 const TAG_EXT: u8 = 0x7F;
 
-fn put_varint(out: &mut Vec<u8>, mut n: usize) {
-    while n >= 0x80 {
-        out.push((n as u8) | 0x80);
-        n >>= 7;
+/// Writes into the spare capacity of a buffer reserved beforehand (see
+/// [`Headers::encode_compact`]): bytes in order from the start, `at` of them so far.
+struct Cursor<'a> {
+    buf: &'a mut [std::mem::MaybeUninit<u8>],
+    at: usize,
+}
+
+impl Cursor<'_> {
+    fn byte(&mut self, b: u8) {
+        self.buf[self.at] = std::mem::MaybeUninit::new(b);
+        self.at += 1;
     }
-    out.push(n as u8);
+
+    fn bytes(&mut self, b: &[u8]) {
+        let dst = &mut self.buf[self.at..self.at + b.len()];
+        // SAFETY: `dst` is `b.len()` elements long and `MaybeUninit<u8>` is laid out as `u8`;
+        // the two do not overlap (`dst` is spare capacity).
+        unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), dst.as_mut_ptr().cast(), b.len()) };
+        self.at += b.len();
+    }
+
+    /// A varint length, then the bytes.
+    fn text(&mut self, b: &[u8]) {
+        let mut n = b.len();
+        while n >= 0x80 {
+            self.byte((n as u8) | 0x80);
+            n >>= 7;
+        }
+        self.byte(n as u8);
+        self.bytes(b);
+    }
 }
 
 /// A LEB128 length of at most 32 bits.

@@ -247,8 +247,10 @@ pub fn check_key(domain: Domain, key: &str) -> Result<()> {
         ));
     }
     // For ASCII, whitespace and control characters are the bytes that are not graphic.
-    let bad_char = if key.is_ascii() {
-        !key.bytes().all(|b| b.is_ascii_graphic())
+    let bad_char = if key.bytes().all(|b| b.is_ascii_graphic()) {
+        false
+    } else if key.is_ascii() {
+        true
     } else {
         key.chars().any(|c| c.is_whitespace() || c.is_control())
     };
