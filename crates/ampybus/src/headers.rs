@@ -337,11 +337,16 @@ impl Inner {
             produced_us: None,
             trace: None,
         };
-        self.lazy = LazyText {
-            id: std::sync::OnceLock::new(),
-            time: std::sync::OnceLock::new(),
-            trace: std::sync::OnceLock::new(),
-        };
+        // Cells never written (the usual publish) are empty already.
+        if self.lazy.id.get().is_some() {
+            self.lazy.id = std::sync::OnceLock::new();
+        }
+        if self.lazy.time.get().is_some() {
+            self.lazy.time = std::sync::OnceLock::new();
+        }
+        if self.lazy.trace.get().is_some() {
+            self.lazy.trace = std::sync::OnceLock::new();
+        }
     }
 
     const fn new() -> Inner {
@@ -599,6 +604,17 @@ const KNOWN: [&str; KNOWN_COUNT] = [
     TRACE_ID,
     TRACEPARENT,
 ];
+
+/// The lengths of the names in [`KNOWN`].
+const KNOWN_LEN: [u8; KNOWN_COUNT] = {
+    let mut t = [0u8; KNOWN_COUNT];
+    let mut i = 0;
+    while i < KNOWN_COUNT {
+        t[i] = KNOWN[i].len() as u8;
+        i += 1;
+    }
+    t
+};
 
 /// Slots of the known headers (indexes into [`KNOWN`]).
 const K_BLOB_HASH: usize = 0;
@@ -1449,7 +1465,7 @@ impl Headers {
             if !sp.is_some() {
                 continue;
             }
-            total += KNOWN[i].len() + sp.len as usize;
+            total += usize::from(KNOWN_LEN[i]) + sp.len as usize;
             if sp.is_lazy() {
                 continue;
             }
@@ -1645,7 +1661,8 @@ impl Headers {
                         (inner.str(sp), &tp[from as usize..(from + len) as usize])
                     })
                 };
-                if let Some((t, want)) = part(K_TRACE_ID, 3, 32)
+                if inner.known[K_TRACE_ID] != tp_span.sub(3, 32)
+                    && let Some((t, want)) = part(K_TRACE_ID, 3, 32)
                     && t != want
                 {
                     return Err(Error::header(
@@ -1653,7 +1670,8 @@ impl Headers {
                         "must equal the trace id inside `traceparent`",
                     ));
                 }
-                if let Some((s, want)) = part(K_SPAN_ID, 36, 16)
+                if inner.known[K_SPAN_ID] != tp_span.sub(36, 16)
+                    && let Some((s, want)) = part(K_SPAN_ID, 36, 16)
                     && s != want
                 {
                     return Err(Error::header(
