@@ -791,7 +791,7 @@ impl Headers {
             let sp = inner.store(v);
             inner.put(i, sp);
         }
-        h.fill_publish_defaults();
+        inner.fill_publish_defaults();
         h
     }
 
@@ -819,20 +819,28 @@ impl Headers {
             // Filled already (e.g. by `for_publish`): nothing to write, no copy of a shared map.
             return;
         }
+        self.m_store().fill_publish_defaults();
+    }
+}
+
+impl Inner {
+    /// [`Headers::fill_publish_defaults`] on the map's storage (taken and tidied already).
+    fn fill_publish_defaults(&mut self) {
+        let given_trace = self.parsed.trace.is_some();
         // One generator handle and one clock reading for every value made here.
         let mut rng = rand::rng();
-        let trace = if !missing(K_TRACEPARENT) {
+        let trace = if self.known[K_TRACEPARENT].is_some() {
             None
         } else {
             Some(
-                self.slot(K_TRACE_ID)
-                    .and_then(|t| TraceContext::from_ids(t, self.slot(K_SPAN_ID)))
+                self.opt(self.known[K_TRACE_ID])
+                    .and_then(|t| TraceContext::from_ids(t, self.opt(self.known[K_SPAN_ID])))
                     .and_then(|tc| TraceIds::parse(&tc.to_traceparent()))
                     .unwrap_or_else(|| TraceIds::new_root_from(&mut rng)),
             )
         };
         let now_us = ids::now_micros();
-        let h = self.m_store();
+        let h = self;
         // Constant defaults point at the process's one copy of their text.
         let [version, content_type, run_id] = default_spans();
         if !h.known[K_SCHEMA_VERSION].is_some() {
@@ -892,7 +900,9 @@ impl Headers {
             }
         }
     }
+}
 
+impl Headers {
     /// Sets `traceparent`, `trace_id` and `span_id` from a trace context.
     ///
     /// ```
