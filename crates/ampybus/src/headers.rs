@@ -1258,11 +1258,15 @@ impl Headers {
                     w.byte(t.flags);
                     continue;
                 }
-                K_TRACE_ID if same_part(*slot, 3, 32) => {
+                K_TRACE_ID
+                    if canonical_tp && (*slot == tp.sub(3, 32) || same_part(*slot, 3, 32)) =>
+                {
                     w.byte(TAG_TRACE_ID_SAME);
                     continue;
                 }
-                K_SPAN_ID if same_part(*slot, 36, 16) => {
+                K_SPAN_ID
+                    if canonical_tp && (*slot == tp.sub(36, 16) || same_part(*slot, 36, 16)) =>
+                {
                     w.byte(TAG_SPAN_ID_SAME);
                     continue;
                 }
@@ -1596,7 +1600,7 @@ impl Headers {
             check_semver(self.slot(K_SCHEMA_VERSION).unwrap_or_default())?;
         }
         let ct = self.slot(K_CONTENT_TYPE).unwrap_or_default();
-        if ct != CONTENT_TYPE_PROTOBUF && ct != CONTENT_TYPE_JSON {
+        if unchecked(K_CONTENT_TYPE) && ct != CONTENT_TYPE_PROTOBUF && ct != CONTENT_TYPE_JSON {
             return Err(Error::header(
                 CONTENT_TYPE,
                 format!(

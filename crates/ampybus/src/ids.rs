@@ -60,7 +60,7 @@ pub(crate) fn new_message_uuid_at(now_us: i64, rng: &mut impl Rng) -> Uuid {
     b[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
     b[6] = 0x70 | ((counter >> 8) as u8 & 0x0f);
     b[7] = counter as u8;
-    rng.fill(&mut b[8..]);
+    b[8..].copy_from_slice(&rng.random::<u64>().to_le_bytes());
     b[8] = (b[8] & 0x3f) | 0x80;
     Uuid::from_bytes(b)
 }
