@@ -36,8 +36,13 @@ pub fn new_message_id() -> String {
 /// assert_eq!(ampybus::ids::new_message_uuid().get_version_num(), 7);
 /// ```
 pub fn new_message_uuid() -> Uuid {
-    let now = Utc::now().timestamp_millis().max(0) as u64;
-    let mut rng = rand::rng();
+    new_message_uuid_at(now_micros(), &mut rand::rng())
+}
+
+/// [`new_message_uuid`] for a clock reading the caller made (`now_us`, microseconds since the
+/// Unix epoch, e.g. the message's `produced_at`), drawing from the caller's `rng`.
+pub(crate) fn new_message_uuid_at(now_us: i64, rng: &mut impl Rng) -> Uuid {
+    let now = now_us.max(0) as u64 / 1000;
     let (ms, counter) = {
         let mut st = V7.lock().unwrap_or_else(|p| p.into_inner());
         if now > st.ms {
@@ -55,7 +60,7 @@ pub fn new_message_uuid() -> Uuid {
     b[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
     b[6] = 0x70 | ((counter >> 8) as u8 & 0x0f);
     b[7] = counter as u8;
-    rng.fill(&mut b[8..]);
+    b[8..].copy_from_slice(&rng.random::<u64>().to_le_bytes());
     b[8] = (b[8] & 0x3f) | 0x80;
     Uuid::from_bytes(b)
 }
@@ -531,9 +536,24 @@ impl TraceIds {
 
     /// Fresh random ids, sampled.
     pub fn new_root() -> TraceIds {
-        let mut rng = rand::rng();
-        let t: u128 = rng.random_range(1..=u128::MAX);
-        let s: u64 = rng.random_range(1..=u64::MAX);
+        TraceIds::new_root_from(&mut rand::rng())
+    }
+
+    /// [`TraceIds::new_root`] drawing from the caller's `rng`: ids uniform over the non-zero
+    /// values (a zero draw, 2^-128 or 2^-64 likely, is drawn again).
+    pub(crate) fn new_root_from(rng: &mut impl Rng) -> TraceIds {
+        let t: u128 = loop {
+            let t = rng.random();
+            if t != 0 {
+                break t;
+            }
+        };
+        let s: u64 = loop {
+            let s = rng.random();
+            if s != 0 {
+                break s;
+            }
+        };
         TraceIds {
             trace_id: t.to_be_bytes(),
             span_id: s.to_be_bytes(),

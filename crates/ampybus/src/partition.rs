@@ -40,7 +40,7 @@ pub fn is_mic(s: &str) -> bool {
 }
 
 fn is_symbol(s: &str) -> bool {
-    !s.is_empty() && !s.contains('|')
+    !s.is_empty() && !s.bytes().any(|b| b == b'|')
 }
 
 /// Splits a security `MIC.SYMBOL` or `SYMBOL.MIC` into `(mic, symbol)`. The symbol may itself
@@ -53,7 +53,9 @@ fn is_symbol(s: &str) -> bool {
 /// assert_eq!(split_security("AAPL"), None);
 /// ```
 pub fn split_security(s: &str) -> Option<(&str, &str)> {
-    if let Some((first, rest)) = s.split_once('.')
+    // `MIC.SYMBOL`: the first dot follows the MIC's four characters (a MIC holds no dot).
+    if s.as_bytes().get(4) == Some(&b'.')
+        && let (first, rest) = (&s[..4], &s[5..])
         && is_mic(first)
         && is_symbol(rest)
     {
@@ -244,7 +246,15 @@ pub fn check_key(domain: Domain, key: &str) -> Result<()> {
             format!("longer than {MAX_KEY_LEN} bytes ({} bytes)", key.len()),
         ));
     }
-    if key.chars().any(|c| c.is_whitespace() || c.is_control()) {
+    // For ASCII, whitespace and control characters are the bytes that are not graphic.
+    let bad_char = if key.bytes().all(|b| b.is_ascii_graphic()) {
+        false
+    } else if key.is_ascii() {
+        true
+    } else {
+        key.chars().any(|c| c.is_whitespace() || c.is_control())
+    };
+    if bad_char {
         return Err(Error::header(
             KEY,
             format!(
