@@ -331,7 +331,9 @@ impl Shared {
                     self.ticks.inc();
                     touched.insert(sym, mic);
                 }
-                crate::engine::Applied::Late => self.late.inc(),
+                crate::engine::Applied::Late => {
+                    self.late.inc();
+                }
             }
         }
         let mut out = Vec::new();

@@ -1478,15 +1478,17 @@ async fn messages_not_started_when_the_lease_is_lost_are_handed_back_unhandled()
     bus.publish_batch(batch).await.unwrap();
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let handled: Arc<Mutex<Vec<String>>> = Arc::default();
-    let (g, h) = (gate.clone(), handled.clone());
+    let running = Arc::new(AtomicU32::new(0));
+    let (g, h, r) = (gate.clone(), handled.clone(), running.clone());
     let handle = Consumer::builder(bus.clone(), pat("ampy.dev.orders.>"), "fence")
         .workers(4)
         .ack_deadline(Duration::from_secs(1))
         .handler(handler_fn(move |msg| {
-            let (gate, handled) = (g.clone(), h.clone());
+            let (gate, handled, running) = (g.clone(), h.clone(), r.clone());
             async move {
                 let p = String::from_utf8(msg.payload.to_vec()).unwrap();
                 if p == "m0" && msg.info.delivery_count == 1 {
+                    running.fetch_add(1, Ordering::SeqCst);
                     gate.acquire().await.unwrap().forget();
                 }
                 handled.lock().unwrap().push(p);
@@ -1496,6 +1498,10 @@ async fn messages_not_started_when_the_lease_is_lost_are_handed_back_unhandled()
         .start()
         .await
         .unwrap();
+    wait_for("m0's handler running", || {
+        running.load(Ordering::SeqCst) == 1
+    })
+    .await;
     wait_stats("all fetched", &handle, |s| s.in_flight == n).await;
     // The lease is lost while m0 runs and m1…m5 wait behind it (one key, strict order).
     fenced.store(true, Ordering::SeqCst);

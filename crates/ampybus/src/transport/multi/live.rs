@@ -228,7 +228,7 @@ mod tests {
     }
 
     fn delivery(stream: &str, seq: u64) -> Delivery {
-        let topic = Topic::parse(&format!("ampy.dev.{stream}.v1.t")).unwrap();
+        let topic = Topic::parse(&format!("ampy.dev.news.v1.{stream}")).unwrap();
         let env = Envelope::new(
             &topic,
             Headers::new(),

@@ -16,7 +16,11 @@
 //!   count read with `XPENDING`); then the multi-stream layer's merged fetch: `XREADGROUP … >`
 //!   without blocking on every stream, starting each fetch at the next; when nothing came, one
 //!   `XREADGROUP BLOCK` over every stream (one entry each) on the subscription's own
-//!   connection, then a non-blocking read for the rest of the streams that woke. Entries whose topic
+//!   connection, then a non-blocking read for the rest of the streams that woke. After a read
+//!   that failed (the server may have added entries to this consumer's pending list and died,
+//!   or the reply was cut), the stream's next read is `XREADGROUP … <last id handed out>`:
+//!   this consumer's own pending entries after it, which would otherwise come back only
+//!   after the ack deadline, behind newer ones. Entries whose topic
 //!   does not match the pattern are acknowledged at once and not handed out.
 //! * **Settling.** `ack` = `XACK`. `in_progress` = `XCLAIM … JUSTID` by the same consumer
 //!   (resets the idle time without counting a delivery). Redis has no delayed redelivery:
@@ -162,8 +166,15 @@ impl Settler for PartSettler {
 struct Part {
     key: String,
     settler: Arc<PartSettler>,
-    /// Ephemeral readers: the last id read.
+    /// The last id read (ephemeral readers read after it; a durable one reads its own
+    /// pending entries after it when `recheck` is set).
     last_id: String,
+    /// A read of this stream failed, so the server may have delivered entries to this
+    /// consumer whose reply was lost (a server killed after writing them to the consumer's
+    /// pending list, a reply cut by a disconnect or a timeout): the next read asks for this
+    /// consumer's own pending entries after `last_id` instead of new ones, so they come
+    /// first, in order, instead of after the ack deadline behind newer ones.
+    recheck: bool,
     last_reclaim: Option<Instant>,
     reclaim_cursor: String,
     last_sweep: Instant,
@@ -319,6 +330,7 @@ impl RedisSubscription {
             }),
             key,
             last_id: start_id,
+            recheck: false,
             last_reclaim: None,
             reclaim_cursor: "0-0".to_owned(),
             last_sweep: Instant::now(),
@@ -552,11 +564,22 @@ impl RedisSubscription {
         for &i in parts {
             cmd.arg(&self.parts[i].key);
         }
+        let mut rechecked = Vec::new();
         for &i in parts {
-            if self.spec.durable.is_some() {
-                cmd.arg(">");
+            let p = &self.parts[i];
+            if self.spec.durable.is_none() {
+                cmd.arg(&p.last_id);
+            } else if p.recheck {
+                // This consumer's own pending entries after the last one it was handed (all
+                // of them when it has been handed none).
+                rechecked.push(i);
+                cmd.arg(if p.last_id == "$" {
+                    "0-0"
+                } else {
+                    p.last_id.as_str()
+                });
             } else {
-                cmd.arg(&self.parts[i].last_id);
+                cmd.arg(">");
             }
         }
         let what = format!(
@@ -602,7 +625,16 @@ impl RedisSubscription {
             }
             let mut skip = Vec::new();
             self.convert(i, entries, None, &mut out, &mut skip);
-            self.ack_skipped(i, skip).await?;
+            if let Err(e) = self.ack_skipped(i, skip).await {
+                // What was converted is handed out all the same; the skipped entries stay
+                // pending and are skipped again when they are reclaimed.
+                tracing::warn!(stream = %self.parts[i].key, error = %e, "redis: acknowledging skipped entries failed");
+            }
+        }
+        for i in rechecked {
+            let p = &mut self.parts[i];
+            p.recheck = false;
+            tracing::debug!(stream = %p.key, "redis: read back this consumer's pending entries after a failed read");
         }
         Ok(out)
     }
@@ -727,9 +759,16 @@ impl LiveStreams for RedisSubscription {
         Ok((got, woke))
     }
 
-    /// A stream (and its group) deleted, or a server restarted without persistence: the
-    /// groups are created again.
-    async fn recover(&mut self, _i: Option<usize>, e: &Error) -> Result<()> {
+    /// The failed read may have been carried out with its reply lost: the stream(s) read
+    /// back this consumer's pending entries first (`recheck`). A stream (and its group)
+    /// deleted, or a server restarted without persistence: the groups are created again.
+    async fn recover(&mut self, i: Option<usize>, e: &Error) -> Result<()> {
+        if self.spec.durable.is_some() {
+            match i {
+                Some(i) => self.parts[i].recheck = true,
+                None => self.parts.iter_mut().for_each(|p| p.recheck = true),
+            }
+        }
         self.ensure_groups(e).await
     }
 }
