@@ -617,31 +617,18 @@ pub async fn pattern_spans_streams(factory: &dyn TransportFactory) -> CaseStatus
     )
     .await;
     let got = fetch_n(&mut *sub, 12, "every matching message").await;
-    let mut per_topic: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for d in &got {
-        per_topic
-            .entry(d.envelope.topic.as_str().to_owned())
-            .or_default()
-            .push(text(d));
-    }
     let mut want: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (s, p) in &order {
         want.entry(streams[*s].0.as_str().to_owned())
             .or_default()
             .push(p.clone());
     }
-    assert_eq!(per_topic, want, "per topic, in publish order");
+    assert_eq!(per_topic(&got), want, "per topic, in publish order");
     if let Some(reader) = &mut reader {
         let seen = fetch_n(&mut **reader, 12, "every matching message, ephemeral").await;
-        let mut seen_per_topic: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for d in &seen {
-            seen_per_topic
-                .entry(d.envelope.topic.as_str().to_owned())
-                .or_default()
-                .push(text(d));
-        }
         assert_eq!(
-            seen_per_topic, want,
+            per_topic(&seen),
+            want,
             "ephemeral reader, per topic, in publish order"
         );
         nothing_within(
@@ -713,6 +700,17 @@ pub async fn pattern_spans_streams(factory: &dyn TransportFactory) -> CaseStatus
         }
     }
     CaseStatus::Passed(detail)
+}
+
+/// The payloads of `got` per topic, in delivery order.
+fn per_topic(got: &[Delivery]) -> BTreeMap<String, Vec<String>> {
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for d in got {
+        out.entry(d.envelope.topic.as_str().to_owned())
+            .or_default()
+            .push(text(d));
+    }
+    out
 }
 
 /// Reads a window in pages of at most 4 (asserted) to the end; the payloads in order.

@@ -208,24 +208,8 @@ mod tests {
     use crate::error::ErrorKind;
     use crate::headers::Headers;
     use crate::topic::Topic;
-    use crate::transport::{DeliveryInfo, Settler};
+    use crate::transport::DeliveryInfo;
     use std::collections::VecDeque;
-    use std::sync::Arc;
-
-    struct NoSettle;
-
-    #[async_trait]
-    impl Settler for NoSettle {
-        async fn ack(&self, _: &[u64]) -> Result<()> {
-            Ok(())
-        }
-        async fn nack(&self, _: u64, _: Duration) -> Result<()> {
-            Ok(())
-        }
-        async fn in_progress(&self, _: u64) -> Result<()> {
-            Ok(())
-        }
-    }
 
     fn delivery(stream: &str, seq: u64) -> Delivery {
         let topic = Topic::parse(&format!("ampy.dev.news.v1.{stream}")).unwrap();
@@ -239,7 +223,7 @@ mod tests {
             delivery_count: 1,
             stored_at: chrono::Utc::now(),
         };
-        Delivery::new(env, info, Arc::new(NoSettle))
+        Delivery::best_effort(env, info)
     }
 
     fn names(d: &[Delivery]) -> Vec<String> {
