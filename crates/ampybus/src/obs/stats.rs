@@ -25,8 +25,7 @@ pub struct ConsumerStats {
     pub dead_lettered: BTreeMap<DlqCode, u64>,
     /// Deliveries skipped because this consumer had already applied them.
     pub skipped_duplicates: u64,
-    /// Deliveries handed back to the transport unfinished (shutdown; or fetched under the
-    /// consumer's lease on NATS or Redis and not started when this instance lost it).
+    /// Deliveries handed back to the transport unfinished (shutdown).
     pub released: u64,
     /// Attempts put off because another message with one of the same dedupe keys was being
     /// handled at that moment (by this consumer or by a replay it serves); each is tried again

@@ -17,11 +17,8 @@
 //!   younger than `4/5 ttl` (measured from when the renewal was sent), with every fetch's
 //!   wait cut to what is left; once that passes, or a renewal says the lease is someone
 //!   else's, it hands out nothing and no longer extends the deadline of what it holds
-//!   (`in_progress`), so a successor can compute when those come back. What it fetched and has
-//!   not started is fenced ([`crate::transport::Settler::fenced`]): the consumer runtime hands
-//!   it back unhandled, and the release leaves it to its deadline (a release could take it
-//!   back from a successor that has it already), so only the holder of the lease starts a
-//!   handler. A handler already running when the lease is lost runs to its end.
+//!   (`in_progress`), so a successor can compute when those come back. (What it fetched before
+//!   and has not started yet is still handled by it: not fenced.)
 //! * A standby tries to take the lease every `min(ttl / 4, 500 ms)`. What it does then depends
 //!   on how the last holder left ([`Previous`]): released cleanly (everything it fetched was
 //!   settled, its releases went back first in line) or never held — fetch at once; stopped

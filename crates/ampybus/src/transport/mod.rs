@@ -274,12 +274,6 @@ pub trait Settler: Send + Sync {
     async fn nack(&self, sequence: u64, delay: Duration) -> Result<()>;
     /// Extends the ack deadline of a message still being worked on.
     async fn in_progress(&self, sequence: u64) -> Result<()>;
-    /// Whether the messages of this settler were handed out under a lease on the consumer
-    /// (one active instance per durable name) that this instance no longer holds: another
-    /// instance may have them by now, so they must not be handled here. Default: `false`.
-    fn fenced(&self) -> bool {
-        false
-    }
 }
 
 /// One delivered message. Settle it exactly once: [`Delivery::ack`], [`Delivery::nack`];
@@ -387,22 +381,6 @@ impl Delivery {
     /// The binding-side settler as `Any` (see [`Settler::as_any`]).
     pub fn settler_any(&self) -> Option<&dyn std::any::Any> {
         self.settler.as_any()
-    }
-
-    /// Whether this instance may no longer handle the message (see [`Settler::fenced`]):
-    /// it came under the consumer's lease, which this instance has lost. The consumer runtime
-    /// hands such a message back unhandled instead of starting its handler, so the instance
-    /// that holds the lease now handles it, in order.
-    ///
-    /// ```
-    /// use ampybus::transport::{Delivery, DeliveryInfo};
-    /// let e = ampybus::Envelope { topic: "ampy.dev.ticks.v1.quote.X".into(),
-    ///     headers: ampybus::Headers::new(), payload: bytes::Bytes::new() };
-    /// let info = DeliveryInfo { sequence: 1, delivery_count: 1, stored_at: chrono::Utc::now() };
-    /// assert!(!Delivery::best_effort(e, info).fenced());
-    /// ```
-    pub fn fenced(&self) -> bool {
-        self.settler.fenced()
     }
 
     /// Tells the transport the handler is still working, extending the ack deadline.

@@ -48,7 +48,7 @@ pub(super) enum AttemptResult {
     Skipped,
     /// Another message with the same dedupe key is being handled: it waits.
     Deferred,
-    /// Handed back to the broker unsettled (shutdown, or the consumer's lease lost).
+    /// Handed back to the broker unsettled (shutdown).
     Released,
 }
 
@@ -205,15 +205,6 @@ impl Shared {
     /// common path — a message that needs no decoding, whose handler answers at once and
     /// which is acked — runs no nested future.
     pub(super) async fn process_attempt(&self, mut item: Item, att: &mut Attempt) -> Step {
-        if item.delivery.fenced() {
-            // This instance lost the consumer's lease after the message was fetched: the
-            // instance holding it now gets it (and the rest of its key, fenced here too), so
-            // it is handed back unhandled rather than handled out of order or twice.
-            tracing::debug!(consumer = %self.name, seq = item.delivery.info.sequence, "lease lost: a fetched message is handed back unhandled");
-            att.result = AttemptResult::Released;
-            self.release(item).await;
-            return Step::Finished;
-        }
         if item.msg.is_none() {
             let built = match self.check_message(&mut item) {
                 Ok(true) => Ok(()),

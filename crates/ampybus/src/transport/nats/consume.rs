@@ -97,11 +97,6 @@ impl PartSettler {
 
 #[async_trait]
 impl Settler for PartSettler {
-    /// Handed out under the consumer's lease, which is no longer held and valid.
-    fn fenced(&self) -> bool {
-        self.lease.as_ref().is_some_and(|l| !l.may_extend())
-    }
-
     async fn ack(&self, sequences: &[u64]) -> Result<()> {
         if self.ack_none {
             return Ok(());
@@ -165,14 +160,6 @@ impl Settler for PartSettler {
         let Some(r) = self.reply(sequence, true) else {
             return Ok(());
         };
-        if self.fenced() {
-            // The lease is gone and a successor may have the message by now: a release from
-            // here could take it back from the successor. It comes back after its deadline.
-            if let Some(l) = &self.lease {
-                l.settled(1);
-            }
-            return Ok(());
-        }
         let body = if delay.is_zero() {
             bytes::Bytes::from_static(b"-NAK")
         } else {

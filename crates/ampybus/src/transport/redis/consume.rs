@@ -114,11 +114,6 @@ impl PartSettler {
 
 #[async_trait]
 impl Settler for PartSettler {
-    /// Handed out under the consumer's lease, which is no longer held and valid.
-    fn fenced(&self) -> bool {
-        self.lease.as_ref().is_some_and(|l| !l.may_extend())
-    }
-
     async fn ack(&self, sequences: &[u64]) -> Result<()> {
         self.xack(sequences).await?;
         if let Some(l) = &self.lease {
@@ -129,14 +124,6 @@ impl Settler for PartSettler {
 
     async fn nack(&self, sequence: u64, delay: Duration) -> Result<()> {
         if !self.durable {
-            return Ok(());
-        }
-        if self.fenced() {
-            // The lease is gone and a successor may have the message by now: a release from
-            // here could take it back from the successor. It comes back after its deadline.
-            if let Some(l) = &self.lease {
-                l.settled(1);
-            }
             return Ok(());
         }
         let idle = self.ack_deadline.saturating_sub(delay).as_millis() as u64;
