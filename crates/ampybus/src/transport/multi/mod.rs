@@ -10,10 +10,12 @@
 //! module merges those pages into one stream of [`StoredMessage`]s with one tie rule, and
 //! tells where the next page starts with an opaque [`ReplayCursor`].
 //!
-//! **The tie rule.** Messages are merged by `(store time, producer time, stream, sequence)`:
-//! store time first; among messages stored in the same tick of the broker's clock (one
-//! millisecond on Kafka and Redis) the producer's `produced_at` (so a batch keeps its publish
-//! order across partitions); then the stream's name; then the sequence within the stream.
+//! **The tie rule.** Messages are merged by `(store time, producer time, message id, stream,
+//! sequence)`: store time first; among messages stored in the same tick of the broker's clock
+//! (one millisecond on Kafka and Redis) the producer's `produced_at` (so a batch keeps its
+//! publish order across partitions), then its `message_id` (a UUIDv7, increasing within one
+//! producing process: two messages of a batch produced in the same microsecond); then the
+//! stream's name; then the sequence within the stream.
 //! Each stream's own order is kept as it is (the merge takes the smallest head), so a stream
 //! whose store times are not monotonic (Kafka producer timestamps) is still read in order.
 //!
@@ -374,14 +376,17 @@ pub(crate) struct Merged {
     pub(crate) open: bool,
 }
 
-/// The merge key of the tie rule: `(store time ns, produced_at µs, stream, sequence)`.
-fn key<'a>(name: &'a str, e: &Entry) -> (u64, i64, &'a str, u64) {
+/// The merge key of the tie rule: `(store time ns, produced_at µs, message_id, stream,
+/// sequence)`. The message id (a UUIDv7, increasing within one producing process) orders two
+/// messages of one batch produced in the same microsecond.
+fn key<'a>(name: &'a str, e: &'a Entry) -> (u64, i64, &'a str, &'a str, u64) {
     let produced = e
         .envelope
         .headers
         .produced_at_time()
         .map_or(i64::MAX, |t| t.timestamp_micros());
-    (nanos(e.stored_at), produced, name, e.seq)
+    let id = e.envelope.headers.message_id().unwrap_or_default();
+    (nanos(e.stored_at), produced, id, name, e.seq)
 }
 
 /// Merges per-stream pages (each in its stream's order, kept as it is) by the tie rule of the
@@ -799,6 +804,38 @@ mod tests {
         assert_eq!(m.at, BTreeMap::from([("a".into(), 8), ("b".into(), 2)]));
         assert!(!m.open);
         assert!(m.messages.iter().all(|x| x.sequence == nanos(x.stored_at)));
+    }
+
+    /// Two messages of one batch stored in the same tick and produced in the same microsecond
+    /// on two streams come in the order of their message ids (UUIDv7: publish order within a
+    /// process), whatever the streams' names.
+    #[test]
+    fn a_tie_in_produced_at_is_broken_by_the_message_id() {
+        let e = |seq, id: &str| Entry {
+            seq,
+            stored_at: t(5),
+            envelope: Envelope {
+                topic: "ampy.dev.news.v1.x".into(),
+                headers: Headers::new()
+                    .with("produced_at", "2026-12-06T05:00:00.000001Z")
+                    .with("message_id", id),
+                payload: format!("{seq}").into_bytes().into(),
+            },
+        };
+        let pages = vec![
+            StreamPage {
+                name: "a".into(),
+                entries: vec![e(1, "019aa9a0-0000-7001-8000-000000000000")],
+                more: false,
+            },
+            StreamPage {
+                name: "b".into(),
+                entries: vec![e(2, "019aa9a0-0000-7000-8000-000000000000")],
+                more: false,
+            },
+        ];
+        let m = merge(pages, BTreeMap::new(), 10, true, false);
+        assert_eq!(bodies(&m.messages), ["2", "1"]);
     }
 
     /// A stream that may hold more than it returned stops the merge when it runs out.
