@@ -130,7 +130,7 @@ struct Inner {
     extra: Vec<Bytes>,
     arena_len: u16,
     arena: [u8; ARENA],
-    known: [Span; KNOWN_COUNT],
+    known: Slots,
     /// Extension headers (name, value), sorted by name, names unique.
     ext: Vec<(Span, Span)>,
     parsed: Parsed,
@@ -246,6 +246,59 @@ impl Span {
     }
 }
 
+/// The spans of the known headers by slot, and which of them are present (bit `i` for slot
+/// `i`), so that a pass over the headers visits only those. Written only through
+/// [`Slots::set`], which keeps the two in step.
+#[derive(Clone, Copy)]
+struct Slots {
+    spans: [Span; KNOWN_COUNT],
+    present: u32,
+}
+
+impl Slots {
+    const EMPTY: Slots = Slots {
+        spans: [Span::NONE; KNOWN_COUNT],
+        present: 0,
+    };
+
+    #[inline]
+    fn set(&mut self, i: usize, v: Span) {
+        self.spans[i] = v;
+        if v.is_some() {
+            self.present |= 1 << i;
+        } else {
+            self.present &= !(1 << i);
+        }
+    }
+
+    /// The present slots and their spans, in slot order.
+    #[inline]
+    fn present(&self) -> impl Iterator<Item = (usize, Span)> + '_ {
+        let mut bits = self.present;
+        std::iter::from_fn(move || {
+            if bits == 0 {
+                return None;
+            }
+            let i = bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            Some((i, self.spans[i]))
+        })
+    }
+
+    fn iter(&self) -> std::slice::Iter<'_, Span> {
+        self.spans.iter()
+    }
+}
+
+impl std::ops::Index<usize> for Slots {
+    type Output = Span;
+
+    #[inline(always)]
+    fn index(&self, i: usize) -> &Span {
+        &self.spans[i]
+    }
+}
+
 /// What an empty map reads as.
 static EMPTY: Inner = Inner::new();
 
@@ -330,7 +383,7 @@ impl Inner {
         self.base = Bytes::new();
         self.extra.clear();
         self.arena_len = 0;
-        self.known = [Span::NONE; KNOWN_COUNT];
+        self.known = Slots::EMPTY;
         self.ext.clear();
         self.parsed = Parsed {
             id: None,
@@ -355,7 +408,7 @@ impl Inner {
             extra: Vec::new(),
             arena_len: 0,
             arena: [0; ARENA],
-            known: [Span::NONE; KNOWN_COUNT],
+            known: Slots::EMPTY,
             ext: Vec::new(),
             parsed: Parsed {
                 id: None,
@@ -477,11 +530,9 @@ impl Inner {
                 len: s.len() as u32,
             }
         };
-        let mut known = [Span::NONE; KNOWN_COUNT];
-        for (i, sp) in self.known.iter().enumerate() {
-            if sp.is_some() {
-                known[i] = copy(&mut buf, self.str(*sp));
-            }
+        let mut known = Slots::EMPTY;
+        for (i, sp) in self.known.present() {
+            known.set(i, copy(&mut buf, self.str(sp)));
         }
         let ext: Vec<(Span, Span)> = self
             .ext
@@ -539,7 +590,7 @@ impl Inner {
             K_TRACEPARENT => self.parsed.trace = TraceIds::parse(text),
             _ => {}
         }
-        self.known[i] = v;
+        self.known.set(i, v);
     }
 
     fn take(&mut self, i: usize) -> Span {
@@ -552,7 +603,9 @@ impl Inner {
             K_TRACEPARENT => self.parsed.trace = None,
             _ => {}
         }
-        std::mem::replace(&mut self.known[i], Span::NONE)
+        let old = self.known[i];
+        self.known.set(i, Span::NONE);
+        old
     }
 
     fn ext_position(&self, name: &str) -> std::result::Result<usize, usize> {
@@ -673,6 +726,22 @@ const OPTIONAL_SLOTS: [usize; 13] = [
     K_REPLAY_REQUEST_ID,
     K_REDRIVE_OF,
 ];
+
+/// [`REQUIRED_SLOTS`] as a mask of [`Slots::present`] bits.
+const REQUIRED_MASK: u32 = mask_of(&REQUIRED_SLOTS);
+
+/// [`OPTIONAL_SLOTS`] as a mask of [`Slots::present`] bits.
+const OPTIONAL_MASK: u32 = mask_of(&OPTIONAL_SLOTS);
+
+const fn mask_of(slots: &[usize]) -> u32 {
+    let mut m = 0;
+    let mut i = 0;
+    while i < slots.len() {
+        m |= 1 << slots[i];
+        i += 1;
+    }
+    m
+}
 
 /// The slot of a known header name.
 fn known_index(name: &str) -> Option<usize> {
@@ -828,7 +897,7 @@ impl Inner {
     fn fill_publish_defaults(&mut self) {
         let given_trace = self.parsed.trace.is_some();
         // One generator handle and one clock reading for every value made here.
-        let mut rng = rand::rng();
+        let mut rng = ids::IdRng;
         let trace = if self.known[K_TRACEPARENT].is_some() {
             None
         } else {
@@ -844,13 +913,13 @@ impl Inner {
         // Constant defaults point at the process's one copy of their text.
         let [version, content_type, run_id] = default_spans();
         if !h.known[K_SCHEMA_VERSION].is_some() {
-            h.known[K_SCHEMA_VERSION] = version;
+            h.known.set(K_SCHEMA_VERSION, version);
         }
         if !h.known[K_CONTENT_TYPE].is_some() {
-            h.known[K_CONTENT_TYPE] = content_type;
+            h.known.set(K_CONTENT_TYPE, content_type);
         }
         if !h.known[K_RUN_ID].is_some() {
-            h.known[K_RUN_ID] = run_id;
+            h.known.set(K_RUN_ID, run_id);
         }
         // Generated values are held parsed; their text is written when first read (or, when
         // the map's lazy cell is taken already, in place now). No allocation either way.
@@ -863,7 +932,7 @@ impl Inner {
                 ids::uuid_text(id.as_bytes(), &mut t);
                 h.store(std::str::from_utf8(&t).unwrap_or_default())
             };
-            h.known[K_MESSAGE_ID] = v;
+            h.known.set(K_MESSAGE_ID, v);
             h.parsed.id = Some(*id.as_bytes());
         }
         if !h.known[K_PRODUCED_AT].is_some() {
@@ -875,7 +944,7 @@ impl Inner {
                 ids::write_canonical_time(us, &mut t);
                 h.store(std::str::from_utf8(&t).unwrap_or_default())
             };
-            h.known[K_PRODUCED_AT] = v;
+            h.known.set(K_PRODUCED_AT, v);
             h.parsed.produced_us = Some(us);
         }
         if let Some(t) = trace {
@@ -885,18 +954,18 @@ impl Inner {
                 let text = t.traceparent_text();
                 h.store(std::str::from_utf8(&text).unwrap_or_default())
             };
-            h.known[K_TRACEPARENT] = tp;
+            h.known.set(K_TRACEPARENT, tp);
             h.parsed.trace = Some(t);
-            h.known[K_TRACE_ID] = tp.sub(3, 32);
-            h.known[K_SPAN_ID] = tp.sub(36, 16);
+            h.known.set(K_TRACE_ID, tp.sub(3, 32));
+            h.known.set(K_SPAN_ID, tp.sub(36, 16));
         } else if given_trace {
             // A valid traceparent was given: fill the older headers from it.
             let tp = h.known[K_TRACEPARENT];
             if !h.known[K_TRACE_ID].is_some() {
-                h.known[K_TRACE_ID] = tp.sub(3, 32);
+                h.known.set(K_TRACE_ID, tp.sub(3, 32));
             }
             if !h.known[K_SPAN_ID].is_some() {
-                h.known[K_SPAN_ID] = tp.sub(36, 16);
+                h.known.set(K_SPAN_ID, tp.sub(36, 16));
             }
         }
     }
@@ -1103,7 +1172,7 @@ impl Headers {
 
     /// Number of headers.
     pub fn len(&self) -> usize {
-        self.i().known.iter().filter(|k| k.is_some()).count() + self.i().ext.len()
+        self.i().known.present.count_ones() as usize + self.i().ext.len()
     }
 
     /// True when there are no headers.
@@ -1204,11 +1273,10 @@ impl Headers {
         // Room for the longest form, written through a cursor and cut to length at the end
         // (one capacity check instead of one per byte): per header a tag, a varint length of
         // at most 5 bytes and the value (a binary value is shorter than its text).
-        let mut room = 1;
-        for sp in &inner.known {
+        let mut room = 1 + 6 * KNOWN_COUNT;
+        for (_, sp) in inner.known.present() {
             room += sp.len as usize;
         }
-        room += 6 * KNOWN_COUNT;
         for (k, v) in &inner.ext {
             room += 11 + k.len as usize + v.len as usize;
         }
@@ -1235,10 +1303,8 @@ impl Headers {
                     || inner.str(slot).as_bytes()
                         == &inner.str(tp).as_bytes()[from as usize..(from + len) as usize])
         };
-        for (i, slot) in inner.known.iter().enumerate() {
-            if !slot.is_some() {
-                continue;
-            }
+        for (i, slot) in inner.known.present() {
+            let slot = &slot;
             match i {
                 K_MESSAGE_ID if inner.parsed.id.is_some() => {
                     w.byte(TAG_ID_BIN);
@@ -1355,7 +1421,7 @@ impl Headers {
                     match usize::from(t) {
                         // Text of a value the typed core parses.
                         i @ (K_MESSAGE_ID | K_PRODUCED_AT | K_TRACEPARENT) => inner.put(i, v),
-                        i => inner.known[i] = v,
+                        i => inner.known.set(i, v),
                     }
                 }
                 TAG_ID_BIN => {
@@ -1421,22 +1487,22 @@ impl Headers {
         }
         // The binary values: held parsed; their text is written when first read.
         if id.is_some() {
-            inner.known[K_MESSAGE_ID] = Span::lazy(LAZY_ID, 36);
+            inner.known.set(K_MESSAGE_ID, Span::lazy(LAZY_ID, 36));
             inner.parsed.id = id;
         }
         if time.is_some() {
-            inner.known[K_PRODUCED_AT] = Span::lazy(LAZY_TIME, 27);
+            inner.known.set(K_PRODUCED_AT, Span::lazy(LAZY_TIME, 27));
             inner.parsed.produced_us = time;
         }
         if trace.is_some() {
             let sp = Span::lazy(LAZY_TRACE, 55);
-            inner.known[K_TRACEPARENT] = sp;
+            inner.known.set(K_TRACEPARENT, sp);
             inner.parsed.trace = trace;
             if same_trace {
-                inner.known[K_TRACE_ID] = sp.sub(3, 32);
+                inner.known.set(K_TRACE_ID, sp.sub(3, 32));
             }
             if same_span {
-                inner.known[K_SPAN_ID] = sp.sub(36, 16);
+                inner.known.set(K_SPAN_ID, sp.sub(36, 16));
             }
         }
         Ok(h)
@@ -1475,10 +1541,8 @@ impl Headers {
         let inner = self.i();
         let mut total = 0usize;
         let mut verified = 0u32;
-        for (i, sp) in inner.known.iter().enumerate() {
-            if !sp.is_some() {
-                continue;
-            }
+        for (i, sp) in inner.known.present() {
+            let sp = &sp;
             total += usize::from(KNOWN_LEN[i]) + sp.len as usize;
             if sp.is_lazy() {
                 continue;
@@ -1493,7 +1557,7 @@ impl Headers {
             }
             let own_rule = match i {
                 K_PRODUCER | K_SOURCE | K_RUN_ID => plain_text(v),
-                K_SCHEMA_FQDN => fqdn_ok(v),
+                K_SCHEMA_FQDN => fqdn_ok_cached(v),
                 K_SCHEMA_VERSION => plain_semver(v),
                 _ => false,
             };
@@ -1559,9 +1623,11 @@ impl Headers {
     fn validate_for_publish_fields(&self, topic: &Topic, verified: u32) -> Result<()> {
         let unchecked = |slot: usize| verified & (1 << slot) == 0;
         let inner = self.i();
-        for (name, slot) in REQUIRED.iter().zip(REQUIRED_SLOTS) {
-            if !inner.known[slot].is_some() {
-                return Err(Error::header(name, "required header is missing"));
+        if inner.known.present & REQUIRED_MASK != REQUIRED_MASK {
+            for (name, slot) in REQUIRED.iter().zip(REQUIRED_SLOTS) {
+                if !inner.known[slot].is_some() {
+                    return Err(Error::header(name, "required header is missing"));
+                }
             }
         }
         let fast = self
@@ -1704,7 +1770,7 @@ impl Headers {
         // Every rule below is about a header that is present: a map with none of them (the
         // usual publish) passes at once.
         let inner = self.i();
-        if inner.ext.is_empty() && OPTIONAL_SLOTS.iter().all(|&i| !inner.known[i].is_some()) {
+        if inner.ext.is_empty() && inner.known.present & OPTIONAL_MASK == 0 {
             return Ok(());
         }
         if let Some(v) = self.slot(K_DEDUPE_KEY) {
@@ -2078,6 +2144,38 @@ fn check_fqdn(v: &str) -> Result<()> {
             ),
         ))
     }
+}
+
+/// [`fqdn_ok`], remembering per thread the last name that passed: a producer publishes one
+/// schema again and again, so the usual check is one comparison.
+fn fqdn_ok_cached(b: &[u8]) -> bool {
+    const KEEP: usize = 96;
+    thread_local! {
+        static LAST: std::cell::RefCell<(usize, [u8; KEEP])> =
+            const { std::cell::RefCell::new((0, [0; KEEP])) };
+    }
+    if b.is_empty() || b.len() > KEEP {
+        return fqdn_ok(b);
+    }
+    let seen = LAST
+        .try_with(|l| {
+            l.try_borrow()
+                .is_ok_and(|l| l.0 == b.len() && &l.1[..l.0] == b)
+        })
+        .unwrap_or(false);
+    if seen {
+        return true;
+    }
+    let ok = fqdn_ok(b);
+    if ok {
+        let _ = LAST.try_with(|l| {
+            if let Ok(mut l) = l.try_borrow_mut() {
+                l.0 = b.len();
+                l.1[..b.len()].copy_from_slice(b);
+            }
+        });
+    }
+    ok
 }
 
 /// Dotted identifiers, at least two: each starts with a letter or `_`, then letters, digits, `_`.

@@ -588,12 +588,12 @@ impl Bus {
     fn labels(&self, batch: &[Envelope]) -> Labels {
         let mut runs: Vec<(Arc<crate::obs::ProducerTopic>, usize)> = Vec::new();
         let mut sizes = Vec::with_capacity(batch.len());
-        let mut prev: Option<&Envelope> = None;
+        let mut prev: Option<(&TopicName, Option<&str>)> = None;
         for (i, e) in batch.iter().enumerate() {
             sizes.push(e.payload.len() as u64);
             let producer = e.headers.producer();
-            let same = prev.is_some_and(|p| p.topic == e.topic && p.headers.producer() == producer);
-            prev = Some(e);
+            let same = prev.is_some_and(|(topic, p)| *topic == e.topic && p == producer);
+            prev = Some((&e.topic, producer));
             if same {
                 continue;
             }

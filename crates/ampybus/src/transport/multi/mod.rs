@@ -42,6 +42,9 @@ use std::fmt;
 use std::str::FromStr;
 
 mod live;
+// Only the NATS and Redis bindings read live streams this way: a build without either (e.g.
+// `cargo build -p ampybus` on its own) has no user of these outside the module's tests.
+#[cfg(any(feature = "nats", feature = "redis"))]
 pub(crate) use live::{LiveState, LiveStreams, fetch as fetch_merged, join_streams};
 
 /// The page size when a query's `limit` is 0.
