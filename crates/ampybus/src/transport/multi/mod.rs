@@ -299,6 +299,7 @@ impl Filter {
     }
 
     /// The window's end (exclusive), for a binding that can bound its read on the broker.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) fn end(&self) -> Option<DateTime<Utc>> {
         self.end
     }

@@ -848,9 +848,23 @@ impl Transport for NatsTransport {
     }
 }
 
-/// NATS header names may not hold `:`, whitespace or control characters; values may not hold
-/// CR or LF.
-pub(crate) fn to_header_map(h: &Headers) -> Result<async_nats::HeaderMap> {
+/// The NATS headers the binding sends for `h`: every header under its wire name (the
+/// contract's own names are shared, not allocated). NATS header names may not hold `:`,
+/// whitespace or control characters and values may not hold CR or LF: such a header is a
+/// `header` error naming it. Useful to publish with a plain NATS client in a form ampybus
+/// consumers read, and to measure what a header map costs (`examples/nats_header_cost.rs`).
+///
+/// ```
+/// use ampybus::{Headers, transport::nats::to_header_map};
+/// let mut h = Headers::for_publish("ampy.bars.v1.BarBatch", "md@1", "md", "XNAS.AAPL");
+/// h.fill_publish_defaults();
+/// let m = to_header_map(&h).unwrap();
+/// assert_eq!(m.get("partition_key").map(|v| v.as_str()), Some("XNAS.AAPL"));
+/// assert_eq!(m.len(), h.len());
+/// let bad = Headers::new().with("x desk", "rates");
+/// assert!(to_header_map(&bad).unwrap_err().to_string().contains("`x desk`"));
+/// ```
+pub fn to_header_map(h: &Headers) -> Result<async_nats::HeaderMap> {
     let mut m = async_nats::HeaderMap::new();
     for (k, v) in h.iter() {
         let name = match known_header_name(k) {
