@@ -427,7 +427,7 @@ impl KafkaOptions {
     /// assert_eq!(KafkaOptions::default().max_age_for(Domain::Fills).as_secs(), 30 * 86_400);
     /// ```
     pub fn max_age_for(&self, domain: Domain) -> Duration {
-        self.max_age.unwrap_or_else(|| domain.default_retention())
+        crate::transport::retention_for(self.max_age, domain)
     }
 
     /// Retention of the topics of env + domain: the registry's for that unit, else
@@ -441,10 +441,7 @@ impl KafkaOptions {
     /// assert_eq!(o.max_age_at(Env::Dev, Domain::Fills).as_secs(), 30 * 86_400);
     /// ```
     pub fn max_age_at(&self, env: crate::topic::Env, domain: Domain) -> Duration {
-        self.registry_retention
-            .get(&(env, domain))
-            .copied()
-            .unwrap_or_else(|| self.max_age_for(domain))
+        crate::transport::retention_at(&self.registry_retention, self.max_age, env, domain)
     }
 
     /// The brokers as shown in logs and errors (never credentials).

@@ -275,7 +275,7 @@ impl RedisOptions {
     /// assert_eq!(o.max_age_for(Domain::Bars).as_secs(), 7 * 86_400);
     /// ```
     pub fn max_age_for(&self, domain: Domain) -> Duration {
-        self.max_age.unwrap_or_else(|| domain.default_retention())
+        crate::transport::retention_for(self.max_age, domain)
     }
 
     /// Retention of the stream of env + domain: the registry's for that unit, else
@@ -289,10 +289,7 @@ impl RedisOptions {
     /// assert_eq!(o.max_age_at(Env::Prod, Domain::Bars).as_secs(), 7 * 86_400);
     /// ```
     pub fn max_age_at(&self, env: crate::topic::Env, domain: Domain) -> Duration {
-        self.registry_retention
-            .get(&(env, domain))
-            .copied()
-            .unwrap_or_else(|| self.max_age_for(domain))
+        crate::transport::retention_at(&self.registry_retention, self.max_age, env, domain)
     }
 
     /// `host:port` as shown in logs and errors (never credentials).
