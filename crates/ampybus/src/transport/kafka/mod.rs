@@ -810,7 +810,9 @@ impl Transport for KafkaTransport {
     }
 
     async fn publish_batch(&self, batch: Vec<Envelope>) -> Result<Vec<PublishReceipt>> {
-        publish::publish_batch(&self.shared, batch).await
+        publish::publish_outcomes(&self.shared, batch, false)
+            .await
+            .into_result()
     }
 
     /// Per-record delivery reports: see [`Transport::publish_batch_outcomes`].

@@ -698,7 +698,9 @@ impl Transport for NatsTransport {
     }
 
     async fn publish_batch(&self, batch: Vec<Envelope>) -> Result<Vec<PublishReceipt>> {
-        publish::publish_batch(&self.shared, batch).await
+        publish::publish_outcomes(&self.shared, batch, false)
+            .await
+            .into_result()
     }
 
     /// Per-message JetStream PubAcks: see [`Transport::publish_batch_outcomes`].

@@ -750,7 +750,9 @@ impl Transport for RedisTransport {
     }
 
     async fn publish_batch(&self, batch: Vec<Envelope>) -> Result<Vec<PublishReceipt>> {
-        publish::publish_batch(&self.shared, batch).await
+        publish::publish_outcomes(&self.shared, batch, false)
+            .await
+            .into_result()
     }
 
     /// Per-message `XADD` replies: see [`Transport::publish_batch_outcomes`].
