@@ -547,6 +547,114 @@ impl Drop for RedisServer {
     }
 }
 
+/// A broker process of a case's own that the case can crash and bring back on the same port:
+/// [`NatsServer`](crate::NatsServer), [`RedisServer`].
+///
+/// ```no_run
+/// use ampybus_conformance::{OwnServer, RedisServer};
+/// let dir = tempfile::tempdir().unwrap();
+/// let mut server = RedisServer::start(dir.path(), &[]);
+/// OwnServer::kill(&mut server);
+/// server.start_again();
+/// assert_eq!(<RedisServer as OwnServer>::PROGRAM, "redis-server");
+/// ```
+pub trait OwnServer: Send + 'static {
+    /// The program, as messages name it (`nats-server`).
+    const PROGRAM: &'static str;
+    /// SIGKILL, as a crash: what the server stored on disk stays.
+    fn kill(&mut self);
+    /// Starts it again (after [`OwnServer::kill`]) on the same port with the same arguments.
+    fn start_again(&mut self);
+}
+
+impl OwnServer for crate::NatsServer {
+    const PROGRAM: &'static str = "nats-server";
+    fn kill(&mut self) {
+        crate::NatsServer::kill(self)
+    }
+    fn start_again(&mut self) {
+        self.restart()
+    }
+}
+
+impl OwnServer for RedisServer {
+    const PROGRAM: &'static str = "redis-server";
+    fn kill(&mut self) {
+        RedisServer::kill(self)
+    }
+    fn start_again(&mut self) {
+        self.spawn()
+    }
+}
+
+/// The brokers of their own that a factory's cases run ([`TestContext::wants_own_broker`]),
+/// by case id: started for a case, its URL, and the restart of
+/// [`TransportFactory::restart_broker`].
+///
+/// ```no_run
+/// # async fn f(ctx: &ampybus_conformance::TestContext) {
+/// use ampybus_conformance::{OwnBrokers, RedisServer};
+/// let own = OwnBrokers::<RedisServer>::default();
+/// let dir = ctx.dir().to_owned();
+/// own.start(ctx, move || RedisServer::start(&dir, &[])).await;
+/// own.restart(ctx).await;
+/// assert!(own.url(ctx, |s| s.url("", "")).is_some());
+/// # }
+/// ```
+pub struct OwnBrokers<S> {
+    by_case: std::sync::Mutex<std::collections::HashMap<String, S>>,
+}
+
+impl<S> Default for OwnBrokers<S> {
+    fn default() -> Self {
+        OwnBrokers {
+            by_case: Default::default(),
+        }
+    }
+}
+
+impl<S: OwnServer> OwnBrokers<S> {
+    /// Starts the case's broker with `start` (blocking, on a blocking thread) and keeps it.
+    pub async fn start(&self, ctx: &TestContext, start: impl FnOnce() -> S + Send + 'static) {
+        let server = tokio::task::spawn_blocking(start)
+            .await
+            .unwrap_or_else(|e| panic!("start {}: {e}", S::PROGRAM));
+        self.by_case
+            .lock()
+            .unwrap()
+            .insert(ctx.id().to_owned(), server);
+    }
+
+    /// `url(server)` of the case's broker, if the case runs one.
+    pub fn url(&self, ctx: &TestContext, url: impl FnOnce(&S) -> String) -> Option<String> {
+        self.by_case.lock().unwrap().get(ctx.id()).map(url)
+    }
+
+    /// Restarts the case's broker: killed -9, down for half a second, started again on the
+    /// same port with what it stored.
+    pub async fn restart(&self, ctx: &TestContext) {
+        let mut server = self
+            .by_case
+            .lock()
+            .unwrap()
+            .remove(ctx.id())
+            .expect("a broker of the case's own");
+        let server = tokio::task::spawn_blocking(move || {
+            server.kill();
+            // The outage itself, not a synchronisation.
+            std::thread::sleep(Duration::from_millis(500));
+            server.start_again();
+            server
+        })
+        .await
+        .unwrap_or_else(|e| panic!("restart {}: {e}", S::PROGRAM));
+        self.by_case
+            .lock()
+            .unwrap()
+            .insert(ctx.id().to_owned(), server);
+    }
+}
+
 /// `GET path` on `addr` over HTTP/1.1 (chunked bodies joined): (status, body). A test
 /// helper: it panics when the server does not answer with HTTP.
 ///
