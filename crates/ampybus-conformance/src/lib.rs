@@ -38,7 +38,7 @@ pub use report::{CaseReport, SuiteReport};
 pub use status::CaseStatus;
 pub use support::{
     Capabilities, OwnBrokers, OwnServer, RedisServer, TestContext, TransportFactory,
-    all_topic_stats, hang_timeout, http_get, raw, redrive, scale, start_test_broker,
+    all_topic_stats, fault_headers, hang_timeout, http_get, raw, redrive, scale, start_test_broker,
     timed,
 };
 pub use tier_cases::best_effort_tier;

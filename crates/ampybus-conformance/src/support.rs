@@ -267,6 +267,41 @@ pub(crate) fn scaled(n: usize, min: usize) -> usize {
     ((n as f64 * scale()) as usize).max(min)
 }
 
+/// The headers of a raw-bytes message the fault tests publish (producer `faults@1`, source
+/// `faults`), partition key `key`.
+///
+/// ```
+/// let h = ampybus_conformance::fault_headers("k1");
+/// assert_eq!(h.partition_key(), Some("k1"));
+/// ```
+pub fn fault_headers(key: &str) -> Headers {
+    Headers::for_publish(
+        ampybus::headers::RAW_BYTES_SCHEMA,
+        "faults@1",
+        "faults",
+        key,
+    )
+}
+
+/// Awaits `f`, panicking with `what` when it takes longer than `limit`; prints how long it
+/// took (to stderr, as `what: 1.23s`).
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use std::time::Duration;
+/// let n = ampybus_conformance::timed("answer", Duration::from_secs(5), async { 42 }).await;
+/// assert_eq!(n, 42);
+/// # }
+/// ```
+pub async fn timed<T>(what: &str, limit: Duration, f: impl std::future::Future<Output = T>) -> T {
+    let start = Instant::now();
+    let r = tokio::time::timeout(limit, f)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: hung for more than {limit:?}"));
+    eprintln!("{what}: {:.2?}", start.elapsed());
+    r
+}
+
 /// How long a wait may take before it counts as a hang: 300 s, times the scale when above 1.
 pub fn hang_timeout() -> Duration {
     Duration::from_secs_f64(300.0 * scale().max(1.0))
