@@ -5,8 +5,6 @@
 
 mod common;
 
-use common::ampybus_in;
-
 fn brokers() {
     common::start_broker("kafka");
 }
@@ -69,20 +67,7 @@ fn pub_sub_and_topics_over_kafka() {
 fn demo_runs_end_to_end_on_kafka() {
     brokers();
     let (dir, url) = kafka_url("demo");
-    // A positions file of its own: demos on other transports may run at the same time.
-    let db = dir.path().join("positions.sqlite3");
-    let o = ampybus_in(
-        None,
-        &[
-            "--url",
-            &url,
-            "demo",
-            "--positions-db",
-            db.to_str().unwrap(),
-        ],
-    );
-    assert_eq!(o.code, 0, "{}\n{}", o.stdout, o.stderr);
-    assert!(o.stdout.contains("result: OK"), "{}", o.stdout);
+    common::demo_runs_end_to_end(&url, dir.path());
 }
 
 #[test]

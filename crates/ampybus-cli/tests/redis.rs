@@ -5,8 +5,6 @@
 
 mod common;
 
-use common::ampybus_in;
-
 fn brokers() {
     common::start_broker("redis");
 }
@@ -56,21 +54,8 @@ fn demo_runs_end_to_end_on_redis() {
         "redis://127.0.0.1:6379?key_prefix=clidemo{}:",
         common::unique()
     );
-    // A positions file of its own: demos on other transports may run at the same time.
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("positions.sqlite3");
-    let o = ampybus_in(
-        None,
-        &[
-            "--url",
-            &url,
-            "demo",
-            "--positions-db",
-            db.to_str().unwrap(),
-        ],
-    );
-    assert_eq!(o.code, 0, "{}\n{}", o.stdout, o.stderr);
-    assert!(o.stdout.contains("result: OK"), "{}", o.stdout);
+    common::demo_runs_end_to_end(&url, dir.path());
 }
 
 #[test]

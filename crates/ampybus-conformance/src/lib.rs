@@ -37,8 +37,9 @@ pub use order_cases::{Disruption, KillActive, order_across_instances, order_with
 pub use report::{CaseReport, SuiteReport};
 pub use status::CaseStatus;
 pub use support::{
-    Capabilities, RedisServer, TestContext, TransportFactory, all_topic_stats, hang_timeout,
-    http_get, raw, redrive, scale, start_test_broker,
+    Capabilities, OwnBrokers, OwnServer, RedisServer, TestContext, TransportFactory,
+    all_topic_stats, fault_headers, hang_timeout, http_get, raw, redrive, scale, start_test_broker,
+    timed,
 };
 pub use tier_cases::best_effort_tier;
 pub use transport_cases::{

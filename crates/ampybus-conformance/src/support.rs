@@ -267,6 +267,41 @@ pub(crate) fn scaled(n: usize, min: usize) -> usize {
     ((n as f64 * scale()) as usize).max(min)
 }
 
+/// The headers of a raw-bytes message the fault tests publish (producer `faults@1`, source
+/// `faults`), partition key `key`.
+///
+/// ```
+/// let h = ampybus_conformance::fault_headers("k1");
+/// assert_eq!(h.partition_key(), Some("k1"));
+/// ```
+pub fn fault_headers(key: &str) -> Headers {
+    Headers::for_publish(
+        ampybus::headers::RAW_BYTES_SCHEMA,
+        "faults@1",
+        "faults",
+        key,
+    )
+}
+
+/// Awaits `f`, panicking with `what` when it takes longer than `limit`; prints how long it
+/// took (to stderr, as `what: 1.23s`).
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use std::time::Duration;
+/// let n = ampybus_conformance::timed("answer", Duration::from_secs(5), async { 42 }).await;
+/// assert_eq!(n, 42);
+/// # }
+/// ```
+pub async fn timed<T>(what: &str, limit: Duration, f: impl std::future::Future<Output = T>) -> T {
+    let start = Instant::now();
+    let r = tokio::time::timeout(limit, f)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: hung for more than {limit:?}"));
+    eprintln!("{what}: {:.2?}", start.elapsed());
+    r
+}
+
 /// How long a wait may take before it counts as a hang: 300 s, times the scale when above 1.
 pub fn hang_timeout() -> Duration {
     Duration::from_secs_f64(300.0 * scale().max(1.0))
@@ -544,6 +579,114 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A broker process of a case's own that the case can crash and bring back on the same port:
+/// [`NatsServer`](crate::NatsServer), [`RedisServer`].
+///
+/// ```no_run
+/// use ampybus_conformance::{OwnServer, RedisServer};
+/// let dir = tempfile::tempdir().unwrap();
+/// let mut server = RedisServer::start(dir.path(), &[]);
+/// OwnServer::kill(&mut server);
+/// server.start_again();
+/// assert_eq!(<RedisServer as OwnServer>::PROGRAM, "redis-server");
+/// ```
+pub trait OwnServer: Send + 'static {
+    /// The program, as messages name it (`nats-server`).
+    const PROGRAM: &'static str;
+    /// SIGKILL, as a crash: what the server stored on disk stays.
+    fn kill(&mut self);
+    /// Starts it again (after [`OwnServer::kill`]) on the same port with the same arguments.
+    fn start_again(&mut self);
+}
+
+impl OwnServer for crate::NatsServer {
+    const PROGRAM: &'static str = "nats-server";
+    fn kill(&mut self) {
+        crate::NatsServer::kill(self)
+    }
+    fn start_again(&mut self) {
+        self.restart()
+    }
+}
+
+impl OwnServer for RedisServer {
+    const PROGRAM: &'static str = "redis-server";
+    fn kill(&mut self) {
+        RedisServer::kill(self)
+    }
+    fn start_again(&mut self) {
+        self.spawn()
+    }
+}
+
+/// The brokers of their own that a factory's cases run ([`TestContext::wants_own_broker`]),
+/// by case id: started for a case, its URL, and the restart of
+/// [`TransportFactory::restart_broker`].
+///
+/// ```no_run
+/// # async fn f(ctx: &ampybus_conformance::TestContext) {
+/// use ampybus_conformance::{OwnBrokers, RedisServer};
+/// let own = OwnBrokers::<RedisServer>::default();
+/// let dir = ctx.dir().to_owned();
+/// own.start(ctx, move || RedisServer::start(&dir, &[])).await;
+/// own.restart(ctx).await;
+/// assert!(own.url(ctx, |s| s.url("", "")).is_some());
+/// # }
+/// ```
+pub struct OwnBrokers<S> {
+    by_case: std::sync::Mutex<std::collections::HashMap<String, S>>,
+}
+
+impl<S> Default for OwnBrokers<S> {
+    fn default() -> Self {
+        OwnBrokers {
+            by_case: Default::default(),
+        }
+    }
+}
+
+impl<S: OwnServer> OwnBrokers<S> {
+    /// Starts the case's broker with `start` (blocking, on a blocking thread) and keeps it.
+    pub async fn start(&self, ctx: &TestContext, start: impl FnOnce() -> S + Send + 'static) {
+        let server = tokio::task::spawn_blocking(start)
+            .await
+            .unwrap_or_else(|e| panic!("start {}: {e}", S::PROGRAM));
+        self.by_case
+            .lock()
+            .unwrap()
+            .insert(ctx.id().to_owned(), server);
+    }
+
+    /// `url(server)` of the case's broker, if the case runs one.
+    pub fn url(&self, ctx: &TestContext, url: impl FnOnce(&S) -> String) -> Option<String> {
+        self.by_case.lock().unwrap().get(ctx.id()).map(url)
+    }
+
+    /// Restarts the case's broker: killed -9, down for half a second, started again on the
+    /// same port with what it stored.
+    pub async fn restart(&self, ctx: &TestContext) {
+        let mut server = self
+            .by_case
+            .lock()
+            .unwrap()
+            .remove(ctx.id())
+            .expect("a broker of the case's own");
+        let server = tokio::task::spawn_blocking(move || {
+            server.kill();
+            // The outage itself, not a synchronisation.
+            std::thread::sleep(Duration::from_millis(500));
+            server.start_again();
+            server
+        })
+        .await
+        .unwrap_or_else(|e| panic!("restart {}: {e}", S::PROGRAM));
+        self.by_case
+            .lock()
+            .unwrap()
+            .insert(ctx.id().to_owned(), server);
     }
 }
 

@@ -6,17 +6,9 @@
 //! where a group starts, replay across topics) are conformance cases (`tests/kafka.rs`).
 
 use ampybus::transport::kafka::KafkaOptions;
-use ampybus::{Bus, Envelope, ErrorKind, Headers, Topic};
+use ampybus::{Bus, Envelope, ErrorKind, Topic};
+use ampybus_conformance::fault_headers as headers;
 use std::time::{Duration, Instant};
-
-fn headers(key: &str) -> Headers {
-    Headers::for_publish(
-        ampybus::headers::RAW_BYTES_SCHEMA,
-        "faults@1",
-        "faults",
-        key,
-    )
-}
 
 /// `batch.num.messages=1`: one record per produce batch, because tansu 0.6.0 answers a fetch
 /// from an offset inside a stored batch with nothing (a consumer resuming mid-batch would wait

@@ -12,10 +12,9 @@
 use ampybus::Bus;
 use ampybus::dedupe::DedupeStore;
 use ampybus::transport::nats::NatsKvDedupeStore;
-use ampybus_conformance::{Capabilities, NatsServer, TestContext, TransportFactory};
+use ampybus_conformance::{Capabilities, NatsServer, OwnBrokers, TestContext, TransportFactory};
 use async_trait::async_trait;
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 const URL: &str =
@@ -29,15 +28,13 @@ const OWN_QUERY: &str = "?stream_prefix=AMPYCONF&max_age_days=1&request_timeout_
 /// directory) for a case that restarts its broker.
 #[derive(Default)]
 struct Nats {
-    own: Mutex<HashMap<String, NatsServer>>,
+    own: OwnBrokers<NatsServer>,
 }
 
 impl Nats {
     fn url(&self, ctx: &TestContext) -> String {
-        match self.own.lock().unwrap().get(ctx.id()) {
-            Some(server) => server.url("nats", OWN_QUERY),
-            None => URL.to_owned(),
-        }
+        let own = |server: &NatsServer| server.url("nats", OWN_QUERY);
+        self.own.url(ctx, own).unwrap_or_else(|| URL.to_owned())
     }
 }
 
@@ -63,13 +60,11 @@ impl TransportFactory for Nats {
             let store = ctx.dir().join("js");
             let args = ["-js", "-sd", store.to_str().expect("utf-8 path")].map(String::from);
             let dir = ctx.dir().to_owned();
-            let server = tokio::task::spawn_blocking(move || {
+            let start = move || {
                 let args: Vec<&str> = args.iter().map(String::as_str).collect();
                 NatsServer::start(&dir, &args)
-            })
-            .await
-            .expect("start nats-server");
-            self.own.lock().unwrap().insert(ctx.id().to_owned(), server);
+            };
+            self.own.start(ctx, start).await;
         } else {
             tokio::task::spawn_blocking(|| ampybus_conformance::start_test_broker("nats"))
                 .await
@@ -89,22 +84,7 @@ impl TransportFactory for Nats {
     }
 
     async fn restart_broker(&self, ctx: &TestContext) {
-        let mut server = self
-            .own
-            .lock()
-            .unwrap()
-            .remove(ctx.id())
-            .expect("a broker of the case's own");
-        let server = tokio::task::spawn_blocking(move || {
-            server.kill();
-            // The outage itself, not a synchronisation.
-            std::thread::sleep(Duration::from_millis(500));
-            server.restart();
-            server
-        })
-        .await
-        .expect("restart nats-server");
-        self.own.lock().unwrap().insert(ctx.id().to_owned(), server);
+        self.own.restart(ctx).await;
     }
 
     async fn dedupe_store(&self, ctx: &TestContext) -> Arc<dyn DedupeStore> {

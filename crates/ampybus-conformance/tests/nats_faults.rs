@@ -9,7 +9,7 @@ use ampybus::dedupe::DedupeStore;
 use ampybus::runtime::{Consumer, Message, Outcome, Publisher, RetryPolicy, handler_fn};
 use ampybus::transport::SubscribeSpec;
 use ampybus::transport::nats::NatsKvDedupeStore;
-use ampybus::{Bus, ErrorKind, Headers, Topic, TopicPattern};
+use ampybus::{Bus, ErrorKind, Topic, TopicPattern};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ampybus_conformance::NatsServer as Server;
+use ampybus_conformance::{fault_headers as headers, timed};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -24,24 +25,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-fn headers(key: &str) -> Headers {
-    Headers::for_publish(
-        ampybus::headers::RAW_BYTES_SCHEMA,
-        "faults@1",
-        "faults",
-        key,
-    )
-}
-
-async fn timed<T>(what: &str, limit: Duration, f: impl std::future::Future<Output = T>) -> T {
-    let start = Instant::now();
-    let r = tokio::time::timeout(limit, f)
-        .await
-        .unwrap_or_else(|_| panic!("{what}: hung for more than {limit:?}"));
-    eprintln!("{what}: {:.2?}", start.elapsed());
-    r
 }
 
 /// The checks every broker binding shares (garbage port, unknown option, misspelt scheme,

@@ -10,28 +10,27 @@
 use ampybus::Bus;
 use ampybus::dedupe::DedupeStore;
 use ampybus::transport::redis::RedisDedupeStore;
-use ampybus_conformance::{Capabilities, RedisServer, TestContext, TransportFactory};
+use ampybus_conformance::{Capabilities, OwnBrokers, RedisServer, TestContext, TransportFactory};
 use async_trait::async_trait;
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The shared server, and a `redis-server` of its own (append-only file, fsync always, in the
 /// case's directory) for a case that restarts its broker.
 #[derive(Default)]
 struct Redis {
-    own: Mutex<HashMap<String, RedisServer>>,
+    own: OwnBrokers<RedisServer>,
 }
 
 impl Redis {
     fn url(&self, ctx: &TestContext) -> String {
-        match self.own.lock().unwrap().get(ctx.id()) {
-            Some(server) => server.url(
+        let own = |server: &RedisServer| {
+            server.url(
                 "",
                 "?max_age_days=1&request_timeout_ms=2000&connect_timeout_ms=1000",
-            ),
-            None => shared_url(ctx),
-        }
+            )
+        };
+        self.own.url(ctx, own).unwrap_or_else(|| shared_url(ctx))
     }
 }
 
@@ -127,12 +126,10 @@ impl TransportFactory for Redis {
     async fn new_bus(&self, ctx: &TestContext) -> Bus {
         if ctx.wants_own_broker() {
             let dir = ctx.dir().to_owned();
-            let server = tokio::task::spawn_blocking(move || {
+            let start = move || {
                 RedisServer::start(&dir, &["--appendonly", "yes", "--appendfsync", "always"])
-            })
-            .await
-            .expect("start redis-server");
-            self.own.lock().unwrap().insert(ctx.id().to_owned(), server);
+            };
+            self.own.start(ctx, start).await;
         } else {
             tokio::task::spawn_blocking(|| ampybus_conformance::start_test_broker("redis"))
                 .await
@@ -153,22 +150,7 @@ impl TransportFactory for Redis {
     }
 
     async fn restart_broker(&self, ctx: &TestContext) {
-        let mut server = self
-            .own
-            .lock()
-            .unwrap()
-            .remove(ctx.id())
-            .expect("a broker of the case's own");
-        let server = tokio::task::spawn_blocking(move || {
-            server.kill();
-            // The outage itself, not a synchronisation.
-            std::thread::sleep(Duration::from_millis(500));
-            server.spawn();
-            server
-        })
-        .await
-        .expect("restart redis-server");
-        self.own.lock().unwrap().insert(ctx.id().to_owned(), server);
+        self.own.restart(ctx).await;
     }
 
     async fn dedupe_store(&self, ctx: &TestContext) -> Arc<dyn DedupeStore> {

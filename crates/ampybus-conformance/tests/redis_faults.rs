@@ -6,30 +6,13 @@
 
 use ampybus::runtime::{Consumer, Message, Outcome, Publisher, RetryPolicy, handler_fn};
 use ampybus::transport::StartAt;
-use ampybus::{Bus, ErrorKind, Headers, Topic, TopicPattern};
+use ampybus::{Bus, ErrorKind, Topic, TopicPattern};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ampybus_conformance::RedisServer as Server;
-
-fn headers(key: &str) -> Headers {
-    Headers::for_publish(
-        ampybus::headers::RAW_BYTES_SCHEMA,
-        "faults@1",
-        "faults",
-        key,
-    )
-}
-
-async fn timed<T>(what: &str, limit: Duration, f: impl std::future::Future<Output = T>) -> T {
-    let start = Instant::now();
-    let r = tokio::time::timeout(limit, f)
-        .await
-        .unwrap_or_else(|_| panic!("{what}: hung for more than {limit:?}"));
-    eprintln!("{what}: {:.2?}", start.elapsed());
-    r
-}
+use ampybus_conformance::{fault_headers as headers, timed};
 
 /// ACL users: the right user and password work; a wrong password and an unknown user are a
 /// Config error naming the user, never showing the password; a user that may write only the

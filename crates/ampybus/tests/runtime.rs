@@ -105,6 +105,16 @@ async fn wait_stats(
     }
 }
 
+/// Another instance of durable consumer `name` on `ampy.dev.news.>` fetches nothing within
+/// `wait`: everything was acked.
+async fn assert_news_all_acked(bus: &Bus, name: &str, wait: Duration) {
+    let mut sub = bus
+        .subscribe(SubscribeSpec::durable(pat("ampy.dev.news.>"), name))
+        .await
+        .unwrap();
+    assert!(sub.fetch(10, wait).await.unwrap().is_empty());
+}
+
 /// Reads exactly `n` messages of `pattern` from the start (ephemeral), then checks no more come.
 async fn read_all(bus: &Bus, pattern: &str, n: usize) -> Vec<Delivery> {
     let mut sub = bus
@@ -166,16 +176,7 @@ async fn at_least_once_each_message_handled_once_and_acked() {
     }
 
     // Everything was acked: another instance of the same consumer sees nothing.
-    let mut sub = bus
-        .subscribe(SubscribeSpec::durable(pat("ampy.dev.news.>"), "alo"))
-        .await
-        .unwrap();
-    assert!(
-        sub.fetch(10, Duration::from_millis(500))
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert_news_all_acked(&bus, "alo", Duration::from_millis(500)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1203,16 +1204,7 @@ async fn failed_dlq_write_is_retried_and_the_original_is_not_acked_before() {
     assert_eq!(&dlq[0].envelope.payload[..], b"poison");
     assert_eq!(dlq[0].envelope.headers.get("retry_count"), Some("2"));
     // Acked after the DLQ write: nothing comes again.
-    let mut sub = real
-        .subscribe(SubscribeSpec::durable(pat("ampy.dev.news.>"), "flaky"))
-        .await
-        .unwrap();
-    assert!(
-        sub.fetch(10, Duration::from_millis(300))
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert_news_all_acked(&real, "flaky", Duration::from_millis(300)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -41,20 +41,8 @@ pub struct BenchKafkaArgs {
     /// Unconfirmed records at most (both sides)
     #[arg(long, value_name = "N", default_value_t = 10_000)]
     pub inflight: usize,
-    /// Rounds (each: one raw run, one ampybus run; consume: raw, runtime, runtime with dedupe)
-    #[arg(long, value_name = "R", default_value_t = 5)]
-    pub rounds: u64,
     #[command(flatten)]
-    pub m: crate::bench::raw::ModeArgs,
-    /// One JSON object
-    #[arg(long)]
-    pub json: bool,
-}
-
-const TOPIC: &str = "ampy.dev.bars.v1.benchkafka.XNAS";
-
-fn envelopes(n: u64, payload: usize) -> CliResult<Vec<Envelope>> {
-    crate::bench::raw::envelopes(TOPIC, n, payload)
+    pub m: crate::bench::raw::RawBenchArgs,
 }
 
 /// The raw side: every record sent as a plain rdkafka user would (key, headers, payload),
@@ -149,28 +137,38 @@ pub async fn run(url: &str, a: BenchKafkaArgs) -> CliResult<u8> {
         .map_err(|e| CliError::bus("connecting", &e))?;
     let bus = Bus::with_transport(std::sync::Arc::new(t), url);
     // Creates the topic, untimed.
-    bus.publish_wire(envelopes(1, a.payload_bytes)?)
-        .await
-        .map_err(|e| CliError::bus("ampybus publish", &e))?;
+    bus.publish_wire(crate::bench::raw::publish_envelopes(
+        "kafka",
+        1,
+        a.payload_bytes,
+    )?)
+    .await
+    .map_err(|e| CliError::bus("ampybus publish", &e))?;
     let raw: FutureProducer = opts
         .producer_config()
         .create()
         .map_err(|e| CliError::transport(format!("raw producer: {e}")))?;
-    let kafka_topic = opts.kafka_topic(TOPIC);
+    let kafka_topic = opts.kafka_topic(&crate::bench::raw::publish_topic("kafka"));
     // The raw producer connects and learns the topic's metadata, untimed, as the bus did.
-    raw_round(&raw, &kafka_topic, envelopes(1, a.payload_bytes)?, 1).await?;
+    raw_round(
+        &raw,
+        &kafka_topic,
+        crate::bench::raw::publish_envelopes("kafka", 1, a.payload_bytes)?,
+        1,
+    )
+    .await?;
     let mut report = crate::bench::raw::RawVsBus::new("rdkafka");
-    for round in 0..a.rounds {
-        let envs = envelopes(a.messages, a.payload_bytes)?;
+    for round in 0..a.m.rounds {
+        let envs = crate::bench::raw::publish_envelopes("kafka", a.messages, a.payload_bytes)?;
         let r = raw_round(&raw, &kafka_topic, envs, a.inflight.max(1)).await?;
-        let envs = envelopes(a.messages, a.payload_bytes)?;
+        let envs = crate::bench::raw::publish_envelopes("kafka", a.messages, a.payload_bytes)?;
         let o = crate::bench::raw::bus_round(&bus, envs).await?;
         report.round(round, r, o);
     }
     report.print(
-        a.json,
+        a.m.json,
         json!({"mode": "publish", "messages": a.messages, "payload_bytes": a.payload_bytes,
-            "inflight": a.inflight, "rounds": a.rounds, "kafka_topic": kafka_topic}),
+            "inflight": a.inflight, "rounds": a.m.rounds, "kafka_topic": kafka_topic}),
     );
     Ok(EXIT_OK)
 }
@@ -196,17 +194,16 @@ async fn consume(a: &BenchKafkaArgs, mut opts: KafkaOptions, url: &str) -> CliRe
         .await
         .map_err(|e| CliError::bus("connecting", &e))?;
     let bus = Bus::with_transport(std::sync::Arc::new(t), url);
-    let topic = format!("ampy.dev.bars.v1.benchkafkac{run}.XNAS");
+    let topic = crate::bench::raw::consume_topic("kafka", &run);
     crate::bench::raw::fill(&bus, &topic, a.messages, a.payload_bytes, a.m.keys).await?;
     let kafka_topic = opts.kafka_topic(&topic);
     let (o, kt, n) = (&opts, &kafka_topic, a.messages);
     let raw = |name: String| async move { raw_consume(o, kt, n, &o.group_id(&name)).await };
     let report =
-        crate::bench::raw::consume_rounds(&bus, &topic, &a.m, n, a.rounds, &run, "rdkafka", raw)
-            .await?;
-    let mut config = crate::bench::raw::consume_config(n, a.payload_bytes, a.rounds, &a.m);
+        crate::bench::raw::consume_rounds(&bus, &topic, &a.m, n, &run, "rdkafka", raw).await?;
+    let mut config = crate::bench::raw::consume_config(n, a.payload_bytes, &a.m);
     config["kafka_topic"] = json!(kafka_topic);
-    report.print(a.json, config);
+    report.print(a.m.json, config);
     Ok(EXIT_OK)
 }
 

@@ -37,14 +37,8 @@ pub struct BenchNatsArgs {
     /// Unacknowledged publishes at most (both sides)
     #[arg(long, value_name = "N", default_value_t = 4000)]
     pub inflight: usize,
-    /// Rounds (each: one raw run, one ampybus run; consume: raw, runtime, runtime with dedupe)
-    #[arg(long, value_name = "R", default_value_t = 5)]
-    pub rounds: u64,
     #[command(flatten)]
-    pub m: crate::bench::raw::ModeArgs,
-    /// One JSON object
-    #[arg(long)]
-    pub json: bool,
+    pub m: crate::bench::raw::RawBenchArgs,
     /// best_effort (or best-effort): --mode publish compares core publishes (no PubAck; each
     /// side flushes its client at the end of the run) instead of JetStream publishes
     #[arg(long, value_name = "TIER", value_parser = crate::util::parse_tier)]
@@ -177,7 +171,7 @@ pub async fn run(url: &str, a: BenchNatsArgs) -> CliResult<u8> {
         .await
         .map_err(|e| CliError::bus("stream", &e))?;
     let mut report = crate::bench::raw::RawVsBus::new("async-nats");
-    for round in 0..a.rounds {
+    for round in 0..a.m.rounds {
         let envs = envelopes(a.messages, a.payload_bytes, round, "raw")?;
         let r = if best_effort {
             raw_core_round(&client, envs).await?
@@ -189,9 +183,9 @@ pub async fn run(url: &str, a: BenchNatsArgs) -> CliResult<u8> {
         report.round(round, r, o);
     }
     report.print(
-        a.json,
+        a.m.json,
         json!({"mode": "publish", "messages": a.messages, "payload_bytes": a.payload_bytes,
-            "inflight": a.inflight, "rounds": a.rounds,
+            "inflight": a.inflight, "rounds": a.m.rounds,
             "tier": a.tier.map_or("at_least_once_dedupe (default)", |t| t.as_str())}),
     );
     Ok(EXIT_OK)
@@ -206,7 +200,7 @@ async fn consume(
     opts: &NatsOptions,
 ) -> CliResult<u8> {
     let run = crate::bench::raw::run_label();
-    let subject = format!("ampy.dev.bars.v1.benchnatsc{run}.XNAS");
+    let subject = crate::bench::raw::consume_topic("nats", &run);
     let topic = Topic::parse(&subject).map_err(|e| CliError::bus("topic", &e))?;
     let stream = t
         .ensure_stream_for(&topic)
@@ -215,19 +209,10 @@ async fn consume(
     crate::bench::raw::fill(bus, &subject, a.messages, a.payload_bytes, a.m.keys).await?;
     let (st, sub, n) = (&stream, &subject, a.messages);
     let raw = |name: String| async move { raw_consume(js, st, sub, n, &name, opts).await };
-    let report = crate::bench::raw::consume_rounds(
-        bus,
-        &subject,
-        &a.m,
-        n,
-        a.rounds,
-        &run,
-        "async-nats",
-        raw,
-    )
-    .await;
+    let report =
+        crate::bench::raw::consume_rounds(bus, &subject, &a.m, n, &run, "async-nats", raw).await;
     // Untimed, whatever happened: the run's durable consumers and its messages go.
-    for round in 0..a.rounds {
+    for round in 0..a.m.rounds {
         for name in crate::bench::raw::consumer_names(&run, round) {
             let _ = js.delete_consumer_from_stream(&name, &stream).await;
         }
@@ -235,9 +220,9 @@ async fn consume(
     if let Ok(s) = js.get_stream(&stream).await {
         let _ = s.purge().filter(&subject).await;
     }
-    let mut config = crate::bench::raw::consume_config(n, a.payload_bytes, a.rounds, &a.m);
+    let mut config = crate::bench::raw::consume_config(n, a.payload_bytes, &a.m);
     config["subject"] = json!(subject);
-    report?.print(a.json, config);
+    report?.print(a.m.json, config);
     Ok(EXIT_OK)
 }
 

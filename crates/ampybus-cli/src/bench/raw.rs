@@ -20,9 +20,13 @@ pub enum RawMode {
     Consume,
 }
 
-/// The flags every `bench-*` command shares beyond its publish ones.
+/// The flags `bench-nats`, `bench-redis` and `bench-kafka` share, after their own
+/// `--messages`, `--payload-bytes` and `--inflight` (`#[command(flatten)]`).
 #[derive(Debug, clap::Args)]
-pub struct ModeArgs {
+pub struct RawBenchArgs {
+    /// Rounds (each: one raw run, one ampybus run; consume: raw, runtime, runtime with dedupe)
+    #[arg(long, value_name = "R", default_value_t = 5)]
+    pub rounds: u64,
     /// What to measure
     #[arg(long, value_enum, default_value_t = RawMode::Publish)]
     pub mode: RawMode,
@@ -32,6 +36,9 @@ pub struct ModeArgs {
     /// Handler workers of the runtime (--mode consume)
     #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub workers: u64,
+    /// One JSON object
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Records the raw consume loops ask for per fetch (the runtime's default `max_in_flight`).
@@ -51,6 +58,22 @@ pub fn run_label() -> String {
         std::process::id(),
         chrono::Utc::now().timestamp_millis()
     )
+}
+
+/// The topic `bench-{binding} --mode publish` writes: `ampy.dev.bars.v1.bench{binding}.XNAS`.
+pub fn publish_topic(binding: &str) -> String {
+    format!("ampy.dev.bars.v1.bench{binding}.XNAS")
+}
+
+/// The topic of a `bench-{binding} --mode consume` run labelled `run` ([`run_label`]), one of
+/// its own: `ampy.dev.bars.v1.bench{binding}c{run}.XNAS`.
+pub fn consume_topic(binding: &str, run: &str) -> String {
+    publish_topic(&format!("{binding}c{run}"))
+}
+
+/// [`envelopes`] on [`publish_topic`]`(binding)`.
+pub fn publish_envelopes(binding: &str, n: u64, payload: usize) -> CliResult<Vec<Envelope>> {
+    envelopes(&publish_topic(binding), n, payload)
 }
 
 /// `n` bar envelopes on `topic` with `payload` bytes each, over 100 partition keys, headers
@@ -229,13 +252,11 @@ pub fn consumer_names(label: &str, round: u64) -> [String; 3] {
 /// per round the raw loop (`raw`, given its consumer name), then the runtime without and with
 /// dedupe, each with a fresh consumer name ([`consumer_names`]) and timed from its first
 /// message.
-#[allow(clippy::too_many_arguments)]
 pub async fn consume_rounds<F, Fut>(
     bus: &Bus,
     topic: &str,
-    m: &ModeArgs,
+    m: &RawBenchArgs,
     messages: u64,
-    rounds: u64,
     label: &str,
     raw_name: &'static str,
     mut raw: F,
@@ -247,7 +268,7 @@ where
     let pattern = TopicPattern::parse(topic).map_err(|e| CliError::bus("pattern", &e))?;
     let mut report = RawVsBus::new(raw_name);
     let first = Clock::AtFirstMessage;
-    for round in 0..rounds {
+    for round in 0..m.rounds {
         let [r, o, d] = consumer_names(label, round);
         let r = raw(r).await?;
         let o = runtime_consume(bus, &pattern, messages, m.workers, &o, false, first).await?;
@@ -258,9 +279,9 @@ where
 }
 
 /// The report fields of a consume run every `bench-*` shares.
-pub fn consume_config(messages: u64, payload_bytes: usize, rounds: u64, m: &ModeArgs) -> Value {
+pub fn consume_config(messages: u64, payload_bytes: usize, m: &RawBenchArgs) -> Value {
     json!({"mode": "consume", "messages": messages, "payload_bytes": payload_bytes,
-        "keys": m.keys, "workers": m.workers, "rounds": rounds, "raw_fetch": RAW_FETCH})
+        "keys": m.keys, "workers": m.workers, "rounds": m.rounds, "raw_fetch": RAW_FETCH})
 }
 
 /// A consume loop's "not all there" error: `got` of `n`, then nothing for [`IDLE_LIMIT`].

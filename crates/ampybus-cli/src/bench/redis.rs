@@ -39,20 +39,8 @@ pub struct BenchRedisArgs {
     /// Commands in flight at most (both sides)
     #[arg(long, value_name = "N", default_value_t = 4096)]
     pub inflight: usize,
-    /// Rounds (each: one raw run, one ampybus run; consume: raw, runtime, runtime with dedupe)
-    #[arg(long, value_name = "R", default_value_t = 5)]
-    pub rounds: u64,
     #[command(flatten)]
-    pub m: crate::bench::raw::ModeArgs,
-    /// One JSON object
-    #[arg(long)]
-    pub json: bool,
-}
-
-const TOPIC: &str = "ampy.dev.bars.v1.benchredis.XNAS";
-
-fn envelopes(n: u64, payload: usize) -> CliResult<Vec<Envelope>> {
-    crate::bench::raw::envelopes(TOPIC, n, payload)
+    pub m: crate::bench::raw::RawBenchArgs,
 }
 
 /// One entry's fields as the raw side sends them: topic, headers, payload.
@@ -160,15 +148,15 @@ pub async fn run(url: &str, a: BenchRedisArgs) -> CliResult<u8> {
         return result;
     }
     let mut report = crate::bench::raw::RawVsBus::new("redis");
-    for round in 0..a.rounds {
-        let envs = envelopes(a.messages, a.payload_bytes)?;
+    for round in 0..a.m.rounds {
+        let envs = crate::bench::raw::publish_envelopes("redis", a.messages, a.payload_bytes)?;
         let r = raw_round(&raw, &key, envs, a.inflight.max(1)).await?;
         let _: () = redis::cmd("DEL")
             .arg(&key)
             .query_async(&mut admin)
             .await
             .map_err(|e| CliError::transport(format!("DEL: {e}")))?;
-        let envs = envelopes(a.messages, a.payload_bytes)?;
+        let envs = crate::bench::raw::publish_envelopes("redis", a.messages, a.payload_bytes)?;
         let o = crate::bench::raw::bus_round(&bus, envs).await?;
         let _: () = redis::cmd("DEL")
             .arg(&key)
@@ -178,9 +166,9 @@ pub async fn run(url: &str, a: BenchRedisArgs) -> CliResult<u8> {
         report.round(round, r, o);
     }
     report.print(
-        a.json,
+        a.m.json,
         json!({"mode": "publish", "messages": a.messages, "payload_bytes": a.payload_bytes,
-            "inflight": a.inflight, "rounds": a.rounds}),
+            "inflight": a.inflight, "rounds": a.m.rounds}),
     );
     Ok(EXIT_OK)
 }
@@ -193,16 +181,15 @@ async fn consume(
     key: &str,
 ) -> CliResult<u8> {
     let run = crate::bench::raw::run_label();
-    let topic = format!("ampy.dev.bars.v1.benchredisc{run}.XNAS");
+    let topic = crate::bench::raw::consume_topic("redis", &run);
     crate::bench::raw::fill(bus, &topic, a.messages, a.payload_bytes, a.m.keys).await?;
     let n = a.messages;
     let raw_side = |group: String| async move { raw_consume(raw, key, n, &group).await };
     let report =
-        crate::bench::raw::consume_rounds(bus, &topic, &a.m, n, a.rounds, &run, "redis", raw_side)
-            .await?;
-    let mut config = crate::bench::raw::consume_config(n, a.payload_bytes, a.rounds, &a.m);
+        crate::bench::raw::consume_rounds(bus, &topic, &a.m, n, &run, "redis", raw_side).await?;
+    let mut config = crate::bench::raw::consume_config(n, a.payload_bytes, &a.m);
     config["stream"] = json!(key);
-    report.print(a.json, config);
+    report.print(a.m.json, config);
     Ok(EXIT_OK)
 }
 

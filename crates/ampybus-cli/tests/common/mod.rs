@@ -175,6 +175,18 @@ pub fn unique() -> String {
     )
 }
 
+/// `ampybus --url {url} demo` with its positions file in `dir` (a file of its own: demos on
+/// other transports may run at the same time): exit 0 and `result: OK`.
+pub fn demo_runs_end_to_end(url: &str, dir: &Path) {
+    let db = dir.join("positions.sqlite3");
+    let o = ampybus_in(
+        None,
+        &["--url", url, "demo", "--positions-db", db.to_str().unwrap()],
+    );
+    assert_eq!(o.code, 0, "{}\n{}", o.stdout, o.stderr);
+    assert!(o.stdout.contains("result: OK"), "{}", o.stdout);
+}
+
 /// `ampybus --url {url} bench-{broker} --mode consume --messages 2000 --rounds 1 --json`: exit
 /// 0, one JSON object, every side read exactly 2,000 messages, every rate and both ratios
 /// (`ratio`, `ratio_dedupe`) positive; `raw_key` is the raw client's series

@@ -249,6 +249,29 @@ impl SubscribeSpec {
 
 pub use crate::registry::UnitRetention;
 
+/// The retention of a domain's streams in a broker binding: the binding's `max_age` option
+/// when set, else the domain's default (30 days for orders, fills, positions and dlq, 7 for
+/// the rest); zero: unlimited.
+#[cfg(any(feature = "nats", feature = "redis", feature = "kafka"))]
+pub(crate) fn retention_for(max_age: Option<Duration>, domain: crate::topic::Domain) -> Duration {
+    max_age.unwrap_or_else(|| domain.default_retention())
+}
+
+/// The retention of the streams of env + domain in a broker binding: the registry's for that
+/// unit, else [`retention_for`].
+#[cfg(any(feature = "nats", feature = "redis", feature = "kafka"))]
+pub(crate) fn retention_at(
+    registry: &UnitRetention,
+    max_age: Option<Duration>,
+    env: crate::topic::Env,
+    domain: crate::topic::Domain,
+) -> Duration {
+    registry
+        .get(&(env, domain))
+        .copied()
+        .unwrap_or_else(|| retention_for(max_age, domain))
+}
+
 /// Facts about one delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeliveryInfo {

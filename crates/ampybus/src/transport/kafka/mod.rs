@@ -71,8 +71,7 @@ use crate::envelope::Envelope;
 use crate::error::{Error, ErrorKind, Result};
 use crate::topic::{Domain, TopicPattern};
 use crate::transport::naming::{stream_may_match, stream_of};
-use crate::transport::url::redact;
-use crate::transport::url::{MAX_RETENTION_DAYS, missing_host, percent_decode, retention_value};
+use crate::transport::url::{UrlReader, host_port, missing_host, percent_decode, query_pairs};
 use crate::transport::{
     ConsumerLag, Inspect, PublishReceipt, ReplayByTime, SubscribeSpec, Subscription, Transport,
 };
@@ -291,80 +290,47 @@ impl KafkaOptions {
     /// assert!(e.to_string().contains("group.id") && !e.to_string().contains("s3cret"));
     /// ```
     pub fn from_url(url: &str) -> Result<KafkaOptions> {
-        let shown = redact(url);
-        let bad = |what: String| Error::config(format!("url {shown:?}: {what}"));
-        let url = url.trim();
-        let (scheme, rest) = url
-            .split_once("://")
-            .ok_or_else(|| bad("no `scheme://` (use kafka://)".into()))?;
-        if scheme != "kafka" {
-            return Err(bad(format!(
-                "scheme `{scheme}` is not a Kafka scheme (use kafka://)"
-            )));
+        let u = UrlReader::new(url);
+        let parts = u.split(url, "Kafka", &["kafka"])?;
+        if !parts.path.is_empty() {
+            return Err(u.bad("a Kafka URL has no path (options go after `?`)"));
         }
-        let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
-        let authority = rest.trim_end_matches('/');
-        if authority.contains('/') {
-            return Err(bad("a Kafka URL has no path (options go after `?`)".into()));
-        }
-        let (userinfo, hosts) = match authority.rfind('@') {
-            Some(i) => (Some(&authority[..i]), &authority[i + 1..]),
-            None => (None, authority),
-        };
         let mut o = KafkaOptions::default();
-        if hosts.is_empty() {
-            return Err(bad(missing_host("kafka", "kafka://127.0.0.1:9092")));
+        if parts.hosts.is_empty() {
+            return Err(u.bad(missing_host("kafka", "kafka://127.0.0.1:9092")));
         }
-        {
-            o.brokers.clear();
-            for hp in hosts.split(',') {
-                let (host, port) = match hp.rsplit_once(':') {
-                    Some((h, p)) if !h.ends_with(']') || hp.starts_with('[') => {
-                        let p: u16 = p.parse().ok().filter(|p| *p > 0).ok_or_else(|| {
-                            bad(format!(
-                                "broker `{hp}`: port `{p}` is not a number 1..=65535"
-                            ))
-                        })?;
-                        (h, p)
-                    }
-                    _ => (hp, 9092),
-                };
-                if host.is_empty() || host.chars().any(|c| c.is_whitespace()) {
-                    return Err(bad(format!("broker `{hp}`: host is empty or invalid")));
-                }
-                o.brokers.push(format!("{host}:{port}"));
+        o.brokers.clear();
+        for hp in parts.hosts.split(',') {
+            let (host, port) = host_port(hp, 9092).map_err(|p| {
+                u.bad(format!(
+                    "broker `{hp}`: port `{}` is not a number 1..=65535",
+                    p.written
+                ))
+            })?;
+            if host.is_empty() || host.chars().any(|c| c.is_whitespace()) {
+                return Err(u.bad(format!("broker `{hp}`: host is empty or invalid")));
             }
+            o.brokers.push(format!("{host}:{port}"));
         }
         let mut sasl_user = None;
         let mut sasl_password = None;
-        if let Some(ui) = userinfo {
-            let (u, p) = ui.split_once(':').unwrap_or((ui, ""));
-            if u.is_empty() {
-                return Err(bad("userinfo: empty user name".into()));
+        if let Some(ui) = parts.userinfo {
+            let (user, p) = ui.split_once(':').unwrap_or((ui, ""));
+            if user.is_empty() {
+                return Err(u.bad("userinfo: empty user name"));
             }
-            sasl_user = Some(percent_decode(u));
+            sasl_user = Some(percent_decode(user));
             sasl_password = Some(percent_decode(p));
         }
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        for (k, v) in query_pairs(parts.query) {
             let k = percent_decode(k);
-            let v = percent_decode(v);
-            let num = |k: &str| -> Result<u64> {
-                v.parse::<u64>().map_err(|_| {
-                    bad(format!(
-                        "option `{k}`: must be a non-negative integer (got {v:?})"
-                    ))
-                })
-            };
             if k.contains('.') {
                 if OWNED_SETTINGS.contains(&k.as_str()) {
-                    return Err(bad(format!(
+                    return Err(u.bad(format!(
                         "option `{k}`: set by the binding itself and cannot be overridden"
                     )));
                 }
-                if v.is_empty() {
-                    return Err(bad(format!("option `{k}`: empty value")));
-                }
+                let v = u.nonempty(&k, &v)?;
                 o.client.retain(|(ck, _)| ck != &k);
                 o.client.push((k, v));
                 continue;
@@ -372,7 +338,7 @@ impl KafkaOptions {
             match k.as_str() {
                 "namespace" => {
                     if !v.is_empty() && !kafka_name_ok(&v) {
-                        return Err(bad(format!(
+                        return Err(u.bad(format!(
                             "option `namespace`: {v:?} may hold only ASCII letters, digits, `.`, `_` and `-`"
                         )));
                     }
@@ -381,68 +347,35 @@ impl KafkaOptions {
                 "full_topics" => {
                     for s in v.split(',').filter(|s| !s.is_empty()) {
                         if s.split('.').count() != 4 || !s.starts_with("ampy.") {
-                            return Err(bad(format!(
+                            return Err(u.bad(format!(
                                 "option `full_topics`: `{s}` is not a stream name `ampy.{{env}}.{{domain}}.{{version}}`"
                             )));
                         }
                         o.full_topics.insert(s.to_owned());
                     }
                 }
-                "partitions" => {
-                    let n = num(&k)?;
-                    if n == 0 || n > 10_000 {
-                        return Err(bad(format!(
-                            "option `partitions`: must be 1..=10000 (got {n})"
-                        )));
-                    }
-                    o.partitions = n as i32;
-                }
-                "replication" => {
-                    let n = num(&k)?;
-                    if n == 0 || n > 100 {
-                        return Err(bad(format!(
-                            "option `replication`: must be 1..=100 (got {n})"
-                        )));
-                    }
-                    o.replication = Some(n as i32);
-                }
-                "max_in_flight" => {
-                    let n = num(&k)?;
-                    if n == 0 || n > 1_000_000 {
-                        return Err(bad(format!(
-                            "option `max_in_flight`: must be 1..=1000000 (got {n})"
-                        )));
-                    }
-                    o.max_in_flight = n as usize;
-                }
-                "max_age_days" => {
-                    let secs = retention_value(&k, "days", &v, 86_400, MAX_RETENTION_DAYS)
-                        .map_err(|rule| bad(format!("option `{k}`: {rule}")))?;
-                    o.max_age = Some(Duration::from_secs(secs.unwrap_or(0)));
-                }
-                "connect_timeout_ms" => o.connect_timeout = Duration::from_millis(num(&k)?.max(1)),
-                "request_timeout_ms" => o.request_timeout = Duration::from_millis(num(&k)?.max(1)),
+                "partitions" => o.partitions = u.num_in(&k, &v, 1..=10_000)? as i32,
+                "replication" => o.replication = Some(u.num_in(&k, &v, 1..=100)? as i32),
+                "max_in_flight" => o.max_in_flight = u.num_in(&k, &v, 1..=1_000_000)? as usize,
+                "max_age_days" => o.max_age = Some(u.max_age_days(&k, &v)?),
+                "connect_timeout_ms" => o.connect_timeout = u.millis(&k, &v)?,
+                "request_timeout_ms" => o.request_timeout = u.millis(&k, &v)?,
                 "session_timeout_ms" => {
-                    let n = num(&k)?;
-                    if !(1_000..=3_600_000).contains(&n) {
-                        return Err(bad(format!(
-                            "option `session_timeout_ms`: must be 1000..=3600000 (got {n})"
-                        )));
-                    }
+                    let n = u.num_in(&k, &v, 1_000..=3_600_000)?;
                     o.session_timeout = Duration::from_millis(n);
                 }
                 "dedupe" => {
                     o.dedupe = KafkaDedupe::parse(&v)
-                        .map_err(|rule| bad(format!("option `dedupe`: {rule}")))?;
+                        .map_err(|rule| u.bad(format!("option `dedupe`: {rule}")))?;
                 }
                 other => {
-                    return Err(bad(format!(
+                    return Err(u.bad(format!(
                         "unknown option `{other}` (known: namespace, full_topics, partitions, replication, max_in_flight, max_age_days, connect_timeout_ms, request_timeout_ms, session_timeout_ms, dedupe, and librdkafka settings with a dot such as security.protocol)"
                     )));
                 }
             }
         }
-        if let Some(u) = sasl_user {
+        if let Some(user) = sasl_user {
             let has = |c: &[(String, String)], k: &str| c.iter().any(|(ck, _)| ck == k);
             if !has(&o.client, "security.protocol") {
                 o.client
@@ -453,7 +386,7 @@ impl KafkaOptions {
             }
             o.client
                 .retain(|(k, _)| k != "sasl.username" && k != "sasl.password");
-            o.client.push(("sasl.username".into(), u));
+            o.client.push(("sasl.username".into(), user));
             o.client
                 .push(("sasl.password".into(), sasl_password.unwrap_or_default()));
         }
@@ -494,7 +427,7 @@ impl KafkaOptions {
     /// assert_eq!(KafkaOptions::default().max_age_for(Domain::Fills).as_secs(), 30 * 86_400);
     /// ```
     pub fn max_age_for(&self, domain: Domain) -> Duration {
-        self.max_age.unwrap_or_else(|| domain.default_retention())
+        crate::transport::retention_for(self.max_age, domain)
     }
 
     /// Retention of the topics of env + domain: the registry's for that unit, else
@@ -508,10 +441,7 @@ impl KafkaOptions {
     /// assert_eq!(o.max_age_at(Env::Dev, Domain::Fills).as_secs(), 30 * 86_400);
     /// ```
     pub fn max_age_at(&self, env: crate::topic::Env, domain: Domain) -> Duration {
-        self.registry_retention
-            .get(&(env, domain))
-            .copied()
-            .unwrap_or_else(|| self.max_age_for(domain))
+        crate::transport::retention_at(&self.registry_retention, self.max_age, env, domain)
     }
 
     /// The brokers as shown in logs and errors (never credentials).
@@ -880,7 +810,9 @@ impl Transport for KafkaTransport {
     }
 
     async fn publish_batch(&self, batch: Vec<Envelope>) -> Result<Vec<PublishReceipt>> {
-        publish::publish_batch(&self.shared, batch).await
+        publish::publish_outcomes(&self.shared, batch, false)
+            .await
+            .into_result()
     }
 
     /// Per-record delivery reports: see [`Transport::publish_batch_outcomes`].

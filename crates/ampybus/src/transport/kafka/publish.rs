@@ -39,13 +39,6 @@ pub(crate) fn record_headers(env: &Envelope) -> Result<OwnedHeaders> {
     }))
 }
 
-pub(crate) async fn publish_batch(
-    shared: &Shared,
-    batch: Vec<Envelope>,
-) -> Result<Vec<PublishReceipt>> {
-    publish_outcomes(shared, batch, false).await.into_result()
-}
-
 /// Publishes with per-message outcomes: a record whose delivery report came is confirmed; a
 /// failed report is unknown (librdkafka gave up; a timed-out record may still have been
 /// written); after the first failure no further record is handed over (the rest stay

@@ -73,8 +73,7 @@ pub use kv_dedupe::NatsKvDedupeStore;
 use crate::envelope::Envelope;
 use crate::error::{Error, ErrorKind, Result};
 use crate::headers::Headers;
-use crate::transport::url::redact;
-use crate::transport::url::{MAX_RETENTION_DAYS, missing_host, percent_decode, retention_value};
+use crate::transport::url::{UrlReader, host_port, missing_host, percent_decode, query_pairs};
 use crate::transport::{PublishReceipt, ReplayByTime, SubscribeSpec, Subscription, Transport};
 use async_trait::async_trait;
 use std::path::PathBuf;
@@ -209,176 +208,97 @@ impl NatsOptions {
     /// assert!(e.to_string().contains("bogus"));
     /// ```
     pub fn from_url(url: &str) -> Result<NatsOptions> {
-        let shown = redact(url);
-        let bad = |what: String| Error::config(format!("url {shown:?}: {what}"));
-        let url = url.trim();
-        let (scheme, rest) = url
-            .split_once("://")
-            .ok_or_else(|| bad("no `scheme://` (use nats:// or tls://)".into()))?;
-        let mut o = NatsOptions::default();
-        match scheme {
-            "nats" => {}
-            "tls" => o.tls = true,
-            other => {
-                return Err(bad(format!(
-                    "scheme `{other}` is not a NATS scheme (use nats:// or tls://)"
-                )));
-            }
-        }
-        let (authority, query) = rest.split_once('?').unwrap_or((rest, ""));
-        let authority = authority.trim_end_matches('/');
-        if authority.contains('/') {
-            return Err(bad("a NATS URL takes no path".into()));
-        }
-        let (userinfo, hosts) = match authority.rfind('@') {
-            Some(i) => (Some(&authority[..i]), &authority[i + 1..]),
-            None => (None, authority),
+        let u = UrlReader::new(url);
+        let parts = u.split(url, "NATS", &["nats", "tls"])?;
+        let scheme = parts.scheme;
+        let mut o = NatsOptions {
+            tls: scheme == "tls",
+            ..NatsOptions::default()
         };
-        if let Some(ui) = userinfo {
+        if !parts.path.is_empty() {
+            return Err(u.bad("a NATS URL takes no path"));
+        }
+        if let Some(ui) = parts.userinfo {
             match ui.split_once(':') {
-                Some((u, p)) => {
-                    o.user = Some(percent_decode(u));
+                Some((user, p)) => {
+                    o.user = Some(percent_decode(user));
                     o.password = Some(percent_decode(p));
                 }
                 None => o.token = Some(percent_decode(ui)),
             }
         }
-        if hosts.trim().is_empty() {
-            return Err(bad(missing_host(
-                scheme,
-                &format!("{scheme}://127.0.0.1:4222"),
-            )));
+        if parts.hosts.trim().is_empty() {
+            return Err(u.bad(missing_host(scheme, &format!("{scheme}://127.0.0.1:4222"))));
         }
         let mut servers = Vec::new();
-        for h in hosts.split(',') {
+        for h in parts.hosts.split(',') {
             let h = h.trim();
             if h.is_empty() {
-                return Err(bad("empty server in the host list".into()));
+                return Err(u.bad("empty server in the host list"));
             }
-            let (host, port) = match h.rsplit_once(':') {
-                Some((host, port)) if !host.ends_with(']') || h.starts_with('[') => {
-                    let p: u16 = port.parse().map_err(|_| {
-                        bad(format!(
-                            "server `{h}`: port `{port}` is not a number 1..=65535"
-                        ))
-                    })?;
-                    if p == 0 {
-                        return Err(bad(format!("server `{h}`: port 0 is not valid")));
-                    }
-                    (host, p)
-                }
-                _ => (h, 4222),
-            };
+            let (host, port) = host_port(h, 4222).map_err(|p| match p.zero {
+                true => u.bad(format!("server `{h}`: port 0 is not valid")),
+                false => u.bad(format!(
+                    "server `{h}`: port `{}` is not a number 1..=65535",
+                    p.written
+                )),
+            })?;
             if host.is_empty() || host.chars().any(|c| c.is_whitespace()) {
-                return Err(bad(format!("server `{h}`: empty or invalid host")));
+                return Err(u.bad(format!("server `{h}`: empty or invalid host")));
             }
             servers.push(format!("{host}:{port}"));
         }
         o.servers = servers;
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            let v = percent_decode(v);
-            let num = |k: &str| -> Result<u64> {
-                v.parse::<u64>().map_err(|_| {
-                    bad(format!(
-                        "option `{k}`: must be a non-negative integer (got {:?})",
-                        v
-                    ))
-                })
-            };
-            let flag = |k: &str| -> Result<bool> {
-                match v.as_str() {
-                    "true" | "1" | "yes" | "" => Ok(true),
-                    "false" | "0" | "no" => Ok(false),
-                    _ => Err(bad(format!("option `{k}`: must be true or false"))),
-                }
-            };
-            let nonempty = |k: &str| -> Result<String> {
-                if v.is_empty() {
-                    Err(bad(format!("option `{k}`: empty value")))
-                } else {
-                    Ok(v.clone())
-                }
-            };
+        for (k, v) in query_pairs(parts.query) {
             match k {
-                "tls" => o.tls = flag(k)?,
-                "tls_ca" => o.tls_ca = Some(nonempty(k)?.into()),
-                "tls_cert" => o.tls_cert = Some(nonempty(k)?.into()),
-                "tls_key" => o.tls_key = Some(nonempty(k)?.into()),
-                "user" => o.user = Some(nonempty(k)?),
-                "password" | "pass" => o.password = Some(v.clone()),
-                "token" => o.token = Some(nonempty(k)?),
-                "nkey" => o.nkey_seed = Some(nonempty(k)?),
-                "creds" => o.creds_file = Some(nonempty(k)?.into()),
-                "name" => o.name = Some(nonempty(k)?),
-                "connect_timeout_ms" => {
-                    o.connect_timeout = Duration::from_millis(num(k)?.max(1));
-                }
-                "request_timeout_ms" => {
-                    o.request_timeout = Duration::from_millis(num(k)?.max(1));
-                }
-                "max_in_flight" => {
-                    let n = num(k)?;
-                    if n == 0 || n > 1_000_000 {
-                        return Err(bad(format!("option `{k}`: must be 1..=1000000 (got {n})")));
-                    }
-                    o.max_in_flight = n as usize;
-                }
+                "tls" => o.tls = u.flag(k, &v)?,
+                "tls_ca" => o.tls_ca = Some(u.nonempty(k, &v)?.into()),
+                "tls_cert" => o.tls_cert = Some(u.nonempty(k, &v)?.into()),
+                "tls_key" => o.tls_key = Some(u.nonempty(k, &v)?.into()),
+                "user" => o.user = Some(u.nonempty(k, &v)?),
+                "password" | "pass" => o.password = Some(v),
+                "token" => o.token = Some(u.nonempty(k, &v)?),
+                "nkey" => o.nkey_seed = Some(u.nonempty(k, &v)?),
+                "creds" => o.creds_file = Some(u.nonempty(k, &v)?.into()),
+                "name" => o.name = Some(u.nonempty(k, &v)?),
+                "connect_timeout_ms" => o.connect_timeout = u.millis(k, &v)?,
+                "request_timeout_ms" => o.request_timeout = u.millis(k, &v)?,
+                "max_in_flight" => o.max_in_flight = u.num_in(k, &v, 1..=1_000_000)? as usize,
                 "stream_prefix" => {
-                    let p = nonempty(k)?;
+                    let p = u.nonempty(k, &v)?;
                     if !p
                         .chars()
                         .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
                     {
-                        return Err(bad(format!(
+                        return Err(u.bad(format!(
                             "option `stream_prefix`: {p:?} may hold only letters, digits, `_` and `-`"
                         )));
                     }
                     o.stream_prefix = p;
                 }
-                "replicas" => {
-                    let n = num(k)?;
-                    if !(1..=5).contains(&n) {
-                        return Err(bad(format!("option `{k}`: must be 1..=5 (got {n})")));
-                    }
-                    o.replicas = n as usize;
+                "replicas" => o.replicas = u.num_in(k, &v, 1..=5)? as usize,
+                "duplicate_window_ms" => {
+                    o.duplicate_window = Duration::from_millis(u.num(k, &v)?);
                 }
-                "duplicate_window_ms" => o.duplicate_window = Duration::from_millis(num(k)?),
-                "max_age_days" => {
-                    let secs = retention_value(k, "days", &v, 86_400, MAX_RETENTION_DAYS)
-                        .map_err(|rule| bad(format!("option `{k}`: {rule}")))?;
-                    // JetStream reads a max age of 0 as "no limit".
-                    o.max_age = Some(Duration::from_secs(secs.unwrap_or(0)));
-                }
+                // JetStream reads a max age of 0 as "no limit".
+                "max_age_days" => o.max_age = Some(u.max_age_days(k, &v)?),
                 "max_ack_pending" => {
-                    let n = num(k)?;
-                    if n == 0 {
-                        return Err(bad(format!("option `{k}`: must be at least 1")));
-                    }
-                    o.max_ack_pending = n.min(i64::MAX as u64) as i64;
+                    o.max_ack_pending = u.positive(k, &v)?.min(i64::MAX as u64) as i64;
                 }
-                "update_streams" => o.update_streams = flag(k)?,
+                "update_streams" => o.update_streams = u.flag(k, &v)?,
                 "consumer_inactive_s" => {
-                    let n = num(k)?;
-                    if n == 0 {
-                        return Err(bad(format!("option `{k}`: must be at least 1")));
-                    }
-                    o.consumer_inactive = Some(Duration::from_secs(n));
+                    o.consumer_inactive = Some(Duration::from_secs(u.positive(k, &v)?));
                 }
-                "max_reconnects" => o.max_reconnects = Some(num(k)? as usize),
-                "order" => o.order = v.parse().map_err(|e: Error| bad(e.message().to_owned()))?,
+                "max_reconnects" => o.max_reconnects = Some(u.num(k, &v)? as usize),
+                "order" => o.order = u.parsed(&v)?,
                 other => {
-                    return Err(bad(format!(
+                    return Err(u.bad(format!(
                         "unknown option `{other}` (known: tls, tls_ca, tls_cert, tls_key, user, password, token, nkey, creds, name, connect_timeout_ms, request_timeout_ms, max_in_flight, stream_prefix, replicas, duplicate_window_ms, max_age_days, max_ack_pending, consumer_inactive_s, update_streams, max_reconnects, order)"
                     )));
                 }
             }
         }
-        if o.tls_cert.is_some() != o.tls_key.is_some() {
-            return Err(bad(
-                "options `tls_cert` and `tls_key` go together (mutual TLS needs both)".into(),
-            ));
-        }
+        u.tls_pair(&o.tls_cert, &o.tls_key)?;
         Ok(o)
     }
 
@@ -778,7 +698,9 @@ impl Transport for NatsTransport {
     }
 
     async fn publish_batch(&self, batch: Vec<Envelope>) -> Result<Vec<PublishReceipt>> {
-        publish::publish_batch(&self.shared, batch).await
+        publish::publish_outcomes(&self.shared, batch, false)
+            .await
+            .into_result()
     }
 
     /// Per-message JetStream PubAcks: see [`Transport::publish_batch_outcomes`].

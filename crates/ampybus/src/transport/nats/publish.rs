@@ -2,7 +2,7 @@
 
 use super::{Shared, streams, to_header_map};
 use crate::envelope::Envelope;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, ErrorKind};
 use crate::headers::names;
 use crate::topic::Topic;
 use crate::transport::{BatchOutcome, PublishOutcome, PublishReceipt};
@@ -20,18 +20,11 @@ struct Pending {
     ack: PublishAckFuture,
 }
 
-pub(crate) async fn publish_batch(
-    shared: &Shared,
-    batch: Vec<Envelope>,
-) -> Result<Vec<PublishReceipt>> {
-    publish_outcomes(shared, batch, false).await.into_result()
-}
-
 /// Publishes with per-message outcomes: a message whose PubAck came is confirmed; after the
 /// first failure nothing more is sent (the rest stay [`PublishOutcome::Unsent`]). With
 /// `settle_rest` the PubAcks of what was already sent are then awaited, concurrently (so
 /// within one `request_timeout`); without it they count as unknown at once (the fail-fast
-/// [`publish_batch`]).
+/// `Transport::publish_batch`).
 ///
 /// Send errors are `Unsent` (the message never entered the client's queue); a PubAck timeout
 /// or a lost connection is `Unknown`; a definite answer that nothing was stored (no stream,

@@ -75,7 +75,7 @@ pub fn stream_name(prefix: &str, env: Env, domain: Domain) -> String {
 /// assert_eq!(max_age_for(&o, Domain::Bars).as_secs(), 7 * 86_400);
 /// ```
 pub fn max_age_for(opts: &NatsOptions, domain: Domain) -> Duration {
-    opts.max_age.unwrap_or_else(|| domain.default_retention())
+    crate::transport::retention_for(opts.max_age, domain)
 }
 
 /// The max age of the stream of env + domain: the registry's retention for that unit, else
@@ -90,10 +90,7 @@ pub fn max_age_for(opts: &NatsOptions, domain: Domain) -> Duration {
 /// assert_eq!(max_age_at(&o, Env::Dev, Domain::Bars).as_secs(), 7 * 86_400);
 /// ```
 pub fn max_age_at(opts: &NatsOptions, env: Env, domain: Domain) -> Duration {
-    opts.registry_retention
-        .get(&(env, domain))
-        .copied()
-        .unwrap_or_else(|| max_age_for(opts, domain))
+    crate::transport::retention_at(&opts.registry_retention, opts.max_age, env, domain)
 }
 
 /// The configuration of the stream this binding creates for env + domain.

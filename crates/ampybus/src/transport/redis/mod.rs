@@ -65,8 +65,7 @@ pub use wire::{pack_id, unpack_id};
 use crate::envelope::Envelope;
 use crate::error::{Error, ErrorKind, Result};
 use crate::topic::{Domain, TopicPattern};
-use crate::transport::url::redact;
-use crate::transport::url::{MAX_RETENTION_DAYS, missing_host, percent_decode, retention_value};
+use crate::transport::url::{UrlReader, host_port, missing_host, percent_decode, query_pairs};
 use crate::transport::{PublishReceipt, ReplayByTime, SubscribeSpec, Subscription, Transport};
 use async_trait::async_trait;
 use redis::aio::ConnectionManager;
@@ -178,36 +177,18 @@ impl RedisOptions {
     /// assert!(e.to_string().contains("bogus") && !e.to_string().contains("s3cret"));
     /// ```
     pub fn from_url(url: &str) -> Result<RedisOptions> {
-        let shown = redact(url);
-        let bad = |what: String| Error::config(format!("url {shown:?}: {what}"));
-        let url = url.trim();
-        let (scheme, rest) = url
-            .split_once("://")
-            .ok_or_else(|| bad("no `scheme://` (use redis:// or rediss://)".into()))?;
-        let mut o = RedisOptions::default();
-        match scheme {
-            "redis" => {}
-            "rediss" => o.tls = true,
-            other => {
-                return Err(bad(format!(
-                    "scheme `{other}` is not a Redis scheme (use redis:// or rediss://)"
-                )));
-            }
-        }
-        let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
-        let (authority, path) = match rest.find('/') {
-            Some(i) => (&rest[..i], rest[i + 1..].trim_end_matches('/')),
-            None => (rest, ""),
+        let u = UrlReader::new(url);
+        let parts = u.split(url, "Redis", &["redis", "rediss"])?;
+        let (scheme, hostport, path) = (parts.scheme, parts.hosts, parts.path);
+        let mut o = RedisOptions {
+            tls: scheme == "rediss",
+            ..RedisOptions::default()
         };
-        let (userinfo, hostport) = match authority.rfind('@') {
-            Some(i) => (Some(&authority[..i]), &authority[i + 1..]),
-            None => (None, authority),
-        };
-        if let Some(ui) = userinfo {
+        if let Some(ui) = parts.userinfo {
             match ui.split_once(':') {
-                Some((u, p)) => {
-                    if !u.is_empty() {
-                        o.user = Some(percent_decode(u));
+                Some((user, p)) => {
+                    if !user.is_empty() {
+                        o.user = Some(percent_decode(user));
                     }
                     o.password = Some(percent_decode(p));
                 }
@@ -216,25 +197,13 @@ impl RedisOptions {
             }
         }
         if hostport.is_empty() {
-            return Err(bad(missing_host(
-                scheme,
-                &format!("{scheme}://127.0.0.1:6379"),
-            )));
+            return Err(u.bad(missing_host(scheme, &format!("{scheme}://127.0.0.1:6379"))));
         }
         {
-            let (host, port) = match hostport.rsplit_once(':') {
-                Some((h, p)) if !h.ends_with(']') || hostport.starts_with('[') => {
-                    let p: u16 = p
-                        .parse()
-                        .ok()
-                        .filter(|p| *p > 0)
-                        .ok_or_else(|| bad(format!("port `{p}` is not a number 1..=65535")))?;
-                    (h, p)
-                }
-                _ => (hostport, 6379),
-            };
+            let (host, port) = host_port(hostport, 6379)
+                .map_err(|p| u.bad(format!("port `{}` is not a number 1..=65535", p.written)))?;
             if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c == ',') {
-                return Err(bad(format!("host `{host}` is empty or invalid")));
+                return Err(u.bad(format!("host `{host}` is empty or invalid")));
             }
             o.host = host
                 .trim_start_matches('[')
@@ -247,87 +216,42 @@ impl RedisOptions {
                 .parse::<i64>()
                 .ok()
                 .filter(|d| *d >= 0)
-                .ok_or_else(|| bad(format!("path `/{path}`: must be a database number")))?;
+                .ok_or_else(|| u.bad(format!("path `/{path}`: must be a database number")))?;
         }
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            let v = percent_decode(v);
-            let num = |k: &str| -> Result<u64> {
-                v.parse::<u64>().map_err(|_| {
-                    bad(format!(
-                        "option `{k}`: must be a non-negative integer (got {v:?})"
-                    ))
-                })
-            };
-            let flag = |k: &str| -> Result<bool> {
-                match v.as_str() {
-                    "true" | "1" | "yes" | "" => Ok(true),
-                    "false" | "0" | "no" => Ok(false),
-                    _ => Err(bad(format!("option `{k}`: must be true or false"))),
-                }
-            };
-            let nonempty = |k: &str| -> Result<String> {
-                if v.is_empty() {
-                    Err(bad(format!("option `{k}`: empty value")))
-                } else {
-                    Ok(v.clone())
-                }
-            };
+        for (k, v) in query_pairs(parts.query) {
             match k {
-                "user" | "username" => o.user = Some(nonempty(k)?),
-                "password" | "pass" => o.password = Some(v.clone()),
-                "db" => o.db = num(k)? as i64,
-                "tls" => o.tls = flag(k)?,
-                "tls_ca" => o.tls_ca = Some(nonempty(k)?.into()),
-                "tls_cert" => o.tls_cert = Some(nonempty(k)?.into()),
-                "tls_key" => o.tls_key = Some(nonempty(k)?.into()),
-                "tls_insecure" => o.tls_insecure = flag(k)?,
+                "user" | "username" => o.user = Some(u.nonempty(k, &v)?),
+                "password" | "pass" => o.password = Some(v),
+                "db" => o.db = u.num(k, &v)? as i64,
+                "tls" => o.tls = u.flag(k, &v)?,
+                "tls_ca" => o.tls_ca = Some(u.nonempty(k, &v)?.into()),
+                "tls_cert" => o.tls_cert = Some(u.nonempty(k, &v)?.into()),
+                "tls_key" => o.tls_key = Some(u.nonempty(k, &v)?.into()),
+                "tls_insecure" => o.tls_insecure = u.flag(k, &v)?,
                 "key_prefix" => {
                     if v.chars().any(|c| c.is_whitespace() || "*?[]\\".contains(c)) {
-                        return Err(bad(format!(
+                        return Err(u.bad(format!(
                             "option `key_prefix`: {v:?} may not hold whitespace or glob characters (* ? [ ] \\)"
                         )));
                     }
-                    o.key_prefix = v.clone();
+                    o.key_prefix = v;
                 }
-                "connect_timeout_ms" => o.connect_timeout = Duration::from_millis(num(k)?.max(1)),
-                "request_timeout_ms" => o.request_timeout = Duration::from_millis(num(k)?.max(1)),
-                "max_in_flight" => {
-                    let n = num(k)?;
-                    if n == 0 || n > 1_000_000 {
-                        return Err(bad(format!("option `{k}`: must be 1..=1000000 (got {n})")));
-                    }
-                    o.max_in_flight = n as usize;
-                }
-                "max_age_days" => {
-                    let secs = retention_value(k, "days", &v, 86_400, MAX_RETENTION_DAYS)
-                        .map_err(|rule| bad(format!("option `{k}`: {rule}")))?;
-                    o.max_age = Some(Duration::from_secs(secs.unwrap_or(0)));
-                }
-                "max_len" => {
-                    let n = num(k)?;
-                    if n == 0 {
-                        return Err(bad(format!("option `{k}`: must be at least 1")));
-                    }
-                    o.max_len = Some(n);
-                }
-                "order" => o.order = v.parse().map_err(|e: Error| bad(e.message().to_owned()))?,
+                "connect_timeout_ms" => o.connect_timeout = u.millis(k, &v)?,
+                "request_timeout_ms" => o.request_timeout = u.millis(k, &v)?,
+                "max_in_flight" => o.max_in_flight = u.num_in(k, &v, 1..=1_000_000)? as usize,
+                "max_age_days" => o.max_age = Some(u.max_age_days(k, &v)?),
+                "max_len" => o.max_len = Some(u.positive(k, &v)?),
+                "order" => o.order = u.parsed(&v)?,
                 other => {
-                    return Err(bad(format!(
+                    return Err(u.bad(format!(
                         "unknown option `{other}` (known: user, password, db, tls, tls_ca, tls_cert, tls_key, tls_insecure, key_prefix, connect_timeout_ms, request_timeout_ms, max_in_flight, max_age_days, max_len, order)"
                     )));
                 }
             }
         }
-        if o.tls_cert.is_some() != o.tls_key.is_some() {
-            return Err(bad(
-                "options `tls_cert` and `tls_key` go together (mutual TLS needs both)".into(),
-            ));
-        }
+        u.tls_pair(&o.tls_cert, &o.tls_key)?;
         if (o.tls_ca.is_some() || o.tls_cert.is_some() || o.tls_insecure) && !o.tls {
-            return Err(bad(
-                "TLS options need TLS: use rediss:// or ?tls=true".into()
-            ));
+            return Err(u.bad("TLS options need TLS: use rediss:// or ?tls=true"));
         }
         Ok(o)
     }
@@ -351,7 +275,7 @@ impl RedisOptions {
     /// assert_eq!(o.max_age_for(Domain::Bars).as_secs(), 7 * 86_400);
     /// ```
     pub fn max_age_for(&self, domain: Domain) -> Duration {
-        self.max_age.unwrap_or_else(|| domain.default_retention())
+        crate::transport::retention_for(self.max_age, domain)
     }
 
     /// Retention of the stream of env + domain: the registry's for that unit, else
@@ -365,10 +289,7 @@ impl RedisOptions {
     /// assert_eq!(o.max_age_at(Env::Prod, Domain::Bars).as_secs(), 7 * 86_400);
     /// ```
     pub fn max_age_at(&self, env: crate::topic::Env, domain: Domain) -> Duration {
-        self.registry_retention
-            .get(&(env, domain))
-            .copied()
-            .unwrap_or_else(|| self.max_age_for(domain))
+        crate::transport::retention_at(&self.registry_retention, self.max_age, env, domain)
     }
 
     /// `host:port` as shown in logs and errors (never credentials).
@@ -829,7 +750,9 @@ impl Transport for RedisTransport {
     }
 
     async fn publish_batch(&self, batch: Vec<Envelope>) -> Result<Vec<PublishReceipt>> {
-        publish::publish_batch(&self.shared, batch).await
+        publish::publish_outcomes(&self.shared, batch, false)
+            .await
+            .into_result()
     }
 
     /// Per-message `XADD` replies: see [`Transport::publish_batch_outcomes`].

@@ -9,7 +9,7 @@
 
 use super::{Shared, command_error, wire};
 use crate::envelope::Envelope;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, ErrorKind};
 use crate::topic::Topic;
 use crate::transport::{BatchOutcome, PublishOutcome, PublishReceipt};
 use futures::StreamExt;
@@ -25,13 +25,6 @@ struct Chunk {
     keys: Vec<Arc<str>>,
     pipe: redis::Pipeline,
     n: usize,
-}
-
-pub(crate) async fn publish_batch(
-    shared: &Shared,
-    batch: Vec<Envelope>,
-) -> Result<Vec<PublishReceipt>> {
-    publish_outcomes(shared, batch, false).await.into_result()
 }
 
 /// Publishes with per-message outcomes: every `XADD` answered with an entry id is confirmed
