@@ -1909,6 +1909,9 @@ impl Headers {
     /// assert!(h.trace_context().is_none());
     /// ```
     pub fn normalize_for_consume(&mut self) -> Result<()> {
+        if self.consume_ready() {
+            return Ok(());
+        }
         // Everything is checked before anything is rewritten: on an error the headers are
         // exactly as they arrived (the dead letter carries them so).
         for (name, slot) in REQUIRED.iter().zip(REQUIRED_SLOTS) {
@@ -1994,6 +1997,38 @@ impl Headers {
             }
         }
         Ok(())
+    }
+
+    /// The common case of [`Headers::normalize_for_consume`] in one pass over the slot mask:
+    /// every required header present and not blank (held parsed, or text whose first byte
+    /// is not whitespace), the id, time and trace context held parsed (so canonical: nothing
+    /// to rewrite), and neither `content_encoding` nor `retry_count` present (their rules are
+    /// left to the full check). True means the full check would pass and change nothing.
+    #[inline]
+    fn consume_ready(&self) -> bool {
+        const SLOW: u32 = (1 << K_CONTENT_ENCODING) | (1 << K_RETRY_COUNT);
+        let Some(inner) = self.inner.as_deref() else {
+            return false;
+        };
+        let p = inner.known.present;
+        if p & REQUIRED_MASK != REQUIRED_MASK
+            || p & SLOW != 0
+            || inner.parsed.id.is_none()
+            || inner.parsed.produced_us.is_none()
+            || inner.parsed.trace.is_none()
+        {
+            return false;
+        }
+        REQUIRED_SLOTS.iter().all(|&i| {
+            let sp = inner.known[i];
+            sp.is_lazy()
+                || sp.is_default()
+                || inner
+                    .str(sp)
+                    .as_bytes()
+                    .first()
+                    .is_some_and(|b| !b.is_ascii_whitespace())
+        })
     }
 
     /// The dedupe scope key for this message's `dedupe_key` within `domain`

@@ -40,6 +40,7 @@ pub mod tier;
 pub mod topic;
 pub mod transport;
 pub mod validate;
+mod yield_lock;
 
 pub use bus::Bus;
 pub use envelope::{Envelope, EnvelopeJson, PayloadDecoder, TopicName};

@@ -18,7 +18,15 @@ pub(super) fn lag_poll_pause(took: Duration) -> Duration {
 
 pub(super) async fn run_lag_poller(shared: Arc<Shared>) {
     let mut phase = shared.phase.clone();
+    // The first read waits a pause too: a consumer starting over a deep backlog is catching up
+    // on the cores the read would take (on the embedded log a read counts the backlog), and
+    // the gauge reads 0 until then.
+    let mut pause = LAG_POLL;
     loop {
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = wait_phase(&mut phase, Phase::Draining) => return,
+        }
         let started = Instant::now();
         match shared.bus.consumer_lag(&shared.name).await {
             Ok(Some(l)) => {
@@ -29,10 +37,7 @@ pub(super) async fn run_lag_poller(shared: Arc<Shared>) {
             Ok(None) => {}
             Err(e) => tracing::debug!(consumer = %shared.name, error = %e, "lag read failed"),
         }
-        tokio::select! {
-            _ = tokio::time::sleep(lag_poll_pause(started.elapsed())) => {}
-            _ = wait_phase(&mut phase, Phase::Draining) => return,
-        }
+        pause = lag_poll_pause(started.elapsed());
     }
 }
 
@@ -197,12 +202,12 @@ pub(super) async fn run_worker(shared: Arc<Shared>) {
         } else {
             1
         };
-        let mut more = shared.take_run(&mut finished, &mut run, limit);
+        let mut more = shared.take_run(&mut finished, &mut run, limit).await;
         if run.is_empty() {
             let notified = shared.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            more = shared.take_run(&mut finished, &mut run, limit);
+            more = shared.take_run(&mut finished, &mut run, limit).await;
             if run.is_empty() {
                 tokio::select! {
                     _ = notified => {}
@@ -361,13 +366,15 @@ impl Shared {
 
     /// Frees the keys in `finished` and takes up to `limit` ready messages into `run`, under
     /// one lock; true when more keys are ready than were taken.
-    pub(super) fn take_run(
+    pub(super) async fn take_run(
         &self,
         finished: &mut Vec<u32>,
         run: &mut Vec<(u32, Item)>,
         limit: usize,
     ) -> bool {
-        let mut s = self.sched.lock().unwrap_or_else(|p| p.into_inner());
+        // Workers meet the preparer (which queues a whole batch under this lock) here: wait
+        // for it without stalling the thread.
+        let mut s = crate::yield_lock::lock_yielding(&self.sched).await;
         for id in finished.drain(..) {
             s.finish(id);
         }

@@ -103,9 +103,9 @@ impl EmbeddedDedupe {
         })
     }
 
-    fn lookup(&self, consumer: &str, keys: &[&str]) -> Result<Vec<bool>> {
+    async fn lookup(&self, consumer: &str, keys: &[&str]) -> Result<Vec<bool>> {
         let j = self.journal(consumer)?;
-        let mut j = j.lock().unwrap_or_else(|p| p.into_inner());
+        let mut j = crate::yield_lock::lock_yielding(&*j).await;
         j.catch_up(false)?;
         let cutoff = self.cutoff_ms();
         Ok(keys
@@ -124,21 +124,15 @@ impl EmbeddedDedupe {
         j.append_shared(super::format::KIND_ACK, &body)
     }
 
-    /// The instance all `deliveries` belong to, when they are durable deliveries of this log
-    /// whose group is `consumer`.
-    fn instance_of(&self, consumer: &str, deliveries: &[Delivery]) -> Option<Arc<Mutex<Instance>>> {
+    /// The instance all `deliveries` belong to, when they are durable deliveries of one
+    /// instance (the caller checks, under its lock, that it is of this log and of `consumer`).
+    fn instance_of(&self, deliveries: &[Delivery]) -> Option<Arc<Mutex<Instance>>> {
         let first = deliveries
             .first()?
             .settler_any()?
             .downcast_ref::<DurableSettler>()?
             .inst
             .clone();
-        {
-            let i = first.lock().unwrap_or_else(|p| p.into_inner());
-            if !i.belongs_to(&self.inner, consumer) {
-                return None;
-            }
-        }
         deliveries
             .iter()
             .all(|d| {
@@ -155,13 +149,16 @@ impl EmbeddedDedupe {
         keys: Vec<u128>,
         deliveries: Vec<Delivery>,
     ) -> std::result::Result<(), (Error, Vec<Delivery>)> {
-        if let Some(inst) = self.instance_of(consumer, &deliveries) {
+        if let Some(inst) = self.instance_of(&deliveries) {
             let seqs: Vec<u64> = deliveries.iter().map(|d| d.info.sequence).collect();
-            let r = inst
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .ack(&seqs, &keys);
-            return r.map_err(|e| (e, deliveries));
+            let r = {
+                let mut i = crate::yield_lock::lock_yielding(&*inst).await;
+                i.belongs_to(&self.inner, consumer)
+                    .then(|| i.ack(&seqs, &keys))
+            };
+            if let Some(r) = r {
+                return r.map_err(|e| (e, deliveries));
+            }
         }
         if let Err(e) = self.record(consumer, &keys) {
             return Err((e, deliveries));
@@ -174,7 +171,7 @@ impl EmbeddedDedupe {
 impl crate::transport::dedupe_store::DedupeStore for EmbeddedDedupe {
     async fn is_applied(&self, consumer: &str, keys: &[String]) -> Result<bool> {
         let ks: Vec<&str> = keys.iter().map(String::as_str).collect();
-        Ok(self.lookup(consumer, &ks)?.into_iter().any(|b| b))
+        Ok(self.lookup(consumer, &ks).await?.into_iter().any(|b| b))
     }
 
     async fn applied_among(
@@ -183,7 +180,7 @@ impl crate::transport::dedupe_store::DedupeStore for EmbeddedDedupe {
         keys: &[String],
     ) -> Result<std::collections::HashSet<String>> {
         let ks: Vec<&str> = keys.iter().map(String::as_str).collect();
-        let found = self.lookup(consumer, &ks)?;
+        let found = self.lookup(consumer, &ks).await?;
         Ok(keys
             .iter()
             .zip(found)
@@ -193,7 +190,7 @@ impl crate::transport::dedupe_store::DedupeStore for EmbeddedDedupe {
     }
 
     async fn lookup_batch(&self, consumer: &str, keys: &[&str]) -> Result<Vec<bool>> {
-        self.lookup(consumer, keys)
+        self.lookup(consumer, keys).await
     }
 
     async fn record_applied(&self, consumer: &str, keys: &[String]) -> Result<()> {

@@ -1059,7 +1059,19 @@ pub(crate) fn envelope_of(
     inner: &super::Inner,
     rec: &super::format::Rec,
 ) -> Result<crate::envelope::Envelope> {
-    let headers = crate::headers::Headers::decode_compact(&rec.headers).map_err(|e| {
+    Ok(crate::envelope::Envelope {
+        topic: rec.topic.clone().into(),
+        headers: headers_of(inner, rec)?,
+        payload: rec.payload.clone(),
+    })
+}
+
+/// The decoded headers of a stored record; a record whose headers do not decode is damage.
+pub(crate) fn headers_of(
+    inner: &super::Inner,
+    rec: &super::format::Rec,
+) -> Result<crate::headers::Headers> {
+    crate::headers::Headers::decode_compact(&rec.headers).map_err(|e| {
         damaged(
             &inner.dir,
             &super::format::Damage {
@@ -1072,11 +1084,6 @@ pub(crate) fn envelope_of(
                 ),
             },
         )
-    })?;
-    Ok(crate::envelope::Envelope {
-        topic: rec.topic.clone().into(),
-        headers,
-        payload: rec.payload.clone(),
     })
 }
 

@@ -3,14 +3,16 @@
 use super::Inner;
 use super::format::Rec;
 use super::group::{self, Journal, Meta, PARTITIONS, frames, partition_of, slot};
-use super::log::{DomainReader, envelope_of, now_us, us_to_time};
+use super::log::{DomainReader, envelope_of, headers_of, now_us, us_to_time};
 use super::replay::{domains_of, seq_at_time};
+use crate::envelope::Envelope;
 use crate::error::{Error, Result};
 use crate::topic::TopicPattern;
 use crate::transport::{Delivery, DeliveryInfo, Settler, StartAt, SubscribeSpec, Subscription};
+use crate::yield_lock::lock_yielding;
 use async_trait::async_trait;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 /// A pattern with the answer for the last topic it was asked about: records of a segment
@@ -237,7 +239,10 @@ impl Ephemeral {
 impl Subscription for Ephemeral {
     async fn fetch(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
         let inner = self.inner.clone();
-        fetch_loop(&inner, max, wait, |max| Ok((self.take(max)?, None))).await
+        fetch_loop(&inner, max, wait, |max| {
+            std::future::ready(self.take(max).map(|got| (got, None)))
+        })
+        .await
     }
 }
 
@@ -274,19 +279,22 @@ impl Ephemeral {
 
 /// The fetch of both subscription kinds: `poll(max)` until it gives something, sleeping in
 /// between until a commit (in any process), the time it names, or `wait` has passed.
-async fn fetch_loop(
+async fn fetch_loop<P>(
     inner: &Arc<Inner>,
     max: usize,
     wait: Duration,
-    mut poll: impl FnMut(usize) -> Result<(Vec<Delivery>, Option<i64>)>,
-) -> Result<Vec<Delivery>> {
+    mut poll: impl FnMut(usize) -> P,
+) -> Result<Vec<Delivery>>
+where
+    P: std::future::Future<Output = Result<(Vec<Delivery>, Option<i64>)>>,
+{
     let max = max.max(1);
     let give_up = tokio::time::Instant::now() + wait;
     loop {
         let notified = inner.notify.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let (out, next_due) = poll(max)?;
+        let (out, next_due) = poll(max).await?;
         if !out.is_empty() {
             return Ok(out);
         }
@@ -304,6 +312,14 @@ enum St {
     InFlight(i64),
     /// Released with a delay; delivered again at the due time (µs). Blocks its key.
     Delayed(i64),
+}
+
+/// A record handed out by [`Instance::poll`], to be decoded into a delivery.
+struct Handed {
+    rec: Rec,
+    deliveries: u32,
+    /// The ack deadline it was handed out with.
+    deadline: i64,
 }
 
 struct Pend {
@@ -530,13 +546,12 @@ impl Instance {
     }
 
     /// Hands out up to `max` records: new ones, expired ones and delayed ones that are due,
-    /// never one whose key has a delayed record before it. Returns them and the next time
-    /// something becomes due.
-    fn poll(
-        &mut self,
-        max: usize,
-        settler: &Arc<dyn Settler>,
-    ) -> Result<(Vec<Delivery>, Option<i64>)> {
+    /// never one whose key has a delayed record before it. Returns them (in flight, noted
+    /// delivered) and the next time something becomes due. Their headers are decoded by
+    /// [`decode_handed`] after the instance's lock is let go, so that acks from other threads
+    /// do not wait for the decoding; one that does not decode is given back with
+    /// [`Instance::unhand`].
+    fn poll(&mut self, max: usize) -> Result<(Vec<Handed>, Option<i64>)> {
         let now = now_us();
         self.maintain(now, false)?;
         // A read error is returned when nothing read before it can be handed out.
@@ -573,8 +588,6 @@ impl Instance {
         }
         let mut through: Vec<(usize, u64)> = Vec::new();
         let deadline = now + self.deadline_us;
-        let mut damage = None;
-        let mut handed: Vec<u64> = Vec::new();
         for &seq in &self.waiting {
             if out.len() >= max {
                 break;
@@ -585,30 +598,18 @@ impl Instance {
             if !self.delayed_keys.is_empty() && self.delayed_keys.contains_key(&Self::key_of(p)) {
                 continue;
             }
-            let env = match envelope_of(&self.inner, &p.rec) {
-                Ok(e) => e,
-                Err(e) => {
-                    damage = Some(e);
-                    break;
-                }
-            };
             p.deliveries += 1;
             p.st = St::InFlight(deadline);
-            handed.push(seq);
             through.push((p.slot, seq));
-            out.push(Delivery::new(
-                env,
-                DeliveryInfo {
-                    sequence: seq,
-                    delivery_count: p.deliveries,
-                    stored_at: us_to_time(p.rec.log_us),
-                },
-                settler.clone(),
-            ));
+            out.push(Handed {
+                rec: p.rec.clone(),
+                deliveries: p.deliveries,
+                deadline,
+            });
         }
-        for seq in handed {
-            self.waiting.remove(&seq);
-            self.deadlines.push_back((deadline, seq));
+        for h in &out {
+            self.waiting.remove(&h.rec.seq);
+            self.deadlines.push_back((deadline, h.rec.seq));
         }
         if self.deadlines.len() > 2 * self.pending.len() + 1024 {
             let pending = &self.pending;
@@ -626,7 +627,7 @@ impl Instance {
         {
             next_due = Some(next_due.map_or(t, |n| n.min(t)));
         }
-        if let Some(e) = damage.or(read_failed)
+        if let Some(e) = read_failed
             && out.is_empty()
         {
             return Err(e);
@@ -647,6 +648,20 @@ impl Instance {
             }
         }
         Ok((out, next_due))
+    }
+
+    /// Gives back handed-out records that were not delivered (their headers did not
+    /// decode): waiting again, their delivery not counted.
+    fn unhand(&mut self, handed: &[Handed]) {
+        for h in handed {
+            if let Some(p) = self.pending.get_mut(&h.rec.seq)
+                && p.st == St::InFlight(h.deadline)
+            {
+                p.deliveries -= 1;
+                p.st = St::Waiting;
+                self.waiting.insert(h.rec.seq);
+            }
+        }
     }
 
     /// Settles `seqs` (and records `keys` as applied) in one journal frame.
@@ -771,8 +786,8 @@ pub(crate) struct DurableSettler {
 }
 
 impl DurableSettler {
-    fn inst(&self) -> std::sync::MutexGuard<'_, Instance> {
-        self.inst.lock().unwrap_or_else(|p| p.into_inner())
+    async fn inst(&self) -> MutexGuard<'_, Instance> {
+        lock_yielding(&self.inst).await
     }
 }
 
@@ -783,15 +798,15 @@ impl Settler for DurableSettler {
     }
 
     async fn ack(&self, sequences: &[u64]) -> Result<()> {
-        self.inst().ack(sequences, &[])
+        self.inst().await.ack(sequences, &[])
     }
 
     async fn nack(&self, sequence: u64, delay: Duration) -> Result<()> {
-        self.inst().nack(sequence, delay)
+        self.inst().await.nack(sequence, delay)
     }
 
     async fn in_progress(&self, sequence: u64) -> Result<()> {
-        self.inst().in_progress(sequence)
+        self.inst().await.in_progress(sequence)
     }
 }
 
@@ -815,12 +830,51 @@ impl Drop for Instance {
 #[async_trait]
 impl Subscription for Durable {
     async fn fetch(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
-        let (inner, inst, settler) = (self.inner.clone(), self.inst.clone(), self.settler.clone());
-        fetch_loop(&inner, max, wait, |max| {
-            inst.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .poll(max, &settler)
+        let (inner, inst, settler) = (&self.inner, &self.inst, &self.settler);
+        fetch_loop(inner, max, wait, move |max| {
+            decode_handed(inner, inst, settler, max)
         })
         .await
     }
+}
+
+/// One poll of a durable instance: records handed out under the instance's lock (taken
+/// without stalling the thread), decoded into deliveries after it is let go.
+async fn decode_handed(
+    inner: &Arc<Inner>,
+    inst: &Arc<Mutex<Instance>>,
+    settler: &Arc<dyn Settler>,
+    max: usize,
+) -> Result<(Vec<Delivery>, Option<i64>)> {
+    let (handed, next_due) = lock_yielding(inst).await.poll(max)?;
+    // Decoded outside the lock (acks wait for it, not for this).
+    let mut out = Vec::with_capacity(handed.len());
+    let mut rest = handed.into_iter();
+    while let Some(h) = rest.next() {
+        let headers = match headers_of(inner, &h.rec) {
+            Ok(headers) => headers,
+            Err(e) => {
+                // Damage: this record and the rest go back; what decoded is handed
+                // out, and the error is returned when nothing did.
+                let back: Vec<Handed> = std::iter::once(h).chain(rest).collect();
+                inst.lock().unwrap_or_else(|p| p.into_inner()).unhand(&back);
+                if out.is_empty() {
+                    return Err(e);
+                }
+                break;
+            }
+        };
+        let info = DeliveryInfo {
+            sequence: h.rec.seq,
+            delivery_count: h.deliveries,
+            stored_at: us_to_time(h.rec.log_us),
+        };
+        let env = Envelope {
+            topic: h.rec.topic.into(),
+            headers,
+            payload: h.rec.payload,
+        };
+        out.push(Delivery::new(env, info, settler.clone()));
+    }
+    Ok((out, next_due))
 }
