@@ -382,6 +382,19 @@ enum PatTok {
 pub struct TopicPattern {
     raw: String,
     toks: Vec<PatTok>,
+    /// What [`TopicPattern::matches`] decides by comparing bytes, for the common shapes:
+    /// literal tokens only (a topic matches when it equals the pattern) or literal tokens
+    /// then `>` (a topic matches when it starts with the text before the `>`, its dot
+    /// included). `None`: a `*` somewhere, matched token by token.
+    fast: Option<FastMatch>,
+}
+
+/// See `TopicPattern::fast`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum FastMatch {
+    Exact,
+    /// The length of the prefix (the pattern without its last byte, `>`).
+    Prefix(usize),
 }
 
 impl TopicPattern {
@@ -463,9 +476,21 @@ impl TopicPattern {
                 show(&format!("{}.>", s.trim_end_matches(".*")))
             )));
         }
+        let fast = if toks.iter().all(|t| matches!(t, PatTok::Lit(_))) {
+            Some(FastMatch::Exact)
+        } else if toks[..toks.len() - 1]
+            .iter()
+            .all(|t| matches!(t, PatTok::Lit(_)))
+            && matches!(toks.last(), Some(PatTok::Rest))
+        {
+            Some(FastMatch::Prefix(s.len() - 1))
+        } else {
+            None
+        };
         Ok(TopicPattern {
             raw: s.to_owned(),
             toks,
+            fast,
         })
     }
 
@@ -491,6 +516,13 @@ impl TopicPattern {
     /// assert!(!p.matches("ampy.prod.fills.v1"));
     /// ```
     pub fn matches(&self, topic: &str) -> bool {
+        match self.fast {
+            Some(FastMatch::Exact) => return topic == self.raw,
+            Some(FastMatch::Prefix(n)) => {
+                return topic.as_bytes().starts_with(&self.raw.as_bytes()[..n]);
+            }
+            None => {}
+        }
         // Token by token over the bytes (as `topic.split('.')` would cut them; `.` is ASCII,
         // so every cut is on a character boundary).
         let t = topic.as_bytes();
@@ -692,6 +724,8 @@ mod tests {
             "ampy.prod.bars.v1.*.*",
             "ampy.prod.bars.v1.XNAS.AAPL",
             "ampy.*.*.v1.>",
+            "ampy.prod.bars.v1.>",
+            "ampy.prod.bars.v1.XNAS.>",
         ];
         let topics = [
             "",
@@ -714,6 +748,11 @@ mod tests {
             "ampy.prod.bars.v1.XNAS.AAPL.",
             "ampy.dev.bars.v1.é.ü",
             "ampy.prod.ordersé.v1.x",
+            "ampy.prod.bars.v1X",
+            "ampy.prod.bars.v1X.a",
+            "ampy.prod.bars.v1.XNAS",
+            "ampy.prod.bars.v1.XNAS.",
+            "ampy.prod.bars.v1.XNASX.AAPL",
         ];
         let mut agreed = 0;
         for p in patterns {
@@ -724,5 +763,21 @@ mod tests {
             }
         }
         assert_eq!(agreed, patterns.len() * topics.len());
+    }
+
+    /// Patterns of literal tokens, and of literal tokens then `>`, are matched by comparing
+    /// bytes; patterns with `*` token by token.
+    #[test]
+    fn common_pattern_shapes_take_the_byte_comparison() {
+        let fast = |s: &str| TopicPattern::parse(s).unwrap().fast;
+        assert_eq!(fast("ampy.prod.bars.v1.XNAS.AAPL"), Some(FastMatch::Exact));
+        assert_eq!(fast("ampy.prod.bars.>"), Some(FastMatch::Prefix(15)));
+        assert_eq!(fast(">"), Some(FastMatch::Prefix(0)));
+        assert_eq!(fast("ampy.*.bars.>"), None);
+        assert_eq!(fast("ampy.prod.bars.v1.*"), None);
+        let p = TopicPattern::parse("ampy.prod.bars.>").unwrap();
+        assert!(p.matches("ampy.prod.bars.v1.XNAS.AAPL"));
+        assert!(!p.matches("ampy.prod.barsX.v1.XNAS.AAPL"));
+        assert!(!p.matches("ampy.prod.bars"));
     }
 }
