@@ -162,6 +162,65 @@ async fn unacked_message_is_redelivered_after_the_deadline_and_nack_delays_its_k
     bus.close().await.unwrap();
 }
 
+/// Records read after a key was released with a delay wait behind it, while other keys'
+/// records go out at once; when the delay is over the key's records come out in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_read_while_their_key_is_delayed_wait_and_keep_their_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = bus_at(dir.path()).await;
+    let topic = orders_topic();
+    bus.publish_batch(vec![order_env(&topic, "A", 0), order_env(&topic, "B", 0)])
+        .await
+        .unwrap();
+    let pattern = TopicPattern::parse("ampy.dev.orders.v1.requests").unwrap();
+    let mut sub = bus
+        .subscribe(SubscribeSpec::durable(pattern, "delayed-key"))
+        .await
+        .unwrap();
+    let got = fetch_exact(&mut sub, 2).await;
+    let mut it = got.into_iter();
+    let a0 = it.next().unwrap();
+    let b0 = it.next().unwrap();
+    assert_eq!(parse_payload(&a0), ("A".into(), 0));
+    b0.ack().await.map_err(|(e, _)| e).unwrap();
+    a0.nack(Duration::from_millis(400))
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    bus.publish_batch(vec![
+        order_env(&topic, "A", 1),
+        order_env(&topic, "B", 1),
+        order_env(&topic, "A", 2),
+    ])
+    .await
+    .unwrap();
+    // B:1 at once; A:1 and A:2 wait for A:0.
+    let first = sub.fetch(10, Duration::from_millis(300)).await.unwrap();
+    let keys: Vec<_> = first.iter().map(parse_payload).collect();
+    assert_eq!(keys, vec![("B".into(), 1)]);
+    Delivery::ack_all(first).await.map_err(|(e, _)| e).unwrap();
+    let rest = fetch_exact(&mut sub, 3).await;
+    let keys: Vec<_> = rest.iter().map(parse_payload).collect();
+    assert_eq!(
+        keys,
+        vec![("A".into(), 0), ("A".into(), 1), ("A".into(), 2)]
+    );
+    assert_eq!(
+        rest.iter()
+            .map(|d| d.info.delivery_count)
+            .collect::<Vec<_>>(),
+        vec![2, 1, 1]
+    );
+    Delivery::ack_all(rest).await.map_err(|(e, _)| e).unwrap();
+    assert!(
+        sub.fetch(10, Duration::from_millis(300))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    bus.close().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_share_work_exactly_once_in_key_order() {
     let dir = tempfile::tempdir().unwrap();

@@ -752,6 +752,10 @@ pub(crate) struct DomainReader {
     pub pos: u64,
     /// Purged sequences of this domain, and the length of the file they were read from.
     purged: (u64, std::collections::HashSet<u64>),
+    /// The last chunk read from the open segment and its file offset: the next call goes on
+    /// from it rather than reading the file again (a call takes a few hundred records of a
+    /// chunk that holds thousands).
+    chunk: Option<(u64, Bytes)>,
 }
 
 /// The purged sequences of a domain directory (`purged`: KIND_PURGE frames of u64s).
@@ -836,6 +840,7 @@ impl DomainReader {
             after,
             pos: after,
             purged: (0, Default::default()),
+            chunk: None,
         }
     }
 
@@ -887,6 +892,7 @@ impl DomainReader {
         self.path = path;
         self.file = Some(file);
         self.off = SEG_HEADER as u64;
+        self.chunk = None;
         Ok(true)
     }
 
@@ -966,29 +972,24 @@ impl DomainReader {
             if out.len() - start_len >= max {
                 return Ok(true);
             }
-            let want = (limit - self.off).min(CHUNK as u64) as usize;
-            let mut buf = vec![0u8; want];
-            self.file
-                .as_ref()
-                .expect("open")
-                .read_exact_at(&mut buf, self.off)
-                .map_err(|e| io_error(&self.path, "reading a segment", e))?;
-            // A frame longer than the chunk: read it whole.
-            if let format::Frame::Incomplete = format::frame_at(&buf, 0)
-                && buf.len() >= format::FRAME_HEAD
-            {
-                let word = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
-                let need = format::FRAME_HEAD + (word & 0x0FFF_FFFF) as usize;
-                if (need as u64) <= limit - self.off && need > buf.len() {
-                    buf = vec![0u8; need];
-                    self.file
-                        .as_ref()
-                        .expect("open")
-                        .read_exact_at(&mut buf, self.off)
-                        .map_err(|e| io_error(&self.path, "reading a segment", e))?;
+            // The rest of the last chunk, when it goes on from here.
+            let cached = match &self.chunk {
+                Some((start, bytes))
+                    if self.off >= *start && self.off < start + bytes.len() as u64 =>
+                {
+                    Some(bytes.slice((self.off - start) as usize..))
                 }
-            }
-            let shared = Bytes::from(buf);
+                _ => None,
+            };
+            let from_cache = cached.is_some();
+            let shared = match cached {
+                Some(rest) => rest,
+                None => {
+                    let b = self.read_chunk(limit)?;
+                    self.chunk = Some((self.off, b.clone()));
+                    b
+                }
+            };
             let buf = &shared[..];
             let mut at = 0usize;
             loop {
@@ -1009,6 +1010,11 @@ impl DomainReader {
                         }
                     }
                     Step::Meta => {}
+                    // The cached chunk ends inside this frame: read from the file.
+                    Step::Incomplete if at == 0 && from_cache => {
+                        self.chunk = None;
+                        break;
+                    }
                     Step::Incomplete => {
                         if at == 0 {
                             if out.len() > start_len {
@@ -1044,7 +1050,34 @@ impl DomainReader {
                 at = next;
             }
             self.off += at as u64;
+            if at == buf.len() {
+                // All of it read: the records hold what they need of it.
+                self.chunk = None;
+            }
         }
+    }
+
+    /// Reads the bytes of the open segment from the position, up to `limit`: a chunk, or
+    /// the whole of a frame longer than a chunk.
+    fn read_chunk(&mut self, limit: u64) -> Result<Bytes> {
+        let want = (limit - self.off).min(CHUNK as u64) as usize;
+        let mut buf = vec![0u8; want];
+        let file = self.file.as_ref().expect("open");
+        file.read_exact_at(&mut buf, self.off)
+            .map_err(|e| io_error(&self.path, "reading a segment", e))?;
+        // A frame longer than the chunk: read it whole.
+        if let format::Frame::Incomplete = format::frame_at(&buf, 0)
+            && buf.len() >= format::FRAME_HEAD
+        {
+            let word = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
+            let need = format::FRAME_HEAD + (word & 0x0FFF_FFFF) as usize;
+            if (need as u64) <= limit - self.off && need > buf.len() {
+                buf = vec![0u8; need];
+                file.read_exact_at(&mut buf, self.off)
+                    .map_err(|e| io_error(&self.path, "reading a segment", e))?;
+            }
+        }
+        Ok(Bytes::from(buf))
     }
 }
 
@@ -1147,5 +1180,44 @@ mod tests {
             got,
             vec![(1, b"a".to_vec()), (2, b"b".to_vec()), (4, b"d".to_vec())]
         );
+    }
+
+    /// A reader goes on from the chunk it read last: records split across the end of a
+    /// chunk, a record longer than a chunk, and records committed after the chunk was read
+    /// all come out once, in order, whole.
+    #[test]
+    fn reading_in_small_steps_across_chunks_returns_every_record_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = Arc::new(Shared::open(dir.path(), recover).unwrap());
+        let mut w = LogWriter::new(dir.path(), shared.clone(), false).unwrap();
+        let payload = |i: usize| -> Vec<u8> {
+            let len = if i == 1500 {
+                CHUNK + CHUNK / 2
+            } else {
+                100 + (i * 37) % 900
+            };
+            (0..len).map(|b| (b + i) as u8).collect()
+        };
+        let mut expected = Vec::new();
+        let d = domain_index(Domain::News);
+        let mut r = DomainReader::new(dir.path(), d, 0);
+        let mut out = Vec::new();
+        for part in 0..3 {
+            for i in part * 1000..(part + 1) * 1000 {
+                let p = payload(i);
+                let seqs = w.append(&[rec(&p)]).unwrap();
+                expected.push((seqs[0], p));
+            }
+            // Part of what is committed, in steps of 7 (the rest after more is written).
+            let e = shared.snapshot().domains[d];
+            for _ in 0..50 {
+                r.read(&e, &mut out, 7).unwrap();
+            }
+        }
+        let e = shared.snapshot().domains[d];
+        while r.read(&e, &mut out, 7).unwrap() {}
+        let got: Vec<(u64, Vec<u8>)> = out.iter().map(|r| (r.seq, r.payload.to_vec())).collect();
+        assert_eq!(got.len(), 3000);
+        assert!(got == expected, "records differ from what was written");
     }
 }

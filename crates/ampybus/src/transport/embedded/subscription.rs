@@ -2,7 +2,7 @@
 
 use super::Inner;
 use super::format::Rec;
-use super::group::{self, Journal, Meta, PARTITIONS, frames, partition_of, slot};
+use super::group::{self, FastMap, Journal, Meta, PARTITIONS, frames, partition_of, slot};
 use super::log::{DomainReader, envelope_of, headers_of, now_us, us_to_time};
 use super::replay::{domains_of, seq_at_time};
 use crate::envelope::Envelope;
@@ -11,7 +11,7 @@ use crate::topic::TopicPattern;
 use crate::transport::{Delivery, DeliveryInfo, Settler, StartAt, SubscribeSpec, Subscription};
 use crate::yield_lock::lock_yielding;
 use async_trait::async_trait;
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -139,8 +139,10 @@ pub(crate) async fn subscribe(
         lease_until: 0,
         next_maintain: 0,
         readers,
-        pending: BTreeMap::new(),
-        per_slot: vec![BTreeSet::new(); group::SLOTS],
+        pending: FastMap::default(),
+        per_slot: vec![VecDeque::new(); group::SLOTS],
+        live: vec![0; group::SLOTS],
+        fresh: VecDeque::new(),
         waiting: BTreeSet::new(),
         timers: BTreeSet::new(),
         deadlines: VecDeque::new(),
@@ -327,6 +329,9 @@ struct Pend {
     rec: Rec,
     deliveries: u32,
     st: St,
+    /// Its sequence is in `fresh` and that entry stands (it was read and has not been
+    /// handed out, moved to `waiting` or delayed since).
+    in_fresh: bool,
 }
 
 /// One instance of a consumer group in this process.
@@ -343,11 +348,21 @@ pub(crate) struct Instance {
     lease_until: i64,
     next_maintain: i64,
     readers: Vec<DomainReader>,
-    /// Boxed: B-tree nodes shift their entries on insert and remove; a pointer is cheap to
-    /// shift, a record is not.
-    pending: BTreeMap<u64, Box<Pend>>,
-    per_slot: Vec<BTreeSet<u64>>,
-    /// Read, never handed out by this instance, in sequence order.
+    /// Records read and not acked, by sequence.
+    pending: FastMap<u64, Pend>,
+    /// Per slot: the sequences read while this instance held the partition, in sequence
+    /// order (records of a slot are read in order, and a slot's queue is emptied when its
+    /// partition is lost). Settled ones are dropped lazily, when they reach the front.
+    per_slot: Vec<VecDeque<u64>>,
+    /// Per slot: how many of `per_slot`'s entries are still pending.
+    live: Vec<u32>,
+    /// Read and never handed out, in the order read (per domain, sequence order); an entry
+    /// stands while its record's `in_fresh` is set.
+    fresh: VecDeque<u64>,
+    /// Waiting to be handed out again (expired, due after a delay, given back), and fresh
+    /// records passed over because their key was blocked: in sequence order. For any key,
+    /// every entry here precedes every entry of `fresh`, so handing these out first keeps
+    /// per-key order.
     waiting: BTreeSet<u64>,
     /// (when, sequence) of handed-out records (their ack deadline) and delayed ones (their due
     /// time): what becomes deliverable again at a time.
@@ -433,6 +448,14 @@ impl Instance {
             for s in gone {
                 self.forget(s);
             }
+            for (s, q) in self.per_slot.iter_mut().enumerate() {
+                if lost & (1 << partition_of(s)) != 0 {
+                    debug_assert_eq!(self.live[s], 0);
+                    q.clear();
+                }
+            }
+            let pending = &self.pending;
+            self.fresh.retain(|s| pending.contains_key(s));
         }
         if gained != 0 {
             for (k, d) in self.domains.iter().enumerate() {
@@ -466,10 +489,12 @@ impl Instance {
     }
 
     /// Drops a record from every index (acked, or its partition lost).
-    fn forget(&mut self, seq: u64) -> Option<Box<Pend>> {
+    fn forget(&mut self, seq: u64) -> Option<Pend> {
         let p = self.pending.remove(&seq)?;
-        self.per_slot[p.slot].remove(&seq);
+        self.live[p.slot] -= 1;
         match p.st {
+            // An entry in `fresh` is dropped when it comes up.
+            St::Waiting if p.in_fresh => {}
             St::Waiting => {
                 self.waiting.remove(&seq);
             }
@@ -492,9 +517,29 @@ impl Instance {
         }
     }
 
+    /// The lowest pending sequence of slot `s` (settled entries at the front are dropped;
+    /// the queue is compacted when settled entries outnumber pending ones).
+    fn first_pending(&mut self, s: usize) -> Option<u64> {
+        let pending = &self.pending;
+        let q = &mut self.per_slot[s];
+        if q.len() > 2 * self.live[s] as usize + 1024 {
+            q.retain(|seq| pending.contains_key(seq));
+        }
+        while let Some(&seq) = q.front() {
+            if pending.contains_key(&seq) {
+                return Some(seq);
+            }
+            q.pop_front();
+        }
+        None
+    }
+
     /// Reads newly committed records of this instance's partitions into `pending`.
     fn read_new(&mut self, max: usize, now: i64) -> Result<()> {
-        if self.mine == 0 || self.pending.len() >= MAX_PENDING || self.waiting.len() >= max {
+        if self.mine == 0
+            || self.pending.len() >= MAX_PENDING
+            || self.waiting.len() + self.fresh.len() >= max
+        {
             return Ok(());
         }
         let snap = self.inner.shared.snapshot();
@@ -521,24 +566,28 @@ impl Instance {
                     _ => St::Waiting,
                 };
                 let deliveries = u32::from(rec.seq <= j.state.delivered[s]);
-                self.per_slot[s].insert(rec.seq);
-                match st {
+                self.per_slot[s].push_back(rec.seq);
+                self.live[s] += 1;
+                let in_fresh = match st {
                     St::Delayed(due) => {
                         self.timers.insert((due, rec.seq));
                         *self.delayed_keys.entry((d, rec.key_hash)).or_default() += 1;
+                        false
                     }
                     _ => {
-                        self.waiting.insert(rec.seq);
+                        self.fresh.push_back(rec.seq);
+                        true
                     }
-                }
+                };
                 self.pending.insert(
                     rec.seq,
-                    Box::new(Pend {
+                    Pend {
                         slot: s,
                         rec,
                         deliveries,
                         st,
-                    }),
+                        in_fresh,
+                    },
                 );
             }
         }
@@ -588,6 +637,17 @@ impl Instance {
         }
         let mut through: Vec<(usize, u64)> = Vec::new();
         let deadline = now + self.deadline_us;
+        let hand = |p: &mut Pend, out: &mut Vec<Handed>, through: &mut Vec<(usize, u64)>| {
+            p.deliveries += 1;
+            p.st = St::InFlight(deadline);
+            through.push((p.slot, p.rec.seq));
+            out.push(Handed {
+                rec: p.rec.clone(),
+                deliveries: p.deliveries,
+                deadline,
+            });
+        };
+        // Waiting ones first: for any key they precede the fresh ones.
         for &seq in &self.waiting {
             if out.len() >= max {
                 break;
@@ -598,17 +658,31 @@ impl Instance {
             if !self.delayed_keys.is_empty() && self.delayed_keys.contains_key(&Self::key_of(p)) {
                 continue;
             }
-            p.deliveries += 1;
-            p.st = St::InFlight(deadline);
-            through.push((p.slot, seq));
-            out.push(Handed {
-                rec: p.rec.clone(),
-                deliveries: p.deliveries,
-                deadline,
-            });
+            hand(p, &mut out, &mut through);
         }
         for h in &out {
             self.waiting.remove(&h.rec.seq);
+        }
+        let mut blocked = Vec::new();
+        while out.len() < max {
+            let Some(seq) = self.fresh.pop_front() else {
+                break;
+            };
+            let Some(p) = self.pending.get_mut(&seq) else {
+                continue;
+            };
+            if !p.in_fresh {
+                continue;
+            }
+            p.in_fresh = false;
+            if !self.delayed_keys.is_empty() && self.delayed_keys.contains_key(&Self::key_of(p)) {
+                blocked.push(seq);
+                continue;
+            }
+            hand(p, &mut out, &mut through);
+        }
+        self.waiting.extend(blocked);
+        for h in &out {
             self.deadlines.push_back((deadline, h.rec.seq));
         }
         if self.deadlines.len() > 2 * self.pending.len() + 1024 {
@@ -693,7 +767,7 @@ impl Instance {
                 .position(|d| *d == s / PARTITIONS as usize)
                 .unwrap_or(0);
             let examined = self.read_through[s].max(self.readers[k].pos);
-            let pos = match self.per_slot[s].first() {
+            let pos = match self.first_pending(s) {
                 Some(first) => first - 1,
                 None => examined,
             };
@@ -724,9 +798,11 @@ impl Instance {
             return Ok(());
         };
         let old = p.st;
+        let in_fresh = std::mem::take(&mut p.in_fresh);
         p.st = St::Delayed(due);
         let (slot, key) = (p.slot, Self::key_of(p));
         match old {
+            St::Waiting if in_fresh => {}
             St::Waiting => {
                 self.waiting.remove(&seq);
             }
