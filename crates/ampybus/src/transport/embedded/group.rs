@@ -63,12 +63,17 @@ pub(crate) const UNKNOWN_SLOT: usize = 255;
 /// Sequences acked above their slot's position, per slot (dropped as positions pass them).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Acked {
-    by_slot: HashMap<usize, std::collections::BTreeSet<u64>>,
+    /// No empty sets: when every ack is at or below its position (the usual state of a
+    /// group that keeps up) the map is empty and a lookup is one length check.
+    by_slot: FastMap<usize, std::collections::BTreeSet<u64>>,
 }
 
 impl Acked {
     /// True when `seq` (of `slot`) was acked.
     pub fn contains(&self, slot: usize, seq: u64) -> bool {
+        if self.by_slot.is_empty() {
+            return false;
+        }
         [slot, UNKNOWN_SLOT]
             .iter()
             .any(|s| self.by_slot.get(s).is_some_and(|set| set.contains(&seq)))
@@ -82,6 +87,9 @@ impl Acked {
     fn prune(&mut self, slot: usize, pos: u64) {
         if let Some(set) = self.by_slot.get_mut(&slot) {
             *set = set.split_off(&(pos + 1));
+            if set.is_empty() {
+                self.by_slot.remove(&slot);
+            }
         }
     }
 
