@@ -221,6 +221,55 @@ async fn records_read_while_their_key_is_delayed_wait_and_keep_their_order() {
     bus.close().await.unwrap();
 }
 
+/// A record found released with a delay when an instance takes over (its key's earlier
+/// record was handled but not acked when the first instance went) does not overtake that
+/// earlier record, even when the earlier one is still queued behind other keys when the
+/// delay is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_record_found_on_takeover_does_not_overtake_its_keys_earlier_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = bus_at(dir.path()).await;
+    let topic = orders_topic();
+    let mut batch: Vec<Envelope> = (0..5).map(|i| order_env(&topic, "B", i)).collect();
+    batch.push(order_env(&topic, "A", 0));
+    batch.push(order_env(&topic, "A", 1));
+    bus.publish_batch(batch).await.unwrap();
+    let pattern = TopicPattern::parse("ampy.dev.orders.v1.requests").unwrap();
+    let spec = SubscribeSpec::durable(pattern, "takeover-delay");
+    let delay = Duration::from_millis(1000);
+    let due_at;
+    {
+        let mut first = bus.subscribe(spec.clone()).await.unwrap();
+        let got = fetch_exact(&mut first, 7).await;
+        let mut got: Vec<Delivery> = got;
+        let a1 = got.pop().unwrap();
+        assert_eq!(parse_payload(&a1), ("A".into(), 1));
+        a1.nack(delay).await.map_err(|(e, _)| e).unwrap();
+        due_at = Instant::now() + delay;
+        // The rest (A:0 included) are dropped unacked with the instance.
+    }
+    let mut second = bus.subscribe(spec).await.unwrap();
+    let mut order = Vec::new();
+    let one = second.fetch(1, Duration::from_secs(5)).await.unwrap();
+    assert!(
+        Instant::now() < due_at,
+        "the first fetch came after the delay: the test proves nothing"
+    );
+    order.extend(one.iter().map(parse_payload));
+    tokio::time::sleep_until((due_at + Duration::from_millis(100)).into()).await;
+    while order.len() < 7 {
+        let got = second.fetch(1, Duration::from_secs(5)).await.unwrap();
+        assert!(!got.is_empty(), "nothing after {order:?}");
+        order.extend(got.iter().map(parse_payload));
+    }
+    let expected: Vec<(String, usize)> = (0..5)
+        .map(|i| ("B".to_string(), i))
+        .chain([("A".to_string(), 0), ("A".to_string(), 1)])
+        .collect();
+    assert_eq!(order, expected);
+    bus.close().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_share_work_exactly_once_in_key_order() {
     let dir = tempfile::tempdir().unwrap();

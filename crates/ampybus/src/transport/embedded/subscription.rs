@@ -534,6 +534,18 @@ impl Instance {
         None
     }
 
+    /// Moves every fresh record to `waiting`.
+    fn park_fresh(&mut self) {
+        for seq in self.fresh.drain(..) {
+            if let Some(p) = self.pending.get_mut(&seq)
+                && p.in_fresh
+            {
+                p.in_fresh = false;
+                self.waiting.insert(seq);
+            }
+        }
+    }
+
     /// Reads newly committed records of this instance's partitions into `pending`.
     fn read_new(&mut self, max: usize, now: i64) -> Result<()> {
         if self.mine == 0
@@ -570,6 +582,10 @@ impl Instance {
                 self.live[s] += 1;
                 let in_fresh = match st {
                     St::Delayed(due) => {
+                        // Records read before it may be of its key (not settled before a
+                        // crash, say): they go to the ordered set, where this one goes when
+                        // due, so that it cannot overtake them.
+                        self.park_fresh();
                         self.timers.insert((due, rec.seq));
                         *self.delayed_keys.entry((d, rec.key_hash)).or_default() += 1;
                         false
