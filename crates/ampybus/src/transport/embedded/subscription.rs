@@ -488,6 +488,11 @@ impl Instance {
         (p.slot / PARTITIONS as usize, p.rec.key_hash)
     }
 
+    /// True when a delayed record of `p`'s key is not due yet (`p` waits behind it).
+    fn held_back(delayed_keys: &HashMap<(usize, u32), u32>, p: &Pend) -> bool {
+        !delayed_keys.is_empty() && delayed_keys.contains_key(&Self::key_of(p))
+    }
+
     /// Drops a record from every index (acked, or its partition lost).
     fn forget(&mut self, seq: u64) -> Option<Pend> {
         let p = self.pending.remove(&seq)?;
@@ -671,7 +676,7 @@ impl Instance {
             let Some(p) = self.pending.get_mut(&seq) else {
                 continue;
             };
-            if !self.delayed_keys.is_empty() && self.delayed_keys.contains_key(&Self::key_of(p)) {
+            if Self::held_back(&self.delayed_keys, p) {
                 continue;
             }
             hand(p, &mut out, &mut through);
@@ -691,7 +696,7 @@ impl Instance {
                 continue;
             }
             p.in_fresh = false;
-            if !self.delayed_keys.is_empty() && self.delayed_keys.contains_key(&Self::key_of(p)) {
+            if Self::held_back(&self.delayed_keys, p) {
                 blocked.push(seq);
                 continue;
             }
