@@ -86,6 +86,26 @@ impl NatsServer {
         }
     }
 
+    /// SIGSTOP: the server keeps its connections open but answers nothing (a hung server).
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`NatsServer::pause`].
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let ok = std::process::Command::new("kill")
+                .args([sig, &c.id().to_string()])
+                .status()
+                .expect("run kill");
+            assert!(ok.success(), "kill {sig} failed");
+        }
+    }
+
     /// Kills (if running) and starts it again on the same port with the same arguments.
     pub fn restart(&mut self) {
         self.kill();

@@ -760,3 +760,71 @@ async fn credentials_file_jwt_authentication() {
         "{e}"
     );
 }
+
+/// The binding's own publishing connection (every non-TLS URL publishes on it): a message
+/// over the server's `max_payload` is refused before it is sent and the connection stays; a
+/// server that stops answering gives a PubAck timeout and the next publish connects again; a
+/// server restarted on the same port is found again by a retrying publisher.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_publishing_connection_refuses_oversize_survives_a_hang_and_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("nats.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "max_payload: 8192\njetstream {{ store_dir: \"{}\" }}\n",
+            dir.path().join("js").display()
+        ),
+    )
+    .unwrap();
+    let mut server = Server::start(dir.path(), &["-c", conf.to_str().unwrap()]);
+    let bus = Bus::connect(&server.url("nats", "?stream_prefix=OWN&request_timeout_ms=1000"))
+        .await
+        .expect("connect");
+    let topic = Topic::parse("ampy.dev.news.v1.own.t").unwrap();
+    let limit = Duration::from_secs(20);
+    let publish = |body: Vec<u8>| bus.publish(&topic, headers("k"), body);
+    let r = timed("first", limit, publish(b"first".to_vec()))
+        .await
+        .expect("first publish");
+    assert_eq!(r.sequence, 1);
+
+    let e = timed("oversize", limit, publish(vec![b'x'; 9000]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Payload, "{e}");
+    assert!(e.to_string().contains("max_payload"), "{e}");
+    let r = timed("second", limit, publish(b"second".to_vec()))
+        .await
+        .expect("the connection stays after a refused message");
+    assert_eq!(r.sequence, 2, "the oversize message was not stored");
+
+    server.pause();
+    let e = timed("publish to a hung server", limit, publish(b"hung".to_vec()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+    assert!(e.to_string().contains("no PubAck"), "{e}");
+    server.resume();
+    let r = timed("after the hang", limit, publish(b"after".to_vec()))
+        .await
+        .expect("the next publish connects again");
+    // The hung server may still have stored "hung" from its socket buffer when it resumed.
+    assert!(r.sequence == 3 || r.sequence == 4, "{r:?}");
+    let after = r.sequence;
+
+    server.restart();
+    let publisher = Publisher::new(bus.clone()).with_policy(RetryPolicy {
+        max_attempts: 100,
+        min_delay: Duration::from_millis(50),
+        max_delay: Duration::from_millis(500),
+    });
+    let r = timed(
+        "publish after a restart",
+        limit,
+        publisher.publish(&topic, headers("k"), b"restarted".to_vec()),
+    )
+    .await
+    .expect("a retrying publisher reaches the restarted server");
+    assert_eq!(r.sequence, after + 1, "{r:?}");
+}

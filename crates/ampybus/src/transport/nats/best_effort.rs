@@ -1,8 +1,9 @@
 //! The best-effort tier on NATS: core publish/subscribe, no JetStream on the path.
 //!
-//! * **Publish** ([`publish`]): one core publish per message with the same headers as a
-//!   JetStream publish (`Nats-Msg-Id` included, so a stream that captures the subject stores
-//!   it once), then one flush of the client's buffer per batch. A message is `Confirmed` once
+//! * **Publish** (`publish::publish_core`): one core publish per message with the same
+//!   headers as a JetStream publish (`Nats-Msg-Id` included, so a stream that captures the
+//!   subject stores it once), on the binding's own connection when it has one, then one
+//!   flush per batch. A message is `Confirmed` once
 //!   flushed to the socket (receipt sequence 0: the server says nothing). A stream whose
 //!   filter covers the subject still stores the message, so an at-least-once consumer of the
 //!   topic reads it — without a publish guarantee.
@@ -16,86 +17,13 @@
 //!   `DeliveryInfo`: a per-subscription counter from 1, delivery count 1, `stored_at` = the
 //!   time of receipt.
 
-use super::{Shared, consume::consumer_name, from_header_map, to_header_map};
+use super::{Shared, consume::consumer_name, from_header_map};
 use crate::envelope::Envelope;
 use crate::error::{Error, ErrorKind, Result};
-use crate::headers::names;
-use crate::transport::{
-    BatchOutcome, Delivery, DeliveryInfo, PublishOutcome, PublishReceipt, SubscribeSpec,
-    Subscription,
-};
+use crate::transport::{Delivery, DeliveryInfo, SubscribeSpec, Subscription};
 use async_trait::async_trait;
 use futures::{FutureExt, StreamExt};
 use std::time::Duration;
-
-/// Core publish of a batch; see the module docs. Bounded by `request_timeout` as a whole (a
-/// client that cannot write — the server gone — does not hold the caller).
-pub(crate) async fn publish(shared: &Shared, batch: Vec<Envelope>) -> BatchOutcome {
-    let total = batch.len();
-    let deadline = tokio::time::Instant::now() + shared.opts.request_timeout;
-    let mut outcomes = vec![PublishOutcome::Unsent; total];
-    let mut handed = 0usize;
-    // One timer for the whole batch; `handed` counts what the client took before it fired.
-    let sent = tokio::time::timeout_at(deadline, async {
-        for (index, env) in batch.into_iter().enumerate() {
-            let mut headers = to_header_map(&env.headers)
-                .map_err(|e| Error::new(e.kind(), format!("message {index}: {}", e.message())))?;
-            if let Some(id) = env.headers.get(names::MESSAGE_ID) {
-                headers.insert("Nats-Msg-Id", id);
-            }
-            shared
-                .client
-                .publish_with_headers(env.topic.to_string(), headers, env.payload)
-                .await
-                .map_err(|e| {
-                    Error::with_source(
-                        ErrorKind::Transport,
-                        format!("{}: core publish of message {index}", shared.where_()),
-                        e,
-                    )
-                })?;
-            handed += 1;
-        }
-        Ok::<(), Error>(())
-    })
-    .await;
-    let mut error = match sent {
-        Ok(Ok(())) => None,
-        Ok(Err(e)) => Some(e),
-        Err(_) => Some(timeout(shared, handed)),
-    };
-    let flushed = match tokio::time::timeout_at(deadline, shared.client.flush()).await {
-        Ok(Ok(())) => PublishOutcome::Confirmed(PublishReceipt {
-            sequence: 0,
-            duplicate: false,
-        }),
-        Ok(Err(e)) => {
-            error.get_or_insert(Error::with_source(
-                ErrorKind::Transport,
-                format!("{}: flushing core publishes", shared.where_()),
-                e,
-            ));
-            PublishOutcome::Unknown
-        }
-        Err(_) => {
-            error.get_or_insert(timeout(shared, handed));
-            PublishOutcome::Unknown
-        }
-    };
-    outcomes[..handed].fill(flushed);
-    BatchOutcome { outcomes, error }
-}
-
-fn timeout(shared: &Shared, index: usize) -> Error {
-    Error::new(
-        ErrorKind::Timeout,
-        format!(
-            "{}: core publish: message {index} not written within {:?} (the server is unreachable)",
-            shared.where_(),
-            shared.opts.request_timeout
-        ),
-    )
-}
 
 /// A core subscription (queue group = the durable name); see the module docs.
 pub(crate) async fn subscribe(

@@ -10,7 +10,10 @@
 //!   the subjects (the seed's `AMPY` on `ampy.>`, say) is used instead. See
 //!   [`streams::compare`] for what is fatal and what is a warning.
 //! * **Publish**: pipelined, at most [`NatsOptions::max_in_flight`] unacknowledged, every
-//!   PubAck awaited and checked.
+//!   PubAck awaited and checked. Frames go out on a connection of the binding's own, which
+//!   writes the headers straight into NATS's `HPUB` form (async-nats would build a hashed
+//!   header map per message, several times the cost of everything else on the path); TLS
+//!   connections, and `own_publisher=false`, publish through async-nats.
 //! * **Consume**: durable pull consumers with explicit ack, one per stream the pattern spans,
 //!   merged into one subscription; unlimited `MaxDeliver` (the runtime retries and
 //!   dead-letters itself). Durable consumers create missing streams; ephemeral readers and
@@ -44,6 +47,7 @@
 //! | `consumer_inactive_s=N` | durable consumers this binding creates are removed by the server after N s without a puller (default: never; for tests and short-lived tools) |
 //! | `update_streams=true` | update an existing stream's max age, duplicate window and replicas to ours (never by default) |
 //! | `max_reconnects=N` | give up after N reconnect attempts (default: never) |
+//! | `own_publisher=false` | publish through async-nats instead of the binding's own connection (see below) |
 //! | `order=across_instances\|per_instance` | several instances of one durable consumer name: one fetches at a time and per-key order holds across them (default), or all fetch and order holds per instance ([`crate::transport::InstanceOrder`]) |
 //!
 //! **Which option wins**: defaults, then the URL (userinfo, then query options, so
@@ -67,6 +71,7 @@ mod lease;
 mod publish;
 mod replay;
 pub mod streams;
+mod wire;
 
 pub use kv_dedupe::NatsKvDedupeStore;
 
@@ -142,6 +147,9 @@ pub struct NatsOptions {
     /// What several instances of one durable consumer name promise about per-key order
     /// (URL `order=`): one active instance at a time (default) or shared work.
     pub order: crate::transport::InstanceOrder,
+    /// Publish on the binding's own connection (default; not over TLS) rather than through
+    /// async-nats (URL `own_publisher=false`).
+    pub own_publisher: bool,
 }
 
 impl std::fmt::Debug for NatsOptions {
@@ -191,6 +199,7 @@ impl Default for NatsOptions {
             consumer_inactive: None,
             max_reconnects: None,
             order: Default::default(),
+            own_publisher: true,
         }
     }
 }
@@ -291,9 +300,10 @@ impl NatsOptions {
                 }
                 "max_reconnects" => o.max_reconnects = Some(u.num(k, &v)? as usize),
                 "order" => o.order = u.parsed(&v)?,
+                "own_publisher" => o.own_publisher = u.flag(k, &v)?,
                 other => {
                     return Err(u.bad(format!(
-                        "unknown option `{other}` (known: tls, tls_ca, tls_cert, tls_key, user, password, token, nkey, creds, name, connect_timeout_ms, request_timeout_ms, max_in_flight, stream_prefix, replicas, duplicate_window_ms, max_age_days, max_ack_pending, consumer_inactive_s, update_streams, max_reconnects, order)"
+                        "unknown option `{other}` (known: tls, tls_ca, tls_cert, tls_key, user, password, token, nkey, creds, name, connect_timeout_ms, request_timeout_ms, max_in_flight, stream_prefix, replicas, duplicate_window_ms, max_age_days, max_ack_pending, consumer_inactive_s, update_streams, max_reconnects, order, own_publisher)"
                     )));
                 }
             }
@@ -326,6 +336,8 @@ pub(crate) struct Shared {
     pub(crate) opts: NatsOptions,
     pub(crate) streams: streams::StreamCache,
     pub(crate) violations: tokio::sync::broadcast::Sender<String>,
+    /// The binding's own publishing connection (`None`: publish through async-nats).
+    pub(crate) wire: Option<wire::Publisher>,
 }
 
 impl Shared {
@@ -604,6 +616,18 @@ impl NatsTransport {
     pub async fn connect(opts: NatsOptions) -> Result<NatsTransport> {
         let (tx, _) = tokio::sync::broadcast::channel(256);
         let (client, js) = connect_client(&opts, Some(tx.clone())).await?;
+        let wire = if wire::eligible(&opts) {
+            match wire::Publisher::connect(&opts, tx.clone()).await {
+                Ok(p) => Some(p),
+                Err(wire::ConnectFail::Unsupported(why)) => {
+                    tracing::info!(servers = %opts.servers_shown(), %why, "nats: publishing through async-nats");
+                    None
+                }
+                Err(wire::ConnectFail::Failed(e)) => return Err(e),
+            }
+        } else {
+            None
+        };
         Ok(NatsTransport {
             shared: Arc::new(Shared {
                 client,
@@ -611,6 +635,7 @@ impl NatsTransport {
                 opts,
                 streams: streams::StreamCache::default(),
                 violations: tx,
+                wire,
             }),
         })
     }
@@ -710,7 +735,7 @@ impl Transport for NatsTransport {
 
     /// Core publish, no PubAck: see `best_effort.rs`.
     async fn publish_best_effort(&self, batch: Vec<Envelope>) -> crate::transport::BatchOutcome {
-        best_effort::publish(&self.shared, batch).await
+        publish::publish_core(&self.shared, batch).await
     }
 
     async fn subscribe(&self, spec: SubscribeSpec) -> Result<Box<dyn Subscription>> {
@@ -751,6 +776,9 @@ impl Transport for NatsTransport {
     /// that is gone does not hold the caller forever).
     async fn close(&self) -> Result<()> {
         let limit = self.shared.opts.request_timeout;
+        if let Some(w) = &self.shared.wire {
+            w.flush(limit).await?;
+        }
         match tokio::time::timeout(limit, self.shared.client.flush()).await {
             Ok(r) => r.map_err(|e| {
                 Error::with_source(
@@ -789,36 +817,17 @@ impl Transport for NatsTransport {
 pub fn to_header_map(h: &Headers) -> Result<async_nats::HeaderMap> {
     let mut m = async_nats::HeaderMap::new();
     for (k, v) in h.iter() {
+        wire::check_header(k, v)?;
         let name = match known_header_name(k) {
             Some(n) => n,
-            None => {
-                if k.is_empty()
-                    || k.bytes().any(|b| {
-                        b == b':' || b.is_ascii_whitespace() || b.is_ascii_control() || b > 126
-                    })
-                {
-                    return Err(Error::new(
-                        ErrorKind::Header,
-                        format!(
-                            "`{k}`: a NATS header name must be printable ASCII without `:` or spaces"
-                        ),
-                    ));
-                }
-                k.parse().map_err(|e| {
-                    Error::with_source(
-                        ErrorKind::Header,
-                        format!("`{k}`: not a valid NATS header name"),
-                        e,
-                    )
-                })?
-            }
+            None => k.parse().map_err(|e| {
+                Error::with_source(
+                    ErrorKind::Header,
+                    format!("`{k}`: not a valid NATS header name"),
+                    e,
+                )
+            })?,
         };
-        if v.bytes().any(|b| b == b'\r' || b == b'\n') {
-            return Err(Error::new(
-                ErrorKind::Header,
-                format!("`{k}`: a NATS header value may not contain CR or LF"),
-            ));
-        }
         m.insert(name, v);
     }
     Ok(m)

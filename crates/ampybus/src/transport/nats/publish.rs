@@ -1,8 +1,10 @@
-//! Publishing: pipelined, bounded in flight, every PubAck awaited and checked.
+//! Publishing: pipelined, bounded in flight, every PubAck awaited and checked. Frames go out
+//! on the binding's own connection ([`super::wire`]) when it has one, else through async-nats.
 
+use super::wire::{self, AckError, PubAck};
 use super::{Shared, streams, to_header_map};
 use crate::envelope::Envelope;
-use crate::error::{Error, ErrorKind};
+use crate::error::{BoxError, Error, ErrorKind};
 use crate::headers::names;
 use crate::topic::Topic;
 use crate::transport::{BatchOutcome, PublishOutcome, PublishReceipt};
@@ -12,12 +14,130 @@ use async_nats::jetstream::message::PublishMessage;
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+/// A PubAck to await, on whichever connection the message went.
+enum AckOn {
+    Wire(Arc<wire::Link>, wire::AckWait),
+    Client(PublishAckFuture),
+}
+
 struct Pending {
     index: usize,
     stream: Arc<streams::StreamRef>,
     /// The subject.
     topic: Topic,
-    ack: PublishAckFuture,
+    ack: AckOn,
+}
+
+/// Where a batch's frames go.
+enum Out {
+    Wire(Arc<wire::Link>, Vec<u8>),
+    Client,
+}
+
+impl Out {
+    /// The binding's own connection when it has one (connecting again if the last ended).
+    async fn open(shared: &Shared) -> Result<Out, Error> {
+        Ok(match &shared.wire {
+            Some(p) => Out::Wire(p.link().await?, Vec::with_capacity(1024)),
+            None => Out::Client,
+        })
+    }
+
+    /// Sends one JetStream publish; the PubAck to await.
+    async fn send(
+        &mut self,
+        shared: &Shared,
+        subject: &Subject,
+        env: Envelope,
+    ) -> Result<AckOn, SendError> {
+        match self {
+            Out::Wire(link, scratch) => {
+                let (wait, full) = link
+                    .hpub(subject.as_str(), &env.headers, &env.payload, true, scratch)
+                    .map_err(SendError::Refused)?;
+                if full {
+                    link.room().await.map_err(SendError::Failed)?;
+                }
+                let wait = wait.ok_or_else(|| {
+                    SendError::Failed(Error::new(ErrorKind::Transport, "no PubAck inbox"))
+                })?;
+                Ok(AckOn::Wire(link.clone(), wait))
+            }
+            Out::Client => {
+                let headers = to_header_map(&env.headers).map_err(SendError::Refused)?;
+                let mut msg = PublishMessage::build().headers(headers);
+                if let Some(id) = env.headers.get(names::MESSAGE_ID) {
+                    msg = msg.message_id(id);
+                }
+                let msg = msg.payload(env.payload);
+                match shared.js.send_publish(subject.clone(), msg).await {
+                    Ok(f) => Ok(AckOn::Client(f)),
+                    Err(e) => Err(SendError::Client(e)),
+                }
+            }
+        }
+    }
+
+    /// Sends one core publish (no PubAck).
+    async fn send_core(
+        &mut self,
+        shared: &Shared,
+        subject: &Subject,
+        env: Envelope,
+    ) -> Result<(), SendError> {
+        match self {
+            Out::Wire(link, scratch) => {
+                let (_, full) = link
+                    .hpub(subject.as_str(), &env.headers, &env.payload, false, scratch)
+                    .map_err(SendError::Refused)?;
+                if full {
+                    link.room().await.map_err(SendError::Failed)?;
+                }
+                Ok(())
+            }
+            Out::Client => {
+                let mut headers = to_header_map(&env.headers).map_err(SendError::Refused)?;
+                if let Some(id) = env.headers.get(names::MESSAGE_ID) {
+                    headers.insert("Nats-Msg-Id", id);
+                }
+                shared
+                    .client
+                    .publish_with_headers(subject.clone(), headers, env.payload)
+                    .await
+                    .map_err(|e| {
+                        SendError::Failed(Error::with_source(
+                            ErrorKind::Transport,
+                            format!("{}: core publish", shared.where_()),
+                            e,
+                        ))
+                    })
+            }
+        }
+    }
+
+    /// Waits until what was sent is written out (core publishes: the one confirmation).
+    async fn flush(&self, shared: &Shared) -> Result<(), Error> {
+        match self {
+            Out::Wire(link, _) => link.flushed(link.queued()).await,
+            Out::Client => shared.client.flush().await.map_err(|e| {
+                Error::with_source(
+                    ErrorKind::Transport,
+                    format!("{}: flushing core publishes", shared.where_()),
+                    e,
+                )
+            }),
+        }
+    }
+}
+
+/// Why a message was not sent.
+pub(crate) enum SendError {
+    /// The message cannot travel (a header NATS cannot carry, over `max_payload`).
+    Refused(Error),
+    /// The connection failed.
+    Failed(Error),
+    /// async-nats refused it.
+    Client(async_nats::jetstream::context::PublishError),
 }
 
 /// Publishes with per-message outcomes: a message whose PubAck came is confirmed; after the
@@ -40,6 +160,7 @@ pub(crate) async fn publish_outcomes(
     let mut pending: VecDeque<Pending> = VecDeque::new();
     let mut violations = shared.violations.subscribe();
     let limit = shared.opts.max_in_flight.max(1);
+    let mut out: Option<Out> = None;
     // Batches usually share a topic: parse it, find its stream and make its subject once per
     // run of it (the subject is then shared by every message of the run, not copied).
     let mut last: Option<(Topic, Arc<streams::StreamRef>, Subject)> = None;
@@ -66,21 +187,6 @@ pub(crate) async fn publish_outcomes(
             }
         };
         last = Some((topic.clone(), stream.clone(), subject.clone()));
-        let headers = match to_header_map(&env.headers) {
-            Ok(h) => h,
-            Err(e) => {
-                error = Some(Error::new(
-                    e.kind(),
-                    format!("message {index}: {}", e.message()),
-                ));
-                break 'send;
-            }
-        };
-        let mut msg = PublishMessage::build().headers(headers);
-        if let Some(id) = env.headers.get(names::MESSAGE_ID) {
-            msg = msg.message_id(id);
-        }
-        let msg = msg.payload(env.payload);
         while pending.len() >= limit {
             let p = pending.pop_front().expect("non-empty");
             if let Some(e) = settle(shared, p, total, &mut violations, &mut outcomes).await {
@@ -88,22 +194,45 @@ pub(crate) async fn publish_outcomes(
                 break 'send;
             }
         }
-        match shared.js.send_publish(subject, msg).await {
+        if out.is_none() {
+            match Out::open(shared).await {
+                Ok(o) => out = Some(o),
+                Err(e) => {
+                    error = Some(e);
+                    break 'send;
+                }
+            }
+        }
+        let sender = out.as_mut().expect("opened");
+        match sender.send(shared, &subject, env).await {
             Ok(ack) => pending.push_back(Pending {
                 index,
                 stream,
                 topic,
                 ack,
             }),
-            Err(e) => {
+            Err(SendError::Refused(e)) => {
+                error = Some(Error::new(
+                    e.kind(),
+                    format!("message {index}: {}", e.message()),
+                ));
+                break 'send;
+            }
+            Err(SendError::Failed(e)) => {
+                error = Some(e);
+                break 'send;
+            }
+            Err(SendError::Client(e)) => {
+                let (kind, text) = (e.kind(), e.to_string());
+                let (k, what) = client_send_error(shared, kind, text);
                 error = Some(publish_error(
                     shared,
                     index,
                     total,
                     topic.as_str(),
-                    e.kind(),
-                    e.to_string(),
-                    e,
+                    k,
+                    what,
+                    Some(Box::new(e)),
                 ));
                 break 'send;
             }
@@ -172,7 +301,32 @@ async fn await_ack(
         ack,
     } = p;
     let subject = topic.as_str();
-    let mut ack = std::pin::pin!(ack.into_future());
+    let limit = shared.opts.request_timeout;
+    let ack = async move {
+        match ack {
+            AckOn::Wire(link, w) => link.await_ack(w, limit).await,
+            AckOn::Client(f) => f
+                .await
+                .map(|a| PubAck {
+                    stream: Arc::from(a.stream.as_str()),
+                    sequence: a.sequence,
+                    duplicate: a.duplicate,
+                })
+                .map_err(|e| {
+                    let text = e.to_string();
+                    match e.kind() {
+                        PublishErrorKind::StreamNotFound => AckError::NoStream,
+                        PublishErrorKind::TimedOut => AckError::TimedOut,
+                        PublishErrorKind::WrongLastMessageId
+                        | PublishErrorKind::WrongLastSequence
+                        | PublishErrorKind::MaxPayloadExceeded => AckError::Refused(text),
+                        PublishErrorKind::BrokenPipe => AckError::Lost(text),
+                        _ => AckError::Api(text),
+                    }
+                }),
+        }
+    };
+    let mut ack = std::pin::pin!(ack);
     let res = loop {
         tokio::select! {
             r = &mut ack => break r,
@@ -190,7 +344,7 @@ async fn await_ack(
     };
     match res {
         Ok(a) => {
-            if a.stream != stream.name {
+            if *a.stream != *stream.name {
                 tracing::warn!(expected = %stream.name, got = %a.stream, subject = %subject, "nats: message stored in another stream than expected");
             }
             Ok(PublishReceipt {
@@ -199,22 +353,31 @@ async fn await_ack(
             })
         }
         Err(e) => {
-            if matches!(
-                e.kind(),
-                PublishErrorKind::StreamNotFound | PublishErrorKind::TimedOut
-            ) {
+            if matches!(e, AckError::NoStream | AckError::TimedOut) {
                 // The stream may have been deleted under us: look it up again next time.
                 streams::invalidate(shared, topic.env(), topic.domain());
             }
-            let outcome = match e.kind() {
-                PublishErrorKind::StreamNotFound
-                | PublishErrorKind::WrongLastMessageId
-                | PublishErrorKind::WrongLastSequence
-                | PublishErrorKind::MaxPayloadExceeded => PublishOutcome::Unsent,
-                _ => PublishOutcome::Unknown,
+            let (kind, what, outcome) = match e {
+                AckError::NoStream => (
+                    ErrorKind::Transport,
+                    "no stream answered (stream deleted, or the server is unavailable)".to_owned(),
+                    PublishOutcome::Unsent,
+                ),
+                AckError::Refused(text) => (ErrorKind::Transport, text, PublishOutcome::Unsent),
+                AckError::TimedOut => (
+                    ErrorKind::Timeout,
+                    format!("no PubAck within {:?}", shared.opts.request_timeout),
+                    PublishOutcome::Unknown,
+                ),
+                AckError::Lost(why) => (
+                    ErrorKind::Transport,
+                    format!("connection lost before the PubAck ({why})"),
+                    PublishOutcome::Unknown,
+                ),
+                AckError::Api(text) => (ErrorKind::Transport, text, PublishOutcome::Unknown),
             };
             Err((
-                publish_error(shared, index, total, subject, e.kind(), e.to_string(), e),
+                publish_error(shared, index, total, subject, kind, what, None),
                 outcome,
             ))
         }
@@ -231,21 +394,9 @@ fn permission_denied(shared: &Shared, index: usize, total: usize, subject: &str)
     )
 }
 
-fn publish_error(
-    shared: &Shared,
-    index: usize,
-    total: usize,
-    subject: &str,
-    kind: PublishErrorKind,
-    text: String,
-    source: impl Into<crate::error::BoxError>,
-) -> Error {
-    let before = if index > 0 {
-        format!("; the {index} messages before it were stored")
-    } else {
-        String::new()
-    };
-    let (k, what) = match kind {
+/// What an async-nats send error means: its kind and text.
+fn client_send_error(shared: &Shared, kind: PublishErrorKind, text: String) -> (ErrorKind, String) {
+    match kind {
         PublishErrorKind::TimedOut => (
             ErrorKind::Timeout,
             format!("no PubAck within {:?}", shared.opts.request_timeout),
@@ -259,13 +410,112 @@ fn publish_error(
             format!("message larger than the server's max_payload: {text}"),
         ),
         _ => (ErrorKind::Transport, text),
+    }
+}
+
+fn publish_error(
+    shared: &Shared,
+    index: usize,
+    total: usize,
+    subject: &str,
+    kind: ErrorKind,
+    what: String,
+    source: Option<BoxError>,
+) -> Error {
+    let before = if index > 0 {
+        format!("; the {index} messages before it were stored")
+    } else {
+        String::new()
     };
-    Error::with_source(
-        k,
+    let text = format!(
+        "{}: publish of message {index} of {total} to `{subject}` failed: {what}{before}",
+        shared.where_()
+    );
+    match source {
+        Some(s) => Error::with_source(kind, text, s),
+        None => Error::new(kind, text),
+    }
+}
+
+/// Core publish of a batch (the best-effort tier; see `best_effort.rs`): every message
+/// written, then one flush; a message is `Confirmed` once flushed (receipt sequence 0).
+/// Bounded by `request_timeout` as a whole (a connection that cannot write — the server gone —
+/// does not hold the caller).
+pub(crate) async fn publish_core(shared: &Shared, batch: Vec<Envelope>) -> BatchOutcome {
+    let total = batch.len();
+    let deadline = tokio::time::Instant::now() + shared.opts.request_timeout;
+    let mut outcomes = vec![PublishOutcome::Unsent; total];
+    let mut handed = 0usize;
+    let mut out: Option<Out> = None;
+    // One timer for the whole batch; `handed` counts what was taken before it fired.
+    let sent = tokio::time::timeout_at(deadline, async {
+        let sender = out.insert(Out::open(shared).await?);
+        let mut last: Option<Subject> = None;
+        for (index, env) in batch.into_iter().enumerate() {
+            let subject = match last.take() {
+                Some(s) if s.as_str() == env.topic.as_str() => s,
+                _ => Subject::from(env.topic.as_str()),
+            };
+            last = Some(subject.clone());
+            match sender.send_core(shared, &subject, env).await {
+                Ok(()) => handed += 1,
+                Err(SendError::Refused(e)) => {
+                    return Err(Error::new(
+                        e.kind(),
+                        format!("message {index}: {}", e.message()),
+                    ));
+                }
+                Err(SendError::Failed(e)) => {
+                    return Err(Error::new(
+                        e.kind(),
+                        format!("core publish of message {index}: {}", e.message()),
+                    ));
+                }
+                Err(SendError::Client(e)) => {
+                    return Err(Error::with_source(
+                        ErrorKind::Transport,
+                        format!("{}: core publish of message {index}", shared.where_()),
+                        e,
+                    ));
+                }
+            }
+        }
+        Ok::<(), Error>(())
+    })
+    .await;
+    let mut error = match sent {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e),
+        Err(_) => Some(core_timeout(shared, handed)),
+    };
+    let flushed = match &out {
+        None => PublishOutcome::Unknown,
+        Some(o) => match tokio::time::timeout_at(deadline, o.flush(shared)).await {
+            Ok(Ok(())) => PublishOutcome::Confirmed(PublishReceipt {
+                sequence: 0,
+                duplicate: false,
+            }),
+            Ok(Err(e)) => {
+                error.get_or_insert(e);
+                PublishOutcome::Unknown
+            }
+            Err(_) => {
+                error.get_or_insert(core_timeout(shared, handed));
+                PublishOutcome::Unknown
+            }
+        },
+    };
+    outcomes[..handed].fill(flushed);
+    BatchOutcome { outcomes, error }
+}
+
+fn core_timeout(shared: &Shared, index: usize) -> Error {
+    Error::new(
+        ErrorKind::Timeout,
         format!(
-            "{}: publish of message {index} of {total} to `{subject}` failed: {what}{before}",
-            shared.where_()
+            "{}: core publish: message {index} not written within {:?} (the server is unreachable)",
+            shared.where_(),
+            shared.opts.request_timeout
         ),
-        source,
     )
 }
