@@ -84,8 +84,10 @@ pub(crate) struct Publisher {
     opts: NatsOptions,
     violations: broadcast::Sender<String>,
     link: Mutex<Option<Arc<Link>>>,
-    /// Held while connecting, so concurrent publishers make one connection.
-    connecting: tokio::sync::Mutex<()>,
+    /// Held while connecting, so concurrent publishers make one connection; holds the
+    /// outcome of the last failed attempt (its end and the error's kind and text), which
+    /// publishers that waited for that attempt are given instead of dialling again.
+    connecting: tokio::sync::Mutex<Option<(std::time::Instant, ErrorKind, String)>>,
     /// The seed server to try first next time (the one after the last that failed).
     next_server: AtomicU64,
 }
@@ -100,7 +102,7 @@ impl Publisher {
             opts: opts.clone(),
             violations,
             link: Mutex::new(None),
-            connecting: tokio::sync::Mutex::new(()),
+            connecting: tokio::sync::Mutex::new(None),
             next_server: AtomicU64::new(0),
         };
         let link = p.dial().await?;
@@ -113,16 +115,27 @@ impl Publisher {
         if let Some(l) = self.live() {
             return Ok(l);
         }
-        let _one = self.connecting.lock().await;
+        let asked = std::time::Instant::now();
+        let mut last_fail = self.connecting.lock().await;
         if let Some(l) = self.live() {
             return Ok(l);
         }
+        // An attempt that ended while this one waited for the lock has just answered.
+        if let Some((at, kind, text)) = &*last_fail
+            && *at >= asked
+        {
+            return Err(Error::new(*kind, text.clone()));
+        }
         match self.dial().await {
             Ok(l) => {
+                *last_fail = None;
                 *self.link.lock().expect("link lock") = Some(l.clone());
                 Ok(l)
             }
-            Err(ConnectFail::Failed(e)) => Err(e),
+            Err(ConnectFail::Failed(e)) => {
+                *last_fail = Some((std::time::Instant::now(), e.kind(), e.message().to_owned()));
+                Err(e)
+            }
             Err(ConnectFail::Unsupported(why)) => Err(Error::new(
                 ErrorKind::Transport,
                 format!(
