@@ -234,6 +234,19 @@ pub(crate) struct Link {
     heard_ms: AtomicU64,
 }
 
+/// Removes a PubAck's waiter from the table when its wait ends (after a PubAck, the entry
+/// is gone already: the removal finds nothing).
+struct Forget<'a> {
+    link: &'a Link,
+    id: u64,
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.link.acks.lock().expect("acks").remove(&self.id);
+    }
+}
+
 /// A PubAck to await: see [`Link::await_ack`].
 pub(crate) struct AckWait {
     rx: oneshot::Receiver<std::result::Result<PubAck, AckError>>,
@@ -529,11 +542,16 @@ impl Link {
             }
             Err(oneshot::error::TryRecvError::Empty) => {}
         }
+        // A wait given up before the PubAck came (the caller stopped on a permission
+        // violation, or was dropped) takes its entry out of the table.
+        let _forget = Forget {
+            link: self,
+            id: w.id,
+        };
         match tokio::time::timeout(limit, &mut w.rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(AckError::Lost(self.why_dead())),
             Err(_) => {
-                self.acks.lock().expect("acks").remove(&w.id);
                 let heard = Duration::from_millis(self.heard_ms.load(Ordering::Relaxed));
                 if self.born.elapsed().saturating_sub(heard) >= limit {
                     self.kill(&format!("nothing from the server within {limit:?}"));
