@@ -19,6 +19,21 @@ use std::time::{Duration, Instant};
 use ampybus_conformance::NatsServer as Server;
 use ampybus_conformance::{fault_headers as headers, timed};
 
+/// A server of the test's own with JetStream stored in `dir/js` and `extra` added to its
+/// config file.
+fn server_with_config(dir: &Path, extra: &str) -> Server {
+    let conf = dir.join("nats.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "jetstream {{ store_dir: \"{}\" }}\n{extra}\n",
+            dir.join("js").display()
+        ),
+    )
+    .unwrap();
+    Server::start(dir, &["-c", conf.to_str().unwrap()])
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
@@ -504,16 +519,7 @@ async fn token_and_nkey_authentication() {
         ),
     ] {
         let dir = tempfile::tempdir().unwrap();
-        let conf = dir.path().join("nats.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "jetstream {{ store_dir: \"{}\" }}\n{auth}\n",
-                dir.path().join("js").display()
-            ),
-        )
-        .unwrap();
-        let server = Server::start(dir.path(), &["-c", conf.to_str().unwrap()]);
+        let server = server_with_config(dir.path(), &auth);
         let nkey = auth.contains("nkey");
         let q = if nkey {
             format!("?nkey={seed}&stream_prefix=AUTH")
@@ -768,16 +774,7 @@ async fn credentials_file_jwt_authentication() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn own_publishing_connection_refuses_oversize_survives_a_hang_and_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let conf = dir.path().join("nats.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "max_payload: 8192\njetstream {{ store_dir: \"{}\" }}\n",
-            dir.path().join("js").display()
-        ),
-    )
-    .unwrap();
-    let mut server = Server::start(dir.path(), &["-c", conf.to_str().unwrap()]);
+    let mut server = server_with_config(dir.path(), "max_payload: 8192");
     let bus = Bus::connect(&server.url("nats", "?stream_prefix=OWN&request_timeout_ms=1000"))
         .await
         .expect("connect");

@@ -52,12 +52,7 @@ impl Out {
     ) -> Result<AckOn, SendError> {
         match self {
             Out::Wire(link, scratch) => {
-                let (wait, full) = link
-                    .hpub(subject.as_str(), &env.headers, &env.payload, true, scratch)
-                    .map_err(SendError::Refused)?;
-                if full {
-                    link.room().await.map_err(SendError::Failed)?;
-                }
+                let wait = wire_send(link, scratch, subject, &env, true).await?;
                 let wait = wait.ok_or_else(|| {
                     SendError::Failed(Error::new(ErrorKind::Transport, "no PubAck inbox"))
                 })?;
@@ -87,12 +82,7 @@ impl Out {
     ) -> Result<(), SendError> {
         match self {
             Out::Wire(link, scratch) => {
-                let (_, full) = link
-                    .hpub(subject.as_str(), &env.headers, &env.payload, false, scratch)
-                    .map_err(SendError::Refused)?;
-                if full {
-                    link.room().await.map_err(SendError::Failed)?;
-                }
+                wire_send(link, scratch, subject, &env, false).await?;
                 Ok(())
             }
             Out::Client => {
@@ -128,6 +118,24 @@ impl Out {
             }),
         }
     }
+}
+
+/// One frame on the binding's own connection (a PubAck inbox with `ack`), then, when the
+/// buffer is past its high-water mark, a wait for the writer.
+async fn wire_send(
+    link: &wire::Link,
+    scratch: &mut Vec<u8>,
+    subject: &Subject,
+    env: &Envelope,
+    ack: bool,
+) -> Result<Option<wire::AckWait>, SendError> {
+    let (wait, full) = link
+        .hpub(subject.as_str(), &env.headers, &env.payload, ack, scratch)
+        .map_err(SendError::Refused)?;
+    if full {
+        link.room().await.map_err(SendError::Failed)?;
+    }
+    Ok(wait)
 }
 
 /// Why a message was not sent.
@@ -312,18 +320,7 @@ async fn await_ack(
                     sequence: a.sequence,
                     duplicate: a.duplicate,
                 })
-                .map_err(|e| {
-                    let text = e.to_string();
-                    match e.kind() {
-                        PublishErrorKind::StreamNotFound => AckError::NoStream,
-                        PublishErrorKind::TimedOut => AckError::TimedOut,
-                        PublishErrorKind::WrongLastMessageId
-                        | PublishErrorKind::WrongLastSequence
-                        | PublishErrorKind::MaxPayloadExceeded => AckError::Refused(text),
-                        PublishErrorKind::BrokenPipe => AckError::Lost(text),
-                        _ => AckError::Api(text),
-                    }
-                }),
+                .map_err(|e| client_ack_error(e.kind(), e.to_string())),
         }
     };
     let mut ack = std::pin::pin!(ack);
@@ -357,25 +354,7 @@ async fn await_ack(
                 // The stream may have been deleted under us: look it up again next time.
                 streams::invalidate(shared, topic.env(), topic.domain());
             }
-            let (kind, what, outcome) = match e {
-                AckError::NoStream => (
-                    ErrorKind::Transport,
-                    "no stream answered (stream deleted, or the server is unavailable)".to_owned(),
-                    PublishOutcome::Unsent,
-                ),
-                AckError::Refused(text) => (ErrorKind::Transport, text, PublishOutcome::Unsent),
-                AckError::TimedOut => (
-                    ErrorKind::Timeout,
-                    format!("no PubAck within {:?}", shared.opts.request_timeout),
-                    PublishOutcome::Unknown,
-                ),
-                AckError::Lost(why) => (
-                    ErrorKind::Transport,
-                    format!("connection lost before the PubAck ({why})"),
-                    PublishOutcome::Unknown,
-                ),
-                AckError::Api(text) => (ErrorKind::Transport, text, PublishOutcome::Unknown),
-            };
+            let (kind, what, outcome) = ack_failure(shared, e);
             Err((
                 publish_error(shared, index, total, subject, kind, what, None),
                 outcome,
@@ -396,20 +375,50 @@ fn permission_denied(shared: &Shared, index: usize, total: usize, subject: &str)
 
 /// What an async-nats send error means: its kind and text.
 fn client_send_error(shared: &Shared, kind: PublishErrorKind, text: String) -> (ErrorKind, String) {
-    match kind {
-        PublishErrorKind::TimedOut => (
-            ErrorKind::Timeout,
-            format!("no PubAck within {:?}", shared.opts.request_timeout),
-        ),
-        PublishErrorKind::StreamNotFound => (
-            ErrorKind::Transport,
-            "no stream answered (stream deleted, or the server is unavailable)".to_owned(),
-        ),
-        PublishErrorKind::MaxPayloadExceeded => (
+    if matches!(kind, PublishErrorKind::MaxPayloadExceeded) {
+        return (
             ErrorKind::Payload,
             format!("message larger than the server's max_payload: {text}"),
+        );
+    }
+    let (k, what, _) = ack_failure(shared, client_ack_error(kind, text));
+    (k, what)
+}
+
+/// An async-nats publish error in the terms of the binding's own connection.
+fn client_ack_error(kind: PublishErrorKind, text: String) -> AckError {
+    match kind {
+        PublishErrorKind::StreamNotFound => AckError::NoStream,
+        PublishErrorKind::TimedOut => AckError::TimedOut,
+        PublishErrorKind::WrongLastMessageId
+        | PublishErrorKind::WrongLastSequence
+        | PublishErrorKind::MaxPayloadExceeded => AckError::Refused(text),
+        PublishErrorKind::BrokenPipe => AckError::Lost(text),
+        _ => AckError::Api(text),
+    }
+}
+
+/// What a missing PubAck means: the error's kind and text, and the message's outcome (a
+/// definite refusal is `Unsent`; a timeout, a lost connection or another API error `Unknown`).
+fn ack_failure(shared: &Shared, e: AckError) -> (ErrorKind, String, PublishOutcome) {
+    match e {
+        AckError::NoStream => (
+            ErrorKind::Transport,
+            "no stream answered (stream deleted, or the server is unavailable)".to_owned(),
+            PublishOutcome::Unsent,
         ),
-        _ => (ErrorKind::Transport, text),
+        AckError::Refused(text) => (ErrorKind::Transport, text, PublishOutcome::Unsent),
+        AckError::TimedOut => (
+            ErrorKind::Timeout,
+            format!("no PubAck within {:?}", shared.opts.request_timeout),
+            PublishOutcome::Unknown,
+        ),
+        AckError::Lost(why) => (
+            ErrorKind::Transport,
+            format!("connection lost before the PubAck ({why})"),
+            PublishOutcome::Unknown,
+        ),
+        AckError::Api(text) => (ErrorKind::Transport, text, PublishOutcome::Unknown),
     }
 }
 
