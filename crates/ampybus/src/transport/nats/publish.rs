@@ -52,7 +52,15 @@ impl Out {
     ) -> Result<AckOn, SendError> {
         match self {
             Out::Wire(link, scratch) => {
-                let wait = wire_send(link, scratch, subject, &env, true).await?;
+                let wait = wire_send(
+                    link,
+                    scratch,
+                    subject,
+                    &env,
+                    true,
+                    shared.opts.request_timeout,
+                )
+                .await?;
                 let wait = wait.ok_or_else(|| {
                     SendError::Failed(Error::new(ErrorKind::Transport, "no PubAck inbox"))
                 })?;
@@ -82,7 +90,15 @@ impl Out {
     ) -> Result<(), SendError> {
         match self {
             Out::Wire(link, scratch) => {
-                wire_send(link, scratch, subject, &env, false).await?;
+                wire_send(
+                    link,
+                    scratch,
+                    subject,
+                    &env,
+                    false,
+                    shared.opts.request_timeout,
+                )
+                .await?;
                 Ok(())
             }
             Out::Client => {
@@ -128,12 +144,13 @@ async fn wire_send(
     subject: &Subject,
     env: &Envelope,
     ack: bool,
+    limit: std::time::Duration,
 ) -> Result<Option<wire::AckWait>, SendError> {
     let (wait, full) = link
         .hpub(subject.as_str(), &env.headers, &env.payload, ack, scratch)
         .map_err(SendError::Refused)?;
     if full {
-        link.room().await.map_err(SendError::Failed)?;
+        link.room(limit).await.map_err(SendError::Failed)?;
     }
     Ok(wait)
 }

@@ -13,7 +13,8 @@
 //!   require TLS, and TLS options, keep publishing on async-nats ([`eligible`]).
 //! * **Writing.** Publishers append frames to one buffer; a writer task hands it to the socket
 //!   whole (frames of concurrent publishers coalesce into one `write`). Past
-//!   [`HIGH_WATER`] buffered bytes a publisher waits for the writer.
+//!   [`HIGH_WATER`] buffered bytes a publisher waits for the writer, at most the request
+//!   timeout (a server that takes nothing for that long ends the link).
 //! * **Reading.** A reader task answers `PING`, routes PubAcks (`MSG` on the inbox; a `503`
 //!   status is "no responders") to their waiters, and passes a publish permission violation
 //!   (`-ERR`) to the binding's `violations` channel.
@@ -409,8 +410,11 @@ impl Link {
         }
     }
 
-    /// Waits while the buffer is past [`HIGH_WATER`]; an error once the link is dead.
-    pub(crate) async fn room(&self) -> Result<()> {
+    /// Waits while the buffer is past [`HIGH_WATER`]; an error once the link is dead. A
+    /// server that takes nothing from the socket for `limit` ends the link (publishers are
+    /// told, rather than held until it reads again).
+    pub(crate) async fn room(&self, limit: Duration) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + limit;
         loop {
             let wait = self.space.notified();
             tokio::pin!(wait);
@@ -421,7 +425,10 @@ impl Link {
             if self.out.lock().expect("out").buf.len() < HIGH_WATER {
                 return Ok(());
             }
-            wait.await;
+            if tokio::time::timeout_at(deadline, wait).await.is_err() {
+                self.kill(&format!("the server took nothing for {limit:?}"));
+                return Err(self.lost());
+            }
         }
     }
 
