@@ -122,7 +122,14 @@ fn run(cli: Cli) -> CliResult<u8> {
         }
         Command::BenchConsumer(args) => {
             util::set_tier(args.tier);
-            runtime()?.block_on(bench::consumer(&url, args))
+            // The consumer loop runs as a task of the runtime, as the consumer runtime's
+            // fetcher does: a message the connection's task hands over is picked up by the
+            // same worker thread instead of waking the thread blocked on the command.
+            runtime()?.block_on(async move {
+                tokio::spawn(async move { bench::consumer(&url, args).await })
+                    .await
+                    .map_err(|e| CliError::transport(format!("bench consumer task failed: {e}")))?
+            })
         }
         Command::Demo(args) => {
             runtime()?.block_on(util::job_until_signal("demo", demo::run(&url, args)))

@@ -258,6 +258,13 @@ struct Setup {
     tag: String,
 }
 
+/// One benchmark message: the contract's headers for `key`, the run id, the payload.
+fn bench_envelope(topic: &Topic, key: &str, run_id: &str, payload: &Bytes) -> Envelope {
+    let mut h = Headers::for_publish(RAW_BYTES_SCHEMA, "bench@ampybus", "ampybus-bench", key);
+    h.set(names::RUN_ID, run_id);
+    Envelope::new(topic, h, payload.clone())
+}
+
 fn rand_tag() -> u32 {
     let id = ampybus::ids::new_message_id();
     let hex: String = id.chars().filter(char::is_ascii_hexdigit).collect();
@@ -272,9 +279,7 @@ impl Setup {
     }
 
     fn envelope(&self, topic: &Topic, key: &str) -> Envelope {
-        let mut h = Headers::for_publish(RAW_BYTES_SCHEMA, "bench@ampybus", "ampybus-bench", key);
-        h.set(names::RUN_ID, self.run_id.clone());
-        Envelope::new(topic, h, self.payload.clone())
+        bench_envelope(topic, key, &self.run_id, &self.payload)
     }
 
     /// The topic of one run: on the embedded log every run has a log of its own; on a broker
@@ -656,34 +661,46 @@ async fn e2e_round(s: &Setup, round: u64, raw: bool) -> CliResult<E2e> {
     let side = if raw { "raw e2e" } else { "e2e" };
     let pb = s.bar(&format!("round {round}: {side} @{} msg/s", s.args.rate), n);
     let batch = s.args.batch;
+    // The publishing loop runs as a task of the runtime, as a service's producer does (not on
+    // the thread that blocks on the command), so what it hands to the connection's tasks is
+    // picked up by the same worker thread without waking another.
+    let make = {
+        let (keys, run_id, payload) = (s.keys.clone(), s.run_id.clone(), s.payload.clone());
+        let topic = topic.clone();
+        move |key: &mut usize| {
+            *key = (*key + 1) % keys.len();
+            bench_envelope(&topic, &keys[*key], &run_id, &payload)
+        }
+    };
+    let (bus2, pb2) = (bus.clone(), pb.clone());
     let started = Instant::now();
-    let mut sent = 0u64;
-    let mut key = 0usize;
-    while sent < n {
-        let due = ((started.elapsed().as_secs_f64() * rate) as u64).min(n);
-        if due <= sent {
-            let at = started + Duration::from_secs_f64((sent + 1) as f64 / rate);
-            tokio::time::sleep_until(at.into()).await;
-            continue;
-        }
-        let k = (due - sent).min(batch);
-        let envs: Vec<Envelope> = (0..k)
-            .map(|_| {
-                key = (key + 1) % s.keys.len();
-                s.envelope(&topic, &s.keys[key])
-            })
-            .collect();
-        match &raw_client {
-            Some(c) => raw_publish(c, envs).await?,
-            None => {
-                bus.publish_batch(envs)
-                    .await
-                    .map_err(|e| CliError::bus("bench e2e publish", &e))?;
+    let sent = tokio::spawn(async move {
+        let mut sent = 0u64;
+        let mut key = 0usize;
+        while sent < n {
+            let due = ((started.elapsed().as_secs_f64() * rate) as u64).min(n);
+            if due <= sent {
+                let at = started + Duration::from_secs_f64((sent + 1) as f64 / rate);
+                tokio::time::sleep_until(at.into()).await;
+                continue;
             }
+            let k = (due - sent).min(batch);
+            let envs: Vec<Envelope> = (0..k).map(|_| make(&mut key)).collect();
+            match &raw_client {
+                Some(c) => raw_publish(c, envs).await?,
+                None => {
+                    bus2.publish_batch(envs)
+                        .await
+                        .map_err(|e| CliError::bus("bench e2e publish", &e))?;
+                }
+            }
+            sent += k;
+            pb2.set_position(sent);
         }
-        sent += k;
-        pb.set_position(sent);
-    }
+        Ok::<u64, CliError>(sent)
+    })
+    .await
+    .map_err(|e| CliError::transport(format!("bench e2e publisher task failed: {e}")))??;
     let publish_secs = started.elapsed().as_secs_f64();
     pb.finish_and_clear();
 

@@ -34,6 +34,16 @@ enum Out {
     Client,
 }
 
+impl Drop for Out {
+    /// Frames appended and not yet written go now (a batch given up or cancelled between
+    /// its appends and its waits does not leave them for the next publisher).
+    fn drop(&mut self) {
+        if let Out::Wire(link, _) = self {
+            link.push();
+        }
+    }
+}
+
 impl Out {
     /// The binding's own connection when it has one (connecting again if the last ended).
     async fn open(shared: &Shared) -> Result<Out, Error> {

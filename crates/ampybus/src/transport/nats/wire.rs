@@ -11,8 +11,14 @@
 //!   `CONNECT` (headers and no-responders on; user/password, token, NKey seed or credentials
 //!   file) → `PING`/`PONG`, then one subscription `_INBOX.{nuid}.*` for PubAcks. Servers that
 //!   require TLS, and TLS options, keep publishing on async-nats ([`eligible`]).
-//! * **Writing.** Publishers append frames to one buffer; a writer task hands it to the socket
-//!   whole (frames of concurrent publishers coalesce into one `write`). Past
+//! * **Writing.** Publishers append frames to one buffer (frames of concurrent publishers
+//!   coalesce into one `write`). A publisher that then waits — for its PubAck, for the flush
+//!   of its core publishes, for room — first tries to write the buffer itself, without
+//!   blocking ([`Link::push`]): when the socket takes it all, the frames leave on the
+//!   publisher's thread with no task woken. Whatever the socket does not take at once goes to
+//!   a writer task, which also starts on its own once a long run of appends passes
+//!   [`WRITE_SOON`] bytes (a big batch is written while it is appended). Only one
+//!   of them writes at a time (`Out::writing`), so frames keep their order. Past
 //!   [`HIGH_WATER`] buffered bytes a publisher waits for the writer, at most the request
 //!   timeout (a server that takes nothing for that long ends the link).
 //! * **Reading.** A reader task answers `PING`, routes PubAcks (`MSG` on the inbox; a `503`
@@ -205,11 +211,21 @@ impl Drop for Publisher {
     }
 }
 
+/// Buffered bytes past which the writer task starts without waiting for a publisher's push.
+const WRITE_SOON: usize = 64 << 10;
+
 /// What publishers and the writer share: the frames not yet written.
 struct Out {
     buf: Vec<u8>,
     /// Bytes ever appended (a flush waits until `written` reaches its position).
     queued: u64,
+    /// Bytes ever written to the socket.
+    written: u64,
+    /// A publisher ([`Link::push`]) or the writer task is writing taken bytes now; the other
+    /// leaves the buffer alone until it is done.
+    writing: bool,
+    /// The empty buffer a pushing publisher swaps in (its capacity kept between pushes).
+    spare: Vec<u8>,
 }
 
 /// One connection to one server.
@@ -221,6 +237,8 @@ pub(crate) struct Link {
     space: Notify,
     /// Bytes written to the socket so far.
     written: watch::Sender<u64>,
+    /// The socket's sending half: the writer task's, and a pushing publisher's.
+    wr: tokio::net::tcp::OwnedWriteHalf,
     acks: Mutex<FastMap<u64, oneshot::Sender<std::result::Result<PubAck, AckError>>>>,
     next_ack: AtomicU64,
     /// `_INBOX.{nuid}.`
@@ -348,10 +366,14 @@ impl Link {
             out: Mutex::new(Out {
                 buf: Vec::with_capacity(256 << 10),
                 queued: 0,
+                written: 0,
+                writing: false,
+                spare: Vec::with_capacity(64 << 10),
             }),
             wake_writer: Notify::new(),
             space: Notify::new(),
             written: watch::channel(0).0,
+            wr,
             acks: Mutex::new(FastMap::with_hasher(FastHash::new())),
             next_ack: AtomicU64::new(1),
             inbox,
@@ -363,7 +385,7 @@ impl Link {
             born: std::time::Instant::now(),
             heard_ms: AtomicU64::new(0),
         });
-        let w = tokio::spawn(write_loop(link.clone(), wr));
+        let w = tokio::spawn(write_loop(link.clone()));
         let r = tokio::spawn(read_loop(link.clone(), rd, rbuf, violations));
         link.tasks.lock().expect("tasks").extend([w, r]);
         tracing::debug!(%server, "nats: publishing connection up");
@@ -408,6 +430,12 @@ impl Link {
         for t in self.tasks.lock().expect("tasks").drain(..) {
             t.abort();
         }
+        // The connection closes now, not when the last holder of the link lets it go (the
+        // sending half lives in the link).
+        let fd = std::os::fd::AsRawFd::as_raw_fd(self.wr.as_ref());
+        // SAFETY: `fd` is the socket `self.wr` owns, open for as long as `self` lives;
+        // `shutdown` ends the connection without closing the descriptor.
+        unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
     }
 
     /// Waits while the buffer is past [`HIGH_WATER`]; an error once the link is dead. A
@@ -415,6 +443,7 @@ impl Link {
     /// told, rather than held until it reads again).
     pub(crate) async fn room(&self, limit: Duration) -> Result<()> {
         let deadline = tokio::time::Instant::now() + limit;
+        self.push();
         loop {
             let wait = self.space.notified();
             tokio::pin!(wait);
@@ -444,7 +473,11 @@ impl Link {
     }
 
     /// Appends one `HPUB` (with a PubAck inbox when `ack`); returns the PubAck to await and
-    /// whether the buffer is now past [`HIGH_WATER`] (then await [`Link::room`]). The
+    /// whether the buffer is now past [`HIGH_WATER`] (then await [`Link::room`]). The frame
+    /// is not written yet (unless the buffer passes [`WRITE_SOON`], which starts the
+    /// writer): the caller's next wait ([`Link::room`], [`Link::flushed`],
+    /// [`Link::await_ack`]) or, at the latest, its [`Link::push`] when it stops publishing
+    /// hands the frames to the socket. The
     /// frame is checked before anything is appended: a header that cannot travel is a
     /// `header` error and a frame over `max_payload` a `payload` error, and nothing is sent.
     pub(crate) fn hpub(
@@ -484,7 +517,6 @@ impl Link {
             return Err(self.lost());
         }
         let mut o = self.out.lock().expect("out");
-        let was_empty = o.buf.is_empty();
         let before = o.buf.len();
         let b = &mut o.buf;
         b.extend_from_slice(b"HPUB ");
@@ -504,9 +536,12 @@ impl Link {
         b.extend_from_slice(b"\r\n");
         let added = (b.len() - before) as u64;
         let full = b.len() >= HIGH_WATER;
+        // A long run of appends (a big batch) starts the writer on the way, so the socket
+        // works while the run goes on.
+        let soon = before < WRITE_SOON && b.len() >= WRITE_SOON;
         o.queued += added;
         drop(o);
-        if was_empty {
+        if soon {
             self.wake_writer.notify_one();
         }
         Ok((wait, full))
@@ -519,6 +554,7 @@ impl Link {
 
     /// Waits until everything appended up to `pos` is written to the socket.
     pub(crate) async fn flushed(&self, pos: u64) -> Result<()> {
+        self.push();
         let mut rx = self.written.subscribe();
         loop {
             if *rx.borrow_and_update() >= pos {
@@ -541,6 +577,7 @@ impl Link {
         mut w: AckWait,
         limit: Duration,
     ) -> std::result::Result<PubAck, AckError> {
+        self.push();
         // Usually the PubAck is there already: no timer for it.
         match w.rx.try_recv() {
             Ok(r) => return r,
@@ -573,6 +610,63 @@ impl Link {
         if let Some(tx) = self.acks.lock().expect("acks").remove(&id) {
             let _ = tx.send(r);
         }
+    }
+
+    /// Writes what is buffered on the caller's thread, without blocking, unless a write is
+    /// under way already (that writer goes on with what was appended meanwhile). Bytes the
+    /// socket does not take at once stay first in the buffer for the writer task, which is
+    /// woken for them; a write error ends the link.
+    pub(crate) fn push(&self) {
+        let mut o = self.out.lock().expect("out");
+        if o.writing || o.buf.is_empty() || self.is_dead() {
+            return;
+        }
+        o.writing = true;
+        let mut taken = std::mem::take(&mut o.spare);
+        std::mem::swap(&mut o.buf, &mut taken);
+        drop(o);
+        let (n, failed) = match self.wr.try_write(&taken) {
+            Ok(n) => (n, None),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => (0, None),
+            Err(e) => (0, Some(e)),
+        };
+        let mut o = self.out.lock().expect("out");
+        o.written += n as u64;
+        let written = o.written;
+        if n < taken.len() {
+            // The rest goes before anything appended meanwhile.
+            taken.drain(..n);
+            taken.extend_from_slice(&o.buf);
+            std::mem::swap(&mut o.buf, &mut taken);
+        }
+        taken.clear();
+        o.spare = taken;
+        o.writing = false;
+        let rest = !o.buf.is_empty();
+        drop(o);
+        if let Some(e) = failed {
+            self.kill(&format!("writing: {e}"));
+            return;
+        }
+        if n > 0 {
+            self.wrote(written);
+        }
+        if rest {
+            self.wake_writer.notify_one();
+        }
+    }
+
+    /// Publishes the written count (never backwards: the two writers may report out of
+    /// order) and wakes publishers waiting for room.
+    fn wrote(&self, written: u64) {
+        self.written.send_if_modified(|w| {
+            let later = written > *w;
+            if later {
+                *w = written;
+            }
+            later
+        });
+        self.space.notify_waiters();
     }
 
     /// Appends a control line (`PONG`).
@@ -781,14 +875,17 @@ fn clip(s: &str) -> &str {
     &s[..end]
 }
 
-/// The writer task: hands the buffer to the socket whenever it holds something.
-async fn write_loop(link: Arc<Link>, mut wr: tokio::net::tcp::OwnedWriteHalf) {
+/// The writer task: hands the buffer to the socket whenever it holds something and no
+/// publisher is writing it ([`Link::push`]).
+async fn write_loop(link: Arc<Link>) {
     let mut spare: Vec<u8> = Vec::with_capacity(256 << 10);
-    let mut written = 0u64;
     loop {
         {
             let mut o = link.out.lock().expect("out");
-            std::mem::swap(&mut o.buf, &mut spare);
+            if !o.writing {
+                std::mem::swap(&mut o.buf, &mut spare);
+                o.writing = !spare.is_empty();
+            }
         }
         if spare.is_empty() {
             if link.is_dead() {
@@ -797,15 +894,34 @@ async fn write_loop(link: Arc<Link>, mut wr: tokio::net::tcp::OwnedWriteHalf) {
             link.wake_writer.notified().await;
             continue;
         }
-        if let Err(e) = wr.write_all(&spare).await {
+        let result = write_all(&link.wr, &spare).await;
+        let written = {
+            let mut o = link.out.lock().expect("out");
+            o.writing = false;
+            o.written += spare.len() as u64;
+            o.written
+        };
+        if let Err(e) = result {
             link.kill(&format!("writing: {e}"));
             return;
         }
-        written += spare.len() as u64;
         spare.clear();
-        link.written.send_replace(written);
-        link.space.notify_waiters();
+        link.wrote(written);
     }
+}
+
+/// Writes all of `buf`, waiting for the socket to take more.
+async fn write_all(wr: &tokio::net::tcp::OwnedWriteHalf, mut buf: &[u8]) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        wr.writable().await?;
+        match wr.try_write(buf) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// The reader task: see the module docs.
