@@ -79,6 +79,17 @@ if ! command -v promtool >/dev/null 2>&1; then
     fi
 fi
 
+# tansu (the tests' Kafka-API broker when none answers on 127.0.0.1:9092) is built once per
+# machine, about 12 minutes on 2 cores. On a machine without it the build starts now, beside
+# clippy and the rustdoc build (it fills the cores they leave idle), and is waited for before the
+# brokers start.
+tansu_build_pid=
+tansu_build_log="${TMPDIR:-/tmp}/ampybus-tansu-build.$$.log"
+if ! bash scripts/brokers.sh status kafka >/dev/null 2>&1; then
+    bash scripts/brokers.sh build kafka >"$tansu_build_log" 2>&1 &
+    tansu_build_pid=$!
+fi
+
 step "cargo fmt --all -- --check"
 cargo fmt --all -- --check
 
@@ -96,6 +107,10 @@ fi
 step "test brokers (scripts/brokers.sh start nats redis kafka postgres s3: reuses a JetStream server on 127.0.0.1:4222, a Redis on 127.0.0.1:6379 a Kafka-API broker on 127.0.0.1:9092, PostgreSQL on 127.0.0.1:5432 and an S3 server on 127.0.0.1:9000; tansu is built once per machine, about 12 minutes; moto is installed once, under a minute)"
 # Stop at exit what this run started (a broker that was already there is left alone).
 trap 'bash scripts/brokers.sh stop nats redis kafka postgres s3 >/dev/null 2>&1 || true' EXIT
+if [ -n "$tansu_build_pid" ]; then
+    wait "$tansu_build_pid" || { cat "$tansu_build_log" >&2; echo "error: building tansu failed" >&2; exit 1; }
+    rm -f "$tansu_build_log"
+fi
 bash scripts/brokers.sh start nats redis kafka postgres s3
 
 step "AsyncAPI parser (scripts/asyncapi-validate.sh install: @asyncapi/parser into ~/.cache/ampybus once per machine, for crates/ampybus-cli/tests/registry.rs)"
