@@ -399,6 +399,9 @@ impl NativeBus {
         completer: &Bound<'_, Completer>,
     ) -> PyResult<()> {
         let common = headers_from_dict(common, None)?;
+        // The map every message starts from: the common headers and the default schema.
+        let mut with_default_schema = common.clone();
+        with_default_schema.set(names::SCHEMA_FQDN, default_schema);
         let mut batch = Vec::with_capacity(items.len());
         // Consecutive items usually share their topic and schema objects: read each once.
         let mut topic: Option<(Bound<'_, PyAny>, ampybus::TopicName)> = None;
@@ -435,15 +438,23 @@ impl NativeBus {
                     .map_err(|e| at(e.into()))?
                     .as_bytes(),
             );
-            let mut h = common.clone();
-            if let Some(own) = field(5)? {
+            let own = field(5)?;
+            let schema_obj = field(4)?;
+            let plain = own.is_none() && schema_obj.is_none();
+            let mut h = if plain {
+                with_default_schema.clone()
+            } else {
+                common.clone()
+            };
+            if let Some(own) = own {
                 for (k, v) in own.cast::<PyDict>().map_err(|e| at(e.into()))?.iter() {
                     let k = k.cast_into::<PyString>().map_err(|e| at(e.into()))?;
                     let v = v.cast_into::<PyString>().map_err(|e| at(e.into()))?;
                     h.set(&*k.to_cow()?, v.to_cow()?);
                 }
             }
-            match field(4)? {
+            match schema_obj {
+                None if plain => {}
                 None => {
                     h.set(names::SCHEMA_FQDN, default_schema);
                 }

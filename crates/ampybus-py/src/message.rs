@@ -630,8 +630,10 @@ impl PyStored {
     }
 }
 
-/// What a publish returns.
-#[pyclass(module = "ampybus._native", frozen, get_all)]
+/// What a publish returns. (A free list keeps the objects of dropped receipts for the next
+/// batch: a `publish_batch` of 1,000 messages would otherwise allocate, and count towards
+/// Python's garbage collection, 1,000 new objects per call.)
+#[pyclass(module = "ampybus._native", frozen, get_all, freelist = 4096)]
 pub struct Receipt {
     /// The `message_id` it was published with.
     pub message_id: String,

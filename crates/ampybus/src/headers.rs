@@ -124,7 +124,6 @@ pub struct Headers {
 /// message arrived in, shared), `arena` (small values written here: generated ids and times,
 /// the text of binary ids, values set one by one) or one of `extra` (larger values set one
 /// by one). Decoding a message therefore copies and counts no per-header references.
-#[derive(Clone)]
 struct Inner {
     base: Bytes,
     extra: Vec<Bytes>,
@@ -373,6 +372,28 @@ impl Drop for Headers {
         if let Some(inner) = self.inner.take() {
             pool::give(inner);
         }
+    }
+}
+
+impl Clone for Inner {
+    fn clone(&self) -> Inner {
+        let mut copy = Inner::new();
+        copy.clone_from(self);
+        copy
+    }
+
+    /// In place, into a map of the pool: copies only the used part of the arena and keeps the
+    /// side lists' capacity.
+    fn clone_from(&mut self, src: &Inner) {
+        self.base = src.base.clone();
+        self.extra.clone_from(&src.extra);
+        let n = usize::from(src.arena_len);
+        self.arena_len = src.arena_len;
+        self.arena[..n].copy_from_slice(&src.arena[..n]);
+        self.known = src.known;
+        self.ext.clone_from(&src.ext);
+        self.parsed = src.parsed;
+        self.lazy.clone_from(&src.lazy);
     }
 }
 
@@ -808,7 +829,18 @@ impl Headers {
     }
 
     fn m(&mut self) -> &mut Inner {
-        std::sync::Arc::make_mut(self.inner.get_or_insert_with(pool::take))
+        let inner = self.inner.get_or_insert_with(pool::take);
+        if std::sync::Arc::get_mut(inner).is_none() {
+            // Shared (a clone of a common map about to get its own values): copy it into a
+            // cleared map of the pool rather than into a fresh allocation.
+            let mut own = pool::take();
+            match std::sync::Arc::get_mut(&mut own) {
+                Some(o) => o.clone_from(inner),
+                None => own = std::sync::Arc::new(Inner::clone(inner)),
+            }
+            *inner = own;
+        }
+        std::sync::Arc::make_mut(inner)
     }
 
     /// [`Headers::m`] for an operation that is about to store values: tidies first.
@@ -2471,6 +2503,42 @@ pub fn check_sequence(v: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_shared_map_changed_through_one_clone_is_copied_whole_and_the_other_keeps_its_values() {
+        // Values in every place a map keeps them: the arena, a separate buffer (a long value),
+        // an extension header and the lazily written text of a binary id.
+        let long = "x".repeat(500);
+        let mut common = Headers::for_publish("ampy.raw.v1.Bytes", "p@1", "src", "k0");
+        common.fill_publish_defaults();
+        common.set("x-desk", "rates");
+        common.set("x-long", &long);
+        let id = common.message_id().map(str::to_owned);
+        // Fill the pool with used maps, so the copy lands in one that held other values.
+        for i in 0..(pool::LOCAL + 4) {
+            let mut other =
+                Headers::for_publish("ampy.other.v1.X", "q@2", "other", &format!("key-{i}"));
+            other.set("x-other", "zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz");
+            drop(other);
+        }
+        let mut mine = common.clone();
+        mine.set(PARTITION_KEY, "k1");
+        mine.set("x-desk", "fx");
+        assert_eq!(mine.partition_key(), Some("k1"));
+        assert_eq!(mine.get("x-desk"), Some("fx"));
+        assert_eq!(mine.get("x-long"), Some(long.as_str()));
+        assert_eq!(mine.get("x-other"), None);
+        assert_eq!(mine.producer(), Some("p@1"));
+        assert_eq!(mine.message_id(), id.as_deref());
+        assert_eq!(common.partition_key(), Some("k0"));
+        assert_eq!(common.get("x-desk"), Some("rates"));
+        assert_eq!(common.get("x-long"), Some(long.as_str()));
+        assert_eq!(mine.len(), common.len());
+        let mut back = mine.clone();
+        back.set(PARTITION_KEY, "k0");
+        back.set("x-desk", "rates");
+        assert_eq!(back, common);
+    }
 
     #[test]
     fn canonical_times_are_recognised_and_others_normalised() {
