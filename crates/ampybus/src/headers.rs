@@ -2506,8 +2506,8 @@ mod tests {
 
     #[test]
     fn a_shared_map_changed_through_one_clone_is_copied_whole_and_the_other_keeps_its_values() {
-        // Values in every place a map keeps them: the arena, a separate buffer (a long value),
-        // an extension header and the lazily written text of a binary id.
+        // Values in the places a map set by hand keeps them: the arena (known headers and the
+        // generated id and time), a separate buffer (a long value) and the extension list.
         let long = "x".repeat(500);
         let mut common = Headers::for_publish("ampy.raw.v1.Bytes", "p@1", "src", "k0");
         common.fill_publish_defaults();
