@@ -390,6 +390,12 @@ impl NativeBus {
     /// partition_key[, dedupe_key[, schema_fqdn[, headers: dict]]])`, `None` for absent — laid
     /// over `common`; `schema_fqdn` defaults to `default_schema`. `fut` gets the list of
     /// [`Receipt`]s, or the exception.
+    ///
+    /// With `as_given`, `items` is the caller's own list: when one of its items is not a
+    /// plain `tuple` or `Outgoing` of 3 to 6 fields with a `bytes` payload and no own headers
+    /// (what the SDK's Python side would first convert), nothing is sent, `fut` is left
+    /// alone and the answer is `False` (convert, then call again); otherwise `True`.
+    #[pyo3(signature = (items, common, default_schema, fut, completer, as_given=false))]
     fn publish_batch(
         &self,
         items: &Bound<'_, PyList>,
@@ -397,7 +403,15 @@ impl NativeBus {
         default_schema: &str,
         fut: Py<PyAny>,
         completer: &Bound<'_, Completer>,
-    ) -> PyResult<()> {
+        as_given: bool,
+    ) -> PyResult<bool> {
+        static OUTGOING: pyo3::sync::PyOnceLock<Py<pyo3::types::PyType>> =
+            pyo3::sync::PyOnceLock::new();
+        let outgoing = if as_given {
+            Some(OUTGOING.import(items.py(), "ampybus._bus", "Outgoing")?)
+        } else {
+            None
+        };
         let common = headers_from_dict(common, None)?;
         // The map every message starts from: the common headers and the default schema.
         let mut with_default_schema = common.clone();
@@ -412,6 +426,19 @@ impl NativeBus {
                     "publish_batch: message {i}: expected (topic: str, payload: bytes, partition_key: str, dedupe_key, schema_fqdn, headers) ({e})"
                 ))
             };
+            if let Some(outgoing) = outgoing {
+                let plain = (item.is_exact_instance_of::<PyTuple>()
+                    || item.get_type().is(outgoing))
+                    && item.cast::<PyTuple>().is_ok_and(|t| {
+                        (3..=6).contains(&t.len())
+                            && t.get_item(1)
+                                .is_ok_and(|p| p.is_exact_instance_of::<PyBytes>())
+                            && (t.len() < 6 || t.get_item(5).is_ok_and(|h| h.is_none()))
+                    });
+                if !plain {
+                    return Ok(false);
+                }
+            }
             let t = item.cast::<PyTuple>().map_err(|e| at(e.into()))?;
             if t.len() < 3 {
                 return Err(at(pyo3::exceptions::PyValueError::new_err("too short")));
@@ -510,7 +537,7 @@ impl NativeBus {
             };
             done.push(fut, value);
         });
-        Ok(())
+        Ok(true)
     }
 
     /// Test aid (not API): `(messages taken by the publisher task, largest batch it sent)`.

@@ -160,6 +160,25 @@ async def test_publish_batch_item_forms(embedded_url: str, bus_factory) -> None:
     assert {got[p].headers["x_common"] for p in got} == {t}
     assert {got[p].headers.producer for p in got} == {"pytest@1"}
 
+    # A list of plain items (taken as given, without the Python conversion) lands the same.
+    plain = [
+        ampybus.Outgoing(topic, b"f", "k6"),
+        (topic, b"g", "k7", "dk-g", "ampy.news.v1.Custom", None),
+        ampybus.Outgoing(topic, b"h", "k8", schema_fqdn="ampy.news.v1.Other"),
+    ]
+    receipts = await bus.publish_batch(plain, schema_fqdn="ampy.news.v1.Default")
+    assert type(receipts) is list and len({r.message_id for r in receipts}) == 3
+    got = {m.payload: m for m in await bus.read(topic)}
+    assert sorted(got) == [b"a", b"b", b"c", b"d", b"e", b"f", b"g", b"h"]
+    assert [got[p].headers.schema_fqdn for p in (b"f", b"g", b"h")] == [
+        "ampy.news.v1.Default",
+        "ampy.news.v1.Custom",
+        "ampy.news.v1.Other",
+    ]
+    assert [got[p].headers.partition_key for p in (b"f", b"g", b"h")] == ["k6", "k7", "k8"]
+    assert got[b"g"].headers.dedupe_key == "dk-g" and got[b"f"].headers.dedupe_key is None
+    assert [got[p].message_id for p in (b"f", b"g", b"h")] == [r.message_id for r in receipts]
+
     # A clash between a keyword field and the item's own headers names the message.
     bad = [ampybus.Outgoing(topic, b"x", "k1"), ampybus.Outgoing(topic, b"y", "k1", headers={"partition_key": "k9"})]
     try:
@@ -175,4 +194,4 @@ async def test_publish_batch_item_forms(embedded_url: str, bus_factory) -> None:
         assert "message 1" in str(e)
     else:
         raise AssertionError("an invalid partition_key must fail")
-    assert len(await bus.read(topic)) == 5
+    assert len(await bus.read(topic)) == 8

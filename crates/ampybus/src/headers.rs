@@ -830,7 +830,8 @@ impl Headers {
 
     fn m(&mut self) -> &mut Inner {
         let inner = self.inner.get_or_insert_with(pool::take);
-        if std::sync::Arc::get_mut(inner).is_none() {
+        // One holder (this one) cannot become two meanwhile; no `Weak` of a map is ever made.
+        if std::sync::Arc::strong_count(inner) != 1 {
             // Shared (a clone of a common map about to get its own values): copy it into a
             // cleared map of the pool rather than into a fresh allocation.
             let mut own = pool::take();

@@ -557,9 +557,18 @@ class Bus:
                 ("source", source if source is not None else self.source),
             ),
         )
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        default_schema = schema_fqdn or RAW_BYTES_SCHEMA
+        completer = _completer(loop)
         # Each item reaches Rust in Outgoing's field order; an Outgoing (or plain tuple) with
         # a bytes payload and no own headers goes as it is (Rust reads its fields), anything
-        # else is normalised here first.
+        # else is normalised here first. A list of such items goes to Rust as it is (Rust
+        # answers False, having sent nothing, when one of them needs normalising).
+        if type(messages) is list and self._native.publish_batch(
+            messages, common, default_schema, fut, completer, True
+        ):
+            return await fut
         items: List[Tuple[Any, ...]] = []
         for i, m in enumerate(messages):
             kind = type(m)
@@ -578,10 +587,8 @@ class Bus:
                 named = (("schema_fqdn", fqdn), ("partition_key", m.partition_key), ("dedupe_key", m.dedupe_key))
                 own = _merge(where, m.headers, named)
             items.append((m.topic, data, m.partition_key, m.dedupe_key, fqdn, own))
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        self._native.publish_batch(items, common, schema_fqdn or RAW_BYTES_SCHEMA, fut, _completer(loop))
-        return list(await fut)
+        self._native.publish_batch(items, common, default_schema, fut, completer)
+        return await fut
 
     def subscribe(
         self,
