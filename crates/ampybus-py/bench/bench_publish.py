@@ -9,7 +9,8 @@ Before the first round the script waits (up to ``--load-wait`` seconds) for a qu
 1-minute load average below ``--max-load``; the load at the start and the end is reported.
 
 Publish (256-byte payloads, 100 partition keys, topic ``ampy.dev.bars.v1.benchpy.…``, the
-contract's headers on every message, every PubAck awaited), rounds interleaved:
+contract's headers on every message, every PubAck awaited), rounds interleaved (each round
+starts one row later than the last):
 
 * ``nats-py awaited``: ``await js.publish(subject, payload, headers=…)`` one at a time.
 * ``sdk awaited``: ``await bus.publish(...)`` one at a time.
@@ -17,12 +18,19 @@ contract's headers on every message, every PubAck awaited), rounds interleaved:
   ``--inflight``), then ``publish_async_completed()``; every ack checked.
 * ``sdk batched``: ``await bus.publish_batch(1,000 Outgoing)`` per call (the list is built in
   the timed loop).
+* ``sdk batched, lists before``: the same, the lists of ``Outgoing`` built before the clock
+  starts (as the core rows build their envelopes): the SDK's ``publish_batch`` alone.
 * ``core publish_wire``: the Rust core's ``Bus::publish_wire`` of the same messages, 1,000 per
   call, envelopes prepared before the clock starts (``NativeBus._bench_publish_wire``, timed in
   Rust): what ``sdk batched`` is compared with.
 * ``core publish_batch``: the core's ``Bus::publish_batch`` of the same messages, 1,000 per
   call, only the caller's headers built before the clock (ids, times, trace context filled and
   everything validated in the timed part, as for ``sdk batched``): what the SDK adds to.
+* ``sdk batched, per batch`` and ``core publish_wire, per batch``: ``sdk batched, lists before``
+  and ``core publish_wire`` taking turns batch by batch (1,000 messages each, which goes first
+  alternating), each row's msg/s over the time it spent; the server's drift over seconds (a row
+  of 50,000 messages varies by half on a 2-core machine) weighs on both alike, so their ratio is
+  the steadiest figure of what the SDK's ``publish_batch`` adds to the core.
 * ``sdk pipelined``: up to ``--inflight`` ``bus.publish(...)`` coroutines in flight
   (``asyncio`` tasks; a new one starts as one finishes); coalesced into batches in Rust.
 
@@ -97,6 +105,41 @@ async def sdk_batched(bus: ampybus.Bus, topic: str, n: int, batch: int = 1000) -
         items = [ampybus.Outgoing(topic, PAYLOAD, KEYS[i % 100]) for i in range(start, min(n, start + batch))]
         await bus.publish_batch(items, schema_fqdn=SCHEMA)
     return n / (time.perf_counter() - t0)
+
+
+async def sdk_batched_prebuilt(bus: ampybus.Bus, topic: str, n: int, batch: int = 1000) -> float:
+    lists = [
+        [ampybus.Outgoing(topic, PAYLOAD, KEYS[i % 100]) for i in range(start, min(n, start + batch))]
+        for start in range(0, n, batch)
+    ]
+    t0 = time.perf_counter()
+    for items in lists:
+        await bus.publish_batch(items, schema_fqdn=SCHEMA)
+    return n / (time.perf_counter() - t0)
+
+
+async def alternating(bus: ampybus.Bus, topic: str, n: int, batch: int = 1000) -> Tuple[float, float]:
+    """``publish_batch`` of a list built just before the clock (as the core's envelopes are)
+    and ``core publish_wire`` taking turns batch by batch (each first in every other pair):
+    msg/s of each over the time it spent, so that the server's drift over seconds weighs on
+    both alike."""
+    sdk_s = core_s = 0.0
+    for k, start in enumerate(range(0, n, batch)):
+        m = min(n, start + batch) - start
+
+        async def sdk() -> float:
+            items = [ampybus.Outgoing(topic, PAYLOAD, KEYS[i % 100]) for i in range(start, start + m)]
+            t0 = time.perf_counter()
+            await bus.publish_batch(items, schema_fqdn=SCHEMA)
+            return time.perf_counter() - t0
+
+        if k % 2:
+            sdk_s += await sdk()
+            core_s += await bus._native._bench_publish_wire(topic + ".core", m, m)
+        else:
+            core_s += await bus._native._bench_publish_wire(topic + ".core", m, m)
+            sdk_s += await sdk()
+    return n / sdk_s, n / core_s
 
 
 async def core_publish_wire(bus: ampybus.Bus, topic: str, n: int, batch: int = 1000, wire: bool = True) -> float:
@@ -216,20 +259,40 @@ async def main() -> int:
         await js.publish("ampy.dev.bars.v1.benchpy.warmup", PAYLOAD, headers=headers_for(str(uuid.uuid4())))
         for r in range(a.rounds):
             subject = f"ampy.dev.bars.v1.benchpy.{uuid.uuid4().hex[:8]}"
-            plan: List[Tuple[str, Callable[[], Awaitable[float]]]] = [
+            Row = Tuple[str, Callable[[], Awaitable[float]]]
+            plan: List[Row] = [
                 ("nats-py awaited", lambda: natspy_awaited(js, subject + ".nawait", a.awaited_messages)),
                 ("sdk awaited", lambda: sdk_awaited(bus, subject + ".sawait", a.awaited_messages)),
                 ("nats-py pipelined", lambda: natspy_pipelined(js, subject + ".npipe", a.messages)),
-                ("sdk batched", lambda: sdk_batched(bus, subject + ".sbatch", a.messages)),
                 ("sdk pipelined", lambda: sdk_pipelined(bus, subject + ".spipe", a.messages, a.inflight)),
             ]
+            # The rows compared with each other run back to back (the server's speed drifts
+            # over seconds), in the opposite order every other round.
+            block: List[Row] = [
+                ("sdk batched", lambda: sdk_batched(bus, subject + ".sbatch", a.messages)),
+                ("sdk batched, lists before", lambda: sdk_batched_prebuilt(bus, subject + ".sbpre", a.messages)),
+            ]
             if hasattr(bus._native, "_bench_publish_wire"):  # builds before issue 15 lack it
-                plan.insert(4, ("core publish_wire", lambda: core_publish_wire(bus, subject + ".cwire", a.messages)))
-                plan.insert(5, ("core publish_batch", lambda: core_publish_wire(bus, subject + ".cbatch", a.messages, wire=False)))
-            for name, fn in plan:
+                block.insert(1, ("core publish_wire", lambda: core_publish_wire(bus, subject + ".cwire", a.messages)))
+                block.append(("core publish_batch", lambda: core_publish_wire(bus, subject + ".cbatch", a.messages, wire=False)))
+            if r % 2:
+                block.reverse()
+            if hasattr(bus._native, "_bench_publish_wire"):
+
+                async def pair(subject: str = subject) -> float:
+                    sdk, core = await alternating(bus, subject + ".alt", a.messages)
+                    runs.setdefault("core publish_wire, per batch", []).append(core)
+                    return sdk
+
+                plan.append(("sdk batched, per batch", pair))
+            # Each round starts one row later, so that no row always follows the same one (the
+            # server's state after a row, e.g. its duplicate window, weighs on the next).
+            rows: List[List[Row]] = [[p] for p in plan] + [block]
+            k = r % len(rows)
+            for name, fn in [row for group in rows[k:] + rows[:k] for row in group]:
                 rate = await fn()
                 runs.setdefault(name, []).append(rate)
-                print(f"round {r + 1}: {name:<22} {rate:>10,.0f} msg/s", file=sys.stderr)
+                print(f"round {r + 1}: {name:<26} {rate:>10,.0f} msg/s", file=sys.stderr)
         await nc.close()
         await bus.close()
 
@@ -257,6 +320,8 @@ async def main() -> int:
 
     ratio("ratio sdk awaited / nats-py awaited", "sdk awaited", "nats-py awaited")
     ratio("ratio sdk batched / core publish_wire", "sdk batched", "core publish_wire")
+    ratio("ratio sdk batched, lists before / core publish_wire", "sdk batched, lists before", "core publish_wire")
+    ratio("ratio sdk batched / core publish_wire, per batch", "sdk batched, per batch", "core publish_wire, per batch")
     ratio("ratio sdk batched / core publish_batch", "sdk batched", "core publish_batch")
     ratio("ratio sdk batched / nats-py pipelined", "sdk batched", "nats-py pipelined")
     ratio("ratio sdk pipelined / nats-py pipelined", "sdk pipelined", "nats-py pipelined")

@@ -195,3 +195,42 @@ async def test_publish_batch_item_forms(embedded_url: str, bus_factory) -> None:
     else:
         raise AssertionError("an invalid partition_key must fail")
     assert len(await bus.read(topic)) == 8
+
+
+async def test_long_publish_batch_is_whole_or_nothing(embedded_url: str, bus_factory) -> None:
+    """A long batch lands whole and in order, or not at all: an invalid message late in the
+    list fails it with its index, an item that cannot be read names its index, and an item
+    that needs the Python conversion late in the list leaves nothing half-sent."""
+    bus = await bus_factory(embedded_url)
+    topic = f"ampy.dev.news.v1.{token()}"
+    items = [ampybus.Outgoing(topic, b"%d" % i, f"k{i % 7}") for i in range(400)]
+    receipts = await bus.publish_batch(items)
+    got = await bus.read(topic)
+    assert [m.payload for m in got] == [b"%d" % i for i in range(400)]
+    assert [m.message_id for m in got] == [r.message_id for r in receipts]
+    assert len(set(r.message_id for r in receipts)) == 400
+
+    bad = list(items)
+    bad[333] = ampybus.Outgoing(topic, b"x", "bad key with spaces")
+    try:
+        await bus.publish_batch(bad)
+    except ampybus.HeaderError as e:
+        assert "message 333" in str(e), str(e)
+    else:
+        raise AssertionError("an invalid partition_key must fail")
+    unreadable = list(items)
+    unreadable[250] = (123, b"x", "k1")
+    try:
+        await bus.publish_batch(unreadable)
+    except TypeError as e:
+        assert "message 250" in str(e), str(e)
+    else:
+        raise AssertionError("a topic that is not a str must fail")
+    assert len(await bus.read(topic)) == 400
+
+    mixed: List[object] = [ampybus.Outgoing(topic, b"m%d" % i, "k1") for i in range(300)]
+    mixed[290] = {"topic": topic, "payload": b"m290", "partition_key": "k2"}
+    await bus.publish_batch(mixed)
+    got = await bus.read(topic)
+    assert [m.payload for m in got[400:]] == [b"m%d" % i for i in range(300)]
+    assert got[690].headers.partition_key == "k2" and len(got) == 700
