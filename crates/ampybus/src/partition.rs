@@ -180,6 +180,24 @@ fn security(key: &str, part: &str, shape: &str) -> Result<()> {
     Ok(())
 }
 
+/// Whether `key` is a security key that [`check_key`] accepts for the bars, ticks and
+/// corporate-actions domains, in the plain form: ASCII `MIC.SYMBOL` or `SYMBOL.MIC` (the MIC four
+/// upper-case letters or digits), every byte graphic and none `|`, at most [`MAX_KEY_LEN`]
+/// bytes. `false` says only "not plainly": the full rules decide.
+#[inline]
+fn plain_security(key: &[u8]) -> bool {
+    let n = key.len();
+    let mic = |m: &[u8]| {
+        m.iter()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+    };
+    let symbol = |s: &[u8]| s.iter().all(|&b| b.is_ascii_graphic() && b != b'|');
+    n > 5
+        && n <= MAX_KEY_LEN
+        && ((key[4] == b'.' && mic(&key[..4]) && symbol(&key[5..]))
+            || (key[n - 5] == b'.' && mic(&key[n - 4..]) && symbol(&key[..n - 5])))
+}
+
 /// Checks a partition key against the shape its topic asks for (publish side and
 /// `validate`): [`check_key`] for the topic's domain, except on a ticks topic whose first
 /// subtopic token is `heartbeat` (`ampy.{env}.ticks.v1.heartbeat.{source}`), where the key is
@@ -237,6 +255,20 @@ pub fn check_topic_key(topic: &Topic, key: &str) -> Result<()> {
 /// assert!(err.to_string().contains("account_id|client_order_id"), "{err}");
 /// ```
 pub fn check_key(domain: Domain, key: &str) -> Result<()> {
+    // The common case settled in one pass; anything else (errors included) takes the rules
+    // below, which name what is wrong.
+    if matches!(
+        domain,
+        Domain::Bars | Domain::Ticks | Domain::CorporateActions
+    ) && plain_security(key.as_bytes())
+    {
+        return Ok(());
+    }
+    check_key_rules(domain, key)
+}
+
+/// [`check_key`]'s rules one by one, in the order that names the first problem.
+fn check_key_rules(domain: Domain, key: &str) -> Result<()> {
     if key.is_empty() {
         return Err(Error::header(KEY, "must not be empty"));
     }
@@ -322,6 +354,42 @@ pub fn check_key(domain: Domain, key: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The one-pass check never accepts what the full rules refuse: every string of up to 7
+    /// characters over an alphabet of the bytes that matter (MIC characters, a lower-case
+    /// letter, the dot, `|`, a space, a control byte), and keys at and past the length limit.
+    #[test]
+    fn the_plain_security_check_accepts_only_what_the_rules_accept() {
+        let alphabet = [b'A', b'7', b'x', b'.', b'|', b' ', 0x7f];
+        let mut accepted = 0;
+        let mut key = Vec::new();
+        for len in 0..=7u32 {
+            for mut code in 0..alphabet.len().pow(len) {
+                key.clear();
+                for _ in 0..len {
+                    key.push(alphabet[code % alphabet.len()]);
+                    code /= alphabet.len();
+                }
+                if plain_security(&key) {
+                    accepted += 1;
+                    let k = std::str::from_utf8(&key).unwrap();
+                    for d in [Domain::Bars, Domain::Ticks, Domain::CorporateActions] {
+                        assert!(check_key_rules(d, k).is_ok(), "{k:?}");
+                    }
+                }
+            }
+        }
+        // Exactly the plain keys: MIC chars `A`, `7`; symbol chars `A`, `7`, `x`, `.`. Length 6:
+        // 2^4 × 4 `MIC.SYMBOL` + 4 × 2^4 `SYMBOL.MIC` = 128; length 7: 2^4 × 4^2 × 2 = 512 (the
+        // two forms cannot overlap: the other form's dot would fall inside the MIC).
+        assert_eq!(accepted, 640);
+        let long = format!("XNAS.{}", "A".repeat(MAX_KEY_LEN - 5));
+        assert!(plain_security(long.as_bytes()));
+        let longer = format!("{long}A");
+        assert!(!plain_security(longer.as_bytes()));
+        assert!(check_key_rules(Domain::Bars, &long).is_ok());
+        assert!(check_key(Domain::Bars, &longer).is_err());
+    }
 
     #[test]
     fn shapes() {
