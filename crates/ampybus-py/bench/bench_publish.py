@@ -275,9 +275,6 @@ async def main() -> int:
             if hasattr(bus._native, "_bench_publish_wire"):  # builds before issue 15 lack it
                 block.insert(1, ("core publish_wire", lambda: core_publish_wire(bus, subject + ".cwire", a.messages)))
                 block.append(("core publish_batch", lambda: core_publish_wire(bus, subject + ".cbatch", a.messages, wire=False)))
-            if r % 2:
-                block.reverse()
-            if hasattr(bus._native, "_bench_publish_wire"):
 
                 async def pair(subject: str = subject) -> float:
                     sdk, core = await alternating(bus, subject + ".alt", a.messages)
@@ -285,6 +282,8 @@ async def main() -> int:
                     return sdk
 
                 plan.append(("sdk batched, per batch", pair))
+            if r % 2:
+                block.reverse()
             # Each round starts one row later, so that no row always follows the same one (the
             # server's state after a row, e.g. its duplicate window, weighs on the next).
             rows: List[List[Row]] = [[p] for p in plan] + [block]
