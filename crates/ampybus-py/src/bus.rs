@@ -5,7 +5,7 @@
 use crate::completer::{Completer, Future, Shared, Value};
 use crate::consumer::{self, ConsumerOptions, NativeConsumer};
 use crate::errors::{OrRaise, new_err};
-use crate::message::{PyStored, Receipt};
+use crate::message::{PyStored, Receipt, ReceiptId};
 use ampybus::headers::names;
 use ampybus::transport::{StoredMessage, WindowQuery};
 use ampybus::{Bus, Domain, Envelope, ErrorKind, Headers, Topic, TopicPattern};
@@ -182,7 +182,7 @@ async fn publish_coalesced(bus: &Bus, reqs: &mut Vec<PublishReq>) {
                     // Filled here (the core would fill it) so that the receipt can name it.
                     r.headers.fill_publish_defaults();
                 }
-                let message_id = r.headers.message_id().unwrap_or_default().to_owned();
+                let message_id = ReceiptId::of(&r.headers);
                 envs.push(Envelope {
                     topic: r.topic.into(),
                     headers: r.headers,
@@ -204,7 +204,7 @@ async fn publish_coalesced(bus: &Bus, reqs: &mut Vec<PublishReq>) {
     for ((fut, done, message_id), o) in waiting.into_iter().zip(out.outcomes) {
         let value = match (o.receipt(), &out.error) {
             (Some(r), _) => Value::Receipt(Receipt {
-                message_id,
+                id: message_id,
                 sequence: r.sequence,
                 duplicate: r.duplicate,
             }),
@@ -417,6 +417,8 @@ impl NativeBus {
         let mut with_default_schema = common.clone();
         with_default_schema.set(names::SCHEMA_FQDN, default_schema);
         let mut batch = Vec::with_capacity(items.len());
+        let mut payloads: Vec<u8> = Vec::new();
+        let mut spans: Vec<(usize, usize)> = Vec::with_capacity(items.len());
         // Consecutive items usually share their topic and schema objects: read each once.
         let mut topic: Option<(Bound<'_, PyAny>, ampybus::TopicName)> = None;
         let mut schema: Option<(Bound<'_, PyAny>, String)> = None;
@@ -459,12 +461,17 @@ impl NativeBus {
                     s
                 }
             };
-            let payload = Bytes::copy_from_slice(
-                t.get_item(1)?
-                    .cast::<PyBytes>()
-                    .map_err(|e| at(e.into()))?
-                    .as_bytes(),
-            );
+            let payload = t.get_item(1)?;
+            let payload = payload
+                .cast::<PyBytes>()
+                .map_err(|e| at(e.into()))?
+                .as_bytes();
+            if payloads.capacity() == 0 {
+                // Room for the batch if its payloads are about this size.
+                payloads.reserve(payload.len().saturating_mul(items.len()).min(64 << 20));
+            }
+            let from = payloads.len();
+            payloads.extend_from_slice(payload);
             let own = field(5)?;
             let schema_obj = field(4)?;
             let plain = own.is_none() && schema_obj.is_none();
@@ -508,26 +515,32 @@ impl NativeBus {
             batch.push(Envelope {
                 topic: topic_str,
                 headers: h,
-                payload,
+                payload: Bytes::new(),
             });
+            spans.push((from, payload.len()));
+        }
+        // One buffer for the batch's payloads (each message's a slice of it), not one each.
+        let payloads = Bytes::from(payloads);
+        for (e, (from, len)) in batch.iter_mut().zip(spans) {
+            e.payload = payloads.slice(from..from + len);
         }
         let bus = self.bus.clone();
         let done = completer.get().shared();
         pyo3_async_runtimes::tokio::get_runtime().spawn(async move {
             // Filled here (what the core would fill) so that each receipt can name its id.
-            let ids: Vec<String> = batch
+            let ids: Vec<ReceiptId> = batch
                 .iter_mut()
                 .map(|e| {
                     e.headers.fill_publish_defaults();
-                    e.headers.message_id().unwrap_or_default().to_owned()
+                    ReceiptId::of(&e.headers)
                 })
                 .collect();
             let value = match bus.publish_batch(batch).await {
                 Ok(receipts) => Value::Receipts(
                     ids.into_iter()
                         .zip(receipts)
-                        .map(|(message_id, r)| Receipt {
-                            message_id,
+                        .map(|(id, r)| Receipt {
+                            id,
                             sequence: r.sequence,
                             duplicate: r.duplicate,
                         })

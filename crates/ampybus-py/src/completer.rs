@@ -38,13 +38,7 @@ impl Value {
         Ok(match self {
             Value::Wake => Ok(py.None()),
             Value::Receipt(r) => Ok(Py::new(py, r)?.into_any()),
-            Value::Receipts(rs) => {
-                let list = pyo3::types::PyList::empty(py);
-                for r in rs {
-                    list.append(Py::new(py, r)?)?;
-                }
-                Ok(list.into_any().unbind())
-            }
+            Value::Receipts(rs) => Ok(pyo3::types::PyList::new(py, rs)?.into_any().unbind()),
             Value::Error(e) => Err(to_py(e)),
         })
     }

@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use pyo3::exceptions::{PyKeyError, PyRuntimeError, PyTypeError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyBytes, PyDict, PyList, PyType};
+use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyType};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::oneshot;
@@ -630,25 +630,65 @@ impl PyStored {
     }
 }
 
+/// The `message_id` a receipt names: the 16 bytes of an id written in the canonical form
+/// (every id the SDK generates; its text is written when Python reads it), or the text a
+/// caller gave in another form.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReceiptId {
+    /// A lowercase, hyphenated UUID, held as its bytes.
+    Uuid(uuid::Uuid),
+    /// Any other text, as given.
+    Text(String),
+}
+
+impl ReceiptId {
+    /// The id of a message about to be published (its `message_id` filled).
+    pub fn of(headers: &Headers) -> ReceiptId {
+        match headers.message_uuid() {
+            Some(u) => ReceiptId::Uuid(u),
+            None => ReceiptId::Text(headers.message_id().unwrap_or_default().to_owned()),
+        }
+    }
+
+    /// The text: a UUID held as bytes is written into `buf`.
+    fn text<'a>(&'a self, buf: &'a mut [u8; 36]) -> &'a str {
+        match self {
+            ReceiptId::Uuid(u) => u.hyphenated().encode_lower(buf),
+            ReceiptId::Text(t) => t,
+        }
+    }
+}
+
 /// What a publish returns. (A free list keeps the objects of dropped receipts for the next
 /// batch: a `publish_batch` of 1,000 messages would otherwise allocate, and count towards
-/// Python's garbage collection, 1,000 new objects per call.)
-#[pyclass(module = "ampybus._native", frozen, get_all, freelist = 4096)]
+/// Python's garbage collection, 1,000 new objects per call. The id is held as 16 bytes and
+/// written as text only when read.)
+#[pyclass(module = "ampybus._native", frozen, freelist = 4096)]
 pub struct Receipt {
     /// The `message_id` it was published with.
-    pub message_id: String,
+    pub id: ReceiptId,
     /// Position in the log or stream.
+    #[pyo3(get)]
     pub sequence: u64,
     /// The broker recognised the message id as a duplicate and did not store it again.
+    #[pyo3(get)]
     pub duplicate: bool,
 }
 
 #[pymethods]
 impl Receipt {
+    /// The `message_id` it was published with.
+    #[getter]
+    fn message_id<'py>(&self, py: Python<'py>) -> Bound<'py, PyString> {
+        let mut buf = [0u8; 36];
+        PyString::new(py, self.id.text(&mut buf))
+    }
+
     fn __repr__(&self) -> String {
+        let mut buf = [0u8; 36];
         format!(
             "Receipt(message_id={:?}, sequence={}, duplicate={})",
-            self.message_id,
+            self.id.text(&mut buf),
             self.sequence,
             if self.duplicate { "True" } else { "False" }
         )

@@ -6,6 +6,8 @@ Each test runs on the embedded log and on NATS JetStream and asserts exact count
 from __future__ import annotations
 
 import asyncio
+import secrets
+import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Dict, List
 
@@ -234,3 +236,26 @@ async def test_long_publish_batch_is_whole_or_nothing(embedded_url: str, bus_fac
     got = await bus.read(topic)
     assert [m.payload for m in got[400:]] == [b"m%d" % i for i in range(300)]
     assert got[690].headers.partition_key == "k2" and len(got) == 700
+
+
+async def test_receipts_name_the_ids_given_and_the_ids_made(url: str, bus_factory) -> None:
+    # A receipt holds the id as 16 bytes and writes its text when read: the text must be the
+    # id the message was stored with, given by the caller or made by the SDK, payloads intact.
+    bus = await bus_factory(url)
+    topic = f"ampy.dev.news.v1.{token()}"
+    # Fresh UUIDv7s (a broker's duplicate window remembers ids of earlier runs).
+    ms = int(datetime.now(timezone.utc).timestamp() * 1000)
+    given = [
+        str(uuid.UUID(f"{ms:012x}7{secrets.token_hex(1)}{secrets.token_hex(1)[0]}8{secrets.token_hex(8)[1:]}"))
+        for _ in range(2)
+    ]
+    one = await bus.publish(topic, b"p0", partition_key="k0", headers={"message_id": given[0]})
+    assert one.message_id == given[0] and repr(one).startswith(f"Receipt(message_id=\"{given[0]}\"")
+    items = [ampybus.Outgoing(topic, b"p1", "k1", headers={"message_id": given[1]})]
+    items += [ampybus.Outgoing(topic, f"p{i}".encode(), f"k{i}") for i in range(2, 6)]
+    receipts = await bus.publish_batch(items)
+    assert receipts[0].message_id == given[1]
+    stored = {m.payload: m.message_id for m in await bus.read(topic)}
+    assert sorted(stored) == [f"p{i}".encode() for i in range(6)]
+    assert [stored[f"p{i}".encode()] for i in range(6)] == [one.message_id] + [r.message_id for r in receipts]
+    assert len(set(stored.values())) == 6 and all(len(i) == 36 and i == i.lower() for i in stored.values())

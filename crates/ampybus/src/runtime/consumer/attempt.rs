@@ -451,7 +451,8 @@ impl Shared {
     /// latency; returns when the handler starts (observability on).
     #[inline]
     fn before_handler(&self, msg: &Message, att: &mut Attempt) -> Option<Instant> {
-        let now_us = crate::ids::now_micros();
+        let started = Instant::now();
+        let now_us = clock::wall_micros(started);
         // Written at most once a millisecond: every worker on every core would otherwise
         // write this one cache line per message.
         if now_us.saturating_sub(self.last_message_us.load(Ordering::Relaxed)) >= 1000 {
@@ -469,7 +470,7 @@ impl Shared {
                 att.latency_ms = Some(ms);
             }
         }
-        att.handles.is_some().then(Instant::now)
+        att.handles.is_some().then_some(started)
     }
 
     /// The handler's answer when it answers at once (`handle_now`), a panic included;
@@ -488,8 +489,9 @@ impl Shared {
     #[inline]
     fn after_handler(&self, started: Option<Instant>, att: &Attempt) {
         if let (Some(h), Some(started)) = (&att.handles, started) {
+            let ended = clock::after_handler();
             h.handler_duration
-                .observe(started.elapsed().as_secs_f64() * 1000.0);
+                .observe((ended - started).as_secs_f64() * 1000.0);
         }
     }
 

@@ -230,9 +230,10 @@ impl KeyBook {
                 break;
             }
             if let Some((old, _)) = self.order.pop_front()
-                && self.marks.get(&old) == Some(&Mark::Recorded)
+                && let std::collections::hash_map::Entry::Occupied(o) = self.marks.entry(old)
+                && *o.get() == Mark::Recorded
             {
-                self.marks.remove(&old);
+                o.remove();
             }
         }
     }
@@ -249,6 +250,25 @@ pub(super) struct Claim<'a> {
 impl<'a> Claim<'a> {
     pub(super) fn take(book: &'a Mutex<KeyBook>, keys: &Keys) -> Claimed<'a> {
         let mut b = book.lock().unwrap_or_else(|p| p.into_inner());
+        if let [Some(k), None] = &keys.0 {
+            // One key (a message with a `message_id` and no `dedupe_key`): one probe.
+            match b.marks.entry(k.clone()) {
+                std::collections::hash_map::Entry::Occupied(o) => {
+                    return match o.get() {
+                        Mark::Handling => Claimed::Busy,
+                        _ => Claimed::Applied,
+                    };
+                }
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(Mark::Handling);
+                }
+            }
+            return Claimed::Taken(Claim {
+                book,
+                keys: keys.clone(),
+                settled: false,
+            });
+        }
         let mut applied = false;
         for k in keys.iter() {
             match b.mark(k) {

@@ -6,11 +6,13 @@
 //! - `keys`: dedupe keys as the runtime holds them, and the key book;
 //! - `pipeline`: the tasks — fetcher, workers, acker, lease refresher, lag poller;
 //! - `attempt`: one handling attempt, prepare → dedupe → handle → settle;
+//! - `clock`: the workers' clock readings (the wall time derived from the monotonic clock);
 //! - `shared`: the state every task of one consumer shares;
 //! - `replay_stores`: the dedupe stores replays served by a running consumer go through.
 
 mod attempt;
 mod builder;
+mod clock;
 mod handle;
 mod keys;
 mod pipeline;

@@ -226,7 +226,7 @@ pub(super) async fn run_worker(shared: Arc<Shared>) {
             if let Some(id) = shared.run_one(id, item).await {
                 finished.push(id);
             }
-            if rest.len() > 0 && started.elapsed() > RUN_BUDGET {
+            if rest.len() > 0 && clock::elapsed_since(started) > RUN_BUDGET {
                 // Slower than a run is meant to be: the rest go back to their keys' queues
                 // (where the refresher extends their leases) for any worker to take.
                 let back: Vec<(u32, Item)> = rest.by_ref().collect();
