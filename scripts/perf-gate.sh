@@ -60,6 +60,10 @@ allocs() { # allocations of one run (not under valgrind): allocs EXE N [MODE]
 alloc_per_message() { # the same difference method, 20,000 and 80,000 messages: EXE [MODE]
     local a b
     a=$(allocs "$1" 20000 ${2:+"$2"}); b=$(allocs "$1" 80000 ${2:+"$2"})
+    if [ -z "$a" ] || [ -z "$b" ]; then
+        echo "error: perf-gate: $1 printed no allocation count" >&2
+        return 2
+    fi
     awk -v a="$a" -v b="$b" 'BEGIN { printf "%.2f", (b - a) / 60000 }'
 }
 ir=$(per_message "$exe")
