@@ -187,6 +187,35 @@ fn defaults_text() -> &'static [u8] {
     })
 }
 
+/// The compact forms (tag, length, text; see [`Headers::encode_compact`]) of the defaults
+/// `content_type`, `run_id` and `schema_version`, made once for the process: a map of the
+/// [`Inner::generated_shape`] copies them as they are.
+fn defaults_compact() -> &'static [Box<[u8]>; 3] {
+    static FORMS: std::sync::OnceLock<[Box<[u8]>; 3]> = std::sync::OnceLock::new();
+    FORMS.get_or_init(|| {
+        let [version, content_type, run_id] = default_spans();
+        let form = |slot: usize, sp: Span| {
+            let text = &defaults_text()[sp.start as usize..(sp.start + sp.len) as usize];
+            let mut b = Vec::with_capacity(6 + text.len());
+            let mut w = Cursor {
+                buf: b.spare_capacity_mut(),
+                at: 0,
+            };
+            w.byte(slot as u8);
+            w.text(text);
+            let n = w.at;
+            // SAFETY: the cursor wrote the first `n` bytes of the spare capacity, in order.
+            unsafe { b.set_len(n) };
+            b.into_boxed_slice()
+        };
+        [
+            form(K_CONTENT_TYPE, content_type),
+            form(K_RUN_ID, run_id),
+            form(K_SCHEMA_VERSION, version),
+        ]
+    })
+}
+
 /// The spans of `schema_version`, `content_type` and `run_id` in [`defaults_text`].
 fn default_spans() -> [Span; 3] {
     let ct = CONTENT_TYPE_PROTOBUF.len() as u32;
@@ -444,22 +473,33 @@ impl Inner {
         }
     }
 
-    /// The text of a span.
-    #[inline]
+    /// The text of a span. The two places nearly every value is (`base` on consume, the
+    /// arena on publish) are read inline; the others through [`Inner::buffer`].
+    #[inline(always)]
     fn str(&self, s: Span) -> &str {
         let b: &[u8] = match s.buf {
-            0 => &[],
             1 => &self.base,
             2 => &self.arena,
-            LAZY_ID..=LAZY_TRACE => self.lazy_bytes(s.buf),
-            DEFAULTS => defaults_text(),
-            n => &self.extra[usize::from(n - EXTRA0)],
+            _ => self.buffer(s.buf),
         };
         let b = &b[s.start as usize..(s.start + s.len) as usize];
         // SAFETY: a span only ever covers bytes copied from a `&str`, or bytes of `base` or
         // `extra` that passed `std::str::from_utf8` before the span was made; neither
         // buffer is written after that.
         unsafe { std::str::from_utf8_unchecked(b) }
+    }
+
+    /// The buffer `buf` names, other than `base` and the arena (see [`Span`]).
+    #[inline(never)]
+    fn buffer(&self, buf: u16) -> &[u8] {
+        match buf {
+            0 => &[],
+            1 => &self.base,
+            2 => &self.arena,
+            LAZY_ID..=LAZY_TRACE => self.lazy_bytes(buf),
+            DEFAULTS => defaults_text(),
+            n => &self.extra[usize::from(n - EXTRA0)],
+        }
     }
 
     /// The lazily written text of a binary id (3), time (4) or trace context (5).
@@ -632,6 +672,87 @@ impl Inner {
     fn ext_position(&self, name: &str) -> std::result::Result<usize, usize> {
         self.ext.binary_search_by(|(n, _)| self.str(*n).cmp(name))
     }
+
+    /// Whether the map is what [`Headers::for_publish`] makes, its generated values as they
+    /// were generated: exactly the [`PUBLISH_SHAPE`] headers; `message_id`, `produced_at`
+    /// and `traceparent` held parsed (their text not yet written), `trace_id` and `span_id`
+    /// the parts of that traceparent; `schema_version`, `content_type` and `run_id` the
+    /// shared defaults. The rules hold for all of these by construction and their compact
+    /// forms are fixed, so publishing such a map reads only the caller's four values (see
+    /// [`Headers::publish_shape_valid`] and [`Inner::encode_generated`]).
+    #[inline]
+    fn generated_shape(&self) -> bool {
+        let k = &self.known;
+        let tp = k[K_TRACEPARENT];
+        k.present == PUBLISH_SHAPE
+            && self.ext.is_empty()
+            && k[K_MESSAGE_ID].buf == LAZY_ID
+            && self.parsed.id.is_some()
+            && k[K_PRODUCED_AT].buf == LAZY_TIME
+            && self.parsed.produced_us.is_some()
+            && tp.buf == LAZY_TRACE
+            && self.parsed.trace.is_some()
+            && k[K_TRACE_ID] == tp.sub(3, 32)
+            && k[K_SPAN_ID] == tp.sub(36, 16)
+            && k[K_SCHEMA_VERSION].is_default()
+            && k[K_CONTENT_TYPE].is_default()
+            && k[K_RUN_ID].is_default()
+    }
+
+    /// [`Headers::encode_compact`] of a map of the [`Inner::generated_shape`]: the same bytes
+    /// as the general loop writes (in slot order), written in one straight pass.
+    fn encode_generated(&self, out: &mut Vec<u8>) {
+        let k = &self.known;
+        const TEXT: [usize; 7] = [
+            K_CONTENT_TYPE,
+            K_PARTITION_KEY,
+            K_PRODUCER,
+            K_RUN_ID,
+            K_SCHEMA_FQDN,
+            K_SCHEMA_VERSION,
+            K_SOURCE,
+        ];
+        // The format byte, the binary id (17), time (9) and trace context (26), the two
+        // one-byte trace/span id tags, and per text value a tag and a length of at most 5.
+        let mut room = 1 + 17 + 9 + 26 + 2;
+        for i in TEXT {
+            room += 6 + k[i].len as usize;
+        }
+        out.reserve(room);
+        let mut w = Cursor {
+            buf: &mut out.spare_capacity_mut()[..room],
+            at: 0,
+        };
+        #[inline(always)]
+        fn text(w: &mut Cursor<'_>, inner: &Inner, i: usize) {
+            w.byte(i as u8);
+            w.text(inner.str(inner.known[i]).as_bytes());
+        }
+        let [content_type, run_id, version] = defaults_compact();
+        let t = self.parsed.trace.unwrap_or_else(TraceIds::new_root);
+        w.byte(COMPACT_V1);
+        w.bytes(content_type);
+        w.byte(TAG_ID_BIN);
+        w.bytes(&self.parsed.id.unwrap_or_default());
+        text(&mut w, self, K_PARTITION_KEY);
+        w.byte(TAG_TIME_BIN);
+        w.bytes(&self.parsed.produced_us.unwrap_or_default().to_le_bytes());
+        text(&mut w, self, K_PRODUCER);
+        w.bytes(run_id);
+        text(&mut w, self, K_SCHEMA_FQDN);
+        w.bytes(version);
+        text(&mut w, self, K_SOURCE);
+        w.byte(TAG_SPAN_ID_SAME);
+        w.byte(TAG_TRACE_ID_SAME);
+        w.byte(TAG_TRACE_BIN);
+        w.bytes(&t.trace_id);
+        w.bytes(&t.span_id);
+        w.byte(t.flags);
+        let n = w.at;
+        // SAFETY: as in `encode_compact`: the cursor wrote the first `n` bytes of the spare
+        // capacity, in order from the start.
+        unsafe { out.set_len(out.len() + n) };
+    }
 }
 
 /// What was parsed when the text was set; `None` where the text is absent or not in its
@@ -753,6 +874,23 @@ const REQUIRED_MASK: u32 = mask_of(&REQUIRED_SLOTS);
 
 /// [`OPTIONAL_SLOTS`] as a mask of [`Slots::present`] bits.
 const OPTIONAL_MASK: u32 = mask_of(&OPTIONAL_SLOTS);
+
+/// The known headers [`Headers::for_publish`] fills, and no others: what nearly every
+/// published message carries (see [`Inner::generated_shape`]).
+const PUBLISH_SHAPE: u32 = mask_of(&[
+    K_CONTENT_TYPE,
+    K_MESSAGE_ID,
+    K_PARTITION_KEY,
+    K_PRODUCED_AT,
+    K_PRODUCER,
+    K_RUN_ID,
+    K_SCHEMA_FQDN,
+    K_SCHEMA_VERSION,
+    K_SOURCE,
+    K_SPAN_ID,
+    K_TRACE_ID,
+    K_TRACEPARENT,
+]);
 
 const fn mask_of(slots: &[usize]) -> u32 {
     let mut m = 0;
@@ -890,8 +1028,9 @@ impl Headers {
             (K_SOURCE, source),
             (K_PARTITION_KEY, partition_key),
         ] {
+            // None of these four is held parsed: the span is all there is to store.
             let sp = inner.store(v);
-            inner.put(i, sp);
+            inner.known.set(i, sp);
         }
         inner.fill_publish_defaults();
         h
@@ -1303,6 +1442,18 @@ impl Headers {
     /// ```
     pub fn encode_compact(&self, out: &mut Vec<u8>) {
         let inner = self.i();
+        if inner.generated_shape() {
+            return inner.encode_generated(out);
+        }
+        inner.encode_general(out);
+    }
+}
+
+impl Inner {
+    /// [`Headers::encode_compact`] of any map: header by header in slot order, then the
+    /// extensions.
+    fn encode_general(&self, out: &mut Vec<u8>) {
+        let inner = self;
         // Room for the longest form, written through a cursor and cut to length at the end
         // (one capacity check instead of one per byte): per header a tag, a varint length of
         // at most 5 bytes and the value (a binary value is shorter than its text).
@@ -1384,7 +1535,9 @@ impl Headers {
         // in order, from the start, and `n` counts what it wrote).
         unsafe { out.set_len(out.len() + n) };
     }
+}
 
+impl Headers {
     /// Reads the compact binary form written by [`Headers::encode_compact`]. Text values are
     /// shared with `buf`, not copied (the binary ids are written out as text into one small
     /// buffer). Damaged input gives an `envelope` error naming the byte offset; it never
@@ -1560,6 +1713,14 @@ impl Headers {
     /// assert!(err.to_string().contains("`produced_at`"), "{err}");
     /// ```
     pub fn validate_for_publish(&self, topic: &Topic) -> Result<()> {
+        if self.publish_shape_valid(topic) {
+            return Ok(());
+        }
+        self.validate_for_publish_general(topic)
+    }
+
+    /// [`Headers::validate_for_publish`] for any map: the per-value rules, then the fields.
+    fn validate_for_publish_general(&self, topic: &Topic) -> Result<()> {
         let verified = match self.values_plainly_valid() {
             Some(v) => v,
             None => {
@@ -1568,6 +1729,44 @@ impl Headers {
             }
         };
         self.validate_for_publish_fields(topic, verified)
+    }
+
+    /// Every publish rule for a map of the [`Inner::generated_shape`] in one straight pass:
+    /// the generated values and the defaults hold their rules by construction (the id is
+    /// still checked to be a UUIDv7), so only the caller's four values are read: each within
+    /// its limit, the dotted `schema_fqdn`, plain text `producer` and `source` (neither
+    /// admits CR, LF or NUL), and the partition key's rules for `topic` (which admit no
+    /// control character). `false` (any other map, or any rule failing) sends the caller to
+    /// the general rules, which name the first problem as they always have.
+    fn publish_shape_valid(&self, topic: &Topic) -> bool {
+        let Some(inner) = self.inner.as_deref() else {
+            return false;
+        };
+        if !inner.generated_shape() {
+            return false;
+        }
+        let id = inner.parsed.id.unwrap_or_default();
+        if id[6] >> 4 != 7 || id[8] & 0xC0 != 0x80 {
+            return false;
+        }
+        let k = &inner.known;
+        let fqdn = inner.str(k[K_SCHEMA_FQDN]);
+        let producer = inner.str(k[K_PRODUCER]);
+        let source = inner.str(k[K_SOURCE]);
+        let key = inner.str(k[K_PARTITION_KEY]);
+        // The generated values, the defaults and the names come to well under 1 KiB.
+        let longest = fqdn
+            .len()
+            .max(producer.len())
+            .max(source.len())
+            .max(key.len());
+        let caller = fqdn.len() + producer.len() + source.len() + key.len();
+        longest <= MAX_HEADER_VALUE_BYTES
+            && caller <= MAX_HEADERS_BYTES - 1024
+            && fqdn_ok_cached(fqdn.as_bytes())
+            && plain_text(producer.as_bytes())
+            && plain_text(source.as_bytes())
+            && partition::check_topic_key(topic, key).is_ok()
     }
 
     /// The common case of the per-value rules in one pass, in slot order: every value free
@@ -3024,6 +3223,122 @@ mod tests {
         let err = h.validate_for_publish(&topic).unwrap_err();
         assert!(err.to_string().contains("source"), "{err}");
         assert!(err.to_string().contains("CR, LF or NUL"), "{err}");
+    }
+
+    /// The straight pass for maps as `for_publish` makes them writes exactly the bytes of
+    /// the general loop, and a map that left that shape takes the general loop.
+    #[test]
+    fn the_generated_shape_encodes_as_the_general_loop_does() {
+        let general = |h: &Headers| {
+            let mut b = Vec::new();
+            h.i().encode_general(&mut b);
+            b
+        };
+        let compact = |h: &Headers| {
+            let mut b = Vec::new();
+            h.encode_compact(&mut b);
+            b
+        };
+        let long_key = format!("X{}.XNAS", "A".repeat(300));
+        for key in ["XNAS.AAPL", "k", long_key.as_str()] {
+            let h = Headers::for_publish("ampy.bars.v1.BarBatch", "p@1", "src", key);
+            assert!(h.i().generated_shape());
+            let b = compact(&h);
+            assert_eq!(b, general(&h));
+            assert_eq!(Headers::decode_compact(&Bytes::from(b)).unwrap(), h);
+            // Reading the generated text keeps the shape (the text is written aside).
+            assert!(h.message_id().is_some() && h.traceparent().is_some());
+            assert!(h.i().generated_shape());
+            assert_eq!(compact(&h), general(&h));
+        }
+        let shapes: Vec<(Headers, bool)> = vec![
+            (good(), true),
+            (good().with(DEDUPE_KEY, "co_1"), false),
+            (good().with("x-desk", "rates"), false),
+            (good().with(SCHEMA_VERSION, "1.0.0"), false),
+            (
+                good().with(MESSAGE_ID, "018f5e2f-9b1c-76aa-8f7a-3b1d8f3ea0c2"),
+                false,
+            ),
+            (
+                good().with(TRACE_ID, "4bf92f3577b34da6a3ce929d0e0e4736"),
+                false,
+            ),
+        ];
+        for (h, shaped) in shapes {
+            assert_eq!(h.i().generated_shape(), shaped, "{h:?}");
+            assert_eq!(compact(&h), general(&h), "{h:?}");
+        }
+    }
+
+    /// The straight pass of the publish rules accepts only what the general rules accept,
+    /// and all of it but text outside printable ASCII (which the general rules read char by
+    /// char); what it refuses, the general rules judge, so the outcome and every error text
+    /// stay theirs.
+    #[test]
+    fn the_generated_shape_passes_exactly_what_the_rules_pass() {
+        let long = "p".repeat(MAX_HEADER_VALUE_BYTES + 1);
+        let fqdns = [
+            "ampy.bars.v1.BarBatch",
+            "nodots",
+            "ampy..x",
+            "ampy.1bad",
+            "",
+        ];
+        let texts = [
+            "p@1",
+            " p",
+            "p ",
+            "p\r",
+            "",
+            "p\u{e9}",
+            "p\u{7f}",
+            long.as_str(),
+        ];
+        let topics = [
+            Topic::parse("ampy.prod.bars.v1.XNAS.AAPL").unwrap(),
+            Topic::parse("ampy.prod.fills.v1.alpaca").unwrap(),
+            Topic::parse("ampy.prod.ticks.v1.heartbeat.feed-1").unwrap(),
+        ];
+        let keys = [
+            "XNAS.AAPL",
+            "AAPL.XNAS",
+            "acct|co_1",
+            "feed-1",
+            "bad key",
+            "",
+            "x\n",
+        ];
+        let (mut passed, mut general_only, mut refused) = (0, 0, 0);
+        for topic in &topics {
+            for fqdn in fqdns {
+                for text in texts {
+                    for key in keys {
+                        for h in [
+                            Headers::for_publish(fqdn, text, "src", key),
+                            Headers::for_publish(fqdn, "p@1", text, key),
+                        ] {
+                            assert!(h.i().generated_shape());
+                            let general = h.validate_for_publish_general(topic);
+                            let fast = h.publish_shape_valid(topic);
+                            assert!(!fast || general.is_ok(), "{topic} {h:?}");
+                            let all = h.validate_for_publish(topic);
+                            assert_eq!(
+                                all.as_ref().map_err(|e| e.to_string()),
+                                general.as_ref().map_err(|e| e.to_string())
+                            );
+                            passed += usize::from(fast);
+                            general_only += usize::from(!fast && general.is_ok());
+                            refused += usize::from(general.is_err());
+                        }
+                    }
+                }
+            }
+        }
+        // Valid: the good name, `p@1` and the key each topic takes (two on bars, one on
+        // fills and on the heartbeat), as producer or as source: 8; with `pé` instead, valid
+        // by the general rules only: 8; the other 1,664 of the 1,680 refused.
+        assert_eq!((passed, general_only, refused), (8, 8, 1664));
     }
 
     #[test]
