@@ -1720,18 +1720,20 @@ impl Headers {
     /// names). What it returns is what the general decoder returns for the same bytes.
     fn decode_generated(buf: &Bytes) -> Option<Headers> {
         let b = buf.as_ref();
-        // A tag, a one-byte length and that many ASCII bytes.
+        // A tag, a one-byte length and that many bytes (checked to be ASCII below). `ready`
+        // ends false when the text is empty or starts with whitespace.
         #[inline(always)]
-        fn text(b: &[u8], at: &mut usize, tag: usize) -> Option<Span> {
+        fn text(b: &[u8], at: &mut usize, tag: usize, ready: &mut bool) -> Option<Span> {
             let (&t, &n) = (b.get(*at)?, b.get(*at + 1)?);
             if usize::from(t) != tag || n >= 0x80 {
                 return None;
             }
             let start = *at + 2;
             let end = start + usize::from(n);
-            if !b.get(start..end)?.is_ascii() {
+            if end > b.len() {
                 return None;
             }
+            *ready &= start < end && !b[start].is_ascii_whitespace();
             *at = end;
             Some(Span {
                 buf: 1,
@@ -1750,18 +1752,29 @@ impl Headers {
             Some(v)
         }
         let mut at = 1;
-        let content_type = text(b, &mut at, K_CONTENT_TYPE)?;
+        let mut ready = true;
+        let content_type = text(b, &mut at, K_CONTENT_TYPE, &mut ready)?;
         let id = fixed::<16>(b, &mut at, TAG_ID_BIN)?;
-        let key = text(b, &mut at, K_PARTITION_KEY)?;
+        let key = text(b, &mut at, K_PARTITION_KEY, &mut ready)?;
         let us = i64::from_le_bytes(fixed::<8>(b, &mut at, TAG_TIME_BIN)?);
         if !(ids::MIN_CANONICAL_MICROS..=ids::MAX_CANONICAL_MICROS).contains(&us) {
             return None;
         }
-        let producer = text(b, &mut at, K_PRODUCER)?;
-        let run_id = text(b, &mut at, K_RUN_ID)?;
-        let fqdn = text(b, &mut at, K_SCHEMA_FQDN)?;
-        let version = text(b, &mut at, K_SCHEMA_VERSION)?;
-        let source = text(b, &mut at, K_SOURCE)?;
+        let producer = text(b, &mut at, K_PRODUCER, &mut ready)?;
+        let run_id = text(b, &mut at, K_RUN_ID, &mut ready)?;
+        let fqdn = text(b, &mut at, K_SCHEMA_FQDN, &mut ready)?;
+        let version = text(b, &mut at, K_SCHEMA_VERSION, &mut ready)?;
+        let source = text(b, &mut at, K_SOURCE, &mut ready)?;
+        // The texts are ASCII: three checks cover all seven, since the tags and lengths
+        // between `producer` and `source` are ASCII bytes themselves.
+        let range =
+            |first: Span, last: Span| first.start as usize..(last.start + last.len) as usize;
+        if !(b[range(content_type, content_type)].is_ascii()
+            && b[range(key, key)].is_ascii()
+            && b[range(producer, source)].is_ascii())
+        {
+            return None;
+        }
         if b.get(at..at + 2)? != [TAG_SPAN_ID_SAME, TAG_TRACE_ID_SAME] {
             return None;
         }
@@ -1804,14 +1817,7 @@ impl Headers {
         };
         // The consume rules (see `consume_ready`): every required text present and not
         // starting with whitespace (the generated ones are valid, no slow header is here).
-        inner.consume_ready = [content_type, key, producer, run_id, fqdn, version, source]
-            .iter()
-            .all(|sp| {
-                b[sp.start as usize..]
-                    .first()
-                    .is_some_and(|c| !c.is_ascii_whitespace())
-                    && sp.len > 0
-            });
+        inner.consume_ready = ready;
         Some(h)
     }
 
