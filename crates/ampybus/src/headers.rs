@@ -1713,6 +1713,7 @@ impl Headers {
         }
         Ok(h)
     }
+
     /// [`Headers::decode_compact`] of exactly the layout [`Inner::encode_generated`] writes
     /// (what nearly every message published through ampybus carries), in one straight pass:
     /// each tag where that layout has it, each text length a single byte and the text ASCII.
