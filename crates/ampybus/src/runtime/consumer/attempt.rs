@@ -450,8 +450,8 @@ impl Shared {
     /// Before the handler: the consumer's last-message time and the message's delivery
     /// latency; returns when the handler starts (observability on).
     #[inline]
-    fn before_handler(&self, msg: &Message, att: &mut Attempt) -> Option<Instant> {
-        let started = Instant::now();
+    fn before_handler(&self, msg: &Message, att: &mut Attempt) -> Option<clock::Mono> {
+        let started = clock::Mono::now();
         let now_us = clock::wall_micros(started);
         // Written at most once a millisecond: every worker on every core would otherwise
         // write this one cache line per message.
@@ -487,11 +487,10 @@ impl Shared {
 
     /// After the handler: its duration observed.
     #[inline]
-    fn after_handler(&self, started: Option<Instant>, att: &Attempt) {
+    fn after_handler(&self, started: Option<clock::Mono>, att: &Attempt) {
         if let (Some(h), Some(started)) = (&att.handles, started) {
             let ended = clock::after_handler();
-            h.handler_duration
-                .observe((ended - started).as_secs_f64() * 1000.0);
+            h.handler_duration.observe(ended.millis_since(started));
         }
     }
 

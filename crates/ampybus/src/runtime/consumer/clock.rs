@@ -1,29 +1,69 @@
 //! The worker's clock: one monotonic reading per message before the handler and one after,
 //! with the wall time derived from the first (the realtime clock is read once a second per
-//! thread to anchor it) and the second reused by the worker's run budget.
+//! thread to anchor it) and the second reused by the worker's run budget. Readings are whole
+//! nanoseconds ([`Mono`]), so their differences are one subtraction.
 
 use std::cell::Cell;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How long a thread derives the wall time from one anchor before it reads the realtime clock
 /// again (so a step of the system clock shows in the delivery latency within this long).
 const ANCHOR_FOR: Duration = Duration::from_secs(1);
 
+/// A reading of the monotonic clock, in nanoseconds from an arbitrary start (the clock
+/// `std::time::Instant` reads; on Unix `CLOCK_MONOTONIC` read directly).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) struct Mono(u64);
+
+impl Mono {
+    /// Now.
+    #[inline]
+    pub(super) fn now() -> Mono {
+        #[cfg(unix)]
+        {
+            let mut ts = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always exists.
+            if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) } == 0 {
+                // `time_t` and `c_long` are 32 bits wide on 32-bit targets.
+                #[allow(clippy::useless_conversion)]
+                let (secs, nanos) = (i64::from(ts.tv_sec), i64::from(ts.tv_nsec));
+                return Mono((secs.max(0) as u64) * 1_000_000_000 + nanos.max(0) as u64);
+            }
+        }
+        static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        let start = *START.get_or_init(std::time::Instant::now);
+        Mono(start.elapsed().as_nanos() as u64)
+    }
+
+    /// The time from `earlier` to this reading; none when `earlier` is later.
+    #[inline]
+    pub(super) fn since(self, earlier: Mono) -> Duration {
+        Duration::from_nanos(self.0.saturating_sub(earlier.0))
+    }
+
+    /// [`Mono::since`] in milliseconds.
+    #[inline]
+    pub(super) fn millis_since(self, earlier: Mono) -> f64 {
+        self.0.saturating_sub(earlier.0) as f64 / 1e6
+    }
+}
+
 thread_local! {
     /// `(monotonic, wall µs)` read together.
-    static ANCHOR: Cell<Option<(Instant, i64)>> = const { Cell::new(None) };
+    static ANCHOR: Cell<Option<(Mono, i64)>> = const { Cell::new(None) };
     /// The last reading taken after a handler on this thread, for the run budget.
-    static LAST: Cell<Option<Instant>> = const { Cell::new(None) };
+    static LAST: Cell<Option<Mono>> = const { Cell::new(None) };
 }
 
 /// The wall time at `at` (a monotonic reading just taken), in µs since the Unix epoch.
-pub(super) fn wall_micros(at: Instant) -> i64 {
+pub(super) fn wall_micros(at: Mono) -> i64 {
     let anchored = ANCHOR.with(|a| {
         let (mono, wall) = a.get()?;
-        let d = at.checked_duration_since(mono)?;
-        // Whole seconds and the µs of the rest (no 128-bit division).
-        (d < ANCHOR_FOR)
-            .then(|| wall + d.as_secs() as i64 * 1_000_000 + i64::from(d.subsec_micros()))
+        let ns = at.0.checked_sub(mono.0)?;
+        (ns < ANCHOR_FOR.as_nanos() as u64).then(|| wall + (ns / 1000) as i64)
     });
     anchored.unwrap_or_else(|| {
         let wall = crate::ids::now_micros();
@@ -33,8 +73,8 @@ pub(super) fn wall_micros(at: Instant) -> i64 {
 }
 
 /// A monotonic reading taken after a handler, kept for [`elapsed_since`].
-pub(super) fn after_handler() -> Instant {
-    let now = Instant::now();
+pub(super) fn after_handler() -> Mono {
+    let now = Mono::now();
     LAST.with(|l| l.set(Some(now)));
     now
 }
@@ -42,10 +82,10 @@ pub(super) fn after_handler() -> Instant {
 /// Time since `started`: from the reading taken after the last handler on this thread when
 /// there is one (taken once), else from a new reading. A reading from before `started`
 /// counts as no time at all.
-pub(super) fn elapsed_since(started: Instant) -> Duration {
+pub(super) fn elapsed_since(started: Mono) -> Duration {
     LAST.with(|l| l.take())
-        .unwrap_or_else(Instant::now)
-        .saturating_duration_since(started)
+        .unwrap_or_else(Mono::now)
+        .since(started)
 }
 
 #[cfg(test)]
@@ -54,34 +94,51 @@ mod tests {
 
     #[test]
     fn the_wall_time_follows_the_monotonic_clock_from_its_anchor() {
-        let t0 = Instant::now();
+        let t0 = Mono::now();
         let w0 = wall_micros(t0);
         let real = crate::ids::now_micros();
         assert!((real - w0).abs() < 100_000, "anchor {w0} vs clock {real}");
         // Within the anchor's second the wall time is the anchor's plus the monotonic step.
-        let t1 = t0 + Duration::from_millis(250);
+        let t1 = Mono(t0.0 + 250_000_000);
         assert_eq!(wall_micros(t1), w0 + 250_000);
         // Past it, the realtime clock is read again.
-        let t2 = t0 + ANCHOR_FOR + Duration::from_millis(1);
+        let t2 = Mono(t0.0 + ANCHOR_FOR.as_nanos() as u64 + 1_000_000);
         let w2 = wall_micros(t2);
         assert!(
             (w2 - crate::ids::now_micros()).abs() < 100_000,
             "re-anchored {w2}"
         );
-        assert_eq!(wall_micros(t2 + Duration::from_micros(7)), w2 + 7);
+        assert_eq!(wall_micros(Mono(t2.0 + 7_000)), w2 + 7);
+        // A reading before the anchor re-anchors rather than going back.
+        let w_before = wall_micros(Mono(t2.0 - 1));
+        assert!((w_before - crate::ids::now_micros()).abs() < 100_000);
+    }
+
+    #[test]
+    fn the_monotonic_clock_follows_instant() {
+        let (m0, i0) = (Mono::now(), std::time::Instant::now());
+        std::thread::sleep(Duration::from_millis(20));
+        let (i1, m1) = (std::time::Instant::now(), Mono::now());
+        let (mono, inst) = (m1.since(m0), i1 - i0);
+        // Read in the opposite order around the pause: on the same clock the monotonic step
+        // encloses the other; in the wrong unit it would be a thousand times off.
+        assert!(mono >= inst, "{mono:?} vs {inst:?}");
+        assert!(mono < Duration::from_secs(1), "{mono:?} vs {inst:?}");
+        assert_eq!(m0.since(m1), Duration::ZERO);
+        assert_eq!(Mono(3_500_000).millis_since(Mono(1_000_000)), 2.5);
     }
 
     #[test]
     fn a_reading_after_a_handler_is_used_once() {
-        let started = Instant::now();
+        let started = Mono::now();
         let after = after_handler();
-        assert_eq!(elapsed_since(started), after - started);
+        assert_eq!(elapsed_since(started), after.since(started));
         // Taken: the next call reads the clock, which cannot be earlier.
-        assert!(elapsed_since(started) >= after - started);
+        assert!(elapsed_since(started) >= after.since(started));
         // A reading from before `started` counts as nothing.
         let _ = after_handler();
         assert_eq!(
-            elapsed_since(Instant::now() + Duration::from_secs(5)),
+            elapsed_since(Mono(Mono::now().0 + 5_000_000_000)),
             Duration::ZERO
         );
     }

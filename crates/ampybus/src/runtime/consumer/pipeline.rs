@@ -220,7 +220,7 @@ pub(super) async fn run_worker(shared: Arc<Shared>) {
             // Another ready key may be waiting for a worker: pass the wake-up on.
             shared.notify.notify_one();
         }
-        let started = Instant::now();
+        let started = clock::Mono::now();
         let mut rest = run.drain(..);
         while let Some((id, item)) = rest.next() {
             if let Some(id) = shared.run_one(id, item).await {
