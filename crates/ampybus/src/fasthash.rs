@@ -77,6 +77,9 @@ impl std::hash::Hasher for FxHasher {
     }
 }
 
+pub(crate) type FastMap<K, V> = HashMap<K, V, FastHash>;
+pub(crate) type FastSet<K> = HashSet<K, FastHash>;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -95,6 +98,3 @@ mod tests {
         assert!(buckets.len() > 700, "{}", buckets.len());
     }
 }
-
-pub(crate) type FastMap<K, V> = HashMap<K, V, FastHash>;
-pub(crate) type FastSet<K> = HashSet<K, FastHash>;
