@@ -1651,16 +1651,7 @@ impl Headers {
                 TAG_TRACE_BIN => {
                     let v =
                         fixed(b, &mut at, 25).ok_or_else(|| bad(tag_at, "value past the end"))?;
-                    let mut t = TraceIds {
-                        trace_id: [0; 16],
-                        span_id: [0; 8],
-                        flags: v[24],
-                    };
-                    t.trace_id.copy_from_slice(&v[..16]);
-                    t.span_id.copy_from_slice(&v[16..24]);
-                    if t.trace_id == [0; 16] || t.span_id == [0; 8] {
-                        return Err(bad(tag_at, "zero trace id"));
-                    }
+                    let t = trace_from_compact(v).ok_or_else(|| bad(tag_at, "zero trace id"))?;
                     trace = Some(t);
                 }
                 TAG_TRACE_ID_SAME => same_trace = true,
@@ -1784,16 +1775,7 @@ impl Headers {
         if at != b.len() {
             return None;
         }
-        let mut trace = TraceIds {
-            trace_id: [0; 16],
-            span_id: [0; 8],
-            flags: t[24],
-        };
-        trace.trace_id.copy_from_slice(&t[..16]);
-        trace.span_id.copy_from_slice(&t[16..24]);
-        if trace.trace_id == [0; 16] || trace.span_id == [0; 8] {
-            return None;
-        }
+        let trace = trace_from_compact(&t)?;
         let mut h = Headers::new();
         let inner = h.m();
         inner.base = buf.clone();
@@ -2724,6 +2706,20 @@ impl Cursor<'_> {
         self.byte(n as u8);
         self.bytes(b);
     }
+}
+
+/// The trace context of a `TAG_TRACE_BIN` value (trace id, span id, flags: 25 bytes); `None`
+/// when either id is zero (or the value is not 25 bytes).
+fn trace_from_compact(v: &[u8]) -> Option<TraceIds> {
+    let v: &[u8; 25] = v.try_into().ok()?;
+    let mut t = TraceIds {
+        trace_id: [0; 16],
+        span_id: [0; 8],
+        flags: v[24],
+    };
+    t.trace_id.copy_from_slice(&v[..16]);
+    t.span_id.copy_from_slice(&v[16..24]);
+    (t.trace_id != [0; 16] && t.span_id != [0; 8]).then_some(t)
 }
 
 /// A LEB128 length of at most 32 bits.

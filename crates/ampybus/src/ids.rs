@@ -519,6 +519,24 @@ pub fn write_canonical_time(us: i64, out: &mut [u8; 27]) -> bool {
     true
 }
 
+/// One reading of a clock (`clock_gettime`) as seconds and nanoseconds; `None` when the
+/// clock cannot be read.
+#[cfg(unix)]
+#[inline]
+pub(crate) fn read_clock(clock: libc::clockid_t) -> Option<(i64, i64)> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec.
+    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+        return None;
+    }
+    // `time_t` and `c_long` are 32 bits wide on 32-bit targets.
+    #[allow(clippy::useless_conversion)]
+    Some((i64::from(ts.tv_sec), i64::from(ts.tv_nsec)))
+}
+
 /// Microseconds since the Unix epoch, now.
 ///
 /// ```
@@ -529,21 +547,11 @@ pub fn now_micros() -> i64 {
     // spent about half of their ≈ 95 instructions on checks and 128-bit arithmetic, once per
     // published message.
     #[cfg(unix)]
-    {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: `ts` is a valid, writable timespec; CLOCK_REALTIME always exists.
-        if unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) } == 0 {
-            // `time_t` and `c_long` are 32 bits wide on 32-bit targets.
-            #[allow(clippy::useless_conversion)]
-            let (secs, nanos) = (i64::from(ts.tv_sec), i64::from(ts.tv_nsec));
-            return secs
-                .saturating_mul(1_000_000)
-                .saturating_add(nanos / 1000)
-                .max(0);
-        }
+    if let Some((secs, nanos)) = read_clock(libc::CLOCK_REALTIME) {
+        return secs
+            .saturating_mul(1_000_000)
+            .saturating_add(nanos / 1000)
+            .max(0);
     }
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

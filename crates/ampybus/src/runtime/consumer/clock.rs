@@ -20,18 +20,8 @@ impl Mono {
     #[inline]
     pub(super) fn now() -> Mono {
         #[cfg(unix)]
-        {
-            let mut ts = libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            };
-            // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always exists.
-            if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) } == 0 {
-                // `time_t` and `c_long` are 32 bits wide on 32-bit targets.
-                #[allow(clippy::useless_conversion)]
-                let (secs, nanos) = (i64::from(ts.tv_sec), i64::from(ts.tv_nsec));
-                return Mono((secs.max(0) as u64) * 1_000_000_000 + nanos.max(0) as u64);
-            }
+        if let Some((secs, nanos)) = crate::ids::read_clock(libc::CLOCK_MONOTONIC) {
+            return Mono((secs.max(0) as u64) * 1_000_000_000 + nanos.max(0) as u64);
         }
         static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
         let start = *START.get_or_init(std::time::Instant::now);
