@@ -10,8 +10,9 @@ use std::time::Duration;
 /// again (so a step of the system clock shows in the delivery latency within this long).
 const ANCHOR_FOR: Duration = Duration::from_secs(1);
 
-/// A reading of the monotonic clock, in nanoseconds from an arbitrary start (the clock
-/// `std::time::Instant` reads; on Unix `CLOCK_MONOTONIC` read directly).
+/// A reading of the monotonic clock, in nanoseconds from an arbitrary start: on Unix
+/// `CLOCK_MONOTONIC` read directly (the clock `std::time::Instant` reads on Linux), elsewhere
+/// `Instant` itself.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(super) struct Mono(u64);
 
