@@ -258,14 +258,16 @@ impl Shared {
             let _ = item.delivery.in_progress().await;
             item.refreshed = Instant::now();
         }
-        // Taken out while the handler borrows it; put back before the item moves on.
-        let msg = item.msg.take().expect("built above");
-        let started = self.before_handler(&msg, att);
-        let outcome = match self.handler_now(&msg) {
+        // Borrowed where it is (moving it out and back copied the message twice).
+        let Some(msg) = item.msg.as_ref() else {
+            unreachable!("built above");
+        };
+        let started = self.before_handler(msg, att);
+        let outcome = match self.handler_now(msg) {
             Some(now) => Some(now),
             None => {
                 let mut fut =
-                    std::pin::pin!(AssertUnwindSafe(self.handler.handle(&msg)).catch_unwind());
+                    std::pin::pin!(AssertUnwindSafe(self.handler.handle(msg)).catch_unwind());
                 // Most handlers finish in their first poll: no timer, no watch until they do
                 // not.
                 match futures::poll!(fut.as_mut()) {
@@ -288,7 +290,6 @@ impl Shared {
                 }
             }
         };
-        item.msg = Some(msg);
         self.after_handler(started, att);
         match self.settle(item, outcome, claim, attempt, att) {
             Settle::Done(step) => step,
@@ -401,8 +402,9 @@ impl Shared {
         }
         // Two messages with one dedupe key (e.g. the same `dedupe_key` under different
         // partition keys) never run at once here: the later one waits and then re-checks. A
-        // key this process applied since the batch lookup (pending or recorded) makes it a
-        // duplicate, also for a retry whose twin was applied meanwhile.
+        // key this process handled Ok keeps its claim until its record is written, so a twin
+        // waits for that too; a key recorded since the batch lookup makes it a duplicate,
+        // also for a retry whose twin was applied meanwhile.
         let claim = match Claim::take(&self.book, &item.keys) {
             Claimed::Taken(c) => c,
             Claimed::Busy => {
@@ -518,7 +520,7 @@ impl Shared {
             Some(Ok(Outcome::Ok)) => {
                 let keys = match claim {
                     Some(c) => {
-                        c.promote();
+                        c.keep();
                         std::mem::take(&mut item.keys)
                     }
                     None => Keys::default(),

@@ -106,30 +106,30 @@ pub(super) struct Lookup {
 /// How long a message waits when another one with the same dedupe key is being handled.
 pub(super) const CLAIM_WAIT: Duration = Duration::from_millis(5);
 
-/// In-process claim on dedupe keys while a handler runs; released on drop.
 /// Where a dedupe key of this process stands.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(super) enum Mark {
-    /// A message with this key is being handled now.
+    /// A message with this key is being handled now, or was handled Ok and its dedupe record
+    /// is not written yet: another message with the key waits (and then finds it recorded,
+    /// or free again when the handling failed).
     Handling,
-    /// Handled Ok; its dedupe record is not written yet.
-    Pending,
     /// Recorded while a message looked up before the record may still be in the runtime.
     Recorded,
 }
 
 /// What a claim on a message's keys found.
 pub(super) enum Claimed<'a> {
-    /// The keys are this message's until the claim is dropped or promoted.
+    /// The keys are this message's until the claim is dropped, or recorded when it is kept.
     Taken(Claim<'a>),
     /// Another message with one of the keys is being handled: wait and claim again.
     Busy,
-    /// One of the keys was applied by this process (pending or recorded): skip the message.
+    /// One of the keys was applied and recorded by this process: skip the message.
     Applied,
 }
 
-/// The dedupe keys this process knows, one map under one lock: a key moves from `Handling` to
-/// `Pending` (handled Ok) to `Recorded` (record written). A recorded key matters only to a
+/// The dedupe keys this process knows, one map under one lock: a key is `Handling` from its
+/// claim until its record is written (`Recorded`), or until the claim is dropped (handling
+/// failed: the key is forgotten). A recorded key matters only to a
 /// message whose batch was looked up in the store before the record was written (the store
 /// answered "not applied"); every later lookup finds the record in the store. So a recorded
 /// key is kept while a batch opened before its record still has a message in the runtime
@@ -188,10 +188,9 @@ impl KeyBook {
         self.marks.get(k).copied()
     }
 
-    /// True when one of `keys` was applied here (pending or recorded).
+    /// True when one of `keys` was applied and recorded here.
     pub(super) fn applied(&self, keys: &Keys) -> bool {
-        keys.iter()
-            .any(|k| matches!(self.mark(k), Some(Mark::Pending | Mark::Recorded)))
+        keys.iter().any(|k| self.mark(k) == Some(Mark::Recorded))
     }
 
     /// True when one of `keys` is known here in any state.
@@ -199,11 +198,12 @@ impl KeyBook {
         keys.iter().any(|k| self.mark(k).is_some())
     }
 
-    /// The keys of a message that handled Ok: pending until recorded.
-    pub(super) fn promote(&mut self, keys: &Keys) {
+    /// Lets go of claimed keys that will not be recorded (their handling failed, or the
+    /// message will not be acked here): another message with one of them may run.
+    pub(super) fn release(&mut self, keys: &Keys) {
         for k in keys.iter() {
-            if let Some(m) = self.marks.get_mut(k) {
-                *m = Mark::Pending;
+            if self.marks.get(k) == Some(&Mark::Handling) {
+                self.marks.remove(k);
             }
         }
     }
@@ -239,8 +239,8 @@ impl KeyBook {
     }
 }
 
-/// The claim of a message on its dedupe keys while it is handled: released on drop, or
-/// promoted to pending when the message was handled Ok.
+/// The claim of a message on its dedupe keys while it is handled: released on drop, or kept
+/// (the keys stay `Handling` until [`KeyBook::record`]) when the message was handled Ok.
 pub(super) struct Claim<'a> {
     pub(super) book: &'a Mutex<KeyBook>,
     pub(super) keys: Keys,
@@ -290,13 +290,10 @@ impl<'a> Claim<'a> {
         })
     }
 
-    /// Handled Ok: the keys stay, pending their record.
-    pub(super) fn promote(mut self) {
+    /// Handled Ok: the keys stay claimed until their record is written, so a twin arriving
+    /// meanwhile waits and then finds them recorded. No lock: nothing changes in the book.
+    pub(super) fn keep(mut self) {
         self.settled = true;
-        self.book
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .promote(&self.keys);
     }
 }
 
@@ -305,11 +302,9 @@ impl Drop for Claim<'_> {
         if self.settled {
             return;
         }
-        let mut b = self.book.lock().unwrap_or_else(|p| p.into_inner());
-        for k in self.keys.iter() {
-            if b.marks.get(k) == Some(&Mark::Handling) {
-                b.marks.remove(k);
-            }
-        }
+        self.book
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .release(&self.keys);
     }
 }

@@ -436,6 +436,12 @@ impl Shared {
             if a.closed {
                 drop(a);
                 tracing::error!(consumer = %self.name, sequence = delivery.info.sequence, "acker gone; message will be redelivered");
+                // Not recorded here: its keys are free again (a kept claim would hold a twin
+                // waiting for a record that never comes).
+                self.book
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .release(&keys);
                 return;
             }
             a.deliveries.push(delivery);

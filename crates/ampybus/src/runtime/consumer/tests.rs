@@ -22,12 +22,22 @@ fn key_book_keeps_records_while_an_earlier_batch_is_in_flight() {
     assert!(!b.applied(&one(1)) && !b.applied(&one(2)) && !b.applied(&one(3)));
     assert!(!b.applied(&one(4)), "no batch in flight needs key 4");
     assert_eq!(b.order.len(), 0);
-    // Keys being handled or pending are never forgotten by recording others.
+    // Keys being handled (or handled and not recorded) are never forgotten by recording
+    // others; they count as applied once recorded.
     let held = b.open_batch();
-    b.marks.insert(key(9), super::Mark::Pending);
+    b.marks.insert(key(9), super::Mark::Handling);
     b.record(&[key(5)]);
     drop(held);
     b.record(&[key(6)]);
+    assert_eq!(b.mark(&key(9)), Some(super::Mark::Handling));
+    assert!(!b.applied(&one(9)));
+    b.record(&[key(9)]);
+    assert!(b.applied(&one(9)));
+    // A released claim forgets a handling key, never a recorded one.
+    b.marks.insert(key(10), super::Mark::Handling);
+    b.release(&one(10));
+    b.release(&one(9));
+    assert_eq!(b.mark(&key(10)), None);
     assert!(b.applied(&one(9)));
     // The cap bounds the records even while a batch holds them.
     let mut b = KeyBook::new(3);
