@@ -31,7 +31,10 @@ fn key_book_keeps_records_while_an_earlier_batch_is_in_flight() {
     b.record(&[key(6)]);
     assert_eq!(b.mark(&key(9)), Some(super::Mark::Handling));
     assert!(!b.applied(&one(9)));
+    // Recorded while a batch looked up before the record is in flight: applied.
+    let looked_up = b.open_batch();
     b.record(&[key(9)]);
+    assert_eq!(b.mark(&key(9)), Some(super::Mark::Recorded));
     assert!(b.applied(&one(9)));
     // A released claim forgets a handling key, never a recorded one.
     b.marks.insert(key(10), super::Mark::Handling);
@@ -39,6 +42,7 @@ fn key_book_keeps_records_while_an_earlier_batch_is_in_flight() {
     b.release(&one(9));
     assert_eq!(b.mark(&key(10)), None);
     assert!(b.applied(&one(9)));
+    drop(looked_up);
     // The cap bounds the records even while a batch holds them.
     let mut b = KeyBook::new(3);
     let _stuck = b.open_batch();
