@@ -307,7 +307,10 @@ pub struct Delivery {
     pub envelope: Envelope,
     /// Sequence, delivery count, store time.
     pub info: DeliveryInfo,
-    settler: Arc<dyn Settler>,
+    /// `None`: nothing to settle (a best-effort delivery, or the runtime's placeholder). No
+    /// shared settler there, so making and dropping a placeholder touches no reference count
+    /// that every worker's core would contend for.
+    settler: Option<Arc<dyn Settler>>,
 }
 
 impl std::fmt::Debug for Delivery {
@@ -319,27 +322,10 @@ impl std::fmt::Debug for Delivery {
     }
 }
 
-/// The settler of [`Delivery::placeholder`]: settles nothing.
-struct NoSettler;
-
-#[async_trait]
-impl Settler for NoSettler {
-    async fn ack(&self, _sequences: &[u64]) -> Result<()> {
-        Ok(())
-    }
-    async fn nack(&self, _sequence: u64, _delay: Duration) -> Result<()> {
-        Ok(())
-    }
-    async fn in_progress(&self, _sequence: u64) -> Result<()> {
-        Ok(())
-    }
-}
-
 impl Delivery {
     /// An empty delivery that settles nothing: what the runtime leaves in a reused slot
     /// after moving the real delivery out (no allocation).
     pub(crate) fn placeholder() -> Delivery {
-        static NONE: std::sync::OnceLock<Arc<dyn Settler>> = std::sync::OnceLock::new();
         Delivery {
             envelope: Envelope {
                 topic: crate::envelope::TopicName::default(),
@@ -351,7 +337,7 @@ impl Delivery {
                 delivery_count: 0,
                 stored_at: DateTime::<Utc>::UNIX_EPOCH,
             },
-            settler: NONE.get_or_init(|| Arc::new(NoSettler)).clone(),
+            settler: None,
         }
     }
 
@@ -380,14 +366,17 @@ impl Delivery {
         Delivery {
             envelope,
             info,
-            settler,
+            settler: Some(settler),
         }
     }
 
     /// Acknowledges the message. On failure the delivery is handed back so the caller can
     /// retry the ack or release it.
     pub async fn ack(self) -> std::result::Result<(), (crate::Error, Delivery)> {
-        match self.settler.ack(&[self.info.sequence]).await {
+        let Some(settler) = &self.settler else {
+            return Ok(());
+        };
+        match settler.ack(&[self.info.sequence]).await {
             Ok(()) => Ok(()),
             Err(e) => Err((e, self)),
         }
@@ -395,7 +384,10 @@ impl Delivery {
 
     /// Releases the message for redelivery after `delay`.
     pub async fn nack(self, delay: Duration) -> std::result::Result<(), (crate::Error, Delivery)> {
-        match self.settler.nack(self.info.sequence, delay).await {
+        let Some(settler) = &self.settler else {
+            return Ok(());
+        };
+        match settler.nack(self.info.sequence, delay).await {
             Ok(()) => Ok(()),
             Err(e) => Err((e, self)),
         }
@@ -403,12 +395,24 @@ impl Delivery {
 
     /// The binding-side settler as `Any` (see [`Settler::as_any`]).
     pub fn settler_any(&self) -> Option<&dyn std::any::Any> {
-        self.settler.as_any()
+        self.settler.as_ref().and_then(|s| s.as_any())
     }
 
     /// Tells the transport the handler is still working, extending the ack deadline.
     pub async fn in_progress(&self) -> Result<()> {
-        self.settler.in_progress(self.info.sequence).await
+        match &self.settler {
+            Some(s) => s.in_progress(self.info.sequence).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Whether both are settled by one settler (or both by none).
+    fn same_settler(&self, other: &Delivery) -> bool {
+        match (&self.settler, &other.settler) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        }
     }
 
     /// Acknowledges many deliveries, one round trip per settler.
@@ -417,26 +421,29 @@ impl Delivery {
     ) -> std::result::Result<(), (crate::Error, Vec<Delivery>)> {
         // Nearly always one settler (one subscription): ack in place, nothing moved.
         if let Some(first) = deliveries.first()
-            && deliveries
-                .iter()
-                .all(|d| Arc::ptr_eq(&d.settler, &first.settler))
+            && deliveries.iter().all(|d| d.same_settler(first))
         {
-            let settler = first.settler.clone();
+            let Some(settler) = first.settler.clone() else {
+                return Ok(());
+            };
             let seqs: Vec<u64> = deliveries.iter().map(|d| d.info.sequence).collect();
             return match settler.ack(&seqs).await {
                 Ok(()) => Ok(()),
                 Err(e) => Err((e, deliveries)),
             };
         }
-        let mut groups: Vec<(Arc<dyn Settler>, Vec<Delivery>)> = Vec::new();
+        let mut groups: Vec<Vec<Delivery>> = Vec::new();
         for d in deliveries {
-            match groups.iter_mut().find(|(s, _)| Arc::ptr_eq(s, &d.settler)) {
-                Some((_, v)) => v.push(d),
-                None => groups.push((d.settler.clone(), vec![d])),
+            match groups.iter_mut().find(|g| g[0].same_settler(&d)) {
+                Some(g) => g.push(d),
+                None => groups.push(vec![d]),
             }
         }
         let mut failed: Option<(crate::Error, Vec<Delivery>)> = None;
-        for (settler, ds) in groups {
+        for ds in groups {
+            let Some(settler) = ds[0].settler.clone() else {
+                continue;
+            };
             let seqs: Vec<u64> = ds.iter().map(|d| d.info.sequence).collect();
             if let Err(e) = settler.ack(&seqs).await {
                 match &mut failed {
