@@ -201,11 +201,7 @@ impl ConsumerHandle {
         for item in leftovers {
             self.shared.release(item).await;
         }
-        self.shared
-            .acks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .closing = true;
+        self.shared.ack_closing.store(true, Ordering::SeqCst);
         self.shared.ack_notify.notify_one();
         if let Some(a) = self.acker.take() {
             let _ = a.await;
@@ -346,7 +342,7 @@ impl crate::obs::ConsumerProbe for ConsumerMonitor {
 impl Shared {
     /// The acker was told to flush and stop.
     pub(super) fn acks_closing(&self) -> bool {
-        self.acks.lock().unwrap_or_else(|p| p.into_inner()).closing
+        self.ack_closing.load(Ordering::SeqCst)
     }
 
     pub(super) fn stats(&self) -> ConsumerStats {

@@ -242,6 +242,7 @@ pub(super) async fn run_acker(shared: Arc<Shared>) {
     let mut phase = shared.phase.clone();
     let mut handle_dropped = false;
     let mut spare: Vec<DKey> = Vec::new();
+    let mut batch_cap = 16usize;
     loop {
         let closing = shared.acks_closing();
         if !closing {
@@ -251,7 +252,7 @@ pub(super) async fn run_acker(shared: Arc<Shared>) {
                 // The handle was dropped without shutdown: flush what is queued, then stop.
                 _ = async { while phase.changed().await.is_ok() {} }, if !handle_dropped => {
                     handle_dropped = true;
-                    shared.acks.lock().unwrap_or_else(|p| p.into_inner()).closing = true;
+                    shared.ack_closing.store(true, Ordering::SeqCst);
                 }
             }
         }
@@ -263,22 +264,12 @@ pub(super) async fn run_acker(shared: Arc<Shared>) {
                 _ = shared.ack_full.notified() => {}
             }
         }
-        let (deliveries, keys, closing) = {
-            let mut a = shared.acks.lock().unwrap_or_else(|p| p.into_inner());
-            // The next batch gets a buffer of this one's size: one allocation per batch,
-            // not a doubling series of reallocations while workers push.
-            let cap = a.deliveries.len().max(16);
-            let d = std::mem::replace(&mut a.deliveries, Vec::with_capacity(cap));
-            let k = std::mem::replace(&mut a.keys, std::mem::take(&mut spare));
-            if closing && d.is_empty() {
-                a.closed = true;
-            }
-            (d, k, a.closing)
+        let (deliveries, keys, stop) = shared.take_acks(closing, &mut batch_cap, &mut spare);
+        spare = if deliveries.is_empty() {
+            keys
+        } else {
+            shared.flush(deliveries, keys).await
         };
-        let stop = closing && deliveries.is_empty();
-        if !deliveries.is_empty() {
-            spare = shared.flush(deliveries, keys).await;
-        }
         if stop {
             break;
         }
@@ -286,14 +277,64 @@ pub(super) async fn run_acker(shared: Arc<Shared>) {
 }
 
 impl Shared {
+    /// Takes what every acker shard holds as one batch (the shards keep their buffers;
+    /// `keys` reuses `spare`'s). When `closing` and every shard is empty, marks them all
+    /// closed under all their locks at once — no message can be added after the last
+    /// drain unseen — and says to stop.
+    pub(super) fn take_acks(
+        &self,
+        closing: bool,
+        batch_cap: &mut usize,
+        spare: &mut Vec<DKey>,
+    ) -> (Vec<Delivery>, Vec<DKey>, bool) {
+        // A buffer of the last batch's size: one allocation per batch.
+        let mut d: Vec<Delivery> = Vec::with_capacity(*batch_cap);
+        let mut k = std::mem::take(spare);
+        for s in &self.acks {
+            let mut a = s.0.lock().unwrap_or_else(|p| p.into_inner());
+            d.append(&mut a.deliveries);
+            k.append(&mut a.keys);
+        }
+        let mut stop = false;
+        if closing && d.is_empty() {
+            let mut all: Vec<_> = self
+                .acks
+                .iter()
+                .map(|s| s.0.lock().unwrap_or_else(|p| p.into_inner()))
+                .collect();
+            if all.iter().all(|a| a.deliveries.is_empty()) {
+                for a in all.iter_mut() {
+                    a.closed = true;
+                }
+                stop = true;
+            } else {
+                for a in all.iter_mut() {
+                    d.append(&mut a.deliveries);
+                    k.append(&mut a.keys);
+                }
+            }
+        }
+        *batch_cap = d.len().max(16);
+        (d, k, stop)
+    }
+
     /// Queues a fetched batch by key. With dedupe on, its messages are prepared here and wait
     /// for one lookup of all their keys, started on a task of its own.
     pub(super) fn enqueue(self: &Arc<Self>, got: Vec<Delivery>, at: Instant) {
         // Boxes of finished items first (no allocation), new ones for the rest.
         let mut items: Vec<Item> = Vec::with_capacity(got.len());
-        {
-            let mut a = self.acks.lock().unwrap_or_else(|p| p.into_inner());
-            let from = a.spare.len().saturating_sub(got.len());
+        // This thread's shard first (its boxes were last touched here), then the others.
+        let first = ack_shard_index();
+        for i in 0..ACK_SHARDS {
+            let need = got.len() - items.len();
+            if need == 0 {
+                break;
+            }
+            let mut a = self.acks[(first + i) % ACK_SHARDS]
+                .0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let from = a.spare.len().saturating_sub(need);
             items.extend(a.spare.drain(from..));
         }
         let reused = items.len();
@@ -432,7 +473,10 @@ impl Shared {
         item.prepared = None;
         item.lookup = None;
         let waiting = {
-            let mut a = self.acks.lock().unwrap_or_else(|p| p.into_inner());
+            let mut a = self.acks[ack_shard_index()]
+                .0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             if a.closed {
                 drop(a);
                 tracing::error!(consumer = %self.name, sequence = delivery.info.sequence, "acker gone; message will be redelivered");
@@ -454,10 +498,13 @@ impl Shared {
             }
             waiting
         };
+        // Counted per shard: the first message of a shard wakes the acker, and a shard
+        // holding an eighth of the in-flight limit ends the acker's lingering (a quarter
+        // over the two shards a two-core machine's threads fill).
         if waiting == 1 {
             self.ack_notify.notify_one();
         }
-        if waiting == (self.max_in_flight / 4).max(1) {
+        if waiting == (self.max_in_flight / 8).max(1) {
             self.ack_full.notify_one();
         }
     }

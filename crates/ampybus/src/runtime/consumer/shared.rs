@@ -2,17 +2,37 @@
 
 use super::*;
 
-/// Finished messages waiting for the acker's next batch.
+/// Finished messages waiting for the acker's next batch: one shard of them (see
+/// [`AckShard`]).
 #[derive(Default)]
 pub(super) struct AckBuf {
     pub(super) deliveries: Vec<Delivery>,
     pub(super) keys: Vec<DKey>,
-    /// Boxes of finished items, for the fetcher to reuse (at most [`SPARE_ITEMS`]).
+    /// Boxes of finished items, for the fetcher to reuse (at most [`SPARE_ITEMS`] per
+    /// shard; the fetcher takes from its own thread's shard first, then the others).
     pub(super) spare: Vec<Item>,
-    /// No more messages will come: flush and stop.
-    pub(super) closing: bool,
-    /// The acker has stopped.
+    /// The acker has stopped (set in every shard at once, under all their locks).
     pub(super) closed: bool,
+}
+
+/// Shards of the acker's buffer. A worker puts a finished message into its thread's shard,
+/// so the two cores do not take one lock per message in turn (a profile of the embedded
+/// consume bench had that lock's cache line at half of `Shared::done`); the acker drains
+/// every shard into one batch.
+pub(super) const ACK_SHARDS: usize = 4;
+
+/// One shard of the acker's buffer, on cache lines of its own.
+#[repr(align(128))]
+#[derive(Default)]
+pub(super) struct AckShard(pub(super) Mutex<AckBuf>);
+
+/// The acker shard of the current thread (threads numbered round-robin at first use).
+pub(super) fn ack_shard_index() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed) % ACK_SHARDS;
+    }
+    SHARD.try_with(|s| *s).unwrap_or(0)
 }
 
 pub(super) struct Shared {
@@ -61,7 +81,9 @@ pub(super) struct Shared {
     /// when messages are settled.
     pub(super) permits: Semaphore,
     pub(super) phase: watch::Receiver<Phase>,
-    pub(super) acks: Mutex<AckBuf>,
+    pub(super) acks: [AckShard; ACK_SHARDS],
+    /// No more messages will come: the acker flushes and stops.
+    pub(super) ack_closing: AtomicBool,
     pub(super) ack_notify: Notify,
     /// A quarter of the in-flight limit waits for its ack: the acker stops lingering.
     pub(super) ack_full: Notify,
