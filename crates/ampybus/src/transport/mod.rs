@@ -322,16 +322,21 @@ impl std::fmt::Debug for Delivery {
     }
 }
 
+/// An envelope that holds nothing (no allocation).
+fn empty_envelope() -> Envelope {
+    Envelope {
+        topic: crate::envelope::TopicName::default(),
+        headers: crate::Headers::new(),
+        payload: bytes::Bytes::new(),
+    }
+}
+
 impl Delivery {
     /// An empty delivery that settles nothing: what the runtime leaves in a reused slot
     /// after moving the real delivery out (no allocation).
     pub(crate) fn placeholder() -> Delivery {
         Delivery {
-            envelope: Envelope {
-                topic: crate::envelope::TopicName::default(),
-                headers: crate::Headers::new(),
-                payload: bytes::Bytes::new(),
-            },
+            envelope: empty_envelope(),
             info: DeliveryInfo {
                 sequence: 0,
                 delivery_count: 0,
@@ -339,6 +344,14 @@ impl Delivery {
             },
             settler: None,
         }
+    }
+
+    /// Drops the message it carries (topic, headers, payload) here and now, keeping what
+    /// settles it (sequence and settler). The runtime does this on the worker that handled
+    /// the message, so that the acker — one task for the whole consumer — settles sequences
+    /// and frees nothing per message.
+    pub(crate) fn drop_content(&mut self) {
+        self.envelope = empty_envelope();
     }
 
     /// A delivery of a best-effort subscription: nothing to settle, so `ack`, `nack` and

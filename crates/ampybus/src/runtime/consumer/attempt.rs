@@ -346,7 +346,9 @@ impl Shared {
                 .content_encoding()
                 .is_some_and(|ce| ce.eq_ignore_ascii_case("gzip"));
         if plain {
-            let payload = env.payload.clone();
+            // Moved, not cloned (`restore_envelope` gives it back before a dead letter).
+            let payload = std::mem::take(&mut item.delivery.envelope.payload);
+            item.payload_moved = true;
             self.take_decoded(item, Ok(payload))?;
         }
         Ok(plain)
@@ -362,10 +364,15 @@ impl Shared {
     ) -> std::result::Result<(), Refusal> {
         match decoded {
             Ok(payload) if payload.len() > self.max_payload => {
+                let len = payload.len();
+                if item.payload_moved {
+                    // The dead letter carries it.
+                    item.delivery.envelope.payload = payload;
+                    item.payload_moved = false;
+                }
                 let reason = DlqCode::PayloadTooLarge.reason(&format!(
                     "{} bytes after decoding; this consumer's limit is {}",
-                    payload.len(),
-                    self.max_payload
+                    len, self.max_payload
                 ));
                 Err(Refusal::DeadLetter(DlqCode::PayloadTooLarge, reason))
             }
@@ -732,7 +739,7 @@ impl Shared {
         reason: String,
         att: &mut Attempt,
     ) -> Step {
-        item.restore_headers();
+        item.restore_envelope();
         let env = &item.delivery.envelope;
         let info = &item.delivery.info;
         // Attempts in this life of the message, on top of what it carried in (a redriven

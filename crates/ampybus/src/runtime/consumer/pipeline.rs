@@ -466,9 +466,11 @@ impl Shared {
     }
 
     pub(super) fn done(&self, mut item: Item, keys: Keys) {
-        let delivery = std::mem::replace(&mut item.delivery, Delivery::placeholder());
-        // The message's buffers go now, not when the box is next used; so does its hold on
-        // the key book's records (its batch's lookup).
+        let mut delivery = std::mem::replace(&mut item.delivery, Delivery::placeholder());
+        // The message's buffers go now, on this worker, not when the box is next used nor on
+        // the acker (one task for the whole consumer, which then only settles sequences); so
+        // does its hold on the key book's records (its batch's lookup).
+        delivery.drop_content();
         item.msg = None;
         item.prepared = None;
         item.lookup = None;

@@ -16,6 +16,10 @@ pub(super) struct ItemData {
     pub(super) prepared: Option<(Topic, crate::headers::Headers)>,
     /// The envelope's headers were moved into `prepared`/`msg` (they needed no rewrite).
     pub(super) headers_moved: bool,
+    /// The envelope's payload was moved into `msg` (carried inline, not compressed): no
+    /// second reference to the transport's buffer, whose count the fetcher's core is
+    /// raising for the next messages meanwhile.
+    pub(super) payload_moved: bool,
     /// Metric handles of the message's domain-level topic (observability on, topic parsed).
     pub(super) metrics: Option<Arc<ConsumerTopic>>,
     /// Dedupe keys (empty with dedupe off).
@@ -41,8 +45,15 @@ impl ItemData {
         }
     }
 
-    /// Gives moved headers back to the envelope (a dead letter carries the envelope).
-    pub(super) fn restore_headers(&mut self) {
+    /// Gives a moved payload and moved headers back to the envelope (a dead letter carries
+    /// the envelope).
+    pub(super) fn restore_envelope(&mut self) {
+        if self.payload_moved {
+            if let Some(m) = self.msg.as_mut() {
+                self.delivery.envelope.payload = std::mem::take(&mut m.payload);
+            }
+            self.payload_moved = false;
+        }
         if !self.headers_moved {
             return;
         }
@@ -66,6 +77,7 @@ impl ItemData {
             msg: None,
             prepared: None,
             headers_moved: false,
+            payload_moved: false,
             metrics: None,
             keys: Keys::default(),
             lookup: None,
