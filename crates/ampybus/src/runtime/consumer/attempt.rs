@@ -532,7 +532,7 @@ impl Shared {
                     }
                     None => Keys::default(),
                 };
-                self.counters.handled_ok.fetch_add(1, Ordering::SeqCst);
+                self.counters.handled_ok.inc();
                 att.result = AttemptResult::Ok;
                 if let Some(h) = &att.handles {
                     h.consumed.inc();

@@ -5,7 +5,8 @@ use super::*;
 
 #[derive(Default)]
 pub(super) struct Counters {
-    pub(super) handled_ok: AtomicU64,
+    /// Added to by every worker per message: sharded by thread.
+    pub(super) handled_ok: crate::obs::FastCounter,
     pub(super) retried: AtomicU64,
     pub(super) dead_lettered: [AtomicU64; DlqCode::ALL.len()],
     pub(super) skipped: AtomicU64,
@@ -355,7 +356,7 @@ impl Shared {
             }
         }
         ConsumerStats {
-            handled_ok: c.handled_ok.load(Ordering::SeqCst),
+            handled_ok: c.handled_ok.get(),
             retried: c.retried.load(Ordering::SeqCst),
             dead_lettered,
             skipped_duplicates: c.skipped.load(Ordering::SeqCst),
