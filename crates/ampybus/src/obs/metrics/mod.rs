@@ -111,13 +111,20 @@ fn latency_histogram() -> FastHistogram {
 /// the same cache line.
 const SHARDS: usize = 8;
 
-/// The shard of the current thread (assigned round-robin at its first observation).
+/// The shard of the current thread (see [`thread_number`]).
 fn shard_index() -> usize {
+    thread_number() % SHARDS
+}
+
+/// A number for the current thread, assigned round-robin at its first use: what state
+/// sharded by thread (metrics here, the consumer's acker buffer) takes modulo its shard
+/// count, so that two cores rarely write the same cache line.
+pub(crate) fn thread_number() -> usize {
     static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     thread_local! {
-        static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+        static NUMBER: usize = NEXT.fetch_add(1, Ordering::Relaxed);
     }
-    SHARD.try_with(|s| *s).unwrap_or(0)
+    NUMBER.try_with(|n| *n).unwrap_or(0)
 }
 
 /// A histogram for observations made per message (delivery latency, handler duration):

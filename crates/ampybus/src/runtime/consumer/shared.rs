@@ -26,13 +26,9 @@ pub(super) const ACK_SHARDS: usize = 4;
 #[derive(Default)]
 pub(super) struct AckShard(pub(super) Mutex<AckBuf>);
 
-/// The acker shard of the current thread (threads numbered round-robin at first use).
+/// The acker shard of the current thread.
 pub(super) fn ack_shard_index() -> usize {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    thread_local! {
-        static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed) % ACK_SHARDS;
-    }
-    SHARD.try_with(|s| *s).unwrap_or(0)
+    crate::obs::thread_number() % ACK_SHARDS
 }
 
 pub(super) struct Shared {
@@ -85,7 +81,8 @@ pub(super) struct Shared {
     /// No more messages will come: the acker flushes and stops.
     pub(super) ack_closing: AtomicBool,
     pub(super) ack_notify: Notify,
-    /// A quarter of the in-flight limit waits for its ack: the acker stops lingering.
+    /// A shard holds an eighth of the in-flight limit waiting for its ack: the acker stops
+    /// lingering.
     pub(super) ack_full: Notify,
 }
 
