@@ -344,6 +344,69 @@ async fn a_handler_that_answers_at_once_but_slowly_keeps_order_and_counts() {
     assert_each_key_in_order(&seqs, keys, per_key);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_waits_hands_the_rest_of_its_run_to_other_workers() {
+    // An async handler whose futures finish in their first poll gets runs of messages, as a
+    // handler that answers at once does. When one message of a run has to wait, the rest of
+    // the run goes back to their keys' queues for the other worker instead of waiting behind
+    // it: here the waiting message is let go only after all the others were handled.
+    let dir = tempfile::tempdir().unwrap();
+    let bus = bus_at(dir.path()).await;
+    let topic = Topic::parse("ampy.dev.orders.v1.runs").unwrap();
+    let others = Arc::new(AtomicU64::new(0));
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let (o2, order) = (others.clone(), Arc::new(Mutex::new(Vec::<String>::new())));
+    let order2 = order.clone();
+    let handle = Consumer::builder(bus.clone(), pat("ampy.dev.orders.>"), "runs")
+        .workers(2)
+        .handler(handler_fn(move |msg| {
+            let (others, order) = (o2.clone(), order2.clone());
+            let mut gate = gate.clone();
+            async move {
+                let p = String::from_utf8(msg.payload.to_vec()).unwrap();
+                if p == "block" {
+                    gate.wait_for(|open| *open).await.unwrap();
+                } else {
+                    others.fetch_add(1, Ordering::SeqCst);
+                }
+                order.lock().unwrap().push(p);
+                Outcome::Ok
+            }
+        }))
+        .start()
+        .await
+        .unwrap();
+    // One message first: its future finishes in its first poll, so workers take runs.
+    bus.publish_batch(vec![env_for(&topic, "warm", "warm")])
+        .await
+        .unwrap();
+    wait_for("the first message", || others.load(Ordering::SeqCst) == 1).await;
+    // One batch, one ready key each: the waiting message heads a worker's run.
+    let mut batch = vec![env_for(&topic, "held", "block")];
+    batch.extend((0..20).map(|i| env_for(&topic, &format!("k{i}"), &format!("k{i}"))));
+    bus.publish_batch(batch).await.unwrap();
+    wait_for("the messages queued behind the waiting one", || {
+        others.load(Ordering::SeqCst) == 21
+    })
+    .await;
+    open.send(true).unwrap();
+    wait_stats("all handled", &handle, |s| {
+        s.handled_ok == 22 && s.in_flight == 0
+    })
+    .await;
+    let stats = handle.shutdown(Duration::from_secs(10)).await;
+    assert_eq!(stats.handled_ok, 22, "{stats:?}");
+    assert_eq!((stats.retried, stats.released), (0, 0), "{stats:?}");
+    let order = order.lock().unwrap().clone();
+    assert_eq!(order.len(), 22);
+    assert_eq!(order.last().map(String::as_str), Some("block"), "{order:?}");
+    let mut rest: Vec<&str> = order[1..21].iter().map(String::as_str).collect();
+    rest.sort_unstable();
+    let mut want: Vec<String> = (0..20).map(|i| format!("k{i}")).collect();
+    want.sort_unstable();
+    assert_eq!(rest, want.iter().map(String::as_str).collect::<Vec<_>>());
+}
+
 /// A handler that answers at once (`handler_sync`, no future) gets the runtime's guarantees:
 /// per-key order over 8 workers, a retry that then succeeds, a dead letter with its reason,
 /// a panic caught and dead-lettered, exact counts.

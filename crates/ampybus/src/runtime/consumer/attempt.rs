@@ -79,7 +79,7 @@ pub(super) enum RetryReason {
 /// What one handling attempt did, for its span, metrics and log line.
 pub(super) struct Attempt {
     /// `None` with observability off.
-    pub(super) handles: Option<Arc<ConsumerTopic>>,
+    pub(super) handles: Option<TopicSlot>,
     pub(super) result: AttemptResult,
     pub(super) dlq_code: Option<DlqCode>,
     pub(super) retry_reason: RetryReason,
@@ -271,8 +271,13 @@ impl Shared {
                 // Most handlers finish in their first poll: no timer, no watch until they do
                 // not.
                 match futures::poll!(fut.as_mut()) {
-                    std::task::Poll::Ready(r) => Some(r),
+                    std::task::Poll::Ready(r) => {
+                        // Answered without waiting: workers may take runs of messages.
+                        self.set_answers_at_once(true);
+                        Some(r)
+                    }
                     std::task::Poll::Pending => {
+                        self.set_answers_at_once(false);
                         let beat = (self.ack_deadline / 3).max(Duration::from_millis(10));
                         let mut hb =
                             tokio::time::interval_at(tokio::time::Instant::now() + beat, beat);
@@ -467,7 +472,7 @@ impl Shared {
         if now_us.saturating_sub(self.last_message_us.load(Ordering::Relaxed)) >= 1000 {
             self.last_message_us.store(now_us, Ordering::Relaxed);
         }
-        if let Some(h) = &att.handles {
+        if let Some(h) = self.handles_of(att) {
             let produced = msg
                 .headers
                 .produced_at_micros()
@@ -487,17 +492,26 @@ impl Shared {
     #[inline]
     fn handler_now(&self, msg: &Message) -> Option<std::thread::Result<Outcome>> {
         let now = std::panic::catch_unwind(AssertUnwindSafe(|| self.handler.handle_now(msg)));
-        let at_once = !matches!(now, Ok(None));
+        if !matches!(now, Ok(None)) {
+            self.set_answers_at_once(true);
+        }
+        now.transpose()
+    }
+
+    /// Notes whether the handler's last answer came without waiting (from
+    /// [`Handler::handle_now`], or a future that finished in its first poll); written only
+    /// when it changes, so that workers on every core read the line without taking it over.
+    #[inline]
+    fn set_answers_at_once(&self, at_once: bool) {
         if self.answers_at_once.load(Ordering::Relaxed) != at_once {
             self.answers_at_once.store(at_once, Ordering::Relaxed);
         }
-        now.transpose()
     }
 
     /// After the handler: its duration observed.
     #[inline]
     fn after_handler(&self, started: Option<clock::Mono>, att: &Attempt) {
-        if let (Some(h), Some(started)) = (&att.handles, started) {
+        if let (Some(h), Some(started)) = (self.handles_of(att), started) {
             let ended = clock::after_handler();
             h.handler_duration.observe(ended.millis_since(started));
         }
@@ -534,7 +548,7 @@ impl Shared {
                 };
                 self.counters.handled_ok.inc();
                 att.result = AttemptResult::Ok;
-                if let Some(h) = &att.handles {
+                if let Some(h) = self.handles_of(att) {
                     h.consumed.inc();
                 }
                 self.done(item, keys);
@@ -579,12 +593,12 @@ impl Shared {
         // Taken, not cloned (a clone and a drop per message of a count every worker shares);
         // a retry gets them back below.
         let handles = match item.metrics.take() {
-            Some(h) => h,
+            Some(h) => Some(h),
             // A topic that does not parse is labelled `invalid`.
             None => self.topic_metrics("invalid"),
         };
         let mut att = Attempt {
-            handles: Some(handles),
+            handles,
             result: AttemptResult::Released,
             dlq_code: None,
             retry_reason: RetryReason::Handler,
@@ -630,23 +644,10 @@ impl Shared {
         att.give_back(step)
     }
 
-    /// The metric handles of one domain-level topic, resolved once.
-    pub(super) fn topic_metrics(&self, topic: &str) -> Arc<ConsumerTopic> {
-        let key = crate::obs::domain_topic(topic);
-        if let Some(h) = self
-            .topic_metrics
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(key)
-        {
-            return h.clone();
-        }
-        let h = Arc::new(self.bus.metrics().consumer_topic(key, &self.name));
-        self.topic_metrics
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key.to_owned(), h.clone());
-        h
+    /// The metric handles of an attempt's topic (observability on).
+    #[inline]
+    pub(super) fn handles_of(&self, att: &Attempt) -> Option<&ConsumerTopic> {
+        self.handles.get(att.handles?)
     }
 
     pub(super) fn sync_inflight(&self) {
@@ -720,7 +721,7 @@ impl Shared {
         }
         self.counters.retried.fetch_add(1, Ordering::SeqCst);
         att.result = AttemptResult::Retry;
-        if let Some(h) = &att.handles {
+        if let Some(h) = self.handles_of(att) {
             h.retry[att.retry_reason as usize].inc();
         }
         let delay = after
@@ -784,7 +785,7 @@ impl Shared {
         self.count_dlq(code);
         att.result = AttemptResult::Dlq;
         att.dlq_code = Some(code);
-        if let Some(h) = &att.handles {
+        if let Some(h) = self.handles_of(att) {
             h.dlq[code.index()].inc();
             if let Some(c) = &h.decode_fail[code.index()] {
                 c.inc();

@@ -295,6 +295,7 @@ impl ConsumerBuilder {
             obs_on: obs.enabled,
             tracer: obs.tracer.clone(),
             topic_metrics: RwLock::new(HashMap::new()),
+            handles: HandleTable::new(),
             inflight_gauge: obs.metrics.inflight(&self.name),
             lag_gauge: obs.metrics.consumer_lag(self.pattern.as_str(), &self.name),
             last_message_us: AtomicI64::new(0),

@@ -171,9 +171,11 @@ pub(super) async fn run_refresher(shared: Arc<Shared>) {
     }
 }
 
-/// Messages one worker takes under one lock when its handler answers at once: run one after
-/// the other, their keys freed together under the next lock. A handler that awaits takes one
-/// at a time, so that `workers` of them wait concurrently.
+/// Messages one worker takes under one lock when its handler answers without waiting: run one
+/// after the other, their keys freed together under the next lock. A handler that awaits takes
+/// one at a time, so that `workers` of them wait concurrently; a message of a run that has to
+/// wait (its handler's future, a dedupe lookup, a lease extension) first hands the rest of the
+/// run back to their keys' queues for other workers.
 pub(super) const RUN_MAX: usize = 32;
 
 /// How long a run may take before its remaining messages are handed back: a handler that
@@ -223,7 +225,20 @@ pub(super) async fn run_worker(shared: Arc<Shared>) {
         let started = clock::Mono::now();
         let mut rest = run.drain(..);
         while let Some((id, item)) = rest.next() {
-            if let Some(id) = shared.run_one(id, item).await {
+            let one = shared.run_one(id, item);
+            let mut one = std::pin::pin!(one);
+            let freed = match futures::poll!(one.as_mut()) {
+                std::task::Poll::Ready(freed) => freed,
+                std::task::Poll::Pending => {
+                    // This message waits: the rest of the run must not wait behind it.
+                    if rest.len() > 0 {
+                        let back: Vec<(u32, Item)> = rest.by_ref().collect();
+                        shared.untake(back);
+                    }
+                    one.await
+                }
+            };
+            if let Some(id) = freed {
                 finished.push(id);
             }
             if rest.len() > 0 && clock::elapsed_since(started) > RUN_BUDGET {
@@ -292,8 +307,18 @@ impl Shared {
         let mut k = std::mem::take(spare);
         for s in &self.acks {
             let mut a = s.0.lock().unwrap_or_else(|p| p.into_inner());
-            d.append(&mut a.deliveries);
-            k.append(&mut a.keys);
+            // The first shard with messages hands over its buffer whole (the shard keeps the
+            // empty one): its messages are not copied again.
+            if d.is_empty() {
+                std::mem::swap(&mut d, &mut a.deliveries);
+            } else {
+                d.append(&mut a.deliveries);
+            }
+            if k.is_empty() {
+                std::mem::swap(&mut k, &mut a.keys);
+            } else {
+                k.append(&mut a.keys);
+            }
         }
         let mut stop = false;
         if closing && d.is_empty() {

@@ -21,7 +21,7 @@ pub(super) struct ItemData {
     /// raising for the next messages meanwhile.
     pub(super) payload_moved: bool,
     /// Metric handles of the message's domain-level topic (observability on, topic parsed).
-    pub(super) metrics: Option<Arc<ConsumerTopic>>,
+    pub(super) metrics: Option<TopicSlot>,
     /// Dedupe keys (empty with dedupe off).
     pub(super) keys: Keys,
     /// The batch lookup this message waits for and the index of its first key in it.

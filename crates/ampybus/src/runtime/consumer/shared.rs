@@ -39,8 +39,10 @@ pub(super) struct Shared {
     /// Metrics and spans recorded (the bus handle's setting).
     pub(super) obs_on: bool,
     pub(super) tracer: BusTracer,
-    /// Pre-resolved metric handles per domain-level topic.
-    pub(super) topic_metrics: RwLock<HashMap<String, Arc<ConsumerTopic>>>,
+    /// The slot of each domain-level topic's metric handles in `handles`.
+    pub(super) topic_metrics: RwLock<HashMap<String, TopicSlot>>,
+    /// The metric handles themselves, read by slot without a lock (see [`HandleTable`]).
+    pub(super) handles: HandleTable,
     pub(super) inflight_gauge: Gauge,
     pub(super) lag_gauge: Gauge,
     /// Unix micros of the last handler start (0: none).
@@ -51,8 +53,10 @@ pub(super) struct Shared {
     pub(super) pattern: TopicPattern,
     pub(super) name: String,
     pub(super) handler: Arc<dyn Handler>,
-    /// The handler's last answer came from [`Handler::handle_now`] (no future): workers take
-    /// runs of messages ([`RUN_MAX`]) instead of one at a time.
+    /// The handler's last answer came without waiting — from [`Handler::handle_now`], or from
+    /// a future that finished in its first poll: workers take runs of messages ([`RUN_MAX`])
+    /// instead of one at a time (a message of a run that has to wait hands the rest of the run
+    /// back first, see `run_worker`).
     pub(super) answers_at_once: AtomicBool,
     pub(super) retry: RetryPolicy,
     /// `Some`: every message; `None`: by the message's domain (see [`strict_domain`]).
@@ -86,8 +90,56 @@ pub(super) struct Shared {
     pub(super) ack_full: Notify,
 }
 
-/// A parsed topic and its metric handles (observability on).
-pub(super) type TopicEntry = (Topic, Option<Arc<ConsumerTopic>>);
+/// A parsed topic and the slot of its metric handles (observability on).
+pub(super) type TopicEntry = (Topic, Option<TopicSlot>);
+
+/// The number of a domain-level topic's metric handles in a consumer's [`HandleTable`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct TopicSlot(pub(super) u32);
+
+/// Slots per chunk of a [`HandleTable`], and chunks: at most 4,096 domain-level topics
+/// (`ampy.{env}.{domain}.{version}`) per consumer have metric handles; a message of any
+/// further one is handled without them.
+const HANDLE_CHUNK: usize = 64;
+const HANDLE_CHUNKS: usize = 64;
+
+/// The metric handles of the domain-level topics a consumer has met, numbered in order of
+/// first sight and read by number without a lock or a reference count. A message carries its
+/// topic's [`TopicSlot`], not a clone of an `Arc`: that count, one per domain-level topic, was
+/// written by every worker on every core per message. Slots are filled once, under
+/// `Shared::topic_metrics`'s write lock, and kept while the consumer exists.
+pub(super) struct HandleTable {
+    chunks: [std::sync::OnceLock<Box<[std::sync::OnceLock<ConsumerTopic>]>>; HANDLE_CHUNKS],
+}
+
+impl HandleTable {
+    pub(super) fn new() -> HandleTable {
+        HandleTable {
+            chunks: std::array::from_fn(|_| std::sync::OnceLock::new()),
+        }
+    }
+
+    /// The handles in `slot`.
+    #[inline]
+    pub(super) fn get(&self, slot: TopicSlot) -> Option<&ConsumerTopic> {
+        let i = slot.0 as usize;
+        self.chunks
+            .get(i / HANDLE_CHUNK)?
+            .get()?
+            .get(i % HANDLE_CHUNK)?
+            .get()
+    }
+
+    /// Puts `handles` in `slot`; false when the table has no such slot or it is taken.
+    pub(super) fn set(&self, slot: TopicSlot, handles: ConsumerTopic) -> bool {
+        let i = slot.0 as usize;
+        let Some(chunk) = self.chunks.get(i / HANDLE_CHUNK) else {
+            return false;
+        };
+        let chunk = chunk.get_or_init(|| (0..HANDLE_CHUNK).map(|_| Default::default()).collect());
+        chunk[i % HANDLE_CHUNK].set(handles).is_ok()
+    }
+}
 
 /// Entries [`Shared::topic_of_name`] keeps per thread (over every consumer on the thread;
 /// cleared when full).
@@ -113,6 +165,36 @@ impl Shared {
         self.counters.dead_lettered[code.index()].fetch_add(1, Ordering::SeqCst);
     }
 
+    /// The slot of one domain-level topic's metric handles, made once (`None`: the consumer
+    /// has met more domain-level topics than [`HandleTable`] holds).
+    pub(super) fn topic_metrics(&self, topic: &str) -> Option<TopicSlot> {
+        let key = crate::obs::domain_topic(topic);
+        if let Some(slot) = self
+            .topic_metrics
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+        {
+            return Some(*slot);
+        }
+        let mut slots = self
+            .topic_metrics
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(slot) = slots.get(key) {
+            return Some(*slot);
+        }
+        let slot = TopicSlot(u32::try_from(slots.len()).ok()?);
+        if !self
+            .handles
+            .set(slot, self.bus.metrics().consumer_topic(key, &self.name))
+        {
+            return None;
+        }
+        slots.insert(key.to_owned(), slot);
+        Some(slot)
+    }
+
     /// The topic of a delivered message, parsed once per distinct topic, with its metric
     /// handles.
     pub(super) fn topic_of(&self, raw: &str) -> Result<TopicEntry> {
@@ -125,12 +207,16 @@ impl Shared {
             return Ok(hit.clone());
         }
         let t = Topic::parse(raw)?;
-        let m = self.obs_on.then(|| self.topic_metrics(t.as_str()));
+        let m = if self.obs_on {
+            self.topic_metrics(t.as_str())
+        } else {
+            None
+        };
         let mut c = self.topics.lock().unwrap_or_else(|p| p.into_inner());
         if c.len() >= TOPIC_CACHE_MAX {
             c.clear();
         }
-        c.insert(raw.to_owned(), (t.clone(), m.clone()));
+        c.insert(raw.to_owned(), (t.clone(), m));
         Ok((t, m))
     }
 

@@ -203,3 +203,27 @@ fn scheduler_drains_queued_and_delayed() {
     assert_eq!(seq_of(s.take()), None);
     assert!(s.drain_all().is_empty());
 }
+
+/// A consumer's metric handles are read by slot: a slot is filled once, slots of different
+/// chunks do not mix, and the table ends at its last slot (4,095).
+#[test]
+fn handle_table_fills_each_slot_once_and_ends_at_its_last() {
+    let metrics = crate::obs::BusMetrics::new();
+    let table = HandleTable::new();
+    let bars = || metrics.consumer_topic("ampy.dev.bars.v1", "c");
+    let ticks = || metrics.consumer_topic("ampy.dev.ticks.v1", "c");
+    assert!(table.get(TopicSlot(0)).is_none());
+    assert!(table.set(TopicSlot(0), bars()));
+    assert!(!table.set(TopicSlot(0), ticks()), "a slot is filled once");
+    assert!(table.set(TopicSlot(64), ticks()));
+    table.get(TopicSlot(0)).unwrap().consumed.inc();
+    table.get(TopicSlot(0)).unwrap().consumed.inc();
+    table.get(TopicSlot(64)).unwrap().consumed.inc();
+    assert_eq!(table.get(TopicSlot(0)).unwrap().consumed.get(), 2);
+    assert_eq!(table.get(TopicSlot(64)).unwrap().consumed.get(), 1);
+    assert!(table.get(TopicSlot(1)).is_none() && table.get(TopicSlot(65)).is_none());
+    assert!(table.set(TopicSlot(4095), bars()));
+    assert_eq!(table.get(TopicSlot(4095)).unwrap().consumed.get(), 2);
+    assert!(!table.set(TopicSlot(4096), bars()));
+    assert!(table.get(TopicSlot(4096)).is_none());
+}
