@@ -590,10 +590,12 @@ impl Shared {
             // dead-lettered).
             let _ = self.prepare(&mut item);
         }
-        // Taken, not cloned (a clone and a drop per message of a count every worker shares);
-        // a retry gets them back below.
+        // The slot of the topic's handles (a number, no reference count); a retry gets it
+        // back below.
         let handles = match item.metrics.take() {
             Some(h) => Some(h),
+            // Parsed, but past the last slot of the handle table: no metrics.
+            None if item.prepared.is_some() || item.msg.is_some() => None,
             // A topic that does not parse is labelled `invalid`.
             None => self.topic_metrics("invalid"),
         };
