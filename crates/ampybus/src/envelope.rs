@@ -238,18 +238,39 @@ impl<'de> Deserialize<'de> for TopicName {
 
 /// Hands the messages of one topic one shared [`TopicName`]: a binding keeps one per
 /// subscription and asks it for the topic of each message it receives (up to 4,096 distinct
-/// topics are remembered; then it starts over).
+/// topics are remembered; then it starts over). A topic that arrives as bytes is checked for
+/// UTF-8 only the first time ([`TopicNames::get_utf8`]).
 ///
 /// ```
 /// let mut names = ampybus::envelope::TopicNames::default();
 /// let a = names.get("ampy.dev.ticks.v1.trade.XNAS.AAPL");
 /// let b = names.get("ampy.dev.ticks.v1.trade.XNAS.AAPL");
 /// assert!(a.same(&b));
+/// let c = names.get_utf8(b"ampy.dev.ticks.v1.trade.XNAS.AAPL").unwrap();
+/// assert!(a.same(&c));
+/// assert!(names.get_utf8(b"ampy.dev.\xff").is_err());
 /// ```
 #[derive(Debug, Clone)]
 pub struct TopicNames {
     last: Option<TopicName>,
-    seen: crate::fasthash::FastSet<TopicName>,
+    seen: crate::fasthash::FastSet<ByBytes>,
+}
+
+/// A remembered name, found by its bytes (so that bytes from the wire are looked up before
+/// they are checked for UTF-8).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ByBytes(TopicName);
+
+impl std::hash::Hash for ByBytes {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.as_bytes().hash(state)
+    }
+}
+
+impl std::borrow::Borrow<[u8]> for ByBytes {
+    fn borrow(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
 }
 
 impl Default for TopicNames {
@@ -267,22 +288,43 @@ impl TopicNames {
 
     /// The shared name of `topic`.
     pub fn get(&mut self, topic: &str) -> TopicName {
-        if let Some(last) = &self.last
-            && last.as_str() == topic
-        {
-            return last.clone();
+        match self.known(topic.as_bytes()) {
+            Some(name) => name,
+            None => self.remember(topic),
         }
-        let name = match self.seen.get(topic) {
-            Some(n) => n.clone(),
-            None => {
-                if self.seen.len() >= Self::MAX {
-                    self.seen.clear();
-                }
-                let n = TopicName::from(topic);
-                self.seen.insert(n.clone());
-                n
-            }
-        };
+    }
+
+    /// The shared name of a topic received as bytes; an error when they are not UTF-8. Bytes
+    /// met before are not checked again.
+    pub fn get_utf8(
+        &mut self,
+        topic: &[u8],
+    ) -> std::result::Result<TopicName, std::str::Utf8Error> {
+        match self.known(topic) {
+            Some(name) => Ok(name),
+            None => Ok(self.remember(std::str::from_utf8(topic)?)),
+        }
+    }
+
+    /// The remembered name with these bytes (made the last one asked for).
+    fn known(&mut self, topic: &[u8]) -> Option<TopicName> {
+        if let Some(last) = &self.last
+            && last.as_bytes() == topic
+        {
+            return Some(last.clone());
+        }
+        let name = self.seen.get(topic)?.0.clone();
+        self.last = Some(name.clone());
+        Some(name)
+    }
+
+    /// A new shared name for `topic`, remembered.
+    fn remember(&mut self, topic: &str) -> TopicName {
+        if self.seen.len() >= Self::MAX {
+            self.seen.clear();
+        }
+        let name = TopicName::from(topic);
+        self.seen.insert(ByBytes(name.clone()));
         self.last = Some(name.clone());
         name
     }

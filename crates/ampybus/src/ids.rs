@@ -336,6 +336,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn uuid_text_writes_the_canonical_form_of_every_byte_value() {
+        let mut ids: Vec<[u8; 16]> = (0..=255u8).map(|b| [b; 16]).collect();
+        ids.push(std::array::from_fn(|i| i as u8 * 17));
+        ids.push(*b"\x01\x23\x45\x67\x89\xab\xcd\xef\xfe\xdc\xba\x98\x76\x54\x32\x10");
+        for id in ids {
+            let mut out = [0u8; 40];
+            uuid_text(&id, &mut out);
+            let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+            let want = format!(
+                "{}-{}-{}-{}-{}",
+                &hex[..8],
+                &hex[8..12],
+                &hex[12..16],
+                &hex[16..20],
+                &hex[20..]
+            );
+            assert_eq!(std::str::from_utf8(&out[..36]).unwrap(), want);
+            assert_eq!(out[36..], [0u8; 4], "wrote past 36 bytes");
+        }
+        let mut out = [0u8; 36];
+        uuid_text(
+            b"\x01\x23\x45\x67\x89\xab\xcd\xef\xfe\xdc\xba\x98\x76\x54\x32\x10",
+            &mut out,
+        );
+        assert_eq!(&out, b"01234567-89ab-cdef-fedc-ba9876543210");
+    }
+
+    #[test]
     fn the_id_generator_is_seeded_per_thread_and_does_not_repeat() {
         use rand::RngCore;
         let draws = |n: usize| (0..n).map(|_| IdRng.next_u64()).collect::<Vec<u64>>();

@@ -264,3 +264,135 @@ async fn duplicate_waiting_behind_a_slow_key_is_skipped_however_many_pass_meanwh
     assert_eq!(*blocker.calls.lock().unwrap(), ["first", "slow-1"]);
     all_acked(&bus, "ampy.dev.orders.>", "longwait").await;
 }
+
+/// The embedded log's dedupe store, except that its first batch lookup waits until
+/// `release` is notified.
+struct SlowFirstLookup {
+    inner: Arc<dyn ampybus::dedupe::DedupeStore>,
+    lookups: AtomicU64,
+    release: Notify,
+}
+
+#[async_trait::async_trait]
+impl ampybus::dedupe::DedupeStore for SlowFirstLookup {
+    async fn is_applied(&self, consumer: &str, keys: &[String]) -> ampybus::Result<bool> {
+        self.inner.is_applied(consumer, keys).await
+    }
+    async fn record_applied(&self, consumer: &str, keys: &[String]) -> ampybus::Result<()> {
+        self.inner.record_applied(consumer, keys).await
+    }
+    async fn lookup_batch(&self, consumer: &str, keys: &[&str]) -> ampybus::Result<Vec<bool>> {
+        if self.lookups.fetch_add(1, Ordering::SeqCst) == 0 {
+            self.release.notified().await;
+        }
+        self.inner.lookup_batch(consumer, keys).await
+    }
+    async fn commit_batch(
+        &self,
+        consumer: &str,
+        keys: &[&str],
+        deliveries: Vec<ampybus::transport::Delivery>,
+    ) -> std::result::Result<(), (ampybus::Error, Vec<ampybus::transport::Delivery>)> {
+        self.inner.commit_batch(consumer, keys, deliveries).await
+    }
+}
+
+/// Records the payload of every message it handles.
+#[derive(Default)]
+struct Calls(Mutex<Vec<String>>);
+
+#[async_trait::async_trait]
+impl Handler for Calls {
+    async fn handle(&self, msg: &Message) -> Outcome {
+        self.0
+            .lock()
+            .unwrap()
+            .push(String::from_utf8_lossy(&msg.payload).into_owned());
+        Outcome::Ok
+    }
+}
+
+/// Batch lookups run beside each other: while the lookup of one fetched batch is slow, the
+/// messages of later batches (other partition keys) are looked up and handled; the slow
+/// batch's message waits for its own lookup and is then handled, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_lookup_holds_only_its_own_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = Bus::connect(&format!("file://{}?sync=normal", dir.path().display()))
+        .await
+        .unwrap();
+    let topic = Topic::parse("ampy.dev.orders.v1.requests").unwrap();
+    let plain = |key: &str| Headers::for_publish("ampy.raw.v1.Bytes", "t@1", "t", key);
+    let store = Arc::new(SlowFirstLookup {
+        inner: bus
+            .transport()
+            .dedupe_store()
+            .expect("the embedded log's store"),
+        lookups: AtomicU64::new(0),
+        release: Notify::new(),
+    });
+    let calls = Arc::new(Calls::default());
+    bus.publish(&topic, plain("co_1"), b"first".to_vec())
+        .await
+        .unwrap();
+    let handle = Consumer::builder(
+        bus.clone(),
+        TopicPattern::parse("ampy.dev.orders.>").unwrap(),
+        "lookups",
+    )
+    .handler_arc(calls.clone())
+    .dedupe(store.clone())
+    .workers(4)
+    .serve_replays(false)
+    .start()
+    .await
+    .unwrap();
+    // The first batch (one message) is fetched and its lookup waits.
+    let start = Instant::now();
+    while store.lookups.load(Ordering::SeqCst) == 0 {
+        assert!(
+            start.elapsed() < HANG,
+            "the first batch was never looked up"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for i in 2..=4 {
+        bus.publish(
+            &topic,
+            plain(&format!("co_{i}")),
+            format!("m{i}").into_bytes(),
+        )
+        .await
+        .unwrap();
+    }
+    // Later batches go past it (handled and acked; the slow batch's message still waits).
+    wait_stats("the later messages handled", &handle, |s| {
+        s.handled_ok == 3 && s.in_flight == 1
+    })
+    .await;
+    let mut seen = calls.0.lock().unwrap().clone();
+    seen.sort();
+    assert_eq!(seen, ["m2", "m3", "m4"]);
+    store.release.notify_one();
+    wait_stats("all handled", &handle, |s| {
+        s.handled_ok == 4 && s.in_flight == 0
+    })
+    .await;
+    let stats = handle.shutdown(Duration::from_secs(10)).await;
+    assert_eq!(
+        (
+            stats.handled_ok,
+            stats.skipped_duplicates,
+            stats.released,
+            stats.dead_lettered_total()
+        ),
+        (4, 0, 0, 0),
+        "{stats:?}"
+    );
+    assert_eq!(
+        calls.0.lock().unwrap().last().map(String::as_str),
+        Some("first")
+    );
+    assert_eq!(calls.0.lock().unwrap().len(), 4);
+    all_acked(&bus, "ampy.dev.orders.>", "lookups").await;
+}

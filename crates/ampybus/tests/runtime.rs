@@ -407,6 +407,64 @@ async fn a_message_that_waits_hands_the_rest_of_its_run_to_other_workers() {
     assert_eq!(rest, want.iter().map(String::as_str).collect::<Vec<_>>());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_waits_frees_the_keys_its_run_finished_first() {
+    // A worker's run handles `first` (key a), then `wait` (key w), whose handler waits until
+    // `after` — queued behind `first` on key a — is handled. Before the worker waits, it must
+    // free key a: otherwise `after` can never run and the two wait for each other. Five
+    // rounds, each with keys of its own.
+    let dir = tempfile::tempdir().unwrap();
+    let bus = bus_at(dir.path()).await;
+    let topic = Topic::parse("ampy.dev.orders.v1.freed").unwrap();
+    let (seen_tx, seen) = tokio::sync::watch::channel(Vec::<String>::new());
+    let seen_tx = Arc::new(seen_tx);
+    let log = seen.clone();
+    let handle = Consumer::builder(bus.clone(), pat("ampy.dev.orders.>"), "freed")
+        .workers(2)
+        .handler(handler_fn(move |msg| {
+            let (seen_tx, mut seen) = (seen_tx.clone(), seen.clone());
+            async move {
+                let p = String::from_utf8(msg.payload.to_vec()).unwrap();
+                if let Some(round) = p.strip_prefix("wait-") {
+                    let after = format!("after-{round}");
+                    seen.wait_for(|v| v.contains(&after)).await.unwrap();
+                }
+                seen_tx.send_modify(|v| v.push(p));
+                Outcome::Ok
+            }
+        }))
+        .start()
+        .await
+        .unwrap();
+    // One message first: its future finishes in its first poll, so workers take runs.
+    bus.publish_batch(vec![env_for(&topic, "warm", "warm")])
+        .await
+        .unwrap();
+    wait_stats("the first message", &handle, |s| s.handled_ok == 1).await;
+    for r in 0..5 {
+        let (a, w) = (format!("a{r}"), format!("w{r}"));
+        bus.publish_batch(vec![
+            env_for(&topic, &a, &format!("first-{r}")),
+            env_for(&topic, &w, &format!("wait-{r}")),
+            env_for(&topic, &a, &format!("after-{r}")),
+        ])
+        .await
+        .unwrap();
+        let want = 1 + 3 * (r + 1);
+        wait_stats("the round handled", &handle, |s| s.handled_ok == want).await;
+    }
+    let stats = handle.shutdown(Duration::from_secs(10)).await;
+    assert_eq!(stats.handled_ok, 16, "{stats:?}");
+    assert_eq!((stats.retried, stats.released), (0, 0), "{stats:?}");
+    let order = log.borrow().clone();
+    assert_eq!(order.len(), 16, "{order:?}");
+    for r in 0..5 {
+        let at = |p: &str| order.iter().position(|x| *x == format!("{p}-{r}")).unwrap();
+        assert!(at("first") < at("after"), "key order: {order:?}");
+        assert!(at("after") < at("wait"), "{order:?}");
+    }
+}
+
 /// A handler that answers at once (`handler_sync`, no future) gets the runtime's guarantees:
 /// per-key order over 8 workers, a retry that then succeeds, a dead letter with its reason,
 /// a panic caught and dead-lettered, exact counts.

@@ -30,7 +30,9 @@ pub fn decode(wire: &Bytes, names: &mut ampybus::envelope::TopicNames) -> Result
             .try_into()
             .map_err(|_| bad())?,
     ));
-    let topic = std::str::from_utf8(wire.get(2..2 + tl).ok_or_else(bad)?).map_err(|_| bad())?;
+    let topic = names
+        .get_utf8(wire.get(2..2 + tl).ok_or_else(bad)?)
+        .map_err(|_| bad())?;
     let hl = u32::from_le_bytes(
         wire.get(2 + tl..6 + tl)
             .ok_or_else(bad)?
@@ -43,7 +45,7 @@ pub fn decode(wire: &Bytes, names: &mut ampybus::envelope::TopicNames) -> Result
         .ok_or_else(bad)?;
     let headers = Headers::decode_compact(&wire.slice(6 + tl..h_end))?;
     Ok(Envelope {
-        topic: names.get(topic),
+        topic,
         headers,
         payload: wire.slice(h_end..),
     })

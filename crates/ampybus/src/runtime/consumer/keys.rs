@@ -46,22 +46,55 @@ pub(super) fn key_texts(keys: &[DKey]) -> Vec<String> {
         .collect()
 }
 
-/// The texts of `keys` borrowed, ids written into `bufs` (one buffer per batch, no string
-/// per key).
-pub(super) fn key_strs<'a>(keys: &'a [DKey], bufs: &'a mut Vec<[u8; 36]>) -> Vec<&'a str> {
-    bufs.clear();
-    bufs.resize(keys.len(), [0u8; 36]);
-    keys.iter()
-        .zip(bufs.iter_mut())
-        .map(|(k, buf)| match k {
-            DKey::Id(v) => {
-                crate::ids::uuid_text(&v.to_be_bytes(), buf);
-                // SAFETY: `uuid_text` writes 36 ASCII bytes.
-                unsafe { std::str::from_utf8_unchecked(buf) }
-            }
-            DKey::Text(s) => &**s,
-        })
-        .collect()
+/// Room for the texts of a batch's dedupe keys handed to a [`DedupeStore`] call, kept by the
+/// task that makes the calls: ids are written into `bufs`, and neither buffer is allocated
+/// again per batch.
+#[derive(Default)]
+pub(super) struct KeyTexts {
+    bufs: Vec<[u8; 36]>,
+    /// Empty between calls; kept for its allocation.
+    strs: Vec<&'static str>,
+}
+
+impl KeyTexts {
+    /// The texts of `keys` borrowed (give the vector back with
+    /// `let strs = emptied(strs); texts.keep(strs)`).
+    pub(super) fn of<'a>(&'a mut self, keys: &'a [DKey]) -> Vec<&'a str> {
+        let mut strs = relabel(std::mem::take(&mut self.strs));
+        self.bufs.clear();
+        self.bufs.resize(keys.len(), [0u8; 36]);
+        strs.extend(
+            keys.iter()
+                .zip(self.bufs.iter_mut())
+                .map(|(k, buf)| match k {
+                    DKey::Id(v) => {
+                        crate::ids::uuid_text(&v.to_be_bytes(), buf);
+                        // SAFETY: `uuid_text` writes 36 ASCII bytes.
+                        unsafe { std::str::from_utf8_unchecked(buf) }
+                    }
+                    DKey::Text(s) => &**s,
+                }),
+        );
+        strs
+    }
+
+    /// Keeps the allocation of a vector [`KeyTexts::of`] gave, [`emptied`] first.
+    pub(super) fn keep(&mut self, strs: Vec<&'static str>) {
+        self.strs = strs;
+    }
+}
+
+/// An emptied vector of borrowed texts, in the same allocation, borrowing nothing any more.
+pub(super) fn emptied(strs: Vec<&str>) -> Vec<&'static str> {
+    relabel(strs)
+}
+
+/// An emptied vector of borrowed texts under another lifetime, in the same allocation (a
+/// `Vec` collected from its own `into_iter` keeps its buffer when the element layout is the
+/// same).
+fn relabel<'b>(mut v: Vec<&str>) -> Vec<&'b str> {
+    v.clear();
+    v.into_iter().map(|_| "").collect()
 }
 
 /// The dedupe keys of one message (what [`crate::dedupe::dedupe_keys`] gives, held without allocating for

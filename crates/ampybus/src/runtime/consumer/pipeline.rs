@@ -44,21 +44,118 @@ pub(super) async fn run_lag_poller(shared: Arc<Shared>) {
 pub(super) async fn run_fetcher(shared: Arc<Shared>, sub: Box<dyn crate::transport::Subscription>) {
     // Fetching and preparing overlap: the next fetch runs while the previous batch is
     // prepared and queued. The preparer never waits for a dedupe lookup: it queues the batch
-    // (its messages wait, in their keys' order, until the lookup answers) and starts the
-    // lookup on a task of its own, so lookups of later batches overlap the handling of
+    // (its messages wait, in their keys' order, until the lookup answers) and hands the
+    // lookup to one of the lookup tasks, so lookups of later batches overlap the handling of
     // earlier ones.
     let (tx, mut rx) = mpsc::channel::<(Vec<Delivery>, Instant)>(2);
     let prep = {
         let shared = shared.clone();
         tokio::spawn(async move {
+            let mut prep = Prep::start(&shared);
             while let Some((got, at)) = rx.recv().await {
-                shared.enqueue(got, at);
+                shared.enqueue(got, at, &mut prep);
             }
+            // Dropping `prep` closes the lookup tasks' queues: they answer what they hold
+            // and end.
         })
     };
     fetch_loop(&shared, sub, tx).await;
     // The sender is gone: the preparer queues what it holds and ends.
     let _ = prep.await;
+}
+
+/// Batch dedupe lookups that may run at once: lookup tasks, for the consumer's life, taking
+/// batches from one queue (a free task takes the next, so a slow lookup holds only its own
+/// batch while another task is free).
+pub(super) const LOOKERS: usize = 4;
+
+/// One batch's dedupe lookup, for a lookup task: the batch's [`Lookup`], its keys in order,
+/// and the slots of the keys whose messages wait for it.
+pub(super) struct LookupJob {
+    pub(super) lookup: Arc<Lookup>,
+    pub(super) keys: Vec<DKey>,
+    pub(super) slots: Vec<u32>,
+}
+
+/// What the preparer keeps from one batch to the next, so that queueing a batch allocates
+/// nothing in the steady state: the vector of a batch's items, the lookup tasks' queues, and
+/// the key and slot vectors the lookup tasks give back.
+pub(super) struct Prep {
+    items: Vec<Item>,
+    /// The lookup tasks' queue (`None`: dedupe off).
+    lookups: Option<mpsc::UnboundedSender<LookupJob>>,
+    spare: mpsc::UnboundedReceiver<(Vec<DKey>, Vec<u32>)>,
+}
+
+impl Prep {
+    /// The preparer's state; with dedupe on, starts the consumer's [`LOOKERS`] lookup tasks.
+    pub(super) fn start(shared: &Arc<Shared>) -> Prep {
+        let (back, spare) = mpsc::unbounded_channel();
+        let lookups = shared.dedupe.as_ref().map(|store| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let rx = Arc::new(tokio::sync::Mutex::new(rx));
+            for _ in 0..LOOKERS {
+                tokio::spawn(run_looker(
+                    shared.clone(),
+                    store.clone(),
+                    rx.clone(),
+                    back.clone(),
+                ));
+            }
+            tx
+        });
+        Prep {
+            items: Vec::new(),
+            lookups,
+            spare,
+        }
+    }
+
+    /// Emptied key and slot vectors (given back by a lookup task, or new ones).
+    fn buffers(&mut self) -> (Vec<DKey>, Vec<u32>) {
+        self.spare.try_recv().unwrap_or_default()
+    }
+
+    /// Queues `job` for the lookup tasks; gives it back if there are none.
+    fn send(&mut self, job: LookupJob) -> std::result::Result<(), LookupJob> {
+        match &self.lookups {
+            Some(tx) => tx.send(job).map_err(|e| e.0),
+            None => Err(job),
+        }
+    }
+}
+
+/// A lookup task: takes the next batch lookup from the queue it shares with the other
+/// lookup tasks (waiting for the queue while another task waits on it), answers it, wakes
+/// the keys whose messages waited for it, and gives the emptied vectors back to the preparer.
+/// Ends when the preparer is gone and the queue is empty.
+pub(super) async fn run_looker(
+    shared: Arc<Shared>,
+    store: Arc<dyn DedupeStore>,
+    jobs: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<LookupJob>>>,
+    back: mpsc::UnboundedSender<(Vec<DKey>, Vec<u32>)>,
+) {
+    let mut texts = KeyTexts::default();
+    loop {
+        let Some(job) = jobs.lock().await.recv().await else {
+            break;
+        };
+        let LookupJob {
+            lookup,
+            mut keys,
+            mut slots,
+        } = job;
+        shared.look_up(&*store, &lookup, &keys, &mut texts).await;
+        let woke = {
+            let mut s = shared.sched.lock().unwrap_or_else(|p| p.into_inner());
+            slots.drain(..).filter(|id| s.make_ready(*id)).count()
+        };
+        shared.wake(woke);
+        drop(lookup);
+        keys.clear();
+        // The preparer may be gone (the consumer is stopping): the vectors are then dropped.
+        let _ = back.send((keys, slots));
+    }
 }
 
 pub(super) async fn fetch_loop(
@@ -230,11 +327,11 @@ pub(super) async fn run_worker(shared: Arc<Shared>) {
             let freed = match futures::poll!(one.as_mut()) {
                 std::task::Poll::Ready(freed) => freed,
                 std::task::Poll::Pending => {
-                    // This message waits: the rest of the run must not wait behind it.
-                    if rest.len() > 0 {
-                        let back: Vec<(u32, Item)> = rest.by_ref().collect();
-                        shared.untake(back);
-                    }
+                    // This message waits: neither the rest of the run nor the keys of the
+                    // messages it finished may wait behind it (a handler waiting for messages
+                    // of those keys would wait for ever).
+                    let back: Vec<(u32, Item)> = rest.by_ref().collect();
+                    shared.untake(&mut finished, back);
                     one.await
                 }
             };
@@ -245,7 +342,7 @@ pub(super) async fn run_worker(shared: Arc<Shared>) {
                 // Slower than a run is meant to be: the rest go back to their keys' queues
                 // (where the refresher extends their leases) for any worker to take.
                 let back: Vec<(u32, Item)> = rest.by_ref().collect();
-                shared.untake(back);
+                shared.untake(&mut finished, back);
             }
         }
     }
@@ -257,6 +354,7 @@ pub(super) async fn run_acker(shared: Arc<Shared>) {
     let mut phase = shared.phase.clone();
     let mut handle_dropped = false;
     let mut spare: Vec<DKey> = Vec::new();
+    let mut texts = KeyTexts::default();
     let mut batch_cap = 16usize;
     loop {
         let closing = shared.acks_closing();
@@ -283,7 +381,7 @@ pub(super) async fn run_acker(shared: Arc<Shared>) {
         spare = if deliveries.is_empty() {
             keys
         } else {
-            shared.flush(deliveries, keys).await
+            shared.flush(deliveries, keys, &mut texts).await
         };
         if stop {
             break;
@@ -344,10 +442,12 @@ impl Shared {
     }
 
     /// Queues a fetched batch by key. With dedupe on, its messages are prepared here and wait
-    /// for one lookup of all their keys, started on a task of its own.
-    pub(super) fn enqueue(self: &Arc<Self>, got: Vec<Delivery>, at: Instant) {
+    /// for one lookup of all their keys, handed to a lookup task.
+    pub(super) fn enqueue(self: &Arc<Self>, got: Vec<Delivery>, at: Instant, prep: &mut Prep) {
         // Boxes of finished items first (no allocation), new ones for the rest.
-        let mut items: Vec<Item> = Vec::with_capacity(got.len());
+        let mut items = std::mem::take(&mut prep.items);
+        items.clear();
+        items.reserve(got.len());
         // This thread's shard first (its boxes were last touched here), then the others.
         let first = ack_shard_index();
         for i in 0..ACK_SHARDS {
@@ -369,14 +469,14 @@ impl Shared {
                 _ => items.push(ItemData::new(d, at)),
             }
         }
-        let mut lookup: Option<(Arc<Lookup>, Vec<DKey>)> = None;
+        let mut lookup: Option<(Arc<Lookup>, Vec<DKey>, Vec<u32>)> = None;
         if self.dedupe.is_some() {
             let l = self
                 .book
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .open_batch();
-            let mut keys = Vec::with_capacity(items.len());
+            let (mut keys, slots) = prep.buffers();
             for it in items.iter_mut() {
                 // A message that does not prepare is dead-lettered by its worker.
                 if self.prepare(it).is_ok() && !it.keys.is_empty() {
@@ -385,17 +485,18 @@ impl Shared {
                 }
             }
             if !keys.is_empty() {
-                lookup = Some((l, keys));
+                lookup = Some((l, keys, slots));
             }
         }
-        let mut slots = Vec::new();
         let mut woke = 0usize;
         {
             let mut s = self.sched.lock().unwrap_or_else(|p| p.into_inner());
-            for it in items {
+            for it in items.drain(..) {
                 let key = it.headers().partition_key().unwrap_or_default();
                 let id = s.slot(key);
-                if lookup.is_some() && it.lookup.is_some() {
+                if let Some((_, _, slots)) = lookup.as_mut()
+                    && it.lookup.is_some()
+                {
                     slots.push(id);
                 }
                 if s.push(id, it) {
@@ -403,31 +504,50 @@ impl Shared {
                 }
             }
         }
+        prep.items = items;
         self.wake(woke);
-        if let (Some((l, keys)), Some(store)) = (lookup, self.dedupe.clone()) {
-            let shared = self.clone();
-            tokio::spawn(async move {
-                let mut bufs = Vec::new();
-                let strs = key_strs(&keys, &mut bufs);
-                let answer = match store.lookup_batch(&shared.name, &strs).await {
-                    Ok(flags) if flags.len() == keys.len() => Some(flags),
-                    Ok(_) => {
-                        tracing::warn!(consumer = %shared.name, "batch dedupe lookup gave a wrong count; checking one by one");
-                        None
-                    }
-                    Err(e) => {
-                        tracing::warn!(consumer = %shared.name, error = %e, "batch dedupe lookup failed; checking one by one");
-                        None
-                    }
-                };
-                let _ = l.done.set(answer);
-                let woke = {
-                    let mut s = shared.sched.lock().unwrap_or_else(|p| p.into_inner());
-                    slots.into_iter().filter(|id| s.make_ready(*id)).count()
-                };
-                shared.wake(woke);
-            });
+        if let Some((lookup, keys, slots)) = lookup
+            && let Err(job) = prep.send(LookupJob {
+                lookup,
+                keys,
+                slots,
+            })
+        {
+            // No lookup task (cannot happen while the preparer runs): the batch's messages
+            // are checked one by one.
+            let _ = job.lookup.done.set(None);
+            let woke = {
+                let mut s = self.sched.lock().unwrap_or_else(|p| p.into_inner());
+                job.slots.iter().filter(|id| s.make_ready(**id)).count()
+            };
+            self.wake(woke);
         }
+    }
+
+    /// Answers one batch's dedupe lookup (`None` when the store failed or gave a wrong count:
+    /// each message is then checked on its own).
+    pub(super) async fn look_up(
+        &self,
+        store: &dyn DedupeStore,
+        lookup: &Lookup,
+        keys: &[DKey],
+        texts: &mut KeyTexts,
+    ) {
+        let strs = texts.of(keys);
+        let answer = match store.lookup_batch(&self.name, &strs).await {
+            Ok(flags) if flags.len() == keys.len() => Some(flags),
+            Ok(_) => {
+                tracing::warn!(consumer = %self.name, "batch dedupe lookup gave a wrong count; checking one by one");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(consumer = %self.name, error = %e, "batch dedupe lookup failed; checking one by one");
+                None
+            }
+        };
+        let strs = emptied(strs);
+        texts.keep(strs);
+        let _ = lookup.done.set(answer);
     }
 
     /// Frees the keys in `finished` and takes up to `limit` ready messages into `run`, under
@@ -453,11 +573,20 @@ impl Shared {
         !s.ready.is_empty()
     }
 
-    /// Puts messages taken in a run and not started back at the head of their keys' queues.
-    pub(super) fn untake(&self, back: Vec<(u32, Item)>) {
+    /// Frees the keys in `finished` and puts messages taken in a run and not started back at
+    /// the head of their keys' queues, under one lock.
+    pub(super) fn untake(&self, finished: &mut Vec<u32>, back: Vec<(u32, Item)>) {
+        if finished.is_empty() && back.is_empty() {
+            return;
+        }
         let mut woke = 0;
         {
             let mut s = self.sched.lock().unwrap_or_else(|p| p.into_inner());
+            for id in finished.drain(..) {
+                if s.finish(id) {
+                    woke += 1;
+                }
+            }
             for (id, item) in back {
                 let ks = &mut s.slots[id as usize];
                 ks.busy = false;
@@ -516,9 +645,9 @@ impl Shared {
                 return;
             }
             a.deliveries.push(delivery);
-            for k in keys.0.into_iter().flatten() {
-                a.keys.push(k);
-            }
+            let [first, second] = keys.0;
+            a.keys.extend(first);
+            a.keys.extend(second);
             let waiting = a.deliveries.len();
             if a.spare.len() < SPARE_ITEMS {
                 a.spare.push(item);
@@ -547,7 +676,12 @@ impl Shared {
     }
 
     /// Records and acks one batch; gives back the (emptied) key buffer for reuse.
-    pub(super) async fn flush(&self, deliveries: Vec<Delivery>, mut keys: Vec<DKey>) -> Vec<DKey> {
+    pub(super) async fn flush(
+        &self,
+        deliveries: Vec<Delivery>,
+        mut keys: Vec<DKey>,
+        texts: &mut KeyTexts,
+    ) -> Vec<DKey> {
         let count = deliveries.len();
         let mut todo = deliveries;
         let mut tries = 0;
@@ -556,9 +690,11 @@ impl Shared {
             // transport), then acks: a crash in between redelivers what dedupe then skips.
             let result = match &self.dedupe {
                 Some(store) => {
-                    let mut bufs = Vec::new();
-                    let strs = key_strs(&keys, &mut bufs);
-                    store.commit_batch(&self.name, &strs, todo).await
+                    let strs = texts.of(&keys);
+                    let result = store.commit_batch(&self.name, &strs, todo).await;
+                    let strs = emptied(strs);
+                    texts.keep(strs);
+                    result
                 }
                 None => Delivery::ack_all(todo).await,
             };

@@ -332,6 +332,8 @@ struct KafkaSubscription {
     sub: Arc<SubShared>,
     pattern: TopicPattern,
     namespace: String,
+    /// One shared name per topic for the records read.
+    names: crate::envelope::TopicNames,
     settlers: HashMap<String, Arc<TopicSettler>>,
     last_lease_scan: Instant,
     /// What to subscribe to, until the first fetch joins the group: a subscription that is
@@ -414,7 +416,7 @@ impl KafkaSubscription {
     fn take_record(&mut self, m: &BorrowedMessage<'_>, out: &mut Vec<Delivery>) {
         let topic = m.topic().to_owned();
         let (p, off) = (m.partition(), m.offset());
-        let envelope = to_envelope(m, &self.namespace);
+        let envelope = to_envelope(m, &self.namespace, &mut self.names);
         let stored_at = m
             .timestamp()
             .to_millis()
@@ -459,17 +461,24 @@ impl KafkaSubscription {
     }
 }
 
-/// The envelope of a record: the `topic` header (else the Kafka topic without the namespace),
-/// the other headers, the payload.
-pub(crate) fn to_envelope(m: &BorrowedMessage<'_>, namespace: &str) -> Envelope {
+/// The envelope of a record: the `topic` header (else the Kafka topic without the namespace;
+/// one shared name per topic from `names`), the other headers, the payload.
+pub(crate) fn to_envelope(
+    m: &BorrowedMessage<'_>,
+    namespace: &str,
+    names: &mut crate::envelope::TopicNames,
+) -> Envelope {
     let mut topic = None;
     let headers = match m.headers() {
         Some(hs) => {
             for h in hs.iter() {
                 if h.key == TOPIC_HEADER {
-                    topic = Some(TopicName::from(&*String::from_utf8_lossy(
-                        h.value.unwrap_or_default(),
-                    )));
+                    let v = h.value.unwrap_or_default();
+                    topic = Some(
+                        names
+                            .get_utf8(v)
+                            .unwrap_or_else(|_| TopicName::from(&*String::from_utf8_lossy(v))),
+                    );
                 }
             }
             Headers::from_wire_pairs(
@@ -480,8 +489,8 @@ pub(crate) fn to_envelope(m: &BorrowedMessage<'_>, namespace: &str) -> Envelope 
         }
         None => Headers::new(),
     };
-    let topic = topic
-        .unwrap_or_else(|| TopicName::from(m.topic().strip_prefix(namespace).unwrap_or(m.topic())));
+    let topic =
+        topic.unwrap_or_else(|| names.get(m.topic().strip_prefix(namespace).unwrap_or(m.topic())));
     Envelope {
         topic,
         headers,
@@ -668,6 +677,7 @@ pub(crate) async fn subscribe(
         sub,
         pattern: spec.pattern,
         namespace: opts.namespace.clone(),
+        names: Default::default(),
         settlers: HashMap::new(),
         last_lease_scan: Instant::now(),
         join: Some(expr),

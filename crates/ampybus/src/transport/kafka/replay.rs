@@ -233,6 +233,7 @@ fn scan(
     let overall = shared.opts.request_timeout * 3;
     let mut last_progress = Instant::now();
     let mut back_off = Vec::new();
+    let mut names = crate::envelope::TopicNames::default();
     let pending =
         |parts: &HashMap<Part, PartRead>| parts.iter().any(|((t, _), p)| t == topic && !p.done);
     while pending(parts) {
@@ -284,7 +285,7 @@ fn scan(
             continue;
         }
         let stored_at = DateTime::from_timestamp_millis(ts).unwrap_or_default();
-        let envelope = super::consume::to_envelope(&m, &shared.opts.namespace);
+        let envelope = super::consume::to_envelope(&m, &shared.opts.namespace, &mut names);
         match filter.check(stored_at, &envelope) {
             Verdict::Stop => {
                 part.done = true;

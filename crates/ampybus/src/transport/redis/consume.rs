@@ -179,6 +179,8 @@ pub(crate) struct RedisSubscription {
     /// The merged fetch over the parts (`transport::multi`).
     live: LiveState,
     where_: String,
+    /// One shared name per topic for the entries read (taken once per batch).
+    names: std::sync::Mutex<crate::envelope::TopicNames>,
     /// One active instance per durable name (dropped last: it releases the lease).
     exclusive: Option<Exclusive>,
 }
@@ -216,6 +218,7 @@ pub(crate) async fn subscribe(
         live: LiveState::default(),
         where_: shared.where_(),
         spec,
+        names: Default::default(),
     };
     let keys = match &sub.single {
         Some(k) if sub.spec.durable.is_some() => vec![k.clone()],
@@ -336,12 +339,13 @@ impl RedisSubscription {
         skip: &mut Vec<String>,
     ) {
         let p = &self.parts[i];
+        let mut names = self.names.lock().unwrap_or_else(|p| p.into_inner());
         for e in entries {
             let Some(fields) = &e.fields else {
                 skip.push(e.id);
                 continue;
             };
-            let Some(env) = wire::to_envelope(fields) else {
+            let Some(env) = wire::to_envelope(fields, &mut names) else {
                 tracing::warn!(stream = %p.key, id = %e.id, "redis: an entry without a `topic` field was skipped (not written by ampybus)");
                 skip.push(e.id);
                 continue;

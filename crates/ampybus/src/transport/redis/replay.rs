@@ -75,6 +75,7 @@ async fn read_stream(
         None => "+".to_owned(),
     };
     let mut out = Vec::new();
+    let mut names = crate::envelope::TopicNames::default();
     loop {
         let v: redis::Value = shared
             .query(
@@ -94,7 +95,7 @@ async fn read_stream(
         };
         for e in entries {
             let Some(fields) = &e.fields else { continue };
-            let Some(envelope) = wire::to_envelope(fields) else {
+            let Some(envelope) = wire::to_envelope(fields, &mut names) else {
                 continue;
             };
             let Some(seq) = wire::pack_id(&e.id) else {

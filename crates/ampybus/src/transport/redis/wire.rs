@@ -161,13 +161,23 @@ pub(crate) fn parse_read_reply(v: &redis::Value) -> Vec<(String, Vec<Entry>)> {
     }
 }
 
-/// An entry's envelope: `topic`, headers, `payload`. `None` without a `topic` field.
-pub(crate) fn to_envelope(fields: &[(Vec<u8>, Vec<u8>)]) -> Option<Envelope> {
+/// An entry's envelope: `topic` (one shared name per topic from `names`), headers, `payload`.
+/// `None` without a `topic` field.
+pub(crate) fn to_envelope(
+    fields: &[(Vec<u8>, Vec<u8>)],
+    names: &mut crate::envelope::TopicNames,
+) -> Option<Envelope> {
     let mut topic = None;
     let mut payload = Bytes::new();
     for (k, v) in fields {
         match k.as_slice() {
-            b"topic" => topic = Some(TopicName::from(&*String::from_utf8_lossy(v))),
+            b"topic" => {
+                topic = Some(
+                    names
+                        .get_utf8(v)
+                        .unwrap_or_else(|_| TopicName::from(&*String::from_utf8_lossy(v))),
+                )
+            }
             b"payload" => payload = Bytes::copy_from_slice(v),
             _ => {}
         }
