@@ -29,6 +29,15 @@ async fn wait_stats(what: &str, h: &ConsumerHandle, cond: impl Fn(&ConsumerStats
     }
 }
 
+/// Waits until `cond` holds (checked every 5 ms; fails after [`HANG`]).
+async fn wait_until(what: &str, cond: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < HANG, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Holds the first message it gets until `release` is notified; records every call.
 struct Gate {
     entered: AtomicU64,
@@ -67,12 +76,22 @@ async fn all_acked(bus: &Bus, pattern: &str, name: &str) {
     assert!(left.is_empty(), "{} messages not acked", left.len());
 }
 
-async fn run(strict: bool, same_batch: bool) {
+/// A bus on an embedded log in a new temporary directory (kept while the first value lives)
+/// and the topic the tests publish on.
+async fn embedded_bus() -> (tempfile::TempDir, Bus, Topic) {
     let dir = tempfile::tempdir().unwrap();
     let bus = Bus::connect(&format!("file://{}?sync=normal", dir.path().display()))
         .await
         .unwrap();
-    let topic = Topic::parse("ampy.dev.orders.v1.requests").unwrap();
+    (
+        dir,
+        bus,
+        Topic::parse("ampy.dev.orders.v1.requests").unwrap(),
+    )
+}
+
+async fn run(strict: bool, same_batch: bool) {
+    let (_dir, bus, topic) = embedded_bus().await;
     let gate = Arc::new(Gate {
         entered: AtomicU64::new(0),
         release: Notify::new(),
@@ -100,14 +119,10 @@ async fn run(strict: bool, same_batch: bool) {
     .start()
     .await
     .unwrap();
-    let start = Instant::now();
-    while gate.entered.load(Ordering::SeqCst) == 0 {
-        assert!(
-            start.elapsed() < HANG,
-            "first copy never reached the handler"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_until("the first copy in the handler", || {
+        gate.entered.load(Ordering::SeqCst) > 0
+    })
+    .await;
     if !same_batch {
         // The duplicate arrives while its first copy is in flight.
         bus.publish(&topic, with_dedupe_key("co_2", "dk-1"), b"second".to_vec())
@@ -190,11 +205,7 @@ impl Handler for Blocker {
 /// book keeps a record while a batch looked up before it has a message in the runtime.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicate_waiting_behind_a_slow_key_is_skipped_however_many_pass_meanwhile() {
-    let dir = tempfile::tempdir().unwrap();
-    let bus = Bus::connect(&format!("file://{}?sync=normal", dir.path().display()))
-        .await
-        .unwrap();
-    let topic = Topic::parse("ampy.dev.orders.v1.requests").unwrap();
+    let (_dir, bus, topic) = embedded_bus().await;
     let fillers = 80_000u64;
     let plain = |key: &str| Headers::for_publish("ampy.raw.v1.Bytes", "t@1", "t", key);
     // One batch: the slow message, the first copy (its own key), the duplicate (behind the
@@ -317,11 +328,7 @@ impl Handler for Calls {
 /// batch's message waits for its own lookup and is then handled, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_lookup_holds_only_its_own_batch() {
-    let dir = tempfile::tempdir().unwrap();
-    let bus = Bus::connect(&format!("file://{}?sync=normal", dir.path().display()))
-        .await
-        .unwrap();
-    let topic = Topic::parse("ampy.dev.orders.v1.requests").unwrap();
+    let (_dir, bus, topic) = embedded_bus().await;
     let plain = |key: &str| Headers::for_publish("ampy.raw.v1.Bytes", "t@1", "t", key);
     let store = Arc::new(SlowFirstLookup {
         inner: bus
@@ -348,14 +355,10 @@ async fn a_slow_lookup_holds_only_its_own_batch() {
     .await
     .unwrap();
     // The first batch (one message) is fetched and its lookup waits.
-    let start = Instant::now();
-    while store.lookups.load(Ordering::SeqCst) == 0 {
-        assert!(
-            start.elapsed() < HANG,
-            "the first batch was never looked up"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_until("the first batch looked up", || {
+        store.lookups.load(Ordering::SeqCst) > 0
+    })
+    .await;
     for i in 2..=4 {
         bus.publish(
             &topic,

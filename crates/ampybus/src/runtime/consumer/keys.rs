@@ -58,7 +58,7 @@ pub(super) struct KeyTexts {
 
 impl KeyTexts {
     /// The texts of `keys` borrowed (give the vector back with
-    /// `let strs = emptied(strs); texts.keep(strs)`).
+    /// `let strs = relabel(strs); texts.keep(strs)`).
     pub(super) fn of<'a>(&'a mut self, keys: &'a [DKey]) -> Vec<&'a str> {
         let mut strs = relabel(std::mem::take(&mut self.strs));
         self.bufs.clear();
@@ -78,21 +78,16 @@ impl KeyTexts {
         strs
     }
 
-    /// Keeps the allocation of a vector [`KeyTexts::of`] gave, [`emptied`] first.
+    /// Keeps the allocation of a vector [`KeyTexts::of`] gave, [`relabel`]led first.
     pub(super) fn keep(&mut self, strs: Vec<&'static str>) {
         self.strs = strs;
     }
 }
 
-/// An emptied vector of borrowed texts, in the same allocation, borrowing nothing any more.
-pub(super) fn emptied(strs: Vec<&str>) -> Vec<&'static str> {
-    relabel(strs)
-}
-
-/// An emptied vector of borrowed texts under another lifetime, in the same allocation (a
-/// `Vec` collected from its own `into_iter` keeps its buffer when the element layout is the
-/// same).
-fn relabel<'b>(mut v: Vec<&str>) -> Vec<&'b str> {
+/// An emptied vector of borrowed texts under another lifetime (`'static`: borrowing nothing
+/// any more), in the same allocation (a `Vec` collected from its own `into_iter` keeps its
+/// buffer when the element layout is the same).
+pub(super) fn relabel<'b>(mut v: Vec<&str>) -> Vec<&'b str> {
     v.clear();
     v.into_iter().map(|_| "").collect()
 }

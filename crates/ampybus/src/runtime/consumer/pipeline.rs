@@ -545,7 +545,7 @@ impl Shared {
                 None
             }
         };
-        let strs = emptied(strs);
+        let strs = relabel(strs);
         texts.keep(strs);
         let _ = lookup.done.set(answer);
     }
@@ -692,7 +692,7 @@ impl Shared {
                 Some(store) => {
                     let strs = texts.of(&keys);
                     let result = store.commit_batch(&self.name, &strs, todo).await;
-                    let strs = emptied(strs);
+                    let strs = relabel(strs);
                     texts.keep(strs);
                     result
                 }
