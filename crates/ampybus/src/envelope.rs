@@ -306,16 +306,17 @@ impl TopicNames {
         }
     }
 
-    /// The remembered name with these bytes (made the last one asked for).
-    fn known(&mut self, topic: &[u8]) -> Option<TopicName> {
+    /// The remembered name with these bytes. `last` is the newest name remembered, not the
+    /// last one asked for: a subscription on one topic finds it by one comparison, and a hit
+    /// in the set writes nothing (moving `last` cost a reference count up and one down, on a
+    /// text the consumer's other threads are counting too).
+    fn known(&self, topic: &[u8]) -> Option<TopicName> {
         if let Some(last) = &self.last
             && last.as_bytes() == topic
         {
             return Some(last.clone());
         }
-        let name = self.seen.get(topic)?.0.clone();
-        self.last = Some(name.clone());
-        Some(name)
+        Some(self.seen.get(topic)?.0.clone())
     }
 
     /// A new shared name for `topic`, remembered.

@@ -465,6 +465,55 @@ async fn a_message_that_waits_frees_the_keys_its_run_finished_first() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_handled_shows_in_the_stats_while_a_later_one_of_its_run_waits() {
+    // One worker takes `first` and `wait` (keys of their own) as one run; `wait`'s handler
+    // waits until the stats count `first`. A worker tallies its run's counts and writes them
+    // when the run ends: it must write them before a message of the run waits, or the two
+    // wait for each other. Five rounds, each after a message that makes the worker take
+    // runs again.
+    let dir = tempfile::tempdir().unwrap();
+    let bus = bus_at(dir.path()).await;
+    let topic = Topic::parse("ampy.dev.orders.v1.tally").unwrap();
+    let (go_tx, go) = tokio::sync::watch::channel(0usize);
+    let handle = Consumer::builder(bus.clone(), pat("ampy.dev.orders.>"), "tally")
+        .workers(1)
+        .handler(handler_fn(move |msg| {
+            let mut go = go.clone();
+            async move {
+                let p = String::from_utf8(msg.payload.to_vec()).unwrap();
+                if let Some(round) = p.strip_prefix("wait-") {
+                    let round: usize = round.parse().unwrap();
+                    go.wait_for(|r| *r > round).await.unwrap();
+                }
+                Outcome::Ok
+            }
+        }))
+        .start()
+        .await
+        .unwrap();
+    for r in 0..5u64 {
+        // A message whose future finishes in its first poll: the worker takes runs again (a
+        // handler that waited made it take one message at a time).
+        bus.publish_batch(vec![env_for(&topic, "warm", &format!("warm-{r}"))])
+            .await
+            .unwrap();
+        wait_stats("warm counted", &handle, |s| s.handled_ok == 1 + 3 * r).await;
+        bus.publish_batch(vec![
+            env_for(&topic, &format!("f{r}"), &format!("first-{r}")),
+            env_for(&topic, &format!("w{r}"), &format!("wait-{r}")),
+        ])
+        .await
+        .unwrap();
+        wait_stats("first counted", &handle, |s| s.handled_ok == 2 + 3 * r).await;
+        go_tx.send_replace(r as usize + 1);
+        wait_stats("wait counted", &handle, |s| s.handled_ok == 3 + 3 * r).await;
+    }
+    let stats = handle.shutdown(Duration::from_secs(10)).await;
+    assert_eq!(stats.handled_ok, 15, "{stats:?}");
+    assert_eq!((stats.retried, stats.released), (0, 0), "{stats:?}");
+}
+
 /// A handler that answers at once (`handler_sync`, no future) gets the runtime's guarantees:
 /// per-key order over 8 workers, a retry that then succeeds, a dead letter with its reason,
 /// a panic caught and dead-lettered, exact counts.

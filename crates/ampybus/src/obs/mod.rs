@@ -47,7 +47,10 @@ pub use metrics::{
 pub use stats::{ConsumerStats, DropCounts, DropReason, ProducerStats};
 pub use trace::{TRACER_NAME, extract_context, inject_context};
 
-pub(crate) use metrics::{ConsumerTopic, FastCounter, ProducerTopic, thread_number};
+pub(crate) use metrics::{
+    ConsumerTopic, FastCounter, FastHistogram, LATENCY_BUCKETS, ProducerTopic, latency_bucket,
+    thread_number,
+};
 pub(crate) use trace::{BusTracer, PublishSpan};
 
 use crate::error::{Error, Result};

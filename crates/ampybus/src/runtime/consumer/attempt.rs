@@ -204,11 +204,23 @@ impl Shared {
     /// (`settle`). The stages are plain functions and the awaits stay here, so that the
     /// common path — a message that needs no decoding, whose handler answers at once and
     /// which is acked — runs no nested future.
-    pub(super) async fn process_attempt(&self, mut item: Item, att: &mut Attempt) -> Step {
+    pub(super) async fn process_attempt(
+        &self,
+        mut item: Item,
+        att: &mut Attempt,
+        tally: &mut Tally,
+    ) -> Step {
+        // The last reading of the run's clock starts this message's handler unless something
+        // waits before it. Before anything waits, the run's tally is written: what this worker
+        // counted must not wait for it (a test, or an operator, reading `handled_ok` while a
+        // handler waits for a message of theirs).
+        let mut now = tally.last.take();
         if item.msg.is_none() {
             let built = match self.check_message(&mut item) {
                 Ok(true) => Ok(()),
                 Ok(false) => {
+                    now = None;
+                    tally.end_run(self);
                     let decoded = {
                         let Some((_, headers)) = item.prepared.as_ref() else {
                             unreachable!("checked above");
@@ -225,9 +237,11 @@ impl Shared {
             match built {
                 Ok(()) => {}
                 Err(Refusal::DeadLetter(code, reason)) => {
+                    tally.end_run(self);
                     return self.dead_letter(item, code, reason, att).await;
                 }
                 Err(Refusal::BlobUnavailable(e)) => {
+                    tally.end_run(self);
                     let attempt = self.next_attempt(&mut item);
                     item.last_error = e;
                     att.retry_reason = RetryReason::BlobUnavailable;
@@ -238,6 +252,8 @@ impl Shared {
         let claim = match self.claim_keys(&mut item, att) {
             Claiming::Go(claim) => claim,
             Claiming::Lookup(claim) => {
+                now = None;
+                tally.end_run(self);
                 if self.already_applied(&item.keys).await {
                     self.skip(att);
                     self.done(item, Keys::default());
@@ -255,6 +271,8 @@ impl Shared {
         };
         let attempt = self.next_attempt(&mut item);
         if item.local_attempts > 1 {
+            now = None;
+            tally.end_run(self);
             let _ = item.delivery.in_progress().await;
             item.refreshed = Instant::now();
         }
@@ -262,7 +280,7 @@ impl Shared {
         let Some(msg) = item.msg.as_ref() else {
             unreachable!("built above");
         };
-        let started = self.before_handler(msg, att);
+        let started = self.before_handler(msg, att, now, tally);
         let outcome = match self.handler_now(msg) {
             Some(now) => Some(now),
             None => {
@@ -278,6 +296,7 @@ impl Shared {
                     }
                     std::task::Poll::Pending => {
                         self.set_answers_at_once(false);
+                        tally.end_run(self);
                         let beat = (self.ack_deadline / 3).max(Duration::from_millis(10));
                         let mut hb =
                             tokio::time::interval_at(tokio::time::Instant::now() + beat, beat);
@@ -295,17 +314,20 @@ impl Shared {
                 }
             }
         };
-        self.after_handler(started, att);
-        match self.settle(item, outcome, claim, attempt, att) {
+        self.after_handler(started, att, tally);
+        match self.settle(item, outcome, claim, attempt, att, tally) {
             Settle::Done(step) => step,
             Settle::Release(item) => {
+                tally.end_run(self);
                 self.release(item).await;
                 Step::Finished
             }
             Settle::DeadLetter(item, code, reason) => {
+                tally.end_run(self);
                 self.dead_letter(item, code, reason, att).await
             }
             Settle::Retry(item, attempt, after) => {
+                tally.end_run(self);
                 self.retry_or_give_up(item, attempt, after, att).await
             }
         }
@@ -464,15 +486,21 @@ impl Shared {
     /// Before the handler: the consumer's last-message time and the message's delivery
     /// latency; returns when the handler starts (observability on).
     #[inline]
-    fn before_handler(&self, msg: &Message, att: &mut Attempt) -> Option<clock::Mono> {
-        let started = clock::Mono::now();
+    fn before_handler(
+        &self,
+        msg: &Message,
+        att: &mut Attempt,
+        now: Option<clock::Mono>,
+        tally: &mut Tally,
+    ) -> Option<clock::Mono> {
+        let started = now.unwrap_or_else(clock::Mono::now);
         let now_us = clock::wall_micros(started);
         // Written at most once a millisecond: every worker on every core would otherwise
         // write this one cache line per message.
         if now_us.saturating_sub(self.last_message_us.load(Ordering::Relaxed)) >= 1000 {
             self.last_message_us.store(now_us, Ordering::Relaxed);
         }
-        if let Some(h) = self.handles_of(att) {
+        if let Some(slot) = att.handles {
             let produced = msg
                 .headers
                 .produced_at_micros()
@@ -480,7 +508,7 @@ impl Shared {
             if let Some(t) = produced {
                 let ms = (now_us.saturating_sub(t)) as f64 / 1000.0;
                 let ms = ms.max(0.0);
-                h.delivery_latency.observe(ms);
+                tally.latency(self, slot, ms);
                 att.latency_ms = Some(ms);
             }
         }
@@ -510,10 +538,11 @@ impl Shared {
 
     /// After the handler: its duration observed.
     #[inline]
-    fn after_handler(&self, started: Option<clock::Mono>, att: &Attempt) {
-        if let (Some(h), Some(started)) = (self.handles_of(att), started) {
-            let ended = clock::after_handler();
-            h.handler_duration.observe(ended.millis_since(started));
+    fn after_handler(&self, started: Option<clock::Mono>, att: &Attempt, tally: &mut Tally) {
+        if let (Some(slot), Some(started)) = (att.handles, started) {
+            let ended = clock::Mono::now();
+            tally.last = Some(ended);
+            tally.duration(self, slot, ended.millis_since(started));
         }
     }
 
@@ -528,6 +557,7 @@ impl Shared {
         claim: Option<Claim<'_>>,
         attempt: u32,
         att: &mut Attempt,
+        tally: &mut Tally,
     ) -> Settle {
         match outcome {
             None => {
@@ -546,10 +576,10 @@ impl Shared {
                     }
                     None => Keys::default(),
                 };
-                self.counters.handled_ok.inc();
+                tally.handled_ok();
                 att.result = AttemptResult::Ok;
-                if let Some(h) = self.handles_of(att) {
-                    h.consumed.inc();
+                if let Some(slot) = att.handles {
+                    tally.consumed(self, slot);
                 }
                 self.done(item, keys);
                 Settle::Done(Step::Finished)
@@ -580,9 +610,9 @@ impl Shared {
     /// One handling attempt, observed: the metrics of its domain-level topic, a debug log
     /// line with its result, and — when the tracer records — a consumer span (child of the
     /// message's `traceparent`) with the handler running in its context.
-    pub(super) async fn process(&self, mut item: Item) -> Step {
+    pub(super) async fn process(&self, mut item: Item, tally: &mut Tally) -> Step {
         if !self.obs_on {
-            return self.process_attempt(item, &mut Attempt::off()).await;
+            return self.process_attempt(item, &mut Attempt::off(), tally).await;
         }
         if item.metrics.is_none() && item.msg.is_none() && item.prepared.is_none() {
             // Not prepared yet (dedupe off): the topic's handles come with its parse, which
@@ -608,7 +638,7 @@ impl Shared {
         };
         let log = tracing::enabled!(tracing::Level::DEBUG);
         if !self.tracer.is_recording() && !log {
-            let step = self.process_attempt(item, &mut att).await;
+            let step = self.process_attempt(item, &mut att, tally).await;
             return att.give_back(step);
         }
         let env = &item.delivery.envelope;
@@ -627,9 +657,11 @@ impl Shared {
         });
         let step = if self.tracer.is_recording() {
             let cx = span.context().clone();
-            self.process_attempt(item, &mut att).with_context(cx).await
+            self.process_attempt(item, &mut att, tally)
+                .with_context(cx)
+                .await
         } else {
-            self.process_attempt(item, &mut att).await
+            self.process_attempt(item, &mut att, tally).await
         };
         if let Some((topic, message_id)) = ids {
             tracing::debug!(

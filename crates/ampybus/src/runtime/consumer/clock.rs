@@ -1,7 +1,8 @@
-//! The worker's clock: one monotonic reading per message before the handler and one after,
-//! with the wall time derived from the first (the realtime clock is read once a second per
-//! thread to anchor it) and the second reused by the worker's run budget. Readings are whole
-//! nanoseconds ([`Mono`]), so their differences are one subtraction.
+//! The worker's clock: one monotonic reading per message, taken after its handler, which is
+//! also where the next handler of the worker's run starts (see `tally`) and what the run
+//! budget reads; the wall time is derived from it (the realtime clock is read once a second
+//! per thread to anchor it). Readings are whole nanoseconds ([`Mono`]), so their differences
+//! are one subtraction.
 
 use std::cell::Cell;
 use std::time::Duration;
@@ -45,8 +46,6 @@ impl Mono {
 thread_local! {
     /// `(monotonic, wall µs)` read together.
     static ANCHOR: Cell<Option<(Mono, i64)>> = const { Cell::new(None) };
-    /// The last reading taken after a handler on this thread, for the run budget.
-    static LAST: Cell<Option<Mono>> = const { Cell::new(None) };
 }
 
 /// The wall time at `at` (a monotonic reading just taken), in µs since the Unix epoch.
@@ -61,22 +60,6 @@ pub(super) fn wall_micros(at: Mono) -> i64 {
         ANCHOR.with(|a| a.set(Some((at, wall))));
         wall
     })
-}
-
-/// A monotonic reading taken after a handler, kept for [`elapsed_since`].
-pub(super) fn after_handler() -> Mono {
-    let now = Mono::now();
-    LAST.with(|l| l.set(Some(now)));
-    now
-}
-
-/// Time since `started`: from the reading taken after the last handler on this thread when
-/// there is one (taken once), else from a new reading. A reading from before `started`
-/// counts as no time at all.
-pub(super) fn elapsed_since(started: Mono) -> Duration {
-    LAST.with(|l| l.take())
-        .unwrap_or_else(Mono::now)
-        .since(started)
 }
 
 #[cfg(test)]
@@ -117,20 +100,5 @@ mod tests {
         assert!(mono < Duration::from_secs(1), "{mono:?} vs {inst:?}");
         assert_eq!(m0.since(m1), Duration::ZERO);
         assert_eq!(Mono(3_500_000).millis_since(Mono(1_000_000)), 2.5);
-    }
-
-    #[test]
-    fn a_reading_after_a_handler_is_used_once() {
-        let started = Mono::now();
-        let after = after_handler();
-        assert_eq!(elapsed_since(started), after.since(started));
-        // Taken: the next call reads the clock, which cannot be earlier.
-        assert!(elapsed_since(started) >= after.since(started));
-        // A reading from before `started` counts as nothing.
-        let _ = after_handler();
-        assert_eq!(
-            elapsed_since(Mono(Mono::now().0 + 5_000_000_000)),
-            Duration::ZERO
-        );
     }
 }

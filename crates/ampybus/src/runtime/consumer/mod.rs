@@ -7,6 +7,7 @@
 //! - `pipeline`: the tasks — fetcher, workers, acker, lease refresher, lag poller;
 //! - `attempt`: one handling attempt, prepare → dedupe → handle → settle;
 //! - `clock`: the workers' clock readings (the wall time derived from the monotonic clock);
+//! - `tally`: what a worker's run counts per message and writes into the metrics once;
 //! - `shared`: the state every task of one consumer shares;
 //! - `replay_stores`: the dedupe stores replays served by a running consumer go through.
 
@@ -19,6 +20,7 @@ mod pipeline;
 mod replay_stores;
 mod sched;
 mod shared;
+mod tally;
 #[cfg(test)]
 mod tests;
 
@@ -27,6 +29,7 @@ use pipeline::*;
 use replay_stores::*;
 use sched::*;
 use shared::*;
+use tally::Tally;
 
 use builder::DedupeChoice;
 #[cfg(any(feature = "inbox-postgres", feature = "inbox-sqlite"))]

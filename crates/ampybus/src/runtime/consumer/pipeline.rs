@@ -285,6 +285,7 @@ pub(super) async fn run_worker(shared: Arc<Shared>) {
     // Keys this worker's last run finished: freed, and the next run taken, under one lock.
     let mut finished: Vec<u32> = Vec::new();
     let mut run: Vec<(u32, Item)> = Vec::new();
+    let mut tally = Tally::default();
     loop {
         if !still_running(&mut phase) {
             if !finished.is_empty() {
@@ -320,31 +321,36 @@ pub(super) async fn run_worker(shared: Arc<Shared>) {
             shared.notify.notify_one();
         }
         let started = clock::Mono::now();
+        tally.last = Some(started);
         let mut rest = run.drain(..);
         while let Some((id, item)) = rest.next() {
-            let one = shared.run_one(id, item);
-            let mut one = std::pin::pin!(one);
-            let freed = match futures::poll!(one.as_mut()) {
-                std::task::Poll::Ready(freed) => freed,
-                std::task::Poll::Pending => {
-                    // This message waits: neither the rest of the run nor the keys of the
-                    // messages it finished may wait behind it (a handler waiting for messages
-                    // of those keys would wait for ever).
-                    let back: Vec<(u32, Item)> = rest.by_ref().collect();
-                    shared.untake(&mut finished, back);
-                    one.await
+            let freed = {
+                let one = shared.run_one(id, item, &mut tally);
+                let mut one = std::pin::pin!(one);
+                match futures::poll!(one.as_mut()) {
+                    std::task::Poll::Ready(freed) => freed,
+                    std::task::Poll::Pending => {
+                        // This message waits: neither the rest of the run nor the keys of the
+                        // messages it finished may wait behind it (a handler waiting for
+                        // messages of those keys would wait for ever).
+                        let back: Vec<(u32, Item)> = rest.by_ref().collect();
+                        shared.untake(&mut finished, back);
+                        one.await
+                    }
                 }
             };
             if let Some(id) = freed {
                 finished.push(id);
             }
-            if rest.len() > 0 && clock::elapsed_since(started) > RUN_BUDGET {
+            let now = tally.last.unwrap_or_else(clock::Mono::now);
+            if rest.len() > 0 && now.since(started) > RUN_BUDGET {
                 // Slower than a run is meant to be: the rest go back to their keys' queues
                 // (where the refresher extends their leases) for any worker to take.
                 let back: Vec<(u32, Item)> = rest.by_ref().collect();
                 shared.untake(&mut finished, back);
             }
         }
+        tally.end_run(&shared);
     }
 }
 
@@ -609,8 +615,13 @@ impl Shared {
     }
 
     /// Handles one message of key `id`; returns the key when it is free for its next message.
-    pub(super) async fn run_one(self: &Arc<Self>, id: u32, item: Item) -> Option<u32> {
-        match self.process(item).await {
+    pub(super) async fn run_one(
+        self: &Arc<Self>,
+        id: u32,
+        item: Item,
+        tally: &mut Tally,
+    ) -> Option<u32> {
+        match self.process(item, tally).await {
             Step::Finished => Some(id),
             step => {
                 self.after(id, step).await;
