@@ -5,23 +5,10 @@ use super::*;
 
 /// One dedupe key as the runtime holds it: a canonical `message_id` as its 128 bits (no
 /// allocation), or any other key text (`{domain}:{dedupe_key}`) shared by reference count.
-#[derive(Clone, PartialEq, Eq, Debug)]
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
 pub(super) enum DKey {
     Id(u128),
     Text(Arc<str>),
-}
-
-/// An id hashes as one word, its two halves folded (a UUIDv7's random bits sit in both; the
-/// key book hashes each message's id up to three times), a text as its bytes. An id and a
-/// text are never equal, so they need not hash apart.
-impl std::hash::Hash for DKey {
-    #[inline]
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        match self {
-            DKey::Id(v) => state.write_u64((*v as u64) ^ ((*v >> 64) as u64)),
-            DKey::Text(s) => s.hash(state),
-        }
-    }
 }
 
 impl DKey {
