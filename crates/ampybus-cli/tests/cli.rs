@@ -843,6 +843,62 @@ fn every_listed_command_help_has_an_example() {
 }
 
 #[test]
+fn bench_consume_reports_rates_ratios_and_cpu_per_message() {
+    let parent = tempfile::tempdir().unwrap();
+    let o = ok(
+        ampybus(&[
+            "bench",
+            "--mode",
+            "consume",
+            "--messages",
+            "2000",
+            "--keys",
+            "50",
+            "--rounds",
+            "1",
+            "--sync",
+            "normal",
+            "--dir",
+            parent.path().to_str().unwrap(),
+            "--json",
+        ]),
+        "bench consume",
+    );
+    let lines = o.json_lines();
+    assert_eq!(lines.len(), 1, "{}", o.stdout);
+    let r = &lines[0];
+    assert_eq!(r["mode"], "consume");
+    assert_eq!(r["messages"], 2000);
+    assert_eq!(r["keys"], 50);
+    assert_eq!(r["rounds"], 1);
+    let median = |k: &str| {
+        r[k]["median"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{k} in {r}"))
+    };
+    for k in [
+        "bare_msg_per_sec",
+        "runtime_msg_per_sec",
+        "runtime_without_dedupe_msg_per_sec",
+        "runtime_observability_off_msg_per_sec",
+        "bare_cpu_us_per_msg",
+        "runtime_cpu_us_per_msg",
+        "runtime_without_dedupe_cpu_us_per_msg",
+    ] {
+        let v = median(k);
+        assert!(v.is_finite() && v > 0.0, "{k} = {v}");
+        // One round: best, median and worst are that round's figure.
+        assert_eq!(r[k]["best"], r[k]["worst"], "{k}");
+    }
+    let ratio = median("runtime_msg_per_sec") / median("bare_msg_per_sec");
+    assert_eq!(
+        r["ratio_median"].as_f64().unwrap(),
+        (ratio * 1000.0).round() / 1000.0
+    );
+    assert_eq!(std::fs::read_dir(parent.path()).unwrap().count(), 0);
+}
+
+#[test]
 fn bench_smoke() {
     let parent = tempfile::tempdir().unwrap();
     let o = ok(

@@ -10,7 +10,7 @@
 
 use crate::bench::BenchArgs;
 use crate::bench::raw::{Clock, ROUND_LIMIT, runtime_consume};
-use crate::bench::stats::{median, round, show_series, spread_json};
+use crate::bench::stats::{cpu_seconds, median, round, show_series, spread_json};
 use crate::error::{CliError, CliResult, EXIT_OK};
 use crate::util;
 use ampybus::headers::{RAW_BYTES_SCHEMA, names};
@@ -41,18 +41,30 @@ pub async fn run(args: &BenchArgs, parent: &Path) -> CliResult<u8> {
     let mut runtime = Vec::new();
     let mut no_dedupe = Vec::new();
     let mut obs_off = Vec::new();
+    // CPU microseconds per message of the process over each series' rounds.
+    let (mut bare_cpu, mut runtime_cpu, mut no_dedupe_cpu) = (Vec::new(), Vec::new(), Vec::new());
+    let per_msg = |from: f64| (cpu_seconds() - from) * 1e6 / args.messages as f64;
     let quiet = bus.clone().with_observability(false);
     for round in 1..=args.rounds {
+        let c = cpu_seconds();
         bare.push(bare_round(&bus, &pattern, args.messages, round).await?);
+        bare_cpu.push(per_msg(c));
+        let c = cpu_seconds();
         runtime.push(runtime_round(&bus, &pattern, args, round, true).await?);
+        runtime_cpu.push(per_msg(c));
         obs_off.push(runtime_round(&quiet, &pattern, args, round, true).await?);
+        let c = cpu_seconds();
         no_dedupe.push(runtime_round(&bus, &pattern, args, round, false).await?);
+        no_dedupe_cpu.push(per_msg(c));
         eprintln!(
-            "round {round}: bare {:.0} msg/s, runtime {:.0} msg/s, runtime observability off {:.0} msg/s, runtime without dedupe {:.0} msg/s",
+            "round {round}: bare {:.0} msg/s ({:.3} µs CPU each), runtime {:.0} msg/s ({:.3}), runtime observability off {:.0} msg/s, runtime without dedupe {:.0} msg/s ({:.3})",
             bare[bare.len() - 1],
+            bare_cpu[bare_cpu.len() - 1],
             runtime[runtime.len() - 1],
+            runtime_cpu[runtime_cpu.len() - 1],
             obs_off[obs_off.len() - 1],
-            no_dedupe[no_dedupe.len() - 1]
+            no_dedupe[no_dedupe.len() - 1],
+            no_dedupe_cpu[no_dedupe_cpu.len() - 1]
         );
     }
     util::close(&bus).await?;
@@ -70,13 +82,16 @@ pub async fn run(args: &BenchArgs, parent: &Path) -> CliResult<u8> {
         "runtime_observability_off_msg_per_sec": spread_json(&obs_off, true, 0),
         "ratio_median": round(median(&runtime) / median(&bare), 3),
         "observability_on_off_ratio_median": round(median(&runtime) / median(&obs_off), 3),
+        "bare_cpu_us_per_msg": spread_json(&bare_cpu, false, 3),
+        "runtime_cpu_us_per_msg": spread_json(&runtime_cpu, false, 3),
+        "runtime_without_dedupe_cpu_us_per_msg": spread_json(&no_dedupe_cpu, false, 3),
     });
     let mut out = util::Out::new();
     if args.json {
         out.line(&report.to_string())?;
     } else {
         out.line(&format!(
-            "consume-and-ack, {} messages × {} B over {} keys, sync={}, {} rounds (best/median/worst msg/s)\n  bare fetch/ack loop : {}\n  runtime ({} workers, dedupe on): {}\n  runtime without dedupe: {}\n  runtime, observability off: {}\n  ratio runtime/bare (median): {}\n  ratio observability on/off (median): {}",
+            "consume-and-ack, {} messages × {} B over {} keys, sync={}, {} rounds (best/median/worst msg/s)\n  bare fetch/ack loop : {}\n  runtime ({} workers, dedupe on): {}\n  runtime without dedupe: {}\n  runtime, observability off: {}\n  ratio runtime/bare (median): {}\n  ratio observability on/off (median): {}\n  CPU µs per message (best/median/worst): bare {}, runtime {}, runtime without dedupe {}",
             args.messages,
             args.payload_bytes,
             args.keys,
@@ -88,7 +103,10 @@ pub async fn run(args: &BenchArgs, parent: &Path) -> CliResult<u8> {
             show_series(&report["runtime_without_dedupe_msg_per_sec"]),
             show_series(&report["runtime_observability_off_msg_per_sec"]),
             report["ratio_median"],
-            report["observability_on_off_ratio_median"]
+            report["observability_on_off_ratio_median"],
+            show_series(&report["bare_cpu_us_per_msg"]),
+            show_series(&report["runtime_cpu_us_per_msg"]),
+            show_series(&report["runtime_without_dedupe_cpu_us_per_msg"])
         ))?;
     }
     out.flush()?;

@@ -51,3 +51,16 @@ pub(crate) fn series(values: &[f64]) -> Value {
 pub(crate) fn show_series(v: &Value) -> String {
     format!("{} / {} / {}", v["best"], v["median"], v["worst"])
 }
+
+/// CPU seconds this process has used so far (user and system, every thread), for a bench's
+/// CPU per message: a figure that idle cores and a slower host do not blur the way they blur
+/// msg/s.
+pub(crate) fn cpu_seconds() -> f64 {
+    // SAFETY: `getrusage` writes the struct it is given and nothing else.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+        return f64::NAN;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(u.ru_utime) + secs(u.ru_stime)
+}
