@@ -890,10 +890,13 @@ fn bench_consume_reports_rates_ratios_and_cpu_per_message() {
         // One round: best, median and worst are that round's figure.
         assert_eq!(r[k]["best"], r[k]["worst"], "{k}");
     }
+    // The ratio of the unrounded medians, rounded to 3 decimals: within half a thousandth
+    // of the ratio of the medians as printed (whole msg/s).
     let ratio = median("runtime_msg_per_sec") / median("bare_msg_per_sec");
-    assert_eq!(
-        r["ratio_median"].as_f64().unwrap(),
-        (ratio * 1000.0).round() / 1000.0
+    let printed = r["ratio_median"].as_f64().unwrap();
+    assert!(
+        (printed - ratio).abs() <= 0.000_6,
+        "{printed} against {ratio}"
     );
     assert_eq!(std::fs::read_dir(parent.path()).unwrap().count(), 0);
 }
